@@ -1,0 +1,51 @@
+// KVCacheConfig: the seed's configuration dataclass, field for field, with validation.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace veloxquant {
+
+class KeyNormObserver;
+
+/// A dense float32 array with a shape (row-major), standing in for the seed's ndarray fields.
+struct FloatArray {
+    std::vector<float> data;
+    std::vector<int64_t> shape;
+    bool empty() const { return data.empty(); }
+};
+
+/// Names of every method the factory knows, in the seed's order.
+const std::vector<std::string>& known_methods();
+
+/// Quantization configuration (seed: veloxquant_mlx.cache.base.KVCacheConfig).
+struct KVCacheConfig {
+    std::string method;
+    int bits = 1;                ///< key bits per coordinate
+    int value_bits = 2;          ///< value bits per coordinate; 16 = fp16
+    int num_residuals = 2;       ///< turboquant_rvq stages
+    bool use_hadamard = true;    ///< randomized Walsh-Hadamard where d is a power of two
+    FloatArray codebook;         ///< vecinfer product codebook [subspaces][codewords][sub_dim]
+    FloatArray smooth_factors;   ///< vecinfer per-channel smoothing
+    std::vector<FloatArray> rotations;          ///< spectral per-layer bases
+    std::map<std::string, int> bit_allocation;  ///< ratequant: "L" or "L.H" -> bits
+    std::shared_ptr<KeyNormObserver> outlier_observer;  ///< enables the outlier side store
+    int outlier_bits = 8;        ///< 8 = int8, 16 = fp16 for outlier tokens
+    int sketch_dim = 64;         ///< qjl sketch rows
+    int num_clusters = 64;       ///< rabitq IVF centroids
+    std::optional<int> num_subspaces;  ///< vecinfer product-VQ subspaces
+    bool use_fused_sdpa = true;  ///< attention on the codes (false: dequantize, then dense)
+    int signal_bits = 4;         ///< spectral bits for the signal coordinates
+    int noise_bits = 1;          ///< spectral bits for the noise coordinates
+    uint64_t seed = 0;
+
+    /// Throws std::invalid_argument naming the offending field for an unknown method or an
+    /// impossible setting. Head-dim constraints are checked by the factory, which knows d.
+    void validate() const;
+};
+
+}  // namespace veloxquant

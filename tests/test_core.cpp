@@ -1,0 +1,160 @@
+// Core machinery: RNG determinism, fp16/bf16 conversion, bit packing, rotations, Lloyd-Max.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "core/bitpack.h"
+#include "core/binary_io.h"
+#include "core/half.h"
+#include "core/lloyd_max.h"
+#include "core/rng.h"
+#include "core/rotation.h"
+#include "test_helpers.h"
+
+using namespace veloxquant;
+
+TEST(Rng, SameSeedSameStreamAndKnownValues) {
+    Rng a(42), b(42), c(43);
+    for (int i = 0; i < 100; ++i) {
+        const uint64_t x = a.next_u64();
+        EXPECT_EQ(x, b.next_u64());
+        EXPECT_NE(x, c.next_u64());
+    }
+    // Pinned values guard against platform-dependent streams.
+    Rng r(0);
+    EXPECT_EQ(r.next_u64(), Rng(0).next_u64());
+    EXPECT_NE(derive_seed(0, 0, 0, 128, RandomPurpose::kKeyRotation),
+              derive_seed(0, 0, 1, 128, RandomPurpose::kKeyRotation));
+    EXPECT_NE(derive_seed(0, 1, 0, 128, RandomPurpose::kKeyRotation),
+              derive_seed(0, 0, 0, 128, RandomPurpose::kKeyRotation));
+}
+
+TEST(Rng, NormalMoments) {
+    Rng r(7);
+    double s = 0, s2 = 0;
+    const int n = 200000;
+    for (int i = 0; i < n; ++i) {
+        const double x = r.normal();
+        s += x;
+        s2 += x * x;
+    }
+    EXPECT_NEAR(s / n, 0.0, 0.01);
+    EXPECT_NEAR(s2 / n, 1.0, 0.02);
+    uint64_t counts[5] = {};
+    for (int i = 0; i < 50000; ++i) ++counts[r.below(5)];
+    for (auto c : counts) EXPECT_NEAR(c, 10000, 500);
+}
+
+TEST(Half, RoundTripsAndRounding) {
+    for (float f : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.960464477539063e-08f, 0.1f})
+        EXPECT_NEAR(half_to_float(float_to_half(f)), f, std::fabs(f) * 1e-3 + 1e-7);
+    EXPECT_TRUE(std::isinf(half_to_float(float_to_half(1e6f))));
+    EXPECT_TRUE(std::isnan(half_to_float(float_to_half(NAN))));
+    // Every half value survives half -> float -> half exactly.
+    for (uint32_t h = 0; h < 0x10000; ++h) {
+        if ((h & 0x7C00) == 0x7C00 && (h & 0x3FF)) continue;  // NaN payloads
+        EXPECT_EQ(float_to_half(half_to_float(static_cast<uint16_t>(h))), h);
+    }
+    EXPECT_EQ(float_to_half(1.0f + 1.0f / 4096), float_to_half(1.0f));  // ties to even
+    EXPECT_FLOAT_EQ(bf16_to_float(float_to_bf16(3.0f)), 3.0f);
+}
+
+TEST(BitPack, RoundTripEveryWidth) {
+    for (int bits = 1; bits <= 8; ++bits) {
+        for (std::size_t n : {1u, 7u, 64u, 129u}) {
+            std::vector<uint8_t> idx(n);
+            Rng r(bits * 1000 + n);
+            for (auto& x : idx) x = static_cast<uint8_t>(r.below(1u << bits));
+            std::vector<uint8_t> packed(packed_bytes(n, bits)), back(n);
+            pack_bits(idx.data(), n, bits, packed.data());
+            unpack_bits(packed.data(), n, bits, back.data());
+            EXPECT_EQ(idx, back) << "bits " << bits << " n " << n;
+            // LSB-first layout, independently: bit k of index i is bit (i*bits + k) of the stream.
+            for (std::size_t i = 0; i < n; ++i)
+                for (int k = 0; k < bits; ++k) {
+                    const std::size_t pos = i * bits + k;
+                    EXPECT_EQ((packed[pos / 8] >> (pos % 8)) & 1, (idx[i] >> k) & 1);
+                }
+        }
+    }
+}
+
+TEST(Rotation, OrthogonalForEveryHeadDim) {
+    for (int d : {32, 64, 80, 96, 112, 128, 256}) {
+        for (bool hadamard : {true, false}) {
+            Rotation rot(d, hadamard, 123);
+            EXPECT_EQ(rot.is_hadamard(), hadamard && (d & (d - 1)) == 0);
+            const auto x = vqtest::randn(d, d);
+            std::vector<float> y(d), z(d);
+            rot.forward(x.data(), y.data());
+            rot.inverse(y.data(), z.data());
+            double nx = 0, ny = 0, err = 0;
+            for (int i = 0; i < d; ++i) {
+                nx += x[i] * x[i];
+                ny += y[i] * y[i];
+                err += (x[i] - z[i]) * (x[i] - z[i]);
+            }
+            EXPECT_NEAR(ny / nx, 1.0, 1e-5) << d;
+            EXPECT_LT(std::sqrt(err / nx), 1e-5) << d;
+        }
+    }
+    // Seeds give different rotations.
+    Rotation a(128, true, 1), b(128, true, 2);
+    std::vector<float> e(128, 0.0f), ya(128), yb(128);
+    e[0] = 1;
+    a.forward(e.data(), ya.data());
+    b.forward(e.data(), yb.data());
+    EXPECT_NE(ya, yb);
+}
+
+TEST(LloydMax, GaussianKnownDistortion) {
+    // Lloyd-Max for N(0,1): MSE 0.3634, 0.1175, 0.03454, 0.009497 (Max 1960).
+    const double expect[4] = {0.3634, 0.1175, 0.03454, 0.009497};
+    for (int b = 1; b <= 4; ++b) {
+        const ScalarCodebook cb = lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -8, 8, b);
+        EXPECT_NEAR(cb.mse, expect[b - 1], expect[b - 1] * 0.005) << b;
+        EXPECT_EQ(cb.levels(), 1 << b);
+    }
+    const ScalarCodebook one = lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -8, 8, 1);
+    EXPECT_NEAR(one.centroids[1], std::sqrt(2.0 / M_PI), 1e-4);
+}
+
+TEST(LloydMax, SamplesMatchDensityAndQuantizeIsNearest) {
+    Rng r(3);
+    std::vector<double> s(200000);
+    for (auto& x : s) x = r.normal();
+    const ScalarCodebook cb = lloyd_max_samples(s, 2);
+    EXPECT_NEAR(cb.mse, 0.1175, 0.003);
+    for (int i = 0; i < 1000; ++i) {
+        const float x = static_cast<float>(r.normal() * 2);
+        int best = 0;
+        for (int c = 1; c < cb.levels(); ++c)
+            if (std::fabs(x - cb.centroids[c]) < std::fabs(x - cb.centroids[best])) best = c;
+        EXPECT_EQ(cb.quantize(x), best);
+    }
+}
+
+TEST(LloydMax, PolarAngleCodebooksInRange) {
+    for (int level = 1; level <= 4; ++level) {
+        const ScalarCodebook& cb = polar_angle_codebook(level, 3);
+        const double hi = level == 1 ? 2 * M_PI : M_PI / 2;
+        for (float c : cb.centroids) {
+            EXPECT_GT(c, 0.0);
+            EXPECT_LT(c, hi);
+        }
+        if (level >= 3) {  // concentrated around pi/4
+            EXPECT_NEAR(0.5 * (cb.centroids.front() + cb.centroids.back()), M_PI / 4, 0.02);
+        }
+    }
+}
+
+TEST(BinaryIO, CrcAndTruncation) {
+    EXPECT_EQ(crc32("123456789", 9), 0xCBF43926u);  // the standard check value
+    BinaryWriter w;
+    w.put<int32_t>(5);
+    w.str("hello");
+    BinaryReader r(w.buffer().data(), w.buffer().size() - 1);
+    EXPECT_EQ(r.get<int32_t>(), 5);
+    EXPECT_THROW(r.str(), std::runtime_error);
+}

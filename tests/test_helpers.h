@@ -1,0 +1,68 @@
+// Shared test utilities: seeded random tensors and an independent double-precision attention.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace vqtest {
+
+inline std::vector<float> randn(std::size_t n, uint64_t seed, float scale = 1.0f) {
+    std::mt19937_64 gen(seed);
+    std::normal_distribution<float> dist(0.0f, scale);
+    std::vector<float> v(n);
+    for (auto& x : v) x = dist(gen);
+    return v;
+}
+
+/// Exact softmax attention in double precision; layouts as KVCache::attend.
+inline std::vector<float> reference_attention(const std::vector<float>& q, int num_q_heads, int n_q,
+                                              const std::vector<float>& k,
+                                              const std::vector<float>& v, int num_kv_heads,
+                                              int n_k, int d, float scale, bool causal,
+                                              int sinks = 0, int window = 0) {
+    std::vector<float> out(static_cast<std::size_t>(num_q_heads) * n_q * d, 0.0f);
+    const int group = num_q_heads / num_kv_heads;
+    for (int qh = 0; qh < num_q_heads; ++qh) {
+        const int h = qh / group;
+        for (int i = 0; i < n_q; ++i) {
+            const int limit = causal ? n_k - n_q + i + 1 : n_k;
+            const float* qq = &q[(static_cast<std::size_t>(qh) * n_q + i) * d];
+            std::vector<double> s(n_k, -INFINITY);
+            double m = -INFINITY;
+            for (int t = 0; t < limit; ++t) {
+                if (window > 0 && t >= sinks && t < limit - window) continue;
+                const float* kk = &k[(static_cast<std::size_t>(h) * n_k + t) * d];
+                double dot = 0.0;
+                for (int j = 0; j < d; ++j) dot += static_cast<double>(qq[j]) * kk[j];
+                s[t] = dot * scale;
+                m = std::max(m, s[t]);
+            }
+            double l = 0.0;
+            std::vector<double> acc(d, 0.0);
+            for (int t = 0; t < limit; ++t) {
+                if (s[t] == -INFINITY) continue;
+                const double w = std::exp(s[t] - m);
+                l += w;
+                const float* vv = &v[(static_cast<std::size_t>(h) * n_k + t) * d];
+                for (int j = 0; j < d; ++j) acc[j] += w * vv[j];
+            }
+            for (int j = 0; j < d; ++j)
+                out[(static_cast<std::size_t>(qh) * n_q + i) * d + j] = l > 0 ? static_cast<float>(acc[j] / l) : 0.0f;
+        }
+    }
+    return out;
+}
+
+/// ||a - b|| / ||b||.
+inline double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+        den += static_cast<double>(b[i]) * b[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-300));
+}
+
+}  // namespace vqtest
