@@ -1,0 +1,26 @@
+// FP16Codec: keys stored as IEEE fp16, the uncompressed baseline ("fp16" method) behind the same
+// interface as every compressed method, so comparisons run the same code.
+#pragma once
+
+#include "methods/key_codec.h"
+
+namespace veloxquant {
+
+class FP16Codec : public KeyCodec {
+public:
+    explicit FP16Codec(int d);
+
+    std::size_t code_bytes() const override { return 2u * static_cast<std::size_t>(dim()); }
+    int num_scalars() const override { return 0; }
+    void encode(const float* keys, int n, uint8_t* codes, float* scalars,
+                std::size_t scalar_stride) const override;
+    void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                float* keys) const override;
+    std::size_t query_state_size() const override { return static_cast<std::size_t>(dim()); }
+    void prepare_query(const float* query, float* state) const override;
+    void score(const float* state, const uint8_t* codes, const float* scalars,
+               std::size_t scalar_stride, int n, float* scores) const override;
+    std::size_t parameter_bytes() const override { return 0; }
+};
+
+}  // namespace veloxquant

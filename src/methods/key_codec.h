@@ -1,0 +1,63 @@
+// KeyCodec: how one KV head's key vectors are encoded into fixed-size packed codes, decoded, and
+// scored against a query without decoding (the "scorer" half of fused attention).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "core/binary_io.h"
+#include "veloxquant/config.h"
+
+namespace veloxquant {
+
+/// Per-token storage is split in two structure-of-arrays parts: `code_bytes()` packed bytes per
+/// token (tokens back to back), and `num_scalars()` float32 scalars per token, scalar s of token
+/// t at scalars[s * scalar_stride + t]. Pointers passed to encode/decode/score point at the
+/// first token of the run; scalar_stride is the page's token capacity.
+class KeyCodec {
+public:
+    explicit KeyCodec(int dim) : dim_(dim) {}
+    virtual ~KeyCodec() = default;
+    KeyCodec(const KeyCodec&) = delete;
+    KeyCodec& operator=(const KeyCodec&) = delete;
+
+    int dim() const { return dim_; }
+    virtual std::size_t code_bytes() const = 0;
+    virtual int num_scalars() const = 0;
+
+    /// Codecs that learn from data (rabitq's IVF centroids) are trained once, on the keys of
+    /// the first append, before their first encode.
+    virtual bool needs_training() const { return false; }
+    virtual void train(const float* /*keys*/, int /*n*/) {}
+
+    /// keys: [n][dim]. Inputs are finite (the cache checks).
+    virtual void encode(const float* keys, int n, uint8_t* codes, float* scalars,
+                        std::size_t scalar_stride) const = 0;
+    /// Writes the reconstruction of n tokens to keys [n][dim].
+    virtual void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride,
+                        int n, float* keys) const = 0;
+
+    /// Floats of per-query state (rotated query, lookup tables, ...).
+    virtual std::size_t query_state_size() const = 0;
+    virtual void prepare_query(const float* query, float* state) const = 0;
+    /// scores[t] = <query, decode(token t)>, computed from the codes (unscaled).
+    virtual void score(const float* state, const uint8_t* codes, const float* scalars,
+                       std::size_t scalar_stride, int n, float* scores) const = 0;
+
+    /// Bytes of codec parameters held (rotation, sketch, centroids, tables).
+    virtual std::size_t parameter_bytes() const = 0;
+    /// Learned state that is not a pure function of the config (rabitq centroids).
+    virtual void save_state(BinaryWriter& /*out*/) const {}
+    virtual void load_state(BinaryReader& /*in*/) {}
+
+private:
+    int dim_;
+};
+
+/// Builds the key codec of `config.method` for one (layer, head); throws std::invalid_argument
+/// for a method, bit width or head dim the method cannot take.
+std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                         int head);
+
+}  // namespace veloxquant

@@ -1,0 +1,124 @@
+#include "methods/qjl.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "core/bitpack.h"
+#include "core/rng.h"
+
+namespace veloxquant {
+namespace {
+
+constexpr double kSqrtHalfPi = 1.2533141373155002512;  // sqrt(pi / 2)
+
+int validated_dim(int d, int sketch_dim) {
+    if (d < QJLCodec::kMinDim || d > QJLCodec::kMaxDim)
+        throw std::invalid_argument("qjl: head dim must be in 2..1024, got " + std::to_string(d));
+    if (sketch_dim < 1 || sketch_dim > QJLCodec::kMaxSketchDim)
+        throw std::invalid_argument("qjl: sketch_dim must be in 1..8192, got " +
+                                    std::to_string(sketch_dim));
+    return d;
+}
+
+}  // namespace
+
+QJLCodec::QJLCodec(int d, int sketch_dim, uint64_t seed)
+    : KeyCodec(validated_dim(d, sketch_dim)),
+      m_(sketch_dim),
+      sketch_(static_cast<std::size_t>(sketch_dim) * d) {
+    Rng rng(seed);
+    for (auto& s : sketch_) s = static_cast<float>(rng.normal());
+}
+
+std::size_t QJLCodec::code_bytes() const {
+    return packed_bytes(m_, 1);
+}
+
+void QJLCodec::encode(const float* keys, int n, uint8_t* codes, float* scalars,
+                      std::size_t /*scalar_stride: one scalar, at scalars[t]*/) const {
+    const int d = dim();
+    const std::size_t cb = code_bytes();
+    for (int t = 0; t < n; ++t) {
+        const float* k = keys + static_cast<std::size_t>(t) * d;
+        uint8_t* code = codes + t * cb;
+        double norm2 = 0.0;
+        for (int j = 0; j < d; ++j) norm2 += static_cast<double>(k[j]) * k[j];
+        scalars[t] = static_cast<float>(std::sqrt(norm2));
+        for (std::size_t b = 0; b < cb; ++b) code[b] = 0;
+        for (int i = 0; i < m_; ++i) {
+            const float* row = &sketch_[static_cast<std::size_t>(i) * d];
+            double acc = 0.0;
+            for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * k[j];
+            if (acc >= 0.0) code[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+        }
+    }
+}
+
+void QJLCodec::decode(const uint8_t* codes, const float* scalars, std::size_t /*scalar_stride*/,
+                      int n, float* keys) const {
+    const int d = dim();
+    const std::size_t cb = code_bytes();
+    const float scale = static_cast<float>(kSqrtHalfPi / m_);
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* code = codes + t * cb;
+        float* out = keys + static_cast<std::size_t>(t) * d;
+        for (int j = 0; j < d; ++j) out[j] = 0.0f;
+        // S^T sign(S k), accumulated row by row.
+        for (int i = 0; i < m_; ++i) {
+            const float s = (code[i >> 3] >> (i & 7)) & 1u ? 1.0f : -1.0f;
+            const float* row = &sketch_[static_cast<std::size_t>(i) * d];
+            for (int j = 0; j < d; ++j) out[j] += s * row[j];
+        }
+        const float f = scalars[t] * scale;
+        for (int j = 0; j < d; ++j) out[j] *= f;
+    }
+}
+
+std::size_t QJLCodec::query_state_size() const {
+    return code_bytes() * 256;
+}
+
+void QJLCodec::prepare_query(const float* query, float* state) const {
+    const int d = dim();
+    const double scale = kSqrtHalfPi / m_;
+    const std::size_t cb = code_bytes();
+    for (std::size_t byte = 0; byte < cb; ++byte) {
+        // v[b] = scale * (S q)_{8 byte + b}; rows past m contribute nothing either way.
+        float v[8] = {};
+        for (int b = 0; b < 8; ++b) {
+            const int i = static_cast<int>(byte) * 8 + b;
+            if (i >= m_) break;
+            const float* row = &sketch_[static_cast<std::size_t>(i) * d];
+            double acc = 0.0;
+            for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * query[j];
+            v[b] = static_cast<float>(scale * acc);
+        }
+        // LUT[0] = -sum v; setting bit b flips term b from -v[b] to +v[b].
+        float* lut = state + byte * 256;
+        float base = 0.0f;
+        for (float x : v) base -= x;
+        lut[0] = base;
+        for (int code = 1; code < 256; ++code) {
+            const int low = code & -code;
+            lut[code] = lut[code ^ low] + 2.0f * v[__builtin_ctz(static_cast<unsigned>(code))];
+        }
+    }
+}
+
+void QJLCodec::score(const float* state, const uint8_t* codes, const float* scalars,
+                     std::size_t /*scalar_stride*/, int n, float* scores) const {
+    const std::size_t cb = code_bytes();
+    for (int t = 0; t < n; ++t) {
+        const uint8_t* code = codes + t * cb;
+        float acc = 0.0f;
+        for (std::size_t byte = 0; byte < cb; ++byte) acc += state[byte * 256 + code[byte]];
+        scores[t] = scalars[t] * acc;
+    }
+}
+
+std::size_t QJLCodec::parameter_bytes() const {
+    return sketch_.size() * sizeof(float);
+}
+
+}  // namespace veloxquant

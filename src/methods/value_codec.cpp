@@ -1,0 +1,144 @@
+#include "methods/value_codec.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "core/bitpack.h"
+#include "core/half.h"
+
+namespace veloxquant {
+
+ValueCodec::ValueCodec(int dim, int bits, bool use_hadamard, uint64_t seed)
+    : dim_(dim), bits_(bits) {
+    if (!((bits >= 1 && bits <= 8) || bits == 16))
+        throw std::invalid_argument("value_bits must be in 1..8 or 16 (fp16), got " +
+                                    std::to_string(bits));
+    if (bits != 16) {
+        rotation_ = Rotation(dim, use_hadamard, seed);
+        codebook_ = &rotated_coordinate_codebook(dim, bits);
+    }
+}
+
+std::size_t ValueCodec::code_bytes() const {
+    return bits_ == 16 ? 2u * static_cast<std::size_t>(dim_) : packed_bytes(dim_, bits_);
+}
+
+void ValueCodec::encode(const float* values, int n, uint8_t* codes, float* scalars,
+                        std::size_t scalar_stride) const {
+    (void)scalar_stride;
+    const std::size_t cb = code_bytes();
+    if (bits_ == 16) {
+        for (int t = 0; t < n; ++t) {
+            uint16_t* out = reinterpret_cast<uint16_t*>(codes + t * cb);
+            for (int j = 0; j < dim_; ++j) out[j] = float_to_half(values[static_cast<std::size_t>(t) * dim_ + j]);
+        }
+        return;
+    }
+    std::vector<float> u(dim_);
+    std::vector<uint8_t> idx(dim_);
+    for (int t = 0; t < n; ++t) {
+        const float* v = values + static_cast<std::size_t>(t) * dim_;
+        double norm2 = 0.0;
+        for (int j = 0; j < dim_; ++j) norm2 += static_cast<double>(v[j]) * v[j];
+        const double norm = std::sqrt(norm2);
+        float scale = 0.0f;
+        if (norm > 0.0) {
+            rotation_.forward(v, u.data());
+            const float inv = static_cast<float>(1.0 / norm);
+            // Least-squares scale for the chosen levels: ||v|| <u, c> / ||c||^2, which keeps
+            // the reconstruction's error orthogonal to it (no shrinkage bias).
+            double uc = 0.0, cc = 0.0;
+            for (int j = 0; j < dim_; ++j) {
+                idx[j] = codebook_->quantize(u[j] * inv);
+                const double c = codebook_->centroids[idx[j]];
+                uc += u[j] * inv * c;
+                cc += c * c;
+            }
+            scale = cc > 0.0 ? static_cast<float>(norm * uc / cc) : 0.0f;
+        } else {
+            std::fill(idx.begin(), idx.end(), 0);
+        }
+        pack_bits(idx.data(), dim_, bits_, codes + t * cb);
+        scalars[t] = scale;
+    }
+}
+
+void ValueCodec::decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride,
+                        int n, float* values) const {
+    (void)scalar_stride;
+    const std::size_t cb = code_bytes();
+    for (int t = 0; t < n; ++t) {
+        float* out = values + static_cast<std::size_t>(t) * dim_;
+        const uint8_t* code = codes + t * cb;
+        if (bits_ == 16) {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(code);
+            for (int j = 0; j < dim_; ++j) out[j] = half_to_float(h[j]);
+            continue;
+        }
+        for (int j = 0; j < dim_; ++j) out[j] = scalars[t] * codebook_->centroids[read_packed(code, j, bits_)];
+        rotation_.inverse(out, out);
+    }
+}
+
+void ValueCodec::accumulate(const float* weights, const uint8_t* codes, const float* scalars,
+                            std::size_t scalar_stride, int n, float* acc) const {
+    (void)scalar_stride;
+    const std::size_t cb = code_bytes();
+    if (bits_ == 16) {
+        for (int t = 0; t < n; ++t) {
+            const float w = weights[t];
+            if (w == 0.0f) continue;
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(codes + t * cb);
+            for (int j = 0; j < dim_; ++j) acc[j] += w * half_to_float(h[j]);
+        }
+        return;
+    }
+    const float* c = codebook_->centroids.data();
+    const bool whole_bytes = dim_ % 8 == 0;
+    for (int t = 0; t < n; ++t) {
+        const float w = weights[t] * scalars[t];
+        if (w == 0.0f) continue;
+        const uint8_t* code = codes + t * cb;
+        if (!whole_bytes) {
+            for (int j = 0; j < dim_; ++j) acc[j] += w * c[read_packed(code, j, bits_)];
+        } else if (bits_ == 8) {
+            for (int j = 0; j < dim_; ++j) acc[j] += w * c[code[j]];
+        } else if (bits_ == 4) {
+            for (int j = 0; j < dim_; j += 2) {
+                const uint8_t b = code[j >> 1];
+                acc[j] += w * c[b & 0xF];
+                acc[j + 1] += w * c[b >> 4];
+            }
+        } else if (bits_ == 2) {
+            for (int j = 0; j < dim_; j += 4) {
+                const uint8_t b = code[j >> 2];
+                acc[j] += w * c[b & 3];
+                acc[j + 1] += w * c[(b >> 2) & 3];
+                acc[j + 2] += w * c[(b >> 4) & 3];
+                acc[j + 3] += w * c[b >> 6];
+            }
+        } else if (bits_ == 1) {
+            for (int j = 0; j < dim_; j += 8) {
+                const uint8_t b = code[j >> 3];
+                for (int k = 0; k < 8; ++k) acc[j + k] += w * c[(b >> k) & 1];
+            }
+        } else {
+            for (int j = 0; j < dim_; ++j) acc[j] += w * c[read_packed(code, j, bits_)];
+        }
+    }
+}
+
+void ValueCodec::finalize(const float* acc, float* out) const {
+    if (bits_ == 16) {
+        std::memcpy(out, acc, sizeof(float) * dim_);
+        return;
+    }
+    rotation_.inverse(acc, out);
+}
+
+std::size_t ValueCodec::parameter_bytes() const {
+    return rotation_.parameter_bytes() + (codebook_ ? codebook_->centroids.size() * sizeof(float) : 0);
+}
+
+}  // namespace veloxquant

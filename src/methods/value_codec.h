@@ -1,0 +1,46 @@
+// ValueCodec: values of one KV head. value_bits = 16 stores fp16; otherwise v is rotated,
+// each coordinate of the unit vector Rv/||v|| is Lloyd-Max quantized (rotated-coordinate law)
+// and one float scale per token is stored. Attention accumulates sum_t p_t * v_t in the rotated
+// domain and rotates back once (finalize).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/lloyd_max.h"
+#include "core/rotation.h"
+
+namespace veloxquant {
+
+class ValueCodec {
+public:
+    /// bits in 1..8 or 16; seed already derived for (layer, head).
+    ValueCodec(int dim, int bits, bool use_hadamard, uint64_t seed);
+
+    int dim() const { return dim_; }
+    int bits() const { return bits_; }
+    std::size_t code_bytes() const;
+    int num_scalars() const { return bits_ == 16 ? 0 : 1; }
+
+    void encode(const float* values, int n, uint8_t* codes, float* scalars,
+                std::size_t scalar_stride) const;
+    void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                float* values) const;
+
+    /// acc[dim] += sum_t weights[t] * (value t in the codec's domain).
+    void accumulate(const float* weights, const uint8_t* codes, const float* scalars,
+                    std::size_t scalar_stride, int n, float* acc) const;
+    /// Maps an accumulator back to the value space: out = R^T acc (a copy for fp16).
+    void finalize(const float* acc, float* out) const;
+
+    std::size_t parameter_bytes() const;
+
+private:
+    int dim_;
+    int bits_;
+    Rotation rotation_;
+    const ScalarCodebook* codebook_ = nullptr;
+};
+
+}  // namespace veloxquant
