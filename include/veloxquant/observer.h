@@ -1,0 +1,50 @@
+// KeyNormObserver: per-(layer, head) statistics of key norms, used to route tokens whose key
+// norm lies far out in either tail to a higher-precision side store.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace veloxquant {
+
+/// Large key norms carry large absolute quantization error; very small norms are often
+/// attention sinks (Devoto et al., arXiv 2406.11430). Both tails are flagged: a token is an
+/// outlier for (layer, head) when |log ||k|| - mean| > z_threshold * std over the norms seen so
+/// far (the tokens being appended included), once at least min_count norms were observed.
+class KeyNormObserver {
+public:
+    struct Stats {
+        int64_t count = 0;
+        double mean_log = 0.0;  ///< mean of log ||k||
+        double m2_log = 0.0;    ///< sum of squared deviations of log ||k|| (Welford)
+        double min_norm = 0.0;
+        double max_norm = 0.0;
+        double std_log() const;
+        /// max / min norm; above ~2 norms differ enough that mixed precision pays.
+        double heterogeneity_ratio() const;
+    };
+
+    explicit KeyNormObserver(double z_threshold = 3.0, int64_t min_count = 32);
+
+    double z_threshold() const { return z_threshold_; }
+    int64_t min_count() const { return min_count_; }
+
+    /// Adds n norms of (layer, head) to the statistics. Thread-safe.
+    void observe(int layer, int head, const float* norms, int n);
+    /// True when the norm is in either tail under the current statistics. Thread-safe.
+    bool is_outlier(int layer, int head, float norm) const;
+    Stats stats(int layer, int head) const;
+    /// Replaces the statistics of (layer, head), e.g. when a saved cache is loaded.
+    void set_stats(int layer, int head, const Stats& stats);
+    void reset();
+
+private:
+    double z_threshold_;
+    int64_t min_count_;
+    mutable std::mutex mutex_;
+    std::map<std::pair<int, int>, Stats> stats_;
+};
+
+}  // namespace veloxquant

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command for a fresh Debian 12 machine: install dependencies and the default model,
+# build, and run the main job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install_deps.sh
+bash scripts/build.sh
+./build/tools/veloxquant/veloxquant synthetic --json bench/results/synthetic_latest.json

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Builds and runs every test: the GoogleTest suites through ctest, then the Python oracles
+# (gguf and tokenizers packages, numpy references) through pytest. Model tests run when
+# models/ holds the default model (scripts/install_deps.sh fetches it) and skip otherwise.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/build.sh
+ctest --test-dir build --output-on-failure --timeout 900 -j "$(nproc)"
+export VQ_GGUF_DUMP="$PWD/build/tools/gguf_dump/gguf_dump"
+export VQ_LOGITS_DUMP="$PWD/build/tools/logits_dump/logits_dump"
+set +e
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python
+rc=$?
+set -e
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+if [ "$rc" -ne 0 ]; then echo "pytest failed (exit $rc)"; exit "$rc"; fi

@@ -1,0 +1,228 @@
+// Cache files: "VQKVCACHE" magic, format version, kind, payload length and CRC-32, then the
+// payload (config, shape, codec state, pages, outlier store). Written atomically.
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cache/outlier_store.h"
+#include "cache/paged_store.h"
+#include "core/binary_io.h"
+#include "methods/key_codec.h"
+#include "veloxquant/caches.h"
+#include "veloxquant/factory.h"
+#include "veloxquant/observer.h"
+
+namespace veloxquant {
+namespace {
+
+constexpr char kMagic[8] = {'V', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
+constexpr uint32_t kFormatVersion = 1;
+enum class CacheKind : uint32_t { kQuantized = 1, kSlidingWindow = 2 };
+
+void write_array(BinaryWriter& out, const FloatArray& a) {
+    out.vec(a.shape);
+    out.vec(a.data);
+}
+
+FloatArray read_array(BinaryReader& in) {
+    FloatArray a;
+    a.shape = in.vec<int64_t>(8);
+    a.data = in.vec<float>(std::size_t{1} << 32);
+    return a;
+}
+
+void write_config(BinaryWriter& out, const KVCacheConfig& c) {
+    out.str(c.method);
+    for (int v : {c.bits, c.value_bits, c.num_residuals, c.outlier_bits, c.sketch_dim, c.num_clusters,
+                  c.num_subspaces.value_or(-1), c.signal_bits, c.noise_bits})
+        out.put<int32_t>(v);
+    out.put<uint8_t>(c.use_hadamard);
+    out.put<uint8_t>(c.use_fused_sdpa);
+    out.put<uint64_t>(c.seed);
+    write_array(out, c.codebook);
+    write_array(out, c.smooth_factors);
+    out.put<uint64_t>(c.rotations.size());
+    for (const auto& r : c.rotations) write_array(out, r);
+    out.put<uint64_t>(c.bit_allocation.size());
+    for (const auto& [k, v] : c.bit_allocation) {
+        out.str(k);
+        out.put<int32_t>(v);
+    }
+    out.put<uint8_t>(c.outlier_observer != nullptr);
+    if (c.outlier_observer) {
+        out.put<double>(c.outlier_observer->z_threshold());
+        out.put<int64_t>(c.outlier_observer->min_count());
+    }
+}
+
+KVCacheConfig read_config(BinaryReader& in) {
+    KVCacheConfig c;
+    c.method = in.str(64);
+    int32_t v[9];
+    for (auto& x : v) x = in.get<int32_t>();
+    c.bits = v[0];
+    c.value_bits = v[1];
+    c.num_residuals = v[2];
+    c.outlier_bits = v[3];
+    c.sketch_dim = v[4];
+    c.num_clusters = v[5];
+    if (v[6] >= 0) c.num_subspaces = v[6];
+    c.signal_bits = v[7];
+    c.noise_bits = v[8];
+    c.use_hadamard = in.get<uint8_t>() != 0;
+    c.use_fused_sdpa = in.get<uint8_t>() != 0;
+    c.seed = in.get<uint64_t>();
+    c.codebook = read_array(in);
+    c.smooth_factors = read_array(in);
+    const auto n_rot = in.get<uint64_t>();
+    if (n_rot > 100000) throw std::runtime_error("corrupted cache file: bad rotation count");
+    for (uint64_t i = 0; i < n_rot; ++i) c.rotations.push_back(read_array(in));
+    const auto n_alloc = in.get<uint64_t>();
+    if (n_alloc > 1000000) throw std::runtime_error("corrupted cache file: bad bit_allocation size");
+    for (uint64_t i = 0; i < n_alloc; ++i) {
+        std::string k = in.str(64);
+        c.bit_allocation[k] = in.get<int32_t>();
+    }
+    if (in.get<uint8_t>()) {
+        const double z = in.get<double>();
+        const int64_t min_count = in.get<int64_t>();
+        c.outlier_observer = std::make_shared<KeyNormObserver>(z, min_count);
+    }
+    return c;
+}
+
+std::string frame(CacheKind kind, const std::string& payload) {
+    BinaryWriter out;
+    out.bytes(kMagic, sizeof kMagic);
+    out.put<uint32_t>(kFormatVersion);
+    out.put<uint32_t>(static_cast<uint32_t>(kind));
+    out.put<uint64_t>(payload.size());
+    out.put<uint32_t>(crc32(payload.data(), payload.size()));
+    out.bytes(payload.data(), payload.size());
+    return out.buffer();
+}
+
+}  // namespace
+
+void QuantizedKVCache::write_body(BinaryWriter& out) const {
+    write_config(out, config_);
+    out.put<int32_t>(num_heads_);
+    out.put<int32_t>(head_dim_);
+    out.put<int32_t>(max_seq_len_);
+    out.put<int32_t>(layer_);
+    out.str(class_name_);
+    out.put<int32_t>(size_);
+    for (const auto& kc : key_codecs_) kc->save_state(out);
+    if (config_.outlier_observer) {
+        for (int h = 0; h < num_heads_; ++h) {
+            const KeyNormObserver::Stats s = config_.outlier_observer->stats(layer_, h);
+            out.put(s);
+        }
+        outliers_->write(out);
+    }
+    out.put<uint64_t>(store_->layout().page_bytes);
+    out.put<int32_t>(store_->page_slots());
+    for (int p = 0; p < store_->page_slots(); ++p) {
+        out.put<uint8_t>(store_->held(p));
+        if (store_->held(p)) out.bytes(store_->page_data(p), store_->layout().page_bytes);
+    }
+}
+
+std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) {
+    KVCacheConfig config = read_config(in);
+    const int num_heads = in.get<int32_t>();
+    const int head_dim = in.get<int32_t>();
+    const int max_seq_len = in.get<int32_t>();
+    const int layer = in.get<int32_t>();
+    const std::string class_name = in.str(64);
+    const int size = in.get<int32_t>();
+    std::unique_ptr<KVCache> made;
+    try {
+        made = KVCacheFactory::create(config, num_heads, head_dim, max_seq_len, layer);
+    } catch (const std::invalid_argument& e) {
+        throw std::runtime_error(std::string("corrupted cache file: ") + e.what());
+    }
+    std::unique_ptr<QuantizedKVCache> cache(static_cast<QuantizedKVCache*>(made.release()));
+    if (cache->class_name_ != class_name)
+        throw std::runtime_error("corrupted cache file: class " + class_name + " does not match method " +
+                                 config.method);
+    if (size < 0 || size > max_seq_len) throw std::runtime_error("corrupted cache file: bad token count");
+    for (auto& kc : cache->key_codecs_) kc->load_state(in);
+    if (config.outlier_observer) {
+        for (int h = 0; h < num_heads; ++h) config.outlier_observer->set_stats(layer, h, in.get<KeyNormObserver::Stats>());
+        cache->config_.outlier_observer = config.outlier_observer;
+        cache->outliers_->read(in);
+    }
+    const auto page_bytes = in.get<uint64_t>();
+    if (page_bytes != cache->store_->layout().page_bytes)
+        throw std::runtime_error("corrupted cache file: page size " + std::to_string(page_bytes) +
+                                 " does not match the method's layout (" +
+                                 std::to_string(cache->store_->layout().page_bytes) + ")");
+    const int slots = in.get<int32_t>();
+    const int P = cache->store_->tokens_per_page();
+    if (slots != (size + P - 1) / P) throw std::runtime_error("corrupted cache file: page count does not match size");
+    for (int p = 0; p < slots; ++p) {
+        const auto held = in.get<uint8_t>();
+        if (held > 1) throw std::runtime_error("corrupted cache file: bad page flag");
+        if (held) in.bytes(cache->store_->allocate_page(p), page_bytes);
+    }
+    if (slots > 0 && !cache->store_->held(slots - 1))
+        cache->store_->allocate_page(slots - 1);  // the newest page is always held
+    cache->size_ = size;
+    return cache;
+}
+
+void QuantizedKVCache::save(const std::string& path) const {
+    BinaryWriter body;
+    write_body(body);
+    write_file_atomic(path, frame(CacheKind::kQuantized, body.buffer()));
+}
+
+void SlidingWindowKVCache::save(const std::string& path) const {
+    BinaryWriter body;
+    body.put<int32_t>(window_);
+    body.put<int32_t>(sinks_);
+    inner_->write_body(body);
+    write_file_atomic(path, frame(CacheKind::kSlidingWindow, body.buffer()));
+}
+
+std::unique_ptr<SlidingWindowKVCache> SlidingWindowKVCache::read_body(BinaryReader& in) {
+    const int window = in.get<int32_t>();
+    const int sinks = in.get<int32_t>();
+    auto inner = QuantizedKVCache::read_body(in);
+    try {
+        return std::make_unique<SlidingWindowKVCache>(std::move(inner), window, sinks);
+    } catch (const std::invalid_argument& e) {
+        throw std::runtime_error(std::string("corrupted cache file: ") + e.what());
+    }
+}
+
+std::unique_ptr<KVCache> KVCache::load(const std::string& path) {
+    const std::string data = read_file(path);
+    BinaryReader head(data.data(), data.size());
+    char magic[sizeof kMagic];
+    head.bytes(magic, sizeof magic);
+    if (std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+        throw std::runtime_error(path + " is not a VeloxQuant cache file (bad magic)");
+    const auto version = head.get<uint32_t>();
+    if (version != kFormatVersion)
+        throw std::runtime_error(path + ": unsupported cache format version " + std::to_string(version) +
+                                 " (this build reads " + std::to_string(kFormatVersion) + ")");
+    const auto kind = head.get<uint32_t>();
+    const auto length = head.get<uint64_t>();
+    const auto crc = head.get<uint32_t>();
+    if (length != head.remaining())
+        throw std::runtime_error(path + ": truncated cache file (payload " + std::to_string(head.remaining()) +
+                                 " of " + std::to_string(length) + " bytes)");
+    const char* payload = data.data() + (data.size() - length);
+    if (crc32(payload, length) != crc) throw std::runtime_error(path + ": corrupted cache file (CRC mismatch)");
+    BinaryReader in(payload, length);
+    std::unique_ptr<KVCache> cache;
+    if (kind == static_cast<uint32_t>(CacheKind::kQuantized)) cache = QuantizedKVCache::read_body(in);
+    else if (kind == static_cast<uint32_t>(CacheKind::kSlidingWindow)) cache = SlidingWindowKVCache::read_body(in);
+    else throw std::runtime_error(path + ": unknown cache kind " + std::to_string(kind));
+    if (in.remaining() != 0) throw std::runtime_error(path + ": corrupted cache file (trailing bytes)");
+    return cache;
+}
+
+}  // namespace veloxquant

@@ -1,0 +1,43 @@
+#include <stdexcept>
+#include <string>
+
+#include "veloxquant/caches.h"
+#include "veloxquant/factory.h"
+
+namespace veloxquant {
+
+std::unique_ptr<KVCache> KVCacheFactory::create(const KVCacheConfig& config, int num_heads,
+                                                int head_dim, int max_seq_len) {
+    return create(config, num_heads, head_dim, max_seq_len, 0);
+}
+
+std::unique_ptr<KVCache> KVCacheFactory::create(const KVCacheConfig& config, int num_heads,
+                                                int head_dim, int max_seq_len, int layer) {
+    config.validate();
+    const std::string& m = config.method;
+    if (m == "turboquant_rvq")
+        return std::make_unique<TurboQuantRVQKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "qjl") return std::make_unique<QJLKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "polarquant")
+        return std::make_unique<PolarQuantKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "rabitq") return std::make_unique<RaBitQKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "ratequant")
+        return std::make_unique<RateQuantKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "fp16") return std::make_unique<FP16KVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    // The codec registry names what a remaining method needs (e.g. calibration).
+    return std::make_unique<QuantizedKVCache>(config, num_heads, head_dim, max_seq_len, layer, "QuantizedKVCache");
+}
+
+std::vector<std::unique_ptr<KVCache>> KVCacheBuilder::build(const ModelShape& model,
+                                                            const KVCacheConfig& config,
+                                                            int max_seq_len) {
+    if (model.layers.empty()) throw std::invalid_argument("KVCacheBuilder: the model has no layers");
+    std::vector<std::unique_ptr<KVCache>> caches;
+    caches.reserve(model.layers.size());
+    for (std::size_t l = 0; l < model.layers.size(); ++l)
+        caches.push_back(KVCacheFactory::create(config, model.layers[l].num_kv_heads, model.layers[l].head_dim,
+                                                max_seq_len, static_cast<int>(l)));
+    return caches;
+}
+
+}  // namespace veloxquant

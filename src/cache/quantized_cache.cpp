@@ -1,0 +1,275 @@
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "attention/paged_attention.h"
+#include "cache/outlier_store.h"
+#include "cache/paged_store.h"
+#include "core/rng.h"
+#include "methods/key_codec.h"
+#include "methods/value_codec.h"
+#include "veloxquant/caches.h"
+#include "veloxquant/observer.h"
+
+namespace veloxquant {
+namespace {
+
+// Values of the fp16 baseline are fp16 too; every other method uses config.value_bits.
+int effective_value_bits(const KVCacheConfig& c) { return c.method == "fp16" ? 16 : c.value_bits; }
+
+}  // namespace
+
+QuantizedKVCache::QuantizedKVCache(const KVCacheConfig& config, int num_heads, int head_dim,
+                                   int max_seq_len, int layer, std::string class_name)
+    : config_(config),
+      num_heads_(num_heads),
+      head_dim_(head_dim),
+      max_seq_len_(max_seq_len),
+      layer_(layer),
+      class_name_(std::move(class_name)) {
+    config_.validate();
+    if (num_heads < 1 || num_heads > 4096)
+        throw std::invalid_argument("num_heads must be in 1..4096, got " + std::to_string(num_heads));
+    if (head_dim < 2 || head_dim > 1024)
+        throw std::invalid_argument("head_dim must be in 2..1024, got " + std::to_string(head_dim));
+    if (max_seq_len < 1)
+        throw std::invalid_argument("max_seq_len must be positive, got " + std::to_string(max_seq_len));
+    if (layer < 0) throw std::invalid_argument("layer must be >= 0");
+    for (int h = 0; h < num_heads; ++h) {
+        key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));
+        const uint64_t vseed = derive_seed(config_.seed, layer, h, head_dim, RandomPurpose::kValueRotation);
+        value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, effective_value_bits(config_),
+                                                             config_.use_hadamard, vseed));
+    }
+    PageLayout layout;
+    layout.tokens_per_page = kTokensPerPage;
+    for (int h = 0; h < num_heads; ++h) {
+        HeadLayout hl;
+        hl.key_code_bytes = key_codecs_[h]->code_bytes();
+        hl.key_scalars = key_codecs_[h]->num_scalars();
+        hl.value_code_bytes = value_codecs_[h]->code_bytes();
+        hl.value_scalars = value_codecs_[h]->num_scalars();
+        layout.heads.push_back(hl);
+    }
+    store_ = std::make_unique<PagedStore>(layout);
+    if (config_.outlier_observer)
+        outliers_ = std::make_unique<OutlierStore>(num_heads, head_dim, config_.outlier_bits);
+}
+
+QuantizedKVCache::~QuantizedKVCache() = default;
+
+void QuantizedKVCache::check_tokens(const float* keys, const float* values, int n_tokens) const {
+    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0, got " + std::to_string(n_tokens));
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr) throw std::invalid_argument("append: null keys or values");
+    if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
+        throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
+                                std::to_string(max_seq_len_) + " (cache holds " + std::to_string(size_) + ")");
+    const std::size_t count = static_cast<std::size_t>(num_heads_) * n_tokens * head_dim_;
+    for (int which = 0; which < 2; ++which) {
+        const float* x = which == 0 ? keys : values;
+        for (std::size_t i = 0; i < count; ++i) {
+            if (!std::isfinite(x[i])) {
+                const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
+                throw std::invalid_argument(std::string("append: ") + (which == 0 ? "keys" : "values") +
+                                            " contain NaN or Inf (head " + std::to_string(i / per_head) +
+                                            ", token " + std::to_string(i % per_head / head_dim_) + ")");
+            }
+        }
+    }
+}
+
+void QuantizedKVCache::append(const float* keys, const float* values, int n_tokens) {
+    check_tokens(keys, values, n_tokens);
+    if (n_tokens == 0) return;
+    store_->reserve_tokens(size_ + n_tokens);  // may throw; nothing changed yet
+    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
+    for (int h = 0; h < num_heads_; ++h)
+        if (key_codecs_[h]->needs_training()) key_codecs_[h]->train(keys + h * per_head, n_tokens);
+
+    std::vector<std::vector<uint8_t>> flags;
+    if (outliers_) {
+        KeyNormObserver& obs = *config_.outlier_observer;
+        flags.assign(num_heads_, std::vector<uint8_t>(n_tokens, 0));
+        std::vector<float> norms(n_tokens);
+        for (int h = 0; h < num_heads_; ++h) {
+            for (int t = 0; t < n_tokens; ++t) {
+                const float* k = keys + h * per_head + static_cast<std::size_t>(t) * head_dim_;
+                double s = 0.0;
+                for (int j = 0; j < head_dim_; ++j) s += static_cast<double>(k[j]) * k[j];
+                norms[t] = static_cast<float>(std::sqrt(s));
+            }
+            obs.observe(layer_, h, norms.data(), n_tokens);
+            for (int t = 0; t < n_tokens; ++t) flags[h][t] = obs.is_outlier(layer_, h, norms[t]) ? 1 : 0;
+        }
+    }
+    encode_tokens(keys, values, n_tokens, flags);
+}
+
+void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int n_tokens,
+                                     const std::vector<std::vector<uint8_t>>& flags) {
+    const int P = kTokensPerPage;
+    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
+    // Segments: (head, page) pieces of the new tokens; encoded in parallel.
+    const int first_page = size_ / P, last_page = (size_ + n_tokens - 1) / P;
+    const int pages = last_page - first_page + 1;
+#pragma omp parallel for schedule(dynamic) collapse(2)
+    for (int h = 0; h < num_heads_; ++h) {
+        for (int pi = 0; pi < pages; ++pi) {
+            const int p = first_page + pi;
+            const int begin = std::max(size_, p * P), end = std::min(size_ + n_tokens, (p + 1) * P);
+            const int slot = begin - p * P, n = end - begin;
+            const std::size_t src = h * per_head + static_cast<std::size_t>(begin - size_) * head_dim_;
+            const KeyCodec& kc = *key_codecs_[h];
+            const ValueCodec& vc = *value_codecs_[h];
+            kc.encode(keys + src, n, store_->key_codes(p, h) + slot * kc.code_bytes(),
+                      store_->key_scalars(p, h) + slot, P);
+            vc.encode(values + src, n, store_->value_codes(p, h) + slot * vc.code_bytes(),
+                      store_->value_scalars(p, h) + slot, P);
+        }
+    }
+    if (outliers_) {
+        for (int h = 0; h < num_heads_; ++h)
+            for (int t = 0; t < n_tokens; ++t)
+                if (flags[h][t]) {
+                    const std::size_t src = h * per_head + static_cast<std::size_t>(t) * head_dim_;
+                    outliers_->add(h, size_ + t, keys + src, values + src);
+                }
+    }
+    size_ += n_tokens;
+}
+
+void QuantizedKVCache::attend(const float* queries, int num_q_heads, int n_queries, float* out,
+                              float scale, bool causal) const {
+    attend_window(queries, num_q_heads, n_queries, out, scale, causal, 0, 0);
+}
+
+void QuantizedKVCache::attend_window(const float* queries, int num_q_heads, int n_queries,
+                                     float* out, float scale, bool causal, int sinks,
+                                     int window) const {
+    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0)
+        throw std::invalid_argument("attend: num_q_heads (" + std::to_string(num_q_heads) +
+                                    ") must be a positive multiple of the KV heads (" +
+                                    std::to_string(num_heads_) + ")");
+    if (n_queries < 1) throw std::invalid_argument("attend: n_queries must be >= 1");
+    if (causal && n_queries > size_)
+        throw std::invalid_argument("attend: causal with " + std::to_string(n_queries) +
+                                    " queries needs at least that many cached tokens (have " +
+                                    std::to_string(size_) + ")");
+    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    PagedAttentionArgs a;
+    a.store = store_.get();
+    a.key_codecs = &key_codecs_;
+    a.value_codecs = &value_codecs_;
+    a.outliers = outliers_.get();
+    a.num_heads = num_heads_;
+    a.head_dim = head_dim_;
+    a.size = size_;
+    a.queries = queries;
+    a.num_q_heads = num_q_heads;
+    a.n_queries = n_queries;
+    a.out = out;
+    a.scale = scale;
+    a.causal = causal;
+    a.sinks = sinks;
+    a.window = window;
+    a.fused = config_.use_fused_sdpa;
+    paged_attention(a);
+}
+
+bool QuantizedKVCache::position_held(int pos) const {
+    return pos >= 0 && pos < size_ && store_->held(pos / kTokensPerPage);
+}
+
+void QuantizedKVCache::dequantize(int start, int n_tokens, float* keys_out, float* values_out) const {
+    if (start < 0 || n_tokens < 0 || static_cast<long long>(start) + n_tokens > size_)
+        throw std::out_of_range("dequantize: range [" + std::to_string(start) + ", " +
+                                std::to_string(static_cast<long long>(start) + n_tokens) +
+                                ") is outside [0, " + std::to_string(size_) + ")");
+    if (n_tokens == 0) return;
+    if (keys_out == nullptr || values_out == nullptr) throw std::invalid_argument("dequantize: null output");
+    const int P = kTokensPerPage;
+    for (int p = start / P; p <= (start + n_tokens - 1) / P; ++p)
+        if (!store_->held(p))
+            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) + " were evicted");
+    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
+    for (int h = 0; h < num_heads_; ++h) {
+        for (int t = start; t < start + n_tokens;) {
+            const int p = t / P, slot = t % P, n = std::min(P - slot, start + n_tokens - t);
+            const std::size_t dst = h * per_head + static_cast<std::size_t>(t - start) * head_dim_;
+            const KeyCodec& kc = *key_codecs_[h];
+            const ValueCodec& vc = *value_codecs_[h];
+            kc.decode(store_->key_codes(p, h) + slot * kc.code_bytes(), store_->key_scalars(p, h) + slot, P, n,
+                      keys_out + dst);
+            vc.decode(store_->value_codes(p, h) + slot * vc.code_bytes(), store_->value_scalars(p, h) + slot, P,
+                      n, values_out + dst);
+            t += n;
+        }
+        if (outliers_) {
+            const auto& pos = outliers_->positions(h);
+            for (auto it = std::lower_bound(pos.begin(), pos.end(), start);
+                 it != pos.end() && *it < start + n_tokens; ++it) {
+                const std::size_t dst = h * per_head + static_cast<std::size_t>(*it - start) * head_dim_;
+                const int e = static_cast<int>(it - pos.begin());
+                outliers_->key(h, e, keys_out + dst);
+                outliers_->value(h, e, values_out + dst);
+            }
+        }
+    }
+}
+
+void QuantizedKVCache::trim(int n_tokens) {
+    if (n_tokens < 0 || n_tokens > size_)
+        throw std::invalid_argument("trim: cannot drop " + std::to_string(n_tokens) + " of " +
+                                    std::to_string(size_) + " tokens");
+    size_ -= n_tokens;
+    store_->truncate(size_);
+    if (outliers_) outliers_->truncate(size_);
+}
+
+void QuantizedKVCache::reset() {
+    size_ = 0;
+    store_->clear();
+    if (outliers_) outliers_->clear();
+}
+
+void QuantizedKVCache::evict_range(int sinks, int keep_from) {
+    const int P = kTokensPerPage;
+    for (int p = 0; p < store_->page_slots(); ++p) {
+        const int t0 = p * P, t1 = (p + 1) * P;  // page holds [t0, t1)
+        if (t0 >= sinks && t1 <= keep_from) store_->evict(p);
+    }
+    if (outliers_ && keep_from > sinks) outliers_->erase_range(sinks, keep_from);
+}
+
+std::size_t QuantizedKVCache::storage_bytes() const {
+    return store_->nbytes() + (outliers_ ? outliers_->nbytes() : 0);
+}
+
+std::size_t QuantizedKVCache::parameter_bytes() const {
+    std::size_t n = 0;
+    for (const auto& c : key_codecs_) n += c->parameter_bytes();
+    for (const auto& c : value_codecs_) n += c->parameter_bytes();
+    return n;
+}
+
+std::size_t QuantizedKVCache::nbytes() const { return storage_bytes() + parameter_bytes(); }
+
+double QuantizedKVCache::key_bits_per_coordinate() const {
+    double bits = 0.0;
+    for (const auto& kc : key_codecs_) bits += 8.0 * kc->code_bytes() + 32.0 * kc->num_scalars();
+    return bits / (static_cast<double>(head_dim_) * num_heads_);
+}
+
+double QuantizedKVCache::value_bits_per_coordinate() const {
+    double bits = 0.0;
+    for (const auto& vc : value_codecs_) bits += 8.0 * vc->code_bytes() + 32.0 * vc->num_scalars();
+    return bits / (static_cast<double>(head_dim_) * num_heads_);
+}
+
+int QuantizedKVCache::outlier_tokens() const { return outliers_ ? outliers_->total() : 0; }
+
+}  // namespace veloxquant

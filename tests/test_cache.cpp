@@ -1,0 +1,237 @@
+// The caches end to end: fused vs unfused vs exact attention, GQA and head dims, accounting,
+// determinism, persistence, and bad input leaving the cache unchanged.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+
+#include "test_helpers.h"
+#include "veloxquant/veloxquant.h"
+
+using namespace veloxquant;
+using vqtest::randn;
+using vqtest::reference_attention;
+using vqtest::rel_error;
+
+namespace {
+
+KVCacheConfig make_config(const std::string& method, int bits = 2) {
+    KVCacheConfig c;
+    c.method = method;
+    c.bits = method == "qjl" ? 1 : bits;
+    c.num_residuals = 1;
+    c.value_bits = 4;
+    c.sketch_dim = 128;
+    c.num_clusters = 8;
+    return c;
+}
+
+const std::vector<std::string> kMethods = {"turboquant_rvq", "qjl", "polarquant", "rabitq", "ratequant", "fp16"};
+
+struct Data {
+    int heads, q_heads, n, d;
+    std::vector<float> k, v, q;
+};
+
+Data make_data(int heads, int group, int n, int d, int n_q, uint64_t seed) {
+    Data x{heads, heads * group, n, d, {}, {}, {}};
+    x.k = randn(static_cast<std::size_t>(heads) * n * d, seed);
+    x.v = randn(static_cast<std::size_t>(heads) * n * d, seed + 1);
+    x.q = randn(static_cast<std::size_t>(heads) * group * n_q * d, seed + 2);
+    return x;
+}
+
+std::vector<float> attend(const KVCache& c, const Data& x, int n_q, bool causal) {
+    std::vector<float> out(static_cast<std::size_t>(x.q_heads) * n_q * x.d);
+    c.attend(x.q.data(), x.q_heads, n_q, out.data(), 1.0f / std::sqrt(static_cast<float>(x.d)), causal);
+    return out;
+}
+
+std::vector<float> file_bytes(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    std::vector<char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    return std::vector<float>(b.begin(), b.end());
+}
+
+}  // namespace
+
+class MethodTest : public ::testing::TestWithParam<std::string> {};
+
+// Fused attention on the codes equals dequantize-then-attend, and the unfused path equals an
+// independent exact attention over the dequantized keys and values.
+TEST_P(MethodTest, FusedMatchesUnfusedAndReference) {
+    for (int d : {64, 80, 96, 128, 256}) {
+        for (int group : {1, 3, 4, 8}) {
+            if (GetParam() == "polarquant" && d % 16) continue;
+            const int heads = 2, n = 150, n_q = 3;
+            const Data x = make_data(heads, group, n, d, n_q, d * 10 + group);
+            KVCacheConfig cfg = make_config(GetParam());
+            auto fused = KVCacheFactory::create(cfg, heads, d, 512);
+            cfg.use_fused_sdpa = false;
+            auto unfused = KVCacheFactory::create(cfg, heads, d, 512);
+            fused->append(x.k.data(), x.v.data(), 100);
+            unfused->append(x.k.data(), x.v.data(), 100);
+            // Second append of the remaining 50 tokens (layout [heads][50][d]).
+            std::vector<float> k2, v2;
+            for (int h = 0; h < heads; ++h) {
+                k2.insert(k2.end(), x.k.begin() + (h * n + 100) * d, x.k.begin() + (h * n + n) * d);
+                v2.insert(v2.end(), x.v.begin() + (h * n + 100) * d, x.v.begin() + (h * n + n) * d);
+            }
+            fused->append(k2.data(), v2.data(), 50);
+            unfused->append(k2.data(), v2.data(), 50);
+            for (bool causal : {false, true}) {
+                const auto a = attend(*fused, x, n_q, causal);
+                const auto b = attend(*unfused, x, n_q, causal);
+                EXPECT_LT(rel_error(a, b), 1e-4) << GetParam() << " d " << d << " group " << group;
+                std::vector<float> kd(x.k.size()), vd(x.v.size());
+                fused->dequantize(0, n, kd.data(), vd.data());
+                const auto ref = reference_attention(x.q, x.q_heads, n_q, kd, vd, heads, n, d,
+                                                     1.0f / std::sqrt(static_cast<float>(d)), causal);
+                EXPECT_LT(rel_error(b, ref), 1e-4) << GetParam() << " d " << d << " group " << group;
+            }
+        }
+    }
+}
+
+TEST_P(MethodTest, CausalPrefillMatchesReference) {
+    const int heads = 2, group = 3, n = 200, d = 64;
+    const Data x = make_data(heads, group, n, d, n, 77);
+    auto cache = KVCacheFactory::create(make_config(GetParam()), heads, d, 1024);
+    cache->append(x.k.data(), x.v.data(), n);
+    const auto got = attend(*cache, x, n, true);
+    std::vector<float> kd(x.k.size()), vd(x.v.size());
+    cache->dequantize(0, n, kd.data(), vd.data());
+    const auto ref = reference_attention(x.q, x.q_heads, n, kd, vd, heads, n, d, 0.125f, true);
+    EXPECT_LT(rel_error(got, ref), 1e-4);
+}
+
+TEST_P(MethodTest, SaveLoadGivesIdenticalAttention) {
+    const int heads = 3, d = 128, n = 130;
+    const Data x = make_data(heads, 3, n, d, 2, 5);
+    auto cache = KVCacheFactory::create(make_config(GetParam()), heads, d, 1024, 4);
+    cache->append(x.k.data(), x.v.data(), n);
+    const auto before = attend(*cache, x, 2, true);
+    const std::string path = ::testing::TempDir() + "/vq_" + GetParam() + ".bin";
+    cache->save(path);
+    auto loaded = KVCache::load(path);
+    EXPECT_EQ(loaded->class_name(), cache->class_name());
+    EXPECT_EQ(loaded->size(), n);
+    EXPECT_EQ(loaded->nbytes(), cache->nbytes());
+    EXPECT_EQ(attend(*loaded, x, 2, true), before);
+    // Appending after load continues exactly as the original would.
+    const Data more = make_data(heads, 3, 10, d, 2, 6);
+    cache->append(more.k.data(), more.v.data(), 10);
+    loaded->append(more.k.data(), more.v.data(), 10);
+    EXPECT_EQ(attend(*loaded, x, 2, false), attend(*cache, x, 2, false));
+    std::remove(path.c_str());
+}
+
+TEST_P(MethodTest, SameSeedSameBytesOtherSeedOtherCodes) {
+    const int heads = 2, d = 64, n = 70;
+    const Data x = make_data(heads, 1, n, d, 1, 9);
+    KVCacheConfig cfg = make_config(GetParam());
+    const std::string dir = ::testing::TempDir();
+    auto a = KVCacheFactory::create(cfg, heads, d);
+    auto b = KVCacheFactory::create(cfg, heads, d);
+    a->append(x.k.data(), x.v.data(), n);
+    b->append(x.k.data(), x.v.data(), n);
+    a->save(dir + "/a.bin");
+    b->save(dir + "/b.bin");
+    EXPECT_EQ(file_bytes(dir + "/a.bin"), file_bytes(dir + "/b.bin"));
+    if (GetParam() == "fp16") return;  // nothing random
+    cfg.seed = 1;
+    auto c = KVCacheFactory::create(cfg, heads, d);
+    c->append(x.k.data(), x.v.data(), n);
+    std::vector<float> ka(x.k.size()), kc(x.k.size()), va(x.v.size()), vc(x.v.size());
+    a->dequantize(0, n, ka.data(), va.data());
+    c->dequantize(0, n, kc.data(), vc.data());
+    EXPECT_NE(ka, kc);
+    EXPECT_NE(va, vc);
+}
+
+TEST_P(MethodTest, NbytesIsCodesScalarsAndPageSlack) {
+    const int heads = 4, d = 128;
+    auto made = KVCacheFactory::create(make_config(GetParam()), heads, d, 4096);
+    auto* cache = dynamic_cast<QuantizedKVCache*>(made.get());
+    ASSERT_NE(cache, nullptr);
+    EXPECT_EQ(cache->nbytes(), cache->parameter_bytes());  // nothing stored yet
+    const Data x = make_data(heads, 1, 1000, d, 1, 11);
+    cache->append(x.k.data(), x.v.data(), 1000);
+    // Per token and head: the key and value bits per coordinate say how many bytes one token
+    // takes; the 16 pages (of 64 tokens) hold 1024 slots, each region padded to 64 bytes.
+    const double token_bytes = (cache->key_bits_per_coordinate() + cache->value_bits_per_coordinate()) * d / 8;
+    const double pages = 16, slots = pages * kTokensPerPage;
+    const double storage = static_cast<double>(cache->storage_bytes());
+    const double table = 16 * sizeof(void*);
+    EXPECT_GE(storage, heads * slots * token_bytes + table);
+    EXPECT_LE(storage, heads * slots * token_bytes + table + pages * heads * 4 * 64);
+    EXPECT_EQ(cache->nbytes(), cache->storage_bytes() + cache->parameter_bytes());
+    // Far below float32 keys and values for every compressed method.
+    if (GetParam() != "fp16") EXPECT_LT(storage, 0.25 * 1000 * heads * d * 8);
+}
+
+INSTANTIATE_TEST_SUITE_P(AllMethods, MethodTest, ::testing::ValuesIn(kMethods),
+                         [](const auto& info) { return info.param; });
+
+// Attention error against exact float attention falls as key bits rise (values fp16), as the
+// qjl sketch grows, and as value bits rise (keys at 4 bits x 3 stages).
+TEST(Quality, AttentionErrorFallsWithBits) {
+    const int heads = 2, group = 4, n = 512, d = 128, n_q = 4;
+    const Data x = make_data(heads, group, n, d, n_q, 21);
+    const auto exact = reference_attention(x.q, x.q_heads, n_q, x.k, x.v, heads, n, d, 0.2f, false);
+    auto error = [&](KVCacheConfig cfg) {
+        auto c = KVCacheFactory::create(cfg, heads, d, n);
+        c->append(x.k.data(), x.v.data(), n);
+        std::vector<float> out(x.q.size());
+        c->attend(x.q.data(), x.q_heads, n_q, out.data(), 0.2f, false);
+        return rel_error(out, exact);
+    };
+    for (const std::string m : {"turboquant_rvq", "polarquant", "rabitq", "ratequant"}) {
+        double prev = 1e9;
+        for (int bits = 1; bits <= 4; ++bits) {
+            KVCacheConfig cfg = make_config(m, bits);
+            cfg.value_bits = 16;
+            const double e = error(cfg);
+            EXPECT_LT(e, prev) << m << " bits " << bits;
+            prev = e;
+        }
+    }
+    double prev = 1e9;
+    for (int m : {16, 64, 256, 1024}) {
+        KVCacheConfig cfg = make_config("qjl");
+        cfg.sketch_dim = m;
+        cfg.value_bits = 16;
+        const double e = error(cfg);
+        EXPECT_LT(e, prev) << "qjl sketch " << m;
+        prev = e;
+    }
+    prev = 1e9;
+    for (int vb : {1, 2, 3, 4, 8}) {
+        KVCacheConfig tq = make_config("turboquant_rvq", 4);
+        tq.num_residuals = 3;
+        tq.value_bits = vb;
+        const double e = error(tq);
+        EXPECT_LT(e, prev) << "value bits " << vb;
+        prev = e;
+    }
+}
+
+TEST(Quality, ResidualStagesLowerAttentionError) {
+    const int heads = 1, n = 256, d = 64;
+    const Data x = make_data(heads, 2, n, d, 2, 31);
+    const auto exact = reference_attention(x.q, x.q_heads, 2, x.k, x.v, heads, n, d, 0.3f, false);
+    double prev = 1e9;
+    for (int stages = 1; stages <= 3; ++stages) {
+        KVCacheConfig cfg = make_config("turboquant_rvq", 1);
+        cfg.num_residuals = stages;
+        cfg.value_bits = 16;
+        auto c = KVCacheFactory::create(cfg, heads, d, n);
+        c->append(x.k.data(), x.v.data(), n);
+        std::vector<float> out(x.q.size());
+        c->attend(x.q.data(), x.q_heads, 2, out.data(), 0.3f, false);
+        const double e = rel_error(out, exact);
+        EXPECT_LT(e, prev);
+        prev = e;
+    }
+}

@@ -1,0 +1,201 @@
+// Bad input gets a specific error and leaves the cache exactly as it was.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+
+#include "core/binary_io.h"
+#include "test_helpers.h"
+#include "veloxquant/veloxquant.h"
+
+using namespace veloxquant;
+using vqtest::randn;
+
+namespace {
+
+KVCacheConfig config_of(const std::string& method) {
+    KVCacheConfig c;
+    c.method = method;
+    c.num_clusters = 4;
+    return c;
+}
+
+// Attention output and dequantized contents: a fingerprint of everything the cache holds.
+std::vector<float> fingerprint(const KVCache& c) {
+    const int h = c.num_heads(), d = c.head_dim(), n = c.size();
+    std::vector<float> k(static_cast<std::size_t>(h) * n * d), v(k.size()), q = randn(static_cast<std::size_t>(h) * d, 1);
+    if (n > 0) c.dequantize(0, n, k.data(), v.data());
+    std::vector<float> out(q.size());
+    if (n > 0) c.attend(q.data(), h, 1, out.data(), 0.1f, false);
+    k.insert(k.end(), v.begin(), v.end());
+    k.insert(k.end(), out.begin(), out.end());
+    k.push_back(static_cast<float>(c.nbytes()));
+    k.push_back(static_cast<float>(n));
+    return k;
+}
+
+template <typename E, typename F>
+void expect_error_unchanged(KVCache& c, F f, const std::string& fragment) {
+    const auto before = fingerprint(c);
+    try {
+        f();
+        ADD_FAILURE() << "no exception, expected one mentioning '" << fragment << "'";
+    } catch (const E& e) {
+        EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(fingerprint(c), before);
+}
+
+}  // namespace
+
+TEST(ConfigErrors, UnknownMethodAndImpossibleSettings) {
+    auto throws = [](KVCacheConfig c, const std::string& fragment) {
+        try {
+            KVCacheFactory::create(c, 2, 64);
+            ADD_FAILURE() << "expected an error mentioning " << fragment;
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+        }
+    };
+    KVCacheConfig c = config_of("turboquant");
+    throws(c, "unknown method 'turboquant'");
+    c = config_of("turboquant_rvq");
+    c.bits = 0;
+    throws(c, "bits");
+    c.bits = 9;
+    throws(c, "bits");
+    c = config_of("turboquant_rvq");
+    c.value_bits = 12;
+    throws(c, "value_bits");
+    c = config_of("qjl");
+    c.bits = 2;
+    throws(c, "qjl");
+    c = config_of("polarquant");
+    c.bits = 7;
+    throws(c, "bits");
+    c = config_of("turboquant_rvq");
+    c.outlier_bits = 4;
+    throws(c, "outlier_bits");
+    c = config_of("ratequant");
+    c.bit_allocation["x"] = 2;
+    throws(c, "bit_allocation");
+    c = config_of("vecinfer");
+    throws(c, "calibration");
+    c = config_of("turboquant_rvq");
+    c.num_residuals = 0;
+    throws(c, "num_residuals");
+    // Head dims a method cannot take.
+    try {
+        KVCacheFactory::create(config_of("polarquant"), 2, 72);
+        ADD_FAILURE();
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("72"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 0, 64), std::invalid_argument);
+    EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 0), std::invalid_argument);
+}
+
+class ErrorTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ErrorTest, BadAppendsAndAttendsLeaveCacheUnchanged) {
+    const int h = 2, d = 64, n = 40;
+    KVCacheConfig cfg = config_of(GetParam());
+    cfg.outlier_observer = std::make_shared<KeyNormObserver>(2.0, 8);
+    auto cache = KVCacheFactory::create(cfg, h, d, 100);
+    auto k = randn(static_cast<std::size_t>(h) * n * d, 3), v = randn(k.size(), 4);
+    cache->append(k.data(), v.data(), n);
+
+    auto bad = k;
+    bad[static_cast<std::size_t>(n) * d + 5] = NAN;  // head 1, token 0
+    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(bad.data(), v.data(), n); },
+                                                  "keys contain NaN or Inf (head 1, token 0)");
+    bad = v;
+    bad.back() = INFINITY;
+    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(k.data(), bad.data(), n); },
+                                                  "values contain NaN or Inf");
+    expect_error_unchanged<std::length_error>(*cache, [&] { cache->append(k.data(), v.data(), 61); },
+                                              "exceed max_seq_len 100");
+    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(k.data(), v.data(), -1); },
+                                                  "n_tokens");
+    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(nullptr, v.data(), 1); }, "null");
+    std::vector<float> q(static_cast<std::size_t>(3) * d), out(q.size());
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->attend(q.data(), 3, 1, out.data(), 0.1f, false); }, "num_q_heads");
+    std::vector<float> big(static_cast<std::size_t>(h) * 41 * d);
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->attend(big.data(), h, 41, big.data(), 0.1f, true); }, "causal");
+    std::vector<float> ko(k.size()), vo(v.size());
+    expect_error_unchanged<std::out_of_range>(*cache, [&] { cache->dequantize(30, 11, ko.data(), vo.data()); },
+                                              "outside");
+    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->trim(41); }, "trim");
+    // A valid append still works afterwards, up to capacity exactly.
+    auto k60 = randn(static_cast<std::size_t>(h) * 60 * d, 5), v60 = randn(k60.size(), 6);
+    cache->append(k60.data(), v60.data(), 60);
+    EXPECT_EQ(cache->size(), 100);
+}
+
+TEST_P(ErrorTest, TruncatedOrCorruptedFilesAreRejected) {
+    const int h = 2, d = 64, n = 70;
+    auto cache = KVCacheFactory::create(config_of(GetParam()), h, d, 200);
+    auto k = randn(static_cast<std::size_t>(h) * n * d, 8), v = randn(k.size(), 9);
+    cache->append(k.data(), v.data(), n);
+    const std::string path = ::testing::TempDir() + "/vq_err_" + GetParam() + ".bin";
+    cache->save(path);
+    const std::string good = read_file(path);
+    auto rejects = [&](const std::string& contents, const std::string& fragment) {
+        write_file_atomic(path, contents);
+        try {
+            KVCache::load(path);
+            ADD_FAILURE() << "accepted a bad file (" << fragment << ")";
+        } catch (const std::runtime_error& e) {
+            EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+        }
+    };
+    for (std::size_t cut : {std::size_t{0}, std::size_t{5}, std::size_t{20}, good.size() / 2, good.size() - 1})
+        rejects(good.substr(0, cut), cut < 8 ? "truncated" : "truncated");
+    std::string flipped = good;
+    flipped[good.size() / 2] ^= 0x40;
+    rejects(flipped, "CRC");
+    std::string magic = good;
+    magic[0] = 'X';
+    rejects(magic, "magic");
+    std::string version = good;
+    version[8] = 9;
+    rejects(version, "version");
+    rejects(good + "x", "truncated");  // payload length disagrees
+    // A forged payload with a valid CRC but an impossible setting: re-frame a modified body.
+    write_file_atomic(path, good);
+    EXPECT_NO_THROW(KVCache::load(path));
+    EXPECT_THROW(KVCache::load(path + ".missing"), std::runtime_error);
+    std::remove(path.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(AllMethods, ErrorTest,
+                         ::testing::Values("turboquant_rvq", "qjl", "polarquant", "rabitq", "ratequant", "fp16"),
+                         [](const auto& info) { return info.param; });
+
+TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {
+    auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
+    auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);
+    cache->append(k.data(), v.data(), 10);
+    const std::string path = ::testing::TempDir() + "/vq_forged.bin";
+    cache->save(path);
+    std::string file = read_file(path);
+    // Header: magic(8) version(4) kind(4) length(8) crc(4) = 28 bytes; the payload starts with
+    // the method string (u64 length, bytes) followed by bits (int32).
+    const std::size_t bits_at = 28 + 8 + std::string("turboquant_rvq").size();
+    int32_t bits = 42;
+    std::memcpy(&file[bits_at], &bits, 4);
+    const uint32_t crc = crc32(file.data() + 28, file.size() - 28);
+    std::memcpy(&file[24], &crc, 4);
+    write_file_atomic(path, file);
+    try {
+        KVCache::load(path);
+        ADD_FAILURE();
+    } catch (const std::runtime_error& e) {
+        EXPECT_NE(std::string(e.what()).find("bits"), std::string::npos) << e.what();
+    }
+    std::remove(path.c_str());
+}
