@@ -1,0 +1,114 @@
+// Decode attention and append time per method at 1K-32K cached tokens, against dense float32
+// attention on the same data in the same run. Run through bench/run_cpu_bench.sh, which writes
+// the JSON and a summary with ratios to bench/results/.
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/dense_attention.h"
+#include "veloxquant/veloxquant.h"
+
+namespace {
+
+using namespace veloxquant;
+
+constexpr int kHeads = 8, kGroup = 4, kDim = 128;
+
+struct Data {
+    std::vector<float> k, v, q;
+};
+
+const Data& data(int n) {
+    static std::map<int, Data> cache;
+    auto it = cache.find(n);
+    if (it != cache.end()) return it->second;
+    std::mt19937_64 gen(n);
+    std::normal_distribution<float> normal;
+    Data d;
+    d.k.resize(static_cast<std::size_t>(kHeads) * n * kDim);
+    d.v.resize(d.k.size());
+    d.q.resize(static_cast<std::size_t>(kHeads) * kGroup * kDim);
+    for (auto& x : d.k) x = normal(gen);
+    for (auto& x : d.v) x = normal(gen);
+    for (auto& x : d.q) x = normal(gen);
+    return cache.emplace(n, std::move(d)).first->second;
+}
+
+KVCacheConfig config_for(const std::string& name) {
+    KVCacheConfig c;
+    c.method = name;
+    if (name == "turboquant_rvq_b4") {
+        c.method = "turboquant_rvq";
+        c.bits = 4;
+        c.num_residuals = 1;
+        c.value_bits = 4;
+    }
+    return c;
+}
+
+const std::vector<std::string> kVariants = {"fp16", "turboquant_rvq", "turboquant_rvq_b4", "qjl",
+                                            "polarquant", "rabitq", "ratequant"};
+
+void BM_dense_decode(benchmark::State& state) {
+    const int n = static_cast<int>(state.range(0));
+    const Data& d = data(n);
+    std::vector<float> out(d.q.size());
+    for (auto _ : state) {
+        dense_attention(d.q.data(), kHeads * kGroup, 1, d.k.data(), d.v.data(), kHeads, n, kDim, out.data(),
+                        0.088f, false);
+        benchmark::DoNotOptimize(out.data());
+    }
+    const double bytes = 2.0 * kHeads * n * kDim * sizeof(float);
+    state.counters["kv_bytes"] = bytes;
+    state.counters["GB/s"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
+void BM_decode(benchmark::State& state, const std::string& variant) {
+    const int n = static_cast<int>(state.range(0));
+    const Data& d = data(n);
+    auto cache = KVCacheFactory::create(config_for(variant), kHeads, kDim, n);
+    cache->append(d.k.data(), d.v.data(), n);
+    std::vector<float> out(d.q.size());
+    for (auto _ : state) {
+        cache->attend(d.q.data(), kHeads * kGroup, 1, out.data(), 0.088f, false);
+        benchmark::DoNotOptimize(out.data());
+    }
+    const double bytes = static_cast<double>(static_cast<QuantizedKVCache&>(*cache).storage_bytes());
+    state.counters["kv_bytes"] = bytes;
+    state.counters["GB/s"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+}
+
+void BM_append(benchmark::State& state, const std::string& variant) {
+    const int n = static_cast<int>(state.range(0));
+    const Data& d = data(n);
+    for (auto _ : state) {
+        state.PauseTiming();
+        auto cache = KVCacheFactory::create(config_for(variant), kHeads, kDim, n);
+        state.ResumeTiming();
+        cache->append(d.k.data(), d.v.data(), n);
+        benchmark::DoNotOptimize(cache.get());
+    }
+    state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(n) * state.iterations(),
+                                                    benchmark::Counter::kIsRate);
+}
+
+const int registered = [] {
+    benchmark::RegisterBenchmark("decode/dense_f32", BM_dense_decode)->RangeMultiplier(4)->Range(1024, 32768)
+        ->Unit(benchmark::kMicrosecond)->UseRealTime();
+    for (const auto& v : kVariants) {
+        benchmark::RegisterBenchmark(("decode/" + v).c_str(), BM_decode, v)->RangeMultiplier(4)->Range(1024, 32768)
+            ->Unit(benchmark::kMicrosecond)->UseRealTime();
+        benchmark::RegisterBenchmark(("append/" + v).c_str(), BM_append, v)->Arg(1024)->Arg(8192)
+            ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
+    }
+    return 0;
+}();
+
+}  // namespace
+
+BENCHMARK_MAIN();
