@@ -4,6 +4,7 @@
 # models/ holds the default model (scripts/install_deps.sh fetches it) and skip otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then echo "no .venv: run bash scripts/setup.sh (or scripts/install_deps.sh) first" >&2; exit 1; fi
 bash scripts/build.sh
 ctest --test-dir build --output-on-failure --timeout 900 -j "$(nproc)"
 export VQ_GGUF_DUMP="$PWD/build/tools/gguf_dump/gguf_dump"
