@@ -1,0 +1,211 @@
+#include "core/kmeans.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+#include "core/rng.h"
+
+namespace veloxquant {
+namespace {
+
+// Below this many multiply-adds a loop runs on one thread: waking a team costs more.
+constexpr long kParallelWork = 1L << 17;
+
+bool worth_threads(int n, int d, int k) {
+    return static_cast<long>(n) * d * k >= kParallelWork;
+}
+
+// Eight partial sums break the floating-point add chain (and leave room for SIMD) while the
+// summation order stays fixed (the same result on every run and thread count).
+float squared_distance(const float* a, const float* b, int d) {
+    float part[8] = {};
+    int j = 0;
+    for (; j + 8 <= d; j += 8) {
+        for (int l = 0; l < 8; ++l) {
+            const float t = a[j + l] - b[j + l];
+            part[l] += t * t;
+        }
+    }
+    float acc = 0.0f;
+    for (; j < d; ++j) {
+        const float t = a[j] - b[j];
+        acc += t * t;
+    }
+    for (float p : part) acc += p;
+    return acc;
+}
+
+const float* row(const float* base, int i, int d) {
+    return base + static_cast<std::size_t>(i) * static_cast<std::size_t>(d);
+}
+
+// Sums in index order, so the total does not depend on how the terms were computed.
+double ordered_sum(const std::vector<float>& v) {
+    double s = 0.0;
+    for (float x : v) s += x;
+    return s;
+}
+
+// Points seeding the k centroids.
+std::vector<int> initial_points(const float* data, int n, int d, int k, KMeansInit init, Rng& rng) {
+    std::vector<int> chosen;
+    chosen.reserve(k);
+    if (init == KMeansInit::kRandomDistinct) {
+        // Partial Fisher-Yates shuffle: the first k entries are k distinct uniform picks.
+        std::vector<int> idx(n);
+        std::iota(idx.begin(), idx.end(), 0);
+        for (int i = 0; i < k; ++i) {
+            const int j = i + static_cast<int>(rng.below(static_cast<uint64_t>(n - i)));
+            std::swap(idx[i], idx[j]);
+            chosen.push_back(idx[i]);
+        }
+        return chosen;
+    }
+    // k-means++: each next seed is drawn with probability proportional to its squared
+    // distance to the nearest seed so far.
+    std::vector<char> taken(n, 0);
+    std::vector<float> dist2(n);
+    int next = static_cast<int>(rng.below(static_cast<uint64_t>(n)));
+    for (int c = 0; c < k; ++c) {
+        chosen.push_back(next);
+        taken[next] = 1;
+        if (c + 1 == k) break;
+        const float* seed_point = row(data, next, d);
+#pragma omp parallel for schedule(static) if (worth_threads(n, d, 1))
+        for (int i = 0; i < n; ++i) {
+            const float dd = squared_distance(row(data, i, d), seed_point, d);
+            dist2[i] = (c == 0) ? dd : std::min(dist2[i], dd);
+        }
+        const double total = ordered_sum(dist2);
+        next = -1;
+        if (total > 0.0) {
+            const double r = rng.uniform() * total;
+            double cum = 0.0;
+            for (int i = 0; i < n; ++i) {
+                if (dist2[i] <= 0.0f) continue;
+                cum += dist2[i];
+                next = i;  // the last positive point absorbs rounding at the top end
+                if (cum > r) break;
+            }
+        }
+        if (next < 0) {
+            // Every point coincides with a seed: take a uniformly drawn index not yet used.
+            const int free_count = n - (c + 1);
+            int pick = static_cast<int>(rng.below(static_cast<uint64_t>(free_count)));
+            for (int i = 0; i < n; ++i) {
+                if (taken[i]) continue;
+                if (pick-- == 0) {
+                    next = i;
+                    break;
+                }
+            }
+        }
+    }
+    return chosen;
+}
+
+void assign_all(const float* data, int n, int d, const std::vector<float>& centroids, int k,
+                std::vector<int>& assignment, std::vector<float>& dist2) {
+#pragma omp parallel for schedule(static) if (worth_threads(n, d, k))
+    for (int i = 0; i < n; ++i)
+        assignment[i] = nearest_centroid(row(data, i, d), centroids.data(), k, d, &dist2[i]);
+}
+
+// Moves each empty cluster's centroid onto the point farthest from its own centroid (ties to
+// the lower index), using each point at most once. Returns whether anything moved.
+bool reseed_empty(const float* data, int n, int d, int k, const std::vector<int>& counts,
+                  const std::vector<int>& assignment, std::vector<float>& centroids) {
+    std::vector<int> empty;
+    for (int c = 0; c < k; ++c)
+        if (counts[c] == 0) empty.push_back(c);
+    if (empty.empty()) return false;
+    std::vector<float> far(n);
+#pragma omp parallel for schedule(static) if (worth_threads(n, d, 1))
+    for (int i = 0; i < n; ++i)
+        far[i] = squared_distance(row(data, i, d), row(centroids.data(), assignment[i], d), d);
+    std::vector<int> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return far[a] > far[b]; });
+    bool moved = false;
+    for (std::size_t e = 0; e < empty.size() && e < order.size(); ++e) {
+        const int i = order[e];
+        if (far[i] <= 0.0f) break;  // every point sits on its centroid: nothing to split
+        std::copy_n(row(data, i, d), d, &centroids[static_cast<std::size_t>(empty[e]) * d]);
+        moved = true;
+    }
+    return moved;
+}
+
+}  // namespace
+
+int nearest_centroid(const float* x, const float* centroids, int k, int d, float* dist2) {
+    int best = 0;
+    float best_d = squared_distance(x, centroids, d);
+    for (int c = 1; c < k; ++c) {
+        const float dd = squared_distance(x, row(centroids, c, d), d);
+        if (dd < best_d) {
+            best_d = dd;
+            best = c;
+        }
+    }
+    if (dist2) *dist2 = best_d;
+    return best;
+}
+
+KMeansResult kmeans(const float* data, int n, int d, int k, uint64_t seed,
+                    const KMeansOptions& options) {
+    if (n < 1 || d < 1 || k < 1)
+        throw std::invalid_argument("kmeans needs n, d, k >= 1, got n=" + std::to_string(n) +
+                                    " d=" + std::to_string(d) + " k=" + std::to_string(k));
+    if (options.max_iterations < 0 || !(options.tolerance >= 0.0))
+        throw std::invalid_argument("kmeans: max_iterations and tolerance must be >= 0");
+
+    KMeansResult res;
+    res.k = std::min(k, n);
+    const std::size_t dd = static_cast<std::size_t>(d);
+    Rng rng(seed);
+    res.centroids.resize(static_cast<std::size_t>(res.k) * dd);
+    const std::vector<int> seeds = initial_points(data, n, d, res.k, options.init, rng);
+    for (int c = 0; c < res.k; ++c) std::copy_n(row(data, seeds[c], d), d, &res.centroids[c * dd]);
+
+    res.assignment.assign(n, 0);
+    std::vector<float> dist2(n);
+    assign_all(data, n, d, res.centroids, res.k, res.assignment, dist2);
+    res.objective_history.push_back(ordered_sum(dist2));
+
+    std::vector<double> sums(static_cast<std::size_t>(res.k) * dd);
+    std::vector<int> counts(res.k);
+    std::vector<int> previous;
+    for (int it = 0; it < options.max_iterations && res.objective() > 0.0; ++it) {
+        // Update step: centroid = mean of its points (accumulated in point order).
+        std::fill(sums.begin(), sums.end(), 0.0);
+        std::fill(counts.begin(), counts.end(), 0);
+        for (int i = 0; i < n; ++i) {
+            const int c = res.assignment[i];
+            ++counts[c];
+            const float* x = row(data, i, d);
+            double* s = &sums[c * dd];
+            for (int j = 0; j < d; ++j) s[j] += x[j];
+        }
+        for (int c = 0; c < res.k; ++c) {
+            if (counts[c] == 0) continue;
+            for (int j = 0; j < d; ++j)
+                res.centroids[c * dd + j] = static_cast<float>(sums[c * dd + j] / counts[c]);
+        }
+        const bool reseeded =
+            reseed_empty(data, n, d, res.k, counts, res.assignment, res.centroids);
+
+        previous = res.assignment;
+        assign_all(data, n, d, res.centroids, res.k, res.assignment, dist2);
+        const double before = res.objective();
+        res.objective_history.push_back(ordered_sum(dist2));
+        if (!reseeded && previous == res.assignment) break;
+        if (!reseeded && before - res.objective() < options.tolerance * before) break;
+    }
+    return res;
+}
+
+}  // namespace veloxquant

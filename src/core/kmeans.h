@@ -1,0 +1,44 @@
+// Seeded k-means (Lloyd's algorithm) on float vectors: k-means++ or random-distinct
+// initialisation from Rng, Lloyd iterations with an iteration cap and a relative tolerance on
+// the objective, and deterministic re-seeding of empty clusters. Assignment runs in parallel
+// (OpenMP); every reduction is done in a fixed order, so results are identical run to run and
+// for any thread count.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace veloxquant {
+
+enum class KMeansInit {
+    kPlusPlus,        ///< k-means++ (Arthur & Vassilvitskii 2007): D^2-weighted seeding
+    kRandomDistinct,  ///< k distinct data points drawn uniformly
+};
+
+struct KMeansOptions {
+    int max_iterations = 25;
+    /// Stop when an iteration lowers the objective by less than tolerance * objective.
+    double tolerance = 1e-4;
+    KMeansInit init = KMeansInit::kPlusPlus;
+};
+
+struct KMeansResult {
+    int k = 0;                     ///< centroids found: min(requested k, n)
+    std::vector<float> centroids;  ///< [k][d]
+    std::vector<int> assignment;   ///< [n] nearest centroid of each point
+    /// Sum of squared distances to the assigned centroid, after initialisation (entry 0) and
+    /// after each Lloyd iteration; non-increasing.
+    std::vector<double> objective_history;
+    double objective() const { return objective_history.back(); }
+};
+
+/// Index of the centroid nearest to x (squared L2, ties to the lowest index); its squared
+/// distance goes to *dist2 when given.
+int nearest_centroid(const float* x, const float* centroids, int k, int d, float* dist2 = nullptr);
+
+/// Clusters data [n][d] into min(k, n) clusters. Throws std::invalid_argument for n < 1,
+/// d < 1, k < 1 or bad options.
+KMeansResult kmeans(const float* data, int n, int d, int k, uint64_t seed,
+                    const KMeansOptions& options = {});
+
+}  // namespace veloxquant
