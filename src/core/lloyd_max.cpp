@@ -140,7 +140,12 @@ ScalarCodebook lloyd_max_samples(std::vector<double> s, int bits) {
         }
         if (change < 1e-13) break;
     }
+    // Final cells for the sorted centroids (an emptied cell may have left one out of order).
     std::sort(c.begin(), c.end());
+    cut[0] = 0;
+    cut[k] = n;
+    for (int i = 1; i < k; ++i)
+        cut[i] = static_cast<std::size_t>(std::upper_bound(s.begin(), s.end(), 0.5 * (c[i - 1] + c[i])) - s.begin());
     double sse = 0.0;
     for (int i = 0; i < k; ++i) {
         const std::size_t a = cut[i], b = cut[i + 1];
@@ -192,6 +197,9 @@ const ScalarCodebook& residual_codebook(int d, int bits, int stage) {
     return cached(cache, std::make_tuple(d, bits, stage), [&] {
         // Coordinates of random unit vectors, run through the previous stages.
         Rng rng(derive_seed(0x5EED, stage, bits, d, RandomPurpose::kResidualFit));
+        std::vector<const ScalarCodebook*> previous;
+        for (int s = 0; s < stage; ++s)
+            previous.push_back(s == 0 ? &rotated_coordinate_codebook(d, bits) : &residual_codebook(d, bits, s));
         const int vectors = std::max(64, (1 << 18) / d);
         std::vector<double> samples;
         samples.reserve(static_cast<std::size_t>(vectors) * d);
@@ -205,11 +213,7 @@ const ScalarCodebook& residual_codebook(int d, int bits, int stage) {
             norm = std::sqrt(norm);
             for (auto& x : v) {
                 double r = x / norm;
-                for (int s = 0; s < stage; ++s) {
-                    const ScalarCodebook& cb = s == 0 ? rotated_coordinate_codebook(d, bits)
-                                                      : residual_codebook(d, bits, s);
-                    r -= cb.centroids[cb.quantize(static_cast<float>(r))];
-                }
+                for (const ScalarCodebook* cb : previous) r -= cb->centroids[cb->quantize(static_cast<float>(r))];
                 samples.push_back(r);
             }
         }

@@ -164,15 +164,22 @@ std::size_t RaBitQCodec::code_bytes() const {
     return id_bytes() + packed_bytes(dim(), bits_);
 }
 
+namespace {
+constexpr int kTrainPointsPerCluster = 32;
+}  // namespace
+
 void RaBitQCodec::train(const float* keys, int n) {
     if (n < 1) throw std::invalid_argument("rabitq: train needs at least one key");
     const int d = dim();
-    std::vector<float> rotated(static_cast<std::size_t>(n) * d);
-    for (int i = 0; i < n; ++i)
-        rotation_.forward(keys + static_cast<std::size_t>(i) * d,
+    // A long first prefill is subsampled (evenly spaced) to kTrainPointsPerCluster points per
+    // centroid, as FAISS caps its k-means training sets: more points barely move centroids.
+    const int m = std::min(n, kTrainPointsPerCluster * num_clusters_);
+    std::vector<float> rotated(static_cast<std::size_t>(m) * d);
+    for (int i = 0; i < m; ++i)
+        rotation_.forward(keys + static_cast<std::size_t>(static_cast<int64_t>(i) * n / m) * d,
                           &rotated[static_cast<std::size_t>(i) * d]);
     const uint64_t kmeans_seed = derive_seed(seed_, 0, 0, d, RandomPurpose::kKMeans);
-    KMeansResult km = kmeans(rotated.data(), n, d, std::min(num_clusters_, n), kmeans_seed);
+    KMeansResult km = kmeans(rotated.data(), m, d, std::min(num_clusters_, m), kmeans_seed);
     centroids_ = std::move(km.centroids);
     trained_k_ = km.k;
 }

@@ -1,0 +1,65 @@
+// turboquant_rvq: TurboQuant (arXiv 2504.19874, Algorithm 1, TurboQuant_mse) with residual
+// stages. The key's norm is stored as a float; the unit key is randomly rotated so that every
+// coordinate follows the known law of a coordinate of a uniform unit vector, and each coordinate
+// is scalar-quantized with a Lloyd-Max codebook for that law; every further stage quantizes what
+// the previous stages left, with a codebook fitted to that residual's law.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "core/rotation.h"
+#include "methods/key_codec.h"
+
+namespace veloxquant {
+
+/// Per token: one float32 scalar n = ||k||, and num_residuals stages of d packed b-bit indices
+/// (pack_bits, LSB-first; stage s starts at byte s * packed_bytes(d, bits)). With u = R k / n,
+/// stage 0 quantizes u with rotated_coordinate_codebook(d, bits) and stage s >= 1 quantizes
+/// u - sum_{s' < s} C_s'[i_s'] with residual_codebook(d, bits, s). Decode:
+/// k_hat = n R^T sum_s C_s[i_s]. Scores gather-add per-query lookup tables.
+class TurboQuantRVQCodec : public KeyCodec {
+public:
+    /// Throws std::invalid_argument for bits or num_residuals outside 1..8, or d outside
+    /// 3..1024 (the coordinate-law codebook needs d >= 3).
+    TurboQuantRVQCodec(int d, int bits, int num_residuals, bool use_hadamard, uint64_t seed);
+
+    std::size_t code_bytes() const override { return num_residuals_ * stage_bytes_; }
+    int num_scalars() const override { return 1; }
+
+    void encode(const float* keys, int n, uint8_t* codes, float* scalars,
+                std::size_t scalar_stride) const override;
+    void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                float* keys) const override;
+
+    /// State: the rotated query q' = R q (d floats), then per stage s and group g of G = 8 / bits
+    /// consecutive coordinates (G * bits <= 8 bits of code) the table
+    /// T[s][g][v] = sum over the group's coordinates j of q'_j C_s[index of j in v], so a token
+    /// scores with ceil(d / G) lookups per stage. For bits 1, 2, 4, 8 a group is one code byte.
+    std::size_t query_state_size() const override;
+    void prepare_query(const float* query, float* state) const override;
+    void score(const float* state, const uint8_t* codes, const float* scalars,
+               std::size_t scalar_stride, int n, float* scores) const override;
+
+    /// Rotation plus the centroids and cell boundaries of every stage.
+    std::size_t parameter_bytes() const override;
+
+private:
+    /// Index of the nearest centroid of `stage` (ties go to the lower cell).
+    uint8_t quantize(int stage, float x) const;
+    /// Entries of one group table, 2^(G * bits).
+    std::size_t table_entries() const;
+
+    int bits_;
+    int levels_;
+    int num_residuals_;
+    std::size_t stage_bytes_;  ///< packed_bytes(d, bits)
+    int group_;                ///< G = 8 / bits coordinates per query table
+    int groups_per_stage_;     ///< ceil(d / G)
+    Rotation rotation_;
+    std::vector<float> centroids_;   ///< [stage][levels_], ascending
+    std::vector<float> boundaries_;  ///< [stage][levels_ - 1], midpoints of the centroids
+};
+
+}  // namespace veloxquant
