@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "attention/online_softmax.h"
 #include "core/bitpack.h"
 #include "core/binary_io.h"
 #include "core/half.h"
@@ -157,4 +158,15 @@ TEST(BinaryIO, CrcAndTruncation) {
     BinaryReader r(w.buffer().data(), w.buffer().size() - 1);
     EXPECT_EQ(r.get<int32_t>(), 5);
     EXPECT_THROW(r.str(), std::runtime_error);
+}
+
+TEST(FastExp, MatchesStdExpOnNonPositiveInputs) {
+    double worst = 0.0;
+    for (double x = -86.0; x <= 0.0; x += 1e-3) {
+        const double ref = std::exp(static_cast<double>(static_cast<float>(x)));
+        worst = std::max(worst, std::fabs(exp_nonpositive(static_cast<float>(x)) - ref) / ref);
+    }
+    EXPECT_LT(worst, 1e-6);
+    EXPECT_EQ(exp_nonpositive(-INFINITY), 0.0f);
+    EXPECT_EQ(exp_nonpositive(0.0f), 1.0f);
 }

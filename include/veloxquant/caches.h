@@ -58,9 +58,9 @@ public:
     /// Tokens currently held in the outlier side store (all heads).
     int outlier_tokens() const;
 
-    /// Attention over the positions [0, size()) restricted to sink tokens [0, sinks) and the
-    /// window [size() - window, size()); window <= 0 means no restriction. Used by
-    /// SlidingWindowKVCache; evicted pages must lie outside the attended set.
+    /// Attention restricted, for a query at position q, to the sink tokens [0, sinks) and the
+    /// window (q - window, q]; window <= 0 means no restriction. Used by SlidingWindowKVCache;
+    /// evicted pages must lie outside every query's attended set.
     void attend_window(const float* queries, int num_q_heads, int n_queries, float* out,
                        float scale, bool causal, int sinks, int window) const;
     /// Frees every page whose positions all lie in [sinks, keep_from), and the outlier entries

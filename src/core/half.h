@@ -59,6 +59,16 @@ inline uint16_t float_to_half(float f) {
     return static_cast<uint16_t>(sign | h);
 }
 
+/// All 65536 half values as floats (256 KiB, built once): the fast path for bulk conversion.
+inline const float* half_table() {
+    static const float* table = [] {
+        static float t[65536];
+        for (uint32_t h = 0; h < 65536; ++h) t[h] = half_to_float(static_cast<uint16_t>(h));
+        return t;
+    }();
+    return table;
+}
+
 inline float bf16_to_float(uint16_t b) {
     const uint32_t bits = static_cast<uint32_t>(b) << 16;
     float f;

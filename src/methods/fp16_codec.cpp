@@ -23,9 +23,10 @@ void FP16Codec::encode(const float* keys, int n, uint8_t* codes, float*, std::si
 
 void FP16Codec::decode(const uint8_t* codes, const float*, std::size_t, int n, float* keys) const {
     const int d = dim();
+    const float* table = half_table();
     for (int t = 0; t < n; ++t) {
         const uint16_t* in = reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
-        for (int j = 0; j < d; ++j) keys[static_cast<std::size_t>(t) * d + j] = half_to_float(in[j]);
+        for (int j = 0; j < d; ++j) keys[static_cast<std::size_t>(t) * d + j] = table[in[j]];
     }
 }
 
@@ -36,10 +37,11 @@ void FP16Codec::prepare_query(const float* query, float* state) const {
 void FP16Codec::score(const float* state, const uint8_t* codes, const float*, std::size_t, int n,
                       float* scores) const {
     const int d = dim();
+    const float* table = half_table();
     for (int t = 0; t < n; ++t) {
         const uint16_t* in = reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
         float s = 0.0f;
-        for (int j = 0; j < d; ++j) s += state[j] * half_to_float(in[j]);
+        for (int j = 0; j < d; ++j) s += state[j] * table[in[j]];
         scores[t] = s;
     }
 }

@@ -8,6 +8,26 @@
 #include "core/half.h"
 
 namespace veloxquant {
+namespace {
+
+// acc += sum_t w_t * s_t * centroid(codes_t), one byte (PerByte coordinates) at a time.
+template <int PerByte>
+void accumulate_bytes(const float* lut, const float* weights, const uint8_t* codes, const float* scales,
+                      int n, std::size_t code_bytes, float* acc) {
+    for (int t = 0; t < n; ++t) {
+        const float w = weights[t] * scales[t];
+        if (w == 0.0f) continue;
+        const uint8_t* code = codes + t * code_bytes;
+        for (std::size_t byte = 0; byte < code_bytes; ++byte) {
+            const float* row = lut + code[byte] * PerByte;
+            float* a = acc + byte * PerByte;
+#pragma omp simd
+            for (int k = 0; k < PerByte; ++k) a[k] += w * row[k];
+        }
+    }
+}
+
+}  // namespace
 
 ValueCodec::ValueCodec(int dim, int bits, bool use_hadamard, uint64_t seed)
     : dim_(dim), bits_(bits) {
@@ -17,6 +37,13 @@ ValueCodec::ValueCodec(int dim, int bits, bool use_hadamard, uint64_t seed)
     if (bits != 16) {
         rotation_ = Rotation(dim, use_hadamard, seed);
         codebook_ = &rotated_coordinate_codebook(dim, bits);
+        if (8 % bits == 0 && dim % 8 == 0) {
+            const int per_byte = 8 / bits;
+            byte_lut_.resize(256 * static_cast<std::size_t>(per_byte));
+            for (int b = 0; b < 256; ++b)
+                for (int k = 0; k < per_byte; ++k)
+                    byte_lut_[b * per_byte + k] = codebook_->centroids[(b >> (k * bits)) & ((1 << bits) - 1)];
+        }
     }
 }
 
@@ -86,46 +113,28 @@ void ValueCodec::accumulate(const float* weights, const uint8_t* codes, const fl
     (void)scalar_stride;
     const std::size_t cb = code_bytes();
     if (bits_ == 16) {
+        const float* table = half_table();
         for (int t = 0; t < n; ++t) {
             const float w = weights[t];
             if (w == 0.0f) continue;
             const uint16_t* h = reinterpret_cast<const uint16_t*>(codes + t * cb);
-            for (int j = 0; j < dim_; ++j) acc[j] += w * half_to_float(h[j]);
+            for (int j = 0; j < dim_; ++j) acc[j] += w * table[h[j]];
         }
         return;
     }
+    switch (byte_lut_.empty() ? 0 : bits_) {
+        case 1: return accumulate_bytes<8>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
+        case 2: return accumulate_bytes<4>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
+        case 4: return accumulate_bytes<2>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
+        case 8: return accumulate_bytes<1>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
+        default: break;
+    }
     const float* c = codebook_->centroids.data();
-    const bool whole_bytes = dim_ % 8 == 0;
     for (int t = 0; t < n; ++t) {
         const float w = weights[t] * scalars[t];
         if (w == 0.0f) continue;
         const uint8_t* code = codes + t * cb;
-        if (!whole_bytes) {
-            for (int j = 0; j < dim_; ++j) acc[j] += w * c[read_packed(code, j, bits_)];
-        } else if (bits_ == 8) {
-            for (int j = 0; j < dim_; ++j) acc[j] += w * c[code[j]];
-        } else if (bits_ == 4) {
-            for (int j = 0; j < dim_; j += 2) {
-                const uint8_t b = code[j >> 1];
-                acc[j] += w * c[b & 0xF];
-                acc[j + 1] += w * c[b >> 4];
-            }
-        } else if (bits_ == 2) {
-            for (int j = 0; j < dim_; j += 4) {
-                const uint8_t b = code[j >> 2];
-                acc[j] += w * c[b & 3];
-                acc[j + 1] += w * c[(b >> 2) & 3];
-                acc[j + 2] += w * c[(b >> 4) & 3];
-                acc[j + 3] += w * c[b >> 6];
-            }
-        } else if (bits_ == 1) {
-            for (int j = 0; j < dim_; j += 8) {
-                const uint8_t b = code[j >> 3];
-                for (int k = 0; k < 8; ++k) acc[j + k] += w * c[(b >> k) & 1];
-            }
-        } else {
-            for (int j = 0; j < dim_; ++j) acc[j] += w * c[read_packed(code, j, bits_)];
-        }
+        for (int j = 0; j < dim_; ++j) acc[j] += w * c[read_packed(code, j, bits_)];
     }
 }
 

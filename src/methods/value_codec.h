@@ -41,6 +41,9 @@ private:
     int bits_;
     Rotation rotation_;
     const ScalarCodebook* codebook_ = nullptr;
+    /// For bits in {1, 2, 4, 8}: byte_lut_[b * (8 / bits) + k] is the centroid of the k-th
+    /// index packed in byte value b, so a whole byte's coordinates are one short vector FMA.
+    std::vector<float> byte_lut_;
 };
 
 }  // namespace veloxquant
