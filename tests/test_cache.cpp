@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "attention/dense_attention.h"
 #include "test_helpers.h"
 #include "veloxquant/veloxquant.h"
 
@@ -233,5 +234,24 @@ TEST(Quality, ResidualStagesLowerAttentionError) {
         const double e = rel_error(out, exact);
         EXPECT_LT(e, prev);
         prev = e;
+    }
+}
+
+// The dense baseline the benchmarks time against is itself checked against the reference.
+TEST(DenseAttention, MatchesReferenceAcrossShapes) {
+    for (int d : {64, 80, 128}) {
+        for (int group : {1, 3, 8}) {
+            for (int n_q : {1, 5, 40}) {
+                const int heads = 2, n = 300;
+                const Data x = make_data(heads, group, n, d, n_q, d + group + n_q);
+                for (bool causal : {false, true}) {
+                    std::vector<float> out(x.q.size());
+                    dense_attention(x.q.data(), x.q_heads, n_q, x.k.data(), x.v.data(), heads, n, d, out.data(), 0.1f,
+                                    causal);
+                    const auto ref = reference_attention(x.q, x.q_heads, n_q, x.k, x.v, heads, n, d, 0.1f, causal);
+                    EXPECT_LT(rel_error(out, ref), 1e-5) << d << " " << group << " " << n_q << " " << causal;
+                }
+            }
+        }
     }
 }

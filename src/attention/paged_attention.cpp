@@ -54,7 +54,8 @@ void scale_acc(float* acc, int d, float r) {
         for (int j = 0; j < d; ++j) acc[j] *= r;
 }
 
-// One work item: KV head h, rows [r0, r1) of that head, pages of chunk c.
+// One work item: KV head h, rows [r0, r1) of that head, pages of chunk c. Per page, every
+// row's logits and softmax weights come first; then the values are read once for all rows.
 void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>& parts, int h,
                int r0, int r1, int c) {
     const PagedStore& store = *a.store;
@@ -67,19 +68,22 @@ void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
     const int p_begin = c * plan.chunk_pages;
     const int p_end = std::min({plan.page_slots, p_begin + plan.chunk_pages, (max_limit + P - 1) / P});
 
+    auto query = [&](int r) {
+        const int qh = h * plan.group + r / a.n_queries;
+        return a.queries + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * d;
+    };
     std::vector<float> states, kbuf, vbuf;
     if (a.fused) {
         states.resize(static_cast<std::size_t>(nr) * kc.query_state_size());
-        for (int r = r0; r < r1; ++r) {
-            const int qh = h * plan.group + r / a.n_queries;
-            const float* q = a.queries + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * d;
-            kc.prepare_query(q, &states[static_cast<std::size_t>(r - r0) * kc.query_state_size()]);
-        }
+        for (int r = r0; r < r1; ++r)
+            kc.prepare_query(query(r), &states[static_cast<std::size_t>(r - r0) * kc.query_state_size()]);
     } else {
         kbuf.resize(static_cast<std::size_t>(P) * d);
         vbuf.resize(static_cast<std::size_t>(P) * d);
     }
-    std::vector<float> logits(P), weights(P);
+    std::vector<float> logits(P), weights(static_cast<std::size_t>(nr) * P);
+    std::vector<float*> acc(nr);
+    for (int r = r0; r < r1; ++r) acc[r - r0] = partial(parts, plan, h, r, c) + 2;
     for (int p = p_begin; p < p_end; ++p) {
         if (!store.held(p)) continue;
         const int t0 = p * P, n = std::min(P, a.size - t0);
@@ -88,35 +92,40 @@ void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
             vc.decode(store.value_codes(p, h), store.value_scalars(p, h), P, n, vbuf.data());
         }
         for (int r = r0; r < r1; ++r) {
-            const int i = r % a.n_queries;
-            const int limit = visible_limit(a, i);
-            if (t0 >= limit) continue;
-            float* part = partial(parts, plan, h, r, c);
+            float* w = &weights[static_cast<std::size_t>(r - r0) * P];
+            const int limit = visible_limit(a, r % a.n_queries);
+            if (t0 >= limit) {
+                std::fill(w, w + n, 0.0f);
+                continue;
+            }
             if (a.fused) {
                 kc.score(&states[static_cast<std::size_t>(r - r0) * kc.query_state_size()],
                          store.key_codes(p, h), store.key_scalars(p, h), P, n, logits.data());
             } else {
-                const int qh = h * plan.group + r / a.n_queries;
-                const float* q = a.queries + (static_cast<std::size_t>(qh) * a.n_queries + i) * d;
+                const float* q = query(r);
                 for (int t = 0; t < n; ++t) {
                     const float* k = &kbuf[static_cast<std::size_t>(t) * d];
                     float s = 0.0f;
+#pragma omp simd reduction(+ : s)
                     for (int j = 0; j < d; ++j) s += q[j] * k[j];
                     logits[t] = s;
                 }
             }
             for (int t = 0; t < n; ++t) logits[t] *= a.scale;
             mask_logits(a, h, t0, n, limit, logits.data());
-            const float rescale = online_softmax_block(logits.data(), n, part[0], part[1], weights.data());
-            scale_acc(part + 2, d, rescale);
-            if (a.fused) {
-                vc.accumulate(weights.data(), store.value_codes(p, h), store.value_scalars(p, h), P, n, part + 2);
-            } else {
-                for (int t = 0; t < n; ++t) {
-                    const float w = weights[t];
-                    if (w == 0.0f) continue;
-                    const float* v = &vbuf[static_cast<std::size_t>(t) * d];
-                    for (int j = 0; j < d; ++j) part[2 + j] += w * v[j];
+            float* part = acc[r - r0] - 2;
+            scale_acc(acc[r - r0], d, online_softmax_block(logits.data(), n, part[0], part[1], w));
+        }
+        if (a.fused) {
+            vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n, acc.data());
+        } else {
+            for (int t = 0; t < n; ++t) {
+                const float* v = &vbuf[static_cast<std::size_t>(t) * d];
+                for (int r = 0; r < nr; ++r) {
+                    const float wt = weights[static_cast<std::size_t>(r) * P + t];
+                    if (wt == 0.0f) continue;
+#pragma omp simd
+                    for (int j = 0; j < d; ++j) acc[r][j] += wt * v[j];
                 }
             }
         }

@@ -10,20 +10,14 @@
 namespace veloxquant {
 namespace {
 
-// acc += sum_t w_t * s_t * centroid(codes_t), one byte (PerByte coordinates) at a time.
+// Writes scale * centroid(code) for one token, one byte (PerByte coordinates) at a time.
 template <int PerByte>
-void accumulate_bytes(const float* lut, const float* weights, const uint8_t* codes, const float* scales,
-                      int n, std::size_t code_bytes, float* acc) {
-    for (int t = 0; t < n; ++t) {
-        const float w = weights[t] * scales[t];
-        if (w == 0.0f) continue;
-        const uint8_t* code = codes + t * code_bytes;
-        for (std::size_t byte = 0; byte < code_bytes; ++byte) {
-            const float* row = lut + code[byte] * PerByte;
-            float* a = acc + byte * PerByte;
+void unpack_scaled(const float* lut, const uint8_t* code, std::size_t code_bytes, float scale, float* out) {
+    for (std::size_t byte = 0; byte < code_bytes; ++byte) {
+        const float* row = lut + code[byte] * PerByte;
+        float* o = out + byte * PerByte;
 #pragma omp simd
-            for (int k = 0; k < PerByte; ++k) a[k] += w * row[k];
-        }
+        for (int k = 0; k < PerByte; ++k) o[k] = scale * row[k];
     }
 }
 
@@ -108,33 +102,38 @@ void ValueCodec::decode(const uint8_t* codes, const float* scalars, std::size_t 
     }
 }
 
-void ValueCodec::accumulate(const float* weights, const uint8_t* codes, const float* scalars,
-                            std::size_t scalar_stride, int n, float* acc) const {
-    (void)scalar_stride;
+void ValueCodec::accumulate(const float* weights, std::size_t weight_stride, int rows,
+                            const uint8_t* codes, const float* scalars, int n, float* const* acc) const {
     const std::size_t cb = code_bytes();
-    if (bits_ == 16) {
-        const float* table = half_table();
-        for (int t = 0; t < n; ++t) {
-            const float w = weights[t];
-            if (w == 0.0f) continue;
-            const uint16_t* h = reinterpret_cast<const uint16_t*>(codes + t * cb);
-            for (int j = 0; j < dim_; ++j) acc[j] += w * table[h[j]];
-        }
-        return;
-    }
-    switch (byte_lut_.empty() ? 0 : bits_) {
-        case 1: return accumulate_bytes<8>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
-        case 2: return accumulate_bytes<4>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
-        case 4: return accumulate_bytes<2>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
-        case 8: return accumulate_bytes<1>(byte_lut_.data(), weights, codes, scalars, n, code_bytes(), acc);
-        default: break;
-    }
-    const float* c = codebook_->centroids.data();
+    const float* half = bits_ == 16 ? half_table() : nullptr;
+    const float* c = bits_ == 16 ? nullptr : codebook_->centroids.data();
+    float value[Rotation::kMaxDim];
     for (int t = 0; t < n; ++t) {
-        const float w = weights[t] * scalars[t];
-        if (w == 0.0f) continue;
+        bool any = false;
+        for (int r = 0; r < rows && !any; ++r) any = weights[r * weight_stride + t] != 0.0f;
+        if (!any) continue;
         const uint8_t* code = codes + t * cb;
-        for (int j = 0; j < dim_; ++j) acc[j] += w * c[read_packed(code, j, bits_)];
+        // The token's value in the codec's domain (rotated, times its scale).
+        if (bits_ == 16) {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(code);
+            for (int j = 0; j < dim_; ++j) value[j] = half[h[j]];
+        } else {
+            switch (byte_lut_.empty() ? 0 : bits_) {
+                case 1: unpack_scaled<8>(byte_lut_.data(), code, cb, scalars[t], value); break;
+                case 2: unpack_scaled<4>(byte_lut_.data(), code, cb, scalars[t], value); break;
+                case 4: unpack_scaled<2>(byte_lut_.data(), code, cb, scalars[t], value); break;
+                case 8: unpack_scaled<1>(byte_lut_.data(), code, cb, scalars[t], value); break;
+                default:
+                    for (int j = 0; j < dim_; ++j) value[j] = scalars[t] * c[read_packed(code, j, bits_)];
+            }
+        }
+        for (int r = 0; r < rows; ++r) {
+            const float w = weights[r * weight_stride + t];
+            if (w == 0.0f) continue;
+            float* a = acc[r];
+#pragma omp simd
+            for (int j = 0; j < dim_; ++j) a[j] += w * value[j];
+        }
     }
 }
 

@@ -28,9 +28,11 @@ public:
     void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                 float* values) const;
 
-    /// acc[dim] += sum_t weights[t] * (value t in the codec's domain).
-    void accumulate(const float* weights, const uint8_t* codes, const float* scalars,
-                    std::size_t scalar_stride, int n, float* acc) const;
+    /// For each of `rows` query rows r: acc[r][0..dim) += sum_t weights[r * weight_stride + t] *
+    /// (value t in the codec's domain). Each token is unpacked once and shared by all rows (the
+    /// query heads of a GQA group and the queries of a prefill chunk).
+    void accumulate(const float* weights, std::size_t weight_stride, int rows, const uint8_t* codes,
+                    const float* scalars, int n, float* const* acc) const;
     /// Maps an accumulator back to the value space: out = R^T acc (a copy for fp16).
     void finalize(const float* acc, float* out) const;
 
