@@ -55,6 +55,22 @@ inline std::vector<float> reference_attention(const std::vector<float>& q, int n
     return out;
 }
 
+/// n draws of mean + sigma * N(0, 1) from a library Rng stream.
+template <typename R>
+std::vector<float> gaussian(R& rng, std::size_t n, double sigma = 1.0, double mean = 0.0) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = static_cast<float>(mean + sigma * rng.normal());
+    return v;
+}
+
+inline double dot(const float* a, const float* b, int d) {
+    double s = 0.0;
+    for (int i = 0; i < d; ++i) s += static_cast<double>(a[i]) * b[i];
+    return s;
+}
+
+inline double norm(const float* a, int d) { return std::sqrt(dot(a, a, d)); }
+
 /// ||a - b|| / ||b||.
 inline double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
     double num = 0.0, den = 0.0;

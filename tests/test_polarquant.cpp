@@ -14,27 +14,16 @@
 #include "core/rng.h"
 #include "core/rotation.h"
 #include "methods/polarquant.h"
+#include "test_helpers.h"
 
 namespace veloxquant {
 namespace {
 
+using vqtest::dot;
+using vqtest::gaussian;
+using vqtest::norm;
+
 const double kPi = std::acos(-1.0);
-
-std::vector<float> gaussian(Rng& rng, std::size_t n, double scale = 1.0) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = static_cast<float>(scale * rng.normal());
-    return v;
-}
-
-double dot(const float* a, const float* b, int d) {
-    double s = 0.0;
-    for (int i = 0; i < d; ++i) s += static_cast<double>(a[i]) * b[i];
-    return s;
-}
-
-double norm(const float* a, int d) {
-    return std::sqrt(dot(a, a, d));
-}
 
 // Reference 4-level polar transform in double: angles[l] holds level l + 1.
 struct Polar {

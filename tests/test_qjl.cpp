@@ -10,27 +10,16 @@
 
 #include "core/rng.h"
 #include "methods/qjl.h"
+#include "test_helpers.h"
 
 namespace veloxquant {
 namespace {
 
+using vqtest::dot;
+using vqtest::gaussian;
+using vqtest::norm;
+
 const double kSqrtHalfPi = std::sqrt(std::acos(-1.0) / 2.0);
-
-std::vector<float> gaussian(Rng& rng, std::size_t n, double scale = 1.0) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = static_cast<float>(scale * rng.normal());
-    return v;
-}
-
-double dot(const float* a, const float* b, int d) {
-    double s = 0.0;
-    for (int i = 0; i < d; ++i) s += static_cast<double>(a[i]) * b[i];
-    return s;
-}
-
-double norm(const float* a, int d) {
-    return std::sqrt(dot(a, a, d));
-}
 
 // Encodes n keys with scalar_stride = stride, scores one query, and decodes.
 struct CodecRun {

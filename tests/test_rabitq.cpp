@@ -14,25 +14,14 @@
 #include "core/bitpack.h"
 #include "core/rng.h"
 #include "methods/rabitq.h"
+#include "test_helpers.h"
 
 namespace veloxquant {
 namespace {
 
-std::vector<float> gaussian(Rng& rng, std::size_t n, double sigma = 1.0, double mean = 0.0) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = static_cast<float>(mean + sigma * rng.normal());
-    return v;
-}
-
-double dot(const float* a, const float* b, int d) {
-    double s = 0.0;
-    for (int j = 0; j < d; ++j) s += static_cast<double>(a[j]) * b[j];
-    return s;
-}
-
-double norm(const float* a, int d) {
-    return std::sqrt(dot(a, a, d));
-}
+using vqtest::dot;
+using vqtest::gaussian;
+using vqtest::norm;
 
 // Encoded tokens of one codec.
 struct Encoded {

@@ -31,35 +31,13 @@ constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;  // name, n_dims, 1 
     throw std::runtime_error("gguf: " + msg);
 }
 
-// Byte size of a fixed-size value type, 0 for string and array.
-std::size_t scalar_size(GGUFValueType t) {
-    switch (t) {
-        case GGUFValueType::U8:
-        case GGUFValueType::I8:
-        case GGUFValueType::BOOL:
-            return 1;
-        case GGUFValueType::U16:
-        case GGUFValueType::I16:
-            return 2;
-        case GGUFValueType::U32:
-        case GGUFValueType::I32:
-        case GGUFValueType::F32:
-            return 4;
-        case GGUFValueType::U64:
-        case GGUFValueType::I64:
-        case GGUFValueType::F64:
-            return 8;
-        default:
-            return 0;
-    }
-}
 
 bool is_known_value_type(uint32_t t) {
     return t <= static_cast<uint32_t>(GGUFValueType::F64);
 }
 
 bool is_int_type(GGUFValueType t) {
-    return scalar_size(t) != 0 && t != GGUFValueType::BOOL && t != GGUFValueType::F32 &&
+    return gguf_value_type_size(t) != 0 && t != GGUFValueType::BOOL && t != GGUFValueType::F32 &&
            t != GGUFValueType::F64;
 }
 
@@ -119,6 +97,28 @@ std::string type_desc(GGUFValueType type, GGUFValueType elem) {
 }
 
 }  // namespace
+
+std::size_t gguf_value_type_size(GGUFValueType t) {
+    switch (t) {
+        case GGUFValueType::U8:
+        case GGUFValueType::I8:
+        case GGUFValueType::BOOL:
+            return 1;
+        case GGUFValueType::U16:
+        case GGUFValueType::I16:
+            return 2;
+        case GGUFValueType::U32:
+        case GGUFValueType::I32:
+        case GGUFValueType::F32:
+            return 4;
+        case GGUFValueType::U64:
+        case GGUFValueType::I64:
+        case GGUFValueType::F64:
+            return 8;
+        default:
+            return 0;
+    }
+}
 
 const char* ggml_type_name(GGMLType type) {
     switch (type) {
@@ -300,7 +300,7 @@ private:
             const GGUFValueType elem = read_array_header(where, &count);
             skip_array_body(where, elem, count, depth + 1);
         } else {
-            const std::size_t n = scalar_size(t);
+            const std::size_t n = gguf_value_type_size(t);
             need(n, where, " value");
             if (t == GGUFValueType::BOOL && f_.base_[pos_] > 1) {
                 fail(where + " bool value " + std::to_string(f_.base_[pos_]) + " is not 0 or 1");
@@ -313,7 +313,7 @@ private:
         if (depth > kMaxArrayDepth) {
             fail(where + " has arrays nested deeper than " + std::to_string(kMaxArrayDepth));
         }
-        const std::size_t n = scalar_size(elem);
+        const std::size_t n = gguf_value_type_size(elem);
         // Every element takes at least one byte (8 for a string length, 12 for an array header).
         const uint64_t min_elem = n != 0 ? n : elem == GGUFValueType::STRING ? 8 : 12;
         if (count > remaining() / min_elem) {
@@ -550,7 +550,7 @@ std::vector<int64_t> GGUFFile::get_int_array(const std::string& key) const {
         fail("key '" + key + "' has type " + type_desc(kv.type, kv.elem_type) +
              ", expected array of integers");
     }
-    const std::size_t n = scalar_size(kv.elem_type);
+    const std::size_t n = gguf_value_type_size(kv.elem_type);
     std::vector<int64_t> out(static_cast<std::size_t>(kv.count));
     for (std::size_t i = 0; i < out.size(); ++i) {
         out[i] = decode_int(kv.elem_type, kv.payload + i * n, key);
@@ -564,7 +564,7 @@ std::vector<double> GGUFFile::get_float_array(const std::string& key) const {
         fail("key '" + key + "' has type " + type_desc(kv.type, kv.elem_type) +
              ", expected array of f32 or f64");
     }
-    const std::size_t n = scalar_size(kv.elem_type);
+    const std::size_t n = gguf_value_type_size(kv.elem_type);
     std::vector<double> out(static_cast<std::size_t>(kv.count));
     for (std::size_t i = 0; i < out.size(); ++i) {
         out[i] = decode_float(kv.elem_type, kv.payload + i * n);

@@ -60,6 +60,8 @@ enum class GGUFValueType : uint32_t {
 
 /// "u32", "string", "array" etc.; "unknown" outside the enum.
 const char* gguf_value_type_name(GGUFValueType type);
+/// Byte size of a fixed-size value type; 0 for string and array.
+std::size_t gguf_value_type_size(GGUFValueType type);
 
 struct GGUFTensor {
     std::string name;

@@ -27,27 +27,6 @@ void pad_to(std::string& out, std::size_t alignment) {
     out.append((alignment - out.size() % alignment) % alignment, '\0');
 }
 
-std::size_t fixed_size(GGUFValueType t) {
-    switch (t) {
-        case GGUFValueType::U8:
-        case GGUFValueType::I8:
-        case GGUFValueType::BOOL:
-            return 1;
-        case GGUFValueType::U16:
-        case GGUFValueType::I16:
-            return 2;
-        case GGUFValueType::U32:
-        case GGUFValueType::I32:
-        case GGUFValueType::F32:
-            return 4;
-        case GGUFValueType::U64:
-        case GGUFValueType::I64:
-        case GGUFValueType::F64:
-            return 8;
-        default:
-            return 0;
-    }
-}
 
 }  // namespace
 
@@ -149,7 +128,7 @@ void GGUFWriter::add_f32_array(const std::string& key, const std::vector<float>&
 
 void GGUFWriter::add_array(const std::string& key, GGUFValueType elem_type, uint64_t count,
                            const void* data) {
-    const std::size_t n = fixed_size(elem_type);
+    const std::size_t n = gguf_value_type_size(elem_type);
     if (n == 0) {
         throw std::invalid_argument(std::string("GGUFWriter: add_array takes fixed-size ") +
                                     "elements, not " + gguf_value_type_name(elem_type));
