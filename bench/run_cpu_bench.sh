@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build.sh >/dev/null
+mkdir -p bench/results
 stamp=$(date -u +%Y%m%d)
 out=bench/results/cpu_attention_${stamp}.json
 ./build/bench/bench_attention --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
