@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
 bash scripts/build.sh
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation .
 ./build/tools/veloxquant/veloxquant synthetic --json bench/results/synthetic_latest.json

@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then echo "no .venv: run bash scripts/setup.sh (or scripts/install_deps.sh) first" >&2; exit 1; fi
 bash scripts/build.sh
+# The Python package (C++ core + nanobind extension), built incrementally in build-python/.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation .
 ctest --test-dir build --output-on-failure --timeout 900 -j "$(nproc)"
 export VQ_GGUF_DUMP="$PWD/build/tools/gguf_dump/gguf_dump"
 export VQ_LOGITS_DUMP="$PWD/build/tools/logits_dump/logits_dump"
 set +e
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/python
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/python python/tests
 rc=$?
 set -e
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.

@@ -1,0 +1,184 @@
+"""The transformers integration on a small random-weight Llama (2 layers, hidden 128, 4 query
+heads over 2 KV heads): logits through VeloxQuantCache and attn_implementation="veloxquant"
+against the default cache and sdpa, prefill then decode, and generate. Skipped where torch or
+transformers is not installed.
+
+With VQ_TRANSFORMERS_REPORT=path.json the measured numbers (logit errors, top-1 agreement,
+cache bytes against the default cache's) are written there.
+"""
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from veloxquant.cache.base import KVCacheConfig  # noqa: E402
+from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache  # noqa: E402
+
+PROMPT, TOTAL = 48, 64  # a causal prefill of 48 tokens, then 16 single-token decode steps
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def report():
+    results = {}
+    yield results
+    path = os.environ.get("VQ_TRANSFORMERS_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                       "results": results}, f, indent=2, sort_keys=True)
+
+
+def tiny_llama(layers):
+    """A random-weight Llama: hidden 128, 4 query heads over 2 KV heads of dim 32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, initializer_range=0.1,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(2)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 512, (1, TOTAL), generator=torch.Generator().manual_seed(1))
+
+
+def run(model, cache, tokens, attention):
+    """Logits [TOTAL, vocab] (float32, CPU) of a prefill and then one step per token."""
+    model.set_attn_implementation(attention)
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            tokens = tokens.to(device)
+            logits = [model(tokens[:, :PROMPT], past_key_values=cache, use_cache=True).logits[0]]
+            for i in range(PROMPT, TOTAL):
+                logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+    finally:
+        model.set_attn_implementation("sdpa")
+    return torch.cat(logits).float().cpu()
+
+
+def default_run(model, tokens):
+    cache = DynamicCache(config=model.config)
+    logits = run(model, cache, tokens, "sdpa")
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return logits, held
+
+
+def compare(reference, logits):
+    error = (logits - reference).abs().max().item() / reference.abs().max().item()
+    cosine = torch.nn.functional.cosine_similarity(logits, reference, dim=-1).min().item()
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    return {"max_rel_error": error, "min_cosine": cosine, "top1_agreement": top1}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_codes_match_the_default_cache(model, tokens, report, device):
+    model.to(device)
+    try:
+        reference, default_bytes = default_run(model, tokens)
+        cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), max_seq_len=256)
+        logits = run(model, cache, tokens, ATTENTION_NAME)
+    finally:
+        model.to("cpu")
+    stats = compare(reference, logits)
+    report[f"fp16_{device}"] = {**stats, "cache_bytes": cache.nbytes, "default_cache_bytes": default_bytes}
+    assert cache.get_seq_length() == TOTAL
+    assert stats["max_rel_error"] < 1e-3, stats
+    assert stats["top1_agreement"] >= 0.95  # random weights: a near-tie may flip
+
+
+def test_turboquant_logits_approach_the_default_as_bits_grow(model, tokens, report):
+    reference, default_bytes = default_run(model, tokens)
+    stats = {}
+    for bits in (2, 4, 8):
+        config = KVCacheConfig(method="turboquant_rvq", bits=bits, value_bits=bits)
+        cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
+        stats[bits] = compare(reference, run(model, cache, tokens, ATTENTION_NAME))
+        report[f"turboquant_rvq_{bits}bit"] = {
+            **stats[bits], "cache_bytes": cache.nbytes, "default_cache_bytes": default_bytes,
+            "storage_bytes": sum(c.storage_bytes for c in cache.caches),
+            "key_bits_per_coordinate": cache.caches[0].key_bits_per_coordinate,
+            "value_bits_per_coordinate": cache.caches[0].value_bits_per_coordinate}
+    errors = [stats[bits]["max_rel_error"] for bits in (2, 4, 8)]
+    assert errors[0] > errors[1] > errors[2], stats
+    assert stats[4]["min_cosine"] > 0.9 and stats[4]["top1_agreement"] >= 0.5, stats
+    assert stats[8]["min_cosine"] > 0.999, stats  # top-1 flips on near-ties of random logits
+
+
+def test_attention_on_codes_equals_attention_on_dequantized_keys(tokens, report):
+    # One layer, so that both runs quantize the very same keys: deeper layers' keys differ by
+    # float32 rounding, and a coordinate that crosses a quantizer boundary then changes a code.
+    single = tiny_llama(1)
+    config = KVCacheConfig(method="turboquant_rvq", bits=4, value_bits=4)
+    fused = run(single, VeloxQuantCache.from_model(single, config), tokens, ATTENTION_NAME)
+    dequantized = VeloxQuantCache.from_model(single, config, fetch_dequantized=True)
+    error = compare(run(single, dequantized, tokens, "sdpa"), fused)["max_rel_error"]
+    # The float32 noise floor: two exact attention implementations on the default cache.
+    eager = run(single, DynamicCache(config=single.config), tokens, "eager")
+    floor = compare(default_run(single, tokens)[0], eager)["max_rel_error"]
+    report["one_layer_fused_vs_dequantized_sdpa_max_rel_error"] = error
+    report["one_layer_eager_vs_sdpa_max_rel_error"] = floor
+    assert error < max(1e-5, 10 * floor)
+
+
+def test_generate_with_the_cache(model, tokens, report):
+    prompt = tokens[:, :PROMPT]
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            fp16 = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"))
+            got = model.generate(prompt, past_key_values=fp16, max_new_tokens=12, do_sample=False)
+            quantized = VeloxQuantCache.from_model(
+                model, KVCacheConfig(method="turboquant_rvq", bits=4, value_bits=4))
+            got_q = model.generate(prompt, past_key_values=quantized, max_new_tokens=12, do_sample=False)
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert torch.equal(got, expected)
+    assert got_q.shape == expected.shape
+    assert fp16.get_seq_length() == quantized.get_seq_length() == PROMPT + 11
+    report["generate_turboquant_4bit_token_agreement"] = (got_q == expected).float().mean().item()
+
+
+def test_misuse_is_reported(model, tokens):
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"))
+    with torch.no_grad():
+        model(tokens[:, :4], past_key_values=cache, use_cache=True)  # sdpa never reads the codes
+        with pytest.raises(RuntimeError, match="attn_implementation='veloxquant'"):
+            model(tokens[:, 4:5], past_key_values=cache, use_cache=True)
+        model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            with pytest.raises(ValueError, match="past_key_values=VeloxQuantCache"):
+                model(tokens[:, :4], past_key_values=DynamicCache(config=model.config), use_cache=True)
+        finally:
+            model.set_attn_implementation("sdpa")
+    with pytest.raises(ValueError, match="one sequence"):
+        VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16")).update(
+            torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32), 0)
+
+
+def test_cache_bookkeeping(model, tokens):
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2))
+    assert len(cache) == 2 and [c.layer for c in cache.caches] == [0, 1]
+    assert [(c.num_heads, c.head_dim) for c in cache.caches] == [(2, 32), (2, 32)]
+    run(model, cache, tokens, ATTENTION_NAME)
+    assert cache.get_seq_length() == TOTAL and cache.get_mask_sizes(1, 0) == (TOTAL + 1, 0)
+    cache.crop(-4)
+    assert cache.get_seq_length() == TOTAL - 4
+    cache.crop(10)  # the legacy convention: crop to 10 tokens
+    assert cache.get_seq_length() == 10
+    cache.reset()
+    assert cache.get_seq_length() == 0
