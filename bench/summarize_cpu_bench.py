@@ -11,8 +11,9 @@ def main(path, out_path, command):
     for b in doc["benchmarks"]:
         if b.get("aggregate_name") != "median":
             continue
-        name, arg = b["run_name"].split("/real_time")[0].rsplit("/", 1)
-        med[(name, int(arg))] = b
+        # run_name: "<kind>/<variant>/<tokens>[/iterations:N]/real_time"
+        kind, variant, arg = b["run_name"].split("/")[:3]
+        med[(kind + "/" + variant, int(arg))] = b
     lines = [
         "# CPU attention benchmark",
         "",
