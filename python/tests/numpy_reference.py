@@ -250,3 +250,174 @@ def attention(queries: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: 
 def rotated_coordinate_pdf(d: int, x: np.ndarray) -> np.ndarray:
     """Unnormalised density of one coordinate of a uniform unit vector in R^d."""
     return np.clip(1.0 - x * x, 0.0, None) ** ((d - 3) / 2)
+
+
+# ---- RaBitQ (methods/rabitq.h) ---------------------------------------------------------------
+# Code of one token: cluster id (1 byte if num_clusters <= 256, else 2, little-endian), then d
+# levels u_j of `bits` bits packed LSB-first; one float f per token. Grid point
+# x_bar_j = u_j - (2^B - 1)/2; decode x_hat = c + f x_bar, k_hat = R^T x_hat;
+# score = <q', c> + f <x_bar, q'> with q' = R q.
+
+
+def read_rabitq_file(path) -> dict:
+    """Parses a QuantizedKVCache file of method rabitq (cache_io.cpp): the frame (magic
+    VQKVCACH, u32 version 1, u32 kind 1, u64 payload length, u32 CRC-32), the config, the
+    shape and each head's codec state (i32 d, i32 k, u64 count + float32 centroids [k][d]).
+    Returns method, seed, num_heads, head_dim, layer, size, centroids (one [k, d] per head)
+    and whether the CRC matched; the pages that follow are not parsed."""
+    import struct
+    import zlib
+
+    data = open(path, "rb").read()
+    if data[:8] != b"VQKVCACH":
+        raise ValueError("not a VeloxQuant cache file")
+    version, kind, length, crc = struct.unpack_from("<IIQI", data, 8)
+    if (version, kind) != (1, 1):
+        raise ValueError(f"unsupported version/kind {version}/{kind}")
+    payload = data[28:]
+    if len(payload) != length:
+        raise ValueError("truncated cache file")
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        values = struct.unpack_from("<" + fmt, payload, pos)
+        pos += struct.calcsize("<" + fmt)
+        return values if len(values) > 1 else values[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return payload[pos - n:pos].decode()
+
+    def array():  # FloatArray: vec<int64> shape, vec<float> data
+        nonlocal pos
+        for size in (8, 4):
+            n = take("Q")
+            pos += size * n
+
+    out = {"method": string()}
+    ints = take("9i")
+    out["bits"], out["num_clusters"] = ints[0], ints[5]
+    out["use_hadamard"], _ = take("BB")
+    out["seed"] = take("Q")
+    array()  # codebook
+    array()  # smooth_factors
+    for _ in range(take("Q")):
+        array()  # rotations
+    for _ in range(take("Q")):
+        string()
+        take("i")  # bit_allocation
+    if take("B"):
+        take("dq")  # outlier observer
+        raise ValueError("outlier stores are not parsed")
+    out["num_heads"], out["head_dim"], out["max_seq_len"], out["layer"] = take("4i")
+    out["class_name"] = string()
+    out["size"] = take("i")
+    if out["method"] != "rabitq":
+        raise ValueError("only rabitq codec state is parsed")
+    centroids = []
+    for _ in range(out["num_heads"]):
+        d, k = take("2i")
+        count = take("Q")
+        if d != out["head_dim"] or count != k * d:
+            raise ValueError("corrupted rabitq state")
+        centroids.append(np.frombuffer(payload, np.float32, count, pos).reshape(k, d).copy())
+        pos += 4 * count
+    out["centroids"] = centroids
+    out["crc_ok"] = zlib.crc32(payload) == crc
+    return out
+
+
+def rabitq_id_bytes(num_clusters: int) -> int:
+    return 1 if num_clusters <= 256 else 2
+
+
+def rabitq_split(codes: np.ndarray, d: int, bits: int, num_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster ids [n], levels [n, d]) of raw codes [n, id bytes + ceil(d bits / 8)]."""
+    ib = rabitq_id_bytes(num_clusters)
+    ids = codes[:, 0].astype(np.int64)
+    if ib == 2:
+        ids = ids | (codes[:, 1].astype(np.int64) << 8)
+    return ids, unpack(codes[:, ib:], d, bits)
+
+
+def rabitq_grid(levels: np.ndarray, bits: int) -> np.ndarray:
+    """x_bar = u - (2^B - 1)/2."""
+    return levels - 0.5 * ((1 << bits) - 1)
+
+
+def rabitq_decode(codes: np.ndarray, f: np.ndarray, centroids: np.ndarray, rotation: np.ndarray,
+                  bits: int, num_clusters: int) -> np.ndarray:
+    """k_hat = R^T (c[id] + f x_bar) for every token."""
+    d = rotation.shape[0]
+    ids, levels = rabitq_split(codes, d, bits, num_clusters)
+    x_hat = centroids[ids] + f[:, None] * rabitq_grid(levels, bits)
+    return x_hat @ rotation
+
+
+def rabitq_scores(query: np.ndarray, codes: np.ndarray, f: np.ndarray, centroids: np.ndarray,
+                  rotation: np.ndarray, bits: int, num_clusters: int) -> np.ndarray:
+    """The estimator <q', c[id]> + f <x_bar, q'> (q' = R q) of every token, from the codes."""
+    d = rotation.shape[0]
+    q = rotation @ query
+    ids, levels = rabitq_split(codes, d, bits, num_clusters)
+    return (centroids @ q)[ids] + f * (rabitq_grid(levels, bits) @ q)
+
+
+def rabitq_cosine(levels: np.ndarray, residual: np.ndarray, bits: int) -> np.ndarray:
+    """<x_bar, e> / (||x_bar|| ||e||) of levels [..., d] against residuals [..., d]."""
+    g = rabitq_grid(levels, bits)
+    num = (g * residual).sum(-1)
+    den = np.linalg.norm(g, axis=-1) * np.linalg.norm(residual, axis=-1)
+    return num / np.where(den > 0, den, 1.0)
+
+
+def rabitq_best_levels(residual: np.ndarray, bits: int) -> np.ndarray:
+    """Levels [d] maximising the cosine <x_bar, e>/||x_bar|| over the 2^(B d) codes, by the
+    critical-point argument: the optimum has the signs of e and magnitudes s_j + 1/2 with
+    s_j = min(floor(t |e_j|), M - 1), M = 2^(B-1), for some t > 0; s is constant between
+    consecutive critical values s/|e_j|, so evaluating one t inside every such interval (and
+    one below the first) is exhaustive. Ties go to the smallest t."""
+    m = 1 << (bits - 1)
+    a = np.abs(residual)
+    if m > 1 and np.any(a > 0):
+        crit = np.unique((np.arange(1, m)[None, :] / a[a > 0][:, None]).ravel())
+        t = np.concatenate([[crit[0] / 2], (crit[:-1] + crit[1:]) / 2, [crit[-1] * 2]])
+        s = np.minimum(np.floor(t[:, None] * a[None, :]), m - 1)
+        g = s + 0.5
+        cos2 = (g @ a) ** 2 / (g * g).sum(1)
+        steps = s[int(np.argmax(cos2))].astype(np.int64)
+    else:
+        steps = np.zeros(len(a), dtype=np.int64)
+    return np.where(residual >= 0, m + steps, m - 1 - steps)
+
+
+def rabitq_brute_force_levels(residual: np.ndarray, bits: int) -> np.ndarray:
+    """Levels [d] of the best cosine found by enumerating every one of the 2^(B d) codes
+    (small d only); ties to the first code in lexicographic order."""
+    d = len(residual)
+    grids = np.stack(np.meshgrid(*[np.arange(1 << bits)] * d, indexing="ij"), -1).reshape(-1, d)
+    cos = rabitq_cosine(grids, residual[None, :], bits)
+    return grids[int(np.argmax(cos))]
+
+
+def rabitq_factor(levels: np.ndarray, residual: np.ndarray, bits: int) -> np.ndarray:
+    """f = ||e||^2 / <x_bar, e> (0 where e = 0)."""
+    num = (residual * residual).sum(-1)
+    den = (rabitq_grid(levels, bits) * residual).sum(-1)
+    return np.where(num > 0, num / np.where(den != 0, den, 1.0), 0.0)
+
+
+def rabitq_encode(keys: np.ndarray, rotation: np.ndarray, centroids: np.ndarray,
+                  bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(cluster ids [n], levels [n, d], f [n], rotated keys [n, d]) of keys [n, d]: the
+    nearest centroid (squared L2, ties to the lowest index) of x = R k, then the best levels
+    of e = x - c and f."""
+    x = keys @ rotation.T
+    dist = ((x[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)
+    ids = np.argmin(dist, axis=1)
+    residual = x - centroids[ids]
+    levels = np.stack([rabitq_best_levels(e, bits) for e in residual])
+    return ids, levels, rabitq_factor(levels, residual, bits), x
