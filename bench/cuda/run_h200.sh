@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One run on the H200: configure (VQ_CUDA=ON, sm_90), build the CUDA library, the parity test and
+# the benchmark, run the parity test (plus compute-sanitizer on the batched decode), time our
+# fused decode and encode, and time torch bf16 SDPA at the same shapes in the same run.
+# Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/bench/results/h200}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/run.log") 2>&1
+BUILD=build_h200
+JOBS=$(nproc)
+step() { echo "== $(date -u +%T) $*"; }
+
+step "device"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+nvcc --version | tail -1
+
+# The top level wires src/cuda once issue 6 lands; until then this copy gets the wiring here.
+if ! grep -q "add_subdirectory(src/cuda)" CMakeLists.txt; then
+  step "wiring the CUDA directories into this copy's CMakeLists.txt"
+  cat >> CMakeLists.txt <<'EOF'
+if(VQ_CUDA)
+  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+    set(CMAKE_CUDA_ARCHITECTURES 90)
+  endif()
+  enable_language(CUDA)
+  find_package(CUDAToolkit REQUIRED)
+  add_subdirectory(src/cuda)
+  if(VQ_BUILD_TESTS)
+    add_subdirectory(tests/cuda)
+  endif()
+  add_subdirectory(bench/cuda)
+endif()
+EOF
+fi
+
+step "configure"
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=OFF -DVQ_BUILD_TOOLS=OFF > "$OUT/configure.log" 2>&1 \
+  || { tail -30 "$OUT/configure.log"; exit 1; }
+step "build"
+cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity bench_cuda_attention > "$OUT/build.log" 2>&1 \
+  || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+
+step "parity test"
+"$BUILD/tests/cuda/test_cuda_parity" --gtest_output="json:$OUT/parity.json" 2>&1 | tail -40
+step "compute-sanitizer (memcheck, racecheck) on the batched decode"
+for tool in memcheck racecheck; do
+  timeout 45 compute-sanitizer --tool "$tool" --print-limit 5 \
+    "$BUILD/tests/cuda/test_cuda_parity" --gtest_filter='*BatchedDecode*' 2>&1 | tail -6
+done
+
+step "benchmark"
+"$BUILD/bench/cuda/bench_cuda_attention" "$OUT/cuda_bench.json"
+if command -v ncu >/dev/null; then
+  step "ncu: the decode kernel at 1-bit keys, 2-bit values, d=128, B=8, N=128K"
+  timeout 90 ncu --clock-control none --kernel-name regex:decode_attention --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section WarpStateStats --section Occupancy --section LaunchStats \
+    "$BUILD/bench/cuda/bench_cuda_attention" /tmp/ncu_point.json k1v2:128:8:131072 > "$OUT/ncu.txt" 2>&1
+  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible" "$OUT/ncu.txt"
+fi
+if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  step "torch bf16 SDPA"
+  python3 bench/cuda/torch_sdpa.py "$OUT/torch_sdpa.json" "$OUT/cuda_bench.json"
+else
+  step "torch not importable: no SDPA comparison"
+fi
+step "done"

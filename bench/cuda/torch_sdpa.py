@@ -1,0 +1,82 @@
+"""Times torch bf16 scaled_dot_product_attention(enable_gqa=True) decode at the shapes of
+bench_cuda_attention (one query per head, 32 query heads, 8 KV heads) and, given that binary's
+JSON, prints the comparison. Usage: torch_sdpa.py OUT.json [CUDA_BENCH.json]
+"""
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+Q_HEADS, KV_HEADS = 32, 8
+ROTATE_BYTES = 512 << 20  # cycle through K/V copies so repeated calls do not hit the L2
+
+
+def kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+
+
+def time_ms(fn, copies, reps=40):
+    for i in range(copies):
+        fn(i)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for r in range(reps):
+        starts[r].record()
+        fn(r % copies)
+        ends[r].record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def main():
+    out_path = sys.argv[1]
+    dev = torch.cuda.get_device_name()
+    rows = []
+    for d in (128, 64):
+        for batch in (1, 8, 32):
+            for tokens in (8192, 32768, 131072):
+                kv_bytes = 2 * batch * KV_HEADS * tokens * d * 2
+                copies = max(1, min(8, math.ceil(ROTATE_BYTES / kv_bytes)))
+                q = torch.randn(batch, Q_HEADS, 1, d, device="cuda", dtype=torch.bfloat16)
+                ks = [torch.randn(batch, KV_HEADS, tokens, d, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+                vs = [torch.randn(batch, KV_HEADS, tokens, d, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+
+                def call(i):
+                    return F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
+
+                ms = time_ms(call, copies)
+                med = ms[len(ms) // 2]
+                names = kernel_names(lambda: call(0)) if (batch, tokens) == (8, 131072) else []
+                rows.append({"d": d, "batch": batch, "tokens": tokens, "ms": med, "ms_min": ms[0],
+                             "kv_bytes": kv_bytes, "gbps": kv_bytes / (med * 1e-3) / 1e9, "kernels": names})
+                print(f"torch sdpa d={d:3d} B={batch:2d} N={tokens:6d}: {med:.4f} ms  "
+                      f"{rows[-1]['gbps']:.0f} GB/s {' '.join(names)}", flush=True)
+                del q, ks, vs
+                torch.cuda.empty_cache()
+    with open(out_path, "w") as f:
+        json.dump({"device": dev, "torch": torch.__version__, "q_heads": Q_HEADS, "kv_heads": KV_HEADS,
+                   "dtype": "bfloat16", "sdpa": rows}, f, indent=1)
+
+    if len(sys.argv) > 2:
+        ours = json.load(open(sys.argv[2]))
+        ref = {(r["d"], r["batch"], r["tokens"]): r["ms"] for r in rows}
+        print(f"\ncopy bandwidth (read + write): {ours['copy_gbps_read_plus_write']:.0f} GB/s")
+        print(f"{'method':8} {'d':>4} {'B':>3} {'N':>7} {'ours ms':>9} {'sdpa ms':>9} {'speedup':>8} "
+              f"{'GB/s':>6} {'of copy':>8}")
+        for p in ours["decode"]:
+            t = ref[(p["d"], p["batch"], p["tokens"])]
+            print(f"{p['method']:8} {p['d']:4d} {p['batch']:3d} {p['tokens']:7d} {p['ms']:9.4f} {t:9.4f} "
+                  f"{t / p['ms']:8.2f} {p['gbps']:6.0f} {p['ratio_to_copy']:8.2f}")
+        for e in ours["encode"]:
+            print(f"encode {e['method']:8} d={e['d']:3d} {e['tokens']} tokens: {e['ms']:.3f} ms "
+                  f"{e['gbps']:.0f} GB/s ({e['ratio_to_copy']:.2f} of copy)")
+
+
+if __name__ == "__main__":
+    main()

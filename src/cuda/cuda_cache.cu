@@ -1,0 +1,340 @@
+// Host side of the CUDA backend: the codec tables (from the same codebooks, rotations and page
+// layout as the CPU codecs) and the device-resident cache.
+#include "cuda/cuda_cache.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "core/bitpack.h"
+#include "core/half.h"
+#include "core/lloyd_max.h"
+#include "core/rng.h"
+#include "core/rotation.h"
+#include "cuda/turboquant_kernels.cuh"
+#include "veloxquant/caches.h"
+
+namespace veloxquant::cuda {
+
+static_assert(kernels::kPage == kTokensPerPage, "device pages hold the CPU's tokens per page");
+static_assert(sizeof(__half2) == sizeof(uint32_t), "pair tables pack two fp16 in one word");
+
+namespace {
+
+// The signs of a randomized Hadamard rotation: R e_i = s_i H[:, i] / sqrt(d) and H[0][i] = 1.
+std::vector<float> rotation_signs(int d, uint64_t seed) {
+    const Rotation rotation(d, true, seed);
+    std::vector<float> signs(d), e(d), y(d);
+    for (int i = 0; i < d; ++i) {
+        std::fill(e.begin(), e.end(), 0.0f);
+        e[i] = 1.0f;
+        rotation.forward(e.data(), y.data());
+        signs[i] = y[0] > 0.0f ? 1.0f : -1.0f;
+    }
+    return signs;
+}
+
+float max_abs(const std::vector<float>& c) {
+    float m = 0.0f;
+    for (float x : c) m = std::max(m, std::fabs(x));
+    return m;
+}
+
+// half2 (C[i0], C[i1]) / scale for every pair index i0 | i1 << bits.
+void append_pairs(const std::vector<float>& c, int bits, float scale, std::vector<uint32_t>& out) {
+    for (uint32_t idx = 0; idx < (1u << (2 * bits)); ++idx) {
+        const uint32_t lo = float_to_half(c[idx & ((1u << bits) - 1)] / scale);
+        const uint32_t hi = float_to_half(c[idx >> bits] / scale);
+        out.push_back(lo | (hi << 16));
+    }
+}
+
+}  // namespace
+
+void check_cuda(cudaError_t err, const char* what) {
+    if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int head_dim, int layer) {
+    config.validate();
+    const int kb = config.bits, stages = config.num_residuals, vb = config.value_bits, d = head_dim;
+    if (config.method != "turboquant_rvq")
+        throw std::invalid_argument("CUDA backend: method must be turboquant_rvq, got '" + config.method + "'");
+    if (kb < 1 || kb > 4) throw std::invalid_argument("CUDA backend: bits must be in 1..4, got " + std::to_string(kb));
+    if (stages < 1 || stages > kernels::kMaxStages)
+        throw std::invalid_argument("CUDA backend: num_residuals must be in 1..3, got " + std::to_string(stages));
+    if (d != 64 && d != 128) throw std::invalid_argument("CUDA backend: head_dim must be 64 or 128, got " + std::to_string(d));
+    if (vb != 1 && vb != 2 && vb != 4 && vb != 16)
+        throw std::invalid_argument("CUDA backend: value_bits must be 1, 2, 4 or 16, got " + std::to_string(vb));
+    if (!config.use_hadamard) throw std::invalid_argument("CUDA backend: needs use_hadamard=true");
+    if (config.outlier_observer) throw std::invalid_argument("CUDA backend: no outlier side store yet");
+    if (num_kv_heads < 1 || layer < 0) throw std::invalid_argument("CUDA backend: bad num_heads or layer");
+
+    TqHostTables t;
+    PageLayout& pl = t.page_layout;
+    pl.tokens_per_page = kTokensPerPage;
+    HeadLayout hl;
+    hl.key_code_bytes = static_cast<std::size_t>(stages) * packed_bytes(d, kb);
+    hl.key_scalars = 1;
+    hl.value_code_bytes = vb == 16 ? 2u * d : packed_bytes(d, vb);
+    hl.value_scalars = vb == 16 ? 0 : 1;
+    pl.heads.assign(num_kv_heads, hl);
+    pl.finalize();
+
+    TqPageLayout& L = t.layout;
+    L.head_dim = d;
+    L.key_bits = kb;
+    L.key_stages = stages;
+    L.value_bits = vb;
+    L.num_kv_heads = num_kv_heads;
+    L.key_stage_bytes = static_cast<uint32_t>(packed_bytes(d, kb));
+    L.key_code_bytes = static_cast<uint32_t>(hl.key_code_bytes);
+    L.value_code_bytes = static_cast<uint32_t>(hl.value_code_bytes);
+    L.head_bytes = static_cast<uint32_t>(pl.page_bytes / num_kv_heads);
+    L.page_bytes = pl.page_bytes;
+    const HeadLayout& h0 = pl.heads[0];
+    L.key_norms_offset = static_cast<uint32_t>(h0.key_scalars_offset);
+    L.value_codes_offset = static_cast<uint32_t>(h0.value_codes_offset);
+    L.value_scales_offset = static_cast<uint32_t>(h0.value_scalars_offset);
+    for (int h = 0; h < num_kv_heads; ++h) {  // every head's block is the first one, shifted
+        const HeadLayout& x = pl.heads[h];
+        const std::size_t base = static_cast<std::size_t>(h) * L.head_bytes;
+        if (x.key_codes_offset != base || x.key_scalars_offset != base + L.key_norms_offset ||
+            x.value_codes_offset != base + L.value_codes_offset ||
+            x.value_scalars_offset != base + L.value_scales_offset || L.head_bytes % 64 != 0)
+            throw std::logic_error("CUDA backend: unexpected CPU page layout");
+    }
+
+    for (int h = 0; h < num_kv_heads; ++h) {
+        const auto ks = rotation_signs(d, derive_seed(config.seed, layer, h, d, RandomPurpose::kKeyRotation));
+        const auto vs = rotation_signs(d, derive_seed(config.seed, layer, h, d, RandomPurpose::kValueRotation));
+        t.key_signs.insert(t.key_signs.end(), ks.begin(), ks.end());
+        t.value_signs.insert(t.value_signs.end(), vs.begin(), vs.end());
+    }
+    for (int s = 0; s < stages; ++s) {
+        const ScalarCodebook& cb = s == 0 ? rotated_coordinate_codebook(d, kb) : residual_codebook(d, kb, s);
+        t.key_centroids.insert(t.key_centroids.end(), cb.centroids.begin(), cb.centroids.end());
+        t.key_boundaries.insert(t.key_boundaries.end(), cb.boundaries.begin(), cb.boundaries.end());
+        if (kb == 1) {
+            t.key_affine.push_back(cb.centroids[0]);
+            t.key_affine.push_back(cb.centroids[1] - cb.centroids[0]);
+            t.key_c0_sum += cb.centroids[0];
+        } else {
+            const float scale = max_abs(cb.centroids);
+            t.key_affine.push_back(0.0f);
+            t.key_affine.push_back(scale);
+            append_pairs(cb.centroids, kb, scale, t.key_pairs);
+        }
+    }
+    if (vb != 16) {
+        const ScalarCodebook& cb = rotated_coordinate_codebook(d, vb);
+        t.value_centroids = cb.centroids;
+        t.value_boundaries = cb.boundaries;
+        t.value_pair_scale = max_abs(cb.centroids);
+        append_pairs(cb.centroids, vb, t.value_pair_scale, t.value_pairs);
+    }
+    t.inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(d));  // as fwht_orthonormal
+    return t;
+}
+
+DeviceTables::DeviceTables(const TqHostTables& host) {
+    struct Part {
+        const void* data;
+        std::size_t bytes;
+        std::size_t offset;
+    };
+    auto part = [](const auto& v) { return Part{v.data(), v.size() * sizeof(v[0]), 0}; };
+    Part parts[] = {part(host.key_signs),       part(host.value_signs),      part(host.key_centroids),
+                    part(host.key_boundaries),  part(host.value_centroids),  part(host.value_boundaries),
+                    part(host.key_pairs),       part(host.key_affine),       part(host.value_pairs)};
+    for (Part& p : parts) {
+        p.offset = bytes_;
+        bytes_ += (p.bytes + 255) / 256 * 256;
+    }
+    check_cuda(cudaMalloc(&memory_, bytes_), "cudaMalloc(tables)");
+    auto* base = static_cast<uint8_t*>(memory_);
+    for (const Part& p : parts)
+        if (p.bytes > 0) check_cuda(cudaMemcpy(base + p.offset, p.data, p.bytes, cudaMemcpyHostToDevice), "tables");
+    auto at = [&](int i) { return parts[i].bytes > 0 ? base + parts[i].offset : nullptr; };
+    tables_.key_signs = reinterpret_cast<const float*>(at(0));
+    tables_.value_signs = reinterpret_cast<const float*>(at(1));
+    tables_.key_centroids = reinterpret_cast<const float*>(at(2));
+    tables_.key_boundaries = reinterpret_cast<const float*>(at(3));
+    tables_.value_centroids = reinterpret_cast<const float*>(at(4));
+    tables_.value_boundaries = reinterpret_cast<const float*>(at(5));
+    tables_.key_pairs = reinterpret_cast<const uint32_t*>(at(6));
+    tables_.key_affine = reinterpret_cast<const float*>(at(7));
+    tables_.value_pairs = reinterpret_cast<const uint32_t*>(at(8));
+    tables_.value_pair_scale = host.value_pair_scale;
+    tables_.key_c0_sum = host.key_c0_sum;
+    tables_.inv_sqrt_d = host.inv_sqrt_d;
+}
+
+DeviceTables::~DeviceTables() { cudaFree(memory_); }
+
+CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
+                                         int max_seq_len, int layer)
+    : host_(make_host_tables(config, num_heads, head_dim, layer)),
+      tables_(host_),
+      num_heads_(num_heads),
+      head_dim_(head_dim),
+      max_seq_len_(max_seq_len) {
+    if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
+    reserve(1);
+}
+
+CudaTurboQuantCache::~CudaTurboQuantCache() {
+    cudaFree(pool_);
+    cudaFree(page_table_);
+    cudaFree(workspace_);
+}
+
+void CudaTurboQuantCache::reserve(int n_tokens) {
+    const int needed = (n_tokens + kTokensPerPage - 1) / kTokensPerPage;
+    if (needed <= capacity_pages_) return;
+    const int max_pages = (max_seq_len_ + kTokensPerPage - 1) / kTokensPerPage;
+    const int pages = std::min(max_pages, std::max({needed, 2 * capacity_pages_, 16}));
+    const std::size_t bytes = static_cast<std::size_t>(pages) * host_.layout.page_bytes;
+    uint8_t* pool = nullptr;
+    int32_t* table = nullptr;
+    check_cuda(cudaMalloc(&pool, bytes), "cudaMalloc(page pool)");
+    if (cudaMalloc(&table, pages * sizeof(int32_t)) != cudaSuccess) {
+        cudaFree(pool);
+        throw std::runtime_error("cudaMalloc(page table) failed");
+    }
+    std::vector<int32_t> identity(pages);
+    for (int p = 0; p < pages; ++p) identity[p] = p;
+    check_cuda(cudaDeviceSynchronize(), "reserve: synchronize");  // old pool no longer in use
+    check_cuda(cudaMemset(pool, 0, bytes), "cudaMemset(page pool)");
+    check_cuda(cudaMemcpy(table, identity.data(), pages * sizeof(int32_t), cudaMemcpyHostToDevice), "page table");
+    if (pool_ != nullptr)
+        check_cuda(cudaMemcpy(pool, pool_, static_cast<std::size_t>(capacity_pages_) * host_.layout.page_bytes,
+                              cudaMemcpyDeviceToDevice), "grow page pool");
+    cudaFree(pool_);
+    cudaFree(page_table_);
+    pool_ = pool;
+    page_table_ = table;
+    capacity_pages_ = pages;
+}
+
+void CudaTurboQuantCache::append(const float* keys, const float* values, int n_tokens, cudaStream_t stream) {
+    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr) throw std::invalid_argument("append: null keys or values");
+    if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
+        throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
+                                std::to_string(max_seq_len_));
+    reserve(size_ + n_tokens);
+    EncodeArgs a;
+    a.layout = host_.layout;
+    a.tables = tables_.get();
+    a.pool = pool_;
+    a.page_table = page_table_;
+    a.start = size_;
+    a.n_tokens = n_tokens;
+    a.keys = keys;
+    a.values = values;
+    check_cuda(launch_encode(a, stream), "launch_encode");
+    size_ += n_tokens;
+}
+
+void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* out, float scale,
+                                 cudaStream_t stream) const {
+    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0 || num_q_heads / num_heads_ > kernels::kMaxGroup)
+        throw std::invalid_argument("attend: num_q_heads must be 1..8 times the KV heads, got " +
+                                    std::to_string(num_q_heads));
+    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    DecodeArgs a;
+    a.layout = host_.layout;
+    a.tables = tables_.get();
+    a.pool = pool_;
+    a.page_table = page_table_;
+    a.page_table_stride = capacity_pages_;
+    a.seq_len = size_;
+    a.max_seq_len = std::max(size_, 1);
+    a.batch = 1;
+    a.group = num_q_heads / num_heads_;
+    a.queries = queries;
+    a.out = out;
+    a.scale = scale;
+    const std::size_t need = decode_workspace_bytes(a);
+    if (need == 0) throw std::runtime_error("attend: no decode plan for this device");
+    if (need > workspace_bytes_) {
+        check_cuda(cudaDeviceSynchronize(), "attend: synchronize");
+        cudaFree(workspace_);
+        workspace_ = nullptr;
+        workspace_bytes_ = 0;
+        check_cuda(cudaMalloc(&workspace_, need), "cudaMalloc(workspace)");
+        workspace_bytes_ = need;
+    }
+    a.workspace = workspace_;
+    check_cuda(launch_decode_attention(a, stream), "launch_decode_attention");
+}
+
+void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const {
+    if (start < 0 || n_tokens < 0 || static_cast<long long>(start) + n_tokens > size_)
+        throw std::out_of_range("dequantize: range outside [0, " + std::to_string(size_) + ")");
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr) throw std::invalid_argument("dequantize: null output");
+    DequantizeArgs a;
+    a.layout = host_.layout;
+    a.tables = tables_.get();
+    a.pool = pool_;
+    a.page_table = page_table_;
+    a.start = start;
+    a.n_tokens = n_tokens;
+    a.keys = keys;
+    a.values = values;
+    check_cuda(launch_dequantize(a, stream), "launch_dequantize");
+}
+
+std::size_t CudaTurboQuantCache::nbytes() const {
+    return static_cast<std::size_t>(capacity_pages_) * (host_.layout.page_bytes + sizeof(int32_t)) +
+           tables_.nbytes() + workspace_bytes_;
+}
+
+namespace {
+
+bool same_layout(const PageLayout& a, const PageLayout& b) {
+    if (a.tokens_per_page != b.tokens_per_page || a.page_bytes != b.page_bytes || a.heads.size() != b.heads.size())
+        return false;
+    for (std::size_t h = 0; h < a.heads.size(); ++h) {
+        const HeadLayout &x = a.heads[h], &y = b.heads[h];
+        if (x.key_codes_offset != y.key_codes_offset || x.key_scalars_offset != y.key_scalars_offset ||
+            x.value_codes_offset != y.value_codes_offset || x.value_scalars_offset != y.value_scalars_offset)
+            return false;
+    }
+    return true;
+}
+
+}  // namespace
+
+void CudaTurboQuantCache::upload(const PagedStore& store, int size) {
+    if (!same_layout(store.layout(), host_.page_layout)) throw std::invalid_argument("upload: page layout differs");
+    if (size < 0 || size > max_seq_len_) throw std::invalid_argument("upload: bad size");
+    const int pages = (size + kTokensPerPage - 1) / kTokensPerPage;
+    for (int p = 0; p < pages; ++p)
+        if (!store.held(p)) throw std::invalid_argument("upload: page " + std::to_string(p) + " is not held");
+    reserve(std::max(size, 1));
+    check_cuda(cudaMemset(pool_, 0, static_cast<std::size_t>(capacity_pages_) * host_.layout.page_bytes), "upload");
+    for (int p = 0; p < pages; ++p)
+        check_cuda(cudaMemcpy(pool_ + static_cast<std::size_t>(p) * host_.layout.page_bytes, store.page_data(p),
+                              host_.layout.page_bytes, cudaMemcpyHostToDevice), "upload");
+    size_ = size;
+}
+
+void CudaTurboQuantCache::download(PagedStore& store) const {
+    if (!same_layout(store.layout(), host_.page_layout)) throw std::invalid_argument("download: page layout differs");
+    store.reserve_tokens(size_);
+    check_cuda(cudaDeviceSynchronize(), "download: synchronize");
+    for (int p = 0; p < (size_ + kTokensPerPage - 1) / kTokensPerPage; ++p) {
+        uint8_t* dst = store.held(p) ? store.page_data(p) : store.allocate_page(p);
+        check_cuda(cudaMemcpy(dst, pool_ + static_cast<std::size_t>(p) * host_.layout.page_bytes,
+                              host_.layout.page_bytes, cudaMemcpyDeviceToHost), "download");
+    }
+}
+
+}  // namespace veloxquant::cuda

@@ -1,0 +1,203 @@
+// CUDA backend for turboquant_rvq keys and the value codec: the packed page layout shared with
+// the CPU (src/cache/paged_store.h), raw launchers on device pointers and a stream
+// (turboquant_launch.cu), and a device-resident cache (cuda_cache.cu).
+//
+// Scope: head_dim 64 or 128 with the randomized Hadamard rotation; key bits 1..4 with 1..3
+// stages; value_bits 1, 2, 4 or 16; decode attention (one query per query head, GQA groups of
+// 1..8 query heads); no outlier side store.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "cache/paged_store.h"
+#include "veloxquant/config.h"
+
+namespace veloxquant::cuda {
+
+/// One KV head's block inside a page, exactly the CPU PageLayout of a turboquant_rvq cache
+/// (P = 64 tokens, every region 64-byte aligned). Offsets are relative to the head block, which
+/// starts at page + head * head_bytes:
+///   key codes      [P][key_code_bytes]     stages back to back, LSB-first packed indices
+///   key norms      [P]                      float32
+///   value codes    [P][value_code_bytes]   packed indices, or fp16 when value_bits == 16
+///   value scales   [P]                      float32 (absent when value_bits == 16)
+struct TqPageLayout {
+    int head_dim = 0;
+    int key_bits = 0;
+    int key_stages = 0;
+    int value_bits = 0;
+    int num_kv_heads = 0;
+    uint32_t key_stage_bytes = 0;   ///< packed_bytes(head_dim, key_bits)
+    uint32_t key_code_bytes = 0;    ///< key_stages * key_stage_bytes
+    uint32_t value_code_bytes = 0;  ///< packed_bytes(head_dim, value_bits) or 2 * head_dim
+    uint32_t key_norms_offset = 0;
+    uint32_t value_codes_offset = 0;
+    uint32_t value_scales_offset = 0;
+    uint32_t head_bytes = 0;  ///< stride between heads; a multiple of 64
+    uint64_t page_bytes = 0;  ///< num_kv_heads * head_bytes
+};
+
+/// Codec parameters on the device (one set per cache; the codebooks depend only on head_dim and
+/// the bit widths, the rotation signs on (seed, layer, head)).
+struct TqDeviceTables {
+    const float* key_signs = nullptr;        ///< [num_kv_heads][head_dim], +-1
+    const float* value_signs = nullptr;      ///< [num_kv_heads][head_dim], +-1
+    const float* key_centroids = nullptr;    ///< [key_stages][2^key_bits]
+    const float* key_boundaries = nullptr;   ///< [key_stages][2^key_bits - 1]
+    const float* value_centroids = nullptr;  ///< [2^value_bits] (none for fp16)
+    const float* value_boundaries = nullptr; ///< [2^value_bits - 1]
+    /// key_bits >= 2: [key_stages][2^(2 key_bits)] half2 (C[i0], C[i1]) / max|C| at index
+    /// i0 | i1 << bits (the largest centroid is exact in fp16).
+    const uint32_t* key_pairs = nullptr;
+    /// [key_stages][2]: (C[0], C[1] - C[0]) for key_bits == 1, else (0, max|C|).
+    const float* key_affine = nullptr;
+    /// value_bits <= 4: [2^(2 value_bits)] half2 (C[iA], C[iB]) / value_pair_scale at index
+    /// iA | iB << bits.
+    const uint32_t* value_pairs = nullptr;
+    float value_pair_scale = 1.0f;  ///< max|C| of the value codebook
+    float key_c0_sum = 0.0f;  ///< sum over stages of C_s[0] (key_bits == 1)
+    float inv_sqrt_d = 0.0f;  ///< 1 / sqrt(head_dim), computed as the CPU's fwht does
+};
+
+/// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence.
+struct EncodeArgs {
+    TqPageLayout layout;
+    TqDeviceTables tables;
+    uint8_t* pool = nullptr;             ///< page pool
+    const int32_t* page_table = nullptr; ///< page index in the pool of each page of the sequence
+    int start = 0;
+    int n_tokens = 0;
+    const float* keys = nullptr;    ///< [num_kv_heads][n_tokens][head_dim]
+    const float* values = nullptr;  ///< [num_kv_heads][n_tokens][head_dim]
+};
+
+/// Reconstruct tokens [start, start + n_tokens) of one sequence.
+struct DequantizeArgs {
+    TqPageLayout layout;
+    TqDeviceTables tables;
+    const uint8_t* pool = nullptr;
+    const int32_t* page_table = nullptr;
+    int start = 0;
+    int n_tokens = 0;
+    float* keys = nullptr;    ///< [num_kv_heads][n_tokens][head_dim]
+    float* values = nullptr;  ///< [num_kv_heads][n_tokens][head_dim]
+};
+
+/// Decode attention of `batch` independent sequences, one query per query head each.
+struct DecodeArgs {
+    TqPageLayout layout;
+    TqDeviceTables tables;
+    const uint8_t* pool = nullptr;
+    const int32_t* page_table = nullptr;  ///< [batch][page_table_stride] page indices
+    int page_table_stride = 0;
+    const int32_t* seq_lens = nullptr;    ///< [batch] on the device, or null: all are seq_len
+    int seq_len = 0;
+    int max_seq_len = 0;                  ///< bound on every sequence length (plans the split)
+    int batch = 0;
+    int group = 0;                        ///< query heads per KV head, 1..8
+    const float* queries = nullptr;       ///< [batch][num_kv_heads * group][head_dim]
+    float* out = nullptr;                 ///< [batch][num_kv_heads * group][head_dim]
+    float scale = 1.0f;
+    void* workspace = nullptr;            ///< decode_workspace_bytes(args) bytes
+};
+
+cudaError_t launch_encode(const EncodeArgs& args, cudaStream_t stream);
+cudaError_t launch_dequantize(const DequantizeArgs& args, cudaStream_t stream);
+/// Split-K decode (each CTA takes a KV head and a page range of one sequence) and the merge
+/// that combines the splits and applies the inverse value rotation.
+cudaError_t launch_decode_attention(const DecodeArgs& args, cudaStream_t stream);
+/// Workspace the decode needs for these arguments on the current device.
+std::size_t decode_workspace_bytes(const DecodeArgs& args);
+
+/// Throws std::runtime_error naming the call when a CUDA call failed.
+void check_cuda(cudaError_t err, const char* what);
+
+/// Host-side codec parameters of a turboquant_rvq cache, identical to the CPU codecs'.
+struct TqHostTables {
+    TqPageLayout layout;
+    PageLayout page_layout;  ///< the CPU page layout these offsets come from
+    std::vector<float> key_signs, value_signs, key_centroids, key_boundaries;
+    std::vector<float> value_centroids, value_boundaries, key_affine;
+    std::vector<uint32_t> key_pairs, value_pairs;
+    float value_pair_scale = 1.0f;
+    float key_c0_sum = 0.0f;
+    float inv_sqrt_d = 0.0f;
+};
+
+/// Builds the tables of (config, num_kv_heads, head_dim, layer); throws std::invalid_argument
+/// outside this backend's scope.
+TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int head_dim,
+                              int layer);
+
+/// The device copy of TqHostTables (one allocation).
+class DeviceTables {
+public:
+    explicit DeviceTables(const TqHostTables& host);
+    ~DeviceTables();
+    DeviceTables(const DeviceTables&) = delete;
+    DeviceTables& operator=(const DeviceTables&) = delete;
+    const TqDeviceTables& get() const { return tables_; }
+    std::size_t nbytes() const { return bytes_; }
+
+private:
+    void* memory_ = nullptr;
+    std::size_t bytes_ = 0;
+    TqDeviceTables tables_;
+};
+
+/// One layer's turboquant_rvq cache of one sequence, resident on the device: a pool of pages in
+/// the CPU page layout, grown by doubling up to max_seq_len, with an identity page table. Layouts
+/// as KVCache: keys/values [num_heads][n][head_dim], queries/out [num_q_heads][head_dim].
+class CudaTurboQuantCache {
+public:
+    CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
+                        int max_seq_len = 8192, int layer = 0);
+    ~CudaTurboQuantCache();
+    CudaTurboQuantCache(const CudaTurboQuantCache&) = delete;
+    CudaTurboQuantCache& operator=(const CudaTurboQuantCache&) = delete;
+
+    /// Encodes n_tokens device-resident tokens; throws std::length_error past max_seq_len.
+    void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
+    /// Decode attention of one query per query head over every stored token.
+    void attend(const float* queries, int num_q_heads, float* out, float scale,
+                cudaStream_t stream) const;
+    /// Reconstructs tokens [start, start + n_tokens) into device buffers.
+    void dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const;
+
+    int size() const { return size_; }
+    int num_heads() const { return num_heads_; }
+    int head_dim() const { return head_dim_; }
+    /// Device bytes held: the page pool and the codec tables.
+    std::size_t nbytes() const;
+    const PageLayout& page_layout() const { return host_.page_layout; }
+    const TqPageLayout& layout() const { return host_.layout; }
+    const TqDeviceTables& tables() const { return tables_.get(); }
+
+    /// Replaces the contents with the first `size` positions of a CPU store of the same layout
+    /// (every page held). Synchronous.
+    void upload(const PagedStore& store, int size);
+    /// Copies every page into a CPU store of the same layout (pages allocated as needed).
+    /// Synchronous.
+    void download(PagedStore& store) const;
+
+private:
+    void reserve(int n_tokens);
+
+    TqHostTables host_;
+    DeviceTables tables_;
+    int num_heads_;
+    int head_dim_;
+    int max_seq_len_;
+    int size_ = 0;
+    int capacity_pages_ = 0;
+    uint8_t* pool_ = nullptr;
+    int32_t* page_table_ = nullptr;
+    mutable void* workspace_ = nullptr;
+    mutable std::size_t workspace_bytes_ = 0;
+};
+
+}  // namespace veloxquant::cuda

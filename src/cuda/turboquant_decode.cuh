@@ -1,0 +1,518 @@
+// Split-K decode attention on the turboquant_rvq / value-codec page layout with tensor cores
+// (mma m16n8k16): scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated
+// queries, split into fp16 hi + lo parts for groups of up to 4), an online softmax, and
+// O^T += V_codes^T x P'^T in the value rotation's domain. Each CTA takes one KV head and a page
+// range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the splits.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/turboquant_kernels.cuh"
+
+namespace veloxquant::cuda::kernels {
+
+// mma m16n8k16 fragments (g = lane / 4, t = lane % 4): A rows g and g + 8, k = 2t, 2t + 1 (a0,
+// a1) and 2t + 8, 2t + 9 (a2, a3); B k = 2t, 2t + 1 and 2t + 8, 2t + 9 at column g; C rows g and
+// g + 8 at columns 2t, 2t + 1. The contraction order is free, so each operand is laid out where
+// its packed bits are cheapest to read:
+//   scores  A = keys: row = token, thread t owns coordinates [t D/4, (t + 1) D/4) of the token,
+//           one contiguous chunk of each stage's code. 1-bit keys: pair (p, p + D/8) of the
+//           chunk is decoded exactly to (2^p' b_p, 2^p' b_q) by one LOP3 into the mantissa of
+//           1024 and one HADD2, the 2^-p' sitting in the query fragment (score = C0 sum q' +
+//           (C1 - C0) sum q'_j b_j); wider keys: a 2b-bit pair field indexes a half2 table of
+//           (C[i0], C[i1]) / max|C|.
+//           B = rotated queries: column 2h = fp16(q'_h), 2h + 1 = fp16(q'_h - hi) for G <= 4
+//           (so the hi + lo add stays in one thread), column h = fp16(q'_h) for G = 5..8.
+//   values  A = V^T: row = dimension, k = token; lane group g owns dimensions [g D/8, (g+1) D/8),
+//           a contiguous chunk of each token's code; row g of tile v is dimension gD/8 + 2v, row
+//           g + 8 is gD/8 + 2v + 1. Two tokens' chunks merge into 2b-bit pair fields (token A's
+//           index, token B's index) that index a half2 table; fp16 values are a byte permute.
+//           B = P'^T (p times the value scale, hi/lo split), written by the score threads and
+//           read back transposed with ldmatrix. Within each 16-token block, k position 2t + i
+//           (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that the four lanes
+//           t of a lane group read four different banks.
+
+template <int D, int KBITS, int VBITS>
+struct DecodeShared {
+    static constexpr int kKeyPairs = KBITS == 1 ? 1 : 1 << (2 * KBITS);
+    static constexpr int kValuePairs = VBITS == 16 ? 1 : 1 << (2 * VBITS);
+    float q[kMaxGroup][D];            // rotated, power-of-two scaled queries
+    float head_mul[kMaxGroup];        // undoes that scale
+    float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
+    float key_affine[kMaxStages][2];  // per stage: (C0, C1 - C0) or (0, pair table scale)
+    uint32_t key_pairs[kMaxStages][kKeyPairs];
+    uint32_t value_pairs[kValuePairs];
+    uint4 p[kDecodeWarps][kPage];     // P'^T rows: 8 halves per token
+};
+
+/// Bytes after DecodeShared: the cp.async rings, reused for the warps' final states.
+__host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
+    return (shared_bytes + 127) / 128 * 128;
+}
+
+/// Loads `BYTES` bytes at p (aligned to the lowest set bit of BYTES, at most 16) into words.
+template <int BYTES>
+__device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[(BYTES + 3) / 4]) {
+    if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i) {
+            const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (BYTES % 8 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 8; ++i) {
+            const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+            w[2 * i] = v.x, w[2 * i + 1] = v.y;
+        }
+    } else if constexpr (BYTES % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 4; ++i) w[i] = reinterpret_cast<const uint32_t*>(p)[i];
+    } else if constexpr (BYTES % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < (BYTES + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < BYTES / 2; ++i)
+            w[i / 2] |= static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << (16 * (i & 1));
+    } else {
+        static_assert(BYTES == 1, "chunks are 1, 2, 4k or 2k + 2 bytes");
+        w[0] = *p;
+    }
+}
+
+/// Byte offset (index * 4) of the `width`-bit field at bit `pos` of w; pos and width are
+/// compile-time constants once the callers' loops are unrolled.
+template <int N>
+__device__ __forceinline__ uint32_t field_offset(const uint32_t (&w)[N], int pos, int width) {
+    const int i = pos >> 5, sh = pos & 31;
+    const uint32_t bits = sh + width <= 32 ? w[i] >> sh : __funnelshift_r(w[i], w[i + 1], sh);
+    return (bits & ((1u << width) - 1u)) << 2;
+}
+
+__device__ __forceinline__ uint32_t lut(const uint32_t* table, uint32_t byte_offset) {
+    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(table) + byte_offset);
+}
+
+/// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
+/// exactly: one LOP3 puts them in the mantissa of 1024 (magic = 0x64006400, ulp 1), one HADD2
+/// subtracts 1024. The 2^-p goes into the query fragment.
+__device__ __forceinline__ uint32_t bit_pair(uint32_t x, uint32_t magic, int p) {
+    uint32_t m;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(m) : "r"(x), "r"(0x00010001u << p), "r"(magic));
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&m), __half2(1024.0f, 1024.0f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+/// 2^x for x <= 0 (MUFU.EX2, flushing subnormal results to 0; -inf gives 0).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/// Chunk type of one lane group's value dimensions (D / 8 of them) of one token.
+template <int D, int VBITS>
+using ValueChunk = std::conditional_t<(D / 8) * VBITS <= 32, uint32_t, uint64_t>;
+
+template <int D, int VBITS>
+__device__ __forceinline__ ValueChunk<D, VBITS> load_value_chunk(const uint8_t* p) {
+    constexpr int kBytes = (D / 8) * VBITS / 8;
+    if constexpr (kBytes == 1) return *p;
+    else if constexpr (kBytes == 2) return *reinterpret_cast<const uint16_t*>(p);
+    else if constexpr (kBytes == 4) return *reinterpret_cast<const uint32_t*>(p);
+    else return *reinterpret_cast<const uint64_t*>(p);
+}
+
+/// Pair fields of two tokens' chunks: field k of even() holds (A, B) indices of dimension 2k,
+/// field k of odd() those of dimension 2k + 1, each 2 * VBITS bits wide.
+template <int VBITS, typename C>
+__device__ __forceinline__ C merge_even(C a, C b) {
+    constexpr C kMask = static_cast<C>(VBITS == 1 ? 0x5555555555555555ull
+                                                  : VBITS == 2 ? 0x3333333333333333ull
+                                                               : 0x0F0F0F0F0F0F0F0Full);
+    return (a & kMask) | ((b << VBITS) & ~kMask);
+}
+template <int VBITS, typename C>
+__device__ __forceinline__ C merge_odd(C a, C b) {
+    constexpr C kMask = static_cast<C>(VBITS == 1 ? 0x5555555555555555ull
+                                                  : VBITS == 2 ? 0x3333333333333333ull
+                                                               : 0x0F0F0F0F0F0F0F0Full);
+    return ((a >> VBITS) & kMask) | (b & ~kMask);
+}
+
+/// The table entry of pair field `field` (a compile-time constant once unrolled); the shift
+/// leaves the index already scaled to a byte offset.
+template <int VBITS, typename C>
+__device__ __forceinline__ uint32_t value_pair(const uint32_t* table, C merged, int field) {
+    constexpr int kWidth = 2 * VBITS;
+    constexpr uint32_t kMask = ((1u << kWidth) - 1u) << 2;
+    const int sh = kWidth * field;
+    const uint32_t bits = sh >= 2 ? static_cast<uint32_t>(merged >> (sh - 2)) : static_cast<uint32_t>(merged << 2);
+    return lut(table, bits & kMask);
+}
+
+/// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
+/// otherwise (group 5..8) column h is head h.
+template <int D, int KBITS, int VBITS, bool HILO>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    decode_attention_kernel(const DecodeKernelParams kp) {
+    constexpr int E = D / 32;
+    constexpr int kCoords = D / 4;                 // key coordinates per lane per stage
+    constexpr int kKeyChunk = kCoords * KBITS / 8;  // bytes
+    constexpr int kKeyWords = (kKeyChunk + 3) / 4;
+    constexpr int kKBlocks = D / 16;
+    constexpr int kDims = D / 8;                   // value dimensions per lane group
+    constexpr int kVTiles = D / 16;
+    constexpr int kValueChunk = kDims * VBITS / 8;  // bytes
+    constexpr int kSlots = HILO ? 1 : 2;            // heads among a thread's two score columns
+    static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+    static_assert(KBITS >= 1 && KBITS <= 4, "key bits 1..4");
+    static_assert(VBITS == 1 || VBITS == 2 || VBITS == 4 || VBITS == 16, "value bits 1, 2, 4, 16");
+    static_assert(kCoords * KBITS % 16 == 0, "a lane's key chunk starts on a 2-byte boundary");
+    static_assert(KBITS > 1 || kCoords <= 32, "1-bit pairs (p, p + D/8) fit one 32-bit word");
+    using Shared = DecodeShared<D, KBITS, VBITS>;
+
+    extern __shared__ __align__(128) uint8_t smem_raw[];
+    Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
+    uint8_t* rings = smem_raw + decode_ring_offset(sizeof(Shared));
+
+    const DecodeArgs& a = kp.args;
+    const TqPageLayout& L = a.layout;
+    const TqDeviceTables& T = a.tables;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    const int G = a.group;
+    const int len = a.seq_lens != nullptr ? a.seq_lens[b] : a.seq_len;
+    const int n_pages = (len + kPage - 1) / kPage;
+    const int p_begin = split * kp.pages_per_split;
+    const int p_end = min(n_pages, p_begin + kp.pages_per_split);
+
+    // Tables, and the group's queries rotated once (warp w rotates heads w, w + 4).
+    for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x) sh.key_affine[i / 2][i % 2] = T.key_affine[i];
+    if constexpr (KBITS > 1)
+        for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
+            sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
+    if constexpr (VBITS != 16)
+        for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x) sh.value_pairs[i] = T.value_pairs[i];
+    for (int h = warp; h < kMaxGroup; h += kDecodeWarps) {
+        if (h >= G) {
+            if (lane == 0) sh.head_mul[h] = 1.0f, sh.head_add[h] = 0.0f;
+            continue;
+        }
+        const float* q = a.queries + (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + h) * D;
+        float x[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] = q[lane * E + e] * T.key_signs[kvh * D + lane * E + e];
+        warp_fwht<E>(x, lane, T.inv_sqrt_d);
+        float mx = 0.0f, sum = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) mx = fmaxf(mx, fabsf(x[e])), sum += x[e];
+        mx = warp_max(mx);
+        sum = warp_sum(sum);
+        int ex = 0;
+        frexpf(mx, &ex);
+        const float up = mx > 0.0f ? ldexpf(1.0f, 8 - ex) : 1.0f;  // max |q'| in [128, 256)
+#pragma unroll
+        for (int e = 0; e < E; ++e) sh.q[h][lane * E + e] = x[e] * up;
+        if (lane == 0) sh.head_mul[h] = 1.0f / up, sh.head_add[h] = T.key_c0_sum * sum;
+    }
+    __syncthreads();
+
+    // Query fragments (B of the score mma), fixed for the whole CTA; for 1-bit keys coordinate
+    // pair p is scaled by 2^-p (p < 10) or 2^-(p - 6), undoing the decode's 2^p.
+    uint32_t bq[kKBlocks][2];
+    {
+        const int hq = HILO ? g >> 1 : g;
+        const bool lo_part = HILO && (g & 1);
+#pragma unroll
+        for (int kb = 0; kb < kKBlocks; ++kb) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int c0 = KBITS == 1 ? t * kCoords + 2 * kb + r : t * kCoords + 4 * kb + 2 * r;
+                const int c1 = KBITS == 1 ? c0 + kCoords / 2 : c0 + 1;
+                __half h0 = __float2half_rn(0.0f), h1 = h0;
+                if (hq < G) {
+                    const int p = 2 * kb + r;
+                    const float unscale = KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
+                    const float v0 = sh.q[hq][c0] * unscale, v1 = sh.q[hq][c1] * unscale;
+                    h0 = __float2half_rn(v0);
+                    h1 = __float2half_rn(v1);
+                    if (lo_part) {
+                        h0 = __float2half_rn(v0 - __half2float(h0));
+                        h1 = __float2half_rn(v1 - __half2float(h1));
+                    }
+                }
+                bq[kb][r] = pack_half2(h0, h1);
+            }
+        }
+    }
+    // Heads of this thread's score columns.
+    int heads[kSlots];
+    float mul[kSlots], add[kSlots];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+        heads[j] = HILO ? t : 2 * t + j;
+        mul[j] = sh.head_mul[heads[j]];
+        add[j] = sh.head_add[heads[j]];
+    }
+    const float scale_log2 = a.scale * 1.4426950408889634f;
+
+    // Per-warp cp.async ring over this warp's pages.
+    const int S = kp.ring;
+    uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
+    const int first = p_begin + warp;
+    const int count = p_end > first ? (p_end - first + kDecodeWarps - 1) / kDecodeWarps : 0;
+    const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
+    const uint32_t chunks = L.head_bytes / 16;
+    int issue_slot = 0, read_slot = 0;  // ring slots of the next issue and the next page read
+    auto issue = [&](int i) {
+        if (i < count) {
+            const uint4* src = reinterpret_cast<const uint4*>(
+                                   a.pool + static_cast<size_t>(table[first + kDecodeWarps * i]) * L.page_bytes +
+                                   static_cast<size_t>(kvh) * L.head_bytes) + lane;
+            uint4* dst = reinterpret_cast<uint4*>(ring + issue_slot * L.head_bytes) + lane;
+            for (uint32_t c = lane; c < chunks; c += 32, src += 32, dst += 32) cp_async_16(dst, src);
+        }
+        cp_async_commit();
+        issue_slot = issue_slot + 1 == S ? 0 : issue_slot + 1;
+    };
+    for (int i = 0; i < S - 1; ++i) issue(i);
+
+    float o[kVTiles][4];
+#pragma unroll
+    for (int v = 0; v < kVTiles; ++v) o[v][0] = o[v][1] = o[v][2] = o[v][3] = 0.0f;
+    float m_run[kSlots], l_run[kSlots];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
+    const uint32_t magic = 0x64006400u;
+    uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
+
+    for (int i = 0; i < count; ++i) {
+        issue(i + S - 1);
+        cp_async_wait(S - 1);
+        __syncwarp();
+        const uint8_t* buf = ring + read_slot * L.head_bytes;
+        read_slot = read_slot + 1 == S ? 0 : read_slot + 1;
+        const int valid = len - (first + kDecodeWarps * i) * kPage;  // tokens of this page in use
+
+        // Scores of the page's 4 x 16 tokens.
+        float sc[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.0f;
+        for (int s = 0; s < L.key_stages; ++s) {
+            float acc[4][4];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) {
+                acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+                const uint8_t* row0 = buf + (16 * mt + g) * L.key_code_bytes + s * (D * KBITS / 8) + t * kKeyChunk;
+                uint32_t w0[kKeyWords], w1[kKeyWords];
+                load_chunk<kKeyChunk>(row0, w0);
+                load_chunk<kKeyChunk>(row0 + 8 * L.key_code_bytes, w1);
+#pragma unroll
+                for (int kb = 0; kb < kKBlocks; ++kb) {
+                    uint32_t af[4];
+                    if constexpr (KBITS == 1) {
+                        // Pairs (p, p + 16) of the word; D = 64 spreads its 16 bits first.
+                        const uint32_t x0 = D == 128 ? w0[0] : __byte_perm(w0[0], 0, 0x4140);
+                        const uint32_t x1 = D == 128 ? w1[0] : __byte_perm(w1[0], 0, 0x4140);
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const int p = 2 * kb + r;
+                            const int sh6 = p < 10 ? 0 : 6;
+                            af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
+                            af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
+                        }
+                    } else {
+                        const uint32_t* pairs = sh.key_pairs[s];
+#pragma unroll
+                        for (int r = 0; r < 2; ++r) {
+                            const int pos = (4 * kb + 2 * r) * KBITS;
+                            af[2 * r] = lut(pairs, field_offset(w0, pos, 2 * KBITS));
+                            af[2 * r + 1] = lut(pairs, field_offset(w1, pos, 2 * KBITS));
+                        }
+                    }
+                    mma_16816(acc[mt], af, bq[kb][0], bq[kb][1]);
+                }
+            }
+            const float w = sh.key_affine[s][1];  // C1 - C0 (1 bit) or the pair table's scale
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) sc[mt][c] = fmaf(w, acc[mt][c], sc[mt][c]);
+        }
+
+        // Logits (log2 units) and the online softmax of each slot's head.
+        const float* norms = reinterpret_cast<const float*>(buf + L.key_norms_offset);
+        float x[4][2][kSlots];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float f = norms[16 * mt + 8 * r + g] * scale_log2;
+#pragma unroll
+                for (int j = 0; j < kSlots; ++j) {
+                    const float s = HILO ? sc[mt][2 * r] + sc[mt][2 * r + 1] : sc[mt][2 * r + j];
+                    x[mt][r][j] = (s * mul[j] + add[j]) * f;
+                }
+            }
+        }
+        if (valid < kPage) {  // the sequence's last page
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int j = 0; j < kSlots; ++j)
+                        if (16 * mt + 8 * r + g >= valid) x[mt][r][j] = -INFINITY;
+        }
+        float corr[kSlots];
+        bool rescale = false;
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) {
+            float bm = -INFINITY;
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) bm = fmaxf(bm, fmaxf(x[mt][0][j], x[mt][1][j]));
+            bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 4));
+            bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 8));
+            bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 16));
+            const float m_new = fmaxf(m_run[j], bm);
+            const float base = m_new == -INFINITY ? 0.0f : m_new;
+            corr[j] = exp2_approx(m_run[j] - base);
+            rescale |= corr[j] != 1.0f;
+            float sum = 0.0f;
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    x[mt][r][j] = exp2_approx(x[mt][r][j] - base);
+                    sum += x[mt][r][j];
+                }
+            l_run[j] = l_run[j] * corr[j] + sum;
+            m_run[j] = m_new;
+        }
+        if (__any_sync(kFull, rescale)) {  // some running max moved
+#pragma unroll
+            for (int v = 0; v < kVTiles; ++v) {
+                o[v][0] *= corr[0], o[v][2] *= corr[0];
+                o[v][1] *= corr[kSlots - 1], o[v][3] *= corr[kSlots - 1];
+            }
+        }
+
+        // P'^T rows: token 16 mt + 8 r + g goes to row 16 mt + 8 r + 2 (g % 4) + g / 4.
+        const float* vscales = reinterpret_cast<const float*>(buf + L.value_scales_offset);
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int tok = 16 * mt + 8 * r + g;
+                const float vs = VBITS == 16 ? 1.0f : vscales[tok] * T.value_pair_scale;
+                const float p0 = x[mt][r][0] * vs, p1 = x[mt][r][kSlots - 1] * vs;
+                const __half h0 = __float2half_rn(p0);
+                const __half h1 = HILO ? __float2half_rn(p0 - __half2float(h0)) : __float2half_rn(p1);
+                const int row = 16 * mt + 8 * r + 2 * (g & 3) + (g >> 2);
+                *reinterpret_cast<uint32_t*>(pbuf + row * 16 + 4 * t) = pack_half2(h0, h1);
+            }
+        }
+        __syncwarp();
+        uint32_t bp[4][2];
+        {
+            uint32_t r4[4];
+            ldmatrix_x4_trans(r4, pbuf + lane * 16);
+            bp[0][0] = r4[0], bp[0][1] = r4[1], bp[1][0] = r4[2], bp[1][1] = r4[3];
+            ldmatrix_x4_trans(r4, pbuf + (32 + lane) * 16);
+            bp[2][0] = r4[0], bp[2][1] = r4[1], bp[3][0] = r4[2], bp[3][1] = r4[3];
+        }
+
+        // O^T += V^T P'^T over the page's four 16-token blocks.
+        const uint8_t* vcodes = buf + L.value_codes_offset + g * kValueChunk;
+#pragma unroll
+        for (int kb = 0; kb < 4; ++kb) {
+            const uint8_t* tok = vcodes + (16 * kb + t) * L.value_code_bytes;
+            const uint32_t step = 4 * L.value_code_bytes;  // tokens t, t + 4, t + 8, t + 12
+            if constexpr (VBITS == 16) {
+                uint32_t w[4][kDims / 2];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) load_chunk<kValueChunk>(tok + k * step, w[k]);
+#pragma unroll
+                for (int v = 0; v < kVTiles; ++v) {
+                    const uint32_t af[4] = {__byte_perm(w[0][v], w[1][v], 0x5410),
+                                            __byte_perm(w[0][v], w[1][v], 0x7632),
+                                            __byte_perm(w[2][v], w[3][v], 0x5410),
+                                            __byte_perm(w[2][v], w[3][v], 0x7632)};
+                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
+                }
+            } else {
+                using C = ValueChunk<D, VBITS>;
+                const C c0 = load_value_chunk<D, VBITS>(tok), c1 = load_value_chunk<D, VBITS>(tok + step);
+                const C c2 = load_value_chunk<D, VBITS>(tok + 2 * step);
+                const C c3 = load_value_chunk<D, VBITS>(tok + 3 * step);
+                const C e01 = merge_even<VBITS>(c0, c1), o01 = merge_odd<VBITS>(c0, c1);
+                const C e23 = merge_even<VBITS>(c2, c3), o23 = merge_odd<VBITS>(c2, c3);
+#pragma unroll
+                for (int v = 0; v < kVTiles; ++v) {
+                    const uint32_t af[4] = {value_pair<VBITS>(sh.value_pairs, e01, v),
+                                            value_pair<VBITS>(sh.value_pairs, o01, v),
+                                            value_pair<VBITS>(sh.value_pairs, e23, v),
+                                            value_pair<VBITS>(sh.value_pairs, o23, v)};
+                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
+                }
+            }
+        }
+        __syncwarp();
+    }
+    cp_async_wait(0);
+
+    // Merge the four warps' states in shared memory (over the rings) and write this split.
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) {
+        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 4);
+        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 8);
+        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);
+    }
+    __syncthreads();
+    float* wo = reinterpret_cast<float*>(rings);                 // [warp][head][D]
+    float* wm = wo + kDecodeWarps * kMaxGroup * D;               // [warp][head]
+    float* wl = wm + kDecodeWarps * kMaxGroup;                   // [warp][head]
+#pragma unroll
+    for (int v = 0; v < kVTiles; ++v) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int dim = g * kDims + 2 * v + r;
+            if (HILO) {
+                if (t < G) wo[(warp * kMaxGroup + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
+            } else {
+                if (2 * t < G) wo[(warp * kMaxGroup + 2 * t) * D + dim] = o[v][2 * r];
+                if (2 * t + 1 < G) wo[(warp * kMaxGroup + 2 * t + 1) * D + dim] = o[v][2 * r + 1];
+            }
+        }
+    }
+    if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j)
+            if (heads[j] < G) wm[warp * kMaxGroup + heads[j]] = m_run[j], wl[warp * kMaxGroup + heads[j]] = l_run[j];
+    }
+    __syncthreads();
+    const size_t unit = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits + split;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int h = i / D, dim = i % D;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, wm[w * kMaxGroup + h]);
+        float acc = 0.0f, l = 0.0f;
+        if (m != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < kDecodeWarps; ++w) {
+                const float f = exp2f(wm[w * kMaxGroup + h] - m);
+                acc += f * wo[(w * kMaxGroup + h) * D + dim];
+                l += f * wl[w * kMaxGroup + h];
+            }
+        }
+        kp.partial_o[(unit * G + h) * D + dim] = acc;
+        if (dim == 0) kp.partial_ml[unit * G + h] = make_float2(m, l);
+    }
+}
+
+}  // namespace veloxquant::cuda::kernels

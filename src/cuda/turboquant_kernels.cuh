@@ -1,0 +1,360 @@
+// Header-only CUDA kernels of the turboquant_rvq key codec and the value codec on the CPU's
+// packed page layout (cuda_cache.h, TqPageLayout):
+//   encode_kernel          one warp per (head, token): norm, randomized Hadamard rotation,
+//                          codebook search, LSB-first bit packing; bit-identical to the CPU
+//                          (same float operations in the same order, no contraction)
+//   dequantize_kernel      one warp per (head, token), bit-identical to the CPU decode
+//   merge_kernel           combines the decode's splits and applies the inverse value rotation
+// The split-K decode attention kernel itself is in turboquant_decode.cuh.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_cache.h"
+
+namespace veloxquant::cuda::kernels {
+
+constexpr int kPage = 64;         // tokens per page
+constexpr int kDecodeWarps = 4;   // warps per decode CTA; warp w takes pages w, w + 4, ...
+constexpr int kMaxGroup = 8;      // query heads per KV head
+constexpr int kMaxStages = 3;     // turboquant_rvq stages
+constexpr int kEncodeWarps = 8;
+constexpr unsigned kFull = 0xffffffffu;
+
+/// Decode-kernel arguments the launcher derives from DecodeArgs (split plan, workspace).
+struct DecodeKernelParams {
+    DecodeArgs args;
+    int pages_per_split = 0;
+    int splits = 0;
+    int ring = 0;            // pages in flight per warp (cp.async ring depth), 1..4
+    float* partial_o = nullptr;   // [batch][kv head][split][group][head_dim]
+    float2* partial_ml = nullptr; // [batch][kv head][split][group] (max, sum) in log2 units
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the decode kernel needs sm_80 or newer; the launcher refuses older devices
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+#if __CUDA_ARCH__ >= 750
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+/// Waits until at most `pending` (0..3) committed groups are still in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+#if __CUDA_ARCH__ >= 800
+    switch (pending) {
+        case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+        case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+        case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+        default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    }
+#endif
+}
+
+__device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
+    return static_cast<uint32_t>(__half_as_ushort(lo)) |
+           (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp helpers. A warp holds a d-vector as E = d / 32 consecutive coordinates per lane
+// (coordinate j = lane * E + e).
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(kFull, x, m);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, m));
+    return x;
+}
+
+/// Orthonormal Walsh-Hadamard transform with the CPU's butterfly order (len = 1, 2, 4, ...;
+/// a + b then a - b) and final scale, so results are bit-identical to fwht_orthonormal.
+template <int E>
+__device__ __forceinline__ void warp_fwht(float (&x)[E], int lane, float inv_sqrt_d) {
+#pragma unroll
+    for (int len = 1; len < E; len <<= 1) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            if ((e & len) == 0) {
+                const float a = x[e], b = x[e + len];
+                x[e] = __fadd_rn(a, b);
+                x[e + len] = __fsub_rn(a, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int lm = 1; lm < 32; lm <<= 1) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const float other = __shfl_xor_sync(kFull, x[e], lm);
+            x[e] = (lane & lm) ? __fsub_rn(other, x[e]) : __fadd_rn(x[e], other);
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], inv_sqrt_d);
+}
+
+/// Index of the nearest centroid: the number of (ascending) boundaries below x, as the CPU's
+/// binary searches return (ties go to the lower cell).
+__device__ __forceinline__ int quantize_index(const float* boundaries, int levels, float x) {
+    int idx = 0;
+    for (int i = 0; i < levels - 1; ++i) idx += boundaries[i] < x ? 1 : 0;
+    return idx;
+}
+
+/// Index i of a packed LSB-first stream of `bits`-bit indices (the CPU's read_packed).
+__device__ __forceinline__ int read_packed(const uint8_t* packed, int i, int bits) {
+    const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+    uint32_t word = packed[byte];
+    if (shift + bits > 8) word |= static_cast<uint32_t>(packed[byte + 1]) << 8;
+    return static_cast<int>((word >> shift) & ((1u << bits) - 1u));
+}
+
+/// Packs each lane's E indices (bits each) into `words` (a warp's scratch of nwords words) and
+/// stores them at dst (4-byte aligned, nwords * 4 bytes): the stream of pack_bits.
+template <int E>
+__device__ __forceinline__ void warp_pack_store(const int (&idx)[E], int bits, uint32_t* words,
+                                                int nwords, uint8_t* dst, int lane) {
+    for (int w = lane; w < nwords; w += 32) words[w] = 0;
+    __syncwarp();
+    uint32_t v = 0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) v |= static_cast<uint32_t>(idx[e]) << (e * bits);
+    const int bit = lane * E * bits;
+    const uint64_t shifted = static_cast<uint64_t>(v) << (bit & 31);
+    atomicOr(&words[bit >> 5], static_cast<uint32_t>(shifted));
+    if ((shifted >> 32) != 0) atomicOr(&words[(bit >> 5) + 1], static_cast<uint32_t>(shifted >> 32));
+    __syncwarp();
+    for (int w = lane; w < nwords; w += 32) reinterpret_cast<uint32_t*>(dst)[w] = words[w];
+    __syncwarp();
+}
+
+__device__ __forceinline__ uint8_t* head_block(uint8_t* pool, const int32_t* page_table,
+                                               const TqPageLayout& L, int pos, int head) {
+    return pool + static_cast<size_t>(page_table[pos / kPage]) * L.page_bytes +
+           static_cast<size_t>(head) * L.head_bytes;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encode: one warp per (head, token).
+
+template <int D>
+__global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(const EncodeArgs a) {
+    constexpr int E = D / 32;
+    // Packing scratch of one stage: at most 128 coordinates of 4 bits.
+    __shared__ uint32_t scratch[kEncodeWarps][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int item = blockIdx.x * kEncodeWarps + warp;
+    if (item >= a.layout.num_kv_heads * a.n_tokens) return;
+    const TqPageLayout& L = a.layout;
+    const TqDeviceTables& T = a.tables;
+    const int h = item / a.n_tokens, t = item % a.n_tokens, pos = a.start + t;
+    uint8_t* block = head_block(a.pool, a.page_table, L, pos, h);
+    const int slot = pos % kPage;
+    const size_t src = (static_cast<size_t>(h) * a.n_tokens + t) * D + lane * E;
+    const float* ksign = T.key_signs + h * D + lane * E;
+    const float* vsign = T.value_signs + h * D + lane * E;
+
+    // Keys: n = ||k|| (double, as the CPU), u = R k / n, then each stage quantizes the residual.
+    float x[E];
+    double sq = 0.0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        x[e] = a.keys[src + e];
+        sq += static_cast<double>(x[e]) * x[e];
+    }
+    const float norm = static_cast<float>(sqrt(warp_sum(sq)));
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], ksign[e]);
+    warp_fwht<E>(x, lane, T.inv_sqrt_d);
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = norm > 0.0f ? __fdiv_rn(x[e], norm) : 0.0f;
+    const int levels = 1 << L.key_bits;
+    int idx[E];
+    for (int s = 0; s < L.key_stages; ++s) {
+        const float* c = T.key_centroids + s * levels;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            idx[e] = quantize_index(T.key_boundaries + s * (levels - 1), levels, x[e]);
+            x[e] = __fsub_rn(x[e], c[idx[e]]);
+        }
+        warp_pack_store<E>(idx, L.key_bits, scratch[warp], L.key_stage_bytes / 4,
+                           block + slot * L.key_code_bytes + s * L.key_stage_bytes, lane);
+    }
+    if (lane == 0) reinterpret_cast<float*>(block + L.key_norms_offset)[slot] = norm;
+
+    // Values: fp16, or R v / ||v|| quantized with one least-squares scale per token.
+    uint8_t* vcode = block + L.value_codes_offset + slot * L.value_code_bytes;
+    sq = 0.0;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        x[e] = a.values[src + e];
+        sq += static_cast<double>(x[e]) * x[e];
+    }
+    if (L.value_bits == 16) {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+            reinterpret_cast<__half*>(vcode)[lane * E + e] = __float2half_rn(x[e]);
+        return;
+    }
+    const double vnorm = sqrt(warp_sum(sq));
+    const int vlevels = 1 << L.value_bits;
+    float scale = 0.0f;
+    if (vnorm > 0.0) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], vsign[e]);
+        warp_fwht<E>(x, lane, T.inv_sqrt_d);
+        const float inv = static_cast<float>(1.0 / vnorm);
+        double uc = 0.0, cc = 0.0;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const float u = __fmul_rn(x[e], inv);
+            idx[e] = quantize_index(T.value_boundaries, vlevels, u);
+            const double c = T.value_centroids[idx[e]];
+            uc += static_cast<double>(u) * c;
+            cc += c * c;
+        }
+        uc = warp_sum(uc);
+        cc = warp_sum(cc);
+        scale = cc > 0.0 ? static_cast<float>(vnorm * uc / cc) : 0.0f;
+    } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) idx[e] = 0;
+    }
+    warp_pack_store<E>(idx, L.value_bits, scratch[warp], L.value_code_bytes / 4, vcode, lane);
+    if (lane == 0) reinterpret_cast<float*>(block + L.value_scales_offset)[slot] = scale;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize: one warp per (head, token); the CPU decode's operations in its order.
+
+template <int D>
+__global__ void __launch_bounds__(kEncodeWarps * 32) dequantize_kernel(const DequantizeArgs a) {
+    constexpr int E = D / 32;
+    const int lane = threadIdx.x & 31;
+    const int item = blockIdx.x * kEncodeWarps + (threadIdx.x >> 5);
+    if (item >= a.layout.num_kv_heads * a.n_tokens) return;
+    const TqPageLayout& L = a.layout;
+    const TqDeviceTables& T = a.tables;
+    const int h = item / a.n_tokens, t = item % a.n_tokens, pos = a.start + t;
+    const uint8_t* block = head_block(const_cast<uint8_t*>(a.pool), a.page_table, L, pos, h);
+    const int slot = pos % kPage;
+    const size_t dst = (static_cast<size_t>(h) * a.n_tokens + t) * D + lane * E;
+
+    float x[E];
+    const uint8_t* kcode = block + slot * L.key_code_bytes;
+    const int levels = 1 << L.key_bits;
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = 0.0f;
+    for (int s = 0; s < L.key_stages; ++s)
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+            x[e] = __fadd_rn(x[e], T.key_centroids[s * levels +
+                                                   read_packed(kcode + s * L.key_stage_bytes,
+                                                               lane * E + e, L.key_bits)]);
+    warp_fwht<E>(x, lane, T.inv_sqrt_d);
+    const float norm = reinterpret_cast<const float*>(block + L.key_norms_offset)[slot];
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+        a.keys[dst + e] = __fmul_rn(__fmul_rn(x[e], T.key_signs[h * D + lane * E + e]), norm);
+
+    const uint8_t* vcode = block + L.value_codes_offset + slot * L.value_code_bytes;
+    if (L.value_bits == 16) {
+#pragma unroll
+        for (int e = 0; e < E; ++e)
+            a.values[dst + e] = __half2float(reinterpret_cast<const __half*>(vcode)[lane * E + e]);
+        return;
+    }
+    const float scale = reinterpret_cast<const float*>(block + L.value_scales_offset)[slot];
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+        x[e] = __fmul_rn(scale, T.value_centroids[read_packed(vcode, lane * E + e, L.value_bits)]);
+    warp_fwht<E>(x, lane, T.inv_sqrt_d);
+#pragma unroll
+    for (int e = 0; e < E; ++e) a.values[dst + e] = __fmul_rn(x[e], T.value_signs[h * D + lane * E + e]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge: one warp per (sequence, query head).
+
+template <int D>
+__global__ void __launch_bounds__(128) merge_kernel(const DecodeKernelParams kp) {
+    constexpr int E = D / 32;
+    const DecodeArgs& a = kp.args;
+    const TqPageLayout& L = a.layout;
+    const int lane = threadIdx.x & 31;
+    const int num_q = L.num_kv_heads * a.group;
+    const int item = blockIdx.x * 4 + (threadIdx.x >> 5);
+    if (item >= a.batch * num_q) return;
+    const int b = item / num_q, qh = item % num_q, kvh = qh / a.group, h = qh % a.group;
+    const size_t unit = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits;
+    float m = -INFINITY;
+    for (int s = lane; s < kp.splits; s += 32) m = fmaxf(m, kp.partial_ml[(unit + s) * a.group + h].x);
+    m = warp_max(m);
+    float x[E] = {};
+    float l = 0.0f;
+    if (m != -INFINITY) {
+        for (int s = 0; s < kp.splits; ++s) {
+            const float2 ml = kp.partial_ml[(unit + s) * a.group + h];
+            if (ml.y == 0.0f) continue;
+            const float f = exp2f(ml.x - m);
+            l += f * ml.y;
+            const float* po = kp.partial_o + ((unit + s) * a.group + h) * D + lane * E;
+#pragma unroll
+            for (int e = 0; e < E; ++e) x[e] += f * po[e];
+        }
+    }
+    if (L.value_bits != 16) {  // back from the value rotation's domain: x = R^T acc
+        warp_fwht<E>(x, lane, a.tables.inv_sqrt_d);
+#pragma unroll
+        for (int e = 0; e < E; ++e) x[e] *= a.tables.value_signs[kvh * D + lane * E + e];
+    }
+    float* out = a.out + (static_cast<size_t>(b) * num_q + qh) * D + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) out[e] = l > 0.0f ? x[e] / l : 0.0f;
+}
+
+}  // namespace veloxquant::cuda::kernels

@@ -1,0 +1,376 @@
+// Parity of the CUDA backend with the CPU reference on random inputs of several shapes:
+// encoded codes (identical up to exact ties), dequantize (1e-5), decode attention (relative
+// error 1e-3) on the same codes, the batched launcher with a shuffled page table, and the
+// device cache end to end against TurboQuantRVQKVCache. Every device test skips cleanly when
+// no CUDA device is present.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "attention/paged_attention.h"
+#include "cache/paged_store.h"
+#include "core/bitpack.h"
+#include "core/rng.h"
+#include "cuda/cuda_cache.h"
+#include "methods/key_codec.h"
+#include "methods/value_codec.h"
+#include "test_helpers.h"
+#include "veloxquant/caches.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+bool has_device() {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_DEVICE() \
+    if (!has_device()) GTEST_SKIP() << "no CUDA device"
+
+template <typename T>
+class DeviceBuffer {
+public:
+    explicit DeviceBuffer(std::size_t n) : n_(n) { check_cuda(cudaMalloc(&ptr_, std::max<std::size_t>(n, 1) * sizeof(T)), "malloc"); }
+    explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
+        check_cuda(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
+    }
+    ~DeviceBuffer() { cudaFree(ptr_); }
+    DeviceBuffer(const DeviceBuffer&) = delete;
+    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+    T* get() const { return ptr_; }
+    std::vector<T> download() const {
+        std::vector<T> host(n_);
+        check_cuda(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "download");
+        return host;
+    }
+
+private:
+    T* ptr_ = nullptr;
+    std::size_t n_;
+};
+
+struct Shape {
+    int d, bits, stages, value_bits, heads;
+};
+
+std::string name(const Shape& s) {
+    return "d" + std::to_string(s.d) + " k" + std::to_string(s.bits) + "x" + std::to_string(s.stages) + " v" +
+           std::to_string(s.value_bits) + " h" + std::to_string(s.heads);
+}
+
+// Covers head dims 64/128, key bits 1..4, stages 1..3, value bits 1, 2, 4, 16.
+const std::vector<Shape> kShapes = {
+    {128, 1, 1, 2, 8}, {128, 2, 2, 4, 2}, {128, 3, 1, 1, 1}, {128, 4, 3, 16, 2}, {128, 4, 1, 4, 3},
+    {64, 1, 2, 4, 2},  {64, 2, 1, 16, 1}, {64, 3, 3, 2, 2},  {64, 4, 2, 1, 4},   {128, 1, 3, 16, 1},
+};
+
+KVCacheConfig make_config(const Shape& s, uint64_t seed) {
+    KVCacheConfig c;
+    c.method = "turboquant_rvq";
+    c.bits = s.bits;
+    c.num_residuals = s.stages;
+    c.value_bits = s.value_bits;
+    c.seed = seed;
+    return c;
+}
+
+// [heads][n][d] Gaussian rows with per-token norms spread over 10^[-decades, decades], and one
+// zero token.
+std::vector<float> random_tokens(int heads, int n, int d, uint64_t seed, float decades) {
+    std::vector<float> x = vqtest::randn(static_cast<std::size_t>(heads) * n * d, seed);
+    std::mt19937_64 gen(seed ^ 0x9e3779b97f4a7c15ull);
+    std::uniform_real_distribution<float> spread(-decades, decades);
+    for (std::size_t row = 0; row < x.size() / d; ++row) {
+        const float s = std::pow(10.0f, spread(gen));
+        for (int j = 0; j < d; ++j) x[row * d + j] *= row == 3 ? 0.0f : s;
+    }
+    return x;
+}
+
+// The codecs and store a QuantizedKVCache of this config builds, with its per-page encode.
+struct CpuReference {
+    std::vector<std::unique_ptr<KeyCodec>> keys;
+    std::vector<std::unique_ptr<ValueCodec>> values;
+    PagedStore store;
+    int heads, d, size = 0;
+
+    CpuReference(const KVCacheConfig& c, int heads_, int d_, const PageLayout& layout)
+        : store(layout), heads(heads_), d(d_) {
+        for (int h = 0; h < heads; ++h) {
+            keys.push_back(make_key_codec(c, d, 0, h));
+            values.push_back(std::make_unique<ValueCodec>(
+                d, c.value_bits, c.use_hadamard, derive_seed(c.seed, 0, h, d, RandomPurpose::kValueRotation)));
+        }
+    }
+
+    void append(const std::vector<float>& k, const std::vector<float>& v, int n) {
+        const int P = kTokensPerPage;
+        store.reserve_tokens(size + n);
+        for (int h = 0; h < heads; ++h) {
+            for (int t = size; t < size + n;) {
+                const int p = t / P, slot = t % P, cnt = std::min(P - slot, size + n - t);
+                const std::size_t src = (static_cast<std::size_t>(h) * n + (t - size)) * d;
+                keys[h]->encode(&k[src], cnt, store.key_codes(p, h) + slot * keys[h]->code_bytes(),
+                                store.key_scalars(p, h) + slot, P);
+                values[h]->encode(&v[src], cnt, store.value_codes(p, h) + slot * values[h]->code_bytes(),
+                                  store.value_scalars(p, h) + slot, P);
+                t += cnt;
+            }
+        }
+        size += n;
+    }
+
+    std::vector<float> attend(const std::vector<float>& q, int num_q_heads, float scale) const {
+        std::vector<float> out(static_cast<std::size_t>(num_q_heads) * d);
+        PagedAttentionArgs a;
+        a.store = &store;
+        a.key_codecs = &keys;
+        a.value_codecs = &values;
+        a.num_heads = heads;
+        a.head_dim = d;
+        a.size = size;
+        a.queries = q.data();
+        a.num_q_heads = num_q_heads;
+        a.n_queries = 1;
+        a.out = out.data();
+        a.scale = scale;
+        a.causal = true;
+        paged_attention(a);
+        return out;
+    }
+};
+
+double relative_error(const std::vector<float>& got, const std::vector<float>& ref) {
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+        if (!std::isfinite(got[i])) return INFINITY;
+        num += (static_cast<double>(got[i]) - ref[i]) * (static_cast<double>(got[i]) - ref[i]);
+        den += static_cast<double>(ref[i]) * ref[i];
+    }
+    return std::sqrt(num / std::max(den, 1e-300));
+}
+
+TEST(CudaParity, RejectsShapesOutsideScope) {
+    Shape s{128, 1, 1, 2, 2};
+    KVCacheConfig c = make_config(s, 1);
+    c.bits = 5;
+    EXPECT_THROW(CudaTurboQuantCache(c, 2, 128), std::invalid_argument);
+    c = make_config(s, 1);
+    EXPECT_THROW(CudaTurboQuantCache(c, 2, 96), std::invalid_argument);
+    c.value_bits = 3;
+    EXPECT_THROW(CudaTurboQuantCache(c, 2, 128), std::invalid_argument);
+    c = make_config(s, 1);
+    c.method = "qjl";
+    EXPECT_THROW(CudaTurboQuantCache(c, 2, 128), std::invalid_argument);
+}
+
+TEST(CudaParity, EncodedCodesMatchCpu) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 11;
+    for (const Shape& s : kShapes) {
+        SCOPED_TRACE(name(s));
+        const KVCacheConfig c = make_config(s, seed);
+        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+        CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
+        for (int n : {37, 150, 64}) {  // unaligned starts and page crossings
+            const auto k = random_tokens(s.heads, n, s.d, ++seed, 1.5f), v = random_tokens(s.heads, n, s.d, ++seed, 1.5f);
+            DeviceBuffer<float> dk(k), dv(v);
+            gpu.append(dk.get(), dv.get(), n, nullptr);
+            cpu.append(k, v, n);
+        }
+        PagedStore got(gpu.page_layout());
+        gpu.download(got);
+        long long coords = 0, mismatches = 0, scalar_mismatches = 0;
+        for (int pos = 0; pos < cpu.size; ++pos) {
+            const int p = pos / kTokensPerPage, slot = pos % kTokensPerPage;
+            for (int h = 0; h < s.heads; ++h) {
+                const std::size_t kcb = cpu.keys[h]->code_bytes(), vcb = cpu.values[h]->code_bytes();
+                const uint8_t *gk = got.key_codes(p, h) + slot * kcb, *ck = cpu.store.key_codes(p, h) + slot * kcb;
+                for (int st = 0; st < s.stages; ++st)
+                    for (int j = 0; j < s.d; ++j, ++coords) {
+                        const std::size_t off = st * packed_bytes(s.d, s.bits);
+                        mismatches += read_packed(gk + off, j, s.bits) != read_packed(ck + off, j, s.bits);
+                    }
+                const uint8_t *gv = got.value_codes(p, h) + slot * vcb, *cv = cpu.store.value_codes(p, h) + slot * vcb;
+                const int vbits = s.value_bits == 16 ? 16 : s.value_bits;
+                for (int j = 0; j < s.d; ++j, ++coords) {
+                    const uint32_t a = vbits == 16 ? reinterpret_cast<const uint16_t*>(gv)[j] : read_packed(gv, j, vbits);
+                    const uint32_t b = vbits == 16 ? reinterpret_cast<const uint16_t*>(cv)[j] : read_packed(cv, j, vbits);
+                    mismatches += a != b;
+                }
+                const float gn = got.key_scalars(p, h)[slot], cn = cpu.store.key_scalars(p, h)[slot];
+                scalar_mismatches += std::fabs(gn - cn) > 1e-6f * std::fabs(cn);
+                if (s.value_bits != 16) {
+                    const float gs = got.value_scalars(p, h)[slot], cs = cpu.store.value_scalars(p, h)[slot];
+                    scalar_mismatches += std::fabs(gs - cs) > 1e-6f * std::fabs(cs);
+                }
+            }
+        }
+        EXPECT_LE(mismatches, coords / 1000) << mismatches << " of " << coords << " indices differ";
+        EXPECT_LE(scalar_mismatches, cpu.size * s.heads / 1000) << scalar_mismatches << " norms/scales differ";
+    }
+}
+
+TEST(CudaParity, DequantizeMatchesCpu) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 101;
+    for (const Shape& s : kShapes) {
+        SCOPED_TRACE(name(s));
+        const KVCacheConfig c = make_config(s, seed);
+        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+        CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
+        const int n = 200;
+        cpu.append(random_tokens(s.heads, n, s.d, ++seed, 1.5f), random_tokens(s.heads, n, s.d, ++seed, 1.5f), n);
+        gpu.upload(cpu.store, n);
+        const int start = 45, m = 140;
+        DeviceBuffer<float> dk(static_cast<std::size_t>(s.heads) * m * s.d), dv(dk.download().size());
+        gpu.dequantize(start, m, dk.get(), dv.get(), nullptr);
+        const auto gk = dk.download(), gv = dv.download();
+        std::vector<float> rk(gk.size()), rv(gv.size());
+        for (int h = 0; h < s.heads; ++h)
+            for (int t = start; t < start + m; ++t) {
+                const int p = t / kTokensPerPage, slot = t % kTokensPerPage;
+                const std::size_t dst = (static_cast<std::size_t>(h) * m + (t - start)) * s.d;
+                cpu.keys[h]->decode(cpu.store.key_codes(p, h) + slot * cpu.keys[h]->code_bytes(),
+                                    cpu.store.key_scalars(p, h) + slot, kTokensPerPage, 1, &rk[dst]);
+                cpu.values[h]->decode(cpu.store.value_codes(p, h) + slot * cpu.values[h]->code_bytes(),
+                                      cpu.store.value_scalars(p, h) + slot, kTokensPerPage, 1, &rv[dst]);
+            }
+        EXPECT_LE(relative_error(gk, rk), 1e-5);
+        EXPECT_LE(relative_error(gv, rv), 1e-5);
+    }
+}
+
+TEST(CudaParity, DecodeAttentionMatchesCpuOnSameCodes) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 1001;
+    for (const Shape& s : kShapes) {
+        for (int group : {1, 4, 8}) {
+            for (int n : {1, 50, 64, 300, 2000}) {
+                SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " n " + std::to_string(n));
+                const KVCacheConfig c = make_config(s, seed);
+                CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+                CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
+                cpu.append(random_tokens(s.heads, n, s.d, ++seed, 0.3f),
+                           vqtest::randn(static_cast<std::size_t>(s.heads) * n * s.d, ++seed), n);
+                gpu.upload(cpu.store, n);
+                const int hq = s.heads * group;
+                const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed);
+                const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+                DeviceBuffer<float> dq(q), dout(q.size());
+                check_cuda(cudaMemset(dout.get(), 0xff, q.size() * sizeof(float)), "poison");  // NaN
+                gpu.attend(dq.get(), hq, dout.get(), scale, nullptr);
+                EXPECT_LE(relative_error(dout.download(), cpu.attend(q, hq, scale)), 1e-3);
+            }
+        }
+    }
+}
+
+TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
+    SKIP_WITHOUT_DEVICE();
+    const Shape s{128, 2, 1, 2, 4};
+    const int group = 4, hq = s.heads * group;
+    const std::vector<int> lens = {700, 130, 1, 2048};
+    const KVCacheConfig c = make_config(s, 7);
+    const TqHostTables host = make_host_tables(c, s.heads, s.d, 0);
+    const DeviceTables tables(host);
+    const int stride = 2048 / kTokensPerPage;
+    std::vector<int32_t> table(lens.size() * stride);
+    std::iota(table.begin(), table.end(), 0);
+    std::shuffle(table.begin(), table.end(), std::mt19937(3));
+    DeviceBuffer<uint8_t> pool(table.size() * host.layout.page_bytes);
+    std::vector<std::vector<float>> refs;
+    std::vector<float> queries;
+    for (std::size_t b = 0; b < lens.size(); ++b) {
+        CpuReference cpu(c, s.heads, s.d, host.page_layout);
+        cpu.append(random_tokens(s.heads, lens[b], s.d, 50 + b, 0.3f),
+                   vqtest::randn(static_cast<std::size_t>(s.heads) * lens[b] * s.d, 60 + b), lens[b]);
+        for (int p = 0; p < (lens[b] + kTokensPerPage - 1) / kTokensPerPage; ++p)
+            check_cuda(cudaMemcpy(pool.get() + static_cast<std::size_t>(table[b * stride + p]) * host.layout.page_bytes,
+                                  cpu.store.page_data(p), host.layout.page_bytes, cudaMemcpyHostToDevice), "page");
+        const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, 70 + b);
+        queries.insert(queries.end(), q.begin(), q.end());
+        refs.push_back(cpu.attend(q, hq, 0.125f));
+    }
+    DeviceBuffer<int32_t> dtable(table), dlens(std::vector<int32_t>(lens.begin(), lens.end()));
+    DeviceBuffer<float> dq(queries), dout(queries.size());
+    DecodeArgs a;
+    a.layout = host.layout;
+    a.tables = tables.get();
+    a.pool = pool.get();
+    a.page_table = dtable.get();
+    a.page_table_stride = stride;
+    a.seq_lens = dlens.get();
+    a.max_seq_len = 2048;
+    a.batch = static_cast<int>(lens.size());
+    a.group = group;
+    a.queries = dq.get();
+    a.out = dout.get();
+    a.scale = 0.125f;
+    DeviceBuffer<uint8_t> workspace(decode_workspace_bytes(a));
+    a.workspace = workspace.get();
+    check_cuda(launch_decode_attention(a, nullptr), "decode");
+    const auto out = dout.download();
+    for (std::size_t b = 0; b < lens.size(); ++b) {
+        const std::vector<float> got(out.begin() + b * hq * s.d, out.begin() + (b + 1) * hq * s.d);
+        EXPECT_LE(relative_error(got, refs[b]), 1e-3) << "sequence " << b << " of length " << lens[b];
+    }
+}
+
+TEST(CudaParity, DeviceCacheMatchesCpuCacheEndToEnd) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 5001;
+    for (const Shape& s : {kShapes[0], kShapes[4], kShapes[6]}) {
+        SCOPED_TRACE(name(s));
+        const KVCacheConfig c = make_config(s, seed);
+        TurboQuantRVQKVCache cpu(c, s.heads, s.d, 4096);
+        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+        int n_total = 0;
+        for (int n : {500, 77, 1}) {
+            const auto k = random_tokens(s.heads, n, s.d, ++seed, 1.0f), v = random_tokens(s.heads, n, s.d, ++seed, 1.0f);
+            DeviceBuffer<float> dk(k), dv(v);
+            cpu.append(k.data(), v.data(), n);
+            gpu.append(dk.get(), dv.get(), n, nullptr);
+            n_total += n;
+            const int hq = 4 * s.heads;
+            const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed, 0.05f);
+            std::vector<float> ref(q.size());
+            cpu.attend(q.data(), hq, 1, ref.data(), 0.1f, true);
+            DeviceBuffer<float> dq(q), dout(q.size());
+            gpu.attend(dq.get(), hq, dout.get(), 0.1f, nullptr);
+            EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << "after " << n_total << " tokens";
+        }
+        // Dequantize: every token identical up to exact ties (at most 0.1% of tokens).
+        const std::size_t count = static_cast<std::size_t>(s.heads) * n_total * s.d;
+        std::vector<float> rk(count), rv(count);
+        cpu.dequantize(0, n_total, rk.data(), rv.data());
+        DeviceBuffer<float> dk(count), dv(count);
+        gpu.dequantize(0, n_total, dk.get(), dv.get(), nullptr);
+        const auto gk = dk.download(), gv = dv.download();
+        int bad = 0;
+        for (std::size_t row = 0; row < count / s.d; ++row) {
+            const std::vector<float> a(gk.begin() + row * s.d, gk.begin() + (row + 1) * s.d),
+                b(rk.begin() + row * s.d, rk.begin() + (row + 1) * s.d),
+                x(gv.begin() + row * s.d, gv.begin() + (row + 1) * s.d),
+                y(rv.begin() + row * s.d, rv.begin() + (row + 1) * s.d);
+            bad += relative_error(a, b) > 1e-5 || relative_error(x, y) > 1e-5;
+        }
+        EXPECT_LE(bad, static_cast<int>(count / s.d / 1000)) << bad << " tokens differ";
+        EXPECT_GT(gpu.nbytes(), static_cast<std::size_t>(n_total) * s.heads * (s.d / 8));
+        DeviceBuffer<float> one(static_cast<std::size_t>(s.heads) * s.d);
+        EXPECT_THROW(gpu.append(one.get(), one.get(), 4096, nullptr), std::length_error);
+    }
+}
+
+}  // namespace
+}  // namespace veloxquant::cuda
