@@ -10,4 +10,4 @@ out=bench/results/cpu_attention_${stamp}.json
 ./build/bench/bench_attention --benchmark_repetitions=5 --benchmark_report_aggregates_only=true \
   --benchmark_out="$out" --benchmark_out_format=json "$@"
 .venv/bin/python bench/summarize_cpu_bench.py "$out" "bench/results/cpu_attention_${stamp}.md" \
-  "bash bench/run_cpu_bench.sh $*"
+  "OMP_NUM_THREADS=${OMP_NUM_THREADS:-<all cores>} bash bench/run_cpu_bench.sh $*"
