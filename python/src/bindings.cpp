@@ -33,6 +33,7 @@
 #include "core/binary_io.h"
 #include "core/lloyd_max.h"
 #include "methods/key_codec.h"
+#include "model/llama_model.h"
 #include "methods/value_codec.h"
 #include "veloxquant/veloxquant.h"
 
@@ -354,6 +355,20 @@ NB_MODULE(_core, m) {
           "KVCacheFactory::create: the cache of config.method for one layer.");
     m.def("load", &KVCache::load, "path"_a, nb::call_guard<nb::gil_scoped_release>(),
           "Reads a cache written by save().");
+
+    nb::class_<LlamaModel>(m, "LlamaModel", "A Llama-family GGUF model run by the C++ runtime.")
+        .def_static("load", &LlamaModel::load, "path"_a, nb::call_guard<nb::gil_scoped_release>(),
+                    "Loads and validates a GGUF file.")
+        .def("cache_shape",
+             [](const LlamaModel& model) {
+                 std::vector<std::pair<int, int>> shape;
+                 for (const auto& l : model.cache_shape().layers) shape.emplace_back(l.num_kv_heads, l.head_dim);
+                 return shape;
+             },
+             "(num_kv_heads, head_dim) of every layer, for KVCacheBuilder.build.")
+        .def_prop_ro("n_layer", [](const LlamaModel& model) { return model.hparams().n_layer; })
+        .def_prop_ro("n_vocab", [](const LlamaModel& model) { return model.hparams().n_vocab; })
+        .def_prop_ro("weight_bytes", &LlamaModel::weight_bytes);
 
     nb::module_ dbg = m.def_submodule("_debug", "Internals for the test suite's numpy references.");
     dbg.def("page_regions", &page_regions, "cache"_a, "page"_a, "head"_a,

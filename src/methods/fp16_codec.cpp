@@ -41,6 +41,7 @@ void FP16Codec::score(const float* state, const uint8_t* codes, const float*, st
     for (int t = 0; t < n; ++t) {
         const uint16_t* in = reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
         float s = 0.0f;
+#pragma omp simd reduction(+ : s)
         for (int j = 0; j < d; ++j) s += state[j] * table[in[j]];
         scores[t] = s;
     }
