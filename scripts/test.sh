@@ -11,6 +11,7 @@ bash scripts/build.sh
 ctest --test-dir build --output-on-failure --timeout 900 -j "$(nproc)"
 export VQ_GGUF_DUMP="$PWD/build/tools/gguf_dump/gguf_dump"
 export VQ_LOGITS_DUMP="$PWD/build/tools/logits_dump/logits_dump"
+export VQ_CLI="$PWD/build/tools/veloxquant/veloxquant"
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/python python/tests
 rc=$?

@@ -10,6 +10,10 @@ int main(int argc, char** argv) {
     CLI::App app{"VeloxQuant: compressed key/value caches for transformer inference"};
     app.require_subcommand(1);
     veloxquant::cli::register_synthetic(app);
+    veloxquant::cli::register_generate(app);
+    veloxquant::cli::register_eval(app);
+    veloxquant::cli::register_compare(app);
+    veloxquant::cli::register_info(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
