@@ -16,28 +16,9 @@ step "device"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
 nvcc --version | tail -1
 
-# The top level wires src/cuda once issue 6 lands; until then this copy gets the wiring here.
-if ! grep -q "add_subdirectory(src/cuda)" CMakeLists.txt; then
-  step "wiring the CUDA directories into this copy's CMakeLists.txt"
-  cat >> CMakeLists.txt <<'EOF'
-if(VQ_CUDA)
-  if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-    set(CMAKE_CUDA_ARCHITECTURES 90)
-  endif()
-  enable_language(CUDA)
-  find_package(CUDAToolkit REQUIRED)
-  add_subdirectory(src/cuda)
-  if(VQ_BUILD_TESTS)
-    add_subdirectory(tests/cuda)
-  endif()
-  add_subdirectory(bench/cuda)
-endif()
-EOF
-fi
-
 step "configure"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-  -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=OFF -DVQ_BUILD_TOOLS=OFF > "$OUT/configure.log" 2>&1 \
+  -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=ON -DVQ_BUILD_TOOLS=OFF > "$OUT/configure.log" 2>&1 \
   || { tail -30 "$OUT/configure.log"; exit 1; }
 step "build"
 cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity bench_cuda_attention > "$OUT/build.log" 2>&1 \
