@@ -1,6 +1,7 @@
 // Shared test utilities: seeded random tensors and an independent double-precision attention.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
