@@ -39,6 +39,10 @@ struct KVCacheConfig {
     int num_clusters = 64;       ///< rabitq IVF centroids
     std::optional<int> num_subspaces;  ///< vecinfer product-VQ subspaces
     bool use_fused_sdpa = true;  ///< attention on the codes (false: dequantize, then dense)
+    // Extensions beyond the seed, filled from a calibration file (veloxquant/calibration.h):
+    FloatArray ivf_centroids;           ///< rabitq: calibrated IVF centroids [layers][heads][clusters][d]
+    std::vector<double> rope_inv_freq;  ///< commvq: the model's RoPE frequencies (pair i turns by
+                                        ///< pos * rope_inv_freq[i]); empty = positions unknown
     int signal_bits = 4;         ///< spectral bits for the signal coordinates
     int noise_bits = 1;          ///< spectral bits for the noise coordinates
     uint64_t seed = 0;

@@ -88,7 +88,7 @@ void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
         if (!store.held(p)) continue;
         const int t0 = p * P, n = std::min(P, a.size - t0);
         if (!a.fused) {
-            kc.decode(store.key_codes(p, h), store.key_scalars(p, h), P, n, kbuf.data());
+            kc.decode_at(store.key_codes(p, h), store.key_scalars(p, h), P, n, t0, kbuf.data());
             vc.decode(store.value_codes(p, h), store.value_scalars(p, h), P, n, vbuf.data());
         }
         for (int r = r0; r < r1; ++r) {
@@ -99,8 +99,8 @@ void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
                 continue;
             }
             if (a.fused) {
-                kc.score(&states[static_cast<std::size_t>(r - r0) * kc.query_state_size()],
-                         store.key_codes(p, h), store.key_scalars(p, h), P, n, logits.data());
+                kc.score_at(&states[static_cast<std::size_t>(r - r0) * kc.query_state_size()],
+                            store.key_codes(p, h), store.key_scalars(p, h), P, n, t0, logits.data());
             } else {
                 const float* q = query(r);
                 for (int t = 0; t < n; ++t) {

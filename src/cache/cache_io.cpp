@@ -16,7 +16,7 @@ namespace veloxquant {
 namespace {
 
 constexpr char kMagic[8] = {'V', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;  // 2: ivf_centroids, rope_inv_freq
 enum class CacheKind : uint32_t { kQuantized = 1, kSlidingWindow = 2 };
 
 void write_array(BinaryWriter& out, const FloatArray& a) {
@@ -48,6 +48,9 @@ void write_config(BinaryWriter& out, const KVCacheConfig& c) {
         out.str(k);
         out.put<int32_t>(v);
     }
+    write_array(out, c.ivf_centroids);
+    out.put<uint64_t>(c.rope_inv_freq.size());
+    for (double f : c.rope_inv_freq) out.put<double>(f);
     out.put<uint8_t>(c.outlier_observer != nullptr);
     if (c.outlier_observer) {
         out.put<double>(c.outlier_observer->z_threshold());
@@ -83,6 +86,10 @@ KVCacheConfig read_config(BinaryReader& in) {
         std::string k = in.str(64);
         c.bit_allocation[k] = in.get<int32_t>();
     }
+    c.ivf_centroids = read_array(in);
+    const auto n_freq = in.get<uint64_t>();
+    if (n_freq > 4096) throw std::runtime_error("corrupted cache file: bad rope_inv_freq size");
+    for (uint64_t i = 0; i < n_freq; ++i) c.rope_inv_freq.push_back(in.get<double>());
     if (in.get<uint8_t>()) {
         const double z = in.get<double>();
         const int64_t min_count = in.get<int64_t>();

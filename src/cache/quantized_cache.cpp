@@ -125,7 +125,7 @@ void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int
             const std::size_t src = h * per_head + static_cast<std::size_t>(begin - size_) * head_dim_;
             const KeyCodec& kc = *key_codecs_[h];
             const ValueCodec& vc = *value_codecs_[h];
-            kc.encode(keys + src, n, store_->key_codes(p, h) + slot * kc.code_bytes(),
+            kc.encode_at(keys + src, n, begin, store_->key_codes(p, h) + slot * kc.code_bytes(),
                       store_->key_scalars(p, h) + slot, P);
             vc.encode(values + src, n, store_->value_codes(p, h) + slot * vc.code_bytes(),
                       store_->value_scalars(p, h) + slot, P);
@@ -203,8 +203,8 @@ void QuantizedKVCache::dequantize(int start, int n_tokens, float* keys_out, floa
             const std::size_t dst = h * per_head + static_cast<std::size_t>(t - start) * head_dim_;
             const KeyCodec& kc = *key_codecs_[h];
             const ValueCodec& vc = *value_codecs_[h];
-            kc.decode(store_->key_codes(p, h) + slot * kc.code_bytes(), store_->key_scalars(p, h) + slot, P, n,
-                      keys_out + dst);
+            kc.decode_at(store_->key_codes(p, h) + slot * kc.code_bytes(), store_->key_scalars(p, h) + slot, P,
+                         n, t, keys_out + dst);
             vc.decode(store_->value_codes(p, h) + slot * vc.code_bytes(), store_->value_scalars(p, h) + slot, P,
                       n, values_out + dst);
             t += n;

@@ -45,6 +45,22 @@ public:
     virtual void score(const float* state, const uint8_t* codes, const float* scalars,
                        std::size_t scalar_stride, int n, float* scores) const = 0;
 
+    /// The cache calls these, with pos0 the position of the run's first token (tokens of a run
+    /// are consecutive). Codecs that code keys relative to their RoPE rotation (commvq with a
+    /// known RoPE) override them; every other codec ignores positions.
+    virtual void encode_at(const float* keys, int n, int /*pos0*/, uint8_t* codes, float* scalars,
+                           std::size_t scalar_stride) const {
+        encode(keys, n, codes, scalars, scalar_stride);
+    }
+    virtual void decode_at(const uint8_t* codes, const float* scalars, std::size_t scalar_stride,
+                           int n, int /*pos0*/, float* keys) const {
+        decode(codes, scalars, scalar_stride, n, keys);
+    }
+    virtual void score_at(const float* state, const uint8_t* codes, const float* scalars,
+                          std::size_t scalar_stride, int n, int /*pos0*/, float* scores) const {
+        score(state, codes, scalars, scalar_stride, n, scores);
+    }
+
     /// Bytes of codec parameters held (rotation, sketch, centroids, tables).
     virtual std::size_t parameter_bytes() const = 0;
     /// Learned state that is not a pure function of the config (rabitq centroids).
