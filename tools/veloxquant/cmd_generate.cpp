@@ -1,5 +1,6 @@
 // `veloxquant generate`: a prompt in, greedily generated text streamed out, through a cache of
 // any method and settings. The prompt is wrapped in the model's chat template unless --raw.
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -27,6 +28,13 @@ struct Options {
     int batch = 256;
     std::string json_path;
 };
+
+/// Peak resident set of this process so far (Linux reports ru_maxrss in KiB).
+std::size_t peak_rss_bytes() {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return static_cast<std::size_t>(u.ru_maxrss) * 1024;
+}
 
 void run(const Options& o) {
     const KVCacheConfig config = o.cache.build();
@@ -71,13 +79,14 @@ void run(const Options& o) {
     std::fputc('\n', stdout);
 
     const CacheFootprint f = measure_footprint(caches);
+    const std::size_t peak_rss = peak_rss_bytes();
     const double decode_tps = out.size() > 1 ? (out.size() - 1) / decode_s : 0.0;
     if (!o.model.quiet)
         std::fprintf(stderr,
                      "[%s: prompt %d tokens at %.1f tok/s; %zu generated at %.1f tok/s; KV %.1f "
-                     "KiB, %.2f/%.2f bits per coordinate]\n",
+                     "KiB, %.2f/%.2f bits per coordinate; peak RSS %.1f MiB]\n",
                      config_label(config).c_str(), n, n / prefill_s, out.size(), decode_tps,
-                     f.storage_bytes / 1024.0, f.key_bits, f.value_bits);
+                     f.storage_bytes / 1024.0, f.key_bits, f.value_bits, peak_rss / 1048576.0);
     if (o.json_path.empty()) return;
     write_json(o.json_path, {{"model", o.model.model},
                              {"config", config_json(config)},
@@ -89,7 +98,8 @@ void run(const Options& o) {
                              {"text", tok.decode(out)},
                              {"prefill_tokens_per_second", n / prefill_s},
                              {"decode_tokens_per_second", decode_tps},
-                             {"footprint", footprint_json(f)}});
+                             {"footprint", footprint_json(f)},
+                             {"peak_rss_bytes", peak_rss}});
 }
 
 }  // namespace
