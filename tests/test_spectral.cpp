@@ -1,205 +1,31 @@
 // spectral: the N(0, 1) Lloyd-Max codebook against Max's table, the Jacobi eigen-solver on known
 // matrices, calibration against a naive covariance, the codec against an independent double
 // reference (projection, brute-force nearest level, least-squares scale), scores equal to
-// <q, decode(k)>, the cache (fused vs unfused, save/load), every config error, and the
-// acceptance comparisons: eigenbasis vs a random orthonormal basis at equal bits on held-out
-// keys (synthetic always, SmolLM2-135M when the model file exists), with turboquant_rvq.
+// <q, decode(k)>, the cache (fused vs unfused, save/load) and every config error.
+// Acceptance comparisons are in test_spectral_acceptance.cpp.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <fstream>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "calibration/spectral_calibration.h"
-#include "core/bitpack.h"
 #include "core/lloyd_max.h"
 #include "core/rng.h"
 #include "methods/spectral.h"
-#include "methods/turboquant_rvq.h"
-#include "model/llama_model.h"
-#include "model/tokenizer.h"
+#include "spectral_test_helpers.h"
 #include "test_helpers.h"
 #include "veloxquant/veloxquant.h"
 
 namespace veloxquant {
 namespace {
 
+using namespace spectral_test;
 using vqtest::dot;
-
-// ---------------------------------------------------------------------------------------------
-// Test-side helpers, written independently of the library code.
-
-// Haar-ish random orthonormal rows by modified Gram-Schmidt of a Gaussian matrix.
-std::vector<double> random_orthonormal(int d, uint64_t seed) {
-    Rng rng(seed);
-    std::vector<double> q(static_cast<std::size_t>(d) * d);
-    for (auto& x : q) x = rng.normal();
-    for (int r = 0; r < d; ++r) {
-        double* row = &q[static_cast<std::size_t>(r) * d];
-        for (int p = 0; p < r; ++p) {
-            const double* prev = &q[static_cast<std::size_t>(p) * d];
-            double c = 0.0;
-            for (int j = 0; j < d; ++j) c += row[j] * prev[j];
-            for (int j = 0; j < d; ++j) row[j] -= c * prev[j];
-        }
-        double n = 0.0;
-        for (int j = 0; j < d; ++j) n += row[j] * row[j];
-        for (int j = 0; j < d; ++j) row[j] /= std::sqrt(n);
-    }
-    return q;
-}
-
-// Anisotropic keys: k = mu + m_t * sum_i sqrt(lambda_i) g_i Q_i with lambda_i decaying
-// geometrically, a per-token magnitude m_t = exp(0.3 N(0,1)), and a common mean.
-struct Synthetic {
-    int d;
-    std::vector<double> q, lambda, mu;
-};
-
-Synthetic make_law(int d, uint64_t seed) {
-    Synthetic s{d, random_orthonormal(d, seed), std::vector<double>(d), std::vector<double>(d)};
-    Rng rng(seed + 1);
-    for (int i = 0; i < d; ++i) s.lambda[i] = 4.0 * std::exp(-i / 4.0) + 0.02;
-    for (auto& m : s.mu) m = 0.5 * rng.normal();
-    return s;
-}
-
-std::vector<float> sample(const Synthetic& s, int n, uint64_t seed) {
-    Rng rng(seed);
-    const int d = s.d;
-    std::vector<float> k(static_cast<std::size_t>(n) * d);
-    for (int t = 0; t < n; ++t) {
-        const double m = std::exp(0.3 * rng.normal());
-        std::vector<double> x(s.mu);
-        for (int i = 0; i < d; ++i) {
-            const double g = m * std::sqrt(s.lambda[i]) * rng.normal();
-            for (int j = 0; j < d; ++j) x[j] += g * s.q[static_cast<std::size_t>(i) * d + j];
-        }
-        for (int j = 0; j < d; ++j) k[static_cast<std::size_t>(t) * d + j] = static_cast<float>(x[j]);
-    }
-    return k;
-}
-
-Activations one_head_acts(const std::vector<float>& keys, int d) {
-    Activations a;
-    a.layers.resize(1);
-    HeadSamples h;
-    h.dim = d;
-    h.data = keys;
-    a.layers[0].keys.push_back(h);
-    return a;
-}
-
-SpectralBasis basis_of(const FloatArray& rot, int head) {
-    const int d = static_cast<int>(rot.shape[2]);
-    const float* p = rot.data.data() + static_cast<std::size_t>(head) * (d + 2) * d;
-    SpectralBasis b;
-    b.basis.assign(p, p + d * d);
-    b.variances.assign(p + d * d, p + (d + 1) * d);
-    b.mean.assign(p + (d + 1) * d, p + (d + 2) * d);
-    return b;
-}
-
-// A random orthonormal basis with the per-coordinate variances measured in it on `train`
-// (rows sorted by descending variance, so the signal bits go where the variance is).
-SpectralBasis random_basis(const std::vector<float>& train, const std::vector<float>& mean, int d,
-                           uint64_t seed) {
-    const std::vector<double> r = random_orthonormal(d, seed);
-    const int n = static_cast<int>(train.size()) / d;
-    std::vector<std::pair<double, int>> var(d);
-    for (int i = 0; i < d; ++i) {
-        double s = 0.0;
-        for (int t = 0; t < n; ++t) {
-            double y = 0.0;
-            for (int j = 0; j < d; ++j) y += r[i * d + j] * (train[t * d + j] - mean[j]);
-            s += y * y;
-        }
-        var[i] = {s / (n - 1), i};
-    }
-    std::sort(var.begin(), var.end(), [](auto& a, auto& b) { return a.first > b.first; });
-    SpectralBasis b;
-    b.mean = mean;
-    for (int i = 0; i < d; ++i) {
-        b.variances.push_back(static_cast<float>(var[i].first));
-        for (int j = 0; j < d; ++j) b.basis.push_back(static_cast<float>(r[var[i].second * d + j]));
-    }
-    return b;
-}
-
-// Naive double-precision reference of the codec. kLeastSquares is the codec's rule; the other
-// two are the alternatives it was chosen against (store the RMS itself; no RMS normalisation).
-enum class ScaleRule { kLeastSquares, kStoreRms, kNoNormalisation };
-
-std::vector<double> reference_decode(const SpectralBasis& b, int d_eff, int sb, int nb,
-                                     const float* k, ScaleRule rule) {
-    const int d = static_cast<int>(b.mean.size());
-    double top = 0.0;
-    for (float v : b.variances) top = std::max(top, static_cast<double>(v));
-    std::vector<double> y(d, 0.0), sigma(d), z(d), y0(d, 0.0);
-    for (int r = 0; r < d; ++r) {
-        sigma[r] = std::sqrt(std::max(static_cast<double>(b.variances[r]), 1e-12 * top));
-        for (int j = 0; j < d; ++j) y[r] += static_cast<double>(b.basis[r * d + j]) * (k[j] - static_cast<double>(b.mean[j]));
-        z[r] = y[r] / sigma[r];
-    }
-    const int coded = nb > 0 ? d : d_eff;
-    double ms = 0.0;
-    for (int r = 0; r < coded; ++r) ms += z[r] * z[r];
-    const double rms = std::sqrt(ms / coded);
-    const double norm = rule == ScaleRule::kNoNormalisation ? 1.0 : rms;
-    double num = 0.0, den = 0.0;
-    for (int r = 0; r < coded; ++r) {
-        const ScalarCodebook& cb = gaussian_codebook(r < d_eff ? sb : nb);
-        const double x = norm > 0.0 ? z[r] / norm : 0.0;
-        int best = 0;  // brute-force nearest level; the first of equals wins
-        for (int v = 1; v < cb.levels(); ++v)
-            if (std::fabs(x - cb.centroids[v]) < std::fabs(x - cb.centroids[best])) best = v;
-        y0[r] = sigma[r] * cb.centroids[best];
-        num += y[r] * y0[r];
-        den += y0[r] * y0[r];
-    }
-    const double s = rule == ScaleRule::kStoreRms ? rms : (den > 0.0 ? num / den : 0.0);
-    std::vector<double> out(b.mean.begin(), b.mean.end());
-    for (int r = 0; r < d; ++r)
-        for (int j = 0; j < d; ++j) out[j] += s * y0[r] * b.basis[r * d + j];
-    return out;
-}
-
-struct Coded {
-    std::vector<uint8_t> codes;
-    std::vector<float> scalars;
-};
-
-Coded encode_all(const KeyCodec& c, const std::vector<float>& keys) {
-    const int n = static_cast<int>(keys.size()) / c.dim();
-    Coded e{std::vector<uint8_t>(c.code_bytes() * n), std::vector<float>(static_cast<std::size_t>(c.num_scalars()) * n)};
-    c.encode(keys.data(), n, e.codes.data(), e.scalars.data(), n);
-    return e;
-}
-
-std::vector<float> decode_all(const KeyCodec& c, const Coded& e, int n) {
-    std::vector<float> out(static_cast<std::size_t>(n) * c.dim());
-    c.decode(e.codes.data(), e.scalars.data(), n, n, out.data());
-    return out;
-}
-
-double sq_err(const std::vector<float>& a, const std::vector<float>& b) {
-    double s = 0.0;
-    for (std::size_t i = 0; i < a.size(); ++i) s += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    return s;
-}
-
-double sq_norm_centered(const std::vector<float>& k, const std::vector<float>& mean, int d) {
-    double s = 0.0;
-    for (std::size_t i = 0; i < k.size(); ++i) s += std::pow(k[i] - mean[i % d], 2);
-    return s;
-}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -210,7 +36,8 @@ TEST(SpectralLloydMax, GaussianCodebookMatchesMaxTable) {
         const ScalarCodebook& cb = gaussian_codebook(b);
         ASSERT_EQ(cb.levels(), 1 << b);
         EXPECT_NEAR(cb.mse, mse[b - 1], 2e-3 * mse[b - 1]) << "bits " << b;
-        for (int i = 0; i < cb.levels(); ++i) EXPECT_NEAR(cb.centroids[i], -cb.centroids[cb.levels() - 1 - i], 1e-5);
+        for (int i = 0; i < cb.levels(); ++i)
+            EXPECT_NEAR(cb.centroids[i], -cb.centroids[cb.levels() - 1 - i], 1e-5);
     }
     EXPECT_NEAR(gaussian_codebook(1).centroids[1], std::sqrt(2.0 / 3.14159265358979), 1e-5);
     EXPECT_NEAR(gaussian_codebook(2).centroids[3], 1.510, 1e-3);  // Max: 0.4528, 1.510
@@ -246,7 +73,8 @@ TEST(SpectralEigen, KnownSpectrumWithRepeatsAndZeros) {
     for (int n : {1, 7, 64}) {
         const std::vector<double> q = random_orthonormal(n, 100 + n);
         std::vector<double> lam(n);
-        for (int i = 0; i < n; ++i) lam[i] = i % 5 == 4 ? 0.0 : (i % 3 == 0 ? 2.5 : std::exp(-0.2 * i) - 0.3);
+        for (int i = 0; i < n; ++i)
+            lam[i] = i % 5 == 4 ? 0.0 : (i % 3 == 0 ? 2.5 : std::exp(-0.2 * i) - 0.3);
         std::vector<double> a(static_cast<std::size_t>(n) * n, 0.0);  // Q^T diag(lam) Q
         for (int i = 0; i < n; ++i)
             for (int j = 0; j < n; ++j)
@@ -308,10 +136,12 @@ TEST(SpectralCalibration, MatchesNaiveCovarianceAndMean) {
                     for (int t = 0; t < n; ++t) c += static_cast<double>(s.row(t)[i]) * s.row(t)[j];
                     c = (c - n * mu[i] * mu[j]) / (n - 1);
                     for (int r = 0; r < d; ++r) {
-                        rec += static_cast<double>(b.basis[r * d + i]) * b.variances[r] * b.basis[r * d + j];
+                        rec += static_cast<double>(b.basis[r * d + i]) * b.variances[r] *
+                               b.basis[r * d + j];
                         g += static_cast<double>(b.basis[i * d + r]) * b.basis[j * d + r];
                     }
-                    EXPECT_NEAR(rec, c, 1e-4 * (1.0 + std::fabs(c))) << l << " " << h << " " << i << " " << j;
+                    EXPECT_NEAR(rec, c, 1e-4 * (1.0 + std::fabs(c)))
+                        << l << " " << h << " " << i << " " << j;
                     EXPECT_NEAR(g, i == j ? 1.0 : 0.0, 1e-6);
                 }
             }
@@ -366,7 +196,6 @@ TEST(SpectralCalibration, SmolLM2SizedInUnderAFewSeconds) {
     EXPECT_LT(sec, 20.0);
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // The codec.
 
@@ -390,7 +219,8 @@ struct CodecCase {
     int d, sb, nb;
 };
 // Widths 1..8 for both runs, dropped noise, odd d and odd run lengths.
-const CodecCase kCases[] = {{64, 4, 1}, {64, 3, 0}, {64, 2, 2}, {37, 5, 3}, {80, 8, 6}, {16, 1, 7}, {64, 6, 4}, {33, 7, 0}};
+const CodecCase kCases[] = {{64, 4, 1}, {64, 3, 0}, {64, 2, 2}, {37, 5, 3},
+                            {80, 8, 6}, {16, 1, 7}, {64, 6, 4}, {33, 7, 0}};
 
 TEST(SpectralCodec, LayoutBitsAndParticipationDim) {
     const float equal4[] = {1, 1, 1, 1, 0, 0};
@@ -423,9 +253,11 @@ TEST(SpectralCodec, MatchesNaiveReference) {
         int off = 0;
         for (int t = 0; t < n; ++t) {
             const float* k = &f.test[static_cast<std::size_t>(t) * cc.d];
-            const std::vector<double> ref = reference_decode(f.basis, f.d_eff, cc.sb, cc.nb, k, ScaleRule::kLeastSquares);
+            const std::vector<double> ref =
+                reference_decode(f.basis, f.d_eff, cc.sb, cc.nb, k, ScaleRule::kLeastSquares);
             double worst = 0.0;
-            for (int j = 0; j < cc.d; ++j) worst = std::max(worst, std::fabs(ref[j] - dec[t * cc.d + j]));
+            for (int j = 0; j < cc.d; ++j)
+                worst = std::max(worst, std::fabs(ref[j] - dec[t * cc.d + j]));
             if (worst > 1e-4 * (1.0 + vqtest::norm(k, cc.d))) ++off;
         }
         // A coordinate exactly on a cell boundary may round to the other cell in float.
@@ -449,7 +281,8 @@ TEST(SpectralCodec, ScoreEqualsDotWithDecode) {
             for (int t = 0; t < n; ++t) {
                 const float* k = &dec[static_cast<std::size_t>(t) * cc.d];
                 const double want = dot(q.data(), k, cc.d);
-                EXPECT_NEAR(sc[t], want, 1e-5 * vqtest::norm(q.data(), cc.d) * (1.0 + vqtest::norm(k, cc.d)))
+                EXPECT_NEAR(sc[t], want,
+                            1e-5 * vqtest::norm(q.data(), cc.d) * (1.0 + vqtest::norm(k, cc.d)))
                     << "d " << cc.d << " bits " << cc.sb << "/" << cc.nb << " token " << t;
             }
         }
@@ -475,13 +308,16 @@ TEST(SpectralCodec, ScaleRuleChosenByMeasurement) {
             const float* k = &f.test[static_cast<std::size_t>(t) * 64];
             for (int j = 0; j < 64; ++j) energy += std::pow(k[j] - f.basis.mean[j], 2);
             for (int r = 0; r < 3; ++r) {
-                const std::vector<double> x = reference_decode(f.basis, f.d_eff, sb, nb, k, static_cast<ScaleRule>(r));
+                const std::vector<double> x =
+                    reference_decode(f.basis, f.d_eff, sb, nb, k, static_cast<ScaleRule>(r));
                 for (int j = 0; j < 64; ++j) err[r] += std::pow(x[j] - k[j], 2);
             }
         }
-        std::printf("[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: rel MSE least-squares %.4f, "
-                    "store-RMS %.4f, no-normalisation %.4f\n",
-                    f.d_eff, sb, nb, err[0] / energy, err[1] / energy, err[2] / energy);
+        std::printf(
+            "[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: rel MSE least-squares "
+            "%.4f, "
+            "store-RMS %.4f, no-normalisation %.4f\n",
+            f.d_eff, sb, nb, err[0] / energy, err[1] / energy, err[2] / energy);
         EXPECT_LT(err[0], err[1]);
         EXPECT_LT(err[0], err[2]);
     }
@@ -554,7 +390,8 @@ CacheData cache_data(int heads, int group, int n, int n_q, int d) {
 }
 
 // Tokens [start, start + count) of a [heads][n][d] array.
-std::vector<float> slice(const std::vector<float>& x, int heads, int n, int d, int start, int count) {
+std::vector<float> slice(const std::vector<float>& x, int heads, int n, int d, int start,
+                         int count) {
     std::vector<float> out;
     for (int h = 0; h < heads; ++h) {
         const auto at = x.begin() + (static_cast<std::ptrdiff_t>(h) * n + start) * d;
@@ -575,7 +412,8 @@ TEST(SpectralCache, FusedMatchesUnfusedAndExactAttention) {
     EXPECT_EQ(a->class_name(), "SpectralQuantKVCache");
     // Two appends of tokens [0, 130) and [130, 150): page boundaries inside both.
     for (const auto& [start, count] : {std::pair{0, n - 20}, {n - 20, 20}}) {
-        const std::vector<float> k = slice(x.k, H, n, d, start, count), v = slice(x.v, H, n, d, start, count);
+        const std::vector<float> k = slice(x.k, H, n, d, start, count),
+                                 v = slice(x.v, H, n, d, start, count);
         a->append(k.data(), v.data(), count);
         b->append(k.data(), v.data(), count);
     }
@@ -584,13 +422,16 @@ TEST(SpectralCache, FusedMatchesUnfusedAndExactAttention) {
     a->attend(x.q.data(), H * G, nq, oa.data(), scale, true);
     b->attend(x.q.data(), H * G, nq, ob.data(), scale, true);
     EXPECT_LT(vqtest::rel_error(oa, ob), 1e-4);
-    const std::vector<float> exact = vqtest::reference_attention(x.q, H * G, nq, x.k, x.v, H, n, d, scale, true);
+    const std::vector<float> exact =
+        vqtest::reference_attention(x.q, H * G, nq, x.k, x.v, H, n, d, scale, true);
     const double rel = vqtest::rel_error(oa, exact);
     std::printf("[spectral] cache 6/4 bits, fp16 values: attention rel error vs exact %.4f\n", rel);
     EXPECT_LT(rel, 0.05);
     const auto& qa = dynamic_cast<const QuantizedKVCache&>(*a);
-    const SpectralCodec codec(d, 6, 4, basis_of(rot[1], 0), participation_dim(basis_of(rot[1], 0).variances.data(), d));
-    const SpectralCodec codec1(d, 6, 4, basis_of(rot[1], 1), participation_dim(basis_of(rot[1], 1).variances.data(), d));
+    const SpectralCodec codec(d, 6, 4, basis_of(rot[1], 0),
+                              participation_dim(basis_of(rot[1], 0).variances.data(), d));
+    const SpectralCodec codec1(d, 6, 4, basis_of(rot[1], 1),
+                               participation_dim(basis_of(rot[1], 1).variances.data(), d));
     EXPECT_DOUBLE_EQ(qa.key_bits_per_coordinate(),
                      (8.0 * (codec.code_bytes() + codec1.code_bytes()) + 64.0) / (2.0 * d));
 }
@@ -598,7 +439,8 @@ TEST(SpectralCache, FusedMatchesUnfusedAndExactAttention) {
 TEST(SpectralCache, SaveLoadRoundTrip) {
     const int H = 2, G = 2, n = 90, nq = 3, d = 64;
     const CacheData x = cache_data(H, G, n, nq, d);
-    auto a = KVCacheFactory::create(spectral_config(synthetic_rotations(2, H, d), 3, 1), H, d, 256, 1);
+    auto a =
+        KVCacheFactory::create(spectral_config(synthetic_rotations(2, H, d), 3, 1), H, d, 256, 1);
     a->append(x.k.data(), x.v.data(), n);
     const std::string path = ::testing::TempDir() + "spectral_roundtrip.vqkv";
     a->save(path);
@@ -642,7 +484,8 @@ TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
     EXPECT_NE(expect(spectral_config(good), "none for head 2", 3).find(call), std::string::npos);
     std::vector<FloatArray> bad = good;
     bad[1].shape = {2, d + 1, d};
-    EXPECT_NE(expect(spectral_config(bad), "must have shape [kv_heads][18][16]").find(call), std::string::npos);
+    EXPECT_NE(expect(spectral_config(bad), "must have shape [kv_heads][18][16]").find(call),
+              std::string::npos);
     bad = good;
     bad[1].data.pop_back();
     expect(spectral_config(bad), "floats, not the");
@@ -674,7 +517,8 @@ TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
     c.noise_bits = -1;
     expect(c, "noise_bits");
     // A wrong head dim is a shape error of the rotations.
-    EXPECT_NE(create_error(spectral_config(good), 2, 32).find("[kv_heads][34][32]"), std::string::npos);
+    EXPECT_NE(create_error(spectral_config(good), 2, 32).find("[kv_heads][34][32]"),
+              std::string::npos);
 }
 
 }  // namespace

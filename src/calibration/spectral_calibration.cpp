@@ -9,13 +9,15 @@
 namespace veloxquant {
 
 SymmetricEigen symmetric_eigen(const std::vector<double>& input, int n) {
-    if (n < 1) throw std::invalid_argument("symmetric_eigen: n must be >= 1, got " + std::to_string(n));
+    if (n < 1)
+        throw std::invalid_argument("symmetric_eigen: n must be >= 1, got " + std::to_string(n));
     const std::size_t nn = static_cast<std::size_t>(n) * n;
     if (input.size() != nn)
         throw std::invalid_argument("symmetric_eigen: matrix has " + std::to_string(input.size()) +
                                     " entries, expected n*n = " + std::to_string(nn));
     for (double x : input)
-        if (!std::isfinite(x)) throw std::invalid_argument("symmetric_eigen: matrix contains NaN or Inf");
+        if (!std::isfinite(x))
+            throw std::invalid_argument("symmetric_eigen: matrix contains NaN or Inf");
     std::vector<double> a(nn), v(nn, 0.0);
     double frob = 0.0;
     for (int i = 0; i < n; ++i)
@@ -33,7 +35,8 @@ SymmetricEigen symmetric_eigen(const std::vector<double>& input, int n) {
                 const double apq = a[p * n + q];
                 // An entry below rounding level of its diagonal pair is set to zero (the
                 // relative threshold of Demmel & Veselic 1992); a sweep without a rotation ends.
-                if (std::fabs(apq) <= std::max(floor, 1e-16 * std::sqrt(std::fabs(a[p * n + p] * a[q * n + q])))) {
+                if (std::fabs(apq) <=
+                    std::max(floor, 1e-16 * std::sqrt(std::fabs(a[p * n + p] * a[q * n + q])))) {
                     a[p * n + q] = a[q * n + p] = 0.0;
                     continue;
                 }
@@ -42,7 +45,8 @@ SymmetricEigen symmetric_eigen(const std::vector<double>& input, int n) {
                 // (Golub & Van Loan, Alg. 8.5.1): tau = (a_qq - a_pp) / (2 a_pq), t the smaller
                 // root of t^2 + 2 tau t - 1 = 0.
                 const double tau = (a[q * n + q] - a[p * n + p]) / (2.0 * apq);
-                const double t = (tau >= 0.0 ? 1.0 : -1.0) / (std::fabs(tau) + std::sqrt(1.0 + tau * tau));
+                const double t =
+                    (tau >= 0.0 ? 1.0 : -1.0) / (std::fabs(tau) + std::sqrt(1.0 + tau * tau));
                 const double c = 1.0 / std::sqrt(1.0 + t * t), s = t * c;
                 for (int k = 0; k < n; ++k) {  // A <- A J, V <- V J (columns p, q)
                     const double akp = a[k * n + p], akq = a[k * n + q];
@@ -78,7 +82,8 @@ SymmetricEigen symmetric_eigen(const std::vector<double>& input, int n) {
         for (int k = 1; k < n; ++k)
             if (std::fabs(v[k * n + col]) > std::fabs(v[big * n + col])) big = k;
         const double sign = v[big * n + col] < 0.0 ? -1.0 : 1.0;
-        for (int k = 0; k < n; ++k) e.vectors[static_cast<std::size_t>(r) * n + k] = sign * v[k * n + col];
+        for (int k = 0; k < n; ++k)
+            e.vectors[static_cast<std::size_t>(r) * n + k] = sign * v[k * n + col];
     }
     return e;
 }
@@ -99,17 +104,19 @@ std::vector<int> checked_dims(const Activations& acts) {
             const HeadSamples& s = heads[h];
             const std::string ah = at + " head " + std::to_string(h);
             if (s.dim < 2 || s.dim > 1024)
-                throw std::invalid_argument(fn + ah + ": key dim must be in 2..1024, got " + std::to_string(s.dim));
+                throw std::invalid_argument(fn + ah + ": key dim must be in 2..1024, got " +
+                                            std::to_string(s.dim));
             if (s.dim != d)
-                throw std::invalid_argument(fn + ah + ": key dim " + std::to_string(s.dim) + " differs from head 0's " +
-                                            std::to_string(d));
+                throw std::invalid_argument(fn + ah + ": key dim " + std::to_string(s.dim) +
+                                            " differs from head 0's " + std::to_string(d));
             if (s.data.size() % static_cast<std::size_t>(s.dim) != 0)
                 throw std::invalid_argument(fn + ah + ": key data is not a whole number of rows");
             if (s.count() < 2)
                 throw std::invalid_argument(fn + ah + " has " + std::to_string(s.count()) +
                                             " key rows; a covariance needs at least 2");
             for (float x : s.data)
-                if (!std::isfinite(x)) throw std::invalid_argument(fn + ah + ": keys contain NaN or Inf");
+                if (!std::isfinite(x))
+                    throw std::invalid_argument(fn + ah + ": keys contain NaN or Inf");
         }
         dims.push_back(d);
     }

@@ -20,7 +20,8 @@ const char kCalibrateHint[] =
 
 int checked_dim(int d, int signal_bits, int noise_bits) {
     if (d < 2 || d > 1024)
-        throw std::invalid_argument("spectral: head_dim must be in 2..1024, got " + std::to_string(d));
+        throw std::invalid_argument("spectral: head_dim must be in 2..1024, got " +
+                                    std::to_string(d));
     if (signal_bits < 1 || signal_bits > 8)
         throw std::invalid_argument("spectral: KVCacheConfig.signal_bits must be in 1..8, got " +
                                     std::to_string(signal_bits));
@@ -50,11 +51,13 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
                                          int head) {
     const int d = head_dim;
     if (config.rotations.empty())
-        throw std::invalid_argument(std::string("method 'spectral' needs calibration: KVCacheConfig.rotations is "
-                                                "empty") + kCalibrateHint);
+        throw std::invalid_argument(
+            std::string("method 'spectral' needs calibration: KVCacheConfig.rotations is "
+                        "empty") +
+            kCalibrateHint);
     if (layer < 0 || static_cast<std::size_t>(layer) >= config.rotations.size())
-        bad_rotations("has " + std::to_string(config.rotations.size()) + " layers, none for layer " +
-                      std::to_string(layer));
+        bad_rotations("has " + std::to_string(config.rotations.size()) +
+                      " layers, none for layer " + std::to_string(layer));
     const FloatArray& a = config.rotations[static_cast<std::size_t>(layer)];
     const std::string where = "[" + std::to_string(layer) + "]";
     if (a.shape.size() != 3 || a.shape[1] != d + 2 || a.shape[2] != d)
@@ -73,12 +76,15 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
         if (!std::isfinite(p[i])) bad_rotations(at + " contains NaN or Inf");
     SpectralBasis b;
     b.basis.assign(p, p + static_cast<std::size_t>(d) * d);
-    b.variances.assign(p + static_cast<std::size_t>(d) * d, p + static_cast<std::size_t>(d + 1) * d);
+    b.variances.assign(p + static_cast<std::size_t>(d) * d,
+                       p + static_cast<std::size_t>(d + 1) * d);
     b.mean.assign(p + static_cast<std::size_t>(d + 1) * d, p + per_head);
     for (int i = 0; i < d; ++i) {
-        if (b.variances[i] < 0.0f) bad_rotations(at + " has a negative eigenvalue (row " + std::to_string(d) + ")");
+        if (b.variances[i] < 0.0f)
+            bad_rotations(at + " has a negative eigenvalue (row " + std::to_string(d) + ")");
         if (i > 0 && b.variances[i] > b.variances[i - 1])
-            bad_rotations(at + " eigenvalues (row " + std::to_string(d) + ") are not in descending order");
+            bad_rotations(at + " eigenvalues (row " + std::to_string(d) +
+                          ") are not in descending order");
     }
     if (!(b.variances[0] > 0.0f)) bad_rotations(at + " eigenvalues are all zero");
     // Orthonormal rows: |U U^T - I| <= 1e-3 entrywise.
@@ -95,8 +101,8 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
     return b;
 }
 
-std::unique_ptr<KeyCodec> make_spectral_codec(const KVCacheConfig& config, int head_dim,
-                                              int layer, int head) {
+std::unique_ptr<KeyCodec> make_spectral_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                              int head) {
     checked_dim(head_dim, config.signal_bits, config.noise_bits);
     SpectralBasis b = spectral_basis_from_config(config, head_dim, layer, head);
     const int d_eff = participation_dim(b.variances.data(), head_dim);
@@ -104,20 +110,19 @@ std::unique_ptr<KeyCodec> make_spectral_codec(const KVCacheConfig& config, int h
                                            std::move(b), d_eff);
 }
 
-SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBasis basis,
-                             int d_eff)
+SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBasis basis, int d_eff)
     : KeyCodec(checked_dim(d, signal_bits, noise_bits)),
       signal_bits_(signal_bits),
       noise_bits_(noise_bits),
       d_eff_(d_eff),
       basis_(std::move(basis)) {
     if (d_eff < 1 || d_eff > d)
-        throw std::invalid_argument("spectral: d_eff must be in 1.." + std::to_string(d) + ", got " +
-                                    std::to_string(d_eff));
+        throw std::invalid_argument("spectral: d_eff must be in 1.." + std::to_string(d) +
+                                    ", got " + std::to_string(d_eff));
     const std::size_t du = static_cast<std::size_t>(d);
     if (basis_.basis.size() != du * du || basis_.variances.size() != du || basis_.mean.size() != du)
-        throw std::invalid_argument("spectral: basis must be [d][d], variances and mean [d] for d = " +
-                                    std::to_string(d));
+        throw std::invalid_argument(
+            "spectral: basis must be [d][d], variances and mean [d] for d = " + std::to_string(d));
     double top = 0.0;
     for (float v : basis_.variances) top = std::max(top, static_cast<double>(v));
     if (!(top > 0.0)) throw std::invalid_argument("spectral: variances must not all be zero");
@@ -134,7 +139,8 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
         noise_bounds_ = nc.boundaries;
     }
     signal_bytes_ = packed_bytes(static_cast<std::size_t>(d_eff), signal_bits);
-    noise_bytes_ = noise_bits > 0 ? packed_bytes(static_cast<std::size_t>(d - d_eff), noise_bits) : 0;
+    noise_bytes_ =
+        noise_bits > 0 ? packed_bytes(static_cast<std::size_t>(d - d_eff), noise_bits) : 0;
 
     std::size_t table_at = 1;  // state[0] = <q, mu>
     for (int k = 0; k < 2; ++k) {
@@ -160,7 +166,8 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
 double SpectralCodec::nominal_bits_per_coordinate() const {
     const int d = dim();
     return (static_cast<double>(signal_bits_) * d_eff_ +
-            static_cast<double>(noise_bits_) * (d - d_eff_) + 32.0) / d;
+            static_cast<double>(noise_bits_) * (d - d_eff_) + 32.0) /
+           d;
 }
 
 void SpectralCodec::project(const float* key, double* y) const {
@@ -168,7 +175,8 @@ void SpectralCodec::project(const float* key, double* y) const {
     for (int r = 0; r < d; ++r) {
         const float* u = &basis_.basis[static_cast<std::size_t>(r) * d];
         double acc = 0.0;
-        for (int j = 0; j < d; ++j) acc += static_cast<double>(u[j]) * (static_cast<double>(key[j]) - basis_.mean[j]);
+        for (int j = 0; j < d; ++j)
+            acc += static_cast<double>(u[j]) * (static_cast<double>(key[j]) - basis_.mean[j]);
         y[r] = acc;
     }
 }
@@ -221,9 +229,11 @@ void SpectralCodec::decode(const uint8_t* codes, const float* scalars,
                 for (int j = 0; j < run.count; ++j) yh[run.first + j] = 0.0f;
                 continue;
             }
-            unpack_bits(code + run.offset, static_cast<std::size_t>(run.count), run.bits, idx.data());
+            unpack_bits(code + run.offset, static_cast<std::size_t>(run.count), run.bits,
+                        idx.data());
             for (int j = 0; j < run.count; ++j)
-                yh[run.first + j] = static_cast<float>(s * sigma_[run.first + j]) * (*run.centroids)[idx[j]];
+                yh[run.first + j] =
+                    static_cast<float>(s * sigma_[run.first + j]) * (*run.centroids)[idx[j]];
         }
         float* out = keys + static_cast<std::size_t>(t) * d;
         for (int j = 0; j < d; ++j) out[j] = basis_.mean[j];
@@ -301,7 +311,8 @@ void SpectralCodec::score(const float* state, const uint8_t* codes, const float*
                 if (g < run.bytes) a0 += table[g * 256 + p[g]];
             } else {
                 for (int j = 0; j < run.count; ++j)
-                    a0 += table[(static_cast<std::size_t>(j) << run.bits) + read_packed(p, j, run.bits)];
+                    a0 += table[(static_cast<std::size_t>(j) << run.bits) +
+                                read_packed(p, j, run.bits)];
             }
         }
         scores[t] = qmu + scalars[t] * (a0 + a1);
@@ -312,7 +323,8 @@ std::size_t SpectralCodec::parameter_bytes() const {
     return (basis_.basis.size() + basis_.variances.size() + basis_.mean.size()) * sizeof(float) +
            sigma_.size() * sizeof(double) +
            (signal_centroids_.size() + signal_bounds_.size() + noise_centroids_.size() +
-            noise_bounds_.size()) * sizeof(float);
+            noise_bounds_.size()) *
+               sizeof(float);
 }
 
 }  // namespace veloxquant

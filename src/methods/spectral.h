@@ -46,8 +46,8 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
 
 /// The config's codec for one (layer, head): basis from spectral_basis_from_config, d_eff
 /// from participation_dim of its eigenvalues.
-std::unique_ptr<KeyCodec> make_spectral_codec(const KVCacheConfig& config, int head_dim,
-                                              int layer, int head);
+std::unique_ptr<KeyCodec> make_spectral_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                              int head);
 
 /// Per token: the packed signal run (d_eff indices of signal_bits, pack_bits), then the packed
 /// noise run (d - d_eff indices of noise_bits; absent when noise_bits = 0), each starting on
@@ -88,12 +88,12 @@ public:
 
 private:
     struct Run {
-        int first = 0;               ///< first coordinate
-        int count = 0;               ///< coordinates
-        int bits = 0;                ///< 0: dropped
-        std::size_t offset = 0;      ///< byte offset in the code
-        std::size_t bytes = 0;       ///< packed_bytes(count, bits)
-        bool byte_tables = false;    ///< bits in {1, 2, 4, 8}
+        int first = 0;                 ///< first coordinate
+        int count = 0;                 ///< coordinates
+        int bits = 0;                  ///< 0: dropped
+        std::size_t offset = 0;        ///< byte offset in the code
+        std::size_t bytes = 0;         ///< packed_bytes(count, bits)
+        bool byte_tables = false;      ///< bits in {1, 2, 4, 8}
         std::size_t table_offset = 0;  ///< floats into the query state
         std::size_t table_floats = 0;
         const std::vector<float>* centroids = nullptr;
