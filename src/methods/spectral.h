@@ -12,8 +12,10 @@
 // Per token one float scale s. Before the nearest-level search z is divided by its RMS over
 // the coded coordinates, so a token of unusual magnitude still meets the codebook where it
 // fits; then, with y0_r = sigma_r C[i_r], s = <y, y0> / <y0, y0> is the least-squares scale of
-// the reconstruction y_hat = s y0 (this measured better than storing the RMS itself, see
-// tests/test_spectral.cpp). Decode: k_hat = mu + U^T y_hat. Score on the codes:
+// the reconstruction y_hat = s y0. Measured against storing the RMS itself and against no
+// normalisation, this has the lowest key MSE on synthetic and on SmolLM2-135M keys (e.g. at
+// 4/1 bits on SmolLM2: relative MSE 0.117 vs 0.118 and 0.126; tests/test_spectral*.cpp print
+// the comparison). Decode: k_hat = mu + U^T y_hat. Score on the codes:
 //     <q, k_hat> = <q, mu> + s sum_r (U q)_r sigma_r C[i_r],
 // one rotation of the query and per-coordinate lookup tables.
 #pragma once
