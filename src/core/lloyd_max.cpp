@@ -242,4 +242,13 @@ const ScalarCodebook& polar_angle_codebook(int level, int bits) {
     });
 }
 
+const ScalarCodebook& gaussian_codebook(int bits) {
+    static std::map<int, ScalarCodebook> cache;
+    return cached(cache, bits, [&] {
+        // The unnormalised density exp(-x^2/2) on +-12: the mass beyond is below 1e-32.
+        return lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -12.0, 12.0,
+                                 bits);
+    });
+}
+
 }  // namespace veloxquant

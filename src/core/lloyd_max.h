@@ -44,4 +44,9 @@ const ScalarCodebook& residual_codebook(int d, int bits, int stage);
 /// has density proportional to sin(2 psi)^(2^(l-1) - 1) on [0, pi/2]. Cached.
 const ScalarCodebook& polar_angle_codebook(int level, int bits);
 
+/// Codebook for the standard normal law N(0, 1) (the classic Lloyd-Max / Max 1960 quantizer);
+/// scale the centroids by sigma for N(0, sigma^2). Used by spectral on whitened coordinates.
+/// Cached.
+const ScalarCodebook& gaussian_codebook(int bits);
+
 }  // namespace veloxquant

@@ -9,6 +9,7 @@
 #include "methods/qjl.h"
 #include "methods/rabitq.h"
 #include "methods/ratequant.h"
+#include "methods/spectral.h"
 #include "methods/turboquant_rvq.h"
 
 namespace veloxquant {
@@ -37,7 +38,8 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
     if (m == "rabitq")
         return std::make_unique<RaBitQCodec>(head_dim, config.bits, config.num_clusters,
                                              config.use_hadamard, seed);
-    if (m == "vecinfer" || m == "spectral" || m == "commvq")
+    if (m == "spectral") return make_spectral_codec(config, head_dim, layer, head);
+    if (m == "vecinfer" || m == "commvq")
         throw std::invalid_argument("method '" + m + "' needs calibration, which this build does "
                                     "not provide yet");
     throw std::invalid_argument("unknown method '" + m + "'");

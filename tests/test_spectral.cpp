@@ -1,0 +1,525 @@
+// spectral: the N(0, 1) Lloyd-Max codebook against Max's table, the Jacobi eigen-solver on known
+// matrices, calibration against a naive covariance, the codec against an independent double
+// reference (projection, brute-force nearest level, least-squares scale), scores equal to
+// <q, decode(k)>, the cache (fused vs unfused, save/load) and every config error.
+// Acceptance comparisons are in test_spectral_acceptance.cpp.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "calibration/spectral_calibration.h"
+#include "core/lloyd_max.h"
+#include "core/rng.h"
+#include "methods/spectral.h"
+#include "spectral_test_helpers.h"
+#include "test_helpers.h"
+#include "veloxquant/veloxquant.h"
+
+namespace veloxquant {
+namespace {
+
+using namespace spectral_test;
+using vqtest::dot;
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(SpectralLloydMax, GaussianCodebookMatchesMaxTable) {
+    // Max (1960), Table I: MSE of the optimal 2, 4, 8, 16-level quantizers of N(0, 1).
+    const double mse[] = {0.3634, 0.1175, 0.03454, 0.009497};
+    for (int b = 1; b <= 4; ++b) {
+        const ScalarCodebook& cb = gaussian_codebook(b);
+        ASSERT_EQ(cb.levels(), 1 << b);
+        EXPECT_NEAR(cb.mse, mse[b - 1], 2e-3 * mse[b - 1]) << "bits " << b;
+        for (int i = 0; i < cb.levels(); ++i)
+            EXPECT_NEAR(cb.centroids[i], -cb.centroids[cb.levels() - 1 - i], 1e-5);
+    }
+    EXPECT_NEAR(gaussian_codebook(1).centroids[1], std::sqrt(2.0 / 3.14159265358979), 1e-5);
+    EXPECT_NEAR(gaussian_codebook(2).centroids[3], 1.510, 1e-3);  // Max: 0.4528, 1.510
+    EXPECT_NEAR(gaussian_codebook(2).centroids[2], 0.4528, 1e-3);
+    // Empirical MSE on N(0, 1) draws agrees with the codebook's own, up to 8 bits.
+    Rng rng(3);
+    for (int b : {3, 8}) {
+        const ScalarCodebook& cb = gaussian_codebook(b);
+        double e = 0.0;
+        const int n = 200000;
+        for (int i = 0; i < n; ++i) {
+            const double x = rng.normal();
+            e += std::pow(x - cb.centroids[cb.quantize(static_cast<float>(x))], 2);
+        }
+        EXPECT_NEAR(e / n, cb.mse, 0.03 * cb.mse) << "bits " << b;
+    }
+    EXPECT_THROW(gaussian_codebook(0), std::invalid_argument);
+    EXPECT_THROW(gaussian_codebook(9), std::invalid_argument);
+}
+
+TEST(SpectralEigen, TwoByTwo) {
+    const SymmetricEigen e = symmetric_eigen({2.0, 1.0, 1.0, 2.0}, 2);
+    EXPECT_NEAR(e.values[0], 3.0, 1e-14);
+    EXPECT_NEAR(e.values[1], 1.0, 1e-14);
+    const double h = std::sqrt(0.5);
+    EXPECT_NEAR(e.vectors[0], h, 1e-14);
+    EXPECT_NEAR(e.vectors[1], h, 1e-14);
+    EXPECT_NEAR(std::fabs(e.vectors[2]), h, 1e-14);
+    EXPECT_NEAR(e.vectors[2] + e.vectors[3], 0.0, 1e-14);
+}
+
+TEST(SpectralEigen, KnownSpectrumWithRepeatsAndZeros) {
+    for (int n : {1, 7, 64}) {
+        const std::vector<double> q = random_orthonormal(n, 100 + n);
+        std::vector<double> lam(n);
+        for (int i = 0; i < n; ++i)
+            lam[i] = i % 5 == 4 ? 0.0 : (i % 3 == 0 ? 2.5 : std::exp(-0.2 * i) - 0.3);
+        std::vector<double> a(static_cast<std::size_t>(n) * n, 0.0);  // Q^T diag(lam) Q
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j)
+                for (int r = 0; r < n; ++r) a[i * n + j] += q[r * n + i] * lam[r] * q[r * n + j];
+        const SymmetricEigen e = symmetric_eigen(a, n);
+        std::vector<double> sorted = lam;
+        std::sort(sorted.rbegin(), sorted.rend());
+        for (int i = 0; i < n; ++i) EXPECT_NEAR(e.values[i], sorted[i], 1e-12) << n << " " << i;
+        double worst_rec = 0.0, worst_orth = 0.0;
+        for (int i = 0; i < n; ++i)
+            for (int j = 0; j < n; ++j) {
+                double rec = 0.0, g = 0.0;
+                for (int r = 0; r < n; ++r) {
+                    rec += e.vectors[r * n + i] * e.values[r] * e.vectors[r * n + j];
+                    g += e.vectors[i * n + r] * e.vectors[j * n + r];
+                }
+                worst_rec = std::max(worst_rec, std::fabs(rec - a[i * n + j]));
+                worst_orth = std::max(worst_orth, std::fabs(g - (i == j ? 1.0 : 0.0)));
+            }
+        EXPECT_LT(worst_rec, 1e-12) << n;
+        EXPECT_LT(worst_orth, 1e-12) << n;
+    }
+    EXPECT_THROW(symmetric_eigen({}, 0), std::invalid_argument);
+    EXPECT_THROW(symmetric_eigen({1.0, 2.0, 3.0}, 2), std::invalid_argument);
+    EXPECT_THROW(symmetric_eigen({1.0, NAN, NAN, 1.0}, 2), std::invalid_argument);
+}
+
+TEST(SpectralCalibration, MatchesNaiveCovarianceAndMean) {
+    Activations acts;
+    acts.layers.resize(2);
+    const int dims[2] = {16, 8};
+    for (int l = 0; l < 2; ++l)
+        for (int h = 0; h < 2; ++h) {
+            HeadSamples s;
+            s.dim = dims[l];
+            s.data = sample(make_law(dims[l], 10 * l + h), 300, 77 + h);
+            acts.layers[l].keys.push_back(s);
+        }
+    const std::vector<FloatArray> rot = calibrate_spectral_rotation(acts);
+    ASSERT_EQ(rot.size(), 2u);
+    for (int l = 0; l < 2; ++l) {
+        const int d = dims[l];
+        ASSERT_EQ(rot[l].shape, (std::vector<int64_t>{2, d + 2, d}));
+        for (int h = 0; h < 2; ++h) {
+            const HeadSamples& s = acts.layers[l].keys[h];
+            const SpectralBasis b = basis_of(rot[l], h);
+            const int n = static_cast<int>(s.count());
+            // Naive: mean, then covariance as (sum x x^T - n mu mu^T) / (n - 1).
+            std::vector<double> mu(d, 0.0);
+            for (int t = 0; t < n; ++t)
+                for (int j = 0; j < d; ++j) mu[j] += s.row(t)[j] / n;
+            for (int j = 0; j < d; ++j) EXPECT_NEAR(b.mean[j], mu[j], 1e-5);
+            for (int i = 0; i < d; ++i) {
+                if (i > 0) {
+                    EXPECT_GE(b.variances[i - 1], b.variances[i]);
+                }
+                for (int j = 0; j < d; ++j) {
+                    double c = 0.0, rec = 0.0, g = 0.0;
+                    for (int t = 0; t < n; ++t) c += static_cast<double>(s.row(t)[i]) * s.row(t)[j];
+                    c = (c - n * mu[i] * mu[j]) / (n - 1);
+                    for (int r = 0; r < d; ++r) {
+                        rec += static_cast<double>(b.basis[r * d + i]) * b.variances[r] *
+                               b.basis[r * d + j];
+                        g += static_cast<double>(b.basis[i * d + r]) * b.basis[j * d + r];
+                    }
+                    EXPECT_NEAR(rec, c, 1e-4 * (1.0 + std::fabs(c)))
+                        << l << " " << h << " " << i << " " << j;
+                    EXPECT_NEAR(g, i == j ? 1.0 : 0.0, 1e-6);
+                }
+            }
+        }
+    }
+}
+
+TEST(SpectralCalibration, Errors) {
+    auto message = [](const Activations& a) {
+        try {
+            calibrate_spectral_rotation(a);
+        } catch (const std::invalid_argument& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    Activations a;
+    EXPECT_NE(message(a).find("no layers"), std::string::npos);
+    a.layers.resize(1);
+    EXPECT_NE(message(a).find("layer 0 has no key heads"), std::string::npos);
+    a = one_head_acts(std::vector<float>(8, 1.0f), 8);
+    EXPECT_NE(message(a).find("at least 2"), std::string::npos) << message(a);
+    a = one_head_acts(std::vector<float>(16, 1.0f), 8);
+    a.layers[0].keys[0].data[3] = NAN;
+    EXPECT_NE(message(a).find("NaN"), std::string::npos);
+    a = one_head_acts(std::vector<float>(16, 1.0f), 8);
+    HeadSamples other;
+    other.dim = 4;
+    other.data.assign(16, 0.5f);
+    a.layers[0].keys.push_back(other);
+    EXPECT_NE(message(a).find("head 1: key dim 4 differs"), std::string::npos) << message(a);
+}
+
+TEST(SpectralCalibration, SmolLM2SizedInUnderAFewSeconds) {
+    // 30 layers x 3 heads x d = 64 with 2048 rows each, as the default model's calibration.
+    Activations acts;
+    acts.layers.resize(30);
+    const Synthetic law = make_law(64, 5);
+    const std::vector<float> keys = sample(law, 2048, 6);
+    for (auto& l : acts.layers)
+        for (int h = 0; h < 3; ++h) {
+            HeadSamples s;
+            s.dim = 64;
+            s.data = keys;
+            l.keys.push_back(s);
+        }
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::vector<FloatArray> rot = calibrate_spectral_rotation(acts);
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("[spectral] calibration 30 x 3 heads x d=64 x 2048 rows: %.2f s\n", sec);
+    EXPECT_EQ(rot.size(), 30u);
+    EXPECT_LT(sec, 20.0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The codec.
+
+// A codec's calibration on synthetic keys: basis from calibrate_spectral_rotation.
+struct Fixture {
+    int d;
+    std::vector<float> train, test;
+    SpectralBasis basis;
+    int d_eff;
+};
+
+Fixture make_fixture(int d, int n_train, int n_test, uint64_t seed) {
+    const Synthetic law = make_law(d, seed);
+    Fixture f{d, sample(law, n_train, seed + 2), sample(law, n_test, seed + 3), {}, 0};
+    f.basis = basis_of(calibrate_spectral_rotation(one_head_acts(f.train, d))[0], 0);
+    f.d_eff = participation_dim(f.basis.variances.data(), d);
+    return f;
+}
+
+struct CodecCase {
+    int d, sb, nb;
+};
+// Widths 1..8 for both runs, dropped noise, odd d and odd run lengths.
+const CodecCase kCases[] = {{64, 4, 1}, {64, 3, 0}, {64, 2, 2}, {37, 5, 3},
+                            {80, 8, 6}, {16, 1, 7}, {64, 6, 4}, {33, 7, 0}};
+
+TEST(SpectralCodec, LayoutBitsAndParticipationDim) {
+    const float equal4[] = {1, 1, 1, 1, 0, 0};
+    EXPECT_EQ(participation_dim(equal4, 6), 4);
+    const float one[] = {5, 0, 0};
+    EXPECT_EQ(participation_dim(one, 3), 1);
+    const float zero[] = {0, 0};
+    EXPECT_EQ(participation_dim(zero, 2), 1);
+    const float mixed[] = {4, 2, 1, 1};  // 64 / 22 = 2.91
+    EXPECT_EQ(participation_dim(mixed, 4), 3);
+
+    const Fixture f = make_fixture(64, 400, 1, 1);
+    for (int nb : {0, 1, 3}) {
+        SpectralCodec c(64, 4, nb, f.basis, 13);
+        EXPECT_EQ(c.signal_dim(), 13);
+        EXPECT_EQ(c.code_bytes(), 7u + (nb == 0 ? 0u : (51u * nb + 7) / 8));
+        EXPECT_EQ(c.num_scalars(), 1);
+        EXPECT_DOUBLE_EQ(c.nominal_bits_per_coordinate(), (4.0 * 13 + nb * 51.0 + 32) / 64);
+    }
+    std::printf("[spectral] synthetic law d=64: d_eff = %d\n", f.d_eff);
+}
+
+TEST(SpectralCodec, MatchesNaiveReference) {
+    for (const CodecCase& cc : kCases) {
+        const Fixture f = make_fixture(cc.d, 600, 300, 10 + cc.d + cc.sb);
+        const SpectralCodec codec(cc.d, cc.sb, cc.nb, f.basis, f.d_eff);
+        const int n = 300;
+        const Coded e = encode_all(codec, f.test);
+        const std::vector<float> dec = decode_all(codec, e, n);
+        int off = 0;
+        for (int t = 0; t < n; ++t) {
+            const float* k = &f.test[static_cast<std::size_t>(t) * cc.d];
+            const std::vector<double> ref =
+                reference_decode(f.basis, f.d_eff, cc.sb, cc.nb, k, ScaleRule::kLeastSquares);
+            double worst = 0.0;
+            for (int j = 0; j < cc.d; ++j)
+                worst = std::max(worst, std::fabs(ref[j] - dec[t * cc.d + j]));
+            if (worst > 1e-4 * (1.0 + vqtest::norm(k, cc.d))) ++off;
+        }
+        // A coordinate exactly on a cell boundary may round to the other cell in float.
+        EXPECT_LE(off, 1) << "d " << cc.d << " bits " << cc.sb << "/" << cc.nb;
+    }
+}
+
+TEST(SpectralCodec, ScoreEqualsDotWithDecode) {
+    for (const CodecCase& cc : kCases) {
+        const Fixture f = make_fixture(cc.d, 600, 200, 20 + cc.d + cc.nb);
+        const SpectralCodec codec(cc.d, cc.sb, cc.nb, f.basis, f.d_eff);
+        const int n = 200;
+        const Coded e = encode_all(codec, f.test);
+        const std::vector<float> dec = decode_all(codec, e, n);
+        Rng rng(cc.d);
+        for (int qi = 0; qi < 4; ++qi) {
+            std::vector<float> q = vqtest::gaussian(rng, cc.d, 1.0, 0.3);
+            std::vector<float> state(codec.query_state_size()), sc(n);
+            codec.prepare_query(q.data(), state.data());
+            codec.score(state.data(), e.codes.data(), e.scalars.data(), n, n, sc.data());
+            for (int t = 0; t < n; ++t) {
+                const float* k = &dec[static_cast<std::size_t>(t) * cc.d];
+                const double want = dot(q.data(), k, cc.d);
+                EXPECT_NEAR(sc[t], want,
+                            1e-5 * vqtest::norm(q.data(), cc.d) * (1.0 + vqtest::norm(k, cc.d)))
+                    << "d " << cc.d << " bits " << cc.sb << "/" << cc.nb << " token " << t;
+            }
+        }
+    }
+}
+
+TEST(SpectralCodec, KeyAtTheMeanDecodesToTheMean) {
+    const Fixture f = make_fixture(64, 400, 1, 3);
+    const SpectralCodec codec(64, 3, 1, f.basis, f.d_eff);
+    const Coded e = encode_all(codec, f.basis.mean);
+    EXPECT_EQ(e.scalars[0], 0.0f);
+    const std::vector<float> dec = decode_all(codec, e, 1);
+    for (int j = 0; j < 64; ++j) EXPECT_FLOAT_EQ(dec[j], f.basis.mean[j]);
+}
+
+// The per-token scale rule, measured: least squares after RMS normalisation against storing
+// the RMS itself and against no normalisation (least squares on the raw whitened values).
+TEST(SpectralCodec, ScaleRuleChosenByMeasurement) {
+    const Fixture f = make_fixture(64, 2000, 500, 4);
+    for (const auto& [sb, nb] : {std::pair{4, 1}, {3, 0}, {2, 1}, {2, 0}}) {
+        double err[3] = {0, 0, 0}, energy = 0.0;
+        for (int t = 0; t < 500; ++t) {
+            const float* k = &f.test[static_cast<std::size_t>(t) * 64];
+            for (int j = 0; j < 64; ++j) energy += std::pow(k[j] - f.basis.mean[j], 2);
+            for (int r = 0; r < 3; ++r) {
+                const std::vector<double> x =
+                    reference_decode(f.basis, f.d_eff, sb, nb, k, static_cast<ScaleRule>(r));
+                for (int j = 0; j < 64; ++j) err[r] += std::pow(x[j] - k[j], 2);
+            }
+        }
+        std::printf(
+            "[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: rel MSE least-squares "
+            "%.4f, "
+            "store-RMS %.4f, no-normalisation %.4f\n",
+            f.d_eff, sb, nb, err[0] / energy, err[1] / energy, err[2] / energy);
+        EXPECT_LT(err[0], err[1]);
+        EXPECT_LT(err[0], err[2]);
+    }
+}
+
+TEST(SpectralCodec, ConstructorErrors) {
+    const Fixture f = make_fixture(16, 100, 1, 5);
+    auto message = [&](int d, int sb, int nb, SpectralBasis b, int d_eff) {
+        try {
+            SpectralCodec c(d, sb, nb, std::move(b), d_eff);
+        } catch (const std::invalid_argument& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    EXPECT_NE(message(16, 0, 1, f.basis, 4).find("signal_bits"), std::string::npos);
+    EXPECT_NE(message(16, 9, 1, f.basis, 4).find("signal_bits"), std::string::npos);
+    EXPECT_NE(message(16, 4, -1, f.basis, 4).find("noise_bits"), std::string::npos);
+    EXPECT_NE(message(16, 4, 9, f.basis, 4).find("noise_bits"), std::string::npos);
+    EXPECT_NE(message(16, 4, 1, f.basis, 0).find("d_eff"), std::string::npos);
+    EXPECT_NE(message(16, 4, 1, f.basis, 17).find("d_eff"), std::string::npos);
+    EXPECT_NE(message(1, 4, 1, f.basis, 1).find("head_dim"), std::string::npos);
+    EXPECT_NE(message(15, 4, 1, f.basis, 4).find("basis must be"), std::string::npos);
+    SpectralBasis z = f.basis;
+    std::fill(z.variances.begin(), z.variances.end(), 0.0f);
+    EXPECT_NE(message(16, 4, 1, z, 4).find("variances"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cache.
+
+// Rotations for `layers` layers of `heads` heads, each head calibrated on its own law.
+std::vector<FloatArray> synthetic_rotations(int layers, int heads, int d) {
+    Activations acts;
+    acts.layers.resize(layers);
+    for (int l = 0; l < layers; ++l)
+        for (int h = 0; h < heads; ++h) {
+            HeadSamples s;
+            s.dim = d;
+            s.data = sample(make_law(d, 1000 + 10 * l + h), 500, 2000 + 10 * l + h);
+            acts.layers[l].keys.push_back(s);
+        }
+    return calibrate_spectral_rotation(acts);
+}
+
+KVCacheConfig spectral_config(std::vector<FloatArray> rot, int sb = 4, int nb = 1) {
+    KVCacheConfig c;
+    c.method = "spectral";
+    c.signal_bits = sb;
+    c.noise_bits = nb;
+    c.value_bits = 4;
+    c.rotations = std::move(rot);
+    return c;
+}
+
+// Keys of layer 1's laws, [heads][n][d], and random values and queries.
+struct CacheData {
+    std::vector<float> k, v, q;
+};
+
+CacheData cache_data(int heads, int group, int n, int n_q, int d) {
+    CacheData x;
+    for (int h = 0; h < heads; ++h) {
+        const std::vector<float> kh = sample(make_law(d, 1000 + 10 + h), n, 50 + h);
+        x.k.insert(x.k.end(), kh.begin(), kh.end());
+    }
+    x.v = vqtest::randn(static_cast<std::size_t>(heads) * n * d, 7);
+    x.q = vqtest::randn(static_cast<std::size_t>(heads) * group * n_q * d, 8);
+    return x;
+}
+
+// Tokens [start, start + count) of a [heads][n][d] array.
+std::vector<float> slice(const std::vector<float>& x, int heads, int n, int d, int start,
+                         int count) {
+    std::vector<float> out;
+    for (int h = 0; h < heads; ++h) {
+        const auto at = x.begin() + (static_cast<std::ptrdiff_t>(h) * n + start) * d;
+        out.insert(out.end(), at, at + static_cast<std::ptrdiff_t>(count) * d);
+    }
+    return out;
+}
+
+TEST(SpectralCache, FusedMatchesUnfusedAndExactAttention) {
+    const int H = 2, G = 2, n = 150, nq = 5, d = 64;
+    const std::vector<FloatArray> rot = synthetic_rotations(2, H, d);
+    const CacheData x = cache_data(H, G, n, nq, d);
+    KVCacheConfig fused = spectral_config(rot, 6, 4), unfused = fused;
+    fused.value_bits = unfused.value_bits = 16;
+    unfused.use_fused_sdpa = false;
+    auto a = KVCacheFactory::create(fused, H, d, 512, 1);
+    auto b = KVCacheFactory::create(unfused, H, d, 512, 1);
+    EXPECT_EQ(a->class_name(), "SpectralQuantKVCache");
+    // Two appends of tokens [0, 130) and [130, 150): page boundaries inside both.
+    for (const auto& [start, count] : {std::pair{0, n - 20}, {n - 20, 20}}) {
+        const std::vector<float> k = slice(x.k, H, n, d, start, count),
+                                 v = slice(x.v, H, n, d, start, count);
+        a->append(k.data(), v.data(), count);
+        b->append(k.data(), v.data(), count);
+    }
+    const float scale = 1.0f / 8.0f;
+    std::vector<float> oa(x.q.size()), ob(x.q.size());
+    a->attend(x.q.data(), H * G, nq, oa.data(), scale, true);
+    b->attend(x.q.data(), H * G, nq, ob.data(), scale, true);
+    EXPECT_LT(vqtest::rel_error(oa, ob), 1e-4);
+    const std::vector<float> exact =
+        vqtest::reference_attention(x.q, H * G, nq, x.k, x.v, H, n, d, scale, true);
+    const double rel = vqtest::rel_error(oa, exact);
+    std::printf("[spectral] cache 6/4 bits, fp16 values: attention rel error vs exact %.4f\n", rel);
+    EXPECT_LT(rel, 0.05);
+    const auto& qa = dynamic_cast<const QuantizedKVCache&>(*a);
+    const SpectralCodec codec(d, 6, 4, basis_of(rot[1], 0),
+                              participation_dim(basis_of(rot[1], 0).variances.data(), d));
+    const SpectralCodec codec1(d, 6, 4, basis_of(rot[1], 1),
+                               participation_dim(basis_of(rot[1], 1).variances.data(), d));
+    EXPECT_DOUBLE_EQ(qa.key_bits_per_coordinate(),
+                     (8.0 * (codec.code_bytes() + codec1.code_bytes()) + 64.0) / (2.0 * d));
+}
+
+TEST(SpectralCache, SaveLoadRoundTrip) {
+    const int H = 2, G = 2, n = 90, nq = 3, d = 64;
+    const CacheData x = cache_data(H, G, n, nq, d);
+    auto a =
+        KVCacheFactory::create(spectral_config(synthetic_rotations(2, H, d), 3, 1), H, d, 256, 1);
+    a->append(x.k.data(), x.v.data(), n);
+    const std::string path = ::testing::TempDir() + "spectral_roundtrip.vqkv";
+    a->save(path);
+    auto b = KVCache::load(path);
+    std::remove(path.c_str());
+    EXPECT_EQ(b->class_name(), "SpectralQuantKVCache");
+    ASSERT_EQ(b->size(), n);
+    std::vector<float> ka(x.k.size()), va(x.v.size()), kb(x.k.size()), vb(x.v.size());
+    a->dequantize(0, n, ka.data(), va.data());
+    b->dequantize(0, n, kb.data(), vb.data());
+    EXPECT_EQ(ka, kb);
+    EXPECT_EQ(va, vb);
+    std::vector<float> oa(x.q.size()), ob(x.q.size());
+    a->attend(x.q.data(), H * G, nq, oa.data(), 0.125f, true);
+    b->attend(x.q.data(), H * G, nq, ob.data(), 0.125f, true);
+    EXPECT_EQ(oa, ob);
+}
+
+std::string create_error(const KVCacheConfig& c, int heads = 2, int d = 16, int layer = 1) {
+    try {
+        KVCacheFactory::create(c, heads, d, 64, layer);
+    } catch (const std::invalid_argument& e) {
+        return e.what();
+    }
+    return "no error";
+}
+
+TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
+    const int d = 16;
+    const std::vector<FloatArray> good = synthetic_rotations(2, 2, d);
+    const std::string call = "calibrate_spectral_rotation";
+    ASSERT_EQ(create_error(spectral_config(good)), "no error");
+
+    auto expect = [&](const KVCacheConfig& c, const std::string& what, int heads = 2) {
+        const std::string m = create_error(c, heads);
+        EXPECT_NE(m.find(what), std::string::npos) << m;
+        return m;
+    };
+    EXPECT_NE(expect(spectral_config({}), "is empty").find(call), std::string::npos);
+    EXPECT_NE(expect(spectral_config({good[0]}), "none for layer 1").find(call), std::string::npos);
+    EXPECT_NE(expect(spectral_config(good), "none for head 2", 3).find(call), std::string::npos);
+    std::vector<FloatArray> bad = good;
+    bad[1].shape = {2, d + 1, d};
+    EXPECT_NE(expect(spectral_config(bad), "must have shape [kv_heads][18][16]").find(call),
+              std::string::npos);
+    bad = good;
+    bad[1].data.pop_back();
+    expect(spectral_config(bad), "floats, not the");
+    bad = good;
+    bad[1].data[5] = NAN;
+    expect(spectral_config(bad), "NaN or Inf");
+    const std::size_t head1 = static_cast<std::size_t>(d + 2) * d;  // head 1's block
+    bad = good;
+    bad[1].data[head1 + d * d + 3] = -1.0f;
+    expect(spectral_config(bad), "negative eigenvalue");
+    bad = good;
+    bad[1].data[head1 + d * d + 3] = 1e6f;
+    expect(spectral_config(bad), "not in descending order");
+    bad = good;
+    std::fill(bad[1].data.begin() + head1 + d * d, bad[1].data.begin() + head1 + (d + 1) * d, 0.0f);
+    expect(spectral_config(bad), "all zero");
+    bad = good;
+    bad[1].data[head1 + 2 * d + 5] += 0.01f;
+    expect(spectral_config(bad), "not orthonormal (rows ");
+
+    KVCacheConfig c = spectral_config(good);
+    c.signal_bits = 0;
+    expect(c, "signal_bits must be in 1..8");
+    c.signal_bits = 9;
+    expect(c, "signal_bits");
+    c = spectral_config(good);
+    c.noise_bits = 9;
+    expect(c, "noise_bits");
+    c.noise_bits = -1;
+    expect(c, "noise_bits");
+    // A wrong head dim is a shape error of the rotations.
+    EXPECT_NE(create_error(spectral_config(good), 2, 32).find("[kv_heads][34][32]"),
+              std::string::npos);
+}
+
+}  // namespace
+}  // namespace veloxquant
