@@ -3,6 +3,7 @@
 # the benchmark, run the parity test (plus compute-sanitizer on the batched decode), time our
 # fused decode and encode, and time torch bf16 SDPA at the same shapes in the same run.
 # Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
+# VQ_NCU_POINTS="METHOD:D:B:N ..." picks the decode points ncu profiles (default k1v2:128:8:131072).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export VQ_BENCH_COMMAND="bash bench/cuda/run_h200.sh"  # recorded in the JSON results
@@ -36,7 +37,7 @@ done
 step "benchmark"
 "$BUILD/bench/cuda/bench_cuda_attention" "$OUT/cuda_bench.json"
 if command -v ncu >/dev/null; then
-  step "ncu: the decode kernel at 1-bit keys, 2-bit values, d=128, B=8, N=128K"
+  step "ncu: the decode kernel at ${VQ_NCU_POINTS:-k1v2:128:8:131072}"
   for point in ${VQ_NCU_POINTS:-k1v2:128:8:131072}; do
     echo "-- ncu $point"
     timeout 90 ncu --clock-control none --kernel-name regex:decode_attention --launch-skip 2 --launch-count 1 \

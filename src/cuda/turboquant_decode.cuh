@@ -58,7 +58,8 @@ struct DecodeShared {
     uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
 };
 
-/// Bytes after DecodeShared: the cp.async rings, reused for the warps' final states.
+/// A shared-memory region's end rounded up to 128 bytes. After DecodeShared come the table
+/// copies, then the cp.async rings (reused for the warps' final states).
 __host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
     return (shared_bytes + 127) / 128 * 128;
 }
