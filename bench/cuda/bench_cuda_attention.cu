@@ -2,7 +2,7 @@
 // independent sequences of N in {8K, 32K, 128K} tokens, 32 query heads over 8 KV heads, head dim
 // 128 and 64; a device-to-device copy measured in the same process as the bandwidth reference;
 // and the encode throughput. Usage: bench_cuda_attention OUT.json [METHOD:D:B:N] (the optional
-// filter times that one point, e.g. for a profiler).
+// filter times the points whose key starts with it, e.g. one point for a profiler, or "k4v4:").
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <iterator>
 #include <stdexcept>
@@ -36,10 +37,13 @@ struct Method {
 const Method kMethods[] = {{"k1v2", 1, 1, 2}, {"k4v4", 4, 1, 4}, {"k2x2v4", 2, 2, 4}};
 
 __global__ void fill_normal(float* x, size_t n, uint64_t seed) {
-    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+         i += size_t(gridDim.x) * blockDim.x) {
         uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-        h ^= h >> 31, h *= 0xBF58476D1CE4E5B9ull, h ^= h >> 27, h *= 0x94D049BB133111EBull, h ^= h >> 33;
-        const float u1 = ((h >> 40) + 1) * (1.0f / 16777217.0f), u2 = (h & 0xFFFFFF) * (1.0f / 16777216.0f);
+        h ^= h >> 31, h *= 0xBF58476D1CE4E5B9ull, h ^= h >> 27, h *= 0x94D049BB133111EBull,
+            h ^= h >> 33;
+        const float u1 = ((h >> 40) + 1) * (1.0f / 16777217.0f),
+                    u2 = (h & 0xFFFFFF) * (1.0f / 16777216.0f);
         x[i] = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
     }
 }
@@ -61,13 +65,16 @@ std::vector<float> time_ms(int reps, F&& body) {
     }
     check_cuda(cudaDeviceSynchronize(), "sync");
     std::vector<float> ms(reps);
-    for (int r = 0; r < reps; ++r) check_cuda(cudaEventElapsedTime(&ms[r], ev[2 * r], ev[2 * r + 1]), "elapsed");
+    for (int r = 0; r < reps; ++r)
+        check_cuda(cudaEventElapsedTime(&ms[r], ev[2 * r], ev[2 * r + 1]), "elapsed");
     for (auto& e : ev) cudaEventDestroy(e);
     std::sort(ms.begin(), ms.end());
     return ms;
 }
 
-float median(const std::vector<float>& sorted) { return sorted[sorted.size() / 2]; }
+float median(const std::vector<float>& sorted) {
+    return sorted[sorted.size() / 2];
+}
 
 struct Point {
     std::string method;
@@ -87,7 +94,8 @@ struct Encode {
 int run(const char* out_path, const std::string& only) {
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
-    std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+    std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+                prop.l2CacheSize >> 20);
 
     // Copy bandwidth: bytes read plus bytes written per second, 2 GiB buffers.
     const size_t copy_bytes = size_t(2) << 30;
@@ -95,8 +103,10 @@ int run(const char* out_path, const std::string& only) {
     check_cuda(cudaMalloc(&src, copy_bytes), "malloc");
     check_cuda(cudaMalloc(&dst, copy_bytes), "malloc");
     check_cuda(cudaMemset(src, 1, copy_bytes), "memset");
-    for (int i = 0; i < 3; ++i) check_cuda(cudaMemcpy(dst, src, copy_bytes, cudaMemcpyDeviceToDevice), "copy");
-    const auto copy_ms = time_ms(20, [&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); });
+    for (int i = 0; i < 3; ++i)
+        check_cuda(cudaMemcpy(dst, src, copy_bytes, cudaMemcpyDeviceToDevice), "copy");
+    const auto copy_ms =
+        time_ms(20, [&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); });
     const double copy_gbps = 2.0 * copy_bytes / (median(copy_ms) * 1e-3) / 1e9;
     std::printf("device copy: %.1f GB/s (read + write)\n", copy_gbps);
     cudaFree(src);
@@ -107,8 +117,10 @@ int run(const char* out_path, const std::string& only) {
     for (int d : {128, 64})
         for (const Method& m : kMethods) {
             KVCacheConfig c;
-            c.method = "turboquant_rvq", c.bits = m.bits, c.num_residuals = m.stages, c.value_bits = m.value_bits;
-            max_page_bytes = std::max<size_t>(max_page_bytes, make_host_tables(c, kKvHeads, d, 0).layout.page_bytes);
+            c.method = "turboquant_rvq", c.bits = m.bits, c.num_residuals = m.stages,
+            c.value_bits = m.value_bits;
+            max_page_bytes = std::max<size_t>(
+                max_page_bytes, make_host_tables(c, kKvHeads, d, 0).layout.page_bytes);
         }
     const int pool_pages = kMaxBatch * kMaxTokens / kPage;
     uint8_t* pool = nullptr;
@@ -136,9 +148,15 @@ int run(const char* out_path, const std::string& only) {
         fill(queries, size_t(kMaxBatch) * kQHeads * d, 3 + d);
         for (const Method& m : kMethods) {
             const std::string prefix = std::string(m.name) + ":" + std::to_string(d) + ":";
-            if (!only.empty() && only.compare(0, prefix.size(), prefix) != 0) continue;
+            auto selected =
+                [&](const std::string& key) {  // key is a prefix of a filter or vice versa
+                    const size_t n = std::min(key.size(), only.size());
+                    return only.empty() || key.compare(0, n, only, 0, n) == 0;
+                };
+            if (!selected(prefix)) continue;
             KVCacheConfig c;
-            c.method = "turboquant_rvq", c.bits = m.bits, c.num_residuals = m.stages, c.value_bits = m.value_bits;
+            c.method = "turboquant_rvq", c.bits = m.bits, c.num_residuals = m.stages,
+            c.value_bits = m.value_bits;
             const TqHostTables host = make_host_tables(c, kKvHeads, d, 0);
             const DeviceTables dev(host);
             const TqPageLayout& L = host.layout;
@@ -146,36 +164,48 @@ int run(const char* out_path, const std::string& only) {
             // Encode throughput: 128K tokens x 8 heads of float32 keys and values into the pool.
             std::vector<int32_t> identity(pool_pages);
             for (int p = 0; p < pool_pages; ++p) identity[p] = p;
-            check_cuda(cudaMemcpy(tables, identity.data(), pool_pages * sizeof(int32_t), cudaMemcpyHostToDevice), "table");
+            check_cuda(cudaMemcpy(tables, identity.data(), pool_pages * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice),
+                       "table");
             EncodeArgs e;
             e.layout = L, e.tables = dev.get(), e.pool = pool, e.page_table = tables;
             e.start = 0, e.n_tokens = enc_tokens, e.keys = keys, e.values = values;
             check_cuda(launch_encode(e, nullptr), "encode");
-            const auto enc_ms = time_ms(5, [&](int) { check_cuda(launch_encode(e, nullptr), "encode"); });
+            const auto enc_ms =
+                time_ms(5, [&](int) { check_cuda(launch_encode(e, nullptr), "encode"); });
             const double enc_bytes = double(kKvHeads) * enc_tokens * (2.0 * d * sizeof(float)) +
                                      double(enc_tokens / kPage) * L.page_bytes;
             encodes.push_back({m.name, d, enc_tokens, median(enc_ms), enc_bytes,
-                               enc_bytes / (median(enc_ms) * 1e-3) / 1e9, enc_tokens / (median(enc_ms) * 1e-3)});
+                               enc_bytes / (median(enc_ms) * 1e-3) / 1e9,
+                               enc_tokens / (median(enc_ms) * 1e-3)});
             std::printf("%-7s d=%3d encode %d tokens: %.3f ms, %.0f GB/s\n", m.name, d, enc_tokens,
                         median(enc_ms), encodes.back().gbps);
 
             // Fill the pool: the first 8K encoded tokens' pages, replicated.
             for (int p = seed_pages; p < pool_pages; p += seed_pages)
-                check_cuda(cudaMemcpyAsync(pool + size_t(p) * L.page_bytes, pool, size_t(seed_pages) * L.page_bytes,
-                                           cudaMemcpyDeviceToDevice, nullptr), "replicate");
+                check_cuda(cudaMemcpyAsync(pool + size_t(p) * L.page_bytes, pool,
+                                           size_t(seed_pages) * L.page_bytes,
+                                           cudaMemcpyDeviceToDevice, nullptr),
+                           "replicate");
             check_cuda(cudaDeviceSynchronize(), "fill");
 
             for (int batch : {1, 8, 32}) {
                 for (int tokens : {8192, 32768, 131072}) {
-                    if (!only.empty() && only != prefix + std::to_string(batch) + ":" + std::to_string(tokens)) continue;
+                    if (!selected(prefix + std::to_string(batch) + ":" + std::to_string(tokens)))
+                        continue;
                     const int pages = tokens / kPage;
                     const int rotations = std::min(max_rotations, pool_pages / (batch * pages));
                     std::vector<int32_t> t(size_t(rotations) * batch * pages);
-                    for (size_t i = 0; i < t.size(); ++i) t[i] = static_cast<int32_t>(i % pool_pages);
-                    check_cuda(cudaMemcpy(tables, t.data(), t.size() * sizeof(int32_t), cudaMemcpyHostToDevice), "tables");
+                    for (size_t i = 0; i < t.size(); ++i)
+                        t[i] = static_cast<int32_t>(i % pool_pages);
+                    check_cuda(cudaMemcpy(tables, t.data(), t.size() * sizeof(int32_t),
+                                          cudaMemcpyHostToDevice),
+                               "tables");
                     DecodeArgs a;
-                    a.layout = L, a.tables = dev.get(), a.pool = pool, a.page_table = tables, a.page_table_stride = pages;
-                    a.seq_len = tokens, a.max_seq_len = tokens, a.batch = batch, a.group = kQHeads / kKvHeads;
+                    a.layout = L, a.tables = dev.get(), a.pool = pool, a.page_table = tables,
+                    a.page_table_stride = pages;
+                    a.seq_len = tokens, a.max_seq_len = tokens, a.batch = batch,
+                    a.group = kQHeads / kKvHeads;
                     a.queries = queries, a.out = out, a.scale = 1.0f / std::sqrt(float(d));
                     const size_t need = decode_workspace_bytes(a);
                     if (need == 0) throw std::runtime_error("no decode plan");
@@ -189,18 +219,25 @@ int run(const char* out_path, const std::string& only) {
                     for (int r = 0; r < rotations; ++r) {
                         a.page_table = tables + size_t(r) * batch * pages;
                         cudaGraph_t g;
-                        check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed), "capture");
+                        check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed),
+                                   "capture");
                         check_cuda(launch_decode_attention(a, stream), "decode");
                         check_cuda(cudaStreamEndCapture(stream, &g), "capture");
                         check_cuda(cudaGraphInstantiate(&graphs[r], g, 0), "instantiate");
                         cudaGraphDestroy(g);
                     }
-                    check_cuda(cudaMemsetAsync(out, 0xff, size_t(batch) * kQHeads * d * sizeof(float), stream), "poison");
-                    for (int r = 0; r < rotations; ++r) check_cuda(cudaGraphLaunch(graphs[r], stream), "warm-up");
+                    check_cuda(cudaMemsetAsync(out, 0xff,
+                                               size_t(batch) * kQHeads * d * sizeof(float), stream),
+                               "poison");
+                    for (int r = 0; r < rotations; ++r)
+                        check_cuda(cudaGraphLaunch(graphs[r], stream), "warm-up");
                     check_cuda(cudaStreamSynchronize(stream), "warm-up");
                     std::vector<float> host_out(size_t(batch) * kQHeads * d);
-                    check_cuda(cudaMemcpy(host_out.data(), out, host_out.size() * sizeof(float), cudaMemcpyDeviceToHost), "out");
-                    const bool finite = std::all_of(host_out.begin(), host_out.end(), [](float x) { return std::isfinite(x); });
+                    check_cuda(cudaMemcpy(host_out.data(), out, host_out.size() * sizeof(float),
+                                          cudaMemcpyDeviceToHost),
+                               "out");
+                    const bool finite = std::all_of(host_out.begin(), host_out.end(),
+                                                    [](float x) { return std::isfinite(x); });
                     const auto ms = time_ms(60, [&](int r) {
                         check_cuda(cudaGraphLaunch(graphs[r % rotations], nullptr), "launch");
                     });
@@ -209,8 +246,9 @@ int run(const char* out_path, const std::string& only) {
                     points.push_back({m.name, d, batch, tokens, median(ms), ms.front(), bytes,
                                       bytes / (median(ms) * 1e-3) / 1e9, finite});
                     const Point& p = points.back();
-                    std::printf("%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy%s\n", m.name, d, batch, tokens,
-                                p.ms, p.gbps, p.gbps / copy_gbps, finite ? "" : "  NON-FINITE OUTPUT");
+                    std::printf("%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy%s\n",
+                                m.name, d, batch, tokens, p.ms, p.gbps, p.gbps / copy_gbps,
+                                finite ? "" : "  NON-FINITE OUTPUT");
                 }
             }
         }
@@ -221,31 +259,42 @@ int run(const char* out_path, const std::string& only) {
         std::perror(out_path);
         return 1;
     }
-    std::fprintf(f, "{\n  \"device\": \"%s\", \"sms\": %d, \"l2_mb\": %d,\n", prop.name, prop.multiProcessorCount,
-                 prop.l2CacheSize >> 20);
-    std::fprintf(f, "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d,\n", copy_gbps,
-                 kKvHeads, kQHeads);
+    const char* command = std::getenv("VQ_BENCH_COMMAND");
+    std::fprintf(f, "{\n  \"command\": \"%s\", \"binary\": \"bench_cuda_attention %s%s%s\",\n",
+                 command != nullptr ? command : "", out_path, only.empty() ? "" : " ",
+                 only.c_str());
+    std::fprintf(f, "  \"device\": \"%s\", \"sms\": %d, \"l2_mb\": %d,\n", prop.name,
+                 prop.multiProcessorCount, prop.l2CacheSize >> 20);
+    std::fprintf(f,
+                 "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d,\n",
+                 copy_gbps, kKvHeads, kQHeads);
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
-        std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}", i ? ", " : "", kMethods[i].name,
-                     kMethods[i].bits, kMethods[i].stages, kMethods[i].value_bits);
+        std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",
+                     i ? ", " : "", kMethods[i].name, kMethods[i].bits, kMethods[i].stages,
+                     kMethods[i].value_bits);
     std::fprintf(f, "},\n  \"decode\": [\n");
     for (size_t i = 0; i < points.size(); ++i) {
         const Point& p = points[i];
         std::fprintf(f,
-                     "    {\"method\": \"%s\", \"d\": %d, \"batch\": %d, \"tokens\": %d, \"ms\": %.5f, \"ms_min\": %.5f, "
-                     "\"compressed_bytes\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, \"finite\": %s}%s\n",
-                     p.method.c_str(), p.d, p.batch, p.tokens, p.ms, p.ms_min, p.bytes, p.gbps, p.gbps / copy_gbps,
-                     p.finite ? "true" : "false", i + 1 < points.size() ? "," : "");
+                     "    {\"method\": \"%s\", \"d\": %d, \"batch\": %d, \"tokens\": %d, \"ms\": "
+                     "%.5f, \"ms_min\": %.5f, "
+                     "\"compressed_bytes\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
+                     "\"finite\": %s}%s\n",
+                     p.method.c_str(), p.d, p.batch, p.tokens, p.ms, p.ms_min, p.bytes, p.gbps,
+                     p.gbps / copy_gbps, p.finite ? "true" : "false",
+                     i + 1 < points.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"encode\": [\n");
     for (size_t i = 0; i < encodes.size(); ++i) {
         const Encode& e = encodes[i];
-        std::fprintf(f,
-                     "    {\"method\": \"%s\", \"d\": %d, \"tokens\": %d, \"kv_heads\": %d, \"ms\": %.4f, "
-                     "\"bytes_in_plus_out\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, \"tokens_per_s\": %.4g}%s\n",
-                     e.method.c_str(), e.d, e.tokens, kKvHeads, e.ms, e.bytes, e.gbps, e.gbps / copy_gbps,
-                     e.tokens_per_s, i + 1 < encodes.size() ? "," : "");
+        std::fprintf(
+            f,
+            "    {\"method\": \"%s\", \"d\": %d, \"tokens\": %d, \"kv_heads\": %d, \"ms\": %.4f, "
+            "\"bytes_in_plus_out\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
+            "\"tokens_per_s\": %.4g}%s\n",
+            e.method.c_str(), e.d, e.tokens, kKvHeads, e.ms, e.bytes, e.gbps, e.gbps / copy_gbps,
+            e.tokens_per_s, i + 1 < encodes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

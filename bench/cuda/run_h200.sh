@@ -3,8 +3,10 @@
 # the benchmark, run the parity test (plus compute-sanitizer on the batched decode), time our
 # fused decode and encode, and time torch bf16 SDPA at the same shapes in the same run.
 # Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
+# VQ_NCU_POINTS="METHOD:D:B:N ..." picks the decode points ncu profiles (default k1v2:128:8:131072).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+export VQ_BENCH_COMMAND="bash bench/cuda/run_h200.sh"  # recorded in the JSON results
 OUT=${OUT:-$PWD/bench/results/h200}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
@@ -35,12 +37,15 @@ done
 step "benchmark"
 "$BUILD/bench/cuda/bench_cuda_attention" "$OUT/cuda_bench.json"
 if command -v ncu >/dev/null; then
-  step "ncu: the decode kernel at 1-bit keys, 2-bit values, d=128, B=8, N=128K"
-  timeout 90 ncu --clock-control none --kernel-name regex:decode_attention --launch-skip 2 --launch-count 1 \
-    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-    --section WarpStateStats --section Occupancy --section LaunchStats \
-    "$BUILD/bench/cuda/bench_cuda_attention" /tmp/ncu_point.json k1v2:128:8:131072 > "$OUT/ncu.txt" 2>&1
-  grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible" "$OUT/ncu.txt"
+  step "ncu: the decode kernel at ${VQ_NCU_POINTS:-k1v2:128:8:131072}"
+  for point in ${VQ_NCU_POINTS:-k1v2:128:8:131072}; do
+    echo "-- ncu $point"
+    timeout 90 ncu --clock-control none --kernel-name regex:decode_attention --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section LaunchStats \
+      "$BUILD/bench/cuda/bench_cuda_attention" /tmp/ncu_point.json "$point" >> "$OUT/ncu.txt" 2>&1
+  done
+  grep -E "^-- ncu|Duration|DRAM Throughput|L1/TEX Hit|Mem Pipes Busy|Compute \(SM\)|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Dynamic Shared|Block Limit Shared|Block Limit Reg" "$OUT/ncu.txt"
 fi
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   step "torch bf16 SDPA"

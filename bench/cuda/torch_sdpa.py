@@ -4,6 +4,7 @@ JSON, prints the comparison. Usage: torch_sdpa.py OUT.json [CUDA_BENCH.json]
 """
 import json
 import math
+import os
 import sys
 
 import torch
@@ -59,13 +60,20 @@ def main():
                       f"{rows[-1]['gbps']:.0f} GB/s {' '.join(names)}", flush=True)
                 del q, ks, vs
                 torch.cuda.empty_cache()
+    result = {"command": os.environ.get("VQ_BENCH_COMMAND", ""), "script": " ".join(sys.argv),
+              "device": dev, "torch": torch.__version__, "q_heads": Q_HEADS, "kv_heads": KV_HEADS,
+              "dtype": "bfloat16", "sdpa": rows}
+    ref = {(r["d"], r["batch"], r["tokens"]): r["ms"] for r in rows}
+    if len(sys.argv) > 2:  # our decode against SDPA at each point
+        ours = json.load(open(sys.argv[2]))
+        result["speedup"] = [{"method": p["method"], "d": p["d"], "batch": p["batch"], "tokens": p["tokens"],
+                              "ours_ms": p["ms"], "sdpa_ms": ref[(p["d"], p["batch"], p["tokens"])],
+                              "speedup": ref[(p["d"], p["batch"], p["tokens"])] / p["ms"],
+                              "ratio_to_copy": p["ratio_to_copy"]} for p in ours["decode"]]
     with open(out_path, "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "q_heads": Q_HEADS, "kv_heads": KV_HEADS,
-                   "dtype": "bfloat16", "sdpa": rows}, f, indent=1)
+        json.dump(result, f, indent=1)
 
     if len(sys.argv) > 2:
-        ours = json.load(open(sys.argv[2]))
-        ref = {(r["d"], r["batch"], r["tokens"]): r["ms"] for r in rows}
         print(f"\ncopy bandwidth (read + write): {ours['copy_gbps_read_plus_write']:.0f} GB/s")
         print(f"{'method':8} {'d':>4} {'B':>3} {'N':>7} {'ours ms':>9} {'sdpa ms':>9} {'speedup':>8} "
               f"{'GB/s':>6} {'of copy':>8}")

@@ -103,6 +103,9 @@ struct DecodeArgs {
     float* out = nullptr;                 ///< [batch][num_kv_heads * group][head_dim]
     float scale = 1.0f;
     void* workspace = nullptr;            ///< decode_workspace_bytes(args) bytes
+    /// Lane copies of the 256-entry pair tables of 4-bit keys or values in shared memory: 0
+    /// lets the plan choose (by residency), 1, 16 or 32 force it (tests cover each).
+    int table_copies = 0;
 };
 
 cudaError_t launch_encode(const EncodeArgs& args, cudaStream_t stream);

@@ -1,8 +1,12 @@
-// Split-K decode attention on the turboquant_rvq / value-codec page layout with tensor cores
-// (mma m16n8k16): scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated
-// queries, split into fp16 hi + lo parts for groups of up to 4), an online softmax, and
-// O^T += V_codes^T x P'^T in the value rotation's domain. Each CTA takes one KV head and a page
-// range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the splits.
+// Split-K decode attention on the turboquant_rvq / value-codec page layout with tensor cores:
+// scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated queries, split
+// into hi + lo parts for groups of up to 4), an online softmax, and O^T += V_codes^T x P'^T in
+// the value rotation's domain (mma m16n8k16, fp16). 1-bit keys in groups of up to 4 score with
+// integer mma m16n8k32 (0/1 key bytes x int8 query hi/lo parts). Each CTA takes one KV head and
+// a page range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the splits and
+// applies the inverse value rotation once. Shared memory: DecodeShared, then lane copies of the
+// lookup tables (4-bit pair tables, the byte-indexed 2-bit value table), then one cp.async
+// ring of whole pages per warp, whose first pages are requested before the CTA's set-up.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -10,6 +14,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/decode_fragments.cuh"
 #include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
@@ -22,149 +27,75 @@ namespace veloxquant::cuda::kernels {
 //           one contiguous chunk of each stage's code. 1-bit keys: pair (p, p + D/8) of the
 //           chunk is decoded exactly to (2^p' b_p, 2^p' b_q) by one LOP3 into the mantissa of
 //           1024 and one HADD2, the 2^-p' sitting in the query fragment (score = C0 sum q' +
-//           (C1 - C0) sum q'_j b_j); wider keys: a 2b-bit pair field indexes a half2 table of
-//           (C[i0], C[i1]) / max|C|.
+//           (C1 - C0) sum q'_j b_j), used for groups of 5..8 (groups of up to 4 take the
+//           integer path, kI8 in the kernel); wider keys: a 2b-bit pair field indexes a half2
+//           table of (C[i0], C[i1]) / max|C| (lane copies for 4 bits, decode_lut_bytes).
 //           B = rotated queries: column 2h = fp16(q'_h), 2h + 1 = fp16(q'_h - hi) for G <= 4
 //           (so the hi + lo add stays in one thread), column h = fp16(q'_h) for G = 5..8.
 //   values  A = V^T: row = dimension, k = token; lane group g owns dimensions [g D/8, (g+1) D/8),
 //           a contiguous chunk of each token's code; row g of tile v is dimension gD/8 + 2v, row
 //           g + 8 is gD/8 + 2v + 1. Two tokens' chunks merge into 2b-bit pair fields (token A's
-//           index, token B's index) that index a half2 table; fp16 values are a byte permute.
+//           index, token B's index) that index a half2 table; 2-bit values instead take one
+//           byte per (token pair, dimension pair) that indexes both registers of a tile at once
+//           (decode_v64_bytes); fp16 values are a byte permute.
 //           B = P'^T (p times the value scale, hi/lo split), written by the score threads and
 //           read back transposed with ldmatrix. Within each 16-token block, k position 2t + i
 //           (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that the four lanes
 //           t of a lane group read four different banks.
 
-template <int D, int KBITS, int VBITS>
+template <int D, int KBITS, int VBITS, int LUTC = 1>
 struct DecodeShared {
-    static constexpr int kKeyPairs = KBITS == 1 ? 1 : 1 << (2 * KBITS);
-    static constexpr int kValuePairs = VBITS == 16 ? 1 : 1 << (2 * VBITS);
+    // (tables with lane copies live after this struct instead)
+    static constexpr int kKeyPairs = KBITS == 1 || (LUTC > 1 && KBITS == 4) ? 1 : 1 << (2 * KBITS);
+    static constexpr int kValuePairs =
+        VBITS == 16 || (LUTC > 1 && VBITS == 4) ? 1 : 1 << (2 * VBITS);
     float q[kMaxGroup][D];            // rotated, power-of-two scaled queries
     float head_mul[kMaxGroup];        // undoes that scale
     float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
     float key_affine[kMaxStages][2];  // per stage: (C0, C1 - C0) or (0, pair table scale)
     uint32_t key_pairs[kMaxStages][kKeyPairs];
     uint32_t value_pairs[kValuePairs];
-    uint4 p[kDecodeWarps][kPage];     // P'^T rows: 8 halves per token
+    uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
 };
 
-/// Bytes after DecodeShared: the cp.async rings, reused for the warps' final states.
+/// A shared-memory region's end rounded up to 128 bytes. After DecodeShared come the table
+/// copies, then the cp.async rings (reused for the warps' final states).
 __host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
     return (shared_bytes + 127) / 128 * 128;
 }
 
-/// Loads `BYTES` bytes at p (aligned to the lowest set bit of BYTES, at most 16) into words.
-template <int BYTES>
-__device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[(BYTES + 3) / 4]) {
-    if constexpr (BYTES % 16 == 0) {
-#pragma unroll
-        for (int i = 0; i < BYTES / 16; ++i) {
-            const uint4 v = reinterpret_cast<const uint4*>(p)[i];
-            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
-        }
-    } else if constexpr (BYTES % 8 == 0) {
-#pragma unroll
-        for (int i = 0; i < BYTES / 8; ++i) {
-            const uint2 v = reinterpret_cast<const uint2*>(p)[i];
-            w[2 * i] = v.x, w[2 * i + 1] = v.y;
-        }
-    } else if constexpr (BYTES % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < BYTES / 4; ++i) w[i] = reinterpret_cast<const uint32_t*>(p)[i];
-    } else if constexpr (BYTES % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < (BYTES + 3) / 4; ++i) w[i] = 0;
-#pragma unroll
-        for (int i = 0; i < BYTES / 2; ++i)
-            w[i / 2] |= static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << (16 * (i & 1));
-    } else {
-        static_assert(BYTES == 1, "chunks are 1, 2, 4k or 2k + 2 bytes");
-        w[0] = *p;
-    }
+/// Lane copies of the 256-entry pair tables (4-bit keys or values): with LUTC copies, entry i of
+/// copy c is word i * LUTC + c and lane l reads copy l % LUTC, so LUTC = 32 makes every lookup
+/// conflict-free (one bank per lane) and LUTC = 16 at most 2-way; 1 is the plain table in
+/// DecodeShared. Bytes of those copies after DecodeShared (before the rings).
+__host__ __device__ constexpr size_t decode_lut_bytes(int key_bits, int key_stages, int value_bits,
+                                                      int lutc) {
+    return lutc == 1
+               ? 0
+               : static_cast<size_t>((key_bits == 4 ? key_stages : 0) + (value_bits == 4 ? 1 : 0)) *
+                     256 * lutc * sizeof(uint32_t);
 }
 
-/// Byte offset (index * 4) of the `width`-bit field at bit `pos` of w; pos and width are
-/// compile-time constants once the callers' loops are unrolled.
-template <int N>
-__device__ __forceinline__ uint32_t field_offset(const uint32_t (&w)[N], int pos, int width) {
-    const int i = pos >> 5, sh = pos & 31;
-    const uint32_t bits = sh + width <= 32 ? w[i] >> sh : __funnelshift_r(w[i], w[i + 1], sh);
-    return (bits & ((1u << width) - 1u)) << 2;
-}
-
-__device__ __forceinline__ uint32_t lut(const uint32_t* table, uint32_t byte_offset) {
-    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(table) + byte_offset);
-}
-
-/// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
-/// exactly: one LOP3 puts them in the mantissa of 1024 (magic = 0x64006400, ulp 1), one HADD2
-/// subtracts 1024. The 2^-p goes into the query fragment.
-__device__ __forceinline__ uint32_t bit_pair(uint32_t x, uint32_t magic, int p) {
-    uint32_t m;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(m) : "r"(x), "r"(0x00010001u << p), "r"(magic));
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&m), __half2(1024.0f, 1024.0f));
-    return *reinterpret_cast<const uint32_t*>(&r);
-}
-
-/// 2^x for x <= 0 (MUFU.EX2, flushing subnormal results to 0; -inf gives 0).
-__device__ __forceinline__ float exp2_approx(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-/// Chunk type of one lane group's value dimensions (D / 8 of them) of one token.
-template <int D, int VBITS>
-using ValueChunk = std::conditional_t<(D / 8) * VBITS <= 32, uint32_t, uint64_t>;
-
-template <int D, int VBITS>
-__device__ __forceinline__ ValueChunk<D, VBITS> load_value_chunk(const uint8_t* p) {
-    constexpr int kBytes = (D / 8) * VBITS / 8;
-    if constexpr (kBytes == 1) return *p;
-    else if constexpr (kBytes == 2) return *reinterpret_cast<const uint16_t*>(p);
-    else if constexpr (kBytes == 4) return *reinterpret_cast<const uint32_t*>(p);
-    else return *reinterpret_cast<const uint64_t*>(p);
-}
-
-/// Pair fields of two tokens' chunks: field k of even() holds (A, B) indices of dimension 2k,
-/// field k of odd() those of dimension 2k + 1, each 2 * VBITS bits wide.
-template <int VBITS, typename C>
-__device__ __forceinline__ C merge_even(C a, C b) {
-    constexpr C kMask = static_cast<C>(VBITS == 1 ? 0x5555555555555555ull
-                                                  : VBITS == 2 ? 0x3333333333333333ull
-                                                               : 0x0F0F0F0F0F0F0F0Full);
-    return (a & kMask) | ((b << VBITS) & ~kMask);
-}
-template <int VBITS, typename C>
-__device__ __forceinline__ C merge_odd(C a, C b) {
-    constexpr C kMask = static_cast<C>(VBITS == 1 ? 0x5555555555555555ull
-                                                  : VBITS == 2 ? 0x3333333333333333ull
-                                                               : 0x0F0F0F0F0F0F0F0Full);
-    return ((a >> VBITS) & kMask) | (b & ~kMask);
-}
-
-/// The table entry of pair field `field` (a compile-time constant once unrolled); the shift
-/// leaves the index already scaled to a byte offset.
-template <int VBITS, typename C>
-__device__ __forceinline__ uint32_t value_pair(const uint32_t* table, C merged, int field) {
-    constexpr int kWidth = 2 * VBITS;
-    constexpr uint32_t kMask = ((1u << kWidth) - 1u) << 2;
-    const int sh = kWidth * field;
-    const uint32_t bits = sh >= 2 ? static_cast<uint32_t>(merged >> (sh - 2)) : static_cast<uint32_t>(merged << 2);
-    return lut(table, bits & kMask);
+/// 2-bit values, byte-indexed: entry e (token A's dims 2v, 2v + 1 in bits 0-3, token B's in bits
+/// 4-7) holds both A fragments of a tile, (half2 of dim 2v, half2 of dim 2v + 1), one LDS.64;
+/// VC lane copies (entry e of copy c at uint2 VC e + c): 16 keep each half-warp conflict-free
+/// (8 were slower: 2-way conflicts; the nibble-indexed pair table, value_pair, costs 3
+/// instructions per fragment register instead of 1.5).
+__host__ __device__ constexpr size_t decode_v64_bytes(int value_bits, int vc) {
+    return value_bits == 2 ? static_cast<size_t>(256) * vc * sizeof(uint2) : 0;
 }
 
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
 /// otherwise (group 5..8) column h is head h.
-template <int D, int KBITS, int VBITS, bool HILO>
+template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC>
 __global__ void __launch_bounds__(kDecodeWarps * 32)
     decode_attention_kernel(const DecodeKernelParams kp) {
     constexpr int E = D / 32;
-    constexpr int kCoords = D / 4;                 // key coordinates per lane per stage
+    constexpr int kCoords = D / 4;                  // key coordinates per lane per stage
     constexpr int kKeyChunk = kCoords * KBITS / 8;  // bytes
     constexpr int kKeyWords = (kKeyChunk + 3) / 4;
     constexpr int kKBlocks = D / 16;
-    constexpr int kDims = D / 8;                   // value dimensions per lane group
+    constexpr int kDims = D / 8;  // value dimensions per lane group
     constexpr int kVTiles = D / 16;
     constexpr int kValueChunk = kDims * VBITS / 8;  // bytes
     constexpr int kSlots = HILO ? 1 : 2;            // heads among a thread's two score columns
@@ -173,14 +104,35 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     static_assert(VBITS == 1 || VBITS == 2 || VBITS == 4 || VBITS == 16, "value bits 1, 2, 4, 16");
     static_assert(kCoords * KBITS % 16 == 0, "a lane's key chunk starts on a 2-byte boundary");
     static_assert(KBITS > 1 || kCoords <= 32, "1-bit pairs (p, p + D/8) fit one 32-bit word");
-    using Shared = DecodeShared<D, KBITS, VBITS>;
+    static_assert(LUTC == 1 || LUTC == 16 || LUTC == 32,
+                  "1, 16 or 32 lane copies of the pair tables");
+    constexpr bool kKeyCopies = LUTC > 1 && KBITS == 4, kValueCopies = LUTC > 1 && VBITS == 4;
+    constexpr int kLutShift = LUTC == 32   ? 7
+                              : LUTC == 16 ? 6
+                                           : 2;  // log2 of an entry's stride in bytes
+    constexpr int kKeyShift = kKeyCopies ? kLutShift : 2,
+                  kValueShift = kValueCopies ? kLutShift : 2;
+    // 1-bit keys, groups of up to 4: integer scores (see kI8Blocks below).
+    constexpr bool kI8 = KBITS == 1 && HILO;
+    constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
+    using Shared = DecodeShared<D, KBITS, VBITS, LUTC>;
 
     extern __shared__ __align__(128) uint8_t smem_raw[];
     Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
-    uint8_t* rings = smem_raw + decode_ring_offset(sizeof(Shared));
-
     const DecodeArgs& a = kp.args;
     const TqPageLayout& L = a.layout;
+    uint32_t* copies = reinterpret_cast<uint32_t*>(smem_raw + decode_ring_offset(sizeof(Shared)));
+    constexpr int kVC = VBITS == 2 ? VC : 0;
+    constexpr bool kV64 = kVC > 0;
+    constexpr int kValueByteCopies = kV64 ? kVC : 1;
+    static_assert(VC == 0 || VC == 16, "0 or 16 copies of the byte-indexed value table");
+    uint8_t* v64_table = smem_raw + decode_ring_offset(sizeof(Shared)) +
+                         decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC);
+    uint8_t* rings =
+        smem_raw + decode_ring_offset(decode_ring_offset(sizeof(Shared)) +
+                                      decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC) +
+                                      decode_v64_bytes(VBITS, kVC));
+
     const TqDeviceTables& T = a.tables;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
@@ -190,19 +142,68 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const int p_begin = split * kp.pages_per_split;
     const int p_end = min(n_pages, p_begin + kp.pages_per_split);
 
+    // Per-warp cp.async ring over this warp's pages; the first pages are in flight while the
+    // CTA sets up its tables and queries.
+    const int S = kp.ring;
+    uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
+    const int first = p_begin + warp;
+    const int count = p_end > first ? (p_end - first + kDecodeWarps - 1) / kDecodeWarps : 0;
+    const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
+    const uint32_t chunks = L.head_bytes / 16;
+    int issue_slot = 0, read_slot = 0;  // ring slots of the next issue and the next page read
+    auto issue = [&](int i) {
+        if (i < count) {
+            const uint4* src =
+                reinterpret_cast<const uint4*>(
+                    a.pool + static_cast<size_t>(table[first + kDecodeWarps * i]) * L.page_bytes +
+                    static_cast<size_t>(kvh) * L.head_bytes) +
+                lane;
+            uint4* dst = reinterpret_cast<uint4*>(ring + issue_slot * L.head_bytes) + lane;
+            for (uint32_t c = lane; c < chunks; c += 32, src += 32, dst += 32)
+                cp_async_16(dst, src);
+        }
+        cp_async_commit();
+        issue_slot = issue_slot + 1 == S ? 0 : issue_slot + 1;
+    };
+    for (int i = 0; i < S - 1; ++i) issue(i);
+
     // Tables, and the group's queries rotated once (warp w rotates heads w, w + 4).
-    for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x) sh.key_affine[i / 2][i % 2] = T.key_affine[i];
-    if constexpr (KBITS > 1)
+    for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
+        sh.key_affine[i / 2][i % 2] = T.key_affine[i];
+    if constexpr (KBITS > 1 && !kKeyCopies)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
             sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
-    if constexpr (VBITS != 16)
-        for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x) sh.value_pairs[i] = T.value_pairs[i];
+    if constexpr (VBITS != 16 && !kValueCopies)
+        for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x)
+            sh.value_pairs[i] = T.value_pairs[i];
+    if constexpr (kKeyCopies)
+        for (int i = threadIdx.x; i < L.key_stages * 256 * LUTC; i += blockDim.x)
+            copies[i] = T.key_pairs[i / LUTC];
+    if constexpr (kValueCopies) {
+        uint32_t* v = copies + (kKeyCopies ? L.key_stages * 256 * LUTC : 0);
+        for (int i = threadIdx.x; i < 256 * LUTC; i += blockDim.x) v[i] = T.value_pairs[i / LUTC];
+    }
+    if constexpr (kV64) {
+        for (int i = threadIdx.x; i < 256 * kValueByteCopies; i += blockDim.x) {
+            const int e = i / kValueByteCopies;
+            reinterpret_cast<uint2*>(v64_table)[i] =
+                make_uint2(T.value_pairs[(e & 3) | ((e >> 4) & 3) << 2],
+                           T.value_pairs[((e >> 2) & 3) | ((e >> 6) & 3) << 2]);
+        }
+    }
+    const uint8_t* v64_lane = v64_table + (lane % kValueByteCopies) * sizeof(uint2);
+    // This lane's copy of each table.
+    const int copy = lane & (LUTC - 1);
+    const uint32_t* value_table = kValueCopies
+                                      ? copies + (kKeyCopies ? L.key_stages * 256 * LUTC : 0) + copy
+                                      : sh.value_pairs;
     for (int h = warp; h < kMaxGroup; h += kDecodeWarps) {
         if (h >= G) {
             if (lane == 0) sh.head_mul[h] = 1.0f, sh.head_add[h] = 0.0f;
             continue;
         }
-        const float* q = a.queries + (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + h) * D;
+        const float* q =
+            a.queries + (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + h) * D;
         float x[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) x[e] = q[lane * E + e] * T.key_signs[kvh * D + lane * E + e];
@@ -223,10 +224,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 
     // Query fragments (B of the score mma), fixed for the whole CTA; for 1-bit keys coordinate
     // pair p is scaled by 2^-p (p < 10) or 2^-(p - 6), undoing the decode's 2^p.
-    uint32_t bq[kKBlocks][2];
-    {
-        const int hq = HILO ? g >> 1 : g;
-        const bool lo_part = HILO && (g & 1);
+    const int hq = HILO ? g >> 1 : g;
+    const bool lo_part = HILO && (g & 1);
+    uint32_t bq[kI8 ? 1 : kKBlocks][2];
+    if constexpr (!kI8) {
 #pragma unroll
         for (int kb = 0; kb < kKBlocks; ++kb) {
 #pragma unroll
@@ -236,7 +237,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                 __half h0 = __float2half_rn(0.0f), h1 = h0;
                 if (hq < G) {
                     const int p = 2 * kb + r;
-                    const float unscale = KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
+                    const float unscale =
+                        KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
                     const float v0 = sh.q[hq][c0] * unscale, v1 = sh.q[hq][c1] * unscale;
                     h0 = __float2half_rn(v0);
                     h1 = __float2half_rn(v1);
@@ -249,37 +251,49 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
             }
         }
     }
+    // Integer scores of 1-bit keys (mma m16n8k32, u8 keys x s8 queries): the query, scaled to
+    // max |q'| in [128, 256), becomes Q = rint(127 q') = 256 hi + lo with hi, lo in int8 (columns
+    // 2h, 2h + 1), exact to 2^-15 of max |q'|. Byte i of k-slot register s of thread t is bit
+    // s + 8i of the lane's 32-bit key chunk (D = 128; D = 64 spreads its 16 bits into nibbles
+    // 0-3, 8-11, 4-7, 12-15 first), so one shift and one mask make 4 exact 0/1 key bytes.
+    uint32_t bq8[kI8 ? kI8Blocks : 1][2];
+    if constexpr (kI8) {
+#pragma unroll
+        for (int kb = 0; kb < kI8Blocks; ++kb) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int s = 2 * kb + r;
+                uint32_t word = 0;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = D == 128 ? t * 32 + s + 8 * i
+                                           : t * 16 + s +
+                                                 (i == 1   ? 8
+                                                  : i == 2 ? 4
+                                                  : i == 3 ? 12
+                                                           : 0);
+                    int v = 0;
+                    if (hq < G) {
+                        const int q = __float2int_rn(sh.q[hq][c] * 127.0f);
+                        const int hi = (q + 128) >> 8;
+                        v = lo_part ? q - 256 * hi : hi;
+                    }
+                    word |= static_cast<uint32_t>(v & 0xFF) << (8 * i);
+                }
+                bq8[kb][r] = word;
+            }
+        }
+    }
     // Heads of this thread's score columns.
     int heads[kSlots];
     float mul[kSlots], add[kSlots];
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
         heads[j] = HILO ? t : 2 * t + j;
-        mul[j] = sh.head_mul[heads[j]];
+        mul[j] = sh.head_mul[heads[j]] * (kI8 ? 1.0f / 127.0f : 1.0f);
         add[j] = sh.head_add[heads[j]];
     }
     const float scale_log2 = a.scale * 1.4426950408889634f;
-
-    // Per-warp cp.async ring over this warp's pages.
-    const int S = kp.ring;
-    uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
-    const int first = p_begin + warp;
-    const int count = p_end > first ? (p_end - first + kDecodeWarps - 1) / kDecodeWarps : 0;
-    const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
-    const uint32_t chunks = L.head_bytes / 16;
-    int issue_slot = 0, read_slot = 0;  // ring slots of the next issue and the next page read
-    auto issue = [&](int i) {
-        if (i < count) {
-            const uint4* src = reinterpret_cast<const uint4*>(
-                                   a.pool + static_cast<size_t>(table[first + kDecodeWarps * i]) * L.page_bytes +
-                                   static_cast<size_t>(kvh) * L.head_bytes) + lane;
-            uint4* dst = reinterpret_cast<uint4*>(ring + issue_slot * L.head_bytes) + lane;
-            for (uint32_t c = lane; c < chunks; c += 32, src += 32, dst += 32) cp_async_16(dst, src);
-        }
-        cp_async_commit();
-        issue_slot = issue_slot + 1 == S ? 0 : issue_slot + 1;
-    };
-    for (int i = 0; i < S - 1; ++i) issue(i);
 
     float o[kVTiles][4];
 #pragma unroll
@@ -302,46 +316,84 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         float sc[4][4];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.0f;
-        for (int s = 0; s < L.key_stages; ++s) {
-            float acc[4][4];
+        if constexpr (kI8) {
+            for (int s = 0; s < L.key_stages; ++s) {
+                int acc[4][4];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) {
-                acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-                const uint8_t* row0 = buf + (16 * mt + g) * L.key_code_bytes + s * (D * KBITS / 8) + t * kKeyChunk;
-                uint32_t w0[kKeyWords], w1[kKeyWords];
-                load_chunk<kKeyChunk>(row0, w0);
-                load_chunk<kKeyChunk>(row0 + 8 * L.key_code_bytes, w1);
-#pragma unroll
-                for (int kb = 0; kb < kKBlocks; ++kb) {
-                    uint32_t af[4];
-                    if constexpr (KBITS == 1) {
-                        // Pairs (p, p + 16) of the word; D = 64 spreads its 16 bits first.
-                        const uint32_t x0 = D == 128 ? w0[0] : __byte_perm(w0[0], 0, 0x4140);
-                        const uint32_t x1 = D == 128 ? w1[0] : __byte_perm(w1[0], 0, 0x4140);
-#pragma unroll
-                        for (int r = 0; r < 2; ++r) {
-                            const int p = 2 * kb + r;
-                            const int sh6 = p < 10 ? 0 : 6;
-                            af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
-                            af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
-                        }
-                    } else {
-                        const uint32_t* pairs = sh.key_pairs[s];
-#pragma unroll
-                        for (int r = 0; r < 2; ++r) {
-                            const int pos = (4 * kb + 2 * r) * KBITS;
-                            af[2 * r] = lut(pairs, field_offset(w0, pos, 2 * KBITS));
-                            af[2 * r + 1] = lut(pairs, field_offset(w1, pos, 2 * KBITS));
-                        }
+                for (int mt = 0; mt < 4; ++mt) {
+                    acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+                    const uint8_t* row0 =
+                        buf + (16 * mt + g) * L.key_code_bytes + s * (D / 8) + t * kKeyChunk;
+                    uint32_t w0[kKeyWords], w1[kKeyWords];
+                    load_chunk<kKeyChunk>(row0, w0);
+                    load_chunk<kKeyChunk>(row0 + 8 * L.key_code_bytes, w1);
+                    uint32_t x0 = w0[0], x1 = w1[0];
+                    if constexpr (D == 64) {
+                        x0 = (x0 & 0x0F0Fu) | ((x0 & 0xF0F0u) << 12);
+                        x1 = (x1 & 0x0F0Fu) | ((x1 & 0xF0F0u) << 12);
                     }
-                    mma_16816(acc[mt], af, bq[kb][0], bq[kb][1]);
+#pragma unroll
+                    for (int kb = 0; kb < kI8Blocks; ++kb) {
+                        const uint32_t af[4] = {
+                            (x0 >> (2 * kb)) & 0x01010101u, (x1 >> (2 * kb)) & 0x01010101u,
+                            (x0 >> (2 * kb + 1)) & 0x01010101u, (x1 >> (2 * kb + 1)) & 0x01010101u};
+                        mma_16832_u8s8(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+                    }
                 }
+                const float w = sh.key_affine[s][1];  // C1 - C0
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                    for (int r = 0; r < 2; ++r)
+                        sc[mt][2 * r] =
+                            fmaf(w, static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]),
+                                 sc[mt][2 * r]);
             }
-            const float w = sh.key_affine[s][1];  // C1 - C0 (1 bit) or the pair table's scale
+        } else {
+            for (int s = 0; s < L.key_stages; ++s) {
+                float acc[4][4];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
+                for (int mt = 0; mt < 4; ++mt) {
+                    acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+                    const uint8_t* row0 = buf + (16 * mt + g) * L.key_code_bytes +
+                                          s * (D * KBITS / 8) + t * kKeyChunk;
+                    uint32_t w0[kKeyWords], w1[kKeyWords];
+                    load_chunk<kKeyChunk>(row0, w0);
+                    load_chunk<kKeyChunk>(row0 + 8 * L.key_code_bytes, w1);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) sc[mt][c] = fmaf(w, acc[mt][c], sc[mt][c]);
+                    for (int kb = 0; kb < kKBlocks; ++kb) {
+                        uint32_t af[4];
+                        if constexpr (KBITS == 1) {
+                            // Pairs (p, p + 16) of the word; D = 64 spreads its 16 bits first.
+                            const uint32_t x0 = D == 128 ? w0[0] : __byte_perm(w0[0], 0, 0x4140);
+                            const uint32_t x1 = D == 128 ? w1[0] : __byte_perm(w1[0], 0, 0x4140);
+#pragma unroll
+                            for (int r = 0; r < 2; ++r) {
+                                const int p = 2 * kb + r;
+                                const int sh6 = p < 10 ? 0 : 6;
+                                af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
+                                af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
+                            }
+                        } else {
+                            const uint32_t* pairs =
+                                kKeyCopies ? copies + s * 256 * LUTC + copy : sh.key_pairs[s];
+#pragma unroll
+                            for (int r = 0; r < 2; ++r) {
+                                const int pos = (4 * kb + 2 * r) * KBITS;
+                                af[2 * r] = lut(pairs, field_offset<kKeyShift>(w0, pos, 2 * KBITS));
+                                af[2 * r + 1] =
+                                    lut(pairs, field_offset<kKeyShift>(w1, pos, 2 * KBITS));
+                            }
+                        }
+                        mma_16816(acc[mt], af, bq[kb][0], bq[kb][1]);
+                    }
+                }
+                const float w = sh.key_affine[s][1];  // C1 - C0 (1 bit) or the pair table's scale
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) sc[mt][c] = fmaf(w, acc[mt][c], sc[mt][c]);
+            }
         }
 
         // Logits (log2 units) and the online softmax of each slot's head.
@@ -411,7 +463,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                 const float vs = VBITS == 16 ? 1.0f : vscales[tok] * T.value_pair_scale;
                 const float p0 = x[mt][r][0] * vs, p1 = x[mt][r][kSlots - 1] * vs;
                 const __half h0 = __float2half_rn(p0);
-                const __half h1 = HILO ? __float2half_rn(p0 - __half2float(h0)) : __float2half_rn(p1);
+                const __half h1 =
+                    HILO ? __float2half_rn(p0 - __half2float(h0)) : __float2half_rn(p1);
                 const int row = 16 * mt + 8 * r + 2 * (g & 3) + (g >> 2);
                 *reinterpret_cast<uint32_t*>(pbuf + row * 16 + 4 * t) = pack_half2(h0, h1);
             }
@@ -444,19 +497,43 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                                             __byte_perm(w[2][v], w[3][v], 0x7632)};
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
                 }
+            } else if constexpr (kV64) {
+                // Bytes j of x[0] / x[1]: both tokens' nibbles 2j / 2j + 1 (dims 4j, 4j + 1 / 4j +
+                // 2, 4j + 3), the entry index of tile 2j / 2j + 1.
+                const uint32_t c0 = load_value_chunk<D, VBITS>(tok),
+                               c1 = load_value_chunk<D, VBITS>(tok + step);
+                const uint32_t c2 = load_value_chunk<D, VBITS>(tok + 2 * step);
+                const uint32_t c3 = load_value_chunk<D, VBITS>(tok + 3 * step);
+                const uint32_t x01[2] = {(c0 & 0x0F0F0F0Fu) | ((c1 << 4) & 0xF0F0F0F0u),
+                                         ((c0 >> 4) & 0x0F0F0F0Fu) | (c1 & 0xF0F0F0F0u)};
+                const uint32_t x23[2] = {(c2 & 0x0F0F0F0Fu) | ((c3 << 4) & 0xF0F0F0F0u),
+                                         ((c2 >> 4) & 0x0F0F0F0Fu) | (c3 & 0xF0F0F0F0u)};
+#pragma unroll
+                for (int v = 0; v < kVTiles; ++v) {
+                    const uint32_t sel = 0x4440u | static_cast<uint32_t>(v >> 1);
+                    const uint32_t i01 = __byte_perm(x01[v & 1], 0, sel),
+                                   i23 = __byte_perm(x23[v & 1], 0, sel);
+                    const uint2 e01 = *reinterpret_cast<const uint2*>(
+                        v64_lane + i01 * (kValueByteCopies * sizeof(uint2)));
+                    const uint2 e23 = *reinterpret_cast<const uint2*>(
+                        v64_lane + i23 * (kValueByteCopies * sizeof(uint2)));
+                    const uint32_t af[4] = {e01.x, e01.y, e23.x, e23.y};
+                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
+                }
             } else {
                 using C = ValueChunk<D, VBITS>;
-                const C c0 = load_value_chunk<D, VBITS>(tok), c1 = load_value_chunk<D, VBITS>(tok + step);
+                const C c0 = load_value_chunk<D, VBITS>(tok),
+                        c1 = load_value_chunk<D, VBITS>(tok + step);
                 const C c2 = load_value_chunk<D, VBITS>(tok + 2 * step);
                 const C c3 = load_value_chunk<D, VBITS>(tok + 3 * step);
                 const C e01 = merge_even<VBITS>(c0, c1), o01 = merge_odd<VBITS>(c0, c1);
                 const C e23 = merge_even<VBITS>(c2, c3), o23 = merge_odd<VBITS>(c2, c3);
 #pragma unroll
                 for (int v = 0; v < kVTiles; ++v) {
-                    const uint32_t af[4] = {value_pair<VBITS>(sh.value_pairs, e01, v),
-                                            value_pair<VBITS>(sh.value_pairs, o01, v),
-                                            value_pair<VBITS>(sh.value_pairs, e23, v),
-                                            value_pair<VBITS>(sh.value_pairs, o23, v)};
+                    const uint32_t af[4] = {value_pair<VBITS, kValueShift>(value_table, e01, v),
+                                            value_pair<VBITS, kValueShift>(value_table, o01, v),
+                                            value_pair<VBITS, kValueShift>(value_table, e23, v),
+                                            value_pair<VBITS, kValueShift>(value_table, o23, v)};
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
                 }
             }
@@ -473,9 +550,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);
     }
     __syncthreads();
-    float* wo = reinterpret_cast<float*>(rings);                 // [warp][head][D]
-    float* wm = wo + kDecodeWarps * kMaxGroup * D;               // [warp][head]
-    float* wl = wm + kDecodeWarps * kMaxGroup;                   // [warp][head]
+    float* wo = reinterpret_cast<float*>(rings);    // [warp][head][D]
+    float* wm = wo + kDecodeWarps * kMaxGroup * D;  // [warp][head]
+    float* wl = wm + kDecodeWarps * kMaxGroup;      // [warp][head]
 #pragma unroll
     for (int v = 0; v < kVTiles; ++v) {
 #pragma unroll
@@ -492,7 +569,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     if (g == 0) {
 #pragma unroll
         for (int j = 0; j < kSlots; ++j)
-            if (heads[j] < G) wm[warp * kMaxGroup + heads[j]] = m_run[j], wl[warp * kMaxGroup + heads[j]] = l_run[j];
+            if (heads[j] < G)
+                wm[warp * kMaxGroup + heads[j]] = m_run[j],
+                                      wl[warp * kMaxGroup + heads[j]] = l_run[j];
     }
     __syncthreads();
     const size_t unit = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits + split;

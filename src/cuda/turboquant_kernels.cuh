@@ -17,10 +17,10 @@
 
 namespace veloxquant::cuda::kernels {
 
-constexpr int kPage = 64;         // tokens per page
-constexpr int kDecodeWarps = 4;   // warps per decode CTA; warp w takes pages w, w + 4, ...
-constexpr int kMaxGroup = 8;      // query heads per KV head
-constexpr int kMaxStages = 3;     // turboquant_rvq stages
+constexpr int kPage = 64;        // tokens per page
+constexpr int kDecodeWarps = 4;  // warps per decode CTA; warp w takes pages w, w + 4, ...
+constexpr int kMaxGroup = 8;     // query heads per KV head
+constexpr int kMaxStages = 3;    // turboquant_rvq stages
 constexpr int kEncodeWarps = 8;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -29,9 +29,9 @@ struct DecodeKernelParams {
     DecodeArgs args;
     int pages_per_split = 0;
     int splits = 0;
-    int ring = 0;            // pages in flight per warp (cp.async ring depth), 1..4
-    float* partial_o = nullptr;   // [batch][kv head][split][group][head_dim]
-    float2* partial_ml = nullptr; // [batch][kv head][split][group] (max, sum) in log2 units
+    int ring = 0;                  // pages in flight per warp (cp.async ring depth), 1..4
+    float* partial_o = nullptr;    // [batch][kv head][split][group][head_dim]
+    float2* partial_ml = nullptr;  // [batch][kv head][split][group] (max, sum) in log2 units
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -46,6 +46,19 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
     __trap();  // the decode kernel needs sm_80 or newer; the launcher refuses older devices
+#endif
+}
+
+/// Integer mma m16n8k32: unsigned 8-bit A (row), signed 8-bit B (column), int32 accumulators.
+__device__ __forceinline__ void mma_16832_u8s8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                               uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
 #endif
 }
 
@@ -80,12 +93,27 @@ __device__ __forceinline__ void cp_async_commit() {
 __device__ __forceinline__ void cp_async_wait(int pending) {
 #if __CUDA_ARCH__ >= 800
     switch (pending) {
-        case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
-        case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
-        case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
-        default: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+        case 0:
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+            break;
+        case 1:
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+            break;
+        case 2:
+            asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+            break;
+        default:
+            asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+            break;
     }
 #endif
+}
+
+/// 2^x for x <= 0 (MUFU.EX2, flushing subnormal results to 0; -inf gives 0).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
@@ -166,7 +194,8 @@ __device__ __forceinline__ void warp_pack_store(const int (&idx)[E], int bits, u
     const int bit = lane * E * bits;
     const uint64_t shifted = static_cast<uint64_t>(v) << (bit & 31);
     atomicOr(&words[bit >> 5], static_cast<uint32_t>(shifted));
-    if ((shifted >> 32) != 0) atomicOr(&words[(bit >> 5) + 1], static_cast<uint32_t>(shifted >> 32));
+    if ((shifted >> 32) != 0)
+        atomicOr(&words[(bit >> 5) + 1], static_cast<uint32_t>(shifted >> 32));
     __syncwarp();
     for (int w = lane; w < nwords; w += 32) reinterpret_cast<uint32_t*>(dst)[w] = words[w];
     __syncwarp();
@@ -292,9 +321,9 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) dequantize_kernel(const Deq
     for (int s = 0; s < L.key_stages; ++s)
 #pragma unroll
         for (int e = 0; e < E; ++e)
-            x[e] = __fadd_rn(x[e], T.key_centroids[s * levels +
-                                                   read_packed(kcode + s * L.key_stage_bytes,
-                                                               lane * E + e, L.key_bits)]);
+            x[e] = __fadd_rn(x[e],
+                             T.key_centroids[s * levels + read_packed(kcode + s * L.key_stage_bytes,
+                                                                      lane * E + e, L.key_bits)]);
     warp_fwht<E>(x, lane, T.inv_sqrt_d);
     const float norm = reinterpret_cast<const float*>(block + L.key_norms_offset)[slot];
 #pragma unroll
@@ -314,7 +343,8 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) dequantize_kernel(const Deq
         x[e] = __fmul_rn(scale, T.value_centroids[read_packed(vcode, lane * E + e, L.value_bits)]);
     warp_fwht<E>(x, lane, T.inv_sqrt_d);
 #pragma unroll
-    for (int e = 0; e < E; ++e) a.values[dst + e] = __fmul_rn(x[e], T.value_signs[h * D + lane * E + e]);
+    for (int e = 0; e < E; ++e)
+        a.values[dst + e] = __fmul_rn(x[e], T.value_signs[h * D + lane * E + e]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,7 +362,8 @@ __global__ void __launch_bounds__(128) merge_kernel(const DecodeKernelParams kp)
     const int b = item / num_q, qh = item % num_q, kvh = qh / a.group, h = qh % a.group;
     const size_t unit = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits;
     float m = -INFINITY;
-    for (int s = lane; s < kp.splits; s += 32) m = fmaxf(m, kp.partial_ml[(unit + s) * a.group + h].x);
+    for (int s = lane; s < kp.splits; s += 32)
+        m = fmaxf(m, kp.partial_ml[(unit + s) * a.group + h].x);
     m = warp_max(m);
     float x[E] = {};
     float l = 0.0f;

@@ -12,52 +12,158 @@ using kernels::kDecodeWarps;
 using kernels::kMaxGroup;
 
 bool layout_supported(const TqPageLayout& L) {
-    const bool values = L.value_bits == 1 || L.value_bits == 2 || L.value_bits == 4 || L.value_bits == 16;
+    const bool values =
+        L.value_bits == 1 || L.value_bits == 2 || L.value_bits == 4 || L.value_bits == 16;
     return (L.head_dim == 64 || L.head_dim == 128) && L.key_bits >= 1 && L.key_bits <= 4 &&
-           L.key_stages >= 1 && L.key_stages <= kernels::kMaxStages && values && L.num_kv_heads >= 1 &&
-           L.head_bytes % 64 == 0 && L.page_bytes == static_cast<uint64_t>(L.num_kv_heads) * L.head_bytes;
+           L.key_stages >= 1 && L.key_stages <= kernels::kMaxStages && values &&
+           L.num_kv_heads >= 1 && L.head_bytes % 64 == 0 &&
+           L.page_bytes == static_cast<uint64_t>(L.num_kv_heads) * L.head_bytes;
 }
 
 struct DecodeKernel {
     void (*fn)(DecodeKernelParams) = nullptr;
-    size_t shared_bytes = 0;  // sizeof(DecodeShared), before the rings
+    size_t shared_bytes = 0;  // sizeof(DecodeShared), before the table copies and the rings
+    int lutc = 1;             // lane copies of the 256-entry pair tables (4-bit keys or values)
+    int vc = 0;               // copies of the byte-indexed 2-bit value table (0: none)
 };
 
-template <int D, int K, int V>
-DecodeKernel decode_entry(bool hilo) {
-    const size_t shared = sizeof(kernels::DecodeShared<D, K, V>);
-    if (hilo) return {&kernels::decode_attention_kernel<D, K, V, true>, shared};
-    return {&kernels::decode_attention_kernel<D, K, V, false>, shared};
+// `lutc`: lane copies (1, 16, 32) of the 256-entry tables of 4-bit keys or values; ignored
+// otherwise. 2-bit values always take the byte-indexed table (16 copies).
+template <int D, int K, int V, bool HILO>
+DecodeKernel decode_entry(int lutc) {
+    using kernels::decode_attention_kernel;
+    using kernels::DecodeShared;
+    constexpr int VC = V == 2 ? 16 : 0;
+    if constexpr (K == 4 || V == 4) {
+        if (lutc == 32)
+            return {&decode_attention_kernel<D, K, V, HILO, 32, VC>,
+                    sizeof(DecodeShared<D, K, V, 32>), 32, VC};
+        if (lutc == 16)
+            return {&decode_attention_kernel<D, K, V, HILO, 16, VC>,
+                    sizeof(DecodeShared<D, K, V, 16>), 16, VC};
+    }
+    return {&decode_attention_kernel<D, K, V, HILO, 1, VC>, sizeof(DecodeShared<D, K, V>), 1, VC};
 }
 
-template <int D, int K>
-DecodeKernel pick_value_bits(int value_bits, bool hilo) {
+template <int D, int K, bool HILO>
+DecodeKernel pick_value_bits(int value_bits, int lutc) {
     switch (value_bits) {
-        case 1: return decode_entry<D, K, 1>(hilo);
-        case 2: return decode_entry<D, K, 2>(hilo);
-        case 4: return decode_entry<D, K, 4>(hilo);
-        case 16: return decode_entry<D, K, 16>(hilo);
-        default: return {};
+        case 1:
+            return decode_entry<D, K, 1, HILO>(lutc);
+        case 2:
+            return decode_entry<D, K, 2, HILO>(lutc);
+        case 4:
+            return decode_entry<D, K, 4, HILO>(lutc);
+        case 16:
+            return decode_entry<D, K, 16, HILO>(lutc);
+        default:
+            return {};
     }
 }
 
-template <int D>
-DecodeKernel pick_key_bits(int key_bits, int value_bits, bool hilo) {
+template <int D, bool HILO>
+DecodeKernel pick_key_bits(int key_bits, int value_bits, int lutc) {
     switch (key_bits) {
-        case 1: return pick_value_bits<D, 1>(value_bits, hilo);
-        case 2: return pick_value_bits<D, 2>(value_bits, hilo);
-        case 3: return pick_value_bits<D, 3>(value_bits, hilo);
-        case 4: return pick_value_bits<D, 4>(value_bits, hilo);
-        default: return {};
+        case 1:
+            return pick_value_bits<D, 1, HILO>(value_bits, lutc);
+        case 2:
+            return pick_value_bits<D, 2, HILO>(value_bits, lutc);
+        case 3:
+            return pick_value_bits<D, 3, HILO>(value_bits, lutc);
+        case 4:
+            return pick_value_bits<D, 4, HILO>(value_bits, lutc);
+        default:
+            return {};
     }
 }
 
 // Groups of up to 4 query heads split each query into fp16 hi + lo columns.
-DecodeKernel pick_decode(const TqPageLayout& L, int group) {
+DecodeKernel pick_decode(const TqPageLayout& L, int group, int lutc) {
     const bool hilo = group <= 4;
-    if (L.head_dim == 64) return pick_key_bits<64>(L.key_bits, L.value_bits, hilo);
-    if (L.head_dim == 128) return pick_key_bits<128>(L.key_bits, L.value_bits, hilo);
+    if (L.head_dim == 64)
+        return hilo ? pick_key_bits<64, true>(L.key_bits, L.value_bits, lutc)
+                    : pick_key_bits<64, false>(L.key_bits, L.value_bits, lutc);
+    if (L.head_dim == 128)
+        return hilo ? pick_key_bits<128, true>(L.key_bits, L.value_bits, lutc)
+                    : pick_key_bits<128, false>(L.key_bits, L.value_bits, lutc);
     return {};
+}
+
+// A kernel's shared-memory plan: ring depth, bytes and CTAs per SM.
+struct Residency {
+    int ring = 1;
+    size_t smem = 0;
+    int per_sm = 0;
+};
+
+cudaError_t plan_residency(const TqPageLayout& L, const DecodeKernel& k, Residency& r) {
+    // Ring depth: the most pages per warp (2..4) that keep the CTA within the largest residency
+    // tier that holds two (4, 3, 2 or 1 CTAs per SM: 228 KB less 1 KB per CTA), else one. When
+    // that leaves at most two CTAs per SM and one page per warp fits more, one page per warp:
+    // more warps hide the latency better than a deeper ring (measured on 4-bit keys and values,
+    // head_dim 128: bench/cuda/decode_tuning.md).
+    constexpr size_t kTiers[] = {56 * 1024, 75 * 1024, 113 * 1024, 227 * 1024};
+    constexpr size_t kSmemMax = 227 * 1024;
+    const size_t fixed = kernels::decode_ring_offset(
+        kernels::decode_ring_offset(k.shared_bytes) +
+        kernels::decode_lut_bytes(L.key_bits, L.key_stages, L.value_bits, k.lutc) +
+        kernels::decode_v64_bytes(L.value_bits, k.vc));
+    const size_t states =
+        static_cast<size_t>(kDecodeWarps) * kMaxGroup * (L.head_dim + 2) * sizeof(float);
+    const size_t page_set = static_cast<size_t>(kDecodeWarps) * L.head_bytes;  // one page per warp
+    int ring = 1;
+    for (const size_t tier : kTiers) {
+        if (fixed + std::max(2 * page_set, states) <= tier) {
+            ring = static_cast<int>(std::min<size_t>((tier - fixed) / page_set, 4));
+            break;
+        }
+    }
+    auto smem = [&](int depth) { return fixed + std::max(depth * page_set, states); };
+    if (smem(ring) > kSmemMax) return cudaErrorInvalidValue;
+    // The attribute bounds the launch's dynamic shared memory; ring 1 needs no more.
+    cudaError_t err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem(ring)));
+    auto occupancy = [&](int depth, int& per_sm) {
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, kDecodeWarps * 32,
+                                                             smem(depth));
+    };
+    r.ring = ring;
+    r.smem = smem(ring);
+    if (err == cudaSuccess) err = occupancy(ring, r.per_sm);
+    if (err == cudaSuccess && ring > 1 && r.per_sm <= 2) {
+        int one = 0;
+        err = occupancy(1, one);
+        if (err == cudaSuccess && one > r.per_sm) r.ring = 1, r.smem = smem(1), r.per_sm = one;
+    }
+    return err;
+}
+
+// Lane copies of 4-bit tables (args.table_copies, or the plan's choice): the most copies that
+// keep the residency of plain tables, or 16 when both keys and values have such tables and two
+// CTAs still fit.
+cudaError_t pick_kernel(const DecodeArgs& a, DecodeKernel& k, Residency& r) {
+    const TqPageLayout& L = a.layout;
+    const bool four = L.key_bits == 4 || L.value_bits == 4;
+    if (a.table_copies != 0 || !four) {
+        k = pick_decode(L, a.group, four ? a.table_copies : 1);
+        return plan_residency(L, k, r);
+    }
+    const DecodeKernel plain = pick_decode(L, a.group, 1);
+    Residency rp;
+    cudaError_t err = plan_residency(L, plain, rp);
+    if (err != cudaSuccess) return err;
+    k = plain, r = rp;
+    const bool both = L.key_bits == 4 && L.value_bits == 4;
+    for (const int c : {32, 16}) {
+        const DecodeKernel cand = pick_decode(L, a.group, c);
+        Residency rc;
+        if (plan_residency(L, cand, rc) != cudaSuccess) continue;
+        if (rc.per_sm >= rp.per_sm || (both && c == 16 && rc.per_sm >= 2)) {
+            k = cand, r = rc;
+            break;
+        }
+    }
+    return cudaSuccess;
 }
 
 struct DecodePlan {
@@ -70,46 +176,51 @@ struct DecodePlan {
     size_t partial_ml_bytes = 0;
 };
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+size_t align256(size_t n) {
+    return (n + 255) / 256 * 256;
+}
 
-// Split-K plan: enough CTAs for about four waves on big problems (the tail wave costs little),
-// at most 32 pages per split until the machine is full once, so a CTA's set-up (tables, query
-// rotation) is amortized over at least 8 pages per warp when there is work for it.
+// Split-K plan: kernel (table copies), ring depth, and the split of each sequence's pages.
 cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     const TqPageLayout& L = a.layout;
-    if (!layout_supported(L) || a.group < 1 || a.group > kMaxGroup || a.batch < 1 || a.max_seq_len < 1 ||
-        a.pool == nullptr || a.page_table == nullptr || a.queries == nullptr || a.out == nullptr ||
+    if (!layout_supported(L) || a.group < 1 || a.group > kMaxGroup || a.batch < 1 ||
+        a.max_seq_len < 1 || a.pool == nullptr || a.page_table == nullptr || a.queries == nullptr ||
+        a.out == nullptr ||
         a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage ||
-        (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)))
+        (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
+        (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
+         a.table_copies != 32))
         return cudaErrorInvalidValue;
-    plan.kernel = pick_decode(L, a.group);
     int device = 0, sms = 0, major = 0;
     cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (err != cudaSuccess) return err;
-    if (major < 8) return cudaErrorNotSupported;  // mma.sync m16n8k16 and cp.async
-
-    // Ring depth: 44 KB of rings keeps four CTAs (16 warps) per SM for narrow pages; at least
-    // two pages per warp where that still fits, else one.
-    constexpr size_t kRingBudget = 44 * 1024, kRingMax = 192 * 1024;
-    plan.ring = static_cast<int>(std::clamp<size_t>(kRingBudget / (kDecodeWarps * L.head_bytes), 1, 4));
-    if (plan.ring == 1 && 2 * kDecodeWarps * static_cast<size_t>(L.head_bytes) <= kRingMax) plan.ring = 2;
-    const size_t rings = static_cast<size_t>(kDecodeWarps) * plan.ring * L.head_bytes;
-    const size_t states = (static_cast<size_t>(kDecodeWarps) * kMaxGroup * (L.head_dim + 2)) * sizeof(float);
-    plan.smem = kernels::decode_ring_offset(plan.kernel.shared_bytes) + std::max(rings, states);
-    err = cudaFuncSetAttribute(plan.kernel.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(plan.smem));
-    int per_sm = 0;
     if (err == cudaSuccess)
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan.kernel.fn, kDecodeWarps * 32, plan.smem);
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (err != cudaSuccess) return err;
+    if (major < 8) return cudaErrorNotSupported;  // mma.sync m16n8k16 / m16n8k32 and cp.async
+    Residency r;
+    if ((err = pick_kernel(a, plan.kernel, r)) != cudaSuccess) return err;
+    plan.ring = r.ring;
+    plan.smem = r.smem;
+    const int per_sm = r.per_sm;
     const long long resident = static_cast<long long>(std::max(per_sm, 1)) * sms;
     const long long pages = (a.max_seq_len + kernels::kPage - 1) / kernels::kPage;
     const long long units = static_cast<long long>(a.batch) * L.num_kv_heads;
-    const long long total = units * pages;
-    long long pps = (total + 4 * resident - 1) / (4 * resident);
-    if (pps < 32) pps = std::min<long long>(32, std::max(pps, (total + resident - 1) / resident));
+    // Splits: each CTA costs about kCtaPages pages of set-up (tables, query rotation, the first
+    // page's latency, the final merge), and the last wave of CTAs runs mostly alone, so take
+    // the number of full waves k (CTAs <= k * resident) that minimizes k * (pages per CTA +
+    // kCtaPages). (Measured: 4 fixed waves left a nearly empty fifth at B = 8, N = 128K.)
+    constexpr long long kCtaPages = 8;
+    long long pps = pages, best = -1;
+    for (long long k = 1; k <= 8; ++k) {
+        const long long splits = std::max<long long>(1, std::min(pages, k * resident / units));
+        const long long per_cta = (pages + splits - 1) / splits;
+        const long long waves =
+            (units * ((pages + per_cta - 1) / per_cta) + resident - 1) / resident;
+        const long long cost = waves * (per_cta + kCtaPages);
+        if (best < 0 || cost < best) best = cost, pps = per_cta;
+    }
     pps = std::clamp<long long>(pps, 1, pages);
     plan.pages_per_split = static_cast<int>(pps);
     plan.splits = static_cast<int>((pages + pps - 1) / pps);
@@ -119,30 +230,32 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     return cudaSuccess;
 }
 
-}  // namespace
-
-cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
+// Shared by encode and dequantize: both take one warp per (head, token) of tokens
+// [start, start + n_tokens) of one sequence and read or write float32 keys and values.
+template <typename Args>
+cudaError_t launch_per_token(const Args& a, void (*kernel64)(Args), void (*kernel128)(Args),
+                             cudaStream_t stream) {
     if (!layout_supported(a.layout) || a.n_tokens < 0 || a.start < 0 || a.pool == nullptr ||
         a.page_table == nullptr || (a.n_tokens > 0 && (a.keys == nullptr || a.values == nullptr)))
         return cudaErrorInvalidValue;
     if (a.n_tokens == 0) return cudaSuccess;
     const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
-    const unsigned blocks = static_cast<unsigned>((items + kernels::kEncodeWarps - 1) / kernels::kEncodeWarps);
-    if (a.layout.head_dim == 64) kernels::encode_kernel<64><<<blocks, kernels::kEncodeWarps * 32, 0, stream>>>(a);
-    else kernels::encode_kernel<128><<<blocks, kernels::kEncodeWarps * 32, 0, stream>>>(a);
+    const unsigned blocks =
+        static_cast<unsigned>((items + kernels::kEncodeWarps - 1) / kernels::kEncodeWarps);
+    (a.layout.head_dim == 64 ? kernel64
+                             : kernel128)<<<blocks, kernels::kEncodeWarps * 32, 0, stream>>>(a);
     return cudaGetLastError();
 }
 
+}  // namespace
+
+cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
+    return launch_per_token(a, &kernels::encode_kernel<64>, &kernels::encode_kernel<128>, stream);
+}
+
 cudaError_t launch_dequantize(const DequantizeArgs& a, cudaStream_t stream) {
-    if (!layout_supported(a.layout) || a.n_tokens < 0 || a.start < 0 || a.pool == nullptr ||
-        a.page_table == nullptr || (a.n_tokens > 0 && (a.keys == nullptr || a.values == nullptr)))
-        return cudaErrorInvalidValue;
-    if (a.n_tokens == 0) return cudaSuccess;
-    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
-    const unsigned blocks = static_cast<unsigned>((items + kernels::kEncodeWarps - 1) / kernels::kEncodeWarps);
-    if (a.layout.head_dim == 64) kernels::dequantize_kernel<64><<<blocks, kernels::kEncodeWarps * 32, 0, stream>>>(a);
-    else kernels::dequantize_kernel<128><<<blocks, kernels::kEncodeWarps * 32, 0, stream>>>(a);
-    return cudaGetLastError();
+    return launch_per_token(a, &kernels::dequantize_kernel<64>, &kernels::dequantize_kernel<128>,
+                            stream);
 }
 
 std::size_t decode_workspace_bytes(const DecodeArgs& a) {
@@ -162,14 +275,17 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     kp.splits = plan.splits;
     kp.ring = plan.ring;
     kp.partial_o = static_cast<float*>(a.workspace);
-    kp.partial_ml = reinterpret_cast<float2*>(static_cast<uint8_t*>(a.workspace) + plan.partial_o_bytes);
+    kp.partial_ml =
+        reinterpret_cast<float2*>(static_cast<uint8_t*>(a.workspace) + plan.partial_o_bytes);
     const dim3 grid(plan.splits, a.layout.num_kv_heads, a.batch);
     plan.kernel.fn<<<grid, kDecodeWarps * 32, plan.smem, stream>>>(kp);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     const long long rows = static_cast<long long>(a.batch) * a.layout.num_kv_heads * a.group;
     const unsigned blocks = static_cast<unsigned>((rows + 3) / 4);
-    if (a.layout.head_dim == 64) kernels::merge_kernel<64><<<blocks, 128, 0, stream>>>(kp);
-    else kernels::merge_kernel<128><<<blocks, 128, 0, stream>>>(kp);
+    if (a.layout.head_dim == 64)
+        kernels::merge_kernel<64><<<blocks, 128, 0, stream>>>(kp);
+    else
+        kernels::merge_kernel<128><<<blocks, 128, 0, stream>>>(kp);
     return cudaGetLastError();
 }
 

@@ -1,6 +1,7 @@
 // Parity of the CUDA backend with the CPU reference on random inputs of several shapes:
 // encoded codes (identical up to exact ties), dequantize (1e-5), decode attention (relative
-// error 1e-3) on the same codes, the batched launcher with a shuffled page table, and the
+// error 1e-3) on the same codes, the batched launcher with a shuffled page table (also with
+// each count of lookup-table copies in shared memory), and the
 // device cache end to end against TurboQuantRVQKVCache. Every device test skips cleanly when
 // no CUDA device is present.
 #include <gtest/gtest.h>
@@ -72,6 +73,7 @@ std::string name(const Shape& s) {
 const std::vector<Shape> kShapes = {
     {128, 1, 1, 2, 8}, {128, 2, 2, 4, 2}, {128, 3, 1, 1, 1}, {128, 4, 3, 16, 2}, {128, 4, 1, 4, 3},
     {64, 1, 2, 4, 2},  {64, 2, 1, 16, 1}, {64, 3, 3, 2, 2},  {64, 4, 2, 1, 4},   {128, 1, 3, 16, 1},
+    {64, 4, 1, 2, 2},
 };
 
 KVCacheConfig make_config(const Shape& s, uint64_t seed) {
@@ -324,6 +326,71 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
     for (std::size_t b = 0; b < lens.size(); ++b) {
         const std::vector<float> got(out.begin() + b * hq * s.d, out.begin() + (b + 1) * hq * s.d);
         EXPECT_LE(relative_error(got, refs[b]), 1e-3) << "sequence " << b << " of length " << lens[b];
+    }
+}
+
+// The plan picks how many lane copies of the 4-bit lookup tables live in shared memory by
+// residency; every count must give the same attention. Two sequences, one ending mid-page.
+TEST(CudaParity, DecodeWithEachTableCopyCount) {
+    SKIP_WITHOUT_DEVICE();
+    const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {128, 2, 2, 4, 2}, {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1}};
+    const std::vector<int> lens = {1000, 301};
+    uint64_t seed = 4242;
+    for (const Shape& s : shapes) {
+        for (int group : {4, 8}) {
+            const KVCacheConfig c = make_config(s, ++seed);
+            const TqHostTables host = make_host_tables(c, s.heads, s.d, 0);
+            const DeviceTables tables(host);
+            const int hq = s.heads * group, stride = 1024 / kTokensPerPage;
+            std::vector<int32_t> table(lens.size() * stride);
+            std::iota(table.begin(), table.end(), 0);
+            std::shuffle(table.begin(), table.end(), std::mt19937(static_cast<unsigned>(seed)));
+            DeviceBuffer<uint8_t> pool(table.size() * host.layout.page_bytes);
+            std::vector<float> queries, ref;
+            for (std::size_t b = 0; b < lens.size(); ++b) {
+                CpuReference cpu(c, s.heads, s.d, host.page_layout);
+                cpu.append(random_tokens(s.heads, lens[b], s.d, ++seed, 0.3f),
+                           vqtest::randn(static_cast<std::size_t>(s.heads) * lens[b] * s.d, ++seed), lens[b]);
+                for (int p = 0; p < (lens[b] + kTokensPerPage - 1) / kTokensPerPage; ++p)
+                    check_cuda(cudaMemcpy(pool.get() + static_cast<std::size_t>(table[b * stride + p]) * host.layout.page_bytes,
+                                          cpu.store.page_data(p), host.layout.page_bytes, cudaMemcpyHostToDevice), "page");
+                const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed);
+                const auto r = cpu.attend(q, hq, 0.1f);
+                queries.insert(queries.end(), q.begin(), q.end());
+                ref.insert(ref.end(), r.begin(), r.end());
+            }
+            DeviceBuffer<int32_t> dtable(table), dlens(std::vector<int32_t>(lens.begin(), lens.end()));
+            DeviceBuffer<float> dq(queries), dout(queries.size());
+            DecodeArgs a;
+            a.layout = host.layout;
+            a.tables = tables.get();
+            a.pool = pool.get();
+            a.page_table = dtable.get();
+            a.page_table_stride = stride;
+            a.seq_lens = dlens.get();
+            a.max_seq_len = 1024;
+            a.batch = static_cast<int>(lens.size());
+            a.group = group;
+            a.queries = dq.get();
+            a.out = dout.get();
+            a.scale = 0.1f;
+            for (int copies : {1, 16, 32}) {
+                SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " + std::to_string(copies));
+                a.table_copies = copies;
+                const std::size_t need = decode_workspace_bytes(a);
+                if (need == 0) {  // only when those copies do not fit in shared memory (3 stages x 32)
+                    EXPECT_TRUE(s.stages == 3 && copies == 32);
+                    continue;
+                }
+                DeviceBuffer<uint8_t> workspace(need);
+                a.workspace = workspace.get();
+                check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
+                check_cuda(launch_decode_attention(a, nullptr), "decode");
+                EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
+            }
+            a.table_copies = 3;
+            EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
+        }
     }
 }
 

@@ -1,0 +1,114 @@
+// Device helpers of the decode kernel (turboquant_decode.cuh) that turn packed key and value
+// codes into mma fragments: chunk loads, bit-field extraction, table lookups, exact 1-bit
+// decodes, and the pairing of two tokens' value codes.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace veloxquant::cuda::kernels {
+
+/// Loads `BYTES` bytes at p (aligned to the lowest set bit of BYTES, at most 16) into words.
+template <int BYTES>
+__device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[(BYTES + 3) / 4]) {
+    if constexpr (BYTES % 16 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 16; ++i) {
+            const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else if constexpr (BYTES % 8 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 8; ++i) {
+            const uint2 v = reinterpret_cast<const uint2*>(p)[i];
+            w[2 * i] = v.x, w[2 * i + 1] = v.y;
+        }
+    } else if constexpr (BYTES % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < BYTES / 4; ++i) w[i] = reinterpret_cast<const uint32_t*>(p)[i];
+    } else if constexpr (BYTES % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < (BYTES + 3) / 4; ++i) w[i] = 0;
+#pragma unroll
+        for (int i = 0; i < BYTES / 2; ++i)
+            w[i / 2] |= static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i])
+                        << (16 * (i & 1));
+    } else {
+        static_assert(BYTES == 1, "chunks are 1, 2, 4k or 2k + 2 bytes");
+        w[0] = *p;
+    }
+}
+
+/// Byte offset (index << SHIFT) of the `width`-bit field at bit `pos` of w; pos and width are
+/// compile-time constants once the callers' loops are unrolled.
+template <int SHIFT, int N>
+__device__ __forceinline__ uint32_t field_offset(const uint32_t (&w)[N], int pos, int width) {
+    const int i = pos >> 5, sh = pos & 31;
+    const uint32_t bits = sh + width <= 32 ? w[i] >> sh : __funnelshift_r(w[i], w[i + 1], sh);
+    return (bits & ((1u << width) - 1u)) << SHIFT;
+}
+
+__device__ __forceinline__ uint32_t lut(const uint32_t* table, uint32_t byte_offset) {
+    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(table) +
+                                              byte_offset);
+}
+
+/// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
+/// exactly: one LOP3 puts them in the mantissa of 1024 (magic = 0x64006400, ulp 1), one HADD2
+/// subtracts 1024. The 2^-p goes into the query fragment.
+__device__ __forceinline__ uint32_t bit_pair(uint32_t x, uint32_t magic, int p) {
+    uint32_t m;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(m) : "r"(x), "r"(0x00010001u << p), "r"(magic));
+    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&m), __half2(1024.0f, 1024.0f));
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+/// Chunk type of one lane group's value dimensions (D / 8 of them) of one token.
+template <int D, int VBITS>
+using ValueChunk = std::conditional_t<(D / 8) * VBITS <= 32, uint32_t, uint64_t>;
+
+template <int D, int VBITS>
+__device__ __forceinline__ ValueChunk<D, VBITS> load_value_chunk(const uint8_t* p) {
+    constexpr int kBytes = (D / 8) * VBITS / 8;
+    if constexpr (kBytes == 1)
+        return *p;
+    else if constexpr (kBytes == 2)
+        return *reinterpret_cast<const uint16_t*>(p);
+    else if constexpr (kBytes == 4)
+        return *reinterpret_cast<const uint32_t*>(p);
+    else
+        return *reinterpret_cast<const uint64_t*>(p);
+}
+
+/// Pair fields of two tokens' chunks: field k of even() holds (A, B) indices of dimension 2k,
+/// field k of odd() those of dimension 2k + 1, each 2 * VBITS bits wide.
+template <int VBITS, typename C>
+__device__ __forceinline__ C merge_even(C a, C b) {
+    constexpr C kMask = static_cast<C>(VBITS == 1   ? 0x5555555555555555ull
+                                       : VBITS == 2 ? 0x3333333333333333ull
+                                                    : 0x0F0F0F0F0F0F0F0Full);
+    return (a & kMask) | ((b << VBITS) & ~kMask);
+}
+template <int VBITS, typename C>
+__device__ __forceinline__ C merge_odd(C a, C b) {
+    constexpr C kMask = static_cast<C>(VBITS == 1   ? 0x5555555555555555ull
+                                       : VBITS == 2 ? 0x3333333333333333ull
+                                                    : 0x0F0F0F0F0F0F0F0Full);
+    return ((a >> VBITS) & kMask) | (b & ~kMask);
+}
+
+/// The table entry of pair field `field` (a compile-time constant once unrolled); the shift
+/// leaves the index already scaled to a byte offset (index << SHIFT).
+template <int VBITS, int SHIFT, typename C>
+__device__ __forceinline__ uint32_t value_pair(const uint32_t* table, C merged, int field) {
+    constexpr int kWidth = 2 * VBITS;
+    constexpr uint32_t kMask = ((1u << kWidth) - 1u) << SHIFT;
+    const int sh = kWidth * field;
+    const uint32_t bits = sh >= SHIFT ? static_cast<uint32_t>(merged >> (sh - SHIFT))
+                                      : static_cast<uint32_t>(merged << (SHIFT - sh));
+    return lut(table, bits & kMask);
+}
+
+}  // namespace veloxquant::cuda::kernels
