@@ -11,16 +11,23 @@
 #include "cache/paged_store.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
+#include "model/matmul.h"
 
 namespace veloxquant {
 namespace {
 
 constexpr int kRowTile = 8;
+// With this many query rows per KV head or more (prefill), pages are decoded once into float
+// tiles shared by kTiledRowTile rows: scoring each row on the codes would redo per-row work
+// (query tables, lookups) that one decode plus SIMD matrix products do for all of them.
+constexpr int kTiledMinRows = 16;
+constexpr int kTiledRowTile = 128;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Plan {
-    int group, rows, tiles, page_slots, chunk_pages, chunks, slots;  // slots = chunks + outliers
-    std::size_t stride;                                             // floats per partial
+    int group, rows, row_tile, tiles, page_slots, chunk_pages, chunks, slots;  // slots = chunks + outliers
+    bool tiled;                                                               // run_tiles, not run_codes
+    std::size_t stride;                                                       // floats per partial
 };
 
 float* partial(std::vector<float>& parts, const Plan& plan, int h, int row, int slot) {
@@ -54,43 +61,87 @@ void scale_acc(float* acc, int d, float r) {
         for (int j = 0; j < d; ++j) acc[j] *= r;
 }
 
-// One work item: KV head h, rows [r0, r1) of that head, pages of chunk c. Per page, every
-// row's logits and softmax weights come first; then the values are read once for all rows.
-void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>& parts, int h,
+// Rows of work item (h, r0..r1) visible up to max_limit; the pages of chunk c they can see.
+int last_page(const PagedAttentionArgs& a, const Plan& plan, int r0, int r1, int c, int P) {
+    int max_limit = 0;
+    for (int r = r0; r < r1; ++r) max_limit = std::max(max_limit, visible_limit(a, r % a.n_queries));
+    return std::min({plan.page_slots, (c + 1) * plan.chunk_pages, (max_limit + P - 1) / P});
+}
+
+const float* query_row(const PagedAttentionArgs& a, const Plan& plan, int h, int r) {
+    const int qh = h * plan.group + r / a.n_queries;
+    return a.queries + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * a.head_dim;
+}
+
+// Decoded-tile work item (prefill, or use_fused_sdpa = false): KV head h, rows [r0, r1), pages
+// of chunk c. Each page's keys and values are decoded once into float tiles (64 tokens, in L1)
+// that serve every row through the SIMD products of model/matmul.h: logits = Q K^T, then
+// acc += W V. Nothing beyond one page is ever materialised.
+void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>& parts, int h,
                int r0, int r1, int c) {
     const PagedStore& store = *a.store;
     const KeyCodec& kc = *(*a.key_codecs)[h];
     const ValueCodec& vc = *(*a.value_codecs)[h];
-    const int d = a.head_dim, P = store.tokens_per_page();
-    const int nr = r1 - r0;
-    int max_limit = 0;
-    for (int r = r0; r < r1; ++r) max_limit = std::max(max_limit, visible_limit(a, r % a.n_queries));
-    const int p_begin = c * plan.chunk_pages;
-    const int p_end = std::min({plan.page_slots, p_begin + plan.chunk_pages, (max_limit + P - 1) / P});
-
-    auto query = [&](int r) {
-        const int qh = h * plan.group + r / a.n_queries;
-        return a.queries + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * d;
-    };
-    std::vector<float> states, kbuf, vbuf;
-    if (a.fused) {
-        states.resize(static_cast<std::size_t>(nr) * kc.query_state_size());
-        for (int r = r0; r < r1; ++r)
-            kc.prepare_query(query(r), &states[static_cast<std::size_t>(r - r0) * kc.query_state_size()]);
-    } else {
-        kbuf.resize(static_cast<std::size_t>(P) * d);
-        vbuf.resize(static_cast<std::size_t>(P) * d);
+    const int d = a.head_dim, P = store.tokens_per_page(), nr = r1 - r0;
+    const int p_end = last_page(a, plan, r0, r1, c, P);
+    std::vector<float> q(static_cast<std::size_t>(nr) * d), kbuf(static_cast<std::size_t>(P) * d),
+        vbuf(static_cast<std::size_t>(P) * d), vt(static_cast<std::size_t>(d) * P),
+        w(static_cast<std::size_t>(nr) * P), pv(static_cast<std::size_t>(nr) * d);
+    for (int r = r0; r < r1; ++r) std::copy_n(query_row(a, plan, h, r), d, &q[static_cast<std::size_t>(r - r0) * d]);
+    for (int p = c * plan.chunk_pages; p < p_end; ++p) {
+        if (!store.held(p)) continue;
+        const int t0 = p * P, n = std::min(P, a.size - t0);
+        kc.decode_at(store.key_codes(p, h), store.key_scalars(p, h), P, n, t0, kbuf.data());
+        vc.decode(store.value_codes(p, h), store.value_scalars(p, h), P, n, vbuf.data());
+        const QMatrix keys{GGMLType::F32, reinterpret_cast<const uint8_t*>(kbuf.data()), n, d,
+                           static_cast<std::size_t>(d) * sizeof(float)};
+        const MatmulOut logits{&keys, w.data(), P};
+        matmul(&logits, 1, q.data(), d, nr);
+        for (int r = r0; r < r1; ++r) {
+            float* wr = &w[static_cast<std::size_t>(r - r0) * P];
+            const int limit = visible_limit(a, r % a.n_queries);
+            float* part = partial(parts, plan, h, r, c);
+            if (t0 >= limit) {
+                std::fill(wr, wr + n, 0.0f);
+                continue;
+            }
+            for (int t = 0; t < n; ++t) wr[t] *= a.scale;
+            mask_logits(a, h, t0, n, limit, wr);
+            scale_acc(part + 2, d, online_softmax_block(wr, n, part[0], part[1], wr));
+        }
+        for (int t = 0; t < n; ++t)
+            for (int j = 0; j < d; ++j) vt[static_cast<std::size_t>(j) * n + t] = vbuf[static_cast<std::size_t>(t) * d + j];
+        const QMatrix values{GGMLType::F32, reinterpret_cast<const uint8_t*>(vt.data()), d, n,
+                             static_cast<std::size_t>(n) * sizeof(float)};
+        const MatmulOut mixed{&values, pv.data(), d};
+        matmul(&mixed, 1, w.data(), P, nr);
+        for (int r = r0; r < r1; ++r) {
+            float* acc = partial(parts, plan, h, r, c) + 2;
+            const float* add = &pv[static_cast<std::size_t>(r - r0) * d];
+            for (int j = 0; j < d; ++j) acc[j] += add[j];
+        }
     }
+}
+
+// Fused work item (decode): KV head h, rows [r0, r1), pages of chunk c, scored on the codes.
+// Per page, every row's logits and softmax weights come first; then the values are read once
+// for all rows.
+void run_codes(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>& parts, int h,
+               int r0, int r1, int c) {
+    const PagedStore& store = *a.store;
+    const KeyCodec& kc = *(*a.key_codecs)[h];
+    const ValueCodec& vc = *(*a.value_codecs)[h];
+    const int d = a.head_dim, P = store.tokens_per_page(), nr = r1 - r0;
+    const int p_end = last_page(a, plan, r0, r1, c, P);
+    const std::size_t qs = kc.query_state_size();
+    std::vector<float> states(static_cast<std::size_t>(nr) * qs);
+    for (int r = r0; r < r1; ++r) kc.prepare_query(query_row(a, plan, h, r), &states[(r - r0) * qs]);
     std::vector<float> logits(P), weights(static_cast<std::size_t>(nr) * P);
     std::vector<float*> acc(nr);
     for (int r = r0; r < r1; ++r) acc[r - r0] = partial(parts, plan, h, r, c) + 2;
-    for (int p = p_begin; p < p_end; ++p) {
+    for (int p = c * plan.chunk_pages; p < p_end; ++p) {
         if (!store.held(p)) continue;
         const int t0 = p * P, n = std::min(P, a.size - t0);
-        if (!a.fused) {
-            kc.decode_at(store.key_codes(p, h), store.key_scalars(p, h), P, n, t0, kbuf.data());
-            vc.decode(store.value_codes(p, h), store.value_scalars(p, h), P, n, vbuf.data());
-        }
         for (int r = r0; r < r1; ++r) {
             float* w = &weights[static_cast<std::size_t>(r - r0) * P];
             const int limit = visible_limit(a, r % a.n_queries);
@@ -98,37 +149,14 @@ void run_pages(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
                 std::fill(w, w + n, 0.0f);
                 continue;
             }
-            if (a.fused) {
-                kc.score_at(&states[static_cast<std::size_t>(r - r0) * kc.query_state_size()],
-                            store.key_codes(p, h), store.key_scalars(p, h), P, n, t0, logits.data());
-            } else {
-                const float* q = query(r);
-                for (int t = 0; t < n; ++t) {
-                    const float* k = &kbuf[static_cast<std::size_t>(t) * d];
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int j = 0; j < d; ++j) s += q[j] * k[j];
-                    logits[t] = s;
-                }
-            }
+            kc.score_at(&states[(r - r0) * qs], store.key_codes(p, h), store.key_scalars(p, h), P, n,
+                        t0, logits.data());
             for (int t = 0; t < n; ++t) logits[t] *= a.scale;
             mask_logits(a, h, t0, n, limit, logits.data());
             float* part = acc[r - r0] - 2;
             scale_acc(acc[r - r0], d, online_softmax_block(logits.data(), n, part[0], part[1], w));
         }
-        if (a.fused) {
-            vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n, acc.data());
-        } else {
-            for (int t = 0; t < n; ++t) {
-                const float* v = &vbuf[static_cast<std::size_t>(t) * d];
-                for (int r = 0; r < nr; ++r) {
-                    const float wt = weights[static_cast<std::size_t>(r) * P + t];
-                    if (wt == 0.0f) continue;
-#pragma omp simd
-                    for (int j = 0; j < d; ++j) acc[r][j] += wt * v[j];
-                }
-            }
-        }
+        vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n, acc.data());
     }
 }
 
@@ -174,7 +202,9 @@ void paged_attention(const PagedAttentionArgs& a) {
     Plan plan;
     plan.group = a.num_q_heads / a.num_heads;
     plan.rows = plan.group * a.n_queries;
-    plan.tiles = (plan.rows + kRowTile - 1) / kRowTile;
+    plan.tiled = !a.fused || plan.rows >= kTiledMinRows;
+    plan.row_tile = plan.tiled ? kTiledRowTile : kRowTile;
+    plan.tiles = (plan.rows + plan.row_tile - 1) / plan.row_tile;
     plan.page_slots = a.store->page_slots();
     const int threads = omp_get_max_threads();
     const int items = a.num_heads * plan.tiles;
@@ -196,9 +226,10 @@ void paged_attention(const PagedAttentionArgs& a) {
         const int slot = w % plan.slots;
         const int tile = (w / plan.slots) % plan.tiles;
         const int h = w / (plan.slots * plan.tiles);
-        const int r0 = tile * kRowTile, r1 = std::min(plan.rows, r0 + kRowTile);
-        if (slot < plan.chunks) run_pages(a, plan, parts, h, r0, r1, slot);
-        else run_outliers(a, plan, parts, h, r0, r1);
+        const int r0 = tile * plan.row_tile, r1 = std::min(plan.rows, r0 + plan.row_tile);
+        if (slot >= plan.chunks) run_outliers(a, plan, parts, h, r0, r1);
+        else if (plan.tiled) run_tiles(a, plan, parts, h, r0, r1, slot);
+        else run_codes(a, plan, parts, h, r0, r1, slot);
     }
 
 #pragma omp parallel
@@ -221,15 +252,13 @@ void paged_attention(const PagedAttentionArgs& a) {
                 if (p[1] == 0.0f) continue;
                 const float w = std::exp(p[0] - m);
                 l += w * p[1];
-                // Fused page partials live in the value codec's domain; outliers in plain space.
-                float* dst = (a.fused && s < plan.chunks) ? coded.data() : plain.data();
+                // run_codes partials live in the value codec's domain; tiles and outliers in plain space.
+                float* dst = (!plan.tiled && s < plan.chunks) ? coded.data() : plain.data();
                 for (int j = 0; j < d; ++j) dst[j] += w * p[2 + j];
             }
-            if (a.fused) {
+            if (!plan.tiled) {
                 (*a.value_codecs)[h]->finalize(coded.data(), mapped.data());
                 for (int j = 0; j < d; ++j) plain[j] += mapped[j];
-            } else {
-                for (int j = 0; j < d; ++j) plain[j] += coded[j];
             }
             for (int j = 0; j < d; ++j) o[j] = plain[j] / l;
         }
