@@ -43,8 +43,12 @@ std::vector<double> rope_ref(const double* x, int d, const std::vector<double>& 
     return y;
 }
 
-std::vector<float> to_float(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
-std::vector<double> to_double(const float* x, int d) { return std::vector<double>(x, x + d); }
+std::vector<float> to_float(const std::vector<double>& v) {
+    return std::vector<float>(v.begin(), v.end());
+}
+std::vector<double> to_double(const float* x, int d) {
+    return std::vector<double>(x, x + d);
+}
 
 // Index m of a code, read bit by bit (LSB-first stream).
 int read_index(const uint8_t* code, int m, int bits) {
@@ -81,7 +85,8 @@ std::vector<float> structured_keys(int n, int d, uint64_t seed) {
     return x;
 }
 
-std::vector<float> random_codebook(int stages, int groups, int C, int gd, uint64_t seed, double sigma) {
+std::vector<float> random_codebook(int stages, int groups, int C, int gd, uint64_t seed,
+                                   double sigma) {
     std::mt19937_64 gen(seed);
     std::normal_distribution<double> N(0.0, 1.0);
     std::vector<float> w(static_cast<std::size_t>(stages) * groups * C * gd);
@@ -92,8 +97,8 @@ std::vector<float> random_codebook(int stages, int groups, int C, int gd, uint64
 }
 
 // The pre-RoPE reconstruction of one code from the raw codebook, in double.
-std::vector<double> naive_decode(const std::vector<float>& book, const uint8_t* code, int S, int G, int C,
-                                 int gd) {
+std::vector<double> naive_decode(const std::vector<float>& book, const uint8_t* code, int S, int G,
+                                 int C, int gd) {
     int bits = 0;
     while ((1 << bits) < C) ++bits;
     std::vector<double> z(static_cast<std::size_t>(G) * gd, 0.0);
@@ -113,7 +118,8 @@ double sq_dist(const std::vector<double>& a, const float* b) {
 }
 
 // Greedy residual error of one group in double (the search the codec must not do worse than).
-double greedy_error(const std::vector<float>& book, const double* x, int g, int S, int G, int C, int gd) {
+double greedy_error(const std::vector<float>& book, const double* x, int g, int S, int G, int C,
+                    int gd) {
     std::vector<double> r(x, x + gd);
     for (int s = 0; s < S; ++s) {
         int best = 0;
@@ -121,20 +127,22 @@ double greedy_error(const std::vector<float>& book, const double* x, int g, int 
         for (int c = 0; c < C; ++c) {
             double dd = 0.0;
             for (int j = 0; j < gd; ++j) {
-                const double e = r[j] - book[((static_cast<std::size_t>(s) * G + g) * C + c) * gd + j];
+                const double e =
+                    r[j] - book[((static_cast<std::size_t>(s) * G + g) * C + c) * gd + j];
                 dd += e * e;
             }
             if (dd < bd) bd = dd, best = c;
         }
-        for (int j = 0; j < gd; ++j) r[j] -= book[((static_cast<std::size_t>(s) * G + g) * C + best) * gd + j];
+        for (int j = 0; j < gd; ++j)
+            r[j] -= book[((static_cast<std::size_t>(s) * G + g) * C + best) * gd + j];
     }
     double e = 0.0;
     for (double v : r) e += v * v;
     return e;
 }
 
-KVCacheConfig commvq_config(const std::vector<float>& book, int L, int H, int S, int G, int C, int gd, int bits,
-                            std::vector<double> freq) {
+KVCacheConfig commvq_config(const std::vector<float>& book, int L, int H, int S, int G, int C,
+                            int gd, int bits, std::vector<double> freq) {
     KVCacheConfig c;
     c.method = "commvq";
     c.bits = bits;
@@ -167,16 +175,21 @@ TEST(CommVQCodec, MatchesNaiveReferenceWithAndWithoutRope) {
             const auto z = naive_decode(book, &codes[t * codec.code_bytes()], S, G, C, gd);
             const auto k = rope_ref(z.data(), d, freq, p);
             const double kn = std::sqrt(sq_dist(k, std::vector<float>(d, 0.0f).data()));
-            EXPECT_LT(std::sqrt(sq_dist(k, &dec[static_cast<std::size_t>(t) * d])), 1e-5 * kn + 1e-6) << t;
+            EXPECT_LT(std::sqrt(sq_dist(k, &dec[static_cast<std::size_t>(t) * d])),
+                      1e-5 * kn + 1e-6)
+                << t;
             double ref = 0.0;
             for (int j = 0; j < d; ++j) ref += q[j] * k[j];
             EXPECT_NEAR(scores[t], ref, 1e-5 * kn * vqtest::norm(q.data(), d) + 1e-6) << t;
             // The code search (greedy + ICM) is never worse than greedy, group by group.
-            const auto x = rope_ref(to_double(&keys[static_cast<std::size_t>(t) * d], d).data(), d, freq, -p);
+            const auto x =
+                rope_ref(to_double(&keys[static_cast<std::size_t>(t) * d], d).data(), d, freq, -p);
             for (int g = 0; g < G; ++g) {
                 double e = 0.0;
-                for (int j = 0; j < gd; ++j) e += (x[g * gd + j] - z[g * gd + j]) * (x[g * gd + j] - z[g * gd + j]);
-                EXPECT_LE(e, greedy_error(book, &x[g * gd], g, S, G, C, gd) * (1 + 1e-5) + 1e-9) << t << " " << g;
+                for (int j = 0; j < gd; ++j)
+                    e += (x[g * gd + j] - z[g * gd + j]) * (x[g * gd + j] - z[g * gd + j]);
+                EXPECT_LE(e, greedy_error(book, &x[g * gd], g, S, G, C, gd) * (1 + 1e-5) + 1e-9)
+                    << t << " " << g;
             }
         }
         // Position-free calls are positions 0.. of a run.
@@ -219,8 +232,8 @@ TEST(CommVQCodec, CodeSearchBetweenGreedyAndExhaustive) {
     }
     EXPECT_GE(codec_err, best_err * (1 - 1e-6));
     EXPECT_LT(codec_err, greedy_err);  // the ICM sweep helps on average
-    std::printf("[commvq] tiny search: greedy %.4f, greedy+ICM %.4f, exhaustive %.4f\n", greedy_err / n,
-                codec_err / n, best_err / n);
+    std::printf("[commvq] tiny search: greedy %.4f, greedy+ICM %.4f, exhaustive %.4f\n",
+                greedy_err / n, codec_err / n, best_err / n);
 }
 
 TEST(CommVQCodec, RopeCommutesWithEncoding) {
@@ -247,7 +260,8 @@ TEST(CommVQCodec, RopeCommutesWithEncoding) {
             same_codes += cp == c0;
             ++total;
             const double scale = vqtest::norm(z_hat.data(), d);
-            if (cp == c0) EXPECT_LT(std::sqrt(sq_dist(expect, k_hat.data())), 1e-5 * scale) << t << " " << p;
+            if (cp == c0)
+                EXPECT_LT(std::sqrt(sq_dist(expect, k_hat.data())), 1e-5 * scale) << t << " " << p;
         }
     }
     // Un-rotating in float can only flip exact near-ties of two codewords.
@@ -281,8 +295,10 @@ TEST(CommVQCache, DequantizeAppliesRopeAtEachPosition) {
         kc.clear(), vc.clear();
         for (int h = 0; h < H; ++h) {
             const std::size_t o = (static_cast<std::size_t>(h) * n + at) * d;
-            kc.insert(kc.end(), keys.begin() + o, keys.begin() + o + static_cast<std::size_t>(len) * d);
-            vc.insert(vc.end(), values.begin() + o, values.begin() + o + static_cast<std::size_t>(len) * d);
+            kc.insert(kc.end(), keys.begin() + o,
+                      keys.begin() + o + static_cast<std::size_t>(len) * d);
+            vc.insert(vc.end(), values.begin() + o,
+                      values.begin() + o + static_cast<std::size_t>(len) * d);
         }
         cache.append(kc.data(), vc.data(), len);
         at += len;
@@ -324,7 +340,8 @@ TEST(CommVQCache, FusedMatchesUnfusedAtSeveralPositions) {
         std::vector<float> out;
         for (int h = 0; h < H; ++h) {
             const std::size_t o = (static_cast<std::size_t>(h) * total + t0) * d;
-            out.insert(out.end(), src.begin() + o, src.begin() + o + static_cast<std::size_t>(len) * d);
+            out.insert(out.end(), src.begin() + o,
+                       src.begin() + o + static_cast<std::size_t>(len) * d);
         }
         return out;
     };
@@ -391,7 +408,8 @@ TEST(CommVQCache, SaveLoadRoundTrip) {
     EXPECT_EQ(o1, o2);
 }
 
-void expect_invalid(const KVCacheConfig& c, int heads, int d, int layer, const std::string& needle) {
+void expect_invalid(const KVCacheConfig& c, int heads, int d, int layer,
+                    const std::string& needle) {
     try {
         KVCacheFactory::create(c, heads, d, 64, layer);
         ADD_FAILURE() << "no exception; expected one naming " << needle;
@@ -436,7 +454,8 @@ TEST(CommVQCache, ConfigErrorsNameTheProblem) {
 }
 
 // Post-RoPE samples of L layers x H heads from pre-RoPE keys z, at positions pos0 + i.
-Activations make_acts(int L, int H, int n, int d, int pos0, const std::vector<double>& freq, uint64_t seed) {
+Activations make_acts(int L, int H, int n, int d, int pos0, const std::vector<double>& freq,
+                      uint64_t seed) {
     Activations a;
     a.rope.inv_freq = freq;
     a.layers.resize(L);
@@ -489,8 +508,8 @@ TEST(CommVQCalibration, EmObjectiveNeverIncreases) {
     for (std::size_t i = 1; i < fit.objective_history.size(); ++i)
         EXPECT_LE(fit.objective_history[i], fit.objective_history[i - 1] * (1 + 1e-6)) << i;
     EXPECT_LT(fit.objective_history.back(), 0.98 * fit.objective_history.front());
-    std::printf("[commvq] EM objective: init %.2f -> after %d sweeps %.2f\n", fit.objective_history.front(),
-                o.em_sweeps, fit.objective_history.back());
+    std::printf("[commvq] EM objective: init %.2f -> after %d sweeps %.2f\n",
+                fit.objective_history.front(), o.em_sweeps, fit.objective_history.back());
     // Same seed, same codebook.
     const CommVQHeadFit again = fit_commvq_head(x.data(), n, d, 2, 5, o);
     EXPECT_EQ(again.codebook, fit.codebook);
@@ -503,7 +522,8 @@ double held_out_error(const CommVQCodec& codec, const HeadSamples& hs) {
     std::vector<float> dec(hs.data.size());
     for (int i = 0; i < n; ++i) {  // one run per key: positions need not be consecutive
         codec.encode_at(hs.row(i), 1, hs.positions[i], &codes[i * codec.code_bytes()], nullptr, 1);
-        codec.decode_at(&codes[i * codec.code_bytes()], nullptr, 1, 1, hs.positions[i], &dec[static_cast<std::size_t>(i) * d]);
+        codec.decode_at(&codes[i * codec.code_bytes()], nullptr, 1, 1, hs.positions[i],
+                        &dec[static_cast<std::size_t>(i) * d]);
     }
     double num = 0.0, den = 0.0;
     for (std::size_t i = 0; i < dec.size(); ++i) {
@@ -515,15 +535,18 @@ double held_out_error(const CommVQCodec& codec, const HeadSamples& hs) {
 
 // A random codebook of the calibrated shape: Gaussian codewords at the per-coordinate spread
 // of the (pre-RoPE) training keys, halving per stage.
-std::vector<float> random_like(const CommVQCalibration& cal, const std::vector<float>& pre_rope, int d, uint64_t seed) {
+std::vector<float> random_like(const CommVQCalibration& cal, const std::vector<float>& pre_rope,
+                               int d, uint64_t seed) {
     const auto& sh = cal.codebook.shape;
-    const int S = static_cast<int>(sh[2]), G = static_cast<int>(sh[3]), C = static_cast<int>(sh[4]), gd = static_cast<int>(sh[5]);
+    const int S = static_cast<int>(sh[2]), G = static_cast<int>(sh[3]), C = static_cast<int>(sh[4]),
+              gd = static_cast<int>(sh[5]);
     const int n = static_cast<int>(pre_rope.size() / d);
     std::vector<double> mean(d, 0.0), var(d, 0.0);
     for (int i = 0; i < n; ++i)
         for (int j = 0; j < d; ++j) mean[j] += pre_rope[static_cast<std::size_t>(i) * d + j] / n;
     for (int i = 0; i < n; ++i)
-        for (int j = 0; j < d; ++j) var[j] += std::pow(pre_rope[static_cast<std::size_t>(i) * d + j] - mean[j], 2) / n;
+        for (int j = 0; j < d; ++j)
+            var[j] += std::pow(pre_rope[static_cast<std::size_t>(i) * d + j] - mean[j], 2) / n;
     std::mt19937_64 gen(seed);
     std::normal_distribution<double> N(0.0, 1.0);
     std::vector<float> w(static_cast<std::size_t>(S) * G * C * gd);
@@ -531,8 +554,9 @@ std::vector<float> random_like(const CommVQCalibration& cal, const std::vector<f
         for (int g = 0; g < G; ++g)
             for (int c = 0; c < C; ++c)
                 for (int j = 0; j < gd; ++j)
-                    w[((static_cast<std::size_t>(s) * G + g) * C + c) * gd + j] = static_cast<float>(
-                        (s == 0 ? mean[g * gd + j] : 0.0) + std::sqrt(var[g * gd + j]) * std::pow(0.5, s) * N(gen));
+                    w[((static_cast<std::size_t>(s) * G + g) * C + c) * gd + j] =
+                        static_cast<float>((s == 0 ? mean[g * gd + j] : 0.0) +
+                                           std::sqrt(var[g * gd + j]) * std::pow(0.5, s) * N(gen));
     return w;
 }
 
@@ -543,11 +567,13 @@ const float* head_book(const CommVQCalibration& cal, int l, int h) {
 }
 
 // Calibrated vs random codebooks at equal bits on held-out keys of every head in `test`.
-void compare_calibrated_random(const Activations& train, const Activations& test, int bits, const char* label) {
+void compare_calibrated_random(const Activations& train, const Activations& test, int bits,
+                               const char* label) {
     const CommVQCalibration cal = calibrate_commvq(train, bits, 3);
     ASSERT_EQ(cal.num_codebooks, bits);
     const auto& sh = cal.codebook.shape;
-    const int L = static_cast<int>(sh[0]), H = static_cast<int>(sh[1]), d = train.layers[0].keys[0].dim;
+    const int L = static_cast<int>(sh[0]), H = static_cast<int>(sh[1]),
+              d = train.layers[0].keys[0].dim;
     double e_cal = 0.0, e_rand = 0.0;
     for (int l = 0; l < L; ++l)
         for (int h = 0; h < H; ++h) {
@@ -562,17 +588,19 @@ void compare_calibrated_random(const Activations& train, const Activations& test
             const HeadSamples& tr = train.layers[l].keys[h];
             std::vector<float> pre(tr.data);
             for (int64_t i = 0; i < tr.count(); ++i)
-                commvq_rope(&pre[static_cast<std::size_t>(i) * d], d, train.rope.inv_freq, -tr.positions[i]);
+                commvq_rope(&pre[static_cast<std::size_t>(i) * d], d, train.rope.inv_freq,
+                            -tr.positions[i]);
             const auto rb = random_like(cal, pre, d, 17 + l * H + h);
             const CommVQCodec rnd(d, rb.data(), static_cast<int>(sh[2]), static_cast<int>(sh[3]),
-                                  static_cast<int>(sh[4]), static_cast<int>(sh[5]), train.rope.inv_freq);
+                                  static_cast<int>(sh[4]), static_cast<int>(sh[5]),
+                                  train.rope.inv_freq);
             const double ec = held_out_error(*codec, test.layers[l].keys[h]);
             const double er = held_out_error(rnd, test.layers[l].keys[h]);
             EXPECT_LT(ec, er) << label << " layer " << l << " head " << h;
             e_cal += ec / (L * H), e_rand += er / (L * H);
         }
-    std::printf("[commvq] %s, %d bit(s): held-out relative key MSE calibrated %.4f, random %.4f\n", label,
-                bits, e_cal, e_rand);
+    std::printf("[commvq] %s, %d bit(s): held-out relative key MSE calibrated %.4f, random %.4f\n",
+                label, bits, e_cal, e_rand);
 }
 
 TEST(CommVQCalibration, BeatsRandomCodebooksOnHeldOutSyntheticKeys) {
@@ -596,7 +624,8 @@ std::string wikitext_path() {
 
 // Post-RoPE keys of `layers` of the real model over `tokens`, read back from fp16 caches, split
 // at token `split` into (train, test); positions are the token indices.
-std::pair<Activations, Activations> real_keys(const LlamaModel& model, const std::vector<int32_t>& tokens,
+std::pair<Activations, Activations> real_keys(const LlamaModel& model,
+                                              const std::vector<int32_t>& tokens,
                                               const std::vector<int>& layers, int split) {
     KVCacheConfig fp16;
     fp16.method = "fp16";
@@ -606,8 +635,9 @@ std::pair<Activations, Activations> real_keys(const LlamaModel& model, const std
     const LlamaHParams& hp = model.hparams();
     Activations parts[2];
     for (int i = 0; i < hp.rope_dim / 2; ++i)
-        parts[0].rope.inv_freq.push_back(hp.rope_freq_scale *
-                                         std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.rope_dim));
+        parts[0].rope.inv_freq.push_back(
+            hp.rope_freq_scale *
+            std::pow(static_cast<double>(hp.rope_freq_base), -2.0 * i / hp.rope_dim));
     parts[1].rope = parts[0].rope;
     const int n = static_cast<int>(tokens.size()), d = hp.head_dim, H = hp.n_head_kv;
     for (int l : layers) {

@@ -12,7 +12,9 @@
 namespace veloxquant {
 namespace {
 
-std::string str(long long v) { return std::to_string(v); }
+std::string str(long long v) {
+    return std::to_string(v);
+}
 
 int log2_exact(int c) {
     int b = 0;
@@ -51,7 +53,8 @@ std::vector<double> fit_group(const std::vector<float>& x, int n, int gd, int st
     KMeansOptions km_opt;
     km_opt.max_iterations = opt.init_iterations;
     for (int s = 0; s < stages; ++s) {
-        const KMeansResult km = kmeans(residual.data(), n, gd, C, seed + 0x9E3779B97F4A7C15ULL * (s + 1), km_opt);
+        const KMeansResult km =
+            kmeans(residual.data(), n, gd, C, seed + 0x9E3779B97F4A7C15ULL * (s + 1), km_opt);
         std::copy(km.centroids.begin(), km.centroids.end(), W(s, 0));
         update_norms(s);
         for (std::size_t i = 0; i < N; ++i) {
@@ -77,14 +80,17 @@ std::vector<double> fit_group(const std::vector<float>& x, int n, int gd, int st
                 const int a = commvq_nearest(target.data(), W(s, 0), &norms[s * C], C, gd);
                 assign[s * N + i] = a;
                 ++counts[a];
-                for (int j = 0; j < gd; ++j) sums[static_cast<std::size_t>(a) * gd + j] += target[j];
+                for (int j = 0; j < gd; ++j)
+                    sums[static_cast<std::size_t>(a) * gd + j] += target[j];
                 for (int j = 0; j < gd; ++j) r[j] = target[j];  // residual without stage s
             }
             // M-step: each codeword moves to the mean of its targets.
             for (int c = 0; c < C; ++c)
                 if (counts[c] > 0)
                     for (int j = 0; j < gd; ++j)
-                        W(s, c)[j] = static_cast<float>(sums[static_cast<std::size_t>(c) * gd + j] / counts[c]);
+                        W(s, c)
+                        [j] = static_cast<float>(sums[static_cast<std::size_t>(c) * gd + j] /
+                                                 counts[c]);
             update_norms(s);
             for (std::size_t i = 0; i < N; ++i)
                 for (int j = 0; j < gd; ++j) residual[i * gd + j] -= W(s, assign[s * N + i])[j];
@@ -107,22 +113,30 @@ CommVQHeadFit fit_commvq_head(const float* keys, int n, int d, int bits, uint64_
                               const CommVQFitOptions& opt) {
     const int C = opt.codewords, gd = 2 * opt.group_pairs, ib = log2_exact(C);
     if (ib < 1 || C > 256)
-        throw std::invalid_argument("commvq calibration: codewords must be a power of two in 2..256, got " + str(C));
-    if (opt.group_pairs < 1) throw std::invalid_argument("commvq calibration: group_pairs must be >= 1");
+        throw std::invalid_argument(
+            "commvq calibration: codewords must be a power of two in 2..256, got " + str(C));
+    if (opt.group_pairs < 1)
+        throw std::invalid_argument("commvq calibration: group_pairs must be >= 1");
     if (opt.init_iterations < 0 || opt.em_sweeps < 0)
-        throw std::invalid_argument("commvq calibration: init_iterations and em_sweeps must be >= 0");
-    if (bits < 1 || bits > 8) throw std::invalid_argument("commvq calibration: bits must be in 1..8, got " + str(bits));
+        throw std::invalid_argument(
+            "commvq calibration: init_iterations and em_sweeps must be >= 0");
+    if (bits < 1 || bits > 8)
+        throw std::invalid_argument("commvq calibration: bits must be in 1..8, got " + str(bits));
     if (d < gd || d % gd != 0)
-        throw std::invalid_argument("commvq calibration: head_dim " + str(d) + " must be a multiple of the group size " + str(gd));
+        throw std::invalid_argument("commvq calibration: head_dim " + str(d) +
+                                    " must be a multiple of the group size " + str(gd));
     if ((bits * gd) % ib != 0)
-        throw std::invalid_argument("commvq calibration: bits " + str(bits) + " x group_dim " + str(gd) +
-                                    " is not a whole number of " + str(ib) + "-bit stage indices");
+        throw std::invalid_argument("commvq calibration: bits " + str(bits) + " x group_dim " +
+                                    str(gd) + " is not a whole number of " + str(ib) +
+                                    "-bit stage indices");
     if (n < C)
-        throw std::invalid_argument("commvq calibration: " + str(n) + " key samples; need at least " + str(C) +
+        throw std::invalid_argument("commvq calibration: " + str(n) +
+                                    " key samples; need at least " + str(C) +
                                     " (one per codeword)");
     if (keys == nullptr) throw std::invalid_argument("commvq calibration: null keys");
     for (long long i = 0; i < static_cast<long long>(n) * d; ++i)
-        if (!std::isfinite(keys[i])) throw std::invalid_argument("commvq calibration: keys contain NaN or Inf");
+        if (!std::isfinite(keys[i]))
+            throw std::invalid_argument("commvq calibration: keys contain NaN or Inf");
 
     CommVQHeadFit fit;
     fit.stages = bits * gd / ib;
@@ -136,16 +150,18 @@ CommVQHeadFit fit_commvq_head(const float* keys, int n, int d, int bits, uint64_
     for (int g = 0; g < fit.groups; ++g) {
         std::vector<float> x(static_cast<std::size_t>(n) * gd);
         for (int i = 0; i < n; ++i)
-            std::copy_n(keys + static_cast<std::size_t>(i) * d + g * gd, gd, &x[static_cast<std::size_t>(i) * gd]);
+            std::copy_n(keys + static_cast<std::size_t>(i) * d + g * gd, gd,
+                        &x[static_cast<std::size_t>(i) * gd]);
         group_words[g].resize(fit.stages * per_stage_group);
-        group_hist[g] = fit_group(x, n, gd, fit.stages, C, seed ^ (0xC2B2AE3D27D4EB4FULL * (g + 1)), opt,
-                                  group_words[g].data());
+        group_hist[g] = fit_group(x, n, gd, fit.stages, C, seed ^ (0xC2B2AE3D27D4EB4FULL * (g + 1)),
+                                  opt, group_words[g].data());
     }
     fit.codebook.resize(static_cast<std::size_t>(fit.stages) * fit.groups * per_stage_group);
     for (int s = 0; s < fit.stages; ++s)
         for (int g = 0; g < fit.groups; ++g)
-            std::copy_n(&group_words[g][s * per_stage_group], per_stage_group,
-                        &fit.codebook[(static_cast<std::size_t>(s) * fit.groups + g) * per_stage_group]);
+            std::copy_n(
+                &group_words[g][s * per_stage_group], per_stage_group,
+                &fit.codebook[(static_cast<std::size_t>(s) * fit.groups + g) * per_stage_group]);
     fit.objective_history.assign(opt.em_sweeps + 1, 0.0);
     for (int g = 0; g < fit.groups; ++g)  // fixed order: the same sum for any thread count
         for (int k = 0; k <= opt.em_sweeps; ++k) fit.objective_history[k] += group_hist[g][k];
@@ -155,7 +171,8 @@ CommVQHeadFit fit_commvq_head(const float* keys, int n, int d, int bits, uint64_
 CommVQCalibration calibrate_commvq(const Activations& acts, int bits, uint64_t seed) {
     if (bits < 1 || bits > 4)
         throw std::invalid_argument("calibrate_commvq: bits must be in 1..4, got " + str(bits));
-    if (acts.layers.empty()) throw std::invalid_argument("calibrate_commvq: the activations have no layers");
+    if (acts.layers.empty())
+        throw std::invalid_argument("calibrate_commvq: the activations have no layers");
     const int L = static_cast<int>(acts.layers.size());
     const int H = static_cast<int>(acts.layers[0].keys.size());
     if (H < 1) throw std::invalid_argument("calibrate_commvq: layer 0 has no key samples");
@@ -164,34 +181,43 @@ CommVQCalibration calibrate_commvq(const Activations& acts, int bits, uint64_t s
     for (int l = 0; l < L; ++l) {
         const auto& keys = acts.layers[l].keys;
         if (static_cast<int>(keys.size()) != H)
-            throw std::invalid_argument("calibrate_commvq: layer " + str(l) + " has " + str(keys.size()) +
-                                        " KV heads of keys, layer 0 has " + str(H));
+            throw std::invalid_argument("calibrate_commvq: layer " + str(l) + " has " +
+                                        str(keys.size()) + " KV heads of keys, layer 0 has " +
+                                        str(H));
         for (int h = 0; h < H; ++h) {
             const HeadSamples& hs = keys[h];
             const std::string where = "calibrate_commvq: layer " + str(l) + " head " + str(h);
-            if (hs.dim != d) throw std::invalid_argument(where + " has head_dim " + str(hs.dim) + ", expected " + str(d));
+            if (hs.dim != d)
+                throw std::invalid_argument(where + " has head_dim " + str(hs.dim) + ", expected " +
+                                            str(d));
             if (hs.data.size() % static_cast<std::size_t>(std::max(d, 1)) != 0)
                 throw std::invalid_argument(where + ": key data is not a whole number of rows");
             if (hs.count() < opt.codewords)
-                throw std::invalid_argument(where + " has " + str(hs.count()) + " key samples; need at least " +
-                                            str(opt.codewords) + " (one per codeword)");
+                throw std::invalid_argument(where + " has " + str(hs.count()) +
+                                            " key samples; need at least " + str(opt.codewords) +
+                                            " (one per codeword)");
             for (float v : hs.data)
-                if (!std::isfinite(v)) throw std::invalid_argument(where + ": keys contain NaN or Inf");
+                if (!std::isfinite(v))
+                    throw std::invalid_argument(where + ": keys contain NaN or Inf");
             if (!acts.rope.inv_freq.empty()) {
                 if (static_cast<int64_t>(hs.positions.size()) != hs.count())
-                    throw std::invalid_argument(where + ": " + str(hs.positions.size()) + " positions for " +
-                                                str(hs.count()) + " keys");
+                    throw std::invalid_argument(where + ": " + str(hs.positions.size()) +
+                                                " positions for " + str(hs.count()) + " keys");
                 for (int32_t p : hs.positions)
-                    if (p < 0) throw std::invalid_argument(where + ": a key has no position (RoPE is known)");
+                    if (p < 0)
+                        throw std::invalid_argument(where +
+                                                    ": a key has no position (RoPE is known)");
             }
         }
     }
     if (static_cast<int>(acts.rope.inv_freq.size()) > d / 2)
-        throw std::invalid_argument("calibrate_commvq: acts.rope.inv_freq has " + str(acts.rope.inv_freq.size()) +
-                                    " frequencies for head_dim " + str(d));
+        throw std::invalid_argument("calibrate_commvq: acts.rope.inv_freq has " +
+                                    str(acts.rope.inv_freq.size()) + " frequencies for head_dim " +
+                                    str(d));
     const int gd = 2 * opt.group_pairs;
     if (d < gd || d % gd != 0)
-        throw std::invalid_argument("calibrate_commvq: head_dim " + str(d) + " must be a multiple of " + str(gd));
+        throw std::invalid_argument("calibrate_commvq: head_dim " + str(d) +
+                                    " must be a multiple of " + str(gd));
 
     CommVQCalibration out;
     out.num_codebooks = bits;  // 8-bit indices over 8 coordinates: one stage per bit
@@ -206,10 +232,13 @@ CommVQCalibration calibrate_commvq(const Activations& acts, int bits, uint64_t s
         std::vector<float> x(hs.data);
         if (!acts.rope.inv_freq.empty())
             for (int64_t i = 0; i < hs.count(); ++i)
-                commvq_rope(&x[static_cast<std::size_t>(i) * d], d, acts.rope.inv_freq, -static_cast<double>(hs.positions[i]));
-        const CommVQHeadFit fit = fit_commvq_head(x.data(), static_cast<int>(hs.count()), d, bits,
-                                                  derive_seed(seed, l, h, d, RandomPurpose::kKMeans), opt);
-        std::copy(fit.codebook.begin(), fit.codebook.end(), out.codebook.data.begin() + per_head * lh);
+                commvq_rope(&x[static_cast<std::size_t>(i) * d], d, acts.rope.inv_freq,
+                            -static_cast<double>(hs.positions[i]));
+        const CommVQHeadFit fit =
+            fit_commvq_head(x.data(), static_cast<int>(hs.count()), d, bits,
+                            derive_seed(seed, l, h, d, RandomPurpose::kKMeans), opt);
+        std::copy(fit.codebook.begin(), fit.codebook.end(),
+                  out.codebook.data.begin() + per_head * lh);
     }
     return out;
 }

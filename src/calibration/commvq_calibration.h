@@ -38,10 +38,10 @@ struct CommVQCalibration {
 CommVQCalibration calibrate_commvq(const Activations& acts, int bits, uint64_t seed);
 
 struct CommVQFitOptions {
-    int codewords = 256;       ///< C per stage: a power of two in 2..256
-    int group_pairs = 4;       ///< RoPE pairs per group (group_dim = 2 * group_pairs)
-    int init_iterations = 6;   ///< Lloyd iterations of each stage's residual k-means
-    int em_sweeps = 3;         ///< EM sweeps over all stages after the initialisation
+    int codewords = 256;      ///< C per stage: a power of two in 2..256
+    int group_pairs = 4;      ///< RoPE pairs per group (group_dim = 2 * group_pairs)
+    int init_iterations = 6;  ///< Lloyd iterations of each stage's residual k-means
+    int em_sweeps = 3;        ///< EM sweeps over all stages after the initialisation
 };
 
 struct CommVQHeadFit {

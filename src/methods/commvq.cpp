@@ -17,7 +17,9 @@ constexpr int kPhaseBlock = 64;
 // ICM sweeps after the greedy residual search (each never increases the error).
 constexpr int kEncodeSweeps = 1;
 
-std::string str(long long v) { return std::to_string(v); }
+std::string str(long long v) {
+    return std::to_string(v);
+}
 
 int log2_exact(int c) {
     int b = 0;
@@ -71,19 +73,23 @@ CommVQCodec::CommVQCodec(int d, const float* codebook, int stages, int groups, i
     if (stages < 1 || stages > 64)
         throw std::invalid_argument("commvq: stages must be in 1..64, got " + str(stages));
     if (group_dim < 2 || group_dim % 2 != 0)
-        throw std::invalid_argument("commvq: group_dim must be a positive even number (whole "
-                                    "RoPE pairs), got " + str(group_dim));
+        throw std::invalid_argument(
+            "commvq: group_dim must be a positive even number (whole "
+            "RoPE pairs), got " +
+            str(group_dim));
     if (groups < 1 || static_cast<long long>(groups) * group_dim != d)
         throw std::invalid_argument("commvq: groups (" + str(groups) + ") x group_dim (" +
                                     str(group_dim) + ") must equal head_dim " + str(d));
     if (codewords < 2 || codewords > 256 || index_bits_ < 0)
-        throw std::invalid_argument("commvq: codewords per stage must be a power of two in "
-                                    "2..256, got " + str(codewords));
+        throw std::invalid_argument(
+            "commvq: codewords per stage must be a power of two in "
+            "2..256, got " +
+            str(codewords));
     if (codebook == nullptr) throw std::invalid_argument("commvq: null codebook");
     if (static_cast<int>(inv_freq_.size()) > d / 2)
         throw std::invalid_argument("KVCacheConfig.rope_inv_freq has " + str(inv_freq_.size()) +
-                                    " frequencies; head_dim " + str(d) + " has only " +
-                                    str(d / 2) + " pairs");
+                                    " frequencies; head_dim " + str(d) + " has only " + str(d / 2) +
+                                    " pairs");
     for (std::size_t i = 0; i < inv_freq_.size(); ++i)
         if (!std::isfinite(inv_freq_[i]) || inv_freq_[i] < 0.0)
             throw std::invalid_argument("KVCacheConfig.rope_inv_freq[" + str(i) +
@@ -96,7 +102,8 @@ CommVQCodec::CommVQCodec(int d, const float* codebook, int stages, int groups, i
     norms2_.resize(total / group_dim);
     for (std::size_t w = 0; w < norms2_.size(); ++w) {
         double s = 0.0;
-        for (int j = 0; j < group_dim; ++j) s += static_cast<double>(words_[w * group_dim + j]) * words_[w * group_dim + j];
+        for (int j = 0; j < group_dim; ++j)
+            s += static_cast<double>(words_[w * group_dim + j]) * words_[w * group_dim + j];
         norms2_[w] = static_cast<float>(s);
     }
     const int pairs = static_cast<int>(inv_freq_.size());
@@ -105,16 +112,13 @@ CommVQCodec::CommVQCodec(int d, const float* codebook, int stages, int groups, i
         for (int i = 0; i < pairs; ++i) {
             const double a = t * inv_freq_[i];
             step_[(static_cast<std::size_t>(t) * pairs + i) * 2] = static_cast<float>(std::cos(a));
-            step_[(static_cast<std::size_t>(t) * pairs + i) * 2 + 1] = static_cast<float>(std::sin(a));
+            step_[(static_cast<std::size_t>(t) * pairs + i) * 2 + 1] =
+                static_cast<float>(std::sin(a));
         }
 }
 
 double CommVQCodec::bits_per_coordinate() const {
     return static_cast<double>(stages_) * index_bits_ / group_dim_;
-}
-
-const float* CommVQCodec::word(int s, int g, int c) const {
-    return &words_[((static_cast<std::size_t>(s) * groups_ + g) * codewords_ + c) * group_dim_];
 }
 
 std::size_t CommVQCodec::code_bytes() const {
@@ -153,7 +157,9 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
     float r[kMaxDim];
     for (int g = 0; g < groups_; ++g) {
         std::copy_n(x + g * gd, gd, r);
-        auto norms = [&](int s) { return &norms2_[(static_cast<std::size_t>(s) * groups_ + g) * C]; };
+        auto norms = [&](int s) {
+            return &norms2_[(static_cast<std::size_t>(s) * groups_ + g) * C];
+        };
         auto sub = [&](int s, int c, float sign) {
             const float* w = word(s, g, c);
             for (int j = 0; j < gd; ++j) r[j] -= sign * w[j];
@@ -187,7 +193,8 @@ void CommVQCodec::reconstruct(const uint8_t* code, float* z) const {
     std::fill(z, z + dim(), 0.0f);
     for (int s = 0; s < stages_; ++s)
         for (int g = 0; g < groups_; ++g) {
-            const float* w = word(s, g, static_cast<int>(read_packed(code, s * groups_ + g, index_bits_)));
+            const float* w =
+                word(s, g, static_cast<int>(read_packed(code, s * groups_ + g, index_bits_)));
             float* zg = z + g * gd;
 #pragma omp simd
             for (int j = 0; j < gd; ++j) zg[j] += w[j];
@@ -254,7 +261,9 @@ void CommVQCodec::decode_at(const uint8_t* codes, const float*, std::size_t, int
     }
 }
 
-std::size_t CommVQCodec::query_state_size() const { return static_cast<std::size_t>(dim()); }
+std::size_t CommVQCodec::query_state_size() const {
+    return static_cast<std::size_t>(dim());
+}
 
 void CommVQCodec::prepare_query(const float* query, float* state) const {
     std::copy_n(query, dim(), state);
@@ -263,19 +272,23 @@ void CommVQCodec::prepare_query(const float* query, float* state) const {
 void CommVQCodec::score_at(const float* state, const uint8_t* codes, const float*, std::size_t,
                            int n, int pos0, float* scores) const {
     const int d = dim(), pairs = static_cast<int>(inv_freq_.size());
-    std::vector<float> ph(static_cast<std::size_t>(std::min(n, kPhaseBlock)) * pairs * 2);
-    float qr[kMaxDim], z[kMaxDim];
+    float qb[kMaxDim], qr[kMaxDim], z[kMaxDim];
     std::copy_n(state, d, qr);  // pairs past the RoPE pairs are never rotated
     for (int t0 = 0; t0 < n; t0 += kPhaseBlock) {
-        const int nb = std::min(kPhaseBlock, n - t0);
-        if (pairs > 0) phases(pos0 + t0, nb, ph.data());
-        for (int t = t0; t < t0 + nb; ++t) {
-            // <q, RoPE_p(z)> = <RoPE_{-p}(q), z>: rotate the query, never the key.
-            const float* e = ph.data() + static_cast<std::size_t>(t - t0) * pairs * 2;
+        // <q, RoPE_p(z)> = <RoPE_{-p}(q), z>: rotate the query, never the key. Per block the
+        // query turns by -p_b w_i once (double angle); per token by the table's -t w_i.
+        const double pb = static_cast<double>(pos0) + t0;
+        for (int i = 0; i < pairs; ++i) {
+            const double c = std::cos(pb * inv_freq_[i]), s = std::sin(pb * inv_freq_[i]);
+            qb[2 * i] = static_cast<float>(state[2 * i] * c + state[2 * i + 1] * s);
+            qb[2 * i + 1] = static_cast<float>(state[2 * i + 1] * c - state[2 * i] * s);
+        }
+        for (int t = t0; t < std::min(n, t0 + kPhaseBlock); ++t) {
+            const float* st = &step_[static_cast<std::size_t>(t - t0) * pairs * 2];
             for (int i = 0; i < pairs; ++i) {
-                const float c = e[2 * i], s = e[2 * i + 1];
-                qr[2 * i] = state[2 * i] * c + state[2 * i + 1] * s;
-                qr[2 * i + 1] = state[2 * i + 1] * c - state[2 * i] * s;
+                const float c = st[2 * i], s = st[2 * i + 1];
+                qr[2 * i] = qb[2 * i] * c + qb[2 * i + 1] * s;
+                qr[2 * i + 1] = qb[2 * i + 1] * c - qb[2 * i] * s;
             }
             reconstruct(codes + static_cast<std::size_t>(t) * code_bytes(), z);
             float acc = 0.0f;
@@ -286,17 +299,18 @@ void CommVQCodec::score_at(const float* state, const uint8_t* codes, const float
     }
 }
 
-std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int head_dim,
-                                               int layer, int head) {
+std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                               int head) {
     const FloatArray& cb = config.codebook;
     if (cb.empty())
         throw std::invalid_argument(
             "method 'commvq' needs a calibrated KVCacheConfig.codebook: produce one with "
             "calibrate_commvq(activations, bits, seed) or `veloxquant calibrate --method commvq`");
     if (cb.shape.size() != 6)
-        throw std::invalid_argument("KVCacheConfig.codebook for commvq must have shape [layers]"
-                                    "[kv_heads][stages][groups][codewords][group_dim], got rank " +
-                                    str(cb.shape.size()));
+        throw std::invalid_argument(
+            "KVCacheConfig.codebook for commvq must have shape [layers]"
+            "[kv_heads][stages][groups][codewords][group_dim], got rank " +
+            str(cb.shape.size()));
     long long count = 1;
     for (int64_t s : cb.shape) {
         if (s < 1) throw std::invalid_argument("KVCacheConfig.codebook has an empty dimension");
@@ -315,12 +329,15 @@ std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int 
     const int stages = static_cast<int>(cb.shape[2]), groups = static_cast<int>(cb.shape[3]);
     const int words = static_cast<int>(cb.shape[4]), gd = static_cast<int>(cb.shape[5]);
     if (static_cast<long long>(groups) * gd != head_dim)
-        throw std::invalid_argument("KVCacheConfig.codebook groups (" + str(groups) + ") x group_dim (" +
-                                    str(gd) + ") must equal head_dim " + str(head_dim));
+        throw std::invalid_argument("KVCacheConfig.codebook groups (" + str(groups) +
+                                    ") x group_dim (" + str(gd) + ") must equal head_dim " +
+                                    str(head_dim));
     const int ib = log2_exact(words);
     if (ib < 1 || words > 256)
-        throw std::invalid_argument("KVCacheConfig.codebook codewords per stage must be a power of "
-                                    "two in 2..256, got " + str(words));
+        throw std::invalid_argument(
+            "KVCacheConfig.codebook codewords per stage must be a power of "
+            "two in 2..256, got " +
+            str(words));
     if (static_cast<long long>(stages) * ib != static_cast<long long>(config.bits) * gd)
         throw std::invalid_argument(
             "KVCacheConfig.bits = " + str(config.bits) + " does not match the commvq codebook: " +
@@ -329,10 +346,13 @@ std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int 
             " bits per coordinate");
     if (config.num_subspaces && *config.num_subspaces != stages)
         throw std::invalid_argument("KVCacheConfig.num_subspaces (" + str(*config.num_subspaces) +
-                                    ") must equal the commvq codebook's stages (" + str(stages) + ")");
+                                    ") must equal the commvq codebook's stages (" + str(stages) +
+                                    ")");
     const std::size_t per_head = static_cast<std::size_t>(stages) * groups * words * gd;
-    const float* slice = cb.data.data() + (static_cast<std::size_t>(layer) * cb.shape[1] + head) * per_head;
-    return std::make_unique<CommVQCodec>(head_dim, slice, stages, groups, words, gd, config.rope_inv_freq);
+    const float* slice =
+        cb.data.data() + (static_cast<std::size_t>(layer) * cb.shape[1] + head) * per_head;
+    return std::make_unique<CommVQCodec>(head_dim, slice, stages, groups, words, gd,
+                                         config.rope_inv_freq);
 }
 
 }  // namespace veloxquant

@@ -45,8 +45,7 @@ namespace veloxquant {
 
 /// Index of the codeword of words [C][dim] nearest to x (squared L2, ties to the lowest index),
 /// given norms2[c] = ||words[c]||^2.
-int commvq_nearest(const float* x, const float* words, const float* norms2, int num_words,
-                   int dim);
+int commvq_nearest(const float* x, const float* words, const float* norms2, int num_words, int dim);
 
 /// Rotates the pairs of x [dim] in place by angle pos * inv_freq[i] (pairs past inv_freq
 /// untouched); pos < 0 un-rotates. Double-precision angles.
@@ -58,8 +57,8 @@ public:
     /// Throws std::invalid_argument for inconsistent sizes (groups * group_dim != d, odd
     /// group_dim, codewords not a power of two in 2..256, rope_inv_freq longer than d/2 or not
     /// finite and >= 0, non-finite codewords).
-    CommVQCodec(int d, const float* codebook, int stages, int groups, int codewords,
-                int group_dim, std::vector<double> rope_inv_freq);
+    CommVQCodec(int d, const float* codebook, int stages, int groups, int codewords, int group_dim,
+                std::vector<double> rope_inv_freq);
 
     int stages() const { return stages_; }
     int groups() const { return groups_; }
@@ -71,7 +70,9 @@ public:
     /// Whether keys are coded before RoPE (rope_inv_freq given).
     bool positional() const { return !inv_freq_.empty(); }
     /// Codeword c of stage s, group g: group_dim floats.
-    const float* word(int s, int g, int c) const;
+    const float* word(int s, int g, int c) const {
+        return &words_[((static_cast<std::size_t>(s) * groups_ + g) * codewords_ + c) * group_dim_];
+    }
 
     std::size_t code_bytes() const override;
     int num_scalars() const override { return 0; }
@@ -111,13 +112,13 @@ private:
     std::vector<float> words_;   // [stages][groups][codewords][group_dim]
     std::vector<float> norms2_;  // [stages][groups][codewords]
     std::vector<double> inv_freq_;
-    std::vector<float> step_;    // [kPhaseBlock][rotated_pairs][2]: cos, sin of t * w_i
+    std::vector<float> step_;  // [kPhaseBlock][rotated_pairs][2]: cos, sin of t * w_i
 };
 
 /// The codec of (layer, head) from config.codebook (layout above), after checking the codebook
 /// against the config: a missing codebook names calibrate_commvq; a mis-shaped one, or one
 /// whose bits per coordinate differ from config.bits, gets a specific std::invalid_argument.
-std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int head_dim,
-                                               int layer, int head);
+std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                               int head);
 
 }  // namespace veloxquant
