@@ -4,8 +4,8 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
-#include "core/kmeans.h"
 #include "core/rng.h"
 #include "methods/commvq.h"
 
@@ -30,6 +30,7 @@ std::vector<double> fit_group(const std::vector<float>& x, int n, int gd, int st
     std::vector<float> residual(x);
     std::vector<int> assign(static_cast<std::size_t>(stages) * N);
     std::vector<float> norms(static_cast<std::size_t>(stages) * C);
+    std::vector<float> words_t(static_cast<std::size_t>(stages) * C * gd);  // [stages][gd][C]
     auto W = [&](int s, int c) { return words + (static_cast<std::size_t>(s) * C + c) * gd; };
     auto update_norms = [&](int s) {
         for (int c = 0; c < C; ++c) {
@@ -37,6 +38,7 @@ std::vector<double> fit_group(const std::vector<float>& x, int n, int gd, int st
             for (int j = 0; j < gd; ++j) v += static_cast<double>(W(s, c)[j]) * W(s, c)[j];
             norms[static_cast<std::size_t>(s) * C + c] = static_cast<float>(v);
         }
+        commvq_transpose(W(s, 0), C, gd, &words_t[static_cast<std::size_t>(s) * C * gd]);
     };
     // The error recomputed from the codes (not the running residual), in double.
     auto objective = [&]() {
@@ -50,51 +52,64 @@ std::vector<double> fit_group(const std::vector<float>& x, int n, int gd, int st
         return total;
     };
 
-    KMeansOptions km_opt;
-    km_opt.max_iterations = opt.init_iterations;
-    for (int s = 0; s < stages; ++s) {
-        const KMeansResult km =
-            kmeans(residual.data(), n, gd, C, seed + 0x9E3779B97F4A7C15ULL * (s + 1), km_opt);
-        std::copy(km.centroids.begin(), km.centroids.end(), W(s, 0));
-        update_norms(s);
-        for (std::size_t i = 0; i < N; ++i) {
-            const int a = commvq_nearest(&residual[i * gd], W(s, 0), &norms[s * C], C, gd);
-            assign[s * N + i] = a;
-            for (int j = 0; j < gd; ++j) residual[i * gd + j] -= W(s, a)[j];
-        }
-    }
-    std::vector<double> history{objective()};
-
     std::vector<float> target(static_cast<std::size_t>(gd));
     std::vector<double> sums(static_cast<std::size_t>(C) * gd);
     std::vector<int> counts(C);
-    for (int sweep = 0; sweep < opt.em_sweeps; ++sweep) {
-        for (int s = 0; s < stages; ++s) {
-            std::fill(sums.begin(), sums.end(), 0.0);
-            std::fill(counts.begin(), counts.end(), 0);
-            // E-step for stage s given the others; targets accumulate for the M-step.
-            for (std::size_t i = 0; i < N; ++i) {
-                float* r = &residual[i * gd];
-                const float* old = W(s, assign[s * N + i]);
-                for (int j = 0; j < gd; ++j) target[j] = r[j] + old[j];
-                const int a = commvq_nearest(target.data(), W(s, 0), &norms[s * C], C, gd);
-                assign[s * N + i] = a;
-                ++counts[a];
-                for (int j = 0; j < gd; ++j)
-                    sums[static_cast<std::size_t>(a) * gd + j] += target[j];
-                for (int j = 0; j < gd; ++j) r[j] = target[j];  // residual without stage s
-            }
-            // M-step: each codeword moves to the mean of its targets.
-            for (int c = 0; c < C; ++c)
-                if (counts[c] > 0)
-                    for (int j = 0; j < gd; ++j)
-                        W(s, c)
-                        [j] = static_cast<float>(sums[static_cast<std::size_t>(c) * gd + j] /
-                                                 counts[c]);
-            update_norms(s);
-            for (std::size_t i = 0; i < N; ++i)
-                for (int j = 0; j < gd; ++j) residual[i * gd + j] -= W(s, assign[s * N + i])[j];
+    // One EM step on stage s given the other stages; `residual` excludes no stage on entry
+    // and on exit.
+    auto em_step = [&](int s) {
+        std::fill(sums.begin(), sums.end(), 0.0);
+        std::fill(counts.begin(), counts.end(), 0);
+        // E-step: the nearest codeword to the target x - (other stages); the targets accumulate
+        // for the M-step.
+        for (std::size_t i = 0; i < N; ++i) {
+            float* r = &residual[i * gd];
+            const float* old = W(s, assign[s * N + i]);
+            for (int j = 0; j < gd; ++j) target[j] = r[j] + old[j];
+            const int a = commvq_nearest(target.data(), &words_t[s * C * gd], &norms[s * C], C, gd);
+            assign[s * N + i] = a;
+            ++counts[a];
+            for (int j = 0; j < gd; ++j) sums[static_cast<std::size_t>(a) * gd + j] += target[j];
+            for (int j = 0; j < gd; ++j) r[j] = target[j];  // residual without stage s
         }
+        // M-step: each codeword moves to the mean of its targets.
+        for (int c = 0; c < C; ++c)
+            if (counts[c] > 0)
+                for (int j = 0; j < gd; ++j)
+                    W(s, c)
+                    [j] =
+                        static_cast<float>(sums[static_cast<std::size_t>(c) * gd + j] / counts[c]);
+        update_norms(s);
+        for (std::size_t i = 0; i < N; ++i)
+            for (int j = 0; j < gd; ++j) residual[i * gd + j] -= W(s, assign[s * N + i])[j];
+    };
+
+    // Initialisation, stage by stage on what the earlier stages left: C distinct residuals
+    // drawn uniformly (partial Fisher-Yates), then Lloyd iterations of that stage alone (the
+    // stages not yet initialised are zero codewords with index 0).
+    std::fill(words, words + static_cast<std::size_t>(stages) * C * gd, 0.0f);
+    for (int s = 0; s < stages; ++s) update_norms(s);
+    Rng rng(seed);
+    std::vector<int> order(n);
+    for (int s = 0; s < stages; ++s) {
+        for (int i = 0; i < n; ++i) order[i] = i;
+        for (int c = 0; c < C; ++c) {
+            std::swap(order[c], order[c + rng.below(static_cast<uint64_t>(n - c))]);
+            std::copy_n(&residual[static_cast<std::size_t>(order[c]) * gd], gd, W(s, c));
+        }
+        update_norms(s);
+        for (std::size_t i = 0; i < N; ++i) {
+            const int a =
+                commvq_nearest(&residual[i * gd], &words_t[s * C * gd], &norms[s * C], C, gd);
+            assign[s * N + i] = a;
+            for (int j = 0; j < gd; ++j) residual[i * gd + j] -= W(s, a)[j];
+        }
+        for (int it = 0; it < opt.init_iterations; ++it) em_step(s);
+    }
+    std::vector<double> history{objective()};
+
+    for (int sweep = 0; sweep < opt.em_sweeps; ++sweep) {
+        for (int s = 0; s < stages; ++s) em_step(s);
         // Re-derive the residual from the codes so float drift cannot accumulate.
         for (std::size_t i = 0; i < N; ++i)
             for (int j = 0; j < gd; ++j) {

@@ -7,7 +7,9 @@
 // used as they are (set no rope_inv_freq on the cache then).
 //
 // Per group of pairs the objective is sum_n ||x_n - sum_s W_s[a_{s,n}]||^2. Initialisation is
-// residual k-means (stage s clusters what stages < s left; core/kmeans.h, k-means++). Each EM
+// residual k-means (stage s: C distinct residuals of stages < s drawn at random, then Lloyd
+// iterations of that stage alone; the assignment kernel is methods/commvq.h's, several times
+// faster at C = 256 than core/kmeans.h's on 8-dimensional points). Each EM
 // sweep then visits the stages in turn: E-step, a_s = nearest codeword of W_s to the target
 // x - sum_{s' != s} W_{s'}[a_{s'}] (the exact minimiser over a_s given the others); M-step,
 // W_s[c] = mean of the targets assigned to c (the exact minimiser over W_s; an empty codeword
@@ -40,7 +42,7 @@ CommVQCalibration calibrate_commvq(const Activations& acts, int bits, uint64_t s
 struct CommVQFitOptions {
     int codewords = 256;      ///< C per stage: a power of two in 2..256
     int group_pairs = 4;      ///< RoPE pairs per group (group_dim = 2 * group_pairs)
-    int init_iterations = 6;  ///< Lloyd iterations of each stage's residual k-means
+    int init_iterations = 6;  ///< Lloyd iterations of each stage alone at initialisation
     int em_sweeps = 3;        ///< EM sweeps over all stages after the initialisation
 };
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -29,23 +30,30 @@ int log2_exact(int c) {
 
 }  // namespace
 
-int commvq_nearest(const float* x, const float* words, const float* norms2, int num_words,
+int commvq_nearest(const float* x, const float* words_t, const float* norms2, int num_words,
                    int dim) {
     // ||x - w||^2 = ||x||^2 - 2<x, w> + ||w||^2: the first term is common to every w.
-    int best = 0;
-    float best_v = 0.0f;
-    for (int c = 0; c < num_words; ++c) {
-        const float* w = words + static_cast<std::size_t>(c) * dim;
-        float dotv = 0.0f;
-#pragma omp simd reduction(+ : dotv)
-        for (int j = 0; j < dim; ++j) dotv += x[j] * w[j];
-        const float v = norms2[c] - 2.0f * dotv;
-        if (c == 0 || v < best_v) {
-            best_v = v;
-            best = c;
-        }
+    float v[256];
+    std::copy_n(norms2, num_words, v);
+    for (int j = 0; j < dim; ++j) {
+        const float xj = -2.0f * x[j];
+        const float* wj = words_t + static_cast<std::size_t>(j) * num_words;
+#pragma omp simd
+        for (int c = 0; c < num_words; ++c) v[c] += xj * wj[c];
     }
+    // The minimum (vectorised), then its first index.
+    float m = std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(min : m)
+    for (int c = 0; c < num_words; ++c) m = std::min(m, v[c]);
+    int best = 0;
+    while (best + 1 < num_words && v[best] != m) ++best;
     return best;
+}
+
+void commvq_transpose(const float* words, int n, int dim, float* out) {
+    for (int c = 0; c < n; ++c)
+        for (int j = 0; j < dim; ++j)
+            out[static_cast<std::size_t>(j) * n + c] = words[static_cast<std::size_t>(c) * dim + j];
 }
 
 void commvq_rope(float* x, int dim, const std::vector<double>& inv_freq, double pos) {
@@ -99,6 +107,10 @@ CommVQCodec::CommVQCodec(int d, const float* codebook, int stages, int groups, i
     for (std::size_t i = 0; i < total; ++i)
         if (!std::isfinite(words_[i]))
             throw std::invalid_argument("KVCacheConfig.codebook holds a NaN or Inf codeword entry");
+    words_t_.resize(total);
+    for (std::size_t b = 0; b < total / (static_cast<std::size_t>(codewords) * group_dim); ++b)
+        commvq_transpose(&words_[b * codewords * group_dim], codewords, group_dim,
+                         &words_t_[b * codewords * group_dim]);
     norms2_.resize(total / group_dim);
     for (std::size_t w = 0; w < norms2_.size(); ++w) {
         double s = 0.0;
@@ -126,7 +138,7 @@ std::size_t CommVQCodec::code_bytes() const {
 }
 
 std::size_t CommVQCodec::parameter_bytes() const {
-    return (words_.size() + norms2_.size() + step_.size()) * sizeof(float) +
+    return (words_.size() + words_t_.size() + norms2_.size() + step_.size()) * sizeof(float) +
            inv_freq_.size() * sizeof(double);
 }
 
@@ -160,6 +172,9 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
         auto norms = [&](int s) {
             return &norms2_[(static_cast<std::size_t>(s) * groups_ + g) * C];
         };
+        auto wt = [&](int s) {
+            return &words_t_[(static_cast<std::size_t>(s) * groups_ + g) * C * gd];
+        };
         auto sub = [&](int s, int c, float sign) {
             const float* w = word(s, g, c);
             for (int j = 0; j < gd; ++j) r[j] -= sign * w[j];
@@ -167,7 +182,7 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
         // Greedy: each stage codes what the previous stages left.
         for (int s = 0; s < stages_; ++s) {
             int& idx = indices[s * groups_ + g];
-            idx = commvq_nearest(r, word(s, g, 0), norms(s), C, gd);
+            idx = commvq_nearest(r, wt(s), norms(s), C, gd);
             sub(s, idx, 1.0f);
         }
         // ICM: re-choose each stage's codeword given all the others (r + w_s is the target).
@@ -175,7 +190,7 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
             for (int s = 0; s < stages_; ++s) {
                 int& idx = indices[s * groups_ + g];
                 sub(s, idx, -1.0f);
-                idx = commvq_nearest(r, word(s, g, 0), norms(s), C, gd);
+                idx = commvq_nearest(r, wt(s), norms(s), C, gd);
                 sub(s, idx, 1.0f);
             }
     }

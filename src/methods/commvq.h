@@ -43,9 +43,14 @@
 
 namespace veloxquant {
 
-/// Index of the codeword of words [C][dim] nearest to x (squared L2, ties to the lowest index),
-/// given norms2[c] = ||words[c]||^2.
-int commvq_nearest(const float* x, const float* words, const float* norms2, int num_words, int dim);
+/// Index of the codeword nearest to x [dim] (squared L2, ties to the lowest index), with the
+/// codewords transposed, words_t [dim][num_words] (num_words <= 256), and norms2[c] their
+/// squared norms. The transposed layout lets the distances of all codewords vectorise.
+int commvq_nearest(const float* x, const float* words_t, const float* norms2, int num_words,
+                   int dim);
+
+/// words [n][dim] -> out [dim][n].
+void commvq_transpose(const float* words, int n, int dim, float* out);
 
 /// Rotates the pairs of x [dim] in place by angle pos * inv_freq[i] (pairs past inv_freq
 /// untouched); pos < 0 un-rotates. Double-precision angles.
@@ -109,8 +114,9 @@ private:
     void pack(const int* indices, uint8_t* code) const;
 
     int stages_, groups_, codewords_, group_dim_, index_bits_;
-    std::vector<float> words_;   // [stages][groups][codewords][group_dim]
-    std::vector<float> norms2_;  // [stages][groups][codewords]
+    std::vector<float> words_;    // [stages][groups][codewords][group_dim]
+    std::vector<float> words_t_;  // [stages][groups][group_dim][codewords], for the search
+    std::vector<float> norms2_;   // [stages][groups][codewords]
     std::vector<double> inv_freq_;
     std::vector<float> step_;  // [kPhaseBlock][rotated_pairs][2]: cos, sin of t * w_i
 };
