@@ -1,5 +1,5 @@
 // CommVQ calibration: the RoPE-commutative additive codebooks of methods/commvq.h, trained per
-// layer and KV head on calibration keys by EM (Li et al., arXiv 2506.18879 §3.3).
+// layer and KV head on calibration keys by EM (Li et al., arXiv 2506.18879).
 //
 // Keys arrive post-RoPE with their positions; where the RoPE frequencies are known they are
 // un-rotated by their positions first, so the codebook models pre-RoPE keys (what the codec

@@ -208,8 +208,11 @@ void CommVQCodec::reconstruct(const uint8_t* code, float* z) const {
     std::fill(z, z + dim(), 0.0f);
     for (int s = 0; s < stages_; ++s)
         for (int g = 0; g < groups_; ++g) {
-            const float* w =
-                word(s, g, static_cast<int>(read_packed(code, s * groups_ + g, index_bits_)));
+            const int m = s * groups_ + g;
+            // 256 codewords (what calibration makes): one index per byte.
+            const int c =
+                index_bits_ == 8 ? code[m] : static_cast<int>(read_packed(code, m, index_bits_));
+            const float* w = word(s, g, c);
             float* zg = z + g * gd;
 #pragma omp simd
             for (int j = 0; j < gd; ++j) zg[j] += w[j];

@@ -4,21 +4,21 @@
 //
 // A key x in R^d is read as z in C^{d/2}, pair i = x[2i] + j x[2i+1]; "normal" RoPE multiplies
 // pair i by exp(j p w_i) (w_i = rope_inv_freq[i], p = position). A linear map commutes with every
-// RoPE rotation iff it is block-diagonal over the frequencies with complex-scalar blocks
-// (paper §3.2); a codebook of complex scalars per pair therefore satisfies
-//     RoPE_p(decode(code)) = decode'(code, p),
+// RoPE rotation iff it is block-diagonal over the frequencies with complex-scalar blocks (the
+// paper's RoPE-commutative codebook); with codewords of complex scalars per pair, the decoded
+// key of a token at position p is RoPE_p of the position-free decode of the same code,
 // and the cache can code the key *before* RoPE (un-rotate by -p w_i), keep no position per
 // token (the cache knows it), and rotate the query instead at score time.
 //
-// Our structure (the paper uses one flat additive code; this is the same model restricted to
-// groups of pairs so that code search is cheap): the d/2 pairs are split into G groups of
+// Our structure (our choice, not the paper's exact layout: additive stages restricted to groups
+// of pairs so that the code search stays cheap): the d/2 pairs are split into G groups of
 // g consecutive pairs (group_dim = 2g reals); each group has S additive stages, and stage s of
 // group G holds C codewords, each a vector of g complex scalars. The pre-RoPE key of a group is
 //     z_G ~= sum_s W[s][G][i_{s,G}],
 // with S * G indices of log2(C) bits each, so bits per coordinate = S log2(C) / (2g); no
 // per-token scalars. calibrate_commvq picks C = 256, g = 4 and S = bits (b = 1..4).
 // Encoding: greedy residual search, then one ICM sweep (each stage re-chosen given the others,
-// which never increases the error; Babenko & Lempitsky, "Additive Quantization", CVPR 2014 §3).
+// which never increases the error; Babenko & Lempitsky, "Additive Quantization", CVPR 2014).
 //
 // Score of a query q against a token at position p (Re(conj(a) b) is the real dot product of
 // two pairs):
