@@ -436,6 +436,7 @@ TEST(CommVQCache, ConfigErrorsNameTheProblem) {
     EXPECT_NO_THROW(KVCacheFactory::create(good, 1, d, 64, 0));
     auto c = good;
     c.codebook = FloatArray{};
+    expect_invalid(c, 1, d, 0, "method 'commvq' needs calibration");
     expect_invalid(c, 1, d, 0, "calibrate_commvq");
     expect_invalid(c, 1, d, 0, "veloxquant calibrate --method commvq");
     c = good, c.codebook.shape = {1, 1, S * G, C, gd};

@@ -322,7 +322,7 @@ std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int 
     const FloatArray& cb = config.codebook;
     if (cb.empty())
         throw std::invalid_argument(
-            "method 'commvq' needs a calibrated KVCacheConfig.codebook: produce one with "
+            "method 'commvq' needs calibration: KVCacheConfig.codebook is empty; produce it with "
             "calibrate_commvq(activations, bits, seed) or `veloxquant calibrate --method commvq`");
     if (cb.shape.size() != 6)
         throw std::invalid_argument(
