@@ -340,6 +340,7 @@ NB_MODULE(_core, m) {
     nb::class_<QJLKVCache, QuantizedKVCache>(m, "QJLKVCache");
     nb::class_<PolarQuantKVCache, QuantizedKVCache>(m, "PolarQuantKVCache");
     nb::class_<RaBitQKVCache, QuantizedKVCache>(m, "RaBitQKVCache");
+    nb::class_<CommVQKVCache, QuantizedKVCache>(m, "CommVQKVCache");
     nb::class_<RateQuantKVCache, QuantizedKVCache>(m, "RateQuantKVCache");
     nb::class_<SpectralQuantKVCache, QuantizedKVCache>(m, "SpectralQuantKVCache");
     nb::class_<FP16KVCache, QuantizedKVCache>(m, "FP16KVCache");

@@ -21,6 +21,7 @@ std::unique_ptr<KVCache> KVCacheFactory::create(const KVCacheConfig& config, int
     if (m == "polarquant")
         return std::make_unique<PolarQuantKVCache>(config, num_heads, head_dim, max_seq_len, layer);
     if (m == "rabitq") return std::make_unique<RaBitQKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "commvq") return std::make_unique<CommVQKVCache>(config, num_heads, head_dim, max_seq_len, layer);
     if (m == "ratequant")
         return std::make_unique<RateQuantKVCache>(config, num_heads, head_dim, max_seq_len, layer);
     if (m == "spectral")

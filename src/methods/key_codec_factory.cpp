@@ -3,6 +3,7 @@
 #include <string>
 
 #include "core/rng.h"
+#include "methods/commvq.h"
 #include "methods/fp16_codec.h"
 #include "methods/key_codec.h"
 #include "methods/polarquant.h"
@@ -39,7 +40,8 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
         return std::make_unique<RaBitQCodec>(head_dim, config.bits, config.num_clusters,
                                              config.use_hadamard, seed);
     if (m == "spectral") return make_spectral_codec(config, head_dim, layer, head);
-    if (m == "vecinfer" || m == "commvq")
+    if (m == "commvq") return make_commvq_codec(config, head_dim, layer, head);
+    if (m == "vecinfer")
         throw std::invalid_argument("method '" + m + "' needs calibration, which this build does "
                                     "not provide yet");
     throw std::invalid_argument("unknown method '" + m + "'");
