@@ -36,7 +36,8 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
         return std::make_unique<PolarQuantCodec>(head_dim, config.bits, config.use_hadamard, seed);
     if (m == "rabitq")
         return std::make_unique<RaBitQCodec>(head_dim, config.bits, config.num_clusters,
-                                             config.use_hadamard, seed);
+                                             config.use_hadamard, seed,
+                                             rabitq_calibrated_centroids(config, layer, head, head_dim));
     if (m == "vecinfer" || m == "spectral" || m == "commvq")
         throw std::invalid_argument("method '" + m + "' needs calibration, which this build does "
                                     "not provide yet");
