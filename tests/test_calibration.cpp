@@ -168,10 +168,15 @@ TEST(CalibrationCollect, CountsShapesPositionsAndKeysMatchAnFp16Run) {
             EXPECT_EQ(q.count(), 40 * (kHeads / kKVHeads));  // both query heads of the group
             EXPECT_EQ(k.positions, pos);
             EXPECT_EQ(v.positions, pos);
+            // Layer 0 sees only the embeddings: bit-exact. Later layers follow an attention that
+            // sums in another order than the fp16 cache's scorer, so their fp16 values may sit
+            // one ulp (2^-11 relative) apart.
             for (std::size_t i = 0; i < k.data.size(); ++i) {
-                ASSERT_EQ(fp16_round(k.data[i]), ref_k[l * kKVHeads + h][i])
-                    << "layer " << l << " head " << h;
-                ASSERT_EQ(fp16_round(v.data[i]), ref_v[l * kKVHeads + h][i]);
+                const float rk = ref_k[l * kKVHeads + h][i], rv = ref_v[l * kKVHeads + h][i];
+                const float tk = l == 0 ? 0.0f : 1.1e-3f * std::fabs(rk) + 1e-6f;
+                const float tv = l == 0 ? 0.0f : 1.1e-3f * std::fabs(rv) + 1e-6f;
+                ASSERT_NEAR(fp16_round(k.data[i]), rk, tk) << "layer " << l << " head " << h;
+                ASSERT_NEAR(fp16_round(v.data[i]), rv, tv) << "layer " << l << " head " << h;
             }
             // Queries arrive per forward chunk as [q head][token]: the two heads of the group
             // each bring every position of the sequence.
