@@ -231,8 +231,8 @@ TEST(CalibrationRateQuant, CalibrateFillsUnitsPerHeadAndPerLayer) {
 // ---- The real model ---------------------------------------------------------------------------
 
 std::string source_root() {
-    const std::string here = __FILE__;  // <repo>/tests/test_calibration.cpp
-    return here.substr(0, here.size() - std::string("tests/test_calibration.cpp").size());
+    const std::string here = __FILE__;  // <repo>/tests/test_calibration_methods.cpp
+    return here.substr(0, here.size() - std::string("tests/test_calibration_methods.cpp").size());
 }
 
 std::string read_text(const std::string& path) {
