@@ -9,6 +9,8 @@
 
 namespace veloxquant {
 
+struct Calibration;
+
 /// Per-layer attention shape of a model: what KVCacheBuilder needs to make one cache per layer.
 struct ModelShape {
     struct Layer {
@@ -32,6 +34,12 @@ struct KVCacheBuilder {
     /// One cache per layer, each with that layer's KV-head count and head dim.
     static std::vector<std::unique_ptr<KVCache>> build(const ModelShape& model,
                                                        const KVCacheConfig& config,
+                                                       int max_seq_len = 8192);
+    /// The same with a calibration (veloxquant/calibration.h): checks the shape against the
+    /// calibration's model (std::invalid_argument naming both), fills config.method's fields
+    /// from it (apply_calibration), then builds.
+    static std::vector<std::unique_ptr<KVCache>> build(const ModelShape& model, KVCacheConfig config,
+                                                       const Calibration& calibration,
                                                        int max_seq_len = 8192);
 };
 

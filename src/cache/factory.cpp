@@ -2,6 +2,7 @@
 #include <string>
 
 #include "veloxquant/caches.h"
+#include "veloxquant/calibration.h"
 #include "veloxquant/factory.h"
 
 namespace veloxquant {
@@ -41,6 +42,14 @@ std::vector<std::unique_ptr<KVCache>> KVCacheBuilder::build(const ModelShape& mo
         caches.push_back(KVCacheFactory::create(config, model.layers[l].num_kv_heads, model.layers[l].head_dim,
                                                 max_seq_len, static_cast<int>(l)));
     return caches;
+}
+
+std::vector<std::unique_ptr<KVCache>> KVCacheBuilder::build(const ModelShape& model, KVCacheConfig config,
+                                                            const Calibration& calibration,
+                                                            int max_seq_len) {
+    check_calibration_shape(calibration, model);
+    apply_calibration(calibration, config);
+    return build(model, config, max_seq_len);
 }
 
 }  // namespace veloxquant

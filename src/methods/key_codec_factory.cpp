@@ -38,7 +38,8 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
         return std::make_unique<PolarQuantCodec>(head_dim, config.bits, config.use_hadamard, seed);
     if (m == "rabitq")
         return std::make_unique<RaBitQCodec>(head_dim, config.bits, config.num_clusters,
-                                             config.use_hadamard, seed);
+                                             config.use_hadamard, seed,
+                                             rabitq_calibrated_centroids(config, layer, head, head_dim));
     if (m == "spectral") return make_spectral_codec(config, head_dim, layer, head);
     if (m == "commvq") return make_commvq_codec(config, head_dim, layer, head);
     if (m == "vecinfer")

@@ -146,7 +146,8 @@ DotLevels dot_levels_for(int bits) {
 
 }  // namespace
 
-RaBitQCodec::RaBitQCodec(int d, int bits, int num_clusters, bool use_hadamard, uint64_t seed)
+RaBitQCodec::RaBitQCodec(int d, int bits, int num_clusters, bool use_hadamard, uint64_t seed,
+                         const float* centroids)
     : KeyCodec(d), bits_(bits), num_clusters_(num_clusters), seed_(seed) {
     if (d < 2 || d > kMaxDim)
         throw std::invalid_argument("rabitq: head dim must be in 2..1024, got " +
@@ -158,6 +159,40 @@ RaBitQCodec::RaBitQCodec(int d, int bits, int num_clusters, bool use_hadamard, u
             "rabitq: num_clusters must be in 1..65536 (cluster ids take at most 2 bytes), got " +
             std::to_string(num_clusters));
     rotation_ = Rotation(d, use_hadamard, seed);
+    if (centroids != nullptr) {
+        centroids_.resize(static_cast<std::size_t>(num_clusters) * d);
+        for (int c = 0; c < num_clusters; ++c)
+            rotation_.forward(centroids + static_cast<std::size_t>(c) * d,
+                              &centroids_[static_cast<std::size_t>(c) * d]);
+        trained_k_ = num_clusters;
+    }
+}
+
+const float* rabitq_calibrated_centroids(const KVCacheConfig& config, int layer, int head, int d) {
+    const FloatArray& a = config.ivf_centroids;
+    if (a.empty() && a.shape.empty()) return nullptr;
+    const auto& s = a.shape;
+    auto shape_text = [&s] {
+        std::string t = "[";
+        for (std::size_t i = 0; i < s.size(); ++i) t += (i ? "," : "") + std::to_string(s[i]);
+        return t + "]";
+    };
+    if (s.size() != 4 || s[2] != config.num_clusters || s[3] != d || layer >= s[0] ||
+        head >= s[1] || static_cast<int64_t>(a.data.size()) != s[0] * s[1] * s[2] * s[3])
+        throw std::invalid_argument(
+            "KVCacheConfig.ivf_centroids has shape " + shape_text() + " with " +
+            std::to_string(a.data.size()) + " values; layer " + std::to_string(layer) + " head " +
+            std::to_string(head) + " needs [layers > " + std::to_string(layer) + "][heads > " +
+            std::to_string(head) + "][num_clusters = " + std::to_string(config.num_clusters) +
+            "][head_dim = " + std::to_string(d) + "]");
+    const float* slice =
+        a.data.data() + (static_cast<std::size_t>(layer) * s[1] + head) * s[2] * s[3];
+    for (int64_t i = 0; i < s[2] * s[3]; ++i)
+        if (!std::isfinite(slice[i]))
+            throw std::invalid_argument(
+                "KVCacheConfig.ivf_centroids holds a non-finite value (layer " +
+                std::to_string(layer) + ", head " + std::to_string(head) + ")");
+    return slice;
 }
 
 std::size_t RaBitQCodec::code_bytes() const {

@@ -29,8 +29,11 @@ namespace veloxquant {
 class RaBitQCodec : public KeyCodec {
 public:
     /// d in 2..1024, bits in 1..8, num_clusters in 1..65536 (else std::invalid_argument);
-    /// seed already derived for (layer, head).
-    RaBitQCodec(int d, int bits, int num_clusters, bool use_hadamard, uint64_t seed);
+    /// seed already derived for (layer, head). With `centroids` ([num_clusters][d] in the key
+    /// domain, e.g. from calibration) the codec is trained at once: it rotates them into its
+    /// domain and never trains on the first prefill.
+    RaBitQCodec(int d, int bits, int num_clusters, bool use_hadamard, uint64_t seed,
+                const float* centroids = nullptr);
 
     int bits() const { return bits_; }
     int num_clusters() const { return num_clusters_; }
@@ -76,5 +79,11 @@ private:
     int trained_k_ = 0;
     std::vector<float> centroids_;
 };
+
+/// The [layer][head] slice of config.ivf_centroids ([layers][heads][num_clusters][d], key
+/// domain), or nullptr when the config has none. Throws std::invalid_argument naming
+/// KVCacheConfig.ivf_centroids when its shape does not fit (layer, head, num_clusters, d) or it
+/// holds a non-finite value.
+const float* rabitq_calibrated_centroids(const KVCacheConfig& config, int layer, int head, int d);
 
 }  // namespace veloxquant

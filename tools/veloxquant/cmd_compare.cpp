@@ -33,6 +33,7 @@ struct Options {
     bool quick = false;
     std::string json_path;
     std::string plot_path;
+    std::string calibration;
 };
 
 void apply_quick(CLI::App* sub, Options& o) {
@@ -76,6 +77,7 @@ void run(const Options& o) {
     std::vector<NamedConfig> configs =
         sweep_configs(o.methods, o.bits, m.model->hparams().head_dim);
     for (NamedConfig& c : configs) c.config.seed = o.seed;
+    apply_calibration_file(o.calibration, *m.model, configs);
     std::vector<NamedConfig> all = {baseline_config()};
     all.insert(all.end(), configs.begin(), configs.end());
 
@@ -178,6 +180,7 @@ void register_compare(CLI::App& app) {
         "Main job: every method at its defaults and at 2/3/4 bits against the fp16 "
         "cache (bits, KV MiB, KLD, top-1, dPPL, needle, decode tokens/s)");
     add_model_options(sub, o->model, true, "tokens per evaluation chunk");
+    add_calibration_option(sub, o->calibration);
     sub->add_option("--chunks", o->chunks, "evaluation chunks (0 = the whole text)")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);

@@ -15,5 +15,7 @@ void register_eval(CLI::App& app);
 void register_compare(CLI::App& app);
 /// `veloxquant info`: model hyper-parameters, tensor types, KV bytes per method.
 void register_info(CLI::App& app);
+/// `veloxquant calibrate`: a method's calibration from a model's activations, into a file.
+void register_calibrate(CLI::App& app);
 
 }  // namespace veloxquant::cli

@@ -1,5 +1,6 @@
 #include "config_options.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -7,7 +8,10 @@
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
+#include "calibration/collect.h"
+#include "veloxquant/calibration.h"
 #include "veloxquant/observer.h"
 
 namespace veloxquant::cli {
@@ -17,11 +21,27 @@ namespace {
 const char* const kDefaultTexts[] = {"../shared/data/wikitext-2/test.txt",
                                      "/work/shared/data/wikitext-2/test.txt"};
 
+// Calibration files applied by ConfigOptions::build() before the model is loaded, with the model
+// each was made for; load_model() checks the loaded model against them.
+std::vector<std::pair<std::string, ModelFingerprint>>& pending_calibrations() {
+    static std::vector<std::pair<std::string, ModelFingerprint>> files;
+    return files;
+}
+
+const char* const kCalibrationHelp =
+    "calibration file from `veloxquant calibrate` (codebooks, rotations, bit allocation, IVF "
+    "centroids of the calibrated methods)";
+
 }  // namespace
 
 KVCacheConfig ConfigOptions::build() const {
     KVCacheConfig c = config;
     if (outliers) c.outlier_observer = std::make_shared<KeyNormObserver>();
+    if (!calibration.empty()) {
+        const Calibration cal = Calibration::load(calibration);
+        apply_calibration(cal, c);
+        pending_calibrations().emplace_back(calibration, cal.model);
+    }
     c.validate();
     return c;
 }
@@ -49,6 +69,25 @@ void add_config_options(CLI::App* app, ConfigOptions& opts) {
         ->capture_default_str();
     app->add_option("--seed", c.seed, "seed of the random rotations and sketches")
         ->capture_default_str();
+    add_calibration_option(app, opts.calibration);
+}
+
+void add_calibration_option(CLI::App* app, std::string& path) {
+    app->add_option("--calibration", path, kCalibrationHelp)->check(CLI::ExistingFile);
+}
+
+void apply_calibration_file(const std::string& path, const LlamaModel& model,
+                            std::vector<NamedConfig>& configs) {
+    if (path.empty()) return;
+    const Calibration cal = Calibration::load(path);
+    check_calibration_model(cal, model_fingerprint(model));
+    const std::vector<std::string> sections = cal.sections();
+    for (NamedConfig& nc : configs) {
+        if (std::find(sections.begin(), sections.end(), nc.config.method) == sections.end())
+            continue;
+        apply_calibration(cal, nc.config);
+        nc.label += " (calibrated)";
+    }
 }
 
 void add_model_options(CLI::App* app, ModelOptions& opts, bool with_text,
@@ -70,6 +109,14 @@ LoadedModel load_model(const std::string& path) {
     LoadedModel m;
     m.model = LlamaModel::load(path);
     m.tokenizer = std::make_unique<BPETokenizer>(vocab_from_gguf(m.model->gguf()));
+    if (!pending_calibrations().empty()) {
+        const ModelFingerprint fp = model_fingerprint(*m.model);
+        for (const auto& [file, made_for] : pending_calibrations())
+            if (made_for != fp)
+                throw std::invalid_argument("--calibration " + file + " was made for " +
+                                            made_for.describe() + ", not for --model " + path +
+                                            ", " + fp.describe());
+    }
     return m;
 }
 

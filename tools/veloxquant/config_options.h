@@ -18,14 +18,17 @@ namespace veloxquant::cli {
 constexpr const char* kDefaultModel = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// --method, --bits, --value-bits, --num-residuals, --sketch-dim, --num-clusters,
-/// --use-hadamard/--no-hadamard, --fused/--unfused, --outliers, --outlier-bits, --seed.
+/// --use-hadamard/--no-hadamard, --fused/--unfused, --outliers, --outlier-bits, --seed,
+/// --calibration.
 struct ConfigOptions {
     KVCacheConfig config;
     bool outliers = false;
+    std::string calibration;  ///< --calibration FILE: applied with apply_calibration
 
     ConfigOptions() { config.method = "turboquant_rvq"; }
-    /// The configuration, with a fresh KeyNormObserver when --outliers; validated, so a bad
-    /// setting fails before the model loads.
+    /// The configuration, with a fresh KeyNormObserver when --outliers and the --calibration
+    /// file applied (its model is then checked by the next load_model); validated, so a bad
+    /// setting or file fails before the model loads.
     KVCacheConfig build() const;
 };
 void add_config_options(CLI::App* app, ConfigOptions& opts);
@@ -46,8 +49,18 @@ struct LoadedModel {
     std::unique_ptr<LlamaModel> model;
     std::unique_ptr<BPETokenizer> tokenizer;
 };
-/// Throws std::runtime_error naming --model when the file is missing.
+/// Throws std::runtime_error naming --model when the file is missing, and
+/// std::invalid_argument naming both models when a --calibration file applied by
+/// ConfigOptions::build() was made for another model.
 LoadedModel load_model(const std::string& path);
+
+/// --calibration FILE, for subcommands that build their own configurations (compare).
+void add_calibration_option(CLI::App* app, std::string& path);
+/// Loads the calibration at `path` (nothing when empty), checks it against the model, and
+/// applies it to every configuration whose method has a section in it, appending
+/// " (calibrated)" to their labels; the others are left as they are.
+void apply_calibration_file(const std::string& path, const LlamaModel& model,
+                            std::vector<NamedConfig>& configs);
 
 /// The --text file, or the default WikiText-2 test split; throws std::runtime_error naming
 /// --text when neither exists.

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
     veloxquant::cli::register_eval(app);
     veloxquant::cli::register_compare(app);
     veloxquant::cli::register_info(app);
+    veloxquant::cli::register_calibrate(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
