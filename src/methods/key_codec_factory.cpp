@@ -10,6 +10,7 @@
 #include "methods/rabitq.h"
 #include "methods/ratequant.h"
 #include "methods/turboquant_rvq.h"
+#include "methods/vecinfer.h"
 
 namespace veloxquant {
 
@@ -37,7 +38,8 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
     if (m == "rabitq")
         return std::make_unique<RaBitQCodec>(head_dim, config.bits, config.num_clusters,
                                              config.use_hadamard, seed);
-    if (m == "vecinfer" || m == "spectral" || m == "commvq")
+    if (m == "vecinfer") return make_vecinfer_codec(config, head_dim, layer, head);
+    if (m == "spectral" || m == "commvq")
         throw std::invalid_argument("method '" + m + "' needs calibration, which this build does "
                                     "not provide yet");
     throw std::invalid_argument("unknown method '" + m + "'");
