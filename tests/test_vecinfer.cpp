@@ -346,7 +346,7 @@ TEST(VecInferCache, ConfigErrorsNameTheField) {
     c.codebook.shape = {4, 2, 16, 128, 4};  // 128 codewords: 7 bits / 4 != bits 2
     expect_error(c, d, {"KVCacheConfig.bits", "rate"});
     c = good;
-    c.codebook.shape = {2, 2, 32, 128, 2};  // 128 codewords of sub_dim 2: bits 3.5
+    c.codebook.shape = {4, 2, 32, 128, 2};  // 128 codewords of sub_dim 2: bits 3.5
     c.bits = 3;
     expect_error(c, d, {"KVCacheConfig.bits"});
     c = good;

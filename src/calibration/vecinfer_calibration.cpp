@@ -42,6 +42,67 @@ std::vector<float> transformed_rows(const HeadSamples& keys, const std::vector<f
     return x;
 }
 
+// Lloyd iterations (k-means) on sub [n][sub_dim] from the centroids [k][sub_dim] given, with
+// the vectorised nearest-codeword search of the codec (kmeans.cpp's generic search is several
+// times slower at sub_dim 1..8, which dominates calibration). Sums are accumulated in point
+// order in double, so the result is deterministic. An empty cluster takes the point farthest
+// from its centroid. Stops when no assignment changes or the objective improves by < 1e-4.
+void lloyd(const float* sub, int n, int sub_dim, int k, float* centroids, int iterations) {
+    std::vector<float> cent_t(static_cast<std::size_t>(k) * sub_dim), half(k), dist2(n);
+    std::vector<int> assign(n, -1), counts(k);
+    std::vector<double> sums(static_cast<std::size_t>(k) * sub_dim);
+    double previous = INFINITY;
+    for (int it = 0; it <= iterations; ++it) {
+        for (int c = 0; c < k; ++c) {
+            double h = 0.0;
+            for (int j = 0; j < sub_dim; ++j) {
+                const float v = centroids[static_cast<std::size_t>(c) * sub_dim + j];
+                cent_t[static_cast<std::size_t>(j) * k + c] = v;
+                h += static_cast<double>(v) * v;
+            }
+            half[c] = static_cast<float>(0.5 * h);
+        }
+        bool changed = false;
+        double objective = 0.0;
+        for (int i = 0; i < n; ++i) {
+            const int a = nearest_codeword(sub + static_cast<std::size_t>(i) * sub_dim, cent_t.data(), half.data(), k,
+                                           sub_dim, &dist2[i]);
+            changed = changed || a != assign[i];
+            assign[i] = a;
+            objective += dist2[i];
+        }
+        if (it == iterations || !changed || previous - objective < 1e-4 * previous) break;
+        previous = objective;
+        std::fill(sums.begin(), sums.end(), 0.0);
+        std::fill(counts.begin(), counts.end(), 0);
+        for (int i = 0; i < n; ++i) {
+            ++counts[assign[i]];
+            for (int j = 0; j < sub_dim; ++j)
+                sums[static_cast<std::size_t>(assign[i]) * sub_dim + j] += sub[static_cast<std::size_t>(i) * sub_dim + j];
+        }
+        std::vector<int> far_order;
+        for (int c = 0; c < k; ++c) {
+            float* cc = centroids + static_cast<std::size_t>(c) * sub_dim;
+            if (counts[c] > 0) {
+                for (int j = 0; j < sub_dim; ++j)
+                    cc[j] = static_cast<float>(sums[static_cast<std::size_t>(c) * sub_dim + j] / counts[c]);
+                continue;
+            }
+            if (far_order.empty()) {  // points by decreasing distance to their centroid
+                far_order.resize(n);
+                for (int i = 0; i < n; ++i) far_order[i] = i;
+                std::stable_sort(far_order.begin(), far_order.end(), [&](int a, int b) { return dist2[a] > dist2[b]; });
+                far_order.resize(std::min(n, k));
+                std::reverse(far_order.begin(), far_order.end());  // pop_back takes the farthest
+            }
+            const int i = far_order.back();
+            far_order.pop_back();
+            if (far_order.empty()) far_order.push_back(i);  // out of points: reuse (harmless duplicate)
+            std::copy_n(sub + static_cast<std::size_t>(i) * sub_dim, sub_dim, cc);
+        }
+    }
+}
+
 }  // namespace
 
 VecInferGeometry vecinfer_geometry(int bits) {
@@ -72,28 +133,43 @@ std::vector<float> vecinfer_smooth_factors(const HeadSamples& keys, const HeadSa
 }
 
 std::vector<float> train_product_codebook(const float* x, int n, int d, int sub_dim, int codewords,
-                                          uint64_t seed, int kmeans_iterations) {
+                                          uint64_t seed, const VecInferCalibrationOptions& options) {
     if (sub_dim < 1 || d % sub_dim != 0)
         throw std::invalid_argument("train_product_codebook: sub_dim " + std::to_string(sub_dim) +
                                     " must divide d " + std::to_string(d));
+    if (n < 1 || codewords < 1) throw std::invalid_argument("train_product_codebook: needs n, codewords >= 1");
     const int S = d / sub_dim;
+    const int k = std::min(n, codewords);
     std::vector<float> codebook(static_cast<std::size_t>(d) * codewords);
     std::vector<float> sub(static_cast<std::size_t>(n) * sub_dim);
-    KMeansOptions opt;
-    opt.max_iterations = kmeans_iterations;
-    opt.init = KMeansInit::kPlusPlus;
+    std::vector<int> order(n);
     for (int s = 0; s < S; ++s) {
         for (int i = 0; i < n; ++i)
             std::copy_n(x + static_cast<std::size_t>(i) * d + s * sub_dim, sub_dim,
                         &sub[static_cast<std::size_t>(i) * sub_dim]);
-        const KMeansResult km =
-            kmeans(sub.data(), n, sub_dim, codewords, derive_seed(seed, s, 0, sub_dim, RandomPurpose::kKMeans), opt);
+        const uint64_t sseed = derive_seed(seed, s, 0, sub_dim, RandomPurpose::kKMeans);
         float* out = &codebook[static_cast<std::size_t>(s) * codewords * sub_dim];
-        std::copy(km.centroids.begin(), km.centroids.end(), out);
+        if (options.plus_plus_init) {
+            KMeansOptions opt;  // seeding only; the iterations run in lloyd()
+            opt.max_iterations = 0;
+            opt.init = KMeansInit::kPlusPlus;
+            const KMeansResult km = kmeans(sub.data(), n, sub_dim, k, sseed, opt);
+            std::copy(km.centroids.begin(), km.centroids.end(), out);
+        } else {
+            // k distinct samples: the first k entries of a partial Fisher-Yates shuffle.
+            Rng rng(sseed);
+            for (int i = 0; i < n; ++i) order[i] = i;
+            for (int c = 0; c < k; ++c) {
+                std::swap(order[c], order[c + static_cast<int>(rng.below(static_cast<uint64_t>(n - c)))]);
+                std::copy_n(&sub[static_cast<std::size_t>(order[c]) * sub_dim], sub_dim,
+                            out + static_cast<std::size_t>(c) * sub_dim);
+            }
+        }
+        lloyd(sub.data(), n, sub_dim, k, out, options.kmeans_iterations);
         // Fewer samples than codewords: repeat centroids (ties go to the lower index, so the
         // copies are never chosen and cost nothing but table space).
-        for (int c = km.k; c < codewords; ++c)
-            std::copy_n(out + static_cast<std::size_t>(c % km.k) * sub_dim, sub_dim,
+        for (int c = k; c < codewords; ++c)
+            std::copy_n(out + static_cast<std::size_t>(c % k) * sub_dim, sub_dim,
                         out + static_cast<std::size_t>(c) * sub_dim);
     }
     return codebook;
@@ -152,8 +228,7 @@ VecInferCalibration calibrate_vecinfer(const Activations& acts, int bits, uint64
         const std::vector<float> x =
             transformed_rows(la.keys[h], lambda, vecinfer_rotation(d, l, h), options.max_samples, &n);
         const std::vector<float> cb = train_product_codebook(
-            x.data(), n, d, g.sub_dim, g.codewords, derive_seed(seed, l, h, d, RandomPurpose::kKMeans),
-            options.kmeans_iterations);
+            x.data(), n, d, g.sub_dim, g.codewords, derive_seed(seed, l, h, d, RandomPurpose::kKMeans), options);
         std::copy(cb.begin(), cb.end(), cal.codebook.data.begin() + task * cb_block);
         std::copy(lambda.begin(), lambda.end(), cal.smooth_factors.data.begin() + static_cast<std::size_t>(task) * d);
     }

@@ -25,6 +25,12 @@ constexpr std::size_t vecinfer_code_bytes(int num_subspaces, int code_bits) {
     return (static_cast<std::size_t>(num_subspaces) * static_cast<std::size_t>(code_bits) + 7) / 8;
 }
 
+/// Index of the codeword nearest to x [sub_dim] (squared L2; ties to the lowest index), from the
+/// codewords stored coordinate-major, codewords_t [sub_dim][C], and half_norm2 [C] =
+/// ||c||^2 / 2. Its squared distance goes to *dist2 when given.
+int nearest_codeword(const float* x, const float* codewords_t, const float* half_norm2, int C,
+                     int sub_dim, float* dist2 = nullptr);
+
 /// The orthogonal transform of (layer, head)'s smoothed keys: the randomized Walsh-Hadamard
 /// transform where d is a power of two, else a Haar-random dense rotation. It is part of the
 /// calibration (codebooks are trained in its output domain), so it depends on (layer, head, d)
@@ -66,7 +72,7 @@ public:
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
 
-    /// Codebook, codeword norms, smoothing factors and rotation.
+    /// Codebook (both layouts), codeword norms, smoothing factors and rotation.
     std::size_t parameter_bytes() const override;
 
     /// Index of the codeword of subspace s nearest to x [sub_dim].
@@ -80,7 +86,8 @@ private:
     int sub_dim_;
     int code_bits_;
     std::size_t code_bytes_;
-    std::vector<float> codebook_;  ///< [S][C][sub_dim]
+    std::vector<float> codebook_;    ///< [S][C][sub_dim]
+    std::vector<float> codebook_t_;  ///< [S][sub_dim][C]: coordinate-major, for the search
     std::vector<float> half_norm2_;  ///< [S][C]: ||C[s][c]||^2 / 2
     std::vector<float> smooth_;    ///< [d]
     std::vector<float> inv_smooth_;  ///< [d]: 1 / lambda
