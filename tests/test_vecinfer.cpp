@@ -68,13 +68,16 @@ struct Reference {
     std::vector<double> transform(const float* k) const {  // R (k / lambda)
         std::vector<double> x(d, 0.0);
         for (int i = 0; i < d; ++i)
-            for (int j = 0; j < d; ++j) x[i] += R[static_cast<std::size_t>(i) * d + j] * (k[j] / static_cast<double>(smooth[j]));
+            for (int j = 0; j < d; ++j)
+                x[i] += R[static_cast<std::size_t>(i) * d + j] *
+                        (k[j] / static_cast<double>(smooth[j]));
         return x;
     }
     double dist2(const std::vector<double>& x, int s, int c) const {
         double acc = 0.0;
         for (int j = 0; j < sub; ++j) {
-            const double t = x[s * sub + j] - codebook[(static_cast<std::size_t>(s) * C + c) * sub + j];
+            const double t =
+                x[s * sub + j] - codebook[(static_cast<std::size_t>(s) * C + c) * sub + j];
             acc += t * t;
         }
         return acc;
@@ -83,7 +86,9 @@ struct Reference {
         std::vector<double> k(d, 0.0);
         for (int j = 0; j < d; ++j) {
             for (int i = 0; i < d; ++i) {
-                const double c = codebook[(static_cast<std::size_t>(i / sub) * C + idx[i / sub]) * sub + i % sub];
+                const double c =
+                    codebook[(static_cast<std::size_t>(i / sub) * C + idx[i / sub]) * sub +
+                             i % sub];
                 k[j] += R[static_cast<std::size_t>(i) * d + j] * c;
             }
             k[j] *= smooth[j];
@@ -144,7 +149,8 @@ TEST_P(VecInferCodecTest, MatchesNaiveReference) {
             }
             // Same codeword, or (float rounding on a near tie) one exactly as near.
             if (static_cast<int>(idx[s]) != best_c) {
-                EXPECT_NEAR(ref.dist2(x, s, idx[s]), best, 1e-5 * (1.0 + best)) << "token " << t << " sub " << s;
+                EXPECT_NEAR(ref.dist2(x, s, idx[s]), best, 1e-5 * (1.0 + best))
+                    << "token " << t << " sub " << s;
             }
         }
         const int used = g.S * bits;
@@ -204,7 +210,8 @@ KVCacheConfig calibrated_config(int layers, int heads, int d, int bits, uint64_t
     Rng rng(seed);
     const int n = 600;
     const std::vector<float> keys = anisotropic_keys(rng, n, d, layers * heads);
-    const VecInferCalibration cal = calibrate_vecinfer(activations_of(keys, layers, heads, n, d), bits, seed);
+    const VecInferCalibration cal =
+        calibrate_vecinfer(activations_of(keys, layers, heads, n, d), bits, seed);
     KVCacheConfig c;
     c.method = "vecinfer";
     c.bits = bits;
@@ -232,8 +239,10 @@ TEST(VecInferCache, FusedMatchesUnfusedAndDequantizedReference) {
     for (int h = 0; h < H; ++h)
         for (int t = 0; t < 50; ++t)
             for (int j = 0; j < d; ++j) {
-                k2[(h * 50 + t) * d + j] = keys[(static_cast<std::size_t>(h) * n + 100 + t) * d + j];
-                v2[(h * 50 + t) * d + j] = values[(static_cast<std::size_t>(h) * n + 100 + t) * d + j];
+                k2[(h * 50 + t) * d + j] =
+                    keys[(static_cast<std::size_t>(h) * n + 100 + t) * d + j];
+                v2[(h * 50 + t) * d + j] =
+                    values[(static_cast<std::size_t>(h) * n + 100 + t) * d + j];
             }
     std::vector<float> k1(static_cast<std::size_t>(H) * 100 * d), v1(k1.size());
     for (int h = 0; h < H; ++h)
@@ -254,7 +263,8 @@ TEST(VecInferCache, FusedMatchesUnfusedAndDequantizedReference) {
         std::vector<float> a(q.size()), b(q.size());
         fused.attend(q.data(), QH, nq, a.data(), 0.125f, causal);
         unfused.attend(q.data(), QH, nq, b.data(), 0.125f, causal);
-        const std::vector<float> ref = vqtest::reference_attention(q, QH, nq, dk, dv, H, n, d, 0.125f, causal);
+        const std::vector<float> ref =
+            vqtest::reference_attention(q, QH, nq, dk, dv, H, n, d, 0.125f, causal);
         EXPECT_LT(vqtest::rel_error(a, ref), 1e-4) << "causal " << causal;
         EXPECT_LT(vqtest::rel_error(b, ref), 1e-4) << "causal " << causal;
     }
@@ -310,13 +320,14 @@ TEST(VecInferCache, SharedCodebookAndSmoothingAndAnySeed) {
     EXPECT_LT(vqtest::rel_error(out0, keys), 0.5);
 }
 
-void expect_error(const KVCacheConfig& c, int d, const std::vector<std::string>& parts, int layer = 0,
-                  int heads = 1) {
+void expect_error(const KVCacheConfig& c, int d, const std::vector<std::string>& parts,
+                  int layer = 0, int heads = 1) {
     try {
         KVCacheFactory::create(c, heads, d, 64, layer);
         ADD_FAILURE() << "no error; expected one naming " << parts[0];
     } catch (const std::invalid_argument& e) {
-        for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+        for (const auto& p : parts)
+            EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
     }
 }
 
@@ -326,7 +337,9 @@ TEST(VecInferCache, ConfigErrorsNameTheField) {
     ASSERT_NO_THROW(KVCacheFactory::create(good, 2, d, 64, 1));
     KVCacheConfig c = good;
     c.codebook = {};
-    expect_error(c, d, {"KVCacheConfig.codebook", "calibrate_vecinfer", "veloxquant calibrate --method vecinfer"});
+    expect_error(
+        c, d,
+        {"KVCacheConfig.codebook", "calibrate_vecinfer", "veloxquant calibrate --method vecinfer"});
     c = good;
     c.smooth_factors = {};
     expect_error(c, d, {"KVCacheConfig.smooth_factors", "calibrate_vecinfer"});
@@ -399,7 +412,8 @@ struct Errors {
 };
 
 // Errors of config c on held-out keys [layers][heads][n][d], through each head's codec.
-Errors held_out_errors(const KVCacheConfig& c, const std::vector<float>& keys, int layers, int heads, int n, int d) {
+Errors held_out_errors(const KVCacheConfig& c, const std::vector<float>& keys, int layers,
+                       int heads, int n, int d) {
     Rng rng(999);
     double e2 = 0, k2 = 0, s_err = 0, s_ref = 0, p_err = 0, p_ref = 0;
     for (int l = 0; l < layers; ++l)
@@ -447,7 +461,8 @@ KVCacheConfig random_codebook_config(KVCacheConfig c, const Activations& train, 
                 for (int j = 0; j < d; ++j) sum2 += std::pow(s.row(i)[j] / lambda[j], 2);
             const double sigma = std::sqrt(sum2 / (static_cast<double>(s.count()) * d));
             const std::vector<float> r = vqtest::gaussian(rng, block, sigma);
-            std::copy(r.begin(), r.end(), c.codebook.data.begin() + (static_cast<std::size_t>(l) * H + h) * block);
+            std::copy(r.begin(), r.end(),
+                      c.codebook.data.begin() + (static_cast<std::size_t>(l) * H + h) * block);
         }
     return c;
 }
@@ -472,14 +487,18 @@ TEST(VecInferCalibration, BeatsRandomCodebooksOnSyntheticAnisotropicKeys) {
     for (int bits = 1; bits <= 4; ++bits) {
         const VecInferCalibration cal = calibrate_vecinfer(train, bits, 42);
         const VecInferGeometry g = vecinfer_geometry(bits);
-        ASSERT_EQ(cal.codebook.shape, (std::vector<int64_t>{L, H, d / g.sub_dim, g.codewords, g.sub_dim}));
+        ASSERT_EQ(cal.codebook.shape,
+                  (std::vector<int64_t>{L, H, d / g.sub_dim, g.codewords, g.sub_dim}));
         ASSERT_EQ(cal.smooth_factors.shape, (std::vector<int64_t>{L, H, d}));
         EXPECT_EQ(cal.num_subspaces, d / g.sub_dim);
         const KVCacheConfig c = config_from(cal, bits);
         const Errors trained = held_out_errors(c, test_keys, L, H, n_test, d);
-        const Errors random = held_out_errors(random_codebook_config(c, train, 5 + bits), test_keys, L, H, n_test, d);
-        std::printf("[synthetic] bits %d: MSE trained %.4f random %.4f | score err trained %.4f random %.4f\n",
-                    bits, trained.mse, random.mse, trained.score, random.score);
+        const Errors random =
+            held_out_errors(random_codebook_config(c, train, 5 + bits), test_keys, L, H, n_test, d);
+        std::printf(
+            "[synthetic] bits %d: MSE trained %.4f random %.4f | score err trained %.4f random "
+            "%.4f\n",
+            bits, trained.mse, random.mse, trained.score, random.score);
         EXPECT_LT(trained.mse, 0.8 * random.mse) << "bits " << bits;
         EXPECT_LT(trained.score, 0.8 * random.score) << "bits " << bits;
         EXPECT_LT(trained.mse, previous) << "more bits, less error";
@@ -492,7 +511,8 @@ TEST(VecInferCalibration, DeterministicSmoothingAndErrors) {
     Rng rng(2);
     const std::vector<float> keys = anisotropic_keys(rng, n, d, 2);
     const Activations acts = activations_of(keys, 1, 2, n, d);
-    const VecInferCalibration a = calibrate_vecinfer(acts, 2, 1), b = calibrate_vecinfer(acts, 2, 1);
+    const VecInferCalibration a = calibrate_vecinfer(acts, 2, 1),
+                              b = calibrate_vecinfer(acts, 2, 1);
     const VecInferCalibration other = calibrate_vecinfer(acts, 2, 2);
     EXPECT_EQ(a.codebook.data, b.codebook.data);
     EXPECT_NE(a.codebook.data, other.codebook.data);
@@ -500,7 +520,8 @@ TEST(VecInferCalibration, DeterministicSmoothingAndErrors) {
     // The paper's lambda_i = sqrt(max_t |K_ti|), computed independently for head 1.
     for (int j = 0; j < d; ++j) {
         double m = 0.0;
-        for (int t = 0; t < n; ++t) m = std::max(m, std::fabs(static_cast<double>(keys[(n + t) * d + j])));
+        for (int t = 0; t < n; ++t)
+            m = std::max(m, std::fabs(static_cast<double>(keys[(n + t) * d + j])));
         EXPECT_NEAR(a.smooth_factors.data[d + j], std::sqrt(m), 1e-5 * std::sqrt(m));
     }
     // Query balancing: lambda_i = sqrt(max|K_i| / max|Q_i|).
@@ -508,8 +529,10 @@ TEST(VecInferCalibration, DeterministicSmoothingAndErrors) {
     q.dim = d;
     q.data.assign(static_cast<std::size_t>(4) * d, 0.5f);
     q.data[3] = -4.0f;  // channel 3 max |q| = 4
-    const std::vector<float> lk = vecinfer_smooth_factors(acts.layers[0].keys[0], nullptr, VecInferSmoothing::kKeyAbsMax);
-    const std::vector<float> lq = vecinfer_smooth_factors(acts.layers[0].keys[0], &q, VecInferSmoothing::kQueryBalanced);
+    const std::vector<float> lk =
+        vecinfer_smooth_factors(acts.layers[0].keys[0], nullptr, VecInferSmoothing::kKeyAbsMax);
+    const std::vector<float> lq =
+        vecinfer_smooth_factors(acts.layers[0].keys[0], &q, VecInferSmoothing::kQueryBalanced);
     EXPECT_NEAR(lq[3], lk[3] / 2.0f, 1e-5);
     EXPECT_NEAR(lq[0], lk[0] / std::sqrt(0.5f), 1e-5);
     EXPECT_EQ(vecinfer_smooth_factors(acts.layers[0].keys[0], nullptr, VecInferSmoothing::kNone),
@@ -553,12 +576,13 @@ std::string env_or(const char* name, const std::string& fallback) {
 }
 
 // Keys of n_tokens of `text_path` (from its start) as the fp16 cache holds them: [L][H][n][d].
-std::vector<float> model_keys(const LlamaModel& model, const BPETokenizer& tok, const std::string& text_path,
-                              int n_tokens, int* n_out) {
+std::vector<float> model_keys(const LlamaModel& model, const BPETokenizer& tok,
+                              const std::string& text_path, int n_tokens, int* n_out) {
     std::ifstream f(text_path);
     std::stringstream ss;
     ss << f.rdbuf();
-    std::vector<int32_t> ids = tok.encode(ss.str().substr(0, static_cast<std::size_t>(n_tokens) * 12), false);
+    std::vector<int32_t> ids =
+        tok.encode(ss.str().substr(0, static_cast<std::size_t>(n_tokens) * 12), false);
     if (static_cast<int>(ids.size()) > n_tokens) ids.resize(n_tokens);
     const int n = static_cast<int>(ids.size());
     KVCacheConfig fp16;
@@ -566,22 +590,27 @@ std::vector<float> model_keys(const LlamaModel& model, const BPETokenizer& tok, 
     auto caches = model.make_caches(fp16, n);
     std::vector<float> logits(model.hparams().n_vocab);
     model.forward(ids.data(), n, caches, logits.data(), false);
-    const std::size_t per_layer = static_cast<std::size_t>(model.hparams().n_head_kv) * n * model.hparams().head_dim;
+    const std::size_t per_layer =
+        static_cast<std::size_t>(model.hparams().n_head_kv) * n * model.hparams().head_dim;
     std::vector<float> keys(per_layer * caches.size()), values(per_layer);
-    for (std::size_t l = 0; l < caches.size(); ++l) caches[l]->dequantize(0, n, keys.data() + l * per_layer, values.data());
+    for (std::size_t l = 0; l < caches.size(); ++l)
+        caches[l]->dequantize(0, n, keys.data() + l * per_layer, values.data());
     *n_out = n;
     return keys;
 }
 
 TEST(VecInferCalibration, BeatsRandomCodebooksOnSmolLM2Keys) {
-    const std::string path = env_or("VQ_MODEL", source_root() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    const std::string path =
+        env_or("VQ_MODEL", source_root() + "/models/SmolLM2-135M-Instruct.Q4_1.gguf");
     const std::string valid = env_or("VQ_WIKITEXT_VALID", "/work/shared/data/wikitext-2/valid.txt");
     const std::string test = env_or("VQ_WIKITEXT", "/work/shared/data/wikitext-2/test.txt");
     if (!std::ifstream(path) || !std::ifstream(valid) || !std::ifstream(test))
-        GTEST_SKIP() << "model or WikiText-2 not found (" << path << ", " << valid << ", " << test << ")";
+        GTEST_SKIP() << "model or WikiText-2 not found (" << path << ", " << valid << ", " << test
+                     << ")";
     const auto model = LlamaModel::load(path);
     const BPETokenizer tok(vocab_from_gguf(model->gguf()));
-    const int L = model->hparams().n_layer, H = model->hparams().n_head_kv, d = model->hparams().head_dim;
+    const int L = model->hparams().n_layer, H = model->hparams().n_head_kv,
+              d = model->hparams().head_dim;
     int n_train = 0, n_test = 0;
     const std::vector<float> train_keys = model_keys(*model, tok, valid, 1024, &n_train);
     const std::vector<float> test_keys = model_keys(*model, tok, test, 256, &n_test);
@@ -591,12 +620,16 @@ TEST(VecInferCalibration, BeatsRandomCodebooksOnSmolLM2Keys) {
     for (int bits : {1, 2}) {
         const KVCacheConfig c = config_from(calibrate_vecinfer(train, bits, 42), bits);
         const Errors trained = held_out_errors(c, test_keys, L, H, n_test, d);
-        const Errors random = held_out_errors(random_codebook_config(c, train, 17), test_keys, L, H, n_test, d);
-        std::printf("[SmolLM2 %d layers x %d heads, %d train / %d test keys per head] bits %d: MSE trained %.4f "
-                    "random %.4f | score err trained %.4f random %.4f | key-as-query score err trained %.4f "
-                    "random %.4f\n",
-                    L, H, n_train, n_test, bits, trained.mse, random.mse, trained.score, random.score,
-                    trained.proxy, random.proxy);
+        const Errors random =
+            held_out_errors(random_codebook_config(c, train, 17), test_keys, L, H, n_test, d);
+        std::printf(
+            "[SmolLM2 %d layers x %d heads, %d train / %d test keys per head] bits %d: MSE trained "
+            "%.4f "
+            "random %.4f | score err trained %.4f random %.4f | key-as-query score err trained "
+            "%.4f "
+            "random %.4f\n",
+            L, H, n_train, n_test, bits, trained.mse, random.mse, trained.score, random.score,
+            trained.proxy, random.proxy);
         EXPECT_LT(trained.mse, 0.8 * random.mse) << "bits " << bits;
         EXPECT_LT(trained.score, 0.8 * random.score) << "bits " << bits;
         EXPECT_LT(trained.proxy, 0.8 * random.proxy) << "bits " << bits;

@@ -65,8 +65,8 @@ void lloyd(const float* sub, int n, int sub_dim, int k, float* centroids, int it
         bool changed = false;
         double objective = 0.0;
         for (int i = 0; i < n; ++i) {
-            const int a = nearest_codeword(sub + static_cast<std::size_t>(i) * sub_dim, cent_t.data(), half.data(), k,
-                                           sub_dim, &dist2[i]);
+            const int a = nearest_codeword(sub + static_cast<std::size_t>(i) * sub_dim,
+                                           cent_t.data(), half.data(), k, sub_dim, &dist2[i]);
             changed = changed || a != assign[i];
             assign[i] = a;
             objective += dist2[i];
@@ -78,26 +78,30 @@ void lloyd(const float* sub, int n, int sub_dim, int k, float* centroids, int it
         for (int i = 0; i < n; ++i) {
             ++counts[assign[i]];
             for (int j = 0; j < sub_dim; ++j)
-                sums[static_cast<std::size_t>(assign[i]) * sub_dim + j] += sub[static_cast<std::size_t>(i) * sub_dim + j];
+                sums[static_cast<std::size_t>(assign[i]) * sub_dim + j] +=
+                    sub[static_cast<std::size_t>(i) * sub_dim + j];
         }
         std::vector<int> far_order;
         for (int c = 0; c < k; ++c) {
             float* cc = centroids + static_cast<std::size_t>(c) * sub_dim;
             if (counts[c] > 0) {
                 for (int j = 0; j < sub_dim; ++j)
-                    cc[j] = static_cast<float>(sums[static_cast<std::size_t>(c) * sub_dim + j] / counts[c]);
+                    cc[j] = static_cast<float>(sums[static_cast<std::size_t>(c) * sub_dim + j] /
+                                               counts[c]);
                 continue;
             }
             if (far_order.empty()) {  // points by decreasing distance to their centroid
                 far_order.resize(n);
                 for (int i = 0; i < n; ++i) far_order[i] = i;
-                std::stable_sort(far_order.begin(), far_order.end(), [&](int a, int b) { return dist2[a] > dist2[b]; });
+                std::stable_sort(far_order.begin(), far_order.end(),
+                                 [&](int a, int b) { return dist2[a] > dist2[b]; });
                 far_order.resize(std::min(n, k));
                 std::reverse(far_order.begin(), far_order.end());  // pop_back takes the farthest
             }
             const int i = far_order.back();
             far_order.pop_back();
-            if (far_order.empty()) far_order.push_back(i);  // out of points: reuse (harmless duplicate)
+            if (far_order.empty())
+                far_order.push_back(i);  // out of points: reuse (harmless duplicate)
             std::copy_n(sub + static_cast<std::size_t>(i) * sub_dim, sub_dim, cc);
         }
     }
@@ -107,14 +111,20 @@ void lloyd(const float* sub, int n, int sub_dim, int k, float* centroids, int it
 
 VecInferGeometry vecinfer_geometry(int bits) {
     switch (bits) {
-        case 1: return {8, 256};
-        case 2: return {4, 256};
-        case 3: return {2, 64};
-        case 4: return {2, 256};
-        default: break;
+        case 1:
+            return {8, 256};
+        case 2:
+            return {4, 256};
+        case 3:
+            return {2, 64};
+        case 4:
+            return {2, 256};
+        default:
+            break;
     }
     if (bits >= 5 && bits <= 8) return {1, 1 << bits};
-    throw std::invalid_argument("calibrate_vecinfer: bits must be in 1..8, got " + std::to_string(bits));
+    throw std::invalid_argument("calibrate_vecinfer: bits must be in 1..8, got " +
+                                std::to_string(bits));
 }
 
 std::vector<float> vecinfer_smooth_factors(const HeadSamples& keys, const HeadSamples* queries,
@@ -133,11 +143,13 @@ std::vector<float> vecinfer_smooth_factors(const HeadSamples& keys, const HeadSa
 }
 
 std::vector<float> train_product_codebook(const float* x, int n, int d, int sub_dim, int codewords,
-                                          uint64_t seed, const VecInferCalibrationOptions& options) {
+                                          uint64_t seed,
+                                          const VecInferCalibrationOptions& options) {
     if (sub_dim < 1 || d % sub_dim != 0)
         throw std::invalid_argument("train_product_codebook: sub_dim " + std::to_string(sub_dim) +
                                     " must divide d " + std::to_string(d));
-    if (n < 1 || codewords < 1) throw std::invalid_argument("train_product_codebook: needs n, codewords >= 1");
+    if (n < 1 || codewords < 1)
+        throw std::invalid_argument("train_product_codebook: needs n, codewords >= 1");
     const int S = d / sub_dim;
     const int k = std::min(n, codewords);
     std::vector<float> codebook(static_cast<std::size_t>(d) * codewords);
@@ -160,7 +172,8 @@ std::vector<float> train_product_codebook(const float* x, int n, int d, int sub_
             Rng rng(sseed);
             for (int i = 0; i < n; ++i) order[i] = i;
             for (int c = 0; c < k; ++c) {
-                std::swap(order[c], order[c + static_cast<int>(rng.below(static_cast<uint64_t>(n - c)))]);
+                std::swap(order[c],
+                          order[c + static_cast<int>(rng.below(static_cast<uint64_t>(n - c)))]);
                 std::copy_n(&sub[static_cast<std::size_t>(order[c]) * sub_dim], sub_dim,
                             out + static_cast<std::size_t>(c) * sub_dim);
             }
@@ -183,7 +196,8 @@ VecInferCalibration calibrate_vecinfer(const Activations& acts, int bits, uint64
                                        const VecInferCalibrationOptions& options) {
     const VecInferGeometry g = vecinfer_geometry(bits);
     if (options.max_samples < 2 || options.kmeans_iterations < 0)
-        throw std::invalid_argument("calibrate_vecinfer: max_samples must be >= 2 and kmeans_iterations >= 0");
+        throw std::invalid_argument(
+            "calibrate_vecinfer: max_samples must be >= 2 and kmeans_iterations >= 0");
     const int L = static_cast<int>(acts.layers.size());
     if (L == 0) throw std::invalid_argument("calibrate_vecinfer: the activations have no layers");
     const int H = static_cast<int>(acts.layers[0].keys.size());
@@ -197,15 +211,18 @@ VecInferCalibration calibrate_vecinfer(const Activations& acts, int bits, uint64
         const auto& keys = acts.layers[l].keys;
         if (static_cast<int>(keys.size()) != H)
             throw std::invalid_argument("calibrate_vecinfer: layer " + std::to_string(l) + " has " +
-                                        std::to_string(keys.size()) + " KV heads, layer 0 has " + std::to_string(H));
+                                        std::to_string(keys.size()) + " KV heads, layer 0 has " +
+                                        std::to_string(H));
         for (int h = 0; h < H; ++h) {
             if (keys[h].dim != d)
-                throw std::invalid_argument("calibrate_vecinfer: layer " + std::to_string(l) + " head " +
-                                            std::to_string(h) + " has dim " + std::to_string(keys[h].dim) +
-                                            ", layer 0 has " + std::to_string(d));
+                throw std::invalid_argument("calibrate_vecinfer: layer " + std::to_string(l) +
+                                            " head " + std::to_string(h) + " has dim " +
+                                            std::to_string(keys[h].dim) + ", layer 0 has " +
+                                            std::to_string(d));
             if (keys[h].count() < 2)
-                throw std::invalid_argument("calibrate_vecinfer: layer " + std::to_string(l) + " head " +
-                                            std::to_string(h) + " has " + std::to_string(keys[h].count()) +
+                throw std::invalid_argument("calibrate_vecinfer: layer " + std::to_string(l) +
+                                            " head " + std::to_string(h) + " has " +
+                                            std::to_string(keys[h].count()) +
                                             " key samples; need at least 2");
         }
     }
@@ -225,12 +242,14 @@ VecInferCalibration calibrate_vecinfer(const Activations& acts, int bits, uint64
         const HeadSamples* q = h < static_cast<int>(la.queries.size()) ? &la.queries[h] : nullptr;
         const std::vector<float> lambda = vecinfer_smooth_factors(la.keys[h], q, options.smoothing);
         int n = 0;
-        const std::vector<float> x =
-            transformed_rows(la.keys[h], lambda, vecinfer_rotation(d, l, h), options.max_samples, &n);
-        const std::vector<float> cb = train_product_codebook(
-            x.data(), n, d, g.sub_dim, g.codewords, derive_seed(seed, l, h, d, RandomPurpose::kKMeans), options);
+        const std::vector<float> x = transformed_rows(
+            la.keys[h], lambda, vecinfer_rotation(d, l, h), options.max_samples, &n);
+        const std::vector<float> cb =
+            train_product_codebook(x.data(), n, d, g.sub_dim, g.codewords,
+                                   derive_seed(seed, l, h, d, RandomPurpose::kKMeans), options);
         std::copy(cb.begin(), cb.end(), cal.codebook.data.begin() + task * cb_block);
-        std::copy(lambda.begin(), lambda.end(), cal.smooth_factors.data.begin() + static_cast<std::size_t>(task) * d);
+        std::copy(lambda.begin(), lambda.end(),
+                  cal.smooth_factors.data.begin() + static_cast<std::size_t>(task) * d);
     }
     return cal;
 }

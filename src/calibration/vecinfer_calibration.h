@@ -29,9 +29,9 @@ struct VecInferGeometry {
 VecInferGeometry vecinfer_geometry(int bits);
 
 enum class VecInferSmoothing {
-    kNone,          ///< lambda = 1 (Hadamard and product VQ only)
-    kKeyAbsMax,     ///< lambda_i = sqrt(max_t |K_ti|) (the paper's smoothing)
-    kQueryBalanced, ///< lambda_i = sqrt(max_t |K_ti| / max_t |Q_ti|) (SmoothQuant-style balance)
+    kNone,           ///< lambda = 1 (Hadamard and product VQ only)
+    kKeyAbsMax,      ///< lambda_i = sqrt(max_t |K_ti|) (the paper's smoothing)
+    kQueryBalanced,  ///< lambda_i = sqrt(max_t |K_ti| / max_t |Q_ti|) (SmoothQuant-style balance)
 };
 
 /// Defaults from measurements on SmolLM2-135M keys (WikiText-2 valid -> test, 2048 / 512 keys

@@ -17,7 +17,8 @@ namespace {
 constexpr uint64_t kRotationBase = 0x56454349;
 
 const char* kCalibrationHint =
-    " from calibration; produce it with calibrate_vecinfer(activations, bits, seed) or `veloxquant calibrate "
+    " from calibration; produce it with calibrate_vecinfer(activations, bits, seed) or `veloxquant "
+    "calibrate "
     "--method vecinfer`";
 
 int log2_exact(int c) {
@@ -29,14 +30,15 @@ int log2_exact(int c) {
 int checked_dim(int d, int num_subspaces, int codewords) {
     if (d < 1 || d > Rotation::kMaxDim)
         throw std::invalid_argument("vecinfer: head_dim must be in 1.." +
-                                    std::to_string(Rotation::kMaxDim) + ", got " + std::to_string(d));
+                                    std::to_string(Rotation::kMaxDim) + ", got " +
+                                    std::to_string(d));
     if (num_subspaces < 1 || d % num_subspaces != 0)
         throw std::invalid_argument("vecinfer: num_subspaces (" + std::to_string(num_subspaces) +
                                     ") must divide head_dim " + std::to_string(d));
     if (codewords < 2 || codewords > kVecInferMaxCodewords || log2_exact(codewords) < 0)
-        throw std::invalid_argument("vecinfer: codewords per subspace must be a power of two in 2.." +
-                                    std::to_string(kVecInferMaxCodewords) + ", got " +
-                                    std::to_string(codewords));
+        throw std::invalid_argument(
+            "vecinfer: codewords per subspace must be a power of two in 2.." +
+            std::to_string(kVecInferMaxCodewords) + ", got " + std::to_string(codewords));
     return d;
 }
 
@@ -49,8 +51,9 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 void check_size(const char* field, const FloatArray& a) {
     int64_t n = 1;
     for (int64_t e : a.shape) {
-        if (e < 1) throw std::invalid_argument(std::string("KVCacheConfig.") + field + " has shape " +
-                                               shape_string(a.shape) + " with a non-positive extent");
+        if (e < 1)
+            throw std::invalid_argument(std::string("KVCacheConfig.") + field + " has shape " +
+                                        shape_string(a.shape) + " with a non-positive extent");
         n *= e;
     }
     if (static_cast<int64_t>(a.data.size()) != n)
@@ -64,12 +67,14 @@ std::size_t slice_offset(const char* field, const FloatArray& a, int layer, int 
                          std::size_t block) {
     if (layer >= a.shape[0])
         throw std::invalid_argument(std::string("KVCacheConfig.") + field + " has " +
-                                    std::to_string(a.shape[0]) + " layers (shape " + shape_string(a.shape) +
-                                    "), but a cache for layer " + std::to_string(layer) + " was asked for");
+                                    std::to_string(a.shape[0]) + " layers (shape " +
+                                    shape_string(a.shape) + "), but a cache for layer " +
+                                    std::to_string(layer) + " was asked for");
     if (head >= a.shape[1])
         throw std::invalid_argument(std::string("KVCacheConfig.") + field + " has " +
                                     std::to_string(a.shape[1]) + " KV heads per layer (shape " +
-                                    shape_string(a.shape) + "), but the cache has head " + std::to_string(head));
+                                    shape_string(a.shape) + "), but the cache has head " +
+                                    std::to_string(head));
     return (static_cast<std::size_t>(layer) * a.shape[1] + head) * block;
 }
 
@@ -116,14 +121,16 @@ int nearest_codeword(const float* x, const float* codewords_t, const float* half
     }
     for (; c < C; ++c) {  // C < 8 (C is a power of two)
         float v = -half_norm2[c];
-        for (int j = 0; j < sub_dim; ++j) v += x[j] * codewords_t[static_cast<std::size_t>(j) * C + c];
+        for (int j = 0; j < sub_dim; ++j)
+            v += x[j] * codewords_t[static_cast<std::size_t>(j) * C + c];
         const int l = c % kLanes;
         if (v > lane[l]) lane[l] = v, lane_idx[l] = c;
     }
     float best_v = lane[0];
     int best = std::min(lane_idx[0], C - 1);
     for (int l = 1; l < kLanes && l < C; ++l)
-        if (lane[l] > best_v || (lane[l] == best_v && lane_idx[l] < best)) best_v = lane[l], best = lane_idx[l];
+        if (lane[l] > best_v || (lane[l] == best_v && lane_idx[l] < best))
+            best_v = lane[l], best = lane_idx[l];
     if (dist2 != nullptr) {
         float x2 = 0.0f;
         for (int j = 0; j < sub_dim; ++j) x2 += x[j] * x[j];
@@ -133,7 +140,8 @@ int nearest_codeword(const float* x, const float* codewords_t, const float* half
 }
 
 Rotation vecinfer_rotation(int d, int layer, int head) {
-    return Rotation(d, true, derive_seed(kRotationBase, layer, head, d, RandomPurpose::kKeyRotation));
+    return Rotation(d, true,
+                    derive_seed(kRotationBase, layer, head, d, RandomPurpose::kKeyRotation));
 }
 
 VecInferCodec::VecInferCodec(int d, int num_subspaces, int codewords, const float* codebook,
@@ -148,13 +156,15 @@ VecInferCodec::VecInferCodec(int d, int num_subspaces, int codewords, const floa
       smooth_(smooth, smooth + d),
       rotation_(std::move(rotation)) {
     if (rotation_.dim() != d)
-        throw std::invalid_argument("vecinfer: rotation of dimension " + std::to_string(rotation_.dim()) +
-                                    " for head_dim " + std::to_string(d));
+        throw std::invalid_argument("vecinfer: rotation of dimension " +
+                                    std::to_string(rotation_.dim()) + " for head_dim " +
+                                    std::to_string(d));
     inv_smooth_.resize(d);
     for (int j = 0; j < d; ++j) {
         if (!(std::isfinite(smooth_[j]) && smooth_[j] > 0.0f))
             throw std::invalid_argument("vecinfer: smooth_factors must be finite and > 0, got " +
-                                        std::to_string(smooth_[j]) + " at channel " + std::to_string(j));
+                                        std::to_string(smooth_[j]) + " at channel " +
+                                        std::to_string(j));
         inv_smooth_[j] = 1.0f / smooth_[j];
     }
     half_norm2_.resize(static_cast<std::size_t>(subspaces_) * codewords_);
@@ -180,7 +190,8 @@ VecInferCodec::VecInferCodec(int d, int num_subspaces, int codewords, const floa
 
 int VecInferCodec::nearest(int s, const float* x) const {
     const std::size_t off = static_cast<std::size_t>(s) * codewords_;
-    return nearest_codeword(x, &codebook_t_[off * sub_dim_], &half_norm2_[off], codewords_, sub_dim_);
+    return nearest_codeword(x, &codebook_t_[off * sub_dim_], &half_norm2_[off], codewords_,
+                            sub_dim_);
 }
 
 uint32_t VecInferCodec::index(const uint8_t* code, int s) const {
@@ -205,10 +216,12 @@ void VecInferCodec::encode(const float* keys, int n, uint8_t* codes, float* /*sc
         uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes_;
         std::fill(code, code + code_bytes_, uint8_t{0});
         for (int s = 0; s < subspaces_; ++s) {
-            const uint32_t idx = static_cast<uint32_t>(nearest(s, &x[static_cast<std::size_t>(s) * sub_dim_]));
+            const uint32_t idx =
+                static_cast<uint32_t>(nearest(s, &x[static_cast<std::size_t>(s) * sub_dim_]));
             const std::size_t bit = static_cast<std::size_t>(s) * code_bits_;
             const uint32_t shifted = idx << (bit & 7u);
-            for (std::size_t b = bit >> 3, v = shifted; v != 0; ++b, v >>= 8) code[b] |= static_cast<uint8_t>(v);
+            for (std::size_t b = bit >> 3, v = shifted; v != 0; ++b, v >>= 8)
+                code[b] |= static_cast<uint8_t>(v);
         }
     }
 }
@@ -220,7 +233,8 @@ void VecInferCodec::decode(const uint8_t* codes, const float* /*scalars*/,
     for (int t = 0; t < n; ++t) {
         const uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes_;
         for (int s = 0; s < subspaces_; ++s) {
-            const float* c = &codebook_[(static_cast<std::size_t>(s) * codewords_ + index(code, s)) * sub_dim_];
+            const float* c =
+                &codebook_[(static_cast<std::size_t>(s) * codewords_ + index(code, s)) * sub_dim_];
             std::copy(c, c + sub_dim_, &x[static_cast<std::size_t>(s) * sub_dim_]);
         }
         float* out = keys + static_cast<std::size_t>(t) * d;
@@ -287,7 +301,9 @@ void VecInferCodec::score(const float* state, const uint8_t* codes, const float*
 
 std::size_t VecInferCodec::parameter_bytes() const {
     return rotation_.parameter_bytes() +
-           (codebook_.size() + codebook_t_.size() + half_norm2_.size() + smooth_.size() + inv_smooth_.size()) * sizeof(float);
+           (codebook_.size() + codebook_t_.size() + half_norm2_.size() + smooth_.size() +
+            inv_smooth_.size()) *
+               sizeof(float);
 }
 
 std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int head_dim, int layer,
@@ -295,18 +311,25 @@ std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int h
     const FloatArray& cb = config.codebook;
     const FloatArray& sm = config.smooth_factors;
     if (cb.empty())
-        throw std::invalid_argument(std::string("vecinfer needs KVCacheConfig.codebook (product-VQ codewords "
-                                                "per layer and KV head)") + kCalibrationHint);
+        throw std::invalid_argument(
+            std::string("vecinfer needs KVCacheConfig.codebook (product-VQ codewords "
+                        "per layer and KV head)") +
+            kCalibrationHint);
     if (sm.empty())
-        throw std::invalid_argument(std::string("vecinfer needs KVCacheConfig.smooth_factors (per-channel "
-                                                "smoothing of the keys)") + kCalibrationHint);
+        throw std::invalid_argument(
+            std::string("vecinfer needs KVCacheConfig.smooth_factors (per-channel "
+                        "smoothing of the keys)") +
+            kCalibrationHint);
     if (cb.shape.size() != 3 && cb.shape.size() != 5)
-        throw std::invalid_argument("KVCacheConfig.codebook must have shape [layers][kv_heads][subspaces]"
-                                    "[codewords][sub_dim] or [subspaces][codewords][sub_dim], got " +
-                                    shape_string(cb.shape));
+        throw std::invalid_argument(
+            "KVCacheConfig.codebook must have shape [layers][kv_heads][subspaces]"
+            "[codewords][sub_dim] or [subspaces][codewords][sub_dim], got " +
+            shape_string(cb.shape));
     if (sm.shape.size() != 1 && sm.shape.size() != 3)
-        throw std::invalid_argument("KVCacheConfig.smooth_factors must have shape [layers][kv_heads][head_dim] "
-                                    "or [head_dim], got " + shape_string(sm.shape));
+        throw std::invalid_argument(
+            "KVCacheConfig.smooth_factors must have shape [layers][kv_heads][head_dim] "
+            "or [head_dim], got " +
+            shape_string(sm.shape));
     check_size("codebook", cb);
     check_size("smooth_factors", sm);
     const std::size_t r = cb.shape.size();
@@ -314,32 +337,37 @@ std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int h
     const int64_t C = cb.shape[r - 2];
     const int64_t sub = cb.shape[r - 1];
     if (static_cast<int64_t>(S) * sub != head_dim)
-        throw std::invalid_argument("KVCacheConfig.codebook shape " + shape_string(cb.shape) + ": " +
-                                    std::to_string(S) + " subspaces x sub_dim " + std::to_string(sub) +
-                                    " must equal head_dim " + std::to_string(head_dim));
+        throw std::invalid_argument("KVCacheConfig.codebook shape " + shape_string(cb.shape) +
+                                    ": " + std::to_string(S) + " subspaces x sub_dim " +
+                                    std::to_string(sub) + " must equal head_dim " +
+                                    std::to_string(head_dim));
     if (C < 2 || C > kVecInferMaxCodewords || log2_exact(static_cast<int>(C)) < 0)
         throw std::invalid_argument("KVCacheConfig.codebook has " + std::to_string(C) +
                                     " codewords per subspace; need a power of two in 2.." +
                                     std::to_string(kVecInferMaxCodewords));
     if (config.num_subspaces && *config.num_subspaces != S)
-        throw std::invalid_argument("KVCacheConfig.num_subspaces (" + std::to_string(*config.num_subspaces) +
-                                    ") does not match the codebook's " + std::to_string(S) + " subspaces");
+        throw std::invalid_argument(
+            "KVCacheConfig.num_subspaces (" + std::to_string(*config.num_subspaces) +
+            ") does not match the codebook's " + std::to_string(S) + " subspaces");
     const int code_bits = log2_exact(static_cast<int>(C));
     if (static_cast<int64_t>(config.bits) * sub != code_bits)
         throw std::invalid_argument("KVCacheConfig.bits (" + std::to_string(config.bits) +
-                                    ") does not match the vecinfer codebook's rate: log2(" + std::to_string(C) +
-                                    " codewords) / sub_dim " + std::to_string(sub) + " = " +
+                                    ") does not match the vecinfer codebook's rate: log2(" +
+                                    std::to_string(C) + " codewords) / sub_dim " +
+                                    std::to_string(sub) + " = " +
                                     std::to_string(static_cast<double>(code_bits) / sub) +
                                     " bits per coordinate; set bits to match or recalibrate");
     if (sm.shape.back() != head_dim)
         throw std::invalid_argument("KVCacheConfig.smooth_factors shape " + shape_string(sm.shape) +
-                                    " has " + std::to_string(sm.shape.back()) + " channels, head_dim is " +
-                                    std::to_string(head_dim));
+                                    " has " + std::to_string(sm.shape.back()) +
+                                    " channels, head_dim is " + std::to_string(head_dim));
     const std::size_t cb_block = static_cast<std::size_t>(head_dim) * C;
     const std::size_t cb_off = r == 5 ? slice_offset("codebook", cb, layer, head, cb_block) : 0;
-    const std::size_t sm_off = sm.shape.size() == 3 ? slice_offset("smooth_factors", sm, layer, head, head_dim) : 0;
-    return std::make_unique<VecInferCodec>(head_dim, S, static_cast<int>(C), cb.data.data() + cb_off,
-                                           sm.data.data() + sm_off, vecinfer_rotation(head_dim, layer, head));
+    const std::size_t sm_off =
+        sm.shape.size() == 3 ? slice_offset("smooth_factors", sm, layer, head, head_dim) : 0;
+    return std::make_unique<VecInferCodec>(head_dim, S, static_cast<int>(C),
+                                           cb.data.data() + cb_off, sm.data.data() + sm_off,
+                                           vecinfer_rotation(head_dim, layer, head));
 }
 
 }  // namespace veloxquant

@@ -89,7 +89,7 @@ private:
     std::vector<float> codebook_;    ///< [S][C][sub_dim]
     std::vector<float> codebook_t_;  ///< [S][sub_dim][C]: coordinate-major, for the search
     std::vector<float> half_norm2_;  ///< [S][C]: ||C[s][c]||^2 / 2
-    std::vector<float> smooth_;    ///< [d]
+    std::vector<float> smooth_;      ///< [d]
     std::vector<float> inv_smooth_;  ///< [d]: 1 / lambda
     Rotation rotation_;
 };
@@ -100,7 +100,7 @@ private:
 /// it: calibrate_vecinfer / `veloxquant calibrate --method vecinfer`), a shape that does not fit
 /// head_dim, layer or head, a num_subspaces that differs from S, or a bits that differs from the
 /// codebook's rate log2(C) / sub_dim.
-std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int head_dim,
-                                              int layer, int head);
+std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                              int head);
 
 }  // namespace veloxquant
