@@ -360,6 +360,7 @@ TEST(VecInferCache, ConfigErrorsNameTheField) {
     expect_error(c, d, {"KVCacheConfig.bits", "rate"});
     c = good;
     c.codebook.shape = {4, 2, 32, 128, 2};  // 128 codewords of sub_dim 2: bits 3.5
+    c.num_subspaces.reset();
     c.bits = 3;
     expect_error(c, d, {"KVCacheConfig.bits"});
     c = good;
