@@ -341,6 +341,7 @@ NB_MODULE(_core, m) {
     nb::class_<PolarQuantKVCache, QuantizedKVCache>(m, "PolarQuantKVCache");
     nb::class_<RaBitQKVCache, QuantizedKVCache>(m, "RaBitQKVCache");
     nb::class_<RateQuantKVCache, QuantizedKVCache>(m, "RateQuantKVCache");
+    nb::class_<VecInferKVCache, QuantizedKVCache>(m, "VecInferKVCache");
     nb::class_<FP16KVCache, QuantizedKVCache>(m, "FP16KVCache");
 
     nb::class_<SlidingWindowKVCache, KVCache>(m, "SlidingWindowKVCache")
