@@ -173,7 +173,12 @@ INSTANTIATE_TEST_SUITE_P(Geometries, VecInferCodecTest,
                                            Geometry{64, 16, 4096},  // 12-bit indices
                                            Geometry{96, 24, 16},    // dense rotation (d not 2^k)
                                            Geometry{128, 128, 2},   // 1-bit indices
-                                           Geometry{80, 16, 32}));  // 5-bit indices, d = 80
+                                           Geometry{80, 16, 32}),   // 5-bit indices, d = 80
+                         [](const ::testing::TestParamInfo<Geometry>& info) {
+                             const Geometry& g = info.param;
+                             return "d" + std::to_string(g.d) + "_S" + std::to_string(g.S) + "_C" +
+                                    std::to_string(g.C);
+                         });
 
 // ---- caches ------------------------------------------------------------------------------
 
