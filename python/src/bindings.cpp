@@ -343,6 +343,7 @@ NB_MODULE(_core, m) {
     nb::class_<CommVQKVCache, QuantizedKVCache>(m, "CommVQKVCache");
     nb::class_<RateQuantKVCache, QuantizedKVCache>(m, "RateQuantKVCache");
     nb::class_<SpectralQuantKVCache, QuantizedKVCache>(m, "SpectralQuantKVCache");
+    nb::class_<VecInferKVCache, QuantizedKVCache>(m, "VecInferKVCache");
     nb::class_<FP16KVCache, QuantizedKVCache>(m, "FP16KVCache");
 
     nb::class_<SlidingWindowKVCache, KVCache>(m, "SlidingWindowKVCache")

@@ -27,6 +27,8 @@ std::unique_ptr<KVCache> KVCacheFactory::create(const KVCacheConfig& config, int
         return std::make_unique<RateQuantKVCache>(config, num_heads, head_dim, max_seq_len, layer);
     if (m == "spectral")
         return std::make_unique<SpectralQuantKVCache>(config, num_heads, head_dim, max_seq_len, layer);
+    if (m == "vecinfer")
+        return std::make_unique<VecInferKVCache>(config, num_heads, head_dim, max_seq_len, layer);
     if (m == "fp16") return std::make_unique<FP16KVCache>(config, num_heads, head_dim, max_seq_len, layer);
     // The codec registry names what a remaining method needs (e.g. calibration).
     return std::make_unique<QuantizedKVCache>(config, num_heads, head_dim, max_seq_len, layer, "QuantizedKVCache");

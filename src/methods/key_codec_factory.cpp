@@ -12,6 +12,7 @@
 #include "methods/ratequant.h"
 #include "methods/spectral.h"
 #include "methods/turboquant_rvq.h"
+#include "methods/vecinfer.h"
 
 namespace veloxquant {
 
@@ -42,9 +43,7 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
                                              rabitq_calibrated_centroids(config, layer, head, head_dim));
     if (m == "spectral") return make_spectral_codec(config, head_dim, layer, head);
     if (m == "commvq") return make_commvq_codec(config, head_dim, layer, head);
-    if (m == "vecinfer")
-        throw std::invalid_argument("method '" + m + "' needs calibration, which this build does "
-                                    "not provide yet");
+    if (m == "vecinfer") return make_vecinfer_codec(config, head_dim, layer, head);
     throw std::invalid_argument("unknown method '" + m + "'");
 }
 
