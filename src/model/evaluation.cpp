@@ -74,6 +74,8 @@ std::string config_label(const KVCacheConfig& c) {
     std::string s = m;
     if (m == "qjl")
         s += " m=" + std::to_string(c.sketch_dim);
+    else if (m == "spectral")
+        s += " s=" + std::to_string(c.signal_bits) + " n=" + std::to_string(c.noise_bits);
     else
         s += " b=" + std::to_string(c.bits);
     if (m == "turboquant_rvq") s += " r=" + std::to_string(c.num_residuals);
@@ -101,6 +103,11 @@ std::vector<NamedConfig> sweep_configs(const std::vector<std::string>& methods,
             n.config.value_bits = b;
             if (m == "qjl") {
                 n.config.sketch_dim = b * head_dim;
+            } else if (m == "spectral") {
+                // b + 1 bits on the signal coordinates, b - 1 on the rest: about b bits per
+                // coordinate once the per-token scale is counted (d_eff is a few coordinates).
+                n.config.signal_bits = b + 1;
+                n.config.noise_bits = b - 1;
             } else {
                 n.config.bits = b;
                 if (m == "turboquant_rvq") n.config.num_residuals = 1;

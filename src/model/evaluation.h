@@ -44,15 +44,17 @@ NamedConfig baseline_config();
 /// "qjl m=192 v=3", "rabitq b=2 c=64 v=2 outliers8 unfused".
 std::string config_label(const KVCacheConfig& config);
 
-/// Methods the main comparison sweeps by default: every method that serves without calibration.
-inline const std::vector<std::string> kSweepMethods = {"turboquant_rvq", "qjl", "polarquant",
-                                                       "rabitq", "ratequant"};
+/// Methods the main comparison sweeps by default: all eight, in the seed's order.
+inline const std::vector<std::string> kSweepMethods = {"turboquant_rvq", "vecinfer", "ratequant",
+                                                       "spectral",       "rabitq",   "qjl",
+                                                       "polarquant",     "commvq"};
 /// Bit widths the main comparison sweeps by default.
 inline const std::vector<int> kSweepBits = {2, 3, 4};
 
 /// The sweep of the main comparison: each method at its defaults (labelled "... (defaults)"),
 /// then at each b in `bits` with value_bits = b (turboquant_rvq: one stage of b bits; qjl:
-/// sketch_dim = b * head_dim; the others: bits = b).
+/// sketch_dim = b * head_dim; spectral: signal_bits = b + 1, noise_bits = b - 1; the others:
+/// bits = b).
 std::vector<NamedConfig> sweep_configs(const std::vector<std::string>& methods,
                                        const std::vector<int>& bits, int head_dim);
 

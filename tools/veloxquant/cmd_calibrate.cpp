@@ -11,9 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "calibration/calibrate.h"
 #include "calibration/collect.h"
-#include "calibration/rabitq_calibration.h"
-#include "calibration/ratequant_calibration.h"
 #include "commands.h"
 #include "config_options.h"
 #include "progress.h"
@@ -21,9 +20,6 @@
 
 namespace veloxquant::cli {
 namespace {
-
-const char* const kDefaultCalibrationTexts[] = {"../shared/data/wikitext-2/valid.txt",
-                                                "/work/shared/data/wikitext-2/valid.txt"};
 
 struct Options {
     std::string method;
@@ -44,11 +40,6 @@ struct Options {
     std::string json_path;
 };
 
-// One method's calibration: fills its section of `cal` from the activations and describes the
-// result in `report` (printed and written with --json).
-using CalibrateFn = void (*)(const Activations&, const Options&, Calibration& cal,
-                             nlohmann::json& report);
-
 // The configuration whose seed and rotation kind the calibrated codecs will use.
 KVCacheConfig base_config(const Options& o) {
     KVCacheConfig c;
@@ -56,16 +47,12 @@ KVCacheConfig base_config(const Options& o) {
     c.seed = o.seed;
     c.use_hadamard = o.use_hadamard;
     c.num_clusters = o.num_clusters;
+    c.bits = static_cast<int>(o.bits);
     return c;
 }
 
-void calibrate_ratequant_cmd(const Activations& acts, const Options& o, Calibration& cal,
-                             nlohmann::json& report) {
-    RateQuantOptions ro;
-    ro.target_bits = o.bits;
-    ro.per_head = !o.per_layer;
-    cal.ratequant = calibrate_ratequant(acts, base_config(o), ro);
-    const auto& r = *cal.ratequant;
+// Describes the section just calibrated in `report` (printed and written with --json).
+void report_ratequant(const Calibration::RateQuant& r, bool per_layer, nlohmann::json& report) {
     std::map<int, int> histogram;
     long long total = 0;
     for (const auto& [unit, b] : r.bit_allocation) {
@@ -82,7 +69,7 @@ void calibrate_ratequant_cmd(const Activations& acts, const Options& o, Calibrat
     report["target_bits"] = r.target_bits;
     report["average_bits"] = static_cast<double>(total) / static_cast<double>(r.units.size());
     report["units"] = units;
-    std::cout << "ratequant: " << r.units.size() << (o.per_layer ? " layers" : " heads") << ", "
+    std::cout << "ratequant: " << r.units.size() << (per_layer ? " layers" : " heads") << ", "
               << total << " bits = " << std::setprecision(4)
               << static_cast<double>(total) / static_cast<double>(r.units.size())
               << " average (target " << r.target_bits << "); widths:";
@@ -90,75 +77,44 @@ void calibrate_ratequant_cmd(const Activations& acts, const Options& o, Calibrat
     std::cout << "\n";
 }
 
-void calibrate_rabitq_cmd(const Activations& acts, const Options& o, Calibration& cal,
-                          nlohmann::json& report) {
-    Calibration::RaBitQ r;
-    r.ivf_centroids = calibrate_rabitq_centroids(acts, base_config(o));
-    r.num_clusters = o.num_clusters;
-    cal.rabitq = std::move(r);
-    report["num_clusters"] = o.num_clusters;
-    std::cout << "rabitq: " << o.num_clusters << " IVF centroids per layer and KV head\n";
-}
-
-// Methods `calibrate` knows. At merge, the other calibrated methods join here:
-//   {"vecinfer", ...}  calibrate_vecinfer(acts, bits, seed)        -> cal.vecinfer
-//   {"spectral", ...}  calibrate_spectral_rotation(acts)            -> cal.spectral
-//   {"commvq", ...}    calibrate_commvq(acts, bits, seed)          -> cal.commvq
-struct Calibrator {
-    const char* method;
-    CalibrateFn run;
-};
-const Calibrator kCalibrators[] = {
-    {"ratequant", calibrate_ratequant_cmd},
-    {"rabitq", calibrate_rabitq_cmd},
-};
-
-CalibrateFn find_calibrator(const std::string& method) {
-    std::string names;
-    for (const Calibrator& c : kCalibrators) {
-        if (method == c.method) return c.run;
-        names += std::string(names.empty() ? "" : ", ") + c.method;
+void report_section(const Calibration& cal, const Options& o, nlohmann::json& report) {
+    if (o.method == "ratequant") {
+        report_ratequant(*cal.ratequant, o.per_layer, report);
+    } else if (o.method == "rabitq") {
+        report["num_clusters"] = cal.rabitq->num_clusters;
+        std::cout << "rabitq: " << cal.rabitq->num_clusters << " IVF centroids per layer and KV head\n";
+    } else if (o.method == "spectral") {
+        report["layers"] = cal.spectral->rotations.size();
+        std::cout << "spectral: eigenbasis, eigenvalues and key mean of "
+                  << cal.spectral->rotations.size() << " layers\n";
+    } else if (o.method == "vecinfer") {
+        const auto& shape = cal.vecinfer->codebook.shape;
+        report["bits"] = cal.vecinfer->bits;
+        report["codebook_shape"] = shape;
+        std::cout << "vecinfer: " << cal.vecinfer->num_subspaces << " subspaces x "
+                  << shape[shape.size() - 2] << " codewords per layer and KV head ("
+                  << cal.vecinfer->bits << " bits per coordinate)\n";
+    } else if (o.method == "commvq") {
+        report["bits"] = cal.commvq->bits;
+        report["codebook_shape"] = cal.commvq->codebook.shape;
+        std::cout << "commvq: " << cal.commvq->num_codebooks << " additive codebooks per layer and "
+                  << "KV head (" << cal.commvq->bits << " bits per coordinate), RoPE-commuting\n";
     }
-    throw std::invalid_argument("calibrate: no calibration for method '" + method +
-                                "'; choose one of: " + names);
-}
-
-std::string calibration_text(const std::string& text) {
-    if (!text.empty()) {
-        if (!std::filesystem::exists(text))
-            throw std::runtime_error("text file '" + text + "' (--text) not found");
-        return text;
-    }
-    for (const char* p : kDefaultCalibrationTexts)
-        if (std::filesystem::exists(p)) return p;
-    throw std::runtime_error(
-        "no default calibration text: the WikiText-2 valid split is not at "
-        "../shared/data/wikitext-2/valid.txt; pass a text file with --text");
 }
 
 void run(const Options& o) {
     const auto t0 = std::chrono::steady_clock::now();
-    const CalibrateFn calibrate = find_calibrator(o.method);
     base_config(o).validate();
     if (!(o.bits >= 1.0 && o.bits <= 8.0))
         throw std::invalid_argument("--bits must be in [1, 8], got " + std::to_string(o.bits));
+    if (o.method != "ratequant" && o.bits != static_cast<int>(o.bits))
+        throw std::invalid_argument("--bits must be a whole number for " + o.method + ", got " +
+                                    std::to_string(o.bits));
     LoadedModel m = load_model(o.model);
-    const std::string text_path = calibration_text(o.text);
-    std::vector<int32_t> tokens = tokenize_file(*m.tokenizer, text_path);
-    if (o.tokens > 0 && static_cast<int64_t>(tokens.size()) > o.tokens)
-        tokens.resize(static_cast<std::size_t>(o.tokens));
-
-    CollectOptions co;
-    co.ctx = o.ctx;
-    co.max_kv_rows = o.max_rows;
-    co.max_query_rows = o.max_rows;
-    co.seed = o.seed;
-    Activations acts;
-    {
-        Progress bar("collect", static_cast<int64_t>(tokens.size()), "tok", o.quiet);
-        co.progress = [&](int64_t n) { bar.advance(n); };
-        acts = collect_activations(*m.model, tokens, co);
-    }
+    const std::string text_path = resolve_calibration_text(o.text);
+    CalibrationSource source{text_path, o.tokens, o.ctx, o.max_rows, o.seed};
+    int64_t tokens = 0;
+    const Activations acts = collect_calibration(m, source, o.quiet, &tokens);
     const double collect_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
@@ -166,7 +122,8 @@ void run(const Options& o) {
     cal.model = model_fingerprint(*m.model);
     cal.rope_inv_freq = acts.rope.inv_freq;
     nlohmann::json report;
-    calibrate(acts, o, cal, report);
+    calibrate_method(acts, base_config(o), cal, o.bits);
+    report_section(cal, o, report);
     cal.save(o.out);
     const double total_s =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -174,14 +131,14 @@ void run(const Options& o) {
     std::string sections;
     for (const auto& s : saved.sections()) sections += (sections.empty() ? "" : ", ") + s;
     std::cout << std::fixed << std::setprecision(1) << "calibrated " << o.method << " for "
-              << cal.model.describe() << " on " << tokens.size() << " tokens of " << text_path
+              << cal.model.describe() << " on " << tokens << " tokens of " << text_path
               << " in " << total_s << " s (collection " << collect_s << " s); " << o.out
               << " holds: " << sections << "\n";
     if (o.json_path.empty()) return;
     report["method"] = o.method;
     report["model"] = o.model;
     report["text"] = text_path;
-    report["tokens"] = tokens.size();
+    report["tokens"] = tokens;
     report["ctx"] = o.ctx;
     report["seed"] = o.seed;
     report["out"] = o.out;
@@ -199,15 +156,15 @@ void register_calibrate(CLI::App& app) {
         "calibrate",
         "Calibrate a method from a model's activations on a text and save it into a calibration "
         "file (merged with the file's other sections) for --calibration");
-    std::vector<std::string> methods;
-    for (const Calibrator& c : kCalibrators) methods.push_back(c.method);
     sub->add_option("--method", o->method, "method to calibrate")
         ->required()
-        ->check(CLI::IsMember(methods));
+        ->check(CLI::IsMember(calibrated_methods()));
     sub->add_option("--model", o->model, "Llama-family GGUF model")->capture_default_str();
     sub->add_option("--text", o->text, "calibration text (default: the WikiText-2 valid split)");
     sub->add_option("--out", o->out, "calibration file to write (merged if it exists)")->required();
-    sub->add_option("--bits", o->bits, "ratequant: target average key bits (may be fractional)")
+    sub->add_option("--bits", o->bits,
+                    "key bits per coordinate (vecinfer, commvq); ratequant: the target average, "
+                    "which may be fractional")
         ->capture_default_str();
     sub->add_option("--tokens", o->tokens, "calibration tokens to run (0 = the whole text)")
         ->capture_default_str()

@@ -7,10 +7,13 @@
 #include <iostream>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "calibration/calibrate.h"
+#include "calibration/collect.h"
 #include "commands.h"
 #include "config_options.h"
 #include "progress.h"
@@ -25,6 +28,7 @@ struct Options {
     std::vector<std::string> methods = kSweepMethods;
     std::vector<int> bits = kSweepBits;
     int chunks = 8;
+    int score_from = -1;
     int batch = 256;
     NeedleOptions needle;
     std::vector<int> decode_contexts = {512, 2048, 8192};
@@ -34,6 +38,7 @@ struct Options {
     std::string json_path;
     std::string plot_path;
     std::string calibration;
+    CalibrationSource calibration_source;
 };
 
 void apply_quick(CLI::App* sub, Options& o) {
@@ -44,6 +49,7 @@ void apply_quick(CLI::App* sub, Options& o) {
     if (sub->count("--needle-depths") == 0) o.needle.depths = {0.5};
     if (sub->count("--decode-contexts") == 0) o.decode_contexts = {256};
     if (sub->count("--decode-steps") == 0) o.decode_steps = 4;
+    if (sub->count("--calibration-tokens") == 0) o.calibration_source.tokens = 2048;
 }
 
 /// The repository's root: this file is tools/veloxquant/cmd_compare.cpp in it.
@@ -65,6 +71,27 @@ void plot(const std::string& json_path, const std::string& png_path) {
                                  " (needs matplotlib: pip install -r scripts/requirements.txt)");
 }
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Configurations of calibrated methods that no --calibration file covered are calibrated here,
+// each at its own bits, from one collection over the calibration text (WikiText-2 valid by
+// default; the evaluation text is the test split).
+void calibrate_in_process(const Options& o, const LoadedModel& m, std::vector<NamedConfig>& configs) {
+    const std::string suffix = " (calibrated)";
+    std::optional<Activations> acts;
+    for (NamedConfig& nc : configs) {
+        if (!needs_calibration(nc.config.method) || ends_with(nc.label, suffix)) continue;
+        if (!acts) acts = collect_calibration(m, o.calibration_source, o.model.quiet);
+        Calibration cal;
+        cal.model = model_fingerprint(*m.model);
+        calibrate_method(*acts, nc.config, cal);
+        apply_calibration(cal, nc.config);
+        nc.label += suffix;
+    }
+}
+
 void run(const Options& o) {
     for (const std::string& m : o.methods) {
         KVCacheConfig c;
@@ -78,12 +105,14 @@ void run(const Options& o) {
         sweep_configs(o.methods, o.bits, m.model->hparams().head_dim);
     for (NamedConfig& c : configs) c.config.seed = o.seed;
     apply_calibration_file(o.calibration, *m.model, configs);
+    calibrate_in_process(o, m, configs);
     std::vector<NamedConfig> all = {baseline_config()};
     all.insert(all.end(), configs.begin(), configs.end());
 
     EvalOptions eo;
     eo.ctx = o.model.ctx;
     eo.max_chunks = o.chunks;
+    eo.score_from = o.score_from;
     eo.batch = o.batch;
     eo.validate();
     // Needle prompts are built and decode contexts checked before the long runs, so that a bad
@@ -181,9 +210,18 @@ void register_compare(CLI::App& app) {
         "cache (bits, KV MiB, KLD, top-1, dPPL, needle, decode tokens/s)");
     add_model_options(sub, o->model, true, "tokens per evaluation chunk");
     add_calibration_option(sub, o->calibration);
+    sub->add_option("--calibration-text", o->calibration_source.text,
+                    "text the calibrated methods learn from when --calibration does not cover "
+                    "them (default: the WikiText-2 valid split)");
+    sub->add_option("--calibration-tokens", o->calibration_source.tokens,
+                    "tokens of that text to run (0 = all)")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
     sub->add_option("--chunks", o->chunks, "evaluation chunks (0 = the whole text)")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);
+    sub->add_option("--score-from", o->score_from,
+                    "first scored position of each chunk (default ctx/2)");
     sub->add_option("--methods", o->methods, "methods to sweep")
         ->delimiter(',')
         ->capture_default_str();
@@ -210,7 +248,7 @@ void register_compare(CLI::App& app) {
         ->capture_default_str();
     sub->add_flag("--quick", o->quick,
                   "small settings for smoke tests (ctx 256, 1 chunk, needle 512 at 0.5, decode "
-                  "4 steps at 256)");
+                  "4 steps at 256, calibration on 2048 tokens)");
     sub->add_option("--json", o->json_path, "also write the table as JSON to this file");
     sub->add_option("--plot", o->plot_path,
                     "also write a PNG of KLD and top-1 against bits (scripts/plot_quality.py)");

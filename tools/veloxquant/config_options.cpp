@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "calibration/collect.h"
+#include "progress.h"
 #include "veloxquant/calibration.h"
 #include "veloxquant/observer.h"
 
@@ -20,6 +21,8 @@ namespace {
 // The WikiText-2 test split beside the repository (shared/), then its usual absolute place.
 const char* const kDefaultTexts[] = {"../shared/data/wikitext-2/test.txt",
                                      "/work/shared/data/wikitext-2/test.txt"};
+const char* const kDefaultCalibrationTexts[] = {"../shared/data/wikitext-2/valid.txt",
+                                                "/work/shared/data/wikitext-2/valid.txt"};
 
 // Calibration files applied by ConfigOptions::build() before the model is loaded, with the model
 // each was made for; load_model() checks the loaded model against them.
@@ -131,6 +134,35 @@ std::string resolve_text_path(const std::string& text) {
     throw std::runtime_error(
         "no default text: the WikiText-2 test split is not at ../shared/data/wikitext-2/test.txt; "
         "pass a text file with --text");
+}
+
+std::string resolve_calibration_text(const std::string& text) {
+    if (!text.empty()) {
+        if (!std::filesystem::exists(text))
+            throw std::runtime_error("calibration text file '" + text + "' not found");
+        return text;
+    }
+    for (const char* p : kDefaultCalibrationTexts)
+        if (std::filesystem::exists(p)) return p;
+    throw std::runtime_error(
+        "no default calibration text: the WikiText-2 valid split is not at "
+        "../shared/data/wikitext-2/valid.txt; pass a text file");
+}
+
+Activations collect_calibration(const LoadedModel& m, const CalibrationSource& source, bool quiet,
+                                int64_t* tokens_run) {
+    std::vector<int32_t> tokens = tokenize_file(*m.tokenizer, resolve_calibration_text(source.text));
+    if (source.tokens > 0 && static_cast<int64_t>(tokens.size()) > source.tokens)
+        tokens.resize(static_cast<std::size_t>(source.tokens));
+    if (tokens_run) *tokens_run = static_cast<int64_t>(tokens.size());
+    CollectOptions co;
+    co.ctx = source.ctx;
+    co.max_kv_rows = source.max_rows;
+    co.max_query_rows = source.max_rows;
+    co.seed = source.seed;
+    Progress bar("collect", static_cast<int64_t>(tokens.size()), "tok", quiet);
+    co.progress = [&](int64_t n) { bar.advance(n); };
+    return collect_activations(*m.model, tokens, co);
 }
 
 std::vector<int32_t> tokenize_file(const BPETokenizer& tokenizer, const std::string& path) {

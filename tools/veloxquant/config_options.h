@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "calibration/activations.h"
 #include "model/evaluation.h"
 #include "model/llama_model.h"
 #include "model/tokenizer.h"
@@ -53,6 +54,22 @@ struct LoadedModel {
 /// std::invalid_argument naming both models when a --calibration file applied by
 /// ConfigOptions::build() was made for another model.
 LoadedModel load_model(const std::string& path);
+
+/// Where calibration activations come from: tokens of a text (default: the WikiText-2 valid
+/// split; evaluation uses the test split), run in sequences of ctx tokens.
+struct CalibrationSource {
+    std::string text;      ///< empty: the WikiText-2 valid split
+    int64_t tokens = 8192; ///< tokens run (0 = the whole text); about 10 ms of CPU each
+    int ctx = 512;
+    int max_rows = 4096;   ///< rows kept per layer and KV head
+    uint64_t seed = 0;
+};
+/// The resolved text path of `source` (throws std::runtime_error when missing).
+std::string resolve_calibration_text(const std::string& text);
+/// Runs the model over the source's tokens with a "collect" progress bar; *tokens_run (when
+/// given) receives how many tokens that was.
+Activations collect_calibration(const LoadedModel& m, const CalibrationSource& source, bool quiet,
+                                int64_t* tokens_run = nullptr);
 
 /// --calibration FILE, for subcommands that build their own configurations (compare).
 void add_calibration_option(CLI::App* app, std::string& path);
