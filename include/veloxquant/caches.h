@@ -30,6 +30,10 @@ class QuantizedKVCache : public KVCache {
 public:
     QuantizedKVCache(const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len,
                      int layer, std::string class_name);
+    /// The same over a configuration shared with the other layers' caches (KVCacheBuilder):
+    /// calibration arrays of every layer are then held once per model, not once per layer.
+    QuantizedKVCache(std::shared_ptr<const KVCacheConfig> config, int num_heads, int head_dim,
+                     int max_seq_len, int layer, std::string class_name);
     ~QuantizedKVCache() override;
 
     void append(const float* keys, const float* values, int n_tokens) override;
@@ -44,7 +48,7 @@ public:
     void save(const std::string& path) const override;
     int num_heads() const override { return num_heads_; }
     int head_dim() const override { return head_dim_; }
-    const KVCacheConfig& config() const override { return config_; }
+    const KVCacheConfig& config() const override { return *config_; }
     std::string class_name() const override { return class_name_; }
 
     int layer() const { return layer_; }
@@ -78,7 +82,7 @@ private:
     void encode_tokens(const float* keys, const float* values, int n_tokens,
                        const std::vector<std::vector<uint8_t>>& outlier_flags);
 
-    KVCacheConfig config_;
+    std::shared_ptr<const KVCacheConfig> config_;
     int num_heads_;
     int head_dim_;
     int max_seq_len_;
@@ -97,6 +101,10 @@ private:
         Name(const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len = 8192, \
              int layer = 0)                                                                 \
             : QuantizedKVCache(config, num_heads, head_dim, max_seq_len, layer, #Name) {}   \
+        Name(std::shared_ptr<const KVCacheConfig> config, int num_heads, int head_dim,      \
+             int max_seq_len, int layer)                                                    \
+            : QuantizedKVCache(std::move(config), num_heads, head_dim, max_seq_len, layer,  \
+                               #Name) {}                                                    \
     };
 
 VQ_DECLARE_METHOD_CACHE(TurboQuantRVQKVCache)

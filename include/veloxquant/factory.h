@@ -28,6 +28,10 @@ struct KVCacheFactory {
     /// (seed, layer, head, head_dim), and per-layer settings (ratequant) are looked up.
     static std::unique_ptr<KVCache> create(const KVCacheConfig& config, int num_heads,
                                            int head_dim, int max_seq_len, int layer);
+    /// The same over a configuration shared by several caches (every layer of a model), so its
+    /// arrays (codebooks, rotations, centroids) are held once.
+    static std::unique_ptr<KVCache> create(std::shared_ptr<const KVCacheConfig> config,
+                                           int num_heads, int head_dim, int max_seq_len, int layer);
 };
 
 struct KVCacheBuilder {

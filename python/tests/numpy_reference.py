@@ -261,7 +261,7 @@ def rotated_coordinate_pdf(d: int, x: np.ndarray) -> np.ndarray:
 
 def read_rabitq_file(path) -> dict:
     """Parses a QuantizedKVCache file of method rabitq (cache_io.cpp): the frame (magic
-    VQKVCACH, u32 version 1, u32 kind 1, u64 payload length, u32 CRC-32), the config, the
+    VQKVCACH, u32 version 2, u32 kind 1, u64 payload length, u32 CRC-32), the config, the
     shape and each head's codec state (i32 d, i32 k, u64 count + float32 centroids [k][d]).
     Returns method, seed, num_heads, head_dim, layer, size, centroids (one [k, d] per head)
     and whether the CRC matched; the pages that follow are not parsed."""
@@ -272,7 +272,7 @@ def read_rabitq_file(path) -> dict:
     if data[:8] != b"VQKVCACH":
         raise ValueError("not a VeloxQuant cache file")
     version, kind, length, crc = struct.unpack_from("<IIQI", data, 8)
-    if (version, kind) != (1, 1):
+    if (version, kind) != (2, 1):
         raise ValueError(f"unsupported version/kind {version}/{kind}")
     payload = data[28:]
     if len(payload) != length:
@@ -309,6 +309,9 @@ def read_rabitq_file(path) -> dict:
     for _ in range(take("Q")):
         string()
         take("i")  # bit_allocation
+    array()  # ivf_centroids
+    for _ in range(take("Q")):
+        take("d")  # rope_inv_freq
     if take("B"):
         take("dq")  # outlier observer
         raise ValueError("outlier stores are not parsed")

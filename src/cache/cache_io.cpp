@@ -112,7 +112,7 @@ std::string frame(CacheKind kind, const std::string& payload) {
 }  // namespace
 
 void QuantizedKVCache::write_body(BinaryWriter& out) const {
-    write_config(out, config_);
+    write_config(out, *config_);
     out.put<int32_t>(num_heads_);
     out.put<int32_t>(head_dim_);
     out.put<int32_t>(max_seq_len_);
@@ -120,9 +120,9 @@ void QuantizedKVCache::write_body(BinaryWriter& out) const {
     out.str(class_name_);
     out.put<int32_t>(size_);
     for (const auto& kc : key_codecs_) kc->save_state(out);
-    if (config_.outlier_observer) {
+    if (config_->outlier_observer) {
         for (int h = 0; h < num_heads_; ++h) {
-            const KeyNormObserver::Stats s = config_.outlier_observer->stats(layer_, h);
+            const KeyNormObserver::Stats s = config_->outlier_observer->stats(layer_, h);
             out.put(s);
         }
         outliers_->write(out);
@@ -157,7 +157,6 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
     for (auto& kc : cache->key_codecs_) kc->load_state(in);
     if (config.outlier_observer) {
         for (int h = 0; h < num_heads; ++h) config.outlier_observer->set_stats(layer, h, in.get<KeyNormObserver::Stats>());
-        cache->config_.outlier_observer = config.outlier_observer;
         cache->outliers_->read(in);
     }
     const auto page_bytes = in.get<uint64_t>();

@@ -23,13 +23,18 @@ int effective_value_bits(const KVCacheConfig& c) { return c.method == "fp16" ? 1
 
 QuantizedKVCache::QuantizedKVCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                    int max_seq_len, int layer, std::string class_name)
-    : config_(config),
+    : QuantizedKVCache(std::make_shared<const KVCacheConfig>(config), num_heads, head_dim,
+                       max_seq_len, layer, std::move(class_name)) {}
+
+QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const KVCacheConfig> config, int num_heads,
+                                   int head_dim, int max_seq_len, int layer, std::string class_name)
+    : config_(std::move(config)),
       num_heads_(num_heads),
       head_dim_(head_dim),
       max_seq_len_(max_seq_len),
       layer_(layer),
       class_name_(std::move(class_name)) {
-    config_.validate();
+    config_->validate();
     if (num_heads < 1 || num_heads > 4096)
         throw std::invalid_argument("num_heads must be in 1..4096, got " + std::to_string(num_heads));
     if (head_dim < 2 || head_dim > 1024)
@@ -38,10 +43,10 @@ QuantizedKVCache::QuantizedKVCache(const KVCacheConfig& config, int num_heads, i
         throw std::invalid_argument("max_seq_len must be positive, got " + std::to_string(max_seq_len));
     if (layer < 0) throw std::invalid_argument("layer must be >= 0");
     for (int h = 0; h < num_heads; ++h) {
-        key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));
-        const uint64_t vseed = derive_seed(config_.seed, layer, h, head_dim, RandomPurpose::kValueRotation);
-        value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, effective_value_bits(config_),
-                                                             config_.use_hadamard, vseed));
+        key_codecs_.push_back(make_key_codec(*config_, head_dim, layer, h));
+        const uint64_t vseed = derive_seed(config_->seed, layer, h, head_dim, RandomPurpose::kValueRotation);
+        value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, effective_value_bits(*config_),
+                                                             config_->use_hadamard, vseed));
     }
     PageLayout layout;
     layout.tokens_per_page = kTokensPerPage;
@@ -54,8 +59,8 @@ QuantizedKVCache::QuantizedKVCache(const KVCacheConfig& config, int num_heads, i
         layout.heads.push_back(hl);
     }
     store_ = std::make_unique<PagedStore>(layout);
-    if (config_.outlier_observer)
-        outliers_ = std::make_unique<OutlierStore>(num_heads, head_dim, config_.outlier_bits);
+    if (config_->outlier_observer)
+        outliers_ = std::make_unique<OutlierStore>(num_heads, head_dim, config_->outlier_bits);
 }
 
 QuantizedKVCache::~QuantizedKVCache() = default;
@@ -92,7 +97,7 @@ void QuantizedKVCache::append(const float* keys, const float* values, int n_toke
 
     std::vector<std::vector<uint8_t>> flags;
     if (outliers_) {
-        KeyNormObserver& obs = *config_.outlier_observer;
+        KeyNormObserver& obs = *config_->outlier_observer;
         flags.assign(num_heads_, std::vector<uint8_t>(n_tokens, 0));
         std::vector<float> norms(n_tokens);
         for (int h = 0; h < num_heads_; ++h) {
@@ -177,7 +182,7 @@ void QuantizedKVCache::attend_window(const float* queries, int num_q_heads, int 
     a.causal = causal;
     a.sinks = sinks;
     a.window = window;
-    a.fused = config_.use_fused_sdpa;
+    a.fused = config_->use_fused_sdpa;
     paged_attention(a);
 }
 

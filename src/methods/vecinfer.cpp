@@ -312,12 +312,12 @@ std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int h
     const FloatArray& sm = config.smooth_factors;
     if (cb.empty())
         throw std::invalid_argument(
-            std::string("vecinfer needs KVCacheConfig.codebook (product-VQ codewords "
+            std::string("method 'vecinfer' needs calibration: KVCacheConfig.codebook (product-VQ codewords "
                         "per layer and KV head)") +
             kCalibrationHint);
     if (sm.empty())
         throw std::invalid_argument(
-            std::string("vecinfer needs KVCacheConfig.smooth_factors (per-channel "
+            std::string("method 'vecinfer' needs calibration: KVCacheConfig.smooth_factors (per-channel "
                         "smoothing of the keys)") +
             kCalibrationHint);
     if (cb.shape.size() != 3 && cb.shape.size() != 5)

@@ -1,5 +1,6 @@
 // `veloxquant info`: model hyper-parameters, tensor types, and the KV bytes per token of every
 // method in the main comparison's sweep on this model.
+#include <algorithm>
 #include <iomanip>
 #include <iostream>
 #include <map>
@@ -16,6 +17,7 @@ namespace {
 struct Options {
     std::string model = kDefaultModel;
     std::string json_path;
+    std::string calibration;
 };
 
 void run(const Options& o) {
@@ -55,9 +57,22 @@ void run(const Options& o) {
               << "vs fp16"
               << "\n";
 
+    // vecinfer, spectral and commvq have no cache without a calibration of this model: they are
+    // listed when --calibration covers them, and named at the end otherwise.
+    std::vector<NamedConfig> sweep = sweep_configs(kSweepMethods, kSweepBits, hp.head_dim);
+    apply_calibration_file(o.calibration, model, sweep);
     std::vector<NamedConfig> configs = {baseline_config()};
-    for (NamedConfig& c : sweep_configs(kSweepMethods, kSweepBits, hp.head_dim))
+    std::vector<std::string> uncalibrated;
+    for (NamedConfig& c : sweep) {
+        const std::string& m = c.config.method;
+        const bool calibrated = c.label.find("(calibrated)") != std::string::npos;
+        if ((m == "vecinfer" || m == "spectral" || m == "commvq") && !calibrated) {
+            if (std::find(uncalibrated.begin(), uncalibrated.end(), m) == uncalibrated.end())
+                uncalibrated.push_back(m);
+            continue;
+        }
         configs.push_back(std::move(c));
+    }
     nlohmann::json caches = nlohmann::json::array();
     double fp16_bytes = 0.0;
     for (const NamedConfig& c : configs) {
@@ -73,6 +88,12 @@ void run(const Options& o) {
                           {"value_bits_per_coordinate", f.value_bits},
                           {"kv_bytes_per_token", f.code_bytes_per_token},
                           {"parameter_bytes", f.parameter_bytes}});
+    }
+    if (!uncalibrated.empty()) {
+        std::cout << "not listed (need a calibration of this model; pass --calibration FILE from "
+                     "`veloxquant calibrate`):";
+        for (const std::string& m : uncalibrated) std::cout << " " << m;
+        std::cout << "\n";
     }
     if (o.json_path.empty()) return;
     write_json(o.json_path, {{"model", o.model},
@@ -92,6 +113,7 @@ void register_info(CLI::App& app) {
         app.add_subcommand("info", "Model hyper-parameters, tensor types and KV bytes per method");
     sub->add_option("--model", o->model, "Llama-family GGUF model")->capture_default_str();
     sub->add_option("--json", o->json_path, "also write the facts as JSON to this file");
+    add_calibration_option(sub, o->calibration);
     sub->callback([o] { run(*o); });
 }
 
