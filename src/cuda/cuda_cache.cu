@@ -182,6 +182,7 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
       head_dim_(head_dim),
       max_seq_len_(max_seq_len) {
     if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
+    check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
     reserve(1);
 }
 
@@ -289,6 +290,23 @@ void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float
     a.keys = keys;
     a.values = values;
     check_cuda(launch_dequantize(a, stream), "launch_dequantize");
+}
+
+void CudaTurboQuantCache::truncate(int n_tokens) {
+    if (n_tokens < 0 || n_tokens > size_)
+        throw std::out_of_range("truncate: " + std::to_string(n_tokens) + " is outside [0, " +
+                                std::to_string(size_) + "]");
+    size_ = n_tokens;
+}
+
+void CudaTurboQuantCache::copy_page(int page, void* host) const {
+    if (page < 0 || page >= capacity_pages_ || host == nullptr)
+        throw std::out_of_range("copy_page: page " + std::to_string(page) + " is outside [0, " +
+                                std::to_string(capacity_pages_) + ")");
+    check_cuda(cudaDeviceSynchronize(), "copy_page: synchronize");
+    check_cuda(cudaMemcpy(host, pool_ + static_cast<std::size_t>(page) * host_.layout.page_bytes,
+                          host_.layout.page_bytes, cudaMemcpyDeviceToHost),
+               "copy_page");
 }
 
 std::size_t CudaTurboQuantCache::nbytes() const {

@@ -171,7 +171,16 @@ public:
     /// Reconstructs tokens [start, start + n_tokens) into device buffers.
     void dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const;
 
+    /// Forgets every token (keeps the pool; later appends overwrite it).
+    void reset() { size_ = 0; }
+    /// Keeps the first n_tokens tokens (0 <= n_tokens <= size()); each token's codes and
+    /// scalars are rewritten whole by a later append, so nothing else needs clearing.
+    void truncate(int n_tokens);
+
     int size() const { return size_; }
+    int max_seq_len() const { return max_seq_len_; }
+    /// The device the pool lives on (the current device at construction).
+    int device() const { return device_; }
     int num_heads() const { return num_heads_; }
     int head_dim() const { return head_dim_; }
     /// Device bytes held: the page pool and the codec tables.
@@ -186,6 +195,8 @@ public:
     /// Copies every page into a CPU store of the same layout (pages allocated as needed).
     /// Synchronous.
     void download(PagedStore& store) const;
+    /// Copies page `page` (0 <= page < pages held) into page_bytes of host memory. Synchronous.
+    void copy_page(int page, void* host) const;
 
 private:
     void reserve(int n_tokens);
@@ -195,6 +206,7 @@ private:
     int num_heads_;
     int head_dim_;
     int max_seq_len_;
+    int device_ = 0;
     int size_ = 0;
     int capacity_pages_ = 0;
     uint8_t* pool_ = nullptr;

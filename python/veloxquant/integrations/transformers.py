@@ -17,8 +17,24 @@ hands the attention function zero-length views tagged with the layer. With
 ``fetch_dequantized=True`` it returns every stored token dequantized instead, so any other
 attention implementation also works (the unfused path, for checking).
 
-Limits of this build: batch size 1 without padding or explicit masks, inference only; the
-caches run on the CPU, so tensors on a GPU are copied to the CPU and back at every layer.
+On the GPU: when the model is on a CUDA device, the extension was built with the CUDA backend
+(``VQ_CUDA=ON``) and a layer's configuration is in that backend's scope (turboquant_rvq with the
+Hadamard rotation, head_dim 64 or 128, key bits 1..4 with 1..3 stages, value_bits 1, 2, 4 or
+16, no outlier observer, 1..8 query heads per KV head, no sliding window),
+``VeloxQuantCache.from_model`` (``backend="auto"``) keeps that layer's codes on the device in a
+``veloxquant.cuda.CudaTurboQuantCache`` (``VeloxQuantCudaLayer``); ``backend="cuda"`` insists
+on it and ``backend="cpu"`` never uses it. On such a layer:
+
+- decode (one new token) appends the token on the device and runs the fused CUDA decode
+  kernel on the packed codes; nothing leaves the GPU and nothing synchronizes;
+- prefill (a chunk of several tokens) does NOT attend on the codes: it runs torch
+  ``scaled_dot_product_attention`` (causal, GQA) on the chunk's exact keys and values, preceded
+  by the dequantized earlier tokens when the chunk is not the first, and then appends the chunk.
+  So the first prefill chunk attends exactly as the uncompressed model does; compression shows
+  from the first decoded token on.
+
+Limits of this build: batch size 1 without padding or explicit masks, inference only; layers
+whose caches run on the CPU copy tensors on a GPU to the CPU and back at every layer.
 """
 
 from __future__ import annotations
@@ -30,8 +46,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig
+from .. import cuda as _cuda
+from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig, _create, model_cache_shape
 from ..cache.sliding_window_cache import SlidingWindowKVCache
+from ..cuda import CudaTurboQuantCache
 
 ATTENTION_NAME = "veloxquant"
 _TAG = "_veloxquant_layer"
@@ -87,9 +105,11 @@ class VeloxQuantLayer(CacheLayerMixin):
         setattr(keys, _TAG, self)
         return keys, values
 
-    def attend(self, query: torch.Tensor, scaling: float, causal: bool) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, causal: bool,
+               key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of [1, q_heads, n, head_dim] queries over this layer's codes, returned as
-        [1, n, q_heads, head_dim] in the query's dtype and device."""
+        [1, n, q_heads, head_dim] in the query's dtype and device (key and value, what update
+        returned, are not read)."""
         self._pending = False
         out = self.cache.attend(_cpu_float32(query[0]), scale=scaling, causal=causal)
         return out.transpose(0, 1).unsqueeze(0).to(device=query.device, dtype=query.dtype)
@@ -134,33 +154,172 @@ class VeloxQuantLayer(CacheLayerMixin):
             raise NotImplementedError("VeloxQuantCache holds one sequence (batch size 1)")
 
 
+class VeloxQuantCudaLayer(VeloxQuantLayer):
+    """One model layer's cache on the GPU: a ``CudaTurboQuantCache`` (see the module doc for
+    what runs on the codes and what runs on exact keys)."""
+
+    def __init__(self, cache: CudaTurboQuantCache, fetch_dequantized: bool = False) -> None:
+        super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
+        self.is_sliding = False
+        self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends [1, kv_heads, n, head_dim] keys and values on the device. One token: returns
+        zero-length tagged views (the attention runs on the codes). Several tokens (prefill):
+        returns the earlier tokens dequantized followed by this chunk's exact keys and values,
+        for SDPA. With fetch_dequantized: every stored token dequantized."""
+        if self._pending and not self.fetch_dequantized:
+            raise RuntimeError(
+                "the model's attention did not read the VeloxQuant cache: load the model with "
+                f"attn_implementation={ATTENTION_NAME!r} (model.set_attn_implementation"
+                f"({ATTENTION_NAME!r})), or build VeloxQuantCache(..., fetch_dequantized=True)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != 1:
+            raise ValueError(
+                f"VeloxQuantCache holds one sequence; got batch size {key_states.shape[0]}"
+            )
+        if key_states.device != self.cache.device:
+            raise ValueError(f"layer {self.cache.layer}: keys are on {key_states.device} but the "
+                             f"cache lives on {self.cache.device}")
+        n, start = key_states.shape[-2], self.cache.size
+        # (.to(memory_format=...) returns a float32 view unchanged, strides and all)
+        k32 = key_states[0].to(torch.float32).contiguous()
+        v32 = value_states[0].to(torch.float32).contiguous()
+        if self.fetch_dequantized:
+            self.cache.append(k32, v32)
+            k, v = self.cache.dequantize()
+            keys, values = k[None].to(key_states.dtype), v[None].to(value_states.dtype)
+            self._mode = "exact"
+        elif n == 1:
+            self.cache.append(k32, v32)
+            keys, values = key_states[..., :0, :], value_states[..., :0, :]
+            self._mode = "codes"
+            self._pending = True
+        else:
+            keys, values = key_states, value_states
+            if start > 0:
+                k, v = self.cache.dequantize(0, start)
+                keys = torch.cat([k[None].to(key_states.dtype), key_states], dim=-2)
+                values = torch.cat([v[None].to(value_states.dtype), value_states], dim=-2)
+            self.cache.append(k32, v32)
+            self._mode = "exact"
+            self._pending = True
+        setattr(keys, _TAG, self)
+        return keys, values
+
+    def attend(self, query: torch.Tensor, scaling: float, causal: bool,
+               key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+        """[1, q_heads, n, head_dim] queries -> [1, n, q_heads, head_dim]: the fused decode on
+        the codes after a one-token update, else SDPA on the keys and values update returned
+        (causal: query i is token size - n + i)."""
+        self._pending = False
+        mode, self._mode = self._mode, ""
+        if mode == "codes":
+            if query.shape[2] != 1:
+                raise ValueError(f"decode on the codes takes one query per head, got {query.shape[2]}")
+            q = query[0, :, 0, :].to(torch.float32).contiguous()
+            out = self.cache.attend(q, scale=scaling)  # [q_heads, head_dim] float32
+            return out.to(query.dtype)[None, None]
+        if key is None or value is None or key.shape[-2] == 0:
+            raise RuntimeError("VeloxQuantCudaLayer.attend: no keys from update() for this step")
+        n_q, n_k = query.shape[2], key.shape[2]
+        mask, is_causal = None, False
+        if causal and n_q > 1:
+            if n_q == n_k:
+                is_causal = True
+            else:  # the queries are the last n_q of n_k tokens
+                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(n_k - n_q)
+        key, value = key.to(query.dtype), value.to(query.dtype)
+        group = query.shape[1] // key.shape[1]
+        if group > 1:  # explicit GQA, so that the fused SDPA backends (flash, efficient) apply
+            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
+        return out.transpose(1, 2)
+
+    def reset(self) -> None:
+        super().reset()
+        self._mode = ""
+
+    def offload(self) -> None:
+        """Nothing to move: the codes stay on their device."""
+
+    def prefetch(self) -> None:
+        """Nothing to move: the codes stay on their device."""
+
+
 class VeloxQuantCache(Cache):
     """A transformers ``Cache`` holding one VeloxQuant cache per layer; pass it as
     ``past_key_values`` with ``attn_implementation="veloxquant"``."""
 
-    def __init__(self, caches: Sequence[KVCache], fetch_dequantized: bool = False) -> None:
-        """caches: one VeloxQuant cache per model layer, in layer order (e.g. from
-        ``KVCacheBuilder.build``)."""
+    def __init__(self, caches: Sequence[KVCache | CudaTurboQuantCache],
+                 fetch_dequantized: bool = False) -> None:
+        """caches: one cache per model layer, in layer order (e.g. from ``KVCacheBuilder.build``);
+        a ``veloxquant.cuda.CudaTurboQuantCache`` makes that layer a GPU layer."""
         if not caches:
             raise ValueError("VeloxQuantCache needs one cache per layer, got none")
-        super().__init__(layers=[VeloxQuantLayer(c, fetch_dequantized) for c in caches])
+        super().__init__(layers=[
+            VeloxQuantCudaLayer(c, fetch_dequantized) if isinstance(c, CudaTurboQuantCache)
+            else VeloxQuantLayer(c, fetch_dequantized) for c in caches])
 
     @classmethod
     def from_model(cls, model: Any, config: KVCacheConfig, max_seq_len: int = 8192,
-                   fetch_dequantized: bool = False) -> VeloxQuantCache:
+                   fetch_dequantized: bool = False, backend: str = "auto") -> VeloxQuantCache:
         """One cache per layer of a transformers model (``KVCacheBuilder.build``); layers the
         config marks "sliding_attention" get a SlidingWindowKVCache of ``sliding_window``
-        tokens without sinks, as the model's own attention does."""
-        caches = KVCacheBuilder.build(model, config, max_seq_len)
+        tokens without sinks, as the model's own attention does.
+
+        backend: "auto" keeps a layer's codes on the GPU (``CudaTurboQuantCache``) when the
+        model's parameters are on a CUDA device, this build has the CUDA backend and the layer
+        is in its scope (see the module doc), else on the CPU; "cuda" requires the GPU for every
+        layer (ValueError/RuntimeError naming the reason otherwise); "cpu" never uses it."""
+        if backend not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
         cfg = getattr(model, "config", model)
         if callable(getattr(cfg, "get_text_config", None)):
             cfg = cfg.get_text_config(decoder=True)
-        layer_types = getattr(cfg, "layer_types", None) or []
+        layer_types = list(getattr(cfg, "layer_types", None) or [])
         window = getattr(cfg, "sliding_window", None)
+        device = _model_device(model)
+        if backend != "cpu":
+            reason = _cuda_unavailable_reason(device)
+            if reason and backend == "cuda":
+                raise RuntimeError(f"VeloxQuantCache backend='cuda': {reason}")
+            if not reason:
+                shape = model_cache_shape(model)
+                q_heads = _query_heads(cfg, len(shape))
+                caches: list[Any] = []
+                for layer, (h, d) in enumerate(shape):
+                    sliding = layer < len(layer_types) and layer_types[layer] == "sliding_attention"
+                    why = _layer_out_of_scope(h, q_heads[layer], sliding and bool(window))
+                    cache = None
+                    if not why:
+                        try:
+                            cache = CudaTurboQuantCache(config, h, d, max_seq_len, layer, device)
+                        except ValueError as e:  # the backend's scope (method, bits, head_dim)
+                            why = str(e)
+                    if cache is None:
+                        if backend == "cuda":
+                            raise ValueError(f"layer {layer} is outside the CUDA backend: {why}")
+                        cache = _create(config, h, d, max_seq_len, layer)
+                        if sliding and window:
+                            cache = SlidingWindowKVCache(cache, int(window), sink_tokens=0)
+                    caches.append(cache)
+                return cls(caches, fetch_dequantized)
+        caches = KVCacheBuilder.build(model, config, max_seq_len)
         for i, kind in enumerate(layer_types[: len(caches)]):
             if kind == "sliding_attention" and window:
                 caches[i] = SlidingWindowKVCache(caches[i], int(window), sink_tokens=0)
         return cls(caches, fetch_dequantized)
+
+    @property
+    def devices(self) -> list[str]:
+        """Where each layer's codes live: "cpu" or "cuda:N"."""
+        return [str(layer.cache.device) if isinstance(layer, VeloxQuantCudaLayer) else "cpu"
+                for layer in self.layers]
 
     @property
     def caches(self) -> list[KVCache]:
@@ -169,8 +328,44 @@ class VeloxQuantCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every layer's cache (codes, scalars, page slack, parameters)."""
+        """Bytes held by every layer's cache (codes, scalars, page slack, parameters; on the GPU
+        the page pool as allocated, the codec tables and the decode workspace)."""
         return sum(layer.cache.nbytes for layer in self.layers)
+
+
+def _model_device(model: Any) -> torch.device | None:
+    parameters = getattr(model, "parameters", None)
+    if not callable(parameters):
+        return None
+    try:
+        return next(parameters()).device
+    except StopIteration:
+        return None
+
+
+def _cuda_unavailable_reason(device: torch.device | None) -> str:
+    if device is None or device.type != "cuda":
+        return f"the model is on {device or 'no device'}, not on a CUDA device"
+    if not _cuda.HAS_CUDA:
+        return _cuda.BUILT_WITHOUT_CUDA
+    if not _cuda.is_available():
+        return "no CUDA device is visible to the CUDA backend"
+    return ""
+
+
+def _query_heads(cfg: Any, n_layers: int) -> list[int | None]:
+    heads = getattr(cfg, "num_attention_heads", None)
+    if isinstance(heads, (list, tuple)):
+        return [int(h) for h in heads]
+    return [int(heads) if heads is not None else None] * n_layers
+
+
+def _layer_out_of_scope(kv_heads: int, q_heads: int | None, sliding: bool) -> str:
+    if sliding:
+        return "sliding-window layers stay on the CPU (SlidingWindowKVCache)"
+    if q_heads is not None and (q_heads % kv_heads != 0 or not 1 <= q_heads // kv_heads <= 8):
+        return f"{q_heads} query heads over {kv_heads} KV heads (the decode takes groups of 1..8)"
+    return ""
 
 
 def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -200,9 +395,10 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", True)
-    return layer.attend(query, scaling, bool(causal)), None
+    return layer.attend(query, scaling, bool(causal), key, value), None
 
 
 AttentionInterface.register(ATTENTION_NAME, veloxquant_attention)
 
-__all__ = ["ATTENTION_NAME", "VeloxQuantCache", "VeloxQuantLayer", "veloxquant_attention"]
+__all__ = ["ATTENTION_NAME", "VeloxQuantCache", "VeloxQuantCudaLayer", "VeloxQuantLayer",
+           "veloxquant_attention"]

@@ -1,0 +1,350 @@
+"""The CUDA cache from Python (veloxquant.cuda, torch CUDA tensors through DLPack) against the CPU
+cache of the same configuration, its bad-input errors, and the GPU layers of the transformers
+integration. Skipped without torch, without a CUDA-enabled build (VQ_CUDA=ON) or without a CUDA
+device; the build-without-CUDA message is checked wherever the build lacks it.
+
+Criteria as the C++ parity test (tests/cuda/test_cuda_parity.cpp): codes identical up to exact
+quantizer ties (at most 0.1% of indices), dequantized tokens within 1e-5 relative (at most 0.1%
+of tokens differ), decode attention within 1e-3 relative (L2) of the CPU cache's.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from veloxquant import CapacityError, _core
+from veloxquant import cuda as vq_cuda
+from veloxquant.cache.base import KVCacheConfig
+from veloxquant.cache.base import _create as create_cpu_cache
+
+try:
+    import torch
+except ImportError:  # the build-without-CUDA check runs without torch
+    torch = None
+
+needs_cuda = pytest.mark.skipif(
+    not vq_cuda.is_available(),
+    reason="needs a CUDA-enabled build (VQ_CUDA=ON) and a CUDA device",
+)
+
+# (head_dim, bits, num_residuals, value_bits, num_heads)
+SHAPES = [(128, 1, 1, 2, 8), (128, 4, 3, 16, 2), (128, 2, 2, 4, 2), (64, 3, 1, 1, 4), (64, 4, 2, 2, 1)]
+
+
+def config_of(bits, stages, value_bits, seed=7):
+    return KVCacheConfig(method="turboquant_rvq", bits=bits, num_residuals=stages,
+                         value_bits=value_bits, seed=seed)
+
+
+def rel(got, ref):
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    return math.sqrt(((got - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-300))
+
+
+def randn(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def test_build_without_cuda_says_so():
+    if vq_cuda.HAS_CUDA:
+        assert hasattr(_core, "CudaTurboQuantCache")
+        return
+    assert _core.cuda_device_count() == 0 and not vq_cuda.is_available()
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        vq_cuda.CudaTurboQuantCache(config_of(2, 1, 2), 2, 64)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "d{}_k{}r{}_v{}_h{}".format(*s))
+def test_device_cache_matches_cpu_cache(shape):
+    d, bits, stages, vbits, heads = shape
+    config = config_of(bits, stages, vbits)
+    cpu = create_cpu_cache(config, heads, d, 2048, 3)
+    gpu = vq_cuda.CudaTurboQuantCache(config, heads, d, 2048, layer=3)
+    seed, total = 100, 0
+    for n in (37, 150, 64, 1):  # unaligned starts and page crossings
+        k, v = randn(heads, n, d, seed=seed, scale=1.5), randn(heads, n, d, seed=seed + 1)
+        seed += 2
+        cpu.append(k.numpy(), v.numpy())
+        gpu.append(k.cuda(), v.cuda())
+        total += n
+        for group in (1, 4):
+            q = randn(group * heads, d, seed=seed, scale=0.05)  # the C++ parity test's scales
+            seed += 1
+            ref = cpu.attend(q[:, None, :].numpy(), scale=0.1)[:, 0, :]
+            out = gpu.attend(q.cuda(), scale=0.1)
+            assert out.shape == q.shape and out.device.type == "cuda" and out.dtype == torch.float32
+            assert rel(out.cpu(), ref) <= 1e-3, (total, group)
+    assert gpu.size == cpu.size == total
+
+    # Codes: every page's key codes, key norms, value codes and value scales, by head.
+    layout = gpu.layout
+    P = layout["tokens_per_page"]
+    idx_bad = scalar_bad = 0
+    for page in range((total + P - 1) // P):
+        raw = gpu.page(page)
+        used = min(P, total - page * P)
+        for h in range(heads):
+            hl = layout["heads"][h]
+            ref = _core._debug.page_regions(cpu._c, page, h)
+            kcb, vcb = hl["key_code_bytes"], hl["value_code_bytes"]
+            gk = raw[hl["key_codes_offset"]:hl["key_codes_offset"] + P * kcb].reshape(P, kcb)[:used]
+            gv = raw[hl["value_codes_offset"]:hl["value_codes_offset"] + P * vcb].reshape(P, vcb)[:used]
+            idx_bad += int((gk != ref["key_codes"][:used]).any(axis=1).sum())
+            idx_bad += int((gv != ref["value_codes"][:used]).any(axis=1).sum())
+            norms = raw[hl["key_scalars_offset"]:hl["key_scalars_offset"] + 4 * P].view(np.float32)[:used]
+            ref_norms = ref["key_scalars"][0, :used]
+            scalar_bad += int((np.abs(norms - ref_norms) > 1e-6 * np.abs(ref_norms)).sum())
+            if hl["value_scalars"]:
+                off = hl["value_scalars_offset"]
+                scales = raw[off:off + 4 * P].view(np.float32)[:used]
+                ref_scales = ref["value_scalars"][0, :used]
+                scalar_bad += int((np.abs(scales - ref_scales) > 1e-6 * np.abs(ref_scales)).sum())
+    rows = total * heads
+    # A token whose code differs anywhere counts once per region; ties are rare (< 0.1%).
+    assert idx_bad <= max(1, rows * 2 // 1000), idx_bad
+    assert scalar_bad <= max(1, rows * 2 // 1000), scalar_bad
+
+    # Dequantize: every token identical up to exact ties.
+    gk, gv = gpu.dequantize()
+    rk, rv = cpu.dequantize()
+    assert gk.shape == (heads, total, d) and gk.device.type == "cuda"
+    gk, gv = gk.cpu().numpy(), gv.cpu().numpy()
+    bad = sum(rel(gk[h, t], rk[h, t]) > 1e-5 or rel(gv[h, t], rv[h, t]) > 1e-5
+              for h in range(heads) for t in range(total))
+    assert bad <= max(1, rows // 1000), bad
+    assert gpu.nbytes > total * heads * d * bits // 8
+
+
+@needs_cuda
+def test_half_precision_inputs_batch_dimension_and_stream():
+    d, heads = 128, 2
+    config = config_of(4, 1, 4)
+    a = vq_cuda.CudaTurboQuantCache(config, heads, d, 512)
+    b = vq_cuda.CudaTurboQuantCache(config, heads, d, 512)
+    k, v = randn(1, heads, 70, d, seed=1), randn(1, heads, 70, d, seed=2)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # work goes to torch's current stream
+        a.append(k.cuda().half(), v.cuda().half())
+        q = randn(1, 4 * heads, 1, d, seed=3).cuda().to(torch.bfloat16)
+        out_a = a.attend(q)
+    stream.synchronize()
+    b.append(k.half().float().cuda(), v.half().float().cuda())
+    out_b = b.attend(q.float())
+    assert out_a.dtype == torch.bfloat16 and out_a.shape == q.shape
+    assert rel(out_a.float().cpu(), out_b.cpu()) < 1e-2  # bf16 rounding of the output
+
+
+@needs_cuda
+def test_bad_inputs_are_reported_and_change_nothing():
+    d, heads = 64, 2
+    cache = vq_cuda.CudaTurboQuantCache(config_of(2, 1, 2), heads, d, 100)
+    good = torch.zeros(heads, 3, d, device="cuda")
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cache.append(good.cpu(), good.cpu())
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cache._impl.append(good.cpu(), good.cpu(), 0)  # the binding's own check
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        cache.append(good.double(), good.double())
+    with pytest.raises(ValueError, match="float32"):
+        cache._impl.append(good.half(), good.half(), 0)
+    with pytest.raises(ValueError, match=r"num_heads=2, n_tokens, head_dim=64"):
+        cache.append(torch.zeros(3, 3, d, device="cuda"), torch.zeros(3, 3, d, device="cuda"))
+    with pytest.raises(ValueError, match="same number of tokens"):
+        cache.append(good, torch.zeros(heads, 4, d, device="cuda"))
+    strided = torch.zeros(heads, d, 3, device="cuda").transpose(1, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        cache.append(strided, strided)
+    with pytest.raises(ValueError, match="contiguous"):
+        cache._impl.append(strided, strided, 0)
+    assert cache.size == 0
+    with pytest.raises(ValueError, match="no tokens"):
+        cache.attend(torch.zeros(heads, d, device="cuda"))
+    cache.append(torch.randn(heads, 99, d, device="cuda"), torch.randn(heads, 99, d, device="cuda"))
+    with pytest.raises(CapacityError, match="max_seq_len"):
+        cache.append(good, good)
+    assert cache.size == 99
+    with pytest.raises(ValueError, match="num_q_heads"):
+        cache.attend(torch.zeros(heads, 2, d, device="cuda"))  # two queries per head
+    with pytest.raises(ValueError, match="1..8 times"):
+        cache.attend(torch.zeros(3, d, device="cuda"))
+    with pytest.raises(ValueError, match="shaped like the queries"):
+        cache.attend(torch.zeros(heads, d, device="cuda"), out=torch.zeros(heads, d + 1, device="cuda"))
+    with pytest.raises(IndexError):
+        cache.dequantize(90, 20)
+    # Outside the backend's scope: a clear ValueError at construction.
+    for bad in (KVCacheConfig(method="qjl"), config_of(5, 1, 2), config_of(2, 1, 3)):
+        with pytest.raises(ValueError, match="CUDA backend"):
+            vq_cuda.CudaTurboQuantCache(bad, heads, d)
+    with pytest.raises(ValueError, match="head_dim must be 64 or 128"):
+        vq_cuda.CudaTurboQuantCache(config_of(2, 1, 2), heads, 96)
+    # trim and reset
+    assert cache.trim(9) == 9 and cache.size == 90
+    cache.reset()
+    assert cache.size == 0
+    cache.append(good, good)
+    assert cache.size == 3
+
+
+def _tiny_llama(head_dim, layers=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=4 * head_dim, intermediate_size=256,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=head_dim, max_position_embeddings=1024, initializer_range=0.1,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+@needs_cuda
+def test_transformers_gpu_layers_follow_the_default_cache():
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
+                                                      VeloxQuantCudaLayer)
+    model = _tiny_llama(64).to("cuda")
+    tokens = torch.randint(0, 512, (1, 72), generator=torch.Generator().manual_seed(1)).cuda()
+    prompt = 40
+
+    def run(cache, attention):
+        model.set_attn_implementation(attention)
+        try:
+            with torch.no_grad():
+                logits = [model(tokens[:, :24], past_key_values=cache, use_cache=True).logits[0]]
+                # a second prefill chunk: SDPA over dequantized earlier tokens + this chunk
+                logits.append(model(tokens[:, 24:prompt], past_key_values=cache, use_cache=True).logits[0])
+                for i in range(prompt, tokens.shape[1]):
+                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits).float().cpu()
+
+    reference = run(DynamicCache(config=model.config), "sdpa")
+    config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
+    cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
+    assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
+    assert cache.devices == ["cuda:0", "cuda:0"]
+    logits = run(cache, ATTENTION_NAME)
+    assert cache.get_seq_length() == tokens.shape[1]
+    err = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert err < 0.05, err
+    # The first 24 positions come from exact SDPA on the first chunk: equal to the default's.
+    assert ((logits[:24] - reference[:24]).abs().max() / reference.abs().max()).item() < 1e-4
+    # backend="cpu" keeps every layer on the CPU even with the model on the GPU.
+    cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
+    assert cpu.devices == ["cpu", "cpu"]
+
+    # Out of scope on the GPU: auto falls back to the CPU, cuda refuses.
+    fp16 = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"))
+    assert fp16.devices == ["cpu", "cpu"]
+    with pytest.raises(ValueError, match="outside the CUDA backend"):
+        VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), backend="cuda")
+    # crop / reset on GPU layers
+    cache.crop(-4)
+    assert cache.get_seq_length() == tokens.shape[1] - 4
+    cache.reset()
+    assert cache.get_seq_length() == 0
+
+
+def test_transformers_cuda_backend_needs_cuda():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from veloxquant.integrations.transformers import VeloxQuantCache
+    model = _tiny_llama(64, layers=1)  # on the CPU
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2),
+                                   backend="cuda")
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2))
+    assert cache.devices == ["cpu"]
+
+
+class _ExactDeviceCache(vq_cuda.CudaTurboQuantCache):
+    """A stand-in for the device cache that stores exact float32 tokens in torch tensors on the
+    CPU: it lets the GPU layer's logic (prefill chunks on SDPA, decode on the cache) run
+    anywhere torch does."""
+
+    def __init__(self, num_heads, head_dim, max_seq_len=1024, layer=0):  # noqa: D107
+        self.device, self.layer, self.config = torch.device("cpu"), layer, None
+        self.k = torch.zeros(num_heads, 0, head_dim)
+        self.v = torch.zeros(num_heads, 0, head_dim)
+        self._max = max_seq_len
+
+    def append(self, keys, values):
+        assert keys.dtype == torch.float32 and keys.is_contiguous() and keys.dim() == 3
+        if self.size + keys.shape[1] > self._max:
+            raise CapacityError("max_seq_len")
+        self.k, self.v = torch.cat([self.k, keys], 1), torch.cat([self.v, values], 1)
+
+    def attend(self, queries, scale=None, out=None):
+        assert queries.dim() == 2 and queries.dtype == torch.float32
+        group = queries.shape[0] // self.num_heads
+        k = self.k.repeat_interleave(group, 0)
+        v = self.v.repeat_interleave(group, 0)
+        p = torch.softmax(torch.einsum("hd,htd->ht", queries, k) * scale, -1)
+        return torch.einsum("ht,htd->hd", p, v)
+
+    def dequantize(self, start=0, n_tokens=None):
+        n = self.size - start if n_tokens is None else n_tokens
+        return self.k[:, start:start + n].clone(), self.v[:, start:start + n].clone()
+
+    def trim(self, n_tokens):
+        n = min(n_tokens, self.size)
+        self.k, self.v = self.k[:, :self.size - n], self.v[:, :self.size - n]
+        return n
+
+    def reset(self):
+        self.trim(self.size)
+
+    size = property(lambda self: self.k.shape[1])
+    num_heads = property(lambda self: self.k.shape[0])
+    head_dim = property(lambda self: self.k.shape[2])
+    max_seq_len = property(lambda self: self._max)
+    nbytes = property(lambda self: 2 * self.k.numel() * 4)
+
+
+def test_gpu_layer_logic_on_exact_tokens():
+    """The GPU layers' bookkeeping on a stand-in cache that stores tokens exactly: two prefill
+    chunks (SDPA, the second over the earlier tokens plus the chunk) and decode steps (the
+    cache's attend) give the default cache's logits."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
+                                                      VeloxQuantCudaLayer)
+    model = _tiny_llama(64)
+    tokens = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(2))
+
+    def run(cache, attention):
+        model.set_attn_implementation(attention)
+        try:
+            with torch.no_grad():
+                logits = [model(tokens[:, :16], past_key_values=cache, use_cache=True).logits[0],
+                          model(tokens[:, 16:30], past_key_values=cache, use_cache=True).logits[0]]
+                for i in range(30, tokens.shape[1]):
+                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits).float()
+
+    reference = run(DynamicCache(config=model.config), "sdpa")
+    cache = VeloxQuantCache([_ExactDeviceCache(2, 64, layer=i) for i in range(2)])
+    assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
+    logits = run(cache, ATTENTION_NAME)
+    assert cache.get_seq_length() == tokens.shape[1]
+    err = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert err < 1e-4, err
+    # fetch_dequantized: any attention implementation reads every token from the cache
+    dequantized = VeloxQuantCache([_ExactDeviceCache(2, 64, layer=i) for i in range(2)],
+                                  fetch_dequantized=True)
+    err = ((run(dequantized, "sdpa") - reference).abs().max() / reference.abs().max()).item()
+    assert err < 1e-4, err
+    # the model's own attention never reading the codes is reported
+    misuse = VeloxQuantCache([_ExactDeviceCache(2, 64, layer=i) for i in range(2)])
+    with torch.no_grad():
+        model(tokens[:, :4], past_key_values=misuse, use_cache=True)
+        with pytest.raises(RuntimeError, match="attn_implementation='veloxquant'"):
+            model(tokens[:, 4:5], past_key_values=misuse, use_cache=True)

@@ -1,0 +1,205 @@
+"""The CUDA backend from Python: a turboquant_rvq cache of one sequence for one layer, resident
+on the GPU, fed and read through torch CUDA tensors (DLPack, zero-copy)::
+
+    import torch
+    from veloxquant.cache.base import KVCacheConfig
+    from veloxquant.cuda import CudaTurboQuantCache
+
+    cache = CudaTurboQuantCache(KVCacheConfig(method="turboquant_rvq", bits=1, value_bits=2),
+                                num_heads=8, head_dim=128, max_seq_len=32768)
+    cache.append(keys, values)      # [8, n, 128] (or [1, 8, n, 128]) on the GPU
+    out = cache.attend(queries)     # [32, 128] -> [32, 128]: decode, one query per head
+
+Work is queued on torch's current CUDA stream of the cache's device, so it orders with the
+surrounding torch work without synchronizing. Inputs may be float32, float16 or bfloat16 (the
+latter two are converted to float32 on the device); outputs come back in the queries' dtype.
+
+Scope (the kernels' own, ``src/cuda/cuda_cache.h``): method turboquant_rvq with the Hadamard
+rotation, head_dim 64 or 128, key bits 1..4 with 1..3 stages (``num_residuals``), value_bits
+1, 2, 4 or 16, no outlier observer, and 1..8 query heads per KV head. Anything else raises
+ValueError at construction. Prefill attention (several queries) is not on the codes here: see
+``veloxquant.integrations.transformers``, which runs it with torch SDPA.
+
+A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
+module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from . import _core
+from .cache.base import KVCacheConfig
+
+HAS_CUDA: bool = bool(getattr(_core, "HAS_CUDA", False))
+"""Whether this build of the extension has the CUDA backend (VQ_CUDA=ON)."""
+
+BUILT_WITHOUT_CUDA = (
+    "veloxquant was built without CUDA (VQ_CUDA=OFF, the default wheel): rebuild the extension "
+    "with the CUDA backend, e.g. pip install . -C cmake.define.VQ_CUDA=ON "
+    "-C cmake.define.CMAKE_CUDA_ARCHITECTURES=90 (bench/cuda/run_python_h200.sh builds it)"
+)
+
+_FLOAT_TYPES = ("float32", "float16", "bfloat16")
+
+
+def is_available() -> bool:
+    """True when this build has the CUDA backend, torch is importable and sees a CUDA device."""
+    if not HAS_CUDA:
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available()) and _core.cuda_device_count() > 0
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("veloxquant.cuda works on torch CUDA tensors: install torch") from e
+    return torch
+
+
+class CudaTurboQuantCache:
+    """One layer's turboquant_rvq cache of one sequence on a CUDA device (see the module doc).
+
+    ``device`` (an index, "cuda:N" or a torch.device; default: torch's current device) is
+    where the pages live; every tensor passed in must be on it.
+    """
+
+    def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
+                 max_seq_len: int = 8192, layer: int = 0, device: Any = None) -> None:
+        if not HAS_CUDA:
+            raise RuntimeError(BUILT_WITHOUT_CUDA)
+        torch = _torch()
+        if not torch.cuda.is_available():
+            raise RuntimeError("veloxquant.cuda: torch sees no CUDA device")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None \
+            else torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"device must be a CUDA device, got {self.device}")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.config = config
+        self.layer = int(layer)
+        with torch.cuda.device(self.device):
+            self._impl = _core.CudaTurboQuantCache(config.to_core(), int(num_heads), int(head_dim),
+                                                   int(max_seq_len), self.layer)
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _stream(self) -> int:
+        return int(_torch().cuda.current_stream(self.device).cuda_stream)
+
+    def _float32(self, x: Any, name: str) -> Any:
+        """x as float32 on the device; the C++ side reports the device, shape and layout."""
+        torch = _torch()
+        if not isinstance(x, torch.Tensor):
+            return x  # any DLPack array: the binding checks it (float32 CUDA only)
+        if x.device.type != "cuda":
+            raise ValueError(f"{name} must be a CUDA tensor on {self.device}, got a tensor on "
+                             f"{x.device} (move it with .to('{self.device}'))")
+        if str(x.dtype).replace("torch.", "") not in _FLOAT_TYPES:
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if not x.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+        return x if x.dtype == torch.float32 else x.float()
+
+    # --- data ---------------------------------------------------------------------------------
+    def append(self, keys: Any, values: Any) -> None:
+        """Encodes new tokens: keys and values [num_heads, n, head_dim] (or [1, num_heads, n,
+        head_dim]) on the device. CapacityError (a ValueError) past max_seq_len, leaving the
+        cache as it was."""
+        self._impl.append(self._float32(keys, "keys"), self._float32(values, "values"),
+                          self._stream())
+
+    def attend(self, queries: Any, scale: float | None = None, out: Any = None) -> Any:
+        """Decode attention over every stored token, on the codes: one query per query head,
+        queries [num_q_heads, head_dim] (or [num_q_heads, 1, head_dim], or [1, num_q_heads, 1,
+        head_dim]); num_q_heads is 1..8 times num_heads (GQA). scale defaults to
+        1/sqrt(head_dim). Returns a tensor shaped like the queries, in their dtype (or fills
+        ``out``, a float32 tensor of that shape)."""
+        torch = _torch()
+        q = self._float32(queries, "queries")
+        s = 1.0 / math.sqrt(self.head_dim) if scale is None else float(scale)
+        if out is not None:
+            self._impl.attend(q, out, s, self._stream())
+            return out
+        result = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        self._impl.attend(q, result, s, self._stream())
+        dtype = getattr(queries, "dtype", torch.float32)
+        return result if dtype == torch.float32 else result.to(dtype)
+
+    def dequantize(self, start: int = 0, n_tokens: int | None = None) -> tuple[Any, Any]:
+        """Reconstructed (keys, values) of tokens [start, start + n_tokens) (default: to the
+        end), float32 [num_heads, n_tokens, head_dim] tensors on the device."""
+        torch = _torch()
+        if n_tokens is None:
+            n_tokens = self.size - int(start)
+        if start < 0 or n_tokens < 0 or start + n_tokens > self.size:
+            raise IndexError(f"dequantize: range [{start}, {start + n_tokens}) is outside "
+                             f"[0, {self.size})")
+        shape = (self.num_heads, int(n_tokens), self.head_dim)
+        keys = torch.empty(shape, dtype=torch.float32, device=self.device)
+        values = torch.empty(shape, dtype=torch.float32, device=self.device)
+        if n_tokens > 0:
+            self._impl.dequantize(int(start), keys, values, self._stream())
+        return keys, values
+
+    def trim(self, n_tokens: int) -> int:
+        """Removes the last n_tokens tokens (at most size); returns how many were removed."""
+        n = max(0, min(int(n_tokens), self.size))
+        self._impl.truncate(self.size - n)
+        return n
+
+    def reset(self) -> None:
+        """Forgets every token; the pages stay allocated for reuse."""
+        self._impl.reset()
+
+    def page(self, index: int) -> Any:
+        """The raw bytes of page ``index`` (numpy uint8; synchronizes the device), in the CPU
+        cache's page layout (``layout``)."""
+        _torch().cuda.synchronize(self.device)
+        return self._impl.page(int(index))
+
+    # --- properties ---------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._impl.size
+
+    def __len__(self) -> int:
+        return self._impl.size
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._impl.max_seq_len
+
+    @property
+    def num_heads(self) -> int:
+        return self._impl.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._impl.head_dim
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: the page pool (grown by doubling up to max_seq_len), its page
+        table, the codec tables and the decode workspace."""
+        return self._impl.nbytes
+
+    @property
+    def layout(self) -> dict:
+        """The page layout: tokens_per_page, page_bytes and every head's region offsets."""
+        return self._impl.layout
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"CudaTurboQuantCache(bits={c.bits}, num_residuals={c.num_residuals}, "
+                f"value_bits={c.value_bits}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"size={self.size}, max_seq_len={self.max_seq_len}, device={self.device})")
+
+
+__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaTurboQuantCache", "is_available"]
