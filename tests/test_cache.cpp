@@ -28,7 +28,8 @@ KVCacheConfig make_config(const std::string& method, int bits = 2) {
     return c;
 }
 
-const std::vector<std::string> kMethods = {"turboquant_rvq", "qjl", "polarquant", "rabitq", "ratequant", "fp16"};
+const std::vector<std::string> kMethods = {"turboquant_rvq", "qjl",       "polarquant",
+                                           "rabitq",         "ratequant", "fp16"};
 
 struct Data {
     int heads, q_heads, n, d;
@@ -45,7 +46,8 @@ Data make_data(int heads, int group, int n, int d, int n_q, uint64_t seed) {
 
 std::vector<float> attend(const KVCache& c, const Data& x, int n_q, bool causal) {
     std::vector<float> out(static_cast<std::size_t>(x.q_heads) * n_q * x.d);
-    c.attend(x.q.data(), x.q_heads, n_q, out.data(), 1.0f / std::sqrt(static_cast<float>(x.d)), causal);
+    c.attend(x.q.data(), x.q_heads, n_q, out.data(), 1.0f / std::sqrt(static_cast<float>(x.d)),
+             causal);
     return out;
 }
 
@@ -87,9 +89,11 @@ TEST_P(MethodTest, FusedMatchesUnfusedAndReference) {
                 EXPECT_LT(rel_error(a, b), 1e-4) << GetParam() << " d " << d << " group " << group;
                 std::vector<float> kd(x.k.size()), vd(x.v.size());
                 fused->dequantize(0, n, kd.data(), vd.data());
-                const auto ref = reference_attention(x.q, x.q_heads, n_q, kd, vd, heads, n, d,
-                                                     1.0f / std::sqrt(static_cast<float>(d)), causal);
-                EXPECT_LT(rel_error(b, ref), 1e-4) << GetParam() << " d " << d << " group " << group;
+                const auto ref =
+                    reference_attention(x.q, x.q_heads, n_q, kd, vd, heads, n, d,
+                                        1.0f / std::sqrt(static_cast<float>(d)), causal);
+                EXPECT_LT(rel_error(b, ref), 1e-4)
+                    << GetParam() << " d " << d << " group " << group;
             }
         }
     }
@@ -132,14 +136,17 @@ TEST_P(MethodTest, SameSeedSameBytesOtherSeedOtherCodes) {
     const int heads = 2, d = 64, n = 70;
     const Data x = make_data(heads, 1, n, d, 1, 9);
     KVCacheConfig cfg = make_config(GetParam());
-    const std::string dir = ::testing::TempDir();
+    const std::string path_a = vqtest::unique_temp_path("a.bin"),
+                      path_b = vqtest::unique_temp_path("b.bin");
     auto a = KVCacheFactory::create(cfg, heads, d);
     auto b = KVCacheFactory::create(cfg, heads, d);
     a->append(x.k.data(), x.v.data(), n);
     b->append(x.k.data(), x.v.data(), n);
-    a->save(dir + "/a.bin");
-    b->save(dir + "/b.bin");
-    EXPECT_EQ(file_bytes(dir + "/a.bin"), file_bytes(dir + "/b.bin"));
+    a->save(path_a);
+    b->save(path_b);
+    EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
+    std::remove(path_a.c_str());
+    std::remove(path_b.c_str());
     if (GetParam() == "fp16") return;  // nothing random
     cfg.seed = 1;
     auto c = KVCacheFactory::create(cfg, heads, d);
@@ -161,7 +168,8 @@ TEST_P(MethodTest, NbytesIsCodesScalarsAndPageSlack) {
     cache->append(x.k.data(), x.v.data(), 1000);
     // Per token and head: the key and value bits per coordinate say how many bytes one token
     // takes; the 16 pages (of 64 tokens) hold 1024 slots, each region padded to 64 bytes.
-    const double token_bytes = (cache->key_bits_per_coordinate() + cache->value_bits_per_coordinate()) * d / 8;
+    const double token_bytes =
+        (cache->key_bits_per_coordinate() + cache->value_bits_per_coordinate()) * d / 8;
     const double pages = 16, slots = pages * kTokensPerPage;
     const double storage = static_cast<double>(cache->storage_bytes());
     const double table = 16 * sizeof(void*);
@@ -246,10 +254,12 @@ TEST(DenseAttention, MatchesReferenceAcrossShapes) {
                 const Data x = make_data(heads, group, n, d, n_q, d + group + n_q);
                 for (bool causal : {false, true}) {
                     std::vector<float> out(x.q.size());
-                    dense_attention(x.q.data(), x.q_heads, n_q, x.k.data(), x.v.data(), heads, n, d, out.data(), 0.1f,
-                                    causal);
-                    const auto ref = reference_attention(x.q, x.q_heads, n_q, x.k, x.v, heads, n, d, 0.1f, causal);
-                    EXPECT_LT(rel_error(out, ref), 1e-5) << d << " " << group << " " << n_q << " " << causal;
+                    dense_attention(x.q.data(), x.q_heads, n_q, x.k.data(), x.v.data(), heads, n, d,
+                                    out.data(), 0.1f, causal);
+                    const auto ref = reference_attention(x.q, x.q_heads, n_q, x.k, x.v, heads, n, d,
+                                                         0.1f, causal);
+                    EXPECT_LT(rel_error(out, ref), 1e-5)
+                        << d << " " << group << " " << n_q << " " << causal;
                 }
             }
         }

@@ -180,7 +180,7 @@ TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {
     auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
     auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);
     cache->append(k.data(), v.data(), 10);
-    const std::string path = ::testing::TempDir() + "/vq_forged.bin";
+    const std::string path = vqtest::unique_temp_path("forged.bin");
     cache->save(path);
     std::string file = read_file(path);
     // Header: magic(8) version(4) kind(4) length(8) crc(4) = 28 bytes; the payload starts with

@@ -38,8 +38,7 @@ constexpr float kBase = 10000.0f;
 class TinyModel {
 public:
     explicit TinyModel(uint32_t seed = 3) {
-        static int counter = 0;
-        path_ = testing::TempDir() + "vq_calib_" + std::to_string(counter++) + ".gguf";
+        path_ = vqtest::unique_temp_path("calib.gguf");
         std::mt19937 gen(seed);
         GGUFWriter gw;
         gw.add_string("general.architecture", "llama");
@@ -97,7 +96,7 @@ std::vector<int32_t> random_tokens(int n, uint32_t seed) {
 }
 
 std::string temp_path(const std::string& name) {
-    return testing::TempDir() + "vq_calib_" + name;
+    return vqtest::unique_temp_path(name);
 }
 
 float fp16_round(float x) {

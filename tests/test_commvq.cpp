@@ -399,7 +399,7 @@ TEST(CommVQCache, SaveLoadRoundTrip) {
     const auto k = structured_keys(H * n, d, 71);
     const auto v = vqtest::randn(k.size(), 72);
     cache.append(k.data(), v.data(), n);
-    const std::string path = ::testing::TempDir() + "commvq_cache.vqc";
+    const std::string path = vqtest::unique_temp_path("commvq_cache.vqc");
     cache.save(path);
     const auto loaded = KVCache::load(path);
     std::remove(path.c_str());

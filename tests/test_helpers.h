@@ -1,13 +1,30 @@
 // Shared test utilities: seeded random tensors and an independent double-precision attention.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace vqtest {
+
+/// A temp-file path unique to this process, test and call: ctest runs each test in its own
+/// process, two at a time in CI, so a fixed name would let two tests write one file.
+inline std::string unique_temp_path(const std::string& stem) {
+    static int counter = 0;
+    const auto* info = testing::UnitTest::GetInstance()->current_test_info();
+    std::string name = info ? std::string(info->test_suite_name()) + "." + info->name() : "none";
+    for (char& c : name)
+        if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.') c = '_';
+    return testing::TempDir() + "vq_" + std::to_string(getpid()) + "_" + name + "_" +
+           std::to_string(counter++) + "_" + stem;
+}
 
 inline std::vector<float> randn(std::size_t n, uint64_t seed, float scale = 1.0f) {
     std::mt19937_64 gen(seed);
@@ -50,7 +67,8 @@ inline std::vector<float> reference_attention(const std::vector<float>& q, int n
                 for (int j = 0; j < d; ++j) acc[j] += w * vv[j];
             }
             for (int j = 0; j < d; ++j)
-                out[(static_cast<std::size_t>(qh) * n_q + i) * d + j] = l > 0 ? static_cast<float>(acc[j] / l) : 0.0f;
+                out[(static_cast<std::size_t>(qh) * n_q + i) * d + j] =
+                    l > 0 ? static_cast<float>(acc[j] / l) : 0.0f;
         }
     }
     return out;
@@ -70,7 +88,9 @@ inline double dot(const float* a, const float* b, int d) {
     return s;
 }
 
-inline double norm(const float* a, int d) { return std::sqrt(dot(a, a, d)); }
+inline double norm(const float* a, int d) {
+    return std::sqrt(dot(a, a, d));
+}
 
 /// ||a - b|| / ||b||.
 inline double rel_error(const std::vector<float>& a, const std::vector<float>& b) {

@@ -132,8 +132,7 @@ struct TinyWeights {
 class TinyModelFile {
 public:
     explicit TinyModelFile(const TinySpec& spec, uint32_t seed = 7) {
-        static int counter = 0;
-        path_ = testing::TempDir() + "vq_llama_" + std::to_string(counter++) + ".gguf";
+        path_ = vqtest::unique_temp_path("llama.gguf");
         build(spec, seed);
     }
     ~TinyModelFile() { std::remove(path_.c_str()); }

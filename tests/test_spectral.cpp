@@ -442,7 +442,7 @@ TEST(SpectralCache, SaveLoadRoundTrip) {
     auto a =
         KVCacheFactory::create(spectral_config(synthetic_rotations(2, H, d), 3, 1), H, d, 256, 1);
     a->append(x.k.data(), x.v.data(), n);
-    const std::string path = ::testing::TempDir() + "spectral_roundtrip.vqkv";
+    const std::string path = vqtest::unique_temp_path("spectral_roundtrip.vqkv");
     a->save(path);
     auto b = KVCache::load(path);
     std::remove(path.c_str());

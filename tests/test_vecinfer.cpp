@@ -286,7 +286,7 @@ TEST(VecInferCache, SaveLoadRoundTrip) {
     auto cache = KVCacheFactory::create(c, H, d, 256);
     EXPECT_EQ(cache->class_name(), "VecInferKVCache");
     cache->append(keys.data(), values.data(), n);
-    const std::string path = ::testing::TempDir() + "vecinfer_cache.vqkv";
+    const std::string path = vqtest::unique_temp_path("vecinfer_cache.vqkv");
     cache->save(path);
     auto loaded = KVCache::load(path);
     std::remove(path.c_str());

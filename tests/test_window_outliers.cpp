@@ -82,7 +82,7 @@ TEST(SlidingWindow, SaveLoadRoundTrip) {
     const auto k = randn(static_cast<std::size_t>(heads) * n * d, 4), v = randn(k.size(), 5);
     SlidingWindowKVCache win(quantized(tq(), heads, d, 1024), 100, 2);
     win.append(k.data(), v.data(), n);
-    const std::string path = ::testing::TempDir() + "/vq_window.bin";
+    const std::string path = vqtest::unique_temp_path("window.bin");
     win.save(path);
     auto loaded = KVCache::load(path);
     EXPECT_EQ(loaded->class_name(), "SlidingWindowKVCache");
