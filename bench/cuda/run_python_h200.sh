@@ -8,6 +8,8 @@
 # (bench/cuda/e2e_transformers.py). Everything lands in $OUT (bench/results/h200_python
 # otherwise). About 5 minutes: build ~1-2, tests <1, e2e <3.
 # Usage: OUT=$OUT bash bench/cuda/run_python_h200.sh [extra e2e_transformers.py arguments]
+# VQ_STAGES picks the stages (default "build test e2e"); a later call on the same machine can
+# run "e2e" alone on the build an earlier call left in build_py_h200.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/results/h200_python}
@@ -17,12 +19,16 @@ BUILD=build_py_h200
 PY=${PYTHON:-python3}
 step() { echo "== $(date -u +%T) $*"; }
 status=0
+STAGES=" ${VQ_STAGES:-build test e2e} "
+has() { [[ "$STAGES" == *" $1 "* ]]; }
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 nvcc --version | tail -1
 "$PY" -c "import sys, torch, transformers, nanobind; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'nanobind', nanobind.__version__)"
 
+SITE="$PWD/$BUILD/site"
+if has build; then
 step "configure (VQ_PYTHON=ON, VQ_CUDA=ON, sm_90)"
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
@@ -33,24 +39,28 @@ cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DVQ_PYTHON=ON -DV
 step "build _core"
 cmake --build "$BUILD" -j "$(nproc)" --target _core > "$OUT/build_python.log" 2>&1 \
   || { grep -E "error|Error" "$OUT/build_python.log" | head -40; exit 1; }
-SITE="$PWD/$BUILD/site"
 rm -rf "$SITE" && mkdir -p "$SITE"
 cp -r python/veloxquant "$SITE/"
 cp "$BUILD"/python/_core*.so "$SITE/veloxquant/"
+fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import veloxquant, veloxquant.cuda as c; print('veloxquant from', veloxquant.__file__, '| HAS_CUDA', c.HAS_CUDA, '| available', c.is_available())" \
   || exit 1
 
+if has test; then
 step "pytest: python/tests/test_cuda.py python/tests/test_transformers.py"
 timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
   python/tests/test_cuda.py python/tests/test_transformers.py || status=1
+fi
 
 # The whole run stays under ~9.5 minutes (the device tool's limit is 10): the e2e gets what is
 # left, and starts a further context only while its own budget allows.
-left=$((560 - SECONDS))
+if has e2e; then
+left=$((${VQ_E2E_SECONDS:-560} - SECONDS))
 [ "$left" -lt 120 ] && left=120
 step "e2e: transformers Llama 8B-like shape, VeloxQuantCache on the GPU vs DynamicCache (${left} s left)"
 timeout "$left" "$PY" bench/cuda/e2e_transformers.py --out "$OUT/e2e_transformers.json" \
   --budget-s $((left - 100)) "$@" || status=1
+fi
 step "done (status $status)"
 exit $status
