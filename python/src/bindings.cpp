@@ -421,6 +421,8 @@ nb::dict cuda_layout(const CudaTurboQuantCache& c) {
 
 }  // namespace
 
+void bind_calibration(nb::module_& m);  // bind_calibration.cpp
+
 NB_MODULE(_core, m) {
     m.doc() = "VeloxQuant C++ core (compressed KV caches); use the veloxquant package's API.";
     m.attr("TOKENS_PER_PAGE") = kTokensPerPage;
@@ -488,6 +490,10 @@ NB_MODULE(_core, m) {
         .def_rw("num_clusters", &KVCacheConfig::num_clusters)
         .def_rw("num_subspaces", &KVCacheConfig::num_subspaces)
         .def_rw("use_fused_sdpa", &KVCacheConfig::use_fused_sdpa)
+        .def_prop_rw(
+            "ivf_centroids", [](const KVCacheConfig& c) { return from_float_array(c.ivf_centroids); },
+            [](KVCacheConfig& c, const InArray& a) { c.ivf_centroids = to_float_array(a); })
+        .def_rw("rope_inv_freq", &KVCacheConfig::rope_inv_freq)
         .def_rw("signal_bits", &KVCacheConfig::signal_bits)
         .def_rw("noise_bits", &KVCacheConfig::noise_bits)
         .def_rw("seed", &KVCacheConfig::seed)
@@ -556,6 +562,7 @@ NB_MODULE(_core, m) {
         .def_prop_ro("n_layer", [](const LlamaModel& model) { return model.hparams().n_layer; })
         .def_prop_ro("n_vocab", [](const LlamaModel& model) { return model.hparams().n_vocab; })
         .def_prop_ro("weight_bytes", &LlamaModel::weight_bytes);
+    bind_calibration(m);
 
 #ifdef VQ_WITH_CUDA
     m.attr("HAS_CUDA") = true;

@@ -76,7 +76,10 @@ def rand(*shape, seed=0):
 def test_config_dataclass_matches_seed():
     assert dataclasses.is_dataclass(KVCacheConfig)
     got = [(f.name, f.type, f.default) for f in dataclasses.fields(KVCacheConfig)]
-    assert got == SEED_FIELDS
+    # The seed's fields in its order, then our extensions (filled from a calibration).
+    assert got[: len(SEED_FIELDS)] == SEED_FIELDS
+    assert got[len(SEED_FIELDS):] == [("ivf_centroids", "ndarray | None", None),
+                                      ("rope_inv_freq", "list[float] | None", None)]
     assert KVCacheConfig(method="qjl").method == "qjl"
     with pytest.raises(TypeError):
         KVCacheConfig()  # method is required
@@ -100,7 +103,7 @@ def test_factory_and_builder_signatures():
     params = inspect.signature(KVCacheBuilder.build).parameters
     assert [(p.name, p.default) for p in params.values()] == [
         ("model", inspect.Parameter.empty), ("config", inspect.Parameter.empty),
-        ("max_seq_len", 8192)]
+        ("max_seq_len", 8192), ("calibration", None)]
     assert inspect.signature(KVCacheBuilder.build).return_annotation == "list[KVCache]"
 
 

@@ -33,7 +33,10 @@ class KVCacheConfig:
     bit rate, ``value_bits`` the value bit rate (16 = fp16). ``codebook``/``smooth_factors``
     (vecinfer) and ``rotations`` (spectral) take numpy arrays; ``bit_allocation`` (ratequant)
     maps "L" or "L.H" to bits; ``outlier_observer`` routes tokens with extreme key norms to an
-    ``outlier_bits`` side store. Validation happens when a cache is made (``validate()`` runs
+    ``outlier_bits`` side store. Two fields extend the seed and are normally filled from a
+    calibration (``veloxquant.calibration``): ``ivf_centroids`` (rabitq, [layers][heads]
+    [clusters][head_dim]) and ``rope_inv_freq`` (commvq: pair i of a key turns by
+    position * rope_inv_freq[i]). Validation happens when a cache is made (``validate()`` runs
     it early); errors are ValueErrors carrying the C++ message.
     """
 
@@ -55,6 +58,8 @@ class KVCacheConfig:
     signal_bits: int = 4
     noise_bits: int = 1
     seed: int = 0
+    ivf_centroids: ndarray | None = None
+    rope_inv_freq: list[float] | None = None
 
     _INT_FIELDS: ClassVar[tuple[str, ...]] = (
         "bits", "value_bits", "num_residuals", "outlier_bits", "sketch_dim", "num_clusters",
@@ -83,6 +88,10 @@ class KVCacheConfig:
             core.smooth_factors = float_array(self.smooth_factors, "smooth_factors")
         if self.rotations is not None:
             core.rotations = [float_array(r, "rotations") for r in self.rotations]
+        if self.ivf_centroids is not None:
+            core.ivf_centroids = float_array(self.ivf_centroids, "ivf_centroids")
+        if self.rope_inv_freq is not None:
+            core.rope_inv_freq = [float(x) for x in self.rope_inv_freq]
         if self.bit_allocation is not None:
             core.bit_allocation = {
                 str(k): _as_int(v, f"bit_allocation[{k!r}]") for k, v in self.bit_allocation.items()
@@ -110,6 +119,7 @@ class KVCacheConfig:
             sketch_dim=core.sketch_dim, num_clusters=core.num_clusters,
             num_subspaces=core.num_subspaces, use_fused_sdpa=core.use_fused_sdpa,
             signal_bits=core.signal_bits, noise_bits=core.noise_bits, seed=core.seed,
+            ivf_centroids=core.ivf_centroids, rope_inv_freq=list(core.rope_inv_freq) or None,
         )
 
     def validate(self) -> None:
@@ -369,7 +379,8 @@ class KVCacheBuilder:
     """Makes one cache per layer of a model (seed: ``KVCacheBuilder``)."""
 
     @staticmethod
-    def build(model: Any, config: KVCacheConfig, max_seq_len: int = 8192) -> list[KVCache]:
+    def build(model: Any, config: KVCacheConfig, max_seq_len: int = 8192,
+              calibration: Any = None) -> list[KVCache]:
         """One cache per transformer layer, each with that layer's KV-head count and head dim
         (and its layer index, for the seeded random objects and per-layer bit allocations).
 
@@ -379,10 +390,24 @@ class KVCacheBuilder:
         model (its ``args``), any object with a ``cache_shape()`` method or a ``layers`` list
         whose items have ``num_kv_heads`` and ``head_dim``, or a list of
         ``(num_kv_heads, head_dim)`` pairs.
+
+        ``calibration`` (a ``veloxquant.calibration.Calibration`` or the path of a calibration
+        file) fills ``config.method``'s calibrated fields first, after checking that it was made
+        for a model of this shape (ValueError naming both otherwise).
         """
         shape = model_cache_shape(model)
         if not shape:
             raise ValueError("KVCacheBuilder: the model has no layers")
+        if calibration is not None:
+            from ..calibration import Calibration  # a module that imports this one
+
+            cal = Calibration.load(calibration) if isinstance(calibration, (str, os.PathLike)) \
+                else calibration
+            if not isinstance(cal, Calibration):
+                raise ValueError("calibration must be a veloxquant.calibration.Calibration or a "
+                                 f"path, got {type(calibration).__name__}")
+            cal.check_shape(shape)
+            config = cal.apply(config)
         return [_create(config, h, d, max_seq_len, layer) for layer, (h, d) in enumerate(shape)]
 
 
