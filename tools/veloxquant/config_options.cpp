@@ -59,6 +59,12 @@ void add_config_options(CLI::App* app, ConfigOptions& opts) {
         ->capture_default_str();
     app->add_option("--num-residuals", c.num_residuals, "turboquant_rvq stages")
         ->capture_default_str();
+    app->add_option("--signal-bits", c.signal_bits,
+                    "spectral: key bits of the signal coordinates (the budget's upper width)")
+        ->capture_default_str();
+    app->add_option("--noise-bits", c.noise_bits,
+                    "spectral: key bits of the noise coordinates (the budget's lower width)")
+        ->capture_default_str();
     app->add_option("--sketch-dim", c.sketch_dim, "qjl sketch rows")->capture_default_str();
     app->add_option("--num-clusters", c.num_clusters, "rabitq IVF centroids")
         ->capture_default_str();
