@@ -83,11 +83,12 @@ inline Activations one_head_acts(const std::vector<float>& keys, int d) {
 
 inline SpectralBasis basis_of(const FloatArray& rot, int head) {
     const int d = static_cast<int>(rot.shape[2]);
-    const float* p = rot.data.data() + static_cast<std::size_t>(head) * (d + 2) * d;
+    const float* p = rot.data.data() + static_cast<std::size_t>(head) * (d + 3) * d;
     SpectralBasis b;
     b.basis.assign(p, p + d * d);
     b.variances.assign(p + d * d, p + (d + 1) * d);
     b.mean.assign(p + (d + 1) * d, p + (d + 2) * d);
+    b.query_moments.assign(p + (d + 2) * d, p + (d + 3) * d);
     return b;
 }
 
@@ -110,6 +111,7 @@ inline SpectralBasis random_basis(const std::vector<float>& train, const std::ve
     std::sort(var.begin(), var.end(), [](auto& a, auto& b) { return a.first > b.first; });
     SpectralBasis b;
     b.mean = mean;
+    b.query_moments.assign(d, 1.0f);  // isotropic queries: the MSE allocation
     for (int i = 0; i < d; ++i) {
         b.variances.push_back(static_cast<float>(var[i].first));
         for (int j = 0; j < d; ++j) b.basis.push_back(static_cast<float>(r[var[i].second * d + j]));
@@ -117,11 +119,12 @@ inline SpectralBasis random_basis(const std::vector<float>& train, const std::ve
     return b;
 }
 
-// Naive double-precision reference of the codec. kLeastSquares is the codec's rule; the other
-// two are the alternatives it was chosen against (store the RMS itself; no RMS normalisation).
+// Naive double-precision reference of the codec at per-coordinate widths `bits` (0 = dropped).
+// kLeastSquares is the codec's rule; the other two are the alternatives it was chosen against
+// (store the RMS itself; no RMS normalisation).
 enum class ScaleRule { kLeastSquares, kStoreRms, kNoNormalisation };
 
-inline std::vector<double> reference_decode(const SpectralBasis& b, int d_eff, int sb, int nb,
+inline std::vector<double> reference_decode(const SpectralBasis& b, const std::vector<int>& bits,
                                             const float* k, ScaleRule rule) {
     const int d = static_cast<int>(b.mean.size());
     double top = 0.0;
@@ -134,14 +137,19 @@ inline std::vector<double> reference_decode(const SpectralBasis& b, int d_eff, i
                 static_cast<double>(b.basis[r * d + j]) * (k[j] - static_cast<double>(b.mean[j]));
         z[r] = y[r] / sigma[r];
     }
-    const int coded = nb > 0 ? d : d_eff;
+    int coded = 0;
     double ms = 0.0;
-    for (int r = 0; r < coded; ++r) ms += z[r] * z[r];
-    const double rms = std::sqrt(ms / coded);
+    for (int r = 0; r < d; ++r)
+        if (bits[r] > 0) {
+            ms += z[r] * z[r];
+            ++coded;
+        }
+    const double rms = coded > 0 ? std::sqrt(ms / coded) : 0.0;
     const double norm = rule == ScaleRule::kNoNormalisation ? 1.0 : rms;
     double num = 0.0, den = 0.0;
-    for (int r = 0; r < coded; ++r) {
-        const ScalarCodebook& cb = gaussian_codebook(r < d_eff ? sb : nb);
+    for (int r = 0; r < d; ++r) {
+        if (bits[r] == 0) continue;
+        const ScalarCodebook& cb = gaussian_codebook(bits[r]);
         const double x = norm > 0.0 ? z[r] / norm : 0.0;
         int best = 0;  // brute-force nearest level; the first of equals wins
         for (int v = 1; v < cb.levels(); ++v)
