@@ -367,7 +367,7 @@ TEST(SpectralCodec, MatchesNaiveReference) {
         for (int t = 0; t < n; ++t) {
             const float* k = &f.test[static_cast<std::size_t>(t) * cc.d];
             const std::vector<double> ref =
-                reference_decode(f.basis, codec.coordinate_bits(), k, ScaleRule::kLeastSquares);
+                reference_decode(f.basis, codec.coordinate_bits(), k, ScaleRule::kSpreadSearch);
             double worst = 0.0;
             for (int j = 0; j < cc.d; ++j)
                 worst = std::max(worst, std::fabs(ref[j] - dec[t * cc.d + j]));
@@ -411,29 +411,34 @@ TEST(SpectralCodec, KeyAtTheMeanDecodesToTheMean) {
     for (int j = 0; j < 64; ++j) EXPECT_FLOAT_EQ(dec[j], f.basis.mean[j]);
 }
 
-// The per-token scale rule, measured: least squares after RMS normalisation against storing
-// the RMS itself and against no normalisation (least squares on the raw whitened values).
+// The per-token scale rule, measured by the query-weighted error it minimises: the spread
+// search against its f = 1 restriction (least squares after RMS normalisation), storing the
+// RMS itself, and no normalisation; key MSE printed alongside.
 TEST(SpectralCodec, ScaleRuleChosenByMeasurement) {
     const Fixture f = make_fixture(64, 2000, 500, 4);
     for (const auto& [sb, nb] : {std::pair{4, 1}, {3, 0}, {2, 1}, {2, 0}}) {
-        double err[3] = {0, 0, 0}, energy = 0.0;
+        double werr[4] = {0, 0, 0, 0}, err[4] = {0, 0, 0, 0}, energy = 0.0;
         const std::vector<int> bits = SpectralCodec(64, sb, nb, f.basis, f.d_eff).coordinate_bits();
         for (int t = 0; t < 500; ++t) {
             const float* k = &f.test[static_cast<std::size_t>(t) * 64];
             for (int j = 0; j < 64; ++j) energy += std::pow(k[j] - f.basis.mean[j], 2);
-            for (int r = 0; r < 3; ++r) {
+            for (int r = 0; r < 4; ++r) {
                 const std::vector<double> x =
                     reference_decode(f.basis, bits, k, static_cast<ScaleRule>(r));
+                werr[r] += weighted_error(f.basis, k, x);
                 for (int j = 0; j < 64; ++j) err[r] += std::pow(x[j] - k[j], 2);
             }
         }
         std::printf(
-            "[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: rel MSE least-squares "
-            "%.4f, "
-            "store-RMS %.4f, no-normalisation %.4f\n",
-            f.d_eff, sb, nb, err[0] / energy, err[1] / energy, err[2] / energy);
-        EXPECT_LT(err[0], err[1]);
-        EXPECT_LT(err[0], err[2]);
+            "[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: weighted error "
+            "spread search %.4g, RMS + least squares %.4g, store-RMS %.4g, no-normalisation "
+            "%.4g (rel MSE %.4f %.4f %.4f %.4f)\n",
+            f.d_eff, sb, nb, werr[0], werr[1], werr[2], werr[3], err[0] / energy, err[1] / energy,
+            err[2] / energy, err[3] / energy);
+        EXPECT_LT(werr[0], werr[1]);
+        EXPECT_LT(werr[0], werr[2]);
+        EXPECT_LT(werr[0], werr[3]);
+        EXPECT_LT(werr[1], werr[3]);
     }
 }
 

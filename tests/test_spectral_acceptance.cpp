@@ -144,25 +144,26 @@ void compare(const std::vector<HeadData>& heads, int d, const char* label) {
         EXPECT_LT(awr.rel_score(), eig.rel_score()) << label << " bits " << sb << "/" << nb;
         EXPECT_LT(awr.rel_score(), rnd.rel_score()) << label << " bits " << sb << "/" << nb;
     }
-    // The per-token scale rule on these keys (reference implementation, eigenbasis).
+    // The per-token scale rule on these keys (reference implementation, query-aware basis):
+    // query-weighted error of the spread search, its f = 1 restriction, store-RMS, none.
     for (const auto& [sb, nb] : {std::pair{2, 0}, {4, 1}, {3, 2}}) {
-        double err[3] = {0, 0, 0}, energy = 0.0;
-        for (std::size_t i = 0; i < heads.size(); ++i)
+        double werr[4] = {0, 0, 0, 0};
+        for (std::size_t i = 0; i < heads.size(); ++i) {
+            const std::vector<int> bits =
+                SpectralCodec(d, sb, nb, aware[i], d_eff[i]).coordinate_bits();
             for (std::size_t t = 0; t < heads[i].test.size() / d; ++t) {
                 const float* k = &heads[i].test[t * d];
-                for (int j = 0; j < d; ++j) energy += std::pow(k[j] - eigen[i].mean[j], 2);
-                const std::vector<int> bits =
-                    SpectralCodec(d, sb, nb, eigen[i], d_eff[i]).coordinate_bits();
-                for (int r = 0; r < 3; ++r) {
-                    const std::vector<double> x =
-                        reference_decode(eigen[i], bits, k, static_cast<ScaleRule>(r));
-                    for (int j = 0; j < d; ++j) err[r] += std::pow(x[j] - k[j], 2);
-                }
+                for (int r = 0; r < 4; ++r)
+                    werr[r] += weighted_error(
+                        aware[i], k,
+                        reference_decode(aware[i], bits, k, static_cast<ScaleRule>(r)));
             }
+        }
         std::printf(
-            "[spectral]   scale rule %d/%d: rel MSE least-squares %.4f, store-RMS %.4f, "
-            "no-normalisation %.4f\n",
-            sb, nb, err[0] / energy, err[1] / energy, err[2] / energy);
+            "[spectral]   scale rule %d/%d: weighted error spread search %.4g, RMS + least "
+            "squares %.4g, store-RMS %.4g, no-normalisation %.4g\n",
+            sb, nb, werr[0], werr[1], werr[2], werr[3]);
+        EXPECT_LT(werr[0], werr[1]) << label << " bits " << sb << "/" << nb;
     }
     for (const auto& [b, r] : kTurboBits) {
         Quality tq;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -65,8 +67,8 @@ std::vector<int> allocate_spectral_bits(const std::vector<double>& importance, i
     // D is convex in b (the gains D(b) - D(b+1) fall), so taking the largest marginal gain
     // budget times is optimal for the separable sum. n is at most 1024 and the budget at most
     // 8n: a linear scan per bit is cheap next to the calibration that feeds it.
-    std::vector<int> bits(n, 0);
-    for (int step = 0; step < budget; ++step) {
+    std::vector<int> bits(n, budget >= n && std::getenv("VQ_MIN1") ? 1 : 0);
+    for (int step = budget >= n && std::getenv("VQ_MIN1") ? n : 0; step < budget; ++step) {
         int best = -1;
         double best_gain = -1.0;
         for (int r = 0; r < n; ++r) {
@@ -187,6 +189,10 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
     for (int r = 0; r < d; ++r)
         importance[r] = static_cast<double>(basis_.query_moments[r]) * sigma_[r] * sigma_[r];
     bits_ = allocate_spectral_bits(importance, budget_);
+    if (std::getenv("VQ_PRINT") && d == 64) {
+        for (int b : bits_) std::fprintf(stderr, "%d", b);
+        std::fprintf(stderr, "\n");
+    }
 
     std::vector<int> order;
     for (int r = 0; r < d; ++r)
@@ -248,7 +254,7 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
                            std::size_t /*scalar_stride*/) const {
     const int d = dim();
     std::vector<double> y(d);
-    std::vector<unsigned> idx(slots_.size());
+    std::vector<unsigned> idx(slots_.size()), cand(slots_.size());
     for (int t = 0; t < n; ++t) {
         project(keys + static_cast<std::size_t>(t) * d, y.data());
         // Whitened coordinates z_r = y_r / sigma_r, divided by their RMS over the coded ones.
@@ -257,23 +263,38 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
             ms += (y[s.coord] / sigma_[s.coord]) * (y[s.coord] / sigma_[s.coord]);
         const double rms =
             slots_.empty() ? 0.0 : std::sqrt(ms / static_cast<double>(slots_.size()));
-        const double inv = rms > 0.0 ? 1.0 / rms : 0.0;
-        double yy0 = 0.0, y0y0 = 0.0;
-        for (std::size_t k = 0; k < slots_.size(); ++k) {
-            const Slot& s = slots_[k];
-            const ScalarCodebook& cb = gaussian_codebook(s.bits);
-            const float z = static_cast<float>(y[s.coord] / sigma_[s.coord] * inv);
-            // Nearest level: the number of cell boundaries below z (ties to the lower cell).
-            idx[k] = static_cast<unsigned>(
-                std::lower_bound(cb.boundaries.begin(), cb.boundaries.end(), z) -
-                cb.boundaries.begin());
-            const double y0 = sigma_[s.coord] * cb.centroids[idx[k]];
-            yy0 += y[s.coord] * y0;
-            y0y0 += y0 * y0;
+        double best_err = INFINITY, best_scale = 0.0;
+        for (double spread : kSpectralSpreads) {
+            const double inv = rms > 0.0 ? 1.0 / (rms * spread) : 0.0;
+            double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
+            for (std::size_t k = 0; k < slots_.size(); ++k) {
+                const Slot& s = slots_[k];
+                const ScalarCodebook& cb = gaussian_codebook(s.bits);
+                const float z = static_cast<float>(y[s.coord] / sigma_[s.coord] * inv);
+                // Nearest level: the number of cell boundaries below z (ties to the lower cell).
+                cand[k] = static_cast<unsigned>(
+                    std::lower_bound(cb.boundaries.begin(), cb.boundaries.end(), z) -
+                    cb.boundaries.begin());
+                const double y0 = sigma_[s.coord] * cb.centroids[cand[k]];
+                const double w = basis_.query_moments[s.coord];
+                yy0 += y[s.coord] * y0;
+                y0y0 += y0 * y0;
+                wyy += w * y[s.coord] * y[s.coord];
+                wyy0 += w * y[s.coord] * y0;
+                wy0y0 += w * y0 * y0;
+            }
+            // Least-squares scale of the reconstruction s y0 against y (dropped coordinates
+            // add nothing to either sum), judged by the query-weighted error.
+            const double sc = y0y0 > 0.0 ? yy0 / y0y0 : 0.0;
+            const double err = wyy - 2.0 * sc * wyy0 + sc * sc * wy0y0;
+            if (err < best_err) {
+                best_err = err;
+                best_scale = sc;
+                idx.swap(cand);
+            }
+            if (!(rms > 0.0)) break;
         }
-        // Least-squares scale of the reconstruction s y0 against y (dropped coordinates add
-        // nothing to either sum).
-        scalars[t] = y0y0 > 0.0 ? static_cast<float>(yy0 / y0y0) : 0.0f;
+        scalars[t] = static_cast<float>(best_scale);
         uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes_;
         std::fill(code, code + code_bytes_, uint8_t{0});
         for (std::size_t k = 0; k < slots_.size(); ++k)
