@@ -198,18 +198,28 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
     for (int r = 0; r < d; ++r)
         if (bits_[r] > 0) order.push_back(r);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return bits_[a] > bits_[b]; });
-    std::size_t bit_at = 0, table_at = 1;  // state[0] = <q, mu>
+    std::size_t bit_at = 0;
     for (int r : order) {
         Slot s;
         s.coord = r;
         s.bits = bits_[r];
         s.bit_offset = bit_at;
-        s.table_offset = table_at;
         bit_at += static_cast<std::size_t>(s.bits);
-        table_at += std::size_t{1} << s.bits;
         slots_.push_back(s);
     }
     code_bytes_ = (bit_at + 7) / 8;
+    // Consecutive slots of at most 8 bits in all share one table (their bits are one field).
+    std::size_t table_at = 1;  // state[0] = <q, mu>
+    for (std::size_t k = 0; k < slots_.size();) {
+        Group g;
+        g.first = k;
+        g.bit_offset = slots_[k].bit_offset;
+        g.table_offset = table_at;
+        while (k < slots_.size() && g.bits + slots_[k].bits <= 8) g.bits += slots_[k++].bits;
+        g.count = k - g.first;
+        table_at += std::size_t{1} << g.bits;
+        groups_.push_back(g);
+    }
     state_size_ = table_at;
 }
 
@@ -334,14 +344,26 @@ void SpectralCodec::prepare_query(const float* query, float* state) const {
     double qmu = 0.0;
     for (int j = 0; j < d; ++j) qmu += static_cast<double>(query[j]) * basis_.mean[j];
     state[0] = static_cast<float>(qmu);
-    for (const Slot& s : slots_) {
-        const float* u = &basis_.basis[static_cast<std::size_t>(s.coord) * d];
+    std::vector<double> w(slots_.size());
+    for (std::size_t k = 0; k < slots_.size(); ++k) {
+        const float* u = &basis_.basis[static_cast<std::size_t>(slots_[k].coord) * d];
         double acc = 0.0;
         for (int j = 0; j < d; ++j) acc += static_cast<double>(u[j]) * query[j];
-        const double w = acc * sigma_[s.coord];
-        const std::vector<float>& c = gaussian_codebook(s.bits).centroids;
-        float* table = state + s.table_offset;
-        for (std::size_t v = 0; v < c.size(); ++v) table[v] = static_cast<float>(w * c[v]);
+        w[k] = acc * sigma_[slots_[k].coord];
+    }
+    // Entry v of a group's table: the sum over its slots of w C[field of that slot in v].
+    for (const Group& g : groups_) {
+        float* table = state + g.table_offset;
+        for (unsigned v = 0; v < (1u << g.bits); ++v) {
+            double acc = 0.0;
+            unsigned rest = v;
+            for (std::size_t k = g.first; k < g.first + g.count; ++k) {
+                const int b = slots_[k].bits;
+                acc += w[k] * gaussian_codebook(b).centroids[rest & ((1u << b) - 1u)];
+                rest >>= b;
+            }
+            table[v] = static_cast<float>(acc);
+        }
     }
 }
 
@@ -349,20 +371,20 @@ void SpectralCodec::score(const float* state, const uint8_t* codes, const float*
                           std::size_t /*scalar_stride*/, int n, float* scores) const {
     const float qmu = state[0];
     const std::size_t cb = code_bytes_;
-    const std::size_t m = slots_.size();
+    const std::size_t m = groups_.size();
     for (int t = 0; t < n; ++t) {
         const uint8_t* code = codes + static_cast<std::size_t>(t) * cb;
         float a0 = 0.0f, a1 = 0.0f;  // two add chains
         std::size_t k = 0;
         for (; k + 2 <= m; k += 2) {
-            const Slot& s0 = slots_[k];
-            const Slot& s1 = slots_[k + 1];
-            a0 += state[s0.table_offset + read_field(code, s0.bit_offset, s0.bits)];
-            a1 += state[s1.table_offset + read_field(code, s1.bit_offset, s1.bits)];
+            const Group& g0 = groups_[k];
+            const Group& g1 = groups_[k + 1];
+            a0 += state[g0.table_offset + read_field(code, g0.bit_offset, g0.bits)];
+            a1 += state[g1.table_offset + read_field(code, g1.bit_offset, g1.bits)];
         }
         if (k < m)
-            a0 += state[slots_[k].table_offset +
-                        read_field(code, slots_[k].bit_offset, slots_[k].bits)];
+            a0 += state[groups_[k].table_offset +
+                        read_field(code, groups_[k].bit_offset, groups_[k].bits)];
         scores[t] = qmu + scalars[t] * (a0 + a1);
     }
 }
@@ -378,7 +400,7 @@ std::size_t SpectralCodec::parameter_bytes() const {
             basis_.query_moments.size()) *
                sizeof(float) +
            sigma_.size() * sizeof(double) + bits_.size() * sizeof(int) +
-           slots_.size() * sizeof(Slot) + codebooks;
+           slots_.size() * sizeof(Slot) + groups_.size() * sizeof(Group) + codebooks;
 }
 
 }  // namespace veloxquant
