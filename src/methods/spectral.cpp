@@ -189,6 +189,10 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
     for (int r = 0; r < d; ++r)
         importance[r] = static_cast<double>(basis_.query_moments[r]) * sigma_[r] * sigma_[r];
     bits_ = allocate_spectral_bits(importance, budget_);
+    // gaussian_codebook() takes a lock; the hot loops read these instead.
+    codebooks_.fill(nullptr);
+    for (int b : bits_)
+        if (b > 0) codebooks_[b] = &gaussian_codebook(b);
     if (std::getenv("VQ_PRINT") && d == 64) {
         for (int b : bits_) std::fprintf(stderr, "%d", b);
         std::fprintf(stderr, "\n");
@@ -279,7 +283,7 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
             double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
             for (std::size_t k = 0; k < slots_.size(); ++k) {
                 const Slot& s = slots_[k];
-                const ScalarCodebook& cb = gaussian_codebook(s.bits);
+                const ScalarCodebook& cb = *codebooks_[s.bits];
                 const float z = static_cast<float>(y[s.coord] / sigma_[s.coord] * inv);
                 // Nearest level: the number of cell boundaries below z (ties to the lower cell).
                 cand[k] = static_cast<unsigned>(
@@ -321,9 +325,8 @@ void SpectralCodec::decode(const uint8_t* codes, const float* scalars,
         const float sc = scalars[t];
         std::fill(yh.begin(), yh.end(), 0.0f);
         for (const Slot& s : slots_)
-            yh[s.coord] =
-                static_cast<float>(sc * sigma_[s.coord]) *
-                gaussian_codebook(s.bits).centroids[read_field(code, s.bit_offset, s.bits)];
+            yh[s.coord] = static_cast<float>(sc * sigma_[s.coord]) *
+                          codebooks_[s.bits]->centroids[read_field(code, s.bit_offset, s.bits)];
         float* out = keys + static_cast<std::size_t>(t) * d;
         for (int j = 0; j < d; ++j) out[j] = basis_.mean[j];
         for (int r = 0; r < d; ++r) {
@@ -359,7 +362,7 @@ void SpectralCodec::prepare_query(const float* query, float* state) const {
             unsigned rest = v;
             for (std::size_t k = g.first; k < g.first + g.count; ++k) {
                 const int b = slots_[k].bits;
-                acc += w[k] * gaussian_codebook(b).centroids[rest & ((1u << b) - 1u)];
+                acc += w[k] * codebooks_[b]->centroids[rest & ((1u << b) - 1u)];
                 rest >>= b;
             }
             table[v] = static_cast<float>(acc);

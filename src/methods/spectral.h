@@ -33,6 +33,7 @@
 // one rotation of the query and per-coordinate lookup tables.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -41,6 +42,8 @@
 #include "methods/key_codec.h"
 
 namespace veloxquant {
+
+struct ScalarCodebook;
 
 /// Calibrated parameters of one (layer, KV head).
 struct SpectralBasis {
@@ -148,6 +151,7 @@ private:
     SpectralBasis basis_;
     std::vector<double> sigma_;
     std::vector<int> bits_;
+    std::array<const ScalarCodebook*, 9> codebooks_{};  ///< [b]: gaussian_codebook(b) where used
     std::vector<Slot> slots_;
     std::vector<Group> groups_;
     std::size_t code_bytes_;
