@@ -157,7 +157,8 @@ std::string resolve_calibration_text(const std::string& text) {
 
 Activations collect_calibration(const LoadedModel& m, const CalibrationSource& source, bool quiet,
                                 int64_t* tokens_run) {
-    std::vector<int32_t> tokens = tokenize_file(*m.tokenizer, resolve_calibration_text(source.text));
+    std::vector<int32_t> tokens =
+        tokenize_file(*m.tokenizer, resolve_calibration_text(source.text));
     if (source.tokens > 0 && static_cast<int64_t>(tokens.size()) > source.tokens)
         tokens.resize(static_cast<std::size_t>(source.tokens));
     if (tokens_run) *tokens_run = static_cast<int64_t>(tokens.size());
