@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <utility>
 #include <vector>
 
@@ -83,11 +84,12 @@ inline Activations one_head_acts(const std::vector<float>& keys, int d) {
 
 inline SpectralBasis basis_of(const FloatArray& rot, int head) {
     const int d = static_cast<int>(rot.shape[2]);
-    const float* p = rot.data.data() + static_cast<std::size_t>(head) * (d + 2) * d;
+    const float* p = rot.data.data() + static_cast<std::size_t>(head) * (d + 3) * d;
     SpectralBasis b;
     b.basis.assign(p, p + d * d);
     b.variances.assign(p + d * d, p + (d + 1) * d);
     b.mean.assign(p + (d + 1) * d, p + (d + 2) * d);
+    b.query_moments.assign(p + (d + 2) * d, p + (d + 3) * d);
     return b;
 }
 
@@ -110,6 +112,7 @@ inline SpectralBasis random_basis(const std::vector<float>& train, const std::ve
     std::sort(var.begin(), var.end(), [](auto& a, auto& b) { return a.first > b.first; });
     SpectralBasis b;
     b.mean = mean;
+    b.query_moments.assign(d, 1.0f);  // isotropic queries: the MSE allocation
     for (int i = 0; i < d; ++i) {
         b.variances.push_back(static_cast<float>(var[i].first));
         for (int j = 0; j < d; ++j) b.basis.push_back(static_cast<float>(r[var[i].second * d + j]));
@@ -117,16 +120,19 @@ inline SpectralBasis random_basis(const std::vector<float>& train, const std::ve
     return b;
 }
 
-// Naive double-precision reference of the codec. kLeastSquares is the codec's rule; the other
-// two are the alternatives it was chosen against (store the RMS itself; no RMS normalisation).
-enum class ScaleRule { kLeastSquares, kStoreRms, kNoNormalisation };
+// Naive double-precision reference of the codec at per-coordinate widths `bits` (0 = dropped).
+// kSpreadSearch is the codec's rule (every spread of kSpectralSpreads, least-squares scale,
+// lowest query-weighted error); the others are the alternatives it was chosen against: the
+// plain RMS normalisation with the least-squares scale (the search restricted to f = 1), storing
+// the RMS itself, no RMS normalisation.
+enum class ScaleRule { kSpreadSearch, kLeastSquares, kStoreRms, kNoNormalisation };
 
-inline std::vector<double> reference_decode(const SpectralBasis& b, int d_eff, int sb, int nb,
+inline std::vector<double> reference_decode(const SpectralBasis& b, const std::vector<int>& bits,
                                             const float* k, ScaleRule rule) {
     const int d = static_cast<int>(b.mean.size());
     double top = 0.0;
     for (float v : b.variances) top = std::max(top, static_cast<double>(v));
-    std::vector<double> y(d, 0.0), sigma(d), z(d), y0(d, 0.0);
+    std::vector<double> y(d, 0.0), sigma(d), z(d), y0(d, 0.0), best_y0(d, 0.0);
     for (int r = 0; r < d; ++r) {
         sigma[r] = std::sqrt(std::max(static_cast<double>(b.variances[r]), 1e-12 * top));
         for (int j = 0; j < d; ++j)
@@ -134,27 +140,60 @@ inline std::vector<double> reference_decode(const SpectralBasis& b, int d_eff, i
                 static_cast<double>(b.basis[r * d + j]) * (k[j] - static_cast<double>(b.mean[j]));
         z[r] = y[r] / sigma[r];
     }
-    const int coded = nb > 0 ? d : d_eff;
+    int coded = 0;
     double ms = 0.0;
-    for (int r = 0; r < coded; ++r) ms += z[r] * z[r];
-    const double rms = std::sqrt(ms / coded);
-    const double norm = rule == ScaleRule::kNoNormalisation ? 1.0 : rms;
-    double num = 0.0, den = 0.0;
-    for (int r = 0; r < coded; ++r) {
-        const ScalarCodebook& cb = gaussian_codebook(r < d_eff ? sb : nb);
-        const double x = norm > 0.0 ? z[r] / norm : 0.0;
-        int best = 0;  // brute-force nearest level; the first of equals wins
-        for (int v = 1; v < cb.levels(); ++v)
-            if (std::fabs(x - cb.centroids[v]) < std::fabs(x - cb.centroids[best])) best = v;
-        y0[r] = sigma[r] * cb.centroids[best];
-        num += y[r] * y0[r];
-        den += y0[r] * y0[r];
+    for (int r = 0; r < d; ++r)
+        if (bits[r] > 0) {
+            ms += z[r] * z[r];
+            ++coded;
+        }
+    const double rms = coded > 0 ? std::sqrt(ms / coded) : 0.0;
+    std::vector<double> spreads = {1.0};
+    if (rule == ScaleRule::kSpreadSearch)
+        spreads.assign(std::begin(kSpectralSpreads), std::end(kSpectralSpreads));
+    double best = INFINITY, best_s = 0.0;
+    for (double f : spreads) {
+        const double norm = rule == ScaleRule::kNoNormalisation ? 1.0 : rms * f;
+        double num = 0.0, den = 0.0;
+        for (int r = 0; r < d; ++r) {
+            y0[r] = 0.0;
+            if (bits[r] == 0) continue;
+            const ScalarCodebook& cb = gaussian_codebook(bits[r]);
+            const double x = norm > 0.0 ? z[r] / norm : 0.0;
+            int lvl = 0;  // brute-force nearest level; the first of equals wins
+            for (int v = 1; v < cb.levels(); ++v)
+                if (std::fabs(x - cb.centroids[v]) < std::fabs(x - cb.centroids[lvl])) lvl = v;
+            y0[r] = sigma[r] * cb.centroids[lvl];
+            num += y[r] * y0[r];
+            den += y0[r] * y0[r];
+        }
+        const double s = rule == ScaleRule::kStoreRms ? rms : (den > 0.0 ? num / den : 0.0);
+        double err = 0.0;  // query-weighted, over the coded coordinates
+        for (int r = 0; r < d; ++r)
+            if (bits[r] > 0) err += b.query_moments[r] * std::pow(y[r] - s * y0[r], 2);
+        if (err < best) {
+            best = err;
+            best_s = s;
+            best_y0 = y0;
+        }
     }
-    const double s = rule == ScaleRule::kStoreRms ? rms : (den > 0.0 ? num / den : 0.0);
     std::vector<double> out(b.mean.begin(), b.mean.end());
     for (int r = 0; r < d; ++r)
-        for (int j = 0; j < d; ++j) out[j] += s * y0[r] * b.basis[r * d + j];
+        for (int j = 0; j < d; ++j) out[j] += best_s * best_y0[r] * b.basis[r * d + j];
     return out;
+}
+
+// sum_r w_r (y_r - y_hat_r)^2 in the basis: the expected squared score error of one key
+// under queries with second moments w (the quantity the scale rule minimises).
+inline double weighted_error(const SpectralBasis& b, const float* k, const std::vector<double>& x) {
+    const int d = static_cast<int>(b.mean.size());
+    double e = 0.0;
+    for (int r = 0; r < d; ++r) {
+        double p = 0.0;
+        for (int j = 0; j < d; ++j) p += static_cast<double>(b.basis[r * d + j]) * (k[j] - x[j]);
+        e += b.query_moments[r] * p * p;
+    }
+    return e;
 }
 
 struct Coded {

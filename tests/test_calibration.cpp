@@ -254,7 +254,7 @@ Calibration full_calibration() {
     c.model = fake_model();
     c.rope_inv_freq = {1.0, 0.1, 0.01};
     c.vecinfer = Calibration::VecInfer{array({2, 2, 4, 16, 4}, 1), array({2, 2, 16}, 2), 4, 1};
-    c.spectral = Calibration::Spectral{{array({2, 18, 16}, 3), array({2, 18, 16}, 4)}};
+    c.spectral = Calibration::Spectral{{array({2, 19, 16}, 3), array({2, 19, 16}, 4)}};
     Calibration::RateQuant r;
     r.bit_allocation = {{"0.0", 2}, {"0.1", 3}, {"1.0", 2}, {"1.1", 3}};
     r.target_bits = 2.5;
@@ -365,6 +365,12 @@ TEST(CalibrationFile, RejectsTruncatedCorruptedForgedAndForeignFiles) {
     version[8] = 7;
     write_all(bad, version);
     EXPECT_NE(load_error(bad).find("version 7"), std::string::npos) << load_error(bad);
+    // A version 1 file (spectral rotations without the query moments) asks for recalibration.
+    version[8] = 1;
+    write_all(bad, version);
+    EXPECT_NE(load_error(bad).find("version 1 (this build reads 2); recalibrate"),
+              std::string::npos)
+        << load_error(bad);
 
     std::string magic = bytes;
     magic[0] = 'X';

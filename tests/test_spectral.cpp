@@ -1,7 +1,8 @@
 // spectral: the N(0, 1) Lloyd-Max codebook against Max's table, the Jacobi eigen-solver on known
-// matrices, calibration against a naive covariance, the codec against an independent double
-// reference (projection, brute-force nearest level, least-squares scale), scores equal to
-// <q, decode(k)>, the cache (fused vs unfused, save/load) and every config error.
+// matrices, calibration against a naive covariance and naive query moments, the bit allocation
+// against exhaustive search, the codec against an independent double reference (projection,
+// brute-force nearest level, least-squares scale), scores equal to <q, decode(k)>, the cache
+// (fused vs unfused, save/load) and every config error.
 // Acceptance comparisons are in test_spectral_acceptance.cpp.
 #include <gtest/gtest.h>
 
@@ -112,15 +113,34 @@ TEST(SpectralCalibration, MatchesNaiveCovarianceAndMean) {
             s.dim = dims[l];
             s.data = sample(make_law(dims[l], 10 * l + h), 300, 77 + h);
             acts.layers[l].keys.push_back(s);
+            // Head 0 has no query rows (moments all 1); head 1 has 200.
+            HeadSamples q;
+            q.dim = dims[l];
+            if (h == 1) q.data = vqtest::randn(static_cast<std::size_t>(200) * dims[l], 90 + l);
+            for (std::size_t i = 0; i < q.data.size(); ++i)
+                q.data[i] *= 1.0f + static_cast<float>(i % dims[l]);  // anisotropic
+            acts.layers[l].queries.push_back(q);
         }
     const std::vector<FloatArray> rot = calibrate_spectral_rotation(acts);
     ASSERT_EQ(rot.size(), 2u);
     for (int l = 0; l < 2; ++l) {
         const int d = dims[l];
-        ASSERT_EQ(rot[l].shape, (std::vector<int64_t>{2, d + 2, d}));
+        ASSERT_EQ(rot[l].shape, (std::vector<int64_t>{2, d + 3, d}));
         for (int h = 0; h < 2; ++h) {
             const HeadSamples& s = acts.layers[l].keys[h];
             const SpectralBasis b = basis_of(rot[l], h);
+            const HeadSamples& qs = acts.layers[l].queries[h];
+            for (int r = 0; r < d; ++r) {
+                double w = 0.0;
+                for (int64_t i = 0; i < qs.count(); ++i) {
+                    double p = 0.0;
+                    for (int j = 0; j < d; ++j)
+                        p += static_cast<double>(b.basis[r * d + j]) * qs.row(i)[j];
+                    w += p * p / static_cast<double>(qs.count());
+                }
+                EXPECT_NEAR(b.query_moments[r], h == 0 ? 1.0 : w, 1e-4 * (1.0 + w))
+                    << l << " " << h << " " << r;
+            }
             const int n = static_cast<int>(s.count());
             // Naive: mean, then covariance as (sum x x^T - n mu mu^T) / (n - 1).
             std::vector<double> mu(d, 0.0);
@@ -173,6 +193,16 @@ TEST(SpectralCalibration, Errors) {
     other.data.assign(16, 0.5f);
     a.layers[0].keys.push_back(other);
     EXPECT_NE(message(a).find("head 1: key dim 4 differs"), std::string::npos) << message(a);
+    a = one_head_acts(std::vector<float>(16, 1.0f), 8);
+    HeadSamples q;
+    q.dim = 4;
+    q.data.assign(8, 0.5f);
+    a.layers[0].queries.push_back(q);
+    EXPECT_NE(message(a).find("head 0: query dim 4 differs from the key dim 8"), std::string::npos)
+        << message(a);
+    a.layers[0].queries[0].dim = 8;
+    a.layers[0].queries[0].data[2] = NAN;
+    EXPECT_NE(message(a).find("queries contain NaN"), std::string::npos) << message(a);
 }
 
 TEST(SpectralCalibration, SmolLM2SizedInUnderAFewSeconds) {
@@ -197,6 +227,76 @@ TEST(SpectralCalibration, SmolLM2SizedInUnderAFewSeconds) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The bit allocation.
+
+double allocation_cost(const std::vector<double>& w, const std::vector<int>& bits) {
+    double c = 0.0;
+    for (std::size_t r = 0; r < w.size(); ++r)
+        c += w[r] * (bits[r] == 0 ? 1.0 : gaussian_codebook(bits[r]).mse);
+    return c;
+}
+
+TEST(SpectralAllocation, MeetsTheBudgetAndEqualsExhaustiveSearch) {
+    Rng rng(5);
+    for (int n = 1; n <= 4; ++n)
+        for (int trial = 0; trial < 6; ++trial) {
+            std::vector<double> w(n);
+            for (double& x : w) x = std::exp(3.0 * rng.normal());  // wide dynamic range
+            if (trial == 5) w[0] = 0.0;                            // a direction no query reads
+            int combos = 1;
+            for (int r = 0; r < n; ++r) combos *= 9;
+            for (int budget = 0; budget <= 8 * n; ++budget) {
+                const std::vector<int> bits = allocate_spectral_bits(w, budget);
+                ASSERT_EQ(bits.size(), static_cast<std::size_t>(n));
+                int sum = 0;
+                for (int b : bits) {
+                    EXPECT_GE(b, 0);
+                    EXPECT_LE(b, 8);
+                    sum += b;
+                }
+                EXPECT_EQ(sum, budget);
+                double best = INFINITY;
+                for (int c = 0; c < combos; ++c) {
+                    std::vector<int> x(n);
+                    int left = c, total = 0;
+                    for (int r = 0; r < n; ++r) {
+                        x[r] = left % 9;
+                        left /= 9;
+                        total += x[r];
+                    }
+                    if (total == budget) best = std::min(best, allocation_cost(w, x));
+                }
+                EXPECT_LE(allocation_cost(w, bits), best * (1.0 + 1e-12))
+                    << "n " << n << " trial " << trial << " budget " << budget;
+            }
+        }
+}
+
+TEST(SpectralAllocation, LargerImportanceNeverGetsFewerBitsAndMaxBitsHolds) {
+    Rng rng(6);
+    std::vector<double> w(64);
+    for (double& x : w) x = std::exp(2.0 * rng.normal());
+    for (int budget : {0, 1, 63, 128, 200, 320, 511, 512}) {
+        const std::vector<int> bits = allocate_spectral_bits(w, budget);
+        int sum = 0;
+        for (int r = 0; r < 64; ++r) {
+            sum += bits[r];
+            for (int s = 0; s < 64; ++s)
+                if (w[r] > w[s]) EXPECT_GE(bits[r], bits[s]) << budget;
+        }
+        EXPECT_EQ(sum, budget);
+    }
+    // The cap holds, and equal gains go to the lower index first.
+    const std::vector<int> capped = allocate_spectral_bits({100.0, 1.0, 1.0}, 9, 5);
+    EXPECT_EQ(capped, (std::vector<int>{5, 2, 2}));
+    EXPECT_THROW(allocate_spectral_bits({1.0, 1.0}, 17), std::invalid_argument);
+    EXPECT_THROW(allocate_spectral_bits({1.0, 1.0}, -1), std::invalid_argument);
+    EXPECT_THROW(allocate_spectral_bits({1.0, -1.0}, 2), std::invalid_argument);
+    EXPECT_THROW(allocate_spectral_bits({1.0, NAN}, 2), std::invalid_argument);
+    EXPECT_THROW(allocate_spectral_bits({1.0}, 1, 9), std::invalid_argument);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The codec.
 
 // A codec's calibration on synthetic keys: basis from calibrate_spectral_rotation.
@@ -207,10 +307,19 @@ struct Fixture {
     int d_eff;
 };
 
+// Queries from the key law with its spectrum reversed, so that the allocation spreads widths
+// over 0..8 instead of following the eigenvalues.
 Fixture make_fixture(int d, int n_train, int n_test, uint64_t seed) {
     const Synthetic law = make_law(d, seed);
+    Synthetic qlaw = law;
+    std::reverse(qlaw.lambda.begin(), qlaw.lambda.end());
     Fixture f{d, sample(law, n_train, seed + 2), sample(law, n_test, seed + 3), {}, 0};
-    f.basis = basis_of(calibrate_spectral_rotation(one_head_acts(f.train, d))[0], 0);
+    Activations acts = one_head_acts(f.train, d);
+    HeadSamples q;
+    q.dim = d;
+    q.data = sample(qlaw, n_train, seed + 4);
+    acts.layers[0].queries.push_back(q);
+    f.basis = basis_of(calibrate_spectral_rotation(acts)[0], 0);
     f.d_eff = participation_dim(f.basis.variances.data(), d);
     return f;
 }
@@ -236,9 +345,13 @@ TEST(SpectralCodec, LayoutBitsAndParticipationDim) {
     for (int nb : {0, 1, 3}) {
         SpectralCodec c(64, 4, nb, f.basis, 13);
         EXPECT_EQ(c.signal_dim(), 13);
-        EXPECT_EQ(c.code_bytes(), 7u + (nb == 0 ? 0u : (51u * nb + 7) / 8));
+        EXPECT_EQ(c.budget_bits(), 4 * 13 + nb * 51);
+        EXPECT_EQ(c.code_bytes(), (4u * 13 + 51u * nb + 7) / 8);
         EXPECT_EQ(c.num_scalars(), 1);
         EXPECT_DOUBLE_EQ(c.nominal_bits_per_coordinate(), (4.0 * 13 + nb * 51.0 + 32) / 64);
+        int sum = 0;
+        for (int b : c.coordinate_bits()) sum += b;
+        EXPECT_EQ(sum, c.budget_bits());
     }
     std::printf("[spectral] synthetic law d=64: d_eff = %d\n", f.d_eff);
 }
@@ -254,7 +367,7 @@ TEST(SpectralCodec, MatchesNaiveReference) {
         for (int t = 0; t < n; ++t) {
             const float* k = &f.test[static_cast<std::size_t>(t) * cc.d];
             const std::vector<double> ref =
-                reference_decode(f.basis, f.d_eff, cc.sb, cc.nb, k, ScaleRule::kLeastSquares);
+                reference_decode(f.basis, codec.coordinate_bits(), k, ScaleRule::kSpreadSearch);
             double worst = 0.0;
             for (int j = 0; j < cc.d; ++j)
                 worst = std::max(worst, std::fabs(ref[j] - dec[t * cc.d + j]));
@@ -298,28 +411,34 @@ TEST(SpectralCodec, KeyAtTheMeanDecodesToTheMean) {
     for (int j = 0; j < 64; ++j) EXPECT_FLOAT_EQ(dec[j], f.basis.mean[j]);
 }
 
-// The per-token scale rule, measured: least squares after RMS normalisation against storing
-// the RMS itself and against no normalisation (least squares on the raw whitened values).
+// The per-token scale rule, measured by the query-weighted error it minimises: the spread
+// search against its f = 1 restriction (least squares after RMS normalisation), storing the
+// RMS itself, and no normalisation; key MSE printed alongside.
 TEST(SpectralCodec, ScaleRuleChosenByMeasurement) {
     const Fixture f = make_fixture(64, 2000, 500, 4);
     for (const auto& [sb, nb] : {std::pair{4, 1}, {3, 0}, {2, 1}, {2, 0}}) {
-        double err[3] = {0, 0, 0}, energy = 0.0;
+        double werr[4] = {0, 0, 0, 0}, err[4] = {0, 0, 0, 0}, energy = 0.0;
+        const std::vector<int> bits = SpectralCodec(64, sb, nb, f.basis, f.d_eff).coordinate_bits();
         for (int t = 0; t < 500; ++t) {
             const float* k = &f.test[static_cast<std::size_t>(t) * 64];
             for (int j = 0; j < 64; ++j) energy += std::pow(k[j] - f.basis.mean[j], 2);
-            for (int r = 0; r < 3; ++r) {
+            for (int r = 0; r < 4; ++r) {
                 const std::vector<double> x =
-                    reference_decode(f.basis, f.d_eff, sb, nb, k, static_cast<ScaleRule>(r));
+                    reference_decode(f.basis, bits, k, static_cast<ScaleRule>(r));
+                werr[r] += weighted_error(f.basis, k, x);
                 for (int j = 0; j < 64; ++j) err[r] += std::pow(x[j] - k[j], 2);
             }
         }
         std::printf(
-            "[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: rel MSE least-squares "
-            "%.4f, "
-            "store-RMS %.4f, no-normalisation %.4f\n",
-            f.d_eff, sb, nb, err[0] / energy, err[1] / energy, err[2] / energy);
-        EXPECT_LT(err[0], err[1]);
-        EXPECT_LT(err[0], err[2]);
+            "[spectral] scale rule, synthetic d=64 d_eff=%d bits %d/%d: weighted error "
+            "spread search %.4g, RMS + least squares %.4g, store-RMS %.4g, no-normalisation "
+            "%.4g (rel MSE %.4f %.4f %.4f %.4f)\n",
+            f.d_eff, sb, nb, werr[0], werr[1], werr[2], werr[3], err[0] / energy, err[1] / energy,
+            err[2] / energy, err[3] / energy);
+        EXPECT_LT(werr[0], werr[1]);
+        EXPECT_LT(werr[0], werr[2]);
+        EXPECT_LT(werr[0], werr[3]);
+        EXPECT_LT(werr[1], werr[3]);
     }
 }
 
@@ -344,6 +463,12 @@ TEST(SpectralCodec, ConstructorErrors) {
     SpectralBasis z = f.basis;
     std::fill(z.variances.begin(), z.variances.end(), 0.0f);
     EXPECT_NE(message(16, 4, 1, z, 4).find("variances"), std::string::npos);
+    z = f.basis;
+    z.query_moments.pop_back();
+    EXPECT_NE(message(16, 4, 1, z, 4).find("query_moments [d]"), std::string::npos);
+    z = f.basis;
+    z.query_moments[3] = -1.0f;
+    EXPECT_NE(message(16, 4, 1, z, 4).find("query_moments must be finite"), std::string::npos);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -484,7 +609,14 @@ TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
     EXPECT_NE(expect(spectral_config(good), "none for head 2", 3).find(call), std::string::npos);
     std::vector<FloatArray> bad = good;
     bad[1].shape = {2, d + 1, d};
-    EXPECT_NE(expect(spectral_config(bad), "must have shape [kv_heads][18][16]").find(call),
+    EXPECT_NE(expect(spectral_config(bad), "must have shape [kv_heads][19][16]").find(call),
+              std::string::npos);
+    // The rows of a calibration made before the query moments.
+    bad = good;
+    bad[1].shape = {2, d + 2, d};
+    bad[1].data.resize(static_cast<std::size_t>(2) * (d + 2) * d);
+    EXPECT_NE(expect(spectral_config(bad), "older calibration without the query second moments")
+                  .find(call),
               std::string::npos);
     bad = good;
     bad[1].data.pop_back();
@@ -492,7 +624,7 @@ TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
     bad = good;
     bad[1].data[5] = NAN;
     expect(spectral_config(bad), "NaN or Inf");
-    const std::size_t head1 = static_cast<std::size_t>(d + 2) * d;  // head 1's block
+    const std::size_t head1 = static_cast<std::size_t>(d + 3) * d;  // head 1's block
     bad = good;
     bad[1].data[head1 + d * d + 3] = -1.0f;
     expect(spectral_config(bad), "negative eigenvalue");
@@ -505,6 +637,9 @@ TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
     bad = good;
     bad[1].data[head1 + 2 * d + 5] += 0.01f;
     expect(spectral_config(bad), "not orthonormal (rows ");
+    bad = good;
+    bad[1].data[head1 + (d + 2) * d + 7] = -0.5f;
+    expect(spectral_config(bad), "negative query second moment (row 18)");
 
     KVCacheConfig c = spectral_config(good);
     c.signal_bits = 0;
@@ -517,7 +652,7 @@ TEST(SpectralConfig, EveryErrorNamesTheFieldOrTheCalibrationCall) {
     c.noise_bits = -1;
     expect(c, "noise_bits");
     // A wrong head dim is a shape error of the rotations.
-    EXPECT_NE(create_error(spectral_config(good), 2, 32).find("[kv_heads][34][32]"),
+    EXPECT_NE(create_error(spectral_config(good), 2, 32).find("[kv_heads][35][32]"),
               std::string::npos);
 }
 

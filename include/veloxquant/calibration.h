@@ -44,7 +44,8 @@ struct Calibration {
         int bits = 0;
     };
     struct Spectral {
-        /// One per layer, [kv_heads][d + 2][d]: the eigenbasis rows, the eigenvalues, the mean.
+        /// One per layer, [kv_heads][d + 3][d]: the eigenbasis rows, the eigenvalues, the mean,
+        /// the query second moments (calibrate_spectral_rotation).
         std::vector<FloatArray> rotations;
     };
     struct RateQuant {

@@ -17,7 +17,8 @@ namespace veloxquant {
 namespace {
 
 constexpr char kMagic[8] = {'V', 'Q', 'C', 'A', 'L', 'I', 'B', '\0'};
-constexpr uint32_t kFormatVersion = 1;
+// Version 2: spectral rotations gained a row (the query second moments), [heads][d + 3][d].
+constexpr uint32_t kFormatVersion = 2;
 enum class Section : uint32_t {
     kVecInfer = 1,
     kSpectral = 2,
@@ -177,7 +178,7 @@ Calibration read_payload(BinaryReader& in) {
                 for (int64_t l = 0; l < L; ++l) {
                     FloatArray r = read_array(in, "spectral rotation");
                     const int64_t d = layers[l].head_dim;
-                    check_shape(r, {layers[l].num_kv_heads, d + 2, d}, "spectral rotation");
+                    check_shape(r, {layers[l].num_kv_heads, d + 3, d}, "spectral rotation");
                     sp.rotations.push_back(std::move(r));
                 }
                 c.spectral = std::move(sp);
@@ -328,7 +329,8 @@ Calibration Calibration::load(const std::string& path) {
     if (version != kFormatVersion)
         throw std::runtime_error(path + ": unsupported calibration format version " +
                                  std::to_string(version) + " (this build reads " +
-                                 std::to_string(kFormatVersion) + ")");
+                                 std::to_string(kFormatVersion) +
+                                 "); recalibrate with `veloxquant calibrate`");
     const auto length = head.get<uint64_t>();
     const auto crc = head.get<uint32_t>();
     if (length != data.size() - header)

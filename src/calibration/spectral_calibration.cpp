@@ -117,14 +117,27 @@ std::vector<int> checked_dims(const Activations& acts) {
             for (float x : s.data)
                 if (!std::isfinite(x))
                     throw std::invalid_argument(fn + ah + ": keys contain NaN or Inf");
+            if (h < acts.layers[l].queries.size()) {
+                const HeadSamples& q = acts.layers[l].queries[h];
+                if (q.count() > 0 && q.dim != d)
+                    throw std::invalid_argument(fn + ah + ": query dim " + std::to_string(q.dim) +
+                                                " differs from the key dim " + std::to_string(d));
+                if (q.count() > 0 && q.data.size() % static_cast<std::size_t>(q.dim) != 0)
+                    throw std::invalid_argument(fn + ah +
+                                                ": query data is not a whole number of rows");
+                for (float x : q.data)
+                    if (!std::isfinite(x))
+                        throw std::invalid_argument(fn + ah + ": queries contain NaN or Inf");
+            }
         }
         dims.push_back(d);
     }
     return dims;
 }
 
-// Rows [d + 2][d] of one head: eigenvectors, eigenvalues, mean.
-void calibrate_head(const HeadSamples& s, float* out) {
+// Rows [d + 3][d] of one head: eigenvectors, eigenvalues, mean, query second moments (all 1
+// when `queries` is null or empty).
+void calibrate_head(const HeadSamples& s, const HeadSamples* queries, float* out) {
     const int d = s.dim;
     const int64_t n = s.count();
     std::vector<double> mean(d, 0.0);
@@ -145,6 +158,23 @@ void calibrate_head(const HeadSamples& s, float* out) {
     for (int r = 0; r < d; ++r) lam[r] = static_cast<float>(std::max(0.0, e.values[r]));
     float* mu = lam + d;
     for (int j = 0; j < d; ++j) mu[j] = static_cast<float>(mean[j]);
+    float* w = mu + d;
+    const int64_t nq = queries ? queries->count() : 0;
+    for (int r = 0; r < d; ++r) {
+        if (nq == 0) {
+            w[r] = 1.0f;
+            continue;
+        }
+        const double* u = &e.vectors[static_cast<std::size_t>(r) * d];
+        double acc = 0.0;
+        for (int64_t i = 0; i < nq; ++i) {
+            const float* q = queries->row(i);
+            double p = 0.0;
+            for (int j = 0; j < d; ++j) p += u[j] * q[j];
+            acc += p * p;
+        }
+        w[r] = static_cast<float>(acc / static_cast<double>(nq));
+    }
 }
 
 }  // namespace
@@ -156,8 +186,8 @@ std::vector<FloatArray> calibrate_spectral_rotation(const Activations& acts) {
     for (std::size_t l = 0; l < acts.layers.size(); ++l) {
         const int heads = static_cast<int>(acts.layers[l].keys.size());
         const int d = dims[l];
-        out[l].shape = {heads, d + 2, d};
-        out[l].data.assign(static_cast<std::size_t>(heads) * (d + 2) * d, 0.0f);
+        out[l].shape = {heads, d + 3, d};
+        out[l].data.assign(static_cast<std::size_t>(heads) * (d + 3) * d, 0.0f);
         for (int h = 0; h < heads; ++h) jobs.emplace_back(static_cast<int>(l), h);
     }
     // Inputs were checked above, so nothing below throws inside the parallel region.
@@ -165,8 +195,10 @@ std::vector<FloatArray> calibrate_spectral_rotation(const Activations& acts) {
     for (int i = 0; i < static_cast<int>(jobs.size()); ++i) {
         const auto [l, h] = jobs[i];
         const int d = dims[l];
+        const auto& qs = acts.layers[l].queries;
         calibrate_head(acts.layers[l].keys[h],
-                       out[l].data.data() + static_cast<std::size_t>(h) * (d + 2) * d);
+                       static_cast<std::size_t>(h) < qs.size() ? &qs[h] : nullptr,
+                       out[l].data.data() + static_cast<std::size_t>(h) * (d + 3) * d);
     }
     return out;
 }

@@ -1,7 +1,7 @@
 // Calibration of the spectral method: per layer and KV head, the eigendecomposition of the key
-// covariance (principal directions, their variances) and the key mean, in the layout of
-// KVCacheConfig.rotations. The symmetric eigen-solver it uses (cyclic Jacobi) is exposed for
-// tests.
+// covariance (principal directions, their variances), the key mean and the queries' second
+// moments along the principal directions, in the layout of KVCacheConfig.rotations. The symmetric
+// eigen-solver it uses (cyclic Jacobi) is exposed for tests.
 #pragma once
 
 #include <vector>
@@ -27,12 +27,16 @@ struct SymmetricEigen {
 /// wrong size, or non-finite entries.
 SymmetricEigen symmetric_eigen(const std::vector<double>& a, int n);
 
-/// For every layer, a FloatArray of shape [kv_heads][d + 2][d]: rows 0..d-1 the eigenvectors of
+/// For every layer, a FloatArray of shape [kv_heads][d + 3][d]: rows 0..d-1 the eigenvectors of
 /// the head's key covariance (row r = r-th principal direction, eigenvalues descending), row d
 /// the eigenvalues (covariance with divisor N - 1, negatives from rounding clamped to 0), row
-/// d + 1 the key mean. Keys are taken as given (post-RoPE, as the cache receives them). Throws
+/// d + 1 the key mean, row d + 2 the query second moments w_r = mean over the head's query rows
+/// (acts.layers[l].queries[h], the queries of the heads that read it) of (u_r . q)^2, which
+/// weigh the bit allocation of the codec; all 1 when the head has no query rows. Keys and
+/// queries are taken as given (post-RoPE, as the cache receives them). Throws
 /// std::invalid_argument naming the layer and head when a layer has no key heads, a head has
-/// fewer than 2 rows, the heads of a layer differ in dim, or a key is not finite.
+/// fewer than 2 rows, the heads of a layer differ in dim, a query row's dim differs from the
+/// keys', or a key or query is not finite.
 std::vector<FloatArray> calibrate_spectral_rotation(const Activations& acts);
 
 }  // namespace veloxquant

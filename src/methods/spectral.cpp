@@ -2,10 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
-#include "core/bitpack.h"
 #include "core/lloyd_max.h"
 
 namespace veloxquant {
@@ -47,6 +48,42 @@ int participation_dim(const float* eigenvalues, int d) {
     return std::min(std::max(dim, 1), d);
 }
 
+std::vector<int> allocate_spectral_bits(const std::vector<double>& importance, int budget,
+                                        int max_bits) {
+    const int n = static_cast<int>(importance.size());
+    if (max_bits < 1 || max_bits > 8)
+        throw std::invalid_argument("allocate_spectral_bits: max_bits must be in 1..8, got " +
+                                    std::to_string(max_bits));
+    if (budget < 0 || budget > max_bits * n)
+        throw std::invalid_argument("allocate_spectral_bits: budget " + std::to_string(budget) +
+                                    " outside 0.." + std::to_string(max_bits * n));
+    for (double w : importance)
+        if (!(w >= 0.0) || !std::isfinite(w))
+            throw std::invalid_argument(
+                "allocate_spectral_bits: importances must be finite and >= 0");
+    double dist[9];
+    dist[0] = 1.0;
+    for (int b = 1; b <= max_bits; ++b) dist[b] = gaussian_codebook(b).mse;
+    // D is convex in b (the gains D(b) - D(b+1) fall), so taking the largest marginal gain
+    // budget times is optimal for the separable sum. n is at most 1024 and the budget at most
+    // 8n: a linear scan per bit is cheap next to the calibration that feeds it.
+    std::vector<int> bits(n, budget >= n && std::getenv("VQ_MIN1") ? 1 : 0);
+    for (int step = budget >= n && std::getenv("VQ_MIN1") ? n : 0; step < budget; ++step) {
+        int best = -1;
+        double best_gain = -1.0;
+        for (int r = 0; r < n; ++r) {
+            if (bits[r] >= max_bits) continue;
+            const double gain = importance[r] * (dist[bits[r]] - dist[bits[r] + 1]);
+            if (gain > best_gain) {
+                best_gain = gain;
+                best = r;
+            }
+        }
+        ++bits[best];
+    }
+    return bits;
+}
+
 SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_dim, int layer,
                                          int head) {
     const int d = head_dim;
@@ -60,13 +97,19 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
                       " layers, none for layer " + std::to_string(layer));
     const FloatArray& a = config.rotations[static_cast<std::size_t>(layer)];
     const std::string where = "[" + std::to_string(layer) + "]";
-    if (a.shape.size() != 3 || a.shape[1] != d + 2 || a.shape[2] != d)
-        bad_rotations(where + " must have shape [kv_heads][" + std::to_string(d + 2) + "][" +
+    if (a.shape.size() == 3 && a.shape[1] == d + 2 && a.shape[2] == d)
+        bad_rotations(where + " has the [kv_heads][" + std::to_string(d + 2) + "][" +
+                      std::to_string(d) +
+                      "] rows of an older calibration without the query second moments; it "
+                      "must have shape [kv_heads][" +
+                      std::to_string(d + 3) + "][" + std::to_string(d) + "]: recalibrate");
+    if (a.shape.size() != 3 || a.shape[1] != d + 3 || a.shape[2] != d)
+        bad_rotations(where + " must have shape [kv_heads][" + std::to_string(d + 3) + "][" +
                       std::to_string(d) + "] for head_dim " + std::to_string(d));
     if (a.shape[0] <= head)
         bad_rotations(where + " has " + std::to_string(a.shape[0]) + " KV heads, none for head " +
                       std::to_string(head));
-    const std::size_t per_head = static_cast<std::size_t>(d + 2) * d;
+    const std::size_t per_head = static_cast<std::size_t>(d + 3) * d;
     if (a.data.size() != static_cast<std::size_t>(a.shape[0]) * per_head)
         bad_rotations(where + " holds " + std::to_string(a.data.size()) + " floats, not the " +
                       std::to_string(a.shape[0] * per_head) + " its shape needs");
@@ -78,8 +121,12 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
     b.basis.assign(p, p + static_cast<std::size_t>(d) * d);
     b.variances.assign(p + static_cast<std::size_t>(d) * d,
                        p + static_cast<std::size_t>(d + 1) * d);
-    b.mean.assign(p + static_cast<std::size_t>(d + 1) * d, p + per_head);
+    b.mean.assign(p + static_cast<std::size_t>(d + 1) * d, p + static_cast<std::size_t>(d + 2) * d);
+    b.query_moments.assign(p + static_cast<std::size_t>(d + 2) * d, p + per_head);
     for (int i = 0; i < d; ++i) {
+        if (b.query_moments[i] < 0.0f)
+            bad_rotations(at + " has a negative query second moment (row " + std::to_string(d + 2) +
+                          ")");
         if (b.variances[i] < 0.0f)
             bad_rotations(at + " has a negative eigenvalue (row " + std::to_string(d) + ")");
         if (i > 0 && b.variances[i] > b.variances[i - 1])
@@ -115,60 +162,96 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
       signal_bits_(signal_bits),
       noise_bits_(noise_bits),
       d_eff_(d_eff),
+      budget_(0),
       basis_(std::move(basis)) {
     if (d_eff < 1 || d_eff > d)
         throw std::invalid_argument("spectral: d_eff must be in 1.." + std::to_string(d) +
                                     ", got " + std::to_string(d_eff));
     const std::size_t du = static_cast<std::size_t>(d);
-    if (basis_.basis.size() != du * du || basis_.variances.size() != du || basis_.mean.size() != du)
+    if (basis_.basis.size() != du * du || basis_.variances.size() != du ||
+        basis_.mean.size() != du || basis_.query_moments.size() != du)
         throw std::invalid_argument(
-            "spectral: basis must be [d][d], variances and mean [d] for d = " + std::to_string(d));
+            "spectral: basis must be [d][d], variances, mean and query_moments [d] for d = " +
+            std::to_string(d));
     double top = 0.0;
     for (float v : basis_.variances) top = std::max(top, static_cast<double>(v));
     if (!(top > 0.0)) throw std::invalid_argument("spectral: variances must not all be zero");
+    for (float w : basis_.query_moments)
+        if (!(w >= 0.0f) || !std::isfinite(w))
+            throw std::invalid_argument("spectral: query_moments must be finite and >= 0");
     sigma_.resize(du);
     for (int r = 0; r < d; ++r)
         sigma_[r] = std::sqrt(std::max(static_cast<double>(basis_.variances[r]), 1e-12 * top));
 
-    const ScalarCodebook& sc = gaussian_codebook(signal_bits);
-    signal_centroids_ = sc.centroids;
-    signal_bounds_ = sc.boundaries;
-    if (noise_bits > 0) {
-        const ScalarCodebook& nc = gaussian_codebook(noise_bits);
-        noise_centroids_ = nc.centroids;
-        noise_bounds_ = nc.boundaries;
+    // Expected score error of coordinate r at b bits: w_r lambda_r D(b).
+    budget_ = signal_bits * d_eff + noise_bits * (d - d_eff);
+    std::vector<double> importance(du);
+    for (int r = 0; r < d; ++r)
+        importance[r] = static_cast<double>(basis_.query_moments[r]) * sigma_[r] * sigma_[r];
+    bits_ = allocate_spectral_bits(importance, budget_);
+    // gaussian_codebook() takes a lock; the hot loops read these instead.
+    codebooks_.fill(nullptr);
+    for (int b : bits_)
+        if (b > 0) codebooks_[b] = &gaussian_codebook(b);
+    if (std::getenv("VQ_PRINT") && d == 64) {
+        for (int b : bits_) std::fprintf(stderr, "%d", b);
+        std::fprintf(stderr, "\n");
     }
-    signal_bytes_ = packed_bytes(static_cast<std::size_t>(d_eff), signal_bits);
-    noise_bytes_ =
-        noise_bits > 0 ? packed_bytes(static_cast<std::size_t>(d - d_eff), noise_bits) : 0;
 
-    std::size_t table_at = 1;  // state[0] = <q, mu>
-    for (int k = 0; k < 2; ++k) {
-        Run& run = runs_[k];
-        run.first = k == 0 ? 0 : d_eff;
-        run.count = k == 0 ? d_eff : d - d_eff;
-        run.bits = k == 0 ? signal_bits : noise_bits;
-        run.offset = k == 0 ? 0 : signal_bytes_;
-        run.bytes = k == 0 ? signal_bytes_ : noise_bytes_;
-        run.centroids = k == 0 ? &signal_centroids_ : &noise_centroids_;
-        run.byte_tables = run.bits == 1 || run.bits == 2 || run.bits == 4 || run.bits == 8;
-        run.table_offset = table_at;
-        if (run.bits == 0 || run.count == 0)
-            run.table_floats = 0;
-        else if (run.byte_tables)
-            run.table_floats = run.bytes * 256;
-        else
-            run.table_floats = static_cast<std::size_t>(run.count) << run.bits;
-        table_at += run.table_floats;
+    std::vector<int> order;
+    for (int r = 0; r < d; ++r)
+        if (bits_[r] > 0) order.push_back(r);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return bits_[a] > bits_[b]; });
+    std::size_t bit_at = 0;
+    for (int r : order) {
+        Slot s;
+        s.coord = r;
+        s.bits = bits_[r];
+        s.bit_offset = bit_at;
+        bit_at += static_cast<std::size_t>(s.bits);
+        slots_.push_back(s);
     }
+    code_bytes_ = (bit_at + 7) / 8;
+    // Consecutive slots of at most 8 bits in all share one table (their bits are one field).
+    std::size_t table_at = 1;  // state[0] = <q, mu>
+    for (std::size_t k = 0; k < slots_.size();) {
+        Group g;
+        g.first = k;
+        g.bit_offset = slots_[k].bit_offset;
+        g.table_offset = table_at;
+        while (k < slots_.size() && g.bits + slots_[k].bits <= 8) g.bits += slots_[k++].bits;
+        g.count = k - g.first;
+        table_at += std::size_t{1} << g.bits;
+        groups_.push_back(g);
+    }
+    state_size_ = table_at;
 }
 
 double SpectralCodec::nominal_bits_per_coordinate() const {
-    const int d = dim();
-    return (static_cast<double>(signal_bits_) * d_eff_ +
-            static_cast<double>(noise_bits_) * (d - d_eff_) + 32.0) /
-           d;
+    return (static_cast<double>(budget_) + 32.0) / dim();
 }
+
+namespace {
+
+// b bits (1..8) at bit `at` of an LSB-first stream.
+inline unsigned read_field(const uint8_t* code, std::size_t at, int bits) {
+    const std::size_t byte = at >> 3;
+    const unsigned shift = static_cast<unsigned>(at & 7u);
+    unsigned word = code[byte];
+    if (shift + static_cast<unsigned>(bits) > 8) word |= static_cast<unsigned>(code[byte + 1]) << 8;
+    return (word >> shift) & ((1u << bits) - 1u);
+}
+
+inline void write_field(uint8_t* code, std::size_t at, int bits, unsigned v) {
+    const std::size_t byte = at >> 3;
+    const unsigned shift = static_cast<unsigned>(at & 7u);
+    const unsigned word = v << shift;
+    code[byte] = static_cast<uint8_t>(code[byte] | (word & 0xffu));
+    if (shift + static_cast<unsigned>(bits) > 8)
+        code[byte + 1] = static_cast<uint8_t>(code[byte + 1] | (word >> 8));
+}
+
+}  // namespace
 
 void SpectralCodec::project(const float* key, double* y) const {
     const int d = dim();
@@ -184,60 +267,70 @@ void SpectralCodec::project(const float* key, double* y) const {
 void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scalars,
                            std::size_t /*scalar_stride*/) const {
     const int d = dim();
-    const int coded = noise_bits_ > 0 ? d : d_eff_;  // coordinates that get an index
     std::vector<double> y(d);
-    std::vector<uint8_t> idx(d, 0);
+    std::vector<unsigned> idx(slots_.size()), cand(slots_.size());
     for (int t = 0; t < n; ++t) {
         project(keys + static_cast<std::size_t>(t) * d, y.data());
         // Whitened coordinates z_r = y_r / sigma_r, divided by their RMS over the coded ones.
         double ms = 0.0;
-        for (int r = 0; r < coded; ++r) ms += (y[r] / sigma_[r]) * (y[r] / sigma_[r]);
-        const double rms = std::sqrt(ms / coded);
-        const double inv = rms > 0.0 ? 1.0 / rms : 0.0;
-        double yy0 = 0.0, y0y0 = 0.0;
-        for (int r = 0; r < coded; ++r) {
-            const bool sig = r < d_eff_;
-            const float z = static_cast<float>(y[r] / sigma_[r] * inv);
-            const std::vector<float>& b = sig ? signal_bounds_ : noise_bounds_;
-            // Nearest level: the number of cell boundaries below z (ties to the lower cell).
-            idx[r] = static_cast<uint8_t>(std::lower_bound(b.begin(), b.end(), z) - b.begin());
-            const double y0 = sigma_[r] * (sig ? signal_centroids_ : noise_centroids_)[idx[r]];
-            yy0 += y[r] * y0;
-            y0y0 += y0 * y0;
+        for (const Slot& s : slots_)
+            ms += (y[s.coord] / sigma_[s.coord]) * (y[s.coord] / sigma_[s.coord]);
+        const double rms =
+            slots_.empty() ? 0.0 : std::sqrt(ms / static_cast<double>(slots_.size()));
+        double best_err = INFINITY, best_scale = 0.0;
+        for (double spread : kSpectralSpreads) {
+            const double inv = rms > 0.0 ? 1.0 / (rms * spread) : 0.0;
+            double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
+            for (std::size_t k = 0; k < slots_.size(); ++k) {
+                const Slot& s = slots_[k];
+                const ScalarCodebook& cb = *codebooks_[s.bits];
+                const float z = static_cast<float>(y[s.coord] / sigma_[s.coord] * inv);
+                // Nearest level: the number of cell boundaries below z (ties to the lower cell).
+                cand[k] = static_cast<unsigned>(
+                    std::lower_bound(cb.boundaries.begin(), cb.boundaries.end(), z) -
+                    cb.boundaries.begin());
+                const double y0 = sigma_[s.coord] * cb.centroids[cand[k]];
+                const double w = basis_.query_moments[s.coord];
+                yy0 += y[s.coord] * y0;
+                y0y0 += y0 * y0;
+                wyy += w * y[s.coord] * y[s.coord];
+                wyy0 += w * y[s.coord] * y0;
+                wy0y0 += w * y0 * y0;
+            }
+            // Least-squares scale of the reconstruction s y0 against y (dropped coordinates
+            // add nothing to either sum), judged by the query-weighted error.
+            const double sc = y0y0 > 0.0 ? yy0 / y0y0 : 0.0;
+            const double err = wyy - 2.0 * sc * wyy0 + sc * sc * wy0y0;
+            if (err < best_err) {
+                best_err = err;
+                best_scale = sc;
+                idx.swap(cand);
+            }
+            if (!(rms > 0.0)) break;
         }
-        // Least-squares scale of the reconstruction s y0 against y (dropped coordinates add
-        // nothing to either sum).
-        scalars[t] = y0y0 > 0.0 ? static_cast<float>(yy0 / y0y0) : 0.0f;
-        uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes();
-        pack_bits(idx.data(), static_cast<std::size_t>(d_eff_), signal_bits_, code);
-        if (noise_bits_ > 0)
-            pack_bits(idx.data() + d_eff_, static_cast<std::size_t>(d - d_eff_), noise_bits_,
-                      code + signal_bytes_);
+        scalars[t] = static_cast<float>(best_scale);
+        uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes_;
+        std::fill(code, code + code_bytes_, uint8_t{0});
+        for (std::size_t k = 0; k < slots_.size(); ++k)
+            write_field(code, slots_[k].bit_offset, slots_[k].bits, idx[k]);
     }
 }
 
 void SpectralCodec::decode(const uint8_t* codes, const float* scalars,
                            std::size_t /*scalar_stride*/, int n, float* keys) const {
     const int d = dim();
-    std::vector<uint8_t> idx(d, 0);
     std::vector<float> yh(d);
     for (int t = 0; t < n; ++t) {
-        const uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes();
-        const float s = scalars[t];
-        for (const Run& run : runs_) {
-            if (run.bits == 0) {
-                for (int j = 0; j < run.count; ++j) yh[run.first + j] = 0.0f;
-                continue;
-            }
-            unpack_bits(code + run.offset, static_cast<std::size_t>(run.count), run.bits,
-                        idx.data());
-            for (int j = 0; j < run.count; ++j)
-                yh[run.first + j] =
-                    static_cast<float>(s * sigma_[run.first + j]) * (*run.centroids)[idx[j]];
-        }
+        const uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes_;
+        const float sc = scalars[t];
+        std::fill(yh.begin(), yh.end(), 0.0f);
+        for (const Slot& s : slots_)
+            yh[s.coord] = static_cast<float>(sc * sigma_[s.coord]) *
+                          codebooks_[s.bits]->centroids[read_field(code, s.bit_offset, s.bits)];
         float* out = keys + static_cast<std::size_t>(t) * d;
         for (int j = 0; j < d; ++j) out[j] = basis_.mean[j];
         for (int r = 0; r < d; ++r) {
+            if (yh[r] == 0.0f) continue;
             const float* u = &basis_.basis[static_cast<std::size_t>(r) * d];
             for (int j = 0; j < d; ++j) out[j] += yh[r] * u[j];
         }
@@ -245,7 +338,7 @@ void SpectralCodec::decode(const uint8_t* codes, const float* scalars,
 }
 
 std::size_t SpectralCodec::query_state_size() const {
-    return runs_[1].table_offset + runs_[1].table_floats;
+    return state_size_;
 }
 
 void SpectralCodec::prepare_query(const float* query, float* state) const {
@@ -254,39 +347,25 @@ void SpectralCodec::prepare_query(const float* query, float* state) const {
     double qmu = 0.0;
     for (int j = 0; j < d; ++j) qmu += static_cast<double>(query[j]) * basis_.mean[j];
     state[0] = static_cast<float>(qmu);
-    std::vector<double> w(d);
-    for (int r = 0; r < d; ++r) {
-        const float* u = &basis_.basis[static_cast<std::size_t>(r) * d];
+    std::vector<double> w(slots_.size());
+    for (std::size_t k = 0; k < slots_.size(); ++k) {
+        const float* u = &basis_.basis[static_cast<std::size_t>(slots_[k].coord) * d];
         double acc = 0.0;
         for (int j = 0; j < d; ++j) acc += static_cast<double>(u[j]) * query[j];
-        w[r] = acc * sigma_[r];
+        w[k] = acc * sigma_[slots_[k].coord];
     }
-    for (const Run& run : runs_) {
-        if (run.table_floats == 0) continue;
-        float* table = state + run.table_offset;
-        const std::vector<float>& c = *run.centroids;
-        const int levels = 1 << run.bits;
-        if (!run.byte_tables) {
-            for (int j = 0; j < run.count; ++j)
-                for (int v = 0; v < levels; ++v)
-                    table[(static_cast<std::size_t>(j) << run.bits) + v] =
-                        static_cast<float>(w[run.first + j] * c[v]);
-            continue;
-        }
-        // Byte g holds coordinates g G .. g G + G - 1 of the run (G = 8 / bits), low bits
-        // first; padding past the run's end has weight 0.
-        const int group = 8 / run.bits;
-        const unsigned mask = static_cast<unsigned>(levels - 1);
-        for (std::size_t g = 0; g < run.bytes; ++g) {
-            for (unsigned v = 0; v < 256; ++v) {
-                double acc = 0.0;
-                for (int k = 0; k < group; ++k) {
-                    const int j = static_cast<int>(g) * group + k;
-                    if (j >= run.count) break;
-                    acc += w[run.first + j] * c[(v >> (k * run.bits)) & mask];
-                }
-                table[g * 256 + v] = static_cast<float>(acc);
+    // Entry v of a group's table: the sum over its slots of w C[field of that slot in v].
+    for (const Group& g : groups_) {
+        float* table = state + g.table_offset;
+        for (unsigned v = 0; v < (1u << g.bits); ++v) {
+            double acc = 0.0;
+            unsigned rest = v;
+            for (std::size_t k = g.first; k < g.first + g.count; ++k) {
+                const int b = slots_[k].bits;
+                acc += w[k] * codebooks_[b]->centroids[rest & ((1u << b) - 1u)];
+                rest >>= b;
             }
+            table[v] = static_cast<float>(acc);
         }
     }
 }
@@ -294,37 +373,37 @@ void SpectralCodec::prepare_query(const float* query, float* state) const {
 void SpectralCodec::score(const float* state, const uint8_t* codes, const float* scalars,
                           std::size_t /*scalar_stride*/, int n, float* scores) const {
     const float qmu = state[0];
-    const std::size_t cb = code_bytes();
+    const std::size_t cb = code_bytes_;
+    const std::size_t m = groups_.size();
     for (int t = 0; t < n; ++t) {
         const uint8_t* code = codes + static_cast<std::size_t>(t) * cb;
         float a0 = 0.0f, a1 = 0.0f;  // two add chains
-        for (const Run& run : runs_) {
-            if (run.table_floats == 0) continue;
-            const float* table = state + run.table_offset;
-            const uint8_t* p = code + run.offset;
-            if (run.byte_tables) {
-                std::size_t g = 0;
-                for (; g + 2 <= run.bytes; g += 2) {
-                    a0 += table[g * 256 + p[g]];
-                    a1 += table[(g + 1) * 256 + p[g + 1]];
-                }
-                if (g < run.bytes) a0 += table[g * 256 + p[g]];
-            } else {
-                for (int j = 0; j < run.count; ++j)
-                    a0 += table[(static_cast<std::size_t>(j) << run.bits) +
-                                read_packed(p, j, run.bits)];
-            }
+        std::size_t k = 0;
+        for (; k + 2 <= m; k += 2) {
+            const Group& g0 = groups_[k];
+            const Group& g1 = groups_[k + 1];
+            a0 += state[g0.table_offset + read_field(code, g0.bit_offset, g0.bits)];
+            a1 += state[g1.table_offset + read_field(code, g1.bit_offset, g1.bits)];
         }
+        if (k < m)
+            a0 += state[groups_[k].table_offset +
+                        read_field(code, groups_[k].bit_offset, groups_[k].bits)];
         scores[t] = qmu + scalars[t] * (a0 + a1);
     }
 }
 
 std::size_t SpectralCodec::parameter_bytes() const {
-    return (basis_.basis.size() + basis_.variances.size() + basis_.mean.size()) * sizeof(float) +
-           sigma_.size() * sizeof(double) +
-           (signal_centroids_.size() + signal_bounds_.size() + noise_centroids_.size() +
-            noise_bounds_.size()) *
-               sizeof(float);
+    std::size_t codebooks = 0;
+    for (int b = 1; b <= 8; ++b)
+        if (std::find(bits_.begin(), bits_.end(), b) != bits_.end())
+            codebooks +=
+                (gaussian_codebook(b).centroids.size() + gaussian_codebook(b).boundaries.size()) *
+                sizeof(float);
+    return (basis_.basis.size() + basis_.variances.size() + basis_.mean.size() +
+            basis_.query_moments.size()) *
+               sizeof(float) +
+           sigma_.size() * sizeof(double) + bits_.size() * sizeof(int) +
+           slots_.size() * sizeof(Slot) + groups_.size() * sizeof(Group) + codebooks;
 }
 
 }  // namespace veloxquant

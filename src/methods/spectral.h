@@ -1,25 +1,39 @@
 // spectral: SpectralQuant key codec ("3% Is All You Need: Breaking TurboQuant's Compression
-// Limit via Spectral Structure", Gopinath 2026) in our definition (DESIGN.md section 3).
+// Limit via Spectral Structure", Gopinath 2026) in our definition (DESIGN.md section 3), with
+// query-aware bit allocation.
 //
 // Per layer and KV head a calibrated orthonormal basis U (row r = r-th principal direction of
-// the key covariance, eigenvalues lambda_r descending) and the key mean mu. A key k becomes
+// the key covariance, eigenvalues lambda_r descending), the key mean mu, and the second moment
+// w_r = E[(u_r . q)^2] of the queries that read the head along each direction. A key k becomes
 // y = U (k - mu); coordinate r is whitened, z_r = y_r / sigma_r with sigma_r = sqrt(lambda_r),
-// so that every coordinate follows (roughly) N(0, 1) and one Lloyd-Max codebook for the standard
-// normal law fits all of them. The first d_eff coordinates (participation ratio of the
-// spectrum, (sum lambda)^2 / sum lambda^2) get signal_bits, the rest noise_bits (0 = dropped,
-// reconstructed as 0).
+// so that every coordinate follows (roughly) N(0, 1) and the Lloyd-Max codebooks for the
+// standard normal law fit all of them.
 //
-// Per token one float scale s. Before the nearest-level search z is divided by its RMS over
-// the coded coordinates, so a token of unusual magnitude still meets the codebook where it
-// fits; then, with y0_r = sigma_r C[i_r], s = <y, y0> / <y0, y0> is the least-squares scale of
-// the reconstruction y_hat = s y0. Measured against storing the RMS itself and against no
-// normalisation, this has the lowest key MSE on synthetic and on SmolLM2-135M keys (e.g. at
-// 4/1 bits on SmolLM2: relative MSE 0.117 vs 0.118 and 0.126; tests/test_spectral*.cpp print
-// the comparison). Decode: k_hat = mu + U^T y_hat. Score on the codes:
-//     <q, k_hat> = <q, mu> + s sum_r (U q)_r sigma_r C[i_r],
+// Bits. The budget per token is signal_bits d_eff + noise_bits (d - d_eff) bits, d_eff the
+// participation ratio of the spectrum, (sum lambda)^2 / sum lambda^2 (the seed's signal and
+// noise runs). It is distributed over the coordinates to minimise the expected score error
+// E[(q . (k - k_hat))^2] = sum_r w_r lambda_r D(b_r), D(b) the N(0, 1) Lloyd-Max distortion
+// (D(0) = 1): greedy marginal gain, which is optimal because D is convex in b. Coordinates
+// with b_r = 0 are dropped (reconstructed as 0). On SmolLM2-135M the queries weigh the
+// low-variance directions heavily, so this moves bits from the top eigen-directions to the
+// tail, where the two-run split of the seed starved them.
+//
+// Per token one float scale s. The whitened coordinates are divided by g = f RMS (RMS over
+// the coded coordinates) for each spread f of kSpectralSpreads, quantized to the nearest
+// levels, and given the least-squares scale s = <y, y0> / <y0, y0> of the reconstruction
+// y_hat = s y0, y0_r = sigma_r C_{b_r}[i_r]; the token keeps the f whose y_hat has the lowest
+// query-weighted error sum_r w_r (y_r - y_hat_r)^2. The spread matters for tokens that do not
+// look Gaussian in the basis (the attention sink, keys at positions the calibration did not
+// cover): f = 1 clips their large coordinates, a larger f keeps them at the cost of the small
+// ones. On SmolLM2-135M (keys-only, 5/3 bits, ctx 1024) the search cuts KLD 0.046 -> 0.023
+// against f = 1 alone, which was itself measured better than storing the RMS or not
+// normalising (lowest key MSE on synthetic and SmolLM2-135M keys; tests/test_spectral*.cpp
+// print the comparison). Decode: k_hat = mu + U^T y_hat. Score on the codes:
+//     <q, k_hat> = <q, mu> + s sum_r (U q)_r sigma_r C_{b_r}[i_r],
 // one rotation of the query and per-coordinate lookup tables.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -29,20 +43,39 @@
 
 namespace veloxquant {
 
+struct ScalarCodebook;
+
 /// Calibrated parameters of one (layer, KV head).
 struct SpectralBasis {
     std::vector<float> basis;      ///< [d][d], row r = r-th principal direction (orthonormal)
     std::vector<float> variances;  ///< [d] lambda_r >= 0, non-increasing
     std::vector<float> mean;       ///< [d] key mean
+    /// [d] w_r = E[(u_r . q)^2] >= 0 over the queries of the head's group (all 1 when the
+    /// calibration had no queries: then the allocation minimises key MSE).
+    std::vector<float> query_moments;
 };
 
 /// ceil((sum lambda)^2 / sum lambda^2), clamped to [1, d]; 1 if every lambda is 0.
 int participation_dim(const float* eigenvalues, int d);
 
-/// Reads and checks rotations[layer][head] of the config (shape [kv_heads][d+2][d]: rows 0..d-1
-/// the eigenvectors, row d the eigenvalues, row d+1 the mean). Throws std::invalid_argument
-/// naming calibrate_spectral_rotation when the entry is missing, mis-shaped, not orthonormal
-/// (|U U^T - I| > 1e-3), or has negative, increasing or non-finite eigenvalues or mean.
+/// Divisors of a token's whitened coordinates, in units of their RMS, that encode tries before
+/// the nearest-level search (the first is the plain RMS normalisation).
+inline constexpr double kSpectralSpreads[] = {1.0, 0.8, 1.25, 1.6, 2.0, 2.5, 3.2, 4.0, 5.0, 6.4};
+
+/// Integer bits b_r in 0..max_bits with sum b_r = budget (0 <= budget <= max_bits * n) that
+/// minimise sum_r importance_r D(b_r), D(b) = gaussian_codebook(b).mse (D(0) = 1): greedy on
+/// the marginal gain importance_r (D(b_r) - D(b_r + 1)), ties to the lower r. Throws
+/// std::invalid_argument for a budget out of range, max_bits outside 1..8, or a negative or
+/// non-finite importance.
+std::vector<int> allocate_spectral_bits(const std::vector<double>& importance, int budget,
+                                        int max_bits = 8);
+
+/// Reads and checks rotations[layer][head] of the config (shape [kv_heads][d+3][d]: rows 0..d-1
+/// the eigenvectors, row d the eigenvalues, row d+1 the mean, row d+2 the query second moments).
+/// Throws std::invalid_argument naming calibrate_spectral_rotation when the entry is missing,
+/// mis-shaped (the [d+2][d] rows of an older calibration included), not orthonormal
+/// (|U U^T - I| > 1e-3), or has negative, increasing or non-finite eigenvalues, a non-finite
+/// mean, or negative query moments.
 SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_dim, int layer,
                                          int head);
 
@@ -51,25 +84,29 @@ SpectralBasis spectral_basis_from_config(const KVCacheConfig& config, int head_d
 std::unique_ptr<KeyCodec> make_spectral_codec(const KVCacheConfig& config, int head_dim, int layer,
                                               int head);
 
-/// Per token: the packed signal run (d_eff indices of signal_bits, pack_bits), then the packed
-/// noise run (d - d_eff indices of noise_bits; absent when noise_bits = 0), each starting on
-/// a byte; one float32 scalar s.
+/// Per token: one LSB-first bit stream of signal_bits d_eff + noise_bits (d - d_eff) bits,
+/// ceil(that / 8) bytes: the coded coordinates in order of descending width (ascending r among
+/// equals), coordinate r taking b_r bits; one float32 scalar s.
 class SpectralCodec : public KeyCodec {
 public:
-    /// d in 2..1024, signal_bits 1..8, noise_bits 0..8, d_eff 1..d, basis/variances/mean of
-    /// sizes d*d, d, d (else std::invalid_argument naming the field). Coordinates whose variance
-    /// is below 1e-12 of the largest are whitened with that floor instead of 0.
+    /// d in 2..1024, signal_bits 1..8, noise_bits 0..8, d_eff 1..d, basis/variances/mean/
+    /// query_moments of sizes d*d, d, d, d (else std::invalid_argument naming the field).
+    /// Coordinates whose variance is below 1e-12 of the largest are whitened with that floor
+    /// instead of 0. Bits: allocate_spectral_bits of w_r lambda_r.
     SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBasis basis, int d_eff);
 
     int signal_bits() const { return signal_bits_; }
     int noise_bits() const { return noise_bits_; }
     int signal_dim() const { return d_eff_; }
     const SpectralBasis& basis() const { return basis_; }
-    /// (signal_bits d_eff + noise_bits (d - d_eff) + 32) / d; code_bytes() may add up to two
-    /// bytes of padding, one at the end of each run.
+    /// b_r of each basis direction r; sums to budget_bits().
+    const std::vector<int>& coordinate_bits() const { return bits_; }
+    /// signal_bits d_eff + noise_bits (d - d_eff).
+    int budget_bits() const { return budget_; }
+    /// (budget_bits() + 32) / d; code_bytes() pads the stream to whole bytes.
     double nominal_bits_per_coordinate() const;
 
-    std::size_t code_bytes() const override { return signal_bytes_ + noise_bytes_; }
+    std::size_t code_bytes() const override { return code_bytes_; }
     int num_scalars() const override { return 1; }
 
     void encode(const float* keys, int n, uint8_t* codes, float* scalars,
@@ -77,28 +114,32 @@ public:
     void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                 float* keys) const override;
 
-    /// State: <q, mu>, then per run its tables. A run of width 1, 2, 4 or 8 has one 256-entry
-    /// table per code byte (the byte's coordinates summed); other widths have one 2^bits-entry
-    /// table per coordinate. Entries are (U q)_r sigma_r C[v].
+    /// State: <q, mu>, then one table per group of consecutive coded coordinates (stream
+    /// order) whose widths add up to at most 8: 2^(sum b) entries, entry v = sum over the
+    /// group of (U q)_r sigma_r C_{b_r}[field of r in v], so a token scores with one lookup per
+    /// group (about d / 2 at 4 bits, fewer at lower widths).
     std::size_t query_state_size() const override;
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
 
-    /// Basis, variances, mean and both codebooks.
+    /// Basis, variances, mean, query moments, the allocation and the codebooks it uses.
     std::size_t parameter_bytes() const override;
 
 private:
-    struct Run {
-        int first = 0;                 ///< first coordinate
-        int count = 0;                 ///< coordinates
-        int bits = 0;                  ///< 0: dropped
-        std::size_t offset = 0;        ///< byte offset in the code
-        std::size_t bytes = 0;         ///< packed_bytes(count, bits)
-        bool byte_tables = false;      ///< bits in {1, 2, 4, 8}
+    /// One coded coordinate, in stream order.
+    struct Slot {
+        int coord = 0;               ///< basis direction r
+        int bits = 0;                ///< b_r >= 1
+        std::size_t bit_offset = 0;  ///< into the code
+    };
+    /// Consecutive slots whose fields, at most 8 bits together, are read as one and scored
+    /// with one table of 2^bits entries.
+    struct Group {
+        std::size_t first = 0, count = 0;  ///< slots
+        int bits = 0;
+        std::size_t bit_offset = 0;
         std::size_t table_offset = 0;  ///< floats into the query state
-        std::size_t table_floats = 0;
-        const std::vector<float>* centroids = nullptr;
     };
     /// y = U (k - mu) in double.
     void project(const float* key, double* y) const;
@@ -106,12 +147,15 @@ private:
     int signal_bits_;
     int noise_bits_;
     int d_eff_;
+    int budget_;
     SpectralBasis basis_;
     std::vector<double> sigma_;
-    std::vector<float> signal_centroids_, noise_centroids_;
-    std::vector<float> signal_bounds_, noise_bounds_;
-    std::size_t signal_bytes_, noise_bytes_;
-    Run runs_[2];
+    std::vector<int> bits_;
+    std::array<const ScalarCodebook*, 9> codebooks_{};  ///< [b]: gaussian_codebook(b) where used
+    std::vector<Slot> slots_;
+    std::vector<Group> groups_;
+    std::size_t code_bytes_;
+    std::size_t state_size_;
 };
 
 }  // namespace veloxquant

@@ -82,10 +82,11 @@ void report_section(const Calibration& cal, const Options& o, nlohmann::json& re
         report_ratequant(*cal.ratequant, o.per_layer, report);
     } else if (o.method == "rabitq") {
         report["num_clusters"] = cal.rabitq->num_clusters;
-        std::cout << "rabitq: " << cal.rabitq->num_clusters << " IVF centroids per layer and KV head\n";
+        std::cout << "rabitq: " << cal.rabitq->num_clusters
+                  << " IVF centroids per layer and KV head\n";
     } else if (o.method == "spectral") {
         report["layers"] = cal.spectral->rotations.size();
-        std::cout << "spectral: eigenbasis, eigenvalues and key mean of "
+        std::cout << "spectral: eigenbasis, eigenvalues, key mean and query second moments of "
                   << cal.spectral->rotations.size() << " layers\n";
     } else if (o.method == "vecinfer") {
         const auto& shape = cal.vecinfer->codebook.shape;
@@ -131,8 +132,8 @@ void run(const Options& o) {
     std::string sections;
     for (const auto& s : saved.sections()) sections += (sections.empty() ? "" : ", ") + s;
     std::cout << std::fixed << std::setprecision(1) << "calibrated " << o.method << " for "
-              << cal.model.describe() << " on " << tokens << " tokens of " << text_path
-              << " in " << total_s << " s (collection " << collect_s << " s); " << o.out
+              << cal.model.describe() << " on " << tokens << " tokens of " << text_path << " in "
+              << total_s << " s (collection " << collect_s << " s); " << o.out
               << " holds: " << sections << "\n";
     if (o.json_path.empty()) return;
     report["method"] = o.method;

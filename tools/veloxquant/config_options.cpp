@@ -59,6 +59,12 @@ void add_config_options(CLI::App* app, ConfigOptions& opts) {
         ->capture_default_str();
     app->add_option("--num-residuals", c.num_residuals, "turboquant_rvq stages")
         ->capture_default_str();
+    app->add_option("--signal-bits", c.signal_bits,
+                    "spectral: key bits of the signal coordinates (the budget's upper width)")
+        ->capture_default_str();
+    app->add_option("--noise-bits", c.noise_bits,
+                    "spectral: key bits of the noise coordinates (the budget's lower width)")
+        ->capture_default_str();
     app->add_option("--sketch-dim", c.sketch_dim, "qjl sketch rows")->capture_default_str();
     app->add_option("--num-clusters", c.num_clusters, "rabitq IVF centroids")
         ->capture_default_str();
@@ -151,7 +157,8 @@ std::string resolve_calibration_text(const std::string& text) {
 
 Activations collect_calibration(const LoadedModel& m, const CalibrationSource& source, bool quiet,
                                 int64_t* tokens_run) {
-    std::vector<int32_t> tokens = tokenize_file(*m.tokenizer, resolve_calibration_text(source.text));
+    std::vector<int32_t> tokens =
+        tokenize_file(*m.tokenizer, resolve_calibration_text(source.text));
     if (source.tokens > 0 && static_cast<int64_t>(tokens.size()) > source.tokens)
         tokens.resize(static_cast<std::size_t>(source.tokens));
     if (tokens_run) *tokens_run = static_cast<int64_t>(tokens.size());
