@@ -77,11 +77,9 @@ class VeloxQuantLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends [1, kv_heads, n, head_dim] keys and values; returns tensors tagged with this
-        layer for the "veloxquant" attention function (zero-length views, or every token
-        dequantized with fetch_dequantized)."""
+    def _begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The checks every update starts with (the previous update's attention ran; one
+        sequence), and the lazy initialisation."""
         if self._pending and not self.fetch_dequantized:
             raise RuntimeError(
                 "the model's attention did not read the VeloxQuant cache: load the model with "
@@ -94,6 +92,13 @@ class VeloxQuantLayer(CacheLayerMixin):
             raise ValueError(
                 f"VeloxQuantCache holds one sequence; got batch size {key_states.shape[0]}"
             )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends [1, kv_heads, n, head_dim] keys and values; returns tensors tagged with this
+        layer for the "veloxquant" attention function (zero-length views, or every token
+        dequantized with fetch_dequantized)."""
+        self._begin_update(key_states, value_states)
         self.cache.append(_cpu_float32(key_states[0]), _cpu_float32(value_states[0]))
         if self.fetch_dequantized:
             k, v = self.cache.dequantize()
@@ -169,18 +174,7 @@ class VeloxQuantCudaLayer(VeloxQuantLayer):
         zero-length tagged views (the attention runs on the codes). Several tokens (prefill):
         returns the earlier tokens dequantized followed by this chunk's exact keys and values,
         for SDPA. With fetch_dequantized: every stored token dequantized."""
-        if self._pending and not self.fetch_dequantized:
-            raise RuntimeError(
-                "the model's attention did not read the VeloxQuant cache: load the model with "
-                f"attn_implementation={ATTENTION_NAME!r} (model.set_attn_implementation"
-                f"({ATTENTION_NAME!r})), or build VeloxQuantCache(..., fetch_dequantized=True)"
-            )
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != 1:
-            raise ValueError(
-                f"VeloxQuantCache holds one sequence; got batch size {key_states.shape[0]}"
-            )
+        self._begin_update(key_states, value_states)
         if key_states.device != self.cache.device:
             raise ValueError(f"layer {self.cache.layer}: keys are on {key_states.device} but the "
                              f"cache lives on {self.cache.device}")
