@@ -2,6 +2,7 @@
 // against the fp16 cache on the default model and text, as one table: bits per coordinate, KV
 // MiB at the evaluated context, KLD, top-1, delta perplexity, needle score and decode tokens/s;
 // optionally JSON and a PNG plot of quality against bits (scripts/plot_quality.py).
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <iostream>
@@ -77,13 +78,17 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 // Configurations of calibrated methods that no --calibration file covered are calibrated here,
 // each at its own bits, from one collection over the calibration text (WikiText-2 valid by
-// default; the evaluation text is the test split).
+// default; the evaluation text is the test split). The calibration sequences are as long as the
+// evaluation's (at least 512 tokens), so that the activations cover every position evaluated:
+// spectral at 4.4 bits evaluated at ctx 2048 scored KLD 0.074 calibrated at ctx 512, 0.036 at 2048.
 void calibrate_in_process(const Options& o, const LoadedModel& m, std::vector<NamedConfig>& configs) {
     const std::string suffix = " (calibrated)";
     std::optional<Activations> acts;
+    CalibrationSource source = o.calibration_source;
+    source.ctx = std::max(source.ctx, o.model.ctx);
     for (NamedConfig& nc : configs) {
         if (!needs_calibration(nc.config.method) || ends_with(nc.label, suffix)) continue;
-        if (!acts) acts = collect_calibration(m, o.calibration_source, o.model.quiet);
+        if (!acts) acts = collect_calibration(m, source, o.model.quiet);
         Calibration cal;
         cal.model = model_fingerprint(*m.model);
         calibrate_method(*acts, nc.config, cal);
