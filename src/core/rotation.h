@@ -25,6 +25,8 @@ public:
     /// x = R^T y (x and y may alias).
     void inverse(const float* y, float* x) const;
 
+    /// Random signs of the Hadamard form (empty for a dense matrix).
+    const std::vector<float>& signs() const { return signs_; }
     /// Row-major dense matrix (empty for Hadamard).
     const std::vector<float>& matrix() const { return matrix_; }
     std::size_t parameter_bytes() const;

@@ -45,6 +45,12 @@ public:
     /// Rotation plus the centroids and cell boundaries of every stage.
     std::size_t parameter_bytes() const override;
 
+    int bits() const { return bits_; }
+    int num_residuals() const { return num_residuals_; }
+    const Rotation& rotation() const { return rotation_; }
+    const std::vector<float>& centroids() const { return centroids_; }    ///< [stage][levels]
+    const std::vector<float>& boundaries() const { return boundaries_; }  ///< [stage][levels-1]
+
 private:
     /// Index of the nearest centroid of `stage` (ties go to the lower cell).
     uint8_t quantize(int stage, float x) const;

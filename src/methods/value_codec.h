@@ -38,6 +38,10 @@ public:
 
     std::size_t parameter_bytes() const;
 
+    const Rotation& rotation() const { return rotation_; }
+    /// The Lloyd-Max codebook of the rotated coordinates (null for fp16).
+    const ScalarCodebook* codebook() const { return codebook_; }
+
 private:
     int dim_;
     int bits_;

@@ -1,0 +1,206 @@
+// Building blocks of the device codecs: plain C++ that compiles for the host (g++, tested against
+// the CPU codecs in CI) and for the GPU (nvcc, one thread per token).
+//
+// A device codec mirrors one CPU codec (src/methods/) in a form a CUDA thread can run: a POD
+// `Params` whose arrays live in one ParamArena (uploaded once), and free functions that encode,
+// decode and score one token. Operations follow the CPU code's order, so codes are identical
+// wherever the math is deterministic (nvcc compiles the encoders with --fmad=false).
+//
+// The key-codec concept (see tq_device.h for a complete example):
+//   struct XDevice {
+//     struct Params { ...; void rebase(const uint8_t* base); };      // POD, arena pointers
+//     static Params build(const KeyCodec& cpu, ParamArena& arena);   // host, from the CPU codec
+//     VQ_HD static int code_bytes(const Params&);   // == cpu.code_bytes()
+//     VQ_HD static int num_scalars(const Params&);  // == cpu.num_scalars()
+//     VQ_HD static int state_floats(const Params&); // <= kMaxStateFloats
+//     VQ_HD static void encode(const Params&, const float* key, int pos, uint8_t* code,
+//                              float* scalars, int stride);   // writes every code byte
+//     VQ_HD static void decode(const Params&, const uint8_t* code, const float* scalars,
+//                              int stride, int pos, float* key);
+//     VQ_HD static void prepare(const Params&, const float* query, float* state);
+//     VQ_HD static float score(const Params&, const float* state, const uint8_t* code,
+//                              const float* scalars, int stride, int pos);  // <q, decode(code)>
+//   };
+// Scalar s of a token is scalars[s * stride] (the page's structure-of-arrays layout); pos is the
+// token's position (only position-relative codecs such as commvq use it).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "core/half.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#define VQ_HD __host__ __device__ inline
+#else
+#define VQ_HD inline
+#endif
+
+namespace veloxquant {
+class Rotation;
+}
+
+namespace veloxquant::dev {
+
+/// Largest head dim of the device codecs (per-thread scratch is sized by it).
+constexpr int kMaxDim = 256;
+/// Largest per-query state of a device key codec, in floats (it lives in shared memory).
+constexpr int kMaxStateFloats = 8192;
+
+/// Host side: the parameter arrays of a cache's codecs, packed into one buffer. add() returns
+/// the array's offset disguised as a pointer; Params::rebase(base) turns every such offset into
+/// base + offset once the buffer's final address (host or device) is known.
+class ParamArena {
+public:
+    template <class T>
+    const T* add(const T* data, std::size_t n) {
+        const std::size_t at = (bytes_.size() + 15) / 16 * 16;
+        bytes_.resize(at + n * sizeof(T));
+        if (n > 0) std::memcpy(bytes_.data() + at, data, n * sizeof(T));
+        return reinterpret_cast<const T*>(at);
+    }
+    template <class T>
+    const T* add(const std::vector<T>& v) {
+        return add(v.data(), v.size());
+    }
+    const std::vector<uint8_t>& bytes() const { return bytes_; }
+
+private:
+    std::vector<uint8_t> bytes_;
+};
+
+template <class T>
+inline void rebase(const T*& p, const uint8_t* base) {
+    p = reinterpret_cast<const T*>(base + reinterpret_cast<std::uintptr_t>(p));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bit packing (src/core/bitpack.h): index i of a stream of `bits`-bit indices, LSB-first.
+
+VQ_HD uint32_t read_bits(const uint8_t* packed, int i, int bits) {
+    const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+    uint32_t word = packed[byte];
+    if (shift + bits > 8) word |= static_cast<uint32_t>(packed[byte + 1]) << 8;
+    return (word >> shift) & ((1u << bits) - 1u);
+}
+
+/// ORs index i into a zeroed stream.
+VQ_HD void or_bits(uint8_t* packed, int i, int bits, uint32_t v) {
+    const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+    const uint32_t w = v << shift;
+    packed[byte] |= static_cast<uint8_t>(w & 0xffu);
+    if (shift + bits > 8) packed[byte + 1] |= static_cast<uint8_t>(w >> 8);
+}
+
+VQ_HD void zero_bytes(uint8_t* p, int n) {
+    for (int i = 0; i < n; ++i) p[i] = 0;
+}
+
+VQ_HD int packed_size(int n, int bits) { return (n * bits + 7) / 8; }
+
+/// Index of the nearest of ascending centroids given the n - 1 midpoints between them: the
+/// first boundary >= x (ScalarCodebook::quantize; ties go to the lower cell).
+VQ_HD int quantize_sorted(const float* boundaries, int n_boundaries, float x) {
+    int lo = 0, hi = n_boundaries;
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (boundaries[mid] < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 (round to nearest even), as src/core/half.h.
+
+VQ_HD uint16_t float_to_half_bits(float f) {
+#if defined(__CUDA_ARCH__)
+    return __half_as_ushort(__float2half_rn(f));
+#else
+    return float_to_half(f);
+#endif
+}
+
+VQ_HD float half_bits_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(h));
+#else
+    return half_to_float(h);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotations (src/core/rotation.h): the randomized Walsh-Hadamard transform or a dense matrix,
+// with the CPU's operation order.
+
+struct RotationParams {
+    int d = 0;
+    int hadamard = 0;
+    const float* signs = nullptr;   ///< [d] (Hadamard)
+    const float* matrix = nullptr;  ///< [d][d] row-major (dense)
+    void rebase(const uint8_t* base) {
+        dev::rebase(hadamard ? signs : matrix, base);
+    }
+};
+
+/// Host: the arrays of a CPU rotation.
+RotationParams build_rotation(const Rotation& rotation, ParamArena& arena);
+
+/// fwht_orthonormal: butterflies of length 1, 2, 4, ... (a + b, a - b), then 1 / sqrt(n).
+VQ_HD void fwht(float* x, int n) {
+    for (int len = 1; len < n; len <<= 1)
+        for (int i = 0; i < n; i += len << 1)
+            for (int j = i; j < i + len; ++j) {
+                const float a = x[j], b = x[j + len];
+                x[j] = a + b;
+                x[j + len] = a - b;
+            }
+    const float scale = 1.0f / sqrtf(static_cast<float>(n));
+    for (int i = 0; i < n; ++i) x[i] *= scale;
+}
+
+/// y = R x; x and y may alias.
+VQ_HD void rotate_forward(const RotationParams& r, const float* x, float* y) {
+    const int d = r.d;
+    if (r.hadamard) {
+        for (int i = 0; i < d; ++i) y[i] = x[i] * r.signs[i];
+        fwht(y, d);
+        return;
+    }
+    float tmp[kMaxDim];
+    for (int i = 0; i < d; ++i) tmp[i] = x[i];
+    for (int i = 0; i < d; ++i) {
+        const float* row = r.matrix + static_cast<std::size_t>(i) * d;
+        float acc = 0.0f;
+        for (int k = 0; k < d; ++k) acc += row[k] * tmp[k];
+        y[i] = acc;
+    }
+}
+
+/// x = R^T y; x and y may alias.
+VQ_HD void rotate_inverse(const RotationParams& r, const float* y, float* x) {
+    const int d = r.d;
+    if (r.hadamard) {
+        if (x != y)
+            for (int i = 0; i < d; ++i) x[i] = y[i];
+        fwht(x, d);
+        for (int i = 0; i < d; ++i) x[i] *= r.signs[i];
+        return;
+    }
+    float tmp[kMaxDim];
+    for (int i = 0; i < d; ++i) tmp[i] = y[i];
+    for (int k = 0; k < d; ++k) x[k] = 0.0f;
+    for (int i = 0; i < d; ++i) {
+        const float* row = r.matrix + static_cast<std::size_t>(i) * d;
+        const float yi = tmp[i];
+        for (int k = 0; k < d; ++k) x[k] += row[k] * yi;
+    }
+}
+
+}  // namespace veloxquant::dev

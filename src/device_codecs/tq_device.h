@@ -1,0 +1,92 @@
+// turboquant_rvq (and ratequant, its per-head-width form) as a device codec: the reference
+// example of the concept in device_common.h. Mirrors TurboQuantRVQCodec (methods/turboquant_rvq.h):
+// n = ||k||, u = R k / n, stage s quantizes the residual with codebook C_s; score
+// n * sum_j (R q)_j sum_s C_s[i_sj].
+#pragma once
+
+#include "device_codecs/device_common.h"
+
+namespace veloxquant {
+class KeyCodec;
+}
+
+namespace veloxquant::dev {
+
+struct TqDevice {
+    struct Params {
+        int d = 0;
+        int bits = 0;
+        int stages = 0;
+        int stage_bytes = 0;
+        RotationParams rotation;
+        const float* centroids = nullptr;   ///< [stages][2^bits]
+        const float* boundaries = nullptr;  ///< [stages][2^bits - 1]
+        void rebase(const uint8_t* base) {
+            rotation.rebase(base);
+            dev::rebase(centroids, base);
+            dev::rebase(boundaries, base);
+        }
+    };
+
+    /// Host: from a TurboQuantRVQCodec (throws std::invalid_argument for another codec).
+    static Params build(const KeyCodec& cpu, ParamArena& arena);
+
+    VQ_HD static int code_bytes(const Params& p) { return p.stages * p.stage_bytes; }
+    VQ_HD static int num_scalars(const Params&) { return 1; }
+    /// The rotated query, then every stage's centroids (so they sit in shared memory).
+    VQ_HD static int state_floats(const Params& p) { return p.d + p.stages * (1 << p.bits); }
+
+    VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
+                             float* scalars, int /*stride*/) {
+        const int d = p.d, levels = 1 << p.bits;
+        double sq = 0.0;
+        for (int j = 0; j < d; ++j) sq += static_cast<double>(key[j]) * key[j];
+        const float norm = static_cast<float>(sqrt(sq));
+        scalars[0] = norm;
+        float u[kMaxDim];
+        rotate_forward(p.rotation, key, u);
+        for (int j = 0; j < d; ++j) u[j] = norm > 0.0f ? u[j] / norm : 0.0f;
+        zero_bytes(code, code_bytes(p));
+        for (int s = 0; s < p.stages; ++s) {
+            const float* c = p.centroids + s * levels;
+            const float* b = p.boundaries + s * (levels - 1);
+            uint8_t* stage = code + s * p.stage_bytes;
+            for (int j = 0; j < d; ++j) {
+                const int idx = quantize_sorted(b, levels - 1, u[j]);
+                u[j] -= c[idx];
+                or_bits(stage, j, p.bits, static_cast<uint32_t>(idx));
+            }
+        }
+    }
+
+    VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars,
+                             int /*stride*/, int /*pos*/, float* key) {
+        const int d = p.d, levels = 1 << p.bits;
+        for (int j = 0; j < d; ++j) key[j] = 0.0f;
+        for (int s = 0; s < p.stages; ++s)
+            for (int j = 0; j < d; ++j)
+                key[j] += p.centroids[s * levels + read_bits(code + s * p.stage_bytes, j, p.bits)];
+        rotate_inverse(p.rotation, key, key);
+        for (int j = 0; j < d; ++j) key[j] *= scalars[0];
+    }
+
+    VQ_HD static void prepare(const Params& p, const float* query, float* state) {
+        rotate_forward(p.rotation, query, state);
+        const int n = p.stages * (1 << p.bits);
+        for (int i = 0; i < n; ++i) state[p.d + i] = p.centroids[i];
+    }
+
+    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
+                             const float* scalars, int /*stride*/, int /*pos*/) {
+        const int levels = 1 << p.bits;
+        float acc = 0.0f;
+        for (int s = 0; s < p.stages; ++s) {
+            const float* c = state + p.d + s * levels;
+            const uint8_t* stage = code + s * p.stage_bytes;
+            for (int j = 0; j < p.d; ++j) acc += state[j] * c[read_bits(stage, j, p.bits)];
+        }
+        return scalars[0] * acc;
+    }
+};
+
+}  // namespace veloxquant::dev

@@ -1,0 +1,86 @@
+// Checks a device codec (src/device_codecs/) on the host against its CPU codec: the same codes
+// and scalars byte for byte, the same reconstruction, and scores from prepare + score equal to
+// the CPU scorer's. The device kernels run these very functions, one thread per token.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "veloxquant/caches.h"
+#include "device_codecs/device_common.h"
+#include "methods/key_codec.h"
+
+namespace vqtest {
+
+/// Largest |a - b| over max(1e-6, max |b|).
+inline double max_rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+    double err = 0.0, ref = 1e-6;
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
+        ref = std::max(ref, std::fabs(static_cast<double>(b[i])));
+    }
+    return err / ref;
+}
+
+/// Encodes n keys (rows of `keys`, positions pos0 + t) with both codecs in the page layout
+/// (scalars strided by the page size) and compares everything the cache would use.
+/// `score_tolerance` bounds the scores' relative error (summation orders differ).
+template <class Dev>
+void expect_device_codec_matches(const veloxquant::KeyCodec& cpu, const std::vector<float>& keys,
+                                 const std::vector<float>& queries, int pos0 = 0,
+                                 double score_tolerance = 1e-4) {
+    using namespace veloxquant;
+    const int d = cpu.dim();
+    const int n = static_cast<int>(keys.size() / d);
+    const int nq = static_cast<int>(queries.size() / d);
+    const int stride = kTokensPerPage;
+    ASSERT_LE(n, stride);
+    dev::ParamArena arena;
+    typename Dev::Params p = Dev::build(cpu, arena);
+    std::vector<uint8_t> blob = arena.bytes();
+    p.rebase(blob.data());
+    ASSERT_EQ(static_cast<std::size_t>(Dev::code_bytes(p)), cpu.code_bytes());
+    ASSERT_EQ(Dev::num_scalars(p), cpu.num_scalars());
+    ASSERT_LE(Dev::state_floats(p), dev::kMaxStateFloats);
+
+    const std::size_t cb = cpu.code_bytes();
+    const int ns = std::max(cpu.num_scalars(), 1);
+    std::vector<uint8_t> cpu_codes(n * cb + 1, 0xAB), dev_codes(n * cb + 1, 0xCD);
+    std::vector<float> cpu_scalars(ns * stride, 0.0f), dev_scalars(ns * stride, 0.0f);
+    cpu.encode_at(keys.data(), n, pos0, cpu_codes.data(), cpu_scalars.data(), stride);
+    for (int t = 0; t < n; ++t)
+        Dev::encode(p, keys.data() + t * d, pos0 + t, dev_codes.data() + t * cb,
+                    dev_scalars.data() + t, stride);
+    int code_mismatch = 0;
+    for (std::size_t i = 0; i < n * cb; ++i) code_mismatch += cpu_codes[i] != dev_codes[i];
+    EXPECT_EQ(code_mismatch, 0) << "code bytes differ";
+    EXPECT_EQ(0, std::memcmp(cpu_scalars.data(), dev_scalars.data(),
+                             sizeof(float) * cpu_scalars.size()))
+        << "scalars differ";
+
+    std::vector<float> cpu_keys(static_cast<std::size_t>(n) * d), dev_keys(cpu_keys.size());
+    cpu.decode_at(cpu_codes.data(), cpu_scalars.data(), stride, n, pos0, cpu_keys.data());
+    for (int t = 0; t < n; ++t)
+        Dev::decode(p, cpu_codes.data() + t * cb, cpu_scalars.data() + t, stride, pos0 + t,
+                    dev_keys.data() + t * d);
+    EXPECT_LT(max_rel_error(dev_keys, cpu_keys), 1e-5) << "decode differs";
+
+    std::vector<float> cpu_state(cpu.query_state_size()), dev_state(Dev::state_floats(p));
+    std::vector<float> cpu_scores(n), dev_scores(n);
+    for (int i = 0; i < nq; ++i) {
+        cpu.prepare_query(queries.data() + i * d, cpu_state.data());
+        cpu.score_at(cpu_state.data(), cpu_codes.data(), cpu_scalars.data(), stride, n, pos0,
+                     cpu_scores.data());
+        Dev::prepare(p, queries.data() + i * d, dev_state.data());
+        for (int t = 0; t < n; ++t)
+            dev_scores[t] = Dev::score(p, dev_state.data(), cpu_codes.data() + t * cb,
+                                       cpu_scalars.data() + t, stride, pos0 + t);
+        EXPECT_LT(max_rel_error(dev_scores, cpu_scores), score_tolerance) << "query " << i;
+    }
+}
+
+}  // namespace vqtest
