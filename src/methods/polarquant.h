@@ -36,6 +36,10 @@ public:
     /// Bits of the level-l angle indices (l in 1..4): bits + 2 for level 1, else bits.
     int level_bits(int level) const { return level == 1 ? bits_ + 2 : bits_; }
     const Rotation& rotation() const { return rotation_; }
+    /// The level-l angle codebook (l in 1..4), and the cos / sin of its centroids.
+    const ScalarCodebook& codebook(int level) const { return *codebooks_[level - 1]; }
+    const std::vector<float>& centroid_cos(int level) const { return cos_[level - 1]; }
+    const std::vector<float>& centroid_sin(int level) const { return sin_[level - 1]; }
 
     std::size_t code_bytes() const override;
     int num_scalars() const override { return 1; }

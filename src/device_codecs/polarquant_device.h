@@ -1,0 +1,170 @@
+// polarquant as a device codec. Mirrors PolarQuantCodec (methods/polarquant.h, Han et al.,
+// arXiv 2502.02617): y = R k, then a 4-level recursive polar transform of each 16-coordinate
+// block of y; the 15 angles of a block are quantized with fixed per-level codebooks and its
+// final radius is stored relative to ||k|| in fp16.
+//
+// The state is the rotated query R q followed by the cos / sin of every level's centroids
+// (at most 2 * (256 + 3 * 64) floats), so score reads only shared memory besides the code:
+// per block, 15 collapses p_i = cos(psi_i) p_{2i} + sin(psi_i) p_{2i+1}, the transpose of
+// decode's expansion, give <R q, y> block by block.
+#pragma once
+
+#include "device_codecs/device_common.h"
+
+namespace veloxquant {
+class KeyCodec;
+}
+
+namespace veloxquant::dev {
+
+struct PolarQuantDevice {
+    static constexpr int kLevels = 4;
+    static constexpr int kBlock = 1 << kLevels;  ///< coordinates per final radius
+    static constexpr double kTwoPi = 6.283185307179586476925;
+
+    struct Params {
+        int d = 0;
+        int bits = 0;          ///< bits of the level 2..4 indices (level 1 has bits + 2)
+        int level1_bytes = 0;  ///< packed level-1 indices
+        int upper_bytes = 0;   ///< packed level 2..4 indices
+        RotationParams rotation;
+        /// Level l's cos table starts at tables + table_offset[l - 1], its sin table right after.
+        int table_offset[kLevels] = {};
+        int table_floats = 0;
+        /// Level l's 2^level_bits - 1 ascending boundaries start at boundary_offset[l - 1].
+        int boundary_offset[kLevels] = {};
+        const float* tables = nullptr;
+        const float* boundaries = nullptr;
+        void rebase(const uint8_t* base) {
+            rotation.rebase(base);
+            dev::rebase(tables, base);
+            dev::rebase(boundaries, base);
+        }
+    };
+
+    /// Host: from a PolarQuantCodec (throws std::invalid_argument for another codec or
+    /// d > kMaxDim).
+    static Params build(const KeyCodec& cpu, ParamArena& arena);
+
+    VQ_HD static int code_bytes(const Params& p) {
+        return p.level1_bytes + p.upper_bytes + 2 * (p.d / kBlock);
+    }
+    VQ_HD static int num_scalars(const Params&) { return 1; }
+    /// R q, then the cos / sin tables (laid out as Params::tables).
+    VQ_HD static int state_floats(const Params& p) { return p.d + p.table_floats; }
+
+    VQ_HD static int level_bits(const Params& p, int level) {
+        return level == 1 ? p.bits + 2 : p.bits;
+    }
+    VQ_HD static int levels(const Params& p, int level) { return 1 << level_bits(p, level); }
+
+    // Device atan2 / hypot may round differently from glibc's: codes may then differ from the
+    // CPU's for angles at exact cell boundaries (and radii at fp16 rounding ties).
+    VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
+                             float* scalars, int /*stride*/) {
+        const int d = p.d;
+        double norm2 = 0.0;
+        for (int j = 0; j < d; ++j) norm2 += static_cast<double>(key[j]) * key[j];
+        const double norm = sqrt(norm2);
+        scalars[0] = static_cast<float>(norm);
+        float y[kMaxDim];
+        rotate_forward(p.rotation, key, y);
+        zero_bytes(code, code_bytes(p));
+
+        // Level 1: full-circle angles of coordinate pairs, in [0, 2pi).
+        double r[kMaxDim / 2];
+        const float* b1 = p.boundaries + p.boundary_offset[0];
+        for (int j = 0; j < d / 2; ++j) {
+            const double a = y[2 * j], b = y[2 * j + 1];
+            double theta = atan2(b, a);
+            if (theta < 0.0) theta += kTwoPi;
+            const int idx = quantize_sorted(b1, levels(p, 1) - 1, static_cast<float>(theta));
+            or_bits(code, j, level_bits(p, 1), static_cast<uint32_t>(idx));
+            r[j] = hypot(a, b);
+        }
+        // Levels 2..4: angles of pairs of non-negative radii, in [0, pi/2]; r shrinks in place.
+        uint8_t* upper = code + p.level1_bytes;
+        int at = 0;
+        for (int level = 2, len = d / 4; level <= kLevels; ++level, len /= 2) {
+            const float* bl = p.boundaries + p.boundary_offset[level - 1];
+            for (int j = 0; j < len; ++j) {
+                const float angle = static_cast<float>(atan2(r[2 * j + 1], r[2 * j]));
+                const int idx = quantize_sorted(bl, levels(p, level) - 1, angle);
+                or_bits(upper, at++, p.bits, static_cast<uint32_t>(idx));
+                r[j] = hypot(r[2 * j], r[2 * j + 1]);
+            }
+        }
+        // Final radii relative to ||k||, in [0, 1], as fp16.
+        uint8_t* radii = upper + p.upper_bytes;
+        const double inv = norm > 0.0 ? 1.0 / norm : 0.0;
+        for (int j = 0; j < d / kBlock; ++j) {
+            const uint16_t h = float_to_half_bits(static_cast<float>(r[j] * inv));
+            radii[2 * j] = static_cast<uint8_t>(h & 0xffu);
+            radii[2 * j + 1] = static_cast<uint8_t>(h >> 8);
+        }
+    }
+
+    VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars,
+                             int /*stride*/, int /*pos*/, float* key) {
+        float y[kMaxDim];
+        for (int j = 0; j < p.d / kBlock; ++j) {
+            // Inverse polar transform of one block, top-down: each radius splits into
+            // (r cos psi, r sin psi); expanding in place from the back keeps unread entries.
+            float* r = y + j * kBlock;
+            r[0] = scalars[0] * relative_radius(p, code, j);
+            for (int level = kLevels, width = 1; level >= 1; --level, width *= 2) {
+                const float* c = p.tables + p.table_offset[level - 1];
+                const float* s = c + levels(p, level);
+                for (int i = width - 1; i >= 0; --i) {
+                    const uint32_t a = angle_index(p, code, level, j * width + i);
+                    const float v = r[i];
+                    r[2 * i] = v * c[a];
+                    r[2 * i + 1] = v * s[a];
+                }
+            }
+        }
+        rotate_inverse(p.rotation, y, key);
+    }
+
+    VQ_HD static void prepare(const Params& p, const float* query, float* state) {
+        rotate_forward(p.rotation, query, state);
+        for (int i = 0; i < p.table_floats; ++i) state[p.d + i] = p.tables[i];
+    }
+
+    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
+                             const float* scalars, int /*stride*/, int /*pos*/) {
+        const float* tables = state + p.d;
+        float acc = 0.0f;
+        for (int j = 0; j < p.d / kBlock; ++j) {
+            // <y_block, (R q)_block> bottom-up, the transpose of decode's expansion.
+            float q[kBlock];
+            for (int i = 0; i < kBlock; ++i) q[i] = state[j * kBlock + i];
+            for (int level = 1, width = kBlock / 2; level <= kLevels; ++level, width /= 2) {
+                const float* c = tables + p.table_offset[level - 1];
+                const float* s = c + levels(p, level);
+                for (int i = 0; i < width; ++i) {
+                    const uint32_t a = angle_index(p, code, level, j * width + i);
+                    q[i] = c[a] * q[2 * i] + s[a] * q[2 * i + 1];
+                }
+            }
+            acc += relative_radius(p, code, j) * q[0];
+        }
+        return scalars[0] * acc;
+    }
+
+private:
+    /// Index i of level l's angles: level 1 has its own stream; levels 2, 3, 4 follow each
+    /// other in the second one (level l starts at d/2 - d/2^(l-1) there).
+    VQ_HD static uint32_t angle_index(const Params& p, const uint8_t* code, int level, int i) {
+        if (level == 1) return read_bits(code, i, p.bits + 2);
+        return read_bits(code + p.level1_bytes, p.d / 2 - (p.d >> (level - 1)) + i, p.bits);
+    }
+
+    /// Final radius j of the code, relative to ||k||.
+    VQ_HD static float relative_radius(const Params& p, const uint8_t* code, int j) {
+        const uint8_t* radii = code + p.level1_bytes + p.upper_bytes;
+        return half_bits_to_float(static_cast<uint16_t>(radii[2 * j] | (radii[2 * j + 1] << 8)));
+    }
+};
+
+}  // namespace veloxquant::dev
