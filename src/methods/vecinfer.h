@@ -75,6 +75,14 @@ public:
     /// Codebook (both layouts), codeword norms, smoothing factors and rotation.
     std::size_t parameter_bytes() const override;
 
+    /// The parameters, for the device codec (device_codecs/vecinfer_device.h): codebook
+    /// [S][C][sub_dim], half_norm2 [S][C] = ||C[s][c]||^2 / 2, lambda [d], 1 / lambda [d], R.
+    const std::vector<float>& codebook() const { return codebook_; }
+    const std::vector<float>& half_norm2() const { return half_norm2_; }
+    const std::vector<float>& smooth_factors() const { return smooth_; }
+    const std::vector<float>& inv_smooth_factors() const { return inv_smooth_; }
+    const Rotation& rotation() const { return rotation_; }
+
     /// Index of the codeword of subspace s nearest to x [sub_dim].
     int nearest(int s, const float* x) const;
     /// Index s of a packed code.

@@ -1,0 +1,31 @@
+#include "device_codecs/vecinfer_device.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "methods/vecinfer.h"
+
+namespace veloxquant::dev {
+
+VecInferDevice::Params VecInferDevice::build(const KeyCodec& cpu, ParamArena& arena) {
+    const auto* vi = dynamic_cast<const VecInferCodec*>(&cpu);
+    if (vi == nullptr) throw std::invalid_argument("VecInferDevice: not a vecinfer codec");
+    if (vi->dim() > kMaxDim)
+        throw std::invalid_argument("device codecs take head_dim <= 256, got " +
+                                    std::to_string(vi->dim()));
+    Params p;
+    p.d = vi->dim();
+    p.subspaces = vi->num_subspaces();
+    p.codewords = vi->codewords();
+    p.sub_dim = vi->sub_dim();
+    p.code_bits = vi->code_bits();
+    p.lut_state = p.subspaces * p.codewords <= kMaxStateFloats ? 1 : 0;
+    p.rotation = build_rotation(vi->rotation(), arena);
+    p.codebook = arena.add(vi->codebook());
+    p.half_norm2 = arena.add(vi->half_norm2());
+    p.smooth = arena.add(vi->smooth_factors());
+    p.inv_smooth = arena.add(vi->inv_smooth_factors());
+    return p;
+}
+
+}  // namespace veloxquant::dev
