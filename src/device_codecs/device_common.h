@@ -79,24 +79,35 @@ inline void rebase(const T*& p, const uint8_t* base) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bit packing (src/core/bitpack.h): index i of a stream of `bits`-bit indices, LSB-first,
-// bits <= 16 (an index then touches at most three bytes, e.g. vecinfer's 11-bit indices).
+// Bit packing (src/core/bitpack.h): LSB-first streams of fields of 1..16 bits (a field then
+// touches at most three bytes, e.g. vecinfer's 11-bit indices).
 
-VQ_HD uint32_t read_bits(const uint8_t* packed, int i, int bits) {
-    const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+/// The `bits`-bit field that starts at bit `bit` of the stream (widths may vary along it).
+VQ_HD uint32_t read_field(const uint8_t* packed, int bit, int bits) {
+    const int byte = bit >> 3, shift = bit & 7;
     uint32_t word = packed[byte];
     if (shift + bits > 8) word |= static_cast<uint32_t>(packed[byte + 1]) << 8;
     if (shift + bits > 16) word |= static_cast<uint32_t>(packed[byte + 2]) << 16;
     return (word >> shift) & ((1u << bits) - 1u);
 }
 
-/// ORs index i into a zeroed stream.
-VQ_HD void or_bits(uint8_t* packed, int i, int bits, uint32_t v) {
-    const int bit = i * bits, byte = bit >> 3, shift = bit & 7;
+/// ORs a `bits`-bit field at bit `bit` into a zeroed stream.
+VQ_HD void or_field(uint8_t* packed, int bit, int bits, uint32_t v) {
+    const int byte = bit >> 3, shift = bit & 7;
     const uint32_t w = v << shift;
     packed[byte] |= static_cast<uint8_t>(w & 0xffu);
     if (shift + bits > 8) packed[byte + 1] |= static_cast<uint8_t>((w >> 8) & 0xffu);
     if (shift + bits > 16) packed[byte + 2] |= static_cast<uint8_t>(w >> 16);
+}
+
+/// Index i of a stream of `bits`-bit indices.
+VQ_HD uint32_t read_bits(const uint8_t* packed, int i, int bits) {
+    return read_field(packed, i * bits, bits);
+}
+
+/// ORs index i into a zeroed stream.
+VQ_HD void or_bits(uint8_t* packed, int i, int bits, uint32_t v) {
+    or_field(packed, i * bits, bits, v);
 }
 
 VQ_HD void zero_bytes(uint8_t* p, int n) {

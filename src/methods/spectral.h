@@ -99,6 +99,8 @@ public:
     int noise_bits() const { return noise_bits_; }
     int signal_dim() const { return d_eff_; }
     const SpectralBasis& basis() const { return basis_; }
+    /// sigma_r, the whitening divisor of direction r (sqrt lambda_r, floored as above).
+    const std::vector<double>& whitening_scales() const { return sigma_; }
     /// b_r of each basis direction r; sums to budget_bits().
     const std::vector<int>& coordinate_bits() const { return bits_; }
     /// signal_bits d_eff + noise_bits (d - d_eff).
