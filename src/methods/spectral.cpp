@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -67,8 +65,8 @@ std::vector<int> allocate_spectral_bits(const std::vector<double>& importance, i
     // D is convex in b (the gains D(b) - D(b+1) fall), so taking the largest marginal gain
     // budget times is optimal for the separable sum. n is at most 1024 and the budget at most
     // 8n: a linear scan per bit is cheap next to the calibration that feeds it.
-    std::vector<int> bits(n, budget >= n && std::getenv("VQ_MIN1") ? 1 : 0);
-    for (int step = budget >= n && std::getenv("VQ_MIN1") ? n : 0; step < budget; ++step) {
+    std::vector<int> bits(n, 0);
+    for (int step = 0; step < budget; ++step) {
         int best = -1;
         double best_gain = -1.0;
         for (int r = 0; r < n; ++r) {
@@ -193,10 +191,6 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
     codebooks_.fill(nullptr);
     for (int b : bits_)
         if (b > 0) codebooks_[b] = &gaussian_codebook(b);
-    if (std::getenv("VQ_PRINT") && d == 64) {
-        for (int b : bits_) std::fprintf(stderr, "%d", b);
-        std::fprintf(stderr, "\n");
-    }
 
     std::vector<int> order;
     for (int r = 0; r < d; ++r)
