@@ -74,6 +74,14 @@ public:
     double bits_per_coordinate() const;
     /// Whether keys are coded before RoPE (rope_inv_freq given).
     bool positional() const { return !inv_freq_.empty(); }
+    /// Every codeword, [stages][groups][codewords][group_dim].
+    const std::vector<float>& codebook() const { return words_; }
+    /// Squared norms of the codewords, [stages][groups][codewords].
+    const std::vector<float>& codeword_norms2() const { return norms2_; }
+    /// The RoPE frequencies of the rotated pairs (empty: keys coded as given).
+    const std::vector<double>& rope_inv_freq() const { return inv_freq_; }
+    /// cos, sin of t * w_i for t < 64 and the rotated pairs, [64][pairs][2] (see phases()).
+    const std::vector<float>& phase_steps() const { return step_; }
     /// Codeword c of stage s, group g: group_dim floats.
     const float* word(int s, int g, int c) const {
         return &words_[((static_cast<std::size_t>(s) * groups_ + g) * codewords_ + c) * group_dim_];

@@ -1,0 +1,194 @@
+// commvq keys as a device codec. Mirrors CommVQCodec (methods/commvq.h; Li et al., arXiv
+// 2506.18879): additive VQ per group of RoPE pairs with complex-scalar codewords, so the key of
+// position p is coded before RoPE (pair i turned by -p w_i) and the query turns instead at score
+// time: <q, RoPE_p(z)> = sum_i Re(conj(q_i exp(-j p w_i)) z_i). No per-token scalars.
+//
+// Phases. The CPU codec takes cos, sin of p w_i as exp(j p_b w_i) (double, exact angle) times a
+// table exp(j t w_i), t = p - p_b < 64, rounded to float, where p_b is the first position of the
+// 64-position block of the call (CommVQCodec::phases). The cache's decode and score calls start
+// at page boundaries (64 tokens a page), so there p_b = p rounded down to a multiple of 64, which
+// is what the device uses everywhere: decode and score then use the CPU's very phases, and the
+// codes equal the CPU's for runs that start at a page boundary (prefill). A CPU run that starts
+// mid-page (an append to a partly filled page) composes from its own first position instead, so
+// its phases may differ from these in the last float bit and a near-tie of the code search may
+// then go the other way. On the GPU, CUDA's double cos/sin may differ from glibc's in the last
+// ulp too, with the same (rare) effect.
+#pragma once
+
+#include "device_codecs/device_common.h"
+
+namespace veloxquant {
+class KeyCodec;
+}
+
+namespace veloxquant::dev {
+
+struct CommVQDevice {
+    /// Positions per phase block (CommVQCodec's table size; equals kTokensPerPage).
+    static constexpr int kPhaseBlock = 64;
+    /// ICM sweeps after the greedy search, as the CPU codec's encoder (commvq.cpp).
+    static constexpr int kEncodeSweeps = 1;
+    /// Most additive stages (CommVQCodec's limit); sizes the per-thread index scratch.
+    static constexpr int kMaxStages = 64;
+
+    struct Params {
+        int d = 0;
+        int stages = 0;
+        int groups = 0;
+        int codewords = 0;
+        int group_dim = 0;
+        int index_bits = 0;
+        int pairs = 0;                     ///< rotated RoPE pairs (0: positions ignored)
+        const float* words = nullptr;      ///< [stages][groups][codewords][group_dim]
+        const float* norms2 = nullptr;     ///< [stages][groups][codewords]
+        const double* inv_freq = nullptr;  ///< [pairs]
+        const float* steps = nullptr;      ///< [kPhaseBlock][pairs][2]: cos, sin of t w_i
+        void rebase(const uint8_t* base) {
+            dev::rebase(words, base);
+            dev::rebase(norms2, base);
+            dev::rebase(inv_freq, base);
+            dev::rebase(steps, base);
+        }
+    };
+
+    /// Host: from a CommVQCodec (throws std::invalid_argument for another codec or
+    /// head_dim > kMaxDim).
+    static Params build(const KeyCodec& cpu, ParamArena& arena);
+
+    VQ_HD static int code_bytes(const Params& p) {
+        return packed_size(p.stages * p.groups, p.index_bits);
+    }
+    VQ_HD static int num_scalars(const Params&) { return 0; }
+    /// The query. The codebooks (S * d * C floats, 128K at d = 128, 4 bits) stay in the arena.
+    VQ_HD static int state_floats(const Params& p) { return p.d; }
+
+    /// cos, sin of pos * w_i as CommVQCodec::phases makes them for a run starting at the page
+    /// of pos: two double-precision cos/sin per call.
+    VQ_HD static void phase(const Params& p, int pos, int i, float* c, float* s) {
+        const int t = pos % kPhaseBlock;
+        const double pb = static_cast<double>(pos - t);
+        const double bc = cos(pb * p.inv_freq[i]), bs = sin(pb * p.inv_freq[i]);
+        const float* st = p.steps + (t * p.pairs + i) * 2;
+        const double sc = st[0], ss = st[1];
+        *c = static_cast<float>(bc * sc - bs * ss);
+        *s = static_cast<float>(bc * ss + bs * sc);
+    }
+
+    /// Index of the codeword nearest to x (commvq_nearest: ||w||^2 - 2 <x, w> accumulated over
+    /// the coordinates in order, the first index of the minimum; NaNs are skipped, and a group
+    /// of nothing but NaNs takes the last index).
+    VQ_HD static int nearest(const float* x, const float* words, const float* norms2, int n,
+                             int dim) {
+        float m = INFINITY;
+        int best = -1;
+        for (int c = 0; c < n; ++c) {
+            const float* w = words + c * dim;
+            float v = norms2[c];
+            for (int j = 0; j < dim; ++j) v += -2.0f * x[j] * w[j];
+            if (v < m) {
+                m = v;
+                best = c;
+            } else if (best < 0 && v == m) {
+                best = c;
+            }
+        }
+        return best < 0 ? n - 1 : best;
+    }
+
+    /// Group by group: un-rotate the key's pairs by -pos w_i, then the greedy residual search
+    /// and one ICM sweep (Babenko & Lempitsky, CVPR 2014) of CommVQCodec::quantize.
+    VQ_HD static void encode(const Params& p, const float* key, int pos, uint8_t* code,
+                             float* /*scalars*/, int /*stride*/) {
+        const int gd = p.group_dim, C = p.codewords;
+        zero_bytes(code, code_bytes(p));
+        float r[kMaxDim];
+        int idx[kMaxStages];
+        for (int g = 0; g < p.groups; ++g) {
+            const float* k = key + g * gd;
+            for (int j = 0; j < gd; ++j) r[j] = k[j];
+            for (int j = 0; j < gd; j += 2) {
+                const int i = (g * gd + j) / 2;
+                if (i >= p.pairs) break;
+                float c, s;
+                phase(p, pos, i, &c, &s);
+                r[j] = k[j] * c + k[j + 1] * s;
+                r[j + 1] = k[j + 1] * c - k[j] * s;
+            }
+            const auto words = [&](int st) { return p.words + (st * p.groups + g) * C * gd; };
+            const auto norms = [&](int st) { return p.norms2 + (st * p.groups + g) * C; };
+            for (int st = 0; st < p.stages; ++st) {
+                idx[st] = nearest(r, words(st), norms(st), C, gd);
+                const float* w = words(st) + idx[st] * gd;
+                for (int j = 0; j < gd; ++j) r[j] -= w[j];
+            }
+            for (int sweep = 0; sweep < kEncodeSweeps && p.stages > 1; ++sweep)
+                for (int st = 0; st < p.stages; ++st) {
+                    const float* old = words(st) + idx[st] * gd;
+                    for (int j = 0; j < gd; ++j) r[j] += old[j];
+                    idx[st] = nearest(r, words(st), norms(st), C, gd);
+                    const float* w = words(st) + idx[st] * gd;
+                    for (int j = 0; j < gd; ++j) r[j] -= w[j];
+                }
+            for (int st = 0; st < p.stages; ++st)
+                or_bits(code, st * p.groups + g, p.index_bits, static_cast<uint32_t>(idx[st]));
+        }
+    }
+
+    VQ_HD static void decode(const Params& p, const uint8_t* code, const float* /*scalars*/,
+                             int /*stride*/, int pos, float* key) {
+        const int gd = p.group_dim;
+        for (int j = 0; j < p.d; ++j) key[j] = 0.0f;
+        for (int st = 0; st < p.stages; ++st)
+            for (int g = 0; g < p.groups; ++g) {
+                const int m = st * p.groups + g;
+                const float* w =
+                    p.words + (m * p.codewords + read_bits(code, m, p.index_bits)) * gd;
+                for (int j = 0; j < gd; ++j) key[g * gd + j] += w[j];
+            }
+        for (int i = 0; i < p.pairs; ++i) {
+            float c, s;
+            phase(p, pos, i, &c, &s);
+            const float z0 = key[2 * i], z1 = key[2 * i + 1];
+            key[2 * i] = z0 * c - z1 * s;
+            key[2 * i + 1] = z0 * s + z1 * c;
+        }
+    }
+
+    VQ_HD static void prepare(const Params& p, const float* query, float* state) {
+        for (int j = 0; j < p.d; ++j) state[j] = query[j];
+    }
+
+    /// Per group: the codeword sum z_g (S * group_dim adds, codewords read from the arena),
+    /// dotted with the query's pairs (broadcast from the state) turned by -pos w_i. The turn
+    /// costs each token a double-precision cos and sin per rotated pair (phase()), since every
+    /// thread has its own position; the CPU's score_at shares the block's part of that work.
+    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
+                             const float* /*scalars*/, int /*stride*/, int pos) {
+        const int gd = p.group_dim;
+        float z[kMaxDim];
+        float acc = 0.0f;
+        for (int g = 0; g < p.groups; ++g) {
+            for (int j = 0; j < gd; ++j) z[j] = 0.0f;
+            for (int st = 0; st < p.stages; ++st) {
+                const int m = st * p.groups + g;
+                const float* w =
+                    p.words + (m * p.codewords + read_bits(code, m, p.index_bits)) * gd;
+                for (int j = 0; j < gd; ++j) z[j] += w[j];
+            }
+            const float* q = state + g * gd;
+            for (int j = 0; j < gd; j += 2) {
+                const int i = (g * gd + j) / 2;
+                if (i < p.pairs) {
+                    float c, s;
+                    phase(p, pos, i, &c, &s);
+                    acc += (q[j] * c + q[j + 1] * s) * z[j] + (q[j + 1] * c - q[j] * s) * z[j + 1];
+                } else {
+                    acc += q[j] * z[j] + q[j + 1] * z[j + 1];
+                }
+            }
+        }
+        return acc;
+    }
+};
+
+}  // namespace veloxquant::dev
