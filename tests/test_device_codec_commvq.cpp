@@ -94,10 +94,9 @@ TEST_P(CommVQDeviceCodec, MatchesCpuCodecOnPages) {
     const CommVQShape s = GetParam();
     const CommVQCodec cpu = calibrated_codec(s);
     const auto queries = vqtest::randn(static_cast<std::size_t>(3) * s.d, 99);
-    // Runs start at page boundaries as the cache's do (prefill; every decode and score call),
-    // where the CPU's phases are the device's. A CPU run from mid-page (5000) composes them from
-    // its own first position and its near-tie codes differ (commvq_device.h).
-    for (const int pos0 : {0, 78 * kTokensPerPage, 2048 * kTokensPerPage}) {
+    // Runs from page boundaries (prefill, decode and score calls) and from mid-page (an append
+    // to a partly filled page): phases depend only on the position, so codes are identical.
+    for (const int pos0 : {0, 78 * kTokensPerPage, 5000, 2048 * kTokensPerPage + 17}) {
         SCOPED_TRACE(pos0);
         const auto keys = page_of_keys(cpu, pos0, 7 + s.bits);
         vqtest::expect_device_codec_matches<dev::CommVQDevice>(cpu, keys, queries, pos0);

@@ -3,16 +3,11 @@
 // position p is coded before RoPE (pair i turned by -p w_i) and the query turns instead at score
 // time: <q, RoPE_p(z)> = sum_i Re(conj(q_i exp(-j p w_i)) z_i). No per-token scalars.
 //
-// Phases. The CPU codec takes cos, sin of p w_i as exp(j p_b w_i) (double, exact angle) times a
-// table exp(j t w_i), t = p - p_b < 64, rounded to float, where p_b is the first position of the
-// 64-position block of the call (CommVQCodec::phases). The cache's decode and score calls start
-// at page boundaries (64 tokens a page), so there p_b = p rounded down to a multiple of 64, which
-// is what the device uses everywhere: decode and score then use the CPU's very phases, and the
-// codes equal the CPU's for runs that start at a page boundary (prefill). A CPU run that starts
-// mid-page (an append to a partly filled page) composes from its own first position instead, so
-// its phases may differ from these in the last float bit and a near-tie of the code search may
-// then go the other way. On the GPU, CUDA's double cos/sin may differ from glibc's in the last
-// ulp too, with the same (rare) effect.
+// Phases. As CommVQCodec::phases: cos, sin of p w_i are exp(j p_b w_i) (double, exact angle)
+// times a table exp(j t w_i), t = p - p_b < 64, rounded to float, where p_b is p rounded down to
+// a multiple of 64; they depend only on the position, so codes equal the CPU's for any run. On
+// the GPU, CUDA's double cos/sin may differ from glibc's in the last ulp, so a near-tie of the
+// code search may (rarely) go the other way.
 #pragma once
 
 #include "device_codecs/device_common.h"
@@ -62,8 +57,8 @@ struct CommVQDevice {
     /// The query. The codebooks (S * d * C floats, 128K at d = 128, 4 bits) stay in the arena.
     VQ_HD static int state_floats(const Params& p) { return p.d; }
 
-    /// cos, sin of pos * w_i as CommVQCodec::phases makes them for a run starting at the page
-    /// of pos: two double-precision cos/sin per call.
+    /// cos, sin of pos * w_i as CommVQCodec::phases makes them: two double-precision cos/sin
+    /// per call.
     VQ_HD static void phase(const Params& p, int pos, int i, float* c, float* s) {
         const int t = pos % kPhaseBlock;
         const double pb = static_cast<double>(pos - t);

@@ -145,15 +145,20 @@ std::size_t CommVQCodec::parameter_bytes() const {
 void CommVQCodec::phases(int pos0, int n, float* out) const {
     const int pairs = static_cast<int>(inv_freq_.size());
     double base[2 * kMaxDim / 2];
-    for (int t0 = 0; t0 < n; t0 += kPhaseBlock) {
+    // Blocks start at multiples of kPhaseBlock, so a position's phases do not depend on where
+    // the run that holds it starts (an append to a partly filled page encodes with the phases
+    // its tokens are decoded and scored with; the device codec computes the same).
+    for (int t0 = 0; t0 < n;) {
+        const int p = pos0 + t0, offset = p % kPhaseBlock;
+        const int t1 = std::min(n, t0 + kPhaseBlock - offset);
         // exp(j (p_b + t) w) = exp(j p_b w) exp(j t w): exact angle once per block.
-        const double pb = static_cast<double>(pos0) + t0;
+        const double pb = static_cast<double>(p - offset);
         for (int i = 0; i < pairs; ++i) {
             base[2 * i] = std::cos(pb * inv_freq_[i]);
             base[2 * i + 1] = std::sin(pb * inv_freq_[i]);
         }
-        for (int t = t0; t < std::min(n, t0 + kPhaseBlock); ++t) {
-            const float* st = &step_[static_cast<std::size_t>(t - t0) * pairs * 2];
+        for (int t = t0; t < t1; ++t) {
+            const float* st = &step_[static_cast<std::size_t>(t - t0 + offset) * pairs * 2];
             float* o = out + static_cast<std::size_t>(t) * pairs * 2;
             for (int i = 0; i < pairs; ++i) {
                 const double c = st[2 * i], s = st[2 * i + 1];
@@ -161,6 +166,7 @@ void CommVQCodec::phases(int pos0, int n, float* out) const {
                 o[2 * i + 1] = static_cast<float>(base[2 * i] * s + base[2 * i + 1] * c);
             }
         }
+        t0 = t1;
     }
 }
 
@@ -292,17 +298,20 @@ void CommVQCodec::score_at(const float* state, const uint8_t* codes, const float
     const int d = dim(), pairs = static_cast<int>(inv_freq_.size());
     float qb[kMaxDim], qr[kMaxDim], z[kMaxDim];
     std::copy_n(state, d, qr);  // pairs past the RoPE pairs are never rotated
-    for (int t0 = 0; t0 < n; t0 += kPhaseBlock) {
-        // <q, RoPE_p(z)> = <RoPE_{-p}(q), z>: rotate the query, never the key. Per block the
-        // query turns by -p_b w_i once (double angle); per token by the table's -t w_i.
-        const double pb = static_cast<double>(pos0) + t0;
+    for (int t0 = 0; t0 < n;) {
+        // <q, RoPE_p(z)> = <RoPE_{-p}(q), z>: rotate the query, never the key. Per block (at a
+        // multiple of kPhaseBlock, as phases()) the query turns by -p_b w_i once (double angle);
+        // per token by the table's -t w_i.
+        const int p = pos0 + t0, offset = p % kPhaseBlock;
+        const int t1 = std::min(n, t0 + kPhaseBlock - offset);
+        const double pb = static_cast<double>(p - offset);
         for (int i = 0; i < pairs; ++i) {
             const double c = std::cos(pb * inv_freq_[i]), s = std::sin(pb * inv_freq_[i]);
             qb[2 * i] = static_cast<float>(state[2 * i] * c + state[2 * i + 1] * s);
             qb[2 * i + 1] = static_cast<float>(state[2 * i + 1] * c - state[2 * i] * s);
         }
-        for (int t = t0; t < std::min(n, t0 + kPhaseBlock); ++t) {
-            const float* st = &step_[static_cast<std::size_t>(t - t0) * pairs * 2];
+        for (int t = t0; t < t1; ++t) {
+            const float* st = &step_[static_cast<std::size_t>(t - t0 + offset) * pairs * 2];
             for (int i = 0; i < pairs; ++i) {
                 const float c = st[2 * i], s = st[2 * i + 1];
                 qr[2 * i] = qb[2 * i] * c + qb[2 * i + 1] * s;
@@ -314,6 +323,7 @@ void CommVQCodec::score_at(const float* state, const uint8_t* codes, const float
             for (int j = 0; j < d; ++j) acc += qr[j] * z[j];
             scores[t] = acc;
         }
+        t0 = t1;
     }
 }
 
