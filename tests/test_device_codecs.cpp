@@ -5,8 +5,10 @@
 #include <cstring>
 
 #include "device_codec_test_helpers.h"
+#include "device_codecs/fp16_device.h"
 #include "device_codecs/tq_device.h"
 #include "device_codecs/value_device.h"
+#include "methods/fp16_codec.h"
 #include "methods/turboquant_rvq.h"
 #include "methods/value_codec.h"
 #include "test_helpers.h"
@@ -41,6 +43,17 @@ TEST(TqDeviceCodec, RejectsOtherCodecs) {
     TurboQuantRVQCodec big(512, 2, 1, true, 1);
     dev::ParamArena arena;
     EXPECT_THROW(dev::TqDevice::build(big, arena), std::invalid_argument);
+}
+
+TEST(Fp16DeviceCodec, MatchesCpuCodec) {
+    for (const int d : {64, 96, 128}) {
+        FP16Codec cpu(d);
+        auto keys = vqtest::randn(static_cast<std::size_t>(40) * d, 3 + d, 4.0f);
+        keys[5] = 1e-6f;  // a subnormal half
+        keys[6] = 65000.0f;  // near the largest half
+        vqtest::expect_device_codec_matches<dev::Fp16Device>(cpu, keys,
+                                                             vqtest::randn(2 * d, 4));
+    }
 }
 
 class ValueDeviceCodec : public testing::TestWithParam<std::tuple<int, int, bool>> {};

@@ -133,9 +133,19 @@ VQ_HD int quantize_sorted(const float* boundaries, int n_boundaries, float x) {
 // ---------------------------------------------------------------------------------------------
 // fp16 (round to nearest even), as src/core/half.h.
 
+#if defined(__CUDACC__)
+// Not inlined on purpose: inlined, the compiler (CUDA 13.0, sm_90; also with the conversion as
+// inline PTX, so the fold is in ptxas) turns __half_as_ushort(__float2half_rn(f)) & 0xff into one
+// float -> u8 conversion of f, so a half written byte by byte came out wrong (measured on the
+// H200: 1.0f gave the bytes 01 3c). A call keeps the conversion whole.
+static __device__ __noinline__ uint16_t device_float_to_half(float f) {
+    return __half_as_ushort(__float2half_rn(f));
+}
+#endif
+
 VQ_HD uint16_t float_to_half_bits(float f) {
 #if defined(__CUDA_ARCH__)
-    return __half_as_ushort(__float2half_rn(f));
+    return device_float_to_half(f);
 #else
     return float_to_half(f);
 #endif
