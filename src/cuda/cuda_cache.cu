@@ -180,45 +180,14 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
       tables_(host_),
       num_heads_(num_heads),
       head_dim_(head_dim),
-      max_seq_len_(max_seq_len) {
+      max_seq_len_(max_seq_len),
+      pages_(host_.page_layout, std::max(max_seq_len, 1)) {
     if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
-    reserve(1);
+    pages_.reserve(1);
 }
 
-CudaTurboQuantCache::~CudaTurboQuantCache() {
-    cudaFree(pool_);
-    cudaFree(page_table_);
-    cudaFree(workspace_);
-}
-
-void CudaTurboQuantCache::reserve(int n_tokens) {
-    const int needed = (n_tokens + kTokensPerPage - 1) / kTokensPerPage;
-    if (needed <= capacity_pages_) return;
-    const int max_pages = (max_seq_len_ + kTokensPerPage - 1) / kTokensPerPage;
-    const int pages = std::min(max_pages, std::max({needed, 2 * capacity_pages_, 16}));
-    const std::size_t bytes = static_cast<std::size_t>(pages) * host_.layout.page_bytes;
-    uint8_t* pool = nullptr;
-    int32_t* table = nullptr;
-    check_cuda(cudaMalloc(&pool, bytes), "cudaMalloc(page pool)");
-    if (cudaMalloc(&table, pages * sizeof(int32_t)) != cudaSuccess) {
-        cudaFree(pool);
-        throw std::runtime_error("cudaMalloc(page table) failed");
-    }
-    std::vector<int32_t> identity(pages);
-    for (int p = 0; p < pages; ++p) identity[p] = p;
-    check_cuda(cudaDeviceSynchronize(), "reserve: synchronize");  // old pool no longer in use
-    check_cuda(cudaMemset(pool, 0, bytes), "cudaMemset(page pool)");
-    check_cuda(cudaMemcpy(table, identity.data(), pages * sizeof(int32_t), cudaMemcpyHostToDevice), "page table");
-    if (pool_ != nullptr)
-        check_cuda(cudaMemcpy(pool, pool_, static_cast<std::size_t>(capacity_pages_) * host_.layout.page_bytes,
-                              cudaMemcpyDeviceToDevice), "grow page pool");
-    cudaFree(pool_);
-    cudaFree(page_table_);
-    pool_ = pool;
-    page_table_ = table;
-    capacity_pages_ = pages;
-}
+CudaTurboQuantCache::~CudaTurboQuantCache() { cudaFree(workspace_); }
 
 void CudaTurboQuantCache::append(const float* keys, const float* values, int n_tokens, cudaStream_t stream) {
     if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
@@ -227,12 +196,12 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
         throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
                                 std::to_string(max_seq_len_));
-    reserve(size_ + n_tokens);
+    pages_.reserve(size_ + n_tokens);
     EncodeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
-    a.pool = pool_;
-    a.page_table = page_table_;
+    a.pool = pages_.pool();
+    a.page_table = pages_.page_table();
     a.start = size_;
     a.n_tokens = n_tokens;
     a.keys = keys;
@@ -251,9 +220,9 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     DecodeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
-    a.pool = pool_;
-    a.page_table = page_table_;
-    a.page_table_stride = capacity_pages_;
+    a.pool = pages_.pool();
+    a.page_table = pages_.page_table();
+    a.page_table_stride = pages_.capacity_pages();
     a.seq_len = size_;
     a.max_seq_len = std::max(size_, 1);
     a.batch = 1;
@@ -283,8 +252,8 @@ void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float
     DequantizeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
-    a.pool = pool_;
-    a.page_table = page_table_;
+    a.pool = pages_.pool();
+    a.page_table = pages_.page_table();
     a.start = start;
     a.n_tokens = n_tokens;
     a.keys = keys;
@@ -299,60 +268,18 @@ void CudaTurboQuantCache::truncate(int n_tokens) {
     size_ = n_tokens;
 }
 
-void CudaTurboQuantCache::copy_page(int page, void* host) const {
-    if (page < 0 || page >= capacity_pages_ || host == nullptr)
-        throw std::out_of_range("copy_page: page " + std::to_string(page) + " is outside [0, " +
-                                std::to_string(capacity_pages_) + ")");
-    check_cuda(cudaDeviceSynchronize(), "copy_page: synchronize");
-    check_cuda(cudaMemcpy(host, pool_ + static_cast<std::size_t>(page) * host_.layout.page_bytes,
-                          host_.layout.page_bytes, cudaMemcpyDeviceToHost),
-               "copy_page");
-}
+void CudaTurboQuantCache::copy_page(int page, void* host) const { pages_.copy_page(page, host); }
 
 std::size_t CudaTurboQuantCache::nbytes() const {
-    return static_cast<std::size_t>(capacity_pages_) * (host_.layout.page_bytes + sizeof(int32_t)) +
-           tables_.nbytes() + workspace_bytes_;
+    return pages_.nbytes() + tables_.nbytes() + workspace_bytes_;
 }
-
-namespace {
-
-bool same_layout(const PageLayout& a, const PageLayout& b) {
-    if (a.tokens_per_page != b.tokens_per_page || a.page_bytes != b.page_bytes || a.heads.size() != b.heads.size())
-        return false;
-    for (std::size_t h = 0; h < a.heads.size(); ++h) {
-        const HeadLayout &x = a.heads[h], &y = b.heads[h];
-        if (x.key_codes_offset != y.key_codes_offset || x.key_scalars_offset != y.key_scalars_offset ||
-            x.value_codes_offset != y.value_codes_offset || x.value_scalars_offset != y.value_scalars_offset)
-            return false;
-    }
-    return true;
-}
-
-}  // namespace
 
 void CudaTurboQuantCache::upload(const PagedStore& store, int size) {
-    if (!same_layout(store.layout(), host_.page_layout)) throw std::invalid_argument("upload: page layout differs");
     if (size < 0 || size > max_seq_len_) throw std::invalid_argument("upload: bad size");
-    const int pages = (size + kTokensPerPage - 1) / kTokensPerPage;
-    for (int p = 0; p < pages; ++p)
-        if (!store.held(p)) throw std::invalid_argument("upload: page " + std::to_string(p) + " is not held");
-    reserve(std::max(size, 1));
-    check_cuda(cudaMemset(pool_, 0, static_cast<std::size_t>(capacity_pages_) * host_.layout.page_bytes), "upload");
-    for (int p = 0; p < pages; ++p)
-        check_cuda(cudaMemcpy(pool_ + static_cast<std::size_t>(p) * host_.layout.page_bytes, store.page_data(p),
-                              host_.layout.page_bytes, cudaMemcpyHostToDevice), "upload");
+    pages_.upload(store, size);
     size_ = size;
 }
 
-void CudaTurboQuantCache::download(PagedStore& store) const {
-    if (!same_layout(store.layout(), host_.page_layout)) throw std::invalid_argument("download: page layout differs");
-    store.reserve_tokens(size_);
-    check_cuda(cudaDeviceSynchronize(), "download: synchronize");
-    for (int p = 0; p < (size_ + kTokensPerPage - 1) / kTokensPerPage; ++p) {
-        uint8_t* dst = store.held(p) ? store.page_data(p) : store.allocate_page(p);
-        check_cuda(cudaMemcpy(dst, pool_ + static_cast<std::size_t>(p) * host_.layout.page_bytes,
-                              host_.layout.page_bytes, cudaMemcpyDeviceToHost), "download");
-    }
-}
+void CudaTurboQuantCache::download(PagedStore& store) const { pages_.download(store, size_); }
 
 }  // namespace veloxquant::cuda

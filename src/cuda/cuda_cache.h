@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cache/paged_store.h"
+#include "cuda/page_pool.h"
 #include "veloxquant/config.h"
 
 namespace veloxquant::cuda {
@@ -199,8 +200,6 @@ public:
     void copy_page(int page, void* host) const;
 
 private:
-    void reserve(int n_tokens);
-
     TqHostTables host_;
     DeviceTables tables_;
     int num_heads_;
@@ -208,9 +207,7 @@ private:
     int max_seq_len_;
     int device_ = 0;
     int size_ = 0;
-    int capacity_pages_ = 0;
-    uint8_t* pool_ = nullptr;
-    int32_t* page_table_ = nullptr;
+    DevicePagePool pages_;
     mutable void* workspace_ = nullptr;
     mutable std::size_t workspace_bytes_ = 0;
 };
