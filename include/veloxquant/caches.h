@@ -72,6 +72,8 @@ public:
     void evict_range(int sinks, int keep_from);
     /// Whether position pos is stored (not evicted).
     bool position_held(int pos) const;
+    /// The pages (the CUDA caches exchange pages of this layout).
+    const PagedStore& paged_store() const { return *store_; }
 
     /// Serialization body shared with SlidingWindowKVCache.
     void write_body(BinaryWriter& out) const;

@@ -24,41 +24,17 @@
 #include "cuda/cuda_cache.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
+#include "cuda_test_helpers.h"
 #include "test_helpers.h"
 #include "veloxquant/caches.h"
 
 namespace veloxquant::cuda {
 namespace {
 
-bool has_device() {
-    int n = 0;
-    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_DEVICE() \
-    if (!has_device()) GTEST_SKIP() << "no CUDA device"
-
-template <typename T>
-class DeviceBuffer {
-public:
-    explicit DeviceBuffer(std::size_t n) : n_(n) { check_cuda(cudaMalloc(&ptr_, std::max<std::size_t>(n, 1) * sizeof(T)), "malloc"); }
-    explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
-        check_cuda(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
-    }
-    ~DeviceBuffer() { cudaFree(ptr_); }
-    DeviceBuffer(const DeviceBuffer&) = delete;
-    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-    T* get() const { return ptr_; }
-    std::vector<T> download() const {
-        std::vector<T> host(n_);
-        check_cuda(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "download");
-        return host;
-    }
-
-private:
-    T* ptr_ = nullptr;
-    std::size_t n_;
-};
+using vqtest::DeviceBuffer;
+using vqtest::has_device;
+using vqtest::random_tokens;
+using vqtest::relative_error;
 
 struct Shape {
     int d, bits, stages, value_bits, heads;
@@ -84,19 +60,6 @@ KVCacheConfig make_config(const Shape& s, uint64_t seed) {
     c.value_bits = s.value_bits;
     c.seed = seed;
     return c;
-}
-
-// [heads][n][d] Gaussian rows with per-token norms spread over 10^[-decades, decades], and one
-// zero token.
-std::vector<float> random_tokens(int heads, int n, int d, uint64_t seed, float decades) {
-    std::vector<float> x = vqtest::randn(static_cast<std::size_t>(heads) * n * d, seed);
-    std::mt19937_64 gen(seed ^ 0x9e3779b97f4a7c15ull);
-    std::uniform_real_distribution<float> spread(-decades, decades);
-    for (std::size_t row = 0; row < x.size() / d; ++row) {
-        const float s = std::pow(10.0f, spread(gen));
-        for (int j = 0; j < d; ++j) x[row * d + j] *= row == 3 ? 0.0f : s;
-    }
-    return x;
 }
 
 // The codecs and store a QuantizedKVCache of this config builds, with its per-page encode.
@@ -151,16 +114,6 @@ struct CpuReference {
         return out;
     }
 };
-
-double relative_error(const std::vector<float>& got, const std::vector<float>& ref) {
-    double num = 0.0, den = 0.0;
-    for (std::size_t i = 0; i < ref.size(); ++i) {
-        if (!std::isfinite(got[i])) return INFINITY;
-        num += (static_cast<double>(got[i]) - ref[i]) * (static_cast<double>(got[i]) - ref[i]);
-        den += static_cast<double>(ref[i]) * ref[i];
-    }
-    return std::sqrt(num / std::max(den, 1e-300));
-}
 
 TEST(CudaParity, RejectsShapesOutsideScope) {
     Shape s{128, 1, 1, 2, 2};

@@ -1,0 +1,237 @@
+// The generic device path's launchers: one CodecBackend per device codec type, holding the
+// codecs' parameters on the device, and the split plan of the attention.
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/codec_cache.h"
+#include "cuda/codec_kernels.cuh"
+#include "cuda/cuda_cache.h"
+#include "device_codecs/commvq_device.h"
+#include "device_codecs/fp16_device.h"
+#include "device_codecs/polarquant_device.h"
+#include "device_codecs/qjl_device.h"
+#include "device_codecs/rabitq_device.h"
+#include "device_codecs/spectral_device.h"
+#include "device_codecs/tq_device.h"
+#include "device_codecs/vecinfer_device.h"
+#include "methods/key_codec.h"
+#include "methods/value_codec.h"
+#include "veloxquant/caches.h"
+
+namespace veloxquant::cuda {
+
+static_assert(codec::kPage == kTokensPerPage, "device pages hold the CPU's tokens per page");
+
+namespace {
+
+using codec::AttentionParams;
+using codec::EncodeParams;
+using codec::HeadRegions;
+
+unsigned blocks_for(long long items) {
+    return static_cast<unsigned>((items + codec::kThreads - 1) / codec::kThreads);
+}
+
+template <class Codec>
+class Backend final : public CodecBackend {
+public:
+    Backend(const std::vector<std::unique_ptr<KeyCodec>>& keys,
+            const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout)
+        : heads_(static_cast<int>(keys.size())), d_(keys.at(0)->dim()), page_bytes_(layout.page_bytes) {
+        dev::ParamArena arena;
+        std::vector<typename Codec::Params> kp;
+        std::vector<dev::ValueDevice::Params> vp;
+        std::vector<HeadRegions> regions;
+        for (int h = 0; h < heads_; ++h) {
+            kp.push_back(Codec::build(*keys[h], arena));
+            vp.push_back(dev::ValueDevice::build(*values[h], arena));
+            const HeadLayout& hl = layout.heads[h];
+            if (static_cast<std::size_t>(Codec::code_bytes(kp.back())) != hl.key_code_bytes ||
+                Codec::num_scalars(kp.back()) != hl.key_scalars)
+                throw std::logic_error("CUDA codec backend: device codec layout differs from the CPU's");
+            state_stride_ = std::max(state_stride_, Codec::state_floats(kp.back()));
+            HeadRegions r;
+            r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);
+            r.key_scalars = static_cast<uint32_t>(hl.key_scalars_offset);
+            r.value_codes = static_cast<uint32_t>(hl.value_codes_offset);
+            r.value_scalars = static_cast<uint32_t>(hl.value_scalars_offset);
+            r.key_code_bytes = static_cast<uint32_t>(hl.key_code_bytes);
+            r.value_code_bytes = static_cast<uint32_t>(hl.value_code_bytes);
+            regions.push_back(r);
+        }
+        if (state_stride_ > dev::kMaxStateFloats)
+            throw std::invalid_argument("CUDA codec backend: query state too large");
+        state_stride_ = (state_stride_ + 3) / 4 * 4;
+        // One allocation: the arena, then the per-head parameter arrays.
+        const std::size_t arena_bytes = (arena.bytes().size() + 255) / 256 * 256;
+        const std::size_t kp_bytes = (kp.size() * sizeof(kp[0]) + 255) / 256 * 256;
+        const std::size_t vp_bytes = (vp.size() * sizeof(vp[0]) + 255) / 256 * 256;
+        params_bytes_ = arena_bytes + kp_bytes + vp_bytes + regions.size() * sizeof(HeadRegions);
+        check_cuda(cudaMalloc(&params_, params_bytes_), "cudaMalloc(codec parameters)");
+        auto* base = static_cast<uint8_t*>(params_);
+        for (auto& p : kp) p.rebase(base);
+        for (auto& p : vp) p.rebase(base);
+        const auto copy = [](void* dst, const void* src, std::size_t n) {
+            if (n > 0) check_cuda(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice), "upload codec parameters");
+        };
+        copy(base, arena.bytes().data(), arena.bytes().size());
+        copy(base + arena_bytes, kp.data(), kp.size() * sizeof(kp[0]));
+        copy(base + arena_bytes + kp_bytes, vp.data(), vp.size() * sizeof(vp[0]));
+        copy(base + arena_bytes + kp_bytes + vp_bytes, regions.data(), regions.size() * sizeof(HeadRegions));
+        store_.keys = reinterpret_cast<const typename Codec::Params*>(base + arena_bytes);
+        store_.values = reinterpret_cast<const dev::ValueDevice::Params*>(base + arena_bytes + kp_bytes);
+        store_.regions = reinterpret_cast<const HeadRegions*>(base + arena_bytes + kp_bytes + vp_bytes);
+        store_.page_bytes = page_bytes_;
+        store_.heads = heads_;
+        store_.d = d_;
+        int device = 0;
+        check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+        check_cuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device), "SM count");
+    }
+
+    ~Backend() override {
+        cudaFree(params_);
+        cudaFree(workspace_);
+    }
+
+    void encode(uint8_t* pool, const int32_t* page_table, int start, int n, const float* keys,
+                const float* values, cudaStream_t stream) override {
+        if (n == 0) return;
+        EncodeParams<Codec> a{with(pool, page_table), start, n, keys, values};
+        codec::codec_encode_kernel<Codec>
+            <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(a);
+        check_cuda(cudaGetLastError(), "codec encode kernel");
+    }
+
+    void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n, float* keys,
+                    float* values, cudaStream_t stream) const override {
+        if (n == 0) return;
+        EncodeParams<Codec> a{with(const_cast<uint8_t*>(pool), page_table), start, n, nullptr, nullptr};
+        codec::codec_dequantize_kernel<Codec>
+            <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(a, keys, values);
+        check_cuda(cudaGetLastError(), "codec dequantize kernel");
+    }
+
+    void attend(const uint8_t* pool, const int32_t* page_table, int size, const float* queries,
+                int group, int n_queries, float* out, float scale, bool causal,
+                cudaStream_t stream) override {
+        if (d_ <= 64) return attend_d<64>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
+        if (d_ <= 128) return attend_d<128>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
+        return attend_d<256>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
+    }
+
+    std::size_t nbytes() const override { return params_bytes_ + workspace_bytes_; }
+
+private:
+    codec::Store<Codec> with(uint8_t* pool, const int32_t* page_table) const {
+        codec::Store<Codec> s = store_;
+        s.pool = pool;
+        s.page_table = page_table;
+        return s;
+    }
+
+    void* workspace(std::size_t bytes) {
+        if (bytes > workspace_bytes_) {
+            cudaFree(workspace_);
+            workspace_ = nullptr;
+            workspace_bytes_ = 0;
+            check_cuda(cudaMalloc(&workspace_, bytes), "cudaMalloc(codec attention workspace)");
+            workspace_bytes_ = bytes;
+        }
+        return workspace_;
+    }
+
+    template <int D>
+    void attend_d(const uint8_t* pool, const int32_t* page_table, int size, const float* queries,
+                  int group, int n_queries, float* out, float scale, bool causal,
+                  cudaStream_t stream) {
+        AttentionParams<Codec> a;
+        a.store = with(const_cast<uint8_t*>(pool), page_table);
+        a.size = size;
+        a.n_queries = n_queries;
+        a.group = group;
+        a.rows = group * n_queries;
+        a.causal = causal ? 1 : 0;
+        a.scale_log2 = scale * 1.4426950408889634f;
+        a.queries = queries;
+        a.out = out;
+        a.state_stride = state_stride_;
+        // Rows per CTA: as many as the shared memory holds, up to kRowsPerBlock.
+        constexpr std::size_t kSmem = 200 * 1024;
+        int rb = std::min(codec::kRowsPerBlock, a.rows);
+        while (rb > 1 && codec::attention_shared_bytes(rb, a.state_stride, D) > kSmem) --rb;
+        a.rows_per_block = rb;
+        const int row_blocks = (a.rows + rb - 1) / rb;
+        // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
+        // CTA's warps (kWarps * 32 tokens).
+        const long long units = static_cast<long long>(heads_) * row_blocks;
+        constexpr int kChunk = codec::kWarps * 32;
+        const int chunks = std::max(1, (size + kChunk - 1) / kChunk);
+        const long long want = std::max<long long>(1, (4LL * sms_ + units - 1) / units);
+        const int per = static_cast<int>((chunks + std::min<long long>(want, chunks) - 1) /
+                                         std::min<long long>(want, chunks));
+        a.tokens_per_split = per * kChunk;
+        a.splits = (chunks + per - 1) / per;
+        const std::size_t rows_total = static_cast<std::size_t>(heads_) * a.rows;
+        const std::size_t states_bytes = (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
+        const std::size_t ml_bytes = (rows_total * a.splits * sizeof(float2) + 255) / 256 * 256;
+        const std::size_t o_bytes = rows_total * a.splits * D * sizeof(float);
+        auto* ws = static_cast<uint8_t*>(workspace(states_bytes + ml_bytes + o_bytes));
+        a.states = reinterpret_cast<float*>(ws);
+        a.partial_ml = reinterpret_cast<float2*>(ws + states_bytes);
+        a.partial_o = reinterpret_cast<float*>(ws + states_bytes + ml_bytes);
+
+        codec::codec_prepare_kernel<Codec><<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
+        check_cuda(cudaGetLastError(), "codec prepare kernel");
+        const std::size_t smem = codec::attention_shared_bytes(rb, a.state_stride, D);
+        auto* kernel = &codec::codec_attention_kernel<Codec, D>;
+        if (smem > 48 * 1024 && smem > smem_attribute_[D / 128]) {  // D in {64, 128, 256}
+            check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kSmem)),
+                       "codec attention shared memory");
+            smem_attribute_[D / 128] = kSmem;
+        }
+        const dim3 grid(a.splits, heads_, row_blocks);
+        kernel<<<grid, codec::kWarps * 32, smem, stream>>>(a);
+        check_cuda(cudaGetLastError(), "codec attention kernel");
+        codec::codec_merge_kernel<Codec, D>
+            <<<blocks_for(rows_total * 32), codec::kThreads, 0, stream>>>(a);
+        check_cuda(cudaGetLastError(), "codec merge kernel");
+    }
+
+    int heads_, d_;
+    uint64_t page_bytes_;
+    int state_stride_ = 1;
+    std::size_t smem_attribute_[3] = {};  ///< dynamic shared memory allowed, per D (64, 128, 256)
+    int sms_ = 1;
+    void* params_ = nullptr;
+    std::size_t params_bytes_ = 0;
+    void* workspace_ = nullptr;
+    std::size_t workspace_bytes_ = 0;
+    codec::Store<Codec> store_;
+};
+
+}  // namespace
+
+std::unique_ptr<CodecBackend> make_codec_backend(
+    const std::string& method, const std::vector<std::unique_ptr<KeyCodec>>& keys,
+    const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout) {
+    if (keys.empty() || keys.size() != values.size() || layout.heads.size() != keys.size())
+        throw std::invalid_argument("CUDA codec backend: one key and value codec per head");
+    if (method == "turboquant_rvq" || method == "ratequant")
+        return std::make_unique<Backend<dev::TqDevice>>(keys, values, layout);
+    if (method == "commvq") return std::make_unique<Backend<dev::CommVQDevice>>(keys, values, layout);
+    if (method == "fp16") return std::make_unique<Backend<dev::Fp16Device>>(keys, values, layout);
+    if (method == "qjl") return std::make_unique<Backend<dev::QjlDevice>>(keys, values, layout);
+    if (method == "polarquant")
+        return std::make_unique<Backend<dev::PolarQuantDevice>>(keys, values, layout);
+    if (method == "rabitq") return std::make_unique<Backend<dev::RaBitQDevice>>(keys, values, layout);
+    if (method == "spectral")
+        return std::make_unique<Backend<dev::SpectralDevice>>(keys, values, layout);
+    if (method == "vecinfer")
+        return std::make_unique<Backend<dev::VecInferDevice>>(keys, values, layout);
+    throw std::invalid_argument("CUDA codec backend: no device codec for method '" + method + "'");
+}
+
+}  // namespace veloxquant::cuda

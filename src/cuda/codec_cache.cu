@@ -1,0 +1,144 @@
+#include "cuda/codec_cache.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "core/rng.h"
+#include "cuda/cuda_cache.h"
+#include "device_codecs/device_common.h"
+#include "methods/key_codec.h"
+#include "methods/value_codec.h"
+#include "veloxquant/caches.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+int effective_value_bits(const KVCacheConfig& c) { return c.method == "fp16" ? 16 : c.value_bits; }
+
+}  // namespace
+
+CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
+                               int max_seq_len, int layer)
+    : config_(config), num_heads_(num_heads), head_dim_(head_dim), max_seq_len_(max_seq_len),
+      layer_(layer) {
+    config_.validate();
+    if (num_heads < 1 || num_heads > 4096)
+        throw std::invalid_argument("num_heads must be in 1..4096, got " + std::to_string(num_heads));
+    if (head_dim < 2 || head_dim > dev::kMaxDim)
+        throw std::invalid_argument("CUDA codec cache: head_dim must be in 2.." +
+                                    std::to_string(dev::kMaxDim) + ", got " + std::to_string(head_dim));
+    if (max_seq_len < 1)
+        throw std::invalid_argument("max_seq_len must be positive, got " + std::to_string(max_seq_len));
+    if (layer < 0) throw std::invalid_argument("layer must be >= 0");
+    if (config_.outlier_observer)
+        throw std::invalid_argument("CUDA codec cache: no outlier side store on the device yet");
+    layout_.tokens_per_page = kTokensPerPage;
+    for (int h = 0; h < num_heads; ++h) {
+        key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));
+        const uint64_t vseed =
+            derive_seed(config_.seed, layer, h, head_dim, RandomPurpose::kValueRotation);
+        value_codecs_.push_back(std::make_unique<ValueCodec>(
+            head_dim, effective_value_bits(config_), config_.use_hadamard, vseed));
+        HeadLayout hl;
+        hl.key_code_bytes = key_codecs_[h]->code_bytes();
+        hl.key_scalars = key_codecs_[h]->num_scalars();
+        hl.value_code_bytes = value_codecs_[h]->code_bytes();
+        hl.value_scalars = value_codecs_[h]->num_scalars();
+        layout_.heads.push_back(hl);
+    }
+    layout_.finalize();
+    check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
+    if (!key_codecs_[0]->needs_training())
+        backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
+    pages_ = std::make_unique<DevicePagePool>(layout_, max_seq_len);
+    pages_->reserve(1);
+}
+
+CudaCodecCache::~CudaCodecCache() = default;
+
+void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
+    // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
+    // the device cache does the same on the host, then uploads the trained parameters.
+    std::vector<float> host(static_cast<std::size_t>(num_heads_) * n_tokens * head_dim_);
+    check_cuda(cudaMemcpyAsync(host.data(), keys, host.size() * sizeof(float),
+                               cudaMemcpyDeviceToHost, stream),
+               "append: copy keys for training");
+    check_cuda(cudaStreamSynchronize(stream), "append: synchronize for training");
+    for (int h = 0; h < num_heads_; ++h)
+        if (key_codecs_[h]->needs_training())
+            key_codecs_[h]->train(host.data() + static_cast<std::size_t>(h) * n_tokens * head_dim_,
+                                  n_tokens);
+    backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
+}
+
+void CudaCodecCache::append(const float* keys, const float* values, int n_tokens,
+                            cudaStream_t stream) {
+    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr) throw std::invalid_argument("append: null keys or values");
+    if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
+        throw std::length_error("append: " + std::to_string(n_tokens) +
+                                " tokens would exceed max_seq_len " + std::to_string(max_seq_len_) +
+                                " (cache holds " + std::to_string(size_) + ")");
+    pages_->reserve(size_ + n_tokens);
+    if (!backend_) train_on(keys, n_tokens, stream);
+    backend_->encode(pages_->pool(), pages_->page_table(), size_, n_tokens, keys, values, stream);
+    size_ += n_tokens;
+}
+
+void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries, float* out,
+                            float scale, bool causal, cudaStream_t stream) {
+    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0)
+        throw std::invalid_argument("attend: num_q_heads must be a multiple of the " +
+                                    std::to_string(num_heads_) + " KV heads, got " +
+                                    std::to_string(num_q_heads));
+    if (n_queries < 1) throw std::invalid_argument("attend: n_queries must be positive");
+    if (causal && n_queries > size_)
+        throw std::invalid_argument("attend: causal attention of " + std::to_string(n_queries) +
+                                    " queries needs as many stored tokens, cache holds " +
+                                    std::to_string(size_));
+    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    if (size_ == 0 || !backend_) {  // nothing to attend to: zeros, as the CPU cache
+        check_cuda(cudaMemsetAsync(out, 0,
+                                   static_cast<std::size_t>(num_q_heads) * n_queries * head_dim_ * sizeof(float),
+                                   stream),
+                   "attend: zero output");
+        return;
+    }
+    backend_->attend(pages_->pool(), pages_->page_table(), size_, queries, num_q_heads / num_heads_,
+                     n_queries, out, scale, causal, stream);
+}
+
+void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* values,
+                                cudaStream_t stream) const {
+    if (start < 0 || n_tokens < 0 || static_cast<long long>(start) + n_tokens > size_)
+        throw std::out_of_range("dequantize: range outside [0, " + std::to_string(size_) + ")");
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr) throw std::invalid_argument("dequantize: null output");
+    backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values, stream);
+}
+
+void CudaCodecCache::truncate(int n_tokens) {
+    if (n_tokens < 0 || n_tokens > size_)
+        throw std::out_of_range("truncate: " + std::to_string(n_tokens) + " is outside [0, " +
+                                std::to_string(size_) + "]");
+    size_ = n_tokens;
+}
+
+std::size_t CudaCodecCache::nbytes() const {
+    return pages_->nbytes() + (backend_ ? backend_->nbytes() : 0);
+}
+
+void CudaCodecCache::download(PagedStore& store) const { pages_->download(store, size_); }
+
+void CudaCodecCache::upload(const PagedStore& store, int size) {
+    if (size < 0 || size > max_seq_len_) throw std::invalid_argument("upload: bad size");
+    if (!backend_)
+        throw std::logic_error("upload: train the codecs first (append, or a calibrated config)");
+    pages_->upload(store, size);
+    size_ = size;
+}
+
+}  // namespace veloxquant::cuda

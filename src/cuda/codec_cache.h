@@ -1,0 +1,108 @@
+// CudaCodecCache: one layer's cache of any method, resident on the device, through the generic
+// device codecs (src/device_codecs/, one thread per token) and kernels (codec_kernels.cuh).
+// Pages have the CPU cache's layout (PagedStore), so the two exchange pages, and files through
+// the CPU cache. turboquant_rvq at head_dim 64/128 also has the tuned tensor-core decode of
+// CudaTurboQuantCache; this path serves every method, head dim (up to 256) and causal prefill.
+//
+// Scope: the eight methods and fp16 with fp16 or quantized values; no outlier side store and no
+// sliding window on the device (the constructor says so). Codecs that learn from data (rabitq's
+// IVF centroids) train on the host, on the first append's keys.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cache/paged_store.h"
+#include "cuda/page_pool.h"
+#include "veloxquant/config.h"
+
+namespace veloxquant {
+class KeyCodec;
+class ValueCodec;
+}  // namespace veloxquant
+
+namespace veloxquant::cuda {
+
+/// The kernels of one device codec type on one cache's storage (codec_backend.cu).
+class CodecBackend {
+public:
+    virtual ~CodecBackend() = default;
+    /// Encodes tokens [start, start + n) from device keys/values [heads][n][d].
+    virtual void encode(uint8_t* pool, const int32_t* page_table, int start, int n,
+                        const float* keys, const float* values, cudaStream_t stream) = 0;
+    virtual void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n,
+                            float* keys, float* values, cudaStream_t stream) const = 0;
+    /// Attention of queries [num_q_heads][n_queries][d] over `size` stored tokens.
+    virtual void attend(const uint8_t* pool, const int32_t* page_table, int size,
+                        const float* queries, int group, int n_queries, float* out, float scale,
+                        bool causal, cudaStream_t stream) = 0;
+    /// Device bytes of codec parameters and workspace.
+    virtual std::size_t nbytes() const = 0;
+};
+
+/// The backend for config.method built from the CPU codecs of every head (their parameters are
+/// copied to the device); throws std::invalid_argument for a method or shape out of scope.
+std::unique_ptr<CodecBackend> make_codec_backend(
+    const std::string& method, const std::vector<std::unique_ptr<KeyCodec>>& keys,
+    const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout);
+
+class CudaCodecCache {
+public:
+    /// Throws std::invalid_argument for a config out of scope (outliers, head_dim > 256, ...).
+    CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
+                   int max_seq_len = 8192, int layer = 0);
+    ~CudaCodecCache();
+    CudaCodecCache(const CudaCodecCache&) = delete;
+    CudaCodecCache& operator=(const CudaCodecCache&) = delete;
+
+    /// Encodes n_tokens device-resident tokens, [num_heads][n_tokens][head_dim]; throws
+    /// std::length_error past max_seq_len (nothing changes). The first append of a codec that
+    /// trains (rabitq) copies its keys to the host, trains, then uploads the parameters.
+    void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
+    /// Attention of queries [num_q_heads][n_queries][head_dim] over every stored token; with
+    /// causal, the queries are the last n_queries tokens appended (KVCache::attend).
+    void attend(const float* queries, int num_q_heads, int n_queries, float* out, float scale,
+                bool causal, cudaStream_t stream);
+    /// Reconstructs tokens [start, start + n_tokens) into device buffers.
+    void dequantize(int start, int n_tokens, float* keys, float* values,
+                    cudaStream_t stream) const;
+
+    void reset() { size_ = 0; }
+    /// Keeps the first n_tokens tokens (0 <= n_tokens <= size()).
+    void truncate(int n_tokens);
+
+    int size() const { return size_; }
+    int max_seq_len() const { return max_seq_len_; }
+    int num_heads() const { return num_heads_; }
+    int head_dim() const { return head_dim_; }
+    int device() const { return device_; }
+    const KVCacheConfig& config() const { return config_; }
+    const PageLayout& page_layout() const { return layout_; }
+    /// Device bytes held: pages, page table, codec parameters and workspace.
+    std::size_t nbytes() const;
+
+    /// Copies every page into a CPU store of the same layout. Synchronous.
+    void download(PagedStore& store) const;
+    /// Replaces the contents with the first `size` positions of a CPU store of the same
+    /// layout (every page held). Synchronous.
+    void upload(const PagedStore& store, int size);
+
+private:
+    void train_on(const float* keys, int n_tokens, cudaStream_t stream);
+
+    KVCacheConfig config_;
+    int num_heads_, head_dim_, max_seq_len_, layer_;
+    int device_ = 0;
+    int size_ = 0;
+    PageLayout layout_;
+    std::vector<std::unique_ptr<KeyCodec>> key_codecs_;
+    std::vector<std::unique_ptr<ValueCodec>> value_codecs_;
+    std::unique_ptr<CodecBackend> backend_;  ///< null until trained codecs are trained
+    std::unique_ptr<DevicePagePool> pages_;
+};
+
+}  // namespace veloxquant::cuda

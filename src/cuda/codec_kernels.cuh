@@ -1,0 +1,343 @@
+// Header-only CUDA kernels of the generic device path: every method's device codec
+// (src/device_codecs/, one thread per token) on the CPU's page layout (src/cache/paged_store.h).
+//   codec_encode_kernel      one thread per (head, token): key codec + value codec
+//   codec_dequantize_kernel  one thread per (head, token)
+//   codec_prepare_kernel     one thread per (head, query row): the key codec's query state
+//   codec_attention_kernel   split-K attention of query rows over the codes: lanes score one
+//                            token each from the state in shared memory, then the warp
+//                            accumulates p_t * v_t lane-per-coordinate (online softmax, log2)
+//   codec_merge_kernel       one warp per (head, row): merges the splits and maps the value
+//                            sum back from the value codec's domain
+// Rows: row r of KV head h is query i = r / group of query head h * group + r % group; with
+// causal masking it sees tokens [0, size - n_queries + i], else every token. A decode step is
+// n_queries = 1; a prefill chunk's queries are its own (already encoded) tokens.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "device_codecs/device_common.h"
+#include "device_codecs/value_device.h"
+
+namespace veloxquant::cuda::codec {
+
+constexpr int kPage = 64;         // tokens per page (kTokensPerPage)
+constexpr int kWarps = 4;         // warps per attention CTA
+constexpr int kRowsPerBlock = 8;  // query rows one attention CTA carries at most
+constexpr int kThreads = 128;     // threads per CTA of the per-item kernels
+constexpr unsigned kFull = 0xffffffffu;
+
+/// One KV head's regions inside a page (offsets from the page start; PageLayout's HeadLayout).
+struct HeadRegions {
+    uint32_t key_codes = 0, key_scalars = 0, value_codes = 0, value_scalars = 0;
+    uint32_t key_code_bytes = 0, value_code_bytes = 0;
+};
+
+/// Storage and codecs of one cache, as the kernels see them (device pointers).
+template <class Codec>
+struct Store {
+    const typename Codec::Params* keys = nullptr;   ///< [heads]
+    const dev::ValueDevice::Params* values = nullptr;  ///< [heads]
+    const HeadRegions* regions = nullptr;           ///< [heads]
+    uint8_t* pool = nullptr;
+    const int32_t* page_table = nullptr;
+    uint64_t page_bytes = 0;
+    int heads = 0;
+    int d = 0;
+
+    __device__ uint8_t* page(int pos) const {
+        return pool + static_cast<uint64_t>(page_table[pos / kPage]) * page_bytes;
+    }
+};
+
+template <class Codec>
+struct EncodeParams {
+    Store<Codec> store;
+    int start = 0, n = 0;
+    const float* keys = nullptr;    ///< [heads][n][d]
+    const float* values = nullptr;  ///< [heads][n][d]
+};
+
+template <class Codec>
+__global__ void __launch_bounds__(kThreads) codec_encode_kernel(const EncodeParams<Codec> a) {
+    const long long item = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
+    if (item >= static_cast<long long>(a.store.heads) * a.n) return;
+    const int h = static_cast<int>(item / a.n), t = static_cast<int>(item % a.n), pos = a.start + t;
+    const HeadRegions R = a.store.regions[h];
+    uint8_t* page = a.store.page(pos);
+    const int slot = pos % kPage;
+    const size_t row = (static_cast<size_t>(h) * a.n + t) * a.store.d;
+    Codec::encode(a.store.keys[h], a.keys + row, pos, page + R.key_codes + slot * R.key_code_bytes,
+                  reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
+    dev::ValueDevice::encode(a.store.values[h], a.values + row,
+                             page + R.value_codes + slot * R.value_code_bytes,
+                             reinterpret_cast<float*>(page + R.value_scalars) + slot);
+}
+
+template <class Codec>
+__global__ void __launch_bounds__(kThreads) codec_dequantize_kernel(const EncodeParams<Codec> a,
+                                                                     float* keys, float* values) {
+    const long long item = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
+    if (item >= static_cast<long long>(a.store.heads) * a.n) return;
+    const int h = static_cast<int>(item / a.n), t = static_cast<int>(item % a.n), pos = a.start + t;
+    const HeadRegions R = a.store.regions[h];
+    const uint8_t* page = a.store.page(pos);
+    const int slot = pos % kPage;
+    const size_t row = (static_cast<size_t>(h) * a.n + t) * a.store.d;
+    Codec::decode(a.store.keys[h], page + R.key_codes + slot * R.key_code_bytes,
+                  reinterpret_cast<const float*>(page + R.key_scalars) + slot, kPage, pos,
+                  keys + row);
+    dev::ValueDevice::decode(a.store.values[h], page + R.value_codes + slot * R.value_code_bytes,
+                             reinterpret_cast<const float*>(page + R.value_scalars) + slot,
+                             values + row);
+}
+
+template <class Codec>
+struct AttentionParams {
+    Store<Codec> store;
+    int size = 0;       ///< tokens stored
+    int n_queries = 0;  ///< queries per query head
+    int group = 1;      ///< query heads per KV head
+    int rows = 0;       ///< group * n_queries rows per KV head
+    int causal = 0;
+    float scale_log2 = 0.0f;       ///< softmax scale times log2(e)
+    const float* queries = nullptr;  ///< [heads * group][n_queries][d]
+    float* out = nullptr;            ///< [heads * group][n_queries][d]
+    float* states = nullptr;         ///< [heads][rows][state_stride]
+    int state_stride = 0;
+    int rows_per_block = 1;          ///< rows of one attention CTA, 1..kRowsPerBlock
+    int tokens_per_split = 0;        ///< a multiple of 32
+    int splits = 1;
+    float* partial_o = nullptr;    ///< [heads][rows][splits][D]
+    float2* partial_ml = nullptr;  ///< [heads][rows][splits] (max, sum), log2 units
+
+    __device__ int limit(int row) const {
+        return causal ? size - n_queries + row / group + 1 : size;
+    }
+    __device__ const float* query(int h, int row) const {
+        const int qh = h * group + row % group, i = row / group;
+        return queries + (static_cast<size_t>(qh) * n_queries + i) * store.d;
+    }
+    __device__ float* output(int h, int row) const {
+        const int qh = h * group + row % group, i = row / group;
+        return out + (static_cast<size_t>(qh) * n_queries + i) * store.d;
+    }
+};
+
+template <class Codec>
+__global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const AttentionParams<Codec> a) {
+    const int item = blockIdx.x * kThreads + threadIdx.x;
+    if (item >= a.store.heads * a.rows) return;
+    const int h = item / a.rows, row = item % a.rows;
+    Codec::prepare(a.store.keys[h], a.query(h, row),
+                   a.states + static_cast<size_t>(item) * a.state_stride);
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(kFull, x, m);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, m));
+    return x;
+}
+
+/// Shared memory of an attention CTA: the rows' states, then each warp's (m, l, o[D]) per row.
+__host__ __device__ constexpr size_t attention_shared_bytes(int rows, int state_stride, int D) {
+    return (static_cast<size_t>(rows) * state_stride +
+            static_cast<size_t>(kWarps) * kRowsPerBlock * (D + 2)) *
+           sizeof(float);
+}
+
+// grid (splits, heads, row blocks). Lane = token for scoring; lane = coordinates
+// j = lane + 32 e for the value sum (E = D / 32, coordinates past d stay 0).
+template <class Codec, int D>
+__global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const AttentionParams<Codec> a) {
+    constexpr int E = D / 32;
+    constexpr int RB = kRowsPerBlock;
+    extern __shared__ float smem[];
+    const int split = blockIdx.x, h = blockIdx.y;
+    const int row0 = blockIdx.z * a.rows_per_block;
+    const int rows = min(a.rows_per_block, a.rows - row0);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int S = a.state_stride, d = a.store.d;
+
+    float* states = smem;
+    for (int i = threadIdx.x; i < rows * S; i += blockDim.x)
+        states[i] = a.states[(static_cast<size_t>(h) * a.rows + row0) * S + i];
+    __syncthreads();
+
+    int lim[RB];
+    int lim_max = 0;
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        lim[r] = r < rows ? a.limit(row0 + r) : 0;
+        lim_max = max(lim_max, lim[r]);
+    }
+    const int t_begin = split * a.tokens_per_split;
+    const int t_end = min(t_begin + a.tokens_per_split, lim_max);
+    const typename Codec::Params kp = a.store.keys[h];
+    const dev::ValueDevice::Params vp = a.store.values[h];
+    const HeadRegions R = a.store.regions[h];
+
+    float m[RB], l[RB], acc[RB][E];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
+    }
+    for (int c0 = t_begin + warp * 32; c0 < t_end; c0 += kWarps * 32) {
+        const int t = c0 + lane;
+        float p[RB];
+        if (t < t_end) {
+            const uint8_t* page = a.store.page(t);
+            const int slot = t % kPage;
+            const uint8_t* code = page + R.key_codes + slot * R.key_code_bytes;
+            const float* scalars = reinterpret_cast<const float*>(page + R.key_scalars) + slot;
+#pragma unroll
+            for (int r = 0; r < RB; ++r)
+                p[r] = r < rows && t < lim[r]
+                           ? Codec::score(kp, states + r * S, code, scalars, kPage, t) *
+                                 a.scale_log2
+                           : -INFINITY;
+        } else {
+#pragma unroll
+            for (int r = 0; r < RB; ++r) p[r] = -INFINITY;
+        }
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            const float mx = fmaxf(m[r], warp_max(p[r]));
+            if (mx == -INFINITY) {
+                p[r] = 0.0f;
+                continue;
+            }
+            const float corr = exp2f(m[r] - mx);
+            p[r] = exp2f(p[r] - mx);
+            l[r] = l[r] * corr + warp_sum(p[r]);
+            m[r] = mx;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][e] *= corr;
+        }
+        const int n = min(32, t_end - c0);
+        for (int tt = 0; tt < n; ++tt) {
+            const int tok = c0 + tt;
+            const uint8_t* page = a.store.page(tok);
+            const int slot = tok % kPage;
+            const uint8_t* vcode = page + R.value_codes + slot * R.value_code_bytes;
+            const float* vscal = reinterpret_cast<const float*>(page + R.value_scalars) + slot;
+            float v[E];
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                const int j = lane + 32 * e;
+                v[e] = j < d ? dev::ValueDevice::coord(vp, vcode, vscal, j) : 0.0f;
+            }
+#pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                const float w = __shfl_sync(kFull, p[r], tt);
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] += w * v[e];
+            }
+        }
+    }
+
+    // Combine the warps: each writes (m, l, o) per row; warp 0 merges and stores the split.
+    __syncthreads();  // the states are no longer read
+    float* mine = smem + static_cast<size_t>(rows) * S;
+    float* slot_w = mine + static_cast<size_t>(warp) * RB * (D + 2);
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        if (r >= rows) break;
+        float* s = slot_w + r * (D + 2);
+        if (lane == 0) s[0] = m[r], s[1] = l[r];
+#pragma unroll
+        for (int e = 0; e < E; ++e) s[2 + lane + 32 * e] = acc[r][e];
+    }
+    __syncthreads();
+    for (int r = warp; r < rows; r += kWarps) {
+        float mx = -INFINITY;
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mine[(w * RB + r) * (D + 2)]);
+        float lsum = 0.0f, o[E] = {};
+        if (mx != -INFINITY) {
+            for (int w = 0; w < kWarps; ++w) {
+                const float* s = mine + (w * RB + r) * (D + 2);
+                if (s[1] == 0.0f) continue;
+                const float f = exp2f(s[0] - mx);
+                lsum += f * s[1];
+#pragma unroll
+                for (int e = 0; e < E; ++e) o[e] += f * s[2 + lane + 32 * e];
+            }
+        }
+        const size_t at = (static_cast<size_t>(h) * a.rows + row0 + r) * a.splits + split;
+        if (lane == 0) a.partial_ml[at] = make_float2(mx, lsum);
+#pragma unroll
+        for (int e = 0; e < E; ++e) a.partial_o[at * D + lane + 32 * e] = o[e];
+    }
+}
+
+/// out = R^T acc for the value rotation, one warp, lane j = lane + 32 e computing coordinate j
+/// from acc in shared memory: for the randomized Hadamard form R^T = diag(signs) H / sqrt(d)
+/// with H[j][i] = (-1)^popcount(i & j) (Sylvester order, as fwht_orthonormal), else the dense
+/// matrix's column j. O(d) per coordinate instead of one thread's O(d log d) or O(d^2).
+template <int D>
+__device__ void warp_value_finalize(const dev::ValueDevice::Params& vp, const float* acc,
+                                    float* out, int lane) {
+    const int d = vp.d;
+#pragma unroll
+    for (int e = 0; e < D / 32; ++e) {
+        const int j = lane + 32 * e;
+        if (j >= d) break;
+        float x = 0.0f;
+        if (vp.bits == 16) {
+            x = acc[j];
+        } else if (vp.rotation.hadamard) {
+            for (int i = 0; i < d; ++i) x += (__popc(i & j) & 1) ? -acc[i] : acc[i];
+            x *= vp.rotation.signs[j] * rsqrtf(static_cast<float>(d));
+        } else {
+            for (int i = 0; i < d; ++i) x += vp.rotation.matrix[static_cast<size_t>(i) * d + j] * acc[i];
+        }
+        out[j] = x;
+    }
+}
+
+// One warp per (head, row): merges the splits (lanes over splits for the max, over coordinates
+// for the sum), then maps the value sum back to the value space.
+template <class Codec, int D>
+__global__ void __launch_bounds__(kThreads) codec_merge_kernel(const AttentionParams<Codec> a) {
+    constexpr int E = D / 32;
+    __shared__ float acc_s[kThreads / 32][D];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int item = blockIdx.x * (kThreads / 32) + warp;
+    if (item >= a.store.heads * a.rows) return;
+    const int h = item / a.rows, row = item % a.rows;
+    const size_t base = static_cast<size_t>(item) * a.splits;
+    float mx = -INFINITY;
+    for (int s = lane; s < a.splits; s += 32) mx = fmaxf(mx, a.partial_ml[base + s].x);
+    mx = warp_max(mx);
+    float acc[E] = {};
+    float l = 0.0f;
+    if (mx != -INFINITY) {
+        for (int s = 0; s < a.splits; ++s) {
+            const float2 ml = a.partial_ml[base + s];
+            if (ml.y == 0.0f) continue;
+            const float f = exp2f(ml.x - mx);
+            l += f * ml.y;
+            const float* po = a.partial_o + (base + s) * D;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] += f * po[lane + 32 * e];
+        }
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc_s[warp][lane + 32 * e] = acc[e] * inv;
+    __syncwarp();
+    warp_value_finalize<D>(a.store.values[h], acc_s[warp], a.output(h, row), lane);
+}
+
+}  // namespace veloxquant::cuda::codec

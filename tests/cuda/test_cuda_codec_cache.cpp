@@ -1,0 +1,169 @@
+// The generic device cache (CudaCodecCache) against the CPU cache of the same config, for every
+// method: the pages are byte-identical (codes and scalars; methods whose encoders use
+// transcendental functions may differ in a few cells), dequantize agrees to 1e-5, and decode
+// and causal-prefill attention on the codes agree to 1e-3 relative error. Skips without a device.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cache/paged_store.h"
+#include "calibration/calibrate.h"
+#include "calibration_test_helpers.h"
+#include "cuda/codec_cache.h"
+#include "cuda_test_helpers.h"
+#include "veloxquant/calibration.h"
+#include "veloxquant/caches.h"
+#include "veloxquant/factory.h"
+#include "veloxquant/observer.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+using vqtest::DeviceBuffer;
+using vqtest::random_tokens;
+using vqtest::relative_error;
+
+struct Case {
+    std::string name;
+    KVCacheConfig config;
+    int heads, d;
+    /// Encoders that call atan2/hypot (polarquant) may round differently on the device.
+    double max_cell_mismatch = 0.0;
+};
+
+KVCacheConfig base(const std::string& method, int bits, int value_bits, uint64_t seed) {
+    KVCacheConfig c;
+    c.method = method;
+    c.bits = bits;
+    c.value_bits = value_bits;
+    c.seed = seed;
+    return c;
+}
+
+// Calibrates a calibrated method on synthetic activations of one layer.
+KVCacheConfig calibrated(KVCacheConfig c, int heads, int d) {
+    const Activations acts = vqtest::synthetic_activations(1, heads, d, 512, c.seed + 11);
+    Calibration cal;
+    calibrate_method(acts, c, cal);
+    apply_calibration(cal, c);
+    return c;
+}
+
+std::vector<Case> cases() {
+    std::vector<Case> v;
+    KVCacheConfig c = base("turboquant_rvq", 2, 4, 1);
+    c.num_residuals = 2;
+    v.push_back({"tq_d128_k2x2_v4", c, 2, 128});
+    c = base("turboquant_rvq", 3, 2, 2);
+    c.use_hadamard = false;
+    v.push_back({"tq_d96_dense_k3_v2", c, 2, 96});
+    v.push_back({"tq_d64_k1_v16", base("turboquant_rvq", 1, 16, 3), 3, 64});
+    v.push_back({"tq_d256_k4_v8", base("turboquant_rvq", 4, 8, 4), 1, 256});
+    c = base("ratequant", 3, 4, 5);
+    c.bit_allocation = {{"0.0", 2}, {"0.1", 4}};
+    v.push_back({"ratequant_per_head", c, 3, 128});
+    v.push_back({"fp16_d128", base("fp16", 4, 16, 6), 2, 128});
+    c = base("qjl", 1, 2, 7);
+    c.sketch_dim = 256;
+    v.push_back({"qjl_d128_m256_v2", c, 2, 128});
+    v.push_back({"polarquant_d64_b2_v4", base("polarquant", 2, 4, 8), 2, 64, 1e-3});
+    c = base("rabitq", 2, 4, 11);
+    c.num_clusters = 16;
+    v.push_back({"rabitq_d128_b2_trained_on_prefill", c, 2, 128});
+    c = base("spectral", 4, 4, 10);
+    v.push_back({"spectral_d128", calibrated(c, 2, 128), 2, 128});
+    c = base("commvq", 2, 4, 12);
+    v.push_back({"commvq_d64_b2", calibrated(c, 2, 64), 2, 64, 1e-3});
+    v.push_back({"vecinfer_d64_b2", calibrated(base("vecinfer", 2, 4, 9), 2, 64), 2, 64});
+    return v;
+}
+
+class CodecCacheParity : public testing::TestWithParam<Case> {};
+
+TEST_P(CodecCacheParity, MatchesCpuCache) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& k = GetParam();
+    const int H = k.heads, d = k.d, group = 4, hq = H * group;
+    auto cpu_owner = KVCacheFactory::create(k.config, H, d, 4096);
+    auto* cpu = dynamic_cast<QuantizedKVCache*>(cpu_owner.get());
+    ASSERT_NE(cpu, nullptr);
+    CudaCodecCache gpu(k.config, H, d, 4096);
+    uint64_t seed = 100;
+    int total = 0;
+    // A prefill chunk (causal attention of its own queries), a second chunk across a page
+    // boundary, then decode steps.
+    for (const int n : {150, 70, 1, 1}) {
+        const auto keys = random_tokens(H, n, d, ++seed, 0.5f);
+        const auto values = random_tokens(H, n, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu->append(keys.data(), values.data(), n);
+        gpu.append(dk.get(), dv.get(), n, nullptr);
+        total += n;
+        const auto q = vqtest::randn(static_cast<std::size_t>(hq) * n * d, ++seed, 0.1f);
+        std::vector<float> ref(q.size());
+        cpu->attend(q.data(), hq, n, ref.data(), 0.125f, true);
+        DeviceBuffer<float> dq(q), dout(q.size());
+        gpu.attend(dq.get(), hq, n, dout.get(), 0.125f, true, nullptr);
+        EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << "causal, after " << total;
+    }
+    // Non-causal attention of two queries per head over everything.
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * 2 * d, ++seed, 0.1f);
+    std::vector<float> ref(q.size());
+    cpu->attend(q.data(), hq, 2, ref.data(), 0.125f, false);
+    DeviceBuffer<float> dq(q), dout(q.size());
+    gpu.attend(dq.get(), hq, 2, dout.get(), 0.125f, false, nullptr);
+    EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << "non-causal";
+
+    // Pages: byte for byte, or nearly so for transcendental encoders.
+    PagedStore pages(gpu.page_layout());
+    gpu.download(pages);
+    const PagedStore& ref_pages = cpu->paged_store();
+    ASSERT_EQ(pages.layout().page_bytes, ref_pages.layout().page_bytes);
+    std::size_t diff = 0, bytes = 0;
+    for (int p = 0; p * kTokensPerPage < total; ++p) {
+        const uint8_t* a = pages.page_data(p);
+        const uint8_t* b = ref_pages.page_data(p);
+        for (std::size_t i = 0; i < pages.layout().page_bytes; ++i) diff += a[i] != b[i];
+        bytes += pages.layout().page_bytes;
+    }
+    EXPECT_LE(static_cast<double>(diff), k.max_cell_mismatch * bytes) << diff << " bytes differ";
+
+    // Dequantize.
+    const std::size_t count = static_cast<std::size_t>(H) * total * d;
+    std::vector<float> rk(count), rv(count);
+    cpu->dequantize(0, total, rk.data(), rv.data());
+    DeviceBuffer<float> gk(count), gv(count);
+    gpu.dequantize(0, total, gk.get(), gv.get(), nullptr);
+    const double tol = k.max_cell_mismatch > 0 ? 1e-3 : 1e-5;
+    EXPECT_LE(relative_error(gk.download(), rk), tol);
+    EXPECT_LE(relative_error(gv.download(), rv), tol);
+
+    // Capacity and truncation behave as the CPU cache's.
+    DeviceBuffer<float> one(static_cast<std::size_t>(H) * 4096 * d);
+    EXPECT_THROW(gpu.append(one.get(), one.get(), 4096, nullptr), std::length_error);
+    EXPECT_EQ(gpu.size(), total);
+    gpu.truncate(100);
+    cpu->trim(total - 100);
+    const auto q1 = vqtest::randn(static_cast<std::size_t>(hq) * d, ++seed, 0.1f);
+    std::vector<float> r1(q1.size());
+    cpu->attend(q1.data(), hq, 1, r1.data(), 0.125f, true);
+    DeviceBuffer<float> dq1(q1), do1(q1.size());
+    gpu.attend(dq1.get(), hq, 1, do1.get(), 0.125f, true, nullptr);
+    EXPECT_LE(relative_error(do1.download(), r1), 1e-3) << "after truncate";
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, CodecCacheParity, testing::ValuesIn(cases()),
+                         [](const testing::TestParamInfo<Case>& i) { return i.param.name; });
+
+TEST(CodecCache, RejectsConfigsOutOfScope) {
+    KVCacheConfig c = base("turboquant_rvq", 2, 4, 1);
+    EXPECT_THROW(CudaCodecCache(c, 2, 512, 64), std::invalid_argument);
+    c.outlier_observer = std::make_shared<KeyNormObserver>(4.0, 16);
+    EXPECT_THROW(CudaCodecCache(c, 2, 128, 64), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace veloxquant::cuda
