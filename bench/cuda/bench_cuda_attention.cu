@@ -19,11 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.cuh"
 #include "cuda/cuda_cache.h"
 #include "veloxquant/config.h"
 
 using namespace veloxquant;
 using namespace veloxquant::cuda;
+using namespace vqbench;
 
 namespace {
 
@@ -35,46 +37,6 @@ struct Method {
     int bits, stages, value_bits;
 };
 const Method kMethods[] = {{"k1v2", 1, 1, 2}, {"k4v4", 4, 1, 4}, {"k2x2v4", 2, 2, 4}};
-
-__global__ void fill_normal(float* x, size_t n, uint64_t seed) {
-    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
-         i += size_t(gridDim.x) * blockDim.x) {
-        uint64_t h = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-        h ^= h >> 31, h *= 0xBF58476D1CE4E5B9ull, h ^= h >> 27, h *= 0x94D049BB133111EBull,
-            h ^= h >> 33;
-        const float u1 = ((h >> 40) + 1) * (1.0f / 16777217.0f),
-                    u2 = (h & 0xFFFFFF) * (1.0f / 16777216.0f);
-        x[i] = sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
-    }
-}
-
-void fill(float* x, size_t n, uint64_t seed) {
-    fill_normal<<<1024, 256>>>(x, n, seed);
-    check_cuda(cudaGetLastError(), "fill_normal");
-}
-
-// Sorted event times of reps calls of body on the legacy default stream (which the body uses).
-template <typename F>
-std::vector<float> time_ms(int reps, F&& body) {
-    std::vector<cudaEvent_t> ev(2 * reps);
-    for (auto& e : ev) check_cuda(cudaEventCreate(&e), "event");
-    for (int r = 0; r < reps; ++r) {
-        check_cuda(cudaEventRecord(ev[2 * r]), "record");
-        body(r);
-        check_cuda(cudaEventRecord(ev[2 * r + 1]), "record");
-    }
-    check_cuda(cudaDeviceSynchronize(), "sync");
-    std::vector<float> ms(reps);
-    for (int r = 0; r < reps; ++r)
-        check_cuda(cudaEventElapsedTime(&ms[r], ev[2 * r], ev[2 * r + 1]), "elapsed");
-    for (auto& e : ev) cudaEventDestroy(e);
-    std::sort(ms.begin(), ms.end());
-    return ms;
-}
-
-float median(const std::vector<float>& sorted) {
-    return sorted[sorted.size() / 2];
-}
 
 struct Point {
     std::string method;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One run on the H200: configure (VQ_CUDA=ON, sm_90), build the CUDA library, the parity test and
-# the benchmark, run the parity test (plus compute-sanitizer on the batched decode), time our
-# fused decode and encode, and time torch bf16 SDPA at the same shapes in the same run.
+# One run on the H200: configure (VQ_CUDA=ON, sm_90), build the CUDA library, the parity tests and
+# the benchmarks, run the parity tests (plus compute-sanitizer on the batched decode and on the
+# generic path), time our fused decode and encode, every method on the generic path, and torch
+# bf16 SDPA at the same shapes in the same run. VQ_STAGES picks stages (default
+# "build parity bench codecs sdpa").
 # Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
 # VQ_NCU_POINTS="METHOD:D:B:N ..." picks the decode points ncu profiles (default k1v2:128:8:131072).
 set -uo pipefail
@@ -13,27 +15,44 @@ exec > >(tee "$OUT/run.log") 2>&1
 BUILD=build_h200
 JOBS=$(nproc)
 step() { echo "== $(date -u +%T) $*"; }
+STAGES=" ${VQ_STAGES:-build parity bench codecs sdpa} "
+has() { [[ "$STAGES" == *" $1 "* ]]; }
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
 nvcc --version | tail -1
 
+if has build; then
 step "configure"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=ON -DVQ_BUILD_TOOLS=OFF > "$OUT/configure.log" 2>&1 \
   || { tail -30 "$OUT/configure.log"; exit 1; }
 step "build"
-cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity bench_cuda_attention > "$OUT/build.log" 2>&1 \
+cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity test_cuda_codec_cache \
+  bench_cuda_attention bench_codec_cache > "$OUT/build.log" 2>&1 \
   || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+fi
 
-step "parity test"
+if has parity; then
+step "parity tests"
 "$BUILD/tests/cuda/test_cuda_parity" --gtest_output="json:$OUT/parity.json" 2>&1 | tail -40
-step "compute-sanitizer (memcheck, racecheck) on the batched decode"
+"$BUILD/tests/cuda/test_cuda_codec_cache" --gtest_output="json:$OUT/parity_codecs.json" 2>&1 \
+  | grep -E "^\[  (FAILED|PASSED|  OK) |Failure|Expected|Which is|error|differ" | head -80
+step "compute-sanitizer (memcheck, racecheck) on the batched decode and the generic path"
 for tool in memcheck racecheck; do
   timeout 45 compute-sanitizer --tool "$tool" --print-limit 5 \
     "$BUILD/tests/cuda/test_cuda_parity" --gtest_filter='*BatchedDecode*' 2>&1 | tail -6
+  timeout 60 compute-sanitizer --tool "$tool" --print-limit 5 \
+    "$BUILD/tests/cuda/test_cuda_codec_cache" --gtest_filter='*tq_d96*:*rabitq*:*commvq*' 2>&1 | tail -6
 done
+fi
 
+if has codecs; then
+step "every method on the generic path"
+"$BUILD/bench/cuda/bench_codec_cache" "$OUT/codec_bench.json"
+fi
+
+if has bench; then
 step "benchmark"
 "$BUILD/bench/cuda/bench_cuda_attention" "$OUT/cuda_bench.json"
 if command -v ncu >/dev/null; then
@@ -47,10 +66,11 @@ if command -v ncu >/dev/null; then
   done
   grep -E "^-- ncu|Duration|DRAM Throughput|L1/TEX Hit|Mem Pipes Busy|Compute \(SM\)|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Dynamic Shared|Block Limit Shared|Block Limit Reg" "$OUT/ncu.txt"
 fi
-if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+fi
+if has sdpa && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   step "torch bf16 SDPA"
   python3 bench/cuda/torch_sdpa.py "$OUT/torch_sdpa.json" "$OUT/cuda_bench.json"
 else
-  step "torch not importable: no SDPA comparison"
+  step "no SDPA comparison (stage skipped, or torch not importable)"
 fi
 step "done"
