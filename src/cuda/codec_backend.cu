@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/affine_state.h"
 #include "cuda/codec_cache.h"
 #include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
@@ -63,6 +64,14 @@ public:
         if (state_stride_ > dev::kMaxStateFloats)
             throw std::invalid_argument("CUDA codec backend: query state too large");
         state_stride_ = (state_stride_ + 3) / 4 * 4;
+        {  // The affine form of the query state, measured on host copies of the parameters.
+            std::vector<uint8_t> host = arena.bytes();
+            std::vector<typename Codec::Params> host_kp = kp;
+            for (auto& p : host_kp) p.rebase(host.data());
+            AffineStateHost affine;
+            if (measure_affine_state<Codec>(host_kp, d_, state_stride_, kMaxAffineFloats, affine))
+                upload_affine(affine);
+        }
         // One allocation: the arena, then the per-head parameter arrays.
         const std::size_t arena_bytes = (arena.bytes().size() + 255) / 256 * 256;
         const std::size_t kp_bytes = (kp.size() * sizeof(kp[0]) + 255) / 256 * 256;
@@ -92,6 +101,7 @@ public:
 
     ~Backend() override {
         cudaFree(params_);
+        cudaFree(affine_);
         cudaFree(workspace_);
     }
 
@@ -121,9 +131,27 @@ public:
         return attend_d<256>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
     }
 
-    std::size_t nbytes() const override { return params_bytes_ + workspace_bytes_; }
+    std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
 
 private:
+    /// Largest M of the affine query state per head (floats): 256 KB.
+    static constexpr std::size_t kMaxAffineFloats = 65536;
+
+    void upload_affine(const AffineStateHost& f) {
+        const std::size_t c_bytes = (f.constant.size() * sizeof(float) + 255) / 256 * 256;
+        const std::size_t r_bytes = (f.row_of.size() * sizeof(int) + 255) / 256 * 256;
+        affine_bytes_ = c_bytes + r_bytes + f.matrix.size() * sizeof(float);
+        check_cuda(cudaMalloc(&affine_, affine_bytes_), "cudaMalloc(affine query state)");
+        auto* base = static_cast<uint8_t*>(affine_);
+        check_cuda(cudaMemcpy(base, f.constant.data(), f.constant.size() * sizeof(float), cudaMemcpyHostToDevice), "affine");
+        check_cuda(cudaMemcpy(base + c_bytes, f.row_of.data(), f.row_of.size() * sizeof(int), cudaMemcpyHostToDevice), "affine");
+        check_cuda(cudaMemcpy(base + c_bytes + r_bytes, f.matrix.data(), f.matrix.size() * sizeof(float), cudaMemcpyHostToDevice), "affine");
+        affine_state_.constant = reinterpret_cast<const float*>(base);
+        affine_state_.row_of = reinterpret_cast<const int*>(base + c_bytes);
+        affine_state_.matrix = reinterpret_cast<const float*>(base + c_bytes + r_bytes);
+        affine_state_.varying = std::max(f.varying, 1);
+    }
+
     codec::Store<Codec> with(uint8_t* pool, const int32_t* page_table) const {
         codec::Store<Codec> s = store_;
         s.pool = pool;
@@ -182,7 +210,11 @@ private:
         a.partial_ml = reinterpret_cast<float2*>(ws + states_bytes);
         a.partial_o = reinterpret_cast<float*>(ws + states_bytes + ml_bytes);
 
-        codec::codec_prepare_kernel<Codec><<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
+        if (affine_ != nullptr)
+            codec::codec_affine_prepare_kernel<Codec>
+                <<<static_cast<unsigned>(rows_total), codec::kThreads, 0, stream>>>(a, affine_state_);
+        else
+            codec::codec_prepare_kernel<Codec><<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
         const std::size_t smem = codec::attention_shared_bytes(rb, a.state_stride, D);
         auto* kernel = &codec::codec_attention_kernel<Codec, D>;
@@ -207,6 +239,9 @@ private:
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;
+    void* affine_ = nullptr;  ///< the affine query state (null: codec_prepare_kernel)
+    std::size_t affine_bytes_ = 0;
+    codec::AffineState affine_state_;
     void* workspace_ = nullptr;
     std::size_t workspace_bytes_ = 0;
     codec::Store<Codec> store_;

@@ -3,6 +3,7 @@
 //   codec_encode_kernel      one thread per (head, token): key codec + value codec
 //   codec_dequantize_kernel  one thread per (head, token)
 //   codec_prepare_kernel     one thread per (head, query row): the key codec's query state
+//   codec_affine_prepare_kernel  the same state as c + M q, one CTA per (head, query row)
 //   codec_attention_kernel   split-K attention of query rows over the codes: lanes score one
 //                            token each from the state in shared memory, then the warp
 //                            accumulates p_t * v_t lane-per-coordinate (online softmax, log2)
@@ -134,6 +135,39 @@ __global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const Attention
                    a.states + static_cast<size_t>(item) * a.state_stride);
 }
 
+/// Every device codec's query state is affine in the query (rotations, sketches, projections,
+/// inner products with fixed codewords, plus constant tables): state = c + M q. The backend
+/// measures c and M on the host from the codec's own prepare (at 0 and at each unit vector) and
+/// keeps only the rows of M that are not zero; the state then costs one small GEMV per row
+/// instead of one thread's serial O(d^2) or O(m d) work.
+struct AffineState {
+    const float* constant = nullptr;  ///< [heads][state_stride] c
+    const float* matrix = nullptr;    ///< [heads][d][varying] M^T of the varying rows
+    const int* row_of = nullptr;      ///< [heads][state_stride]: varying row of entry i, or -1
+    int varying = 0;                  ///< varying rows per head (padded to the maximum)
+};
+
+// grid (heads * rows), kThreads threads: thread i computes state entries i, i + kThreads, ...
+template <class Codec>
+__global__ void __launch_bounds__(kThreads) codec_affine_prepare_kernel(const AttentionParams<Codec> a,
+                                                                        const AffineState f) {
+    __shared__ float q[dev::kMaxDim];
+    const int item = blockIdx.x, h = item / a.rows, row = item % a.rows, d = a.store.d;
+    const float* query = a.query(h, row);
+    for (int j = threadIdx.x; j < d; j += kThreads) q[j] = query[j];
+    __syncthreads();
+    const size_t head = static_cast<size_t>(h) * a.state_stride;
+    const float* mt = f.matrix + static_cast<size_t>(h) * d * f.varying;
+    float* state = a.states + static_cast<size_t>(item) * a.state_stride;
+    for (int i = threadIdx.x; i < a.state_stride; i += kThreads) {
+        const int k = f.row_of[head + i];
+        float x = f.constant[head + i];
+        if (k >= 0)
+            for (int j = 0; j < d; ++j) x += mt[static_cast<size_t>(j) * f.varying + k] * q[j];
+        state[i] = x;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
 #pragma unroll
@@ -240,6 +274,7 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
             }
 #pragma unroll
             for (int r = 0; r < RB; ++r) {
+                if (r >= rows) break;  // warp-uniform
                 const float w = __shfl_sync(kFull, p[r], tt);
 #pragma unroll
                 for (int e = 0; e < E; ++e) acc[r][e] += w * v[e];
