@@ -60,6 +60,10 @@ public:
             r.key_code_bytes = static_cast<uint32_t>(hl.key_code_bytes);
             r.value_code_bytes = static_cast<uint32_t>(hl.value_code_bytes);
             regions.push_back(r);
+            stage_key_stride_ = std::max(stage_key_stride_, codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
+            stage_value_stride_ = std::max(stage_value_stride_, codec::stage_stride(static_cast<int>(hl.value_code_bytes)));
+            stage_key_scalars_ = std::max(stage_key_scalars_, hl.key_scalars);
+            stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
         if (state_stride_ > dev::kMaxStateFloats)
             throw std::invalid_argument("CUDA codec backend: query state too large");
@@ -185,10 +189,18 @@ private:
         a.queries = queries;
         a.out = out;
         a.state_stride = state_stride_;
+        a.stage_key_stride = stage_key_stride_;
+        a.stage_value_stride = stage_value_stride_;
+        a.stage_key_scalars = stage_key_scalars_;
+        a.stage_value_scalars = stage_value_scalars_;
+        const std::size_t stage = codec::stage_bytes(a.stage_key_stride, a.stage_value_stride,
+                                                     a.stage_key_scalars, a.stage_value_scalars);
         // Rows per CTA: as many as the shared memory holds, up to kRowsPerBlock.
         constexpr std::size_t kSmem = 200 * 1024;
         int rb = std::min(codec::kRowsPerBlock, a.rows);
-        while (rb > 1 && codec::attention_shared_bytes(rb, a.state_stride, D) > kSmem) --rb;
+        while (rb > 1 && codec::attention_shared_bytes(rb, a.state_stride, D, stage) > kSmem) --rb;
+        if (codec::attention_shared_bytes(rb, a.state_stride, D, stage) > kSmem)
+            throw std::invalid_argument("CUDA codec backend: codes or query state too large for shared memory");
         a.rows_per_block = rb;
         const int row_blocks = (a.rows + rb - 1) / rb;
         // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
@@ -216,7 +228,7 @@ private:
         else
             codec::codec_prepare_kernel<Codec><<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
-        const std::size_t smem = codec::attention_shared_bytes(rb, a.state_stride, D);
+        const std::size_t smem = codec::attention_shared_bytes(rb, a.state_stride, D, stage);
         auto* kernel = &codec::codec_attention_kernel<Codec, D>;
         if (smem > 48 * 1024 && smem > smem_attribute_[D / 128]) {  // D in {64, 128, 256}
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -235,6 +247,8 @@ private:
     int heads_, d_;
     uint64_t page_bytes_;
     int state_stride_ = 1;
+    int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
+    int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
     std::size_t smem_attribute_[3] = {};  ///< dynamic shared memory allowed, per D (64, 128, 256)
     int sms_ = 1;
     void* params_ = nullptr;

@@ -110,6 +110,10 @@ struct AttentionParams {
     int rows_per_block = 1;          ///< rows of one attention CTA, 1..kRowsPerBlock
     int tokens_per_split = 0;        ///< a multiple of 32
     int splits = 1;
+    int stage_key_stride = 0;      ///< bytes per token of the staged key codes (padded)
+    int stage_value_stride = 0;    ///< bytes per token of the staged value codes (padded)
+    int stage_key_scalars = 0;     ///< per-token key scalars staged (the heads' maximum)
+    int stage_value_scalars = 0;   ///< per-token value scalars staged
     float* partial_o = nullptr;    ///< [heads][rows][splits][D]
     float2* partial_ml = nullptr;  ///< [heads][rows][splits] (max, sum), log2 units
 
@@ -181,11 +185,39 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
-/// Shared memory of an attention CTA: the rows' states, then each warp's (m, l, o[D]) per row.
-__host__ __device__ constexpr size_t attention_shared_bytes(int rows, int state_stride, int D) {
-    return (static_cast<size_t>(rows) * state_stride +
-            static_cast<size_t>(kWarps) * kRowsPerBlock * (D + 2)) *
-           sizeof(float);
+/// Staged bytes per token: rounded up to 4 bytes, then to an odd number of 4-byte words, so
+/// that lanes reading the same offset of 32 consecutive tokens hit 32 different banks.
+__host__ __device__ constexpr int stage_stride(int bytes) {
+    const int words = (bytes + 3) / 4;
+    return 4 * (words % 2 == 0 ? words + 1 : words);
+}
+
+/// One warp's staging area: 32 tokens' key codes, key scalars, value codes, value scalars.
+__host__ __device__ constexpr size_t stage_bytes(int key_stride, int value_stride, int key_scalars,
+                                                 int value_scalars) {
+    return 32 * (static_cast<size_t>(key_stride) + value_stride +
+                 sizeof(float) * (key_scalars + value_scalars));
+}
+
+/// Shared memory of an attention CTA: the rows' states, then per warp either its staging area
+/// (during the token loop) or its (m, l, o[D]) per row (when the warps combine).
+__host__ __device__ constexpr size_t attention_shared_bytes(int rows, int state_stride, int D,
+                                                            size_t stage) {
+    return static_cast<size_t>(rows) * state_stride * sizeof(float) +
+           kWarps * (stage > kRowsPerBlock * (D + 2) * sizeof(float)
+                         ? (stage + 15) / 16 * 16
+                         : kRowsPerBlock * (D + 2) * sizeof(float));
+}
+
+/// Copies n bytes from global to shared memory, lane-parallel, in 4-byte words when both ends
+/// are aligned.
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int n, int lane) {
+    if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) | n) & 3) == 0) {
+        for (int i = lane; i < n / 4; i += 32)
+            reinterpret_cast<uint32_t*>(dst)[i] = reinterpret_cast<const uint32_t*>(src)[i];
+    } else {
+        for (int i = lane; i < n; i += 32) dst[i] = src[i];
+    }
 }
 
 // grid (splits, heads, row blocks). Lane = token for scoring; lane = coordinates
@@ -219,6 +251,15 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
     const dev::ValueDevice::Params vp = a.store.values[h];
     const HeadRegions R = a.store.regions[h];
 
+    // This warp's staging area (after the states; reused by the combine below).
+    const size_t stage = stage_bytes(a.stage_key_stride, a.stage_value_stride,
+                                     a.stage_key_scalars, a.stage_value_scalars);
+    const size_t area = attention_shared_bytes(0, 0, D, stage) / kWarps;
+    uint8_t* st_key = reinterpret_cast<uint8_t*>(smem + static_cast<size_t>(rows) * S) + warp * area;
+    uint8_t* st_value = st_key + 32 * a.stage_key_stride;
+    float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
+    float* st_vscal = st_kscal + 32 * a.stage_key_scalars;
+
     float m[RB], l[RB], acc[RB][E];
 #pragma unroll
     for (int r = 0; r < RB; ++r) {
@@ -228,23 +269,34 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
         for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
     }
     for (int c0 = t_begin + warp * 32; c0 < t_end; c0 += kWarps * 32) {
+        // Stage the chunk (32 consecutive slots of one page: c0 is a multiple of 32).
+        const int n = min(32, t_end - c0);
+        const uint8_t* page = a.store.page(c0);
+        const int slot0 = c0 % kPage;
+        for (int t = 0; t < n; ++t) {
+            warp_copy(st_key + t * a.stage_key_stride,
+                      page + R.key_codes + static_cast<size_t>(slot0 + t) * R.key_code_bytes,
+                      R.key_code_bytes, lane);
+            warp_copy(st_value + t * a.stage_value_stride,
+                      page + R.value_codes + static_cast<size_t>(slot0 + t) * R.value_code_bytes,
+                      R.value_code_bytes, lane);
+        }
+        if (lane < n) {
+            const float* ks = reinterpret_cast<const float*>(page + R.key_scalars) + slot0 + lane;
+            for (int s = 0; s < a.stage_key_scalars; ++s) st_kscal[s * 32 + lane] = ks[s * kPage];
+            const float* vs = reinterpret_cast<const float*>(page + R.value_scalars) + slot0 + lane;
+            for (int s = 0; s < a.stage_value_scalars; ++s) st_vscal[s * 32 + lane] = vs[s * kPage];
+        }
+        __syncwarp();
         const int t = c0 + lane;
         float p[RB];
-        if (t < t_end) {
-            const uint8_t* page = a.store.page(t);
-            const int slot = t % kPage;
-            const uint8_t* code = page + R.key_codes + slot * R.key_code_bytes;
-            const float* scalars = reinterpret_cast<const float*>(page + R.key_scalars) + slot;
 #pragma unroll
-            for (int r = 0; r < RB; ++r)
-                p[r] = r < rows && t < lim[r]
-                           ? Codec::score(kp, states + r * S, code, scalars, kPage, t) *
-                                 a.scale_log2
-                           : -INFINITY;
-        } else {
-#pragma unroll
-            for (int r = 0; r < RB; ++r) p[r] = -INFINITY;
-        }
+        for (int r = 0; r < RB; ++r)
+            p[r] = r < rows && lane < n && t < lim[r]
+                       ? Codec::score(kp, states + r * S, st_key + lane * a.stage_key_stride,
+                                      st_kscal + lane, 32, t) *
+                             a.scale_log2
+                       : -INFINITY;
 #pragma unroll
         for (int r = 0; r < RB; ++r) {
             const float mx = fmaxf(m[r], warp_max(p[r]));
@@ -259,13 +311,9 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
 #pragma unroll
             for (int e = 0; e < E; ++e) acc[r][e] *= corr;
         }
-        const int n = min(32, t_end - c0);
         for (int tt = 0; tt < n; ++tt) {
-            const int tok = c0 + tt;
-            const uint8_t* page = a.store.page(tok);
-            const int slot = tok % kPage;
-            const uint8_t* vcode = page + R.value_codes + slot * R.value_code_bytes;
-            const float* vscal = reinterpret_cast<const float*>(page + R.value_scalars) + slot;
+            const uint8_t* vcode = st_value + tt * a.stage_value_stride;
+            const float* vscal = st_vscal + tt;
             float v[E];
 #pragma unroll
             for (int e = 0; e < E; ++e) {
@@ -280,10 +328,11 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
                 for (int e = 0; e < E; ++e) acc[r][e] += w * v[e];
             }
         }
+        __syncwarp();  // the next chunk overwrites the staging area
     }
 
     // Combine the warps: each writes (m, l, o) per row; warp 0 merges and stores the split.
-    __syncthreads();  // the states are no longer read
+    __syncthreads();  // the staging areas are no longer read
     float* mine = smem + static_cast<size_t>(rows) * S;
     float* slot_w = mine + static_cast<size_t>(warp) * RB * (D + 2);
 #pragma unroll
