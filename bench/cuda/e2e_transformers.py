@@ -52,6 +52,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="skip further contexts once this much wall time is spent")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/e2e_transformers.json)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="also profile this many decode steps per cache (torch.profiler; tables "
+                        "next to the JSON as e2e_profile_<context>_<cache>.txt)")
     return p.parse_args()
 
 
@@ -143,6 +146,8 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
                     torch.cuda.synchronize()
                     steps.append(time.perf_counter() - t)
                 per_repeat.append(args.steps / (time.perf_counter() - start))
+            if args.profile > 0:
+                token = profile_steps(model, cache, token, args, f"{ctx}_{name}")
             length = cache.get_seq_length()
     finally:
         model.set_attn_implementation("sdpa")
@@ -167,6 +172,24 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
         f"ms/token ({result['decode_tokens_per_s']:6.1f} tok/s), KV: cache {held / 2**20:8.1f} MiB, "
         f"torch delta {(alloc1 - alloc0) / 2**20:8.1f} MiB, device delta {(free0 - free1) / 2**20:8.1f} MiB")
     return result
+
+
+def profile_steps(model, cache, token, args, tag: str):
+    """Decode steps under torch.profiler: where a step's wall time goes (CPU ops, kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.profile):
+            token = step(model, cache, token).argmax().view(1, 1)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=25)
+    by_cuda = averages.table(sort_by="self_device_time_total", row_limit=25)
+    out_dir = os.path.dirname(args.out or os.path.join(os.environ.get("OUT") or "bench/results", "x"))
+    with open(os.path.join(out_dir or ".", f"e2e_profile_{tag}.txt"), "w") as f:
+        f.write(f"{args.profile} decode steps, {tag}\n\nby self CPU time\n{by_cpu}\n\n"
+                f"by self device time\n{by_cuda}\n")
+    log(f"profile {tag}: top CPU ops\n" + "\n".join(by_cpu.splitlines()[:16]))
+    return token
 
 
 def correctness(model, args) -> dict:

@@ -14,10 +14,12 @@
 // n_queries = 1; a prefill chunk's queries are its own (already encoded) tokens.
 #pragma once
 
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
 
@@ -172,19 +174,6 @@ __global__ void __launch_bounds__(kThreads) codec_affine_prepare_kernel(const At
     }
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(kFull, x, m);
-    return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, m));
-    return x;
-}
-
 /// Staged bytes per token: rounded up to 4 bytes, then to an odd number of 4-byte words, so
 /// that lanes reading the same offset of 32 consecutive tokens hit 32 different banks.
 __host__ __device__ constexpr int stage_stride(int bytes) {
@@ -209,15 +198,29 @@ __host__ __device__ constexpr size_t attention_shared_bytes(int rows, int state_
                          : kRowsPerBlock * (D + 2) * sizeof(float));
 }
 
-/// Copies n bytes from global to shared memory, lane-parallel, in 4-byte words when both ends
-/// are aligned.
-__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int n, int lane) {
-    if (((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) | n) & 3) == 0) {
-        for (int i = lane; i < n / 4; i += 32)
-            reinterpret_cast<uint32_t*>(dst)[i] = reinterpret_cast<const uint32_t*>(src)[i];
+/// Copies n rows of row_bytes bytes, consecutive in global memory, to shared memory rows
+/// dst_stride bytes apart, lane-parallel. 4-byte rows go through asynchronous copies (cp.async on
+/// sm_80+), so every lane's loads are in flight at once; the caller waits (stage_wait).
+__device__ __forceinline__ void stage_rows(uint8_t* dst, int dst_stride, const uint8_t* src,
+                                           int row_bytes, int n, int lane) {
+    if (((reinterpret_cast<uintptr_t>(src) | row_bytes) & 3) == 0) {
+        const int words = row_bytes / 4, total = n * words;
+        for (int i = lane; i < total; i += 32) {
+            const int t = i / words;
+            __pipeline_memcpy_async(dst + t * dst_stride + 4 * (i - t * words), src + 4 * i, 4);
+        }
     } else {
-        for (int i = lane; i < n; i += 32) dst[i] = src[i];
+        for (int i = lane; i < n * row_bytes; i += 32) {
+            const int t = i / row_bytes;
+            dst[t * dst_stride + (i - t * row_bytes)] = src[i];
+        }
     }
+}
+
+__device__ __forceinline__ void stage_wait() {
+    __pipeline_commit();
+    __pipeline_wait_prior(0);
+    __syncwarp();
 }
 
 // grid (splits, heads, row blocks). Lane = token for scoring; lane = coordinates
@@ -273,21 +276,18 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
         const int n = min(32, t_end - c0);
         const uint8_t* page = a.store.page(c0);
         const int slot0 = c0 % kPage;
-        for (int t = 0; t < n; ++t) {
-            warp_copy(st_key + t * a.stage_key_stride,
-                      page + R.key_codes + static_cast<size_t>(slot0 + t) * R.key_code_bytes,
-                      R.key_code_bytes, lane);
-            warp_copy(st_value + t * a.stage_value_stride,
-                      page + R.value_codes + static_cast<size_t>(slot0 + t) * R.value_code_bytes,
-                      R.value_code_bytes, lane);
-        }
+        stage_rows(st_key, a.stage_key_stride, page + R.key_codes + static_cast<size_t>(slot0) * R.key_code_bytes,
+                   R.key_code_bytes, n, lane);
+        stage_rows(st_value, a.stage_value_stride,
+                   page + R.value_codes + static_cast<size_t>(slot0) * R.value_code_bytes,
+                   R.value_code_bytes, n, lane);
         if (lane < n) {
             const float* ks = reinterpret_cast<const float*>(page + R.key_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_key_scalars; ++s) st_kscal[s * 32 + lane] = ks[s * kPage];
             const float* vs = reinterpret_cast<const float*>(page + R.value_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_value_scalars; ++s) st_vscal[s * 32 + lane] = vs[s * kPage];
         }
-        __syncwarp();
+        stage_wait();
         const int t = c0 + lane;
         float p[RB];
 #pragma unroll

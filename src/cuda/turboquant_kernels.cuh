@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "cuda/cuda_cache.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace veloxquant::cuda::kernels {
 
@@ -124,19 +125,6 @@ __device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
 // ---------------------------------------------------------------------------------------------
 // Warp helpers. A warp holds a d-vector as E = d / 32 consecutive coordinates per lane
 // (coordinate j = lane * E + e).
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(kFull, x, m);
-    return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, m));
-    return x;
-}
 
 /// Orthonormal Walsh-Hadamard transform with the CPU's butterfly order (len = 1, 2, 4, ...;
 /// a + b then a - b) and final scale, so results are bit-identical to fwht_orthonormal.
