@@ -290,7 +290,9 @@ struct EncodeCodebook {
             if (b[idx + step - 1] < x) idx += step;
         return idx;
     }
-    __device__ __forceinline__ float centroid(int idx) const { return c[idx]; }
+    __device__ __forceinline__ float centroid(int idx) const {
+        return c[idx];
+    }
 };
 
 template <>
@@ -339,7 +341,8 @@ __device__ __forceinline__ void store_words(uint8_t* dst, const uint32_t (&w)[W]
         if (addr % 16 == 0) {
 #pragma unroll
             for (int k = 0; k < W; k += 4)
-                reinterpret_cast<uint4*>(dst)[k / 4] = make_uint4(w[k], w[k + 1], w[k + 2], w[k + 3]);
+                reinterpret_cast<uint4*>(dst)[k / 4] =
+                    make_uint4(w[k], w[k + 1], w[k + 2], w[k + 3]);
             return;
         }
     }
@@ -375,8 +378,8 @@ __device__ __forceinline__ void encode_key_stage(float (&u)[D], const float* cen
 /// ||v|| <u, c> / ||c||^2 with the CPU's sequential double sums.
 template <int B, int D>
 __device__ __forceinline__ float encode_value_codes(const float (&y)[D], float inv, double vnorm,
-                                                    const float* centroids,
-                                                    const float* boundaries, uint8_t* dst) {
+                                                    const float* centroids, const float* boundaries,
+                                                    uint8_t* dst) {
     const EncodeCodebook<B> cb(centroids, boundaries);
     uint32_t w[D * B / 32] = {};
     double uc = 0.0, cc = 0.0;
@@ -434,12 +437,11 @@ __device__ __forceinline__ void encode_values(float (&x)[D], const EncodeArgs& a
                                               int slot) {
     const TqPageLayout& L = a.layout;
     uint8_t* vcode = block + L.value_codes_offset + slot * L.value_code_bytes;
-    if (L.value_bits == 16) {  // fp16, coordinate j in the low half of word j / 2
-        uint32_t w[D / 2];
+    if (L.value_bits == 16) {  // fp16 pairs as halves (no integer view of the conversion)
 #pragma unroll
         for (int k = 0; k < D / 2; ++k)
-            w[k] = pack_half2(__float2half_rn(x[2 * k]), __float2half_rn(x[2 * k + 1]));
-        store_words(vcode, w);
+            reinterpret_cast<__half2*>(vcode)[k] =
+                __halves2half2(__float2half_rn(x[2 * k]), __float2half_rn(x[2 * k + 1]));
         return;
     }
     // R v / ||v|| quantized with one least-squares scale per token; all-zero codes for v = 0.
@@ -489,8 +491,8 @@ __global__ void __launch_bounds__(32) encode_kernel(const EncodeArgs a) {
     }
     const long long items = static_cast<long long>(L.num_kv_heads) * a.n_tokens;
     const long long tiles = (items + kEncodeTile - 1) / kEncodeTile;
-    const bool vec = ((reinterpret_cast<uintptr_t>(a.keys) | reinterpret_cast<uintptr_t>(a.values)) &
-                      15) == 0;
+    const bool vec =
+        ((reinterpret_cast<uintptr_t>(a.keys) | reinterpret_cast<uintptr_t>(a.values)) & 15) == 0;
     long long tile = blockIdx.x;
     // Copy groups in flight at the top of each iteration: this tile's keys, then its values.
     encode_load_tile<D>(sh.rows[0], a.keys, tile, items, vec, lane);
