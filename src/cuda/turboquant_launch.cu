@@ -230,8 +230,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     return cudaSuccess;
 }
 
-// Shared by encode and dequantize: both take one warp per (head, token) of tokens
-// [start, start + n_tokens) of one sequence and read or write float32 keys and values.
+// Dequantize: one warp per (head, token) of tokens [start, start + n_tokens) of one sequence.
 template <typename Args>
 cudaError_t launch_per_token(const Args& a, void (*kernel64)(Args), void (*kernel128)(Args),
                              cudaStream_t stream) {
@@ -250,7 +249,26 @@ cudaError_t launch_per_token(const Args& a, void (*kernel64)(Args), void (*kerne
 }  // namespace
 
 cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
-    return launch_per_token(a, &kernels::encode_kernel<64>, &kernels::encode_kernel<128>, stream);
+    if (!layout_supported(a.layout) || a.n_tokens < 0 || a.start < 0 || a.pool == nullptr ||
+        a.page_table == nullptr || (a.n_tokens > 0 && (a.keys == nullptr || a.values == nullptr)))
+        return cudaErrorInvalidValue;
+    if (a.n_tokens == 0) return cudaSuccess;
+    // One warp per block, each looping over 32-item tiles: as many blocks as fit on the device
+    // (the tile buffers in shared memory bound the residency), or one per tile.
+    void (*kernel)(EncodeArgs) =
+        a.layout.head_dim == 64 ? &kernels::encode_kernel<64> : &kernels::encode_kernel<128>;
+    int device = 0, sms = 0, per_sm = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess)
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32, 0);
+    if (err != cudaSuccess) return err;
+    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
+    const long long tiles = (items + kernels::kEncodeTile - 1) / kernels::kEncodeTile;
+    const long long resident = static_cast<long long>(std::max(per_sm, 1)) * sms;
+    kernel<<<static_cast<unsigned>(std::min(tiles, resident)), 32, 0, stream>>>(a);
+    return cudaGetLastError();
 }
 
 cudaError_t launch_dequantize(const DequantizeArgs& a, cudaStream_t stream) {
