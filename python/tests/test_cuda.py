@@ -199,7 +199,8 @@ def vecinfer_config(d, bits=2, sub_dim=2, seed=9):
     codebook = rng.normal(0.0, 0.2, (d // sub_dim, 2 ** (bits * sub_dim), sub_dim))
     smooth = rng.uniform(0.5, 1.5, d)
     return KVCacheConfig(method="vecinfer", bits=bits, value_bits=4, seed=seed,
-                         codebook=codebook.astype(np.float32), smooth_factors=smooth.astype(np.float32))
+                         codebook=codebook.astype(np.float32),
+                         smooth_factors=smooth.astype(np.float32))
 
 
 # (id, config, num_heads, head_dim, fraction of page bytes that may differ from the CPU's)
@@ -239,7 +240,8 @@ def page_mismatch(gpu, cpu, total):
                     got = raw[offset:offset + P * size].reshape(P, size)[:used]
                     want = ref[name][:used]
                 else:  # [rows][P] float32
-                    got = raw[offset:offset + rows * size].view(np.float32).reshape(rows, P)[:, :used]
+                    got = raw[offset:offset + rows * size].view(np.float32).reshape(rows, P)
+                    got = got[:, :used]
                     want = ref[name][:, :used]
                     got, want = got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)
                 diff += int((got != want).sum())
@@ -258,7 +260,8 @@ def test_codec_cache_matches_cpu_cache(case):
     # A prefill chunk (causal attention of its own queries), a second chunk across a page
     # boundary, then decode steps, in both query layouts.
     for n in (150, 70, 1, 1):
-        k, v = randn(heads, n, d, seed=seed, scale=0.5), randn(heads, n, d, seed=seed + 1, scale=0.5)
+        k = randn(heads, n, d, seed=seed, scale=0.5)
+        v = randn(heads, n, d, seed=seed + 1, scale=0.5)
         q = randn(hq, n, d, seed=seed + 2, scale=0.1)
         seed += 3
         cpu.append(k.numpy(), v.numpy())
@@ -345,8 +348,8 @@ def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
         cache.append(good, good)
     assert cache.size == 99
     with pytest.raises(ValueError, match=r"num_q_heads, n_queries, head_dim=64"):
-        cache._impl.attend(torch.zeros(heads, d, device="cuda"), torch.zeros(heads, d, device="cuda"),
-                           1.0, True, 0)
+        flat = torch.zeros(heads, d, device="cuda")
+        cache._impl.attend(flat, flat.clone(), 1.0, True, 0)
     with pytest.raises(ValueError, match=r"num_q_heads, n_queries, head_dim=64"):
         cache.attend(torch.zeros(heads, 2, d + 1, device="cuda"))
     with pytest.raises(ValueError, match="multiple"):
@@ -357,7 +360,8 @@ def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
         cache.attend(torch.zeros(heads, 2, d, device="cuda"),
                      out=torch.zeros(heads, 2, d + 1, device="cuda"))
     with pytest.raises(ValueError, match="shaped like the queries"):
-        cache.attend(torch.zeros(heads, d, device="cuda"), out=torch.zeros(heads, 1, d, device="cuda"))
+        cache.attend(torch.zeros(heads, d, device="cuda"),
+                     out=torch.zeros(heads, 1, d, device="cuda"))
     with pytest.raises(IndexError):
         cache.dequantize(90, 20)
     with pytest.raises(IndexError):
@@ -458,10 +462,9 @@ def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
         model.set_attn_implementation(ATTENTION_NAME)
         try:
             with torch.no_grad():
-                logits = [model(tokens[:, :24], past_key_values=cache, use_cache=True).logits[0],
-                          model(tokens[:, 24:prompt], past_key_values=cache, use_cache=True).logits[0]]
-                for i in range(prompt, tokens.shape[1]):
-                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+                bounds = [0, 24, prompt] + list(range(prompt + 1, tokens.shape[1] + 1))
+                logits = [model(tokens[:, a:b], past_key_values=cache, use_cache=True).logits[0]
+                          for a, b in zip(bounds, bounds[1:])]
         finally:
             model.set_attn_implementation("sdpa")
         return torch.cat(logits).float().cpu()
