@@ -302,7 +302,7 @@ def test_codec_cache_matches_cpu_cache(case):
 @needs_cuda
 def test_codec_cache_half_precision_batch_dimension_and_out():
     d, heads = 80, 2
-    config = KVCacheConfig(method="qjl", bits=2, value_bits=4, seed=3)
+    config = KVCacheConfig(method="qjl", bits=1, value_bits=4, seed=3)
     a = vq_cuda.CudaKVCache(config, heads, d, 512)
     b = vq_cuda.CudaKVCache(config, heads, d, 512)
     k, v = randn(1, heads, 70, d, seed=1), randn(1, heads, 70, d, seed=2)
@@ -445,7 +445,7 @@ def test_transformers_gpu_layers_follow_the_default_cache():
 
 @needs_cuda
 @pytest.mark.parametrize("config", [
-    KVCacheConfig(method="qjl", bits=2, value_bits=4, sketch_dim=128, seed=3),
+    KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, seed=3),
     KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, use_hadamard=False, seed=4),
 ], ids=lambda c: c.method)
 def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
@@ -477,7 +477,7 @@ def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
     got, want = run(gpu), run(cpu)
     assert gpu.get_seq_length() == cpu.get_seq_length() == tokens.shape[1]
     err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err < 1e-3, err
+    assert err < 5e-3, err  # the same codes; attention within 1e-3 per layer
     # fetch_dequantized on the device layers: SDPA over every token dequantized on the GPU.
     fetched = VeloxQuantCache.from_model(model, config, max_seq_len=256, fetch_dequantized=True)
     model.set_attn_implementation("sdpa")
