@@ -8,10 +8,8 @@
 // ValueError), std::out_of_range -> IndexError, std::runtime_error -> RuntimeError.
 // append, attend and dequantize run without the GIL.
 //
-// With VQ_WITH_CUDA (the build's VQ_CUDA=ON), CudaTurboQuantCache binds the device-resident
-// turboquant_rvq cache: its arrays are CUDA ndarrays (torch CUDA tensors through DLPack,
-// zero-copy), work is queued on the stream the caller passes (torch's current stream), and
-// HAS_CUDA says whether this build has it.
+// The CUDA backend's device-resident caches are bound in bind_cuda.cpp (with the build's
+// VQ_CUDA=ON; HAS_CUDA says whether this build has them), calibration in bind_calibration.cpp.
 //
 // The submodule _debug exposes internals for the test suite's independent numpy references:
 // the raw bytes of one page of packed storage, the scalar codebooks, and a pure C++ run of a
@@ -34,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bind_arrays.h"
 #include "cache/paged_store.h"
 #include "core/binary_io.h"
 #include "core/lloyd_max.h"
@@ -41,12 +40,6 @@
 #include "model/llama_model.h"
 #include "methods/value_codec.h"
 #include "veloxquant/veloxquant.h"
-
-#ifdef VQ_WITH_CUDA
-#include <cuda_runtime.h>
-
-#include "cuda/cuda_cache.h"
-#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -56,26 +49,9 @@ namespace {
 
 using InArray = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
 using OutArray = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
-template <typename T>
-using Numpy = nb::ndarray<nb::numpy, T>;
-
-/// A new numpy array that owns a zero-initialised C++ buffer.
-template <typename T>
-Numpy<T> new_array(const std::vector<size_t>& shape) {
-    size_t n = 1;
-    for (size_t s : shape) n *= s;
-    T* data = new T[n > 0 ? n : 1]();
-    nb::capsule owner(data, [](void* p) noexcept { delete[] static_cast<T*>(p); });
-    return Numpy<T>(data, shape.size(), shape.data(), owner);
-}
-
-/// Copies n elements into a new numpy array of the given shape.
-template <typename T>
-Numpy<T> copy_array(const T* src, const std::vector<size_t>& shape) {
-    Numpy<T> out = new_array<T>(shape);
-    if (out.size() > 0) std::memcpy(out.data(), src, out.size() * sizeof(T));
-    return out;
-}
+using bind::copy_array;
+using bind::new_array;
+using bind::Numpy;
 
 FloatArray to_float_array(const InArray& a) {
     FloatArray f;
@@ -246,182 +222,11 @@ std::tuple<Numpy<float>, Numpy<float>, Numpy<float>> reference_run(
             copy_array(out.data(), {hq, nq, d})};
 }
 
-#ifdef VQ_WITH_CUDA
-// ---- CUDA: the device-resident turboquant_rvq cache on DLPack CUDA arrays -------------------
-
-using cuda::CudaTurboQuantCache;
-/// Any ndarray: device, dtype, shape and layout are checked here so that errors name the cause.
-using AnyArray = nb::ndarray<>;
-
-std::string dtype_name(const nb::dlpack::dtype& t) {
-    const char* kind = t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float)    ? "float"
-                       : t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat) ? "bfloat"
-                       : t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Int)    ? "int"
-                       : t.code == static_cast<uint8_t>(nb::dlpack::dtype_code::UInt)   ? "uint"
-                                                                                        : "other";
-    return std::string(kind) + std::to_string(t.bits);
-}
-
-/// Checks that `a` is a C-contiguous float32 array on the cache's CUDA device and returns its
-/// data pointer.
-float* cuda_float_data(const CudaTurboQuantCache& c, const AnyArray& a, const char* name) {
-    if (a.device_type() != nb::device::cuda::value)
-        throw std::invalid_argument(std::string(name) +
-                                    " must be a CUDA tensor (DLPack device type 2, e.g. torch "
-                                    "device 'cuda'); got device type " +
-                                    std::to_string(a.device_type()) +
-                                    (a.device_type() == 1 ? " (CPU)" : ""));
-    if (a.device_id() != c.device())
-        throw std::invalid_argument(std::string(name) + " is on CUDA device " +
-                                    std::to_string(a.device_id()) +
-                                    " but the cache lives on device " + std::to_string(c.device()));
-    if (a.dtype() != nb::dtype<float>())
-        throw std::invalid_argument(std::string(name) + " must be float32, got " +
-                                    dtype_name(a.dtype()) +
-                                    " (convert on the device first, e.g. tensor.float())");
-    int64_t expect = 1;
-    for (size_t i = a.ndim(); i-- > 0;) {
-        if (a.shape(i) != 1 && a.stride(i) != expect)
-            throw std::invalid_argument(std::string(name) +
-                                        " must be C-contiguous (call .contiguous() on the tensor)");
-        expect *= static_cast<int64_t>(a.shape(i));
-    }
-    return static_cast<float*>(a.data());
-}
-
-std::string shape_string(const AnyArray& a) {
-    std::string s = "[";
-    for (size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-    return s + "]";
-}
-
-/// [num_heads][n][head_dim] (or with a leading batch of 1): returns n.
-int cuda_token_count(const CudaTurboQuantCache& c, const AnyArray& a, const char* name) {
-    const size_t nd = a.ndim();
-    const bool ok = (nd == 3 || (nd == 4 && a.shape(0) == 1)) &&
-                    a.shape(nd - 3) == static_cast<size_t>(c.num_heads()) &&
-                    a.shape(nd - 1) == static_cast<size_t>(c.head_dim());
-    if (!ok)
-        throw std::invalid_argument(std::string(name) +
-                                    " must be [num_heads=" + std::to_string(c.num_heads()) +
-                                    ", n_tokens, head_dim=" + std::to_string(c.head_dim()) +
-                                    "] (or with a leading batch of 1), got " + shape_string(a));
-    return static_cast<int>(a.shape(nd - 2));
-}
-
-/// [num_q_heads][head_dim], [num_q_heads][1][head_dim] or [1][num_q_heads][1][head_dim]:
-/// returns num_q_heads.
-int cuda_query_heads(const CudaTurboQuantCache& c, const AnyArray& a, const char* name) {
-    const size_t nd = a.ndim();
-    bool ok = nd >= 2 && nd <= 4 && a.shape(nd - 1) == static_cast<size_t>(c.head_dim());
-    if (ok && nd >= 3) ok = a.shape(nd - 2) == 1;
-    if (ok && nd == 4) ok = a.shape(0) == 1;
-    if (!ok)
-        throw std::invalid_argument(
-            std::string(name) + " must be [num_q_heads, head_dim=" + std::to_string(c.head_dim()) +
-            "] or [num_q_heads, 1, head_dim] (decode: one query per head), got " + shape_string(a));
-    return static_cast<int>(a.shape(nd == 4 ? 1 : 0));
-}
-
-cudaStream_t as_stream(uintptr_t stream) {
-    return reinterpret_cast<cudaStream_t>(stream);
-}
-
-/// Makes the cache's device current for the scope of a call (torch may have another current).
-struct DeviceScope {
-    int previous = -1;
-    explicit DeviceScope(int device) {
-        cuda::check_cuda(cudaGetDevice(&previous), "cudaGetDevice");
-        if (previous != device) cuda::check_cuda(cudaSetDevice(device), "cudaSetDevice");
-    }
-    ~DeviceScope() {
-        int now = -1;
-        if (cudaGetDevice(&now) == cudaSuccess && now != previous) cudaSetDevice(previous);
-    }
-};
-
-void cuda_append(CudaTurboQuantCache& c, const AnyArray& keys, const AnyArray& values,
-                 uintptr_t stream) {
-    const int n = cuda_token_count(c, keys, "keys");
-    if (cuda_token_count(c, values, "values") != n)
-        throw std::invalid_argument("keys and values must hold the same number of tokens");
-    const float* k = cuda_float_data(c, keys, "keys");
-    const float* v = cuda_float_data(c, values, "values");
-    nb::gil_scoped_release release;
-    DeviceScope scope(c.device());
-    c.append(k, v, n, as_stream(stream));
-}
-
-void cuda_attend(const CudaTurboQuantCache& c, const AnyArray& queries, const AnyArray& out,
-                 float scale, uintptr_t stream) {
-    const int hq = cuda_query_heads(c, queries, "queries");
-    if (out.ndim() != queries.ndim())
-        throw std::invalid_argument("out must be shaped like the queries, got " +
-                                    shape_string(out));
-    for (size_t i = 0; i < out.ndim(); ++i)
-        if (out.shape(i) != queries.shape(i))
-            throw std::invalid_argument("out must be shaped like the queries, got " +
-                                        shape_string(out));
-    const float* q = cuda_float_data(c, queries, "queries");
-    float* o = cuda_float_data(c, out, "out");
-    if (c.size() == 0) throw std::invalid_argument("attend: the cache holds no tokens");
-    nb::gil_scoped_release release;
-    DeviceScope scope(c.device());
-    c.attend(q, hq, o, scale, as_stream(stream));
-}
-
-void cuda_dequantize(const CudaTurboQuantCache& c, int start, const AnyArray& keys,
-                     const AnyArray& values, uintptr_t stream) {
-    const int n = cuda_token_count(c, keys, "keys");
-    if (cuda_token_count(c, values, "values") != n)
-        throw std::invalid_argument("keys and values must hold the same number of tokens");
-    float* k = cuda_float_data(c, keys, "keys");
-    float* v = cuda_float_data(c, values, "values");
-    nb::gil_scoped_release release;
-    DeviceScope scope(c.device());
-    c.dequantize(start, n, k, v, as_stream(stream));
-}
-
-/// One page of the pool copied to a new numpy uint8 array (synchronous; for tests).
-Numpy<uint8_t> cuda_page(const CudaTurboQuantCache& c, int page) {
-    const int held = (c.size() + kTokensPerPage - 1) / kTokensPerPage;
-    if (page < 0 || page >= held)
-        throw std::out_of_range("page " + std::to_string(page) + " is outside the " +
-                                std::to_string(held) + " pages that hold tokens");
-    Numpy<uint8_t> out = new_array<uint8_t>({static_cast<size_t>(c.layout().page_bytes)});
-    {
-        nb::gil_scoped_release release;
-        DeviceScope scope(c.device());
-        c.copy_page(page, out.data());
-    }
-    return out;
-}
-
-nb::dict cuda_layout(const CudaTurboQuantCache& c) {
-    const PageLayout& pl = c.page_layout();
-    nb::list heads;
-    for (const HeadLayout& h : pl.heads) {
-        nb::dict d;
-        d["key_code_bytes"] = h.key_code_bytes;
-        d["key_codes_offset"] = h.key_codes_offset;
-        d["key_scalars_offset"] = h.key_scalars_offset;
-        d["value_code_bytes"] = h.value_code_bytes;
-        d["value_codes_offset"] = h.value_codes_offset;
-        d["value_scalars"] = h.value_scalars;
-        d["value_scalars_offset"] = h.value_scalars_offset;
-        heads.append(d);
-    }
-    nb::dict d;
-    d["tokens_per_page"] = pl.tokens_per_page;
-    d["page_bytes"] = pl.page_bytes;
-    d["heads"] = heads;
-    return d;
-}
-#endif  // VQ_WITH_CUDA
 
 }  // namespace
 
 void bind_calibration(nb::module_& m);  // bind_calibration.cpp
+void bind_cuda(nb::module_& m);         // bind_cuda.cpp
 
 NB_MODULE(_core, m) {
     m.doc() = "VeloxQuant C++ core (compressed KV caches); use the veloxquant package's API.";
@@ -564,46 +369,7 @@ NB_MODULE(_core, m) {
         .def_prop_ro("weight_bytes", &LlamaModel::weight_bytes);
     bind_calibration(m);
 
-#ifdef VQ_WITH_CUDA
-    m.attr("HAS_CUDA") = true;
-    m.def(
-        "cuda_device_count",
-        []() {
-            int n = 0;
-            return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
-        },
-        "CUDA devices visible to this process (0 when the driver or a device is missing).");
-    nb::class_<CudaTurboQuantCache>(
-        m, "CudaTurboQuantCache",
-        "One layer's turboquant_rvq cache of one sequence, resident on the current CUDA device. "
-        "Arrays are C-contiguous float32 CUDA arrays (torch tensors through DLPack); stream is a "
-        "cudaStream_t as an integer (torch.cuda.current_stream().cuda_stream), 0 = the default.")
-        .def(nb::init<const KVCacheConfig&, int, int, int, int>(), "config"_a, "num_heads"_a,
-             "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0)
-        .def("append", &cuda_append, "keys"_a, "values"_a, "stream"_a = 0,
-             "Encodes [num_heads, n, head_dim] keys and values (CapacityError past max_seq_len).")
-        .def("attend", &cuda_attend, "queries"_a, "out"_a, "scale"_a, "stream"_a = 0,
-             "Decode attention of one query per query head ([num_q_heads, head_dim]) over every "
-             "stored token, written to out (shaped like the queries).")
-        .def(
-            "dequantize", &cuda_dequantize, "start"_a, "keys"_a, "values"_a, "stream"_a = 0,
-            "Reconstructs tokens [start, start + n) into keys and values [num_heads, n, head_dim].")
-        .def("reset", &CudaTurboQuantCache::reset)
-        .def("truncate", &CudaTurboQuantCache::truncate, "n_tokens"_a)
-        .def("page", &cuda_page, "page"_a, "The bytes of one page of the pool (synchronous).")
-        .def_prop_ro("layout", &cuda_layout)
-        .def_prop_ro("size", &CudaTurboQuantCache::size)
-        .def_prop_ro("max_seq_len", &CudaTurboQuantCache::max_seq_len)
-        .def_prop_ro("num_heads", &CudaTurboQuantCache::num_heads)
-        .def_prop_ro("head_dim", &CudaTurboQuantCache::head_dim)
-        .def_prop_ro("device", &CudaTurboQuantCache::device)
-        .def_prop_ro("nbytes", &CudaTurboQuantCache::nbytes);
-#else
-    m.attr("HAS_CUDA") = false;
-    m.def(
-        "cuda_device_count", []() { return 0; },
-        "0: this build has no CUDA backend (VQ_CUDA=OFF).");
-#endif
+    bind_cuda(m);
 
     nb::module_ dbg = m.def_submodule("_debug", "Internals for the test suite's numpy references.");
     dbg.def("page_regions", &page_regions, "cache"_a, "page"_a, "head"_a,

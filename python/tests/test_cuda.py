@@ -3,9 +3,12 @@ cache of the same configuration, its bad-input errors, and the GPU layers of the
 integration. Skipped without torch, without a CUDA-enabled build (VQ_CUDA=ON) or without a CUDA
 device; the build-without-CUDA message is checked wherever the build lacks it.
 
-Criteria as the C++ parity test (tests/cuda/test_cuda_parity.cpp): codes identical up to exact
-quantizer ties (at most 0.1% of indices), dequantized tokens within 1e-5 relative (at most 0.1%
-of tokens differ), decode attention within 1e-3 relative (L2) of the CPU cache's.
+Criteria as the C++ parity tests: for CudaTurboQuantCache (tests/cuda/test_cuda_parity.cpp)
+codes identical up to exact quantizer ties (at most 0.1% of indices), dequantized tokens within
+1e-5 relative (at most 0.1% of tokens differ), decode attention within 1e-3 relative (L2) of
+the CPU cache's; for CudaKVCache, every method (tests/cuda/test_cuda_codec_cache.cpp), pages
+byte-identical (0.1% of bytes for polarquant's transcendental encoder), dequantize within 1e-5
+(1e-3), decode and causal prefill attention within 1e-3.
 """
 
 import math
@@ -13,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from veloxquant import CapacityError, _core
+from veloxquant import CapacityError, KeyNormObserver, _core
 from veloxquant import cuda as vq_cuda
 from veloxquant.cache.base import KVCacheConfig
 from veloxquant.cache.base import _create as create_cpu_cache
@@ -49,11 +52,13 @@ def randn(*shape, seed, scale=1.0):
 
 def test_build_without_cuda_says_so():
     if vq_cuda.HAS_CUDA:
-        assert hasattr(_core, "CudaTurboQuantCache")
+        assert hasattr(_core, "CudaTurboQuantCache") and hasattr(_core, "CudaCodecCache")
         return
     assert _core.cuda_device_count() == 0 and not vq_cuda.is_available()
     with pytest.raises(RuntimeError, match="built without CUDA"):
         vq_cuda.CudaTurboQuantCache(config_of(2, 1, 2), 2, 64)
+    with pytest.raises(RuntimeError, match="built without CUDA"):
+        vq_cuda.CudaKVCache(KVCacheConfig(method="qjl"), 2, 64)
 
 
 @needs_cuda
@@ -188,6 +193,195 @@ def test_bad_inputs_are_reported_and_change_nothing():
     assert cache.size == 3
 
 
+def vecinfer_config(d, bits=2, sub_dim=2, seed=9):
+    """vecinfer with a synthetic calibration: random product-VQ codewords and smoothing."""
+    rng = np.random.default_rng(seed)
+    codebook = rng.normal(0.0, 0.2, (d // sub_dim, 2 ** (bits * sub_dim), sub_dim))
+    smooth = rng.uniform(0.5, 1.5, d)
+    return KVCacheConfig(method="vecinfer", bits=bits, value_bits=4, seed=seed,
+                         codebook=codebook.astype(np.float32),
+                         smooth_factors=smooth.astype(np.float32))
+
+
+# (id, config, num_heads, head_dim, fraction of page bytes that may differ from the CPU's)
+CODEC_CASES = [
+    ("tq_d96_dense_k3_v2", KVCacheConfig(method="turboquant_rvq", bits=3, value_bits=2,
+                                         use_hadamard=False, seed=2), 2, 96, 0.0),
+    ("ratequant_per_head", KVCacheConfig(method="ratequant", bits=3, value_bits=4, seed=5,
+                                         bit_allocation={"0.0": 2, "0.1": 4}), 3, 128, 0.0),
+    ("fp16_d128", KVCacheConfig(method="fp16", seed=6), 2, 128, 0.0),
+    ("qjl_d128_m256_v2", KVCacheConfig(method="qjl", bits=1, value_bits=2, sketch_dim=256,
+                                       seed=7), 2, 128, 0.0),
+    ("polarquant_d64_b2_v4", KVCacheConfig(method="polarquant", bits=2, value_bits=4, seed=8),
+     2, 64, 1e-3),
+    ("rabitq_d128_trained_on_prefill", KVCacheConfig(method="rabitq", bits=2, value_bits=4,
+                                                     num_clusters=16, seed=11), 2, 128, 0.0),
+    ("vecinfer_d64_synthetic", vecinfer_config(64), 2, 64, 0.0),
+]
+
+
+def page_mismatch(gpu, cpu, total):
+    """(differing bytes, bytes compared) of every head's regions over the used slots of every
+    page, the device cache's against the CPU cache's."""
+    layout = gpu.layout
+    P = layout["tokens_per_page"]
+    diff = count = 0
+    for page in range((total + P - 1) // P):
+        raw = gpu.page(page)
+        used = min(P, total - page * P)
+        for h, hl in enumerate(layout["heads"]):
+            ref = _core._debug.page_regions(cpu._c, page, h)
+            for name, size, rows in (("key_codes", hl["key_code_bytes"], None),
+                                     ("key_scalars", 4 * P, hl["key_scalars"]),
+                                     ("value_codes", hl["value_code_bytes"], None),
+                                     ("value_scalars", 4 * P, hl["value_scalars"])):
+                offset = hl[name + "_offset"]
+                if rows is None:  # [P][bytes]
+                    got = raw[offset:offset + P * size].reshape(P, size)[:used]
+                    want = ref[name][:used]
+                else:  # [rows][P] float32
+                    got = raw[offset:offset + rows * size].view(np.float32).reshape(rows, P)
+                    got = got[:, :used]
+                    want = ref[name][:, :used]
+                    got, want = got.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)
+                diff += int((got != want).sum())
+                count += got.size
+    return diff, count
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", CODEC_CASES, ids=lambda c: c[0])
+def test_codec_cache_matches_cpu_cache(case):
+    _, config, heads, d, cell_mismatch = case
+    hq = 4 * heads
+    cpu = create_cpu_cache(config, heads, d, 4096, 0)
+    gpu = vq_cuda.CudaKVCache(config, heads, d, 4096)
+    seed, total = 100, 0
+    # A prefill chunk (causal attention of its own queries), a second chunk across a page
+    # boundary, then decode steps, in both query layouts.
+    for n in (150, 70, 1, 1):
+        k = randn(heads, n, d, seed=seed, scale=0.5)
+        v = randn(heads, n, d, seed=seed + 1, scale=0.5)
+        q = randn(hq, n, d, seed=seed + 2, scale=0.1)
+        seed += 3
+        cpu.append(k.numpy(), v.numpy())
+        gpu.append(k.cuda(), v.cuda())
+        total += n
+        ref = cpu.attend(q.numpy(), scale=0.125, causal=True)
+        out = gpu.attend(q.cuda(), scale=0.125)
+        assert out.shape == q.shape and out.device.type == "cuda" and out.dtype == torch.float32
+        assert rel(out.cpu(), ref) <= 1e-3, ("causal", total)
+        if n == 1:
+            out = gpu.attend(q[:, 0].cuda(), scale=0.125)
+            assert out.shape == (hq, d) and rel(out.cpu(), ref[:, 0]) <= 1e-3, ("decode", total)
+    assert gpu.size == cpu.size == total
+    q = randn(hq, 2, d, seed=seed, scale=0.1)
+    ref = cpu.attend(q.numpy(), scale=0.125, causal=False)
+    assert rel(gpu.attend(q.cuda(), scale=0.125, causal=False).cpu(), ref) <= 1e-3, "non-causal"
+
+    diff, count = page_mismatch(gpu, cpu, total)
+    assert diff <= cell_mismatch * count, f"{diff} of {count} bytes differ"
+
+    gk, gv = gpu.dequantize()
+    rk, rv = cpu.dequantize()
+    assert gk.shape == (heads, total, d) and gk.device.type == "cuda"
+    tol = 1e-3 if cell_mismatch else 1e-5
+    assert rel(gk.cpu(), rk) <= tol and rel(gv.cpu(), rv) <= tol
+    gk, gv = gpu.dequantize(100, 30)
+    assert rel(gk.cpu(), rk[:, 100:130]) <= tol and rel(gv.cpu(), rv[:, 100:130]) <= tol
+    assert gpu.nbytes > 0
+
+    # Truncation, then a decode step, as the CPU cache's trim.
+    assert gpu.trim(total - 100) == total - 100 and gpu.size == 100
+    cpu.trim(total - 100)
+    q = randn(hq, d, seed=seed + 1, scale=0.1)
+    ref = cpu.attend(q[:, None].numpy(), scale=0.125)[:, 0]
+    assert rel(gpu.attend(q.cuda(), scale=0.125).cpu(), ref) <= 1e-3, "after trim"
+
+
+@needs_cuda
+def test_codec_cache_half_precision_batch_dimension_and_out():
+    d, heads = 80, 2
+    config = KVCacheConfig(method="qjl", bits=1, value_bits=4, seed=3)
+    a = vq_cuda.CudaKVCache(config, heads, d, 512)
+    b = vq_cuda.CudaKVCache(config, heads, d, 512)
+    k, v = randn(1, heads, 70, d, seed=1), randn(1, heads, 70, d, seed=2)
+    q = randn(1, 3 * heads, 5, d, seed=3).cuda().to(torch.bfloat16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # work goes to torch's current stream
+        a.append(k.cuda().half(), v.cuda().half())
+        out_a = a.attend(q)
+    stream.synchronize()
+    b.append(k.half().float().cuda(), v.half().float().cuda())
+    out_b = torch.empty(q.shape, device="cuda")
+    assert b.attend(q.float(), out=out_b) is out_b
+    assert out_a.dtype == torch.bfloat16 and out_a.shape == q.shape
+    assert rel(out_a.float().cpu(), out_b.cpu()) < 1e-2  # bf16 rounding of the output
+    decode = torch.empty(3 * heads, d, device="cuda")
+    b.attend(q[0, :, -1].float(), out=decode)
+    assert rel(decode.cpu(), out_b[0, :, -1].cpu()) < 1e-5
+    assert "qjl" in repr(b) and b.method == "qjl"
+
+
+@needs_cuda
+def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
+    d, heads = 64, 2
+    cache = vq_cuda.CudaKVCache(KVCacheConfig(method="polarquant", bits=2), heads, d, 100)
+    good = torch.zeros(heads, 3, d, device="cuda")
+    assert not cache.attend(torch.ones(heads, d, device="cuda"), causal=False).any()  # empty: zeros
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cache.append(good.cpu(), good.cpu())
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        cache._impl.append(good.cpu(), good.cpu(), 0)
+    with pytest.raises(ValueError, match="float32"):
+        cache._impl.append(good.half(), good.half(), 0)
+    with pytest.raises(ValueError, match=r"num_heads=2, n_tokens, head_dim=64"):
+        cache.append(torch.zeros(3, 3, d, device="cuda"), torch.zeros(3, 3, d, device="cuda"))
+    with pytest.raises(ValueError, match="same number of tokens"):
+        cache.append(good, torch.zeros(heads, 4, d, device="cuda"))
+    strided = torch.zeros(heads, d, 3, device="cuda").transpose(1, 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        cache._impl.append(strided, strided, 0)
+    assert cache.size == 0
+    cache.append(torch.randn(heads, 99, d, device="cuda"), torch.randn(heads, 99, d, device="cuda"))
+    with pytest.raises(CapacityError, match="max_seq_len"):
+        cache.append(good, good)
+    assert cache.size == 99
+    with pytest.raises(ValueError, match=r"num_q_heads, n_queries, head_dim=64"):
+        flat = torch.zeros(heads, d, device="cuda")
+        cache._impl.attend(flat, flat.clone(), 1.0, True, 0)
+    with pytest.raises(ValueError, match=r"num_q_heads, n_queries, head_dim=64"):
+        cache.attend(torch.zeros(heads, 2, d + 1, device="cuda"))
+    with pytest.raises(ValueError, match="multiple"):
+        cache.attend(torch.zeros(3, 1, d, device="cuda"))
+    with pytest.raises(ValueError, match="causal"):
+        cache.attend(torch.zeros(heads, 100, d, device="cuda"))  # more queries than tokens
+    with pytest.raises(ValueError, match="shaped like the queries"):
+        cache.attend(torch.zeros(heads, 2, d, device="cuda"),
+                     out=torch.zeros(heads, 2, d + 1, device="cuda"))
+    with pytest.raises(ValueError, match="shaped like the queries"):
+        cache.attend(torch.zeros(heads, d, device="cuda"),
+                     out=torch.zeros(heads, 1, d, device="cuda"))
+    with pytest.raises(IndexError):
+        cache.dequantize(90, 20)
+    with pytest.raises(IndexError):
+        cache._impl.truncate(120)
+    with pytest.raises(IndexError):
+        cache.page(2)
+    # Outside the device cache's scope, or a config the method cannot take: ValueError.
+    observed = KVCacheConfig(method="qjl", outlier_observer=KeyNormObserver())
+    with pytest.raises(ValueError, match="outlier"):
+        vq_cuda.CudaKVCache(observed, heads, d)
+    with pytest.raises(ValueError, match="head_dim"):
+        vq_cuda.CudaKVCache(KVCacheConfig(method="fp16"), heads, 512)
+    with pytest.raises(ValueError, match="needs calibration"):
+        vq_cuda.CudaKVCache(KVCacheConfig(method="vecinfer"), heads, d)
+    cache.reset()
+    assert cache.size == 0
+    cache.append(good, good)
+    assert cache.size == 3
+
+
 def _tiny_llama(head_dim, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -237,16 +431,63 @@ def test_transformers_gpu_layers_follow_the_default_cache():
     cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
     assert cpu.devices == ["cpu", "cpu"]
 
-    # Out of scope on the GPU: auto falls back to the CPU, cuda refuses.
-    fp16 = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"))
-    assert fp16.devices == ["cpu", "cpu"]
+    # Out of scope on the GPU (an outlier observer): auto falls back to the CPU, cuda refuses.
+    observed = KVCacheConfig(method="fp16", outlier_observer=KeyNormObserver())
+    assert VeloxQuantCache.from_model(model, observed).devices == ["cpu", "cpu"]
     with pytest.raises(ValueError, match="outside the CUDA backend"):
-        VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), backend="cuda")
+        VeloxQuantCache.from_model(model, observed, backend="cuda")
     # crop / reset on GPU layers
     cache.crop(-4)
     assert cache.get_seq_length() == tokens.shape[1] - 4
     cache.reset()
     assert cache.get_seq_length() == 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", [
+    KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, seed=3),
+    KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, use_hadamard=False, seed=4),
+], ids=lambda c: c.method)
+def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
+    """Outside the TurboQuant kernels' scope, every layer runs on a CudaKVCache: prefill chunks
+    and decode attend on the codes, on the GPU as the CPU layers do on the CPU."""
+    pytest.importorskip("transformers")
+    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
+                                                      VeloxQuantCudaKVLayer)
+    model = _tiny_llama(64).to("cuda")
+    tokens = torch.randint(0, 512, (1, 60), generator=torch.Generator().manual_seed(3)).cuda()
+    prompt = 40
+
+    def run(cache):
+        model.set_attn_implementation(ATTENTION_NAME)
+        try:
+            with torch.no_grad():
+                bounds = [0, 24, prompt] + list(range(prompt + 1, tokens.shape[1] + 1))
+                logits = [model(tokens[:, a:b], past_key_values=cache, use_cache=True).logits[0]
+                          for a, b in zip(bounds, bounds[1:])]
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits).float().cpu()
+
+    gpu = VeloxQuantCache.from_model(model, config, max_seq_len=256)
+    assert all(isinstance(layer, VeloxQuantCudaKVLayer) for layer in gpu.layers)
+    assert gpu.devices == ["cuda:0", "cuda:0"]
+    cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
+    assert cpu.devices == ["cpu", "cpu"]
+    got, want = run(gpu), run(cpu)
+    assert gpu.get_seq_length() == cpu.get_seq_length() == tokens.shape[1]
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 5e-3, err  # the same codes; attention within 1e-3 per layer
+    # fetch_dequantized on the device layers: SDPA over every token dequantized on the GPU.
+    fetched = VeloxQuantCache.from_model(model, config, max_seq_len=256, fetch_dequantized=True)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        model(tokens[:, :24], past_key_values=fetched, use_cache=True)
+    assert fetched.get_seq_length() == 24
+    gpu.crop(-4)
+    assert gpu.get_seq_length() == tokens.shape[1] - 4
+    gpu.reset()
+    assert gpu.get_seq_length() == 0
 
 
 def test_transformers_cuda_backend_needs_cuda():
@@ -261,10 +502,9 @@ def test_transformers_cuda_backend_needs_cuda():
     assert cache.devices == ["cpu"]
 
 
-class _ExactDeviceCache(vq_cuda.CudaTurboQuantCache):
-    """A stand-in for the device cache that stores exact float32 tokens in torch tensors on the
-    CPU: it lets the GPU layer's logic (prefill chunks on SDPA, decode on the cache) run
-    anywhere torch does."""
+class _ExactTokens:
+    """Exact float32 tokens in torch tensors on the CPU, standing in for a device cache: it lets
+    the GPU layers' logic run anywhere torch does."""
 
     def __init__(self, num_heads, head_dim, max_seq_len=1024, layer=0):  # noqa: D107
         self.device, self.layer, self.config = torch.device("cpu"), layer, None
@@ -278,13 +518,17 @@ class _ExactDeviceCache(vq_cuda.CudaTurboQuantCache):
             raise CapacityError("max_seq_len")
         self.k, self.v = torch.cat([self.k, keys], 1), torch.cat([self.v, values], 1)
 
-    def attend(self, queries, scale=None, out=None):
-        assert queries.dim() == 2 and queries.dtype == torch.float32
+    def _attend(self, queries, scale, causal):
+        """[hq, n, d] queries, the last n tokens when causal."""
         group = queries.shape[0] // self.num_heads
         k = self.k.repeat_interleave(group, 0)
         v = self.v.repeat_interleave(group, 0)
-        p = torch.softmax(torch.einsum("hd,htd->ht", queries, k) * scale, -1)
-        return torch.einsum("ht,htd->hd", p, v)
+        s = torch.einsum("hqd,htd->hqt", queries, k) * scale
+        if causal:
+            n = queries.shape[1]
+            s = s.masked_fill(~torch.ones(n, self.size, dtype=torch.bool).tril(self.size - n),
+                              float("-inf"))
+        return torch.einsum("hqt,htd->hqd", torch.softmax(s, -1), v)
 
     def dequantize(self, start=0, n_tokens=None):
         n = self.size - start if n_tokens is None else n_tokens
@@ -305,16 +549,36 @@ class _ExactDeviceCache(vq_cuda.CudaTurboQuantCache):
     nbytes = property(lambda self: 2 * self.k.numel() * 4)
 
 
-def test_gpu_layer_logic_on_exact_tokens():
+class _ExactDeviceCache(_ExactTokens, vq_cuda.CudaTurboQuantCache):
+    """For VeloxQuantCudaLayer: prefill chunks on SDPA, decode on the cache."""
+
+    def attend(self, queries, scale=None, out=None):
+        assert queries.dim() == 2 and queries.dtype == torch.float32
+        return self._attend(queries[:, None], scale, False)[:, 0]
+
+
+class _ExactKVCache(_ExactTokens, vq_cuda.CudaKVCache):
+    """For VeloxQuantCudaKVLayer: every attention on the cache, causal over prefill chunks."""
+
+    def attend(self, queries, scale=None, causal=True, out=None):
+        assert queries.dim() == 3 and queries.dtype == torch.float32
+        return self._attend(queries, scale, causal)
+
+
+@pytest.mark.parametrize("kind", ["turboquant", "codec"])
+def test_gpu_layer_logic_on_exact_tokens(kind):
     """The GPU layers' bookkeeping on a stand-in cache that stores tokens exactly: two prefill
-    chunks (SDPA, the second over the earlier tokens plus the chunk) and decode steps (the
-    cache's attend) give the default cache's logits."""
+    chunks (VeloxQuantCudaLayer: SDPA, the second over the earlier tokens plus the chunk;
+    VeloxQuantCudaKVLayer: the cache's causal attend) and decode steps (the cache's attend)
+    give the default cache's logits."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers import DynamicCache
 
     from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaLayer)
+                                                      VeloxQuantCudaKVLayer, VeloxQuantCudaLayer)
+    stand_in, layer_class = {"turboquant": (_ExactDeviceCache, VeloxQuantCudaLayer),
+                             "codec": (_ExactKVCache, VeloxQuantCudaKVLayer)}[kind]
     model = _tiny_llama(64)
     tokens = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(2))
 
@@ -331,19 +595,19 @@ def test_gpu_layer_logic_on_exact_tokens():
         return torch.cat(logits).float()
 
     reference = run(DynamicCache(config=model.config), "sdpa")
-    cache = VeloxQuantCache([_ExactDeviceCache(2, 64, layer=i) for i in range(2)])
-    assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
+    cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
+    assert all(type(layer) is layer_class for layer in cache.layers)
     logits = run(cache, ATTENTION_NAME)
     assert cache.get_seq_length() == tokens.shape[1]
     err = ((logits - reference).abs().max() / reference.abs().max()).item()
     assert err < 1e-4, err
     # fetch_dequantized: any attention implementation reads every token from the cache
-    dequantized = VeloxQuantCache([_ExactDeviceCache(2, 64, layer=i) for i in range(2)],
+    dequantized = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)],
                                   fetch_dequantized=True)
     err = ((run(dequantized, "sdpa") - reference).abs().max() / reference.abs().max()).item()
     assert err < 1e-4, err
     # the model's own attention never reading the codes is reported
-    misuse = VeloxQuantCache([_ExactDeviceCache(2, 64, layer=i) for i in range(2)])
+    misuse = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
     with torch.no_grad():
         model(tokens[:, :4], past_key_values=misuse, use_cache=True)
         with pytest.raises(RuntimeError, match="attn_implementation='veloxquant'"):

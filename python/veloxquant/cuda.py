@@ -1,24 +1,39 @@
-"""The CUDA backend from Python: a turboquant_rvq cache of one sequence for one layer, resident
-on the GPU, fed and read through torch CUDA tensors (DLPack, zero-copy)::
+"""The CUDA backend from Python: one layer's cache of one sequence, resident on the GPU, fed and
+read through torch CUDA tensors (DLPack, zero-copy). Two classes::
 
     import torch
     from veloxquant.cache.base import KVCacheConfig
-    from veloxquant.cuda import CudaTurboQuantCache
+    from veloxquant.cuda import CudaKVCache, CudaTurboQuantCache
 
     cache = CudaTurboQuantCache(KVCacheConfig(method="turboquant_rvq", bits=1, value_bits=2),
                                 num_heads=8, head_dim=128, max_seq_len=32768)
     cache.append(keys, values)      # [8, n, 128] (or [1, 8, n, 128]) on the GPU
     out = cache.attend(queries)     # [32, 128] -> [32, 128]: decode, one query per head
 
-Work is queued on torch's current CUDA stream of the cache's device, so it orders with the
-surrounding torch work without synchronizing. Inputs may be float32, float16 or bfloat16 (the
-latter two are converted to float32 on the device); outputs come back in the queries' dtype.
+    cache = CudaKVCache(KVCacheConfig(method="qjl", bits=3), num_heads=8, head_dim=96)
+    cache.append(keys, values)      # a prefill chunk of n tokens
+    out = cache.attend(queries)     # [32, n, 96]: causal attention of the chunk, on the codes
+    out = cache.attend(queries[:, -1])  # [32, 96]: decode
 
-Scope (the kernels' own, ``src/cuda/cuda_cache.h``): method turboquant_rvq with the Hadamard
-rotation, head_dim 64 or 128, key bits 1..4 with 1..3 stages (``num_residuals``), value_bits
-1, 2, 4 or 16, no outlier observer, and 1..8 query heads per KV head. Anything else raises
-ValueError at construction. Prefill attention (several queries) is not on the codes here: see
-``veloxquant.integrations.transformers``, which runs it with torch SDPA.
+Work is queued on torch's current CUDA stream of the cache's device, so it orders with the
+surrounding torch work without synchronizing (except a rabitq cache's first append, which
+trains the IVF centroids on the host as the CPU cache does). Inputs may be float32, float16 or
+bfloat16 (the latter two are converted to float32 on the device); outputs come back in the
+queries' dtype. Both classes store pages in the CPU cache's layout (``layout``, ``page``).
+
+Scope (the kernels' own, ``src/cuda/cuda_cache.h`` and ``src/cuda/codec_cache.h``); anything
+else raises ValueError at construction:
+
+- ``CudaTurboQuantCache``: method turboquant_rvq with the Hadamard rotation, head_dim 64 or 128,
+  key bits 1..4 with 1..3 stages (``num_residuals``), value_bits 1, 2, 4 or 16, no outlier
+  observer, and 1..8 query heads per KV head; decode only (one query per head), with the tuned
+  tensor-core kernel.
+- ``CudaKVCache``: every method (turboquant_rvq, ratequant, qjl, polarquant, rabitq, vecinfer,
+  spectral, commvq, fp16) with the config the CPU cache takes (the calibrated fields of
+  vecinfer, spectral and commvq, and optionally rabitq's ``ivf_centroids``; without them rabitq
+  trains on its first append), head_dim up to 256, no outlier observer, any multiple of the KV
+  heads as query heads; decode and causal prefill chunks on the codes, within 1e-3 of the CPU
+  cache's attention.
 
 A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
 module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.
@@ -27,7 +42,7 @@ module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from . import _core
 from .cache.base import KVCacheConfig
@@ -63,12 +78,13 @@ def _torch() -> Any:
     return torch
 
 
-class CudaTurboQuantCache:
-    """One layer's turboquant_rvq cache of one sequence on a CUDA device (see the module doc).
+class _DeviceCache:
+    """What both device caches share (see the module doc): construction on a device, appends,
+    dequantization, trimming and the page layout. ``device`` (an index, "cuda:N" or a
+    torch.device; default: torch's current device) is where the pages live; every tensor passed
+    in must be on it."""
 
-    ``device`` (an index, "cuda:N" or a torch.device; default: torch's current device) is
-    where the pages live; every tensor passed in must be on it.
-    """
+    _core_class: ClassVar[str]  # the _core class this wraps
 
     def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
                  max_seq_len: int = 8192, layer: int = 0, device: Any = None) -> None:
@@ -86,8 +102,8 @@ class CudaTurboQuantCache:
         self.config = config
         self.layer = int(layer)
         with torch.cuda.device(self.device):
-            self._impl = _core.CudaTurboQuantCache(config.to_core(), int(num_heads), int(head_dim),
-                                                   int(max_seq_len), self.layer)
+            self._impl = getattr(_core, self._core_class)(
+                config.to_core(), int(num_heads), int(head_dim), int(max_seq_len), self.layer)
 
     # --- helpers ------------------------------------------------------------------------------
     def _stream(self) -> int:
@@ -107,6 +123,16 @@ class CudaTurboQuantCache:
             raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
         return x if x.dtype == torch.float32 else x.float()
 
+    def _scale(self, scale: float | None) -> float:
+        return 1.0 / math.sqrt(self.head_dim) if scale is None else float(scale)
+
+    @staticmethod
+    def _in_dtype_of(result: Any, queries: Any) -> Any:
+        """A float32 result converted to the queries' dtype."""
+        torch = _torch()
+        dtype = getattr(queries, "dtype", torch.float32)
+        return result if dtype == torch.float32 else result.to(dtype)
+
     # --- data ---------------------------------------------------------------------------------
     def append(self, keys: Any, values: Any) -> None:
         """Encodes new tokens: keys and values [num_heads, n, head_dim] (or [1, num_heads, n,
@@ -114,23 +140,6 @@ class CudaTurboQuantCache:
         cache as it was."""
         self._impl.append(self._float32(keys, "keys"), self._float32(values, "values"),
                           self._stream())
-
-    def attend(self, queries: Any, scale: float | None = None, out: Any = None) -> Any:
-        """Decode attention over every stored token, on the codes: one query per query head,
-        queries [num_q_heads, head_dim] (or [num_q_heads, 1, head_dim], or [1, num_q_heads, 1,
-        head_dim]); num_q_heads is 1..8 times num_heads (GQA). scale defaults to
-        1/sqrt(head_dim). Returns a tensor shaped like the queries, in their dtype (or fills
-        ``out``, a float32 tensor of that shape)."""
-        torch = _torch()
-        q = self._float32(queries, "queries")
-        s = 1.0 / math.sqrt(self.head_dim) if scale is None else float(scale)
-        if out is not None:
-            self._impl.attend(q, out, s, self._stream())
-            return out
-        result = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        self._impl.attend(q, result, s, self._stream())
-        dtype = getattr(queries, "dtype", torch.float32)
-        return result if dtype == torch.float32 else result.to(dtype)
 
     def dequantize(self, start: int = 0, n_tokens: int | None = None) -> tuple[Any, Any]:
         """Reconstructed (keys, values) of tokens [start, start + n_tokens) (default: to the
@@ -155,7 +164,8 @@ class CudaTurboQuantCache:
         return n
 
     def reset(self) -> None:
-        """Forgets every token; the pages stay allocated for reuse."""
+        """Forgets every token; the pages stay allocated for reuse (and trained state such as
+        rabitq's IVF centroids is kept, as on the CPU)."""
         self._impl.reset()
 
     def page(self, index: int) -> Any:
@@ -187,13 +197,35 @@ class CudaTurboQuantCache:
     @property
     def nbytes(self) -> int:
         """Device bytes held: the page pool (grown by doubling up to max_seq_len), its page
-        table, the codec tables and the decode workspace."""
+        table, the codec parameters and the attention workspace."""
         return self._impl.nbytes
 
     @property
     def layout(self) -> dict:
         """The page layout: tokens_per_page, page_bytes and every head's region offsets."""
         return self._impl.layout
+
+
+class CudaTurboQuantCache(_DeviceCache):
+    """One layer's turboquant_rvq cache of one sequence on a CUDA device, with the tensor-core
+    decode (see the module doc)."""
+
+    _core_class = "CudaTurboQuantCache"
+
+    def attend(self, queries: Any, scale: float | None = None, out: Any = None) -> Any:
+        """Decode attention over every stored token, on the codes: one query per query head,
+        queries [num_q_heads, head_dim] (or [num_q_heads, 1, head_dim], or [1, num_q_heads, 1,
+        head_dim]); num_q_heads is 1..8 times num_heads (GQA). scale defaults to
+        1/sqrt(head_dim). Returns a tensor shaped like the queries, in their dtype (or fills
+        ``out``, a float32 tensor of that shape)."""
+        torch = _torch()
+        q = self._float32(queries, "queries")
+        if out is not None:
+            self._impl.attend(q, out, self._scale(scale), self._stream())
+            return out
+        result = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        self._impl.attend(q, result, self._scale(scale), self._stream())
+        return self._in_dtype_of(result, queries)
 
     def __repr__(self) -> str:
         c = self.config
@@ -202,4 +234,45 @@ class CudaTurboQuantCache:
                 f"size={self.size}, max_seq_len={self.max_seq_len}, device={self.device})")
 
 
-__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaTurboQuantCache", "is_available"]
+class CudaKVCache(_DeviceCache):
+    """One layer's cache of any method for one sequence on a CUDA device: decode and causal
+    prefill attention on the codes (see the module doc for the scope)."""
+
+    _core_class = "CudaCodecCache"
+
+    def attend(self, queries: Any, scale: float | None = None, causal: bool = True,
+               out: Any = None) -> Any:
+        """Softmax attention over every stored token, on the codes. queries: [num_q_heads,
+        n_queries, head_dim] (or with a leading batch dimension of 1), or [num_q_heads,
+        head_dim] for one query per head; num_q_heads is a multiple of num_heads (query head h
+        reads KV head h // (num_q_heads // num_heads)). With causal (the default), the queries
+        are the last n_queries tokens appended and query i sees tokens [0, size - n_queries +
+        i] (ValueError when fewer tokens are stored); without it every query sees every token.
+        scale defaults to 1/sqrt(head_dim). Returns a tensor shaped like the queries, in their
+        dtype (or fills ``out``, a float32 tensor of that shape); zeros when the cache is
+        empty."""
+        torch = _torch()
+        q = self._float32(queries, "queries")
+        result = torch.empty(q.shape, dtype=torch.float32, device=q.device) if out is None \
+            else out
+        target = result
+        if q.ndim == 2:  # [num_q_heads, head_dim]: one query per head
+            if result.shape != q.shape:
+                raise ValueError(f"out must be shaped like the queries {list(q.shape)}, got "
+                                 f"{list(result.shape)}")
+            q, target = q.unsqueeze(1), result.unsqueeze(1)
+        self._impl.attend(q, target, self._scale(scale), bool(causal), self._stream())
+        return out if out is not None else self._in_dtype_of(result, queries)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"CudaKVCache(method={c.method!r}, bits={c.bits}, value_bits={c.value_bits}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, size={self.size}, "
+                f"max_seq_len={self.max_seq_len}, device={self.device})")
+
+
+__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaKVCache", "CudaTurboQuantCache", "is_available"]

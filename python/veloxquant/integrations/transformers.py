@@ -17,21 +17,30 @@ hands the attention function zero-length views tagged with the layer. With
 ``fetch_dequantized=True`` it returns every stored token dequantized instead, so any other
 attention implementation also works (the unfused path, for checking).
 
-On the GPU: when the model is on a CUDA device, the extension was built with the CUDA backend
-(``VQ_CUDA=ON``) and a layer's configuration is in that backend's scope (turboquant_rvq with the
-Hadamard rotation, head_dim 64 or 128, key bits 1..4 with 1..3 stages, value_bits 1, 2, 4 or
-16, no outlier observer, 1..8 query heads per KV head, no sliding window),
-``VeloxQuantCache.from_model`` (``backend="auto"``) keeps that layer's codes on the device in a
-``veloxquant.cuda.CudaTurboQuantCache`` (``VeloxQuantCudaLayer``); ``backend="cuda"`` insists
-on it and ``backend="cpu"`` never uses it. On such a layer:
+On the GPU: when the model is on a CUDA device and the extension was built with the CUDA
+backend (``VQ_CUDA=ON``), ``VeloxQuantCache.from_model`` (``backend="auto"``) keeps each
+layer's codes on the device, in one of two caches of ``veloxquant.cuda``:
 
-- decode (one new token) appends the token on the device and runs the fused CUDA decode
-  kernel on the packed codes; nothing leaves the GPU and nothing synchronizes;
-- prefill (a chunk of several tokens) does NOT attend on the codes: it runs torch
+- ``CudaTurboQuantCache`` (``VeloxQuantCudaLayer``) when the layer is in the tuned TurboQuant
+  kernels' scope (turboquant_rvq with the Hadamard rotation, head_dim 64 or 128, key bits 1..4
+  with 1..3 stages, value_bits 1, 2, 4 or 16, 1..8 query heads per KV head). Decode (one new
+  token) appends the token and runs the tensor-core decode kernel on the packed codes. Prefill
+  (a chunk of several tokens) does NOT attend on the codes: it runs torch
   ``scaled_dot_product_attention`` (causal, GQA) on the chunk's exact keys and values, preceded
-  by the dequantized earlier tokens when the chunk is not the first, and then appends the chunk.
-  So the first prefill chunk attends exactly as the uncompressed model does; compression shows
-  from the first decoded token on.
+  by the dequantized earlier tokens when the chunk is not the first, and then appends the
+  chunk; so the first prefill chunk attends exactly as the uncompressed model does and
+  compression shows from the first decoded token on.
+- otherwise ``CudaKVCache`` (``VeloxQuantCudaKVLayer``) for any method (including
+  turboquant_rvq out of the kernels' scope, e.g. without the Hadamard rotation or at another
+  head_dim) with head_dim up to 256: every update appends the new tokens on the device and the
+  attention runs on the codes, causal over the chunk in prefill and over everything in decode,
+  as the CPU cache does (so prefill already sees the compression). The calibrated methods
+  (vecinfer, spectral, commvq; rabitq's centroids optionally) take their fields from the
+  KVCacheConfig, as on the CPU; rabitq without centroids trains on its first append.
+
+Neither takes an outlier observer or a sliding window: such layers stay on the CPU.
+``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
+GPU layer nothing leaves the GPU and nothing synchronizes (but a rabitq cache's training).
 
 Limits of this build: batch size 1 without padding or explicit masks, inference only; layers
 whose caches run on the CPU copy tensors on a GPU to the CPU and back at every layer.
@@ -49,7 +58,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import cuda as _cuda
 from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig, _create, model_cache_shape
 from ..cache.sliding_window_cache import SlidingWindowKVCache
-from ..cuda import CudaTurboQuantCache
+from ..cuda import CudaKVCache, CudaTurboQuantCache
 
 ATTENTION_NAME = "veloxquant"
 _TAG = "_veloxquant_layer"
@@ -93,17 +102,23 @@ class VeloxQuantLayer(CacheLayerMixin):
                 f"VeloxQuantCache holds one sequence; got batch size {key_states.shape[0]}"
             )
 
+    def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x ([heads, n, head_dim]) as the cache takes it: float32, contiguous, on the CPU."""
+        return _cpu_float32(x)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Appends [1, kv_heads, n, head_dim] keys and values; returns tensors tagged with this
         layer for the "veloxquant" attention function (zero-length views, or every token
         dequantized with fetch_dequantized)."""
         self._begin_update(key_states, value_states)
-        self.cache.append(_cpu_float32(key_states[0]), _cpu_float32(value_states[0]))
+        self.cache.append(self._cache_input(key_states[0], "keys"),
+                          self._cache_input(value_states[0], "values"))
         if self.fetch_dequantized:
             k, v = self.cache.dequantize()
-            keys = torch.from_numpy(k)[None].to(device=key_states.device, dtype=key_states.dtype)
-            values = torch.from_numpy(v)[None].to(device=value_states.device, dtype=value_states.dtype)
+            keys = torch.as_tensor(k)[None].to(device=key_states.device, dtype=key_states.dtype)
+            values = torch.as_tensor(v)[None].to(device=value_states.device,
+                                                 dtype=value_states.dtype)
         else:
             keys, values = key_states[..., :0, :], value_states[..., :0, :]
             self._pending = True
@@ -116,7 +131,8 @@ class VeloxQuantLayer(CacheLayerMixin):
         [1, n, q_heads, head_dim] in the query's dtype and device (key and value, what update
         returned, are not read)."""
         self._pending = False
-        out = self.cache.attend(_cpu_float32(query[0]), scale=scaling, causal=causal)
+        out = self.cache.attend(self._cache_input(query[0], "queries"), scale=scaling,
+                                causal=causal)
         return out.transpose(0, 1).unsqueeze(0).to(device=query.device, dtype=query.dtype)
 
     def get_seq_length(self) -> int:
@@ -159,13 +175,42 @@ class VeloxQuantLayer(CacheLayerMixin):
             raise NotImplementedError("VeloxQuantCache holds one sequence (batch size 1)")
 
 
-class VeloxQuantCudaLayer(VeloxQuantLayer):
-    """One model layer's cache on the GPU: a ``CudaTurboQuantCache`` (see the module doc for
+class VeloxQuantDeviceLayer(VeloxQuantLayer):
+    """What the GPU layers share: a device cache of ``veloxquant.cuda`` fed float32 tensors on
+    its own device, where its codes stay."""
+
+    def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
+                 fetch_dequantized: bool = False) -> None:
+        super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
+        self.is_sliding = False
+
+    def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x as float32 and contiguous on the cache's device (ValueError on another device)."""
+        if x.device != self.cache.device:
+            raise ValueError(f"layer {self.cache.layer}: {name} are on {x.device} but the cache "
+                             f"lives on {self.cache.device}")
+        # (.to(memory_format=...) returns a float32 view unchanged, strides and all)
+        return x.to(torch.float32).contiguous()
+
+    def offload(self) -> None:
+        """Nothing to move: the codes stay on their device."""
+
+    def prefetch(self) -> None:
+        """Nothing to move: the codes stay on their device."""
+
+
+class VeloxQuantCudaKVLayer(VeloxQuantDeviceLayer):
+    """One model layer's cache on the GPU in a ``CudaKVCache`` (any method): every update
+    appends on the device and the attention runs on the codes, causal over a prefill chunk
+    (VeloxQuantLayer's logic on device tensors)."""
+
+
+class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
+    """One model layer's cache on the GPU in a ``CudaTurboQuantCache`` (see the module doc for
     what runs on the codes and what runs on exact keys)."""
 
     def __init__(self, cache: CudaTurboQuantCache, fetch_dequantized: bool = False) -> None:
-        super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
-        self.is_sliding = False
+        super().__init__(cache, fetch_dequantized)
         self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -175,13 +220,9 @@ class VeloxQuantCudaLayer(VeloxQuantLayer):
         returns the earlier tokens dequantized followed by this chunk's exact keys and values,
         for SDPA. With fetch_dequantized: every stored token dequantized."""
         self._begin_update(key_states, value_states)
-        if key_states.device != self.cache.device:
-            raise ValueError(f"layer {self.cache.layer}: keys are on {key_states.device} but the "
-                             f"cache lives on {self.cache.device}")
         n, start = key_states.shape[-2], self.cache.size
-        # (.to(memory_format=...) returns a float32 view unchanged, strides and all)
-        k32 = key_states[0].to(torch.float32).contiguous()
-        v32 = value_states[0].to(torch.float32).contiguous()
+        k32 = self._cache_input(key_states[0], "keys")
+        v32 = self._cache_input(value_states[0], "values")
         if self.fetch_dequantized:
             self.cache.append(k32, v32)
             k, v = self.cache.dequantize()
@@ -238,26 +279,19 @@ class VeloxQuantCudaLayer(VeloxQuantLayer):
         super().reset()
         self._mode = ""
 
-    def offload(self) -> None:
-        """Nothing to move: the codes stay on their device."""
-
-    def prefetch(self) -> None:
-        """Nothing to move: the codes stay on their device."""
-
 
 class VeloxQuantCache(Cache):
     """A transformers ``Cache`` holding one VeloxQuant cache per layer; pass it as
     ``past_key_values`` with ``attn_implementation="veloxquant"``."""
 
-    def __init__(self, caches: Sequence[KVCache | CudaTurboQuantCache],
+    def __init__(self, caches: Sequence[KVCache | CudaTurboQuantCache | CudaKVCache],
                  fetch_dequantized: bool = False) -> None:
         """caches: one cache per model layer, in layer order (e.g. from ``KVCacheBuilder.build``);
-        a ``veloxquant.cuda.CudaTurboQuantCache`` makes that layer a GPU layer."""
+        a ``veloxquant.cuda.CudaTurboQuantCache`` or ``CudaKVCache`` makes that layer a GPU
+        layer."""
         if not caches:
             raise ValueError("VeloxQuantCache needs one cache per layer, got none")
-        super().__init__(layers=[
-            VeloxQuantCudaLayer(c, fetch_dequantized) if isinstance(c, CudaTurboQuantCache)
-            else VeloxQuantLayer(c, fetch_dequantized) for c in caches])
+        super().__init__(layers=[_layer_of(c, fetch_dequantized) for c in caches])
 
     @classmethod
     def from_model(cls, model: Any, config: KVCacheConfig, max_seq_len: int = 8192,
@@ -266,10 +300,11 @@ class VeloxQuantCache(Cache):
         config marks "sliding_attention" get a SlidingWindowKVCache of ``sliding_window``
         tokens without sinks, as the model's own attention does.
 
-        backend: "auto" keeps a layer's codes on the GPU (``CudaTurboQuantCache``) when the
-        model's parameters are on a CUDA device, this build has the CUDA backend and the layer
-        is in its scope (see the module doc), else on the CPU; "cuda" requires the GPU for every
-        layer (ValueError/RuntimeError naming the reason otherwise); "cpu" never uses it."""
+        backend: "auto" keeps a layer's codes on the GPU when the model's parameters are on a
+        CUDA device, this build has the CUDA backend and the layer is in its scope (see the
+        module doc: ``CudaTurboQuantCache`` where its kernels apply, else ``CudaKVCache``), else
+        on the CPU; "cuda" requires the GPU for every layer (ValueError/RuntimeError naming the
+        reason otherwise); "cpu" never uses it."""
         if backend not in ("auto", "cuda", "cpu"):
             raise ValueError(f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
         cfg = getattr(model, "config", model)
@@ -288,13 +323,8 @@ class VeloxQuantCache(Cache):
                 caches: list[Any] = []
                 for layer, (h, d) in enumerate(shape):
                     sliding = layer < len(layer_types) and layer_types[layer] == "sliding_attention"
-                    why = _layer_out_of_scope(h, q_heads[layer], sliding and bool(window))
-                    cache = None
-                    if not why:
-                        try:
-                            cache = CudaTurboQuantCache(config, h, d, max_seq_len, layer, device)
-                        except ValueError as e:  # the backend's scope (method, bits, head_dim)
-                            why = str(e)
+                    cache, why = _device_cache(config, h, d, q_heads[layer], max_seq_len, layer,
+                                               device, sliding and bool(window))
                     if cache is None:
                         if backend == "cuda":
                             raise ValueError(f"layer {layer} is outside the CUDA backend: {why}")
@@ -312,7 +342,7 @@ class VeloxQuantCache(Cache):
     @property
     def devices(self) -> list[str]:
         """Where each layer's codes live: "cpu" or "cuda:N"."""
-        return [str(layer.cache.device) if isinstance(layer, VeloxQuantCudaLayer) else "cpu"
+        return [str(layer.cache.device) if isinstance(layer, VeloxQuantDeviceLayer) else "cpu"
                 for layer in self.layers]
 
     @property
@@ -325,6 +355,35 @@ class VeloxQuantCache(Cache):
         """Bytes held by every layer's cache (codes, scalars, page slack, parameters; on the GPU
         the page pool as allocated, the codec tables and the decode workspace)."""
         return sum(layer.cache.nbytes for layer in self.layers)
+
+
+def _layer_of(cache: Any, fetch_dequantized: bool) -> VeloxQuantLayer:
+    """The transformers layer for one VeloxQuant cache (on the GPU for the device caches)."""
+    if isinstance(cache, CudaTurboQuantCache):
+        return VeloxQuantCudaLayer(cache, fetch_dequantized)
+    if isinstance(cache, CudaKVCache):
+        return VeloxQuantCudaKVLayer(cache, fetch_dequantized)
+    return VeloxQuantLayer(cache, fetch_dequantized)
+
+
+def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: int | None,
+                  max_seq_len: int, layer: int, device: torch.device,
+                  sliding: bool) -> tuple[CudaTurboQuantCache | CudaKVCache | None, str]:
+    """The GPU cache of one layer: a CudaTurboQuantCache where its kernels apply, else a
+    CudaKVCache; (None, why) when neither does."""
+    if sliding:
+        return None, "sliding-window layers stay on the CPU (SlidingWindowKVCache)"
+    if q_heads is not None and q_heads % kv_heads != 0:
+        return None, f"{q_heads} query heads are not a multiple of the {kv_heads} KV heads"
+    if q_heads is None or q_heads // kv_heads <= 8:  # the tensor-core decode's GQA groups
+        try:
+            return CudaTurboQuantCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
+        except ValueError:  # out of the tuned kernels' scope (method, bits, head_dim)
+            pass
+    try:
+        return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
+    except ValueError as e:  # out of the device codecs' scope (outliers, head_dim, config)
+        return None, str(e)
 
 
 def _model_device(model: Any) -> torch.device | None:
@@ -352,14 +411,6 @@ def _query_heads(cfg: Any, n_layers: int) -> list[int | None]:
     if isinstance(heads, (list, tuple)):
         return [int(h) for h in heads]
     return [int(heads) if heads is not None else None] * n_layers
-
-
-def _layer_out_of_scope(kv_heads: int, q_heads: int | None, sliding: bool) -> str:
-    if sliding:
-        return "sliding-window layers stay on the CPU (SlidingWindowKVCache)"
-    if q_heads is not None and (q_heads % kv_heads != 0 or not 1 <= q_heads // kv_heads <= 8):
-        return f"{q_heads} query heads over {kv_heads} KV heads (the decode takes groups of 1..8)"
-    return ""
 
 
 def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -394,5 +445,5 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
 
 AttentionInterface.register(ATTENTION_NAME, veloxquant_attention)
 
-__all__ = ["ATTENTION_NAME", "VeloxQuantCache", "VeloxQuantCudaLayer", "VeloxQuantLayer",
-           "veloxquant_attention"]
+__all__ = ["ATTENTION_NAME", "VeloxQuantCache", "VeloxQuantCudaKVLayer", "VeloxQuantCudaLayer",
+           "VeloxQuantDeviceLayer", "VeloxQuantLayer", "veloxquant_attention"]
