@@ -78,6 +78,8 @@ def build_model(layers: int):
 CONFIGS = {  # name -> KVCacheConfig kwargs
     "k1r1_v2": dict(method="turboquant_rvq", bits=1, num_residuals=1, value_bits=2),
     "k4r1_v4": dict(method="turboquant_rvq", bits=4, num_residuals=1, value_bits=4),
+    # a method off the tensor-core kernels: the generic device path (CudaKVCache)
+    "polar3_v4": dict(method="polarquant", bits=3, value_bits=4),
 }
 HIGH = dict(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
 
@@ -258,7 +260,8 @@ def main() -> int:
                                                       f"; this run uses {args.layers}"),
                   "hidden": 4096, "q_heads": 32, "kv_heads": 8, "head_dim": 128,
                   "intermediate": 14336, "vocab": 128256},
-        "method": {"decode": "ours: fused CUDA decode on the codes; default: SDPA (bf16)",
+        "method": {"decode": "ours: fused CUDA decode on the codes (turboquant: tensor-core kernel; "
+                             "polarquant: the generic kernel); default: SDPA (bf16)",
                    "prefill": "ours: SDPA on the exact prompt, then encode (integration doc)",
                    "timing": "wall per step incl. Python, median over repeats x steps"},
         "args": vars(args), "results": [], "skipped_contexts": [],

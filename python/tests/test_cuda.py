@@ -449,20 +449,21 @@ def test_transformers_gpu_layers_follow_the_default_cache():
     KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, use_hadamard=False, seed=4),
 ], ids=lambda c: c.method)
 def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
-    """Outside the TurboQuant kernels' scope, every layer runs on a CudaKVCache: prefill chunks
-    and decode attend on the codes, on the GPU as the CPU layers do on the CPU."""
+    """Outside the TurboQuant kernels' scope, every layer runs on a CudaKVCache. Token by token
+    (every step a decode step, so both sides attend on the codes) the GPU layers follow the CPU
+    layers; a prefill chunk on the GPU runs SDPA on exact keys, which the CPU layers do not, so
+    chunks are covered by test_gpu_layer_logic_on_exact_tokens instead."""
     pytest.importorskip("transformers")
     from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
                                                       VeloxQuantCudaKVLayer)
     model = _tiny_llama(64).to("cuda")
     tokens = torch.randint(0, 512, (1, 60), generator=torch.Generator().manual_seed(3)).cuda()
-    prompt = 40
 
     def run(cache):
         model.set_attn_implementation(ATTENTION_NAME)
         try:
             with torch.no_grad():
-                bounds = [0, 24, prompt] + list(range(prompt + 1, tokens.shape[1] + 1))
+                bounds = list(range(tokens.shape[1] + 1))
                 logits = [model(tokens[:, a:b], past_key_values=cache, use_cache=True).logits[0]
                           for a, b in zip(bounds, bounds[1:])]
         finally:
@@ -558,19 +559,19 @@ class _ExactDeviceCache(_ExactTokens, vq_cuda.CudaTurboQuantCache):
 
 
 class _ExactKVCache(_ExactTokens, vq_cuda.CudaKVCache):
-    """For VeloxQuantCudaKVLayer: every attention on the cache, causal over prefill chunks."""
+    """For VeloxQuantCudaKVLayer: prefill chunks on SDPA, decode ([hq, d] queries) on the
+    cache."""
 
     def attend(self, queries, scale=None, causal=True, out=None):
-        assert queries.dim() == 3 and queries.dtype == torch.float32
-        return self._attend(queries, scale, causal)
+        assert queries.dim() == 2 and queries.dtype == torch.float32
+        return self._attend(queries[:, None], scale, False)[:, 0]
 
 
 @pytest.mark.parametrize("kind", ["turboquant", "codec"])
 def test_gpu_layer_logic_on_exact_tokens(kind):
     """The GPU layers' bookkeeping on a stand-in cache that stores tokens exactly: two prefill
-    chunks (VeloxQuantCudaLayer: SDPA, the second over the earlier tokens plus the chunk;
-    VeloxQuantCudaKVLayer: the cache's causal attend) and decode steps (the cache's attend)
-    give the default cache's logits."""
+    chunks (SDPA, the second over the earlier tokens plus the chunk) and decode steps (the
+    cache's attend) give the default cache's logits."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers import DynamicCache

@@ -23,20 +23,21 @@ layer's codes on the device, in one of two caches of ``veloxquant.cuda``:
 
 - ``CudaTurboQuantCache`` (``VeloxQuantCudaLayer``) when the layer is in the tuned TurboQuant
   kernels' scope (turboquant_rvq with the Hadamard rotation, head_dim 64 or 128, key bits 1..4
-  with 1..3 stages, value_bits 1, 2, 4 or 16, 1..8 query heads per KV head). Decode (one new
-  token) appends the token and runs the tensor-core decode kernel on the packed codes. Prefill
-  (a chunk of several tokens) does NOT attend on the codes: it runs torch
-  ``scaled_dot_product_attention`` (causal, GQA) on the chunk's exact keys and values, preceded
-  by the dequantized earlier tokens when the chunk is not the first, and then appends the
-  chunk; so the first prefill chunk attends exactly as the uncompressed model does and
-  compression shows from the first decoded token on.
+  with 1..3 stages, value_bits 1, 2, 4 or 16, 1..8 query heads per KV head);
 - otherwise ``CudaKVCache`` (``VeloxQuantCudaKVLayer``) for any method (including
   turboquant_rvq out of the kernels' scope, e.g. without the Hadamard rotation or at another
-  head_dim) with head_dim up to 256: every update appends the new tokens on the device and the
-  attention runs on the codes, causal over the chunk in prefill and over everything in decode,
-  as the CPU cache does (so prefill already sees the compression). The calibrated methods
-  (vecinfer, spectral, commvq; rabitq's centroids optionally) take their fields from the
-  KVCacheConfig, as on the CPU; rabitq without centroids trains on its first append.
+  head_dim) with head_dim up to 256. The calibrated methods (vecinfer, spectral, commvq;
+  rabitq's centroids optionally) take their fields from the KVCacheConfig, as on the CPU;
+  rabitq without centroids trains on its first append.
+
+On both, decode (one new token) appends the token and attends on the packed codes (the
+tensor-core kernel, or the generic one). Prefill (a chunk of several tokens) does NOT attend on
+the codes: it runs torch ``scaled_dot_product_attention`` (causal, GQA) on the chunk's exact
+keys and values, preceded by the dequantized earlier tokens when the chunk is not the first,
+and then appends the chunk; so the first prefill chunk attends exactly as the uncompressed
+model does and compression shows from the first decoded token on. (``CudaKVCache.attend`` with
+``causal=True`` is the fused causal prefill on the codes, for callers that want it; on long
+prompts it is much slower than SDPA: bench/cuda/bench_codec_cache.cu.)
 
 Neither takes an outlier observer or a sliding window: such layers stay on the CPU.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
@@ -177,12 +178,15 @@ class VeloxQuantLayer(CacheLayerMixin):
 
 class VeloxQuantDeviceLayer(VeloxQuantLayer):
     """What the GPU layers share: a device cache of ``veloxquant.cuda`` fed float32 tensors on
-    its own device, where its codes stay."""
+    its own device, where its codes stay. Decode (one new token) appends the token and attends
+    on the codes; a prefill chunk runs SDPA on its exact keys and values (after the earlier
+    tokens, dequantized) and is then appended (see the module doc)."""
 
     def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
                  fetch_dequantized: bool = False) -> None:
         super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
         self.is_sliding = False
+        self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
 
     def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x as float32 and contiguous on the cache's device (ValueError on another device)."""
@@ -191,27 +195,6 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
                              f"lives on {self.cache.device}")
         # (.to(memory_format=...) returns a float32 view unchanged, strides and all)
         return x.to(torch.float32).contiguous()
-
-    def offload(self) -> None:
-        """Nothing to move: the codes stay on their device."""
-
-    def prefetch(self) -> None:
-        """Nothing to move: the codes stay on their device."""
-
-
-class VeloxQuantCudaKVLayer(VeloxQuantDeviceLayer):
-    """One model layer's cache on the GPU in a ``CudaKVCache`` (any method): every update
-    appends on the device and the attention runs on the codes, causal over a prefill chunk
-    (VeloxQuantLayer's logic on device tensors)."""
-
-
-class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
-    """One model layer's cache on the GPU in a ``CudaTurboQuantCache`` (see the module doc for
-    what runs on the codes and what runs on exact keys)."""
-
-    def __init__(self, cache: CudaTurboQuantCache, fetch_dequantized: bool = False) -> None:
-        super().__init__(cache, fetch_dequantized)
-        self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,7 +242,7 @@ class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
             out = self.cache.attend(q, scale=scaling)  # [q_heads, head_dim] float32
             return out.to(query.dtype)[None, None]
         if key is None or value is None or key.shape[-2] == 0:
-            raise RuntimeError("VeloxQuantCudaLayer.attend: no keys from update() for this step")
+            raise RuntimeError(f"{type(self).__name__}.attend: no keys from update() for this step")
         n_q, n_k = query.shape[2], key.shape[2]
         mask, is_causal = None, False
         if causal and n_q > 1:
@@ -278,6 +261,22 @@ class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
     def reset(self) -> None:
         super().reset()
         self._mode = ""
+
+    def offload(self) -> None:
+        """Nothing to move: the codes stay on their device."""
+
+    def prefetch(self) -> None:
+        """Nothing to move: the codes stay on their device."""
+
+
+class VeloxQuantCudaKVLayer(VeloxQuantDeviceLayer):
+    """One model layer's cache on the GPU in a ``CudaKVCache`` (any method): decode runs the
+    generic fused attention on the codes."""
+
+
+class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
+    """One model layer's cache on the GPU in a ``CudaTurboQuantCache``: decode runs the
+    tensor-core turboquant kernel on the codes."""
 
 
 class VeloxQuantCache(Cache):
