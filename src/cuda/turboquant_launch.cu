@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "cuda/turboquant_decode.cuh"
+#include "cuda/turboquant_encode_warp.cuh"
 
 namespace veloxquant::cuda {
 namespace {
@@ -230,7 +231,8 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     return cudaSuccess;
 }
 
-// Dequantize: one warp per (head, token) of tokens [start, start + n_tokens) of one sequence.
+// Dequantize and short encodes: one warp per (head, token) of tokens [start, start + n_tokens)
+// of one sequence.
 template <typename Args>
 cudaError_t launch_per_token(const Args& a, void (*kernel64)(Args), void (*kernel128)(Args),
                              cudaStream_t stream) {
@@ -248,11 +250,19 @@ cudaError_t launch_per_token(const Args& a, void (*kernel64)(Args), void (*kerne
 
 }  // namespace
 
+/// Appends of fewer tokens take the warp-per-token encoder.
+constexpr int kShortAppend = 32;
+
 cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
     if (!layout_supported(a.layout) || a.n_tokens < 0 || a.start < 0 || a.pool == nullptr ||
         a.page_table == nullptr || (a.n_tokens > 0 && (a.keys == nullptr || a.values == nullptr)))
         return cudaErrorInvalidValue;
     if (a.n_tokens == 0) return cudaSuccess;
+    // Short appends (decode steps): the warp-per-token encoder, whose latency is a few
+    // microseconds; the tiled one-thread-per-token encoder needs many tokens to pay off.
+    if (a.n_tokens < kShortAppend)
+        return launch_per_token(a, &kernels::encode_warp_kernel<64>,
+                                &kernels::encode_warp_kernel<128>, stream);
     // One warp per block, each looping over 32-item tiles: as many blocks as fit on the device
     // (the tile buffers in shared memory bound the residency), or one per tile.
     void (*kernel)(EncodeArgs) =
