@@ -10,9 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "veloxquant/caches.h"
 #include "device_codecs/device_common.h"
 #include "methods/key_codec.h"
+#include "veloxquant/caches.h"
 
 namespace vqtest {
 
@@ -58,8 +58,8 @@ void expect_device_codec_matches(const veloxquant::KeyCodec& cpu, const std::vec
     int code_mismatch = 0;
     for (std::size_t i = 0; i < n * cb; ++i) code_mismatch += cpu_codes[i] != dev_codes[i];
     EXPECT_EQ(code_mismatch, 0) << "code bytes differ";
-    EXPECT_EQ(0, std::memcmp(cpu_scalars.data(), dev_scalars.data(),
-                             sizeof(float) * cpu_scalars.size()))
+    EXPECT_EQ(
+        0, std::memcmp(cpu_scalars.data(), dev_scalars.data(), sizeof(float) * cpu_scalars.size()))
         << "scalars differ";
 
     std::vector<float> cpu_keys(static_cast<std::size_t>(n) * d), dev_keys(cpu_keys.size());

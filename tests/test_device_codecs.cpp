@@ -49,10 +49,9 @@ TEST(Fp16DeviceCodec, MatchesCpuCodec) {
     for (const int d : {64, 96, 128}) {
         FP16Codec cpu(d);
         auto keys = vqtest::randn(static_cast<std::size_t>(40) * d, 3 + d, 4.0f);
-        keys[5] = 1e-6f;  // a subnormal half
+        keys[5] = 1e-6f;     // a subnormal half
         keys[6] = 65000.0f;  // near the largest half
-        vqtest::expect_device_codec_matches<dev::Fp16Device>(cpu, keys,
-                                                             vqtest::randn(2 * d, 4));
+        vqtest::expect_device_codec_matches<dev::Fp16Device>(cpu, keys, vqtest::randn(2 * d, 4));
     }
 }
 
@@ -97,9 +96,10 @@ TEST_P(ValueDeviceCodec, MatchesCpuCodec) {
     EXPECT_LT(vqtest::max_rel_error(out_dev, out_cpu), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, ValueDeviceCodec,
-                         testing::Values(std::make_tuple(64, 2, true), std::make_tuple(128, 4, true),
-                                         std::make_tuple(128, 16, true), std::make_tuple(80, 3, true),
-                                         std::make_tuple(96, 1, false), std::make_tuple(64, 8, true)));
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ValueDeviceCodec,
+    testing::Values(std::make_tuple(64, 2, true), std::make_tuple(128, 4, true),
+                    std::make_tuple(128, 16, true), std::make_tuple(80, 3, true),
+                    std::make_tuple(96, 1, false), std::make_tuple(64, 8, true)));
 
 }  // namespace

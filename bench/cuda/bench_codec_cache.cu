@@ -45,7 +45,8 @@ Activations synthetic_activations(int heads, int d, int rows) {
         const double u1 = ((state >> 11) + 1) * (1.0 / 9007199254740993.0);
         state = state * 6364136223846793005ull + 1442695040888963407ull;
         const double u2 = (state >> 11) * (1.0 / 9007199254740992.0);
-        return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+        return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) *
+                                  std::cos(6.283185307179586 * u2));
     };
     for (int h = 0; h < heads; ++h) {
         HeadSamples k{d, {}, {}}, q{d, {}, {}};
@@ -109,7 +110,8 @@ int run(const char* out_path) {
     void *src = nullptr, *dst = nullptr;
     check_cuda(cudaMalloc(&src, copy_bytes), "malloc");
     check_cuda(cudaMalloc(&dst, copy_bytes), "malloc");
-    const auto copy_ms = time_ms(10, [&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); });
+    const auto copy_ms =
+        time_ms(10, [&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); });
     const double copy_gbps = 2.0 * copy_bytes / (median(copy_ms) * 1e-3) / 1e9;
     cudaFree(src);
     cudaFree(dst);
@@ -120,7 +122,8 @@ int run(const char* out_path) {
     float *keys = nullptr, *values = nullptr, *queries = nullptr, *out = nullptr;
     check_cuda(cudaMalloc(&keys, kv * sizeof(float)), "malloc");
     check_cuda(cudaMalloc(&values, kv * sizeof(float)), "malloc");
-    check_cuda(cudaMalloc(&queries, static_cast<size_t>(kQ) * kChunk * kD * sizeof(float)), "malloc");
+    check_cuda(cudaMalloc(&queries, static_cast<size_t>(kQ) * kChunk * kD * sizeof(float)),
+               "malloc");
     check_cuda(cudaMalloc(&out, static_cast<size_t>(kQ) * kChunk * kD * sizeof(float)), "malloc");
     fill(keys, kv, 1);
     fill(values, kv, 2);
@@ -138,26 +141,23 @@ int run(const char* out_path) {
                 cache.reset();
                 cache.append(keys, values, n, nullptr);
             }));
-            r.decode_ms = median(time_ms(20, [&](int) {
-                cache.attend(queries, kQ, 1, out, scale, true, nullptr);
-            }));
-            r.prefill_ms = median(time_ms(3, [&](int) {
-                cache.attend(queries, kQ, kChunk, out, scale, true, nullptr);
-            }));
+            r.decode_ms = median(
+                time_ms(20, [&](int) { cache.attend(queries, kQ, 1, out, scale, true, nullptr); }));
+            r.prefill_ms = median(time_ms(
+                3, [&](int) { cache.attend(queries, kQ, kChunk, out, scale, true, nullptr); }));
             r.page_mb = static_cast<double>(n) / 64 * cache.page_layout().page_bytes / 1e6;
             r.decode_gbps = r.page_mb * 1e6 / (r.decode_ms * 1e-3) / 1e9;
             if (m.config.method == "turboquant_rvq") {
                 CudaTurboQuantCache fast(m.config, kKv, kD, n);
                 fast.append(keys, values, n, nullptr);
-                r.tq_fast_decode_ms = median(time_ms(20, [&](int) {
-                    fast.attend(queries, kQ, out, scale, nullptr);
-                }));
+                r.tq_fast_decode_ms = median(
+                    time_ms(20, [&](int) { fast.attend(queries, kQ, out, scale, nullptr); }));
             }
-            std::printf("%-22s N=%5d encode %8.3f ms (%6.1f Mtok/s)  decode %7.3f ms (%5.0f GB/s, "
-                        "%.2f of copy)  prefill %d: %8.2f ms  tq-fast decode %.3f ms\n",
-                        r.method.c_str(), n, r.encode_ms, n / r.encode_ms / 1e3, r.decode_ms,
-                        r.decode_gbps, r.decode_gbps / copy_gbps, kChunk, r.prefill_ms,
-                        r.tq_fast_decode_ms);
+            std::printf(
+                "%-22s N=%5d encode %8.3f ms (%6.1f Mtok/s)  decode %7.3f ms (%5.0f GB/s, "
+                "%.2f of copy)  prefill %d: %8.2f ms  tq-fast decode %.3f ms\n",
+                r.method.c_str(), n, r.encode_ms, n / r.encode_ms / 1e3, r.decode_ms, r.decode_gbps,
+                r.decode_gbps / copy_gbps, kChunk, r.prefill_ms, r.tq_fast_decode_ms);
             std::fflush(stdout);
             results.push_back(r);
         }
@@ -169,18 +169,24 @@ int run(const char* out_path) {
 
     FILE* f = std::fopen(out_path, "w");
     if (f == nullptr) throw std::runtime_error(std::string("cannot write ") + out_path);
-    std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"bench_codec_cache %s\",\n", prop.name, out_path);
-    std::fprintf(f, "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d, "
-                 "\"head_dim\": %d, \"prefill_chunk\": %d,\n  \"note\": \"medians; decode and prefill "
-                 "attention on the codes (generic one-thread-per-token path); tq_fast = the tensor-core "
-                 "turboquant_rvq decode\",\n  \"points\": [\n", copy_gbps, kKv, kQ, kD, kChunk);
+    std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"bench_codec_cache %s\",\n",
+                 prop.name, out_path);
+    std::fprintf(
+        f,
+        "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d, "
+        "\"head_dim\": %d, \"prefill_chunk\": %d,\n  \"note\": \"medians; decode and prefill "
+        "attention on the codes (generic one-thread-per-token path); tq_fast = the tensor-core "
+        "turboquant_rvq decode\",\n  \"points\": [\n",
+        copy_gbps, kKv, kQ, kD, kChunk);
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
-        std::fprintf(f, "    {\"method\": \"%s\", \"tokens\": %d, \"encode_ms\": %.4f, \"decode_ms\": %.4f, "
-                     "\"prefill_chunk_ms\": %.3f, \"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, "
-                     "\"decode_gbps\": %.1f}%s\n",
-                     r.method.c_str(), r.tokens, r.encode_ms, r.decode_ms, r.prefill_ms,
-                     r.tq_fast_decode_ms, r.page_mb, r.decode_gbps, i + 1 < results.size() ? "," : "");
+        std::fprintf(
+            f,
+            "    {\"method\": \"%s\", \"tokens\": %d, \"encode_ms\": %.4f, \"decode_ms\": %.4f, "
+            "\"prefill_chunk_ms\": %.3f, \"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, "
+            "\"decode_gbps\": %.1f}%s\n",
+            r.method.c_str(), r.tokens, r.encode_ms, r.decode_ms, r.prefill_ms, r.tq_fast_decode_ms,
+            r.page_mb, r.decode_gbps, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

@@ -44,7 +44,8 @@ bool measure_affine_state(const std::vector<typename Codec::Params>& params, int
             out.constant[static_cast<std::size_t>(h) * stride + i] = c[i];
             const float* r = &full[static_cast<std::size_t>(i) * d];
             if (std::any_of(r, r + d, [](float x) { return x != 0.0f; })) {
-                out.row_of[static_cast<std::size_t>(h) * stride + i] = static_cast<int>(rows[h].size());
+                out.row_of[static_cast<std::size_t>(h) * stride + i] =
+                    static_cast<int>(rows[h].size());
                 rows[h].push_back(i);
                 m[h].insert(m[h].end(), r, r + d);
             }
@@ -60,7 +61,8 @@ bool measure_affine_state(const std::vector<typename Codec::Params>& params, int
             double x = c[i];
             const int k = out.row_of[static_cast<std::size_t>(h) * stride + i];
             if (k >= 0)
-                for (int j = 0; j < d; ++j) x += static_cast<double>(m[h][static_cast<std::size_t>(k) * d + j]) * q[j];
+                for (int j = 0; j < d; ++j)
+                    x += static_cast<double>(m[h][static_cast<std::size_t>(k) * d + j]) * q[j];
             err = std::max(err, std::fabs(x - probe[i]));
             scale = std::max(scale, std::fabs(static_cast<double>(probe[i])));
         }
@@ -71,7 +73,8 @@ bool measure_affine_state(const std::vector<typename Codec::Params>& params, int
     for (int h = 0; h < heads; ++h)
         for (std::size_t k = 0; k < rows[h].size(); ++k)
             for (int j = 0; j < d; ++j)
-                out.matrix[(static_cast<std::size_t>(h) * d + j) * out.varying + k] = m[h][k * d + j];
+                out.matrix[(static_cast<std::size_t>(h) * d + j) * out.varying + k] =
+                    m[h][k * d + j];
     return true;
 }
 

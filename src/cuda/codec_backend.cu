@@ -39,7 +39,9 @@ class Backend final : public CodecBackend {
 public:
     Backend(const std::vector<std::unique_ptr<KeyCodec>>& keys,
             const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout)
-        : heads_(static_cast<int>(keys.size())), d_(keys.at(0)->dim()), page_bytes_(layout.page_bytes) {
+        : heads_(static_cast<int>(keys.size())),
+          d_(keys.at(0)->dim()),
+          page_bytes_(layout.page_bytes) {
         dev::ParamArena arena;
         std::vector<typename Codec::Params> kp;
         std::vector<dev::ValueDevice::Params> vp;
@@ -50,7 +52,8 @@ public:
             const HeadLayout& hl = layout.heads[h];
             if (static_cast<std::size_t>(Codec::code_bytes(kp.back())) != hl.key_code_bytes ||
                 Codec::num_scalars(kp.back()) != hl.key_scalars)
-                throw std::logic_error("CUDA codec backend: device codec layout differs from the CPU's");
+                throw std::logic_error(
+                    "CUDA codec backend: device codec layout differs from the CPU's");
             state_stride_ = std::max(state_stride_, Codec::state_floats(kp.back()));
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);
@@ -60,8 +63,10 @@ public:
             r.key_code_bytes = static_cast<uint32_t>(hl.key_code_bytes);
             r.value_code_bytes = static_cast<uint32_t>(hl.value_code_bytes);
             regions.push_back(r);
-            stage_key_stride_ = std::max(stage_key_stride_, codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
-            stage_value_stride_ = std::max(stage_value_stride_, codec::stage_stride(static_cast<int>(hl.value_code_bytes)));
+            stage_key_stride_ = std::max(stage_key_stride_,
+                                         codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
+            stage_value_stride_ = std::max(
+                stage_value_stride_, codec::stage_stride(static_cast<int>(hl.value_code_bytes)));
             stage_key_scalars_ = std::max(stage_key_scalars_, hl.key_scalars);
             stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
@@ -86,21 +91,27 @@ public:
         for (auto& p : kp) p.rebase(base);
         for (auto& p : vp) p.rebase(base);
         const auto copy = [](void* dst, const void* src, std::size_t n) {
-            if (n > 0) check_cuda(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice), "upload codec parameters");
+            if (n > 0)
+                check_cuda(cudaMemcpy(dst, src, n, cudaMemcpyHostToDevice),
+                           "upload codec parameters");
         };
         copy(base, arena.bytes().data(), arena.bytes().size());
         copy(base + arena_bytes, kp.data(), kp.size() * sizeof(kp[0]));
         copy(base + arena_bytes + kp_bytes, vp.data(), vp.size() * sizeof(vp[0]));
-        copy(base + arena_bytes + kp_bytes + vp_bytes, regions.data(), regions.size() * sizeof(HeadRegions));
+        copy(base + arena_bytes + kp_bytes + vp_bytes, regions.data(),
+             regions.size() * sizeof(HeadRegions));
         store_.keys = reinterpret_cast<const typename Codec::Params*>(base + arena_bytes);
-        store_.values = reinterpret_cast<const dev::ValueDevice::Params*>(base + arena_bytes + kp_bytes);
-        store_.regions = reinterpret_cast<const HeadRegions*>(base + arena_bytes + kp_bytes + vp_bytes);
+        store_.values =
+            reinterpret_cast<const dev::ValueDevice::Params*>(base + arena_bytes + kp_bytes);
+        store_.regions =
+            reinterpret_cast<const HeadRegions*>(base + arena_bytes + kp_bytes + vp_bytes);
         store_.page_bytes = page_bytes_;
         store_.heads = heads_;
         store_.d = d_;
         int device = 0;
         check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-        check_cuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device), "SM count");
+        check_cuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device),
+                   "SM count");
     }
 
     ~Backend() override {
@@ -121,18 +132,25 @@ public:
     void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n, float* keys,
                     float* values, cudaStream_t stream) const override {
         if (n == 0) return;
-        EncodeParams<Codec> a{with(const_cast<uint8_t*>(pool), page_table), start, n, nullptr, nullptr};
+        EncodeParams<Codec> a{with(const_cast<uint8_t*>(pool), page_table), start, n, nullptr,
+                              nullptr};
         codec::codec_dequantize_kernel<Codec>
-            <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(a, keys, values);
+            <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(
+                a, keys, values);
         check_cuda(cudaGetLastError(), "codec dequantize kernel");
     }
 
     void attend(const uint8_t* pool, const int32_t* page_table, int size, const float* queries,
                 int group, int n_queries, float* out, float scale, bool causal,
                 cudaStream_t stream) override {
-        if (d_ <= 64) return attend_d<64>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
-        if (d_ <= 128) return attend_d<128>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
-        return attend_d<256>(pool, page_table, size, queries, group, n_queries, out, scale, causal, stream);
+        if (d_ <= 64)
+            return attend_d<64>(pool, page_table, size, queries, group, n_queries, out, scale,
+                                causal, stream);
+        if (d_ <= 128)
+            return attend_d<128>(pool, page_table, size, queries, group, n_queries, out, scale,
+                                 causal, stream);
+        return attend_d<256>(pool, page_table, size, queries, group, n_queries, out, scale, causal,
+                             stream);
     }
 
     std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
@@ -147,9 +165,15 @@ private:
         affine_bytes_ = c_bytes + r_bytes + f.matrix.size() * sizeof(float);
         check_cuda(cudaMalloc(&affine_, affine_bytes_), "cudaMalloc(affine query state)");
         auto* base = static_cast<uint8_t*>(affine_);
-        check_cuda(cudaMemcpy(base, f.constant.data(), f.constant.size() * sizeof(float), cudaMemcpyHostToDevice), "affine");
-        check_cuda(cudaMemcpy(base + c_bytes, f.row_of.data(), f.row_of.size() * sizeof(int), cudaMemcpyHostToDevice), "affine");
-        check_cuda(cudaMemcpy(base + c_bytes + r_bytes, f.matrix.data(), f.matrix.size() * sizeof(float), cudaMemcpyHostToDevice), "affine");
+        check_cuda(cudaMemcpy(base, f.constant.data(), f.constant.size() * sizeof(float),
+                              cudaMemcpyHostToDevice),
+                   "affine");
+        check_cuda(cudaMemcpy(base + c_bytes, f.row_of.data(), f.row_of.size() * sizeof(int),
+                              cudaMemcpyHostToDevice),
+                   "affine");
+        check_cuda(cudaMemcpy(base + c_bytes + r_bytes, f.matrix.data(),
+                              f.matrix.size() * sizeof(float), cudaMemcpyHostToDevice),
+                   "affine");
         affine_state_.constant = reinterpret_cast<const float*>(base);
         affine_state_.row_of = reinterpret_cast<const int*>(base + c_bytes);
         affine_state_.matrix = reinterpret_cast<const float*>(base + c_bytes + r_bytes);
@@ -200,7 +224,8 @@ private:
         int rb = std::min(codec::kRowsPerBlock, a.rows);
         while (rb > 1 && codec::attention_shared_bytes(rb, a.state_stride, D, stage) > kSmem) --rb;
         if (codec::attention_shared_bytes(rb, a.state_stride, D, stage) > kSmem)
-            throw std::invalid_argument("CUDA codec backend: codes or query state too large for shared memory");
+            throw std::invalid_argument(
+                "CUDA codec backend: codes or query state too large for shared memory");
         a.rows_per_block = rb;
         const int row_blocks = (a.rows + rb - 1) / rb;
         // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
@@ -214,7 +239,8 @@ private:
         a.tokens_per_split = per * kChunk;
         a.splits = (chunks + per - 1) / per;
         const std::size_t rows_total = static_cast<std::size_t>(heads_) * a.rows;
-        const std::size_t states_bytes = (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
+        const std::size_t states_bytes =
+            (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
         const std::size_t ml_bytes = (rows_total * a.splits * sizeof(float2) + 255) / 256 * 256;
         const std::size_t o_bytes = rows_total * a.splits * D * sizeof(float);
         auto* ws = static_cast<uint8_t*>(workspace(states_bytes + ml_bytes + o_bytes));
@@ -224,9 +250,11 @@ private:
 
         if (affine_ != nullptr)
             codec::codec_affine_prepare_kernel<Codec>
-                <<<static_cast<unsigned>(rows_total), codec::kThreads, 0, stream>>>(a, affine_state_);
+                <<<static_cast<unsigned>(rows_total), codec::kThreads, 0, stream>>>(a,
+                                                                                    affine_state_);
         else
-            codec::codec_prepare_kernel<Codec><<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
+            codec::codec_prepare_kernel<Codec>
+                <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
         const std::size_t smem = codec::attention_shared_bytes(rb, a.state_stride, D, stage);
         auto* kernel = &codec::codec_attention_kernel<Codec, D>;
@@ -270,12 +298,14 @@ std::unique_ptr<CodecBackend> make_codec_backend(
         throw std::invalid_argument("CUDA codec backend: one key and value codec per head");
     if (method == "turboquant_rvq" || method == "ratequant")
         return std::make_unique<Backend<dev::TqDevice>>(keys, values, layout);
-    if (method == "commvq") return std::make_unique<Backend<dev::CommVQDevice>>(keys, values, layout);
+    if (method == "commvq")
+        return std::make_unique<Backend<dev::CommVQDevice>>(keys, values, layout);
     if (method == "fp16") return std::make_unique<Backend<dev::Fp16Device>>(keys, values, layout);
     if (method == "qjl") return std::make_unique<Backend<dev::QjlDevice>>(keys, values, layout);
     if (method == "polarquant")
         return std::make_unique<Backend<dev::PolarQuantDevice>>(keys, values, layout);
-    if (method == "rabitq") return std::make_unique<Backend<dev::RaBitQDevice>>(keys, values, layout);
+    if (method == "rabitq")
+        return std::make_unique<Backend<dev::RaBitQDevice>>(keys, values, layout);
     if (method == "spectral")
         return std::make_unique<Backend<dev::SpectralDevice>>(keys, values, layout);
     if (method == "vecinfer")

@@ -1,10 +1,9 @@
-#include "cuda/codec_cache.h"
-
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
 #include "core/rng.h"
+#include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
 #include "device_codecs/device_common.h"
 #include "methods/key_codec.h"
@@ -14,22 +13,30 @@
 namespace veloxquant::cuda {
 namespace {
 
-int effective_value_bits(const KVCacheConfig& c) { return c.method == "fp16" ? 16 : c.value_bits; }
+int effective_value_bits(const KVCacheConfig& c) {
+    return c.method == "fp16" ? 16 : c.value_bits;
+}
 
 }  // namespace
 
 CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                int max_seq_len, int layer)
-    : config_(config), num_heads_(num_heads), head_dim_(head_dim), max_seq_len_(max_seq_len),
+    : config_(config),
+      num_heads_(num_heads),
+      head_dim_(head_dim),
+      max_seq_len_(max_seq_len),
       layer_(layer) {
     config_.validate();
     if (num_heads < 1 || num_heads > 4096)
-        throw std::invalid_argument("num_heads must be in 1..4096, got " + std::to_string(num_heads));
+        throw std::invalid_argument("num_heads must be in 1..4096, got " +
+                                    std::to_string(num_heads));
     if (head_dim < 2 || head_dim > dev::kMaxDim)
         throw std::invalid_argument("CUDA codec cache: head_dim must be in 2.." +
-                                    std::to_string(dev::kMaxDim) + ", got " + std::to_string(head_dim));
+                                    std::to_string(dev::kMaxDim) + ", got " +
+                                    std::to_string(head_dim));
     if (max_seq_len < 1)
-        throw std::invalid_argument("max_seq_len must be positive, got " + std::to_string(max_seq_len));
+        throw std::invalid_argument("max_seq_len must be positive, got " +
+                                    std::to_string(max_seq_len));
     if (layer < 0) throw std::invalid_argument("layer must be >= 0");
     if (config_.outlier_observer)
         throw std::invalid_argument("CUDA codec cache: no outlier side store on the device yet");
@@ -76,7 +83,8 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
                             cudaStream_t stream) {
     if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr) throw std::invalid_argument("append: null keys or values");
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("append: null keys or values");
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
         throw std::length_error("append: " + std::to_string(n_tokens) +
                                 " tokens would exceed max_seq_len " + std::to_string(max_seq_len_) +
@@ -89,7 +97,8 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
 
 void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries, float* out,
                             float scale, bool causal, cudaStream_t stream) {
-    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    if (queries == nullptr || out == nullptr)
+        throw std::invalid_argument("attend: null queries or out");
     if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0)
         throw std::invalid_argument("attend: num_q_heads must be a multiple of the " +
                                     std::to_string(num_heads_) + " KV heads, got " +
@@ -102,7 +111,8 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
     if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
     if (size_ == 0 || !backend_) {  // nothing to attend to: zeros, as the CPU cache
         check_cuda(cudaMemsetAsync(out, 0,
-                                   static_cast<std::size_t>(num_q_heads) * n_queries * head_dim_ * sizeof(float),
+                                   static_cast<std::size_t>(num_q_heads) * n_queries * head_dim_ *
+                                       sizeof(float),
                                    stream),
                    "attend: zero output");
         return;
@@ -116,8 +126,10 @@ void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* val
     if (start < 0 || n_tokens < 0 || static_cast<long long>(start) + n_tokens > size_)
         throw std::out_of_range("dequantize: range outside [0, " + std::to_string(size_) + ")");
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr) throw std::invalid_argument("dequantize: null output");
-    backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values, stream);
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("dequantize: null output");
+    backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values,
+                         stream);
 }
 
 void CudaCodecCache::truncate(int n_tokens) {
@@ -131,7 +143,9 @@ std::size_t CudaCodecCache::nbytes() const {
     return pages_->nbytes() + (backend_ ? backend_->nbytes() : 0);
 }
 
-void CudaCodecCache::download(PagedStore& store) const { pages_->download(store, size_); }
+void CudaCodecCache::download(PagedStore& store) const {
+    pages_->download(store, size_);
+}
 
 void CudaCodecCache::upload(const PagedStore& store, int size) {
     if (size < 0 || size > max_seq_len_) throw std::invalid_argument("upload: bad size");

@@ -53,8 +53,8 @@ std::unique_ptr<CodecBackend> make_codec_backend(
 class CudaCodecCache {
 public:
     /// Throws std::invalid_argument for a config out of scope (outliers, head_dim > 256, ...).
-    CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
-                   int max_seq_len = 8192, int layer = 0);
+    CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len = 8192,
+                   int layer = 0);
     ~CudaCodecCache();
     CudaCodecCache(const CudaCodecCache&) = delete;
     CudaCodecCache& operator=(const CudaCodecCache&) = delete;
@@ -68,8 +68,7 @@ public:
     void attend(const float* queries, int num_q_heads, int n_queries, float* out, float scale,
                 bool causal, cudaStream_t stream);
     /// Reconstructs tokens [start, start + n_tokens) into device buffers.
-    void dequantize(int start, int n_tokens, float* keys, float* values,
-                    cudaStream_t stream) const;
+    void dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const;
 
     void reset() { size_ = 0; }
     /// Keeps the first n_tokens tokens (0 <= n_tokens <= size()).

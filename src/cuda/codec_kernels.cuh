@@ -40,9 +40,9 @@ struct HeadRegions {
 /// Storage and codecs of one cache, as the kernels see them (device pointers).
 template <class Codec>
 struct Store {
-    const typename Codec::Params* keys = nullptr;   ///< [heads]
+    const typename Codec::Params* keys = nullptr;      ///< [heads]
     const dev::ValueDevice::Params* values = nullptr;  ///< [heads]
-    const HeadRegions* regions = nullptr;           ///< [heads]
+    const HeadRegions* regions = nullptr;              ///< [heads]
     uint8_t* pool = nullptr;
     const int32_t* page_table = nullptr;
     uint64_t page_bytes = 0;
@@ -79,8 +79,8 @@ __global__ void __launch_bounds__(kThreads) codec_encode_kernel(const EncodePara
 }
 
 template <class Codec>
-__global__ void __launch_bounds__(kThreads) codec_dequantize_kernel(const EncodeParams<Codec> a,
-                                                                     float* keys, float* values) {
+__global__ void __launch_bounds__(kThreads)
+    codec_dequantize_kernel(const EncodeParams<Codec> a, float* keys, float* values) {
     const long long item = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
     if (item >= static_cast<long long>(a.store.heads) * a.n) return;
     const int h = static_cast<int>(item / a.n), t = static_cast<int>(item % a.n), pos = a.start + t;
@@ -104,13 +104,13 @@ struct AttentionParams {
     int group = 1;      ///< query heads per KV head
     int rows = 0;       ///< group * n_queries rows per KV head
     int causal = 0;
-    float scale_log2 = 0.0f;       ///< softmax scale times log2(e)
+    float scale_log2 = 0.0f;         ///< softmax scale times log2(e)
     const float* queries = nullptr;  ///< [heads * group][n_queries][d]
     float* out = nullptr;            ///< [heads * group][n_queries][d]
     float* states = nullptr;         ///< [heads][rows][state_stride]
     int state_stride = 0;
-    int rows_per_block = 1;          ///< rows of one attention CTA, 1..kRowsPerBlock
-    int tokens_per_split = 0;        ///< a multiple of 32
+    int rows_per_block = 1;    ///< rows of one attention CTA, 1..kRowsPerBlock
+    int tokens_per_split = 0;  ///< a multiple of 32
     int splits = 1;
     int stage_key_stride = 0;      ///< bytes per token of the staged key codes (padded)
     int stage_value_stride = 0;    ///< bytes per token of the staged value codes (padded)
@@ -155,8 +155,8 @@ struct AffineState {
 
 // grid (heads * rows), kThreads threads: thread i computes state entries i, i + kThreads, ...
 template <class Codec>
-__global__ void __launch_bounds__(kThreads) codec_affine_prepare_kernel(const AttentionParams<Codec> a,
-                                                                        const AffineState f) {
+__global__ void __launch_bounds__(kThreads)
+    codec_affine_prepare_kernel(const AttentionParams<Codec> a, const AffineState f) {
     __shared__ float q[dev::kMaxDim];
     const int item = blockIdx.x, h = item / a.rows, row = item % a.rows, d = a.store.d;
     const float* query = a.query(h, row);
@@ -226,7 +226,8 @@ __device__ __forceinline__ void stage_wait() {
 // grid (splits, heads, row blocks). Lane = token for scoring; lane = coordinates
 // j = lane + 32 e for the value sum (E = D / 32, coordinates past d stay 0).
 template <class Codec, int D>
-__global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const AttentionParams<Codec> a) {
+__global__ void __launch_bounds__(kWarps * 32)
+    codec_attention_kernel(const AttentionParams<Codec> a) {
     constexpr int E = D / 32;
     constexpr int RB = kRowsPerBlock;
     extern __shared__ float smem[];
@@ -255,10 +256,11 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
     const HeadRegions R = a.store.regions[h];
 
     // This warp's staging area (after the states; reused by the combine below).
-    const size_t stage = stage_bytes(a.stage_key_stride, a.stage_value_stride,
-                                     a.stage_key_scalars, a.stage_value_scalars);
+    const size_t stage = stage_bytes(a.stage_key_stride, a.stage_value_stride, a.stage_key_scalars,
+                                     a.stage_value_scalars);
     const size_t area = attention_shared_bytes(0, 0, D, stage) / kWarps;
-    uint8_t* st_key = reinterpret_cast<uint8_t*>(smem + static_cast<size_t>(rows) * S) + warp * area;
+    uint8_t* st_key =
+        reinterpret_cast<uint8_t*>(smem + static_cast<size_t>(rows) * S) + warp * area;
     uint8_t* st_value = st_key + 32 * a.stage_key_stride;
     float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
     float* st_vscal = st_kscal + 32 * a.stage_key_scalars;
@@ -276,7 +278,8 @@ __global__ void __launch_bounds__(kWarps * 32) codec_attention_kernel(const Atte
         const int n = min(32, t_end - c0);
         const uint8_t* page = a.store.page(c0);
         const int slot0 = c0 % kPage;
-        stage_rows(st_key, a.stage_key_stride, page + R.key_codes + static_cast<size_t>(slot0) * R.key_code_bytes,
+        stage_rows(st_key, a.stage_key_stride,
+                   page + R.key_codes + static_cast<size_t>(slot0) * R.key_code_bytes,
                    R.key_code_bytes, n, lane);
         stage_rows(st_value, a.stage_value_stride,
                    page + R.value_codes + static_cast<size_t>(slot0) * R.value_code_bytes,
@@ -384,7 +387,8 @@ __device__ void warp_value_finalize(const dev::ValueDevice::Params& vp, const fl
             for (int i = 0; i < d; ++i) x += (__popc(i & j) & 1) ? -acc[i] : acc[i];
             x *= vp.rotation.signs[j] * rsqrtf(static_cast<float>(d));
         } else {
-            for (int i = 0; i < d; ++i) x += vp.rotation.matrix[static_cast<size_t>(i) * d + j] * acc[i];
+            for (int i = 0; i < d; ++i)
+                x += vp.rotation.matrix[static_cast<size_t>(i) * d + j] * acc[i];
         }
         out[j] = x;
     }

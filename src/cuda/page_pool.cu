@@ -1,5 +1,3 @@
-#include "cuda/page_pool.h"
-
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -8,6 +6,7 @@
 #include <vector>
 
 #include "cuda/cuda_cache.h"
+#include "cuda/page_pool.h"
 
 namespace veloxquant::cuda {
 
@@ -54,9 +53,10 @@ void DevicePagePool::reserve(int n_tokens) {
     check_cuda(cudaMemcpy(table, identity.data(), pages * sizeof(int32_t), cudaMemcpyHostToDevice),
                "page table");
     if (pool_ != nullptr)
-        check_cuda(cudaMemcpy(pool, pool_, static_cast<std::size_t>(capacity_pages_) * layout_.page_bytes,
-                              cudaMemcpyDeviceToDevice),
-                   "grow page pool");
+        check_cuda(
+            cudaMemcpy(pool, pool_, static_cast<std::size_t>(capacity_pages_) * layout_.page_bytes,
+                       cudaMemcpyDeviceToDevice),
+            "grow page pool");
     cudaFree(pool_);
     cudaFree(page_table_);
     pool_ = pool;
@@ -69,21 +69,26 @@ std::size_t DevicePagePool::nbytes() const {
 }
 
 void DevicePagePool::upload(const PagedStore& store, int size) {
-    if (!same_layout(store.layout(), layout_)) throw std::invalid_argument("upload: page layout differs");
-    if (size < 0 || size > max_pages_ * layout_.tokens_per_page) throw std::invalid_argument("upload: bad size");
+    if (!same_layout(store.layout(), layout_))
+        throw std::invalid_argument("upload: page layout differs");
+    if (size < 0 || size > max_pages_ * layout_.tokens_per_page)
+        throw std::invalid_argument("upload: bad size");
     const int pages = (size + layout_.tokens_per_page - 1) / layout_.tokens_per_page;
     for (int p = 0; p < pages; ++p)
-        if (!store.held(p)) throw std::invalid_argument("upload: page " + std::to_string(p) + " is not held");
+        if (!store.held(p))
+            throw std::invalid_argument("upload: page " + std::to_string(p) + " is not held");
     reserve(std::max(size, 1));
-    check_cuda(cudaMemset(pool_, 0, static_cast<std::size_t>(capacity_pages_) * layout_.page_bytes), "upload");
+    check_cuda(cudaMemset(pool_, 0, static_cast<std::size_t>(capacity_pages_) * layout_.page_bytes),
+               "upload");
     for (int p = 0; p < pages; ++p)
-        check_cuda(cudaMemcpy(pool_ + static_cast<std::size_t>(p) * layout_.page_bytes, store.page_data(p),
-                              layout_.page_bytes, cudaMemcpyHostToDevice),
+        check_cuda(cudaMemcpy(pool_ + static_cast<std::size_t>(p) * layout_.page_bytes,
+                              store.page_data(p), layout_.page_bytes, cudaMemcpyHostToDevice),
                    "upload");
 }
 
 void DevicePagePool::download(PagedStore& store, int size) const {
-    if (!same_layout(store.layout(), layout_)) throw std::invalid_argument("download: page layout differs");
+    if (!same_layout(store.layout(), layout_))
+        throw std::invalid_argument("download: page layout differs");
     store.reserve_tokens(size);
     check_cuda(cudaDeviceSynchronize(), "download: synchronize");
     for (int p = 0; p < (size + layout_.tokens_per_page - 1) / layout_.tokens_per_page; ++p) {

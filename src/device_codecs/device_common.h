@@ -114,7 +114,9 @@ VQ_HD void zero_bytes(uint8_t* p, int n) {
     for (int i = 0; i < n; ++i) p[i] = 0;
 }
 
-VQ_HD int packed_size(int n, int bits) { return (n * bits + 7) / 8; }
+VQ_HD int packed_size(int n, int bits) {
+    return (n * bits + 7) / 8;
+}
 
 /// Index of the nearest of ascending centroids given the n - 1 midpoints between them: the
 /// first boundary >= x (ScalarCodebook::quantize; ties go to the lower cell).
@@ -168,9 +170,7 @@ struct RotationParams {
     int hadamard = 0;
     const float* signs = nullptr;   ///< [d] (Hadamard)
     const float* matrix = nullptr;  ///< [d][d] row-major (dense)
-    void rebase(const uint8_t* base) {
-        dev::rebase(hadamard ? signs : matrix, base);
-    }
+    void rebase(const uint8_t* base) { dev::rebase(hadamard ? signs : matrix, base); }
 };
 
 /// Host: the arrays of a CPU rotation.

@@ -76,8 +76,7 @@ struct ValueDevice {
         return scalars[0] * p.centroids[read_bits(code, j, p.bits)];
     }
 
-    VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars,
-                             float* v) {
+    VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars, float* v) {
         for (int j = 0; j < p.d; ++j) v[j] = coord(p, code, scalars, j);
         if (p.bits != 16) rotate_inverse(p.rotation, v, v);
     }

@@ -2,9 +2,8 @@
 // buffer, tokens with spread norms, and the relative error the parity checks use.
 #pragma once
 
-#include <gtest/gtest.h>
-
 #include <cuda_runtime.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
@@ -26,7 +25,9 @@ inline bool has_device() {
 template <typename T>
 class DeviceBuffer {
 public:
-    explicit DeviceBuffer(std::size_t n) : n_(n) { check_cuda(cudaMalloc(&ptr_, std::max<std::size_t>(n, 1) * sizeof(T)), "malloc"); }
+    explicit DeviceBuffer(std::size_t n) : n_(n) {
+        check_cuda(cudaMalloc(&ptr_, std::max<std::size_t>(n, 1) * sizeof(T)), "malloc");
+    }
     explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
         check_cuda(cudaMemcpy(ptr_, host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
     }
@@ -36,7 +37,8 @@ public:
     T* get() const { return ptr_; }
     std::vector<T> download() const {
         std::vector<T> host(n_);
-        check_cuda(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "download");
+        check_cuda(cudaMemcpy(host.data(), ptr_, n_ * sizeof(T), cudaMemcpyDeviceToHost),
+                   "download");
         return host;
     }
 

@@ -14,8 +14,8 @@
 #include "calibration_test_helpers.h"
 #include "cuda/codec_cache.h"
 #include "cuda_test_helpers.h"
-#include "veloxquant/calibration.h"
 #include "veloxquant/caches.h"
+#include "veloxquant/calibration.h"
 #include "veloxquant/factory.h"
 #include "veloxquant/observer.h"
 
