@@ -74,6 +74,15 @@ public:
     bool position_held(int pos) const;
     /// The pages (the CUDA caches exchange pages of this layout).
     const PagedStore& paged_store() const { return *store_; }
+    /// The key codec of every KV head (their learned state, e.g. rabitq's centroids).
+    const std::vector<std::unique_ptr<KeyCodec>>& key_codecs() const { return key_codecs_; }
+    /// Replaces the contents with positions [0, size) of `pages` (this cache's page layout,
+    /// every page of those positions held) and the learned state of `codecs` (one per head, of
+    /// this cache's method): how a device cache's pages become a CPU cache, e.g. to be saved.
+    /// Throws std::invalid_argument, before changing anything, for another layout, a size past
+    /// max_seq_len, a missing page, codecs of another count or method, or a cache with an
+    /// outlier side store.
+    void adopt(const PagedStore& pages, int size, const std::vector<std::unique_ptr<KeyCodec>>& codecs);
 
     /// Serialization body shared with SlidingWindowKVCache.
     void write_body(BinaryWriter& out) const;

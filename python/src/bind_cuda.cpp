@@ -314,7 +314,34 @@ void bind_cuda(nb::module_& m) {
              "the codes, written to out (shaped like the queries); with causal the queries are "
              "the last n_queries tokens appended.")
         .def("page", &codec_page, "page"_a,
-             "The bytes of one page (downloads every page; synchronous).");
+             "The bytes of one page (downloads every page; synchronous).")
+        .def(
+            "to_host",
+            [](const CudaCodecCache& c) -> std::unique_ptr<KVCache> {
+                nb::gil_scoped_release release;
+                DeviceScope scope(c.device());
+                return c.to_host();
+            },
+            "A CPU cache holding these pages and learned codec state (synchronous).")
+        .def(
+            "save",
+            [](const CudaCodecCache& c, const std::string& path) {
+                nb::gil_scoped_release release;
+                DeviceScope scope(c.device());
+                c.save(path);
+            },
+            "path"_a, "Writes the cache file of to_host() (versioned, checksummed, atomic).")
+        .def_static(
+            "from_host",
+            [](const KVCache& cpu) {
+                const auto* q = dynamic_cast<const QuantizedKVCache*>(&cpu);
+                if (q == nullptr)
+                    throw std::invalid_argument("a " + cpu.class_name() +
+                                                " cannot live on the device");
+                nb::gil_scoped_release release;
+                return CudaCodecCache::from_host(*q);
+            },
+            "cpu"_a, "A device cache (on the current device) holding a CPU cache's pages.");
 #else
     m.attr("HAS_CUDA") = false;
     m.def(

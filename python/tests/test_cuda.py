@@ -613,3 +613,30 @@ def test_gpu_layer_logic_on_exact_tokens(kind):
         model(tokens[:, :4], past_key_values=misuse, use_cache=True)
         with pytest.raises(RuntimeError, match="attn_implementation='veloxquant'"):
             model(tokens[:, 4:5], past_key_values=misuse, use_cache=True)
+
+
+@needs_cuda
+def test_codec_cache_to_cpu_save_and_load(tmp_path):
+    """A device cache's pages and learned state (rabitq's centroids, trained on the GPU cache's
+    first append) become a CPU cache, and a saved file loads back onto the device."""
+    from veloxquant.cache.base import KVCache
+    config = KVCacheConfig(method="rabitq", bits=2, value_bits=4, num_clusters=8, seed=5)
+    gpu = vq_cuda.CudaKVCache(config, 2, 64, max_seq_len=512)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    keys = torch.randn(2, 100, 64, device="cuda", generator=g)
+    gpu.append(keys, torch.randn(2, 100, 64, device="cuda", generator=g))
+    queries = torch.randn(8, 64, device="cuda", generator=g)
+    want = gpu.attend(queries)
+    cpu = gpu.to_cpu()
+    assert type(cpu).__name__ == "RaBitQKVCache" and cpu.size == 100
+    got = cpu.attend(queries.cpu().numpy()[:, None, :], causal=True)[:, 0]
+    np.testing.assert_allclose(got, want.cpu().numpy(), rtol=1e-3, atol=1e-4)
+    path = tmp_path / "gpu.vqc"
+    gpu.save(path)
+    assert KVCache.load(path).size == 100
+    back = vq_cuda.CudaKVCache.load(path)
+    assert back.size == 100 and back.method == "rabitq"
+    torch.testing.assert_close(back.attend(queries), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises((RuntimeError, ValueError)):
+        path.write_bytes(path.read_bytes()[:-10])
+        vq_cuda.CudaKVCache.load(path)

@@ -42,10 +42,11 @@ module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, ClassVar
 
 from . import _core
-from .cache.base import KVCacheConfig
+from .cache.base import KVCache, KVCacheConfig
 
 HAS_CUDA: bool = bool(getattr(_core, "HAS_CUDA", False))
 """Whether this build of the extension has the CUDA backend (VQ_CUDA=ON)."""
@@ -78,6 +79,23 @@ def _torch() -> Any:
     return torch
 
 
+def _resolve_device(device: Any) -> Any:
+    """device (None: torch's current one, an index, "cuda:N" or a torch.device) as a
+    torch.device with its index."""
+    if not HAS_CUDA:
+        raise RuntimeError(BUILT_WITHOUT_CUDA)
+    torch = _torch()
+    if not torch.cuda.is_available():
+        raise RuntimeError("veloxquant.cuda: torch sees no CUDA device")
+    resolved = torch.device("cuda", torch.cuda.current_device()) if device is None \
+        else torch.device(device)
+    if resolved.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {resolved}")
+    if resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
+
+
 class _DeviceCache:
     """What both device caches share (see the module doc): construction on a device, appends,
     dequantization, trimming and the page layout. ``device`` (an index, "cuda:N" or a
@@ -88,17 +106,8 @@ class _DeviceCache:
 
     def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
                  max_seq_len: int = 8192, layer: int = 0, device: Any = None) -> None:
-        if not HAS_CUDA:
-            raise RuntimeError(BUILT_WITHOUT_CUDA)
+        self.device = _resolve_device(device)
         torch = _torch()
-        if not torch.cuda.is_available():
-            raise RuntimeError("veloxquant.cuda: torch sees no CUDA device")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if device is None \
-            else torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError(f"device must be a CUDA device, got {self.device}")
-        if self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
         self.config = config
         self.layer = int(layer)
         with torch.cuda.device(self.device):
@@ -263,6 +272,37 @@ class CudaKVCache(_DeviceCache):
             q, target = q.unsqueeze(1), result.unsqueeze(1)
         self._impl.attend(q, target, self._scale(scale), bool(causal), self._stream())
         return out if out is not None else self._in_dtype_of(result, queries)
+
+    def to_cpu(self) -> KVCache:
+        """A CPU cache (the method's ``veloxquant`` cache class) holding these pages and the
+        codecs' learned state (rabitq's centroids); synchronizes the device."""
+        _torch().cuda.synchronize(self.device)
+        return KVCache._wrap(self._impl.to_host())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the cache file a CPU cache writes (versioned, checksummed, atomic): it loads
+        with ``veloxquant.cache.base.KVCache.load`` or ``CudaKVCache.load``."""
+        _torch().cuda.synchronize(self.device)
+        self._impl.save(os.fspath(path))
+
+    @classmethod
+    def from_cpu(cls, cache: KVCache, device: Any = None) -> CudaKVCache:
+        """A device cache holding a CPU cache's pages (no outlier observer, no sliding window,
+        head_dim up to 256); ValueError otherwise."""
+        torch = _torch()
+        self = cls.__new__(cls)
+        self.device = _resolve_device(device)
+        self.config = cache.config
+        self.layer = int(getattr(cache._c, "layer", 0))
+        with torch.cuda.device(self.device):
+            self._impl = _core.CudaCodecCache.from_host(cache._c)
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: Any = None) -> CudaKVCache:
+        """Reads a cache file (written by ``save`` or by a CPU cache) onto the device;
+        RuntimeError for a truncated, corrupted or forged file."""
+        return cls.from_cpu(KVCache.load(path), device)
 
     @property
     def method(self) -> str:

@@ -26,6 +26,21 @@ void PageLayout::finalize() {
     page_bytes = at;
 }
 
+bool same_layout(const PageLayout& a, const PageLayout& b) {
+    if (a.tokens_per_page != b.tokens_per_page || a.page_bytes != b.page_bytes ||
+        a.heads.size() != b.heads.size())
+        return false;
+    for (std::size_t h = 0; h < a.heads.size(); ++h) {
+        const HeadLayout &x = a.heads[h], &y = b.heads[h];
+        if (x.key_codes_offset != y.key_codes_offset ||
+            x.key_scalars_offset != y.key_scalars_offset ||
+            x.value_codes_offset != y.value_codes_offset ||
+            x.value_scalars_offset != y.value_scalars_offset)
+            return false;
+    }
+    return true;
+}
+
 PagedStore::PagedStore(PageLayout layout) : layout_(layout) { layout_.finalize(); }
 
 PagedStore::~PagedStore() { clear(); }

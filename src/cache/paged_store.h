@@ -39,6 +39,9 @@ struct PageLayout {
     void finalize();
 };
 
+/// True when two layouts place every region of every head at the same offsets.
+bool same_layout(const PageLayout& a, const PageLayout& b);
+
 class PagedStore {
 public:
     explicit PagedStore(PageLayout layout);

@@ -3,8 +3,10 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <typeinfo>
 
 #include "attention/paged_attention.h"
+#include "core/binary_io.h"
 #include "cache/outlier_store.h"
 #include "cache/paged_store.h"
 #include "core/rng.h"
@@ -234,6 +236,41 @@ void QuantizedKVCache::trim(int n_tokens) {
     size_ -= n_tokens;
     store_->truncate(size_);
     if (outliers_) outliers_->truncate(size_);
+}
+
+void QuantizedKVCache::adopt(const PagedStore& pages, int size,
+                             const std::vector<std::unique_ptr<KeyCodec>>& codecs) {
+    if (outliers_) throw std::invalid_argument("adopt: a cache with an outlier side store");
+    if (!same_layout(pages.layout(), store_->layout()))
+        throw std::invalid_argument("adopt: the pages have another layout than this " + class_name_);
+    if (size < 0 || size > max_seq_len_)
+        throw std::invalid_argument("adopt: size " + std::to_string(size) + " is outside [0, " +
+                                    std::to_string(max_seq_len_) + "]");
+    const int P = kTokensPerPage, n_pages = (size + P - 1) / P;
+    for (int p = 0; p < n_pages; ++p)
+        if (!pages.held(p)) throw std::invalid_argument("adopt: page " + std::to_string(p) + " is not held");
+    if (codecs.size() != key_codecs_.size())
+        throw std::invalid_argument("adopt: " + std::to_string(codecs.size()) + " codecs for " +
+                                    std::to_string(key_codecs_.size()) + " heads");
+    // The learned state goes through the codecs' own serialization (as in a saved file).
+    std::vector<std::string> states;
+    for (std::size_t h = 0; h < codecs.size(); ++h) {
+        if (codecs[h] == nullptr || typeid(*codecs[h]) != typeid(*key_codecs_[h]) ||
+            codecs[h]->code_bytes() != key_codecs_[h]->code_bytes())
+            throw std::invalid_argument("adopt: the codec of head " + std::to_string(h) +
+                                        " is not this cache's");
+        BinaryWriter out;
+        codecs[h]->save_state(out);
+        states.push_back(out.buffer());
+    }
+    for (std::size_t h = 0; h < codecs.size(); ++h) {
+        BinaryReader in(states[h].data(), states[h].size());
+        key_codecs_[h]->load_state(in);
+    }
+    store_->clear();
+    for (int p = 0; p < n_pages; ++p)
+        std::memcpy(store_->allocate_page(p), pages.page_data(p), store_->layout().page_bytes);
+    size_ = size;
 }
 
 void QuantizedKVCache::reset() {

@@ -2,6 +2,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/binary_io.h"
 #include "core/rng.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
@@ -9,6 +10,7 @@
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
 #include "veloxquant/caches.h"
+#include "veloxquant/factory.h"
 
 namespace veloxquant::cuda {
 namespace {
@@ -145,6 +147,49 @@ std::size_t CudaCodecCache::nbytes() const {
 
 void CudaCodecCache::download(PagedStore& store) const {
     pages_->download(store, size_);
+}
+
+std::unique_ptr<QuantizedKVCache> CudaCodecCache::to_host() const {
+    std::unique_ptr<KVCache> made =
+        KVCacheFactory::create(config_, num_heads_, head_dim_, max_seq_len_, layer_);
+    std::unique_ptr<QuantizedKVCache> cpu(dynamic_cast<QuantizedKVCache*>(made.get()));
+    if (!cpu) throw std::logic_error("to_host: the factory made no QuantizedKVCache");
+    made.release();
+    PagedStore pages(layout_);
+    download(pages);
+    cpu->adopt(pages, size_, key_codecs_);
+    return cpu;
+}
+
+std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache& cpu) {
+    auto gpu = std::make_unique<CudaCodecCache>(cpu.config(), cpu.num_heads(), cpu.head_dim(),
+                                                cpu.max_seq_len(), cpu.layer());
+    // The learned state (rabitq's centroids) through the codecs' own serialization.
+    const auto& trained = cpu.key_codecs();
+    for (int h = 0; h < gpu->num_heads_; ++h) {
+        BinaryWriter out;
+        trained[h]->save_state(out);
+        BinaryReader in(out.buffer().data(), out.buffer().size());
+        gpu->key_codecs_[h]->load_state(in);
+    }
+    if (!gpu->key_codecs_[0]->needs_training())
+        gpu->backend_ = make_codec_backend(gpu->config_.method, gpu->key_codecs_,
+                                           gpu->value_codecs_, gpu->layout_);
+    if (cpu.size() > 0) gpu->upload(cpu.paged_store(), cpu.size());
+    return gpu;
+}
+
+void CudaCodecCache::save(const std::string& path) const {
+    to_host()->save(path);
+}
+
+std::unique_ptr<CudaCodecCache> CudaCodecCache::load(const std::string& path) {
+    std::unique_ptr<KVCache> cpu = KVCache::load(path);
+    const auto* quantized = dynamic_cast<const QuantizedKVCache*>(cpu.get());
+    if (quantized == nullptr)
+        throw std::invalid_argument("CudaCodecCache::load: " + path + " holds a " +
+                                    cpu->class_name() + ", which the device cache cannot hold");
+    return from_host(*quantized);
 }
 
 void CudaCodecCache::upload(const PagedStore& store, int size) {

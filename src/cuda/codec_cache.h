@@ -22,6 +22,7 @@
 
 namespace veloxquant {
 class KeyCodec;
+class QuantizedKVCache;
 class ValueCodec;
 }  // namespace veloxquant
 
@@ -83,6 +84,19 @@ public:
     const PageLayout& page_layout() const { return layout_; }
     /// Device bytes held: pages, page table, codec parameters and workspace.
     std::size_t nbytes() const;
+
+    /// A CPU cache (QuantizedKVCache) of the same config, shape and layer holding these pages
+    /// and the codecs' learned state: attends, saves and loads like any CPU cache. Synchronous.
+    std::unique_ptr<QuantizedKVCache> to_host() const;
+    /// A device cache holding the pages and learned state of a CPU cache (no outlier side
+    /// store, head_dim <= 256), on the current device. Synchronous.
+    static std::unique_ptr<CudaCodecCache> from_host(const QuantizedKVCache& cpu);
+    /// Writes the cache file of to_host() (KVCache::save: versioned, checksummed, atomic).
+    void save(const std::string& path) const;
+    /// Reads a file written by save() (or by a CPU cache of a method this backend serves);
+    /// throws std::runtime_error for a truncated, corrupted or forged file, and
+    /// std::invalid_argument for a cache this backend cannot hold (a sliding window).
+    static std::unique_ptr<CudaCodecCache> load(const std::string& path);
 
     /// Copies every page into a CPU store of the same layout. Synchronous.
     void download(PagedStore& store) const;

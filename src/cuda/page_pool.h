@@ -10,9 +10,6 @@
 
 namespace veloxquant::cuda {
 
-/// True when two layouts place every region of every head at the same offsets.
-bool same_layout(const PageLayout& a, const PageLayout& b);
-
 class DevicePagePool {
 public:
     /// max_tokens bounds the pool (the cache's max_seq_len). Allocates nothing yet.

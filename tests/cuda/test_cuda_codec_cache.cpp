@@ -1,9 +1,11 @@
 // The generic device cache (CudaCodecCache) against the CPU cache of the same config, for every
 // method: the pages are byte-identical (codes and scalars; methods whose encoders use
-// transcendental functions may differ in a few cells), dequantize agrees to 1e-5, and decode
-// and causal-prefill attention on the codes agree to 1e-3 relative error. Skips without a device.
+// transcendental functions may differ in a few cells), dequantize agrees to 1e-5, decode and
+// causal-prefill attention on the codes agree to 1e-3 relative error, and the pages go to a CPU
+// cache and through a saved file back to the device. Skips without a device.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -140,6 +142,22 @@ TEST_P(CodecCacheParity, MatchesCpuCache) {
     const double tol = k.max_cell_mismatch > 0 ? 1e-3 : 1e-5;
     EXPECT_LE(relative_error(gk.download(), rk), tol);
     EXPECT_LE(relative_error(gv.download(), rv), tol);
+
+    // Through the host: to_host() is a CPU cache of these pages; a saved file loads back onto
+    // the device with the same codes (and rabitq's trained centroids).
+    const auto host = gpu.to_host();
+    EXPECT_EQ(host->size(), total);
+    std::vector<float> via_host(q.size());
+    host->attend(q.data(), hq, 2, via_host.data(), 0.125f, false);
+    EXPECT_LE(relative_error(via_host, ref), 1e-3) << "to_host";
+    const std::string path = vqtest::unique_temp_path("gpu.vqc");
+    gpu.save(path);
+    const auto back = CudaCodecCache::load(path);
+    std::remove(path.c_str());
+    ASSERT_EQ(back->size(), total);
+    DeviceBuffer<float> dback(q.size());
+    back->attend(dq.get(), hq, 2, dback.get(), 0.125f, false, nullptr);
+    EXPECT_LE(relative_error(dback.download(), dout.download()), 1e-6) << "save / load";
 
     // Capacity and truncation behave as the CPU cache's.
     DeviceBuffer<float> one(static_cast<std::size_t>(H) * 4096 * d);

@@ -1,0 +1,95 @@
+// QuantizedKVCache::adopt: another cache's pages and learned codec state become this cache's
+// (how the CUDA caches' pages come back to the CPU to be attended, saved and loaded), and every
+// bad argument is refused before anything changes.
+#include <gtest/gtest.h>
+
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "cache/paged_store.h"
+#include "methods/key_codec.h"
+#include "test_helpers.h"
+#include "veloxquant/caches.h"
+#include "veloxquant/factory.h"
+#include "veloxquant/observer.h"
+
+namespace {
+
+using namespace veloxquant;
+
+std::unique_ptr<QuantizedKVCache> make(const KVCacheConfig& c, int heads, int d) {
+    auto made = KVCacheFactory::create(c, heads, d, 1024);
+    auto* q = dynamic_cast<QuantizedKVCache*>(made.release());
+    return std::unique_ptr<QuantizedKVCache>(q);
+}
+
+std::vector<float> attend(const QuantizedKVCache& c, const std::vector<float>& q, int hq) {
+    std::vector<float> out(q.size());
+    c.attend(q.data(), hq, 1, out.data(), 0.125f, true);
+    return out;
+}
+
+KVCacheConfig config(const std::string& method) {
+    KVCacheConfig c;
+    c.method = method;
+    c.bits = 2;
+    c.value_bits = 4;
+    c.num_clusters = 8;
+    c.seed = 17;
+    return c;
+}
+
+class CacheAdopt : public testing::TestWithParam<std::string> {};
+
+TEST_P(CacheAdopt, PagesAndLearnedStateCarryOver) {
+    const int H = 2, d = 64, n = 150, hq = 4;
+    const KVCacheConfig c = config(GetParam());
+    auto a = make(c, H, d), b = make(c, H, d);
+    const auto keys = vqtest::randn(static_cast<std::size_t>(H) * n * d, 1);
+    const auto values = vqtest::randn(keys.size(), 2);
+    a->append(keys.data(), values.data(), n);  // rabitq trains on these keys
+    b->adopt(a->paged_store(), a->size(), a->key_codecs());
+    EXPECT_EQ(b->size(), n);
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * d, 3);
+    EXPECT_EQ(attend(*a, q, hq), attend(*b, q, hq));
+    // The adopted cache keeps going as the original does, and saves and loads.
+    const auto k2 = vqtest::randn(static_cast<std::size_t>(H) * 5 * d, 4);
+    a->append(k2.data(), k2.data(), 5);
+    b->append(k2.data(), k2.data(), 5);
+    EXPECT_EQ(attend(*a, q, hq), attend(*b, q, hq));
+    const std::string path = vqtest::unique_temp_path("adopted.vqc");
+    b->save(path);
+    auto loaded = KVCache::load(path);
+    std::vector<float> out(q.size());
+    loaded->attend(q.data(), hq, 1, out.data(), 0.125f, true);
+    EXPECT_EQ(out, attend(*a, q, hq));
+    std::remove(path.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, CacheAdopt, testing::Values("turboquant_rvq", "rabitq", "fp16"));
+
+TEST(CacheAdopt, RefusesWhatItCannotHoldAndKeepsItsContents) {
+    const int H = 2, d = 64, n = 70;
+    auto a = make(config("turboquant_rvq"), H, d), b = make(config("turboquant_rvq"), H, d);
+    const auto keys = vqtest::randn(static_cast<std::size_t>(H) * n * d, 5);
+    a->append(keys.data(), keys.data(), n);
+    b->append(keys.data(), keys.data(), 3);
+    KVCacheConfig other = config("turboquant_rvq");
+    other.bits = 3;
+    auto wider = make(other, H, d);
+    EXPECT_THROW(b->adopt(wider->paged_store(), 0, wider->key_codecs()), std::invalid_argument);
+    EXPECT_THROW(b->adopt(a->paged_store(), 2000, a->key_codecs()), std::invalid_argument);
+    EXPECT_THROW(b->adopt(a->paged_store(), 200, a->key_codecs()),
+                 std::invalid_argument);  // page 3
+    auto rabitq = make(config("rabitq"), H, d);
+    rabitq->append(keys.data(), keys.data(), n);
+    EXPECT_THROW(b->adopt(a->paged_store(), n, rabitq->key_codecs()), std::invalid_argument);
+    EXPECT_EQ(b->size(), 3);
+    KVCacheConfig observed = config("turboquant_rvq");
+    observed.outlier_observer = std::make_shared<KeyNormObserver>(4.0, 16);
+    auto with_outliers = make(observed, H, d);
+    EXPECT_THROW(with_outliers->adopt(a->paged_store(), n, a->key_codecs()), std::invalid_argument);
+}
+
+}  // namespace
