@@ -1,6 +1,6 @@
 // The vecinfer device codec (src/device_codecs/vecinfer_device.h) on the host against
 // VecInferCodec: identical codes, decode and scores, in both per-query state forms (the LUT
-// [S][C] when it fits kMaxStateFloats, else the transformed query [d]).
+// [S][C] when its affine form fits kMaxAffineFloats, else the transformed query [d]).
 #include <gtest/gtest.h>
 
 #include <stdexcept>
@@ -41,7 +41,7 @@ std::vector<float> test_keys(const std::vector<float>& smooth, uint64_t seed) {
 
 struct Geometry {
     int d, S, C;
-    bool lut_state;  ///< S * C <= kMaxStateFloats
+    bool lut_state;  ///< S * C * d <= kMaxAffineFloats
 };
 
 class VecInferDeviceCodec : public testing::TestWithParam<Geometry> {};
@@ -62,13 +62,13 @@ TEST_P(VecInferDeviceCodec, MatchesCpuCodec) {
 
 INSTANTIATE_TEST_SUITE_P(
     Geometries, VecInferDeviceCodec,
-    testing::Values(Geometry{64, 8, 256, true},     // 1 bit/coord, byte indices
-                    Geometry{64, 32, 64, true},     // 3 bits/coord, 6-bit indices
+    testing::Values(Geometry{64, 8, 256, false},    // 1 bit/coord, byte indices
+                    Geometry{64, 32, 64, false},    // 3 bits/coord, 6-bit indices
                     Geometry{64, 16, 2048, false},  // 11-bit indices that span three bytes
                     Geometry{64, 16, 4096, false},  // 12-bit indices (the MLX geometry)
-                    Geometry{128, 32, 256, true},   // 2 bits/coord: a LUT of exactly 8192
-                    Geometry{128, 64, 256, false},  // 4 bits/coord: 16384 > 8192, query state
-                    Geometry{128, 128, 2, true},    // 1-bit indices
+                    Geometry{128, 32, 256, false},  // 2 bits/coord
+                    Geometry{128, 64, 256, false},  // 4 bits/coord
+                    Geometry{128, 128, 2, true},    // 1-bit indices: a LUT of 256 entries
                     Geometry{96, 24, 16, true},     // dense rotation (d not a power of two)
                     Geometry{80, 16, 32, true}),    // 5-bit indices, dense rotation
     [](const testing::TestParamInfo<Geometry>& info) {
@@ -77,7 +77,7 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 // Codecs made by the factory from a calibration (trained codebooks, query-balanced smoothing):
-// 2 bits/coordinate at d = 128 takes the LUT state, 4 bits the query state.
+// at 2 and 4 bits/coordinate, d = 128, both take the query state.
 TEST(VecInferDeviceCodec, MatchesCalibratedCodecs) {
     const int d = 128;
     const Activations acts = vqtest::synthetic_activations(1, 1, d, 600, 5);
@@ -90,7 +90,7 @@ TEST(VecInferDeviceCodec, MatchesCalibratedCodecs) {
         config.codebook = cal.codebook;
         config.smooth_factors = cal.smooth_factors;
         const auto cpu = make_key_codec(config, d, 0, 0);
-        EXPECT_EQ(takes_lut_state(*cpu), bits == 2);
+        EXPECT_FALSE(takes_lut_state(*cpu));
         std::vector<float> keys = vqtest::randn(static_cast<std::size_t>(64) * d, 3, 1.5f);
         for (float& x : keys) x += 0.3f;  // the calibration keys' offset
         const auto queries = vqtest::randn(static_cast<std::size_t>(3) * d, 8, 2.0f);

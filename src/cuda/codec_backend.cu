@@ -78,7 +78,7 @@ public:
             std::vector<typename Codec::Params> host_kp = kp;
             for (auto& p : host_kp) p.rebase(host.data());
             AffineStateHost affine;
-            if (measure_affine_state<Codec>(host_kp, d_, state_stride_, kMaxAffineFloats, affine))
+            if (measure_affine_state<Codec>(host_kp, d_, state_stride_, dev::kMaxAffineFloats, affine))
                 upload_affine(affine);
         }
         // One allocation: the arena, then the per-head parameter arrays.
@@ -156,9 +156,6 @@ public:
     std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
 
 private:
-    /// Largest M of the affine query state per head (floats): 256 KB.
-    static constexpr std::size_t kMaxAffineFloats = 65536;
-
     void upload_affine(const AffineStateHost& f) {
         const std::size_t c_bytes = (f.constant.size() * sizeof(float) + 255) / 256 * 256;
         const std::size_t r_bytes = (f.row_of.size() * sizeof(int) + 255) / 256 * 256;

@@ -50,6 +50,10 @@ namespace veloxquant::dev {
 constexpr int kMaxDim = 256;
 /// Largest per-query state of a device key codec, in floats (it lives in shared memory).
 constexpr int kMaxStateFloats = 8192;
+/// Largest query-state matrix (state floats x d) per head whose affine form state = c + M q
+/// the device backend precomputes and evaluates in parallel (src/cuda/affine_state.h); a
+/// larger state is built by one thread per query row, serially.
+constexpr int kMaxAffineFloats = 65536;
 
 /// Host side: the parameter arrays of a cache's codecs, packed into one buffer. add() returns
 /// the array's offset disguised as a pointer; Params::rebase(base) turns every such offset into

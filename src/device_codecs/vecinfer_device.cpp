@@ -19,7 +19,10 @@ VecInferDevice::Params VecInferDevice::build(const KeyCodec& cpu, ParamArena& ar
     p.codewords = vi->codewords();
     p.sub_dim = vi->sub_dim();
     p.code_bits = vi->code_bits();
-    p.lut_state = p.subspaces * p.codewords <= kMaxStateFloats ? 1 : 0;
+    // The table only where the backend builds it in parallel (its affine form fits): built by
+    // one thread per query row, a 64 x 256 table cost a decode step ~3 ms on the H200
+    // (bench/cuda/decode_tuning.md), far more than reading each token's codewords.
+    p.lut_state = static_cast<long long>(p.subspaces) * p.codewords * p.d <= kMaxAffineFloats;
     p.rotation = build_rotation(vi->rotation(), arena);
     p.codebook = arena.add(vi->codebook());
     p.half_norm2 = arena.add(vi->half_norm2());

@@ -4,12 +4,13 @@
 // cancels in the dot product).
 //
 // Per-query state, chosen per Params at build time (lut_state):
-//  - S * C <= kMaxStateFloats: the CPU's table LUT[s][c] = (R (q * lambda))_s . C[s][c], and a
+//  - S * C * d <= kMaxAffineFloats (small codebooks): the CPU's table LUT[s][c] =
+//    (R (q * lambda))_s . C[s][c], which the backend computes in parallel as c + M q, and a
 //    token's score is S table reads;
-//  - larger codebooks (e.g. 4 bits/coordinate at d = 128: 64 x 256; 9..12-bit indices): the
-//    transformed query q~ = R (q * lambda) [d], and a token's score reads its S codewords from
-//    the codebook in global memory (sum_s q~_s . C[s][i_s]); every thread reads q~ at the same
-//    coordinate, a broadcast.
+//  - otherwise (e.g. 2 bits/coordinate at d = 128: 32 x 256 x 128): the transformed query
+//    q~ = R (q * lambda) [d], and a token's score reads its S codewords from the codebook in
+//    global memory (sum_s q~_s . C[s][i_s]); every thread reads q~ at the same coordinate, a
+//    broadcast. (The table itself, built by one thread per query row, cost more than that.)
 #pragma once
 
 #include "device_codecs/device_common.h"
