@@ -18,25 +18,6 @@ bool worth_threads(int n, int d, int k) {
     return static_cast<long>(n) * d * k >= kParallelWork;
 }
 
-// Eight partial sums break the floating-point add chain (and leave room for SIMD) while the
-// summation order stays fixed (the same result on every run and thread count).
-float squared_distance(const float* a, const float* b, int d) {
-    float part[8] = {};
-    int j = 0;
-    for (; j + 8 <= d; j += 8) {
-        for (int l = 0; l < 8; ++l) {
-            const float t = a[j + l] - b[j + l];
-            part[l] += t * t;
-        }
-    }
-    float acc = 0.0f;
-    for (; j < d; ++j) {
-        const float t = a[j] - b[j];
-        acc += t * t;
-    }
-    for (float p : part) acc += p;
-    return acc;
-}
 
 const float* row(const float* base, int i, int d) {
     return base + static_cast<std::size_t>(i) * static_cast<std::size_t>(d);
@@ -141,19 +122,6 @@ bool reseed_empty(const float* data, int n, int d, int k, const std::vector<int>
 
 }  // namespace
 
-int nearest_centroid(const float* x, const float* centroids, int k, int d, float* dist2) {
-    int best = 0;
-    float best_d = squared_distance(x, centroids, d);
-    for (int c = 1; c < k; ++c) {
-        const float dd = squared_distance(x, row(centroids, c, d), d);
-        if (dd < best_d) {
-            best_d = dd;
-            best = c;
-        }
-    }
-    if (dist2) *dist2 = best_d;
-    return best;
-}
 
 KMeansResult kmeans(const float* data, int n, int d, int k, uint64_t seed,
                     const KMeansOptions& options) {

@@ -5,8 +5,11 @@
 // for any thread count.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
+
+#include "core/host_device.h"
 
 namespace veloxquant {
 
@@ -32,9 +35,43 @@ struct KMeansResult {
     double objective() const { return objective_history.back(); }
 };
 
+/// Squared L2 distance. Eight partial sums break the floating-point add chain (and leave room
+/// for SIMD) while the summation order stays fixed: the same result on every run, thread
+/// count, and on the GPU (the device codecs call it too).
+VQ_HD float squared_distance(const float* a, const float* b, int d) {
+    float part[8] = {};
+    int j = 0;
+    for (; j + 8 <= d; j += 8) {
+        for (int l = 0; l < 8; ++l) {
+            const float t = a[j + l] - b[j + l];
+            part[l] += t * t;
+        }
+    }
+    float acc = 0.0f;
+    for (; j < d; ++j) {
+        const float t = a[j] - b[j];
+        acc += t * t;
+    }
+    for (int l = 0; l < 8; ++l) acc += part[l];
+    return acc;
+}
+
 /// Index of the centroid nearest to x (squared L2, ties to the lowest index); its squared
 /// distance goes to *dist2 when given.
-int nearest_centroid(const float* x, const float* centroids, int k, int d, float* dist2 = nullptr);
+VQ_HD int nearest_centroid(const float* x, const float* centroids, int k, int d,
+                           float* dist2 = nullptr) {
+    int best = 0;
+    float best_d = squared_distance(x, centroids, d);
+    for (int c = 1; c < k; ++c) {
+        const float dd = squared_distance(x, centroids + static_cast<std::size_t>(c) * d, d);
+        if (dd < best_d) {
+            best_d = dd;
+            best = c;
+        }
+    }
+    if (dist2) *dist2 = best_d;
+    return best;
+}
 
 /// Clusters data [n][d] into min(k, n) clusters. Throws std::invalid_argument for n < 1,
 /// d < 1, k < 1 or bad options.

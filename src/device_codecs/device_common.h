@@ -32,12 +32,10 @@
 #include <vector>
 
 #include "core/half.h"
+#include "core/host_device.h"
 
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
-#define VQ_HD __host__ __device__ inline
-#else
-#define VQ_HD inline
 #endif
 
 namespace veloxquant {

@@ -7,6 +7,7 @@
 // the packed levels; exactly the CPU codec's bytes.
 #pragma once
 
+#include "core/kmeans.h"
 #include "device_codecs/device_common.h"
 
 namespace veloxquant {
@@ -16,38 +17,6 @@ class KeyCodec;
 namespace veloxquant::dev {
 
 namespace rabitq_detail {
-
-/// core/kmeans.cpp's squared_distance: eight partial sums in a fixed order, then the tail.
-VQ_HD float squared_distance(const float* a, const float* b, int d) {
-    float part[8] = {};
-    int j = 0;
-    for (; j + 8 <= d; j += 8)
-        for (int l = 0; l < 8; ++l) {
-            const float t = a[j + l] - b[j + l];
-            part[l] += t * t;
-        }
-    float acc = 0.0f;
-    for (; j < d; ++j) {
-        const float t = a[j] - b[j];
-        acc += t * t;
-    }
-    for (int l = 0; l < 8; ++l) acc += part[l];
-    return acc;
-}
-
-/// core/kmeans.cpp's nearest_centroid: ties go to the lower index.
-VQ_HD int nearest_centroid(const float* x, const float* centroids, int k, int d) {
-    int best = 0;
-    float best_d = squared_distance(x, centroids, d);
-    for (int c = 1; c < k; ++c) {
-        const float dd = squared_distance(x, centroids + static_cast<std::size_t>(c) * d, d);
-        if (dd < best_d) {
-            best_d = dd;
-            best = c;
-        }
-    }
-    return best;
-}
 
 /// The critical value t = s / |e_j| at which coordinate j's step count reaches s, if the CPU
 /// codec lists it (s < M and s <= t_max |e_j|, rabitq.cpp's critical_values).
@@ -186,7 +155,7 @@ struct RaBitQDevice {
         const int d = p.d;
         float x[kMaxDim];
         rotate_forward(p.rotation, key, x);
-        const int cid = rabitq_detail::nearest_centroid(x, p.centroids, p.clusters, d);
+        const int cid = nearest_centroid(x, p.centroids, p.clusters, d);
         const float* c = p.centroids + static_cast<std::size_t>(cid) * d;
         double e[kMaxDim];
         double norm2 = 0.0, abs_sum = 0.0;
