@@ -142,10 +142,9 @@ def test_half_precision_inputs_batch_dimension_and_stream():
     assert rel(out_a.float().cpu(), out_b.cpu()) < 1e-2  # bf16 rounding of the output
 
 
-@needs_cuda
-def test_bad_inputs_are_reported_and_change_nothing():
-    d, heads = 64, 2
-    cache = vq_cuda.CudaTurboQuantCache(config_of(2, 1, 2), heads, d, 100)
+def _expect_append_errors(cache, heads, d):
+    """Every bad append a device cache refuses (in the wrapper and in the binding itself),
+    leaving it empty."""
     good = torch.zeros(heads, 3, d, device="cuda")
     with pytest.raises(ValueError, match="CUDA tensor"):
         cache.append(good.cpu(), good.cpu())
@@ -155,8 +154,9 @@ def test_bad_inputs_are_reported_and_change_nothing():
         cache.append(good.double(), good.double())
     with pytest.raises(ValueError, match="float32"):
         cache._impl.append(good.half(), good.half(), 0)
-    with pytest.raises(ValueError, match=r"num_heads=2, n_tokens, head_dim=64"):
-        cache.append(torch.zeros(3, 3, d, device="cuda"), torch.zeros(3, 3, d, device="cuda"))
+    with pytest.raises(ValueError, match=rf"num_heads={heads}, n_tokens, head_dim={d}"):
+        cache.append(torch.zeros(heads + 1, 3, d, device="cuda"),
+                     torch.zeros(heads + 1, 3, d, device="cuda"))
     with pytest.raises(ValueError, match="same number of tokens"):
         cache.append(good, torch.zeros(heads, 4, d, device="cuda"))
     strided = torch.zeros(heads, d, 3, device="cuda").transpose(1, 2)
@@ -165,6 +165,14 @@ def test_bad_inputs_are_reported_and_change_nothing():
     with pytest.raises(ValueError, match="contiguous"):
         cache._impl.append(strided, strided, 0)
     assert cache.size == 0
+
+
+@needs_cuda
+def test_bad_inputs_are_reported_and_change_nothing():
+    d, heads = 64, 2
+    cache = vq_cuda.CudaTurboQuantCache(config_of(2, 1, 2), heads, d, 100)
+    good = torch.zeros(heads, 3, d, device="cuda")
+    _expect_append_errors(cache, heads, d)
     with pytest.raises(ValueError, match="no tokens"):
         cache.attend(torch.zeros(heads, d, device="cuda"))
     cache.append(torch.randn(heads, 99, d, device="cuda"), torch.randn(heads, 99, d, device="cuda"))
@@ -329,20 +337,7 @@ def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
     cache = vq_cuda.CudaKVCache(KVCacheConfig(method="polarquant", bits=2), heads, d, 100)
     good = torch.zeros(heads, 3, d, device="cuda")
     assert not cache.attend(torch.ones(heads, d, device="cuda"), causal=False).any()  # empty: zeros
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cache.append(good.cpu(), good.cpu())
-    with pytest.raises(ValueError, match="CUDA tensor"):
-        cache._impl.append(good.cpu(), good.cpu(), 0)
-    with pytest.raises(ValueError, match="float32"):
-        cache._impl.append(good.half(), good.half(), 0)
-    with pytest.raises(ValueError, match=r"num_heads=2, n_tokens, head_dim=64"):
-        cache.append(torch.zeros(3, 3, d, device="cuda"), torch.zeros(3, 3, d, device="cuda"))
-    with pytest.raises(ValueError, match="same number of tokens"):
-        cache.append(good, torch.zeros(heads, 4, d, device="cuda"))
-    strided = torch.zeros(heads, d, 3, device="cuda").transpose(1, 2)
-    with pytest.raises(ValueError, match="contiguous"):
-        cache._impl.append(strided, strided, 0)
-    assert cache.size == 0
+    _expect_append_errors(cache, heads, d)
     cache.append(torch.randn(heads, 99, d, device="cuda"), torch.randn(heads, 99, d, device="cuda"))
     with pytest.raises(CapacityError, match="max_seq_len"):
         cache.append(good, good)
