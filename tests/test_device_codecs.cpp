@@ -1,14 +1,20 @@
 // The device codecs shared by every method (turboquant_rvq / ratequant keys, values) run on the
-// host against their CPU codecs: identical codes, decode and scores.
+// host against their CPU codecs: identical codes, decode and scores; and the affine form of the
+// query state (src/cuda/affine_state.h) against the codecs' own prepare.
 #include <gtest/gtest.h>
 
 #include <cstring>
 
+#include "cuda/affine_state.h"
 #include "device_codec_test_helpers.h"
 #include "device_codecs/fp16_device.h"
+#include "device_codecs/polarquant_device.h"
+#include "device_codecs/qjl_device.h"
 #include "device_codecs/tq_device.h"
 #include "device_codecs/value_device.h"
 #include "methods/fp16_codec.h"
+#include "methods/polarquant.h"
+#include "methods/qjl.h"
 #include "methods/turboquant_rvq.h"
 #include "methods/value_codec.h"
 #include "test_helpers.h"
@@ -103,3 +109,78 @@ INSTANTIATE_TEST_SUITE_P(
                     std::make_tuple(96, 1, false), std::make_tuple(64, 8, true)));
 
 }  // namespace
+
+namespace {
+
+// c + M q from measure_affine_state against the codec's own prepare on random queries.
+template <class Dev>
+void expect_affine_state_matches(const KeyCodec& cpu, int heads_copies = 2) {
+    dev::ParamArena arena;
+    std::vector<typename Dev::Params> params;
+    for (int h = 0; h < heads_copies; ++h) params.push_back(Dev::build(cpu, arena));
+    std::vector<uint8_t> blob = arena.bytes();
+    for (auto& p : params) p.rebase(blob.data());
+    const int d = cpu.dim(), stride = Dev::state_floats(params[0]);
+    cuda::AffineStateHost f;
+    ASSERT_TRUE(cuda::measure_affine_state<Dev>(params, d, stride, dev::kMaxAffineFloats, f));
+    ASSERT_GT(f.varying, 0);
+    std::vector<float> want(stride);
+    for (int trial = 0; trial < 3; ++trial) {
+        const auto q = vqtest::randn(d, 40 + trial, 2.0f);
+        for (int h = 0; h < heads_copies; ++h) {
+            Dev::prepare(params[h], q.data(), want.data());
+            std::vector<float> got(stride);
+            for (int i = 0; i < stride; ++i) {
+                double x = f.constant[static_cast<std::size_t>(h) * stride + i];
+                const int k = f.row_of[static_cast<std::size_t>(h) * stride + i];
+                if (k >= 0)
+                    for (int j = 0; j < d; ++j)
+                        x += static_cast<double>(
+                                 f.matrix[(static_cast<std::size_t>(h) * d + j) * f.varying + k]) *
+                             q[j];
+                got[i] = static_cast<float>(x);
+            }
+            EXPECT_LT(vqtest::max_rel_error(got, want), 1e-5) << "head " << h;
+        }
+    }
+}
+
+// A state that is not affine in the query (its squares): the measurement must refuse it.
+struct SquaredQuery {
+    struct Params {
+        int d = 0;
+        void rebase(const uint8_t*) {}
+    };
+    static int state_floats(const Params& p) { return p.d; }
+    static void prepare(const Params& p, const float* q, float* state) {
+        for (int j = 0; j < p.d; ++j) state[j] = q[j] * q[j];
+    }
+};
+
+}  // namespace
+
+TEST(AffineQueryState, MatchesPrepareForEveryAffineCodec) {
+    expect_affine_state_matches<dev::TqDevice>(TurboQuantRVQCodec(128, 2, 2, true, 5));
+    expect_affine_state_matches<dev::TqDevice>(TurboQuantRVQCodec(96, 3, 1, false, 6));
+    expect_affine_state_matches<dev::Fp16Device>(FP16Codec(64));
+    expect_affine_state_matches<dev::QjlDevice>(QJLCodec(128, 256, 7));
+    expect_affine_state_matches<dev::PolarQuantDevice>(PolarQuantCodec(64, 2, true, 8));
+}
+
+TEST(AffineQueryState, RefusesAStateThatIsNotAffine) {
+    std::vector<SquaredQuery::Params> params(1);
+    params[0].d = 16;
+    cuda::AffineStateHost f;
+    EXPECT_FALSE(cuda::measure_affine_state<SquaredQuery>(params, 16, 16, 65536, f));
+}
+
+TEST(AffineQueryState, RefusesAMatrixPastTheLimit) {
+    const TurboQuantRVQCodec cpu(128, 2, 1, true, 5);
+    dev::ParamArena arena;
+    std::vector<dev::TqDevice::Params> params{dev::TqDevice::build(cpu, arena)};
+    std::vector<uint8_t> blob = arena.bytes();
+    params[0].rebase(blob.data());
+    cuda::AffineStateHost f;
+    EXPECT_FALSE(cuda::measure_affine_state<dev::TqDevice>(
+        params, 128, dev::TqDevice::state_floats(params[0]), 128 * 127, f));
+}
