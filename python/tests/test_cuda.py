@@ -164,6 +164,12 @@ def _expect_append_errors(cache, heads, d):
         cache.append(strided, strided)
     with pytest.raises(ValueError, match="contiguous"):
         cache._impl.append(strided, strided, 0)
+    for bad_value in (float("nan"), float("inf")):
+        bad = good.clone()
+        bad[heads - 1, 2, 5] = bad_value
+        message = rf"values contain NaN or Inf \(head {heads - 1}, token 2\)"
+        with pytest.raises(ValueError, match=message):
+            cache.append(good, bad)
     assert cache.size == 0
 
 

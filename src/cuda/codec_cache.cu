@@ -91,6 +91,7 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
         throw std::length_error("append: " + std::to_string(n_tokens) +
                                 " tokens would exceed max_seq_len " + std::to_string(max_seq_len_) +
                                 " (cache holds " + std::to_string(size_) + ")");
+    finite_.require(keys, values, num_heads_, n_tokens, head_dim_, stream);
     pages_->reserve(size_ + n_tokens);
     if (!backend_) train_on(keys, n_tokens, stream);
     backend_->encode(pages_->pool(), pages_->page_table(), size_, n_tokens, keys, values, stream);

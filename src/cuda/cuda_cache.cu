@@ -196,6 +196,7 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
         throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
                                 std::to_string(max_seq_len_));
+    finite_.require(keys, values, num_heads_, n_tokens, head_dim_, stream);
     pages_.reserve(size_ + n_tokens);
     EncodeArgs a;
     a.layout = host_.layout;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cache/paged_store.h"
+#include "cuda/input_check.h"
 #include "cuda/page_pool.h"
 #include "veloxquant/config.h"
 
@@ -164,7 +165,9 @@ public:
     CudaTurboQuantCache(const CudaTurboQuantCache&) = delete;
     CudaTurboQuantCache& operator=(const CudaTurboQuantCache&) = delete;
 
-    /// Encodes n_tokens device-resident tokens; throws std::length_error past max_seq_len.
+    /// Encodes n_tokens device-resident tokens; throws std::length_error past max_seq_len and
+    /// std::invalid_argument for NaN or Inf (nothing changes; the check synchronizes the
+    /// stream).
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
     /// Decode attention of one query per query head over every stored token.
     void attend(const float* queries, int num_q_heads, float* out, float scale,
@@ -208,6 +211,7 @@ private:
     int device_ = 0;
     int size_ = 0;
     DevicePagePool pages_;
+    FiniteCheck finite_;
     mutable void* workspace_ = nullptr;
     mutable std::size_t workspace_bytes_ = 0;
 };

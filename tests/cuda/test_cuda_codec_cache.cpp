@@ -5,6 +5,7 @@
 // cache and through a saved file back to the device. Skips without a device.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -15,6 +16,7 @@
 #include "calibration/calibrate.h"
 #include "calibration_test_helpers.h"
 #include "cuda/codec_cache.h"
+#include "cuda/cuda_cache.h"
 #include "cuda_test_helpers.h"
 #include "veloxquant/caches.h"
 #include "veloxquant/calibration.h"
@@ -181,6 +183,34 @@ TEST(CodecCache, RejectsConfigsOutOfScope) {
     EXPECT_THROW(CudaCodecCache(c, 2, 512, 64), std::invalid_argument);
     c.outlier_observer = std::make_shared<KeyNormObserver>(4.0, 16);
     EXPECT_THROW(CudaCodecCache(c, 2, 128, 64), std::invalid_argument);
+}
+
+TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {
+    SKIP_WITHOUT_DEVICE();
+    const int H = 2, d = 64, n = 10;
+    CudaCodecCache gpu(base("turboquant_rvq", 2, 4, 1), H, d, 256);
+    CudaTurboQuantCache tq(base("turboquant_rvq", 2, 4, 1), H, d, 256);
+    auto good = random_tokens(H, n, d, 3, 0.5f);
+    DeviceBuffer<float> dgood(good);
+    gpu.append(dgood.get(), dgood.get(), n, nullptr);
+    tq.append(dgood.get(), dgood.get(), n, nullptr);
+    for (const float bad : {NAN, INFINITY}) {
+        auto keys = good;
+        keys[static_cast<std::size_t>(1) * n * d + 7 * d + 5] = bad;  // head 1, token 7
+        DeviceBuffer<float> dbad(keys);
+        try {
+            gpu.append(dbad.get(), dgood.get(), n, nullptr);
+            ADD_FAILURE() << "no error for a non-finite key";
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find("keys contain NaN or Inf (head 1, token 7)"),
+                      std::string::npos)
+                << e.what();
+        }
+        EXPECT_THROW(gpu.append(dgood.get(), dbad.get(), n, nullptr), std::invalid_argument);
+        EXPECT_THROW(tq.append(dbad.get(), dgood.get(), n, nullptr), std::invalid_argument);
+    }
+    EXPECT_EQ(gpu.size(), n);
+    EXPECT_EQ(tq.size(), n);
 }
 
 }  // namespace
