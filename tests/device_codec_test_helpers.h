@@ -26,6 +26,30 @@ inline double max_rel_error(const std::vector<float>& a, const std::vector<float
     return err / ref;
 }
 
+/// score<R> on R interleaved states (queries cycled) gives each row's score_one exactly.
+template <class Dev, int R>
+void expect_rows_match_single(const typename Dev::Params& p, const std::vector<float>& queries,
+                              const uint8_t* codes, std::size_t code_bytes, const float* scalars,
+                              int n, int pos0) {
+    const int d = p.d, S = Dev::state_floats(p);
+    const int nq = static_cast<int>(queries.size() / d);
+    std::vector<float> single(static_cast<std::size_t>(R) * S), rows(single.size());
+    for (int r = 0; r < R; ++r) {
+        Dev::prepare(p, queries.data() + (r % nq) * d, single.data() + r * S);
+        for (int i = 0; i < S; ++i) rows[static_cast<std::size_t>(i) * R + r] = single[r * S + i];
+    }
+    for (int t = 0; t < n; ++t) {
+        float out[R];
+        Dev::template score<R>(p, rows.data(), codes + t * code_bytes, scalars + t,
+                               veloxquant::kTokensPerPage, pos0 + t, out);
+        for (int r = 0; r < R; ++r)
+            ASSERT_EQ(out[r], veloxquant::dev::score_one<Dev>(p, single.data() + r * S,
+                                                              codes + t * code_bytes, scalars + t,
+                                                              veloxquant::kTokensPerPage, pos0 + t))
+                << "token " << t << " row " << r;
+    }
+}
+
 /// Encodes n keys (rows of `keys`, positions pos0 + t) with both codecs in the page layout
 /// (scalars strided by the page size) and compares everything the cache would use.
 /// `score_tolerance` bounds the scores' relative error (summation orders differ).
@@ -77,10 +101,12 @@ void expect_device_codec_matches(const veloxquant::KeyCodec& cpu, const std::vec
                      cpu_scores.data());
         Dev::prepare(p, queries.data() + i * d, dev_state.data());
         for (int t = 0; t < n; ++t)
-            dev_scores[t] = Dev::score(p, dev_state.data(), cpu_codes.data() + t * cb,
-                                       cpu_scalars.data() + t, stride, pos0 + t);
+            dev_scores[t] = dev::score_one<Dev>(p, dev_state.data(), cpu_codes.data() + t * cb,
+                                                cpu_scalars.data() + t, stride, pos0 + t);
         EXPECT_LT(max_rel_error(dev_scores, cpu_scores), score_tolerance) << "query " << i;
     }
+    expect_rows_match_single<Dev, 4>(p, queries, cpu_codes.data(), cb, cpu_scalars.data(), n,
+                                     pos0);
 }
 
 }  // namespace vqtest

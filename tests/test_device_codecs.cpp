@@ -43,7 +43,24 @@ INSTANTIATE_TEST_SUITE_P(Shapes, TqDeviceCodec,
                          testing::Values(TqShape{64, 1, 1, true}, TqShape{64, 2, 2, true},
                                          TqShape{128, 4, 1, true}, TqShape{128, 3, 3, true},
                                          TqShape{80, 2, 1, true}, TqShape{96, 4, 2, false},
-                                         TqShape{256, 2, 1, true}));
+                                         TqShape{256, 2, 1, true}, TqShape{72, 5, 1, false},
+                                         TqShape{100, 2, 2, false}));
+
+TEST(FieldReader, ReadsWhatReadFieldReads) {
+    // Fields of mixed widths 1..16 from every starting bit, against read_field.
+    std::vector<uint8_t> stream(64);
+    uint32_t x = 12345;
+    for (auto& b : stream) b = static_cast<uint8_t>((x = x * 1103515245u + 12345u) >> 16);
+    for (int start = 0; start < 16; ++start) {
+        dev::FieldReader reader(stream.data(), start);
+        for (int bit = start, k = 0; bit + 16 <= 8 * 60; ++k) {
+            const int bits = 1 + (k * 7 + start) % 16;
+            ASSERT_EQ(reader.next(bits), dev::read_field(stream.data(), bit, bits))
+                << "start " << start << " bit " << bit << " width " << bits;
+            bit += bits;
+        }
+    }
+}
 
 TEST(TqDeviceCodec, RejectsOtherCodecs) {
     TurboQuantRVQCodec big(512, 2, 1, true, 1);
@@ -88,6 +105,15 @@ TEST_P(ValueDeviceCodec, MatchesCpuCodec) {
     for (int t = 0; t < n; ++t)
         dev::ValueDevice::decode(p, a.data() + t * cb, sa.data() + t, rb.data() + t * d);
     EXPECT_LT(vqtest::max_rel_error(rb, ra), 1e-5);
+
+    // coords (E at a time) equals coord.
+    for (int t = 0; t < n; ++t)
+        for (int j0 = 0; j0 + 4 <= d; j0 += 4) {
+            float v[4];
+            dev::ValueDevice::coords<4>(p, a.data() + t * cb, sa.data() + t, j0, v);
+            for (int e = 0; e < 4; ++e)
+                ASSERT_EQ(v[e], dev::ValueDevice::coord(p, a.data() + t * cb, sa.data() + t, j0 + e));
+        }
 
     // Accumulate-then-finalize equals the CPU's accumulate + finalize.
     const auto w = vqtest::randn(n, 3);

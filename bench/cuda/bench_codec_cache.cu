@@ -4,11 +4,13 @@
 // The turboquant_rvq tensor-core decode (CudaTurboQuantCache) on the same config and a
 // device-to-device copy are timed in the same process as references. Calibrated methods are
 // calibrated on synthetic Gaussian activations (speed does not depend on the fit).
-// Usage: bench_codec_cache OUT.json
+// Usage: bench_codec_cache OUT.json [METHOD [TOKENS]]: only the methods whose name contains
+// METHOD, only N = TOKENS (for profiling one point).
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <stdexcept>
 #include <string>
@@ -103,7 +105,7 @@ struct Result {
 
 }  // namespace
 
-int run(const char* out_path) {
+int run(const char* out_path, const std::string& only_method, int only_tokens) {
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     const size_t copy_bytes = size_t(1) << 30;
@@ -132,7 +134,9 @@ int run(const char* out_path) {
 
     std::vector<Result> results;
     for (const Method& m : methods()) {
+        if (m.name.find(only_method) == std::string::npos) continue;
         for (const int n : {8192, 32768}) {
+            if (only_tokens > 0 && n != only_tokens) continue;
             Result r{m.name, n, 0, 0, 0, 0, 0, 0};
             CudaCodecCache cache(m.config, kKv, kD, n);
             // Encode: n tokens in one append (keys laid out [heads][n][d]), into a reset cache.
@@ -194,12 +198,12 @@ int run(const char* out_path) {
 }
 
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::fprintf(stderr, "usage: %s OUT.json\n", argv[0]);
+    if (argc < 2 || argc > 4) {
+        std::fprintf(stderr, "usage: %s OUT.json [METHOD [TOKENS]]\n", argv[0]);
         return 2;
     }
     try {
-        return run(argv[1]);
+        return run(argv[1], argc > 2 ? argv[2] : "", argc > 3 ? std::atoi(argv[3]) : 0);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;

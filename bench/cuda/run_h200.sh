@@ -5,7 +5,8 @@
 # bf16 SDPA at the same shapes in the same run. VQ_STAGES picks stages (default
 # "build parity bench codecs sdpa").
 # Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
-# VQ_NCU_POINTS="METHOD:D:B:N ..." picks the decode points ncu profiles (default k1v2:128:8:131072).
+# VQ_NCU_POINTS="METHOD:D:B:N ..." picks the decode points ncu profiles (default k1v2:128:8:131072);
+# VQ_NCU_CODECS="METHOD:N ..." profiles the generic path's attention kernel (stage codecs).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export VQ_BENCH_COMMAND="bash bench/cuda/run_h200.sh"  # recorded in the JSON results
@@ -50,6 +51,19 @@ fi
 if has codecs; then
 step "every method on the generic path"
 "$BUILD/bench/cuda/bench_codec_cache" "$OUT/codec_bench.json"
+if command -v ncu >/dev/null && [ -n "${VQ_NCU_CODECS:-}" ]; then
+  for point in $VQ_NCU_CODECS; do
+    echo "-- ncu generic $point"
+    # skip the warm-up and most timed launches; profile one decode (n_queries = 1) launch
+    timeout 120 ncu --clock-control none --kernel-name regex:codec_attention_kernel --launch-skip 5 \
+      --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section LaunchStats --section InstructionStats --section SchedulerStats \
+      "$BUILD/bench/cuda/bench_codec_cache" /tmp/ncu_codec.json "${point%%:*}" "${point##*:}" \
+      >> "$OUT/ncu_codecs.txt" 2>&1
+  done
+  grep -E "^-- ncu|codec_attention_kernel|Duration|DRAM Throughput|Issue Slots Busy|Executed Ipc A|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Executed Instructions  |Dynamic Shared|Stall|Theoretical Occ" "$OUT/ncu_codecs.txt"
+fi
 fi
 
 if has bench; then

@@ -66,7 +66,8 @@ public:
             stage_key_stride_ = std::max(stage_key_stride_,
                                          codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
             stage_value_stride_ = std::max(
-                stage_value_stride_, codec::stage_stride(static_cast<int>(hl.value_code_bytes)));
+                stage_value_stride_,
+                codec::value_stage_stride(static_cast<int>(hl.value_code_bytes)));
             stage_key_scalars_ = std::max(stage_key_scalars_, hl.key_scalars);
             stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
@@ -216,15 +217,17 @@ private:
         a.stage_value_scalars = stage_value_scalars_;
         const std::size_t stage = codec::stage_bytes(a.stage_key_stride, a.stage_value_stride,
                                                      a.stage_key_scalars, a.stage_value_scalars);
-        // Rows per CTA: as many as the shared memory holds, up to kRowsPerBlock.
-        constexpr std::size_t kSmem = 200 * 1024;
-        int rb = std::min(codec::kRowsPerBlock, a.rows);
-        while (rb > 1 && codec::attention_shared_bytes(rb, a.state_stride, D, stage) > kSmem) --rb;
-        if (codec::attention_shared_bytes(rb, a.state_stride, D, stage) > kSmem)
+        // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
+        // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
+        const auto fits = [&](int r) {
+            return codec::attention_shared_bytes(r, a.state_stride, D, stage) <= kMaxSmem;
+        };
+        const int R = a.rows > 4 && fits(8) ? 8 : a.rows > 1 && fits(4) ? 4 : 1;
+        if (!fits(R))
             throw std::invalid_argument(
                 "CUDA codec backend: codes or query state too large for shared memory");
-        a.rows_per_block = rb;
-        const int row_blocks = (a.rows + rb - 1) / rb;
+        a.rows_per_block = std::min(R, a.rows);
+        const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
         // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
         // CTA's warps (kWarps * 32 tokens).
         const long long units = static_cast<long long>(heads_) * row_blocks;
@@ -253,28 +256,42 @@ private:
             codec::codec_prepare_kernel<Codec>
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
-        const std::size_t smem = codec::attention_shared_bytes(rb, a.state_stride, D, stage);
-        auto* kernel = &codec::codec_attention_kernel<Codec, D>;
-        if (smem > 48 * 1024 && smem > smem_attribute_[D / 128]) {  // D in {64, 128, 256}
-            check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kSmem)),
-                       "codec attention shared memory");
-            smem_attribute_[D / 128] = kSmem;
-        }
         const dim3 grid(a.splits, heads_, row_blocks);
-        kernel<<<grid, codec::kWarps * 32, smem, stream>>>(a);
-        check_cuda(cudaGetLastError(), "codec attention kernel");
+        const std::size_t smem = codec::attention_shared_bytes(R, a.state_stride, D, stage);
+        if (R == 8)
+            launch_attention<D, 8>(a, grid, smem, stream);
+        else if (R == 4)
+            launch_attention<D, 4>(a, grid, smem, stream);
+        else
+            launch_attention<D, 1>(a, grid, smem, stream);
         codec::codec_merge_kernel<Codec, D>
             <<<blocks_for(rows_total * 32), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec merge kernel");
     }
+
+    template <int D, int R>
+    void launch_attention(const AttentionParams<Codec>& a, dim3 grid, std::size_t smem,
+                          cudaStream_t stream) {
+        auto* kernel = &codec::codec_attention_kernel<Codec, D, R>;
+        bool& raised = smem_raised_[D / 128][R / 4];  // D in {64, 128, 256}, R in {1, 4, 8}
+        if (smem > 48 * 1024 && !raised) {
+            check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(kMaxSmem)),
+                       "codec attention shared memory");
+            raised = true;
+        }
+        kernel<<<grid, codec::kWarps * 32, smem, stream>>>(a);
+        check_cuda(cudaGetLastError(), "codec attention kernel");
+    }
+
+    static constexpr std::size_t kMaxSmem = 200 * 1024;  ///< an attention CTA's shared memory
 
     int heads_, d_;
     uint64_t page_bytes_;
     int state_stride_ = 1;
     int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
-    std::size_t smem_attribute_[3] = {};  ///< dynamic shared memory allowed, per D (64, 128, 256)
+    bool smem_raised_[3][3] = {};  ///< kMaxSmem allowed, per (D, R)
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;

@@ -27,7 +27,6 @@ namespace veloxquant::cuda::codec {
 
 constexpr int kPage = 64;         // tokens per page (kTokensPerPage)
 constexpr int kWarps = 4;         // warps per attention CTA
-constexpr int kRowsPerBlock = 8;  // query rows one attention CTA carries at most
 constexpr int kThreads = 128;     // threads per CTA of the per-item kernels
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -109,7 +108,7 @@ struct AttentionParams {
     float* out = nullptr;            ///< [heads * group][n_queries][d]
     float* states = nullptr;         ///< [heads][rows][state_stride]
     int state_stride = 0;
-    int rows_per_block = 1;    ///< rows of one attention CTA, 1..kRowsPerBlock
+    int rows_per_block = 1;    ///< rows of one attention CTA, at most the kernel's R
     int tokens_per_split = 0;  ///< a multiple of 32
     int splits = 1;
     int stage_key_stride = 0;      ///< bytes per token of the staged key codes (padded)
@@ -169,16 +168,23 @@ __global__ void __launch_bounds__(kThreads)
         const int k = f.row_of[head + i];
         float x = f.constant[head + i];
         if (k >= 0)
-            for (int j = 0; j < d; ++j) x += mt[static_cast<size_t>(j) * f.varying + k] * q[j];
+            for (int j = 0; j < d; ++j) x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
         state[i] = x;
     }
 }
 
-/// Staged bytes per token: rounded up to 4 bytes, then to an odd number of 4-byte words, so
-/// that lanes reading the same offset of 32 consecutive tokens hit 32 different banks.
+/// Staged key bytes per token: rounded up to 4 bytes, then to an odd number of 4-byte words, so
+/// that lanes scoring 32 consecutive tokens (each reading the same offset of its own row) hit 32
+/// different banks.
 __host__ __device__ constexpr int stage_stride(int bytes) {
     const int words = (bytes + 3) / 4;
     return 4 * (words % 2 == 0 ? words + 1 : words);
+}
+
+/// Staged value bytes per token: rounded up to 16 bytes (the lanes read one row together, so
+/// rows may share banks), which lets the copy move 16 bytes at a time.
+__host__ __device__ constexpr int value_stage_stride(int bytes) {
+    return (bytes + 15) / 16 * 16;
 }
 
 /// One warp's staging area: 32 tokens' key codes, key scalars, value codes, value scalars.
@@ -188,32 +194,46 @@ __host__ __device__ constexpr size_t stage_bytes(int key_stride, int value_strid
                  sizeof(float) * (key_scalars + value_scalars));
 }
 
-/// Shared memory of an attention CTA: the rows' states, then per warp either its staging area
+/// Shared memory of an attention CTA: the R rows' states interleaved (entry i of row r at
+/// i * R + r), then per warp either its staging area and the chunk's probabilities [32][R]
 /// (during the token loop) or its (m, l, o[D]) per row (when the warps combine).
-__host__ __device__ constexpr size_t attention_shared_bytes(int rows, int state_stride, int D,
+__host__ __device__ constexpr size_t attention_shared_bytes(int R, int state_stride, int D,
                                                             size_t stage) {
-    return static_cast<size_t>(rows) * state_stride * sizeof(float) +
-           kWarps * (stage > kRowsPerBlock * (D + 2) * sizeof(float)
-                         ? (stage + 15) / 16 * 16
-                         : kRowsPerBlock * (D + 2) * sizeof(float));
+    return static_cast<size_t>(R) * state_stride * sizeof(float) +
+           kWarps * (stage + 32 * R * sizeof(float) > R * (D + 2) * sizeof(float)
+                         ? (stage + 32 * R * sizeof(float) + 15) / 16 * 16
+                         : (R * (D + 2) * sizeof(float) + 15) / 16 * 16);
+}
+
+/// Asynchronous copies of G bytes (cp.async on sm_80+): unit i = lane + 32 k of the rows goes to
+/// row t = i / units, unit u = i % units, with t and u stepped without a division.
+template <int G>
+__device__ __forceinline__ void stage_units(uint8_t* dst, int dst_stride, const uint8_t* src,
+                                            int row_bytes, int n, int lane) {
+    const int units = row_bytes / G, step_rows = 32 / units, step_units = 32 % units;
+    int t = lane / units, u = lane % units;
+    for (const uint8_t* from = src + G * lane; t < n; from += 32 * G) {
+        __pipeline_memcpy_async(dst + t * dst_stride + G * u, from, G);
+        t += step_rows;
+        u += step_units;
+        if (u >= units) u -= units, ++t;
+    }
 }
 
 /// Copies n rows of row_bytes bytes, consecutive in global memory, to shared memory rows
-/// dst_stride bytes apart, lane-parallel. 4-byte rows go through asynchronous copies (cp.async on
-/// sm_80+), so every lane's loads are in flight at once; the caller waits (stage_wait).
+/// dst_stride bytes apart (dst 16-byte aligned), lane-parallel, in the widest asynchronous
+/// copies the addresses and sizes allow, so every lane's loads are in flight at once; the caller
+/// waits (stage_wait).
 __device__ __forceinline__ void stage_rows(uint8_t* dst, int dst_stride, const uint8_t* src,
                                            int row_bytes, int n, int lane) {
-    if (((reinterpret_cast<uintptr_t>(src) | row_bytes) & 3) == 0) {
-        const int words = row_bytes / 4, total = n * words;
-        for (int i = lane; i < total; i += 32) {
-            const int t = i / words;
-            __pipeline_memcpy_async(dst + t * dst_stride + 4 * (i - t * words), src + 4 * i, 4);
-        }
-    } else {
-        for (int i = lane; i < n * row_bytes; i += 32) {
-            const int t = i / row_bytes;
-            dst[t * dst_stride + (i - t * row_bytes)] = src[i];
-        }
+    const unsigned align =
+        static_cast<unsigned>(reinterpret_cast<uintptr_t>(src)) | row_bytes | dst_stride;
+    if ((align & 15) == 0) return stage_units<16>(dst, dst_stride, src, row_bytes, n, lane);
+    if ((align & 7) == 0) return stage_units<8>(dst, dst_stride, src, row_bytes, n, lane);
+    if ((align & 3) == 0) return stage_units<4>(dst, dst_stride, src, row_bytes, n, lane);
+    for (int i = lane; i < n * row_bytes; i += 32) {
+        const int t = i / row_bytes;
+        dst[t * dst_stride + (i - t * row_bytes)] = src[i];
     }
 }
 
@@ -223,29 +243,34 @@ __device__ __forceinline__ void stage_wait() {
     __syncwarp();
 }
 
-// grid (splits, heads, row blocks). Lane = token for scoring; lane = coordinates
-// j = lane + 32 e for the value sum (E = D / 32, coordinates past d stay 0).
-template <class Codec, int D>
+// grid (splits, heads, row blocks), R rows per CTA (a.rows_per_block <= R; unused rows have
+// zero states and no tokens). Lane = token for scoring: one pass over the token's code scores
+// every row (Codec::score<R>). Lane = coordinates lane * E .. lane * E + E - 1 (E = D / 32;
+// those past d stay 0) for the value sum, the rows' probabilities read from shared memory.
+template <class Codec, int D, int R>
 __global__ void __launch_bounds__(kWarps * 32)
     codec_attention_kernel(const AttentionParams<Codec> a) {
     constexpr int E = D / 32;
-    constexpr int RB = kRowsPerBlock;
-    extern __shared__ float smem[];
+    extern __shared__ float4 smem_vec[];  // 16-byte aligned: load_rows reads float4
+    float* smem = reinterpret_cast<float*>(smem_vec);
     const int split = blockIdx.x, h = blockIdx.y;
     const int row0 = blockIdx.z * a.rows_per_block;
     const int rows = min(a.rows_per_block, a.rows - row0);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int S = a.state_stride, d = a.store.d;
 
-    float* states = smem;
-    for (int i = threadIdx.x; i < rows * S; i += blockDim.x)
-        states[i] = a.states[(static_cast<size_t>(h) * a.rows + row0) * S + i];
+    float* states = smem;  // [S][R]
+    for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
+        const int r = i / S, e = i - r * S;  // coalesced global reads
+        states[e * R + r] =
+            r < rows ? a.states[(static_cast<size_t>(h) * a.rows + row0 + r) * S + e] : 0.0f;
+    }
     __syncthreads();
 
-    int lim[RB];
+    int lim[R];
     int lim_max = 0;
 #pragma unroll
-    for (int r = 0; r < RB; ++r) {
+    for (int r = 0; r < R; ++r) {
         lim[r] = r < rows ? a.limit(row0 + r) : 0;
         lim_max = max(lim_max, lim[r]);
     }
@@ -253,118 +278,119 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int t_end = min(t_begin + a.tokens_per_split, lim_max);
     const typename Codec::Params kp = a.store.keys[h];
     const dev::ValueDevice::Params vp = a.store.values[h];
-    const HeadRegions R = a.store.regions[h];
+    const HeadRegions layout = a.store.regions[h];
 
     // This warp's staging area (after the states; reused by the combine below).
     const size_t stage = stage_bytes(a.stage_key_stride, a.stage_value_stride, a.stage_key_scalars,
                                      a.stage_value_scalars);
-    const size_t area = attention_shared_bytes(0, 0, D, stage) / kWarps;
+    const size_t area = attention_shared_bytes(R, 0, D, stage) / kWarps;
     uint8_t* st_key =
-        reinterpret_cast<uint8_t*>(smem + static_cast<size_t>(rows) * S) + warp * area;
+        reinterpret_cast<uint8_t*>(smem + static_cast<size_t>(R) * S) + warp * area;
+    float* st_p = reinterpret_cast<float*>(st_key + (stage + 15) / 16 * 16);  // [32][R]
     uint8_t* st_value = st_key + 32 * a.stage_key_stride;
     float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
     float* st_vscal = st_kscal + 32 * a.stage_key_scalars;
 
-    float m[RB], l[RB], acc[RB][E];
+    float m[R], l[R], acc[R][E];
 #pragma unroll
-    for (int r = 0; r < RB; ++r) {
+    for (int r = 0; r < R; ++r) {
         m[r] = -INFINITY;
         l[r] = 0.0f;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
     }
+    const int j0 = lane * E;
     for (int c0 = t_begin + warp * 32; c0 < t_end; c0 += kWarps * 32) {
         // Stage the chunk (32 consecutive slots of one page: c0 is a multiple of 32).
         const int n = min(32, t_end - c0);
         const uint8_t* page = a.store.page(c0);
         const int slot0 = c0 % kPage;
         stage_rows(st_key, a.stage_key_stride,
-                   page + R.key_codes + static_cast<size_t>(slot0) * R.key_code_bytes,
-                   R.key_code_bytes, n, lane);
+                   page + layout.key_codes + static_cast<size_t>(slot0) * layout.key_code_bytes,
+                   layout.key_code_bytes, n, lane);
         stage_rows(st_value, a.stage_value_stride,
-                   page + R.value_codes + static_cast<size_t>(slot0) * R.value_code_bytes,
-                   R.value_code_bytes, n, lane);
+                   page + layout.value_codes + static_cast<size_t>(slot0) * layout.value_code_bytes,
+                   layout.value_code_bytes, n, lane);
         if (lane < n) {
-            const float* ks = reinterpret_cast<const float*>(page + R.key_scalars) + slot0 + lane;
+            const float* ks = reinterpret_cast<const float*>(page + layout.key_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_key_scalars; ++s) st_kscal[s * 32 + lane] = ks[s * kPage];
-            const float* vs = reinterpret_cast<const float*>(page + R.value_scalars) + slot0 + lane;
+            const float* vs = reinterpret_cast<const float*>(page + layout.value_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_value_scalars; ++s) st_vscal[s * 32 + lane] = vs[s * kPage];
         }
         stage_wait();
         const int t = c0 + lane;
-        float p[RB];
-#pragma unroll
-        for (int r = 0; r < RB; ++r)
-            p[r] = r < rows && lane < n && t < lim[r]
-                       ? Codec::score(kp, states + r * S, st_key + lane * a.stage_key_stride,
-                                      st_kscal + lane, 32, t) *
-                             a.scale_log2
-                       : -INFINITY;
-#pragma unroll
-        for (int r = 0; r < RB; ++r) {
-            const float mx = fmaxf(m[r], warp_max(p[r]));
-            if (mx == -INFINITY) {
-                p[r] = 0.0f;
-                continue;
-            }
-            const float corr = exp2f(m[r] - mx);
-            p[r] = exp2f(p[r] - mx);
-            l[r] = l[r] * corr + warp_sum(p[r]);
-            m[r] = mx;
-#pragma unroll
-            for (int e = 0; e < E; ++e) acc[r][e] *= corr;
+        float p[R] = {};
+        if (lane < n) {
+            Codec::template score<R>(kp, states, st_key + lane * a.stage_key_stride,
+                                     st_kscal + lane, 32, t, p);
         }
-        for (int tt = 0; tt < n; ++tt) {
-            const uint8_t* vcode = st_value + tt * a.stage_value_stride;
-            const float* vscal = st_vscal + tt;
-            float v[E];
 #pragma unroll
-            for (int e = 0; e < E; ++e) {
-                const int j = lane + 32 * e;
-                v[e] = j < d ? dev::ValueDevice::coord(vp, vcode, vscal, j) : 0.0f;
+        for (int r = 0; r < R; ++r) {
+            p[r] = lane < n && t < lim[r] ? p[r] * a.scale_log2 : -INFINITY;
+            const float mx = fmaxf(m[r], warp_max(p[r]));
+            if (mx == -INFINITY) {  // warp-uniform: no token of this row yet
+                p[r] = 0.0f;
+            } else {
+                const float corr = exp2f(m[r] - mx);
+                p[r] = exp2f(p[r] - mx);
+                l[r] = l[r] * corr + warp_sum(p[r]);
+                m[r] = mx;
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[r][e] *= corr;
             }
+            st_p[lane * R + r] = p[r];
+        }
+        __syncwarp();
+        if (j0 < d) {
+            for (int tt = 0; tt < n; ++tt) {
+                float v[E];
+                dev::ValueDevice::coords<E>(vp, st_value + tt * a.stage_value_stride,
+                                            st_vscal + tt, j0, v);
+                float w[R];
+                dev::load_rows<R>(st_p + tt * R, w);
 #pragma unroll
-            for (int r = 0; r < RB; ++r) {
-                if (r >= rows) break;  // warp-uniform
-                const float w = __shfl_sync(kFull, p[r], tt);
+                for (int r = 0; r < R; ++r)
 #pragma unroll
-                for (int e = 0; e < E; ++e) acc[r][e] += w * v[e];
+                    for (int e = 0; e < E; ++e) acc[r][e] = dev::fmadd(w[r], v[e], acc[r][e]);
             }
         }
         __syncwarp();  // the next chunk overwrites the staging area
     }
 
-    // Combine the warps: each writes (m, l, o) per row; warp 0 merges and stores the split.
+    // Combine the warps: each writes (m, l, o) per row; warps then merge rows and store the split.
     __syncthreads();  // the staging areas are no longer read
-    float* mine = smem + static_cast<size_t>(rows) * S;
-    float* slot_w = mine + static_cast<size_t>(warp) * RB * (D + 2);
+    float* mine = smem + static_cast<size_t>(R) * S;
+    const int slot_floats = static_cast<int>(area / sizeof(float));
+    float* slot_w = mine + static_cast<size_t>(warp) * slot_floats;
 #pragma unroll
-    for (int r = 0; r < RB; ++r) {
+    for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
         float* s = slot_w + r * (D + 2);
         if (lane == 0) s[0] = m[r], s[1] = l[r];
 #pragma unroll
-        for (int e = 0; e < E; ++e) s[2 + lane + 32 * e] = acc[r][e];
+        for (int e = 0; e < E; ++e)
+            if (j0 + e < d) s[2 + j0 + e] = acc[r][e];
     }
     __syncthreads();
     for (int r = warp; r < rows; r += kWarps) {
         float mx = -INFINITY;
-        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mine[(w * RB + r) * (D + 2)]);
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mine[w * slot_floats + r * (D + 2)]);
         float lsum = 0.0f, o[E] = {};
         if (mx != -INFINITY) {
             for (int w = 0; w < kWarps; ++w) {
-                const float* s = mine + (w * RB + r) * (D + 2);
+                const float* s = mine + w * slot_floats + r * (D + 2);
                 if (s[1] == 0.0f) continue;
                 const float f = exp2f(s[0] - mx);
                 lsum += f * s[1];
 #pragma unroll
-                for (int e = 0; e < E; ++e) o[e] += f * s[2 + lane + 32 * e];
+                for (int e = 0; e < E; ++e)
+                    if (j0 + e < d) o[e] = dev::fmadd(f, s[2 + j0 + e], o[e]);
             }
         }
         const size_t at = (static_cast<size_t>(h) * a.rows + row0 + r) * a.splits + split;
         if (lane == 0) a.partial_ml[at] = make_float2(mx, lsum);
 #pragma unroll
-        for (int e = 0; e < E; ++e) a.partial_o[at * D + lane + 32 * e] = o[e];
+        for (int e = 0; e < E; ++e) a.partial_o[at * D + j0 + e] = o[e];
     }
 }
 
@@ -388,7 +414,7 @@ __device__ void warp_value_finalize(const dev::ValueDevice::Params& vp, const fl
             x *= vp.rotation.signs[j] * rsqrtf(static_cast<float>(d));
         } else {
             for (int i = 0; i < d; ++i)
-                x += vp.rotation.matrix[static_cast<size_t>(i) * d + j] * acc[i];
+                x = dev::fmadd(vp.rotation.matrix[static_cast<size_t>(i) * d + j], acc[i], x);
         }
         out[j] = x;
     }

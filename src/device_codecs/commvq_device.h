@@ -154,14 +154,15 @@ struct CommVQDevice {
     }
 
     /// Per group: the codeword sum z_g (S * group_dim adds, codewords read from the arena),
-    /// dotted with the query's pairs (broadcast from the state) turned by -pos w_i. The turn
-    /// costs each token a double-precision cos and sin per rotated pair (phase()), since every
-    /// thread has its own position; the CPU's score_at shares the block's part of that work.
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* /*scalars*/, int /*stride*/, int pos) {
+    /// turned by pos w_i pair by pair (the key's RoPE) and dotted with every row's query. The
+    /// turn costs each token a double-precision cos and sin per rotated pair (phase()), since
+    /// every thread has its own position; the CPU's score_at shares the block's part of that work.
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* /*scalars*/, int /*stride*/, int pos, float (&out)[R]) {
         const int gd = p.group_dim;
         float z[kMaxDim];
-        float acc = 0.0f;
+        float acc[R] = {};
         for (int g = 0; g < p.groups; ++g) {
             for (int j = 0; j < gd; ++j) z[j] = 0.0f;
             for (int st = 0; st < p.stages; ++st) {
@@ -170,19 +171,20 @@ struct CommVQDevice {
                     p.words + (m * p.codewords + read_bits(code, m, p.index_bits)) * gd;
                 for (int j = 0; j < gd; ++j) z[j] += w[j];
             }
-            const float* q = state + g * gd;
             for (int j = 0; j < gd; j += 2) {
                 const int i = (g * gd + j) / 2;
+                float k0 = z[j], k1 = z[j + 1];  // the key's pair (z0 c - z1 s, z0 s + z1 c)
                 if (i < p.pairs) {
                     float c, s;
                     phase(p, pos, i, &c, &s);
-                    acc += (q[j] * c + q[j + 1] * s) * z[j] + (q[j + 1] * c - q[j] * s) * z[j + 1];
-                } else {
-                    acc += q[j] * z[j] + q[j + 1] * z[j + 1];
+                    k0 = z[j] * c - z[j + 1] * s;
+                    k1 = z[j] * s + z[j + 1] * c;
                 }
+                fma_rows<R>(acc, k0, state + (g * gd + j) * R);
+                fma_rows<R>(acc, k1, state + (g * gd + j + 1) * R);
             }
         }
-        return acc;
+        for (int r = 0; r < R; ++r) out[r] = acc[r];
     }
 };
 

@@ -18,11 +18,19 @@
 //     VQ_HD static void decode(const Params&, const uint8_t* code, const float* scalars,
 //                              int stride, int pos, float* key);
 //     VQ_HD static void prepare(const Params&, const float* query, float* state);
-//     VQ_HD static float score(const Params&, const float* state, const uint8_t* code,
-//                              const float* scalars, int stride, int pos);  // <q, decode(code)>
+//     template <int R>   // <q_r, decode(code)> for R query rows at once (see below)
+//     VQ_HD static void score(const Params&, const float* state, const uint8_t* code,
+//                             const float* scalars, int stride, int pos, float (&out)[R]);
 //   };
 // Scalar s of a token is scalars[s * stride] (the page's structure-of-arrays layout); pos is the
 // token's position (only position-relative codecs such as commvq use it).
+//
+// score takes R rows' states interleaved, entry i of row r at state[i * R + r] (R = 1: prepare's
+// layout), so that one pass over a token's code serves every query row of a KV head (the
+// grouped-query heads of a decode step, or a prefill chunk's queries): the unpacking and table
+// lookups are paid once per token, and each state entry costs one vector load and R FMAs
+// (fma_rows). Tables that do not depend on the query (codebooks) are best read from Params
+// (cached, not repeated per row); score_one is the single-row form the host tests call.
 #pragma once
 
 #include <cmath>
@@ -120,6 +128,32 @@ VQ_HD int packed_size(int n, int bits) {
     return (n * bits + 7) / 8;
 }
 
+/// Reads consecutive fields of 1..16 bits (widths may vary) from an LSB-first stream, loading
+/// each byte once: the sequential form of read_field for the scoring loops.
+struct FieldReader {
+    const uint8_t* next_byte;
+    uint32_t buffer = 0;  ///< the not yet consumed bits, LSB first
+    int held = 0;         ///< how many bits buffer holds (at most 7 between calls)
+
+    /// A reader positioned at bit `bit` of the stream.
+    VQ_HD explicit FieldReader(const uint8_t* packed, int bit = 0) : next_byte(packed + (bit >> 3)) {
+        if ((bit & 7) != 0) {
+            buffer = static_cast<uint32_t>(*next_byte++) >> (bit & 7);
+            held = 8 - (bit & 7);
+        }
+    }
+    VQ_HD uint32_t next(int bits) {
+        while (held < bits) {
+            buffer |= static_cast<uint32_t>(*next_byte++) << held;
+            held += 8;
+        }
+        const uint32_t v = buffer & ((1u << bits) - 1u);
+        buffer >>= bits;
+        held -= bits;
+        return v;
+    }
+};
+
 /// Index of the nearest of ascending centroids given the n - 1 midpoints between them: the
 /// first boundary >= x (ScalarCodebook::quantize; ties go to the lower cell).
 VQ_HD int quantize_sorted(const float* boundaries, int n_boundaries, float x) {
@@ -132,6 +166,65 @@ VQ_HD int quantize_sorted(const float* boundaries, int n_boundaries, float x) {
             hi = mid;
     }
     return lo;
+}
+
+/// Fields 8 g .. 8 g + 7 of a stream of B-bit fields, B in 1..4 known at compile time: group g
+/// is the B bytes starting at byte g B, read once and cut at constant shifts.
+template <int B>
+VQ_HD void read_group8(const uint8_t* packed, int g, uint32_t (&f)[8]) {
+    static_assert(B >= 1 && B <= 4, "eight fields of at most 4 bits fit one 32-bit word");
+    const uint8_t* p = packed + g * B;
+    uint32_t w = 0;
+    for (int i = 0; i < B; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
+    for (int k = 0; k < 8; ++k) f[k] = (w >> (k * B)) & ((1u << B) - 1u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several query rows at once (the score concept above): entry i of row r at state[i * R + r].
+
+/// x[r] = rows[r]: the R rows' values of one state entry (rows = state + i * R). On the device a
+/// multiple of 4 rows is read as float4 (the kernels keep states 16-byte aligned).
+template <int R>
+VQ_HD void load_rows(const float* rows, float (&x)[R]) {
+#if defined(__CUDA_ARCH__)
+    if constexpr (R % 4 == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(rows + r);
+            x[r] = v.x, x[r + 1] = v.y, x[r + 2] = v.z, x[r + 3] = v.w;
+        }
+    } else
+#endif
+    {
+        for (int r = 0; r < R; ++r) x[r] = rows[r];
+    }
+}
+
+/// a * b + c, fused on the device even where the file is compiled with --fmad=false (which
+/// keeps the encoders' rounding the CPU's): scoring and attention sums want the one instruction.
+VQ_HD float fmadd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+    return __fmaf_rn(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+/// acc[r] += x * rows[r] for each row (x is the token's factor of that state entry).
+template <int R>
+VQ_HD void fma_rows(float (&acc)[R], float x, const float* rows) {
+    float s[R];
+    load_rows<R>(rows, s);
+    for (int r = 0; r < R; ++r) acc[r] = fmadd(x, s[r], acc[r]);
+}
+
+/// The score of one query row (prepare's state layout).
+template <class Codec>
+VQ_HD float score_one(const typename Codec::Params& p, const float* state, const uint8_t* code,
+                      const float* scalars, int stride, int pos) {
+    float out[1];
+    Codec::template score<1>(p, state, code, scalars, stride, pos, out);
+    return out[0];
 }
 
 // ---------------------------------------------------------------------------------------------

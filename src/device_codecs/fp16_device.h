@@ -45,11 +45,12 @@ struct Fp16Device {
         for (int j = 0; j < p.d; ++j) state[j] = query[j];
     }
 
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* /*scalars*/, int /*stride*/, int /*pos*/) {
-        float acc = 0.0f;
-        for (int j = 0; j < p.d; ++j) acc += state[j] * key_at(code, j);
-        return acc;
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* /*scalars*/, int /*stride*/, int /*pos*/, float (&out)[R]) {
+        float acc[R] = {};
+        for (int j = 0; j < p.d; ++j) fma_rows<R>(acc, key_at(code, j), state + j * R);
+        for (int r = 0; r < R; ++r) out[r] = acc[r];
     }
 };
 

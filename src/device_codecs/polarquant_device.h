@@ -3,10 +3,9 @@
 // block of y; the 15 angles of a block are quantized with fixed per-level codebooks and its
 // final radius is stored relative to ||k|| in fp16.
 //
-// The state is the rotated query R q followed by the cos / sin of every level's centroids
-// (at most 2 * (256 + 3 * 64) floats), so score reads only shared memory besides the code:
-// per block, 15 collapses p_i = cos(psi_i) p_{2i} + sin(psi_i) p_{2i+1}, the transpose of
-// decode's expansion, give <R q, y> block by block.
+// The state is the rotated query R q. score expands each block of the code once (decode's
+// top-down expansion through the cos / sin tables of the levels' centroids, unit norm) and
+// takes every query row's inner product with it.
 #pragma once
 
 #include "device_codecs/device_common.h"
@@ -30,7 +29,6 @@ struct PolarQuantDevice {
         RotationParams rotation;
         /// Level l's cos table starts at tables + table_offset[l - 1], its sin table right after.
         int table_offset[kLevels] = {};
-        int table_floats = 0;
         /// Level l's 2^level_bits - 1 ascending boundaries start at boundary_offset[l - 1].
         int boundary_offset[kLevels] = {};
         const float* tables = nullptr;
@@ -51,7 +49,7 @@ struct PolarQuantDevice {
     }
     VQ_HD static int num_scalars(const Params&) { return 1; }
     /// R q, then the cos / sin tables (laid out as Params::tables).
-    VQ_HD static int state_floats(const Params& p) { return p.d + p.table_floats; }
+    VQ_HD static int state_floats(const Params& p) { return p.d; }
 
     VQ_HD static int level_bits(const Params& p, int level) {
         return level == 1 ? p.bits + 2 : p.bits;
@@ -107,52 +105,46 @@ struct PolarQuantDevice {
     VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars,
                              int /*stride*/, int /*pos*/, float* key) {
         float y[kMaxDim];
-        for (int j = 0; j < p.d / kBlock; ++j) {
-            // Inverse polar transform of one block, top-down: each radius splits into
-            // (r cos psi, r sin psi); expanding in place from the back keeps unread entries.
-            float* r = y + j * kBlock;
-            r[0] = scalars[0] * relative_radius(p, code, j);
-            for (int level = kLevels, width = 1; level >= 1; --level, width *= 2) {
-                const float* c = p.tables + p.table_offset[level - 1];
-                const float* s = c + levels(p, level);
-                for (int i = width - 1; i >= 0; --i) {
-                    const uint32_t a = angle_index(p, code, level, j * width + i);
-                    const float v = r[i];
-                    r[2 * i] = v * c[a];
-                    r[2 * i + 1] = v * s[a];
-                }
-            }
-        }
+        for (int j = 0; j < p.d / kBlock; ++j)
+            expand_block(p, code, j, scalars[0] * relative_radius(p, code, j), y + j * kBlock);
         rotate_inverse(p.rotation, y, key);
     }
 
     VQ_HD static void prepare(const Params& p, const float* query, float* state) {
         rotate_forward(p.rotation, query, state);
-        for (int i = 0; i < p.table_floats; ++i) state[p.d + i] = p.tables[i];
     }
 
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* scalars, int /*stride*/, int /*pos*/) {
-        const float* tables = state + p.d;
-        float acc = 0.0f;
+    /// <R q, y> block by block: each block's y (unit ||k||) is expanded once for every row.
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
+        float acc[R] = {};
         for (int j = 0; j < p.d / kBlock; ++j) {
-            // <y_block, (R q)_block> bottom-up, the transpose of decode's expansion.
-            float q[kBlock];
-            for (int i = 0; i < kBlock; ++i) q[i] = state[j * kBlock + i];
-            for (int level = 1, width = kBlock / 2; level <= kLevels; ++level, width /= 2) {
-                const float* c = tables + p.table_offset[level - 1];
-                const float* s = c + levels(p, level);
-                for (int i = 0; i < width; ++i) {
-                    const uint32_t a = angle_index(p, code, level, j * width + i);
-                    q[i] = c[a] * q[2 * i] + s[a] * q[2 * i + 1];
-                }
-            }
-            acc += relative_radius(p, code, j) * q[0];
+            float y[kBlock];
+            expand_block(p, code, j, relative_radius(p, code, j), y);
+            for (int i = 0; i < kBlock; ++i) fma_rows<R>(acc, y[i], state + (j * kBlock + i) * R);
         }
-        return scalars[0] * acc;
+        for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 
 private:
+    /// Inverse polar transform of block j, top-down from its radius: each radius splits into
+    /// (r cos psi, r sin psi); expanding in place from the back keeps unread entries.
+    VQ_HD static void expand_block(const Params& p, const uint8_t* code, int j, float radius,
+                                   float* r) {
+        r[0] = radius;
+        for (int level = kLevels, width = 1; level >= 1; --level, width *= 2) {
+            const float* c = p.tables + p.table_offset[level - 1];
+            const float* s = c + levels(p, level);
+            for (int i = width - 1; i >= 0; --i) {
+                const uint32_t a = angle_index(p, code, level, j * width + i);
+                const float v = r[i];
+                r[2 * i] = v * c[a];
+                r[2 * i + 1] = v * s[a];
+            }
+        }
+    }
+
     /// Index i of level l's angles: level 1 has its own stream; levels 2, 3, 4 follow each
     /// other in the second one (level l starts at d/2 - d/2^(l-1) there).
     VQ_HD static uint32_t angle_index(const Params& p, const uint8_t* code, int level, int i) {

@@ -70,11 +70,14 @@ struct QjlDevice {
         }
     }
 
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* scalars, int /*stride*/, int /*pos*/) {
-        float acc = 0.0f;
-        for (int i = 0; i < p.m; ++i) acc += sign_of_bit(code, i) * state[i];
-        return scalars[0] * acc;
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
+        float acc[R] = {};
+        FieldReader bits(code);
+        for (int i = 0; i < p.m; ++i)
+            fma_rows<R>(acc, bits.next(1) ? 1.0f : -1.0f, state + i * R);
+        for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 
 private:

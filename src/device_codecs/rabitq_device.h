@@ -207,14 +207,17 @@ struct RaBitQDevice {
         }
     }
 
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* scalars, int /*stride*/, int /*pos*/) {
-        const uint8_t* packed = code + p.id_bytes;
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
         const float offset = 0.5f * static_cast<float>((1 << p.bits) - 1);
-        float acc = 0.0f;  // <x_bar, q'>
+        float acc[R] = {};  // <x_bar, q'>
+        FieldReader levels(code + p.id_bytes);
         for (int j = 0; j < p.d; ++j)
-            acc += (static_cast<float>(read_bits(packed, j, p.bits)) - offset) * state[j];
-        return state[p.d + cluster(p, code)] + scalars[0] * acc;
+            fma_rows<R>(acc, static_cast<float>(levels.next(p.bits)) - offset, state + j * R);
+        float base[R];  // <q', c> of the token's centroid
+        load_rows<R>(state + (p.d + cluster(p, code)) * R, base);
+        for (int r = 0; r < R; ++r) out[r] = base[r] + scalars[0] * acc[r];
     }
 
 private:

@@ -56,7 +56,7 @@ struct SpectralDevice {
     VQ_HD static int code_bytes(const Params& p) { return p.code_bytes; }
     VQ_HD static int num_scalars(const Params&) { return 1; }
     /// <q, mu>, (U q)_r sigma_r of each slot, then the codebooks (so lookups hit shared memory).
-    VQ_HD static int state_floats(const Params& p) { return 1 + p.num_slots + kCodebookFloats; }
+    VQ_HD static int state_floats(const Params& p) { return 1 + p.num_slots; }
 
     /// SpectralCodec::encode for one token, in its operation order (double sums over the slots
     /// in stream order), so codes and scale are byte-identical.
@@ -147,21 +147,22 @@ struct SpectralDevice {
             for (int j = 0; j < d; ++j) acc += static_cast<double>(u[j]) * query[j];
             state[1 + k] = static_cast<float>(acc * p.slot_sigma[k]);
         }
-        for (int i = 0; i < kCodebookFloats; ++i) state[1 + n + i] = p.centroids[i];
     }
 
-    /// One weight (read by every thread alike) and one codebook lookup per coded direction.
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* scalars, int /*stride*/, int /*pos*/) {
-        const float* weight = state + 1;
-        const float* codebooks = state + 1 + p.num_slots;
-        float acc = 0.0f;
-        for (int b = kMaxBits, k = 0, bit = 0; b >= 1; --b) {
-            const float* c = codebooks + centroid_offset(b);
-            for (const int end = k + p.slots_of_width[b]; k < end; ++k, bit += b)
-                acc += weight[k] * c[read_field(code, bit, b)];
+    /// One codebook lookup per coded direction, its weight read for every row.
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
+        float acc[R] = {};
+        FieldReader fields(code);
+        for (int b = kMaxBits, k = 0; b >= 1; --b) {
+            const float* c = p.centroids + centroid_offset(b);
+            for (const int end = k + p.slots_of_width[b]; k < end; ++k)
+                fma_rows<R>(acc, c[fields.next(b)], state + (1 + k) * R);
         }
-        return state[0] + scalars[0] * acc;
+        float mean[R];  // <q, mu>
+        load_rows<R>(state, mean);
+        for (int r = 0; r < R; ++r) out[r] = mean[r] + scalars[0] * acc[r];
     }
 };
 

@@ -33,9 +33,8 @@ struct TqDevice {
 
     VQ_HD static int code_bytes(const Params& p) { return p.stages * p.stage_bytes; }
     VQ_HD static int num_scalars(const Params&) { return 1; }
-    /// The rotated query, then every stage's centroids (so they sit in shared memory).
-    VQ_HD static int state_floats(const Params& p) { return p.d + p.stages * (1 << p.bits); }
-
+    /// The rotated query (the codebooks are read from Params).
+    VQ_HD static int state_floats(const Params& p) { return p.d; }
     VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
                              float* scalars, int /*stride*/) {
         const int d = p.d, levels = 1 << p.bits;
@@ -72,20 +71,43 @@ struct TqDevice {
 
     VQ_HD static void prepare(const Params& p, const float* query, float* state) {
         rotate_forward(p.rotation, query, state);
-        const int n = p.stages * (1 << p.bits);
-        for (int i = 0; i < n; ++i) state[p.d + i] = p.centroids[i];
+    }
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
+        if (p.d % 8 == 0) switch (p.bits) {  // the common widths with constant shifts
+                case 1: return score_fixed<1, R>(p, state, code, scalars, out);
+                case 2: return score_fixed<2, R>(p, state, code, scalars, out);
+                case 3: return score_fixed<3, R>(p, state, code, scalars, out);
+                case 4: return score_fixed<4, R>(p, state, code, scalars, out);
+                default: break;
+            }
+        const int levels = 1 << p.bits;
+        float acc[R] = {};
+        for (int s = 0; s < p.stages; ++s) {
+            const float* c = p.centroids + s * levels;
+            FieldReader indices(code + s * p.stage_bytes);
+            for (int j = 0; j < p.d; ++j) fma_rows<R>(acc, c[indices.next(p.bits)], state + j * R);
+        }
+        for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* scalars, int /*stride*/, int /*pos*/) {
-        const int levels = 1 << p.bits;
-        float acc = 0.0f;
+private:
+    /// score for B-bit indices (d a multiple of 8), eight indices per group read.
+    template <int B, int R>
+    VQ_HD static void score_fixed(const Params& p, const float* state, const uint8_t* code,
+                                  const float* scalars, float (&out)[R]) {
+        float acc[R] = {};
         for (int s = 0; s < p.stages; ++s) {
-            const float* c = state + p.d + s * levels;
+            const float* c = p.centroids + s * (1 << B);
             const uint8_t* stage = code + s * p.stage_bytes;
-            for (int j = 0; j < p.d; ++j) acc += state[j] * c[read_bits(stage, j, p.bits)];
+            for (int g = 0; g < p.d / 8; ++g) {
+                uint32_t idx[8];
+                read_group8<B>(stage, g, idx);
+                for (int k = 0; k < 8; ++k) fma_rows<R>(acc, c[idx[k]], state + (8 * g + k) * R);
+            }
         }
-        return scalars[0] * acc;
+        for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 };
 

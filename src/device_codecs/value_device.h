@@ -76,6 +76,29 @@ struct ValueDevice {
         return scalars[0] * p.centroids[read_bits(code, j, p.bits)];
     }
 
+    /// Coordinates j0 .. j0 + E - 1 of the token in the attention domain, as coord but with one
+    /// pass over the packed fields (the kernels' value sum: a lane owns E consecutive ones).
+    template <int E>
+    VQ_HD static void coords(const Params& p, const uint8_t* code, const float* scalars, int j0,
+                             float (&v)[E]) {
+        if (p.bits == 16) {
+            for (int e = 0; e < E; ++e) v[e] = coord(p, code, scalars, j0 + e);
+            return;
+        }
+        const float scale = scalars[0];
+        const int bit = j0 * p.bits;
+        if ((bit & 7) == 0 && E * p.bits <= 32) {  // whole bytes: one word, cut at fixed shifts
+            const uint8_t* bytes = code + (bit >> 3);
+            uint32_t w = 0;
+            for (int i = 0; i < (E * p.bits + 7) / 8; ++i)
+                w |= static_cast<uint32_t>(bytes[i]) << (8 * i);
+            const uint32_t mask = (1u << p.bits) - 1u;
+            for (int e = 0; e < E; ++e) v[e] = scale * p.centroids[(w >> (e * p.bits)) & mask];
+            return;
+        }
+        FieldReader fields(code, bit);
+        for (int e = 0; e < E; ++e) v[e] = scale * p.centroids[fields.next(p.bits)];
+    }
     VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars, float* v) {
         for (int j = 0; j < p.d; ++j) v[j] = coord(p, code, scalars, j);
         if (p.bits != 16) rotate_inverse(p.rotation, v, v);

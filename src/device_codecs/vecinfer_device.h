@@ -113,21 +113,25 @@ struct VecInferDevice {
         }
     }
 
-    VQ_HD static float score(const Params& p, const float* state, const uint8_t* code,
-                             const float* /*scalars*/, int /*stride*/, int /*pos*/) {
-        float acc = 0.0f;
+    template <int R>
+    VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
+                            const float* /*scalars*/, int /*stride*/, int /*pos*/, float (&out)[R]) {
+        float acc[R] = {};
+        FieldReader indices(code);
         if (p.lut_state) {
-            for (int s = 0; s < p.subspaces; ++s)
-                acc += state[s * p.codewords + read_bits(code, s, p.code_bits)];
-            return acc;
+            for (int s = 0; s < p.subspaces; ++s) {
+                float x[R];
+                load_rows<R>(state + (s * p.codewords + indices.next(p.code_bits)) * R, x);
+                for (int r = 0; r < R; ++r) acc[r] += x[r];
+            }
+        } else {
+            const int sub = p.sub_dim;
+            for (int s = 0; s < p.subspaces; ++s) {
+                const float* w = codeword(p, s, indices.next(p.code_bits));
+                for (int j = 0; j < sub; ++j) fma_rows<R>(acc, w[j], state + (s * sub + j) * R);
+            }
         }
-        const int sub = p.sub_dim;
-        for (int s = 0; s < p.subspaces; ++s) {
-            const float* w = codeword(p, s, read_bits(code, s, p.code_bits));
-            const float* qs = state + s * sub;
-            for (int j = 0; j < sub; ++j) acc += qs[j] * w[j];
-        }
-        return acc;
+        for (int r = 0; r < R; ++r) out[r] = acc[r];
     }
 
 private:

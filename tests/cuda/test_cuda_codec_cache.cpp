@@ -36,6 +36,8 @@ struct Case {
     int heads, d;
     /// Encoders that call atan2/hypot (polarquant) may round differently on the device.
     double max_cell_mismatch = 0.0;
+    /// Query heads per KV head: decode steps run 1, 4 (up to 4 rows) or 8 rows per CTA.
+    int group = 4;
 };
 
 KVCacheConfig base(const std::string& method, int bits, int value_bits, uint64_t seed) {
@@ -63,16 +65,16 @@ std::vector<Case> cases() {
     v.push_back({"tq_d128_k2x2_v4", c, 2, 128});
     c = base("turboquant_rvq", 3, 2, 2);
     c.use_hadamard = false;
-    v.push_back({"tq_d96_dense_k3_v2", c, 2, 96});
-    v.push_back({"tq_d64_k1_v16", base("turboquant_rvq", 1, 16, 3), 3, 64});
+    v.push_back({"tq_d96_dense_k3_v2_mha", c, 2, 96, 0.0, 1});
+    v.push_back({"tq_d64_k1_v16_group2", base("turboquant_rvq", 1, 16, 3), 3, 64, 0.0, 2});
     v.push_back({"tq_d256_k4_v8", base("turboquant_rvq", 4, 8, 4), 1, 256});
     c = base("ratequant", 3, 4, 5);
     c.bit_allocation = {{"0.0", 2}, {"0.1", 4}};
     v.push_back({"ratequant_per_head", c, 3, 128});
-    v.push_back({"fp16_d128", base("fp16", 4, 16, 6), 2, 128});
+    v.push_back({"fp16_d128_group8", base("fp16", 4, 16, 6), 2, 128, 0.0, 8});
     c = base("qjl", 1, 2, 7);
     c.sketch_dim = 256;
-    v.push_back({"qjl_d128_m256_v2", c, 2, 128});
+    v.push_back({"qjl_d128_m256_v2_mha", c, 2, 128, 0.0, 1});
     v.push_back({"polarquant_d64_b2_v4", base("polarquant", 2, 4, 8), 2, 64, 1e-3});
     c = base("rabitq", 2, 4, 11);
     c.num_clusters = 16;
@@ -90,7 +92,7 @@ class CodecCacheParity : public testing::TestWithParam<Case> {};
 TEST_P(CodecCacheParity, MatchesCpuCache) {
     SKIP_WITHOUT_DEVICE();
     const Case& k = GetParam();
-    const int H = k.heads, d = k.d, group = 4, hq = H * group;
+    const int H = k.heads, d = k.d, group = k.group, hq = H * group;
     auto cpu_owner = KVCacheFactory::create(k.config, H, d, 4096);
     auto* cpu = dynamic_cast<QuantizedKVCache*>(cpu_owner.get());
     ASSERT_NE(cpu, nullptr);
