@@ -437,14 +437,19 @@ __global__ void __launch_bounds__(kThreads) codec_merge_kernel(const AttentionPa
     float acc[E] = {};
     float l = 0.0f;
     if (mx != -INFINITY) {
-        for (int s = 0; s < a.splits; ++s) {
+        // Lanes over splits for the denominator; then every split's weighted sum, loads of
+        // several splits in flight at once (a split without tokens has m = -inf, o = 0).
+        for (int s = lane; s < a.splits; s += 32) {
             const float2 ml = a.partial_ml[base + s];
-            if (ml.y == 0.0f) continue;
-            const float f = exp2f(ml.x - mx);
-            l += f * ml.y;
+            l += exp2f(ml.x - mx) * ml.y;
+        }
+        l = warp_sum(l);
+#pragma unroll 4
+        for (int s = 0; s < a.splits; ++s) {
+            const float f = exp2f(a.partial_ml[base + s].x - mx);
             const float* po = a.partial_o + (base + s) * D;
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[e] += f * po[lane + 32 * e];
+            for (int e = 0; e < E; ++e) acc[e] = dev::fmadd(f, po[lane + 32 * e], acc[e]);
         }
     }
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
