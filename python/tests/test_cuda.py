@@ -445,6 +445,42 @@ def test_transformers_gpu_layers_follow_the_default_cache():
 
 
 @needs_cuda
+def test_transformers_gpu_layers_take_a_batch():
+    """Two sequences on the tuned layers: one device cache per sequence and layer, chunked
+    prefill and decode following DynamicCache on the same batch."""
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
+                                                      VeloxQuantCudaLayer)
+    model = _tiny_llama(64).to("cuda")
+    tokens = torch.randint(0, 512, (2, 56), generator=torch.Generator().manual_seed(2)).cuda()
+
+    def run(cache, attention):
+        model.set_attn_implementation(attention)
+        try:
+            with torch.no_grad():
+                logits = [model(tokens[:, :16], past_key_values=cache, use_cache=True).logits,
+                          model(tokens[:, 16:32], past_key_values=cache, use_cache=True).logits]
+                for i in range(32, tokens.shape[1]):
+                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits, dim=1).float().cpu()
+
+    reference = run(DynamicCache(config=model.config), "sdpa")
+    config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
+    cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
+    logits = run(cache, ATTENTION_NAME)
+    assert all(isinstance(layer, VeloxQuantCudaLayer) and layer.batch_size == 2
+               for layer in cache.layers)
+    assert all(c.size == tokens.shape[1] for layer in cache.layers for c in layer.rows)
+    err = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert err < 0.05, err
+    assert ((logits[:, :16] - reference[:, :16]).abs().max() / reference.abs().max()).item() < 1e-4
+
+
+@needs_cuda
 @pytest.mark.parametrize("config", [
     KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, seed=3),
     KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, use_hadamard=False, seed=4),

@@ -165,9 +165,68 @@ def test_misuse_is_reported(model, tokens):
                 model(tokens[:, :4], past_key_values=DynamicCache(config=model.config), use_cache=True)
         finally:
             model.set_attn_implementation("sdpa")
-    with pytest.raises(ValueError, match="one sequence"):
-        VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16")).update(
-            torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32), 0)
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), fetch_dequantized=True)
+    cache.update(torch.zeros(1, 2, 3, 32), torch.zeros(1, 2, 3, 32), 0)
+    with pytest.raises(ValueError, match="holds 1 sequences with tokens; got a batch of 2"):
+        cache.update(torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32), 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_of_sequences_matches_the_default_cache(model, report, device):
+    """Three sequences of the same length: each gets its own cache per layer; prefill, decode
+    and greedy generation agree with DynamicCache on the same batch."""
+    batch = torch.randint(0, 512, (3, TOTAL), generator=torch.Generator().manual_seed(5))
+    model.to(device)
+    try:
+        reference, _ = default_run(model, batch)
+        cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), max_seq_len=256)
+        logits = run(model, cache, batch, ATTENTION_NAME)
+        with torch.no_grad():
+            prompt = batch[:, :PROMPT].to(device)
+            expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
+            model.set_attn_implementation(ATTENTION_NAME)
+            try:
+                again = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"))
+                got = model.generate(prompt, past_key_values=again, max_new_tokens=8,
+                                     do_sample=False)
+            finally:
+                model.set_attn_implementation("sdpa")
+    finally:
+        model.to("cpu")
+    stats = compare(reference, logits)
+    report[f"fp16_batch3_{device}"] = stats
+    assert [layer.batch_size for layer in cache.layers] == [3, 3]
+    assert cache.get_seq_length() == TOTAL
+    assert all(c.size == TOTAL for layer in cache.layers for c in layer.rows)
+    assert cache.nbytes == sum(c.nbytes for layer in cache.layers for c in layer.rows)
+    assert stats["max_rel_error"] < 1e-3, stats
+    assert torch.equal(got, expected)
+
+
+def test_padding_and_reordering_are_refused(model):
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(6))
+    padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="without padding"):
+            model(ids, attention_mask=padded, past_key_values=cache, use_cache=True)
+        cache.reset()
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert cache.get_seq_length() == 6
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.reorder_cache(torch.tensor([1, 1]))
+    cache.reorder_cache(torch.tensor([0, 1]))  # the identity
+    with pytest.raises(NotImplementedError, match="expand the inputs"):
+        cache.batch_repeat_interleave(2)
+    first, second = cache.layers[0].rows
+    cache.batch_select_indices(torch.tensor([1]))
+    assert cache.layers[0].rows == [second] and cache.layers[0].cache is second
+    with pytest.raises(NotImplementedError, match="distinct sequences"):
+        cache.batch_select_indices(torch.tensor([0, 0]))
 
 
 def test_cache_bookkeeping(model, tokens):

@@ -41,10 +41,17 @@ prompts it is much slower than SDPA: bench/cuda/bench_codec_cache.cu.)
 
 Neither takes an outlier observer or a sliding window: such layers stay on the CPU.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
-GPU layer nothing leaves the GPU and nothing synchronizes (but a rabitq cache's training).
+GPU layer nothing leaves the GPU; each append synchronizes once (its NaN/Inf check, so that bad
+input raises before anything is stored), as does a rabitq cache's training.
 
-Limits of this build: batch size 1 without padding or explicit masks, inference only; layers
-whose caches run on the CPU copy tensors on a GPU to the CPU and back at every layer.
+Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 fresh ones of
+the same kind, made on the first update of that batch size), each attending on its own
+sequence. The sequences must have the same length: a padded batch (an attention mask that
+differs between sequences) raises ValueError, as do beam search and any other reordering that
+would duplicate a sequence's cache (``batch_select_indices`` with distinct indices works).
+
+Limits of this build: no padding or explicit masks, inference only; layers whose caches run on
+the CPU copy tensors on a GPU to the CPU and back at every layer.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import cuda as _cuda
 from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig, _create, model_cache_shape
@@ -75,13 +83,22 @@ class VeloxQuantLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: KVCache, fetch_dequantized: bool = False) -> None:
+    def __init__(self, cache: KVCache, fetch_dequantized: bool = False, layer: int = 0) -> None:
         super().__init__()
-        self.cache = cache
+        self.cache = cache  # the first sequence's
+        self.rows: list[Any] = [cache]  # one cache per sequence of the batch
+        self.layer = int(getattr(cache, "layer", layer))
         self.fetch_dequantized = fetch_dequantized
         self.is_sliding = isinstance(cache, SlidingWindowKVCache)
-        self.batch_size = 1
         self._pending = False  # an update whose attention has not run yet
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    def _fresh(self) -> Any:
+        """An empty cache like the first sequence's (method, config, shape, layer, device)."""
+        return _fresh_like(self.cache, self.layer)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -98,10 +115,15 @@ class VeloxQuantLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[0] != 1:
-            raise ValueError(
-                f"VeloxQuantCache holds one sequence; got batch size {key_states.shape[0]}"
-            )
+        batch = key_states.shape[0]
+        if batch != len(self.rows):
+            if any(c.size > 0 for c in self.rows):
+                raise ValueError(
+                    f"VeloxQuantCache holds {len(self.rows)} sequences with tokens; got a batch "
+                    f"of {batch} (reset the cache before changing the batch size)"
+                )
+            self.rows = self.rows[:batch] + [self._fresh() for _ in range(batch - len(self.rows))]
+            self.cache = self.rows[0]
 
     def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x ([heads, n, head_dim]) as the cache takes it: float32, contiguous, on the CPU."""
@@ -109,17 +131,19 @@ class VeloxQuantLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends [1, kv_heads, n, head_dim] keys and values; returns tensors tagged with this
-        layer for the "veloxquant" attention function (zero-length views, or every token
-        dequantized with fetch_dequantized)."""
+        """Appends [batch, kv_heads, n, head_dim] keys and values (sequence b to its own cache);
+        returns tensors tagged with this layer for the "veloxquant" attention function
+        (zero-length views, or every token dequantized with fetch_dequantized)."""
         self._begin_update(key_states, value_states)
-        self.cache.append(self._cache_input(key_states[0], "keys"),
-                          self._cache_input(value_states[0], "values"))
+        for b, cache in enumerate(self.rows):
+            cache.append(self._cache_input(key_states[b], "keys"),
+                         self._cache_input(value_states[b], "values"))
         if self.fetch_dequantized:
-            k, v = self.cache.dequantize()
-            keys = torch.as_tensor(k)[None].to(device=key_states.device, dtype=key_states.dtype)
-            values = torch.as_tensor(v)[None].to(device=value_states.device,
-                                                 dtype=value_states.dtype)
+            rows = [c.dequantize() for c in self.rows]
+            keys = torch.stack([torch.as_tensor(k) for k, _ in rows]).to(
+                device=key_states.device, dtype=key_states.dtype)
+            values = torch.stack([torch.as_tensor(v) for _, v in rows]).to(
+                device=value_states.device, dtype=value_states.dtype)
         else:
             keys, values = key_states[..., :0, :], value_states[..., :0, :]
             self._pending = True
@@ -128,13 +152,14 @@ class VeloxQuantLayer(CacheLayerMixin):
 
     def attend(self, query: torch.Tensor, scaling: float, causal: bool,
                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of [1, q_heads, n, head_dim] queries over this layer's codes, returned as
-        [1, n, q_heads, head_dim] in the query's dtype and device (key and value, what update
-        returned, are not read)."""
+        """Attention of [batch, q_heads, n, head_dim] queries over this layer's codes (sequence
+        b over its own cache), returned as [batch, n, q_heads, head_dim] in the query's dtype
+        and device (key and value, what update returned, are not read)."""
         self._pending = False
-        out = self.cache.attend(self._cache_input(query[0], "queries"), scale=scaling,
-                                causal=causal)
-        return out.transpose(0, 1).unsqueeze(0).to(device=query.device, dtype=query.dtype)
+        out = torch.stack([torch.as_tensor(cache.attend(
+            self._cache_input(query[b], "queries"), scale=scaling, causal=causal))
+            for b, cache in enumerate(self.rows)])
+        return out.transpose(1, 2).to(device=query.device, dtype=query.dtype)
 
     def get_seq_length(self) -> int:
         return self.cache.size
@@ -146,7 +171,8 @@ class VeloxQuantLayer(CacheLayerMixin):
         return self.cache.max_seq_len
 
     def reset(self) -> None:
-        self.cache.reset()
+        for cache in self.rows:
+            cache.reset()
         self._pending = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -155,7 +181,8 @@ class VeloxQuantLayer(CacheLayerMixin):
         if tokens_to_remove > 0:
             tokens_to_remove = -max(self.cache.size - tokens_to_remove, 0)
         if tokens_to_remove < 0:
-            self.cache.trim(-tokens_to_remove)
+            for cache in self.rows:
+                cache.trim(-tokens_to_remove)
 
     def offload(self) -> None:
         """Nothing to move: the codes live in host memory."""
@@ -164,16 +191,28 @@ class VeloxQuantLayer(CacheLayerMixin):
         """Nothing to move: the codes live in host memory."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if beam_idx.numel() != 1 or int(beam_idx.reshape(-1)[0]) != 0:
-            raise NotImplementedError("VeloxQuantCache holds one sequence: no beam search")
+        """Only the identity: a reordering that copies one sequence's cache to another (beam
+        search) is not supported."""
+        if beam_idx.reshape(-1).tolist() != list(range(len(self.rows))):
+            raise NotImplementedError(
+                "VeloxQuantCache does not copy a sequence's cache to another: no beam search")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if repeats != 1:
-            raise NotImplementedError("VeloxQuantCache holds one sequence (batch size 1)")
+        """Nothing to copy while the caches are empty (the batch grows on the next update);
+        repeating stored sequences is not supported."""
+        if repeats != 1 and any(c.size > 0 for c in self.rows):
+            raise NotImplementedError(
+                "VeloxQuantCache does not copy a sequence's cache: expand the inputs instead")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if indices.numel() != 1 or int(indices.reshape(-1)[0]) != 0:
-            raise NotImplementedError("VeloxQuantCache holds one sequence (batch size 1)")
+        """Keeps the sequences at `indices` (distinct), in that order."""
+        picked = [int(i) for i in indices.reshape(-1).tolist()]
+        if len(set(picked)) != len(picked) or not all(0 <= i < len(self.rows) for i in picked):
+            raise NotImplementedError(
+                f"VeloxQuantCache selects distinct sequences of its {len(self.rows)}; got {picked}")
+        self.rows = [self.rows[i] for i in picked]
+        if self.rows:
+            self.cache = self.rows[0]
 
 
 class VeloxQuantDeviceLayer(VeloxQuantLayer):
@@ -183,8 +222,8 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
     tokens, dequantized) and is then appended (see the module doc)."""
 
     def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
-                 fetch_dequantized: bool = False) -> None:
-        super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
+                 fetch_dequantized: bool = False, layer: int = 0) -> None:
+        super().__init__(cache, fetch_dequantized, layer)  # type: ignore[arg-type]
         self.is_sliding = False
         self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
 
@@ -198,31 +237,38 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends [1, kv_heads, n, head_dim] keys and values on the device. One token: returns
-        zero-length tagged views (the attention runs on the codes). Several tokens (prefill):
-        returns the earlier tokens dequantized followed by this chunk's exact keys and values,
-        for SDPA. With fetch_dequantized: every stored token dequantized."""
+        """Appends [batch, kv_heads, n, head_dim] keys and values on the device (sequence b to
+        its own cache). One token: returns zero-length tagged views (the attention runs on the
+        codes). Several tokens (prefill): returns the earlier tokens dequantized followed by this
+        chunk's exact keys and values, for SDPA. With fetch_dequantized: every stored token
+        dequantized."""
         self._begin_update(key_states, value_states)
         n, start = key_states.shape[-2], self.cache.size
-        k32 = self._cache_input(key_states[0], "keys")
-        v32 = self._cache_input(value_states[0], "values")
+        inputs = [(self._cache_input(key_states[b], "keys"),
+                   self._cache_input(value_states[b], "values")) for b in range(len(self.rows))]
         if self.fetch_dequantized:
-            self.cache.append(k32, v32)
-            k, v = self.cache.dequantize()
-            keys, values = k[None].to(key_states.dtype), v[None].to(value_states.dtype)
+            for cache, (k32, v32) in zip(self.rows, inputs):
+                cache.append(k32, v32)
+            rows = [cache.dequantize() for cache in self.rows]
+            keys = torch.stack([k for k, _ in rows]).to(key_states.dtype)
+            values = torch.stack([v for _, v in rows]).to(value_states.dtype)
             self._mode = "exact"
         elif n == 1:
-            self.cache.append(k32, v32)
+            for cache, (k32, v32) in zip(self.rows, inputs):
+                cache.append(k32, v32)
             keys, values = key_states[..., :0, :], value_states[..., :0, :]
             self._mode = "codes"
             self._pending = True
         else:
             keys, values = key_states, value_states
             if start > 0:
-                k, v = self.cache.dequantize(0, start)
-                keys = torch.cat([k[None].to(key_states.dtype), key_states], dim=-2)
-                values = torch.cat([v[None].to(value_states.dtype), value_states], dim=-2)
-            self.cache.append(k32, v32)
+                rows = [cache.dequantize(0, start) for cache in self.rows]
+                keys = torch.cat([torch.stack([k for k, _ in rows]).to(key_states.dtype),
+                                  key_states], dim=-2)
+                values = torch.cat([torch.stack([v for _, v in rows]).to(value_states.dtype),
+                                    value_states], dim=-2)
+            for cache, (k32, v32) in zip(self.rows, inputs):
+                cache.append(k32, v32)
             self._mode = "exact"
             self._pending = True
         setattr(keys, _TAG, self)
@@ -230,17 +276,18 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
 
     def attend(self, query: torch.Tensor, scaling: float, causal: bool,
                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """[1, q_heads, n, head_dim] queries -> [1, n, q_heads, head_dim]: the fused decode on
-        the codes after a one-token update, else SDPA on the keys and values update returned
-        (causal: query i is token size - n + i)."""
+        """[batch, q_heads, n, head_dim] queries -> [batch, n, q_heads, head_dim]: the fused
+        decode on each sequence's codes after a one-token update, else SDPA on the keys and
+        values update returned (causal: query i is token size - n + i)."""
         self._pending = False
         mode, self._mode = self._mode, ""
         if mode == "codes":
             if query.shape[2] != 1:
                 raise ValueError(f"decode on the codes takes one query per head, got {query.shape[2]}")
-            q = query[0, :, 0, :].to(torch.float32).contiguous()
-            out = self.cache.attend(q, scale=scaling)  # [q_heads, head_dim] float32
-            return out.to(query.dtype)[None, None]
+            out = torch.stack([cache.attend(query[b, :, 0, :].to(torch.float32).contiguous(),
+                                            scale=scaling)  # [q_heads, head_dim] float32
+                               for b, cache in enumerate(self.rows)])
+            return out.to(query.dtype)[:, None]
         if key is None or value is None or key.shape[-2] == 0:
             raise RuntimeError(f"{type(self).__name__}.attend: no keys from update() for this step")
         n_q, n_k = query.shape[2], key.shape[2]
@@ -290,7 +337,7 @@ class VeloxQuantCache(Cache):
         layer."""
         if not caches:
             raise ValueError("VeloxQuantCache needs one cache per layer, got none")
-        super().__init__(layers=[_layer_of(c, fetch_dequantized) for c in caches])
+        super().__init__(layers=[_layer_of(c, fetch_dequantized, i) for i, c in enumerate(caches)])
 
     @classmethod
     def from_model(cls, model: Any, config: KVCacheConfig, max_seq_len: int = 8192,
@@ -346,23 +393,37 @@ class VeloxQuantCache(Cache):
 
     @property
     def caches(self) -> list[KVCache]:
-        """The VeloxQuant cache of every layer."""
+        """The VeloxQuant cache of every layer (the first sequence's, in a batch)."""
         return [layer.cache for layer in self.layers]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every layer's cache (codes, scalars, page slack, parameters; on the GPU
-        the page pool as allocated, the codec tables and the decode workspace)."""
-        return sum(layer.cache.nbytes for layer in self.layers)
+        """Bytes held by every layer's caches, every sequence's (codes, scalars, page slack,
+        parameters; on the GPU the page pool as allocated, the codec tables and the decode
+        workspace)."""
+        return sum(cache.nbytes for layer in self.layers for cache in layer.rows)
 
 
-def _layer_of(cache: Any, fetch_dequantized: bool) -> VeloxQuantLayer:
+def _layer_of(cache: Any, fetch_dequantized: bool, layer: int) -> VeloxQuantLayer:
     """The transformers layer for one VeloxQuant cache (on the GPU for the device caches)."""
     if isinstance(cache, CudaTurboQuantCache):
-        return VeloxQuantCudaLayer(cache, fetch_dequantized)
+        return VeloxQuantCudaLayer(cache, fetch_dequantized, layer)
     if isinstance(cache, CudaKVCache):
-        return VeloxQuantCudaKVLayer(cache, fetch_dequantized)
-    return VeloxQuantLayer(cache, fetch_dequantized)
+        return VeloxQuantCudaKVLayer(cache, fetch_dequantized, layer)
+    return VeloxQuantLayer(cache, fetch_dequantized, layer)
+
+
+def _fresh_like(cache: Any, layer: int) -> Any:
+    """An empty cache of the same kind as `cache`: method and config, heads, head_dim,
+    max_seq_len, layer (its seeded rotations), device or window."""
+    if isinstance(cache, (CudaTurboQuantCache, CudaKVCache)):
+        return type(cache)(cache.config, cache.num_heads, cache.head_dim, cache.max_seq_len,
+                           cache.layer, cache.device)
+    if isinstance(cache, SlidingWindowKVCache):
+        inner = _create(cache.config, cache.num_heads, cache.head_dim, cache.max_seq_len, layer)
+        return SlidingWindowKVCache(inner, cache.window, cache.sink_tokens)
+    return _create(cache.config, cache.num_heads, cache.head_dim, cache.max_seq_len,
+                   getattr(cache, "layer", layer))
 
 
 def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: int | None,
@@ -425,10 +486,12 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             f"attn_implementation={ATTENTION_NAME!r} attends on a VeloxQuant cache: pass "
             "past_key_values=VeloxQuantCache(...) and use_cache=True"
         )
-    if attention_mask is not None:
+    if attention_mask is not None and (
+            attention_mask.shape[0] == 1
+            or not bool((attention_mask == attention_mask[:1]).all())):
         raise ValueError(
             "veloxquant attention applies causal masking itself and cannot apply an explicit "
-            "attention mask (batch size 1, no padding)"
+            "attention mask or padding: batch sequences of the same length, without padding"
         )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window and not isinstance(layer.cache, SlidingWindowKVCache):
@@ -442,7 +505,16 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     return layer.attend(query, scaling, bool(causal), key, value), None
 
 
+def _batch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mask transformers builds for "veloxquant" attention: none for one sequence (the
+    caches mask causally themselves), sdpa's for a batch, so that veloxquant_attention sees
+    padding (masks that differ between sequences) and refuses it."""
+    batch = kwargs["batch_size"] if "batch_size" in kwargs else args[0]
+    return None if batch == 1 else sdpa_mask(*args, **kwargs)
+
+
 AttentionInterface.register(ATTENTION_NAME, veloxquant_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, _batch_mask)
 
 __all__ = ["ATTENTION_NAME", "VeloxQuantCache", "VeloxQuantCudaKVLayer", "VeloxQuantCudaLayer",
            "VeloxQuantDeviceLayer", "VeloxQuantLayer", "veloxquant_attention"]
