@@ -68,6 +68,9 @@ public:
             stage_value_stride_ = std::max(
                 stage_value_stride_,
                 codec::value_stage_stride(static_cast<int>(hl.value_code_bytes)));
+            key_table_floats_ = std::max(key_table_floats_, dev::table_floats_of<Codec>(kp.back()));
+            value_table_floats_ =
+                std::max(value_table_floats_, dev::table_floats_of<dev::ValueDevice>(vp.back()));
             stage_key_scalars_ = std::max(stage_key_scalars_, hl.key_scalars);
             stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
@@ -215,12 +218,15 @@ private:
         a.stage_value_stride = stage_value_stride_;
         a.stage_key_scalars = stage_key_scalars_;
         a.stage_value_scalars = stage_value_scalars_;
+        a.key_table_floats = key_table_floats_;
+        a.table_floats = (key_table_floats_ + value_table_floats_ + 3) / 4 * 4;
         const std::size_t stage = codec::stage_bytes(a.stage_key_stride, a.stage_value_stride,
                                                      a.stage_key_scalars, a.stage_value_scalars);
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
         const auto fits = [&](int r) {
-            return codec::attention_shared_bytes(r, a.state_stride, D, stage) <= kMaxSmem;
+            return codec::attention_shared_bytes(r, a.state_stride, a.table_floats, D, stage) <=
+                   kMaxSmem;
         };
         const int R = a.rows > 4 && fits(8) ? 8 : a.rows > 1 && fits(4) ? 4 : 1;
         if (!fits(R))
@@ -257,7 +263,8 @@ private:
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
         const dim3 grid(a.splits, heads_, row_blocks);
-        const std::size_t smem = codec::attention_shared_bytes(R, a.state_stride, D, stage);
+        const std::size_t smem =
+            codec::attention_shared_bytes(R, a.state_stride, a.table_floats, D, stage);
         if (R == 8)
             launch_attention<D, 8>(a, grid, smem, stream);
         else if (R == 4)
@@ -291,6 +298,7 @@ private:
     int state_stride_ = 1;
     int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
+    int key_table_floats_ = 0, value_table_floats_ = 0;    ///< codec tables in shared memory
     bool smem_raised_[3][3] = {};  ///< kMaxSmem allowed, per (D, R)
     int sms_ = 1;
     void* params_ = nullptr;

@@ -115,6 +115,8 @@ struct AttentionParams {
     int stage_value_stride = 0;    ///< bytes per token of the staged value codes (padded)
     int stage_key_scalars = 0;     ///< per-token key scalars staged (the heads' maximum)
     int stage_value_scalars = 0;   ///< per-token value scalars staged
+    int key_table_floats = 0;      ///< shared memory for the key codec's table (the heads' most)
+    int table_floats = 0;          ///< key + value tables, a multiple of 4
     float* partial_o = nullptr;    ///< [heads][rows][splits][D]
     float2* partial_ml = nullptr;  ///< [heads][rows][splits] (max, sum), log2 units
 
@@ -195,14 +197,26 @@ __host__ __device__ constexpr size_t stage_bytes(int key_stride, int value_strid
 }
 
 /// Shared memory of an attention CTA: the R rows' states interleaved (entry i of row r at
-/// i * R + r), then per warp either its staging area and the chunk's probabilities [32][R]
-/// (during the token loop) or its (m, l, o[D]) per row (when the warps combine).
-__host__ __device__ constexpr size_t attention_shared_bytes(int R, int state_stride, int D,
-                                                            size_t stage) {
-    return static_cast<size_t>(R) * state_stride * sizeof(float) +
+/// i * R + r), the key and value codecs' tables (table_floats, a multiple of 4), then per warp
+/// either its staging area and the chunk's probabilities [32][R] (during the token loop) or its
+/// (m, l, o[D]) per row (when the warps combine).
+__host__ __device__ constexpr size_t attention_shared_bytes(int R, int state_stride,
+                                                            int table_floats, int D, size_t stage) {
+    return (static_cast<size_t>(R) * state_stride + table_floats) * sizeof(float) +
            kWarps * (stage + 32 * R * sizeof(float) > R * (D + 2) * sizeof(float)
                          ? (stage + 32 * R * sizeof(float) + 15) / 16 * 16
                          : (R * (D + 2) * sizeof(float) + 15) / 16 * 16);
+}
+
+/// Copies the codec's table (if it names one) to shared memory at dst, block-parallel, and
+/// points p at the copy; the caller synchronizes before p is used.
+template <class C>
+__device__ __forceinline__ void stage_table(typename C::Params& p, float* dst) {
+    if constexpr (dev::HasTable<C>::value) {
+        const float* src = C::table(p);
+        for (int i = threadIdx.x; i < C::table_floats(p); i += blockDim.x) dst[i] = src[i];
+        C::table(p) = dst;
+    }
 }
 
 /// Asynchronous copies of G bytes (cp.async on sm_80+): unit i = lane + 32 k of the rows goes to
@@ -265,6 +279,12 @@ __global__ void __launch_bounds__(kWarps * 32)
         states[e * R + r] =
             r < rows ? a.states[(static_cast<size_t>(h) * a.rows + row0 + r) * S + e] : 0.0f;
     }
+    // The codecs' tables in shared memory (looked up for every code field).
+    typename Codec::Params kp = a.store.keys[h];
+    dev::ValueDevice::Params vp = a.store.values[h];
+    float* key_table = states + static_cast<size_t>(R) * S;
+    stage_table<Codec>(kp, key_table);
+    stage_table<dev::ValueDevice>(vp, key_table + a.key_table_floats);
     __syncthreads();
 
     int lim[R];
@@ -276,16 +296,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     const int t_begin = split * a.tokens_per_split;
     const int t_end = min(t_begin + a.tokens_per_split, lim_max);
-    const typename Codec::Params kp = a.store.keys[h];
-    const dev::ValueDevice::Params vp = a.store.values[h];
     const HeadRegions layout = a.store.regions[h];
 
     // This warp's staging area (after the states; reused by the combine below).
     const size_t stage = stage_bytes(a.stage_key_stride, a.stage_value_stride, a.stage_key_scalars,
                                      a.stage_value_scalars);
-    const size_t area = attention_shared_bytes(R, 0, D, stage) / kWarps;
-    uint8_t* st_key =
-        reinterpret_cast<uint8_t*>(smem + static_cast<size_t>(R) * S) + warp * area;
+    const size_t area = attention_shared_bytes(R, 0, 0, D, stage) / kWarps;
+    float* warp_areas = smem + static_cast<size_t>(R) * S + a.table_floats;
+    uint8_t* st_key = reinterpret_cast<uint8_t*>(warp_areas) + warp * area;
     float* st_p = reinterpret_cast<float*>(st_key + (stage + 15) / 16 * 16);  // [32][R]
     uint8_t* st_value = st_key + 32 * a.stage_key_stride;
     float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
@@ -359,7 +377,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 
     // Combine the warps: each writes (m, l, o) per row; warps then merge rows and store the split.
     __syncthreads();  // the staging areas are no longer read
-    float* mine = smem + static_cast<size_t>(R) * S;
+    float* mine = warp_areas;
     const int slot_floats = static_cast<int>(area / sizeof(float));
     float* slot_w = mine + static_cast<size_t>(warp) * slot_floats;
 #pragma unroll

@@ -25,6 +25,11 @@
 // Scalar s of a token is scalars[s * stride] (the page's structure-of-arrays layout); pos is the
 // token's position (only position-relative codecs such as commvq use it).
 //
+// Optionally, a codec whose score looks up a query-independent table for every field (its
+// codebooks) names it, and the attention kernel keeps a copy in shared memory (HasTable):
+//     VQ_HD static int table_floats(const Params&);
+//     VQ_HD static const float*& table(Params&);   // the pointer score reads it through
+//
 // score takes R rows' states interleaved, entry i of row r at state[i * R + r] (R = 1: prepare's
 // layout), so that one pass over a token's code serves every query row of a KV head (the
 // grouped-query heads of a decode step, or a prefill chunk's queries): the unpacking and table
@@ -37,6 +42,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "core/half.h"
@@ -175,7 +182,19 @@ VQ_HD void read_group8(const uint8_t* packed, int g, uint32_t (&f)[8]) {
     static_assert(B >= 1 && B <= 4, "eight fields of at most 4 bits fit one 32-bit word");
     const uint8_t* p = packed + g * B;
     uint32_t w = 0;
-    for (int i = 0; i < B; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
+#if defined(__CUDA_ARCH__)
+    // One load where the group is aligned (the kernels' staged rows are 4-byte aligned).
+    if constexpr (B == 2 || B == 4) {
+        if ((reinterpret_cast<std::uintptr_t>(p) & (B - 1)) == 0)
+            w = B == 4 ? *reinterpret_cast<const uint32_t*>(p)
+                       : *reinterpret_cast<const uint16_t*>(p);
+        else
+            for (int i = 0; i < B; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
+    } else
+#endif
+    {
+        for (int i = 0; i < B; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
+    }
     for (int k = 0; k < 8; ++k) f[k] = (w >> (k * B)) & ((1u << B) - 1u);
 }
 
@@ -216,6 +235,22 @@ VQ_HD void fma_rows(float (&acc)[R], float x, const float* rows) {
     float s[R];
     load_rows<R>(rows, s);
     for (int r = 0; r < R; ++r) acc[r] = fmadd(x, s[r], acc[r]);
+}
+
+/// Whether Codec names a table for shared memory (table_floats and table, see above).
+template <class Codec, class = void>
+struct HasTable : std::false_type {};
+template <class Codec>
+struct HasTable<Codec, std::void_t<decltype(Codec::table_floats(
+                           std::declval<const typename Codec::Params&>()))>> : std::true_type {};
+
+/// Floats of Codec's table (0 without one).
+template <class Codec>
+VQ_HD int table_floats_of(const typename Codec::Params& p) {
+    if constexpr (HasTable<Codec>::value)
+        return Codec::table_floats(p);
+    else
+        return 0;
 }
 
 /// The score of one query row (prepare's state layout).

@@ -31,6 +31,7 @@ PolarQuantDevice::Params PolarQuantDevice::build(const KeyCodec& cpu, ParamArena
         p.boundary_offset[level - 1] = static_cast<int>(boundaries.size());
         boundaries.insert(boundaries.end(), b.begin(), b.end());
     }
+    p.table_floats = static_cast<int>(tables.size());
     p.tables = arena.add(tables);
     p.boundaries = arena.add(boundaries);
     return p;

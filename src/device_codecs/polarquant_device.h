@@ -31,6 +31,7 @@ struct PolarQuantDevice {
         int table_offset[kLevels] = {};
         /// Level l's 2^level_bits - 1 ascending boundaries start at boundary_offset[l - 1].
         int boundary_offset[kLevels] = {};
+        int table_floats = 0;  ///< floats of tables
         const float* tables = nullptr;
         const float* boundaries = nullptr;
         void rebase(const uint8_t* base) {
@@ -50,6 +51,9 @@ struct PolarQuantDevice {
     VQ_HD static int num_scalars(const Params&) { return 1; }
     /// R q, then the cos / sin tables (laid out as Params::tables).
     VQ_HD static int state_floats(const Params& p) { return p.d; }
+    /// The cos / sin tables of every level, two lookups per angle.
+    VQ_HD static int table_floats(const Params& p) { return p.table_floats; }
+    VQ_HD static const float*& table(Params& p) { return p.tables; }
 
     VQ_HD static int level_bits(const Params& p, int level) {
         return level == 1 ? p.bits + 2 : p.bits;

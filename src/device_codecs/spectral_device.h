@@ -57,6 +57,9 @@ struct SpectralDevice {
     VQ_HD static int num_scalars(const Params&) { return 1; }
     /// <q, mu>, (U q)_r sigma_r of each slot, then the codebooks (so lookups hit shared memory).
     VQ_HD static int state_floats(const Params& p) { return 1 + p.num_slots; }
+    /// The N(0, 1) codebooks of every width, one lookup per coded direction.
+    VQ_HD static int table_floats(const Params&) { return kCodebookFloats; }
+    VQ_HD static const float*& table(Params& p) { return p.centroids; }
 
     /// SpectralCodec::encode for one token, in its operation order (double sums over the slots
     /// in stream order), so codes and scale are byte-identical.

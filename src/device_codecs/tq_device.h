@@ -35,6 +35,9 @@ struct TqDevice {
     VQ_HD static int num_scalars(const Params&) { return 1; }
     /// The rotated query (the codebooks are read from Params).
     VQ_HD static int state_floats(const Params& p) { return p.d; }
+    /// Every stage's centroids, looked up for every index score reads.
+    VQ_HD static int table_floats(const Params& p) { return p.stages << p.bits; }
+    VQ_HD static const float*& table(Params& p) { return p.centroids; }
     VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
                              float* scalars, int /*stride*/) {
         const int d = p.d, levels = 1 << p.bits;

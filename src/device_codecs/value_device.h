@@ -33,6 +33,9 @@ struct ValueDevice {
         return p.bits == 16 ? 2 * p.d : packed_size(p.d, p.bits);
     }
     VQ_HD static int num_scalars(const Params& p) { return p.bits == 16 ? 0 : 1; }
+    /// The centroids coord looks up (none for fp16).
+    VQ_HD static int table_floats(const Params& p) { return p.bits == 16 ? 0 : 1 << p.bits; }
+    VQ_HD static const float*& table(Params& p) { return p.centroids; }
 
     VQ_HD static void encode(const Params& p, const float* v, uint8_t* code, float* scalars) {
         const int d = p.d;
@@ -82,6 +85,17 @@ struct ValueDevice {
     VQ_HD static void coords(const Params& p, const uint8_t* code, const float* scalars, int j0,
                              float (&v)[E]) {
         if (p.bits == 16) {
+#if defined(__CUDA_ARCH__)
+            const uint8_t* halves = code + 2 * j0;
+            if (E % 2 == 0 && (reinterpret_cast<std::uintptr_t>(halves) & 3) == 0) {  // staged rows
+                for (int e = 0; e < E; e += 2) {
+                    const uint32_t w = reinterpret_cast<const uint32_t*>(halves)[e / 2];
+                    v[e] = half_bits_to_float(static_cast<uint16_t>(w & 0xffffu));
+                    v[e + 1] = half_bits_to_float(static_cast<uint16_t>(w >> 16));
+                }
+                return;
+            }
+#endif
             for (int e = 0; e < E; ++e) v[e] = coord(p, code, scalars, j0 + e);
             return;
         }
