@@ -345,7 +345,8 @@ NB_MODULE(_core, m) {
         .def(nb::init<std::unique_ptr<QuantizedKVCache>, int, int>(), "inner"_a, "window"_a,
              "sink_tokens"_a = 4, "Takes ownership of inner (a QuantizedKVCache).")
         .def_prop_ro("window", &SlidingWindowKVCache::window)
-        .def_prop_ro("sink_tokens", &SlidingWindowKVCache::sink_tokens);
+        .def_prop_ro("sink_tokens", &SlidingWindowKVCache::sink_tokens)
+        .def_prop_ro("layer", [](const SlidingWindowKVCache& c) { return c.inner().layer(); });
 
     m.def("create",
           nb::overload_cast<const KVCacheConfig&, int, int, int, int>(&KVCacheFactory::create),

@@ -568,6 +568,9 @@ class _ExactTokens:
                               float("-inf"))
         return torch.einsum("hqt,htd->hqd", torch.softmax(s, -1), v)
 
+    def empty_like(self):
+        return type(self)(self.num_heads, self.head_dim, self._max, self.layer)
+
     def dequantize(self, start=0, n_tokens=None):
         n = self.size - start if n_tokens is None else n_tokens
         return self.k[:, start:start + n].clone(), self.v[:, start:start + n].clone()
@@ -602,6 +605,45 @@ class _ExactKVCache(_ExactTokens, vq_cuda.CudaKVCache):
     def attend(self, queries, scale=None, causal=True, out=None):
         assert queries.dim() == 2 and queries.dtype == torch.float32
         return self._attend(queries[:, None], scale, False)[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["turboquant", "codec"])
+def test_gpu_layer_batch_logic_on_exact_tokens(kind):
+    """The GPU layers' batch bookkeeping on the stand-in: three sequences, two prefill chunks
+    and decode steps give the default cache's logits row by row."""
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
+    stand_in = {"turboquant": _ExactDeviceCache, "codec": _ExactKVCache}[kind]
+    model = _tiny_llama(64)
+    tokens = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(4))
+
+    def run(cache, attention):
+        model.set_attn_implementation(attention)
+        try:
+            with torch.no_grad():
+                logits = [model(tokens[:, :12], past_key_values=cache, use_cache=True).logits,
+                          model(tokens[:, 12:24], past_key_values=cache, use_cache=True).logits]
+                for i in range(24, tokens.shape[1]):
+                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits, dim=1).float()
+
+    reference = run(DynamicCache(config=model.config), "sdpa")
+    cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
+    logits = run(cache, ATTENTION_NAME)
+    assert [len(layer.rows) for layer in cache.layers] == [3, 3]
+    assert [c.layer for c in cache.layers[1].rows] == [1, 1, 1]
+    assert all(c.size == tokens.shape[1] for layer in cache.layers for c in layer.rows)
+    err = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert err < 1e-4, err
+    # fetch_dequantized: the rows' tokens stacked for any attention implementation
+    dequantized = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)],
+                                  fetch_dequantized=True)
+    err = ((run(dequantized, "sdpa") - reference).abs().max() / reference.abs().max()).item()
+    assert err < 1e-4, err
 
 
 @pytest.mark.parametrize("kind", ["turboquant", "codec"])

@@ -203,6 +203,26 @@ def test_a_batch_of_sequences_matches_the_default_cache(model, report, device):
     assert torch.equal(got, expected)
 
 
+def test_a_batch_on_sliding_window_layers(model):
+    """Window layers make their further rows with empty_like: same window, sinks and layer."""
+    from veloxquant.cache.base import _create
+    from veloxquant.cache.sliding_window_cache import SlidingWindowKVCache
+    config = KVCacheConfig(method="turboquant_rvq", bits=4)
+    caches = [SlidingWindowKVCache(_create(config, 2, 32, 256, i), 20, sink_tokens=2)
+              for i in range(2)]
+    cache = VeloxQuantCache(caches)
+    batch = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(7))
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        with torch.no_grad():
+            model(batch, past_key_values=cache, use_cache=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    extra = cache.layers[1].rows[1]
+    assert isinstance(extra, SlidingWindowKVCache) and extra is not caches[1]
+    assert (extra.window, extra.sink_tokens, extra.layer, extra.size) == (20, 2, 1, 30)
+
+
 def test_padding_and_reordering_are_refused(model):
     cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
     ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(6))

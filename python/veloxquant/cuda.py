@@ -177,6 +177,11 @@ class _DeviceCache:
         rabitq's IVF centroids is kept, as on the CPU)."""
         self._impl.reset()
 
+    def empty_like(self) -> Any:
+        """A new empty cache of the same class, config, shape, capacity, layer and device."""
+        return type(self)(self.config, self.num_heads, self.head_dim, self.max_seq_len,
+                          self.layer, self.device)
+
     def page(self, index: int) -> Any:
         """The raw bytes of page ``index`` (numpy uint8; synchronizes the device), in the CPU
         cache's page layout (``layout``)."""

@@ -317,6 +317,12 @@ class QuantizedKVCache(KVCache):
     def layer(self) -> int:
         return self._c.layer
 
+    def empty_like(self) -> QuantizedKVCache:
+        """A new empty cache of the same class, config, shape, capacity and layer (so the same
+        seeded rotations and sketches; a trained rabitq cache's centroids are not carried over
+        unless the config holds them)."""
+        return _create(self.config, self.num_heads, self.head_dim, self.max_seq_len, self.layer)
+
     @property
     def storage_bytes(self) -> int:
         """Packed storage: pages (codes, per-token scalars, slack) and the outlier store."""

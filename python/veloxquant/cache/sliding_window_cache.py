@@ -6,7 +6,7 @@ from __future__ import annotations
 import operator
 
 from .. import _core
-from .base import KVCache, QuantizedKVCache
+from .base import KVCache, QuantizedKVCache, _create
 
 
 class SlidingWindowKVCache(KVCache):
@@ -41,3 +41,13 @@ class SlidingWindowKVCache(KVCache):
     @property
     def sink_tokens(self) -> int:
         return self._c.sink_tokens
+
+    @property
+    def layer(self) -> int:
+        """The inner cache's layer."""
+        return self._c.layer
+
+    def empty_like(self) -> SlidingWindowKVCache:
+        """A new empty window cache of the same window, sinks and inner cache kind."""
+        inner = _create(self.config, self.num_heads, self.head_dim, self.max_seq_len, self.layer)
+        return SlidingWindowKVCache(inner, self.window, self.sink_tokens)

@@ -44,8 +44,8 @@ Neither takes an outlier observer or a sliding window: such layers stay on the C
 GPU layer nothing leaves the GPU; each append synchronizes once (its NaN/Inf check, so that bad
 input raises before anything is stored), as does a rabitq cache's training.
 
-Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 fresh ones of
-the same kind, made on the first update of that batch size), each attending on its own
+Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
+``empty_like()`` on the first update of that batch size), each attending on its own
 sequence. The sequences must have the same length: a padded batch (an attention mask that
 differs between sequences) raises ValueError, as do beam search and any other reordering that
 would duplicate a sequence's cache (``batch_select_indices`` with distinct indices works).
@@ -83,11 +83,10 @@ class VeloxQuantLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, cache: KVCache, fetch_dequantized: bool = False, layer: int = 0) -> None:
+    def __init__(self, cache: KVCache, fetch_dequantized: bool = False) -> None:
         super().__init__()
         self.cache = cache  # the first sequence's
         self.rows: list[Any] = [cache]  # one cache per sequence of the batch
-        self.layer = int(getattr(cache, "layer", layer))
         self.fetch_dequantized = fetch_dequantized
         self.is_sliding = isinstance(cache, SlidingWindowKVCache)
         self._pending = False  # an update whose attention has not run yet
@@ -96,9 +95,6 @@ class VeloxQuantLayer(CacheLayerMixin):
     def batch_size(self) -> int:
         return len(self.rows)
 
-    def _fresh(self) -> Any:
-        """An empty cache like the first sequence's (method, config, shape, layer, device)."""
-        return _fresh_like(self.cache, self.layer)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -122,7 +118,8 @@ class VeloxQuantLayer(CacheLayerMixin):
                     f"VeloxQuantCache holds {len(self.rows)} sequences with tokens; got a batch "
                     f"of {batch} (reset the cache before changing the batch size)"
                 )
-            self.rows = self.rows[:batch] + [self._fresh() for _ in range(batch - len(self.rows))]
+            self.rows = self.rows[:batch] + [self.cache.empty_like()
+                                             for _ in range(batch - len(self.rows))]
             self.cache = self.rows[0]
 
     def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -222,8 +219,8 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
     tokens, dequantized) and is then appended (see the module doc)."""
 
     def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
-                 fetch_dequantized: bool = False, layer: int = 0) -> None:
-        super().__init__(cache, fetch_dequantized, layer)  # type: ignore[arg-type]
+                 fetch_dequantized: bool = False) -> None:
+        super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
         self.is_sliding = False
         self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
 
@@ -337,7 +334,7 @@ class VeloxQuantCache(Cache):
         layer."""
         if not caches:
             raise ValueError("VeloxQuantCache needs one cache per layer, got none")
-        super().__init__(layers=[_layer_of(c, fetch_dequantized, i) for i, c in enumerate(caches)])
+        super().__init__(layers=[_layer_of(c, fetch_dequantized) for c in caches])
 
     @classmethod
     def from_model(cls, model: Any, config: KVCacheConfig, max_seq_len: int = 8192,
@@ -404,26 +401,13 @@ class VeloxQuantCache(Cache):
         return sum(cache.nbytes for layer in self.layers for cache in layer.rows)
 
 
-def _layer_of(cache: Any, fetch_dequantized: bool, layer: int) -> VeloxQuantLayer:
+def _layer_of(cache: Any, fetch_dequantized: bool) -> VeloxQuantLayer:
     """The transformers layer for one VeloxQuant cache (on the GPU for the device caches)."""
     if isinstance(cache, CudaTurboQuantCache):
-        return VeloxQuantCudaLayer(cache, fetch_dequantized, layer)
+        return VeloxQuantCudaLayer(cache, fetch_dequantized)
     if isinstance(cache, CudaKVCache):
-        return VeloxQuantCudaKVLayer(cache, fetch_dequantized, layer)
-    return VeloxQuantLayer(cache, fetch_dequantized, layer)
-
-
-def _fresh_like(cache: Any, layer: int) -> Any:
-    """An empty cache of the same kind as `cache`: method and config, heads, head_dim,
-    max_seq_len, layer (its seeded rotations), device or window."""
-    if isinstance(cache, (CudaTurboQuantCache, CudaKVCache)):
-        return type(cache)(cache.config, cache.num_heads, cache.head_dim, cache.max_seq_len,
-                           cache.layer, cache.device)
-    if isinstance(cache, SlidingWindowKVCache):
-        inner = _create(cache.config, cache.num_heads, cache.head_dim, cache.max_seq_len, layer)
-        return SlidingWindowKVCache(inner, cache.window, cache.sink_tokens)
-    return _create(cache.config, cache.num_heads, cache.head_dim, cache.max_seq_len,
-                   getattr(cache, "layer", layer))
+        return VeloxQuantCudaKVLayer(cache, fetch_dequantized)
+    return VeloxQuantLayer(cache, fetch_dequantized)
 
 
 def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: int | None,
