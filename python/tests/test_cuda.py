@@ -647,6 +647,45 @@ def test_gpu_layer_batch_logic_on_exact_tokens(kind):
 
 
 @pytest.mark.parametrize("kind", ["turboquant", "codec"])
+def test_gpu_layer_padding_logic_on_exact_tokens(kind):
+    """A left-padded batch on the stand-in: two prefill chunks (the first mostly padding for
+    the short sequence) and decode steps; each sequence stores only its own tokens and the
+    logits at real positions equal DynamicCache's on the same padded batch."""
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
+    stand_in = {"turboquant": _ExactDeviceCache, "codec": _ExactKVCache}[kind]
+    model = _tiny_llama(64)
+    tokens = torch.randint(0, 512, (2, 26), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(2, 26, dtype=torch.long)
+    mask[1, :8] = 0  # the second sequence: 8 positions of left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(cache, attention):
+        model.set_attn_implementation(attention)
+        try:
+            with torch.no_grad():
+                logits = []
+                for a, b in [(0, 12), (12, 20)] + [(i, i + 1) for i in range(20, 26)]:
+                    logits.append(model(tokens[:, a:b], attention_mask=mask[:, :b],
+                                        position_ids=positions[:, a:b], past_key_values=cache,
+                                        use_cache=True).logits)
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits, dim=1).float()
+
+    reference = run(DynamicCache(config=model.config), "sdpa")
+    cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
+    logits = run(cache, ATTENTION_NAME)
+    assert [c.size for c in cache.layers[0].rows] == [26, 18] and cache.layers[0].pads == [0, 8]
+    assert cache.get_seq_length() == 26
+    real = mask.bool()
+    err = ((logits[real] - reference[real]).abs().max() / reference[real].abs().max()).item()
+    assert err < 1e-4, err
+
+
+@pytest.mark.parametrize("kind", ["turboquant", "codec"])
 def test_gpu_layer_logic_on_exact_tokens(kind):
     """The GPU layers' bookkeeping on a stand-in cache that stores tokens exactly: two prefill
     chunks (SDPA, the second over the earlier tokens plus the chunk) and decode steps (the

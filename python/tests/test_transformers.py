@@ -223,15 +223,71 @@ def test_a_batch_on_sliding_window_layers(model):
     assert (extra.window, extra.sink_tokens, extra.layer, extra.size) == (20, 2, 1, 30)
 
 
-def test_padding_and_reordering_are_refused(model):
-    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
-    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(6))
-    padded = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+@pytest.mark.parametrize("method", ["fp16", "turboquant_rvq"])
+def test_a_padded_batch_follows_each_sequence_alone(model, method):
+    """Left padding: each sequence stores only its own tokens; the padded batch's logits at the
+    real positions, prefill and decode, equal each sequence run alone (same codes: the cache
+    never sees the padding), and greedy generation equals DynamicCache on the padded batch."""
+    config = KVCacheConfig(method=method, bits=4, value_bits=4)
+    lengths, steps = (30, 22), 6
+    rows = [torch.randint(0, 512, (1, n + steps), generator=torch.Generator().manual_seed(8 + n))
+            for n in lengths]
+    width = max(lengths)
+    prompt = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        prompt[b, width - n:], mask[b, width - n:] = rows[b][0, :n], 1
     model.set_attn_implementation(ATTENTION_NAME)
     try:
-        with torch.no_grad(), pytest.raises(ValueError, match="without padding"):
-            model(ids, attention_mask=padded, past_key_values=cache, use_cache=True)
-        cache.reset()
+        with torch.no_grad():
+            cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
+            # positions as generate gives them: counted over each sequence's own tokens
+            batched = [model(prompt, attention_mask=mask, past_key_values=cache, use_cache=True,
+                             position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits]
+            for i in range(steps):
+                mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+                step = torch.stack([rows[b][0, n + i] for b, n in enumerate(lengths)])[:, None]
+                batched.append(model(step, attention_mask=mask, past_key_values=cache,
+                                     use_cache=True,
+                                     position_ids=torch.tensor([[n + i] for n in lengths])).logits)
+            batched = torch.cat(batched, dim=1)
+            for b, n in enumerate(lengths):
+                alone = run_alone(model, config, rows[b], n)
+                got = torch.cat([batched[b, width - n:width], batched[b, width:]])
+                error = ((got - alone).abs().max() / alone.abs().max()).item()
+                assert error < 1e-4, (b, error)
+                assert cache.layers[0].rows[b].size == n + steps
+            assert cache.get_seq_length() == width + steps
+            assert cache.layers[0].pads == [width - n for n in lengths]
+            generated = model.generate(prompt, attention_mask=mask[:, :width], do_sample=False,
+                                       max_new_tokens=6,
+                                       past_key_values=VeloxQuantCache.from_model(model, config))
+        model.set_attn_implementation("sdpa")
+        with torch.no_grad():
+            expected = model.generate(prompt, attention_mask=mask[:, :width], do_sample=False,
+                                      max_new_tokens=6)
+    finally:
+        model.set_attn_implementation("sdpa")
+    if method == "fp16":
+        assert torch.equal(generated, expected)
+    else:
+        assert generated.shape == expected.shape
+
+
+def run_alone(model, config, tokens, prompt):
+    """Logits of one sequence (no padding): a prefill of `prompt` tokens, then one per step."""
+    cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
+    logits = [model(tokens[:, :prompt], past_key_values=cache, use_cache=True).logits[0]]
+    for i in range(prompt, tokens.shape[1]):
+        logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+    return torch.cat(logits)
+
+
+def test_reordering_is_refused(model):
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
+    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(6))
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
         with torch.no_grad():
             model(ids, past_key_values=cache, use_cache=True)
     finally:
@@ -247,17 +303,3 @@ def test_padding_and_reordering_are_refused(model):
     assert cache.layers[0].rows == [second] and cache.layers[0].cache is second
     with pytest.raises(NotImplementedError, match="distinct sequences"):
         cache.batch_select_indices(torch.tensor([0, 0]))
-
-
-def test_cache_bookkeeping(model, tokens):
-    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2))
-    assert len(cache) == 2 and [c.layer for c in cache.caches] == [0, 1]
-    assert [(c.num_heads, c.head_dim) for c in cache.caches] == [(2, 32), (2, 32)]
-    run(model, cache, tokens, ATTENTION_NAME)
-    assert cache.get_seq_length() == TOTAL and cache.get_mask_sizes(1, 0) == (TOTAL + 1, 0)
-    cache.crop(-4)
-    assert cache.get_seq_length() == TOTAL - 4
-    cache.crop(10)  # the legacy convention: crop to 10 tokens
-    assert cache.get_seq_length() == 10
-    cache.reset()
-    assert cache.get_seq_length() == 0

@@ -9,13 +9,14 @@ attention on the packed codes::
     cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
 
-Each attention layer's ``Cache.update`` appends the new keys and values (after RoPE) to that
-layer's VeloxQuant cache; the "veloxquant" attention function then runs the cache's fused
-attention for the layer's queries (causal over the new tokens in prefill, over everything in
-decode). Keys and values never exist in full precision on the transformers side: ``update``
-hands the attention function zero-length views tagged with the layer. With
-``fetch_dequantized=True`` it returns every stored token dequantized instead, so any other
-attention implementation also works (the unfused path, for checking).
+Each attention layer's ``Cache.update`` hands the new keys and values (after RoPE) to the
+"veloxquant" attention function, as zero-length views tagged with the layer; that function
+stores them in the layer's VeloxQuant cache (leaving out padding, which it reads from the
+mask) and runs the cache's fused attention for the layer's queries (causal over the new tokens
+in prefill, over everything in decode). Keys and values are not kept in full precision on the
+transformers side. With ``fetch_dequantized=True`` ``update`` stores them at once and returns
+every stored token dequantized, so any other attention implementation also works (the unfused
+path, for checking).
 
 On the GPU: when the model is on a CUDA device and the extension was built with the CUDA
 backend (``VQ_CUDA=ON``), ``VeloxQuantCache.from_model`` (``backend="auto"``) keeps each
@@ -45,13 +46,16 @@ GPU layer nothing leaves the GPU; each append synchronizes once (its NaN/Inf che
 input raises before anything is stored), as does a rabitq cache's training.
 
 Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
-``empty_like()`` on the first update of that batch size), each attending on its own
-sequence. The sequences must have the same length: a padded batch (an attention mask that
-differs between sequences) raises ValueError, as do beam search and any other reordering that
-would duplicate a sequence's cache (``batch_select_indices`` with distinct indices works).
+``empty_like()`` on the first update of that batch size), each attending on its own sequence.
+Padded batches work: transformers builds sdpa's boolean mask for this attention, a position no
+query may attend to is padding, and each sequence stores and attends only its own tokens (so
+its cache holds no padding; ``get_seq_length`` counts transformers' positions). The tokens of
+an update are stored when its attention runs. Beam search and any other reordering that would
+copy a sequence's cache are refused (``batch_select_indices`` with distinct indices works).
 
-Limits of this build: no padding or explicit masks, inference only; layers whose caches run on
-the CPU copy tensors on a GPU to the CPU and back at every layer.
+Limits of this build: inference only; masks other than causal, sliding-window and padding ones
+are not applied; layers whose caches run on the CPU copy tensors on a GPU to the CPU and back
+at every layer.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def _cpu_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 class VeloxQuantLayer(CacheLayerMixin):
-    """One model layer's cache: a VeloxQuant cache behind transformers' layer interface."""
+    """One model layer's cache: a VeloxQuant cache behind transformers' layer interface (one per
+    sequence of a batch)."""
 
     is_compileable = False
     is_croppable = True
@@ -87,22 +92,23 @@ class VeloxQuantLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache  # the first sequence's
         self.rows: list[Any] = [cache]  # one cache per sequence of the batch
+        self.pads: list[int] = [0]  # per sequence: masked (padding) positions not stored
         self.fetch_dequantized = fetch_dequantized
         self.is_sliding = isinstance(cache, SlidingWindowKVCache)
         self._pending = False  # an update whose attention has not run yet
+        self._incoming: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
         return len(self.rows)
-
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def _begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """The checks every update starts with (the previous update's attention ran; one
-        sequence), and the lazy initialisation."""
+        """The checks every update starts with (the previous update's attention ran; the batch
+        size), the lazy initialisation, and one cache per sequence."""
         if self._pending and not self.fetch_dequantized:
             raise RuntimeError(
                 "the model's attention did not read the VeloxQuant cache: load the model with "
@@ -113,7 +119,7 @@ class VeloxQuantLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         batch = key_states.shape[0]
         if batch != len(self.rows):
-            if any(c.size > 0 for c in self.rows):
+            if self.get_seq_length() > 0:
                 raise ValueError(
                     f"VeloxQuantCache holds {len(self.rows)} sequences with tokens; got a batch "
                     f"of {batch} (reset the cache before changing the batch size)"
@@ -121,6 +127,7 @@ class VeloxQuantLayer(CacheLayerMixin):
             self.rows = self.rows[:batch] + [self.cache.empty_like()
                                              for _ in range(batch - len(self.rows))]
             self.cache = self.rows[0]
+            self.pads = [0] * batch
 
     def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x ([heads, n, head_dim]) as the cache takes it: float32, contiguous, on the CPU."""
@@ -128,41 +135,83 @@ class VeloxQuantLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends [batch, kv_heads, n, head_dim] keys and values (sequence b to its own cache);
-        returns tensors tagged with this layer for the "veloxquant" attention function
-        (zero-length views, or every token dequantized with fetch_dequantized)."""
+        """Takes [batch, kv_heads, n, head_dim] keys and values; returns tensors tagged with
+        this layer for the "veloxquant" attention function, which stores each sequence's
+        unpadded tokens in its cache and attends (zero-length views). With fetch_dequantized
+        every token is stored now (padding too: the caller's attention masks it) and every
+        stored token comes back dequantized."""
         self._begin_update(key_states, value_states)
-        for b, cache in enumerate(self.rows):
-            cache.append(self._cache_input(key_states[b], "keys"),
-                         self._cache_input(value_states[b], "values"))
         if self.fetch_dequantized:
-            rows = [c.dequantize() for c in self.rows]
-            keys = torch.stack([torch.as_tensor(k) for k, _ in rows]).to(
-                device=key_states.device, dtype=key_states.dtype)
-            values = torch.stack([torch.as_tensor(v) for _, v in rows]).to(
-                device=value_states.device, dtype=value_states.dtype)
+            for b, cache in enumerate(self.rows):
+                cache.append(self._cache_input(key_states[b], "keys"),
+                             self._cache_input(value_states[b], "values"))
+            keys, values = self._dequantized_rows(key_states.dtype)
+            keys, values = keys.to(key_states.device), values.to(value_states.device)
         else:
+            self._incoming = (key_states, value_states)
             keys, values = key_states[..., :0, :], value_states[..., :0, :]
             self._pending = True
         setattr(keys, _TAG, self)
         return keys, values
 
+    def _dequantized_rows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's stored tokens, stacked: [batch, kv_heads, size, head_dim]."""
+        rows = [c.dequantize() for c in self.rows]
+        keys = torch.stack([torch.as_tensor(k) for k, _ in rows]).to(dtype)
+        values = torch.stack([torch.as_tensor(v) for _, v in rows]).to(dtype)
+        return keys, values
+
+    def _take_incoming(self, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor | None]:
+        """The update's keys and values, and which of their n positions each sequence stores
+        ([batch, n] bool; None: all of them): a position no query may attend to is padding."""
+        if self._incoming is None:
+            raise RuntimeError(f"{type(self).__name__}.attend: no update() for this step")
+        keys, values = self._incoming
+        self._incoming, self._pending = None, False
+        n = keys.shape[-2]
+        if mask is None:
+            return keys, values, None
+        if mask.dtype != torch.bool:  # an additive mask: 0 where attended
+            mask = mask == 0
+        real = mask[:, 0, :, mask.shape[-1] - n:].any(dim=1).to("cpu")  # [batch, n]
+        if bool(real.all()):
+            return keys, values, None
+        for b, row in enumerate(real):
+            self.pads[b] += n - int(row.sum())
+        return keys, values, real
+
     def attend(self, query: torch.Tensor, scaling: float, causal: bool,
-               key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of [batch, q_heads, n, head_dim] queries over this layer's codes (sequence
-        b over its own cache), returned as [batch, n, q_heads, head_dim] in the query's dtype
-        and device (key and value, what update returned, are not read)."""
-        self._pending = False
-        out = torch.stack([torch.as_tensor(cache.attend(
-            self._cache_input(query[b], "queries"), scale=scaling, causal=causal))
-            for b, cache in enumerate(self.rows)])
+               key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Stores the update's tokens (each sequence's unpadded ones in its cache, padding told
+        by `mask`) and returns the attention of [batch, q_heads, n, head_dim] queries over each
+        sequence's codes as [batch, n, q_heads, head_dim] in the query's dtype and device
+        (padding positions give zeros)."""
+        keys, values, real = self._take_incoming(mask)
+        out = torch.zeros(query.shape[0], query.shape[1], query.shape[2], query.shape[3],
+                          dtype=torch.float32)
+        for b, cache in enumerate(self.rows):
+            k, v, q = keys[b], values[b], query[b]
+            if real is not None:
+                k, v, q = k[:, real[b]], v[:, real[b]], q[:, real[b]]
+            if k.shape[1] > 0:
+                cache.append(self._cache_input(k, "keys"), self._cache_input(v, "values"))
+            if q.shape[1] > 0:
+                result = torch.as_tensor(cache.attend(self._cache_input(q, "queries"),
+                                                      scale=scaling, causal=causal))
+                if real is None:
+                    out[b] = result
+                else:
+                    out[b][:, real[b]] = result
         return out.transpose(1, 2).to(device=query.device, dtype=query.dtype)
 
     def get_seq_length(self) -> int:
-        return self.cache.size
+        """Positions in transformers' timeline: stored tokens plus skipped padding."""
+        return self.cache.size + self.pads[0]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.size + query_length, 0
+        return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return self.cache.max_seq_len
@@ -170,13 +219,14 @@ class VeloxQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         for cache in self.rows:
             cache.reset()
-        self._pending = False
+        self.pads = [0] * len(self.rows)
+        self._pending, self._incoming = False, None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Removes -tokens_to_remove tokens (transformers' current convention) or, for a
-        positive value (the legacy one), crops to that many tokens."""
+        positive value (the legacy one), crops to that many tokens; from every sequence."""
         if tokens_to_remove > 0:
-            tokens_to_remove = -max(self.cache.size - tokens_to_remove, 0)
+            tokens_to_remove = -max(self.get_seq_length() - tokens_to_remove, 0)
         if tokens_to_remove < 0:
             for cache in self.rows:
                 cache.trim(-tokens_to_remove)
@@ -197,7 +247,7 @@ class VeloxQuantLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Nothing to copy while the caches are empty (the batch grows on the next update);
         repeating stored sequences is not supported."""
-        if repeats != 1 and any(c.size > 0 for c in self.rows):
+        if repeats != 1 and self.get_seq_length() > 0:
             raise NotImplementedError(
                 "VeloxQuantCache does not copy a sequence's cache: expand the inputs instead")
 
@@ -208,21 +258,41 @@ class VeloxQuantLayer(CacheLayerMixin):
             raise NotImplementedError(
                 f"VeloxQuantCache selects distinct sequences of its {len(self.rows)}; got {picked}")
         self.rows = [self.rows[i] for i in picked]
+        self.pads = [self.pads[i] for i in picked]
         if self.rows:
             self.cache = self.rows[0]
 
 
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+          causal: bool) -> torch.Tensor:
+    """[batch, q_heads, n_q, d] queries over [batch, kv_heads, n_k, d] keys and values, causal
+    with the queries the last n_q of the n_k tokens; returns [batch, n_q, q_heads, d]."""
+    n_q, n_k = query.shape[2], key.shape[2]
+    mask, is_causal = None, False
+    if causal and n_q > 1:
+        if n_q == n_k:
+            is_causal = True
+        else:
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(n_k - n_q)
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    group = query.shape[1] // key.shape[1]
+    if group > 1:  # explicit GQA, so that the fused SDPA backends (flash, efficient) apply
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2)
+
+
 class VeloxQuantDeviceLayer(VeloxQuantLayer):
-    """What the GPU layers share: a device cache of ``veloxquant.cuda`` fed float32 tensors on
-    its own device, where its codes stay. Decode (one new token) appends the token and attends
-    on the codes; a prefill chunk runs SDPA on its exact keys and values (after the earlier
-    tokens, dequantized) and is then appended (see the module doc)."""
+    """What the GPU layers share: a device cache of ``veloxquant.cuda`` per sequence, fed
+    float32 tensors on its own device, where its codes stay. Decode (one new token) stores the
+    token and attends on the codes; a prefill chunk runs SDPA on its exact keys and values
+    (after the earlier tokens, dequantized) and is then stored (see the module doc)."""
 
     def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
                  fetch_dequantized: bool = False) -> None:
         super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
         self.is_sliding = False
-        self._mode = ""  # "codes" (decode) or "exact" (prefill / fetch_dequantized)
 
     def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x as float32 and contiguous on the cache's device (ValueError on another device)."""
@@ -232,79 +302,53 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
         # (.to(memory_format=...) returns a float32 view unchanged, strides and all)
         return x.to(torch.float32).contiguous()
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends [batch, kv_heads, n, head_dim] keys and values on the device (sequence b to
-        its own cache). One token: returns zero-length tagged views (the attention runs on the
-        codes). Several tokens (prefill): returns the earlier tokens dequantized followed by this
-        chunk's exact keys and values, for SDPA. With fetch_dequantized: every stored token
-        dequantized."""
-        self._begin_update(key_states, value_states)
-        n, start = key_states.shape[-2], self.cache.size
-        inputs = [(self._cache_input(key_states[b], "keys"),
-                   self._cache_input(value_states[b], "values")) for b in range(len(self.rows))]
-        if self.fetch_dequantized:
-            for cache, (k32, v32) in zip(self.rows, inputs):
-                cache.append(k32, v32)
-            rows = [cache.dequantize() for cache in self.rows]
-            keys = torch.stack([k for k, _ in rows]).to(key_states.dtype)
-            values = torch.stack([v for _, v in rows]).to(value_states.dtype)
-            self._mode = "exact"
-        elif n == 1:
-            for cache, (k32, v32) in zip(self.rows, inputs):
-                cache.append(k32, v32)
-            keys, values = key_states[..., :0, :], value_states[..., :0, :]
-            self._mode = "codes"
-            self._pending = True
-        else:
-            keys, values = key_states, value_states
-            if start > 0:
-                rows = [cache.dequantize(0, start) for cache in self.rows]
-                keys = torch.cat([torch.stack([k for k, _ in rows]).to(key_states.dtype),
-                                  key_states], dim=-2)
-                values = torch.cat([torch.stack([v for _, v in rows]).to(value_states.dtype),
-                                    value_states], dim=-2)
-            for cache, (k32, v32) in zip(self.rows, inputs):
-                cache.append(k32, v32)
-            self._mode = "exact"
-            self._pending = True
-        setattr(keys, _TAG, self)
-        return keys, values
-
     def attend(self, query: torch.Tensor, scaling: float, causal: bool,
-               key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """[batch, q_heads, n, head_dim] queries -> [batch, n, q_heads, head_dim]: the fused
-        decode on each sequence's codes after a one-token update, else SDPA on the keys and
-        values update returned (causal: query i is token size - n + i)."""
-        self._pending = False
-        mode, self._mode = self._mode, ""
-        if mode == "codes":
-            if query.shape[2] != 1:
-                raise ValueError(f"decode on the codes takes one query per head, got {query.shape[2]}")
-            out = torch.stack([cache.attend(query[b, :, 0, :].to(torch.float32).contiguous(),
-                                            scale=scaling)  # [q_heads, head_dim] float32
-                               for b, cache in enumerate(self.rows)])
-            return out.to(query.dtype)[:, None]
-        if key is None or value is None or key.shape[-2] == 0:
-            raise RuntimeError(f"{type(self).__name__}.attend: no keys from update() for this step")
-        n_q, n_k = query.shape[2], key.shape[2]
-        mask, is_causal = None, False
-        if causal and n_q > 1:
-            if n_q == n_k:
-                is_causal = True
-            else:  # the queries are the last n_q of n_k tokens
-                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(n_k - n_q)
-        key, value = key.to(query.dtype), value.to(query.dtype)
-        group = query.shape[1] // key.shape[1]
-        if group > 1:  # explicit GQA, so that the fused SDPA backends (flash, efficient) apply
-            key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling)
-        return out.transpose(1, 2)
+               key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, q_heads, n, head_dim] queries -> [batch, n, q_heads, head_dim]. One token:
+        stored, then the fused decode on each sequence's codes. A prefill chunk: SDPA over the
+        earlier tokens (dequantized) and the chunk's exact keys and values, causal (query i is
+        token size - n + i), then stored. Padding (told by `mask`) is neither stored nor
+        attended; its positions give zeros."""
+        keys, values, real = self._take_incoming(mask)
+        n = keys.shape[-2]
+        if n == 1 or real is not None or len({c.size for c in self.rows}) > 1:  # one by one
+            out = torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
+                              dtype=query.dtype, device=query.device)
+            for b, cache in enumerate(self.rows):
+                sel = slice(None) if real is None else real[b].to(query.device)
+                k, v, q = keys[b][:, sel], values[b][:, sel], query[b][:, sel]
+                if n == 1 and k.shape[1] == 1:
+                    cache.append(self._cache_input(k, "keys"), self._cache_input(v, "values"))
+                    result = cache.attend(q[:, 0, :].to(torch.float32).contiguous(),
+                                          scale=scaling)  # [q_heads, head_dim] float32
+                    out[b, 0] = result.to(query.dtype)
+                elif k.shape[1] > 0:
+                    out[b, sel] = self._prefill(cache, q[None], k, v, scaling, causal)[0]
+            return out
+        start = self.cache.size
+        keys_all, values_all = keys, values
+        if start > 0:
+            earlier_k, earlier_v = self._dequantized_rows(keys.dtype)
+            keys_all = torch.cat([earlier_k, keys], dim=-2)
+            values_all = torch.cat([earlier_v, values], dim=-2)
+        out = _sdpa(query, keys_all, values_all, scaling, causal)
+        for b, cache in enumerate(self.rows):
+            cache.append(self._cache_input(keys[b], "keys"), self._cache_input(values[b], "values"))
+        return out
 
-    def reset(self) -> None:
-        super().reset()
-        self._mode = ""
+    def _prefill(self, cache: Any, query: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, scaling: float, causal: bool) -> torch.Tensor:
+        """One sequence's prefill chunk ([1, q_heads, n, d] queries, [kv_heads, n, d] keys):
+        SDPA over its earlier tokens and the chunk, then the chunk stored."""
+        keys_all, values_all = keys, values
+        if cache.size > 0:
+            earlier_k, earlier_v = cache.dequantize()
+            keys_all = torch.cat([earlier_k.to(keys.dtype), keys], dim=-2)
+            values_all = torch.cat([earlier_v.to(values.dtype), values], dim=-2)
+        out = _sdpa(query, keys_all[None], values_all[None], scaling, causal)
+        cache.append(self._cache_input(keys, "keys"), self._cache_input(values, "values"))
+        return out
 
     def offload(self) -> None:
         """Nothing to move: the codes stay on their device."""
@@ -470,13 +514,6 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             f"attn_implementation={ATTENTION_NAME!r} attends on a VeloxQuant cache: pass "
             "past_key_values=VeloxQuantCache(...) and use_cache=True"
         )
-    if attention_mask is not None and (
-            attention_mask.shape[0] == 1
-            or not bool((attention_mask == attention_mask[:1]).all())):
-        raise ValueError(
-            "veloxquant attention applies causal masking itself and cannot apply an explicit "
-            "attention mask or padding: batch sequences of the same length, without padding"
-        )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window and not isinstance(layer.cache, SlidingWindowKVCache):
         raise ValueError(
@@ -486,19 +523,13 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", True)
-    return layer.attend(query, scaling, bool(causal), key, value), None
-
-
-def _batch_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """The mask transformers builds for "veloxquant" attention: none for one sequence (the
-    caches mask causally themselves), sdpa's for a batch, so that veloxquant_attention sees
-    padding (masks that differ between sequences) and refuses it."""
-    batch = kwargs["batch_size"] if "batch_size" in kwargs else args[0]
-    return None if batch == 1 else sdpa_mask(*args, **kwargs)
+    return layer.attend(query, scaling, bool(causal), key, value, attention_mask), None
 
 
 AttentionInterface.register(ATTENTION_NAME, veloxquant_attention)
-AttentionMaskInterface.register(ATTENTION_NAME, _batch_mask)
+# transformers builds sdpa's boolean mask for this attention (none where the caches' own causal
+# masking is all there is), from which the layers learn which positions are padding.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 __all__ = ["ATTENTION_NAME", "VeloxQuantCache", "VeloxQuantCudaKVLayer", "VeloxQuantCudaLayer",
            "VeloxQuantDeviceLayer", "VeloxQuantLayer", "veloxquant_attention"]
