@@ -134,6 +134,14 @@ def test_attention_on_codes_equals_attention_on_dequantized_keys(tokens, report)
     assert error < max(1e-5, 10 * floor)
 
 
+def test_fetch_dequantized_under_the_veloxquant_attention(model, tokens):
+    """fetch_dequantized with attn_implementation="veloxquant": SDPA over the stored tokens."""
+    reference, _ = default_run(model, tokens)
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), fetch_dequantized=True)
+    stats = compare(reference, run(model, cache, tokens, ATTENTION_NAME))
+    assert stats["max_rel_error"] < 1e-3, stats
+
+
 def test_generate_with_the_cache(model, tokens, report):
     prompt = tokens[:, :PROMPT]
     with torch.no_grad():

@@ -188,6 +188,8 @@ class VeloxQuantLayer(CacheLayerMixin):
         by `mask`) and returns the attention of [batch, q_heads, n, head_dim] queries over each
         sequence's codes as [batch, n, q_heads, head_dim] in the query's dtype and device
         (padding positions give zeros)."""
+        if self.fetch_dequantized:  # update stored the tokens and returned them all
+            return _sdpa(query, key, value, scaling, causal, mask)
         keys, values, real = self._take_incoming(mask)
         out = torch.zeros(query.shape[0], query.shape[1], query.shape[2], query.shape[3],
                           dtype=torch.float32)
@@ -264,12 +266,13 @@ class VeloxQuantLayer(CacheLayerMixin):
 
 
 def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
-          causal: bool) -> torch.Tensor:
-    """[batch, q_heads, n_q, d] queries over [batch, kv_heads, n_k, d] keys and values, causal
-    with the queries the last n_q of the n_k tokens; returns [batch, n_q, q_heads, d]."""
+          causal: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[batch, q_heads, n_q, d] queries over [batch, kv_heads, n_k, d] keys and values: with
+    `mask` (transformers' [batch, 1, n_q, n_k]) as it says, else causal with the queries the
+    last n_q of the n_k tokens; returns [batch, n_q, q_heads, d]."""
     n_q, n_k = query.shape[2], key.shape[2]
-    mask, is_causal = None, False
-    if causal and n_q > 1:
+    is_causal = False
+    if mask is None and causal and n_q > 1:
         if n_q == n_k:
             is_causal = True
         else:
@@ -310,6 +313,8 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
         earlier tokens (dequantized) and the chunk's exact keys and values, causal (query i is
         token size - n + i), then stored. Padding (told by `mask`) is neither stored nor
         attended; its positions give zeros."""
+        if self.fetch_dequantized:  # update stored the tokens and returned them all
+            return _sdpa(query, key, value, scaling, causal, mask)
         keys, values, real = self._take_incoming(mask)
         n = keys.shape[-2]
         if n == 1 or real is not None or len({c.size for c in self.rows}) > 1:  # one by one
