@@ -48,9 +48,10 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   || exit 1
 
 if has test; then
-step "pytest: python/tests/test_cuda.py python/tests/test_transformers.py"
+step "pytest: python/tests/test_cuda.py python/tests/test_gpu_layer_logic.py python/tests/test_transformers.py"
 timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
-  python/tests/test_cuda.py python/tests/test_transformers.py || status=1
+  python/tests/test_cuda.py python/tests/test_gpu_layer_logic.py python/tests/test_transformers.py \
+  || status=1
 fi
 
 # The whole run stays under ~9.5 minutes (the device tool's limit is 10): the e2e gets what is
