@@ -81,42 +81,65 @@ class _ExactKVCache(_ExactTokens, vq_cuda.CudaKVCache):
         return self._attend(queries[:, None], scale, False)[:, 0]
 
 
+def _logits(model, cache, attention, tokens, cuts, mask=None):
+    """Logits [batch, n, vocab] of `tokens` fed as prefill chunks ending at `cuts`, then one
+    token per step; with a padding `mask`, positions counted over each sequence's own tokens
+    (as generate does)."""
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    model.set_attn_implementation(attention)
+    try:
+        with torch.no_grad():
+            logits, a = [], 0
+            for b in list(cuts) + list(range(cuts[-1] + 1, tokens.shape[1] + 1)):
+                extra = {} if mask is None else {"attention_mask": mask[:, :b],
+                                                 "position_ids": positions[:, a:b]}
+                logits.append(model(tokens[:, a:b], past_key_values=cache, use_cache=True,
+                                    **extra).logits)
+                a = b
+    finally:
+        model.set_attn_implementation("sdpa")
+    return torch.cat(logits, dim=1).float()
+
+
+def _relative_error(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("kind", ["turboquant", "codec"])
-def test_gpu_layer_batch_logic_on_exact_tokens(kind):
-    """The GPU layers' batch bookkeeping on the stand-in: three sequences, two prefill chunks
-    and decode steps give the default cache's logits row by row."""
+def test_gpu_layer_logic_on_exact_tokens(kind, batch):
+    """The GPU layers' bookkeeping on a stand-in cache that stores tokens exactly: two prefill
+    chunks (SDPA, the second over the earlier tokens plus the chunk) and decode steps (the
+    cache's attend) give the default cache's logits, for one sequence or a batch (one cache per
+    sequence and layer, made by empty_like)."""
     from transformers import DynamicCache
 
-    from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
-    stand_in = {"turboquant": _ExactDeviceCache, "codec": _ExactKVCache}[kind]
+    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
+                                                      VeloxQuantCudaKVLayer, VeloxQuantCudaLayer)
+    stand_in, layer_class = {"turboquant": (_ExactDeviceCache, VeloxQuantCudaLayer),
+                             "codec": (_ExactKVCache, VeloxQuantCudaKVLayer)}[kind]
     model = _tiny_llama(64)
-    tokens = torch.randint(0, 512, (3, 40), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, 512, (batch, 48), generator=torch.Generator().manual_seed(2))
+    cuts = (16, 30)
 
-    def run(cache, attention):
-        model.set_attn_implementation(attention)
-        try:
-            with torch.no_grad():
-                logits = [model(tokens[:, :12], past_key_values=cache, use_cache=True).logits,
-                          model(tokens[:, 12:24], past_key_values=cache, use_cache=True).logits]
-                for i in range(24, tokens.shape[1]):
-                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits, dim=1).float()
-
-    reference = run(DynamicCache(config=model.config), "sdpa")
+    reference = _logits(model, DynamicCache(config=model.config), "sdpa", tokens, cuts)
     cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
-    logits = run(cache, ATTENTION_NAME)
-    assert [len(layer.rows) for layer in cache.layers] == [3, 3]
-    assert [c.layer for c in cache.layers[1].rows] == [1, 1, 1]
+    assert all(type(layer) is layer_class for layer in cache.layers)
+    logits = _logits(model, cache, ATTENTION_NAME, tokens, cuts)
+    assert cache.get_seq_length() == tokens.shape[1]
+    assert [[c.layer for c in layer.rows] for layer in cache.layers] == [[0] * batch, [1] * batch]
     assert all(c.size == tokens.shape[1] for layer in cache.layers for c in layer.rows)
-    err = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert err < 1e-4, err
-    # fetch_dequantized: the rows' tokens stacked for any attention implementation
+    assert _relative_error(logits, reference) < 1e-4
+    # fetch_dequantized: any attention implementation reads every token from the cache
     dequantized = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)],
                                   fetch_dequantized=True)
-    err = ((run(dequantized, "sdpa") - reference).abs().max() / reference.abs().max()).item()
-    assert err < 1e-4, err
+    assert _relative_error(_logits(model, dequantized, "sdpa", tokens, cuts), reference) < 1e-4
+    # the model's own attention never reading the codes is reported
+    misuse = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
+    with torch.no_grad():
+        model(tokens[:, :4], past_key_values=misuse, use_cache=True)
+        with pytest.raises(RuntimeError, match="attn_implementation='veloxquant'"):
+            model(tokens[:, 4:5], past_key_values=misuse, use_cache=True)
 
 
 @pytest.mark.parametrize("kind", ["turboquant", "codec"])
@@ -132,72 +155,12 @@ def test_gpu_layer_padding_logic_on_exact_tokens(kind):
     tokens = torch.randint(0, 512, (2, 26), generator=torch.Generator().manual_seed(9))
     mask = torch.ones(2, 26, dtype=torch.long)
     mask[1, :8] = 0  # the second sequence: 8 positions of left padding
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cuts = (12, 20)
 
-    def run(cache, attention):
-        model.set_attn_implementation(attention)
-        try:
-            with torch.no_grad():
-                logits = []
-                for a, b in [(0, 12), (12, 20)] + [(i, i + 1) for i in range(20, 26)]:
-                    logits.append(model(tokens[:, a:b], attention_mask=mask[:, :b],
-                                        position_ids=positions[:, a:b], past_key_values=cache,
-                                        use_cache=True).logits)
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits, dim=1).float()
-
-    reference = run(DynamicCache(config=model.config), "sdpa")
+    reference = _logits(model, DynamicCache(config=model.config), "sdpa", tokens, cuts, mask)
     cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
-    logits = run(cache, ATTENTION_NAME)
+    logits = _logits(model, cache, ATTENTION_NAME, tokens, cuts, mask)
     assert [c.size for c in cache.layers[0].rows] == [26, 18] and cache.layers[0].pads == [0, 8]
     assert cache.get_seq_length() == 26
     real = mask.bool()
-    err = ((logits[real] - reference[real]).abs().max() / reference[real].abs().max()).item()
-    assert err < 1e-4, err
-
-
-@pytest.mark.parametrize("kind", ["turboquant", "codec"])
-def test_gpu_layer_logic_on_exact_tokens(kind):
-    """The GPU layers' bookkeeping on a stand-in cache that stores tokens exactly: two prefill
-    chunks (SDPA, the second over the earlier tokens plus the chunk) and decode steps (the
-    cache's attend) give the default cache's logits."""
-    from transformers import DynamicCache
-
-    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaKVLayer, VeloxQuantCudaLayer)
-    stand_in, layer_class = {"turboquant": (_ExactDeviceCache, VeloxQuantCudaLayer),
-                             "codec": (_ExactKVCache, VeloxQuantCudaKVLayer)}[kind]
-    model = _tiny_llama(64)
-    tokens = torch.randint(0, 512, (1, 48), generator=torch.Generator().manual_seed(2))
-
-    def run(cache, attention):
-        model.set_attn_implementation(attention)
-        try:
-            with torch.no_grad():
-                logits = [model(tokens[:, :16], past_key_values=cache, use_cache=True).logits[0],
-                          model(tokens[:, 16:30], past_key_values=cache, use_cache=True).logits[0]]
-                for i in range(30, tokens.shape[1]):
-                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits).float()
-
-    reference = run(DynamicCache(config=model.config), "sdpa")
-    cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
-    assert all(type(layer) is layer_class for layer in cache.layers)
-    logits = run(cache, ATTENTION_NAME)
-    assert cache.get_seq_length() == tokens.shape[1]
-    err = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert err < 1e-4, err
-    # fetch_dequantized: any attention implementation reads every token from the cache
-    dequantized = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)],
-                                  fetch_dequantized=True)
-    err = ((run(dequantized, "sdpa") - reference).abs().max() / reference.abs().max()).item()
-    assert err < 1e-4, err
-    # the model's own attention never reading the codes is reported
-    misuse = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
-    with torch.no_grad():
-        model(tokens[:, :4], past_key_values=misuse, use_cache=True)
-        with pytest.raises(RuntimeError, match="attn_implementation='veloxquant'"):
-            model(tokens[:, 4:5], past_key_values=misuse, use_cache=True)
+    assert _relative_error(logits[real], reference[real]) < 1e-4
