@@ -174,7 +174,8 @@ class VeloxQuantLayer(CacheLayerMixin):
             return keys, values, None
         if mask.dtype != torch.bool:  # an additive mask: 0 where attended
             mask = mask == 0
-        real = mask[:, 0, :, mask.shape[-1] - n:].any(dim=1).to("cpu")  # [batch, n]
+        real = mask[:, 0, :, mask.shape[-1] - n:].any(dim=1).to("cpu")  # [batch or 1, n]
+        real = real.expand(len(self.rows), n)
         if bool(real.all()):
             return keys, values, None
         for b, row in enumerate(real):
