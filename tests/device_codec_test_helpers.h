@@ -105,8 +105,7 @@ void expect_device_codec_matches(const veloxquant::KeyCodec& cpu, const std::vec
                                                 cpu_scalars.data() + t, stride, pos0 + t);
         EXPECT_LT(max_rel_error(dev_scores, cpu_scores), score_tolerance) << "query " << i;
     }
-    expect_rows_match_single<Dev, 4>(p, queries, cpu_codes.data(), cb, cpu_scalars.data(), n,
-                                     pos0);
+    expect_rows_match_single<Dev, 4>(p, queries, cpu_codes.data(), cb, cpu_scalars.data(), n, pos0);
 }
 
 }  // namespace vqtest

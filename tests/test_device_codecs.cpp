@@ -112,7 +112,8 @@ TEST_P(ValueDeviceCodec, MatchesCpuCodec) {
             float v[4];
             dev::ValueDevice::coords<4>(p, a.data() + t * cb, sa.data() + t, j0, v);
             for (int e = 0; e < 4; ++e)
-                ASSERT_EQ(v[e], dev::ValueDevice::coord(p, a.data() + t * cb, sa.data() + t, j0 + e));
+                ASSERT_EQ(v[e],
+                          dev::ValueDevice::coord(p, a.data() + t * cb, sa.data() + t, j0 + e));
         }
 
     // Accumulate-then-finalize equals the CPU's accumulate + finalize.

@@ -173,8 +173,9 @@ int run(const char* out_path, const std::string& only_method, int only_tokens) {
 
     FILE* f = std::fopen(out_path, "w");
     if (f == nullptr) throw std::runtime_error(std::string("cannot write ") + out_path);
-    std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"command\": \"bench_codec_cache %s \\\"%s\\\" %d\",\n",
-                 prop.name, out_path, only_method.c_str(), only_tokens);
+    std::fprintf(
+        f, "{\n  \"device\": \"%s\",\n  \"command\": \"bench_codec_cache %s \\\"%s\\\" %d\",\n",
+        prop.name, out_path, only_method.c_str(), only_tokens);
     std::fprintf(
         f,
         "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d, "

@@ -65,9 +65,9 @@ public:
             regions.push_back(r);
             stage_key_stride_ = std::max(stage_key_stride_,
                                          codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
-            stage_value_stride_ = std::max(
-                stage_value_stride_,
-                codec::value_stage_stride(static_cast<int>(hl.value_code_bytes)));
+            stage_value_stride_ =
+                std::max(stage_value_stride_,
+                         codec::value_stage_stride(static_cast<int>(hl.value_code_bytes)));
             key_table_floats_ = std::max(key_table_floats_, dev::table_floats_of<Codec>(kp.back()));
             value_table_floats_ =
                 std::max(value_table_floats_, dev::table_floats_of<dev::ValueDevice>(vp.back()));
@@ -82,7 +82,8 @@ public:
             std::vector<typename Codec::Params> host_kp = kp;
             for (auto& p : host_kp) p.rebase(host.data());
             AffineStateHost affine;
-            if (measure_affine_state<Codec>(host_kp, d_, state_stride_, dev::kMaxAffineFloats, affine))
+            if (measure_affine_state<Codec>(host_kp, d_, state_stride_, dev::kMaxAffineFloats,
+                                            affine))
                 upload_affine(affine);
         }
         // One allocation: the arena, then the per-head parameter arrays.
@@ -299,7 +300,7 @@ private:
     int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
     int key_table_floats_ = 0, value_table_floats_ = 0;    ///< codec tables in shared memory
-    bool smem_raised_[3][3] = {};  ///< kMaxSmem allowed, per (D, R)
+    bool smem_raised_[3][3] = {};                          ///< kMaxSmem allowed, per (D, R)
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;

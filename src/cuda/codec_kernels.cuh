@@ -25,9 +25,9 @@
 
 namespace veloxquant::cuda::codec {
 
-constexpr int kPage = 64;         // tokens per page (kTokensPerPage)
-constexpr int kWarps = 4;         // warps per attention CTA
-constexpr int kThreads = 128;     // threads per CTA of the per-item kernels
+constexpr int kPage = 64;      // tokens per page (kTokensPerPage)
+constexpr int kWarps = 4;      // warps per attention CTA
+constexpr int kThreads = 128;  // threads per CTA of the per-item kernels
 constexpr unsigned kFull = 0xffffffffu;
 
 /// One KV head's regions inside a page (offsets from the page start; PageLayout's HeadLayout).
@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(kThreads)
         const int k = f.row_of[head + i];
         float x = f.constant[head + i];
         if (k >= 0)
-            for (int j = 0; j < d; ++j) x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
+            for (int j = 0; j < d; ++j)
+                x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
         state[i] = x;
     }
 }
@@ -330,9 +331,11 @@ __global__ void __launch_bounds__(kWarps * 32)
                    page + layout.value_codes + static_cast<size_t>(slot0) * layout.value_code_bytes,
                    layout.value_code_bytes, n, lane);
         if (lane < n) {
-            const float* ks = reinterpret_cast<const float*>(page + layout.key_scalars) + slot0 + lane;
+            const float* ks =
+                reinterpret_cast<const float*>(page + layout.key_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_key_scalars; ++s) st_kscal[s * 32 + lane] = ks[s * kPage];
-            const float* vs = reinterpret_cast<const float*>(page + layout.value_scalars) + slot0 + lane;
+            const float* vs =
+                reinterpret_cast<const float*>(page + layout.value_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_value_scalars; ++s) st_vscal[s * 32 + lane] = vs[s * kPage];
         }
         stage_wait();
@@ -362,8 +365,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         if (j0 < d) {
             for (int tt = 0; tt < n; ++tt) {
                 float v[E];
-                dev::ValueDevice::coords<E>(vp, st_value + tt * a.stage_value_stride,
-                                            st_vscal + tt, j0, v);
+                dev::ValueDevice::coords<E>(vp, st_value + tt * a.stage_value_stride, st_vscal + tt,
+                                            j0, v);
                 float w[R];
                 dev::load_rows<R>(st_p + tt * R, w);
 #pragma unroll

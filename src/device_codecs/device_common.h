@@ -143,7 +143,8 @@ struct FieldReader {
     int held = 0;         ///< how many bits buffer holds (at most 7 between calls)
 
     /// A reader positioned at bit `bit` of the stream.
-    VQ_HD explicit FieldReader(const uint8_t* packed, int bit = 0) : next_byte(packed + (bit >> 3)) {
+    VQ_HD explicit FieldReader(const uint8_t* packed, int bit = 0)
+        : next_byte(packed + (bit >> 3)) {
         if ((bit & 7) != 0) {
             buffer = static_cast<uint32_t>(*next_byte++) >> (bit & 7);
             held = 8 - (bit & 7);

@@ -47,7 +47,8 @@ struct Fp16Device {
 
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
-                            const float* /*scalars*/, int /*stride*/, int /*pos*/, float (&out)[R]) {
+                            const float* /*scalars*/, int /*stride*/, int /*pos*/,
+                            float (&out)[R]) {
         float acc[R] = {};
         for (int j = 0; j < p.d; ++j) fma_rows<R>(acc, key_at(code, j), state + j * R);
         for (int r = 0; r < R; ++r) out[r] = acc[r];

@@ -75,8 +75,7 @@ struct QjlDevice {
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
         float acc[R] = {};
         FieldReader bits(code);
-        for (int i = 0; i < p.m; ++i)
-            fma_rows<R>(acc, bits.next(1) ? 1.0f : -1.0f, state + i * R);
+        for (int i = 0; i < p.m; ++i) fma_rows<R>(acc, bits.next(1) ? 1.0f : -1.0f, state + i * R);
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 

@@ -78,13 +78,20 @@ struct TqDevice {
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
-        if (p.d % 8 == 0) switch (p.bits) {  // the common widths with constant shifts
-                case 1: return score_fixed<1, R>(p, state, code, scalars, out);
-                case 2: return score_fixed<2, R>(p, state, code, scalars, out);
-                case 3: return score_fixed<3, R>(p, state, code, scalars, out);
-                case 4: return score_fixed<4, R>(p, state, code, scalars, out);
-                default: break;
+        if (p.d % 8 == 0) {  // the common widths, cut at constant shifts
+            switch (p.bits) {
+                case 1:
+                    return score_fixed<1, R>(p, state, code, scalars, out);
+                case 2:
+                    return score_fixed<2, R>(p, state, code, scalars, out);
+                case 3:
+                    return score_fixed<3, R>(p, state, code, scalars, out);
+                case 4:
+                    return score_fixed<4, R>(p, state, code, scalars, out);
+                default:
+                    break;
             }
+        }
         const int levels = 1 << p.bits;
         float acc[R] = {};
         for (int s = 0; s < p.stages; ++s) {

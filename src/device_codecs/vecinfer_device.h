@@ -115,7 +115,8 @@ struct VecInferDevice {
 
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
-                            const float* /*scalars*/, int /*stride*/, int /*pos*/, float (&out)[R]) {
+                            const float* /*scalars*/, int /*stride*/, int /*pos*/,
+                            float (&out)[R]) {
         float acc[R] = {};
         FieldReader indices(code);
         if (p.lut_state) {
