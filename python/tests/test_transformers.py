@@ -70,6 +70,16 @@ def run(model, cache, tokens, attention):
     return torch.cat(logits).float().cpu()
 
 
+def prefill(model, cache, ids):
+    """One forward pass of `ids` into `cache` with the veloxquant attention."""
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def default_run(model, tokens):
     cache = DynamicCache(config=model.config)
     logits = run(model, cache, tokens, "sdpa")
@@ -219,13 +229,7 @@ def test_a_batch_on_sliding_window_layers(model):
     caches = [SlidingWindowKVCache(_create(config, 2, 32, 256, i), 20, sink_tokens=2)
               for i in range(2)]
     cache = VeloxQuantCache(caches)
-    batch = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(7))
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        with torch.no_grad():
-            model(batch, past_key_values=cache, use_cache=True)
-    finally:
-        model.set_attn_implementation("sdpa")
+    prefill(model, cache, torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(7)))
     extra = cache.layers[1].rows[1]
     assert isinstance(extra, SlidingWindowKVCache) and extra is not caches[1]
     assert (extra.window, extra.sink_tokens, extra.layer, extra.size) == (20, 2, 1, 30)
@@ -293,13 +297,7 @@ def run_alone(model, config, tokens, prompt):
 
 def test_reordering_is_refused(model):
     cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
-    ids = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(6))
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
-    finally:
-        model.set_attn_implementation("sdpa")
+    prefill(model, cache, torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(6)))
     assert cache.get_seq_length() == 6
     with pytest.raises(NotImplementedError, match="beam search"):
         cache.reorder_cache(torch.tensor([1, 1]))
