@@ -3,11 +3,13 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 
 #include "attention/online_softmax.h"
 #include "core/bitpack.h"
 #include "core/binary_io.h"
 #include "core/half.h"
+#include "core/host_device.h"
 #include "core/lloyd_max.h"
 #include "core/rng.h"
 #include "core/rotation.h"
@@ -169,4 +171,29 @@ TEST(FastExp, MatchesStdExpOnNonPositiveInputs) {
     EXPECT_LT(worst, 1e-6);
     EXPECT_EQ(exp_nonpositive(-INFINITY), 0.0f);
     EXPECT_EQ(exp_nonpositive(0.0f), 1.0f);
+}
+
+// The CUDA encoders divide a rotated vector by its norm through one reciprocal; the quotients
+// must be the CPU's divisions exactly (the encoder's domain, |x| <= d, and random exponents).
+TEST(DivideByReciprocal, EqualsCorrectlyRoundedDivision) {
+    std::mt19937 rng(7);
+    auto random_float = [&](int min_exp, int max_exp) {
+        const uint32_t mantissa = rng() & 0x7fffffu;
+        const int e = min_exp + static_cast<int>(rng() % (max_exp - min_exp + 1));
+        const uint32_t bits = (static_cast<uint32_t>(e + 127) << 23) | mantissa | (rng() & 1u) << 31;
+        float f;
+        std::memcpy(&f, &bits, sizeof f);
+        return f;
+    };
+    long long checked = 0, differ = 0;
+    for (int i = 0; i < 4000000; ++i) {
+        const float d = std::fabs(random_float(-40, 40));
+        const float x = i % 2 ? random_float(-40, 40) : d * std::ldexp(random_float(-30, -1), 1);
+        const volatile float want = x / d;  // volatile: no contraction with what follows
+        if (!std::isnormal(want)) continue;
+        ++checked;
+        differ += divide_by_reciprocal(x, d, 1.0f / d) != want;
+    }
+    EXPECT_GT(checked, 3900000);
+    EXPECT_EQ(differ, 0) << differ << " of " << checked << " quotients differ";
 }

@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "cuda/turboquant_decode.cuh"
-#include "cuda/turboquant_encode_warp.cuh"
+#include "cuda/turboquant_encode.cuh"
 
 namespace veloxquant::cuda {
 namespace {
@@ -231,59 +231,64 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     return cudaSuccess;
 }
 
-// Dequantize and short encodes: one warp per (head, token) of tokens [start, start + n_tokens)
-// of one sequence.
+/// Encode and dequantize arguments: a supported layout, a token range, and the buffers.
 template <typename Args>
-cudaError_t launch_per_token(const Args& a, void (*kernel64)(Args), void (*kernel128)(Args),
-                             cudaStream_t stream) {
-    if (!layout_supported(a.layout) || a.n_tokens < 0 || a.start < 0 || a.pool == nullptr ||
-        a.page_table == nullptr || (a.n_tokens > 0 && (a.keys == nullptr || a.values == nullptr)))
-        return cudaErrorInvalidValue;
-    if (a.n_tokens == 0) return cudaSuccess;
-    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
-    const unsigned blocks =
-        static_cast<unsigned>((items + kernels::kEncodeWarps - 1) / kernels::kEncodeWarps);
-    (a.layout.head_dim == 64 ? kernel64
-                             : kernel128)<<<blocks, kernels::kEncodeWarps * 32, 0, stream>>>(a);
-    return cudaGetLastError();
+bool args_valid(const Args& a) {
+    return layout_supported(a.layout) && a.n_tokens >= 0 && a.start >= 0 && a.pool != nullptr &&
+           a.page_table != nullptr &&
+           (a.n_tokens == 0 || (a.keys != nullptr && a.values != nullptr));
 }
 
-}  // namespace
-
-/// Appends of fewer tokens take the warp-per-token encoder.
-constexpr int kShortAppend = 32;
-
-cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
-    if (!layout_supported(a.layout) || a.n_tokens < 0 || a.start < 0 || a.pool == nullptr ||
-        a.page_table == nullptr || (a.n_tokens > 0 && (a.keys == nullptr || a.values == nullptr)))
-        return cudaErrorInvalidValue;
-    if (a.n_tokens == 0) return cudaSuccess;
-    // Short appends (decode steps): the warp-per-token encoder, whose latency is a few
-    // microseconds; the tiled one-thread-per-token encoder needs many tokens to pay off.
-    if (a.n_tokens < kShortAppend)
-        return launch_per_token(a, &kernels::encode_warp_kernel<64>,
-                                &kernels::encode_warp_kernel<128>, stream);
-    // One warp per block, each looping over 32-item tiles: as many blocks as fit on the device
-    // (the tile buffers in shared memory bound the residency), or one per tile.
-    void (*kernel)(EncodeArgs) =
-        a.layout.head_dim == 64 ? &kernels::encode_kernel<64> : &kernels::encode_kernel<128>;
+/// Launches encode_kernel<D, G> with as many blocks as fit on the device, or one per step of
+/// kTokens items.
+template <int D, int G>
+cudaError_t launch_encode_kernel(const EncodeArgs& a, cudaStream_t stream) {
+    void (*kernel)(EncodeArgs) = &kernels::encode_kernel<D, G>;
     int device = 0, sms = 0, per_sm = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err == cudaSuccess)
         err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err == cudaSuccess)
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32, 0);
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
+                                                            kernels::kEncodeThreads, 0);
     if (err != cudaSuccess) return err;
+    constexpr int kTokens = kernels::EncodeShape<D, G>::kTokens;
     const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
-    const long long tiles = (items + kernels::kEncodeTile - 1) / kernels::kEncodeTile;
+    const long long steps = (items + kTokens - 1) / kTokens;
     const long long resident = static_cast<long long>(std::max(per_sm, 1)) * sms;
-    kernel<<<static_cast<unsigned>(std::min(tiles, resident)), 32, 0, stream>>>(a);
+    kernel<<<static_cast<unsigned>(std::min(steps, resident)), kernels::kEncodeThreads, 0,
+             stream>>>(a);
     return cudaGetLastError();
 }
 
+}  // namespace
+
+/// Appends of fewer tokens (decode steps) spread each token over D / 8 lanes, for latency;
+/// longer ones over D / 32 lanes, for throughput.
+constexpr int kShortAppend = 32;
+
+cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
+    if (!args_valid(a)) return cudaErrorInvalidValue;
+    if (a.n_tokens == 0) return cudaSuccess;
+    const bool short_append = a.n_tokens < kShortAppend;
+    if (a.layout.head_dim == 64)
+        return short_append ? launch_encode_kernel<64, 8>(a, stream)
+                            : launch_encode_kernel<64, 2>(a, stream);
+    return short_append ? launch_encode_kernel<128, 16>(a, stream)
+                        : launch_encode_kernel<128, 4>(a, stream);
+}
+
 cudaError_t launch_dequantize(const DequantizeArgs& a, cudaStream_t stream) {
-    return launch_per_token(a, &kernels::dequantize_kernel<64>, &kernels::dequantize_kernel<128>,
-                            stream);
+    if (!args_valid(a)) return cudaErrorInvalidValue;
+    if (a.n_tokens == 0) return cudaSuccess;
+    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
+    const unsigned blocks =
+        static_cast<unsigned>((items + kernels::kDequantizeWarps - 1) / kernels::kDequantizeWarps);
+    (a.layout.head_dim == 64
+         ? &kernels::dequantize_kernel<64>
+         : &kernels::dequantize_kernel<128>)<<<blocks, kernels::kDequantizeWarps * 32, 0, stream>>>(
+        a);
+    return cudaGetLastError();
 }
 
 std::size_t decode_workspace_bytes(const DecodeArgs& a) {

@@ -137,8 +137,11 @@ TEST(CudaParity, EncodedCodesMatchCpu) {
         const KVCacheConfig c = make_config(s, seed);
         CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
         CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
-        for (int n : {37, 150, 64}) {  // unaligned starts and page crossings
-            const auto k = random_tokens(s.heads, n, s.d, ++seed, 1.5f), v = random_tokens(s.heads, n, s.d, ++seed, 1.5f);
+        // Unaligned starts, page crossings, and short appends (the decode-step encoder).
+        for (int n : {37, 150, 5, 64, 1}) {
+            auto k = random_tokens(s.heads, n, s.d, ++seed, 1.5f), v = random_tokens(s.heads, n, s.d, ++seed, 1.5f);
+            if (n == 37)  // a zero key and value: zero norm, all-zero value codes and scale
+                std::fill(k.begin() + 3 * s.d, k.begin() + 4 * s.d, 0.0f), std::fill(v.begin() + 3 * s.d, v.begin() + 4 * s.d, 0.0f);
             DeviceBuffer<float> dk(k), dv(v);
             gpu.append(dk.get(), dv.get(), n, nullptr);
             cpu.append(k, v, n);
