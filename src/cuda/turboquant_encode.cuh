@@ -12,7 +12,8 @@
 // are each lane's sequential double sums added by a butterfly over the G lanes, not the CPU's one
 // sequential sum, so codes are the CPU's up to exact ties of the norm (the parity test allows
 // 0.1% of indices). The quotient u = y / ||k|| is the CPU's correctly rounded division, from one
-// reciprocal per token (divide_by_reciprocal).
+// reciprocal per token (divide_by_reciprocal). A chunk's 8 indices are B whole bytes of the
+// packed stream, so each lane stores its own.
 //
 // The bulk encoder takes G = D / 32 (32 coordinates per lane, 8 or 16 tokens per warp, 96
 // registers, no shared staging), the short appends of decode steps G = D / 8 (8 coordinates per
@@ -21,15 +22,17 @@
 
 #include <cuda_fp16.h>
 
+#include <cfloat>
+
 #include "core/host_device.h"
 #include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
 
 constexpr int kEncodeThreads = 128;  // threads per encode block
-// Five blocks per SM: 96 registers at G = D / 32 and 20 warps per SM (ptxas spills 8 bytes at
-// d = 128); 128 registers and 16 warps were 5% slower at d = 128 with 1-bit keys and 2-bit
-// values on the H200, the same at 4-bit.
+// Five blocks per SM: 96 registers at G = D / 32 and 20 warps per SM; 128 registers and 16
+// warps were 5% slower at d = 128 with 1-bit keys and 2-bit values on the H200, the same at
+// 4-bit.
 constexpr int kEncodeMinBlocks = 5;
 
 template <int D, int G>
@@ -202,30 +205,27 @@ __device__ __forceinline__ void group_rotate(float (&x)[D / G], const float* sig
     for (int i = 0; i < E; ++i) x[i] = __fmul_rn(x[i], inv_sqrt_d);
 }
 
-/// Packs the lane's chunk indices (chunk[k]: 8 indices of B bits, LSB-first) into the stage's
-/// LSB-first stream, gathers the stream over the token's lanes (the lanes' bits are disjoint)
-/// and lets the token's first lane store it at dst.
+/// Stores the lane's chunk indices (chunk[k]: the 8 indices of chunk c = G k + g, B bits each,
+/// LSB-first) into the stage's LSB-first stream at dst: chunk c is bits 8Bc .. 8Bc + 8B - 1,
+/// B whole bytes at byte Bc, so each lane writes its own bytes (dst is 4-byte aligned).
 template <int B, int D, int G>
-__device__ __forceinline__ void store_stream(const uint32_t (&chunk)[D / G / 8], int g, bool leader,
+__device__ __forceinline__ void store_chunks(const uint32_t (&chunk)[D / G / 8], int g, bool valid,
                                              uint8_t* dst) {
-    constexpr int W = D * B / 32;
-    static_assert(D * B % 32 == 0, "whole words per stage");
-    uint32_t w[W] = {};
+    if (!valid) return;
 #pragma unroll
-    for (int gg = 0; gg < G; ++gg) {  // placement at compile-time offsets, one lane's chunks each
+    for (int k = 0; k < D / G / 8; ++k) {
+        uint8_t* p = dst + B * (G * k + g);
+        if constexpr (B == 1) {
+            *p = static_cast<uint8_t>(chunk[k]);
+        } else if constexpr (B == 2) {
+            *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(chunk[k]);
+        } else if constexpr (B == 4) {
+            *reinterpret_cast<uint32_t*>(p) = chunk[k];
+        } else {  // 3 bytes at any offset
 #pragma unroll
-        for (int k = 0; k < D / G / 8; ++k) {
-            const int bit = 8 * B * (G * k + gg);
-            const uint32_t v = g == gg ? chunk[k] : 0u;
-            w[bit / 32] |= v << (bit % 32);
-            if (bit % 32 + 8 * B > 32) w[bit / 32 + 1] |= v >> (32 - bit % 32);
+            for (int i = 0; i < 3; ++i) p[i] = static_cast<uint8_t>(chunk[k] >> (8 * i));
         }
     }
-#pragma unroll
-    for (int m = 1; m < G; m <<= 1)
-#pragma unroll
-        for (int j = 0; j < W; ++j) w[j] |= __shfl_xor_sync(kFull, w[j], m);
-    if (leader) store_words(dst, w);
 }
 
 /// One key stage: quantizes u (to the residual u - C[idx], as the CPU, when another stage
@@ -233,7 +233,7 @@ __device__ __forceinline__ void store_stream(const uint32_t (&chunk)[D / G / 8],
 template <int B, int D, int G>
 __device__ __forceinline__ void encode_key_stage(float (&u)[D / G], const float* centroids,
                                                  const float* boundaries, bool residual, int g,
-                                                 bool leader, uint8_t* dst) {
+                                                 bool valid, uint8_t* dst) {
     const EncodeCodebook<B> cb(centroids, boundaries);
     uint32_t chunk[D / G / 8];
 #pragma unroll
@@ -246,7 +246,7 @@ __device__ __forceinline__ void encode_key_stage(float (&u)[D / G], const float*
             chunk[k] += static_cast<uint32_t>(idx) << (r * B);  // disjoint bits: one IMAD
         }
     }
-    store_stream<B, D, G>(chunk, g, leader, dst);
+    store_chunks<B, D, G>(chunk, g, valid, dst);
 }
 
 /// Value codes of B bits: idx_j of u_j = y_j * inv (y = R v), or all zero for v = 0 (as the
@@ -254,7 +254,7 @@ __device__ __forceinline__ void encode_key_stage(float (&u)[D / G], const float*
 template <int B, int D, int G>
 __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], float inv,
                                                     double vnorm, const float* centroids,
-                                                    const float* boundaries, int g, bool leader,
+                                                    const float* boundaries, int g, bool valid,
                                                     uint8_t* dst) {
     const EncodeCodebook<B> cb(centroids, boundaries);
     uint32_t chunk[D / G / 8];
@@ -275,7 +275,7 @@ __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], flo
         }
         if (vnorm == 0.0) chunk[k] = 0;
     }
-    store_stream<B, D, G>(chunk, g, leader, dst);
+    store_chunks<B, D, G>(chunk, g, valid, dst);
     uc = group_sum<G>(uc);
     cc = group_sum<G>(cc);
     return vnorm > 0.0 && cc > 0.0 ? static_cast<float>(vnorm * uc / cc) : 0.0f;
@@ -285,14 +285,18 @@ __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], flo
 template <int D, int G>
 __device__ __forceinline__ void encode_group_keys(float (&x)[D / G], const EncodeArgs& a,
                                                   const EncodeShared& sh, uint8_t* block, int h,
-                                                  int slot, int g, bool leader) {
+                                                  int slot, int g, bool valid) {
     const TqPageLayout& L = a.layout;
     const float norm = static_cast<float>(sqrt(group_norm2<D, G>(x)));
     group_rotate<D, G>(x, a.tables.key_signs + h * D, g, a.tables.inv_sqrt_d);
-    const float inv = norm > 0.0f ? __frcp_rn(norm) : 0.0f;
+    if (norm >= FLT_MIN) {  // 1 / norm is a normal float: one reciprocal for the D divisions
+        const float inv = __frcp_rn(norm);
 #pragma unroll
-    for (int j = 0; j < D / G; ++j)
-        x[j] = norm > 0.0f ? divide_by_reciprocal(x[j], norm, inv) : 0.0f;
+        for (int j = 0; j < D / G; ++j) x[j] = divide_by_reciprocal(x[j], norm, inv);
+    } else {  // zero or subnormal norm (1 / norm overflows): the divisions themselves
+#pragma unroll
+        for (int j = 0; j < D / G; ++j) x[j] = norm > 0.0f ? __fdiv_rn(x[j], norm) : 0.0f;
+    }
     uint8_t* code = block + slot * L.key_code_bytes;
     for (int s = 0; s < L.key_stages; ++s) {
         const float* c = sh.key_centroids + s * 16;
@@ -301,27 +305,27 @@ __device__ __forceinline__ void encode_group_keys(float (&x)[D / G], const Encod
         uint8_t* dst = code + s * L.key_stage_bytes;
         switch (L.key_bits) {
             case 1:
-                encode_key_stage<1, D, G>(x, c, b, residual, g, leader, dst);
+                encode_key_stage<1, D, G>(x, c, b, residual, g, valid, dst);
                 break;
             case 2:
-                encode_key_stage<2, D, G>(x, c, b, residual, g, leader, dst);
+                encode_key_stage<2, D, G>(x, c, b, residual, g, valid, dst);
                 break;
             case 3:
-                encode_key_stage<3, D, G>(x, c, b, residual, g, leader, dst);
+                encode_key_stage<3, D, G>(x, c, b, residual, g, valid, dst);
                 break;
             default:
-                encode_key_stage<4, D, G>(x, c, b, residual, g, leader, dst);
+                encode_key_stage<4, D, G>(x, c, b, residual, g, valid, dst);
                 break;
         }
     }
-    if (leader) reinterpret_cast<float*>(block + L.key_norms_offset)[slot] = norm;
+    if (valid && g == 0) reinterpret_cast<float*>(block + L.key_norms_offset)[slot] = norm;
 }
 
 /// Values: fp16, or R v / ||v|| quantized with one least-squares scale per token.
 template <int D, int G>
 __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const EncodeArgs& a,
                                                     const EncodeShared& sh, uint8_t* block, int h,
-                                                    int slot, int g, bool leader, bool valid) {
+                                                    int slot, int g, bool valid) {
     const TqPageLayout& L = a.layout;
     uint8_t* vcode = block + L.value_codes_offset + slot * L.value_code_bytes;
     if (L.value_bits == 16) {  // the lane's chunks, 8 halves each
@@ -344,16 +348,16 @@ __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const Enc
     float scale;
     switch (L.value_bits) {
         case 1:
-            scale = encode_value_codes<1, D, G>(x, inv, vnorm, c, b, g, leader, vcode);
+            scale = encode_value_codes<1, D, G>(x, inv, vnorm, c, b, g, valid, vcode);
             break;
         case 2:
-            scale = encode_value_codes<2, D, G>(x, inv, vnorm, c, b, g, leader, vcode);
+            scale = encode_value_codes<2, D, G>(x, inv, vnorm, c, b, g, valid, vcode);
             break;
         default:
-            scale = encode_value_codes<4, D, G>(x, inv, vnorm, c, b, g, leader, vcode);
+            scale = encode_value_codes<4, D, G>(x, inv, vnorm, c, b, g, valid, vcode);
             break;
     }
-    if (leader) reinterpret_cast<float*>(block + L.value_scales_offset)[slot] = scale;
+    if (valid && g == 0) reinterpret_cast<float*>(block + L.value_scales_offset)[slot] = scale;
 }
 
 /// Blocks loop over steps of kTokens items (item = head * n_tokens + token, so a step reads
@@ -392,12 +396,11 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
         const int pos = a.start + static_cast<int>(item % a.n_tokens);
         uint8_t* block = head_block(a.pool, a.page_table, L, pos, h);
         const int slot = pos % kPage;
-        const bool leader = valid && g == 0;
         float k[D / G], v[D / G];
         load_chunks<D, G>(k, a.keys + item * D, g, vec);
         load_chunks<D, G>(v, a.values + item * D, g, vec);
-        encode_group_keys<D, G>(k, a, sh, block, h, slot, g, leader);
-        encode_group_values<D, G>(v, a, sh, block, h, slot, g, leader, valid);
+        encode_group_keys<D, G>(k, a, sh, block, h, slot, g, valid);
+        encode_group_values<D, G>(v, a, sh, block, h, slot, g, valid);
     }
 }
 
