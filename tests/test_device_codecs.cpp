@@ -90,6 +90,8 @@ TEST_P(ValueDeviceCodec, MatchesCpuCodec) {
     const int n = 64, stride = kTokensPerPage;
     auto values = vqtest::randn(static_cast<std::size_t>(n) * d, 5 + bits, 3.0f);
     std::fill(values.begin(), values.begin() + d, 0.0f);
+    // A norm under 1 / FLT_MAX (every coordinate subnormal): stored as v = 0, not as NaN.
+    for (int j = 0; j < d; ++j) values[d + j] = static_cast<float>(j % 3 - 1) * 3e-40f;
     const std::size_t cb = cpu.code_bytes();
     ASSERT_EQ(static_cast<std::size_t>(dev::ValueDevice::code_bytes(p)), cb);
     std::vector<uint8_t> a(n * cb), b(n * cb);
@@ -105,6 +107,7 @@ TEST_P(ValueDeviceCodec, MatchesCpuCodec) {
     for (int t = 0; t < n; ++t)
         dev::ValueDevice::decode(p, a.data() + t * cb, sa.data() + t, rb.data() + t * d);
     EXPECT_LT(vqtest::max_rel_error(rb, ra), 1e-5);
+    for (int j = 0; j < d; ++j) EXPECT_EQ(ra[d + j], 0.0f) << "subnormal value, coordinate " << j;
 
     // coords (E at a time) equals coord.
     for (int t = 0; t < n; ++t)

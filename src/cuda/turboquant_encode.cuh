@@ -54,18 +54,26 @@ struct EncodeShared {
 
 /// A B-bit codebook (2^B centroids, 2^B - 1 ascending boundaries) and its nearest-centroid
 /// search: the number of boundaries below x, which both CPU binary searches return (ties go to
-/// the lower cell). B <= 2 keeps the codebook in registers and selects; B >= 3 searches the
-/// shared copy with the key codec's binary search.
+/// the lower cell). B <= 2 keeps the codebook in registers and selects; B >= 3 runs the key
+/// codec's binary search, its first two levels on boundaries held in registers and the rest
+/// on the shared copy.
 template <int B>
 struct EncodeCodebook {
+    static constexpr int kHalf = 1 << (B - 1);
     const float* c;  // shared memory
     const float* b;
+    float mid, low_quarter, high_quarter;  // b[kHalf - 1], b[kHalf / 2 - 1], b[3 kHalf / 2 - 1]
     __device__ __forceinline__ EncodeCodebook(const float* centroids, const float* boundaries)
-        : c(centroids), b(boundaries) {}
+        : c(centroids),
+          b(boundaries),
+          mid(boundaries[kHalf - 1]),
+          low_quarter(boundaries[kHalf / 2 - 1]),
+          high_quarter(boundaries[kHalf + kHalf / 2 - 1]) {}
     __device__ __forceinline__ int index(float x) const {
-        int idx = 0;
+        int idx = mid < x ? kHalf : 0;
+        if ((idx ? high_quarter : low_quarter) < x) idx += kHalf / 2;
 #pragma unroll
-        for (int step = (1 << B) >> 1; step > 0; step >>= 1)
+        for (int step = kHalf / 4; step > 0; step >>= 1)
             if (b[idx + step - 1] < x) idx += step;
         return idx;
     }
@@ -249,11 +257,11 @@ __device__ __forceinline__ void encode_key_stage(float (&u)[D / G], const float*
     store_chunks<B, D, G>(chunk, g, valid, dst);
 }
 
-/// Value codes of B bits: idx_j of u_j = y_j * inv (y = R v), or all zero for v = 0 (as the
-/// CPU); returns the least-squares scale ||v|| <u, c> / ||c||^2 (0 for v = 0).
+/// Value codes of B bits: idx_j of u_j = y_j * inv (y = R v), or all zero when `zero` (as the
+/// CPU); returns the least-squares scale ||v|| <u, c> / ||c||^2 (0 when `zero`).
 template <int B, int D, int G>
 __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], float inv,
-                                                    double vnorm, const float* centroids,
+                                                    double vnorm, bool zero, const float* centroids,
                                                     const float* boundaries, int g, bool valid,
                                                     uint8_t* dst) {
     const EncodeCodebook<B> cb(centroids, boundaries);
@@ -273,12 +281,12 @@ __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], flo
             cc = fma(c, c, cc);
             chunk[k] += static_cast<uint32_t>(idx) << (r * B);  // disjoint bits: one IMAD
         }
-        if (vnorm == 0.0) chunk[k] = 0;
+        if (zero) chunk[k] = 0;
     }
     store_chunks<B, D, G>(chunk, g, valid, dst);
     uc = group_sum<G>(uc);
     cc = group_sum<G>(cc);
-    return vnorm > 0.0 && cc > 0.0 ? static_cast<float>(vnorm * uc / cc) : 0.0f;
+    return !zero && cc > 0.0 ? static_cast<float>(vnorm * uc / cc) : 0.0f;
 }
 
 /// Keys: n = ||k|| (double, as the CPU), u = R k / n, then each stage quantizes the residual.
@@ -342,19 +350,22 @@ __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const Enc
     }
     const double vnorm = sqrt(group_norm2<D, G>(x));
     group_rotate<D, G>(x, a.tables.value_signs + h * D, g, a.tables.inv_sqrt_d);
-    const float inv = vnorm > 0.0 ? static_cast<float>(1.0 / vnorm) : 0.0f;
+    // v = 0, or a norm under 1 / FLT_MAX, is stored as zero codes and scale (as the CPU).
+    const float reciprocal = vnorm > 0.0 ? static_cast<float>(1.0 / vnorm) : 0.0f;
+    const bool zero = !(vnorm > 0.0 && reciprocal <= FLT_MAX);
+    const float inv = zero ? 0.0f : reciprocal;
     const float* c = sh.value_centroids;
     const float* b = sh.value_boundaries;
     float scale;
     switch (L.value_bits) {
         case 1:
-            scale = encode_value_codes<1, D, G>(x, inv, vnorm, c, b, g, valid, vcode);
+            scale = encode_value_codes<1, D, G>(x, inv, vnorm, zero, c, b, g, valid, vcode);
             break;
         case 2:
-            scale = encode_value_codes<2, D, G>(x, inv, vnorm, c, b, g, valid, vcode);
+            scale = encode_value_codes<2, D, G>(x, inv, vnorm, zero, c, b, g, valid, vcode);
             break;
         default:
-            scale = encode_value_codes<4, D, G>(x, inv, vnorm, c, b, g, valid, vcode);
+            scale = encode_value_codes<4, D, G>(x, inv, vnorm, zero, c, b, g, valid, vcode);
             break;
     }
     if (valid && g == 0) reinterpret_cast<float*>(block + L.value_scales_offset)[slot] = scale;

@@ -4,6 +4,8 @@
 // (coord), and maps the sum back once (finalize).
 #pragma once
 
+#include <cfloat>
+
 #include "device_codecs/device_common.h"
 
 namespace veloxquant {
@@ -53,10 +55,10 @@ struct ValueDevice {
         const double norm = sqrt(norm2);
         zero_bytes(code, code_bytes(p));
         float scale = 0.0f;
-        if (norm > 0.0) {
+        const float inv = norm > 0.0 ? static_cast<float>(1.0 / norm) : 0.0f;
+        if (norm > 0.0 && inv <= FLT_MAX) {  // a subnormal v is stored as 0 (as ValueCodec)
             float u[kMaxDim];
             rotate_forward(p.rotation, v, u);
-            const float inv = static_cast<float>(1.0 / norm);
             // Least-squares scale ||v|| <u, c> / ||c||^2 (as ValueCodec::encode).
             double uc = 0.0, cc = 0.0;
             for (int j = 0; j < d; ++j) {

@@ -1,5 +1,6 @@
 #include "methods/value_codec.h"
 
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -64,9 +65,11 @@ void ValueCodec::encode(const float* values, int n, uint8_t* codes, float* scala
         for (int j = 0; j < dim_; ++j) norm2 += static_cast<double>(v[j]) * v[j];
         const double norm = std::sqrt(norm2);
         float scale = 0.0f;
-        if (norm > 0.0) {
+        // A norm under 1 / FLT_MAX (every coordinate subnormal) is stored as v = 0: its
+        // reciprocal overflows to inf, and inf * 0 would make the codes and the scale NaN.
+        const float inv = norm > 0.0 ? static_cast<float>(1.0 / norm) : 0.0f;
+        if (norm > 0.0 && inv <= FLT_MAX) {
             rotation_.forward(v, u.data());
-            const float inv = static_cast<float>(1.0 / norm);
             // Least-squares scale for the chosen levels: ||v|| <u, c> / ||c||^2, which keeps
             // the reconstruction's error orthogonal to it (no shrinkage bias).
             double uc = 0.0, cc = 0.0;

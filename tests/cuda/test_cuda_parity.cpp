@@ -140,9 +140,9 @@ TEST(CudaParity, EncodedCodesMatchCpu) {
         // Unaligned starts, page crossings, and short appends (the decode-step encoder).
         for (int n : {37, 150, 5, 64, 1}) {
             auto k = random_tokens(s.heads, n, s.d, ++seed, 1.5f), v = random_tokens(s.heads, n, s.d, ++seed, 1.5f);
-            if (n == 37) {  // a zero key and value (all-zero value codes and scale), a subnormal key
+            if (n == 37) {  // a zero key and value (all-zero value codes and scale), a subnormal one
                 std::fill(k.begin() + 3 * s.d, k.begin() + 4 * s.d, 0.0f), std::fill(v.begin() + 3 * s.d, v.begin() + 4 * s.d, 0.0f);
-                for (int j = 0; j < s.d; ++j) k[5 * s.d + j] = (j % 3 - 1) * 3e-40f;
+                for (int j = 0; j < s.d; ++j) k[5 * s.d + j] = v[5 * s.d + j] = (j % 3 - 1) * 3e-40f;
             }
             DeviceBuffer<float> dk(k), dv(v);
             gpu.append(dk.get(), dv.get(), n, nullptr);
