@@ -7,7 +7,8 @@ DynamicCache, in the same process.
 Measured per context (32K, then 64K while the time budget allows) and cache:
   - decode tokens/s: greedy single-token steps after the prefill, wall time per step with a
     synchronize (Python overhead included, as a user sees it); the median step over --repeats
-    runs of --steps steps, after --warmup steps;
+    runs of --steps steps, after --warmup steps; with --batch B, B sequences decode together
+    and tokens/s counts all of theirs;
   - KV memory: torch.cuda.memory_allocated delta over the prefill (the DynamicCache tensors;
     our pages are not torch allocations, so this is ~0 for ours), the device-wide delta of
     cudaMemGetInfo (free bytes, after empty_cache: every allocator), and the caches' own byte
@@ -47,6 +48,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=16, help="decode steps per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences decoded together (tokens/s counts every sequence's tokens)")
     p.add_argument("--short", type=int, default=256, help="prompt of the correctness check")
     p.add_argument("--check-steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=150.0,
@@ -106,7 +109,12 @@ def cache_bytes(cache) -> int:
 
 
 def step(model, cache, ids):
-    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+    """The last position's logits of every sequence: [batch, vocab]."""
+    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def greedy(logits):
+    return logits.argmax(-1, keepdim=True)  # [batch, 1]
 
 
 def settle() -> None:
@@ -116,7 +124,7 @@ def settle() -> None:
 
 
 def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
-    ctx = prompt.shape[1]
+    batch, ctx = prompt.shape
     extra = args.warmup + args.steps * args.repeats + 8
     settle()
     alloc0, free0 = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
@@ -128,7 +136,7 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
             torch.cuda.synchronize()
             t = time.perf_counter()
             logits = step(model, cache, prompt)
-            token = logits.argmax().view(1, 1)
+            token = greedy(logits)
             torch.cuda.synchronize()
             prefill_s = time.perf_counter() - t
             peak = torch.cuda.max_memory_allocated() - alloc0
@@ -137,17 +145,17 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
             alloc1, free1 = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
             held = cache_bytes(cache)
             for _ in range(args.warmup):
-                token = step(model, cache, token).argmax().view(1, 1)
+                token = greedy(step(model, cache, token))
             torch.cuda.synchronize()
             steps, per_repeat = [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     t = time.perf_counter()
-                    token = step(model, cache, token).argmax().view(1, 1)
+                    token = greedy(step(model, cache, token))
                     torch.cuda.synchronize()
                     steps.append(time.perf_counter() - t)
-                per_repeat.append(args.steps / (time.perf_counter() - start))
+                per_repeat.append(batch * args.steps / (time.perf_counter() - start))
             if args.profile > 0:
                 token = profile_steps(model, cache, token, args, f"{ctx}_{name}")
             length = cache.get_seq_length()
@@ -155,11 +163,12 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
         model.set_attn_implementation("sdpa")
     result = {
         "context": ctx,
+        "batch": batch,
         "cache": name,
         "config": None if name == "dynamic" else CONFIGS.get(name, HIGH),
         "prefill_s": prefill_s,
         "decode_step_ms_median": 1e3 * statistics.median(steps),
-        "decode_tokens_per_s": 1.0 / statistics.median(steps),
+        "decode_tokens_per_s": batch / statistics.median(steps),
         "decode_tokens_per_s_per_repeat": per_repeat,
         "decode_tokens_per_s_median_of_repeats": statistics.median(per_repeat),
         "torch_allocated_delta_bytes": alloc1 - alloc0,
@@ -170,7 +179,7 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
     }
     del cache
     settle()
-    log(f"ctx {ctx} {name:8s}: prefill {prefill_s:6.2f} s, decode {result['decode_step_ms_median']:7.2f} "
+    log(f"ctx {ctx} x{batch} {name:8s}: prefill {prefill_s:6.2f} s, decode {result['decode_step_ms_median']:7.2f} "
         f"ms/token ({result['decode_tokens_per_s']:6.1f} tok/s), KV: cache {held / 2**20:8.1f} MiB, "
         f"torch delta {(alloc1 - alloc0) / 2**20:8.1f} MiB, device delta {(free0 - free1) / 2**20:8.1f} MiB")
     return result
@@ -181,7 +190,7 @@ def profile_steps(model, cache, token, args, tag: str):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profile):
-            token = step(model, cache, token).argmax().view(1, 1)
+            token = greedy(step(model, cache, token))
         torch.cuda.synchronize()
     averages = prof.key_averages()
     by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=25)
@@ -206,12 +215,12 @@ def correctness(model, args) -> dict:
         out, feed = [], []
         try:
             with torch.no_grad():
-                logits = step(model, cache, prompt)
+                logits = step(model, cache, prompt)[0]
                 out.append(logits.float())
                 for i in range(n):
                     tok = logits.argmax().view(1, 1) if tokens is None else tokens[i]
                     feed.append(tok)
-                    logits = step(model, cache, tok)
+                    logits = step(model, cache, tok)[0]
                     out.append(logits.float())
         finally:
             model.set_attn_implementation("sdpa")
@@ -278,7 +287,8 @@ def main() -> int:
             report["skipped_contexts"].append(ctx)
             continue
         g = torch.Generator(device="cuda").manual_seed(ctx)
-        prompt = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda", generator=g)
+        prompt = torch.randint(0, model.config.vocab_size, (args.batch, ctx), device="cuda",
+                               generator=g)
         rows = {}
         for name in ("dynamic", *CONFIGS):
             try:
