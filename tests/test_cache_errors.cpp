@@ -136,6 +136,32 @@ TEST_P(ErrorTest, BadAppendsAndAttendsLeaveCacheUnchanged) {
     EXPECT_EQ(cache->size(), 100);
 }
 
+// Finite but extreme tokens are not bad input: a zero token, one whose coordinates are all
+// subnormal (its norm's float reciprocal overflows) and a large one (within fp16's range, which
+// the fp16 storage has) encode to finite codes, so neither the dequantized tokens nor any later
+// attention turns NaN or Inf.
+TEST_P(ErrorTest, ZeroSubnormalAndLargeTokensStayFinite) {
+    const int h = 2, d = 64, n = 40;
+    auto cache = KVCacheFactory::create(config_of(GetParam()), h, d, 100);
+    auto k = randn(static_cast<std::size_t>(h) * n * d, 21), v = randn(k.size(), 22);
+    for (int j = 0; j < d; ++j) {
+        const float tiny = static_cast<float>(j % 3 - 1) * 3e-40f;
+        k[3 * d + j] = v[3 * d + j] = 0.0f;              // head 0, token 3
+        k[5 * d + j] = v[5 * d + j] = tiny;              // head 0, token 5
+        k[(n + 7) * d + j] = v[(n + 7) * d + j] = tiny;  // head 1, token 7
+        k[9 * d + j] *= 1e3f, v[9 * d + j] *= 1e3f;      // head 0, token 9
+    }
+    cache->append(k.data(), v.data(), n);
+    std::vector<float> ko(k.size()), vo(v.size());
+    cache->dequantize(0, n, ko.data(), vo.data());
+    for (std::size_t i = 0; i < ko.size(); ++i)
+        ASSERT_TRUE(std::isfinite(ko[i]) && std::isfinite(vo[i])) << "dequantized coordinate " << i;
+    auto q = randn(static_cast<std::size_t>(h) * n * d, 23);
+    std::vector<float> out(q.size());
+    cache->attend(q.data(), h, n, out.data(), 0.125f, true);
+    for (std::size_t i = 0; i < out.size(); ++i) ASSERT_TRUE(std::isfinite(out[i])) << "output " << i;
+}
+
 TEST_P(ErrorTest, TruncatedOrCorruptedFilesAreRejected) {
     const int h = 2, d = 64, n = 70;
     auto cache = KVCacheFactory::create(config_of(GetParam()), h, d, 200);
