@@ -162,6 +162,50 @@ TEST_P(ErrorTest, ZeroSubnormalAndLargeTokensStayFinite) {
     for (std::size_t i = 0; i < out.size(); ++i) ASSERT_TRUE(std::isfinite(out[i])) << "output " << i;
 }
 
+// fp16 storage turns magnitudes of 65520 and more into infinity: a config that stores keys or
+// values in fp16 (the fp16 method, 16-bit values, an fp16 outlier store) refuses such inputs
+// and changes nothing; the others take them, and 65519 (which rounds to 65504) passes everywhere.
+TEST(InputRange, Fp16StorageRefusesWhatItCannotHold) {
+    const int h = 2, d = 64, n = 8;
+    const auto k = randn(static_cast<std::size_t>(h) * n * d, 31), v = randn(k.size(), 32);
+    auto with = [&](std::vector<float> x, float big) {
+        x[static_cast<std::size_t>(n) * d + 2 * d + 3] = big;  // head 1, token 2
+        return x;
+    };
+    struct Case {
+        std::string method;
+        int value_bits, outlier_bits;  // outlier_bits 0: no outlier store
+        bool keys_refused, values_refused;
+    };
+    for (const Case& c : {Case{"fp16", 2, 0, true, true}, Case{"turboquant_rvq", 16, 0, false, true},
+                          Case{"turboquant_rvq", 4, 0, false, false}, Case{"turboquant_rvq", 4, 16, true, true},
+                          Case{"qjl", 4, 8, false, false}}) {
+        SCOPED_TRACE(c.method + " v" + std::to_string(c.value_bits) + " outliers " + std::to_string(c.outlier_bits));
+        KVCacheConfig cfg = config_of(c.method);
+        cfg.value_bits = c.value_bits;
+        if (c.outlier_bits > 0) {
+            cfg.outlier_observer = std::make_shared<KeyNormObserver>(2.0, 8);
+            cfg.outlier_bits = c.outlier_bits;
+        }
+        auto cache = KVCacheFactory::create(cfg, h, d, 100);
+        cache->append(k.data(), v.data(), n);
+        const auto kb = with(k, -7e4f), vb = with(v, 7e4f);
+        if (c.keys_refused)
+            expect_error_unchanged<std::invalid_argument>(
+                *cache, [&] { cache->append(kb.data(), v.data(), n); },
+                "keys exceed fp16's range, |x| < 65520 (head 1, token 2)");
+        else
+            EXPECT_NO_THROW(cache->append(kb.data(), v.data(), n));
+        if (c.values_refused)
+            expect_error_unchanged<std::invalid_argument>(
+                *cache, [&] { cache->append(k.data(), vb.data(), n); }, "values exceed fp16's range");
+        else
+            EXPECT_NO_THROW(cache->append(k.data(), vb.data(), n));
+        const auto ke = with(k, 65519.0f), ve = with(v, -65519.0f);
+        EXPECT_NO_THROW(cache->append(ke.data(), ve.data(), n));
+    }
+}
+
 TEST_P(ErrorTest, TruncatedOrCorruptedFilesAreRejected) {
     const int h = 2, d = 64, n = 70;
     auto cache = KVCacheFactory::create(config_of(GetParam()), h, d, 200);

@@ -50,6 +50,15 @@ struct KVCacheConfig {
     /// Throws std::invalid_argument naming the offending field for an unknown method or an
     /// impossible setting. Head-dim constraints are checked by the factory, which knows d.
     void validate() const;
+
+    /// Bits per stored value coordinate: 16 for the fp16 method, else value_bits.
+    int stored_value_bits() const;
+    /// Exclusive bounds on |key| and |value| coordinates that append accepts: infinity (any
+    /// finite float) unless this config stores them in fp16 (the fp16 method, 16-bit values, an
+    /// fp16 outlier side store), whose conversion turns magnitudes of 65520 and more into
+    /// infinity.
+    float key_bound() const;
+    float value_bound() const;
 };
 
 }  // namespace veloxquant

@@ -1,6 +1,8 @@
+#include <limits>
 #include <stdexcept>
 #include <string>
 
+#include "core/half.h"
 #include "veloxquant/config.h"
 
 namespace veloxquant {
@@ -58,6 +60,18 @@ void KVCacheConfig::validate() const {
             throw std::invalid_argument("KVCacheConfig.bit_allocation['" + key + "'] must be in 1..8, got " +
                                         std::to_string(b));
     }
+}
+
+int KVCacheConfig::stored_value_bits() const { return method == "fp16" ? 16 : value_bits; }
+
+float KVCacheConfig::key_bound() const {
+    const bool fp16 = method == "fp16" || (outlier_observer && outlier_bits == 16);
+    return fp16 ? kHalfOverflow : std::numeric_limits<float>::infinity();
+}
+
+float KVCacheConfig::value_bound() const {
+    const bool fp16 = stored_value_bits() == 16 || (outlier_observer && outlier_bits == 16);
+    return fp16 ? kHalfOverflow : std::numeric_limits<float>::infinity();
 }
 
 }  // namespace veloxquant

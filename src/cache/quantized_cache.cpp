@@ -9,6 +9,7 @@
 #include "core/binary_io.h"
 #include "cache/outlier_store.h"
 #include "cache/paged_store.h"
+#include "cache/token_check.h"
 #include "core/rng.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
@@ -16,12 +17,6 @@
 #include "veloxquant/observer.h"
 
 namespace veloxquant {
-namespace {
-
-// Values of the fp16 baseline are fp16 too; every other method uses config.value_bits.
-int effective_value_bits(const KVCacheConfig& c) { return c.method == "fp16" ? 16 : c.value_bits; }
-
-}  // namespace
 
 QuantizedKVCache::QuantizedKVCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                    int max_seq_len, int layer, std::string class_name)
@@ -47,7 +42,7 @@ QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const KVCacheConfig> config, 
     for (int h = 0; h < num_heads; ++h) {
         key_codecs_.push_back(make_key_codec(*config_, head_dim, layer, h));
         const uint64_t vseed = derive_seed(config_->seed, layer, h, head_dim, RandomPurpose::kValueRotation);
-        value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, effective_value_bits(*config_),
+        value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, config_->stored_value_bits(),
                                                              config_->use_hadamard, vseed));
     }
     PageLayout layout;
@@ -75,16 +70,11 @@ void QuantizedKVCache::check_tokens(const float* keys, const float* values, int 
         throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
                                 std::to_string(max_seq_len_) + " (cache holds " + std::to_string(size_) + ")");
     const std::size_t count = static_cast<std::size_t>(num_heads_) * n_tokens * head_dim_;
-    for (int which = 0; which < 2; ++which) {
-        const float* x = which == 0 ? keys : values;
-        for (std::size_t i = 0; i < count; ++i) {
-            if (!std::isfinite(x[i])) {
-                const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
-                throw std::invalid_argument(std::string("append: ") + (which == 0 ? "keys" : "values") +
-                                            " contain NaN or Inf (head " + std::to_string(i / per_head) +
-                                            ", token " + std::to_string(i % per_head / head_dim_) + ")");
-            }
-        }
+    for (const bool is_keys : {true, false}) {
+        const float* x = is_keys ? keys : values;
+        const std::size_t i =
+            first_bad_coordinate(x, count, is_keys ? config_->key_bound() : config_->value_bound());
+        if (i < count) throw bad_token_error(is_keys, x[i], i, n_tokens, head_dim_);
     }
 }
 

@@ -6,6 +6,10 @@
 
 namespace veloxquant {
 
+/// The smallest magnitude float_to_half (and the GPU's round-to-nearest conversion) rounds to
+/// infinity; anything below it rounds to a finite half (at most 65504).
+constexpr float kHalfOverflow = 65520.0f;
+
 inline float half_to_float(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1Fu;

@@ -13,13 +13,6 @@
 #include "veloxquant/factory.h"
 
 namespace veloxquant::cuda {
-namespace {
-
-int effective_value_bits(const KVCacheConfig& c) {
-    return c.method == "fp16" ? 16 : c.value_bits;
-}
-
-}  // namespace
 
 CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                int max_seq_len, int layer)
@@ -48,7 +41,7 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
         const uint64_t vseed =
             derive_seed(config_.seed, layer, h, head_dim, RandomPurpose::kValueRotation);
         value_codecs_.push_back(std::make_unique<ValueCodec>(
-            head_dim, effective_value_bits(config_), config_.use_hadamard, vseed));
+            head_dim, config_.stored_value_bits(), config_.use_hadamard, vseed));
         HeadLayout hl;
         hl.key_code_bytes = key_codecs_[h]->code_bytes();
         hl.key_scalars = key_codecs_[h]->num_scalars();
@@ -91,7 +84,8 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
         throw std::length_error("append: " + std::to_string(n_tokens) +
                                 " tokens would exceed max_seq_len " + std::to_string(max_seq_len_) +
                                 " (cache holds " + std::to_string(size_) + ")");
-    finite_.require(keys, values, num_heads_, n_tokens, head_dim_, stream);
+    input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, config_.key_bound(),
+                         config_.value_bound(), stream);
     pages_->reserve(size_ + n_tokens);
     if (!backend_) train_on(keys, n_tokens, stream);
     backend_->encode(pages_->pool(), pages_->page_table(), size_, n_tokens, keys, values, stream);

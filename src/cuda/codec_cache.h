@@ -62,9 +62,10 @@ public:
     CudaCodecCache& operator=(const CudaCodecCache&) = delete;
 
     /// Encodes n_tokens device-resident tokens, [num_heads][n_tokens][head_dim]; throws
-    /// std::length_error past max_seq_len and std::invalid_argument for NaN or Inf (nothing
-    /// changes; the check synchronizes the stream). The first append of a codec that
-    /// trains (rabitq) copies its keys to the host, trains, then uploads the parameters.
+    /// std::length_error past max_seq_len and std::invalid_argument for NaN, Inf or values
+    /// over fp16 storage's range (nothing changes; the check synchronizes the stream). The
+    /// first append of a codec that trains (rabitq) copies its keys to the host, trains, then
+    /// uploads the parameters.
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
     /// Attention of queries [num_q_heads][n_queries][head_dim] over every stored token; with
     /// causal, the queries are the last n_queries tokens appended (KVCache::attend).
@@ -118,7 +119,7 @@ private:
     std::vector<std::unique_ptr<ValueCodec>> value_codecs_;
     std::unique_ptr<CodecBackend> backend_;  ///< null until trained codecs are trained
     std::unique_ptr<DevicePagePool> pages_;
-    FiniteCheck finite_;
+    InputCheck input_check_;
 };
 
 }  // namespace veloxquant::cuda

@@ -181,6 +181,8 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
       num_heads_(num_heads),
       head_dim_(head_dim),
       max_seq_len_(max_seq_len),
+      key_bound_(config.key_bound()),
+      value_bound_(config.value_bound()),
       pages_(host_.page_layout, std::max(max_seq_len, 1)) {
     if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
@@ -196,7 +198,8 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
         throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
                                 std::to_string(max_seq_len_));
-    finite_.require(keys, values, num_heads_, n_tokens, head_dim_, stream);
+    input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, key_bound_, value_bound_,
+                         stream);
     pages_.reserve(size_ + n_tokens);
     EncodeArgs a;
     a.layout = host_.layout;

@@ -166,8 +166,8 @@ public:
     CudaTurboQuantCache& operator=(const CudaTurboQuantCache&) = delete;
 
     /// Encodes n_tokens device-resident tokens; throws std::length_error past max_seq_len and
-    /// std::invalid_argument for NaN or Inf (nothing changes; the check synchronizes the
-    /// stream).
+    /// std::invalid_argument for NaN, Inf or values over fp16 storage's range (nothing
+    /// changes; the check synchronizes the stream).
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
     /// Decode attention of one query per query head over every stored token.
     void attend(const float* queries, int num_q_heads, float* out, float scale,
@@ -208,10 +208,12 @@ private:
     int num_heads_;
     int head_dim_;
     int max_seq_len_;
+    float key_bound_;    ///< KVCacheConfig::key_bound: what append accepts
+    float value_bound_;  ///< KVCacheConfig::value_bound
     int device_ = 0;
     int size_ = 0;
     DevicePagePool pages_;
-    FiniteCheck finite_;
+    InputCheck input_check_;
     mutable void* workspace_ = nullptr;
     mutable std::size_t workspace_bytes_ = 0;
 };

@@ -1,5 +1,6 @@
-// FiniteCheck: the device caches refuse keys or values holding NaN or Inf, as the CPU caches do,
-// before anything is encoded (one small kernel and a synchronization of the caller's stream).
+// InputCheck: the device caches refuse keys or values holding NaN or Inf, or magnitudes their
+// fp16 storage cannot hold, as the CPU caches do (cache/token_check.h), before anything is
+// encoded (one small kernel and a synchronization of the caller's stream).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,18 +9,19 @@
 
 namespace veloxquant::cuda {
 
-class FiniteCheck {
+class InputCheck {
 public:
-    FiniteCheck() = default;
-    ~FiniteCheck();
-    FiniteCheck(const FiniteCheck&) = delete;
-    FiniteCheck& operator=(const FiniteCheck&) = delete;
+    InputCheck() = default;
+    ~InputCheck();
+    InputCheck(const InputCheck&) = delete;
+    InputCheck& operator=(const InputCheck&) = delete;
 
-    /// Throws std::invalid_argument naming the first NaN or Inf of device keys or values
+    /// Throws std::invalid_argument naming the first bad coordinate of device keys or values
     /// ([num_heads][n_tokens][head_dim] floats each) by head and token, in the CPU caches'
-    /// words. Synchronizes `stream`.
+    /// words: NaN, Inf, or a magnitude not under key_bound / value_bound
+    /// (KVCacheConfig::key_bound, value_bound). Synchronizes `stream`.
     void require(const float* keys, const float* values, int num_heads, int n_tokens, int head_dim,
-                 cudaStream_t stream);
+                 float key_bound, float value_bound, cudaStream_t stream);
 
 private:
     unsigned long long* first_ = nullptr;  ///< [2] device: first bad index of keys, values

@@ -215,5 +215,32 @@ TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {
     EXPECT_EQ(tq.size(), n);
 }
 
+// As the CPU caches (InputRange.Fp16StorageRefusesWhatItCannotHold): fp16 storage refuses
+// magnitudes of 65520 and more, a quantized value codec takes them.
+TEST(CodecCache, Fp16StorageRefusesWhatItCannotHold) {
+    SKIP_WITHOUT_DEVICE();
+    const int H = 2, d = 64, n = 10;
+    auto good = random_tokens(H, n, d, 5, 0.5f), big = good;
+    big[static_cast<std::size_t>(1) * n * d + 7 * d + 5] = 7e4f;  // head 1, token 7
+    DeviceBuffer<float> dgood(good), dbig(big);
+    CudaCodecCache fp16(base("fp16", 2, 16, 1), H, d, 256);
+    try {
+        fp16.append(dbig.get(), dgood.get(), n, nullptr);
+        ADD_FAILURE() << "no error for a key over fp16's range";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("keys exceed fp16's range, |x| < 65520 (head 1, token 7)"),
+                  std::string::npos)
+            << e.what();
+    }
+    EXPECT_EQ(fp16.size(), 0);
+    CudaTurboQuantCache tq16(base("turboquant_rvq", 2, 16, 1), H, d, 256);
+    EXPECT_THROW(tq16.append(dgood.get(), dbig.get(), n, nullptr), std::invalid_argument);
+    tq16.append(dbig.get(), dgood.get(), n, nullptr);  // turboquant keys take any finite value
+    CudaTurboQuantCache tq4(base("turboquant_rvq", 2, 4, 1), H, d, 256);
+    tq4.append(dgood.get(), dbig.get(), n, nullptr);
+    EXPECT_EQ(tq16.size(), n);
+    EXPECT_EQ(tq4.size(), n);
+}
+
 }  // namespace
 }  // namespace veloxquant::cuda

@@ -168,8 +168,9 @@ class KVCache:
     # --- data -----------------------------------------------------------------------------
     def append(self, keys: Any, values: Any) -> None:
         """Encodes and stores new tokens: keys and values [num_heads, n, head_dim] (or
-        [1, num_heads, n, head_dim]). Raises ValueError for bad shapes or NaN/Inf, and
-        CapacityError (a ValueError) past max_seq_len; a failed append changes nothing."""
+        [1, num_heads, n, head_dim]). Raises ValueError for bad shapes, NaN/Inf or, where the
+        config stores them in fp16, magnitudes of 65520 and more, and CapacityError (a
+        ValueError) past max_seq_len; a failed append changes nothing."""
         c = self._c
         k, _ = token_array(keys, "keys", c.num_heads, c.head_dim)
         v, _ = token_array(values, "values", c.num_heads, c.head_dim)

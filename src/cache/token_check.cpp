@@ -1,0 +1,27 @@
+#include "cache/token_check.h"
+
+#include <cmath>
+#include <string>
+
+namespace veloxquant {
+
+std::size_t first_bad_coordinate(const float* x, std::size_t count, float bound) {
+    for (std::size_t i = 0; i < count; ++i)
+        if (!(std::fabs(x[i]) < bound)) return i;  // NaN compares false
+    return count;
+}
+
+std::invalid_argument bad_token_error(bool keys, float value, std::size_t index, int n_tokens,
+                                      int head_dim) {
+    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim;
+    const std::string where = " (head " + std::to_string(index / per_head) + ", token " +
+                              std::to_string(index % per_head / head_dim) + ")";
+    const std::string what = keys ? "keys" : "values";
+    if (!std::isfinite(value))
+        return std::invalid_argument("append: " + what + " contain NaN or Inf" + where);
+    return std::invalid_argument("append: " + what + " exceed fp16's range, |x| < 65520" + where +
+                                 ": got " + std::to_string(value) + ", and this config stores " +
+                                 what + " as fp16");
+}
+
+}  // namespace veloxquant
