@@ -42,8 +42,9 @@ prompts it is much slower than SDPA: bench/cuda/bench_codec_cache.cu.)
 
 Neither takes an outlier observer or a sliding window: such layers stay on the CPU.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
-GPU layer nothing leaves the GPU; each append synchronizes once (its NaN/Inf check, so that bad
-input raises before anything is stored), as does a rabitq cache's training.
+GPU layer nothing leaves the GPU; each append synchronizes once (its input check: NaN, Inf, or
+magnitudes fp16 storage cannot hold, so that bad input raises before anything is stored), as
+does a rabitq cache's training.
 
 Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
 ``empty_like()`` on the first update of that batch size), each attending on its own sequence.
