@@ -6,6 +6,8 @@
 #include <fstream>
 #include <iterator>
 
+#include "calibration/calibrate.h"
+#include "calibration_test_helpers.h"
 #include "core/binary_io.h"
 #include "test_helpers.h"
 #include "veloxquant/veloxquant.h"
@@ -140,9 +142,10 @@ TEST_P(ErrorTest, BadAppendsAndAttendsLeaveCacheUnchanged) {
 // subnormal (its norm's float reciprocal overflows) and a large one (within fp16's range, which
 // the fp16 storage has) encode to finite codes, so neither the dequantized tokens nor any later
 // attention turns NaN or Inf.
-TEST_P(ErrorTest, ZeroSubnormalAndLargeTokensStayFinite) {
+namespace {
+void expect_extreme_tokens_stay_finite(const KVCacheConfig& config) {
     const int h = 2, d = 64, n = 40;
-    auto cache = KVCacheFactory::create(config_of(GetParam()), h, d, 100);
+    auto cache = KVCacheFactory::create(config, h, d, 100);
     auto k = randn(static_cast<std::size_t>(h) * n * d, 21), v = randn(k.size(), 22);
     for (int j = 0; j < d; ++j) {
         const float tiny = static_cast<float>(j % 3 - 1) * 3e-40f;
@@ -160,6 +163,25 @@ TEST_P(ErrorTest, ZeroSubnormalAndLargeTokensStayFinite) {
     std::vector<float> out(q.size());
     cache->attend(q.data(), h, n, out.data(), 0.125f, true);
     for (std::size_t i = 0; i < out.size(); ++i) ASSERT_TRUE(std::isfinite(out[i])) << "output " << i;
+}
+}  // namespace
+
+TEST_P(ErrorTest, ZeroSubnormalAndLargeTokensStayFinite) {
+    expect_extreme_tokens_stay_finite(config_of(GetParam()));
+}
+
+// The methods that need a calibration, calibrated on synthetic activations of one layer.
+TEST(CalibratedMethods, ZeroSubnormalAndLargeTokensStayFinite) {
+    const Activations acts = vqtest::synthetic_activations(1, 2, 64, 512, 41);
+    for (const std::string method : {"vecinfer", "spectral", "commvq"}) {
+        SCOPED_TRACE(method);
+        KVCacheConfig c = config_of(method);
+        c.bits = 2, c.value_bits = 4;
+        Calibration cal;
+        calibrate_method(acts, c, cal);
+        apply_calibration(cal, c);
+        expect_extreme_tokens_stay_finite(c);
+    }
 }
 
 // fp16 storage turns magnitudes of 65520 and more into infinity: a config that stores keys or
