@@ -187,28 +187,12 @@ __device__ __forceinline__ void group_rotate(float (&x)[D / G], const float* sig
 #pragma unroll
         for (int r = 0; r < 8; ++r) x[8 * k + r] = __fmul_rn(x[8 * k + r], f[r]);
     }
-    auto butterflies = [&](int stride) {  // registers i and i + stride, i & stride == 0
 #pragma unroll
-        for (int i = 0; i < E; ++i) {
-            if ((i & stride) == 0) {
-                const float lo = x[i], hi = x[i + stride];
-                x[i] = __fadd_rn(lo, hi);
-                x[i + stride] = __fsub_rn(lo, hi);
-            }
-        }
-    };
+    for (int len = 1; len < 8; len <<= 1) register_butterflies(x, len);  // inside a chunk
 #pragma unroll
-    for (int len = 1; len < 8; len <<= 1) butterflies(len);
+    for (int m = 1; m < G; m <<= 1) lane_butterflies(x, g, m);  // len = 8m: the token's lanes
 #pragma unroll
-    for (int m = 1; m < G; m <<= 1) {  // len = 8m: the partner lane holds the other coordinate
-#pragma unroll
-        for (int i = 0; i < E; ++i) {
-            const float other = __shfl_xor_sync(kFull, x[i], m);
-            x[i] = (g & m) ? __fsub_rn(other, x[i]) : __fadd_rn(x[i], other);
-        }
-    }
-#pragma unroll
-    for (int step = 8; step < E; step <<= 1) butterflies(step);  // len = G * step
+    for (int step = 8; step < E; step <<= 1) register_butterflies(x, step);  // len = G * step
 #pragma unroll
     for (int i = 0; i < E; ++i) x[i] = __fmul_rn(x[i], inv_sqrt_d);
 }
