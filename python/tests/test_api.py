@@ -241,6 +241,13 @@ def test_data_errors_carry_the_core_message(tmp_path):
     bad[1, 2, 5] = np.nan
     with pytest.raises(ValueError, match=r"append: keys contain NaN or Inf \(head 1, token 2\)"):
         cache.append(bad, rand(2, 3, 32))
+    # fp16 storage cannot hold |x| >= 65520 (it would store inf): refused, nothing stored
+    fp16 = KVCacheFactory.create(KVCacheConfig(method="fp16"), 2, 32, max_seq_len=100)
+    big = rand(2, 3, 32)
+    big[0, 1, 4] = 7e4
+    with pytest.raises(ValueError, match=r"append: values exceed fp16's range, \|x\| < 65520 \(head 0, token 1\)"):
+        fp16.append(rand(2, 3, 32), big)
+    assert fp16.size == 0
     with pytest.raises(IndexError, match=r"dequantize: range \[50, 70\) is outside \[0, 60\)"):
         cache.dequantize(50, 20)
     with pytest.raises(ValueError, match="trim: cannot drop 61 of 60 tokens"):

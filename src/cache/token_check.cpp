@@ -3,6 +3,8 @@
 #include <cmath>
 #include <string>
 
+#include "core/half.h"
+
 namespace veloxquant {
 
 std::size_t first_bad_coordinate(const float* x, std::size_t count, float bound) {
@@ -19,7 +21,8 @@ std::invalid_argument bad_token_error(bool keys, float value, std::size_t index,
     const std::string what = keys ? "keys" : "values";
     if (!std::isfinite(value))
         return std::invalid_argument("append: " + what + " contain NaN or Inf" + where);
-    return std::invalid_argument("append: " + what + " exceed fp16's range, |x| < 65520" + where +
+    return std::invalid_argument("append: " + what + " exceed fp16's range, |x| < " +
+                                 std::to_string(static_cast<int>(kHalfOverflow)) + where +
                                  ": got " + std::to_string(value) + ", and this config stores " +
                                  what + " as fp16");
 }

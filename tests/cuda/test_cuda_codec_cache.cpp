@@ -187,6 +187,17 @@ TEST(CodecCache, RejectsConfigsOutOfScope) {
     EXPECT_THROW(CudaCodecCache(c, 2, 128, 64), std::invalid_argument);
 }
 
+// f() throws std::invalid_argument whose message contains `fragment`.
+template <typename F>
+void expect_invalid_argument(F f, const std::string& fragment) {
+    try {
+        f();
+        ADD_FAILURE() << "no error, expected one mentioning '" << fragment << "'";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
+    }
+}
+
 TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {
     SKIP_WITHOUT_DEVICE();
     const int H = 2, d = 64, n = 10;
@@ -200,14 +211,8 @@ TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {
         auto keys = good;
         keys[static_cast<std::size_t>(1) * n * d + 7 * d + 5] = bad;  // head 1, token 7
         DeviceBuffer<float> dbad(keys);
-        try {
-            gpu.append(dbad.get(), dgood.get(), n, nullptr);
-            ADD_FAILURE() << "no error for a non-finite key";
-        } catch (const std::invalid_argument& e) {
-            EXPECT_NE(std::string(e.what()).find("keys contain NaN or Inf (head 1, token 7)"),
-                      std::string::npos)
-                << e.what();
-        }
+        expect_invalid_argument([&] { gpu.append(dbad.get(), dgood.get(), n, nullptr); },
+                                "keys contain NaN or Inf (head 1, token 7)");
         EXPECT_THROW(gpu.append(dgood.get(), dbad.get(), n, nullptr), std::invalid_argument);
         EXPECT_THROW(tq.append(dbad.get(), dgood.get(), n, nullptr), std::invalid_argument);
     }
@@ -224,14 +229,8 @@ TEST(CodecCache, Fp16StorageRefusesWhatItCannotHold) {
     big[static_cast<std::size_t>(1) * n * d + 7 * d + 5] = 7e4f;  // head 1, token 7
     DeviceBuffer<float> dgood(good), dbig(big);
     CudaCodecCache fp16(base("fp16", 2, 16, 1), H, d, 256);
-    try {
-        fp16.append(dbig.get(), dgood.get(), n, nullptr);
-        ADD_FAILURE() << "no error for a key over fp16's range";
-    } catch (const std::invalid_argument& e) {
-        EXPECT_NE(std::string(e.what()).find("keys exceed fp16's range, |x| < 65520 (head 1, token 7)"),
-                  std::string::npos)
-            << e.what();
-    }
+    expect_invalid_argument([&] { fp16.append(dbig.get(), dgood.get(), n, nullptr); },
+                            "keys exceed fp16's range, |x| < 65520 (head 1, token 7)");
     EXPECT_EQ(fp16.size(), 0);
     CudaTurboQuantCache tq16(base("turboquant_rvq", 2, 16, 1), H, d, 256);
     EXPECT_THROW(tq16.append(dgood.get(), dbig.get(), n, nullptr), std::invalid_argument);
