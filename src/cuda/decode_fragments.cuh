@@ -41,18 +41,31 @@ __device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[(BYTE
     }
 }
 
+/// Byte j of w, zero-extended: one PRMT.
+__device__ __forceinline__ uint32_t byte_of(uint32_t w, int j) {
+    return __byte_perm(w, 0, 0x4440u | j);
+}
+
 /// Byte offset (index << SHIFT) of the `width`-bit field at bit `pos` of w; pos and width are
 /// compile-time constants once the callers' loops are unrolled.
 template <int SHIFT, int N>
 __device__ __forceinline__ uint32_t field_offset(const uint32_t (&w)[N], int pos, int width) {
     const int i = pos >> 5, sh = pos & 31;
+    if (width == 8 && sh % 8 == 0)  // a whole byte (4-bit pairs): PRMT, then one IMAD in lut
+        return byte_of(w[i], sh >> 3) << SHIFT;
     const uint32_t bits = sh + width <= 32 ? w[i] >> sh : __funnelshift_r(w[i], w[i + 1], sh);
     return (bits & ((1u << width) - 1u)) << SHIFT;
 }
 
+/// A table entry read through a 32-bit shared-window address: with a PRMT-extracted index, base
+/// + (index << SHIFT) is one IMAD. Through a C++ pointer, ptxas rebuilt a word index (shift, mask
+/// with the lane's copy) and added the window base in a third instruction (SASS of the 4-bit
+/// decode: 4 instructions per lookup instead of 3).
 __device__ __forceinline__ uint32_t lut(const uint32_t* table, uint32_t byte_offset) {
-    return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(table) +
-                                              byte_offset);
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(table)) + byte_offset;
+    uint32_t v;
+    asm("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr));
+    return v;
 }
 
 /// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
@@ -106,6 +119,10 @@ __device__ __forceinline__ uint32_t value_pair(const uint32_t* table, C merged, 
     constexpr int kWidth = 2 * VBITS;
     constexpr uint32_t kMask = ((1u << kWidth) - 1u) << SHIFT;
     const int sh = kWidth * field;
+    if constexpr (kWidth == 8) {  // a whole byte (4-bit pairs): PRMT, then one IMAD in lut
+        const uint32_t word = static_cast<uint32_t>(merged >> (sh & ~31));
+        return lut(table, byte_of(word, (sh & 31) >> 3) << SHIFT);
+    }
     const uint32_t bits = sh >= SHIFT ? static_cast<uint32_t>(merged >> (sh - SHIFT))
                                       : static_cast<uint32_t>(merged << (SHIFT - sh));
     return lut(table, bits & kMask);
