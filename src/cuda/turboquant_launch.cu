@@ -17,7 +17,7 @@ bool layout_supported(const TqPageLayout& L) {
         L.value_bits == 1 || L.value_bits == 2 || L.value_bits == 4 || L.value_bits == 16;
     return (L.head_dim == 64 || L.head_dim == 128) && L.key_bits >= 1 && L.key_bits <= 4 &&
            L.key_stages >= 1 && L.key_stages <= kernels::kMaxStages && values &&
-           L.num_kv_heads >= 1 && L.head_bytes % 64 == 0 &&
+           L.num_kv_heads >= 1 && L.head_bytes % 64 == 0 && L.value_codes_offset % 16 == 0 &&
            L.page_bytes == static_cast<uint64_t>(L.num_kv_heads) * L.head_bytes;
 }
 
@@ -139,9 +139,12 @@ cudaError_t plan_residency(const TqPageLayout& L, const DecodeKernel& k, Residen
     return err;
 }
 
-// Lane copies of 4-bit tables (args.table_copies, or the plan's choice): the most copies that
-// keep the residency of plain tables, or 16 when both keys and values have such tables and two
-// CTAs still fit.
+// Lane copies of 4-bit tables (args.table_copies, or the plan's choice). Their lookups through
+// shared memory bound the page loop, so the plan takes conflict-free tables (32 copies) at
+// head_dim 128 and 16 copies (at most 2-way conflicts) at 64, where lookups are half of a page's
+// work and the extra CTA per SM of smaller tables pays more; either only while two CTAs still fit
+// per SM, else the most copies that keep the residency of plain tables (H200 measurements in
+// bench/cuda/decode_tuning.md).
 cudaError_t pick_kernel(const DecodeArgs& a, DecodeKernel& k, Residency& r) {
     const TqPageLayout& L = a.layout;
     const bool four = L.key_bits == 4 || L.value_bits == 4;
@@ -154,12 +157,12 @@ cudaError_t pick_kernel(const DecodeArgs& a, DecodeKernel& k, Residency& r) {
     cudaError_t err = plan_residency(L, plain, rp);
     if (err != cudaSuccess) return err;
     k = plain, r = rp;
-    const bool both = L.key_bits == 4 && L.value_bits == 4;
-    for (const int c : {32, 16}) {
+    const int preferred = L.head_dim == 128 ? 32 : 16;
+    for (const int c : {preferred, preferred == 32 ? 16 : 32}) {
         const DecodeKernel cand = pick_decode(L, a.group, c);
         Residency rc;
         if (plan_residency(L, cand, rc) != cudaSuccess) continue;
-        if (rc.per_sm >= rp.per_sm || (both && c == 16 && rc.per_sm >= 2)) {
+        if (rc.per_sm >= 2 || rc.per_sm >= rp.per_sm) {
             k = cand, r = rc;
             break;
         }
