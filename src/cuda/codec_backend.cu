@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/affine_state.h"
 #include "cuda/codec_cache.h"
@@ -33,6 +34,17 @@ using codec::HeadRegions;
 unsigned blocks_for(long long items) {
     return static_cast<unsigned>((items + codec::kThreads - 1) / codec::kThreads);
 }
+
+// Codecs that encode through shared memory (codec_encode_staged_kernel). On the H200 at 32K
+// tokens x 8 heads (bench_codec_cache, both kernels for every codec): fp16 3.10 -> 1.48 ms, qjl
+// 37.5 -> 9.6, spectral 21.6 -> 12.2; turboquant and ratequant within 8% either way; the others
+// lost up to 2x (vecinfer 8.4 -> 18.9, commvq 17.3 -> 35.7, polarquant 2.91 -> 3.12): at 64
+// items per CTA the staging's shared memory leaves fewer threads, and less L1 for the local
+// arrays of their searches.
+template <class Codec>
+constexpr bool kStagedEncode =
+    std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::QjlDevice> ||
+    std::is_same_v<Codec, dev::SpectralDevice>;
 
 template <class Codec>
 class Backend final : public CodecBackend {
@@ -77,6 +89,17 @@ public:
         if (state_stride_ > dev::kMaxStateFloats)
             throw std::invalid_argument("CUDA codec backend: query state too large");
         state_stride_ = (state_stride_ + 3) / 4 * 4;
+        if constexpr (kStagedEncode<Codec>) {
+            for (const HeadLayout& hl : layout.heads)
+                encode_code_stride_ =
+                    std::max(encode_code_stride_, codec::stage_stride(static_cast<int>(std::max(
+                                                      hl.key_code_bytes, hl.value_code_bytes))));
+            encode_smem_ = codec::encode_smem_bytes(d_, encode_code_stride_);
+            check_cuda(cudaFuncSetAttribute(codec::codec_encode_staged_kernel<Codec>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(encode_smem_)),
+                       "encode shared memory");
+        }
         {  // The affine form of the query state, measured on host copies of the parameters.
             std::vector<uint8_t> host = arena.bytes();
             std::vector<typename Codec::Params> host_kp = kp;
@@ -129,8 +152,13 @@ public:
                 const float* values, cudaStream_t stream) override {
         if (n == 0) return;
         EncodeParams<Codec> a{with(pool, page_table), start, n, keys, values};
-        codec::codec_encode_kernel<Codec>
-            <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(a);
+        const long long items = static_cast<long long>(heads_) * n;
+        if constexpr (kStagedEncode<Codec>)
+            codec::codec_encode_staged_kernel<Codec>
+                <<<static_cast<unsigned>((items + codec::kEncodeItems - 1) / codec::kEncodeItems),
+                   codec::kEncodeItems, encode_smem_, stream>>>(a, encode_code_stride_);
+        else
+            codec::codec_encode_kernel<Codec><<<blocks_for(items), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec encode kernel");
     }
 
@@ -300,6 +328,8 @@ private:
     int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
     int key_table_floats_ = 0, value_table_floats_ = 0;    ///< codec tables in shared memory
+    int encode_code_stride_ = 0;                           ///< staged code bytes per encode item
+    std::size_t encode_smem_ = 0;                          ///< codec_encode_staged_kernel's smem
     bool smem_raised_[3][3] = {};                          ///< kMaxSmem allowed, per (D, R)
     int sms_ = 1;
     void* params_ = nullptr;

@@ -1,6 +1,7 @@
 // Header-only CUDA kernels of the generic device path: every method's device codec
 // (src/device_codecs/, one thread per token) on the CPU's page layout (src/cache/paged_store.h).
 //   codec_encode_kernel      one thread per (head, token): key codec + value codec
+//   codec_encode_staged_kernel  the same with rows and codes staged in shared memory
 //   codec_dequantize_kernel  one thread per (head, token)
 //   codec_prepare_kernel     one thread per (head, query row): the key codec's query state
 //   codec_affine_prepare_kernel  the same state as c + M q, one CTA per (head, query row)
@@ -75,6 +76,72 @@ __global__ void __launch_bounds__(kThreads) codec_encode_kernel(const EncodePara
     dev::ValueDevice::encode(a.store.values[h], a.values + row,
                              page + R.value_codes + slot * R.value_code_bytes,
                              reinterpret_cast<float*>(page + R.value_scalars) + slot);
+}
+
+/// Staged bytes per token (key codes here and in the attention, input rows in the encode):
+/// rounded up to 4 bytes, then to an odd number of 4-byte words, so that lanes each reading the
+/// same offset of their own rows hit 32 different banks.
+__host__ __device__ constexpr int stage_stride(int bytes) {
+    const int words = (bytes + 3) / 4;
+    return 4 * (words % 2 == 0 ? words + 1 : words);
+}
+
+constexpr int kEncodeItems = 64;  // (head, token) items per encode CTA, one per thread
+
+/// Dynamic shared memory of codec_encode_kernel: kEncodeItems input rows (d floats at an odd
+/// stride), then their codes.
+__host__ __device__ constexpr size_t encode_smem_bytes(int d, int code_stride) {
+    return kEncodeItems * (static_cast<size_t>(stage_stride(4 * d)) + code_stride);
+}
+
+/// codec_encode_kernel with the rows and codes in shared memory: the keys, then the values, of
+/// kEncodeItems consecutive (head, token) items (consecutive rows of the [heads][n][d] inputs)
+/// are staged by coalesced loads; thread i encodes row i into a staged code, so its row reads
+/// and bit-field writes stay in shared memory, and the CTA copies the codes to their pages.
+/// (Straight from and into global memory each lane walks its own row and code: 32 lines per
+/// warp access, and read-modify-writes of code bytes in L2.)
+template <class Codec>
+__global__ void __launch_bounds__(kEncodeItems)
+    codec_encode_staged_kernel(const EncodeParams<Codec> a, int code_stride) {
+    extern __shared__ __align__(16) uint8_t encode_smem[];
+    const int d = a.store.d, row_stride = stage_stride(4 * d) / 4;
+    float* rows = reinterpret_cast<float*>(encode_smem);
+    uint8_t* codes = encode_smem + kEncodeItems * stage_stride(4 * d);
+    const long long first = static_cast<long long>(blockIdx.x) * kEncodeItems;
+    const int items = static_cast<int>(min(static_cast<long long>(kEncodeItems),
+                                           static_cast<long long>(a.store.heads) * a.n - first));
+    const int r = threadIdx.x;
+    auto head_of = [&](int i) { return static_cast<int>((first + i) / a.n); };
+    auto pos_of = [&](int i) { return a.start + static_cast<int>((first + i) % a.n); };
+    for (int part = 0; part < 2; ++part) {  // keys, then values
+        const float* src = (part == 0 ? a.keys : a.values) + first * d;
+        for (int i = 0; i < items; ++i)
+            for (int c = r; c < d; c += kEncodeItems)
+                rows[i * row_stride + c] = src[static_cast<size_t>(i) * d + c];
+        __syncthreads();
+        if (r < items) {
+            const int h = head_of(r), pos = pos_of(r), slot = pos % kPage;
+            const HeadRegions R = a.store.regions[h];
+            uint8_t* page = a.store.page(pos);
+            uint8_t* code = codes + r * code_stride;
+            if (part == 0)
+                Codec::encode(a.store.keys[h], rows + r * row_stride, pos, code,
+                              reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
+            else
+                dev::ValueDevice::encode(a.store.values[h], rows + r * row_stride, code,
+                                         reinterpret_cast<float*>(page + R.value_scalars) + slot);
+        }
+        __syncthreads();
+        for (int i = 0; i < items; ++i) {
+            const int pos = pos_of(i);
+            const HeadRegions R = a.store.regions[head_of(i)];
+            const uint32_t bytes = part == 0 ? R.key_code_bytes : R.value_code_bytes;
+            uint8_t* dst = a.store.page(pos) + (part == 0 ? R.key_codes : R.value_codes) +
+                           (pos % kPage) * bytes;
+            for (uint32_t b = r; b < bytes; b += kEncodeItems) dst[b] = codes[i * code_stride + b];
+        }
+        __syncthreads();
+    }
 }
 
 template <class Codec>
@@ -174,14 +241,6 @@ __global__ void __launch_bounds__(kThreads)
                 x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
         state[i] = x;
     }
-}
-
-/// Staged key bytes per token: rounded up to 4 bytes, then to an odd number of 4-byte words, so
-/// that lanes scoring 32 consecutive tokens (each reading the same offset of its own row) hit 32
-/// different banks.
-__host__ __device__ constexpr int stage_stride(int bytes) {
-    const int words = (bytes + 3) / 4;
-    return 4 * (words % 2 == 0 ? words + 1 : words);
 }
 
 /// Staged value bytes per token: rounded up to 16 bytes (the lanes read one row together, so

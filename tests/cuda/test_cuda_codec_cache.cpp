@@ -72,6 +72,7 @@ std::vector<Case> cases() {
     c.bit_allocation = {{"0.0", 2}, {"0.1", 4}};
     v.push_back({"ratequant_per_head", c, 3, 128});
     v.push_back({"fp16_d128_group8", base("fp16", 4, 16, 6), 2, 128, 0.0, 8});
+    v.push_back({"fp16_d96_mha", base("fp16", 4, 16, 13), 3, 96, 0.0, 1});
     c = base("qjl", 1, 2, 7);
     c.sketch_dim = 256;
     v.push_back({"qjl_d128_m256_v2_mha", c, 2, 128, 0.0, 1});
