@@ -3,7 +3,8 @@
 // 128 and 64; a device-to-device copy measured in the same process as the bandwidth reference;
 // and the encode throughput. Usage: bench_cuda_attention OUT.json [METHOD:D:B:N] (the optional
 // filter times the points whose key starts with it, e.g. one point for a profiler, or "k4v4:").
-// VQ_TABLE_COPIES=1|16|32 fixes the lane copies of the 4-bit tables instead of the plan's choice.
+// VQ_TABLE_COPIES=1|16|32 fixes the lane copies of the 4-bit tables, VQ_RING=1..4 the pages per
+// warp in shared memory, instead of the plan's choice.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
@@ -57,6 +58,8 @@ struct Encode {
 int run(const char* out_path, const std::string& only) {
     const char* copies_env = std::getenv("VQ_TABLE_COPIES");
     const int table_copies = copies_env != nullptr ? std::atoi(copies_env) : 0;
+    const char* ring_env = std::getenv("VQ_RING");
+    const int ring = ring_env != nullptr ? std::atoi(ring_env) : 0;
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
@@ -172,7 +175,7 @@ int run(const char* out_path, const std::string& only) {
                     a.seq_len = tokens, a.max_seq_len = tokens, a.batch = batch,
                     a.group = kQHeads / kKvHeads;
                     a.queries = queries, a.out = out, a.scale = 1.0f / std::sqrt(float(d));
-                    a.table_copies = table_copies;
+                    a.table_copies = table_copies, a.ring = ring;
                     const size_t need = decode_workspace_bytes(a);
                     if (need == 0) throw std::runtime_error("no decode plan");
                     if (need > workspace_bytes) {

@@ -46,12 +46,12 @@ struct TqPageLayout {
 /// Codec parameters on the device (one set per cache; the codebooks depend only on head_dim and
 /// the bit widths, the rotation signs on (seed, layer, head)).
 struct TqDeviceTables {
-    const float* key_signs = nullptr;        ///< [num_kv_heads][head_dim], +-1
-    const float* value_signs = nullptr;      ///< [num_kv_heads][head_dim], +-1
-    const float* key_centroids = nullptr;    ///< [key_stages][2^key_bits]
-    const float* key_boundaries = nullptr;   ///< [key_stages][2^key_bits - 1]
-    const float* value_centroids = nullptr;  ///< [2^value_bits] (none for fp16)
-    const float* value_boundaries = nullptr; ///< [2^value_bits - 1]
+    const float* key_signs = nullptr;         ///< [num_kv_heads][head_dim], +-1
+    const float* value_signs = nullptr;       ///< [num_kv_heads][head_dim], +-1
+    const float* key_centroids = nullptr;     ///< [key_stages][2^key_bits]
+    const float* key_boundaries = nullptr;    ///< [key_stages][2^key_bits - 1]
+    const float* value_centroids = nullptr;   ///< [2^value_bits] (none for fp16)
+    const float* value_boundaries = nullptr;  ///< [2^value_bits - 1]
     /// key_bits >= 2: [key_stages][2^(2 key_bits)] half2 (C[i0], C[i1]) / max|C| at index
     /// i0 | i1 << bits (the largest centroid is exact in fp16).
     const uint32_t* key_pairs = nullptr;
@@ -61,16 +61,16 @@ struct TqDeviceTables {
     /// iA | iB << bits.
     const uint32_t* value_pairs = nullptr;
     float value_pair_scale = 1.0f;  ///< max|C| of the value codebook
-    float key_c0_sum = 0.0f;  ///< sum over stages of C_s[0] (key_bits == 1)
-    float inv_sqrt_d = 0.0f;  ///< 1 / sqrt(head_dim), computed as the CPU's fwht does
+    float key_c0_sum = 0.0f;        ///< sum over stages of C_s[0] (key_bits == 1)
+    float inv_sqrt_d = 0.0f;        ///< 1 / sqrt(head_dim), computed as the CPU's fwht does
 };
 
 /// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence.
 struct EncodeArgs {
     TqPageLayout layout;
     TqDeviceTables tables;
-    uint8_t* pool = nullptr;             ///< page pool
-    const int32_t* page_table = nullptr; ///< page index in the pool of each page of the sequence
+    uint8_t* pool = nullptr;              ///< page pool
+    const int32_t* page_table = nullptr;  ///< page index in the pool of each page of the sequence
     int start = 0;
     int n_tokens = 0;
     const float* keys = nullptr;    ///< [num_kv_heads][n_tokens][head_dim]
@@ -96,18 +96,21 @@ struct DecodeArgs {
     const uint8_t* pool = nullptr;
     const int32_t* page_table = nullptr;  ///< [batch][page_table_stride] page indices
     int page_table_stride = 0;
-    const int32_t* seq_lens = nullptr;    ///< [batch] on the device, or null: all are seq_len
+    const int32_t* seq_lens = nullptr;  ///< [batch] on the device, or null: all are seq_len
     int seq_len = 0;
-    int max_seq_len = 0;                  ///< bound on every sequence length (plans the split)
+    int max_seq_len = 0;  ///< bound on every sequence length (plans the split)
     int batch = 0;
-    int group = 0;                        ///< query heads per KV head, 1..8
-    const float* queries = nullptr;       ///< [batch][num_kv_heads * group][head_dim]
-    float* out = nullptr;                 ///< [batch][num_kv_heads * group][head_dim]
+    int group = 0;                   ///< query heads per KV head, 1..8
+    const float* queries = nullptr;  ///< [batch][num_kv_heads * group][head_dim]
+    float* out = nullptr;            ///< [batch][num_kv_heads * group][head_dim]
     float scale = 1.0f;
-    void* workspace = nullptr;            ///< decode_workspace_bytes(args) bytes
+    void* workspace = nullptr;  ///< decode_workspace_bytes(args) bytes
     /// Lane copies of the 256-entry pair tables of 4-bit keys or values in shared memory: 0
     /// lets the plan choose (by residency), 1, 16 or 32 force it (tests cover each).
     int table_copies = 0;
+    /// Pages per warp in shared memory: 0 lets the plan choose, 1..4 force it (for comparisons;
+    /// a depth that does not fit fails the launch).
+    int ring = 0;
 };
 
 cudaError_t launch_encode(const EncodeArgs& args, cudaStream_t stream);

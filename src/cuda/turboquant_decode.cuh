@@ -58,6 +58,12 @@ struct DecodeShared {
     uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
 };
 
+/// The warps' final states, written over the rings: [warp][head][D] outputs, then the running
+/// max and sum of each (warp, head).
+__host__ __device__ constexpr size_t decode_states_bytes(int head_dim, int group) {
+    return static_cast<size_t>(kDecodeWarps) * group * (head_dim + 2) * sizeof(float);
+}
+
 /// A shared-memory region's end rounded up to 128 bytes. After DecodeShared come the table
 /// copies, then the cp.async rings (reused for the warps' final states).
 __host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
@@ -565,19 +571,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);
     }
     __syncthreads();
-    float* wo = reinterpret_cast<float*>(rings);    // [warp][head][D]
-    float* wm = wo + kDecodeWarps * kMaxGroup * D;  // [warp][head]
-    float* wl = wm + kDecodeWarps * kMaxGroup;      // [warp][head]
+    float* wo = reinterpret_cast<float*>(rings);  // [warp][head][D]
+    float* wm = wo + kDecodeWarps * G * D;        // [warp][head]
+    float* wl = wm + kDecodeWarps * G;            // [warp][head]
 #pragma unroll
     for (int v = 0; v < kVTiles; ++v) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int dim = g * kDims + 2 * v + r;
             if (HILO) {
-                if (t < G) wo[(warp * kMaxGroup + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
+                if (t < G) wo[(warp * G + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
             } else {
-                if (2 * t < G) wo[(warp * kMaxGroup + 2 * t) * D + dim] = o[v][2 * r];
-                if (2 * t + 1 < G) wo[(warp * kMaxGroup + 2 * t + 1) * D + dim] = o[v][2 * r + 1];
+                if (2 * t < G) wo[(warp * G + 2 * t) * D + dim] = o[v][2 * r];
+                if (2 * t + 1 < G) wo[(warp * G + 2 * t + 1) * D + dim] = o[v][2 * r + 1];
             }
         }
     }
@@ -585,8 +591,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
 #pragma unroll
         for (int j = 0; j < kSlots; ++j)
             if (heads[j] < G)
-                wm[warp * kMaxGroup + heads[j]] = m_run[j],
-                                      wl[warp * kMaxGroup + heads[j]] = l_run[j];
+                wm[warp * G + heads[j]] = m_run[j], wl[warp * G + heads[j]] = l_run[j];
     }
     __syncthreads();
     const size_t unit = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits + split;
@@ -594,14 +599,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         const int h = i / D, dim = i % D;
         float m = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, wm[w * kMaxGroup + h]);
+        for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, wm[w * G + h]);
         float acc = 0.0f, l = 0.0f;
         if (m != -INFINITY) {
 #pragma unroll
             for (int w = 0; w < kDecodeWarps; ++w) {
-                const float f = exp2f(wm[w * kMaxGroup + h] - m);
-                acc += f * wo[(w * kMaxGroup + h) * D + dim];
-                l += f * wl[w * kMaxGroup + h];
+                const float f = exp2f(wm[w * G + h] - m);
+                acc += f * wo[(w * G + h) * D + dim];
+                l += f * wl[w * G + h];
             }
         }
         kp.partial_o[(unit * G + h) * D + dim] = acc;

@@ -97,20 +97,22 @@ struct Residency {
     int per_sm = 0;
 };
 
-cudaError_t plan_residency(const TqPageLayout& L, const DecodeKernel& k, Residency& r) {
+cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency& r) {
     // Ring depth: the most pages per warp (2..4) that keep the CTA within the largest residency
     // tier that holds two (4, 3, 2 or 1 CTAs per SM: 228 KB less 1 KB per CTA), else one. When
     // that leaves at most two CTAs per SM and one page per warp fits more, one page per warp:
     // more warps hide the latency better than a deeper ring (measured on 4-bit keys and values,
-    // head_dim 128: bench/cuda/decode_tuning.md).
+    // head_dim 128). Taking one page whenever it fits more CTAs lost at 1-bit keys / 2-bit
+    // values (3 -> 4 CTAs per SM: 0.218 -> 0.221 ms at B=8, 0.055 -> 0.060 ms at B=1, N=128K;
+    // bench/cuda/decode_tuning.md). args.ring forces a depth.
+    const TqPageLayout& L = a.layout;
     constexpr size_t kTiers[] = {56 * 1024, 75 * 1024, 113 * 1024, 227 * 1024};
     constexpr size_t kSmemMax = 227 * 1024;
     const size_t fixed = kernels::decode_ring_offset(
         kernels::decode_ring_offset(k.shared_bytes) +
         kernels::decode_lut_bytes(L.key_bits, L.key_stages, L.value_bits, k.lutc) +
         kernels::decode_v64_bytes(L.value_bits, k.vc));
-    const size_t states =
-        static_cast<size_t>(kDecodeWarps) * kMaxGroup * (L.head_dim + 2) * sizeof(float);
+    const size_t states = kernels::decode_states_bytes(L.head_dim, a.group);
     const size_t page_set = static_cast<size_t>(kDecodeWarps) * L.head_bytes;  // one page per warp
     int ring = 1;
     for (const size_t tier : kTiers) {
@@ -119,6 +121,7 @@ cudaError_t plan_residency(const TqPageLayout& L, const DecodeKernel& k, Residen
             break;
         }
     }
+    if (a.ring != 0) ring = a.ring;
     auto smem = [&](int depth) { return fixed + std::max(depth * page_set, states); };
     if (smem(ring) > kSmemMax) return cudaErrorInvalidValue;
     // The attribute bounds the launch's dynamic shared memory; ring 1 needs no more.
@@ -131,7 +134,7 @@ cudaError_t plan_residency(const TqPageLayout& L, const DecodeKernel& k, Residen
     r.ring = ring;
     r.smem = smem(ring);
     if (err == cudaSuccess) err = occupancy(ring, r.per_sm);
-    if (err == cudaSuccess && ring > 1 && r.per_sm <= 2) {
+    if (err == cudaSuccess && ring > 1 && r.per_sm <= 2 && a.ring == 0) {
         int one = 0;
         err = occupancy(1, one);
         if (err == cudaSuccess && one > r.per_sm) r.ring = 1, r.smem = smem(1), r.per_sm = one;
@@ -150,18 +153,18 @@ cudaError_t pick_kernel(const DecodeArgs& a, DecodeKernel& k, Residency& r) {
     const bool four = L.key_bits == 4 || L.value_bits == 4;
     if (a.table_copies != 0 || !four) {
         k = pick_decode(L, a.group, four ? a.table_copies : 1);
-        return plan_residency(L, k, r);
+        return plan_residency(a, k, r);
     }
     const DecodeKernel plain = pick_decode(L, a.group, 1);
     Residency rp;
-    cudaError_t err = plan_residency(L, plain, rp);
+    cudaError_t err = plan_residency(a, plain, rp);
     if (err != cudaSuccess) return err;
     k = plain, r = rp;
     const int preferred = L.head_dim == 128 ? 32 : 16;
     for (const int c : {preferred, preferred == 32 ? 16 : 32}) {
         const DecodeKernel cand = pick_decode(L, a.group, c);
         Residency rc;
-        if (plan_residency(L, cand, rc) != cudaSuccess) continue;
+        if (plan_residency(a, cand, rc) != cudaSuccess) continue;
         if (rc.per_sm >= 2 || rc.per_sm >= rp.per_sm) {
             k = cand, r = rc;
             break;
@@ -193,7 +196,8 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
         a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage ||
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
-         a.table_copies != 32))
+         a.table_copies != 32) ||
+        a.ring < 0 || a.ring > 4)
         return cudaErrorInvalidValue;
     int device = 0, sms = 0, major = 0;
     cudaError_t err = cudaGetDevice(&device);

@@ -287,9 +287,10 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
     }
 }
 
-// The plan picks how many lane copies of the 4-bit lookup tables live in shared memory by
-// residency; every count must give the same attention. Two sequences, one ending mid-page.
-TEST(CudaParity, DecodeWithEachTableCopyCount) {
+// The plan picks how many lane copies of the 4-bit lookup tables live in shared memory, and
+// how many pages per warp (one-page rings refill in halves), by residency; every choice must
+// give the same attention. Two sequences, one ending mid-page.
+TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
     SKIP_WITHOUT_DEVICE();
     const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {128, 2, 2, 4, 2}, {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1}};
     const std::vector<int> lens = {1000, 301};
@@ -332,21 +333,26 @@ TEST(CudaParity, DecodeWithEachTableCopyCount) {
             a.queries = dq.get();
             a.out = dout.get();
             a.scale = 0.1f;
-            for (int copies : {1, 16, 32}) {
-                SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " + std::to_string(copies));
-                a.table_copies = copies;
-                const std::size_t need = decode_workspace_bytes(a);
-                if (need == 0) {  // only when those copies do not fit in shared memory (3 stages x 32)
-                    EXPECT_TRUE(s.stages == 3 && copies == 32);
-                    continue;
+            for (int ring : {0, 1}) {
+                for (int copies : {1, 16, 32}) {
+                    SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " +
+                                 std::to_string(copies) + " ring " + std::to_string(ring));
+                    a.table_copies = copies, a.ring = ring;
+                    const std::size_t need = decode_workspace_bytes(a);
+                    if (need == 0) {  // only when those copies do not fit in shared memory (3 stages x 32)
+                        EXPECT_TRUE(s.stages == 3 && copies == 32);
+                        continue;
+                    }
+                    DeviceBuffer<uint8_t> workspace(need);
+                    a.workspace = workspace.get();
+                    check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
+                    check_cuda(launch_decode_attention(a, nullptr), "decode");
+                    EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
                 }
-                DeviceBuffer<uint8_t> workspace(need);
-                a.workspace = workspace.get();
-                check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
-                check_cuda(launch_decode_attention(a, nullptr), "decode");
-                EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
             }
-            a.table_copies = 3;
+            a.table_copies = 3, a.ring = 0;
+            EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
+            a.table_copies = 0, a.ring = 5;
             EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
         }
     }
