@@ -88,8 +88,8 @@ __host__ __device__ constexpr int stage_stride(int bytes) {
 
 constexpr int kEncodeItems = 64;  // (head, token) items per encode CTA, one per thread
 
-/// Dynamic shared memory of codec_encode_kernel: kEncodeItems input rows (d floats at an odd
-/// stride), then their codes.
+/// Dynamic shared memory of codec_encode_staged_kernel: kEncodeItems input rows (d floats at an
+/// odd stride), then their codes.
 __host__ __device__ constexpr size_t encode_smem_bytes(int d, int code_stride) {
     return kEncodeItems * (static_cast<size_t>(stage_stride(4 * d)) + code_stride);
 }
