@@ -166,7 +166,11 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
     tables_.value_boundaries = reinterpret_cast<const float*>(at(5));
     tables_.key_pairs = reinterpret_cast<const uint32_t*>(at(6));
     tables_.key_affine = reinterpret_cast<const float*>(at(7));
-    tables_.value_pairs = reinterpret_cast<const uint32_t*>(at(8));
+    // 4-bit keys and values of one stage share the codebook, so their pair tables are equal: one
+    // pointer lets the decode keep a single copy of it in shared memory.
+    const bool same_pairs = !host.value_pairs.empty() && host.key_pairs.size() >= host.value_pairs.size() &&
+                            std::equal(host.value_pairs.begin(), host.value_pairs.end(), host.key_pairs.begin());
+    tables_.value_pairs = reinterpret_cast<const uint32_t*>(same_pairs ? at(6) : at(8));
     tables_.value_pair_scale = host.value_pair_scale;
     tables_.key_c0_sum = host.key_c0_sum;
     tables_.inv_sqrt_d = host.inv_sqrt_d;

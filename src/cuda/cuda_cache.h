@@ -58,7 +58,8 @@ struct TqDeviceTables {
     /// [key_stages][2]: (C[0], C[1] - C[0]) for key_bits == 1, else (0, max|C|).
     const float* key_affine = nullptr;
     /// value_bits <= 4: [2^(2 value_bits)] half2 (C[iA], C[iB]) / value_pair_scale at index
-    /// iA | iB << bits.
+    /// iA | iB << bits. Equal to key_pairs (the pointer) when the table is the key stage 0's, as
+    /// at 4-bit keys and values: the decode then keeps one copy of it.
     const uint32_t* value_pairs = nullptr;
     float value_pair_scale = 1.0f;  ///< max|C| of the value codebook
     float key_c0_sum = 0.0f;        ///< sum over stages of C_s[0] (key_bits == 1)

@@ -68,6 +68,19 @@ __device__ __forceinline__ uint32_t lut(const uint32_t* table, uint32_t byte_off
     return v;
 }
 
+/// Mixed-row table (decode_mixed_bytes): entry i of the lane's copy lies at shared-window address
+/// lane4 + (i << 8) + TABLE, where lane4 holds the window's upper 16 bits and 4 * lane and TABLE
+/// is the region's offset in the window. One PRMT puts byte j of the code word into byte 1 of
+/// lane4 and the load takes TABLE as its immediate: 2 instructions per lookup (through a register
+/// base, ptxas added it with an IADD for each lookup).
+template <uint32_t TABLE>
+__device__ __forceinline__ uint32_t row_lut(uint32_t word, int j, uint32_t lane4) {
+    const uint32_t offset = __byte_perm(word, lane4, 0x7604u | (j << 4));
+    uint32_t v;
+    asm("ld.shared.b32 %0, [%1+%2];\n" : "=r"(v) : "r"(offset), "n"(TABLE));
+    return v;
+}
+
 /// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
 /// exactly: one LOP3 puts them in the mantissa of 1024 (magic = 0x64006400, ulp 1), one HADD2
 /// subtracts 1024. The 2^-p goes into the query fragment.
@@ -126,6 +139,13 @@ __device__ __forceinline__ uint32_t value_pair(const uint32_t* table, C merged, 
     const uint32_t bits = sh >= SHIFT ? static_cast<uint32_t>(merged >> (sh - SHIFT))
                                       : static_cast<uint32_t>(merged << (SHIFT - sh));
     return lut(table, bits & kMask);
+}
+
+/// value_pair for 4-bit values read from the mixed-row table (row_lut).
+template <uint32_t TABLE, typename C>
+__device__ __forceinline__ uint32_t value_pair_row(C merged, int field, uint32_t lane4) {
+    const int sh = 8 * field;
+    return row_lut<TABLE>(static_cast<uint32_t>(merged >> (sh & ~31)), (sh & 31) >> 3, lane4);
 }
 
 }  // namespace veloxquant::cuda::kernels

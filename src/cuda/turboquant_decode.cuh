@@ -49,13 +49,15 @@ struct DecodeShared {
     static constexpr int kKeyPairs = KBITS == 1 || (LUTC > 1 && KBITS == 4) ? 1 : 1 << (2 * KBITS);
     static constexpr int kValuePairs =
         VBITS == 16 || (LUTC > 1 && VBITS == 4) ? 1 : 1 << (2 * VBITS);
-    float q[kMaxGroup][D];            // rotated, power-of-two scaled queries
+    union {                            // the queries are read once, before the page loop
+        float q[kMaxGroup][D];         // rotated, power-of-two scaled queries
+        uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
+    };
     float head_mul[kMaxGroup];        // undoes that scale
     float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
     float key_affine[kMaxStages][2];  // per stage: (C0, C1 - C0) or (0, pair table scale)
     uint32_t key_pairs[kMaxStages][kKeyPairs];
     uint32_t value_pairs[kValuePairs];
-    uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
 };
 
 /// The warps' final states, written over the rings: [warp][head][D] outputs, then the running
@@ -73,13 +75,14 @@ __host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
 /// Lane copies of the 256-entry pair tables (4-bit keys or values): with LUTC copies, entry i of
 /// copy c is word i * LUTC + c and lane l reads copy l % LUTC, so LUTC = 32 makes every lookup
 /// conflict-free (one bank per lane) and LUTC = 16 at most 2-way; 1 is the plain table in
-/// DecodeShared. Bytes of those copies after DecodeShared (before the rings).
+/// DecodeShared. Bytes of those copies after DecodeShared (before the rings); with
+/// `shared_pairs` the values read the first key stage's copies (the same codebook).
 __host__ __device__ constexpr size_t decode_lut_bytes(int key_bits, int key_stages, int value_bits,
-                                                      int lutc) {
-    return lutc == 1
-               ? 0
-               : static_cast<size_t>((key_bits == 4 ? key_stages : 0) + (value_bits == 4 ? 1 : 0)) *
-                     256 * lutc * sizeof(uint32_t);
+                                                      int lutc, bool shared_pairs) {
+    return lutc == 1 ? 0
+                     : static_cast<size_t>((key_bits == 4 ? key_stages : 0) +
+                                           (value_bits == 4 && !shared_pairs ? 1 : 0)) *
+                           256 * lutc * sizeof(uint32_t);
 }
 
 /// 2-bit values, byte-indexed: entry e (token A's dims 2v, 2v + 1 in bits 0-3, token B's in bits
@@ -91,10 +94,27 @@ __host__ __device__ constexpr size_t decode_v64_bytes(int value_bits, int vc) {
     return value_bits == 2 ? static_cast<size_t>(256) * vc * sizeof(uint2) : 0;
 }
 
+/// Mixed rows (4-bit keys and values of one codebook, one stage, one page per warp): a 64 KB
+/// region of 256 rows of 256 bytes, where row i holds the 32 lane copies of pair-table entry i
+/// (bytes 0-127; lookups by row_lut, one PRMT and one LDS) and 128 bytes of the warps' code
+/// rings (bytes 128-255; warp w's page, keys then values, in rows [R w, R (w + 1)) with R = D / 2
+/// rows per warp). The norms and scales go to [2][warp][kPage] floats after the region.
+/// The low 16 bits of the shared-window address of a kernel's dynamic shared memory when it has
+/// no static shared memory: sm_80 and sm_90 reserve the first 1 KB of each CTA's window
+/// (dynamic_shared_base() checks it on the device before the plan takes mixed rows). Mixed-row
+/// lookups put it in the load's immediate, with the window's upper bits in the lane register.
+constexpr uint32_t kDynamicSharedBase = 0x400;
+
+__host__ __device__ constexpr size_t decode_mixed_bytes() {
+    return 256 * 256 + 2 * kDecodeWarps * kPage * sizeof(float);
+}
+
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
-/// otherwise (group 5..8) column h is head h.
-template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC>
-__global__ void __launch_bounds__(kDecodeWarps * 32)
+/// otherwise (group 5..8) column h is head h. MIXED: the mixed-row layout above. 4-bit keys and
+/// values are held to 168 registers, so that three CTAs fit per SM as their shared memory allows
+/// (left free, ptxas took 211 for the contiguous tables).
+template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false>
+__global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 3 : 0)
     decode_attention_kernel(const DecodeKernelParams kp) {
     constexpr int E = D / 32;
     constexpr int kCoords = D / 4;                  // key coordinates per lane per stage
@@ -112,7 +132,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     static_assert(KBITS > 1 || kCoords <= 32, "1-bit pairs (p, p + D/8) fit one 32-bit word");
     static_assert(LUTC == 1 || LUTC == 16 || LUTC == 32,
                   "1, 16 or 32 lane copies of the pair tables");
-    constexpr bool kKeyCopies = LUTC > 1 && KBITS == 4, kValueCopies = LUTC > 1 && VBITS == 4;
+    static_assert(!MIXED || (KBITS == 4 && VBITS == 4 && LUTC == 32),
+                  "mixed rows hold the shared 4-bit table's 32 lane copies");
+    constexpr bool kKeyCopies = LUTC > 1 && KBITS == 4 && !MIXED,
+                   kValueCopies = LUTC > 1 && VBITS == 4 && !MIXED;
     constexpr int kLutShift = LUTC == 32   ? 7
                               : LUTC == 16 ? 6
                                            : 2;  // log2 of an entry's stride in bytes
@@ -133,14 +156,29 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     constexpr int kValueByteCopies = kV64 ? kVC : 1;
     static_assert(VC == 0 || VC == 16, "0 or 16 copies of the byte-indexed value table");
     uint8_t* v64_table = smem_raw + decode_ring_offset(sizeof(Shared)) +
-                         decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC);
-    uint8_t* rings =
-        smem_raw + decode_ring_offset(decode_ring_offset(sizeof(Shared)) +
-                                      decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC) +
-                                      decode_v64_bytes(VBITS, kVC));
+                         decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC, kp.shared_pairs);
+    uint8_t* rings = smem_raw + decode_ring_offset(decode_ring_offset(sizeof(Shared)) +
+                                                   decode_lut_bytes(KBITS, L.key_stages, VBITS,
+                                                                    LUTC, kp.shared_pairs) +
+                                                   decode_v64_bytes(VBITS, kVC));
 
     const TqDeviceTables& T = a.tables;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // Mixed rows: ring byte x of this warp's page lies at byte 128 + (x % 128) of row
+    // R warp + x / 128; offsets that are multiples of 128 double.
+    constexpr size_t kMixedOffset = decode_ring_offset(sizeof(Shared));
+    constexpr int kCodeBytes = kPage * D / 2;  // of the keys, and of the values (mixed rows)
+    uint8_t* mixed = smem_raw + kMixedOffset;
+    auto mixed_at = [&](uint32_t x) {
+        return mixed + 128 + static_cast<size_t>(warp) * (2 * kCodeBytes / 128) * 256 + 2 * x -
+               (x & 127);
+    };
+    float* mixed_norms = reinterpret_cast<float*>(mixed + 256 * 256) + warp * kPage;
+    float* mixed_scales = mixed_norms + kDecodeWarps * kPage;
+    constexpr uint32_t kMixedTable = kDynamicSharedBase + kMixedOffset;
+    const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+    const uint32_t lane4 = (window & 0xFFFF0000u) | (4 * lane);
+    if (MIXED && (window & 0xFFFFu) != kDynamicSharedBase) __trap();  // not the layout assumed
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int G = a.group;
     const int len = a.seq_lens != nullptr ? a.seq_lens[b] : a.seq_len;
@@ -161,11 +199,33 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
     const uint32_t key_chunks = L.value_codes_offset / 16, page_chunks = L.head_bytes / 16;
     int issue_slot = 0, read_slot = 0;  // ring slots of the next page issued and read
+    // Pool index of the page issued next and of the one after: each is read from the page table a
+    // page ahead of its copy, so the copy's address never waits on that global load (ncu: 6% of
+    // the stall samples did).
+    int32_t index_now = 0, index_next = count > 0 ? table[first] : 0;
     auto issue = [&](int i, int part) {
-        if (i < count) {
-            const uint4* src = reinterpret_cast<const uint4*>(
-                a.pool + static_cast<size_t>(table[first + kDecodeWarps * i]) * L.page_bytes +
-                static_cast<size_t>(kvh) * L.head_bytes);
+        if (part != 1) {  // the first part of page i
+            index_now = index_next;
+            if (i + 1 < count) index_next = table[first + kDecodeWarps * (i + 1)];
+        }
+        const uint8_t* page = a.pool + static_cast<size_t>(index_now) * L.page_bytes +
+                              static_cast<size_t>(kvh) * L.head_bytes;
+        if (MIXED && i < count) {
+            if (part != 1) {
+                for (uint32_t c = lane; c < kCodeBytes / 16; c += 32)
+                    cp_async_16(mixed_at(16 * c), page + 16 * c);
+                if (lane < kPage / 4)
+                    cp_async_16(mixed_norms + 4 * lane, page + L.key_norms_offset + 16 * lane);
+            }
+            if (part != 0) {
+                for (uint32_t c = lane; c < kCodeBytes / 16; c += 32)
+                    cp_async_16(mixed_at(kCodeBytes + 16 * c),
+                                page + L.value_codes_offset + 16 * c);
+                if (lane < kPage / 4)
+                    cp_async_16(mixed_scales + 4 * lane, page + L.value_scales_offset + 16 * lane);
+            }
+        } else if (i < count) {
+            const uint4* src = reinterpret_cast<const uint4*>(page);
             uint4* dst = reinterpret_cast<uint4*>(ring + issue_slot * L.head_bytes);
             const uint32_t end = part == 0 ? key_chunks : page_chunks;
             for (uint32_t c = (part == 1 ? key_chunks : 0) + lane; c < end; c += 32)
@@ -190,13 +250,24 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     if constexpr (VBITS != 16 && !kValueCopies)
         for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x)
             sh.value_pairs[i] = T.value_pairs[i];
+    // Lane copies: 8 loads in flight per thread before their stores (one at a time, the stores
+    // waited on each load: 2.4% of the stall samples).
+    constexpr int kThreads = kDecodeWarps * 32;
     if constexpr (kKeyCopies)
-        for (int i = threadIdx.x; i < L.key_stages * 256 * LUTC; i += blockDim.x)
+#pragma unroll 8
+        for (int i = threadIdx.x; i < L.key_stages * 256 * LUTC; i += kThreads)
             copies[i] = T.key_pairs[i / LUTC];
+    const int value_copies_at = kp.shared_pairs ? 0 : kKeyCopies ? L.key_stages * 256 * LUTC : 0;
     if constexpr (kValueCopies) {
-        uint32_t* v = copies + (kKeyCopies ? L.key_stages * 256 * LUTC : 0);
-        for (int i = threadIdx.x; i < 256 * LUTC; i += blockDim.x) v[i] = T.value_pairs[i / LUTC];
+        if (!kp.shared_pairs)
+#pragma unroll 8
+            for (int i = threadIdx.x; i < 256 * LUTC; i += kThreads)
+                copies[value_copies_at + i] = T.value_pairs[i / LUTC];
     }
+    if constexpr (MIXED)
+#pragma unroll 8
+        for (int i = threadIdx.x; i < 256 * 32; i += kThreads)
+            reinterpret_cast<uint32_t*>(mixed)[(i >> 5) * 64 + (i & 31)] = T.key_pairs[i >> 5];
     if constexpr (kV64) {
         for (int i = threadIdx.x; i < 256 * kValueByteCopies; i += blockDim.x) {
             const int e = i / kValueByteCopies;
@@ -208,9 +279,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     const uint8_t* v64_lane = v64_table + (lane % kValueByteCopies) * sizeof(uint2);
     // This lane's copy of each table.
     const int copy = lane & (LUTC - 1);
-    const uint32_t* value_table = kValueCopies
-                                      ? copies + (kKeyCopies ? L.key_stages * 256 * LUTC : 0) + copy
-                                      : sh.value_pairs;
+    const uint32_t* value_table = kValueCopies ? copies + value_copies_at + copy : sh.value_pairs;
     for (int h = warp; h < kMaxGroup; h += kDecodeWarps) {
         if (h >= G) {
             if (lane == 0) sh.head_mul[h] = 1.0f, sh.head_add[h] = 0.0f;
@@ -308,6 +377,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         add[j] = sh.head_add[heads[j]];
     }
     const float scale_log2 = a.scale * 1.4426950408889634f;
+    __syncthreads();  // every warp has read sh.q, which the P' rows overwrite
 
     float o[kVTiles][4];
 #pragma unroll
@@ -317,6 +387,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
     for (int j = 0; j < kSlots; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
     const uint32_t magic = 0x64006400u;
     uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
+    // Mixed rows: this thread's first key chunk and value chunk (loop-invariant).
+    const uint8_t* mixed_keys = mixed_at(g * (D / 2) + t * kKeyChunk);
+    const uint8_t* mixed_values = mixed_at(kCodeBytes + t * (D / 2) + g * kValueChunk);
 
     for (int i = 0; i < count; ++i) {
         cp_async_wait(halves ? 1 : S - 1);  // this page's keys (and values, unless halves)
@@ -324,6 +397,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         const uint8_t* buf = ring + read_slot * L.head_bytes;
         read_slot = read_slot + 1 == S ? 0 : read_slot + 1;
         const int valid = len - (first + kDecodeWarps * i) * kPage;  // tokens of this page in use
+        // The norms of this thread's 8 tokens, read before the scores so that their loads are
+        // done when the logits need them.
+        const float* norms =
+            MIXED ? mixed_norms : reinterpret_cast<const float*>(buf + L.key_norms_offset);
+        float norm[4][2];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+            norm[mt][0] = norms[16 * mt + g], norm[mt][1] = norms[16 * mt + 8 + g];
 
         // Scores of the page's 4 x 16 tokens.
         float sc[4][4];
@@ -363,16 +444,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                                  sc[mt][2 * r]);
             }
         } else {
-            for (int s = 0; s < L.key_stages; ++s) {
+            for (int s = 0; s < (MIXED ? 1 : L.key_stages); ++s) {
                 float acc[4][4];
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
                     acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-                    const uint8_t* row0 = buf + (16 * mt + g) * L.key_code_bytes +
-                                          s * (D * KBITS / 8) + t * kKeyChunk;
+                    const uint8_t* row0 = MIXED ? mixed_keys + 2 * 16 * mt * (D / 2)
+                                                : buf + (16 * mt + g) * L.key_code_bytes +
+                                                      s * (D * KBITS / 8) + t * kKeyChunk;
                     uint32_t w0[kKeyWords], w1[kKeyWords];
                     load_chunk<kKeyChunk>(row0, w0);
-                    load_chunk<kKeyChunk>(row0 + 8 * L.key_code_bytes, w1);
+                    load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes),
+                                          w1);
 #pragma unroll
                     for (int kb = 0; kb < kKBlocks; ++kb) {
                         uint32_t af[4];
@@ -386,6 +469,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                                 const int sh6 = p < 10 ? 0 : 6;
                                 af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
                                 af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
+                            }
+                        } else if constexpr (MIXED) {
+#pragma unroll
+                            for (int r = 0; r < 2; ++r) {
+                                const int pos = (4 * kb + 2 * r) * KBITS;
+                                af[2 * r] =
+                                    row_lut<kMixedTable>(w0[pos >> 5], (pos & 31) >> 3, lane4);
+                                af[2 * r + 1] =
+                                    row_lut<kMixedTable>(w1[pos >> 5], (pos & 31) >> 3, lane4);
                             }
                         } else {
                             const uint32_t* pairs =
@@ -410,13 +502,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         }
 
         // Logits (log2 units) and the online softmax of each slot's head.
-        const float* norms = reinterpret_cast<const float*>(buf + L.key_norms_offset);
         float x[4][2][kSlots];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float f = norms[16 * mt + 8 * r + g] * scale_log2;
+                const float f = norm[mt][r] * scale_log2;
 #pragma unroll
                 for (int j = 0; j < kSlots; ++j) {
                     const float s = HILO ? sc[mt][2 * r] + sc[mt][2 * r + 1] : sc[mt][2 * r + j];
@@ -433,20 +524,35 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                     for (int j = 0; j < kSlots; ++j)
                         if (16 * mt + 8 * r + g >= valid) x[mt][r][j] = -INFINITY;
         }
+        // The page max (three dependent shuffles per head) only when some logit of the warp
+        // exceeds its running max, as on the first page; otherwise the running max stays the
+        // base and nothing is rescaled, exactly as the max would give (ncu: the shuffle chain's
+        // FMNMX stalls were 3.5% of the samples). A NaN logit also takes the max.
+        bool grow = false;
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j)
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) grow |= !(x[mt][r][j] <= m_run[j]);
+        const bool moved = __any_sync(kFull, grow);
         float corr[kSlots];
-        bool rescale = false;
 #pragma unroll
         for (int j = 0; j < kSlots; ++j) {
-            float bm = -INFINITY;
+            float base = m_run[j];
+            corr[j] = 1.0f;
+            if (moved) {
+                float bm = -INFINITY;
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) bm = fmaxf(bm, fmaxf(x[mt][0][j], x[mt][1][j]));
-            bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 4));
-            bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 8));
-            bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 16));
-            const float m_new = fmaxf(m_run[j], bm);
-            const float base = m_new == -INFINITY ? 0.0f : m_new;
-            corr[j] = exp2_approx(m_run[j] - base);
-            rescale |= corr[j] != 1.0f;
+                for (int mt = 0; mt < 4; ++mt) bm = fmaxf(bm, fmaxf(x[mt][0][j], x[mt][1][j]));
+                bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 4));
+                bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 8));
+                bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 16));
+                const float m_new = fmaxf(m_run[j], bm);
+                base = m_new == -INFINITY ? 0.0f : m_new;
+                corr[j] = exp2_approx(m_run[j] - base);
+                m_run[j] = m_new;
+            }
             float sum = 0.0f;
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
@@ -456,9 +562,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                     sum += x[mt][r][j];
                 }
             l_run[j] = l_run[j] * corr[j] + sum;
-            m_run[j] = m_new;
         }
-        if (__any_sync(kFull, rescale)) {  // some running max moved
+        if (moved) {
 #pragma unroll
             for (int v = 0; v < kVTiles; ++v) {
                 o[v][0] *= corr[0], o[v][2] *= corr[0];
@@ -474,13 +579,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         }
 
         // P'^T rows: token 16 mt + 8 r + g goes to row 16 mt + 8 r + 2 (g % 4) + g / 4.
-        const float* vscales = reinterpret_cast<const float*>(buf + L.value_scales_offset);
+        // The 8 value scales are read before any P' store: ptxas does not move a shared load
+        // above a shared store it cannot tell apart, and each load then stalled its row (6% of
+        // the stall samples).
+        const float* vscales =
+            MIXED ? mixed_scales : reinterpret_cast<const float*>(buf + L.value_scales_offset);
+        float vscale[4][2];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                vscale[mt][r] = VBITS == 16 ? 1.0f : vscales[16 * mt + 8 * r + g];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int tok = 16 * mt + 8 * r + g;
-                const float vs = VBITS == 16 ? 1.0f : vscales[tok] * T.value_pair_scale;
+                const float vs = vscale[mt][r] * T.value_pair_scale;
                 const float p0 = x[mt][r][0] * vs, p1 = x[mt][r][kSlots - 1] * vs;
                 const __half h0 = __float2half_rn(p0);
                 const __half h1 =
@@ -503,8 +617,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         const uint8_t* vcodes = buf + L.value_codes_offset + g * kValueChunk;
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
-            const uint8_t* tok = vcodes + (16 * kb + t) * L.value_code_bytes;
-            const uint32_t step = 4 * L.value_code_bytes;  // tokens t, t + 4, t + 8, t + 12
+            const uint8_t* tok = MIXED ? mixed_values + 2 * 16 * kb * (D / 2)
+                                       : vcodes + (16 * kb + t) * L.value_code_bytes;
+            // tokens t, t + 4, t + 8, t + 12
+            const uint32_t step = MIXED ? 2 * 4 * (D / 2) : 4 * L.value_code_bytes;
             if constexpr (VBITS == 16) {
                 uint32_t w[4][kDims / 2];
 #pragma unroll
@@ -550,10 +666,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
                 const C e23 = merge_even<VBITS>(c2, c3), o23 = merge_odd<VBITS>(c2, c3);
 #pragma unroll
                 for (int v = 0; v < kVTiles; ++v) {
-                    const uint32_t af[4] = {value_pair<VBITS, kValueShift>(value_table, e01, v),
-                                            value_pair<VBITS, kValueShift>(value_table, o01, v),
-                                            value_pair<VBITS, kValueShift>(value_table, e23, v),
-                                            value_pair<VBITS, kValueShift>(value_table, o23, v)};
+                    uint32_t af[4];
+                    if constexpr (MIXED) {
+                        af[0] = value_pair_row<kMixedTable>(e01, v, lane4);
+                        af[1] = value_pair_row<kMixedTable>(o01, v, lane4);
+                        af[2] = value_pair_row<kMixedTable>(e23, v, lane4);
+                        af[3] = value_pair_row<kMixedTable>(o23, v, lane4);
+                    } else {
+                        af[0] = value_pair<VBITS, kValueShift>(value_table, e01, v);
+                        af[1] = value_pair<VBITS, kValueShift>(value_table, o01, v);
+                        af[2] = value_pair<VBITS, kValueShift>(value_table, e23, v);
+                        af[3] = value_pair<VBITS, kValueShift>(value_table, o23, v);
+                    }
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
                 }
             }
@@ -571,9 +695,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32)
         l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);
     }
     __syncthreads();
-    float* wo = reinterpret_cast<float*>(rings);  // [warp][head][D]
-    float* wm = wo + kDecodeWarps * G * D;        // [warp][head]
-    float* wl = wm + kDecodeWarps * G;            // [warp][head]
+    float* wo = reinterpret_cast<float*>(MIXED ? mixed : rings);  // [warp][head][D]
+    float* wm = wo + kDecodeWarps * G * D;                        // [warp][head]
+    float* wl = wm + kDecodeWarps * G;                            // [warp][head]
 #pragma unroll
     for (int v = 0; v < kVTiles; ++v) {
 #pragma unroll

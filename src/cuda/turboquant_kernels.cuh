@@ -29,6 +29,7 @@ struct DecodeKernelParams {
     int pages_per_split = 0;
     int splits = 0;
     int ring = 0;                  // pages in flight per warp (cp.async ring depth), 1..4
+    bool shared_pairs = false;     // 4-bit values read the lane copies of the 4-bit key table
     float* partial_o = nullptr;    // [batch][kv head][split][group][head_dim]
     float2* partial_ml = nullptr;  // [batch][kv head][split][group] (max, sum) in log2 units
 };

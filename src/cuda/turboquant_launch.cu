@@ -26,15 +26,22 @@ struct DecodeKernel {
     size_t shared_bytes = 0;  // sizeof(DecodeShared), before the table copies and the rings
     int lutc = 1;             // lane copies of the 256-entry pair tables (4-bit keys or values)
     int vc = 0;               // copies of the byte-indexed 2-bit value table (0: none)
+    bool mixed = false;       // the mixed-row layout (decode_mixed_bytes)
 };
 
 // `lutc`: lane copies (1, 16, 32) of the 256-entry tables of 4-bit keys or values; ignored
-// otherwise. 2-bit values always take the byte-indexed table (16 copies).
+// otherwise. 2-bit values always take the byte-indexed table (16 copies). `mixed`: the mixed-row
+// layout of one table shared by 4-bit keys and values (32 copies).
 template <int D, int K, int V, bool HILO>
-DecodeKernel decode_entry(int lutc) {
+DecodeKernel decode_entry(int lutc, bool mixed) {
     using kernels::decode_attention_kernel;
     using kernels::DecodeShared;
     constexpr int VC = V == 2 ? 16 : 0;
+    if constexpr (K == 4 && V == 4) {
+        if (mixed)
+            return {&decode_attention_kernel<D, K, V, HILO, 32, VC, true>,
+                    sizeof(DecodeShared<D, K, V, 32>), 32, VC, true};
+    }
     if constexpr (K == 4 || V == 4) {
         if (lutc == 32)
             return {&decode_attention_kernel<D, K, V, HILO, 32, VC>,
@@ -47,47 +54,67 @@ DecodeKernel decode_entry(int lutc) {
 }
 
 template <int D, int K, bool HILO>
-DecodeKernel pick_value_bits(int value_bits, int lutc) {
+DecodeKernel pick_value_bits(int value_bits, int lutc, bool mixed) {
     switch (value_bits) {
         case 1:
-            return decode_entry<D, K, 1, HILO>(lutc);
+            return decode_entry<D, K, 1, HILO>(lutc, mixed);
         case 2:
-            return decode_entry<D, K, 2, HILO>(lutc);
+            return decode_entry<D, K, 2, HILO>(lutc, mixed);
         case 4:
-            return decode_entry<D, K, 4, HILO>(lutc);
+            return decode_entry<D, K, 4, HILO>(lutc, mixed);
         case 16:
-            return decode_entry<D, K, 16, HILO>(lutc);
+            return decode_entry<D, K, 16, HILO>(lutc, mixed);
         default:
             return {};
     }
 }
 
 template <int D, bool HILO>
-DecodeKernel pick_key_bits(int key_bits, int value_bits, int lutc) {
+DecodeKernel pick_key_bits(int key_bits, int value_bits, int lutc, bool mixed) {
     switch (key_bits) {
         case 1:
-            return pick_value_bits<D, 1, HILO>(value_bits, lutc);
+            return pick_value_bits<D, 1, HILO>(value_bits, lutc, mixed);
         case 2:
-            return pick_value_bits<D, 2, HILO>(value_bits, lutc);
+            return pick_value_bits<D, 2, HILO>(value_bits, lutc, mixed);
         case 3:
-            return pick_value_bits<D, 3, HILO>(value_bits, lutc);
+            return pick_value_bits<D, 3, HILO>(value_bits, lutc, mixed);
         case 4:
-            return pick_value_bits<D, 4, HILO>(value_bits, lutc);
+            return pick_value_bits<D, 4, HILO>(value_bits, lutc, mixed);
         default:
             return {};
     }
 }
 
 // Groups of up to 4 query heads split each query into fp16 hi + lo columns.
-DecodeKernel pick_decode(const TqPageLayout& L, int group, int lutc) {
+DecodeKernel pick_decode(const TqPageLayout& L, int group, int lutc, bool mixed = false) {
     const bool hilo = group <= 4;
     if (L.head_dim == 64)
-        return hilo ? pick_key_bits<64, true>(L.key_bits, L.value_bits, lutc)
-                    : pick_key_bits<64, false>(L.key_bits, L.value_bits, lutc);
+        return hilo ? pick_key_bits<64, true>(L.key_bits, L.value_bits, lutc, mixed)
+                    : pick_key_bits<64, false>(L.key_bits, L.value_bits, lutc, mixed);
     if (L.head_dim == 128)
-        return hilo ? pick_key_bits<128, true>(L.key_bits, L.value_bits, lutc)
-                    : pick_key_bits<128, false>(L.key_bits, L.value_bits, lutc);
+        return hilo ? pick_key_bits<128, true>(L.key_bits, L.value_bits, lutc, mixed)
+                    : pick_key_bits<128, false>(L.key_bits, L.value_bits, lutc, mixed);
     return {};
+}
+
+// 4-bit keys and values of one codebook: the values read the key table's lane copies, which
+// halves the tables' shared memory (3 CTAs per SM instead of 2 at head_dim 128 with 32 copies).
+bool shared_pairs(const DecodeArgs& a) {
+    const TqPageLayout& L = a.layout;
+    return L.key_bits == 4 && L.value_bits == 4 && a.tables.key_pairs != nullptr &&
+           a.tables.value_pairs == a.tables.key_pairs;
+}
+
+// The mixed-row layout: a shared 4-bit table, one page per warp, and a page of one stage whose
+// code blocks are D / 2 bytes per token and whose norms and scales are 16-byte aligned
+// (args.table_copies and args.ring force the other layouts); sm_90, whose dynamic shared memory
+// starts at kDynamicSharedBase of the window (the kernel traps otherwise).
+bool mixed_rows(const DecodeArgs& a, int major) {
+    const TqPageLayout& L = a.layout;
+    const uint32_t half = static_cast<uint32_t>(L.head_dim) / 2;
+    return major == 9 && shared_pairs(a) && a.table_copies == 0 && a.ring <= 1 &&
+           L.key_stages == 1 && L.key_code_bytes == half && L.value_code_bytes == half &&
+           L.key_norms_offset % 16 == 0 && L.value_scales_offset % 16 == 0;
 }
 
 // A kernel's shared-memory plan: ring depth, bytes and CTAs per SM.
@@ -110,9 +137,19 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
     constexpr size_t kSmemMax = 227 * 1024;
     const size_t fixed = kernels::decode_ring_offset(
         kernels::decode_ring_offset(k.shared_bytes) +
-        kernels::decode_lut_bytes(L.key_bits, L.key_stages, L.value_bits, k.lutc) +
+        kernels::decode_lut_bytes(L.key_bits, L.key_stages, L.value_bits, k.lutc, shared_pairs(a)) +
         kernels::decode_v64_bytes(L.value_bits, k.vc));
     const size_t states = kernels::decode_states_bytes(L.head_dim, a.group);
+    if (k.mixed) {  // the page rings and the final states lie in the mixed rows
+        r.ring = 1;
+        r.smem = kernels::decode_ring_offset(k.shared_bytes) + kernels::decode_mixed_bytes();
+        cudaError_t err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(r.smem));
+        if (err == cudaSuccess)
+            err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.per_sm, k.fn, kDecodeWarps * 32,
+                                                                r.smem);
+        return err;
+    }
     const size_t page_set = static_cast<size_t>(kDecodeWarps) * L.head_bytes;  // one page per warp
     int ring = 1;
     for (const size_t tier : kTiers) {
@@ -144,13 +181,18 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
 
 // Lane copies of 4-bit tables (args.table_copies, or the plan's choice). Their lookups through
 // shared memory bound the page loop, so the plan takes conflict-free tables (32 copies) at
-// head_dim 128 and 16 copies (at most 2-way conflicts) at 64, where lookups are half of a page's
-// work and the extra CTA per SM of smaller tables pays more; either only while two CTAs still fit
-// per SM, else the most copies that keep the residency of plain tables (H200 measurements in
+// head_dim 128 or with one table shared by keys and values, and 16 copies (at most 2-way
+// conflicts) for two tables at 64, where lookups are half of a page's work and the extra CTA per
+// SM of smaller tables pays more; either only while two CTAs still fit per SM, else the most
+// copies that keep the residency of plain tables (H200 measurements in
 // bench/cuda/decode_tuning.md).
-cudaError_t pick_kernel(const DecodeArgs& a, DecodeKernel& k, Residency& r) {
+cudaError_t pick_kernel(const DecodeArgs& a, int major, DecodeKernel& k, Residency& r) {
     const TqPageLayout& L = a.layout;
     const bool four = L.key_bits == 4 || L.value_bits == 4;
+    if (mixed_rows(a, major)) {
+        k = pick_decode(L, a.group, 32, true);
+        return plan_residency(a, k, r);
+    }
     if (a.table_copies != 0 || !four) {
         k = pick_decode(L, a.group, four ? a.table_copies : 1);
         return plan_residency(a, k, r);
@@ -160,7 +202,7 @@ cudaError_t pick_kernel(const DecodeArgs& a, DecodeKernel& k, Residency& r) {
     cudaError_t err = plan_residency(a, plain, rp);
     if (err != cudaSuccess) return err;
     k = plain, r = rp;
-    const int preferred = L.head_dim == 128 ? 32 : 16;
+    const int preferred = L.head_dim == 128 || shared_pairs(a) ? 32 : 16;
     for (const int c : {preferred, preferred == 32 ? 16 : 32}) {
         const DecodeKernel cand = pick_decode(L, a.group, c);
         Residency rc;
@@ -208,7 +250,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     if (err != cudaSuccess) return err;
     if (major < 8) return cudaErrorNotSupported;  // mma.sync m16n8k16 / m16n8k32 and cp.async
     Residency r;
-    if ((err = pick_kernel(a, plan.kernel, r)) != cudaSuccess) return err;
+    if ((err = pick_kernel(a, major, plan.kernel, r)) != cudaSuccess) return err;
     plan.ring = r.ring;
     plan.smem = r.smem;
     const int per_sm = r.per_sm;
@@ -314,6 +356,7 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     kp.pages_per_split = plan.pages_per_split;
     kp.splits = plan.splits;
     kp.ring = plan.ring;
+    kp.shared_pairs = shared_pairs(a);
     kp.partial_o = static_cast<float*>(a.workspace);
     kp.partial_ml =
         reinterpret_cast<float2*>(static_cast<uint8_t*>(a.workspace) + plan.partial_o_bytes);

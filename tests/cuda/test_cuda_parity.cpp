@@ -288,11 +288,13 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
 }
 
 // The plan picks how many lane copies of the 4-bit lookup tables live in shared memory, and
-// how many pages per warp (one-page rings refill in halves), by residency; every choice must
-// give the same attention. Two sequences, one ending mid-page.
+// how many pages per warp (one-page rings refill in halves), by residency, and at 4-bit keys and
+// values one table in rows mixed with the page rings; every choice must give the same attention.
+// Two sequences, one ending mid-page.
 TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
     SKIP_WITHOUT_DEVICE();
-    const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {128, 2, 2, 4, 2}, {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1}};
+    const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {64, 4, 1, 4, 2}, {128, 2, 2, 4, 2},
+                                       {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1}};
     const std::vector<int> lens = {1000, 301};
     uint64_t seed = 4242;
     for (const Shape& s : shapes) {
@@ -334,7 +336,7 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
             a.out = dout.get();
             a.scale = 0.1f;
             for (int ring : {0, 1}) {
-                for (int copies : {1, 16, 32}) {
+                for (int copies : {0, 1, 16, 32}) {  // 0: the plan's (mixed rows at 4-bit / 4-bit)
                     SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " +
                                  std::to_string(copies) + " ring " + std::to_string(ring));
                     a.table_copies = copies, a.ring = ring;
