@@ -39,10 +39,10 @@ step "parity tests"
 "$BUILD/tests/cuda/test_cuda_parity" --gtest_output="json:$OUT/parity.json" 2>&1 | tail -40
 "$BUILD/tests/cuda/test_cuda_codec_cache" --gtest_output="json:$OUT/parity_codecs.json" 2>&1 \
   | grep -E "^\[  (FAILED|PASSED|  OK) |Failure|Expected|Which is|error|differ" | head -80
-step "compute-sanitizer (memcheck, racecheck) on the batched decode and the generic path"
+step "compute-sanitizer (memcheck, racecheck) on the batched decode, every decode layout and the generic path"
 for tool in memcheck racecheck; do
-  timeout 45 compute-sanitizer --tool "$tool" --print-limit 5 \
-    "$BUILD/tests/cuda/test_cuda_parity" --gtest_filter='*BatchedDecode*' 2>&1 | tail -6
+  timeout 150 compute-sanitizer --tool "$tool" --print-limit 5 \
+    "$BUILD/tests/cuda/test_cuda_parity" --gtest_filter='*BatchedDecode*:*EachTableCopyCount*' 2>&1 | tail -6
   timeout 60 compute-sanitizer --tool "$tool" --print-limit 5 \
     "$BUILD/tests/cuda/test_cuda_codec_cache" --gtest_filter='*tq_d96*:*rabitq*:*commvq*:*qjl*:*fp16_d96*' 2>&1 | tail -6
 done
