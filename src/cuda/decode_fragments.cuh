@@ -109,20 +109,34 @@ __device__ __forceinline__ ValueChunk<D, VBITS> load_value_chunk(const uint8_t* 
 }
 
 /// Pair fields of two tokens' chunks: field k of even() holds (A, B) indices of dimension 2k,
-/// field k of odd() those of dimension 2k + 1, each 2 * VBITS bits wide.
+/// field k of odd() those of dimension 2k + 1, each 2 * VBITS bits wide. 64-bit chunks merge as
+/// two 32-bit words (a shift and one LOP3 each): the bits a 64-bit shift carries across the words
+/// are masked off anyway, which ptxas did not see (it spent 64-bit shifts and separate masks).
 template <int VBITS, typename C>
 __device__ __forceinline__ C merge_even(C a, C b) {
-    constexpr C kMask = static_cast<C>(VBITS == 1   ? 0x5555555555555555ull
-                                       : VBITS == 2 ? 0x3333333333333333ull
-                                                    : 0x0F0F0F0F0F0F0F0Full);
-    return (a & kMask) | ((b << VBITS) & ~kMask);
+    if constexpr (sizeof(C) == 8) {
+        return static_cast<C>(merge_even<VBITS>(static_cast<uint32_t>(a), static_cast<uint32_t>(b))) |
+               static_cast<C>(merge_even<VBITS>(static_cast<uint32_t>(a >> 32),
+                                                static_cast<uint32_t>(b >> 32)))
+                   << 32;
+    } else {
+        constexpr C kMask =
+            static_cast<C>(VBITS == 1 ? 0x55555555u : VBITS == 2 ? 0x33333333u : 0x0F0F0F0Fu);
+        return (a & kMask) | ((b << VBITS) & ~kMask);
+    }
 }
 template <int VBITS, typename C>
 __device__ __forceinline__ C merge_odd(C a, C b) {
-    constexpr C kMask = static_cast<C>(VBITS == 1   ? 0x5555555555555555ull
-                                       : VBITS == 2 ? 0x3333333333333333ull
-                                                    : 0x0F0F0F0F0F0F0F0Full);
-    return ((a >> VBITS) & kMask) | (b & ~kMask);
+    if constexpr (sizeof(C) == 8) {
+        return static_cast<C>(merge_odd<VBITS>(static_cast<uint32_t>(a), static_cast<uint32_t>(b))) |
+               static_cast<C>(merge_odd<VBITS>(static_cast<uint32_t>(a >> 32),
+                                               static_cast<uint32_t>(b >> 32)))
+                   << 32;
+    } else {
+        constexpr C kMask =
+            static_cast<C>(VBITS == 1 ? 0x55555555u : VBITS == 2 ? 0x33333333u : 0x0F0F0F0Fu);
+        return ((a >> VBITS) & kMask) | (b & ~kMask);
+    }
 }
 
 /// The table entry of pair field `field` (a compile-time constant once unrolled); the shift

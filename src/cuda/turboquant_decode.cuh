@@ -387,6 +387,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
     for (int j = 0; j < kSlots; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
     const uint32_t magic = 0x64006400u;
     uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
+    // This thread's P' entry in rows 16 mt + 8 r + 2 (g % 4) + g / 4 (see below), as a base and
+    // immediate offsets (ptxas rebuilt each row's address with three LOP3s).
+    uint8_t* prow = pbuf + (2 * (g & 3) + (g >> 2)) * 16 + 4 * t;
     // Mixed rows: this thread's first key chunk and value chunk (loop-invariant).
     const uint8_t* mixed_keys = mixed_at(g * (D / 2) + t * kKeyChunk);
     const uint8_t* mixed_values = mixed_at(kCodeBytes + t * (D / 2) + g * kValueChunk);
@@ -599,8 +602,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
                 const __half h0 = __float2half_rn(p0);
                 const __half h1 =
                     HILO ? __float2half_rn(p0 - __half2float(h0)) : __float2half_rn(p1);
-                const int row = 16 * mt + 8 * r + 2 * (g & 3) + (g >> 2);
-                *reinterpret_cast<uint32_t*>(pbuf + row * 16 + 4 * t) = pack_half2(h0, h1);
+                *reinterpret_cast<uint32_t*>(prow + (16 * mt + 8 * r) * 16) = pack_half2(h0, h1);
             }
         }
         __syncwarp();
