@@ -41,6 +41,30 @@ __device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[(BYTE
     }
 }
 
+/// Lane copies of a table in shared memory: entry e, copy c at dst[e * stride + c] (copies a power
+/// of two, stride a multiple of 32 words). Each thread loads its entries once, so the CTA waits on
+/// one round trip to the table instead of one per batch of copies, and writes their copies in an
+/// order rotated by the lane, so that a warp's stores of 32 copies fall in 32 different banks.
+template <int THREADS>
+__device__ __forceinline__ void fill_lane_copies(uint32_t* dst, const uint32_t* src, int entries,
+                                                 int copies, int stride) {
+    constexpr int kPerThread = 6;  // up to 3 stages of 256 entries
+    static_assert(THREADS * kPerThread >= 3 * 256, "entries per thread");
+    uint32_t v[kPerThread];
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * THREADS;
+        v[j] = e < entries ? src[e] : 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+        const int e = threadIdx.x + j * THREADS;
+        if (e < entries)
+            for (int k = 0; k < copies; ++k)
+                dst[e * stride + ((k + threadIdx.x) & (copies - 1))] = v[j];
+    }
+}
+
 /// Byte j of w, zero-extended: one PRMT.
 __device__ __forceinline__ uint32_t byte_of(uint32_t w, int j) {
     return __byte_perm(w, 0, 0x4440u | j);
