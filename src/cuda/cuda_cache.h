@@ -107,7 +107,8 @@ struct DecodeArgs {
     float scale = 1.0f;
     void* workspace = nullptr;  ///< decode_workspace_bytes(args) bytes
     /// Lane copies of the 256-entry pair tables of 4-bit keys or values in shared memory: 0
-    /// lets the plan choose (by residency), 1, 16 or 32 force it (tests cover each).
+    /// lets the plan choose (by residency; at 4-bit keys and values on sm_90, one shared table
+    /// in rows mixed with the page rings), 1, 16 or 32 force contiguous copies (tests cover each).
     int table_copies = 0;
     /// Pages per warp in shared memory: 0 lets the plan choose, 1..4 force it (for comparisons;
     /// a depth that does not fit fails the launch).
