@@ -4,9 +4,10 @@
 // the value rotation's domain (mma m16n8k16, fp16). 1-bit keys in groups of up to 4 score with
 // integer mma m16n8k32 (0/1 key bytes x int8 query hi/lo parts). Each CTA takes one KV head and
 // a page range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the splits and
-// applies the inverse value rotation once. Shared memory: DecodeShared, then lane copies of the
-// lookup tables (4-bit pair tables, the byte-indexed 2-bit value table), then one cp.async
-// ring of whole pages per warp, whose first pages are requested before the CTA's set-up.
+// applies the inverse value rotation once. Shared memory (decode_layout.cuh): DecodeShared, then
+// lane copies of the lookup tables (4-bit pair tables, the byte-indexed 2-bit value table), then
+// one cp.async ring of whole pages per warp, whose first pages are requested before the CTA's
+// set-up; or, at 4-bit keys and values, the mixed rows of one table and the page rings.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -15,6 +16,7 @@
 #include <type_traits>
 
 #include "cuda/decode_fragments.cuh"
+#include "cuda/decode_layout.cuh"
 #include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
@@ -42,72 +44,6 @@ namespace veloxquant::cuda::kernels {
 //           read back transposed with ldmatrix. Within each 16-token block, k position 2t + i
 //           (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that the four lanes
 //           t of a lane group read four different banks.
-
-template <int D, int KBITS, int VBITS, int LUTC = 1>
-struct DecodeShared {
-    // (tables with lane copies live after this struct instead)
-    static constexpr int kKeyPairs = KBITS == 1 || (LUTC > 1 && KBITS == 4) ? 1 : 1 << (2 * KBITS);
-    static constexpr int kValuePairs =
-        VBITS == 16 || (LUTC > 1 && VBITS == 4) ? 1 : 1 << (2 * VBITS);
-    union {                            // the queries are read once, before the page loop
-        float q[kMaxGroup][D];         // rotated, power-of-two scaled queries
-        uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
-    };
-    float head_mul[kMaxGroup];        // undoes that scale
-    float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
-    float key_affine[kMaxStages][2];  // per stage: (C0, C1 - C0) or (0, pair table scale)
-    uint32_t key_pairs[kMaxStages][kKeyPairs];
-    uint32_t value_pairs[kValuePairs];
-};
-
-/// The warps' final states, written over the rings: [warp][head][D] outputs, then the running
-/// max and sum of each (warp, head).
-__host__ __device__ constexpr size_t decode_states_bytes(int head_dim, int group) {
-    return static_cast<size_t>(kDecodeWarps) * group * (head_dim + 2) * sizeof(float);
-}
-
-/// A shared-memory region's end rounded up to 128 bytes. After DecodeShared come the table
-/// copies, then the cp.async rings (reused for the warps' final states).
-__host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
-    return (shared_bytes + 127) / 128 * 128;
-}
-
-/// Lane copies of the 256-entry pair tables (4-bit keys or values): with LUTC copies, entry i of
-/// copy c is word i * LUTC + c and lane l reads copy l % LUTC, so LUTC = 32 makes every lookup
-/// conflict-free (one bank per lane) and LUTC = 16 at most 2-way; 1 is the plain table in
-/// DecodeShared. Bytes of those copies after DecodeShared (before the rings); with
-/// `shared_pairs` the values read the first key stage's copies (the same codebook).
-__host__ __device__ constexpr size_t decode_lut_bytes(int key_bits, int key_stages, int value_bits,
-                                                      int lutc, bool shared_pairs) {
-    return lutc == 1 ? 0
-                     : static_cast<size_t>((key_bits == 4 ? key_stages : 0) +
-                                           (value_bits == 4 && !shared_pairs ? 1 : 0)) *
-                           256 * lutc * sizeof(uint32_t);
-}
-
-/// 2-bit values, byte-indexed: entry e (token A's dims 2v, 2v + 1 in bits 0-3, token B's in bits
-/// 4-7) holds both A fragments of a tile, (half2 of dim 2v, half2 of dim 2v + 1), one LDS.64;
-/// VC lane copies (entry e of copy c at uint2 VC e + c): 16 keep each half-warp conflict-free
-/// (8 were slower: 2-way conflicts; the nibble-indexed pair table, value_pair, costs 3
-/// instructions per fragment register instead of 1.5).
-__host__ __device__ constexpr size_t decode_v64_bytes(int value_bits, int vc) {
-    return value_bits == 2 ? static_cast<size_t>(256) * vc * sizeof(uint2) : 0;
-}
-
-/// Mixed rows (4-bit keys and values of one codebook, one stage, one page per warp): a 64 KB
-/// region of 256 rows of 256 bytes, where row i holds the 32 lane copies of pair-table entry i
-/// (bytes 0-127; lookups by row_lut, one PRMT and one LDS) and 128 bytes of the warps' code
-/// rings (bytes 128-255; warp w's page, keys then values, in rows [R w, R (w + 1)) with R = D / 2
-/// rows per warp). The norms and scales go to [2][warp][kPage] floats after the region.
-/// The low 16 bits of the shared-window address of a kernel's dynamic shared memory when it has
-/// no static shared memory: sm_80 and sm_90 reserve the first 1 KB of each CTA's window
-/// (dynamic_shared_base() checks it on the device before the plan takes mixed rows). Mixed-row
-/// lookups put it in the load's immediate, with the window's upper bits in the lane register.
-constexpr uint32_t kDynamicSharedBase = 0x400;
-
-__host__ __device__ constexpr size_t decode_mixed_bytes() {
-    return 256 * 256 + 2 * kDecodeWarps * kPage * sizeof(float);
-}
 
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
 /// otherwise (group 5..8) column h is head h. MIXED: the mixed-row layout above. 4-bit keys and

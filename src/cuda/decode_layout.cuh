@@ -1,0 +1,82 @@
+// Shared-memory layout of the split-K decode kernel (turboquant_decode.cuh), which its launcher's
+// plan (turboquant_launch.cu) sizes: the fixed block, the lane copies of the lookup tables, the
+// per-warp page rings and the warps' final states over them, and the mixed rows of one 4-bit
+// table with the rings.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/turboquant_kernels.cuh"
+
+namespace veloxquant::cuda::kernels {
+
+template <int D, int KBITS, int VBITS, int LUTC = 1>
+struct DecodeShared {
+    // (tables with lane copies live after this struct instead)
+    static constexpr int kKeyPairs = KBITS == 1 || (LUTC > 1 && KBITS == 4) ? 1 : 1 << (2 * KBITS);
+    static constexpr int kValuePairs =
+        VBITS == 16 || (LUTC > 1 && VBITS == 4) ? 1 : 1 << (2 * VBITS);
+    union {                            // the queries are read once, before the page loop
+        float q[kMaxGroup][D];         // rotated, power-of-two scaled queries
+        uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
+    };
+    float head_mul[kMaxGroup];        // undoes that scale
+    float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
+    float key_affine[kMaxStages][2];  // per stage: (C0, C1 - C0) or (0, pair table scale)
+    uint32_t key_pairs[kMaxStages][kKeyPairs];
+    uint32_t value_pairs[kValuePairs];
+};
+
+/// The warps' final states, written over the rings: [warp][head][D] outputs, then the running
+/// max and sum of each (warp, head).
+__host__ __device__ constexpr size_t decode_states_bytes(int head_dim, int group) {
+    return static_cast<size_t>(kDecodeWarps) * group * (head_dim + 2) * sizeof(float);
+}
+
+/// A shared-memory region's end rounded up to 128 bytes. After DecodeShared come the table
+/// copies, then the cp.async rings (reused for the warps' final states).
+__host__ __device__ constexpr size_t decode_ring_offset(size_t shared_bytes) {
+    return (shared_bytes + 127) / 128 * 128;
+}
+
+/// Lane copies of the 256-entry pair tables (4-bit keys or values): with LUTC copies, entry i of
+/// copy c is word i * LUTC + c and lane l reads copy l % LUTC, so LUTC = 32 makes every lookup
+/// conflict-free (one bank per lane) and LUTC = 16 at most 2-way; 1 is the plain table in
+/// DecodeShared. Bytes of those copies after DecodeShared (before the rings); with
+/// `shared_pairs` the values read the first key stage's copies (the same codebook).
+__host__ __device__ constexpr size_t decode_lut_bytes(int key_bits, int key_stages, int value_bits,
+                                                      int lutc, bool shared_pairs) {
+    return lutc == 1 ? 0
+                     : static_cast<size_t>((key_bits == 4 ? key_stages : 0) +
+                                           (value_bits == 4 && !shared_pairs ? 1 : 0)) *
+                           256 * lutc * sizeof(uint32_t);
+}
+
+/// 2-bit values, byte-indexed: entry e (token A's dims 2v, 2v + 1 in bits 0-3, token B's in bits
+/// 4-7) holds both A fragments of a tile, (half2 of dim 2v, half2 of dim 2v + 1), one LDS.64;
+/// VC lane copies (entry e of copy c at uint2 VC e + c): 16 keep each half-warp conflict-free
+/// (8 were slower: 2-way conflicts; the nibble-indexed pair table, value_pair, costs 3
+/// instructions per fragment register instead of 1.5).
+__host__ __device__ constexpr size_t decode_v64_bytes(int value_bits, int vc) {
+    return value_bits == 2 ? static_cast<size_t>(256) * vc * sizeof(uint2) : 0;
+}
+
+/// The low 16 bits of the shared-window address of a kernel's dynamic shared memory when it has
+/// no static shared memory: sm_90 reserves the first 1 KB of each CTA's window. Mixed-row
+/// lookups put it in the load's immediate, with the window's upper bits in the lane register;
+/// the kernel traps if its window differs, and the plan takes mixed rows only on sm_90.
+constexpr uint32_t kDynamicSharedBase = 0x400;
+
+/// Mixed rows (4-bit keys and values of one codebook, one stage, one page per warp): a 64 KB
+/// region of 256 rows of 256 bytes, where row i holds the 32 lane copies of pair-table entry i
+/// (bytes 0-127; lookups by row_lut, one PRMT and one LDS) and 128 bytes of the warps' code
+/// rings (bytes 128-255; warp w's page, keys then values, in rows [R w, R (w + 1)) with R = D / 2
+/// rows per warp). The norms and scales go to [2][warp][kPage] floats after the region.
+__host__ __device__ constexpr size_t decode_mixed_bytes() {
+    return 256 * 256 + 2 * kDecodeWarps * kPage * sizeof(float);
+}
+
+}  // namespace veloxquant::cuda::kernels
