@@ -363,12 +363,13 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     const dim3 grid(plan.splits, a.layout.num_kv_heads, a.batch);
     plan.kernel.fn<<<grid, kDecodeWarps * 32, plan.smem, stream>>>(kp);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    const long long rows = static_cast<long long>(a.batch) * a.layout.num_kv_heads * a.group;
-    const unsigned blocks = static_cast<unsigned>((rows + 3) / 4);
+    // The merge: one CTA per (sequence, query head), a warp per split up to kMergeWarps.
+    const unsigned rows = static_cast<unsigned>(a.batch * a.layout.num_kv_heads * a.group);
+    const unsigned threads = 32 * std::clamp(plan.splits, 1, kernels::kMergeWarps);
     if (a.layout.head_dim == 64)
-        kernels::merge_kernel<64><<<blocks, 128, 0, stream>>>(kp);
+        kernels::merge_kernel<64><<<rows, threads, 0, stream>>>(kp);
     else
-        kernels::merge_kernel<128><<<blocks, 128, 0, stream>>>(kp);
+        kernels::merge_kernel<128><<<rows, threads, 0, stream>>>(kp);
     return cudaGetLastError();
 }
 
