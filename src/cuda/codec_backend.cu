@@ -301,7 +301,7 @@ private:
         else
             launch_attention<D, 1>(a, grid, smem, stream);
         codec::codec_merge_kernel<Codec, D>
-            <<<blocks_for(rows_total * 32), codec::kThreads, 0, stream>>>(a);
+            <<<static_cast<unsigned>(rows_total), codec::kMergeWarps * 32, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec merge kernel");
     }
 

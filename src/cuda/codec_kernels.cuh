@@ -8,7 +8,7 @@
 //   codec_attention_kernel   split-K attention of query rows over the codes: lanes score one
 //                            token each from the state in shared memory, then the warp
 //                            accumulates p_t * v_t lane-per-coordinate (online softmax, log2)
-//   codec_merge_kernel       one warp per (head, row): merges the splits and maps the value
+//   codec_merge_kernel       one CTA per (head, row): merges the splits and maps the value
 //                            sum back from the value codec's domain
 // Rows: row r of KV head h is query i = r / group of query head h * group + r % group; with
 // causal masking it sees tokens [0, size - n_queries + i], else every token. A decode step is
@@ -236,9 +236,17 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = threadIdx.x; i < a.state_stride; i += kThreads) {
         const int k = f.row_of[head + i];
         float x = f.constant[head + i];
-        if (k >= 0)
-            for (int j = 0; j < d; ++j)
-                x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
+        if (k >= 0) {  // in j order; eight terms' loads in flight
+            int j = 0;
+            for (; j + 8 <= d; j += 8) {
+                float m[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) m[u] = mt[static_cast<size_t>(j + u) * f.varying + k];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) x = dev::fmadd(m[u], q[j + u], x);
+            }
+            for (; j < d; ++j) x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
+        }
         state[i] = x;
     }
 }
@@ -474,18 +482,27 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
-/// out = R^T acc for the value rotation, one warp, lane j = lane + 32 e computing coordinate j
-/// from acc in shared memory: for the randomized Hadamard form R^T = diag(signs) H / sqrt(d)
-/// with H[j][i] = (-1)^popcount(i & j) (Sylvester order, as fwht_orthonormal), else the dense
-/// matrix's column j. O(d) per coordinate instead of one thread's O(d log d) or O(d^2).
+/// out = R^T acc for the value rotation, from acc in shared memory, by the CTA's threads: for the
+/// randomized Hadamard form R^T = diag(signs) H / sqrt(d) with H[j][i] = (-1)^popcount(i & j)
+/// (Sylvester order, as fwht_orthonormal), at d = D warp 0's butterflies (warp_fwht, the
+/// CPU's operation order); otherwise thread j sums coordinate j over i in the CPU's order
+/// (the dense matrix's column j, or the Hadamard signs), eight terms' loads at a time.
 template <int D>
-__device__ void warp_value_finalize(const dev::ValueDevice::Params& vp, const float* acc,
-                                    float* out, int lane) {
+__device__ void value_finalize(const dev::ValueDevice::Params& vp, const float* acc, float* out) {
     const int d = vp.d;
+    if (vp.bits != 16 && vp.rotation.hadamard && d == D) {
+        constexpr int E = D / 32;
+        const int lane = threadIdx.x & 31;
+        if (threadIdx.x >= 32) return;
+        float x[E];
 #pragma unroll
-    for (int e = 0; e < D / 32; ++e) {
-        const int j = lane + 32 * e;
-        if (j >= d) break;
+        for (int e = 0; e < E; ++e) x[e] = acc[lane * E + e];
+        warp_fwht<E>(x, lane, 1.0f / sqrtf(static_cast<float>(d)));
+#pragma unroll
+        for (int e = 0; e < E; ++e) out[lane * E + e] = x[e] * vp.rotation.signs[lane * E + e];
+        return;
+    }
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
         float x = 0.0f;
         if (vp.bits == 16) {
             x = acc[j];
@@ -493,23 +510,37 @@ __device__ void warp_value_finalize(const dev::ValueDevice::Params& vp, const fl
             for (int i = 0; i < d; ++i) x += (__popc(i & j) & 1) ? -acc[i] : acc[i];
             x *= vp.rotation.signs[j] * rsqrtf(static_cast<float>(d));
         } else {
-            for (int i = 0; i < d; ++i)
-                x = dev::fmadd(vp.rotation.matrix[static_cast<size_t>(i) * d + j], acc[i], x);
+            const float* column = vp.rotation.matrix + j;
+            int i = 0;
+            for (; i + 8 <= d; i += 8) {  // in i order; eight terms' loads in flight
+                float m[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) m[u] = column[static_cast<size_t>(i + u) * d];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) x = dev::fmadd(m[u], acc[i + u], x);
+            }
+            for (; i < d; ++i) x = dev::fmadd(column[static_cast<size_t>(i) * d], acc[i], x);
         }
         out[j] = x;
     }
 }
 
-// One warp per (head, row): merges the splits (lanes over splits for the max, over coordinates
-// for the sum), then maps the value sum back to the value space.
+// One CTA of kMergeWarps warps per (head, row): every warp finds the splits' max and
+// denominator (lanes over splits); warp w sums splits w, w + W, ... (lanes over coordinates,
+// four splits' loads issued before their sums; a split past the end, or without tokens, has
+// weight 0), the warps' sums are added in warp order, and the CTA maps the sum back from the
+// value codec's domain. (One warp per row, loads waiting on their split's weight, took 22 us at
+// 64 splits.)
+constexpr int kMergeWarps = 8;
+
 template <class Codec, int D>
-__global__ void __launch_bounds__(kThreads) codec_merge_kernel(const AttentionParams<Codec> a) {
+__global__ void __launch_bounds__(kMergeWarps * 32)
+    codec_merge_kernel(const AttentionParams<Codec> a) {
     constexpr int E = D / 32;
-    __shared__ float acc_s[kThreads / 32][D];
+    __shared__ float part[kMergeWarps][D];
+    __shared__ float acc_s[D];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int item = blockIdx.x * (kThreads / 32) + warp;
-    if (item >= a.store.heads * a.rows) return;
-    const int h = item / a.rows, row = item % a.rows;
+    const int item = blockIdx.x, h = item / a.rows, row = item % a.rows;
     const size_t base = static_cast<size_t>(item) * a.splits;
     float mx = -INFINITY;
     for (int s = lane; s < a.splits; s += 32) mx = fmaxf(mx, a.partial_ml[base + s].x);
@@ -517,26 +548,41 @@ __global__ void __launch_bounds__(kThreads) codec_merge_kernel(const AttentionPa
     float acc[E] = {};
     float l = 0.0f;
     if (mx != -INFINITY) {
-        // Lanes over splits for the denominator; then every split's weighted sum, loads of
-        // several splits in flight at once (a split without tokens has m = -inf, o = 0).
         for (int s = lane; s < a.splits; s += 32) {
             const float2 ml = a.partial_ml[base + s];
             l += exp2f(ml.x - mx) * ml.y;
         }
         l = warp_sum(l);
-#pragma unroll 4
-        for (int s = 0; s < a.splits; ++s) {
-            const float f = exp2f(a.partial_ml[base + s].x - mx);
-            const float* po = a.partial_o + (base + s) * D;
+        for (int s0 = warp; s0 < a.splits; s0 += 4 * kMergeWarps) {
+            float m[4], o[4][E];
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[e] = dev::fmadd(f, po[lane + 32 * e], acc[e]);
+            for (int k = 0; k < 4; ++k) {
+                const int s = s0 + k * kMergeWarps;
+                const size_t at = base + (s < a.splits ? s : s0);
+                m[k] = s < a.splits ? a.partial_ml[at].x : -INFINITY;
+#pragma unroll
+                for (int e = 0; e < E; ++e) o[k][e] = a.partial_o[at * D + lane + 32 * e];
+            }
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float f = exp2f(m[k] - mx);
+#pragma unroll
+                for (int e = 0; e < E; ++e) acc[e] = dev::fmadd(f, o[k][e], acc[e]);
+            }
         }
     }
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc_s[warp][lane + 32 * e] = acc[e] * inv;
-    __syncwarp();
-    warp_value_finalize<D>(a.store.values[h], acc_s[warp], a.output(h, row), lane);
+    for (int e = 0; e < E; ++e) part[warp][lane + 32 * e] = acc[e];
+    __syncthreads();
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float x = part[0][j];
+#pragma unroll
+        for (int w = 1; w < kMergeWarps; ++w) x += part[w][j];
+        acc_s[j] = x * inv;
+    }
+    __syncthreads();
+    value_finalize<D>(a.store.values[h], acc_s, a.output(h, row));
 }
 
 }  // namespace veloxquant::cuda::codec

@@ -122,47 +122,6 @@ __device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
            (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
 }
 
-// ---------------------------------------------------------------------------------------------
-// Warp helpers. A warp holds a d-vector as E = d / 32 consecutive coordinates per lane
-// (coordinate j = lane * E + e).
-
-/// The CPU's butterfly (a + b, then a - b) on registers e and e + stride of x, for every e
-/// without the stride bit (stride a compile-time constant after unrolling).
-template <int E>
-__device__ __forceinline__ void register_butterflies(float (&x)[E], int stride) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        if ((e & stride) == 0) {
-            const float a = x[e], b = x[e + stride];
-            x[e] = __fadd_rn(a, b);
-            x[e + stride] = __fsub_rn(a, b);
-        }
-    }
-}
-
-/// The same butterfly between lanes `lane` and `lane ^ m`, register by register: the lane
-/// without bit m holds a and keeps a + b, the other holds b and keeps a - b.
-template <int E>
-__device__ __forceinline__ void lane_butterflies(float (&x)[E], int lane, int m) {
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        const float other = __shfl_xor_sync(kFull, x[e], m);
-        x[e] = (lane & m) ? __fsub_rn(other, x[e]) : __fadd_rn(x[e], other);
-    }
-}
-
-/// Orthonormal Walsh-Hadamard transform with the CPU's butterfly order (len = 1, 2, 4, ...;
-/// a + b then a - b) and final scale, so results are bit-identical to fwht_orthonormal.
-template <int E>
-__device__ __forceinline__ void warp_fwht(float (&x)[E], int lane, float inv_sqrt_d) {
-#pragma unroll
-    for (int len = 1; len < E; len <<= 1) register_butterflies(x, len);
-#pragma unroll
-    for (int lm = 1; lm < 32; lm <<= 1) lane_butterflies(x, lane, lm);
-#pragma unroll
-    for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], inv_sqrt_d);
-}
-
 /// Index i of a packed LSB-first stream of `bits`-bit indices (the CPU's read_packed).
 __device__ __forceinline__ int read_packed(const uint8_t* packed, int i, int bits) {
     const int bit = i * bits, byte = bit >> 3, shift = bit & 7;

@@ -1,4 +1,5 @@
-// Warp-wide reductions shared by the CUDA kernels (every lane gets the result).
+// Warp-wide reductions shared by the CUDA kernels (every lane gets the result), and the
+// Walsh-Hadamard transform of a vector spread over a warp.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -16,6 +17,46 @@ __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
     return x;
+}
+
+// A warp holds a d-vector as E = d / 32 consecutive coordinates per lane
+// (coordinate j = lane * E + e).
+
+/// The CPU's butterfly (a + b, then a - b) on registers e and e + stride of x, for every e
+/// without the stride bit (stride a compile-time constant after unrolling).
+template <int E>
+__device__ __forceinline__ void register_butterflies(float (&x)[E], int stride) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        if ((e & stride) == 0) {
+            const float a = x[e], b = x[e + stride];
+            x[e] = __fadd_rn(a, b);
+            x[e + stride] = __fsub_rn(a, b);
+        }
+    }
+}
+
+/// The same butterfly between lanes `lane` and `lane ^ m`, register by register: the lane
+/// without bit m holds a and keeps a + b, the other holds b and keeps a - b.
+template <int E>
+__device__ __forceinline__ void lane_butterflies(float (&x)[E], int lane, int m) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const float other = __shfl_xor_sync(0xffffffffu, x[e], m);
+        x[e] = (lane & m) ? __fsub_rn(other, x[e]) : __fadd_rn(x[e], other);
+    }
+}
+
+/// Orthonormal Walsh-Hadamard transform with the CPU's butterfly order (len = 1, 2, 4, ...;
+/// a + b then a - b) and final scale, so results are bit-identical to fwht_orthonormal.
+template <int E>
+__device__ __forceinline__ void warp_fwht(float (&x)[E], int lane, float inv_sqrt_d) {
+#pragma unroll
+    for (int len = 1; len < E; len <<= 1) register_butterflies(x, len);
+#pragma unroll
+    for (int lm = 1; lm < 32; lm <<= 1) lane_butterflies(x, lane, lm);
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __fmul_rn(x[e], inv_sqrt_d);
 }
 
 }  // namespace veloxquant::cuda
