@@ -529,8 +529,8 @@ __device__ void value_finalize(const dev::ValueDevice::Params& vp, const float* 
 // denominator (lanes over splits); warp w sums splits w, w + W, ... (lanes over coordinates,
 // four splits' loads issued before their sums; a split past the end, or without tokens, has
 // weight 0), the warps' sums are added in warp order, and the CTA maps the sum back from the
-// value codec's domain. (One warp per row, loads waiting on their split's weight, took 22 us at
-// 64 splits.)
+// value codec's domain. (One warp per row, four splits at a time, took 22.5 us under ncu at
+// 64 splits, one sequence of 8K tokens.)
 constexpr int kMergeWarps = 8;
 
 template <class Codec, int D>
