@@ -297,6 +297,7 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
                                        {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1}};
     const std::vector<int> lens = {1000, 301};
     uint64_t seed = 4242;
+    int deep_rings = 0;  // launches with a forced ring of 2 or 4 pages per warp
     for (const Shape& s : shapes) {
         for (int group : {4, 8}) {
             const KVCacheConfig c = make_config(s, ++seed);
@@ -335,16 +336,17 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
             a.queries = dq.get();
             a.out = dout.get();
             a.scale = 0.1f;
-            for (int ring : {0, 1}) {
+            for (int ring : {0, 1, 2, 4}) {  // 0: the plan's; deeper rings refill whole pages
                 for (int copies : {0, 1, 16, 32}) {  // 0: the plan's (mixed rows at 4-bit / 4-bit)
                     SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " +
                                  std::to_string(copies) + " ring " + std::to_string(ring));
                     a.table_copies = copies, a.ring = ring;
                     const std::size_t need = decode_workspace_bytes(a);
-                    if (need == 0) {  // only when those copies do not fit in shared memory (3 stages x 32)
-                        EXPECT_TRUE(s.stages == 3 && copies == 32);
+                    if (need == 0) {  // only when the tables and ring do not fit in shared memory
+                        EXPECT_TRUE((s.stages == 3 && copies == 32) || ring > 1);
                         continue;
                     }
+                    deep_rings += ring > 1;
                     DeviceBuffer<uint8_t> workspace(need);
                     a.workspace = workspace.get();
                     check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
@@ -358,6 +360,7 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
             EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
         }
     }
+    EXPECT_GT(deep_rings, 0);
 }
 
 TEST(CudaParity, DeviceCacheMatchesCpuCacheEndToEnd) {
