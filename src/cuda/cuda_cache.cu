@@ -218,13 +218,18 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     size_ += n_tokens;
 }
 
-void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* out, float scale,
-                                 cudaStream_t stream) const {
-    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+int CudaTurboQuantCache::query_group(int num_q_heads, float scale) const {
     if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0 || num_q_heads / num_heads_ > kernels::kMaxGroup)
         throw std::invalid_argument("attend: num_q_heads must be 1..8 times the KV heads, got " +
                                     std::to_string(num_q_heads));
     if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    return num_q_heads / num_heads_;
+}
+
+void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* out, float scale,
+                                 cudaStream_t stream) const {
+    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    const int group = query_group(num_q_heads, scale);
     DecodeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
@@ -234,7 +239,7 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     a.seq_len = size_;
     a.max_seq_len = std::max(size_, 1);
     a.batch = 1;
-    a.group = num_q_heads / num_heads_;
+    a.group = group;
     a.queries = queries;
     a.out = out;
     a.scale = scale;

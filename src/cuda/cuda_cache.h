@@ -95,6 +95,9 @@ struct DecodeArgs {
     TqPageLayout layout;
     TqDeviceTables tables;
     const uint8_t* pool = nullptr;
+    /// [batch] device pointers, or null: sequence b's pages lie in pools[b] (one cache per
+    /// sequence, CudaTurboQuantBatch), else all of them in `pool`.
+    const uint8_t* const* pools = nullptr;
     const int32_t* page_table = nullptr;  ///< [batch][page_table_stride] page indices
     int page_table_stride = 0;
     const int32_t* seq_lens = nullptr;  ///< [batch] on the device, or null: all are seq_len
@@ -208,6 +211,12 @@ public:
     void copy_page(int page, void* host) const;
 
 private:
+    friend class CudaTurboQuantBatch;  // appends and attends of many sequences at once
+
+    /// Query heads per KV head of an attend (std::invalid_argument unless 1..8, or for a
+    /// scale that is not finite).
+    int query_group(int num_q_heads, float scale) const;
+
     TqHostTables host_;
     DeviceTables tables_;
     int num_heads_;

@@ -28,8 +28,9 @@ InputCheck::~InputCheck() {
 }
 
 void InputCheck::require(const float* keys, const float* values, int num_heads, int n_tokens,
-                         int head_dim, float key_bound, float value_bound, cudaStream_t stream) {
-    const size_t count = static_cast<size_t>(num_heads) * n_tokens * head_dim;
+                         int head_dim, float key_bound, float value_bound, cudaStream_t stream,
+                         int sequences) {
+    const size_t count = static_cast<size_t>(sequences) * num_heads * n_tokens * head_dim;
     if (count == 0) return;
     if (first_ == nullptr)  // on first use: constructing a cache validates before touching CUDA
         check_cuda(cudaMalloc(&first_, 2 * sizeof(unsigned long long)), "cudaMalloc(input check)");
@@ -49,7 +50,8 @@ void InputCheck::require(const float* keys, const float* values, int num_heads, 
         check_cuda(
             cudaMemcpy(&value, (is_keys ? keys : values) + i, sizeof value, cudaMemcpyDeviceToHost),
             "input check");
-        throw bad_token_error(is_keys, value, static_cast<size_t>(i), n_tokens, head_dim);
+        throw bad_token_error(is_keys, value, static_cast<size_t>(i), n_tokens, head_dim,
+                              sequences > 1 ? num_heads : 0);
     }
 }
 

@@ -19,9 +19,10 @@ public:
     /// Throws std::invalid_argument naming the first bad coordinate of device keys or values
     /// ([num_heads][n_tokens][head_dim] floats each) by head and token, in the CPU caches'
     /// words: NaN, Inf, or a magnitude not under key_bound / value_bound
-    /// (KVCacheConfig::key_bound, value_bound). Synchronizes `stream`.
+    /// (KVCacheConfig::key_bound, value_bound). Synchronizes `stream`. With sequences > 1 the
+    /// arrays are [sequences][num_heads][n_tokens][head_dim] and errors name the sequence.
     void require(const float* keys, const float* values, int num_heads, int n_tokens, int head_dim,
-                 float key_bound, float value_bound, cudaStream_t stream);
+                 float key_bound, float value_bound, cudaStream_t stream, int sequences = 1);
 
 private:
     unsigned long long* first_ = nullptr;  ///< [2] device: first bad index of keys, values

@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
     const int first = p_begin + warp;
     const int count = p_end > first ? (p_end - first + kDecodeWarps - 1) / kDecodeWarps : 0;
     const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
+    const uint8_t* pool = a.pools != nullptr ? a.pools[b] : a.pool;  // this sequence's pages
     const uint32_t key_chunks = L.value_codes_offset / 16, page_chunks = L.head_bytes / 16;
     int issue_slot = 0, read_slot = 0;  // ring slots of the next page issued and read
     // Pool index of the page issued next and of the one after: each is read from the page table a
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
             index_now = index_next;
             if (i + 1 < count) index_next = table[first + kDecodeWarps * (i + 1)];
         }
-        const uint8_t* page = a.pool + static_cast<size_t>(index_now) * L.page_bytes +
+        const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
                               static_cast<size_t>(kvh) * L.head_bytes;
         if (MIXED && i < count) {
             if (part != 1) {

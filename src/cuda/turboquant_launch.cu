@@ -233,7 +233,7 @@ size_t align256(size_t n) {
 cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     const TqPageLayout& L = a.layout;
     if (!layout_supported(L) || a.group < 1 || a.group > kMaxGroup || a.batch < 1 ||
-        a.max_seq_len < 1 || a.pool == nullptr || a.page_table == nullptr || a.queries == nullptr ||
+        a.max_seq_len < 1 || (a.pool == nullptr && a.pools == nullptr) || a.page_table == nullptr || a.queries == nullptr ||
         a.out == nullptr ||
         a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage ||
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||

@@ -1,0 +1,185 @@
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/turboquant_batch.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+/// One codec: the same layout parameters and the same rotation signs and codebooks (the
+/// caches of one config and one layer).
+bool same_codec(const TqHostTables& a, const TqHostTables& b) {
+    const TqPageLayout &x = a.layout, &y = b.layout;
+    return x.head_dim == y.head_dim && x.key_bits == y.key_bits && x.key_stages == y.key_stages &&
+           x.value_bits == y.value_bits && x.num_kv_heads == y.num_kv_heads &&
+           a.key_signs == b.key_signs && a.value_signs == b.value_signs &&
+           a.key_centroids == b.key_centroids && a.key_boundaries == b.key_boundaries &&
+           a.value_centroids == b.value_centroids && a.value_boundaries == b.value_boundaries;
+}
+
+// The device arrays of a batch of `rows` sequences: pools [rows] at 0, lengths [rows] after
+// them, then the page table at a 16-byte boundary.
+size_t lens_offset(int rows) {
+    return static_cast<size_t>(rows) * sizeof(const uint8_t*);
+}
+size_t table_offset(int rows) {
+    return (lens_offset(rows) + static_cast<size_t>(rows) * sizeof(int32_t) + 15) / 16 * 16;
+}
+
+}  // namespace
+
+void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
+                                      const char* what) {
+    if (caches.empty()) throw std::invalid_argument(std::string(what) + ": no caches");
+    for (size_t b = 0; b < caches.size(); ++b) {
+        if (caches[b] == nullptr)
+            throw std::invalid_argument(std::string(what) + ": cache " + std::to_string(b) +
+                                        " is null");
+        for (size_t e = 0; e < b; ++e)
+            if (caches[e] == caches[b])
+                throw std::invalid_argument(std::string(what) + ": sequences " + std::to_string(e) +
+                                            " and " + std::to_string(b) + " are the same cache");
+    }
+    const CudaTurboQuantCache& first = *caches[0];
+    for (size_t b = 1; b < caches.size(); ++b) {
+        const CudaTurboQuantCache& c = *caches[b];
+        if (c.device() != first.device() || !same_codec(c.host_, first.host_))
+            throw std::invalid_argument(
+                std::string(what) + ": the cache of sequence " + std::to_string(b) +
+                " differs from sequence 0's in config, layer, shape or device (a batch takes "
+                "one layer's caches, made alike)");
+    }
+}
+
+CudaTurboQuantBatch::~CudaTurboQuantBatch() {
+    if (staged_done_ != nullptr) {
+        cudaEventSynchronize(staged_done_);
+        cudaEventDestroy(staged_done_);
+    }
+    cudaFreeHost(staged_);
+    cudaFree(arrays_);
+    cudaFree(workspace_);
+}
+
+void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
+                                 const float* values, int n_tokens, cudaStream_t stream) {
+    check_batch(std::vector<const CudaTurboQuantCache*>(caches.begin(), caches.end()), "append");
+    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("append: null keys or values");
+    for (size_t b = 0; b < caches.size(); ++b) {
+        const CudaTurboQuantCache& c = *caches[b];
+        if (static_cast<long long>(c.size_) + n_tokens > c.max_seq_len_)
+            throw std::length_error("append: " + std::to_string(n_tokens) +
+                                    " tokens would take sequence " + std::to_string(b) +
+                                    " past max_seq_len " + std::to_string(c.max_seq_len_));
+    }
+    CudaTurboQuantCache& first = *caches[0];
+    const int batch = static_cast<int>(caches.size());
+    input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_,
+                         first.key_bound_, first.value_bound_, stream, batch);
+    for (CudaTurboQuantCache* c : caches) c->pages_.reserve(c->size_ + n_tokens);
+    const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
+    for (int b = 0; b < batch; ++b) {
+        CudaTurboQuantCache& c = *caches[b];
+        EncodeArgs a;
+        a.layout = c.host_.layout;
+        a.tables = c.tables_.get();
+        a.pool = c.pages_.pool();
+        a.page_table = c.pages_.page_table();
+        a.start = c.size_;
+        a.n_tokens = n_tokens;
+        a.keys = keys + b * per_sequence;
+        a.values = values + b * per_sequence;
+        check_cuda(launch_encode(a, stream), "launch_encode");
+        c.size_ += n_tokens;
+    }
+}
+
+void CudaTurboQuantBatch::describe(const std::vector<const CudaTurboQuantCache*>& caches,
+                                   cudaStream_t stream) {
+    const int batch = static_cast<int>(caches.size());
+    int stride = 1;
+    for (const CudaTurboQuantCache* c : caches)
+        stride = std::max(stride, c->pages_.capacity_pages());
+    if (batch > batch_ || stride > table_stride_) {  // rare: a larger batch or pool
+        const int rows = std::max(batch, batch_), width = std::max(stride, table_stride_);
+        const size_t bytes =
+            table_offset(rows) + static_cast<size_t>(rows) * width * sizeof(int32_t);
+        check_cuda(cudaDeviceSynchronize(), "batch arrays: synchronize");  // no launch reads them
+        cudaFree(arrays_);
+        arrays_ = nullptr, arrays_bytes_ = 0, batch_ = 0, table_stride_ = 0;
+        check_cuda(cudaMalloc(&arrays_, bytes), "cudaMalloc(batch arrays)");
+        arrays_bytes_ = bytes;
+        std::vector<int32_t> identity(static_cast<size_t>(rows) * width);
+        for (size_t i = 0; i < identity.size(); ++i) identity[i] = static_cast<int32_t>(i % width);
+        check_cuda(cudaMemcpy(static_cast<uint8_t*>(arrays_) + table_offset(rows), identity.data(),
+                              identity.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
+                   "batch page table");
+        if (staged_done_ == nullptr)
+            check_cuda(cudaEventCreateWithFlags(&staged_done_, cudaEventDisableTiming), "event");
+        cudaFreeHost(staged_);
+        staged_ = nullptr;
+        check_cuda(cudaMallocHost(&staged_, table_offset(rows)), "cudaMallocHost(batch arrays)");
+        batch_ = rows, table_stride_ = width;
+    }
+    // The last copy out of the pinned buffer is done before it is rewritten (in a decode loop
+    // the stream ran it long before).
+    check_cuda(cudaEventSynchronize(staged_done_), "batch arrays: staged copy");
+    auto* pools = static_cast<const uint8_t**>(staged_);
+    auto* lens = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(staged_) + lens_offset(batch_));
+    for (int b = 0; b < batch; ++b) pools[b] = caches[b]->pages_.pool(), lens[b] = caches[b]->size_;
+    check_cuda(
+        cudaMemcpyAsync(arrays_, staged_, table_offset(batch_), cudaMemcpyHostToDevice, stream),
+        "batch arrays");
+    check_cuda(cudaEventRecord(staged_done_, stream), "batch arrays: event");
+}
+
+void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& caches,
+                                 const float* queries, int num_q_heads, float* out, float scale,
+                                 cudaStream_t stream) {
+    check_batch(caches, "attend");
+    if (queries == nullptr || out == nullptr)
+        throw std::invalid_argument("attend: null queries or out");
+    const CudaTurboQuantCache& first = *caches[0];
+    const int group = first.query_group(num_q_heads, scale);
+    int longest = 0;
+    for (size_t b = 0; b < caches.size(); ++b) {
+        if (caches[b]->size_ == 0)
+            throw std::invalid_argument("attend: the cache of sequence " + std::to_string(b) +
+                                        " holds no tokens");
+        longest = std::max(longest, caches[b]->size_);
+    }
+    describe(caches, stream);
+    uint8_t* arrays = static_cast<uint8_t*>(arrays_);
+    DecodeArgs a;
+    a.layout = first.host_.layout;
+    a.tables = first.tables_.get();
+    a.pools = static_cast<const uint8_t* const*>(arrays_);
+    a.seq_lens = reinterpret_cast<const int32_t*>(arrays + lens_offset(batch_));
+    a.page_table = reinterpret_cast<const int32_t*>(arrays + table_offset(batch_));
+    a.page_table_stride = table_stride_;
+    a.max_seq_len = longest;
+    a.batch = static_cast<int>(caches.size());
+    a.group = group;
+    a.queries = queries;
+    a.out = out;
+    a.scale = scale;
+    const size_t need = decode_workspace_bytes(a);
+    if (need == 0) throw std::runtime_error("attend: no decode plan for this device");
+    if (need > workspace_bytes_) {
+        check_cuda(cudaDeviceSynchronize(), "attend: synchronize");
+        cudaFree(workspace_);
+        workspace_ = nullptr;
+        workspace_bytes_ = 0;
+        check_cuda(cudaMalloc(&workspace_, need), "cudaMalloc(workspace)");
+        workspace_bytes_ = need;
+    }
+    a.workspace = workspace_;
+    check_cuda(launch_decode_attention(a, stream), "launch_decode_attention");
+}
+
+}  // namespace veloxquant::cuda

@@ -1,0 +1,68 @@
+// CudaTurboQuantBatch: the decode steps of a batch of sequences whose caches (one
+// CudaTurboQuantCache per sequence, of one layer) share a config. One call appends every
+// sequence's new tokens after one input check and one synchronization of the stream, and one
+// split-K decode launch attends over every sequence, each read from its own page pool
+// (DecodeArgs::pools), where the caches alone take one check, one synchronization and one
+// decode per sequence. The caches stay the owners of their tokens; this object holds only the
+// device arrays that describe the batch (pool pointers, lengths, page table) and the decode's
+// workspace.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "cuda/cuda_cache.h"
+#include "cuda/input_check.h"
+
+namespace veloxquant::cuda {
+
+class CudaTurboQuantBatch {
+public:
+    CudaTurboQuantBatch() = default;
+    ~CudaTurboQuantBatch();
+    CudaTurboQuantBatch(const CudaTurboQuantBatch&) = delete;
+    CudaTurboQuantBatch& operator=(const CudaTurboQuantBatch&) = delete;
+
+    /// Encodes n_tokens tokens into each cache: keys and values [batch][num_heads][n_tokens]
+    /// [head_dim] on the device, sequence b's for caches[b]. All or nothing: before any cache
+    /// changes it throws std::invalid_argument for caches that are not one distinct cache per
+    /// sequence of one codec, shape and device, and for NaN, Inf or values over fp16 storage's
+    /// range (naming the sequence), and std::length_error when a cache would pass its
+    /// max_seq_len. Synchronizes the stream once (the input check).
+    void append(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
+                const float* values, int n_tokens, cudaStream_t stream);
+
+    /// Decode attention of one query per query head for every sequence, in one launch:
+    /// queries and out [batch][num_q_heads][head_dim] on the device. Every cache must hold a
+    /// token (std::invalid_argument otherwise, as for mismatched caches).
+    void attend(const std::vector<const CudaTurboQuantCache*>& caches, const float* queries,
+                int num_q_heads, float* out, float scale, cudaStream_t stream);
+
+    /// Device bytes held: the batch's arrays and the decode workspace.
+    std::size_t nbytes() const { return arrays_bytes_ + workspace_bytes_; }
+
+private:
+    /// Throws std::invalid_argument unless `caches` is one distinct cache per sequence, all
+    /// of caches[0]'s codec, shape and device.
+    static void check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
+                            const char* what);
+    /// Makes the device arrays describe these caches: sequence b's pool and length ([batch]
+    /// each, copied on the stream from pinned memory), then an identity page table
+    /// [batch][stride] as wide as the largest pool.
+    void describe(const std::vector<const CudaTurboQuantCache*>& caches, cudaStream_t stream);
+
+    InputCheck input_check_;
+    void* arrays_ = nullptr;  ///< device: pools [batch], seq_lens [batch], page table
+    std::size_t arrays_bytes_ = 0;
+    int batch_ = 0;                      ///< sequences the arrays are laid out for
+    int table_stride_ = 0;               ///< pages per row of the (identity) page table
+    void* staged_ = nullptr;             ///< pinned host copy of the pools and lengths
+    cudaEvent_t staged_done_ = nullptr;  ///< recorded after the last copy out of staged_
+    void* workspace_ = nullptr;
+    std::size_t workspace_bytes_ = 0;
+};
+
+}  // namespace veloxquant::cuda
