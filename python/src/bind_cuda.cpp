@@ -1,7 +1,8 @@
 // nanobind bindings of the CUDA backend (the build's VQ_CUDA=ON defines VQ_WITH_CUDA): the two
 // device-resident caches of one layer and one sequence,
 //   CudaTurboQuantCache  turboquant_rvq, head_dim 64/128, tensor-core decode (one query a head);
-//   CudaCodecCache       every method, head_dim up to 256, decode and causal prefill on the codes.
+//   CudaCodecCache       every method, head_dim up to 256, decode and causal prefill on the codes;
+// and CudaTurboQuantBatch, the decode steps of many sequences' CudaTurboQuantCaches at once.
 // Their arrays are C-contiguous float32 CUDA ndarrays (torch CUDA tensors through DLPack,
 // zero-copy) on the cache's device, checked here so that errors name the cause; work is queued on
 // the stream the caller passes (a cudaStream_t as an integer: torch's current stream), with the
@@ -12,6 +13,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <cstring>
@@ -28,6 +30,7 @@
 #include "cache/paged_store.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
+#include "cuda/turboquant_batch.h"
 #include "veloxquant/caches.h"
 #endif
 
@@ -41,6 +44,7 @@ namespace {
 using bind::new_array;
 using bind::Numpy;
 using cuda::CudaCodecCache;
+using cuda::CudaTurboQuantBatch;
 using cuda::CudaTurboQuantCache;
 /// Any ndarray: device, dtype, shape and layout are checked here so that errors name the cause.
 using AnyArray = nb::ndarray<>;
@@ -203,6 +207,58 @@ void codec_attend(CudaCodecCache& c, const AnyArray& queries, const AnyArray& ou
     c.attend(q, hq, n, o, scale, causal, as_stream(stream));
 }
 
+/// The first of a batch's caches (each entry a cache: None is refused here).
+const CudaTurboQuantCache& first_of(const std::vector<const CudaTurboQuantCache*>& caches) {
+    if (caches.empty()) throw std::invalid_argument("a batch needs at least one cache");
+    for (size_t b = 0; b < caches.size(); ++b)
+        if (caches[b] == nullptr)
+            throw std::invalid_argument("cache " + std::to_string(b) + " of the batch is None");
+    return *caches[0];
+}
+
+/// [batch][...inner] with `inner` the shape of one sequence's array (-1: any extent).
+void check_batched(const AnyArray& a, size_t batch, std::initializer_list<long long> inner,
+                   const char* name, const char* expected) {
+    bool ok = a.ndim() == inner.size() + 1 && a.shape(0) == batch;
+    size_t i = 1;
+    for (const long long extent : inner) {
+        if (ok && extent >= 0) ok = a.shape(i) == static_cast<size_t>(extent);
+        ++i;
+    }
+    if (!ok)
+        throw std::invalid_argument(std::string(name) + " must be " + expected + " for " +
+                                    std::to_string(batch) + " caches, got " + shape_string(a));
+}
+
+void batch_append(CudaTurboQuantBatch& step, const std::vector<CudaTurboQuantCache*>& caches,
+                  const AnyArray& keys, const AnyArray& values, uintptr_t stream) {
+    const CudaTurboQuantCache& c =
+        first_of(std::vector<const CudaTurboQuantCache*>(caches.begin(), caches.end()));
+    const long long heads = c.num_heads(), d = c.head_dim();
+    const char* expected = "[batch, num_heads, n_tokens, head_dim]";
+    check_batched(keys, caches.size(), {heads, -1, d}, "keys", expected);
+    check_batched(values, caches.size(), {heads, static_cast<long long>(keys.shape(2)), d},
+                  "values", expected);
+    const float* k = cuda_float_data(c, keys, "keys");
+    const float* v = cuda_float_data(c, values, "values");
+    nb::gil_scoped_release release;
+    DeviceScope scope(c.device());
+    step.append(caches, k, v, static_cast<int>(keys.shape(2)), as_stream(stream));
+}
+
+void batch_attend(CudaTurboQuantBatch& step, const std::vector<const CudaTurboQuantCache*>& caches,
+                  const AnyArray& queries, const AnyArray& out, float scale, uintptr_t stream) {
+    const CudaTurboQuantCache& c = first_of(caches);
+    check_batched(queries, caches.size(), {-1, c.head_dim()}, "queries",
+                  "[batch, num_q_heads, head_dim] (decode: one query per head)");
+    check_shaped_like(out, queries);
+    const float* q = cuda_float_data(c, queries, "queries");
+    float* o = cuda_float_data(c, out, "out");
+    nb::gil_scoped_release release;
+    DeviceScope scope(c.device());
+    step.attend(caches, q, static_cast<int>(queries.shape(1)), o, scale, as_stream(stream));
+}
+
 /// Throws unless 0 <= page < the pages that hold tokens.
 void check_page(int size, int page) {
     const int held = (size + kTokensPerPage - 1) / kTokensPerPage;
@@ -303,6 +359,20 @@ void bind_cuda(nb::module_& m) {
              "stored token, written to out (shaped like the queries).")
         .def("page", &turboquant_page, "page"_a,
              "The bytes of one page of the pool (synchronous).");
+
+    nb::class_<CudaTurboQuantBatch>(
+        m, "CudaTurboQuantBatch",
+        "Decode steps of a batch of sequences, one CudaTurboQuantCache each (one layer's, alike): "
+        "one input check for every new token and one decode launch for every sequence. Arrays and "
+        "stream as CudaTurboQuantCache's, on the caches' device.")
+        .def(nb::init<>())
+        .def("append", &batch_append, "caches"_a, "keys"_a, "values"_a, "stream"_a = 0,
+             "Encodes [batch, num_heads, n, head_dim] keys and values, sequence b's into "
+             "caches[b]; all or nothing (ValueError, CapacityError).")
+        .def("attend", &batch_attend, "caches"_a, "queries"_a, "out"_a, "scale"_a, "stream"_a = 0,
+             "Decode attention of [batch, num_q_heads, head_dim] queries, sequence b's over "
+             "caches[b], written to out (shaped like the queries), in one launch.")
+        .def_prop_ro("nbytes", &CudaTurboQuantBatch::nbytes);
 
     nb::class_<CudaCodecCache> codec(
         m, "CudaCodecCache",

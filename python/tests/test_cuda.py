@@ -209,6 +209,66 @@ def test_bad_inputs_are_reported_and_change_nothing():
     assert cache.size == 3
 
 
+@needs_cuda
+def test_turboquant_batch_steps_match_each_cache():
+    """CudaTurboQuantBatch: decode steps of three sequences of different lengths (bfloat16
+    inputs, as a model gives them) store what each cache alone stores and attend, in one launch,
+    as each cache alone does (and within 1e-3 of the CPU cache); bad input changes no cache."""
+    d, heads, group, lens = 128, 2, 4, (300, 64, 1)
+    config = config_of(1, 1, 2)
+
+    def make():
+        return vq_cuda.CudaTurboQuantCache(config, heads, d, 1024, layer=2)
+
+    joint, solo = [make() for _ in lens], [make() for _ in lens]
+    cpu = [create_cpu_cache(config, heads, d, 1024, 2) for _ in lens]
+    for b, n in enumerate(lens):
+        k, v = randn(heads, n, d, seed=10 + b), randn(heads, n, d, seed=20 + b)
+        for c in (joint[b], solo[b]):
+            c.append(k.cuda(), v.cuda())
+        cpu[b].append(k.numpy(), v.numpy())
+    step = vq_cuda.CudaTurboQuantBatch()
+    for t in range(3):
+        k = randn(len(lens), heads, 1, d, seed=30 + t).to(torch.bfloat16)
+        v = randn(len(lens), heads, 1, d, seed=40 + t).to(torch.bfloat16)
+        step.append(joint, k.cuda(), v.cuda())
+        q = randn(len(lens), group * heads, d, seed=50 + t, scale=0.05)
+        out = step.attend(joint, q.cuda(), scale=0.1)
+        assert out.shape == q.shape and out.dtype == torch.float32
+        for b in range(len(lens)):
+            solo[b].append(k[b].cuda(), v[b].cuda())
+            cpu[b].append(k[b].float().numpy(), v[b].float().numpy())
+            alone = solo[b].attend(q[b].cuda(), scale=0.1)
+            assert rel(out[b].cpu(), alone.cpu()) <= 1e-5, (t, b)
+            ref = cpu[b].attend(q[b][:, None, :].numpy(), scale=0.1)[:, 0, :]
+            assert rel(out[b].cpu(), ref) <= 1e-3, (t, b)
+    for b, n in enumerate(lens):
+        assert joint[b].size == n + 3
+        pages = (n + 3 + 63) // 64
+        assert all((joint[b].page(p) == solo[b].page(p)).all() for p in range(pages))
+    assert step.nbytes > 0
+    # Bad input: NaN in sequence 1, a wrong shape, a full cache, a cache of another layer.
+    sizes = [c.size for c in joint]
+    bad = torch.zeros(len(lens), heads, 1, d, device="cuda")
+    bad[1, 0, 0, 5] = float("nan")
+    with pytest.raises(ValueError, match="sequence 1, head 0, token 0"):
+        step.append(joint, bad, torch.zeros_like(bad))
+    with pytest.raises(ValueError, match=r"\[batch, num_heads, n_tokens, head_dim\]"):
+        step.append(joint, bad[:2], bad[:2])
+    with pytest.raises(CapacityError):
+        step.append(joint, torch.zeros(len(lens), heads, 722, d, device="cuda"),
+                    torch.zeros(len(lens), heads, 722, d, device="cuda"))
+    other = vq_cuda.CudaTurboQuantCache(config, heads, d, 1024, layer=3)
+    other.append(torch.zeros(heads, 1, d, device="cuda"), torch.zeros(heads, 1, d, device="cuda"))
+    with pytest.raises(ValueError, match="differs from sequence 0"):
+        step.append(joint[:2] + [other], bad.nan_to_num(), bad.nan_to_num())
+    with pytest.raises(ValueError, match="same cache"):
+        step.attend([joint[0], joint[0]], torch.zeros(2, group * heads, d, device="cuda"))
+    with pytest.raises(ValueError, match="not a CudaTurboQuantCache"):
+        step.attend([joint[0], cpu[0]], torch.zeros(2, group * heads, d, device="cuda"))
+    assert [c.size for c in joint] == sizes
+
+
 def vecinfer_config(d, bits=2, sub_dim=2, seed=9):
     """vecinfer with a synthetic calibration: random product-VQ codewords and smoothing."""
     rng = np.random.default_rng(seed)

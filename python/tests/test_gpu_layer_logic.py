@@ -1,7 +1,8 @@
 """The GPU layers of the transformers integration (VeloxQuantCudaLayer, VeloxQuantCudaKVLayer)
 on stand-in caches that keep tokens exactly in CPU tensors: their bookkeeping (prefill chunks on
-SDPA, decode on the cache, batches, padding, fetch_dequantized) checked against DynamicCache
-anywhere torch runs, no GPU needed. Skipped without torch or transformers."""
+SDPA, decode on the cache, a batch's decode steps at once, padding, fetch_dequantized) checked
+against DynamicCache anywhere torch runs, no GPU needed. Skipped without torch or
+transformers."""
 
 import pytest
 
@@ -72,6 +73,29 @@ class _ExactDeviceCache(_ExactTokens, vq_cuda.CudaTurboQuantCache):
         return self._attend(queries[:, None], scale, False)[:, 0]
 
 
+class _ExactBatch:
+    """Stands in for CudaTurboQuantBatch over _ExactDeviceCache: a batch's decode step, one
+    sequence after the other."""
+
+    nbytes = 0
+
+    def append(self, caches, keys, values):
+        assert keys.dim() == 4 and keys.shape[0] == len(caches) and keys.dtype == torch.float32
+        for cache, k, v in zip(caches, keys, values):
+            cache.append(k, v)
+
+    def attend(self, caches, queries, scale=None):
+        assert queries.dim() == 3 and queries.shape[0] == len(caches)
+        return torch.stack([cache.attend(q, scale) for cache, q in zip(caches, queries)])
+
+
+@pytest.fixture(autouse=True)
+def _exact_batch(monkeypatch):
+    """The turboquant layers take a batch's decode step through _ExactBatch."""
+    from veloxquant.integrations.transformers import VeloxQuantCudaLayer
+    monkeypatch.setattr(VeloxQuantCudaLayer, "_batch_class", _ExactBatch)
+
+
 class _ExactKVCache(_ExactTokens, vq_cuda.CudaKVCache):
     """For VeloxQuantCudaKVLayer: prefill chunks on SDPA, decode ([hq, d] queries) on the
     cache."""
@@ -129,6 +153,9 @@ def test_gpu_layer_logic_on_exact_tokens(kind, batch):
     assert cache.get_seq_length() == tokens.shape[1]
     assert [[c.layer for c in layer.rows] for layer in cache.layers] == [[0] * batch, [1] * batch]
     assert all(c.size == tokens.shape[1] for layer in cache.layers for c in layer.rows)
+    # a batch's decode steps went through the turboquant layers' batch, at once
+    assert all(isinstance(layer._batch, _ExactBatch) == (kind == "turboquant" and batch > 1)
+               for layer in cache.layers)
     assert _relative_error(logits, reference) < 1e-4
     # fetch_dequantized: any attention implementation reads every token from the cache
     dequantized = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)],

@@ -1,5 +1,5 @@
 """The CUDA backend from Python: one layer's cache of one sequence, resident on the GPU, fed and
-read through torch CUDA tensors (DLPack, zero-copy). Two classes::
+read through torch CUDA tensors (DLPack, zero-copy). Two cache classes::
 
     import torch
     from veloxquant.cache.base import KVCacheConfig
@@ -14,6 +14,9 @@ read through torch CUDA tensors (DLPack, zero-copy). Two classes::
     cache.append(keys, values)      # a prefill chunk of n tokens
     out = cache.attend(queries)     # [32, n, 96]: causal attention of the chunk, on the codes
     out = cache.attend(queries[:, -1])  # [32, 96]: decode
+
+A batch of sequences decodes through ``CudaTurboQuantBatch`` over their CudaTurboQuantCaches:
+one input check for every sequence's new token and one decode launch for all of them.
 
 Work is queued on torch's current CUDA stream of the cache's device, so it orders with the
 surrounding torch work without synchronizing (except a rabitq cache's first append, which
@@ -248,6 +251,70 @@ class CudaTurboQuantCache(_DeviceCache):
                 f"size={self.size}, max_seq_len={self.max_seq_len}, device={self.device})")
 
 
+class CudaTurboQuantBatch:
+    """The decode steps of a batch of sequences, one ``CudaTurboQuantCache`` each (one layer's
+    caches made alike, e.g. by ``empty_like``)::
+
+        step = CudaTurboQuantBatch()
+        step.append(caches, keys, values)   # [batch, num_heads, n, head_dim]: sequence b's
+                                            # tokens into caches[b], all or nothing
+        out = step.attend(caches, queries)  # [batch, num_q_heads, head_dim], one launch
+
+    One input check (and synchronization) covers every sequence's new tokens, and one fused
+    decode launch attends over every sequence, each on its own cache's pages: the caches alone
+    take one of each per sequence. The caches keep their tokens; this object holds only the
+    device arrays that describe the batch and the decode's workspace. Errors are the caches'
+    (ValueError naming the sequence, CapacityError), raised before any cache changes.
+    """
+
+    def __init__(self) -> None:
+        if not HAS_CUDA:
+            raise RuntimeError(BUILT_WITHOUT_CUDA)
+        self._impl = _core.CudaTurboQuantBatch()
+        self.device: Any = None  # the caches' device, fixed by the first call
+
+    def _cores(self, caches: Any) -> list[Any]:
+        caches = list(caches)
+        if not caches:
+            raise ValueError("a batch needs at least one cache")
+        for b, c in enumerate(caches):
+            if not isinstance(c, CudaTurboQuantCache):
+                raise ValueError(f"cache {b} of the batch is a {type(c).__name__}, not a "
+                                 "CudaTurboQuantCache")
+        device = caches[0].device
+        if self.device is None:
+            self.device = device
+        if any(c.device != self.device for c in caches):
+            raise ValueError(f"every cache of the batch must live on {self.device}")
+        return [c._impl for c in caches]
+
+    def append(self, caches: Any, keys: Any, values: Any) -> None:
+        """Encodes keys and values [batch, num_heads, n, head_dim] (float32, float16 or
+        bfloat16 on the caches' device), sequence b's into caches[b]."""
+        cores = self._cores(caches)
+        first = caches[0]
+        self._impl.append(cores, first._float32(keys, "keys"), first._float32(values, "values"),
+                          first._stream())
+
+    def attend(self, caches: Any, queries: Any, scale: float | None = None,
+               out: Any = None) -> Any:
+        """Decode attention of queries [batch, num_q_heads, head_dim], sequence b's over every
+        token of caches[b]; returns a tensor shaped like the queries in their dtype (or fills
+        ``out``, a float32 tensor of that shape). scale defaults to 1/sqrt(head_dim)."""
+        cores = self._cores(caches)
+        first = caches[0]
+        q = first._float32(queries, "queries")
+        result = _torch().empty(q.shape, dtype=_torch().float32, device=q.device) \
+            if out is None else out
+        self._impl.attend(cores, q, result, first._scale(scale), first._stream())
+        return out if out is not None else first._in_dtype_of(result, queries)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held: the batch's arrays and the decode workspace."""
+        return self._impl.nbytes
+
+
 class CudaKVCache(_DeviceCache):
     """One layer's cache of any method for one sequence on a CUDA device: decode and causal
     prefill attention on the codes (see the module doc for the scope)."""
@@ -320,4 +387,5 @@ class CudaKVCache(_DeviceCache):
                 f"max_seq_len={self.max_seq_len}, device={self.device})")
 
 
-__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaKVCache", "CudaTurboQuantCache", "is_available"]
+__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaKVCache", "CudaTurboQuantBatch",
+           "CudaTurboQuantCache", "is_available"]

@@ -42,12 +42,17 @@ prompts it is much slower than SDPA: bench/cuda/bench_codec_cache.cu.)
 
 Neither takes an outlier observer or a sliding window: such layers stay on the CPU.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
-GPU layer nothing leaves the GPU; each append synchronizes once (its input check: NaN, Inf, or
+GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
+synchronizes once (its input check: NaN, Inf, or
 magnitudes fp16 storage cannot hold, so that bad input raises before anything is stored), as
 does a rabitq cache's training.
 
 Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
 ``empty_like()`` on the first update of that batch size), each attending on its own sequence.
+On a ``CudaTurboQuantCache`` layer a decode step of the whole batch (no padding in the step)
+runs as one: one input check and synchronization for every sequence's token and one decode
+launch over every sequence's pages (``veloxquant.cuda.CudaTurboQuantBatch``); other layers, and
+prefill chunks, take the sequences one by one.
 Padded batches work: transformers builds sdpa's boolean mask for this attention, a position no
 query may attend to is padding, and each sequence stores and attends only its own tokens (so
 its cache holds no padding; ``get_seq_length`` counts transformers' positions). The tokens of
@@ -72,7 +77,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import cuda as _cuda
 from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig, _create, model_cache_shape
 from ..cache.sliding_window_cache import SlidingWindowKVCache
-from ..cuda import CudaKVCache, CudaTurboQuantCache
+from ..cuda import CudaKVCache, CudaTurboQuantBatch, CudaTurboQuantCache
 
 ATTENTION_NAME = "veloxquant"
 _TAG = "_veloxquant_layer"
@@ -294,6 +299,10 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
     token and attends on the codes; a prefill chunk runs SDPA on its exact keys and values
     (after the earlier tokens, dequantized) and is then stored (see the module doc)."""
 
+    # Where set, what takes a whole batch's decode step at once (made on the first such step).
+    _batch_class: type | None = None
+    _batch: Any = None
+
     def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
                  fetch_dequantized: bool = False) -> None:
         super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
@@ -319,6 +328,15 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
             return _sdpa(query, key, value, scaling, causal, mask)
         keys, values, real = self._take_incoming(mask)
         n = keys.shape[-2]
+        if n == 1 and real is None and self._batch_class is not None and len(self.rows) > 1:
+            # a decode step of every sequence: one input check and one decode launch for all
+            if self._batch is None:
+                self._batch = self._batch_class()
+            self._batch.append(self.rows, self._cache_input(keys, "keys"),
+                               self._cache_input(values, "values"))
+            result = self._batch.attend(self.rows, query[:, :, 0, :].to(torch.float32).contiguous(),
+                                        scale=scaling)  # [batch, q_heads, head_dim] float32
+            return result.unsqueeze(1).to(query.dtype)
         if n == 1 or real is not None or len({c.size for c in self.rows}) > 1:  # one by one
             out = torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
                               dtype=query.dtype, device=query.device)
@@ -371,7 +389,10 @@ class VeloxQuantCudaKVLayer(VeloxQuantDeviceLayer):
 
 class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
     """One model layer's cache on the GPU in a ``CudaTurboQuantCache``: decode runs the
-    tensor-core turboquant kernel on the codes."""
+    tensor-core turboquant kernel on the codes, for a batch in one launch
+    (``CudaTurboQuantBatch``)."""
+
+    _batch_class = CudaTurboQuantBatch
 
 
 class VeloxQuantCache(Cache):
@@ -449,7 +470,9 @@ class VeloxQuantCache(Cache):
         """Bytes held by every layer's caches, every sequence's (codes, scalars, page slack,
         parameters; on the GPU the page pool as allocated, the codec tables and the decode
         workspace)."""
-        return sum(cache.nbytes for layer in self.layers for cache in layer.rows)
+        batches = [getattr(layer, "_batch", None) for layer in self.layers]
+        return (sum(cache.nbytes for layer in self.layers for cache in layer.rows)
+                + sum(batch.nbytes for batch in batches if batch is not None))
 
 
 def _layer_of(cache: Any, fetch_dequantized: bool) -> VeloxQuantLayer:
