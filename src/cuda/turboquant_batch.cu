@@ -19,15 +19,6 @@ bool same_codec(const TqHostTables& a, const TqHostTables& b) {
            a.value_centroids == b.value_centroids && a.value_boundaries == b.value_boundaries;
 }
 
-// The device arrays of a batch of `rows` sequences: pools [rows] at 0, lengths [rows] after
-// them, then the page table at a 16-byte boundary.
-size_t lens_offset(int rows) {
-    return static_cast<size_t>(rows) * sizeof(const uint8_t*);
-}
-size_t table_offset(int rows) {
-    return (lens_offset(rows) + static_cast<size_t>(rows) * sizeof(int32_t) + 15) / 16 * 16;
-}
-
 }  // namespace
 
 void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
@@ -54,12 +45,6 @@ void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCach
 }
 
 CudaTurboQuantBatch::~CudaTurboQuantBatch() {
-    if (staged_done_ != nullptr) {
-        cudaEventSynchronize(staged_done_);
-        cudaEventDestroy(staged_done_);
-    }
-    cudaFreeHost(staged_);
-    cudaFree(arrays_);
     cudaFree(workspace_);
 }
 
@@ -99,45 +84,6 @@ void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches
     }
 }
 
-void CudaTurboQuantBatch::describe(const std::vector<const CudaTurboQuantCache*>& caches,
-                                   cudaStream_t stream) {
-    const int batch = static_cast<int>(caches.size());
-    int stride = 1;
-    for (const CudaTurboQuantCache* c : caches)
-        stride = std::max(stride, c->pages_.capacity_pages());
-    if (batch > batch_ || stride > table_stride_) {  // rare: a larger batch or pool
-        const int rows = std::max(batch, batch_), width = std::max(stride, table_stride_);
-        const size_t bytes =
-            table_offset(rows) + static_cast<size_t>(rows) * width * sizeof(int32_t);
-        check_cuda(cudaDeviceSynchronize(), "batch arrays: synchronize");  // no launch reads them
-        cudaFree(arrays_);
-        arrays_ = nullptr, arrays_bytes_ = 0, batch_ = 0, table_stride_ = 0;
-        check_cuda(cudaMalloc(&arrays_, bytes), "cudaMalloc(batch arrays)");
-        arrays_bytes_ = bytes;
-        std::vector<int32_t> identity(static_cast<size_t>(rows) * width);
-        for (size_t i = 0; i < identity.size(); ++i) identity[i] = static_cast<int32_t>(i % width);
-        check_cuda(cudaMemcpy(static_cast<uint8_t*>(arrays_) + table_offset(rows), identity.data(),
-                              identity.size() * sizeof(int32_t), cudaMemcpyHostToDevice),
-                   "batch page table");
-        if (staged_done_ == nullptr)
-            check_cuda(cudaEventCreateWithFlags(&staged_done_, cudaEventDisableTiming), "event");
-        cudaFreeHost(staged_);
-        staged_ = nullptr;
-        check_cuda(cudaMallocHost(&staged_, table_offset(rows)), "cudaMallocHost(batch arrays)");
-        batch_ = rows, table_stride_ = width;
-    }
-    // The last copy out of the pinned buffer is done before it is rewritten (in a decode loop
-    // the stream ran it long before).
-    check_cuda(cudaEventSynchronize(staged_done_), "batch arrays: staged copy");
-    auto* pools = static_cast<const uint8_t**>(staged_);
-    auto* lens = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(staged_) + lens_offset(batch_));
-    for (int b = 0; b < batch; ++b) pools[b] = caches[b]->pages_.pool(), lens[b] = caches[b]->size_;
-    check_cuda(
-        cudaMemcpyAsync(arrays_, staged_, table_offset(batch_), cudaMemcpyHostToDevice, stream),
-        "batch arrays");
-    check_cuda(cudaEventRecord(staged_done_, stream), "batch arrays: event");
-}
-
 void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& caches,
                                  const float* queries, int num_q_heads, float* out, float scale,
                                  cudaStream_t stream) {
@@ -146,22 +92,27 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
         throw std::invalid_argument("attend: null queries or out");
     const CudaTurboQuantCache& first = *caches[0];
     const int group = first.query_group(num_q_heads, scale);
-    int longest = 0;
+    std::vector<const uint8_t*> pools;
+    std::vector<int32_t> lens;
+    int longest = 0, pages = 1;
     for (size_t b = 0; b < caches.size(); ++b) {
-        if (caches[b]->size_ == 0)
+        const CudaTurboQuantCache& c = *caches[b];
+        if (c.size_ == 0)
             throw std::invalid_argument("attend: the cache of sequence " + std::to_string(b) +
                                         " holds no tokens");
-        longest = std::max(longest, caches[b]->size_);
+        pools.push_back(c.pages_.pool());
+        lens.push_back(c.size_);
+        longest = std::max(longest, c.size_);
+        pages = std::max(pages, c.pages_.capacity_pages());
     }
-    describe(caches, stream);
-    uint8_t* arrays = static_cast<uint8_t*>(arrays_);
+    arrays_.describe(pools, lens, pages, stream);
     DecodeArgs a;
     a.layout = first.host_.layout;
     a.tables = first.tables_.get();
-    a.pools = static_cast<const uint8_t* const*>(arrays_);
-    a.seq_lens = reinterpret_cast<const int32_t*>(arrays + lens_offset(batch_));
-    a.page_table = reinterpret_cast<const int32_t*>(arrays + table_offset(batch_));
-    a.page_table_stride = table_stride_;
+    a.pools = arrays_.pools();
+    a.seq_lens = arrays_.lens();
+    a.page_table = arrays_.page_table();
+    a.page_table_stride = arrays_.stride();
     a.max_seq_len = longest;
     a.batch = static_cast<int>(caches.size());
     a.group = group;

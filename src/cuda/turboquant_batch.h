@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/batch_arrays.h"
 #include "cuda/cuda_cache.h"
 #include "cuda/input_check.h"
 
@@ -42,25 +43,16 @@ public:
                 int num_q_heads, float* out, float scale, cudaStream_t stream);
 
     /// Device bytes held: the batch's arrays and the decode workspace.
-    std::size_t nbytes() const { return arrays_bytes_ + workspace_bytes_; }
+    std::size_t nbytes() const { return arrays_.nbytes() + workspace_bytes_; }
 
 private:
     /// Throws std::invalid_argument unless `caches` is one distinct cache per sequence, all
     /// of caches[0]'s codec, shape and device.
     static void check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
                             const char* what);
-    /// Makes the device arrays describe these caches: sequence b's pool and length ([batch]
-    /// each, copied on the stream from pinned memory), then an identity page table
-    /// [batch][stride] as wide as the largest pool.
-    void describe(const std::vector<const CudaTurboQuantCache*>& caches, cudaStream_t stream);
 
     InputCheck input_check_;
-    void* arrays_ = nullptr;  ///< device: pools [batch], seq_lens [batch], page table
-    std::size_t arrays_bytes_ = 0;
-    int batch_ = 0;                      ///< sequences the arrays are laid out for
-    int table_stride_ = 0;               ///< pages per row of the (identity) page table
-    void* staged_ = nullptr;             ///< pinned host copy of the pools and lengths
-    cudaEvent_t staged_done_ = nullptr;  ///< recorded after the last copy out of staged_
+    BatchArrays arrays_;
     void* workspace_ = nullptr;
     std::size_t workspace_bytes_ = 0;
 };
