@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cache/cache_io.h"
 #include "cache/outlier_store.h"
 #include "cache/paged_store.h"
 #include "core/binary_io.h"
@@ -110,6 +111,12 @@ std::string frame(CacheKind kind, const std::string& payload) {
 }
 
 }  // namespace
+
+std::string config_bytes(const KVCacheConfig& config) {
+    BinaryWriter out;
+    write_config(out, config);
+    return out.buffer();
+}
 
 void QuantizedKVCache::write_body(BinaryWriter& out) const {
     write_config(out, *config_);

@@ -173,17 +173,13 @@ public:
         check_cuda(cudaGetLastError(), "codec dequantize kernel");
     }
 
-    void attend(const uint8_t* pool, const int32_t* page_table, int size, const float* queries,
-                int group, int n_queries, float* out, float scale, bool causal,
-                cudaStream_t stream) override {
+    void attend(const AttendSource& source, const float* queries, int group, int n_queries,
+                float* out, float scale, bool causal, cudaStream_t stream) override {
         if (d_ <= 64)
-            return attend_d<64>(pool, page_table, size, queries, group, n_queries, out, scale,
-                                causal, stream);
+            return attend_d<64>(source, queries, group, n_queries, out, scale, causal, stream);
         if (d_ <= 128)
-            return attend_d<128>(pool, page_table, size, queries, group, n_queries, out, scale,
-                                 causal, stream);
-        return attend_d<256>(pool, page_table, size, queries, group, n_queries, out, scale, causal,
-                             stream);
+            return attend_d<128>(source, queries, group, n_queries, out, scale, causal, stream);
+        return attend_d<256>(source, queries, group, n_queries, out, scale, causal, stream);
     }
 
     std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
@@ -229,12 +225,15 @@ private:
     }
 
     template <int D>
-    void attend_d(const uint8_t* pool, const int32_t* page_table, int size, const float* queries,
-                  int group, int n_queries, float* out, float scale, bool causal,
-                  cudaStream_t stream) {
+    void attend_d(const AttendSource& source, const float* queries, int group, int n_queries,
+                  float* out, float scale, bool causal, cudaStream_t stream) {
         AttentionParams<Codec> a;
-        a.store = with(const_cast<uint8_t*>(pool), page_table);
-        a.size = size;
+        a.store = with(const_cast<uint8_t*>(source.pool), source.page_table);
+        a.size = source.size;
+        a.units = heads_ * source.batch;
+        a.pools = source.pools;
+        a.sizes = source.sizes;
+        const int size = source.size;
         a.n_queries = n_queries;
         a.group = group;
         a.rows = group * n_queries;
@@ -265,7 +264,7 @@ private:
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
         // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
         // CTA's warps (kWarps * 32 tokens).
-        const long long units = static_cast<long long>(heads_) * row_blocks;
+        const long long units = static_cast<long long>(a.units) * row_blocks;
         constexpr int kChunk = codec::kWarps * 32;
         const int chunks = std::max(1, (size + kChunk - 1) / kChunk);
         const long long want = std::max<long long>(1, (4LL * sms_ + units - 1) / units);
@@ -273,7 +272,7 @@ private:
                                          std::min<long long>(want, chunks));
         a.tokens_per_split = per * kChunk;
         a.splits = (chunks + per - 1) / per;
-        const std::size_t rows_total = static_cast<std::size_t>(heads_) * a.rows;
+        const std::size_t rows_total = static_cast<std::size_t>(a.units) * a.rows;
         const std::size_t states_bytes =
             (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
         const std::size_t ml_bytes = (rows_total * a.splits * sizeof(float2) + 255) / 256 * 256;
@@ -291,7 +290,7 @@ private:
             codec::codec_prepare_kernel<Codec>
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
-        const dim3 grid(a.splits, heads_, row_blocks);
+        const dim3 grid(a.splits, a.units, row_blocks);
         const std::size_t smem =
             codec::attention_shared_bytes(R, a.state_stride, a.table_floats, D, stage);
         if (R == 8)

@@ -2,6 +2,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cache/cache_io.h"
 #include "core/binary_io.h"
 #include "core/rng.h"
 #include "cuda/codec_cache.h"
@@ -51,13 +52,22 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
     }
     layout_.finalize();
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
-    if (!key_codecs_[0]->needs_training())
-        backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
+    if (!key_codecs_[0]->needs_training()) build_backend();
     pages_ = std::make_unique<DevicePagePool>(layout_, max_seq_len);
     pages_->reserve(1);
 }
 
 CudaCodecCache::~CudaCodecCache() = default;
+
+void CudaCodecCache::build_backend() {
+    backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
+    BinaryWriter identity;  // config, layer, shape and every head's learned state
+    identity.str(config_bytes(config_));
+    for (const int v : {layer_, num_heads_, head_dim_}) identity.put<int32_t>(v);
+    for (const auto& codec : key_codecs_) codec->save_state(identity);
+    const std::string& bytes = identity.buffer();
+    fingerprint_ = (static_cast<uint64_t>(bytes.size()) << 32) | crc32(bytes.data(), bytes.size());
+}
 
 void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
     // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
@@ -71,7 +81,7 @@ void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stre
         if (key_codecs_[h]->needs_training())
             key_codecs_[h]->train(host.data() + static_cast<std::size_t>(h) * n_tokens * head_dim_,
                                   n_tokens);
-    backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
+    build_backend();
 }
 
 void CudaCodecCache::append(const float* keys, const float* values, int n_tokens,
@@ -114,8 +124,12 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
                    "attend: zero output");
         return;
     }
-    backend_->attend(pages_->pool(), pages_->page_table(), size_, queries, num_q_heads / num_heads_,
-                     n_queries, out, scale, causal, stream);
+    AttendSource source;
+    source.pool = pages_->pool();
+    source.page_table = pages_->page_table();
+    source.size = size_;
+    backend_->attend(source, queries, num_q_heads / num_heads_, n_queries, out, scale, causal,
+                     stream);
 }
 
 void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* values,
@@ -167,9 +181,7 @@ std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache
         BinaryReader in(out.buffer().data(), out.buffer().size());
         gpu->key_codecs_[h]->load_state(in);
     }
-    if (!gpu->key_codecs_[0]->needs_training())
-        gpu->backend_ = make_codec_backend(gpu->config_.method, gpu->key_codecs_,
-                                           gpu->value_codecs_, gpu->layout_);
+    if (!gpu->key_codecs_[0]->needs_training()) gpu->build_backend();
     if (cpu.size() > 0) gpu->upload(cpu.paged_store(), cpu.size());
     return gpu;
 }

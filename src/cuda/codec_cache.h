@@ -29,6 +29,18 @@ class ValueCodec;
 
 namespace veloxquant::cuda {
 
+/// The pages an attention reads: one sequence's (pool, `size` tokens), or a batch's
+/// (CudaCodecBatch: sequence b's pages in pools[b], sizes[b] tokens, both device arrays), each
+/// through the identity page table.
+struct AttendSource {
+    const uint8_t* pool = nullptr;
+    const uint8_t* const* pools = nullptr;
+    const int32_t* sizes = nullptr;
+    const int32_t* page_table = nullptr;
+    int batch = 1;
+    int size = 0;  ///< tokens of the one sequence, or of a batch's longest
+};
+
 /// The kernels of one device codec type on one cache's storage (codec_backend.cu).
 class CodecBackend {
 public:
@@ -38,10 +50,10 @@ public:
                         const float* keys, const float* values, cudaStream_t stream) = 0;
     virtual void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n,
                             float* keys, float* values, cudaStream_t stream) const = 0;
-    /// Attention of queries [num_q_heads][n_queries][d] over `size` stored tokens.
-    virtual void attend(const uint8_t* pool, const int32_t* page_table, int size,
-                        const float* queries, int group, int n_queries, float* out, float scale,
-                        bool causal, cudaStream_t stream) = 0;
+    /// Attention of queries [batch][num_q_heads][n_queries][d] over each sequence's tokens.
+    virtual void attend(const AttendSource& source, const float* queries, int group,
+                        int n_queries, float* out, float scale, bool causal,
+                        cudaStream_t stream) = 0;
     /// Device bytes of codec parameters and workspace.
     virtual std::size_t nbytes() const = 0;
 };
@@ -108,7 +120,12 @@ public:
     void upload(const PagedStore& store, int size);
 
 private:
+    friend class CudaCodecBatch;  // appends and attends of many sequences at once
+
     void train_on(const float* keys, int n_tokens, cudaStream_t stream);
+    /// Makes the kernels of the codecs as they are now (trained, if they train) and their
+    /// fingerprint.
+    void build_backend();
 
     KVCacheConfig config_;
     int num_heads_, head_dim_, max_seq_len_, layer_;
@@ -118,6 +135,9 @@ private:
     std::vector<std::unique_ptr<KeyCodec>> key_codecs_;
     std::vector<std::unique_ptr<ValueCodec>> value_codecs_;
     std::unique_ptr<CodecBackend> backend_;  ///< null until trained codecs are trained
+    /// With backend_: the codecs' identity (CRC-32 and length of the config's bytes, layer,
+    /// shape and learned state). Caches of equal fingerprints share one batched launch.
+    uint64_t fingerprint_ = 0;
     std::unique_ptr<DevicePagePool> pages_;
     InputCheck input_check_;
 };

@@ -184,18 +184,35 @@ struct AttentionParams {
     int stage_value_scalars = 0;   ///< per-token value scalars staged
     int key_table_floats = 0;      ///< shared memory for the key codec's table (the heads' most)
     int table_floats = 0;          ///< key + value tables, a multiple of 4
-    float* partial_o = nullptr;    ///< [heads][rows][splits][D]
-    float2* partial_ml = nullptr;  ///< [heads][rows][splits] (max, sum), log2 units
+    float* partial_o = nullptr;    ///< [units][rows][splits][D]
+    float2* partial_ml = nullptr;  ///< [units][rows][splits] (max, sum), log2 units
+    /// KV-head units: store.heads for one sequence (in store.pool, `size` tokens); for a batch
+    /// (CudaCodecBatch), batch * store.heads, unit u being head u % store.heads of sequence
+    /// u / store.heads, whose pages are in pools[u / store.heads] and whose tokens number
+    /// sizes[u / store.heads] (the caches of one layer and config share the codecs).
+    int units = 0;
+    const uint8_t* const* pools = nullptr;
+    const int32_t* sizes = nullptr;
 
-    __device__ int limit(int row) const {
-        return causal ? size - n_queries + row / group + 1 : size;
+    __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
+    __device__ int size_of(int u) const {
+        return pools != nullptr ? sizes[u / store.heads] : size;
     }
-    __device__ const float* query(int h, int row) const {
-        const int qh = h * group + row % group, i = row / group;
+    __device__ const uint8_t* page(int u, int pos) const {
+        const uint8_t* pool = pools != nullptr ? pools[u / store.heads] : store.pool;
+        return pool + static_cast<uint64_t>(store.page_table[pos / kPage]) * store.page_bytes;
+    }
+    /// Tokens row `row` of unit u attends to (causal: the chunk's queries end the sequence).
+    __device__ int limit(int u, int row) const {
+        const int n = size_of(u);
+        return causal ? n - n_queries + row / group + 1 : n;
+    }
+    __device__ const float* query(int u, int row) const {
+        const int qh = u * group + row % group, i = row / group;
         return queries + (static_cast<size_t>(qh) * n_queries + i) * store.d;
     }
-    __device__ float* output(int h, int row) const {
-        const int qh = h * group + row % group, i = row / group;
+    __device__ float* output(int u, int row) const {
+        const int qh = u * group + row % group, i = row / group;
         return out + (static_cast<size_t>(qh) * n_queries + i) * store.d;
     }
 };
@@ -203,9 +220,9 @@ struct AttentionParams {
 template <class Codec>
 __global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const AttentionParams<Codec> a) {
     const int item = blockIdx.x * kThreads + threadIdx.x;
-    if (item >= a.store.heads * a.rows) return;
-    const int h = item / a.rows, row = item % a.rows;
-    Codec::prepare(a.store.keys[h], a.query(h, row),
+    if (item >= a.units * a.rows) return;
+    const int u = item / a.rows, row = item % a.rows;
+    Codec::prepare(a.store.keys[a.head(u)], a.query(u, row),
                    a.states + static_cast<size_t>(item) * a.state_stride);
 }
 
@@ -221,15 +238,16 @@ struct AffineState {
     int varying = 0;                  ///< varying rows per head (padded to the maximum)
 };
 
-// grid (heads * rows), kThreads threads: thread i computes state entries i, i + kThreads, ...
+// grid (units * rows), kThreads threads: thread i computes state entries i, i + kThreads, ...
 template <class Codec>
 __global__ void __launch_bounds__(kThreads)
     codec_affine_prepare_kernel(const AttentionParams<Codec> a, const AffineState f) {
     __shared__ float q[dev::kMaxDim];
-    const int item = blockIdx.x, h = item / a.rows, row = item % a.rows, d = a.store.d;
-    const float* query = a.query(h, row);
+    const int item = blockIdx.x, u = item / a.rows, row = item % a.rows, d = a.store.d;
+    const float* query = a.query(u, row);
     for (int j = threadIdx.x; j < d; j += kThreads) q[j] = query[j];
     __syncthreads();
+    const int h = a.head(u);
     const size_t head = static_cast<size_t>(h) * a.state_stride;
     const float* mt = f.matrix + static_cast<size_t>(h) * d * f.varying;
     float* state = a.states + static_cast<size_t>(item) * a.state_stride;
@@ -325,7 +343,7 @@ __device__ __forceinline__ void stage_wait() {
     __syncwarp();
 }
 
-// grid (splits, heads, row blocks), R rows per CTA (a.rows_per_block <= R; unused rows have
+// grid (splits, units, row blocks), R rows per CTA (a.rows_per_block <= R; unused rows have
 // zero states and no tokens). Lane = token for scoring: one pass over the token's code scores
 // every row (Codec::score<R>). Lane = coordinates lane * E .. lane * E + E - 1 (E = D / 32;
 // those past d stay 0) for the value sum, the rows' probabilities read from shared memory.
@@ -335,7 +353,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     constexpr int E = D / 32;
     extern __shared__ float4 smem_vec[];  // 16-byte aligned: load_rows reads float4
     float* smem = reinterpret_cast<float*>(smem_vec);
-    const int split = blockIdx.x, h = blockIdx.y;
+    const int split = blockIdx.x, u = blockIdx.y, h = a.head(u);
     const int row0 = blockIdx.z * a.rows_per_block;
     const int rows = min(a.rows_per_block, a.rows - row0);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -345,7 +363,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
         const int r = i / S, e = i - r * S;  // coalesced global reads
         states[e * R + r] =
-            r < rows ? a.states[(static_cast<size_t>(h) * a.rows + row0 + r) * S + e] : 0.0f;
+            r < rows ? a.states[(static_cast<size_t>(u) * a.rows + row0 + r) * S + e] : 0.0f;
     }
     // The codecs' tables in shared memory (looked up for every code field).
     typename Codec::Params kp = a.store.keys[h];
@@ -359,7 +377,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     int lim_max = 0;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        lim[r] = r < rows ? a.limit(row0 + r) : 0;
+        lim[r] = r < rows ? a.limit(u, row0 + r) : 0;
         lim_max = max(lim_max, lim[r]);
     }
     const int t_begin = split * a.tokens_per_split;
@@ -389,7 +407,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int c0 = t_begin + warp * 32; c0 < t_end; c0 += kWarps * 32) {
         // Stage the chunk (32 consecutive slots of one page: c0 is a multiple of 32).
         const int n = min(32, t_end - c0);
-        const uint8_t* page = a.store.page(c0);
+        const uint8_t* page = a.page(u, c0);
         const int slot0 = c0 % kPage;
         stage_rows(st_key, a.stage_key_stride,
                    page + layout.key_codes + static_cast<size_t>(slot0) * layout.key_code_bytes,
@@ -475,7 +493,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                     if (j0 + e < d) o[e] = dev::fmadd(f, s[2 + j0 + e], o[e]);
             }
         }
-        const size_t at = (static_cast<size_t>(h) * a.rows + row0 + r) * a.splits + split;
+        const size_t at = (static_cast<size_t>(u) * a.rows + row0 + r) * a.splits + split;
         if (lane == 0) a.partial_ml[at] = make_float2(mx, lsum);
 #pragma unroll
         for (int e = 0; e < E; ++e) a.partial_o[at * D + j0 + e] = o[e];
@@ -540,7 +558,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     __shared__ float part[kMergeWarps][D];
     __shared__ float acc_s[D];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int item = blockIdx.x, h = item / a.rows, row = item % a.rows;
+    const int item = blockIdx.x, u = item / a.rows, row = item % a.rows;
     const size_t base = static_cast<size_t>(item) * a.splits;
     float mx = -INFINITY;
     for (int s = lane; s < a.splits; s += 32) mx = fmaxf(mx, a.partial_ml[base + s].x);
@@ -582,7 +600,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
         acc_s[j] = x * inv;
     }
     __syncthreads();
-    value_finalize<D>(a.store.values[h], acc_s, a.output(h, row));
+    value_finalize<D>(a.store.values[a.head(u)], acc_s, a.output(u, row));
 }
 
 }  // namespace veloxquant::cuda::codec

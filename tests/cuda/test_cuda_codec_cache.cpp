@@ -15,6 +15,7 @@
 #include "cache/paged_store.h"
 #include "calibration/calibrate.h"
 #include "calibration_test_helpers.h"
+#include "cuda/codec_batch.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
 #include "cuda_test_helpers.h"
@@ -176,6 +177,77 @@ TEST_P(CodecCacheParity, MatchesCpuCache) {
     DeviceBuffer<float> dq1(q1), do1(q1.size());
     gpu.attend(dq1.get(), hq, 1, do1.get(), 0.125f, true, nullptr);
     EXPECT_LE(relative_error(do1.download(), r1), 1e-3) << "after truncate";
+}
+
+// A batch's decode steps through CudaCodecBatch (one check, one launch of each kernel) against
+// each sequence's cache alone (1e-5) and the CPU cache (1e-3), sequences of different lengths;
+// a codec trained on each sequence's own tokens (rabitq here) is refused, and its caches still
+// append as a batch.
+TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& k = GetParam();
+    const int H = k.heads, d = k.d, group = k.group, hq = H * group;
+    const std::vector<int> prefill = {200, 70, 17};
+    const int batch = static_cast<int>(prefill.size());
+    std::vector<std::unique_ptr<KVCache>> cpu;
+    std::vector<std::unique_ptr<CudaCodecCache>> solo, joint;
+    uint64_t seed = 700;
+    for (int b = 0; b < batch; ++b) {
+        cpu.push_back(KVCacheFactory::create(k.config, H, d, 4096, 0));
+        solo.push_back(std::make_unique<CudaCodecCache>(k.config, H, d, 4096, 0));
+        joint.push_back(std::make_unique<CudaCodecCache>(k.config, H, d, 4096, 0));
+        const auto keys = random_tokens(H, prefill[b], d, ++seed, 0.5f);
+        const auto values = random_tokens(H, prefill[b], d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu[b]->append(keys.data(), values.data(), prefill[b]);
+        solo[b]->append(dk.get(), dv.get(), prefill[b], nullptr);
+        joint[b]->append(dk.get(), dv.get(), prefill[b], nullptr);
+    }
+    std::vector<CudaCodecCache*> rows;
+    for (auto& j : joint) rows.push_back(j.get());
+    const bool per_sequence_state = k.config.method == "rabitq";  // trained on its own prefill
+    EXPECT_EQ(CudaCodecBatch::alike({rows.begin(), rows.end()}), !per_sequence_state);
+    CudaCodecBatch step;
+    const std::size_t per_token = static_cast<std::size_t>(H) * d;
+    const std::size_t per_query = static_cast<std::size_t>(hq) * d;
+    for (int t = 0; t < 2; ++t) {
+        const auto keys = random_tokens(batch * H, 1, d, ++seed, 0.5f);
+        const auto values = random_tokens(batch * H, 1, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        step.append(rows, dk.get(), dv.get(), 1, nullptr);
+        for (int b = 0; b < batch; ++b) {
+            cpu[b]->append(keys.data() + b * per_token, values.data() + b * per_token, 1);
+            solo[b]->append(dk.get() + b * per_token, dv.get() + b * per_token, 1, nullptr);
+            ASSERT_EQ(joint[b]->size(), prefill[b] + t + 1);
+        }
+        const auto q = vqtest::randn(batch * per_query, ++seed, 0.1f);
+        DeviceBuffer<float> dq(q), dout(q.size()), dsolo(per_query);
+        if (per_sequence_state) {
+            EXPECT_THROW(step.attend(rows, dq.get(), hq, dout.get(), 0.125f, nullptr),
+                         std::invalid_argument);
+            continue;
+        }
+        check_cuda(cudaMemset(dout.get(), 0xff, q.size() * sizeof(float)), "poison");  // NaN
+        step.attend(rows, dq.get(), hq, dout.get(), 0.125f, nullptr);
+        const auto got = dout.download();
+        for (int b = 0; b < batch; ++b) {
+            SCOPED_TRACE("step " + std::to_string(t) + " sequence " + std::to_string(b));
+            const std::vector<float> mine(got.begin() + b * per_query,
+                                          got.begin() + (b + 1) * per_query);
+            solo[b]->attend(dq.get() + b * per_query, hq, 1, dsolo.get(), 0.125f, false, nullptr);
+            std::vector<float> ref(per_query);
+            cpu[b]->attend(q.data() + b * per_query, hq, 1, ref.data(), 0.125f, false);
+            EXPECT_LE(relative_error(mine, dsolo.download()), 1e-5);
+            EXPECT_LE(relative_error(mine, ref), 1e-3);
+        }
+    }
+    for (int b = 0; b < batch; ++b) {  // the batch stored what each cache alone stored
+        PagedStore a(joint[b]->page_layout()), c(solo[b]->page_layout());
+        joint[b]->download(a);
+        solo[b]->download(c);
+        for (int p = 0; p < (joint[b]->size() + kTokensPerPage - 1) / kTokensPerPage; ++p)
+            EXPECT_EQ(std::memcmp(a.page_data(p), c.page_data(p), a.layout().page_bytes), 0);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, CodecCacheParity, testing::ValuesIn(cases()),

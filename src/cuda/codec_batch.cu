@@ -1,0 +1,119 @@
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/codec_batch.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+/// Throws std::invalid_argument unless `caches` holds one distinct, non-null cache per sequence.
+void check_distinct(const std::vector<const CudaCodecCache*>& caches, const char* what) {
+    if (caches.empty()) throw std::invalid_argument(std::string(what) + ": no caches");
+    for (size_t b = 0; b < caches.size(); ++b) {
+        if (caches[b] == nullptr)
+            throw std::invalid_argument(std::string(what) + ": cache " + std::to_string(b) +
+                                        " is null");
+        for (size_t e = 0; e < b; ++e)
+            if (caches[e] == caches[b])
+                throw std::invalid_argument(std::string(what) + ": sequences " + std::to_string(e) +
+                                            " and " + std::to_string(b) + " are the same cache");
+    }
+}
+
+std::vector<const CudaCodecCache*> as_const(const std::vector<CudaCodecCache*>& caches) {
+    return {caches.begin(), caches.end()};
+}
+
+}  // namespace
+
+bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
+    check_distinct(caches, "alike");
+    const CudaCodecCache& first = *caches[0];
+    for (const CudaCodecCache* c : caches)
+        if (!c->backend_ || c->device_ != first.device_ || c->fingerprint_ != first.fingerprint_)
+            return false;
+    return true;
+}
+
+void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const float* keys,
+                            const float* values, int n_tokens, cudaStream_t stream) {
+    check_distinct(as_const(caches), "append");
+    const CudaCodecCache& first = *caches[0];
+    const float key_bound = first.config_.key_bound(), value_bound = first.config_.value_bound();
+    for (size_t b = 1; b < caches.size(); ++b) {
+        const CudaCodecCache& c = *caches[b];
+        if (c.device_ != first.device_ || c.num_heads_ != first.num_heads_ ||
+            c.head_dim_ != first.head_dim_ || c.config_.key_bound() != key_bound ||
+            c.config_.value_bound() != value_bound)
+            throw std::invalid_argument(
+                "append: the cache of sequence " + std::to_string(b) +
+                " differs from sequence 0's in shape, storage or device (a batch takes one "
+                "layer's caches, made alike)");
+    }
+    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
+    if (n_tokens == 0) return;
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("append: null keys or values");
+    for (size_t b = 0; b < caches.size(); ++b) {
+        const CudaCodecCache& c = *caches[b];
+        if (static_cast<long long>(c.size_) + n_tokens > c.max_seq_len_)
+            throw std::length_error("append: " + std::to_string(n_tokens) +
+                                    " tokens would take sequence " + std::to_string(b) +
+                                    " past max_seq_len " + std::to_string(c.max_seq_len_));
+    }
+    const int batch = static_cast<int>(caches.size());
+    input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
+                         value_bound, stream, batch);
+    for (CudaCodecCache* c : caches) c->pages_->reserve(c->size_ + n_tokens);
+    const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
+    for (int b = 0; b < batch; ++b) {
+        CudaCodecCache& c = *caches[b];
+        const float* k = keys + b * per_sequence;
+        if (!c.backend_) c.train_on(k, n_tokens, stream);
+        c.backend_->encode(c.pages_->pool(), c.pages_->page_table(), c.size_, n_tokens, k,
+                           values + b * per_sequence, stream);
+        c.size_ += n_tokens;
+    }
+}
+
+void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const float* queries,
+                            int num_q_heads, float* out, float scale, cudaStream_t stream) {
+    if (!alike(as_const(caches)))
+        throw std::invalid_argument(
+            "attend: the caches' codecs differ (config, layer, shape, device, or state learned "
+            "from each sequence's own tokens): attend them one by one");
+    if (queries == nullptr || out == nullptr)
+        throw std::invalid_argument("attend: null queries or out");
+    CudaCodecCache& first = *caches[0];
+    if (num_q_heads < first.num_heads_ || num_q_heads % first.num_heads_ != 0)
+        throw std::invalid_argument("attend: num_q_heads must be a multiple of the " +
+                                    std::to_string(first.num_heads_) + " KV heads, got " +
+                                    std::to_string(num_q_heads));
+    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    std::vector<const uint8_t*> pools;
+    std::vector<int32_t> sizes;
+    int longest = 0, pages = 1;
+    for (size_t b = 0; b < caches.size(); ++b) {
+        const CudaCodecCache& c = *caches[b];
+        if (c.size_ == 0)
+            throw std::invalid_argument("attend: the cache of sequence " + std::to_string(b) +
+                                        " holds no tokens");
+        pools.push_back(c.pages_->pool());
+        sizes.push_back(c.size_);
+        longest = std::max(longest, c.size_);
+        pages = std::max(pages, c.pages_->capacity_pages());
+    }
+    arrays_.describe(pools, sizes, pages, stream);
+    AttendSource source;
+    source.pools = arrays_.pools();
+    source.sizes = arrays_.lens();
+    source.page_table = arrays_.page_table();  // row 0: the identity, as wide as any pool
+    source.batch = static_cast<int>(caches.size());
+    source.size = longest;
+    first.backend_->attend(source, queries, num_q_heads / first.num_heads_, 1, out, scale, false,
+                           stream);
+}
+
+}  // namespace veloxquant::cuda
