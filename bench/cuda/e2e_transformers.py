@@ -8,7 +8,7 @@ Measured per context (32K, then 64K while the time budget allows) and cache:
   - decode tokens/s: greedy single-token steps after the prefill, wall time per step with a
     synchronize (Python overhead included, as a user sees it); the median step over --repeats
     runs of --steps steps, after --warmup steps; with --batch B, B sequences decode together
-    (on the turboquant layers in one batch step, or one by one with --per-sequence-decode)
+    (in one batch step per layer, or one by one with --per-sequence-decode)
     and tokens/s counts all of theirs;
   - KV memory: torch.cuda.memory_allocated delta over the prefill (the DynamicCache tensors;
     our pages are not torch allocations, so this is ~0 for ours), the device-wide delta of
@@ -52,8 +52,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1,
                    help="sequences decoded together (tokens/s counts every sequence's tokens)")
     p.add_argument("--per-sequence-decode", action="store_true",
-                   help="decode a batch's sequences one by one on the turboquant layers, as "
-                        "before CudaTurboQuantBatch (for comparison)")
+                   help="decode a batch's sequences one by one on the GPU layers, as before "
+                        "CudaTurboQuantBatch and CudaKVCacheBatch (for comparison)")
     p.add_argument("--short", type=int, default=256, help="prompt of the correctness check")
     p.add_argument("--check-steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=150.0,
@@ -280,8 +280,8 @@ def main() -> int:
         "args": vars(args), "results": [], "skipped_contexts": [],
     }
     if args.per_sequence_decode:
-        from veloxquant.integrations.transformers import VeloxQuantCudaLayer
-        VeloxQuantCudaLayer._batch_class = None
+        from veloxquant.integrations.transformers import VeloxQuantCudaKVLayer, VeloxQuantCudaLayer
+        VeloxQuantCudaLayer._batch_class = VeloxQuantCudaKVLayer._batch_class = None
     log(f"building the model ({args.layers} layers) on {report['device']}")
     model = build_model(args.layers)
     report["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -2,7 +2,7 @@
 // device-resident caches of one layer and one sequence,
 //   CudaTurboQuantCache  turboquant_rvq, head_dim 64/128, tensor-core decode (one query a head);
 //   CudaCodecCache       every method, head_dim up to 256, decode and causal prefill on the codes;
-// and CudaTurboQuantBatch, the decode steps of many sequences' CudaTurboQuantCaches at once.
+// and CudaTurboQuantBatch / CudaCodecBatch, the decode steps of many sequences' caches at once.
 // Their arrays are C-contiguous float32 CUDA ndarrays (torch CUDA tensors through DLPack,
 // zero-copy) on the cache's device, checked here so that errors name the cause; work is queued on
 // the stream the caller passes (a cudaStream_t as an integer: torch's current stream), with the
@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include "cache/paged_store.h"
+#include "cuda/codec_batch.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
 #include "cuda/turboquant_batch.h"
@@ -43,6 +44,7 @@ namespace {
 
 using bind::new_array;
 using bind::Numpy;
+using cuda::CudaCodecBatch;
 using cuda::CudaCodecCache;
 using cuda::CudaTurboQuantBatch;
 using cuda::CudaTurboQuantCache;
@@ -208,7 +210,8 @@ void codec_attend(CudaCodecCache& c, const AnyArray& queries, const AnyArray& ou
 }
 
 /// The first of a batch's caches (each entry a cache: None is refused here).
-const CudaTurboQuantCache& first_of(const std::vector<const CudaTurboQuantCache*>& caches) {
+template <class P>
+const auto& first_of(const std::vector<P>& caches) {
     if (caches.empty()) throw std::invalid_argument("a batch needs at least one cache");
     for (size_t b = 0; b < caches.size(); ++b)
         if (caches[b] == nullptr)
@@ -230,10 +233,11 @@ void check_batched(const AnyArray& a, size_t batch, std::initializer_list<long l
                                     std::to_string(batch) + " caches, got " + shape_string(a));
 }
 
-void batch_append(CudaTurboQuantBatch& step, const std::vector<CudaTurboQuantCache*>& caches,
-                  const AnyArray& keys, const AnyArray& values, uintptr_t stream) {
-    const CudaTurboQuantCache& c =
-        first_of(std::vector<const CudaTurboQuantCache*>(caches.begin(), caches.end()));
+/// Batch::append for keys and values [batch][num_heads][n][head_dim].
+template <class Batch, class Cache>
+void batch_append(Batch& step, const std::vector<Cache*>& caches, const AnyArray& keys,
+                  const AnyArray& values, uintptr_t stream) {
+    const Cache& c = first_of(caches);
     const long long heads = c.num_heads(), d = c.head_dim();
     const char* expected = "[batch, num_heads, n_tokens, head_dim]";
     check_batched(keys, caches.size(), {heads, -1, d}, "keys", expected);
@@ -246,9 +250,12 @@ void batch_append(CudaTurboQuantBatch& step, const std::vector<CudaTurboQuantCac
     step.append(caches, k, v, static_cast<int>(keys.shape(2)), as_stream(stream));
 }
 
-void batch_attend(CudaTurboQuantBatch& step, const std::vector<const CudaTurboQuantCache*>& caches,
-                  const AnyArray& queries, const AnyArray& out, float scale, uintptr_t stream) {
-    const CudaTurboQuantCache& c = first_of(caches);
+/// Batch::attend for decode queries [batch][num_q_heads][head_dim] (P: the batch's cache
+/// pointer type).
+template <class Batch, class P>
+void batch_attend(Batch& step, const std::vector<P>& caches, const AnyArray& queries,
+                  const AnyArray& out, float scale, uintptr_t stream) {
+    const auto& c = first_of(caches);
     check_batched(queries, caches.size(), {-1, c.head_dim()}, "queries",
                   "[batch, num_q_heads, head_dim] (decode: one query per head)");
     check_shaped_like(out, queries);
@@ -366,13 +373,40 @@ void bind_cuda(nb::module_& m) {
         "one input check for every new token and one decode launch for every sequence. Arrays and "
         "stream as CudaTurboQuantCache's, on the caches' device.")
         .def(nb::init<>())
-        .def("append", &batch_append, "caches"_a, "keys"_a, "values"_a, "stream"_a = 0,
+        .def("append", &batch_append<CudaTurboQuantBatch, CudaTurboQuantCache>, "caches"_a,
+             "keys"_a, "values"_a, "stream"_a = 0,
              "Encodes [batch, num_heads, n, head_dim] keys and values, sequence b's into "
              "caches[b]; all or nothing (ValueError, CapacityError).")
-        .def("attend", &batch_attend, "caches"_a, "queries"_a, "out"_a, "scale"_a, "stream"_a = 0,
+        .def("attend", &batch_attend<CudaTurboQuantBatch, const CudaTurboQuantCache*>,
+             "caches"_a, "queries"_a, "out"_a, "scale"_a, "stream"_a = 0,
              "Decode attention of [batch, num_q_heads, head_dim] queries, sequence b's over "
              "caches[b], written to out (shaped like the queries), in one launch.")
         .def_prop_ro("nbytes", &CudaTurboQuantBatch::nbytes);
+
+    nb::class_<CudaCodecBatch>(
+        m, "CudaCodecBatch",
+        "Decode steps of a batch of sequences, one CudaCodecCache each (one layer's, alike): one "
+        "input check for every new token and one launch of each attention kernel for every "
+        "sequence. Arrays and stream as CudaCodecCache's, on the caches' device.")
+        .def(nb::init<>())
+        .def_static(
+            "alike",
+            [](const std::vector<const CudaCodecCache*>& caches) {
+                first_of(caches);
+                return CudaCodecBatch::alike(caches);
+            },
+            "caches"_a,
+            "Whether the caches can attend in one launch (equal codecs; not when each trained "
+            "on its own tokens).")
+        .def("append", &batch_append<CudaCodecBatch, CudaCodecCache>, "caches"_a, "keys"_a,
+             "values"_a, "stream"_a = 0,
+             "Encodes [batch, num_heads, n, head_dim] keys and values, sequence b's into "
+             "caches[b]; all or nothing (ValueError, CapacityError).")
+        .def("attend", &batch_attend<CudaCodecBatch, CudaCodecCache*>, "caches"_a, "queries"_a,
+             "out"_a, "scale"_a, "stream"_a = 0,
+             "Decode attention of [batch, num_q_heads, head_dim] queries, sequence b's over "
+             "caches[b], written to out (shaped like the queries), one launch of each kernel.")
+        .def_prop_ro("nbytes", &CudaCodecBatch::nbytes);
 
     nb::class_<CudaCodecCache> codec(
         m, "CudaCodecCache",

@@ -74,10 +74,13 @@ class _ExactDeviceCache(_ExactTokens, vq_cuda.CudaTurboQuantCache):
 
 
 class _ExactBatch:
-    """Stands in for CudaTurboQuantBatch over _ExactDeviceCache: a batch's decode step, one
-    sequence after the other."""
+    """Stands in for CudaTurboQuantBatch and CudaKVCacheBatch over the stand-in caches: a
+    batch's decode step, one sequence after the other."""
 
     nbytes = 0
+
+    def alike(self, caches):
+        return True
 
     def append(self, caches, keys, values):
         assert keys.dim() == 4 and keys.shape[0] == len(caches) and keys.dtype == torch.float32
@@ -91,9 +94,10 @@ class _ExactBatch:
 
 @pytest.fixture(autouse=True)
 def _exact_batch(monkeypatch):
-    """The turboquant layers take a batch's decode step through _ExactBatch."""
-    from veloxquant.integrations.transformers import VeloxQuantCudaLayer
+    """The GPU layers take a batch's decode step through _ExactBatch."""
+    from veloxquant.integrations.transformers import VeloxQuantCudaKVLayer, VeloxQuantCudaLayer
     monkeypatch.setattr(VeloxQuantCudaLayer, "_batch_class", _ExactBatch)
+    monkeypatch.setattr(VeloxQuantCudaKVLayer, "_batch_class", _ExactBatch)
 
 
 class _ExactKVCache(_ExactTokens, vq_cuda.CudaKVCache):
@@ -153,9 +157,8 @@ def test_gpu_layer_logic_on_exact_tokens(kind, batch):
     assert cache.get_seq_length() == tokens.shape[1]
     assert [[c.layer for c in layer.rows] for layer in cache.layers] == [[0] * batch, [1] * batch]
     assert all(c.size == tokens.shape[1] for layer in cache.layers for c in layer.rows)
-    # a batch's decode steps went through the turboquant layers' batch, at once
-    assert all(isinstance(layer._batch, _ExactBatch) == (kind == "turboquant" and batch > 1)
-               for layer in cache.layers)
+    # a batch's decode steps went through the layers' batch, at once
+    assert all(isinstance(layer._batch, _ExactBatch) == (batch > 1) for layer in cache.layers)
     assert _relative_error(logits, reference) < 1e-4
     # fetch_dequantized: any attention implementation reads every token from the cache
     dequantized = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)],

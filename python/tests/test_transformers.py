@@ -18,7 +18,11 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from veloxquant.cache.base import KVCacheConfig  # noqa: E402
-from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache  # noqa: E402
+from veloxquant.integrations.transformers import (  # noqa: E402
+    ATTENTION_NAME,
+    VeloxQuantCache,
+    VeloxQuantDeviceLayer,
+)
 
 PROMPT, TOTAL = 48, 64  # a causal prefill of 48 tokens, then 16 single-token decode steps
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -216,7 +220,12 @@ def test_a_batch_of_sequences_matches_the_default_cache(model, report, device):
     assert [layer.batch_size for layer in cache.layers] == [3, 3]
     assert cache.get_seq_length() == TOTAL
     assert all(c.size == TOTAL for layer in cache.layers for c in layer.rows)
-    assert cache.nbytes == sum(c.nbytes for layer in cache.layers for c in layer.rows)
+    # on GPU layers the decode steps ran as a batch, whose arrays count too
+    batches = [getattr(layer, "_batch", None) for layer in cache.layers]
+    assert all((b is not None) == isinstance(layer, VeloxQuantDeviceLayer)
+               for b, layer in zip(batches, cache.layers))
+    assert cache.nbytes == (sum(c.nbytes for layer in cache.layers for c in layer.rows)
+                            + sum(b.nbytes for b in batches if b is not None))
     assert stats["max_rel_error"] < 1e-3, stats
     assert torch.equal(got, expected)
 

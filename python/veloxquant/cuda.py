@@ -15,8 +15,9 @@ read through torch CUDA tensors (DLPack, zero-copy). Two cache classes::
     out = cache.attend(queries)     # [32, n, 96]: causal attention of the chunk, on the codes
     out = cache.attend(queries[:, -1])  # [32, 96]: decode
 
-A batch of sequences decodes through ``CudaTurboQuantBatch`` over their CudaTurboQuantCaches:
-one input check for every sequence's new token and one decode launch for all of them.
+A batch of sequences decodes through ``CudaTurboQuantBatch`` over their CudaTurboQuantCaches
+(``CudaKVCacheBatch`` over CudaKVCaches): one input check for every sequence's new token and one
+decode launch for all of them.
 
 Work is queued on torch's current CUDA stream of the cache's device, so it orders with the
 surrounding torch work without synchronizing (except a rabitq cache's first append, which
@@ -251,26 +252,16 @@ class CudaTurboQuantCache(_DeviceCache):
                 f"size={self.size}, max_seq_len={self.max_seq_len}, device={self.device})")
 
 
-class CudaTurboQuantBatch:
-    """The decode steps of a batch of sequences, one ``CudaTurboQuantCache`` each (one layer's
-    caches made alike, e.g. by ``empty_like``)::
+class _DeviceBatch:
+    """What both batch classes share (see CudaTurboQuantBatch)."""
 
-        step = CudaTurboQuantBatch()
-        step.append(caches, keys, values)   # [batch, num_heads, n, head_dim]: sequence b's
-                                            # tokens into caches[b], all or nothing
-        out = step.attend(caches, queries)  # [batch, num_q_heads, head_dim], one launch
-
-    One input check (and synchronization) covers every sequence's new tokens, and one fused
-    decode launch attends over every sequence, each on its own cache's pages: the caches alone
-    take one of each per sequence. The caches keep their tokens; this object holds only the
-    device arrays that describe the batch and the decode's workspace. Errors are the caches'
-    (ValueError naming the sequence, CapacityError), raised before any cache changes.
-    """
+    _core_class: ClassVar[str]  # the _core class this wraps
+    _cache_class: ClassVar[type]  # the cache class it batches
 
     def __init__(self) -> None:
         if not HAS_CUDA:
             raise RuntimeError(BUILT_WITHOUT_CUDA)
-        self._impl = _core.CudaTurboQuantBatch()
+        self._impl = getattr(_core, self._core_class)()
         self.device: Any = None  # the caches' device, fixed by the first call
 
     def _cores(self, caches: Any) -> list[Any]:
@@ -278,15 +269,19 @@ class CudaTurboQuantBatch:
         if not caches:
             raise ValueError("a batch needs at least one cache")
         for b, c in enumerate(caches):
-            if not isinstance(c, CudaTurboQuantCache):
+            if not isinstance(c, self._cache_class):
                 raise ValueError(f"cache {b} of the batch is a {type(c).__name__}, not a "
-                                 "CudaTurboQuantCache")
-        device = caches[0].device
+                                 f"{self._cache_class.__name__}")
         if self.device is None:
-            self.device = device
+            self.device = caches[0].device
         if any(c.device != self.device for c in caches):
             raise ValueError(f"every cache of the batch must live on {self.device}")
         return [c._impl for c in caches]
+
+    def alike(self, caches: Any) -> bool:
+        """Whether attend can take these caches in one launch (see the subclasses)."""
+        self._cores(caches)
+        return True
 
     def append(self, caches: Any, keys: Any, values: Any) -> None:
         """Encodes keys and values [batch, num_heads, n, head_dim] (float32, float16 or
@@ -311,8 +306,28 @@ class CudaTurboQuantBatch:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held: the batch's arrays and the decode workspace."""
+        """Device bytes held: the batch's arrays (and, for the tuned kernel, its workspace)."""
         return self._impl.nbytes
+
+
+class CudaTurboQuantBatch(_DeviceBatch):
+    """The decode steps of a batch of sequences, one ``CudaTurboQuantCache`` each (one layer's
+    caches made alike, e.g. by ``empty_like``)::
+
+        step = CudaTurboQuantBatch()
+        step.append(caches, keys, values)   # [batch, num_heads, n, head_dim]: sequence b's
+                                            # tokens into caches[b], all or nothing
+        out = step.attend(caches, queries)  # [batch, num_q_heads, head_dim], one launch
+
+    One input check (and synchronization) covers every sequence's new tokens, and one fused
+    decode launch attends over every sequence, each on its own cache's pages: the caches alone
+    take one of each per sequence. The caches keep their tokens; this object holds only the
+    device arrays that describe the batch and the decode's workspace. Errors are the caches'
+    (ValueError naming the sequence, CapacityError), raised before any cache changes.
+    """
+
+    _core_class = "CudaTurboQuantBatch"
+    _cache_class = CudaTurboQuantCache
 
 
 class CudaKVCache(_DeviceCache):
@@ -387,5 +402,22 @@ class CudaKVCache(_DeviceCache):
                 f"max_seq_len={self.max_seq_len}, device={self.device})")
 
 
-__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaKVCache", "CudaTurboQuantBatch",
-           "CudaTurboQuantCache", "is_available"]
+class CudaKVCacheBatch(_DeviceBatch):
+    """The decode steps of a batch of sequences on the generic kernels, one ``CudaKVCache``
+    each (one layer's caches made alike, e.g. by ``empty_like``): as ``CudaTurboQuantBatch``,
+    one input check for every sequence's new tokens and one launch of each attention kernel
+    (query state, attention, merge) for every sequence. ``alike(caches)`` tells whether the
+    caches can attend together: not when a codec trained on each sequence's own tokens (rabitq
+    without calibrated centroids), whose caches then attend one by one; ``append`` takes them
+    as a batch either way."""
+
+    _core_class = "CudaCodecBatch"
+    _cache_class = CudaKVCache
+
+    def alike(self, caches: Any) -> bool:
+        """Whether ``attend`` can take these caches in one launch (equal codecs)."""
+        return bool(_core.CudaCodecBatch.alike(self._cores(caches)))
+
+
+__all__ = ["BUILT_WITHOUT_CUDA", "HAS_CUDA", "CudaKVCache", "CudaKVCacheBatch",
+           "CudaTurboQuantBatch", "CudaTurboQuantCache", "is_available"]

@@ -49,10 +49,11 @@ does a rabitq cache's training.
 
 Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
 ``empty_like()`` on the first update of that batch size), each attending on its own sequence.
-On a ``CudaTurboQuantCache`` layer a decode step of the whole batch (no padding in the step)
-runs as one: one input check and synchronization for every sequence's token and one decode
-launch over every sequence's pages (``veloxquant.cuda.CudaTurboQuantBatch``); other layers, and
-prefill chunks, take the sequences one by one.
+On the GPU a decode step of the whole batch (no padding in the step) runs as one: one input
+check and synchronization for every sequence's token and one decode launch over every
+sequence's pages (``veloxquant.cuda.CudaTurboQuantBatch``, ``CudaKVCacheBatch``), except on
+layers whose codecs learned from each sequence's own tokens (rabitq without calibrated
+centroids); prefill chunks take the sequences one by one.
 Padded batches work: transformers builds sdpa's boolean mask for this attention, a position no
 query may attend to is padding, and each sequence stores and attends only its own tokens (so
 its cache holds no padding; ``get_seq_length`` counts transformers' positions). The tokens of
@@ -77,7 +78,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .. import cuda as _cuda
 from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig, _create, model_cache_shape
 from ..cache.sliding_window_cache import SlidingWindowKVCache
-from ..cuda import CudaKVCache, CudaTurboQuantBatch, CudaTurboQuantCache
+from ..cuda import CudaKVCache, CudaKVCacheBatch, CudaTurboQuantBatch, CudaTurboQuantCache
 
 ATTENTION_NAME = "veloxquant"
 _TAG = "_veloxquant_layer"
@@ -308,6 +309,15 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
         super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
         self.is_sliding = False
 
+    def _batched_steps(self) -> bool:
+        """Whether this layer's sequences take a decode step together (its batch class, made
+        on first use, finds their caches alike)."""
+        if self._batch_class is None:
+            return False
+        if self._batch is None:
+            self._batch = self._batch_class()
+        return self._batch.alike(self.rows)
+
     def _cache_input(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x as float32 and contiguous on the cache's device (ValueError on another device)."""
         if x.device != self.cache.device:
@@ -328,10 +338,8 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
             return _sdpa(query, key, value, scaling, causal, mask)
         keys, values, real = self._take_incoming(mask)
         n = keys.shape[-2]
-        if n == 1 and real is None and self._batch_class is not None and len(self.rows) > 1:
+        if n == 1 and real is None and len(self.rows) > 1 and self._batched_steps():
             # a decode step of every sequence: one input check and one decode launch for all
-            if self._batch is None:
-                self._batch = self._batch_class()
             self._batch.append(self.rows, self._cache_input(keys, "keys"),
                                self._cache_input(values, "values"))
             result = self._batch.attend(self.rows, query[:, :, 0, :].to(torch.float32).contiguous(),
@@ -384,7 +392,10 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
 
 class VeloxQuantCudaKVLayer(VeloxQuantDeviceLayer):
     """One model layer's cache on the GPU in a ``CudaKVCache`` (any method): decode runs the
-    generic fused attention on the codes."""
+    generic fused attention on the codes, for a batch in one launch of each kernel where the
+    sequences' codecs are alike (``CudaKVCacheBatch``)."""
+
+    _batch_class = CudaKVCacheBatch
 
 
 class VeloxQuantCudaLayer(VeloxQuantDeviceLayer):
