@@ -148,11 +148,14 @@ public:
         cudaFree(workspace_);
     }
 
-    void encode(uint8_t* pool, const int32_t* page_table, int start, int n, const float* keys,
-                const float* values, cudaStream_t stream) override {
+    void encode(const SequenceSet& at, int n, const float* keys, const float* values,
+                cudaStream_t stream) override {
         if (n == 0) return;
-        EncodeParams<Codec> a{with(pool, page_table), start, n, keys, values};
-        const long long items = static_cast<long long>(heads_) * n;
+        EncodeParams<Codec> a{with(at.pool, at.page_table), at.size, n, keys, values};
+        a.units = heads_ * at.batch;
+        a.pools = at.pools;
+        a.starts = at.sizes;
+        const long long items = static_cast<long long>(a.units) * n;
         if constexpr (kStagedEncode<Codec>)
             codec::codec_encode_staged_kernel<Codec>
                 <<<static_cast<unsigned>((items + codec::kEncodeItems - 1) / codec::kEncodeItems),
@@ -167,13 +170,14 @@ public:
         if (n == 0) return;
         EncodeParams<Codec> a{with(const_cast<uint8_t*>(pool), page_table), start, n, nullptr,
                               nullptr};
+        a.units = heads_;
         codec::codec_dequantize_kernel<Codec>
             <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(
                 a, keys, values);
         check_cuda(cudaGetLastError(), "codec dequantize kernel");
     }
 
-    void attend(const AttendSource& source, const float* queries, int group, int n_queries,
+    void attend(const SequenceSet& source, const float* queries, int group, int n_queries,
                 float* out, float scale, bool causal, cudaStream_t stream) override {
         if (d_ <= 64)
             return attend_d<64>(source, queries, group, n_queries, out, scale, causal, stream);
@@ -225,10 +229,10 @@ private:
     }
 
     template <int D>
-    void attend_d(const AttendSource& source, const float* queries, int group, int n_queries,
+    void attend_d(const SequenceSet& source, const float* queries, int group, int n_queries,
                   float* out, float scale, bool causal, cudaStream_t stream) {
         AttentionParams<Codec> a;
-        a.store = with(const_cast<uint8_t*>(source.pool), source.page_table);
+        a.store = with(source.pool, source.page_table);
         a.size = source.size;
         a.units = heads_ * source.batch;
         a.pools = source.pools;

@@ -67,13 +67,37 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
                          value_bound, stream, batch);
     for (CudaCodecCache* c : caches) c->pages_->reserve(c->size_ + n_tokens);
+    if (batch > 1 && alike(as_const(caches))) {  // one launch writes every sequence
+        std::vector<const uint8_t*> pools;
+        std::vector<int32_t> starts;
+        int last = 0, pages = 1;
+        for (const CudaCodecCache* c : caches) {
+            pools.push_back(c->pages_->pool());
+            starts.push_back(c->size_);
+            last = std::max(last, c->size_);
+            pages = std::max(pages, c->pages_->capacity_pages());
+        }
+        encode_arrays_.describe(pools, starts, pages, stream);
+        SequenceSet at;
+        at.pools = encode_arrays_.pools();
+        at.sizes = encode_arrays_.lens();
+        at.page_table = encode_arrays_.page_table();
+        at.batch = batch;
+        at.size = last;
+        first.backend_->encode(at, n_tokens, keys, values, stream);
+        for (CudaCodecCache* c : caches) c->size_ += n_tokens;
+        return;
+    }
     const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
-    for (int b = 0; b < batch; ++b) {
+    for (int b = 0; b < batch; ++b) {  // a codec that trains, or caches not alike
         CudaCodecCache& c = *caches[b];
         const float* k = keys + b * per_sequence;
         if (!c.backend_) c.train_on(k, n_tokens, stream);
-        c.backend_->encode(c.pages_->pool(), c.pages_->page_table(), c.size_, n_tokens, k,
-                           values + b * per_sequence, stream);
+        SequenceSet at;
+        at.pool = c.pages_->pool();
+        at.page_table = c.pages_->page_table();
+        at.size = c.size_;
+        c.backend_->encode(at, n_tokens, k, values + b * per_sequence, stream);
         c.size_ += n_tokens;
     }
 }
@@ -106,7 +130,7 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
         pages = std::max(pages, c.pages_->capacity_pages());
     }
     arrays_.describe(pools, sizes, pages, stream);
-    AttendSource source;
+    SequenceSet source;
     source.pools = arrays_.pools();
     source.sizes = arrays_.lens();
     source.page_table = arrays_.page_table();  // row 0: the identity, as wide as any pool

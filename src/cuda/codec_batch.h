@@ -1,9 +1,12 @@
 // CudaCodecBatch: the decode steps of a batch of sequences on the generic path, one
 // CudaCodecCache per sequence (one layer's caches, of one config). One call appends every
-// sequence's new tokens after one input check and one synchronization, and one call attends
-// over every sequence with one query-state, one attention and one merge launch (each sequence
-// read from its own cache's pool), where the caches alone take one of each per sequence. The
-// caches keep their tokens; this object holds only the device arrays that describe the batch.
+// sequence's new tokens after one input check and one synchronization, with one encode launch,
+// and one call attends over every sequence with one query-state, one attention and one merge
+// launch (each sequence read from and written to its own cache's pool), where the caches alone
+// take one of each per sequence. (The generic encoders run one thread per head and token, so a
+// decode step's encode is bound by one thread's latency: one launch for the batch takes about
+// as long as one for a sequence.) The caches keep their tokens; this object holds only the
+// device arrays that describe the batch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,11 +44,12 @@ public:
                 float* out, float scale, cudaStream_t stream);
 
     /// Device bytes held: the batch's arrays (the workspace is caches[0]'s backend's).
-    std::size_t nbytes() const { return arrays_.nbytes(); }
+    std::size_t nbytes() const { return encode_arrays_.nbytes() + arrays_.nbytes(); }
 
 private:
     InputCheck input_check_;
-    BatchArrays arrays_;
+    BatchArrays encode_arrays_;  ///< the appends' pools and first positions
+    BatchArrays arrays_;         ///< the attends' pools and sizes
 };
 
 }  // namespace veloxquant::cuda

@@ -98,7 +98,11 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
                          config_.value_bound(), stream);
     pages_->reserve(size_ + n_tokens);
     if (!backend_) train_on(keys, n_tokens, stream);
-    backend_->encode(pages_->pool(), pages_->page_table(), size_, n_tokens, keys, values, stream);
+    SequenceSet at;
+    at.pool = pages_->pool();
+    at.page_table = pages_->page_table();
+    at.size = size_;
+    backend_->encode(at, n_tokens, keys, values, stream);
     size_ += n_tokens;
 }
 
@@ -124,7 +128,7 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
                    "attend: zero output");
         return;
     }
-    AttendSource source;
+    SequenceSet source;
     source.pool = pages_->pool();
     source.page_table = pages_->page_table();
     source.size = size_;

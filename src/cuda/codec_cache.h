@@ -29,29 +29,31 @@ class ValueCodec;
 
 namespace veloxquant::cuda {
 
-/// The pages an attention reads: one sequence's (pool, `size` tokens), or a batch's
-/// (CudaCodecBatch: sequence b's pages in pools[b], sizes[b] tokens, both device arrays), each
-/// through the identity page table.
-struct AttendSource {
-    const uint8_t* pool = nullptr;
+/// The sequences a kernel reads or writes: one (its pool; `size` tokens, or for an encode the
+/// position of the first new token), or a batch (CudaCodecBatch: sequence b's pages in
+/// pools[b], sizes[b] its tokens or first new position, both device arrays, `size` the
+/// largest), each through the identity page table.
+struct SequenceSet {
+    uint8_t* pool = nullptr;
     const uint8_t* const* pools = nullptr;
     const int32_t* sizes = nullptr;
     const int32_t* page_table = nullptr;
     int batch = 1;
-    int size = 0;  ///< tokens of the one sequence, or of a batch's longest
+    int size = 0;
 };
 
 /// The kernels of one device codec type on one cache's storage (codec_backend.cu).
 class CodecBackend {
 public:
     virtual ~CodecBackend() = default;
-    /// Encodes tokens [start, start + n) from device keys/values [heads][n][d].
-    virtual void encode(uint8_t* pool, const int32_t* page_table, int start, int n,
-                        const float* keys, const float* values, cudaStream_t stream) = 0;
+    /// Encodes n tokens of each sequence, at its positions from `size` (sizes[b]) on, from
+    /// device keys/values [batch][heads][n][d].
+    virtual void encode(const SequenceSet& at, int n, const float* keys, const float* values,
+                        cudaStream_t stream) = 0;
     virtual void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n,
                             float* keys, float* values, cudaStream_t stream) const = 0;
     /// Attention of queries [batch][num_q_heads][n_queries][d] over each sequence's tokens.
-    virtual void attend(const AttendSource& source, const float* queries, int group,
+    virtual void attend(const SequenceSet& source, const float* queries, int group,
                         int n_queries, float* out, float scale, bool causal,
                         cudaStream_t stream) = 0;
     /// Device bytes of codec parameters and workspace.

@@ -58,19 +58,36 @@ template <class Codec>
 struct EncodeParams {
     Store<Codec> store;
     int start = 0, n = 0;
-    const float* keys = nullptr;    ///< [heads][n][d]
-    const float* values = nullptr;  ///< [heads][n][d]
+    const float* keys = nullptr;    ///< [units][n][d]
+    const float* values = nullptr;  ///< [units][n][d]
+    /// KV-head units, as AttentionParams': store.heads for one sequence (positions from
+    /// `start`), or batch * store.heads, unit u writing head u % store.heads of sequence
+    /// u / store.heads into pools[...] from position starts[...] (CudaCodecBatch).
+    int units = 0;
+    const uint8_t* const* pools = nullptr;
+    const int32_t* starts = nullptr;
+
+    __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
+    __device__ int pos(int u, int t) const {
+        return (pools != nullptr ? starts[u / store.heads] : start) + t;
+    }
+    __device__ uint8_t* page(int u, int pos) const {
+        uint8_t* pool =
+            pools != nullptr ? const_cast<uint8_t*>(pools[u / store.heads]) : store.pool;
+        return pool + static_cast<uint64_t>(store.page_table[pos / kPage]) * store.page_bytes;
+    }
 };
 
 template <class Codec>
 __global__ void __launch_bounds__(kThreads) codec_encode_kernel(const EncodeParams<Codec> a) {
     const long long item = static_cast<long long>(blockIdx.x) * kThreads + threadIdx.x;
-    if (item >= static_cast<long long>(a.store.heads) * a.n) return;
-    const int h = static_cast<int>(item / a.n), t = static_cast<int>(item % a.n), pos = a.start + t;
+    if (item >= static_cast<long long>(a.units) * a.n) return;
+    const int u = static_cast<int>(item / a.n), t = static_cast<int>(item % a.n);
+    const int h = a.head(u), pos = a.pos(u, t);
     const HeadRegions R = a.store.regions[h];
-    uint8_t* page = a.store.page(pos);
+    uint8_t* page = a.page(u, pos);
     const int slot = pos % kPage;
-    const size_t row = (static_cast<size_t>(h) * a.n + t) * a.store.d;
+    const size_t row = (static_cast<size_t>(u) * a.n + t) * a.store.d;
     Codec::encode(a.store.keys[h], a.keys + row, pos, page + R.key_codes + slot * R.key_code_bytes,
                   reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
     dev::ValueDevice::encode(a.store.values[h], a.values + row,
@@ -95,7 +112,7 @@ __host__ __device__ constexpr size_t encode_smem_bytes(int d, int code_stride) {
 }
 
 /// codec_encode_kernel with the rows and codes in shared memory: the keys, then the values, of
-/// kEncodeItems consecutive (head, token) items (consecutive rows of the [heads][n][d] inputs)
+/// kEncodeItems consecutive (unit, token) items (consecutive rows of the [units][n][d] inputs)
 /// are staged by coalesced loads; thread i encodes row i into a staged code, so its row reads
 /// and bit-field writes stay in shared memory, and the CTA copies the codes to their pages.
 /// (Straight from and into global memory each lane walks its own row and code: 32 lines per
@@ -109,10 +126,10 @@ __global__ void __launch_bounds__(kEncodeItems)
     uint8_t* codes = encode_smem + kEncodeItems * stage_stride(4 * d);
     const long long first = static_cast<long long>(blockIdx.x) * kEncodeItems;
     const int items = static_cast<int>(min(static_cast<long long>(kEncodeItems),
-                                           static_cast<long long>(a.store.heads) * a.n - first));
+                                           static_cast<long long>(a.units) * a.n - first));
     const int r = threadIdx.x;
-    auto head_of = [&](int i) { return static_cast<int>((first + i) / a.n); };
-    auto pos_of = [&](int i) { return a.start + static_cast<int>((first + i) % a.n); };
+    auto unit_of = [&](int i) { return static_cast<int>((first + i) / a.n); };
+    auto pos_of = [&](int i) { return a.pos(unit_of(i), static_cast<int>((first + i) % a.n)); };
     for (int part = 0; part < 2; ++part) {  // keys, then values
         const float* src = (part == 0 ? a.keys : a.values) + first * d;
         for (int i = 0; i < items; ++i)
@@ -120,9 +137,9 @@ __global__ void __launch_bounds__(kEncodeItems)
                 rows[i * row_stride + c] = src[static_cast<size_t>(i) * d + c];
         __syncthreads();
         if (r < items) {
-            const int h = head_of(r), pos = pos_of(r), slot = pos % kPage;
+            const int h = a.head(unit_of(r)), pos = pos_of(r), slot = pos % kPage;
             const HeadRegions R = a.store.regions[h];
-            uint8_t* page = a.store.page(pos);
+            uint8_t* page = a.page(unit_of(r), pos);
             uint8_t* code = codes + r * code_stride;
             if (part == 0)
                 Codec::encode(a.store.keys[h], rows + r * row_stride, pos, code,
@@ -134,9 +151,9 @@ __global__ void __launch_bounds__(kEncodeItems)
         __syncthreads();
         for (int i = 0; i < items; ++i) {
             const int pos = pos_of(i);
-            const HeadRegions R = a.store.regions[head_of(i)];
+            const HeadRegions R = a.store.regions[a.head(unit_of(i))];
             const uint32_t bytes = part == 0 ? R.key_code_bytes : R.value_code_bytes;
-            uint8_t* dst = a.store.page(pos) + (part == 0 ? R.key_codes : R.value_codes) +
+            uint8_t* dst = a.page(unit_of(i), pos) + (part == 0 ? R.key_codes : R.value_codes) +
                            (pos % kPage) * bytes;
             for (uint32_t b = r; b < bytes; b += kEncodeItems) dst[b] = codes[i * code_stride + b];
         }
