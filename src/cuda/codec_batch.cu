@@ -8,20 +8,6 @@
 namespace veloxquant::cuda {
 namespace {
 
-/// Throws std::invalid_argument unless `caches` holds one distinct, non-null cache per sequence.
-void check_distinct(const std::vector<const CudaCodecCache*>& caches, const char* what) {
-    if (caches.empty()) throw std::invalid_argument(std::string(what) + ": no caches");
-    for (size_t b = 0; b < caches.size(); ++b) {
-        if (caches[b] == nullptr)
-            throw std::invalid_argument(std::string(what) + ": cache " + std::to_string(b) +
-                                        " is null");
-        for (size_t e = 0; e < b; ++e)
-            if (caches[e] == caches[b])
-                throw std::invalid_argument(std::string(what) + ": sequences " + std::to_string(e) +
-                                            " and " + std::to_string(b) + " are the same cache");
-    }
-}
-
 std::vector<const CudaCodecCache*> as_const(const std::vector<CudaCodecCache*>& caches) {
     return {caches.begin(), caches.end()};
 }
@@ -39,7 +25,7 @@ bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
 
 void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const float* keys,
                             const float* values, int n_tokens, cudaStream_t stream) {
-    check_distinct(as_const(caches), "append");
+    check_distinct(caches, "append");
     const CudaCodecCache& first = *caches[0];
     const float key_bound = first.config_.key_bound(), value_bound = first.config_.value_bound();
     for (size_t b = 1; b < caches.size(); ++b) {
@@ -52,17 +38,8 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
                 " differs from sequence 0's in shape, storage or device (a batch takes one "
                 "layer's caches, made alike)");
     }
-    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
+    check_append(caches, keys, values, n_tokens);
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr)
-        throw std::invalid_argument("append: null keys or values");
-    for (size_t b = 0; b < caches.size(); ++b) {
-        const CudaCodecCache& c = *caches[b];
-        if (static_cast<long long>(c.size_) + n_tokens > c.max_seq_len_)
-            throw std::length_error("append: " + std::to_string(n_tokens) +
-                                    " tokens would take sequence " + std::to_string(b) +
-                                    " past max_seq_len " + std::to_string(c.max_seq_len_));
-    }
     const int batch = static_cast<int>(caches.size());
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
                          value_bound, stream, batch);

@@ -243,17 +243,21 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     a.queries = queries;
     a.out = out;
     a.scale = scale;
+    decode_in_workspace(a, workspace_, workspace_bytes_, stream);
+}
+
+void decode_in_workspace(DecodeArgs a, void*& workspace, std::size_t& bytes, cudaStream_t stream) {
     const std::size_t need = decode_workspace_bytes(a);
     if (need == 0) throw std::runtime_error("attend: no decode plan for this device");
-    if (need > workspace_bytes_) {
-        check_cuda(cudaDeviceSynchronize(), "attend: synchronize");
-        cudaFree(workspace_);
-        workspace_ = nullptr;
-        workspace_bytes_ = 0;
-        check_cuda(cudaMalloc(&workspace_, need), "cudaMalloc(workspace)");
-        workspace_bytes_ = need;
+    if (need > bytes) {
+        check_cuda(cudaDeviceSynchronize(), "attend: synchronize");  // no launch still uses it
+        cudaFree(workspace);
+        workspace = nullptr;
+        bytes = 0;
+        check_cuda(cudaMalloc(&workspace, need), "cudaMalloc(workspace)");
+        bytes = need;
     }
-    a.workspace = workspace_;
+    a.workspace = workspace;
     check_cuda(launch_decode_attention(a, stream), "launch_decode_attention");
 }
 

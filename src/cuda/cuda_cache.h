@@ -125,6 +125,10 @@ cudaError_t launch_dequantize(const DequantizeArgs& args, cudaStream_t stream);
 cudaError_t launch_decode_attention(const DecodeArgs& args, cudaStream_t stream);
 /// Workspace the decode needs for these arguments on the current device.
 std::size_t decode_workspace_bytes(const DecodeArgs& args);
+/// launch_decode_attention in `workspace` (bytes long), grown first (after synchronizing the
+/// device) when the decode needs more; throws std::runtime_error naming a failed call.
+void decode_in_workspace(DecodeArgs args, void*& workspace, std::size_t& bytes,
+                         cudaStream_t stream);
 
 /// Throws std::runtime_error naming the call when a CUDA call failed.
 void check_cuda(cudaError_t err, const char* what);

@@ -23,16 +23,7 @@ bool same_codec(const TqHostTables& a, const TqHostTables& b) {
 
 void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
                                       const char* what) {
-    if (caches.empty()) throw std::invalid_argument(std::string(what) + ": no caches");
-    for (size_t b = 0; b < caches.size(); ++b) {
-        if (caches[b] == nullptr)
-            throw std::invalid_argument(std::string(what) + ": cache " + std::to_string(b) +
-                                        " is null");
-        for (size_t e = 0; e < b; ++e)
-            if (caches[e] == caches[b])
-                throw std::invalid_argument(std::string(what) + ": sequences " + std::to_string(e) +
-                                            " and " + std::to_string(b) + " are the same cache");
-    }
+    check_distinct(caches, what);
     const CudaTurboQuantCache& first = *caches[0];
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaTurboQuantCache& c = *caches[b];
@@ -51,17 +42,8 @@ CudaTurboQuantBatch::~CudaTurboQuantBatch() {
 void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
                                  const float* values, int n_tokens, cudaStream_t stream) {
     check_batch(std::vector<const CudaTurboQuantCache*>(caches.begin(), caches.end()), "append");
-    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
+    check_append(caches, keys, values, n_tokens);
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr)
-        throw std::invalid_argument("append: null keys or values");
-    for (size_t b = 0; b < caches.size(); ++b) {
-        const CudaTurboQuantCache& c = *caches[b];
-        if (static_cast<long long>(c.size_) + n_tokens > c.max_seq_len_)
-            throw std::length_error("append: " + std::to_string(n_tokens) +
-                                    " tokens would take sequence " + std::to_string(b) +
-                                    " past max_seq_len " + std::to_string(c.max_seq_len_));
-    }
     CudaTurboQuantCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_,
@@ -119,18 +101,7 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
     a.queries = queries;
     a.out = out;
     a.scale = scale;
-    const size_t need = decode_workspace_bytes(a);
-    if (need == 0) throw std::runtime_error("attend: no decode plan for this device");
-    if (need > workspace_bytes_) {
-        check_cuda(cudaDeviceSynchronize(), "attend: synchronize");
-        cudaFree(workspace_);
-        workspace_ = nullptr;
-        workspace_bytes_ = 0;
-        check_cuda(cudaMalloc(&workspace_, need), "cudaMalloc(workspace)");
-        workspace_bytes_ = need;
-    }
-    a.workspace = workspace_;
-    check_cuda(launch_decode_attention(a, stream), "launch_decode_attention");
+    decode_in_workspace(a, workspace_, workspace_bytes_, stream);
 }
 
 }  // namespace veloxquant::cuda
