@@ -340,6 +340,21 @@ void def_device_cache(nb::class_<Cache>& cls) {
         .def_prop_ro("nbytes", &Cache::nbytes);
 }
 
+/// What both batch classes bind alike (P: the pointer type their attend takes).
+template <class Batch, class Cache, class P>
+void def_device_batch(nb::class_<Batch>& cls) {
+    cls.def(nb::init<>())
+        .def("append", &batch_append<Batch, Cache>, "caches"_a, "keys"_a, "values"_a,
+             "stream"_a = 0,
+             "Encodes [batch, num_heads, n, head_dim] keys and values, sequence b's into "
+             "caches[b]; all or nothing (ValueError, CapacityError).")
+        .def("attend", &batch_attend<Batch, P>, "caches"_a, "queries"_a, "out"_a, "scale"_a,
+             "stream"_a = 0,
+             "Decode attention of [batch, num_q_heads, head_dim] queries, sequence b's over "
+             "caches[b], written to out (shaped like the queries), in one launch of each kernel.")
+        .def_prop_ro("nbytes", &Batch::nbytes);
+}
+
 }  // namespace
 #endif  // VQ_WITH_CUDA
 
@@ -367,46 +382,29 @@ void bind_cuda(nb::module_& m) {
         .def("page", &turboquant_page, "page"_a,
              "The bytes of one page of the pool (synchronous).");
 
-    nb::class_<CudaTurboQuantBatch>(
+    nb::class_<CudaTurboQuantBatch> turboquant_batch(
         m, "CudaTurboQuantBatch",
         "Decode steps of a batch of sequences, one CudaTurboQuantCache each (one layer's, alike): "
         "one input check for every new token and one decode launch for every sequence. Arrays and "
-        "stream as CudaTurboQuantCache's, on the caches' device.")
-        .def(nb::init<>())
-        .def("append", &batch_append<CudaTurboQuantBatch, CudaTurboQuantCache>, "caches"_a,
-             "keys"_a, "values"_a, "stream"_a = 0,
-             "Encodes [batch, num_heads, n, head_dim] keys and values, sequence b's into "
-             "caches[b]; all or nothing (ValueError, CapacityError).")
-        .def("attend", &batch_attend<CudaTurboQuantBatch, const CudaTurboQuantCache*>,
-             "caches"_a, "queries"_a, "out"_a, "scale"_a, "stream"_a = 0,
-             "Decode attention of [batch, num_q_heads, head_dim] queries, sequence b's over "
-             "caches[b], written to out (shaped like the queries), in one launch.")
-        .def_prop_ro("nbytes", &CudaTurboQuantBatch::nbytes);
+        "stream as CudaTurboQuantCache's, on the caches' device.");
+    def_device_batch<CudaTurboQuantBatch, CudaTurboQuantCache, const CudaTurboQuantCache*>(
+        turboquant_batch);
 
-    nb::class_<CudaCodecBatch>(
+    nb::class_<CudaCodecBatch> codec_batch(
         m, "CudaCodecBatch",
         "Decode steps of a batch of sequences, one CudaCodecCache each (one layer's, alike): one "
-        "input check for every new token and one launch of each attention kernel for every "
-        "sequence. Arrays and stream as CudaCodecCache's, on the caches' device.")
-        .def(nb::init<>())
-        .def_static(
-            "alike",
-            [](const std::vector<const CudaCodecCache*>& caches) {
-                first_of(caches);
-                return CudaCodecBatch::alike(caches);
-            },
-            "caches"_a,
-            "Whether the caches can attend in one launch (equal codecs; not when each trained "
-            "on its own tokens).")
-        .def("append", &batch_append<CudaCodecBatch, CudaCodecCache>, "caches"_a, "keys"_a,
-             "values"_a, "stream"_a = 0,
-             "Encodes [batch, num_heads, n, head_dim] keys and values, sequence b's into "
-             "caches[b]; all or nothing (ValueError, CapacityError).")
-        .def("attend", &batch_attend<CudaCodecBatch, CudaCodecCache*>, "caches"_a, "queries"_a,
-             "out"_a, "scale"_a, "stream"_a = 0,
-             "Decode attention of [batch, num_q_heads, head_dim] queries, sequence b's over "
-             "caches[b], written to out (shaped like the queries), one launch of each kernel.")
-        .def_prop_ro("nbytes", &CudaCodecBatch::nbytes);
+        "input check and one encode launch for every new token and one launch of each attention "
+        "kernel for every sequence. Arrays and stream as CudaCodecCache's, on the caches' device.");
+    def_device_batch<CudaCodecBatch, CudaCodecCache, CudaCodecCache*>(codec_batch);
+    codec_batch.def_static(
+        "alike",
+        [](const std::vector<const CudaCodecCache*>& caches) {
+            first_of(caches);
+            return CudaCodecBatch::alike(caches);
+        },
+        "caches"_a,
+        "Whether the caches can attend in one launch (equal codecs; not when each trained on its "
+        "own tokens).");
 
     nb::class_<CudaCodecCache> codec(
         m, "CudaCodecCache",
