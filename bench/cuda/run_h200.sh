@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One run on the H200: configure (VQ_CUDA=ON, sm_90), build the CUDA library, the parity tests and
-# the benchmarks, run the parity tests (plus compute-sanitizer on the batched decode and on the
-# generic path), time our fused decode and encode, every method on the generic path, and torch
+# the benchmarks, run the parity tests (plus compute-sanitizer on the batched decode, the batch
+# classes and the generic path), time our fused decode and encode, every method on the generic path, and torch
 # bf16 SDPA at the same shapes in the same run. VQ_STAGES picks stages (default
 # "build parity bench codecs sdpa").
 # Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
@@ -29,7 +29,7 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVQ_CUDA=ON -DCMAKE_
   -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=ON -DVQ_BUILD_TOOLS=OFF > "$OUT/configure.log" 2>&1 \
   || { tail -30 "$OUT/configure.log"; exit 1; }
 step "build"
-cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity test_cuda_codec_cache \
+cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity test_cuda_codec_cache test_cuda_batch \
   bench_cuda_attention bench_codec_cache > "$OUT/build.log" 2>&1 \
   || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 fi
@@ -39,12 +39,15 @@ step "parity tests"
 "$BUILD/tests/cuda/test_cuda_parity" --gtest_output="json:$OUT/parity.json" 2>&1 | tail -40
 "$BUILD/tests/cuda/test_cuda_codec_cache" --gtest_output="json:$OUT/parity_codecs.json" 2>&1 \
   | grep -E "^\[  (FAILED|PASSED|  OK) |Failure|Expected|Which is|error|differ" | head -80
+"$BUILD/tests/cuda/test_cuda_batch" --gtest_output="json:$OUT/parity_batch.json" 2>&1 \
+  | grep -E "^\[  (FAILED|PASSED|  OK) |Failure|Expected|Which is|error" | head -20
 step "compute-sanitizer (memcheck, racecheck) on the batched decode, every decode layout and the generic path"
 for tool in memcheck racecheck; do
   timeout 150 compute-sanitizer --tool "$tool" --print-limit 5 \
     "$BUILD/tests/cuda/test_cuda_parity" --gtest_filter='*BatchedDecode*:*EachTableCopyCount*' 2>&1 | tail -6
   timeout 60 compute-sanitizer --tool "$tool" --print-limit 5 \
     "$BUILD/tests/cuda/test_cuda_codec_cache" --gtest_filter='*tq_d96*:*rabitq*:*commvq*:*qjl*:*fp16_d96*' 2>&1 | tail -6
+  timeout 60 compute-sanitizer --tool "$tool" --print-limit 5 "$BUILD/tests/cuda/test_cuda_batch" 2>&1 | tail -6
 done
 fi
 
