@@ -85,14 +85,8 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
         throw std::invalid_argument(
             "attend: the caches' codecs differ (config, layer, shape, device, or state learned "
             "from each sequence's own tokens): attend them one by one");
-    if (queries == nullptr || out == nullptr)
-        throw std::invalid_argument("attend: null queries or out");
     CudaCodecCache& first = *caches[0];
-    if (num_q_heads < first.num_heads_ || num_q_heads % first.num_heads_ != 0)
-        throw std::invalid_argument("attend: num_q_heads must be a multiple of the " +
-                                    std::to_string(first.num_heads_) + " KV heads, got " +
-                                    std::to_string(num_q_heads));
-    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    const int group = first.query_group(queries, out, num_q_heads, scale);
     std::vector<const uint8_t*> pools;
     std::vector<int32_t> sizes;
     int longest = 0, pages = 1;
@@ -113,8 +107,7 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
     source.page_table = arrays_.page_table();  // row 0: the identity, as wide as any pool
     source.batch = static_cast<int>(caches.size());
     source.size = longest;
-    first.backend_->attend(source, queries, num_q_heads / first.num_heads_, 1, out, scale, false,
-                           stream);
+    first.backend_->attend(source, queries, group, 1, out, scale, false, stream);
 }
 
 }  // namespace veloxquant::cuda

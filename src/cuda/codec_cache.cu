@@ -106,20 +106,26 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
     size_ += n_tokens;
 }
 
-void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries, float* out,
-                            float scale, bool causal, cudaStream_t stream) {
+int CudaCodecCache::query_group(const float* queries, float* out, int num_q_heads,
+                                float scale) const {
     if (queries == nullptr || out == nullptr)
         throw std::invalid_argument("attend: null queries or out");
     if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0)
         throw std::invalid_argument("attend: num_q_heads must be a multiple of the " +
                                     std::to_string(num_heads_) + " KV heads, got " +
                                     std::to_string(num_q_heads));
+    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    return num_q_heads / num_heads_;
+}
+
+void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries, float* out,
+                            float scale, bool causal, cudaStream_t stream) {
+    const int group = query_group(queries, out, num_q_heads, scale);
     if (n_queries < 1) throw std::invalid_argument("attend: n_queries must be positive");
     if (causal && n_queries > size_)
         throw std::invalid_argument("attend: causal attention of " + std::to_string(n_queries) +
                                     " queries needs as many stored tokens, cache holds " +
                                     std::to_string(size_));
-    if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
     if (size_ == 0 || !backend_) {  // nothing to attend to: zeros, as the CPU cache
         check_cuda(cudaMemsetAsync(out, 0,
                                    static_cast<std::size_t>(num_q_heads) * n_queries * head_dim_ *
@@ -132,7 +138,7 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
     source.pool = pages_->pool();
     source.page_table = pages_->page_table();
     source.size = size_;
-    backend_->attend(source, queries, num_q_heads / num_heads_, n_queries, out, scale, causal,
+    backend_->attend(source, queries, group, n_queries, out, scale, causal,
                      stream);
 }
 

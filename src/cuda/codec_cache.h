@@ -125,6 +125,9 @@ private:
     friend class CudaCodecBatch;  // appends and attends of many sequences at once
 
     void train_on(const float* keys, int n_tokens, cudaStream_t stream);
+    /// Query heads per KV head of an attend (std::invalid_argument for null queries or out, a
+    /// count that is not a multiple of the KV heads, or a scale that is not finite).
+    int query_group(const float* queries, float* out, int num_q_heads, float scale) const;
     /// Makes the kernels of the codecs as they are now (trained, if they train) and their
     /// fingerprint.
     void build_backend();
