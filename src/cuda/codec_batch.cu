@@ -44,6 +44,11 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
                          value_bound, stream, batch);
     for (CudaCodecCache* c : caches) c->pages_->reserve(c->size_ + n_tokens);
+    // Codecs that train do so on their first keys, every one before any encode: a training
+    // that fails then leaves every cache without the batch's tokens.
+    const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
+    for (int b = 0; b < batch; ++b)
+        if (!caches[b]->backend_) caches[b]->train_on(keys + b * per_sequence, n_tokens, stream);
     if (batch > 1 && alike(as_const(caches))) {  // one launch writes every sequence
         std::vector<const uint8_t*> pools;
         std::vector<int32_t> starts;
@@ -65,11 +70,9 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
         for (CudaCodecCache* c : caches) c->size_ += n_tokens;
         return;
     }
-    const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
-    for (int b = 0; b < batch; ++b) {  // a codec that trains, or caches not alike
+    for (int b = 0; b < batch; ++b) {  // caches not alike (each trained on its own tokens)
         CudaCodecCache& c = *caches[b];
         const float* k = keys + b * per_sequence;
-        if (!c.backend_) c.train_on(k, n_tokens, stream);
         SequenceSet at;
         at.pool = c.pages_->pool();
         at.page_table = c.pages_->page_table();
