@@ -9,6 +9,7 @@
 #include "cuda/codec_cache.h"
 #include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
+#include "cuda/team_encoders.cuh"
 #include "device_codecs/commvq_device.h"
 #include "device_codecs/fp16_device.h"
 #include "device_codecs/polarquant_device.h"
@@ -35,16 +36,24 @@ unsigned blocks_for(long long items) {
     return static_cast<unsigned>((items + codec::kThreads - 1) / codec::kThreads);
 }
 
-// Codecs that encode through shared memory (codec_encode_staged_kernel). On the H200 at 32K
-// tokens x 8 heads (bench_codec_cache, both kernels for every codec): fp16 3.10 -> 1.48 ms, qjl
-// 37.5 -> 9.6, spectral 21.6 -> 12.2; turboquant and ratequant within 8% either way; the others
-// lost up to 2x (vecinfer 8.4 -> 18.9, commvq 17.3 -> 35.7, polarquant 2.91 -> 3.12): at 64
-// items per CTA the staging's shared memory leaves fewer threads, and less L1 for the local
-// arrays of their searches.
+// Codecs whose long appends encode through shared memory (codec_encode_staged_kernel). On the
+// H200 at 32K tokens x 8 heads (bench_codec_cache, both kernels for every codec): fp16 3.10 ->
+// 1.48 ms (before its team encoder), qjl 37.5 -> 9.6, spectral 21.6 -> 12.2; turboquant and
+// ratequant within 8% either way; the others lost up to 2x (vecinfer 8.4 -> 18.9, commvq 17.3 ->
+// 35.7, polarquant 2.91 -> 3.12): at 64 items per CTA the staging's shared memory leaves fewer
+// threads, and less L1 for the local arrays of their searches.
 template <class Codec>
 constexpr bool kStagedEncode =
-    std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::QjlDevice> ||
-    std::is_same_v<Codec, dev::SpectralDevice>;
+    std::is_same_v<Codec, dev::QjlDevice> || std::is_same_v<Codec, dev::SpectralDevice>;
+
+// Key codecs whose team encoder (team_encode.cuh) also beats the one-thread encoder on long
+// appends, so that every append of theirs takes it. On the H200 at 32K tokens x 8 heads, d = 128
+// (bench_codec_cache, one build with every append on the teams): fp16 1.47 -> 0.49 ms,
+// turboquant k4v4 4.15 -> 2.58, k1v2 2.94 -> 2.47, ratequant 2.91 -> 2.47; but qjl 11.0 -> 35.1
+// and polarquant 2.86 -> 3.69, whose long appends stay on one thread per item.
+template <class Codec>
+constexpr bool kTeamEncodesLongAppends =
+    std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::TqDevice>;
 
 template <class Codec>
 class Backend final : public CodecBackend {
@@ -156,12 +165,20 @@ public:
         a.pools = at.pools;
         a.starts = at.sizes;
         const long long items = static_cast<long long>(a.units) * n;
-        if constexpr (kStagedEncode<Codec>)
-            codec::codec_encode_staged_kernel<Codec>
-                <<<static_cast<unsigned>((items + codec::kEncodeItems - 1) / codec::kEncodeItems),
-                   codec::kEncodeItems, encode_smem_, stream>>>(a, encode_code_stride_);
-        else
-            codec::codec_encode_kernel<Codec><<<blocks_for(items), codec::kThreads, 0, stream>>>(a);
+        if constexpr (kTeamEncodesLongAppends<Codec>) {
+            launch_team_encode(a, items, stream);
+        } else {
+            if constexpr (team::TeamEncoder<Codec>::kAvailable)
+                if (items <= kTeamEncodeMaxItems) return launch_team_encode(a, items, stream);
+            if constexpr (kStagedEncode<Codec>)
+                codec::codec_encode_staged_kernel<Codec>
+                    <<<static_cast<unsigned>((items + codec::kEncodeItems - 1) /
+                                             codec::kEncodeItems),
+                       codec::kEncodeItems, encode_smem_, stream>>>(a, encode_code_stride_);
+            else
+                codec::codec_encode_kernel<Codec>
+                    <<<blocks_for(items), codec::kThreads, 0, stream>>>(a);
+        }
         check_cuda(cudaGetLastError(), "codec encode kernel");
     }
 
@@ -189,6 +206,13 @@ public:
     std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
 
 private:
+    static void launch_team_encode(const EncodeParams<Codec>& a, long long items,
+                                   cudaStream_t stream) {
+        codec::codec_team_encode_kernel<Codec>
+            <<<static_cast<unsigned>(items), team::kTeam, 0, stream>>>(a);
+        check_cuda(cudaGetLastError(), "codec team encode kernel");
+    }
+
     void upload_affine(const AffineStateHost& f) {
         const std::size_t c_bytes = (f.constant.size() * sizeof(float) + 255) / 256 * 256;
         const std::size_t r_bytes = (f.row_of.size() * sizeof(int) + 255) / 256 * 256;

@@ -42,6 +42,11 @@ struct SequenceSet {
     int size = 0;
 };
 
+/// Appends of at most this many (KV head, token) items, over all sequences, encode one item per
+/// CTA (the team encoders, team_encode.cuh: a decode step's latency); longer ones one item per
+/// thread (throughput), except for the codecs whose teams are faster there too (codec_backend.cu).
+constexpr long long kTeamEncodeMaxItems = 4096;
+
 /// The kernels of one device codec type on one cache's storage (codec_backend.cu).
 class CodecBackend {
 public:

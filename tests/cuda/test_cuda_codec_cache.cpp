@@ -5,6 +5,7 @@
 // cache and through a saved file back to the device. Skips without a device.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -248,6 +249,54 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
         for (int p = 0; p < (joint[b]->size() + kTokensPerPage - 1) / kTokensPerPage; ++p)
             EXPECT_EQ(std::memcmp(a.page_data(p), c.page_data(p), a.layout().page_bytes), 0);
     }
+}
+
+// The team encoders of short appends (one CTA per item) store the bytes the one-thread encoders
+// of long appends store: the same tokens appended in chunks small enough for the teams (a
+// decode step, a few tokens, a full team launch across pages) and in one long append give
+// identical pages. Both caches first take the same short prefill, which trains rabitq alike.
+// (fp16 and turboquant take the teams for long appends too; MatchesCpuCache checks theirs.)
+TEST_P(CodecCacheParity, TeamEncodesLikeOneThread) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& k = GetParam();
+    const int H = k.heads, d = k.d;
+    const int team_tokens = static_cast<int>(kTeamEncodeMaxItems / H);  // largest team append
+    const std::vector<int> chunks = {1, 3, 60, 1, team_tokens, 1};
+    int total = 0;
+    for (const int c : chunks) total += c;
+    ASSERT_GT(static_cast<long long>(total) * H, kTeamEncodeMaxItems);  // one long append
+    const int prefill = 100;
+    CudaCodecCache teams(k.config, H, d, prefill + total), bulk(k.config, H, d, prefill + total);
+    const auto pk = random_tokens(H, prefill, d, 901, 0.5f);
+    const auto pv = random_tokens(H, prefill, d, 902, 0.5f);
+    DeviceBuffer<float> dpk(pk), dpv(pv);
+    teams.append(dpk.get(), dpv.get(), prefill, nullptr);
+    bulk.append(dpk.get(), dpv.get(), prefill, nullptr);
+    std::vector<float> all_k(static_cast<std::size_t>(H) * total * d), all_v(all_k.size());
+    uint64_t seed = 910;
+    int at = 0;
+    for (const int c : chunks) {
+        const auto keys = random_tokens(H, c, d, ++seed, 0.5f);
+        const auto values = random_tokens(H, c, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        teams.append(dk.get(), dv.get(), c, nullptr);
+        for (int h = 0; h < H; ++h) {  // [H][c][d] into [H][total][d]
+            const std::size_t from = static_cast<std::size_t>(h) * c * d;
+            const std::size_t to = (static_cast<std::size_t>(h) * total + at) * d;
+            std::copy(keys.begin() + from, keys.begin() + from + c * d, all_k.begin() + to);
+            std::copy(values.begin() + from, values.begin() + from + c * d, all_v.begin() + to);
+        }
+        at += c;
+    }
+    DeviceBuffer<float> dk(all_k), dv(all_v);
+    bulk.append(dk.get(), dv.get(), total, nullptr);
+    ASSERT_EQ(teams.size(), bulk.size());
+    PagedStore a(teams.page_layout()), b(bulk.page_layout());
+    teams.download(a);
+    bulk.download(b);
+    for (int p = 0; p < (teams.size() + kTokensPerPage - 1) / kTokensPerPage; ++p)
+        EXPECT_EQ(std::memcmp(a.page_data(p), b.page_data(p), a.layout().page_bytes), 0)
+            << "page " << p;
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, CodecCacheParity, testing::ValuesIn(cases()),
