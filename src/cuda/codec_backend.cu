@@ -10,6 +10,8 @@
 #include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
 #include "cuda/team_encoders.cuh"
+#include "cuda/team_search_encoders.cuh"
+#include "cuda/team_spectral_rabitq_encoders.cuh"
 #include "device_codecs/commvq_device.h"
 #include "device_codecs/fp16_device.h"
 #include "device_codecs/polarquant_device.h"
