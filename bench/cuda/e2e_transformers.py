@@ -54,6 +54,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--per-sequence-decode", action="store_true",
                    help="decode a batch's sequences one by one on the GPU layers, as before "
                         "CudaTurboQuantBatch and CudaKVCacheBatch (for comparison)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help=f"caches to run besides DynamicCache, of: {', '.join(CONFIGS)}")
     p.add_argument("--short", type=int, default=256, help="prompt of the correctness check")
     p.add_argument("--check-steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=150.0,
@@ -87,7 +89,11 @@ CONFIGS = {  # name -> KVCacheConfig kwargs
     "k4r1_v4": dict(method="turboquant_rvq", bits=4, num_residuals=1, value_bits=4),
     # a method off the tensor-core kernels: the generic device path (CudaKVCache)
     "polar3_v4": dict(method="polarquant", bits=3, value_bits=4),
+    # more generic-path methods, run when --configs names them
+    "qjl256_v4": dict(method="qjl", bits=1, sketch_dim=256, value_bits=4),
+    "rabitq3_v4": dict(method="rabitq", bits=3, value_bits=4),
 }
+DEFAULT_CONFIGS = "k1r1_v2,k4r1_v4,polar3_v4"
 HIGH = dict(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
 
 
@@ -253,6 +259,14 @@ def correctness(model, args) -> dict:
 
 def main() -> int:
     args = parse()
+    chosen = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in chosen if c not in CONFIGS]
+    if unknown or not chosen:
+        print(f"e2e_transformers: --configs {args.configs!r}: unknown {unknown}; "
+              f"known: {', '.join(CONFIGS)}", file=sys.stderr)
+        return 2
+    for name in [c for c in CONFIGS if c not in chosen]:  # every loop below runs CONFIGS
+        del CONFIGS[name]
     if not torch.cuda.is_available():
         print("e2e_transformers: no CUDA device", file=sys.stderr)
         return 1
