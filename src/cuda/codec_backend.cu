@@ -50,12 +50,15 @@ constexpr bool kStagedEncode =
 
 // Key codecs whose team encoder (team_encode.cuh) also beats the one-thread encoder on long
 // appends, so that every append of theirs takes it. On the H200 at 32K tokens x 8 heads, d = 128
-// (bench_codec_cache, one build with every append on the teams): fp16 1.47 -> 0.49 ms,
-// turboquant k4v4 4.15 -> 2.58, k1v2 2.94 -> 2.47, ratequant 2.91 -> 2.47; but qjl 11.0 -> 35.1
-// and polarquant 2.86 -> 3.69, whose long appends stay on one thread per item.
+// (bench_codec_cache, against a build with every append on the teams): fp16 1.47 -> 0.49 ms,
+// turboquant k4v4 4.15 -> 2.58, k1v2 2.94 -> 2.47, ratequant 2.91 -> 2.47, rabitq 43.5 -> 25.3;
+// but qjl 11.0 -> 35.1, polarquant 2.84 -> 3.68, vecinfer 8.1 -> 38.0, spectral 12.1 -> 23.8
+// and commvq 17.2 -> 143, whose long appends stay on one thread per item (their teams idle
+// most threads in the ordered sums and the per-warp searches).
 template <class Codec>
-constexpr bool kTeamEncodesLongAppends =
-    std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::TqDevice>;
+constexpr bool kTeamEncodesLongAppends = std::is_same_v<Codec, dev::Fp16Device> ||
+                                         std::is_same_v<Codec, dev::TqDevice> ||
+                                         std::is_same_v<Codec, dev::RaBitQDevice>;
 
 template <class Codec>
 class Backend final : public CodecBackend {
