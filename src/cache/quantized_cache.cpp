@@ -82,11 +82,9 @@ void QuantizedKVCache::append(const float* keys, const float* values, int n_toke
     check_tokens(keys, values, n_tokens);
     if (n_tokens == 0) return;
     store_->reserve_tokens(size_ + n_tokens);  // may throw; nothing changed yet
-    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
-#pragma omp parallel for schedule(dynamic)
-    for (int h = 0; h < num_heads_; ++h)
-        if (key_codecs_[h]->needs_training()) key_codecs_[h]->train(keys + h * per_head, n_tokens);
+    train_key_codecs(key_codecs_, keys, n_tokens);
 
+    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
     std::vector<std::vector<uint8_t>> flags;
     if (outliers_) {
         KeyNormObserver& obs = *config_->outlier_observer;

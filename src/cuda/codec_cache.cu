@@ -77,10 +77,7 @@ void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stre
                                cudaMemcpyDeviceToHost, stream),
                "append: copy keys for training");
     check_cuda(cudaStreamSynchronize(stream), "append: synchronize for training");
-    for (int h = 0; h < num_heads_; ++h)
-        if (key_codecs_[h]->needs_training())
-            key_codecs_[h]->train(host.data() + static_cast<std::size_t>(h) * n_tokens * head_dim_,
-                                  n_tokens);
+    train_key_codecs(key_codecs_, host.data(), n_tokens);
     build_backend();
 }
 

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/binary_io.h"
 #include "veloxquant/config.h"
@@ -70,6 +71,11 @@ public:
 private:
     int dim_;
 };
+
+/// Trains every head's codec that needs training (rabitq) on the first append's keys
+/// [heads][n_tokens][dim], heads in parallel. A head's training throws what its train() throws.
+void train_key_codecs(const std::vector<std::unique_ptr<KeyCodec>>& codecs, const float* keys,
+                      int n_tokens);
 
 /// Builds the key codec of `config.method` for one (layer, head); throws std::invalid_argument
 /// for a method, bit width or head dim the method cannot take.
