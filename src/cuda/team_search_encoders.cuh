@@ -31,17 +31,7 @@ struct TeamEncoder<dev::CommVQDevice> {
         lane_range(n, &begin, &end);
         float m = INFINITY;
         int best = -1;
-        for (int c = begin; c < end; ++c) {
-            const float* w = words + c * dim;
-            float v = norms2[c];
-            for (int j = 0; j < dim; ++j) v += -2.0f * x[j] * w[j];
-            if (v < m) {
-                m = v;
-                best = c;
-            } else if (best < 0 && v == m) {
-                best = c;
-            }
-        }
+        CommVQ::scan_nearest(x, words, norms2, begin, end, dim, &m, &best);
         best = warp_fold_best(m, best, [](float a, float b) { return a < b; });
         __syncwarp();  // every lane has read x before the caller updates it
         return best < 0 ? n - 1 : best;
@@ -113,19 +103,11 @@ struct TeamEncoder<dev::VecInferDevice> {
     /// empty (best_v = -INF, none taken) with the same rule; runs fold by a strictly larger
     /// value, so the result is the first index of the maximum among values > -INF, 0 if none.
     __device__ static int nearest(const VecInfer::Params& p, int s, const float* x) {
-        const int C = p.codewords, sub = p.sub_dim;
-        const float* half = p.half_norm2 + s * C;
-        const float* words = p.codebook + static_cast<std::size_t>(s) * C * sub;
         int begin, end;
-        lane_range(C, &begin, &end);
+        lane_range(p.codewords, &begin, &end);
         float best_v = -INFINITY;
         int best = -1;
-        for (int c = begin; c < end; ++c) {
-            const float* w = words + c * sub;
-            float v = -half[c];
-            for (int j = 0; j < sub; ++j) v += x[j] * w[j];
-            if (v > best_v) best_v = v, best = c;
-        }
+        VecInfer::scan_nearest(p, s, x, begin, end, &best_v, &best);
         best = warp_fold_best(best_v, best, [](float a, float b) { return a > b; });
         return best < 0 ? 0 : best;
     }

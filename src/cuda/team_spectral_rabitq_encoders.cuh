@@ -80,25 +80,9 @@ struct TeamEncoder<dev::SpectralDevice> {
                 cand[k * kChunk + f] = static_cast<uint8_t>(idx);
             }
             sync();
-            if (rank() < nf) {
-                const int f = rank();
-                double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
-                for (int b = Spectral::kMaxBits, k = 0; b >= 1; --b) {
-                    const float* c = p.centroids + Spectral::centroid_offset(b);
-                    for (const int end = k + p.slots_of_width[b]; k < end; ++k) {
-                        const double y0 = p.slot_sigma[k] * c[cand[k * kChunk + f]];
-                        const double w = p.slot_weight[k];
-                        yy0 += y[k] * y0;
-                        y0y0 += y0 * y0;
-                        wyy += w * y[k] * y[k];
-                        wyy0 += w * y[k] * y0;
-                        wy0y0 += w * y0 * y0;
-                    }
-                }
-                const double sc = y0y0 > 0.0 ? yy0 / y0y0 : 0.0;
-                scale_of[f] = sc;
-                err_of[f] = wyy - 2.0 * sc * wyy0 + sc * sc * wy0y0;
-            }
+            if (rank() < nf)
+                Spectral::fit_spread(p, y, cand + rank(), kChunk, &scale_of[rank()],
+                                     &err_of[rank()]);
             sync();
             for (int f = 0; f < nf; ++f) {
                 if (err_of[f] < best_err) {
@@ -247,17 +231,9 @@ struct TeamEncoder<dev::RaBitQDevice> {
             best_j = at >= 0 ? ev_tag[at] >> 8 : -1;
         }
         sync();
-        for (int j = rank(); j < d; j += kTeam) {
-            int s = 0;
-            if (best_j >= 0) {
-                const double abs_e = fabs(e[j]);
-                double t;
-                while (dev::rabitq_detail::critical_value(s + 1, abs_e, m, t_max, &t) &&
-                       (t < best_t || (t == best_t && j <= best_j)))
-                    ++s;
-            }
-            steps[j] = static_cast<uint8_t>(s);
-        }
+        for (int j = rank(); j < d; j += kTeam)
+            steps[j] = static_cast<uint8_t>(
+                dev::rabitq_detail::steps_in_prefix(fabs(e[j]), j, m, t_max, best_t, best_j));
         sync();
     }
 

@@ -76,18 +76,25 @@ struct CommVQDevice {
                              int dim) {
         float m = INFINITY;
         int best = -1;
-        for (int c = 0; c < n; ++c) {
+        scan_nearest(x, words, norms2, 0, n, dim, &m, &best);
+        return best < 0 ? n - 1 : best;
+    }
+
+    /// nearest's scan over codewords [begin, end), from its state (m, best): best < 0 while no
+    /// codeword was taken. The team encoder scans runs of codewords with it and folds them.
+    VQ_HD static void scan_nearest(const float* x, const float* words, const float* norms2,
+                                   int begin, int end, int dim, float* m, int* best) {
+        for (int c = begin; c < end; ++c) {
             const float* w = words + c * dim;
             float v = norms2[c];
             for (int j = 0; j < dim; ++j) v += -2.0f * x[j] * w[j];
-            if (v < m) {
-                m = v;
-                best = c;
-            } else if (best < 0 && v == m) {
-                best = c;
+            if (v < *m) {
+                *m = v;
+                *best = c;
+            } else if (*best < 0 && v == *m) {
+                *best = c;
             }
         }
-        return best < 0 ? n - 1 : best;
     }
 
     /// Group by group: un-rotate the key's pairs by -pos w_i, then the greedy residual search

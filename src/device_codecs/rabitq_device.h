@@ -77,6 +77,17 @@ struct CriticalValueHeap {
     }
 };
 
+/// Coordinate j's step count after the events (t, i) <= (best_t, best_j), in (t, i) order (0 if
+/// best_j < 0: no event kept).
+VQ_HD int steps_in_prefix(double abs_e, int j, int m, double t_max, double best_t, int best_j) {
+    int s = 0;
+    double t;
+    while (best_j >= 0 && critical_value(s + 1, abs_e, m, t_max, &t) &&
+           (t < best_t || (t == best_t && j <= best_j)))
+        ++s;
+    return s;
+}
+
 /// Extended-RaBitQ code search (arXiv 2409.09913 §3.2) for a nonzero residual e and M > 1, as
 /// rabitq.cpp's quantize: steps s_j in 0..M-1 (x_bar_j = sign(e_j) (s_j + 1/2)) maximising
 /// <x_bar, e>^2 / ||x_bar||^2. Raising t from 0, s_j steps up at t = (s_j + 1)/|e_j|; the
@@ -114,15 +125,8 @@ VQ_HD void extended_rabitq_steps(const double* e, int d, int m, double abs_sum, 
             heap.pop();
     }
     // Replay the best prefix: every event (t, j) <= (best_t, best_j).
-    for (int j = 0; j < d; ++j) {
-        steps[j] = 0;
-        if (best_j < 0) continue;
-        const double abs_e = fabs(e[j]);
-        double t;
-        while (critical_value(steps[j] + 1, abs_e, m, t_max, &t) &&
-               (t < best_t || (t == best_t && j <= best_j)))
-            ++steps[j];
-    }
+    for (int j = 0; j < d; ++j)
+        steps[j] = static_cast<uint8_t>(steps_in_prefix(fabs(e[j]), j, m, t_max, best_t, best_j));
 }
 
 }  // namespace rabitq_detail

@@ -84,24 +84,15 @@ struct SpectralDevice {
         double best_err = INFINITY, best_scale = 0.0;
         for (int f = 0; f < p.num_spreads; ++f) {
             const double inv = rms > 0.0 ? 1.0 / (rms * p.spreads[f]) : 0.0;
-            double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
             for (int b = kMaxBits, k = 0; b >= 1; --b) {
-                const float* c = p.centroids + centroid_offset(b);
                 const float* bounds = p.boundaries + boundary_offset(b);
                 for (const int end = k + p.slots_of_width[b]; k < end; ++k) {
                     const float z = static_cast<float>(y[k] / p.slot_sigma[k] * inv);
                     cand[k] = static_cast<uint8_t>(quantize_sorted(bounds, (1 << b) - 1, z));
-                    const double y0 = p.slot_sigma[k] * c[cand[k]];
-                    const double w = p.slot_weight[k];
-                    yy0 += y[k] * y0;
-                    y0y0 += y0 * y0;
-                    wyy += w * y[k] * y[k];
-                    wyy0 += w * y[k] * y0;
-                    wy0y0 += w * y0 * y0;
                 }
             }
-            const double sc = y0y0 > 0.0 ? yy0 / y0y0 : 0.0;
-            const double err = wyy - 2.0 * sc * wyy0 + sc * sc * wy0y0;
+            double sc, err;
+            fit_spread(p, y, cand, 1, &sc, &err);
             if (err < best_err) {
                 best_err = err;
                 best_scale = sc;
@@ -116,6 +107,28 @@ struct SpectralDevice {
         for (int b = kMaxBits, k = 0, bit = 0; b >= 1; --b)
             for (const int end = k + p.slots_of_width[b]; k < end; ++k, bit += b)
                 or_field(code, bit, b, best[k]);
+    }
+
+    /// The least-squares scale of one spread's levels (slot k's at levels[k * stride]) and its
+    /// query-weighted error, each sum taken over the slots in stream order (SpectralCodec's).
+    VQ_HD static void fit_spread(const Params& p, const double* y, const uint8_t* levels,
+                                 int stride, double* scale, double* err) {
+        double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
+        for (int b = kMaxBits, k = 0; b >= 1; --b) {
+            const float* c = p.centroids + centroid_offset(b);
+            for (const int end = k + p.slots_of_width[b]; k < end; ++k) {
+                const double y0 = p.slot_sigma[k] * c[levels[k * stride]];
+                const double w = p.slot_weight[k];
+                yy0 += y[k] * y0;
+                y0y0 += y0 * y0;
+                wyy += w * y[k] * y[k];
+                wyy0 += w * y[k] * y0;
+                wy0y0 += w * y0 * y0;
+            }
+        }
+        const double sc = y0y0 > 0.0 ? yy0 / y0y0 : 0.0;
+        *scale = sc;
+        *err = wyy - 2.0 * sc * wyy0 + sc * sc * wy0y0;
     }
 
     /// k_hat = mu + sum_r y_hat_r u_r over ascending r (SpectralCodec::decode's order).

@@ -59,18 +59,25 @@ struct VecInferDevice {
     /// interleaved lanes and then the lowest index among equal lane maxima, which for finite
     /// v_c is the first maximum of one sequential scan.
     VQ_HD static int nearest(const Params& p, int s, const float* x) {
+        float best_v = -INFINITY;
+        int best = 0;
+        scan_nearest(p, s, x, 0, p.codewords, &best_v, &best);
+        return best;
+    }
+
+    /// nearest's scan over codewords [begin, end) of subspace s, from its state (best_v, best).
+    /// The team encoder scans runs of codewords with it and folds them.
+    VQ_HD static void scan_nearest(const Params& p, int s, const float* x, int begin, int end,
+                                   float* best_v, int* best) {
         const int C = p.codewords, sub = p.sub_dim;
         const float* half = p.half_norm2 + s * C;
         const float* words = p.codebook + static_cast<std::size_t>(s) * C * sub;
-        float best_v = -INFINITY;
-        int best = 0;
-        for (int c = 0; c < C; ++c) {
+        for (int c = begin; c < end; ++c) {
             const float* w = words + c * sub;
             float v = -half[c];
             for (int j = 0; j < sub; ++j) v += x[j] * w[j];
-            if (v > best_v) best_v = v, best = c;
+            if (v > *best_v) *best_v = v, *best = c;
         }
-        return best;
     }
 
     VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
