@@ -80,6 +80,12 @@ public:
                 Codec::num_scalars(kp.back()) != hl.key_scalars)
                 throw std::logic_error(
                     "CUDA codec backend: device codec layout differs from the CPU's");
+            if constexpr (team::TeamEncoder<Codec>::kAvailable)
+                if (Codec::code_bytes(kp.back()) > team::TeamEncoder<Codec>::kMaxCodeBytes ||
+                    dev::ValueDevice::code_bytes(vp.back()) >
+                        team::TeamEncoder<dev::ValueDevice>::kMaxCodeBytes)
+                    throw std::logic_error(
+                        "CUDA codec backend: a token's code exceeds its team encoder's stream");
             state_stride_ = std::max(state_stride_, Codec::state_floats(kp.back()));
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);

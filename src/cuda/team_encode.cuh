@@ -13,6 +13,9 @@
 // A codec opts in by specializing TeamEncoder (team_encoders.cuh and the files beside it):
 //   template <> struct TeamEncoder<XDevice> {
 //     static constexpr bool kAvailable = true;
+//     // The largest code the codec makes (its CPU codec's limits); its shared bit stream is
+//     // sized by it, and the backend refuses a layout past it (codec_backend.cu).
+//     static constexpr int kMaxCodeBytes = ...;
 //     // key: d floats in shared memory (read-only); code: the token's code bytes in its page
 //     // (every byte written); scalars: scalar s at scalars[s * stride]. All kTeam threads call
 //     // it; it returns after a team barrier.
@@ -33,8 +36,8 @@ namespace veloxquant::cuda::team {
 
 constexpr int kTeam = 128;  // threads per item
 constexpr int kWarpsPerTeam = kTeam / 32;
-/// Largest code of one token in bytes (fp16 values at d = 256), as 32-bit words.
-constexpr int kMaxCodeWords = 2 * dev::kMaxDim / 4;
+/// The most code bytes of one token that most codecs reach (fp16 values at d = kMaxDim).
+constexpr int kCommonMaxCodeBytes = 2 * dev::kMaxDim;
 
 template <class Codec>
 struct TeamEncoder {

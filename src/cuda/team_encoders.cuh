@@ -29,6 +29,7 @@ __device__ inline void store_halves(const float* x, int d, uint8_t* code) {
 template <>
 struct TeamEncoder<dev::Fp16Device> {
     static constexpr bool kAvailable = true;
+    static constexpr int kMaxCodeBytes = kCommonMaxCodeBytes;
     __device__ static void encode(const dev::Fp16Device::Params& p, const float* key, int,
                                   uint8_t* code, float*, int) {
         store_halves(key, p.d, code);
@@ -40,10 +41,12 @@ struct TeamEncoder<dev::Fp16Device> {
 template <>
 struct TeamEncoder<dev::TqDevice> {
     static constexpr bool kAvailable = true;
+    /// Up to 8 stages of 8-bit indices (TurboQuantRVQCodec's limits).
+    static constexpr int kMaxCodeBytes = 8 * 8 * dev::kMaxDim / 8;
     __device__ static void encode(const dev::TqDevice::Params& p, const float* key, int,
                                   uint8_t* code, float* scalars, int) {
         __shared__ float u[dev::kMaxDim];
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int d = p.d, levels = 1 << p.bits, bytes = dev::TqDevice::code_bytes(p);
         const float norm = static_cast<float>(sqrt(sum_squares(key, d)));
         if (rank() == 0) scalars[0] = norm;
@@ -68,13 +71,14 @@ struct TeamEncoder<dev::TqDevice> {
 template <>
 struct TeamEncoder<dev::ValueDevice> {
     static constexpr bool kAvailable = true;
+    static constexpr int kMaxCodeBytes = kCommonMaxCodeBytes;
     __device__ static void encode(const dev::ValueDevice::Params& p, const float* v, int,
                                   uint8_t* code, float* scalars, int) {
         if (p.bits == 16) return store_halves(v, p.d, code);
         __shared__ float u[dev::kMaxDim];
         __shared__ double uc_terms[dev::kMaxDim], cc_terms[dev::kMaxDim];
         __shared__ double sums[2];
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int d = p.d, levels = 1 << p.bits, bytes = dev::ValueDevice::code_bytes(p);
         const double norm = sqrt(sum_squares(v, d));
         const SharedBits stream{words};
@@ -110,9 +114,11 @@ struct TeamEncoder<dev::ValueDevice> {
 template <>
 struct TeamEncoder<dev::QjlDevice> {
     static constexpr bool kAvailable = true;
+    /// One bit per sketch row, up to QJLCodec::kMaxSketchDim = 8192 rows.
+    static constexpr int kMaxCodeBytes = 8192 / 8;
     __device__ static void encode(const dev::QjlDevice::Params& p, const float* key, int,
                                   uint8_t* code, float* scalars, int) {
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int d = p.d, bytes = dev::QjlDevice::code_bytes(p);
         const double norm2 = sum_squares(key, d);
         if (rank() == 0) scalars[0] = static_cast<float>(sqrt(norm2));
@@ -133,12 +139,13 @@ struct TeamEncoder<dev::QjlDevice> {
 template <>
 struct TeamEncoder<dev::PolarQuantDevice> {
     static constexpr bool kAvailable = true;
+    static constexpr int kMaxCodeBytes = kCommonMaxCodeBytes;
     using Polar = dev::PolarQuantDevice;
     __device__ static void encode(const Polar::Params& p, const float* key, int, uint8_t* code,
                                   float* scalars, int) {
         __shared__ float y[dev::kMaxDim];
         __shared__ double r[dev::kMaxDim / 2];
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int d = p.d, bytes = Polar::code_bytes(p);
         const double norm = sqrt(sum_squares(key, d));
         if (rank() == 0) scalars[0] = static_cast<float>(norm);

@@ -19,8 +19,8 @@ template <>
 struct TeamEncoder<dev::CommVQDevice> {
     static constexpr bool kAvailable = true;
     using CommVQ = dev::CommVQDevice;
-    /// Largest code (kMaxStages stages, d / 2 groups of 8-bit indices at d = kMaxDim), as words.
-    static constexpr int kMaxWords = CommVQ::kMaxStages * (dev::kMaxDim / 2) * 8 / 32;
+    /// Largest code: kMaxStages stages, d / 2 groups of 8-bit indices at d = kMaxDim.
+    static constexpr int kMaxCodeBytes = CommVQ::kMaxStages * (dev::kMaxDim / 2);
 
     /// CommVQDevice::nearest across a warp (every lane gets the index). A run's scan starts
     /// empty (m = INF, best = -1) with the same rule; runs fold by a strictly smaller value, so
@@ -41,7 +41,7 @@ struct TeamEncoder<dev::CommVQDevice> {
                                   float*, int) {
         __shared__ float u[dev::kMaxDim];  // the un-rotated key, then each group's residual r
         __shared__ int idx[kWarpsPerTeam][CommVQ::kMaxStages];
-        __shared__ uint32_t words[kMaxWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int gd = p.group_dim, C = p.codewords, bytes = CommVQ::code_bytes(p);
         const SharedBits stream{words};
         stream.zero(bytes);
@@ -97,6 +97,8 @@ struct TeamEncoder<dev::CommVQDevice> {
 template <>
 struct TeamEncoder<dev::VecInferDevice> {
     static constexpr bool kAvailable = true;
+    /// At most kMaxDim subspaces of 12-bit indices (4096 codewords).
+    static constexpr int kMaxCodeBytes = kCommonMaxCodeBytes;
     using VecInfer = dev::VecInferDevice;
 
     /// VecInferDevice::nearest across a warp (every lane gets the index). A run's scan starts
@@ -115,7 +117,7 @@ struct TeamEncoder<dev::VecInferDevice> {
     __device__ static void encode(const VecInfer::Params& p, const float* key, int, uint8_t* code,
                                   float*, int) {
         __shared__ float x[dev::kMaxDim], y[dev::kMaxDim];
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int bytes = VecInfer::code_bytes(p);
         for (int j = rank(); j < p.d; j += kTeam) x[j] = key[j] * p.inv_smooth[j];
         sync();

@@ -16,6 +16,7 @@ namespace veloxquant::cuda::team {
 template <>
 struct TeamEncoder<dev::SpectralDevice> {
     static constexpr bool kAvailable = true;
+    static constexpr int kMaxCodeBytes = kCommonMaxCodeBytes;  // at most 8 bits per direction
     using Spectral = dev::SpectralDevice;
     static constexpr int kChunk = 16;  // spreads per round, at most 32 (one lane each)
 
@@ -46,7 +47,7 @@ struct TeamEncoder<dev::SpectralDevice> {
         __shared__ uint8_t cand[dev::kMaxDim * kChunk];  // [slot][spread - f0]
         __shared__ double err_of[kChunk], scale_of[kChunk];
         __shared__ double rms_shared;
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int d = p.d, n = p.num_slots;
         for (int j = rank(); j < d; j += kTeam) kc[j] = static_cast<double>(key[j]) - p.mean[j];
         sync();
@@ -112,6 +113,7 @@ struct TeamEncoder<dev::SpectralDevice> {
 template <>
 struct TeamEncoder<dev::RaBitQDevice> {
     static constexpr bool kAvailable = true;
+    static constexpr int kMaxCodeBytes = kCommonMaxCodeBytes;  // 2 id bytes, 8-bit levels
     using RaBitQ = dev::RaBitQDevice;
     /// Largest d (M - 1) searched by the team; wider searches run in thread 0.
     static constexpr int kMaxEvents = 2048;
@@ -243,7 +245,7 @@ struct TeamEncoder<dev::RaBitQDevice> {
         __shared__ double e[dev::kMaxDim];
         __shared__ uint8_t steps[dev::kMaxDim];
         __shared__ double sums[2];  // norm2, abs_sum
-        __shared__ uint32_t words[kMaxCodeWords];
+        __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
         const int d = p.d, bytes = RaBitQ::code_bytes(p);
         rotate(p.rotation, key, x);
         const int cid = nearest(p, x);

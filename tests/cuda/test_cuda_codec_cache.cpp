@@ -254,9 +254,24 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
 // The team encoders of short appends (one CTA per item) store the bytes the one-thread encoders
 // of long appends store: the same tokens appended in chunks small enough for the teams (a
 // decode step, a few tokens, a full team launch across pages) and in one long append give
-// identical pages. Both caches first take the same short prefill, which trains rabitq alike.
-// (fp16 and turboquant take the teams for long appends too; MatchesCpuCache checks theirs.)
-TEST_P(CodecCacheParity, TeamEncodesLikeOneThread) {
+// identical pages, and both give the CPU cache's (as MatchesCpuCache). Both device caches first
+// take the same short prefill, which trains rabitq alike. (fp16, turboquant and rabitq take the
+// teams for long appends too.) Besides the methods above, codes past 512 bytes per token: the
+// team encoders' shared bit streams are sized by each codec's limits.
+std::vector<Case> team_cases() {
+    std::vector<Case> v = cases();
+    KVCacheConfig c = base("turboquant_rvq", 4, 8, 14);
+    c.num_residuals = 8;  // 8 stages x 128 bytes of 4-bit indices
+    v.push_back({"tq_d256_k4x8_v8_1024_code_bytes", c, 1, 256});
+    c = base("qjl", 1, 4, 15);
+    c.sketch_dim = 4352;  // 544 code bytes
+    v.push_back({"qjl_d64_m4352", c, 2, 64});
+    return v;
+}
+
+class TeamEncodeParity : public testing::TestWithParam<Case> {};
+
+TEST_P(TeamEncodeParity, TeamEncodesLikeOneThread) {
     SKIP_WITHOUT_DEVICE();
     const Case& k = GetParam();
     const int H = k.heads, d = k.d;
@@ -290,16 +305,29 @@ TEST_P(CodecCacheParity, TeamEncodesLikeOneThread) {
     }
     DeviceBuffer<float> dk(all_k), dv(all_v);
     bulk.append(dk.get(), dv.get(), total, nullptr);
+    auto cpu = KVCacheFactory::create(k.config, H, d, prefill + total);
+    cpu->append(pk.data(), pv.data(), prefill);
+    cpu->append(all_k.data(), all_v.data(), total);
     ASSERT_EQ(teams.size(), bulk.size());
     PagedStore a(teams.page_layout()), b(bulk.page_layout());
     teams.download(a);
     bulk.download(b);
-    for (int p = 0; p < (teams.size() + kTokensPerPage - 1) / kTokensPerPage; ++p)
+    const PagedStore& c = dynamic_cast<QuantizedKVCache&>(*cpu).paged_store();
+    std::size_t cpu_diff = 0, bytes = 0;
+    for (int p = 0; p < (teams.size() + kTokensPerPage - 1) / kTokensPerPage; ++p) {
         EXPECT_EQ(std::memcmp(a.page_data(p), b.page_data(p), a.layout().page_bytes), 0)
             << "page " << p;
+        for (std::size_t i = 0; i < a.layout().page_bytes; ++i)
+            cpu_diff += a.page_data(p)[i] != c.page_data(p)[i];
+        bytes += a.layout().page_bytes;
+    }
+    EXPECT_LE(static_cast<double>(cpu_diff), k.max_cell_mismatch * bytes)
+        << cpu_diff << " bytes differ from the CPU cache's";
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, CodecCacheParity, testing::ValuesIn(cases()),
+                         [](const testing::TestParamInfo<Case>& i) { return i.param.name; });
+INSTANTIATE_TEST_SUITE_P(Methods, TeamEncodeParity, testing::ValuesIn(team_cases()),
                          [](const testing::TestParamInfo<Case>& i) { return i.param.name; });
 
 TEST(CodecCache, RejectsConfigsOutOfScope) {
