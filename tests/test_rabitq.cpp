@@ -389,6 +389,28 @@ TEST(RaBitQ, DeterministicBySeed) {
     EXPECT_NE(a.codes, other.codes);
 }
 
+// A long first prefill trains on 32 keys per centroid; training on those rows alone (what a
+// device cache copies to the host) learns the same centroids, bit for bit.
+TEST(RaBitQ, TrainsOnItsTrainingRowsAlone) {
+    const int d = 64, clusters = 8, n = 1000;
+    Rng rng(78);
+    const std::vector<float> keys = gaussian(rng, static_cast<std::size_t>(n) * d);
+    RaBitQCodec all(d, 2, clusters, true, 5), picked(d, 2, clusters, true, 5);
+    const int m = all.training_rows(n);
+    ASSERT_EQ(m, 32 * clusters);
+    EXPECT_EQ(all.training_rows(m), m);
+    EXPECT_EQ(all.training_rows(100), 100);  // a short prefill: every row
+    std::vector<float> rows;
+    for (int i = 0; i < m; ++i) {
+        const float* row = keys.data() + training_row(i, n, m) * d;
+        rows.insert(rows.end(), row, row + d);
+    }
+    all.train(keys.data(), n);
+    picked.train(rows.data(), m);
+    EXPECT_EQ(all.centroids(), picked.centroids());
+    EXPECT_EQ(encode_all(all, keys).codes, encode_all(picked, keys).codes);
+}
+
 void expect_invalid(int d, int bits, int clusters, const std::string& needle) {
     try {
         RaBitQCodec c(d, bits, clusters, true, 0);

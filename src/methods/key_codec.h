@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/binary_io.h"
+#include "core/host_device.h"
 #include "veloxquant/config.h"
 
 namespace veloxquant {
@@ -31,6 +32,10 @@ public:
     /// the first append, before their first encode.
     virtual bool needs_training() const { return false; }
     virtual void train(const float* /*keys*/, int /*n*/) {}
+    /// How many of n first keys train() reads: rows training_row(i, n, m) for i < m (a codec
+    /// that subsamples reads fewer than n). train(those rows in that order, m) trains as
+    /// train(keys, n) does, so a device cache copies only them to the host.
+    virtual int training_rows(int n) const { return n; }
 
     /// keys: [n][dim]. Inputs are finite (the cache checks).
     virtual void encode(const float* keys, int n, uint8_t* codes, float* scalars,
@@ -71,6 +76,12 @@ public:
 private:
     int dim_;
 };
+
+/// Row i of the m rows a codec trains on out of n (KeyCodec::training_rows): evenly spaced, the
+/// identity when m == n.
+VQ_HD int64_t training_row(int i, int n, int m) {
+    return static_cast<int64_t>(i) * n / m;
+}
 
 /// Trains every head's codec that needs training (rabitq) on the first append's keys
 /// [heads][n_tokens][dim], heads in parallel. A head's training throws what its train() throws.

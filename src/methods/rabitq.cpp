@@ -203,15 +203,19 @@ namespace {
 constexpr int kTrainPointsPerCluster = 32;
 }  // namespace
 
+int RaBitQCodec::training_rows(int n) const {
+    // A long first prefill is subsampled (evenly spaced) to kTrainPointsPerCluster points per
+    // centroid, as FAISS caps its k-means training sets: more points barely move centroids.
+    return std::min(n, kTrainPointsPerCluster * num_clusters_);
+}
+
 void RaBitQCodec::train(const float* keys, int n) {
     if (n < 1) throw std::invalid_argument("rabitq: train needs at least one key");
     const int d = dim();
-    // A long first prefill is subsampled (evenly spaced) to kTrainPointsPerCluster points per
-    // centroid, as FAISS caps its k-means training sets: more points barely move centroids.
-    const int m = std::min(n, kTrainPointsPerCluster * num_clusters_);
+    const int m = training_rows(n);
     std::vector<float> rotated(static_cast<std::size_t>(m) * d);
     for (int i = 0; i < m; ++i)
-        rotation_.forward(keys + static_cast<std::size_t>(static_cast<int64_t>(i) * n / m) * d,
+        rotation_.forward(keys + static_cast<std::size_t>(training_row(i, n, m)) * d,
                           &rotated[static_cast<std::size_t>(i) * d]);
     const uint64_t kmeans_seed = derive_seed(seed_, 0, 0, d, RandomPurpose::kKMeans);
     KMeansResult km = kmeans(rotated.data(), m, d, std::min(num_clusters_, m), kmeans_seed);

@@ -51,6 +51,8 @@ public:
     bool needs_training() const override { return trained_k_ == 0; }
     /// k-means with k = min(num_clusters, n) on the rotated keys, seeded from the codec seed.
     void train(const float* keys, int n) override;
+    /// At most 32 keys per centroid (evenly spaced).
+    int training_rows(int n) const override;
 
     void encode(const float* keys, int n, uint8_t* codes, float* scalars,
                 std::size_t scalar_stride) const override;
