@@ -403,8 +403,8 @@ void bind_cuda(nb::module_& m) {
             return CudaCodecBatch::alike(caches);
         },
         "caches"_a,
-        "Whether the caches can attend in one launch (equal codecs; not when each trained on its "
-        "own tokens).");
+        "Whether the caches can attend in one launch (one config, layer, shape and device, every "
+        "codec trained; what each learned from its own tokens may differ).");
 
     nb::class_<CudaCodecCache> codec(
         m, "CudaCodecCache",

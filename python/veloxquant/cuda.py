@@ -407,15 +407,15 @@ class CudaKVCacheBatch(_DeviceBatch):
     each (one layer's caches made alike, e.g. by ``empty_like``): as ``CudaTurboQuantBatch``,
     one input check for every sequence's new tokens and one launch of each attention kernel
     (query state, attention, merge) for every sequence. ``alike(caches)`` tells whether the
-    caches can attend together: not when a codec trained on each sequence's own tokens (rabitq
-    without calibrated centroids), whose caches then attend one by one; ``append`` takes them
-    as a batch either way."""
+    caches can attend together: one config, layer, shape and device, every codec trained. Codecs
+    trained each on their own sequence (rabitq without calibrated centroids) batch too: each
+    sequence is read with its own."""
 
     _core_class = "CudaCodecBatch"
     _cache_class = CudaKVCache
 
     def alike(self, caches: Any) -> bool:
-        """Whether ``attend`` can take these caches in one launch (equal codecs)."""
+        """Whether ``attend`` can take these caches in one launch (one kind, codecs trained)."""
         return bool(_core.CudaCodecBatch.alike(self._cores(caches)))
 
 

@@ -56,9 +56,9 @@ constexpr bool kStagedEncode =
 // and commvq 17.2 -> 143, whose long appends stay on one thread per item (their teams idle
 // most threads in the ordered sums and the per-warp searches).
 template <class Codec>
-constexpr bool kTeamEncodesLongAppends = std::is_same_v<Codec, dev::Fp16Device> ||
-                                         std::is_same_v<Codec, dev::TqDevice> ||
-                                         std::is_same_v<Codec, dev::RaBitQDevice>;
+constexpr bool kTeamEncodesLongAppends =
+    std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::TqDevice> ||
+    std::is_same_v<Codec, dev::RaBitQDevice>;
 
 template <class Codec>
 class Backend final : public CodecBackend {
@@ -175,6 +175,7 @@ public:
         a.units = heads_ * at.batch;
         a.pools = at.pools;
         a.starts = at.sizes;
+        a.store.kin = at.kin.views;
         const long long items = static_cast<long long>(a.units) * n;
         if constexpr (kTeamEncodesLongAppends<Codec>) {
             launch_team_encode(a, items, stream);
@@ -216,6 +217,17 @@ public:
 
     std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
 
+    CodecParamsView params_view() const override {
+        CodecParamsView v;
+        v.keys = store_.keys;
+        v.values = store_.values;
+        v.affine = affine_state_;
+        v.state_stride = state_stride_;
+        v.key_table_floats = key_table_floats_;
+        v.value_table_floats = value_table_floats_;
+        return v;
+    }
+
 private:
     static void launch_team_encode(const EncodeParams<Codec>& a, long long items,
                                    cudaStream_t stream) {
@@ -243,6 +255,7 @@ private:
         affine_state_.row_of = reinterpret_cast<const int*>(base + c_bytes);
         affine_state_.matrix = reinterpret_cast<const float*>(base + c_bytes + r_bytes);
         affine_state_.varying = std::max(f.varying, 1);
+        affine_state_.stride = state_stride_;
     }
 
     codec::Store<Codec> with(uint8_t* pool, const int32_t* page_table) const {
@@ -280,13 +293,17 @@ private:
         a.scale_log2 = scale * 1.4426950408889634f;
         a.queries = queries;
         a.out = out;
-        a.state_stride = state_stride_;
+        const KinParams& kin = source.kin;  // views: each sequence's codecs, sized by the largest
+        a.store.kin = kin.views;
+        a.state_stride = kin.views != nullptr ? kin.state_stride : state_stride_;
         a.stage_key_stride = stage_key_stride_;
         a.stage_value_stride = stage_value_stride_;
         a.stage_key_scalars = stage_key_scalars_;
         a.stage_value_scalars = stage_value_scalars_;
-        a.key_table_floats = key_table_floats_;
-        a.table_floats = (key_table_floats_ + value_table_floats_ + 3) / 4 * 4;
+        a.key_table_floats = kin.views != nullptr ? kin.key_table_floats : key_table_floats_;
+        const int value_tables =
+            kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
+        a.table_floats = (a.key_table_floats + value_tables + 3) / 4 * 4;
         const std::size_t stage = codec::stage_bytes(a.stage_key_stride, a.stage_value_stride,
                                                      a.stage_key_scalars, a.stage_value_scalars);
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
@@ -321,7 +338,7 @@ private:
         a.partial_ml = reinterpret_cast<float2*>(ws + states_bytes);
         a.partial_o = reinterpret_cast<float*>(ws + states_bytes + ml_bytes);
 
-        if (affine_ != nullptr)
+        if (kin.views != nullptr ? kin.affine : affine_ != nullptr)
             codec::codec_affine_prepare_kernel<Codec>
                 <<<static_cast<unsigned>(rows_total), codec::kThreads, 0, stream>>>(a,
                                                                                     affine_state_);
@@ -372,9 +389,9 @@ private:
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;
-    void* affine_ = nullptr;  ///< the affine query state (null: codec_prepare_kernel)
+    void* affine_ = nullptr;  ///< the affine query state's arrays
     std::size_t affine_bytes_ = 0;
-    codec::AffineState affine_state_;
+    AffineState affine_state_;  ///< constant null: no affine form (codec_prepare_kernel)
     void* workspace_ = nullptr;
     std::size_t workspace_bytes_ = 0;
     codec::Store<Codec> store_;

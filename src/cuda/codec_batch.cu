@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cuda/codec_batch.h"
+#include "cuda/cuda_cache.h"
 
 namespace veloxquant::cuda {
 namespace {
@@ -12,15 +13,66 @@ std::vector<const CudaCodecCache*> as_const(const std::vector<CudaCodecCache*>& 
     return {caches.begin(), caches.end()};
 }
 
+bool same_view(const CodecParamsView& a, const CodecParamsView& b) {
+    const AffineState &f = a.affine, &g = b.affine;
+    return a.keys == b.keys && a.values == b.values && f.constant == g.constant &&
+           f.matrix == g.matrix && f.row_of == g.row_of && f.varying == g.varying &&
+           f.stride == g.stride && a.state_stride == b.state_stride &&
+           a.key_table_floats == b.key_table_floats && a.value_table_floats == b.value_table_floats;
+}
+
 }  // namespace
+
+CudaCodecBatch::~CudaCodecBatch() {
+    if (kin_views_ != nullptr) {
+        cudaDeviceSynchronize();  // no launch reads the views any more
+        cudaFree(kin_views_);
+    }
+}
 
 bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
     check_distinct(caches, "alike");
     const CudaCodecCache& first = *caches[0];
     for (const CudaCodecCache* c : caches)
-        if (!c->backend_ || c->device_ != first.device_ || c->fingerprint_ != first.fingerprint_)
-            return false;
+        if (!c->backend_ || c->device_ != first.device_ || c->kind_ != first.kind_) return false;
     return true;
+}
+
+KinParams CudaCodecBatch::kin_params(const std::vector<CudaCodecCache*>& caches,
+                                     cudaStream_t stream) {
+    const CudaCodecCache& first = *caches[0];
+    if (std::all_of(caches.begin(), caches.end(),
+                    [&](const CudaCodecCache* c) { return c->fingerprint_ == first.fingerprint_; }))
+        return {};  // one set of codecs: caches[0]'s backend's own
+    KinParams kin;
+    kin.affine = true;
+    std::vector<CodecParamsView> views;
+    for (const CudaCodecCache* c : caches) {
+        views.push_back(c->backend_->params_view());
+        const CodecParamsView& v = views.back();
+        kin.state_stride = std::max(kin.state_stride, v.state_stride);
+        kin.key_table_floats = std::max(kin.key_table_floats, v.key_table_floats);
+        kin.value_table_floats = std::max(kin.value_table_floats, v.value_table_floats);
+        kin.affine = kin.affine && v.affine.constant != nullptr;
+    }
+    const std::size_t bytes = views.size() * sizeof(CodecParamsView);
+    if (!std::equal(views.begin(), views.end(), kin_uploaded_.begin(), kin_uploaded_.end(),
+                    same_view)) {
+        if (views.size() > kin_capacity_) {
+            check_cuda(cudaDeviceSynchronize(), "batch codecs: synchronize");  // none reads them
+            cudaFree(kin_views_);
+            kin_views_ = nullptr, kin_capacity_ = 0;
+            check_cuda(cudaMalloc(&kin_views_, bytes), "cudaMalloc(batch codecs)");
+            kin_capacity_ = views.size();
+        }
+        // From pageable memory: the copy is staged before the call returns, and runs after the
+        // stream's earlier launches (which may read the views it replaces).
+        check_cuda(cudaMemcpyAsync(kin_views_, views.data(), bytes, cudaMemcpyHostToDevice, stream),
+                   "batch codecs");
+        kin_uploaded_ = views;
+    }
+    kin.views = kin_views_;
+    return kin;
 }
 
 void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const float* keys,
@@ -66,11 +118,12 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
         at.page_table = encode_arrays_.page_table();
         at.batch = batch;
         at.size = last;
+        at.kin = kin_params(caches, stream);
         first.backend_->encode(at, n_tokens, keys, values, stream);
         for (CudaCodecCache* c : caches) c->size_ += n_tokens;
         return;
     }
-    for (int b = 0; b < batch; ++b) {  // caches not alike (each trained on its own tokens)
+    for (int b = 0; b < batch; ++b) {  // one sequence, or caches not alike
         CudaCodecCache& c = *caches[b];
         const float* k = keys + b * per_sequence;
         SequenceSet at;
@@ -86,8 +139,8 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
                             int num_q_heads, float* out, float scale, cudaStream_t stream) {
     if (!alike(as_const(caches)))
         throw std::invalid_argument(
-            "attend: the caches' codecs differ (config, layer, shape, device, or state learned "
-            "from each sequence's own tokens): attend them one by one");
+            "attend: the caches differ in config, layer, shape or device, or a codec is not "
+            "trained yet: attend them one by one");
     CudaCodecCache& first = *caches[0];
     const int group = first.query_group(queries, out, num_q_heads, scale);
     std::vector<const uint8_t*> pools;
@@ -110,6 +163,7 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
     source.page_table = arrays_.page_table();  // row 0: the identity, as wide as any pool
     source.batch = static_cast<int>(caches.size());
     source.size = longest;
+    source.kin = kin_params(caches, stream);
     first.backend_->attend(source, queries, group, 1, out, scale, false, stream);
 }
 

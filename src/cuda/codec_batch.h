@@ -3,10 +3,10 @@
 // sequence's new tokens after one input check and one synchronization, with one encode launch,
 // and one call attends over every sequence with one query-state, one attention and one merge
 // launch (each sequence read from and written to its own cache's pool), where the caches alone
-// take one of each per sequence. (The generic encoders run one thread per head and token, so a
-// decode step's encode is bound by one thread's latency: one launch for the batch takes about
-// as long as one for a sequence.) The caches keep their tokens; this object holds only the
-// device arrays that describe the batch.
+// take one of each per sequence. Caches whose codecs learned from their own sequence (rabitq's
+// centroids, trained on each prefill) batch too: the launches then read each sequence's codecs
+// through a small device array of their parameters (codec_params_view.h). The caches keep their
+// tokens; this object holds only the device arrays that describe the batch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,9 +22,14 @@ namespace veloxquant::cuda {
 
 class CudaCodecBatch {
 public:
-    /// Whether these caches can attend in one launch: one distinct cache per sequence, all
-    /// with codecs (trained, where they train) equal to caches[0]'s and on its device. A codec
-    /// trained on each sequence's own tokens (rabitq without calibrated centroids) is not.
+    CudaCodecBatch() = default;
+    ~CudaCodecBatch();
+    CudaCodecBatch(const CudaCodecBatch&) = delete;
+    CudaCodecBatch& operator=(const CudaCodecBatch&) = delete;
+
+    /// Whether these caches can attend in one launch: one distinct cache per sequence, of one
+    /// config, layer and shape (caches made by one another's empty_like, say), on one device,
+    /// every codec ready (trained, where it trains). What the codecs learned may differ.
     static bool alike(const std::vector<const CudaCodecCache*>& caches);
 
     /// Encodes n_tokens tokens into each cache: keys and values [batch][num_heads][n_tokens]
@@ -44,12 +49,21 @@ public:
                 float* out, float scale, cudaStream_t stream);
 
     /// Device bytes held: the batch's arrays (the workspace is caches[0]'s backend's).
-    std::size_t nbytes() const { return encode_arrays_.nbytes() + arrays_.nbytes(); }
+    std::size_t nbytes() const {
+        return encode_arrays_.nbytes() + arrays_.nbytes() + kin_capacity_ * sizeof(CodecParamsView);
+    }
 
 private:
+    /// Each sequence's codecs for a launch over alike caches: none (the views null) where they
+    /// all share caches[0]'s, else one view per sequence, uploaded when they change.
+    KinParams kin_params(const std::vector<CudaCodecCache*>& caches, cudaStream_t stream);
+
     InputCheck input_check_;
-    BatchArrays encode_arrays_;  ///< the appends' pools and first positions
-    BatchArrays arrays_;         ///< the attends' pools and sizes
+    BatchArrays encode_arrays_;             ///< the appends' pools and first positions
+    BatchArrays arrays_;                    ///< the attends' pools and sizes
+    CodecParamsView* kin_views_ = nullptr;  ///< device [kin_capacity_]
+    std::size_t kin_capacity_ = 0;
+    std::vector<CodecParamsView> kin_uploaded_;  ///< what kin_views_ holds
 };
 
 }  // namespace veloxquant::cuda

@@ -15,6 +15,24 @@
 
 namespace veloxquant::cuda {
 
+namespace {
+
+/// picked [heads][m][d] = rows training_row(i, n, m) of keys [heads][n][d].
+__global__ void gather_training_rows(const float* keys, int heads, int n, int m, int d,
+                                     float* picked) {
+    const std::size_t at = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (at >= static_cast<std::size_t>(heads) * m * d) return;
+    const std::size_t row = at / d;
+    const int h = static_cast<int>(row / m), i = static_cast<int>(row % m);
+    picked[at] = keys[(static_cast<std::size_t>(h) * n + training_row(i, n, m)) * d + at % d];
+}
+
+uint64_t fingerprint_of(const std::string& bytes) {
+    return (static_cast<uint64_t>(bytes.size()) << 32) | crc32(bytes.data(), bytes.size());
+}
+
+}  // namespace
+
 CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                int max_seq_len, int layer)
     : config_(config),
@@ -41,8 +59,8 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
         key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));
         const uint64_t vseed =
             derive_seed(config_.seed, layer, h, head_dim, RandomPurpose::kValueRotation);
-        value_codecs_.push_back(std::make_unique<ValueCodec>(
-            head_dim, config_.stored_value_bits(), config_.use_hadamard, vseed));
+        value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, config_.stored_value_bits(),
+                                                             config_.use_hadamard, vseed));
         HeadLayout hl;
         hl.key_code_bytes = key_codecs_[h]->code_bytes();
         hl.key_scalars = key_codecs_[h]->num_scalars();
@@ -52,6 +70,7 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
     }
     layout_.finalize();
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
+    kind_ = fingerprint_of(kind_bytes().buffer());
     if (!key_codecs_[0]->needs_training()) build_backend();
     pages_ = std::make_unique<DevicePagePool>(layout_, max_seq_len);
     pages_->reserve(1);
@@ -59,25 +78,46 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
 
 CudaCodecCache::~CudaCodecCache() = default;
 
+BinaryWriter CudaCodecCache::kind_bytes() const {
+    BinaryWriter kind;  // config, layer and shape
+    kind.str(config_bytes(config_));
+    for (const int v : {layer_, num_heads_, head_dim_}) kind.put<int32_t>(v);
+    return kind;
+}
+
 void CudaCodecCache::build_backend() {
     backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
-    BinaryWriter identity;  // config, layer, shape and every head's learned state
-    identity.str(config_bytes(config_));
-    for (const int v : {layer_, num_heads_, head_dim_}) identity.put<int32_t>(v);
+    BinaryWriter identity = kind_bytes();  // and every head's learned state
     for (const auto& codec : key_codecs_) codec->save_state(identity);
-    const std::string& bytes = identity.buffer();
-    fingerprint_ = (static_cast<uint64_t>(bytes.size()) << 32) | crc32(bytes.data(), bytes.size());
+    fingerprint_ = fingerprint_of(identity.buffer());
 }
 
 void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
     // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
-    // the device cache does the same on the host, then uploads the trained parameters.
-    std::vector<float> host(static_cast<std::size_t>(num_heads_) * n_tokens * head_dim_);
-    check_cuda(cudaMemcpyAsync(host.data(), keys, host.size() * sizeof(float),
-                               cudaMemcpyDeviceToHost, stream),
-               "append: copy keys for training");
+    // the device cache does the same on the host, then uploads the trained parameters. Only the
+    // rows the codecs read travel (rabitq: 32 per centroid of a long prefill, not all 32K).
+    const int rows = key_codecs_[0]->training_rows(n_tokens);
+    const std::size_t floats = static_cast<std::size_t>(num_heads_) * rows * head_dim_;
+    std::vector<float> host(floats);
+    if (rows == n_tokens) {
+        check_cuda(cudaMemcpyAsync(host.data(), keys, floats * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream),
+                   "append: copy keys for training");
+    } else {
+        float* picked = nullptr;
+        check_cuda(
+            cudaMallocAsync(reinterpret_cast<void**>(&picked), floats * sizeof(float), stream),
+            "append: training rows");
+        gather_training_rows<<<static_cast<unsigned>((floats + 255) / 256), 256, 0, stream>>>(
+            keys, num_heads_, n_tokens, rows, head_dim_, picked);
+        check_cuda(cudaGetLastError(), "append: gather training rows");
+        check_cuda(cudaMemcpyAsync(host.data(), picked, floats * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream),
+                   "append: copy keys for training");
+        check_cuda(cudaFreeAsync(picked, stream), "append: training rows");
+    }
     check_cuda(cudaStreamSynchronize(stream), "append: synchronize for training");
-    train_key_codecs(key_codecs_, host.data(), n_tokens);
+    train_key_codecs(key_codecs_, host.data(), rows);  // a codec's rows of `rows` are all of them
     build_backend();
 }
 
@@ -135,8 +175,7 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
     source.pool = pages_->pool();
     source.page_table = pages_->page_table();
     source.size = size_;
-    backend_->attend(source, queries, group, n_queries, out, scale, causal,
-                     stream);
+    backend_->attend(source, queries, group, n_queries, out, scale, causal, stream);
 }
 
 void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* values,

@@ -17,11 +17,13 @@
 #include <vector>
 
 #include "cache/paged_store.h"
+#include "cuda/codec_params_view.h"
 #include "cuda/input_check.h"
 #include "cuda/page_pool.h"
 #include "veloxquant/config.h"
 
 namespace veloxquant {
+class BinaryWriter;
 class KeyCodec;
 class QuantizedKVCache;
 class ValueCodec;
@@ -32,7 +34,8 @@ namespace veloxquant::cuda {
 /// The sequences a kernel reads or writes: one (its pool; `size` tokens, or for an encode the
 /// position of the first new token), or a batch (CudaCodecBatch: sequence b's pages in
 /// pools[b], sizes[b] its tokens or first new position, both device arrays, `size` the
-/// largest), each through the identity page table.
+/// largest), each through the identity page table. A batch of kin caches also names each
+/// sequence's codecs (`kin`); otherwise every sequence has the backend's.
 struct SequenceSet {
     uint8_t* pool = nullptr;
     const uint8_t* const* pools = nullptr;
@@ -40,6 +43,7 @@ struct SequenceSet {
     const int32_t* page_table = nullptr;
     int batch = 1;
     int size = 0;
+    KinParams kin;
 };
 
 /// Appends of at most this many (KV head, token) items, over all sequences, encode one item per
@@ -58,11 +62,12 @@ public:
     virtual void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n,
                             float* keys, float* values, cudaStream_t stream) const = 0;
     /// Attention of queries [batch][num_q_heads][n_queries][d] over each sequence's tokens.
-    virtual void attend(const SequenceSet& source, const float* queries, int group,
-                        int n_queries, float* out, float scale, bool causal,
-                        cudaStream_t stream) = 0;
+    virtual void attend(const SequenceSet& source, const float* queries, int group, int n_queries,
+                        float* out, float scale, bool causal, cudaStream_t stream) = 0;
     /// Device bytes of codec parameters and workspace.
     virtual std::size_t nbytes() const = 0;
+    /// Where the kernels find this backend's codecs (for a batch of kin caches).
+    virtual CodecParamsView params_view() const = 0;
 };
 
 /// The backend for config.method built from the CPU codecs of every head (their parameters are
@@ -136,6 +141,8 @@ private:
     /// Makes the kernels of the codecs as they are now (trained, if they train) and their
     /// fingerprint.
     void build_backend();
+    /// The bytes that make the cache's kind: config, layer and shape.
+    BinaryWriter kind_bytes() const;
 
     KVCacheConfig config_;
     int num_heads_, head_dim_, max_seq_len_, layer_;
@@ -146,8 +153,11 @@ private:
     std::vector<std::unique_ptr<ValueCodec>> value_codecs_;
     std::unique_ptr<CodecBackend> backend_;  ///< null until trained codecs are trained
     /// With backend_: the codecs' identity (CRC-32 and length of the config's bytes, layer,
-    /// shape and learned state). Caches of equal fingerprints share one batched launch.
+    /// shape and learned state). Caches of equal fingerprints share their codecs in a batch.
     uint64_t fingerprint_ = 0;
+    /// The same of the config, layer and shape alone: caches of one kind (kin) differ at most in
+    /// what their codecs learned, and a batch reads each with its own (CudaCodecBatch).
+    uint64_t kind_ = 0;
     std::unique_ptr<DevicePagePool> pages_;
     InputCheck input_check_;
 };

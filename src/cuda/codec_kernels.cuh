@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "cuda/codec_params_view.h"
 #include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
@@ -48,9 +49,21 @@ struct Store {
     uint64_t page_bytes = 0;
     int heads = 0;
     int d = 0;
+    /// A batch of kin caches: sequence s's codecs are kin[s]'s (codec_params_view.h); null
+    /// where every sequence has keys and values above.
+    const CodecParamsView* kin = nullptr;
 
     __device__ uint8_t* page(int pos) const {
         return pool + static_cast<uint64_t>(page_table[pos / kPage]) * page_bytes;
+    }
+    __device__ const typename Codec::Params& key_params(int sequence, int h) const {
+        return kin != nullptr ? static_cast<const typename Codec::Params*>(kin[sequence].keys)[h]
+                              : keys[h];
+    }
+    __device__ const dev::ValueDevice::Params& value_params(int sequence, int h) const {
+        return kin != nullptr
+                   ? static_cast<const dev::ValueDevice::Params*>(kin[sequence].values)[h]
+                   : values[h];
     }
 };
 
@@ -68,6 +81,13 @@ struct EncodeParams {
     const int32_t* starts = nullptr;
 
     __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
+    __device__ int sequence(int u) const { return pools != nullptr ? u / store.heads : 0; }
+    __device__ const typename Codec::Params& key_params(int u) const {
+        return store.key_params(sequence(u), head(u));
+    }
+    __device__ const dev::ValueDevice::Params& value_params(int u) const {
+        return store.value_params(sequence(u), head(u));
+    }
     __device__ int pos(int u, int t) const {
         return (pools != nullptr ? starts[u / store.heads] : start) + t;
     }
@@ -88,9 +108,9 @@ __global__ void __launch_bounds__(kThreads) codec_encode_kernel(const EncodePara
     uint8_t* page = a.page(u, pos);
     const int slot = pos % kPage;
     const size_t row = (static_cast<size_t>(u) * a.n + t) * a.store.d;
-    Codec::encode(a.store.keys[h], a.keys + row, pos, page + R.key_codes + slot * R.key_code_bytes,
+    Codec::encode(a.key_params(u), a.keys + row, pos, page + R.key_codes + slot * R.key_code_bytes,
                   reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
-    dev::ValueDevice::encode(a.store.values[h], a.values + row,
+    dev::ValueDevice::encode(a.value_params(u), a.values + row,
                              page + R.value_codes + slot * R.value_code_bytes,
                              reinterpret_cast<float*>(page + R.value_scalars) + slot);
 }
@@ -125,8 +145,8 @@ __global__ void __launch_bounds__(kEncodeItems)
     float* rows = reinterpret_cast<float*>(encode_smem);
     uint8_t* codes = encode_smem + kEncodeItems * stage_stride(4 * d);
     const long long first = static_cast<long long>(blockIdx.x) * kEncodeItems;
-    const int items = static_cast<int>(min(static_cast<long long>(kEncodeItems),
-                                           static_cast<long long>(a.units) * a.n - first));
+    const int items = static_cast<int>(
+        min(static_cast<long long>(kEncodeItems), static_cast<long long>(a.units) * a.n - first));
     const int r = threadIdx.x;
     auto unit_of = [&](int i) { return static_cast<int>((first + i) / a.n); };
     auto pos_of = [&](int i) { return a.pos(unit_of(i), static_cast<int>((first + i) % a.n)); };
@@ -142,10 +162,10 @@ __global__ void __launch_bounds__(kEncodeItems)
             uint8_t* page = a.page(unit_of(r), pos);
             uint8_t* code = codes + r * code_stride;
             if (part == 0)
-                Codec::encode(a.store.keys[h], rows + r * row_stride, pos, code,
+                Codec::encode(a.key_params(unit_of(r)), rows + r * row_stride, pos, code,
                               reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
             else
-                dev::ValueDevice::encode(a.store.values[h], rows + r * row_stride, code,
+                dev::ValueDevice::encode(a.value_params(unit_of(r)), rows + r * row_stride, code,
                                          reinterpret_cast<float*>(page + R.value_scalars) + slot);
         }
         __syncthreads();
@@ -212,9 +232,14 @@ struct AttentionParams {
     const int32_t* sizes = nullptr;
 
     __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
-    __device__ int size_of(int u) const {
-        return pools != nullptr ? sizes[u / store.heads] : size;
+    __device__ int sequence(int u) const { return pools != nullptr ? u / store.heads : 0; }
+    __device__ const typename Codec::Params& key_params(int u) const {
+        return store.key_params(sequence(u), head(u));
     }
+    __device__ const dev::ValueDevice::Params& value_params(int u) const {
+        return store.value_params(sequence(u), head(u));
+    }
+    __device__ int size_of(int u) const { return pools != nullptr ? sizes[u / store.heads] : size; }
     __device__ const uint8_t* page(int u, int pos) const {
         const uint8_t* pool = pools != nullptr ? pools[u / store.heads] : store.pool;
         return pool + static_cast<uint64_t>(store.page_table[pos / kPage]) * store.page_bytes;
@@ -239,36 +264,36 @@ __global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const Attention
     const int item = blockIdx.x * kThreads + threadIdx.x;
     if (item >= a.units * a.rows) return;
     const int u = item / a.rows, row = item % a.rows;
-    Codec::prepare(a.store.keys[a.head(u)], a.query(u, row),
+    Codec::prepare(a.key_params(u), a.query(u, row),
                    a.states + static_cast<size_t>(item) * a.state_stride);
 }
 
 /// Every device codec's query state is affine in the query (rotations, sketches, projections,
-/// inner products with fixed codewords, plus constant tables): state = c + M q. The backend
-/// measures c and M on the host from the codec's own prepare (at 0 and at each unit vector) and
-/// keeps only the rows of M that are not zero; the state then costs one small GEMV per row
-/// instead of one thread's serial O(d^2) or O(m d) work.
-struct AffineState {
-    const float* constant = nullptr;  ///< [heads][state_stride] c
-    const float* matrix = nullptr;    ///< [heads][d][varying] M^T of the varying rows
-    const int* row_of = nullptr;      ///< [heads][state_stride]: varying row of entry i, or -1
-    int varying = 0;                  ///< varying rows per head (padded to the maximum)
-};
-
+/// inner products with fixed codewords, plus constant tables): state = c + M q (AffineState,
+/// codec_params_view.h). The backend measures c and M on the host from the codec's own prepare
+/// (at 0 and at each unit vector) and keeps only the rows of M that are not zero; the state then
+/// costs one small GEMV per row instead of one thread's serial O(d^2) or O(m d) work.
 // grid (units * rows), kThreads threads: thread i computes state entries i, i + kThreads, ...
+// (f is the backend's; a batch of kin caches reads each sequence's own, whose stride may be
+// shorter than the launch's: the entries past it are zero and no score reads them.)
 template <class Codec>
 __global__ void __launch_bounds__(kThreads)
-    codec_affine_prepare_kernel(const AttentionParams<Codec> a, const AffineState f) {
+    codec_affine_prepare_kernel(const AttentionParams<Codec> a, AffineState f) {
     __shared__ float q[dev::kMaxDim];
     const int item = blockIdx.x, u = item / a.rows, row = item % a.rows, d = a.store.d;
     const float* query = a.query(u, row);
     for (int j = threadIdx.x; j < d; j += kThreads) q[j] = query[j];
     __syncthreads();
+    if (a.store.kin != nullptr) f = a.store.kin[a.sequence(u)].affine;
     const int h = a.head(u);
-    const size_t head = static_cast<size_t>(h) * a.state_stride;
+    const size_t head = static_cast<size_t>(h) * f.stride;
     const float* mt = f.matrix + static_cast<size_t>(h) * d * f.varying;
     float* state = a.states + static_cast<size_t>(item) * a.state_stride;
     for (int i = threadIdx.x; i < a.state_stride; i += kThreads) {
+        if (i >= f.stride) {
+            state[i] = 0.0f;
+            continue;
+        }
         const int k = f.row_of[head + i];
         float x = f.constant[head + i];
         if (k >= 0) {  // in j order; eight terms' loads in flight
@@ -383,8 +408,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             r < rows ? a.states[(static_cast<size_t>(u) * a.rows + row0 + r) * S + e] : 0.0f;
     }
     // The codecs' tables in shared memory (looked up for every code field).
-    typename Codec::Params kp = a.store.keys[h];
-    dev::ValueDevice::Params vp = a.store.values[h];
+    typename Codec::Params kp = a.key_params(u);
+    dev::ValueDevice::Params vp = a.value_params(u);
     float* key_table = states + static_cast<size_t>(R) * S;
     stage_table<Codec>(kp, key_table);
     stage_table<dev::ValueDevice>(vp, key_table + a.key_table_floats);
@@ -617,7 +642,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
         acc_s[j] = x * inv;
     }
     __syncthreads();
-    value_finalize<D>(a.store.values[a.head(u)], acc_s, a.output(u, row));
+    value_finalize<D>(a.value_params(u), acc_s, a.output(u, row));
 }
 
 }  // namespace veloxquant::cuda::codec

@@ -174,13 +174,13 @@ __global__ void __launch_bounds__(team::kTeam)
     const size_t first = (static_cast<size_t>(u) * a.n + t) * d;
     for (int j = team::rank(); j < d; j += team::kTeam) row[j] = a.keys[first + j];
     team::sync();
-    team::TeamEncoder<Codec>::encode(a.store.keys[h], row, pos,
+    team::TeamEncoder<Codec>::encode(a.key_params(u), row, pos,
                                      page + R.key_codes + slot * R.key_code_bytes,
                                      reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
     for (int j = team::rank(); j < d; j += team::kTeam) row[j] = a.values[first + j];
     team::sync();
     team::TeamEncoder<Value>::encode(
-        a.store.values[h], row, pos, page + R.value_codes + slot * R.value_code_bytes,
+        a.value_params(u), row, pos, page + R.value_codes + slot * R.value_code_bytes,
         reinterpret_cast<float*>(page + R.value_scalars) + slot, kPage);
 }
 

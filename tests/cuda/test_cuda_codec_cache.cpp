@@ -80,8 +80,11 @@ std::vector<Case> cases() {
     v.push_back({"qjl_d128_m256_v2_mha", c, 2, 128, 0.0, 1});
     v.push_back({"polarquant_d64_b2_v4", base("polarquant", 2, 4, 8), 2, 64, 1e-3});
     c = base("rabitq", 2, 4, 11);
-    c.num_clusters = 16;
+    c.num_clusters = 32;
     v.push_back({"rabitq_d128_b2_trained_on_prefill", c, 2, 128});
+    c = base("rabitq", 3, 4, 16);
+    c.num_clusters = 3;  // trains on 96 of a 150-token prefill: the device copies only those
+    v.push_back({"rabitq_d64_b3_trained_on_a_subsample", c, 2, 64});
     c = base("spectral", 4, 4, 10);
     v.push_back({"spectral_d128", calibrated(c, 2, 128), 2, 128});
     c = base("commvq", 2, 4, 12);
@@ -181,9 +184,9 @@ TEST_P(CodecCacheParity, MatchesCpuCache) {
 }
 
 // A batch's decode steps through CudaCodecBatch (one check, one launch of each kernel) against
-// each sequence's cache alone (1e-5) and the CPU cache (1e-3), sequences of different lengths;
-// a codec trained on each sequence's own tokens (rabitq here) is refused, and its caches still
-// append as a batch.
+// each sequence's cache alone (1e-5) and the CPU cache (1e-3), sequences of different lengths.
+// A codec trained on each sequence's own tokens (rabitq here: 32 centroids on the longer
+// prefills, 17 on the shortest) batches too, each sequence read with its own centroids.
 TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
     SKIP_WITHOUT_DEVICE();
     const Case& k = GetParam();
@@ -206,8 +209,7 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
     }
     std::vector<CudaCodecCache*> rows;
     for (auto& j : joint) rows.push_back(j.get());
-    const bool per_sequence_state = k.config.method == "rabitq";  // trained on its own prefill
-    EXPECT_EQ(CudaCodecBatch::alike({rows.begin(), rows.end()}), !per_sequence_state);
+    EXPECT_TRUE(CudaCodecBatch::alike({rows.begin(), rows.end()}));
     CudaCodecBatch step;
     const std::size_t per_token = static_cast<std::size_t>(H) * d;
     const std::size_t per_query = static_cast<std::size_t>(hq) * d;
@@ -223,11 +225,6 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
         }
         const auto q = vqtest::randn(batch * per_query, ++seed, 0.1f);
         DeviceBuffer<float> dq(q), dout(q.size()), dsolo(per_query);
-        if (per_sequence_state) {
-            EXPECT_THROW(step.attend(rows, dq.get(), hq, dout.get(), 0.125f, nullptr),
-                         std::invalid_argument);
-            continue;
-        }
         check_cuda(cudaMemset(dout.get(), 0xff, q.size() * sizeof(float)), "poison");  // NaN
         step.attend(rows, dq.get(), hq, dout.get(), 0.125f, nullptr);
         const auto got = dout.download();
@@ -242,6 +239,13 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
             EXPECT_LE(relative_error(mine, ref), 1e-3);
         }
     }
+    KVCacheConfig reseeded = k.config;  // another config: other rotations and sketches
+    ++reseeded.seed;
+    CudaCodecCache other(reseeded, H, d, 4096, 0);
+    const auto one = random_tokens(H, 1, d, ++seed, 0.5f);
+    DeviceBuffer<float> done(one);
+    other.append(done.get(), done.get(), 1, nullptr);  // trained, where it trains
+    EXPECT_FALSE(CudaCodecBatch::alike({rows[0], rows[1], &other}));
     for (int b = 0; b < batch; ++b) {  // the batch stored what each cache alone stored
         PagedStore a(joint[b]->page_layout()), c(solo[b]->page_layout());
         joint[b]->download(a);

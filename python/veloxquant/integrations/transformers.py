@@ -51,9 +51,9 @@ Batches: a batch of B sequences gets B caches per layer (the given one and B - 1
 ``empty_like()`` on the first update of that batch size), each attending on its own sequence.
 On the GPU a decode step of the whole batch (no padding in the step) runs as one: one input
 check and synchronization for every sequence's token and one decode launch over every
-sequence's pages (``veloxquant.cuda.CudaTurboQuantBatch``, ``CudaKVCacheBatch``), except on
-layers whose codecs learned from each sequence's own tokens (rabitq without calibrated
-centroids); prefill chunks take the sequences one by one.
+sequence's pages (``veloxquant.cuda.CudaTurboQuantBatch``, ``CudaKVCacheBatch``; codecs that
+learned from each sequence's own tokens, rabitq's centroids, are read per sequence); prefill
+chunks take the sequences one by one.
 Padded batches work: transformers builds sdpa's boolean mask for this attention, a position no
 query may attend to is padding, and each sequence stores and attends only its own tokens (so
 its cache holds no padding; ``get_seq_length`` counts transformers' positions). The tokens of

@@ -1,0 +1,39 @@
+// What the generic kernels (codec_kernels.cuh) read one cache's codecs through, as plain device
+// pointers: the key and value codecs' parameters of every KV head, and the affine form of the
+// key codec's query state. A batch of caches that share their codecs passes caches[0]'s; a
+// batch of kin caches (one config, layer and shape, each codec trained on its own sequence:
+// rabitq's centroids) passes one view per sequence, so that one launch still reads every
+// sequence with its own codecs (CudaCodecBatch).
+#pragma once
+
+namespace veloxquant::cuda {
+
+/// The key codec's query state as c + M q (codec_affine_prepare_kernel; measured on the host
+/// by affine_state.h). `constant` is null where the state is not affine.
+struct AffineState {
+    const float* constant = nullptr;  ///< [heads][stride] c
+    const float* matrix = nullptr;    ///< [heads][d][varying] M^T of the varying rows
+    const int* row_of = nullptr;      ///< [heads][stride]: varying row of entry i, or -1
+    int varying = 0;                  ///< varying rows per head (padded to the maximum)
+    int stride = 0;                   ///< state floats per head in constant and row_of
+};
+
+/// One cache's device parameters (pointers into its backend's allocations).
+struct CodecParamsView {
+    const void* keys = nullptr;    ///< [heads] the key codec's Params
+    const void* values = nullptr;  ///< [heads] dev::ValueDevice::Params
+    AffineState affine;
+    int state_stride = 0;        ///< query-state floats per row (the heads' most, padded)
+    int key_table_floats = 0;    ///< shared memory of the key codec's table (the heads' most)
+    int value_table_floats = 0;  ///< and of the value codec's
+};
+
+/// A batch of kin caches as one launch reads them: `views` [batch] on the device, and the
+/// largest of their sizes (each sequence's state and tables fit in what the launch reserves).
+struct KinParams {
+    const CodecParamsView* views = nullptr;  ///< null: the sequences share the backend's codecs
+    int state_stride = 0, key_table_floats = 0, value_table_floats = 0;
+    bool affine = false;  ///< every sequence's query state has its affine form
+};
+
+}  // namespace veloxquant::cuda
