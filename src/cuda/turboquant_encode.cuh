@@ -46,6 +46,7 @@ struct EncodeShape {
 
 /// The codebooks of one encode, in shared memory.
 struct EncodeShared {
+    double value_centroids_wide[16];  // value_centroids as doubles, for the scale's sums
     float key_centroids[kMaxStages * 16];
     float key_boundaries[kMaxStages * 15];
     float value_centroids[16];
@@ -245,10 +246,9 @@ __device__ __forceinline__ void encode_key_stage(float (&u)[D / G], const float*
 /// CPU); returns the least-squares scale ||v|| <u, c> / ||c||^2 (0 when `zero`).
 template <int B, int D, int G>
 __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], float inv,
-                                                    double vnorm, bool zero, const float* centroids,
-                                                    const float* boundaries, int g, bool valid,
-                                                    uint8_t* dst) {
-    const EncodeCodebook<B> cb(centroids, boundaries);
+                                                    double vnorm, bool zero, const EncodeShared& sh,
+                                                    int g, bool valid, uint8_t* dst) {
+    const EncodeCodebook<B> cb(sh.value_centroids, sh.value_boundaries);
     uint32_t chunk[D / G / 8];
     double uc = 0.0, cc = 0.0;
 #pragma unroll
@@ -258,7 +258,11 @@ __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], flo
         for (int r = 0; r < 8; ++r) {
             const float u = __fmul_rn(y[8 * k + r], inv);
             const int idx = cb.index(u);
-            const double c = cb.centroid(idx);
+            double c;  // 3- and 4-bit centroids from the shared doubles (no conversion)
+            if constexpr (B >= 3)
+                c = sh.value_centroids_wide[idx];
+            else
+                c = cb.centroid(idx);
             // Both products are of two floats, exact in double: the fused adds round as the
             // CPU's separate multiply and add.
             uc = fma(static_cast<double>(u), c, uc);
@@ -338,18 +342,16 @@ __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const Enc
     const float reciprocal = vnorm > 0.0 ? static_cast<float>(1.0 / vnorm) : 0.0f;
     const bool zero = !(vnorm > 0.0 && reciprocal <= FLT_MAX);
     const float inv = zero ? 0.0f : reciprocal;
-    const float* c = sh.value_centroids;
-    const float* b = sh.value_boundaries;
     float scale;
     switch (L.value_bits) {
         case 1:
-            scale = encode_value_codes<1, D, G>(x, inv, vnorm, zero, c, b, g, valid, vcode);
+            scale = encode_value_codes<1, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
             break;
         case 2:
-            scale = encode_value_codes<2, D, G>(x, inv, vnorm, zero, c, b, g, valid, vcode);
+            scale = encode_value_codes<2, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
             break;
         default:
-            scale = encode_value_codes<4, D, G>(x, inv, vnorm, zero, c, b, g, valid, vcode);
+            scale = encode_value_codes<4, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
             break;
     }
     if (valid && g == 0) reinterpret_cast<float*>(block + L.value_scales_offset)[slot] = scale;
@@ -373,7 +375,10 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
     }
     if (L.value_bits != 16) {
         const int vlevels = 1 << L.value_bits, t = threadIdx.x;
-        if (t < vlevels) sh.value_centroids[t] = T.value_centroids[t];
+        if (t < vlevels) {
+            sh.value_centroids[t] = T.value_centroids[t];
+            sh.value_centroids_wide[t] = T.value_centroids[t];
+        }
         if (t < vlevels - 1) sh.value_boundaries[t] = T.value_boundaries[t];
     }
     __syncthreads();
