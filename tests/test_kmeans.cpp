@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -171,6 +172,35 @@ TEST(KMeans, NearestCentroidTiesGoLow) {
     EXPECT_EQ(dist2, 1.0f);
     const float y[] = {0.0f, 2.5f};
     EXPECT_EQ(nearest_centroid(y, cents, 3, 2), 2);
+}
+
+// The host's fast path (AVX2 where the CPU has it) finds the centroid and distance the portable
+// one (the device codecs' too) finds, bit for bit: dims with and without a tail past a multiple of
+// 8, centroid counts around the four-at-once blocks, ties and exact hits.
+TEST(KMeans, HostNearestCentroidEqualsPortable) {
+    Rng rng(31);
+    for (const int d : {1, 7, 8, 13, 64, 128, 130}) {
+        for (const int k : {1, 3, 8, 9, 17, 64}) {
+            std::vector<float> centroids(static_cast<std::size_t>(k) * d);
+            for (float& v : centroids) v = static_cast<float>(rng.normal()) * 3.0f;
+            if (k > 2)  // a duplicate centroid: the tie goes to the lower index
+                std::copy_n(centroids.data(), d,
+                            centroids.data() + static_cast<std::size_t>(2) * d);
+            for (int trial = 0; trial < 50; ++trial) {
+                std::vector<float> x(d);
+                for (float& v : x) v = static_cast<float>(rng.normal()) * 3.0f;
+                if (trial == 0)
+                    std::copy_n(centroids.data() + (k - 1) * static_cast<std::size_t>(d), d,
+                                x.data());
+                float want_d = -1.0f, got_d = -2.0f;
+                const int want = nearest_centroid(x.data(), centroids.data(), k, d, &want_d);
+                const int got = nearest_centroid_host(x.data(), centroids.data(), k, d, &got_d);
+                ASSERT_EQ(got, want) << "d " << d << " k " << k << " trial " << trial;
+                ASSERT_EQ(std::memcmp(&got_d, &want_d, sizeof(float)), 0)
+                    << "d " << d << " k " << k << " trial " << trial;
+            }
+        }
+    }
 }
 
 TEST(KMeans, InvalidArgumentsThrow) {

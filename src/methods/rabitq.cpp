@@ -61,7 +61,7 @@ void critical_values(int m, double t_max, QuantizeScratch& sc) {
 // keeping the best cosine is an exact search.
 int quantize(const float* x, const std::vector<float>& centroids, int k, int d, int bits,
              uint8_t* levels, float* f, QuantizeScratch& sc) {
-    const int cid = nearest_centroid(x, centroids.data(), k, d);
+    const int cid = nearest_centroid_host(x, centroids.data(), k, d);
     const float* c = &centroids[static_cast<std::size_t>(cid) * d];
     sc.residual.resize(d);
     double norm2 = 0.0, abs_sum = 0.0;
