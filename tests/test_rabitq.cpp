@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -409,6 +410,18 @@ TEST(RaBitQ, TrainsOnItsTrainingRowsAlone) {
     picked.train(rows.data(), m);
     EXPECT_EQ(all.centroids(), picked.centroids());
     EXPECT_EQ(encode_all(all, keys).codes, encode_all(picked, keys).codes);
+}
+
+// Heads train in parallel (OpenMP): a head's exception reaches the caller instead of ending the
+// process.
+TEST(RaBitQ, TrainingHeadsInParallelRethrows) {
+    std::vector<std::unique_ptr<KeyCodec>> heads;
+    for (int h = 0; h < 3; ++h)
+        heads.push_back(std::make_unique<RaBitQCodec>(16, 2, 4, true, 10 + h));
+    const std::vector<float> keys(3 * 16, 0.5f);
+    EXPECT_THROW(train_key_codecs(heads, keys.data(), 0), std::invalid_argument);
+    train_key_codecs(heads, keys.data(), 1);
+    for (const auto& h : heads) EXPECT_FALSE(h->needs_training());
 }
 
 void expect_invalid(int d, int bits, int clusters, const std::string& needle) {

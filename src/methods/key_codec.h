@@ -84,7 +84,8 @@ VQ_HD int64_t training_row(int i, int n, int m) {
 }
 
 /// Trains every head's codec that needs training (rabitq) on the first append's keys
-/// [heads][n_tokens][dim], heads in parallel. A head's training throws what its train() throws.
+/// [heads][n_tokens][dim], heads in parallel. Throws what the lowest failing head's train()
+/// throws (after every head has run).
 void train_key_codecs(const std::vector<std::unique_ptr<KeyCodec>>& codecs, const float* keys,
                       int n_tokens);
 
