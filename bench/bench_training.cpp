@@ -1,0 +1,113 @@
+// What a rabitq cache's first prefill costs on the host, per layer of 8 KV heads at d=128: the
+// k-means assignment (the AVX2 path chosen at run time against the portable distances it
+// reproduces bit for bit), one head's k-means, every head's training (train_key_codecs, heads in
+// parallel) on the 2048 rows per head it reads, and the device backend's affine query-state
+// measurement (heads in parallel). Usage: bench_training [Google Benchmark flags], e.g.
+// --benchmark_repetitions=5 --benchmark_report_aggregates_only=true.
+#include <benchmark/benchmark.h>
+
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "core/kmeans.h"
+#include "cuda/affine_state.h"
+#include "device_codecs/rabitq_device.h"
+#include "methods/key_codec.h"
+#include "veloxquant/config.h"
+
+namespace {
+
+using namespace veloxquant;
+
+constexpr int kHeads = 8, kDim = 128, kClusters = 64, kRows = 32 * kClusters;
+
+const std::vector<float>& rows() {  // [kHeads][kRows][kDim]
+    static const std::vector<float> r = [] {
+        std::mt19937_64 gen(7);
+        std::normal_distribution<float> normal;
+        std::vector<float> v(static_cast<std::size_t>(kHeads) * kRows * kDim);
+        for (float& x : v) x = normal(gen);
+        return v;
+    }();
+    return r;
+}
+
+std::vector<std::unique_ptr<KeyCodec>> rabitq_heads() {
+    KVCacheConfig c;
+    c.method = "rabitq";
+    c.bits = 3;
+    c.num_clusters = kClusters;
+    std::vector<std::unique_ptr<KeyCodec>> heads;
+    for (int h = 0; h < kHeads; ++h) heads.push_back(make_key_codec(c, kDim, 0, h));
+    return heads;
+}
+
+// One k-means assignment pass: every row of one head against 64 centroids.
+template <int (*Nearest)(const float*, const float*, int, int, float*)>
+void BM_assign(benchmark::State& state) {
+    const float* x = rows().data();
+    const float* centroids = x;  // the first 64 rows
+    for (auto _ : state) {
+        int sum = 0;
+        for (int i = 0; i < kRows; ++i)
+            sum += Nearest(x + static_cast<std::size_t>(i) * kDim, centroids, kClusters, kDim,
+                           nullptr);
+        benchmark::DoNotOptimize(sum);
+    }
+}
+
+int portable(const float* x, const float* c, int k, int d, float* dist2) {
+    return nearest_centroid(x, c, k, d, dist2);
+}
+int host(const float* x, const float* c, int k, int d, float* dist2) {
+    return nearest_centroid_host(x, c, k, d, dist2);
+}
+
+void BM_kmeans_one_head(benchmark::State& state) {
+    for (auto _ : state) {
+        KMeansResult r = kmeans(rows().data(), kRows, kDim, kClusters, 5);
+        benchmark::DoNotOptimize(r.centroids.data());
+    }
+}
+
+void BM_train_heads(benchmark::State& state) {
+    for (auto _ : state) {
+        state.PauseTiming();
+        auto heads = rabitq_heads();
+        state.ResumeTiming();
+        train_key_codecs(heads, rows().data(), kRows);
+        benchmark::DoNotOptimize(heads.data());
+    }
+}
+
+void BM_affine_state(benchmark::State& state) {
+    auto heads = rabitq_heads();
+    train_key_codecs(heads, rows().data(), kRows);
+    dev::ParamArena arena;
+    std::vector<dev::RaBitQDevice::Params> params;
+    for (const auto& h : heads) params.push_back(dev::RaBitQDevice::build(*h, arena));
+    std::vector<uint8_t> blob = arena.bytes();
+    for (auto& p : params) p.rebase(blob.data());
+    const int stride = (dev::RaBitQDevice::state_floats(params[0]) + 3) / 4 * 4;
+    for (auto _ : state) {
+        cuda::AffineStateHost f;
+        if (!cuda::measure_affine_state<dev::RaBitQDevice>(params, kDim, stride,
+                                                           dev::kMaxAffineFloats, f))
+            state.SkipWithError("rabitq's query state is not affine");
+        benchmark::DoNotOptimize(f.matrix.data());
+    }
+}
+
+BENCHMARK(BM_assign<portable>)->Name("assign/portable")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_assign<host>)->Name("assign/host")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_kmeans_one_head)->Name("kmeans/one_head")->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_train_heads)->Name("train/8_heads")->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_affine_state)
+    ->Name("affine_state/8_heads")
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
