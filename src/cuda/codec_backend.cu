@@ -171,7 +171,7 @@ public:
     void encode(const SequenceSet& at, int n, const float* keys, const float* values,
                 cudaStream_t stream) override {
         if (n == 0) return;
-        EncodeParams<Codec> a{with(at.pool, at.page_table), at.size, n, keys, values};
+        EncodeParams<Codec> a{{with(at.pool, at.page_table)}, at.size, n, keys, values};
         a.units = heads_ * at.batch;
         a.pools = at.pools;
         a.starts = at.sizes;
@@ -197,8 +197,8 @@ public:
     void dequantize(const uint8_t* pool, const int32_t* page_table, int start, int n, float* keys,
                     float* values, cudaStream_t stream) const override {
         if (n == 0) return;
-        EncodeParams<Codec> a{with(const_cast<uint8_t*>(pool), page_table), start, n, nullptr,
-                              nullptr};
+        EncodeParams<Codec> a{
+            {with(const_cast<uint8_t*>(pool), page_table)}, start, n, nullptr, nullptr};
         a.units = heads_;
         codec::codec_dequantize_kernel<Codec>
             <<<blocks_for(static_cast<long long>(heads_) * n), codec::kThreads, 0, stream>>>(

@@ -67,18 +67,15 @@ struct Store {
     }
 };
 
+/// The KV-head units a launch covers: store.heads for one sequence (in store.pool), or for a
+/// batch (CudaCodecBatch) batch * store.heads, unit u being head u % store.heads of sequence
+/// u / store.heads, whose pages are in pools[u / store.heads] and whose codecs are the store's
+/// (or, for kin caches, that sequence's: Store::kin).
 template <class Codec>
-struct EncodeParams {
+struct UnitSet {
     Store<Codec> store;
-    int start = 0, n = 0;
-    const float* keys = nullptr;    ///< [units][n][d]
-    const float* values = nullptr;  ///< [units][n][d]
-    /// KV-head units, as AttentionParams': store.heads for one sequence (positions from
-    /// `start`), or batch * store.heads, unit u writing head u % store.heads of sequence
-    /// u / store.heads into pools[...] from position starts[...] (CudaCodecBatch).
     int units = 0;
     const uint8_t* const* pools = nullptr;
-    const int32_t* starts = nullptr;
 
     __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
     __device__ int sequence(int u) const { return pools != nullptr ? u / store.heads : 0; }
@@ -88,13 +85,23 @@ struct EncodeParams {
     __device__ const dev::ValueDevice::Params& value_params(int u) const {
         return store.value_params(sequence(u), head(u));
     }
-    __device__ int pos(int u, int t) const {
-        return (pools != nullptr ? starts[u / store.heads] : start) + t;
-    }
     __device__ uint8_t* page(int u, int pos) const {
         uint8_t* pool =
             pools != nullptr ? const_cast<uint8_t*>(pools[u / store.heads]) : store.pool;
         return pool + static_cast<uint64_t>(store.page_table[pos / kPage]) * store.page_bytes;
+    }
+};
+
+template <class Codec>
+struct EncodeParams : UnitSet<Codec> {
+    int start = 0, n = 0;
+    const float* keys = nullptr;    ///< [units][n][d]
+    const float* values = nullptr;  ///< [units][n][d]
+    /// A batch's units write from position starts[sequence] on; one sequence's from `start`.
+    const int32_t* starts = nullptr;
+
+    __device__ int pos(int u, int t) const {
+        return (this->pools != nullptr ? starts[this->sequence(u)] : start) + t;
     }
 };
 
@@ -200,8 +207,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <class Codec>
-struct AttentionParams {
-    Store<Codec> store;
+struct AttentionParams : UnitSet<Codec> {
     int size = 0;       ///< tokens stored
     int n_queries = 0;  ///< queries per query head
     int group = 1;      ///< query heads per KV head
@@ -223,26 +229,11 @@ struct AttentionParams {
     int table_floats = 0;          ///< key + value tables, a multiple of 4
     float* partial_o = nullptr;    ///< [units][rows][splits][D]
     float2* partial_ml = nullptr;  ///< [units][rows][splits] (max, sum), log2 units
-    /// KV-head units: store.heads for one sequence (in store.pool, `size` tokens); for a batch
-    /// (CudaCodecBatch), batch * store.heads, unit u being head u % store.heads of sequence
-    /// u / store.heads, whose pages are in pools[u / store.heads] and whose tokens number
-    /// sizes[u / store.heads] (the caches of one layer and config share the codecs).
-    int units = 0;
-    const uint8_t* const* pools = nullptr;
+    /// A batch's units hold sizes[sequence] tokens each; one sequence's `size`.
     const int32_t* sizes = nullptr;
 
-    __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
-    __device__ int sequence(int u) const { return pools != nullptr ? u / store.heads : 0; }
-    __device__ const typename Codec::Params& key_params(int u) const {
-        return store.key_params(sequence(u), head(u));
-    }
-    __device__ const dev::ValueDevice::Params& value_params(int u) const {
-        return store.value_params(sequence(u), head(u));
-    }
-    __device__ int size_of(int u) const { return pools != nullptr ? sizes[u / store.heads] : size; }
-    __device__ const uint8_t* page(int u, int pos) const {
-        const uint8_t* pool = pools != nullptr ? pools[u / store.heads] : store.pool;
-        return pool + static_cast<uint64_t>(store.page_table[pos / kPage]) * store.page_bytes;
+    __device__ int size_of(int u) const {
+        return this->pools != nullptr ? sizes[this->sequence(u)] : size;
     }
     /// Tokens row `row` of unit u attends to (causal: the chunk's queries end the sequence).
     __device__ int limit(int u, int row) const {
@@ -251,11 +242,11 @@ struct AttentionParams {
     }
     __device__ const float* query(int u, int row) const {
         const int qh = u * group + row % group, i = row / group;
-        return queries + (static_cast<size_t>(qh) * n_queries + i) * store.d;
+        return queries + (static_cast<size_t>(qh) * n_queries + i) * this->store.d;
     }
     __device__ float* output(int u, int row) const {
         const int qh = u * group + row % group, i = row / group;
-        return out + (static_cast<size_t>(qh) * n_queries + i) * store.d;
+        return out + (static_cast<size_t>(qh) * n_queries + i) * this->store.d;
     }
 };
 
