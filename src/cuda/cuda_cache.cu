@@ -51,6 +51,19 @@ void append_pairs(const std::vector<float>& c, int bits, float scale, std::vecto
     }
 }
 
+// 2-bit codebooks: the two words of key_i8 (TqDeviceTables) for one stage.
+void append_i8_parts(const std::vector<float>& c, float scale, std::vector<uint32_t>& out) {
+    uint32_t high = 0, low = 0;
+    for (std::size_t a = 0; a < c.size(); ++a) {
+        const int k = static_cast<int>(std::lrint(c[a] / scale * kKeyI8Scale));
+        const int h = (k + 128) >> 8;  // floor: the low part lies in [-128, 127]
+        high |= static_cast<uint32_t>(h & 0xFF) << (8 * a);
+        low |= static_cast<uint32_t>((k - 256 * h) & 0xFF) << (8 * a);
+    }
+    out.push_back(high);
+    out.push_back(low);
+}
+
 }  // namespace
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -126,6 +139,7 @@ TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int
             t.key_affine.push_back(0.0f);
             t.key_affine.push_back(scale);
             append_pairs(cb.centroids, kb, scale, t.key_pairs);
+            if (kb == 2) append_i8_parts(cb.centroids, scale, t.key_i8);
         }
     }
     if (vb != 16) {
@@ -148,7 +162,8 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
     auto part = [](const auto& v) { return Part{v.data(), v.size() * sizeof(v[0]), 0}; };
     Part parts[] = {part(host.key_signs),       part(host.value_signs),      part(host.key_centroids),
                     part(host.key_boundaries),  part(host.value_centroids),  part(host.value_boundaries),
-                    part(host.key_pairs),       part(host.key_affine),       part(host.value_pairs)};
+                    part(host.key_pairs),       part(host.key_affine),       part(host.value_pairs),
+                    part(host.key_i8)};
     for (Part& p : parts) {
         p.offset = bytes_;
         bytes_ += (p.bytes + 255) / 256 * 256;
@@ -166,6 +181,7 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
     tables_.value_boundaries = reinterpret_cast<const float*>(at(5));
     tables_.key_pairs = reinterpret_cast<const uint32_t*>(at(6));
     tables_.key_affine = reinterpret_cast<const float*>(at(7));
+    tables_.key_i8 = reinterpret_cast<const uint32_t*>(at(9));
     // 4-bit keys and values of one stage share the codebook, so their pair tables are equal: one
     // pointer lets the decode keep a single copy of it in shared memory.
     const bool same_pairs = !host.value_pairs.empty() && host.key_pairs.size() >= host.value_pairs.size() &&

@@ -57,6 +57,9 @@ struct TqDeviceTables {
     const uint32_t* key_pairs = nullptr;
     /// [key_stages][2]: (C[0], C[1] - C[0]) for key_bits == 1, else (0, max|C|).
     const float* key_affine = nullptr;
+    /// key_bits == 2: [key_stages][2] words whose byte a holds the high / low signed 8-bit part
+    /// (K = 256 high + low) of K = rint(C[a] / max|C| * kKeyI8Scale), for integer scores.
+    const uint32_t* key_i8 = nullptr;
     /// value_bits <= 4: [2^(2 value_bits)] half2 (C[iA], C[iB]) / value_pair_scale at index
     /// iA | iB << bits. Equal to key_pairs (the pointer) when the table is the key stage 0's, as
     /// at 4-bit keys and values: the decode then keeps one copy of it.
@@ -65,6 +68,10 @@ struct TqDeviceTables {
     float key_c0_sum = 0.0f;        ///< sum over stages of C_s[0] (key_bits == 1)
     float inv_sqrt_d = 0.0f;        ///< 1 / sqrt(head_dim), computed as the CPU's fwht does
 };
+
+/// The 16-bit fixed-point scale of key_i8 (and of the decode's queries): |K| <= 32512 keeps the
+/// high part within [-127, 127].
+constexpr float kKeyI8Scale = 32512.0f;
 
 /// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence.
 struct EncodeArgs {
@@ -118,6 +125,11 @@ struct DecodeArgs {
     int ring = 0;
 };
 
+/// Whether the kernels take this layout (head_dim, bit widths, stages, alignment).
+bool layout_supported(const TqPageLayout& layout);
+/// Encodes with the bulk encoder specialized to the layout's key and value bits, or, for the
+/// few tokens of a decode step, a latency-bound encoder over more lanes per token
+/// (turboquant_encode_launch.cu).
 cudaError_t launch_encode(const EncodeArgs& args, cudaStream_t stream);
 cudaError_t launch_dequantize(const DequantizeArgs& args, cudaStream_t stream);
 /// Split-K decode (each CTA takes a KV head and a page range of one sequence) and the merge
@@ -139,7 +151,7 @@ struct TqHostTables {
     PageLayout page_layout;  ///< the CPU page layout these offsets come from
     std::vector<float> key_signs, value_signs, key_centroids, key_boundaries;
     std::vector<float> value_centroids, value_boundaries, key_affine;
-    std::vector<uint32_t> key_pairs, value_pairs;
+    std::vector<uint32_t> key_pairs, value_pairs, key_i8;
     float value_pair_scale = 1.0f;
     float key_c0_sum = 0.0f;
     float inv_sqrt_d = 0.0f;

@@ -27,6 +27,7 @@ struct DecodeShared {
     float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
     float key_affine[kMaxStages][2];  // per stage: (C0, C1 - C0) or (0, pair table scale)
     uint32_t key_pairs[kMaxStages][kKeyPairs];
+    uint32_t key_i8[kMaxStages][2];  // 2-bit keys: the centroids' high and low bytes (key_i8)
     uint32_t value_pairs[kValuePairs];
 };
 

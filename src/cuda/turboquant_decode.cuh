@@ -2,12 +2,14 @@
 // scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated queries, split
 // into hi + lo parts for groups of up to 4), an online softmax, and O^T += V_codes^T x P'^T in
 // the value rotation's domain (mma m16n8k16, fp16). 1-bit keys in groups of up to 4 score with
-// integer mma m16n8k32 (0/1 key bytes x int8 query hi/lo parts). Each CTA takes one KV head and
-// a page range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the splits and
-// applies the inverse value rotation once. Shared memory (decode_layout.cuh): DecodeShared, then
+// integer mma m16n8k32 (0/1 key bytes x int8 query hi/lo parts), 2-bit keys with two 8-bit
+// parts of their centroids (s8 x s8). Each CTA takes one KV head and a page range of one
+// sequence; merge_kernel (turboquant_kernels.cuh) combines the splits and applies the inverse
+// value rotation once. Shared memory (decode_layout.cuh): DecodeShared, then
 // lane copies of the lookup tables (4-bit pair tables, the byte-indexed 2-bit value table), then
 // one cp.async ring of whole pages per warp, whose first pages are requested before the CTA's
-// set-up; or, at 4-bit keys and values, the mixed rows of one table and the page rings.
+// set-up; or, at 4-bit values with 4-bit keys or two 2-bit key stages, the mixed rows of the
+// value table and the page rings.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -32,6 +34,9 @@ namespace veloxquant::cuda::kernels {
 //           (C1 - C0) sum q'_j b_j), used for groups of 5..8 (groups of up to 4 take the
 //           integer path, kI8 in the kernel); wider keys: a 2b-bit pair field indexes a half2
 //           table of (C[i0], C[i1]) / max|C| (lane copies for 4 bits, decode_lut_bytes).
+//           2-bit keys in groups of up to 4 score in integers too: the centroids as 16-bit
+//           fixed point K = 256 high + low (key_i8), each part's byte picked by one PRMT whose
+//           selector nibbles are four codes, two mma m16n8k32 (s8 x s8) per block.
 //           B = rotated queries: column 2h = fp16(q'_h), 2h + 1 = fp16(q'_h - hi) for G <= 4
 //           (so the hi + lo add stays in one thread), column h = fp16(q'_h) for G = 5..8.
 //   values  A = V^T: row = dimension, k = token; lane group g owns dimensions [g D/8, (g+1) D/8),
@@ -50,7 +55,7 @@ namespace veloxquant::cuda::kernels {
 /// values are held to 168 registers, so that three CTAs fit per SM as their shared memory allows
 /// (left free, ptxas took 211 for the contiguous tables).
 template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false>
-__global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 3 : 0)
+__global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) || MIXED ? 3 : 0)
     decode_attention_kernel(const DecodeKernelParams kp) {
     constexpr int E = D / 32;
     constexpr int kCoords = D / 4;                  // key coordinates per lane per stage
@@ -68,8 +73,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
     static_assert(KBITS > 1 || kCoords <= 32, "1-bit pairs (p, p + D/8) fit one 32-bit word");
     static_assert(LUTC == 1 || LUTC == 16 || LUTC == 32,
                   "1, 16 or 32 lane copies of the pair tables");
-    static_assert(!MIXED || (KBITS == 4 && VBITS == 4 && LUTC == 32),
-                  "mixed rows hold the shared 4-bit table's 32 lane copies");
+    static_assert(!MIXED || ((KBITS == 4 || (KBITS == 2 && HILO)) && VBITS == 4 && LUTC == 32),
+                  "mixed rows hold the 4-bit value table's 32 lane copies (2-bit keys score in "
+                  "integers)");
+    // Mixed rows: key stages of a page (one 4-bit stage, or two 2-bit stages: D / 2 bytes a token).
+    constexpr int kMixedStages = KBITS == 4 ? 1 : 2;
     constexpr bool kKeyCopies = LUTC > 1 && KBITS == 4 && !MIXED,
                    kValueCopies = LUTC > 1 && VBITS == 4 && !MIXED;
     constexpr int kLutShift = LUTC == 32   ? 7
@@ -77,8 +85,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
                                            : 2;  // log2 of an entry's stride in bytes
     constexpr int kKeyShift = kKeyCopies ? kLutShift : 2,
                   kValueShift = kValueCopies ? kLutShift : 2;
-    // 1-bit keys, groups of up to 4: integer scores (see kI8Blocks below).
-    constexpr bool kI8 = KBITS == 1 && HILO;
+    // 1- and 2-bit keys, groups of up to 4: integer scores (see kI8Blocks below).
+    constexpr bool kI8 = (KBITS == 1 || KBITS == 2) && HILO;
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
     using Shared = DecodeShared<D, KBITS, VBITS, LUTC>;
 
@@ -181,9 +189,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
     // Tables, and the group's queries rotated once (warp w rotates heads w, w + 4).
     for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
         sh.key_affine[i / 2][i % 2] = T.key_affine[i];
-    if constexpr (KBITS > 1 && !kKeyCopies)
+    if constexpr (KBITS > 1 && !kKeyCopies && !kI8)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
             sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
+    if constexpr (KBITS == 2 && kI8)
+        for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
+            sh.key_i8[i / 2][i % 2] = T.key_i8[i];
     if constexpr (VBITS != 16 && !kValueCopies)
         for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x)
             sh.value_pairs[i] = T.value_pairs[i];
@@ -197,7 +208,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
             fill_lane_copies<kThreads>(copies + value_copies_at, T.value_pairs, 256, LUTC, LUTC);
     }
     if constexpr (MIXED)
-        fill_lane_copies<kThreads>(reinterpret_cast<uint32_t*>(mixed), T.key_pairs, 256, 32, 64);
+        fill_lane_copies<kThreads>(reinterpret_cast<uint32_t*>(mixed), T.value_pairs, 256, 32, 64);
     if constexpr (kV64) {  // the 16 pair entries loaded once per lane, spread by shuffles
         const uint32_t pair = T.value_pairs[lane & 15];
         for (int i = threadIdx.x; i < 256 * kValueByteCopies; i += kThreads) {
@@ -280,12 +291,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
                 uint32_t word = 0;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int c = D == 128 ? t * 32 + s + 8 * i
-                                           : t * 16 + s +
-                                                 (i == 1   ? 8
-                                                  : i == 2 ? 4
-                                                  : i == 3 ? 12
-                                                           : 0);
+                    const int c = KBITS == 2  ? t * kCoords + 8 * kb + r + 2 * i
+                                  : D == 128 ? t * 32 + s + 8 * i
+                                             : t * 16 + s +
+                                                   (i == 1   ? 8
+                                                    : i == 2 ? 4
+                                                    : i == 3 ? 12
+                                                             : 0);
                     int v = 0;
                     if (hq < G) {
                         const int q = __float2int_rn(sh.q[hq][c] * 127.0f);
@@ -344,7 +356,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
         float sc[4][4];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.0f;
-        if constexpr (kI8) {
+        if constexpr (kI8 && KBITS == 1) {
             for (int s = 0; s < L.key_stages; ++s) {
                 int acc[4][4];
 #pragma unroll
@@ -365,7 +377,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
                         const uint32_t af[4] = {
                             (x0 >> (2 * kb)) & 0x01010101u, (x1 >> (2 * kb)) & 0x01010101u,
                             (x0 >> (2 * kb + 1)) & 0x01010101u, (x1 >> (2 * kb + 1)) & 0x01010101u};
-                        mma_16832_u8s8(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+                        mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
                     }
                 }
                 const float w = sh.key_affine[s][1];  // C1 - C0
@@ -377,15 +389,64 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, KBITS == 4 && VBITS == 4 ? 
                             fmaf(w, static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]),
                                  sc[mt][2 * r]);
             }
+        } else if constexpr (kI8) {
+            // 2-bit keys: sums of the centroids' high parts (hi) and low parts (lo), each byte
+            // picked by one PRMT from the stage's four. (One fixed-point scale for every stage
+            // and one sum over the stages measured 5% slower at head_dim 64, the same at 128.)
+            for (int s = 0; s < (MIXED ? kMixedStages : L.key_stages); ++s) {
+                int hi[4][4], lo[4][4];
+                const uint32_t hi_bytes = sh.key_i8[s][0], lo_bytes = sh.key_i8[s][1];
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) {
+                    hi[mt][0] = hi[mt][1] = hi[mt][2] = hi[mt][3] = 0;
+                    lo[mt][0] = lo[mt][1] = lo[mt][2] = lo[mt][3] = 0;
+                    const uint8_t* row0 =
+                        MIXED ? mixed_keys + 2 * 16 * mt * (D / 2) + s * (D / 4)
+                              : buf + (16 * mt + g) * L.key_code_bytes + s * (D / 4) +
+                                    t * kKeyChunk;
+                    uint32_t w0[kKeyWords], w1[kKeyWords];
+                    load_chunk<kKeyChunk>(row0, w0);
+                    load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes),
+                                          w1);
+#pragma unroll
+                    for (int kb = 0; kb < kI8Blocks; ++kb) {
+                        // Slot r of block kb: coordinates 8 kb + r + 2 i of the chunk, whose codes
+                        // are nibbles i of the word shifted by 16 (kb % 2) + 2 r.
+                        const uint32_t x0 = w0[kb >> 1] >> (16 * (kb & 1));
+                        const uint32_t x1 = w1[kb >> 1] >> (16 * (kb & 1));
+                        const uint32_t sel[4] = {x0 & 0x3333u, x1 & 0x3333u, (x0 >> 2) & 0x3333u,
+                                                 (x1 >> 2) & 0x3333u};
+                        uint32_t ah[4], al[4];
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            ah[q] = __byte_perm(hi_bytes, 0, sel[q]);
+                            al[q] = __byte_perm(lo_bytes, 0, sel[q]);
+                        }
+                        mma_16832_i8<true>(hi[mt], ah, bq8[kb][0], bq8[kb][1]);
+                        mma_16832_i8<true>(lo[mt], al, bq8[kb][0], bq8[kb][1]);
+                    }
+                }
+                const float w = sh.key_affine[s][1] * (1.0f / kKeyI8Scale);  // max|C| / scale
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const float h = static_cast<float>(hi[mt][2 * r] * 256 + hi[mt][2 * r + 1]);
+                        const float l = static_cast<float>(lo[mt][2 * r] * 256 + lo[mt][2 * r + 1]);
+                        sc[mt][2 * r] = fmaf(w, fmaf(256.0f, h, l), sc[mt][2 * r]);
+                    }
+                }
+            }
         } else {
-            for (int s = 0; s < (MIXED ? 1 : L.key_stages); ++s) {
+            for (int s = 0; s < (MIXED ? kMixedStages : L.key_stages); ++s) {
                 float acc[4][4];
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
                     acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-                    const uint8_t* row0 = MIXED ? mixed_keys + 2 * 16 * mt * (D / 2)
-                                                : buf + (16 * mt + g) * L.key_code_bytes +
-                                                      s * (D * KBITS / 8) + t * kKeyChunk;
+                    const uint8_t* row0 =
+                        MIXED ? mixed_keys + 2 * 16 * mt * (D / 2) + s * (D * KBITS / 8)
+                              : buf + (16 * mt + g) * L.key_code_bytes + s * (D * KBITS / 8) +
+                                    t * kKeyChunk;
                     uint32_t w0[kKeyWords], w1[kKeyWords];
                     load_chunk<kKeyChunk>(row0, w0);
                     load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes),

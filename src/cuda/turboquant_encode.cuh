@@ -16,8 +16,9 @@
 // packed stream, so each lane stores its own.
 //
 // The bulk encoder takes G = D / 32 (32 coordinates per lane, 8 or 16 tokens per warp, 96
-// registers, no shared staging), the short appends of decode steps G = D / 8 (8 coordinates per
-// lane: a few microseconds for one token of 8 heads).
+// registers, no shared staging), one kernel per (key bits, value bits); the short appends of
+// decode steps G = D / 8 (8 coordinates per lane: a few microseconds for one token of 8 heads),
+// one kernel for every width.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -278,7 +279,8 @@ __device__ __forceinline__ float encode_value_codes(const float (&y)[D / G], flo
 }
 
 /// Keys: n = ||k|| (double, as the CPU), u = R k / n, then each stage quantizes the residual.
-template <int D, int G>
+/// KB: the key bits, or 0 to read them from the layout.
+template <int D, int G, int KB>
 __device__ __forceinline__ void encode_group_keys(float (&x)[D / G], const EncodeArgs& a,
                                                   const EncodeShared& sh, uint8_t* block, int h,
                                                   int slot, int g, bool valid) {
@@ -299,32 +301,38 @@ __device__ __forceinline__ void encode_group_keys(float (&x)[D / G], const Encod
         const float* b = sh.key_boundaries + s * 15;
         const bool residual = s + 1 < L.key_stages;
         uint8_t* dst = code + s * L.key_stage_bytes;
-        switch (L.key_bits) {
-            case 1:
-                encode_key_stage<1, D, G>(x, c, b, residual, g, valid, dst);
-                break;
-            case 2:
-                encode_key_stage<2, D, G>(x, c, b, residual, g, valid, dst);
-                break;
-            case 3:
-                encode_key_stage<3, D, G>(x, c, b, residual, g, valid, dst);
-                break;
-            default:
-                encode_key_stage<4, D, G>(x, c, b, residual, g, valid, dst);
-                break;
+        if constexpr (KB != 0) {
+            encode_key_stage<KB, D, G>(x, c, b, residual, g, valid, dst);
+        } else {
+            switch (L.key_bits) {
+                case 1:
+                    encode_key_stage<1, D, G>(x, c, b, residual, g, valid, dst);
+                    break;
+                case 2:
+                    encode_key_stage<2, D, G>(x, c, b, residual, g, valid, dst);
+                    break;
+                case 3:
+                    encode_key_stage<3, D, G>(x, c, b, residual, g, valid, dst);
+                    break;
+                default:
+                    encode_key_stage<4, D, G>(x, c, b, residual, g, valid, dst);
+                    break;
+            }
         }
     }
     if (valid && g == 0) reinterpret_cast<float*>(block + L.key_norms_offset)[slot] = norm;
 }
 
-/// Values: fp16, or R v / ||v|| quantized with one least-squares scale per token.
-template <int D, int G>
+/// Values: fp16, or R v / ||v|| quantized with one least-squares scale per token. VB: the value
+/// bits, or 0 to read them from the layout.
+template <int D, int G, int VB>
 __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const EncodeArgs& a,
                                                     const EncodeShared& sh, uint8_t* block, int h,
                                                     int slot, int g, bool valid) {
     const TqPageLayout& L = a.layout;
     uint8_t* vcode = block + L.value_codes_offset + slot * L.value_code_bytes;
-    if (L.value_bits == 16) {  // the lane's chunks, 8 halves each
+    const int bits = VB != 0 ? VB : L.value_bits;
+    if (bits == 16) {  // the lane's chunks, 8 halves each
 #pragma unroll
         for (int k = 0; k < D / G / 8; ++k) {
             uint32_t w[4];
@@ -343,24 +351,29 @@ __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const Enc
     const bool zero = !(vnorm > 0.0 && reciprocal <= FLT_MAX);
     const float inv = zero ? 0.0f : reciprocal;
     float scale;
-    switch (L.value_bits) {
-        case 1:
-            scale = encode_value_codes<1, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
-            break;
-        case 2:
-            scale = encode_value_codes<2, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
-            break;
-        default:
-            scale = encode_value_codes<4, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
-            break;
+    if constexpr (VB == 1 || VB == 2 || VB == 4) {
+        scale = encode_value_codes<VB, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
+    } else {
+        switch (bits) {
+            case 1:
+                scale = encode_value_codes<1, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
+                break;
+            case 2:
+                scale = encode_value_codes<2, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
+                break;
+            default:
+                scale = encode_value_codes<4, D, G>(x, inv, vnorm, zero, sh, g, valid, vcode);
+                break;
+        }
     }
     if (valid && g == 0) reinterpret_cast<float*>(block + L.value_scales_offset)[slot] = scale;
 }
 
 /// Blocks loop over steps of kTokens items (item = head * n_tokens + token, so a step reads
 /// consecutive rows of the [heads][n][D] inputs). Lanes past the last item encode a copy of it
-/// (every lane takes part in the shuffles) and store nothing.
-template <int D, int G>
+/// (every lane takes part in the shuffles) and store nothing. KB, VB: the key and value bits the
+/// kernel is specialized to (the layout's), or 0 for a kernel that reads them from the layout.
+template <int D, int G, int KB, int VB>
 __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
     encode_kernel(const EncodeArgs a) {
     using Shape = EncodeShape<D, G>;
@@ -399,8 +412,8 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
         float k[D / G], v[D / G];
         load_chunks<D, G>(k, a.keys + item * D, g, vec);
         load_chunks<D, G>(v, a.values + item * D, g, vec);
-        encode_group_keys<D, G>(k, a, sh, block, h, slot, g, valid);
-        encode_group_values<D, G>(v, a, sh, block, h, slot, g, valid);
+        encode_group_keys<D, G, KB>(k, a, sh, block, h, slot, g, valid);
+        encode_group_values<D, G, VB>(v, a, sh, block, h, slot, g, valid);
     }
 }
 

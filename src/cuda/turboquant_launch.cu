@@ -1,16 +1,10 @@
-// Thin launchers of the turboquant kernels: argument checks, kernel selection by
-// (head_dim, key bits, value bits), the split-K plan of the decode, and the launches.
+// Thin launchers of the turboquant decode: argument checks, kernel selection by (head_dim, key
+// bits, value bits), the split-K plan, and the launches of the decode and its merge.
 #include <algorithm>
 
 #include "cuda/turboquant_decode.cuh"
-#include "cuda/turboquant_encode.cuh"
 
 namespace veloxquant::cuda {
-namespace {
-
-using kernels::DecodeKernelParams;
-using kernels::kDecodeWarps;
-using kernels::kMaxGroup;
 
 bool layout_supported(const TqPageLayout& L) {
     const bool values =
@@ -20,6 +14,12 @@ bool layout_supported(const TqPageLayout& L) {
            L.num_kv_heads >= 1 && L.head_bytes % 64 == 0 && L.value_codes_offset % 16 == 0 &&
            L.page_bytes == static_cast<uint64_t>(L.num_kv_heads) * L.head_bytes;
 }
+
+namespace {
+
+using kernels::DecodeKernelParams;
+using kernels::kDecodeWarps;
+using kernels::kMaxGroup;
 
 struct DecodeKernel {
     void (*fn)(DecodeKernelParams) = nullptr;
@@ -31,13 +31,13 @@ struct DecodeKernel {
 
 // `lutc`: lane copies (1, 16, 32) of the 256-entry tables of 4-bit keys or values; ignored
 // otherwise. 2-bit values always take the byte-indexed table (16 copies). `mixed`: the mixed-row
-// layout of one table shared by 4-bit keys and values (32 copies).
+// layout of the 4-bit value table (32 copies), shared by 4-bit keys or beside 2-bit keys.
 template <int D, int K, int V, bool HILO>
 DecodeKernel decode_entry(int lutc, bool mixed) {
     using kernels::decode_attention_kernel;
     using kernels::DecodeShared;
     constexpr int VC = V == 2 ? 16 : 0;
-    if constexpr (K == 4 && V == 4) {
+    if constexpr ((K == 4 || (K == 2 && HILO)) && V == 4) {
         if (mixed)
             return {&decode_attention_kernel<D, K, V, HILO, 32, VC, true>,
                     sizeof(DecodeShared<D, K, V, 32>), 32, VC, true};
@@ -105,15 +105,19 @@ bool shared_pairs(const DecodeArgs& a) {
            a.tables.value_pairs == a.tables.key_pairs;
 }
 
-// The mixed-row layout: a shared 4-bit table, one page per warp, and a page of one stage whose
-// code blocks are D / 2 bytes per token and whose norms and scales are 16-byte aligned
-// (args.table_copies and args.ring force the other layouts); sm_90, whose dynamic shared memory
-// starts at kDynamicSharedBase of the window (the kernel traps otherwise).
+// The mixed-row layout: 4-bit values, one page per warp, and a page whose key and value code
+// blocks are D / 2 bytes per token and whose norms and scales are 16-byte aligned; the keys are
+// one 4-bit stage of the values' codebook (one table in the rows) or, for groups of up to 4, two
+// 2-bit stages (integer scores, no table). args.table_copies and args.ring force the other
+// layouts. sm_90 only, whose dynamic shared memory starts at kDynamicSharedBase of the window
+// (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {
     const TqPageLayout& L = a.layout;
     const uint32_t half = static_cast<uint32_t>(L.head_dim) / 2;
-    return major == 9 && shared_pairs(a) && a.table_copies == 0 && a.ring <= 1 &&
-           L.key_stages == 1 && L.key_code_bytes == half && L.value_code_bytes == half &&
+    const bool keys = (shared_pairs(a) && L.key_stages == 1) ||
+                      (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4 && a.group <= 4);
+    return major == 9 && keys && a.table_copies == 0 && a.ring <= 1 &&
+           L.key_code_bytes == half && L.value_code_bytes == half &&
            L.key_norms_offset % 16 == 0 && L.value_scales_offset % 16 == 0;
 }
 
@@ -280,65 +284,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     return cudaSuccess;
 }
 
-/// Encode and dequantize arguments: a supported layout, a token range, and the buffers.
-template <typename Args>
-bool args_valid(const Args& a) {
-    return layout_supported(a.layout) && a.n_tokens >= 0 && a.start >= 0 && a.pool != nullptr &&
-           a.page_table != nullptr &&
-           (a.n_tokens == 0 || (a.keys != nullptr && a.values != nullptr));
-}
-
-/// Launches encode_kernel<D, G> with as many blocks as fit on the device, or one per step of
-/// kTokens items.
-template <int D, int G>
-cudaError_t launch_encode_kernel(const EncodeArgs& a, cudaStream_t stream) {
-    void (*kernel)(EncodeArgs) = &kernels::encode_kernel<D, G>;
-    int device = 0, sms = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess)
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                            kernels::kEncodeThreads, 0);
-    if (err != cudaSuccess) return err;
-    constexpr int kTokens = kernels::EncodeShape<D, G>::kTokens;
-    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
-    const long long steps = (items + kTokens - 1) / kTokens;
-    const long long resident = static_cast<long long>(std::max(per_sm, 1)) * sms;
-    kernel<<<static_cast<unsigned>(std::min(steps, resident)), kernels::kEncodeThreads, 0,
-             stream>>>(a);
-    return cudaGetLastError();
-}
-
 }  // namespace
-
-/// Appends of fewer tokens (decode steps) spread each token over D / 8 lanes, for latency;
-/// longer ones over D / 32 lanes, for throughput.
-constexpr int kShortAppend = 32;
-
-cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
-    if (!args_valid(a)) return cudaErrorInvalidValue;
-    if (a.n_tokens == 0) return cudaSuccess;
-    const bool short_append = a.n_tokens < kShortAppend;
-    if (a.layout.head_dim == 64)
-        return short_append ? launch_encode_kernel<64, 8>(a, stream)
-                            : launch_encode_kernel<64, 2>(a, stream);
-    return short_append ? launch_encode_kernel<128, 16>(a, stream)
-                        : launch_encode_kernel<128, 4>(a, stream);
-}
-
-cudaError_t launch_dequantize(const DequantizeArgs& a, cudaStream_t stream) {
-    if (!args_valid(a)) return cudaErrorInvalidValue;
-    if (a.n_tokens == 0) return cudaSuccess;
-    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
-    const unsigned blocks =
-        static_cast<unsigned>((items + kernels::kDequantizeWarps - 1) / kernels::kDequantizeWarps);
-    (a.layout.head_dim == 64
-         ? &kernels::dequantize_kernel<64>
-         : &kernels::dequantize_kernel<128>)<<<blocks, kernels::kDequantizeWarps * 32, 0, stream>>>(
-        a);
-    return cudaGetLastError();
-}
 
 std::size_t decode_workspace_bytes(const DecodeArgs& a) {
     DecodePlan plan;

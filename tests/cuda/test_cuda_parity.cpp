@@ -3,7 +3,7 @@
 // error 1e-3) on the same codes, the batched launcher with a shuffled page table (also with
 // each count of lookup-table copies in shared memory), and the
 // device cache end to end against TurboQuantRVQKVCache. Every device test skips cleanly when
-// no CUDA device is present.
+// no CUDA device is present; the host tables' check runs everywhere.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -127,6 +127,29 @@ TEST(CudaParity, RejectsShapesOutsideScope) {
     c = make_config(s, 1);
     c.method = "qjl";
     EXPECT_THROW(CudaTurboQuantCache(c, 2, 128), std::invalid_argument);
+}
+
+// The decode scores 2-bit keys in integers: each centroid C[a] of a stage as K = 256 high + low,
+// high and low signed bytes a of the stage's two key_i8 words, K = rint(C[a] / max|C| * 32512).
+// Host only: rebuilds every centroid from the bytes.
+TEST(CudaParity, KeyI8PartsRebuildTheCentroids) {
+    for (int d : {64, 128}) {
+        for (int stages : {1, 2, 3}) {
+            const TqHostTables t = make_host_tables(make_config({d, 2, stages, 4, 1}, 7), 1, d, 0);
+            ASSERT_EQ(t.key_i8.size(), static_cast<std::size_t>(2 * stages));
+            for (int s = 0; s < stages; ++s) {
+                const float scale = t.key_affine[2 * s + 1];  // max|C| of the stage
+                for (int a = 0; a < 4; ++a) {
+                    const int high = static_cast<int8_t>(t.key_i8[2 * s] >> (8 * a));
+                    const int low = static_cast<int8_t>(t.key_i8[2 * s + 1] >> (8 * a));
+                    EXPECT_LE(std::abs(high), 127);
+                    const double c = t.key_centroids[4 * s + a];
+                    EXPECT_NEAR((256.0 * high + low) / 32512.0 * scale, c, 0.5 / 32512.0 * scale + 1e-7)
+                        << "d " << d << " stage " << s << " index " << a;
+                }
+            }
+        }
+    }
 }
 
 TEST(CudaParity, EncodedCodesMatchCpu) {
@@ -288,13 +311,14 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
 }
 
 // The plan picks how many lane copies of the 4-bit lookup tables live in shared memory, and
-// how many pages per warp (one-page rings refill in halves), by residency, and at 4-bit keys and
-// values one table in rows mixed with the page rings; every choice must give the same attention.
+// how many pages per warp (one-page rings refill in halves), by residency, and at 4-bit values
+// with 4-bit keys or two 2-bit key stages the value table in rows mixed with the page rings;
+// every choice must give the same attention.
 // Two sequences, one ending mid-page.
 TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
     SKIP_WITHOUT_DEVICE();
     const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {64, 4, 1, 4, 2}, {128, 2, 2, 4, 2},
-                                       {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1}};
+                                       {64, 2, 2, 4, 2}, {64, 4, 2, 2, 2},  {128, 4, 3, 16, 1}};
     const std::vector<int> lens = {1000, 301};
     uint64_t seed = 4242;
     int deep_rings = 0;  // launches with a forced ring of 2 or 4 pages per warp
