@@ -87,6 +87,7 @@ def build_model(layers: int):
 CONFIGS = {  # name -> KVCacheConfig kwargs
     "k1r1_v2": dict(method="turboquant_rvq", bits=1, num_residuals=1, value_bits=2),
     "k4r1_v4": dict(method="turboquant_rvq", bits=4, num_residuals=1, value_bits=4),
+    "k2r2_v4": dict(method="turboquant_rvq", bits=2, num_residuals=2, value_bits=4),
     # a method off the tensor-core kernels: the generic device path (CudaKVCache)
     "polar3_v4": dict(method="polarquant", bits=3, value_bits=4),
     # more generic-path methods, run when --configs names them

@@ -1,12 +1,15 @@
-// Device helpers of the decode kernel (turboquant_decode.cuh) that turn packed key and value
-// codes into mma fragments: chunk loads, bit-field extraction, table lookups, exact 1-bit
-// decodes, and the pairing of two tokens' value codes.
+// Device helpers of the decode kernel (turboquant_decode.cuh) that turn the queries and the
+// packed key and value codes into mma fragments: the queries' fp16 and int8 fragments, chunk
+// loads, bit-field extraction, table lookups, exact 1-bit decodes, and the pairing of two tokens'
+// value codes.
 #pragma once
 
 #include <cuda_fp16.h>
 
 #include <cstdint>
 #include <type_traits>
+
+#include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
 
@@ -113,6 +116,78 @@ __device__ __forceinline__ uint32_t bit_pair(uint32_t x, uint32_t magic, int p) 
     asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(m) : "r"(x), "r"(0x00010001u << p), "r"(magic));
     const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&m), __half2(1024.0f, 1024.0f));
     return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+/// B fragments of the fp16 score mma (m16n8k16) of thread t, from its column's rotated query row
+/// q (null: a column past the group, zeros): block kb, register r holds the query at the two
+/// coordinates that the key fragment's register r pairs (1-bit keys: (p, p + D/8) of the chunk,
+/// scaled by 2^-p' to undo bit_pair's 2^p'; wider keys: two consecutive coordinates). The lo
+/// column (HILO) holds what fp16 leaves of each value.
+template <int D, int KBITS, int BLOCKS>
+__device__ __forceinline__ void query_fragments_f16(uint32_t (&bq)[BLOCKS][2], const float* q,
+                                                    int t, bool lo_part) {
+    constexpr int kCoords = D / 4;
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int c0 = KBITS == 1 ? t * kCoords + 2 * kb + r : t * kCoords + 4 * kb + 2 * r;
+            const int c1 = KBITS == 1 ? c0 + kCoords / 2 : c0 + 1;
+            __half h0 = __float2half_rn(0.0f), h1 = h0;
+            if (q != nullptr) {
+                const int p = 2 * kb + r;
+                const float unscale =
+                    KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
+                const float v0 = q[c0] * unscale, v1 = q[c1] * unscale;
+                h0 = __float2half_rn(v0);
+                h1 = __float2half_rn(v1);
+                if (lo_part) {
+                    h0 = __float2half_rn(v0 - __half2float(h0));
+                    h1 = __float2half_rn(v1 - __half2float(h1));
+                }
+            }
+            bq[kb][r] = pack_half2(h0, h1);
+        }
+    }
+}
+
+/// B fragments of the integer score mma (m16n8k32, s8 query) of thread t: the query, scaled to
+/// max |q'| in [128, 256), becomes Q = rint(127 q') = 256 hi + lo with hi, lo in int8 (columns
+/// 2h, 2h + 1), exact to 2^-15 of max |q'|. Byte i of slot r of block kb is the coordinate whose
+/// key byte the kernel puts there: 1-bit keys, bit s + 8i (s = 2 kb + r) of the lane's 32-bit
+/// chunk (D = 128; D = 64 spreads its 16 bits into nibbles 0-3, 8-11, 4-7, 12-15 first), so one
+/// shift and one mask make 4 exact 0/1 key bytes; 2-bit keys, coordinate 8 kb + r + 2i of the
+/// chunk, whose code is nibble i of a PRMT selector.
+template <int D, int KBITS, int BLOCKS>
+__device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], const float* q,
+                                                   int t, bool lo_part) {
+    constexpr int kCoords = D / 4;
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int s = 2 * kb + r;
+            uint32_t word = 0;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = KBITS == 2  ? t * kCoords + 8 * kb + r + 2 * i
+                              : D == 128 ? t * 32 + s + 8 * i
+                                         : t * 16 + s +
+                                               (i == 1   ? 8
+                                                : i == 2 ? 4
+                                                : i == 3 ? 12
+                                                         : 0);
+                int v = 0;
+                if (q != nullptr) {
+                    const int x = __float2int_rn(q[c] * 127.0f);
+                    const int hi = (x + 128) >> 8;
+                    v = lo_part ? x - 256 * hi : hi;
+                }
+                word |= static_cast<uint32_t>(v & 0xFF) << (8 * i);
+            }
+            bq8[kb][r] = word;
+        }
+    }
 }
 
 /// Chunk type of one lane group's value dimensions (D / 8 of them) of one token.

@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                                            : 2;  // log2 of an entry's stride in bytes
     constexpr int kKeyShift = kKeyCopies ? kLutShift : 2,
                   kValueShift = kValueCopies ? kLutShift : 2;
-    // 1- and 2-bit keys, groups of up to 4: integer scores (see kI8Blocks below).
+    // 1- and 2-bit keys, groups of up to 4: integer scores (query_fragments_i8).
     constexpr bool kI8 = (KBITS == 1 || KBITS == 2) && HILO;
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
     using Shared = DecodeShared<D, KBITS, VBITS, LUTC>;
@@ -247,69 +247,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     }
     __syncthreads();
 
-    // Query fragments (B of the score mma), fixed for the whole CTA; for 1-bit keys coordinate
-    // pair p is scaled by 2^-p (p < 10) or 2^-(p - 6), undoing the decode's 2^p.
+    // Query fragments (B of the score mma), fixed for the whole CTA (decode_fragments.cuh).
     const int hq = HILO ? g >> 1 : g;
     const bool lo_part = HILO && (g & 1);
+    const float* q_row = hq < G ? sh.q[hq] : nullptr;  // null: a padding column (zeros)
     uint32_t bq[kI8 ? 1 : kKBlocks][2];
-    if constexpr (!kI8) {
-#pragma unroll
-        for (int kb = 0; kb < kKBlocks; ++kb) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int c0 = KBITS == 1 ? t * kCoords + 2 * kb + r : t * kCoords + 4 * kb + 2 * r;
-                const int c1 = KBITS == 1 ? c0 + kCoords / 2 : c0 + 1;
-                __half h0 = __float2half_rn(0.0f), h1 = h0;
-                if (hq < G) {
-                    const int p = 2 * kb + r;
-                    const float unscale =
-                        KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
-                    const float v0 = sh.q[hq][c0] * unscale, v1 = sh.q[hq][c1] * unscale;
-                    h0 = __float2half_rn(v0);
-                    h1 = __float2half_rn(v1);
-                    if (lo_part) {
-                        h0 = __float2half_rn(v0 - __half2float(h0));
-                        h1 = __float2half_rn(v1 - __half2float(h1));
-                    }
-                }
-                bq[kb][r] = pack_half2(h0, h1);
-            }
-        }
-    }
-    // Integer scores of 1-bit keys (mma m16n8k32, u8 keys x s8 queries): the query, scaled to
-    // max |q'| in [128, 256), becomes Q = rint(127 q') = 256 hi + lo with hi, lo in int8 (columns
-    // 2h, 2h + 1), exact to 2^-15 of max |q'|. Byte i of k-slot register s of thread t is bit
-    // s + 8i of the lane's 32-bit key chunk (D = 128; D = 64 spreads its 16 bits into nibbles
-    // 0-3, 8-11, 4-7, 12-15 first), so one shift and one mask make 4 exact 0/1 key bytes.
+    if constexpr (!kI8) query_fragments_f16<D, KBITS>(bq, q_row, t, lo_part);
     uint32_t bq8[kI8 ? kI8Blocks : 1][2];
-    if constexpr (kI8) {
-#pragma unroll
-        for (int kb = 0; kb < kI8Blocks; ++kb) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int s = 2 * kb + r;
-                uint32_t word = 0;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = KBITS == 2  ? t * kCoords + 8 * kb + r + 2 * i
-                                  : D == 128 ? t * 32 + s + 8 * i
-                                             : t * 16 + s +
-                                                   (i == 1   ? 8
-                                                    : i == 2 ? 4
-                                                    : i == 3 ? 12
-                                                             : 0);
-                    int v = 0;
-                    if (hq < G) {
-                        const int q = __float2int_rn(sh.q[hq][c] * 127.0f);
-                        const int hi = (q + 128) >> 8;
-                        v = lo_part ? q - 256 * hi : hi;
-                    }
-                    word |= static_cast<uint32_t>(v & 0xFF) << (8 * i);
-                }
-                bq8[kb][r] = word;
-            }
-        }
-    }
+    if constexpr (kI8) query_fragments_i8<D, KBITS>(bq8, q_row, t, lo_part);
     // Heads of this thread's score columns.
     int heads[kSlots];
     float mul[kSlots], add[kSlots];
