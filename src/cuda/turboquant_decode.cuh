@@ -281,6 +281,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // Mixed rows: this thread's first key chunk and value chunk (loop-invariant).
     const uint8_t* mixed_keys = mixed_at(g * (D / 2) + t * kKeyChunk);
     const uint8_t* mixed_values = mixed_at(kCodeBytes + t * (D / 2) + g * kValueChunk);
+    // This thread's chunks of key stage s of tokens 16 mt + g (w0) and 16 mt + 8 + g (w1), from
+    // the ring slot at buf or the mixed rows.
+    auto load_keys = [&](const uint8_t* buf, int s, int mt, uint32_t(&w0)[kKeyWords],
+                         uint32_t(&w1)[kKeyWords]) {
+        const uint8_t* row0 = MIXED ? mixed_keys + 2 * 16 * mt * (D / 2) + s * (D * KBITS / 8)
+                                    : buf + (16 * mt + g) * L.key_code_bytes +
+                                          s * (D * KBITS / 8) + t * kKeyChunk;
+        load_chunk<kKeyChunk>(row0, w0);
+        load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes), w1);
+    };
 
     for (int i = 0; i < count; ++i) {
         cp_async_wait(halves ? 1 : S - 1);  // this page's keys (and values, unless halves)
@@ -307,11 +317,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
                     acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
-                    const uint8_t* row0 =
-                        buf + (16 * mt + g) * L.key_code_bytes + s * (D / 8) + t * kKeyChunk;
                     uint32_t w0[kKeyWords], w1[kKeyWords];
-                    load_chunk<kKeyChunk>(row0, w0);
-                    load_chunk<kKeyChunk>(row0 + 8 * L.key_code_bytes, w1);
+                    load_keys(buf, s, mt, w0, w1);
                     uint32_t x0 = w0[0], x1 = w1[0];
                     if constexpr (D == 64) {
                         x0 = (x0 & 0x0F0Fu) | ((x0 & 0xF0F0u) << 12);
@@ -345,14 +352,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 for (int mt = 0; mt < 4; ++mt) {
                     hi[mt][0] = hi[mt][1] = hi[mt][2] = hi[mt][3] = 0;
                     lo[mt][0] = lo[mt][1] = lo[mt][2] = lo[mt][3] = 0;
-                    const uint8_t* row0 =
-                        MIXED ? mixed_keys + 2 * 16 * mt * (D / 2) + s * (D / 4)
-                              : buf + (16 * mt + g) * L.key_code_bytes + s * (D / 4) +
-                                    t * kKeyChunk;
                     uint32_t w0[kKeyWords], w1[kKeyWords];
-                    load_chunk<kKeyChunk>(row0, w0);
-                    load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes),
-                                          w1);
+                    load_keys(buf, s, mt, w0, w1);
 #pragma unroll
                     for (int kb = 0; kb < kI8Blocks; ++kb) {
                         // Slot r of block kb: coordinates 8 kb + r + 2 i of the chunk, whose codes
@@ -388,14 +389,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
                     acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-                    const uint8_t* row0 =
-                        MIXED ? mixed_keys + 2 * 16 * mt * (D / 2) + s * (D * KBITS / 8)
-                              : buf + (16 * mt + g) * L.key_code_bytes + s * (D * KBITS / 8) +
-                                    t * kKeyChunk;
                     uint32_t w0[kKeyWords], w1[kKeyWords];
-                    load_chunk<kKeyChunk>(row0, w0);
-                    load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes),
-                                          w1);
+                    load_keys(buf, s, mt, w0, w1);
 #pragma unroll
                     for (int kb = 0; kb < kKBlocks; ++kb) {
                         uint32_t af[4];
