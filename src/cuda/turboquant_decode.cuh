@@ -52,8 +52,8 @@ namespace veloxquant::cuda::kernels {
 
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
 /// otherwise (group 5..8) column h is head h. MIXED: the mixed-row layout above. 4-bit keys and
-/// values are held to 168 registers, so that three CTAs fit per SM as their shared memory allows
-/// (left free, ptxas took 211 for the contiguous tables).
+/// values, and every mixed-row kernel, are held to 168 registers, so that three CTAs fit per SM
+/// as their shared memory allows (left free, ptxas took 211 for the contiguous tables).
 template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) || MIXED ? 3 : 0)
     decode_attention_kernel(const DecodeKernelParams kp) {
