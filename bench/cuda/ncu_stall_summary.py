@@ -2,10 +2,12 @@
 
 Input: the CSV that `ncu --section SourceCounters --section WarpStateStats --page source
 --print-source sass --csv ...` prints (one row per SASS instruction). Output: the share of warp
-stall samples by opcode with its top stall reasons, then the instructions with the most samples.
-Used for the decode tuning in bench/cuda/decode_tuning.md:
+stall samples by opcode with its top stall reasons, the instructions with the most samples, and
+the executed warp instructions by opcode (divided by `per`, e.g. the pages x warps of the run,
+131072 for 8 sequences of 128K tokens and 8 KV heads). Used for the decode tuning in
+bench/cuda/decode_tuning.md:
 
-    python3 bench/cuda/ncu_stall_summary.py src_k4v4.csv [top]
+    python3 bench/cuda/ncu_stall_summary.py src_k4v4.csv [top] [per]
 """
 import collections
 import csv
@@ -23,6 +25,7 @@ def number(text: str) -> float:
 
 def main() -> None:
     path, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 30
+    per = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     header_at = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
@@ -52,6 +55,15 @@ def main() -> None:
         why = ", ".join(f"{k} {v:.0f}" for v, k in top2)
         print(f"  {i:5d} {number(r[col[SAMPLES]]) / total * 100:4.1f}%  "
               f"{r[col['Source']].strip()[:56]:56s} {why}")
+    executed = collections.Counter()
+    for r in data:
+        words = r[col["Source"]].split()
+        executed[words[1] if words[0].startswith("@") else words[0]] += number(
+            r[col["Instructions Executed"]])
+    print(f"executed warp instructions by opcode, divided by {per:g}: "
+          f"{sum(executed.values()) / per:.1f} in all")
+    for op, n in executed.most_common(24):
+        print(f"  {op:24s} {n / per:9.1f}")
 
 
 if __name__ == "__main__":
