@@ -233,10 +233,19 @@ size_t align256(size_t n) {
     return (n + 255) / 256 * 256;
 }
 
+// Whether every table the decode reads for this layout is there (a null one would fault in the
+// kernel): rotations, stage weights, the key pair tables (2-4 bits), 2-bit keys' integer parts,
+// the value pair table.
+bool tables_present(const TqPageLayout& L, const TqDeviceTables& T) {
+    return T.key_signs != nullptr && T.value_signs != nullptr && T.key_affine != nullptr &&
+           (L.key_bits == 1 || T.key_pairs != nullptr) && (L.key_bits != 2 || T.key_i8 != nullptr) &&
+           (L.value_bits == 16 || T.value_pairs != nullptr);
+}
+
 // Split-K plan: kernel (table copies), ring depth, and the split of each sequence's pages.
 cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     const TqPageLayout& L = a.layout;
-    if (!layout_supported(L) || a.group < 1 || a.group > kMaxGroup || a.batch < 1 ||
+    if (!layout_supported(L) || !tables_present(L, a.tables) || a.group < 1 || a.group > kMaxGroup || a.batch < 1 ||
         a.max_seq_len < 1 || (a.pool == nullptr && a.pools == nullptr) || a.page_table == nullptr || a.queries == nullptr ||
         a.out == nullptr ||
         a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage ||

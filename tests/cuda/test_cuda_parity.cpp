@@ -152,6 +152,32 @@ TEST(CudaParity, KeyI8PartsRebuildTheCentroids) {
     }
 }
 
+// A decode whose tables lack one the layout needs is refused before anything runs (host only:
+// the check comes before any device call; the stand-in pointers are never read).
+TEST(CudaParity, DecodeRefusesMissingTables) {
+    const TqHostTables host = make_host_tables(make_config({128, 2, 2, 4, 2}, 3), 2, 128, 0);
+    std::vector<float> stand_in(16);
+    const auto* words = reinterpret_cast<const uint32_t*>(stand_in.data());
+    DecodeArgs a;
+    a.layout = host.layout;
+    a.tables.key_signs = a.tables.value_signs = a.tables.key_affine = stand_in.data();
+    a.tables.key_pairs = a.tables.value_pairs = a.tables.key_i8 = words;
+    a.pool = reinterpret_cast<const uint8_t*>(stand_in.data());
+    a.page_table = reinterpret_cast<const int32_t*>(stand_in.data());
+    a.page_table_stride = 2;
+    a.max_seq_len = a.seq_len = 128;
+    a.batch = 1;
+    a.group = 4;
+    a.queries = stand_in.data();
+    a.out = stand_in.data();
+    for (int missing = 0; missing < 3; ++missing) {
+        DecodeArgs b = a;
+        (missing == 0 ? b.tables.key_i8 : missing == 1 ? b.tables.key_pairs : b.tables.value_pairs) = nullptr;
+        EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue) << "missing table " << missing;
+        EXPECT_EQ(decode_workspace_bytes(b), 0u);
+    }
+}
+
 TEST(CudaParity, EncodedCodesMatchCpu) {
     SKIP_WITHOUT_DEVICE();
     uint64_t seed = 11;
