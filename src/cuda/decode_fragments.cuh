@@ -108,6 +108,17 @@ __device__ __forceinline__ uint32_t row_lut(uint32_t word, int j, uint32_t lane4
     return v;
 }
 
+/// row_lut for the byte-indexed 2-bit value table (decode_v64_bytes) in mixed rows: lane8 holds
+/// the window's upper 16 bits and 8 * (lane % 16), the lane's copy; both A registers of a tile in
+/// one LDS.64 (replacing an IMAD of the index with the copy stride).
+template <uint32_t TABLE>
+__device__ __forceinline__ uint2 row_lut64(uint32_t word, int j, uint32_t lane8) {
+    const uint32_t offset = __byte_perm(word, lane8, 0x7604u | (j << 4));
+    uint2 v;
+    asm("ld.shared.v2.b32 {%0, %1}, [%2+%3];\n" : "=r"(v.x), "=r"(v.y) : "r"(offset), "n"(TABLE));
+    return v;
+}
+
 /// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
 /// exactly: one LOP3 puts them in the mantissa of 1024 (magic = 0x64006400, ulp 1), one HADD2
 /// subtracts 1024. The 2^-p goes into the query fragment.

@@ -71,13 +71,29 @@ __host__ __device__ constexpr size_t decode_v64_bytes(int value_bits, int vc) {
 /// the kernel traps if its window differs, and the plan takes mixed rows only on sm_90.
 constexpr uint32_t kDynamicSharedBase = 0x400;
 
-/// Mixed rows (4-bit keys and values of one codebook, one stage, one page per warp): a 64 KB
-/// region of 256 rows of 256 bytes, where row i holds the 32 lane copies of pair-table entry i
-/// (bytes 0-127; lookups by row_lut, one PRMT and one LDS) and 128 bytes of the warps' code
-/// rings (bytes 128-255; warp w's page, keys then values, in rows [R w, R (w + 1)) with R = D / 2
-/// rows per warp). The norms and scales go to [2][warp][kPage] floats after the region.
-__host__ __device__ constexpr size_t decode_mixed_bytes() {
-    return 256 * 256 + 2 * kDecodeWarps * kPage * sizeof(float);
+/// Mixed rows: a 64 KB region of 256 rows of 256 bytes, where row i holds the lane copies of
+/// entry i of one table in bytes 0-127 (the 4-bit pair table's 32 copies of 4 bytes, read by
+/// row_lut; or the byte-indexed 2-bit value table's 16 copies of 8 bytes, read by row_lut64: one
+/// PRMT and one LDS per lookup) and 128 bytes of the warps' code rings in bytes 128-255 (warp w's
+/// ring, pages of keys then values, in its own run of rows). The norms and scales go to
+/// [2][warp][ring][kPage] floats after the region.
+__host__ __device__ constexpr size_t decode_mixed_bytes(int ring) {
+    return 256 * 256 + static_cast<size_t>(2) * kDecodeWarps * ring * kPage * sizeof(float);
+}
+
+/// Pages per warp in the mixed rows, for a page of `page_code_bytes` key and value code bytes: one
+/// at 4-bit values (refilled in halves, as tuned there), else two, which keep three CTAs per SM
+/// (the region is 64 of the 75 KB a CTA may take for that) and fit a warp's 64 rows at 2-bit
+/// values with 1-bit keys.
+__host__ __device__ constexpr int decode_mixed_ring(int page_code_bytes, int value_bits) {
+    return value_bits == 4 || 2 * page_code_bytes > 64 * 128 ? 1 : 2;
+}
+
+/// The address step of ring offset d (bytes) in the mixed rows: whole 128-byte row halves double,
+/// the rest adds as is, which is exact when the lane's base offset plus d % 128 stays within its
+/// row half (every chunk the kernel reads does: its static_asserts).
+__host__ __device__ constexpr uint32_t mixed_delta(uint32_t d) {
+    return d + (d & ~127u);
 }
 
 }  // namespace veloxquant::cuda::kernels

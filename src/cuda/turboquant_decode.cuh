@@ -8,8 +8,8 @@
 // value rotation once. Shared memory (decode_layout.cuh): DecodeShared, then
 // lane copies of the lookup tables (4-bit pair tables, the byte-indexed 2-bit value table), then
 // one cp.async ring of whole pages per warp, whose first pages are requested before the CTA's
-// set-up; or, at 4-bit values with 4-bit keys or two 2-bit key stages, the mixed rows of the
-// value table and the page rings.
+// set-up; or, at 4-bit values with 4-bit keys or two 2-bit key stages and at 2-bit values with
+// 1-bit keys, the mixed rows of the value table and the page rings (decode_layout.cuh).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -73,11 +73,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     static_assert(KBITS > 1 || kCoords <= 32, "1-bit pairs (p, p + D/8) fit one 32-bit word");
     static_assert(LUTC == 1 || LUTC == 16 || LUTC == 32,
                   "1, 16 or 32 lane copies of the pair tables");
-    static_assert(!MIXED || ((KBITS == 4 || (KBITS == 2 && HILO)) && VBITS == 4 && LUTC == 32),
+    static_assert(!MIXED || ((KBITS == 4 || (KBITS == 2 && HILO)) && VBITS == 4 && LUTC == 32) ||
+                      (KBITS == 1 && VBITS == 2 && VC == 16),
                   "mixed rows hold the 4-bit value table's 32 lane copies (2-bit keys score in "
-                  "integers)");
-    // Mixed rows: key stages of a page (one 4-bit stage, or two 2-bit stages: D / 2 bytes a token).
-    constexpr int kMixedStages = KBITS == 4 ? 1 : 2;
+                  "integers) or the 2-bit value table's 16 (1-bit keys)");
+    // Mixed rows: key stages of a page (one 4-bit or 1-bit stage, or two 2-bit stages), code
+    // bytes of a token's keys and values, of a page, pages per warp and ring rows of a warp.
+    constexpr int kMixedStages = KBITS == 2 ? 2 : 1;
+    constexpr int kKeyTok = D * KBITS * kMixedStages / 8, kValueTok = D * VBITS / 8;
+    constexpr int kPageCodes = kPage * (kKeyTok + kValueTok);
+    constexpr int kMixedRing = decode_mixed_ring(kPageCodes, VBITS);
+    constexpr int kMixedRows = kMixedRing * kPageCodes / 128;
+    static_assert(!MIXED || (kPageCodes % 128 == 0 && kDecodeWarps * kMixedRows <= 256),
+                  "whole mixed rows, 256 of them");
     constexpr bool kKeyCopies = LUTC > 1 && KBITS == 4 && !MIXED,
                    kValueCopies = LUTC > 1 && VBITS == 4 && !MIXED;
     constexpr int kLutShift = LUTC == 32   ? 7
@@ -108,20 +116,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 
     const TqDeviceTables& T = a.tables;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    // Mixed rows: ring byte x of this warp's page lies at byte 128 + (x % 128) of row
-    // R warp + x / 128; offsets that are multiples of 128 double.
+    // Mixed rows: ring byte x of this warp's ring (page slot x / kPageCodes: its keys, then its
+    // values) lies at byte 128 + (x % 128) of row kMixedRows warp + x / 128 (mixed_delta).
     constexpr size_t kMixedOffset = decode_ring_offset(sizeof(Shared));
-    constexpr int kCodeBytes = kPage * D / 2;  // of the keys, and of the values (mixed rows)
+    constexpr int kKeyBytes = kPage * kKeyTok;  // of a page's keys in the mixed rows
     uint8_t* mixed = smem_raw + kMixedOffset;
     auto mixed_at = [&](uint32_t x) {
-        return mixed + 128 + static_cast<size_t>(warp) * (2 * kCodeBytes / 128) * 256 + 2 * x -
-               (x & 127);
+        return mixed + 128 + static_cast<size_t>(warp) * kMixedRows * 256 + 2 * x - (x & 127);
     };
-    float* mixed_norms = reinterpret_cast<float*>(mixed + 256 * 256) + warp * kPage;
-    float* mixed_scales = mixed_norms + kDecodeWarps * kPage;
+    float* mixed_norms = reinterpret_cast<float*>(mixed + 256 * 256) + warp * kMixedRing * kPage;
+    float* mixed_scales = mixed_norms + kDecodeWarps * kMixedRing * kPage;
     constexpr uint32_t kMixedTable = kDynamicSharedBase + kMixedOffset;
     const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
     const uint32_t lane4 = (window & 0xFFFF0000u) | (4 * lane);
+    const uint32_t lane8 = (window & 0xFFFF0000u) | (8 * (lane & 15));
     if (MIXED && (window & 0xFFFFu) != kDynamicSharedBase) __trap();  // not the layout assumed
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
     const int G = a.group;
@@ -135,7 +143,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // the keys and norms (part 0) and the values and scales (part 1), so the next keys load while
     // this page's values are read; deeper rings load whole pages (part 2), as halves measured 2-4%
     // slower there.
-    const int S = kp.ring;
+    const int S = MIXED ? kMixedRing : kp.ring;
     const bool halves = S == 1;
     uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
     const int first = p_begin + warp;
@@ -156,18 +164,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
                               static_cast<size_t>(kvh) * L.head_bytes;
         if (MIXED && i < count) {
+            const int slot = kMixedRing == 1 ? 0 : issue_slot;
+            uint8_t* codes = mixed_at(0) + 2 * slot * kPageCodes;  // (multiples of 128 double)
             if (part != 1) {
-                for (uint32_t c = lane; c < kCodeBytes / 16; c += 32)
-                    cp_async_16(mixed_at(16 * c), page + 16 * c);
+                for (uint32_t c = lane; c < kKeyBytes / 16; c += 32)
+                    cp_async_16(codes + mixed_delta(16 * c), page + 16 * c);
                 if (lane < kPage / 4)
-                    cp_async_16(mixed_norms + 4 * lane, page + L.key_norms_offset + 16 * lane);
+                    cp_async_16(mixed_norms + slot * kPage + 4 * lane,
+                                page + L.key_norms_offset + 16 * lane);
             }
             if (part != 0) {
-                for (uint32_t c = lane; c < kCodeBytes / 16; c += 32)
-                    cp_async_16(mixed_at(kCodeBytes + 16 * c),
+                for (uint32_t c = lane; c < kPage * kValueTok / 16; c += 32)
+                    cp_async_16(codes + mixed_delta(kKeyBytes + 16 * c),
                                 page + L.value_codes_offset + 16 * c);
                 if (lane < kPage / 4)
-                    cp_async_16(mixed_scales + 4 * lane, page + L.value_scales_offset + 16 * lane);
+                    cp_async_16(mixed_scales + slot * kPage + 4 * lane,
+                                page + L.value_scales_offset + 16 * lane);
             }
         } else if (i < count) {
             const uint4* src = reinterpret_cast<const uint4*>(page);
@@ -207,15 +219,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         if (!kp.shared_pairs)
             fill_lane_copies<kThreads>(copies + value_copies_at, T.value_pairs, 256, LUTC, LUTC);
     }
-    if constexpr (MIXED)
+    if constexpr (MIXED && VBITS == 4)
         fill_lane_copies<kThreads>(reinterpret_cast<uint32_t*>(mixed), T.value_pairs, 256, 32, 64);
     if constexpr (kV64) {  // the 16 pair entries loaded once per lane, spread by shuffles
         const uint32_t pair = T.value_pairs[lane & 15];
+        // entry e, copy c: uint2 kValueByteCopies e + c, or in mixed row e (32 uint2 a row)
+        uint2* entries = reinterpret_cast<uint2*>(MIXED ? mixed : v64_table);
+        constexpr int kEntryStride = MIXED ? 32 : kValueByteCopies;
         for (int i = threadIdx.x; i < 256 * kValueByteCopies; i += kThreads) {
             const int e = i / kValueByteCopies;
             const uint32_t x = __shfl_sync(kFull, pair, (e & 3) | ((e >> 4) & 3) << 2);
             const uint32_t y = __shfl_sync(kFull, pair, ((e >> 2) & 3) | ((e >> 6) & 3) << 2);
-            reinterpret_cast<uint2*>(v64_table)[i] = make_uint2(x, y);
+            entries[e * kEntryStride + i % kValueByteCopies] = make_uint2(x, y);
         }
     }
     const uint8_t* v64_lane = v64_table + (lane % kValueByteCopies) * sizeof(uint2);
@@ -261,10 +276,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
         heads[j] = HILO ? t : 2 * t + j;
-        mul[j] = sh.head_mul[heads[j]] * (kI8 ? 1.0f / 127.0f : 1.0f);
-        add[j] = sh.head_add[heads[j]];
+        // logit (log2 units) = (score mul + add) norm
+        const float scale_log2 = a.scale * 1.4426950408889634f;
+        mul[j] = sh.head_mul[heads[j]] * (kI8 ? scale_log2 / 127.0f : scale_log2);
+        add[j] = sh.head_add[heads[j]] * scale_log2;
     }
-    const float scale_log2 = a.scale * 1.4426950408889634f;
+    // The value tables' scale enters P' through the softmax's exponent (p'' = value_pair_scale p),
+    // so the running sums l are of p'' until the end.
+    const float log2_pair = log2f(T.value_pair_scale);
     __syncthreads();  // every warp has read sh.q, which the P' rows overwrite
 
     float o[kVTiles][4];
@@ -278,30 +297,38 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // This thread's P' entry in rows 16 mt + 8 r + 2 (g % 4) + g / 4 (see below), as a base and
     // immediate offsets (ptxas rebuilt each row's address with three LOP3s).
     uint8_t* prow = pbuf + (2 * (g & 3) + (g >> 2)) * 16 + 4 * t;
-    // Mixed rows: this thread's first key chunk and value chunk (loop-invariant).
-    const uint8_t* mixed_keys = mixed_at(g * (D / 2) + t * kKeyChunk);
-    const uint8_t* mixed_values = mixed_at(kCodeBytes + t * (D / 2) + g * kValueChunk);
+    // Mixed rows: this thread's first key chunk and value chunk in slot 0 (loop-invariant). Each
+    // chunk read lies within one 128-byte row half, as mixed_delta needs: the chunks of a key
+    // block of 8 tokens and of a value block of 4 tokens span a divisor or a multiple of 128 bytes.
+    static_assert(!MIXED || ((128 % (8 * kKeyTok) == 0 || 8 * kKeyTok % 128 == 0) &&
+                             (128 % (4 * kValueTok) == 0 || 4 * kValueTok % 128 == 0)),
+                  "mixed-row chunks stay within their row halves");
+    const uint8_t* mixed_keys = mixed_at(g * kKeyTok + t * kKeyChunk);
+    const uint8_t* mixed_values = mixed_at(kKeyBytes + t * kValueTok + g * kValueChunk);
     // This thread's chunks of key stage s of tokens 16 mt + g (w0) and 16 mt + 8 + g (w1), from
-    // the ring slot at buf or the mixed rows.
+    // the ring slot at buf or, in mixed rows, from the slot's keys (mixed_keys moved to the slot).
     auto load_keys = [&](const uint8_t* buf, int s, int mt, uint32_t(&w0)[kKeyWords],
                          uint32_t(&w1)[kKeyWords]) {
-        const uint8_t* row0 = MIXED ? mixed_keys + 2 * 16 * mt * (D / 2) + s * (D * KBITS / 8)
+        const uint8_t* row0 = MIXED ? buf + mixed_delta(16 * mt * kKeyTok) + s * (D * KBITS / 8)
                                     : buf + (16 * mt + g) * L.key_code_bytes +
                                           s * (D * KBITS / 8) + t * kKeyChunk;
         load_chunk<kKeyChunk>(row0, w0);
-        load_chunk<kKeyChunk>(row0 + (MIXED ? 2 * 8 * (D / 2) : 8 * L.key_code_bytes), w1);
+        load_chunk<kKeyChunk>(row0 + (MIXED ? mixed_delta(8 * kKeyTok) : 8 * L.key_code_bytes),
+                              w1);
     };
 
     for (int i = 0; i < count; ++i) {
         cp_async_wait(halves ? 1 : S - 1);  // this page's keys (and values, unless halves)
         __syncwarp();
-        const uint8_t* buf = ring + read_slot * L.head_bytes;
+        const int slot = MIXED && kMixedRing == 1 ? 0 : read_slot;
         read_slot = read_slot + 1 == S ? 0 : read_slot + 1;
+        // The slot's page: in the ring, or in mixed rows this thread's first key chunk of it
+        const uint8_t* buf = MIXED ? mixed_keys + 2 * slot * kPageCodes : ring + slot * L.head_bytes;
         const int valid = len - (first + kDecodeWarps * i) * kPage;  // tokens of this page in use
         // The norms of this thread's 8 tokens, read before the scores so that their loads are
         // done when the logits need them.
-        const float* norms =
-            MIXED ? mixed_norms : reinterpret_cast<const float*>(buf + L.key_norms_offset);
+        const float* norms = MIXED ? mixed_norms + slot * kPage
+                                   : reinterpret_cast<const float*>(buf + L.key_norms_offset);
         float norm[4][2];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
@@ -442,11 +469,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float f = norm[mt][r] * scale_log2;
 #pragma unroll
                 for (int j = 0; j < kSlots; ++j) {
-                    const float s = HILO ? sc[mt][2 * r] + sc[mt][2 * r + 1] : sc[mt][2 * r + j];
-                    x[mt][r][j] = (s * mul[j] + add[j]) * f;
+                    // (integer scores leave the lo columns' sums in the hi column)
+                    const float s = !HILO ? sc[mt][2 * r + j]
+                                    : kI8 ? sc[mt][2 * r]
+                                          : sc[mt][2 * r] + sc[mt][2 * r + 1];
+                    x[mt][r][j] = (s * mul[j] + add[j]) * norm[mt][r];
                 }
             }
         }
@@ -489,6 +518,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 m_run[j] = m_new;
             }
             float sum = 0.0f;
+            base -= log2_pair;
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -517,8 +547,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         // The 8 value scales are read before any P' store: ptxas does not move a shared load
         // above a shared store it cannot tell apart, and each load then stalled its row (6% of
         // the stall samples).
-        const float* vscales =
-            MIXED ? mixed_scales : reinterpret_cast<const float*>(buf + L.value_scales_offset);
+        const float* vscales = MIXED ? mixed_scales + slot * kPage
+                                     : reinterpret_cast<const float*>(buf + L.value_scales_offset);
         float vscale[4][2];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
@@ -529,12 +559,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const float vs = vscale[mt][r] * T.value_pair_scale;
-                const float p0 = x[mt][r][0] * vs, p1 = x[mt][r][kSlots - 1] * vs;
-                const __half h0 = __float2half_rn(p0);
-                const __half h1 =
-                    HILO ? __float2half_rn(p0 - __half2float(h0)) : __float2half_rn(p1);
-                *reinterpret_cast<uint32_t*>(prow + (16 * mt + 8 * r) * 16) = pack_half2(h0, h1);
+                const float p0 = x[mt][r][0] * vscale[mt][r],
+                            p1 = HILO ? p0 - __half2float(__float2half_rn(p0))
+                                      : x[mt][r][kSlots - 1] * vscale[mt][r];
+                const __half2 h = __floats2half2_rn(p0, p1);  // one F2FP for both halves
+                *reinterpret_cast<__half2*>(prow + (16 * mt + 8 * r) * 16) = h;
             }
         }
         __syncwarp();
@@ -551,14 +580,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         const uint8_t* vcodes = buf + L.value_codes_offset + g * kValueChunk;
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
-            const uint8_t* tok = MIXED ? mixed_values + 2 * 16 * kb * (D / 2)
+            const uint8_t* tok = MIXED ? mixed_values + 2 * slot * kPageCodes +
+                                             mixed_delta(16 * kb * kValueTok)
                                        : vcodes + (16 * kb + t) * L.value_code_bytes;
-            // tokens t, t + 4, t + 8, t + 12
-            const uint32_t step = MIXED ? 2 * 4 * (D / 2) : 4 * L.value_code_bytes;
+            // This thread's chunk of token t + 4 k of the block
+            auto chunk = [&](int k) {
+                return tok + (MIXED ? mixed_delta(4 * k * kValueTok) : k * 4 * L.value_code_bytes);
+            };
             if constexpr (VBITS == 16) {
                 uint32_t w[4][kDims / 2];
 #pragma unroll
-                for (int k = 0; k < 4; ++k) load_chunk<kValueChunk>(tok + k * step, w[k]);
+                for (int k = 0; k < 4; ++k) load_chunk<kValueChunk>(chunk(k), w[k]);
 #pragma unroll
                 for (int v = 0; v < kVTiles; ++v) {
                     const uint32_t af[4] = {__byte_perm(w[0][v], w[1][v], 0x5410),
@@ -570,32 +602,37 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             } else if constexpr (kV64) {
                 // Bytes j of x[0] / x[1]: both tokens' nibbles 2j / 2j + 1 (dims 4j, 4j + 1 / 4j +
                 // 2, 4j + 3), the entry index of tile 2j / 2j + 1.
-                const uint32_t c0 = load_value_chunk<D, VBITS>(tok),
-                               c1 = load_value_chunk<D, VBITS>(tok + step);
-                const uint32_t c2 = load_value_chunk<D, VBITS>(tok + 2 * step);
-                const uint32_t c3 = load_value_chunk<D, VBITS>(tok + 3 * step);
+                const uint32_t c0 = load_value_chunk<D, VBITS>(chunk(0)),
+                               c1 = load_value_chunk<D, VBITS>(chunk(1));
+                const uint32_t c2 = load_value_chunk<D, VBITS>(chunk(2));
+                const uint32_t c3 = load_value_chunk<D, VBITS>(chunk(3));
                 const uint32_t x01[2] = {(c0 & 0x0F0F0F0Fu) | ((c1 << 4) & 0xF0F0F0F0u),
                                          ((c0 >> 4) & 0x0F0F0F0Fu) | (c1 & 0xF0F0F0F0u)};
                 const uint32_t x23[2] = {(c2 & 0x0F0F0F0Fu) | ((c3 << 4) & 0xF0F0F0F0u),
                                          ((c2 >> 4) & 0x0F0F0F0Fu) | (c3 & 0xF0F0F0F0u)};
 #pragma unroll
                 for (int v = 0; v < kVTiles; ++v) {
-                    const uint32_t sel = 0x4440u | static_cast<uint32_t>(v >> 1);
-                    const uint32_t i01 = __byte_perm(x01[v & 1], 0, sel),
-                                   i23 = __byte_perm(x23[v & 1], 0, sel);
-                    const uint2 e01 = *reinterpret_cast<const uint2*>(
-                        v64_lane + i01 * (kValueByteCopies * sizeof(uint2)));
-                    const uint2 e23 = *reinterpret_cast<const uint2*>(
-                        v64_lane + i23 * (kValueByteCopies * sizeof(uint2)));
+                    uint2 e01, e23;
+                    if constexpr (MIXED) {
+                        e01 = row_lut64<kMixedTable>(x01[v & 1], v >> 1, lane8);
+                        e23 = row_lut64<kMixedTable>(x23[v & 1], v >> 1, lane8);
+                    } else {
+                        const uint32_t i01 = byte_of(x01[v & 1], v >> 1),
+                                       i23 = byte_of(x23[v & 1], v >> 1);
+                        e01 = *reinterpret_cast<const uint2*>(
+                            v64_lane + i01 * (kValueByteCopies * sizeof(uint2)));
+                        e23 = *reinterpret_cast<const uint2*>(
+                            v64_lane + i23 * (kValueByteCopies * sizeof(uint2)));
+                    }
                     const uint32_t af[4] = {e01.x, e01.y, e23.x, e23.y};
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
                 }
             } else {
                 using C = ValueChunk<D, VBITS>;
-                const C c0 = load_value_chunk<D, VBITS>(tok),
-                        c1 = load_value_chunk<D, VBITS>(tok + step);
-                const C c2 = load_value_chunk<D, VBITS>(tok + 2 * step);
-                const C c3 = load_value_chunk<D, VBITS>(tok + 3 * step);
+                const C c0 = load_value_chunk<D, VBITS>(chunk(0)),
+                        c1 = load_value_chunk<D, VBITS>(chunk(1));
+                const C c2 = load_value_chunk<D, VBITS>(chunk(2));
+                const C c3 = load_value_chunk<D, VBITS>(chunk(3));
                 const C e01 = merge_even<VBITS>(c0, c1), o01 = merge_odd<VBITS>(c0, c1);
                 const C e23 = merge_even<VBITS>(c2, c3), o23 = merge_odd<VBITS>(c2, c3);
 #pragma unroll
@@ -624,6 +661,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // Merge the four warps' states in shared memory (over the rings) and write this split.
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
+        l_run[j] *= 1.0f / T.value_pair_scale;  // sums of p'' = value_pair_scale p
         l_run[j] += __shfl_xor_sync(kFull, l_run[j], 4);
         l_run[j] += __shfl_xor_sync(kFull, l_run[j], 8);
         l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);

@@ -31,7 +31,8 @@ struct DecodeKernel {
 
 // `lutc`: lane copies (1, 16, 32) of the 256-entry tables of 4-bit keys or values; ignored
 // otherwise. 2-bit values always take the byte-indexed table (16 copies). `mixed`: the mixed-row
-// layout of the 4-bit value table (32 copies), shared by 4-bit keys or beside 2-bit keys.
+// layout of the 4-bit value table (32 copies), shared by 4-bit keys or beside 2-bit keys, or of
+// the 2-bit value table beside 1-bit keys.
 template <int D, int K, int V, bool HILO>
 DecodeKernel decode_entry(int lutc, bool mixed) {
     using kernels::decode_attention_kernel;
@@ -41,6 +42,11 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
         if (mixed)
             return {&decode_attention_kernel<D, K, V, HILO, 32, VC, true>,
                     sizeof(DecodeShared<D, K, V, 32>), 32, VC, true};
+    }
+    if constexpr (K == 1 && V == 2) {
+        if (mixed)
+            return {&decode_attention_kernel<D, K, V, HILO, 1, VC, true>,
+                    sizeof(DecodeShared<D, K, V>), 1, VC, true};
     }
     if constexpr (K == 4 || V == 4) {
         if (lutc == 32)
@@ -105,20 +111,30 @@ bool shared_pairs(const DecodeArgs& a) {
            a.tables.value_pairs == a.tables.key_pairs;
 }
 
-// The mixed-row layout: 4-bit values, one page per warp, and a page whose key and value code
-// blocks are D / 2 bytes per token and whose norms and scales are 16-byte aligned; the keys are
-// one 4-bit stage of the values' codebook (one table in the rows) or, for groups of up to 4, two
-// 2-bit stages (integer scores, no table). args.table_copies and args.ring force the other
-// layouts. sm_90 only, whose dynamic shared memory starts at kDynamicSharedBase of the window
-// (the kernel traps otherwise).
+// Pages per warp of the mixed rows for this layout (decode_mixed_ring).
+int mixed_ring(const TqPageLayout& L) {
+    return kernels::decode_mixed_ring(
+        static_cast<int>(kernels::kPage * (L.key_code_bytes + L.value_code_bytes)), L.value_bits);
+}
+
+// The mixed-row layout, for a page whose key and value code blocks are packed tokens (D / 2 bytes
+// each at 4-bit values; D / 8 and D / 4 at 1-bit keys and 2-bit values) and whose norms and
+// scales are 16-byte aligned: at 4-bit values (one page per warp) the keys are one 4-bit stage
+// of the values' codebook (one table in the rows) or, for groups of up to 4, two 2-bit stages
+// (integer scores, no table); at 2-bit values one 1-bit key stage (two pages per warp).
+// args.table_copies and another args.ring force the other layouts. sm_90 only, whose dynamic
+// shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {
     const TqPageLayout& L = a.layout;
-    const uint32_t half = static_cast<uint32_t>(L.head_dim) / 2;
-    const bool keys = (shared_pairs(a) && L.key_stages == 1) ||
-                      (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4 && a.group <= 4);
-    return major == 9 && keys && a.table_copies == 0 && a.ring <= 1 &&
-           L.key_code_bytes == half && L.value_code_bytes == half &&
-           L.key_norms_offset % 16 == 0 && L.value_scales_offset % 16 == 0;
+    const uint32_t d = static_cast<uint32_t>(L.head_dim);
+    const bool four = ((shared_pairs(a) && L.key_stages == 1) ||
+                       (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4 && a.group <= 4)) &&
+                      L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
+    const bool one_two = L.key_bits == 1 && L.key_stages == 1 && L.value_bits == 2 &&
+                         L.key_code_bytes == d / 8 && L.value_code_bytes == d / 4;
+    return major == 9 && (four || one_two) && a.table_copies == 0 &&
+           (a.ring == 0 || a.ring == mixed_ring(L)) && L.key_norms_offset % 16 == 0 &&
+           L.value_scales_offset % 16 == 0;
 }
 
 // A kernel's shared-memory plan: ring depth, bytes and CTAs per SM.
@@ -145,8 +161,8 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
         kernels::decode_v64_bytes(L.value_bits, k.vc));
     const size_t states = kernels::decode_states_bytes(L.head_dim, a.group);
     if (k.mixed) {  // the page rings and the final states lie in the mixed rows
-        r.ring = 1;
-        r.smem = kernels::decode_ring_offset(k.shared_bytes) + kernels::decode_mixed_bytes();
+        r.ring = mixed_ring(L);
+        r.smem = kernels::decode_ring_offset(k.shared_bytes) + kernels::decode_mixed_bytes(r.ring);
         cudaError_t err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(r.smem));
         if (err == cudaSuccess)

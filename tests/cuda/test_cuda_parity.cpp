@@ -338,13 +338,14 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
 
 // The plan picks how many lane copies of the 4-bit lookup tables live in shared memory, and
 // how many pages per warp (one-page rings refill in halves), by residency, and at 4-bit values
-// with 4-bit keys or two 2-bit key stages the value table in rows mixed with the page rings;
-// every choice must give the same attention.
+// with 4-bit keys or two 2-bit key stages, or at 2-bit values with 1-bit keys, the value table in
+// rows mixed with the page rings; every choice must give the same attention.
 // Two sequences, one ending mid-page.
 TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
     SKIP_WITHOUT_DEVICE();
     const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {64, 4, 1, 4, 2}, {128, 2, 2, 4, 2},
-                                       {64, 2, 2, 4, 2}, {64, 4, 2, 2, 2},  {128, 4, 3, 16, 1}};
+                                       {64, 2, 2, 4, 2},  {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1},
+                                       {128, 1, 1, 2, 2}, {64, 1, 1, 2, 2}};
     const std::vector<int> lens = {1000, 301};
     uint64_t seed = 4242;
     int deep_rings = 0;  // launches with a forced ring of 2 or 4 pages per warp
@@ -387,7 +388,7 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
             a.out = dout.get();
             a.scale = 0.1f;
             for (int ring : {0, 1, 2, 4}) {  // 0: the plan's; deeper rings refill whole pages
-                for (int copies : {0, 1, 16, 32}) {  // 0: the plan's (mixed rows at 4-bit / 4-bit)
+                for (int copies : {0, 1, 16, 32}) {  // 0: the plan's (mixed rows where they fit)
                     SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " +
                                  std::to_string(copies) + " ring " + std::to_string(ring));
                     a.table_copies = copies, a.ring = ring;
