@@ -144,6 +144,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // this page's values are read; deeper rings load whole pages (part 2), as halves measured 2-4%
     // slower there.
     const int S = MIXED ? kMixedRing : kp.ring;
+    static_assert(!MIXED || (kKeyBytes % 512 == 0 && kPage * kValueTok % 512 == 0),
+                  "a page's key and value codes are whole rounds of the warp's 16-byte copies");
+    uint8_t* mixed_lane = mixed_at(16 * lane);  // this lane's first chunk of a ring slot
     const bool halves = S == 1;
     uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
     const int first = p_begin + warp;
@@ -164,19 +167,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
                               static_cast<size_t>(kvh) * L.head_bytes;
         if (MIXED && i < count) {
+            // Lane l copies 16-byte chunks l + 32 j: 512 ring bytes (4 row halves) apart, so the
+            // rows' addresses step by 1024 bytes, immediates of the copies.
             const int slot = kMixedRing == 1 ? 0 : issue_slot;
-            uint8_t* codes = mixed_at(0) + 2 * slot * kPageCodes;  // (multiples of 128 double)
+            uint8_t* codes = mixed_lane + 2 * slot * kPageCodes;  // (multiples of 128 double)
             if (part != 1) {
-                for (uint32_t c = lane; c < kKeyBytes / 16; c += 32)
-                    cp_async_16(codes + mixed_delta(16 * c), page + 16 * c);
+#pragma unroll
+                for (int j = 0; j < kKeyBytes / 512; ++j)
+                    cp_async_16(codes + 1024 * j, page + 16 * lane + 512 * j);
                 if (lane < kPage / 4)
                     cp_async_16(mixed_norms + slot * kPage + 4 * lane,
                                 page + L.key_norms_offset + 16 * lane);
             }
             if (part != 0) {
-                for (uint32_t c = lane; c < kPage * kValueTok / 16; c += 32)
-                    cp_async_16(codes + mixed_delta(kKeyBytes + 16 * c),
-                                page + L.value_codes_offset + 16 * c);
+                const uint8_t* values = page + L.value_codes_offset + 16 * lane;
+#pragma unroll
+                for (int j = 0; j < kPage * kValueTok / 512; ++j)
+                    cp_async_16(codes + 2 * kKeyBytes + 1024 * j, values + 512 * j);
                 if (lane < kPage / 4)
                     cp_async_16(mixed_scales + slot * kPage + 4 * lane,
                                 page + L.value_scales_offset + 16 * lane);
@@ -339,7 +346,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.0f;
         if constexpr (kI8 && KBITS == 1) {
-            for (int s = 0; s < L.key_stages; ++s) {
+            for (int s = 0; s < (MIXED ? kMixedStages : L.key_stages); ++s) {
                 int acc[4][4];
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt) {
@@ -601,15 +608,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 }
             } else if constexpr (kV64) {
                 // Bytes j of x[0] / x[1]: both tokens' nibbles 2j / 2j + 1 (dims 4j, 4j + 1 / 4j +
-                // 2, 4j + 3), the entry index of tile 2j / 2j + 1.
+                // 2, 4j + 3), the entry index of tile 2j / 2j + 1 (the 4-bit pairing of merge_even).
                 const uint32_t c0 = load_value_chunk<D, VBITS>(chunk(0)),
                                c1 = load_value_chunk<D, VBITS>(chunk(1));
                 const uint32_t c2 = load_value_chunk<D, VBITS>(chunk(2));
                 const uint32_t c3 = load_value_chunk<D, VBITS>(chunk(3));
-                const uint32_t x01[2] = {(c0 & 0x0F0F0F0Fu) | ((c1 << 4) & 0xF0F0F0F0u),
-                                         ((c0 >> 4) & 0x0F0F0F0Fu) | (c1 & 0xF0F0F0F0u)};
-                const uint32_t x23[2] = {(c2 & 0x0F0F0F0Fu) | ((c3 << 4) & 0xF0F0F0F0u),
-                                         ((c2 >> 4) & 0x0F0F0F0Fu) | (c3 & 0xF0F0F0F0u)};
+                const uint32_t x01[2] = {merge_even<4>(c0, c1), merge_odd<4>(c0, c1)};
+                const uint32_t x23[2] = {merge_even<4>(c2, c3), merge_odd<4>(c2, c3)};
 #pragma unroll
                 for (int v = 0; v < kVTiles; ++v) {
                     uint2 e01, e23;
