@@ -181,7 +181,7 @@ __device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], c
             uint32_t word = 0;
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int c = KBITS == 2  ? t * kCoords + 8 * kb + r + 2 * i
+                const int c = KBITS == 2 ? t * kCoords + 8 * kb + r + 2 * i
                               : D == 128 ? t * 32 + s + 8 * i
                                          : t * 16 + s +
                                                (i == 1   ? 8
@@ -227,6 +227,11 @@ __device__ __forceinline__ uint32_t bit_select(uint32_t a, uint32_t b) {
     return d;
 }
 
+/// The mask of the low field of each pair of `vbits`-bit fields.
+__host__ __device__ constexpr uint32_t low_fields(int vbits) {
+    return vbits == 1 ? 0x55555555u : vbits == 2 ? 0x33333333u : 0x0F0F0F0Fu;
+}
+
 /// Pair fields of two tokens' chunks: field k of even() holds (A, B) indices of dimension 2k,
 /// field k of odd() those of dimension 2k + 1, each 2 * VBITS bits wide. 64-bit chunks merge as
 /// two 32-bit words (a shift and one LOP3 each): the bits a 64-bit shift carries across the words
@@ -234,25 +239,25 @@ __device__ __forceinline__ uint32_t bit_select(uint32_t a, uint32_t b) {
 template <int VBITS, typename C>
 __device__ __forceinline__ C merge_even(C a, C b) {
     if constexpr (sizeof(C) == 8) {
-        return static_cast<C>(merge_even<VBITS>(static_cast<uint32_t>(a), static_cast<uint32_t>(b))) |
+        return static_cast<C>(
+                   merge_even<VBITS>(static_cast<uint32_t>(a), static_cast<uint32_t>(b))) |
                static_cast<C>(merge_even<VBITS>(static_cast<uint32_t>(a >> 32),
                                                 static_cast<uint32_t>(b >> 32)))
                    << 32;
     } else {
-        return bit_select<VBITS == 1 ? 0x55555555u : VBITS == 2 ? 0x33333333u : 0x0F0F0F0Fu>(
-            a, b << VBITS);
+        return bit_select<low_fields(VBITS)>(a, b << VBITS);
     }
 }
 template <int VBITS, typename C>
 __device__ __forceinline__ C merge_odd(C a, C b) {
     if constexpr (sizeof(C) == 8) {
-        return static_cast<C>(merge_odd<VBITS>(static_cast<uint32_t>(a), static_cast<uint32_t>(b))) |
-               static_cast<C>(merge_odd<VBITS>(static_cast<uint32_t>(a >> 32),
-                                               static_cast<uint32_t>(b >> 32)))
+        return static_cast<C>(
+                   merge_odd<VBITS>(static_cast<uint32_t>(a), static_cast<uint32_t>(b))) |
+               static_cast<C>(
+                   merge_odd<VBITS>(static_cast<uint32_t>(a >> 32), static_cast<uint32_t>(b >> 32)))
                    << 32;
     } else {
-        return bit_select<VBITS == 1 ? 0x55555555u : VBITS == 2 ? 0x33333333u : 0x0F0F0F0Fu>(
-            a >> VBITS, b);
+        return bit_select<low_fields(VBITS)>(a >> VBITS, b);
     }
 }
 

@@ -316,12 +316,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // the ring slot at buf or, in mixed rows, from the slot's keys (mixed_keys moved to the slot).
     auto load_keys = [&](const uint8_t* buf, int s, int mt, uint32_t(&w0)[kKeyWords],
                          uint32_t(&w1)[kKeyWords]) {
-        const uint8_t* row0 = MIXED ? buf + mixed_delta(16 * mt * kKeyTok) + s * (D * KBITS / 8)
-                                    : buf + (16 * mt + g) * L.key_code_bytes +
-                                          s * (D * KBITS / 8) + t * kKeyChunk;
+        const uint8_t* row0 =
+            MIXED ? buf + mixed_delta(16 * mt * kKeyTok) + s * (D * KBITS / 8)
+                  : buf + (16 * mt + g) * L.key_code_bytes + s * (D * KBITS / 8) + t * kKeyChunk;
         load_chunk<kKeyChunk>(row0, w0);
-        load_chunk<kKeyChunk>(row0 + (MIXED ? mixed_delta(8 * kKeyTok) : 8 * L.key_code_bytes),
-                              w1);
+        load_chunk<kKeyChunk>(row0 + (MIXED ? mixed_delta(8 * kKeyTok) : 8 * L.key_code_bytes), w1);
     };
 
     for (int i = 0; i < count; ++i) {
@@ -330,7 +329,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         const int slot = MIXED && kMixedRing == 1 ? 0 : read_slot;
         read_slot = read_slot + 1 == S ? 0 : read_slot + 1;
         // The slot's page: in the ring, or in mixed rows this thread's first key chunk of it
-        const uint8_t* buf = MIXED ? mixed_keys + 2 * slot * kPageCodes : ring + slot * L.head_bytes;
+        const uint8_t* buf =
+            MIXED ? mixed_keys + 2 * slot * kPageCodes : ring + slot * L.head_bytes;
         const int valid = len - (first + kDecodeWarps * i) * kPage;  // tokens of this page in use
         // The norms of this thread's 8 tokens, read before the scores so that their loads are
         // done when the logits need them.
@@ -587,9 +587,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         const uint8_t* vcodes = buf + L.value_codes_offset + g * kValueChunk;
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
-            const uint8_t* tok = MIXED ? mixed_values + 2 * slot * kPageCodes +
-                                             mixed_delta(16 * kb * kValueTok)
-                                       : vcodes + (16 * kb + t) * L.value_code_bytes;
+            const uint8_t* tok =
+                MIXED ? mixed_values + 2 * slot * kPageCodes + mixed_delta(16 * kb * kValueTok)
+                      : vcodes + (16 * kb + t) * L.value_code_bytes;
             // This thread's chunk of token t + 4 k of the block
             auto chunk = [&](int k) {
                 return tok + (MIXED ? mixed_delta(4 * k * kValueTok) : k * 4 * L.value_code_bytes);
@@ -608,7 +608,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 }
             } else if constexpr (kV64) {
                 // Bytes j of x[0] / x[1]: both tokens' nibbles 2j / 2j + 1 (dims 4j, 4j + 1 / 4j +
-                // 2, 4j + 3), the entry index of tile 2j / 2j + 1 (the 4-bit pairing of merge_even).
+                // 2, 4j + 3), the entry index of tile 2j / 2j + 1 (the 4-bit pairing of
+                // merge_even).
                 const uint32_t c0 = load_value_chunk<D, VBITS>(chunk(0)),
                                c1 = load_value_chunk<D, VBITS>(chunk(1));
                 const uint32_t c2 = load_value_chunk<D, VBITS>(chunk(2));

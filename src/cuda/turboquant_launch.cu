@@ -127,9 +127,10 @@ int mixed_ring(const TqPageLayout& L) {
 bool mixed_rows(const DecodeArgs& a, int major) {
     const TqPageLayout& L = a.layout;
     const uint32_t d = static_cast<uint32_t>(L.head_dim);
-    const bool four = ((shared_pairs(a) && L.key_stages == 1) ||
-                       (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4 && a.group <= 4)) &&
-                      L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
+    const bool four =
+        ((shared_pairs(a) && L.key_stages == 1) ||
+         (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4 && a.group <= 4)) &&
+        L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
     const bool one_two = L.key_bits == 1 && L.key_stages == 1 && L.value_bits == 2 &&
                          L.key_code_bytes == d / 8 && L.value_code_bytes == d / 4;
     return major == 9 && (four || one_two) && a.table_copies == 0 &&
@@ -254,16 +255,18 @@ size_t align256(size_t n) {
 // the value pair table.
 bool tables_present(const TqPageLayout& L, const TqDeviceTables& T) {
     return T.key_signs != nullptr && T.value_signs != nullptr && T.key_affine != nullptr &&
-           (L.key_bits == 1 || T.key_pairs != nullptr) && (L.key_bits != 2 || T.key_i8 != nullptr) &&
+           (L.key_bits == 1 || T.key_pairs != nullptr) &&
+           (L.key_bits != 2 || T.key_i8 != nullptr) &&
            (L.value_bits == 16 || T.value_pairs != nullptr);
 }
 
 // Split-K plan: kernel (table copies), ring depth, and the split of each sequence's pages.
 cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     const TqPageLayout& L = a.layout;
-    if (!layout_supported(L) || !tables_present(L, a.tables) || a.group < 1 || a.group > kMaxGroup || a.batch < 1 ||
-        a.max_seq_len < 1 || (a.pool == nullptr && a.pools == nullptr) || a.page_table == nullptr || a.queries == nullptr ||
-        a.out == nullptr ||
+    if (!layout_supported(L) || !tables_present(L, a.tables) || a.group < 1 ||
+        a.group > kMaxGroup || a.batch < 1 || a.max_seq_len < 1 ||
+        (a.pool == nullptr && a.pools == nullptr) || a.page_table == nullptr ||
+        a.queries == nullptr || a.out == nullptr ||
         a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage ||
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
