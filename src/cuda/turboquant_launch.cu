@@ -1,6 +1,7 @@
 // Thin launchers of the turboquant decode: argument checks, kernel selection by (head_dim, key
 // bits, value bits), the split-K plan, and the launches of the decode and its merge.
 #include <algorithm>
+#include <cmath>
 
 #include "cuda/turboquant_decode.cuh"
 
@@ -252,12 +253,14 @@ size_t align256(size_t n) {
 
 // Whether every table the decode reads for this layout is there (a null one would fault in the
 // kernel): rotations, stage weights, the key pair tables (2-4 bits), 2-bit keys' integer parts,
-// the value pair table.
+// the value pair table; and a positive, finite value table scale, whose log2 the softmax adds
+// (0 would turn every output into NaN instead of zeros).
 bool tables_present(const TqPageLayout& L, const TqDeviceTables& T) {
     return T.key_signs != nullptr && T.value_signs != nullptr && T.key_affine != nullptr &&
            (L.key_bits == 1 || T.key_pairs != nullptr) &&
            (L.key_bits != 2 || T.key_i8 != nullptr) &&
-           (L.value_bits == 16 || T.value_pairs != nullptr);
+           (L.value_bits == 16 || T.value_pairs != nullptr) &&
+           std::isfinite(T.value_pair_scale) && T.value_pair_scale > 0.0f;
 }
 
 // Split-K plan: kernel (table copies), ring depth, and the split of each sequence's pages.

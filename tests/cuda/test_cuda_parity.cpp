@@ -13,6 +13,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -152,8 +153,9 @@ TEST(CudaParity, KeyI8PartsRebuildTheCentroids) {
     }
 }
 
-// A decode whose tables lack one the layout needs is refused before anything runs (host only:
-// the check comes before any device call; the stand-in pointers are never read).
+// A decode whose tables lack one the layout needs, or whose value table scale is not a positive
+// number, is refused before anything runs (host only: the check comes before any device call;
+// the stand-in pointers are never read).
 TEST(CudaParity, DecodeRefusesMissingTables) {
     const TqHostTables host = make_host_tables(make_config({128, 2, 2, 4, 2}, 3), 2, 128, 0);
     std::vector<float> stand_in(16);
@@ -174,6 +176,13 @@ TEST(CudaParity, DecodeRefusesMissingTables) {
         DecodeArgs b = a;
         (missing == 0 ? b.tables.key_i8 : missing == 1 ? b.tables.key_pairs : b.tables.value_pairs) = nullptr;
         EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue) << "missing table " << missing;
+        EXPECT_EQ(decode_workspace_bytes(b), 0u);
+    }
+    // The value table's scale enters the softmax as its log2: zero, infinite or NaN is refused.
+    for (float scale : {0.0f, -1.0f, std::numeric_limits<float>::infinity(), std::nanf("")}) {
+        DecodeArgs b = a;
+        b.tables.value_pair_scale = scale;
+        EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue) << "scale " << scale;
         EXPECT_EQ(decode_workspace_bytes(b), 0u);
     }
 }
