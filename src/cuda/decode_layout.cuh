@@ -21,7 +21,7 @@ struct DecodeShared {
         VBITS == 16 || (LUTC > 1 && VBITS == 4) ? 1 : 1 << (2 * VBITS);
     union {                            // the queries are read once, before the page loop
         float q[kMaxGroup][D];         // rotated, power-of-two scaled queries
-        uint4 p[kDecodeWarps][kPage];  // P'^T rows: 8 halves per token
+        uint4 p[kDecodeWarps][kPage];  // P'^T rows (4-bit keys and values): 8 halves per token
     };
     float head_mul[kMaxGroup];        // undoes that scale
     float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)

@@ -45,10 +45,13 @@ namespace veloxquant::cuda::kernels {
 //           index, token B's index) that index a half2 table; 2-bit values instead take one
 //           byte per (token pair, dimension pair) that indexes both registers of a tile at once
 //           (decode_v64_bytes); fp16 values are a byte permute.
-//           B = P'^T (p times the value scale, hi/lo split), written by the score threads and
-//           read back transposed with ldmatrix. Within each 16-token block, k position 2t + i
-//           (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that the four lanes
-//           t of a lane group read four different banks.
+//           B = P'^T (p times the value scale, hi/lo split): the score C fragments, transposed
+//           in registers by movmatrix, or, at 4-bit keys and values, whose table lookups keep
+//           the shared-memory pipe busier, through shared memory (STS, ldmatrix.trans: 2.7% faster
+//           there, 3.5% slower at 1-bit keys and 2-bit values). Within each 16-token block, k
+//           position 2t + i (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that
+//           the four lanes t of a lane group read four different banks; for that, score row g of a
+//           tile is token 4 (g % 2) + g / 2 of it (row_token).
 
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
 /// otherwise (group 5..8) column h is head h. MIXED: the mixed-row layout above. 4-bit keys and
@@ -96,6 +99,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // 1- and 2-bit keys, groups of up to 4: integer scores (query_fragments_i8).
     constexpr bool kI8 = (KBITS == 1 || KBITS == 2) && HILO;
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
+    // P' to the B fragments of P'^T by movmatrix, or through shared memory (see above)
+    constexpr bool kTransposeInRegisters = !(KBITS == 4 && VBITS == 4);
     using Shared = DecodeShared<D, KBITS, VBITS, LUTC>;
 
     extern __shared__ __align__(128) uint8_t smem_raw[];
@@ -291,7 +296,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // The value tables' scale enters P' through the softmax's exponent (p'' = value_pair_scale p),
     // so the running sums l are of p'' until the end.
     const float log2_pair = log2f(T.value_pair_scale);
-    __syncthreads();  // every warp has read sh.q, which the P' rows overwrite
 
     float o[kVTiles][4];
 #pragma unroll
@@ -299,10 +303,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     float m_run[kSlots], l_run[kSlots];
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
+    if constexpr (!kTransposeInRegisters) __syncthreads();  // sh.q is read: P' rows overwrite it
     const uint32_t magic = 0x64006400u;
+    // Score row g of each 8-token tile holds token 4 (g % 2) + g / 2 of the tile, so that after
+    // movmatrix, k position 2t + i of a P' fragment is token t + 4i (see below); through shared
+    // memory, token g, whose P' goes to row 2 (g % 4) + g / 4 instead (at 4-bit keys, row g is
+    // token g for the 128-bit key loads: 8 lanes of 2 tokens then read one row half, not two
+    // rows' same banks, measured 4% faster).
+    const int row_token = kTransposeInRegisters ? 4 * (g & 1) + (g >> 1) : g;
     uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
-    // This thread's P' entry in rows 16 mt + 8 r + 2 (g % 4) + g / 4 (see below), as a base and
-    // immediate offsets (ptxas rebuilt each row's address with three LOP3s).
+    // This thread's P' entry in the rows, as a base and immediate offsets (ptxas rebuilt each
+    // row's address with three LOP3s).
     uint8_t* prow = pbuf + (2 * (g & 3) + (g >> 2)) * 16 + 4 * t;
     // Mixed rows: this thread's first key chunk and value chunk in slot 0 (loop-invariant). Each
     // chunk read lies within one 128-byte row half, as mixed_delta needs: the chunks of a key
@@ -310,15 +321,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     static_assert(!MIXED || ((128 % (8 * kKeyTok) == 0 || 8 * kKeyTok % 128 == 0) &&
                              (128 % (4 * kValueTok) == 0 || 4 * kValueTok % 128 == 0)),
                   "mixed-row chunks stay within their row halves");
-    const uint8_t* mixed_keys = mixed_at(g * kKeyTok + t * kKeyChunk);
+    const uint8_t* mixed_keys = mixed_at(row_token * kKeyTok + t * kKeyChunk);
     const uint8_t* mixed_values = mixed_at(kKeyBytes + t * kValueTok + g * kValueChunk);
-    // This thread's chunks of key stage s of tokens 16 mt + g (w0) and 16 mt + 8 + g (w1), from
-    // the ring slot at buf or, in mixed rows, from the slot's keys (mixed_keys moved to the slot).
+    // This thread's chunks of key stage s of tokens 16 mt + row_token (w0) and 16 mt + 8 +
+    // row_token (w1), from the ring slot at buf or, in mixed rows, from the slot's keys (mixed_keys
+    // moved to the slot).
     auto load_keys = [&](const uint8_t* buf, int s, int mt, uint32_t(&w0)[kKeyWords],
                          uint32_t(&w1)[kKeyWords]) {
-        const uint8_t* row0 =
-            MIXED ? buf + mixed_delta(16 * mt * kKeyTok) + s * (D * KBITS / 8)
-                  : buf + (16 * mt + g) * L.key_code_bytes + s * (D * KBITS / 8) + t * kKeyChunk;
+        const uint8_t* row0 = MIXED ? buf + mixed_delta(16 * mt * kKeyTok) + s * (D * KBITS / 8)
+                                    : buf + (16 * mt + row_token) * L.key_code_bytes +
+                                          s * (D * KBITS / 8) + t * kKeyChunk;
         load_chunk<kKeyChunk>(row0, w0);
         load_chunk<kKeyChunk>(row0 + (MIXED ? mixed_delta(8 * kKeyTok) : 8 * L.key_code_bytes), w1);
     };
@@ -339,7 +351,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         float norm[4][2];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
-            norm[mt][0] = norms[16 * mt + g], norm[mt][1] = norms[16 * mt + 8 + g];
+            norm[mt][0] = norms[16 * mt + row_token], norm[mt][1] = norms[16 * mt + 8 + row_token];
 
         // Scores of the page's 4 x 16 tokens.
         float sc[4][4];
@@ -493,7 +505,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 for (int r = 0; r < 2; ++r)
 #pragma unroll
                     for (int j = 0; j < kSlots; ++j)
-                        if (16 * mt + 8 * r + g >= valid) x[mt][r][j] = -INFINITY;
+                        if (16 * mt + 8 * r + row_token >= valid) x[mt][r][j] = -INFINITY;
         }
         // The page max (three dependent shuffles per head) only when some logit of the warp
         // exceeds its running max, as on the first page; otherwise the running max stays the
@@ -550,18 +562,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             __syncwarp();
         }
 
-        // P'^T rows: token 16 mt + 8 r + g goes to row 16 mt + 8 r + 2 (g % 4) + g / 4.
-        // The 8 value scales are read before any P' store: ptxas does not move a shared load
-        // above a shared store it cannot tell apart, and each load then stalled its row (6% of
-        // the stall samples).
+        // P'^T fragments: the C fragment rows (tokens) transposed into B's k pairs. The 8 value
+        // scales are read before any P' store: ptxas does not move a shared load above a shared
+        // store it cannot tell apart, and each load then stalled its row (6% of the stall samples).
         const float* vscales = MIXED ? mixed_scales + slot * kPage
                                      : reinterpret_cast<const float*>(buf + L.value_scales_offset);
         float vscale[4][2];
+        uint32_t bp[4][2];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
             for (int r = 0; r < 2; ++r)
-                vscale[mt][r] = VBITS == 16 ? 1.0f : vscales[16 * mt + 8 * r + g];
+                vscale[mt][r] = VBITS == 16 ? 1.0f : vscales[16 * mt + 8 * r + row_token];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
@@ -570,12 +582,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                             p1 = HILO ? p0 - __half2float(__float2half_rn(p0))
                                       : x[mt][r][kSlots - 1] * vscale[mt][r];
                 const __half2 h = __floats2half2_rn(p0, p1);  // one F2FP for both halves
-                *reinterpret_cast<__half2*>(prow + (16 * mt + 8 * r) * 16) = h;
+                if constexpr (kTransposeInRegisters)
+                    bp[mt][r] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(&h));
+                else
+                    *reinterpret_cast<__half2*>(prow + (16 * mt + 8 * r) * 16) = h;
             }
         }
-        __syncwarp();
-        uint32_t bp[4][2];
-        {
+        if constexpr (!kTransposeInRegisters) {
+            __syncwarp();
             uint32_t r4[4];
             ldmatrix_x4_trans(r4, pbuf + lane * 16);
             bp[0][0] = r4[0], bp[0][1] = r4[1], bp[1][0] = r4[2], bp[1][1] = r4[3];

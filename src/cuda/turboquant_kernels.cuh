@@ -83,6 +83,20 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 #endif
 }
 
+/// The transpose of an 8x8 fp16 matrix across the warp, in registers: thread (g, t) passes row g,
+/// columns 2t, 2t + 1 (an mma C fragment's row) and gets rows 2t, 2t + 1 of column g (a B
+/// fragment's k pair).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+#if __CUDA_ARCH__ >= 750
+    uint32_t y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #if __CUDA_ARCH__ >= 800
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
