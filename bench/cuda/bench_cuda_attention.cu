@@ -45,12 +45,14 @@ struct Point {
     int d, batch, tokens;
     double ms, ms_min, bytes, gbps;
     bool finite;
+    double sm_mhz;  // the SM clock right after the timed launches
 };
 
 struct Encode {
     std::string method;
     int d, tokens;
     double ms, bytes, gbps, tokens_per_s;
+    double sm_mhz;
 };
 
 }  // namespace
@@ -76,7 +78,8 @@ int run(const char* out_path, const std::string& only) {
     const auto copy_ms =
         time_ms(20, [&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); });
     const double copy_gbps = 2.0 * copy_bytes / (median(copy_ms) * 1e-3) / 1e9;
-    std::printf("device copy: %.1f GB/s (read + write)\n", copy_gbps);
+    const double copy_mhz = sm_clock_mhz();
+    std::printf("device copy: %.1f GB/s (read + write), SM clock %.0f MHz\n", copy_gbps, copy_mhz);
     cudaFree(src);
     cudaFree(dst);
 
@@ -145,9 +148,10 @@ int run(const char* out_path, const std::string& only) {
                                      double(enc_tokens / kPage) * L.page_bytes;
             encodes.push_back({m.name, d, enc_tokens, median(enc_ms), enc_bytes,
                                enc_bytes / (median(enc_ms) * 1e-3) / 1e9,
-                               enc_tokens / (median(enc_ms) * 1e-3)});
-            std::printf("%-7s d=%3d encode %d tokens: %.3f ms, %.0f GB/s\n", m.name, d, enc_tokens,
-                        median(enc_ms), encodes.back().gbps);
+                               enc_tokens / (median(enc_ms) * 1e-3), sm_clock_mhz()});
+            std::printf("%-7s d=%3d encode %d tokens: %.3f ms, %.0f GB/s, SM clock %.0f MHz\n",
+                        m.name, d, enc_tokens, median(enc_ms), encodes.back().gbps,
+                        encodes.back().sm_mhz);
 
             // Fill the pool: the first 8K encoded tokens' pages, replicated.
             for (int p = seed_pages; p < pool_pages; p += seed_pages)
@@ -213,11 +217,12 @@ int run(const char* out_path, const std::string& only) {
                     for (auto& g : graphs) cudaGraphExecDestroy(g);
                     const double bytes = double(batch) * kKvHeads * pages * L.head_bytes;
                     points.push_back({m.name, d, batch, tokens, median(ms), ms.front(), bytes,
-                                      bytes / (median(ms) * 1e-3) / 1e9, finite});
+                                      bytes / (median(ms) * 1e-3) / 1e9, finite, sm_clock_mhz()});
                     const Point& p = points.back();
-                    std::printf("%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy%s\n",
-                                m.name, d, batch, tokens, p.ms, p.gbps, p.gbps / copy_gbps,
-                                finite ? "" : "  NON-FINITE OUTPUT");
+                    std::printf(
+                        "%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy  %.0f MHz%s\n",
+                        m.name, d, batch, tokens, p.ms, p.gbps, p.gbps / copy_gbps, p.sm_mhz,
+                        finite ? "" : "  NON-FINITE OUTPUT");
                 }
             }
         }
@@ -235,8 +240,9 @@ int run(const char* out_path, const std::string& only) {
     std::fprintf(f, "  \"device\": \"%s\", \"sms\": %d, \"l2_mb\": %d,\n", prop.name,
                  prop.multiProcessorCount, prop.l2CacheSize >> 20);
     std::fprintf(f,
-                 "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d,\n",
-                 copy_gbps, kKvHeads, kQHeads);
+                 "  \"copy_gbps_read_plus_write\": %.1f, \"copy_sm_mhz\": %.0f,\n"
+                 "  \"kv_heads\": %d, \"q_heads\": %d,\n",
+                 copy_gbps, copy_mhz, kKvHeads, kQHeads);
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
         std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",
@@ -249,9 +255,9 @@ int run(const char* out_path, const std::string& only) {
                      "    {\"method\": \"%s\", \"d\": %d, \"batch\": %d, \"tokens\": %d, \"ms\": "
                      "%.5f, \"ms_min\": %.5f, "
                      "\"compressed_bytes\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
-                     "\"finite\": %s}%s\n",
+                     "\"finite\": %s, \"sm_mhz\": %.0f}%s\n",
                      p.method.c_str(), p.d, p.batch, p.tokens, p.ms, p.ms_min, p.bytes, p.gbps,
-                     p.gbps / copy_gbps, p.finite ? "true" : "false",
+                     p.gbps / copy_gbps, p.finite ? "true" : "false", p.sm_mhz,
                      i + 1 < points.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"encode\": [\n");
@@ -261,9 +267,9 @@ int run(const char* out_path, const std::string& only) {
             f,
             "    {\"method\": \"%s\", \"d\": %d, \"tokens\": %d, \"kv_heads\": %d, \"ms\": %.4f, "
             "\"bytes_in_plus_out\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
-            "\"tokens_per_s\": %.4g}%s\n",
+            "\"tokens_per_s\": %.4g, \"sm_mhz\": %.0f}%s\n",
             e.method.c_str(), e.d, e.tokens, kKvHeads, e.ms, e.bytes, e.gbps, e.gbps / copy_gbps,
-            e.tokens_per_s, i + 1 < encodes.size() ? "," : "");
+            e.tokens_per_s, e.sm_mhz, i + 1 < encodes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

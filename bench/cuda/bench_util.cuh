@@ -49,6 +49,30 @@ std::vector<float> time_ms(int reps, F&& body) {
     return ms;
 }
 
+__device__ double clock_probe_mhz;
+
+// clock64 cycles of one SM over globaltimer nanoseconds of a 200 us spin.
+__global__ void clock_probe() {
+    uint64_t t0, t1;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    const long long c0 = clock64();
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t1));
+    } while (t1 - t0 < 200000);
+    clock_probe_mhz = 1e3 * double(clock64() - c0) / double(t1 - t0);
+}
+
+// The SM clock (MHz) just after the work queued before it: read right after a timed loop, it is
+// the clock that the power management had left the SMs (a sustained sweep hits the SW power cap
+// that short runs do not).
+inline double sm_clock_mhz() {
+    clock_probe<<<1, 1>>>();
+    check_cuda(cudaGetLastError(), "clock_probe");
+    double mhz = 0.0;
+    check_cuda(cudaMemcpyFromSymbol(&mhz, clock_probe_mhz, sizeof(mhz)), "clock_probe");
+    return mhz;
+}
+
 inline float median(const std::vector<float>& sorted) {
     return sorted[sorted.size() / 2];
 }

@@ -20,7 +20,7 @@ STAGES=" ${VQ_STAGES:-build parity bench codecs sdpa} "
 has() { [[ "$STAGES" == *" $1 "* ]]; }
 
 step "device"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.total,power.limit,enforced.power.limit --format=csv
 nvcc --version | tail -1
 
 if has build; then

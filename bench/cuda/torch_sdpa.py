@@ -104,7 +104,8 @@ def main():
         result["speedup"] = [{"method": p["method"], "d": p["d"], "batch": p["batch"], "tokens": p["tokens"],
                               "ours_ms": p["ms"], "sdpa_ms": ref[(p["d"], p["batch"], p["tokens"])],
                               "speedup": ref[(p["d"], p["batch"], p["tokens"])] / p["ms"],
-                              "ratio_to_copy": p["ratio_to_copy"]} for p in ours["decode"]]
+                              "ratio_to_copy": p["ratio_to_copy"], "sm_mhz": p.get("sm_mhz")}
+                             for p in ours["decode"]]
         result["encode_share_of_prefill"] = [
             {"method": e["method"], "d": e["d"], "tokens": e["tokens"], "encode_ms": e["ms"],
              "prefill_attention_ms": prefill_ms[e["d"]], "share": e["ms"] / prefill_ms[e["d"]]}
@@ -115,11 +116,11 @@ def main():
     if len(sys.argv) > 2:
         print(f"\ncopy bandwidth (read + write): {ours['copy_gbps_read_plus_write']:.0f} GB/s")
         print(f"{'method':8} {'d':>4} {'B':>3} {'N':>7} {'ours ms':>9} {'sdpa ms':>9} {'speedup':>8} "
-              f"{'GB/s':>6} {'of copy':>8}")
+              f"{'GB/s':>6} {'of copy':>8} {'SM MHz':>7}")
         for p in ours["decode"]:
             t = ref[(p["d"], p["batch"], p["tokens"])]
             print(f"{p['method']:8} {p['d']:4d} {p['batch']:3d} {p['tokens']:7d} {p['ms']:9.4f} {t:9.4f} "
-                  f"{t / p['ms']:8.2f} {p['gbps']:6.0f} {p['ratio_to_copy']:8.2f}")
+                  f"{t / p['ms']:8.2f} {p['gbps']:6.0f} {p['ratio_to_copy']:8.2f} {p.get('sm_mhz', 0):7.0f}")
         for e in ours["encode"]:
             print(f"encode {e['method']:8} d={e['d']:3d} {e['tokens']} tokens: {e['ms']:.3f} ms "
                   f"{e['gbps']:.0f} GB/s ({e['ratio_to_copy']:.2f} of copy)")
