@@ -45,18 +45,22 @@ namespace veloxquant::cuda::kernels {
 //           index, token B's index) that index a half2 table; 2-bit values instead take one
 //           byte per (token pair, dimension pair) that indexes both registers of a tile at once
 //           (decode_v64_bytes); fp16 values are a byte permute.
-//           B = P'^T (p times the value scale, hi/lo split): the score C fragments, transposed
+//           B = P'^T (p times the value scale): the score C fragments, transposed
 //           in registers by movmatrix, or, at 4-bit keys and values, whose table lookups keep
 //           the shared-memory pipe busier, through shared memory (STS, ldmatrix.trans: 2.7% faster
 //           there, 3.5% slower at 1-bit keys and 2-bit values). Within each 16-token block, k
 //           position 2t + i (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that
 //           the four lanes t of a lane group read four different banks; for that, score row g of a
-//           tile is token 4 (g % 2) + g / 2 of it (row_token).
+//           tile is token 4 (g % 2) + g / 2 of it (row_token). P' is fp16, as in flash attention,
+//           whose rounding (2^-12 relative) is far under the codes' error; at 4-bit keys and
+//           values, bound by shared memory, P' keeps its hi/lo split in the spare columns
+//           (dropping it there measured 1% slower; elsewhere it saves 1.4-2.8%).
 
-/// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h;
-/// otherwise (group 5..8) column h is head h. MIXED: the mixed-row layout above. 4-bit keys and
-/// values, and every mixed-row kernel, are held to 168 registers, so that three CTAs fit per SM
-/// as their shared memory allows (left free, ptxas took 211 for the contiguous tables).
+/// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h (P'
+/// lo is zero but at 4-bit keys and values); otherwise (group 5..8) column h is head h. MIXED: the
+/// mixed-row layout above. 4-bit keys and values, and every mixed-row kernel, are held to 168
+/// registers, so that three CTAs fit per SM as their shared memory allows (left free, ptxas took
+/// 211 for the contiguous tables).
 template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) || MIXED ? 3 : 0)
     decode_attention_kernel(const DecodeKernelParams kp) {
@@ -579,8 +583,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const float p0 = x[mt][r][0] * vscale[mt][r],
-                            p1 = HILO ? p0 - __half2float(__float2half_rn(p0))
-                                      : x[mt][r][kSlots - 1] * vscale[mt][r];
+                            p1 = !HILO                   ? x[mt][r][kSlots - 1] * vscale[mt][r]
+                                 : kTransposeInRegisters ? 0.0f
+                                                         : p0 - __half2float(__float2half_rn(p0));
                 const __half2 h = __floats2half2_rn(p0, p1);  // one F2FP for both halves
                 if constexpr (kTransposeInRegisters)
                     bp[mt][r] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(&h));
