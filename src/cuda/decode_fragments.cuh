@@ -13,6 +13,39 @@
 
 namespace veloxquant::cuda::kernels {
 
+// mma m16n8k16 fragments (g = lane / 4, t = lane % 4): A rows g and g + 8, k = 2t, 2t + 1 (a0,
+// a1) and 2t + 8, 2t + 9 (a2, a3); B k = 2t, 2t + 1 and 2t + 8, 2t + 9 at column g; C rows g and
+// g + 8 at columns 2t, 2t + 1. The contraction order is free, so each operand is laid out where
+// its packed bits are cheapest to read:
+//   scores  A = keys: row = token, thread t owns coordinates [t D/4, (t + 1) D/4) of the token,
+//           one contiguous chunk of each stage's code. 1-bit keys: pair (p, p + D/8) of the
+//           chunk is decoded exactly to (2^p' b_p, 2^p' b_q) by one LOP3 into the mantissa of
+//           1024 and one HADD2, the 2^-p' sitting in the query fragment (score = C0 sum q' +
+//           (C1 - C0) sum q'_j b_j), used for groups of 5..8 (groups of up to 4 take the
+//           integer path, kI8 in the kernel); wider keys: a 2b-bit pair field indexes a half2
+//           table of (C[i0], C[i1]) / max|C| (lane copies for 4 bits, decode_lut_bytes).
+//           2-bit keys in groups of up to 4 score in integers too: the centroids as 16-bit
+//           fixed point K = 256 high + low (key_i8), each part's byte picked by one PRMT whose
+//           selector nibbles are four codes, two mma m16n8k32 (s8 x s8) per block.
+//           B = rotated queries: column 2h = fp16(q'_h), 2h + 1 = fp16(q'_h - hi) for G <= 4
+//           (so the hi + lo add stays in one thread), column h = fp16(q'_h) for G = 5..8.
+//   values  A = V^T: row = dimension, k = token; lane group g owns dimensions [g D/8, (g+1) D/8),
+//           a contiguous chunk of each token's code; row g of tile v is dimension gD/8 + 2v, row
+//           g + 8 is gD/8 + 2v + 1. Two tokens' chunks merge into 2b-bit pair fields (token A's
+//           index, token B's index) that index a half2 table; 2-bit values instead take one
+//           byte per (token pair, dimension pair) that indexes both registers of a tile at once
+//           (decode_v64_bytes); fp16 values are a byte permute.
+//           B = P'^T (p times the value scale): the score C fragments, transposed
+//           in registers by movmatrix, or, at 4-bit keys and values, whose table lookups keep
+//           the shared-memory pipe busier, through shared memory (STS, ldmatrix.trans: 2.7% faster
+//           there, 3.5% slower at 1-bit keys and 2-bit values). Within each 16-token block, k
+//           position 2t + i (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that
+//           the four lanes t of a lane group read four different banks; for that, score row g of a
+//           tile is token 4 (g % 2) + g / 2 of it (row_token). P' is fp16, as in flash attention,
+//           whose rounding (2^-12 relative) is far under the codes' error; at 4-bit keys and
+//           values, bound by shared memory, P' keeps its hi/lo split in the spare columns
+//           (dropping it there measured 1% slower; elsewhere it saves 1.4-2.8%).
+
 /// Loads `BYTES` bytes at p (aligned to the lowest set bit of BYTES, at most 16) into words.
 template <int BYTES>
 __device__ __forceinline__ void load_chunk(const uint8_t* p, uint32_t (&w)[(BYTES + 3) / 4]) {

@@ -1,15 +1,14 @@
 // Split-K decode attention on the turboquant_rvq / value-codec page layout with tensor cores:
 // scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated queries, split
 // into hi + lo parts for groups of up to 4), an online softmax, and O^T += V_codes^T x P'^T in
-// the value rotation's domain (mma m16n8k16, fp16). 1-bit keys in groups of up to 4 score with
-// integer mma m16n8k32 (0/1 key bytes x int8 query hi/lo parts), 2-bit keys with two 8-bit
-// parts of their centroids (s8 x s8). Each CTA takes one KV head and a page range of one
-// sequence; merge_kernel (turboquant_kernels.cuh) combines the splits and applies the inverse
-// value rotation once. Shared memory (decode_layout.cuh): DecodeShared, then
-// lane copies of the lookup tables (4-bit pair tables, the byte-indexed 2-bit value table), then
-// one cp.async ring of whole pages per warp, whose first pages are requested before the CTA's
-// set-up; or, at 4-bit values with 4-bit keys or two 2-bit key stages and at 2-bit values with
-// 1-bit keys, the mixed rows of the value table and the page rings (decode_layout.cuh).
+// the value rotation's domain (mma m16n8k16, fp16; 1- and 2-bit keys of groups of up to 4 score
+// with integer mma m16n8k32). The operands' fragment layouts: decode_fragments.cuh. Each CTA takes
+// one KV head and a page range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the
+// splits and applies the inverse value rotation once. Shared memory (decode_layout.cuh):
+// DecodeShared, lane copies of the lookup tables, then one cp.async ring of whole pages per warp,
+// whose first pages are requested before the CTA's set-up; or, at 4-bit values with 4-bit keys or
+// two 2-bit key stages and at 2-bit values with 1-bit keys, mixed rows of the value table and the
+// page rings.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -23,44 +22,11 @@
 
 namespace veloxquant::cuda::kernels {
 
-// mma m16n8k16 fragments (g = lane / 4, t = lane % 4): A rows g and g + 8, k = 2t, 2t + 1 (a0,
-// a1) and 2t + 8, 2t + 9 (a2, a3); B k = 2t, 2t + 1 and 2t + 8, 2t + 9 at column g; C rows g and
-// g + 8 at columns 2t, 2t + 1. The contraction order is free, so each operand is laid out where
-// its packed bits are cheapest to read:
-//   scores  A = keys: row = token, thread t owns coordinates [t D/4, (t + 1) D/4) of the token,
-//           one contiguous chunk of each stage's code. 1-bit keys: pair (p, p + D/8) of the
-//           chunk is decoded exactly to (2^p' b_p, 2^p' b_q) by one LOP3 into the mantissa of
-//           1024 and one HADD2, the 2^-p' sitting in the query fragment (score = C0 sum q' +
-//           (C1 - C0) sum q'_j b_j), used for groups of 5..8 (groups of up to 4 take the
-//           integer path, kI8 in the kernel); wider keys: a 2b-bit pair field indexes a half2
-//           table of (C[i0], C[i1]) / max|C| (lane copies for 4 bits, decode_lut_bytes).
-//           2-bit keys in groups of up to 4 score in integers too: the centroids as 16-bit
-//           fixed point K = 256 high + low (key_i8), each part's byte picked by one PRMT whose
-//           selector nibbles are four codes, two mma m16n8k32 (s8 x s8) per block.
-//           B = rotated queries: column 2h = fp16(q'_h), 2h + 1 = fp16(q'_h - hi) for G <= 4
-//           (so the hi + lo add stays in one thread), column h = fp16(q'_h) for G = 5..8.
-//   values  A = V^T: row = dimension, k = token; lane group g owns dimensions [g D/8, (g+1) D/8),
-//           a contiguous chunk of each token's code; row g of tile v is dimension gD/8 + 2v, row
-//           g + 8 is gD/8 + 2v + 1. Two tokens' chunks merge into 2b-bit pair fields (token A's
-//           index, token B's index) that index a half2 table; 2-bit values instead take one
-//           byte per (token pair, dimension pair) that indexes both registers of a tile at once
-//           (decode_v64_bytes); fp16 values are a byte permute.
-//           B = P'^T (p times the value scale): the score C fragments, transposed
-//           in registers by movmatrix, or, at 4-bit keys and values, whose table lookups keep
-//           the shared-memory pipe busier, through shared memory (STS, ldmatrix.trans: 2.7% faster
-//           there, 3.5% slower at 1-bit keys and 2-bit values). Within each 16-token block, k
-//           position 2t + i (i = 0, 1) and 2t + 8 + i hold tokens t + 4i and t + 8 + 4i, so that
-//           the four lanes t of a lane group read four different banks; for that, score row g of a
-//           tile is token 4 (g % 2) + g / 2 of it (row_token). P' is fp16, as in flash attention,
-//           whose rounding (2^-12 relative) is far under the codes' error; at 4-bit keys and
-//           values, bound by shared memory, P' keeps its hi/lo split in the spare columns
-//           (dropping it there measured 1% slower; elsewhere it saves 1.4-2.8%).
-
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h (P'
 /// lo is zero but at 4-bit keys and values); otherwise (group 5..8) column h is head h. MIXED: the
-/// mixed-row layout above. 4-bit keys and values, and every mixed-row kernel, are held to 168
-/// registers, so that three CTAs fit per SM as their shared memory allows (left free, ptxas took
-/// 211 for the contiguous tables).
+/// mixed-row layout (decode_layout.cuh). 4-bit keys and values, and every mixed-row kernel, are
+/// held to 168 registers, so that three CTAs fit per SM as their shared memory allows (left free,
+/// ptxas took 211 for the contiguous tables).
 template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) || MIXED ? 3 : 0)
     decode_attention_kernel(const DecodeKernelParams kp) {
@@ -309,15 +275,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     for (int j = 0; j < kSlots; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
     if constexpr (!kTransposeInRegisters) __syncthreads();  // sh.q is read: P' rows overwrite it
     const uint32_t magic = 0x64006400u;
-    // Score row g of each 8-token tile holds token 4 (g % 2) + g / 2 of the tile, so that after
-    // movmatrix, k position 2t + i of a P' fragment is token t + 4i (see below); through shared
-    // memory, token g, whose P' goes to row 2 (g % 4) + g / 4 instead (at 4-bit keys, row g is
-    // token g for the 128-bit key loads: 8 lanes of 2 tokens then read one row half, not two
-    // rows' same banks, measured 4% faster).
+    // Score row g of a tile: token 4 (g % 2) + g / 2 of it, so that after movmatrix k position
+    // 2t + i of P' is token t + 4i; through shared memory token g, its P' in row 2 (g % 4) + g / 4
+    // (4% faster at 4-bit keys, whose 128-bit loads serve 8 lanes, tokens g and g + 1, at once).
     const int row_token = kTransposeInRegisters ? 4 * (g & 1) + (g >> 1) : g;
     uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
-    // This thread's P' entry in the rows, as a base and immediate offsets (ptxas rebuilt each
-    // row's address with three LOP3s).
+    // This thread's P' entry, as a base and immediate offsets (ptxas rebuilt each row's address).
     uint8_t* prow = pbuf + (2 * (g & 3) + (g >> 2)) * 16 + 4 * t;
     // Mixed rows: this thread's first key chunk and value chunk in slot 0 (loop-invariant). Each
     // chunk read lies within one 128-byte row half, as mixed_delta needs: the chunks of a key
@@ -566,9 +529,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             __syncwarp();
         }
 
-        // P'^T fragments: the C fragment rows (tokens) transposed into B's k pairs. The 8 value
-        // scales are read before any P' store: ptxas does not move a shared load above a shared
-        // store it cannot tell apart, and each load then stalled its row (6% of the stall samples).
+        // P'^T: C rows (tokens) transposed into B's k pairs. The value scales are read before any
+        // P' store, which ptxas does not move a shared load above (6% of the stall samples).
         const float* vscales = MIXED ? mixed_scales + slot * kPage
                                      : reinterpret_cast<const float*>(buf + L.value_scales_offset);
         float vscale[4][2];
