@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // 1- and 2-bit keys, groups of up to 4: integer scores (query_fragments_i8).
     constexpr bool kI8 = (KBITS == 1 || KBITS == 2) && HILO;
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
-    // P' to the B fragments of P'^T by movmatrix, or through shared memory (see above)
+    // P' to the B fragments of P'^T by movmatrix, or through shared memory (decode_fragments.cuh)
     constexpr bool kTransposeInRegisters = !(KBITS == 4 && VBITS == 4);
     using Shared = DecodeShared<D, KBITS, VBITS, LUTC>;
 
