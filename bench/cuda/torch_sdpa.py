@@ -37,6 +37,22 @@ def time_ms(fn, copies, reps=40):
     return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def sm_clock_mhz(cycles=2_000_000):
+    """The SM clock (MHz) right after the work queued before it, as bench_cuda_attention reads
+    its own: clock cycles of torch's spin kernel over its event-timed milliseconds. A sustained
+    sweep runs under the GPU's power cap, so each point records the clock it ran at. None where
+    this torch has no spin kernel."""
+    try:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / (start.elapsed_time(end) * 1e3)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 PREFILL_TOKENS = 131072
 
 
@@ -85,12 +101,14 @@ def main():
                     return F.scaled_dot_product_attention(q, ks[i], vs[i], enable_gqa=True)
 
                 ms = time_ms(call, copies)
+                mhz = sm_clock_mhz()
                 med = ms[len(ms) // 2]
                 names = kernel_names(lambda: call(0)) if (batch, tokens) == (8, 131072) else []
                 rows.append({"d": d, "batch": batch, "tokens": tokens, "ms": med, "ms_min": ms[0],
-                             "kv_bytes": kv_bytes, "gbps": kv_bytes / (med * 1e-3) / 1e9, "kernels": names})
+                             "kv_bytes": kv_bytes, "gbps": kv_bytes / (med * 1e-3) / 1e9, "kernels": names,
+                             "sm_mhz": mhz})
                 print(f"torch sdpa d={d:3d} B={batch:2d} N={tokens:6d}: {med:.4f} ms  "
-                      f"{rows[-1]['gbps']:.0f} GB/s {' '.join(names)}", flush=True)
+                      f"{rows[-1]['gbps']:.0f} GB/s  {mhz or 0:.0f} MHz {' '.join(names)}", flush=True)
                 del q, ks, vs
                 torch.cuda.empty_cache()
     prefill = prefill_rows()
@@ -99,12 +117,14 @@ def main():
               "dtype": "bfloat16", "sdpa": rows, "causal_prefill": prefill}
     prefill_ms = {r["d"]: r["ms"] for r in prefill}
     ref = {(r["d"], r["batch"], r["tokens"]): r["ms"] for r in rows}
+    ref_mhz = {(r["d"], r["batch"], r["tokens"]): r["sm_mhz"] for r in rows}
     if len(sys.argv) > 2:  # our decode against SDPA at each point
         ours = json.load(open(sys.argv[2]))
         result["speedup"] = [{"method": p["method"], "d": p["d"], "batch": p["batch"], "tokens": p["tokens"],
                               "ours_ms": p["ms"], "sdpa_ms": ref[(p["d"], p["batch"], p["tokens"])],
                               "speedup": ref[(p["d"], p["batch"], p["tokens"])] / p["ms"],
-                              "ratio_to_copy": p["ratio_to_copy"], "sm_mhz": p.get("sm_mhz")}
+                              "ratio_to_copy": p["ratio_to_copy"], "sm_mhz": p.get("sm_mhz"),
+                              "sdpa_sm_mhz": ref_mhz[(p["d"], p["batch"], p["tokens"])]}
                              for p in ours["decode"]]
         result["encode_share_of_prefill"] = [
             {"method": e["method"], "d": e["d"], "tokens": e["tokens"], "encode_ms": e["ms"],
@@ -116,11 +136,12 @@ def main():
     if len(sys.argv) > 2:
         print(f"\ncopy bandwidth (read + write): {ours['copy_gbps_read_plus_write']:.0f} GB/s")
         print(f"{'method':8} {'d':>4} {'B':>3} {'N':>7} {'ours ms':>9} {'sdpa ms':>9} {'speedup':>8} "
-              f"{'GB/s':>6} {'of copy':>8} {'SM MHz':>7}")
+              f"{'GB/s':>6} {'of copy':>8} {'SM MHz':>7} {'sdpa MHz':>8}")
         for p in ours["decode"]:
             t = ref[(p["d"], p["batch"], p["tokens"])]
             print(f"{p['method']:8} {p['d']:4d} {p['batch']:3d} {p['tokens']:7d} {p['ms']:9.4f} {t:9.4f} "
-                  f"{t / p['ms']:8.2f} {p['gbps']:6.0f} {p['ratio_to_copy']:8.2f} {p.get('sm_mhz', 0):7.0f}")
+                  f"{t / p['ms']:8.2f} {p['gbps']:6.0f} {p['ratio_to_copy']:8.2f} {p.get('sm_mhz', 0):7.0f} "
+                  f"{ref_mhz[(p['d'], p['batch'], p['tokens'])] or 0:8.0f}")
         for e in ours["encode"]:
             print(f"encode {e['method']:8} d={e['d']:3d} {e['tokens']} tokens: {e['ms']:.3f} ms "
                   f"{e['gbps']:.0f} GB/s ({e['ratio_to_copy']:.2f} of copy)")
