@@ -8,7 +8,11 @@
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
-// decode is one CUDA graph (split-K kernel + merge) timed with events; medians are reported.
+// decode is one CUDA graph (split-K kernel + merge) timed with events; medians are reported. Each
+// timed point and encode starts after a rest: the benchmark waits until the SM clock is back at
+// the one the copy measurement ran at (rest_until_clock, up to VQ_REST_MS, default 250: after
+// sustained load the clock climbs back to its plateau in about 120 ms) and records the clock
+// before and after the timed launches.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,14 +49,15 @@ struct Point {
     int d, batch, tokens;
     double ms, ms_min, bytes, gbps;
     bool finite;
-    double sm_mhz;  // the SM clock right after the timed launches
+    double rest_ms, start_mhz;  // the rest before the timed launches, the SM clock after it
+    double sm_mhz;              // the SM clock right after the timed launches
 };
 
 struct Encode {
     std::string method;
     int d, tokens;
     double ms, bytes, gbps, tokens_per_s;
-    double sm_mhz;
+    double rest_ms, start_mhz, sm_mhz;
 };
 
 }  // namespace
@@ -62,6 +67,8 @@ int run(const char* out_path, const std::string& only) {
     const int table_copies = copies_env != nullptr ? std::atoi(copies_env) : 0;
     const char* ring_env = std::getenv("VQ_RING");
     const int ring = ring_env != nullptr ? std::atoi(ring_env) : 0;
+    const char* rest_env = std::getenv("VQ_REST_MS");
+    const int max_rest_ms = rest_env != nullptr ? std::atoi(rest_env) : 250;
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
@@ -80,6 +87,11 @@ int run(const char* out_path, const std::string& only) {
     const double copy_gbps = 2.0 * copy_bytes / (median(copy_ms) * 1e-3) / 1e9;
     const double copy_mhz = sm_clock_mhz();
     std::printf("device copy: %.1f GB/s (read + write), SM clock %.0f MHz\n", copy_gbps, copy_mhz);
+    // The rest before a timed loop, and the SM clock when it ends
+    auto rest = [&](double& rest_ms, double& start_mhz) {
+        rest_ms = max_rest_ms > 0 ? rest_until_clock(copy_mhz, max_rest_ms) : 0.0;
+        start_mhz = sm_clock_mhz();
+    };
     cudaFree(src);
     cudaFree(dst);
 
@@ -142,16 +154,21 @@ int run(const char* out_path, const std::string& only) {
             e.layout = L, e.tables = dev.get(), e.pool = pool, e.page_table = tables;
             e.start = 0, e.n_tokens = enc_tokens, e.keys = keys, e.values = values;
             check_cuda(launch_encode(e, nullptr), "encode");
+            double enc_rest = 0.0, enc_start = 0.0;
+            rest(enc_rest, enc_start);
             const auto enc_ms =
                 time_ms(5, [&](int) { check_cuda(launch_encode(e, nullptr), "encode"); });
             const double enc_bytes = double(kKvHeads) * enc_tokens * (2.0 * d * sizeof(float)) +
                                      double(enc_tokens / kPage) * L.page_bytes;
             encodes.push_back({m.name, d, enc_tokens, median(enc_ms), enc_bytes,
                                enc_bytes / (median(enc_ms) * 1e-3) / 1e9,
-                               enc_tokens / (median(enc_ms) * 1e-3), sm_clock_mhz()});
-            std::printf("%-7s d=%3d encode %d tokens: %.3f ms, %.0f GB/s, SM clock %.0f MHz\n",
-                        m.name, d, enc_tokens, median(enc_ms), encodes.back().gbps,
-                        encodes.back().sm_mhz);
+                               enc_tokens / (median(enc_ms) * 1e-3), enc_rest, enc_start,
+                               sm_clock_mhz()});
+            std::printf(
+                "%-7s d=%3d encode %d tokens: %.3f ms, %.0f GB/s, SM clock %.0f -> %.0f "
+                "MHz (rested %.0f ms)\n",
+                m.name, d, enc_tokens, median(enc_ms), encodes.back().gbps, enc_start,
+                encodes.back().sm_mhz, enc_rest);
 
             // Fill the pool: the first 8K encoded tokens' pages, replicated.
             for (int p = seed_pages; p < pool_pages; p += seed_pages)
@@ -211,18 +228,22 @@ int run(const char* out_path, const std::string& only) {
                                "out");
                     const bool finite = std::all_of(host_out.begin(), host_out.end(),
                                                     [](float x) { return std::isfinite(x); });
+                    double rest_ms = 0.0, start_mhz = 0.0;
+                    rest(rest_ms, start_mhz);
                     const auto ms = time_ms(60, [&](int r) {
                         check_cuda(cudaGraphLaunch(graphs[r % rotations], nullptr), "launch");
                     });
                     for (auto& g : graphs) cudaGraphExecDestroy(g);
                     const double bytes = double(batch) * kKvHeads * pages * L.head_bytes;
                     points.push_back({m.name, d, batch, tokens, median(ms), ms.front(), bytes,
-                                      bytes / (median(ms) * 1e-3) / 1e9, finite, sm_clock_mhz()});
+                                      bytes / (median(ms) * 1e-3) / 1e9, finite, rest_ms, start_mhz,
+                                      sm_clock_mhz()});
                     const Point& p = points.back();
                     std::printf(
-                        "%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy  %.0f MHz%s\n",
-                        m.name, d, batch, tokens, p.ms, p.gbps, p.gbps / copy_gbps, p.sm_mhz,
-                        finite ? "" : "  NON-FINITE OUTPUT");
+                        "%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy  %.0f -> "
+                        "%.0f MHz (rested %.0f ms)%s\n",
+                        m.name, d, batch, tokens, p.ms, p.gbps, p.gbps / copy_gbps, p.start_mhz,
+                        p.sm_mhz, p.rest_ms, finite ? "" : "  NON-FINITE OUTPUT");
                 }
             }
         }
@@ -241,8 +262,9 @@ int run(const char* out_path, const std::string& only) {
                  prop.multiProcessorCount, prop.l2CacheSize >> 20);
     std::fprintf(f,
                  "  \"copy_gbps_read_plus_write\": %.1f, \"copy_sm_mhz\": %.0f,\n"
+                 "  \"max_rest_ms\": %d,\n"
                  "  \"kv_heads\": %d, \"q_heads\": %d,\n",
-                 copy_gbps, copy_mhz, kKvHeads, kQHeads);
+                 copy_gbps, copy_mhz, max_rest_ms, kKvHeads, kQHeads);
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
         std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",
@@ -255,10 +277,11 @@ int run(const char* out_path, const std::string& only) {
                      "    {\"method\": \"%s\", \"d\": %d, \"batch\": %d, \"tokens\": %d, \"ms\": "
                      "%.5f, \"ms_min\": %.5f, "
                      "\"compressed_bytes\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
-                     "\"finite\": %s, \"sm_mhz\": %.0f}%s\n",
+                     "\"finite\": %s, \"rest_ms\": %.0f, \"start_sm_mhz\": %.0f, "
+                     "\"sm_mhz\": %.0f}%s\n",
                      p.method.c_str(), p.d, p.batch, p.tokens, p.ms, p.ms_min, p.bytes, p.gbps,
-                     p.gbps / copy_gbps, p.finite ? "true" : "false", p.sm_mhz,
-                     i + 1 < points.size() ? "," : "");
+                     p.gbps / copy_gbps, p.finite ? "true" : "false", p.rest_ms, p.start_mhz,
+                     p.sm_mhz, i + 1 < points.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"encode\": [\n");
     for (size_t i = 0; i < encodes.size(); ++i) {
@@ -267,9 +290,10 @@ int run(const char* out_path, const std::string& only) {
             f,
             "    {\"method\": \"%s\", \"d\": %d, \"tokens\": %d, \"kv_heads\": %d, \"ms\": %.4f, "
             "\"bytes_in_plus_out\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
-            "\"tokens_per_s\": %.4g, \"sm_mhz\": %.0f}%s\n",
+            "\"tokens_per_s\": %.4g, \"rest_ms\": %.0f, \"start_sm_mhz\": %.0f, "
+            "\"sm_mhz\": %.0f}%s\n",
             e.method.c_str(), e.d, e.tokens, kKvHeads, e.ms, e.bytes, e.gbps, e.gbps / copy_gbps,
-            e.tokens_per_s, e.sm_mhz, i + 1 < encodes.size() ? "," : "");
+            e.tokens_per_s, e.rest_ms, e.start_mhz, e.sm_mhz, i + 1 < encodes.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);

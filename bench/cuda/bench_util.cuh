@@ -4,7 +4,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <thread>
 #include <vector>
 
 #include "cuda/cuda_cache.h"
@@ -71,6 +73,22 @@ inline double sm_clock_mhz() {
     double mhz = 0.0;
     check_cuda(cudaMemcpyFromSymbol(&mhz, clock_probe_mhz, sizeof(mhz)), "clock_probe");
     return mhz;
+}
+
+// Pacing: sleeps in 20 ms steps until the SM clock is back within 2% of full_mhz or max_ms have
+// passed, and returns the milliseconds rested. Heavy points run into the GPU's power cap (the
+// clock falls within tens of milliseconds), and a point timed right after them would start at the
+// clock they left; after a rest it starts where SDPA's points (paced alike) start.
+inline double rest_until_clock(double full_mhz, int max_ms) {
+    check_cuda(cudaDeviceSynchronize(), "rest");
+    const auto start = std::chrono::steady_clock::now();
+    auto rested = [&] {
+        return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+            .count();
+    };
+    while (rested() < max_ms && sm_clock_mhz() < 0.98 * full_mhz)
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    return rested();
 }
 
 inline float median(const std::vector<float>& sorted) {
