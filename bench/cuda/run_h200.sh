@@ -2,8 +2,9 @@
 # One run on the H200: configure (VQ_CUDA=ON, sm_90), build the CUDA library, the parity tests and
 # the benchmarks, run the parity tests (plus compute-sanitizer on the batched decode, the batch
 # classes and the generic path), time our fused decode and encode, every method on the generic path, and torch
-# bf16 SDPA at the same shapes in the same run. VQ_STAGES picks stages (default
-# "build parity bench codecs sdpa").
+# bf16 SDPA at the same shapes in the same run, alternately with our decode through the Python
+# API in SDPA's process (the build stage builds that extension alongside, with
+# run_python_h200.sh). VQ_STAGES picks stages (default "build parity bench codecs sdpa").
 # Everything lands in $OUT (the device tool's output folder; bench/results/h200 otherwise).
 # VQ_NCU_POINTS="METHOD:D:B:N ..." picks the decode points ncu profiles (default k1v2:128:8:131072);
 # VQ_NCU_CODECS="METHOD:N ..." profiles the generic path's attention kernel (stage codecs).
@@ -28,10 +29,13 @@ step "configure"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=ON -DVQ_BUILD_TOOLS=OFF > "$OUT/configure.log" 2>&1 \
   || { tail -30 "$OUT/configure.log"; exit 1; }
-step "build"
+step "build (and the Python extension alongside: $OUT/run_python.log)"
+OUT="$OUT" VQ_STAGES=build bash bench/cuda/run_python_h200.sh > /dev/null 2>&1 &
+python_build=$!
 cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity test_cuda_codec_cache test_cuda_batch \
   bench_cuda_attention bench_codec_cache > "$OUT/build.log" 2>&1 \
   || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+wait "$python_build" || echo "(the Python extension did not build: SDPA is timed without our API)"
 fi
 
 if has parity; then
@@ -85,8 +89,9 @@ if command -v ncu >/dev/null; then
 fi
 fi
 if has sdpa && python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
-  step "torch bf16 SDPA"
-  python3 bench/cuda/torch_sdpa.py "$OUT/torch_sdpa.json" "$OUT/cuda_bench.json"
+  step "torch bf16 SDPA, and our decode through the Python API in the same process"
+  PYTHONPATH="$PWD/build_py_h200/site${PYTHONPATH:+:$PYTHONPATH}" \
+    python3 bench/cuda/torch_sdpa.py "$OUT/torch_sdpa.json" "$OUT/cuda_bench.json"
 else
   step "no SDPA comparison (stage skipped, or torch not importable)"
 fi
