@@ -2,6 +2,9 @@
 // bits, value bits), the split-K plan, and the launches of the decode and its merge.
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "cuda/turboquant_decode.cuh"
 
@@ -139,6 +142,64 @@ bool mixed_rows(const DecodeArgs& a, int major) {
            L.value_scales_offset % 16 == 0;
 }
 
+// What the plans ask the runtime, memoized: a decode step plans twice (workspace size, launch),
+// each plan asks for up to three kernels' residency, and the attribute call and the occupancy
+// query cost microseconds each, on the host side of every decode step.
+class RuntimeFacts {
+public:
+    // CTAs per SM of fn at `smem` bytes of dynamic shared memory on the current device, after
+    // raising fn's dynamic shared memory limit to at least `smem` there.
+    cudaError_t resident_ctas(void (*fn)(DecodeKernelParams), size_t smem, int& per_sm) {
+        int device = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess) return err;
+        std::lock_guard<std::mutex> lock(mutex_);
+        const auto key = std::make_tuple(device, reinterpret_cast<const void*>(fn), smem);
+        if (const auto it = occupancy_.find(key); it != occupancy_.end()) {
+            per_sm = it->second;
+            return cudaSuccess;
+        }
+        size_t& limit = limits_[{device, reinterpret_cast<const void*>(fn)}];
+        if (smem > limit) {
+            err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+            if (err != cudaSuccess) return err;
+            limit = smem;
+        }
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kDecodeWarps * 32, smem);
+        if (err == cudaSuccess) occupancy_[key] = per_sm;
+        return err;
+    }
+
+    // SMs and compute capability major of the current device.
+    cudaError_t device(int& sms, int& major) {
+        int device = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess) return err;
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (const auto it = devices_.find(device); it != devices_.end()) {
+            std::tie(sms, major) = it->second;
+            return cudaSuccess;
+        }
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+        if (err == cudaSuccess)
+            err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+        if (err == cudaSuccess) devices_[device] = {sms, major};
+        return err;
+    }
+
+private:
+    std::mutex mutex_;
+    std::map<std::tuple<int, const void*, size_t>, int> occupancy_;
+    std::map<std::pair<int, const void*>, size_t> limits_;  // dynamic shared memory set per kernel
+    std::map<int, std::pair<int, int>> devices_;
+};
+
+RuntimeFacts& runtime_facts() {
+    static RuntimeFacts facts;
+    return facts;
+}
+
 // A kernel's shared-memory plan: ring depth, bytes and CTAs per SM.
 struct Residency {
     int ring = 1;
@@ -165,12 +226,7 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
     if (k.mixed) {  // the page rings and the final states lie in the mixed rows
         r.ring = mixed_ring(L);
         r.smem = kernels::decode_ring_offset(k.shared_bytes) + kernels::decode_mixed_bytes(r.ring);
-        cudaError_t err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(r.smem));
-        if (err == cudaSuccess)
-            err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.per_sm, k.fn, kDecodeWarps * 32,
-                                                                r.smem);
-        return err;
+        return runtime_facts().resident_ctas(k.fn, r.smem, r.per_sm);
     }
     const size_t page_set = static_cast<size_t>(kDecodeWarps) * L.head_bytes;  // one page per warp
     int ring = 1;
@@ -183,16 +239,12 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
     if (a.ring != 0) ring = a.ring;
     auto smem = [&](int depth) { return fixed + std::max(depth * page_set, states); };
     if (smem(ring) > kSmemMax) return cudaErrorInvalidValue;
-    // The attribute bounds the launch's dynamic shared memory; ring 1 needs no more.
-    cudaError_t err = cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem(ring)));
     auto occupancy = [&](int depth, int& per_sm) {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, kDecodeWarps * 32,
-                                                             smem(depth));
+        return runtime_facts().resident_ctas(k.fn, smem(depth), per_sm);
     };
     r.ring = ring;
     r.smem = smem(ring);
-    if (err == cudaSuccess) err = occupancy(ring, r.per_sm);
+    cudaError_t err = occupancy(ring, r.per_sm);
     if (err == cudaSuccess && ring > 1 && r.per_sm <= 2 && a.ring == 0) {
         int one = 0;
         err = occupancy(1, one);
@@ -276,12 +328,8 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
          a.table_copies != 32) ||
         a.ring < 0 || a.ring > 4)
         return cudaErrorInvalidValue;
-    int device = 0, sms = 0, major = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    int sms = 0, major = 0;
+    cudaError_t err = runtime_facts().device(sms, major);
     if (err != cudaSuccess) return err;
     if (major < 8) return cudaErrorNotSupported;  // mma.sync m16n8k16 / m16n8k32 and cp.async
     Residency r;
