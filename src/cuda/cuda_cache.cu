@@ -3,6 +3,7 @@
 #include "cuda/cuda_cache.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -22,6 +23,11 @@ static_assert(kernels::kPage == kTokensPerPage, "device pages hold the CPU's tok
 static_assert(sizeof(__half2) == sizeof(uint32_t), "pair tables pack two fp16 in one word");
 
 namespace {
+
+uint64_t next_cache_serial() {
+    static std::atomic<uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+}
 
 // The signs of a randomized Hadamard rotation: R e_i = s_i H[:, i] / sqrt(d) and H[0][i] = 1.
 std::vector<float> rotation_signs(int d, uint64_t seed) {
@@ -196,7 +202,8 @@ DeviceTables::~DeviceTables() { cudaFree(memory_); }
 
 CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                          int max_seq_len, int layer)
-    : host_(make_host_tables(config, num_heads, head_dim, layer)),
+    : serial_(next_cache_serial()),
+      host_(make_host_tables(config, num_heads, head_dim, layer)),
       tables_(host_),
       num_heads_(num_heads),
       head_dim_(head_dim),

@@ -233,6 +233,9 @@ private:
     /// scale that is not finite).
     int query_group(int num_q_heads, float scale) const;
 
+    /// Unique per cache object of the process (CudaTurboQuantBatch remembers the caches it has
+    /// checked by it; an address can be reused by a later cache).
+    const uint64_t serial_;
     TqHostTables host_;
     DeviceTables tables_;
     int num_heads_;

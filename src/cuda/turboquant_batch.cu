@@ -23,6 +23,13 @@ bool same_codec(const TqHostTables& a, const TqHostTables& b) {
 
 void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
                                       const char* what) {
+    if (!caches.empty() && caches.size() == checked_.size() &&
+        std::equal(caches.begin(), caches.end(), checked_.begin(),
+                   [](const CudaTurboQuantCache* c, uint64_t serial) {
+                       return c != nullptr && c->serial_ == serial;
+                   }))
+        return;  // these very caches passed before (a cache's codec never changes)
+    checked_.clear();
     check_distinct(caches, what);
     const CudaTurboQuantCache& first = *caches[0];
     for (size_t b = 1; b < caches.size(); ++b) {
@@ -33,6 +40,7 @@ void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCach
                 " differs from sequence 0's in config, layer, shape or device (a batch takes "
                 "one layer's caches, made alike)");
     }
+    for (const CudaTurboQuantCache* c : caches) checked_.push_back(c->serial_);
 }
 
 CudaTurboQuantBatch::~CudaTurboQuantBatch() {

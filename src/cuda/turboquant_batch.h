@@ -47,10 +47,11 @@ public:
 
 private:
     /// Throws std::invalid_argument unless `caches` is one distinct cache per sequence, all
-    /// of caches[0]'s codec, shape and device.
-    static void check_batch(const std::vector<const CudaTurboQuantCache*>& caches,
-                            const char* what);
+    /// of caches[0]'s codec, shape and device. The caches of the last batch that passed are
+    /// remembered by serial: a decode loop compares each step's caches' tables only once.
+    void check_batch(const std::vector<const CudaTurboQuantCache*>& caches, const char* what);
 
+    std::vector<uint64_t> checked_;  ///< serials of the last caches that passed check_batch
     InputCheck input_check_;
     BatchArrays arrays_;
     void* workspace_ = nullptr;

@@ -168,12 +168,24 @@ TEST(CudaBatch, BadInputChangesNoCache) {
     EXPECT_THROW(step.append({}, dk.get(), dv.get(), 1, nullptr), std::invalid_argument);
     unchanged();
     CudaTurboQuantCache empty(c, s.heads, s.d, 240, 0);
-    DeviceBuffer<float> q(4 * per_token * 3), out(4 * per_token * 3);
+    DeviceBuffer<float> q(random_tokens(3 * 4 * s.heads, 1, s.d, ++seed, 0.1f)),
+        out(4 * per_token * 3);
     EXPECT_THROW(step.attend({all[0], &empty}, q.get(), 4 * s.heads, out.get(), 0.1f, nullptr),
                  std::invalid_argument);
     EXPECT_THROW(step.attend({all[0], all[1]}, q.get(), 3, out.get(), 0.1f, nullptr),
                  std::invalid_argument);
     step.append(all, dk.get(), dv.get(), 1, nullptr);  // and a good step goes through
+    for (int b = 0; b < 3; ++b) EXPECT_EQ(caches[b]->size(), 101 + 50 * b);
+    // The batch remembers the caches that passed its checks; others in their places are checked
+    // anew, right after a step of the remembered ones.
+    const std::vector<const CudaTurboQuantCache*> readers(all.begin(), all.end());
+    step.attend(readers, q.get(), 4 * s.heads, out.get(), 0.1f, nullptr);
+    EXPECT_THROW(
+        step.attend({all[0], all[1], &other_layer}, q.get(), 4 * s.heads, out.get(), 0.1f, nullptr),
+        std::invalid_argument);
+    step.attend(readers, q.get(), 4 * s.heads, out.get(), 0.1f, nullptr);
+    EXPECT_THROW(step.append({all[0], all[1], all[1]}, dk.get(), dv.get(), 1, nullptr),
+                 std::invalid_argument);
     for (int b = 0; b < 3; ++b) EXPECT_EQ(caches[b]->size(), 101 + 50 * b);
 }
 
