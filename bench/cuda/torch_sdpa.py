@@ -252,7 +252,9 @@ def main():
     if len(sys.argv) > 2:
         print(f"\ncopy bandwidth (read + write): {ours['copy_gbps_read_plus_write']:.0f} GB/s. "
               "api: our decode through the Python API, timed in this process alternately with "
-              "SDPA on the same tokens; kernel: bench_cuda_attention's graph-timed launches")
+              "SDPA on the same tokens; kernel: bench_cuda_attention's graph-timed launches; "
+              "rel err: our output against SDPA's on those random tokens (that both read the "
+              "same tokens, not a quality figure: unrelated outputs differ by about 1.4)")
         print(f"{'method':8} {'d':>4} {'B':>3} {'N':>7} {'api ms':>8} {'sdpa ms':>8} {'speedup':>8} "
               f"{'kernel ms':>9} {'speedup':>8} {'of copy':>8} {'MHz api/sdpa/kernel':>20} {'rel err':>8}")
         fmt = lambda x, spec: format(x, spec) if x is not None else format("-", spec[:-2] + "s")
