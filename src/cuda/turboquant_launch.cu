@@ -144,7 +144,9 @@ bool mixed_rows(const DecodeArgs& a, int major) {
 
 // What the plans ask the runtime, memoized: a decode step plans twice (workspace size, launch),
 // each plan asks for up to three kernels' residency, and the attribute call and the occupancy
-// query cost microseconds each, on the host side of every decode step.
+// query cost microseconds each, on the host side of every decode step. (A cudaDeviceReset drops
+// the kernels' shared-memory attribute that this remembers as set; a later decode launch then
+// fails with the error it returns. Nothing in this library resets a device.)
 class RuntimeFacts {
 public:
     // CTAs per SM of fn at `smem` bytes of dynamic shared memory on the current device, after
