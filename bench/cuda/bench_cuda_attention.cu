@@ -4,7 +4,8 @@
 // and the encode throughput. Usage: bench_cuda_attention OUT.json [METHOD:D:B:N] (the optional
 // filter times the points whose key starts with it, e.g. one point for a profiler, or "k4v4:").
 // VQ_TABLE_COPIES=1|16|32 fixes the lane copies of the 4-bit tables, VQ_RING=1..4 the pages per
-// warp in shared memory, instead of the plan's choice.
+// warp in shared memory, VQ_SPLITS=n the splits of each sequence's pages, instead of the plan's
+// choice.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
@@ -46,7 +47,7 @@ const Method kMethods[] = {{"k1v2", 1, 1, 2}, {"k4v4", 4, 1, 4}, {"k2x2v4", 2, 2
 
 struct Point {
     std::string method;
-    int d, batch, tokens;
+    int d, batch, tokens, splits;
     double ms, ms_min, bytes, gbps;
     bool finite;
     double rest_ms, start_mhz;  // the rest before the timed launches, the SM clock after it
@@ -67,6 +68,8 @@ int run(const char* out_path, const std::string& only) {
     const int table_copies = copies_env != nullptr ? std::atoi(copies_env) : 0;
     const char* ring_env = std::getenv("VQ_RING");
     const int ring = ring_env != nullptr ? std::atoi(ring_env) : 0;
+    const char* splits_env = std::getenv("VQ_SPLITS");
+    const int splits = splits_env != nullptr ? std::atoi(splits_env) : 0;
     const char* rest_env = std::getenv("VQ_REST_MS");
     const int max_rest_ms = rest_env != nullptr ? std::atoi(rest_env) : 250;
     cudaDeviceProp prop{};
@@ -196,7 +199,7 @@ int run(const char* out_path, const std::string& only) {
                     a.seq_len = tokens, a.max_seq_len = tokens, a.batch = batch,
                     a.group = kQHeads / kKvHeads;
                     a.queries = queries, a.out = out, a.scale = 1.0f / std::sqrt(float(d));
-                    a.table_copies = table_copies, a.ring = ring;
+                    a.table_copies = table_copies, a.ring = ring, a.splits = splits;
                     const size_t need = decode_workspace_bytes(a);
                     if (need == 0) throw std::runtime_error("no decode plan");
                     if (need > workspace_bytes) {
@@ -235,15 +238,15 @@ int run(const char* out_path, const std::string& only) {
                     });
                     for (auto& g : graphs) cudaGraphExecDestroy(g);
                     const double bytes = double(batch) * kKvHeads * pages * L.head_bytes;
-                    points.push_back({m.name, d, batch, tokens, median(ms), ms.front(), bytes,
-                                      bytes / (median(ms) * 1e-3) / 1e9, finite, rest_ms, start_mhz,
-                                      sm_clock_mhz()});
+                    points.push_back({m.name, d, batch, tokens, decode_splits(a), median(ms),
+                                      ms.front(), bytes, bytes / (median(ms) * 1e-3) / 1e9, finite,
+                                      rest_ms, start_mhz, sm_clock_mhz()});
                     const Point& p = points.back();
                     std::printf(
                         "%-7s d=%3d B=%2d N=%6d: %.4f ms  %.0f GB/s  %.2f of copy  %.0f -> "
-                        "%.0f MHz (rested %.0f ms)%s\n",
+                        "%.0f MHz (rested %.0f ms, %d splits)%s\n",
                         m.name, d, batch, tokens, p.ms, p.gbps, p.gbps / copy_gbps, p.start_mhz,
-                        p.sm_mhz, p.rest_ms, finite ? "" : "  NON-FINITE OUTPUT");
+                        p.sm_mhz, p.rest_ms, p.splits, finite ? "" : "  NON-FINITE OUTPUT");
                 }
             }
         }
@@ -278,10 +281,10 @@ int run(const char* out_path, const std::string& only) {
                      "%.5f, \"ms_min\": %.5f, "
                      "\"compressed_bytes\": %.0f, \"gbps\": %.1f, \"ratio_to_copy\": %.3f, "
                      "\"finite\": %s, \"rest_ms\": %.0f, \"start_sm_mhz\": %.0f, "
-                     "\"sm_mhz\": %.0f}%s\n",
+                     "\"sm_mhz\": %.0f, \"splits\": %d}%s\n",
                      p.method.c_str(), p.d, p.batch, p.tokens, p.ms, p.ms_min, p.bytes, p.gbps,
                      p.gbps / copy_gbps, p.finite ? "true" : "false", p.rest_ms, p.start_mhz,
-                     p.sm_mhz, i + 1 < points.size() ? "," : "");
+                     p.sm_mhz, p.splits, i + 1 < points.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"encode\": [\n");
     for (size_t i = 0; i < encodes.size(); ++i) {

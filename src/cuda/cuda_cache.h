@@ -123,6 +123,9 @@ struct DecodeArgs {
     /// Pages per warp in shared memory: 0 lets the plan choose, 1..4 force it (for comparisons;
     /// a depth that does not fit fails the launch).
     int ring = 0;
+    /// Splits of each sequence's pages: 0 lets the plan choose, n > 0 forces min(n, pages) (for
+    /// comparisons).
+    int splits = 0;
 };
 
 /// Whether the kernels take this layout (head_dim, bit widths, stages, alignment).
@@ -137,6 +140,9 @@ cudaError_t launch_dequantize(const DequantizeArgs& args, cudaStream_t stream);
 cudaError_t launch_decode_attention(const DecodeArgs& args, cudaStream_t stream);
 /// Workspace the decode needs for these arguments on the current device.
 std::size_t decode_workspace_bytes(const DecodeArgs& args);
+/// Splits of each sequence's pages that the decode plans for these arguments on the current
+/// device (0: no plan), as benchmarks record.
+int decode_splits(const DecodeArgs& args);
 /// launch_decode_attention in `workspace` (bytes long), grown first (after synchronizing the
 /// device) when the decode needs more; throws std::runtime_error naming a failed call.
 void decode_in_workspace(DecodeArgs args, void*& workspace, std::size_t& bytes,

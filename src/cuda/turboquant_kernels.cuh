@@ -233,6 +233,11 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
     const size_t first = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits * a.group + h;
     const float2* ml = kp.partial_ml + first;               // split s at s * group
     const float* po = kp.partial_o + first * D + lane * E;  // split s at s * group * D
+#if __CUDA_ARCH__ >= 900
+    // Built for sm_90 or newer, the launcher makes this grid a programmatic dependent of the
+    // decode, so that its launch overlaps the decode's last CTAs: wait for the decode's partials.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     float m = -INFINITY;
     for (int s = lane; s < kp.splits; s += 32) m = fmaxf(m, ml[static_cast<size_t>(s) * a.group].x);
     m = warp_max(m);

@@ -173,6 +173,25 @@ public:
         return err;
     }
 
+    // The virtual architecture of fn's code on the current device (cudaFuncAttributes::
+    // ptxVersion: 90 for code built for sm_90; 80 where the driver compiled compute_80 PTX for a
+    // newer GPU, whose code then lacks what only sm_90 builds have).
+    cudaError_t ptx_version(void (*fn)(DecodeKernelParams), int& version) {
+        int device = 0;
+        cudaError_t err = cudaGetDevice(&device);
+        if (err != cudaSuccess) return err;
+        std::lock_guard<std::mutex> lock(mutex_);
+        const auto key = std::make_pair(device, reinterpret_cast<const void*>(fn));
+        if (const auto it = ptx_.find(key); it != ptx_.end()) {
+            version = it->second;
+            return cudaSuccess;
+        }
+        cudaFuncAttributes attributes{};
+        err = cudaFuncGetAttributes(&attributes, fn);
+        if (err == cudaSuccess) version = ptx_[key] = attributes.ptxVersion;
+        return err;
+    }
+
     // SMs and compute capability major of the current device.
     cudaError_t device(int& sms, int& major) {
         int device = 0;
@@ -194,6 +213,7 @@ private:
     std::mutex mutex_;
     std::map<std::tuple<int, const void*, size_t>, int> occupancy_;
     std::map<std::pair<int, const void*>, size_t> limits_;  // dynamic shared memory set per kernel
+    std::map<std::pair<int, const void*>, int> ptx_;
     std::map<int, std::pair<int, int>> devices_;
 };
 
@@ -328,7 +348,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
          a.table_copies != 32) ||
-        a.ring < 0 || a.ring > 4)
+        a.ring < 0 || a.ring > 4 || a.splits < 0)
         return cudaErrorInvalidValue;
     int sms = 0, major = 0;
     cudaError_t err = runtime_facts().device(sms, major);
@@ -338,23 +358,35 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     if ((err = pick_kernel(a, major, plan.kernel, r)) != cudaSuccess) return err;
     plan.ring = r.ring;
     plan.smem = r.smem;
-    const int per_sm = r.per_sm;
-    const long long resident = static_cast<long long>(std::max(per_sm, 1)) * sms;
+    const long long per_sm = std::max(r.per_sm, 1);
     const long long pages = (a.max_seq_len + kernels::kPage - 1) / kernels::kPage;
     const long long units = static_cast<long long>(a.batch) * L.num_kv_heads;
-    // Splits: each CTA costs about kCtaPages pages of set-up (tables, query rotation, the first
-    // page's latency, the final merge), and the last wave of CTAs runs mostly alone, so take
-    // the number of full waves k (CTAs <= k * resident) that minimizes k * (pages per CTA +
-    // kCtaPages). (Measured: 4 fixed waves left a nearly empty fifth at B = 8, N = 128K.)
-    constexpr long long kCtaPages = 8;
-    long long pps = pages, best = -1;
-    for (long long k = 1; k <= 8; ++k) {
-        const long long splits = std::max<long long>(1, std::min(pages, k * resident / units));
+    // Splits: what counts is the busiest SM's work. It runs k = ceil(CTAs / SMs) CTAs, per_sm
+    // at a time, each its pages plus kCtaPages of set-up (tables, query rotation, the first
+    // pages' latency: ~8.5 us by phase stamps, the time of ~20 pages: 18 fits best); with one or
+    // two CTAs resident an SM reads pages at 70% and 93% of its rate with three (H200: forced
+    // splits at B = 1, 8, 32 and N = 8K-128K, bench/cuda/decode_tuning.md). The pages per CTA that
+    // minimize that cost: e.g. 33 splits (two CTAs per SM) rather than 49 (three) at B = 1,
+    // N = 128K, 4.7% faster; 16 (one) rather than 43 at N = 8K, 20%. For each k up to 8 waves
+    // the most splits that keep k CTAs per SM are the candidate (fewer only add pages per CTA).
+    constexpr double kCtaPages = 18;
+    auto rate = [](long long resident_ctas) {
+        return resident_ctas == 1 ? 0.70 : resident_ctas == 2 ? 0.93 : 1.0;
+    };
+    long long pps = pages;
+    double best = -1;
+    for (long long k_max = 1; k_max <= 8 * per_sm; ++k_max) {
+        const long long splits = std::clamp<long long>(k_max * sms / units, 1, pages);
         const long long per_cta = (pages + splits - 1) / splits;
-        const long long waves =
-            (units * ((pages + per_cta - 1) / per_cta) + resident - 1) / resident;
-        const long long cost = waves * (per_cta + kCtaPages);
+        const long long ctas = units * ((pages + per_cta - 1) / per_cta);
+        const long long k = (ctas + sms - 1) / sms, full = k / per_sm, rest = k % per_sm;
+        double cost = full * per_sm * (per_cta / rate(per_sm) + kCtaPages);
+        if (rest > 0) cost += rest * (per_cta / rate(rest) + kCtaPages);
         if (best < 0 || cost < best) best = cost, pps = per_cta;
+    }
+    if (a.splits > 0) {
+        const long long forced = std::min<long long>(a.splits, pages);
+        pps = (pages + forced - 1) / forced;
     }
     pps = std::clamp<long long>(pps, 1, pages);
     plan.pages_per_split = static_cast<int>(pps);
@@ -371,6 +403,11 @@ std::size_t decode_workspace_bytes(const DecodeArgs& a) {
     DecodePlan plan;
     if (make_decode_plan(a, plan) != cudaSuccess) return 0;
     return plan.partial_o_bytes + plan.partial_ml_bytes;
+}
+
+int decode_splits(const DecodeArgs& a) {
+    DecodePlan plan;
+    return make_decode_plan(a, plan) == cudaSuccess ? plan.splits : 0;
 }
 
 cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
@@ -392,12 +429,23 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     // The merge: one CTA per (sequence, query head), a warp per split up to kMergeWarps.
     const unsigned rows = static_cast<unsigned>(a.batch * a.layout.num_kv_heads * a.group);
-    const unsigned threads = 32 * std::clamp(plan.splits, 1, kernels::kMergeWarps);
-    if (a.layout.head_dim == 64)
-        kernels::merge_kernel<64><<<rows, threads, 0, stream>>>(kp);
-    else
-        kernels::merge_kernel<128><<<rows, threads, 0, stream>>>(kp);
-    return cudaGetLastError();
+    // Where the merge's code is built for sm_90 or newer, a programmatic dependent launch: the
+    // merge grid launches as the decode's CTAs finish and waits (griddepcontrol.wait) for their
+    // writes. Code from older PTX has no wait, so it must launch after the decode as usual.
+    // (H200: 0.0368 -> 0.0364 ms at B = 1, N = 128K; 0.0269 -> 0.0266 at B = 8, N = 8K.)
+    auto merge = a.layout.head_dim == 64 ? kernels::merge_kernel<64> : kernels::merge_kernel<128>;
+    int ptx = 0;
+    if ((err = runtime_facts().ptx_version(merge, ptx)) != cudaSuccess) return err;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(rows);
+    config.blockDim = dim3(32 * std::clamp(plan.splits, 1, kernels::kMergeWarps));
+    config.stream = stream;
+    cudaLaunchAttribute programmatic = {};
+    programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    programmatic.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &programmatic;
+    config.numAttrs = ptx >= 90 ? 1 : 0;
+    return cudaLaunchKernelEx(&config, merge, kp);
 }
 
 }  // namespace veloxquant::cuda

@@ -335,14 +335,32 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
     a.queries = dq.get();
     a.out = dout.get();
     a.scale = 0.125f;
-    DeviceBuffer<uint8_t> workspace(decode_workspace_bytes(a));
-    a.workspace = workspace.get();
-    check_cuda(launch_decode_attention(a, nullptr), "decode");
-    const auto out = dout.download();
-    for (std::size_t b = 0; b < lens.size(); ++b) {
-        const std::vector<float> got(out.begin() + b * hq * s.d, out.begin() + (b + 1) * hq * s.d);
-        EXPECT_LE(relative_error(got, refs[b]), 1e-3) << "sequence " << b << " of length " << lens[b];
+    const int pages = 2048 / kTokensPerPage;
+    // The plan's split, then forced ones: one CTA per sequence and KV head, an uneven split
+    // (32 pages in 5 of at most 7 pages), one page per CTA, and more splits than pages.
+    for (const int splits : {0, 1, 5, pages, 10 * pages}) {
+        SCOPED_TRACE("splits " + std::to_string(splits));
+        a.splits = splits;
+        const int planned = decode_splits(a);
+        if (splits == 0)
+            EXPECT_GE(planned, 1);
+        else
+            EXPECT_EQ(planned, std::min(splits, pages));
+        DeviceBuffer<uint8_t> workspace(decode_workspace_bytes(a));
+        a.workspace = workspace.get();
+        check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
+        check_cuda(launch_decode_attention(a, nullptr), "decode");
+        const auto out = dout.download();
+        for (std::size_t b = 0; b < lens.size(); ++b) {
+            const std::vector<float> got(out.begin() + b * hq * s.d,
+                                         out.begin() + (b + 1) * hq * s.d);
+            EXPECT_LE(relative_error(got, refs[b]), 1e-3)
+                << "sequence " << b << " of length " << lens[b];
+        }
     }
+    a.splits = -1;
+    EXPECT_EQ(decode_splits(a), 0);
+    EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
 }
 
 // The plan picks how many lane copies of the 4-bit lookup tables live in shared memory, and
