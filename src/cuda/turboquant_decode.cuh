@@ -263,6 +263,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         mul[j] = sh.head_mul[heads[j]] * (kI8 ? scale_log2 / 127.0f : scale_log2);
         add[j] = sh.head_add[heads[j]] * scale_log2;
     }
+    // 1-bit keys in mixed rows (one stage) take the stage weight C1 - C0 into the multiplier.
+    constexpr bool kFoldStageWeight = kI8 && KBITS == 1 && MIXED;
+    if constexpr (kFoldStageWeight) {
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) mul[j] *= sh.key_affine[0][1];
+    }
     // The value tables' scale enters P' through the softmax's exponent (p'' = value_pair_scale p),
     // so the running sums l are of p'' until the end.
     const float log2_pair = log2f(T.value_pair_scale);
@@ -349,10 +355,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
                 for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-                    for (int r = 0; r < 2; ++r)
-                        sc[mt][2 * r] =
-                            fmaf(w, static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]),
-                                 sc[mt][2 * r]);
+                    for (int r = 0; r < 2; ++r) {
+                        const float q_b =
+                            static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]);
+                        sc[mt][2 * r] = kFoldStageWeight ? q_b : fmaf(w, q_b, sc[mt][2 * r]);
+                    }
             }
         } else if constexpr (kI8) {
             // 2-bit keys: sums of the centroids' high parts (hi) and low parts (lo), each byte
