@@ -89,6 +89,23 @@ __host__ __device__ constexpr int decode_mixed_ring(int page_code_bytes, int val
     return value_bits == 4 || 2 * page_code_bytes > 64 * 128 ? 1 : 2;
 }
 
+/// Byte offsets within one KV head's slice of a page (TqPageLayout, PageLayout::finalize: each
+/// block 64-byte aligned) for `key_token_bytes` and `value_token_bytes` of codes per token: the
+/// mixed-row kernels take them as constants (the launcher checks the layout against them).
+struct MixedSliceOffsets {
+    uint32_t norms, values, scales, head_bytes;
+};
+__host__ __device__ constexpr uint32_t align64(uint32_t n) {
+    return (n + 63) / 64 * 64;
+}
+__host__ __device__ constexpr MixedSliceOffsets mixed_slice_offsets(uint32_t key_token_bytes,
+                                                                    uint32_t value_token_bytes) {
+    const uint32_t norms = align64(kPage * key_token_bytes);
+    const uint32_t values = align64(norms + kPage * sizeof(float));
+    const uint32_t scales = align64(values + kPage * value_token_bytes);
+    return {norms, values, scales, align64(scales + kPage * sizeof(float))};
+}
+
 /// The address step of ring offset d (bytes) in the mixed rows: whole 128-byte row halves double,
 /// the rest adds as is, which is exact when the lane's base offset plus d % 128 stays within its
 /// row half (every chunk the kernel reads does: its static_asserts).

@@ -134,36 +134,47 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // page ahead of its copy, so the copy's address never waits on that global load (ncu: 6% of
     // the stall samples did).
     int32_t index_now = 0, index_next = count > 0 ? table[first] : 0;
+    // Mixed rows: the slice's block offsets are constants, the pool's page stride fits 32 bits
+    // (the launcher checks both), this lane's source chunk and the page table's next entry are
+    // kept (fewer instructions a page than the general addresses).
+    constexpr MixedSliceOffsets kSlice = mixed_slice_offsets(kKeyTok, kValueTok);
+    const uint8_t* lane_source = pool + kvh * kSlice.head_bytes + 16 * lane;
+    const uint32_t page_stride = static_cast<uint32_t>(L.page_bytes);
+    const int32_t* next_entry = table + first + kDecodeWarps;
     auto issue = [&](int i, int part) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
-            if (i + 1 < count) index_next = table[first + kDecodeWarps * (i + 1)];
+            if (MIXED) {
+                if (i + 1 < count) index_next = *next_entry;
+                next_entry += kDecodeWarps;
+            } else if (i + 1 < count) {
+                index_next = table[first + kDecodeWarps * (i + 1)];
+            }
         }
-        const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
-                              static_cast<size_t>(kvh) * L.head_bytes;
         if (MIXED && i < count) {
             // Lane l copies 16-byte chunks l + 32 j: 512 ring bytes (4 row halves) apart, so the
             // rows' addresses step by 1024 bytes, immediates of the copies.
+            const uint8_t* page =
+                lane_source + static_cast<uint64_t>(static_cast<uint32_t>(index_now)) * page_stride;
             const int slot = kMixedRing == 1 ? 0 : issue_slot;
             uint8_t* codes = mixed_lane + 2 * slot * kPageCodes;  // (multiples of 128 double)
             if (part != 1) {
 #pragma unroll
                 for (int j = 0; j < kKeyBytes / 512; ++j)
-                    cp_async_16(codes + 1024 * j, page + 16 * lane + 512 * j);
+                    cp_async_16(codes + 1024 * j, page + 512 * j);
                 if (lane < kPage / 4)
-                    cp_async_16(mixed_norms + slot * kPage + 4 * lane,
-                                page + L.key_norms_offset + 16 * lane);
+                    cp_async_16(mixed_norms + slot * kPage + 4 * lane, page + kSlice.norms);
             }
             if (part != 0) {
-                const uint8_t* values = page + L.value_codes_offset + 16 * lane;
 #pragma unroll
                 for (int j = 0; j < kPage * kValueTok / 512; ++j)
-                    cp_async_16(codes + 2 * kKeyBytes + 1024 * j, values + 512 * j);
+                    cp_async_16(codes + 2 * kKeyBytes + 1024 * j, page + kSlice.values + 512 * j);
                 if (lane < kPage / 4)
-                    cp_async_16(mixed_scales + slot * kPage + 4 * lane,
-                                page + L.value_scales_offset + 16 * lane);
+                    cp_async_16(mixed_scales + slot * kPage + 4 * lane, page + kSlice.scales);
             }
         } else if (i < count) {
+            const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
+                                  static_cast<size_t>(kvh) * L.head_bytes;
             const uint4* src = reinterpret_cast<const uint4*>(page);
             uint4* dst = reinterpret_cast<uint4*>(ring + issue_slot * L.head_bytes);
             const uint32_t end = part == 0 ? key_chunks : page_chunks;
@@ -345,9 +356,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                     }
 #pragma unroll
                     for (int kb = 0; kb < kI8Blocks; ++kb) {
-                        const uint32_t af[4] = {
-                            (x0 >> (2 * kb)) & 0x01010101u, (x1 >> (2 * kb)) & 0x01010101u,
-                            (x0 >> (2 * kb + 1)) & 0x01010101u, (x1 >> (2 * kb + 1)) & 0x01010101u};
+                        // bits 2 kb + 8 i as 0/1 bytes, bits 2 kb + 1 + 8 i as 0/2 bytes
+                        const uint32_t y0 = x0 >> (2 * kb), y1 = x1 >> (2 * kb);
+                        const uint32_t af[4] = {y0 & 0x01010101u, y1 & 0x01010101u,
+                                                y0 & 0x02020202u, y1 & 0x02020202u};
                         mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
                     }
                 }

@@ -2,6 +2,7 @@
 // bits, value bits), the split-K plan, and the launches of the decode and its merge.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -125,7 +126,9 @@ int mixed_ring(const TqPageLayout& L) {
 // each at 4-bit values; D / 8 and D / 4 at 1-bit keys and 2-bit values) and whose norms and
 // scales are 16-byte aligned: at 4-bit values (one page per warp) the keys are one 4-bit stage
 // of the values' codebook (one table in the rows) or, for groups of up to 4, two 2-bit stages
-// (integer scores, no table); at 2-bit values one 1-bit key stage (two pages per warp).
+// (integer scores, no table); at 2-bit values one 1-bit key stage (two pages per warp). The
+// kernel takes the slice's block offsets as constants (mixed_slice_offsets) and the page stride
+// as 32 bits.
 // args.table_copies and another args.ring force the other layouts. sm_90 only, whose dynamic
 // shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {
@@ -137,9 +140,12 @@ bool mixed_rows(const DecodeArgs& a, int major) {
         L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
     const bool one_two = L.key_bits == 1 && L.key_stages == 1 && L.value_bits == 2 &&
                          L.key_code_bytes == d / 8 && L.value_code_bytes == d / 4;
+    const kernels::MixedSliceOffsets slice =
+        kernels::mixed_slice_offsets(L.key_code_bytes, L.value_code_bytes);
     return major == 9 && (four || one_two) && a.table_copies == 0 &&
-           (a.ring == 0 || a.ring == mixed_ring(L)) && L.key_norms_offset % 16 == 0 &&
-           L.value_scales_offset % 16 == 0;
+           (a.ring == 0 || a.ring == mixed_ring(L)) && L.key_norms_offset == slice.norms &&
+           L.value_codes_offset == slice.values && L.value_scales_offset == slice.scales &&
+           L.head_bytes == slice.head_bytes && L.page_bytes <= UINT32_MAX;
 }
 
 // What the plans ask the runtime, memoized: a decode step plans twice (workspace size, launch),
