@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
     const uint8_t* pool = a.pools != nullptr ? a.pools[b] : a.pool;  // this sequence's pages
     const uint32_t key_chunks = L.value_codes_offset / 16, page_chunks = L.head_bytes / 16;
-    int issue_slot = 0, read_slot = 0;  // ring slots of the next page issued and read
+    // Page i lies in ring slot i % S.
     // Pool index of the page issued next and of the one after: each is read from the page table a
     // page ahead of its copy, so the copy's address never waits on that global load (ncu: 6% of
     // the stall samples did).
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     const uint8_t* lane_source = pool + kvh * kSlice.head_bytes + 16 * lane;
     const uint32_t page_stride = static_cast<uint32_t>(L.page_bytes);
     const int32_t* next_entry = table + first + kDecodeWarps;
-    auto issue = [&](int i, int part) {
+    auto issue = [&](int i, int part, int slot) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
             if (MIXED) {
@@ -156,7 +156,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             // rows' addresses step by 1024 bytes, immediates of the copies.
             const uint8_t* page =
                 lane_source + static_cast<uint64_t>(static_cast<uint32_t>(index_now)) * page_stride;
-            const int slot = kMixedRing == 1 ? 0 : issue_slot;
             uint8_t* codes = mixed_lane + 2 * slot * kPageCodes;  // (multiples of 128 double)
             if (part != 1) {
 #pragma unroll
@@ -176,19 +175,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
                                   static_cast<size_t>(kvh) * L.head_bytes;
             const uint4* src = reinterpret_cast<const uint4*>(page);
-            uint4* dst = reinterpret_cast<uint4*>(ring + issue_slot * L.head_bytes);
+            uint4* dst = reinterpret_cast<uint4*>(ring + slot * L.head_bytes);
             const uint32_t end = part == 0 ? key_chunks : page_chunks;
             for (uint32_t c = (part == 1 ? key_chunks : 0) + lane; c < end; c += 32)
                 cp_async_16(dst + c, src + c);
         }
         cp_async_commit();
-        if (part != 0) issue_slot = issue_slot + 1 == S ? 0 : issue_slot + 1;
     };
     for (int i = 0; i < S; ++i) {
         if (halves)
-            issue(i, 0), issue(i, 1);
+            issue(i, 0, i), issue(i, 1, i);
         else
-            issue(i, 2);
+            issue(i, 2, i);
     }
 
     // Tables, and the group's queries rotated once (warp w rotates heads w, w + 4).
@@ -287,9 +285,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     float o[kVTiles][4];
 #pragma unroll
     for (int v = 0; v < kVTiles; ++v) o[v][0] = o[v][1] = o[v][2] = o[v][3] = 0.0f;
-    float m_run[kSlots], l_run[kSlots];
+    // Running max and sum of each slot's head; the logits are kept as y = x - shift, shift = the
+    // softmax's base (the running max, or 0 before any) less log2_pair, so that p'' = exp2(y)
+    // while the max stays (one FMA makes y); thr = m_run - shift, the y a logit must pass to move
+    // it.
+    float m_run[kSlots], l_run[kSlots], shift[kSlots], thr[kSlots];
 #pragma unroll
-    for (int j = 0; j < kSlots; ++j) m_run[j] = -INFINITY, l_run[j] = 0.0f;
+    for (int j = 0; j < kSlots; ++j)
+        m_run[j] = -INFINITY, l_run[j] = 0.0f, shift[j] = -log2_pair, thr[j] = -INFINITY;
     if constexpr (!kTransposeInRegisters) __syncthreads();  // sh.q is read: P' rows overwrite it
     const uint32_t magic = 0x64006400u;
     // Score row g of a tile: token 4 (g % 2) + g / 2 of it, so that after movmatrix k position
@@ -319,11 +322,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         load_chunk<kKeyChunk>(row0 + (MIXED ? mixed_delta(8 * kKeyTok) : 8 * L.key_code_bytes), w1);
     };
 
-    for (int i = 0; i < count; ++i) {
+    // Page i in ring slot `slot_arg` (an integral_constant where the loop below unrolls by the
+    // ring's two slots, so that every slot offset is an immediate).
+    auto page_step = [&](int i, auto slot_arg) {
+        using SlotArg = decltype(slot_arg);
+        const int slot = [&] {
+            if constexpr (std::is_same_v<SlotArg, int>)
+                return slot_arg;
+            else
+                return SlotArg::value;
+        }();
         cp_async_wait(halves ? 1 : S - 1);  // this page's keys (and values, unless halves)
         __syncwarp();
-        const int slot = MIXED && kMixedRing == 1 ? 0 : read_slot;
-        read_slot = read_slot + 1 == S ? 0 : read_slot + 1;
         // The slot's page: in the ring, or in mixed rows this thread's first key chunk of it
         const uint8_t* buf =
             MIXED ? mixed_keys + 2 * slot * kPageCodes : ring + slot * L.head_bytes;
@@ -468,7 +478,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             }
         }
 
-        // Logits (log2 units) and the online softmax of each slot's head.
+        // Logits (log2 units, less shift) and the online softmax of each slot's head.
         float x[4][2][kSlots];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
@@ -480,7 +490,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                     const float s = !HILO ? sc[mt][2 * r + j]
                                     : kI8 ? sc[mt][2 * r]
                                           : sc[mt][2 * r] + sc[mt][2 * r + 1];
-                    x[mt][r][j] = (s * mul[j] + add[j]) * norm[mt][r];
+                    x[mt][r][j] = fmaf(s * mul[j] + add[j], norm[mt][r], -shift[j]);
                 }
             }
         }
@@ -503,12 +513,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-                for (int r = 0; r < 2; ++r) grow |= !(x[mt][r][j] <= m_run[j]);
+                for (int r = 0; r < 2; ++r) grow |= !(x[mt][r][j] <= thr[j]);
         const bool moved = __any_sync(kFull, grow);
         float corr[kSlots];
 #pragma unroll
         for (int j = 0; j < kSlots; ++j) {
-            float base = m_run[j];
             corr[j] = 1.0f;
             if (moved) {
                 float bm = -INFINITY;
@@ -517,18 +526,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 4));
                 bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 8));
                 bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 16));
-                const float m_new = fmaxf(m_run[j], bm);
-                base = m_new == -INFINITY ? 0.0f : m_new;
+                const float m_new = fmaxf(m_run[j], bm + shift[j]);
+                const float base = m_new == -INFINITY ? 0.0f : m_new;
                 corr[j] = exp2_approx(m_run[j] - base);
                 m_run[j] = m_new;
+                const float delta = base - log2_pair - shift[j];
+                shift[j] = base - log2_pair;
+                thr[j] = m_new - shift[j];
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt) x[mt][0][j] -= delta, x[mt][1][j] -= delta;
             }
             float sum = 0.0f;
-            base -= log2_pair;
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
-                    x[mt][r][j] = exp2_approx(x[mt][r][j] - base);
+                    x[mt][r][j] = exp2_approx(x[mt][r][j]);
                     sum += x[mt][r][j];
                 }
             l_run[j] = l_run[j] * corr[j] + sum;
@@ -543,7 +556,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 
         if (halves) {
             __syncwarp();  // every lane is done with the keys and norms: refill their half
-            issue(i + 1, 0);
+            issue(i + 1, 0, 0);
             cp_async_wait(1);  // this page's values
             __syncwarp();
         }
@@ -660,7 +673,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
             }
         }
         __syncwarp();
-        issue(i + S, halves ? 1 : 2);
+        issue(i + S, halves ? 1 : 2, slot);  // into the slot just read
+    };
+    if constexpr (MIXED && kMixedRing == 2) {
+        int i = 0;
+        for (; i + 1 < count; i += 2) {
+            page_step(i, std::integral_constant<int, 0>{});
+            page_step(i + 1, std::integral_constant<int, 1>{});
+        }
+        if (i < count) page_step(i, std::integral_constant<int, 0>{});
+    } else {
+        for (int i = 0, slot = 0; i < count; ++i, slot = slot + 1 == S ? 0 : slot + 1)
+            page_step(i, MIXED ? 0 : slot);
     }
     cp_async_wait(0);
 
