@@ -217,12 +217,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         // entry e, copy c: uint2 kValueByteCopies e + c, or in mixed row e (32 uint2 a row)
         uint2* entries = reinterpret_cast<uint2*>(MIXED ? mixed : v64_table);
         constexpr int kEntryStride = MIXED ? 32 : kValueByteCopies;
-        for (int i = threadIdx.x; i < 256 * kValueByteCopies; i += kThreads) {
-            const int e = i / kValueByteCopies;
-            const uint32_t x = __shfl_sync(kFull, pair, (e & 3) | ((e >> 4) & 3) << 2);
-            const uint32_t y = __shfl_sync(kFull, pair, ((e >> 2) & 3) | ((e >> 6) & 3) << 2);
-            entries[e * kEntryStride + i % kValueByteCopies] = make_uint2(x, y);
+        // Entry e is (pair (e & 3) | (e >> 4 & 3) << 2, pair (e >> 2 & 3) | (e >> 6 & 3) << 2).
+        // Thread i writes copy i % 16 of entries e0 + 8 k (e0 = i / 16, k < 32), whose words are
+        // among 12 that 12 shuffles fetch first: the writes then need no shuffle each (a loop
+        // of two dependent shuffles per entry took ~3 us a CTA with three CTAs per SM).
+        static_assert(kThreads == 128 && kValueByteCopies == 16, "8 entries of 16 copies a round");
+        const int e0 = threadIdx.x >> 4, c = threadIdx.x & 15;
+        uint32_t first[4], second[2][4];
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+            first[m] = __shfl_sync(kFull, pair, (e0 & 3) | m << 2);
+            second[0][m] = __shfl_sync(kFull, pair, (e0 >> 2) | m << 2);
+            second[1][m] = __shfl_sync(kFull, pair, ((e0 >> 2) + 2) | m << 2);
         }
+#pragma unroll
+        for (int k = 0; k < 32; ++k)
+            entries[(e0 + 8 * k) * kEntryStride + c] =
+                make_uint2(first[(k >> 1) & 3], second[k & 1][(k >> 3) & 3]);
     }
     const uint8_t* v64_lane = v64_table + (lane % kValueByteCopies) * sizeof(uint2);
     // This lane's copy of each table.
