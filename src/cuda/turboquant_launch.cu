@@ -123,12 +123,12 @@ int mixed_ring(const TqPageLayout& L) {
 }
 
 // The mixed-row layout, for a page whose key and value code blocks are packed tokens (D / 2 bytes
-// each at 4-bit values; D / 8 and D / 4 at 1-bit keys and 2-bit values) and whose norms and
-// scales are 16-byte aligned: at 4-bit values (one page per warp) the keys are one 4-bit stage
-// of the values' codebook (one table in the rows) or, for groups of up to 4, two 2-bit stages
-// (integer scores, no table); at 2-bit values one 1-bit key stage (two pages per warp). The
-// kernel takes the slice's block offsets as constants (mixed_slice_offsets) and the page stride
-// as 32 bits.
+// each at 4-bit values; D / 8 and D / 4 at 1-bit keys and 2-bit values) whose blocks lie at the
+// offsets PageLayout::finalize gives them (mixed_slice_offsets: the kernel takes them as
+// constants) and whose page stride fits 32 bits: at 4-bit values (one page per warp) the keys are
+// one 4-bit stage of the values' codebook (one table in the rows) or, for groups of up to 4, two
+// 2-bit stages (integer scores, no table); at 2-bit values one 1-bit key stage (two pages per
+// warp). Any other layout takes the general kernels.
 // args.table_copies and another args.ring force the other layouts. sm_90 only, whose dynamic
 // shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {
