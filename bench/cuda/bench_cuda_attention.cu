@@ -4,7 +4,8 @@
 // and the encode throughput. Usage: bench_cuda_attention OUT.json [METHOD:D:B:N] (the optional
 // filter times the points whose key starts with it, e.g. one point for a profiler, or "k4v4:").
 // VQ_TABLE_COPIES=1|16|32 fixes the lane copies of the 4-bit tables, VQ_RING=1..4 the pages per
-// warp in shared memory, VQ_SPLITS=n the splits of each sequence's pages, instead of the plan's
+// warp in shared memory, VQ_SPLITS=n the splits of each sequence's pages, or VQ_SPLIT_PAGES=b and
+// VQ_TAIL_PAGES=c splits of b pages then of c (DecodeArgs::split_pages), instead of the plan's
 // choice.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
@@ -70,6 +71,10 @@ int run(const char* out_path, const std::string& only) {
     const int ring = ring_env != nullptr ? std::atoi(ring_env) : 0;
     const char* splits_env = std::getenv("VQ_SPLITS");
     const int splits = splits_env != nullptr ? std::atoi(splits_env) : 0;
+    const char* split_pages_env = std::getenv("VQ_SPLIT_PAGES");
+    const int split_pages = split_pages_env != nullptr ? std::atoi(split_pages_env) : 0;
+    const char* tail_pages_env = std::getenv("VQ_TAIL_PAGES");
+    const int tail_pages = tail_pages_env != nullptr ? std::atoi(tail_pages_env) : 0;
     const char* rest_env = std::getenv("VQ_REST_MS");
     const int max_rest_ms = rest_env != nullptr ? std::atoi(rest_env) : 250;
     cudaDeviceProp prop{};
@@ -200,6 +205,7 @@ int run(const char* out_path, const std::string& only) {
                     a.group = kQHeads / kKvHeads;
                     a.queries = queries, a.out = out, a.scale = 1.0f / std::sqrt(float(d));
                     a.table_copies = table_copies, a.ring = ring, a.splits = splits;
+                    a.split_pages = split_pages, a.tail_pages = tail_pages;
                     const size_t need = decode_workspace_bytes(a);
                     if (need == 0) throw std::runtime_error("no decode plan");
                     if (need > workspace_bytes) {

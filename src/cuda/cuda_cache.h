@@ -123,9 +123,14 @@ struct DecodeArgs {
     /// Pages per warp in shared memory: 0 lets the plan choose, 1..4 force it (for comparisons;
     /// a depth that does not fit fails the launch).
     int ring = 0;
-    /// Splits of each sequence's pages: 0 lets the plan choose, n > 0 forces min(n, pages) (for
-    /// comparisons).
+    /// Splits of each sequence's pages: 0 lets the plan choose, n > 0 forces min(n, pages) even
+    /// ones (for comparisons).
     int splits = 0;
+    /// With splits = 0, b > 0 forces floor(pages / b) splits of b pages, then splits of
+    /// tail_pages (b where 0) for the rest, the shape the plan takes at long contexts (for
+    /// comparisons and tests).
+    int split_pages = 0;
+    int tail_pages = 0;
 };
 
 /// Whether the kernels take this layout (head_dim, bit widths, stages, alignment).

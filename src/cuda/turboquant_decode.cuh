@@ -106,12 +106,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     const uint32_t lane4 = (window & 0xFFFF0000u) | (4 * lane);
     const uint32_t lane8 = (window & 0xFFFF0000u) | (8 * (lane & 15));
     if (MIXED && (window & 0xFFFFu) != kDynamicSharedBase) __trap();  // not the layout assumed
-    const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+    // Grid: split-major over the units (sequence, KV head), so that the short tail splits
+    // launch last, onto the SMs whose head splits end first.
+    const int units = a.batch * L.num_kv_heads, unit = blockIdx.x % units;
+    const int split = blockIdx.x / units, kvh = unit % L.num_kv_heads, b = unit / L.num_kv_heads;
     const int G = a.group;
     const int len = a.seq_lens != nullptr ? a.seq_lens[b] : a.seq_len;
     const int n_pages = (len + kPage - 1) / kPage;
-    const int p_begin = split * kp.pages_per_split;
-    const int p_end = min(n_pages, p_begin + kp.pages_per_split);
+    const PageRange range = split_range(kp.split, split, n_pages);
+    const int p_begin = range.begin, p_end = range.end;
 
     // Per-warp cp.async ring of S pages, refilled as each page is read; the first S pages are in
     // flight while the CTA sets up its tables and queries. With one slot it refills in halves,
@@ -731,7 +734,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 wm[warp * G + heads[j]] = m_run[j], wl[warp * G + heads[j]] = l_run[j];
     }
     __syncthreads();
-    const size_t unit = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits + split;
+    // This split's partial state: [batch][kv head][split]
+    const size_t partial = static_cast<size_t>(unit) * kp.split.splits + split;
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
         const int h = i / D, dim = i % D;
         float m = -INFINITY;
@@ -746,8 +750,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                 l += f * wl[w * G + h];
             }
         }
-        kp.partial_o[(unit * G + h) * D + dim] = acc;
-        if (dim == 0) kp.partial_ml[unit * G + h] = make_float2(m, l);
+        kp.partial_o[(partial * G + h) * D + dim] = acc;
+        if (dim == 0) kp.partial_ml[partial * G + h] = make_float2(m, l);
     }
 }
 

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "cuda/cuda_cache.h"
+#include "cuda/decode_split.h"
 #include "cuda/warp_reduce.cuh"
 
 namespace veloxquant::cuda::kernels {
@@ -27,8 +28,7 @@ constexpr unsigned kFull = 0xffffffffu;
 /// Decode-kernel arguments the launcher derives from DecodeArgs (split plan, workspace).
 struct DecodeKernelParams {
     DecodeArgs args;
-    int pages_per_split = 0;
-    int splits = 0;
+    DecodeSplit split;             // each sequence's page ranges (decode_split.h)
     int ring = 0;                  // pages in flight per warp (cp.async ring depth), 1..4
     bool shared_pairs = false;     // 4-bit values read the lane copies of the 4-bit key table
     float* partial_o = nullptr;    // [batch][kv head][split][group][head_dim]
@@ -230,7 +230,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const int num_q = L.num_kv_heads * a.group;
     const int b = blockIdx.x / num_q, qh = blockIdx.x % num_q, kvh = qh / a.group, h = qh % a.group;
-    const size_t first = (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.splits * a.group + h;
+    const size_t first =
+        (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.split.splits * a.group + h;
     const float2* ml = kp.partial_ml + first;               // split s at s * group
     const float* po = kp.partial_o + first * D + lane * E;  // split s at s * group * D
 #if __CUDA_ARCH__ >= 900
@@ -239,21 +240,22 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     float m = -INFINITY;
-    for (int s = lane; s < kp.splits; s += 32) m = fmaxf(m, ml[static_cast<size_t>(s) * a.group].x);
+    for (int s = lane; s < kp.split.splits; s += 32)
+        m = fmaxf(m, ml[static_cast<size_t>(s) * a.group].x);
     m = warp_max(m);
     float x[E] = {};
     float l = 0.0f;
     if (m != -INFINITY) {
-        for (int s0 = warp; s0 < kp.splits; s0 += kMergeUnroll * warps) {
+        for (int s0 = warp; s0 < kp.split.splits; s0 += kMergeUnroll * warps) {
             float2 mk[kMergeUnroll];
             Row rk[kMergeUnroll];
 #pragma unroll
             for (int k = 0; k < kMergeUnroll; ++k) {
                 const int s = s0 + k * warps;
-                const size_t at = static_cast<size_t>(s < kp.splits ? s : 0) * a.group;
+                const size_t at = static_cast<size_t>(s < kp.split.splits ? s : 0) * a.group;
                 mk[k] = ml[at];
                 rk[k] = *reinterpret_cast<const Row*>(po + at * D);
-                if (s >= kp.splits) mk[k].y = 0.0f;
+                if (s >= kp.split.splits) mk[k].y = 0.0f;
             }
 #pragma unroll
             for (int k = 0; k < kMergeUnroll; ++k) {

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "cuda/decode_split.h"
 #include "cuda/turboquant_decode.cuh"
 
 namespace veloxquant::cuda {
@@ -32,6 +33,8 @@ struct DecodeKernel {
     int lutc = 1;             // lane copies of the 256-entry pair tables (4-bit keys or values)
     int vc = 0;               // copies of the byte-indexed 2-bit value table (0: none)
     bool mixed = false;       // the mixed-row layout (decode_mixed_bytes)
+    // Share of each sequence's pages the long-context plan leaves to tail splits (decode_split.h)
+    double tail_share = 0.10;
 };
 
 // `lutc`: lane copies (1, 16, 32) of the 256-entry tables of 4-bit keys or values; ignored
@@ -49,9 +52,13 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
                     sizeof(DecodeShared<D, K, V, 32>), 32, VC, true};
     }
     if constexpr (K == 1 && V == 2) {
-        if (mixed)
+        if (mixed)  // its best measured tail: 1/16 (1/10 at 4-bit values, 1.8% slower here)
             return {&decode_attention_kernel<D, K, V, HILO, 1, VC, true>,
-                    sizeof(DecodeShared<D, K, V>), 1, VC, true};
+                    sizeof(DecodeShared<D, K, V>),
+                    1,
+                    VC,
+                    true,
+                    1.0 / 16};
     }
     if constexpr (K == 4 || V == 4) {
         if (lutc == 32)
@@ -321,8 +328,7 @@ struct DecodePlan {
     DecodeKernel kernel;
     int ring = 1;
     size_t smem = 0;
-    int splits = 1;
-    int pages_per_split = 1;
+    DecodeSplit split;
     size_t partial_o_bytes = 0;
     size_t partial_ml_bytes = 0;
 };
@@ -354,7 +360,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
          a.table_copies != 32) ||
-        a.ring < 0 || a.ring > 4 || a.splits < 0)
+        a.ring < 0 || a.ring > 4)
         return cudaErrorInvalidValue;
     int sms = 0, major = 0;
     cudaError_t err = runtime_facts().device(sms, major);
@@ -364,40 +370,15 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     if ((err = pick_kernel(a, major, plan.kernel, r)) != cudaSuccess) return err;
     plan.ring = r.ring;
     plan.smem = r.smem;
-    const long long per_sm = std::max(r.per_sm, 1);
-    const long long pages = (a.max_seq_len + kernels::kPage - 1) / kernels::kPage;
-    const long long units = static_cast<long long>(a.batch) * L.num_kv_heads;
-    // Splits: what counts is the busiest SM's work. It runs k = ceil(CTAs / SMs) CTAs, per_sm
-    // at a time, each its pages plus kCtaPages of set-up (tables, query rotation, the first
-    // pages' latency: ~8.5 us by phase stamps, the time of ~20 pages: 18 fits best); with one or
-    // two CTAs resident an SM reads pages at 70% and 93% of its rate with three (H200: forced
-    // splits at B = 1, 8, 32 and N = 8K-128K, bench/cuda/decode_tuning.md). The pages per CTA that
-    // minimize that cost: e.g. 33 splits (two CTAs per SM) rather than 49 (three) at B = 1,
-    // N = 128K, 4.7% faster; 16 (one) rather than 43 at N = 8K, 20%. For each k up to 8 waves
-    // the most splits that keep k CTAs per SM are the candidate (fewer only add pages per CTA).
-    constexpr double kCtaPages = 18;
-    auto rate = [](long long resident_ctas) {
-        return resident_ctas == 1 ? 0.70 : resident_ctas == 2 ? 0.93 : 1.0;
-    };
-    long long pps = pages;
-    double best = -1;
-    for (long long k_max = 1; k_max <= 8 * per_sm; ++k_max) {
-        const long long splits = std::clamp<long long>(k_max * sms / units, 1, pages);
-        const long long per_cta = (pages + splits - 1) / splits;
-        const long long ctas = units * ((pages + per_cta - 1) / per_cta);
-        const long long k = (ctas + sms - 1) / sms, full = k / per_sm, rest = k % per_sm;
-        double cost = full * per_sm * (per_cta / rate(per_sm) + kCtaPages);
-        if (rest > 0) cost += rest * (per_cta / rate(rest) + kCtaPages);
-        if (best < 0 || cost < best) best = cost, pps = per_cta;
-    }
-    if (a.splits > 0) {
-        const long long forced = std::min<long long>(a.splits, pages);
-        pps = (pages + forced - 1) / forced;
-    }
-    pps = std::clamp<long long>(pps, 1, pages);
-    plan.pages_per_split = static_cast<int>(pps);
-    plan.splits = static_cast<int>((pages + pps - 1) / pps);
-    const size_t partials = static_cast<size_t>(units) * plan.splits * a.group;
+    DecodeSplitInputs in;
+    in.pages = (a.max_seq_len + kernels::kPage - 1) / kernels::kPage;
+    in.units = static_cast<long long>(a.batch) * L.num_kv_heads;
+    in.sms = sms;
+    in.per_sm = std::max(r.per_sm, 1);
+    in.tail_share = plan.kernel.tail_share;
+    in.splits = a.splits, in.split_pages = a.split_pages, in.tail_pages = a.tail_pages;
+    if (!plan_decode_split(in, plan.split)) return cudaErrorInvalidValue;
+    const size_t partials = static_cast<size_t>(in.units) * plan.split.splits * a.group;
     plan.partial_o_bytes = align256(partials * L.head_dim * sizeof(float));
     plan.partial_ml_bytes = align256(partials * sizeof(float2));
     return cudaSuccess;
@@ -413,7 +394,7 @@ std::size_t decode_workspace_bytes(const DecodeArgs& a) {
 
 int decode_splits(const DecodeArgs& a) {
     DecodePlan plan;
-    return make_decode_plan(a, plan) == cudaSuccess ? plan.splits : 0;
+    return make_decode_plan(a, plan) == cudaSuccess ? plan.split.splits : 0;
 }
 
 cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
@@ -423,14 +404,13 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     if (a.workspace == nullptr) return cudaErrorInvalidValue;
     DecodeKernelParams kp;
     kp.args = a;
-    kp.pages_per_split = plan.pages_per_split;
-    kp.splits = plan.splits;
+    kp.split = plan.split;
     kp.ring = plan.ring;
     kp.shared_pairs = shared_pairs(a);
     kp.partial_o = static_cast<float*>(a.workspace);
     kp.partial_ml =
         reinterpret_cast<float2*>(static_cast<uint8_t*>(a.workspace) + plan.partial_o_bytes);
-    const dim3 grid(plan.splits, a.layout.num_kv_heads, a.batch);
+    const dim3 grid(plan.split.splits * a.batch * a.layout.num_kv_heads);  // split-major
     plan.kernel.fn<<<grid, kDecodeWarps * 32, plan.smem, stream>>>(kp);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     // The merge: one CTA per (sequence, query head), a warp per split up to kMergeWarps.
@@ -444,7 +424,7 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     if ((err = runtime_facts().ptx_version(merge, ptx)) != cudaSuccess) return err;
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(rows);
-    config.blockDim = dim3(32 * std::clamp(plan.splits, 1, kernels::kMergeWarps));
+    config.blockDim = dim3(32 * std::clamp(plan.split.splits, 1, kernels::kMergeWarps));
     config.stream = stream;
     cudaLaunchAttribute programmatic = {};
     programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;

@@ -337,15 +337,29 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
     a.scale = 0.125f;
     const int pages = 2048 / kTokensPerPage;
     // The plan's split, then forced ones: one CTA per sequence and KV head, an uneven split
-    // (32 pages in 5 of at most 7 pages), one page per CTA, and more splits than pages.
-    for (const int splits : {0, 1, 5, pages, 10 * pages}) {
-        SCOPED_TRACE("splits " + std::to_string(splits));
-        a.splits = splits;
+    // (32 pages in 5 of 7 or 6 pages), one page per CTA, more splits than pages; and head splits
+    // with tail splits (split_pages, tail_pages): 4 x 7 then 2 x 2, 6 x 5 then 1 x 2, 3 x 10 then
+    // 1 x 2 of at most 9.
+    struct Forced {
+        int splits, split_pages, tail_pages, planned;
+    };
+    for (const Forced f : std::vector<Forced>{{0, 0, 0, 0},
+                                              {1, 0, 0, 1},
+                                              {5, 0, 0, 5},
+                                              {pages, 0, 0, pages},
+                                              {10 * pages, 0, 0, pages},
+                                              {0, 7, 2, 6},
+                                              {0, 5, 0, 7},
+                                              {0, 10, 9, 4}}) {
+        SCOPED_TRACE("splits " + std::to_string(f.splits) + ", split_pages " +
+                     std::to_string(f.split_pages) + ", tail_pages " +
+                     std::to_string(f.tail_pages));
+        a.splits = f.splits, a.split_pages = f.split_pages, a.tail_pages = f.tail_pages;
         const int planned = decode_splits(a);
-        if (splits == 0)
+        if (f.planned == 0)
             EXPECT_GE(planned, 1);
         else
-            EXPECT_EQ(planned, std::min(splits, pages));
+            EXPECT_EQ(planned, f.planned);
         DeviceBuffer<uint8_t> workspace(decode_workspace_bytes(a));
         a.workspace = workspace.get();
         check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
@@ -358,7 +372,10 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
                 << "sequence " << b << " of length " << lens[b];
         }
     }
-    a.splits = -1;
+    a.splits = -1, a.split_pages = 0, a.tail_pages = 0;
+    EXPECT_EQ(decode_splits(a), 0);
+    EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
+    a.splits = 4, a.split_pages = 8;  // two forced plans at once
     EXPECT_EQ(decode_splits(a), 0);
     EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
 }
