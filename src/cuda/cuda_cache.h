@@ -148,6 +148,12 @@ std::size_t decode_workspace_bytes(const DecodeArgs& args);
 /// Splits of each sequence's pages that the decode plans for these arguments on the current
 /// device (0: no plan), as benchmarks record.
 int decode_splits(const DecodeArgs& args);
+/// Whether the decode takes the mixed-row kernels on a device of compute capability major.x
+/// (sm_90: 1-bit keys / 2-bit values, 4-bit keys and values of one codebook, two 2-bit key stages
+/// for groups of up to 4; the fastest decodes). They take the block offsets of
+/// PageLayout::finalize as constants, so a layout that moves a block falls back to the general
+/// kernels: still correct, slower. Host only, no device call.
+bool decode_takes_mixed_rows(const DecodeArgs& args, int major);
 /// launch_decode_attention in `workspace` (bytes long), grown first (after synchronizing the
 /// device) when the decode needs more; throws std::runtime_error naming a failed call.
 void decode_in_workspace(DecodeArgs args, void*& workspace, std::size_t& bytes,

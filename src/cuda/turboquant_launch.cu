@@ -392,6 +392,8 @@ std::size_t decode_workspace_bytes(const DecodeArgs& a) {
     return plan.partial_o_bytes + plan.partial_ml_bytes;
 }
 
+bool decode_takes_mixed_rows(const DecodeArgs& a, int major) { return mixed_rows(a, major); }
+
 int decode_splits(const DecodeArgs& a) {
     DecodePlan plan;
     return make_decode_plan(a, plan) == cudaSuccess ? plan.split.splits : 0;

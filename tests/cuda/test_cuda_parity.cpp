@@ -187,6 +187,39 @@ TEST(CudaParity, DecodeRefusesMissingTables) {
     }
 }
 
+// Today's layouts of the three benchmarked decodes take the mixed-row kernels on sm_90 at head
+// dims 64 and 128: were a layout change to move a block, decodes would fall back to the general
+// kernels, correct but slower, and only the benchmarks would show it. Host only.
+TEST(CudaParity, BenchmarkedLayoutsTakeTheMixedRows) {
+    std::vector<float> stand_in(16);
+    const auto* words = reinterpret_cast<const uint32_t*>(stand_in.data());
+    const auto* other_words = words + 8;
+    for (const int d : {64, 128}) {
+        for (const Shape& s : {Shape{d, 1, 1, 2, 8}, Shape{d, 4, 1, 4, 8}, Shape{d, 2, 2, 4, 8}}) {
+            SCOPED_TRACE(name(s));
+            const TqHostTables host = make_host_tables(make_config(s, 5), s.heads, d, 0);
+            DecodeArgs a;
+            a.layout = host.layout;
+            a.group = 4;
+            a.tables.key_pairs = words;
+            // as the device cache does: one pointer where the key and value pair tables are equal
+            const bool same = !host.value_pairs.empty() && host.key_pairs.size() >= host.value_pairs.size() &&
+                              std::equal(host.value_pairs.begin(), host.value_pairs.end(), host.key_pairs.begin());
+            a.tables.value_pairs = same ? words : other_words;
+            EXPECT_TRUE(decode_takes_mixed_rows(a, 9));
+            EXPECT_FALSE(decode_takes_mixed_rows(a, 8));  // sm_80: the general kernels
+            DecodeArgs forced = a;
+            forced.table_copies = 1;  // forced contiguous tables
+            EXPECT_FALSE(decode_takes_mixed_rows(forced, 9));
+            if (s.stages == 2) {  // integer scores of two 2-bit stages: groups of up to 4
+                forced = a;
+                forced.group = 8;
+                EXPECT_FALSE(decode_takes_mixed_rows(forced, 9));
+            }
+        }
+    }
+}
+
 TEST(CudaParity, EncodedCodesMatchCpu) {
     SKIP_WITHOUT_DEVICE();
     uint64_t seed = 11;
