@@ -62,21 +62,18 @@ struct Encode {
     double rest_ms, start_mhz, sm_mhz;
 };
 
+// An integer setting from the environment, or `fallback` where it is not set.
+int env_int(const char* name, int fallback) {
+    const char* value = std::getenv(name);
+    return value != nullptr ? std::atoi(value) : fallback;
+}
+
 }  // namespace
 
 int run(const char* out_path, const std::string& only) {
-    const char* copies_env = std::getenv("VQ_TABLE_COPIES");
-    const int table_copies = copies_env != nullptr ? std::atoi(copies_env) : 0;
-    const char* ring_env = std::getenv("VQ_RING");
-    const int ring = ring_env != nullptr ? std::atoi(ring_env) : 0;
-    const char* splits_env = std::getenv("VQ_SPLITS");
-    const int splits = splits_env != nullptr ? std::atoi(splits_env) : 0;
-    const char* split_pages_env = std::getenv("VQ_SPLIT_PAGES");
-    const int split_pages = split_pages_env != nullptr ? std::atoi(split_pages_env) : 0;
-    const char* tail_pages_env = std::getenv("VQ_TAIL_PAGES");
-    const int tail_pages = tail_pages_env != nullptr ? std::atoi(tail_pages_env) : 0;
-    const char* rest_env = std::getenv("VQ_REST_MS");
-    const int max_rest_ms = rest_env != nullptr ? std::atoi(rest_env) : 250;
+    const int table_copies = env_int("VQ_TABLE_COPIES", 0), ring = env_int("VQ_RING", 0);
+    const int splits = env_int("VQ_SPLITS", 0), split_pages = env_int("VQ_SPLIT_PAGES", 0);
+    const int tail_pages = env_int("VQ_TAIL_PAGES", 0), max_rest_ms = env_int("VQ_REST_MS", 250);
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
