@@ -52,13 +52,12 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
                     sizeof(DecodeShared<D, K, V, 32>), 32, VC, true};
     }
     if constexpr (K == 1 && V == 2) {
-        if (mixed)  // its best measured tail: 1/16 (1/10 at 4-bit values, 1.8% slower here)
-            return {&decode_attention_kernel<D, K, V, HILO, 1, VC, true>,
-                    sizeof(DecodeShared<D, K, V>),
-                    1,
-                    VC,
-                    true,
-                    1.0 / 16};
+        if (mixed) {
+            DecodeKernel k{&decode_attention_kernel<D, K, V, HILO, 1, VC, true>,
+                           sizeof(DecodeShared<D, K, V>), 1, VC, true};
+            k.tail_share = 1.0 / 16;  // its best measured (1/10, as at 4-bit values: 1.8% slower)
+            return k;
+        }
     }
     if constexpr (K == 4 || V == 4) {
         if (lutc == 32)
@@ -392,7 +391,9 @@ std::size_t decode_workspace_bytes(const DecodeArgs& a) {
     return plan.partial_o_bytes + plan.partial_ml_bytes;
 }
 
-bool decode_takes_mixed_rows(const DecodeArgs& a, int major) { return mixed_rows(a, major); }
+bool decode_takes_mixed_rows(const DecodeArgs& a, int major) {
+    return mixed_rows(a, major);
+}
 
 int decode_splits(const DecodeArgs& a) {
     DecodePlan plan;
