@@ -127,8 +127,8 @@ struct DecodeArgs {
     /// ones (for comparisons).
     int splits = 0;
     /// With splits = 0, b > 0 forces floor(pages / b) splits of b pages, then splits of
-    /// tail_pages (b where 0) for the rest, the shape the plan takes at long contexts (for
-    /// comparisons and tests).
+    /// tail_pages (b where 0; at most the pages left) for the rest, the shape the plan takes at
+    /// long contexts (for comparisons and tests). tail_pages without split_pages is refused.
     int split_pages = 0;
     int tail_pages = 0;
 };

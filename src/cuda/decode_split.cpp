@@ -47,8 +47,9 @@ bool plan_decode_split(const DecodeSplitInputs& in, DecodeSplit& out) {
     if (in.split_pages > 0) {
         pps = std::min<long long>(in.split_pages, pages);
         head = pages / pps;
-        tail = in.tail_pages > 0 ? in.tail_pages : pps;
-        tails = (pages - head * pps + tail - 1) / tail;
+        const long long rest = pages - head * pps;  // < pps: a longer tail covers no more
+        tail = std::min<long long>(in.tail_pages > 0 ? in.tail_pages : pps, std::max(rest, 1LL));
+        tails = (rest + tail - 1) / tail;
     } else if (in.splits > 0) {  // n splits: pages % n of q + 1 pages, then q (q = pages / n)
         const long long n = std::min<long long>(in.splits, pages), q = pages / n, r = pages % n;
         pps = r > 0 ? q + 1 : q;

@@ -372,7 +372,7 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
     // The plan's split, then forced ones: one CTA per sequence and KV head, an uneven split
     // (32 pages in 5 of 7 or 6 pages), one page per CTA, more splits than pages; and head splits
     // with tail splits (split_pages, tail_pages): 4 x 7 then 2 x 2, 6 x 5 then 1 x 2, 3 x 10 then
-    // 1 x 2 of at most 9.
+    // 1 x 2 (a tail of 9 clipped to the 2 pages left).
     struct Forced {
         int splits, split_pages, tail_pages, planned;
     };

@@ -3,6 +3,7 @@
 // the one measured best (bench/cuda/decode_tuning.md).
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <random>
 #include <string>
 
@@ -91,9 +92,15 @@ TEST(DecodeSplit, ForcedShapes) {
     EXPECT_EQ(s.splits, 6);
     EXPECT_EQ(split_range(s, 4, 32).begin, 28);
     EXPECT_EQ(split_range(s, 5, 32).end, 32);
+    // A tail longer than the rest is clipped to it: no page index past the int range.
+    in.split_pages = 10, in.tail_pages = std::numeric_limits<int>::max();
+    s = plan(in);
+    EXPECT_EQ(s.splits, 4);
+    EXPECT_EQ(s.tail_pages, 2);
+    expect_tiles(s, 32);
     in.split_pages = 40, in.tail_pages = 0;  // more than the pages: one split
     EXPECT_EQ(plan(in).splits, 1);
-    in.split_pages = 5;  // 6 x 5, then 2 in a split of (up to) 5
+    in.split_pages = 5;  // 6 x 5, then the 2 left in one split
     s = plan(in);
     EXPECT_EQ(s.head_splits, 6);
     EXPECT_EQ(s.splits, 7);
