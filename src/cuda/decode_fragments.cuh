@@ -163,7 +163,7 @@ __device__ __forceinline__ uint32_t bit_pair(uint32_t x, uint32_t magic, int p) 
 }
 
 /// B fragments of the fp16 score mma (m16n8k16) of thread t, from its column's rotated query row
-/// q (null: a column past the group, zeros): block kb, register r holds the query at the two
+/// q (a row of zeros for a column past the group): block kb, register r holds the query at the two
 /// coordinates that the key fragment's register r pairs (1-bit keys: (p, p + D/8) of the chunk,
 /// scaled by 2^-p' to undo bit_pair's 2^p'; wider keys: two consecutive coordinates). The lo
 /// column (HILO) holds what fp16 leaves of each value.
@@ -177,18 +177,14 @@ __device__ __forceinline__ void query_fragments_f16(uint32_t (&bq)[BLOCKS][2], c
         for (int r = 0; r < 2; ++r) {
             const int c0 = KBITS == 1 ? t * kCoords + 2 * kb + r : t * kCoords + 4 * kb + 2 * r;
             const int c1 = KBITS == 1 ? c0 + kCoords / 2 : c0 + 1;
-            __half h0 = __float2half_rn(0.0f), h1 = h0;
-            if (q != nullptr) {
-                const int p = 2 * kb + r;
-                const float unscale =
-                    KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
-                const float v0 = q[c0] * unscale, v1 = q[c1] * unscale;
-                h0 = __float2half_rn(v0);
-                h1 = __float2half_rn(v1);
-                if (lo_part) {
-                    h0 = __float2half_rn(v0 - __half2float(h0));
-                    h1 = __float2half_rn(v1 - __half2float(h1));
-                }
+            const int p = 2 * kb + r;
+            const float unscale =
+                KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
+            const float v0 = q[c0] * unscale, v1 = q[c1] * unscale;
+            __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
+            if (lo_part) {
+                h0 = __float2half_rn(v0 - __half2float(h0));
+                h1 = __float2half_rn(v1 - __half2float(h1));
             }
             bq[kb][r] = pack_half2(h0, h1);
         }
@@ -222,16 +218,13 @@ __device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], c
                                                 : i == 2 ? 4
                                                 : i == 3 ? 12
                                                          : 0);
-                int v = 0;
-                if (q != nullptr) {
-                    // 1-bit keys: Q = rint(63.5 q'), and slot 0, whose key bytes are 0 or 1
-                    // against slot 1's 0 or 2, takes 2 Q (both split as 256 hi + lo in int8).
-                    const int x = KBITS == 2 ? __float2int_rn(q[c] * 127.0f)
-                                  : r == 0   ? 2 * __float2int_rn(q[c] * 63.5f)
-                                             : __float2int_rn(q[c] * 63.5f);
-                    const int hi = (x + 128) >> 8;
-                    v = lo_part ? x - 256 * hi : hi;
-                }
+                // 1-bit keys: Q = rint(63.5 q'), and slot 0, whose key bytes are 0 or 1 against
+                // slot 1's 0 or 2, takes 2 Q (both split as 256 hi + lo in int8).
+                const int x = KBITS == 2 ? __float2int_rn(q[c] * 127.0f)
+                              : r == 0   ? 2 * __float2int_rn(q[c] * 63.5f)
+                                         : __float2int_rn(q[c] * 63.5f);
+                const int hi = (x + 128) >> 8;
+                const int v = lo_part ? x - 256 * hi : hi;
                 word |= static_cast<uint32_t>(v & 0xFF) << (8 * i);
             }
             bq8[kb][r] = word;

@@ -31,6 +31,9 @@ struct DecodeShared {
     uint32_t value_pairs[kValuePairs];
 };
 
+/// Pages in a warp's ring in the general layout (the plan's and args.ring's limit).
+constexpr int kMaxDecodeRing = 4;
+
 /// The warps' final states, written over the rings: [warp][head][D] outputs, then the running
 /// max and sum of each (warp, head).
 __host__ __device__ constexpr size_t decode_states_bytes(int head_dim, int group) {

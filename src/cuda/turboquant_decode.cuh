@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // Pool index of the page issued next and of the one after: each is read from the page table a
     // page ahead of its copy, so the copy's address never waits on that global load (ncu: 6% of
     // the stall samples did).
-    int32_t index_now = 0, index_next = count > 0 ? table[first] : 0;
+    int32_t index_now = 0, index_next = 0;
     // Mixed rows: the slice's block offsets are constants, the pool's page stride fits 32 bits
     // (the launcher checks both), this lane's source chunk and the page table's next entry are
     // kept (fewer instructions a page than the general addresses).
@@ -144,13 +144,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     const uint8_t* lane_source = pool + kvh * kSlice.head_bytes + 16 * lane;
     const uint32_t page_stride = static_cast<uint32_t>(L.page_bytes);
     const int32_t* next_entry = table + first + kDecodeWarps;
-    auto issue = [&](int i, int part, int slot) {
+    auto issue = [&](int i, int part, int slot, bool read_next = true) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
-            if (MIXED) {
+            if (MIXED && read_next) {
                 if (i + 1 < count) index_next = *next_entry;
                 next_entry += kDecodeWarps;
-            } else if (i + 1 < count) {
+            } else if (read_next && i + 1 < count) {
                 index_next = table[first + kDecodeWarps * (i + 1)];
             }
         }
@@ -185,16 +185,46 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         }
         cp_async_commit();
     };
-    for (int i = 0; i < S; ++i) {
-        if (halves)
-            issue(i, 0, i), issue(i, 1, i);
-        else
-            issue(i, 2, i);
+    // The CTA's small global reads go out first, in one round: the page-table entries of the
+    // ring's first pages and of the one after, the stage weights, the 2-bit value pairs, the
+    // group's queries and the key signs. (Read where each is used, the second page's entry waited
+    // behind the first page's copies, and the rest behind every CTA's first pages.)
+    int32_t head_index[kMaxDecodeRing + 1];
+#pragma unroll
+    for (int i = 0; i <= kMaxDecodeRing; ++i)
+        head_index[i] = i <= S && i < count ? table[first + kDecodeWarps * i] : 0;
+    static_assert(kMaxStages * 2 <= kDecodeWarps * 32, "a stage weight per thread");
+    const float affine_in = threadIdx.x < L.key_stages * 2 ? T.key_affine[threadIdx.x] : 0.0f;
+    const uint32_t pair_in = kV64 ? T.value_pairs[lane & 15] : 0u;
+    constexpr int kWarpHeads = kMaxGroup / kDecodeWarps;  // heads warp, warp + kDecodeWarps, ...
+    float q_in[kWarpHeads][E], sign_in[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) sign_in[e] = T.key_signs[kvh * D + lane * E + e];
+#pragma unroll
+    for (int j = 0; j < kWarpHeads; ++j) {
+        const int h = warp + kDecodeWarps * j;
+        const float* q =
+            a.queries + (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + h) * D;
+#pragma unroll
+        for (int e = 0; e < E; ++e) q_in[j][e] = h < G ? q[lane * E + e] : 0.0f;
     }
+#pragma unroll
+    for (int i = 0; i < kMaxDecodeRing; ++i) {
+        if (i < S) {
+            index_next = head_index[i];
+            if (halves)
+                issue(i, 0, i, false), issue(i, 1, i, false);
+            else
+                issue(i, 2, i, false);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i <= kMaxDecodeRing; ++i)
+        if (i == S) index_next = head_index[i];  // (a runtime index would put the array in memory)
+    next_entry = table + first + kDecodeWarps * (S + 1);
 
     // Tables, and the group's queries rotated once (warp w rotates heads w, w + 4).
-    for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
-        sh.key_affine[i / 2][i % 2] = T.key_affine[i];
+    if (threadIdx.x < L.key_stages * 2) sh.key_affine[threadIdx.x / 2][threadIdx.x % 2] = affine_in;
     if constexpr (KBITS > 1 && !kKeyCopies && !kI8)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
             sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
@@ -216,7 +246,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     if constexpr (MIXED && VBITS == 4)
         fill_lane_copies<kThreads>(reinterpret_cast<uint32_t*>(mixed), T.value_pairs, 256, 32, 64);
     if constexpr (kV64) {  // the 16 pair entries loaded once per lane, spread by shuffles
-        const uint32_t pair = T.value_pairs[lane & 15];
+        const uint32_t pair = pair_in;
         // entry e, copy c: uint2 kValueByteCopies e + c, or in mixed row e (32 uint2 a row)
         uint2* entries = reinterpret_cast<uint2*>(MIXED ? mixed : v64_table);
         constexpr int kEntryStride = MIXED ? 32 : kValueByteCopies;
@@ -242,16 +272,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // This lane's copy of each table.
     const int copy = lane & (LUTC - 1);
     const uint32_t* value_table = kValueCopies ? copies + value_copies_at + copy : sh.value_pairs;
-    for (int h = warp; h < kMaxGroup; h += kDecodeWarps) {
-        if (h >= G) {
+#pragma unroll
+    for (int j = 0; j < kWarpHeads; ++j) {
+        const int h = warp + kDecodeWarps * j;
+        if (h >= G) {  // a padding column of the query fragments: zeros
+#pragma unroll
+            for (int e = 0; e < E; ++e) sh.q[h][lane * E + e] = 0.0f;
             if (lane == 0) sh.head_mul[h] = 1.0f, sh.head_add[h] = 0.0f;
             continue;
         }
-        const float* q =
-            a.queries + (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + h) * D;
         float x[E];
 #pragma unroll
-        for (int e = 0; e < E; ++e) x[e] = q[lane * E + e] * T.key_signs[kvh * D + lane * E + e];
+        for (int e = 0; e < E; ++e) x[e] = q_in[j][e] * sign_in[e];
         warp_fwht<E>(x, lane, T.inv_sqrt_d);
         float mx = 0.0f, sum = 0.0f;
 #pragma unroll
@@ -270,7 +302,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     // Query fragments (B of the score mma), fixed for the whole CTA (decode_fragments.cuh).
     const int hq = HILO ? g >> 1 : g;
     const bool lo_part = HILO && (g & 1);
-    const float* q_row = hq < G ? sh.q[hq] : nullptr;  // null: a padding column (zeros)
+    const float* q_row = sh.q[hq];  // (rows G and up are zeros: padding columns)
     uint32_t bq[kI8 ? 1 : kKBlocks][2];
     if constexpr (!kI8) query_fragments_f16<D, KBITS>(bq, q_row, t, lo_part);
     uint32_t bq8[kI8 ? kI8Blocks : 1][2];

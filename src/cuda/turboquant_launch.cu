@@ -266,7 +266,8 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
     int ring = 1;
     for (const size_t tier : kTiers) {
         if (fixed + std::max(2 * page_set, states) <= tier) {
-            ring = static_cast<int>(std::min<size_t>((tier - fixed) / page_set, 4));
+            ring = static_cast<int>(
+                std::min<size_t>((tier - fixed) / page_set, kernels::kMaxDecodeRing));
             break;
         }
     }
@@ -359,7 +360,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
          a.table_copies != 32) ||
-        a.ring < 0 || a.ring > 4)
+        a.ring < 0 || a.ring > kernels::kMaxDecodeRing)
         return cudaErrorInvalidValue;
     int sms = 0, major = 0;
     cudaError_t err = runtime_facts().device(sms, major);
