@@ -202,9 +202,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     for (int e = 0; e < E; ++e) sign_in[e] = T.key_signs[kvh * D + lane * E + e];
 #pragma unroll
     for (int j = 0; j < kWarpHeads; ++j) {
-        const int h = warp + kDecodeWarps * j;
+        const int h = warp + kDecodeWarps * j;  // past the group: zeros (loaded within the group)
         const float* q =
-            a.queries + (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + h) * D;
+            a.queries +
+            (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + (h < G ? h : 0)) * D;
 #pragma unroll
         for (int e = 0; e < E; ++e) q_in[j][e] = h < G ? q[lane * E + e] : 0.0f;
     }
