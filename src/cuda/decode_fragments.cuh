@@ -292,6 +292,14 @@ __device__ __forceinline__ C merge_odd(C a, C b) {
     }
 }
 
+/// 2-bit values at head_dim 64: from r = A | B << 16, two tokens' 16-bit chunks of 8 dimensions,
+/// byte 0 / 1 holds A's and B's nibble 0 / 2 (merge_even), byte 2 / 3 their nibble 1 / 3
+/// (merge_odd): A's nibble in the low half of each byte, B's in the high half.
+__device__ __forceinline__ uint32_t pair_bytes(uint32_t r) {
+    const uint32_t moved = bit_select<0x0000FFFFu>(r >> 12, r << 12);  // B's low / A's high
+    return bit_select<0xF0F00F0Fu>(r, moved);
+}
+
 /// The table entry of pair field `field` (a compile-time constant once unrolled); the shift
 /// leaves the index already scaled to a byte offset (index << SHIFT).
 template <int VBITS, int SHIFT, typename C>

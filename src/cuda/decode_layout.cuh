@@ -13,15 +13,15 @@
 
 namespace veloxquant::cuda::kernels {
 
-template <int D, int KBITS, int VBITS, int LUTC = 1>
+template <int D, int KBITS, int VBITS, int LUTC = 1, int WARPS = kDecodeWarps>
 struct DecodeShared {
     // (tables with lane copies live after this struct instead)
     static constexpr int kKeyPairs = KBITS == 1 || (LUTC > 1 && KBITS == 4) ? 1 : 1 << (2 * KBITS);
     static constexpr int kValuePairs =
         VBITS == 16 || (LUTC > 1 && VBITS == 4) ? 1 : 1 << (2 * VBITS);
-    union {                            // the queries are read once, before the page loop
-        float q[kMaxGroup][D];         // rotated, power-of-two scaled queries
-        uint4 p[kDecodeWarps][kPage];  // P'^T rows (4-bit keys and values): 8 halves per token
+    union {                     // the queries are read once, before the page loop
+        float q[kMaxGroup][D];  // rotated, power-of-two scaled queries
+        uint4 p[WARPS][kPage];  // P'^T rows (4-bit keys and values): 8 halves per token
     };
     float head_mul[kMaxGroup];        // undoes that scale
     float head_add[kMaxGroup];        // C0 sum * sum_j q'_j (1-bit keys)
@@ -36,8 +36,8 @@ constexpr int kMaxDecodeRing = 4;
 
 /// The warps' final states, written over the rings: [warp][head][D] outputs, then the running
 /// max and sum of each (warp, head).
-__host__ __device__ constexpr size_t decode_states_bytes(int head_dim, int group) {
-    return static_cast<size_t>(kDecodeWarps) * group * (head_dim + 2) * sizeof(float);
+__host__ __device__ constexpr size_t decode_states_bytes(int head_dim, int group, int warps) {
+    return static_cast<size_t>(warps) * group * (head_dim + 2) * sizeof(float);
 }
 
 /// A shared-memory region's end rounded up to 128 bytes. After DecodeShared come the table
@@ -79,9 +79,10 @@ constexpr uint32_t kDynamicSharedBase = 0x400;
 /// row_lut; or the byte-indexed 2-bit value table's 16 copies of 8 bytes, read by row_lut64: one
 /// PRMT and one LDS per lookup) and 128 bytes of the warps' code rings in bytes 128-255 (warp w's
 /// ring, pages of keys then values, in its own run of rows). The norms and scales go to
-/// [2][warp][ring][kPage] floats after the region.
-__host__ __device__ constexpr size_t decode_mixed_bytes(int ring) {
-    return 256 * 256 + static_cast<size_t>(2) * kDecodeWarps * ring * kPage * sizeof(float);
+/// [2][warp][ring][kPage] floats after the region (each slot's transposed where the kernel says
+/// so).
+__host__ __device__ constexpr size_t decode_mixed_bytes(int ring, int warps) {
+    return 256 * 256 + static_cast<size_t>(2) * warps * ring * kPage * sizeof(float);
 }
 
 /// Pages per warp in the mixed rows, for a page of `page_code_bytes` key and value code bytes: one

@@ -26,9 +26,13 @@ namespace veloxquant::cuda::kernels {
 /// lo is zero but at 4-bit keys and values); otherwise (group 5..8) column h is head h. MIXED: the
 /// mixed-row layout (decode_layout.cuh). 4-bit keys and values, and every mixed-row kernel, are
 /// held to 168 registers, so that three CTAs fit per SM as their shared memory allows (left free,
-/// ptxas took 211 for the contiguous tables).
-template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false>
-__global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) || MIXED ? 3 : 0)
+/// ptxas took 211 for the contiguous tables). WARPS: warps per CTA; with 8 (head_dim 64, mixed
+/// rows: 123 and 117 registers) two CTAs of one table each give an SM 16 warps instead of 12.
+template <int D, int KBITS, int VBITS, bool HILO, int LUTC, int VC, bool MIXED = false,
+          int WARPS = kDecodeWarps>
+__global__ void __launch_bounds__(WARPS * 32, WARPS == 8                            ? 2
+                                              : (KBITS == 4 && VBITS == 4) || MIXED ? 3
+                                                                                    : 0)
     decode_attention_kernel(const DecodeKernelParams kp) {
     constexpr int E = D / 32;
     constexpr int kCoords = D / 4;                  // key coordinates per lane per stage
@@ -57,7 +61,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     constexpr int kPageCodes = kPage * (kKeyTok + kValueTok);
     constexpr int kMixedRing = decode_mixed_ring(kPageCodes, VBITS);
     constexpr int kMixedRows = kMixedRing * kPageCodes / 128;
-    static_assert(!MIXED || (kPageCodes % 128 == 0 && kDecodeWarps * kMixedRows <= 256),
+    static_assert(!MIXED || (kPageCodes % 128 == 0 && WARPS * kMixedRows <= 256),
                   "whole mixed rows, 256 of them");
     constexpr bool kKeyCopies = LUTC > 1 && KBITS == 4 && !MIXED,
                    kValueCopies = LUTC > 1 && VBITS == 4 && !MIXED;
@@ -71,7 +75,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
     // P' to the B fragments of P'^T by movmatrix, or through shared memory (decode_fragments.cuh)
     constexpr bool kTransposeInRegisters = !(KBITS == 4 && VBITS == 4);
-    using Shared = DecodeShared<D, KBITS, VBITS, LUTC>;
+    using Shared = DecodeShared<D, KBITS, VBITS, LUTC, WARPS>;
 
     extern __shared__ __align__(128) uint8_t smem_raw[];
     Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
@@ -100,7 +104,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         return mixed + 128 + static_cast<size_t>(warp) * kMixedRows * 256 + 2 * x - (x & 127);
     };
     float* mixed_norms = reinterpret_cast<float*>(mixed + 256 * 256) + warp * kMixedRing * kPage;
-    float* mixed_scales = mixed_norms + kDecodeWarps * kMixedRing * kPage;
+    float* mixed_scales = mixed_norms + WARPS * kMixedRing * kPage;
+    // There a slot's norms (and scales) lie transposed, but at two 2-bit key stages (1.3% slower
+    // at head_dim 128 that way): the tokens 16 mt + 8 r + rho (mt < 4, r < 2) that score row
+    // rho's threads read are floats 8 rho .. 8 rho + 7 (k = 2 mt + r), in two 16-byte blocks,
+    // block h at float4 2 rho + (h ^ rho / 4): two LDS.128 a thread instead of 8 LDS, the 8 rows'
+    // blocks on distinct banks. Lane l copies tokens l and l + 32 there, 4 bytes each (32
+    // distinct banks).
+    constexpr bool kTransposedFloats = MIXED && KBITS != 2;
+    auto transposed = [](int token) {
+        const int rho = token & 7, k = token >> 3;
+        return 8 * rho + 4 * ((k >> 2) ^ (rho >> 2)) + (k & 3);
+    };
+    const int lane_word0 = transposed(lane), lane_word1 = transposed(lane + 32);
     constexpr uint32_t kMixedTable = kDynamicSharedBase + kMixedOffset;
     const uint32_t window = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
     const uint32_t lane4 = (window & 0xFFFF0000u) | (4 * lane);
@@ -128,7 +144,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     const bool halves = S == 1;
     uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
     const int first = p_begin + warp;
-    const int count = p_end > first ? (p_end - first + kDecodeWarps - 1) / kDecodeWarps : 0;
+    const int count = p_end > first ? (p_end - first + WARPS - 1) / WARPS : 0;
     const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
     const uint8_t* pool = a.pools != nullptr ? a.pools[b] : a.pool;  // this sequence's pages
     const uint32_t key_chunks = L.value_codes_offset / 16, page_chunks = L.head_bytes / 16;
@@ -143,15 +159,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     constexpr MixedSliceOffsets kSlice = mixed_slice_offsets(kKeyTok, kValueTok);
     const uint8_t* lane_source = pool + kvh * kSlice.head_bytes + 16 * lane;
     const uint32_t page_stride = static_cast<uint32_t>(L.page_bytes);
-    const int32_t* next_entry = table + first + kDecodeWarps;
+    const int32_t* next_entry = table + first + WARPS;
     auto issue = [&](int i, int part, int slot, bool read_next = true) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
             if (MIXED && read_next) {
                 if (i + 1 < count) index_next = *next_entry;
-                next_entry += kDecodeWarps;
+                next_entry += WARPS;
             } else if (read_next && i + 1 < count) {
-                index_next = table[first + kDecodeWarps * (i + 1)];
+                index_next = table[first + WARPS * (i + 1)];
             }
         }
         if (MIXED && i < count) {
@@ -164,15 +180,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
                 for (int j = 0; j < kKeyBytes / 512; ++j)
                     cp_async_16(codes + 1024 * j, page + 512 * j);
-                if (lane < kPage / 4)
+                if constexpr (kTransposedFloats) {
+                    const uint8_t* norms = page - 12 * lane + kSlice.norms;  // token lane's word
+                    cp_async_4(mixed_norms + slot * kPage + lane_word0, norms);
+                    cp_async_4(mixed_norms + slot * kPage + lane_word1, norms + 128);
+                } else if (lane < kPage / 4) {
                     cp_async_16(mixed_norms + slot * kPage + 4 * lane, page + kSlice.norms);
+                }
             }
             if (part != 0) {
 #pragma unroll
                 for (int j = 0; j < kPage * kValueTok / 512; ++j)
                     cp_async_16(codes + 2 * kKeyBytes + 1024 * j, page + kSlice.values + 512 * j);
-                if (lane < kPage / 4)
+                if constexpr (kTransposedFloats) {
+                    const uint8_t* scales = page - 12 * lane + kSlice.scales;
+                    cp_async_4(mixed_scales + slot * kPage + lane_word0, scales);
+                    cp_async_4(mixed_scales + slot * kPage + lane_word1, scales + 128);
+                } else if (lane < kPage / 4) {
                     cp_async_16(mixed_scales + slot * kPage + 4 * lane, page + kSlice.scales);
+                }
             }
         } else if (i < count) {
             const uint8_t* page = pool + static_cast<size_t>(index_now) * L.page_bytes +
@@ -192,17 +218,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     int32_t head_index[kMaxDecodeRing + 1];
 #pragma unroll
     for (int i = 0; i <= kMaxDecodeRing; ++i)
-        head_index[i] = i <= S && i < count ? table[first + kDecodeWarps * i] : 0;
-    static_assert(kMaxStages * 2 <= kDecodeWarps * 32, "a stage weight per thread");
+        head_index[i] = i <= S && i < count ? table[first + WARPS * i] : 0;
+    static_assert(kMaxStages * 2 <= WARPS * 32, "a stage weight per thread");
     const float affine_in = threadIdx.x < L.key_stages * 2 ? T.key_affine[threadIdx.x] : 0.0f;
     const uint32_t pair_in = kV64 ? T.value_pairs[lane & 15] : 0u;
-    constexpr int kWarpHeads = kMaxGroup / kDecodeWarps;  // heads warp, warp + kDecodeWarps, ...
+    constexpr int kWarpHeads = kMaxGroup / WARPS;  // heads warp, warp + WARPS, ...
     float q_in[kWarpHeads][E], sign_in[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) sign_in[e] = T.key_signs[kvh * D + lane * E + e];
 #pragma unroll
     for (int j = 0; j < kWarpHeads; ++j) {
-        const int h = warp + kDecodeWarps * j;  // past the group: zeros (loaded within the group)
+        const int h = warp + WARPS * j;  // past the group: zeros (loaded within the group)
         const float* q =
             a.queries +
             (static_cast<size_t>(b) * L.num_kv_heads * G + kvh * G + (h < G ? h : 0)) * D;
@@ -222,9 +248,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 #pragma unroll
     for (int i = 0; i <= kMaxDecodeRing; ++i)
         if (i == S) index_next = head_index[i];  // (a runtime index would put the array in memory)
-    next_entry = table + first + kDecodeWarps * (S + 1);
+    next_entry = table + first + WARPS * (S + 1);
 
-    // Tables, and the group's queries rotated once (warp w rotates heads w, w + 4).
+    // Tables, and the group's queries rotated once (warp w rotates heads w, w + WARPS).
     if (threadIdx.x < L.key_stages * 2) sh.key_affine[threadIdx.x / 2][threadIdx.x % 2] = affine_in;
     if constexpr (KBITS > 1 && !kKeyCopies && !kI8)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
@@ -236,7 +262,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x)
             sh.value_pairs[i] = T.value_pairs[i];
     // Lane copies (a load per copy made the stores wait on each load: 2.4% of the stall samples).
-    constexpr int kThreads = kDecodeWarps * 32;
+    constexpr int kThreads = WARPS * 32;
     if constexpr (kKeyCopies)
         fill_lane_copies<kThreads>(copies, T.key_pairs, L.key_stages * 256, LUTC, LUTC);
     const int value_copies_at = kp.shared_pairs ? 0 : kKeyCopies ? L.key_stages * 256 * LUTC : 0;
@@ -252,22 +278,30 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         uint2* entries = reinterpret_cast<uint2*>(MIXED ? mixed : v64_table);
         constexpr int kEntryStride = MIXED ? 32 : kValueByteCopies;
         // Entry e is (pair (e & 3) | (e >> 4 & 3) << 2, pair (e >> 2 & 3) | (e >> 6 & 3) << 2).
-        // Thread i writes copy i % 16 of entries e0 + 8 k (e0 = i / 16, k < 32), whose words are
-        // among 12 that 12 shuffles fetch first: the writes then need no shuffle each (a loop
-        // of two dependent shuffles per entry took ~3 us a CTA with three CTAs per SM).
-        static_assert(kThreads == 128 && kValueByteCopies == 16, "8 entries of 16 copies a round");
+        // Thread i writes copy i % 16 of entries e0 + R k (e0 = i / 16 < R = threads / 16),
+        // whose words are among 12 (R = 8) or 8 (R = 16) that as many shuffles fetch first: the
+        // writes then need no shuffle each (a loop of two dependent shuffles per entry took ~3
+        // us a CTA with three CTAs per SM).
+        static_assert((kThreads == 128 || kThreads == 256) && kValueByteCopies == 16,
+                      "8 or 16 entries of 16 copies a round");
+        constexpr int R = kThreads / 16;
         const int e0 = threadIdx.x >> 4, c = threadIdx.x & 15;
         uint32_t first[4], second[2][4];
 #pragma unroll
         for (int m = 0; m < 4; ++m) {
             first[m] = __shfl_sync(kFull, pair, (e0 & 3) | m << 2);
-            second[0][m] = __shfl_sync(kFull, pair, (e0 >> 2) | m << 2);
-            second[1][m] = __shfl_sync(kFull, pair, ((e0 >> 2) + 2) | m << 2);
+            second[0][m] = __shfl_sync(kFull, pair, ((e0 >> 2) & 3) | m << 2);
+            if constexpr (R == 8) second[1][m] = __shfl_sync(kFull, pair, ((e0 >> 2) + 2) | m << 2);
         }
 #pragma unroll
-        for (int k = 0; k < 32; ++k)
-            entries[(e0 + 8 * k) * kEntryStride + c] =
-                make_uint2(first[(k >> 1) & 3], second[k & 1][(k >> 3) & 3]);
+        for (int k = 0; k < 256 / R; ++k) {
+            // R = 8: e >> 2 & 3 = e0 / 4 + 2 (k & 1), e >> 4 & 3 = k / 2 & 3, e >> 6 = k / 8;
+            // R = 16: e >> 2 & 3 = e0 / 4, e >> 4 & 3 = k & 3, e >> 6 = k / 4
+            const uint2 entry = R == 8
+                                    ? make_uint2(first[(k >> 1) & 3], second[k & 1][(k >> 3) & 3])
+                                    : make_uint2(first[k & 3], second[0][(k >> 2) & 3]);
+            entries[(e0 + R * k) * kEntryStride + c] = entry;
+        }
     }
     const uint8_t* v64_lane = v64_table + (lane % kValueByteCopies) * sizeof(uint2);
     // This lane's copy of each table.
@@ -275,7 +309,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     const uint32_t* value_table = kValueCopies ? copies + value_copies_at + copy : sh.value_pairs;
 #pragma unroll
     for (int j = 0; j < kWarpHeads; ++j) {
-        const int h = warp + kDecodeWarps * j;
+        const int h = warp + WARPS * j;
         if (h >= G) {  // a padding column of the query fragments: zeros
 #pragma unroll
             for (int e = 0; e < E; ++e) sh.q[h][lane * E + e] = 0.0f;
@@ -349,6 +383,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
     // This thread's P' entry, as a base and immediate offsets (ptxas rebuilt each row's address).
     uint8_t* prow = pbuf + (2 * (g & 3) + (g >> 2)) * 16 + 4 * t;
+    // This thread's per-token floats of a slot (norms or value scales): tokens 16 mt + 8 r +
+    // row_token, as f[mt][r]; two LDS.128 of the transposed blocks where they are.
+    const int block0 = 2 * row_token + (row_token >> 2), block1 = block0 + 1 - 2 * (row_token >> 2);
+    auto token_floats = [&](const float* slot_floats, float(&f)[4][2]) {
+        if constexpr (kTransposedFloats) {
+            const float4 lo = reinterpret_cast<const float4*>(slot_floats)[block0];
+            const float4 hi = reinterpret_cast<const float4*>(slot_floats)[block1];
+            f[0][0] = lo.x, f[0][1] = lo.y, f[1][0] = lo.z, f[1][1] = lo.w;
+            f[2][0] = hi.x, f[2][1] = hi.y, f[3][0] = hi.z, f[3][1] = hi.w;
+        } else {
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+                f[mt][0] = slot_floats[16 * mt + row_token],
+                f[mt][1] = slot_floats[16 * mt + 8 + row_token];
+        }
+    };
     // Mixed rows: this thread's first key chunk and value chunk in slot 0 (loop-invariant). Each
     // chunk read lies within one 128-byte row half, as mixed_delta needs: the chunks of a key
     // block of 8 tokens and of a value block of 4 tokens span a divisor or a multiple of 128 bytes.
@@ -357,6 +407,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                   "mixed-row chunks stay within their row halves");
     const uint8_t* mixed_keys = mixed_at(row_token * kKeyTok + t * kKeyChunk);
     const uint8_t* mixed_values = mixed_at(kKeyBytes + t * kValueTok + g * kValueChunk);
+    // 2-bit values at head_dim 64 in mixed rows (a token's codes are one 16-byte row): each
+    // LDSM.x4.trans gives the value chunks of two blocks. Matrix m of load p holds tokens 16 kb +
+    // 8 (m % 2) + {0, 4, 1, 5, 2, 6, 3, 7} (kb = 2 p + m / 2), so that thread (g, t) gets the
+    // chunks of tokens t and t + 4 (or t + 8 and t + 12) of column g in one register, as the
+    // scores' k pairs hold them: 2 loads a page instead of 16.
+    constexpr bool kValueMatrices = MIXED && kV64 && D == 64;
+    const uint8_t* value_rows =
+        mixed_at(kKeyBytes + kValueTok * (8 * (lane >> 3) + ((lane >> 1) & 3) + 4 * (lane & 1)));
     // This thread's chunks of key stage s of tokens 16 mt + row_token (w0) and 16 mt + 8 +
     // row_token (w1), from the ring slot at buf or, in mixed rows, from the slot's keys (mixed_keys
     // moved to the slot).
@@ -384,15 +442,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         // The slot's page: in the ring, or in mixed rows this thread's first key chunk of it
         const uint8_t* buf =
             MIXED ? mixed_keys + 2 * slot * kPageCodes : ring + slot * L.head_bytes;
-        const int valid = len - (first + kDecodeWarps * i) * kPage;  // tokens of this page in use
+        const int valid = len - (first + WARPS * i) * kPage;  // tokens of this page in use
         // The norms of this thread's 8 tokens, read before the scores so that their loads are
         // done when the logits need them.
-        const float* norms = MIXED ? mixed_norms + slot * kPage
-                                   : reinterpret_cast<const float*>(buf + L.key_norms_offset);
         float norm[4][2];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-            norm[mt][0] = norms[16 * mt + row_token], norm[mt][1] = norms[16 * mt + 8 + row_token];
+        token_floats(MIXED ? mixed_norms + slot * kPage
+                           : reinterpret_cast<const float*>(buf + L.key_norms_offset),
+                     norm);
 
         // Scores of the page's 4 x 16 tokens.
         float sc[4][4];
@@ -610,15 +666,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 
         // P'^T: C rows (tokens) transposed into B's k pairs. The value scales are read before any
         // P' store, which ptxas does not move a shared load above (6% of the stall samples).
-        const float* vscales = MIXED ? mixed_scales + slot * kPage
-                                     : reinterpret_cast<const float*>(buf + L.value_scales_offset);
-        float vscale[4][2];
+        float vscale[4][2] = {{1.0f, 1.0f}, {1.0f, 1.0f}, {1.0f, 1.0f}, {1.0f, 1.0f}};
+        if constexpr (VBITS != 16)
+            token_floats(MIXED ? mixed_scales + slot * kPage
+                               : reinterpret_cast<const float*>(buf + L.value_scales_offset),
+                         vscale);
         uint32_t bp[4][2];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-                vscale[mt][r] = VBITS == 16 ? 1.0f : vscales[16 * mt + 8 * r + row_token];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
@@ -645,6 +698,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
 
         // O^T += V^T P'^T over the page's four 16-token blocks.
         const uint8_t* vcodes = buf + L.value_codes_offset + g * kValueChunk;
+        [[maybe_unused]] uint32_t value_regs[2][4];
+        if constexpr (kValueMatrices) {
+            static_assert(kValueTok == 16 && kPage == 64, "a token's value codes are one row");
+            ldmatrix_x4_trans(value_regs[0], value_rows + 2 * slot * kPageCodes);
+            ldmatrix_x4_trans(value_regs[1], value_rows + 2 * slot * kPageCodes + mixed_delta(512));
+        }
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
             const uint8_t* tok =
@@ -664,6 +723,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
                                             __byte_perm(w[0][v], w[1][v], 0x7632),
                                             __byte_perm(w[2][v], w[3][v], 0x5410),
                                             __byte_perm(w[2][v], w[3][v], 0x7632)};
+                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
+                }
+            } else if constexpr (kValueMatrices) {
+                // The chunks of tokens t, t + 4 (y01) and t + 8, t + 12 (y23) of the block;
+                // pair_bytes puts the entry index of tile v in byte 2 (v % 2) + v / 2.
+                const uint32_t y01 = pair_bytes(value_regs[kb >> 1][2 * (kb & 1)]);
+                const uint32_t y23 = pair_bytes(value_regs[kb >> 1][2 * (kb & 1) + 1]);
+#pragma unroll
+                for (int v = 0; v < kVTiles; ++v) {
+                    const int byte = 2 * (v & 1) + (v >> 1);
+                    const uint2 e01 = row_lut64<kMixedTable>(y01, byte, lane8);
+                    const uint2 e23 = row_lut64<kMixedTable>(y23, byte, lane8);
+                    const uint32_t af[4] = {e01.x, e01.y, e23.x, e23.y};
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
                 }
             } else if constexpr (kV64) {
@@ -745,8 +817,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
     }
     __syncthreads();
     float* wo = reinterpret_cast<float*>(MIXED ? mixed : rings);  // [warp][head][D]
-    float* wm = wo + kDecodeWarps * G * D;                        // [warp][head]
-    float* wl = wm + kDecodeWarps * G;                            // [warp][head]
+    float* wm = wo + WARPS * G * D;                               // [warp][head]
+    float* wl = wm + WARPS * G;                                   // [warp][head]
 #pragma unroll
     for (int v = 0; v < kVTiles; ++v) {
 #pragma unroll
@@ -773,11 +845,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, (KBITS == 4 && VBITS == 4) 
         const int h = i / D, dim = i % D;
         float m = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, wm[w * G + h]);
+        for (int w = 0; w < WARPS; ++w) m = fmaxf(m, wm[w * G + h]);
         float acc = 0.0f, l = 0.0f;
         if (m != -INFINITY) {
 #pragma unroll
-            for (int w = 0; w < kDecodeWarps; ++w) {
+            for (int w = 0; w < WARPS; ++w) {
                 const float f = exp2f(wm[w * G + h] - m);
                 acc += f * wo[(w * G + h) * D + dim];
                 l += f * wl[w * G + h];

@@ -19,7 +19,8 @@
 namespace veloxquant::cuda::kernels {
 
 constexpr int kPage = 64;        // tokens per page
-constexpr int kDecodeWarps = 4;  // warps per decode CTA; warp w takes pages w, w + 4, ...
+constexpr int kDecodeWarps = 4;  // warps per decode CTA (8 for some head_dim 64 kernels): warp w
+                                 // takes pages w, w + warps, ...
 constexpr int kMaxGroup = 8;     // query heads per KV head
 constexpr int kMaxStages = 3;    // turboquant_rvq stages
 constexpr int kDequantizeWarps = 8;
@@ -103,6 +104,16 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 #else
     *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+
+/// A 4-byte copy (through L1: cp.async takes 4 and 8 bytes only with .ca).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
 #endif
 }
 

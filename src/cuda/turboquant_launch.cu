@@ -35,6 +35,7 @@ struct DecodeKernel {
     bool mixed = false;       // the mixed-row layout (decode_mixed_bytes)
     // Share of each sequence's pages the long-context plan leaves to tail splits (decode_split.h)
     double tail_share = 0.10;
+    int warps = kDecodeWarps;  // per CTA
 };
 
 // `lutc`: lane copies (1, 16, 32) of the 256-entry tables of 4-bit keys or values; ignored
@@ -47,15 +48,23 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
     using kernels::DecodeShared;
     constexpr int VC = V == 2 ? 16 : 0;
     if constexpr ((K == 4 || (K == 2 && HILO)) && V == 4) {
-        if (mixed)
-            return {&decode_attention_kernel<D, K, V, HILO, 32, VC, true>,
-                    sizeof(DecodeShared<D, K, V, 32>), 32, VC, true};
+        if (mixed) {
+            // Two 2-bit key stages at head_dim 64: eight warps a CTA, 16 a SM instead of 12
+            constexpr int W = K == 2 && D == 64 ? 8 : kDecodeWarps;
+            DecodeKernel k{&decode_attention_kernel<D, K, V, HILO, 32, VC, true, W>,
+                           sizeof(DecodeShared<D, K, V, 32, W>), 32, VC, true};
+            k.warps = W;
+            return k;
+        }
     }
     if constexpr (K == 1 && V == 2) {
         if (mixed) {
-            DecodeKernel k{&decode_attention_kernel<D, K, V, HILO, 1, VC, true>,
-                           sizeof(DecodeShared<D, K, V>), 1, VC, true};
+            // At head_dim 64 eight warps a CTA: two CTAs per SM hold 16 warps instead of 12
+            constexpr int W = D == 64 ? 8 : kDecodeWarps;
+            DecodeKernel k{&decode_attention_kernel<D, K, V, HILO, 1, VC, true, W>,
+                           sizeof(DecodeShared<D, K, V, 1, W>), 1, VC, true};
             k.tail_share = 1.0 / 16;  // its best measured (1/10, as at 4-bit values: 1.8% slower)
+            k.warps = W;
             return k;
         }
     }
@@ -163,7 +172,8 @@ class RuntimeFacts {
 public:
     // CTAs per SM of fn at `smem` bytes of dynamic shared memory on the current device, after
     // raising fn's dynamic shared memory limit to at least `smem` there.
-    cudaError_t resident_ctas(void (*fn)(DecodeKernelParams), size_t smem, int& per_sm) {
+    cudaError_t resident_ctas(void (*fn)(DecodeKernelParams), int threads, size_t smem,
+                              int& per_sm) {
         int device = 0;
         cudaError_t err = cudaGetDevice(&device);
         if (err != cudaSuccess) return err;
@@ -180,7 +190,7 @@ public:
             if (err != cudaSuccess) return err;
             limit = smem;
         }
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, kDecodeWarps * 32, smem);
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem);
         if (err == cudaSuccess) occupancy_[key] = per_sm;
         return err;
     }
@@ -256,13 +266,14 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
         kernels::decode_ring_offset(k.shared_bytes) +
         kernels::decode_lut_bytes(L.key_bits, L.key_stages, L.value_bits, k.lutc, shared_pairs(a)) +
         kernels::decode_v64_bytes(L.value_bits, k.vc));
-    const size_t states = kernels::decode_states_bytes(L.head_dim, a.group);
+    const size_t states = kernels::decode_states_bytes(L.head_dim, a.group, k.warps);
     if (k.mixed) {  // the page rings and the final states lie in the mixed rows
         r.ring = mixed_ring(L);
-        r.smem = kernels::decode_ring_offset(k.shared_bytes) + kernels::decode_mixed_bytes(r.ring);
-        return runtime_facts().resident_ctas(k.fn, r.smem, r.per_sm);
+        r.smem = kernels::decode_ring_offset(k.shared_bytes) +
+                 kernels::decode_mixed_bytes(r.ring, k.warps);
+        return runtime_facts().resident_ctas(k.fn, 32 * k.warps, r.smem, r.per_sm);
     }
-    const size_t page_set = static_cast<size_t>(kDecodeWarps) * L.head_bytes;  // one page per warp
+    const size_t page_set = static_cast<size_t>(k.warps) * L.head_bytes;  // one page per warp
     int ring = 1;
     for (const size_t tier : kTiers) {
         if (fixed + std::max(2 * page_set, states) <= tier) {
@@ -275,7 +286,7 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
     auto smem = [&](int depth) { return fixed + std::max(depth * page_set, states); };
     if (smem(ring) > kSmemMax) return cudaErrorInvalidValue;
     auto occupancy = [&](int depth, int& per_sm) {
-        return runtime_facts().resident_ctas(k.fn, smem(depth), per_sm);
+        return runtime_facts().resident_ctas(k.fn, 32 * k.warps, smem(depth), per_sm);
     };
     r.ring = ring;
     r.smem = smem(ring);
@@ -415,7 +426,7 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     kp.partial_ml =
         reinterpret_cast<float2*>(static_cast<uint8_t*>(a.workspace) + plan.partial_o_bytes);
     const dim3 grid(plan.split.splits * a.batch * a.layout.num_kv_heads);  // split-major
-    plan.kernel.fn<<<grid, kDecodeWarps * 32, plan.smem, stream>>>(kp);
+    plan.kernel.fn<<<grid, plan.kernel.warps * 32, plan.smem, stream>>>(kp);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     // The merge: one CTA per (sequence, query head), a warp per split up to kMergeWarps.
     const unsigned rows = static_cast<unsigned>(a.batch * a.layout.num_kv_heads * a.group);
