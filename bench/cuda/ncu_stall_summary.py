@@ -3,8 +3,9 @@
 Input: the CSV that `ncu --section SourceCounters --section WarpStateStats --page source
 --print-source sass --csv ...` prints (one row per SASS instruction). Output: the share of warp
 stall samples by opcode with its top stall reasons, the instructions with the most samples, and
-the executed warp instructions by opcode (divided by `per`, e.g. the pages x warps of the run,
-131072 for 8 sequences of 128K tokens and 8 KV heads). Used for the decode tuning in
+the executed warp instructions and shared-memory wavefronts by opcode (divided by `per`, e.g.
+the pages of the run, 131072 for 8 sequences of 128K tokens and 8 KV heads), and the share of
+each warp state. Used for the decode tuning in
 bench/cuda/decode_tuning.md:
 
     python3 bench/cuda/ncu_stall_summary.py src_k4v4.csv [top] [per]
@@ -43,6 +44,12 @@ def main() -> None:
         for reason in reasons:
             op_reasons[op][reason] += number(r[col[reason]])
     print(f"{path}: {len(data)} instructions, {total:.0f} stall samples")
+    states = collections.Counter()
+    for r in data:
+        for reason in reasons:
+            states[reason] += number(r[col[reason]])
+    print("warp states (share of samples): " +
+          ", ".join(f"{k[6:]} {v / total * 100:.1f}" for k, v in states.most_common(10)))
     print("by opcode (share of samples; top reasons):")
     for op, samples in by_op.most_common(12):
         top4 = ", ".join(f"{k[6:]} {v / total * 100:.1f}" for k, v in op_reasons[op].most_common(4))
@@ -64,6 +71,17 @@ def main() -> None:
           f"{sum(executed.values()) / per:.1f} in all")
     for op, n in executed.most_common(24):
         print(f"  {op:24s} {n / per:9.1f}")
+    wavefronts, ideal = collections.Counter(), collections.Counter()
+    for r in data:
+        words = r[col["Source"]].split()
+        op = words[1] if words[0].startswith("@") else words[0]
+        wavefronts[op] += number(r[col["L1 Wavefronts Shared"]])
+        ideal[op] += number(r[col["L1 Wavefronts Shared Ideal"]])
+    print(f"shared-memory wavefronts by opcode, divided by {per:g}: "
+          f"{sum(wavefronts.values()) / per:.1f} in all")
+    for op, n in wavefronts.most_common(8):
+        if n > 0:
+            print(f"  {op:24s} {n / per:9.1f}  (ideal {ideal[op] / per:.1f})")
 
 
 if __name__ == "__main__":
