@@ -179,25 +179,25 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             if (part != 1) {
 #pragma unroll
                 for (int j = 0; j < kKeyBytes / 512; ++j)
-                    cp_async_16(codes + 1024 * j, page + 512 * j);
+                    cp_async<16>(codes + 1024 * j, page + 512 * j);
                 if constexpr (kTransposedFloats) {
                     const uint8_t* norms = page - 12 * lane + kSlice.norms;  // token lane's word
-                    cp_async_4(mixed_norms + slot * kPage + lane_word0, norms);
-                    cp_async_4(mixed_norms + slot * kPage + lane_word1, norms + 128);
+                    cp_async<4>(mixed_norms + slot * kPage + lane_word0, norms);
+                    cp_async<4>(mixed_norms + slot * kPage + lane_word1, norms + 128);
                 } else if (lane < kPage / 4) {
-                    cp_async_16(mixed_norms + slot * kPage + 4 * lane, page + kSlice.norms);
+                    cp_async<16>(mixed_norms + slot * kPage + 4 * lane, page + kSlice.norms);
                 }
             }
             if (part != 0) {
 #pragma unroll
                 for (int j = 0; j < kPage * kValueTok / 512; ++j)
-                    cp_async_16(codes + 2 * kKeyBytes + 1024 * j, page + kSlice.values + 512 * j);
+                    cp_async<16>(codes + 2 * kKeyBytes + 1024 * j, page + kSlice.values + 512 * j);
                 if constexpr (kTransposedFloats) {
                     const uint8_t* scales = page - 12 * lane + kSlice.scales;
-                    cp_async_4(mixed_scales + slot * kPage + lane_word0, scales);
-                    cp_async_4(mixed_scales + slot * kPage + lane_word1, scales + 128);
+                    cp_async<4>(mixed_scales + slot * kPage + lane_word0, scales);
+                    cp_async<4>(mixed_scales + slot * kPage + lane_word1, scales + 128);
                 } else if (lane < kPage / 4) {
-                    cp_async_16(mixed_scales + slot * kPage + 4 * lane, page + kSlice.scales);
+                    cp_async<16>(mixed_scales + slot * kPage + 4 * lane, page + kSlice.scales);
                 }
             }
         } else if (i < count) {
@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             uint4* dst = reinterpret_cast<uint4*>(ring + slot * L.head_bytes);
             const uint32_t end = part == 0 ? key_chunks : page_chunks;
             for (uint32_t c = (part == 1 ? key_chunks : 0) + lane; c < end; c += 32)
-                cp_async_16(dst + c, src + c);
+                cp_async<16>(dst + c, src + c);
         }
         cp_async_commit();
     };

@@ -98,22 +98,22 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 #endif
 }
 
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+/// An asynchronous copy of BYTES (16: through L2 only, .cg; 4: through L1, as .ca is the only
+/// cache mode cp.async takes for fewer than 16 bytes).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+    static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
 #if __CUDA_ARCH__ >= 800
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
 #else
-    *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
-#endif
-}
-
-/// A 4-byte copy (through L1: cp.async takes 4 and 8 bytes only with .ca).
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
-#if __CUDA_ARCH__ >= 800
-    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
-#else
-    *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
+    if constexpr (BYTES == 16)
+        *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+    else
+        *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
 #endif
 }
 
