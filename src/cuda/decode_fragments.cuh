@@ -101,6 +101,35 @@ __device__ __forceinline__ void fill_lane_copies(uint32_t* dst, const uint32_t* 
     }
 }
 
+/// The byte-indexed 2-bit value table (decode_v64_bytes): 16 copies of each of its 256 entries,
+/// entry e's copy c at entries[e * STRIDE + c], from `pair` = lane l's word of the 16-entry pair
+/// table (l % 16). Entry e is (pair (e & 3) | (e >> 4 & 3) << 2, pair (e >> 2 & 3) | (e >> 6 & 3)
+/// << 2). Thread i writes copy i % 16 of entries e0 + R k (e0 = i / 16 < R = THREADS / 16), whose
+/// words are among 12 (R = 8) or 8 (R = 16) that as many shuffles fetch first: the writes then
+/// need no shuffle each (a loop of two dependent shuffles per entry took ~3 us a CTA with three
+/// CTAs per SM).
+template <int THREADS, int STRIDE>
+__device__ __forceinline__ void fill_value_byte_table(uint2* entries, uint32_t pair) {
+    static_assert(THREADS == 128 || THREADS == 256, "8 or 16 entries of 16 copies a round");
+    constexpr int R = THREADS / 16;
+    const int e0 = threadIdx.x >> 4, c = threadIdx.x & 15;
+    uint32_t first[4], second[2][4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+        first[m] = __shfl_sync(kFull, pair, (e0 & 3) | m << 2);
+        second[0][m] = __shfl_sync(kFull, pair, ((e0 >> 2) & 3) | m << 2);
+        if constexpr (R == 8) second[1][m] = __shfl_sync(kFull, pair, ((e0 >> 2) + 2) | m << 2);
+    }
+#pragma unroll
+    for (int k = 0; k < 256 / R; ++k) {
+        // R = 8: e >> 2 & 3 = e0 / 4 + 2 (k & 1), e >> 4 & 3 = k / 2 & 3, e >> 6 = k / 8;
+        // R = 16: e >> 2 & 3 = e0 / 4, e >> 4 & 3 = k & 3, e >> 6 = k / 4
+        const uint2 entry = R == 8 ? make_uint2(first[(k >> 1) & 3], second[k & 1][(k >> 3) & 3])
+                                   : make_uint2(first[k & 3], second[0][(k >> 2) & 3]);
+        entries[(e0 + R * k) * STRIDE + c] = entry;
+    }
+}
+
 /// Byte j of w, zero-extended: one PRMT.
 __device__ __forceinline__ uint32_t byte_of(uint32_t w, int j) {
     return __byte_perm(w, 0, 0x4440u | j);

@@ -2,9 +2,10 @@
 // scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated queries, split
 // into hi + lo parts for groups of up to 4), an online softmax, and O^T += V_codes^T x P'^T in
 // the value rotation's domain (mma m16n8k16, fp16; 1- and 2-bit keys of groups of up to 4 score
-// with integer mma m16n8k32). The operands' fragment layouts: decode_fragments.cuh. Each CTA takes
-// one KV head and a page range of one sequence; merge_kernel (turboquant_kernels.cuh) combines the
-// splits and applies the inverse value rotation once. Shared memory (decode_layout.cuh):
+// with integer mma m16n8k32). The operands' fragment layouts: decode_fragments.cuh; the scores of a
+// page: decode_scores.cuh. Each CTA takes one KV head and a page range of one sequence and writes
+// its partial state (write_split_state); merge_kernel (turboquant_kernels.cuh) combines the splits
+// and applies the inverse value rotation once. Shared memory (decode_layout.cuh):
 // DecodeShared, lane copies of the lookup tables, then one cp.async ring of whole pages per warp,
 // whose first pages are requested before the CTA's set-up; or, at 4-bit values with 4-bit keys or
 // two 2-bit key stages and at 2-bit values with 1-bit keys, mixed rows of the value table and the
@@ -18,6 +19,7 @@
 
 #include "cuda/decode_fragments.cuh"
 #include "cuda/decode_layout.cuh"
+#include "cuda/decode_scores.cuh"
 #include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
@@ -272,36 +274,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     }
     if constexpr (MIXED && VBITS == 4)
         fill_lane_copies<kThreads>(reinterpret_cast<uint32_t*>(mixed), T.value_pairs, 256, 32, 64);
-    if constexpr (kV64) {  // the 16 pair entries loaded once per lane, spread by shuffles
-        const uint32_t pair = pair_in;
-        // entry e, copy c: uint2 kValueByteCopies e + c, or in mixed row e (32 uint2 a row)
-        uint2* entries = reinterpret_cast<uint2*>(MIXED ? mixed : v64_table);
-        constexpr int kEntryStride = MIXED ? 32 : kValueByteCopies;
-        // Entry e is (pair (e & 3) | (e >> 4 & 3) << 2, pair (e >> 2 & 3) | (e >> 6 & 3) << 2).
-        // Thread i writes copy i % 16 of entries e0 + R k (e0 = i / 16 < R = threads / 16),
-        // whose words are among 12 (R = 8) or 8 (R = 16) that as many shuffles fetch first: the
-        // writes then need no shuffle each (a loop of two dependent shuffles per entry took ~3
-        // us a CTA with three CTAs per SM).
-        static_assert((kThreads == 128 || kThreads == 256) && kValueByteCopies == 16,
-                      "8 or 16 entries of 16 copies a round");
-        constexpr int R = kThreads / 16;
-        const int e0 = threadIdx.x >> 4, c = threadIdx.x & 15;
-        uint32_t first[4], second[2][4];
-#pragma unroll
-        for (int m = 0; m < 4; ++m) {
-            first[m] = __shfl_sync(kFull, pair, (e0 & 3) | m << 2);
-            second[0][m] = __shfl_sync(kFull, pair, ((e0 >> 2) & 3) | m << 2);
-            if constexpr (R == 8) second[1][m] = __shfl_sync(kFull, pair, ((e0 >> 2) + 2) | m << 2);
-        }
-#pragma unroll
-        for (int k = 0; k < 256 / R; ++k) {
-            // R = 8: e >> 2 & 3 = e0 / 4 + 2 (k & 1), e >> 4 & 3 = k / 2 & 3, e >> 6 = k / 8;
-            // R = 16: e >> 2 & 3 = e0 / 4, e >> 4 & 3 = k & 3, e >> 6 = k / 4
-            const uint2 entry = R == 8
-                                    ? make_uint2(first[(k >> 1) & 3], second[k & 1][(k >> 3) & 3])
-                                    : make_uint2(first[k & 3], second[0][(k >> 2) & 3]);
-            entries[(e0 + R * k) * kEntryStride + c] = entry;
-        }
+    if constexpr (kV64) {  // entry e, copy c: uint2 16 e + c, or in mixed row e (32 uint2 a row)
+        fill_value_byte_table<kThreads, MIXED ? 32 : kValueByteCopies>(
+            reinterpret_cast<uint2*>(MIXED ? mixed : v64_table), pair_in);
     }
     const uint8_t* v64_lane = v64_table + (lane % kValueByteCopies) * sizeof(uint2);
     // This lane's copy of each table.
@@ -375,7 +350,6 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     for (int j = 0; j < kSlots; ++j)
         m_run[j] = -INFINITY, l_run[j] = 0.0f, shift[j] = -log2_pair, thr[j] = -INFINITY;
     if constexpr (!kTransposeInRegisters) __syncthreads();  // sh.q is read: P' rows overwrite it
-    const uint32_t magic = 0x64006400u;
     // Score row g of a tile: token 4 (g % 2) + g / 2 of it, so that after movmatrix k position
     // 2t + i of P' is token t + 4i; through shared memory token g, its P' in row 2 (g % 4) + g / 4
     // (4% faster at 4-bit keys, whose 128-bit loads serve 8 lanes, tokens g and g + 1, at once).
@@ -450,135 +424,21 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                            : reinterpret_cast<const float*>(buf + L.key_norms_offset),
                      norm);
 
-        // Scores of the page's 4 x 16 tokens.
+        // Scores of the page's 4 x 16 tokens (decode_scores.cuh).
         float sc[4][4];
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.0f;
+        constexpr int kStages = MIXED ? kMixedStages : 0;  // 0: the layout's
         if constexpr (kI8 && KBITS == 1) {
-            for (int s = 0; s < (MIXED ? kMixedStages : L.key_stages); ++s) {
-                int acc[4][4];
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) {
-                    acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
-                    uint32_t w0[kKeyWords], w1[kKeyWords];
-                    load_keys(buf, s, mt, w0, w1);
-                    uint32_t x0 = w0[0], x1 = w1[0];
-                    if constexpr (D == 64) {
-                        x0 = (x0 & 0x0F0Fu) | ((x0 & 0xF0F0u) << 12);
-                        x1 = (x1 & 0x0F0Fu) | ((x1 & 0xF0F0u) << 12);
-                    }
-#pragma unroll
-                    for (int kb = 0; kb < kI8Blocks; ++kb) {
-                        // bits 2 kb + 8 i as 0/1 bytes, bits 2 kb + 1 + 8 i as 0/2 bytes
-                        const uint32_t y0 = x0 >> (2 * kb), y1 = x1 >> (2 * kb);
-                        const uint32_t af[4] = {y0 & 0x01010101u, y1 & 0x01010101u,
-                                                y0 & 0x02020202u, y1 & 0x02020202u};
-                        mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
-                    }
-                }
-                const float w = sh.key_affine[s][1];  // C1 - C0
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const float q_b =
-                            static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]);
-                        sc[mt][2 * r] = kFoldStageWeight ? q_b : fmaf(w, q_b, sc[mt][2 * r]);
-                    }
-            }
+            scores_1bit_i8<D, kStages, kFoldStageWeight>(sc, L, load_keys, buf, bq8, sh.key_affine);
         } else if constexpr (kI8) {
-            // 2-bit keys: sums of the centroids' high parts (hi) and low parts (lo), each byte
-            // picked by one PRMT from the stage's four. (One fixed-point scale for every stage
-            // and one sum over the stages measured 5% slower at head_dim 64, the same at 128.)
-            for (int s = 0; s < (MIXED ? kMixedStages : L.key_stages); ++s) {
-                int hi[4][4], lo[4][4];
-                const uint32_t hi_bytes = sh.key_i8[s][0], lo_bytes = sh.key_i8[s][1];
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) {
-                    hi[mt][0] = hi[mt][1] = hi[mt][2] = hi[mt][3] = 0;
-                    lo[mt][0] = lo[mt][1] = lo[mt][2] = lo[mt][3] = 0;
-                    uint32_t w0[kKeyWords], w1[kKeyWords];
-                    load_keys(buf, s, mt, w0, w1);
-#pragma unroll
-                    for (int kb = 0; kb < kI8Blocks; ++kb) {
-                        // Slot r of block kb: coordinates 8 kb + r + 2 i of the chunk, whose codes
-                        // are nibbles i of the word shifted by 16 (kb % 2) + 2 r.
-                        const uint32_t x0 = w0[kb >> 1] >> (16 * (kb & 1));
-                        const uint32_t x1 = w1[kb >> 1] >> (16 * (kb & 1));
-                        const uint32_t sel[4] = {x0 & 0x3333u, x1 & 0x3333u, (x0 >> 2) & 0x3333u,
-                                                 (x1 >> 2) & 0x3333u};
-                        uint32_t ah[4], al[4];
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) {
-                            ah[q] = __byte_perm(hi_bytes, 0, sel[q]);
-                            al[q] = __byte_perm(lo_bytes, 0, sel[q]);
-                        }
-                        mma_16832_i8<true>(hi[mt], ah, bq8[kb][0], bq8[kb][1]);
-                        mma_16832_i8<true>(lo[mt], al, bq8[kb][0], bq8[kb][1]);
-                    }
-                }
-                const float w = sh.key_affine[s][1] * (1.0f / kKeyI8Scale);  // max|C| / scale
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) {
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const float h = static_cast<float>(hi[mt][2 * r] * 256 + hi[mt][2 * r + 1]);
-                        const float l = static_cast<float>(lo[mt][2 * r] * 256 + lo[mt][2 * r + 1]);
-                        sc[mt][2 * r] = fmaf(w, fmaf(256.0f, h, l), sc[mt][2 * r]);
-                    }
-                }
-            }
+            scores_2bit_i8<D, kStages>(sc, L, load_keys, buf, bq8, sh.key_i8, sh.key_affine);
         } else {
-            for (int s = 0; s < (MIXED ? kMixedStages : L.key_stages); ++s) {
-                float acc[4][4];
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) {
-                    acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-                    uint32_t w0[kKeyWords], w1[kKeyWords];
-                    load_keys(buf, s, mt, w0, w1);
-#pragma unroll
-                    for (int kb = 0; kb < kKBlocks; ++kb) {
-                        uint32_t af[4];
-                        if constexpr (KBITS == 1) {
-                            // Pairs (p, p + 16) of the word; D = 64 spreads its 16 bits first.
-                            const uint32_t x0 = D == 128 ? w0[0] : __byte_perm(w0[0], 0, 0x4140);
-                            const uint32_t x1 = D == 128 ? w1[0] : __byte_perm(w1[0], 0, 0x4140);
-#pragma unroll
-                            for (int r = 0; r < 2; ++r) {
-                                const int p = 2 * kb + r;
-                                const int sh6 = p < 10 ? 0 : 6;
-                                af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
-                                af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
-                            }
-                        } else if constexpr (MIXED) {
-#pragma unroll
-                            for (int r = 0; r < 2; ++r) {
-                                const int pos = (4 * kb + 2 * r) * KBITS;
-                                af[2 * r] =
-                                    row_lut<kMixedTable>(w0[pos >> 5], (pos & 31) >> 3, lane4);
-                                af[2 * r + 1] =
-                                    row_lut<kMixedTable>(w1[pos >> 5], (pos & 31) >> 3, lane4);
-                            }
-                        } else {
-                            const uint32_t* pairs =
-                                kKeyCopies ? copies + s * 256 * LUTC + copy : sh.key_pairs[s];
-#pragma unroll
-                            for (int r = 0; r < 2; ++r) {
-                                const int pos = (4 * kb + 2 * r) * KBITS;
-                                af[2 * r] = lut(pairs, field_offset<kKeyShift>(w0, pos, 2 * KBITS));
-                                af[2 * r + 1] =
-                                    lut(pairs, field_offset<kKeyShift>(w1, pos, 2 * KBITS));
-                            }
-                        }
-                        mma_16816(acc[mt], af, bq[kb][0], bq[kb][1]);
-                    }
-                }
-                const float w = sh.key_affine[s][1];  // C1 - C0 (1 bit) or the pair table's scale
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) sc[mt][c] = fmaf(w, acc[mt][c], sc[mt][c]);
-            }
+            auto pairs = [&](int s) {
+                return kKeyCopies ? copies + s * 256 * LUTC + copy : sh.key_pairs[s];
+            };
+            scores_f16<D, KBITS, kStages, MIXED, kMixedTable, kKeyShift>(
+                sc, L, load_keys, buf, bq, pairs, lane4, sh.key_affine);
         }
 
         // Logits (log2 units, less shift) and the online softmax of each slot's head.
@@ -807,57 +667,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     }
     cp_async_wait(0);
 
-    // Merge the four warps' states in shared memory (over the rings) and write this split.
-#pragma unroll
-    for (int j = 0; j < kSlots; ++j) {
-        l_run[j] *= 1.0f / T.value_pair_scale;  // sums of p'' = value_pair_scale p
-        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 4);
-        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 8);
-        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);
-    }
-    __syncthreads();
-    float* wo = reinterpret_cast<float*>(MIXED ? mixed : rings);  // [warp][head][D]
-    float* wm = wo + WARPS * G * D;                               // [warp][head]
-    float* wl = wm + WARPS * G;                                   // [warp][head]
-#pragma unroll
-    for (int v = 0; v < kVTiles; ++v) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int dim = g * kDims + 2 * v + r;
-            if (HILO) {
-                if (t < G) wo[(warp * G + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
-            } else {
-                if (2 * t < G) wo[(warp * G + 2 * t) * D + dim] = o[v][2 * r];
-                if (2 * t + 1 < G) wo[(warp * G + 2 * t + 1) * D + dim] = o[v][2 * r + 1];
-            }
-        }
-    }
-    if (g == 0) {
-#pragma unroll
-        for (int j = 0; j < kSlots; ++j)
-            if (heads[j] < G)
-                wm[warp * G + heads[j]] = m_run[j], wl[warp * G + heads[j]] = l_run[j];
-    }
-    __syncthreads();
-    // This split's partial state: [batch][kv head][split]
-    const size_t partial = static_cast<size_t>(unit) * kp.split.splits + split;
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        const int h = i / D, dim = i % D;
-        float m = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) m = fmaxf(m, wm[w * G + h]);
-        float acc = 0.0f, l = 0.0f;
-        if (m != -INFINITY) {
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) {
-                const float f = exp2f(wm[w * G + h] - m);
-                acc += f * wo[(w * G + h) * D + dim];
-                l += f * wl[w * G + h];
-            }
-        }
-        kp.partial_o[(partial * G + h) * D + dim] = acc;
-        if (dim == 0) kp.partial_ml[partial * G + h] = make_float2(m, l);
-    }
+    // This split's partial state ([batch][kv head][split]), from the warps' states merged in
+    // shared memory over the rings.
+    write_split_state<D, HILO, WARPS>(
+        reinterpret_cast<float*>(MIXED ? mixed : rings), o, m_run, l_run, heads, G,
+        T.value_pair_scale, kp, static_cast<size_t>(unit) * kp.split.splits + split, warp, g, t);
 }
 
 }  // namespace veloxquant::cuda::kernels

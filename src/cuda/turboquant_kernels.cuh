@@ -1,6 +1,7 @@
 // Header-only CUDA kernels of the turboquant_rvq key codec and the value codec on the CPU's
 // packed page layout (cuda_cache.h, TqPageLayout):
 //   dequantize_kernel      one warp per (head, token), bit-identical to the CPU decode
+//   write_split_state      the end of a decode CTA: its warps' states merged into its partial
 //   merge_kernel           combines the decode's splits and applies the inverse value rotation
 // The split-K decode attention kernel itself is in turboquant_decode.cuh, the encoder in
 // turboquant_encode.cuh.
@@ -217,6 +218,68 @@ __global__ void __launch_bounds__(kDequantizeWarps * 32) dequantize_kernel(const
 #pragma unroll
     for (int e = 0; e < E; ++e)
         a.values[dst + e] = __fmul_rn(x[e], T.value_signs[h * D + lane * E + e]);
+}
+
+/// The end of a decode CTA (turboquant_decode.cuh): its warps' online-softmax states, per thread
+/// the C fragments o of O^T (rows: dimensions g D/8 + 2v + r; columns: the score columns, hi + lo
+/// parts with HILO) and the running max and sum of each slot's head, merge through `states`
+/// (decode_states_bytes, over the rings) into the split's partial (m, l, o) at `partial`. l_run
+/// holds sums of p'' = pair_scale p; the thread is lane (g, t) of warp `warp`.
+template <int D, bool HILO, int WARPS, int SLOTS>
+__device__ __forceinline__ void write_split_state(float* states, const float (&o)[D / 16][4],
+                                                  const float (&m_run)[SLOTS],
+                                                  float (&l_run)[SLOTS], const int (&heads)[SLOTS],
+                                                  int G, float pair_scale,
+                                                  const DecodeKernelParams& kp, size_t partial,
+                                                  int warp, int g, int t) {
+#pragma unroll
+    for (int j = 0; j < SLOTS; ++j) {
+        l_run[j] *= 1.0f / pair_scale;
+        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 4);
+        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 8);
+        l_run[j] += __shfl_xor_sync(kFull, l_run[j], 16);
+    }
+    __syncthreads();
+    float* wo = states;              // [warp][head][D]
+    float* wm = wo + WARPS * G * D;  // [warp][head]
+    float* wl = wm + WARPS * G;      // [warp][head]
+#pragma unroll
+    for (int v = 0; v < D / 16; ++v) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int dim = g * (D / 8) + 2 * v + r;
+            if (HILO) {
+                if (t < G) wo[(warp * G + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
+            } else {
+                if (2 * t < G) wo[(warp * G + 2 * t) * D + dim] = o[v][2 * r];
+                if (2 * t + 1 < G) wo[(warp * G + 2 * t + 1) * D + dim] = o[v][2 * r + 1];
+            }
+        }
+    }
+    if (g == 0) {
+#pragma unroll
+        for (int j = 0; j < SLOTS; ++j)
+            if (heads[j] < G)
+                wm[warp * G + heads[j]] = m_run[j], wl[warp * G + heads[j]] = l_run[j];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int h = i / D, dim = i % D;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) m = fmaxf(m, wm[w * G + h]);
+        float acc = 0.0f, l = 0.0f;
+        if (m != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                const float f = exp2f(wm[w * G + h] - m);
+                acc += f * wo[(w * G + h) * D + dim];
+                l += f * wl[w * G + h];
+            }
+        }
+        kp.partial_o[(partial * G + h) * D + dim] = acc;
+        if (dim == 0) kp.partial_ml[partial * G + h] = make_float2(m, l);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

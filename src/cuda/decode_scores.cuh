@@ -1,0 +1,177 @@
+// The score step of the decode kernel (turboquant_decode.cuh): S^T = K_codes x Q' for one page's
+// four 16-token tiles, sc[mt] being tile mt's C fragment (rows: tokens; columns: the query
+// fragments' columns, decode_fragments.cuh), summed over the key stages with each stage's weight.
+// One function per way of scoring: 1-bit and 2-bit keys in integers (groups of up to 4, mma
+// m16n8k32 u8/s8 x s8 against the query's int8 hi and lo columns), any key width in fp16 (mma
+// m16n8k16). `keys(page, s, mt, w0, w1)` loads this thread's code chunks of stage s of tile mt's
+// tokens row_token (w0) and 8 + row_token (w1) from the page's slot. The stages: STAGES, or where
+// that is 0 the layout's (read at each stage, as a kernel parameter, rather than held in a
+// register).
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_cache.h"
+#include "cuda/decode_fragments.cuh"
+#include "cuda/turboquant_kernels.cuh"
+
+namespace veloxquant::cuda::kernels {
+
+/// Words of a thread's chunk of one key stage (D / 4 coordinates of KBITS bits).
+template <int D, int KBITS>
+constexpr int kKeyChunkWords = ((D / 4) * KBITS / 8 + 3) / 4;
+
+/// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query
+/// (query_fragments_i8); the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one
+/// stage) the stage weight C1 - C0 is left to the caller's multiplier.
+template <int D, int STAGES, bool FOLD_WEIGHT, class Keys>
+__device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLayout& layout,
+                                               const Keys& keys, const uint8_t* page,
+                                               const uint32_t (&bq8)[D / 32][2],
+                                               const float (&key_affine)[kMaxStages][2]) {
+    constexpr int kWords = kKeyChunkWords<D, 1>;
+    for (int s = 0; s < (STAGES > 0 ? STAGES : layout.key_stages); ++s) {
+        int acc[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+            acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+            uint32_t w0[kWords], w1[kWords];
+            keys(page, s, mt, w0, w1);
+            uint32_t x0 = w0[0], x1 = w1[0];
+            if constexpr (D == 64) {
+                x0 = (x0 & 0x0F0Fu) | ((x0 & 0xF0F0u) << 12);
+                x1 = (x1 & 0x0F0Fu) | ((x1 & 0xF0F0u) << 12);
+            }
+#pragma unroll
+            for (int kb = 0; kb < D / 32; ++kb) {
+                // bits 2 kb + 8 i as 0/1 bytes, bits 2 kb + 1 + 8 i as 0/2 bytes
+                const uint32_t y0 = x0 >> (2 * kb), y1 = x1 >> (2 * kb);
+                const uint32_t af[4] = {y0 & 0x01010101u, y1 & 0x01010101u, y0 & 0x02020202u,
+                                        y1 & 0x02020202u};
+                mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+            }
+        }
+        const float w = key_affine[s][1];  // C1 - C0
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float q_b = static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]);
+                sc[mt][2 * r] = FOLD_WEIGHT ? q_b : fmaf(w, q_b, sc[mt][2 * r]);
+            }
+    }
+}
+
+/// 2-bit keys: sums of the centroids' high parts (hi) and low parts (lo), each byte picked by
+/// one PRMT from the stage's four (key_i8). (One fixed-point scale for every stage and one sum
+/// over the stages measured 5% slower at head_dim 64, the same at 128.)
+template <int D, int STAGES, class Keys>
+__device__ __forceinline__ void scores_2bit_i8(float (&sc)[4][4], const TqPageLayout& layout,
+                                               const Keys& keys, const uint8_t* page,
+                                               const uint32_t (&bq8)[D / 32][2],
+                                               const uint32_t (&key_i8)[kMaxStages][2],
+                                               const float (&key_affine)[kMaxStages][2]) {
+    constexpr int kWords = kKeyChunkWords<D, 2>;
+    for (int s = 0; s < (STAGES > 0 ? STAGES : layout.key_stages); ++s) {
+        int hi[4][4], lo[4][4];
+        const uint32_t hi_bytes = key_i8[s][0], lo_bytes = key_i8[s][1];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+            hi[mt][0] = hi[mt][1] = hi[mt][2] = hi[mt][3] = 0;
+            lo[mt][0] = lo[mt][1] = lo[mt][2] = lo[mt][3] = 0;
+            uint32_t w0[kWords], w1[kWords];
+            keys(page, s, mt, w0, w1);
+#pragma unroll
+            for (int kb = 0; kb < D / 32; ++kb) {
+                // Slot r of block kb: coordinates 8 kb + r + 2 i of the chunk, whose codes are
+                // nibbles i of the word shifted by 16 (kb % 2) + 2 r.
+                const uint32_t x0 = w0[kb >> 1] >> (16 * (kb & 1));
+                const uint32_t x1 = w1[kb >> 1] >> (16 * (kb & 1));
+                const uint32_t sel[4] = {x0 & 0x3333u, x1 & 0x3333u, (x0 >> 2) & 0x3333u,
+                                         (x1 >> 2) & 0x3333u};
+                uint32_t ah[4], al[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    ah[q] = __byte_perm(hi_bytes, 0, sel[q]);
+                    al[q] = __byte_perm(lo_bytes, 0, sel[q]);
+                }
+                mma_16832_i8<true>(hi[mt], ah, bq8[kb][0], bq8[kb][1]);
+                mma_16832_i8<true>(lo[mt], al, bq8[kb][0], bq8[kb][1]);
+            }
+        }
+        const float w = key_affine[s][1] * (1.0f / kKeyI8Scale);  // max|C| / scale
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float h = static_cast<float>(hi[mt][2 * r] * 256 + hi[mt][2 * r + 1]);
+                const float l = static_cast<float>(lo[mt][2 * r] * 256 + lo[mt][2 * r + 1]);
+                sc[mt][2 * r] = fmaf(w, fmaf(256.0f, h, l), sc[mt][2 * r]);
+            }
+        }
+    }
+}
+
+/// Any key width in fp16 (groups of 5..8, and the 4-bit keys): 1-bit pairs (p, p + 16) of the
+/// chunk decoded exactly by bit_pair; wider keys' pair fields index the stage's half2 pair table,
+/// in mixed rows (MIXED_TABLE, lane4: row_lut) or at `pairs(s)` (entries KEY_SHIFT apart).
+template <int D, int KBITS, int STAGES, bool MIXED, uint32_t MIXED_TABLE, int KEY_SHIFT, class Keys,
+          class Pairs>
+__device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout& layout,
+                                           const Keys& keys, const uint8_t* page,
+                                           const uint32_t (&bq)[D / 16][2], const Pairs& pairs,
+                                           uint32_t lane4,
+                                           const float (&key_affine)[kMaxStages][2]) {
+    constexpr int kWords = kKeyChunkWords<D, KBITS>;
+    const uint32_t magic = 0x64006400u;
+    for (int s = 0; s < (STAGES > 0 ? STAGES : layout.key_stages); ++s) {
+        float acc[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+            acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+            uint32_t w0[kWords], w1[kWords];
+            keys(page, s, mt, w0, w1);
+#pragma unroll
+            for (int kb = 0; kb < D / 16; ++kb) {
+                uint32_t af[4];
+                if constexpr (KBITS == 1) {
+                    // Pairs (p, p + 16) of the word; D = 64 spreads its 16 bits first.
+                    const uint32_t x0 = D == 128 ? w0[0] : __byte_perm(w0[0], 0, 0x4140);
+                    const uint32_t x1 = D == 128 ? w1[0] : __byte_perm(w1[0], 0, 0x4140);
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int p = 2 * kb + r;
+                        const int sh6 = p < 10 ? 0 : 6;
+                        af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
+                        af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
+                    }
+                } else if constexpr (MIXED) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int pos = (4 * kb + 2 * r) * KBITS;
+                        af[2 * r] = row_lut<MIXED_TABLE>(w0[pos >> 5], (pos & 31) >> 3, lane4);
+                        af[2 * r + 1] = row_lut<MIXED_TABLE>(w1[pos >> 5], (pos & 31) >> 3, lane4);
+                    }
+                } else {
+                    const uint32_t* table = pairs(s);
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const int pos = (4 * kb + 2 * r) * KBITS;
+                        af[2 * r] = lut(table, field_offset<KEY_SHIFT>(w0, pos, 2 * KBITS));
+                        af[2 * r + 1] = lut(table, field_offset<KEY_SHIFT>(w1, pos, 2 * KBITS));
+                    }
+                }
+                mma_16816(acc[mt], af, bq[kb][0], bq[kb][1]);
+            }
+        }
+        const float w = key_affine[s][1];  // C1 - C0 (1 bit) or the pair table's scale
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) sc[mt][c] = fmaf(w, acc[mt][c], sc[mt][c]);
+    }
+}
+
+}  // namespace veloxquant::cuda::kernels
