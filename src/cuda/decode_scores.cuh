@@ -23,6 +23,30 @@ namespace veloxquant::cuda::kernels {
 template <int D, int KBITS>
 constexpr int kKeyChunkWords = ((D / 4) * KBITS / 8 + 3) / 4;
 
+/// The key stages a page's scores sum: STAGES, or where that is 0 the layout's.
+template <int STAGES>
+__device__ __forceinline__ int score_stages(const TqPageLayout& layout) {
+    return STAGES > 0 ? STAGES : layout.key_stages;
+}
+
+/// Zeroes a tile's C fragment.
+template <class T>
+__device__ __forceinline__ void zero_tile(T (&c)[4]) {
+    c[0] = c[1] = c[2] = c[3] = T(0);
+}
+
+/// tile(mt, w0, w1) for the page's four tiles, with this thread's WORDS-word key chunks of stage s.
+template <int WORDS, class Keys, class Tile>
+__device__ __forceinline__ void for_each_tile(const Keys& keys, const uint8_t* page, int s,
+                                              const Tile& tile) {
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+        uint32_t w0[WORDS], w1[WORDS];
+        keys(page, s, mt, w0, w1);
+        tile(mt, w0, w1);
+    }
+}
+
 /// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query
 /// (query_fragments_i8); the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one
 /// stage) the stage weight C1 - C0 is left to the caller's multiplier.
@@ -32,13 +56,10 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
                                                const uint32_t (&bq8)[D / 32][2],
                                                const float (&key_affine)[kMaxStages][2]) {
     constexpr int kWords = kKeyChunkWords<D, 1>;
-    for (int s = 0; s < (STAGES > 0 ? STAGES : layout.key_stages); ++s) {
+    for (int s = 0; s < score_stages<STAGES>(layout); ++s) {
         int acc[4][4];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt) {
-            acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
-            uint32_t w0[kWords], w1[kWords];
-            keys(page, s, mt, w0, w1);
+        for_each_tile<kWords>(keys, page, s, [&](int mt, const auto& w0, const auto& w1) {
+            zero_tile(acc[mt]);
             uint32_t x0 = w0[0], x1 = w1[0];
             if constexpr (D == 64) {
                 x0 = (x0 & 0x0F0Fu) | ((x0 & 0xF0F0u) << 12);
@@ -52,7 +73,7 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
                                         y1 & 0x02020202u};
                 mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
             }
-        }
+        });
         const float w = key_affine[s][1];  // C1 - C0
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
@@ -74,15 +95,11 @@ __device__ __forceinline__ void scores_2bit_i8(float (&sc)[4][4], const TqPageLa
                                                const uint32_t (&key_i8)[kMaxStages][2],
                                                const float (&key_affine)[kMaxStages][2]) {
     constexpr int kWords = kKeyChunkWords<D, 2>;
-    for (int s = 0; s < (STAGES > 0 ? STAGES : layout.key_stages); ++s) {
+    for (int s = 0; s < score_stages<STAGES>(layout); ++s) {
         int hi[4][4], lo[4][4];
         const uint32_t hi_bytes = key_i8[s][0], lo_bytes = key_i8[s][1];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt) {
-            hi[mt][0] = hi[mt][1] = hi[mt][2] = hi[mt][3] = 0;
-            lo[mt][0] = lo[mt][1] = lo[mt][2] = lo[mt][3] = 0;
-            uint32_t w0[kWords], w1[kWords];
-            keys(page, s, mt, w0, w1);
+        for_each_tile<kWords>(keys, page, s, [&](int mt, const auto& w0, const auto& w1) {
+            zero_tile(hi[mt]), zero_tile(lo[mt]);
 #pragma unroll
             for (int kb = 0; kb < D / 32; ++kb) {
                 // Slot r of block kb: coordinates 8 kb + r + 2 i of the chunk, whose codes are
@@ -100,7 +117,7 @@ __device__ __forceinline__ void scores_2bit_i8(float (&sc)[4][4], const TqPageLa
                 mma_16832_i8<true>(hi[mt], ah, bq8[kb][0], bq8[kb][1]);
                 mma_16832_i8<true>(lo[mt], al, bq8[kb][0], bq8[kb][1]);
             }
-        }
+        });
         const float w = key_affine[s][1] * (1.0f / kKeyI8Scale);  // max|C| / scale
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
@@ -126,13 +143,10 @@ __device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout
                                            const float (&key_affine)[kMaxStages][2]) {
     constexpr int kWords = kKeyChunkWords<D, KBITS>;
     const uint32_t magic = 0x64006400u;
-    for (int s = 0; s < (STAGES > 0 ? STAGES : layout.key_stages); ++s) {
+    for (int s = 0; s < score_stages<STAGES>(layout); ++s) {
         float acc[4][4];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt) {
-            acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-            uint32_t w0[kWords], w1[kWords];
-            keys(page, s, mt, w0, w1);
+        for_each_tile<kWords>(keys, page, s, [&](int mt, const auto& w0, const auto& w1) {
+            zero_tile(acc[mt]);
 #pragma unroll
             for (int kb = 0; kb < D / 16; ++kb) {
                 uint32_t af[4];
@@ -165,7 +179,7 @@ __device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout
                 }
                 mma_16816(acc[mt], af, bq[kb][0], bq[kb][1]);
             }
-        }
+        });
         const float w = key_affine[s][1];  // C1 - C0 (1 bit) or the pair table's scale
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)

@@ -427,7 +427,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         // Scores of the page's 4 x 16 tokens (decode_scores.cuh).
         float sc[4][4];
 #pragma unroll
-        for (int mt = 0; mt < 4; ++mt) sc[mt][0] = sc[mt][1] = sc[mt][2] = sc[mt][3] = 0.0f;
+        for (int mt = 0; mt < 4; ++mt) zero_tile(sc[mt]);
         constexpr int kStages = MIXED ? kMixedStages : 0;  // 0: the layout's
         if constexpr (kI8 && KBITS == 1) {
             scores_1bit_i8<D, kStages, kFoldStageWeight>(sc, L, load_keys, buf, bq8, sh.key_affine);
