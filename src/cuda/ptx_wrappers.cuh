@@ -1,0 +1,129 @@
+// PTX wrappers shared by the CUDA kernels: tensor-core mma, ldmatrix / movmatrix, cp.async,
+// the fast exp2 and half2 packing. Each traps below the architecture its instruction needs; the
+// launchers refuse such devices first.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace veloxquant::cuda {
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // the decode kernel needs sm_80 or newer; the launcher refuses older devices
+#endif
+}
+
+/// Integer mma m16n8k32: 8-bit A (row; unsigned, or signed with SIGNED_A), signed 8-bit B
+/// (column), int32 accumulators.
+template <bool SIGNED_A>
+__device__ __forceinline__ void mma_16832_i8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    if constexpr (SIGNED_A)
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+#if __CUDA_ARCH__ >= 750
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s)
+                 : "memory");
+#else
+    __trap();
+#endif
+}
+
+/// The transpose of an 8x8 fp16 matrix across the warp, in registers: thread (g, t) passes row g,
+/// columns 2t, 2t + 1 (an mma C fragment's row) and gets rows 2t, 2t + 1 of column g (a B
+/// fragment's k pair).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+#if __CUDA_ARCH__ >= 750
+    uint32_t y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+    return y;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+/// An asynchronous copy of BYTES (16: through L2 only, .cg; 4: through L1, as .ca is the only
+/// cache mode cp.async takes for fewer than 16 bytes).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+    static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
+#if __CUDA_ARCH__ >= 800
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+    if constexpr (BYTES == 16)
+        *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+    else
+        *static_cast<uint32_t*>(smem) = *static_cast<const uint32_t*>(gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+/// Waits until at most `pending` (0..3) committed groups are still in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+#if __CUDA_ARCH__ >= 800
+    switch (pending) {
+        case 0:
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+            break;
+        case 1:
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+            break;
+        case 2:
+            asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+            break;
+        default:
+            asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+            break;
+    }
+#endif
+}
+
+/// 2^x for x <= 0 (MUFU.EX2, flushing subnormal results to 0; -inf gives 0).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
+    return static_cast<uint32_t>(__half_as_ushort(lo)) |
+           (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+}
+
+}  // namespace veloxquant::cuda
