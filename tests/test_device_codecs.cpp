@@ -109,16 +109,6 @@ TEST_P(ValueDeviceCodec, MatchesCpuCodec) {
     EXPECT_LT(vqtest::max_rel_error(rb, ra), 1e-5);
     for (int j = 0; j < d; ++j) EXPECT_EQ(ra[d + j], 0.0f) << "subnormal value, coordinate " << j;
 
-    // coords (E at a time) equals coord.
-    for (int t = 0; t < n; ++t)
-        for (int j0 = 0; j0 + 4 <= d; j0 += 4) {
-            float v[4];
-            dev::ValueDevice::coords<4>(p, a.data() + t * cb, sa.data() + t, j0, v);
-            for (int e = 0; e < 4; ++e)
-                ASSERT_EQ(v[e],
-                          dev::ValueDevice::coord(p, a.data() + t * cb, sa.data() + t, j0 + e));
-        }
-
     // Accumulate-then-finalize equals the CPU's accumulate + finalize.
     const auto w = vqtest::randn(n, 3);
     std::vector<float> acc_cpu(d, 0.0f), acc_dev(d, 0.0f), out_cpu(d), out_dev(d);

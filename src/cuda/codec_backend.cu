@@ -99,10 +99,11 @@ public:
                                          codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
             stage_value_stride_ =
                 std::max(stage_value_stride_,
-                         codec::value_stage_stride(static_cast<int>(hl.value_code_bytes)));
+                         codec::value_stage_stride(static_cast<int>(hl.value_code_bytes),
+                                                   vp.back().bits));
             key_table_floats_ = std::max(key_table_floats_, dev::table_floats_of<Codec>(kp.back()));
             value_table_floats_ =
-                std::max(value_table_floats_, dev::table_floats_of<dev::ValueDevice>(vp.back()));
+                std::max(value_table_floats_, codec::value_table_floats(vp.back().bits));
             stage_key_scalars_ = std::max(stage_key_scalars_, hl.key_scalars);
             stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
@@ -303,9 +304,10 @@ private:
         a.key_table_floats = kin.views != nullptr ? kin.key_table_floats : key_table_floats_;
         const int value_tables =
             kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
-        a.table_floats = (a.key_table_floats + value_tables + 3) / 4 * 4;
-        const std::size_t stage = codec::stage_bytes(a.stage_key_stride, a.stage_value_stride,
-                                                     a.stage_key_scalars, a.stage_value_scalars);
+        a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
+        const std::size_t stage =
+            codec::stage_bytes(D, a.stage_key_stride, a.stage_value_stride, a.stage_key_scalars,
+                               a.stage_value_scalars);
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
         const auto fits = [&](int r) {

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "cuda/codec_params_view.h"
+#include "cuda/codec_value_mma.cuh"
 #include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
@@ -226,7 +227,7 @@ struct AttentionParams : UnitSet<Codec> {
     int stage_key_scalars = 0;     ///< per-token key scalars staged (the heads' maximum)
     int stage_value_scalars = 0;   ///< per-token value scalars staged
     int key_table_floats = 0;      ///< shared memory for the key codec's table (the heads' most)
-    int table_floats = 0;          ///< key + value tables, a multiple of 4
+    int table_floats = 0;          ///< key + value tables (tables_floats), a multiple of 4
     float* partial_o = nullptr;    ///< [units][rows][splits][D]
     float2* partial_ml = nullptr;  ///< [units][rows][splits] (max, sum), log2 units
     /// A batch's units hold sizes[sequence] tokens each; one sequence's `size`.
@@ -302,29 +303,49 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-/// Staged value bytes per token: rounded up to 16 bytes (the lanes read one row together, so
-/// rows may share banks), which lets the copy move 16 bytes at a time.
-__host__ __device__ constexpr int value_stage_stride(int bytes) {
-    return (bytes + 15) / 16 * 16;
+/// Staged value bytes per token: rounded up to 16 bytes, which lets the copy move 16 bytes at a
+/// time; fp16 rows then to an odd multiple of 16, as the value sum's ldmatrix reads them in place
+/// (8 rows in 8 different bank groups).
+__host__ __device__ constexpr int value_stage_stride(int bytes, int bits) {
+    return bits == 16 && (bytes + 15) / 16 % 2 == 0 ? (bytes + 15) / 16 * 16 + 16
+                                                   : (bytes + 15) / 16 * 16;
 }
 
-/// One warp's staging area: 32 tokens' key codes, key scalars, value codes, value scalars.
-__host__ __device__ constexpr size_t stage_bytes(int key_stride, int value_stride, int key_scalars,
-                                                 int value_scalars) {
-    return 32 * (static_cast<size_t>(key_stride) + value_stride +
-                 sizeof(float) * (key_scalars + value_scalars));
+/// Bytes of the staged key codes of 32 tokens, or of the value tile that takes their place once
+/// the chunk is scored.
+__host__ __device__ constexpr size_t keys_or_tile_bytes(int D, int key_stride) {
+    return 32 * static_cast<size_t>(key_stride) > tile_bytes(D)
+               ? (32 * static_cast<size_t>(key_stride) + 15) / 16 * 16
+               : tile_bytes(D);
+}
+
+/// One warp's staging area: 32 tokens' key codes (then the value tile), value codes, key
+/// scalars, value scalars, and the chunk's weights.
+__host__ __device__ constexpr size_t stage_bytes(int D, int key_stride, int value_stride,
+                                                 int key_scalars, int value_scalars) {
+    return keys_or_tile_bytes(D, key_stride) + 32 * static_cast<size_t>(value_stride) +
+           32 * sizeof(float) * (key_scalars + value_scalars) + weights_bytes();
+}
+
+/// Shared memory of the codecs' tables: the key codec's, then the value table
+/// (codec_value_mma.cuh) at a 16-byte boundary.
+__host__ __device__ constexpr int tables_floats(int key_table_floats, int value_table_floats) {
+    return (key_table_floats + 3) / 4 * 4 + value_table_floats;
+}
+
+/// One warp's share of an attention CTA: its staging area (during the token loop) or its
+/// (m, l, o[D]) per row (when the warps combine).
+__host__ __device__ constexpr size_t warp_area_bytes(int R, int D, size_t stage) {
+    return stage > R * (D + 2) * sizeof(float) ? (stage + 15) / 16 * 16
+                                               : (R * (D + 2) * sizeof(float) + 15) / 16 * 16;
 }
 
 /// Shared memory of an attention CTA: the R rows' states interleaved (entry i of row r at
-/// i * R + r), the key and value codecs' tables (table_floats, a multiple of 4), then per warp
-/// either its staging area and the chunk's probabilities [32][R] (during the token loop) or its
-/// (m, l, o[D]) per row (when the warps combine).
+/// i * R + r), the codecs' tables (table_floats, a multiple of 4), then the warps' areas.
 __host__ __device__ constexpr size_t attention_shared_bytes(int R, int state_stride,
                                                             int table_floats, int D, size_t stage) {
     return (static_cast<size_t>(R) * state_stride + table_floats) * sizeof(float) +
-           kWarps * (stage + 32 * R * sizeof(float) > R * (D + 2) * sizeof(float)
-                         ? (stage + 32 * R * sizeof(float) + 15) / 16 * 16
-                         : (R * (D + 2) * sizeof(float) + 15) / 16 * 16);
+           kWarps * warp_area_bytes(R, D, stage);
 }
 
 /// Copies the codec's table (if it names one) to shared memory at dst, block-parallel, and
@@ -378,11 +399,13 @@ __device__ __forceinline__ void stage_wait() {
 
 // grid (splits, units, row blocks), R rows per CTA (a.rows_per_block <= R; unused rows have
 // zero states and no tokens). Lane = token for scoring: one pass over the token's code scores
-// every row (Codec::score<R>). Lane = coordinates lane * E .. lane * E + E - 1 (E = D / 32;
-// those past d stay 0) for the value sum, the rows' probabilities read from shared memory.
+// every row (Codec::score<R>), and the online softmax (log2 units) turns the scores into the
+// chunk's weights. The value sum is the tensor cores' (codec_value_mma.cuh): the chunk's value
+// codes decoded into a tile of centroids, 16 tokens at a time, times the weights.
 template <class Codec, int D, int R>
 __global__ void __launch_bounds__(kWarps * 32)
     codec_attention_kernel(const AttentionParams<Codec> a) {
+    static_assert(R <= kWeightRows, "an mma's 8 columns hold the rows");
     constexpr int E = D / 32;
     extern __shared__ float4 smem_vec[];  // 16-byte aligned: load_rows reads float4
     float* smem = reinterpret_cast<float*>(smem_vec);
@@ -400,10 +423,30 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     // The codecs' tables in shared memory (looked up for every code field).
     typename Codec::Params kp = a.key_params(u);
-    dev::ValueDevice::Params vp = a.value_params(u);
+    const dev::ValueDevice::Params& vp = a.value_params(u);
     float* key_table = states + static_cast<size_t>(R) * S;
     stage_table<Codec>(kp, key_table);
-    stage_table<dev::ValueDevice>(vp, key_table + a.key_table_floats);
+    const __half* value_table =
+        reinterpret_cast<__half*>(key_table + (a.key_table_floats + 3) / 4 * 4);
+    fill_value_table(vp, const_cast<__half*>(value_table));
+    const int value_bits = vp.bits;
+    const bool scaled = value_bits != 16;
+
+    // This warp's area (after the tables; reused by the combine below), zeroed: the weights'
+    // rows past R and the staged rows of a short first chunk must hold finite numbers.
+    const size_t stage = stage_bytes(D, a.stage_key_stride, a.stage_value_stride,
+                                     a.stage_key_scalars, a.stage_value_scalars);
+    const size_t area = warp_area_bytes(R, D, stage);
+    float* warp_areas = smem + static_cast<size_t>(R) * S + a.table_floats;
+    uint8_t* st_key = reinterpret_cast<uint8_t*>(warp_areas) + warp * area;
+    for (size_t i = lane; i < area / 16; i += 32) reinterpret_cast<uint4*>(st_key)[i] = uint4{};
+    __half* tile = reinterpret_cast<__half*>(st_key);  // [16][D + 8] once the keys are scored
+    uint8_t* st_value = st_key + keys_or_tile_bytes(D, a.stage_key_stride);
+    float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
+    float* st_vscal = st_kscal + 32 * a.stage_key_scalars;
+    __half* weights = reinterpret_cast<__half*>(st_vscal + 32 * a.stage_value_scalars);  // [8][40]
+    // fp16 values of the kernel's width are their own tile (value_stage_stride pads the rows).
+    const bool values_in_place = value_bits == 16 && d == D;
     __syncthreads();
 
     int lim[R];
@@ -416,27 +459,13 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int t_begin = split * a.tokens_per_split;
     const int t_end = min(t_begin + a.tokens_per_split, lim_max);
     const HeadRegions layout = a.store.regions[h];
+    const TileWalk walk = value_tile_walk(static_cast<int>(layout.value_code_bytes), lane);
 
-    // This warp's staging area (after the states; reused by the combine below).
-    const size_t stage = stage_bytes(a.stage_key_stride, a.stage_value_stride, a.stage_key_scalars,
-                                     a.stage_value_scalars);
-    const size_t area = attention_shared_bytes(R, 0, 0, D, stage) / kWarps;
-    float* warp_areas = smem + static_cast<size_t>(R) * S + a.table_floats;
-    uint8_t* st_key = reinterpret_cast<uint8_t*>(warp_areas) + warp * area;
-    float* st_p = reinterpret_cast<float*>(st_key + (stage + 15) / 16 * 16);  // [32][R]
-    uint8_t* st_value = st_key + 32 * a.stage_key_stride;
-    float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
-    float* st_vscal = st_kscal + 32 * a.stage_key_scalars;
-
-    float m[R], l[R], acc[R][E];
+    // m: the running max (warp-uniform); l: this lane's share of the running sum.
+    float m[R], l[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        m[r] = -INFINITY;
-        l[r] = 0.0f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) acc[r][e] = 0.0f;
-    }
-    const int j0 = lane * E;
+    for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.0f;
+    ValueSum<D> o;
     for (int c0 = t_begin + warp * 32; c0 < t_end; c0 += kWarps * 32) {
         // Stage the chunk (32 consecutive slots of one page: c0 is a multiple of 32).
         const int n = min(32, t_end - c0);
@@ -463,40 +492,51 @@ __global__ void __launch_bounds__(kWarps * 32)
             Codec::template score<R>(kp, states, st_key + lane * a.stage_key_stride,
                                      st_kscal + lane, 32, t, p);
         }
+        // The token's value scale goes into its weights, relative to the chunk's largest.
+        float scale = 1.0f, top = 1.0f;
+        if (scaled) {
+            scale = lane < n ? st_vscal[lane] : 0.0f;
+            top = warp_max(fabsf(scale));
+            if (top == 0.0f) top = o.factor;  // every weight is 0
+            scale /= top;
+        }
+        float corr[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             p[r] = lane < n && t < lim[r] ? p[r] * a.scale_log2 : -INFINITY;
             const float mx = fmaxf(m[r], warp_max(p[r]));
+            corr[r] = 1.0f;
             if (mx == -INFINITY) {  // warp-uniform: no token of this row yet
                 p[r] = 0.0f;
             } else {
-                const float corr = exp2f(m[r] - mx);
+                corr[r] = exp2f(m[r] - mx);
                 p[r] = exp2f(p[r] - mx);
-                l[r] = l[r] * corr + warp_sum(p[r]);
+                l[r] = l[r] * corr[r] + p[r];
                 m[r] = mx;
-#pragma unroll
-                for (int e = 0; e < E; ++e) acc[r][e] *= corr;
             }
-            st_p[lane * R + r] = p[r];
+            weights[r * kWeightStride + lane] = __float2half_rn(p[r] * scale);
         }
-        __syncwarp();
-        if (j0 < d) {
-            for (int tt = 0; tt < n; ++tt) {
-                float v[E];
-                dev::ValueDevice::coords<E>(vp, st_value + tt * a.stage_value_stride, st_vscal + tt,
-                                            j0, v);
-                float w[R];
-                dev::load_rows<R>(st_p + tt * R, w);
-#pragma unroll
-                for (int r = 0; r < R; ++r)
-#pragma unroll
-                    for (int e = 0; e < E; ++e) acc[r][e] = dev::fmadd(w[r], v[e], acc[r][e]);
+        __syncwarp();  // the weights are written, and the staged keys scored (the tile's place)
+        o.begin_chunk(corr, top, lane);
+        for (int k0 = 0; k0 < n; k0 += kTileTokens) {
+            if (values_in_place) {
+                o.add_tile(reinterpret_cast<const __half*>(st_value + k0 * a.stage_value_stride),
+                           a.stage_value_stride / 2, weights, k0, lane);
+            } else {
+                decode_value_tile<D>(
+                    TileCodes{st_value + k0 * a.stage_value_stride, a.stage_value_stride,
+                              static_cast<int>(layout.value_code_bytes), value_bits, d},
+                    value_table, tile, walk, lane);
+                __syncwarp();
+                o.add_tile(tile, tile_stride(D), weights, k0, lane);
             }
+            __syncwarp();  // the next tile, or the next chunk's copies, overwrite these
         }
-        __syncwarp();  // the next chunk overwrites the staging area
     }
 
     // Combine the warps: each writes (m, l, o) per row; warps then merge rows and store the split.
+#pragma unroll
+    for (int r = 0; r < R; ++r) l[r] = warp_sum(l[r]);
     __syncthreads();  // the staging areas are no longer read
     float* mine = warp_areas;
     const int slot_floats = static_cast<int>(area / sizeof(float));
@@ -504,17 +544,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
-        float* s = slot_w + r * (D + 2);
-        if (lane == 0) s[0] = m[r], s[1] = l[r];
-#pragma unroll
-        for (int e = 0; e < E; ++e)
-            if (j0 + e < d) s[2 + j0 + e] = acc[r][e];
+        if (lane == 0) slot_w[r * (D + 2)] = m[r], slot_w[r * (D + 2) + 1] = l[r];
     }
+    o.store(slot_w + 2, D + 2, rows, lane);
     __syncthreads();
+    const int j0 = lane * E;
     for (int r = warp; r < rows; r += kWarps) {
         float mx = -INFINITY;
         for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mine[w * slot_floats + r * (D + 2)]);
-        float lsum = 0.0f, o[E] = {};
+        float lsum = 0.0f, acc[E] = {};
         if (mx != -INFINITY) {
             for (int w = 0; w < kWarps; ++w) {
                 const float* s = mine + w * slot_floats + r * (D + 2);
@@ -523,13 +561,13 @@ __global__ void __launch_bounds__(kWarps * 32)
                 lsum += f * s[1];
 #pragma unroll
                 for (int e = 0; e < E; ++e)
-                    if (j0 + e < d) o[e] = dev::fmadd(f, s[2 + j0 + e], o[e]);
+                    if (j0 + e < d) acc[e] = dev::fmadd(f, s[2 + j0 + e], acc[e]);
             }
         }
         const size_t at = (static_cast<size_t>(u) * a.rows + row0 + r) * a.splits + split;
         if (lane == 0) a.partial_ml[at] = make_float2(mx, lsum);
 #pragma unroll
-        for (int e = 0; e < E; ++e) a.partial_o[at * D + j0 + e] = o[e];
+        for (int e = 0; e < E; ++e) a.partial_o[at * D + j0 + e] = acc[e];
     }
 }
 
