@@ -95,12 +95,16 @@ public:
             r.key_code_bytes = static_cast<uint32_t>(hl.key_code_bytes);
             r.value_code_bytes = static_cast<uint32_t>(hl.value_code_bytes);
             regions.push_back(r);
-            stage_key_stride_ = std::max(stage_key_stride_,
-                                         codec::stage_stride(static_cast<int>(hl.key_code_bytes)));
-            stage_value_stride_ =
-                std::max(stage_value_stride_,
-                         codec::value_stage_stride(static_cast<int>(hl.value_code_bytes),
-                                                   vp.back().bits));
+            // Staged rows: lane-per-token reads at an odd number of words; fp16 keys and values
+            // as ldmatrix reads them in place.
+            const int key_bytes = static_cast<int>(hl.key_code_bytes);
+            stage_key_stride_ =
+                std::max(stage_key_stride_, codec::FeatureScore<Codec>::kInPlace
+                                                ? codec::half_rows_stride(key_bytes, true)
+                                                : codec::stage_stride(key_bytes));
+            stage_value_stride_ = std::max(
+                stage_value_stride_, codec::half_rows_stride(static_cast<int>(hl.value_code_bytes),
+                                                             vp.back().bits == 16));
             key_table_floats_ = std::max(key_table_floats_, dev::table_floats_of<Codec>(kp.back()));
             value_table_floats_ =
                 std::max(value_table_floats_, codec::value_table_floats(vp.back().bits));
@@ -305,15 +309,12 @@ private:
         const int value_tables =
             kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
         a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
-        const std::size_t stage =
-            codec::stage_bytes(D, a.stage_key_stride, a.stage_value_stride, a.stage_key_scalars,
-                               a.stage_value_scalars);
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
-        const auto fits = [&](int r) {
-            return codec::attention_shared_bytes(r, a.state_stride, a.table_floats, D, stage) <=
-                   kMaxSmem;
+        const auto smem_of = [&](int r) {
+            return codec::attention_layout<Codec>(r, D, a.stage_sizes(), codec::kWarps).total;
         };
+        const auto fits = [&](int r) { return smem_of(r) <= kMaxSmem; };
         const int R = a.rows > 4 && fits(8) ? 8 : a.rows > 1 && fits(4) ? 4 : 1;
         if (!fits(R))
             throw std::invalid_argument(
@@ -349,8 +350,7 @@ private:
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
         const dim3 grid(a.splits, a.units, row_blocks);
-        const std::size_t smem =
-            codec::attention_shared_bytes(R, a.state_stride, a.table_floats, D, stage);
+        const std::size_t smem = smem_of(R);
         if (R == 8)
             launch_attention<D, 8>(a, grid, smem, stream);
         else if (R == 4)

@@ -20,8 +20,8 @@
 
 #include <cstdint>
 
+#include "cuda/codec_attention_layout.cuh"
 #include "cuda/codec_params_view.h"
-#include "cuda/codec_value_mma.cuh"
 #include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
@@ -236,6 +236,10 @@ struct AttentionParams : UnitSet<Codec> {
     __device__ int size_of(int u) const {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
     }
+    __host__ __device__ StageSizes stage_sizes() const {
+        return {state_stride,     table_floats,       stage_key_stride,
+                stage_value_stride, stage_key_scalars, stage_value_scalars};
+    }
     /// Tokens row `row` of unit u attends to (causal: the chunk's queries end the sequence).
     __device__ int limit(int u, int row) const {
         const int n = size_of(u);
@@ -303,51 +307,6 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-/// Staged value bytes per token: rounded up to 16 bytes, which lets the copy move 16 bytes at a
-/// time; fp16 rows then to an odd multiple of 16, as the value sum's ldmatrix reads them in place
-/// (8 rows in 8 different bank groups).
-__host__ __device__ constexpr int value_stage_stride(int bytes, int bits) {
-    return bits == 16 && (bytes + 15) / 16 % 2 == 0 ? (bytes + 15) / 16 * 16 + 16
-                                                   : (bytes + 15) / 16 * 16;
-}
-
-/// Bytes of the staged key codes of 32 tokens, or of the value tile that takes their place once
-/// the chunk is scored.
-__host__ __device__ constexpr size_t keys_or_tile_bytes(int D, int key_stride) {
-    return 32 * static_cast<size_t>(key_stride) > tile_bytes(D)
-               ? (32 * static_cast<size_t>(key_stride) + 15) / 16 * 16
-               : tile_bytes(D);
-}
-
-/// One warp's staging area: 32 tokens' key codes (then the value tile), value codes, key
-/// scalars, value scalars, and the chunk's weights.
-__host__ __device__ constexpr size_t stage_bytes(int D, int key_stride, int value_stride,
-                                                 int key_scalars, int value_scalars) {
-    return keys_or_tile_bytes(D, key_stride) + 32 * static_cast<size_t>(value_stride) +
-           32 * sizeof(float) * (key_scalars + value_scalars) + weights_bytes();
-}
-
-/// Shared memory of the codecs' tables: the key codec's, then the value table
-/// (codec_value_mma.cuh) at a 16-byte boundary.
-__host__ __device__ constexpr int tables_floats(int key_table_floats, int value_table_floats) {
-    return (key_table_floats + 3) / 4 * 4 + value_table_floats;
-}
-
-/// One warp's share of an attention CTA: its staging area (during the token loop) or its
-/// (m, l, o[D]) per row (when the warps combine).
-__host__ __device__ constexpr size_t warp_area_bytes(int R, int D, size_t stage) {
-    return stage > R * (D + 2) * sizeof(float) ? (stage + 15) / 16 * 16
-                                               : (R * (D + 2) * sizeof(float) + 15) / 16 * 16;
-}
-
-/// Shared memory of an attention CTA: the R rows' states interleaved (entry i of row r at
-/// i * R + r), the codecs' tables (table_floats, a multiple of 4), then the warps' areas.
-__host__ __device__ constexpr size_t attention_shared_bytes(int R, int state_stride,
-                                                            int table_floats, int D, size_t stage) {
-    return (static_cast<size_t>(R) * state_stride + table_floats) * sizeof(float) +
-           kWarps * warp_area_bytes(R, D, stage);
-}
-
 /// Copies the codec's table (if it names one) to shared memory at dst, block-parallel, and
 /// points p at the copy; the caller synchronizes before p is used.
 template <class C>
@@ -398,24 +357,28 @@ __device__ __forceinline__ void stage_wait() {
 }
 
 // grid (splits, units, row blocks), R rows per CTA (a.rows_per_block <= R; unused rows have
-// zero states and no tokens). Lane = token for scoring: one pass over the token's code scores
-// every row (Codec::score<R>), and the online softmax (log2 units) turns the scores into the
-// chunk's weights. The value sum is the tensor cores' (codec_value_mma.cuh): the chunk's value
-// codes decoded into a tile of centroids, 16 tokens at a time, times the weights.
+// zero states and no tokens). Scores: on tensor cores for the codecs of codec_feature_scores.cuh
+// (a tile of 16 tokens' features times the rows' fp16 states), else lane = token, one pass over
+// the token's code scoring every row (Codec::score<R>). The online softmax (log2 units, lane =
+// token) turns them into the chunk's weights, and the value sum is the tensor cores'
+// (codec_value_mma.cuh): the chunk's value codes decoded into a tile of centroids, 16 tokens at
+// a time, times the weights. Shared memory: codec_attention_layout.cuh.
 template <class Codec, int D, int R>
 __global__ void __launch_bounds__(kWarps * 32)
     codec_attention_kernel(const AttentionParams<Codec> a) {
     static_assert(R <= kWeightRows, "an mma's 8 columns hold the rows");
+    using Features = FeatureScore<Codec>;
     constexpr int E = D / 32;
     extern __shared__ float4 smem_vec[];  // 16-byte aligned: load_rows reads float4
-    float* smem = reinterpret_cast<float*>(smem_vec);
+    uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
+    const AttentionLayout L = attention_layout<Codec>(R, D, a.stage_sizes(), kWarps);
     const int split = blockIdx.x, u = blockIdx.y, h = a.head(u);
     const int row0 = blockIdx.z * a.rows_per_block;
     const int rows = min(a.rows_per_block, a.rows - row0);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int S = a.state_stride, d = a.store.d;
 
-    float* states = smem;  // [S][R]
+    float* states = reinterpret_cast<float*>(smem);  // [S][R]
     for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
         const int r = i / S, e = i - r * S;  // coalesced global reads
         states[e * R + r] =
@@ -424,7 +387,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     // The codecs' tables in shared memory (looked up for every code field).
     typename Codec::Params kp = a.key_params(u);
     const dev::ValueDevice::Params& vp = a.value_params(u);
-    float* key_table = states + static_cast<size_t>(R) * S;
+    float* key_table = reinterpret_cast<float*>(smem + L.tables);
     stage_table<Codec>(kp, key_table);
     const __half* value_table =
         reinterpret_cast<__half*>(key_table + (a.key_table_floats + 3) / 4 * 4);
@@ -432,22 +395,33 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int value_bits = vp.bits;
     const bool scaled = value_bits != 16;
 
-    // This warp's area (after the tables; reused by the combine below), zeroed: the weights'
-    // rows past R and the staged rows of a short first chunk must hold finite numbers.
-    const size_t stage = stage_bytes(D, a.stage_key_stride, a.stage_value_stride,
-                                     a.stage_key_scalars, a.stage_value_scalars);
-    const size_t area = warp_area_bytes(R, D, stage);
-    float* warp_areas = smem + static_cast<size_t>(R) * S + a.table_floats;
-    uint8_t* st_key = reinterpret_cast<uint8_t*>(warp_areas) + warp * area;
-    for (size_t i = lane; i < area / 16; i += 32) reinterpret_cast<uint4*>(st_key)[i] = uint4{};
-    __half* tile = reinterpret_cast<__half*>(st_key);  // [16][D + 8] once the keys are scored
-    uint8_t* st_value = st_key + keys_or_tile_bytes(D, a.stage_key_stride);
-    float* st_kscal = reinterpret_cast<float*>(st_value + 32 * a.stage_value_stride);
-    float* st_vscal = st_kscal + 32 * a.stage_key_scalars;
-    __half* weights = reinterpret_cast<__half*>(st_vscal + 32 * a.stage_value_scalars);  // [8][40]
-    // fp16 values of the kernel's width are their own tile (value_stage_stride pads the rows).
+    // This warp's area (reused by the combine below), zeroed: the weights' rows past R and the
+    // staged rows of a short first chunk must hold finite numbers.
+    uint8_t* area = smem + L.warps + warp * L.area;
+    for (size_t i = lane; i < L.area / 16; i += 32) reinterpret_cast<uint4*>(area)[i] = uint4{};
+    uint8_t* st_key = area;
+    __half* tile = reinterpret_cast<__half*>(area + L.tile);  // [16][D + 8] values (or features)
+    uint8_t* st_value = area + L.values;
+    float* st_kscal = reinterpret_cast<float*>(area + L.key_scalars);
+    float* st_vscal = reinterpret_cast<float*>(area + L.value_scalars);
+    __half* weights = reinterpret_cast<__half*>(area + L.weights);  // [8][40]
+    float* scores = reinterpret_cast<float*>(area + L.scores);      // [8][36] (features)
+    // fp16 values of the kernel's width are their own tile (half_rows_stride pads the rows).
     const bool values_in_place = value_bits == 16 && d == D;
-    __syncthreads();
+    __syncthreads();  // the states and tables are in place
+    bool feature_scores = false;
+    int features = 0;
+    __half* feature_states = reinterpret_cast<__half*>(smem + L.feature_states);
+    float* row_scale = reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(S));
+    if constexpr (Features::kAvailable) {
+        feature_scores = Features::usable(kp);  // the same for the whole CTA
+        if (feature_scores) {
+            features = Features::features(kp);
+            prepare_feature_states<R>(states, S, features, feature_states, row_scale);
+            __syncthreads();
+        }
+    }
+    const TileWalk feature_walk(max(features / 8, 1), lane);
 
     int lim[R];
     int lim_max = 0;
@@ -488,7 +462,30 @@ __global__ void __launch_bounds__(kWarps * 32)
         stage_wait();
         const int t = c0 + lane;
         float p[R] = {};
-        if (lane < n) {
+        if constexpr (Features::kAvailable) {
+            if (feature_scores) {
+                for (int k0 = 0; k0 < n; k0 += kTileTokens) {
+                    const uint8_t* rows = st_key + k0 * a.stage_key_stride;
+                    if constexpr (Features::kInPlace) {
+                        tile_scores(reinterpret_cast<const __half*>(rows), a.stage_key_stride / 2,
+                                    feature_states, S, features, scores, k0, lane);
+                    } else {
+                        Features::decode_tile(kp, rows, a.stage_key_stride, tile,
+                                              feature_stride(S), feature_walk);
+                        __syncwarp();
+                        tile_scores(tile, feature_stride(S), feature_states, S, features, scores,
+                                    k0, lane);
+                    }
+                    __syncwarp();  // the next tile overwrites this one; the scores are written
+                }
+                if (lane < n) {
+                    const float f = Features::factor(st_kscal + lane);
+#pragma unroll
+                    for (int r = 0; r < R; ++r) p[r] = scores[r * kScoreStride + lane] * row_scale[r] * f;
+                }
+            }
+        }
+        if (!feature_scores && lane < n) {
             Codec::template score<R>(kp, states, st_key + lane * a.stage_key_stride,
                                      st_kscal + lane, 32, t, p);
         }
@@ -538,9 +535,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int r = 0; r < R; ++r) l[r] = warp_sum(l[r]);
     __syncthreads();  // the staging areas are no longer read
-    float* mine = warp_areas;
-    const int slot_floats = static_cast<int>(area / sizeof(float));
-    float* slot_w = mine + static_cast<size_t>(warp) * slot_floats;
+    const float* mine = reinterpret_cast<const float*>(smem + L.warps);
+    const int slot_floats = static_cast<int>(L.area / sizeof(float));
+    float* slot_w = reinterpret_cast<float*>(area);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         if (r >= rows) break;
