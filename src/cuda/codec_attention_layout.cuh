@@ -3,8 +3,9 @@
 //   CTA:  the R rows' float states [S][R] | the codecs' tables | fp16 states (feature scores)
 //   warp: staged key codes | feature tile | staged value codes | key scalars | value scalars |
 //         weights [8][40] halves | scores [8][36] floats (feature scores)
-// The value tile lies over the staged keys (scored by then) unless the key codec decodes a
-// feature tile, whose region it then shares; once the token loop ends, each warp's area holds
+// The feature regions are there only where the launcher chose tensor-core scores (they grow
+// with the state: qjl's sketch). The value tile lies over the staged keys (scored by then)
+// unless the key codec decodes a feature tile, whose region it then shares; once the token loop ends, each warp's area holds
 // its (m, l, o[D]) per row for the combine.
 #pragma once
 
@@ -35,6 +36,7 @@ struct StageSizes {
     int table_floats = 0;  ///< tables_floats(key, value)
     int key_stride = 0, value_stride = 0;    ///< staged bytes per token
     int key_scalars = 0, value_scalars = 0;  ///< staged scalars per token
+    int features = 0;  ///< scores on tensor cores (the launcher's choice, FeatureScore)
 };
 
 /// Byte offsets: CTA regions from the dynamic shared memory's start, warp regions from the
@@ -51,23 +53,23 @@ __host__ __device__ constexpr size_t round16(size_t bytes) {
 template <class Codec>
 __host__ __device__ constexpr AttentionLayout attention_layout(int R, int D, const StageSizes& z,
                                                                int warps) {
-    constexpr bool kFeatures = FeatureScore<Codec>::kAvailable;
-    constexpr bool kFeatureTile = kFeatures && !FeatureScore<Codec>::kInPlace;
+    const bool features = FeatureScore<Codec>::kAvailable && z.features != 0;
+    const bool feature_tile = features && !FeatureScore<Codec>::kInPlace;
     AttentionLayout L;
     L.tables = round16(static_cast<size_t>(R) * z.state_stride * sizeof(float));
     L.feature_states = L.tables + round16(z.table_floats * sizeof(float));
-    L.warps = L.feature_states + (kFeatures ? round16(feature_states_bytes(z.state_stride)) : 0);
+    L.warps = L.feature_states + (features ? round16(feature_states_bytes(z.state_stride)) : 0);
     const size_t keys = round16(32 * static_cast<size_t>(z.key_stride));
-    const size_t tile = kFeatureTile && feature_tile_bytes(z.state_stride) > tile_bytes(D)
+    const size_t tile = feature_tile && feature_tile_bytes(z.state_stride) > tile_bytes(D)
                             ? feature_tile_bytes(z.state_stride)
                             : tile_bytes(D);
-    L.tile = kFeatureTile ? keys : 0;
-    L.values = kFeatureTile ? keys + tile : (keys > tile ? keys : tile);
+    L.tile = feature_tile ? keys : 0;
+    L.values = feature_tile ? keys + tile : (keys > tile ? keys : tile);
     L.key_scalars = L.values + round16(32 * static_cast<size_t>(z.value_stride));
     L.value_scalars = L.key_scalars + 32 * sizeof(float) * z.key_scalars;
     L.weights = L.value_scalars + 32 * sizeof(float) * z.value_scalars;
     L.scores = L.weights + round16(weights_bytes());
-    const size_t stage = round16(L.scores + (kFeatures ? scores_bytes() : 0));
+    const size_t stage = round16(L.scores + (features ? scores_bytes() : 0));
     const size_t combine = round16(static_cast<size_t>(R) * (D + 2) * sizeof(float));
     L.area = stage > combine ? stage : combine;
     L.total = L.warps + warps * L.area;

@@ -87,6 +87,8 @@ public:
                     throw std::logic_error(
                         "CUDA codec backend: a token's code exceeds its team encoder's stream");
             state_stride_ = std::max(state_stride_, Codec::state_floats(kp.back()));
+            if constexpr (codec::FeatureScore<Codec>::kAvailable)
+                feature_scores_ = feature_scores_ && codec::FeatureScore<Codec>::usable(kp.back());
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);
             r.key_scalars = static_cast<uint32_t>(hl.key_scalars_offset);
@@ -311,14 +313,18 @@ private:
         a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
+        // Tensor-core scores (FeatureScore) where their tiles fit beside the largest R.
         const auto smem_of = [&](int r) {
             return codec::attention_layout<Codec>(r, D, a.stage_sizes(), codec::kWarps).total;
         };
         const auto fits = [&](int r) { return smem_of(r) <= kMaxSmem; };
+        a.feature_scores = 0;
         const int R = a.rows > 4 && fits(8) ? 8 : a.rows > 1 && fits(4) ? 4 : 1;
         if (!fits(R))
             throw std::invalid_argument(
                 "CUDA codec backend: codes or query state too large for shared memory");
+        a.feature_scores = feature_scores_ ? 1 : 0;
+        if (!fits(R)) a.feature_scores = 0;
         a.rows_per_block = std::min(R, a.rows);
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
         // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
@@ -382,6 +388,7 @@ private:
     int heads_, d_;
     uint64_t page_bytes_;
     int state_stride_ = 1;
+    bool feature_scores_ = codec::FeatureScore<Codec>::kAvailable;  ///< every head's codec allows
     int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
     int key_table_floats_ = 0, value_table_floats_ = 0;    ///< codec tables in shared memory

@@ -55,7 +55,7 @@ struct FeatureScore<dev::TqDevice> {
     static constexpr bool kAvailable = true;
     static constexpr bool kInPlace = false;
     __device__ static int features(const Params& p) { return p.d; }
-    __device__ static bool usable(const Params& p) { return p.d % 16 == 0 && p.bits <= 4; }
+    __host__ __device__ static bool usable(const Params& p) { return p.d % 16 == 0 && p.bits <= 4; }
     __device__ static float factor(const float* scalars) { return scalars[0]; }
 
     /// The 16 tokens' features (rows `stride` bytes apart) into tile rows `ts` halves apart:
@@ -100,7 +100,7 @@ struct FeatureScore<dev::QjlDevice> {
     static constexpr bool kAvailable = true;
     static constexpr bool kInPlace = false;
     __device__ static int features(const Params& p) { return p.m; }
-    __device__ static bool usable(const Params& p) { return p.m % 16 == 0; }
+    __host__ __device__ static bool usable(const Params& p) { return p.m % 16 == 0; }
     __device__ static float factor(const float* scalars) { return scalars[0]; }
 
     /// Code byte g of a token -> its 8 signs (bit k set: +1, else -1; fp16 1.0 is 0x3c00 and
@@ -126,7 +126,7 @@ struct FeatureScore<dev::Fp16Device> {
     static constexpr bool kAvailable = true;
     static constexpr bool kInPlace = true;  // value_stage_stride(2 d, 16) pads the staged rows
     __device__ static int features(const Params& p) { return p.d; }
-    __device__ static bool usable(const Params& p) { return p.d % 16 == 0; }
+    __host__ __device__ static bool usable(const Params& p) { return p.d % 16 == 0; }
     __device__ static float factor(const float*) { return 1.0f; }
 };
 
@@ -142,10 +142,10 @@ __host__ __device__ constexpr size_t feature_tile_bytes(int state_stride) {
 }
 
 /// Bytes of a CTA's fp16 states: high and low parts, [2][8][feature_stride(S)] halves, then the
-/// rows' power-of-2 scales [8] floats.
+/// rows' power-of-2 scales [8] floats and their exponents [8] ints.
 __host__ __device__ constexpr size_t feature_states_bytes(int state_stride) {
     return 2 * kWeightRows * feature_stride(state_stride) * sizeof(__half) +
-           kWeightRows * sizeof(float);
+           kWeightRows * (sizeof(float) + sizeof(int));
 }
 
 /// Bytes of a warp's scores [8][kScoreStride] floats.
@@ -155,12 +155,13 @@ __host__ __device__ constexpr size_t scores_bytes() {
 
 /// The fp16 states from the float states [S][R] (entry i of row r at i * R + r), by the CTA:
 /// row r's entries times 2^-e_r, e_r the exponent of its largest |entry| (frexp), as high and
-/// low halves; rows R .. 7 zero. The caller synchronizes before they are read.
+/// low halves; rows R .. 7 zero. row_scale[r] = 2^e_r, followed by the exponents (8 ints). The
+/// caller synchronizes before they are read.
 template <int R>
 __device__ void prepare_feature_states(const float* states, int S, int F, __half* halves,
                                        float* row_scale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    __shared__ int exponent[kWeightRows];
+    int* exponent = reinterpret_cast<int*>(row_scale + kWeightRows);
     for (int r = warp; r < kWeightRows; r += warps) {
         float top = 0.0f;
         if (r < R)

@@ -226,6 +226,7 @@ struct AttentionParams : UnitSet<Codec> {
     int stage_value_stride = 0;    ///< bytes per token of the staged value codes (padded)
     int stage_key_scalars = 0;     ///< per-token key scalars staged (the heads' maximum)
     int stage_value_scalars = 0;   ///< per-token value scalars staged
+    int feature_scores = 0;        ///< scores on tensor cores where the codec allows (FeatureScore)
     int key_table_floats = 0;      ///< shared memory for the key codec's table (the heads' most)
     int table_floats = 0;          ///< key + value tables (tables_floats), a multiple of 4
     float* partial_o = nullptr;    ///< [units][rows][splits][D]
@@ -237,8 +238,8 @@ struct AttentionParams : UnitSet<Codec> {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
     }
     __host__ __device__ StageSizes stage_sizes() const {
-        return {state_stride,     table_floats,       stage_key_stride,
-                stage_value_stride, stage_key_scalars, stage_value_scalars};
+        return {state_stride,      table_floats,      stage_key_stride,   stage_value_stride,
+                stage_key_scalars, stage_value_scalars, feature_scores};
     }
     /// Tokens row `row` of unit u attends to (causal: the chunk's queries end the sequence).
     __device__ int limit(int u, int row) const {
@@ -414,7 +415,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     __half* feature_states = reinterpret_cast<__half*>(smem + L.feature_states);
     float* row_scale = reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(S));
     if constexpr (Features::kAvailable) {
-        feature_scores = Features::usable(kp);  // the same for the whole CTA
+        feature_scores = a.feature_scores != 0 && Features::usable(kp);  // the whole CTA's
         if (feature_scores) {
             features = Features::features(kp);
             prepare_feature_states<R>(states, S, features, feature_states, row_scale);
@@ -489,15 +490,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             Codec::template score<R>(kp, states, st_key + lane * a.stage_key_stride,
                                      st_kscal + lane, 32, t, p);
         }
-        // The token's value scale goes into its weights, relative to the chunk's largest.
-        float scale = 1.0f, top = 1.0f;
-        if (scaled) {
-            scale = lane < n ? st_vscal[lane] : 0.0f;
-            top = warp_max(fabsf(scale));
-            if (top == 0.0f) top = o.factor;  // every weight is 0
-            scale /= top;
-        }
-        float corr[R];
+        float corr[R], corr_max = 0.0f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             p[r] = lane < n && t < lim[r] ? p[r] * a.scale_log2 : -INFINITY;
@@ -510,9 +503,18 @@ __global__ void __launch_bounds__(kWarps * 32)
                 p[r] = exp2f(p[r] - mx);
                 l[r] = l[r] * corr[r] + p[r];
                 m[r] = mx;
+                corr_max = fmaxf(corr_max, corr[r]);  // rows without tokens have no sums
             }
-            weights[r * kWeightStride + lane] = __float2half_rn(p[r] * scale);
         }
+        // The token's value scale goes into its weights, relative to the chunk's factor.
+        float scale = 1.0f, top = 1.0f;
+        if (scaled) {
+            scale = lane < n ? st_vscal[lane] : 0.0f;
+            top = o.chunk_factor(warp_max(fabsf(scale)), corr_max);
+            scale /= top;
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) weights[r * kWeightStride + lane] = __float2half_rn(p[r] * scale);
         __syncwarp();  // the weights are written, and the staged keys scored (the tile's place)
         o.begin_chunk(corr, top, lane);
         for (int k0 = 0; k0 < n; k0 += kTileTokens) {

@@ -120,7 +120,7 @@ __device__ void decode_value_tile(const TileCodes& c, const __half* table, __hal
                                   TileWalk walk, int lane) {
     constexpr int TS = tile_stride(D);
     const int bits = c.bits;
-    if (bits == 16 || (8 % bits == 0 && c.row_bytes % 4 == 0)) {
+    if ((bits == 16 || 8 % bits == 0) && c.row_bytes % 4 == 0) {
         // Whole 4-byte units (fp16: 2 halves; a width dividing 8: 4 bytes of fields).
         for (; walk.row < kTileTokens; walk.next()) {
             const uint32_t word =
@@ -146,13 +146,14 @@ __device__ void decode_value_tile(const TileCodes& c, const __half* table, __hal
         }
     } else {
         // Any other width, or rows that are not whole words: one field at a time (lanes over
-        // coordinates).
+        // coordinates; field f's centroid is the table's entry f, its first of `per`).
+        const int per = bits != 16 && 8 % bits == 0 ? 8 / bits : 1;
         for (int i = lane; i < kTileTokens * c.d; i += 32) {
             const int t = i / c.d, j = i - t * c.d;
             const uint8_t* row = c.rows + t * c.stride;
             tile[t * TS + j] = bits == 16 ? __ushort_as_half(static_cast<uint16_t>(
                                                 row[2 * j] | (row[2 * j + 1] << 8)))
-                                          : table[dev::read_bits(row, j, bits)];
+                                          : table[per * dev::read_bits(row, j, bits)];
         }
     }
     if (c.d < D)
@@ -184,8 +185,17 @@ struct ValueSum {
             for (int i = 0; i < 4; ++i) acc[b][i] = 0.0f;
     }
 
-    /// A new chunk whose largest |scale| is top (> 0): rows r's sums are multiplied by corr[r]
-    /// (the online softmax's correction) and re-expressed relative to top.
+    /// The factor of a new chunk whose largest |scale| is top, the rows' largest softmax
+    /// correction being corr_max: top itself (0: no weight, the factor stays), but no more than
+    /// 2^64 below corr_max times the running factor, so that re-expressing the sums (begin_chunk)
+    /// stays finite; what a larger drop would lose is under 2^-64 of the rows' sums so far. The
+    /// chunk's weights are then scale / chunk_factor <= 1.
+    __device__ __forceinline__ float chunk_factor(float top, float corr_max) const {
+        return top == 0.0f ? factor : fmaxf(top, corr_max * factor * 0x1p-64f);
+    }
+
+    /// A new chunk of factor `top` (chunk_factor): rows r's sums are multiplied by corr[r] (the
+    /// online softmax's correction) and re-expressed relative to it.
     template <int R>
     __device__ __forceinline__ void begin_chunk(const float (&corr)[R], float top, int lane) {
         const float k = factor / top;

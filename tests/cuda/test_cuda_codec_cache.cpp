@@ -90,6 +90,16 @@ std::vector<Case> cases() {
     c = base("commvq", 2, 4, 12);
     v.push_back({"commvq_d64_b2", calibrated(c, 2, 64), 2, 64, 1e-3});
     v.push_back({"vecinfer_d64_b2", calibrated(base("vecinfer", 2, 4, 9), 2, 64), 2, 64});
+    // Widths off the tensor-core paths' grid: keys scored lane by lane (d % 16 != 0), value
+    // rows that are not whole words (field-by-field tile decode), fp16 values of odd width,
+    // and a sketch whose feature tile does not fit beside the staged codes.
+    c = base("turboquant_rvq", 2, 2, 17);
+    c.use_hadamard = false;
+    v.push_back({"tq_d72_dense_k2_v2", c, 2, 72});
+    v.push_back({"fp16_d63_v16_mha", base("fp16", 4, 16, 18), 2, 63, 0.0, 1});
+    c = base("qjl", 1, 4, 19);
+    c.sketch_dim = 4352;  // 544 code bytes
+    v.push_back({"qjl_d64_m4352_v4", c, 2, 64});
     return v;
 }
 
@@ -260,16 +270,14 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
 // decode step, a few tokens, a full team launch across pages) and in one long append give
 // identical pages, and both give the CPU cache's (as MatchesCpuCache). Both device caches first
 // take the same short prefill, which trains rabitq alike. (fp16, turboquant and rabitq take the
-// teams for long appends too.) Besides the methods above, codes past 512 bytes per token: the
-// team encoders' shared bit streams are sized by each codec's limits.
+// teams for long appends too.) Besides the methods above (qjl_d64_m4352_v4: 544 code bytes),
+// codes past 512 bytes per token: the team encoders' shared bit streams are sized by each
+// codec's limits.
 std::vector<Case> team_cases() {
     std::vector<Case> v = cases();
     KVCacheConfig c = base("turboquant_rvq", 4, 8, 14);
     c.num_residuals = 8;  // 8 stages x 128 bytes of 4-bit indices
     v.push_back({"tq_d256_k4x8_v8_1024_code_bytes", c, 1, 256});
-    c = base("qjl", 1, 4, 15);
-    c.sketch_dim = 4352;  // 544 code bytes
-    v.push_back({"qjl_d64_m4352", c, 2, 64});
     return v;
 }
 
