@@ -1,6 +1,6 @@
 // Checks a device codec (src/device_codecs/) on the host against its CPU codec: the same codes
-// and scalars byte for byte, the same reconstruction, and scores from prepare + score equal to
-// the CPU scorer's. The device kernels run these very functions, one thread per token.
+// and scalars byte for byte, the same reconstruction, scores from prepare + score equal to the
+// CPU scorer's, and the feature form of the score where the codec names one. The device kernels run these very functions, one thread per token.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -47,6 +47,34 @@ void expect_rows_match_single(const typename Dev::Params& p, const std::vector<f
                                                               codes + t * code_bytes, scalars + t,
                                                               veloxquant::kTokensPerPage, pos0 + t))
                 << "token " << t << " row " << r;
+    }
+}
+
+/// The feature form of the score (device_common.h), where the codec names it and its Params
+/// allow it: state[extra] + factor * sum_i f_i state[offset + i] gives score_one's scores.
+template <class Dev>
+void expect_feature_form(const typename Dev::Params& p, const std::vector<float>& state,
+                         const uint8_t* codes, std::size_t code_bytes, const float* scalars, int n,
+                         int pos0) {
+    using namespace veloxquant;
+    if constexpr (dev::HasFeatures<Dev>::value) {
+        if (!Dev::features_usable(p)) return;
+        const int F = Dev::feature_count(p), G = Dev::kFeatureGroup, off = Dev::feature_offset(p);
+        ASSERT_LE(off + F, Dev::state_floats(p));
+        std::vector<float> f((F + G - 1) / G * G), form(n), direct(n);
+        for (int t = 0; t < n; ++t) {
+            const uint8_t* code = codes + t * code_bytes;
+            for (int g = 0; g * G < F; ++g) Dev::features(p, code, pos0 + t, g, f.data() + g * G);
+            double dot = 0.0;
+            for (int i = 0; i < F; ++i) dot += static_cast<double>(f[i]) * state[off + i];
+            const int extra = Dev::extra_entry(p, code);
+            ASSERT_LT(extra, Dev::state_floats(p));
+            form[t] = static_cast<float>((extra >= 0 ? state[extra] : 0.0) +
+                                         Dev::feature_factor(scalars + t) * dot);
+            direct[t] = dev::score_one<Dev>(p, state.data(), code, scalars + t, kTokensPerPage,
+                                            pos0 + t);
+        }
+        EXPECT_LT(max_rel_error(form, direct), 1e-5) << "feature form";
     }
 }
 
@@ -104,6 +132,7 @@ void expect_device_codec_matches(const veloxquant::KeyCodec& cpu, const std::vec
             dev_scores[t] = dev::score_one<Dev>(p, dev_state.data(), cpu_codes.data() + t * cb,
                                                 cpu_scalars.data() + t, stride, pos0 + t);
         EXPECT_LT(max_rel_error(dev_scores, cpu_scores), score_tolerance) << "query " << i;
+        expect_feature_form<Dev>(p, dev_state, cpu_codes.data(), cb, cpu_scalars.data(), n, pos0);
     }
     expect_rows_match_single<Dev, 4>(p, queries, cpu_codes.data(), cb, cpu_scalars.data(), n, pos0);
 }

@@ -18,7 +18,7 @@ namespace veloxquant::cuda::codec {
 
 /// Staged value bytes per token: rounded up to 16 bytes, which lets the copy move 16 bytes at a
 /// time; rows of halves then to an odd multiple of 16, as ldmatrix reads them in place (8 rows
-/// in 8 different bank groups). Also the staged key stride of fp16 keys (FeatureScore kInPlace).
+/// in 8 different bank groups). Also the staged key stride of fp16 keys (InPlaceFeatures).
 __host__ __device__ constexpr int half_rows_stride(int bytes, bool halves) {
     return halves && (bytes + 15) / 16 % 2 == 0 ? (bytes + 15) / 16 * 16 + 16
                                                 : (bytes + 15) / 16 * 16;
@@ -36,7 +36,7 @@ struct StageSizes {
     int table_floats = 0;  ///< tables_floats(key, value)
     int key_stride = 0, value_stride = 0;    ///< staged bytes per token
     int key_scalars = 0, value_scalars = 0;  ///< staged scalars per token
-    int features = 0;  ///< scores on tensor cores (the launcher's choice, FeatureScore)
+    int features = kLaneScores;  ///< FeatureMode: the launcher's choice (FeatureScore)
 };
 
 /// Byte offsets: CTA regions from the dynamic shared memory's start, warp regions from the
@@ -53,8 +53,8 @@ __host__ __device__ constexpr size_t round16(size_t bytes) {
 template <class Codec>
 __host__ __device__ constexpr AttentionLayout attention_layout(int R, int D, const StageSizes& z,
                                                                int warps) {
-    const bool features = FeatureScore<Codec>::kAvailable && z.features != 0;
-    const bool feature_tile = features && !FeatureScore<Codec>::kInPlace;
+    const bool features = FeatureScore<Codec>::kAvailable && z.features != kLaneScores;
+    const bool feature_tile = features && z.features == kFeatureTile;
     AttentionLayout L;
     L.tables = round16(static_cast<size_t>(R) * z.state_stride * sizeof(float));
     L.feature_states = L.tables + round16(z.table_floats * sizeof(float));

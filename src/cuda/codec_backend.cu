@@ -87,8 +87,10 @@ public:
                     throw std::logic_error(
                         "CUDA codec backend: a token's code exceeds its team encoder's stream");
             state_stride_ = std::max(state_stride_, Codec::state_floats(kp.back()));
-            if constexpr (codec::FeatureScore<Codec>::kAvailable)
-                feature_scores_ = feature_scores_ && codec::FeatureScore<Codec>::usable(kp.back());
+            if constexpr (codec::FeatureScore<Codec>::kAvailable) {  // the heads' common mode
+                const codec::FeatureMode m = codec::FeatureScore<Codec>::mode(kp.back());
+                feature_mode_ = h == 0 || m == feature_mode_ ? m : codec::kLaneScores;
+            }
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);
             r.key_scalars = static_cast<uint32_t>(hl.key_scalars_offset);
@@ -100,10 +102,10 @@ public:
             // Staged rows: lane-per-token reads at an odd number of words; fp16 keys and values
             // as ldmatrix reads them in place.
             const int key_bytes = static_cast<int>(hl.key_code_bytes);
-            stage_key_stride_ =
-                std::max(stage_key_stride_, codec::FeatureScore<Codec>::kInPlace
-                                                ? codec::half_rows_stride(key_bytes, true)
-                                                : codec::stage_stride(key_bytes));
+            stage_key_stride_ = std::max(stage_key_stride_,
+                                         codec::InPlaceFeatures<Codec>::value
+                                             ? codec::half_rows_stride(key_bytes, true)
+                                             : codec::stage_stride(key_bytes));
             stage_value_stride_ = std::max(
                 stage_value_stride_, codec::half_rows_stride(static_cast<int>(hl.value_code_bytes),
                                                              vp.back().bits == 16));
@@ -318,13 +320,13 @@ private:
             return codec::attention_layout<Codec>(r, D, a.stage_sizes(), codec::kWarps).total;
         };
         const auto fits = [&](int r) { return smem_of(r) <= kMaxSmem; };
-        a.feature_scores = 0;
+        a.feature_scores = codec::kLaneScores;
         const int R = a.rows > 4 && fits(8) ? 8 : a.rows > 1 && fits(4) ? 4 : 1;
         if (!fits(R))
             throw std::invalid_argument(
                 "CUDA codec backend: codes or query state too large for shared memory");
-        a.feature_scores = feature_scores_ ? 1 : 0;
-        if (!fits(R)) a.feature_scores = 0;
+        a.feature_scores = feature_mode_;
+        if (!fits(R)) a.feature_scores = codec::kLaneScores;
         a.rows_per_block = std::min(R, a.rows);
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
         // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
@@ -371,8 +373,17 @@ private:
     template <int D, int R>
     void launch_attention(const AttentionParams<Codec>& a, dim3 grid, std::size_t smem,
                           cudaStream_t stream) {
-        auto* kernel = &codec::codec_attention_kernel<Codec, D, R>;
-        bool& raised = smem_raised_[D / 128][R / 4];  // D in {64, 128, 256}, R in {1, 4, 8}
+        // One kernel per score path (each holds only its own registers).
+        auto* kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kLaneScores>;
+        if constexpr (codec::FeatureScore<Codec>::kAvailable) {
+            if (a.feature_scores == codec::kFeatureTile)
+                kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeatureTile>;
+            if constexpr (codec::InPlaceFeatures<Codec>::value)
+                if (a.feature_scores == codec::kFeaturesInPlace)
+                    kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeaturesInPlace>;
+        }
+        // D in {64, 128, 256}, R in {1, 4, 8}, the FeatureMode
+        bool& raised = smem_raised_[D / 128][R / 4][a.feature_scores];
         if (smem > 48 * 1024 && !raised) {
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(kMaxSmem)),
@@ -388,13 +399,13 @@ private:
     int heads_, d_;
     uint64_t page_bytes_;
     int state_stride_ = 1;
-    bool feature_scores_ = codec::FeatureScore<Codec>::kAvailable;  ///< every head's codec allows
+    codec::FeatureMode feature_mode_ = codec::kLaneScores;  ///< the scores every head allows
     int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
     int key_table_floats_ = 0, value_table_floats_ = 0;    ///< codec tables in shared memory
     int encode_code_stride_ = 0;                           ///< staged code bytes per encode item
     std::size_t encode_smem_ = 0;                          ///< codec_encode_staged_kernel's smem
-    bool smem_raised_[3][3] = {};                          ///< kMaxSmem allowed, per (D, R)
+    bool smem_raised_[3][3][3] = {};  ///< kMaxSmem allowed, per (D, R, FeatureMode)
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;

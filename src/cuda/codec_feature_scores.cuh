@@ -1,16 +1,15 @@
-// The generic attention's scores on tensor cores, for the key codecs whose score is a factor of
-// the token times the dot product of the query state with features of its code alone:
-//   score_r(t) = factor_t * sum_i f_i(code_t) state_r[i],   i < F = the codec's state_floats
-//   turboquant_rvq  f_j = sum_s C_s[i_sj] (the stages' centroids), factor ||k||
-//   qjl             f_i = +1 or -1 by bit i of sign(S k), factor ||k||
-//   fp16            f_j = k_j (the stored halves), factor 1
-// A warp decodes 16 tokens' features into an fp16 tile (fp16 keys are their own tile) and
-// multiplies it by the rows' states with mma m16n8k16: A = the tile (16 tokens x 16 features,
-// ldmatrix), B = a state block (16 features x 8 rows), fp32 accumulators. Each row's state is
-// scaled by a power of 2 (exact) so that its largest entry is below 1, and split into an fp16
-// high part and the fp16 rounding of the rest: the two mma of each block see ~22 bits of every
-// entry, and the tile's features are exact in fp16 (signs, stored halves) or rounded once
-// (turboquant's centroid sums, 11 bits as the CPU's fp16 tables).
+// The generic attention's scores on tensor cores, for the key codecs that name the feature form
+// of their score (src/device_codecs/device_common.h, HasFeatures):
+//     score_r(t) = state_r[extra_t] + factor_t * sum_{i < F} f_i(code_t, pos_t) state_r[offset + i]
+// (every method's codec but vecinfer's lookup-table state: the stages' centroid sums, the sketch
+// bits' signs, the stored halves, the polar blocks, the extended-RaBitQ levels, the spectral
+// slots' centroids, the codewords, the RoPE-turned codeword sums). A warp decodes 16 tokens'
+// features into an fp16 tile (fp16 keys are their own tile) and multiplies it by the rows'
+// states with mma m16n8k16: A = the tile (16 tokens x 16 features, ldmatrix), B = a state block
+// (16 features x 8 rows), fp32 accumulators. Each row's state is scaled by a power of 2 (exact)
+// so that its largest entry is below 1, and split into an fp16 high part and the fp16 rounding
+// of the rest: the two mma of each block see ~22 bits of every entry. The features are exact in
+// fp16 (signs, levels, stored halves) or rounded once (11 bits, as the CPU's fp16 tables).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -18,28 +17,29 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/codec_value_mma.cuh"
 #include "cuda/ptx_wrappers.cuh"
 #include "cuda/warp_reduce.cuh"
-#include "device_codecs/fp16_device.h"
-#include "device_codecs/qjl_device.h"
-#include "device_codecs/tq_device.h"
+#include "device_codecs/device_common.h"
 
 namespace veloxquant::cuda::codec {
 
 constexpr int kScoreStride = 36;  // floats per row of a warp's scores [8][32] (+4: no conflicts)
 
-/// Which key codecs score on tensor cores, and how their features come to the tile.
-/// kAvailable: the codec has the form above; kInPlace: its staged code rows are the tile.
+/// How a launch scores (StageSizes::features): lane by lane, from a decoded feature tile, or
+/// from the staged codes in place (kFeaturesInPlace, F a multiple of 16).
+enum FeatureMode : int { kLaneScores = 0, kFeatureTile = 1, kFeaturesInPlace = 2 };
+
+template <class Codec, class = void>
+struct InPlaceFeatures : std::false_type {};
 template <class Codec>
-struct FeatureScore {
-    static constexpr bool kAvailable = false;
-    static constexpr bool kInPlace = false;
-};
+struct InPlaceFeatures<Codec, std::void_t<decltype(Codec::kFeaturesInPlace)>>
+    : std::bool_constant<Codec::kFeaturesInPlace> {};
 
 /// 8 floats as 8 halves (round to nearest).
-__device__ __forceinline__ uint4 pack_halves(const float (&f)[8]) {
+__device__ __forceinline__ uint4 pack_halves(const float* f) {
     uint32_t w[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -49,85 +49,48 @@ __device__ __forceinline__ uint4 pack_halves(const float (&f)[8]) {
     return uint4{w[0], w[1], w[2], w[3]};
 }
 
-template <>
-struct FeatureScore<dev::TqDevice> {
-    using Params = dev::TqDevice::Params;
-    static constexpr bool kAvailable = true;
-    static constexpr bool kInPlace = false;
-    __device__ static int features(const Params& p) { return p.d; }
-    __host__ __device__ static bool usable(const Params& p) { return p.d % 16 == 0 && p.bits <= 4; }
-    __device__ static float factor(const float* scalars) { return scalars[0]; }
-
-    /// The 16 tokens' features (rows `stride` bytes apart) into tile rows `ts` halves apart:
-    /// lanes over (token, group of 8 coordinates), the stages' centroids (p.centroids, in shared
-    /// memory) summed in the CPU's stage order.
-    __device__ static void decode_tile(const Params& p, const uint8_t* rows, int stride,
-                                       __half* tile, int ts, TileWalk walk) {
-        switch (p.bits) {
-            case 1:
-                return decode<1>(p, rows, stride, tile, ts, walk);
-            case 2:
-                return decode<2>(p, rows, stride, tile, ts, walk);
-            case 3:
-                return decode<3>(p, rows, stride, tile, ts, walk);
-            default:
-                return decode<4>(p, rows, stride, tile, ts, walk);
-        }
-    }
-
-private:
-    template <int B>
-    __device__ static void decode(const Params& p, const uint8_t* rows, int stride, __half* tile,
-                                  int ts, TileWalk walk) {
-        for (; walk.row < kTileTokens; walk.next()) {
-            const uint8_t* code = rows + walk.row * stride;
-            float f[8] = {};
-            for (int s = 0; s < p.stages; ++s) {
-                const float* c = p.centroids + (s << B);
-                uint32_t idx[8];
-                dev::read_group8<B>(code + s * p.stage_bytes, walk.unit, idx);
-#pragma unroll
-                for (int k = 0; k < 8; ++k) f[k] += c[idx[k]];
-            }
-            *reinterpret_cast<uint4*>(tile + walk.row * ts + 8 * walk.unit) = pack_halves(f);
-        }
-    }
+template <class Codec, bool = dev::HasFeatures<Codec>::value>
+struct FeatureScore {
+    static constexpr bool kAvailable = false;
 };
 
-template <>
-struct FeatureScore<dev::QjlDevice> {
-    using Params = dev::QjlDevice::Params;
+template <class Codec>
+struct FeatureScore<Codec, true> {
+    using Params = typename Codec::Params;
     static constexpr bool kAvailable = true;
-    static constexpr bool kInPlace = false;
-    __device__ static int features(const Params& p) { return p.m; }
-    __host__ __device__ static bool usable(const Params& p) { return p.m % 16 == 0; }
-    __device__ static float factor(const float* scalars) { return scalars[0]; }
+    static constexpr int kGroup = Codec::kFeatureGroup;
+    static_assert(kGroup == 8 || kGroup == 16, "features come in groups of 8 or 16");
 
-    /// Code byte g of a token -> its 8 signs (bit k set: +1, else -1; fp16 1.0 is 0x3c00 and
-    /// -1.0 the same with the sign bit).
-    __device__ static void decode_tile(const Params&, const uint8_t* rows, int stride,
+    /// F rounded up to the mma's 16 (the features and states past F are zero).
+    __host__ __device__ static int padded(const Params& p) {
+        return (Codec::feature_count(p) + 15) / 16 * 16;
+    }
+    /// The mode these Params allow (the launcher's choice before shared memory is counted).
+    __host__ __device__ static FeatureMode mode(const Params& p) {
+        if (!Codec::features_usable(p)) return kLaneScores;
+        return InPlaceFeatures<Codec>::value && Codec::feature_count(p) % 16 == 0
+                   ? kFeaturesInPlace
+                   : kFeatureTile;
+    }
+
+    /// The 16 tokens' features (rows `stride` bytes apart, positions pos0, pos0 + 1, ...) into
+    /// tile rows `ts` halves apart, lanes over (token, group); groups past F are zeros.
+    /// walk: TileWalk(padded(p) / kGroup, lane).
+    __device__ static void decode_tile(const Params& p, const uint8_t* rows, int stride, int pos0,
                                        __half* tile, int ts, TileWalk walk) {
+        const int F = Codec::feature_count(p);
         for (; walk.row < kTileTokens; walk.next()) {
-            const uint32_t inv = ~static_cast<uint32_t>(rows[walk.row * stride + walk.unit]);
-            uint32_t w[4];
+            float f[kGroup];
+            const int first = walk.unit * kGroup;
+            if (first < F) Codec::features(p, rows + walk.row * stride, pos0 + walk.row, walk.unit, f);
 #pragma unroll
-            for (int k = 0; k < 4; ++k)
-                w[k] = 0x3c003c00u | ((inv >> (2 * k)) & 1u) << 15 |
-                       ((inv >> (2 * k + 1)) & 1u) << 31;
-            *reinterpret_cast<uint4*>(tile + walk.row * ts + 8 * walk.unit) =
-                uint4{w[0], w[1], w[2], w[3]};
+            for (int k = 0; k < kGroup; ++k)
+                if (first + k >= F) f[k] = 0.0f;
+            uint4* dst = reinterpret_cast<uint4*>(tile + walk.row * ts + first);
+#pragma unroll
+            for (int k = 0; k < kGroup / 8; ++k) dst[k] = pack_halves(f + 8 * k);
         }
     }
-};
-
-template <>
-struct FeatureScore<dev::Fp16Device> {
-    using Params = dev::Fp16Device::Params;
-    static constexpr bool kAvailable = true;
-    static constexpr bool kInPlace = true;  // value_stage_stride(2 d, 16) pads the staged rows
-    __device__ static int features(const Params& p) { return p.d; }
-    __host__ __device__ static bool usable(const Params& p) { return p.d % 16 == 0; }
-    __device__ static float factor(const float*) { return 1.0f; }
 };
 
 /// Halves per row of a feature tile and of the fp16 states: S rounded up to 16, plus 8 (rows an
@@ -153,19 +116,20 @@ __host__ __device__ constexpr size_t scores_bytes() {
     return kWeightRows * kScoreStride * sizeof(float);
 }
 
-/// The fp16 states from the float states [S][R] (entry i of row r at i * R + r), by the CTA:
-/// row r's entries times 2^-e_r, e_r the exponent of its largest |entry| (frexp), as high and
+/// The fp16 states from the float states [S][R] (entry i of row r at i * R + r; features
+/// against entries offset .. offset + F - 1), by the CTA: row r's entries times 2^-e_r, e_r the exponent of its largest |entry| (frexp), as high and
 /// low halves; rows R .. 7 zero. row_scale[r] = 2^e_r, followed by the exponents (8 ints). The
 /// caller synchronizes before they are read.
 template <int R>
-__device__ void prepare_feature_states(const float* states, int S, int F, __half* halves,
-                                       float* row_scale) {
+__device__ void prepare_feature_states(const float* states, int S, int offset, int F,
+                                       __half* halves, float* row_scale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int* exponent = reinterpret_cast<int*>(row_scale + kWeightRows);
     for (int r = warp; r < kWeightRows; r += warps) {
         float top = 0.0f;
         if (r < R)
-            for (int i = lane; i < F; i += 32) top = fmaxf(top, fabsf(states[i * R + r]));
+            for (int i = lane; i < F; i += 32)
+                top = fmaxf(top, fabsf(states[(offset + i) * R + r]));
         top = warp_max(top);
         int e = 0;
         frexpf(top, &e);  // top = m 2^e, m in [0.5, 1) (e = 0 for top = 0)
@@ -175,15 +139,15 @@ __device__ void prepare_feature_states(const float* states, int S, int F, __half
     const int ts = feature_stride(S);
     for (int i = threadIdx.x; i < kWeightRows * ts; i += blockDim.x) {
         const int r = i / ts, k = i - r * ts;
-        const float x = r < R && k < F ? ldexpf(states[k * R + r], -exponent[r]) : 0.0f;
+        const float x = r < R && k < F ? ldexpf(states[(offset + k) * R + r], -exponent[r]) : 0.0f;
         const __half hi = __float2half_rn(x);
         halves[i] = hi;
         halves[kWeightRows * ts + i] = __float2half_rn(x - __half2float(hi));
     }
 }
 
-/// Scores of 16 tokens (tile rows `ts` halves apart, F features) for the 8 state rows, written
-/// unscaled to scores[r * kScoreStride + t0 + token].
+/// Scores of 16 tokens (tile rows `ts` halves apart, F features: a multiple of 16) for the 8
+/// state rows, written unscaled to scores[r * kScoreStride + t0 + token].
 __device__ __forceinline__ void tile_scores(const __half* tile, int ts, const __half* halves,
                                             int S, int F, float* scores, int t0, int lane) {
     const int g = lane >> 2, t = lane & 3;

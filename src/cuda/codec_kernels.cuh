@@ -226,7 +226,7 @@ struct AttentionParams : UnitSet<Codec> {
     int stage_value_stride = 0;    ///< bytes per token of the staged value codes (padded)
     int stage_key_scalars = 0;     ///< per-token key scalars staged (the heads' maximum)
     int stage_value_scalars = 0;   ///< per-token value scalars staged
-    int feature_scores = 0;        ///< scores on tensor cores where the codec allows (FeatureScore)
+    int feature_scores = kLaneScores;  ///< FeatureMode (codec_feature_scores.cuh)
     int key_table_floats = 0;      ///< shared memory for the key codec's table (the heads' most)
     int table_floats = 0;          ///< key + value tables (tables_floats), a multiple of 4
     float* partial_o = nullptr;    ///< [units][rows][splits][D]
@@ -363,12 +363,14 @@ __device__ __forceinline__ void stage_wait() {
 // the token's code scoring every row (Codec::score<R>). The online softmax (log2 units, lane =
 // token) turns them into the chunk's weights, and the value sum is the tensor cores'
 // (codec_value_mma.cuh): the chunk's value codes decoded into a tile of centroids, 16 tokens at
-// a time, times the weights. Shared memory: codec_attention_layout.cuh.
-template <class Codec, int D, int R>
+// a time, times the weights. Shared memory: codec_attention_layout.cuh. MODE (a FeatureMode) is
+// the launch's a.feature_scores: one kernel per score path.
+template <class Codec, int D, int R, int MODE>
 __global__ void __launch_bounds__(kWarps * 32)
     codec_attention_kernel(const AttentionParams<Codec> a) {
     static_assert(R <= kWeightRows, "an mma's 8 columns hold the rows");
     using Features = FeatureScore<Codec>;
+    static_assert(MODE == kLaneScores || Features::kAvailable, "lane scores for this codec");
     constexpr int E = D / 32;
     extern __shared__ float4 smem_vec[];  // 16-byte aligned: load_rows reads float4
     uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
@@ -410,19 +412,18 @@ __global__ void __launch_bounds__(kWarps * 32)
     // fp16 values of the kernel's width are their own tile (half_rows_stride pads the rows).
     const bool values_in_place = value_bits == 16 && d == D;
     __syncthreads();  // the states and tables are in place
-    bool feature_scores = false;
-    int features = 0;
+    // Scores on tensor cores: where the launcher chose them, for every head of the launch.
+    int features = 0;  // F padded to 16
     __half* feature_states = reinterpret_cast<__half*>(smem + L.feature_states);
     float* row_scale = reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(S));
-    if constexpr (Features::kAvailable) {
-        feature_scores = a.feature_scores != 0 && Features::usable(kp);  // the whole CTA's
-        if (feature_scores) {
-            features = Features::features(kp);
-            prepare_feature_states<R>(states, S, features, feature_states, row_scale);
-            __syncthreads();
-        }
+    TileWalk feature_walk(1, lane);  // over (token, group of features) of a tile
+    if constexpr (MODE != kLaneScores) {
+        features = Features::padded(kp);
+        feature_walk = TileWalk(features / Features::kGroup, lane);
+        prepare_feature_states<R>(states, S, Codec::feature_offset(kp), Codec::feature_count(kp),
+                                  feature_states, row_scale);
+        __syncthreads();
     }
-    const TileWalk feature_walk(max(features / 8, 1), lane);
 
     int lim[R];
     int lim_max = 0;
@@ -463,30 +464,32 @@ __global__ void __launch_bounds__(kWarps * 32)
         stage_wait();
         const int t = c0 + lane;
         float p[R] = {};
-        if constexpr (Features::kAvailable) {
-            if (feature_scores) {
-                for (int k0 = 0; k0 < n; k0 += kTileTokens) {
-                    const uint8_t* rows = st_key + k0 * a.stage_key_stride;
-                    if constexpr (Features::kInPlace) {
-                        tile_scores(reinterpret_cast<const __half*>(rows), a.stage_key_stride / 2,
-                                    feature_states, S, features, scores, k0, lane);
-                    } else {
-                        Features::decode_tile(kp, rows, a.stage_key_stride, tile,
-                                              feature_stride(S), feature_walk);
-                        __syncwarp();
-                        tile_scores(tile, feature_stride(S), feature_states, S, features, scores,
-                                    k0, lane);
-                    }
-                    __syncwarp();  // the next tile overwrites this one; the scores are written
+        if constexpr (MODE != kLaneScores) {
+            for (int k0 = 0; k0 < n; k0 += kTileTokens) {
+                const uint8_t* rows = st_key + k0 * a.stage_key_stride;
+                if constexpr (MODE == kFeaturesInPlace) {
+                    tile_scores(reinterpret_cast<const __half*>(rows), a.stage_key_stride / 2,
+                                feature_states, S, features, scores, k0, lane);
+                } else {
+                    Features::decode_tile(kp, rows, a.stage_key_stride, c0 + k0, tile,
+                                          feature_stride(S), feature_walk);
+                    __syncwarp();
+                    tile_scores(tile, feature_stride(S), feature_states, S, features, scores, k0,
+                                lane);
                 }
-                if (lane < n) {
-                    const float f = Features::factor(st_kscal + lane);
-#pragma unroll
-                    for (int r = 0; r < R; ++r) p[r] = scores[r * kScoreStride + lane] * row_scale[r] * f;
-                }
+                __syncwarp();  // the next tile overwrites this one; the scores are written
             }
-        }
-        if (!feature_scores && lane < n) {
+            if (lane < n) {
+                const uint8_t* code = st_key + lane * a.stage_key_stride;
+                const float f = Codec::feature_factor(st_kscal + lane);
+                const int extra = Codec::extra_entry(kp, code);
+                float base[R] = {};
+                if (extra >= 0) dev::load_rows<R>(states + extra * R, base);
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                    p[r] = base[r] + scores[r * kScoreStride + lane] * row_scale[r] * f;
+            }
+        } else if (lane < n) {
             Codec::template score<R>(kp, states, st_key + lane * a.stage_key_stride,
                                      st_kscal + lane, 32, t, p);
         }

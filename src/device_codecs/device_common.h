@@ -30,6 +30,23 @@
 //     VQ_HD static int table_floats(const Params&);
 //     VQ_HD static const float*& table(Params&);   // the pointer score reads it through
 //
+// Optionally, a codec whose score is, for query row r,
+//     score_r = state_r[extra] + factor * sum_{i < F} f_i state_r[offset + i]
+// with features f of the token's code (and position) alone, an extra state entry picked by the
+// code (or none) and a factor from its scalars, names that form, and the attention kernel then
+// scores 16 tokens at a time on tensor cores (src/cuda/codec_feature_scores.cuh; HasFeatures):
+//     static constexpr int kFeatureGroup;   // features per features() call: 8 or 16
+//     VQ_HD static int feature_offset(const Params&);    // state entry of feature 0
+//     VQ_HD static int feature_count(const Params&);     // F
+//     VQ_HD static bool features_usable(const Params&);  // whether these Params have the form
+//     VQ_HD static void features(const Params&, const uint8_t* code, int pos, int group,
+//                                float* f);  // f_i for i = group * kFeatureGroup + 0, 1, ...
+//                                            // (those past F need not be written)
+//     VQ_HD static float feature_factor(const float* scalars);   // scalars as score's
+//     VQ_HD static int extra_entry(const Params&, const uint8_t* code);  // -1: none
+// A codec whose code bytes are its features as fp16 (kFeaturesInPlace = true) is read in place.
+// tests/device_codec_test_helpers.h checks the form against score_one for every such codec.
+//
 // score takes R rows' states interleaved, entry i of row r at state[i * R + r] (R = 1: prepare's
 // layout), so that one pass over a token's code serves every query row of a KV head (the
 // grouped-query heads of a decode step, or a prefill chunk's queries): the unpacking and table
@@ -244,6 +261,16 @@ struct HasTable : std::false_type {};
 template <class Codec>
 struct HasTable<Codec, std::void_t<decltype(Codec::table_floats(
                            std::declval<const typename Codec::Params&>()))>> : std::true_type {};
+
+/// Features whose magnitude may reach this are not offered to the fp16 tile (features_usable):
+/// the largest finite half is 65504.
+constexpr float kFeatureHalfLimit = 65504.0f;
+
+/// Whether Codec names the feature form of its score (see above).
+template <class Codec, class = void>
+struct HasFeatures : std::false_type {};
+template <class Codec>
+struct HasFeatures<Codec, std::void_t<decltype(Codec::kFeatureGroup)>> : std::true_type {};
 
 /// Floats of Codec's table (0 without one).
 template <class Codec>

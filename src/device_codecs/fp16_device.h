@@ -45,6 +45,18 @@ struct Fp16Device {
         for (int j = 0; j < p.d; ++j) state[j] = query[j];
     }
 
+    // The feature form (device_common.h): the stored halves, read in place on the device.
+    static constexpr int kFeatureGroup = 8;
+    static constexpr bool kFeaturesInPlace = true;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.d; }
+    VQ_HD static bool features_usable(const Params& p) { return p.d % 8 == 0; }
+    VQ_HD static float feature_factor(const float*) { return 1.0f; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
+    VQ_HD static void features(const Params&, const uint8_t* code, int /*pos*/, int g, float* f) {
+        for (int k = 0; k < 8; ++k) f[k] = key_at(code, 8 * g + k);
+    }
+
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* /*scalars*/, int /*stride*/, int /*pos*/,

@@ -79,6 +79,17 @@ struct QjlDevice {
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 
+    // The feature form (device_common.h): f_i = +1 or -1 by bit i, factor ||k||.
+    static constexpr int kFeatureGroup = 8;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.m; }
+    VQ_HD static bool features_usable(const Params& p) { return p.m % 8 == 0; }
+    VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
+    VQ_HD static void features(const Params&, const uint8_t* code, int /*pos*/, int g, float* f) {
+        for (int k = 0; k < 8; ++k) f[k] = (code[g] >> k) & 1u ? 1.0f : -1.0f;
+    }
+
 private:
     /// +1 where bit i of the code is set ((S k)_i >= 0), else -1.
     VQ_HD static float sign_of_bit(const uint8_t* code, int i) {
