@@ -351,8 +351,8 @@ private:
 
         if (kin.views != nullptr ? kin.affine : affine_ != nullptr)
             codec::codec_affine_prepare_kernel<Codec>
-                <<<static_cast<unsigned>(rows_total), codec::kThreads, 0, stream>>>(a,
-                                                                                    affine_state_);
+                <<<dim3(static_cast<unsigned>(rows_total), (a.state_stride + 31) / 32),
+                   codec::kStateWarps * 32, 0, stream>>>(a, affine_state_);
         else
             codec::codec_prepare_kernel<Codec>
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);

@@ -4,10 +4,10 @@
 //   codec_encode_staged_kernel  the same with rows and codes staged in shared memory
 //   codec_dequantize_kernel  one thread per (head, token)
 //   codec_prepare_kernel     one thread per (head, query row): the key codec's query state
-//   codec_affine_prepare_kernel  the same state as c + M q, one CTA per (head, query row)
-//   codec_attention_kernel   split-K attention of query rows over the codes: lanes score one
-//                            token each from the state in shared memory, then the warp
-//                            accumulates p_t * v_t lane-per-coordinate (online softmax, log2)
+//   codec_affine_prepare_kernel  the same state as c + M q, CTAs over (row, 32 entries)
+//   codec_attention_kernel   split-K attention of query rows over the codes: scores on tensor
+//                            cores (codec_feature_scores.cuh) or a lane per token, the online
+//                            softmax (log2), values on tensor cores (codec_value_mma.cuh)
 //   codec_merge_kernel       one CTA per (head, row): merges the splits and maps the value
 //                            sum back from the value codec's domain
 // Rows: row r of KV head h is query i = r / group of query head h * group + r % group; with
@@ -270,41 +270,50 @@ __global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const Attention
 /// codec_params_view.h). The backend measures c and M on the host from the codec's own prepare
 /// (at 0 and at each unit vector) and keeps only the rows of M that are not zero; the state then
 /// costs one small GEMV per row instead of one thread's serial O(d^2) or O(m d) work.
-// grid (units * rows), kThreads threads: thread i computes state entries i, i + kThreads, ...
-// (f is the backend's; a batch of kin caches reads each sequence's own, whose stride may be
-// shorter than the launch's: the entries past it are zero and no score reads them.)
+// grid (units * rows, entry blocks of 32), kStateWarps warps: lane l takes entry 32 * block + l,
+// warp w its terms j = w, w + kStateWarps, ..., and warp 0 adds the warps' sums in warp order.
+// (One CTA a row, one thread an entry over every j: 13-26 us a decode step at 8 KV heads, its
+// 32 CTAs waiting on one load batch after another; session m.) f is the backend's; a batch of
+// kin caches reads each sequence's own, whose stride may be shorter than the launch's: the
+// entries past it are zero and no score reads them.
+constexpr int kStateWarps = 8;
+
 template <class Codec>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kStateWarps * 32)
     codec_affine_prepare_kernel(const AttentionParams<Codec> a, AffineState f) {
     __shared__ float q[dev::kMaxDim];
+    __shared__ float part[kStateWarps][32];
     const int item = blockIdx.x, u = item / a.rows, row = item % a.rows, d = a.store.d;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float* query = a.query(u, row);
-    for (int j = threadIdx.x; j < d; j += kThreads) q[j] = query[j];
+    for (int j = threadIdx.x; j < d; j += blockDim.x) q[j] = query[j];
     __syncthreads();
     if (a.store.kin != nullptr) f = a.store.kin[a.sequence(u)].affine;
-    const int h = a.head(u);
-    const size_t head = static_cast<size_t>(h) * f.stride;
-    const float* mt = f.matrix + static_cast<size_t>(h) * d * f.varying;
-    float* state = a.states + static_cast<size_t>(item) * a.state_stride;
-    for (int i = threadIdx.x; i < a.state_stride; i += kThreads) {
-        if (i >= f.stride) {
-            state[i] = 0.0f;
-            continue;
-        }
-        const int k = f.row_of[head + i];
-        float x = f.constant[head + i];
-        if (k >= 0) {  // in j order; eight terms' loads in flight
-            int j = 0;
-            for (; j + 8 <= d; j += 8) {
-                float m[8];
+    const size_t head = static_cast<size_t>(a.head(u)) * f.stride;
+    const float* mt = f.matrix + static_cast<size_t>(a.head(u)) * d * f.varying;
+    const int i = blockIdx.y * 32 + lane;
+    const int k = i < f.stride ? f.row_of[head + i] : -1;
+    float x = 0.0f;
+    if (k >= 0) {  // four terms' loads in flight
+        int j = warp;
+        for (; j + 3 * kStateWarps < d; j += 4 * kStateWarps) {
+            float m[4];
 #pragma unroll
-                for (int u = 0; u < 8; ++u) m[u] = mt[static_cast<size_t>(j + u) * f.varying + k];
+            for (int t = 0; t < 4; ++t)
+                m[t] = mt[static_cast<size_t>(j + t * kStateWarps) * f.varying + k];
 #pragma unroll
-                for (int u = 0; u < 8; ++u) x = dev::fmadd(m[u], q[j + u], x);
-            }
-            for (; j < d; ++j) x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
+            for (int t = 0; t < 4; ++t) x = dev::fmadd(m[t], q[j + t * kStateWarps], x);
         }
-        state[i] = x;
+        for (; j < d; j += kStateWarps)
+            x = dev::fmadd(mt[static_cast<size_t>(j) * f.varying + k], q[j], x);
+    }
+    part[warp][lane] = x;
+    __syncthreads();
+    if (warp == 0 && i < a.state_stride) {
+        float s = i < f.stride ? f.constant[head + i] : 0.0f;
+#pragma unroll
+        for (int w = 0; w < kStateWarps; ++w) s += part[w][lane];
+        a.states[static_cast<size_t>(item) * a.state_stride + i] = i < f.stride ? s : 0.0f;
     }
 }
 
