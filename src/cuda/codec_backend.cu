@@ -234,6 +234,7 @@ public:
         v.state_stride = state_stride_;
         v.key_table_floats = key_table_floats_;
         v.value_table_floats = value_table_floats_;
+        v.feature_mode = feature_mode_;
         return v;
     }
 
@@ -325,7 +326,7 @@ private:
         if (!fits(R))
             throw std::invalid_argument(
                 "CUDA codec backend: codes or query state too large for shared memory");
-        a.feature_scores = feature_mode_;
+        a.feature_scores = kin.views != nullptr ? kin.feature_mode : feature_mode_;
         if (!fits(R)) a.feature_scores = codec::kLaneScores;
         a.rows_per_block = std::min(R, a.rows);
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;

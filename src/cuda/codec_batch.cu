@@ -18,7 +18,8 @@ bool same_view(const CodecParamsView& a, const CodecParamsView& b) {
     return a.keys == b.keys && a.values == b.values && f.constant == g.constant &&
            f.matrix == g.matrix && f.row_of == g.row_of && f.varying == g.varying &&
            f.stride == g.stride && a.state_stride == b.state_stride &&
-           a.key_table_floats == b.key_table_floats && a.value_table_floats == b.value_table_floats;
+           a.key_table_floats == b.key_table_floats && a.value_table_floats == b.value_table_floats &&
+           a.feature_mode == b.feature_mode;
 }
 
 }  // namespace
@@ -46,10 +47,12 @@ KinParams CudaCodecBatch::kin_params(const std::vector<CudaCodecCache*>& caches,
         return {};  // one set of codecs: caches[0]'s backend's own
     KinParams kin;
     kin.affine = true;
+    kin.feature_mode = caches[0]->backend_->params_view().feature_mode;
     std::vector<CodecParamsView> views;
     for (const CudaCodecCache* c : caches) {
         views.push_back(c->backend_->params_view());
         const CodecParamsView& v = views.back();
+        if (v.feature_mode != kin.feature_mode) kin.feature_mode = 0;  // lane scores
         kin.state_stride = std::max(kin.state_stride, v.state_stride);
         kin.key_table_floats = std::max(kin.key_table_floats, v.key_table_floats);
         kin.value_table_floats = std::max(kin.value_table_floats, v.value_table_floats);

@@ -26,6 +26,7 @@ struct CodecParamsView {
     int state_stride = 0;        ///< query-state floats per row (the heads' most, padded)
     int key_table_floats = 0;    ///< shared memory of the key codec's table (the heads' most)
     int value_table_floats = 0;  ///< and of the value codec's
+    int feature_mode = 0;        ///< the scores every head allows (codec::FeatureMode)
 };
 
 /// A batch of kin caches as one launch reads them: `views` [batch] on the device, and the
@@ -33,7 +34,8 @@ struct CodecParamsView {
 struct KinParams {
     const CodecParamsView* views = nullptr;  ///< null: the sequences share the backend's codecs
     int state_stride = 0, key_table_floats = 0, value_table_floats = 0;
-    bool affine = false;  ///< every sequence's query state has its affine form
+    int feature_mode = 0;  ///< the scores every sequence's codecs allow (codec::FeatureMode)
+    bool affine = false;   ///< every sequence's query state has its affine form
 };
 
 }  // namespace veloxquant::cuda
