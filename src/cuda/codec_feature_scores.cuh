@@ -1,15 +1,18 @@
 // The generic attention's scores on tensor cores, for the key codecs that name the feature form
 // of their score (src/device_codecs/device_common.h, HasFeatures):
 //     score_r(t) = state_r[extra_t] + factor_t * sum_{i < F} f_i(code_t, pos_t) state_r[offset + i]
-// (every method's codec but vecinfer's lookup-table state: the stages' centroid sums, the sketch
-// bits' signs, the stored halves, the polar blocks, the extended-RaBitQ levels, the spectral
-// slots' centroids, the codewords, the RoPE-turned codeword sums). A warp decodes 16 tokens'
-// features into an fp16 tile (fp16 keys are their own tile) and multiplies it by the rows'
-// states with mma m16n8k16: A = the tile (16 tokens x 16 features, ldmatrix), B = a state block
-// (16 features x 8 rows), fp32 accumulators. Each row's state is scaled by a power of 2 (exact)
-// so that its largest entry is below 1, and split into an fp16 high part and the fp16 rounding
-// of the rest: the two mma of each block see ~22 bits of every entry. The features are exact in
-// fp16 (signs, levels, stored halves) or rounded once (11 bits, as the CPU's fp16 tables).
+// fp16 (the stored halves, read in place) and qjl (the sketch bits' signs). A warp decodes 16
+// tokens' features into an fp16 tile and multiplies it by the rows' states with mma m16n8k16:
+// A = the tile (16 tokens x 16 features, ldmatrix), B = a state block (16 features x 8 rows),
+// fp32 accumulators. Each row's state is scaled by a power of 2 (exact) so that its largest entry
+// is below 1, and split into an fp16 high part and the fp16 rounding of the rest: the two mma of
+// each block see ~22 bits of every entry; signs and stored halves are exact in fp16.
+// The other codecs have the form too (commit e083d47 gave it to all eight), but on the H200 their
+// features cost more to decode into the tile than their lane scores (bench_codec_cache at 32K
+// tokens, d=128, 8/32 heads: turboquant k4v4 0.092 -> 0.158 ms a decode step, polarquant 0.116 ->
+// 0.224, spectral 0.136 -> 0.393; fp16 0.121 -> 0.079; qjl decode 0.117 -> 0.118 and prefill
+// chunks 27.8 -> 19.0 ms; bench/results/cuda_h200_20261201n_generic_ab.txt), so they score lane by
+// lane.
 #pragma once
 
 #include <cuda_fp16.h>
