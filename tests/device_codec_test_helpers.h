@@ -1,6 +1,7 @@
 // Checks a device codec (src/device_codecs/) on the host against its CPU codec: the same codes
 // and scalars byte for byte, the same reconstruction, scores from prepare + score equal to the
-// CPU scorer's, and the feature form of the score where the codec names one. The device kernels run these very functions, one thread per token.
+// CPU scorer's, and the feature form of the score where the codec names one. The device kernels run
+// these very functions, one thread per token.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -81,8 +82,8 @@ void expect_feature_form(const typename Dev::Params& p, const std::vector<float>
             ASSERT_LT(extra, Dev::state_floats(p));
             const double base = extra >= 0 ? state[extra] : 0.0;
             const double factor = Dev::feature_factor(scalars + t);
-            const double direct = dev::score_one<Dev>(p, state.data(), code, scalars + t,
-                                                      kTokensPerPage, pos0 + t);
+            const double direct =
+                dev::score_one<Dev>(p, state.data(), code, scalars + t, kTokensPerPage, pos0 + t);
             const double scale = std::fabs(base) + std::fabs(factor) * magnitude + 1e-30;
             EXPECT_LE(std::fabs(base + factor * dot - direct), 1e-5 * scale)
                 << "feature form, token " << t;

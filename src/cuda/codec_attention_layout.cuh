@@ -5,8 +5,8 @@
 //         weights [8][40] halves | scores [8][36] floats (feature scores)
 // The feature regions are there only where the launcher chose tensor-core scores (they grow
 // with the state: qjl's sketch). The value tile lies over the staged keys (scored by then)
-// unless the key codec decodes a feature tile, whose region it then shares; once the token loop ends, each warp's area holds
-// its (m, l, o[D]) per row for the combine.
+// unless the key codec decodes a feature tile, whose region it then shares; once the token loop
+// ends, each warp's area holds its (m, l, o[D]) per row for the combine.
 #pragma once
 
 #include <cstddef>
@@ -32,11 +32,11 @@ __host__ __device__ constexpr int tables_floats(int key_table_floats, int value_
 
 /// What sizes the layout: a launch's strides and counts (AttentionParams' fields).
 struct StageSizes {
-    int state_stride = 0;  ///< floats per row of the query state (a multiple of 4)
-    int table_floats = 0;  ///< tables_floats(key, value)
-    int key_stride = 0, value_stride = 0;    ///< staged bytes per token
+    int state_stride = 0;                  ///< floats per row of the query state (a multiple of 4)
+    int table_floats = 0;                  ///< tables_floats(key, value)
+    int key_stride = 0, value_stride = 0;  ///< staged bytes per token
     int key_scalars = 0, value_scalars = 0;  ///< staged scalars per token
-    int features = kLaneScores;  ///< FeatureMode: the launcher's choice (FeatureScore)
+    int features = kLaneScores;              ///< FeatureMode: the launcher's choice (FeatureScore)
 };
 
 /// Byte offsets: CTA regions from the dynamic shared memory's start, warp regions from the

@@ -102,10 +102,10 @@ public:
             // Staged rows: lane-per-token reads at an odd number of words; fp16 keys and values
             // as ldmatrix reads them in place.
             const int key_bytes = static_cast<int>(hl.key_code_bytes);
-            stage_key_stride_ = std::max(stage_key_stride_,
-                                         codec::InPlaceFeatures<Codec>::value
-                                             ? codec::half_rows_stride(key_bytes, true)
-                                             : codec::stage_stride(key_bytes));
+            stage_key_stride_ =
+                std::max(stage_key_stride_, codec::InPlaceFeatures<Codec>::value
+                                                ? codec::half_rows_stride(key_bytes, true)
+                                                : codec::stage_stride(key_bytes));
             stage_value_stride_ = std::max(
                 stage_value_stride_, codec::half_rows_stride(static_cast<int>(hl.value_code_bytes),
                                                              vp.back().bits == 16));
@@ -401,11 +401,11 @@ private:
     uint64_t page_bytes_;
     int state_stride_ = 1;
     codec::FeatureMode feature_mode_ = codec::kLaneScores;  ///< the scores every head allows
-    int stage_key_stride_ = 0, stage_value_stride_ = 0;    ///< staged bytes per token
-    int stage_key_scalars_ = 0, stage_value_scalars_ = 0;  ///< staged scalars per token
-    int key_table_floats_ = 0, value_table_floats_ = 0;    ///< codec tables in shared memory
-    int encode_code_stride_ = 0;                           ///< staged code bytes per encode item
-    std::size_t encode_smem_ = 0;                          ///< codec_encode_staged_kernel's smem
+    int stage_key_stride_ = 0, stage_value_stride_ = 0;     ///< staged bytes per token
+    int stage_key_scalars_ = 0, stage_value_scalars_ = 0;   ///< staged scalars per token
+    int key_table_floats_ = 0, value_table_floats_ = 0;     ///< codec tables in shared memory
+    int encode_code_stride_ = 0;                            ///< staged code bytes per encode item
+    std::size_t encode_smem_ = 0;                           ///< codec_encode_staged_kernel's smem
     bool smem_raised_[3][3][3] = {};  ///< kMaxSmem allowed, per (D, R, FeatureMode)
     int sms_ = 1;
     void* params_ = nullptr;

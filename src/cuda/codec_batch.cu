@@ -18,8 +18,8 @@ bool same_view(const CodecParamsView& a, const CodecParamsView& b) {
     return a.keys == b.keys && a.values == b.values && f.constant == g.constant &&
            f.matrix == g.matrix && f.row_of == g.row_of && f.varying == g.varying &&
            f.stride == g.stride && a.state_stride == b.state_stride &&
-           a.key_table_floats == b.key_table_floats && a.value_table_floats == b.value_table_floats &&
-           a.feature_mode == b.feature_mode;
+           a.key_table_floats == b.key_table_floats &&
+           a.value_table_floats == b.value_table_floats && a.feature_mode == b.feature_mode;
 }
 
 }  // namespace

@@ -71,9 +71,8 @@ struct FeatureScore<Codec, true> {
     /// The mode these Params allow (the launcher's choice before shared memory is counted).
     __host__ __device__ static FeatureMode mode(const Params& p) {
         if (!Codec::features_usable(p)) return kLaneScores;
-        return InPlaceFeatures<Codec>::value && Codec::feature_count(p) % 16 == 0
-                   ? kFeaturesInPlace
-                   : kFeatureTile;
+        return InPlaceFeatures<Codec>::value && Codec::feature_count(p) % 16 == 0 ? kFeaturesInPlace
+                                                                                  : kFeatureTile;
     }
 
     /// The 16 tokens' features (rows `stride` bytes apart, positions pos0, pos0 + 1, ...) into
@@ -85,7 +84,8 @@ struct FeatureScore<Codec, true> {
         for (; walk.row < kTileTokens; walk.next()) {
             float f[kGroup];
             const int first = walk.unit * kGroup;
-            if (first < F) Codec::features(p, rows + walk.row * stride, pos0 + walk.row, walk.unit, f);
+            if (first < F)
+                Codec::features(p, rows + walk.row * stride, pos0 + walk.row, walk.unit, f);
 #pragma unroll
             for (int k = 0; k < kGroup; ++k)
                 if (first + k >= F) f[k] = 0.0f;
@@ -120,9 +120,9 @@ __host__ __device__ constexpr size_t scores_bytes() {
 }
 
 /// The fp16 states from the float states [S][R] (entry i of row r at i * R + r; features
-/// against entries offset .. offset + F - 1), by the CTA: row r's entries times 2^-e_r, e_r the exponent of its largest |entry| (frexp), as high and
-/// low halves; rows R .. 7 zero. row_scale[r] = 2^e_r, followed by the exponents (8 ints). The
-/// caller synchronizes before they are read.
+/// against entries offset .. offset + F - 1), by the CTA: row r's entries times 2^-e_r, e_r the
+/// exponent of its largest |entry| (frexp), as high and low halves; rows R .. 7 zero. row_scale[r]
+/// = 2^e_r, followed by the exponents (8 ints). The caller synchronizes before they are read.
 template <int R>
 __device__ void prepare_feature_states(const float* states, int S, int offset, int F,
                                        __half* halves, float* row_scale) {
@@ -151,8 +151,8 @@ __device__ void prepare_feature_states(const float* states, int S, int offset, i
 
 /// Scores of 16 tokens (tile rows `ts` halves apart, F features: a multiple of 16) for the 8
 /// state rows, written unscaled to scores[r * kScoreStride + t0 + token].
-__device__ __forceinline__ void tile_scores(const __half* tile, int ts, const __half* halves,
-                                            int S, int F, float* scores, int t0, int lane) {
+__device__ __forceinline__ void tile_scores(const __half* tile, int ts, const __half* halves, int S,
+                                            int F, float* scores, int t0, int lane) {
     const int g = lane >> 2, t = lane & 3;
     // ldmatrix (not transposed): matrices (tokens 0-7 | 8-15) x (features +0 | +8) are the A
     // fragment's registers 0 .. 3; lane i gives row i % 8 of matrix i / 8.
@@ -162,7 +162,7 @@ __device__ __forceinline__ void tile_scores(const __half* tile, int ts, const __
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < F; k0 += 16) {
         uint32_t a[4];
-        ldmatrix_x4(a, a_row + k0);
+        ldmatrix_x4<false>(a, a_row + k0);
         mma_16816(c, a, *reinterpret_cast<const uint32_t*>(hi + k0),
                   *reinterpret_cast<const uint32_t*>(hi + k0 + 8));
         mma_16816(c, a, *reinterpret_cast<const uint32_t*>(lo + k0),

@@ -222,10 +222,10 @@ struct AttentionParams : UnitSet<Codec> {
     int rows_per_block = 1;    ///< rows of one attention CTA, at most the kernel's R
     int tokens_per_split = 0;  ///< a multiple of 32
     int splits = 1;
-    int stage_key_stride = 0;      ///< bytes per token of the staged key codes (padded)
-    int stage_value_stride = 0;    ///< bytes per token of the staged value codes (padded)
-    int stage_key_scalars = 0;     ///< per-token key scalars staged (the heads' maximum)
-    int stage_value_scalars = 0;   ///< per-token value scalars staged
+    int stage_key_stride = 0;          ///< bytes per token of the staged key codes (padded)
+    int stage_value_stride = 0;        ///< bytes per token of the staged value codes (padded)
+    int stage_key_scalars = 0;         ///< per-token key scalars staged (the heads' maximum)
+    int stage_value_scalars = 0;       ///< per-token value scalars staged
     int feature_scores = kLaneScores;  ///< FeatureMode (codec_feature_scores.cuh)
     int key_table_floats = 0;      ///< shared memory for the key codec's table (the heads' most)
     int table_floats = 0;          ///< key + value tables (tables_floats), a multiple of 4
@@ -238,7 +238,7 @@ struct AttentionParams : UnitSet<Codec> {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
     }
     __host__ __device__ StageSizes stage_sizes() const {
-        return {state_stride,      table_floats,      stage_key_stride,   stage_value_stride,
+        return {state_stride,      table_floats,        stage_key_stride, stage_value_stride,
                 stage_key_scalars, stage_value_scalars, feature_scores};
     }
     /// Tokens row `row` of unit u attends to (causal: the chunk's queries end the sequence).
@@ -424,7 +424,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     // Scores on tensor cores: where the launcher chose them, for every head of the launch.
     int features = 0;  // F padded to 16
     __half* feature_states = reinterpret_cast<__half*>(smem + L.feature_states);
-    float* row_scale = reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(S));
+    float* row_scale =
+        reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(S));
     TileWalk feature_walk(1, lane);  // over (token, group of features) of a tile
     if constexpr (MODE != kLaneScores) {
         features = Features::padded(kp);
@@ -526,7 +527,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             scale /= top;
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r) weights[r * kWeightStride + lane] = __float2half_rn(p[r] * scale);
+        for (int r = 0; r < R; ++r)
+            weights[r * kWeightStride + lane] = __float2half_rn(p[r] * scale);
         __syncwarp();  // the weights are written, and the staged keys scored (the tile's place)
         o.begin_chunk(corr, top, lane);
         for (int k0 = 0; k0 < n; k0 += kTileTokens) {

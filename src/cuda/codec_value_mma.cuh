@@ -20,8 +20,8 @@
 
 namespace veloxquant::cuda::codec {
 
-constexpr int kTileTokens = 16;   // tokens per value tile (one mma k step)
-constexpr int kWeightRows = 8;    // the mma's n: rows of weights (R <= 8; the rest stay zero)
+constexpr int kTileTokens = 16;    // tokens per value tile (one mma k step)
+constexpr int kWeightRows = 8;     // the mma's n: rows of weights (R <= 8; the rest stay zero)
 constexpr int kWeightStride = 40;  // halves per weight row: 32 tokens, padded so that the
                                    // B-fragment loads of the 8 rows hit distinct banks
 
@@ -151,9 +151,10 @@ __device__ void decode_value_tile(const TileCodes& c, const __half* table, __hal
         for (int i = lane; i < kTileTokens * c.d; i += 32) {
             const int t = i / c.d, j = i - t * c.d;
             const uint8_t* row = c.rows + t * c.stride;
-            tile[t * TS + j] = bits == 16 ? __ushort_as_half(static_cast<uint16_t>(
-                                                row[2 * j] | (row[2 * j + 1] << 8)))
-                                          : table[per * dev::read_bits(row, j, bits)];
+            tile[t * TS + j] =
+                bits == 16
+                    ? __ushort_as_half(static_cast<uint16_t>(row[2 * j] | (row[2 * j + 1] << 8)))
+                    : table[per * dev::read_bits(row, j, bits)];
         }
     }
     if (c.d < D)
@@ -225,11 +226,12 @@ struct ValueSum {
         const uint32_t b1 = *reinterpret_cast<const uint32_t*>(wrow + 8);
         // ldmatrix.x4.trans: matrices (tokens 0-7 | 8-15) x (coordinates +0 | +8) are the A
         // fragment's registers 0 .. 3; lane i gives row i % 8 of matrix i / 8.
-        const __half* base = tile + ((lane & 7) + ((lane >> 4) << 3)) * stride + ((lane >> 3) & 1) * 8;
+        const __half* base =
+            tile + ((lane & 7) + ((lane >> 4) << 3)) * stride + ((lane >> 3) & 1) * 8;
 #pragma unroll
         for (int b = 0; b < kBlocks; ++b) {
             uint32_t a[4];
-            ldmatrix_x4_trans(a, base + 16 * b);
+            ldmatrix_x4<true>(a, base + 16 * b);
             mma_16816(acc[b], a, b0, b1);
         }
     }

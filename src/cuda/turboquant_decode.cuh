@@ -550,9 +550,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         if constexpr (!kTransposeInRegisters) {
             __syncwarp();
             uint32_t r4[4];
-            ldmatrix_x4_trans(r4, pbuf + lane * 16);
+            ldmatrix_x4<true>(r4, pbuf + lane * 16);
             bp[0][0] = r4[0], bp[0][1] = r4[1], bp[1][0] = r4[2], bp[1][1] = r4[3];
-            ldmatrix_x4_trans(r4, pbuf + (32 + lane) * 16);
+            ldmatrix_x4<true>(r4, pbuf + (32 + lane) * 16);
             bp[2][0] = r4[0], bp[2][1] = r4[1], bp[3][0] = r4[2], bp[3][1] = r4[3];
         }
 
@@ -561,8 +561,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         [[maybe_unused]] uint32_t value_regs[2][4];
         if constexpr (kValueMatrices) {
             static_assert(kValueTok == 16 && kPage == 64, "a token's value codes are one row");
-            ldmatrix_x4_trans(value_regs[0], value_rows + 2 * slot * kPageCodes);
-            ldmatrix_x4_trans(value_regs[1], value_rows + 2 * slot * kPageCodes + mixed_delta(512));
+            ldmatrix_x4<true>(value_regs[0], value_rows + 2 * slot * kPageCodes);
+            ldmatrix_x4<true>(value_regs[1], value_rows + 2 * slot * kPageCodes + mixed_delta(512));
         }
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
