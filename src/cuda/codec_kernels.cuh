@@ -476,12 +476,12 @@ __global__ void __launch_bounds__(kWarps * 32)
         float p[R] = {};
         if constexpr (MODE != kLaneScores) {
             for (int k0 = 0; k0 < n; k0 += kTileTokens) {
-                const uint8_t* rows = st_key + k0 * a.stage_key_stride;
+                const uint8_t* codes = st_key + k0 * a.stage_key_stride;
                 if constexpr (MODE == kFeaturesInPlace) {
-                    tile_scores(reinterpret_cast<const __half*>(rows), a.stage_key_stride / 2,
+                    tile_scores(reinterpret_cast<const __half*>(codes), a.stage_key_stride / 2,
                                 feature_states, S, features, scores, k0, lane);
                 } else {
-                    Features::decode_tile(kp, rows, a.stage_key_stride, c0 + k0, tile,
+                    Features::decode_tile(kp, codes, a.stage_key_stride, c0 + k0, tile,
                                           feature_stride(S), feature_walk);
                     __syncwarp();
                     tile_scores(tile, feature_stride(S), feature_states, S, features, scores, k0,

@@ -114,7 +114,7 @@ struct TileCodes {
 
 /// Decodes 16 tokens' value codes into tile[16][tile_stride(D)] (centroids without the scale;
 /// fp16 values copied), lane-parallel over the rows' units; columns d .. D - 1 are zeroed (the
-/// tile lies over the chunk's key codes). `walk` is the lane's start (value_tile_walk).
+/// tile lies over the chunk's key codes or features). `walk` is the lane's start (value_tile_walk).
 template <int D>
 __device__ void decode_value_tile(const TileCodes& c, const __half* table, __half* tile,
                                   TileWalk walk, int lane) {
