@@ -342,6 +342,42 @@ INSTANTIATE_TEST_SUITE_P(Methods, CodecCacheParity, testing::ValuesIn(cases()),
 INSTANTIATE_TEST_SUITE_P(Methods, TeamEncodeParity, testing::ValuesIn(team_cases()),
                          [](const testing::TestParamInfo<Case>& i) { return i.param.name; });
 
+// Decode from an empty cache, one token at a time, as a transformers generation appends and
+// attends: every step a decode step over 1 .. 40 tokens (short first chunks, a tile of 16 only
+// partly filled), with grouped heads on the 4-row kernels (group 2) and unit-scale queries.
+// The tensor-core scores (fp16, qjl) and the lane scores (turboquant) against the CPU cache.
+TEST(CodecCache, DecodesTokenByTokenFromEmpty) {
+    SKIP_WITHOUT_DEVICE();
+    KVCacheConfig qjl = base("qjl", 1, 4, 3);
+    qjl.sketch_dim = 128;
+    KVCacheConfig tq = base("turboquant_rvq", 2, 4, 4);
+    tq.use_hadamard = false;
+    const std::vector<Case> configs = {{"qjl_d64_m128_v4", qjl, 2, 64, 0.0, 2},
+                                       {"fp16_d64", base("fp16", 4, 16, 5), 2, 64, 0.0, 2},
+                                       {"tq_d64_dense_k2_v4", tq, 2, 64, 0.0, 2},
+                                       {"qjl_d128_m128_v4_group4", qjl, 2, 128, 0.0, 4}};
+    for (const Case& k : configs) {
+        SCOPED_TRACE(k.name);
+        const int H = k.heads, d = k.d, hq = H * k.group;
+        auto cpu = KVCacheFactory::create(k.config, H, d, 256);
+        CudaCodecCache gpu(k.config, H, d, 256);
+        uint64_t seed = 300;
+        for (int t = 1; t <= 40; ++t) {
+            const auto keys = random_tokens(H, 1, d, ++seed, 0.5f);
+            const auto values = random_tokens(H, 1, d, ++seed, 0.5f);
+            DeviceBuffer<float> dk(keys), dv(values);
+            cpu->append(keys.data(), values.data(), 1);
+            gpu.append(dk.get(), dv.get(), 1, nullptr);
+            const auto q = vqtest::randn(static_cast<std::size_t>(hq) * d, ++seed, 1.0f);
+            std::vector<float> ref(q.size());
+            cpu->attend(q.data(), hq, 1, ref.data(), 0.125f, true);
+            DeviceBuffer<float> dq(q), dout(q.size());
+            gpu.attend(dq.get(), hq, 1, dout.get(), 0.125f, true, nullptr);
+            EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << "after " << t << " tokens";
+        }
+    }
+}
+
 TEST(CodecCache, RejectsConfigsOutOfScope) {
     KVCacheConfig c = base("turboquant_rvq", 2, 4, 1);
     EXPECT_THROW(CudaCodecCache(c, 2, 512, 64), std::invalid_argument);
