@@ -580,35 +580,68 @@ def test_transformers_gpu_layers_take_a_batch():
 ], ids=lambda c: c.method)
 def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
     """Outside the TurboQuant kernels' scope, every layer runs on a CudaKVCache. Token by token
-    (every step a decode step, so both sides attend on the codes) the GPU layers follow the CPU
-    layers; a prefill chunk on the GPU runs SDPA on exact keys, which the CPU layers do not, so
-    chunks are covered by test_gpu_layer_logic_on_exact_tokens instead."""
+    (every step a decode step, on the codes) each GPU layer's attention follows a CPU cache fed
+    the same keys, values and queries: the same codes (dequantized within 1e-5) and attention
+    within 1e-3. (Two whole models cannot be compared logit by logit: the GPU's tensor cores sum
+    in fp16 tiles, ~2e-4 off the CPU per layer, and a later layer's 1-bit codes flip on such
+    differences, 0.05 in the logits of this qjl model; session o.) A prefill chunk on the GPU
+    runs SDPA on exact keys, which the CPU layers do not, so chunks are covered by
+    test_gpu_layer_logic_on_exact_tokens instead."""
     pytest.importorskip("transformers")
     from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
                                                       VeloxQuantCudaKVLayer)
     model = _tiny_llama(64).to("cuda")
     tokens = torch.randint(0, 512, (1, 60), generator=torch.Generator().manual_seed(3)).cuda()
 
-    def run(cache):
-        model.set_attn_implementation(ATTENTION_NAME)
-        try:
-            with torch.no_grad():
-                bounds = list(range(tokens.shape[1] + 1))
-                logits = [model(tokens[:, a:b], past_key_values=cache, use_cache=True).logits[0]
-                          for a, b in zip(bounds, bounds[1:])]
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits).float().cpu()
+    class Recorder:
+        """A layer's device cache that also keeps what it is given and what it answers."""
+
+        def __init__(self, inner, log):
+            self.inner, self.log = inner, log
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def append(self, keys, values):
+            self.log.append(("append", keys.cpu().numpy(), values.cpu().numpy()))
+            self.inner.append(keys, values)
+
+        def attend(self, queries, **kwargs):
+            out = self.inner.attend(queries, **kwargs)
+            self.log.append(("attend", queries.cpu().numpy(), kwargs["scale"], out.cpu().numpy()))
+            return out
 
     gpu = VeloxQuantCache.from_model(model, config, max_seq_len=256)
     assert all(isinstance(layer, VeloxQuantCudaKVLayer) for layer in gpu.layers)
     assert gpu.devices == ["cuda:0", "cuda:0"]
+    logs = [[] for _ in gpu.layers]
+    for layer, log in zip(gpu.layers, logs):
+        layer.rows = [Recorder(layer.rows[0], log)]
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        with torch.no_grad():
+            for i in range(tokens.shape[1]):
+                logits = model(tokens[:, i:i + 1], past_key_values=gpu, use_cache=True).logits
+                assert torch.isfinite(logits).all()
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert gpu.get_seq_length() == tokens.shape[1]
     cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
     assert cpu.devices == ["cpu", "cpu"]
-    got, want = run(gpu), run(cpu)
-    assert gpu.get_seq_length() == cpu.get_seq_length() == tokens.shape[1]
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    assert err < 5e-3, err  # the same codes; attention within 1e-3 per layer
+    for index, (layer, log) in enumerate(zip(cpu.layers, logs)):
+        reference, device = layer.rows[0], gpu.layers[index].rows[0].inner
+        steps = 0
+        for entry in log:
+            if entry[0] == "append":
+                reference.append(entry[1], entry[2])
+                continue
+            _, queries, scale, out = entry
+            want = reference.attend(queries[:, None, :], scale=scale, causal=True)[:, 0, :]
+            assert rel(out, want) < 1e-3, (index, steps, rel(out, want))
+            steps += 1
+        assert steps == tokens.shape[1] and reference.size == device.size
+        for got, want in zip(device.dequantize(), reference.dequantize()):
+            assert rel(got.cpu().numpy(), want) < 1e-5, index
     # fetch_dequantized on the device layers: SDPA over every token dequantized on the GPU.
     fetched = VeloxQuantCache.from_model(model, config, max_seq_len=256, fetch_dequantized=True)
     model.set_attn_implementation("sdpa")
