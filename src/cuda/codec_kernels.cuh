@@ -374,8 +374,15 @@ __device__ __forceinline__ void stage_wait() {
 // (codec_value_mma.cuh): the chunk's value codes decoded into a tile of centroids, 16 tokens at
 // a time, times the weights. Shared memory: codec_attention_layout.cuh. MODE (a FeatureMode) is
 // the launch's a.feature_scores: one kernel per score path.
+// Lane-scored R = 8 kernels (prefill chunks) of D = 128 are held to 128 registers (4 CTAs an SM;
+// those of D = 64 use 122-128 anyway, at D = 256 it spills 72-240 bytes: not timed). polarquant's
+// and commvq's took 154-167, and their 512-query chunks went from 38.0 and 62.6 ms to 29.0 and
+// 55.3 ms with 4-16 bytes of spills (H200, bench/results/cuda_h200_20261201o_prefill_bounds.txt).
+// A minimum of 0 leaves the other kernels' SASS as without bounds. A minimum of 1 on the R = 4
+// (decode) kernels raised them past 128 registers (decode steps 30-90% slower), a minimum of 5
+// cut them to 96 with spills (5-24% slower).
 template <class Codec, int D, int R, int MODE>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && D == 128 ? 4 : 0)
     codec_attention_kernel(const AttentionParams<Codec> a) {
     static_assert(R <= kWeightRows, "an mma's 8 columns hold the rows");
     using Features = FeatureScore<Codec>;
