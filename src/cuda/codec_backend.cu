@@ -6,8 +6,8 @@
 #include <type_traits>
 
 #include "cuda/affine_state.h"
+#include "cuda/codec_attention.cuh"
 #include "cuda/codec_cache.h"
-#include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
 #include "cuda/team_encoders.cuh"
 #include "cuda/team_search_encoders.cuh"

@@ -1,8 +1,9 @@
 // CudaCodecCache: one layer's cache of any method, resident on the device, through the generic
-// device codecs (src/device_codecs/, one thread per token) and kernels (codec_kernels.cuh).
-// Pages have the CPU cache's layout (PagedStore), so the two exchange pages, and files through
-// the CPU cache. turboquant_rvq at head_dim 64/128 also has the tuned tensor-core decode of
-// CudaTurboQuantCache; this path serves every method, head dim (up to 256) and causal prefill.
+// device codecs (src/device_codecs/, one thread per token) and kernels (codec_kernels.cuh,
+// codec_attention.cuh). Pages have the CPU cache's layout (PagedStore), so the two exchange
+// pages, and files through the CPU cache. turboquant_rvq at head_dim 64/128 also has the tuned
+// tensor-core decode of CudaTurboQuantCache; this path serves every method, head dim (up to
+// 256) and causal prefill.
 //
 // Scope: the eight methods and fp16 with fp16 or quantized values; no outlier side store and no
 // sliding window on the device (the constructor says so). Codecs that learn from data (rabitq's
