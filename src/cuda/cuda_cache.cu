@@ -73,7 +73,8 @@ void append_i8_parts(const std::vector<float>& c, float scale, std::vector<uint3
 }  // namespace
 
 void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+    if (err != cudaSuccess)
+        throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int head_dim, int layer) {
