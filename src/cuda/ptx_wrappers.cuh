@@ -1,6 +1,8 @@
 // PTX wrappers shared by the CUDA kernels: tensor-core mma, ldmatrix / movmatrix, cp.async,
-// the fast exp2 and half2 packing. Each traps below the architecture its instruction needs; the
-// launchers refuse such devices first.
+// the fast exp2 and half2 packing. Below the architecture its instruction needs, the fp16 mma
+// (two m16n8k8 on sm_75) and ldmatrix take other forms (before sm_75: mma_portable.h), so the
+// generic attention runs on every GPU the code is built for; the others trap, and the tuned
+// decode's launcher refuses such devices first.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -8,8 +10,36 @@
 
 #include <cstdint>
 
+#include "cuda/mma_portable.h"
+
 namespace veloxquant::cuda {
 
+/// The calling thread's lane in its warp (%laneid: whatever the block's shape).
+__device__ __forceinline__ int lane_id() {
+    int lane;
+    asm("mov.u32 %0, %%laneid;" : "=r"(lane));
+    return lane;
+}
+
+/// mma m16n8k16 as two m16n8k8 (sm_75, Turing's tensor cores): k 0-7 are A registers 0, 1 and
+/// B register 0, k 8-15 registers 2, 3 and 1.
+__device__ __forceinline__ void mma_16816_as_two_1688(float (&c)[4], const uint32_t (&a)[4],
+                                                      uint32_t b0, uint32_t b1) {
+#if __CUDA_ARCH__ >= 750
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[2]), "r"(a[3]), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+/// C += A B, m16n8k16, f16 inputs and f32 accumulators (fragments: mma_portable.h).
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
 #if __CUDA_ARCH__ >= 800
@@ -17,8 +47,12 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif __CUDA_ARCH__ >= 750
+    mma_16816_as_two_1688(c, a, b0, b1);
 #else
-    __trap();  // the decode kernel needs sm_80 or newer; the launcher refuses older devices
+    mma_16816_by_lanes(c, lane_id(), [&](int r, int j) {
+        return __shfl_sync(0xffffffffu, r < 4 ? a[r] : r == 4 ? b0 : b1, j);
+    });
 #endif
 }
 
@@ -60,7 +94,10 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                      : "r"(s)
                      : "memory");
 #else
-    __trap();
+    const auto mine = reinterpret_cast<unsigned long long>(smem);
+    ldmatrix_x4_by_lanes<TRANS>(r, lane_id(), [mine](int j) {
+        return reinterpret_cast<const uint16_t*>(__shfl_sync(0xffffffffu, mine, j));
+    });
 #endif
 }
 
