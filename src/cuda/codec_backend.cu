@@ -169,6 +169,10 @@ public:
         check_cuda(cudaGetDevice(&device), "cudaGetDevice");
         check_cuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device),
                    "SM count");
+        int optin = 0;  // 227 KB on sm_90, 163 on sm_80, 96 on sm_70, 64 on sm_75
+        check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                   "shared memory per block");
+        max_smem_ = std::min(kMaxSmem, static_cast<std::size_t>(optin));
     }
 
     ~Backend() override {
@@ -320,7 +324,7 @@ private:
         const auto smem_of = [&](int r) {
             return codec::attention_layout<Codec>(r, D, a.stage_sizes(), codec::kWarps).total;
         };
-        const auto fits = [&](int r) { return smem_of(r) <= kMaxSmem; };
+        const auto fits = [&](int r) { return smem_of(r) <= max_smem_; };
         a.feature_scores = codec::kLaneScores;
         const int R = a.rows > 4 && fits(8) ? 8 : a.rows > 1 && fits(4) ? 4 : 1;
         if (!fits(R))
@@ -387,7 +391,7 @@ private:
         bool& raised = smem_raised_[D / 128][R / 4][a.feature_scores];
         if (smem > 48 * 1024 && !raised) {
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(kMaxSmem)),
+                                            static_cast<int>(max_smem_)),
                        "codec attention shared memory");
             raised = true;
         }
@@ -396,6 +400,7 @@ private:
     }
 
     static constexpr std::size_t kMaxSmem = 200 * 1024;  ///< an attention CTA's shared memory
+    std::size_t max_smem_ = kMaxSmem;  ///< kMaxSmem, or less where the device allows less
 
     int heads_, d_;
     uint64_t page_bytes_;
@@ -406,7 +411,7 @@ private:
     int key_table_floats_ = 0, value_table_floats_ = 0;     ///< codec tables in shared memory
     int encode_code_stride_ = 0;                            ///< staged code bytes per encode item
     std::size_t encode_smem_ = 0;                           ///< codec_encode_staged_kernel's smem
-    bool smem_raised_[3][3][3] = {};  ///< kMaxSmem allowed, per (D, R, FeatureMode)
+    bool smem_raised_[3][3][3] = {};  ///< max_smem_ allowed, per (D, R, FeatureMode)
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;

@@ -214,6 +214,16 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
       pages_(host_.page_layout, std::max(max_seq_len, 1)) {
     if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
+    int major = 0, minor = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_),
+               "compute capability");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_),
+               "compute capability");
+    if (major < 8)  // mma m16n8k16 / m16n8k32 and cp.async (the decode's launcher refuses too)
+        throw std::invalid_argument(
+            "CUDA backend: the tuned decode needs compute capability 8.0 or newer, this device "
+            "has " + std::to_string(major) + "." + std::to_string(minor) +
+            " (CudaCodecCache serves it)");
     pages_.reserve(1);
 }
 
