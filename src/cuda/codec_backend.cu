@@ -124,10 +124,13 @@ public:
                     std::max(encode_code_stride_, codec::stage_stride(static_cast<int>(std::max(
                                                       hl.key_code_bytes, hl.value_code_bytes))));
             encode_smem_ = codec::encode_smem_bytes(d_, encode_code_stride_);
-            check_cuda(cudaFuncSetAttribute(codec::codec_encode_staged_kernel<Codec>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(encode_smem_)),
-                       "encode shared memory");
+            if (encode_smem_ > shared_memory_optin())
+                encode_smem_ = 0;  // (sm_75 at head_dim 256) the one-thread encoder instead
+            else
+                check_cuda(cudaFuncSetAttribute(codec::codec_encode_staged_kernel<Codec>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(encode_smem_)),
+                           "encode shared memory");
         }
         {  // The affine form of the query state, measured on host copies of the parameters.
             std::vector<uint8_t> host = arena.bytes();
@@ -169,10 +172,7 @@ public:
         check_cuda(cudaGetDevice(&device), "cudaGetDevice");
         check_cuda(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, device),
                    "SM count");
-        int optin = 0;  // 227 KB on sm_90, 163 on sm_80, 96 on sm_70, 64 on sm_75
-        check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                   "shared memory per block");
-        max_smem_ = std::min(kMaxSmem, static_cast<std::size_t>(optin));
+        max_smem_ = std::min(kMaxSmem, shared_memory_optin());
     }
 
     ~Backend() override {
@@ -196,13 +196,14 @@ public:
             if constexpr (team::TeamEncoder<Codec>::kAvailable)
                 if (items <= kTeamEncodeMaxItems) return launch_team_encode(a, items, stream);
             if constexpr (kStagedEncode<Codec>)
-                codec::codec_encode_staged_kernel<Codec>
-                    <<<static_cast<unsigned>((items + codec::kEncodeItems - 1) /
-                                             codec::kEncodeItems),
-                       codec::kEncodeItems, encode_smem_, stream>>>(a, encode_code_stride_);
-            else
-                codec::codec_encode_kernel<Codec>
-                    <<<blocks_for(items), codec::kThreads, 0, stream>>>(a);
+                if (encode_smem_ > 0) {
+                    codec::codec_encode_staged_kernel<Codec>
+                        <<<static_cast<unsigned>((items + codec::kEncodeItems - 1) /
+                                                 codec::kEncodeItems),
+                           codec::kEncodeItems, encode_smem_, stream>>>(a, encode_code_stride_);
+                    return check_cuda(cudaGetLastError(), "codec encode kernel");
+                }
+            codec::codec_encode_kernel<Codec><<<blocks_for(items), codec::kThreads, 0, stream>>>(a);
         }
         check_cuda(cudaGetLastError(), "codec encode kernel");
     }
@@ -399,6 +400,16 @@ private:
         check_cuda(cudaGetLastError(), "codec attention kernel");
     }
 
+    /// The current device's shared memory per block, opted in: 227 KB on sm_90, 163 on sm_80,
+    /// 99 on sm_86 and sm_89, 96 on sm_70, 64 on sm_75.
+    static std::size_t shared_memory_optin() {
+        int device = 0, optin = 0;
+        check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+        check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                   "shared memory per block");
+        return static_cast<std::size_t>(optin);
+    }
+
     static constexpr std::size_t kMaxSmem = 200 * 1024;  ///< an attention CTA's shared memory
     std::size_t max_smem_ = kMaxSmem;  ///< kMaxSmem, or less where the device allows less
 
@@ -410,7 +421,7 @@ private:
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;   ///< staged scalars per token
     int key_table_floats_ = 0, value_table_floats_ = 0;     ///< codec tables in shared memory
     int encode_code_stride_ = 0;                            ///< staged code bytes per encode item
-    std::size_t encode_smem_ = 0;                           ///< codec_encode_staged_kernel's smem
+    std::size_t encode_smem_ = 0;     ///< codec_encode_staged_kernel's smem (0: not taken)
     bool smem_raised_[3][3][3] = {};  ///< max_smem_ allowed, per (D, R, FeatureMode)
     int sms_ = 1;
     void* params_ = nullptr;
