@@ -11,29 +11,17 @@
 
 #include <cstdint>
 
-#include "core/half.h"
 #include "core/host_device.h"
-
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#endif
+#include "device_codecs/device_common.h"
 
 namespace veloxquant::cuda {
 
-VQ_HD float half_bits_to_float(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-    return __half2float(__ushort_as_half(h));
-#else
-    return half_to_float(h);
-#endif
-}
-
 /// The low (k even) and high (k odd) halves of a fragment register as floats.
 VQ_HD float low_half(uint32_t x) {
-    return half_bits_to_float(static_cast<uint16_t>(x & 0xffffu));
+    return dev::half_bits_to_float(static_cast<uint16_t>(x & 0xffffu));
 }
 VQ_HD float high_half(uint32_t x) {
-    return half_bits_to_float(static_cast<uint16_t>(x >> 16));
+    return dev::half_bits_to_float(static_cast<uint16_t>(x >> 16));
 }
 
 /// C += A B, A 16 x 16 (row), B 16 x 8 (column), for lane = 4 g + t, whose accumulators are
