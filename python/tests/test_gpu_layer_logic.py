@@ -194,3 +194,29 @@ def test_gpu_layer_padding_logic_on_exact_tokens(kind):
     assert cache.get_seq_length() == 26
     real = mask.bool()
     assert _relative_error(logits[real], reference[real]) < 1e-4
+
+
+def test_a_layer_the_tuned_cache_refuses_takes_the_generic_cache(monkeypatch):
+    """On a GPU below sm_80 CudaTurboQuantCache refuses at construction (ValueError); the layer
+    then gets a CudaKVCache, as for configs outside the tuned kernels' scope. Stand-ins for both
+    classes: no GPU needed."""
+    import veloxquant.integrations.transformers as integration
+    from veloxquant.cache.base import KVCacheConfig
+
+    made = []
+
+    class Refuses:
+        def __init__(self, *args):
+            raise ValueError("CUDA backend: the tuned decode needs compute capability 8.0 or "
+                             "newer, this device has 7.5 (CudaCodecCache serves it)")
+
+    class Generic:
+        def __init__(self, *args):
+            made.append(args)
+
+    monkeypatch.setattr(integration, "CudaTurboQuantCache", Refuses)
+    monkeypatch.setattr(integration, "CudaKVCache", Generic)
+    config = KVCacheConfig(method="turboquant_rvq", bits=2)
+    cache, why = integration._device_cache(config, 2, 64, 4, 128, 0, torch.device("cpu"), False)
+    assert isinstance(cache, Generic) and why == ""
+    assert made == [(config, 2, 64, 128, 0, torch.device("cpu"))]
