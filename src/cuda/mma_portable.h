@@ -1,6 +1,7 @@
 // Portable forms of the two warp-level matrix instructions of the generic attention
 // (codec_attention.cuh): mma.m16n8k16 (f32 += f16 x f16) and ldmatrix.x4 (and .trans), for GPUs
-// without them (mma before sm_80, ldmatrix before sm_75; ptx_wrappers.cuh takes these there).
+// before sm_75 (ptx_wrappers.cuh takes these there; sm_75 has ldmatrix and does the mma as two
+// m16n8k8).
 // Each lane gathers the fragment entries it needs from the lanes that hold them through
 // `fetch`, a warp shuffle on the device; the host tests pass the 32 lanes' registers instead, so
 // the same code is checked without a GPU (tests/test_mma_portable.cpp). The fragment layouts are
