@@ -340,10 +340,10 @@ __device__ void value_finalize(const dev::ValueDevice::Params& vp, const float* 
 
 // One CTA of kMergeWarps warps per (head, row): every warp finds the splits' max and
 // denominator (lanes over splits); warp w sums splits w, w + W, ... (lanes over coordinates,
-// four splits' loads issued before their sums; a split past the end, or without tokens, has
-// weight 0), the warps' sums are added in warp order, and the CTA maps the sum back from the
-// value codec's domain. (One warp per row, four splits at a time, took 22.5 us under ncu at
-// 64 splits, one sequence of 8K tokens.)
+// four splits' loads issued before their sums, the first four's before the max is found; a
+// split past the end, or without tokens, has weight 0), the warps' sums are added in warp
+// order, and the CTA maps the sum back from the value codec's domain. (One warp per row, four
+// splits at a time, took 22.5 us under ncu at 64 splits, one sequence of 8K tokens.)
 constexpr int kMergeWarps = 8;
 
 template <class Codec, int D>
@@ -355,6 +355,20 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int item = blockIdx.x, u = item / a.rows, row = item % a.rows;
     const size_t base = static_cast<size_t>(item) * a.splits;
+    // Four splits' (max, sum) and partial sums: warp w's splits s0, s0 + W, s0 + 2 W, s0 + 3 W
+    // (a split past the end has weight 0 and reads s0's, which exists).
+    float m[4], o[4][E];
+    const auto load = [&](int s0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const int s = s0 + k * kMergeWarps;
+            const size_t at = base + (s < a.splits ? s : s0);
+            m[k] = s < a.splits ? a.partial_ml[at].x : -INFINITY;
+#pragma unroll
+            for (int e = 0; e < E; ++e) o[k][e] = a.partial_o[at * D + lane + 32 * e];
+        }
+    };
+    if (warp < a.splits) load(warp);  // read while the max and denominator are found
     float mx = -INFINITY;
     for (int s = lane; s < a.splits; s += 32) mx = fmaxf(mx, a.partial_ml[base + s].x);
     mx = warp_max(mx);
@@ -367,15 +381,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
         }
         l = warp_sum(l);
         for (int s0 = warp; s0 < a.splits; s0 += 4 * kMergeWarps) {
-            float m[4], o[4][E];
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const int s = s0 + k * kMergeWarps;
-                const size_t at = base + (s < a.splits ? s : s0);
-                m[k] = s < a.splits ? a.partial_ml[at].x : -INFINITY;
-#pragma unroll
-                for (int e = 0; e < E; ++e) o[k][e] = a.partial_o[at * D + lane + 32 * e];
-            }
+            if (s0 != warp) load(s0);
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const float f = exp2f(m[k] - mx);
