@@ -51,21 +51,22 @@ KVCacheConfig config_for(const std::string& name) {
     return c;
 }
 
-const std::vector<std::string> kVariants = {"fp16", "turboquant_rvq", "turboquant_rvq_b4", "qjl",
-                                            "polarquant", "rabitq", "ratequant"};
+const std::vector<std::string> kVariants = {
+    "fp16", "turboquant_rvq", "turboquant_rvq_b4", "qjl", "polarquant", "rabitq", "ratequant"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));
     const Data& d = data(n);
     std::vector<float> out(d.q.size());
     for (auto _ : state) {
-        dense_attention(d.q.data(), kHeads * kGroup, 1, d.k.data(), d.v.data(), kHeads, n, kDim, out.data(),
-                        0.088f, false);
+        dense_attention(d.q.data(), kHeads * kGroup, 1, d.k.data(), d.v.data(), kHeads, n, kDim,
+                        out.data(), 0.088f, false);
         benchmark::DoNotOptimize(out.data());
     }
     const double bytes = 2.0 * kHeads * n * kDim * sizeof(float);
     state.counters["kv_bytes"] = bytes;
-    state.counters["GB/s"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+    state.counters["GB/s"] =
+        benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
 void BM_decode(benchmark::State& state, const std::string& variant) {
@@ -78,9 +79,11 @@ void BM_decode(benchmark::State& state, const std::string& variant) {
         cache->attend(d.q.data(), kHeads * kGroup, 1, out.data(), 0.088f, false);
         benchmark::DoNotOptimize(out.data());
     }
-    const double bytes = static_cast<double>(static_cast<QuantizedKVCache&>(*cache).storage_bytes());
+    const double bytes =
+        static_cast<double>(static_cast<QuantizedKVCache&>(*cache).storage_bytes());
     state.counters["kv_bytes"] = bytes;
-    state.counters["GB/s"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
+    state.counters["GB/s"] =
+        benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
 void BM_append(benchmark::State& state, const std::string& variant) {
@@ -98,13 +101,23 @@ void BM_append(benchmark::State& state, const std::string& variant) {
 }
 
 const int registered = [] {
-    benchmark::RegisterBenchmark("decode/dense_f32", BM_dense_decode)->RangeMultiplier(4)->Range(1024, 32768)
-        ->Unit(benchmark::kMicrosecond)->UseRealTime();
+    benchmark::RegisterBenchmark("decode/dense_f32", BM_dense_decode)
+        ->RangeMultiplier(4)
+        ->Range(1024, 32768)
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
     for (const auto& v : kVariants) {
-        benchmark::RegisterBenchmark(("decode/" + v).c_str(), BM_decode, v)->RangeMultiplier(4)->Range(1024, 32768)
-            ->Unit(benchmark::kMicrosecond)->UseRealTime();
-        benchmark::RegisterBenchmark(("append/" + v).c_str(), BM_append, v)->Arg(1024)->Arg(8192)
-            ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
+        benchmark::RegisterBenchmark(("decode/" + v).c_str(), BM_decode, v)
+            ->RangeMultiplier(4)
+            ->Range(1024, 32768)
+            ->Unit(benchmark::kMicrosecond)
+            ->UseRealTime();
+        benchmark::RegisterBenchmark(("append/" + v).c_str(), BM_append, v)
+            ->Arg(1024)
+            ->Arg(8192)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime()
+            ->Iterations(3);
     }
     return 0;
 }();

@@ -27,7 +27,8 @@ KVCacheConfig config_of(const std::string& method) {
 // Attention output and dequantized contents: a fingerprint of everything the cache holds.
 std::vector<float> fingerprint(const KVCache& c) {
     const int h = c.num_heads(), d = c.head_dim(), n = c.size();
-    std::vector<float> k(static_cast<std::size_t>(h) * n * d), v(k.size()), q = randn(static_cast<std::size_t>(h) * d, 1);
+    std::vector<float> k(static_cast<std::size_t>(h) * n * d), v(k.size()),
+        q = randn(static_cast<std::size_t>(h) * d, 1);
     if (n > 0) c.dequantize(0, n, k.data(), v.data());
     std::vector<float> out(q.size());
     if (n > 0) c.attend(q.data(), h, 1, out.data(), 0.1f, false);
@@ -96,7 +97,8 @@ TEST(ConfigErrors, UnknownMethodAndImpossibleSettings) {
         EXPECT_NE(std::string(e.what()).find("72"), std::string::npos) << e.what();
     }
     EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 0, 64), std::invalid_argument);
-    EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 0), std::invalid_argument);
+    EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 0),
+                 std::invalid_argument);
 }
 
 class ErrorTest : public ::testing::TestWithParam<std::string> {};
@@ -111,17 +113,19 @@ TEST_P(ErrorTest, BadAppendsAndAttendsLeaveCacheUnchanged) {
 
     auto bad = k;
     bad[static_cast<std::size_t>(n) * d + 5] = NAN;  // head 1, token 0
-    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(bad.data(), v.data(), n); },
-                                                  "keys contain NaN or Inf (head 1, token 0)");
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->append(bad.data(), v.data(), n); },
+        "keys contain NaN or Inf (head 1, token 0)");
     bad = v;
     bad.back() = INFINITY;
-    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(k.data(), bad.data(), n); },
-                                                  "values contain NaN or Inf");
-    expect_error_unchanged<std::length_error>(*cache, [&] { cache->append(k.data(), v.data(), 61); },
-                                              "exceed max_seq_len 100");
-    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(k.data(), v.data(), -1); },
-                                                  "n_tokens");
-    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->append(nullptr, v.data(), 1); }, "null");
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->append(k.data(), bad.data(), n); }, "values contain NaN or Inf");
+    expect_error_unchanged<std::length_error>(
+        *cache, [&] { cache->append(k.data(), v.data(), 61); }, "exceed max_seq_len 100");
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->append(k.data(), v.data(), -1); }, "n_tokens");
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->append(nullptr, v.data(), 1); }, "null");
     std::vector<float> q(static_cast<std::size_t>(3) * d), out(q.size());
     expect_error_unchanged<std::invalid_argument>(
         *cache, [&] { cache->attend(q.data(), 3, 1, out.data(), 0.1f, false); }, "num_q_heads");
@@ -129,9 +133,10 @@ TEST_P(ErrorTest, BadAppendsAndAttendsLeaveCacheUnchanged) {
     expect_error_unchanged<std::invalid_argument>(
         *cache, [&] { cache->attend(big.data(), h, 41, big.data(), 0.1f, true); }, "causal");
     std::vector<float> ko(k.size()), vo(v.size());
-    expect_error_unchanged<std::out_of_range>(*cache, [&] { cache->dequantize(30, 11, ko.data(), vo.data()); },
-                                              "outside");
-    expect_error_unchanged<std::invalid_argument>(*cache, [&] { cache->trim(41); }, "trim");
+    expect_error_unchanged<std::out_of_range>(
+        *cache, [&] { cache->dequantize(30, 11, ko.data(), vo.data()); }, "outside");
+    expect_error_unchanged<std::invalid_argument>(
+        *cache, [&] { cache->trim(41); }, "trim");
     // A valid append still works afterwards, up to capacity exactly.
     auto k60 = randn(static_cast<std::size_t>(h) * 60 * d, 5), v60 = randn(k60.size(), 6);
     cache->append(k60.data(), v60.data(), 60);
@@ -162,7 +167,8 @@ void expect_extreme_tokens_stay_finite(const KVCacheConfig& config) {
     auto q = randn(static_cast<std::size_t>(h) * n * d, 23);
     std::vector<float> out(q.size());
     cache->attend(q.data(), h, n, out.data(), 0.125f, true);
-    for (std::size_t i = 0; i < out.size(); ++i) ASSERT_TRUE(std::isfinite(out[i])) << "output " << i;
+    for (std::size_t i = 0; i < out.size(); ++i)
+        ASSERT_TRUE(std::isfinite(out[i])) << "output " << i;
 }
 }  // namespace
 
@@ -199,10 +205,12 @@ TEST(InputRange, Fp16StorageRefusesWhatItCannotHold) {
         int value_bits, outlier_bits;  // outlier_bits 0: no outlier store
         bool keys_refused, values_refused;
     };
-    for (const Case& c : {Case{"fp16", 2, 0, true, true}, Case{"turboquant_rvq", 16, 0, false, true},
-                          Case{"turboquant_rvq", 4, 0, false, false}, Case{"turboquant_rvq", 4, 16, true, true},
-                          Case{"qjl", 4, 8, false, false}}) {
-        SCOPED_TRACE(c.method + " v" + std::to_string(c.value_bits) + " outliers " + std::to_string(c.outlier_bits));
+    for (const Case& c :
+         {Case{"fp16", 2, 0, true, true}, Case{"turboquant_rvq", 16, 0, false, true},
+          Case{"turboquant_rvq", 4, 0, false, false}, Case{"turboquant_rvq", 4, 16, true, true},
+          Case{"qjl", 4, 8, false, false}}) {
+        SCOPED_TRACE(c.method + " v" + std::to_string(c.value_bits) + " outliers " +
+                     std::to_string(c.outlier_bits));
         KVCacheConfig cfg = config_of(c.method);
         cfg.value_bits = c.value_bits;
         if (c.outlier_bits > 0) {
@@ -220,7 +228,8 @@ TEST(InputRange, Fp16StorageRefusesWhatItCannotHold) {
             EXPECT_NO_THROW(cache->append(kb.data(), v.data(), n));
         if (c.values_refused)
             expect_error_unchanged<std::invalid_argument>(
-                *cache, [&] { cache->append(k.data(), vb.data(), n); }, "values exceed fp16's range");
+                *cache, [&] { cache->append(k.data(), vb.data(), n); },
+                "values exceed fp16's range");
         else
             EXPECT_NO_THROW(cache->append(k.data(), vb.data(), n));
         const auto ke = with(k, 65519.0f), ve = with(v, -65519.0f);
@@ -245,7 +254,8 @@ TEST_P(ErrorTest, TruncatedOrCorruptedFilesAreRejected) {
             EXPECT_NE(std::string(e.what()).find(fragment), std::string::npos) << e.what();
         }
     };
-    for (std::size_t cut : {std::size_t{0}, std::size_t{5}, std::size_t{20}, good.size() / 2, good.size() - 1})
+    for (std::size_t cut :
+         {std::size_t{0}, std::size_t{5}, std::size_t{20}, good.size() / 2, good.size() - 1})
         rejects(good.substr(0, cut), "truncated");
     std::string flipped = good;
     flipped[good.size() / 2] ^= 0x40;
@@ -265,7 +275,8 @@ TEST_P(ErrorTest, TruncatedOrCorruptedFilesAreRejected) {
 }
 
 INSTANTIATE_TEST_SUITE_P(AllMethods, ErrorTest,
-                         ::testing::Values("turboquant_rvq", "qjl", "polarquant", "rabitq", "ratequant", "fp16"),
+                         ::testing::Values("turboquant_rvq", "qjl", "polarquant", "rabitq",
+                                           "ratequant", "fp16"),
                          [](const auto& info) { return info.param; });
 
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {

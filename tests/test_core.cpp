@@ -6,8 +6,8 @@
 #include <random>
 
 #include "attention/online_softmax.h"
-#include "core/bitpack.h"
 #include "core/binary_io.h"
+#include "core/bitpack.h"
 #include "core/half.h"
 #include "core/host_device.h"
 #include "core/lloyd_max.h"
@@ -50,7 +50,8 @@ TEST(Rng, NormalMoments) {
 }
 
 TEST(Half, RoundTripsAndRounding) {
-    for (float f : {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.960464477539063e-08f, 0.1f})
+    for (float f :
+         {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.103515625e-05f, 5.960464477539063e-08f, 0.1f})
         EXPECT_NEAR(half_to_float(float_to_half(f)), f, std::fabs(f) * 1e-3 + 1e-7);
     EXPECT_TRUE(std::isinf(half_to_float(float_to_half(1e6f))));
     EXPECT_TRUE(std::isnan(half_to_float(float_to_half(NAN))));
@@ -115,11 +116,13 @@ TEST(LloydMax, GaussianKnownDistortion) {
     // Lloyd-Max for N(0,1): MSE 0.3634, 0.1175, 0.03454, 0.009497 (Max 1960).
     const double expect[4] = {0.3634, 0.1175, 0.03454, 0.009497};
     for (int b = 1; b <= 4; ++b) {
-        const ScalarCodebook cb = lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -8, 8, b);
+        const ScalarCodebook cb =
+            lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -8, 8, b);
         EXPECT_NEAR(cb.mse, expect[b - 1], expect[b - 1] * 0.005) << b;
         EXPECT_EQ(cb.levels(), 1 << b);
     }
-    const ScalarCodebook one = lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -8, 8, 1);
+    const ScalarCodebook one =
+        lloyd_max_density([](double x) { return std::exp(-0.5 * x * x); }, -8, 8, 1);
     EXPECT_NEAR(one.centroids[1], std::sqrt(2.0 / M_PI), 1e-4);
 }
 
@@ -180,7 +183,8 @@ TEST(DivideByReciprocal, EqualsCorrectlyRoundedDivision) {
     auto random_float = [&](int min_exp, int max_exp) {
         const uint32_t mantissa = rng() & 0x7fffffu;
         const int e = min_exp + static_cast<int>(rng() % (max_exp - min_exp + 1));
-        const uint32_t bits = (static_cast<uint32_t>(e + 127) << 23) | mantissa | (rng() & 1u) << 31;
+        const uint32_t bits =
+            (static_cast<uint32_t>(e + 127) << 23) | mantissa | (rng() & 1u) << 31;
         float f;
         std::memcpy(&f, &bits, sizeof f);
         return f;

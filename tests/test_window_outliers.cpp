@@ -57,7 +57,8 @@ TEST(SlidingWindow, AttendsSinksAndWindowExactlyWithBoundedMemory) {
     EXPECT_LE(win.inner().storage_bytes() * 16, full->storage_bytes() * 7);
     std::vector<float> kd(k.size()), vd(v.size());
     full->dequantize(0, n, kd.data(), vd.data());
-    std::vector<float> wk(static_cast<std::size_t>(heads) * window * d), wv(wk.size()), fk(wk.size()), fv(wk.size());
+    std::vector<float> wk(static_cast<std::size_t>(heads) * window * d), wv(wk.size()),
+        fk(wk.size()), fv(wk.size());
     win.dequantize(n - window, window, wk.data(), wv.data());
     full->dequantize(n - window, window, fk.data(), fv.data());
     EXPECT_EQ(wk, fk);
@@ -68,7 +69,8 @@ TEST(SlidingWindow, AttendsSinksAndWindowExactlyWithBoundedMemory) {
         const auto q = randn(static_cast<std::size_t>(heads) * group * n_q * d, 3);
         std::vector<float> out(q.size());
         win.attend(q.data(), heads * group, n_q, out.data(), 0.125f, causal);
-        const auto ref = reference_attention(q, heads * group, n_q, kd, vd, heads, n, d, 0.125f, causal, sinks, window);
+        const auto ref = reference_attention(q, heads * group, n_q, kd, vd, heads, n, d, 0.125f,
+                                             causal, sinks, window);
         EXPECT_LT(rel_error(out, ref), 1e-4) << causal;
     }
     // Trimming back into evicted positions is refused; within the window it works.
@@ -118,7 +120,9 @@ TEST(Outliers, FlaggedTokensGoToSideStoreAndShareTheSoftmax) {
     for (int t : big) {
         double err = 0, ref = 0;
         for (int j = 0; j < d; ++j) {
-            err += std::pow(kd[static_cast<std::size_t>(t) * d + j] - k[static_cast<std::size_t>(t) * d + j], 2);
+            err += std::pow(
+                kd[static_cast<std::size_t>(t) * d + j] - k[static_cast<std::size_t>(t) * d + j],
+                2);
             ref += std::pow(k[static_cast<std::size_t>(t) * d + j], 2);
         }
         EXPECT_LT(std::sqrt(err / ref), 0.02);
@@ -182,7 +186,8 @@ TEST(RateQuant, BitAllocationPerLayerAndHead) {
     EXPECT_NEAR(l1->key_bits_per_coordinate(), 2 + scalar_bits, 1e-9);
     c.bit_allocation = {{"1", 3}};
     auto l1b = KVCacheFactory::create(c, 2, 64, 64, 1);
-    EXPECT_NEAR(static_cast<QuantizedKVCache*>(l1b.get())->key_bits_per_coordinate(), 3 + scalar_bits, 1e-9);
+    EXPECT_NEAR(static_cast<QuantizedKVCache*>(l1b.get())->key_bits_per_coordinate(),
+                3 + scalar_bits, 1e-9);
     const auto k = randn(2 * 64 * 64, 3), v = randn(k.size(), 4);
     l1->append(k.data(), v.data(), 64);
     std::vector<float> kd(k.size()), vd(v.size());

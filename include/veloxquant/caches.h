@@ -82,7 +82,8 @@ public:
     /// Throws std::invalid_argument, before changing anything, for another layout, a size past
     /// max_seq_len, a missing page, codecs of another count or method, or a cache with an
     /// outlier side store.
-    void adopt(const PagedStore& pages, int size, const std::vector<std::unique_ptr<KeyCodec>>& codecs);
+    void adopt(const PagedStore& pages, int size,
+               const std::vector<std::unique_ptr<KeyCodec>>& codecs);
 
     /// Serialization body shared with SlidingWindowKVCache.
     void write_body(BinaryWriter& out) const;
@@ -106,16 +107,16 @@ private:
     std::unique_ptr<OutlierStore> outliers_;
 };
 
-#define VQ_DECLARE_METHOD_CACHE(Name)                                                       \
-    class Name : public QuantizedKVCache {                                                  \
-    public:                                                                                 \
+#define VQ_DECLARE_METHOD_CACHE(Name)                                                          \
+    class Name : public QuantizedKVCache {                                                     \
+    public:                                                                                    \
         Name(const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len = 8192, \
-             int layer = 0)                                                                 \
-            : QuantizedKVCache(config, num_heads, head_dim, max_seq_len, layer, #Name) {}   \
-        Name(std::shared_ptr<const KVCacheConfig> config, int num_heads, int head_dim,      \
-             int max_seq_len, int layer)                                                    \
-            : QuantizedKVCache(std::move(config), num_heads, head_dim, max_seq_len, layer,  \
-                               #Name) {}                                                    \
+             int layer = 0)                                                                    \
+            : QuantizedKVCache(config, num_heads, head_dim, max_seq_len, layer, #Name) {}      \
+        Name(std::shared_ptr<const KVCacheConfig> config, int num_heads, int head_dim,         \
+             int max_seq_len, int layer)                                                       \
+            : QuantizedKVCache(std::move(config), num_heads, head_dim, max_seq_len, layer,     \
+                               #Name) {}                                                       \
     };
 
 VQ_DECLARE_METHOD_CACHE(TurboQuantRVQKVCache)

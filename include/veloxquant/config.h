@@ -25,26 +25,26 @@ const std::vector<std::string>& known_methods();
 /// Quantization configuration (seed: veloxquant_mlx.cache.base.KVCacheConfig).
 struct KVCacheConfig {
     std::string method;
-    int bits = 1;                ///< key bits per coordinate
-    int value_bits = 2;          ///< value bits per coordinate; 16 = fp16
-    int num_residuals = 2;       ///< turboquant_rvq stages
-    bool use_hadamard = true;    ///< randomized Walsh-Hadamard where d is a power of two
-    FloatArray codebook;         ///< vecinfer product codebook [subspaces][codewords][sub_dim]
-    FloatArray smooth_factors;   ///< vecinfer per-channel smoothing
-    std::vector<FloatArray> rotations;          ///< spectral per-layer bases
-    std::map<std::string, int> bit_allocation;  ///< ratequant: "L" or "L.H" -> bits
+    int bits = 1;               ///< key bits per coordinate
+    int value_bits = 2;         ///< value bits per coordinate; 16 = fp16
+    int num_residuals = 2;      ///< turboquant_rvq stages
+    bool use_hadamard = true;   ///< randomized Walsh-Hadamard where d is a power of two
+    FloatArray codebook;        ///< vecinfer product codebook [subspaces][codewords][sub_dim]
+    FloatArray smooth_factors;  ///< vecinfer per-channel smoothing
+    std::vector<FloatArray> rotations;                  ///< spectral per-layer bases
+    std::map<std::string, int> bit_allocation;          ///< ratequant: "L" or "L.H" -> bits
     std::shared_ptr<KeyNormObserver> outlier_observer;  ///< enables the outlier side store
-    int outlier_bits = 8;        ///< 8 = int8, 16 = fp16 for outlier tokens
-    int sketch_dim = 64;         ///< qjl sketch rows
-    int num_clusters = 64;       ///< rabitq IVF centroids
-    std::optional<int> num_subspaces;  ///< vecinfer product-VQ subspaces
+    int outlier_bits = 8;                               ///< 8 = int8, 16 = fp16 for outlier tokens
+    int sketch_dim = 64;                                ///< qjl sketch rows
+    int num_clusters = 64;                              ///< rabitq IVF centroids
+    std::optional<int> num_subspaces;                   ///< vecinfer product-VQ subspaces
     bool use_fused_sdpa = true;  ///< attention on the codes (false: dequantize, then dense)
     // Extensions beyond the seed, filled from a calibration file (veloxquant/calibration.h):
-    FloatArray ivf_centroids;           ///< rabitq: calibrated IVF centroids [layers][heads][clusters][d]
+    FloatArray ivf_centroids;  ///< rabitq: calibrated IVF centroids [layers][heads][clusters][d]
     std::vector<double> rope_inv_freq;  ///< commvq: the model's RoPE frequencies (pair i turns by
                                         ///< pos * rope_inv_freq[i]); empty = positions unknown
-    int signal_bits = 4;         ///< spectral bits for the signal coordinates
-    int noise_bits = 1;          ///< spectral bits for the noise coordinates
+    int signal_bits = 4;                ///< spectral bits for the signal coordinates
+    int noise_bits = 1;                 ///< spectral bits for the noise coordinates
     uint64_t seed = 0;
 
     /// Throws std::invalid_argument naming the offending field for an unknown method or an

@@ -22,12 +22,12 @@ struct ModelShape {
 
 struct KVCacheFactory {
     /// A single-layer cache (layer index 0 for the seeded random objects).
-    static std::unique_ptr<KVCache> create(const KVCacheConfig& config, int num_heads,
-                                           int head_dim, int max_seq_len = 8192);
+    static std::unique_ptr<KVCache> create(const KVCacheConfig& config, int num_heads, int head_dim,
+                                           int max_seq_len = 8192);
     /// The same for layer `layer` of a model: rotations and sketches depend on
     /// (seed, layer, head, head_dim), and per-layer settings (ratequant) are looked up.
-    static std::unique_ptr<KVCache> create(const KVCacheConfig& config, int num_heads,
-                                           int head_dim, int max_seq_len, int layer);
+    static std::unique_ptr<KVCache> create(const KVCacheConfig& config, int num_heads, int head_dim,
+                                           int max_seq_len, int layer);
     /// The same over a configuration shared by several caches (every layer of a model), so its
     /// arrays (codebooks, rotations, centroids) are held once.
     static std::unique_ptr<KVCache> create(std::shared_ptr<const KVCacheConfig> config,
@@ -42,7 +42,8 @@ struct KVCacheBuilder {
     /// The same with a calibration (veloxquant/calibration.h): checks the shape against the
     /// calibration's model (std::invalid_argument naming both), fills config.method's fields
     /// from it (apply_calibration), then builds.
-    static std::vector<std::unique_ptr<KVCache>> build(const ModelShape& model, KVCacheConfig config,
+    static std::vector<std::unique_ptr<KVCache>> build(const ModelShape& model,
+                                                       KVCacheConfig config,
                                                        const Calibration& calibration,
                                                        int max_seq_len = 8192);
 };

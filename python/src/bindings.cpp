@@ -37,8 +37,8 @@
 #include "core/binary_io.h"
 #include "core/lloyd_max.h"
 #include "methods/key_codec.h"
-#include "model/llama_model.h"
 #include "methods/value_codec.h"
+#include "model/llama_model.h"
 #include "veloxquant/veloxquant.h"
 
 namespace nb = nanobind;
@@ -75,9 +75,9 @@ nb::object from_float_array(const FloatArray& f) {
 int token_count(const KVCache& c, const InArray& a, const char* name) {
     if (a.ndim() != 3 || a.shape(0) != static_cast<size_t>(c.num_heads()) ||
         a.shape(2) != static_cast<size_t>(c.head_dim()))
-        throw std::invalid_argument(std::string(name) + " must be float32 [num_heads=" +
-                                    std::to_string(c.num_heads()) + ", n_tokens, head_dim=" +
-                                    std::to_string(c.head_dim()) + "]");
+        throw std::invalid_argument(std::string(name) +
+                                    " must be float32 [num_heads=" + std::to_string(c.num_heads()) +
+                                    ", n_tokens, head_dim=" + std::to_string(c.head_dim()) + "]");
     return static_cast<int>(a.shape(1));
 }
 
@@ -94,7 +94,8 @@ void attend(const KVCache& c, const InArray& queries, OutArray out, float scale,
                                     std::to_string(c.head_dim()) + "]");
     if (out.ndim() != 3 || out.shape(0) != queries.shape(0) || out.shape(1) != queries.shape(1) ||
         out.shape(2) != queries.shape(2))
-        throw std::invalid_argument("out must be a C-contiguous float32 array shaped like the queries");
+        throw std::invalid_argument(
+            "out must be a C-contiguous float32 array shaped like the queries");
     c.attend(queries.data(), static_cast<int>(queries.shape(0)), static_cast<int>(queries.shape(1)),
              out.data(), scale, causal);
 }
@@ -104,7 +105,8 @@ std::pair<Numpy<float>, Numpy<float>> dequantize(const KVCache& c, int start, in
         throw std::out_of_range("dequantize: range [" + std::to_string(start) + ", " +
                                 std::to_string(static_cast<long long>(start) + n_tokens) +
                                 ") is outside [0, " + std::to_string(c.size()) + ")");
-    const std::vector<size_t> shape = {static_cast<size_t>(c.num_heads()), static_cast<size_t>(n_tokens),
+    const std::vector<size_t> shape = {static_cast<size_t>(c.num_heads()),
+                                       static_cast<size_t>(n_tokens),
                                        static_cast<size_t>(c.head_dim())};
     Numpy<float> keys = new_array<float>(shape), values = new_array<float>(shape);
     {
@@ -157,20 +159,25 @@ nb::dict page_regions(const QuantizedKVCache& c, int page, int head) {
     std::memcpy(&stored_pb, at, 8);
     std::memcpy(&stored_slots, at + 8, 4);
     if (stored_pb != pb || stored_slots != slots)
-        throw std::runtime_error("page_regions: serialized layout (" + std::to_string(stored_pb) + " bytes x " +
-                                 std::to_string(stored_slots) + " pages) differs from the codecs' (" +
-                                 std::to_string(pb) + " x " + std::to_string(slots) + ")");
+        throw std::runtime_error("page_regions: serialized layout (" + std::to_string(stored_pb) +
+                                 " bytes x " + std::to_string(stored_slots) +
+                                 " pages) differs from the codecs' (" + std::to_string(pb) + " x " +
+                                 std::to_string(slots) + ")");
     const char* slot = at + 12 + static_cast<std::size_t>(page) * (1 + pb);
     for (int p = 0; p < slots; ++p)
         if (at[12 + static_cast<std::size_t>(p) * (1 + pb)] != 1)
             throw std::runtime_error("page_regions: needs every page held (no eviction)");
     const auto* data = reinterpret_cast<const uint8_t*>(slot + 1);
     const HeadLayout& h = layout.heads[head];
-    const auto floats = [&](std::size_t offset) { return reinterpret_cast<const float*>(data + offset); };
+    const auto floats = [&](std::size_t offset) {
+        return reinterpret_cast<const float*>(data + offset);
+    };
     nb::dict d;
     d["key_codes"] = copy_array<uint8_t>(data + h.key_codes_offset, {size_t(P), h.key_code_bytes});
-    d["key_scalars"] = copy_array<float>(floats(h.key_scalars_offset), {size_t(h.key_scalars), size_t(P)});
-    d["value_codes"] = copy_array<uint8_t>(data + h.value_codes_offset, {size_t(P), h.value_code_bytes});
+    d["key_scalars"] =
+        copy_array<float>(floats(h.key_scalars_offset), {size_t(h.key_scalars), size_t(P)});
+    d["value_codes"] =
+        copy_array<uint8_t>(data + h.value_codes_offset, {size_t(P), h.value_code_bytes});
     d["value_scalars"] =
         copy_array<float>(floats(h.value_scalars_offset), {size_t(h.value_scalars), size_t(P)});
     d["page_bytes"] = pb;
@@ -179,10 +186,14 @@ nb::dict page_regions(const QuantizedKVCache& c, int page, int head) {
 
 nb::tuple scalar_codebook(const std::string& law, int d, int bits, int index) {
     const ScalarCodebook* cb = nullptr;
-    if (law == "rotated") cb = &rotated_coordinate_codebook(d, bits);
-    else if (law == "residual") cb = &residual_codebook(d, bits, index);
-    else if (law == "polar") cb = &polar_angle_codebook(index, bits);
-    else throw std::invalid_argument("scalar_codebook: law must be rotated, residual or polar");
+    if (law == "rotated")
+        cb = &rotated_coordinate_codebook(d, bits);
+    else if (law == "residual")
+        cb = &residual_codebook(d, bits, index);
+    else if (law == "polar")
+        cb = &polar_angle_codebook(index, bits);
+    else
+        throw std::invalid_argument("scalar_codebook: law must be rotated, residual or polar");
     return nb::make_tuple(copy_array<float>(cb->centroids.data(), {cb->centroids.size()}),
                           copy_array<float>(cb->boundaries.data(), {cb->boundaries.size()}));
 }
@@ -191,8 +202,8 @@ nb::tuple scalar_codebook(const std::string& law, int d, int bits, int index) {
 /// then attend and dequantize of every token.
 std::tuple<Numpy<float>, Numpy<float>, Numpy<float>> reference_run(
     const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len, int layer,
-    const InArray& keys, const InArray& values, const std::vector<int>& chunks, const InArray& queries,
-    float scale, bool causal) {
+    const InArray& keys, const InArray& values, const std::vector<int>& chunks,
+    const InArray& queries, float scale, bool causal) {
     const std::vector<float> k(keys.data(), keys.data() + keys.size());
     const std::vector<float> v(values.data(), values.data() + values.size());
     const std::vector<float> q(queries.data(), queries.data() + queries.size());
@@ -202,7 +213,8 @@ std::tuple<Numpy<float>, Numpy<float>, Numpy<float>> reference_run(
     size_t start = 0;
     std::vector<float> ck, cv;
     for (int n : chunks) {
-        if (n < 0 || start + n > total) throw std::invalid_argument("reference_run: chunks exceed the tokens");
+        if (n < 0 || start + n > total)
+            throw std::invalid_argument("reference_run: chunks exceed the tokens");
         ck.resize(static_cast<size_t>(num_heads) * n * d);
         cv.resize(ck.size());
         for (int h = 0; h < num_heads; ++h) {
@@ -222,7 +234,6 @@ std::tuple<Numpy<float>, Numpy<float>, Numpy<float>> reference_run(
             copy_array(out.data(), {hq, nq, d})};
 }
 
-
 }  // namespace
 
 void bind_calibration(nb::module_& m);  // bind_calibration.cpp
@@ -236,7 +247,8 @@ NB_MODULE(_core, m) {
     nb::exception<std::length_error>(m, "CapacityError", PyExc_ValueError);
 
     using Stats = KeyNormObserver::Stats;
-    nb::class_<Stats>(m, "KeyNormStats", "Running statistics of log key norms for one (layer, head).")
+    nb::class_<Stats>(m, "KeyNormStats",
+                      "Running statistics of log key norms for one (layer, head).")
         .def(nb::init<>())
         .def_rw("count", &Stats::count)
         .def_rw("mean_log", &Stats::mean_log)
@@ -254,17 +266,19 @@ NB_MODULE(_core, m) {
         .def(nb::init<double, int64_t>(), "z_threshold"_a = 3.0, "min_count"_a = 32)
         .def_prop_ro("z_threshold", &KeyNormObserver::z_threshold)
         .def_prop_ro("min_count", &KeyNormObserver::min_count)
-        .def("observe",
-             [](KeyNormObserver& o, int layer, int head, const InArray& norms) {
-                 o.observe(layer, head, norms.data(), static_cast<int>(norms.size()));
-             },
-             "layer"_a, "head"_a, "norms"_a, "Adds key norms (float32, any shape) of (layer, head).")
+        .def(
+            "observe",
+            [](KeyNormObserver& o, int layer, int head, const InArray& norms) {
+                o.observe(layer, head, norms.data(), static_cast<int>(norms.size()));
+            },
+            "layer"_a, "head"_a, "norms"_a, "Adds key norms (float32, any shape) of (layer, head).")
         .def("is_outlier", &KeyNormObserver::is_outlier, "layer"_a, "head"_a, "norm"_a)
         .def("stats", &KeyNormObserver::stats, "layer"_a, "head"_a)
         .def("set_stats", &KeyNormObserver::set_stats, "layer"_a, "head"_a, "stats"_a)
         .def("reset", &KeyNormObserver::reset);
 
-    nb::class_<KVCacheConfig>(m, "KVCacheConfig", "C++ KVCacheConfig (build it from the Python dataclass).")
+    nb::class_<KVCacheConfig>(m, "KVCacheConfig",
+                              "C++ KVCacheConfig (build it from the Python dataclass).")
         .def(nb::init<>())
         .def_rw("method", &KVCacheConfig::method)
         .def_rw("bits", &KVCacheConfig::bits)
@@ -275,7 +289,8 @@ NB_MODULE(_core, m) {
             "codebook", [](const KVCacheConfig& c) { return from_float_array(c.codebook); },
             [](KVCacheConfig& c, const InArray& a) { c.codebook = to_float_array(a); })
         .def_prop_rw(
-            "smooth_factors", [](const KVCacheConfig& c) { return from_float_array(c.smooth_factors); },
+            "smooth_factors",
+            [](const KVCacheConfig& c) { return from_float_array(c.smooth_factors); },
             [](KVCacheConfig& c, const InArray& a) { c.smooth_factors = to_float_array(a); })
         .def_prop_rw(
             "rotations",
@@ -296,7 +311,8 @@ NB_MODULE(_core, m) {
         .def_rw("num_subspaces", &KVCacheConfig::num_subspaces)
         .def_rw("use_fused_sdpa", &KVCacheConfig::use_fused_sdpa)
         .def_prop_rw(
-            "ivf_centroids", [](const KVCacheConfig& c) { return from_float_array(c.ivf_centroids); },
+            "ivf_centroids",
+            [](const KVCacheConfig& c) { return from_float_array(c.ivf_centroids); },
             [](KVCacheConfig& c, const InArray& a) { c.ivf_centroids = to_float_array(a); })
         .def_rw("rope_inv_freq", &KVCacheConfig::rope_inv_freq)
         .def_rw("signal_bits", &KVCacheConfig::signal_bits)
@@ -358,13 +374,15 @@ NB_MODULE(_core, m) {
     nb::class_<LlamaModel>(m, "LlamaModel", "A Llama-family GGUF model run by the C++ runtime.")
         .def_static("load", &LlamaModel::load, "path"_a, nb::call_guard<nb::gil_scoped_release>(),
                     "Loads and validates a GGUF file.")
-        .def("cache_shape",
-             [](const LlamaModel& model) {
-                 std::vector<std::pair<int, int>> shape;
-                 for (const auto& l : model.cache_shape().layers) shape.emplace_back(l.num_kv_heads, l.head_dim);
-                 return shape;
-             },
-             "(num_kv_heads, head_dim) of every layer, for KVCacheBuilder.build.")
+        .def(
+            "cache_shape",
+            [](const LlamaModel& model) {
+                std::vector<std::pair<int, int>> shape;
+                for (const auto& l : model.cache_shape().layers)
+                    shape.emplace_back(l.num_kv_heads, l.head_dim);
+                return shape;
+            },
+            "(num_kv_heads, head_dim) of every layer, for KVCacheBuilder.build.")
         .def_prop_ro("n_layer", [](const LlamaModel& model) { return model.hparams().n_layer; })
         .def_prop_ro("n_vocab", [](const LlamaModel& model) { return model.hparams().n_vocab; })
         .def_prop_ro("weight_bytes", &LlamaModel::weight_bytes);
@@ -379,7 +397,8 @@ NB_MODULE(_core, m) {
     dbg.def("scalar_codebook", &scalar_codebook, "law"_a, "d"_a, "bits"_a, "index"_a = 0,
             "(centroids, boundaries) of the 'rotated' coordinate law, the 'residual' law of stage "
             "index, or the 'polar' angle law of level index.");
-    dbg.def("reference_run", &reference_run, "config"_a, "num_heads"_a, "head_dim"_a, "max_seq_len"_a,
-            "layer"_a, "keys"_a, "values"_a, "chunks"_a, "queries"_a, "scale"_a, "causal"_a,
+    dbg.def("reference_run", &reference_run, "config"_a, "num_heads"_a, "head_dim"_a,
+            "max_seq_len"_a, "layer"_a, "keys"_a, "values"_a, "chunks"_a, "queries"_a, "scale"_a,
+            "causal"_a,
             "A cache run entirely in C++ on copies of the inputs: (keys, values, attention).");
 }

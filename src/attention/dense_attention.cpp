@@ -1,10 +1,10 @@
 #include "attention/dense_attention.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <limits>
 #include <vector>
-
-#include <omp.h>
 
 #include "attention/online_softmax.h"
 
@@ -27,7 +27,8 @@ void attend_range(const float* const* q, const int* limits, int rows, const floa
                 float s = 0.0f;
 #pragma omp simd reduction(+ : s)
                 for (int j = 0; j < d; ++j) s += q[r][j] * k[j];
-                logits[t] = t0 + t < limits[r] ? s * scale : -std::numeric_limits<float>::infinity();
+                logits[t] =
+                    t0 + t < limits[r] ? s * scale : -std::numeric_limits<float>::infinity();
             }
             float* p = part[r];
             const float rescale = online_softmax_block(logits, n, p[0], p[1], weights[r]);
@@ -59,13 +60,18 @@ void dense_attention(const float* queries, int num_q_heads, int n_queries, const
     const int threads = omp_get_max_threads();
     const int items = num_kv_heads * tiles;
     int chunks = 1;
-    if (items < 4 * threads) chunks = std::max(1, std::min((n_keys + 255) / 256, (4 * threads + items - 1) / items));
+    if (items < 4 * threads)
+        chunks = std::max(1, std::min((n_keys + 255) / 256, (4 * threads + items - 1) / items));
     const int chunk_len = (n_keys + chunks - 1) / chunks;
     const std::size_t stride = static_cast<std::size_t>(d) + 2;
     std::vector<float> part(static_cast<std::size_t>(num_kv_heads) * rows * chunks * stride);
-    auto slot = [&](int h, int r, int c) { return &part[((static_cast<std::size_t>(h) * rows + r) * chunks + c) * stride]; };
+    auto slot = [&](int h, int r, int c) {
+        return &part[((static_cast<std::size_t>(h) * rows + r) * chunks + c) * stride];
+    };
     auto query = [&](int h, int r) {
-        return queries + ((static_cast<std::size_t>(h) * group + r / n_queries) * n_queries + r % n_queries) * d;
+        return queries +
+               ((static_cast<std::size_t>(h) * group + r / n_queries) * n_queries + r % n_queries) *
+                   d;
     };
     auto limit_of = [&](int r) { return causal ? n_keys - n_queries + r % n_queries + 1 : n_keys; };
 #pragma omp parallel for schedule(dynamic) collapse(3)
@@ -89,7 +95,9 @@ void dense_attention(const float* queries, int num_q_heads, int n_queries, const
                 const int begin = c * chunk_len;
                 end = std::min(end, begin + chunk_len);
                 const std::size_t kv = static_cast<std::size_t>(h) * n_keys * d;
-                if (begin < end) attend_range(q, limits, r1 - r0, keys + kv, values + kv, d, begin, end, scale, p);
+                if (begin < end)
+                    attend_range(q, limits, r1 - r0, keys + kv, values + kv, d, begin, end, scale,
+                                 p);
             }
         }
     }

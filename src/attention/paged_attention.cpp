@@ -1,10 +1,10 @@
 #include "attention/paged_attention.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <limits>
 #include <vector>
-
-#include <omp.h>
 
 #include "attention/online_softmax.h"
 #include "cache/outlier_store.h"
@@ -25,13 +25,15 @@ constexpr int kTiledRowTile = 128;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Plan {
-    int group, rows, row_tile, tiles, page_slots, chunk_pages, chunks, slots;  // slots = chunks + outliers
-    bool tiled;                                                               // run_tiles, not run_codes
-    std::size_t stride;                                                       // floats per partial
+    int group, rows, row_tile, tiles, page_slots, chunk_pages, chunks,
+        slots;           // slots = chunks + outliers
+    bool tiled;          // run_tiles, not run_codes
+    std::size_t stride;  // floats per partial
 };
 
 float* partial(std::vector<float>& parts, const Plan& plan, int h, int row, int slot) {
-    return &parts[((static_cast<std::size_t>(h) * plan.rows + row) * plan.slots + slot) * plan.stride];
+    return &parts[((static_cast<std::size_t>(h) * plan.rows + row) * plan.slots + slot) *
+                  plan.stride];
 }
 
 // Position of query `i` (the n queries are the last n positions when causal).
@@ -51,7 +53,8 @@ void mask_logits(const PagedAttentionArgs& a, int h, int t0, int n, int limit, f
         if (t0 + t >= limit || !in_window(a, t0 + t, limit)) logits[t] = kNegInf;
     if (a.outliers != nullptr) {
         const auto& pos = a.outliers->positions(h);
-        for (auto it = std::lower_bound(pos.begin(), pos.end(), t0); it != pos.end() && *it < t0 + n; ++it)
+        for (auto it = std::lower_bound(pos.begin(), pos.end(), t0);
+             it != pos.end() && *it < t0 + n; ++it)
             logits[*it - t0] = kNegInf;
     }
 }
@@ -64,7 +67,8 @@ void scale_acc(float* acc, int d, float r) {
 // Rows of work item (h, r0..r1) visible up to max_limit; the pages of chunk c they can see.
 int last_page(const PagedAttentionArgs& a, const Plan& plan, int r0, int r1, int c, int P) {
     int max_limit = 0;
-    for (int r = r0; r < r1; ++r) max_limit = std::max(max_limit, visible_limit(a, r % a.n_queries));
+    for (int r = r0; r < r1; ++r)
+        max_limit = std::max(max_limit, visible_limit(a, r % a.n_queries));
     return std::min({plan.page_slots, (c + 1) * plan.chunk_pages, (max_limit + P - 1) / P});
 }
 
@@ -87,7 +91,8 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
     std::vector<float> q(static_cast<std::size_t>(nr) * d), kbuf(static_cast<std::size_t>(P) * d),
         vbuf(static_cast<std::size_t>(P) * d), vt(static_cast<std::size_t>(d) * P),
         w(static_cast<std::size_t>(nr) * P), pv(static_cast<std::size_t>(nr) * d);
-    for (int r = r0; r < r1; ++r) std::copy_n(query_row(a, plan, h, r), d, &q[static_cast<std::size_t>(r - r0) * d]);
+    for (int r = r0; r < r1; ++r)
+        std::copy_n(query_row(a, plan, h, r), d, &q[static_cast<std::size_t>(r - r0) * d]);
     for (int p = c * plan.chunk_pages; p < p_end; ++p) {
         if (!store.held(p)) continue;
         const int t0 = p * P, n = std::min(P, a.size - t0);
@@ -110,7 +115,8 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
             scale_acc(part + 2, d, online_softmax_block(wr, n, part[0], part[1], wr));
         }
         for (int t = 0; t < n; ++t)
-            for (int j = 0; j < d; ++j) vt[static_cast<std::size_t>(j) * n + t] = vbuf[static_cast<std::size_t>(t) * d + j];
+            for (int j = 0; j < d; ++j)
+                vt[static_cast<std::size_t>(j) * n + t] = vbuf[static_cast<std::size_t>(t) * d + j];
         const QMatrix values{GGMLType::F32, reinterpret_cast<const uint8_t*>(vt.data()), d, n,
                              static_cast<std::size_t>(n) * sizeof(float)};
         const MatmulOut mixed{&values, pv.data(), d};
@@ -135,7 +141,8 @@ void run_codes(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
     const int p_end = last_page(a, plan, r0, r1, c, P);
     const std::size_t qs = kc.query_state_size();
     std::vector<float> states(static_cast<std::size_t>(nr) * qs);
-    for (int r = r0; r < r1; ++r) kc.prepare_query(query_row(a, plan, h, r), &states[(r - r0) * qs]);
+    for (int r = r0; r < r1; ++r)
+        kc.prepare_query(query_row(a, plan, h, r), &states[(r - r0) * qs]);
     std::vector<float> logits(P), weights(static_cast<std::size_t>(nr) * P);
     std::vector<float*> acc(nr);
     for (int r = r0; r < r1; ++r) acc[r - r0] = partial(parts, plan, h, r, c) + 2;
@@ -149,14 +156,15 @@ void run_codes(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
                 std::fill(w, w + n, 0.0f);
                 continue;
             }
-            kc.score_at(&states[(r - r0) * qs], store.key_codes(p, h), store.key_scalars(p, h), P, n,
-                        t0, logits.data());
+            kc.score_at(&states[(r - r0) * qs], store.key_codes(p, h), store.key_scalars(p, h), P,
+                        n, t0, logits.data());
             for (int t = 0; t < n; ++t) logits[t] *= a.scale;
             mask_logits(a, h, t0, n, limit, logits.data());
             float* part = acc[r - r0] - 2;
             scale_acc(acc[r - r0], d, online_softmax_block(logits.data(), n, part[0], part[1], w));
         }
-        vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n, acc.data());
+        vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n,
+                      acc.data());
     }
 }
 
@@ -166,7 +174,8 @@ void run_outliers(const PagedAttentionArgs& a, const Plan& plan, std::vector<flo
     const OutlierStore& os = *a.outliers;
     const int d = a.head_dim, n = os.count(h);
     if (n == 0) return;
-    std::vector<float> keys(static_cast<std::size_t>(n) * d), values(static_cast<std::size_t>(n) * d);
+    std::vector<float> keys(static_cast<std::size_t>(n) * d),
+        values(static_cast<std::size_t>(n) * d);
     for (int e = 0; e < n; ++e) {
         os.key(h, e, &keys[static_cast<std::size_t>(e) * d]);
         os.value(h, e, &values[static_cast<std::size_t>(e) * d]);
@@ -188,10 +197,12 @@ void run_outliers(const PagedAttentionArgs& a, const Plan& plan, std::vector<flo
             logits[e] = s * a.scale;
         }
         float* part = partial(parts, plan, h, r, plan.chunks);
-        const float rescale = online_softmax_block(logits.data(), n, part[0], part[1], weights.data());
+        const float rescale =
+            online_softmax_block(logits.data(), n, part[0], part[1], weights.data());
         scale_acc(part + 2, d, rescale);
         for (int e = 0; e < n; ++e)
-            for (int j = 0; j < d; ++j) part[2 + j] += weights[e] * values[static_cast<std::size_t>(e) * d + j];
+            for (int j = 0; j < d; ++j)
+                part[2 + j] += weights[e] * values[static_cast<std::size_t>(e) * d + j];
     }
 }
 
@@ -212,12 +223,14 @@ void paged_attention(const PagedAttentionArgs& a) {
     if (items < 4 * threads && plan.page_slots > 1)
         plan.chunks = std::min(plan.page_slots, (4 * threads + items - 1) / items);
     plan.chunk_pages = std::max(1, (plan.page_slots + plan.chunks - 1) / plan.chunks);
-    plan.chunks = plan.page_slots == 0 ? 1 : (plan.page_slots + plan.chunk_pages - 1) / plan.chunk_pages;
+    plan.chunks =
+        plan.page_slots == 0 ? 1 : (plan.page_slots + plan.chunk_pages - 1) / plan.chunk_pages;
     const bool has_outliers = a.outliers != nullptr && a.outliers->total() > 0;
     plan.slots = plan.chunks + (has_outliers ? 1 : 0);
     plan.stride = static_cast<std::size_t>(d) + 2;
 
-    std::vector<float> parts(static_cast<std::size_t>(a.num_heads) * plan.rows * plan.slots * plan.stride, 0.0f);
+    std::vector<float> parts(
+        static_cast<std::size_t>(a.num_heads) * plan.rows * plan.slots * plan.stride, 0.0f);
     for (std::size_t i = 0; i < parts.size(); i += plan.stride) parts[i] = kNegInf;
 
     const int total = a.num_heads * plan.tiles * plan.slots;
@@ -227,9 +240,12 @@ void paged_attention(const PagedAttentionArgs& a) {
         const int tile = (w / plan.slots) % plan.tiles;
         const int h = w / (plan.slots * plan.tiles);
         const int r0 = tile * plan.row_tile, r1 = std::min(plan.rows, r0 + plan.row_tile);
-        if (slot >= plan.chunks) run_outliers(a, plan, parts, h, r0, r1);
-        else if (plan.tiled) run_tiles(a, plan, parts, h, r0, r1, slot);
-        else run_codes(a, plan, parts, h, r0, r1, slot);
+        if (slot >= plan.chunks)
+            run_outliers(a, plan, parts, h, r0, r1);
+        else if (plan.tiled)
+            run_tiles(a, plan, parts, h, r0, r1, slot);
+        else
+            run_codes(a, plan, parts, h, r0, r1, slot);
     }
 
 #pragma omp parallel
@@ -252,7 +268,8 @@ void paged_attention(const PagedAttentionArgs& a) {
                 if (p[1] == 0.0f) continue;
                 const float w = std::exp(p[0] - m);
                 l += w * p[1];
-                // run_codes partials live in the value codec's domain; tiles and outliers in plain space.
+                // run_codes partials live in the value codec's domain; tiles and outliers in plain
+                // space.
                 float* dst = (!plan.tiled && s < plan.chunks) ? coded.data() : plain.data();
                 for (int j = 0; j < d; ++j) dst[j] += w * p[2 + j];
             }

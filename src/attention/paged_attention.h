@@ -28,8 +28,8 @@ struct PagedAttentionArgs {
     float* out = nullptr;
     float scale = 1.0f;
     bool causal = false;
-    int sinks = 0;    ///< with window > 0: positions below sinks stay visible
-    int window = 0;   ///< > 0: a query at position q sees (q - window, q] and the sinks
+    int sinks = 0;   ///< with window > 0: positions below sinks stay visible
+    int window = 0;  ///< > 0: a query at position q sees (q - window, q] and the sinks
     bool fused = true;
 };
 

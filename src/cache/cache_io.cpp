@@ -1,10 +1,11 @@
 // Cache files: "VQKVCACHE" magic, format version, kind, payload length and CRC-32, then the
 // payload (config, shape, codec state, pages, outlier store). Written atomically.
+#include "cache/cache_io.h"
+
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
-#include "cache/cache_io.h"
 #include "cache/outlier_store.h"
 #include "cache/paged_store.h"
 #include "core/binary_io.h"
@@ -34,8 +35,8 @@ FloatArray read_array(BinaryReader& in) {
 
 void write_config(BinaryWriter& out, const KVCacheConfig& c) {
     out.str(c.method);
-    for (int v : {c.bits, c.value_bits, c.num_residuals, c.outlier_bits, c.sketch_dim, c.num_clusters,
-                  c.num_subspaces.value_or(-1), c.signal_bits, c.noise_bits})
+    for (int v : {c.bits, c.value_bits, c.num_residuals, c.outlier_bits, c.sketch_dim,
+                  c.num_clusters, c.num_subspaces.value_or(-1), c.signal_bits, c.noise_bits})
         out.put<int32_t>(v);
     out.put<uint8_t>(c.use_hadamard);
     out.put<uint8_t>(c.use_fused_sdpa);
@@ -82,7 +83,8 @@ KVCacheConfig read_config(BinaryReader& in) {
     if (n_rot > 100000) throw std::runtime_error("corrupted cache file: bad rotation count");
     for (uint64_t i = 0; i < n_rot; ++i) c.rotations.push_back(read_array(in));
     const auto n_alloc = in.get<uint64_t>();
-    if (n_alloc > 1000000) throw std::runtime_error("corrupted cache file: bad bit_allocation size");
+    if (n_alloc > 1000000)
+        throw std::runtime_error("corrupted cache file: bad bit_allocation size");
     for (uint64_t i = 0; i < n_alloc; ++i) {
         std::string k = in.str(64);
         c.bit_allocation[k] = in.get<int32_t>();
@@ -158,12 +160,14 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
     }
     std::unique_ptr<QuantizedKVCache> cache(static_cast<QuantizedKVCache*>(made.release()));
     if (cache->class_name_ != class_name)
-        throw std::runtime_error("corrupted cache file: class " + class_name + " does not match method " +
-                                 config.method);
-    if (size < 0 || size > max_seq_len) throw std::runtime_error("corrupted cache file: bad token count");
+        throw std::runtime_error("corrupted cache file: class " + class_name +
+                                 " does not match method " + config.method);
+    if (size < 0 || size > max_seq_len)
+        throw std::runtime_error("corrupted cache file: bad token count");
     for (auto& kc : cache->key_codecs_) kc->load_state(in);
     if (config.outlier_observer) {
-        for (int h = 0; h < num_heads; ++h) config.outlier_observer->set_stats(layer, h, in.get<KeyNormObserver::Stats>());
+        for (int h = 0; h < num_heads; ++h)
+            config.outlier_observer->set_stats(layer, h, in.get<KeyNormObserver::Stats>());
         cache->outliers_->read(in);
     }
     const auto page_bytes = in.get<uint64_t>();
@@ -173,7 +177,8 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
                                  std::to_string(cache->store_->layout().page_bytes) + ")");
     const int slots = in.get<int32_t>();
     const int P = cache->store_->tokens_per_page();
-    if (slots != (size + P - 1) / P) throw std::runtime_error("corrupted cache file: page count does not match size");
+    if (slots != (size + P - 1) / P)
+        throw std::runtime_error("corrupted cache file: page count does not match size");
     for (int p = 0; p < slots; ++p) {
         const auto held = in.get<uint8_t>();
         if (held > 1) throw std::runtime_error("corrupted cache file: bad page flag");
@@ -219,22 +224,29 @@ std::unique_ptr<KVCache> KVCache::load(const std::string& path) {
         throw std::runtime_error(path + " is not a VeloxQuant cache file (bad magic)");
     const auto version = head.get<uint32_t>();
     if (version != kFormatVersion)
-        throw std::runtime_error(path + ": unsupported cache format version " + std::to_string(version) +
-                                 " (this build reads " + std::to_string(kFormatVersion) + ")");
+        throw std::runtime_error(path + ": unsupported cache format version " +
+                                 std::to_string(version) + " (this build reads " +
+                                 std::to_string(kFormatVersion) + ")");
     const auto kind = head.get<uint32_t>();
     const auto length = head.get<uint64_t>();
     const auto crc = head.get<uint32_t>();
     if (length != head.remaining())
-        throw std::runtime_error(path + ": truncated cache file (payload " + std::to_string(head.remaining()) +
-                                 " of " + std::to_string(length) + " bytes)");
+        throw std::runtime_error(path + ": truncated cache file (payload " +
+                                 std::to_string(head.remaining()) + " of " +
+                                 std::to_string(length) + " bytes)");
     const char* payload = data.data() + (data.size() - length);
-    if (crc32(payload, length) != crc) throw std::runtime_error(path + ": corrupted cache file (CRC mismatch)");
+    if (crc32(payload, length) != crc)
+        throw std::runtime_error(path + ": corrupted cache file (CRC mismatch)");
     BinaryReader in(payload, length);
     std::unique_ptr<KVCache> cache;
-    if (kind == static_cast<uint32_t>(CacheKind::kQuantized)) cache = QuantizedKVCache::read_body(in);
-    else if (kind == static_cast<uint32_t>(CacheKind::kSlidingWindow)) cache = SlidingWindowKVCache::read_body(in);
-    else throw std::runtime_error(path + ": unknown cache kind " + std::to_string(kind));
-    if (in.remaining() != 0) throw std::runtime_error(path + ": corrupted cache file (trailing bytes)");
+    if (kind == static_cast<uint32_t>(CacheKind::kQuantized))
+        cache = QuantizedKVCache::read_body(in);
+    else if (kind == static_cast<uint32_t>(CacheKind::kSlidingWindow))
+        cache = SlidingWindowKVCache::read_body(in);
+    else
+        throw std::runtime_error(path + ": unknown cache kind " + std::to_string(kind));
+    if (in.remaining() != 0)
+        throw std::runtime_error(path + ": corrupted cache file (trailing bytes)");
     return cache;
 }
 

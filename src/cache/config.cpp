@@ -1,16 +1,17 @@
+#include "veloxquant/config.h"
+
 #include <limits>
 #include <stdexcept>
 #include <string>
 
 #include "core/half.h"
-#include "veloxquant/config.h"
 
 namespace veloxquant {
 
 const std::vector<std::string>& known_methods() {
-    static const std::vector<std::string> methods = {
-        "turboquant_rvq", "vecinfer", "ratequant", "spectral", "rabitq", "qjl", "polarquant", "commvq",
-        "fp16"};
+    static const std::vector<std::string> methods = {"turboquant_rvq", "vecinfer", "ratequant",
+                                                     "spectral",       "rabitq",   "qjl",
+                                                     "polarquant",     "commvq",   "fp16"};
     return methods;
 }
 
@@ -18,8 +19,9 @@ namespace {
 
 void check_range(const char* field, int value, int lo, int hi) {
     if (value < lo || value > hi)
-        throw std::invalid_argument(std::string("KVCacheConfig.") + field + " must be in " + std::to_string(lo) +
-                                    ".." + std::to_string(hi) + ", got " + std::to_string(value));
+        throw std::invalid_argument(std::string("KVCacheConfig.") + field + " must be in " +
+                                    std::to_string(lo) + ".." + std::to_string(hi) + ", got " +
+                                    std::to_string(value));
 }
 
 }  // namespace
@@ -31,15 +33,17 @@ void KVCacheConfig::validate() const {
         known = known || m == method;
         all += (all.empty() ? "" : ", ") + m;
     }
-    if (!known) throw std::invalid_argument("unknown method '" + method + "'; choose one of: " + all);
+    if (!known)
+        throw std::invalid_argument("unknown method '" + method + "'; choose one of: " + all);
     check_range("bits", bits, 1, 8);
     if (!((value_bits >= 1 && value_bits <= 8) || value_bits == 16))
         throw std::invalid_argument("KVCacheConfig.value_bits must be in 1..8 or 16 (fp16), got " +
                                     std::to_string(value_bits));
     check_range("num_residuals", num_residuals, 1, 8);
     if (outlier_bits != 8 && outlier_bits != 16)
-        throw std::invalid_argument("KVCacheConfig.outlier_bits must be 8 (int8) or 16 (fp16), got " +
-                                    std::to_string(outlier_bits));
+        throw std::invalid_argument(
+            "KVCacheConfig.outlier_bits must be 8 (int8) or 16 (fp16), got " +
+            std::to_string(outlier_bits));
     check_range("sketch_dim", sketch_dim, 1, 8192);
     check_range("num_clusters", num_clusters, 1, 65536);
     if (num_subspaces) check_range("num_subspaces", *num_subspaces, 1, 1024);
@@ -49,20 +53,24 @@ void KVCacheConfig::validate() const {
         // "L" or "L.H" with non-negative integers.
         const auto dot = key.find('.');
         auto is_index = [](const std::string& s) {
-            return !s.empty() && s.size() < 7 && s.find_first_not_of("0123456789") == std::string::npos;
+            return !s.empty() && s.size() < 7 &&
+                   s.find_first_not_of("0123456789") == std::string::npos;
         };
-        const bool ok = dot == std::string::npos ? is_index(key)
-                                                 : is_index(key.substr(0, dot)) && is_index(key.substr(dot + 1));
+        const bool ok = dot == std::string::npos
+                            ? is_index(key)
+                            : is_index(key.substr(0, dot)) && is_index(key.substr(dot + 1));
         if (!ok)
             throw std::invalid_argument("KVCacheConfig.bit_allocation key '" + key +
                                         "' must be \"L\" (layer) or \"L.H\" (layer.head)");
         if (b < 1 || b > 8)
-            throw std::invalid_argument("KVCacheConfig.bit_allocation['" + key + "'] must be in 1..8, got " +
-                                        std::to_string(b));
+            throw std::invalid_argument("KVCacheConfig.bit_allocation['" + key +
+                                        "'] must be in 1..8, got " + std::to_string(b));
     }
 }
 
-int KVCacheConfig::stored_value_bits() const { return method == "fp16" ? 16 : value_bits; }
+int KVCacheConfig::stored_value_bits() const {
+    return method == "fp16" ? 16 : value_bits;
+}
 
 float KVCacheConfig::key_bound() const {
     const bool fp16 = method == "fp16" || (outlier_observer && outlier_bits == 16);

@@ -1,8 +1,8 @@
+#include "veloxquant/observer.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
-
-#include "veloxquant/observer.h"
 
 namespace veloxquant {
 

@@ -32,7 +32,8 @@ void OutlierStore::encode(const float* x, uint8_t* out) const {
     const float scale = amax / 127.0f;
     const float inv = scale > 0.0f ? 1.0f / scale : 0.0f;
     int8_t* q = reinterpret_cast<int8_t*>(out);
-    for (int j = 0; j < dim_; ++j) q[j] = static_cast<int8_t>(std::lrint(std::clamp(x[j] * inv, -127.0f, 127.0f)));
+    for (int j = 0; j < dim_; ++j)
+        q[j] = static_cast<int8_t>(std::lrint(std::clamp(x[j] * inv, -127.0f, 127.0f)));
     std::memcpy(out + dim_, &scale, sizeof scale);
 }
 
@@ -58,7 +59,9 @@ void OutlierStore::add(int head, int position, const float* key, const float* va
     positions_[head].push_back(position);
 }
 
-void OutlierStore::truncate(int n_tokens) { erase_range(n_tokens, INT32_MAX); }
+void OutlierStore::truncate(int n_tokens) {
+    erase_range(n_tokens, INT32_MAX);
+}
 
 void OutlierStore::erase_range(int begin, int end) {
     const std::size_t rb = 2 * vector_bytes();
@@ -94,7 +97,9 @@ int OutlierStore::find(int head, int position) const {
     return (it != pos.end() && *it == position) ? static_cast<int>(it - pos.begin()) : -1;
 }
 
-bool OutlierStore::contains(int head, int position) const { return find(head, position) >= 0; }
+bool OutlierStore::contains(int head, int position) const {
+    return find(head, position) >= 0;
+}
 
 void OutlierStore::key(int head, int index, float* out) const {
     decode(records_[head].data() + static_cast<std::size_t>(index) * 2 * vector_bytes(), out);

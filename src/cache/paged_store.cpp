@@ -9,7 +9,9 @@ namespace {
 
 constexpr std::size_t kAlign = 64;
 
-std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+std::size_t align_up(std::size_t n) {
+    return (n + kAlign - 1) / kAlign * kAlign;
+}
 
 }  // namespace
 
@@ -41,9 +43,13 @@ bool same_layout(const PageLayout& a, const PageLayout& b) {
     return true;
 }
 
-PagedStore::PagedStore(PageLayout layout) : layout_(layout) { layout_.finalize(); }
+PagedStore::PagedStore(PageLayout layout) : layout_(layout) {
+    layout_.finalize();
+}
 
-PagedStore::~PagedStore() { clear(); }
+PagedStore::~PagedStore() {
+    clear();
+}
 
 uint8_t* PagedStore::allocate_page(int page) {
     if (page >= page_slots()) pages_.resize(static_cast<std::size_t>(page) + 1, nullptr);

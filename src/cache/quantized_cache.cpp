@@ -6,10 +6,10 @@
 #include <typeinfo>
 
 #include "attention/paged_attention.h"
-#include "core/binary_io.h"
 #include "cache/outlier_store.h"
 #include "cache/paged_store.h"
 #include "cache/token_check.h"
+#include "core/binary_io.h"
 #include "core/rng.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
@@ -33,15 +33,18 @@ QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const KVCacheConfig> config, 
       class_name_(std::move(class_name)) {
     config_->validate();
     if (num_heads < 1 || num_heads > 4096)
-        throw std::invalid_argument("num_heads must be in 1..4096, got " + std::to_string(num_heads));
+        throw std::invalid_argument("num_heads must be in 1..4096, got " +
+                                    std::to_string(num_heads));
     if (head_dim < 2 || head_dim > 1024)
         throw std::invalid_argument("head_dim must be in 2..1024, got " + std::to_string(head_dim));
     if (max_seq_len < 1)
-        throw std::invalid_argument("max_seq_len must be positive, got " + std::to_string(max_seq_len));
+        throw std::invalid_argument("max_seq_len must be positive, got " +
+                                    std::to_string(max_seq_len));
     if (layer < 0) throw std::invalid_argument("layer must be >= 0");
     for (int h = 0; h < num_heads; ++h) {
         key_codecs_.push_back(make_key_codec(*config_, head_dim, layer, h));
-        const uint64_t vseed = derive_seed(config_->seed, layer, h, head_dim, RandomPurpose::kValueRotation);
+        const uint64_t vseed =
+            derive_seed(config_->seed, layer, h, head_dim, RandomPurpose::kValueRotation);
         value_codecs_.push_back(std::make_unique<ValueCodec>(head_dim, config_->stored_value_bits(),
                                                              config_->use_hadamard, vseed));
     }
@@ -63,12 +66,16 @@ QuantizedKVCache::QuantizedKVCache(std::shared_ptr<const KVCacheConfig> config, 
 QuantizedKVCache::~QuantizedKVCache() = default;
 
 void QuantizedKVCache::check_tokens(const float* keys, const float* values, int n_tokens) const {
-    if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0, got " + std::to_string(n_tokens));
+    if (n_tokens < 0)
+        throw std::invalid_argument("append: n_tokens must be >= 0, got " +
+                                    std::to_string(n_tokens));
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr) throw std::invalid_argument("append: null keys or values");
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("append: null keys or values");
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
-        throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
-                                std::to_string(max_seq_len_) + " (cache holds " + std::to_string(size_) + ")");
+        throw std::length_error("append: " + std::to_string(n_tokens) +
+                                " tokens would exceed max_seq_len " + std::to_string(max_seq_len_) +
+                                " (cache holds " + std::to_string(size_) + ")");
     const std::size_t count = static_cast<std::size_t>(num_heads_) * n_tokens * head_dim_;
     for (const bool is_keys : {true, false}) {
         const float* x = is_keys ? keys : values;
@@ -98,7 +105,8 @@ void QuantizedKVCache::append(const float* keys, const float* values, int n_toke
                 norms[t] = static_cast<float>(std::sqrt(s));
             }
             obs.observe(layer_, h, norms.data(), n_tokens);
-            for (int t = 0; t < n_tokens; ++t) flags[h][t] = obs.is_outlier(layer_, h, norms[t]) ? 1 : 0;
+            for (int t = 0; t < n_tokens; ++t)
+                flags[h][t] = obs.is_outlier(layer_, h, norms[t]) ? 1 : 0;
         }
     }
     encode_tokens(keys, values, n_tokens, flags);
@@ -117,11 +125,12 @@ void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int
             const int p = first_page + pi;
             const int begin = std::max(size_, p * P), end = std::min(size_ + n_tokens, (p + 1) * P);
             const int slot = begin - p * P, n = end - begin;
-            const std::size_t src = h * per_head + static_cast<std::size_t>(begin - size_) * head_dim_;
+            const std::size_t src =
+                h * per_head + static_cast<std::size_t>(begin - size_) * head_dim_;
             const KeyCodec& kc = *key_codecs_[h];
             const ValueCodec& vc = *value_codecs_[h];
             kc.encode_at(keys + src, n, begin, store_->key_codes(p, h) + slot * kc.code_bytes(),
-                      store_->key_scalars(p, h) + slot, P);
+                         store_->key_scalars(p, h) + slot, P);
             vc.encode(values + src, n, store_->value_codes(p, h) + slot * vc.code_bytes(),
                       store_->value_scalars(p, h) + slot, P);
         }
@@ -145,7 +154,8 @@ void QuantizedKVCache::attend(const float* queries, int num_q_heads, int n_queri
 void QuantizedKVCache::attend_window(const float* queries, int num_q_heads, int n_queries,
                                      float* out, float scale, bool causal, int sinks,
                                      int window) const {
-    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    if (queries == nullptr || out == nullptr)
+        throw std::invalid_argument("attend: null queries or out");
     if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0)
         throw std::invalid_argument("attend: num_q_heads (" + std::to_string(num_q_heads) +
                                     ") must be a positive multiple of the KV heads (" +
@@ -180,17 +190,20 @@ bool QuantizedKVCache::position_held(int pos) const {
     return pos >= 0 && pos < size_ && store_->held(pos / kTokensPerPage);
 }
 
-void QuantizedKVCache::dequantize(int start, int n_tokens, float* keys_out, float* values_out) const {
+void QuantizedKVCache::dequantize(int start, int n_tokens, float* keys_out,
+                                  float* values_out) const {
     if (start < 0 || n_tokens < 0 || static_cast<long long>(start) + n_tokens > size_)
         throw std::out_of_range("dequantize: range [" + std::to_string(start) + ", " +
                                 std::to_string(static_cast<long long>(start) + n_tokens) +
                                 ") is outside [0, " + std::to_string(size_) + ")");
     if (n_tokens == 0) return;
-    if (keys_out == nullptr || values_out == nullptr) throw std::invalid_argument("dequantize: null output");
+    if (keys_out == nullptr || values_out == nullptr)
+        throw std::invalid_argument("dequantize: null output");
     const int P = kTokensPerPage;
     for (int p = start / P; p <= (start + n_tokens - 1) / P; ++p)
         if (!store_->held(p))
-            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) + " were evicted");
+            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) +
+                                    " were evicted");
     const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
     for (int h = 0; h < num_heads_; ++h) {
         for (int t = start; t < start + n_tokens;) {
@@ -198,17 +211,18 @@ void QuantizedKVCache::dequantize(int start, int n_tokens, float* keys_out, floa
             const std::size_t dst = h * per_head + static_cast<std::size_t>(t - start) * head_dim_;
             const KeyCodec& kc = *key_codecs_[h];
             const ValueCodec& vc = *value_codecs_[h];
-            kc.decode_at(store_->key_codes(p, h) + slot * kc.code_bytes(), store_->key_scalars(p, h) + slot, P,
-                         n, t, keys_out + dst);
-            vc.decode(store_->value_codes(p, h) + slot * vc.code_bytes(), store_->value_scalars(p, h) + slot, P,
-                      n, values_out + dst);
+            kc.decode_at(store_->key_codes(p, h) + slot * kc.code_bytes(),
+                         store_->key_scalars(p, h) + slot, P, n, t, keys_out + dst);
+            vc.decode(store_->value_codes(p, h) + slot * vc.code_bytes(),
+                      store_->value_scalars(p, h) + slot, P, n, values_out + dst);
             t += n;
         }
         if (outliers_) {
             const auto& pos = outliers_->positions(h);
             for (auto it = std::lower_bound(pos.begin(), pos.end(), start);
                  it != pos.end() && *it < start + n_tokens; ++it) {
-                const std::size_t dst = h * per_head + static_cast<std::size_t>(*it - start) * head_dim_;
+                const std::size_t dst =
+                    h * per_head + static_cast<std::size_t>(*it - start) * head_dim_;
                 const int e = static_cast<int>(it - pos.begin());
                 outliers_->key(h, e, keys_out + dst);
                 outliers_->value(h, e, values_out + dst);
@@ -230,13 +244,15 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
                              const std::vector<std::unique_ptr<KeyCodec>>& codecs) {
     if (outliers_) throw std::invalid_argument("adopt: a cache with an outlier side store");
     if (!same_layout(pages.layout(), store_->layout()))
-        throw std::invalid_argument("adopt: the pages have another layout than this " + class_name_);
+        throw std::invalid_argument("adopt: the pages have another layout than this " +
+                                    class_name_);
     if (size < 0 || size > max_seq_len_)
         throw std::invalid_argument("adopt: size " + std::to_string(size) + " is outside [0, " +
                                     std::to_string(max_seq_len_) + "]");
     const int P = kTokensPerPage, n_pages = (size + P - 1) / P;
     for (int p = 0; p < n_pages; ++p)
-        if (!pages.held(p)) throw std::invalid_argument("adopt: page " + std::to_string(p) + " is not held");
+        if (!pages.held(p))
+            throw std::invalid_argument("adopt: page " + std::to_string(p) + " is not held");
     if (codecs.size() != key_codecs_.size())
         throw std::invalid_argument("adopt: " + std::to_string(codecs.size()) + " codecs for " +
                                     std::to_string(key_codecs_.size()) + " heads");
@@ -287,7 +303,9 @@ std::size_t QuantizedKVCache::parameter_bytes() const {
     return n;
 }
 
-std::size_t QuantizedKVCache::nbytes() const { return storage_bytes() + parameter_bytes(); }
+std::size_t QuantizedKVCache::nbytes() const {
+    return storage_bytes() + parameter_bytes();
+}
 
 double QuantizedKVCache::key_bits_per_coordinate() const {
     double bits = 0.0;
@@ -301,6 +319,8 @@ double QuantizedKVCache::value_bits_per_coordinate() const {
     return bits / (static_cast<double>(head_dim_) * num_heads_);
 }
 
-int QuantizedKVCache::outlier_tokens() const { return outliers_ ? outliers_->total() : 0; }
+int QuantizedKVCache::outlier_tokens() const {
+    return outliers_ ? outliers_->total() : 0;
+}
 
 }  // namespace veloxquant

@@ -9,9 +9,12 @@ SlidingWindowKVCache::SlidingWindowKVCache(std::unique_ptr<QuantizedKVCache> inn
                                            int sink_tokens)
     : inner_(std::move(inner)), window_(window), sinks_(sink_tokens) {
     if (!inner_) throw std::invalid_argument("SlidingWindowKVCache: inner cache is null");
-    if (window < 1) throw std::invalid_argument("SlidingWindowKVCache: window must be >= 1, got " + std::to_string(window));
+    if (window < 1)
+        throw std::invalid_argument("SlidingWindowKVCache: window must be >= 1, got " +
+                                    std::to_string(window));
     if (sink_tokens < 0)
-        throw std::invalid_argument("SlidingWindowKVCache: sink_tokens must be >= 0, got " + std::to_string(sink_tokens));
+        throw std::invalid_argument("SlidingWindowKVCache: sink_tokens must be >= 0, got " +
+                                    std::to_string(sink_tokens));
 }
 
 void SlidingWindowKVCache::append(const float* keys, const float* values, int n_tokens) {
@@ -34,7 +37,8 @@ void SlidingWindowKVCache::attend(const float* queries, int num_q_heads, int n_q
     inner_->attend_window(queries, num_q_heads, n_queries, out, scale, causal, sinks_, window_);
 }
 
-void SlidingWindowKVCache::dequantize(int start, int n_tokens, float* keys_out, float* values_out) const {
+void SlidingWindowKVCache::dequantize(int start, int n_tokens, float* keys_out,
+                                      float* values_out) const {
     inner_->dequantize(start, n_tokens, keys_out, values_out);
 }
 
@@ -46,7 +50,8 @@ void SlidingWindowKVCache::trim(int n_tokens) {
     // The new last token's window must still be held.
     const int from = new_size - window_;
     if (new_size > 0 && from > sinks_ && !inner_->position_held(from))
-        throw std::invalid_argument("SlidingWindowKVCache: trimming to " + std::to_string(new_size) +
+        throw std::invalid_argument("SlidingWindowKVCache: trimming to " +
+                                    std::to_string(new_size) +
                                     " tokens would expose evicted positions");
     inner_->trim(n_tokens);
 }

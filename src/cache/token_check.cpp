@@ -18,7 +18,8 @@ std::invalid_argument bad_token_error(bool keys, float value, std::size_t index,
     const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim;
     const std::size_t head = index / per_head;
     const std::string sequence =
-        heads_per_sequence > 0 ? "sequence " + std::to_string(head / heads_per_sequence) + ", " : "";
+        heads_per_sequence > 0 ? "sequence " + std::to_string(head / heads_per_sequence) + ", "
+                               : "";
     const std::size_t head_in_sequence = heads_per_sequence > 0 ? head % heads_per_sequence : head;
     const std::string where = " (" + sequence + "head " + std::to_string(head_in_sequence) +
                               ", token " + std::to_string(index % per_head / head_dim) + ")";

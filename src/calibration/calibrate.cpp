@@ -40,9 +40,11 @@ void calibrate_method(const Activations& acts, const KVCacheConfig& config, Cali
         cal.commvq = Calibration::CommVQ{std::move(c.codebook), c.num_codebooks, config.bits};
         cal.rope_inv_freq = acts.rope.inv_freq;
     } else if (m == "rabitq") {
-        cal.rabitq = Calibration::RaBitQ{calibrate_rabitq_centroids(acts, config), config.num_clusters};
+        cal.rabitq =
+            Calibration::RaBitQ{calibrate_rabitq_centroids(acts, config), config.num_clusters};
     } else {
-        throw std::invalid_argument("method '" + m + "' has no calibration; calibrated methods: "
+        throw std::invalid_argument("method '" + m +
+                                    "' has no calibration; calibrated methods: "
                                     "vecinfer, ratequant, spectral, rabitq, commvq");
     }
 }

@@ -75,10 +75,8 @@ std::vector<double> fit_group(const std::vector<float>& x, int n, int gd, int st
         // M-step: each codeword moves to the mean of its targets.
         for (int c = 0; c < C; ++c)
             if (counts[c] > 0)
-                for (int j = 0; j < gd; ++j)
-                    W(s, c)
-                    [j] =
-                        static_cast<float>(sums[static_cast<std::size_t>(c) * gd + j] / counts[c]);
+                for (int j = 0; j < gd; ++j) W(s, c)
+        [j] = static_cast<float>(sums[static_cast<std::size_t>(c) * gd + j] / counts[c]);
         update_norms(s);
         for (std::size_t i = 0; i < N; ++i)
             for (int j = 0; j < gd; ++j) residual[i * gd + j] -= W(s, assign[s * N + i])[j];

@@ -1,9 +1,10 @@
 #include "core/binary_io.h"
 
-#include <cerrno>
-#include <cstdio>
 #include <fcntl.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
 
 namespace veloxquant {
 

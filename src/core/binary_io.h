@@ -50,13 +50,15 @@ public:
         return v;
     }
     void bytes(void* out, std::size_t n) {
-        if (static_cast<std::size_t>(end_ - p_) < n) throw std::runtime_error("truncated cache file");
+        if (static_cast<std::size_t>(end_ - p_) < n)
+            throw std::runtime_error("truncated cache file");
         std::memcpy(out, p_, n);
         p_ += n;
     }
     std::string str(std::size_t max_len = 1 << 20) {
         const auto n = get<uint64_t>();
-        if (n > max_len || n > remaining()) throw std::runtime_error("corrupted cache file: bad string length");
+        if (n > max_len || n > remaining())
+            throw std::runtime_error("corrupted cache file: bad string length");
         std::string s(p_, p_ + n);
         p_ += n;
         return s;

@@ -17,7 +17,8 @@ void pack_bits(const uint8_t* indices, std::size_t n, int bits, uint8_t* out) {
         const std::size_t byte = bit >> 3;
         const unsigned shift = bit & 7u;
         out[byte] |= static_cast<uint8_t>(v << shift);
-        if (shift + static_cast<unsigned>(bits) > 8) out[byte + 1] |= static_cast<uint8_t>(v >> (8 - shift));
+        if (shift + static_cast<unsigned>(bits) > 8)
+            out[byte + 1] |= static_cast<uint8_t>(v >> (8 - shift));
     }
 }
 
@@ -26,7 +27,8 @@ void unpack_bits(const uint8_t* packed, std::size_t n, int bits, uint8_t* indice
         std::memcpy(indices, packed, n);
         return;
     }
-    for (std::size_t i = 0; i < n; ++i) indices[i] = static_cast<uint8_t>(read_packed(packed, i, bits));
+    for (std::size_t i = 0; i < n; ++i)
+        indices[i] = static_cast<uint8_t>(read_packed(packed, i, bits));
 }
 
 }  // namespace veloxquant

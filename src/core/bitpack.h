@@ -22,7 +22,8 @@ inline uint32_t read_packed(const uint8_t* packed, std::size_t i, int bits) {
     const std::size_t byte = bit >> 3;
     const unsigned shift = bit & 7u;
     uint32_t word = packed[byte];
-    if (shift + static_cast<unsigned>(bits) > 8) word |= static_cast<uint32_t>(packed[byte + 1]) << 8;
+    if (shift + static_cast<unsigned>(bits) > 8)
+        word |= static_cast<uint32_t>(packed[byte + 1]) << 8;
     return (word >> shift) & ((1u << bits) - 1u);
 }
 

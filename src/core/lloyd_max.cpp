@@ -99,7 +99,8 @@ ScalarCodebook lloyd_max_density(const std::function<double(double)>& pdf, doubl
     double mse = 0.0;
     for (int i = 0; i < k; ++i) {
         const double a = t[i], b = t[i + 1];
-        mse += g.integral(2, a, b) - 2 * c[i] * g.integral(1, a, b) + c[i] * c[i] * g.integral(0, a, b);
+        mse += g.integral(2, a, b) - 2 * c[i] * g.integral(1, a, b) +
+               c[i] * c[i] * g.integral(0, a, b);
     }
     ScalarCodebook cb;
     cb.bits = bits;
@@ -121,7 +122,8 @@ ScalarCodebook lloyd_max_samples(std::vector<double> s, int bits) {
         p2[i + 1] = p2[i] + s[i] * s[i];
     }
     std::vector<double> c(k);
-    for (int i = 0; i < k; ++i) c[i] = s[std::min(n - 1, static_cast<std::size_t>((i + 0.5) * n / k))];
+    for (int i = 0; i < k; ++i)
+        c[i] = s[std::min(n - 1, static_cast<std::size_t>((i + 0.5) * n / k))];
     std::vector<std::size_t> cut(k + 1);
     for (int iter = 0; iter < 1000; ++iter) {
         cut[0] = 0;
@@ -145,7 +147,8 @@ ScalarCodebook lloyd_max_samples(std::vector<double> s, int bits) {
     cut[0] = 0;
     cut[k] = n;
     for (int i = 1; i < k; ++i)
-        cut[i] = static_cast<std::size_t>(std::upper_bound(s.begin(), s.end(), 0.5 * (c[i - 1] + c[i])) - s.begin());
+        cut[i] = static_cast<std::size_t>(
+            std::upper_bound(s.begin(), s.end(), 0.5 * (c[i - 1] + c[i])) - s.begin());
     double sse = 0.0;
     for (int i = 0; i < k; ++i) {
         const std::size_t a = cut[i], b = cut[i + 1];
@@ -185,10 +188,12 @@ const ScalarCodebook& rotated_coordinate_codebook(int d, int bits) {
         const double sigma = 1.0 / std::sqrt(static_cast<double>(d));
         const double r = std::min(1.0, 12.0 * sigma);
         // log-domain evaluation avoids underflow of (1 - x^2)^e for large d.
-        return lloyd_max_density([e](double x) {
-            const double u = 1.0 - x * x;
-            return u <= 0.0 ? 0.0 : std::exp(e * std::log(u));
-        }, -r, r, bits);
+        return lloyd_max_density(
+            [e](double x) {
+                const double u = 1.0 - x * x;
+                return u <= 0.0 ? 0.0 : std::exp(e * std::log(u));
+            },
+            -r, r, bits);
     });
 }
 
@@ -199,7 +204,8 @@ const ScalarCodebook& residual_codebook(int d, int bits, int stage) {
         Rng rng(derive_seed(0x5EED, stage, bits, d, RandomPurpose::kResidualFit));
         std::vector<const ScalarCodebook*> previous;
         for (int s = 0; s < stage; ++s)
-            previous.push_back(s == 0 ? &rotated_coordinate_codebook(d, bits) : &residual_codebook(d, bits, s));
+            previous.push_back(s == 0 ? &rotated_coordinate_codebook(d, bits)
+                                      : &residual_codebook(d, bits, s));
         const int vectors = std::max(64, (1 << 18) / d);
         std::vector<double> samples;
         samples.reserve(static_cast<std::size_t>(vectors) * d);
@@ -213,7 +219,8 @@ const ScalarCodebook& residual_codebook(int d, int bits, int stage) {
             norm = std::sqrt(norm);
             for (auto& x : v) {
                 double r = x / norm;
-                for (const ScalarCodebook* cb : previous) r -= cb->centroids[cb->quantize(static_cast<float>(r))];
+                for (const ScalarCodebook* cb : previous)
+                    r -= cb->centroids[cb->quantize(static_cast<float>(r))];
                 samples.push_back(r);
             }
         }

@@ -20,7 +20,10 @@ struct ScalarCodebook {
         int lo = 0, hi = static_cast<int>(boundaries.size());
         while (lo < hi) {  // first boundary >= x
             const int mid = (lo + hi) >> 1;
-            if (boundaries[mid] < x) lo = mid + 1; else hi = mid;
+            if (boundaries[mid] < x)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
         return static_cast<uint8_t>(lo);
     }

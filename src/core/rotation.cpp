@@ -9,7 +9,9 @@
 
 namespace veloxquant {
 
-bool is_power_of_two(int d) { return d > 0 && (d & (d - 1)) == 0; }
+bool is_power_of_two(int d) {
+    return d > 0 && (d & (d - 1)) == 0;
+}
 
 void fwht_orthonormal(float* x, int n) {
     for (int len = 1; len < n; len <<= 1) {
@@ -28,8 +30,8 @@ void fwht_orthonormal(float* x, int n) {
 
 Rotation::Rotation(int d, bool use_hadamard, uint64_t seed) : d_(d) {
     if (d < 1 || d > kMaxDim)
-        throw std::invalid_argument("rotation dimension must be in 1.." + std::to_string(kMaxDim) + ", got " +
-                                    std::to_string(d));
+        throw std::invalid_argument("rotation dimension must be in 1.." + std::to_string(kMaxDim) +
+                                    ", got " + std::to_string(d));
     Rng rng(seed);
     hadamard_ = use_hadamard && is_power_of_two(d);
     if (hadamard_) {

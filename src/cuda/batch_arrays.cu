@@ -1,6 +1,7 @@
+#include "cuda/batch_arrays.h"
+
 #include <algorithm>
 
-#include "cuda/batch_arrays.h"
 #include "cuda/cuda_cache.h"
 
 namespace veloxquant::cuda {

@@ -1,9 +1,10 @@
+#include "cuda/codec_batch.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
-#include "cuda/codec_batch.h"
 #include "cuda/cuda_cache.h"
 
 namespace veloxquant::cuda {

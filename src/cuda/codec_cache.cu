@@ -1,3 +1,5 @@
+#include "cuda/codec_cache.h"
+
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -5,7 +7,6 @@
 #include "cache/cache_io.h"
 #include "core/binary_io.h"
 #include "core/rng.h"
-#include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
 #include "device_codecs/device_common.h"
 #include "methods/key_codec.h"

@@ -77,20 +77,30 @@ void check_cuda(cudaError_t err, const char* what) {
         throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int head_dim, int layer) {
+TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int head_dim,
+                              int layer) {
     config.validate();
     const int kb = config.bits, stages = config.num_residuals, vb = config.value_bits, d = head_dim;
     if (config.method != "turboquant_rvq")
-        throw std::invalid_argument("CUDA backend: method must be turboquant_rvq, got '" + config.method + "'");
-    if (kb < 1 || kb > 4) throw std::invalid_argument("CUDA backend: bits must be in 1..4, got " + std::to_string(kb));
+        throw std::invalid_argument("CUDA backend: method must be turboquant_rvq, got '" +
+                                    config.method + "'");
+    if (kb < 1 || kb > 4)
+        throw std::invalid_argument("CUDA backend: bits must be in 1..4, got " +
+                                    std::to_string(kb));
     if (stages < 1 || stages > kernels::kMaxStages)
-        throw std::invalid_argument("CUDA backend: num_residuals must be in 1..3, got " + std::to_string(stages));
-    if (d != 64 && d != 128) throw std::invalid_argument("CUDA backend: head_dim must be 64 or 128, got " + std::to_string(d));
+        throw std::invalid_argument("CUDA backend: num_residuals must be in 1..3, got " +
+                                    std::to_string(stages));
+    if (d != 64 && d != 128)
+        throw std::invalid_argument("CUDA backend: head_dim must be 64 or 128, got " +
+                                    std::to_string(d));
     if (vb != 1 && vb != 2 && vb != 4 && vb != 16)
-        throw std::invalid_argument("CUDA backend: value_bits must be 1, 2, 4 or 16, got " + std::to_string(vb));
+        throw std::invalid_argument("CUDA backend: value_bits must be 1, 2, 4 or 16, got " +
+                                    std::to_string(vb));
     if (!config.use_hadamard) throw std::invalid_argument("CUDA backend: needs use_hadamard=true");
-    if (config.outlier_observer) throw std::invalid_argument("CUDA backend: no outlier side store yet");
-    if (num_kv_heads < 1 || layer < 0) throw std::invalid_argument("CUDA backend: bad num_heads or layer");
+    if (config.outlier_observer)
+        throw std::invalid_argument("CUDA backend: no outlier side store yet");
+    if (num_kv_heads < 1 || layer < 0)
+        throw std::invalid_argument("CUDA backend: bad num_heads or layer");
 
     TqHostTables t;
     PageLayout& pl = t.page_layout;
@@ -128,13 +138,16 @@ TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int
     }
 
     for (int h = 0; h < num_kv_heads; ++h) {
-        const auto ks = rotation_signs(d, derive_seed(config.seed, layer, h, d, RandomPurpose::kKeyRotation));
-        const auto vs = rotation_signs(d, derive_seed(config.seed, layer, h, d, RandomPurpose::kValueRotation));
+        const auto ks =
+            rotation_signs(d, derive_seed(config.seed, layer, h, d, RandomPurpose::kKeyRotation));
+        const auto vs =
+            rotation_signs(d, derive_seed(config.seed, layer, h, d, RandomPurpose::kValueRotation));
         t.key_signs.insert(t.key_signs.end(), ks.begin(), ks.end());
         t.value_signs.insert(t.value_signs.end(), vs.begin(), vs.end());
     }
     for (int s = 0; s < stages; ++s) {
-        const ScalarCodebook& cb = s == 0 ? rotated_coordinate_codebook(d, kb) : residual_codebook(d, kb, s);
+        const ScalarCodebook& cb =
+            s == 0 ? rotated_coordinate_codebook(d, kb) : residual_codebook(d, kb, s);
         t.key_centroids.insert(t.key_centroids.end(), cb.centroids.begin(), cb.centroids.end());
         t.key_boundaries.insert(t.key_boundaries.end(), cb.boundaries.begin(), cb.boundaries.end());
         if (kb == 1) {
@@ -167,10 +180,11 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
         std::size_t offset;
     };
     auto part = [](const auto& v) { return Part{v.data(), v.size() * sizeof(v[0]), 0}; };
-    Part parts[] = {part(host.key_signs),       part(host.value_signs),      part(host.key_centroids),
-                    part(host.key_boundaries),  part(host.value_centroids),  part(host.value_boundaries),
-                    part(host.key_pairs),       part(host.key_affine),       part(host.value_pairs),
-                    part(host.key_i8)};
+    Part parts[] = {part(host.key_signs),       part(host.value_signs),
+                    part(host.key_centroids),   part(host.key_boundaries),
+                    part(host.value_centroids), part(host.value_boundaries),
+                    part(host.key_pairs),       part(host.key_affine),
+                    part(host.value_pairs),     part(host.key_i8)};
     for (Part& p : parts) {
         p.offset = bytes_;
         bytes_ += (p.bytes + 255) / 256 * 256;
@@ -178,7 +192,9 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
     check_cuda(cudaMalloc(&memory_, bytes_), "cudaMalloc(tables)");
     auto* base = static_cast<uint8_t*>(memory_);
     for (const Part& p : parts)
-        if (p.bytes > 0) check_cuda(cudaMemcpy(base + p.offset, p.data, p.bytes, cudaMemcpyHostToDevice), "tables");
+        if (p.bytes > 0)
+            check_cuda(cudaMemcpy(base + p.offset, p.data, p.bytes, cudaMemcpyHostToDevice),
+                       "tables");
     auto at = [&](int i) { return parts[i].bytes > 0 ? base + parts[i].offset : nullptr; };
     tables_.key_signs = reinterpret_cast<const float*>(at(0));
     tables_.value_signs = reinterpret_cast<const float*>(at(1));
@@ -191,15 +207,18 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
     tables_.key_i8 = reinterpret_cast<const uint32_t*>(at(9));
     // 4-bit keys and values of one stage share the codebook, so their pair tables are equal: one
     // pointer lets the decode keep a single copy of it in shared memory.
-    const bool same_pairs = !host.value_pairs.empty() && host.key_pairs.size() >= host.value_pairs.size() &&
-                            std::equal(host.value_pairs.begin(), host.value_pairs.end(), host.key_pairs.begin());
+    const bool same_pairs =
+        !host.value_pairs.empty() && host.key_pairs.size() >= host.value_pairs.size() &&
+        std::equal(host.value_pairs.begin(), host.value_pairs.end(), host.key_pairs.begin());
     tables_.value_pairs = reinterpret_cast<const uint32_t*>(same_pairs ? at(6) : at(8));
     tables_.value_pair_scale = host.value_pair_scale;
     tables_.key_c0_sum = host.key_c0_sum;
     tables_.inv_sqrt_d = host.inv_sqrt_d;
 }
 
-DeviceTables::~DeviceTables() { cudaFree(memory_); }
+DeviceTables::~DeviceTables() {
+    cudaFree(memory_);
+}
 
 CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                          int max_seq_len, int layer)
@@ -222,20 +241,24 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
     if (major < 8)  // mma m16n8k16 / m16n8k32 and cp.async (the decode's launcher refuses too)
         throw std::invalid_argument(
             "CUDA backend: the tuned decode needs compute capability 8.0 or newer, this device "
-            "has " + std::to_string(major) + "." + std::to_string(minor) +
-            " (CudaCodecCache serves it)");
+            "has " +
+            std::to_string(major) + "." + std::to_string(minor) + " (CudaCodecCache serves it)");
     pages_.reserve(1);
 }
 
-CudaTurboQuantCache::~CudaTurboQuantCache() { cudaFree(workspace_); }
+CudaTurboQuantCache::~CudaTurboQuantCache() {
+    cudaFree(workspace_);
+}
 
-void CudaTurboQuantCache::append(const float* keys, const float* values, int n_tokens, cudaStream_t stream) {
+void CudaTurboQuantCache::append(const float* keys, const float* values, int n_tokens,
+                                 cudaStream_t stream) {
     if (n_tokens < 0) throw std::invalid_argument("append: n_tokens must be >= 0");
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr) throw std::invalid_argument("append: null keys or values");
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("append: null keys or values");
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
-        throw std::length_error("append: " + std::to_string(n_tokens) + " tokens would exceed max_seq_len " +
-                                std::to_string(max_seq_len_));
+        throw std::length_error("append: " + std::to_string(n_tokens) +
+                                " tokens would exceed max_seq_len " + std::to_string(max_seq_len_));
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, key_bound_, value_bound_,
                          stream);
     pages_.reserve(size_ + n_tokens);
@@ -253,7 +276,8 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
 }
 
 int CudaTurboQuantCache::query_group(int num_q_heads, float scale) const {
-    if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0 || num_q_heads / num_heads_ > kernels::kMaxGroup)
+    if (num_q_heads < num_heads_ || num_q_heads % num_heads_ != 0 ||
+        num_q_heads / num_heads_ > kernels::kMaxGroup)
         throw std::invalid_argument("attend: num_q_heads must be 1..8 times the KV heads, got " +
                                     std::to_string(num_q_heads));
     if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
@@ -262,7 +286,8 @@ int CudaTurboQuantCache::query_group(int num_q_heads, float scale) const {
 
 void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* out, float scale,
                                  cudaStream_t stream) const {
-    if (queries == nullptr || out == nullptr) throw std::invalid_argument("attend: null queries or out");
+    if (queries == nullptr || out == nullptr)
+        throw std::invalid_argument("attend: null queries or out");
     const int group = query_group(num_q_heads, scale);
     DecodeArgs a;
     a.layout = host_.layout;
@@ -295,11 +320,13 @@ void decode_in_workspace(DecodeArgs a, void*& workspace, std::size_t& bytes, cud
     check_cuda(launch_decode_attention(a, stream), "launch_decode_attention");
 }
 
-void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const {
+void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float* values,
+                                     cudaStream_t stream) const {
     if (start < 0 || n_tokens < 0 || static_cast<long long>(start) + n_tokens > size_)
         throw std::out_of_range("dequantize: range outside [0, " + std::to_string(size_) + ")");
     if (n_tokens == 0) return;
-    if (keys == nullptr || values == nullptr) throw std::invalid_argument("dequantize: null output");
+    if (keys == nullptr || values == nullptr)
+        throw std::invalid_argument("dequantize: null output");
     DequantizeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
@@ -319,7 +346,9 @@ void CudaTurboQuantCache::truncate(int n_tokens) {
     size_ = n_tokens;
 }
 
-void CudaTurboQuantCache::copy_page(int page, void* host) const { pages_.copy_page(page, host); }
+void CudaTurboQuantCache::copy_page(int page, void* host) const {
+    pages_.copy_page(page, host);
+}
 
 std::size_t CudaTurboQuantCache::nbytes() const {
     return pages_.nbytes() + tables_.nbytes() + workspace_bytes_;
@@ -331,6 +360,8 @@ void CudaTurboQuantCache::upload(const PagedStore& store, int size) {
     size_ = size;
 }
 
-void CudaTurboQuantCache::download(PagedStore& store) const { pages_.download(store, size_); }
+void CudaTurboQuantCache::download(PagedStore& store) const {
+    pages_.download(store, size_);
+}
 
 }  // namespace veloxquant::cuda

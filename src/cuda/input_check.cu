@@ -1,8 +1,9 @@
+#include "cuda/input_check.h"
+
 #include <algorithm>
 
 #include "cache/token_check.h"
 #include "cuda/cuda_cache.h"
-#include "cuda/input_check.h"
 
 namespace veloxquant::cuda {
 namespace {

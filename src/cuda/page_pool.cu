@@ -1,3 +1,5 @@
+#include "cuda/page_pool.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -6,7 +8,6 @@
 #include <vector>
 
 #include "cuda/cuda_cache.h"
-#include "cuda/page_pool.h"
 
 namespace veloxquant::cuda {
 

@@ -1,9 +1,9 @@
+#include "cuda/turboquant_batch.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
-
-#include "cuda/turboquant_batch.h"
 
 namespace veloxquant::cuda {
 namespace {

@@ -16,8 +16,10 @@ FP16Codec::FP16Codec(int d) : KeyCodec(d) {
 void FP16Codec::encode(const float* keys, int n, uint8_t* codes, float*, std::size_t) const {
     const int d = dim();
     for (int t = 0; t < n; ++t) {
-        uint16_t* out = reinterpret_cast<uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
-        for (int j = 0; j < d; ++j) out[j] = float_to_half(keys[static_cast<std::size_t>(t) * d + j]);
+        uint16_t* out =
+            reinterpret_cast<uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
+        for (int j = 0; j < d; ++j)
+            out[j] = float_to_half(keys[static_cast<std::size_t>(t) * d + j]);
     }
 }
 
@@ -25,7 +27,8 @@ void FP16Codec::decode(const uint8_t* codes, const float*, std::size_t, int n, f
     const int d = dim();
     const float* table = half_table();
     for (int t = 0; t < n; ++t) {
-        const uint16_t* in = reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
+        const uint16_t* in =
+            reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
         for (int j = 0; j < d; ++j) keys[static_cast<std::size_t>(t) * d + j] = table[in[j]];
     }
 }
@@ -39,7 +42,8 @@ void FP16Codec::score(const float* state, const uint8_t* codes, const float*, st
     const int d = dim();
     const float* table = half_table();
     for (int t = 0; t < n; ++t) {
-        const uint16_t* in = reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
+        const uint16_t* in =
+            reinterpret_cast<const uint16_t*>(codes + static_cast<std::size_t>(t) * code_bytes());
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int j = 0; j < d; ++j) s += state[j] * table[in[j]];

@@ -18,7 +18,8 @@ namespace veloxquant {
 
 std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_dim, int layer,
                                          int head) {
-    const uint64_t seed = derive_seed(config.seed, layer, head, head_dim, RandomPurpose::kKeyRotation);
+    const uint64_t seed =
+        derive_seed(config.seed, layer, head, head_dim, RandomPurpose::kKeyRotation);
     const std::string& m = config.method;
     if (m == "turboquant_rvq")
         return std::make_unique<TurboQuantRVQCodec>(head_dim, config.bits, config.num_residuals,
@@ -29,8 +30,10 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
                                                     1, config.use_hadamard, seed);
     if (m == "qjl") {
         if (config.bits != 1)
-            throw std::invalid_argument("qjl stores one sign bit per sketch row; bits must be 1 "
-                                        "(set sketch_dim for the rate), got " + std::to_string(config.bits));
+            throw std::invalid_argument(
+                "qjl stores one sign bit per sketch row; bits must be 1 "
+                "(set sketch_dim for the rate), got " +
+                std::to_string(config.bits));
         return std::make_unique<QJLCodec>(
             head_dim, config.sketch_dim,
             derive_seed(config.seed, layer, head, head_dim, RandomPurpose::kSketch));
@@ -38,9 +41,9 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
     if (m == "polarquant")
         return std::make_unique<PolarQuantCodec>(head_dim, config.bits, config.use_hadamard, seed);
     if (m == "rabitq")
-        return std::make_unique<RaBitQCodec>(head_dim, config.bits, config.num_clusters,
-                                             config.use_hadamard, seed,
-                                             rabitq_calibrated_centroids(config, layer, head, head_dim));
+        return std::make_unique<RaBitQCodec>(
+            head_dim, config.bits, config.num_clusters, config.use_hadamard, seed,
+            rabitq_calibrated_centroids(config, layer, head, head_dim));
     if (m == "spectral") return make_spectral_codec(config, head_dim, layer, head);
     if (m == "commvq") return make_commvq_codec(config, head_dim, layer, head);
     if (m == "vecinfer") return make_vecinfer_codec(config, head_dim, layer, head);

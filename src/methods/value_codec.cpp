@@ -13,7 +13,8 @@ namespace {
 
 // Writes scale * centroid(code) for one token, one byte (PerByte coordinates) at a time.
 template <int PerByte>
-void unpack_scaled(const float* lut, const uint8_t* code, std::size_t code_bytes, float scale, float* out) {
+void unpack_scaled(const float* lut, const uint8_t* code, std::size_t code_bytes, float scale,
+                   float* out) {
     for (std::size_t byte = 0; byte < code_bytes; ++byte) {
         const float* row = lut + code[byte] * PerByte;
         float* o = out + byte * PerByte;
@@ -37,7 +38,8 @@ ValueCodec::ValueCodec(int dim, int bits, bool use_hadamard, uint64_t seed)
             byte_lut_.resize(256 * static_cast<std::size_t>(per_byte));
             for (int b = 0; b < 256; ++b)
                 for (int k = 0; k < per_byte; ++k)
-                    byte_lut_[b * per_byte + k] = codebook_->centroids[(b >> (k * bits)) & ((1 << bits) - 1)];
+                    byte_lut_[b * per_byte + k] =
+                        codebook_->centroids[(b >> (k * bits)) & ((1 << bits) - 1)];
         }
     }
 }
@@ -53,7 +55,8 @@ void ValueCodec::encode(const float* values, int n, uint8_t* codes, float* scala
     if (bits_ == 16) {
         for (int t = 0; t < n; ++t) {
             uint16_t* out = reinterpret_cast<uint16_t*>(codes + t * cb);
-            for (int j = 0; j < dim_; ++j) out[j] = float_to_half(values[static_cast<std::size_t>(t) * dim_ + j]);
+            for (int j = 0; j < dim_; ++j)
+                out[j] = float_to_half(values[static_cast<std::size_t>(t) * dim_ + j]);
         }
         return;
     }
@@ -100,13 +103,15 @@ void ValueCodec::decode(const uint8_t* codes, const float* scalars, std::size_t 
             for (int j = 0; j < dim_; ++j) out[j] = half_to_float(h[j]);
             continue;
         }
-        for (int j = 0; j < dim_; ++j) out[j] = scalars[t] * codebook_->centroids[read_packed(code, j, bits_)];
+        for (int j = 0; j < dim_; ++j)
+            out[j] = scalars[t] * codebook_->centroids[read_packed(code, j, bits_)];
         rotation_.inverse(out, out);
     }
 }
 
 void ValueCodec::accumulate(const float* weights, std::size_t weight_stride, int rows,
-                            const uint8_t* codes, const float* scalars, int n, float* const* acc) const {
+                            const uint8_t* codes, const float* scalars, int n,
+                            float* const* acc) const {
     const std::size_t cb = code_bytes();
     const float* half = bits_ == 16 ? half_table() : nullptr;
     const float* c = bits_ == 16 ? nullptr : codebook_->centroids.data();
@@ -122,12 +127,21 @@ void ValueCodec::accumulate(const float* weights, std::size_t weight_stride, int
             for (int j = 0; j < dim_; ++j) value[j] = half[h[j]];
         } else {
             switch (byte_lut_.empty() ? 0 : bits_) {
-                case 1: unpack_scaled<8>(byte_lut_.data(), code, cb, scalars[t], value); break;
-                case 2: unpack_scaled<4>(byte_lut_.data(), code, cb, scalars[t], value); break;
-                case 4: unpack_scaled<2>(byte_lut_.data(), code, cb, scalars[t], value); break;
-                case 8: unpack_scaled<1>(byte_lut_.data(), code, cb, scalars[t], value); break;
+                case 1:
+                    unpack_scaled<8>(byte_lut_.data(), code, cb, scalars[t], value);
+                    break;
+                case 2:
+                    unpack_scaled<4>(byte_lut_.data(), code, cb, scalars[t], value);
+                    break;
+                case 4:
+                    unpack_scaled<2>(byte_lut_.data(), code, cb, scalars[t], value);
+                    break;
+                case 8:
+                    unpack_scaled<1>(byte_lut_.data(), code, cb, scalars[t], value);
+                    break;
                 default:
-                    for (int j = 0; j < dim_; ++j) value[j] = scalars[t] * c[read_packed(code, j, bits_)];
+                    for (int j = 0; j < dim_; ++j)
+                        value[j] = scalars[t] * c[read_packed(code, j, bits_)];
             }
         }
         for (int r = 0; r < rows; ++r) {
@@ -149,7 +163,8 @@ void ValueCodec::finalize(const float* acc, float* out) const {
 }
 
 std::size_t ValueCodec::parameter_bytes() const {
-    return rotation_.parameter_bytes() + (codebook_ ? codebook_->centroids.size() * sizeof(float) : 0);
+    return rotation_.parameter_bytes() +
+           (codebook_ ? codebook_->centroids.size() * sizeof(float) : 0);
 }
 
 }  // namespace veloxquant

@@ -312,13 +312,15 @@ std::unique_ptr<KeyCodec> make_vecinfer_codec(const KVCacheConfig& config, int h
     const FloatArray& sm = config.smooth_factors;
     if (cb.empty())
         throw std::invalid_argument(
-            std::string("method 'vecinfer' needs calibration: KVCacheConfig.codebook (product-VQ codewords "
-                        "per layer and KV head)") +
+            std::string(
+                "method 'vecinfer' needs calibration: KVCacheConfig.codebook (product-VQ codewords "
+                "per layer and KV head)") +
             kCalibrationHint);
     if (sm.empty())
         throw std::invalid_argument(
-            std::string("method 'vecinfer' needs calibration: KVCacheConfig.smooth_factors (per-channel "
-                        "smoothing of the keys)") +
+            std::string(
+                "method 'vecinfer' needs calibration: KVCacheConfig.smooth_factors (per-channel "
+                "smoothing of the keys)") +
             kCalibrationHint);
     if (cb.shape.size() != 3 && cb.shape.size() != 5)
         throw std::invalid_argument(

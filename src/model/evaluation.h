@@ -45,9 +45,8 @@ NamedConfig baseline_config();
 std::string config_label(const KVCacheConfig& config);
 
 /// Methods the main comparison sweeps by default: all eight, in the seed's order.
-inline const std::vector<std::string> kSweepMethods = {"turboquant_rvq", "vecinfer", "ratequant",
-                                                       "spectral",       "rabitq",   "qjl",
-                                                       "polarquant",     "commvq"};
+inline const std::vector<std::string> kSweepMethods = {
+    "turboquant_rvq", "vecinfer", "ratequant", "spectral", "rabitq", "qjl", "polarquant", "commvq"};
 /// Bit widths the main comparison sweeps by default.
 inline const std::vector<int> kSweepBits = {2, 3, 4};
 

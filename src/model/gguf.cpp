@@ -31,7 +31,6 @@ constexpr uint64_t kMinTensorInfoBytes = 8 + 4 + 8 + 4 + 8;  // name, n_dims, 1 
     throw std::runtime_error("gguf: " + msg);
 }
 
-
 bool is_known_value_type(uint32_t t) {
     return t <= static_cast<uint32_t>(GGUFValueType::F64);
 }

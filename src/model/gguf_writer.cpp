@@ -27,7 +27,6 @@ void pad_to(std::string& out, std::size_t alignment) {
     out.append((alignment - out.size() % alignment) % alignment, '\0');
 }
 
-
 }  // namespace
 
 void GGUFWriter::begin_kv(const std::string& key, GGUFValueType type) {

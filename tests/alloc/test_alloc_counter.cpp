@@ -28,8 +28,12 @@ void* track(void* p) {
 }  // namespace
 
 extern "C" {
-void* malloc(size_t n) { return track(__libc_malloc(n)); }
-void* calloc(size_t a, size_t b) { return track(__libc_calloc(a, b)); }
+void* malloc(size_t n) {
+    return track(__libc_malloc(n));
+}
+void* calloc(size_t a, size_t b) {
+    return track(__libc_calloc(a, b));
+}
 void free(void* p) {
     if (p) g_live -= static_cast<long long>(malloc_usable_size(p));
     __libc_free(p);
@@ -38,8 +42,12 @@ void* realloc(void* p, size_t n) {
     if (p) g_live -= static_cast<long long>(malloc_usable_size(p));
     return track(__libc_realloc(p, n));
 }
-void* aligned_alloc(size_t a, size_t n) { return track(__libc_memalign(a, n)); }
-void* memalign(size_t a, size_t n) { return track(__libc_memalign(a, n)); }
+void* aligned_alloc(size_t a, size_t n) {
+    return track(__libc_memalign(a, n));
+}
+void* memalign(size_t a, size_t n) {
+    return track(__libc_memalign(a, n));
+}
 int posix_memalign(void** out, size_t a, size_t n) {
     void* p = __libc_memalign(a, n);
     if (!p) return ENOMEM;
@@ -54,7 +62,8 @@ class AllocTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(AllocTest, LiveBytesGrowByStorageOnly) {
     const int heads = 8, d = 128, n = 4096;
-    const auto k = vqtest::randn(static_cast<std::size_t>(heads) * n * d, 1), v = vqtest::randn(k.size(), 2);
+    const auto k = vqtest::randn(static_cast<std::size_t>(heads) * n * d, 1),
+               v = vqtest::randn(k.size(), 2);
     KVCacheConfig cfg;
     cfg.method = GetParam();
     cfg.num_clusters = 16;
@@ -79,5 +88,6 @@ TEST_P(AllocTest, LiveBytesGrowByStorageOnly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, AllocTest,
-                         ::testing::Values("turboquant_rvq", "qjl", "polarquant", "rabitq", "ratequant"),
+                         ::testing::Values("turboquant_rvq", "qjl", "polarquant", "rabitq",
+                                           "ratequant"),
                          [](const auto& info) { return info.param; });

@@ -4,16 +4,15 @@
 // each count of lookup-table copies in shared memory), and the
 // device cache end to end against TurboQuantRVQKVCache. Every device test skips cleanly when
 // no CUDA device is present; the host tables' check runs everywhere.
-#include <gtest/gtest.h>
-
 #include <cuda_runtime.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <random>
-#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -23,9 +22,9 @@
 #include "core/bitpack.h"
 #include "core/rng.h"
 #include "cuda/cuda_cache.h"
+#include "cuda_test_helpers.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
-#include "cuda_test_helpers.h"
 #include "test_helpers.h"
 #include "veloxquant/caches.h"
 
@@ -42,15 +41,16 @@ struct Shape {
 };
 
 std::string name(const Shape& s) {
-    return "d" + std::to_string(s.d) + " k" + std::to_string(s.bits) + "x" + std::to_string(s.stages) + " v" +
-           std::to_string(s.value_bits) + " h" + std::to_string(s.heads);
+    return "d" + std::to_string(s.d) + " k" + std::to_string(s.bits) + "x" +
+           std::to_string(s.stages) + " v" + std::to_string(s.value_bits) + " h" +
+           std::to_string(s.heads);
 }
 
 // Covers head dims 64/128, key bits 1..4, stages 1..3, value bits 1, 2, 4, 16.
 const std::vector<Shape> kShapes = {
-    {128, 1, 1, 2, 8}, {128, 2, 2, 4, 2}, {128, 3, 1, 1, 1}, {128, 4, 3, 16, 2}, {128, 4, 1, 4, 3},
-    {64, 1, 2, 4, 2},  {64, 2, 1, 16, 1}, {64, 3, 3, 2, 2},  {64, 4, 2, 1, 4},   {128, 1, 3, 16, 1},
-    {64, 4, 1, 2, 2},
+    {128, 1, 1, 2, 8}, {128, 2, 2, 4, 2},  {128, 3, 1, 1, 1}, {128, 4, 3, 16, 2},
+    {128, 4, 1, 4, 3}, {64, 1, 2, 4, 2},   {64, 2, 1, 16, 1}, {64, 3, 3, 2, 2},
+    {64, 4, 2, 1, 4},  {128, 1, 3, 16, 1}, {64, 4, 1, 2, 2},
 };
 
 KVCacheConfig make_config(const Shape& s, uint64_t seed) {
@@ -75,7 +75,8 @@ struct CpuReference {
         for (int h = 0; h < heads; ++h) {
             keys.push_back(make_key_codec(c, d, 0, h));
             values.push_back(std::make_unique<ValueCodec>(
-                d, c.value_bits, c.use_hadamard, derive_seed(c.seed, 0, h, d, RandomPurpose::kValueRotation)));
+                d, c.value_bits, c.use_hadamard,
+                derive_seed(c.seed, 0, h, d, RandomPurpose::kValueRotation)));
         }
     }
 
@@ -88,7 +89,8 @@ struct CpuReference {
                 const std::size_t src = (static_cast<std::size_t>(h) * n + (t - size)) * d;
                 keys[h]->encode(&k[src], cnt, store.key_codes(p, h) + slot * keys[h]->code_bytes(),
                                 store.key_scalars(p, h) + slot, P);
-                values[h]->encode(&v[src], cnt, store.value_codes(p, h) + slot * values[h]->code_bytes(),
+                values[h]->encode(&v[src], cnt,
+                                  store.value_codes(p, h) + slot * values[h]->code_bytes(),
                                   store.value_scalars(p, h) + slot, P);
                 t += cnt;
             }
@@ -145,7 +147,8 @@ TEST(CudaParity, KeyI8PartsRebuildTheCentroids) {
                     const int low = static_cast<int8_t>(t.key_i8[2 * s + 1] >> (8 * a));
                     EXPECT_LE(std::abs(high), 127);
                     const double c = t.key_centroids[4 * s + a];
-                    EXPECT_NEAR((256.0 * high + low) / 32512.0 * scale, c, 0.5 / 32512.0 * scale + 1e-7)
+                    EXPECT_NEAR((256.0 * high + low) / 32512.0 * scale, c,
+                                0.5 / 32512.0 * scale + 1e-7)
                         << "d " << d << " stage " << s << " index " << a;
                 }
             }
@@ -174,8 +177,11 @@ TEST(CudaParity, DecodeRefusesMissingTables) {
     a.out = stand_in.data();
     for (int missing = 0; missing < 3; ++missing) {
         DecodeArgs b = a;
-        (missing == 0 ? b.tables.key_i8 : missing == 1 ? b.tables.key_pairs : b.tables.value_pairs) = nullptr;
-        EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue) << "missing table " << missing;
+        (missing == 0   ? b.tables.key_i8
+         : missing == 1 ? b.tables.key_pairs
+                        : b.tables.value_pairs) = nullptr;
+        EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue)
+            << "missing table " << missing;
         EXPECT_EQ(decode_workspace_bytes(b), 0u);
     }
     // The value table's scale enters the softmax as its log2: zero, infinite or NaN is refused.
@@ -203,8 +209,10 @@ TEST(CudaParity, BenchmarkedLayoutsTakeTheMixedRows) {
             a.group = 4;
             a.tables.key_pairs = words;
             // as the device cache does: one pointer where the key and value pair tables are equal
-            const bool same = !host.value_pairs.empty() && host.key_pairs.size() >= host.value_pairs.size() &&
-                              std::equal(host.value_pairs.begin(), host.value_pairs.end(), host.key_pairs.begin());
+            const bool same = !host.value_pairs.empty() &&
+                              host.key_pairs.size() >= host.value_pairs.size() &&
+                              std::equal(host.value_pairs.begin(), host.value_pairs.end(),
+                                         host.key_pairs.begin());
             a.tables.value_pairs = same ? words : other_words;
             EXPECT_TRUE(decode_takes_mixed_rows(a, 9));
             EXPECT_FALSE(decode_takes_mixed_rows(a, 8));  // sm_80: the general kernels
@@ -230,10 +238,14 @@ TEST(CudaParity, EncodedCodesMatchCpu) {
         CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
         // Unaligned starts, page crossings, and short appends (the decode-step encoder).
         for (int n : {37, 150, 5, 64, 1}) {
-            auto k = random_tokens(s.heads, n, s.d, ++seed, 1.5f), v = random_tokens(s.heads, n, s.d, ++seed, 1.5f);
-            if (n == 37) {  // a zero key and value (all-zero value codes and scale), a subnormal one
-                std::fill(k.begin() + 3 * s.d, k.begin() + 4 * s.d, 0.0f), std::fill(v.begin() + 3 * s.d, v.begin() + 4 * s.d, 0.0f);
-                for (int j = 0; j < s.d; ++j) k[5 * s.d + j] = v[5 * s.d + j] = (j % 3 - 1) * 3e-40f;
+            auto k = random_tokens(s.heads, n, s.d, ++seed, 1.5f),
+                 v = random_tokens(s.heads, n, s.d, ++seed, 1.5f);
+            if (n ==
+                37) {  // a zero key and value (all-zero value codes and scale), a subnormal one
+                std::fill(k.begin() + 3 * s.d, k.begin() + 4 * s.d, 0.0f),
+                    std::fill(v.begin() + 3 * s.d, v.begin() + 4 * s.d, 0.0f);
+                for (int j = 0; j < s.d; ++j)
+                    k[5 * s.d + j] = v[5 * s.d + j] = (j % 3 - 1) * 3e-40f;
             }
             DeviceBuffer<float> dk(k), dv(v);
             gpu.append(dk.get(), dv.get(), n, nullptr);
@@ -245,30 +257,39 @@ TEST(CudaParity, EncodedCodesMatchCpu) {
         for (int pos = 0; pos < cpu.size; ++pos) {
             const int p = pos / kTokensPerPage, slot = pos % kTokensPerPage;
             for (int h = 0; h < s.heads; ++h) {
-                const std::size_t kcb = cpu.keys[h]->code_bytes(), vcb = cpu.values[h]->code_bytes();
-                const uint8_t *gk = got.key_codes(p, h) + slot * kcb, *ck = cpu.store.key_codes(p, h) + slot * kcb;
+                const std::size_t kcb = cpu.keys[h]->code_bytes(),
+                                  vcb = cpu.values[h]->code_bytes();
+                const uint8_t *gk = got.key_codes(p, h) + slot * kcb,
+                              *ck = cpu.store.key_codes(p, h) + slot * kcb;
                 for (int st = 0; st < s.stages; ++st)
                     for (int j = 0; j < s.d; ++j, ++coords) {
                         const std::size_t off = st * packed_bytes(s.d, s.bits);
-                        mismatches += read_packed(gk + off, j, s.bits) != read_packed(ck + off, j, s.bits);
+                        mismatches +=
+                            read_packed(gk + off, j, s.bits) != read_packed(ck + off, j, s.bits);
                     }
-                const uint8_t *gv = got.value_codes(p, h) + slot * vcb, *cv = cpu.store.value_codes(p, h) + slot * vcb;
+                const uint8_t *gv = got.value_codes(p, h) + slot * vcb,
+                              *cv = cpu.store.value_codes(p, h) + slot * vcb;
                 const int vbits = s.value_bits == 16 ? 16 : s.value_bits;
                 for (int j = 0; j < s.d; ++j, ++coords) {
-                    const uint32_t a = vbits == 16 ? reinterpret_cast<const uint16_t*>(gv)[j] : read_packed(gv, j, vbits);
-                    const uint32_t b = vbits == 16 ? reinterpret_cast<const uint16_t*>(cv)[j] : read_packed(cv, j, vbits);
+                    const uint32_t a = vbits == 16 ? reinterpret_cast<const uint16_t*>(gv)[j]
+                                                   : read_packed(gv, j, vbits);
+                    const uint32_t b = vbits == 16 ? reinterpret_cast<const uint16_t*>(cv)[j]
+                                                   : read_packed(cv, j, vbits);
                     mismatches += a != b;
                 }
-                const float gn = got.key_scalars(p, h)[slot], cn = cpu.store.key_scalars(p, h)[slot];
+                const float gn = got.key_scalars(p, h)[slot],
+                            cn = cpu.store.key_scalars(p, h)[slot];
                 scalar_mismatches += std::fabs(gn - cn) > 1e-6f * std::fabs(cn);
                 if (s.value_bits != 16) {
-                    const float gs = got.value_scalars(p, h)[slot], cs = cpu.store.value_scalars(p, h)[slot];
+                    const float gs = got.value_scalars(p, h)[slot],
+                                cs = cpu.store.value_scalars(p, h)[slot];
                     scalar_mismatches += std::fabs(gs - cs) > 1e-6f * std::fabs(cs);
                 }
             }
         }
         EXPECT_LE(mismatches, coords / 1000) << mismatches << " of " << coords << " indices differ";
-        EXPECT_LE(scalar_mismatches, cpu.size * s.heads / 1000) << scalar_mismatches << " norms/scales differ";
+        EXPECT_LE(scalar_mismatches, cpu.size * s.heads / 1000)
+            << scalar_mismatches << " norms/scales differ";
     }
 }
 
@@ -281,10 +302,12 @@ TEST(CudaParity, DequantizeMatchesCpu) {
         CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
         CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
         const int n = 200;
-        cpu.append(random_tokens(s.heads, n, s.d, ++seed, 1.5f), random_tokens(s.heads, n, s.d, ++seed, 1.5f), n);
+        cpu.append(random_tokens(s.heads, n, s.d, ++seed, 1.5f),
+                   random_tokens(s.heads, n, s.d, ++seed, 1.5f), n);
         gpu.upload(cpu.store, n);
         const int start = 45, m = 140;
-        DeviceBuffer<float> dk(static_cast<std::size_t>(s.heads) * m * s.d), dv(dk.download().size());
+        DeviceBuffer<float> dk(static_cast<std::size_t>(s.heads) * m * s.d),
+            dv(dk.download().size());
         gpu.dequantize(start, m, dk.get(), dv.get(), nullptr);
         const auto gk = dk.download(), gv = dv.download();
         std::vector<float> rk(gk.size()), rv(gv.size());
@@ -293,9 +316,11 @@ TEST(CudaParity, DequantizeMatchesCpu) {
                 const int p = t / kTokensPerPage, slot = t % kTokensPerPage;
                 const std::size_t dst = (static_cast<std::size_t>(h) * m + (t - start)) * s.d;
                 cpu.keys[h]->decode(cpu.store.key_codes(p, h) + slot * cpu.keys[h]->code_bytes(),
-                                    cpu.store.key_scalars(p, h) + slot, kTokensPerPage, 1, &rk[dst]);
-                cpu.values[h]->decode(cpu.store.value_codes(p, h) + slot * cpu.values[h]->code_bytes(),
-                                      cpu.store.value_scalars(p, h) + slot, kTokensPerPage, 1, &rv[dst]);
+                                    cpu.store.key_scalars(p, h) + slot, kTokensPerPage, 1,
+                                    &rk[dst]);
+                cpu.values[h]->decode(
+                    cpu.store.value_codes(p, h) + slot * cpu.values[h]->code_bytes(),
+                    cpu.store.value_scalars(p, h) + slot, kTokensPerPage, 1, &rv[dst]);
             }
         EXPECT_LE(relative_error(gk, rk), 1e-5);
         EXPECT_LE(relative_error(gv, rv), 1e-5);
@@ -308,7 +333,8 @@ TEST(CudaParity, DecodeAttentionMatchesCpuOnSameCodes) {
     for (const Shape& s : kShapes) {
         for (int group : {1, 4, 8}) {
             for (int n : {1, 50, 64, 300, 2000}) {
-                SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " n " + std::to_string(n));
+                SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " n " +
+                             std::to_string(n));
                 const KVCacheConfig c = make_config(s, seed);
                 CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
                 CpuReference cpu(c, s.heads, s.d, gpu.page_layout());
@@ -319,7 +345,8 @@ TEST(CudaParity, DecodeAttentionMatchesCpuOnSameCodes) {
                 const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed);
                 const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
                 DeviceBuffer<float> dq(q), dout(q.size());
-                check_cuda(cudaMemset(dout.get(), 0xff, q.size() * sizeof(float)), "poison");  // NaN
+                check_cuda(cudaMemset(dout.get(), 0xff, q.size() * sizeof(float)),
+                           "poison");  // NaN
                 gpu.attend(dq.get(), hq, dout.get(), scale, nullptr);
                 EXPECT_LE(relative_error(dout.download(), cpu.attend(q, hq, scale)), 1e-3);
             }
@@ -345,10 +372,14 @@ TEST(CudaParity, BatchedDecodeWithShuffledPageTable) {
     for (std::size_t b = 0; b < lens.size(); ++b) {
         CpuReference cpu(c, s.heads, s.d, host.page_layout);
         cpu.append(random_tokens(s.heads, lens[b], s.d, 50 + b, 0.3f),
-                   vqtest::randn(static_cast<std::size_t>(s.heads) * lens[b] * s.d, 60 + b), lens[b]);
+                   vqtest::randn(static_cast<std::size_t>(s.heads) * lens[b] * s.d, 60 + b),
+                   lens[b]);
         for (int p = 0; p < (lens[b] + kTokensPerPage - 1) / kTokensPerPage; ++p)
-            check_cuda(cudaMemcpy(pool.get() + static_cast<std::size_t>(table[b * stride + p]) * host.layout.page_bytes,
-                                  cpu.store.page_data(p), host.layout.page_bytes, cudaMemcpyHostToDevice), "page");
+            check_cuda(
+                cudaMemcpy(pool.get() + static_cast<std::size_t>(table[b * stride + p]) *
+                                            host.layout.page_bytes,
+                           cpu.store.page_data(p), host.layout.page_bytes, cudaMemcpyHostToDevice),
+                "page");
         const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, 70 + b);
         queries.insert(queries.end(), q.begin(), q.end());
         refs.push_back(cpu.attend(q, hq, 0.125f));
@@ -440,16 +471,22 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
             for (std::size_t b = 0; b < lens.size(); ++b) {
                 CpuReference cpu(c, s.heads, s.d, host.page_layout);
                 cpu.append(random_tokens(s.heads, lens[b], s.d, ++seed, 0.3f),
-                           vqtest::randn(static_cast<std::size_t>(s.heads) * lens[b] * s.d, ++seed), lens[b]);
+                           vqtest::randn(static_cast<std::size_t>(s.heads) * lens[b] * s.d, ++seed),
+                           lens[b]);
                 for (int p = 0; p < (lens[b] + kTokensPerPage - 1) / kTokensPerPage; ++p)
-                    check_cuda(cudaMemcpy(pool.get() + static_cast<std::size_t>(table[b * stride + p]) * host.layout.page_bytes,
-                                          cpu.store.page_data(p), host.layout.page_bytes, cudaMemcpyHostToDevice), "page");
+                    check_cuda(
+                        cudaMemcpy(pool.get() + static_cast<std::size_t>(table[b * stride + p]) *
+                                                    host.layout.page_bytes,
+                                   cpu.store.page_data(p), host.layout.page_bytes,
+                                   cudaMemcpyHostToDevice),
+                        "page");
                 const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed);
                 const auto r = cpu.attend(q, hq, 0.1f);
                 queries.insert(queries.end(), q.begin(), q.end());
                 ref.insert(ref.end(), r.begin(), r.end());
             }
-            DeviceBuffer<int32_t> dtable(table), dlens(std::vector<int32_t>(lens.begin(), lens.end()));
+            DeviceBuffer<int32_t> dtable(table),
+                dlens(std::vector<int32_t>(lens.begin(), lens.end()));
             DeviceBuffer<float> dq(queries), dout(queries.size());
             DecodeArgs a;
             a.layout = host.layout;
@@ -477,7 +514,8 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
                     deep_rings += ring > 1;
                     DeviceBuffer<uint8_t> workspace(need);
                     a.workspace = workspace.get();
-                    check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)), "poison");  // NaN
+                    check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)),
+                               "poison");  // NaN
                     check_cuda(launch_decode_attention(a, nullptr), "decode");
                     EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
                 }
@@ -501,7 +539,8 @@ TEST(CudaParity, DeviceCacheMatchesCpuCacheEndToEnd) {
         CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
         int n_total = 0;
         for (int n : {500, 77, 1}) {
-            const auto k = random_tokens(s.heads, n, s.d, ++seed, 1.0f), v = random_tokens(s.heads, n, s.d, ++seed, 1.0f);
+            const auto k = random_tokens(s.heads, n, s.d, ++seed, 1.0f),
+                       v = random_tokens(s.heads, n, s.d, ++seed, 1.0f);
             DeviceBuffer<float> dk(k), dv(v);
             cpu.append(k.data(), v.data(), n);
             gpu.append(dk.get(), dv.get(), n, nullptr);
@@ -512,7 +551,8 @@ TEST(CudaParity, DeviceCacheMatchesCpuCacheEndToEnd) {
             cpu.attend(q.data(), hq, 1, ref.data(), 0.1f, true);
             DeviceBuffer<float> dq(q), dout(q.size());
             gpu.attend(dq.get(), hq, dout.get(), 0.1f, nullptr);
-            EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << "after " << n_total << " tokens";
+            EXPECT_LE(relative_error(dout.download(), ref), 1e-3)
+                << "after " << n_total << " tokens";
         }
         // Dequantize: every token identical up to exact ties (at most 0.1% of tokens).
         const std::size_t count = static_cast<std::size_t>(s.heads) * n_total * s.d;

@@ -73,7 +73,8 @@ void plot(const std::string& json_path, const std::string& png_path) {
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+    return s.size() >= suffix.size() &&
+           s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // Configurations of calibrated methods that no --calibration file covered are calibrated here,
@@ -81,7 +82,8 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 // default; the evaluation text is the test split). The calibration sequences are as long as the
 // evaluation's (at least 512 tokens), so that the activations cover every position evaluated:
 // spectral at 4.4 bits evaluated at ctx 2048 scored KLD 0.074 calibrated at ctx 512, 0.036 at 2048.
-void calibrate_in_process(const Options& o, const LoadedModel& m, std::vector<NamedConfig>& configs) {
+void calibrate_in_process(const Options& o, const LoadedModel& m,
+                          std::vector<NamedConfig>& configs) {
     const std::string suffix = " (calibrated)";
     std::optional<Activations> acts;
     CalibrationSource source = o.calibration_source;

@@ -7,12 +7,11 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "attention/dense_attention.h"
 #include "commands.h"
@@ -38,7 +37,9 @@ struct Variant {
 
 std::vector<Variant> variants() {
     std::vector<Variant> v;
-    auto add = [&](const std::string& label, KVCacheConfig c) { v.push_back({label, std::move(c)}); };
+    auto add = [&](const std::string& label, KVCacheConfig c) {
+        v.push_back({label, std::move(c)});
+    };
     KVCacheConfig c;
     c.method = "fp16";
     add("fp16 (baseline)", c);
@@ -93,7 +94,8 @@ void run(const Options& o) {
     std::mt19937_64 gen(o.seed);
     std::normal_distribution<float> normal;
     // Keys with a few strong channels (as RoPE'd LLM keys have), Gaussian values and queries.
-    std::vector<float> k(static_cast<std::size_t>(h) * n * d), v(k.size()), q(static_cast<std::size_t>(qh) * d);
+    std::vector<float> k(static_cast<std::size_t>(h) * n * d), v(k.size()),
+        q(static_cast<std::size_t>(qh) * d);
     for (std::size_t i = 0; i < k.size(); ++i) k[i] = normal(gen) * ((i % d) < 4 ? 4.0f : 1.0f);
     for (auto& x : v) x = normal(gen);
     for (auto& x : q) x = normal(gen);
@@ -102,17 +104,23 @@ void run(const Options& o) {
     std::vector<float> exact(q.size());
     std::vector<double> dense_times;
     for (int r = 0; r < o.repeats; ++r)
-        dense_times.push_back(time_ms([&] { dense_attention(q.data(), qh, 1, k.data(), v.data(), h, n, d, exact.data(), scale, false); }));
+        dense_times.push_back(time_ms([&] {
+            dense_attention(q.data(), qh, 1, k.data(), v.data(), h, n, d, exact.data(), scale,
+                            false);
+        }));
     const double dense_ms = median(dense_times);
     const double dense_bytes_per_token = 2.0 * h * d * sizeof(float);
 
     std::cout << "VeloxQuant synthetic run: " << n << " tokens, " << h << " KV heads, " << qh
               << " query heads, head_dim " << d << ", seed " << o.seed << "\n"
-              << "dense float32 decode attention: " << std::fixed << std::setprecision(3) << dense_ms
-              << " ms (median of " << o.repeats << "), " << dense_bytes_per_token << " bytes/token\n\n";
-    std::cout << std::left << std::setw(34) << "method" << std::right << std::setw(8) << "K bits" << std::setw(8)
-              << "V bits" << std::setw(10) << "B/token" << std::setw(9) << "vs f32" << std::setw(11) << "attn err"
-              << std::setw(12) << "append ms" << std::setw(12) << "attend ms" << std::setw(10) << "vs dense" << "\n";
+              << "dense float32 decode attention: " << std::fixed << std::setprecision(3)
+              << dense_ms << " ms (median of " << o.repeats << "), " << dense_bytes_per_token
+              << " bytes/token\n\n";
+    std::cout << std::left << std::setw(34) << "method" << std::right << std::setw(8) << "K bits"
+              << std::setw(8) << "V bits" << std::setw(10) << "B/token" << std::setw(9) << "vs f32"
+              << std::setw(11) << "attn err" << std::setw(12) << "append ms" << std::setw(12)
+              << "attend ms" << std::setw(10) << "vs dense"
+              << "\n";
     nlohmann::json rows = nlohmann::json::array();
     for (const Variant& var : variants()) {
         auto made = KVCacheFactory::create(var.config, h, d, n);
@@ -121,16 +129,19 @@ void run(const Options& o) {
         std::vector<float> out(q.size());
         std::vector<double> times;
         for (int r = 0; r < o.repeats; ++r)
-            times.push_back(time_ms([&] { cache.attend(q.data(), qh, 1, out.data(), scale, false); }));
+            times.push_back(
+                time_ms([&] { cache.attend(q.data(), qh, 1, out.data(), scale, false); }));
         const double attend_ms = median(times);
         const double bytes_per_token = static_cast<double>(cache.storage_bytes()) / n;
         const double err = rel_error(out, exact);
-        std::cout << std::left << std::setw(34) << var.label << std::right << std::setprecision(3) << std::setw(8)
-                  << cache.key_bits_per_coordinate() << std::setw(8) << cache.value_bits_per_coordinate()
-                  << std::setprecision(1) << std::setw(10) << bytes_per_token << std::setw(8)
-                  << dense_bytes_per_token / bytes_per_token << "x" << std::setprecision(4) << std::setw(11) << err
-                  << std::setprecision(2) << std::setw(12) << append_ms << std::setprecision(3) << std::setw(12)
-                  << attend_ms << std::setprecision(2) << std::setw(9) << dense_ms / attend_ms << "x\n";
+        std::cout << std::left << std::setw(34) << var.label << std::right << std::setprecision(3)
+                  << std::setw(8) << cache.key_bits_per_coordinate() << std::setw(8)
+                  << cache.value_bits_per_coordinate() << std::setprecision(1) << std::setw(10)
+                  << bytes_per_token << std::setw(8) << dense_bytes_per_token / bytes_per_token
+                  << "x" << std::setprecision(4) << std::setw(11) << err << std::setprecision(2)
+                  << std::setw(12) << append_ms << std::setprecision(3) << std::setw(12)
+                  << attend_ms << std::setprecision(2) << std::setw(9) << dense_ms / attend_ms
+                  << "x\n";
         rows.push_back({{"method", var.config.method},
                         {"label", var.label},
                         {"key_bits_per_coordinate", cache.key_bits_per_coordinate()},
@@ -141,11 +152,17 @@ void run(const Options& o) {
                         {"attend_ms_median", attend_ms},
                         {"speedup_vs_dense", dense_ms / attend_ms}});
     }
-    std::cout << "\nK/V bits: per coordinate, codes plus every per-token norm, scale and id. B/token: packed "
+    std::cout << "\nK/V bits: per coordinate, codes plus every per-token norm, scale and id. "
+                 "B/token: packed "
                  "storage held per token (all KV heads), page slack included.\n";
     if (!o.json_path.empty()) {
-        nlohmann::json doc = {{"tokens", n}, {"kv_heads", h}, {"query_heads", qh}, {"head_dim", d},
-                              {"seed", o.seed}, {"repeats", o.repeats}, {"dense_attend_ms_median", dense_ms},
+        nlohmann::json doc = {{"tokens", n},
+                              {"kv_heads", h},
+                              {"query_heads", qh},
+                              {"head_dim", d},
+                              {"seed", o.seed},
+                              {"repeats", o.repeats},
+                              {"dense_attend_ms_median", dense_ms},
                               {"rows", rows}};
         std::ofstream(o.json_path) << doc.dump(2) << "\n";
         std::cout << "wrote " << o.json_path << "\n";
@@ -156,12 +173,14 @@ void run(const Options& o) {
 
 void register_synthetic(CLI::App& app) {
     auto opts = std::make_shared<Options>();
-    CLI::App* sub = app.add_subcommand("synthetic", "Every method on synthetic keys/values: bits, bytes, error, speed");
+    CLI::App* sub = app.add_subcommand(
+        "synthetic", "Every method on synthetic keys/values: bits, bytes, error, speed");
     sub->add_option("--tokens", opts->tokens, "cached tokens")->check(CLI::Range(64, 1 << 20));
     sub->add_option("--kv-heads", opts->kv_heads, "KV heads")->check(CLI::Range(1, 128));
     sub->add_option("--group", opts->group, "query heads per KV head")->check(CLI::Range(1, 64));
     sub->add_option("--head-dim", opts->head_dim, "head dimension")->check(CLI::Range(16, 1024));
-    sub->add_option("--repeats", opts->repeats, "timing repeats (median)")->check(CLI::Range(1, 1000));
+    sub->add_option("--repeats", opts->repeats, "timing repeats (median)")
+        ->check(CLI::Range(1, 1000));
     sub->add_option("--seed", opts->seed, "data seed");
     sub->add_option("--json", opts->json_path, "also write the table as JSON to this file");
     sub->callback([opts] { run(*opts); });

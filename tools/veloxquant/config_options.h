@@ -58,10 +58,10 @@ LoadedModel load_model(const std::string& path);
 /// Where calibration activations come from: tokens of a text (default: the WikiText-2 valid
 /// split; evaluation uses the test split), run in sequences of ctx tokens.
 struct CalibrationSource {
-    std::string text;      ///< empty: the WikiText-2 valid split
-    int64_t tokens = 8192; ///< tokens run (0 = the whole text); about 10 ms of CPU each
+    std::string text;       ///< empty: the WikiText-2 valid split
+    int64_t tokens = 8192;  ///< tokens run (0 = the whole text); about 10 ms of CPU each
     int ctx = 512;
-    int max_rows = 4096;   ///< rows kept per layer and KV head
+    int max_rows = 4096;  ///< rows kept per layer and KV head
     uint64_t seed = 0;
 };
 /// The resolved text path of `source` (throws std::runtime_error when missing).

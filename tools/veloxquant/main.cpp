@@ -1,6 +1,5 @@
 // veloxquant: command-line front of the library.
 #include <CLI/CLI.hpp>
-
 #include <exception>
 #include <iostream>
 
