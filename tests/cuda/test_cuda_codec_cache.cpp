@@ -378,6 +378,42 @@ TEST(CodecCache, DecodesTokenByTokenFromEmpty) {
     }
 }
 
+// Long sequences: 8 KV heads of 20001 tokens give each warp of a split three 32-token chunks on
+// the 132 SMs of an H200 (more on fewer SMs), the last one short, so the running max and sums
+// are carried from chunk to chunk inside a warp, which the short caches above never do (one
+// chunk a warp). A decode step (4 rows a CTA) and a causal chunk of 8 queries (8 rows), for each
+// score path: lanes (turboquant, polarquant), a feature tile (qjl), features in place (fp16).
+TEST(CodecCache, LongSequencesMatchTheCpu) {
+    SKIP_WITHOUT_DEVICE();
+    KVCacheConfig qjl = base("qjl", 1, 4, 21);
+    qjl.sketch_dim = 256;
+    const std::vector<Case> configs = {
+        {"tq_d128_k4_v4", base("turboquant_rvq", 4, 4, 20), 8, 128},
+        {"qjl_d128_m256_v4", qjl, 8, 128},
+        {"fp16_d128", base("fp16", 4, 16, 22), 8, 128},
+        {"polarquant_d64_b2_v2", base("polarquant", 2, 2, 23), 8, 64}};
+    constexpr int kTokens = 20001;
+    for (const Case& k : configs) {
+        SCOPED_TRACE(k.name);
+        const int H = k.heads, d = k.d, hq = H * k.group;
+        auto cpu = KVCacheFactory::create(k.config, H, d, kTokens);
+        CudaCodecCache gpu(k.config, H, d, kTokens);
+        const auto keys = random_tokens(H, kTokens, d, 400, 0.5f);
+        const auto values = random_tokens(H, kTokens, d, 401, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu->append(keys.data(), values.data(), kTokens);
+        gpu.append(dk.get(), dv.get(), kTokens, nullptr);
+        for (const int n : {1, 8}) {
+            const auto q = vqtest::randn(static_cast<std::size_t>(hq) * n * d, 402 + n, 1.0f);
+            std::vector<float> ref(q.size());
+            cpu->attend(q.data(), hq, n, ref.data(), 0.125f, true);
+            DeviceBuffer<float> dq(q), dout(q.size());
+            gpu.attend(dq.get(), hq, n, dout.get(), 0.125f, true, nullptr);
+            EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << n << " queries";
+        }
+    }
+}
+
 TEST(CodecCache, RejectsConfigsOutOfScope) {
     KVCacheConfig c = base("turboquant_rvq", 2, 4, 1);
     EXPECT_THROW(CudaCodecCache(c, 2, 512, 64), std::invalid_argument);
