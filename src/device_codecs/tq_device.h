@@ -12,6 +12,32 @@ class KeyCodec;
 
 namespace veloxquant::dev {
 
+/// A B-bit codebook's centroid of index i. For B <= 2 the centroids are held in registers and
+/// picked by selects, so a lane score reads shared memory only for the query state: the generic
+/// kernel's lane-scored loop is bound by its shared-memory loads (bench/cuda/decode_tuning.md,
+/// session p). Wider codebooks are read from the table.
+template <int B>
+struct CentroidPick {
+    const float* table;
+    VQ_HD explicit CentroidPick(const float* t) : table(t) {}
+    VQ_HD float operator()(uint32_t i) const { return table[i]; }
+};
+template <>
+struct CentroidPick<1> {
+    float c0, c1;
+    VQ_HD explicit CentroidPick(const float* t) : c0(t[0]), c1(t[1]) {}
+    VQ_HD float operator()(uint32_t i) const { return i != 0 ? c1 : c0; }
+};
+template <>
+struct CentroidPick<2> {
+    float c0, c1, c2, c3;
+    VQ_HD explicit CentroidPick(const float* t) : c0(t[0]), c1(t[1]), c2(t[2]), c3(t[3]) {}
+    VQ_HD float operator()(uint32_t i) const {
+        const float low = (i & 1) != 0 ? c1 : c0, high = (i & 1) != 0 ? c3 : c2;
+        return (i & 2) != 0 ? high : low;
+    }
+};
+
 struct TqDevice {
     struct Params {
         int d = 0;
@@ -109,12 +135,13 @@ private:
                                   const float* scalars, float (&out)[R]) {
         float acc[R] = {};
         for (int s = 0; s < p.stages; ++s) {
-            const float* c = p.centroids + s * (1 << B);
+            const CentroidPick<B> centroid(p.centroids + s * (1 << B));
             const uint8_t* stage = code + s * p.stage_bytes;
             for (int g = 0; g < p.d / 8; ++g) {
                 uint32_t idx[8];
                 read_group8<B>(stage, g, idx);
-                for (int k = 0; k < 8; ++k) fma_rows<R>(acc, c[idx[k]], state + (8 * g + k) * R);
+                for (int k = 0; k < 8; ++k)
+                    fma_rows<R>(acc, centroid(idx[k]), state + (8 * g + k) * R);
             }
         }
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
