@@ -137,6 +137,9 @@ private:
         for (int s = 0; s < p.stages; ++s) {
             const CentroidPick<B> centroid(p.centroids + s * (1 << B));
             const uint8_t* stage = code + s * p.stage_bytes;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 2
+#endif
             for (int g = 0; g < p.d / 8; ++g) {
                 uint32_t idx[8];
                 read_group8<B>(stage, g, idx);
