@@ -335,12 +335,18 @@ private:
         if (!fits(R)) a.feature_scores = codec::kLaneScores;
         a.rows_per_block = std::min(R, a.rows);
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
-        // Splits: enough CTAs for about four waves, each split a multiple of one pass of the
-        // CTA's warps (kWarps * 32 tokens).
+        // Splits: enough CTAs for one wave of as many as the kernel keeps on an SM at once (the
+        // occupancy API: 4 for most decode kernels, 3 for fp16's 17 KB of staged codes a warp),
+        // each split a multiple of one pass of the CTA's warps (kWarps * 32 tokens).
+        const std::size_t smem = smem_of(R);
+        const int resident = R == 8   ? resident_ctas<D, 8>(a.feature_scores, smem)
+                             : R == 4 ? resident_ctas<D, 4>(a.feature_scores, smem)
+                                      : resident_ctas<D, 1>(a.feature_scores, smem);
         const long long units = static_cast<long long>(a.units) * row_blocks;
         constexpr int kChunk = codec::kWarps * 32;
         const int chunks = std::max(1, (size + kChunk - 1) / kChunk);
-        const long long want = std::max<long long>(1, (4LL * sms_ + units - 1) / units);
+        const long long wave = static_cast<long long>(resident) * sms_;
+        const long long want = std::max<long long>(1, (wave + units - 1) / units);
         const int per = static_cast<int>((chunks + std::min<long long>(want, chunks) - 1) /
                                          std::min<long long>(want, chunks));
         a.tokens_per_split = per * kChunk;
@@ -364,7 +370,6 @@ private:
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
         const dim3 grid(a.splits, a.units, row_blocks);
-        const std::size_t smem = smem_of(R);
         if (R == 8)
             launch_attention<D, 8>(a, grid, smem, stream);
         else if (R == 4)
@@ -376,26 +381,49 @@ private:
         check_cuda(cudaGetLastError(), "codec merge kernel");
     }
 
+    /// The attention kernel of (D, R, FeatureMode), its dynamic shared memory allowed up to
+    /// max_smem_ (once).
     template <int D, int R>
-    void launch_attention(const AttentionParams<Codec>& a, dim3 grid, std::size_t smem,
-                          cudaStream_t stream) {
+    auto attention_kernel(int mode) {
         // One kernel per score path (each holds only its own registers).
         auto* kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kLaneScores>;
         if constexpr (codec::FeatureScore<Codec>::kAvailable) {
-            if (a.feature_scores == codec::kFeatureTile)
+            if (mode == codec::kFeatureTile)
                 kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeatureTile>;
             if constexpr (codec::InPlaceFeatures<Codec>::value)
-                if (a.feature_scores == codec::kFeaturesInPlace)
+                if (mode == codec::kFeaturesInPlace)
                     kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeaturesInPlace>;
         }
-        // D in {64, 128, 256}, R in {1, 4, 8}, the FeatureMode
-        bool& raised = smem_raised_[D / 128][R / 4][a.feature_scores];
-        if (smem > 48 * 1024 && !raised) {
+        KernelFacts& k = kernel_facts_[D / 128][R / 4][mode];  // D in {64, 128, 256}
+        if (!k.raised) {
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(max_smem_)),
                        "codec attention shared memory");
-            raised = true;
+            k.raised = true;
         }
+        return kernel;
+    }
+
+    /// CTAs of that kernel an SM holds at once with `smem` bytes each (at least 1).
+    template <int D, int R>
+    int resident_ctas(int mode, std::size_t smem) {
+        auto* kernel = attention_kernel<D, R>(mode);
+        KernelFacts& k = kernel_facts_[D / 128][R / 4][mode];
+        if (k.smem != smem) {
+            int ctas = 0;
+            check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel,
+                                                                     codec::kWarps * 32, smem),
+                       "codec attention occupancy");
+            k.smem = smem;
+            k.resident = std::max(ctas, 1);
+        }
+        return k.resident;
+    }
+
+    template <int D, int R>
+    void launch_attention(const AttentionParams<Codec>& a, dim3 grid, std::size_t smem,
+                          cudaStream_t stream) {
+        auto* kernel = attention_kernel<D, R>(a.feature_scores);
         kernel<<<grid, codec::kWarps * 32, smem, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec attention kernel");
     }
@@ -421,8 +449,15 @@ private:
     int stage_key_scalars_ = 0, stage_value_scalars_ = 0;   ///< staged scalars per token
     int key_table_floats_ = 0, value_table_floats_ = 0;     ///< codec tables in shared memory
     int encode_code_stride_ = 0;                            ///< staged code bytes per encode item
-    std::size_t encode_smem_ = 0;     ///< codec_encode_staged_kernel's smem (0: not taken)
-    bool smem_raised_[3][3][3] = {};  ///< max_smem_ allowed, per (D, R, FeatureMode)
+    std::size_t encode_smem_ = 0;  ///< codec_encode_staged_kernel's smem (0: not taken)
+    /// Per attention kernel (D, R, FeatureMode): max_smem_ allowed, and the CTAs an SM holds
+    /// at `smem` bytes each.
+    struct KernelFacts {
+        bool raised = false;
+        std::size_t smem = 0;
+        int resident = 1;
+    };
+    KernelFacts kernel_facts_[3][3][3];
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;
