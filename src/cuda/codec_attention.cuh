@@ -101,12 +101,6 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int S = a.state_stride, d = a.store.d;
 
-    float* states = reinterpret_cast<float*>(smem);  // [S][R]
-    for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
-        const int r = i / S, e = i - r * S;  // coalesced global reads
-        states[e * R + r] =
-            r < rows ? a.states[(static_cast<size_t>(u) * a.rows + row0 + r) * S + e] : 0.0f;
-    }
     // The codecs' tables in shared memory (looked up for every code field).
     typename Codec::Params kp = a.key_params(u);
     const dev::ValueDevice::Params& vp = a.value_params(u);
@@ -131,6 +125,15 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
     float* scores = reinterpret_cast<float*>(area + L.scores);      // [8][36] (features)
     // fp16 values of the kernel's width are their own tile (half_rows_stride pads the rows).
     const bool values_in_place = value_bits == 16 && d == D;
+    // The query states, once the prepare kernel has written them: the launcher makes this grid
+    // its programmatic dependent on sm_90, so the above overlaps that kernel.
+    wait_for_prerequisite_grid();
+    float* states = reinterpret_cast<float*>(smem);  // [S][R]
+    for (int i = threadIdx.x; i < R * S; i += blockDim.x) {
+        const int r = i / S, e = i - r * S;  // coalesced global reads
+        states[e * R + r] =
+            r < rows ? a.states[(static_cast<size_t>(u) * a.rows + row0 + r) * S + e] : 0.0f;
+    }
     __syncthreads();  // the states and tables are in place
     // Scores on tensor cores: where the launcher chose them, for every head of the launch.
     int features = 0;  // F padded to 16
@@ -355,6 +358,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int item = blockIdx.x, u = item / a.rows, row = item % a.rows;
     const size_t base = static_cast<size_t>(item) * a.splits;
+    wait_for_prerequisite_grid();  // the attention's partials (a programmatic dependent on sm_90)
     // Four splits' (max, sum) and partial sums: warp w's splits s0, s0 + W, s0 + 2 W, s0 + 3 W
     // (a split past the end has weight 0 and reads s0's, which exists).
     float m[4], o[4][E];

@@ -9,6 +9,7 @@
 #include "cuda/codec_attention.cuh"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
+#include "cuda/programmatic_launch.h"
 #include "cuda/team_encoders.cuh"
 #include "cuda/team_search_encoders.cuh"
 #include "cuda/team_spectral_rabitq_encoders.cuh"
@@ -376,9 +377,11 @@ private:
             launch_attention<D, 4>(a, grid, smem, stream);
         else
             launch_attention<D, 1>(a, grid, smem, stream);
-        codec::codec_merge_kernel<Codec, D>
-            <<<static_cast<unsigned>(rows_total), codec::kMergeWarps * 32, 0, stream>>>(a);
-        check_cuda(cudaGetLastError(), "codec merge kernel");
+        auto* merge = &codec::codec_merge_kernel<Codec, D>;
+        check_cuda(launch_after_prerequisite(merge, dim3(static_cast<unsigned>(rows_total)),
+                                             dim3(codec::kMergeWarps * 32), 0, stream,
+                                             merge_waits<D>(), a),
+                   "codec merge kernel");
     }
 
     /// The attention kernel of (D, R, FeatureMode), its dynamic shared memory allowed up to
@@ -399,9 +402,23 @@ private:
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(max_smem_)),
                        "codec attention shared memory");
+            check_cuda(kernel_waits_for_prerequisite(kernel, k.waits), "codec attention code");
             k.raised = true;
         }
         return kernel;
+    }
+
+    /// Whether the merge kernel of width D waits for the attention (built for sm_90).
+    template <int D>
+    bool merge_waits() {
+        int& waits = merge_waits_[D / 128];
+        if (waits < 0) {
+            bool w = false;
+            check_cuda(kernel_waits_for_prerequisite(&codec::codec_merge_kernel<Codec, D>, w),
+                       "codec merge code");
+            waits = w ? 1 : 0;
+        }
+        return waits == 1;
     }
 
     /// CTAs of that kernel an SM holds at once with `smem` bytes each (at least 1).
@@ -423,9 +440,13 @@ private:
     template <int D, int R>
     void launch_attention(const AttentionParams<Codec>& a, dim3 grid, std::size_t smem,
                           cudaStream_t stream) {
+        // A programmatic dependent of the prepare kernel where its code waits for the states
+        // (sm_90): its set-up overlaps that kernel.
         auto* kernel = attention_kernel<D, R>(a.feature_scores);
-        kernel<<<grid, codec::kWarps * 32, smem, stream>>>(a);
-        check_cuda(cudaGetLastError(), "codec attention kernel");
+        const bool waits = kernel_facts_[D / 128][R / 4][a.feature_scores].waits;
+        check_cuda(launch_after_prerequisite(kernel, grid, dim3(codec::kWarps * 32), smem, stream,
+                                             waits, a),
+                   "codec attention kernel");
     }
 
     /// The current device's shared memory per block, opted in: 227 KB on sm_90, 163 on sm_80,
@@ -450,14 +471,17 @@ private:
     int key_table_floats_ = 0, value_table_floats_ = 0;     ///< codec tables in shared memory
     int encode_code_stride_ = 0;                            ///< staged code bytes per encode item
     std::size_t encode_smem_ = 0;  ///< codec_encode_staged_kernel's smem (0: not taken)
-    /// Per attention kernel (D, R, FeatureMode): max_smem_ allowed, and the CTAs an SM holds
-    /// at `smem` bytes each.
+    /// Per attention kernel (D, R, FeatureMode): max_smem_ allowed, whether its code waits for
+    /// the prepare kernel (launched as its programmatic dependent), and the CTAs an SM holds at
+    /// `smem` bytes each.
     struct KernelFacts {
         bool raised = false;
+        bool waits = false;
         std::size_t smem = 0;
         int resident = 1;
     };
     KernelFacts kernel_facts_[3][3][3];
+    int merge_waits_[3] = {-1, -1, -1};  ///< per D: merge_waits (-1: not asked yet)
     int sms_ = 1;
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;

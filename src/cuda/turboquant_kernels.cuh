@@ -190,11 +190,9 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
         (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.split.splits * a.group + h;
     const float2* ml = kp.partial_ml + first;               // split s at s * group
     const float* po = kp.partial_o + first * D + lane * E;  // split s at s * group * D
-#if __CUDA_ARCH__ >= 900
     // Built for sm_90 or newer, the launcher makes this grid a programmatic dependent of the
     // decode, so that its launch overlaps the decode's last CTAs: wait for the decode's partials.
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
+    wait_for_prerequisite_grid();
     float m = -INFINITY;
     for (int s = lane; s < kp.split.splits; s += 32)
         m = fmaxf(m, ml[static_cast<size_t>(s) * a.group].x);

@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "cuda/decode_split.h"
+#include "cuda/programmatic_launch.h"
 #include "cuda/turboquant_decode.cuh"
 
 namespace veloxquant::cuda {
@@ -195,22 +196,20 @@ public:
         return err;
     }
 
-    // The virtual architecture of fn's code on the current device (cudaFuncAttributes::
-    // ptxVersion: 90 for code built for sm_90; 80 where the driver compiled compute_80 PTX for a
-    // newer GPU, whose code then lacks what only sm_90 builds have).
-    cudaError_t ptx_version(void (*fn)(DecodeKernelParams), int& version) {
+    // Whether fn's code on the current device waits for a prerequisite grid
+    // (programmatic_launch.h: built for sm_90 or newer).
+    cudaError_t waits_for_prerequisite(void (*fn)(DecodeKernelParams), bool& waits) {
         int device = 0;
         cudaError_t err = cudaGetDevice(&device);
         if (err != cudaSuccess) return err;
         std::lock_guard<std::mutex> lock(mutex_);
         const auto key = std::make_pair(device, reinterpret_cast<const void*>(fn));
-        if (const auto it = ptx_.find(key); it != ptx_.end()) {
-            version = it->second;
+        if (const auto it = waits_.find(key); it != waits_.end()) {
+            waits = it->second;
             return cudaSuccess;
         }
-        cudaFuncAttributes attributes{};
-        err = cudaFuncGetAttributes(&attributes, fn);
-        if (err == cudaSuccess) version = ptx_[key] = attributes.ptxVersion;
+        err = kernel_waits_for_prerequisite(fn, waits);
+        if (err == cudaSuccess) waits_[key] = waits;
         return err;
     }
 
@@ -235,7 +234,7 @@ private:
     std::mutex mutex_;
     std::map<std::tuple<int, const void*, size_t>, int> occupancy_;
     std::map<std::pair<int, const void*>, size_t> limits_;  // dynamic shared memory set per kernel
-    std::map<std::pair<int, const void*>, int> ptx_;
+    std::map<std::pair<int, const void*>, bool> waits_;
     std::map<int, std::pair<int, int>> devices_;
 };
 
@@ -432,21 +431,13 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     const unsigned rows = static_cast<unsigned>(a.batch * a.layout.num_kv_heads * a.group);
     // Where the merge's code is built for sm_90 or newer, a programmatic dependent launch: the
     // merge grid launches as the decode's CTAs finish and waits (griddepcontrol.wait) for their
-    // writes. Code from older PTX has no wait, so it must launch after the decode as usual.
-    // (H200: 0.0368 -> 0.0364 ms at B = 1, N = 128K; 0.0269 -> 0.0266 at B = 8, N = 8K.)
+    // writes. (H200: 0.0368 -> 0.0364 ms at B = 1, N = 128K; 0.0269 -> 0.0266 at B = 8, N = 8K.)
     auto merge = a.layout.head_dim == 64 ? kernels::merge_kernel<64> : kernels::merge_kernel<128>;
-    int ptx = 0;
-    if ((err = runtime_facts().ptx_version(merge, ptx)) != cudaSuccess) return err;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(rows);
-    config.blockDim = dim3(32 * std::clamp(plan.split.splits, 1, kernels::kMergeWarps));
-    config.stream = stream;
-    cudaLaunchAttribute programmatic = {};
-    programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    programmatic.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &programmatic;
-    config.numAttrs = ptx >= 90 ? 1 : 0;
-    return cudaLaunchKernelEx(&config, merge, kp);
+    bool waits = false;
+    if ((err = runtime_facts().waits_for_prerequisite(merge, waits)) != cudaSuccess) return err;
+    return launch_after_prerequisite(
+        merge, dim3(rows), dim3(32 * std::clamp(plan.split.splits, 1, kernels::kMergeWarps)), 0,
+        stream, waits, kp);
 }
 
 }  // namespace veloxquant::cuda
