@@ -125,8 +125,11 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
     float* scores = reinterpret_cast<float*>(area + L.scores);      // [8][36] (features)
     // fp16 values of the kernel's width are their own tile (half_rows_stride pads the rows).
     const bool values_in_place = value_bits == 16 && d == D;
-    // The query states, once the prepare kernel has written them: the launcher makes this grid
-    // its programmatic dependent on sm_90, so the above overlaps that kernel.
+    // The query states, once the prepare kernel has written them: on sm_90 the launcher makes
+    // this grid its programmatic dependent, so that it launches as the prepare kernel's CTAs end
+    // and the above runs before that grid's writes are flushed. (With the prepare kernel
+    // triggering at its start, the attention's CTAs took SM slots beside the prepare's and the
+    // one-wave plan gained a tail: polarquant, rabitq, spectral 6-9% slower at 32K; session q.)
     wait_for_prerequisite_grid();
     float* states = reinterpret_cast<float*>(smem);  // [S][R]
     for (int i = threadIdx.x; i < R * S; i += blockDim.x) {

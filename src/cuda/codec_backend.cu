@@ -441,7 +441,7 @@ private:
     void launch_attention(const AttentionParams<Codec>& a, dim3 grid, std::size_t smem,
                           cudaStream_t stream) {
         // A programmatic dependent of the prepare kernel where its code waits for the states
-        // (sm_90): its set-up overlaps that kernel.
+        // (sm_90): it launches as that kernel's CTAs end, its set-up before their writes land.
         auto* kernel = attention_kernel<D, R>(a.feature_scores);
         const bool waits = kernel_facts_[D / 128][R / 4][a.feature_scores].waits;
         check_cuda(launch_after_prerequisite(kernel, grid, dim3(codec::kWarps * 32), smem, stream,

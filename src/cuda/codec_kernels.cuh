@@ -253,7 +253,6 @@ struct AttentionParams : UnitSet<Codec> {
 
 template <class Codec>
 __global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const AttentionParams<Codec> a) {
-    allow_dependent_launch();  // the attention stages its tables meanwhile
     const int item = blockIdx.x * kThreads + threadIdx.x;
     if (item >= a.units * a.rows) return;
     const int u = item / a.rows, row = item % a.rows;
@@ -294,7 +293,6 @@ __global__ void __launch_bounds__(kStateWarps * 32)
     codec_affine_prepare_kernel(const AttentionParams<Codec> a, AffineState f) {
     __shared__ float q[dev::kMaxDim];
     __shared__ float part[kStateWarps][32];
-    allow_dependent_launch();  // the attention stages its tables meanwhile
     const int item = blockIdx.x, u = item / a.rows, row = item % a.rows, d = a.store.d;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (a.store.kin != nullptr) f = a.store.kin[a.sequence(u)].affine;

@@ -1,8 +1,8 @@
 // PTX wrappers shared by the CUDA kernels: tensor-core mma, ldmatrix / movmatrix, cp.async,
-// the fast exp2, half2 packing and programmatic dependent launch. Below the architecture its instruction needs, the fp16 mma
-// (two m16n8k8 on sm_75) and ldmatrix take other forms (before sm_75: mma_portable.h), so the
-// generic attention runs on every GPU the code is built for; the others trap, and the tuned
-// decode's launcher refuses such devices first.
+// the fast exp2, half2 packing and programmatic dependent launch. Below the architecture its
+// instruction needs, the fp16 mma (two m16n8k8 on sm_75) and ldmatrix take other forms (before
+// sm_75: mma_portable.h), so the generic attention runs on every GPU the code is built for; the
+// others trap, and the tuned decode's launcher refuses such devices first.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -172,17 +172,9 @@ __device__ __forceinline__ uint32_t pack_half2(__half lo, __half hi) {
            (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
 }
 
-/// Programmatic dependent launch (sm_90, griddepcontrol): once every CTA of this grid has called
-/// this (or ended), the stream's next kernel may start, where it was launched as this grid's
-/// programmatic dependent (programmatic_launch.h). Below sm_90 a no-op.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
-/// In a grid launched as a programmatic dependent: waits until the grid it depends on has ended
-/// and its writes are visible; in a grid launched as usual it returns at once. Below sm_90 a
+/// Programmatic dependent launch (sm_90, griddepcontrol.wait). In a grid launched as the
+/// programmatic dependent of the stream's previous kernel: waits until that grid has ended and
+/// its writes are visible; in a grid launched as usual it returns at once. Below sm_90 a
 /// no-op, so the launchers launch such code as usual (programmatic_launch.h).
 __device__ __forceinline__ void wait_for_prerequisite_grid() {
 #if __CUDA_ARCH__ >= 900
