@@ -15,6 +15,7 @@
 
 #include "cuda/codec_attention_layout.cuh"
 #include "cuda/codec_kernels.cuh"
+#include "cuda/ptx_wrappers.cuh"
 #include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"

@@ -17,7 +17,6 @@
 
 #include "cuda/codec_attention_layout.cuh"
 #include "cuda/codec_params_view.h"
-#include "cuda/ptx_wrappers.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
 
