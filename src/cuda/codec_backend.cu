@@ -337,7 +337,8 @@ private:
         a.rows_per_block = std::min(R, a.rows);
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
         // Splits: enough CTAs for one wave of as many as the kernel keeps on an SM at once (the
-        // occupancy API: 4 for most decode kernels, 3 for fp16's 17 KB of staged codes a warp),
+        // occupancy API: 4 for most decode kernels, 3 for fp16's 17 KB of staged codes a warp
+        // and for qjl's tensor-core scores),
         // each split a multiple of one pass of the CTA's warps (kWarps * 32 tokens).
         const std::size_t smem = smem_of(R);
         const int resident = R == 8   ? resident_ctas<D, 8>(a.feature_scores, smem)

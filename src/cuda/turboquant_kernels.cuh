@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
     const float2* ml = kp.partial_ml + first;               // split s at s * group
     const float* po = kp.partial_o + first * D + lane * E;  // split s at s * group * D
     // Built for sm_90 or newer, the launcher makes this grid a programmatic dependent of the
-    // decode, so that its launch overlaps the decode's last CTAs: wait for the decode's partials.
+    // decode, so that it launches as the decode's CTAs end: wait for the decode's partials.
     wait_for_prerequisite_grid();
     float m = -INFINITY;
     for (int s = lane; s < kp.split.splits; s += 32)
