@@ -195,26 +195,28 @@ VQ_HD int quantize_sorted(const float* boundaries, int n_boundaries, float x) {
     return lo;
 }
 
+/// The N <= 4 bytes at p as a little-endian word: on the device one load where p is aligned to
+/// N (2 or 4; the kernels' staged rows are 4-byte aligned), else byte by byte.
+template <int N>
+VQ_HD uint32_t load_bytes_le(const uint8_t* p) {
+    static_assert(N >= 1 && N <= 4, "at most one 32-bit word");
+#if defined(__CUDA_ARCH__)
+    if constexpr (N == 2 || N == 4)
+        if ((reinterpret_cast<std::uintptr_t>(p) & (N - 1)) == 0)
+            return N == 4 ? *reinterpret_cast<const uint32_t*>(p)
+                          : *reinterpret_cast<const uint16_t*>(p);
+#endif
+    uint32_t w = 0;
+    for (int i = 0; i < N; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
+    return w;
+}
+
 /// Fields 8 g .. 8 g + 7 of a stream of B-bit fields, B in 1..4 known at compile time: group g
 /// is the B bytes starting at byte g B, read once and cut at constant shifts.
 template <int B>
 VQ_HD void read_group8(const uint8_t* packed, int g, uint32_t (&f)[8]) {
     static_assert(B >= 1 && B <= 4, "eight fields of at most 4 bits fit one 32-bit word");
-    const uint8_t* p = packed + g * B;
-    uint32_t w = 0;
-#if defined(__CUDA_ARCH__)
-    // One load where the group is aligned (the kernels' staged rows are 4-byte aligned).
-    if constexpr (B == 2 || B == 4) {
-        if ((reinterpret_cast<std::uintptr_t>(p) & (B - 1)) == 0)
-            w = B == 4 ? *reinterpret_cast<const uint32_t*>(p)
-                       : *reinterpret_cast<const uint16_t*>(p);
-        else
-            for (int i = 0; i < B; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
-    } else
-#endif
-    {
-        for (int i = 0; i < B; ++i) w |= static_cast<uint32_t>(p[i]) << (8 * i);
-    }
+    const uint32_t w = load_bytes_le<B>(packed + g * B);
     for (int k = 0; k < 8; ++k) f[k] = (w >> (k * B)) & ((1u << B) - 1u);
 }
 

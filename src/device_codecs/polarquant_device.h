@@ -132,16 +132,45 @@ struct PolarQuantDevice {
     }
 
 private:
+    /// Angles of one block (2^kLevels - 1): level l's 2^(kLevels - l) start at 2^(kLevels - l) - 1.
+    static constexpr int kBlockAngles = kBlock - 1;
+
+    /// The angle indices of block j, each level's at its width - 1 (expand_block's order). With
+    /// 2-bit upper levels (level 1: 4 bits) a block's level-1 indices are one 32-bit word and
+    /// its level 2, 3 and 4 indices a byte, a nibble and a 2-bit field: four loads instead of
+    /// fifteen read_bits (bench/cuda/decode_tuning.md, session q).
+    VQ_HD static void block_indices(const Params& p, const uint8_t* code, int j,
+                                    uint32_t (&idx)[kBlockAngles]) {
+        if (p.bits == 2) {
+            const uint32_t l1 = load_bytes_le<4>(code + 4 * j);
+            const uint8_t* upper = code + p.level1_bytes;
+            const int d = p.d;
+            const uint32_t l2 = upper[j];
+            const uint32_t l3 = upper[(d / 2 + 4 * j) >> 3] >> ((4 * j) & 7);
+            const int at4 = 3 * d / 4 + 2 * j;
+            idx[0] = (upper[at4 >> 3] >> (at4 & 7)) & 3u;
+            for (int k = 0; k < 2; ++k) idx[1 + k] = (l3 >> (2 * k)) & 3u;
+            for (int k = 0; k < 4; ++k) idx[3 + k] = (l2 >> (2 * k)) & 3u;
+            for (int k = 0; k < 8; ++k) idx[7 + k] = (l1 >> (4 * k)) & 15u;
+            return;
+        }
+        for (int level = kLevels, width = 1; level >= 1; --level, width *= 2)
+            for (int i = 0; i < width; ++i)
+                idx[width - 1 + i] = angle_index(p, code, level, j * width + i);
+    }
+
     /// Inverse polar transform of block j, top-down from its radius: each radius splits into
     /// (r cos psi, r sin psi); expanding in place from the back keeps unread entries.
     VQ_HD static void expand_block(const Params& p, const uint8_t* code, int j, float radius,
                                    float* r) {
+        uint32_t idx[kBlockAngles];
+        block_indices(p, code, j, idx);
         r[0] = radius;
         for (int level = kLevels, width = 1; level >= 1; --level, width *= 2) {
             const float* c = p.tables + p.table_offset[level - 1];
             const float* s = c + levels(p, level);
             for (int i = width - 1; i >= 0; --i) {
-                const uint32_t a = angle_index(p, code, level, j * width + i);
+                const uint32_t a = idx[width - 1 + i];
                 const float v = r[i];
                 r[2 * i] = v * c[a];
                 r[2 * i + 1] = v * s[a];
