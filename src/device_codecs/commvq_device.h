@@ -142,9 +142,7 @@ struct CommVQDevice {
         for (int j = 0; j < p.d; ++j) key[j] = 0.0f;
         for (int st = 0; st < p.stages; ++st)
             for (int g = 0; g < p.groups; ++g) {
-                const int m = st * p.groups + g;
-                const float* w =
-                    p.words + (m * p.codewords + read_bits(code, m, p.index_bits)) * gd;
+                const float* w = codeword(p, code, st, g);
                 for (int j = 0; j < gd; ++j) key[g * gd + j] += w[j];
             }
         for (int i = 0; i < p.pairs; ++i) {
@@ -164,34 +162,69 @@ struct CommVQDevice {
     /// turned by pos w_i pair by pair (the key's RoPE) and dotted with every row's query. The
     /// turn costs each token a double-precision cos and sin per rotated pair (phase()), since
     /// every thread has its own position; the CPU's score_at shares the block's part of that work.
+    /// Groups of 8 coordinates (calibration's default, 4 pairs) are summed in registers from
+    /// float4 loads (arena arrays and 8-float codewords are 16-byte aligned); other widths take
+    /// the loop over a per-thread scratch. Both add the same terms in the same order.
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* /*scalars*/, int /*stride*/, int pos, float (&out)[R]) {
-        const int gd = p.group_dim;
-        float z[kMaxDim];
         float acc[R] = {};
-        for (int g = 0; g < p.groups; ++g) {
-            for (int j = 0; j < gd; ++j) z[j] = 0.0f;
-            for (int st = 0; st < p.stages; ++st) {
-                const int m = st * p.groups + g;
-                const float* w =
-                    p.words + (m * p.codewords + read_bits(code, m, p.index_bits)) * gd;
-                for (int j = 0; j < gd; ++j) z[j] += w[j];
+        if (p.group_dim == 8) {
+            for (int g = 0; g < p.groups; ++g) {
+                float z[8];
+                sum_codewords<8>(p, code, g, z);
+                add_group_score<R>(p, state, z, g * 8, 8, pos, acc);
             }
-            for (int j = 0; j < gd; j += 2) {
-                const int i = (g * gd + j) / 2;
-                float k0 = z[j], k1 = z[j + 1];  // the key's pair (z0 c - z1 s, z0 s + z1 c)
-                if (i < p.pairs) {
-                    float c, s;
-                    phase(p, pos, i, &c, &s);
-                    k0 = z[j] * c - z[j + 1] * s;
-                    k1 = z[j] * s + z[j + 1] * c;
+        } else {
+            const int gd = p.group_dim;
+            float z[kMaxDim];
+            for (int g = 0; g < p.groups; ++g) {
+                for (int j = 0; j < gd; ++j) z[j] = 0.0f;
+                for (int st = 0; st < p.stages; ++st) {
+                    const float* w = codeword(p, code, st, g);
+                    for (int j = 0; j < gd; ++j) z[j] += w[j];
                 }
-                fma_rows<R>(acc, k0, state + (g * gd + j) * R);
-                fma_rows<R>(acc, k1, state + (g * gd + j + 1) * R);
+                add_group_score<R>(p, state, z, g * gd, gd, pos, acc);
             }
         }
         for (int r = 0; r < R; ++r) out[r] = acc[r];
+    }
+
+private:
+    /// Stage st's codeword of group g in the code.
+    VQ_HD static const float* codeword(const Params& p, const uint8_t* code, int st, int g) {
+        const int m = st * p.groups + g;
+        return p.words + (m * p.codewords + read_bits(code, m, p.index_bits)) * p.group_dim;
+    }
+
+    /// z = the sum of group g's codewords over the stages, in stage order (GD = group_dim).
+    template <int GD>
+    VQ_HD static void sum_codewords(const Params& p, const uint8_t* code, int g, float (&z)[GD]) {
+        for (int j = 0; j < GD; ++j) z[j] = 0.0f;
+        for (int st = 0; st < p.stages; ++st) {
+            float w[GD];
+            load_rows<GD>(codeword(p, code, st, g), w);
+            for (int j = 0; j < GD; ++j) z[j] += w[j];
+        }
+    }
+
+    /// acc[r] += <row r's query, the group's key>: z (the group's n = group_dim coordinates
+    /// from j0) turned pair by pair by pos w_i where pair i is rotated.
+    template <int R>
+    VQ_HD static void add_group_score(const Params& p, const float* state, const float* z, int j0,
+                                      int n, int pos, float (&acc)[R]) {
+        for (int j = 0; j < n; j += 2) {
+            const int i = (j0 + j) / 2;
+            float k0 = z[j], k1 = z[j + 1];  // the key's pair (z0 c - z1 s, z0 s + z1 c)
+            if (i < p.pairs) {
+                float c, s;
+                phase(p, pos, i, &c, &s);
+                k0 = z[j] * c - z[j + 1] * s;
+                k1 = z[j] * s + z[j + 1] * c;
+            }
+            fma_rows<R>(acc, k0, state + (j0 + j) * R);
+            fma_rows<R>(acc, k1, state + (j0 + j + 1) * R);
+        }
     }
 };
 

@@ -223,8 +223,9 @@ VQ_HD void read_group8(const uint8_t* packed, int g, uint32_t (&f)[8]) {
 // ---------------------------------------------------------------------------------------------
 // Several query rows at once (the score concept above): entry i of row r at state[i * R + r].
 
-/// x[r] = rows[r]: the R rows' values of one state entry (rows = state + i * R). On the device a
-/// multiple of 4 rows is read as float4 (the kernels keep states 16-byte aligned).
+/// x[r] = rows[r]: the R rows' values of one state entry (rows = state + i * R), or any R floats
+/// at a 16-byte aligned address (a commvq codeword). On the device a multiple of 4 is read as
+/// float4 (the kernels keep states 16-byte aligned).
 template <int R>
 VQ_HD void load_rows(const float* rows, float (&x)[R]) {
 #if defined(__CUDA_ARCH__)
