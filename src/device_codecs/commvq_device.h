@@ -161,7 +161,8 @@ struct CommVQDevice {
     /// Per group: the codeword sum z_g (S * group_dim adds, codewords read from the arena),
     /// turned by pos w_i pair by pair (the key's RoPE) and dotted with every row's query. The
     /// turn costs each token a double-precision cos and sin per rotated pair (phase()), since
-    /// every thread has its own position; the CPU's score_at shares the block's part of that work.
+    /// every thread has its own position; the CPU's score_at shares the block's part of that work
+    /// (sharing it across a warp's chunk was no faster on the H200: the gathers dominate).
     /// Groups of 8 coordinates (calibration's default, 4 pairs) are summed in registers from
     /// float4 loads (arena arrays and 8-float codewords are 16-byte aligned); other widths take
     /// the loop over a per-thread scratch. Both add the same terms in the same order.
