@@ -6,8 +6,10 @@
 // The turboquant_rvq tensor-core decode (CudaTurboQuantCache) on the same config and a
 // device-to-device copy are timed in the same process as references. Calibrated methods are
 // calibrated on synthetic Gaussian activations (speed does not depend on the fit).
-// Usage: bench_codec_cache OUT.json [METHOD [TOKENS]]: only the methods whose name contains
-// METHOD, only N = TOKENS (for profiling one point).
+// With BATCH > 1, also BATCH sequences of N tokens attended by one CudaCodecBatch call (one
+// launch of each kernel), the serving shape; every sequence's cache holds the same tokens.
+// Usage: bench_codec_cache OUT.json [METHOD [TOKENS [BATCH]]]: only the methods whose name
+// contains METHOD, only N = TOKENS (for profiling one point; 0: both), BATCH sequences (1-512).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -22,6 +24,7 @@
 #include "bench_util.cuh"
 #include "calibration/activations.h"
 #include "calibration/calibrate.h"
+#include "cuda/codec_batch.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
 #include "veloxquant/calibration.h"
@@ -104,12 +107,12 @@ struct Result {
     std::string method;
     int tokens;
     double first_append_ms, encode_ms, step_append_ms, decode_ms, prefill_ms, tq_fast_decode_ms,
-        page_mb, decode_gbps;
+        page_mb, decode_gbps, batch_decode_ms, batch_decode_gbps;
 };
 
 }  // namespace
 
-int run(const char* out_path, const std::string& only_method, int only_tokens) {
+int run(const char* out_path, const std::string& only_method, int only_tokens, int batch) {
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     const size_t copy_bytes = size_t(1) << 30;
@@ -141,7 +144,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens) {
         if (m.name.find(only_method) == std::string::npos) continue;
         for (const int n : {8192, 32768}) {
             if (only_tokens > 0 && n != only_tokens) continue;
-            Result r{m.name, n, 0, 0, 0, 0, 0, 0, 0, 0};
+            Result r{m.name, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
             constexpr int kSteps = 20;  // one-token appends timed after the prefill
             // A fresh cache's first append: rabitq's training (gather, copy, k-means, upload)
             // and the encode, as a model's first prefill of a layer pays them.
@@ -167,6 +170,19 @@ int run(const char* out_path, const std::string& only_method, int only_tokens) {
                 3, [&](int) { cache.attend(queries, kQ, kChunk, out, scale, true, nullptr); }));
             r.page_mb = static_cast<double>(n) / 64 * cache.page_layout().page_bytes / 1e6;
             r.decode_gbps = r.page_mb * 1e6 / (r.decode_ms * 1e-3) / 1e9;
+            if (batch > 1) {  // queries and out hold kChunk >= batch rows of kQ heads
+                std::vector<std::unique_ptr<CudaCodecCache>> seqs;
+                std::vector<CudaCodecCache*> step_caches;
+                for (int b = 0; b < batch; ++b) {
+                    seqs.push_back(std::make_unique<CudaCodecCache>(m.config, kKv, kD, n));
+                    seqs.back()->append(keys, values, n, nullptr);
+                    step_caches.push_back(seqs.back().get());
+                }
+                CudaCodecBatch step;
+                r.batch_decode_ms = median(time_ms(
+                    20, [&](int) { step.attend(step_caches, queries, kQ, out, scale, nullptr); }));
+                r.batch_decode_gbps = batch * r.page_mb * 1e6 / (r.batch_decode_ms * 1e-3) / 1e9;
+            }
             if (m.config.method == "turboquant_rvq") {
                 CudaTurboQuantCache fast(m.config, kKv, kD, n);
                 fast.append(keys, values, n, nullptr);
@@ -180,6 +196,10 @@ int run(const char* out_path, const std::string& only_method, int only_tokens) {
                 r.method.c_str(), n, r.first_append_ms, r.encode_ms, n / r.encode_ms / 1e3,
                 r.step_append_ms, r.decode_ms, r.decode_gbps, r.decode_gbps / copy_gbps, kChunk,
                 r.prefill_ms, r.tq_fast_decode_ms);
+            if (batch > 1)
+                std::printf("%-22s N=%5d batch %d decode %7.3f ms (%5.0f GB/s, %.2f of copy)\n",
+                            r.method.c_str(), n, batch, r.batch_decode_ms, r.batch_decode_gbps,
+                            r.batch_decode_gbps / copy_gbps);
             std::fflush(stdout);
             results.push_back(r);
         }
@@ -192,25 +212,27 @@ int run(const char* out_path, const std::string& only_method, int only_tokens) {
     FILE* f = std::fopen(out_path, "w");
     if (f == nullptr) throw std::runtime_error(std::string("cannot write ") + out_path);
     std::fprintf(
-        f, "{\n  \"device\": \"%s\",\n  \"command\": \"bench_codec_cache %s \\\"%s\\\" %d\",\n",
-        prop.name, out_path, only_method.c_str(), only_tokens);
+        f, "{\n  \"device\": \"%s\",\n  \"command\": \"bench_codec_cache %s \\\"%s\\\" %d %d\",\n",
+        prop.name, out_path, only_method.c_str(), only_tokens, batch);
     std::fprintf(
         f,
         "  \"copy_gbps_read_plus_write\": %.1f,\n  \"kv_heads\": %d, \"q_heads\": %d, "
-        "\"head_dim\": %d, \"prefill_chunk\": %d,\n  \"note\": \"medians; decode and prefill "
-        "attention on the codes (generic one-thread-per-token path); tq_fast = the tensor-core "
-        "turboquant_rvq decode\",\n  \"points\": [\n",
-        copy_gbps, kKv, kQ, kD, kChunk);
+        "\"head_dim\": %d, \"prefill_chunk\": %d, \"batch\": %d,\n  \"note\": \"medians; decode "
+        "and prefill attention on the codes (generic path); batch_decode = batch sequences in one "
+        "CudaCodecBatch call (0: not measured); tq_fast = the tensor-core turboquant_rvq "
+        "decode\",\n  \"points\": [\n",
+        copy_gbps, kKv, kQ, kD, kChunk, batch);
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
         std::fprintf(f,
                      "    {\"method\": \"%s\", \"tokens\": %d, \"first_append_ms\": %.4f, "
                      "\"encode_ms\": %.4f, "
                      "\"step_append_ms\": %.4f, \"decode_ms\": %.4f, \"prefill_chunk_ms\": %.3f, "
-                     "\"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, \"decode_gbps\": %.1f}%s\n",
+                     "\"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, \"decode_gbps\": %.1f, "
+                     "\"batch_decode_ms\": %.4f, \"batch_decode_gbps\": %.1f}%s\n",
                      r.method.c_str(), r.tokens, r.first_append_ms, r.encode_ms, r.step_append_ms,
                      r.decode_ms, r.prefill_ms, r.tq_fast_decode_ms, r.page_mb, r.decode_gbps,
-                     i + 1 < results.size() ? "," : "");
+                     r.batch_decode_ms, r.batch_decode_gbps, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ]\n}\n");
     std::fclose(f);
@@ -218,12 +240,14 @@ int run(const char* out_path, const std::string& only_method, int only_tokens) {
 }
 
 int main(int argc, char** argv) {
-    if (argc < 2 || argc > 4) {
-        std::fprintf(stderr, "usage: %s OUT.json [METHOD [TOKENS]]\n", argv[0]);
+    const int batch = argc > 4 ? std::atoi(argv[4]) : 1;
+    if (argc < 2 || argc > 5 || batch < 1 || batch > kChunk) {
+        std::fprintf(stderr, "usage: %s OUT.json [METHOD [TOKENS [BATCH (1-%d)]]]\n", argv[0],
+                     kChunk);
         return 2;
     }
     try {
-        return run(argv[1], argc > 2 ? argv[2] : "", argc > 3 ? std::atoi(argv[3]) : 0);
+        return run(argv[1], argc > 2 ? argv[2] : "", argc > 3 ? std::atoi(argv[3]) : 0, batch);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
