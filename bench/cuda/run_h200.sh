@@ -59,6 +59,8 @@ fi
 if has codecs; then
 step "every method on the generic path"
 "$BUILD/bench/cuda/bench_codec_cache" "$OUT/codec_bench.json"
+step "every method on the generic path, 8 sequences of 32K in one batched call"
+"$BUILD/bench/cuda/bench_codec_cache" "$OUT/codec_bench_batch8.json" "" 32768 8 | grep batch
 if command -v ncu >/dev/null && [ -n "${VQ_NCU_CODECS:-}" ]; then
   for point in $VQ_NCU_CODECS; do
     echo "-- ncu generic $point"
