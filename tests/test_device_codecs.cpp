@@ -47,17 +47,25 @@ INSTANTIATE_TEST_SUITE_P(Shapes, TqDeviceCodec,
                                          TqShape{100, 2, 2, false}));
 
 TEST(FieldReader, ReadsWhatReadFieldReads) {
-    // Fields of mixed widths 1..16 from every starting bit, against read_field.
-    std::vector<uint8_t> stream(64);
+    // Fields of mixed widths 1..16 from every starting bit, up to the stream's last bit, with
+    // the stream at each address mod 4 (the reader takes bytes up to a 4-byte boundary and in
+    // the last three bytes, words between), against read_field.
+    std::vector<uint8_t> buffer(72);
     uint32_t x = 12345;
-    for (auto& b : stream) b = static_cast<uint8_t>((x = x * 1103515245u + 12345u) >> 16);
-    for (int start = 0; start < 16; ++start) {
-        dev::FieldReader reader(stream.data(), start);
-        for (int bit = start, k = 0; bit + 16 <= 8 * 60; ++k) {
-            const int bits = 1 + (k * 7 + start) % 16;
-            ASSERT_EQ(reader.next(bits), dev::read_field(stream.data(), bit, bits))
-                << "start " << start << " bit " << bit << " width " << bits;
-            bit += bits;
+    for (auto& b : buffer) b = static_cast<uint8_t>((x = x * 1103515245u + 12345u) >> 16);
+    const int bytes = 61;
+    for (int shift = 0; shift < 4; ++shift) {
+        const uint8_t* stream = buffer.data() + shift;
+        for (int start = 0; start < 16; ++start) {
+            dev::FieldReader reader(stream, stream + bytes, start);
+            for (int bit = start, k = 0;; ++k) {
+                const int bits = 1 + (k * 7 + start) % 16;
+                if (bit + bits > 8 * bytes) break;
+                ASSERT_EQ(reader.next(bits), dev::read_field(stream, bit, bits))
+                    << "shift " << shift << " start " << start << " bit " << bit << " width "
+                    << bits;
+                bit += bits;
+            }
         }
     }
 }

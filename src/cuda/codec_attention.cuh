@@ -50,7 +50,7 @@ __device__ __forceinline__ void stage_units(uint8_t* dst, int dst_stride, const 
 
 /// stage_rows for rows of a size or at an address not a multiple of 4 bytes: the rows' bytes are
 /// read in the aligned 4-byte words that hold them (page regions are 64-byte aligned, so such a
-/// word lies inside the page), four words a lane at once so that their loads are in flight
+/// word lies inside the page), two words a lane at once so that their loads are in flight
 /// together, and stored byte by byte to their padded rows. (One byte load and store a lane at a
 /// time waited out a memory latency for every 32 bytes: spectral's staging took 40% of its
 /// decode's stall samples.)
@@ -59,7 +59,7 @@ __device__ __forceinline__ void stage_bytes(uint8_t* dst, int dst_stride, const 
     const int off = static_cast<int>(reinterpret_cast<uintptr_t>(src) & 3);
     const uint32_t* words = reinterpret_cast<const uint32_t*>(src - off);
     const int bytes = n * row_bytes, count = (off + bytes + 3) / 4;
-    constexpr int kInFlight = 4;
+    constexpr int kInFlight = 2;
     for (int u0 = lane; u0 < count; u0 += kInFlight * 32) {
         uint32_t w[kInFlight];
 #pragma unroll

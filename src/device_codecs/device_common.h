@@ -154,33 +154,6 @@ VQ_HD int packed_size(int n, int bits) {
     return (n * bits + 7) / 8;
 }
 
-/// Reads consecutive fields of 1..16 bits (widths may vary) from an LSB-first stream, loading
-/// each byte once: the sequential form of read_field for the scoring loops.
-struct FieldReader {
-    const uint8_t* next_byte;
-    uint32_t buffer = 0;  ///< the not yet consumed bits, LSB first
-    int held = 0;         ///< how many bits buffer holds (at most 7 between calls)
-
-    /// A reader positioned at bit `bit` of the stream.
-    VQ_HD explicit FieldReader(const uint8_t* packed, int bit = 0)
-        : next_byte(packed + (bit >> 3)) {
-        if ((bit & 7) != 0) {
-            buffer = static_cast<uint32_t>(*next_byte++) >> (bit & 7);
-            held = 8 - (bit & 7);
-        }
-    }
-    VQ_HD uint32_t next(int bits) {
-        while (held < bits) {
-            buffer |= static_cast<uint32_t>(*next_byte++) << held;
-            held += 8;
-        }
-        const uint32_t v = buffer & ((1u << bits) - 1u);
-        buffer >>= bits;
-        held -= bits;
-        return v;
-    }
-};
-
 /// Index of the nearest of ascending centroids given the n - 1 midpoints between them: the
 /// first boundary >= x (ScalarCodebook::quantize; ties go to the lower cell).
 VQ_HD int quantize_sorted(const float* boundaries, int n_boundaries, float x) {
@@ -219,6 +192,44 @@ VQ_HD void read_group8(const uint8_t* packed, int g, uint32_t (&f)[8]) {
     const uint32_t w = load_bytes_le<B>(packed + g * B);
     for (int k = 0; k < 8; ++k) f[k] = (w >> (k * B)) & ((1u << B) - 1u);
 }
+
+/// Reads consecutive fields of 1..16 bits (widths may vary) from an LSB-first stream that ends at
+/// `end`, loading each byte once: the sequential form of read_field for the scoring loops. Once
+/// the read position is 4-byte aligned with a word left before `end` (staged code rows are
+/// aligned) the buffer takes 32 bits at a time, one load and one branch for every 32 bits of
+/// fields; before that and in the last three bytes it takes single bytes. It never reads at or
+/// past `end` (the caller reads only the fields its stream holds).
+struct FieldReader {
+    const uint8_t* next_byte;
+    const uint8_t* end;
+    uint64_t buffer = 0;  ///< the not yet consumed bits, LSB first
+    int held = 0;         ///< how many bits buffer holds (under 16 + 32 between calls)
+
+    /// A reader positioned at bit `bit` of the stream [packed, end).
+    VQ_HD FieldReader(const uint8_t* packed, const uint8_t* stream_end, int bit = 0)
+        : next_byte(packed + (bit >> 3)), end(stream_end) {
+        if ((bit & 7) != 0) {
+            buffer = static_cast<uint64_t>(*next_byte++ >> (bit & 7));
+            held = 8 - (bit & 7);
+        }
+    }
+    VQ_HD uint32_t next(int bits) {
+        while (held < bits) {  // held < 16: room for a word
+            if (end - next_byte >= 4 && (reinterpret_cast<std::uintptr_t>(next_byte) & 3) == 0) {
+                buffer |= static_cast<uint64_t>(load_bytes_le<4>(next_byte)) << held;
+                next_byte += 4;
+                held += 32;
+            } else {
+                buffer |= static_cast<uint64_t>(*next_byte++) << held;
+                held += 8;
+            }
+        }
+        const uint32_t v = static_cast<uint32_t>(buffer) & ((1u << bits) - 1u);
+        buffer >>= bits;
+        held -= bits;
+        return v;
+    }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Several query rows at once (the score concept above): entry i of row r at state[i * R + r].

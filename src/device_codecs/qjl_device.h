@@ -74,7 +74,7 @@ struct QjlDevice {
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
         float acc[R] = {};
-        FieldReader bits(code);
+        FieldReader bits(code, code + code_bytes(p));
         for (int i = 0; i < p.m; ++i) fma_rows<R>(acc, bits.next(1) ? 1.0f : -1.0f, state + i * R);
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }

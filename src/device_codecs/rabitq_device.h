@@ -216,7 +216,7 @@ struct RaBitQDevice {
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
         const float offset = 0.5f * static_cast<float>((1 << p.bits) - 1);
         float acc[R] = {};  // <x_bar, q'>
-        FieldReader levels(code + p.id_bytes);
+        FieldReader levels(code + p.id_bytes, code + code_bytes(p));
         for (int j = 0; j < p.d; ++j)
             fma_rows<R>(acc, static_cast<float>(levels.next(p.bits)) - offset, state + j * R);
         float base[R];  // <q', c> of the token's centroid

@@ -170,7 +170,7 @@ struct SpectralDevice {
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
         float acc[R] = {};
-        FieldReader fields(code);
+        FieldReader fields(code, code + code_bytes(p));
         for (int b = kMaxBits, k = 0; b >= 1; --b) {
             const float* c = p.centroids + centroid_offset(b);
             for (const int end = k + p.slots_of_width[b]; k < end; ++k)

@@ -122,7 +122,7 @@ struct TqDevice {
         float acc[R] = {};
         for (int s = 0; s < p.stages; ++s) {
             const float* c = p.centroids + s * levels;
-            FieldReader indices(code + s * p.stage_bytes);
+            FieldReader indices(code + s * p.stage_bytes, code + code_bytes(p));
             for (int j = 0; j < p.d; ++j) fma_rows<R>(acc, c[indices.next(p.bits)], state + j * R);
         }
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];

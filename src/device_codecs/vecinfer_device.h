@@ -125,7 +125,7 @@ struct VecInferDevice {
                             const float* /*scalars*/, int /*stride*/, int /*pos*/,
                             float (&out)[R]) {
         float acc[R] = {};
-        FieldReader indices(code);
+        FieldReader indices(code, code + code_bytes(p));
         if (p.lut_state) {
             for (int s = 0; s < p.subspaces; ++s) {
                 float x[R];
