@@ -8,6 +8,7 @@
 #include "cuda/affine_state.h"
 #include "cuda/codec_attention.cuh"
 #include "cuda/codec_cache.h"
+#include "cuda/codec_split.h"
 #include "cuda/cuda_cache.h"
 #include "cuda/programmatic_launch.h"
 #include "cuda/team_encoders.cuh"
@@ -336,10 +337,10 @@ private:
         if (!fits(R)) a.feature_scores = codec::kLaneScores;
         a.rows_per_block = std::min(R, a.rows);
         const int row_blocks = (a.rows + a.rows_per_block - 1) / a.rows_per_block;
-        // Splits: enough CTAs for one wave of as many as the kernel keeps on an SM at once (the
-        // occupancy API: 4 for most decode kernels, 3 for fp16's 17 KB of staged codes a warp
-        // and for qjl's tensor-core scores),
-        // each split a multiple of one pass of the CTA's warps (kWarps * 32 tokens).
+        // Splits of whole passes of the CTA's warps (kWarps * 32 tokens), planned for waves of
+        // as many CTAs as the kernel keeps on an SM at once (the occupancy API: 4 for most
+        // decode kernels, 3 for fp16's 17 KB of staged codes a warp and for qjl's tensor-core
+        // scores; codec_split.h).
         const std::size_t smem = smem_of(R);
         const int resident = R == 8   ? resident_ctas<D, 8>(a.feature_scores, smem)
                              : R == 4 ? resident_ctas<D, 4>(a.feature_scores, smem)
@@ -348,11 +349,9 @@ private:
         constexpr int kChunk = codec::kWarps * 32;
         const int chunks = std::max(1, (size + kChunk - 1) / kChunk);
         const long long wave = static_cast<long long>(resident) * sms_;
-        const long long want = std::max<long long>(1, (wave + units - 1) / units);
-        const int per = static_cast<int>((chunks + std::min<long long>(want, chunks) - 1) /
-                                         std::min<long long>(want, chunks));
-        a.tokens_per_split = per * kChunk;
-        a.splits = (chunks + per - 1) / per;
+        const CodecSplit plan = plan_codec_split(units, chunks, wave);
+        a.tokens_per_split = plan.chunks_per_split * kChunk;
+        a.splits = plan.splits;
         const std::size_t rows_total = static_cast<std::size_t>(a.units) * a.rows;
         const std::size_t states_bytes =
             (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
