@@ -13,6 +13,9 @@
 // bench_cuda_attention and torch_sdpa.py do. decode_warm_ms repeats one cache, whose pages then
 // come from the L2 when they fit (the only decode figure before session s). Every cache and batch
 // attends once before its timing (a first attend allocates the workspace).
+// After each method, the device memory still held beyond what was free before the first one
+// (every cache and workspace of it freed by then): what the driver keeps for the kernels' local
+// memory (per-thread stacks, sized for every thread an SM can hold) and loaded code.
 // Usage: bench_codec_cache OUT.json [METHOD [TOKENS [BATCH]]]: only the methods whose name
 // contains METHOD, only N = TOKENS (for profiling one point; 0: both), BATCH sequences (1-512).
 #include <cuda_runtime.h>
@@ -25,6 +28,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bench_util.cuh"
@@ -125,6 +129,13 @@ struct Result {
     int decode_sets, batch_sets;
 };
 
+double device_free_mib() {
+    size_t free = 0, total = 0;
+    check_cuda(cudaDeviceSynchronize(), "sync");
+    check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return static_cast<double>(free) / (1 << 20);
+}
+
 }  // namespace
 
 int run(const char* out_path, const std::string& only_method, int only_tokens, int batch) {
@@ -155,6 +166,8 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
     const float scale = 1.0f / std::sqrt(static_cast<float>(kD));
 
     std::vector<Result> results;
+    std::vector<std::pair<std::string, double>> held;  // MiB beyond the start, after each method
+    const double free_at_start = device_free_mib();
     for (const Method& m : methods()) {
         if (m.name.find(only_method) == std::string::npos) continue;
         for (const int n : {8192, 32768}) {
@@ -247,6 +260,9 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
             std::fflush(stdout);
             results.push_back(r);
         }
+        held.emplace_back(m.name, free_at_start - device_free_mib());
+        std::printf("%-22s device memory held beyond the start: %.1f MiB\n", m.name.c_str(),
+                    held.back().second);
     }
     cudaFree(keys);
     cudaFree(values);
@@ -283,7 +299,10 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                      r.tq_fast_decode_ms, r.page_mb, r.decode_gbps, r.batch_decode_ms, r.batch_sets,
                      r.batch_decode_gbps, i + 1 < results.size() ? "," : "");
     }
-    std::fprintf(f, "  ]\n}\n");
+    std::fprintf(f, "  ],\n  \"held_mib_after_method\": {");
+    for (std::size_t i = 0; i < held.size(); ++i)
+        std::fprintf(f, "%s\"%s\": %.1f", i ? ", " : "", held[i].first.c_str(), held[i].second);
+    std::fprintf(f, "}\n}\n");
     std::fclose(f);
     return 0;
 }
