@@ -1,6 +1,8 @@
 // Decode attention and append time per method at 1K-32K cached tokens, against dense float32
-// attention on the same data in the same run. Run through bench/run_cpu_bench.sh, which writes
-// the JSON and a summary with ratios to bench/results/.
+// attention on the same data in the same run, and the read bandwidth of the same threads
+// (memory/read_f32: a sum over 256 MiB) as the bound a memory-bound decode would reach. Run
+// through bench/run_cpu_bench.sh, which writes the JSON and a summary with ratios to
+// bench/results/.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -69,6 +71,27 @@ void BM_dense_decode(benchmark::State& state) {
         benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
+// Sums state.range(0) MiB of floats over OpenMP threads, eight independent accumulators each.
+void BM_read(benchmark::State& state) {
+    static std::vector<float> buffer;
+    const std::size_t n = static_cast<std::size_t>(state.range(0)) << 18;  // MiB -> floats
+    if (buffer.size() != n) buffer.assign(n, 1.0f);
+    for (auto _ : state) {
+        double total = 0.0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+        for (std::size_t i = 0; i < n; i += 1024) {
+            float acc[8] = {};
+            for (std::size_t j = i; j < i + 1024 && j < n; j += 8)
+                for (int k = 0; k < 8; ++k) acc[k] += buffer[j + k];
+            for (float a : acc) total += a;
+        }
+        benchmark::DoNotOptimize(total);
+    }
+    state.counters["GB/s"] = benchmark::Counter(static_cast<double>(n) * sizeof(float) *
+                                                    state.iterations() / 1e9,
+                                                benchmark::Counter::kIsRate);
+}
+
 void BM_decode(benchmark::State& state, const std::string& variant) {
     const int n = static_cast<int>(state.range(0));
     const Data& d = data(n);
@@ -101,6 +124,10 @@ void BM_append(benchmark::State& state, const std::string& variant) {
 }
 
 const int registered = [] {
+    benchmark::RegisterBenchmark("memory/read_f32", BM_read)
+        ->Arg(256)
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
     benchmark::RegisterBenchmark("decode/dense_f32", BM_dense_decode)
         ->RangeMultiplier(4)
         ->Range(1024, 32768)

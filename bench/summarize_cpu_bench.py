@@ -1,5 +1,6 @@
 """Summarises a bench_attention JSON file as Markdown: median decode time per method and
-context, the ratio to dense float32 attention from the same run, bytes read and append speed."""
+context, the ratio to dense float32 attention from the same run, bytes read (and their rate
+against the same threads' read bandwidth, memory/read_f32) and append speed."""
 import json
 import sys
 
@@ -19,11 +20,19 @@ def main(path, out_path, command):
         "",
         f"Command: `{command}`  ",
         f"Machine: {ctx.get('host_name')}, {ctx.get('num_cpus')} CPUs @ {ctx.get('mhz_per_cpu')} MHz, "
-        f"date {ctx.get('date')}, build {ctx.get('library_build_type')}  ",
+        f"date {ctx.get('date')} (Google Benchmark's own library build: {ctx.get('library_build_type')}; "
+        "VeloxQuant is built Release)  ",
         "Shape: 8 KV heads, 32 query heads, head dim 128, one decode query per head; median of 5 repetitions.",
+    ]
+    read = next((b for (name, _), b in med.items() if name == "memory/read_f32"), None)
+    read_gbps = read["GB/s"] if read else float("nan")
+    if read:
+        lines.append(f"Read bandwidth of the same threads (memory/read_f32, a sum over 256 MiB): "
+                     f"{read_gbps:.2f} GB/s.")
+    lines += [
         "",
-        "| method | tokens | decode µs | vs dense f32 | KV bytes | GB/s on compressed bytes |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | tokens | decode µs | vs dense f32 | KV bytes | GB/s on compressed bytes | of read bandwidth |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, n), b in sorted(med.items()):
         if not name.startswith("decode/"):
@@ -31,7 +40,7 @@ def main(path, out_path, command):
         dense = med.get(("decode/dense_f32", n))
         ratio = dense["real_time"] / b["real_time"] if dense else float("nan")
         lines.append(f"| {name[7:]} | {n} | {b['real_time']:.1f} | {ratio:.2f}x | {b['kv_bytes']:.0f} | "
-                     f"{b['GB/s']:.2f} |")
+                     f"{b['GB/s']:.2f} | {b['GB/s'] / read_gbps:.2f} |")
     lines += ["", "| method | tokens | append ms | tokens/s |", "|---|---:|---:|---:|"]
     for (name, n), b in sorted(med.items()):
         if name.startswith("append/"):
