@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cpu_isa.h"
 #include "core/half.h"
 #include "model/dequant.h"
 #include "model/gguf.h"
@@ -453,8 +454,8 @@ TEST(LlamaMatmul, AllFormatsMatchDequantizedReference) {
         Matrix wf(static_cast<std::size_t>(rows) * cols);
         for (int r = 0; r < rows; ++r)
             dequantize_row(type, data.data() + r * row_bytes, wf.data() + r * cols, cols);
-        for (const std::string& isa : matmul_isas()) {
-            matmul_use_isa(isa);
+        for (const std::string& isa : cpu_isas()) {
+            use_cpu_isa(isa);
             for (const int n : {1, 2, 3, 4, 5, 9, 33}) {
                 const Matrix x = randn(static_cast<std::size_t>(n) * cols, gen, 1.0f);
                 std::vector<float> y(static_cast<std::size_t>(n) * rows), ref(y.size());
@@ -467,10 +468,10 @@ TEST(LlamaMatmul, AllFormatsMatchDequantizedReference) {
                         ref[t * rows + r] = static_cast<float>(s);
                     }
                 EXPECT_LT(max_rel(y, ref), 1e-5)
-                    << ggml_type_name(type) << " n=" << n << " " << matmul_isa();
+                    << ggml_type_name(type) << " n=" << n << " " << cpu_isa_name();
             }
         }
-        matmul_use_isa("");
+        use_cpu_isa("");
     }
 }
 

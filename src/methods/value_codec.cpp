@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "core/bitpack.h"
+#include "core/cpu_isa.h"
 #include "core/half.h"
 
 namespace veloxquant {
@@ -13,14 +14,103 @@ namespace {
 
 // Writes scale * centroid(code) for one token, one byte (PerByte coordinates) at a time.
 template <int PerByte>
-void unpack_scaled(const float* lut, const uint8_t* code, std::size_t code_bytes, float scale,
-                   float* out) {
+VQ_ALWAYS_INLINE void unpack_scaled(const float* lut, const uint8_t* code, std::size_t code_bytes,
+                                    float scale, float* out) {
     for (std::size_t byte = 0; byte < code_bytes; ++byte) {
         const float* row = lut + code[byte] * PerByte;
         float* o = out + byte * PerByte;
 #pragma omp simd
         for (int k = 0; k < PerByte; ++k) o[k] = scale * row[k];
     }
+}
+
+// ValueCodec::accumulate's inputs, for the per-ISA kernels below.
+struct AccumulateArgs {
+    const float* weights;
+    std::size_t weight_stride;
+    int rows;
+    const uint8_t* codes;
+    const float* scalars;
+    int n;
+    float* const* acc;
+    int dim, bits;
+    std::size_t code_bytes;
+    const float* half;       // bits 16: the fp16 -> float table
+    const float* centroids;  // other widths
+    const float* byte_lut;   // bits 1, 2, 4, 8 at dims divisible by 8 (see byte_lut_), or null
+};
+
+// The tokens one at a time: each is unpacked once into its value (rotated domain, times its
+// scale) and added into every row with a nonzero weight. Inlined into each ISA's entry point, so
+// the rows' multiply-adds take that ISA's vectors (AVX-512: 16 floats, a quarter of the
+// instructions of the baseline's SSE2).
+VQ_ALWAYS_INLINE void accumulate_tokens(const AccumulateArgs& a) {
+    float value[Rotation::kMaxDim];
+    for (int t = 0; t < a.n; ++t) {
+        bool any = false;
+        for (int r = 0; r < a.rows && !any; ++r) any = a.weights[r * a.weight_stride + t] != 0.0f;
+        if (!any) continue;
+        const uint8_t* code = a.codes + t * a.code_bytes;
+        if (a.bits == 16) {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(code);
+            for (int j = 0; j < a.dim; ++j) value[j] = a.half[h[j]];
+        } else {
+            switch (a.byte_lut == nullptr ? 0 : a.bits) {
+                case 1:
+                    unpack_scaled<8>(a.byte_lut, code, a.code_bytes, a.scalars[t], value);
+                    break;
+                case 2:
+                    unpack_scaled<4>(a.byte_lut, code, a.code_bytes, a.scalars[t], value);
+                    break;
+                case 4:
+                    unpack_scaled<2>(a.byte_lut, code, a.code_bytes, a.scalars[t], value);
+                    break;
+                case 8:
+                    unpack_scaled<1>(a.byte_lut, code, a.code_bytes, a.scalars[t], value);
+                    break;
+                default:
+                    for (int j = 0; j < a.dim; ++j)
+                        value[j] = a.scalars[t] * a.centroids[read_packed(code, j, a.bits)];
+            }
+        }
+        for (int r = 0; r < a.rows; ++r) {
+            const float w = a.weights[r * a.weight_stride + t];
+            if (w == 0.0f) continue;
+            float* acc = a.acc[r];
+#pragma omp simd
+            for (int j = 0; j < a.dim; ++j) acc[j] += w * value[j];
+        }
+    }
+}
+
+using AccumulateFn = void (*)(const AccumulateArgs&);
+
+void accumulate_generic(const AccumulateArgs& a) {
+    accumulate_tokens(a);
+}
+
+#ifdef VQ_X86_KERNELS
+VQ_TARGET_AVX2 void accumulate_avx2(const AccumulateArgs& a) {
+    accumulate_tokens(a);
+}
+
+VQ_TARGET_AVX512 void accumulate_avx512(const AccumulateArgs& a) {
+    accumulate_tokens(a);
+}
+#endif
+
+AccumulateFn accumulate_kernel() {
+#ifdef VQ_X86_KERNELS
+    switch (cpu_isa()) {
+        case CpuIsa::kAvx512:
+            return accumulate_avx512;
+        case CpuIsa::kAvx2:
+            return accumulate_avx2;
+        case CpuIsa::kGeneric:
+            break;
+    }
+#endif
+    return accumulate_generic;
 }
 
 }  // namespace
@@ -112,46 +202,14 @@ void ValueCodec::decode(const uint8_t* codes, const float* scalars, std::size_t 
 void ValueCodec::accumulate(const float* weights, std::size_t weight_stride, int rows,
                             const uint8_t* codes, const float* scalars, int n,
                             float* const* acc) const {
-    const std::size_t cb = code_bytes();
-    const float* half = bits_ == 16 ? half_table() : nullptr;
-    const float* c = bits_ == 16 ? nullptr : codebook_->centroids.data();
-    float value[Rotation::kMaxDim];
-    for (int t = 0; t < n; ++t) {
-        bool any = false;
-        for (int r = 0; r < rows && !any; ++r) any = weights[r * weight_stride + t] != 0.0f;
-        if (!any) continue;
-        const uint8_t* code = codes + t * cb;
-        // The token's value in the codec's domain (rotated, times its scale).
-        if (bits_ == 16) {
-            const uint16_t* h = reinterpret_cast<const uint16_t*>(code);
-            for (int j = 0; j < dim_; ++j) value[j] = half[h[j]];
-        } else {
-            switch (byte_lut_.empty() ? 0 : bits_) {
-                case 1:
-                    unpack_scaled<8>(byte_lut_.data(), code, cb, scalars[t], value);
-                    break;
-                case 2:
-                    unpack_scaled<4>(byte_lut_.data(), code, cb, scalars[t], value);
-                    break;
-                case 4:
-                    unpack_scaled<2>(byte_lut_.data(), code, cb, scalars[t], value);
-                    break;
-                case 8:
-                    unpack_scaled<1>(byte_lut_.data(), code, cb, scalars[t], value);
-                    break;
-                default:
-                    for (int j = 0; j < dim_; ++j)
-                        value[j] = scalars[t] * c[read_packed(code, j, bits_)];
-            }
-        }
-        for (int r = 0; r < rows; ++r) {
-            const float w = weights[r * weight_stride + t];
-            if (w == 0.0f) continue;
-            float* a = acc[r];
-#pragma omp simd
-            for (int j = 0; j < dim_; ++j) a[j] += w * value[j];
-        }
-    }
+    AccumulateArgs a;
+    a.weights = weights, a.weight_stride = weight_stride, a.rows = rows;
+    a.codes = codes, a.scalars = scalars, a.n = n, a.acc = acc;
+    a.dim = dim_, a.bits = bits_, a.code_bytes = code_bytes();
+    a.half = bits_ == 16 ? half_table() : nullptr;
+    a.centroids = bits_ == 16 ? nullptr : codebook_->centroids.data();
+    a.byte_lut = byte_lut_.empty() ? nullptr : byte_lut_.data();
+    accumulate_kernel()(a);
 }
 
 void ValueCodec::finalize(const float* acc, float* out) const {

@@ -1,12 +1,12 @@
 #include "model/matmul.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "core/cpu_isa.h"
 #include "model/dequant.h"
 
 namespace veloxquant {
@@ -15,12 +15,8 @@ namespace {
 #if !defined(__GNUC__)
 #error "matmul.cpp needs GCC or Clang (vector extensions, target attributes)"
 #endif
-// Every kernel helper is inlined into the per-ISA entry points below, so it is compiled for
-// that entry point's target.
-#define VQ_ALWAYS_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__)
-#define VQ_MATMUL_X86 1
-#endif
+// Every kernel helper is inlined (VQ_ALWAYS_INLINE) into the per-ISA entry points below, so it
+// is compiled for that entry point's target (core/cpu_isa.h).
 
 constexpr int kTileRows = 16;     // weight rows per work unit and per register tile
 constexpr int kMinTiledVecs = 4;  // from this many vectors on, a tile is dequantized once
@@ -501,41 +497,32 @@ void run_unit_generic(const Task& t, int64_t unit) {
     run_unit<4, 2>(t, unit);
 }
 
-#ifdef VQ_MATMUL_X86
+#ifdef VQ_X86_KERNELS
 // The same code for 256-bit vectors with FMA (4 x 2 accumulators) and for 512-bit vectors
 // (8 x 1 accumulators); only called when the CPU (and OS) report the features.
-__attribute__((target("avx2,fma"))) void run_unit_avx2(const Task& t, int64_t unit) {
+VQ_TARGET_AVX2 void run_unit_avx2(const Task& t, int64_t unit) {
     run_unit<8, 4>(t, unit);
 }
 
-__attribute__((target("avx512f,fma"))) void run_unit_avx512(const Task& t, int64_t unit) {
+VQ_TARGET_AVX512 void run_unit_avx512(const Task& t, int64_t unit) {
     run_unit<16, 8>(t, unit);
 }
 #endif
 
-struct KernelSet {
-    const char* name;
-    UnitFn fn;
-};
-
-// Kernel sets this CPU can run, best first; the generic set is always last.
-const std::vector<KernelSet>& kernel_sets() {
-    static const std::vector<KernelSet> sets = [] {
-        std::vector<KernelSet> v;
-#ifdef VQ_MATMUL_X86
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
-            v.push_back({"avx512", run_unit_avx512});
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            v.push_back({"avx2", run_unit_avx2});
+// The kernel of the CPU kernel set in use.
+UnitFn unit_kernel() {
+#ifdef VQ_X86_KERNELS
+    switch (cpu_isa()) {
+        case CpuIsa::kAvx512:
+            return run_unit_avx512;
+        case CpuIsa::kAvx2:
+            return run_unit_avx2;
+        case CpuIsa::kGeneric:
+            break;
+    }
 #endif
-        v.push_back({"generic", run_unit_generic});
-        return v;
-    }();
-    return sets;
+    return run_unit_generic;
 }
-
-std::atomic<int> g_kernel_set{0};  // index into kernel_sets()
 
 [[noreturn]] void fail(const std::string& msg) {
     throw std::invalid_argument("matmul: " + msg);
@@ -600,7 +587,7 @@ void matmul(const MatmulOut* outs, int n_outs, const float* x, int64_t ldx, int 
             }
         t.xsums = xs;
     }
-    const UnitFn fn = kernel_sets()[g_kernel_set.load(std::memory_order_relaxed)].fn;
+    const UnitFn fn = unit_kernel();
     // Dynamic: a thread that loses its core (a busy machine) delays its current unit, not half.
 #pragma omp parallel for schedule(dynamic) if (units > 1)
     for (int64_t u = 0; u < units; ++u) fn(t, u);
@@ -609,27 +596,6 @@ void matmul(const MatmulOut* outs, int n_outs, const float* x, int64_t ldx, int 
 void matmul(const QMatrix& w, const float* x, int n, float* y) {
     const MatmulOut out{&w, y, w.rows};
     matmul(&out, 1, x, w.cols, n);
-}
-
-std::vector<std::string> matmul_isas() {
-    std::vector<std::string> names;
-    for (const KernelSet& k : kernel_sets()) names.push_back(k.name);
-    return names;
-}
-
-const char* matmul_isa() {
-    return kernel_sets()[g_kernel_set.load()].name;
-}
-
-void matmul_use_isa(const std::string& name) {
-    const auto& sets = kernel_sets();
-    for (std::size_t i = 0; i < sets.size(); ++i) {
-        if (name.empty() || name == sets[i].name) {
-            g_kernel_set.store(static_cast<int>(i));
-            return;
-        }
-    }
-    fail("kernel set '" + name + "' is not available on this CPU");
 }
 
 }  // namespace veloxquant

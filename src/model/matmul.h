@@ -17,7 +17,7 @@
 // The kernels are written once over GCC/Clang vector extensions (no intrinsics) and instantiated
 // for 128-bit vectors (any x86-64, i.e. SSE2; or another ISA's native width) and, on x86-64, also
 // for AVX2+FMA and AVX-512 through the target attribute; the best set the CPU supports is picked
-// at run time, so the binary stays portable (no -march flags).
+// at run time, so the binary stays portable (no -march flags; core/cpu_isa.h selects the set).
 #pragma once
 
 #include <cstddef>
@@ -60,13 +60,5 @@ void matmul(const MatmulOut* outs, int n_outs, const float* x, int64_t ldx, int 
 
 /// Single-matrix convenience form: x is [n][w.cols], y is [n][w.rows], both dense.
 void matmul(const QMatrix& w, const float* x, int n, float* y);
-
-/// Kernel sets this CPU can run, best first: "avx512", "avx2" (x86-64 with FMA), "generic".
-std::vector<std::string> matmul_isas();
-/// Name of the kernel set in use (the best one unless matmul_use_isa chose another).
-const char* matmul_isa();
-/// Selects a kernel set by name ("" = the best); for tests and benchmarks. Throws
-/// std::invalid_argument for a set the CPU cannot run.
-void matmul_use_isa(const std::string& name);
 
 }  // namespace veloxquant

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cpu_isa.h"
 #include "model/llama_model.h"
 #include "model/matmul.h"
 #include "model/tokenizer.h"
@@ -160,9 +161,9 @@ int run(const Options& o) {
         model->forward(ids.data() + c0, m, caches, dst, !o.last);
     }
     const double prefill_s = seconds_since(t0);
-    std::fprintf(stderr, "model: %d layers, n_embd %d, vocab %d, weights %.1f MiB; matmul %s\n",
+    std::fprintf(stderr, "model: %d layers, n_embd %d, vocab %d, weights %.1f MiB; CPU kernels %s\n",
                  hp.n_layer, hp.n_embd, V, model->weight_bytes() / 1048576.0,
-                 veloxquant::matmul_isa());
+                 veloxquant::cpu_isa_name());
     std::fprintf(stderr, "prefill: %d tokens in %.3f s = %.1f tokens/s (%s logits)\n", n, prefill_s,
                  n / prefill_s, o.last ? "last" : "all");
 

@@ -1,0 +1,32 @@
+// The SIMD instruction set the CPU kernels run (model/matmul.cpp, methods/value_codec.cpp).
+// Each writes its kernel once and compiles it for baseline x86-64 ("generic": SSE2, or another
+// architecture's baseline) and, on x86-64, also for AVX2 + FMA and for AVX-512 through the
+// target attribute, never through -march; the best set the CPU supports is used unless the
+// environment's VQ_CPU_ISA ("avx512", "avx2", "generic"), a test or a benchmark picks another.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define VQ_X86_KERNELS 1
+#define VQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define VQ_TARGET_AVX512 __attribute__((target("avx512f,fma")))
+#endif
+// Kernel helpers inlined into each per-ISA entry point are compiled for that entry's target.
+#define VQ_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace veloxquant {
+
+enum class CpuIsa { kGeneric, kAvx2, kAvx512 };
+
+/// The sets this CPU can run, best first: "avx512", "avx2" (x86-64 with FMA), "generic".
+std::vector<std::string> cpu_isas();
+/// The set in use (the best one unless VQ_CPU_ISA or use_cpu_isa chose another), and its name.
+CpuIsa cpu_isa();
+const char* cpu_isa_name();
+/// Selects a set by name ("" = the best) for every CPU kernel; for tests and benchmarks. Throws
+/// std::invalid_argument for a set the CPU cannot run.
+void use_cpu_isa(const std::string& name);
+
+}  // namespace veloxquant

@@ -1,0 +1,82 @@
+// The CPU kernel sets (core/cpu_isa.h) and the value accumulation compiled for each of them:
+// every set this CPU runs against an independent double-precision sum of the decoded values.
+// (matmul's kernels are checked set by set in test_llama.cpp.)
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/cpu_isa.h"
+#include "methods/value_codec.h"
+
+using namespace veloxquant;
+
+TEST(CpuIsa, ListsTheSetsBestFirstAndRefusesUnknownOnes) {
+    const std::vector<std::string> sets = cpu_isas();
+    ASSERT_FALSE(sets.empty());
+    EXPECT_EQ(sets.back(), "generic");
+    const std::string start = cpu_isa_name();  // the best, unless VQ_CPU_ISA chose another
+    EXPECT_THROW(use_cpu_isa("avx9000"), std::invalid_argument);
+    EXPECT_EQ(std::string(cpu_isa_name()), start) << "a refused name changed the set";
+    use_cpu_isa("generic");
+    EXPECT_EQ(cpu_isa(), CpuIsa::kGeneric);
+    use_cpu_isa("");
+    EXPECT_EQ(std::string(cpu_isa_name()), sets.front());
+    use_cpu_isa(start);
+}
+
+// acc[r] = sum_t w[r][t] value_t through accumulate + finalize, against sum_t w[r][t] decode(t)
+// in double: bit widths with and without the byte tables (dims divisible by 8 or not), fp16,
+// rows of a GQA group and of a prefill chunk, zero weights (skipped tokens) among them.
+TEST(CpuIsa, ValueAccumulationMatchesTheDecodedSumOnEverySet) {
+    std::mt19937 gen(11);
+    std::normal_distribution<float> normal;
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        use_cpu_isa(isa);
+        for (const int bits : {1, 2, 3, 4, 8, 16}) {
+            for (const int dim : {64, 100, 128}) {
+                const ValueCodec codec(dim, bits, /*use_hadamard=*/true, 99);
+                const int n = 37;
+                std::vector<float> values(static_cast<std::size_t>(n) * dim);
+                for (auto& v : values) v = normal(gen);
+                std::vector<uint8_t> codes(n * codec.code_bytes());
+                std::vector<float> scalars(n);
+                codec.encode(values.data(), n, codes.data(), scalars.data(), n);
+                std::vector<float> decoded(values.size());
+                codec.decode(codes.data(), scalars.data(), n, n, decoded.data());
+                for (const int rows : {1, 4, 5}) {
+                    std::vector<float> w(static_cast<std::size_t>(rows) * n);
+                    for (std::size_t i = 0; i < w.size(); ++i)
+                        w[i] = i % 7 == 3 ? 0.0f : uniform(gen);
+                    std::vector<std::vector<float>> acc(rows, std::vector<float>(dim, 0.0f));
+                    std::vector<float*> acc_ptr;
+                    for (auto& a : acc) acc_ptr.push_back(a.data());
+                    codec.accumulate(w.data(), n, rows, codes.data(), scalars.data(), n,
+                                     acc_ptr.data());
+                    for (int r = 0; r < rows; ++r) {
+                        std::vector<float> out(dim);
+                        codec.finalize(acc[r].data(), out.data());
+                        double err2 = 0.0, ref2 = 0.0;
+                        for (int j = 0; j < dim; ++j) {
+                            double ref = 0.0;
+                            for (int t = 0; t < n; ++t)
+                                ref += static_cast<double>(w[r * n + t]) *
+                                       decoded[static_cast<std::size_t>(t) * dim + j];
+                            err2 += (out[j] - ref) * (out[j] - ref);
+                            ref2 += ref * ref;
+                        }
+                        EXPECT_LT(std::sqrt(err2 / ref2), 1e-5)
+                            << isa << " bits " << bits << " dim " << dim << " rows " << rows
+                            << " row " << r;
+                    }
+                }
+            }
+        }
+    }
+    use_cpu_isa(start);
+}
