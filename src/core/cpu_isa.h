@@ -29,4 +29,19 @@ const char* cpu_isa_name();
 /// std::invalid_argument for a set the CPU cannot run.
 void use_cpu_isa(const std::string& name);
 
+/// Of a kernel's builds for each set, the one of the set in use (the avx2 and avx512 builds exist
+/// where VQ_X86_KERNELS is defined; elsewhere a kernel has only its generic build).
+template <typename Fn>
+Fn kernel_for_isa(Fn generic, Fn avx2, Fn avx512) {
+    switch (cpu_isa()) {
+        case CpuIsa::kAvx512:
+            return avx512;
+        case CpuIsa::kAvx2:
+            return avx2;
+        case CpuIsa::kGeneric:
+            break;
+    }
+    return generic;
+}
+
 }  // namespace veloxquant

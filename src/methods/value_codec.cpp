@@ -101,16 +101,10 @@ VQ_TARGET_AVX512 void accumulate_avx512(const AccumulateArgs& a) {
 
 AccumulateFn accumulate_kernel() {
 #ifdef VQ_X86_KERNELS
-    switch (cpu_isa()) {
-        case CpuIsa::kAvx512:
-            return accumulate_avx512;
-        case CpuIsa::kAvx2:
-            return accumulate_avx2;
-        case CpuIsa::kGeneric:
-            break;
-    }
-#endif
+    return kernel_for_isa(accumulate_generic, accumulate_avx2, accumulate_avx512);
+#else
     return accumulate_generic;
+#endif
 }
 
 }  // namespace

@@ -512,16 +512,10 @@ VQ_TARGET_AVX512 void run_unit_avx512(const Task& t, int64_t unit) {
 // The kernel of the CPU kernel set in use.
 UnitFn unit_kernel() {
 #ifdef VQ_X86_KERNELS
-    switch (cpu_isa()) {
-        case CpuIsa::kAvx512:
-            return run_unit_avx512;
-        case CpuIsa::kAvx2:
-            return run_unit_avx2;
-        case CpuIsa::kGeneric:
-            break;
-    }
-#endif
+    return kernel_for_isa(run_unit_generic, run_unit_avx2, run_unit_avx512);
+#else
     return run_unit_generic;
+#endif
 }
 
 [[noreturn]] void fail(const std::string& msg) {
