@@ -267,7 +267,9 @@ struct TeamEncoder<dev::RaBitQDevice> {
         if (norm2 > 0.0 && m > 1 && d * (m - 1) <= kMaxEvents) {
             search_steps(e, d, m, abs_sum, steps);
         } else if (norm2 > 0.0 && m > 1) {
-            if (rank() == 0) dev::rabitq_detail::extended_rabitq_steps(e, d, m, abs_sum, steps);
+            __shared__ dev::rabitq_detail::CriticalValueHeap heap;  // not on rank 0's stack
+            if (rank() == 0)
+                dev::rabitq_detail::extended_rabitq_steps(e, d, m, abs_sum, steps, heap);
             sync();
         } else {
             for (int j = rank(); j < d; j += kTeam) steps[j] = 0;

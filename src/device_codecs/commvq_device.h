@@ -104,7 +104,7 @@ struct CommVQDevice {
         const int gd = p.group_dim, C = p.codewords;
         zero_bytes(code, code_bytes(p));
         float r[kMaxDim];
-        int idx[kMaxStages];
+        uint8_t idx[kMaxStages];  // codewords <= 256
         for (int g = 0; g < p.groups; ++g) {
             const float* k = key + g * gd;
             for (int j = 0; j < gd; ++j) r[j] = k[j];
@@ -119,7 +119,7 @@ struct CommVQDevice {
             const auto words = [&](int st) { return p.words + (st * p.groups + g) * C * gd; };
             const auto norms = [&](int st) { return p.norms2 + (st * p.groups + g) * C; };
             for (int st = 0; st < p.stages; ++st) {
-                idx[st] = nearest(r, words(st), norms(st), C, gd);
+                idx[st] = static_cast<uint8_t>(nearest(r, words(st), norms(st), C, gd));
                 const float* w = words(st) + idx[st] * gd;
                 for (int j = 0; j < gd; ++j) r[j] -= w[j];
             }
@@ -127,7 +127,7 @@ struct CommVQDevice {
                 for (int st = 0; st < p.stages; ++st) {
                     const float* old = words(st) + idx[st] * gd;
                     for (int j = 0; j < gd; ++j) r[j] += old[j];
-                    idx[st] = nearest(r, words(st), norms(st), C, gd);
+                    idx[st] = static_cast<uint8_t>(nearest(r, words(st), norms(st), C, gd));
                     const float* w = words(st) + idx[st] * gd;
                     for (int j = 0; j < gd; ++j) r[j] -= w[j];
                 }

@@ -362,42 +362,55 @@ VQ_HD void fwht(float* x, int n) {
     for (int i = 0; i < n; ++i) x[i] *= scale;
 }
 
-/// y = R x; x and y may alias.
-VQ_HD void rotate_forward(const RotationParams& r, const float* x, float* y) {
+// The rotations read x and write y as separate arrays, so that a one-thread encoder's stack
+// holds no copy of its vector: the driver reserves every kernel's largest per-thread stack for
+// all 2048 threads of every SM (1 KB of stack = 264 MiB on the H200). The _in_place forms keep
+// that copy for the callers that rotate a vector into itself.
+
+/// y = R (x * s) (s null: y = R x), each product rounded to float first; x and y distinct.
+VQ_HD void rotate_forward(const RotationParams& r, const float* x, float* y,
+                          const float* s = nullptr) {
     const int d = r.d;
     if (r.hadamard) {
-        for (int i = 0; i < d; ++i) y[i] = x[i] * r.signs[i];
+        for (int i = 0; i < d; ++i) y[i] = (s != nullptr ? x[i] * s[i] : x[i]) * r.signs[i];
         fwht(y, d);
         return;
     }
-    float tmp[kMaxDim];
-    for (int i = 0; i < d; ++i) tmp[i] = x[i];
     for (int i = 0; i < d; ++i) {
         const float* row = r.matrix + static_cast<std::size_t>(i) * d;
         float acc = 0.0f;
-        for (int k = 0; k < d; ++k) acc += row[k] * tmp[k];
+        for (int k = 0; k < d; ++k) acc += row[k] * (s != nullptr ? x[k] * s[k] : x[k]);
         y[i] = acc;
     }
 }
 
-/// x = R^T y; x and y may alias.
+/// x = R^T y; x and y distinct.
 VQ_HD void rotate_inverse(const RotationParams& r, const float* y, float* x) {
     const int d = r.d;
     if (r.hadamard) {
-        if (x != y)
-            for (int i = 0; i < d; ++i) x[i] = y[i];
+        for (int i = 0; i < d; ++i) x[i] = y[i];
         fwht(x, d);
         for (int i = 0; i < d; ++i) x[i] *= r.signs[i];
         return;
     }
-    float tmp[kMaxDim];
-    for (int i = 0; i < d; ++i) tmp[i] = y[i];
     for (int k = 0; k < d; ++k) x[k] = 0.0f;
     for (int i = 0; i < d; ++i) {
         const float* row = r.matrix + static_cast<std::size_t>(i) * d;
-        const float yi = tmp[i];
+        const float yi = y[i];
         for (int k = 0; k < d; ++k) x[k] += row[k] * yi;
     }
+}
+
+/// x = R^T x.
+VQ_HD void rotate_inverse_in_place(const RotationParams& r, float* x) {
+    if (r.hadamard) {
+        fwht(x, r.d);
+        for (int i = 0; i < r.d; ++i) x[i] *= r.signs[i];
+        return;
+    }
+    float copy[kMaxDim];
+    for (int i = 0; i < r.d; ++i) copy[i] = x[i];
+    rotate_inverse(r, copy, x);
 }
 
 }  // namespace veloxquant::dev

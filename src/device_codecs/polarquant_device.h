@@ -73,36 +73,41 @@ struct PolarQuantDevice {
         rotate_forward(p.rotation, key, y);
         zero_bytes(code, code_bytes(p));
 
-        // Level 1: full-circle angles of coordinate pairs, in [0, 2pi).
-        double r[kMaxDim / 2];
+        // Block by block (each block's transform is its own; the fields are ORed in, so the code
+        // is the CPU's whatever the order), with the radii of one block on the stack, not d / 2.
         const float* b1 = p.boundaries + p.boundary_offset[0];
-        for (int j = 0; j < d / 2; ++j) {
-            const double a = y[2 * j], b = y[2 * j + 1];
-            double theta = atan2(b, a);
-            if (theta < 0.0) theta += kTwoPi;
-            const int idx = quantize_sorted(b1, levels(p, 1) - 1, static_cast<float>(theta));
-            or_bits(code, j, level_bits(p, 1), static_cast<uint32_t>(idx));
-            r[j] = hypot(a, b);
-        }
-        // Levels 2..4: angles of pairs of non-negative radii, in [0, pi/2]; r shrinks in place.
         uint8_t* upper = code + p.level1_bytes;
-        int at = 0;
-        for (int level = 2, len = d / 4; level <= kLevels; ++level, len /= 2) {
-            const float* bl = p.boundaries + p.boundary_offset[level - 1];
-            for (int j = 0; j < len; ++j) {
-                const float angle = static_cast<float>(atan2(r[2 * j + 1], r[2 * j]));
-                const int idx = quantize_sorted(bl, levels(p, level) - 1, angle);
-                or_bits(upper, at++, p.bits, static_cast<uint32_t>(idx));
-                r[j] = hypot(r[2 * j], r[2 * j + 1]);
-            }
-        }
-        // Final radii relative to ||k||, in [0, 1], as fp16.
         uint8_t* radii = upper + p.upper_bytes;
         const double inv = norm > 0.0 ? 1.0 / norm : 0.0;
-        for (int j = 0; j < d / kBlock; ++j) {
-            const uint16_t h = float_to_half_bits(static_cast<float>(r[j] * inv));
-            radii[2 * j] = static_cast<uint8_t>(h & 0xffu);
-            radii[2 * j + 1] = static_cast<uint8_t>(h >> 8);
+        for (int blk = 0; blk < d / kBlock; ++blk) {
+            // Level 1: full-circle angles of coordinate pairs, in [0, 2pi).
+            double r[kBlock / 2];
+            for (int i = 0; i < kBlock / 2; ++i) {
+                const int j = blk * (kBlock / 2) + i;
+                const double a = y[2 * j], b = y[2 * j + 1];
+                double theta = atan2(b, a);
+                if (theta < 0.0) theta += kTwoPi;
+                const int idx = quantize_sorted(b1, levels(p, 1) - 1, static_cast<float>(theta));
+                or_bits(code, j, level_bits(p, 1), static_cast<uint32_t>(idx));
+                r[i] = hypot(a, b);
+            }
+            // Levels 2..4: angles of pairs of non-negative radii, in [0, pi/2]; r shrinks in
+            // place. Level l's d / 2^l angles follow the lower levels' in the upper stream.
+            for (int level = 2, first = 0, len = d / 4; level <= kLevels;
+                 first += len, ++level, len /= 2) {
+                const float* bl = p.boundaries + p.boundary_offset[level - 1];
+                const int count = kBlock >> level;
+                for (int i = 0; i < count; ++i) {
+                    const float angle = static_cast<float>(atan2(r[2 * i + 1], r[2 * i]));
+                    const int idx = quantize_sorted(bl, levels(p, level) - 1, angle);
+                    or_bits(upper, first + blk * count + i, p.bits, static_cast<uint32_t>(idx));
+                    r[i] = hypot(r[2 * i], r[2 * i + 1]);
+                }
+            }
+            // The final radius relative to ||k||, in [0, 1], as fp16.
+            const uint16_t h = float_to_half_bits(static_cast<float>(r[0] * inv));
+            radii[2 * blk] = static_cast<uint8_t>(h & 0xffu);
+            radii[2 * blk + 1] = static_cast<uint8_t>(h >> 8);
         }
     }
 

@@ -27,11 +27,12 @@ VQ_HD bool critical_value(int s, double abs_e, int m, double t_max, double* t) {
 }
 
 /// Coordinates keyed by their next critical value, ordered by (t, j): a binary min-heap yields
-/// the events in the CPU codec's sorted order without storing all d (M - 1) of them.
+/// the events in the CPU codec's sorted order without storing all d (M - 1) of them. 2.5 KB: a
+/// team encoder keeps it in shared memory (no initializer, so it may be __shared__).
 struct CriticalValueHeap {
     double t[kMaxDim];
     uint16_t j[kMaxDim];
-    int size = 0;
+    int size;
 
     VQ_HD bool before(int a, int b) const { return t[a] < t[b] || (t[a] == t[b] && j[a] < j[b]); }
     VQ_HD void swap_slots(int a, int b) {
@@ -92,10 +93,11 @@ VQ_HD int steps_in_prefix(double abs_e, int j, int m, double t_max, double best_
 /// rabitq.cpp's quantize: steps s_j in 0..M-1 (x_bar_j = sign(e_j) (s_j + 1/2)) maximising
 /// <x_bar, e>^2 / ||x_bar||^2. Raising t from 0, s_j steps up at t = (s_j + 1)/|e_j|; the
 /// events are visited in (t, j) order, the best prefix kept. Same double operations as the CPU.
-VQ_HD void extended_rabitq_steps(const double* e, int d, int m, double abs_sum, uint8_t* steps) {
+VQ_HD void extended_rabitq_steps(const double* e, int d, int m, double abs_sum, uint8_t* steps,
+                                 CriticalValueHeap& heap) {
     // The optimum's t is at most (M - 1/2) d / ||e||_1 (see rabitq.cpp).
     const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
-    CriticalValueHeap heap;
+    heap.size = 0;
     for (int j = 0; j < d; ++j) {
         steps[j] = 0;
         double t;
@@ -170,10 +172,12 @@ struct RaBitQDevice {
         }
         const int m = 1 << (p.bits - 1);
         uint8_t steps[kMaxDim];
-        if (norm2 > 0.0 && m > 1)
-            rabitq_detail::extended_rabitq_steps(e, d, m, abs_sum, steps);
-        else
+        if (norm2 > 0.0 && m > 1) {
+            rabitq_detail::CriticalValueHeap heap;
+            rabitq_detail::extended_rabitq_steps(e, d, m, abs_sum, steps, heap);
+        } else {
             zero_bytes(steps, d);
+        }
         zero_bytes(code, code_bytes(p));
         code[0] = static_cast<uint8_t>(cid & 0xff);
         if (p.id_bytes == 2) code[1] = static_cast<uint8_t>(cid >> 8);
@@ -197,7 +201,7 @@ struct RaBitQDevice {
         for (int j = 0; j < p.d; ++j)
             key[j] =
                 c[j] + scalars[0] * (static_cast<float>(read_bits(packed, j, p.bits)) - offset);
-        rotate_inverse(p.rotation, key, key);
+        rotate_inverse_in_place(p.rotation, key);
     }
 
     VQ_HD static void prepare(const Params& p, const float* query, float* state) {

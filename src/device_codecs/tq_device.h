@@ -94,7 +94,7 @@ struct TqDevice {
         for (int s = 0; s < p.stages; ++s)
             for (int j = 0; j < d; ++j)
                 key[j] += p.centroids[s * levels + read_bits(code + s * p.stage_bytes, j, p.bits)];
-        rotate_inverse(p.rotation, key, key);
+        rotate_inverse_in_place(p.rotation, key);
         for (int j = 0; j < d; ++j) key[j] *= scalars[0];
     }
 

@@ -79,10 +79,10 @@ struct ValueDevice {
 
     VQ_HD static void decode(const Params& p, const uint8_t* code, const float* scalars, float* v) {
         for (int j = 0; j < p.d; ++j) v[j] = coord(p, code, scalars, j);
-        if (p.bits != 16) rotate_inverse(p.rotation, v, v);
+        if (p.bits != 16) rotate_inverse_in_place(p.rotation, v);
     }
 
-    /// out = R^T acc (a copy for fp16); acc and out may alias.
+    /// out = R^T acc (a copy for fp16); acc and out distinct.
     VQ_HD static void finalize(const Params& p, const float* acc, float* out) {
         if (p.bits == 16) {
             for (int j = 0; j < p.d; ++j) out[j] = acc[j];

@@ -83,8 +83,7 @@ struct VecInferDevice {
     VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
                              float* /*scalars*/, int /*stride*/) {
         float x[kMaxDim];
-        for (int j = 0; j < p.d; ++j) x[j] = key[j] * p.inv_smooth[j];
-        rotate_forward(p.rotation, x, x);
+        rotate_forward(p.rotation, key, x, p.inv_smooth);
         zero_bytes(code, code_bytes(p));
         for (int s = 0; s < p.subspaces; ++s)
             or_bits(code, s, p.code_bits, static_cast<uint32_t>(nearest(p, s, x + s * p.sub_dim)));
@@ -97,7 +96,7 @@ struct VecInferDevice {
             const float* w = codeword(p, s, read_bits(code, s, p.code_bits));
             for (int j = 0; j < sub; ++j) key[s * sub + j] = w[j];
         }
-        rotate_inverse(p.rotation, key, key);
+        rotate_inverse_in_place(p.rotation, key);
         for (int j = 0; j < p.d; ++j) key[j] *= p.smooth[j];
     }
 
@@ -105,8 +104,7 @@ struct VecInferDevice {
         // q~ = R (q * lambda), then (LUT form) its dot with every codeword in the CPU's order.
         float scratch[kMaxDim];
         float* q = p.lut_state ? scratch : state;
-        for (int j = 0; j < p.d; ++j) q[j] = query[j] * p.smooth[j];
-        rotate_forward(p.rotation, q, q);
+        rotate_forward(p.rotation, query, q, p.smooth);
         if (!p.lut_state) return;
         const int C = p.codewords, sub = p.sub_dim;
         for (int s = 0; s < p.subspaces; ++s) {
