@@ -233,6 +233,27 @@ public:
 
     std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
 
+    std::size_t encode_stack_bytes() const override {  // the kernels encode() picks from
+        std::size_t most = 0;
+        auto take = [&](const void* kernel) {
+            cudaFuncAttributes attr{};
+            check_cuda(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes(encode)");
+            most = std::max(most, attr.localSizeBytes);
+        };
+        if constexpr (team::TeamEncoder<Codec>::kAvailable)
+            take(reinterpret_cast<const void*>(&codec::codec_team_encode_kernel<Codec>));
+        if constexpr (!kTeamEncodesLongAppends<Codec>) {
+            bool staged = false;
+            if constexpr (kStagedEncode<Codec>) {
+                staged = encode_smem_ > 0;
+                if (staged)
+                    take(reinterpret_cast<const void*>(&codec::codec_encode_staged_kernel<Codec>));
+            }
+            if (!staged) take(reinterpret_cast<const void*>(&codec::codec_encode_kernel<Codec>));
+        }
+        return most;
+    }
+
     CodecParamsView params_view() const override {
         CodecParamsView v;
         v.keys = store_.keys;

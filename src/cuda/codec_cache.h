@@ -67,6 +67,8 @@ public:
                         float* out, float scale, bool causal, cudaStream_t stream) = 0;
     /// Device bytes of codec parameters and workspace.
     virtual std::size_t nbytes() const = 0;
+    /// The largest per-thread stack (local memory) of the kernels that encode appends.
+    virtual std::size_t encode_stack_bytes() const = 0;
     /// Where the kernels find this backend's codecs (for a batch of kin caches).
     virtual CodecParamsView params_view() const = 0;
 };
@@ -112,6 +114,10 @@ public:
     const PageLayout& page_layout() const { return layout_; }
     /// Device bytes held: pages, page table, codec parameters and workspace.
     std::size_t nbytes() const;
+    /// The largest per-thread stack of the kernels that encode appends. The driver reserves a
+    /// launched kernel's stack beyond its default 1 KB for every thread the GPU can hold and
+    /// keeps it: on an H200 each KB over costs 264 MiB of device memory (docs/cuda.md).
+    std::size_t encode_stack_bytes() const { return backend_->encode_stack_bytes(); }
 
     /// A CPU cache (QuantizedKVCache) of the same config, shape and layer holding these pages
     /// and the codecs' learned state: attends, saves and loads like any CPU cache. Synchronous.

@@ -119,6 +119,15 @@ struct TeamEncoder<dev::RaBitQDevice> {
     static constexpr int kMaxEvents = 2048;
     static constexpr uint16_t kNoEvent = 0xffff;  // padding tag, after every j << 8 | s
 
+    /// The team's sorted events, or (for wider searches) thread 0's heap: one shared region.
+    union SearchSpace {
+        struct {
+            double t[kMaxEvents];
+            uint16_t tag[kMaxEvents];  // j << 8 | s, or kNoEvent
+        } events;
+        dev::rabitq_detail::CriticalValueHeap heap;
+    };
+
     /// dev::nearest_centroid: the first least distance; NaN distances are never taken, except
     /// centroid 0's, which then stays (keyed -inf here: no distance is below it).
     __device__ static int nearest(const RaBitQ::Params& p, const float* x) {
@@ -169,9 +178,9 @@ struct TeamEncoder<dev::RaBitQDevice> {
     /// across the team, bitonic-sorted by (t, j << 8 | s), and thread 0 scans them with its
     /// double updates (steps[j] = s - 1 before event s). The best prefix is replayed per j.
     __device__ static void search_steps(const double* e, int d, int m, double abs_sum,
-                                        uint8_t* steps) {
-        __shared__ double ev_t[kMaxEvents];
-        __shared__ uint16_t ev_tag[kMaxEvents];  // j << 8 | s, or kNoEvent
+                                        uint8_t* steps, SearchSpace& space) {
+        double* ev_t = space.events.t;
+        uint16_t* ev_tag = space.events.tag;
         __shared__ double best_t;
         __shared__ int best_j, count;
         const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
@@ -246,6 +255,7 @@ struct TeamEncoder<dev::RaBitQDevice> {
         __shared__ uint8_t steps[dev::kMaxDim];
         __shared__ double sums[2];  // norm2, abs_sum
         __shared__ uint32_t words[(kMaxCodeBytes + 3) / 4];
+        __shared__ SearchSpace space;
         const int d = p.d, bytes = RaBitQ::code_bytes(p);
         rotate(p.rotation, key, x);
         const int cid = nearest(p, x);
@@ -265,11 +275,10 @@ struct TeamEncoder<dev::RaBitQDevice> {
         const double norm2 = sums[0], abs_sum = sums[1];
         const int m = 1 << (p.bits - 1);
         if (norm2 > 0.0 && m > 1 && d * (m - 1) <= kMaxEvents) {
-            search_steps(e, d, m, abs_sum, steps);
+            search_steps(e, d, m, abs_sum, steps, space);
         } else if (norm2 > 0.0 && m > 1) {
-            __shared__ dev::rabitq_detail::CriticalValueHeap heap;  // not on rank 0's stack
-            if (rank() == 0)
-                dev::rabitq_detail::extended_rabitq_steps(e, d, m, abs_sum, steps, heap);
+            if (rank() == 0)  // the heap in shared memory, not on rank 0's stack
+                dev::rabitq_detail::extended_rabitq_steps(e, d, m, abs_sum, steps, space.heap);
             sync();
         } else {
             for (int j = rank(); j < d; j += kTeam) steps[j] = 0;

@@ -193,6 +193,17 @@ TEST_P(CodecCacheParity, MatchesCpuCache) {
     EXPECT_LE(relative_error(do1.download(), r1), 1e-3) << "after truncate";
 }
 
+// The driver reserves a launched kernel's stack beyond its default 1 KB for every thread the GPU
+// can hold (264 MiB a KB on an H200) and keeps it, so the encoders keep theirs near 1 KB (run 82:
+// 264-594 MiB held before); spectral's 2 KB of projections in doubles is the one exception.
+TEST_P(CodecCacheParity, EncodersKeepTheirStacksSmall) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& k = GetParam();
+    CudaCodecCache gpu(k.config, k.heads, k.d, 4096);
+    const std::size_t budget = k.config.method == "spectral" ? 2688 : 1152;
+    EXPECT_LE(gpu.encode_stack_bytes(), budget) << k.config.method;
+}
+
 // A batch's decode steps through CudaCodecBatch (one check, one launch of each kernel) against
 // each sequence's cache alone (1e-5) and the CPU cache (1e-3), sequences of different lengths.
 // A codec trained on each sequence's own tokens (rabitq here: 32 centroids on the longer
