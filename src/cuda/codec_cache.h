@@ -114,10 +114,13 @@ public:
     const PageLayout& page_layout() const { return layout_; }
     /// Device bytes held: pages, page table, codec parameters and workspace.
     std::size_t nbytes() const;
-    /// The largest per-thread stack of the kernels that encode appends. The driver reserves a
-    /// launched kernel's stack beyond its default 1 KB for every thread the GPU can hold and
-    /// keeps it: on an H200 each KB over costs 264 MiB of device memory (docs/cuda.md).
-    std::size_t encode_stack_bytes() const { return backend_->encode_stack_bytes(); }
+    /// The largest per-thread stack of the kernels that encode appends (0 while a codec that
+    /// trains has no kernels: before its first append). The driver reserves a launched kernel's
+    /// stack beyond its default 1 KB for every thread the GPU can hold and keeps it: on an
+    /// H200 each KB over costs 264 MiB of device memory (docs/cuda.md).
+    std::size_t encode_stack_bytes() const {
+        return backend_ ? backend_->encode_stack_bytes() : 0;
+    }
 
     /// A CPU cache (QuantizedKVCache) of the same config, shape and layer holding these pages
     /// and the codecs' learned state: attends, saves and loads like any CPU cache. Synchronous.
