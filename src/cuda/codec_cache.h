@@ -118,9 +118,7 @@ public:
     /// trains has no kernels: before its first append). The driver reserves a launched kernel's
     /// stack beyond its default 1 KB for every thread the GPU can hold and keeps it: on an
     /// H200 each KB over costs 264 MiB of device memory (docs/cuda.md).
-    std::size_t encode_stack_bytes() const {
-        return backend_ ? backend_->encode_stack_bytes() : 0;
-    }
+    std::size_t encode_stack_bytes() const { return backend_ ? backend_->encode_stack_bytes() : 0; }
 
     /// A CPU cache (QuantizedKVCache) of the same config, shape and layer holding these pages
     /// and the codecs' learned state: attends, saves and loads like any CPU cache. Synchronous.
