@@ -13,6 +13,8 @@
 // bench_cuda_attention and torch_sdpa.py do. decode_warm_ms repeats one cache, whose pages then
 // come from the L2 when they fit (the only decode figure before session s). Every cache and batch
 // attends once before its timing (a first attend allocates the workspace).
+// Each cache's device memory beyond its nbytes(), from the free memory around the cold sets'
+// extra caches (allocation granularity, or anything a cache holds without counting it).
 // After each method, the device memory still held beyond what was free before the first one
 // (every cache and workspace of it freed by then): what the driver keeps for the kernels' local
 // memory (per-thread stacks, sized for every thread an SM can hold) and loaded code.
@@ -127,6 +129,9 @@ struct Result {
     double first_append_ms, encode_ms, step_append_ms, decode_ms, decode_warm_ms, prefill_ms,
         tq_fast_decode_ms, page_mb, decode_gbps, batch_decode_ms, batch_decode_gbps;
     int decode_sets, batch_sets;
+    /// Device memory a cache takes beyond its nbytes() (allocation granularity, anything it
+    /// holds uncounted): over the cold sets' extra caches, each appended and attended once.
+    double unreported_mib_per_cache;
 };
 
 double device_free_mib() {
@@ -172,7 +177,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
         if (m.name.find(only_method) == std::string::npos) continue;
         for (const int n : {8192, 32768}) {
             if (only_tokens > 0 && n != only_tokens) continue;
-            Result r{m.name, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+            Result r{m.name, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
             constexpr int kSteps = 20;  // one-token appends timed after the prefill
             // A fresh cache's first append: rabitq's training (gather, copy, k-means, upload)
             // and the encode, as a model's first prefill of a layer pays them.
@@ -194,6 +199,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 time_ms(20, [&](int) { cache.attend(queries, kQ, 1, out, scale, true, nullptr); }));
             {  // cold: the first set is `cache`, the others hold the same tokens
                 r.decode_sets = rotation_sets(r.page_mb * 1e6);
+                const double free_before_others = device_free_mib();
                 std::vector<std::unique_ptr<CudaCodecCache>> others;
                 std::vector<CudaCodecCache*> sets{&cache};
                 for (int s = 1; s < r.decode_sets; ++s) {
@@ -203,6 +209,12 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 }
                 // A cache's first attend allocates its workspace: once each before the timing.
                 for (CudaCodecCache* c : sets) c->attend(queries, kQ, 1, out, scale, true, nullptr);
+                if (!others.empty()) {
+                    double reported = 0.0;
+                    for (const auto& c : others) reported += c->nbytes() / double(1 << 20);
+                    r.unreported_mib_per_cache =
+                        (free_before_others - device_free_mib() - reported) / others.size();
+                }
                 const int reps = std::max(20, r.decode_sets);
                 r.decode_ms = median(time_ms(reps, [&](int i) {
                     sets[i % sets.size()]->attend(queries, kQ, 1, out, scale, true, nullptr);
@@ -252,6 +264,8 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 r.method.c_str(), n, r.first_append_ms, r.encode_ms, n / r.encode_ms / 1e3,
                 r.step_append_ms, r.decode_ms, r.decode_gbps, r.decode_gbps / copy_gbps,
                 r.decode_sets, r.decode_warm_ms, kChunk, r.prefill_ms, r.tq_fast_decode_ms);
+            std::printf("%-22s N=%5d device memory beyond nbytes: %.2f MiB a cache\n",
+                        r.method.c_str(), n, r.unreported_mib_per_cache);
             if (batch > 1)
                 std::printf(
                     "%-22s N=%5d batch %d decode %7.3f ms (%5.0f GB/s, %.2f of copy; %d sets)\n",
@@ -293,11 +307,12 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                      "\"decode_warm_ms\": %.4f, \"prefill_chunk_ms\": %.3f, "
                      "\"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, \"decode_gbps\": %.1f, "
                      "\"batch_decode_ms\": %.4f, \"batch_sets\": %d, "
-                     "\"batch_decode_gbps\": %.1f}%s\n",
+                     "\"batch_decode_gbps\": %.1f, \"unreported_mib_per_cache\": %.2f}%s\n",
                      r.method.c_str(), r.tokens, r.first_append_ms, r.encode_ms, r.step_append_ms,
                      r.decode_ms, r.decode_sets, r.decode_warm_ms, r.prefill_ms,
                      r.tq_fast_decode_ms, r.page_mb, r.decode_gbps, r.batch_decode_ms, r.batch_sets,
-                     r.batch_decode_gbps, i + 1 < results.size() ? "," : "");
+                     r.batch_decode_gbps, r.unreported_mib_per_cache,
+                     i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"held_mib_after_method\": {");
     for (std::size_t i = 0; i < held.size(); ++i)
