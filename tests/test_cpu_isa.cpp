@@ -1,6 +1,8 @@
-// The CPU kernel sets (core/cpu_isa.h) and the value accumulation compiled for each of them:
-// every set this CPU runs against an independent double-precision sum of the decoded values.
-// (matmul's kernels are checked set by set in test_llama.cpp.)
+// The CPU kernel sets (core/cpu_isa.h) and the kernels compiled for each of them, on every set
+// this CPU runs: the value accumulation against an independent double-precision sum of the
+// decoded values, the key scorers' table sums bit for bit against the scalar order they
+// document. (matmul's kernels are checked set by set in test_llama.cpp, the codecs' scores
+// against decoded keys in their own tests.)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +12,8 @@
 #include <vector>
 
 #include "core/cpu_isa.h"
+#include "methods/byte_table_sums.h"
+#include "methods/nibble_table_sums.h"
 #include "methods/value_codec.h"
 
 using namespace veloxquant;
@@ -79,4 +83,82 @@ TEST(CpuIsa, ValueAccumulationMatchesTheDecodedSumOnEverySet) {
         }
     }
     use_cpu_isa(start);
+}
+
+// Table sums over codes of 1..65 bytes (whole 4-byte words and every remainder), at a stride
+// with unused bytes between tokens, for token counts below, at and past the SIMD widths (8,
+// 16). Tables and codes are fresh random values, so a dropped or repeated lookup or token
+// changes a sum; sums start as NaN, so an unwritten token fails too.
+struct TableSumCase {
+    std::size_t bytes, stride;
+    int n;
+};
+
+std::vector<TableSumCase> table_sum_cases() {
+    std::vector<TableSumCase> cases;
+    for (const std::size_t bytes : {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 64, 65})
+        for (const int n : {1, 7, 16, 17, 40, 64}) cases.push_back({bytes, bytes + n % 5, n});
+    return cases;
+}
+
+TEST(CpuIsa, NibbleTableSumsMatchTheScalarOrderOnEverySet) {
+    std::mt19937 gen(12);
+    std::normal_distribution<float> normal;
+    const std::string start = cpu_isa_name();
+    for (const TableSumCase& c : table_sum_cases()) {
+        std::vector<float> tables(2 * c.bytes * 16);
+        for (auto& x : tables) x = normal(gen);
+        std::vector<uint8_t> codes(c.n * c.stride);
+        for (auto& b : codes) b = static_cast<uint8_t>(gen());
+        std::vector<float> expected(c.n);
+        for (int t = 0; t < c.n; ++t) {
+            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (std::size_t p = 0; p < 2 * c.bytes; ++p)
+                s[p % 4] += tables[p * 16 + ((codes[t * c.stride + p / 2] >> (4 * (p % 2))) & 15)];
+            expected[t] = (s[0] + s[1]) + (s[2] + s[3]);
+        }
+        for (const std::string& isa : cpu_isas()) {
+            use_cpu_isa(isa);
+            std::vector<float> sums(c.n, NAN);
+            nibble_table_sums(tables.data(), codes.data(), c.stride, c.bytes, c.n, sums.data());
+            for (int t = 0; t < c.n; ++t)
+                ASSERT_EQ(sums[t], expected[t]) << isa << " bytes " << c.bytes << " stride "
+                                                << c.stride << " n " << c.n << " token " << t;
+        }
+    }
+    use_cpu_isa(start);
+}
+
+TEST(CpuIsa, ByteTableSumsMatchTheScalarOrderOnEverySet) {
+    std::mt19937 gen(13);
+    std::normal_distribution<float> normal;
+    const std::string start = cpu_isa_name();
+    for (const TableSumCase& c : table_sum_cases()) {
+        std::vector<float> tables(c.bytes * 256);
+        for (auto& x : tables) x = normal(gen);
+        std::vector<uint8_t> codes(c.n * c.stride);
+        for (auto& b : codes) b = static_cast<uint8_t>(gen());
+        for (const int chains : {1, 4}) {
+            std::vector<float> expected(c.n);
+            for (int t = 0; t < c.n; ++t) {
+                float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                const std::size_t whole = chains == 4 ? c.bytes / 4 * 4 : 0;
+                for (std::size_t b = 0; b < c.bytes; ++b)
+                    s[b < whole ? b % 4 : 0] += tables[b * 256 + codes[t * c.stride + b]];
+                expected[t] = chains == 4 ? (s[0] + s[1]) + (s[2] + s[3]) : s[0];
+            }
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                std::vector<float> sums(c.n, NAN);
+                byte_table_sums(tables.data(), codes.data(), c.stride, c.bytes, c.n, chains,
+                                sums.data());
+                for (int t = 0; t < c.n; ++t)
+                    ASSERT_EQ(sums[t], expected[t])
+                        << isa << " chains " << chains << " bytes " << c.bytes << " stride "
+                        << c.stride << " n " << c.n << " token " << t;
+            }
+        }
+    }
+    use_cpu_isa(start);
+    EXPECT_THROW(byte_table_sums(nullptr, nullptr, 1, 1, 0, 2, nullptr), std::invalid_argument);
 }
