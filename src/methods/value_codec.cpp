@@ -85,12 +85,13 @@ VQ_ALWAYS_INLINE void add_chunk(float* acc, const float* w, const float* values,
 
 // Blocks of kBlock tokens: each token with a nonzero weight in some row is unpacked once into
 // its value (rotated domain, times its scale), then every row adds the block's values, a chunk
-// of coordinates (64, 16, then 1) at a time, so that its accumulators are loaded and stored once
-// per block rather than once per token. Per coordinate the adds run in token order, as one token at
-// a time would run them. Inlined into each ISA's entry point, so the multiply-adds take that ISA's
-// vectors (AVX-512: 16 floats, a quarter of the instructions of the baseline's SSE2).
-// unpack(live, count, values) writes the values of tokens live[0..count) to values[i * dim].
-template <typename Unpack>
+// of coordinates (MaxChunk = 128 where 32 registers hold them, else 64; then 16, then 1) at a time,
+// so that its accumulators are loaded and stored once per block rather than once per token. Per
+// coordinate the adds run in token order, as one token at a time would run them. Inlined into each
+// ISA's entry point, so the multiply-adds take that ISA's vectors (AVX-512: 16 floats, a quarter of
+// the instructions of the baseline's SSE2). unpack(live, count, values) writes the values of tokens
+// live[0..count) to values[i * dim].
+template <int MaxChunk, typename Unpack>
 VQ_ALWAYS_INLINE void accumulate_tokens(const AccumulateArgs& a, const Unpack& unpack) {
     constexpr int kBlock = 16;
     float values[kBlock * Rotation::kMaxDim];
@@ -110,6 +111,9 @@ VQ_ALWAYS_INLINE void accumulate_tokens(const AccumulateArgs& a, const Unpack& u
             for (int i = 0; i < count; ++i) w[i] = a.weights[r * a.weight_stride + live[i]];
             float* acc = a.acc[r];
             int j = 0;
+            if (MaxChunk == 128)
+                for (; j + 128 <= a.dim; j += 128)
+                    add_chunk<128>(acc + j, w, values + j, count, a.dim);
             for (; j + 64 <= a.dim; j += 64) add_chunk<64>(acc + j, w, values + j, count, a.dim);
             for (; j + 16 <= a.dim; j += 16) add_chunk<16>(acc + j, w, values + j, count, a.dim);
             for (; j < a.dim; ++j) add_chunk<1>(acc + j, w, values + j, count, a.dim);
@@ -127,12 +131,12 @@ struct UnpackValue {
 using AccumulateFn = void (*)(const AccumulateArgs&);
 
 void accumulate_generic(const AccumulateArgs& a) {
-    accumulate_tokens(a, UnpackValue{a});
+    accumulate_tokens<64>(a, UnpackValue{a});
 }
 
 #ifdef VQ_X86_KERNELS
 VQ_TARGET_AVX2 void accumulate_avx2(const AccumulateArgs& a) {
-    accumulate_tokens(a, UnpackValue{a});
+    accumulate_tokens<64>(a, UnpackValue{a});
 }
 
 // Bits 1, 2, 4 at dims divisible by 16, on AVX-512: the indices of 16 coordinates (2 Bits code
@@ -183,14 +187,14 @@ VQ_TARGET_AVX512 void accumulate_avx512(const AccumulateArgs& a) {
     if (a.bits <= 4 && 4 % a.bits == 0 && a.dim % 16 == 0) {
         switch (a.bits) {
             case 1:
-                return accumulate_tokens(a, UnpackLanes<1>(a));
+                return accumulate_tokens<128>(a, UnpackLanes<1>(a));
             case 2:
-                return accumulate_tokens(a, UnpackLanes<2>(a));
+                return accumulate_tokens<128>(a, UnpackLanes<2>(a));
             default:
-                return accumulate_tokens(a, UnpackLanes<4>(a));
+                return accumulate_tokens<128>(a, UnpackLanes<4>(a));
         }
     }
-    accumulate_tokens(a, UnpackValue{a});
+    accumulate_tokens<128>(a, UnpackValue{a});
 }
 #endif
 
