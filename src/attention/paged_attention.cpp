@@ -49,7 +49,9 @@ bool in_window(const PagedAttentionArgs& a, int t, int limit) {
 // Logit masking for one page: -inf where the token is beyond the query, outside the window,
 // or held in the outlier side store.
 void mask_logits(const PagedAttentionArgs& a, int h, int t0, int n, int limit, float* logits) {
-    for (int t = 0; t < n; ++t)
+    // A page wholly before the limit and inside the window (most decode pages) skips the test.
+    const bool all_visible = t0 + n <= limit && (a.window <= 0 || t0 >= limit - a.window);
+    for (int t = 0; t < n && !all_visible; ++t)
         if (t0 + t >= limit || !in_window(a, t0 + t, limit)) logits[t] = kNegInf;
     if (a.outliers != nullptr) {
         const auto& pos = a.outliers->positions(h);
