@@ -85,10 +85,11 @@ TEST(CpuIsa, ValueAccumulationMatchesTheDecodedSumOnEverySet) {
     use_cpu_isa(start);
 }
 
-// Table sums over codes of 1..65 bytes (whole 4-byte words and every remainder), at a stride
-// with unused bytes between tokens, for token counts below, at and past the SIMD widths (8,
-// 16). Tables and codes are fresh random values, so a dropped or repeated lookup or token
-// changes a sum; sums start as NaN, so an unwritten token fails too.
+// Table sums over codes of 1..130 bytes (whole 4-byte words and every remainder, one chunk of
+// nibble_table_sums' 16 words and more), at a stride with unused bytes between tokens, for
+// token counts below, at and past the SIMD widths (8, 16). Tables and codes are fresh random
+// values, so a dropped or repeated lookup or token changes a sum; sums start as NaN, so an
+// unwritten token fails too.
 struct TableSumCase {
     std::size_t bytes, stride;
     int n;
@@ -96,34 +97,43 @@ struct TableSumCase {
 
 std::vector<TableSumCase> table_sum_cases() {
     std::vector<TableSumCase> cases;
-    for (const std::size_t bytes : {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 64, 65})
+    for (const std::size_t bytes : {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 64, 65, 130})
         for (const int n : {1, 7, 16, 17, 40, 64}) cases.push_back({bytes, bytes + n % 5, n});
     return cases;
 }
 
+// ... for 1 to 9 query rows (one past the AVX-512 build's group of 8), tables and sums at
+// strides with room between rows.
 TEST(CpuIsa, NibbleTableSumsMatchTheScalarOrderOnEverySet) {
     std::mt19937 gen(12);
     std::normal_distribution<float> normal;
     const std::string start = cpu_isa_name();
     for (const TableSumCase& c : table_sum_cases()) {
-        std::vector<float> tables(2 * c.bytes * 16);
+        const int rows = 1 + c.n % 9;
+        const std::size_t table_stride = 2 * c.bytes * 16 + 5, sum_stride = c.n + 3;
+        std::vector<float> tables(rows * table_stride);
         for (auto& x : tables) x = normal(gen);
         std::vector<uint8_t> codes(c.n * c.stride);
         for (auto& b : codes) b = static_cast<uint8_t>(gen());
-        std::vector<float> expected(c.n);
-        for (int t = 0; t < c.n; ++t) {
-            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            for (std::size_t p = 0; p < 2 * c.bytes; ++p)
-                s[p % 4] += tables[p * 16 + ((codes[t * c.stride + p / 2] >> (4 * (p % 2))) & 15)];
-            expected[t] = (s[0] + s[1]) + (s[2] + s[3]);
-        }
+        std::vector<float> expected(rows * sum_stride, NAN);
+        for (int r = 0; r < rows; ++r)
+            for (int t = 0; t < c.n; ++t) {
+                float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (std::size_t p = 0; p < 2 * c.bytes; ++p)
+                    s[p % 4] += tables[r * table_stride + p * 16 +
+                                       ((codes[t * c.stride + p / 2] >> (4 * (p % 2))) & 15)];
+                expected[r * sum_stride + t] = (s[0] + s[1]) + (s[2] + s[3]);
+            }
         for (const std::string& isa : cpu_isas()) {
             use_cpu_isa(isa);
-            std::vector<float> sums(c.n, NAN);
-            nibble_table_sums(tables.data(), codes.data(), c.stride, c.bytes, c.n, sums.data());
-            for (int t = 0; t < c.n; ++t)
-                ASSERT_EQ(sums[t], expected[t]) << isa << " bytes " << c.bytes << " stride "
-                                                << c.stride << " n " << c.n << " token " << t;
+            std::vector<float> sums(rows * sum_stride, NAN);
+            nibble_table_sums(tables.data(), table_stride, rows, codes.data(), c.stride, c.bytes,
+                              c.n, sums.data(), sum_stride);
+            for (int r = 0; r < rows; ++r)
+                for (int t = 0; t < c.n; ++t)
+                    ASSERT_EQ(sums[r * sum_stride + t], expected[r * sum_stride + t])
+                        << isa << " bytes " << c.bytes << " stride " << c.stride << " n " << c.n
+                        << " row " << r << " token " << t;
         }
     }
     use_cpu_isa(start);

@@ -238,6 +238,35 @@ TEST(TurboQuantRVQ, ScoreMatchesDotWithDecode) {
     use_cpu_isa(start);
 }
 
+// score_rows_at on every set: each row's scores are score's bits, whichever tables the rows
+// hold (nibble tables scored together, or byte and pair tables row by row).
+TEST(TurboQuantRVQ, ScoreRowsAtIsScoreRowByRow) {
+    const int n = 53, rows = 5;  // a group of four rows and one more
+    const std::string start = cpu_isa_name();
+    for (const int d : {128, 100, 37})
+        for (const int bits : {1, 2, 3, 4}) {
+            const TurboQuantRVQCodec codec(d, bits, 2, d == 128, 7 + d);
+            const Encoded e = encode_all(codec, random_keys(21 + bits, n, d, false));
+            const std::vector<float> queries = random_keys(22, rows, d, false);
+            const std::size_t qs = codec.query_state_size();
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                std::vector<float> states(rows * qs), expected(rows * n), scores(rows * n, NAN);
+                for (int r = 0; r < rows; ++r) {
+                    codec.prepare_query(&queries[static_cast<std::size_t>(r) * d], &states[r * qs]);
+                    codec.score(&states[r * qs], e.codes.data(), e.norms.data(), n, n,
+                                &expected[r * n]);
+                }
+                codec.score_rows_at(states.data(), qs, rows, e.codes.data(), e.norms.data(), n, n,
+                                    0, scores.data(), n);
+                for (int i = 0; i < rows * n; ++i)
+                    ASSERT_EQ(scores[i], expected[i])
+                        << isa << " d " << d << " bits " << bits << " row " << i / n;
+            }
+        }
+    use_cpu_isa(start);
+}
+
 TEST(TurboQuantRVQ, SameSeedSameCodesOtherSeedOtherRotation) {
     for (const int d : {128, 96}) {  // Hadamard and dense rotation
         const std::vector<float> keys = random_keys(16, 64, d, false);

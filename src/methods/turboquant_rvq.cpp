@@ -207,7 +207,7 @@ void TurboQuantRVQCodec::score(const float* state, const uint8_t* codes, const f
     const int d = dim();
     const float* tables = state + d + 1;
     if (state[d] != 0.0f) {
-        nibble_table_sums(tables, codes, code_bytes(), code_bytes(), n, scores);
+        nibble_table_sums(tables, 0, 1, codes, code_bytes(), code_bytes(), n, scores, 0);
     } else if (group_ * bits_ == 8) {  // 1, 2, 4, 8: one group per byte, stages in storage order
         byte_table_sums(tables, codes, code_bytes(), code_bytes(), n, 4, scores);
     } else {
@@ -227,6 +227,21 @@ void TurboQuantRVQCodec::score(const float* state, const uint8_t* codes, const f
         }
     }
     for (int t = 0; t < n; ++t) scores[t] *= scalars[t];
+}
+
+void TurboQuantRVQCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                                       const uint8_t* codes, const float* scalars,
+                                       std::size_t scalar_stride, int n, int pos0, float* scores,
+                                       std::size_t score_stride) const {
+    const int d = dim();
+    for (int r = 0; r < rows; ++r)
+        if (states[r * state_stride + d] == 0.0f)
+            return KeyCodec::score_rows_at(states, state_stride, rows, codes, scalars,
+                                           scalar_stride, n, pos0, scores, score_stride);
+    nibble_table_sums(states + d + 1, state_stride, rows, codes, code_bytes(), code_bytes(), n,
+                      scores, score_stride);
+    for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < n; ++t) scores[r * score_stride + t] *= scalars[t];
 }
 
 std::size_t TurboQuantRVQCodec::parameter_bytes() const {

@@ -43,6 +43,11 @@ public:
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
+    /// Rows whose states all hold nibble tables are scored together (nibble_table_sums), the
+    /// same bits as score row by row.
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
 
     /// Rotation plus the centroids and cell boundaries of every stage.
     std::size_t parameter_bytes() const override;
