@@ -1,8 +1,8 @@
 // The CPU kernel sets (core/cpu_isa.h) and the kernels compiled for each of them, on every set
 // this CPU runs: the value accumulation against an independent double-precision sum of the
 // decoded values, the key scorers' table sums bit for bit against the scalar order they
-// document. (matmul's kernels are checked set by set in test_llama.cpp, the codecs' scores
-// against decoded keys in their own tests.)
+// document, the online softmax against a double-precision one. (matmul's kernels are checked set by
+// set in test_llama.cpp, the codecs' scores against decoded keys in their own tests.)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/online_softmax.h"
 #include "core/cpu_isa.h"
 #include "methods/byte_table_sums.h"
 #include "methods/nibble_table_sums.h"
@@ -171,4 +172,41 @@ TEST(CpuIsa, ByteTableSumsMatchTheScalarOrderOnEverySet) {
     }
     use_cpu_isa(start);
     EXPECT_THROW(byte_table_sums(nullptr, nullptr, 1, 1, 0, 2, nullptr), std::invalid_argument);
+}
+
+// One online softmax block on every set against double precision: masked (-inf) logits among
+// the others, a running max below, above and at -inf (first block), block sizes around the
+// vector widths. Weights, m, l and the returned rescale factor.
+TEST(CpuIsa, OnlineSoftmaxBlockMatchesDoublePrecisionOnEverySet) {
+    std::mt19937 gen(14);
+    std::normal_distribution<float> normal(0.0f, 4.0f);
+    const std::string start = cpu_isa_name();
+    for (const int n : {1, 3, 16, 17, 64, 100})
+        for (const float m0 : {-INFINITY, -30.0f, 30.0f}) {
+            std::vector<float> logits(n);
+            for (int t = 0; t < n; ++t) logits[t] = t % 5 == 2 ? -INFINITY : normal(gen);
+            const float l0 = m0 == -INFINITY ? 0.0f : 2.5f;
+            double mx = m0;
+            for (const float x : logits) mx = std::max(mx, static_cast<double>(x));
+            double l_ref = m0 == -INFINITY ? 0.0 : l0 * std::exp(m0 - mx);
+            std::vector<double> w_ref(n);
+            // exp of the float difference, which the softmax rounds before its exp.
+            for (int t = 0; t < n; ++t)
+                l_ref += w_ref[t] =
+                    std::exp(static_cast<double>(logits[t] - static_cast<float>(mx)));
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                float m = m0, l = l0;
+                std::vector<float> w(n, NAN);
+                const float rescale = online_softmax_block(logits.data(), n, m, l, w.data());
+                const std::string where =
+                    isa + " n " + std::to_string(n) + " m0 " + std::to_string(m0);
+                EXPECT_EQ(m, static_cast<float>(mx)) << where;
+                EXPECT_NEAR(l, l_ref, 1e-6 * l_ref) << where;
+                EXPECT_NEAR(rescale, m0 == -INFINITY ? 0.0 : std::exp(m0 - mx), 1e-6) << where;
+                for (int t = 0; t < n; ++t)
+                    ASSERT_NEAR(w[t], w_ref[t], 1e-6 * w_ref[t] + 1e-30) << where << " t " << t;
+            }
+        }
+    use_cpu_isa(start);
 }
