@@ -174,7 +174,7 @@ TEST(CpuIsa, ByteTableSumsMatchTheScalarOrderOnEverySet) {
     EXPECT_THROW(byte_table_sums(nullptr, nullptr, 1, 1, 0, 2, nullptr), std::invalid_argument);
 }
 
-// One online softmax block on every set against double precision: masked (-inf) logits among
+// online_softmax_block_isa on every set against double precision: masked (-inf) logits among
 // the others, a running max below, above and at -inf (first block), block sizes around the
 // vector widths. Weights, m, l and the returned rescale factor.
 TEST(CpuIsa, OnlineSoftmaxBlockMatchesDoublePrecisionOnEverySet) {
@@ -198,7 +198,7 @@ TEST(CpuIsa, OnlineSoftmaxBlockMatchesDoublePrecisionOnEverySet) {
                 use_cpu_isa(isa);
                 float m = m0, l = l0;
                 std::vector<float> w(n, NAN);
-                const float rescale = online_softmax_block(logits.data(), n, m, l, w.data());
+                const float rescale = online_softmax_block_isa(logits.data(), n, m, l, w.data());
                 const std::string where =
                     isa + " n " + std::to_string(n) + " m0 " + std::to_string(m0);
                 EXPECT_EQ(m, static_cast<float>(mx)) << where;

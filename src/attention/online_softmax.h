@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 
+#include "core/cpu_isa.h"
+
 namespace veloxquant {
 
 /// exp(x) for -88 <= x <= 0 to about 2 ulp, in branch-free arithmetic that vectorizes (std::exp
@@ -36,8 +38,44 @@ inline float exp_nonpositive(float x) {
 
 /// Folds a block of logits into (m, l) and returns the factor by which the old accumulator must
 /// be multiplied; writes the block's unnormalised weights exp(s - m_new) to weights (masked
-/// logits are -inf and get weight 0). Its loops are compiled for each CPU kernel set
-/// (core/cpu_isa.h; online_softmax.cpp).
-float online_softmax_block(const float* logits, int n, float& m, float& l, float* weights);
+/// logits are -inf and get weight 0). Always inlined, so that its loops take the caller's
+/// vectors: the dense reference's baseline ones, or a kernel set's (online_softmax_block_isa).
+VQ_ALWAYS_INLINE float online_softmax_block(const float* logits, int n, float& m, float& l,
+                                            float* weights) {
+    float block_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : block_max)
+    for (int t = 0; t < n; ++t) block_max = logits[t] > block_max ? logits[t] : block_max;
+    if (block_max == -std::numeric_limits<float>::infinity()) {
+        for (int t = 0; t < n; ++t) weights[t] = 0.0f;
+        return 1.0f;
+    }
+    float rescale = 1.0f;
+    if (block_max > m) {
+        rescale = m == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(m - block_max);
+        l *= rescale;
+        m = block_max;
+    }
+    // Clamped in a loop of its own: with the clamp inside, GCC turns it into a branch (the
+    // clamped path folds to a constant), and the exp loop no longer vectorizes. m is read into
+    // a local, as through the reference it could alias weights.
+    const float max = m;
+    for (int t = 0; t < n; ++t) {
+        const float x = logits[t] - max;
+        weights[t] = x < -88.0f ? -88.0f : x;
+    }
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < n; ++t) {
+        weights[t] = exp_from_minus88(weights[t]);
+        sum += weights[t];
+    }
+    l += sum;
+    return rescale;
+}
+
+/// online_softmax_block compiled for the CPU kernel set in use (core/cpu_isa.h), for the paged
+/// decode, whose scorers and value sums run that set too. The dense reference keeps the inline
+/// baseline build: there, AVX-512 softmax blocks between its baseline loops slowed it by 15%.
+float online_softmax_block_isa(const float* logits, int n, float& m, float& l, float* weights);
 
 }  // namespace veloxquant

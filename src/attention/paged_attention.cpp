@@ -114,7 +114,7 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
             }
             for (int t = 0; t < n; ++t) wr[t] *= a.scale;
             mask_logits(a, h, t0, n, limit, wr);
-            scale_acc(part + 2, d, online_softmax_block(wr, n, part[0], part[1], wr));
+            scale_acc(part + 2, d, online_softmax_block_isa(wr, n, part[0], part[1], wr));
         }
         for (int t = 0; t < n; ++t)
             for (int j = 0; j < d; ++j)
@@ -167,7 +167,7 @@ void run_codes(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
             for (int t = 0; t < n; ++t) l[t] *= a.scale;
             mask_logits(a, h, t0, n, limit, l);
             float* part = acc[r - r0] - 2;
-            scale_acc(acc[r - r0], d, online_softmax_block(l, n, part[0], part[1], w));
+            scale_acc(acc[r - r0], d, online_softmax_block_isa(l, n, part[0], part[1], w));
         }
         vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n,
                       acc.data());
@@ -204,7 +204,7 @@ void run_outliers(const PagedAttentionArgs& a, const Plan& plan, std::vector<flo
         }
         float* part = partial(parts, plan, h, r, plan.chunks);
         const float rescale =
-            online_softmax_block(logits.data(), n, part[0], part[1], weights.data());
+            online_softmax_block_isa(logits.data(), n, part[0], part[1], weights.data());
         scale_acc(part + 2, d, rescale);
         for (int e = 0; e < n; ++e)
             for (int j = 0; j < d; ++j)
