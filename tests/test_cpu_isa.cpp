@@ -1,6 +1,8 @@
-// The CPU kernel sets (core/cpu_isa.h) and the value accumulation compiled for each of them:
-// every set this CPU runs against an independent double-precision sum of the decoded values.
-// (matmul's kernels are checked set by set in test_llama.cpp.)
+// The CPU kernel sets (core/cpu_isa.h) and the kernels compiled for each of them, on every set
+// this CPU runs: the value accumulation against an independent double-precision sum of the
+// decoded values, the key scorers' table sums bit for bit against the scalar order they
+// document, the online softmax against a double-precision one. (matmul's kernels are checked set by
+// set in test_llama.cpp, the codecs' scores against decoded keys in their own tests.)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -9,7 +11,10 @@
 #include <string>
 #include <vector>
 
+#include "attention/online_softmax.h"
 #include "core/cpu_isa.h"
+#include "methods/byte_table_sums.h"
+#include "methods/nibble_table_sums.h"
 #include "methods/value_codec.h"
 
 using namespace veloxquant;
@@ -78,5 +83,130 @@ TEST(CpuIsa, ValueAccumulationMatchesTheDecodedSumOnEverySet) {
             }
         }
     }
+    use_cpu_isa(start);
+}
+
+// Table sums over codes of 1..130 bytes (whole 4-byte words and every remainder, one chunk of
+// nibble_table_sums' 16 words and more), at a stride with unused bytes between tokens, for
+// token counts below, at and past the SIMD widths (8, 16). Tables and codes are fresh random
+// values, so a dropped or repeated lookup or token changes a sum; sums start as NaN, so an
+// unwritten token fails too.
+struct TableSumCase {
+    std::size_t bytes, stride;
+    int n;
+};
+
+std::vector<TableSumCase> table_sum_cases() {
+    std::vector<TableSumCase> cases;
+    for (const std::size_t bytes : {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 64, 65, 130})
+        for (const int n : {1, 7, 16, 17, 40, 64}) cases.push_back({bytes, bytes + n % 5, n});
+    return cases;
+}
+
+// ... for 1 to 9 query rows (one past the AVX-512 build's group of 8), tables and sums at
+// strides with room between rows.
+TEST(CpuIsa, NibbleTableSumsMatchTheScalarOrderOnEverySet) {
+    std::mt19937 gen(12);
+    std::normal_distribution<float> normal;
+    const std::string start = cpu_isa_name();
+    for (const TableSumCase& c : table_sum_cases()) {
+        const int rows = 1 + c.n % 9;
+        const std::size_t table_stride = 2 * c.bytes * 16 + 5, sum_stride = c.n + 3;
+        std::vector<float> tables(rows * table_stride);
+        for (auto& x : tables) x = normal(gen);
+        std::vector<uint8_t> codes(c.n * c.stride);
+        for (auto& b : codes) b = static_cast<uint8_t>(gen());
+        std::vector<float> expected(rows * sum_stride, NAN);
+        for (int r = 0; r < rows; ++r)
+            for (int t = 0; t < c.n; ++t) {
+                float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (std::size_t p = 0; p < 2 * c.bytes; ++p)
+                    s[p % 4] += tables[r * table_stride + p * 16 +
+                                       ((codes[t * c.stride + p / 2] >> (4 * (p % 2))) & 15)];
+                expected[r * sum_stride + t] = (s[0] + s[1]) + (s[2] + s[3]);
+            }
+        for (const std::string& isa : cpu_isas()) {
+            use_cpu_isa(isa);
+            std::vector<float> sums(rows * sum_stride, NAN);
+            nibble_table_sums(tables.data(), table_stride, rows, codes.data(), c.stride, c.bytes,
+                              c.n, sums.data(), sum_stride);
+            for (int r = 0; r < rows; ++r)
+                for (int t = 0; t < c.n; ++t)
+                    ASSERT_EQ(sums[r * sum_stride + t], expected[r * sum_stride + t])
+                        << isa << " bytes " << c.bytes << " stride " << c.stride << " n " << c.n
+                        << " row " << r << " token " << t;
+        }
+    }
+    use_cpu_isa(start);
+}
+
+TEST(CpuIsa, ByteTableSumsMatchTheScalarOrderOnEverySet) {
+    std::mt19937 gen(13);
+    std::normal_distribution<float> normal;
+    const std::string start = cpu_isa_name();
+    for (const TableSumCase& c : table_sum_cases()) {
+        std::vector<float> tables(c.bytes * 256);
+        for (auto& x : tables) x = normal(gen);
+        std::vector<uint8_t> codes(c.n * c.stride);
+        for (auto& b : codes) b = static_cast<uint8_t>(gen());
+        for (const int chains : {1, 4}) {
+            std::vector<float> expected(c.n);
+            for (int t = 0; t < c.n; ++t) {
+                float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                const std::size_t whole = chains == 4 ? c.bytes / 4 * 4 : 0;
+                for (std::size_t b = 0; b < c.bytes; ++b)
+                    s[b < whole ? b % 4 : 0] += tables[b * 256 + codes[t * c.stride + b]];
+                expected[t] = chains == 4 ? (s[0] + s[1]) + (s[2] + s[3]) : s[0];
+            }
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                std::vector<float> sums(c.n, NAN);
+                byte_table_sums(tables.data(), codes.data(), c.stride, c.bytes, c.n, chains,
+                                sums.data());
+                for (int t = 0; t < c.n; ++t)
+                    ASSERT_EQ(sums[t], expected[t])
+                        << isa << " chains " << chains << " bytes " << c.bytes << " stride "
+                        << c.stride << " n " << c.n << " token " << t;
+            }
+        }
+    }
+    use_cpu_isa(start);
+    EXPECT_THROW(byte_table_sums(nullptr, nullptr, 1, 1, 0, 2, nullptr), std::invalid_argument);
+}
+
+// online_softmax_block_isa on every set against double precision: masked (-inf) logits among
+// the others, a running max below, above and at -inf (first block), block sizes around the
+// vector widths. Weights, m, l and the returned rescale factor.
+TEST(CpuIsa, OnlineSoftmaxBlockMatchesDoublePrecisionOnEverySet) {
+    std::mt19937 gen(14);
+    std::normal_distribution<float> normal(0.0f, 4.0f);
+    const std::string start = cpu_isa_name();
+    for (const int n : {1, 3, 16, 17, 64, 100})
+        for (const float m0 : {-INFINITY, -30.0f, 30.0f}) {
+            std::vector<float> logits(n);
+            for (int t = 0; t < n; ++t) logits[t] = t % 5 == 2 ? -INFINITY : normal(gen);
+            const float l0 = m0 == -INFINITY ? 0.0f : 2.5f;
+            double mx = m0;
+            for (const float x : logits) mx = std::max(mx, static_cast<double>(x));
+            double l_ref = m0 == -INFINITY ? 0.0 : l0 * std::exp(m0 - mx);
+            std::vector<double> w_ref(n);
+            // exp of the float difference, which the softmax rounds before its exp.
+            for (int t = 0; t < n; ++t)
+                l_ref += w_ref[t] =
+                    std::exp(static_cast<double>(logits[t] - static_cast<float>(mx)));
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                float m = m0, l = l0;
+                std::vector<float> w(n, NAN);
+                const float rescale = online_softmax_block_isa(logits.data(), n, m, l, w.data());
+                const std::string where =
+                    isa + " n " + std::to_string(n) + " m0 " + std::to_string(m0);
+                EXPECT_EQ(m, static_cast<float>(mx)) << where;
+                EXPECT_NEAR(l, l_ref, 1e-6 * l_ref) << where;
+                EXPECT_NEAR(rescale, m0 == -INFINITY ? 0.0 : std::exp(m0 - mx), 1e-6) << where;
+                for (int t = 0; t < n; ++t)
+                    ASSERT_NEAR(w[t], w_ref[t], 1e-6 * w_ref[t] + 1e-30) << where << " t " << t;
+            }
+        }
     use_cpu_isa(start);
 }

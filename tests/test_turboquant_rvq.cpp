@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cpu_isa.h"
 #include "core/lloyd_max.h"
 #include "core/rng.h"
 #include "core/rotation.h"
@@ -198,11 +199,15 @@ TEST(TurboQuantRVQ, ScoreMatchesDotWithDecode) {
     for (int d : {64, 80, 96, 112, 128, 256})
         for (int bits = 1; bits <= 4; ++bits)
             for (int stages = 1; stages <= 3; ++stages) cases.push_back({d, bits, stages});
-    // The other widths and a d that ends mid-word (d = 100) or mid-byte and mid-pair (d = 37).
-    for (int bits = 3; bits <= 8; ++bits) cases.push_back({100, bits, 2});
+    // The other widths and a d that ends mid-word or on a nibble of padding (d = 100), or
+    // mid-byte and mid-pair (d = 37).
+    for (int bits = 1; bits <= 8; ++bits) cases.push_back({100, bits, 2});
     for (int bits = 1; bits <= 8; ++bits) cases.push_back({37, bits, 3});
 
-    const int n = 48;
+    // Every instruction set's tables and scorer (nibble tables where AVX-512 runs), over whole
+    // SIMD blocks of tokens and a tail.
+    const int n = 53;
+    const std::string start = cpu_isa_name();
     for (const Case& c : cases) {
         const bool hadamard = (c.bits + c.stages) % 2 == 0;
         const TurboQuantRVQCodec codec(c.d, c.bits, c.stages, hadamard, 99 + c.d);
@@ -213,8 +218,9 @@ TEST(TurboQuantRVQ, ScoreMatchesDotWithDecode) {
         std::vector<float> state(codec.query_state_size());
         std::vector<float> scores(n);
         double worst = 0.0;
-        for (int qi = 0; qi < 3; ++qi) {
-            const float* q = &queries[static_cast<std::size_t>(qi) * c.d];
+        for (int qi = 0; qi < 3 * static_cast<int>(cpu_isas().size()); ++qi) {
+            use_cpu_isa(cpu_isas()[qi / 3]);
+            const float* q = &queries[static_cast<std::size_t>(qi % 3) * c.d];
             codec.prepare_query(q, state.data());
             codec.score(state.data(), e.codes.data(), e.norms.data(), n, n, scores.data());
             double qn = 0.0;
@@ -229,6 +235,36 @@ TEST(TurboQuantRVQ, ScoreMatchesDotWithDecode) {
         }
         EXPECT_LE(worst, 1e-5) << "d " << c.d << " bits " << c.bits << " stages " << c.stages;
     }
+    use_cpu_isa(start);
+}
+
+// score_rows_at on every set: each row's scores are score's bits, whichever tables the rows
+// hold (nibble tables scored together, or byte and pair tables row by row).
+TEST(TurboQuantRVQ, ScoreRowsAtIsScoreRowByRow) {
+    const int n = 53, rows = 5;  // a group of four rows and one more
+    const std::string start = cpu_isa_name();
+    for (const int d : {128, 100, 37})
+        for (const int bits : {1, 2, 3, 4}) {
+            const TurboQuantRVQCodec codec(d, bits, 2, d == 128, 7 + d);
+            const Encoded e = encode_all(codec, random_keys(21 + bits, n, d, false));
+            const std::vector<float> queries = random_keys(22, rows, d, false);
+            const std::size_t qs = codec.query_state_size();
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                std::vector<float> states(rows * qs), expected(rows * n), scores(rows * n, NAN);
+                for (int r = 0; r < rows; ++r) {
+                    codec.prepare_query(&queries[static_cast<std::size_t>(r) * d], &states[r * qs]);
+                    codec.score(&states[r * qs], e.codes.data(), e.norms.data(), n, n,
+                                &expected[r * n]);
+                }
+                codec.score_rows_at(states.data(), qs, rows, e.codes.data(), e.norms.data(), n, n,
+                                    0, scores.data(), n);
+                for (int i = 0; i < rows * n; ++i)
+                    ASSERT_EQ(scores[i], expected[i])
+                        << isa << " d " << d << " bits " << bits << " row " << i / n;
+            }
+        }
+    use_cpu_isa(start);
 }
 
 TEST(TurboQuantRVQ, SameSeedSameCodesOtherSeedOtherRotation) {
@@ -320,11 +356,12 @@ TEST(TurboQuantRVQ, SizesAndParameterBytes) {
     EXPECT_EQ(h.num_scalars(), 1);
     EXPECT_EQ(h.code_bytes(), 3u * 64u);
     EXPECT_EQ(h.parameter_bytes(), 4u * (128u + 3u * (16u + 15u)));
-    EXPECT_EQ(h.query_state_size(), 128u + 3u * 64u * 256u);  // rotated query + byte tables
+    // Rotated query, the tables' kind, byte tables (larger than the nibble tables).
+    EXPECT_EQ(h.query_state_size(), 128u + 1u + 3u * 64u * 256u);
     const TurboQuantRVQCodec g(96, 3, 2, false, 5);
     EXPECT_EQ(g.code_bytes(), 2u * 36u);
     EXPECT_EQ(g.parameter_bytes(), 4u * (96u * 96u + 2u * (8u + 7u)));
-    EXPECT_EQ(g.query_state_size(), 96u + 2u * 48u * 64u);  // rotated query + pair tables
+    EXPECT_EQ(g.query_state_size(), 96u + 1u + 2u * 48u * 64u);  // ... and pair tables
 }
 
 }  // namespace

@@ -49,7 +49,9 @@ bool in_window(const PagedAttentionArgs& a, int t, int limit) {
 // Logit masking for one page: -inf where the token is beyond the query, outside the window,
 // or held in the outlier side store.
 void mask_logits(const PagedAttentionArgs& a, int h, int t0, int n, int limit, float* logits) {
-    for (int t = 0; t < n; ++t)
+    // A page wholly before the limit and inside the window (most decode pages) skips the test.
+    const bool all_visible = t0 + n <= limit && (a.window <= 0 || t0 >= limit - a.window);
+    for (int t = 0; t < n && !all_visible; ++t)
         if (t0 + t >= limit || !in_window(a, t0 + t, limit)) logits[t] = kNegInf;
     if (a.outliers != nullptr) {
         const auto& pos = a.outliers->positions(h);
@@ -112,7 +114,7 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
             }
             for (int t = 0; t < n; ++t) wr[t] *= a.scale;
             mask_logits(a, h, t0, n, limit, wr);
-            scale_acc(part + 2, d, online_softmax_block(wr, n, part[0], part[1], wr));
+            scale_acc(part + 2, d, online_softmax_block_isa(wr, n, part[0], part[1], wr));
         }
         for (int t = 0; t < n; ++t)
             for (int j = 0; j < d; ++j)
@@ -143,25 +145,29 @@ void run_codes(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
     std::vector<float> states(static_cast<std::size_t>(nr) * qs);
     for (int r = r0; r < r1; ++r)
         kc.prepare_query(query_row(a, plan, h, r), &states[(r - r0) * qs]);
-    std::vector<float> logits(P), weights(static_cast<std::size_t>(nr) * P);
+    std::vector<float> logits(static_cast<std::size_t>(nr) * P),
+        weights(static_cast<std::size_t>(nr) * P);
     std::vector<float*> acc(nr);
     for (int r = r0; r < r1; ++r) acc[r - r0] = partial(parts, plan, h, r, c) + 2;
     for (int p = c * plan.chunk_pages; p < p_end; ++p) {
         if (!store.held(p)) continue;
         const int t0 = p * P, n = std::min(P, a.size - t0);
+        // All rows at once (a codec may share the reading of the codes between them), also any
+        // that see none of the page: their logits go unused.
+        kc.score_rows_at(states.data(), qs, nr, store.key_codes(p, h), store.key_scalars(p, h), P,
+                         n, t0, logits.data(), P);
         for (int r = r0; r < r1; ++r) {
             float* w = &weights[static_cast<std::size_t>(r - r0) * P];
+            float* l = &logits[static_cast<std::size_t>(r - r0) * P];
             const int limit = visible_limit(a, r % a.n_queries);
             if (t0 >= limit) {
                 std::fill(w, w + n, 0.0f);
                 continue;
             }
-            kc.score_at(&states[(r - r0) * qs], store.key_codes(p, h), store.key_scalars(p, h), P,
-                        n, t0, logits.data());
-            for (int t = 0; t < n; ++t) logits[t] *= a.scale;
-            mask_logits(a, h, t0, n, limit, logits.data());
+            for (int t = 0; t < n; ++t) l[t] *= a.scale;
+            mask_logits(a, h, t0, n, limit, l);
             float* part = acc[r - r0] - 2;
-            scale_acc(acc[r - r0], d, online_softmax_block(logits.data(), n, part[0], part[1], w));
+            scale_acc(acc[r - r0], d, online_softmax_block_isa(l, n, part[0], part[1], w));
         }
         vc.accumulate(weights.data(), P, nr, store.value_codes(p, h), store.value_scalars(p, h), n,
                       acc.data());
@@ -198,7 +204,7 @@ void run_outliers(const PagedAttentionArgs& a, const Plan& plan, std::vector<flo
         }
         float* part = partial(parts, plan, h, r, plan.chunks);
         const float rescale =
-            online_softmax_block(logits.data(), n, part[0], part[1], weights.data());
+            online_softmax_block_isa(logits.data(), n, part[0], part[1], weights.data());
         scale_acc(part + 2, d, rescale);
         for (int e = 0; e < n; ++e)
             for (int j = 0; j < d; ++j)

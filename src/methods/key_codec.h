@@ -66,6 +66,16 @@ public:
                           std::size_t scalar_stride, int n, int /*pos0*/, float* scores) const {
         score(state, codes, scalars, scalar_stride, n, scores);
     }
+    /// score_at for `rows` queries: states state_stride floats apart, scores score_stride apart.
+    /// Codecs that can share work between queries (reading the codes) override it.
+    virtual void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                               const uint8_t* codes, const float* scalars,
+                               std::size_t scalar_stride, int n, int pos0, float* scores,
+                               std::size_t score_stride) const {
+        for (int r = 0; r < rows; ++r)
+            score_at(states + r * state_stride, codes, scalars, scalar_stride, n, pos0,
+                     scores + r * score_stride);
+    }
 
     /// Bytes of codec parameters held (rotation, sketch, centroids, tables).
     virtual std::size_t parameter_bytes() const = 0;

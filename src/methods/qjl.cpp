@@ -6,6 +6,7 @@
 
 #include "core/bitpack.h"
 #include "core/rng.h"
+#include "methods/byte_table_sums.h"
 
 namespace veloxquant {
 namespace {
@@ -108,13 +109,8 @@ void QJLCodec::prepare_query(const float* query, float* state) const {
 
 void QJLCodec::score(const float* state, const uint8_t* codes, const float* scalars,
                      std::size_t /*scalar_stride*/, int n, float* scores) const {
-    const std::size_t cb = code_bytes();
-    for (int t = 0; t < n; ++t) {
-        const uint8_t* code = codes + t * cb;
-        float acc = 0.0f;
-        for (std::size_t byte = 0; byte < cb; ++byte) acc += state[byte * 256 + code[byte]];
-        scores[t] = scalars[t] * acc;
-    }
+    byte_table_sums(state, codes, code_bytes(), code_bytes(), n, 1, scores);
+    for (int t = 0; t < n; ++t) scores[t] *= scalars[t];
 }
 
 std::size_t QJLCodec::parameter_bytes() const {

@@ -9,6 +9,7 @@
 #include "core/bitpack.h"
 #include "core/kmeans.h"
 #include "core/rng.h"
+#include "methods/byte_table_sums.h"
 
 namespace veloxquant {
 namespace {
@@ -332,14 +333,10 @@ void RaBitQCodec::score(const float* state, const uint8_t* codes, const float* s
     const std::size_t ib = id_bytes();
     if (uses_lut()) {
         const float* lut = qc + num_clusters_;
-        const std::size_t nbytes = packed_bytes(d, bits_);
-        for (int t = 0; t < n; ++t) {
-            const uint8_t* code = codes + static_cast<std::size_t>(t) * cb;
-            const uint8_t* packed = code + ib;
-            float s = 0.0f;
-            for (std::size_t p = 0; p < nbytes; ++p) s += lut[p * 256 + packed[p]];
-            scores[t] = qc[read_cluster(code)] + scalars[t] * s;
-        }
+        byte_table_sums(lut, codes + ib, cb, packed_bytes(d, bits_), n, 1, scores);
+        for (int t = 0; t < n; ++t)
+            scores[t] =
+                qc[read_cluster(codes + static_cast<std::size_t>(t) * cb)] + scalars[t] * scores[t];
         return;
     }
     // <x_bar, q'> = <u, q'> - (2^B - 1)/2 * sum_j q'_j.

@@ -7,6 +7,8 @@
 
 #include "core/bitpack.h"
 #include "core/lloyd_max.h"
+#include "methods/byte_table_sums.h"
+#include "methods/nibble_table_sums.h"
 
 namespace veloxquant {
 namespace {
@@ -23,25 +25,6 @@ int checked_dim(int d, int bits, int num_residuals) {
         throw std::invalid_argument("turboquant_rvq: head_dim must be in 3..1024, got " +
                                     std::to_string(d));
     return d;
-}
-
-// Scores from byte tables (bits 1, 2, 4, 8: one table per code byte, all stages' bytes in
-// storage order): one lookup per byte; four accumulators keep the adds off one dependency chain.
-void score_bytes(const float* tables, const uint8_t* codes, const float* norms, int n,
-                 std::size_t code_bytes, float* scores) {
-    for (int t = 0; t < n; ++t) {
-        const uint8_t* code = codes + t * code_bytes;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-        std::size_t b = 0;
-        for (; b + 4 <= code_bytes; b += 4) {
-            a0 += tables[b * 256 + code[b]];
-            a1 += tables[(b + 1) * 256 + code[b + 1]];
-            a2 += tables[(b + 2) * 256 + code[b + 2]];
-            a3 += tables[(b + 3) * 256 + code[b + 3]];
-        }
-        for (; b < code_bytes; ++b) a0 += tables[b * 256 + code[b]];
-        scores[t] = norms[t] * ((a0 + a1) + (a2 + a3));
-    }
 }
 
 // Scores for B = 3, 5, 6, 7, whose groups (G = 8 / B coordinates, G * B bits) straddle bytes.
@@ -173,7 +156,9 @@ std::size_t TurboQuantRVQCodec::table_entries() const {
 }
 
 std::size_t TurboQuantRVQCodec::query_state_size() const {
-    return static_cast<std::size_t>(dim()) +
+    // The rotated query, the tables' kind, and the larger tables: a byte's one 256-entry table
+    // holds more than its two 16-entry nibble tables.
+    return static_cast<std::size_t>(dim()) + 1 +
            static_cast<std::size_t>(num_residuals_) * groups_per_stage_ * table_entries();
 }
 
@@ -181,18 +166,32 @@ void TurboQuantRVQCodec::prepare_query(const float* query, float* state) const {
     // <q, R^T x> = <R q, x>: the query is rotated once and scored in the rotated domain.
     rotation_.forward(query, state);
     const int d = dim();
-    float* table = state + d;
+    // state[d] records which tables follow, so that score reads them right on any set.
+    const bool nibbles = 4 % bits_ == 0 && nibble_tables_are_faster();
+    state[d] = nibbles ? 1.0f : 0.0f;
+    // A nibble holds 4 / bits coordinates; a stage's last byte may hold a nibble of padding
+    // only, so a stage has 2 stage_bytes nibble tables.
+    if (nibbles)
+        fill_tables(state, 4 / bits_, 2 * static_cast<int>(stage_bytes_), state + d + 1);
+    else
+        fill_tables(state, group_, groups_per_stage_, state + d + 1);
+}
+
+void TurboQuantRVQCodec::fill_tables(const float* rotated, int group, int groups,
+                                     float* table) const {
+    const int d = dim();
+    const std::size_t entries = std::size_t{1} << (group * bits_);
     for (int s = 0; s < num_residuals_; ++s) {
         const float* c = &centroids_[static_cast<std::size_t>(s) * levels_];
-        for (int g = 0; g < groups_per_stage_; ++g, table += table_entries()) {
+        for (int g = 0; g < groups; ++g, table += entries) {
             // After coordinate k of the group, table[v] for v < levels^(k+1) is the partial sum
             // over the group's coordinates held in the low bits of v; the next coordinate fills
             // the block of each higher index hi from the block hi = 0 (hi = 0 last, in place).
             table[0] = 0.0f;
             int size = 1;
-            for (int k = 0; k < group_; ++k) {
-                const int j = g * group_ + k;
-                const float q = j < d ? state[j] : 0.0f;  // padding past d: zero bits, weight 0
+            for (int k = 0; k < group; ++k) {
+                const int j = g * group + k;
+                const float q = j < d ? rotated[j] : 0.0f;  // padding past d: zero bits, weight 0
                 for (int hi = levels_ - 1; hi >= 0; --hi) {
                     const float add = q * c[hi];
                     for (int lo = 0; lo < size; ++lo) table[hi * size + lo] = table[lo] + add;
@@ -205,24 +204,44 @@ void TurboQuantRVQCodec::prepare_query(const float* query, float* state) const {
 
 void TurboQuantRVQCodec::score(const float* state, const uint8_t* codes, const float* scalars,
                                std::size_t /*scalar_stride*/, int n, float* scores) const {
-    const float* tables = state + dim();
     const int d = dim();
-    switch (bits_) {
-        case 3:
-            return score_unpacked<3>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
-                                     scores);
-        case 5:
-            return score_unpacked<5>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
-                                     scores);
-        case 6:
-            return score_unpacked<6>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
-                                     scores);
-        case 7:
-            return score_unpacked<7>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
-                                     scores);
-        default:  // 1, 2, 4, 8: one group per byte
-            return score_bytes(tables, codes, scalars, n, code_bytes(), scores);
+    const float* tables = state + d + 1;
+    if (state[d] != 0.0f) {
+        nibble_table_sums(tables, 0, 1, codes, code_bytes(), code_bytes(), n, scores, 0);
+    } else if (group_ * bits_ == 8) {  // 1, 2, 4, 8: one group per byte, stages in storage order
+        byte_table_sums(tables, codes, code_bytes(), code_bytes(), n, 4, scores);
+    } else {
+        switch (bits_) {
+            case 3:
+                return score_unpacked<3>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
+                                         scores);
+            case 5:
+                return score_unpacked<5>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
+                                         scores);
+            case 6:
+                return score_unpacked<6>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
+                                         scores);
+            default:
+                return score_unpacked<7>(tables, codes, scalars, n, d, num_residuals_, stage_bytes_,
+                                         scores);
+        }
     }
+    for (int t = 0; t < n; ++t) scores[t] *= scalars[t];
+}
+
+void TurboQuantRVQCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                                       const uint8_t* codes, const float* scalars,
+                                       std::size_t scalar_stride, int n, int pos0, float* scores,
+                                       std::size_t score_stride) const {
+    const int d = dim();
+    for (int r = 0; r < rows; ++r)
+        if (states[r * state_stride + d] == 0.0f)
+            return KeyCodec::score_rows_at(states, state_stride, rows, codes, scalars,
+                                           scalar_stride, n, pos0, scores, score_stride);
+    nibble_table_sums(states + d + 1, state_stride, rows, codes, code_bytes(), code_bytes(), n,
+                      scores, score_stride);
+    for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < n; ++t) scores[r * score_stride + t] *= scalars[t];
 }
 
 std::size_t TurboQuantRVQCodec::parameter_bytes() const {

@@ -33,14 +33,21 @@ public:
     void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                 float* keys) const override;
 
-    /// State: the rotated query q' = R q (d floats), then per stage s and group g of G = 8 / bits
-    /// consecutive coordinates (G * bits <= 8 bits of code) the table
+    /// State: the rotated query q' = R q (d floats), a float that is 1 when nibble tables follow
+    /// and 0 otherwise, then per stage s and group g of G consecutive coordinates the table
     /// T[s][g][v] = sum over the group's coordinates j of q'_j C_s[index of j in v], so a token
-    /// scores with ceil(d / G) lookups per stage. For bits 1, 2, 4, 8 a group is one code byte.
+    /// scores with one lookup per group. G = 8 / bits (G * bits <= 8 bits of code; for bits 1,
+    /// 2, 4, 8 a group is one code byte), or at bits 1, 2, 4 where nibble_tables_are_faster(),
+    /// G = 4 / bits: a group is a nibble, its 16-entry table one AVX-512 register.
     std::size_t query_state_size() const override;
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
+    /// Rows whose states all hold nibble tables are scored together (nibble_table_sums), the
+    /// same bits as score row by row.
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
 
     /// Rotation plus the centroids and cell boundaries of every stage.
     std::size_t parameter_bytes() const override;
@@ -54,8 +61,10 @@ public:
 private:
     /// Index of the nearest centroid of `stage` (ties go to the lower cell).
     uint8_t quantize(int stage, float x) const;
-    /// Entries of one group table, 2^(G * bits).
+    /// Entries of one byte group's table, 2^(G * bits).
     std::size_t table_entries() const;
+    /// Each stage's tables for `groups` groups of `group` coordinates of the rotated query.
+    void fill_tables(const float* rotated, int group, int groups, float* table) const;
 
     int bits_;
     int levels_;

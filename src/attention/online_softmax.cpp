@@ -1,0 +1,33 @@
+#include "attention/online_softmax.h"
+
+namespace veloxquant {
+namespace {
+
+using FoldFn = float (*)(const float*, int, float&, float&, float*);
+
+float fold_generic(const float* logits, int n, float& m, float& l, float* weights) {
+    return online_softmax_block(logits, n, m, l, weights);
+}
+
+#ifdef VQ_X86_KERNELS
+VQ_TARGET_AVX2 float fold_avx2(const float* logits, int n, float& m, float& l, float* weights) {
+    return online_softmax_block(logits, n, m, l, weights);
+}
+
+VQ_TARGET_AVX512 float fold_avx512(const float* logits, int n, float& m, float& l, float* weights) {
+    return online_softmax_block(logits, n, m, l, weights);
+}
+#endif
+
+}  // namespace
+
+float online_softmax_block_isa(const float* logits, int n, float& m, float& l, float* weights) {
+#ifdef VQ_X86_KERNELS
+    const FoldFn fold = kernel_for_isa(fold_generic, fold_avx2, fold_avx512);
+#else
+    const FoldFn fold = fold_generic;
+#endif
+    return fold(logits, n, m, l, weights);
+}
+
+}  // namespace veloxquant
