@@ -22,11 +22,7 @@ VQ_TARGET_AVX512 float fold_avx512(const float* logits, int n, float& m, float& 
 }  // namespace
 
 float online_softmax_block_isa(const float* logits, int n, float& m, float& l, float* weights) {
-#ifdef VQ_X86_KERNELS
-    const FoldFn fold = kernel_for_isa(fold_generic, fold_avx2, fold_avx512);
-#else
-    const FoldFn fold = fold_generic;
-#endif
+    const FoldFn fold = VQ_KERNEL_FOR_ISA(fold_generic, fold_avx2, fold_avx512);
     return fold(logits, n, m, l, weights);
 }
 

@@ -45,3 +45,11 @@ Fn kernel_for_isa(Fn generic, Fn avx2, Fn avx512) {
 }
 
 }  // namespace veloxquant
+
+/// kernel_for_isa on x86-64; elsewhere the generic build (the avx2 and avx512 names need not
+/// exist there).
+#ifdef VQ_X86_KERNELS
+#define VQ_KERNEL_FOR_ISA(generic, avx2, avx512) ::veloxquant::kernel_for_isa(generic, avx2, avx512)
+#else
+#define VQ_KERNEL_FOR_ISA(generic, avx2, avx512) (generic)
+#endif

@@ -126,11 +126,7 @@ void byte_table_sums(const float* tables, const uint8_t* codes, std::size_t stri
     if (chains != 1)
         throw std::invalid_argument("byte_table_sums: chains must be 1 or 4, got " +
                                     std::to_string(chains));
-#ifdef VQ_X86_KERNELS
-    kernel_for_isa(sums_generic<1>, sums_avx2, sums_avx512)(a);
-#else
-    sums_generic<1>(a);
-#endif
+    VQ_KERNEL_FOR_ISA(sums_generic<1>, sums_avx2, sums_avx512)(a);
 }
 
 }  // namespace veloxquant

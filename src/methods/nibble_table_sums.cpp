@@ -130,11 +130,7 @@ VQ_TARGET_AVX512 void sums_avx512(const SumArgs& a) {
 #endif
 
 SumFn sum_kernel() {
-#ifdef VQ_X86_KERNELS
-    return kernel_for_isa(sums_generic, sums_generic, sums_avx512);
-#else
-    return sums_generic;
-#endif
+    return VQ_KERNEL_FOR_ISA(sums_generic, sums_generic, sums_avx512);
 }
 
 }  // namespace

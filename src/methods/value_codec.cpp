@@ -199,11 +199,7 @@ VQ_TARGET_AVX512 void accumulate_avx512(const AccumulateArgs& a) {
 #endif
 
 AccumulateFn accumulate_kernel() {
-#ifdef VQ_X86_KERNELS
-    return kernel_for_isa(accumulate_generic, accumulate_avx2, accumulate_avx512);
-#else
-    return accumulate_generic;
-#endif
+    return VQ_KERNEL_FOR_ISA(accumulate_generic, accumulate_avx2, accumulate_avx512);
 }
 
 }  // namespace

@@ -511,11 +511,7 @@ VQ_TARGET_AVX512 void run_unit_avx512(const Task& t, int64_t unit) {
 
 // The kernel of the CPU kernel set in use.
 UnitFn unit_kernel() {
-#ifdef VQ_X86_KERNELS
-    return kernel_for_isa(run_unit_generic, run_unit_avx2, run_unit_avx512);
-#else
-    return run_unit_generic;
-#endif
+    return VQ_KERNEL_FOR_ISA(run_unit_generic, run_unit_avx2, run_unit_avx512);
 }
 
 [[noreturn]] void fail(const std::string& msg) {
