@@ -1,8 +1,9 @@
 // The CPU kernel sets (core/cpu_isa.h) and the kernels compiled for each of them, on every set
 // this CPU runs: the value accumulation against an independent double-precision sum of the
 // decoded values, the key scorers' table sums bit for bit against the scalar order they
-// document, the online softmax against a double-precision one. (matmul's kernels are checked set by
-// set in test_llama.cpp, the codecs' scores against decoded keys in their own tests.)
+// document, fp16 key scores against a double dot product, the online softmax against a
+// double-precision one. (matmul's kernels are checked set by set in test_llama.cpp, the codecs'
+// scores against decoded keys in their own tests.)
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,6 +15,7 @@
 #include "attention/online_softmax.h"
 #include "core/cpu_isa.h"
 #include "methods/byte_table_sums.h"
+#include "methods/fp16_codec.h"
 #include "methods/nibble_table_sums.h"
 #include "methods/value_codec.h"
 
@@ -80,6 +82,52 @@ TEST(CpuIsa, ValueAccumulationMatchesTheDecodedSumOnEverySet) {
                             << " row " << r;
                     }
                 }
+            }
+        }
+    }
+    use_cpu_isa(start);
+}
+
+// fp16 keys: score_rows_at on every set against a double dot product with the decoded keys, at
+// head dims on and off the AVX-512 path's grid of 16, for 1 to 5 rows (scores start as NaN, so
+// a token left unscored fails), and score() as row 0 of it.
+TEST(CpuIsa, Fp16ScoresMatchTheDecodedDotOnEverySet) {
+    std::mt19937 gen(5);
+    std::normal_distribution<float> normal;
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        use_cpu_isa(isa);
+        for (const int d : {48, 100, 128}) {
+            const FP16Codec codec(d);
+            const int n = 37;
+            std::vector<float> keys(static_cast<std::size_t>(n) * d);
+            for (auto& k : keys) k = normal(gen);
+            std::vector<uint8_t> codes(n * codec.code_bytes());
+            codec.encode(keys.data(), n, codes.data(), nullptr, 0);
+            std::vector<float> decoded(keys.size());
+            codec.decode(codes.data(), nullptr, 0, n, decoded.data());
+            for (const int rows : {1, 4, 5}) {
+                std::vector<float> states(static_cast<std::size_t>(rows) * d);
+                for (auto& q : states) q = normal(gen);
+                std::vector<float> scores(static_cast<std::size_t>(rows) * n, std::nanf(""));
+                codec.score_rows_at(states.data(), d, rows, codes.data(), nullptr, 0, n, 0,
+                                    scores.data(), n);
+                for (int r = 0; r < rows; ++r)
+                    for (int t = 0; t < n; ++t) {
+                        double ref = 0.0, size = 0.0;
+                        for (int j = 0; j < d; ++j) {
+                            const double p = static_cast<double>(states[r * d + j]) *
+                                             decoded[static_cast<std::size_t>(t) * d + j];
+                            ref += p;
+                            size += std::fabs(p);
+                        }
+                        EXPECT_NEAR(scores[r * n + t], ref, 1e-6 * size)
+                            << isa << " d " << d << " rows " << rows << " row " << r << " token "
+                            << t;
+                    }
+                std::vector<float> one(n);
+                codec.score(states.data(), codes.data(), nullptr, 0, n, one.data());
+                for (int t = 0; t < n; ++t) EXPECT_EQ(one[t], scores[t]) << isa << " d " << d;
             }
         }
     }

@@ -183,7 +183,23 @@ struct UnpackLanes {
     }
 };
 
+// fp16 values at dims divisible by 16, on AVX-512: 16 halves per vcvtph2ps (exact, as the table).
+struct UnpackHalves {
+    const AccumulateArgs& a;
+
+    VQ_TARGET_AVX512 void operator()(const int* live, int count, float* values) const {
+        for (int i = 0; i < count; ++i) {
+            const uint16_t* h = reinterpret_cast<const uint16_t*>(a.codes + live[i] * a.code_bytes);
+            for (int j = 0; j < a.dim; j += 16)
+                _mm512_storeu_ps(
+                    values + i * a.dim + j,
+                    _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j))));
+        }
+    }
+};
+
 VQ_TARGET_AVX512 void accumulate_avx512(const AccumulateArgs& a) {
+    if (a.bits == 16 && a.dim % 16 == 0) return accumulate_tokens<128>(a, UnpackHalves{a});
     if (a.bits <= 4 && 4 % a.bits == 0 && a.dim % 16 == 0) {
         switch (a.bits) {
             case 1:
