@@ -232,6 +232,29 @@ TEST(PolarQuant, MseOnUnitVectorsFallsWithBits) {
     }
 }
 
+// score_rows_at shares each token's unpacking between the rows: each row's scores are score's.
+TEST(PolarQuant, ScoreRowsAtIsScoreRowByRow) {
+    const int n = 21, rows = 5;
+    for (const int d : {64, 128}) {
+        const PolarQuantCodec codec(d, 2, true, 5ull + d);
+        Rng rng(77ull + d);
+        const std::vector<float> keys = gaussian(rng, static_cast<std::size_t>(n) * d, 3.0);
+        const CodecRun r = encode_decode(codec, keys, n, n);
+        const std::vector<float> queries = gaussian(rng, static_cast<std::size_t>(rows) * d);
+        const std::size_t qs = codec.query_state_size();
+        std::vector<float> states(rows * qs), expected(rows * n), scores(rows * n, NAN);
+        for (int row = 0; row < rows; ++row) {
+            codec.prepare_query(&queries[static_cast<std::size_t>(row) * d], &states[row * qs]);
+            codec.score(&states[row * qs], r.codes.data(), r.scalars.data(), n, n,
+                        &expected[row * n]);
+        }
+        codec.score_rows_at(states.data(), qs, rows, r.codes.data(), r.scalars.data(), n, n, 0,
+                            scores.data(), n);
+        for (int i = 0; i < rows * n; ++i)
+            ASSERT_EQ(scores[i], expected[i]) << "d " << d << " row " << i / n;
+    }
+}
+
 TEST(PolarQuant, ScoreMatchesDecode) {
     for (int d : {64, 80, 96, 112, 128, 256}) {
         for (int bits : {1, 2, 4}) {
@@ -240,7 +263,9 @@ TEST(PolarQuant, ScoreMatchesDecode) {
                              " hadamard=" + std::to_string(hadamard));
                 const PolarQuantCodec codec(d, bits, hadamard, 17ull * d + bits);
                 ASSERT_EQ(codec.num_scalars(), 1);
-                ASSERT_EQ(codec.query_state_size(), static_cast<std::size_t>(d));
+                // q' and its level-1 pair tables
+                ASSERT_EQ(codec.query_state_size(),
+                          static_cast<std::size_t>(d + d / 2 * (1 << (bits + 2))));
                 Rng rng(1000ull * d + bits);
                 const int n = 6;
                 const std::size_t stride = 10;

@@ -136,33 +136,62 @@ void PolarQuantCodec::decode(const uint8_t* codes, const float* scalars,
     }
 }
 
+std::size_t PolarQuantCodec::query_state_size() const {
+    const std::size_t d = static_cast<std::size_t>(dim());
+    return d + d / 2 * (std::size_t{1} << level_bits(1));
+}
+
 void PolarQuantCodec::prepare_query(const float* query, float* state) const {
     rotation_.forward(query, state);
+    const int levels1 = 1 << level_bits(1);
+    const float* c = cos_[0].data();
+    const float* s = sin_[0].data();
+    float* table = state + dim();
+    for (int i = 0; i < dim() / 2; ++i)
+        for (int a = 0; a < levels1; ++a)
+            table[i * levels1 + a] = c[a] * state[2 * i] + s[a] * state[2 * i + 1];
 }
 
 void PolarQuantCodec::score(const float* state, const uint8_t* codes, const float* scalars,
-                            std::size_t /*scalar_stride*/, int n, float* scores) const {
-    const int d = dim();
+                            std::size_t scalar_stride, int n, float* scores) const {
+    score_rows_at(state, 0, 1, codes, scalars, scalar_stride, n, 0, scores, 0);
+}
+
+void PolarQuantCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                                    const uint8_t* codes, const float* scalars,
+                                    std::size_t /*scalar_stride*/, int n, int /*pos0*/,
+                                    float* scores, std::size_t score_stride) const {
+    const int d = dim(), blocks = d / kBlock, levels1 = 1 << level_bits(1);
     const std::size_t cb = code_bytes();
-    std::vector<uint8_t> idx(level_offset(d, kLevels + 1));
+    uint8_t idx[kMaxDim];  // the 15d/16 angle indices of one token
+    float radius[kMaxDim / kBlock];
     for (int t = 0; t < n; ++t) {
         const uint8_t* code = codes + t * cb;
-        unpack_indices(code, idx.data());
-        float acc = 0.0f;
-        for (int j = 0; j < d / kBlock; ++j) {
-            // <y_block, q'_block> bottom-up, the transpose of decode's expansion: each pair
-            // (p_{2i}, p_{2i+1}) collapses to cos(psi_i) p_{2i} + sin(psi_i) p_{2i+1}.
-            float p[kBlock];
-            for (int i = 0; i < kBlock; ++i) p[i] = state[j * kBlock + i];
-            for (int level = 1, width = kBlock / 2; level <= kLevels; ++level, width /= 2) {
-                const uint8_t* a = &idx[level_offset(d, level) + j * width];
-                const float* c = cos_[level - 1].data();
-                const float* s = sin_[level - 1].data();
-                for (int i = 0; i < width; ++i) p[i] = c[a[i]] * p[2 * i] + s[a[i]] * p[2 * i + 1];
+        unpack_indices(code, idx);
+        for (int j = 0; j < blocks; ++j) radius[j] = relative_radius(code, j);
+        for (int r = 0; r < rows; ++r) {
+            const float* table = states + r * state_stride + d;
+            float acc = 0.0f;
+            for (int j = 0; j < blocks; ++j) {
+                // <y_block, q'_block> bottom-up, the transpose of decode's expansion: each pair
+                // (p_{2i}, p_{2i+1}) collapses to cos(psi_i) p_{2i} + sin(psi_i) p_{2i+1}; the
+                // level-1 collapses come from the query's tables.
+                float p[kBlock / 2];
+                for (int i = 0; i < kBlock / 2; ++i) {
+                    const int pair = j * (kBlock / 2) + i;
+                    p[i] = table[pair * levels1 + idx[pair]];
+                }
+                for (int level = 2, width = kBlock / 4; level <= kLevels; ++level, width /= 2) {
+                    const uint8_t* a = &idx[level_offset(d, level) + j * width];
+                    const float* c = cos_[level - 1].data();
+                    const float* s = sin_[level - 1].data();
+                    for (int i = 0; i < width; ++i)
+                        p[i] = c[a[i]] * p[2 * i] + s[a[i]] * p[2 * i + 1];
+                }
+                acc += radius[j] * p[0];
             }
-            acc += relative_radius(code, j) * p[0];
+            scores[r * score_stride + t] = scalars[t] * acc;
         }
-        scores[t] = scalars[t] * acc;
     }
 }
 

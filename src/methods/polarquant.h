@@ -49,11 +49,17 @@ public:
     void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                 float* keys) const override;
 
-    /// State: the rotated query R q (d floats).
-    std::size_t query_state_size() const override { return static_cast<std::size_t>(dim()); }
+    /// State: the rotated query q' = R q (d floats), then for each level-1 pair i and index a
+    /// the pair's collapse cos(psi_a) q'_{2i} + sin(psi_a) q'_{2i+1} (d/2 tables of
+    /// 2^(bits + 2) floats), so a token's level 1 costs one lookup per pair.
+    std::size_t query_state_size() const override;
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
+    /// The rows share each token's index unpacking and radii.
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
 
     std::size_t parameter_bytes() const override;
 
