@@ -32,17 +32,11 @@ struct TeamEncoder<dev::SpectralDevice> {
         *bit = at + (k - first) * b;
     }
 
-    /// cand[k] of spread f for a slot of width b with ys = y_r / sigma_r.
-    __device__ static int level(const Spectral::Params& p, double ys, double rms, int f, int b) {
-        const double inv = rms > 0.0 ? 1.0 / (rms * p.spreads[f]) : 0.0;
-        const float z = static_cast<float>(ys * inv);
-        return dev::quantize_sorted(p.boundaries + Spectral::boundary_offset(b), (1 << b) - 1, z);
-    }
-
     __device__ static void encode(const Spectral::Params& p, const float* key, int, uint8_t* code,
                                   float* scalars, int) {
         __shared__ double kc[dev::kMaxDim];  // key - mean
-        __shared__ double y[dev::kMaxDim], ys[dev::kMaxDim];
+        __shared__ float y[dev::kMaxDim];  // as the one-thread encoder keeps y_r
+        __shared__ double ys[dev::kMaxDim];
         __shared__ uint8_t slot_bits[dev::kMaxDim];
         __shared__ uint8_t cand[dev::kMaxDim * kChunk];  // [slot][spread - f0]
         __shared__ double err_of[kChunk], scale_of[kChunk];
@@ -55,8 +49,8 @@ struct TeamEncoder<dev::SpectralDevice> {
             const float* u = p.basis + static_cast<std::size_t>(p.slot_coord[k]) * d;
             double acc = 0.0;
             for (int j = 0; j < d; ++j) acc += static_cast<double>(u[j]) * kc[j];
-            y[k] = acc;
-            ys[k] = acc / p.slot_sigma[k];
+            y[k] = static_cast<float>(acc);
+            ys[k] = y[k] / p.slot_sigma[k];
             int b, bit;
             slot_field(p, k, &b, &bit);
             slot_bits[k] = static_cast<uint8_t>(b);
@@ -77,13 +71,16 @@ struct TeamEncoder<dev::SpectralDevice> {
             const int nf = min(kChunk, spreads - f0);
             for (int i = rank(); i < n * nf; i += kTeam) {
                 const int k = i / nf, f = i % nf;
-                const int idx = level(p, ys[k], rms, f0 + f, slot_bits[k]);
+                const int idx = Spectral::level(p, ys[k], rms, f0 + f, slot_bits[k]);
                 cand[k * kChunk + f] = static_cast<uint8_t>(idx);
             }
             sync();
-            if (rank() < nf)
-                Spectral::fit_spread(p, y, cand + rank(), kChunk, &scale_of[rank()],
-                                     &err_of[rank()]);
+            if (rank() < nf) {
+                const uint8_t* levels = cand + rank();  // [slot * kChunk]
+                Spectral::fit_spread(
+                    p, y, [levels](int k, int) { return levels[k * kChunk]; }, &scale_of[rank()],
+                    &err_of[rank()]);
+            }
             sync();
             for (int f = 0; f < nf; ++f) {
                 if (err_of[f] < best_err) {
@@ -100,7 +97,8 @@ struct TeamEncoder<dev::SpectralDevice> {
             for (int k = rank(); k < n; k += kTeam) {
                 int b, bit;
                 slot_field(p, k, &b, &bit);
-                stream.put(bit, b, static_cast<uint32_t>(level(p, ys[k], rms, best_f, b)));
+                stream.put(bit, b,
+                           static_cast<uint32_t>(Spectral::level(p, ys[k], rms, best_f, b)));
             }
         }
         stream.store(code, p.code_bytes);

@@ -62,62 +62,65 @@ struct SpectralDevice {
     VQ_HD static const float*& table(Params& p) { return p.centroids; }
 
     /// SpectralCodec::encode for one token, in its operation order (double sums over the slots
-    /// in stream order), so codes and scale are byte-identical.
+    /// in stream order, y_r kept as a float as the CPU keeps it), so codes and scale are
+    /// byte-identical. Its stack stays within the default 1 KB a thread (y and nothing else):
+    /// the driver reserves any more for every thread the GPU can hold, and keeps it (at 2 KB of
+    /// doubles and two level arrays it held 404 MiB); the best spread's levels are found again.
     VQ_HD static void encode(const Params& p, const float* key, int /*pos*/, uint8_t* code,
                              float* scalars, int /*stride*/) {
         const int d = p.d, n = p.num_slots;
-        double y[kMaxDim];  // y_r of slot k's direction
+        float y[kMaxDim];  // y_r of slot k's direction
         for (int k = 0; k < n; ++k) {
             const float* u = p.basis + static_cast<std::size_t>(p.slot_coord[k]) * d;
             double acc = 0.0;
             for (int j = 0; j < d; ++j)
                 acc += static_cast<double>(u[j]) * (static_cast<double>(key[j]) - p.mean[j]);
-            y[k] = acc;
+            y[k] = static_cast<float>(acc);
         }
         double ms = 0.0;
         for (int k = 0; k < n; ++k) ms += (y[k] / p.slot_sigma[k]) * (y[k] / p.slot_sigma[k]);
         const double rms = sqrt(ms / static_cast<double>(n));
 
-        uint8_t levels_a[kMaxDim], levels_b[kMaxDim];
-        uint8_t* best = levels_a;  // levels of the best spread so far
-        uint8_t* cand = levels_b;  // levels of the spread being tried
         double best_err = INFINITY, best_scale = 0.0;
+        int best_f = -1;  // none: no error below infinity (NaN keys); levels then stay 0
         for (int f = 0; f < p.num_spreads; ++f) {
-            const double inv = rms > 0.0 ? 1.0 / (rms * p.spreads[f]) : 0.0;
-            for (int b = kMaxBits, k = 0; b >= 1; --b) {
-                const float* bounds = p.boundaries + boundary_offset(b);
-                for (const int end = k + p.slots_of_width[b]; k < end; ++k) {
-                    const float z = static_cast<float>(y[k] / p.slot_sigma[k] * inv);
-                    cand[k] = static_cast<uint8_t>(quantize_sorted(bounds, (1 << b) - 1, z));
-                }
-            }
             double sc, err;
-            fit_spread(p, y, cand, 1, &sc, &err);
+            fit_spread(
+                p, y, [&](int k, int b) { return level(p, y[k] / p.slot_sigma[k], rms, f, b); },
+                &sc, &err);
             if (err < best_err) {
                 best_err = err;
                 best_scale = sc;
-                uint8_t* t = best;
-                best = cand;
-                cand = t;
+                best_f = f;
             }
             if (!(rms > 0.0)) break;
         }
         scalars[0] = static_cast<float>(best_scale);
         zero_bytes(code, p.code_bytes);
+        if (best_f < 0) return;
         for (int b = kMaxBits, k = 0, bit = 0; b >= 1; --b)
             for (const int end = k + p.slots_of_width[b]; k < end; ++k, bit += b)
-                or_field(code, bit, b, best[k]);
+                or_field(code, bit, b, level(p, y[k] / p.slot_sigma[k], rms, best_f, b));
     }
 
-    /// The least-squares scale of one spread's levels (slot k's at levels[k * stride]) and its
-    /// query-weighted error, each sum taken over the slots in stream order (SpectralCodec's).
-    VQ_HD static void fit_spread(const Params& p, const double* y, const uint8_t* levels,
-                                 int stride, double* scale, double* err) {
+    /// The level of a slot of width b at spread f, from ys = y_r / sigma_r: the number of cell
+    /// boundaries below z = ys / (rms f) (ties to the lower cell; z = 0 where rms is not > 0).
+    VQ_HD static int level(const Params& p, double ys, double rms, int f, int b) {
+        const double inv = rms > 0.0 ? 1.0 / (rms * p.spreads[f]) : 0.0;
+        const float z = static_cast<float>(ys * inv);
+        return quantize_sorted(p.boundaries + boundary_offset(b), (1 << b) - 1, z);
+    }
+
+    /// The least-squares scale of one spread's levels (slot k's, of width b, level_of(k, b)) and
+    /// its query-weighted error, each sum taken over the slots in stream order (SpectralCodec's).
+    template <class LevelOf>
+    VQ_HD static void fit_spread(const Params& p, const float* y, LevelOf level_of,
+                                 double* scale, double* err) {
         double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
         for (int b = kMaxBits, k = 0; b >= 1; --b) {
             const float* c = p.centroids + centroid_offset(b);
             for (const int end = k + p.slots_of_width[b]; k < end; ++k) {
-                const double y0 = p.slot_sigma[k] * c[levels[k * stride]];
+                const double y0 = p.slot_sigma[k] * c[level_of(k, b)];
                 const double w = p.slot_weight[k];
                 yy0 += y[k] * y0;
                 y0y0 += y0 * y0;

@@ -247,21 +247,21 @@ inline void write_field(uint8_t* code, std::size_t at, int bits, unsigned v) {
 
 }  // namespace
 
-void SpectralCodec::project(const float* key, double* y) const {
+void SpectralCodec::project(const float* key, float* y) const {
     const int d = dim();
     for (int r = 0; r < d; ++r) {
         const float* u = &basis_.basis[static_cast<std::size_t>(r) * d];
         double acc = 0.0;
         for (int j = 0; j < d; ++j)
             acc += static_cast<double>(u[j]) * (static_cast<double>(key[j]) - basis_.mean[j]);
-        y[r] = acc;
+        y[r] = static_cast<float>(acc);
     }
 }
 
 void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scalars,
                            std::size_t /*scalar_stride*/) const {
     const int d = dim();
-    std::vector<double> y(d);
+    std::vector<float> y(d);
     std::vector<unsigned> idx(slots_.size()), cand(slots_.size());
     for (int t = 0; t < n; ++t) {
         project(keys + static_cast<std::size_t>(t) * d, y.data());

@@ -143,8 +143,9 @@ private:
         std::size_t bit_offset = 0;
         std::size_t table_offset = 0;  ///< floats into the query state
     };
-    /// y = U (k - mu) in double.
-    void project(const float* key, double* y) const;
+    /// y = U (k - mu), summed in double and kept as a float (as the device encoder keeps it, whose
+    /// y must fit the default 1 KB stack a thread).
+    void project(const float* key, float* y) const;
     static constexpr int kScoreBlock = 8;
     /// acc[u] = the table sum of token u of the block (M tokens, or m when M is 0).
     template <int M>
