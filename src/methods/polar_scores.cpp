@@ -1,13 +1,8 @@
 #include "methods/polar_scores.h"
 
-#include <algorithm>
-
 #include "core/cpu_isa.h"
+#include "methods/lane_fields.h"
 #include "methods/polarquant.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
 
 namespace veloxquant {
 namespace {
@@ -86,18 +81,6 @@ VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512 lookup(const float* table, __m512i idx)
         return _mm512_i32gather_ps(idx, table, 4);
 }
 
-// The Width-bit field at bit `bit` of every lane's index bytes, held as 32-bit words (a field
-// may straddle two).
-template <int Width>
-VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i field(const __m512i* words, std::size_t bit) {
-    const std::size_t k = bit / 32;
-    const int s = static_cast<int>(bit % 32);
-    __m512i v = _mm512_srl_epi32(words[k], _mm_cvtsi32_si128(s));
-    if (s + Width > 32)
-        v = _mm512_or_si512(v, _mm512_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
-    return _mm512_and_si512(v, _mm512_set1_epi32((1 << Width) - 1));
-}
-
 // Blocks of 16 tokens, one per lane, at `Bits` bits (level 1 at Bits + 2). Per block of 16
 // coordinates, y_block = radius * (w_i cos theta_i, w_i sin theta_i)_{i<8}, w_i the product of
 // the cos or sin of the level-2..4 angles on pair i's path (decode's expansion), so
@@ -114,7 +97,6 @@ VQ_TARGET_AVX512 void score_bits_avx512(const ScoreArgs& a) {
     const PolarQuantCodec& c = a.codec;
     const int d = c.dim(), blocks = d / kBlock;
     const std::size_t cb = c.code_bytes(), radii = c.radii_offset(), upper = 8 * c.level1_bytes();
-    const int words = static_cast<int>((radii + 3) / 4);
     // The level-2..4 centroids' cos and sin, padded to whole registers.
     alignas(64) float cos_t[kLevels - 1][kPadded] = {}, sin_t[kLevels - 1][kPadded] = {};
     for (int level = 2; level <= kLevels; ++level)
@@ -122,20 +104,12 @@ VQ_TARGET_AVX512 void score_bits_avx512(const ScoreArgs& a) {
             cos_t[level - 2][i] = c.centroid_cos(level)[i];
             sin_t[level - 2][i] = c.centroid_sin(level)[i];
         }
-    const __m512i lanes =
-        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                           _mm512_set1_epi32(static_cast<int>(cb)));
+    const __m512i lanes = lane_offsets(cb);
     __m512i word[kMaxWords];
     int t = 0;
     for (; t + 16 <= a.n; t += 16) {
         const uint8_t* base = a.codes + t * cb;
-        // Every lane's index bytes as 32-bit words; a last word that would read past the code
-        // is read where it ends at the code's end and shifted down.
-        for (int k = 0; k < words; ++k) {
-            const std::size_t at = std::min<std::size_t>(4 * k, cb - 4);
-            word[k] = _mm512_srl_epi32(_mm512_i32gather_epi32(lanes, base + at, 1),
-                                       _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
-        }
+        gather_lane_words(base, lanes, radii, cb, word);  // the index bytes
         for (int j = 0; j < blocks; ++j) {
             // Radius j, the high half of the 32-bit word that ends with it (fp16, as stored).
             const __m512i half =
@@ -150,14 +124,15 @@ VQ_TARGET_AVX512 void score_bits_avx512(const ScoreArgs& a) {
                                                      d / 2 + j * width) *
                                 Bits;
                 for (int i = width - 1; i >= 0; --i) {
-                    const __m512i idx = field<Bits>(word, first + i * Bits);
+                    const __m512i idx = lane_field(word, first + i * Bits, Bits);
                     w[2 * i + 1] = _mm512_mul_ps(w[i], lookup<kPadded>(sin_t[level - 2], idx));
                     w[2 * i] = _mm512_mul_ps(w[i], lookup<kPadded>(cos_t[level - 2], idx));
                 }
             }
             __m512i idx1[kBlock / 2];
             for (int i = 0; i < kBlock / 2; ++i)
-                idx1[i] = field<Bits + 2>(word, static_cast<std::size_t>(8 * j + i) * (Bits + 2));
+                idx1[i] =
+                    lane_field(word, static_cast<std::size_t>(8 * j + i) * (Bits + 2), Bits + 2);
             for (int r = 0; r < a.rows; ++r) {
                 const float* table =
                     a.states + r * a.state_stride + d + static_cast<std::size_t>(8 * j) * kL1;
