@@ -13,6 +13,8 @@
 #include <vector>
 
 #include "attention/dense_attention.h"
+#include "calibration/calibrate.h"
+#include "veloxquant/calibration.h"
 #include "veloxquant/veloxquant.h"
 
 namespace {
@@ -41,7 +43,33 @@ const Data& data(int n) {
     return cache.emplace(n, std::move(d)).first->second;
 }
 
-KVCacheConfig config_for(const std::string& name) {
+// What a user's calibration run would collect from the model, drawn like the benchmark's data
+// but on its own seed: per KV head, kCalibrationRows keys and as many queries of its group (no
+// RoPE, as the data has none).
+Activations calibration_activations() {
+    constexpr int kCalibrationRows = 4096;
+    std::mt19937_64 gen(0xCA11B);
+    std::normal_distribution<float> normal;
+    Activations acts;
+    acts.layers.resize(1);
+    for (int h = 0; h < kHeads; ++h) {
+        HeadSamples keys{kDim, std::vector<float>(kCalibrationRows * kDim), {}};
+        HeadSamples queries{kDim, std::vector<float>(kCalibrationRows * kDim), {}};
+        for (auto& x : keys.data) x = normal(gen);
+        for (auto& x : queries.data) x = normal(gen);
+        acts.layers[0].values.push_back(keys);
+        acts.layers[0].keys.push_back(std::move(keys));
+        acts.layers[0].queries.push_back(std::move(queries));
+    }
+    return acts;
+}
+
+// Each variant's config, calibrated once (spectral, commvq and vecinfer cannot serve without a
+// calibration) through calibrate_method and apply_calibration, as `veloxquant calibrate` does.
+const KVCacheConfig& config_for(const std::string& name) {
+    static std::map<std::string, KVCacheConfig> configs;
+    auto it = configs.find(name);
+    if (it != configs.end()) return it->second;
     KVCacheConfig c;
     c.method = name;
     if (name == "turboquant_rvq_b4") {
@@ -50,11 +78,17 @@ KVCacheConfig config_for(const std::string& name) {
         c.num_residuals = 1;
         c.value_bits = 4;
     }
-    return c;
+    if (name == "spectral" || name == "commvq" || name == "vecinfer") {
+        Calibration cal;
+        calibrate_method(calibration_activations(), c, cal);
+        apply_calibration(cal, c);
+    }
+    return configs.emplace(name, std::move(c)).first->second;
 }
 
 const std::vector<std::string> kVariants = {
-    "fp16", "turboquant_rvq", "turboquant_rvq_b4", "qjl", "polarquant", "rabitq", "ratequant"};
+    "fp16",   "turboquant_rvq", "turboquant_rvq_b4", "qjl",    "polarquant",
+    "rabitq", "ratequant",      "spectral",          "commvq", "vecinfer"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));

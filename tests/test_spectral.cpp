@@ -10,11 +10,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "calibration/spectral_calibration.h"
+#include "core/cpu_isa.h"
 #include "core/lloyd_max.h"
 #include "core/rng.h"
 #include "methods/spectral.h"
@@ -400,6 +402,65 @@ TEST(SpectralCodec, ScoreEqualsDotWithDecode) {
             }
         }
     }
+}
+
+// score_rows_at on every instruction set (AVX-512: 16 tokens at a time, rows four at a time)
+// against score() row by row, bit for bit, and against the decoded keys' dot products in
+// double: the codec cases above and d = 128, 256, token counts below, at and past whole blocks
+// of 16, five rows at strides with gaps.
+TEST(SpectralCodec, ScoreRowsOnEverySetMatchScoreAndDecode) {
+    std::vector<CodecCase> cases(std::begin(kCases), std::end(kCases));
+    cases.push_back({128, 4, 1});
+    cases.push_back({256, 3, 2});
+    const std::string start = cpu_isa_name();
+    const int rows = 5;
+    double worst = 0.0;
+    for (const CodecCase& cc : cases) {
+        const int d = cc.d;
+        const Fixture f = make_fixture(d, 600, 100, 30 + d + cc.sb);
+        const SpectralCodec codec(d, cc.sb, cc.nb, f.basis, f.d_eff);
+        Rng rng(d + 5);
+        const std::size_t qs = codec.query_state_size() + 3;
+        std::vector<float> queries(static_cast<std::size_t>(rows) * d), states(rows * qs, NAN);
+        for (int r = 0; r < rows; ++r) {
+            const std::vector<float> q = vqtest::gaussian(rng, d, 1.0, 0.3);
+            std::copy(q.begin(), q.end(), &queries[static_cast<std::size_t>(r) * d]);
+            codec.prepare_query(q.data(), &states[r * qs]);
+        }
+        for (const int n : {5, 16, 37, 100}) {
+            SCOPED_TRACE("d " + std::to_string(d) + " bits " + std::to_string(cc.sb) + "/" +
+                         std::to_string(cc.nb) + " n " + std::to_string(n));
+            const std::vector<float> keys(f.test.begin(), f.test.begin() + n * d);
+            const Coded e = encode_all(codec, keys);
+            const std::vector<float> dec = decode_all(codec, e, n);
+            const std::size_t ss = n + 2;
+            std::vector<float> expected(rows * ss, -1.0f);
+            for (int r = 0; r < rows; ++r)
+                codec.score(&states[r * qs], e.codes.data(), e.scalars.data(), n, n,
+                            &expected[r * ss]);
+            for (const std::string& isa : cpu_isas()) {
+                use_cpu_isa(isa);
+                std::vector<float> scores(rows * ss, -1.0f);
+                codec.score_rows_at(states.data(), qs, rows, e.codes.data(), e.scalars.data(), n, n,
+                                    0, scores.data(), ss);
+                use_cpu_isa(start);
+                for (int r = 0; r < rows; ++r)
+                    for (int t = 0; t < n; ++t) {
+                        const float* q = &queries[static_cast<std::size_t>(r) * d];
+                        const float* k = &dec[static_cast<std::size_t>(t) * d];
+                        const double err = std::fabs(scores[r * ss + t] - dot(q, k, d)) /
+                                           (vqtest::norm(q, d) * (1.0 + vqtest::norm(k, d)));
+                        worst = std::max(worst, err);
+                        ASSERT_LT(err, 1e-5) << isa << " row " << r << " token " << t;
+                        ASSERT_EQ(scores[r * ss + t], expected[r * ss + t])
+                            << isa << " row " << r << " token " << t;
+                    }
+                EXPECT_EQ(scores, expected) << isa << ": wrote outside [0, n)";
+            }
+        }
+    }
+    std::printf("[spectral] score_rows_at, worst |s - <q, decode>| / (||q|| (1 + ||k||)): %.2e\n",
+                worst);
 }
 
 TEST(SpectralCodec, KeyAtTheMeanDecodesToTheMean) {

@@ -6,6 +6,7 @@
 
 #include "core/bitpack.h"
 #include "core/half.h"
+#include "methods/polar_scores.h"
 
 namespace veloxquant {
 namespace {
@@ -21,11 +22,6 @@ int validated_dim(int d, int bits) {
         throw std::invalid_argument("polarquant: bits must be in 1..6, got " +
                                     std::to_string(bits));
     return d;
-}
-
-// First index of level l (1..4) in the unpacked index array.
-int level_offset(int d, int level) {
-    return d - (d >> (level - 1));
 }
 
 }  // namespace
@@ -161,38 +157,7 @@ void PolarQuantCodec::score_rows_at(const float* states, std::size_t state_strid
                                     const uint8_t* codes, const float* scalars,
                                     std::size_t /*scalar_stride*/, int n, int /*pos0*/,
                                     float* scores, std::size_t score_stride) const {
-    const int d = dim(), blocks = d / kBlock, levels1 = 1 << level_bits(1);
-    const std::size_t cb = code_bytes();
-    uint8_t idx[kMaxDim];  // the 15d/16 angle indices of one token
-    float radius[kMaxDim / kBlock];
-    for (int t = 0; t < n; ++t) {
-        const uint8_t* code = codes + t * cb;
-        unpack_indices(code, idx);
-        for (int j = 0; j < blocks; ++j) radius[j] = relative_radius(code, j);
-        for (int r = 0; r < rows; ++r) {
-            const float* table = states + r * state_stride + d;
-            float acc = 0.0f;
-            for (int j = 0; j < blocks; ++j) {
-                // <y_block, q'_block> bottom-up, the transpose of decode's expansion: each pair
-                // (p_{2i}, p_{2i+1}) collapses to cos(psi_i) p_{2i} + sin(psi_i) p_{2i+1}; the
-                // level-1 collapses come from the query's tables.
-                float p[kBlock / 2];
-                for (int i = 0; i < kBlock / 2; ++i) {
-                    const int pair = j * (kBlock / 2) + i;
-                    p[i] = table[pair * levels1 + idx[pair]];
-                }
-                for (int level = 2, width = kBlock / 4; level <= kLevels; ++level, width /= 2) {
-                    const uint8_t* a = &idx[level_offset(d, level) + j * width];
-                    const float* c = cos_[level - 1].data();
-                    const float* s = sin_[level - 1].data();
-                    for (int i = 0; i < width; ++i)
-                        p[i] = c[a[i]] * p[2 * i] + s[a[i]] * p[2 * i + 1];
-                }
-                acc += radius[j] * p[0];
-            }
-            scores[r * score_stride + t] = scalars[t] * acc;
-        }
-    }
+    polar_scores(*this, states, state_stride, rows, codes, scalars, n, scores, score_stride);
 }
 
 std::size_t PolarQuantCodec::parameter_bytes() const {

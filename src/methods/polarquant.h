@@ -56,20 +56,25 @@ public:
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
-    /// The rows share each token's index unpacking and radii.
+    /// The rows share each token's index unpacking and radii (methods/polar_scores.h).
     void score_rows_at(const float* states, std::size_t state_stride, int rows,
                        const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                        int pos0, float* scores, std::size_t score_stride) const override;
 
     std::size_t parameter_bytes() const override;
 
-private:
+    /// The code layout, for the scorer's kernels: first index of level l (1..4) in the unpacked
+    /// index array; bytes of the level-1 indices; offset of the radii (after all indices).
+    static int level_offset(int d, int level) { return d - (d >> (level - 1)); }
+    std::size_t level1_bytes() const { return level1_bytes_; }
+    std::size_t radii_offset() const { return level1_bytes_ + upper_bytes_; }
     /// All 15d/16 angle indices of one code: level 1 first, then levels 2, 3, 4; level l starts
-    /// at d - d / 2^(l-1).
+    /// at level_offset(d, l).
     void unpack_indices(const uint8_t* code, uint8_t* indices) const;
     /// Final radius j of one code, relative to ||k||.
     float relative_radius(const uint8_t* code, int j) const;
 
+private:
     int bits_;
     Rotation rotation_;
     std::size_t level1_bytes_, upper_bytes_;

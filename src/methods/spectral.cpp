@@ -5,7 +5,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/cpu_isa.h"
 #include "core/lloyd_max.h"
+#include "methods/lane_fields.h"
 
 namespace veloxquant {
 namespace {
@@ -402,6 +404,98 @@ void SpectralCodec::score(const float* state, const uint8_t* codes, const float*
             score_block<0>(state, block, m, acc);
         for (int u = 0; u < m; ++u) scores[t0 + u] = qmu + scalars[t0 + u] * acc[u];
     }
+}
+
+namespace {
+
+struct RowsArgs {
+    const SpectralCodec& codec;
+    const float* states;
+    std::size_t state_stride;
+    int rows;
+    const uint8_t* codes;
+    const float* scalars;
+    int n;
+    float* scores;
+    std::size_t score_stride;
+};
+
+// Tokens t0..n-1 through score(), row by row: the reference.
+void score_rows_from(const RowsArgs& a, int t0) {
+    for (int r = 0; r < a.rows; ++r)
+        a.codec.score(a.states + r * a.state_stride, a.codes + t0 * a.codec.code_bytes(),
+                      a.scalars + t0, 0, a.n - t0, a.scores + r * a.score_stride + t0);
+}
+
+void score_rows_generic(const RowsArgs& a) {
+    score_rows_from(a, 0);
+}
+
+#ifdef VQ_X86_KERNELS
+// 16 tokens (one per lane, their code words gathered) for Rows rows: per group, its field once
+// for all the rows, then a gather from each row's table, added in group order as score_block.
+template <int Rows>
+VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void score_lanes(const RowsArgs& a, const __m512i* words, int r0,
+                                                   int t) {
+    const float* states[Rows];
+    __m512 acc[Rows];
+    for (int r = 0; r < Rows; ++r) {
+        states[r] = a.states + (r0 + r) * a.state_stride;
+        acc[r] = _mm512_setzero_ps();
+    }
+    for (const SpectralCodec::Group& g : a.codec.groups()) {
+        const __m512i idx = lane_field(words, g.bit_offset, g.bits);
+        for (int r = 0; r < Rows; ++r)
+            acc[r] = _mm512_add_ps(acc[r], _mm512_i32gather_ps(idx, states[r] + g.table_offset, 4));
+    }
+    // qmu + s * acc rounded twice as score() does: the explicitly rounded product is not
+    // contracted into an FMA.
+    const __m512 scale = _mm512_loadu_ps(a.scalars + t);
+    for (int r = 0; r < Rows; ++r)
+        _mm512_storeu_ps(
+            a.scores + (r0 + r) * a.score_stride + t,
+            _mm512_add_ps(
+                _mm512_set1_ps(states[r][0]),
+                _mm512_mul_round_ps(scale, acc[r], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+}
+
+// Blocks of 16 tokens, rows four at a time; the last n % 16 tokens (and codes under 4 bytes)
+// through score().
+VQ_TARGET_AVX512 void score_rows_avx512(const RowsArgs& a) {
+    const std::size_t cb = a.codec.code_bytes();
+    int t = 0;
+    if (cb >= 4) {
+        const __m512i lanes = lane_offsets(cb);
+        __m512i words[1024 * 8 / 32];  // d <= 1024 coordinates of <= 8 bits
+        for (; t + 16 <= a.n; t += 16) {
+            gather_lane_words(a.codes + t * cb, lanes, cb, cb, words);
+            for (int r0 = 0; r0 < a.rows; r0 += 4) switch (std::min(4, a.rows - r0)) {
+                    case 1:
+                        score_lanes<1>(a, words, r0, t);
+                        break;
+                    case 2:
+                        score_lanes<2>(a, words, r0, t);
+                        break;
+                    case 3:
+                        score_lanes<3>(a, words, r0, t);
+                        break;
+                    default:
+                        score_lanes<4>(a, words, r0, t);
+                }
+        }
+    }
+    score_rows_from(a, t);
+}
+#endif
+
+}  // namespace
+
+void SpectralCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                                  const uint8_t* codes, const float* scalars,
+                                  std::size_t /*scalar_stride*/, int n, int /*pos0*/, float* scores,
+                                  std::size_t score_stride) const {
+    VQ_KERNEL_FOR_ISA(score_rows_generic, score_rows_generic, score_rows_avx512)
+    ({*this, states, state_stride, rows, codes, scalars, n, scores, score_stride});
 }
 
 std::size_t SpectralCodec::parameter_bytes() const {

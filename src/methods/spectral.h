@@ -125,16 +125,16 @@ public:
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
 
+    /// score() row by row; the AVX-512 build (core/cpu_isa.h) scores 16 tokens at once, one
+    /// per lane, each group's field taken out of the codes once for up to four rows and looked
+    /// up with one gather per row, adding in score()'s order: every set gives the same bits.
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
+
     /// Basis, variances, mean, query moments, the allocation and the codebooks it uses.
     std::size_t parameter_bytes() const override;
 
-private:
-    /// One coded coordinate, in stream order.
-    struct Slot {
-        int coord = 0;               ///< basis direction r
-        int bits = 0;                ///< b_r >= 1
-        std::size_t bit_offset = 0;  ///< into the code
-    };
     /// Consecutive slots whose fields, at most 8 bits together, are read as one and scored
     /// with one table of 2^bits entries.
     struct Group {
@@ -142,6 +142,15 @@ private:
         int bits = 0;
         std::size_t bit_offset = 0;
         std::size_t table_offset = 0;  ///< floats into the query state
+    };
+    const std::vector<Group>& groups() const { return groups_; }
+
+private:
+    /// One coded coordinate, in stream order.
+    struct Slot {
+        int coord = 0;               ///< basis direction r
+        int bits = 0;                ///< b_r >= 1
+        std::size_t bit_offset = 0;  ///< into the code
     };
     /// y = U (k - mu), summed in double and kept as a float (as the device encoder keeps it, whose
     /// y must fit the default 1 KB stack a thread).

@@ -1,0 +1,52 @@
+// Bit fields of 16 tokens' codes, one token per AVX-512 lane, for the key scorers that read
+// LSB-first bit streams (core/bitpack.h) 16 tokens at a time (polarquant, spectral): every
+// lane's code bytes gathered once as 32-bit words, then any field of up to 31 bits taken out of
+// them with shifts, for all lanes at once.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#include "core/cpu_isa.h"
+
+#ifdef VQ_X86_KERNELS
+#include <immintrin.h>
+
+namespace veloxquant {
+
+/// Byte offsets of 16 consecutive tokens' codes, stride bytes apart.
+VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_offsets(std::size_t stride) {
+    return _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int>(stride)));
+}
+
+/// words[k] = bytes 4k..4k+3 of each lane's code (lane i's at base + offsets[i]) for
+/// 4k < bytes, bytes <= code_bytes, code_bytes >= 4. A word that would read past the code is
+/// read where it ends at the code's end and shifted down, so no read leaves a token's code.
+VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void gather_lane_words(const uint8_t* base, __m512i offsets,
+                                                         std::size_t bytes, std::size_t code_bytes,
+                                                         __m512i* words) {
+    for (std::size_t k = 0; 4 * k < bytes; ++k) {
+        const std::size_t at = std::min(4 * k, code_bytes - 4);
+        words[k] = _mm512_srl_epi32(_mm512_i32gather_epi32(offsets, base + at, 1),
+                                    _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
+    }
+}
+
+/// The width-bit field (width < 32) at bit `bit` of every lane's code, from its words; a field
+/// may straddle two words.
+VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field(const __m512i* words, std::size_t bit,
+                                                     int width) {
+    const std::size_t k = bit / 32;
+    const int s = static_cast<int>(bit % 32);
+    __m512i v = _mm512_srl_epi32(words[k], _mm_cvtsi32_si128(s));
+    if (s + width > 32)
+        v = _mm512_or_si512(v, _mm512_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
+    return _mm512_and_si512(v, _mm512_set1_epi32((1 << width) - 1));
+}
+
+}  // namespace veloxquant
+
+#endif
