@@ -214,8 +214,8 @@ class _DeviceCache:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes held: the page pool (grown by doubling up to max_seq_len), its page
-        table, the codec parameters and the attention workspace."""
+        """Device bytes held: the page pool (grown by a quarter at a time up to max_seq_len), its
+        page table, the codec parameters and the attention workspace."""
         return self._impl.nbytes
 
     @property

@@ -196,8 +196,9 @@ private:
 };
 
 /// One layer's turboquant_rvq cache of one sequence, resident on the device: a pool of pages in
-/// the CPU page layout, grown by doubling up to max_seq_len, with an identity page table. Layouts
-/// as KVCache: keys/values [num_heads][n][head_dim], queries/out [num_q_heads][head_dim].
+/// the CPU page layout, grown by a quarter at a time up to max_seq_len, with an identity page
+/// table. Layouts as KVCache: keys/values [num_heads][n][head_dim], queries/out
+/// [num_q_heads][head_dim].
 class CudaTurboQuantCache {
 public:
     CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,

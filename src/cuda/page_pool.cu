@@ -11,6 +11,15 @@
 
 namespace veloxquant::cuda {
 
+int grown_pool_pages(int needed, int capacity, int max_pages, std::size_t page_bytes) {
+    const long long at_least = std::max<long long>(
+        {needed, capacity + (capacity + 3) / 4, std::min(16, max_pages)});
+    const std::size_t bytes = static_cast<std::size_t>(at_least) * page_bytes;
+    const std::size_t granules = (bytes + kAllocationGranule - 1) / kAllocationGranule;
+    const long long filled = static_cast<long long>(granules * kAllocationGranule / page_bytes);
+    return static_cast<int>(std::min<long long>(max_pages, std::max(at_least, filled)));
+}
+
 DevicePagePool::DevicePagePool(const PageLayout& layout, int max_tokens)
     : layout_(layout),
       max_pages_((max_tokens + layout.tokens_per_page - 1) / layout.tokens_per_page) {}
@@ -23,7 +32,7 @@ DevicePagePool::~DevicePagePool() {
 void DevicePagePool::reserve(int n_tokens) {
     const int needed = (n_tokens + layout_.tokens_per_page - 1) / layout_.tokens_per_page;
     if (needed <= capacity_pages_) return;
-    const int pages = std::min(max_pages_, std::max({needed, 2 * capacity_pages_, 16}));
+    const int pages = grown_pool_pages(needed, capacity_pages_, max_pages_, layout_.page_bytes);
     const std::size_t bytes = static_cast<std::size_t>(pages) * layout_.page_bytes;
     uint8_t* pool = nullptr;
     int32_t* table = nullptr;

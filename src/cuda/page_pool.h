@@ -1,6 +1,7 @@
 // DevicePagePool: the pages of one device-resident cache in the CPU's page layout (PagedStore),
-// one contiguous pool with an identity page table, grown by doubling up to a bound. Shared by
-// CudaTurboQuantCache and CudaCodecCache; also moves pages to and from a CPU PagedStore.
+// one contiguous pool with an identity page table, grown by a quarter (and to the allocator's
+// granule) up to a bound. Shared by CudaTurboQuantCache and CudaCodecCache; also moves pages to
+// and from a CPU PagedStore.
 #pragma once
 
 #include <cstddef>
@@ -10,6 +11,17 @@
 
 namespace veloxquant::cuda {
 
+/// cudaMalloc hands out large blocks in whole granules of this size (2 MiB on the H200: run 86,
+/// devrun/alloc_probe.cu), so a pool's tail up to the next granule is held either way.
+constexpr std::size_t kAllocationGranule = std::size_t{2} << 20;
+
+/// The pages a pool of `capacity` pages grows to so as to hold `needed` (> capacity): at least a
+/// quarter more than it held and 16 at first, then as many as fill the last 2 MiB granule, at
+/// most max_pages. A quarter instead of a doubling: a cache created for a long max_seq_len holds
+/// at most ~25% of unused pages, and re-copying its pool ~3 times per doubling of the context
+/// costs a device copy of well under a millisecond each.
+int grown_pool_pages(int needed, int capacity, int max_pages, std::size_t page_bytes);
+
 class DevicePagePool {
 public:
     /// max_tokens bounds the pool (the cache's max_seq_len). Allocates nothing yet.
@@ -18,8 +30,8 @@ public:
     DevicePagePool(const DevicePagePool&) = delete;
     DevicePagePool& operator=(const DevicePagePool&) = delete;
 
-    /// Makes room for positions [0, n_tokens): a larger pool (at least double, 16 pages at
-    /// first) holding the old pages. Synchronizes the device when it grows.
+    /// Makes room for positions [0, n_tokens): a larger pool (grown_pool_pages) holding the old
+    /// pages. Synchronizes the device when it grows.
     void reserve(int n_tokens);
 
     uint8_t* pool() const { return pool_; }
