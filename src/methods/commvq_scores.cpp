@@ -58,8 +58,9 @@ void tokens_generic(const ScoreArgs& a, const float* qb, int r0, int rows, int t
 
 #ifdef VQ_X86_KERNELS
 // 16 coordinates at a time, two groups of 8: the codeword sum in one register, turned by
-// t w_i (lanes past the RoPE pairs keep their value), then one FMA per row.
-template <int R>
+// t w_i (lanes past the RoPE pairs keep their value), then one FMA per row. Bytes: 256
+// codewords, one index per code byte, read in line.
+template <int R, bool Bytes>
 VQ_TARGET_AVX512 void tokens_rows_avx512(const ScoreArgs& a, const float* qb, int r0, int t0,
                                          int t1, int offset) {
     const CommVQCodec& c = a.codec;
@@ -77,9 +78,11 @@ VQ_TARGET_AVX512 void tokens_rows_avx512(const ScoreArgs& a, const float* qb, in
             __m512 z = _mm512_setzero_ps();
             for (int s = 0; s < S; ++s) {
                 const float* w = words + (static_cast<std::size_t>(s) * G + 2 * k) * group_floats;
-                const __m256 lo = _mm256_loadu_ps(w + c.index(code, s * G + 2 * k) * 8);
-                const __m256 hi =
-                    _mm256_loadu_ps(w + group_floats + c.index(code, s * G + 2 * k + 1) * 8);
+                const int m = s * G + 2 * k;
+                const int i0 = Bytes ? code[m] : c.index(code, m);
+                const int i1 = Bytes ? code[m + 1] : c.index(code, m + 1);
+                const __m256 lo = _mm256_loadu_ps(w + i0 * 8);
+                const __m256 hi = _mm256_loadu_ps(w + group_floats + i1 * 8);
                 z = _mm512_add_ps(
                     z, _mm512_castpd_ps(_mm512_insertf64x4(
                            _mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1)));
@@ -101,20 +104,28 @@ VQ_TARGET_AVX512 void tokens_rows_avx512(const ScoreArgs& a, const float* qb, in
     }
 }
 
+template <bool Bytes>
+VQ_TARGET_AVX512 void tokens_bytes_avx512(const ScoreArgs& a, const float* qb, int r0, int rows,
+                                          int t0, int t1, int offset) {
+    switch (rows) {
+        case 1:
+            return tokens_rows_avx512<1, Bytes>(a, qb, r0, t0, t1, offset);
+        case 2:
+            return tokens_rows_avx512<2, Bytes>(a, qb, r0, t0, t1, offset);
+        case 3:
+            return tokens_rows_avx512<3, Bytes>(a, qb, r0, t0, t1, offset);
+        default:
+            return tokens_rows_avx512<kRowChunk, Bytes>(a, qb, r0, t0, t1, offset);
+    }
+}
+
 VQ_TARGET_AVX512 void tokens_avx512(const ScoreArgs& a, const float* qb, int r0, int rows, int t0,
                                     int t1, int offset) {
     if (a.codec.group_dim() != 8 || a.codec.dim() % 16 != 0)
         return tokens_generic(a, qb, r0, rows, t0, t1, offset);
-    switch (rows) {
-        case 1:
-            return tokens_rows_avx512<1>(a, qb, r0, t0, t1, offset);
-        case 2:
-            return tokens_rows_avx512<2>(a, qb, r0, t0, t1, offset);
-        case 3:
-            return tokens_rows_avx512<3>(a, qb, r0, t0, t1, offset);
-        default:
-            return tokens_rows_avx512<kRowChunk>(a, qb, r0, t0, t1, offset);
-    }
+    if (a.codec.index_bits() == 8)
+        return tokens_bytes_avx512<true>(a, qb, r0, rows, t0, t1, offset);
+    tokens_bytes_avx512<false>(a, qb, r0, rows, t0, t1, offset);
 }
 #endif
 
