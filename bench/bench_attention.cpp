@@ -78,17 +78,24 @@ const KVCacheConfig& config_for(const std::string& name) {
         c.num_residuals = 1;
         c.value_bits = 4;
     }
-    if (name == "spectral" || name == "commvq" || name == "vecinfer") {
+    // commvq_rope: the same codebook with the cache told the RoPE frequencies (base 10000), so
+    // keys are coded before RoPE and scores turn by each token's position.
+    if (name == "commvq_rope") c.method = "commvq";
+    if (name == "spectral" || c.method == "commvq" || name == "vecinfer") {
         Calibration cal;
         calibrate_method(calibration_activations(), c, cal);
         apply_calibration(cal, c);
     }
+    if (name == "commvq_rope")
+        for (int i = 0; i < kDim / 2; ++i)
+            c.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * i / kDim));
     return configs.emplace(name, std::move(c)).first->second;
 }
 
-const std::vector<std::string> kVariants = {
-    "fp16",   "turboquant_rvq", "turboquant_rvq_b4", "qjl",    "polarquant",
-    "rabitq", "ratequant",      "spectral",          "commvq", "vecinfer"};
+const std::vector<std::string> kVariants = {"fp16",        "turboquant_rvq", "turboquant_rvq_b4",
+                                            "qjl",         "polarquant",     "rabitq",
+                                            "ratequant",   "spectral",       "commvq",
+                                            "commvq_rope", "vecinfer"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));
@@ -121,9 +128,9 @@ void BM_read(benchmark::State& state) {
         }
         benchmark::DoNotOptimize(total);
     }
-    state.counters["GB/s"] = benchmark::Counter(static_cast<double>(n) * sizeof(float) *
-                                                    state.iterations() / 1e9,
-                                                benchmark::Counter::kIsRate);
+    state.counters["GB/s"] =
+        benchmark::Counter(static_cast<double>(n) * sizeof(float) * state.iterations() / 1e9,
+                           benchmark::Counter::kIsRate);
 }
 
 void BM_decode(benchmark::State& state, const std::string& variant) {

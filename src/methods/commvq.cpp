@@ -8,13 +8,13 @@
 #include <utility>
 
 #include "core/bitpack.h"
+#include "methods/byte_table_sums.h"
+#include "methods/commvq_scores.h"
 
 namespace veloxquant {
 namespace {
 
-constexpr int kMaxDim = 1024;
-// Positions per phase block: one double-precision cos/sin per pair per block, then a table.
-constexpr int kPhaseBlock = 64;
+constexpr int kMaxDim = CommVQCodec::kMaxDim, kPhaseBlock = CommVQCodec::kPhaseBlock;
 // ICM sweeps after the greedy residual search (each never increases the error).
 constexpr int kEncodeSweeps = 1;
 
@@ -209,16 +209,17 @@ void CommVQCodec::pack(const int* indices, uint8_t* code) const {
     pack_bits(idx, m, index_bits_, code);
 }
 
+int CommVQCodec::index(const uint8_t* code, int m) const {
+    // 256 codewords (what calibration makes): one index per byte.
+    return index_bits_ == 8 ? code[m] : static_cast<int>(read_packed(code, m, index_bits_));
+}
+
 void CommVQCodec::reconstruct(const uint8_t* code, float* z) const {
     const int gd = group_dim_;
     std::fill(z, z + dim(), 0.0f);
     for (int s = 0; s < stages_; ++s)
         for (int g = 0; g < groups_; ++g) {
-            const int m = s * groups_ + g;
-            // 256 codewords (what calibration makes): one index per byte.
-            const int c =
-                index_bits_ == 8 ? code[m] : static_cast<int>(read_packed(code, m, index_bits_));
-            const float* w = word(s, g, c);
+            const float* w = word(s, g, index(code, s * groups_ + g));
             float* zg = z + g * gd;
 #pragma omp simd
             for (int j = 0; j < gd; ++j) zg[j] += w[j];
@@ -286,44 +287,61 @@ void CommVQCodec::decode_at(const uint8_t* codes, const float*, std::size_t, int
 }
 
 std::size_t CommVQCodec::query_state_size() const {
-    return static_cast<std::size_t>(dim());
+    // Positional: the query itself (its rotation depends on the token). Otherwise the tables.
+    return positional() ? static_cast<std::size_t>(dim())
+                        : static_cast<std::size_t>(stages_) * groups_ * codewords_;
 }
 
 void CommVQCodec::prepare_query(const float* query, float* state) const {
-    std::copy_n(query, dim(), state);
+    if (positional()) {
+        std::copy_n(query, dim(), state);
+        return;
+    }
+    // Without RoPE, <q, z_hat> = sum_{s,G} <q_G, W[s][G][i_{s,G}]>: one table per index m =
+    // s * groups + G of the code, state[m * codewords + c] = <q_G, W[s][G][c]> (as vecinfer).
+    // Over the transposed codewords, so that each table's entries vectorise.
+    const int gd = group_dim_, C = codewords_;
+    for (std::size_t m = 0; m < static_cast<std::size_t>(stages_) * groups_; ++m) {
+        const float* qg = query + (m % groups_) * gd;
+        const float* wt = &words_t_[m * C * gd];
+        float* table = state + m * C;
+        std::fill(table, table + C, 0.0f);
+        for (int j = 0; j < gd; ++j) {
+            const float qj = qg[j];
+#pragma omp simd
+            for (int c = 0; c < C; ++c) table[c] += qj * wt[j * C + c];
+        }
+    }
 }
 
-void CommVQCodec::score_at(const float* state, const uint8_t* codes, const float*, std::size_t,
-                           int n, int pos0, float* scores) const {
-    const int d = dim(), pairs = static_cast<int>(inv_freq_.size());
-    float qb[kMaxDim], qr[kMaxDim], z[kMaxDim];
-    std::copy_n(state, d, qr);  // pairs past the RoPE pairs are never rotated
-    for (int t0 = 0; t0 < n;) {
-        // <q, RoPE_p(z)> = <RoPE_{-p}(q), z>: rotate the query, never the key. Per block (at a
-        // multiple of kPhaseBlock, as phases()) the query turns by -p_b w_i once (double angle);
-        // per token by the table's -t w_i.
-        const int p = pos0 + t0, offset = p % kPhaseBlock;
-        const int t1 = std::min(n, t0 + kPhaseBlock - offset);
-        const double pb = static_cast<double>(p - offset);
-        for (int i = 0; i < pairs; ++i) {
-            const double c = std::cos(pb * inv_freq_[i]), s = std::sin(pb * inv_freq_[i]);
-            qb[2 * i] = static_cast<float>(state[2 * i] * c + state[2 * i + 1] * s);
-            qb[2 * i + 1] = static_cast<float>(state[2 * i + 1] * c - state[2 * i] * s);
+void CommVQCodec::score_at(const float* state, const uint8_t* codes, const float* scalars,
+                           std::size_t scalar_stride, int n, int pos0, float* scores) const {
+    score_rows_at(state, 0, 1, codes, scalars, scalar_stride, n, pos0, scores, 0);
+}
+
+void CommVQCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                                const uint8_t* codes, const float*, std::size_t, int n, int pos0,
+                                float* scores, std::size_t score_stride) const {
+    if (positional()) {
+        commvq_rope_scores(*this, states, state_stride, rows, codes, n, pos0, scores, score_stride);
+        return;
+    }
+    const int m = stages_ * groups_;
+    const std::size_t cb = code_bytes();
+    for (int r = 0; r < rows; ++r) {
+        const float* tables = states + r * state_stride;
+        float* out = scores + r * score_stride;
+        // 256 codewords (what calibration makes): one code byte per table, one running sum.
+        if (index_bits_ == 8) {
+            byte_table_sums(tables, codes, cb, m, n, 1, out);
+            continue;
         }
-        for (int t = t0; t < t1; ++t) {
-            const float* st = &step_[static_cast<std::size_t>(t - t0 + offset) * pairs * 2];
-            for (int i = 0; i < pairs; ++i) {
-                const float c = st[2 * i], s = st[2 * i + 1];
-                qr[2 * i] = qb[2 * i] * c + qb[2 * i + 1] * s;
-                qr[2 * i + 1] = qb[2 * i + 1] * c - qb[2 * i] * s;
-            }
-            reconstruct(codes + static_cast<std::size_t>(t) * code_bytes(), z);
+        for (int t = 0; t < n; ++t) {
+            const uint8_t* code = codes + t * cb;
             float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int j = 0; j < d; ++j) acc += qr[j] * z[j];
-            scores[t] = acc;
+            for (int i = 0; i < m; ++i) acc += tables[i * codewords_ + index(code, i)];
+            out[t] = acc;
         }
-        t0 = t1;
     }
 }
 

@@ -22,13 +22,17 @@
 //
 // Score of a query q against a token at position p (Re(conj(a) b) is the real dot product of
 // two pairs):
-//     <q, RoPE_p(z_hat)> = sum_i Re(conj(q_i exp(-j p w_i)) z_hat_i),
-// i.e. the query rotated by -p w_i dotted with the pre-RoPE reconstruction: per token O(S d)
-// adds for the codeword sum plus d/2 complex products for the query rotation. Phases come from
-// exp(j p0 w_i) in double once per block of 64 positions times a table exp(j t w_i), t < 64.
+//     <q, RoPE_p(z_hat)> = sum_i Re(conj(q_i exp(-j p w_i)) z_hat_i).
+// With p = p_b + t (p_b a multiple of 64, t < 64) this is <RoPE_{-p_b}(q), RoPE_t(z_hat)>: the
+// query turns once per block of 64 positions (double-precision angle), the codeword sum of a
+// token turns by a table exp(j t w_i) once for all query rows (commvq_scores.h). A lookup table
+// of <q, codeword> per (stage, group, codeword) is exact only without RoPE: with it, each pair
+// of a group turns by its own frequency, so such a table would depend on the position (one
+// per token, larger than the codeword sum it replaces).
 //
-// Without RoPE frequencies (config.rope_inv_freq empty) keys are coded as given (post-RoPE) and
-// positions are ignored. Pairs i >= rope_inv_freq.size() (partial RoPE) are never rotated.
+// Without RoPE frequencies (config.rope_inv_freq empty) keys are coded as given (post-RoPE),
+// positions are ignored and the query state is that table, [stages * groups][codewords]. Pairs i >=
+// rope_inv_freq.size() (partial RoPE) are never rotated.
 //
 // KVCacheConfig.codebook layout: [layers][kv_heads][S][G][C][2g] float32, row-major;
 // num_subspaces (when set) must equal S.
@@ -58,6 +62,10 @@ void commvq_rope(float* x, int dim, const std::vector<double>& inv_freq, double 
 
 class CommVQCodec : public KeyCodec {
 public:
+    /// Positions per phase block: one double-precision cos/sin per pair per block, then a table.
+    static constexpr int kPhaseBlock = 64;
+    static constexpr int kMaxDim = 1024;
+
     /// codebook: this (layer, head)'s codewords [stages][groups][codewords][group_dim] (copied).
     /// Throws std::invalid_argument for inconsistent sizes (groups * group_dim != d, odd
     /// group_dim, codewords not a power of two in 2..256, rope_inv_freq longer than d/2 or not
@@ -106,12 +114,19 @@ public:
                    int pos0, float* keys) const override;
     void score_at(const float* state, const uint8_t* codes, const float* scalars,
                   std::size_t scalar_stride, int n, int pos0, float* scores) const override;
+    /// Positional: the codeword sum of each token is built once for all rows
+    /// (commvq_rope_scores). Otherwise per row a lookup-table sum over the code's indices.
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
 
     std::size_t parameter_bytes() const override;
 
     /// Codes one pre-RoPE key x [d] (greedy residual + one ICM sweep) into indices
     /// [stages * groups] (stage-major).
     void quantize(const float* x, int* indices) const;
+    /// Codeword index m = s * groups + G of one code.
+    int index(const uint8_t* code, int m) const;
     /// Pre-RoPE reconstruction of one code into z [d].
     void reconstruct(const uint8_t* code, float* z) const;
 
