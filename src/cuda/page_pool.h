@@ -11,8 +11,10 @@
 
 namespace veloxquant::cuda {
 
-/// cudaMalloc hands out large blocks in whole granules of this size (2 MiB on the H200: run 86,
-/// devrun/alloc_probe.cu), so a pool's tail up to the next granule is held either way.
+/// cudaMalloc hands out blocks of 1 MiB and more in whole granules of this size (on the H200 a
+/// 28.01 MiB request took 30 MiB, a 2.004 MiB one 4 MiB:
+/// bench/results/cuda_h200_20261202u_spectral_stack_pool_growth.txt), so a pool's tail up to
+/// the next granule is held either way.
 constexpr std::size_t kAllocationGranule = std::size_t{2} << 20;
 
 /// The pages a pool of `capacity` pages grows to so as to hold `needed` (> capacity): at least a
