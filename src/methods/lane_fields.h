@@ -35,16 +35,23 @@ VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void gather_lane_words(const uint8_t* base, __
     }
 }
 
-/// The width-bit field (width < 32) at bit `bit` of every lane's code, from its words; a field
-/// may straddle two words.
-VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field(const __m512i* words, std::size_t bit,
-                                                     int width) {
+/// The width-bit field (width < 32) at bit `bit` of every lane's code, from its words, in the
+/// low width bits of each lane, any bits above them (for a lookup that reads only the low bits,
+/// as vpermps reads 4); a field may straddle two words.
+VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field_low(const __m512i* words, std::size_t bit,
+                                                         int width) {
     const std::size_t k = bit / 32;
     const int s = static_cast<int>(bit % 32);
     __m512i v = _mm512_srl_epi32(words[k], _mm_cvtsi32_si128(s));
     if (s + width > 32)
         v = _mm512_or_si512(v, _mm512_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
-    return _mm512_and_si512(v, _mm512_set1_epi32((1 << width) - 1));
+    return v;
+}
+
+/// lane_field_low with the bits above the field cleared.
+VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field(const __m512i* words, std::size_t bit,
+                                                     int width) {
+    return _mm512_and_si512(lane_field_low(words, bit, width), _mm512_set1_epi32((1 << width) - 1));
 }
 
 }  // namespace veloxquant

@@ -5,9 +5,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "core/cpu_isa.h"
 #include "core/lloyd_max.h"
-#include "methods/lane_fields.h"
+#include "methods/spectral_scores.h"
 
 namespace veloxquant {
 namespace {
@@ -208,16 +207,18 @@ SpectralCodec::SpectralCodec(int d, int signal_bits, int noise_bits, SpectralBas
         slots_.push_back(s);
     }
     code_bytes_ = (bit_at + 7) / 8;
-    // Consecutive slots of at most 8 bits in all share one table (their bits are one field).
+    // A run of consecutive slots of at most 4 bits in all shares a 16-entry table (one vpermps
+    // looks it up for 16 tokens); a wider slot (they come first) has a table of its own.
     std::size_t table_at = 1;  // state[0] = <q, mu>
     for (std::size_t k = 0; k < slots_.size();) {
         Group g;
         g.first = k;
         g.bit_offset = slots_[k].bit_offset;
         g.table_offset = table_at;
-        while (k < slots_.size() && g.bits + slots_[k].bits <= 8) g.bits += slots_[k++].bits;
+        const int cap = std::max(4, slots_[k].bits);
+        while (k < slots_.size() && g.bits + slots_[k].bits <= cap) g.bits += slots_[k++].bits;
         g.count = k - g.first;
-        table_at += std::size_t{1} << g.bits;
+        table_at += g.entries();
         groups_.push_back(g);
     }
     state_size_ = table_at;
@@ -338,164 +339,19 @@ std::size_t SpectralCodec::query_state_size() const {
 }
 
 void SpectralCodec::prepare_query(const float* query, float* state) const {
-    const int d = dim();
-    // <q, mu + U^T y_hat> = <q, mu> + sum_r (U q)_r y_hat_r, y_hat_r = s sigma_r C[i_r].
-    double qmu = 0.0;
-    for (int j = 0; j < d; ++j) qmu += static_cast<double>(query[j]) * basis_.mean[j];
-    state[0] = static_cast<float>(qmu);
-    std::vector<double> w(slots_.size());
-    for (std::size_t k = 0; k < slots_.size(); ++k) {
-        const float* u = &basis_.basis[static_cast<std::size_t>(slots_[k].coord) * d];
-        double acc = 0.0;
-        for (int j = 0; j < d; ++j) acc += static_cast<double>(u[j]) * query[j];
-        w[k] = acc * sigma_[slots_[k].coord];
-    }
-    // Entry v of a group's table: the sum over its slots of w C[field of that slot in v].
-    for (const Group& g : groups_) {
-        float* table = state + g.table_offset;
-        for (unsigned v = 0; v < (1u << g.bits); ++v) {
-            double acc = 0.0;
-            unsigned rest = v;
-            for (std::size_t k = g.first; k < g.first + g.count; ++k) {
-                const int b = slots_[k].bits;
-                acc += w[k] * codebooks_[b]->centroids[rest & ((1u << b) - 1u)];
-                rest >>= b;
-            }
-            table[v] = static_cast<float>(acc);
-        }
-    }
-}
-
-template <int M>
-void SpectralCodec::score_block(const float* state, const uint8_t* block, int m, float* acc) const {
-    const std::size_t cb = code_bytes_;
-    const int count = M > 0 ? M : m;
-    for (int u = 0; u < count; ++u) acc[u] = 0.0f;
-    for (const Group& g : groups_) {
-        const float* table = state + g.table_offset;
-        const uint8_t* field = block + (g.bit_offset >> 3);
-        const unsigned shift = static_cast<unsigned>(g.bit_offset & 7u);
-        const unsigned mask = (1u << g.bits) - 1u;
-        // The second byte only when the field straddles one (never past the token's code).
-        const std::size_t next = shift + static_cast<unsigned>(g.bits) > 8 ? 1 : 0;
-        for (int u = 0; u < count; ++u) {
-            const uint8_t* p = field + static_cast<std::size_t>(u) * cb;
-            const unsigned word = p[0] | (static_cast<unsigned>(p[next]) << 8);
-            acc[u] += table[(word >> shift) & mask];
-        }
-    }
+    spectral_query_state(*this, query, state);
 }
 
 void SpectralCodec::score(const float* state, const uint8_t* codes, const float* scalars,
                           std::size_t /*scalar_stride*/, int n, float* scores) const {
-    // Blocks of kScoreBlock tokens, group by group inside a block: the block's sums are
-    // independent and (for a full block, of compile-time size) stay in registers, and each
-    // group's byte, shift, mask and table are read once per block. Measured (perf samples, one
-    // core, d 64, 8K tokens, 3 heads): 21% less time in score than the token-outer loop, which
-    // reloaded every group's descriptor per token and chained its adds.
-    const float qmu = state[0];
-    float acc[kScoreBlock];
-    for (int t0 = 0; t0 < n; t0 += kScoreBlock) {
-        const int m = std::min(kScoreBlock, n - t0);
-        const uint8_t* block = codes + static_cast<std::size_t>(t0) * code_bytes_;
-        if (m == kScoreBlock)
-            score_block<kScoreBlock>(state, block, m, acc);
-        else
-            score_block<0>(state, block, m, acc);
-        for (int u = 0; u < m; ++u) scores[t0 + u] = qmu + scalars[t0 + u] * acc[u];
-    }
+    spectral_scores_reference(*this, state, 0, 1, codes, scalars, n, scores, 0);
 }
-
-namespace {
-
-struct RowsArgs {
-    const SpectralCodec& codec;
-    const float* states;
-    std::size_t state_stride;
-    int rows;
-    const uint8_t* codes;
-    const float* scalars;
-    int n;
-    float* scores;
-    std::size_t score_stride;
-};
-
-// Tokens t0..n-1 through score(), row by row: the reference.
-void score_rows_from(const RowsArgs& a, int t0) {
-    for (int r = 0; r < a.rows; ++r)
-        a.codec.score(a.states + r * a.state_stride, a.codes + t0 * a.codec.code_bytes(),
-                      a.scalars + t0, 0, a.n - t0, a.scores + r * a.score_stride + t0);
-}
-
-void score_rows_generic(const RowsArgs& a) {
-    score_rows_from(a, 0);
-}
-
-#ifdef VQ_X86_KERNELS
-// 16 tokens (one per lane, their code words gathered) for Rows rows: per group, its field once
-// for all the rows, then a gather from each row's table, added in group order as score_block.
-template <int Rows>
-VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void score_lanes(const RowsArgs& a, const __m512i* words, int r0,
-                                                   int t) {
-    const float* states[Rows];
-    __m512 acc[Rows];
-    for (int r = 0; r < Rows; ++r) {
-        states[r] = a.states + (r0 + r) * a.state_stride;
-        acc[r] = _mm512_setzero_ps();
-    }
-    for (const SpectralCodec::Group& g : a.codec.groups()) {
-        const __m512i idx = lane_field(words, g.bit_offset, g.bits);
-        for (int r = 0; r < Rows; ++r)
-            acc[r] = _mm512_add_ps(acc[r], _mm512_i32gather_ps(idx, states[r] + g.table_offset, 4));
-    }
-    // qmu + s * acc rounded twice as score() does: the explicitly rounded product is not
-    // contracted into an FMA.
-    const __m512 scale = _mm512_loadu_ps(a.scalars + t);
-    for (int r = 0; r < Rows; ++r)
-        _mm512_storeu_ps(
-            a.scores + (r0 + r) * a.score_stride + t,
-            _mm512_add_ps(
-                _mm512_set1_ps(states[r][0]),
-                _mm512_mul_round_ps(scale, acc[r], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-}
-
-// Blocks of 16 tokens, rows four at a time; the last n % 16 tokens (and codes under 4 bytes)
-// through score().
-VQ_TARGET_AVX512 void score_rows_avx512(const RowsArgs& a) {
-    const std::size_t cb = a.codec.code_bytes();
-    int t = 0;
-    if (cb >= 4) {
-        const __m512i lanes = lane_offsets(cb);
-        __m512i words[1024 * 8 / 32];  // d <= 1024 coordinates of <= 8 bits
-        for (; t + 16 <= a.n; t += 16) {
-            gather_lane_words(a.codes + t * cb, lanes, cb, cb, words);
-            for (int r0 = 0; r0 < a.rows; r0 += 4) switch (std::min(4, a.rows - r0)) {
-                    case 1:
-                        score_lanes<1>(a, words, r0, t);
-                        break;
-                    case 2:
-                        score_lanes<2>(a, words, r0, t);
-                        break;
-                    case 3:
-                        score_lanes<3>(a, words, r0, t);
-                        break;
-                    default:
-                        score_lanes<4>(a, words, r0, t);
-                }
-        }
-    }
-    score_rows_from(a, t);
-}
-#endif
-
-}  // namespace
 
 void SpectralCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
                                   const uint8_t* codes, const float* scalars,
                                   std::size_t /*scalar_stride*/, int n, int /*pos0*/, float* scores,
                                   std::size_t score_stride) const {
-    VQ_KERNEL_FOR_ISA(score_rows_generic, score_rows_generic, score_rows_avx512)
-    ({*this, states, state_stride, rows, codes, scalars, n, scores, score_stride});
+    spectral_scores(*this, states, state_stride, rows, codes, scalars, n, scores, score_stride);
 }
 
 std::size_t SpectralCodec::parameter_bytes() const {

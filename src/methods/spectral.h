@@ -117,17 +117,18 @@ public:
                 float* keys) const override;
 
     /// State: <q, mu>, then one table per group of consecutive coded coordinates (stream
-    /// order) whose widths add up to at most 8: 2^(sum b) entries, entry v = sum over the
-    /// group of (U q)_r sigma_r C_{b_r}[field of r in v], so a token scores with one lookup per
-    /// group (about d / 2 at 4 bits, fewer at lower widths).
+    /// order): a run of slots of at most 4 bits in all shares a 16-entry table, entry v = sum
+    /// over the run of (U q)_r sigma_r C_{b_r}[field of r in v] (bits of v above the run's
+    /// width ignored, so that one vpermps looks it up); a slot of 5..8 bits has a table of its
+    /// own, 2^b_r entries. A token scores with one lookup per group. Built by
+    /// spectral_query_state (methods/spectral_scores.h).
     std::size_t query_state_size() const override;
     void prepare_query(const float* query, float* state) const override;
+    /// The reference: spectral_scores_reference, one row.
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
 
-    /// score() row by row; the AVX-512 build (core/cpu_isa.h) scores 16 tokens at once, one
-    /// per lane, each group's field taken out of the codes once for up to four rows and looked
-    /// up with one gather per row, adding in score()'s order: every set gives the same bits.
+    /// spectral_scores (methods/spectral_scores.h): every instruction set gives score()'s bits.
     void score_rows_at(const float* states, std::size_t state_stride, int rows,
                        const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                        int pos0, float* scores, std::size_t score_stride) const override;
@@ -135,30 +136,31 @@ public:
     /// Basis, variances, mean, query moments, the allocation and the codebooks it uses.
     std::size_t parameter_bytes() const override;
 
-    /// Consecutive slots whose fields, at most 8 bits together, are read as one and scored
-    /// with one table of 2^bits entries.
-    struct Group {
-        std::size_t first = 0, count = 0;  ///< slots
-        int bits = 0;
-        std::size_t bit_offset = 0;
-        std::size_t table_offset = 0;  ///< floats into the query state
-    };
-    const std::vector<Group>& groups() const { return groups_; }
-
-private:
     /// One coded coordinate, in stream order.
     struct Slot {
         int coord = 0;               ///< basis direction r
         int bits = 0;                ///< b_r >= 1
         std::size_t bit_offset = 0;  ///< into the code
     };
+    const std::vector<Slot>& slots() const { return slots_; }
+    /// Consecutive slots read as one field and scored with one table: a run of at most 4 bits
+    /// in all (16 entries) or a single slot of 5..8 bits (2^bits entries). Wider groups come
+    /// first, as the slots are in order of descending width.
+    struct Group {
+        std::size_t first = 0, count = 0;  ///< slots
+        int bits = 0;
+        std::size_t bit_offset = 0;
+        std::size_t table_offset = 0;  ///< floats into the query state
+        std::size_t entries() const { return bits <= 4 ? 16 : std::size_t{1} << bits; }
+    };
+    const std::vector<Group>& groups() const { return groups_; }
+    /// gaussian_codebook(b) for a width b some slot uses.
+    const ScalarCodebook& codebook(int b) const { return *codebooks_[b]; }
+
+private:
     /// y = U (k - mu), summed in double and kept as a float (as the device encoder keeps it, whose
     /// y must fit the default 1 KB stack a thread).
     void project(const float* key, float* y) const;
-    static constexpr int kScoreBlock = 8;
-    /// acc[u] = the table sum of token u of the block (M tokens, or m when M is 0).
-    template <int M>
-    void score_block(const float* state, const uint8_t* block, int m, float* acc) const;
 
     int signal_bits_;
     int noise_bits_;
