@@ -11,7 +11,7 @@
 
 namespace veloxquant::cuda {
 
-/// cudaMalloc hands out blocks of 1 MiB and more in whole granules of this size (on the H200 a
+/// cudaMalloc hands out blocks above 1 MiB in whole granules of this size (on the H200 a
 /// 28.01 MiB request took 30 MiB, a 2.004 MiB one 4 MiB:
 /// bench/results/cuda_h200_20261202u_spectral_stack_pool_growth.txt), so a pool's tail up to
 /// the next granule is held either way.
