@@ -147,12 +147,13 @@ struct TableSumCase {
 std::vector<TableSumCase> table_sum_cases() {
     std::vector<TableSumCase> cases;
     for (const std::size_t bytes : {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 64, 65, 130})
-        for (const int n : {1, 7, 16, 17, 40, 64}) cases.push_back({bytes, bytes + n % 5, n});
+        for (const int n : {1, 7, 9, 11, 16, 17, 23, 30, 40, 64})
+            cases.push_back({bytes, bytes + n % 5, n});
     return cases;
 }
 
-// ... for 1 to 9 query rows (one past the AVX-512 build's group of 8), tables and sums at
-// strides with room between rows.
+// ... for 1 to 9 query rows (every remainder of the AVX-512 build's groups of 4 rows and the
+// AVX2 build's of 3), tables and sums at strides with room between rows.
 TEST(CpuIsa, NibbleTableSumsMatchTheScalarOrderOnEverySet) {
     std::mt19937 gen(12);
     std::normal_distribution<float> normal;
