@@ -22,7 +22,7 @@ void nibble_table_sums(const float* tables, std::size_t table_stride, int rows,
 /// Whether nibble_table_sums has a SIMD build on the set in use (core/cpu_isa.h); without one,
 /// one 256-entry table per byte (byte_table_sums) takes half the lookups. On AVX2 the nibble
 /// build's scorer alone ties the byte tables' gathers, but its tables (16 entries, not 256) take
-/// a query's preparation and cache less: turboquant_rvq decodes 9-13% faster with them.
+/// a query's preparation and cache less: turboquant_rvq decodes 8-13% faster with them.
 bool nibble_tables_are_faster();
 
 }  // namespace veloxquant
