@@ -89,15 +89,15 @@ TEST(CpuIsa, ValueAccumulationMatchesTheDecodedSumOnEverySet) {
 }
 
 // fp16 keys: score_rows_at on every set against a double dot product with the decoded keys, at
-// head dims on and off the AVX-512 path's grid of 16, for 1 to 5 rows (scores start as NaN, so
-// a token left unscored fails), and score() as row 0 of it.
+// head dims on and off the AVX-512 path's grid of 16 and the AVX2 path's of 8, for 1 to 7 rows
+// (scores start as NaN, so a token left unscored fails), and score() as row 0 of it.
 TEST(CpuIsa, Fp16ScoresMatchTheDecodedDotOnEverySet) {
     std::mt19937 gen(5);
     std::normal_distribution<float> normal;
     const std::string start = cpu_isa_name();
     for (const std::string& isa : cpu_isas()) {
         use_cpu_isa(isa);
-        for (const int d : {48, 100, 128}) {
+        for (const int d : {8, 40, 48, 100, 128}) {
             const FP16Codec codec(d);
             const int n = 37;
             std::vector<float> keys(static_cast<std::size_t>(n) * d);
@@ -106,7 +106,7 @@ TEST(CpuIsa, Fp16ScoresMatchTheDecodedDotOnEverySet) {
             codec.encode(keys.data(), n, codes.data(), nullptr, 0);
             std::vector<float> decoded(keys.size());
             codec.decode(codes.data(), nullptr, 0, n, decoded.data());
-            for (const int rows : {1, 4, 5}) {
+            for (const int rows : {1, 3, 4, 5, 7}) {
                 std::vector<float> states(static_cast<std::size_t>(rows) * d);
                 for (auto& q : states) q = normal(gen);
                 std::vector<float> scores(static_cast<std::size_t>(rows) * n, std::nanf(""));
@@ -147,12 +147,13 @@ struct TableSumCase {
 std::vector<TableSumCase> table_sum_cases() {
     std::vector<TableSumCase> cases;
     for (const std::size_t bytes : {1, 2, 3, 4, 5, 7, 8, 13, 16, 17, 32, 64, 65, 130})
-        for (const int n : {1, 7, 16, 17, 40, 64}) cases.push_back({bytes, bytes + n % 5, n});
+        for (const int n : {1, 7, 9, 11, 16, 17, 23, 30, 40, 64})
+            cases.push_back({bytes, bytes + n % 5, n});
     return cases;
 }
 
-// ... for 1 to 9 query rows (one past the AVX-512 build's group of 8), tables and sums at
-// strides with room between rows.
+// ... for 1 to 9 query rows (every remainder of the AVX-512 build's groups of 4 rows and the
+// AVX2 build's of 3), tables and sums at strides with room between rows.
 TEST(CpuIsa, NibbleTableSumsMatchTheScalarOrderOnEverySet) {
     std::mt19937 gen(12);
     std::normal_distribution<float> normal;

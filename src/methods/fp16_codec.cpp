@@ -79,10 +79,63 @@ VQ_TARGET_AVX512 void score_avx512(const ScoreArgs& a) {
                     score_token<4>(a, r0, t);
             }
 }
+
+// AVX2 with F16C (vcvtph2ps on 8 halves): every AVX2 CPU has it, but the ISA detection does not
+// check it, so the kernel choice does.
+#define VQ_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+// score_token with 8 lanes: 8 halves per conversion, each row's products summed in 8 lanes,
+// then the two halves of the register, then pairs, then the last two.
+template <int Rows>
+VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE void score_token_avx2(const ScoreArgs& a, int r0, int t) {
+    const uint16_t* in =
+        reinterpret_cast<const uint16_t*>(a.codes) + static_cast<std::size_t>(t) * a.d;
+    __m256 s[Rows];
+    for (int r = 0; r < Rows; ++r) s[r] = _mm256_setzero_ps();
+    for (int j = 0; j < a.d; j += 8) {
+        const __m256 k = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j)));
+        for (int r = 0; r < Rows; ++r)
+            s[r] =
+                _mm256_fmadd_ps(k, _mm256_loadu_ps(a.states + (r0 + r) * a.state_stride + j), s[r]);
+    }
+    for (int r = 0; r < Rows; ++r) {
+        __m128 x = _mm_add_ps(_mm256_castps256_ps128(s[r]), _mm256_extractf128_ps(s[r], 1));
+        x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        x = _mm_add_ss(x, _mm_movehdup_ps(x));
+        a.scores[(r0 + r) * a.score_stride + t] = _mm_cvtss_f32(x);
+    }
+}
+
+// Head dims divisible by 8; rows four at a time.
+VQ_TARGET_AVX2_F16C void score_avx2(const ScoreArgs& a) {
+    if (a.d % 8 != 0) return score_generic(a);
+    for (int t = 0; t < a.n; ++t)
+        for (int r0 = 0; r0 < a.rows; r0 += 4) switch (std::min(4, a.rows - r0)) {
+                case 1:
+                    score_token_avx2<1>(a, r0, t);
+                    break;
+                case 2:
+                    score_token_avx2<2>(a, r0, t);
+                    break;
+                case 3:
+                    score_token_avx2<3>(a, r0, t);
+                    break;
+                default:
+                    score_token_avx2<4>(a, r0, t);
+            }
+}
+
+bool has_f16c() {
+    static const bool yes = __builtin_cpu_supports("f16c");
+    return yes;
+}
 #endif
 
 void score_rows(const ScoreArgs& a) {
-    VQ_KERNEL_FOR_ISA(score_generic, score_generic, score_avx512)(a);
+#ifdef VQ_X86_KERNELS
+    if (cpu_isa() == CpuIsa::kAvx2 && !has_f16c()) return score_generic(a);
+#endif
+    VQ_KERNEL_FOR_ISA(score_generic, score_avx2, score_avx512)(a);
 }
 
 }  // namespace

@@ -20,8 +20,8 @@ public:
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
-    /// The rows share each token's conversion (AVX-512: 16 halves per vcvtph2ps, the products
-    /// summed in lanes, so the last bits differ from the baseline's table loop).
+    /// The rows share each token's conversion (AVX-512: 16 halves per vcvtph2ps, AVX2 + F16C: 8;
+    /// the products summed in lanes, so the last bits differ from the baseline's table loop).
     void score_rows_at(const float* states, std::size_t state_stride, int rows,
                        const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                        int pos0, float* scores, std::size_t score_stride) const override;

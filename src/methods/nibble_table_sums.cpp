@@ -127,10 +127,82 @@ VQ_TARGET_AVX512 void sums_avx512(const SumArgs& a) {
     }
     sum_tokens(a, t);
 }
+
+// The AVX2 build: 8 tokens per ymm, a 16-entry table two registers. vpermps reads the low 3
+// bits of each lane's index, so one lookup per table half, and a blend on the nibble's bit 3
+// (moved to the sign bit by shifting the word left) picks the half.
+template <int Rows>
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void add_word_avx2(__m256i word, int count,
+                                                   const float* const* tables, std::size_t offset,
+                                                   __m256 (&s)[Rows][4]) {
+    for (int k = 0; k < count; ++k) {
+        const __m256i idx = _mm256_srli_epi32(word, 4 * k);
+        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(word, 28 - 4 * k));
+        for (int r = 0; r < Rows; ++r) {
+            const float* table = tables[r] + offset + 16 * k;
+            const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
+            const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx);
+            s[r][k % 4] = _mm256_add_ps(s[r][k % 4], _mm256_blendv_ps(lo, hi, high));
+        }
+    }
+}
+
+// sum_rows with 8 lanes: the same gathered words, the same last word.
+template <int Rows>
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void sum_rows_avx2(const SumArgs& a, int r0, int t) {
+    const __m256i lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(static_cast<int>(a.stride)));
+    const uint8_t* base = a.codes + t * a.stride;
+    const float* tables[Rows];
+    __m256 s[Rows][4];
+    for (int r = 0; r < Rows; ++r) {
+        tables[r] = a.tables + (r0 + r) * a.table_stride;
+        for (__m256& x : s[r]) x = _mm256_setzero_ps();
+    }
+    const std::size_t whole = a.bytes / 4, rest = a.bytes % 4;
+    for (std::size_t w = 0; w < whole; ++w)
+        add_word_avx2<Rows>(
+            _mm256_i32gather_epi32(reinterpret_cast<const int*>(base + 4 * w), lanes, 1), 8, tables,
+            128 * w, s);
+    if (rest > 0) {
+        const __m256i last = _mm256_srl_epi32(
+            _mm256_i32gather_epi32(reinterpret_cast<const int*>(base + a.bytes - 4), lanes, 1),
+            _mm_cvtsi32_si128(static_cast<int>(8 * (4 - rest))));
+        add_word_avx2<Rows>(last, static_cast<int>(2 * rest), tables, 128 * whole, s);
+    }
+    for (int r = 0; r < Rows; ++r)
+        _mm256_storeu_ps(
+            a.sums + (r0 + r) * a.sum_stride + t,
+            _mm256_add_ps(_mm256_add_ps(s[r][0], s[r][1]), _mm256_add_ps(s[r][2], s[r][3])));
+}
+
+// Blocks of 8 tokens, rows three at a time: 3 x 4 running sums leave 4 registers for the word,
+// index, blend mask and lookups, a few spilled to the idle load ports. Measured (4 rows, 64-byte
+// codes) two rows at a time is 18% slower, four 6%.
+VQ_TARGET_AVX2 void sums_avx2(const SumArgs& a) {
+    int t = 0;
+    if (a.bytes >= 4) {
+        for (; t + 8 <= a.n; t += 8) {
+            for (int r0 = 0; r0 < a.rows; r0 += 3) {
+                switch (std::min(3, a.rows - r0)) {
+                    case 1:
+                        sum_rows_avx2<1>(a, r0, t);
+                        break;
+                    case 2:
+                        sum_rows_avx2<2>(a, r0, t);
+                        break;
+                    default:
+                        sum_rows_avx2<3>(a, r0, t);
+                }
+            }
+        }
+    }
+    sum_tokens(a, t);
+}
 #endif
 
 SumFn sum_kernel() {
-    return VQ_KERNEL_FOR_ISA(sums_generic, sums_generic, sums_avx512);
+    return VQ_KERNEL_FOR_ISA(sums_generic, sums_avx2, sums_avx512);
 }
 
 }  // namespace
@@ -142,7 +214,7 @@ void nibble_table_sums(const float* tables, std::size_t table_stride, int rows,
 }
 
 bool nibble_tables_are_faster() {
-    return cpu_isa() == CpuIsa::kAvx512;
+    return cpu_isa() != CpuIsa::kGeneric;
 }
 
 }  // namespace veloxquant
