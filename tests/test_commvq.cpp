@@ -27,6 +27,8 @@
 namespace veloxquant {
 namespace {
 
+using vqtest::read_index;
+
 std::vector<double> inv_freq_for(int d, double base) {
     std::vector<double> f(d / 2);
     for (int i = 0; i < d / 2; ++i) f[i] = std::pow(base, -2.0 * i / d);
@@ -51,15 +53,6 @@ std::vector<double> to_double(const float* x, int d) {
     return std::vector<double>(x, x + d);
 }
 
-// Index m of a code, read bit by bit (LSB-first stream).
-int read_index(const uint8_t* code, int m, int bits) {
-    int v = 0;
-    for (int b = 0; b < bits; ++b) {
-        const int bit = m * bits + b;
-        v |= ((code[bit / 8] >> (bit % 8)) & 1) << b;
-    }
-    return v;
-}
 
 // Keys with the structure of real ones: a per-channel mean, a few strong directions, channel
 // scales spanning 10x, and noise.

@@ -24,19 +24,12 @@
 namespace veloxquant {
 namespace {
 
+using vqtest::read_index;
+
 struct Shape {
     int d, stages, codewords, group_dim, rope_pairs;  // rope_pairs 0: no RoPE
 };
 
-// Index m of a code, read bit by bit (LSB-first stream).
-int read_index(const uint8_t* code, int m, int bits) {
-    int v = 0;
-    for (int b = 0; b < bits; ++b) {
-        const int bit = m * bits + b;
-        v |= ((code[bit / 8] >> (bit % 8)) & 1) << b;
-    }
-    return v;
-}
 
 // <q, RoPE_pos(sum of the code's codewords)> in double, and ||q|| ||key|| as its scale.
 std::pair<double, double> reference_score(const std::vector<float>& book, const Shape& s,

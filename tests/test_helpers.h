@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -79,6 +80,17 @@ template <typename R>
 std::vector<float> gaussian(R& rng, std::size_t n, double sigma = 1.0, double mean = 0.0) {
     std::vector<float> v(n);
     for (auto& x : v) x = static_cast<float>(mean + sigma * rng.normal());
+    return v;
+}
+
+// Index i of `bits` bits from an LSB-first bit stream, read bit by bit (the codecs' packing,
+// independently of their readers).
+inline int read_index(const uint8_t* stream, std::size_t i, int bits) {
+    int v = 0;
+    for (int b = 0; b < bits; ++b) {
+        const std::size_t bit = i * bits + b;
+        v |= ((stream[bit / 8] >> (bit % 8)) & 1) << b;
+    }
     return v;
 }
 

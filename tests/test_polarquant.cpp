@@ -24,6 +24,7 @@ namespace {
 using vqtest::dot;
 using vqtest::gaussian;
 using vqtest::norm;
+using vqtest::read_index;
 
 const double kPi = std::acos(-1.0);
 
@@ -63,15 +64,6 @@ std::vector<double> polar_inverse(const Polar& p) {
     return r;
 }
 
-// Reads index i of `bits` bits from an LSB-first bit stream.
-int read_index(const uint8_t* stream, std::size_t i, int bits) {
-    int v = 0;
-    for (int b = 0; b < bits; ++b) {
-        const std::size_t bit = i * bits + b;
-        v |= ((stream[bit / 8] >> (bit % 8)) & 1) << b;
-    }
-    return v;
-}
 
 // The documented layout: level-1 indices ((bits + 2) bits), levels 2..4 (bits bits), radii fp16.
 struct ParsedCode {
