@@ -9,6 +9,7 @@
 #include "core/bitpack.h"
 #include "core/cpu_isa.h"
 #include "core/half.h"
+#include "methods/value_sum.h"
 
 #ifdef VQ_X86_KERNELS
 #include <immintrin.h>
@@ -30,19 +31,9 @@ VQ_ALWAYS_INLINE void unpack_scaled(const float* lut, const uint8_t* code, std::
 }
 
 // ValueCodec::accumulate's inputs, for the per-ISA kernels below.
-struct AccumulateArgs {
-    const float* weights;
-    std::size_t weight_stride;
-    int rows;
-    const uint8_t* codes;
-    const float* scalars;
-    int n;
-    float* const* acc;
-    int dim, bits;
-    std::size_t code_bytes;
-    const float* half;       // bits 16: the fp16 -> float table
-    const float* centroids;  // other widths
-    const float* byte_lut;   // bits 1, 2, 4, 8 at dims divisible by 8 (see byte_lut_), or null
+struct AccumulateArgs : ValueSumArgs {
+    const float* half;      // bits 16: the fp16 -> float table
+    const float* byte_lut;  // bits 1, 2, 4, 8 at dims divisible by 8 (see byte_lut_), or null
 };
 
 // Writes the value of token t (rotated domain, times its scale) to value.
@@ -139,50 +130,6 @@ VQ_TARGET_AVX2 void accumulate_avx2(const AccumulateArgs& a) {
     accumulate_tokens<64>(a, UnpackValue{a});
 }
 
-// Bits 1, 2, 4 at dims divisible by 16, on AVX-512: the indices of 16 coordinates (2 Bits code
-// bytes) are shifted into the low bits of 16 lanes, and one vpermps picks their centroids from
-// a register that repeats the 2^Bits centroids: vpermps reads the low 4 bits of each lane, so
-// the higher indices left above it do not matter. The products scale * centroid are those of
-// unpack_value.
-template <int Bits>
-struct UnpackLanes {
-    const AccumulateArgs& a;
-    float repeated[16];
-
-    explicit UnpackLanes(const AccumulateArgs& args) : a(args) {
-        for (int i = 0; i < 16; ++i) repeated[i] = a.centroids[i % (1 << Bits)];
-    }
-
-    // Called once per block, not inlined: accumulate_tokens is compiled for the baseline too.
-    VQ_TARGET_AVX512 void operator()(const int* live, int count, float* values) const {
-        const __m512 centroids = _mm512_loadu_ps(repeated);
-        for (int i = 0; i < count; ++i) {
-            const uint8_t* code = a.codes + live[i] * a.code_bytes;
-            const __m512 scale = _mm512_set1_ps(a.scalars[live[i]]);
-            float* value = values + i * a.dim;
-            for (int j = 0; j < a.dim; j += 16, code += 2 * Bits) {
-                __m512i idx;
-                if (Bits == 4) {  // byte k to lanes 2k, 2k + 1; the odd lane takes its high nibble
-                    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(code));
-                    idx = _mm512_srlv_epi32(
-                        _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)),
-                        _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4));
-                } else {  // the 16 or 32 bits to every lane, lane i shifted by i Bits
-                    uint32_t word = 0;
-                    std::memcpy(&word, code, 2 * Bits);
-                    idx = _mm512_srlv_epi32(
-                        _mm512_set1_epi32(static_cast<int>(word)),
-                        _mm512_mullo_epi32(
-                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                            _mm512_set1_epi32(Bits)));
-                }
-                _mm512_storeu_ps(value + j,
-                                 _mm512_mul_ps(scale, _mm512_permutexvar_ps(idx, centroids)));
-            }
-        }
-    }
-};
-
 // fp16 values at dims divisible by 16, on AVX-512: 16 halves per vcvtph2ps (exact, as the table).
 struct UnpackHalves {
     const AccumulateArgs& a;
@@ -200,16 +147,6 @@ struct UnpackHalves {
 
 VQ_TARGET_AVX512 void accumulate_avx512(const AccumulateArgs& a) {
     if (a.bits == 16 && a.dim % 16 == 0) return accumulate_tokens<128>(a, UnpackHalves{a});
-    if (a.bits <= 4 && 4 % a.bits == 0 && a.dim % 16 == 0) {
-        switch (a.bits) {
-            case 1:
-                return accumulate_tokens<128>(a, UnpackLanes<1>(a));
-            case 2:
-                return accumulate_tokens<128>(a, UnpackLanes<2>(a));
-            default:
-                return accumulate_tokens<128>(a, UnpackLanes<4>(a));
-        }
-    }
     accumulate_tokens<128>(a, UnpackValue{a});
 }
 #endif
@@ -314,6 +251,8 @@ void ValueCodec::accumulate(const float* weights, std::size_t weight_stride, int
     a.half = bits_ == 16 ? half_table() : nullptr;
     a.centroids = bits_ == 16 ? nullptr : codebook_->centroids.data();
     a.byte_lut = byte_lut_.empty() ? nullptr : byte_lut_.data();
+    // Bits 1, 2 and 4 on AVX2 and AVX-512 (methods/value_sum.h), the rest here.
+    if (bits_ != 16 && sum_packed_values(a)) return;
     accumulate_kernel()(a);
 }
 
