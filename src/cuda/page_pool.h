@@ -12,14 +12,14 @@
 namespace veloxquant::cuda {
 
 /// cudaMalloc hands out blocks above 1 MiB in whole granules of this size (on the H200 a
-/// 28.01 MiB request took 30 MiB, a 2.004 MiB one 4 MiB:
-/// bench/results/cuda_h200_20261202u_spectral_stack_pool_growth.txt), so a pool's tail up to
-/// the next granule is held either way.
+/// 28.01 MiB request took 30 MiB, a 2.004 MiB one 4 MiB, while 1 MiB and less took what was
+/// asked in 32 KB steps: bench/results/cuda_h200_20261202u_spectral_stack_pool_growth.txt), so
+/// a larger pool's tail up to the next granule is held either way.
 constexpr std::size_t kAllocationGranule = std::size_t{2} << 20;
 
 /// The pages a pool of `capacity` pages grows to so as to hold `needed` (> capacity): at least a
-/// quarter more than it held and 16 at first, then as many as fill the last 2 MiB granule, at
-/// most max_pages. A quarter instead of a doubling: a cache created for a long max_seq_len holds
+/// quarter more than it held and 16 at first, then, above 1 MiB, as many as fill the last 2 MiB
+/// granule, at most max_pages. A quarter instead of a doubling: a cache created for a long max_seq_len holds
 /// at most ~25% of unused pages, and re-copying its pool ~3 times per doubling of the context
 /// costs a device copy of well under a millisecond each.
 int grown_pool_pages(int needed, int capacity, int max_pages, std::size_t page_bytes);

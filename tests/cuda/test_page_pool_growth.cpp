@@ -22,8 +22,13 @@ TEST(PagePoolGrowth, HoldsWhatIsNeededAndAtMostTheBound) {
 }
 
 TEST(PagePoolGrowth, GrowsByAQuarterAndFillsTheLastGranule) {
-    // 53248-byte pages (qjl, 8 heads): 16 at first, 39 pages fill the first 2 MiB.
-    EXPECT_EQ(grown_pool_pages(1, 0, 4096, 53248), 39);
+    // 53248-byte pages (qjl, 8 heads): 16 at first (832 KB, taken as asked); 32 pages (1.6
+    // MiB) are rounded up to the 39 that fill the first 2 MiB.
+    EXPECT_EQ(grown_pool_pages(1, 0, 4096, 53248), 16);
+    EXPECT_EQ(grown_pool_pages(32, 16, 4096, 53248), 39);
+    // Small pages stay small: 16 pages of 2 KB are not rounded to a 2 MiB granule.
+    EXPECT_EQ(grown_pool_pages(1, 0, 4096, 2048), 16);
+    EXPECT_EQ(grown_pool_pages(17, 16, 4096, 2048), 20);
     // From 512 pages a quarter more is 640 (32.5 MiB): the granules up to 34 MiB hold 669.
     EXPECT_EQ(grown_pool_pages(513, 512, 4096, 53248), 669);
     // A need beyond a quarter is met as asked, and rounded to the granule alike.
