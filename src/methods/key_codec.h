@@ -13,6 +13,22 @@
 
 namespace veloxquant {
 
+/// The arguments of a codec's row-scoring kernel (KeyCodec::score_rows_at with one scalar per
+/// token, contiguous): rows query states state_stride floats apart, n tokens' codes and scalars,
+/// scores score_stride apart.
+template <class Codec>
+struct ScoreRowsArgs {
+    const Codec& codec;
+    const float* states;
+    std::size_t state_stride;
+    int rows;
+    const uint8_t* codes;
+    const float* scalars;
+    int n;
+    float* scores;
+    std::size_t score_stride;
+};
+
 /// Per-token storage is split in two structure-of-arrays parts: `code_bytes()` packed bytes per
 /// token (tokens back to back), and `num_scalars()` float32 scalars per token, scalar s of token
 /// t at scalars[s * scalar_stride + t]. Pointers passed to encode/decode/score point at the

@@ -9,17 +9,7 @@ namespace {
 
 constexpr int kLevels = PolarQuantCodec::kLevels, kBlock = PolarQuantCodec::kBlock;
 
-struct ScoreArgs {
-    const PolarQuantCodec& codec;
-    const float* states;
-    std::size_t state_stride;
-    int rows;
-    const uint8_t* codes;
-    const float* norms;
-    int n;
-    float* scores;
-    std::size_t score_stride;
-};
+using ScoreArgs = ScoreRowsArgs<PolarQuantCodec>;  // scalars: the tokens' norms
 
 // Tokens t0..n-1 one at a time, each token's indices unpacked and radii read once for all rows:
 // per block, <y_block, q'_block> bottom-up, the transpose of decode's expansion: each pair
@@ -54,7 +44,7 @@ __attribute__((noinline)) void score_tokens(const ScoreArgs& a, int t0) {
                 }
                 acc += radius[j] * p[0];
             }
-            a.scores[r * a.score_stride + t] = a.norms[t] * acc;
+            a.scores[r * a.score_stride + t] = a.scalars[t] * acc;
         }
     }
 }
@@ -148,7 +138,7 @@ VQ_TARGET_AVX512 void score_bits_avx512(const ScoreArgs& a) {
                 _mm512_storeu_ps(out, j == 0 ? sum : _mm512_add_ps(_mm512_loadu_ps(out), sum));
             }
         }
-        const __m512 norms = _mm512_loadu_ps(a.norms + t);
+        const __m512 norms = _mm512_loadu_ps(a.scalars + t);
         for (int r = 0; r < a.rows; ++r) {
             float* out = a.scores + r * a.score_stride + t;
             _mm512_storeu_ps(out, _mm512_mul_ps(norms, _mm512_loadu_ps(out)));

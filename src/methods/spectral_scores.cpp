@@ -88,17 +88,7 @@ void score_row(const SpectralCodec& c, const float* state, const uint8_t* codes,
     }
 }
 
-struct RowsArgs {
-    const SpectralCodec& codec;
-    const float* states;
-    std::size_t state_stride;
-    int rows;
-    const uint8_t* codes;
-    const float* scalars;
-    int n;
-    float* scores;
-    std::size_t score_stride;
-};
+using RowsArgs = ScoreRowsArgs<SpectralCodec>;
 
 // Tokens t0..n-1, row by row. Out of line, so that the SIMD builds' last tokens round as the
 // generic build does (inlined into them, qmu + s * acc could become an FMA).
