@@ -11,9 +11,11 @@
 #include "cuda/codec_split.h"
 #include "cuda/cuda_cache.h"
 #include "cuda/programmatic_launch.h"
+#include "cuda/qjl_encode.cuh"
 #include "cuda/team_encoders.cuh"
 #include "cuda/team_search_encoders.cuh"
 #include "cuda/team_spectral_rabitq_encoders.cuh"
+#include "cuda/value_encode.cuh"
 #include "device_codecs/commvq_device.h"
 #include "device_codecs/fp16_device.h"
 #include "device_codecs/polarquant_device.h"
@@ -117,6 +119,7 @@ public:
             stage_key_scalars_ = std::max(stage_key_scalars_, hl.key_scalars);
             stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
+        warp_values_ = std::all_of(vp.begin(), vp.end(), codec::warp_encodes_values);
         if (state_stride_ > dev::kMaxStateFloats)
             throw std::invalid_argument("CUDA codec backend: query state too large");
         state_stride_ = (state_stride_ + 3) / 4 * 4;
@@ -192,11 +195,22 @@ public:
         a.starts = at.sizes;
         a.store.kin = at.kin.views;
         const long long items = static_cast<long long>(a.units) * n;
+        if constexpr (team::TeamEncoder<Codec>::kAvailable)
+            if (items <= kTeamEncodeMaxItems) return launch_team_encode(a, items, stream);
+        // Long appends: qjl's keys by a tiled product, the values one warp per token (where the
+        // codec has such kernels), the rest below.
+        if constexpr (std::is_same_v<Codec, dev::QjlDevice>) {
+            codec::launch_qjl_encode_keys(a, stream);
+            a.keys = nullptr;
+        }
+        if (warp_values_) {
+            codec::launch_encode_values(codec::ValueUnits::of(a), sms_, stream);
+            a.values = nullptr;
+        }
+        if (a.keys == nullptr && a.values == nullptr) return;
         if constexpr (kTeamEncodesLongAppends<Codec>) {
             launch_team_encode(a, items, stream);
         } else {
-            if constexpr (team::TeamEncoder<Codec>::kAvailable)
-                if (items <= kTeamEncodeMaxItems) return launch_team_encode(a, items, stream);
             if constexpr (kStagedEncode<Codec>)
                 if (encode_smem_ > 0) {
                     codec::codec_encode_staged_kernel<Codec>
@@ -242,6 +256,9 @@ public:
         };
         if constexpr (team::TeamEncoder<Codec>::kAvailable)
             take(reinterpret_cast<const void*>(&codec::codec_team_encode_kernel<Codec>));
+        if constexpr (std::is_same_v<Codec, dev::QjlDevice>)
+            take(reinterpret_cast<const void*>(&codec::qjl_encode_keys_kernel));
+        if (warp_values_) take(codec::encode_values_kernel_for(d_));
         if constexpr (!kTeamEncodesLongAppends<Codec>) {
             bool staged = false;
             if constexpr (kStagedEncode<Codec>) {
@@ -504,6 +521,7 @@ private:
     KernelFacts kernel_facts_[3][3][3];
     int merge_waits_[3] = {-1, -1, -1};  ///< per D: merge_waits (-1: not asked yet)
     int sms_ = 1;
+    bool warp_values_ = false;  ///< long appends' values by codec::encode_values_kernel
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;
     void* affine_ = nullptr;  ///< the affine query state's arrays

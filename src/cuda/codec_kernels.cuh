@@ -90,8 +90,10 @@ struct UnitSet {
 template <class Codec>
 struct EncodeParams : UnitSet<Codec> {
     int start = 0, n = 0;
-    const float* keys = nullptr;    ///< [units][n][d]
-    const float* values = nullptr;  ///< [units][n][d]
+    const float* keys =
+        nullptr;  ///< [units][n][d]; null where a key kernel of its own encodes them
+    /// [units][n][d]; null where encode_values_kernel (value_encode.cuh) encodes the values
+    const float* values = nullptr;
     /// A batch's units write from position starts[sequence] on; one sequence's from `start`.
     const int32_t* starts = nullptr;
 
@@ -110,8 +112,11 @@ __global__ void __launch_bounds__(kThreads) codec_encode_kernel(const EncodePara
     uint8_t* page = a.page(u, pos);
     const int slot = pos % kPage;
     const size_t row = (static_cast<size_t>(u) * a.n + t) * a.store.d;
-    Codec::encode(a.key_params(u), a.keys + row, pos, page + R.key_codes + slot * R.key_code_bytes,
-                  reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
+    if (a.keys != nullptr)
+        Codec::encode(a.key_params(u), a.keys + row, pos,
+                      page + R.key_codes + slot * R.key_code_bytes,
+                      reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
+    if (a.values == nullptr) return;
     dev::ValueDevice::encode(a.value_params(u), a.values + row,
                              page + R.value_codes + slot * R.value_code_bytes,
                              reinterpret_cast<float*>(page + R.value_scalars) + slot);
@@ -152,7 +157,8 @@ __global__ void __launch_bounds__(kEncodeItems)
     const int r = threadIdx.x;
     auto unit_of = [&](int i) { return static_cast<int>((first + i) / a.n); };
     auto pos_of = [&](int i) { return a.pos(unit_of(i), static_cast<int>((first + i) % a.n)); };
-    for (int part = 0; part < 2; ++part) {  // keys, then values
+    for (int part = a.keys != nullptr ? 0 : 1; part < (a.values != nullptr ? 2 : 1);
+         ++part) {  // keys, then values
         const float* src = (part == 0 ? a.keys : a.values) + first * d;
         for (int i = 0; i < items; ++i)
             for (int c = r; c < d; c += kEncodeItems)

@@ -172,11 +172,14 @@ __global__ void __launch_bounds__(team::kTeam)
     uint8_t* page = a.page(u, pos);
     const int slot = pos % kPage;
     const size_t first = (static_cast<size_t>(u) * a.n + t) * d;
-    for (int j = team::rank(); j < d; j += team::kTeam) row[j] = a.keys[first + j];
-    team::sync();
-    team::TeamEncoder<Codec>::encode(a.key_params(u), row, pos,
-                                     page + R.key_codes + slot * R.key_code_bytes,
-                                     reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
+    if (a.keys != nullptr) {  // (else a key kernel of its own encodes them)
+        for (int j = team::rank(); j < d; j += team::kTeam) row[j] = a.keys[first + j];
+        team::sync();
+        team::TeamEncoder<Codec>::encode(
+            a.key_params(u), row, pos, page + R.key_codes + slot * R.key_code_bytes,
+            reinterpret_cast<float*>(page + R.key_scalars) + slot, kPage);
+    }
+    if (a.values == nullptr) return;  // encode_values_kernel's
     for (int j = team::rank(); j < d; j += team::kTeam) row[j] = a.values[first + j];
     team::sync();
     team::TeamEncoder<Value>::encode(

@@ -100,6 +100,11 @@ std::vector<Case> cases() {
     c = base("qjl", 1, 4, 19);
     c.sketch_dim = 4352;  // 544 code bytes
     v.push_back({"qjl_d64_m4352_v4", c, 2, 64});
+    // Under a warp: half the lanes of the warp value encoder idle; 3-bit value fields across
+    // words; a sketch of 100 rows (a partial row tile and a partial last code byte).
+    c = base("qjl", 1, 3, 20);
+    c.sketch_dim = 100;
+    v.push_back({"qjl_d16_m100_v3", c, 2, 16});
     return v;
 }
 
@@ -277,6 +282,55 @@ TEST_P(CodecCacheParity, BatchedDecodeStepsMatchEachCache) {
         solo[b]->download(c);
         for (int p = 0; p < (joint[b]->size() + kTokensPerPage - 1) / kTokensPerPage; ++p)
             EXPECT_EQ(std::memcmp(a.page_data(p), c.page_data(p), a.layout().page_bytes), 0);
+    }
+}
+
+// A long append through CudaCodecBatch (one launch per kernel for every sequence, each from its
+// own position; rabitq's sequences each with their own trained codecs) stores what the CPU cache
+// stores for the same tokens: the long appends' kernels (the tiled qjl keys, the warp value
+// encoder, the one-thread and team encoders without their values) on a batch's pools.
+TEST_P(CodecCacheParity, LongBatchedAppendMatchesTheCpu) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& k = GetParam();
+    const int H = k.heads, d = k.d;
+    const std::vector<int> prefill = {200, 70, 17};
+    const int batch = static_cast<int>(prefill.size());
+    const int n = static_cast<int>(kTeamEncodeMaxItems / (batch * H)) + 37;  // past the teams
+    std::vector<std::unique_ptr<KVCache>> cpu;
+    std::vector<std::unique_ptr<CudaCodecCache>> gpu;
+    uint64_t seed = 1300;
+    for (int b = 0; b < batch; ++b) {
+        cpu.push_back(KVCacheFactory::create(k.config, H, d, 4096, 0));
+        gpu.push_back(std::make_unique<CudaCodecCache>(k.config, H, d, 4096, 0));
+        const auto keys = random_tokens(H, prefill[b], d, ++seed, 0.5f);
+        const auto values = random_tokens(H, prefill[b], d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu[b]->append(keys.data(), values.data(), prefill[b]);
+        gpu[b]->append(dk.get(), dv.get(), prefill[b], nullptr);
+    }
+    std::vector<CudaCodecCache*> rows;
+    for (auto& g : gpu) rows.push_back(g.get());
+    ASSERT_TRUE(CudaCodecBatch::alike({rows.begin(), rows.end()}));
+    const auto keys = random_tokens(batch * H, n, d, ++seed, 0.5f);
+    const auto values = random_tokens(batch * H, n, d, ++seed, 0.5f);
+    DeviceBuffer<float> dk(keys), dv(values);
+    CudaCodecBatch().append(rows, dk.get(), dv.get(), n, nullptr);
+    const std::size_t per_sequence = static_cast<std::size_t>(H) * n * d;
+    for (int b = 0; b < batch; ++b) {
+        SCOPED_TRACE("sequence " + std::to_string(b));
+        cpu[b]->append(keys.data() + b * per_sequence, values.data() + b * per_sequence, n);
+        ASSERT_EQ(gpu[b]->size(), prefill[b] + n);
+        PagedStore mine(gpu[b]->page_layout());
+        gpu[b]->download(mine);
+        const PagedStore& ref = dynamic_cast<QuantizedKVCache&>(*cpu[b]).paged_store();
+        std::size_t diff = 0, bytes = 0;
+        for (int p = 0; p * kTokensPerPage < gpu[b]->size(); ++p) {
+            for (std::size_t i = 0; i < mine.layout().page_bytes; ++i)
+                diff += mine.page_data(p)[i] != ref.page_data(p)[i];
+            bytes += mine.layout().page_bytes;
+        }
+        EXPECT_LE(static_cast<double>(diff), k.max_cell_mismatch * bytes)
+            << diff << " bytes differ";
     }
 }
 

@@ -1,0 +1,238 @@
+// The values of a long append, one warp per token: encode_values_kernel writes what
+// dev::ValueDevice::encode (one thread per token) writes, bit for bit, for fp16 values and for
+// Lloyd-Max values under a Hadamard rotation. The one-thread encoder keeps the rotated token in
+// a local array of kMaxDim floats and walks its butterflies there; a warp keeps coordinate
+// j = 32 c + lane in register c of its lane, so that the butterflies of length < 32 are lane
+// shuffles and the longer ones register pairs, all in the CPU's stage order (fwht: lengths 1, 2,
+// 4, ...; the pairs of a stage are independent). The three sums the CPU takes in j order (||v||^2,
+// <u, c>, ||c||^2, in double) stay in that order: the lanes write their terms to shared memory and
+// one lane adds them up (lane 0 the first, lanes 0 and 1 the other two side by side). Every term
+// is a product of two floats, exact in double, so only the additions round, as on the CPU.
+// On the H200, 32K tokens x 8 heads at d = 128 (bench_codec_cache): see
+// bench/cuda/decode_tuning.md.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+
+#include "cuda/codec_kernels.cuh"
+#include "cuda/cuda_cache.h"
+#include "device_codecs/device_common.h"
+#include "device_codecs/value_device.h"
+
+namespace veloxquant::cuda::codec {
+
+constexpr int kValueWarps = 8;  // tokens in flight per CTA of encode_values_kernel
+
+/// What encode_values_kernel reads of an EncodeParams<Codec>: the units, their pages and their
+/// value codecs (the key codec's type does not enter, so one kernel serves every method).
+struct ValueUnits {
+    const dev::ValueDevice::Params* values = nullptr;  ///< [heads] (Store::values)
+    const CodecParamsView* kin = nullptr;              ///< Store::kin
+    const HeadRegions* regions = nullptr;
+    uint8_t* pool = nullptr;
+    const uint8_t* const* pools = nullptr;
+    const int32_t* page_table = nullptr;
+    uint64_t page_bytes = 0;
+    int heads = 0, d = 0, units = 0, n = 0, start = 0;
+    const int32_t* starts = nullptr;
+    const float* rows = nullptr;  ///< [units][n][d] value rows
+
+    template <class Codec>
+    static ValueUnits of(const EncodeParams<Codec>& a) {
+        ValueUnits v;
+        v.values = a.store.values;
+        v.kin = a.store.kin;
+        v.regions = a.store.regions;
+        v.pool = a.store.pool;
+        v.pools = a.pools;
+        v.page_table = a.store.page_table;
+        v.page_bytes = a.store.page_bytes;
+        v.heads = a.store.heads;
+        v.d = a.store.d;
+        v.units = a.units;
+        v.n = a.n;
+        v.start = a.start;
+        v.starts = a.starts;
+        v.rows = a.values;
+        return v;
+    }
+};
+
+/// Whether encode_values_kernel encodes values of these parameters (else the one-thread and
+/// team encoders do): fp16, or a Hadamard rotation of at most 256 coordinates.
+inline bool warp_encodes_values(const dev::ValueDevice::Params& p) {
+    return p.d <= dev::kMaxDim && (p.bits == 16 || p.rotation.hadamard);
+}
+
+/// Registers per lane for d coordinates: one for d <= 32, else d / 32 (a Hadamard d is a power of
+/// two; fp16 rows of other widths take the next power of two).
+inline int value_lane_registers(int d) {
+    int c = 1;
+    while (32 * c < d) c *= 2;
+    return c;
+}
+
+/// sum_j terms[j] in j order, as the CPU's loops add them.
+__device__ __forceinline__ double ordered_sum(const double* terms, int d) {
+    double s = 0.0;
+    for (int j = 0; j < d; ++j) s += terms[j];
+    return s;
+}
+
+/// Shared memory of one warp of encode_values_kernel: two rows of d double terms, then the
+/// code's words (at most 8 bits a coordinate).
+__host__ __device__ constexpr int value_warp_smem_bytes(int d) {
+    return (2 * d * 8 + (d + 3) / 4 * 4 + 15) / 16 * 16;
+}
+
+/// One warp per (unit, token) item, grid-strided; C registers per lane (C =
+/// value_lane_registers(d)).
+template <int C>
+__global__ void __launch_bounds__(kValueWarps * 32) encode_values_kernel(const ValueUnits a) {
+    extern __shared__ __align__(16) uint8_t value_smem[];
+    const int lane = static_cast<int>(threadIdx.x) & 31, w = static_cast<int>(threadIdx.x) >> 5;
+    const int d = a.d;
+    double* first = reinterpret_cast<double*>(value_smem + w * value_warp_smem_bytes(d));
+    double* second = first + d;
+    uint32_t* code_words = reinterpret_cast<uint32_t*>(second + d);
+    const long long items = static_cast<long long>(a.units) * a.n;
+    for (long long item = static_cast<long long>(blockIdx.x) * kValueWarps + w; item < items;
+         item += static_cast<long long>(gridDim.x) * kValueWarps) {
+        const int u = static_cast<int>(item / a.n), t = static_cast<int>(item % a.n);
+        const int sequence = a.pools != nullptr ? u / a.heads : 0;
+        const int h = a.pools != nullptr ? u % a.heads : u;
+        const int pos = (a.pools != nullptr ? a.starts[sequence] : a.start) + t;
+        const dev::ValueDevice::Params& p =
+            a.kin != nullptr
+                ? static_cast<const dev::ValueDevice::Params*>(a.kin[sequence].values)[h]
+                : a.values[h];
+        uint8_t* pool = a.pools != nullptr ? const_cast<uint8_t*>(a.pools[sequence]) : a.pool;
+        uint8_t* page = pool + static_cast<uint64_t>(a.page_table[pos / kPage]) * a.page_bytes;
+        const HeadRegions R = a.regions[h];
+        const int slot = pos % kPage;
+        uint8_t* code = page + R.value_codes + slot * R.value_code_bytes;
+        const float* src = a.rows + item * d;
+        float y[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) y[c] = 32 * c + lane < d ? src[32 * c + lane] : 0.0f;
+        if (p.bits == 16) {
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                const int j = 32 * c + lane;
+                if (j >= d) continue;
+                const uint16_t half = dev::float_to_half_bits(y[c]);
+                code[2 * j] = static_cast<uint8_t>(half & 0xffu);
+                code[2 * j + 1] = static_cast<uint8_t>(half >> 8);
+            }
+            continue;
+        }
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+            if (32 * c + lane < d) first[32 * c + lane] = static_cast<double>(y[c]) * y[c];
+        __syncwarp();
+        const double norm = sqrt(__shfl_sync(kFull, lane == 0 ? ordered_sum(first, d) : 0.0, 0));
+        const float inv = norm > 0.0 ? static_cast<float>(1.0 / norm) : 0.0f;
+        const int bits = p.bits, code_bytes = R.value_code_bytes;
+        for (int i = lane; i < (code_bytes + 3) / 4; i += 32) code_words[i] = 0;
+        float scale = 0.0f;
+        if (norm > 0.0 && inv <= FLT_MAX) {  // else v is stored as 0, as ValueDevice::encode
+            // y = H (signs * v) / sqrt(d): the butterflies (a, b) -> (a + b, a - b) of fwht.
+#pragma unroll
+            for (int c = 0; c < C; ++c)
+                if (32 * c + lane < d) y[c] *= p.rotation.signs[32 * c + lane];
+            for (int len = 1; len < 32 && len < d; len <<= 1) {
+                const bool upper = (lane & len) != 0;
+#pragma unroll
+                for (int c = 0; c < C; ++c) {
+                    const float other = __shfl_xor_sync(kFull, y[c], len);
+                    y[c] = upper ? other - y[c] : y[c] + other;
+                }
+            }
+#pragma unroll
+            for (int len = 1; len < C; len <<= 1)
+#pragma unroll
+                for (int c = 0; c < C; ++c)
+                    if ((c & len) == 0) {
+                        const float lo = y[c], hi = y[c + len];
+                        y[c] = lo + hi;
+                        y[c + len] = lo - hi;
+                    }
+            const float rescale = 1.0f / sqrtf(static_cast<float>(d));
+            const int levels = 1 << bits;
+            __syncwarp();  // every lane has read `first` for the norm (lane 0 summed it)
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                const int j = 32 * c + lane;
+                if (j >= d) continue;
+                const float x = (y[c] * rescale) * inv;
+                const int idx = dev::quantize_sorted(p.boundaries, levels - 1, x);
+                const double centroid = p.centroids[idx];
+                first[j] = x * centroid;
+                second[j] = centroid * centroid;
+                const int bit = j * bits, word = bit >> 5, shift = bit & 31;
+                atomicOr(code_words + word, static_cast<uint32_t>(idx) << shift);
+                if (shift + bits > 32)
+                    atomicOr(code_words + word + 1, static_cast<uint32_t>(idx) >> (32 - shift));
+            }
+            __syncwarp();
+            const double sum = lane < 2 ? ordered_sum(lane == 0 ? first : second, d) : 0.0;
+            const double uc = __shfl_sync(kFull, sum, 0), cc = __shfl_sync(kFull, sum, 1);
+            scale = cc > 0.0 ? static_cast<float>(norm * uc / cc) : 0.0f;
+        }
+        __syncwarp();
+        const auto* bytes = reinterpret_cast<const uint8_t*>(code_words);  // little-endian words
+        for (int b = lane; b < code_bytes; b += 32) code[b] = bytes[b];
+        if (lane == 0) reinterpret_cast<float*>(page + R.value_scalars)[slot] = scale;
+        __syncwarp();  // the next item's terms and words reuse this warp's shared memory
+    }
+}
+
+/// Launches encode_values_kernel for every value row of `a` (a.rows non-null): one wave of as
+/// many CTAs as the SMs hold, or fewer for a short append.
+template <int C>
+void launch_encode_values_c(const ValueUnits& a, int sms, cudaStream_t stream) {
+    const int smem = kValueWarps * value_warp_smem_bytes(a.d);
+    int per_sm = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, encode_values_kernel<C>,
+                                                             kValueWarps * 32, smem),
+               "occupancy of the value encoder");
+    const long long items = static_cast<long long>(a.units) * a.n;
+    const long long wanted = (items + kValueWarps - 1) / kValueWarps;
+    const auto blocks =
+        static_cast<unsigned>(std::min<long long>(wanted, static_cast<long long>(per_sm) * sms));
+    encode_values_kernel<C><<<blocks, kValueWarps * 32, smem, stream>>>(a);
+    check_cuda(cudaGetLastError(), "value encode kernel");
+}
+
+/// The kernel launch_encode_values takes at head dimension d (for its attributes).
+inline const void* encode_values_kernel_for(int d) {
+    switch (value_lane_registers(d)) {
+        case 1:
+            return reinterpret_cast<const void*>(&encode_values_kernel<1>);
+        case 2:
+            return reinterpret_cast<const void*>(&encode_values_kernel<2>);
+        case 4:
+            return reinterpret_cast<const void*>(&encode_values_kernel<4>);
+        default:
+            return reinterpret_cast<const void*>(&encode_values_kernel<8>);
+    }
+}
+
+inline void launch_encode_values(const ValueUnits& a, int sms, cudaStream_t stream) {
+    switch (value_lane_registers(a.d)) {
+        case 1:
+            return launch_encode_values_c<1>(a, sms, stream);
+        case 2:
+            return launch_encode_values_c<2>(a, sms, stream);
+        case 4:
+            return launch_encode_values_c<4>(a, sms, stream);
+        default:
+            return launch_encode_values_c<8>(a, sms, stream);
+    }
+}
+
+}  // namespace veloxquant::cuda::codec
