@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "cuda/affine_state.h"
+#include "cuda/bulk_key_encode.h"
 #include "cuda/codec_attention.cuh"
 #include "cuda/codec_cache.h"
 #include "cuda/codec_split.h"
@@ -16,6 +17,7 @@
 #include "cuda/team_search_encoders.cuh"
 #include "cuda/team_spectral_rabitq_encoders.cuh"
 #include "cuda/value_encode.cuh"
+#include "cuda/vecinfer_encode.cuh"
 #include "device_codecs/commvq_device.h"
 #include "device_codecs/fp16_device.h"
 #include "device_codecs/polarquant_device.h"
@@ -120,6 +122,13 @@ public:
             stage_value_scalars_ = std::max(stage_value_scalars_, hl.value_scalars);
         }
         warp_values_ = std::all_of(vp.begin(), vp.end(), codec::warp_encodes_values);
+        if constexpr (codec::BulkKeyEncoder<Codec>::kAvailable) {
+            const std::size_t optin = shared_memory_optin();
+            bulk_keys_ = std::all_of(kp.begin(), kp.end(), [&](const typename Codec::Params& p) {
+                return codec::BulkKeyEncoder<Codec>::usable(p, optin);
+            });
+            if (bulk_keys_) bulk_key_params_ = kp[0];  // for its shapes (pointers not yet rebased)
+        }
         if (state_stride_ > dev::kMaxStateFloats)
             throw std::invalid_argument("CUDA codec backend: query state too large");
         state_stride_ = (state_stride_ + 3) / 4 * 4;
@@ -197,12 +206,13 @@ public:
         const long long items = static_cast<long long>(a.units) * n;
         if constexpr (team::TeamEncoder<Codec>::kAvailable)
             if (items <= kTeamEncodeMaxItems) return launch_team_encode(a, items, stream);
-        // Long appends: qjl's keys by a tiled product, the values one warp per token (where the
-        // codec has such kernels), the rest below.
-        if constexpr (std::is_same_v<Codec, dev::QjlDevice>) {
-            codec::launch_qjl_encode_keys(a, stream);
-            a.keys = nullptr;
-        }
+        // Long appends: the keys by the codec's bulk encoder (bulk_key_encode.h) and the values
+        // one warp per token where they have them, the rest below.
+        if constexpr (codec::BulkKeyEncoder<Codec>::kAvailable)
+            if (bulk_keys_) {
+                codec::BulkKeyEncoder<Codec>::launch(a, bulk_key_params_, sms_, stream);
+                a.keys = nullptr;
+            }
         if (warp_values_) {
             codec::launch_encode_values(codec::ValueUnits::of(a), sms_, stream);
             a.values = nullptr;
@@ -256,8 +266,8 @@ public:
         };
         if constexpr (team::TeamEncoder<Codec>::kAvailable)
             take(reinterpret_cast<const void*>(&codec::codec_team_encode_kernel<Codec>));
-        if constexpr (std::is_same_v<Codec, dev::QjlDevice>)
-            take(reinterpret_cast<const void*>(&codec::qjl_encode_keys_kernel));
+        if constexpr (codec::BulkKeyEncoder<Codec>::kAvailable)
+            if (bulk_keys_) take(codec::BulkKeyEncoder<Codec>::kernel(bulk_key_params_));
         if (warp_values_) take(codec::encode_values_kernel_for(d_));
         if constexpr (!kTeamEncodesLongAppends<Codec>) {
             bool staged = false;
@@ -522,6 +532,8 @@ private:
     int merge_waits_[3] = {-1, -1, -1};  ///< per D: merge_waits (-1: not asked yet)
     int sms_ = 1;
     bool warp_values_ = false;  ///< long appends' values by codec::encode_values_kernel
+    bool bulk_keys_ = false;    ///< long appends' keys by codec::BulkKeyEncoder<Codec>
+    typename Codec::Params bulk_key_params_{};  ///< head 0's, for the bulk encoder's shapes
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;
     void* affine_ = nullptr;  ///< the affine query state's arrays

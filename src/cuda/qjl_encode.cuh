@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "cuda/bulk_key_encode.h"
 #include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
 #include "device_codecs/qjl_device.h"
@@ -119,12 +120,20 @@ __global__ void __launch_bounds__(kQjlThreads)
     }
 }
 
-/// The keys of every item of `a` (units x n tokens), on `stream`.
-inline void launch_qjl_encode_keys(const EncodeParams<dev::QjlDevice>& a, cudaStream_t stream) {
-    const dim3 grid(static_cast<unsigned>((a.n + kQjlTokens - 1) / kQjlTokens),
-                    static_cast<unsigned>(a.units));
-    qjl_encode_keys_kernel<<<grid, kQjlThreads, 0, stream>>>(a);
-    check_cuda(cudaGetLastError(), "qjl key encode kernel");
-}
+template <>
+struct BulkKeyEncoder<dev::QjlDevice> {
+    static constexpr bool kAvailable = true;
+    static bool usable(const dev::QjlDevice::Params&, size_t) { return true; }
+    static const void* kernel(const dev::QjlDevice::Params&) {
+        return reinterpret_cast<const void*>(&qjl_encode_keys_kernel);
+    }
+    static void launch(const EncodeParams<dev::QjlDevice>& a, const dev::QjlDevice::Params&, int,
+                       cudaStream_t stream) {
+        const dim3 grid(static_cast<unsigned>((a.n + kQjlTokens - 1) / kQjlTokens),
+                        static_cast<unsigned>(a.units));
+        qjl_encode_keys_kernel<<<grid, kQjlThreads, 0, stream>>>(a);
+        check_cuda(cudaGetLastError(), "qjl key encode kernel");
+    }
+};
 
 }  // namespace veloxquant::cuda::codec
