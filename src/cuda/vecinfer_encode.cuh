@@ -29,16 +29,21 @@ constexpr int kViStride =
 
 /// Dynamic shared memory of vecinfer_encode_keys_kernel: the rotated keys [d][kViStride], one
 /// subspace's codebook [C][sub] and half norms [C], and the codes [code words][kViTokens].
+/// Floats of the staged keys, rounded up to 16 bytes (the codebook after them is read as float4).
+__host__ __device__ constexpr int vecinfer_key_floats(int d) {
+    return (d * kViStride + 3) / 4 * 4;
+}
+
 inline size_t vecinfer_encode_smem_bytes(const dev::VecInferDevice::Params& p) {
     const size_t code_words = (dev::VecInferDevice::code_bytes(p) + 3) / 4;
     return sizeof(float) *
-           (static_cast<size_t>(p.d) * kViStride +
+           (static_cast<size_t>(vecinfer_key_floats(p.d)) +
             static_cast<size_t>(p.codewords) * (p.sub_dim + 1) + code_words * kViTokens);
 }
 
 /// Grid (token tiles of kViTokens, units); SUB = the codec's sub_dim.
 template <int SUB>
-__global__ void __launch_bounds__(kViTokens)
+__global__ void __launch_bounds__(kViTokens, 3)
     vecinfer_encode_keys_kernel(const EncodeParams<dev::VecInferDevice> a) {
     extern __shared__ __align__(16) float vi_smem[];
     const int u = static_cast<int>(blockIdx.y), first = static_cast<int>(blockIdx.x) * kViTokens;
@@ -47,7 +52,7 @@ __global__ void __launch_bounds__(kViTokens)
     const int d = p.d, C = p.codewords, S = p.subspaces, bits = p.code_bits;
     const int code_words = (dev::VecInferDevice::code_bytes(p) + 3) / 4;
     float* x = vi_smem;                                  // [d][kViStride]
-    float* words = x + d * kViStride;                    // [C][SUB]
+    float* words = x + vecinfer_key_floats(d);           // [C][SUB], 16-byte aligned
     float* half = words + C * SUB;                       // [C]
     auto* code = reinterpret_cast<uint32_t*>(half + C);  // [code_words][kViTokens]
     // The CTA's keys, coalesced along each row, then each thread's token rotated in place.
@@ -83,15 +88,30 @@ __global__ void __launch_bounds__(kViTokens)
         for (int j = 0; j < SUB; ++j) xs[j] = mine[(s * SUB + j) * kViStride];
         float best_v = -INFINITY;
         int best = 0;
-#pragma unroll 4
-        for (int c = 0; c < C; ++c) {
-            float v = -half[c];
+        // Four codewords a step, read as SUB + 1 16-byte words: their values are independent
+        // (each summed in its own order), and the four tests then run in index order.
+        for (int c = 0; c < C; c += 4) {
+            float w4[4 * SUB];
 #pragma unroll
-            for (int j = 0; j < SUB; ++j) v += xs[j] * words[c * SUB + j];
-            if (v > best_v) {
-                best_v = v;
-                best = c;
+            for (int q = 0; q < SUB; ++q) {
+                const float4 f = reinterpret_cast<const float4*>(words + c * SUB)[q];
+                w4[4 * q] = f.x;
+                w4[4 * q + 1] = f.y;
+                w4[4 * q + 2] = f.z;
+                w4[4 * q + 3] = f.w;
             }
+            const float4 h = *reinterpret_cast<const float4*>(half + c);
+            float v[4] = {-h.x, -h.y, -h.z, -h.w};
+#pragma unroll
+            for (int j = 0; j < SUB; ++j)
+#pragma unroll
+                for (int g = 0; g < 4; ++g) v[g] += xs[j] * w4[g * SUB + j];
+#pragma unroll
+            for (int g = 0; g < 4; ++g)
+                if (v[g] > best_v) {
+                    best_v = v[g];
+                    best = c + g;
+                }
         }
         const int bit = s * bits, w = bit >> 5, shift = bit & 31;
         code[w * kViTokens + t] |= static_cast<uint32_t>(best) << shift;
@@ -113,11 +133,12 @@ __global__ void __launch_bounds__(kViTokens)
 template <>
 struct BulkKeyEncoder<dev::VecInferDevice> {
     static constexpr bool kAvailable = true;
-    /// A Hadamard rotation (power-of-two d) and sub-vectors of 1, 2, 4 or 8 coordinates.
+    /// A Hadamard rotation (power-of-two d), sub-vectors of 1, 2, 4 or 8 coordinates and a
+    /// multiple of 4 codewords (read four at a time).
     static bool usable(const dev::VecInferDevice::Params& p, size_t smem_optin) {
         const int sub = p.sub_dim;
         return p.rotation.hadamard && (sub == 1 || sub == 2 || sub == 4 || sub == 8) &&
-               vecinfer_encode_smem_bytes(p) <= smem_optin;
+               p.codewords % 4 == 0 && vecinfer_encode_smem_bytes(p) <= smem_optin;
     }
     static const void* kernel(const dev::VecInferDevice::Params& p) {
         switch (p.sub_dim) {

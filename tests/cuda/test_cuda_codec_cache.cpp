@@ -15,6 +15,7 @@
 
 #include "cache/paged_store.h"
 #include "calibration/calibrate.h"
+#include "calibration/commvq_calibration.h"
 #include "calibration_test_helpers.h"
 #include "cuda/codec_batch.h"
 #include "cuda/codec_cache.h"
@@ -60,6 +61,25 @@ KVCacheConfig calibrated(KVCacheConfig c, int heads, int d) {
     return c;
 }
 
+// commvq with group_dim 2 * group_pairs and 16 codewords a stage, its codebook fitted here per
+// head (calibration fits group_dim 8): the bulk key encoder's path for other group_dims
+// (residual rows in shared memory).
+KVCacheConfig commvq_fitted(KVCacheConfig c, int heads, int d, int group_pairs) {
+    CommVQFitOptions o;
+    o.codewords = 16;
+    o.group_pairs = group_pairs;
+    o.init_iterations = 2;
+    o.em_sweeps = 1;
+    const int n = 4 * o.codewords + 64;
+    for (int h = 0; h < heads; ++h) {
+        const auto train = vqtest::randn(static_cast<std::size_t>(n) * d, c.seed + 40 + h);
+        const CommVQHeadFit fit = fit_commvq_head(train.data(), n, d, c.bits, 5 + h, o);
+        c.codebook.shape = {1, heads, fit.stages, fit.groups, fit.codewords, fit.group_dim};
+        c.codebook.data.insert(c.codebook.data.end(), fit.codebook.begin(), fit.codebook.end());
+    }
+    return c;
+}
+
 std::vector<Case> cases() {
     std::vector<Case> v;
     KVCacheConfig c = base("turboquant_rvq", 2, 4, 1);
@@ -90,6 +110,8 @@ std::vector<Case> cases() {
     c = base("commvq", 2, 4, 12);
     v.push_back({"commvq_d64_b2", calibrated(c, 2, 64), 2, 64, 1e-3});
     v.push_back({"vecinfer_d64_b2", calibrated(base("vecinfer", 2, 4, 9), 2, 64), 2, 64});
+    v.push_back({"commvq_d64_b2_group_dim4", commvq_fitted(base("commvq", 2, 4, 21), 2, 64, 2), 2,
+                 64, 1e-3});
     // Widths off the tensor-core paths' grid: keys scored lane by lane (d % 16 != 0), value
     // rows that are not whole words (field-by-field tile decode), fp16 values of odd width,
     // and a sketch whose feature tile does not fit beside the staged codes.
