@@ -46,6 +46,12 @@ unsigned blocks_for(long long items) {
     return static_cast<unsigned>((items + codec::kThreads - 1) / codec::kThreads);
 }
 
+// Long appends (more than kTeamEncodeMaxItems items) encode their keys with the codec's
+// BulkKeyEncoder where it has one that takes every head (qjl, vecinfer, spectral, commvq:
+// bulk_key_encode.h) and their values one warp per token (value_encode.cuh: fp16 and Hadamard
+// values); what is left (the keys of the other codecs, values under a dense rotation) takes the
+// kernels below, chosen by the figures measured before the bulk encoders.
+//
 // Codecs whose long appends encode through shared memory (codec_encode_staged_kernel). On the
 // H200 at 32K tokens x 8 heads (bench_codec_cache, both kernels for every codec): fp16 3.10 ->
 // 1.48 ms (before its team encoder), qjl 37.5 -> 9.6, spectral 21.6 -> 12.2; turboquant and
