@@ -158,9 +158,10 @@ public:
     const ScalarCodebook& codebook(int b) const { return *codebooks_[b]; }
 
 private:
-    /// y = U (k - mu), summed in double and kept as a float (as the device encoder keeps it, whose
-    /// y must fit the default 1 KB stack a thread).
-    void project(const float* key, float* y) const;
+    /// y_k = (U (k - mu))_r for each slot k's direction r, from centered = k - mu in double; summed
+    /// in double and kept as a float (as the device encoder keeps it, whose y must fit the default
+    /// 1 KB stack a thread).
+    void project_slots(const double* centered, float* y) const;
 
     int signal_bits_;
     int noise_bits_;
