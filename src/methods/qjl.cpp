@@ -47,11 +47,33 @@ void QJLCodec::encode(const float* keys, int n, uint8_t* codes, float* scalars,
         for (int j = 0; j < d; ++j) norm2 += static_cast<double>(k[j]) * k[j];
         scalars[t] = static_cast<float>(std::sqrt(norm2));
         for (std::size_t b = 0; b < cb; ++b) code[b] = 0;
-        for (int i = 0; i < m_; ++i) {
+        // Four rows at a time: four independent sums (each over j in order), so the additions'
+        // latency overlaps; the operations are one row's.
+        const auto sign_bit = [&](int i, double acc) {
+            if (acc >= 0.0) code[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+        };
+        int i = 0;
+        for (; i + 4 <= m_; i += 4) {
+            const float* r0 = &sketch_[static_cast<std::size_t>(i) * d];
+            const float *r1 = r0 + d, *r2 = r1 + d, *r3 = r2 + d;
+            double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+            for (int j = 0; j < d; ++j) {
+                const double kj = k[j];
+                a0 += static_cast<double>(r0[j]) * kj;
+                a1 += static_cast<double>(r1[j]) * kj;
+                a2 += static_cast<double>(r2[j]) * kj;
+                a3 += static_cast<double>(r3[j]) * kj;
+            }
+            sign_bit(i, a0);
+            sign_bit(i + 1, a1);
+            sign_bit(i + 2, a2);
+            sign_bit(i + 3, a3);
+        }
+        for (; i < m_; ++i) {
             const float* row = &sketch_[static_cast<std::size_t>(i) * d];
             double acc = 0.0;
             for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * k[j];
-            if (acc >= 0.0) code[i >> 3] |= static_cast<uint8_t>(1u << (i & 7));
+            sign_bit(i, acc);
         }
     }
 }
