@@ -2,6 +2,7 @@
 // and the cached codebooks of the laws our methods use.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -15,17 +16,19 @@ struct ScalarCodebook {
     double mse = 0.0;               ///< expected squared error under the fitted law
 
     int levels() const { return static_cast<int>(centroids.size()); }
-    /// Index of the nearest centroid (ties go to the lower cell).
+    /// Index of the nearest centroid (ties go to the lower cell): the number of boundaries below
+    /// x (0 for NaN), found without branches (a branchy search mispredicts about every other
+    /// step on data like a key's coordinates): each step keeps the half that holds the answer.
     uint8_t quantize(float x) const {
-        int lo = 0, hi = static_cast<int>(boundaries.size());
-        while (lo < hi) {  // first boundary >= x
-            const int mid = (lo + hi) >> 1;
-            if (boundaries[mid] < x)
-                lo = mid + 1;
-            else
-                hi = mid;
+        std::size_t n = boundaries.size();
+        if (n == 0) return 0;
+        const float* base = boundaries.data();
+        while (n > 1) {
+            const std::size_t half = n / 2;
+            base = base[half] < x ? base + half : base;
+            n -= half;
         }
-        return static_cast<uint8_t>(lo);
+        return static_cast<uint8_t>((base - boundaries.data()) + (*base < x ? 1 : 0));
     }
 };
 

@@ -248,17 +248,6 @@ inline void write_field(uint8_t* code, std::size_t at, int bits, unsigned v) {
         code[byte + 1] = static_cast<uint8_t>(code[byte + 1] | (word >> 8));
 }
 
-/// Nearest level of a width-b codebook: the number of its 2^b - 1 ascending cell boundaries below
-/// z (ties to the lower cell; 0 for NaN), as std::lower_bound finds it, by b probes without
-/// branches: with 2^m - 1 boundaries left the middle one decides which 2^(m-1) - 1 remain.
-/// (The branchy search's mispredictions took half of the encode's time.)
-unsigned cells_below(const float* boundaries, int b, float z) {
-    unsigned level = 0;
-    for (unsigned step = 1u << (b - 1); step > 0; step >>= 1)
-        level += boundaries[level + step - 1] < z ? step : 0;
-    return level;
-}
-
 }  // namespace
 
 void SpectralCodec::project_slots(const double* centered, float* y) const {
@@ -322,7 +311,7 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
                 const Slot& s = slots_[k];
                 const ScalarCodebook& cb = *codebooks_[s.bits];
                 const float z = static_cast<float>(ys[k] * inv);
-                cand[k] = cells_below(cb.boundaries.data(), s.bits, z);
+                cand[k] = cb.quantize(z);  // nearest level (ties to the lower cell)
                 const double y0 = sigma_[s.coord] * cb.centroids[cand[k]];
                 const double w = basis_.query_moments[s.coord];
                 yy0 += y[k] * y0;
