@@ -163,10 +163,150 @@ VQ_TARGET_AVX512 void score_avx512(const ScoreArgs& a) {
             return score_bits_avx512<6>(a);
     }
 }
+
+// AVX2 with F16C (vcvtph2ps on 8 halves, for the radii): every AVX2 CPU has it, but the ISA
+// detection does not check it, so score_kernel does.
+#define VQ_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+// lane_fields.h for 8 lanes: the byte offsets of 8 tokens' codes, every lane's code words (a
+// word that would read past the code is read where it ends and shifted down) and the fields.
+VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i lane_offsets_avx2(std::size_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int>(stride)));
+}
+
+VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i gather_lane_avx2(const uint8_t* at, __m256i offsets) {
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(at), offsets, 1);
+}
+
+VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE void gather_lane_words_avx2(const uint8_t* base,
+                                                                 __m256i offsets, std::size_t bytes,
+                                                                 std::size_t code_bytes,
+                                                                 __m256i* words) {
+    for (std::size_t k = 0; 4 * k < bytes; ++k) {
+        const std::size_t at = std::min(4 * k, code_bytes - 4);
+        words[k] = _mm256_srl_epi32(gather_lane_avx2(base + at, offsets),
+                                    _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
+    }
+}
+
+VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i lane_field_avx2(const __m256i* words, std::size_t bit,
+                                                             int width) {
+    const std::size_t k = bit / 32;
+    const int s = static_cast<int>(bit % 32);
+    __m256i v = _mm256_srl_epi32(words[k], _mm_cvtsi32_si128(s));
+    if (s + width > 32)
+        v = _mm256_or_si256(v, _mm256_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
+    return _mm256_and_si256(v, _mm256_set1_epi32((1 << width) - 1));
+}
+
+// lookup with 8 lanes: one vpermps for 8 entries, two and a blend on bit 3 for 16, a gather
+// beyond.
+template <int L>
+VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256 lookup_avx2(const float* table, __m256i idx) {
+    static_assert(L >= 8, "tables of fewer than 8 floats are padded");
+    if constexpr (L == 8)
+        return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
+    else if constexpr (L == 16)
+        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx),
+                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    else
+        return _mm256_i32gather_ps(table, idx, 4);
+}
+
+// score_bits_avx512 with 8 tokens per block (the same weights, lookups and sums).
+template <int Bits>
+VQ_TARGET_AVX2_F16C void score_bits_avx2(const ScoreArgs& a) {
+    constexpr int kL1 = 1 << (Bits + 2), kL = 1 << Bits, kPadded = kL < 8 ? 8 : kL;
+    constexpr int kMaxWords = (PolarQuantCodec::kMaxDim / 2 * (Bits + 2) +
+                               PolarQuantCodec::kMaxDim * 7 / 16 * Bits + 31) /
+                              32;
+    const PolarQuantCodec& c = a.codec;
+    const int d = c.dim(), blocks = d / kBlock;
+    const std::size_t cb = c.code_bytes(), radii = c.radii_offset(), upper = 8 * c.level1_bytes();
+    alignas(32) float cos_t[kLevels - 1][kPadded] = {}, sin_t[kLevels - 1][kPadded] = {};
+    for (int level = 2; level <= kLevels; ++level)
+        for (int i = 0; i < kL; ++i) {
+            cos_t[level - 2][i] = c.centroid_cos(level)[i];
+            sin_t[level - 2][i] = c.centroid_sin(level)[i];
+        }
+    const __m256i lanes = lane_offsets_avx2(cb);
+    __m256i word[kMaxWords];
+    int t = 0;
+    for (; t + 8 <= a.n; t += 8) {
+        const uint8_t* base = a.codes + t * cb;
+        gather_lane_words_avx2(base, lanes, radii, cb, word);
+        for (int j = 0; j < blocks; ++j) {
+            // Radius j: the high halves of the words that end with it, packed to 8 halves.
+            const __m256i half =
+                _mm256_srli_epi32(gather_lane_avx2(base + radii + 2 * j - 2, lanes), 16);
+            __m256 w[kBlock / 2];
+            w[0] = _mm256_cvtph_ps(
+                _mm_packus_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1)));
+            for (int level = kLevels, width = 1; level >= 2; --level, width *= 2) {
+                const std::size_t first =
+                    upper + static_cast<std::size_t>(PolarQuantCodec::level_offset(d, level) -
+                                                     d / 2 + j * width) *
+                                Bits;
+                for (int i = width - 1; i >= 0; --i) {
+                    const __m256i idx = lane_field_avx2(word, first + i * Bits, Bits);
+                    w[2 * i + 1] = _mm256_mul_ps(w[i], lookup_avx2<kPadded>(sin_t[level - 2], idx));
+                    w[2 * i] = _mm256_mul_ps(w[i], lookup_avx2<kPadded>(cos_t[level - 2], idx));
+                }
+            }
+            __m256i idx1[kBlock / 2];
+            for (int i = 0; i < kBlock / 2; ++i)
+                idx1[i] = lane_field_avx2(word, static_cast<std::size_t>(8 * j + i) * (Bits + 2),
+                                          Bits + 2);
+            for (int r = 0; r < a.rows; ++r) {
+                const float* table =
+                    a.states + r * a.state_stride + d + static_cast<std::size_t>(8 * j) * kL1;
+                __m256 s0 = _mm256_mul_ps(w[0], lookup_avx2<kL1>(table, idx1[0]));
+                __m256 s1 = _mm256_mul_ps(w[1], lookup_avx2<kL1>(table + kL1, idx1[1]));
+                for (int i = 2; i < kBlock / 2; i += 2) {
+                    s0 = _mm256_fmadd_ps(w[i], lookup_avx2<kL1>(table + i * kL1, idx1[i]), s0);
+                    s1 = _mm256_fmadd_ps(w[i + 1],
+                                         lookup_avx2<kL1>(table + (i + 1) * kL1, idx1[i + 1]), s1);
+                }
+                float* out = a.scores + r * a.score_stride + t;
+                const __m256 sum = _mm256_add_ps(s0, s1);
+                _mm256_storeu_ps(out, j == 0 ? sum : _mm256_add_ps(_mm256_loadu_ps(out), sum));
+            }
+        }
+        const __m256 norms = _mm256_loadu_ps(a.scalars + t);
+        for (int r = 0; r < a.rows; ++r) {
+            float* out = a.scores + r * a.score_stride + t;
+            _mm256_storeu_ps(out, _mm256_mul_ps(norms, _mm256_loadu_ps(out)));
+        }
+    }
+    score_tokens(a, t);
+}
+
+VQ_TARGET_AVX2_F16C void score_avx2(const ScoreArgs& a) {
+    switch (a.codec.bits()) {
+        case 1:
+            return score_bits_avx2<1>(a);
+        case 2:
+            return score_bits_avx2<2>(a);
+        case 3:
+            return score_bits_avx2<3>(a);
+        case 4:
+            return score_bits_avx2<4>(a);
+        case 5:
+            return score_bits_avx2<5>(a);
+        default:
+            return score_bits_avx2<6>(a);
+    }
+}
 #endif
 
 ScoreFn score_kernel() {
-    return VQ_KERNEL_FOR_ISA(score_generic, score_generic, score_avx512);
+#ifdef VQ_X86_KERNELS
+    static const bool f16c = __builtin_cpu_supports("f16c");
+    if (cpu_isa() == CpuIsa::kAvx2 && !f16c) return score_generic;
+#endif
+    return VQ_KERNEL_FOR_ISA(score_generic, score_avx2, score_avx512);
 }
 
 }  // namespace
