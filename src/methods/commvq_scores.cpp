@@ -14,7 +14,7 @@ namespace veloxquant {
 namespace {
 
 constexpr int kPhaseBlock = CommVQCodec::kPhaseBlock, kMaxDim = CommVQCodec::kMaxDim;
-// Rows per pass over the codes: their block-turned queries, and the AVX-512 accumulators.
+// Rows per pass over the codes: their block-turned queries, and the SIMD accumulators.
 constexpr int kRowChunk = 4;
 
 struct ScoreArgs {
@@ -129,6 +129,76 @@ VQ_TARGET_AVX512 void tokens_avx512(const ScoreArgs& a, const float* qb, int r0,
 }
 #endif
 
+#ifdef VQ_X86_KERNELS
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE float hsum_avx2(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+// tokens_rows_avx512 with 8 coordinates (one group) at a time.
+template <int R, bool Bytes>
+VQ_TARGET_AVX2 void tokens_rows_avx2(const ScoreArgs& a, const float* qb, int r0, int t0, int t1,
+                                     int offset) {
+    const CommVQCodec& c = a.codec;
+    const int d = c.dim(), S = c.stages(), G = c.groups();
+    const int pairs = static_cast<int>(c.rope_inv_freq().size());
+    const std::size_t group_floats = static_cast<std::size_t>(c.codewords()) * 8;
+    const float* words = c.codebook().data();
+    const __m256 ones = _mm256_set1_ps(1.0f);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int t = t0; t < t1; ++t) {
+        const uint8_t* code = a.codes + t * c.code_bytes();
+        const float* st = &c.phase_steps()[static_cast<std::size_t>(offset + t - t0) * pairs * 2];
+        __m256 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        for (int k = 0; k < G; ++k) {
+            __m256 z = _mm256_setzero_ps();
+            for (int s = 0; s < S; ++s) {
+                const int m = s * G + k;
+                const int i = Bytes ? code[m] : c.index(code, m);
+                z = _mm256_add_ps(z, _mm256_loadu_ps(words + m * group_floats + i * 8));
+            }
+            const int turned = std::min(8, 2 * pairs - 8 * k);
+            if (turned > 0) {
+                // As in tokens_rows_avx512; lanes >= turned load 0 (sin) and take cos = 1.
+                const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(turned), lane);
+                const __m256 cs = _mm256_maskload_ps(st + 8 * k, m);
+                const __m256 cos2 =
+                    _mm256_blendv_ps(ones, _mm256_moveldup_ps(cs), _mm256_castsi256_ps(m));
+                const __m256 sin2 = _mm256_movehdup_ps(cs);
+                z = _mm256_fmaddsub_ps(z, cos2, _mm256_mul_ps(_mm256_permute_ps(z, 0xB1), sin2));
+            }
+            for (int r = 0; r < R; ++r)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qb + r * d + 8 * k), z, acc[r]);
+        }
+        for (int r = 0; r < R; ++r) a.scores[(r0 + r) * a.score_stride + t] = hsum_avx2(acc[r]);
+    }
+}
+
+template <bool Bytes>
+VQ_TARGET_AVX2 void tokens_bytes_avx2(const ScoreArgs& a, const float* qb, int r0, int rows, int t0,
+                                      int t1, int offset) {
+    switch (rows) {
+        case 1:
+            return tokens_rows_avx2<1, Bytes>(a, qb, r0, t0, t1, offset);
+        case 2:
+            return tokens_rows_avx2<2, Bytes>(a, qb, r0, t0, t1, offset);
+        case 3:
+            return tokens_rows_avx2<3, Bytes>(a, qb, r0, t0, t1, offset);
+        default:
+            return tokens_rows_avx2<kRowChunk, Bytes>(a, qb, r0, t0, t1, offset);
+    }
+}
+
+VQ_TARGET_AVX2 void tokens_avx2(const ScoreArgs& a, const float* qb, int r0, int rows, int t0,
+                                int t1, int offset) {
+    if (a.codec.group_dim() != 8) return tokens_generic(a, qb, r0, rows, t0, t1, offset);
+    if (a.codec.index_bits() == 8) return tokens_bytes_avx2<true>(a, qb, r0, rows, t0, t1, offset);
+    tokens_bytes_avx2<false>(a, qb, r0, rows, t0, t1, offset);
+}
+#endif
+
 // Per block of positions, every chunk of rows turned by -p_b w_i (as the angle in double, the
 // cos / sin computed once for all rows), then the block's tokens.
 void score_blocks(const ScoreArgs& a, TokenFn tokens) {
@@ -169,7 +239,7 @@ void commvq_rope_scores(const CommVQCodec& codec, const float* queries, std::siz
                         int rows, const uint8_t* codes, int n, int pos0, float* scores,
                         std::size_t score_stride) {
     score_blocks({codec, queries, query_stride, rows, codes, n, pos0, scores, score_stride},
-                 VQ_KERNEL_FOR_ISA(tokens_generic, tokens_generic, tokens_avx512));
+                 VQ_KERNEL_FOR_ISA(tokens_generic, tokens_avx2, tokens_avx512));
 }
 
 }  // namespace veloxquant
