@@ -64,6 +64,15 @@ const char* cpu_isa_name() {
     return available()[selected().load(std::memory_order_relaxed)].name;
 }
 
+bool cpu_has_f16c() {
+#ifdef VQ_X86_KERNELS
+    static const bool yes = __builtin_cpu_supports("f16c");
+    return yes;
+#else
+    return false;
+#endif
+}
+
 void use_cpu_isa(const std::string& name) {
     const auto& sets = available();
     for (std::size_t i = 0; i < sets.size(); ++i) {

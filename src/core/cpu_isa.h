@@ -12,6 +12,9 @@
 #define VQ_X86_KERNELS 1
 #define VQ_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define VQ_TARGET_AVX512 __attribute__((target("avx512f,fma")))
+// AVX2 with F16C (vcvtph2ps on 8 halves): every AVX2 CPU has it, but cpu_isas() does not check
+// it, so a kernel built for it is chosen through kernel_for_isa_f16c.
+#define VQ_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 #endif
 // Kernel helpers inlined into each per-ISA entry point are compiled for that entry's target.
 #define VQ_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -44,12 +47,26 @@ Fn kernel_for_isa(Fn generic, Fn avx2, Fn avx512) {
     return generic;
 }
 
+/// Whether the CPU converts halves (F16C).
+bool cpu_has_f16c();
+
+/// kernel_for_isa where the avx2 build also needs F16C (VQ_TARGET_AVX2_F16C): the generic build
+/// on an AVX2 CPU without it.
+template <typename Fn>
+Fn kernel_for_isa_f16c(Fn generic, Fn avx2, Fn avx512) {
+    if (cpu_isa() == CpuIsa::kAvx2 && !cpu_has_f16c()) return generic;
+    return kernel_for_isa(generic, avx2, avx512);
+}
+
 }  // namespace veloxquant
 
 /// kernel_for_isa on x86-64; elsewhere the generic build (the avx2 and avx512 names need not
 /// exist there).
 #ifdef VQ_X86_KERNELS
 #define VQ_KERNEL_FOR_ISA(generic, avx2, avx512) ::veloxquant::kernel_for_isa(generic, avx2, avx512)
+#define VQ_KERNEL_FOR_ISA_F16C(generic, avx2, avx512) \
+    ::veloxquant::kernel_for_isa_f16c(generic, avx2, avx512)
 #else
 #define VQ_KERNEL_FOR_ISA(generic, avx2, avx512) (generic)
+#define VQ_KERNEL_FOR_ISA_F16C(generic, avx2, avx512) (generic)
 #endif

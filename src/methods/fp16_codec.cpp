@@ -80,10 +80,6 @@ VQ_TARGET_AVX512 void score_avx512(const ScoreArgs& a) {
             }
 }
 
-// AVX2 with F16C (vcvtph2ps on 8 halves): every AVX2 CPU has it, but the ISA detection does not
-// check it, so the kernel choice does.
-#define VQ_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
-
 // score_token with 8 lanes: 8 halves per conversion, each row's products summed in 8 lanes,
 // then the two halves of the register, then pairs, then the last two.
 template <int Rows>
@@ -125,17 +121,10 @@ VQ_TARGET_AVX2_F16C void score_avx2(const ScoreArgs& a) {
             }
 }
 
-bool has_f16c() {
-    static const bool yes = __builtin_cpu_supports("f16c");
-    return yes;
-}
 #endif
 
 void score_rows(const ScoreArgs& a) {
-#ifdef VQ_X86_KERNELS
-    if (cpu_isa() == CpuIsa::kAvx2 && !has_f16c()) return score_generic(a);
-#endif
-    VQ_KERNEL_FOR_ISA(score_generic, score_avx2, score_avx512)(a);
+    VQ_KERNEL_FOR_ISA_F16C(score_generic, score_avx2, score_avx512)(a);
 }
 
 }  // namespace

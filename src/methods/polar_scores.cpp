@@ -164,10 +164,7 @@ VQ_TARGET_AVX512 void score_avx512(const ScoreArgs& a) {
     }
 }
 
-// AVX2 with F16C (vcvtph2ps on 8 halves, for the radii): every AVX2 CPU has it, but the ISA
-// detection does not check it, so score_kernel does.
-#define VQ_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
-
+// AVX2 builds use F16C (vcvtph2ps on 8 halves) for the radii: VQ_TARGET_AVX2_F16C.
 // lane_fields.h for 8 lanes: the byte offsets of 8 tokens' codes, every lane's code words (a
 // word that would read past the code is read where it ends and shifted down) and the fields.
 VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i lane_offsets_avx2(std::size_t stride) {
@@ -302,11 +299,7 @@ VQ_TARGET_AVX2_F16C void score_avx2(const ScoreArgs& a) {
 #endif
 
 ScoreFn score_kernel() {
-#ifdef VQ_X86_KERNELS
-    static const bool f16c = __builtin_cpu_supports("f16c");
-    if (cpu_isa() == CpuIsa::kAvx2 && !f16c) return score_generic;
-#endif
-    return VQ_KERNEL_FOR_ISA(score_generic, score_avx2, score_avx512);
+    return VQ_KERNEL_FOR_ISA_F16C(score_generic, score_avx2, score_avx512);
 }
 
 }  // namespace
