@@ -222,19 +222,175 @@ VQ_TARGET_AVX512 void scores_avx512(const RowsArgs& a) {
     }
     score_rows_from(a, t);
 }
+
+// <a, b> over d floats, in float: two running sums of 8 lanes, the last d % 8 masked.
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE float dot_avx2(const float* a, const float* b, int d) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= d; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    for (; j < d; j += 8) {
+        const __m256i m =
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(d - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        s0 = _mm256_fmadd_ps(_mm256_maskload_ps(a + j, m), _mm256_maskload_ps(b + j, m), s0);
+    }
+    const __m256 s = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+// query_state_avx512 on 8 lanes: a narrow group's 16 entries are two vectors, each slot's
+// centroids gathered by the entry numbers' field.
+VQ_TARGET_AVX2 void query_state_avx2(const SpectralCodec& c, const float* query, float* state) {
+    const int d = c.dim();
+    const SpectralBasis& basis = c.basis();
+    state[0] = dot_avx2(query, basis.mean.data(), d);
+    const __m256i entry_lo = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i entry_hi = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    for (const Group& g : c.groups()) {
+        float* table = state + g.table_offset;
+        __m256 sum_lo = _mm256_setzero_ps(), sum_hi = _mm256_setzero_ps();
+        int shift = 0;
+        for (std::size_t i = 0; i < g.count; ++i) {
+            const SpectralCodec::Slot& s = c.slots()[g.first + i];
+            const float* u = &basis.basis[static_cast<std::size_t>(s.coord) * d];
+            const __m256 w = _mm256_set1_ps(dot_avx2(u, query, d) *
+                                            static_cast<float>(c.whitening_scales()[s.coord]));
+            const float* centroids = c.codebook(s.bits).centroids.data();
+            if (g.bits > 4) {  // one slot, 2^bits entries
+                for (std::size_t v = 0; v < g.entries(); v += 8)
+                    _mm256_storeu_ps(table + v, _mm256_mul_ps(w, _mm256_loadu_ps(centroids + v)));
+                break;
+            }
+            const __m128i by = _mm_cvtsi32_si128(shift);
+            const __m256i mask = _mm256_set1_epi32((1 << s.bits) - 1);
+            const __m256i f_lo = _mm256_and_si256(_mm256_srl_epi32(entry_lo, by), mask);
+            const __m256i f_hi = _mm256_and_si256(_mm256_srl_epi32(entry_hi, by), mask);
+            sum_lo = _mm256_fmadd_ps(w, _mm256_i32gather_ps(centroids, f_lo, 4), sum_lo);
+            sum_hi = _mm256_fmadd_ps(w, _mm256_i32gather_ps(centroids, f_hi, 4), sum_hi);
+            shift += s.bits;
+        }
+        if (g.bits <= 4) {
+            _mm256_storeu_ps(table, sum_lo);
+            _mm256_storeu_ps(table + 8, sum_hi);
+        }
+    }
+}
+
+// The AVX2 build of scores_avx512: 8 tokens per ymm, the lane fields of methods/lane_fields.h
+// on 8 lanes. A narrow group's 16-entry table is two registers: vpermps reads the low 3 bits of
+// each lane's field, one lookup per half, and a blend on the field's bit 3 (shifted to the sign
+// bit) picks the half; bits above the field do not matter, as the table repeats every 2^bits
+// entries. Words as gather_lane_words: the last one read where the code ends and shifted down.
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void gather_words_avx2(const uint8_t* base, __m256i lanes,
+                                                       std::size_t cb, __m256i* words) {
+    for (std::size_t k = 0; 4 * k < cb; ++k) {
+        const std::size_t at = std::min(4 * k, cb - 4);
+        words[k] = _mm256_srl_epi32(
+            _mm256_i32gather_epi32(reinterpret_cast<const int*>(base + at), lanes, 1),
+            _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
+    }
+}
+
+// lane_field_low on 8 lanes.
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE __m256i field_low_avx2(const __m256i* words, std::size_t bit,
+                                                       int width) {
+    const std::size_t k = bit / 32;
+    const int s = static_cast<int>(bit % 32);
+    __m256i v = _mm256_srl_epi32(words[k], _mm_cvtsi32_si128(s));
+    if (s + width > 32)
+        v = _mm256_or_si256(v, _mm256_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
+    return v;
+}
+
+template <int Rows>
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void score_lanes_avx2(const RowsArgs& a, std::size_t wide,
+                                                      const __m256i* words, int r0, int t) {
+    const float* states[Rows];
+    __m256 acc[Rows];
+    for (int r = 0; r < Rows; ++r) {
+        states[r] = a.states + (r0 + r) * a.state_stride;
+        acc[r] = _mm256_setzero_ps();
+    }
+    const std::vector<Group>& groups = a.codec.groups();
+    for (std::size_t i = 0; i < wide; ++i) {
+        const Group& g = groups[i];
+        const __m256i idx = _mm256_and_si256(field_low_avx2(words, g.bit_offset, g.bits),
+                                             _mm256_set1_epi32((1 << g.bits) - 1));
+        for (int r = 0; r < Rows; ++r)
+            acc[r] = _mm256_add_ps(acc[r], _mm256_i32gather_ps(states[r] + g.table_offset, idx, 4));
+    }
+    for (std::size_t i = wide; i < groups.size(); ++i) {
+        const Group& g = groups[i];
+        const __m256i idx = field_low_avx2(words, g.bit_offset, g.bits);
+        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+        for (int r = 0; r < Rows; ++r) {
+            const float* table = states[r] + g.table_offset;
+            const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
+            const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_blendv_ps(lo, hi, high));
+        }
+    }
+    // qmu + s * acc rounded twice as score_row does: the empty asm keeps the product from being
+    // contracted into an FMA.
+    const __m256 scale = _mm256_loadu_ps(a.scalars + t);
+    for (int r = 0; r < Rows; ++r) {
+        __m256 product = _mm256_mul_ps(scale, acc[r]);
+        asm("" : "+x"(product));
+        _mm256_storeu_ps(a.scores + (r0 + r) * a.score_stride + t,
+                         _mm256_add_ps(_mm256_set1_ps(states[r][0]), product));
+    }
+}
+
+// Blocks of 8 tokens, rows four at a time; the last n % 8 tokens (and codes under 4 bytes)
+// through score_rows_from.
+VQ_TARGET_AVX2 void scores_avx2(const RowsArgs& a) {
+    const std::size_t cb = a.codec.code_bytes();
+    const std::vector<Group>& groups = a.codec.groups();
+    const std::size_t wide =
+        static_cast<std::size_t>(std::partition_point(groups.begin(), groups.end(),
+                                                      [](const Group& g) { return g.bits > 4; }) -
+                                 groups.begin());
+    int t = 0;
+    if (cb >= 4) {
+        const __m256i lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                 _mm256_set1_epi32(static_cast<int>(cb)));
+        __m256i words[1024 * 8 / 32];  // d <= 1024 coordinates of <= 8 bits
+        for (; t + 8 <= a.n; t += 8) {
+            gather_words_avx2(a.codes + t * cb, lanes, cb, words);
+            for (int r0 = 0; r0 < a.rows; r0 += 4) switch (std::min(4, a.rows - r0)) {
+                    case 1:
+                        score_lanes_avx2<1>(a, wide, words, r0, t);
+                        break;
+                    case 2:
+                        score_lanes_avx2<2>(a, wide, words, r0, t);
+                        break;
+                    case 3:
+                        score_lanes_avx2<3>(a, wide, words, r0, t);
+                        break;
+                    default:
+                        score_lanes_avx2<4>(a, wide, words, r0, t);
+                }
+        }
+    }
+    score_rows_from(a, t);
+}
 #endif
 
 }  // namespace
 
 void spectral_query_state(const SpectralCodec& codec, const float* query, float* state) {
-    VQ_KERNEL_FOR_ISA(query_state_generic, query_state_generic, query_state_avx512)
+    VQ_KERNEL_FOR_ISA(query_state_generic, query_state_avx2, query_state_avx512)
     (codec, query, state);
 }
 
 void spectral_scores(const SpectralCodec& codec, const float* states, std::size_t state_stride,
                      int rows, const uint8_t* codes, const float* scalars, int n, float* scores,
                      std::size_t score_stride) {
-    VQ_KERNEL_FOR_ISA(scores_generic, scores_generic, scores_avx512)
+    VQ_KERNEL_FOR_ISA(scores_generic, scores_avx2, scores_avx512)
     ({codec, states, state_stride, rows, codes, scalars, n, scores, score_stride});
 }
 
