@@ -1,5 +1,6 @@
-// Bit fields of 16 tokens' codes, one token per AVX-512 lane, for the key scorers that read
-// LSB-first bit streams (core/bitpack.h) 16 tokens at a time (polarquant, spectral): every
+// Bit fields of 16 tokens' codes, one token per AVX-512 lane (or 8 per AVX2 register), for the
+// key scorers that read LSB-first bit streams (core/bitpack.h) a register of tokens at a time
+// (polarquant, spectral): every
 // lane's code bytes gathered once as 32-bit words, then any field of up to 31 bits taken out of
 // them with shifts, for all lanes at once.
 #pragma once
@@ -52,6 +53,45 @@ VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field_low(const __m512i* words, s
 VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field(const __m512i* words, std::size_t bit,
                                                      int width) {
     return _mm512_and_si512(lane_field_low(words, bit, width), _mm512_set1_epi32((1 << width) - 1));
+}
+
+// The same for 8 tokens, one per AVX2 lane (lane_offsets_avx2 and so on).
+
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE __m256i lane_offsets_avx2(std::size_t stride) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int>(stride)));
+}
+
+/// The 32-bit word at `at` of each lane's code (lane i's at at + offsets[i]).
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE __m256i gather_lane_avx2(const uint8_t* at, __m256i offsets) {
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(at), offsets, 1);
+}
+
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void gather_lane_words_avx2(const uint8_t* base, __m256i offsets,
+                                                            std::size_t bytes,
+                                                            std::size_t code_bytes,
+                                                            __m256i* words) {
+    for (std::size_t k = 0; 4 * k < bytes; ++k) {
+        const std::size_t at = std::min(4 * k, code_bytes - 4);
+        words[k] = _mm256_srl_epi32(gather_lane_avx2(base + at, offsets),
+                                    _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
+    }
+}
+
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE __m256i lane_field_low_avx2(const __m256i* words, std::size_t bit,
+                                                            int width) {
+    const std::size_t k = bit / 32;
+    const int s = static_cast<int>(bit % 32);
+    __m256i v = _mm256_srl_epi32(words[k], _mm_cvtsi32_si128(s));
+    if (s + width > 32)
+        v = _mm256_or_si256(v, _mm256_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
+    return v;
+}
+
+VQ_TARGET_AVX2 VQ_ALWAYS_INLINE __m256i lane_field_avx2(const __m256i* words, std::size_t bit,
+                                                        int width) {
+    return _mm256_and_si256(lane_field_low_avx2(words, bit, width),
+                            _mm256_set1_epi32((1 << width) - 1));
 }
 
 }  // namespace veloxquant

@@ -164,39 +164,8 @@ VQ_TARGET_AVX512 void score_avx512(const ScoreArgs& a) {
     }
 }
 
-// AVX2 builds use F16C (vcvtph2ps on 8 halves) for the radii: VQ_TARGET_AVX2_F16C.
-// lane_fields.h for 8 lanes: the byte offsets of 8 tokens' codes, every lane's code words (a
-// word that would read past the code is read where it ends and shifted down) and the fields.
-VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i lane_offsets_avx2(std::size_t stride) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                              _mm256_set1_epi32(static_cast<int>(stride)));
-}
-
-VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i gather_lane_avx2(const uint8_t* at, __m256i offsets) {
-    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(at), offsets, 1);
-}
-
-VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE void gather_lane_words_avx2(const uint8_t* base,
-                                                                 __m256i offsets, std::size_t bytes,
-                                                                 std::size_t code_bytes,
-                                                                 __m256i* words) {
-    for (std::size_t k = 0; 4 * k < bytes; ++k) {
-        const std::size_t at = std::min(4 * k, code_bytes - 4);
-        words[k] = _mm256_srl_epi32(gather_lane_avx2(base + at, offsets),
-                                    _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
-    }
-}
-
-VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256i lane_field_avx2(const __m256i* words, std::size_t bit,
-                                                             int width) {
-    const std::size_t k = bit / 32;
-    const int s = static_cast<int>(bit % 32);
-    __m256i v = _mm256_srl_epi32(words[k], _mm_cvtsi32_si128(s));
-    if (s + width > 32)
-        v = _mm256_or_si256(v, _mm256_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
-    return _mm256_and_si256(v, _mm256_set1_epi32((1 << width) - 1));
-}
-
+// The AVX2 builds (8 tokens a register, the lane fields of lane_fields.h) convert the radii with
+// F16C (vcvtph2ps on 8 halves): VQ_TARGET_AVX2_F16C.
 // lookup with 8 lanes: one vpermps for 8 entries, two and a blend on bit 3 for 16, a gather
 // beyond.
 template <int L>

@@ -284,28 +284,7 @@ VQ_TARGET_AVX2 void query_state_avx2(const SpectralCodec& c, const float* query,
 // on 8 lanes. A narrow group's 16-entry table is two registers: vpermps reads the low 3 bits of
 // each lane's field, one lookup per half, and a blend on the field's bit 3 (shifted to the sign
 // bit) picks the half; bits above the field do not matter, as the table repeats every 2^bits
-// entries. Words as gather_lane_words: the last one read where the code ends and shifted down.
-VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void gather_words_avx2(const uint8_t* base, __m256i lanes,
-                                                       std::size_t cb, __m256i* words) {
-    for (std::size_t k = 0; 4 * k < cb; ++k) {
-        const std::size_t at = std::min(4 * k, cb - 4);
-        words[k] = _mm256_srl_epi32(
-            _mm256_i32gather_epi32(reinterpret_cast<const int*>(base + at), lanes, 1),
-            _mm_cvtsi32_si128(static_cast<int>(8 * (4 * k - at))));
-    }
-}
-
-// lane_field_low on 8 lanes.
-VQ_TARGET_AVX2 VQ_ALWAYS_INLINE __m256i field_low_avx2(const __m256i* words, std::size_t bit,
-                                                       int width) {
-    const std::size_t k = bit / 32;
-    const int s = static_cast<int>(bit % 32);
-    __m256i v = _mm256_srl_epi32(words[k], _mm_cvtsi32_si128(s));
-    if (s + width > 32)
-        v = _mm256_or_si256(v, _mm256_sll_epi32(words[k + 1], _mm_cvtsi32_si128(32 - s)));
-    return v;
-}
-
+// entries.
 template <int Rows>
 VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void score_lanes_avx2(const RowsArgs& a, std::size_t wide,
                                                       const __m256i* words, int r0, int t) {
@@ -318,14 +297,13 @@ VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void score_lanes_avx2(const RowsArgs& a, std::si
     const std::vector<Group>& groups = a.codec.groups();
     for (std::size_t i = 0; i < wide; ++i) {
         const Group& g = groups[i];
-        const __m256i idx = _mm256_and_si256(field_low_avx2(words, g.bit_offset, g.bits),
-                                             _mm256_set1_epi32((1 << g.bits) - 1));
+        const __m256i idx = lane_field_avx2(words, g.bit_offset, g.bits);
         for (int r = 0; r < Rows; ++r)
             acc[r] = _mm256_add_ps(acc[r], _mm256_i32gather_ps(states[r] + g.table_offset, idx, 4));
     }
     for (std::size_t i = wide; i < groups.size(); ++i) {
         const Group& g = groups[i];
-        const __m256i idx = field_low_avx2(words, g.bit_offset, g.bits);
+        const __m256i idx = lane_field_low_avx2(words, g.bit_offset, g.bits);
         const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
         for (int r = 0; r < Rows; ++r) {
             const float* table = states[r] + g.table_offset;
@@ -356,11 +334,10 @@ VQ_TARGET_AVX2 void scores_avx2(const RowsArgs& a) {
                                  groups.begin());
     int t = 0;
     if (cb >= 4) {
-        const __m256i lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                                 _mm256_set1_epi32(static_cast<int>(cb)));
+        const __m256i lanes = lane_offsets_avx2(cb);
         __m256i words[1024 * 8 / 32];  // d <= 1024 coordinates of <= 8 bits
         for (; t + 8 <= a.n; t += 8) {
-            gather_words_avx2(a.codes + t * cb, lanes, cb, words);
+            gather_lane_words_avx2(a.codes + t * cb, lanes, cb, cb, words);
             for (int r0 = 0; r0 < a.rows; r0 += 4) switch (std::min(4, a.rows - r0)) {
                     case 1:
                         score_lanes_avx2<1>(a, wide, words, r0, t);
