@@ -5,8 +5,9 @@
 // bit, the codewords summed, RoPE applied at the token's position with the angle in double,
 // dotted with the query. Fresh random codes and queries, head dims 32..128 (and 48, not a
 // multiple of 16, and group_dim 4, which the AVX-512 build leaves to the generic one), token
-// counts below, at and past 16, runs that cross several 64-position phase blocks, and more
-// rows than one pass takes.
+// counts below, at and past 16, runs that cross several 64-position phase blocks, more rows
+// than one pass takes, and RoPE on fewer pairs than the head has, ending inside a group (the
+// SIMD builds' partial masks).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -29,7 +30,6 @@ using vqtest::read_index;
 struct Shape {
     int d, stages, codewords, group_dim, rope_pairs;  // rope_pairs 0: no RoPE
 };
-
 
 // <q, RoPE_pos(sum of the code's codewords)> in double, and ||q|| ||key|| as its scale.
 std::pair<double, double> reference_score(const std::vector<float>& book, const Shape& s,
@@ -66,7 +66,8 @@ TEST(CommVQScores, EverySetMatchesGenericAndDoubleReference) {
     for (const Shape s :
          {Shape{64, 2, 256, 8, 32}, Shape{128, 3, 256, 8, 64}, Shape{128, 1, 256, 8, 40},
           Shape{32, 4, 256, 8, 16}, Shape{48, 2, 16, 4, 24}, Shape{64, 2, 16, 8, 32},
-          Shape{128, 2, 256, 8, 0}, Shape{64, 4, 256, 8, 0}, Shape{64, 3, 16, 8, 0}}) {
+          Shape{128, 2, 256, 8, 0}, Shape{64, 4, 256, 8, 0}, Shape{64, 3, 16, 8, 0},
+          Shape{64, 2, 256, 8, 13}, Shape{128, 2, 16, 8, 21}, Shape{32, 2, 256, 8, 3}}) {
         const int G = s.d / s.group_dim;
         std::mt19937_64 gen(1000ull * s.d + 10 * s.stages + s.rope_pairs);
         std::normal_distribution<float> normal;
