@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "core/cpu_isa.h"
 #include "device_codec_test_helpers.h"
 #include "device_codecs/spectral_device.h"
 #include "methods/spectral.h"
@@ -68,8 +70,15 @@ TEST_P(SpectralDeviceCodec, MatchesCpuCodec) {
     const int d_eff = participation_dim(basis.variances.data(), s.d);
     const SpectralCodec cpu(s.d, s.signal_bits, s.noise_bits, std::move(basis), d_eff);
     const auto queries = vqtest::randn(static_cast<std::size_t>(3) * s.d, 5 + s.d);
-    vqtest::expect_device_codec_matches<dev::SpectralDevice>(
-        cpu, test_keys(law, 17 + s.signal_bits), queries);
+    // Every kernel set: the CPU encoder projects 16 or more keys through SIMD builds.
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        SCOPED_TRACE(isa);
+        use_cpu_isa(isa);
+        vqtest::expect_device_codec_matches<dev::SpectralDevice>(
+            cpu, test_keys(law, 17 + s.signal_bits), queries);
+    }
+    use_cpu_isa(start);
 }
 
 INSTANTIATE_TEST_SUITE_P(
