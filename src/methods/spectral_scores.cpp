@@ -190,15 +190,20 @@ VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void score_lanes(const RowsArgs& a, std::size_
                 _mm512_mul_round_ps(scale, acc[r], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
 }
 
+// The groups wider than 4 bits (a table of their own, looked up by a gather): the first ones.
+std::size_t wide_groups(const SpectralCodec& codec) {
+    const std::vector<Group>& groups = codec.groups();
+    return static_cast<std::size_t>(
+        std::partition_point(groups.begin(), groups.end(),
+                             [](const Group& g) { return g.bits > 4; }) -
+        groups.begin());
+}
+
 // Blocks of 16 tokens, rows four at a time; the last n % 16 tokens (and codes under 4 bytes)
 // through score_rows_from.
 VQ_TARGET_AVX512 void scores_avx512(const RowsArgs& a) {
     const std::size_t cb = a.codec.code_bytes();
-    const std::vector<Group>& groups = a.codec.groups();
-    const std::size_t wide =
-        static_cast<std::size_t>(std::partition_point(groups.begin(), groups.end(),
-                                                      [](const Group& g) { return g.bits > 4; }) -
-                                 groups.begin());
+    const std::size_t wide = wide_groups(a.codec);
     int t = 0;
     if (cb >= 4) {
         const __m512i lanes = lane_offsets(cb);
@@ -327,11 +332,7 @@ VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void score_lanes_avx2(const RowsArgs& a, std::si
 // through score_rows_from.
 VQ_TARGET_AVX2 void scores_avx2(const RowsArgs& a) {
     const std::size_t cb = a.codec.code_bytes();
-    const std::vector<Group>& groups = a.codec.groups();
-    const std::size_t wide =
-        static_cast<std::size_t>(std::partition_point(groups.begin(), groups.end(),
-                                                      [](const Group& g) { return g.bits > 4; }) -
-                                 groups.begin());
+    const std::size_t wide = wide_groups(a.codec);
     int t = 0;
     if (cb >= 4) {
         const __m256i lanes = lane_offsets_avx2(cb);
