@@ -14,6 +14,7 @@
 #include "cuda/cuda_cache.h"
 #include "cuda/programmatic_launch.h"
 #include "cuda/qjl_encode.cuh"
+#include "cuda/rabitq_encode.cuh"
 #include "cuda/spectral_encode.cuh"
 #include "cuda/team_encoders.cuh"
 #include "cuda/team_search_encoders.cuh"
@@ -47,7 +48,7 @@ unsigned blocks_for(long long items) {
 }
 
 // Long appends (more than kTeamEncodeMaxItems items) encode their keys with the codec's
-// BulkKeyEncoder where it has one that takes every head (qjl, vecinfer, spectral, commvq:
+// BulkKeyEncoder where it has one that takes every head (qjl, vecinfer, spectral, commvq, rabitq:
 // bulk_key_encode.h) and their values one warp per token (value_encode.cuh: fp16 and Hadamard
 // values); what is left (the keys of the other codecs, values under a dense rotation) takes the
 // kernels below, chosen by the figures measured before the bulk encoders.

@@ -84,6 +84,30 @@ __device__ __forceinline__ double ordered_sum(const double* terms, int d) {
     return s;
 }
 
+/// fwht's butterflies (a, b) -> (a + b, a - b) of lengths 1, 2, 4, ... < d (not its final
+/// 1 / sqrt(d)) on a warp's vector, coordinate 32 c + lane in y[c]: lengths below 32 are lane
+/// shuffles, the longer ones register pairs. d is a power of two; lanes past d hold zeros.
+template <int C>
+__device__ __forceinline__ void warp_fwht_butterflies(float (&y)[C], int d, int lane) {
+    for (int len = 1; len < 32 && len < d; len <<= 1) {
+        const bool upper = (lane & len) != 0;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const float other = __shfl_xor_sync(kFull, y[c], len);
+            y[c] = upper ? other - y[c] : y[c] + other;
+        }
+    }
+#pragma unroll
+    for (int len = 1; len < C; len <<= 1)
+#pragma unroll
+        for (int c = 0; c < C; ++c)
+            if ((c & len) == 0) {
+                const float lo = y[c], hi = y[c + len];
+                y[c] = lo + hi;
+                y[c + len] = lo - hi;
+            }
+}
+
 /// Shared memory of one warp of encode_values_kernel: two rows of d double terms, then the
 /// code's words (at most 8 bits a coordinate).
 __host__ __device__ constexpr int value_warp_smem_bytes(int d) {
@@ -141,27 +165,11 @@ __global__ void __launch_bounds__(kValueWarps * 32) encode_values_kernel(const V
         for (int i = lane; i < (code_bytes + 3) / 4; i += 32) code_words[i] = 0;
         float scale = 0.0f;
         if (norm > 0.0 && inv <= FLT_MAX) {  // else v is stored as 0, as ValueDevice::encode
-            // y = H (signs * v) / sqrt(d): the butterflies (a, b) -> (a + b, a - b) of fwht.
+                                             // y = H (signs * v) / sqrt(d)
 #pragma unroll
             for (int c = 0; c < C; ++c)
                 if (32 * c + lane < d) y[c] *= p.rotation.signs[32 * c + lane];
-            for (int len = 1; len < 32 && len < d; len <<= 1) {
-                const bool upper = (lane & len) != 0;
-#pragma unroll
-                for (int c = 0; c < C; ++c) {
-                    const float other = __shfl_xor_sync(kFull, y[c], len);
-                    y[c] = upper ? other - y[c] : y[c] + other;
-                }
-            }
-#pragma unroll
-            for (int len = 1; len < C; len <<= 1)
-#pragma unroll
-                for (int c = 0; c < C; ++c)
-                    if ((c & len) == 0) {
-                        const float lo = y[c], hi = y[c + len];
-                        y[c] = lo + hi;
-                        y[c + len] = lo - hi;
-                    }
+            warp_fwht_butterflies<C>(y, d, lane);
             const float rescale = 1.0f / sqrtf(static_cast<float>(d));
             const int levels = 1 << bits;
             __syncwarp();  // every lane has read `first` for the norm (lane 0 summed it)

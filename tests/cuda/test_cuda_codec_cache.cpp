@@ -105,6 +105,12 @@ std::vector<Case> cases() {
     c = base("rabitq", 3, 4, 16);
     c.num_clusters = 3;  // trains on 96 of a 150-token prefill: the device copies only those
     v.push_back({"rabitq_d64_b3_trained_on_a_subsample", c, 2, 64});
+    c = base("rabitq", 4, 4, 17);
+    c.num_clusters = 64;  // 896 critical values a token, the centroids staged for the warps
+    v.push_back({"rabitq_d128_b4_c64", c, 2, 128});
+    c = base("rabitq", 3, 2, 18);
+    c.num_clusters = 300;  // two id bytes; 150 centroids do not fit beside the warps' memory
+    v.push_back({"rabitq_d256_b3_two_byte_ids", c, 1, 256});
     c = base("spectral", 4, 4, 10);
     v.push_back({"spectral_d128", calibrated(c, 2, 128), 2, 128});
     c = base("commvq", 2, 4, 12);
@@ -503,6 +509,40 @@ TEST(CodecCache, LongSequencesMatchTheCpu) {
             EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << n << " queries";
         }
     }
+}
+
+// Tied critical values: rabitq with one centroid trained on zero keys (c = 0 exactly), then keys
+// of +-1, whose rotated coordinates are multiples of 2 / sqrt(d): many |e_j| are equal, so many
+// events share t (s / |e_j| = s' / |e_j'| as well where |e_j'| = 2 |e_j|) and their order is the
+// coordinate's. A long append (the warp encoder) and a short one (the teams) against the CPU.
+TEST(CodecCache, RabitqTiedCriticalValuesMatchTheCpu) {
+    SKIP_WITHOUT_DEVICE();
+    KVCacheConfig c = base("rabitq", 4, 4, 31);
+    c.num_clusters = 1;
+    const int H = 2, d = 128, prefill = 100, extra = 3;
+    const int n = static_cast<int>(kTeamEncodeMaxItems / H) + 52;  // past the teams
+    auto cpu = KVCacheFactory::create(c, H, d, prefill + n + extra);
+    CudaCodecCache gpu(c, H, d, prefill + n + extra);
+    const std::vector<float> zeros(static_cast<std::size_t>(H) * prefill * d, 0.0f);
+    const auto values = random_tokens(H, prefill, d, 501, 0.5f);
+    DeviceBuffer<float> dz(zeros), dv(values);
+    cpu->append(zeros.data(), values.data(), prefill);
+    gpu.append(dz.get(), dv.get(), prefill, nullptr);
+    uint64_t seed = 502;
+    for (const int count : {n, extra}) {
+        auto keys = vqtest::randn(static_cast<std::size_t>(H) * count * d, ++seed);
+        for (float& k : keys) k = k < 0.0f ? -1.0f : 1.0f;
+        const auto vals = random_tokens(H, count, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dvals(vals);
+        cpu->append(keys.data(), vals.data(), count);
+        gpu.append(dk.get(), dvals.get(), count, nullptr);
+    }
+    PagedStore mine(gpu.page_layout());
+    gpu.download(mine);
+    const PagedStore& ref = dynamic_cast<QuantizedKVCache&>(*cpu).paged_store();
+    for (int p = 0; p * kTokensPerPage < gpu.size(); ++p)
+        EXPECT_EQ(std::memcmp(mine.page_data(p), ref.page_data(p), mine.layout().page_bytes), 0)
+            << "page " << p;
 }
 
 TEST(CodecCache, RejectsConfigsOutOfScope) {

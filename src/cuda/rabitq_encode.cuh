@@ -1,0 +1,376 @@
+// rabitq's keys of a long append: one warp per token, kRbWarps tokens in flight per CTA, a CTA's
+// tokens all of one unit, whose centroids it stages once. The team encoder (a CTA of 128 threads
+// per token, team_spectral_rabitq_encoders.cuh) held one token per 20 KB of shared memory and
+// bitonic-sorted 512 padded events across 45 barriers; at 3 bits and d = 128 one append of 32K
+// tokens x 8 heads took 23.7 ms on the H200 (bench_codec_cache, run 89); this kernel 7.16-7.19 ms
+// (run 91, cuda_h200_20261202w_rabitq_bulk_run91.txt). Under ncu it executes ~13K warp
+// instructions a token with 8.7 of 32 lanes active on average: the single-lane parts (the scan
+// of step 5, the ordered sums) dominate, at 16 warps an SM (84.7 KB of shared memory a CTA).
+//
+// Per token, as RaBitQDevice::encode and the CPU's quantize (methods/rabitq.cpp):
+//  1. x = H (signs * k) / sqrt(d), coordinate 32 c + lane in register c (warp_fwht_butterflies).
+//  2. The nearest centroid: each lane computes squared_distance's eight partial sums for its
+//     centroids (lane, lane + 32, ...; rows staged at a stride of d + 1 floats, so the lanes'
+//     rows fall on distinct banks), then the warp folds (distance, index) to the least.
+//  3. The residual e in double; ||e||^2 and ||e||_1 in j order, by lanes 0 and 1 side by side.
+//  4. Extended RaBitQ's critical values t = s / |e_j| (arXiv 2409.09913 §3.2) sorted by (t, j)
+//     as the CPU sorts them: counted into as many equal-width buckets of t as there are events
+//     (shared atomics), the counts scanned, the events scattered, each bucket (one or two events
+//     mostly) insertion-sorted by (t, j) by one lane. Any correct sort gives the same order.
+//  5. One lane walks the events in that order with the CPU's double updates (ip in event order,
+//     the best prefix kept by the same strict test), reading four events ahead.
+//  6. The best prefix's steps (a shared atomicMax per event), <x_bar, e> in j order, the levels
+//     packed in shared words, then the code bytes and f stored.
+// The codes are the CPU's bit for bit (this file compiles with --fmad=false, as every encoder).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/bulk_key_encode.h"
+#include "cuda/codec_kernels.cuh"
+#include "cuda/cuda_cache.h"
+#include "cuda/value_encode.cuh"
+#include "device_codecs/rabitq_device.h"
+
+namespace veloxquant::cuda::codec {
+
+constexpr int kRbWarps = 8;         // tokens in flight per CTA, one per warp
+constexpr int kRbTile = 256;        // tokens per CTA (one unit's), kRbTile / kRbWarps per warp
+constexpr int kRbMaxEvents = 1024;  // d (M - 1) past this: the team encoder (and its heap)
+
+/// One warp's shared memory for a token, in bytes from the warp's base (16-byte aligned):
+/// `doubles`: max(d, events) doubles (x for the centroid search, then the terms of ||e||^2, then
+/// the events' t, then the terms of <x_bar, e>); `abs_e`: |e_j|; `cursor`: max(events + 1, d)
+/// ints (the buckets' cursors, then the steps); `words`: the code; `tags`: the events' j << 8 | s.
+struct RbWarpLayout {
+    int events = 0;  // d (M - 1): every (j, s) a token may list
+    int abs_e = 0, cursor = 0, words = 0, tags = 0, bytes = 0;
+
+    __host__ __device__ static RbWarpLayout of(const dev::RaBitQDevice::Params& p) {
+        RbWarpLayout l;
+        const int d = p.d;
+        l.events = d * ((1 << (p.bits - 1)) - 1);
+        l.abs_e = 8 * (d > l.events ? d : l.events);
+        l.cursor = l.abs_e + 8 * d;
+        l.words = l.cursor + 4 * (l.events + 1 > d ? l.events + 1 : d);
+        l.tags = l.words + (dev::RaBitQDevice::code_bytes(p) + 3) / 4 * 4;
+        l.bytes = (l.tags + 2 * l.events + 15) / 16 * 16;
+        return l;
+    }
+};
+
+/// Dynamic shared memory: kRbWarps warp regions, then the unit's centroids if they fit (else the
+/// kernel reads them from global memory).
+inline size_t rabitq_warps_smem_bytes(const dev::RaBitQDevice::Params& p) {
+    return static_cast<size_t>(kRbWarps) * RbWarpLayout::of(p).bytes;
+}
+inline size_t rabitq_centroid_smem_bytes(int clusters, int d) {
+    return sizeof(float) * static_cast<size_t>(clusters) * (d + 1);
+}
+
+/// squared_distance (core/kmeans.h) of x (shared, broadcast) and one centroid row: the same
+/// eight partial sums over j = 8 i + l, then the tail and the partials added in order.
+__device__ __forceinline__ float rb_squared_distance(const float* x, const float* row, int d) {
+    float part[8] = {};
+    int j = 0;
+    for (; j + 8 <= d; j += 8)
+#pragma unroll
+        for (int l = 0; l < 8; ++l) {
+            const float t = x[j + l] - row[j + l];
+            part[l] += t * t;
+        }
+    float acc = 0.0f;
+    for (; j < d; ++j) {
+        const float t = x[j] - row[j];
+        acc += t * t;
+    }
+#pragma unroll
+    for (int l = 0; l < 8; ++l) acc += part[l];
+    return acc;
+}
+
+/// nearest_centroid over the rows at `rows` (stride floats apart): the first least distance,
+/// NaN never taken except centroid 0's, which then stays (keyed -inf: nothing is below it).
+__device__ inline int rb_nearest(const float* x, const float* rows, int stride, int clusters, int d,
+                                 int lane) {
+    float v = 0.0f;
+    int best = -1;
+    for (int c = lane; c < clusters; c += 32) {  // c ascends in this lane
+        float dd = rb_squared_distance(x, rows + static_cast<size_t>(c) * stride, d);
+        if (dd != dd) {
+            if (c != 0) continue;
+            dd = -INFINITY;
+        }
+        if (best < 0 || dd < v) {
+            v = dd;
+            best = c;
+        }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {  // least (v, index): a total order
+        const float v2 = __shfl_xor_sync(kFull, v, offset);
+        const int i2 = __shfl_xor_sync(kFull, best, offset);
+        if (i2 >= 0 && (best < 0 || v2 < v || (v2 == v && i2 < best))) {
+            v = v2;
+            best = i2;
+        }
+    }
+    return best < 0 ? 0 : best;
+}
+
+/// The critical values of a lane's coordinates (32 c + lane, |e| in a[c]) in (t, j) order in
+/// ev_t / tags[0, n), n returned to every lane; `cursor` holds n + 1 ints.
+template <int C>
+__device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max, double* ev_t,
+                                uint16_t* tags, int* cursor, int lane) {
+    int mine = 0;
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+        for (int s = 1; s < m && s <= t_max * a[c]; ++s) ++mine;
+    int n = mine;
+    for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_xor_sync(kFull, n, offset);
+    if (n == 0) return 0;
+    // Buckets of equal width in t over [0, t_max], as many as events (rabitq.cpp's
+    // critical_values): monotone in t, so sorting inside each bucket sorts them all.
+    const double per_t = static_cast<double>(n) / t_max;
+    auto bucket = [&](double t) {
+        const auto b = static_cast<unsigned long long>(t * per_t);
+        return b < static_cast<unsigned long long>(n - 1) ? static_cast<int>(b) : n - 1;
+    };
+    for (int i = lane; i <= n; i += 32) cursor[i] = 0;
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+        for (int s = 1; s < m && s <= t_max * a[c]; ++s)
+            atomicAdd(cursor + bucket(s / a[c]) + 1, 1);
+    __syncwarp();
+    // cursor[b] = the first slot of bucket b: each lane scans a run, the runs' totals across
+    // lanes.
+    const int run = (n + 1 + 31) / 32, lo = min(lane * run, n + 1), hi = min(lo + run, n + 1);
+    int total = 0;
+    for (int i = lo; i < hi; ++i) total += cursor[i];
+    int before = total;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const int other = __shfl_up_sync(kFull, before, offset);
+        if (lane >= offset) before += other;
+    }
+    before -= total;
+    for (int i = lo; i < hi; ++i) {
+        before += cursor[i];
+        cursor[i] = before;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int j = 32 * c + lane;
+        for (int s = 1; s < m && s <= t_max * a[c]; ++s) {
+            const double t = s / a[c];
+            const int at = atomicAdd(cursor + bucket(t), 1);
+            ev_t[at] = t;
+            tags[at] = static_cast<uint16_t>(j << 8 | s);
+        }
+    }
+    __syncwarp();
+    // Bucket b now spans [cursor[b - 1], cursor[b]).
+    for (int b = lane; b < n; b += 32) {
+        const int first = b == 0 ? 0 : cursor[b - 1], last = cursor[b];
+        for (int i = first + 1; i < last; ++i) {
+            const double t = ev_t[i];
+            const uint16_t tag = tags[i];
+            int k = i;
+            for (; k > first && (ev_t[k - 1] > t || (ev_t[k - 1] == t && tags[k - 1] > tag)); --k) {
+                ev_t[k] = ev_t[k - 1];
+                tags[k] = tags[k - 1];
+            }
+            ev_t[k] = t;
+            tags[k] = tag;
+        }
+    }
+    __syncwarp();
+    return n;
+}
+
+/// The length of the best prefix of the n sorted events (rabitq.cpp's scan: the same double
+/// operations in event order), on the calling lane; a_ev[i] = |e| of event i's coordinate.
+__device__ inline int rb_best_prefix(const double* a_ev, const uint16_t* tags, int n, int d,
+                                     double abs_sum) {
+    double ip = 0.5 * abs_sum;  // <s + 1/2, |e|>
+    double nn = 0.25 * d;       // ||s + 1/2||^2
+    double best = ip * ip / nn;
+    int best_len = 0;
+    for (int i0 = 0; i0 < n; i0 += 4) {
+        double a[4];
+        int s[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // loads off the chain through ip, nn and best
+            const int i = min(i0 + k, n - 1);
+            a[k] = a_ev[i];
+            s[k] = tags[i] & 0xff;
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            if (i0 + k >= n) break;
+            ip += a[k];
+            nn += 2.0 * (s[k] - 1) + 2.0;  // (s + 1/2)^2 - (s - 1/2)^2, steps_j = s - 1 before
+            if (ip * ip > best * nn) {
+                best = ip * ip / nn;
+                best_len = i0 + k + 1;
+            }
+        }
+    }
+    return best_len;
+}
+
+/// Grid (token tiles of kRbTile, units); C = d / 32 registers per lane; `staged`: the largest
+/// cluster count whose centroids the dynamic shared memory holds after the warps' regions.
+template <int C>
+__global__ void __launch_bounds__(kRbWarps * 32)
+    rabitq_encode_keys_kernel(const EncodeParams<dev::RaBitQDevice> a, int staged) {
+    extern __shared__ __align__(16) uint8_t rb_smem[];
+    const int lane = static_cast<int>(threadIdx.x) & 31, w = static_cast<int>(threadIdx.x) >> 5;
+    const int u = static_cast<int>(blockIdx.y), first = static_cast<int>(blockIdx.x) * kRbTile;
+    const dev::RaBitQDevice::Params& p = a.key_params(u);
+    const int d = p.d, m = 1 << (p.bits - 1);
+    const RbWarpLayout L = RbWarpLayout::of(p);
+    uint8_t* mine = rb_smem + w * L.bytes;
+    auto* dbl = reinterpret_cast<double*>(mine);
+    auto* abs_e = reinterpret_cast<double*>(mine + L.abs_e);
+    auto* cursor = reinterpret_cast<int*>(mine + L.cursor);
+    auto* words = reinterpret_cast<uint32_t*>(mine + L.words);
+    auto* tags = reinterpret_cast<uint16_t*>(mine + L.tags);
+    const float* rows = p.centroids;
+    int stride = d;
+    if (p.clusters <= staged) {
+        auto* staged_rows = reinterpret_cast<float*>(rb_smem + kRbWarps * L.bytes);
+        for (int i = static_cast<int>(threadIdx.x); i < p.clusters * d; i += kRbWarps * 32)
+            staged_rows[(i / d) * (d + 1) + i % d] = p.centroids[i];
+        __syncthreads();
+        rows = staged_rows;
+        stride = d + 1;
+    }
+    const HeadRegions R = a.store.regions[a.head(u)];
+    const int code_bytes = static_cast<int>(R.key_code_bytes);
+    const int last = min(first + kRbTile, a.n);
+    for (int t = first + w; t < last; t += kRbWarps) {
+        const float* src = a.keys + (static_cast<size_t>(u) * a.n + t) * d;
+        float y[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) y[c] = src[32 * c + lane] * p.rotation.signs[32 * c + lane];
+        warp_fwht_butterflies<C>(y, d, lane);
+        const float scale = 1.0f / sqrtf(static_cast<float>(d));
+        auto* x = reinterpret_cast<float*>(dbl);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            y[c] *= scale;
+            x[32 * c + lane] = y[c];
+        }
+        __syncwarp();
+        const int cid = rb_nearest(x, rows, stride, p.clusters, d, lane);
+        __syncwarp();  // x is read; its doubles take the terms of ||e||^2
+        const float* cent = rows + static_cast<size_t>(cid) * stride;
+        double e[C], abs[C];
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int j = 32 * c + lane;
+            e[c] = static_cast<double>(y[c]) - cent[j];
+            abs[c] = fabs(e[c]);
+            dbl[j] = e[c] * e[c];
+            abs_e[j] = abs[c];
+        }
+        __syncwarp();
+        const double sum = lane < 2 ? ordered_sum(lane == 0 ? dbl : abs_e, d) : 0.0;
+        const double norm2 = __shfl_sync(kFull, sum, 0), abs_sum = __shfl_sync(kFull, sum, 1);
+        int best_len = 0;
+        if (norm2 > 0.0 && m > 1) {
+            // The optimum's t is at most (M - 1/2) d / ||e||_1 (rabitq.cpp).
+            const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
+            const int n = rb_sorted_events<C>(abs, d, m, t_max, dbl, tags, cursor, lane);
+            for (int i = lane; i < n; i += 32) dbl[i] = abs_e[tags[i] >> 8];  // t no longer read
+            __syncwarp();
+            const int len = lane == 0 ? rb_best_prefix(dbl, tags, n, d, abs_sum) : 0;
+            best_len = __shfl_sync(kFull, len, 0);
+        }
+        // steps_j: the count of j's events in the best prefix (its last one's s).
+        for (int j = lane; j < d; j += 32) cursor[j] = 0;
+        for (int i = lane; i < (code_bytes + 3) / 4; i += 32) words[i] = 0;
+        __syncwarp();
+        for (int i = lane; i < best_len; i += 32)
+            atomicMax(cursor + (tags[i] >> 8), tags[i] & 0xff);
+        __syncwarp();
+        const int id_bits = 8 * p.id_bytes;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int j = 32 * c + lane, s = cursor[j];
+            dbl[j] = (s + 0.5) * abs[c];  // the terms of <x_bar, e>
+            const auto level = static_cast<uint32_t>(e[c] >= 0.0 ? m + s : m - 1 - s);
+            const int bit = id_bits + j * p.bits, word = bit >> 5, shift = bit & 31;
+            atomicOr(words + word, level << shift);
+            if (shift + p.bits > 32) atomicOr(words + word + 1, level >> (32 - shift));
+        }
+        if (lane == 0)
+            atomicOr(words, static_cast<uint32_t>(cid) & (p.id_bytes == 2 ? 0xffffu : 0xffu));
+        __syncwarp();
+        const double xe = lane == 0 ? ordered_sum(dbl, d) : 0.0;
+        const int pos = a.pos(u, t), slot = pos % kPage;
+        uint8_t* page = a.page(u, pos);
+        uint8_t* code = page + R.key_codes + slot * code_bytes;
+        const auto* bytes = reinterpret_cast<const uint8_t*>(words);  // little-endian words
+        for (int b = lane; b < code_bytes; b += 32) code[b] = bytes[b];
+        // e = 0 (a key on its centroid) decodes to c exactly.
+        if (lane == 0)
+            reinterpret_cast<float*>(page + R.key_scalars)[slot] =
+                norm2 > 0.0 ? static_cast<float>(norm2 / xe) : 0.0f;
+        __syncwarp();  // the next token reuses this warp's shared memory
+    }
+}
+
+template <>
+struct BulkKeyEncoder<dev::RaBitQDevice> {
+    static constexpr bool kAvailable = true;
+    /// A Hadamard rotation of 32, 64, 128 or 256 coordinates and at most kRbMaxEvents critical
+    /// values a token, the warps' regions within the device's shared memory.
+    static bool usable(const dev::RaBitQDevice::Params& p, size_t smem_optin) {
+        return p.rotation.hadamard && p.d >= 32 && p.d <= dev::kMaxDim && p.d % 32 == 0 &&
+               RbWarpLayout::of(p).events <= kRbMaxEvents &&
+               rabitq_warps_smem_bytes(p) <= smem_optin;
+    }
+    static const void* kernel(const dev::RaBitQDevice::Params& p) {
+        switch (p.d / 32) {
+            case 1:
+                return reinterpret_cast<const void*>(&rabitq_encode_keys_kernel<1>);
+            case 2:
+                return reinterpret_cast<const void*>(&rabitq_encode_keys_kernel<2>);
+            case 4:
+                return reinterpret_cast<const void*>(&rabitq_encode_keys_kernel<4>);
+            default:
+                return reinterpret_cast<const void*>(&rabitq_encode_keys_kernel<8>);
+        }
+    }
+    /// The centroids are staged for up to any_head's cluster count (every head of a cache has
+    /// the configured count once trained; a kin sequence's codec with more reads them from
+    /// global memory), where the device's shared memory holds them.
+    static void launch(const EncodeParams<dev::RaBitQDevice>& a,
+                       const dev::RaBitQDevice::Params& any_head, int, cudaStream_t stream) {
+        int optin = 0, device = 0;
+        check_cuda(cudaGetDevice(&device), "rabitq encode device");
+        check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+                   "rabitq encode shared memory limit");
+        const size_t warps = rabitq_warps_smem_bytes(any_head);
+        const size_t centroids = rabitq_centroid_smem_bytes(any_head.clusters, any_head.d);
+        const bool stage = warps + centroids <= static_cast<size_t>(optin);
+        const int smem = static_cast<int>(stage ? warps + centroids : warps);
+        const void* k = kernel(any_head);
+        check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                   "rabitq encode shared memory");
+        int staged = stage ? any_head.clusters : 0;
+        const dim3 grid(static_cast<unsigned>((a.n + kRbTile - 1) / kRbTile),
+                        static_cast<unsigned>(a.units));
+        void* args[] = {const_cast<EncodeParams<dev::RaBitQDevice>*>(&a), &staged};
+        check_cuda(cudaLaunchKernel(k, grid, dim3(kRbWarps * 32), args, smem, stream),
+                   "rabitq key encode kernel");
+    }
+};
+
+}  // namespace veloxquant::cuda::codec
