@@ -71,27 +71,6 @@ inline size_t rabitq_centroid_smem_bytes(int clusters, int d) {
     return sizeof(float) * static_cast<size_t>(clusters) * (d + 1);
 }
 
-/// squared_distance (core/kmeans.h) of x (shared, broadcast) and one centroid row: the same
-/// eight partial sums over j = 8 i + l, then the tail and the partials added in order.
-__device__ __forceinline__ float rb_squared_distance(const float* x, const float* row, int d) {
-    float part[8] = {};
-    int j = 0;
-    for (; j + 8 <= d; j += 8)
-#pragma unroll
-        for (int l = 0; l < 8; ++l) {
-            const float t = x[j + l] - row[j + l];
-            part[l] += t * t;
-        }
-    float acc = 0.0f;
-    for (; j < d; ++j) {
-        const float t = x[j] - row[j];
-        acc += t * t;
-    }
-#pragma unroll
-    for (int l = 0; l < 8; ++l) acc += part[l];
-    return acc;
-}
-
 /// nearest_centroid over the rows at `rows` (stride floats apart): the first least distance,
 /// NaN never taken except centroid 0's, which then stays (keyed -inf: nothing is below it).
 __device__ inline int rb_nearest(const float* x, const float* rows, int stride, int clusters, int d,
@@ -99,7 +78,7 @@ __device__ inline int rb_nearest(const float* x, const float* rows, int stride, 
     float v = 0.0f;
     int best = -1;
     for (int c = lane; c < clusters; c += 32) {  // c ascends in this lane
-        float dd = rb_squared_distance(x, rows + static_cast<size_t>(c) * stride, d);
+        float dd = veloxquant::squared_distance(x, rows + static_cast<size_t>(c) * stride, d);
         if (dd != dd) {
             if (c != 0) continue;
             dd = -INFINITY;
