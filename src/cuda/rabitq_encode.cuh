@@ -308,10 +308,11 @@ __global__ void __launch_bounds__(kRbWarps * 32)
 template <>
 struct BulkKeyEncoder<dev::RaBitQDevice> {
     static constexpr bool kAvailable = true;
-    /// A Hadamard rotation of 32, 64, 128 or 256 coordinates and at most kRbMaxEvents critical
-    /// values a token, the warps' regions within the device's shared memory.
+    /// A Hadamard rotation of 32, 64, 128 or 256 coordinates (a power of two: kernel() picks
+    /// d / 32 registers a lane) and at most kRbMaxEvents critical values a token, the warps'
+    /// regions within the device's shared memory.
     static bool usable(const dev::RaBitQDevice::Params& p, size_t smem_optin) {
-        return p.rotation.hadamard && p.d >= 32 && p.d <= dev::kMaxDim && p.d % 32 == 0 &&
+        return p.rotation.hadamard && p.d >= 32 && p.d <= dev::kMaxDim && (p.d & (p.d - 1)) == 0 &&
                RbWarpLayout::of(p).events <= kRbMaxEvents &&
                rabitq_warps_smem_bytes(p) <= smem_optin;
     }
