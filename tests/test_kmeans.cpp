@@ -8,12 +8,14 @@
 #include <map>
 #include <set>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "core/cpu_isa.h"
 #include "core/kmeans.h"
 #include "core/rng.h"
 
@@ -174,13 +176,11 @@ TEST(KMeans, NearestCentroidTiesGoLow) {
     EXPECT_EQ(nearest_centroid(y, cents, 3, 2), 2);
 }
 
-// The host's fast path (AVX2 where the CPU has it) finds the centroid and distance the portable
-// one (the device codecs' too) finds, bit for bit: dims with and without a tail past a multiple of
-// 8, centroid counts around the four-at-once blocks, ties and exact hits.
-TEST(KMeans, HostNearestCentroidEqualsPortable) {
+// CentroidSearch against nearest_centroid on one kernel set.
+void expect_host_search_equals_portable() {
     Rng rng(31);
     for (const int d : {1, 7, 8, 13, 64, 128, 130}) {
-        for (const int k : {1, 3, 8, 9, 17, 64}) {
+        for (const int k : {1, 3, 8, 9, 16, 17, 33, 64}) {
             std::vector<float> centroids(static_cast<std::size_t>(k) * d);
             for (float& v : centroids) v = static_cast<float>(rng.normal()) * 3.0f;
             if (k > 2)  // a duplicate centroid: the tie goes to the lower index
@@ -194,13 +194,27 @@ TEST(KMeans, HostNearestCentroidEqualsPortable) {
                                 x.data());
                 float want_d = -1.0f, got_d = -2.0f;
                 const int want = nearest_centroid(x.data(), centroids.data(), k, d, &want_d);
-                const int got = nearest_centroid_host(x.data(), centroids.data(), k, d, &got_d);
+                const int got = CentroidSearch(centroids.data(), k, d).nearest(x.data(), &got_d);
                 ASSERT_EQ(got, want) << "d " << d << " k " << k << " trial " << trial;
                 ASSERT_EQ(std::memcmp(&got_d, &want_d, sizeof(float)), 0)
                     << "d " << d << " k " << k << " trial " << trial;
             }
         }
     }
+}
+
+// The host's search on every CPU kernel set finds the centroid and distance the portable one
+// (the device codecs' too) finds, bit for bit: dims with and without a tail past a multiple of
+// 8, centroid counts around the eight-at-once (AVX2) and sixteen-at-once (AVX-512) blocks, ties
+// and exact hits.
+TEST(KMeans, HostNearestCentroidEqualsPortable) {
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        SCOPED_TRACE(isa);
+        use_cpu_isa(isa);
+        expect_host_search_equals_portable();
+    }
+    use_cpu_isa(start);
 }
 
 TEST(KMeans, InvalidArgumentsThrow) {

@@ -6,17 +6,17 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/cpu_isa.h"
 #include "core/rng.h"
 
-#if defined(__x86_64__)
+#ifdef VQ_X86_KERNELS
 #include <immintrin.h>
-#define VQ_KMEANS_X86 1
 #endif
 
 namespace veloxquant {
 namespace {
 
-#ifdef VQ_KMEANS_X86
+#ifdef VQ_X86_KERNELS
 // squared_distance's eight partial sums as the lanes of one 256-bit vector: the same differences,
 // products and adds in the same order (separate multiply and add, no FMA); then the tail and the
 // lanes, added in order. C centroids at once keep C independent add chains in flight.
@@ -48,8 +48,8 @@ __attribute__((target("avx2"))) inline void distances_avx2(const float* x, const
     }
 }
 
-__attribute__((target("avx2"))) int nearest_centroid_avx2(const float* x, const float* centroids,
-                                                          int k, int d, float* dist2) {
+__attribute__((target("avx2"))) int nearest_avx2(const float* x, const float* centroids,
+                                                 const float*, int, int k, int d, float* dist2) {
     int best = 0;
     float best_d = 0.0f, dd[8];
     for (int c0 = 0; c0 < k;) {
@@ -69,14 +69,55 @@ __attribute__((target("avx2"))) int nearest_centroid_avx2(const float* x, const 
     return best;
 }
 
-bool host_has_avx2() {
-    static const bool yes = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") != 0;
-    }();
-    return yes;
+// 16 centroids a register from the transposed table t ([d][stride]): part[l] holds partial sum l
+// (coordinates j = 8 i + l) of each, then the tail and the partials are added in order, as
+// squared_distance does. The difference is taken as c - x, whose square is (x - c)^2 exactly
+// (rounding is symmetric), so that x_j can be a broadcast operand. The empty asm keeps GCC,
+// which may contract intrinsics under this target, from fusing the multiply into the add.
+__attribute__((target("avx512f"))) int nearest_avx512(const float* x, const float*, const float* t,
+                                                      int stride, int k, int d, float* dist2) {
+    const int body = d / 8 * 8;
+    int best = 0;
+    float best_d = 0.0f;
+    alignas(64) float dd[16];
+    for (int c0 = 0; c0 < k; c0 += 16) {
+        const float* col = t + c0;
+        __m512 part[8];
+        for (int l = 0; l < 8; ++l) part[l] = _mm512_setzero_ps();
+        for (int j = 0; j < body; j += 8)
+            for (int l = 0; l < 8; ++l) {
+                const __m512 diff =
+                    _mm512_sub_ps(_mm512_loadu_ps(col + static_cast<std::size_t>(j + l) * stride),
+                                  _mm512_set1_ps(x[j + l]));
+                __m512 sq = _mm512_mul_ps(diff, diff);
+                asm("" : "+v"(sq));
+                part[l] = _mm512_add_ps(part[l], sq);
+            }
+        __m512 acc = _mm512_setzero_ps();
+        for (int j = body; j < d; ++j) {
+            const __m512 diff = _mm512_sub_ps(
+                _mm512_loadu_ps(col + static_cast<std::size_t>(j) * stride), _mm512_set1_ps(x[j]));
+            __m512 sq = _mm512_mul_ps(diff, diff);
+            asm("" : "+v"(sq));
+            acc = _mm512_add_ps(acc, sq);
+        }
+        for (int l = 0; l < 8; ++l) acc = _mm512_add_ps(acc, part[l]);
+        _mm512_store_ps(dd, acc);
+        for (int c = c0; c < k && c < c0 + 16; ++c)
+            if (c == 0 || dd[c - c0] < best_d) {
+                best_d = dd[c - c0];
+                best = c;
+            }
+    }
+    if (dist2) *dist2 = best_d;
+    return best;
 }
 #endif
+
+int nearest_generic(const float* x, const float* centroids, const float*, int, int k, int d,
+                    float* dist2) {
+    return nearest_centroid(x, centroids, k, d, dist2);
+}
 
 // Below this many multiply-adds a loop runs on one thread: waking a team costs more.
 constexpr long kParallelWork = 1L << 17;
@@ -156,9 +197,9 @@ std::vector<int> initial_points(const float* data, int n, int d, int k, KMeansIn
 
 void assign_all(const float* data, int n, int d, const std::vector<float>& centroids, int k,
                 std::vector<int>& assignment, std::vector<float>& dist2) {
+    const CentroidSearch search(centroids.data(), k, d);
 #pragma omp parallel for schedule(static) if (worth_threads(n, d, k))
-    for (int i = 0; i < n; ++i)
-        assignment[i] = nearest_centroid_host(row(data, i, d), centroids.data(), k, d, &dist2[i]);
+    for (int i = 0; i < n; ++i) assignment[i] = search.nearest(row(data, i, d), &dist2[i]);
 }
 
 // Moves each empty cluster's centroid onto the point farthest from its own centroid (ties to
@@ -188,11 +229,25 @@ bool reseed_empty(const float* data, int n, int d, int k, const std::vector<int>
 
 }  // namespace
 
-int nearest_centroid_host(const float* x, const float* centroids, int k, int d, float* dist2) {
-#ifdef VQ_KMEANS_X86
-    if (host_has_avx2()) return nearest_centroid_avx2(x, centroids, k, d, dist2);
+CentroidSearch::CentroidSearch(const float* centroids, int k, int d)
+    : centroids_(centroids), k_(k), d_(d) {
+#ifdef VQ_X86_KERNELS
+    kernel_ = kernel_for_isa<decltype(kernel_)>(nearest_generic, nearest_avx2, nearest_avx512);
+    if (kernel_ == nearest_avx512) {
+        stride_ = (k + 15) / 16 * 16;
+        transposed_.assign(static_cast<std::size_t>(d) * stride_, 0.0f);
+        for (int c = 0; c < k; ++c)
+            for (int j = 0; j < d; ++j)
+                transposed_[static_cast<std::size_t>(j) * stride_ + c] =
+                    centroids[static_cast<std::size_t>(c) * d + j];
+    }
+#else
+    kernel_ = nearest_generic;
 #endif
-    return nearest_centroid(x, centroids, k, d, dist2);
+}
+
+int CentroidSearch::nearest(const float* x, float* dist2) const {
+    return kernel_(x, centroids_, transposed_.data(), stride_, k_, d_, dist2);
 }
 
 KMeansResult kmeans(const float* data, int n, int d, int k, uint64_t seed,

@@ -73,10 +73,24 @@ VQ_HD int nearest_centroid(const float* x, const float* centroids, int k, int d,
     return best;
 }
 
-/// nearest_centroid, bit for bit, on the host's fastest path: with AVX2 (chosen at run time)
-/// the eight partial sums are the lanes of one vector, and eight centroids run at once.
-int nearest_centroid_host(const float* x, const float* centroids, int k, int d,
-                          float* dist2 = nullptr);
+/// nearest_centroid against one set of centroids, bit for bit, on the host's fastest path (the
+/// CPU kernel set in use, core/cpu_isa.h). AVX-512: the centroids transposed once ([d][k rounded
+/// up to 16]), so that a register holds coordinate j of 16 centroids and eight registers their
+/// eight partial sums; AVX2: one centroid's eight partial sums are the lanes of one vector, eight
+/// centroids at once. `centroids` ([k][d]) must outlive the search.
+class CentroidSearch {
+public:
+    CentroidSearch(const float* centroids, int k, int d);
+    int nearest(const float* x, float* dist2 = nullptr) const;
+
+private:
+    const float* centroids_;
+    int k_, d_;
+    int stride_ = 0;                 ///< floats per transposed coordinate (AVX-512)
+    std::vector<float> transposed_;  ///< [d][stride_], AVX-512 only
+    /// (x, centroids, transposed, stride, k, d, dist2) -> index: the set's kernel
+    int (*kernel_)(const float*, const float*, const float*, int, int, int, float*);
+};
 
 /// Clusters data [n][d] into min(k, n) clusters. Throws std::invalid_argument for n < 1,
 /// d < 1, k < 1 or bad options.

@@ -60,9 +60,9 @@ void critical_values(int m, double t_max, QuantizeScratch& sc) {
 // for some t > 0 (extended RaBitQ, arXiv 2409.09913 §3.2), i.e. s_j = min(floor(t |e_j|), M-1).
 // As t grows, s_j steps up at the critical values t = (s+1)/|e_j|; visiting them in order and
 // keeping the best cosine is an exact search.
-int quantize(const float* x, const std::vector<float>& centroids, int k, int d, int bits,
-             uint8_t* levels, float* f, QuantizeScratch& sc) {
-    const int cid = nearest_centroid_host(x, centroids.data(), k, d);
+int quantize(const float* x, const std::vector<float>& centroids, const CentroidSearch& search,
+             int d, int bits, uint8_t* levels, float* f, QuantizeScratch& sc) {
+    const int cid = search.nearest(x);
     const float* c = &centroids[static_cast<std::size_t>(cid) * d];
     sc.residual.resize(d);
     double norm2 = 0.0, abs_sum = 0.0;
@@ -247,10 +247,11 @@ void RaBitQCodec::encode(const float* keys, int n, uint8_t* codes, float* scalar
     std::vector<float> x(d);
     std::vector<uint8_t> levels(d);
     QuantizeScratch scratch;
+    const CentroidSearch search(centroids_.data(), trained_k_, d);
     for (int t = 0; t < n; ++t) {
         rotation_.forward(keys + static_cast<std::size_t>(t) * d, x.data());
-        const int cid = quantize(x.data(), centroids_, trained_k_, d, bits_, levels.data(),
-                                 &scalars[t], scratch);
+        const int cid =
+            quantize(x.data(), centroids_, search, d, bits_, levels.data(), &scalars[t], scratch);
         uint8_t* code = codes + static_cast<std::size_t>(t) * cb;
         code[0] = static_cast<uint8_t>(cid & 0xFF);
         if (id_bytes() == 2) code[1] = static_cast<uint8_t>(cid >> 8);
