@@ -42,9 +42,10 @@ constexpr int kRbTile = 256;        // tokens per CTA (one unit's), kRbTile / kR
 constexpr int kRbMaxEvents = 1024;  // d (M - 1) past this: the team encoder (and its heap)
 
 /// One warp's shared memory for a token, in bytes from the warp's base (16-byte aligned):
-/// `doubles`: max(d, events) doubles (x for the centroid search, then the terms of ||e||^2, then
-/// the events' t, then the terms of <x_bar, e>); `abs_e`: |e_j|; `cursor`: max(events + 1, d)
-/// ints (the buckets' cursors, then the steps); `words`: the code; `tags`: the events' j << 8 | s.
+/// `doubles`: max(d, events) doubles (x for the centroid search, then the terms of ||e||^2, the
+/// events' t, their |e| for the scan, the terms of <x_bar, e>); `abs_e`: |e_j|; `cursor`:
+/// max(events + 1, d) ints (the buckets' cursors, then the steps); `words`: the code; `tags`: the
+/// events' j << 8 | s.
 struct RbWarpLayout {
     int events = 0;  // d (M - 1): every (j, s) a token may list
     int abs_e = 0, cursor = 0, words = 0, tags = 0, bytes = 0;
