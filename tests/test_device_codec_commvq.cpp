@@ -4,9 +4,11 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "calibration/commvq_calibration.h"
+#include "core/cpu_isa.h"
 #include "device_codec_test_helpers.h"
 #include "device_codecs/commvq_device.h"
 #include "methods/commvq.h"
@@ -95,20 +97,29 @@ TEST_P(CommVQDeviceCodec, MatchesCpuCodecOnPages) {
     const CommVQCodec cpu = calibrated_codec(s);
     const auto queries = vqtest::randn(static_cast<std::size_t>(3) * s.d, 99);
     // Runs from page boundaries (prefill, decode and score calls) and from mid-page (an append
-    // to a partly filled page): phases depend only on the position, so codes are identical.
-    for (const int pos0 : {0, 78 * kTokensPerPage, 5000, 2048 * kTokensPerPage + 17}) {
-        SCOPED_TRACE(pos0);
-        const auto keys = page_of_keys(cpu, pos0, 7 + s.bits);
-        vqtest::expect_device_codec_matches<dev::CommVQDevice>(cpu, keys, queries, pos0);
-        expect_bit_identical_decode(cpu, keys, pos0);
+    // to a partly filled page): phases depend only on the position, so codes are identical. On
+    // every CPU kernel set: the encoder's codeword distances have an AVX2 build. The keys lie
+    // midway between two codewords, so a distance rounded differently would pick another.
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        SCOPED_TRACE(isa);
+        use_cpu_isa(isa);
+        for (const int pos0 : {0, 78 * kTokensPerPage, 5000, 2048 * kTokensPerPage + 17}) {
+            SCOPED_TRACE(pos0);
+            const auto keys = page_of_keys(cpu, pos0, 7 + s.bits);
+            vqtest::expect_device_codec_matches<dev::CommVQDevice>(cpu, keys, queries, pos0);
+            expect_bit_identical_decode(cpu, keys, pos0);
+        }
     }
+    use_cpu_isa(start);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CommVQDeviceCodec,
     testing::Values(CommVQShape{64, 1, 256, 4, 32}, CommVQShape{64, 2, 256, 4, 0},
                     CommVQShape{128, 3, 256, 4, 64}, CommVQShape{128, 4, 256, 4, 40},
-                    CommVQShape{128, 2, 16, 2, 64}, CommVQShape{64, 3, 8, 1, 32}));
+                    CommVQShape{128, 2, 16, 2, 64}, CommVQShape{64, 3, 8, 1, 32},
+                    CommVQShape{64, 2, 4, 2, 32}));
 
 TEST(CommVQDeviceCodec, RejectsOtherCodecs) {
     TurboQuantRVQCodec tq(64, 2, 1, true, 1);

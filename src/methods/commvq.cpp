@@ -7,7 +7,12 @@
 #include <string>
 #include <utility>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "core/bitpack.h"
+#include "core/cpu_isa.h"
 #include "methods/byte_table_sums.h"
 #include "methods/commvq_scores.h"
 
@@ -30,10 +35,11 @@ int log2_exact(int c) {
 
 }  // namespace
 
-int commvq_nearest(const float* x, const float* words_t, const float* norms2, int num_words,
-                   int dim) {
-    // ||x - w||^2 = ||x||^2 - 2<x, w> + ||w||^2: the first term is common to every w.
-    float v[256];
+namespace {
+
+// v[c] = norms2[c] + sum_j (-2 x_j) w_j[c], j in order, for every codeword.
+void commvq_values_generic(const float* x, const float* words_t, const float* norms2, int num_words,
+                           int dim, float* v) {
     std::copy_n(norms2, num_words, v);
     for (int j = 0; j < dim; ++j) {
         const float xj = -2.0f * x[j];
@@ -41,6 +47,57 @@ int commvq_nearest(const float* x, const float* words_t, const float* norms2, in
 #pragma omp simd
         for (int c = 0; c < num_words; ++c) v[c] += xj * wj[c];
     }
+}
+
+#ifdef VQ_X86_KERNELS
+// The same sums, 32 codewords in four registers across all coordinates (v is written once per
+// block, not read and written once per coordinate). Built for AVX2 without FMA: no multiply can
+// be fused into its add, so every value rounds as the generic loop's does.
+__attribute__((target("avx2"))) void commvq_values_avx2(const float* x, const float* words_t,
+                                                        const float* norms2, int num_words, int dim,
+                                                        float* v) {
+    int c0 = 0;
+    for (; c0 + 32 <= num_words; c0 += 32) {
+        __m256 acc[4];
+        for (int b = 0; b < 4; ++b) acc[b] = _mm256_loadu_ps(norms2 + c0 + 8 * b);
+        for (int j = 0; j < dim; ++j) {
+            const __m256 xj = _mm256_set1_ps(-2.0f * x[j]);
+            const float* wj = words_t + static_cast<std::size_t>(j) * num_words + c0;
+            for (int b = 0; b < 4; ++b)
+                acc[b] = _mm256_add_ps(acc[b], _mm256_mul_ps(xj, _mm256_loadu_ps(wj + 8 * b)));
+        }
+        for (int b = 0; b < 4; ++b) _mm256_storeu_ps(v + c0 + 8 * b, acc[b]);
+    }
+    for (; c0 + 8 <= num_words; c0 += 8) {
+        __m256 acc = _mm256_loadu_ps(norms2 + c0);
+        for (int j = 0; j < dim; ++j)
+            acc = _mm256_add_ps(
+                acc, _mm256_mul_ps(
+                         _mm256_set1_ps(-2.0f * x[j]),
+                         _mm256_loadu_ps(words_t + static_cast<std::size_t>(j) * num_words + c0)));
+        _mm256_storeu_ps(v + c0, acc);
+    }
+    for (; c0 < num_words; ++c0) {
+        float acc = norms2[c0];
+        for (int j = 0; j < dim; ++j)
+            acc += -2.0f * x[j] * words_t[static_cast<std::size_t>(j) * num_words + c0];
+        v[c0] = acc;
+    }
+}
+#endif
+
+}  // namespace
+
+int commvq_nearest(const float* x, const float* words_t, const float* norms2, int num_words,
+                   int dim) {
+    // ||x - w||^2 = ||x||^2 - 2<x, w> + ||w||^2: the first term is common to every w.
+    float v[256];
+#ifdef VQ_X86_KERNELS
+    kernel_for_isa(commvq_values_generic, commvq_values_avx2, commvq_values_avx2)(
+        x, words_t, norms2, num_words, dim, v);
+#else
+    commvq_values_generic(x, words_t, norms2, num_words, dim, v);
+#endif
     // The minimum (vectorised), then its first index.
     float m = std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(min : m)
