@@ -9,6 +9,7 @@
 
 #include "calibration/vecinfer_calibration.h"
 #include "calibration_test_helpers.h"
+#include "core/cpu_isa.h"
 #include "core/rng.h"
 #include "device_codec_test_helpers.h"
 #include "device_codecs/vecinfer_device.h"
@@ -56,8 +57,15 @@ TEST_P(VecInferDeviceCodec, MatchesCpuCodec) {
     VecInferCodec cpu(g.d, g.S, g.C, codebook.data(), smooth.data(), vecinfer_rotation(g.d, 1, 0));
     EXPECT_EQ(takes_lut_state(cpu), g.lut_state);
     const auto queries = vqtest::randn(static_cast<std::size_t>(3) * g.d, 99);
-    vqtest::expect_device_codec_matches<dev::VecInferDevice>(cpu, test_keys(smooth, 7 + g.C),
-                                                             queries);
+    // Every CPU kernel set: the encoder's codeword search has an AVX2 build.
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        SCOPED_TRACE(isa);
+        use_cpu_isa(isa);
+        vqtest::expect_device_codec_matches<dev::VecInferDevice>(cpu, test_keys(smooth, 7 + g.C),
+                                                                 queries);
+    }
+    use_cpu_isa(start);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -69,6 +77,7 @@ INSTANTIATE_TEST_SUITE_P(
                     Geometry{128, 32, 256, false},  // 2 bits/coord
                     Geometry{128, 64, 256, false},  // 4 bits/coord
                     Geometry{128, 128, 2, true},    // 1-bit indices: a LUT of 256 entries
+                    Geometry{64, 16, 8, true},      // one block of eight codewords
                     Geometry{96, 24, 16, true},     // dense rotation (d not a power of two)
                     Geometry{80, 16, 32, true}),    // 5-bit indices, dense rotation
     [](const testing::TestParamInfo<Geometry>& info) {

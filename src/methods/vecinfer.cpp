@@ -7,6 +7,11 @@
 #include <string>
 #include <utility>
 
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "core/cpu_isa.h"
 #include "core/rng.h"
 
 namespace veloxquant {
@@ -80,14 +85,19 @@ std::size_t slice_offset(const char* field, const FloatArray& a, int layer, int 
 
 }  // namespace
 
-int nearest_codeword(const float* x, const float* codewords_t, const float* half_norm2, int C,
-                     int sub_dim, float* dist2) {
-    // ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2): the nearest codeword maximises
-    // v_c = x.c - ||c||^2 / 2. Blocks of eight codewords are scored in registers from the
-    // coordinate-major layout (vectorisable), and each of the eight lanes keeps its first
-    // maximum; the answer is the lowest index among the lanes' maxima.
-    constexpr int kLanes = 8;
-    // GCC/Clang vector extensions, two 4-float halves (the SSE width every x86-64 has).
+namespace {
+
+// ||x - c||^2 = ||x||^2 - 2 (x.c - ||c||^2 / 2): the nearest codeword maximises
+// v_c = x.c - ||c||^2 / 2, summed -||c||^2 / 2 + x_0 c_0 + x_1 c_1 + ... Each of eight lanes
+// keeps the first maximum of the codewords c = lane (mod 8) of the full blocks of eight, in c
+// order (lane[], lane_idx[]); returns the codewords covered (a multiple of 8).
+constexpr int kLanes = 8;
+using LaneMaximaFn = int (*)(const float* x, const float* codewords_t, const float* half_norm2,
+                             int C, int sub_dim, float* lane, int* lane_idx);
+
+// GCC/Clang vector extensions, two 4-float halves (the SSE width every x86-64 has).
+int lane_maxima_generic(const float* x, const float* codewords_t, const float* half_norm2, int C,
+                        int sub_dim, float* lane, int* lane_idx) {
     typedef float F4 __attribute__((vector_size(16)));
     typedef int32_t I4 __attribute__((vector_size(16)));
     F4 best_a = {-INFINITY, -INFINITY, -INFINITY, -INFINITY}, best_b = best_a;
@@ -113,12 +123,74 @@ int nearest_codeword(const float* x, const float* codewords_t, const float* half
         idx_a = ba ? cur_a : idx_a;
         idx_b = bb ? cur_b : idx_b;
     }
-    float lane[kLanes];
-    int lane_idx[kLanes];
     for (int l = 0; l < 4; ++l) {
         lane[l] = best_a[l], lane_idx[l] = idx_a[l];
         lane[l + 4] = best_b[l], lane_idx[l + 4] = idx_b[l];
     }
+    return c;
+}
+
+#ifdef VQ_X86_KERNELS
+// One block's values v: each lane takes v where it beats the lane's best (the first maximum).
+__attribute__((target("avx2"), always_inline)) inline void take_block(__m256 v, __m256& best,
+                                                                      __m256i& idx, __m256i& cur) {
+    const __m256 better = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, v, better);
+    idx = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(cur), better));
+    cur = _mm256_add_epi32(cur, _mm256_set1_epi32(kLanes));
+}
+
+// The lanes as one 256-bit register, two blocks a step (the first block's test, then the
+// second's: each lane still sees its codewords in c order). Built for AVX2 without FMA, so that
+// every value rounds as the generic build's (a multiply, then an add).
+__attribute__((target("avx2"))) int lane_maxima_avx2(const float* x, const float* codewords_t,
+                                                     const float* half_norm2, int C, int sub_dim,
+                                                     float* lane, int* lane_idx) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 best = _mm256_set1_ps(-INFINITY);
+    __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = idx;
+    int c = 0;
+    for (; c + 2 * kLanes <= C; c += 2 * kLanes) {
+        __m256 v0 = _mm256_xor_ps(_mm256_loadu_ps(half_norm2 + c), sign);
+        __m256 v1 = _mm256_xor_ps(_mm256_loadu_ps(half_norm2 + c + kLanes), sign);
+        for (int j = 0; j < sub_dim; ++j) {
+            const __m256 xj = _mm256_set1_ps(x[j]);
+            const float* col = codewords_t + static_cast<std::size_t>(j) * C + c;
+            v0 = _mm256_add_ps(v0, _mm256_mul_ps(xj, _mm256_loadu_ps(col)));
+            v1 = _mm256_add_ps(v1, _mm256_mul_ps(xj, _mm256_loadu_ps(col + kLanes)));
+        }
+        take_block(v0, best, idx, cur);
+        take_block(v1, best, idx, cur);
+    }
+    for (; c + kLanes <= C; c += kLanes) {
+        __m256 v = _mm256_xor_ps(_mm256_loadu_ps(half_norm2 + c), sign);
+        for (int j = 0; j < sub_dim; ++j)
+            v = _mm256_add_ps(
+                v,
+                _mm256_mul_ps(_mm256_set1_ps(x[j]),
+                              _mm256_loadu_ps(codewords_t + static_cast<std::size_t>(j) * C + c)));
+        take_block(v, best, idx, cur);
+    }
+    _mm256_storeu_ps(lane, best);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_idx), idx);
+    return c;
+}
+#endif
+
+}  // namespace
+
+int nearest_codeword(const float* x, const float* codewords_t, const float* half_norm2, int C,
+                     int sub_dim, float* dist2) {
+    float lane[kLanes];
+    int lane_idx[kLanes];
+#ifdef VQ_X86_KERNELS
+    const LaneMaximaFn lane_maxima =
+        kernel_for_isa<LaneMaximaFn>(lane_maxima_generic, lane_maxima_avx2, lane_maxima_avx2);
+#else
+    const LaneMaximaFn lane_maxima = lane_maxima_generic;
+#endif
+    int c = lane_maxima(x, codewords_t, half_norm2, C, sub_dim, lane, lane_idx);
     for (; c < C; ++c) {  // C < 8 (C is a power of two)
         float v = -half_norm2[c];
         for (int j = 0; j < sub_dim; ++j)
