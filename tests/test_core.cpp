@@ -4,10 +4,13 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "attention/online_softmax.h"
 #include "core/binary_io.h"
 #include "core/bitpack.h"
+#include "core/cpu_isa.h"
 #include "core/half.h"
 #include "core/host_device.h"
 #include "core/lloyd_max.h"
@@ -82,6 +85,38 @@ TEST(BitPack, RoundTripEveryWidth) {
                 }
         }
     }
+}
+
+// fwht_orthonormal on every CPU kernel set against the textbook transform, bit for bit: for each
+// length 1, 2, 4, ... the pairs (j, j + len) of each block become (a + b, a - b), then every
+// entry is scaled by 1 / sqrt(n). Lengths 1 to 1024, with zeros, signed zeros and huge values.
+TEST(Rotation, FwhtEveryKernelSetMatchesTheTextbookTransform) {
+    const std::string start = cpu_isa_name();
+    for (const std::string& isa : cpu_isas()) {
+        SCOPED_TRACE(isa);
+        use_cpu_isa(isa);
+        for (int n = 1; n <= 1024; n *= 2) {
+            auto x = vqtest::randn(n, 40 + n);
+            if (n >= 4) {
+                x[1] = 0.0f;
+                x[2] = -0.0f;
+                x[3] = 3e38f;
+            }
+            std::vector<float> want = x;
+            for (int len = 1; len < n; len *= 2)
+                for (int i = 0; i < n; i += 2 * len)
+                    for (int j = i; j < i + len; ++j) {
+                        const float a = want[j], b = want[j + len];
+                        want[j] = a + b;
+                        want[j + len] = a - b;
+                    }
+            const float scale = 1.0f / std::sqrt(static_cast<float>(n));
+            for (float& w : want) w *= scale;
+            fwht_orthonormal(x.data(), n);
+            ASSERT_EQ(std::memcmp(x.data(), want.data(), n * sizeof(float)), 0) << "n " << n;
+        }
+    }
+    use_cpu_isa(start);
 }
 
 TEST(Rotation, OrthogonalForEveryHeadDim) {

@@ -5,7 +5,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/cpu_isa.h"
 #include "core/rng.h"
+
+#ifdef VQ_X86_KERNELS
+#include <immintrin.h>
+#endif
 
 namespace veloxquant {
 
@@ -13,7 +18,9 @@ bool is_power_of_two(int d) {
     return d > 0 && (d & (d - 1)) == 0;
 }
 
-void fwht_orthonormal(float* x, int n) {
+namespace {
+
+void fwht_generic(float* x, int n) {
     for (int len = 1; len < n; len <<= 1) {
         for (int i = 0; i < n; i += len << 1) {
             for (int j = i; j < i + len; ++j) {
@@ -26,6 +33,46 @@ void fwht_orthonormal(float* x, int n) {
     }
     const float scale = 1.0f / std::sqrt(static_cast<float>(n));
     for (int i = 0; i < n; ++i) x[i] *= scale;
+}
+
+#ifdef VQ_X86_KERNELS
+// The same butterflies for n >= 8, each output one add or subtract of the same two floats:
+// lengths 1, 2 and 4 inside each register of 8 (v + its partner where the pair's first element
+// sits, partner - v at the second: a + b and a - b), longer ones between registers, then the
+// scale. Bit for bit fwht_generic.
+__attribute__((target("avx2"))) void fwht_avx2(float* x, int n) {
+    const __m256i swap1 = _mm256_setr_epi32(1, 0, 3, 2, 5, 4, 7, 6);
+    const __m256i swap2 = _mm256_setr_epi32(2, 3, 0, 1, 6, 7, 4, 5);
+    for (int i = 0; i < n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256 p = _mm256_permutevar8x32_ps(v, swap1);
+        v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xAA);
+        p = _mm256_permutevar8x32_ps(v, swap2);
+        v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xCC);
+        p = _mm256_permute2f128_ps(v, v, 0x01);
+        v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xF0);
+        _mm256_storeu_ps(x + i, v);
+    }
+    for (int len = 8; len < n; len <<= 1)
+        for (int i = 0; i < n; i += len << 1)
+            for (int j = i; j < i + len; j += 8) {
+                const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + len);
+                _mm256_storeu_ps(x + j, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(x + j + len, _mm256_sub_ps(a, b));
+            }
+    const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt(static_cast<float>(n)));
+    for (int i = 0; i < n; i += 8)
+        _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), scale));
+}
+#endif
+
+}  // namespace
+
+void fwht_orthonormal(float* x, int n) {
+#ifdef VQ_X86_KERNELS
+    if (n >= 8) return kernel_for_isa(fwht_generic, fwht_avx2, fwht_avx2)(x, n);
+#endif
+    fwht_generic(x, n);
 }
 
 Rotation::Rotation(int d, bool use_hadamard, uint64_t seed) : d_(d) {
