@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <vector>
 
+#include "cache/token_check.h"
 #include "calibration/calibrate.h"
 #include "calibration_test_helpers.h"
 #include "core/binary_io.h"
@@ -99,6 +101,24 @@ TEST(ConfigErrors, UnknownMethodAndImpossibleSettings) {
     EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 0, 64), std::invalid_argument);
     EXPECT_THROW(KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 0),
                  std::invalid_argument);
+}
+
+// The input check finds the first coordinate that is NaN, infinite or not below the bound, at
+// every position of runs shorter than, equal to and longer than its blocks of 64.
+TEST(TokenCheck, FindsTheFirstBadCoordinateAnywhere) {
+    const float bound = 100.0f;
+    for (const std::size_t count : {1, 63, 64, 65, 130, 200}) {
+        std::vector<float> x(count, 1.5f);
+        EXPECT_EQ(first_bad_coordinate(x.data(), count, bound), count);
+        for (std::size_t p = 0; p < count; ++p)
+            for (const float bad : {NAN, INFINITY, -INFINITY, bound, -bound}) {
+                std::vector<float> y = x;
+                y[p] = bad;
+                if (p + 3 < count) y[p + 3] = NAN;  // a later one does not hide it
+                ASSERT_EQ(first_bad_coordinate(y.data(), count, bound), p)
+                    << "count " << count << " at " << p << " value " << bad;
+            }
+    }
 }
 
 class ErrorTest : public ::testing::TestWithParam<std::string> {};
