@@ -33,7 +33,7 @@ step "build (and the Python extension alongside: $OUT/run_python.log)"
 OUT="$OUT" VQ_STAGES=build bash bench/cuda/run_python_h200.sh > /dev/null 2>&1 &
 python_build=$!
 cmake --build "$BUILD" -j "$JOBS" --target test_cuda_parity test_cuda_codec_cache test_cuda_batch \
-  test_decode_split test_codec_split test_stage_rows_device test_mma_portable_device \
+  test_decode_split test_codec_split test_stage_rows_device test_mma_portable_device test_rabitq_scan_device \
   bench_cuda_attention bench_codec_cache > "$OUT/build.log" 2>&1 \
   || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
 wait "$python_build" || echo "(the Python extension did not build: SDPA is timed without our API)"
@@ -41,7 +41,7 @@ fi
 
 if has parity; then
 step "parity tests"
-for t in test_decode_split test_codec_split test_stage_rows_device test_mma_portable_device; do
+for t in test_decode_split test_codec_split test_stage_rows_device test_mma_portable_device test_rabitq_scan_device; do
   "$BUILD/tests/cuda/$t" 2>&1 | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Which is" | head -6 | sed "s/^/$t: /"
 done
 "$BUILD/tests/cuda/test_cuda_parity" --gtest_output="json:$OUT/parity.json" 2>&1 | tail -40

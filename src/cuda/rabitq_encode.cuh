@@ -1,31 +1,33 @@
 // rabitq's keys of a long append: one warp per token, kRbWarps tokens in flight per CTA, a CTA's
-// tokens all of one unit, whose centroids it stages once. The team encoder (a CTA of 128 threads
-// per token, team_spectral_rabitq_encoders.cuh) held one token per 20 KB of shared memory and
-// bitonic-sorted 512 padded events across 45 barriers; at 3 bits and d = 128 one append of 32K
-// tokens x 8 heads took 23.7 ms on the H200 (bench_codec_cache, run 89); this kernel 7.16-7.19 ms
-// (run 91, cuda_h200_20261202w_rabitq_bulk_run91.txt). Under ncu it executes ~13K warp
-// instructions a token with 8.7 of 32 lanes active on average: the single-lane parts (the scan
-// of step 5, the ordered sums) dominate, at 16 warps an SM (84.7 KB of shared memory a CTA).
+// tokens all of one unit, whose centroids it stages once. At 3 bits and d = 128, one append of
+// 32K tokens x 8 heads (keys and values) took 23.7 ms on the H200 with the team encoder (a CTA of
+// 128 threads a token, team_spectral_rabitq_encoders.cuh; run 89), 7.16 ms with this kernel and
+// one lane scanning the events (run 91), and 3.96-3.98 ms now (bench_codec_cache,
+// cuda_h200_20261202x_rabitq_warp_scan_runs1_2.txt). Under ncu that is ~6000 warp instructions a
+// token with 21 of 32 lanes active, at 16 warps an SM (shared memory bound).
 //
 // Per token, as RaBitQDevice::encode and the CPU's quantize (methods/rabitq.cpp):
 //  1. x = H (signs * k) / sqrt(d), coordinate 32 c + lane in register c (warp_fwht_butterflies).
 //  2. The nearest centroid: each lane computes squared_distance's eight partial sums for its
-//     centroids (lane, lane + 32, ...; rows staged at a stride of d + 1 floats, so the lanes'
-//     rows fall on distinct banks), then the warp folds (distance, index) to the least.
-//  3. The residual e in double; ||e||^2 and ||e||_1 in j order, by lanes 0 and 1 side by side.
+//     centroids, two at a time (lane + 64 i and lane + 64 i + 32) from 16-byte loads of x and of
+//     rows staged d + kRbRowPad floats apart, then the warp folds (distance, index) to the least.
+//  3. The residual e in double; ||e||^2 in j order by lane 0; ||e||_1 a warp tree sum where it is
+//     provably exact (then every order gives the same double), else in j order by lane 0.
 //  4. Extended RaBitQ's critical values t = s / |e_j| (arXiv 2409.09913 §3.2) sorted by (t, j)
 //     as the CPU sorts them: counted into as many equal-width buckets of t as there are events
 //     (shared atomics), the counts scanned, the events scattered, each bucket (one or two events
 //     mostly) insertion-sorted by (t, j) by one lane. Any correct sort gives the same order.
-//  5. One lane walks the events in that order with the CPU's double updates (ip in event order,
-//     the best prefix kept by the same strict test), reading four events ahead.
-//  6. The best prefix's steps (a shared atomicMax per event), <x_bar, e> in j order, the levels
+//  5. The best prefix: rb_best_prefix_warp, each lane a run of events, where it can prove its
+//     result the sequential scan's (almost always); else one lane repeats the CPU's double
+//     updates in event order.
+//  6. The best prefix's steps (a shared atomicMax per event), <x_bar, e> (as ||e||_1), the levels
 //     packed in shared words, then the code bytes and f stored.
 // The codes are the CPU's bit for bit (this file compiles with --fmad=false, as every encoder).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include "cuda/bulk_key_encode.h"
@@ -39,6 +41,9 @@ namespace veloxquant::cuda::codec {
 constexpr int kRbWarps = 8;         // tokens in flight per CTA, one per warp
 constexpr int kRbTile = 256;        // tokens per CTA (one unit's), kRbTile / kRbWarps per warp
 constexpr int kRbMaxEvents = 1024;  // d (M - 1) past this: the team encoder (and its heap)
+// Staged centroid rows are d + kRbRowPad floats apart: 16-byte loads by 8 lanes (one phase of a
+// 128-bit shared load) of rows 4 (mod 32) banks apart touch distinct banks.
+constexpr int kRbRowPad = 4;
 
 /// One warp's shared memory for a token, in bytes from the warp's base (16-byte aligned):
 /// `doubles`: max(d, events) doubles (x for the centroid search, then the terms of ||e||^2, the
@@ -68,25 +73,62 @@ inline size_t rabitq_warps_smem_bytes(const dev::RaBitQDevice::Params& p) {
     return static_cast<size_t>(kRbWarps) * RbWarpLayout::of(p).bytes;
 }
 inline size_t rabitq_centroid_smem_bytes(int clusters, int d) {
-    return sizeof(float) * static_cast<size_t>(clusters) * (d + 1);
+    return sizeof(float) * static_cast<size_t>(clusters) * (d + kRbRowPad);
 }
 
-/// nearest_centroid over the rows at `rows` (stride floats apart): the first least distance,
-/// NaN never taken except centroid 0's, which then stays (keyed -inf: nothing is below it).
+/// Adds squared_distance's terms of coordinates j0 .. j0 + 7 (its eight partial sums, the same
+/// float operations) for rows r0 and r1, from 16-byte loads.
+__device__ __forceinline__ void rb_distance_terms(const float4* x, const float4* r0,
+                                                  const float4* r1, float (&p0)[8],
+                                                  float (&p1)[8]) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float4 xv = x[h], a = r0[h], b = r1[h];
+        const float xs[4] = {xv.x, xv.y, xv.z, xv.w}, as[4] = {a.x, a.y, a.z, a.w},
+                    bs[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+            const float t0 = xs[l] - as[l], t1 = xs[l] - bs[l];
+            p0[4 * h + l] += t0 * t0;
+            p1[4 * h + l] += t1 * t1;
+        }
+    }
+}
+
+/// nearest_centroid over the rows at `rows` (stride floats apart, a multiple of 4; rows and x
+/// 16-byte aligned; d a multiple of 8): the first least distance, NaN never taken except
+/// centroid 0's, which then stays (keyed -inf: nothing is below it). Each lane scores centroids
+/// c and c + 32 together (c = lane, lane + 64, ...), x read once for both; the distances are
+/// squared_distance's bit for bit.
 __device__ inline int rb_nearest(const float* x, const float* rows, int stride, int clusters, int d,
                                  int lane) {
     float v = 0.0f;
     int best = -1;
-    for (int c = lane; c < clusters; c += 32) {  // c ascends in this lane
-        float dd = veloxquant::squared_distance(x, rows + static_cast<size_t>(c) * stride, d);
+    auto keep = [&](float dd, int c) {  // c ascends in this lane
         if (dd != dd) {
-            if (c != 0) continue;
+            if (c != 0) return;
             dd = -INFINITY;
         }
         if (best < 0 || dd < v) {
             v = dd;
             best = c;
         }
+    };
+    for (int c = lane; c < clusters; c += 64) {
+        const int c1 = min(c + 32, clusters - 1);  // past the last: scored, not kept
+        const auto* r0 = reinterpret_cast<const float4*>(rows + static_cast<size_t>(c) * stride);
+        const auto* r1 = reinterpret_cast<const float4*>(rows + static_cast<size_t>(c1) * stride);
+        const auto* xv = reinterpret_cast<const float4*>(x);
+        float p0[8] = {}, p1[8] = {};
+        for (int q = 0; q < d / 4; q += 2) rb_distance_terms(xv + q, r0 + q, r1 + q, p0, p1);
+        float d0 = 0.0f, d1 = 0.0f;
+#pragma unroll
+        for (int l = 0; l < 8; ++l) {
+            d0 += p0[l];
+            d1 += p1[l];
+        }
+        keep(d0, c);
+        if (c + 32 < clusters) keep(d1, c + 32);
     }
     for (int offset = 16; offset > 0; offset >>= 1) {  // least (v, index): a total order
         const float v2 = __shfl_xor_sync(kFull, v, offset);
@@ -171,9 +213,50 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     return n;
 }
 
+/// v is a multiple of 2^rb_lowest_bit(v) (INT_MAX for v = 0): the exponent of its lowest set bit.
+__device__ inline int rb_lowest_bit(double v) {
+    const auto bits = static_cast<unsigned long long>(__double_as_longlong(v));
+    const int biased = static_cast<int>(bits >> 52) & 0x7ff;
+    unsigned long long mantissa = bits & ((1ull << 52) - 1);
+    if (biased != 0) mantissa |= 1ull << 52;
+    if (mantissa == 0) return INT_MAX;
+    return (biased == 0 ? -1074 : biased - 1075) + __ffsll(static_cast<long long>(mantissa)) - 1;
+}
+
+/// The least of the lanes' x, on every lane.
+__device__ inline int rb_warp_min(int x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x = min(x, __shfl_xor_sync(kFull, x, offset));
+    return x;
+}
+
+/// Whether any order of adding n non-negative terms, each a multiple of 2^low, gives the same
+/// double: when their sum (near `sum`, a rounded estimate) is below 2^(52 + low), every partial
+/// sum is a multiple of 2^low below 2^(53 + low), so exact.
+__device__ inline bool rb_sums_exact(double sum, int low) {
+    return low == INT_MAX || sum < ldexp(1.0, 52 + low);
+}
+
+/// sum_j terms_j in j order (ordered_sum over `terms` in shared memory, as the CPU adds them),
+/// where the lanes hold terms 32 c + lane in v[c]: a warp tree sum where rb_sums_exact proves
+/// it the same, else lane 0's ordered sum. On every lane.
+template <int C>
+__device__ double rb_term_sum(const double (&v)[C], const double* terms, int d, int lane) {
+    double sum = 0.0;
+    int low = INT_MAX;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        sum += v[c];
+        low = min(low, rb_lowest_bit(v[c]));
+    }
+    low = rb_warp_min(low);
+    sum = __shfl_sync(kFull, warp_sum(sum), 0);  // lanes' float sums may differ: lane 0's
+    if (rb_sums_exact(sum, low)) return sum;
+    return __shfl_sync(kFull, lane == 0 ? ordered_sum(terms, d) : 0.0, 0);
+}
+
 /// The length of the best prefix of the n sorted events (rabitq.cpp's scan: the same double
-/// operations in event order), on the calling lane; a_ev[i] = |e| of event i's coordinate.
-__device__ inline int rb_best_prefix(const double* a_ev, const uint16_t* tags, int n, int d,
+/// operations in event order), on the calling lane; event i's |e| is abs_e[tags[i] >> 8].
+__device__ inline int rb_best_prefix(const double* abs_e, const uint16_t* tags, int n, int d,
                                      double abs_sum) {
     double ip = 0.5 * abs_sum;  // <s + 1/2, |e|>
     double nn = 0.25 * d;       // ||s + 1/2||^2
@@ -185,7 +268,7 @@ __device__ inline int rb_best_prefix(const double* a_ev, const uint16_t* tags, i
 #pragma unroll
         for (int k = 0; k < 4; ++k) {  // loads off the chain through ip, nn and best
             const int i = min(i0 + k, n - 1);
-            a[k] = a_ev[i];
+            a[k] = abs_e[tags[i] >> 8];
             s[k] = tags[i] & 0xff;
         }
 #pragma unroll
@@ -199,6 +282,73 @@ __device__ inline int rb_best_prefix(const double* a_ev, const uint16_t* tags, i
             }
         }
     }
+    return best_len;
+}
+
+/// rb_best_prefix's result computed by the whole warp, or -1 (on every lane) where it cannot
+/// prove the two the same. `low`: every |e_j| is a multiple of 2^low.
+///  - Each lane takes a run of consecutive events. Where every ip_i = ||e||_1 / 2 + a_1 + .. + a_i
+///    is exact (rb_sums_exact over the total, at most (M - 1/2) ||e||_1), ip_i and nn_i (sums of
+///    integers and quarters, always exact) come from exclusive scans of the runs' totals.
+///  - The records are guessed from an exclusive prefix max B_i of Q_i = ip_i^2 / nn_i (from
+///    Q_0 = the empty prefix's); each guess Q_i > B_i is checked against the scan's own test
+///    ip_i^2 > B_i nn_i. Where all agree, the sequential scan keeps the same records, since its
+///    best is the last record's Q, which is B_i.
+__device__ inline int rb_best_prefix_warp(const double* abs_e, const uint16_t* tags, double* q,
+                                          int n, int d, int m, double abs_sum, int low, int lane) {
+    const double ip0 = 0.5 * abs_sum, nn0 = 0.25 * d;
+    if (!rb_sums_exact((m - 0.5) * abs_sum, min(low, rb_lowest_bit(ip0)))) return -1;
+    const int run = (n + 31) / 32, lo = min(lane * run, n), hi = min(lo + run, n);
+    double part = 0.0;
+    int steps = 0;
+    for (int i = lo; i < hi; ++i) {
+        part += abs_e[tags[i] >> 8];
+        steps += tags[i] & 0xff;
+    }
+    double ip_before = part;  // inclusive scans, exact, then less the lane's own
+    int steps_before = steps;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const double o = __shfl_up_sync(kFull, ip_before, offset);
+        const int os = __shfl_up_sync(kFull, steps_before, offset);
+        if (lane >= offset) {
+            ip_before += o;
+            steps_before += os;
+        }
+    }
+    ip_before -= part;
+    steps_before -= steps;
+    const double ip_first = ip0 + ip_before, nn_first = nn0 + 2.0 * steps_before;
+    double ip = ip_first, nn = nn_first, q_max = 0.0;
+    for (int i = lo; i < hi; ++i) {
+        ip += abs_e[tags[i] >> 8];
+        nn += 2.0 * (tags[i] & 0xff);
+        q[i] = ip * ip / nn;
+        q_max = fmax(q_max, q[i]);
+    }
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const double o = __shfl_up_sync(kFull, q_max, offset);
+        if (lane >= offset) q_max = fmax(q_max, o);
+    }
+    const double before = __shfl_up_sync(kFull, q_max, 1);
+    double best = ip0 * ip0 / nn0;
+    if (lane > 0) best = fmax(best, before);
+    ip = ip_first;
+    nn = nn_first;
+    int best_len = 0;
+    bool agree = true;
+    for (int i = lo; i < hi; ++i) {
+        ip += abs_e[tags[i] >> 8];
+        nn += 2.0 * (tags[i] & 0xff);
+        const bool record = q[i] > best;
+        agree &= record == (ip * ip > best * nn);
+        if (record) {
+            best = q[i];
+            best_len = i + 1;
+        }
+    }
+    if (!__all_sync(kFull, agree)) return -1;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        best_len = max(best_len, __shfl_xor_sync(kFull, best_len, offset));
     return best_len;
 }
 
@@ -224,10 +374,10 @@ __global__ void __launch_bounds__(kRbWarps * 32)
     if (p.clusters <= staged) {
         auto* staged_rows = reinterpret_cast<float*>(rb_smem + kRbWarps * L.bytes);
         for (int i = static_cast<int>(threadIdx.x); i < p.clusters * d; i += kRbWarps * 32)
-            staged_rows[(i / d) * (d + 1) + i % d] = p.centroids[i];
+            staged_rows[(i / d) * (d + kRbRowPad) + i % d] = p.centroids[i];
         __syncthreads();
         rows = staged_rows;
-        stride = d + 1;
+        stride = d + kRbRowPad;
     }
     const HeadRegions R = a.store.regions[a.head(u)];
     const int code_bytes = static_cast<int>(R.key_code_bytes);
@@ -250,26 +400,29 @@ __global__ void __launch_bounds__(kRbWarps * 32)
         __syncwarp();  // x is read; its doubles take the terms of ||e||^2
         const float* cent = rows + static_cast<size_t>(cid) * stride;
         double e[C], abs[C];
+        int low = INT_MAX;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             const int j = 32 * c + lane;
             e[c] = static_cast<double>(y[c]) - cent[j];
             abs[c] = fabs(e[c]);
+            low = min(low, rb_lowest_bit(abs[c]));
             dbl[j] = e[c] * e[c];
             abs_e[j] = abs[c];
         }
+        low = rb_warp_min(low);
         __syncwarp();
-        const double sum = lane < 2 ? ordered_sum(lane == 0 ? dbl : abs_e, d) : 0.0;
-        const double norm2 = __shfl_sync(kFull, sum, 0), abs_sum = __shfl_sync(kFull, sum, 1);
+        const double abs_sum = rb_term_sum<C>(abs, abs_e, d, lane);
+        const double norm2 = __shfl_sync(kFull, lane == 0 ? ordered_sum(dbl, d) : 0.0, 0);
         int best_len = 0;
         if (norm2 > 0.0 && m > 1) {
             // The optimum's t is at most (M - 1/2) d / ||e||_1 (rabitq.cpp).
             const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
             const int n = rb_sorted_events<C>(abs, d, m, t_max, dbl, tags, cursor, lane);
-            for (int i = lane; i < n; i += 32) dbl[i] = abs_e[tags[i] >> 8];  // t no longer read
-            __syncwarp();
-            const int len = lane == 0 ? rb_best_prefix(dbl, tags, n, d, abs_sum) : 0;
-            best_len = __shfl_sync(kFull, len, 0);
+            best_len = rb_best_prefix_warp(abs_e, tags, dbl, n, d, m, abs_sum, low, lane);
+            if (best_len < 0)
+                best_len = __shfl_sync(
+                    kFull, lane == 0 ? rb_best_prefix(abs_e, tags, n, d, abs_sum) : 0, 0);
         }
         // steps_j: the count of j's events in the best prefix (its last one's s).
         for (int j = lane; j < d; j += 32) cursor[j] = 0;
@@ -279,10 +432,12 @@ __global__ void __launch_bounds__(kRbWarps * 32)
             atomicMax(cursor + (tags[i] >> 8), tags[i] & 0xff);
         __syncwarp();
         const int id_bits = 8 * p.id_bytes;
+        double terms[C];
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             const int j = 32 * c + lane, s = cursor[j];
-            dbl[j] = (s + 0.5) * abs[c];  // the terms of <x_bar, e>
+            terms[c] = (s + 0.5) * abs[c];  // the terms of <x_bar, e>
+            dbl[j] = terms[c];
             const auto level = static_cast<uint32_t>(e[c] >= 0.0 ? m + s : m - 1 - s);
             const int bit = id_bits + j * p.bits, word = bit >> 5, shift = bit & 31;
             atomicOr(words + word, level << shift);
@@ -291,7 +446,7 @@ __global__ void __launch_bounds__(kRbWarps * 32)
         if (lane == 0)
             atomicOr(words, static_cast<uint32_t>(cid) & (p.id_bytes == 2 ? 0xffffu : 0xffu));
         __syncwarp();
-        const double xe = lane == 0 ? ordered_sum(dbl, d) : 0.0;
+        const double xe = rb_term_sum<C>(terms, dbl, d, lane);
         const int pos = a.pos(u, t), slot = pos % kPage;
         uint8_t* page = a.page(u, pos);
         uint8_t* code = page + R.key_codes + slot * code_bytes;

@@ -37,8 +37,8 @@ TEST(RabitqEncodeLayout, RegionsHoldWhatTheKernelKeepsThere) {
                 const int events = d * ((1 << (bits - 1)) - 1);  // every (j, s) with s < M
                 ASSERT_EQ(L.events, events) << at;
                 // The doubles at 0: x (d floats), the terms of ||e||^2 and of <x_bar, e> (d
-                // each), the events' t (one each); then |e| (d), the cursors (one per bucket and
-                // one more) and steps (d ints), the code, the events' tags.
+                // each), the events' t, then the scan's Q (one each); then |e| (d), the cursors
+                // (one per bucket and one more) and steps (d ints), the code, the events' tags.
                 EXPECT_GE(L.abs_e, 8 * std::max(d, events)) << at;
                 EXPECT_GE(L.cursor - L.abs_e, 8 * d) << at;
                 EXPECT_GE(L.words - L.cursor, 4 * std::max(events + 1, d)) << at;
@@ -51,6 +51,13 @@ TEST(RabitqEncodeLayout, RegionsHoldWhatTheKernelKeepsThere) {
                 // Each warp's region and the staged centroids after them start on 16 bytes.
                 EXPECT_EQ(L.bytes % 16, 0) << at;
                 EXPECT_EQ(rabitq_warps_smem_bytes(p), static_cast<size_t>(kRbWarps) * L.bytes);
+                // Staged centroid rows: 16-byte aligned, 4 banks (mod 32) apart, so eight lanes'
+                // 16-byte loads of eight rows touch distinct banks.
+                EXPECT_EQ((d + kRbRowPad) % 4, 0) << at;
+                EXPECT_EQ((d + kRbRowPad) % 32, 4) << at;
+                EXPECT_EQ(rabitq_centroid_smem_bytes(clusters, d),
+                          sizeof(float) * clusters * (d + kRbRowPad))
+                    << at;
                 // The encoder takes every width up to kRbMaxEvents events a token.
                 EXPECT_EQ(BulkKeyEncoder<dev::RaBitQDevice>::usable(p, kSmemOptin),
                           events <= kRbMaxEvents)

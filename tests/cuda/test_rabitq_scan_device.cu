@@ -1,0 +1,185 @@
+// rabitq's warp encoder (rabitq_encode.cuh) finds the best prefix of the sorted critical values
+// with the whole warp (rb_best_prefix_warp), falling back to one lane's sequential scan
+// (rb_best_prefix) where it cannot prove the two equal, and adds ||e||_1 as a warp tree where the
+// sum is provably exact (rb_term_sum). On a GPU, on residuals of several kinds: the sequential
+// scan and the sum must equal this file's host reference (rabitq.cpp's loop, in double), and the
+// warp scan must equal it or decline (-1). Residuals spread over 2^60 must make it decline;
+// rabitq-like residuals must mostly take the warp path. Skips without a device.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <tuple>
+#include <vector>
+
+#include "cuda/rabitq_encode.cuh"
+#include "cuda_test_helpers.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+using vqtest::DeviceBuffer;
+
+constexpr int kD = 128, kC = kD / 32;
+
+struct ScanCase {
+    std::vector<double> abs_e;   // kD
+    std::vector<uint16_t> tags;  // j << 8 | s, in (s / |e_j|, j) order
+};
+
+// One warp per case.
+__global__ void scan_kernel(const double* abs_e, const uint16_t* tags, const int* counts, int m,
+                            int max_events, double* q, int* warp_len, int* lane_len, double* sums) {
+    const int k = static_cast<int>(blockIdx.x), lane = static_cast<int>(threadIdx.x);
+    const double* a = abs_e + static_cast<size_t>(k) * kD;
+    const uint16_t* t = tags + static_cast<size_t>(k) * max_events;
+    double v[kC];
+    int low = INT_MAX;
+    for (int c = 0; c < kC; ++c) {
+        v[c] = a[32 * c + lane];
+        low = min(low, codec::rb_lowest_bit(v[c]));
+    }
+    low = codec::rb_warp_min(low);
+    const double abs_sum = codec::rb_term_sum<kC>(v, a, kD, lane);
+    const int n = counts[k];
+    const int len = codec::rb_best_prefix_warp(a, t, q + static_cast<size_t>(k) * max_events, n, kD,
+                                               m, abs_sum, low, lane);
+    if (lane == 0) {
+        warp_len[k] = len;
+        lane_len[k] = codec::rb_best_prefix(a, t, n, kD, abs_sum);
+        sums[k] = abs_sum;
+    }
+}
+
+// The events of every coordinate with |e_j| > 0 (s = 1 .. m - 1), sorted by (t, j).
+std::vector<uint16_t> sorted_events(const std::vector<double>& abs_e, int m) {
+    std::vector<std::tuple<double, int, int>> ev;
+    for (int j = 0; j < kD; ++j)
+        if (abs_e[j] > 0.0)
+            for (int s = 1; s < m; ++s) ev.emplace_back(s / abs_e[j], j, s);
+    std::sort(ev.begin(), ev.end());
+    std::vector<uint16_t> tags;
+    for (const auto& [t, j, s] : ev) tags.push_back(static_cast<uint16_t>(j << 8 | s));
+    return tags;
+}
+
+double host_sum(const std::vector<double>& v) {
+    double s = 0.0;
+    for (const double x : v) s += x;
+    return s;
+}
+
+// rabitq.cpp's scan over the listed events.
+int host_best_prefix(const ScanCase& c, double abs_sum) {
+    double ip = 0.5 * abs_sum, nn = 0.25 * kD, best = ip * ip / nn;
+    std::vector<int> steps(kD, 0);
+    int best_len = 0;
+    for (std::size_t i = 0; i < c.tags.size(); ++i) {
+        const int j = c.tags[i] >> 8;
+        ip += c.abs_e[j];
+        nn += 2.0 * steps[j] + 2.0;
+        ++steps[j];
+        if (ip * ip > best * nn) {
+            best = ip * ip / nn;
+            best_len = static_cast<int>(i) + 1;
+        }
+    }
+    return best_len;
+}
+
+enum class Kind { kRabitqLike, kEqual, kTwoLevels, kSmallIntegers, kWide };
+
+std::vector<double> residuals(Kind kind, std::mt19937_64& gen) {
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<double> a(kD);
+    for (int j = 0; j < kD; ++j) {
+        const float x = normal(gen) / std::sqrt(static_cast<float>(kD));
+        const float c = 0.5f * normal(gen) / std::sqrt(static_cast<float>(kD));
+        switch (kind) {
+            case Kind::kRabitqLike:  // |x - c| of floats, in double
+                a[j] = std::fabs(static_cast<double>(x) - c);
+                break;
+            case Kind::kEqual:
+                a[j] = 0.25;
+                break;
+            case Kind::kTwoLevels:
+                a[j] = gen() % 2 ? 0.25 : 0.5;
+                break;
+            case Kind::kSmallIntegers:
+                a[j] = static_cast<double>(gen() % 4);  // zeros too: no events
+                break;
+            case Kind::kWide:  // half the coordinates 2^-60 times the others
+                a[j] = std::fabs(static_cast<double>(x) - c) * (j % 2 ? 0x1p-60 : 1.0);
+                break;
+        }
+    }
+    return a;
+}
+
+void check_kind(Kind kind, int bits, int cases, uint64_t seed, double min_warp_share,
+                double max_warp_share) {
+    const int m = 1 << (bits - 1), max_events = kD * (m - 1);
+    std::mt19937_64 gen(seed);
+    std::vector<ScanCase> all(cases);
+    std::vector<double> abs_e;
+    std::vector<uint16_t> tags(static_cast<std::size_t>(cases) * max_events, 0);
+    std::vector<int> counts;
+    for (int k = 0; k < cases; ++k) {
+        all[k].abs_e = residuals(kind, gen);
+        all[k].tags = sorted_events(all[k].abs_e, m);
+        abs_e.insert(abs_e.end(), all[k].abs_e.begin(), all[k].abs_e.end());
+        std::copy(all[k].tags.begin(), all[k].tags.end(),
+                  tags.begin() + static_cast<std::ptrdiff_t>(k) * max_events);
+        counts.push_back(static_cast<int>(all[k].tags.size()));
+    }
+    const DeviceBuffer<double> d_abs(abs_e);
+    const DeviceBuffer<uint16_t> d_tags(tags);
+    const DeviceBuffer<int> d_counts(counts);
+    DeviceBuffer<double> d_q(static_cast<std::size_t>(cases) * max_events), d_sums(cases);
+    DeviceBuffer<int> d_warp(cases), d_lane(cases);
+    scan_kernel<<<cases, 32>>>(d_abs.get(), d_tags.get(), d_counts.get(), m, max_events, d_q.get(),
+                               d_warp.get(), d_lane.get(), d_sums.get());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<int> warp = d_warp.download(), lane = d_lane.download();
+    const std::vector<double> sums = d_sums.download();
+    int taken = 0;
+    for (int k = 0; k < cases; ++k) {
+        const double abs_sum = host_sum(all[k].abs_e);
+        ASSERT_EQ(sums[k], abs_sum) << "case " << k;
+        const int want = host_best_prefix(all[k], abs_sum);
+        ASSERT_EQ(lane[k], want) << "case " << k;
+        if (warp[k] >= 0) {
+            ASSERT_EQ(warp[k], want) << "case " << k << " of " << all[k].tags.size() << " events";
+            ++taken;
+        } else {
+            ASSERT_EQ(warp[k], -1) << "case " << k;
+        }
+    }
+    const double share = static_cast<double>(taken) / cases;
+    EXPECT_GE(share, min_warp_share);
+    EXPECT_LE(share, max_warp_share);
+}
+
+TEST(RabitqScanDevice, RabitqLikeResidualsMostlyTakeTheWarpScan) {
+    SKIP_WITHOUT_DEVICE();
+    for (const int bits : {2, 3, 4}) check_kind(Kind::kRabitqLike, bits, 4096, 11 + bits, 0.9, 1.0);
+}
+
+TEST(RabitqScanDevice, TiedResidualsAgreeWithTheSequentialScan) {
+    SKIP_WITHOUT_DEVICE();
+    for (const int bits : {2, 3, 4}) {
+        check_kind(Kind::kEqual, bits, 64, 21 + bits, 0.0, 1.0);
+        check_kind(Kind::kTwoLevels, bits, 1024, 31 + bits, 0.0, 1.0);
+        check_kind(Kind::kSmallIntegers, bits, 1024, 41 + bits, 0.0, 1.0);
+    }
+}
+
+TEST(RabitqScanDevice, ResidualsSpreadOver2To60DeclineTheWarpScan) {
+    SKIP_WITHOUT_DEVICE();
+    for (const int bits : {2, 3, 4}) check_kind(Kind::kWide, bits, 512, 51 + bits, 0.0, 0.0);
+}
+
+}  // namespace
+}  // namespace veloxquant::cuda
