@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -348,6 +349,8 @@ ProjectFn simd_projection() {
 // (made once a call: d x width floats, about as much work as one token's projection).
 constexpr int kTransposeTokens = 16;
 
+constexpr int kSpreads = static_cast<int>(std::size(kSpectralSpreads));
+
 }  // namespace
 
 void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scalars,
@@ -366,7 +369,7 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
     }
     std::vector<double> centered(d), ys(slots);
     std::vector<float> y(width);  // y_r of each slot's direction r
-    std::vector<unsigned> idx(slots), cand(slots);
+    std::vector<uint8_t> cand(slots * kSpreads);  // [slot][spread] levels
     for (int t = 0; t < n; ++t) {
         const float* key = keys + static_cast<std::size_t>(t) * d;
         for (int j = 0; j < d; ++j) centered[j] = static_cast<double>(key[j]) - basis_.mean[j];
@@ -385,38 +388,47 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
             wyy += w * y[k] * y[k];
         }
         const double rms = slots_.empty() ? 0.0 : std::sqrt(ms / static_cast<double>(slots));
-        double best_err = INFINITY, best_scale = 0.0;
-        for (double spread : kSpectralSpreads) {
-            const double inv = rms > 0.0 ? 1.0 / (rms * spread) : 0.0;
-            double yy0 = 0.0, y0y0 = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
-            for (std::size_t k = 0; k < slots; ++k) {
-                const Slot& s = slots_[k];
-                const ScalarCodebook& cb = *codebooks_[s.bits];
-                const float z = static_cast<float>(ys[k] * inv);
-                cand[k] = cb.quantize(z);  // nearest level (ties to the lower cell)
-                const double y0 = sigma_[s.coord] * cb.centroids[cand[k]];
-                const double w = basis_.query_moments[s.coord];
-                yy0 += y[k] * y0;
-                y0y0 += y0 * y0;
-                wyy0 += w * y[k] * y0;
-                wy0y0 += w * y0 * y0;
+        // Every spread's four sums, each in slot order (as one spread at a time would add
+        // them); the spreads side by side, so a slot's inputs are read once and the spreads'
+        // level searches overlap. Without a positive RMS every z is 0: the first spread only.
+        const int spreads = rms > 0.0 ? kSpreads : 1;
+        double inv[kSpreads], yy0[kSpreads] = {}, y0y0[kSpreads] = {}, wyy0[kSpreads] = {},
+                              wy0y0[kSpreads] = {};
+        for (int f = 0; f < spreads; ++f)
+            inv[f] = rms > 0.0 ? 1.0 / (rms * kSpectralSpreads[f]) : 0.0;
+        for (std::size_t k = 0; k < slots; ++k) {
+            const Slot& s = slots_[k];
+            const ScalarCodebook& cb = *codebooks_[s.bits];
+            const double sigma = sigma_[s.coord], w = basis_.query_moments[s.coord], yk = y[k];
+            uint8_t* level = &cand[k * kSpreads];
+            for (int f = 0; f < spreads; ++f) {
+                level[f] = cb.quantize(static_cast<float>(ys[k] * inv[f]));  // ties: lower cell
+                const double y0 = sigma * cb.centroids[level[f]];
+                yy0[f] += yk * y0;
+                y0y0[f] += y0 * y0;
+                wyy0[f] += w * yk * y0;
+                wy0y0[f] += w * y0 * y0;
             }
+        }
+        double best_err = INFINITY, best_scale = 0.0;
+        int best = -1;  // none: no error below infinity; the levels then stay 0, as on the device
+        for (int f = 0; f < spreads; ++f) {
             // Least-squares scale of the reconstruction s y0 against y (dropped coordinates
             // add nothing to either sum), judged by the query-weighted error.
-            const double sc = y0y0 > 0.0 ? yy0 / y0y0 : 0.0;
-            const double err = wyy - 2.0 * sc * wyy0 + sc * sc * wy0y0;
+            const double sc = y0y0[f] > 0.0 ? yy0[f] / y0y0[f] : 0.0;
+            const double err = wyy - 2.0 * sc * wyy0[f] + sc * sc * wy0y0[f];
             if (err < best_err) {
                 best_err = err;
                 best_scale = sc;
-                idx.swap(cand);
+                best = f;
             }
-            if (!(rms > 0.0)) break;
         }
         scalars[t] = static_cast<float>(best_scale);
         uint8_t* code = codes + static_cast<std::size_t>(t) * code_bytes_;
         std::fill(code, code + code_bytes_, uint8_t{0});
-        for (std::size_t k = 0; k < slots; ++k)
-            write_field(code, slots_[k].bit_offset, slots_[k].bits, idx[k]);
+        if (best >= 0)
+            for (std::size_t k = 0; k < slots; ++k)
+                write_field(code, slots_[k].bit_offset, slots_[k].bits, cand[k * kSpreads + best]);
     }
 }
 
