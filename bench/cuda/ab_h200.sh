@@ -39,6 +39,13 @@ fi
 
 : "${OUT:?OUT must name the output folder}"
 : "${AB_BASE:?AB_BASE must name the folder of base files (ab_h200.sh --base-files)}"
+: "${AB_TARGETS:?AB_TARGETS must name the build targets}"
+# The base builds only the benchmarks (AB_TARGETS' bench_* ones): its tests are not run.
+base_targets=$(for t in $AB_TARGETS; do case $t in bench_*) echo "$t" ;; esac; done)
+if [ -n "${AB_BENCH:-}" ] && [ -z "$base_targets" ]; then
+  echo "AB_BENCH is set but AB_TARGETS names no bench_* target to build for the base"
+  exit 1
+fi
 R=$OUT/ab
 mkdir -p "$R"
 step() { echo "== $(date -u +%T) $*"; }
@@ -63,12 +70,15 @@ fi
 step "configure and build ($AB_TARGETS)"
 configure . build_ab_new new
 configure "$base_src" "$base_src/build" base
-base_targets=$(for t in $AB_TARGETS; do case $t in bench_*) echo "$t" ;; esac; done)
-cmake --build "$base_src/build" -j $((jobs / 2)) --target $base_targets > "$R/build_base.log" 2>&1 &
-base_build=$!
+: > "$R/build_base.log"
+base_build=""
+if [ -n "$base_targets" ]; then
+  cmake --build "$base_src/build" -j $((jobs / 2)) --target $base_targets > "$R/build_base.log" 2>&1 &
+  base_build=$!
+fi
 cmake --build build_ab_new -j $((jobs / 2)) --target $AB_TARGETS > "$R/build_new.log" 2>&1 ||
   { grep -E "error" "$R/build_new.log" | head -20; }
-wait "$base_build" || grep -E "error" "$R/build_base.log" | head -20
+if [ -n "$base_build" ]; then wait "$base_build" || grep -E "error" "$R/build_base.log" | head -20; fi
 for v in new base; do echo "$v: $(grep -c "spilled" "$R/build_$v.log") kernels spill (ab/build_$v.log)"; done
 
 for t in ${AB_TESTS:-}; do
