@@ -77,10 +77,27 @@ inline int value_lane_registers(int d) {
     return c;
 }
 
-/// sum_j terms[j] in j order, as the CPU's loops add them.
+/// sum_j terms[j] in j order, as the CPU's loops add them. A 16-byte aligned array is read eight
+/// terms at a time ahead of their additions, so that the chain waits on the adds alone, not on a
+/// shared-memory load each.
 __device__ __forceinline__ double ordered_sum(const double* terms, int d) {
     double s = 0.0;
-    for (int j = 0; j < d; ++j) s += terms[j];
+    int j = 0;
+    if ((reinterpret_cast<uintptr_t>(terms) & 15) == 0) {
+        const auto* pairs = reinterpret_cast<const double2*>(terms);
+#pragma unroll 2
+        for (; j + 8 <= d; j += 8) {
+            double2 v[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v[k] = pairs[j / 2 + k];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                s += v[k].x;
+                s += v[k].y;
+            }
+        }
+    }
+    for (; j < d; ++j) s += terms[j];
     return s;
 }
 
