@@ -15,6 +15,7 @@
 #include "cuda/programmatic_launch.h"
 #include "cuda/qjl_encode.cuh"
 #include "cuda/rabitq_encode.cuh"
+#include "cuda/side_stream.h"
 #include "cuda/spectral_encode.cuh"
 #include "cuda/team_encoders.cuh"
 #include "cuda/team_search_encoders.cuh"
@@ -214,18 +215,27 @@ public:
         a.store.kin = at.kin.views;
         const long long items = static_cast<long long>(a.units) * n;
         if constexpr (team::TeamEncoder<Codec>::kAvailable)
-            if (items <= kTeamEncodeMaxItems) return launch_team_encode(a, items, stream);
-        // Long appends: the keys by the codec's bulk encoder (bulk_key_encode.h) and the values
-        // one warp per token where they have them, the rest below.
+            if (items <= kTeamEncodeMaxItems &&
+                !(codec::ShortAppends<codec::BulkKeyEncoder<Codec>>::value && bulk_keys_ &&
+                  warp_values_))
+                return launch_team_encode(a, items, stream);
+        // Long appends (and short ones where the bulk encoder takes them): the values one warp
+        // per token where they have them, on the side stream, beside the keys on `stream` (by the
+        // codec's bulk encoder, bulk_key_encode.h, or the kernels below).
+        if (!warp_values_) return encode_keys(a, items, stream);
+        codec::launch_encode_values(codec::ValueUnits::of(a), sms_, side_.fork(stream));
+        a.values = nullptr;
+        encode_keys(a, items, stream);
+        side_.join(stream);
+    }
+
+    /// The keys of `a`, and its values where a.values is not null, on `stream`.
+    void encode_keys(EncodeParams<Codec> a, long long items, cudaStream_t stream) {
         if constexpr (codec::BulkKeyEncoder<Codec>::kAvailable)
             if (bulk_keys_) {
                 codec::BulkKeyEncoder<Codec>::launch(a, bulk_key_params_, sms_, stream);
                 a.keys = nullptr;
             }
-        if (warp_values_) {
-            codec::launch_encode_values(codec::ValueUnits::of(a), sms_, stream);
-            a.values = nullptr;
-        }
         if (a.keys == nullptr && a.values == nullptr) return;
         if constexpr (kTeamEncodesLongAppends<Codec>) {
             launch_team_encode(a, items, stream);
@@ -542,6 +552,7 @@ private:
     int sms_ = 1;
     bool warp_values_ = false;  ///< long appends' values by codec::encode_values_kernel
     bool bulk_keys_ = false;    ///< long appends' keys by codec::BulkKeyEncoder<Codec>
+    SideStream side_;           ///< where long appends' values encode (warp_values_)
     typename Codec::Params bulk_key_params_{};  ///< head 0's, for the bulk encoder's shapes
     void* params_ = nullptr;
     std::size_t params_bytes_ = 0;

@@ -2,9 +2,10 @@
 // tokens all of one unit, whose centroids it stages once. At 3 bits and d = 128, one append of
 // 32K tokens x 8 heads (keys and values) took 23.7 ms on the H200 with the team encoder (a CTA of
 // 128 threads a token, team_spectral_rabitq_encoders.cuh; run 89), 7.16 ms with this kernel and
-// one lane scanning the events (run 91), and 3.96-3.98 ms now (bench_codec_cache,
-// cuda_h200_20261202x_rabitq_warp_scan_runs1_2.txt). Under ncu that is ~6000 warp instructions a
-// token with 21 of 32 lanes active, at 16 warps an SM (shared memory bound).
+// one lane scanning the events (run 91), 3.96-3.98 ms with the scan across the warp
+// (cuda_h200_20261202x_rabitq_warp_scan_runs1_2.txt) and 3.50-3.53 ms now, twelve warps a CTA
+// (cuda_h200_20261203y_encoders.txt). Under ncu that was ~6000 warp instructions a token with 21
+// of 32 lanes active, issuing 0.48 a scheduler cycle: latency bound, so more warps an SM pay.
 //
 // Per token, as RaBitQDevice::encode and the CPU's quantize (methods/rabitq.cpp):
 //  1. x = H (signs * k) / sqrt(d), coordinate 32 c + lane in register c (warp_fwht_butterflies).
@@ -38,7 +39,10 @@
 
 namespace veloxquant::cuda::codec {
 
-constexpr int kRbWarps = 8;         // tokens in flight per CTA, one per warp
+// Tokens in flight per CTA, one per warp. At d <= 128 two CTAs an SM fit beside their centroids
+// (at d = 128, 3 bits, 64 centroids: 2 x 111 KB), 24 warps at 80 registers; eight warps a CTA
+// (16 an SM at 99 registers) took 3.96 ms where twelve take 3.59 for 32K tokens x 8 heads.
+constexpr int kRbWarps = 12;
 constexpr int kRbTile = 256;        // tokens per CTA (one unit's), kRbTile / kRbWarps per warp
 constexpr int kRbMaxEvents = 1024;  // d (M - 1) past this: the team encoder (and its heap)
 // Staged centroid rows are d + kRbRowPad floats apart: 16-byte loads by 8 lanes (one phase of a
@@ -355,7 +359,7 @@ __device__ inline int rb_best_prefix_warp(const double* abs_e, const uint16_t* t
 /// Grid (token tiles of kRbTile, units); C = d / 32 registers per lane; `staged`: the largest
 /// cluster count whose centroids the dynamic shared memory holds after the warps' regions.
 template <int C>
-__global__ void __launch_bounds__(kRbWarps * 32)
+__global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
     rabitq_encode_keys_kernel(const EncodeParams<dev::RaBitQDevice> a, int staged) {
     extern __shared__ __align__(16) uint8_t rb_smem[];
     const int lane = static_cast<int>(threadIdx.x) & 31, w = static_cast<int>(threadIdx.x) >> 5;
@@ -399,15 +403,17 @@ __global__ void __launch_bounds__(kRbWarps * 32)
         const int cid = rb_nearest(x, rows, stride, p.clusters, d, lane);
         __syncwarp();  // x is read; its doubles take the terms of ||e||^2
         const float* cent = rows + static_cast<size_t>(cid) * stride;
-        double e[C], abs[C];
+        double abs[C];  // |e_j|, and bit c of `below` for e_j below 0
+        unsigned below = 0;
         int low = INT_MAX;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             const int j = 32 * c + lane;
-            e[c] = static_cast<double>(y[c]) - cent[j];
-            abs[c] = fabs(e[c]);
+            const double e = static_cast<double>(y[c]) - cent[j];
+            abs[c] = fabs(e);
+            if (!(e >= 0.0)) below |= 1u << c;
             low = min(low, rb_lowest_bit(abs[c]));
-            dbl[j] = e[c] * e[c];
+            dbl[j] = abs[c] * abs[c];  // e_j^2
             abs_e[j] = abs[c];
         }
         low = rb_warp_min(low);
@@ -438,7 +444,7 @@ __global__ void __launch_bounds__(kRbWarps * 32)
             const int j = 32 * c + lane, s = cursor[j];
             terms[c] = (s + 0.5) * abs[c];  // the terms of <x_bar, e>
             dbl[j] = terms[c];
-            const auto level = static_cast<uint32_t>(e[c] >= 0.0 ? m + s : m - 1 - s);
+            const auto level = static_cast<uint32_t>((below >> c & 1) == 0 ? m + s : m - 1 - s);
             const int bit = id_bits + j * p.bits, word = bit >> 5, shift = bit & 31;
             atomicOr(words + word, level << shift);
             if (shift + p.bits > 32) atomicOr(words + word + 1, level >> (32 - shift));
@@ -463,6 +469,9 @@ __global__ void __launch_bounds__(kRbWarps * 32)
 template <>
 struct BulkKeyEncoder<dev::RaBitQDevice> {
     static constexpr bool kAvailable = true;
+    // A decode step's token in one warp beats a team of 128 threads: a rabitq step's append
+    // (8 heads) 0.090 -> 0.057 ms (cuda_h200_20261202x_short_appends_run4.txt).
+    static constexpr bool kShortAppends = true;
     /// A Hadamard rotation of 32, 64, 128 or 256 coordinates (a power of two: kernel() picks
     /// d / 32 registers a lane) and at most kRbMaxEvents critical values a token, the warps'
     /// regions within the device's shared memory.

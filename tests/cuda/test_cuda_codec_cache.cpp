@@ -111,6 +111,9 @@ std::vector<Case> cases() {
     c = base("rabitq", 3, 2, 18);
     c.num_clusters = 300;  // two id bytes; 150 centroids do not fit beside the warps' memory
     v.push_back({"rabitq_d256_b3_two_byte_ids", c, 1, 256});
+    c = base("rabitq", 3, 4, 19);
+    c.num_clusters = 16;  // a dense rotation (d = 96): the warp encoder refuses it, so every
+    v.push_back({"rabitq_d96_b3_dense", c, 2, 96});  // append takes the team and one-thread ones
     c = base("spectral", 4, 4, 10);
     v.push_back({"spectral_d128", calibrated(c, 2, 128), 2, 128});
     c = base("commvq", 2, 4, 12);
@@ -514,7 +517,7 @@ TEST(CodecCache, LongSequencesMatchTheCpu) {
 // Tied critical values: rabitq with one centroid trained on zero keys (c = 0 exactly), then keys
 // of +-1, whose rotated coordinates are multiples of 2 / sqrt(d): many |e_j| are equal, so many
 // events share t (s / |e_j| = s' / |e_j'| as well where |e_j'| = 2 |e_j|) and their order is the
-// coordinate's. A long append (the warp encoder) and a short one (the teams) against the CPU.
+// coordinate's. A long append and a short one (both the warp encoder's) against the CPU.
 TEST(CodecCache, RabitqTiedCriticalValuesMatchTheCpu) {
     SKIP_WITHOUT_DEVICE();
     KVCacheConfig c = base("rabitq", 4, 4, 31);
