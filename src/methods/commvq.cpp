@@ -84,7 +84,68 @@ __attribute__((target("avx2"))) void commvq_values_avx2(const float* x, const fl
         v[c0] = acc;
     }
 }
+
+// commvq_nearest_bounded's first pass: every codeword's value with each product fused into its
+// add (not the codec's values, which round each product, but within `margin` / 2 of them),
+// then the codewords within `margin` of the least into idx; their count returned.
+VQ_TARGET_AVX2 int commvq_fused_candidates(const float* x, const float* words_t,
+                                           const float* norms2, int num_words, int dim,
+                                           double margin, uint8_t* idx) {
+    alignas(32) float v[256];
+    __m256 least8 = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    int c0 = 0;
+    for (; c0 + 32 <= num_words; c0 += 32) {
+        __m256 acc[4];
+        for (int b = 0; b < 4; ++b) acc[b] = _mm256_loadu_ps(norms2 + c0 + 8 * b);
+        for (int j = 0; j < dim; ++j) {
+            const __m256 xj = _mm256_set1_ps(-2.0f * x[j]);
+            const float* wj = words_t + static_cast<std::size_t>(j) * num_words + c0;
+            for (int b = 0; b < 4; ++b)
+                acc[b] = _mm256_fmadd_ps(xj, _mm256_loadu_ps(wj + 8 * b), acc[b]);
+        }
+        for (int b = 0; b < 4; ++b) {
+            _mm256_store_ps(v + c0 + 8 * b, acc[b]);
+            least8 = _mm256_min_ps(least8, acc[b]);
+        }
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, least8);
+    float least = lanes[0];
+    for (int l = 1; l < 8; ++l) least = std::min(least, lanes[l]);
+    for (int c = c0; c < num_words; ++c) {
+        float acc = norms2[c];
+        for (int j = 0; j < dim; ++j)
+            acc = std::fma(-2.0f * x[j], words_t[static_cast<std::size_t>(j) * num_words + c], acc);
+        v[c] = acc;
+        least = std::min(least, acc);
+    }
+    // The least float at or above least + margin: no codeword within the margin is left out.
+    const double within = static_cast<double>(least) + margin;
+    float cut = static_cast<float>(within);
+    if (static_cast<double>(cut) < within) cut = std::nextafter(cut, INFINITY);
+    int n = 0;
+    const __m256 cut8 = _mm256_set1_ps(cut);
+    int c = 0;
+    for (; c + 8 <= num_words; c += 8) {
+        unsigned bits = static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(v + c), cut8, _CMP_LE_OQ)));
+        for (; bits != 0; bits &= bits - 1)
+            idx[n++] = static_cast<uint8_t>(c + __builtin_ctz(bits));
+    }
+    for (; c < num_words; ++c)
+        if (v[c] <= cut) idx[n++] = static_cast<uint8_t>(c);
+    return n;
+}
 #endif
+
+// The codec's value of codeword c (commvq_values_generic's operations for one codeword).
+float commvq_value(const float* x, const float* words_t, const float* norms2, int num_words,
+                   int dim, int c) {
+    float acc = norms2[c];
+    for (int j = 0; j < dim; ++j)
+        acc += -2.0f * x[j] * words_t[static_cast<std::size_t>(j) * num_words + c];
+    return acc;
+}
 
 }  // namespace
 
@@ -105,6 +166,55 @@ int commvq_nearest(const float* x, const float* words_t, const float* norms2, in
     int best = 0;
     while (best + 1 < num_words && v[best] != m) ++best;
     return best;
+}
+
+void commvq_search_bound(const float* words_t, const float* norms2, int num_words, int dim,
+                         float* bound) {
+    bound[0] = 0.0f;
+    for (int c = 0; c < num_words; ++c) bound[0] = std::max(bound[0], std::fabs(norms2[c]));
+    for (int j = 0; j < dim; ++j) {
+        const float* wj = words_t + static_cast<std::size_t>(j) * num_words;
+        bound[1 + j] = 0.0f;
+        for (int c = 0; c < num_words; ++c) bound[1 + j] = std::max(bound[1 + j], std::fabs(wj[c]));
+    }
+}
+
+int commvq_nearest_bounded(const float* x, const float* words_t, const float* norms2,
+                           const float* bound, int num_words, int dim) {
+#ifdef VQ_X86_KERNELS
+    if (cpu_isa() == CpuIsa::kGeneric) return commvq_nearest(x, words_t, norms2, num_words, dim);
+    // T >= |norms2[c]| + sum_j |2 x_j w_j[c]| for every c. The codec's value rounds 2 dim + 1
+    // times and the fused one dim times: each is within gamma_(dim+1) T and gamma_dim T of the
+    // exact sum (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5), plus 2^-150
+    // a product or fma that underflows, so |fused - codec| <= e below. A codeword whose fused
+    // value exceeds the least fused value by more than 2 e has a codec value above that
+    // codeword's: it is not the first minimum. Where T might overflow a float, or -2 x_j might
+    // (its products with zero coordinates are then NaN), or x holds a NaN, the full search runs.
+    double t = bound[0], largest = 0.0;
+    for (int j = 0; j < dim; ++j) {
+        const double a = std::fabs(static_cast<double>(x[j]));
+        t += 2.0 * a * bound[1 + j];
+        largest = std::max(largest, a);
+    }
+    if (!(t < 0x1p125) || !(largest < 0x1p125))
+        return commvq_nearest(x, words_t, norms2, num_words, dim);
+    const double u = 0x1p-24, e = (2 * dim + 2) * u * t * 1.001 + 2 * dim * 0x1p-150;
+    uint8_t idx[256];
+    const int n = commvq_fused_candidates(x, words_t, norms2, num_words, dim, 2.0 * e, idx);
+    float m = 0.0f;
+    int best = -1;
+    for (int i = 0; i < n; ++i) {  // ascending c: the first of equal values stays
+        const float exact = commvq_value(x, words_t, norms2, num_words, dim, idx[i]);
+        if (best < 0 || exact < m) {
+            m = exact;
+            best = idx[i];
+        }
+    }
+    return best >= 0 ? best : commvq_nearest(x, words_t, norms2, num_words, dim);
+#else
+    (void)bound;
+    return commvq_nearest(x, words_t, norms2, num_words, dim);
+#endif
 }
 
 void commvq_transpose(const float* words, int n, int dim, float* out) {
@@ -175,6 +285,11 @@ CommVQCodec::CommVQCodec(int d, const float* codebook, int stages, int groups, i
             s += static_cast<double>(words_[w * group_dim + j]) * words_[w * group_dim + j];
         norms2_[w] = static_cast<float>(s);
     }
+    const std::size_t slices = static_cast<std::size_t>(stages) * groups;
+    bounds_.resize(slices * (1 + group_dim));
+    for (std::size_t b = 0; b < slices; ++b)
+        commvq_search_bound(&words_t_[b * codewords * group_dim], &norms2_[b * codewords],
+                            codewords, group_dim, &bounds_[b * (1 + group_dim)]);
     const int pairs = static_cast<int>(inv_freq_.size());
     step_.resize(static_cast<std::size_t>(kPhaseBlock) * pairs * 2);
     for (int t = 0; t < kPhaseBlock; ++t)
@@ -238,6 +353,9 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
         auto wt = [&](int s) {
             return &words_t_[(static_cast<std::size_t>(s) * groups_ + g) * C * gd];
         };
+        auto bound = [&](int s) {
+            return &bounds_[(static_cast<std::size_t>(s) * groups_ + g) * (1 + gd)];
+        };
         auto sub = [&](int s, int c, float sign) {
             const float* w = word(s, g, c);
             for (int j = 0; j < gd; ++j) r[j] -= sign * w[j];
@@ -245,7 +363,7 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
         // Greedy: each stage codes what the previous stages left.
         for (int s = 0; s < stages_; ++s) {
             int& idx = indices[s * groups_ + g];
-            idx = commvq_nearest(r, wt(s), norms(s), C, gd);
+            idx = commvq_nearest_bounded(r, wt(s), norms(s), bound(s), C, gd);
             sub(s, idx, 1.0f);
         }
         // ICM: re-choose each stage's codeword given all the others (r + w_s is the target).
@@ -253,7 +371,7 @@ void CommVQCodec::quantize(const float* x, int* indices) const {
             for (int s = 0; s < stages_; ++s) {
                 int& idx = indices[s * groups_ + g];
                 sub(s, idx, -1.0f);
-                idx = commvq_nearest(r, wt(s), norms(s), C, gd);
+                idx = commvq_nearest_bounded(r, wt(s), norms(s), bound(s), C, gd);
                 sub(s, idx, 1.0f);
             }
     }

@@ -53,6 +53,16 @@ namespace veloxquant {
 int commvq_nearest(const float* x, const float* words_t, const float* norms2, int num_words,
                    int dim);
 
+/// commvq_nearest's result, found faster where the CPU runs the AVX2 or AVX-512 kernels: the
+/// distances with fused multiply-adds first, then the codec's own only for the codewords within
+/// the two's rounding difference of the least. `bound` [1 + dim] is commvq_search_bound's.
+int commvq_nearest_bounded(const float* x, const float* words_t, const float* norms2,
+                           const float* bound, int num_words, int dim);
+
+/// For commvq_nearest_bounded: bound[0] = max_c |norms2[c]|, bound[1 + j] = max_c |w_j[c]|.
+void commvq_search_bound(const float* words_t, const float* norms2, int num_words, int dim,
+                         float* bound);
+
 /// words [n][dim] -> out [dim][n].
 void commvq_transpose(const float* words, int n, int dim, float* out);
 
@@ -140,6 +150,7 @@ private:
     std::vector<float> words_;    // [stages][groups][codewords][group_dim]
     std::vector<float> words_t_;  // [stages][groups][group_dim][codewords], for the search
     std::vector<float> norms2_;   // [stages][groups][codewords]
+    std::vector<float> bounds_;   // [stages][groups][1 + group_dim]: commvq_search_bound's
     std::vector<double> inv_freq_;
     std::vector<float> step_;  // [kPhaseBlock][rotated_pairs][2]: cos, sin of t * w_i
 };
