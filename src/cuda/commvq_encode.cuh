@@ -5,11 +5,16 @@
 // against its own residual, held in registers at group_dim 8 (calibration's 4 pairs) and in a
 // shared-memory row per token otherwise. CommVQDevice::encode (one thread per token) reads the
 // codebooks (256 KB per head at 2 bits, d = 128) from global memory for every token.
+// At group_dim 8 on sm_80 and later a kernel of its own searches on tensor cores instead
+// (commvq_nearest_tensor, commvq_search.cuh: the same indices), with the slice's mma fragments
+// staged beside it: one append of 32K tokens x 8 heads (2 bits, d = 128; keys and values) on
+// the H200 4.82-4.86 -> 3.33-3.36 ms (bench/results/cuda_h200_20261203z_commvq_tensor_search.txt).
 // Shared memory: one pool carved per unit's parameters into the tokens' stage indices
-// [stages][tokens], their codes [tokens][stage_stride(code bytes)] where they fit (else each
-// thread builds its code in its page), the residual rows (other group_dims; the tokens then go in
-// passes of as many as fit) and the codebook chunk: the largest power-of-two number of codewords
-// that fits, the whole slice at group_dim 8 (a larger slice takes several chunks).
+// [stages][tokens], the tensor search's warp rows, bounds and fragments, the tokens' codes
+// [tokens][stage_stride(code bytes)] where they fit (else each thread builds its code in its
+// page), the residual rows (other group_dims; the tokens then go in passes of as many as fit) and
+// the codebook chunk: the largest power-of-two number of codewords that fits, the whole slice at
+// group_dim 8 (a larger slice takes several chunks).
 //
 // Bit for bit CommVQDevice::encode (so the CPU's CommVQCodec): each token runs the same steps in
 // the same order in one thread: the pairs un-rotated by phase(), the greedy stages, then the ICM
@@ -29,82 +34,84 @@
 
 #include "cuda/bulk_key_encode.h"
 #include "cuda/codec_kernels.cuh"
+#include "cuda/commvq_search.cuh"
 #include "cuda/cuda_cache.h"
 #include "device_codecs/commvq_device.h"
 
 namespace veloxquant::cuda::codec {
 
-constexpr int kCvqTokens = 128;          // most tokens (threads) per CTA
-constexpr int kCvqPoolBytes = 20480;     // the shared-memory pool
-constexpr int kCvqRegisterGroupDim = 8;  // group_dim whose residual is held in registers
+constexpr int kCvqTokens = 128;  // most tokens (threads) per CTA
+// The shared-memory pools: the lane scans' (ten CTAs an SM), the tensor search's (eight CTAs
+// fill an H100/H200 SM's 228 KB, 1 KB each reserved).
+constexpr int kCvqPoolBytes = 20480;
+constexpr int kCvqTensorPoolBytes = 28160;
+constexpr int kCvqRegisterGroupDim = kCvqTensorDim;  // group_dim whose residual is in registers
 __host__ __device__ constexpr int cvq_align16(int bytes) {
     return (bytes + 15) / 16 * 16;
 }
 
-/// scan_nearest's loop over the n codewords staged at words, norms2 (16-byte aligned), which are
-/// codewords c0 .. c0 + n - 1. GD > 0: x in registers (gd = GD); GD = 0: x in shared memory.
-/// Once a codeword is taken (*best >= 0, for good), scan_nearest's second test is false: from
-/// there on the loop tests v < *m alone (3 instructions a codeword instead of 7).
-template <int GD>
-__device__ __forceinline__ void commvq_scan(const float* x, const float* words, const float* norms2,
-                                            int c0, int n, int gd, float* m, int* best) {
-    float x2[GD > 0 ? GD : 1];
-#pragma unroll
-    for (int j = 0; j < GD; ++j) x2[j] = -2.0f * x[j];
-    const auto value = [&](int c) {
-        float v = norms2[c];
-        if constexpr (GD > 0) {
-            float w[GD];
-            dev::load_rows<GD>(words + c * GD, w);
-#pragma unroll
-            for (int j = 0; j < GD; ++j) v += x2[j] * w[j];
-        } else {
-            const float* w = words + c * gd;
-            for (int j = 0; j < gd; ++j) v += -2.0f * x[j] * w[j];
-        }
-        return v;
-    };
-    int c = 0;
-    for (; c < n && *best < 0; ++c) {
-        const float v = value(c);
-        if (v < *m) {
-            *m = v;
-            *best = c0 + c;
-        } else if (*best < 0 && v == *m) {
-            *best = c0 + c;
-        }
-    }
-#pragma unroll(GD > 0 ? 4 : 1)
-    for (; c < n; ++c) {
-        const float v = value(c);
-        if (v < *m) {
-            *m = v;
-            *best = c0 + c;
-        }
-    }
+constexpr int kCvqBoundBytes = cvq_align16(4 * (1 + kCvqTensorDim));  // a slice's bounds
+
+/// Pool bytes before the codes: the stage indices, and for the tensor search its warps' rows,
+/// the slice's bounds and its fragments.
+__host__ __device__ constexpr int cvq_head_bytes(int stages, int codewords, int nt, bool tensor) {
+    return cvq_align16(stages * nt) + (tensor ? nt / 32 * static_cast<int>(sizeof(CvqWarpRows)) +
+                                                    kCvqBoundBytes + cvq_fragment_bytes(codewords)
+                                              : 0);
 }
 
-/// The CTA's tokens first .. first + tokens - 1 of unit u (GD as commvq_scan).
-template <int GD>
+/// Pool bytes of a whole slice of C codewords of gd floats and their norms.
+__host__ __device__ constexpr int cvq_slice_bytes(int codewords, int gd) {
+    return 4 * ((codewords + 3) / 4 * 4 + codewords * gd);
+}
+
+// Calibration's default (2 stages of 256 codewords, group_dim 8): at d = 128 and 2 bits the
+// 32-byte codes of a full CTA stay staged beside the tensor search's slice.
+static_assert(cvq_head_bytes(2, 256, kCvqTokens, true) + 32 * kCvqTokens +
+                      cvq_slice_bytes(256, kCvqTensorDim) <=
+                  kCvqTensorPoolBytes,
+              "the tensor search's pool holds 2-bit d = 128 codes");
+
+/// Whether a CTA of nt tokens can search p's slices on tensor cores (group_dim 8, whole slices
+/// of a multiple of 8 codewords beside the scratch, in the pool).
+__host__ __device__ inline bool cvq_tensor_search_fits(const dev::CommVQDevice::Params& p, int nt) {
+    return p.group_dim == kCvqTensorDim && p.codewords % 8 == 0 &&
+           cvq_head_bytes(p.stages, p.codewords, nt, true) +
+                   cvq_slice_bytes(p.codewords, kCvqTensorDim) <=
+               kCvqTensorPoolBytes;
+}
+
+/// The CTA's tokens first .. first + tokens - 1 of unit u (GD as commvq_scan; TENSOR: GD = 8,
+/// cvq_tensor_search_fits).
+template <int GD, bool TENSOR>
 __device__ __forceinline__ void commvq_encode_tile(const EncodeParams<dev::CommVQDevice>& a,
                                                    const dev::CommVQDevice::Params& p, int u,
                                                    int first, int tokens, uint8_t* pool) {
+    static_assert(!TENSOR || GD == kCvqTensorDim, "the tensor search takes group_dim 8");
+    constexpr int kPool = TENSOR ? kCvqTensorPoolBytes : kCvqPoolBytes;
     const int nt = static_cast<int>(blockDim.x), tid = static_cast<int>(threadIdx.x);
     const int S = p.stages, G = p.groups, C = p.codewords, gd = GD > 0 ? GD : p.group_dim;
-    const int bytes = dev::CommVQDevice::code_bytes(p), stride = stage_stride(bytes);
+    // Staged codes: an odd number of words a token (lanes or_bits into 32 banks), but whole
+    // words under the tensor search, whose pool holds 2 bits of 2-bit d = 128 codes no more.
+    const int bytes = dev::CommVQDevice::code_bytes(p);
+    const int stride = TENSOR ? (bytes + 3) / 4 * 4 : stage_stride(bytes);
     const int steps = S + (S > 1 ? dev::CommVQDevice::kEncodeSweeps * S : 0);
     uint8_t* idx = pool;  // idx[st * nt + thread]
-    int used = cvq_align16(S * nt);
-    const bool staged_codes = used + stride * nt <= kCvqPoolBytes / 2;
+    int used = cvq_head_bytes(S, C, nt, TENSOR);
+    // TENSOR: the warps' rows after the indices, then the bounds and the fragments.
+    auto* rows_of_warp = reinterpret_cast<CvqWarpRows*>(pool + cvq_align16(S * nt));
+    auto* bound = reinterpret_cast<float*>(rows_of_warp + nt / 32);
+    auto* frag = reinterpret_cast<uint2*>(pool + used - (TENSOR ? cvq_fragment_bytes(C) : 0));
+    const bool staged_codes = TENSOR ? used + stride * nt + cvq_slice_bytes(C, gd) <= kPool
+                                     : used + stride * nt <= kPool / 2;
     uint8_t* codes = pool + used;  // [tokens][stride], where staged
     if (staged_codes) used += stride * nt;
     float* rows = reinterpret_cast<float*>(pool + cvq_align16(used));  // [tokens][gd + 1]
-    const int per_pass =
-        GD > 0 ? nt : min(nt, (kCvqPoolBytes - cvq_align16(used)) / 2 / (4 * (gd + 1)));
+    const int per_pass = GD > 0 ? nt : min(nt, (kPool - cvq_align16(used)) / 2 / (4 * (gd + 1)));
     if (GD == 0) used = cvq_align16(used) + per_pass * (gd + 1) * 4;
     used = cvq_align16(used);
     int cc = C;  // codewords per chunk: a power of two >= 2 (C is one), so chunks are full
-    while (cc > 2 && 4 * ((cc + 3) / 4 * 4 + cc * gd) > kCvqPoolBytes - used) cc /= 2;
+    while (cc > 2 && 4 * ((cc + 3) / 4 * 4 + cc * gd) > kPool - used) cc /= 2;
     float* norms = reinterpret_cast<float*>(pool + used);
     float* chunk = norms + (cc + 3) / 4 * 4;
     const HeadRegions R = a.store.regions[a.head(u)];
@@ -121,7 +128,7 @@ __device__ __forceinline__ void commvq_encode_tile(const EncodeParams<dev::CommV
             code = a.page(u, pos) + R.key_codes + (pos % kPage) * R.key_code_bytes;
             dev::zero_bytes(code, bytes);
         }
-        float reg[GD > 0 ? GD : 1];
+        float reg[GD > 0 ? GD : 1] = {};
         float* r = GD > 0 ? reg : rows + tid * (gd + 1);
         for (int g = 0; g < G; ++g) {
             if (active) {
@@ -146,19 +153,29 @@ __device__ __forceinline__ void commvq_encode_tile(const EncodeParams<dev::CommV
                 float m = INFINITY;
                 int best = -1;
                 for (int c0 = 0; c0 < C; c0 += cc) {
-                    __syncthreads();  // the previous chunk's reads are done
-                    const auto* src = reinterpret_cast<const float4*>(slice + c0 * gd);
-                    for (int i = tid; i < cc * gd / 4; i += nt)
-                        reinterpret_cast<float4*>(chunk)[i] = src[i];
-                    for (int i = tid; i < cc; i += nt) norms[i] = slice_norms[c0 + i];
+                    __syncthreads();         // the previous chunk's reads are done
+                    if constexpr (TENSOR) {  // cc == C
+                        cvq_stage_tensor_slice(slice, slice_norms,
+                                               p.bounds + (st * G + g) * (1 + gd), C, chunk, norms,
+                                               frag, bound, tid, nt);
+                    } else {
+                        const auto* src = reinterpret_cast<const float4*>(slice + c0 * gd);
+                        for (int i = tid; i < cc * gd / 4; i += nt)
+                            reinterpret_cast<float4*>(chunk)[i] = src[i];
+                        for (int i = tid; i < cc; i += nt) norms[i] = slice_norms[c0 + i];
+                    }
                     __syncthreads();
-                    if (!active) continue;
-                    if (step >= S && c0 == 0) {  // ICM: put the stage's codeword back
+                    if (active && step >= S && c0 == 0) {  // ICM: put the stage's codeword back
                         const float* old = words + idx[st * nt + tid] * gd;
 #pragma unroll
                         for (int j = 0; j < gd; ++j) r[j] += old[j];
                     }
-                    commvq_scan<GD>(r, chunk, norms, c0, cc, gd, &m, &best);
+                    if constexpr (TENSOR) {  // cc == C; every lane of the warp calls
+                        best = commvq_nearest_tensor(reg, active, chunk, norms, frag, bound, C,
+                                                     rows_of_warp[tid / 32]);
+                    } else if (active) {
+                        commvq_scan<GD>(r, chunk, norms, c0, cc, gd, &m, &best);
+                    }
                 }
                 if (!active) continue;
                 best = best < 0 ? C - 1 : best;
@@ -193,9 +210,24 @@ __global__ void __launch_bounds__(kCvqTokens, 8)
     const int tokens = min(static_cast<int>(blockDim.x), a.n - first);
     const dev::CommVQDevice::Params& p = a.key_params(u);
     if (p.group_dim == kCvqRegisterGroupDim)
-        commvq_encode_tile<kCvqRegisterGroupDim>(a, p, u, first, tokens, pool);
+        commvq_encode_tile<kCvqRegisterGroupDim, false>(a, p, u, first, tokens, pool);
     else
-        commvq_encode_tile<0>(a, p, u, first, tokens, pool);
+        commvq_encode_tile<0, false>(a, p, u, first, tokens, pool);
+}
+
+/// As commvq_encode_keys_kernel, the warps searching on tensor cores (cvq_tensor_search_fits, a
+/// GPU of sm_80 or later: BulkKeyEncoder checks both).
+__global__ void __launch_bounds__(kCvqTokens, 8)
+    commvq_encode_keys_tensor_kernel(const EncodeParams<dev::CommVQDevice> a) {
+#if __CUDA_ARCH__ >= 800
+    __shared__ __align__(16) uint8_t pool[kCvqTensorPoolBytes];
+    const int u = static_cast<int>(blockIdx.y);
+    const int first = static_cast<int>(blockIdx.x * blockDim.x);
+    const int tokens = min(static_cast<int>(blockDim.x), a.n - first);
+    commvq_encode_tile<kCvqTensorDim, true>(a, a.key_params(u), u, first, tokens, pool);
+#else
+    __trap();
+#endif
 }
 
 /// The keys (codes) of every (unit, token) item of `a`.
@@ -203,18 +235,31 @@ template <>
 struct BulkKeyEncoder<dev::CommVQDevice> {
     static constexpr bool kAvailable = true;
     static bool usable(const dev::CommVQDevice::Params&, size_t) { return true; }
-    static const void* kernel(const dev::CommVQDevice::Params&) {
-        return reinterpret_cast<const void*>(&commvq_encode_keys_kernel);
+    /// Whether the current GPU (sm_80 or later) searches p's slices on tensor cores, in CTAs of
+    /// up to kCvqTokens tokens.
+    static bool tensor_search(const dev::CommVQDevice::Params& p) {
+        int device = 0, major = 0;
+        check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+        check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+                   "compute capability");
+        return major >= 8 && cvq_tensor_search_fits(p, kCvqTokens);
+    }
+    static const void* kernel(const dev::CommVQDevice::Params& p) {
+        return tensor_search(p) ? reinterpret_cast<const void*>(&commvq_encode_keys_tensor_kernel)
+                                : reinterpret_cast<const void*>(&commvq_encode_keys_kernel);
     }
     /// kCvqTokens tokens per CTA, fewer where that leaves under 4 CTAs per SM.
-    static void launch(const EncodeParams<dev::CommVQDevice>& a, const dev::CommVQDevice::Params&,
+    static void launch(const EncodeParams<dev::CommVQDevice>& a, const dev::CommVQDevice::Params& p,
                        int sms, cudaStream_t stream) {
         if (a.n == 0 || a.units == 0) return;
         int nt = kCvqTokens;
         while (nt > 32 && static_cast<long long>(a.units) * ((a.n + nt - 1) / nt) < 4LL * sms)
             nt /= 2;
         const dim3 grid(static_cast<unsigned>((a.n + nt - 1) / nt), static_cast<unsigned>(a.units));
-        commvq_encode_keys_kernel<<<grid, nt, 0, stream>>>(a);
+        if (tensor_search(p))
+            commvq_encode_keys_tensor_kernel<<<grid, nt, 0, stream>>>(a);
+        else
+            commvq_encode_keys_kernel<<<grid, nt, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "commvq key encode kernel");
     }
 };

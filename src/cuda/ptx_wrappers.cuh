@@ -56,6 +56,33 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 #endif
 }
 
+/// x rounded to tf32 (10 fraction bits; to nearest, ties away from zero), as a b32 register.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+#if __CUDA_ARCH__ >= 800
+    uint32_t y;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(y) : "f"(x));
+    return y;
+#else
+    __trap();
+    return 0;
+#endif
+}
+
+/// C += A B, m16n8k8, tf32 inputs (to_tf32) and f32 accumulators. A 16 x 8 (row): lane 4 g + t
+/// holds A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]; B 8 x 8 (column): B[t][g], B[t+4][g]; C as
+/// mma_16816's.
+__device__ __forceinline__ void mma_1688_tf32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                              uint32_t b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
 /// Integer mma m16n8k32: 8-bit A (row; unsigned, or signed with SIGNED_A), signed 8-bit B
 /// (column), int32 accumulators.
 template <bool SIGNED_A>

@@ -26,6 +26,7 @@ CommVQDevice::Params CommVQDevice::build(const KeyCodec& cpu, ParamArena& arena)
         throw std::invalid_argument("CommVQDevice: the CPU codec's phase table is not 64 steps");
     p.words = arena.add(cq->codebook());
     p.norms2 = arena.add(cq->codeword_norms2());
+    p.bounds = arena.add(cq->search_bounds());
     p.inv_freq = arena.add(cq->rope_inv_freq());
     p.steps = arena.add(cq->phase_steps());
     return p;

@@ -36,11 +36,13 @@ struct CommVQDevice {
         int pairs = 0;                     ///< rotated RoPE pairs (0: positions ignored)
         const float* words = nullptr;      ///< [stages][groups][codewords][group_dim]
         const float* norms2 = nullptr;     ///< [stages][groups][codewords]
+        const float* bounds = nullptr;     ///< [stages][groups][1 + group_dim]: search_bounds()
         const double* inv_freq = nullptr;  ///< [pairs]
         const float* steps = nullptr;      ///< [kPhaseBlock][pairs][2]: cos, sin of t w_i
         void rebase(const uint8_t* base) {
             dev::rebase(words, base);
             dev::rebase(norms2, base);
+            dev::rebase(bounds, base);
             dev::rebase(inv_freq, base);
             dev::rebase(steps, base);
         }

@@ -96,6 +96,8 @@ public:
     const std::vector<float>& codebook() const { return words_; }
     /// Squared norms of the codewords, [stages][groups][codewords].
     const std::vector<float>& codeword_norms2() const { return norms2_; }
+    /// commvq_search_bound of every (stage, group) slice, [stages][groups][1 + group_dim].
+    const std::vector<float>& search_bounds() const { return bounds_; }
     /// The RoPE frequencies of the rotated pairs (empty: keys coded as given).
     const std::vector<double>& rope_inv_freq() const { return inv_freq_; }
     /// cos, sin of t * w_i for t < 64 and the rotated pairs, [64][pairs][2] (see phases()).
