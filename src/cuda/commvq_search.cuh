@@ -162,24 +162,28 @@ __device__ __forceinline__ int commvq_nearest_tensor(const float (&x)[kCvqTensor
         a[m][3] = to_tf32(s.x2[16 * m + g + 8][t + 4]);
     }
     // Slot k of a lane: token 16 (k / 2) + g + 8 (k % 2); accumulators 2 h, 2 h + 1 of tile m are
-    // slot 2 m + h's codewords 8 n + 2 t and 8 n + 2 t + 1.
+    // slot 2 m + h's codewords 8 n + 2 t and 8 n + 2 t + 1. tile_least: tile n's least f of each
+    // slot's two codewords.
     const auto* norm_acc = reinterpret_cast<const float4*>(frag + C * 4);
-    const auto values = [&](int n, float(&f)[2][4]) {
+    const auto tile_least = [&](int n, float(&least)[4]) {
         const uint2 b = frag[n * 32 + lane];
+        float f[2][4];
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
             lds128(f[m], norm_acc + 4 * n + t);
             mma_1688_tf32(f[m], a[m], b.x, b.y);
         }
+#pragma unroll
+        for (int k = 0; k < 4; ++k)
+            least[k] = fminf(f[k >> 1][2 * (k & 1)], f[k >> 1][2 * (k & 1) + 1]);
     };
     float least[4] = {INFINITY, INFINITY, INFINITY, INFINITY};
 #pragma unroll 4
     for (int n = 0; n < tiles; ++n) {
-        float f[2][4];
-        values(n, f);
+        float tl[4];
+        tile_least(n, tl);
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            least[k] = fminf(least[k], fminf(f[k >> 1][2 * (k & 1)], f[k >> 1][2 * (k & 1) + 1]));
+        for (int k = 0; k < 4; ++k) least[k] = fminf(least[k], tl[k]);
     }
     float cut[4];
 #pragma unroll
@@ -194,12 +198,10 @@ __device__ __forceinline__ int commvq_nearest_tensor(const float (&x)[kCvqTensor
     uint32_t marks[4] = {0, 0, 0, 0};
 #pragma unroll 4
     for (int n = 0; n < tiles; ++n) {
-        float f[2][4];
-        values(n, f);
+        float tl[4];
+        tile_least(n, tl);
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-            marks[k] = marks[k] * 2 +
-                       (fminf(f[k >> 1][2 * (k & 1)], f[k >> 1][2 * (k & 1) + 1]) <= cut[k]);
+        for (int k = 0; k < 4; ++k) marks[k] = marks[k] * 2 + (tl[k] <= cut[k]);
     }
     int mine = -1;  // this lane's token's codeword
 #pragma unroll
