@@ -23,8 +23,10 @@
 // float each time, is taken once per scan). The codewords are scanned in index order, a chunk
 // continuing the scan's (m, best), with scan_nearest's rule (split at the first taken codeword:
 // from there on its equality test is false), and nearest's n - 1 where none is taken. Indices go
-// into a zeroed code by or_bits. Only where a value is read from differs. Files that include this
-// header must compile with --fmad=false (no contraction), as the device codecs.
+// into a zeroed code by or_bits. Only where a value is read from differs; the tensor search
+// computes the codec's v only for the codewords that can hold the least (the proof is in
+// commvq_search.cuh), and picks the same index. Files that include this header must compile
+// with --fmad=false (no contraction), as the device codecs.
 #pragma once
 
 #include <cuda_runtime.h>
