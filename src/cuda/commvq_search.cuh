@@ -20,6 +20,9 @@
 // (the codec's v, computed as commvq_scan does) is the codec's choice. The first pass takes each
 // token's least f, the second marks the tiles holding candidates (1.5 codewords a search on
 // Gaussian keys), then each lane computes v of its marked codewords and the quads combine them.
+// Where the caller knows a codeword k of the slice (the ICM sweep's current one), v_k bounds the
+// least v from above, so every codeword holding it has f_c <= v_c + E1 + E2 <= v_k + 2^-7 T: the
+// cut comes from v_k, computed as the codec does, and the first pass is skipped.
 // Tokens with T or |x_j| of 2^100 or more (f could overflow) take commvq_scan. Files that
 // include this header compile with --fmad=false, as the device codecs.
 #pragma once
@@ -38,6 +41,18 @@ namespace veloxquant::cuda::codec {
 /// codewords c0 .. c0 + n - 1. GD > 0: x in registers (gd = GD); GD = 0: x in shared memory.
 /// Once a codeword is taken (*best >= 0, for good), scan_nearest's second test is false: from
 /// there on the loop tests v < *m alone (3 instructions a codeword instead of 7).
+/// The codec's value of codeword w (GD floats, 16-byte aligned) for x2 = -2 x: norms2 + x2_0 w_0
+/// + x2_1 w_1 + ..., each product rounded, summed in j order.
+template <int GD>
+__device__ __forceinline__ float commvq_value(const float (&x2)[GD], const float* w, float norm2) {
+    float wr[GD];
+    dev::load_rows<GD>(w, wr);
+    float v = norm2;
+#pragma unroll
+    for (int j = 0; j < GD; ++j) v += x2[j] * wr[j];
+    return v;
+}
+
 template <int GD>
 __device__ __forceinline__ void commvq_scan(const float* x, const float* words, const float* norms2,
                                             int c0, int n, int gd, float* m, int* best) {
@@ -47,10 +62,7 @@ __device__ __forceinline__ void commvq_scan(const float* x, const float* words, 
     const auto value = [&](int c) {
         float v = norms2[c];
         if constexpr (GD > 0) {
-            float w[GD];
-            dev::load_rows<GD>(words + c * GD, w);
-#pragma unroll
-            for (int j = 0; j < GD; ++j) v += x2[j] * w[j];
+            v = commvq_value<GD>(x2, words + c * GD, v);
         } else {
             const float* w = words + c * gd;
             for (int j = 0; j < gd; ++j) v += -2.0f * x[j] * w[j];
@@ -131,12 +143,14 @@ __device__ __forceinline__ void cvq_stage_tensor_slice(const float* g_words, con
 
 /// The nearest of C (a multiple of 8, <= 256) codewords to x (this lane's residual; inactive
 /// lanes pass active = false and get -1), every lane of the warp calling together, on a slice
-/// staged by cvq_stage_tensor_slice. *scanned (where given) tells whether the lane took
-/// commvq_scan.
+/// staged by cvq_stage_tensor_slice. known: a codeword of the slice (its value bounds the
+/// search: the first pass is skipped where every active lane of the warp gives one) or -1.
+/// *scanned (where given) tells whether the lane took commvq_scan.
 __device__ __forceinline__ int commvq_nearest_tensor(const float (&x)[kCvqTensorDim], bool active,
-                                                     const float* words, const float* norms2,
-                                                     const uint2* frag, const float* bound, int C,
-                                                     CvqWarpRows& s, bool* scanned = nullptr) {
+                                                     int known, const float* words,
+                                                     const float* norms2, const uint2* frag,
+                                                     const float* bound, int C, CvqWarpRows& s,
+                                                     bool* scanned = nullptr) {
     const int lane = lane_id(), g = lane >> 2, t = lane & 3, tiles = C / 8;
     float x2[kCvqTensorDim];
     float T = bound[0], absolute = 1.0f, largest = 0.0f;
@@ -150,6 +164,7 @@ __device__ __forceinline__ int commvq_nearest_tensor(const float (&x)[kCvqTensor
     }
     const bool bounded = active && T < 0x1p100f && largest < 0x1p100f;
     const float margin = bounded ? T * 0x1p-7f + absolute * 0x1p-100f : -INFINITY;
+    __syncwarp();  // the warp's previous search has read the rows
     reinterpret_cast<float4*>(s.x2[lane])[0] = make_float4(x2[0], x2[1], x2[2], x2[3]);
     reinterpret_cast<float4*>(s.x2[lane])[1] = make_float4(x2[4], x2[5], x2[6], x2[7]);
     __syncwarp();
@@ -177,31 +192,46 @@ __device__ __forceinline__ int commvq_nearest_tensor(const float (&x)[kCvqTensor
         for (int k = 0; k < 4; ++k)
             least[k] = fminf(f[k >> 1][2 * (k & 1)], f[k >> 1][2 * (k & 1) + 1]);
     };
-    float least[4] = {INFINITY, INFINITY, INFINITY, INFINITY};
-#pragma unroll 4
-    for (int n = 0; n < tiles; ++n) {
-        float tl[4];
-        tile_least(n, tl);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) least[k] = fminf(least[k], tl[k]);
-    }
     float cut[4];
+    if (__all_sync(0xffffffffu, known >= 0 || !active)) {
+        // The known codeword's value, as the codec computes it.
+        const float own = __fadd_ru(
+            active ? commvq_value<kCvqTensorDim>(x2, words + known * kCvqTensorDim, norms2[known])
+                   : 0.0f,
+            margin);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        least[k] = fminf(least[k], __shfl_xor_sync(0xffffffffu, least[k], 1));
-        least[k] = fminf(least[k], __shfl_xor_sync(0xffffffffu, least[k], 2));
-        const int token = 16 * (k >> 1) + g + 8 * (k & 1);
-        cut[k] = __fadd_ru(least[k], __shfl_sync(0xffffffffu, margin, token));
+        for (int k = 0; k < 4; ++k)
+            cut[k] = __shfl_sync(0xffffffffu, own, 16 * (k >> 1) + g + 8 * (k & 1));
+    } else {
+        float least[4] = {INFINITY, INFINITY, INFINITY, INFINITY};
+#pragma unroll 4
+        for (int n = 0; n < tiles; ++n) {
+            float tl[4];
+            tile_least(n, tl);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) least[k] = fminf(least[k], tl[k]);
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            least[k] = fminf(least[k], __shfl_xor_sync(0xffffffffu, least[k], 1));
+            least[k] = fminf(least[k], __shfl_xor_sync(0xffffffffu, least[k], 2));
+            const int token = 16 * (k >> 1) + g + 8 * (k & 1);
+            cut[k] = __fadd_ru(least[k], __shfl_sync(0xffffffffu, margin, token));
+        }
     }
     // Second pass: per slot a bit per tile (tile n at bit tiles - 1 - n) where either codeword
     // is a candidate; both then get the codec's value (a superset of the candidates is fine).
+    // tl <= cut is the sign of tl - cut rounded down (equal: -0). A NaN difference may set the
+    // bit or not: a NaN tl holds no candidate, and a NaN cut (a NaN known value) marks every
+    // tile or none, where the exact values or the lane's scan decide.
     uint32_t marks[4] = {0, 0, 0, 0};
 #pragma unroll 4
     for (int n = 0; n < tiles; ++n) {
         float tl[4];
         tile_least(n, tl);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) marks[k] = marks[k] * 2 + (tl[k] <= cut[k]);
+        for (int k = 0; k < 4; ++k)
+            marks[k] = __funnelshift_l(__float_as_uint(__fsub_rd(tl[k], cut[k])), marks[k], 1);
     }
     int mine = -1;  // this lane's token's codeword
 #pragma unroll
@@ -216,11 +246,8 @@ __device__ __forceinline__ int commvq_nearest_tensor(const float (&x)[kCvqTensor
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int c = 8 * n + 2 * t + e;
-                float w[kCvqTensorDim];
-                dev::load_rows<kCvqTensorDim>(words + c * kCvqTensorDim, w);
-                float v = norms2[c];
-#pragma unroll
-                for (int j = 0; j < kCvqTensorDim; ++j) v += y[j] * w[j];
+                const float v =
+                    commvq_value<kCvqTensorDim>(y, words + c * kCvqTensorDim, norms2[c]);
                 if (v < bv || (v == bv && c < bc)) bv = v, bc = c;
             }
         }

@@ -3,9 +3,11 @@
 // the least) for every residual: random ones, near and exact ties between codewords (midpoints,
 // duplicated codewords, x = 0 over codewords of one norm: every codeword a candidate),
 // tiny residuals (subnormal products), huge ones (past the bound: the lane's scalar scan), and
-// warps whose lanes are partly inactive. The lane scan (commvq_scan, as CommVQDevice::nearest)
-// runs beside it on the device. Slices of 8, 64 and 256 codewords. Skips without a device, or
-// below sm_80 (no tf32 mma). Compiles with --fmad=false, as the encoders.
+// warps whose lanes are partly inactive; each without a known codeword and with one (the ICM
+// sweep's bound: the CPU's answer, another codeword, a random one; one lane without). The lane
+// scan (commvq_scan, as CommVQDevice::nearest) runs beside it on the device. Slices of 8, 64 and
+// 256 codewords. Skips without a device, or below sm_80 (no tf32 mma). Compiles with
+// --fmad=false, as the encoders.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/commvq_search.cuh"
@@ -28,10 +31,11 @@ using vqtest::DeviceBuffer;
 
 constexpr int kD = kCvqTensorDim, kMaxC = 256, kWarps = 4;
 
-// One token per thread; tokens past n or with active[t] == 0 pass active = false.
+// One token per thread; tokens past n or with active[t] == 0 pass active = false; known[t] (or
+// -1 where known is null) the codeword that bounds the search.
 __global__ void search_kernel(const float* words, const float* norms2, const float* bound, int C,
-                              const float* x, const int* active, int n, int* tensor_out,
-                              int* scan_out, int* scanned_out) {
+                              const float* x, const int* active, const int* known, int n,
+                              int* tensor_out, int* scan_out, int* scanned_out) {
     __shared__ __align__(16) float s_words[kMaxC * kD];
     __shared__ __align__(16) float s_norms[kMaxC];
     __shared__ __align__(16) uint2 s_frag[codec::cvq_fragment_bytes(kMaxC) / 8];
@@ -47,7 +51,8 @@ __global__ void search_kernel(const float* words, const float* norms2, const flo
         for (int j = 0; j < kD; ++j) r[j] = x[static_cast<size_t>(t) * kD + j];
     const bool on = t < n && active[t] != 0;
     bool scanned = false;
-    const int b = codec::commvq_nearest_tensor(r, on, s_words, s_norms, s_frag, s_bound, C,
+    const int k = known != nullptr && t < n ? known[t] : -1;
+    const int b = codec::commvq_nearest_tensor(r, on, k, s_words, s_norms, s_frag, s_bound, C,
                                                rows[tid / 32], &scanned);
     if (t >= n) return;
     tensor_out[t] = on ? b : -2;
@@ -116,44 +121,63 @@ void make_tokens(const Slice& s, int C, std::mt19937& rng, std::vector<float>* x
     for (int t = 32 + 25; t < 64; ++t) (*active)[t] = 0;
 }
 
-void run_case(const Slice& s, int C, std::mt19937& rng, const char* what) {
+// The tensor search of every token of `x` with known codewords `known` (empty: none) against the
+// CPU's answers `ref`; the lane scan too.
+void check_search(const Slice& s, int C, const std::vector<float>& x,
+                  const std::vector<int>& active, const std::vector<int>& known,
+                  const std::vector<int>& ref, const char* what) {
     SCOPED_TRACE(what);
-    std::vector<float> x;
-    std::vector<int> active;
-    make_tokens(s, C, rng, &x, &active);
     const int n = static_cast<int>(active.size());
     DeviceBuffer<float> dw(s.words), dn(s.norms2), db(s.bound), dx(x);
-    DeviceBuffer<int> da(active), dt(static_cast<size_t>(n)), ds(static_cast<size_t>(n)),
-        dsc(static_cast<size_t>(n));
+    DeviceBuffer<int> da(active), dk(known.empty() ? std::vector<int>(1) : known),
+        dt(static_cast<size_t>(n)), ds(static_cast<size_t>(n)), dsc(static_cast<size_t>(n));
     search_kernel<<<(n + 32 * kWarps - 1) / (32 * kWarps), 32 * kWarps>>>(
-        dw.get(), dn.get(), db.get(), C, dx.get(), da.get(), n, dt.get(), ds.get(), dsc.get());
+        dw.get(), dn.get(), db.get(), C, dx.get(), da.get(), known.empty() ? nullptr : dk.get(), n,
+        dt.get(), ds.get(), dsc.get());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     const auto tensor = dt.download(), scan = ds.download(), scanned = dsc.download();
     // The tensor search decides (almost) all random residuals itself; past the bound, the lane
     // scans.
     int random_scanned = 0;
     for (int t = 0; t < kRandom; ++t) random_scanned += scanned[t];
-    std::printf("[ C %3d %-18s ] %d of %d random residuals scanned, %d of all %d\n", C, what,
+    std::printf("[ C %3d %-30s ] %d of %d random residuals scanned, %d of all %d\n", C, what,
                 random_scanned, kRandom,
                 static_cast<int>(std::count(scanned.begin(), scanned.end(), 1)), n);
     EXPECT_LE(random_scanned, kRandom / 100);
     for (int t = n - 64; t < n; ++t) EXPECT_EQ(scanned[t], 1) << "token " << t;
-    std::vector<float> wt(static_cast<size_t>(C) * kD);
-    commvq_transpose(s.words.data(), C, kD, wt.data());
     int wrong = 0, scan_wrong = 0;
     for (int t = 0; t < n; ++t) {
-        const int ref =
-            commvq_nearest(&x[static_cast<size_t>(t) * kD], wt.data(), s.norms2.data(), C, kD);
-        scan_wrong += scan[t] != ref;
+        scan_wrong += scan[t] != ref[t];
         if (active[t] == 0) {
             EXPECT_EQ(tensor[t], -2);
             continue;
         }
-        if (tensor[t] != ref && ++wrong <= 5)
-            ADD_FAILURE() << "token " << t << ": tensor " << tensor[t] << ", CPU " << ref;
+        if (tensor[t] != ref[t] && ++wrong <= 5)
+            ADD_FAILURE() << "token " << t << ": tensor " << tensor[t] << ", CPU " << ref[t];
     }
     EXPECT_EQ(wrong, 0) << "of " << n;
     EXPECT_EQ(scan_wrong, 0) << "the lane scan against the CPU";
+}
+
+void run_case(const Slice& s, int C, std::mt19937& rng, const char* what) {
+    std::vector<float> x;
+    std::vector<int> active;
+    make_tokens(s, C, rng, &x, &active);
+    const int n = static_cast<int>(active.size());
+    std::vector<float> wt(static_cast<size_t>(C) * kD);
+    commvq_transpose(s.words.data(), C, kD, wt.data());
+    std::vector<int> ref(n);
+    for (int t = 0; t < n; ++t)
+        ref[t] = commvq_nearest(&x[static_cast<size_t>(t) * kD], wt.data(), s.norms2.data(), C, kD);
+    check_search(s, C, x, active, {}, ref, what);
+    // Known codewords: the answer itself, the next one, a random one; token 200's lane gives
+    // none (its warp takes the first pass).
+    std::uniform_int_distribution<int> pick(0, C - 1);
+    std::vector<int> known(n);
+    for (int t = 0; t < n; ++t)
+        known[t] = t % 3 == 0 ? ref[t] : t % 3 == 1 ? (ref[t] + 1) % C : pick(rng);
+    known[200] = -1;
+    check_search(s, C, x, active, known, ref, (std::string(what) + ", known codewords").c_str());
 }
 
 bool has_tf32_mma() {

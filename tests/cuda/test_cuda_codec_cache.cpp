@@ -118,6 +118,10 @@ std::vector<Case> cases() {
     v.push_back({"spectral_d128", calibrated(c, 2, 128), 2, 128});
     c = base("commvq", 2, 4, 12);
     v.push_back({"commvq_d64_b2", calibrated(c, 2, 64), 2, 64, 1e-3});
+    // Three stages of 256 codewords: more slices than the tensor search keeps staged for a
+    // group (cvq_tensor_layout), so one is staged a step.
+    c = base("commvq", 3, 4, 22);
+    v.push_back({"commvq_d64_b3", calibrated(c, 2, 64), 2, 64, 1e-3});
     v.push_back({"vecinfer_d64_b2", calibrated(base("vecinfer", 2, 4, 9), 2, 64), 2, 64});
     v.push_back({"commvq_d64_b2_group_dim4", commvq_fitted(base("commvq", 2, 4, 21), 2, 64, 2), 2,
                  64, 1e-3});
