@@ -15,9 +15,10 @@
 //  3. The residual e in double; ||e||^2 in j order by lane 0; ||e||_1 a warp tree sum where it is
 //     provably exact (then every order gives the same double), else in j order by lane 0.
 //  4. Extended RaBitQ's critical values t = s / |e_j| (arXiv 2409.09913 §3.2) sorted by (t, j)
-//     as the CPU sorts them: counted into as many equal-width buckets of t as there are events
-//     (shared atomics), the counts scanned, the events scattered, each bucket (one or two events
-//     mostly) insertion-sorted by (t, j) by one lane. Any correct sort gives the same order.
+//     as the CPU sorts them: counted into as many equal-width buckets of (an estimate of) t as
+//     there are events (shared atomics), the counts scanned, the events scattered, each bucket
+//     (one or two events mostly) insertion-sorted by (t, j) by one lane, the whole checked.
+//     Any correct sort gives the same order.
 //  5. The best prefix: rb_best_prefix_warp, each lane a run of events, where it can prove its
 //     result the sequential scan's (almost always); else one lane repeats the CPU's double
 //     updates in event order.
@@ -145,6 +146,21 @@ __device__ inline int rb_nearest(const float* x, const float* rows, int stride, 
     return best < 0 ? 0 : best;
 }
 
+/// Insertion-sorts events [first, last) of ev_t / tags by (t, tag).
+__device__ inline void rb_insertion_sort(double* ev_t, uint16_t* tags, int first, int last) {
+    for (int i = first + 1; i < last; ++i) {
+        const double t = ev_t[i];
+        const uint16_t tag = tags[i];
+        int k = i;
+        for (; k > first && (ev_t[k - 1] > t || (ev_t[k - 1] == t && tags[k - 1] > tag)); --k) {
+            ev_t[k] = ev_t[k - 1];
+            tags[k] = tags[k - 1];
+        }
+        ev_t[k] = t;
+        tags[k] = tag;
+    }
+}
+
 /// The critical values of a lane's coordinates (32 c + lane, |e| in a[c]) in (t, j) order in
 /// ev_t / tags[0, n), n returned to every lane; `cursor` holds n + 1 ints.
 template <int C>
@@ -158,18 +174,26 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_xor_sync(kFull, n, offset);
     if (n == 0) return 0;
     // Buckets of equal width in t over [0, t_max], as many as events (rabitq.cpp's
-    // critical_values): monotone in t, so sorting inside each bucket sorts them all.
-    const double per_t = static_cast<double>(n) / t_max;
-    auto bucket = [&](double t) {
-        const auto b = static_cast<unsigned long long>(t * per_t);
+    // critical_values), of an estimate s / |e| ~ s (1 / |e|) (a float reciprocal and a Newton
+    // step, ~2^-46 relative) rather than the quotient t itself: one division an event saved. The
+    // estimate is monotone in t but where two events' t lie within its error across a bucket's
+    // edge, so the buckets, each sorted by (t, j), are checked pair by pair after; where one is
+    // out of order (rarely), lane 0 insertion-sorts the nearly sorted whole.
+    double per_event[C];  // bucket = s per_event[c]
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const double r0 = __frcp_rn(static_cast<float>(a[c]));
+        per_event[c] = fma(r0, fma(-a[c], r0, 1.0), r0) * (static_cast<double>(n) / t_max);
+    }
+    auto bucket = [&](int c, int s) {
+        const auto b = static_cast<unsigned long long>(s * per_event[c]);
         return b < static_cast<unsigned long long>(n - 1) ? static_cast<int>(b) : n - 1;
     };
     for (int i = lane; i <= n; i += 32) cursor[i] = 0;
     __syncwarp();
 #pragma unroll
     for (int c = 0; c < C; ++c)
-        for (int s = 1; s < m && s <= t_max * a[c]; ++s)
-            atomicAdd(cursor + bucket(s / a[c]) + 1, 1);
+        for (int s = 1; s < m && s <= t_max * a[c]; ++s) atomicAdd(cursor + bucket(c, s) + 1, 1);
     __syncwarp();
     // cursor[b] = the first slot of bucket b: each lane scans a run, the runs' totals across
     // lanes.
@@ -191,29 +215,23 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     for (int c = 0; c < C; ++c) {
         const int j = 32 * c + lane;
         for (int s = 1; s < m && s <= t_max * a[c]; ++s) {
-            const double t = s / a[c];
-            const int at = atomicAdd(cursor + bucket(t), 1);
-            ev_t[at] = t;
+            const int at = atomicAdd(cursor + bucket(c, s), 1);
+            ev_t[at] = s / a[c];
             tags[at] = static_cast<uint16_t>(j << 8 | s);
         }
     }
     __syncwarp();
     // Bucket b now spans [cursor[b - 1], cursor[b]).
-    for (int b = lane; b < n; b += 32) {
-        const int first = b == 0 ? 0 : cursor[b - 1], last = cursor[b];
-        for (int i = first + 1; i < last; ++i) {
-            const double t = ev_t[i];
-            const uint16_t tag = tags[i];
-            int k = i;
-            for (; k > first && (ev_t[k - 1] > t || (ev_t[k - 1] == t && tags[k - 1] > tag)); --k) {
-                ev_t[k] = ev_t[k - 1];
-                tags[k] = tags[k - 1];
-            }
-            ev_t[k] = t;
-            tags[k] = tag;
-        }
-    }
+    for (int b = lane; b < n; b += 32)
+        rb_insertion_sort(ev_t, tags, b == 0 ? 0 : cursor[b - 1], cursor[b]);
     __syncwarp();
+    bool ordered = true;  // (tags are distinct)
+    for (int i = lane; i + 1 < n; i += 32)
+        ordered &= ev_t[i] < ev_t[i + 1] || (ev_t[i] == ev_t[i + 1] && tags[i] < tags[i + 1]);
+    if (!__all_sync(kFull, ordered)) {
+        if (lane == 0) rb_insertion_sort(ev_t, tags, 0, n);
+        __syncwarp();
+    }
     return n;
 }
 

@@ -4,7 +4,10 @@
 // sum is provably exact (rb_term_sum). On a GPU, on residuals of several kinds: the sequential
 // scan and the sum must equal this file's host reference (rabitq.cpp's loop, in double), and the
 // warp scan must equal it or decline (-1). Residuals spread over 2^60 must make it decline;
-// rabitq-like residuals must mostly take the warp path. Skips without a device.
+// rabitq-like residuals must mostly take the warp path. The events' sort before it
+// (rb_sorted_events: buckets of an estimate of t, a check, lane 0's fallback sort) must give the
+// host's (t, j) order, also where the estimate puts two events in the wrong buckets. Skips
+// without a device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -160,6 +163,114 @@ void check_kind(Kind kind, int bits, int cases, uint64_t seed, double min_warp_s
     const double share = static_cast<double>(taken) / cases;
     EXPECT_GE(share, min_warp_share);
     EXPECT_LE(share, max_warp_share);
+}
+
+// rb_sorted_events of case blockIdx.x (one warp): its event count and tags in order.
+__global__ void sort_kernel(const double* abs_e, const double* t_max, int m, int max_events,
+                            uint16_t* tags_out, int* counts) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    auto* ev_t = reinterpret_cast<double*>(smem);
+    auto* cursor = reinterpret_cast<int*>(ev_t + max_events);
+    auto* tags = reinterpret_cast<uint16_t*>(cursor + max_events + 1);
+    const int k = static_cast<int>(blockIdx.x), lane = static_cast<int>(threadIdx.x);
+    double a[kC];
+    for (int c = 0; c < kC; ++c) a[c] = abs_e[static_cast<size_t>(k) * kD + 32 * c + lane];
+    const int n = codec::rb_sorted_events<kC>(a, kD, m, t_max[k], ev_t, tags, cursor, lane);
+    for (int i = lane; i < n; i += 32) tags_out[static_cast<size_t>(k) * max_events + i] = tags[i];
+    if (lane == 0) counts[k] = n;
+}
+
+// The host's order of the events with s <= t_max |e_j| (the kernel's test).
+std::vector<uint16_t> events_below(const std::vector<double>& abs_e, int m, double t_max) {
+    std::vector<std::tuple<double, int, int>> ev;
+    for (int j = 0; j < kD; ++j)
+        for (int s = 1; s < m && s <= t_max * abs_e[j]; ++s) ev.emplace_back(s / abs_e[j], j, s);
+    std::sort(ev.begin(), ev.end());
+    std::vector<uint16_t> tags;
+    for (const auto& [t, j, s] : ev) tags.push_back(static_cast<uint16_t>(j << 8 | s));
+    return tags;
+}
+
+void check_sort(const std::vector<std::vector<double>>& cases, const std::vector<double>& t_max,
+                int m) {
+    const int max_events = kD * (m - 1), n_cases = static_cast<int>(cases.size());
+    std::vector<double> abs_e;
+    for (const auto& c : cases) abs_e.insert(abs_e.end(), c.begin(), c.end());
+    const DeviceBuffer<double> d_abs(abs_e), d_t(t_max);
+    DeviceBuffer<uint16_t> d_tags(static_cast<std::size_t>(n_cases) * max_events);
+    DeviceBuffer<int> d_counts(n_cases);
+    const size_t smem = static_cast<size_t>(max_events) * 10 + 4 * (max_events + 1) + 16;
+    sort_kernel<<<n_cases, 32, smem>>>(d_abs.get(), d_t.get(), m, max_events, d_tags.get(),
+                                       d_counts.get());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<uint16_t> tags = d_tags.download();
+    const std::vector<int> counts = d_counts.download();
+    for (int k = 0; k < n_cases; ++k) {
+        const std::vector<uint16_t> want = events_below(cases[k], m, t_max[k]);
+        ASSERT_EQ(counts[k], static_cast<int>(want.size())) << "case " << k;
+        const auto* got = tags.data() + static_cast<std::size_t>(k) * max_events;
+        ASSERT_TRUE(std::equal(want.begin(), want.end(), got)) << "case " << k;
+    }
+}
+
+TEST(RabitqScanDevice, EventsSortLikeTheHost) {
+    SKIP_WITHOUT_DEVICE();
+    for (const int bits : {2, 3, 4}) {
+        const int m = 1 << (bits - 1);
+        std::mt19937_64 gen(61 + bits);
+        std::vector<std::vector<double>> cases;
+        std::vector<double> t_max;
+        for (const Kind kind :
+             {Kind::kRabitqLike, Kind::kEqual, Kind::kTwoLevels, Kind::kSmallIntegers, Kind::kWide})
+            for (int i = 0; i < (kind == Kind::kRabitqLike ? 1024 : 64); ++i) {
+                cases.push_back(residuals(kind, gen));
+                const double sum = host_sum(cases.back());
+                t_max.push_back(sum > 0.0 ? (m - 0.5) * kD / sum * (1.0 + 1e-9) : 0.0);
+            }
+        SCOPED_TRACE(bits);
+        check_sort(cases, t_max, m);
+    }
+}
+
+// The kernel's bucket of event s of |e| = a (rb_sorted_events' estimate), n events over t_max.
+long long estimate_bucket(double a, int s, int n, double t_max) {
+    const double r0 = 1.0f / static_cast<float>(a);
+    const double per_event = std::fma(r0, std::fma(-a, r0, 1.0), r0) * (n / t_max);
+    return std::min(static_cast<long long>(s * per_event), static_cast<long long>(n - 1));
+}
+
+// Two events whose estimates cross a bucket edge in the wrong order: |e| = a_lo < a_hi (so
+// t_lo > t_hi) around a point where a's float (so the estimate's reciprocal) changes, with
+// t_max putting an edge between their estimates, the other 126 coordinates well inside.
+TEST(RabitqScanDevice, EventsInSwappedBucketsStillSort) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937_64 gen(71);
+    std::uniform_real_distribution<float> unit(0.5f, 2.0f);
+    constexpr int kN = kD;  // m = 2: one event a coordinate, every |e| >= 1 / t_max
+    for (int tries = 0; tries < 1000; ++tries) {
+        const float f = unit(gen);  // a_lo, a_hi: the doubles either side of f's midpoint
+        const double mid = (static_cast<double>(f) + std::nextafter(f, 4.0f)) / 2;
+        const double a_lo = std::nextafter(mid, 0.0), a_hi = std::nextafter(mid, 4.0);
+        // The estimates of 1 / a: the higher must be a_hi's.
+        const auto est = [](double a) {
+            const double r0 = 1.0f / static_cast<float>(a);
+            return std::fma(r0, std::fma(-a, r0, 1.0), r0);
+        };
+        if (!(est(a_hi) > est(a_lo))) continue;
+        // An edge k = n / 2 between them: t_max = n / per_t, per_t = k / (the estimates' middle).
+        double t_max = kN / (kN / 2 / ((est(a_lo) + est(a_hi)) / 2));
+        if (!(estimate_bucket(a_lo, 1, kN, t_max) < estimate_bucket(a_hi, 1, kN, t_max))) continue;
+        ASSERT_GT(1.0 / a_lo, 1.0 / a_hi);
+        std::vector<double> a(kD);
+        std::uniform_real_distribution<double> inside(1.2 / t_max, 4.0 / t_max);
+        for (double& x : a) x = inside(gen);
+        a[5] = a_lo;
+        a[70] = a_hi;
+        ASSERT_EQ(events_below(a, 2, t_max).size(), static_cast<std::size_t>(kN));
+        check_sort({a}, {t_max}, 2);
+        return;
+    }
+    FAIL() << "no pair of events in swapped buckets found";
 }
 
 TEST(RabitqScanDevice, RabitqLikeResidualsMostlyTakeTheWarpScan) {
