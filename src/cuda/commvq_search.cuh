@@ -37,10 +37,6 @@
 
 namespace veloxquant::cuda::codec {
 
-/// scan_nearest's loop over the n codewords staged at words, norms2 (16-byte aligned), which are
-/// codewords c0 .. c0 + n - 1. GD > 0: x in registers (gd = GD); GD = 0: x in shared memory.
-/// Once a codeword is taken (*best >= 0, for good), scan_nearest's second test is false: from
-/// there on the loop tests v < *m alone (3 instructions a codeword instead of 7).
 /// The codec's value of codeword w (GD floats, 16-byte aligned) for x2 = -2 x: norms2 + x2_0 w_0
 /// + x2_1 w_1 + ..., each product rounded, summed in j order.
 template <int GD>
@@ -53,6 +49,10 @@ __device__ __forceinline__ float commvq_value(const float (&x2)[GD], const float
     return v;
 }
 
+/// scan_nearest's loop over the n codewords staged at words, norms2 (16-byte aligned), which are
+/// codewords c0 .. c0 + n - 1. GD > 0: x in registers (gd = GD); GD = 0: x in shared memory.
+/// Once a codeword is taken (*best >= 0, for good), scan_nearest's second test is false: from
+/// there on the loop tests v < *m alone (3 instructions a codeword instead of 7).
 template <int GD>
 __device__ __forceinline__ void commvq_scan(const float* x, const float* words, const float* norms2,
                                             int c0, int n, int gd, float* m, int* best) {
