@@ -176,9 +176,9 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     // Buckets of equal width in t over [0, t_max], as many as events (rabitq.cpp's
     // critical_values), of an estimate s / |e| ~ s (1 / |e|) (a float reciprocal and a Newton
     // step, ~2^-46 relative) rather than the quotient t itself: one division an event saved. The
-    // estimate is monotone in t but where two events' t lie within its error across a bucket's
-    // edge, so the buckets, each sorted by (t, j), are checked pair by pair after; where one is
-    // out of order (rarely), lane 0 insertion-sorts the nearly sorted whole.
+    // estimate puts the events in t's order but where two of them lie within its error across a
+    // bucket's edge, so the buckets, each sorted by (t, j), are checked pair by pair after; where
+    // a pair is out of order (rarely), lane 0 insertion-sorts the nearly sorted whole.
     double per_event[C];  // bucket = s per_event[c]
 #pragma unroll
     for (int c = 0; c < C; ++c) {
