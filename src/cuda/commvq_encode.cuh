@@ -305,14 +305,15 @@ struct BulkKeyEncoder<dev::CommVQDevice> {
         return std::min(optin,
                         four >= kCvqTensorSmemBytes ? kCvqTensorSmemBytes : per_sm / 2 - 1024);
     }
-    /// Whether the current GPU searches p's slices on tensor cores (kCvqTensorTokens a CTA fit).
-    static bool tensor_search(const dev::CommVQDevice::Params& p) {
-        const int budget = tensor_budget();
+    /// Whether the current GPU (its tensor_budget) searches p's slices on tensor cores
+    /// (kCvqTensorTokens a CTA fit).
+    static bool tensor_search(const dev::CommVQDevice::Params& p, int budget) {
         return budget > 0 && cvq_tensor_search_fits(p, kCvqTensorTokens, budget);
     }
     static const void* kernel(const dev::CommVQDevice::Params& p) {
-        return tensor_search(p) ? reinterpret_cast<const void*>(&commvq_encode_keys_tensor_kernel)
-                                : reinterpret_cast<const void*>(&commvq_encode_keys_kernel);
+        return tensor_search(p, tensor_budget())
+                   ? reinterpret_cast<const void*>(&commvq_encode_keys_tensor_kernel)
+                   : reinterpret_cast<const void*>(&commvq_encode_keys_kernel);
     }
     /// kCvqTokens (tensor search: kCvqTensorTokens) tokens per CTA, fewer where that leaves
     /// under 4 CTAs per SM.
@@ -320,7 +321,7 @@ struct BulkKeyEncoder<dev::CommVQDevice> {
                        int sms, cudaStream_t stream) {
         if (a.n == 0 || a.units == 0) return;
         const int budget = tensor_budget();
-        const bool tensor = budget > 0 && cvq_tensor_search_fits(p, kCvqTensorTokens, budget);
+        const bool tensor = tensor_search(p, budget);
         int nt = tensor ? kCvqTensorTokens : kCvqTokens;
         while (nt > 32 && static_cast<long long>(a.units) * ((a.n + nt - 1) / nt) < 4LL * sms)
             nt /= 2;
