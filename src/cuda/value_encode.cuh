@@ -5,9 +5,12 @@
 // j = 32 c + lane in register c of its lane, so that the butterflies of length < 32 are lane
 // shuffles and the longer ones register pairs, all in the CPU's stage order (fwht: lengths 1, 2,
 // 4, ...; the pairs of a stage are independent). The three sums the CPU takes in j order (||v||^2,
-// <u, c>, ||c||^2, in double) stay in that order: the lanes write their terms to shared memory and
-// one lane adds them up (lane 0 the first, lanes 0 and 1 the other two side by side). Every term
-// is a product of two floats, exact in double, so only the additions round, as on the CPU.
+// <u, c>, ||c||^2, in double; every term a product of two floats, exact in double) are warp
+// trees, whose error bounds (ordered_sum_bounds) decide the floats the CPU derives from them,
+// 1 / ||v|| and the scale, where both ends of the bounds give one float; where they do not
+// (rarely: a rounding edge within the bounds), the lanes write their terms to shared memory and
+// one lane adds them up in j order, as the CPU does. Session zb: 468 -> 321 us for the values of
+// 32K tokens x 8 heads (ncu; cuda_h200_20261203zb_rabitq_dot_search_value_trees.txt).
 // On the H200, one append of 32K tokens x 8 heads at d = 128 with 4-bit values (bench_codec_cache,
 // cuda_h200_20261202v_encode_ab.txt) took 0.3-0.9 ms less for every method than with the values
 // in the one-thread and team encoders: turboquant 2.87 -> 1.95 ms, polarquant 2.55 -> 2.04.
@@ -101,6 +104,21 @@ __device__ __forceinline__ double ordered_sum(const double* terms, int d) {
     return s;
 }
 
+/// Bounds [lo, hi] on ordered_sum of d doubles from `tree`, a warp's sum of the same terms in
+/// another order, and `abs_tree`, its sum of their magnitudes: any two orders of adding them
+/// agree within 2 gamma_(d-1) sum_j |term_j|, gamma_k = k 2^-53 / (1 - k 2^-53) (Higham,
+/// Accuracy and Stability of Numerical Algorithms, §4.2), here widened to (d + 8) 2^-51 for the
+/// bounds' own rounding. False where abs_tree lies past 2^1000 (a partial sum could overflow).
+/// (Sums whose result is subnormal are exact, so underflow does not break the bound.)
+__device__ __forceinline__ bool ordered_sum_bounds(double tree, double abs_tree, int d, double& lo,
+                                                   double& hi) {
+    if (!(abs_tree <= 0x1p1000)) return false;
+    const double slack = (d + 8) * 0x1p-51 * abs_tree;
+    lo = tree - slack;
+    hi = tree + slack;
+    return true;
+}
+
 /// fwht's butterflies (a, b) -> (a + b, a - b) of lengths 1, 2, 4, ... < d (not its final
 /// 1 / sqrt(d)) on a warp's vector, coordinate 32 c + lane in y[c]: lengths below 32 are lane
 /// shuffles, the longer ones register pairs. d is a power of two; lanes past d hold zeros.
@@ -172,42 +190,98 @@ __global__ void __launch_bounds__(kValueWarps * 32) encode_values_kernel(const V
             }
             continue;
         }
+        // ||v||^2 a warp tree sum of the exact terms v_j^2; where both of its bounds give one
+        // 1 / ||v|| in float (what the quantizer sees), norm_lo and norm_hi bound the CPU's ||v||,
+        // else lane 0 adds the terms in j order (norm_lo = norm_hi = its root).
+        double vv = 0.0;
 #pragma unroll
         for (int c = 0; c < C; ++c)
-            if (32 * c + lane < d) first[32 * c + lane] = static_cast<double>(y[c]) * y[c];
-        __syncwarp();
-        const double norm = sqrt(__shfl_sync(kFull, lane == 0 ? ordered_sum(first, d) : 0.0, 0));
-        const float inv = norm > 0.0 ? static_cast<float>(1.0 / norm) : 0.0f;
+            if (32 * c + lane < d) vv += static_cast<double>(y[c]) * y[c];
+        vv = warp_sum(vv);  // the same on every lane: each step adds a pair in either order
+        double norm_lo = 0.0, norm_hi = 0.0, vv_lo, vv_hi;
+        float inv = 0.0f;
+        bool bounded = ordered_sum_bounds(vv, vv, d, vv_lo, vv_hi);
+        if (bounded) {  // lane 0 the lower end, lane 1 the upper
+            const double end = sqrt(lane == 1 ? vv_hi : vv_lo);
+            const float end_inv = end > 0.0 ? static_cast<float>(1.0 / end) : 0.0f;
+            norm_lo = __shfl_sync(kFull, end, 0);
+            norm_hi = __shfl_sync(kFull, end, 1);
+            inv = __shfl_sync(kFull, end_inv, 0);
+            bounded = inv == __shfl_sync(kFull, end_inv, 1) && (norm_lo > 0.0) == (norm_hi > 0.0);
+        }
+        if (!bounded) {
+#pragma unroll
+            for (int c = 0; c < C; ++c)
+                if (32 * c + lane < d) first[32 * c + lane] = static_cast<double>(y[c]) * y[c];
+            __syncwarp();
+            norm_lo = norm_hi =
+                sqrt(__shfl_sync(kFull, lane == 0 ? ordered_sum(first, d) : 0.0, 0));
+            inv = norm_lo > 0.0 ? static_cast<float>(1.0 / norm_lo) : 0.0f;
+        }
         const int bits = p.bits, code_bytes = R.value_code_bytes;
         for (int i = lane; i < (code_bytes + 3) / 4; i += 32) code_words[i] = 0;
         float scale = 0.0f;
-        if (norm > 0.0 && inv <= FLT_MAX) {  // else v is stored as 0, as ValueDevice::encode
-                                             // y = H (signs * v) / sqrt(d)
+        if (norm_lo > 0.0 && inv <= FLT_MAX) {  // else v is stored as 0, as ValueDevice::encode
+                                                // y = H (signs * v) / sqrt(d)
 #pragma unroll
             for (int c = 0; c < C; ++c)
                 if (32 * c + lane < d) y[c] *= p.rotation.signs[32 * c + lane];
             warp_fwht_butterflies<C>(y, d, lane);
             const float rescale = 1.0f / sqrtf(static_cast<float>(d));
             const int levels = 1 << bits;
-            __syncwarp();  // every lane has read `first` for the norm (lane 0 summed it)
+            __syncwarp();  // every lane has read `first` (where lane 0 summed it)
+            double uc = 0.0, uc_abs = 0.0, cc = 0.0;  // <u, c> and ||c||^2 as trees
 #pragma unroll
             for (int c = 0; c < C; ++c) {
                 const int j = 32 * c + lane;
                 if (j >= d) continue;
                 const float x = (y[c] * rescale) * inv;
                 const int idx = dev::quantize_sorted(p.boundaries, levels - 1, x);
-                const double centroid = p.centroids[idx];
-                first[j] = x * centroid;
+                const double centroid = p.centroids[idx], xc = x * centroid;
+                first[j] = xc;  // the terms kept for the ordered sums, where the bounds fail
                 second[j] = centroid * centroid;
+                uc += xc;
+                uc_abs += fabs(xc);
+                cc += centroid * centroid;
                 const int bit = j * bits, word = bit >> 5, shift = bit & 31;
                 atomicOr(code_words + word, static_cast<uint32_t>(idx) << shift);
                 if (shift + bits > 32)
                     atomicOr(code_words + word + 1, static_cast<uint32_t>(idx) >> (32 - shift));
             }
-            __syncwarp();
-            const double sum = lane < 2 ? ordered_sum(lane == 0 ? first : second, d) : 0.0;
-            const double uc = __shfl_sync(kFull, sum, 0), cc = __shfl_sync(kFull, sum, 1);
-            scale = cc > 0.0 ? static_cast<float>(norm * uc / cc) : 0.0f;
+            uc = warp_sum(uc);
+            uc_abs = warp_sum(uc_abs);
+            cc = warp_sum(cc);
+            // scale = ||v|| <u, c> / ||c||^2, in the CPU's operations: monotonic in each
+            // operand over the bounds' box (cc > 0), so its float lies between the least and the
+            // greatest of the box's eight corners (lane & 7 picks one); where those agree, that
+            // is the CPU's float. Else the ordered sums.
+            double uc_lo, uc_hi, cc_lo, cc_hi;
+            bool decided = cc <= 0.0;  // non-negative terms: the CPU's cc > 0 exactly then too
+            if (!decided && ordered_sum_bounds(uc, uc_abs, d, uc_lo, uc_hi) &&
+                ordered_sum_bounds(cc, cc, d, cc_lo, cc_hi) && cc_lo > 0.0) {
+                const double n = lane & 1 ? norm_hi : norm_lo, u = lane & 2 ? uc_hi : uc_lo,
+                             q = lane & 4 ? cc_hi : cc_lo;
+                float least = static_cast<float>(n * u / q), most = least;
+                for (int offset = 1; offset < 8; offset <<= 1) {
+                    least = fminf(least, __shfl_xor_sync(kFull, least, offset));
+                    most = fmaxf(most, __shfl_xor_sync(kFull, most, offset));
+                }
+                decided = least == most;
+                scale = least;
+            }
+            if (!decided) {
+                __syncwarp();
+                const double sum = lane < 2 ? ordered_sum(lane == 0 ? first : second, d) : 0.0;
+                const double uc_exact = __shfl_sync(kFull, sum, 0);
+                const double cc_exact = __shfl_sync(kFull, sum, 1);
+                if (norm_lo != norm_hi) {  // the terms v_j^2 again, from the row
+                    for (int j = lane; j < d; j += 32)
+                        first[j] = static_cast<double>(src[j]) * src[j];
+                    __syncwarp();
+                    norm_lo = sqrt(__shfl_sync(kFull, lane == 0 ? ordered_sum(first, d) : 0.0, 0));
+                }
+                scale = static_cast<float>(norm_lo * uc_exact / cc_exact);
+            }
         }
         __syncwarp();
         const auto* bytes = reinterpret_cast<const uint8_t*>(code_words);  // little-endian words

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cache/paged_store.h"
@@ -543,6 +544,61 @@ TEST(CodecCache, RabitqTiedCriticalValuesMatchTheCpu) {
         DeviceBuffer<float> dk(keys), dvals(vals);
         cpu->append(keys.data(), vals.data(), count);
         gpu.append(dk.get(), dvals.get(), count, nullptr);
+    }
+    PagedStore mine(gpu.page_layout());
+    gpu.download(mine);
+    const PagedStore& ref = dynamic_cast<QuantizedKVCache&>(*cpu).paged_store();
+    for (int p = 0; p * kTokensPerPage < gpu.size(); ++p)
+        EXPECT_EQ(std::memcmp(mine.page_data(p), ref.page_data(p), mine.layout().page_bytes), 0)
+            << "page " << p;
+}
+
+// Values whose ||v||^2 leaves 1 / ||v|| undecided between two floats within the warp value
+// encoder's bounds (value_encode.cuh: a tree sum's ordered_sum_bounds), so that it adds the
+// terms in order as the CPU does: v = +-(1 at j0, b at j1), b picked on the host so that
+// float(1 / sqrt(.)) differs at the ends of fl(1 + b^2) -+ (d + 8) 2^-51 fl(1 + b^2). A long
+// append of such rows among random ones against the CPU, byte for byte.
+TEST(CodecCache, ValuesAtARoundingEdgeMatchTheCpu) {
+    SKIP_WITHOUT_DEVICE();
+    const int H = 2, d = 128, prefill = 100;
+    std::vector<float> edges;  // b with an undecided inverse norm
+    for (int k = 0; edges.size() < 16 && k < 4096; ++k) {
+        float b = static_cast<float>(std::sqrt((2.0 * k + 1.0) * 0x1p-24));
+        for (int i = 0; i < 64; ++i) b = std::nextafter(b, 0.0f);
+        for (int i = 0; i < 128 && edges.size() < 16; ++i, b = std::nextafter(b, 1.0f)) {
+            const double sum = 1.0 + static_cast<double>(b) * b, slack = (d + 8) * 0x1p-51 * sum;
+            if (static_cast<float>(1.0 / std::sqrt(sum - slack)) !=
+                static_cast<float>(1.0 / std::sqrt(sum + slack)))
+                edges.push_back(b);
+        }
+    }
+    ASSERT_EQ(edges.size(), 16u);
+    KVCacheConfig c = base("rabitq", 3, 4, 33);
+    const int n = static_cast<int>(kTeamEncodeMaxItems / H) + 52;  // past the teams
+    auto cpu = KVCacheFactory::create(c, H, d, prefill + n);
+    CudaCodecCache gpu(c, H, d, prefill + n);
+    const auto keys = random_tokens(H, prefill + n, d, 511, 0.5f);
+    auto values = random_tokens(H, prefill + n, d, 512, 0.5f);
+    for (std::size_t row = prefill; row < values.size() / d; row += 3) {  // every third row
+        float* v = values.data() + row * d;
+        std::fill(v, v + d, 0.0f);
+        const int j0 = static_cast<int>(row * 7 % d), j1 = (j0 + 1 + static_cast<int>(row % 5)) % d;
+        const float sign = row % 2 ? -1.0f : 1.0f;
+        v[j0] = sign;
+        v[j1] = sign * edges[row % edges.size()];
+    }
+    for (const auto [first, count] : {std::pair{0, prefill}, std::pair{prefill, n}}) {
+        std::vector<float> k, v;
+        for (int h = 0; h < H; ++h) {
+            const std::size_t at = (static_cast<std::size_t>(h) * (prefill + n) + first) * d;
+            k.insert(k.end(), keys.begin() + at,
+                     keys.begin() + at + static_cast<std::size_t>(count) * d);
+            v.insert(v.end(), values.begin() + at,
+                     values.begin() + at + static_cast<std::size_t>(count) * d);
+        }
+        DeviceBuffer<float> dk(k), dv(v);
+        cpu->append(k.data(), v.data(), count);
+        gpu.append(dk.get(), dv.get(), count, nullptr);
     }
     PagedStore mine(gpu.page_layout());
     gpu.download(mine);
