@@ -9,16 +9,20 @@
 //
 // Per token, as RaBitQDevice::encode and the CPU's quantize (methods/rabitq.cpp):
 //  1. x = H (signs * k) / sqrt(d), coordinate 32 c + lane in register c (warp_fwht_butterflies).
-//  2. The nearest centroid: each lane computes squared_distance's eight partial sums for its
-//     centroids, two at a time (lane + 64 i and lane + 64 i + 32) from 16-byte loads of x and of
-//     rows staged d + kRbRowPad floats apart, then the warp folds (distance, index) to the least.
-//  3. The residual e in double; ||e||^2 in j order by lane 0; ||e||_1 a warp tree sum where it is
-//     provably exact (then every order gives the same double), else in j order by lane 0.
+//  2. The nearest centroid: each lane scores its centroids (lane + 64 i and lane + 64 i + 32,
+//     from 16-byte loads of x and of rows staged d + kRbRowPad floats apart) by ||c||^2 - 2 <x, c>,
+//     and where one alone lies within a proven error bound of the least, that is the CPU's
+//     nearest (rb_nearest_by_dot); else squared_distance's eight partial sums for every centroid,
+//     folded across the warp to the first least (rb_nearest).
+//  3. The residual e in double; ||e||_1 a warp tree sum where it is provably exact (then every
+//     order gives the same double), else in j order by lane 0; ||e||^2 a warp tree sum, whose
+//     error bound decides f's float where it can (rb_scale), else lane 0's sum in j order.
 //  4. Extended RaBitQ's critical values t = s / |e_j| (arXiv 2409.09913 §3.2) sorted by (t, j)
-//     as the CPU sorts them: counted into as many equal-width buckets of (an estimate of) t as
-//     there are events (shared atomics), the counts scanned, the events scattered, each bucket
-//     (one or two events mostly) insertion-sorted by (t, j) by one lane, the whole checked.
-//     Any correct sort gives the same order.
+//     as the CPU sorts them: by an estimate of t within 2^-45 t, counted into as many
+//     equal-width buckets as there are events (shared atomics), the counts scanned, the events
+//     scattered, each bucket (one or two events mostly) insertion-sorted by one lane, every
+//     neighbouring pair checked against t itself where their estimates are close. Any correct
+//     sort gives the same order.
 //  5. The best prefix: rb_best_prefix_warp, each lane a run of events, where it can prove its
 //     result the sequential scan's (almost always); else one lane repeats the CPU's double
 //     updates in event order.
@@ -47,7 +51,8 @@ constexpr int kRbWarps = 12;
 constexpr int kRbTile = 256;        // tokens per CTA (one unit's), kRbTile / kRbWarps per warp
 constexpr int kRbMaxEvents = 1024;  // d (M - 1) past this: the team encoder (and its heap)
 // Staged centroid rows are d + kRbRowPad floats apart: 16-byte loads by 8 lanes (one phase of a
-// 128-bit shared load) of rows 4 (mod 32) banks apart touch distinct banks.
+// 128-bit shared load) of rows 4 (mod 32) banks apart touch distinct banks. The pad's first float
+// holds the row's squared norm (rb_centroid_norms).
 constexpr int kRbRowPad = 4;
 
 /// One warp's shared memory for a token, in bytes from the warp's base (16-byte aligned):
@@ -146,6 +151,76 @@ __device__ inline int rb_nearest(const float* x, const float* rows, int stride, 
     return best < 0 ? 0 : best;
 }
 
+/// The staged centroids' squared norms, each in its row's first pad float (rows[c stride + d]),
+/// and their largest in *max_norm2 (zero before; NaN where a norm is), for rb_nearest_by_dot. By
+/// the whole CTA, between barriers.
+__device__ inline void rb_centroid_norms(float* rows, int stride, int clusters, int d,
+                                         float* max_norm2) {
+    for (int c = static_cast<int>(threadIdx.x); c < clusters; c += static_cast<int>(blockDim.x)) {
+        float* row = rows + static_cast<size_t>(c) * stride;
+        float s = 0.0f;
+        for (int j = 0; j < d; ++j) s = __fmaf_rn(row[j], row[j], s);
+        row[d] = s;
+        // Non-negative floats order as their bits, and a NaN's bits lie above +inf's.
+        atomicMax(reinterpret_cast<unsigned*>(max_norm2), __float_as_uint(s));
+    }
+}
+
+/// rb_nearest's answer, or -1 (on every lane) where this cannot prove it. Each centroid is
+/// scored by A_c = ||c||^2 - 2 <x, c> (||x - c||^2 less ||x||^2, the same for all), one fused
+/// multiply-add a coordinate against squared_distance's three: A_c is within
+/// gamma_(d+2) (||x|| + ||c||)^2 of its exact value and the CPU's squared_distance within
+/// gamma_(d/8+10) of ||x - c||^2 (gamma_k = k 2^-24 / (1 - k 2^-24); Higham, Accuracy and
+/// Stability of Numerical Algorithms, §3.1), both below (2.3 d + 25) 2^-24 (||x||^2 + ||c||^2).
+/// So a centroid whose A_c exceeds the least by more than `margin` = (8 d + 128) 2^-24
+/// (||x||^2 + max ||c||^2) + 2^-126 (subnormal results' errors, 2^-150 an operation) has a
+/// larger CPU distance than the least's; where one centroid alone
+/// is within it, that one is the CPU's nearest. Rows as rb_nearest's, each with its squared
+/// norm at rows[c stride + d] (rb_centroid_norms); `x_norm2` ~ ||x||^2 (within 2^-10).
+__device__ inline int rb_nearest_by_dot(const float* x, const float* rows, int stride, int clusters,
+                                        int d, float x_norm2, float max_norm2, int lane) {
+    const float margin = (8 * d + 128) * 0x1p-24f * (x_norm2 + max_norm2) + 0x1p-126f;
+    float least = INFINITY, second = INFINITY;  // this lane's two least scores
+    int best = -1;
+    bool finite = margin <= 0x1p100f;
+    auto keep = [&](float score, int c) {
+        finite &= score >= -0x1p126f && score <= 0x1p126f;
+        if (score < least) {
+            second = least;
+            least = score;
+            best = c;
+        } else {
+            second = fminf(second, score);
+        }
+    };
+    for (int c = lane; c < clusters; c += 64) {
+        const int c1 = min(c + 32, clusters - 1);  // past the last: scored, not kept
+        const float* row0 = rows + static_cast<size_t>(c) * stride;
+        const float* row1 = rows + static_cast<size_t>(c1) * stride;
+        const auto* xv = reinterpret_cast<const float4*>(x);
+        const auto* r0 = reinterpret_cast<const float4*>(row0);
+        const auto* r1 = reinterpret_cast<const float4*>(row1);
+        float4 p0 = {0.0f, 0.0f, 0.0f, 0.0f}, p1 = p0;
+        for (int q = 0; q < d / 4; ++q) {
+            const float4 v = xv[q], a = r0[q], b = r1[q];
+            p0 = {__fmaf_rn(v.x, a.x, p0.x), __fmaf_rn(v.y, a.y, p0.y), __fmaf_rn(v.z, a.z, p0.z),
+                  __fmaf_rn(v.w, a.w, p0.w)};
+            p1 = {__fmaf_rn(v.x, b.x, p1.x), __fmaf_rn(v.y, b.y, p1.y), __fmaf_rn(v.z, b.z, p1.z),
+                  __fmaf_rn(v.w, b.w, p1.w)};
+        }
+        keep(row0[d] - 2.0f * ((p0.x + p0.y) + (p0.z + p0.w)), c);
+        if (c + 32 < clusters) keep(row1[d] - 2.0f * ((p1.x + p1.y) + (p1.z + p1.w)), c + 32);
+    }
+    if (!__all_sync(kFull, finite)) return -1;
+    float all_least = least;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        all_least = fminf(all_least, __shfl_xor_sync(kFull, all_least, offset));
+    const float cut = all_least + margin;
+    const unsigned holders = __ballot_sync(kFull, least <= cut);
+    if (__popc(holders) != 1 || __any_sync(kFull, second <= cut)) return -1;
+    return __shfl_sync(kFull, best, __ffs(holders) - 1);
+}
+
 /// Insertion-sorts events [first, last) of ev_t / tags by (t, tag).
 __device__ inline void rb_insertion_sort(double* ev_t, uint16_t* tags, int first, int last) {
     for (int i = first + 1; i < last; ++i) {
@@ -161,11 +236,24 @@ __device__ inline void rb_insertion_sort(double* ev_t, uint16_t* tags, int first
     }
 }
 
-/// The critical values of a lane's coordinates (32 c + lane, |e| in a[c]) in (t, j) order in
-/// ev_t / tags[0, n), n returned to every lane; `cursor` holds n + 1 ints.
+/// Whether sorted events i and i + 1 of ev_t / tags are in (t, j) order, t = s / |e_j|: from
+/// their estimates where those are far enough apart, else from t itself. An estimate is within
+/// 2^-45 t of t (rb_sorted_events), so a gap of 2^-40 of their sum puts t in the same order.
+__device__ __forceinline__ bool rb_pair_in_order(const double* ev_t, const uint16_t* tags,
+                                                 const double* abs_e, bool estimates, int i) {
+    const double e0 = ev_t[i], e1 = ev_t[i + 1];
+    if (estimates && e1 - e0 > 0x1p-40 * (e0 + e1)) return true;
+    const uint16_t g0 = tags[i], g1 = tags[i + 1];
+    const double t0 = (g0 & 0xff) / abs_e[g0 >> 8], t1 = (g1 & 0xff) / abs_e[g1 >> 8];
+    return t0 < t1 || (t0 == t1 && g0 < g1);
+}
+
+/// The critical values of a lane's coordinates (32 c + lane, |e| in a[c] and in abs_e[32 c +
+/// lane]) in (t, j) order in tags[0, n), n returned to every lane; `cursor` holds n + 1 ints,
+/// ev_t n doubles (the sort's keys).
 template <int C>
-__device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max, double* ev_t,
-                                uint16_t* tags, int* cursor, int lane) {
+__device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d, int m,
+                                double t_max, double* ev_t, uint16_t* tags, int* cursor, int lane) {
     int mine = 0;
 #pragma unroll
     for (int c = 0; c < C; ++c)
@@ -173,27 +261,34 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     int n = mine;
     for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_xor_sync(kFull, n, offset);
     if (n == 0) return 0;
-    // Buckets of equal width in t over [0, t_max], as many as events (rabitq.cpp's
-    // critical_values), of an estimate s / |e| ~ s (1 / |e|) (a float reciprocal and a Newton
-    // step, ~2^-46 relative) rather than the quotient t itself: one division an event saved. The
-    // estimate puts the events in t's order but where two of them lie within its error across a
-    // bucket's edge, so the buckets, each sorted by (t, j), are checked pair by pair after; where
-    // a pair is out of order (rarely), lane 0 insertion-sorts the nearly sorted whole.
-    double per_event[C];  // bucket = s per_event[c]
+    // The events are sorted by an estimate of t, s (1 / |e|) with 1 / |e| a float reciprocal
+    // refined by a Newton step: (1 / |e|)(1 - eta^2), |eta| <= 2^-23, so the estimate is within
+    // 2^-45 t of t, where |e| and its reciprocal are normal floats (else the quotients are the
+    // keys). Counted into as many equal-width buckets over [0, t_max] as there are events
+    // (rabitq.cpp's critical_values), scattered, each bucket (one or two events mostly)
+    // insertion-sorted by one lane; then every neighbouring pair is checked against t
+    // (rb_pair_in_order) and where one is out of order (rarely: two events within the estimate's
+    // error), lane 0 insertion-sorts the nearly sorted whole by t.
+    double recip[C];
+    bool wild = false;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const double r0 = __frcp_rn(static_cast<float>(a[c]));
-        per_event[c] = fma(r0, fma(-a[c], r0, 1.0), r0) * (static_cast<double>(n) / t_max);
+        recip[c] = fma(r0, fma(-a[c], r0, 1.0), r0);
+        wild |= 1.0 <= t_max * a[c] && !(a[c] >= 0x1p-120 && a[c] <= 0x1p120);
     }
-    auto bucket = [&](int c, int s) {
-        const auto b = static_cast<unsigned long long>(s * per_event[c]);
+    const bool estimates = !__any_sync(kFull, wild);
+    const double per_t = static_cast<double>(n) / t_max;
+    auto bucket = [&](double est) {
+        const auto b = static_cast<unsigned long long>(est * per_t);
         return b < static_cast<unsigned long long>(n - 1) ? static_cast<int>(b) : n - 1;
     };
     for (int i = lane; i <= n; i += 32) cursor[i] = 0;
     __syncwarp();
 #pragma unroll
     for (int c = 0; c < C; ++c)
-        for (int s = 1; s < m && s <= t_max * a[c]; ++s) atomicAdd(cursor + bucket(c, s) + 1, 1);
+        for (int s = 1; s < m && s <= t_max * a[c]; ++s)
+            atomicAdd(cursor + bucket(s * recip[c]) + 1, 1);
     __syncwarp();
     // cursor[b] = the first slot of bucket b: each lane scans a run, the runs' totals across
     // lanes.
@@ -215,8 +310,9 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     for (int c = 0; c < C; ++c) {
         const int j = 32 * c + lane;
         for (int s = 1; s < m && s <= t_max * a[c]; ++s) {
-            const int at = atomicAdd(cursor + bucket(c, s), 1);
-            ev_t[at] = s / a[c];
+            const double est = s * recip[c];
+            const int at = atomicAdd(cursor + bucket(est), 1);
+            ev_t[at] = estimates ? est : s / a[c];
             tags[at] = static_cast<uint16_t>(j << 8 | s);
         }
     }
@@ -227,8 +323,12 @@ __device__ int rb_sorted_events(const double (&a)[C], int d, int m, double t_max
     __syncwarp();
     bool ordered = true;  // (tags are distinct)
     for (int i = lane; i + 1 < n; i += 32)
-        ordered &= ev_t[i] < ev_t[i + 1] || (ev_t[i] == ev_t[i + 1] && tags[i] < tags[i + 1]);
+        ordered &= rb_pair_in_order(ev_t, tags, abs_e, estimates, i);
+    __syncwarp();  // the checks' reads of ev_t before any lane rewrites it (here, or as q after)
     if (!__all_sync(kFull, ordered)) {
+        if (estimates)
+            for (int i = lane; i < n; i += 32) ev_t[i] = (tags[i] & 0xff) / abs_e[tags[i] >> 8];
+        __syncwarp();
         if (lane == 0) rb_insertion_sort(ev_t, tags, 0, n);
         __syncwarp();
     }
@@ -374,6 +474,28 @@ __device__ inline int rb_best_prefix_warp(const double* abs_e, const uint16_t* t
     return best_len;
 }
 
+/// f = ||e||^2 / <x_bar, e> rounded to float as the CPU rounds it, its ||e||^2 the ordered sum
+/// of the terms e_j^2 (lanes' abs[c]^2), from `tree`, the warp's sum of the same terms: the
+/// ordered sum lies within ordered_sum_bounds, and where both bounds round to one float, that
+/// float is f (the quotient and its rounding are monotonic). Else lane 0 adds the terms in
+/// order, through `terms` (d doubles). On every lane.
+template <int C>
+__device__ float rb_scale(double tree, double xe, const double (&abs)[C], double* terms, int d,
+                          int lane) {
+    double lo, hi;
+    if (ordered_sum_bounds(tree, tree, d, lo, hi)) {
+        const auto f = static_cast<float>((lane == 1 ? hi : lo) / xe);
+        const float low = __shfl_sync(kFull, f, 0);
+        if (low == __shfl_sync(kFull, f, 1)) return low;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < C; ++c) terms[32 * c + lane] = abs[c] * abs[c];
+    __syncwarp();
+    const double norm2 = __shfl_sync(kFull, lane == 0 ? ordered_sum(terms, d) : 0.0, 0);
+    return static_cast<float>(norm2 / xe);
+}
+
 /// Grid (token tiles of kRbTile, units); C = d / 32 registers per lane; `staged`: the largest
 /// cluster count whose centroids the dynamic shared memory holds after the warps' regions.
 template <int C>
@@ -393,10 +515,15 @@ __global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
     auto* tags = reinterpret_cast<uint16_t*>(mine + L.tags);
     const float* rows = p.centroids;
     int stride = d;
-    if (p.clusters <= staged) {
+    const bool by_dot = p.clusters <= staged;  // rb_nearest_by_dot reads the staged norms
+    __shared__ float max_norm2;
+    if (by_dot) {
         auto* staged_rows = reinterpret_cast<float*>(rb_smem + kRbWarps * L.bytes);
         for (int i = static_cast<int>(threadIdx.x); i < p.clusters * d; i += kRbWarps * 32)
             staged_rows[(i / d) * (d + kRbRowPad) + i % d] = p.centroids[i];
+        if (threadIdx.x == 0) max_norm2 = 0.0f;
+        __syncthreads();
+        rb_centroid_norms(staged_rows, d + kRbRowPad, p.clusters, d, &max_norm2);
         __syncthreads();
         rows = staged_rows;
         stride = d + kRbRowPad;
@@ -412,18 +539,25 @@ __global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
         warp_fwht_butterflies<C>(y, d, lane);
         const float scale = 1.0f / sqrtf(static_cast<float>(d));
         auto* x = reinterpret_cast<float*>(dbl);
+        float x_norm2 = 0.0f;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             y[c] *= scale;
             x[32 * c + lane] = y[c];
+            x_norm2 += y[c] * y[c];
         }
         __syncwarp();
-        const int cid = rb_nearest(x, rows, stride, p.clusters, d, lane);
-        __syncwarp();  // x is read; its doubles take the terms of ||e||^2
+        int cid = -1;
+        if (by_dot)
+            cid = rb_nearest_by_dot(x, rows, stride, p.clusters, d, warp_sum(x_norm2), max_norm2,
+                                    lane);
+        if (cid < 0) cid = rb_nearest(x, rows, stride, p.clusters, d, lane);
+        __syncwarp();  // x is read
         const float* cent = rows + static_cast<size_t>(cid) * stride;
         double abs[C];  // |e_j|, and bit c of `below` for e_j below 0
         unsigned below = 0;
         int low = INT_MAX;
+        double norm2 = 0.0;  // ||e||^2 as a tree: rb_scale rounds f from it
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             const int j = 32 * c + lane;
@@ -431,18 +565,18 @@ __global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
             abs[c] = fabs(e);
             if (!(e >= 0.0)) below |= 1u << c;
             low = min(low, rb_lowest_bit(abs[c]));
-            dbl[j] = abs[c] * abs[c];  // e_j^2
+            norm2 += abs[c] * abs[c];
             abs_e[j] = abs[c];
         }
         low = rb_warp_min(low);
+        norm2 = warp_sum(norm2);
         __syncwarp();
         const double abs_sum = rb_term_sum<C>(abs, abs_e, d, lane);
-        const double norm2 = __shfl_sync(kFull, lane == 0 ? ordered_sum(dbl, d) : 0.0, 0);
         int best_len = 0;
         if (norm2 > 0.0 && m > 1) {
             // The optimum's t is at most (M - 1/2) d / ||e||_1 (rabitq.cpp).
             const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
-            const int n = rb_sorted_events<C>(abs, d, m, t_max, dbl, tags, cursor, lane);
+            const int n = rb_sorted_events<C>(abs, abs_e, d, m, t_max, dbl, tags, cursor, lane);
             best_len = rb_best_prefix_warp(abs_e, tags, dbl, n, d, m, abs_sum, low, lane);
             if (best_len < 0)
                 best_len = __shfl_sync(
@@ -471,15 +605,14 @@ __global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
             atomicOr(words, static_cast<uint32_t>(cid) & (p.id_bytes == 2 ? 0xffffu : 0xffu));
         __syncwarp();
         const double xe = rb_term_sum<C>(terms, dbl, d, lane);
+        const float f = norm2 > 0.0 ? rb_scale<C>(norm2, xe, abs, dbl, d, lane) : 0.0f;
         const int pos = a.pos(u, t), slot = pos % kPage;
         uint8_t* page = a.page(u, pos);
         uint8_t* code = page + R.key_codes + slot * code_bytes;
         const auto* bytes = reinterpret_cast<const uint8_t*>(words);  // little-endian words
         for (int b = lane; b < code_bytes; b += 32) code[b] = bytes[b];
         // e = 0 (a key on its centroid) decodes to c exactly.
-        if (lane == 0)
-            reinterpret_cast<float*>(page + R.key_scalars)[slot] =
-                norm2 > 0.0 ? static_cast<float>(norm2 / xe) : 0.0f;
+        if (lane == 0) reinterpret_cast<float*>(page + R.key_scalars)[slot] = f;
         __syncwarp();  // the next token reuses this warp's shared memory
     }
 }

@@ -6,8 +6,8 @@
 // warp scan must equal it or decline (-1). Residuals spread over 2^60 must make it decline;
 // rabitq-like residuals must mostly take the warp path. The events' sort before it
 // (rb_sorted_events: buckets of an estimate of t, a check, lane 0's fallback sort) must give the
-// host's (t, j) order, also where the estimate puts two events in the wrong buckets. Skips
-// without a device.
+// host's (t, j) order, also where the estimate puts two events in the wrong buckets and where
+// |e| lies below float's normal range (t itself the keys). Skips without a device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -92,7 +92,7 @@ int host_best_prefix(const ScanCase& c, double abs_sum) {
     return best_len;
 }
 
-enum class Kind { kRabitqLike, kEqual, kTwoLevels, kSmallIntegers, kWide };
+enum class Kind { kRabitqLike, kEqual, kTwoLevels, kSmallIntegers, kWide, kTiny };
 
 std::vector<double> residuals(Kind kind, std::mt19937_64& gen) {
     std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -115,6 +115,9 @@ std::vector<double> residuals(Kind kind, std::mt19937_64& gen) {
                 break;
             case Kind::kWide:  // half the coordinates 2^-60 times the others
                 a[j] = std::fabs(static_cast<double>(x) - c) * (j % 2 ? 0x1p-60 : 1.0);
+                break;
+            case Kind::kTiny:  // below float's normal range: the sort's keys are t itself
+                a[j] = std::fabs(static_cast<double>(x) - c) * 0x1p-130;
                 break;
         }
     }
@@ -171,11 +174,17 @@ __global__ void sort_kernel(const double* abs_e, const double* t_max, int m, int
     extern __shared__ __align__(16) uint8_t smem[];
     auto* ev_t = reinterpret_cast<double*>(smem);
     auto* cursor = reinterpret_cast<int*>(ev_t + max_events);
-    auto* tags = reinterpret_cast<uint16_t*>(cursor + max_events + 1);
+    auto* staged_abs = reinterpret_cast<double*>(cursor + max_events + 2);  // 8-byte aligned
+    auto* tags = reinterpret_cast<uint16_t*>(staged_abs + kD);
     const int k = static_cast<int>(blockIdx.x), lane = static_cast<int>(threadIdx.x);
     double a[kC];
-    for (int c = 0; c < kC; ++c) a[c] = abs_e[static_cast<size_t>(k) * kD + 32 * c + lane];
-    const int n = codec::rb_sorted_events<kC>(a, kD, m, t_max[k], ev_t, tags, cursor, lane);
+    for (int c = 0; c < kC; ++c) {
+        a[c] = abs_e[static_cast<size_t>(k) * kD + 32 * c + lane];
+        staged_abs[32 * c + lane] = a[c];
+    }
+    __syncwarp();
+    const int n =
+        codec::rb_sorted_events<kC>(a, staged_abs, kD, m, t_max[k], ev_t, tags, cursor, lane);
     for (int i = lane; i < n; i += 32) tags_out[static_cast<size_t>(k) * max_events + i] = tags[i];
     if (lane == 0) counts[k] = n;
 }
@@ -199,7 +208,7 @@ void check_sort(const std::vector<std::vector<double>>& cases, const std::vector
     const DeviceBuffer<double> d_abs(abs_e), d_t(t_max);
     DeviceBuffer<uint16_t> d_tags(static_cast<std::size_t>(n_cases) * max_events);
     DeviceBuffer<int> d_counts(n_cases);
-    const size_t smem = static_cast<size_t>(max_events) * 10 + 4 * (max_events + 1) + 16;
+    const size_t smem = static_cast<size_t>(max_events) * 10 + 4 * (max_events + 2) + 8 * kD + 16;
     sort_kernel<<<n_cases, 32, smem>>>(d_abs.get(), d_t.get(), m, max_events, d_tags.get(),
                                        d_counts.get());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -220,8 +229,8 @@ TEST(RabitqScanDevice, EventsSortLikeTheHost) {
         std::mt19937_64 gen(61 + bits);
         std::vector<std::vector<double>> cases;
         std::vector<double> t_max;
-        for (const Kind kind :
-             {Kind::kRabitqLike, Kind::kEqual, Kind::kTwoLevels, Kind::kSmallIntegers, Kind::kWide})
+        for (const Kind kind : {Kind::kRabitqLike, Kind::kEqual, Kind::kTwoLevels,
+                                Kind::kSmallIntegers, Kind::kWide, Kind::kTiny})
             for (int i = 0; i < (kind == Kind::kRabitqLike ? 1024 : 64); ++i) {
                 cases.push_back(residuals(kind, gen));
                 const double sum = host_sum(cases.back());
@@ -235,8 +244,8 @@ TEST(RabitqScanDevice, EventsSortLikeTheHost) {
 // The kernel's bucket of event s of |e| = a (rb_sorted_events' estimate), n events over t_max.
 long long estimate_bucket(double a, int s, int n, double t_max) {
     const double r0 = 1.0f / static_cast<float>(a);
-    const double per_event = std::fma(r0, std::fma(-a, r0, 1.0), r0) * (n / t_max);
-    return std::min(static_cast<long long>(s * per_event), static_cast<long long>(n - 1));
+    const double est = s * std::fma(r0, std::fma(-a, r0, 1.0), r0);
+    return std::min(static_cast<long long>(est * (n / t_max)), static_cast<long long>(n - 1));
 }
 
 // Two events whose estimates cross a bucket edge in the wrong order: |e| = a_lo < a_hi (so
