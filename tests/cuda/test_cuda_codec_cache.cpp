@@ -519,6 +519,16 @@ TEST(CodecCache, LongSequencesMatchTheCpu) {
     }
 }
 
+// The device cache's pages, byte for byte those of the CPU cache fed the same tokens.
+void expect_pages_of_the_cpu(const CudaCodecCache& gpu, const KVCache& cpu) {
+    PagedStore mine(gpu.page_layout());
+    gpu.download(mine);
+    const PagedStore& ref = dynamic_cast<const QuantizedKVCache&>(cpu).paged_store();
+    for (int p = 0; p * kTokensPerPage < gpu.size(); ++p)
+        EXPECT_EQ(std::memcmp(mine.page_data(p), ref.page_data(p), mine.layout().page_bytes), 0)
+            << "page " << p;
+}
+
 // Tied critical values: rabitq with one centroid trained on zero keys (c = 0 exactly), then keys
 // of +-1, whose rotated coordinates are multiples of 2 / sqrt(d): many |e_j| are equal, so many
 // events share t (s / |e_j| = s' / |e_j'| as well where |e_j'| = 2 |e_j|) and their order is the
@@ -545,12 +555,7 @@ TEST(CodecCache, RabitqTiedCriticalValuesMatchTheCpu) {
         cpu->append(keys.data(), vals.data(), count);
         gpu.append(dk.get(), dvals.get(), count, nullptr);
     }
-    PagedStore mine(gpu.page_layout());
-    gpu.download(mine);
-    const PagedStore& ref = dynamic_cast<QuantizedKVCache&>(*cpu).paged_store();
-    for (int p = 0; p * kTokensPerPage < gpu.size(); ++p)
-        EXPECT_EQ(std::memcmp(mine.page_data(p), ref.page_data(p), mine.layout().page_bytes), 0)
-            << "page " << p;
+    expect_pages_of_the_cpu(gpu, *cpu);
 }
 
 // Values whose ||v||^2 leaves 1 / ||v|| undecided between two floats within the warp value
@@ -600,12 +605,7 @@ TEST(CodecCache, ValuesAtARoundingEdgeMatchTheCpu) {
         cpu->append(k.data(), v.data(), count);
         gpu.append(dk.get(), dv.get(), count, nullptr);
     }
-    PagedStore mine(gpu.page_layout());
-    gpu.download(mine);
-    const PagedStore& ref = dynamic_cast<QuantizedKVCache&>(*cpu).paged_store();
-    for (int p = 0; p * kTokensPerPage < gpu.size(); ++p)
-        EXPECT_EQ(std::memcmp(mine.page_data(p), ref.page_data(p), mine.layout().page_bytes), 0)
-            << "page " << p;
+    expect_pages_of_the_cpu(gpu, *cpu);
 }
 
 TEST(CodecCache, RejectsConfigsOutOfScope) {
