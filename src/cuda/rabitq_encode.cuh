@@ -236,6 +236,11 @@ __device__ inline void rb_insertion_sort(double* ev_t, uint16_t* tags, int first
     }
 }
 
+/// Event `tag`'s critical value t = s / |e_j| (tag = j << 8 | s), as the CPU computes it.
+__device__ __forceinline__ double rb_event_t(uint16_t tag, const double* abs_e) {
+    return (tag & 0xff) / abs_e[tag >> 8];
+}
+
 /// Whether sorted events i and i + 1 of ev_t / tags are in (t, j) order, t = s / |e_j|: from
 /// their estimates where those are far enough apart, else from t itself. An estimate is within
 /// 2^-45 t of t (rb_sorted_events), so a gap of 2^-40 of their sum puts t in the same order.
@@ -244,7 +249,7 @@ __device__ __forceinline__ bool rb_pair_in_order(const double* ev_t, const uint1
     const double e0 = ev_t[i], e1 = ev_t[i + 1];
     if (estimates && e1 - e0 > 0x1p-40 * (e0 + e1)) return true;
     const uint16_t g0 = tags[i], g1 = tags[i + 1];
-    const double t0 = (g0 & 0xff) / abs_e[g0 >> 8], t1 = (g1 & 0xff) / abs_e[g1 >> 8];
+    const double t0 = rb_event_t(g0, abs_e), t1 = rb_event_t(g1, abs_e);
     return t0 < t1 || (t0 == t1 && g0 < g1);
 }
 
@@ -327,7 +332,7 @@ __device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d
     __syncwarp();  // the checks' reads of ev_t before any lane rewrites it (here, or as q after)
     if (!__all_sync(kFull, ordered)) {
         if (estimates)
-            for (int i = lane; i < n; i += 32) ev_t[i] = (tags[i] & 0xff) / abs_e[tags[i] >> 8];
+            for (int i = lane; i < n; i += 32) ev_t[i] = rb_event_t(tags[i], abs_e);
         __syncwarp();
         if (lane == 0) rb_insertion_sort(ev_t, tags, 0, n);
         __syncwarp();
