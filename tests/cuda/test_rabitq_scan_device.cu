@@ -7,7 +7,9 @@
 // rabitq-like residuals must mostly take the warp path. The events' sort before it
 // (rb_sorted_events: buckets of an estimate of t, a check, lane 0's fallback sort) must give the
 // host's (t, j) order, also where the estimate puts two events in the wrong buckets and where
-// |e| lies below float's normal range (t itself the keys). Skips without a device.
+// |e| lies below float's normal range (t itself the keys). rb_scale's f (from a tree of ||e||^2's
+// terms, else their ordered sum) must be the host's, also on a float's rounding edge. Skips
+// without a device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -280,6 +282,65 @@ TEST(RabitqScanDevice, EventsInSwappedBucketsStillSort) {
         return;
     }
     FAIL() << "no pair of events in swapped buckets found";
+}
+
+// rb_scale of case blockIdx.x (one warp): f = ||e||^2 / xe from the warp's tree of the terms.
+__global__ void scale_kernel(const double* abs_e, const double* xe, float* f) {
+    __shared__ __align__(16) double terms[kD];
+    const int k = static_cast<int>(blockIdx.x), lane = static_cast<int>(threadIdx.x);
+    double a[kC];
+    double tree = 0.0;
+    for (int c = 0; c < kC; ++c) {
+        a[c] = abs_e[static_cast<size_t>(k) * kD + 32 * c + lane];
+        tree += a[c] * a[c];
+    }
+    const float got = codec::rb_scale<kC>(warp_sum(tree), xe[k], a, terms, kD, lane);
+    if (lane == 0) f[k] = got;
+}
+
+// f as rabitq.cpp rounds it: the terms e_j^2 added in j order, divided by xe, to float.
+float host_scale(const std::vector<double>& abs_e, double xe) {
+    double norm2 = 0.0;
+    for (const double a : abs_e) norm2 += a * a;
+    return static_cast<float>(norm2 / xe);
+}
+
+// Rabitq-like residuals with random <x_bar, e>, and residuals (1, b, 0, ...) with xe putting
+// ||e||^2 / xe on a float's rounding edge, within the tree's bounds (checked here: the sums of two
+// terms are the same in every order), so rb_scale adds the terms in order: f must be the host's.
+TEST(RabitqScanDevice, ScaleFromTheTreeIsTheHosts) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937_64 gen(81);
+    std::uniform_real_distribution<double> spread(0.3, 3.0);
+    std::vector<std::vector<double>> cases;
+    std::vector<double> xe;
+    int edges = 0;
+    for (int i = 0; i < 512; ++i) {
+        cases.push_back(residuals(Kind::kRabitqLike, gen));
+        xe.push_back(host_sum(cases.back()) * spread(gen));
+    }
+    for (int i = 0; i < 512; ++i) {
+        std::vector<double> a(kD, 0.0);
+        a[i % kD] = 1.0;
+        a[(i * 7 + 1) % kD] = std::ldexp(spread(gen), -12);
+        const double norm2 = a[i % kD] * a[i % kD] + a[(i * 7 + 1) % kD] * a[(i * 7 + 1) % kD];
+        const auto low = static_cast<float>(spread(gen));  // the edge between low and the next
+        const double edge = (static_cast<double>(low) + std::nextafter(low, 8.0f)) / 2;
+        const double x = norm2 / edge, slack = (kD + 8) * 0x1p-51 * norm2;
+        edges += static_cast<float>((norm2 - slack) / x) != static_cast<float>((norm2 + slack) / x);
+        cases.push_back(a);
+        xe.push_back(x);
+    }
+    EXPECT_GE(edges, 400);  // most of them take the ordered sum
+    std::vector<double> abs_e;
+    for (const auto& c : cases) abs_e.insert(abs_e.end(), c.begin(), c.end());
+    const DeviceBuffer<double> d_abs(abs_e), d_xe(xe);
+    DeviceBuffer<float> d_f(cases.size());
+    scale_kernel<<<static_cast<unsigned>(cases.size()), 32>>>(d_abs.get(), d_xe.get(), d_f.get());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<float> f = d_f.download();
+    for (std::size_t k = 0; k < cases.size(); ++k)
+        EXPECT_EQ(f[k], host_scale(cases[k], xe[k])) << "case " << k;
 }
 
 TEST(RabitqScanDevice, RabitqLikeResidualsMostlyTakeTheWarpScan) {
