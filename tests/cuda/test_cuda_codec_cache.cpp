@@ -648,6 +648,38 @@ TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {
     EXPECT_EQ(tq.size(), n);
 }
 
+// The input check reads four floats a load where both arrays are 16-byte aligned, else one: either
+// way the error names the first bad coordinate's token (two bad keys, two bad values here), the
+// cache keeps its contents, and it takes the same tokens once they are good.
+TEST(CodecCache, InputCheckNamesTheFirstBadTokenAtAnyAlignment) {
+    SKIP_WITHOUT_DEVICE();
+    const int H = 2, d = 64, n = 10;
+    const auto at = [&](int head, int token, int j) {
+        return static_cast<std::size_t>(head) * n * d + static_cast<std::size_t>(token) * d + j;
+    };
+    for (const int offset : {0, 1}) {  // floats: 1 misaligns both arrays
+        SCOPED_TRACE(offset);
+        auto good = random_tokens(H, n + 1, d, 11 + offset, 0.5f);  // room for the offset
+        auto keys = good, values = good;
+        keys[offset + at(1, 9, 0)] = NAN;
+        keys[offset + at(1, 7, 63)] = INFINITY;
+        values[offset + at(1, 2, 2)] = -INFINITY;
+        values[offset + at(0, 3, 1)] = NAN;
+        DeviceBuffer<float> dgood(good), dkeys(keys), dvalues(values);
+        CudaCodecCache cache(base("turboquant_rvq", 2, 4, 1), H, d, 256);
+        cache.append(dgood.get() + offset, dgood.get() + offset, n, nullptr);
+        expect_invalid_argument(
+            [&] { cache.append(dkeys.get() + offset, dgood.get() + offset, n, nullptr); },
+            "keys contain NaN or Inf (head 1, token 7)");
+        expect_invalid_argument(
+            [&] { cache.append(dgood.get() + offset, dvalues.get() + offset, n, nullptr); },
+            "values contain NaN or Inf (head 0, token 3)");
+        EXPECT_EQ(cache.size(), n);
+        cache.append(dgood.get() + offset, dgood.get() + offset, n, nullptr);
+        EXPECT_EQ(cache.size(), 2 * n);
+    }
+}
+
 // As the CPU caches (InputRange.Fp16StorageRefusesWhatItCannotHold): fp16 storage refuses
 // magnitudes of 65520 and more, a quantized value codec takes them.
 TEST(CodecCache, Fp16StorageRefusesWhatItCannotHold) {
