@@ -3,9 +3,10 @@
 // 32K tokens x 8 heads (keys and values) took 23.7 ms on the H200 with the team encoder (a CTA of
 // 128 threads a token, team_spectral_rabitq_encoders.cuh; run 89), 7.16 ms with this kernel and
 // one lane scanning the events (run 91), 3.96-3.98 ms with the scan across the warp
-// (cuda_h200_20261202x_rabitq_warp_scan_runs1_2.txt) and 3.50-3.53 ms now, twelve warps a CTA
-// (cuda_h200_20261203y_encoders.txt). Under ncu that was ~6000 warp instructions a token with 21
-// of 32 lanes active, issuing 0.48 a scheduler cycle: latency bound, so more warps an SM pay.
+// (cuda_h200_20261202x_rabitq_warp_scan_runs1_2.txt), 3.50-3.53 ms at twelve warps a CTA
+// (cuda_h200_20261203y_encoders.txt) and 2.86-2.90 ms now (the key kernel 2.45 ms, 4640 warp
+// instructions a token; cuda_h200_20261203zc_rabitq_sort_keys_input_check.txt). Latency bound:
+// ~6000 warp instructions a token issued 0.48 a scheduler cycle, so more warps an SM paid.
 //
 // Per token, as RaBitQDevice::encode and the CPU's quantize (methods/rabitq.cpp):
 //  1. x = H (signs * k) / sqrt(d), coordinate 32 c + lane in register c (warp_fwht_butterflies).
@@ -18,11 +19,11 @@
 //     order gives the same double), else in j order by lane 0; ||e||^2 a warp tree sum, whose
 //     error bound decides f's float where it can (rb_scale), else lane 0's sum in j order.
 //  4. Extended RaBitQ's critical values t = s / |e_j| (arXiv 2409.09913 §3.2) sorted by (t, j)
-//     as the CPU sorts them: by an estimate of t within 2^-45 t, counted into as many
-//     equal-width buckets as there are events (shared atomics), the counts scanned, the events
-//     scattered, each bucket (one or two events mostly) insertion-sorted by one lane, every
-//     neighbouring pair checked against t itself where their estimates are close. Any correct
-//     sort gives the same order.
+//     as the CPU sorts them: by 64-bit keys of an estimate of t (within 2^-45 t) with the tag in
+//     its low 16 bits, counted into as many equal-width buckets as there are events (shared
+//     atomics), the counts scanned, the events scattered, each bucket (one or two events mostly)
+//     insertion-sorted by one lane, every neighbouring pair checked against t itself where their
+//     keys are close. Any correct sort gives the same order.
 //  5. The best prefix: rb_best_prefix_warp, each lane a run of events, where it can prove its
 //     result the sequential scan's (almost always); else one lane repeats the CPU's double
 //     updates in event order.
@@ -57,7 +58,7 @@ constexpr int kRbRowPad = 4;
 
 /// One warp's shared memory for a token, in bytes from the warp's base (16-byte aligned):
 /// `doubles`: max(d, events) doubles (x for the centroid search, then the terms of ||e||^2, the
-/// events' t, their |e| for the scan, the terms of <x_bar, e>); `abs_e`: |e_j|; `cursor`:
+/// events' sort keys, the scan's q, the terms of <x_bar, e>); `abs_e`: |e_j|; `cursor`:
 /// max(events + 1, d) ints (the buckets' cursors, then the steps); `words`: the code; `tags`: the
 /// events' j << 8 | s.
 struct RbWarpLayout {
@@ -236,43 +237,74 @@ __device__ inline void rb_insertion_sort(double* ev_t, uint16_t* tags, int first
     }
 }
 
+/// An event's sort key: the bits of a non-negative double near t (ordered as unsigned integers
+/// as the doubles are) with its low 16 mantissa bits replaced by the tag, so one integer compare
+/// orders (key value, tag). The value read back (rb_key_value) is within 2^-36 of the double,
+/// below it.
+__device__ __forceinline__ unsigned long long rb_event_key(double t, uint16_t tag) {
+    return (static_cast<unsigned long long>(__double_as_longlong(t)) & ~0xffffull) | tag;
+}
+__device__ __forceinline__ double rb_key_value(unsigned long long key) {
+    return __longlong_as_double(static_cast<long long>(key & ~0xffffull));
+}
+
+/// Insertion-sorts keys [first, last).
+__device__ inline void rb_insertion_sort_keys(unsigned long long* keys, int first, int last) {
+    for (int i = first + 1; i < last; ++i) {
+        const unsigned long long key = keys[i];
+        int k = i;
+        for (; k > first && keys[k - 1] > key; --k) keys[k] = keys[k - 1];
+        keys[k] = key;
+    }
+}
+
 /// Event `tag`'s critical value t = s / |e_j| (tag = j << 8 | s), as the CPU computes it.
 __device__ __forceinline__ double rb_event_t(uint16_t tag, const double* abs_e) {
     return (tag & 0xff) / abs_e[tag >> 8];
 }
 
-/// Whether sorted events i and i + 1 of ev_t / tags are in (t, j) order, t = s / |e_j|: from
-/// their estimates where those are far enough apart, else from t itself. An estimate is within
-/// 2^-45 t of t (rb_sorted_events), so a gap of 2^-40 of their sum puts t in the same order.
-__device__ __forceinline__ bool rb_pair_in_order(const double* ev_t, const uint16_t* tags,
-                                                 const double* abs_e, bool estimates, int i) {
-    const double e0 = ev_t[i], e1 = ev_t[i + 1];
-    if (estimates && e1 - e0 > 0x1p-40 * (e0 + e1)) return true;
-    const uint16_t g0 = tags[i], g1 = tags[i + 1];
+/// Whether events of keys k0 then k1 are in (t, j) order, t = s / |e_j|: from the keys' values
+/// where those are far enough apart, else from t itself. With `estimates`, a key's value is
+/// within 2^-45 + 2^-36 of t (rb_sorted_events), so a gap of 2^-32 of their sum puts t in the
+/// same order; else the keys are only a guess.
+__device__ __forceinline__ bool rb_pair_in_order(unsigned long long k0, unsigned long long k1,
+                                                 const double* abs_e, bool estimates) {
+    const double v0 = rb_key_value(k0), v1 = rb_key_value(k1);
+    if (estimates && v1 - v0 > 0x1p-32 * (v0 + v1)) return true;
+    const auto g0 = static_cast<uint16_t>(k0), g1 = static_cast<uint16_t>(k1);
     const double t0 = rb_event_t(g0, abs_e), t1 = rb_event_t(g1, abs_e);
     return t0 < t1 || (t0 == t1 && g0 < g1);
 }
 
+/// The count of critical values s / a with s = 1 .. m - 1 and s <= t_max a (rabitq.cpp's
+/// listing loop): min(m - 1, floor(t_max a)), none where the product is NaN.
+__device__ __forceinline__ int rb_event_count(double a, double t_max, int m) {
+    const double limit = t_max * a;
+    return limit >= m - 1 ? m - 1 : limit >= 1.0 ? static_cast<int>(limit) : 0;
+}
+
 /// The critical values of a lane's coordinates (32 c + lane, |e| in a[c] and in abs_e[32 c +
 /// lane]) in (t, j) order in tags[0, n), n returned to every lane; `cursor` holds n + 1 ints,
-/// ev_t n doubles (the sort's keys).
+/// `keys` n sort keys (the region is then free: lane 0's fallback sort keeps t there).
 template <int C>
 __device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d, int m,
-                                double t_max, double* ev_t, uint16_t* tags, int* cursor, int lane) {
-    int mine = 0;
+                                double t_max, unsigned long long* keys, uint16_t* tags, int* cursor,
+                                int lane) {
+    int count[C], n = 0;
 #pragma unroll
-    for (int c = 0; c < C; ++c)
-        for (int s = 1; s < m && s <= t_max * a[c]; ++s) ++mine;
-    int n = mine;
+    for (int c = 0; c < C; ++c) {
+        count[c] = rb_event_count(a[c], t_max, m);
+        n += count[c];
+    }
     for (int offset = 16; offset > 0; offset >>= 1) n += __shfl_xor_sync(kFull, n, offset);
     if (n == 0) return 0;
-    // The events are sorted by an estimate of t, s (1 / |e|) with 1 / |e| a float reciprocal
-    // refined by a Newton step: (1 / |e|)(1 - eta^2), |eta| <= 2^-23, so the estimate is within
-    // 2^-45 t of t, where |e| and its reciprocal are normal floats (else the quotients are the
-    // keys). Counted into as many equal-width buckets over [0, t_max] as there are events
-    // (rabitq.cpp's critical_values), scattered, each bucket (one or two events mostly)
+    // The events are sorted by keys of an estimate of t, s (1 / |e|) with 1 / |e| a float
+    // reciprocal refined by a Newton step: (1 / |e|)(1 - eta^2), |eta| <= 2^-23, so the estimate
+    // is within 2^-45 t of t, where |e| and its reciprocal are normal floats (else the keys are
+    // of the quotients). Counted into as many equal-width buckets over [0, t_max] as there are
+    // events (rabitq.cpp's critical_values), scattered, each bucket (one or two events mostly)
     // insertion-sorted by one lane; then every neighbouring pair is checked against t
-    // (rb_pair_in_order) and where one is out of order (rarely: two events within the estimate's
+    // (rb_pair_in_order) and where one is out of order (rarely: two events within the keys'
     // error), lane 0 insertion-sorts the nearly sorted whole by t.
     double recip[C];
     bool wild = false;
@@ -280,7 +312,7 @@ __device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d
     for (int c = 0; c < C; ++c) {
         const double r0 = __frcp_rn(static_cast<float>(a[c]));
         recip[c] = fma(r0, fma(-a[c], r0, 1.0), r0);
-        wild |= 1.0 <= t_max * a[c] && !(a[c] >= 0x1p-120 && a[c] <= 0x1p120);
+        wild |= count[c] > 0 && !(a[c] >= 0x1p-120 && a[c] <= 0x1p120);
     }
     const bool estimates = !__any_sync(kFull, wild);
     const double per_t = static_cast<double>(n) / t_max;
@@ -291,9 +323,11 @@ __device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d
     for (int i = lane; i <= n; i += 32) cursor[i] = 0;
     __syncwarp();
 #pragma unroll
-    for (int c = 0; c < C; ++c)
-        for (int s = 1; s < m && s <= t_max * a[c]; ++s)
+    for (int c = 0; c < C; ++c) {
+        double s = 1.0;
+        for (int k = 0; k < count[c]; ++k, s += 1.0)
             atomicAdd(cursor + bucket(s * recip[c]) + 1, 1);
+    }
     __syncwarp();
     // cursor[b] = the first slot of bucket b: each lane scans a run, the runs' totals across
     // lanes.
@@ -314,25 +348,29 @@ __device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d
 #pragma unroll
     for (int c = 0; c < C; ++c) {
         const int j = 32 * c + lane;
-        for (int s = 1; s < m && s <= t_max * a[c]; ++s) {
+        double s = 1.0;
+        for (int k = 0; k < count[c]; ++k, s += 1.0) {
             const double est = s * recip[c];
             const int at = atomicAdd(cursor + bucket(est), 1);
-            ev_t[at] = estimates ? est : s / a[c];
-            tags[at] = static_cast<uint16_t>(j << 8 | s);
+            keys[at] =
+                rb_event_key(estimates ? est : s / a[c], static_cast<uint16_t>(j << 8 | (k + 1)));
         }
     }
     __syncwarp();
     // Bucket b now spans [cursor[b - 1], cursor[b]).
     for (int b = lane; b < n; b += 32)
-        rb_insertion_sort(ev_t, tags, b == 0 ? 0 : cursor[b - 1], cursor[b]);
+        rb_insertion_sort_keys(keys, b == 0 ? 0 : cursor[b - 1], cursor[b]);
     __syncwarp();
     bool ordered = true;  // (tags are distinct)
-    for (int i = lane; i + 1 < n; i += 32)
-        ordered &= rb_pair_in_order(ev_t, tags, abs_e, estimates, i);
-    __syncwarp();  // the checks' reads of ev_t before any lane rewrites it (here, or as q after)
+    for (int i = lane; i < n; i += 32) {
+        const unsigned long long key = keys[i];
+        tags[i] = static_cast<uint16_t>(key);
+        if (i + 1 < n) ordered &= rb_pair_in_order(key, keys[i + 1], abs_e, estimates);
+    }
+    __syncwarp();  // the checks' reads of the keys before any lane rewrites them (here, or after)
     if (!__all_sync(kFull, ordered)) {
-        if (estimates)
-            for (int i = lane; i < n; i += 32) ev_t[i] = rb_event_t(tags[i], abs_e);
+        auto* ev_t = reinterpret_cast<double*>(keys);
+        for (int i = lane; i < n; i += 32) ev_t[i] = rb_event_t(tags[i], abs_e);
         __syncwarp();
         if (lane == 0) rb_insertion_sort(ev_t, tags, 0, n);
         __syncwarp();
@@ -581,7 +619,9 @@ __global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
         if (norm2 > 0.0 && m > 1) {
             // The optimum's t is at most (M - 1/2) d / ||e||_1 (rabitq.cpp).
             const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
-            const int n = rb_sorted_events<C>(abs, abs_e, d, m, t_max, dbl, tags, cursor, lane);
+            const int n =
+                rb_sorted_events<C>(abs, abs_e, d, m, t_max,
+                                    reinterpret_cast<unsigned long long*>(dbl), tags, cursor, lane);
             best_len = rb_best_prefix_warp(abs_e, tags, dbl, n, d, m, abs_sum, low, lane);
             if (best_len < 0)
                 best_len = __shfl_sync(

@@ -6,15 +6,16 @@
 // warp scan must equal it or decline (-1). Residuals spread over 2^60 must make it decline;
 // rabitq-like residuals must mostly take the warp path. The events' sort before it
 // (rb_sorted_events: buckets of an estimate of t, a check, lane 0's fallback sort) must give the
-// host's (t, j) order, also where the estimate puts two events in the wrong buckets and where
-// |e| lies below float's normal range (t itself the keys). rb_scale's f (from a tree of ||e||^2's
-// terms, else their ordered sum) must be the host's, also on a float's rounding edge. Skips
-// without a device.
+// host's (t, j) order, also where the estimate puts two events in the wrong buckets, where two
+// events' sort keys tie against their t's order and where |e| lies below float's normal range
+// (t itself the keys). rb_scale's f (from a tree of ||e||^2's terms, else their ordered sum) must
+// be the host's, also on a float's rounding edge. Skips without a device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <tuple>
 #include <vector>
@@ -174,8 +175,8 @@ void check_kind(Kind kind, int bits, int cases, uint64_t seed, double min_warp_s
 __global__ void sort_kernel(const double* abs_e, const double* t_max, int m, int max_events,
                             uint16_t* tags_out, int* counts) {
     extern __shared__ __align__(16) uint8_t smem[];
-    auto* ev_t = reinterpret_cast<double*>(smem);
-    auto* cursor = reinterpret_cast<int*>(ev_t + max_events);
+    auto* keys = reinterpret_cast<unsigned long long*>(smem);
+    auto* cursor = reinterpret_cast<int*>(keys + max_events);
     auto* staged_abs = reinterpret_cast<double*>(cursor + max_events + 2);  // 8-byte aligned
     auto* tags = reinterpret_cast<uint16_t*>(staged_abs + kD);
     const int k = static_cast<int>(blockIdx.x), lane = static_cast<int>(threadIdx.x);
@@ -186,7 +187,7 @@ __global__ void sort_kernel(const double* abs_e, const double* t_max, int m, int
     }
     __syncwarp();
     const int n =
-        codec::rb_sorted_events<kC>(a, staged_abs, kD, m, t_max[k], ev_t, tags, cursor, lane);
+        codec::rb_sorted_events<kC>(a, staged_abs, kD, m, t_max[k], keys, tags, cursor, lane);
     for (int i = lane; i < n; i += 32) tags_out[static_cast<size_t>(k) * max_events + i] = tags[i];
     if (lane == 0) counts[k] = n;
 }
@@ -282,6 +283,40 @@ TEST(RabitqScanDevice, EventsInSwappedBucketsStillSort) {
         return;
     }
     FAIL() << "no pair of events in swapped buckets found";
+}
+
+// Two events whose t differ by about 2^-40 of t, more than the estimate's error but within the
+// sort keys' (their values keep 36 of the estimate's 52 mantissa bits), in one bucket: the keys
+// tie on value and order by tag, the reverse of t here, so the pair check must find t itself out
+// of order and lane 0's sort put them right.
+TEST(RabitqScanDevice, EventsWithinTheKeysErrorStillSort) {
+    SKIP_WITHOUT_DEVICE();
+    std::mt19937_64 gen(73);
+    std::uniform_real_distribution<double> unit(0.6, 1.9);
+    const auto key_value = [](double a) {  // the kernel's key value of event s = 1 of |e| = a
+        const double r0 = 1.0f / static_cast<float>(a);
+        double est = std::fma(r0, std::fma(-a, r0, 1.0), r0);
+        uint64_t bits;
+        std::memcpy(&bits, &est, sizeof bits);
+        bits &= ~0xffffull;
+        std::memcpy(&est, &bits, sizeof est);
+        return est;
+    };
+    for (int tries = 0; tries < 1000; ++tries) {
+        const double a_hi = unit(gen), a_lo = a_hi * (1.0 - 0x1p-40);  // t_lo > t_hi
+        if (key_value(a_lo) != key_value(a_hi)) continue;
+        const double t_max = 2.0;  // one event a coordinate (m = 2): every a is over 1 / t_max
+        if (estimate_bucket(a_lo, 1, kD, t_max) != estimate_bucket(a_hi, 1, kD, t_max)) continue;
+        std::vector<double> a(kD);
+        std::uniform_real_distribution<double> inside(0.55, 1.95);
+        for (double& x : a) x = inside(gen);
+        a[5] = a_lo;  // the lower tag on the larger t
+        a[70] = a_hi;
+        ASSERT_EQ(events_below(a, 2, t_max).size(), static_cast<std::size_t>(kD));
+        check_sort({a}, {t_max}, 2);
+        return;
+    }
+    FAIL() << "no pair of events with tied sort keys found";
 }
 
 // rb_scale of case blockIdx.x (one warp): f = ||e||^2 / xe from the warp's tree of the terms.
