@@ -1,6 +1,7 @@
 // Times every method on the generic device path (CudaCodecCache): encode throughput of a
 // prefill, decode attention (one query per head) and a causal prefill chunk's attention on the
-// codes, at head dim 128, 8 KV heads, 32 query heads, one sequence of N in {8K, 32K} tokens;
+// codes, at head dim 128, 8 KV heads, 32 query heads, one sequence of N in {8K, 32K} tokens (or
+// the one N given);
 // a decode step's append (one token per KV head, the input check's synchronization included)
 // and a fresh cache's first append (rabitq's training included).
 // The turboquant_rvq tensor-core decode (CudaTurboQuantCache) on the same config and a
@@ -19,7 +20,8 @@
 // (every cache and workspace of it freed by then): what the driver keeps for the kernels' local
 // memory (per-thread stacks, sized for every thread an SM can hold) and loaded code.
 // Usage: bench_codec_cache OUT.json [METHOD [TOKENS [BATCH]]]: only the methods whose name
-// contains METHOD, only N = TOKENS (for profiling one point; 0: both), BATCH sequences (1-512).
+// contains METHOD, only N = TOKENS (one point, up to kMaxTokens: 131072 times a 128K prefill's
+// encode in one append; 0: 8K and 32K), BATCH sequences (1-512).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -48,7 +50,7 @@ using namespace vqbench;
 
 namespace {
 
-constexpr int kKv = 8, kQ = 32, kD = 128, kChunk = 512;
+constexpr int kKv = 8, kQ = 32, kD = 128, kChunk = 512, kMaxTokens = 131072;
 constexpr double kRotateBytes = 512.0 * (1 << 20);
 constexpr int kMaxSets = 64;
 
@@ -157,7 +159,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
     cudaFree(dst);
     std::printf("device %s, copy %.0f GB/s (read + write)\n", prop.name, copy_gbps);
 
-    const int max_tokens = 32768;
+    const int max_tokens = std::max(32768, only_tokens);
     const size_t kv = static_cast<size_t>(kKv) * max_tokens * kD;
     float *keys = nullptr, *values = nullptr, *queries = nullptr, *out = nullptr;
     check_cuda(cudaMalloc(&keys, kv * sizeof(float)), "malloc");
@@ -175,8 +177,9 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
     const double free_at_start = device_free_mib();
     for (const Method& m : methods()) {
         if (m.name.find(only_method) == std::string::npos) continue;
-        for (const int n : {8192, 32768}) {
-            if (only_tokens > 0 && n != only_tokens) continue;
+        const std::vector<int> token_counts =
+            only_tokens > 0 ? std::vector<int>{only_tokens} : std::vector<int>{8192, 32768};
+        for (const int n : token_counts) {
             Result r{m.name, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
             constexpr int kSteps = 20;  // one-token appends timed after the prefill
             // A fresh cache's first append: rabitq's training (gather, copy, k-means, upload)
@@ -324,13 +327,15 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
 
 int main(int argc, char** argv) {
     const int batch = argc > 4 ? std::atoi(argv[4]) : 1;
-    if (argc < 2 || argc > 5 || batch < 1 || batch > kChunk) {
-        std::fprintf(stderr, "usage: %s OUT.json [METHOD [TOKENS [BATCH (1-%d)]]]\n", argv[0],
-                     kChunk);
+    const int tokens = argc > 3 ? std::atoi(argv[3]) : 0;
+    if (argc < 2 || argc > 5 || batch < 1 || batch > kChunk || tokens < 0 || tokens > kMaxTokens ||
+        (tokens > 0 && tokens < kChunk)) {
+        std::fprintf(stderr, "usage: %s OUT.json [METHOD [TOKENS (0, or %d-%d) [BATCH (1-%d)]]]\n",
+                     argv[0], kChunk, kMaxTokens, kChunk);
         return 2;
     }
     try {
-        return run(argv[1], argc > 2 ? argv[2] : "", argc > 3 ? std::atoi(argv[3]) : 0, batch);
+        return run(argv[1], argc > 2 ? argv[2] : "", tokens, batch);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
