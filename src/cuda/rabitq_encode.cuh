@@ -287,9 +287,8 @@ __device__ __forceinline__ int rb_event_count(double a, double t_max, int m) {
 /// lane]) in (t, j) order in tags[0, n), n returned to every lane; `cursor` holds n + 1 ints,
 /// `keys` n sort keys (the region is then free: lane 0's fallback sort keeps t there).
 template <int C>
-__device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int d, int m,
-                                double t_max, unsigned long long* keys, uint16_t* tags, int* cursor,
-                                int lane) {
+__device__ int rb_sorted_events(const double (&a)[C], const double* abs_e, int m, double t_max,
+                                unsigned long long* keys, uint16_t* tags, int* cursor, int lane) {
     int count[C], n = 0;
 #pragma unroll
     for (int c = 0; c < C; ++c) {
@@ -620,7 +619,7 @@ __global__ void __launch_bounds__(kRbWarps * 32, C <= 4 ? 2 : 1)
             // The optimum's t is at most (M - 1/2) d / ||e||_1 (rabitq.cpp).
             const double t_max = (m - 0.5) * d / abs_sum * (1.0 + 1e-9);
             const int n =
-                rb_sorted_events<C>(abs, abs_e, d, m, t_max,
+                rb_sorted_events<C>(abs, abs_e, m, t_max,
                                     reinterpret_cast<unsigned long long*>(dbl), tags, cursor, lane);
             best_len = rb_best_prefix_warp(abs_e, tags, dbl, n, d, m, abs_sum, low, lane);
             if (best_len < 0)

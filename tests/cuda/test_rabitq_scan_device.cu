@@ -186,8 +186,7 @@ __global__ void sort_kernel(const double* abs_e, const double* t_max, int m, int
         staged_abs[32 * c + lane] = a[c];
     }
     __syncwarp();
-    const int n =
-        codec::rb_sorted_events<kC>(a, staged_abs, kD, m, t_max[k], keys, tags, cursor, lane);
+    const int n = codec::rb_sorted_events<kC>(a, staged_abs, m, t_max[k], keys, tags, cursor, lane);
     for (int i = lane; i < n; i += 32) tags_out[static_cast<size_t>(k) * max_events + i] = tags[i];
     if (lane == 0) counts[k] = n;
 }
