@@ -223,11 +223,12 @@ __device__ __forceinline__ void query_fragments_f16(uint32_t (&bq)[BLOCKS][2], c
 /// B fragments of the integer score mma (m16n8k32, s8 query) of thread t: the query, scaled to
 /// max |q'| in [128, 256), becomes Q = rint(127 q') = 256 hi + lo with hi, lo in int8 (columns
 /// 2h, 2h + 1), exact to 2^-15 of max |q'|. Byte i of slot r of block kb is the coordinate whose
-/// key byte the kernel puts there: 1-bit keys, bit s + 8i (s = 2 kb + r) of the lane's 32-bit
-/// chunk (D = 128; D = 64 spreads its 16 bits into nibbles 0-3, 8-11, 4-7, 12-15 first): one
-/// shift by 2 kb and two masks (bit 0 and bit 1 of each byte) make slot 0's 0/1 and slot 1's 0/2
-/// key bytes, so 1-bit keys take Q = rint(63.5 q') (2^-14 of max |q'|), 2 Q in slot 0; 2-bit
-/// keys, coordinate 8 kb + r + 2i of the chunk, whose code is nibble i of a PRMT selector.
+/// key byte the kernel puts there (s = 2 kb + r): 1-bit keys at D = 128, bit s + 8i of the lane's
+/// 32-bit chunk: one shift by 2 kb and two masks (bit 0 and bit 1 of each byte) make slot 0's 0/1
+/// and slot 1's 0/2 key bytes, so they take Q = rint(63.5 q') (2^-14 of max |q'|), 2 Q in slot 0;
+/// 1-bit keys at D = 64, bit 4i + s of the lane's 16-bit chunk as a 0 or -1 byte
+/// (minus_key_bytes_d64), so they take -Q; 2-bit keys, coordinate 8 kb + r + 2i of the chunk,
+/// whose code is nibble i of a PRMT selector.
 template <int D, int KBITS, int BLOCKS>
 __device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], const float* q,
                                                    int t, bool lo_part) {
@@ -242,16 +243,14 @@ __device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], c
             for (int i = 0; i < 4; ++i) {
                 const int c = KBITS == 2 ? t * kCoords + 8 * kb + r + 2 * i
                               : D == 128 ? t * 32 + s + 8 * i
-                                         : t * 16 + s +
-                                               (i == 1   ? 8
-                                                : i == 2 ? 4
-                                                : i == 3 ? 12
-                                                         : 0);
-                // 1-bit keys: Q = rint(63.5 q'), and slot 0, whose key bytes are 0 or 1 against
-                // slot 1's 0 or 2, takes 2 Q (both split as 256 hi + lo in int8).
-                const int x = KBITS == 2 ? __float2int_rn(q[c] * 127.0f)
-                              : r == 0   ? 2 * __float2int_rn(q[c] * 63.5f)
-                                         : __float2int_rn(q[c] * 63.5f);
+                                         : t * 16 + 4 * i + s;
+                // 1-bit keys at D = 128: Q = rint(63.5 q'), and slot 0, whose key bytes are 0 or
+                // 1 against slot 1's 0 or 2, takes 2 Q; at D = 64 -Q = -rint(127 q') against key
+                // bytes of 0 or -1 (each split as 256 hi + lo in int8).
+                const int x = KBITS == 2 || D == 64
+                                  ? (KBITS == 2 ? 1 : -1) * __float2int_rn(q[c] * 127.0f)
+                              : r == 0 ? 2 * __float2int_rn(q[c] * 63.5f)
+                                       : __float2int_rn(q[c] * 63.5f);
                 const int hi = (x + 128) >> 8;
                 const int v = lo_part ? x - 256 * hi : hi;
                 word |= static_cast<uint32_t>(v & 0xFF) << (8 * i);

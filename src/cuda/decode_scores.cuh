@@ -47,9 +47,28 @@ __device__ __forceinline__ void for_each_tile(const Keys& keys, const uint8_t* p
     }
 }
 
+/// Head_dim 64's 1-bit key bytes: byte i of r[s] is minus bit 4i + s of the lane's 16-bit chunk w
+/// (0 or -1 as s8), one PRMT each. PRMT picks byte (nibble & 7) of an 8-byte pool whose byte k is
+/// -(bit s of k); where a selector nibble's bit 3 asks for the sign of the picked byte instead,
+/// the pool's 0x00 and 0xFF bytes are their own sign, so bit 3 never matters, and r[3] takes it
+/// as bit 2 of the nibbles of w >> 1. (Spreading the chunk's nibbles into bytes and masking took
+/// 16 instructions a tile instead of 10.)
+__device__ __forceinline__ void minus_key_bytes_d64(uint32_t w, uint32_t (&r)[4]) {
+    auto pick = [](uint32_t lo, uint32_t hi, uint32_t sel) {
+        uint32_t d;
+        asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(lo), "r"(hi), "r"(sel));
+        return d;
+    };
+    r[0] = pick(0xFF00FF00u, 0xFF00FF00u, w);
+    r[1] = pick(0xFFFF0000u, 0xFFFF0000u, w);
+    r[2] = pick(0u, 0xFFFFFFFFu, w);
+    r[3] = pick(0u, 0xFFFFFFFFu, w >> 1);
+}
+
 /// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query
-/// (query_fragments_i8); the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one
-/// stage) the stage weight C1 - C0 is left to the caller's multiplier.
+/// (query_fragments_i8), or at head_dim 64 bytes of 0 or -1 against -Q (minus_key_bytes_d64);
+/// the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one stage) the stage weight
+/// C1 - C0 is left to the caller's multiplier.
 template <int D, int STAGES, bool FOLD_WEIGHT, class Keys>
 __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLayout& layout,
                                                const Keys& keys, const uint8_t* page,
@@ -60,18 +79,24 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
         int acc[4][4];
         for_each_tile<kWords>(keys, page, s, [&](int mt, const auto& w0, const auto& w1) {
             zero_tile(acc[mt]);
-            uint32_t x0 = w0[0], x1 = w1[0];
             if constexpr (D == 64) {
-                x0 = (x0 & 0x0F0Fu) | ((x0 & 0xF0F0u) << 12);
-                x1 = (x1 & 0x0F0Fu) | ((x1 & 0xF0F0u) << 12);
-            }
+                uint32_t r0[4], r1[4];  // slot s = 2 kb + r of rows g and g + 8
+                minus_key_bytes_d64(w0[0], r0);
+                minus_key_bytes_d64(w1[0], r1);
 #pragma unroll
-            for (int kb = 0; kb < D / 32; ++kb) {
-                // bits 2 kb + 8 i as 0/1 bytes, bits 2 kb + 1 + 8 i as 0/2 bytes
-                const uint32_t y0 = x0 >> (2 * kb), y1 = x1 >> (2 * kb);
-                const uint32_t af[4] = {y0 & 0x01010101u, y1 & 0x01010101u, y0 & 0x02020202u,
-                                        y1 & 0x02020202u};
-                mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+                for (int kb = 0; kb < 2; ++kb) {
+                    const uint32_t af[4] = {r0[2 * kb], r1[2 * kb], r0[2 * kb + 1], r1[2 * kb + 1]};
+                    mma_16832_i8<true>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+                }
+            } else {
+#pragma unroll
+                for (int kb = 0; kb < D / 32; ++kb) {
+                    // bits 2 kb + 8 i as 0/1 bytes, bits 2 kb + 1 + 8 i as 0/2 bytes
+                    const uint32_t y0 = w0[0] >> (2 * kb), y1 = w1[0] >> (2 * kb);
+                    const uint32_t af[4] = {y0 & 0x01010101u, y1 & 0x01010101u, y0 & 0x02020202u,
+                                            y1 & 0x02020202u};
+                    mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+                }
             }
         });
         const float w = key_affine[s][1];  // C1 - C0

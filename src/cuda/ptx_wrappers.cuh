@@ -143,16 +143,29 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
 }
 
 /// An asynchronous copy of BYTES (16: through L2 only, .cg; 4: through L1, as .ca is the only
-/// cache mode cp.async takes for fewer than 16 bytes).
+/// cache mode cp.async takes for fewer than 16 bytes) to a 32-bit shared-window address
+/// (__cvta_generic_to_shared): where the kernel keeps that address in a register, ptxas folds
+/// constant offsets added to it into the instruction.
 template <int BYTES>
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+__device__ __forceinline__ void cp_async_at(uint32_t s, const void* gmem) {
     static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
 #if __CUDA_ARCH__ >= 800
-    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     if constexpr (BYTES == 16)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+    (void)s, (void)gmem;
+    __trap();
+#endif
+}
+
+/// The same to a shared-memory pointer.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+    static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
+#if __CUDA_ARCH__ >= 800
+    cp_async_at<BYTES>(static_cast<uint32_t>(__cvta_generic_to_shared(smem)), gmem);
 #else
     if constexpr (BYTES == 16)
         *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
@@ -188,6 +201,27 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
 }
 
 /// 2^x for x <= 0 (MUFU.EX2, flushing subnormal results to 0; -inf gives 0).
+/// max(a, b), NaN if either is (max.NaN: one instruction on sm_80 and newer).
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+    float d;
+    asm("max.NaN.f32 %0, %1, %2;\n" : "=f"(d) : "f"(a), "f"(b));
+    return d;
+#else
+    return a != a || b != b ? a + b : fmaxf(a, b);
+#endif
+}
+
+/// Keeps x in a register from here on: ptxas can no longer rebuild it from what it was computed
+/// of (it does so for cheap values under register pressure, at every use in a loop).
+template <class T>
+__device__ __forceinline__ void pin_register(T& x) {
+    if constexpr (sizeof(T) == 8)
+        asm volatile("" : "+l"(x));
+    else
+        asm volatile("" : "+r"(x));
+}
+
 __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

@@ -162,6 +162,19 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     const uint8_t* lane_source = pool + kvh * kSlice.head_bytes + 16 * lane;
     const uint32_t page_stride = static_cast<uint32_t>(L.page_bytes);
     const int32_t* next_entry = table + first + WARPS;
+    // Mixed rows: each copy's per-lane addresses, held in registers for the whole CTA: the 16-byte
+    // chunks' source and ring slot 0's row, the floats' source (token lane's word) and their
+    // transposed places in slot 0 (left to ptxas, it rebuilt them from the lane index at every
+    // page: ~30 instructions a page at head_dim 64).
+    const uint8_t* float_source = lane_source - 12 * lane;
+    uint32_t ring_at = static_cast<uint32_t>(__cvta_generic_to_shared(mixed_lane));
+    uint32_t norm_at0 = static_cast<uint32_t>(__cvta_generic_to_shared(mixed_norms + lane_word0));
+    uint32_t norm_at1 = static_cast<uint32_t>(__cvta_generic_to_shared(mixed_norms + lane_word1));
+    if constexpr (MIXED) {
+        pin_register(lane_source), pin_register(float_source);
+        pin_register(ring_at), pin_register(norm_at0), pin_register(norm_at1);
+    }
+    constexpr int kScalesAt = 4 * WARPS * kMixedRing * kPage;  // bytes from a slot's norms
     auto issue = [&](int i, int part, int slot, bool read_next = true) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
@@ -175,17 +188,19 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         if (MIXED && i < count) {
             // Lane l copies 16-byte chunks l + 32 j: 512 ring bytes (4 row halves) apart, so the
             // rows' addresses step by 1024 bytes, immediates of the copies.
-            const uint8_t* page =
-                lane_source + static_cast<uint64_t>(static_cast<uint32_t>(index_now)) * page_stride;
-            uint8_t* codes = mixed_lane + 2 * slot * kPageCodes;  // (multiples of 128 double)
+            const uint64_t page_offset =
+                static_cast<uint64_t>(static_cast<uint32_t>(index_now)) * page_stride;
+            const uint8_t* page = lane_source + page_offset;
+            const uint8_t* floats = float_source + page_offset;      // token lane's word
+            const uint32_t codes = ring_at + 2 * slot * kPageCodes;  // (multiples of 128 double)
+            const uint32_t slot_norms = 4 * slot * kPage;
             if (part != 1) {
 #pragma unroll
                 for (int j = 0; j < kKeyBytes / 512; ++j)
-                    cp_async<16>(codes + 1024 * j, page + 512 * j);
+                    cp_async_at<16>(codes + 1024 * j, page + 512 * j);
                 if constexpr (kTransposedFloats) {
-                    const uint8_t* norms = page - 12 * lane + kSlice.norms;  // token lane's word
-                    cp_async<4>(mixed_norms + slot * kPage + lane_word0, norms);
-                    cp_async<4>(mixed_norms + slot * kPage + lane_word1, norms + 128);
+                    cp_async_at<4>(norm_at0 + slot_norms, floats + kSlice.norms);
+                    cp_async_at<4>(norm_at1 + slot_norms, floats + kSlice.norms + 128);
                 } else if (lane < kPage / 4) {
                     cp_async<16>(mixed_norms + slot * kPage + 4 * lane, page + kSlice.norms);
                 }
@@ -193,11 +208,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             if (part != 0) {
 #pragma unroll
                 for (int j = 0; j < kPage * kValueTok / 512; ++j)
-                    cp_async<16>(codes + 2 * kKeyBytes + 1024 * j, page + kSlice.values + 512 * j);
+                    cp_async_at<16>(codes + 2 * kKeyBytes + 1024 * j,
+                                    page + kSlice.values + 512 * j);
                 if constexpr (kTransposedFloats) {
-                    const uint8_t* scales = page - 12 * lane + kSlice.scales;
-                    cp_async<4>(mixed_scales + slot * kPage + lane_word0, scales);
-                    cp_async<4>(mixed_scales + slot * kPage + lane_word1, scales + 128);
+                    cp_async_at<4>(norm_at0 + kScalesAt + slot_norms, floats + kSlice.scales);
+                    cp_async_at<4>(norm_at1 + kScalesAt + slot_norms, floats + kSlice.scales + 128);
                 } else if (lane < kPage / 4) {
                     cp_async<16>(mixed_scales + slot * kPage + 4 * lane, page + kSlice.scales);
                 }
@@ -469,14 +484,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         // The page max (three dependent shuffles per head) only when some logit of the warp
         // exceeds its running max, as on the first page; otherwise the running max stays the
         // base and nothing is rescaled, exactly as the max would give (ncu: the shuffle chain's
-        // FMNMX stalls were 3.5% of the samples). A NaN logit also takes the max.
+        // FMNMX stalls were 3.5% of the samples). A NaN logit also takes the max. The thread's
+        // largest logit by a tree of NaN-keeping maxima: a chain of 4 instead of 8 compares.
         bool grow = false;
 #pragma unroll
-        for (int j = 0; j < kSlots; ++j)
+        for (int j = 0; j < kSlots; ++j) {
+            float top[4];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) grow |= !(x[mt][r][j] <= thr[j]);
+            for (int mt = 0; mt < 4; ++mt) top[mt] = max_nan(x[mt][0][j], x[mt][1][j]);
+            grow |= !(max_nan(max_nan(top[0], top[1]), max_nan(top[2], top[3])) <= thr[j]);
+        }
         const bool moved = __any_sync(kFull, grow);
         float corr[kSlots];
 #pragma unroll
