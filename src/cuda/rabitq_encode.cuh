@@ -23,7 +23,7 @@
 //     its low 16 bits, counted into as many equal-width buckets as there are events (shared
 //     atomics), the counts scanned, the events scattered, each bucket (one or two events mostly)
 //     insertion-sorted by one lane, every neighbouring pair checked against t itself where their
-//     keys are close. Any correct sort gives the same order.
+//     keys are close. Any correct sort gives the same order (rabitq_event_sort.cuh).
 //  5. The best prefix: rb_best_prefix_warp, each lane a run of events, where it can prove its
 //     result the sequential scan's (almost always); else one lane repeats the CPU's double
 //     updates in event order.
