@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         return mixed + 128 + static_cast<size_t>(warp) * kMixedRows * 256 + 2 * x - (x & 127);
     };
     float* mixed_norms = reinterpret_cast<float*>(mixed + 256 * 256) + warp * kMixedRing * kPage;
-    float* mixed_scales = mixed_norms + WARPS * kMixedRing * kPage;
+    constexpr int kScalesAfterNorms = WARPS * kMixedRing * kPage;  // floats
+    float* mixed_scales = mixed_norms + kScalesAfterNorms;
     // There a slot's norms (and scales) lie transposed, but at two 2-bit key stages (1.3% slower
     // at head_dim 128 that way): the tokens 16 mt + 8 r + rho (mt < 4, r < 2) that score row
     // rho's threads read are floats 8 rho .. 8 rho + 7 (k = 2 mt + r), in two 16-byte blocks,
@@ -174,7 +175,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         pin_register(lane_source), pin_register(float_source);
         pin_register(ring_at), pin_register(norm_at0), pin_register(norm_at1);
     }
-    constexpr int kScalesAt = 4 * WARPS * kMixedRing * kPage;  // bytes from a slot's norms
+    constexpr int kScalesAt = 4 * kScalesAfterNorms;  // bytes from a slot's norms to its scales
     auto issue = [&](int i, int part, int slot, bool read_next = true) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
