@@ -1,5 +1,6 @@
 // Device-side test utilities: device detection (tests skip cleanly without one), a typed device
-// buffer, tokens with spread norms, and the relative error the parity checks use.
+// buffer, tokens with spread norms, the relative error the parity checks use, and a method's
+// config.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,10 +9,12 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/cuda_cache.h"
 #include "test_helpers.h"
+#include "veloxquant/config.h"
 
 namespace vqtest {
 
@@ -68,6 +71,16 @@ inline double relative_error(const std::vector<float>& got, const std::vector<fl
         den += static_cast<double>(ref[i]) * ref[i];
     }
     return std::sqrt(num / std::max(den, 1e-300));
+}
+
+inline veloxquant::KVCacheConfig method_config(const std::string& method, int bits, int value_bits,
+                                               uint64_t seed) {
+    veloxquant::KVCacheConfig c;
+    c.method = method;
+    c.bits = bits;
+    c.value_bits = value_bits;
+    c.seed = seed;
+    return c;
 }
 
 }  // namespace vqtest
