@@ -6,7 +6,8 @@
 // VQ_TABLE_COPIES=1|16|32 fixes the lane copies of the 4-bit tables, VQ_RING=1..4 the pages per
 // warp in shared memory, VQ_SPLITS=n the splits of each sequence's pages, or VQ_SPLIT_PAGES=b and
 // VQ_TAIL_PAGES=c splits of b pages then of c (DecodeArgs::split_pages), instead of the plan's
-// choice.
+// choice. VQ_GROUP=1..8 sets the query heads per KV head (default 4: 32 query heads; 8 is
+// Llama-3-70B's 64 over 8).
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
@@ -37,7 +38,7 @@ using namespace vqbench;
 
 namespace {
 
-constexpr int kKvHeads = 8, kQHeads = 32, kPage = 64;
+constexpr int kKvHeads = 8, kMaxQHeads = 8 * kKvHeads, kPage = 64;
 constexpr int kMaxBatch = 32, kMaxTokens = 131072;
 
 struct Method {
@@ -74,6 +75,11 @@ int run(const char* out_path, const std::string& only) {
     const int table_copies = env_int("VQ_TABLE_COPIES", 0), ring = env_int("VQ_RING", 0);
     const int splits = env_int("VQ_SPLITS", 0), split_pages = env_int("VQ_SPLIT_PAGES", 0);
     const int tail_pages = env_int("VQ_TAIL_PAGES", 0), max_rest_ms = env_int("VQ_REST_MS", 250);
+    const int group = env_int("VQ_GROUP", 4), q_heads = group * kKvHeads;
+    if (q_heads < 1 || q_heads > kMaxQHeads) {
+        std::fprintf(stderr, "VQ_GROUP=%d: query heads per KV head must be 1..8\n", group);
+        return 1;
+    }
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     std::printf("device %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
@@ -118,8 +124,9 @@ int run(const char* out_path, const std::string& only) {
     float *keys = nullptr, *values = nullptr, *queries = nullptr, *out = nullptr;
     check_cuda(cudaMalloc(&keys, size_t(kKvHeads) * enc_tokens * 128 * sizeof(float)), "malloc");
     check_cuda(cudaMalloc(&values, size_t(kKvHeads) * enc_tokens * 128 * sizeof(float)), "malloc");
-    check_cuda(cudaMalloc(&queries, size_t(kMaxBatch) * kQHeads * 128 * sizeof(float)), "malloc");
-    check_cuda(cudaMalloc(&out, size_t(kMaxBatch) * kQHeads * 128 * sizeof(float)), "malloc");
+    check_cuda(cudaMalloc(&queries, size_t(kMaxBatch) * kMaxQHeads * 128 * sizeof(float)),
+               "malloc");
+    check_cuda(cudaMalloc(&out, size_t(kMaxBatch) * kMaxQHeads * 128 * sizeof(float)), "malloc");
     int32_t* tables = nullptr;
     const int max_rotations = 8;
     check_cuda(cudaMalloc(&tables, size_t(max_rotations) * pool_pages * sizeof(int32_t)), "malloc");
@@ -133,7 +140,7 @@ int run(const char* out_path, const std::string& only) {
     for (int d : {128, 64}) {
         fill(keys, size_t(kKvHeads) * enc_tokens * d, 1 + d);
         fill(values, size_t(kKvHeads) * enc_tokens * d, 2 + d);
-        fill(queries, size_t(kMaxBatch) * kQHeads * d, 3 + d);
+        fill(queries, size_t(kMaxBatch) * q_heads * d, 3 + d);
         for (const Method& m : kMethods) {
             const std::string prefix = std::string(m.name) + ":" + std::to_string(d) + ":";
             auto selected =
@@ -198,8 +205,7 @@ int run(const char* out_path, const std::string& only) {
                     DecodeArgs a;
                     a.layout = L, a.tables = dev.get(), a.pool = pool, a.page_table = tables,
                     a.page_table_stride = pages;
-                    a.seq_len = tokens, a.max_seq_len = tokens, a.batch = batch,
-                    a.group = kQHeads / kKvHeads;
+                    a.seq_len = tokens, a.max_seq_len = tokens, a.batch = batch, a.group = group;
                     a.queries = queries, a.out = out, a.scale = 1.0f / std::sqrt(float(d));
                     a.table_copies = table_copies, a.ring = ring, a.splits = splits;
                     a.split_pages = split_pages, a.tail_pages = tail_pages;
@@ -223,12 +229,12 @@ int run(const char* out_path, const std::string& only) {
                         cudaGraphDestroy(g);
                     }
                     check_cuda(cudaMemsetAsync(out, 0xff,
-                                               size_t(batch) * kQHeads * d * sizeof(float), stream),
+                                               size_t(batch) * q_heads * d * sizeof(float), stream),
                                "poison");
                     for (int r = 0; r < rotations; ++r)
                         check_cuda(cudaGraphLaunch(graphs[r], stream), "warm-up");
                     check_cuda(cudaStreamSynchronize(stream), "warm-up");
-                    std::vector<float> host_out(size_t(batch) * kQHeads * d);
+                    std::vector<float> host_out(size_t(batch) * q_heads * d);
                     check_cuda(cudaMemcpy(host_out.data(), out, host_out.size() * sizeof(float),
                                           cudaMemcpyDeviceToHost),
                                "out");
@@ -270,7 +276,7 @@ int run(const char* out_path, const std::string& only) {
                  "  \"copy_gbps_read_plus_write\": %.1f, \"copy_sm_mhz\": %.0f,\n"
                  "  \"max_rest_ms\": %d,\n"
                  "  \"kv_heads\": %d, \"q_heads\": %d,\n",
-                 copy_gbps, copy_mhz, max_rest_ms, kKvHeads, kQHeads);
+                 copy_gbps, copy_mhz, max_rest_ms, kKvHeads, q_heads);
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
         std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",

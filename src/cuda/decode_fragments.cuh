@@ -18,15 +18,15 @@ namespace veloxquant::cuda::kernels {
 // g + 8 at columns 2t, 2t + 1. The contraction order is free, so each operand is laid out where
 // its packed bits are cheapest to read:
 //   scores  A = keys: row = token, thread t owns coordinates [t D/4, (t + 1) D/4) of the token,
-//           one contiguous chunk of each stage's code. 1-bit keys: pair (p, p + D/8) of the
-//           chunk is decoded exactly to (2^p' b_p, 2^p' b_q) by one LOP3 into the mantissa of
-//           1024 and one HADD2, the 2^-p' sitting in the query fragment (score = C0 sum q' +
-//           (C1 - C0) sum q'_j b_j), used for groups of 5..8 (groups of up to 4 take the
-//           integer path, kI8 in the kernel); wider keys: a 2b-bit pair field indexes a half2
-//           table of (C[i0], C[i1]) / max|C| (lane copies for 4 bits, decode_lut_bytes).
-//           2-bit keys in groups of up to 4 score in integers too: the centroids as 16-bit
-//           fixed point K = 256 high + low (key_i8), each part's byte picked by one PRMT whose
-//           selector nibbles are four codes, two mma m16n8k32 (s8 x s8) per block.
+//           one contiguous chunk of each stage's code. 1-bit keys score in integers (mma
+//           m16n8k32, key bytes 0/1 or 0/-1 against the query as int8 hi and lo columns; score
+//           = C0 sum q' + (C1 - C0) sum q'_j b_j), 2-bit keys in groups of up to 4 too: the
+//           centroids as 16-bit fixed point K = 256 high + low (key_i8), each part's byte picked
+//           by one PRMT whose selector nibbles are four codes, two mma m16n8k32 (s8 x s8) per
+//           block. The integer query columns are 2h (hi) and 2h + 1 (lo) of head h, heads 0..3
+//           in one n8 block and, for groups of 5..8, heads 4..7 in a second. Wider keys and 2-bit
+//           keys in groups of 5..8 score in fp16: a 2b-bit pair field indexes a half2 table of
+//           (C[i0], C[i1]) / max|C| (lane copies for 4 bits, decode_lut_bytes), against
 //           B = rotated queries: column 2h = fp16(q'_h), 2h + 1 = fp16(q'_h - hi) for G <= 4
 //           (so the hi + lo add stays in one thread), column h = fp16(q'_h) for G = 5..8.
 //   values  A = V^T: row = dimension, k = token; lane group g owns dimensions [g D/8, (g+1) D/8),
@@ -181,22 +181,11 @@ __device__ __forceinline__ uint2 row_lut64(uint32_t word, int j, uint32_t lane8)
     return v;
 }
 
-/// 1-bit keys: bits p and p + 16 of x (p <= 9) become the half2 (2^p b_p, 2^p b_{p+16}),
-/// exactly: one LOP3 puts them in the mantissa of 1024 (magic = 0x64006400, ulp 1), one HADD2
-/// subtracts 1024. The 2^-p goes into the query fragment.
-__device__ __forceinline__ uint32_t bit_pair(uint32_t x, uint32_t magic, int p) {
-    uint32_t m;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(m) : "r"(x), "r"(0x00010001u << p), "r"(magic));
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&m), __half2(1024.0f, 1024.0f));
-    return *reinterpret_cast<const uint32_t*>(&r);
-}
-
 /// B fragments of the fp16 score mma (m16n8k16) of thread t, from its column's rotated query row
 /// q (a row of zeros for a column past the group): block kb, register r holds the query at the two
-/// coordinates that the key fragment's register r pairs (1-bit keys: (p, p + D/8) of the chunk,
-/// scaled by 2^-p' to undo bit_pair's 2^p'; wider keys: two consecutive coordinates). The lo
-/// column (HILO) holds what fp16 leaves of each value.
-template <int D, int KBITS, int BLOCKS>
+/// coordinates that the key fragment's register r pairs (two consecutive coordinates of the
+/// chunk). The lo column (HILO) holds what fp16 leaves of each value.
+template <int D, int BLOCKS>
 __device__ __forceinline__ void query_fragments_f16(uint32_t (&bq)[BLOCKS][2], const float* q,
                                                     int t, bool lo_part) {
     constexpr int kCoords = D / 4;
@@ -204,12 +193,8 @@ __device__ __forceinline__ void query_fragments_f16(uint32_t (&bq)[BLOCKS][2], c
     for (int kb = 0; kb < BLOCKS; ++kb) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int c0 = KBITS == 1 ? t * kCoords + 2 * kb + r : t * kCoords + 4 * kb + 2 * r;
-            const int c1 = KBITS == 1 ? c0 + kCoords / 2 : c0 + 1;
-            const int p = 2 * kb + r;
-            const float unscale =
-                KBITS == 1 ? 1.0f / static_cast<float>(1 << (p < 10 ? p : p - 6)) : 1.0f;
-            const float v0 = q[c0] * unscale, v1 = q[c1] * unscale;
+            const int c0 = t * kCoords + 4 * kb + 2 * r;
+            const float v0 = q[c0], v1 = q[c0 + 1];
             __half h0 = __float2half_rn(v0), h1 = __float2half_rn(v1);
             if (lo_part) {
                 h0 = __float2half_rn(v0 - __half2float(h0));

@@ -1,12 +1,12 @@
 // The score step of the decode kernel (turboquant_decode.cuh): S^T = K_codes x Q' for one page's
 // four 16-token tiles, sc[mt] being tile mt's C fragment (rows: tokens; columns: the query
 // fragments' columns, decode_fragments.cuh), summed over the key stages with each stage's weight.
-// One function per way of scoring: 1-bit and 2-bit keys in integers (groups of up to 4, mma
-// m16n8k32 u8/s8 x s8 against the query's int8 hi and lo columns), any key width in fp16 (mma
-// m16n8k16). `keys(page, s, mt, w0, w1)` loads this thread's code chunks of stage s of tile mt's
-// tokens row_token (w0) and 8 + row_token (w1) from the page's slot. The stages: STAGES, or where
-// that is 0 the layout's (read at each stage, as a kernel parameter, rather than held in a
-// register).
+// One function per way of scoring: 1-bit keys, and 2-bit keys in groups of up to 4, in integers
+// (mma m16n8k32 u8/s8 x s8 against the query's int8 hi and lo columns, in one or two blocks of
+// four heads), wider keys and 2-bit keys in groups of 5..8 in fp16 (mma m16n8k16).
+// `keys(page, s, mt, w0, w1)` loads this thread's code chunks of stage s of tile mt's tokens
+// row_token (w0) and 8 + row_token (w1) from the page's slot. The stages: STAGES, or where that is
+// 0 the layout's (read at each stage, as a kernel parameter, rather than held in a register).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -68,17 +68,20 @@ __device__ __forceinline__ void minus_key_bytes_d64(uint32_t w, uint32_t (&r)[4]
 /// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query
 /// (query_fragments_i8), or at head_dim 64 bytes of 0 or -1 against -Q (minus_key_bytes_d64);
 /// the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one stage) the stage weight
-/// C1 - C0 is left to the caller's multiplier.
-template <int D, int STAGES, bool FOLD_WEIGHT, class Keys>
+/// C1 - C0 is left to the caller's multiplier. NB column blocks of four heads (hi and lo columns)
+/// share each key fragment: block b's score of the thread's head lands in sc[mt][2 r + b].
+template <int D, int STAGES, bool FOLD_WEIGHT, int NB, class Keys>
 __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLayout& layout,
                                                const Keys& keys, const uint8_t* page,
-                                               const uint32_t (&bq8)[D / 32][2],
+                                               const uint32_t (&bq8)[NB][D / 32][2],
                                                const float (&key_affine)[kMaxStages][2]) {
+    static_assert(NB == 1 || NB == 2, "one or two blocks of four heads");
     constexpr int kWords = kKeyChunkWords<D, 1>;
     for (int s = 0; s < score_stages<STAGES>(layout); ++s) {
-        int acc[4][4];
+        int acc[NB][4][4];
         for_each_tile<kWords>(keys, page, s, [&](int mt, const auto& w0, const auto& w1) {
-            zero_tile(acc[mt]);
+#pragma unroll
+            for (int b = 0; b < NB; ++b) zero_tile(acc[b][mt]);
             if constexpr (D == 64) {
                 uint32_t r0[4], r1[4];  // slot s = 2 kb + r of rows g and g + 8
                 minus_key_bytes_d64(w0[0], r0);
@@ -86,7 +89,9 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
 #pragma unroll
                 for (int kb = 0; kb < 2; ++kb) {
                     const uint32_t af[4] = {r0[2 * kb], r1[2 * kb], r0[2 * kb + 1], r1[2 * kb + 1]};
-                    mma_16832_i8<true>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+#pragma unroll
+                    for (int b = 0; b < NB; ++b)
+                        mma_16832_i8<true>(acc[b][mt], af, bq8[b][kb][0], bq8[b][kb][1]);
                 }
             } else {
 #pragma unroll
@@ -95,7 +100,9 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
                     const uint32_t y0 = w0[0] >> (2 * kb), y1 = w1[0] >> (2 * kb);
                     const uint32_t af[4] = {y0 & 0x01010101u, y1 & 0x01010101u, y0 & 0x02020202u,
                                             y1 & 0x02020202u};
-                    mma_16832_i8<false>(acc[mt], af, bq8[kb][0], bq8[kb][1]);
+#pragma unroll
+                    for (int b = 0; b < NB; ++b)
+                        mma_16832_i8<false>(acc[b][mt], af, bq8[b][kb][0], bq8[b][kb][1]);
                 }
             }
         });
@@ -103,10 +110,13 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const float q_b = static_cast<float>(acc[mt][2 * r] * 256 + acc[mt][2 * r + 1]);
-                sc[mt][2 * r] = FOLD_WEIGHT ? q_b : fmaf(w, q_b, sc[mt][2 * r]);
-            }
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    const float q_b =
+                        static_cast<float>(acc[b][mt][2 * r] * 256 + acc[b][mt][2 * r + 1]);
+                    sc[mt][2 * r + b] = FOLD_WEIGHT ? q_b : fmaf(w, q_b, sc[mt][2 * r + b]);
+                }
     }
 }
 
@@ -156,9 +166,9 @@ __device__ __forceinline__ void scores_2bit_i8(float (&sc)[4][4], const TqPageLa
     }
 }
 
-/// Any key width in fp16 (groups of 5..8, and the 4-bit keys): 1-bit pairs (p, p + 16) of the
-/// chunk decoded exactly by bit_pair; wider keys' pair fields index the stage's half2 pair table,
-/// in mixed rows (MIXED_TABLE, lane4: row_lut) or at `pairs(s)` (entries KEY_SHIFT apart).
+/// Keys of 2 bits (groups of 5..8), 3 and 4 bits in fp16: each pair field indexes the stage's
+/// half2 pair table, in mixed rows (MIXED_TABLE, lane4: row_lut) or at `pairs(s)` (entries
+/// KEY_SHIFT apart).
 template <int D, int KBITS, int STAGES, bool MIXED, uint32_t MIXED_TABLE, int KEY_SHIFT, class Keys,
           class Pairs>
 __device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout& layout,
@@ -166,8 +176,8 @@ __device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout
                                            const uint32_t (&bq)[D / 16][2], const Pairs& pairs,
                                            uint32_t lane4,
                                            const float (&key_affine)[kMaxStages][2]) {
+    static_assert(KBITS >= 2, "1-bit keys score in integers (scores_1bit_i8)");
     constexpr int kWords = kKeyChunkWords<D, KBITS>;
-    const uint32_t magic = 0x64006400u;
     for (int s = 0; s < score_stages<STAGES>(layout); ++s) {
         float acc[4][4];
         for_each_tile<kWords>(keys, page, s, [&](int mt, const auto& w0, const auto& w1) {
@@ -175,18 +185,7 @@ __device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout
 #pragma unroll
             for (int kb = 0; kb < D / 16; ++kb) {
                 uint32_t af[4];
-                if constexpr (KBITS == 1) {
-                    // Pairs (p, p + 16) of the word; D = 64 spreads its 16 bits first.
-                    const uint32_t x0 = D == 128 ? w0[0] : __byte_perm(w0[0], 0, 0x4140);
-                    const uint32_t x1 = D == 128 ? w1[0] : __byte_perm(w1[0], 0, 0x4140);
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        const int p = 2 * kb + r;
-                        const int sh6 = p < 10 ? 0 : 6;
-                        af[2 * r] = bit_pair(x0 >> sh6, magic, p - sh6);
-                        af[2 * r + 1] = bit_pair(x1 >> sh6, magic, p - sh6);
-                    }
-                } else if constexpr (MIXED) {
+                if constexpr (MIXED) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         const int pos = (4 * kb + 2 * r) * KBITS;

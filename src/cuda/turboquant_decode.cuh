@@ -1,15 +1,15 @@
 // Split-K decode attention on the turboquant_rvq / value-codec page layout with tensor cores:
 // scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated queries, split
-// into hi + lo parts for groups of up to 4), an online softmax, and O^T += V_codes^T x P'^T in
-// the value rotation's domain (mma m16n8k16, fp16; 1- and 2-bit keys of groups of up to 4 score
-// with integer mma m16n8k32). The operands' fragment layouts: decode_fragments.cuh; the scores of a
-// page: decode_scores.cuh. Each CTA takes one KV head and a page range of one sequence and writes
-// its partial state (write_split_state); merge_kernel (turboquant_kernels.cuh) combines the splits
-// and applies the inverse value rotation once. Shared memory (decode_layout.cuh):
-// DecodeShared, lane copies of the lookup tables, then one cp.async ring of whole pages per warp,
-// whose first pages are requested before the CTA's set-up; or, at 4-bit values with 4-bit keys or
-// two 2-bit key stages and at 2-bit values with 1-bit keys, mixed rows of the value table and the
-// page rings.
+// into hi + lo parts for groups of up to 4 and for integer scores), an online softmax, and O^T +=
+// V_codes^T x P'^T in the value rotation's domain (mma m16n8k16, fp16; 1-bit keys, and 2-bit keys
+// of groups of up to 4, score with integer mma m16n8k32). The operands' fragment layouts:
+// decode_fragments.cuh; the scores of a page: decode_scores.cuh. Each CTA takes one KV head and a
+// page range of one sequence and writes its partial state (write_split_state); merge_kernel
+// (turboquant_kernels.cuh) combines the splits and applies the inverse value rotation once.
+// Shared memory (decode_layout.cuh): DecodeShared, lane copies of the lookup tables, then one
+// cp.async ring of whole pages per warp, whose first pages are requested before the CTA's set-up;
+// or, at 4-bit values with 4-bit keys or two 2-bit key stages and at 2-bit values with 1-bit keys,
+// mixed rows of the value table and the page rings.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -25,7 +25,9 @@
 namespace veloxquant::cuda::kernels {
 
 /// HILO: group <= 4, score and P' columns 2h, 2h + 1 are the fp16 hi and lo parts of head h (P'
-/// lo is zero but at 4-bit keys and values); otherwise (group 5..8) column h is head h. MIXED: the
+/// lo is zero but at 4-bit keys and values); otherwise (group 5..8) column h is head h, but where
+/// integer scores take two blocks of four heads, whose P' columns 2t, 2t + 1 are heads t, t + 4
+/// (the heads of thread t's slots, as write_split_state reads them). MIXED: the
 /// mixed-row layout (decode_layout.cuh). 4-bit keys and values, and every mixed-row kernel, are
 /// held to 168 registers, so that three CTAs fit per SM as their shared memory allows (left free,
 /// ptxas took 211 for the contiguous tables). WARPS: warps per CTA; with 8 (head_dim 64, mixed
@@ -49,7 +51,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     static_assert(KBITS >= 1 && KBITS <= 4, "key bits 1..4");
     static_assert(VBITS == 1 || VBITS == 2 || VBITS == 4 || VBITS == 16, "value bits 1, 2, 4, 16");
     static_assert(kCoords * KBITS % 16 == 0, "a lane's key chunk starts on a 2-byte boundary");
-    static_assert(KBITS > 1 || kCoords <= 32, "1-bit pairs (p, p + D/8) fit one 32-bit word");
+    static_assert(KBITS > 1 || kCoords <= 32, "a lane's 1-bit key chunk is one 32-bit word");
     static_assert(LUTC == 1 || LUTC == 16 || LUTC == 32,
                   "1, 16 or 32 lane copies of the pair tables");
     static_assert(!MIXED || ((KBITS == 4 || (KBITS == 2 && HILO)) && VBITS == 4 && LUTC == 32) ||
@@ -72,9 +74,13 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                                            : 2;  // log2 of an entry's stride in bytes
     constexpr int kKeyShift = kKeyCopies ? kLutShift : 2,
                   kValueShift = kValueCopies ? kLutShift : 2;
-    // 1- and 2-bit keys, groups of up to 4: integer scores (query_fragments_i8).
-    constexpr bool kI8 = (KBITS == 1 || KBITS == 2) && HILO;
+    // 1-bit keys, and 2-bit keys in groups of up to 4: integer scores (query_fragments_i8), the
+    // query heads in blocks of four (hi and lo columns): one block for groups of up to 4, two for
+    // 5..8, whose thread t then holds heads t and t + 4 (slots 0 and 1). (Two blocks at 2-bit
+    // keys, hi and lo sums of each, measured 5-7% slower than their fp16 scores.)
+    constexpr bool kI8 = KBITS == 1 || (KBITS == 2 && HILO);
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
+    constexpr int kHeadBlocks = HILO ? 1 : 2;
     // P' to the B fragments of P'^T by movmatrix, or through shared memory (decode_fragments.cuh)
     constexpr bool kTransposeInRegisters = !(KBITS == 4 && VBITS == 4);
     using Shared = DecodeShared<D, KBITS, VBITS, LUTC, WARPS>;
@@ -326,19 +332,21 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     __syncthreads();
 
     // Query fragments (B of the score mma), fixed for the whole CTA (decode_fragments.cuh).
-    const int hq = HILO ? g >> 1 : g;
-    const bool lo_part = HILO && (g & 1);
-    const float* q_row = sh.q[hq];  // (rows G and up are zeros: padding columns)
+    // (Rows G and up of sh.q are zeros: padding columns.)
     uint32_t bq[kI8 ? 1 : kKBlocks][2];
-    if constexpr (!kI8) query_fragments_f16<D, KBITS>(bq, q_row, t, lo_part);
-    uint32_t bq8[kI8 ? kI8Blocks : 1][2];
-    if constexpr (kI8) query_fragments_i8<D, KBITS>(bq8, q_row, t, lo_part);
+    if constexpr (!kI8) query_fragments_f16<D>(bq, sh.q[HILO ? g >> 1 : g], t, HILO && (g & 1));
+    uint32_t bq8[kI8 ? kHeadBlocks : 1][kI8 ? kI8Blocks : 1][2];
+    if constexpr (kI8) {
+#pragma unroll
+        for (int b = 0; b < kHeadBlocks; ++b)
+            query_fragments_i8<D, KBITS>(bq8[b], sh.q[4 * b + (g >> 1)], t, g & 1);
+    }
     // Heads of this thread's score columns.
     int heads[kSlots];
     float mul[kSlots], add[kSlots];
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
-        heads[j] = HILO ? t : 2 * t + j;
+        heads[j] = HILO ? t : kI8 ? t + 4 * j : 2 * t + j;
         // logit (log2 units) = (score mul + add) norm
         const float scale_log2 = a.scale * 1.4426950408889634f;
         mul[j] = sh.head_mul[heads[j]] * (kI8 ? scale_log2 / 127.0f : scale_log2);
@@ -448,7 +456,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         if constexpr (kI8 && KBITS == 1) {
             scores_1bit_i8<D, kStages, kFoldStageWeight>(sc, L, load_keys, buf, bq8, sh.key_affine);
         } else if constexpr (kI8) {
-            scores_2bit_i8<D, kStages>(sc, L, load_keys, buf, bq8, sh.key_i8, sh.key_affine);
+            scores_2bit_i8<D, kStages>(sc, L, load_keys, buf, bq8[0], sh.key_i8, sh.key_affine);
         } else {
             auto pairs = [&](int s) {
                 return kKeyCopies ? copies + s * 256 * LUTC + copy : sh.key_pairs[s];
@@ -465,10 +473,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             for (int r = 0; r < 2; ++r) {
 #pragma unroll
                 for (int j = 0; j < kSlots; ++j) {
-                    // (integer scores leave the lo columns' sums in the hi column)
-                    const float s = !HILO ? sc[mt][2 * r + j]
-                                    : kI8 ? sc[mt][2 * r]
-                                          : sc[mt][2 * r] + sc[mt][2 * r + 1];
+                    // (integer scores leave head block j's sum in column 2 r + j)
+                    const float s =
+                        !HILO || kI8 ? sc[mt][2 * r + j] : sc[mt][2 * r] + sc[mt][2 * r + 1];
                     x[mt][r][j] = fmaf(s * mul[j] + add[j], norm[mt][r], -shift[j]);
                 }
             }

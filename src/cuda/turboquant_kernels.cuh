@@ -133,8 +133,9 @@ __device__ __forceinline__ void write_split_state(float* states, const float (&o
             if (HILO) {
                 if (t < G) wo[(warp * G + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
             } else {
-                if (2 * t < G) wo[(warp * G + 2 * t) * D + dim] = o[v][2 * r];
-                if (2 * t + 1 < G) wo[(warp * G + 2 * t + 1) * D + dim] = o[v][2 * r + 1];
+                const int h0 = heads[0], h1 = heads[SLOTS - 1];
+                if (h0 < G) wo[(warp * G + h0) * D + dim] = o[v][2 * r];
+                if (h1 < G) wo[(warp * G + h1) * D + dim] = o[v][2 * r + 1];
             }
         }
     }
