@@ -54,10 +54,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     static_assert(KBITS > 1 || kCoords <= 32, "a lane's 1-bit key chunk is one 32-bit word");
     static_assert(LUTC == 1 || LUTC == 16 || LUTC == 32,
                   "1, 16 or 32 lane copies of the pair tables");
-    static_assert(!MIXED || ((KBITS == 4 || (KBITS == 2 && HILO)) && VBITS == 4 && LUTC == 32) ||
+    static_assert(!MIXED || ((KBITS == 4 || KBITS == 2) && VBITS == 4 && LUTC == 32) ||
                       (KBITS == 1 && VBITS == 2 && VC == 16),
-                  "mixed rows hold the 4-bit value table's 32 lane copies (2-bit keys score in "
-                  "integers) or the 2-bit value table's 16 (1-bit keys)");
+                  "mixed rows hold the 4-bit value table's 32 lane copies (beside 4-bit keys of "
+                  "the same table or 2-bit keys) or the 2-bit value table's 16 (1-bit keys)");
     // Mixed rows: key stages of a page (one 4-bit or 1-bit stage, or two 2-bit stages), code
     // bytes of a token's keys and values, of a page, pages per warp and ring rows of a warp.
     constexpr int kMixedStages = KBITS == 2 ? 2 : 1;
@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             auto pairs = [&](int s) {
                 return kKeyCopies ? copies + s * 256 * LUTC + copy : sh.key_pairs[s];
             };
-            scores_f16<D, KBITS, kStages, MIXED, kMixedTable, kKeyShift>(
+            // (in mixed rows 4-bit keys read the rows' table, 2-bit keys their own pair tables)
+            scores_f16<D, KBITS, kStages, MIXED && KBITS == 4, kMixedTable, kKeyShift>(
                 sc, L, load_keys, buf, bq, pairs, lane4, sh.key_affine);
         }
 

@@ -48,7 +48,7 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
     using kernels::decode_attention_kernel;
     using kernels::DecodeShared;
     constexpr int VC = V == 2 ? 16 : 0;
-    if constexpr ((K == 4 || (K == 2 && HILO)) && V == 4) {
+    if constexpr ((K == 4 || K == 2) && V == 4) {
         if (mixed) {
             // Two 2-bit key stages at head_dim 64: eight warps a CTA, 16 a SM instead of 12
             constexpr int W = K == 2 && D == 64 ? 8 : kDecodeWarps;
@@ -142,9 +142,9 @@ int mixed_ring(const TqPageLayout& L) {
 // each at 4-bit values; D / 8 and D / 4 at 1-bit keys and 2-bit values) whose blocks lie at the
 // offsets PageLayout::finalize gives them (mixed_slice_offsets: the kernel takes them as
 // constants) and whose page stride fits 32 bits: at 4-bit values (one page per warp) the keys are
-// one 4-bit stage of the values' codebook (one table in the rows) or, for groups of up to 4, two
-// 2-bit stages (integer scores, no table); at 2-bit values one 1-bit key stage (two pages per
-// warp). Any other layout takes the general kernels.
+// one 4-bit stage of the values' codebook (one table in the rows) or two 2-bit stages (integer
+// scores with no table for groups of up to 4, fp16 from their 16-entry pair tables for 5..8); at
+// 2-bit values one 1-bit key stage (two pages per warp). Any other layout takes the general kernels.
 // args.table_copies and another args.ring force the other layouts. sm_90 only, whose dynamic
 // shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {
@@ -152,7 +152,7 @@ bool mixed_rows(const DecodeArgs& a, int major) {
     const uint32_t d = static_cast<uint32_t>(L.head_dim);
     const bool four =
         ((shared_pairs(a) && L.key_stages == 1) ||
-         (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4 && a.group <= 4)) &&
+         (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4)) &&
         L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
     const bool one_two = L.key_bits == 1 && L.key_stages == 1 && L.value_bits == 2 &&
                          L.key_code_bytes == d / 8 && L.value_code_bytes == d / 4;

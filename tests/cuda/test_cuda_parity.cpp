@@ -219,11 +219,9 @@ TEST(CudaParity, BenchmarkedLayoutsTakeTheMixedRows) {
             DecodeArgs forced = a;
             forced.table_copies = 1;  // forced contiguous tables
             EXPECT_FALSE(decode_takes_mixed_rows(forced, 9));
-            if (s.stages == 2) {  // integer scores of two 2-bit stages: groups of up to 4
-                forced = a;
-                forced.group = 8;
-                EXPECT_FALSE(decode_takes_mixed_rows(forced, 9));
-            }
+            DecodeArgs eight = a;  // groups of 8 (fp16 scores at 2-bit keys) take them too
+            eight.group = 8;
+            EXPECT_TRUE(decode_takes_mixed_rows(eight, 9));
         }
     }
 }
