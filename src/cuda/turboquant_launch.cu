@@ -144,16 +144,15 @@ int mixed_ring(const TqPageLayout& L) {
 // constants) and whose page stride fits 32 bits: at 4-bit values (one page per warp) the keys are
 // one 4-bit stage of the values' codebook (one table in the rows) or two 2-bit stages (integer
 // scores with no table for groups of up to 4, fp16 from their 16-entry pair tables for 5..8); at
-// 2-bit values one 1-bit key stage (two pages per warp). Any other layout takes the general kernels.
-// args.table_copies and another args.ring force the other layouts. sm_90 only, whose dynamic
-// shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
+// 2-bit values one 1-bit key stage (two pages per warp). Any other layout takes the general
+// kernels. args.table_copies and another args.ring force the other layouts. sm_90 only, whose
+// dynamic shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {
     const TqPageLayout& L = a.layout;
     const uint32_t d = static_cast<uint32_t>(L.head_dim);
-    const bool four =
-        ((shared_pairs(a) && L.key_stages == 1) ||
-         (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4)) &&
-        L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
+    const bool four = ((shared_pairs(a) && L.key_stages == 1) ||
+                       (L.key_bits == 2 && L.key_stages == 2 && L.value_bits == 4)) &&
+                      L.key_code_bytes == d / 2 && L.value_code_bytes == d / 2;
     const bool one_two = L.key_bits == 1 && L.key_stages == 1 && L.value_bits == 2 &&
                          L.key_code_bytes == d / 8 && L.value_code_bytes == d / 4;
     const kernels::MixedSliceOffsets slice =
