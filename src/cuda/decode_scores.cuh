@@ -1,9 +1,10 @@
 // The score step of the decode kernel (turboquant_decode.cuh): S^T = K_codes x Q' for one page's
 // four 16-token tiles, sc[mt] being tile mt's C fragment (rows: tokens; columns: the query
 // fragments' columns, decode_fragments.cuh), summed over the key stages with each stage's weight.
-// One function per way of scoring: 1-bit keys, and 2-bit keys in groups of up to 4, in integers
-// (mma m16n8k32 u8/s8 x s8 against the query's int8 hi and lo columns, in one or two blocks of
-// four heads), wider keys and 2-bit keys in groups of 5..8 in fp16 (mma m16n8k16).
+// One function per way of scoring: 1-bit keys, and 2-bit keys in groups of up to 4 or in mixed
+// rows, in integers (mma m16n8k32 u8/s8 x s8 against the query's int8 hi and lo columns, in one
+// or two blocks of four heads), wider keys and the general kernel's 2-bit keys in groups of 5..8
+// in fp16 (mma m16n8k16).
 // `keys(page, s, mt, w0, w1)` loads this thread's code chunks of stage s of tile mt's tokens
 // row_token (w0) and 8 + row_token (w1) from the page's slot. The stages: STAGES, or where that is
 // 0 the layout's (read at each stage, as a kernel parameter, rather than held in a register).
@@ -120,6 +121,22 @@ __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLa
     }
 }
 
+/// The A fragments of one k32 block of 2-bit keys in integers: the high (ah) and low (al) bytes
+/// of the centroids whose codes are this thread's chunk words x0 (row g) and x1 (row g + 8) shifted
+/// to the block's 16 bits, each byte picked by one PRMT from the stage's four (key_i8). Slot r of
+/// the block holds coordinates 8 kb + r + 2 i of the chunk, whose codes are nibbles i shifted by
+/// 2 r.
+__device__ __forceinline__ void key_i8_fragments(uint32_t x0, uint32_t x1, uint32_t hi_bytes,
+                                                 uint32_t lo_bytes, uint32_t (&ah)[4],
+                                                 uint32_t (&al)[4]) {
+    const uint32_t sel[4] = {x0 & 0x3333u, x1 & 0x3333u, (x0 >> 2) & 0x3333u, (x1 >> 2) & 0x3333u};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        ah[q] = __byte_perm(hi_bytes, 0, sel[q]);
+        al[q] = __byte_perm(lo_bytes, 0, sel[q]);
+    }
+}
+
 /// 2-bit keys: sums of the centroids' high parts (hi) and low parts (lo), each byte picked by
 /// one PRMT from the stage's four (key_i8). (One fixed-point scale for every stage and one sum
 /// over the stages measured 5% slower at head_dim 64, the same at 128.)
@@ -137,18 +154,9 @@ __device__ __forceinline__ void scores_2bit_i8(float (&sc)[4][4], const TqPageLa
             zero_tile(hi[mt]), zero_tile(lo[mt]);
 #pragma unroll
             for (int kb = 0; kb < D / 32; ++kb) {
-                // Slot r of block kb: coordinates 8 kb + r + 2 i of the chunk, whose codes are
-                // nibbles i of the word shifted by 16 (kb % 2) + 2 r.
-                const uint32_t x0 = w0[kb >> 1] >> (16 * (kb & 1));
-                const uint32_t x1 = w1[kb >> 1] >> (16 * (kb & 1));
-                const uint32_t sel[4] = {x0 & 0x3333u, x1 & 0x3333u, (x0 >> 2) & 0x3333u,
-                                         (x1 >> 2) & 0x3333u};
                 uint32_t ah[4], al[4];
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    ah[q] = __byte_perm(hi_bytes, 0, sel[q]);
-                    al[q] = __byte_perm(lo_bytes, 0, sel[q]);
-                }
+                key_i8_fragments(w0[kb >> 1] >> (16 * (kb & 1)), w1[kb >> 1] >> (16 * (kb & 1)),
+                                 hi_bytes, lo_bytes, ah, al);
                 mma_16832_i8<true>(hi[mt], ah, bq8[kb][0], bq8[kb][1]);
                 mma_16832_i8<true>(lo[mt], al, bq8[kb][0], bq8[kb][1]);
             }
@@ -166,9 +174,55 @@ __device__ __forceinline__ void scores_2bit_i8(float (&sc)[4][4], const TqPageLa
     }
 }
 
-/// Keys of 2 bits (groups of 5..8), 3 and 4 bits in fp16: each pair field indexes the stage's
-/// half2 pair table, in mixed rows (MIXED_TABLE, lane4: row_lut) or at `pairs(s)` (entries
-/// KEY_SHIFT apart).
+/// 2-bit keys of groups of 5..8 in integers: two blocks of four heads (int8 hi and lo query
+/// columns each) on the same key fragments, the tiles one by one with every stage summed into the
+/// tile's accumulators, which key_i8 in one fixed-point scale for all stages allows (`weight`: the
+/// largest |centroid| of any stage / kKeyI8Scale): 16 integer accumulators live instead of 64 for
+/// the four tiles' hi and lo sums of each block stage by stage. Block b's score of the thread's
+/// head lands in sc[mt][2 r + b], as in scores_1bit_i8.
+template <int D, int STAGES, class Keys>
+__device__ __forceinline__ void scores_2bit_i8_two_blocks(float (&sc)[4][4], const Keys& keys,
+                                                          const uint8_t* page,
+                                                          const uint32_t (&bq8)[2][D / 32][2],
+                                                          const uint32_t (&key_i8)[kMaxStages][2],
+                                                          float weight) {
+    static_assert(STAGES > 0, "a compile-time stage count");
+    constexpr int kWords = kKeyChunkWords<D, 2>;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+        int hi[2][4], lo[2][4];
+#pragma unroll
+        for (int b = 0; b < 2; ++b) zero_tile(hi[b]), zero_tile(lo[b]);
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            uint32_t w0[kWords], w1[kWords];
+            keys(page, s, mt, w0, w1);
+#pragma unroll
+            for (int kb = 0; kb < D / 32; ++kb) {
+                uint32_t ah[4], al[4];
+                key_i8_fragments(w0[kb >> 1] >> (16 * (kb & 1)), w1[kb >> 1] >> (16 * (kb & 1)),
+                                 key_i8[s][0], key_i8[s][1], ah, al);
+#pragma unroll
+                for (int b = 0; b < 2; ++b) {
+                    mma_16832_i8<true>(hi[b], ah, bq8[b][kb][0], bq8[b][kb][1]);
+                    mma_16832_i8<true>(lo[b], al, bq8[b][kb][0], bq8[b][kb][1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                const float h = static_cast<float>(hi[b][2 * r] * 256 + hi[b][2 * r + 1]);
+                const float l = static_cast<float>(lo[b][2 * r] * 256 + lo[b][2 * r + 1]);
+                sc[mt][2 * r + b] = weight * fmaf(256.0f, h, l);
+            }
+    }
+}
+
+/// Keys of 2 bits (groups of 5..8, general kernel), 3 and 4 bits in fp16: each pair field
+/// indexes the stage's half2 pair table, in mixed rows (4-bit keys: MIXED_TABLE, lane4: row_lut)
+/// or at `pairs(s)` (entries KEY_SHIFT apart).
 template <int D, int KBITS, int STAGES, bool MIXED, uint32_t MIXED_TABLE, int KEY_SHIFT, class Keys,
           class Pairs>
 __device__ __forceinline__ void scores_f16(float (&sc)[4][4], const TqPageLayout& layout,

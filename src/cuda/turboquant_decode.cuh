@@ -2,11 +2,11 @@
 // scores S^T = K_codes x Q' (rows: 16 tokens; columns: the GQA group's rotated queries, split
 // into hi + lo parts for groups of up to 4 and for integer scores), an online softmax, and O^T +=
 // V_codes^T x P'^T in the value rotation's domain (mma m16n8k16, fp16; 1-bit keys, and 2-bit keys
-// of groups of up to 4, score with integer mma m16n8k32). The operands' fragment layouts:
-// decode_fragments.cuh; the scores of a page: decode_scores.cuh. Each CTA takes one KV head and a
-// page range of one sequence and writes its partial state (write_split_state); merge_kernel
-// (turboquant_kernels.cuh) combines the splits and applies the inverse value rotation once.
-// Shared memory (decode_layout.cuh): DecodeShared, lane copies of the lookup tables, then one
+// of groups of up to 4 or in mixed rows, score with integer mma m16n8k32). The operands' fragment
+// layouts: decode_fragments.cuh; the scores of a page: decode_scores.cuh. Each CTA takes one KV
+// head and a page range of one sequence and writes its partial state (write_split_state);
+// merge_kernel (turboquant_kernels.cuh) combines the splits and applies the inverse value rotation
+// once. Shared memory (decode_layout.cuh): DecodeShared, lane copies of the lookup tables, then one
 // cp.async ring of whole pages per warp, whose first pages are requested before the CTA's set-up;
 // or, at 4-bit values with 4-bit keys or two 2-bit key stages and at 2-bit values with 1-bit keys,
 // mixed rows of the value table and the page rings.
@@ -74,11 +74,13 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                                            : 2;  // log2 of an entry's stride in bytes
     constexpr int kKeyShift = kKeyCopies ? kLutShift : 2,
                   kValueShift = kValueCopies ? kLutShift : 2;
-    // 1-bit keys, and 2-bit keys in groups of up to 4: integer scores (query_fragments_i8), the
-    // query heads in blocks of four (hi and lo columns): one block for groups of up to 4, two for
-    // 5..8, whose thread t then holds heads t and t + 4 (slots 0 and 1). (Two blocks at 2-bit
-    // keys, hi and lo sums of each, measured 5-7% slower than their fp16 scores.)
-    constexpr bool kI8 = KBITS == 1 || (KBITS == 2 && HILO);
+    // 1-bit keys, and 2-bit keys in groups of up to 4 or in mixed rows: integer scores
+    // (query_fragments_i8), the query heads in blocks of four (hi and lo columns): one block for
+    // groups of up to 4, two for 5..8, whose thread t then holds heads t and t + 4 (slots 0 and
+    // 1). Two blocks at 2-bit keys sum every stage in one fixed-point scale, tile by tile
+    // (scores_2bit_i8_two_blocks); in the general kernel they score in fp16.
+    constexpr bool kI8TwoBlocks = KBITS == 2 && !HILO && MIXED;
+    constexpr bool kI8 = KBITS == 1 || (KBITS == 2 && HILO) || kI8TwoBlocks;
     constexpr int kI8Blocks = D / 32;  // k32 blocks: thread t gives 8 of its coordinates to each
     constexpr int kHeadBlocks = HILO ? 1 : 2;
     // P' to the B fragments of P'^T by movmatrix, or through shared memory (decode_fragments.cuh)
@@ -279,9 +281,31 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     if constexpr (KBITS > 1 && !kKeyCopies && !kI8)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
             sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
-    if constexpr (KBITS == 2 && kI8)
+    if constexpr (KBITS == 2 && kI8 && !kI8TwoBlocks)
         for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
             sh.key_i8[i / 2][i % 2] = T.key_i8[i];
+    // Two blocks: key_i8 of every stage in the scale of the largest centroid of any (rounded and
+    // split as the host's key_i8), whose weight multiplies the summed scores.
+    [[maybe_unused]] float i8_weight = 1.0f;
+    if constexpr (kI8TwoBlocks) {
+        float top = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kMixedStages * 4; ++c) top = fmaxf(top, fabsf(T.key_centroids[c]));
+        if (!(top > 0.0f)) top = 1.0f;
+        i8_weight = top / kKeyI8Scale;
+        if (threadIdx.x < kMixedStages * 2) {
+            const int st = threadIdx.x / 2;
+            const bool low = threadIdx.x % 2;
+            uint32_t word = 0;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const int k = __float2int_rn(T.key_centroids[4 * st + c] / top * kKeyI8Scale);
+                const int h = (k + 128) >> 8;  // the low part in [-128, 127]
+                word |= static_cast<uint32_t>((low ? k - 256 * h : h) & 0xFF) << (8 * c);
+            }
+            sh.key_i8[st][low] = word;
+        }
+    }
     if constexpr (VBITS != 16 && !kValueCopies)
         for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x)
             sh.value_pairs[i] = T.value_pairs[i];
@@ -455,14 +479,15 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         constexpr int kStages = MIXED ? kMixedStages : 0;  // 0: the layout's
         if constexpr (kI8 && KBITS == 1) {
             scores_1bit_i8<D, kStages, kFoldStageWeight>(sc, L, load_keys, buf, bq8, sh.key_affine);
+        } else if constexpr (kI8TwoBlocks) {
+            scores_2bit_i8_two_blocks<D, kStages>(sc, load_keys, buf, bq8, sh.key_i8, i8_weight);
         } else if constexpr (kI8) {
             scores_2bit_i8<D, kStages>(sc, L, load_keys, buf, bq8[0], sh.key_i8, sh.key_affine);
         } else {
             auto pairs = [&](int s) {
                 return kKeyCopies ? copies + s * 256 * LUTC + copy : sh.key_pairs[s];
             };
-            // (in mixed rows 4-bit keys read the rows' table, 2-bit keys their own pair tables)
-            scores_f16<D, KBITS, kStages, MIXED && KBITS == 4, kMixedTable, kKeyShift>(
+            scores_f16<D, KBITS, kStages, MIXED, kMixedTable, kKeyShift>(
                 sc, L, load_keys, buf, bq, pairs, lane4, sh.key_affine);
         }
 

@@ -143,8 +143,8 @@ int mixed_ring(const TqPageLayout& L) {
 // offsets PageLayout::finalize gives them (mixed_slice_offsets: the kernel takes them as
 // constants) and whose page stride fits 32 bits: at 4-bit values (one page per warp) the keys are
 // one 4-bit stage of the values' codebook (one table in the rows) or two 2-bit stages (integer
-// scores with no table for groups of up to 4, fp16 from their 16-entry pair tables for 5..8); at
-// 2-bit values one 1-bit key stage (two pages per warp). Any other layout takes the general
+// scores, no table: one block of four query heads for groups of up to 4, two for 5..8); at 2-bit
+// values one 1-bit key stage (two pages per warp). Any other layout takes the general
 // kernels. args.table_copies and another args.ring force the other layouts. sm_90 only, whose
 // dynamic shared memory starts at kDynamicSharedBase of the window (the kernel traps otherwise).
 bool mixed_rows(const DecodeArgs& a, int major) {

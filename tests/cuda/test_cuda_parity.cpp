@@ -219,7 +219,7 @@ TEST(CudaParity, BenchmarkedLayoutsTakeTheMixedRows) {
             DecodeArgs forced = a;
             forced.table_copies = 1;  // forced contiguous tables
             EXPECT_FALSE(decode_takes_mixed_rows(forced, 9));
-            DecodeArgs eight = a;  // groups of 8 (fp16 scores at 2-bit keys) take them too
+            DecodeArgs eight = a;  // groups of 8 (two blocks of integer scores) take them too
             eight.group = 8;
             EXPECT_TRUE(decode_takes_mixed_rows(eight, 9));
         }
