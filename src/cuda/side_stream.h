@@ -6,25 +6,47 @@
 // turboquant k4v4 1.96-1.98 -> 1.90 ms, vecinfer 1%; rabitq and commvq, whose key kernels fill
 // the SMs' registers, unchanged. Events and a stream wait are recorded into a graph under stream
 // capture as well.
+// The stream itself is the current device's one side stream, shared by every SideStream of the
+// process (each keeps its own events): a CUDA stream holds 0.53 MiB of device memory (H200,
+// bench/results/cuda_h200_20261203zg_stream_memory.txt), which one per cache added to every
+// layer's cache beyond its nbytes(). Sharing it orders the value encodes of caches appending on
+// different streams one after the other, and a join waits for every value encode queued before
+// it; two threads capturing graphs through it at the same time would clash.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <mutex>
+#include <vector>
 
 #include "cuda/cuda_cache.h"
 
 namespace veloxquant::cuda {
 
+/// The current device's shared side stream, created on first use and kept for the process (not
+/// destroyed at exit, when the driver may already be gone).
+inline cudaStream_t device_side_stream() {
+    static std::mutex mutex;
+    static std::vector<cudaStream_t> streams;  // by device ordinal
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "side stream device");
+    const std::lock_guard<std::mutex> lock(mutex);
+    if (streams.size() <= static_cast<std::size_t>(device)) streams.resize(device + 1, nullptr);
+    if (streams[device] == nullptr)
+        check_cuda(cudaStreamCreateWithFlags(&streams[device], cudaStreamNonBlocking),
+                   "side stream");
+    return streams[device];
+}
+
 class SideStream {
 public:
-    SideStream() {
-        check_cuda(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "side stream");
+    SideStream() : side_(device_side_stream()) {
         check_cuda(cudaEventCreateWithFlags(&forked_, cudaEventDisableTiming), "side stream fork");
         check_cuda(cudaEventCreateWithFlags(&joined_, cudaEventDisableTiming), "side stream join");
     }
     ~SideStream() {
         cudaEventDestroy(joined_);
         cudaEventDestroy(forked_);
-        cudaStreamDestroy(side_);
     }
     SideStream(const SideStream&) = delete;
     SideStream& operator=(const SideStream&) = delete;
