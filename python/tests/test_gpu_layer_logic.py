@@ -87,8 +87,11 @@ class _ExactBatch:
         for cache, k, v in zip(caches, keys, values):
             cache.append(k, v)
 
+    steps = 0  # attend calls, over every instance
+
     def attend(self, caches, queries, scale=None):
         assert queries.dim() == 3 and queries.shape[0] == len(caches)
+        _ExactBatch.steps += 1
         return torch.stack([cache.attend(q, scale) for cache, q in zip(caches, queries)])
 
 
@@ -173,12 +176,15 @@ def test_gpu_layer_logic_on_exact_tokens(kind, batch):
 
 
 @pytest.mark.parametrize("kind", ["turboquant", "codec"])
-def test_gpu_layer_padding_logic_on_exact_tokens(kind):
+def test_gpu_layer_padding_logic_on_exact_tokens(kind, monkeypatch):
     """A left-padded batch on the stand-in: two prefill chunks (the first mostly padding for
     the short sequence) and decode steps; each sequence stores only its own tokens and the
-    logits at real positions equal DynamicCache's on the same padded batch."""
+    logits at real positions equal DynamicCache's on the same padded batch. The decode steps
+    (every sequence's token real) go through the batch at once, and each forward reads its
+    mask on the host once, not once per layer (on a GPU each read waits for the device)."""
     from transformers import DynamicCache
 
+    import veloxquant.integrations.transformers as integration
     from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
     stand_in = {"turboquant": _ExactDeviceCache, "codec": _ExactKVCache}[kind]
     model = _tiny_llama(64)
@@ -188,12 +194,39 @@ def test_gpu_layer_padding_logic_on_exact_tokens(kind):
     cuts = (12, 20)
 
     reference = _logits(model, DynamicCache(config=model.config), "sdpa", tokens, cuts, mask)
+    reads = []
+    read = integration._read_real_positions
+    monkeypatch.setattr(integration, "_read_real_positions",
+                        lambda m, n: reads.append(n) or read(m, n))
+    _ExactBatch.steps = 0
     cache = VeloxQuantCache([stand_in(2, 64, layer=i) for i in range(2)])
     logits = _logits(model, cache, ATTENTION_NAME, tokens, cuts, mask)
+    decode_steps = tokens.shape[1] - cuts[-1]
+    assert reads == [12, 8] + [1] * decode_steps  # one read a forward, of its new positions
+    assert _ExactBatch.steps == 2 * decode_steps  # both layers' decode steps as one batch
     assert [c.size for c in cache.layers[0].rows] == [26, 18] and cache.layers[0].pads == [0, 8]
     assert cache.get_seq_length() == 26
     real = mask.bool()
     assert _relative_error(logits[real], reference[real]) < 1e-4
+
+
+def test_a_mask_is_read_once_while_it_lives():
+    """_real_positions: the positions of a boolean or additive mask that some query attends to
+    (None when all are), the answer kept for the same tensor, unchanged, and n only."""
+    from veloxquant.integrations.transformers import _real_positions
+    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    mask[1, :, :, :2] = False  # sequence 1: two positions of padding
+    real = _real_positions(mask, 4)
+    assert real.device.type == "cpu" and real.tolist() == [[True] * 4, [False, True, True, True]]
+    assert _real_positions(mask, 4) is real
+    assert _real_positions(mask, 3) is None  # the last 3 positions are real in both
+    assert _real_positions(mask, 4) is not real and _real_positions(mask, 4).equal(real)
+    mask[0, :, :, 4] = False  # changed in place: read again
+    assert _real_positions(mask, 4).tolist() == [[True, True, True, False],
+                                                [False, True, True, True]]
+    mask[0, :, :, 4] = True
+    additive = torch.zeros(2, 1, 3, 5).masked_fill(~mask, float("-inf"))
+    assert _real_positions(additive, 5).tolist() == [[True] * 5, [False, False] + [True] * 3]
 
 
 def test_a_layer_the_tuned_cache_refuses_takes_the_generic_cache(monkeypatch):

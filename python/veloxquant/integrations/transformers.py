@@ -45,7 +45,7 @@ Neither takes an outlier observer or a sliding window: such layers stay on the C
 GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
 synchronizes once (its input check: NaN, Inf, or
 magnitudes fp16 storage cannot hold, so that bad input raises before anything is stored), as
-does a rabitq cache's training.
+does a rabitq cache's training; a padded batch's mask is read on the host once a forward.
 
 Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
 ``empty_like()`` on the first update of that batch size), each attending on its own sequence.
@@ -67,6 +67,7 @@ at every layer.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -86,6 +87,36 @@ _TAG = "_veloxquant_layer"
 
 def _cpu_float32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def _read_real_positions(mask: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Which of the last n key positions of `mask` (transformers' [batch or 1, 1, n_q, n_k],
+    boolean or additive) some query attends to, as a [batch or 1, n] bool tensor on the host;
+    None where every one is. A position no query attends to is padding. On a GPU this waits
+    for the device."""
+    attended = mask if mask.dtype == torch.bool else mask == 0  # additive: 0 where attended
+    real = attended[:, 0, :, attended.shape[-1] - n:].any(dim=1).to("cpu")
+    return None if bool(real.all()) else real
+
+
+# The last mask _real_positions read (a weak reference to it), its version counter and the n it
+# was read for, and what it gave.
+_last_mask_read: tuple[weakref.ref, int, int, torch.Tensor | None] | None = None
+
+
+def _real_positions(mask: torch.Tensor, n: int) -> torch.Tensor | None:
+    """_read_real_positions, once per mask tensor: transformers hands every layer of a forward
+    the same mask, so the answer for the last mask read is kept while that tensor lives,
+    unchanged (its version counter), and a forward reads it (and waits for its device) once
+    instead of once per layer."""
+    global _last_mask_read
+    if _last_mask_read is not None:
+        ref, version, read_n, real = _last_mask_read
+        if ref() is mask and mask._version == version and read_n == n:
+            return real
+    real = _read_real_positions(mask, n)
+    _last_mask_read = (weakref.ref(mask), mask._version, n, real)
+    return real
 
 
 class VeloxQuantLayer(CacheLayerMixin):
@@ -177,14 +208,10 @@ class VeloxQuantLayer(CacheLayerMixin):
         keys, values = self._incoming
         self._incoming, self._pending = None, False
         n = keys.shape[-2]
-        if mask is None:
+        real = None if mask is None else _real_positions(mask, n)
+        if real is None:
             return keys, values, None
-        if mask.dtype != torch.bool:  # an additive mask: 0 where attended
-            mask = mask == 0
-        real = mask[:, 0, :, mask.shape[-1] - n:].any(dim=1).to("cpu")  # [batch or 1, n]
         real = real.expand(len(self.rows), n)
-        if bool(real.all()):
-            return keys, values, None
         for b, row in enumerate(real):
             self.pads[b] += n - int(row.sum())
         return keys, values, real
