@@ -9,7 +9,9 @@ Measured per context (32K, then 64K while the time budget allows) and cache:
     synchronize (Python overhead included, as a user sees it); the median step over --repeats
     runs of --steps steps, after --warmup steps; with --batch B, B sequences decode together
     (in one batch step per layer, or one by one with --per-sequence-decode)
-    and tokens/s counts all of theirs;
+    and tokens/s counts all of theirs; with --left-pad P sequence b of the batch starts with
+    b * P positions of padding (an attention mask on every step, position ids counted over each
+    sequence's own tokens, as generate does);
   - KV memory: torch.cuda.memory_allocated delta over the prefill (the DynamicCache tensors;
     our pages are not torch allocations, so this is ~0 for ours), the device-wide delta of
     cudaMemGetInfo (free bytes, after empty_cache: every allocator), and the caches' own byte
@@ -54,6 +56,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--per-sequence-decode", action="store_true",
                    help="decode a batch's sequences one by one on the GPU layers, as before "
                         "CudaTurboQuantBatch and CudaKVCacheBatch (for comparison)")
+    p.add_argument("--left-pad", type=int, default=0,
+                   help="left padding of sequence b: b times this many positions")
+    p.add_argument("--mask-read-per-layer", action="store_true",
+                   help="read a padded batch's mask on the host at every layer, as before the "
+                        "integration kept a forward's reading (for comparison)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help=f"caches to run besides DynamicCache, of: {', '.join(CONFIGS)}")
     p.add_argument("--short", type=int, default=256, help="prompt of the correctness check")
@@ -119,9 +126,22 @@ def cache_bytes(cache) -> int:
                    if getattr(layer, "keys", None) is not None))
 
 
-def step(model, cache, ids):
-    """The last position's logits of every sequence: [batch, vocab]."""
-    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+def step(model, cache, ids, mask=None):
+    """The last position's logits of every sequence: [batch, vocab]. `mask`: the attention
+    mask of every position so far, ids' included ([batch, positions], 0 at padding)."""
+    extra = {}
+    if mask is not None:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        extra = {"attention_mask": mask, "position_ids": positions}
+    return model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                 **extra).logits[:, -1]
+
+
+def decode_step(model, cache, token, mask):
+    """One greedy step after `token`; the mask grown by its position (None: no padding)."""
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return greedy(step(model, cache, token, mask)), mask
 
 
 def greedy(logits):
@@ -134,7 +154,7 @@ def settle() -> None:
     torch.cuda.empty_cache()
 
 
-def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
+def bench_one(model, name: str, prompt: torch.Tensor, args, mask=None) -> dict:
     batch, ctx = prompt.shape
     extra = args.warmup + args.steps * args.repeats + 8
     settle()
@@ -146,7 +166,7 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
         with torch.no_grad():
             torch.cuda.synchronize()
             t = time.perf_counter()
-            logits = step(model, cache, prompt)
+            logits = step(model, cache, prompt, mask)
             token = greedy(logits)
             torch.cuda.synchronize()
             prefill_s = time.perf_counter() - t
@@ -156,25 +176,26 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
             alloc1, free1 = torch.cuda.memory_allocated(), torch.cuda.mem_get_info()[0]
             held = cache_bytes(cache)
             for _ in range(args.warmup):
-                token = greedy(step(model, cache, token))
+                token, mask = decode_step(model, cache, token, mask)
             torch.cuda.synchronize()
             steps, per_repeat = [], []
             for _ in range(args.repeats):
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     t = time.perf_counter()
-                    token = greedy(step(model, cache, token))
+                    token, mask = decode_step(model, cache, token, mask)
                     torch.cuda.synchronize()
                     steps.append(time.perf_counter() - t)
                 per_repeat.append(batch * args.steps / (time.perf_counter() - start))
             if args.profile > 0:
-                token = profile_steps(model, cache, token, args, f"{ctx}_{name}")
+                token = profile_steps(model, cache, token, mask, args, f"{ctx}_{name}")
             length = cache.get_seq_length()
     finally:
         model.set_attn_implementation("sdpa")
     result = {
         "context": ctx,
         "batch": batch,
+        "left_padding": [] if mask is None else (mask.shape[1] - mask.sum(-1)).tolist(),
         "cache": name,
         "config": None if name == "dynamic" else CONFIGS.get(name, HIGH),
         "prefill_s": prefill_s,
@@ -196,12 +217,12 @@ def bench_one(model, name: str, prompt: torch.Tensor, args) -> dict:
     return result
 
 
-def profile_steps(model, cache, token, args, tag: str):
+def profile_steps(model, cache, token, mask, args, tag: str):
     """Decode steps under torch.profiler: where a step's wall time goes (CPU ops, kernels)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.profile):
-            token = greedy(step(model, cache, token))
+            token, mask = decode_step(model, cache, token, mask)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     by_cpu = averages.table(sort_by="self_cpu_time_total", row_limit=25)
@@ -294,6 +315,9 @@ def main() -> int:
                    "timing": "wall per step incl. Python, median over repeats x steps"},
         "args": vars(args), "results": [], "skipped_contexts": [],
     }
+    if args.mask_read_per_layer:
+        import veloxquant.integrations.transformers as integration
+        integration._real_positions = integration._read_real_positions
     if args.per_sequence_decode:
         from veloxquant.integrations.transformers import VeloxQuantCudaKVLayer, VeloxQuantCudaLayer
         VeloxQuantCudaLayer._batch_class = VeloxQuantCudaKVLayer._batch_class = None
@@ -311,10 +335,15 @@ def main() -> int:
         g = torch.Generator(device="cuda").manual_seed(ctx)
         prompt = torch.randint(0, model.config.vocab_size, (args.batch, ctx), device="cuda",
                                generator=g)
+        mask = None
+        if args.left_pad > 0:
+            mask = torch.ones(args.batch, ctx, dtype=torch.long, device="cuda")
+            for b in range(args.batch):
+                mask[b, :min(b * args.left_pad, ctx - 1)] = 0
         rows = {}
         for name in ("dynamic", *CONFIGS):
             try:
-                rows[name] = bench_one(model, name, prompt, args)
+                rows[name] = bench_one(model, name, prompt, args, mask)
             except torch.OutOfMemoryError as e:
                 log(f"ctx {ctx} {name}: out of memory ({e})")
                 rows[name] = {"context": ctx, "cache": name, "error": "out of memory"}
