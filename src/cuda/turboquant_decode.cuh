@@ -3,13 +3,13 @@
 // into hi + lo parts for groups of up to 4 and for integer scores), an online softmax, and O^T +=
 // V_codes^T x P'^T in the value rotation's domain (mma m16n8k16, fp16; 1-bit keys, and 2-bit keys
 // of groups of up to 4 or in mixed rows, score with integer mma m16n8k32). The operands' fragment
-// layouts: decode_fragments.cuh; the scores of a page: decode_scores.cuh. Each CTA takes one KV
-// head and a page range of one sequence and writes its partial state (write_split_state);
-// merge_kernel (turboquant_kernels.cuh) combines the splits and applies the inverse value rotation
-// once. Shared memory (decode_layout.cuh): DecodeShared, lane copies of the lookup tables, then one
-// cp.async ring of whole pages per warp, whose first pages are requested before the CTA's set-up;
-// or, at 4-bit values with 4-bit keys or two 2-bit key stages and at 2-bit values with 1-bit keys,
-// mixed rows of the value table and the page rings.
+// layouts: decode_fragments.cuh; the scores of a page: decode_scores.cuh; its online softmax:
+// decode_softmax.cuh. Each CTA takes one KV head and a page range of one sequence and writes its
+// partial state (write_split_state); merge_kernel (turboquant_kernels.cuh) combines the splits
+// and applies the inverse value rotation once. Shared memory (decode_layout.cuh): DecodeShared,
+// lane copies of the lookup tables, then one cp.async ring of whole pages per warp, whose first
+// pages are requested before the CTA's set-up; or, at 4-bit values with 4-bit keys or two 2-bit key
+// stages and at 2-bit values with 1-bit keys, mixed rows of the value table and the page rings.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -20,6 +20,7 @@
 #include "cuda/decode_fragments.cuh"
 #include "cuda/decode_layout.cuh"
 #include "cuda/decode_scores.cuh"
+#include "cuda/decode_softmax.cuh"
 #include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
@@ -389,10 +390,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     float o[kVTiles][4];
 #pragma unroll
     for (int v = 0; v < kVTiles; ++v) o[v][0] = o[v][1] = o[v][2] = o[v][3] = 0.0f;
-    // Running max and sum of each slot's head; the logits are kept as y = x - shift, shift = the
-    // softmax's base (the running max, or 0 before any) less log2_pair, so that p'' = exp2(y)
-    // while the max stays (one FMA makes y); thr = m_run - shift, the y a logit must pass to move
-    // it.
+    // Running max and sum of each slot's head, the logits' shift and the max's threshold
+    // (decode_softmax.cuh).
     float m_run[kSlots], l_run[kSlots], shift[kSlots], thr[kSlots];
 #pragma unroll
     for (int j = 0; j < kSlots; ++j)
@@ -493,80 +492,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
 
         // Logits (log2 units, less shift) and the online softmax of each slot's head.
         float x[4][2][kSlots];
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-#pragma unroll
-                for (int j = 0; j < kSlots; ++j) {
-                    // (integer scores leave head block j's sum in column 2 r + j)
-                    const float s =
-                        !HILO || kI8 ? sc[mt][2 * r + j] : sc[mt][2 * r] + sc[mt][2 * r + 1];
-                    x[mt][r][j] = fmaf(s * mul[j] + add[j], norm[mt][r], -shift[j]);
-                }
-            }
-        }
-        if (valid < kPage) {  // the sequence's last page
-#pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r)
-#pragma unroll
-                    for (int j = 0; j < kSlots; ++j)
-                        if (16 * mt + 8 * r + row_token >= valid) x[mt][r][j] = -INFINITY;
-        }
-        // The page max (three dependent shuffles per head) only when some logit of the warp
-        // exceeds its running max, as on the first page; otherwise the running max stays the
-        // base and nothing is rescaled, exactly as the max would give (ncu: the shuffle chain's
-        // FMNMX stalls were 3.5% of the samples). A NaN logit also takes the max. The thread's
-        // largest logit by a tree of NaN-keeping maxima: a chain of 4 instead of 8 compares.
-        bool grow = false;
-#pragma unroll
-        for (int j = 0; j < kSlots; ++j) {
-            float top[4];
-#pragma unroll
-            for (int mt = 0; mt < 4; ++mt) top[mt] = max_nan(x[mt][0][j], x[mt][1][j]);
-            grow |= !(max_nan(max_nan(top[0], top[1]), max_nan(top[2], top[3])) <= thr[j]);
-        }
-        const bool moved = __any_sync(kFull, grow);
-        float corr[kSlots];
-#pragma unroll
-        for (int j = 0; j < kSlots; ++j) {
-            corr[j] = 1.0f;
-            if (moved) {
-                float bm = -INFINITY;
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) bm = fmaxf(bm, fmaxf(x[mt][0][j], x[mt][1][j]));
-                bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 4));
-                bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 8));
-                bm = fmaxf(bm, __shfl_xor_sync(kFull, bm, 16));
-                const float m_new = fmaxf(m_run[j], bm + shift[j]);
-                const float base = m_new == -INFINITY ? 0.0f : m_new;
-                corr[j] = exp2_approx(m_run[j] - base);
-                m_run[j] = m_new;
-                const float delta = base - log2_pair - shift[j];
-                shift[j] = base - log2_pair;
-                thr[j] = m_new - shift[j];
-#pragma unroll
-                for (int mt = 0; mt < 4; ++mt) x[mt][0][j] -= delta, x[mt][1][j] -= delta;
-            }
-            float sum = 0.0f;
-#pragma unroll
-            for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    x[mt][r][j] = exp2_approx(x[mt][r][j]);
-                    sum += x[mt][r][j];
-                }
-            l_run[j] = l_run[j] * corr[j] + sum;
-        }
-        if (moved) {
-#pragma unroll
-            for (int v = 0; v < kVTiles; ++v) {
-                o[v][0] *= corr[0], o[v][2] *= corr[0];
-                o[v][1] *= corr[kSlots - 1], o[v][3] *= corr[kSlots - 1];
-            }
-        }
+        page_logits<kSlots, HILO && !kI8>(sc, mul, add, norm, shift, valid, row_token, x);
+        page_softmax(x, m_run, l_run, shift, thr, log2_pair, o);
 
         if (halves) {
             __syncwarp();  // every lane is done with the keys and norms: refill their half
