@@ -162,6 +162,14 @@ TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int
             if (kb == 2) append_i8_parts(cb.centroids, scale, t.key_i8);
         }
     }
+    if (kb == 2) {  // every stage in the scale of the largest centroid of any
+        const float top = max_abs(t.key_centroids);
+        for (int s = 0; s < stages; ++s)
+            append_i8_parts(std::vector<float>(t.key_centroids.begin() + 4 * s,
+                                               t.key_centroids.begin() + 4 * s + 4),
+                            top, t.key_i8_joint);
+        t.key_i8_joint_weight = top / kKeyI8Scale;
+    }
     if (vb != 16) {
         const ScalarCodebook& cb = rotated_coordinate_codebook(d, vb);
         t.value_centroids = cb.centroids;
@@ -180,11 +188,11 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
         std::size_t offset;
     };
     auto part = [](const auto& v) { return Part{v.data(), v.size() * sizeof(v[0]), 0}; };
-    Part parts[] = {part(host.key_signs),       part(host.value_signs),
-                    part(host.key_centroids),   part(host.key_boundaries),
-                    part(host.value_centroids), part(host.value_boundaries),
-                    part(host.key_pairs),       part(host.key_affine),
-                    part(host.value_pairs),     part(host.key_i8)};
+    Part parts[] = {
+        part(host.key_signs),      part(host.value_signs),     part(host.key_centroids),
+        part(host.key_boundaries), part(host.value_centroids), part(host.value_boundaries),
+        part(host.key_pairs),      part(host.key_affine),      part(host.value_pairs),
+        part(host.key_i8),         part(host.key_i8_joint)};
     for (Part& p : parts) {
         p.offset = bytes_;
         bytes_ += (p.bytes + 255) / 256 * 256;
@@ -205,6 +213,8 @@ DeviceTables::DeviceTables(const TqHostTables& host) {
     tables_.key_pairs = reinterpret_cast<const uint32_t*>(at(6));
     tables_.key_affine = reinterpret_cast<const float*>(at(7));
     tables_.key_i8 = reinterpret_cast<const uint32_t*>(at(9));
+    tables_.key_i8_joint = reinterpret_cast<const uint32_t*>(at(10));
+    tables_.key_i8_joint_weight = host.key_i8_joint_weight;
     // 4-bit keys and values of one stage share the codebook, so their pair tables are equal: one
     // pointer lets the decode keep a single copy of it in shared memory.
     const bool same_pairs =

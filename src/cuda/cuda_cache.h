@@ -60,6 +60,12 @@ struct TqDeviceTables {
     /// key_bits == 2: [key_stages][2] words whose byte a holds the high / low signed 8-bit part
     /// (K = 256 high + low) of K = rint(C[a] / max|C| * kKeyI8Scale), for integer scores.
     const uint32_t* key_i8 = nullptr;
+    /// key_bits == 2: key_i8 again with every stage in one scale, the largest |C| of any stage
+    /// (K = rint(C[a] / that * kKeyI8Scale)), so that a decode may sum the stages' integer
+    /// scores before one conversion (two head blocks, decode_scores.cuh); key_i8_joint_weight =
+    /// that largest |C| / kKeyI8Scale turns the sum back into a score.
+    const uint32_t* key_i8_joint = nullptr;
+    float key_i8_joint_weight = 1.0f;
     /// value_bits <= 4: [2^(2 value_bits)] half2 (C[iA], C[iB]) / value_pair_scale at index
     /// iA | iB << bits. Equal to key_pairs (the pointer) when the table is the key stage 0's, as
     /// at 4-bit keys and values: the decode then keeps one copy of it.
@@ -168,7 +174,8 @@ struct TqHostTables {
     PageLayout page_layout;  ///< the CPU page layout these offsets come from
     std::vector<float> key_signs, value_signs, key_centroids, key_boundaries;
     std::vector<float> value_centroids, value_boundaries, key_affine;
-    std::vector<uint32_t> key_pairs, value_pairs, key_i8;
+    std::vector<uint32_t> key_pairs, value_pairs, key_i8, key_i8_joint;
+    float key_i8_joint_weight = 1.0f;
     float value_pair_scale = 1.0f;
     float key_c0_sum = 0.0f;
     float inv_sqrt_d = 0.0f;

@@ -282,31 +282,14 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     if constexpr (KBITS > 1 && !kKeyCopies && !kI8)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
             sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
-    if constexpr (KBITS == 2 && kI8 && !kI8TwoBlocks)
+    // Two head blocks sum the stages' integer scores: every stage in one scale (key_i8_joint),
+    // whose weight multiplies the sum.
+    if constexpr (KBITS == 2 && kI8) {
+        const uint32_t* key_i8 = kI8TwoBlocks ? T.key_i8_joint : T.key_i8;
         for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
-            sh.key_i8[i / 2][i % 2] = T.key_i8[i];
-    // Two blocks: key_i8 of every stage in the scale of the largest centroid of any (rounded and
-    // split as the host's key_i8), whose weight multiplies the summed scores.
-    [[maybe_unused]] float i8_weight = 1.0f;
-    if constexpr (kI8TwoBlocks) {
-        float top = 0.0f;
-#pragma unroll
-        for (int c = 0; c < kMixedStages * 4; ++c) top = fmaxf(top, fabsf(T.key_centroids[c]));
-        if (!(top > 0.0f)) top = 1.0f;
-        i8_weight = top / kKeyI8Scale;
-        if (threadIdx.x < kMixedStages * 2) {
-            const int st = threadIdx.x / 2;
-            const bool low = threadIdx.x % 2;
-            uint32_t word = 0;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) {
-                const int k = __float2int_rn(T.key_centroids[4 * st + c] / top * kKeyI8Scale);
-                const int h = (k + 128) >> 8;  // the low part in [-128, 127]
-                word |= static_cast<uint32_t>((low ? k - 256 * h : h) & 0xFF) << (8 * c);
-            }
-            sh.key_i8[st][low] = word;
-        }
+            sh.key_i8[i / 2][i % 2] = key_i8[i];
     }
+    [[maybe_unused]] const float i8_weight = T.key_i8_joint_weight;
     if constexpr (VBITS != 16 && !kValueCopies)
         for (int i = threadIdx.x; i < Shared::kValuePairs; i += blockDim.x)
             sh.value_pairs[i] = T.value_pairs[i];

@@ -353,7 +353,7 @@ size_t align256(size_t n) {
 bool tables_present(const TqPageLayout& L, const TqDeviceTables& T) {
     return T.key_signs != nullptr && T.value_signs != nullptr && T.key_affine != nullptr &&
            (L.key_bits == 1 || T.key_pairs != nullptr) &&
-           (L.key_bits != 2 || T.key_i8 != nullptr) &&
+           (L.key_bits != 2 || (T.key_i8 != nullptr && T.key_i8_joint != nullptr)) &&
            (L.value_bits == 16 || T.value_pairs != nullptr) && std::isfinite(T.value_pair_scale) &&
            T.value_pair_scale > 0.0f;
 }

@@ -133,23 +133,31 @@ TEST(CudaParity, RejectsShapesOutsideScope) {
 }
 
 // The decode scores 2-bit keys in integers: each centroid C[a] of a stage as K = 256 high + low,
-// high and low signed bytes a of the stage's two key_i8 words, K = rint(C[a] / max|C| * 32512).
-// Host only: rebuilds every centroid from the bytes.
+// high and low signed bytes a of the stage's two key_i8 words, K = rint(C[a] / max|C| * 32512),
+// with max|C| the stage's (key_i8) or the largest of any stage's (key_i8_joint, whose weight
+// is that max / 32512). Host only: rebuilds every centroid from the bytes.
 TEST(CudaParity, KeyI8PartsRebuildTheCentroids) {
     for (int d : {64, 128}) {
         for (int stages : {1, 2, 3}) {
             const TqHostTables t = make_host_tables(make_config({d, 2, stages, 4, 1}, 7), 1, d, 0);
             ASSERT_EQ(t.key_i8.size(), static_cast<std::size_t>(2 * stages));
+            ASSERT_EQ(t.key_i8_joint.size(), static_cast<std::size_t>(2 * stages));
+            float top = 0.0f;
+            for (float c : t.key_centroids) top = std::max(top, std::abs(c));
+            EXPECT_EQ(t.key_i8_joint_weight, top / 32512.0f);
             for (int s = 0; s < stages; ++s) {
-                const float scale = t.key_affine[2 * s + 1];  // max|C| of the stage
-                for (int a = 0; a < 4; ++a) {
-                    const int high = static_cast<int8_t>(t.key_i8[2 * s] >> (8 * a));
-                    const int low = static_cast<int8_t>(t.key_i8[2 * s + 1] >> (8 * a));
-                    EXPECT_LE(std::abs(high), 127);
-                    const double c = t.key_centroids[4 * s + a];
-                    EXPECT_NEAR((256.0 * high + low) / 32512.0 * scale, c,
-                                0.5 / 32512.0 * scale + 1e-7)
-                        << "d " << d << " stage " << s << " index " << a;
+                for (bool joint : {false, true}) {
+                    const std::vector<uint32_t>& words = joint ? t.key_i8_joint : t.key_i8;
+                    const float scale = joint ? top : t.key_affine[2 * s + 1];  // max|C|
+                    for (int a = 0; a < 4; ++a) {
+                        const int high = static_cast<int8_t>(words[2 * s] >> (8 * a));
+                        const int low = static_cast<int8_t>(words[2 * s + 1] >> (8 * a));
+                        EXPECT_LE(std::abs(high), 127);
+                        const double c = t.key_centroids[4 * s + a];
+                        EXPECT_NEAR((256.0 * high + low) / 32512.0 * scale, c,
+                                    0.5 / 32512.0 * scale + 1e-7)
+                            << "d " << d << " stage " << s << " index " << a << " joint " << joint;
+                    }
                 }
             }
         }
@@ -166,7 +174,7 @@ TEST(CudaParity, DecodeRefusesMissingTables) {
     DecodeArgs a;
     a.layout = host.layout;
     a.tables.key_signs = a.tables.value_signs = a.tables.key_affine = stand_in.data();
-    a.tables.key_pairs = a.tables.value_pairs = a.tables.key_i8 = words;
+    a.tables.key_pairs = a.tables.value_pairs = a.tables.key_i8 = a.tables.key_i8_joint = words;
     a.pool = reinterpret_cast<const uint8_t*>(stand_in.data());
     a.page_table = reinterpret_cast<const int32_t*>(stand_in.data());
     a.page_table_stride = 2;
@@ -175,10 +183,11 @@ TEST(CudaParity, DecodeRefusesMissingTables) {
     a.group = 4;
     a.queries = stand_in.data();
     a.out = stand_in.data();
-    for (int missing = 0; missing < 3; ++missing) {
+    for (int missing = 0; missing < 4; ++missing) {
         DecodeArgs b = a;
         (missing == 0   ? b.tables.key_i8
          : missing == 1 ? b.tables.key_pairs
+         : missing == 2 ? b.tables.key_i8_joint
                         : b.tables.value_pairs) = nullptr;
         EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue)
             << "missing table " << missing;
