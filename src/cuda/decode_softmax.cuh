@@ -14,11 +14,11 @@
 
 namespace veloxquant::cuda::kernels {
 
-/// Logits y[mt][r][j] of token 16 mt + 8 r + row_token for slot j's head, from the page's score
-/// fragments sc (SUM_HILO: columns 2 r and 2 r + 1 are the fp16 scores' hi and lo parts of the
-/// slot's head; otherwise column 2 r + j holds slot j's score, as integer scores leave head block
-/// j's sum there): (score mul + add) norm - shift, and -inf for tokens at or past `valid` (the
-/// tokens of the page in use).
+/// Logits x[mt][r][j] (the y above) of token 16 mt + 8 r + row_token for slot j's head, from the
+/// page's score fragments sc (SUM_HILO: columns 2 r and 2 r + 1 are the fp16 scores' hi and lo
+/// parts of the slot's head; otherwise column 2 r + j holds slot j's score, as integer scores
+/// leave head block j's sum there): (score mul + add) norm - shift, and -inf for tokens at or
+/// past `valid` (the tokens of the page in use).
 template <int SLOTS, bool SUM_HILO>
 __device__ __forceinline__ void page_logits(const float (&sc)[4][4], const float (&mul)[SLOTS],
                                             const float (&add)[SLOTS], const float (&norm)[4][2],
