@@ -282,8 +282,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     if constexpr (KBITS > 1 && !kKeyCopies && !kI8)
         for (int i = threadIdx.x; i < L.key_stages * Shared::kKeyPairs; i += blockDim.x)
             sh.key_pairs[i / Shared::kKeyPairs][i % Shared::kKeyPairs] = T.key_pairs[i];
-    // Two head blocks sum the stages' integer scores: every stage in one scale (key_i8_joint),
-    // whose weight multiplies the sum.
+    // 2-bit keys' integer parts: each stage in its own scale (key_i8), or, where two head blocks
+    // sum the stages' integer scores, every stage in one scale (key_i8_joint, whose weight
+    // multiplies the sum).
     if constexpr (KBITS == 2 && kI8) {
         const uint32_t* key_i8 = kI8TwoBlocks ? T.key_i8_joint : T.key_i8;
         for (int i = threadIdx.x; i < L.key_stages * 2; i += blockDim.x)
