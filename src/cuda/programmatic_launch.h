@@ -1,7 +1,8 @@
 // Programmatic dependent launch (sm_90): a kernel launched as the programmatic dependent of the
-// stream's previous kernel may start as that kernel's CTAs end (none of ours triggers earlier:
-// see codec_attention.cuh), so that its launch and whatever it does before
-// wait_for_prerequisite_grid() (ptx_wrappers.cuh) overlap the other's completion.
+// stream's previous kernel may start as that kernel's CTAs end, or once they have all called
+// allow_dependent_grid_launch() (the turboquant decode does at its entry, for its small merge;
+// codec_attention.cuh says why the prepare kernel does not), so that its launch and whatever it
+// does before wait_for_prerequisite_grid() (ptx_wrappers.cuh) overlap the other's completion.
 // Only code built for sm_90 or newer waits there; older code (a compute_80 PTX the driver
 // compiled for a newer GPU, say) would read the other kernel's outputs too early, so it is
 // launched as usual.

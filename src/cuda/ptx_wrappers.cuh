@@ -243,4 +243,13 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 #endif
 }
 
+/// Lets the stream's next kernel, where it is this grid's programmatic dependent, launch once
+/// every CTA of this grid has called this or ended (griddepcontrol.launch_dependents); its CTAs
+/// then wait in wait_for_prerequisite_grid() for this grid's end. Below sm_90 a no-op.
+__device__ __forceinline__ void allow_dependent_grid_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 }  // namespace veloxquant::cuda

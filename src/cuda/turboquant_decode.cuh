@@ -134,6 +134,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     const uint32_t lane4 = (window & 0xFFFF0000u) | (4 * lane);
     const uint32_t lane8 = (window & 0xFFFF0000u) | (8 * (lane & 15));
     if (MIXED && (window & 0xFFFFu) != kDynamicSharedBase) __trap();  // not the layout assumed
+    // The merge (a programmatic dependent on sm_90) may launch once every CTA of this grid has
+    // started: its CTAs take the SMs whose decode CTAs have ended and wait there for this grid's
+    // end, instead of launching after it.
+    allow_dependent_grid_launch();
     // Grid: split-major over the units (sequence, KV head), so that the short tail splits
     // launch last, onto the SMs whose head splits end first.
     const int units = a.batch * L.num_kv_heads, unit = blockIdx.x % units;

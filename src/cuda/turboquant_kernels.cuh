@@ -191,8 +191,17 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
         (static_cast<size_t>(b) * L.num_kv_heads + kvh) * kp.split.splits * a.group + h;
     const float2* ml = kp.partial_ml + first;               // split s at s * group
     const float* po = kp.partial_o + first * D + lane * E;  // split s at s * group * D
+    // The value rotation's signs and scale, which the decode does not write: read before the
+    // wait, so that their latency passes while the decode ends.
+    float signs[E];
+    const bool rotated = L.value_bits != 16;
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+        signs[e] = rotated ? a.tables.value_signs[kvh * D + lane * E + e] : 1.0f;
+    const float inv_sqrt_d = a.tables.inv_sqrt_d;
     // Built for sm_90 or newer, the launcher makes this grid a programmatic dependent of the
-    // decode, so that it launches as the decode's CTAs end: wait for the decode's partials.
+    // decode, which lets it launch once all the decode's CTAs have started: wait for the
+    // decode's partials.
     wait_for_prerequisite_grid();
     float m = -INFINITY;
     for (int s = lane; s < kp.split.splits; s += 32)
@@ -233,10 +242,10 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
         for (int e = 0; e < E; ++e) x[e] += part_x[w][lane * E + e];
         l += part_l[w];
     }
-    if (L.value_bits != 16) {  // back from the value rotation's domain: x = R^T acc
-        warp_fwht<E>(x, lane, a.tables.inv_sqrt_d);
+    if (rotated) {  // back from the value rotation's domain: x = R^T acc
+        warp_fwht<E>(x, lane, inv_sqrt_d);
 #pragma unroll
-        for (int e = 0; e < E; ++e) x[e] *= a.tables.value_signs[kvh * D + lane * E + e];
+        for (int e = 0; e < E; ++e) x[e] *= signs[e];
     }
     float* out = a.out + (static_cast<size_t>(b) * num_q + qh) * D + lane * E;
 #pragma unroll

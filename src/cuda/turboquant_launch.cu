@@ -429,8 +429,10 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     // The merge: one CTA per (sequence, query head), a warp per split up to kMergeWarps.
     const unsigned rows = static_cast<unsigned>(a.batch * a.layout.num_kv_heads * a.group);
     // Where the merge's code is built for sm_90 or newer, a programmatic dependent launch: the
-    // merge grid launches as the decode's CTAs finish and waits (griddepcontrol.wait) for their
-    // writes. (H200: 0.0368 -> 0.0364 ms at B = 1, N = 128K; 0.0269 -> 0.0266 at B = 8, N = 8K.)
+    // merge grid launches once every decode CTA has started (the decode allows it at its entry),
+    // its CTAs take the SMs that the decode leaves and wait (griddepcontrol.wait) for its writes.
+    // (H200: 0.0368 -> 0.0364 ms at B = 1, N = 128K, launched as the decode's CTAs ended; then
+    // 0.0111 -> 0.0107 at B = 1, N = 8K, launched early: cuda_h200_20261204zi_merge_trigger_ab.)
     auto merge = a.layout.head_dim == 64 ? kernels::merge_kernel<64> : kernels::merge_kernel<128>;
     bool waits = false;
     if ((err = runtime_facts().waits_for_prerequisite(merge, waits)) != cudaSuccess) return err;
