@@ -167,10 +167,12 @@ __device__ __forceinline__ void write_split_state(float* states, const float (&o
 
 // ---------------------------------------------------------------------------------------------
 // Merge: one CTA of up to kMergeWarps warps per (sequence, query head). Warp w sums splits w,
-// w + W, ... (lane = E coordinates), four splits' loads in flight at once; warp 0 then adds the
-// warps' sums in warp order, rotates back and normalizes. (One warp per head, waiting on each
-// split's (m, l) before loading its row, took ~2 L2 round trips per split: 26.6 us under ncu
-// at 49 splits, one sequence of 128K tokens.)
+// w + W, ... (lane = E coordinates), four splits' loads in flight at once, the first four beside
+// the loads of the splits' maxima; warp 0 then adds the warps' sums in warp order, rotates back
+// and normalizes. (One warp per head, waiting on each split's (m, l) before loading its row, took
+// ~2 L2 round trips per split: 26.6 us under ncu at 49 splits, one sequence of 128K tokens;
+// loading the first splits' rows after the maxima cost a round trip: 0.0108 -> 0.0103 ms at one
+// sequence of 8K, cuda_h200_20261204zi_merge_one_round_ab.txt.)
 
 constexpr int kMergeWarps = 8;
 constexpr int kMergeUnroll = 4;
@@ -203,34 +205,40 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
     // decode, which lets it launch once all the decode's CTAs have started: wait for the
     // decode's partials.
     wait_for_prerequisite_grid();
+    // Warp w's round of splits s0, s0 + W, s0 + 2 W, s0 + 3 W (one past the end reads split 0's
+    // row and gets no weight). The first round goes out with the loads of the maxima, so that the
+    // merge waits on one L2 round trip where the splits are at most 4 W (every plan of a batch).
+    float2 mk[kMergeUnroll];
+    Row rk[kMergeUnroll];
+    auto load_round = [&](int s0) {
+#pragma unroll
+        for (int k = 0; k < kMergeUnroll; ++k) {
+            const int s = s0 + k * warps;
+            const size_t at = static_cast<size_t>(s < kp.split.splits ? s : 0) * a.group;
+            mk[k] = ml[at];
+            rk[k] = *reinterpret_cast<const Row*>(po + at * D);
+            if (s >= kp.split.splits) mk[k].y = 0.0f;
+        }
+    };
+    load_round(warp);
     float m = -INFINITY;
     for (int s = lane; s < kp.split.splits; s += 32)
         m = fmaxf(m, ml[static_cast<size_t>(s) * a.group].x);
     m = warp_max(m);
     float x[E] = {};
     float l = 0.0f;
-    if (m != -INFINITY) {
-        for (int s0 = warp; s0 < kp.split.splits; s0 += kMergeUnroll * warps) {
-            float2 mk[kMergeUnroll];
-            Row rk[kMergeUnroll];
+    for (int s0 = warp; m != -INFINITY;) {
 #pragma unroll
-            for (int k = 0; k < kMergeUnroll; ++k) {
-                const int s = s0 + k * warps;
-                const size_t at = static_cast<size_t>(s < kp.split.splits ? s : 0) * a.group;
-                mk[k] = ml[at];
-                rk[k] = *reinterpret_cast<const Row*>(po + at * D);
-                if (s >= kp.split.splits) mk[k].y = 0.0f;
-            }
+        for (int k = 0; k < kMergeUnroll; ++k) {
+            if (mk[k].y == 0.0f) continue;  // an empty split (its row is 0 or unused)
+            const float f = exp2f(mk[k].x - m);
+            l += f * mk[k].y;
+            const float* r = reinterpret_cast<const float*>(&rk[k]);
 #pragma unroll
-            for (int k = 0; k < kMergeUnroll; ++k) {
-                if (mk[k].y == 0.0f) continue;  // an empty split (its row is 0 or unused)
-                const float f = exp2f(mk[k].x - m);
-                l += f * mk[k].y;
-                const float* r = reinterpret_cast<const float*>(&rk[k]);
-#pragma unroll
-                for (int e = 0; e < E; ++e) x[e] += f * r[e];
-            }
+            for (int e = 0; e < E; ++e) x[e] += f * r[e];
         }
+        if ((s0 += kMergeUnroll * warps) >= kp.split.splits) break;
+        load_round(s0);
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) part_x[warp][lane * E + e] = x[e];
