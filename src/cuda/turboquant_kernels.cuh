@@ -207,7 +207,8 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const DecodeKer
     wait_for_prerequisite_grid();
     // Warp w's round of splits s0, s0 + W, s0 + 2 W, s0 + 3 W (one past the end reads split 0's
     // row and gets no weight). The first round goes out with the loads of the maxima, so that the
-    // merge waits on one L2 round trip where the splits are at most 4 W (every plan of a batch).
+    // merge waits on one L2 round trip where the splits are at most 4 W (32; one sequence of
+    // 128K takes 33, and a second round).
     float2 mk[kMergeUnroll];
     Row rk[kMergeUnroll];
     auto load_round = [&](int s0) {
