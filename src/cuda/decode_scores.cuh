@@ -55,15 +55,10 @@ __device__ __forceinline__ void for_each_tile(const Keys& keys, const uint8_t* p
 /// as bit 2 of the nibbles of w >> 1. (Spreading the chunk's nibbles into bytes and masking took
 /// 16 instructions a tile instead of 10.)
 __device__ __forceinline__ void minus_key_bytes_d64(uint32_t w, uint32_t (&r)[4]) {
-    auto pick = [](uint32_t lo, uint32_t hi, uint32_t sel) {
-        uint32_t d;
-        asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(lo), "r"(hi), "r"(sel));
-        return d;
-    };
-    r[0] = pick(0xFF00FF00u, 0xFF00FF00u, w);
-    r[1] = pick(0xFFFF0000u, 0xFFFF0000u, w);
-    r[2] = pick(0u, 0xFFFFFFFFu, w);
-    r[3] = pick(0u, 0xFFFFFFFFu, w >> 1);
+    r[0] = permute_bytes(0xFF00FF00u, 0xFF00FF00u, w);
+    r[1] = permute_bytes(0xFFFF0000u, 0xFFFF0000u, w);
+    r[2] = permute_bytes(0u, 0xFFFFFFFFu, w);
+    r[3] = permute_bytes(0u, 0xFFFFFFFFu, w >> 1);
 }
 
 /// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query

@@ -222,6 +222,15 @@ __device__ __forceinline__ void pin_register(T& x) {
         asm volatile("" : "+r"(x));
 }
 
+/// PRMT with a selector taken as it is: byte i of the result is byte (nibble i & 7) of the pool
+/// hi:lo, or its sign where the nibble's bit 3 is set. (__byte_perm masks its selector with
+/// 0x7777 first: an extra LOP3 where the selector is not a constant.)
+__device__ __forceinline__ uint32_t permute_bytes(uint32_t lo, uint32_t hi, uint32_t sel) {
+    uint32_t d;
+    asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(lo), "r"(hi), "r"(sel));
+    return d;
+}
+
 __device__ __forceinline__ float exp2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

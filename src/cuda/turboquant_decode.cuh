@@ -96,6 +96,14 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     constexpr int kVC = VBITS == 2 ? VC : 0;
     constexpr bool kV64 = kVC > 0;
     constexpr int kValueByteCopies = kV64 ? kVC : 1;
+    // 2-bit values in mixed rows, the group's heads in hi + lo columns (HILO): P' would leave the
+    // lo columns zero, so they carry a second dimension of the same token instead
+    // (dim_pair_selectors): a table entry's two registers then need no pairing of two tokens'
+    // codes, and O^T is D / 32 tiles of 32 dimensions (columns 2h, 2h + 1: two dimensions of head
+    // h), kept twice (tokens t, t + 4 and t + 8, t + 12 of each block: the two accumulators' mma
+    // chains are half as long; one accumulator measured 0.9% slower at head_dim 64) and summed at
+    // the end.
+    constexpr bool kDimPairs = MIXED && kV64 && HILO;
     static_assert(VC == 0 || VC == 16, "0 or 16 copies of the byte-indexed value table");
     uint8_t* v64_table = smem_raw + decode_ring_offset(sizeof(Shared)) +
                          decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC, kp.shared_pairs);
@@ -389,6 +397,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     // 2t + i of P' is token t + 4i; through shared memory token g, its P' in row 2 (g % 4) + g / 4
     // (4% faster at 4-bit keys, whose 128-bit loads serve 8 lanes, tokens g and g + 1, at once).
     const int row_token = kTransposeInRegisters ? 4 * (g & 1) + (g >> 1) : g;
+    // Dimension pairs: the selectors of this thread's column g (dim_pair_selectors).
+    [[maybe_unused]] uint2 pair_sel = dim_pair_selectors(g);
+    if constexpr (kDimPairs) pin_register(pair_sel.x), pin_register(pair_sel.y);
     uint8_t* pbuf = reinterpret_cast<uint8_t*>(sh.p[warp]);
     // This thread's P' entry, as a base and immediate offsets (ptxas rebuilt each row's address).
     uint8_t* prow = pbuf + (2 * (g & 3) + (g >> 2)) * 16 + 4 * t;
@@ -504,6 +515,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             for (int r = 0; r < 2; ++r) {
                 const float p0 = x[mt][r][0] * vscale[mt][r],
                             p1 = !HILO                   ? x[mt][r][kSlots - 1] * vscale[mt][r]
+                                 : kDimPairs             ? p0
                                  : kTransposeInRegisters ? 0.0f
                                                          : p0 - __half2float(__float2half_rn(p0));
                 const __half2 h = __floats2half2_rn(p0, p1);  // one F2FP for both halves
@@ -550,6 +562,35 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                                             __byte_perm(w[2][v], w[3][v], 0x5410),
                                             __byte_perm(w[2][v], w[3][v], 0x7632)};
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
+                }
+            } else if constexpr (kDimPairs) {
+                // Tokens t, t + 4 (h = 0) and t + 8, t + 12 (h = 1) of the block, a k16 step each:
+                // byte m of a token's chunk indexes its dimensions g D/8 + 4 m .. + 3, the A rows
+                // of tile m (entry .x: rows g, .y: rows g + 8; halves: columns 2h, 2h + 1). At
+                // head_dim 64 one register holds both tokens' chunks (bytes m and 2 + m).
+                [[maybe_unused]] uint32_t c[4];
+                if constexpr (!kValueMatrices) {
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) c[k] = load_value_chunk<D, VBITS>(chunk(k));
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint32_t b0 = permute_bytes(bp[kb][h], 0u, pair_sel.x),
+                                   b1 = permute_bytes(bp[kb][h], 0u, pair_sel.y);
+#pragma unroll
+                    for (int m = 0; m < D / 32; ++m) {
+                        uint2 e0, e1;
+                        if constexpr (kValueMatrices) {
+                            const uint32_t y = value_regs[kb >> 1][2 * (kb & 1) + h];
+                            e0 = row_lut64<kMixedTable>(y, m, lane8);
+                            e1 = row_lut64<kMixedTable>(y, 2 + m, lane8);
+                        } else {
+                            e0 = row_lut64<kMixedTable>(c[2 * h], m, lane8);
+                            e1 = row_lut64<kMixedTable>(c[2 * h + 1], m, lane8);
+                        }
+                        const uint32_t af[4] = {e0.x, e0.y, e1.x, e1.y};
+                        mma_16816(o[m + D / 32 * h], af, b0, b1);
+                    }
                 }
             } else if constexpr (kValueMatrices) {
                 // The chunks of tokens t, t + 4 (y01) and t + 8, t + 12 (y23) of the block;
@@ -635,9 +676,20 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
 
     // This split's partial state ([batch][kv head][split]), from the warps' states merged in
     // shared memory over the rings.
-    write_split_state<D, HILO, WARPS>(
-        reinterpret_cast<float*>(MIXED ? mixed : rings), o, m_run, l_run, heads, G,
-        T.value_pair_scale, kp, static_cast<size_t>(unit) * kp.split.splits + split, warp, g, t);
+    float* states = reinterpret_cast<float*>(MIXED ? mixed : rings);
+    const size_t partial = static_cast<size_t>(unit) * kp.split.splits + split;
+    if constexpr (kDimPairs) {
+        float o2[D / 32][4];
+#pragma unroll
+        for (int m = 0; m < D / 32; ++m)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) o2[m][c] = o[m][c] + o[m + D / 32][c];
+        write_split_state<D, HILO, WARPS>(states, o2, m_run, l_run, heads, G, T.value_pair_scale,
+                                          kp, partial, warp, g, t);
+    } else {
+        write_split_state<D, HILO, WARPS>(states, o, m_run, l_run, heads, G, T.value_pair_scale, kp,
+                                          partial, warp, g, t);
+    }
 }
 
 }  // namespace veloxquant::cuda::kernels

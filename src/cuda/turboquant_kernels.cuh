@@ -104,11 +104,12 @@ __global__ void __launch_bounds__(kDequantizeWarps * 32) dequantize_kernel(const
 
 /// The end of a decode CTA (turboquant_decode.cuh): its warps' online-softmax states, per thread
 /// the C fragments o of O^T (rows: dimensions g D/8 + 2v + r; columns: the score columns, hi + lo
-/// parts with HILO) and the running max and sum of each slot's head, merge through `states`
-/// (decode_states_bytes, over the rings) into the split's partial (m, l, o) at `partial`. l_run
-/// holds sums of p'' = pair_scale p; the thread is lane (g, t) of warp `warp`.
-template <int D, bool HILO, int WARPS, int SLOTS>
-__device__ __forceinline__ void write_split_state(float* states, const float (&o)[D / 16][4],
+/// parts with HILO; or, in D/32 tiles of dimension pairs, HILO only, dimension g D/8 + 4v + r + 2c
+/// in row r's column c of head t) and the running max and sum of each slot's head, merge through
+/// `states` (decode_states_bytes, over the rings) into the split's partial (m, l, o) at `partial`.
+/// l_run holds sums of p'' = pair_scale p; the thread is lane (g, t) of warp `warp`.
+template <int D, bool HILO, int WARPS, int SLOTS, int TILES>
+__device__ __forceinline__ void write_split_state(float* states, const float (&o)[TILES][4],
                                                   const float (&m_run)[SLOTS],
                                                   float (&l_run)[SLOTS], const int (&heads)[SLOTS],
                                                   int G, float pair_scale,
@@ -125,12 +126,18 @@ __device__ __forceinline__ void write_split_state(float* states, const float (&o
     float* wo = states;              // [warp][head][D]
     float* wm = wo + WARPS * G * D;  // [warp][head]
     float* wl = wm + WARPS * G;      // [warp][head]
+    static_assert(TILES == D / 16 || (TILES == D / 32 && HILO), "tiles of 16 dimensions or pairs");
 #pragma unroll
-    for (int v = 0; v < D / 16; ++v) {
+    for (int v = 0; v < TILES; ++v) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int dim = g * (D / 8) + 2 * v + r;
-            if (HILO) {
+            const int dim = g * (D / 8) + (TILES == D / 32 ? 4 * v : 2 * v) + r;
+            if (TILES == D / 32) {
+                if (t < G) {
+                    wo[(warp * G + t) * D + dim] = o[v][2 * r];
+                    wo[(warp * G + t) * D + dim + 2] = o[v][2 * r + 1];
+                }
+            } else if (HILO) {
                 if (t < G) wo[(warp * G + t) * D + dim] = o[v][2 * r] + o[v][2 * r + 1];
             } else {
                 const int h0 = heads[0], h1 = heads[SLOTS - 1];
