@@ -96,14 +96,14 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     constexpr int kVC = VBITS == 2 ? VC : 0;
     constexpr bool kV64 = kVC > 0;
     constexpr int kValueByteCopies = kV64 ? kVC : 1;
-    // 2-bit values in mixed rows, the group's heads in hi + lo columns (HILO): P' would leave the
-    // lo columns zero, so they carry a second dimension of the same token instead
-    // (dim_pair_selectors): a table entry's two registers then need no pairing of two tokens'
-    // codes, and O^T is D / 32 tiles of 32 dimensions (columns 2h, 2h + 1: two dimensions of head
-    // h), kept twice (tokens t, t + 4 and t + 8, t + 12 of each block: the two accumulators' mma
-    // chains are half as long; one accumulator measured 0.9% slower at head_dim 64) and summed at
-    // the end.
-    constexpr bool kDimPairs = MIXED && kV64 && HILO;
+    // 2-bit values, or 4-bit values beside 2-bit keys, in mixed rows, the group's heads in hi + lo
+    // columns (HILO): P' would leave the lo columns zero, so they carry a second dimension of the
+    // same token instead (dim_pair_selectors): a table entry's registers then need no pairing of
+    // two tokens' codes, and O^T is D / 32 tiles of 32 dimensions (columns 2h, 2h + 1: two
+    // dimensions of head h), kept twice (tokens t, t + 4 and t + 8, t + 12 of each block: the two
+    // accumulators' mma chains are half as long; one accumulator measured 0.9% slower at head_dim
+    // 64) and summed at the end.
+    constexpr bool kDimPairs = MIXED && HILO && (kV64 || (VBITS == 4 && kTransposeInRegisters));
     static_assert(VC == 0 || VC == 16, "0 or 16 copies of the byte-indexed value table");
     uint8_t* v64_table = smem_raw + decode_ring_offset(sizeof(Shared)) +
                          decode_lut_bytes(KBITS, L.key_stages, VBITS, LUTC, kp.shared_pairs);
@@ -564,11 +564,14 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                     mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
                 }
             } else if constexpr (kDimPairs) {
-                // Tokens t, t + 4 (h = 0) and t + 8, t + 12 (h = 1) of the block, a k16 step each:
-                // byte m of a token's chunk indexes its dimensions g D/8 + 4 m .. + 3, the A rows
-                // of tile m (entry .x: rows g, .y: rows g + 8; halves: columns 2h, 2h + 1). At
-                // head_dim 64 one register holds both tokens' chunks (bytes m and 2 + m).
-                [[maybe_unused]] uint32_t c[4];
+                // Tokens t, t + 4 (h = 0) and t + 8, t + 12 (h = 1) of the block, a k16 step each,
+                // tile m's A rows from a token's chunk: at 2-bit values byte m, dimensions g D/8 +
+                // 4 m .. + 3 (entry .x: rows g, .y: rows g + 8; halves: columns 2h, 2h + 1; at
+                // head_dim 64 one register holds both tokens' chunks, bytes m and 2 + m); at 4-bit
+                // values bytes 2 m (rows g) and 2 m + 1 (rows g + 8), a byte's two dimensions the
+                // columns' halves.
+                using C = ValueChunk<D, VBITS>;
+                [[maybe_unused]] C c[4];
                 if constexpr (!kValueMatrices) {
 #pragma unroll
                     for (int k = 0; k < 4; ++k) c[k] = load_value_chunk<D, VBITS>(chunk(k));
@@ -579,16 +582,26 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                                    b1 = permute_bytes(bp[kb][h], 0u, pair_sel.y);
 #pragma unroll
                     for (int m = 0; m < D / 32; ++m) {
-                        uint2 e0, e1;
-                        if constexpr (kValueMatrices) {
-                            const uint32_t y = value_regs[kb >> 1][2 * (kb & 1) + h];
-                            e0 = row_lut64<kMixedTable>(y, m, lane8);
-                            e1 = row_lut64<kMixedTable>(y, 2 + m, lane8);
+                        uint32_t af[4];
+                        if constexpr (VBITS == 4) {
+                            af[0] = value_pair_row<kMixedTable>(c[2 * h], 2 * m, lane4);
+                            af[1] = value_pair_row<kMixedTable>(c[2 * h], 2 * m + 1, lane4);
+                            af[2] = value_pair_row<kMixedTable>(c[2 * h + 1], 2 * m, lane4);
+                            af[3] = value_pair_row<kMixedTable>(c[2 * h + 1], 2 * m + 1, lane4);
                         } else {
-                            e0 = row_lut64<kMixedTable>(c[2 * h], m, lane8);
-                            e1 = row_lut64<kMixedTable>(c[2 * h + 1], m, lane8);
+                            uint2 e0, e1;
+                            if constexpr (kValueMatrices) {
+                                const uint32_t y = value_regs[kb >> 1][2 * (kb & 1) + h];
+                                e0 = row_lut64<kMixedTable>(y, m, lane8);
+                                e1 = row_lut64<kMixedTable>(y, 2 + m, lane8);
+                            } else {
+                                e0 = row_lut64<kMixedTable>(static_cast<uint32_t>(c[2 * h]), m,
+                                                            lane8);
+                                e1 = row_lut64<kMixedTable>(static_cast<uint32_t>(c[2 * h + 1]), m,
+                                                            lane8);
+                            }
+                            af[0] = e0.x, af[1] = e0.y, af[2] = e1.x, af[3] = e1.y;
                         }
-                        const uint32_t af[4] = {e0.x, e0.y, e1.x, e1.y};
                         mma_16816(o[m + D / 32 * h], af, b0, b1);
                     }
                 }
@@ -679,11 +692,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     float* states = reinterpret_cast<float*>(MIXED ? mixed : rings);
     const size_t partial = static_cast<size_t>(unit) * kp.split.splits + split;
     if constexpr (kDimPairs) {
+        // (write_split_state's order: element 2 r + c of a tile is dimension 4 m + r + 2 c, where
+        // 4-bit values hold 4 m + 2 r + c)
         float o2[D / 32][4];
 #pragma unroll
         for (int m = 0; m < D / 32; ++m)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) o2[m][c] = o[m][c] + o[m + D / 32][c];
+            for (int c = 0; c < 4; ++c) {
+                const int e = VBITS == 4 && (c == 1 || c == 2) ? 3 - c : c;
+                o2[m][c] = o[m][e] + o[m + D / 32][e];
+            }
         write_split_state<D, HILO, WARPS>(states, o2, m_run, l_run, heads, G, T.value_pair_scale,
                                           kp, partial, warp, g, t);
     } else {
