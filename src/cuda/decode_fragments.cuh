@@ -314,11 +314,12 @@ __device__ __forceinline__ uint32_t pair_bytes(uint32_t r) {
 }
 
 /// P'^T's B fragments where the value mma's A rows pair two dimensions of one token (the decode
-/// kernel's kDimPairs: 2-bit values, or 4-bit values beside 2-bit keys, HILO): there k pair (2t, 2t + 1) is (token, dimension a) and (token, dimension
-/// b), and column 2h + c (head h) sums dimension a (c = 0) or b (c = 1), so it takes p in half c
-/// of the pair and zero in the other. From x = (p of token t, p of token t + 4) of the thread's
-/// column (movmatrix of P' packed into both halves), PRMT with these selectors makes the two k
-/// pairs' registers: .x for token t, .y for token t + 4.
+/// kernel's kDimPairs: 2-bit values, or 4-bit values beside 2-bit keys, HILO). There k pair
+/// (2t, 2t + 1) is (token, dimension a) and (token, dimension b), and column 2h + c (head h) sums
+/// dimension a (c = 0) or b (c = 1), so it takes p in half c of the pair and zero in the other.
+/// From x = (p of token t, p of token t + 4) of the thread's column (movmatrix of P' packed into
+/// both halves), PRMT with these selectors makes the two k pairs' registers: .x for token t, .y
+/// for token t + 4.
 __device__ __forceinline__ uint2 dim_pair_selectors(int column) {
     return column & 1 ? make_uint2(0x1044u, 0x3244u) : make_uint2(0x4410u, 0x4432u);
 }
