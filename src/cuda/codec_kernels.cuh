@@ -17,6 +17,7 @@
 
 #include "cuda/codec_attention_layout.cuh"
 #include "cuda/codec_params_view.h"
+#include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
 
@@ -25,7 +26,6 @@ namespace veloxquant::cuda::codec {
 constexpr int kPage = 64;      // tokens per page (kTokensPerPage)
 constexpr int kWarps = 4;      // warps per attention CTA
 constexpr int kThreads = 128;  // threads per CTA of the per-item kernels
-constexpr unsigned kFull = 0xffffffffu;
 
 /// One KV head's regions inside a page (offsets from the page start; PageLayout's HeadLayout).
 struct HeadRegions {

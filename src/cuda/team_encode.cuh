@@ -137,14 +137,14 @@ template <class Better>
 __device__ int warp_fold_best(float value, int index, Better better) {
     for (int offset = 1; offset < 32; offset <<= 1) {
         // Lanes 2 offset k hold the fold of [2 offset k, 2 offset k + offset); add the next run.
-        const float v2 = __shfl_down_sync(codec::kFull, value, offset);
-        const int i2 = __shfl_down_sync(codec::kFull, index, offset);
+        const float v2 = __shfl_down_sync(kFull, value, offset);
+        const int i2 = __shfl_down_sync(kFull, index, offset);
         if ((lane() & (2 * offset - 1)) == 0 && i2 >= 0 && (index < 0 || better(v2, value))) {
             value = v2;
             index = i2;
         }
     }
-    return __shfl_sync(codec::kFull, index, 0);
+    return __shfl_sync(kFull, index, 0);
 }
 
 /// Lane l's share [begin, end) of n candidates split into 32 contiguous runs.

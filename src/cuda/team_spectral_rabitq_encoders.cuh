@@ -154,8 +154,8 @@ struct TeamEncoder<dev::RaBitQDevice> {
             }
         };
         for (int offset = 16; offset > 0; offset >>= 1) {
-            const float v2 = __shfl_xor_sync(codec::kFull, v, offset);
-            const int i2 = __shfl_xor_sync(codec::kFull, i, offset);
+            const float v2 = __shfl_xor_sync(kFull, v, offset);
+            const int i2 = __shfl_xor_sync(kFull, i, offset);
             take(v2, i2);
         }
         if (lane() == 0) {

@@ -26,7 +26,6 @@ constexpr int kDecodeWarps = 4;  // warps per decode CTA (8 for some head_dim 64
 constexpr int kMaxGroup = 8;     // query heads per KV head
 constexpr int kMaxStages = 3;    // turboquant_rvq stages
 constexpr int kDequantizeWarps = 8;
-constexpr unsigned kFull = 0xffffffffu;
 
 /// Decode-kernel arguments the launcher derives from DecodeArgs (split plan, workspace).
 struct DecodeKernelParams {

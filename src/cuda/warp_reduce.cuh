@@ -6,16 +6,18 @@
 
 namespace veloxquant::cuda {
 
+constexpr unsigned kFull = 0xffffffffu;  // every lane of a warp, for the *_sync intrinsics
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T x) {
 #pragma unroll
-    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
+    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(kFull, x, m);
     return x;
 }
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-    for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
+    for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, m));
     return x;
 }
 
@@ -46,7 +48,7 @@ __device__ __forceinline__ void lane_butterflies(float (&x)[E], int lane, int m)
     const float s = (lane & m) ? -1.0f : 1.0f;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-        const float other = __shfl_xor_sync(0xffffffffu, x[e], m);
+        const float other = __shfl_xor_sync(kFull, x[e], m);
         x[e] = __fmaf_rn(s, x[e], other);
     }
 }
