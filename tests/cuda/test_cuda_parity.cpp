@@ -461,11 +461,11 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
     const std::vector<Shape> shapes = {{128, 4, 1, 4, 2}, {64, 4, 1, 4, 2}, {128, 2, 2, 4, 2},
                                        {64, 2, 2, 4, 2},  {64, 4, 2, 2, 2}, {128, 4, 3, 16, 1},
                                        {128, 1, 1, 2, 2}, {64, 1, 1, 2, 2}};
-    const std::vector<int> lens = {1000, 301};
+    const std::vector<int> lens = {1000, 301, 640};  // short last pages, and whole ones
     uint64_t seed = 4242;
     int deep_rings = 0;  // launches with a forced ring of 2 or 4 pages per warp
     for (const Shape& s : shapes) {
-        for (int group : {4, 8}) {
+        for (int group : {1, 4, 8}) {
             const KVCacheConfig c = make_config(s, ++seed);
             const TqHostTables host = make_host_tables(c, s.heads, s.d, 0);
             const DeviceTables tables(host);
