@@ -49,16 +49,37 @@ __device__ __forceinline__ void for_each_tile(const Keys& keys, const uint8_t* p
 }
 
 /// Head_dim 64's 1-bit key bytes: byte i of r[s] is minus bit 4i + s of the lane's 16-bit chunk w
-/// (0 or -1 as s8), one PRMT each. PRMT picks byte (nibble & 7) of an 8-byte pool whose byte k is
-/// -(bit s of k); where a selector nibble's bit 3 asks for the sign of the picked byte instead,
-/// the pool's 0x00 and 0xFF bytes are their own sign, so bit 3 never matters, and r[3] takes it
-/// as bit 2 of the nibbles of w >> 1. (Spreading the chunk's nibbles into bytes and masking took
-/// 16 instructions a tile instead of 10.)
+/// (0 or -1 as s8) for s < 3, one PRMT each. PRMT picks byte (nibble & 7) of an 8-byte pool whose
+/// byte k is -(bit s of k); where a selector nibble's bit 3 asks for the sign of the picked byte
+/// instead, the pool's 0x00 and 0xFF bytes are their own sign, so bit 3 never matters there. r[3]
+/// takes bit 3 itself from a pool of 0x01 bytes: the picked 0x01, or its sign (0) where bit 3 is
+/// set, so its bytes are 1 - bit, and every sum over them carries the B column's sum over their k
+/// positions (key_byte_offset_d64), which the caller takes off. (Spreading the chunk's nibbles into
+/// bytes and masking took 16 instructions a tile; -bit 3 from the nibbles of w >> 1, 10.)
 __device__ __forceinline__ void minus_key_bytes_d64(uint32_t w, uint32_t (&r)[4]) {
     r[0] = permute_bytes(0xFF00FF00u, 0xFF00FF00u, w);
     r[1] = permute_bytes(0xFFFF0000u, 0xFFFF0000u, w);
     r[2] = permute_bytes(0u, 0xFFFFFFFFu, w);
-    r[3] = permute_bytes(0u, 0xFFFFFFFFu, w >> 1);
+    r[3] = permute_bytes(0x01010101u, 0x01010101u, w);
+}
+
+/// What minus_key_bytes_d64's 1 - bit bytes add to thread (g, t)'s score of each head block b
+/// (columns 2t and 2t + 1, its head's hi and lo sums joined as 256 hi + lo): the sum of B over
+/// r[3]'s k positions, the bytes of slot 1 of k32 block 1 (query_fragments_i8), of each column,
+/// summed over the four lanes that hold that column. Set-up only (shuffles of the whole warp).
+template <int NB>
+__device__ __forceinline__ void key_byte_offset_d64(const uint32_t (&bq8)[NB][2][2], int t,
+                                                    int (&offset)[NB]) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        const uint32_t x = bq8[b][1][1];
+        int c = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) c += static_cast<int8_t>(x >> (8 * i));
+        c += __shfl_xor_sync(kFull, c, 1);
+        c += __shfl_xor_sync(kFull, c, 2);  // column g's sum, in each lane of group g
+        offset[b] = 256 * __shfl_sync(kFull, c, 8 * t) + __shfl_sync(kFull, c, 8 * t + 4);
+    }
 }
 
 /// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query

@@ -104,12 +104,12 @@ __device__ __forceinline__ void mma_16832_i8(int (&c)[4], const uint32_t (&a)[4]
 #endif
 }
 
-/// Four 8x8 b16 matrices from shared memory (lane 8 i + r gives row r of matrix i; lane l gets
-/// row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of each), or their transposes (TRANS).
+/// Four 8x8 b16 matrices from shared memory at shared address s (lane 8 i + r gives row r of
+/// matrix i; lane l gets row l / 4, elements 2 (l % 4) and 2 (l % 4) + 1 of each), or their
+/// transposes (TRANS).
 template <bool TRANS>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t s) {
 #if __CUDA_ARCH__ >= 750
-    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     if constexpr (TRANS)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -121,11 +121,17 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
                      : "r"(s)
                      : "memory");
 #else
-    const auto mine = reinterpret_cast<unsigned long long>(smem);
+    const auto mine = reinterpret_cast<unsigned long long>(__cvta_shared_to_generic(s));
     ldmatrix_x4_by_lanes<TRANS>(r, lane_id(), [mine](int j) {
         return reinterpret_cast<const uint16_t*>(__shfl_sync(0xffffffffu, mine, j));
     });
 #endif
+}
+
+/// ldmatrix_x4_at from a generic pointer into shared memory.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+    ldmatrix_x4_at<TRANS>(r, static_cast<uint32_t>(__cvta_generic_to_shared(smem)));
 }
 
 /// The transpose of an 8x8 fp16 matrix across the warp, in registers: thread (g, t) passes row g,

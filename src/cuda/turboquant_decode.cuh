@@ -379,6 +379,19 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
 #pragma unroll
         for (int j = 0; j < kSlots; ++j) mul[j] *= sh.key_affine[0][1];
     }
+    // 1-bit keys at head_dim 64: the key bytes' offset (key_byte_offset_d64), the same in every
+    // stage's sum, comes off the additive term, weighted as the scores weigh the stages.
+    if constexpr (kI8 && KBITS == 1 && D == 64) {
+        int offset[kHeadBlocks];
+        key_byte_offset_d64(bq8, t, offset);
+        float weight = 1.0f;
+        if constexpr (!kFoldStageWeight) {
+            weight = 0.0f;
+            for (int s = 0; s < L.key_stages; ++s) weight += sh.key_affine[s][1];
+        }
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) add[j] -= mul[j] * weight * static_cast<float>(offset[j]);
+    }
     // The value tables' scale enters P' through the softmax's exponent (p'' = value_pair_scale p),
     // so the running sums l are of p'' until the end.
     const float log2_pair = log2f(T.value_pair_scale);
@@ -433,8 +446,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     // chunks of tokens t and t + 4 (or t + 8 and t + 12) of column g in one register, as the
     // scores' k pairs hold them: 2 loads a page instead of 16.
     constexpr bool kValueMatrices = MIXED && kV64 && D == 64;
-    const uint8_t* value_rows =
-        mixed_at(kKeyBytes + kValueTok * (8 * (lane >> 3) + ((lane >> 1) & 3) + 4 * (lane & 1)));
+    // (The rows' shared address is pinned: ptxas rebuilt it from the lane and warp indices at
+    // every other page, 12 instructions.)
+    uint32_t value_rows = static_cast<uint32_t>(__cvta_generic_to_shared(
+        mixed_at(kKeyBytes + kValueTok * (8 * (lane >> 3) + ((lane >> 1) & 3) + 4 * (lane & 1)))));
+    if constexpr (kValueMatrices) pin_register(value_rows);
     // This thread's chunks of key stage s of tokens 16 mt + row_token (w0) and 16 mt + 8 +
     // row_token (w1), from the ring slot at buf or, in mixed rows, from the slot's keys (mixed_keys
     // moved to the slot).
@@ -539,8 +555,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         [[maybe_unused]] uint32_t value_regs[2][4];
         if constexpr (kValueMatrices) {
             static_assert(kValueTok == 16 && kPage == 64, "a token's value codes are one row");
-            ldmatrix_x4<true>(value_regs[0], value_rows + 2 * slot * kPageCodes);
-            ldmatrix_x4<true>(value_regs[1], value_rows + 2 * slot * kPageCodes + mixed_delta(512));
+            ldmatrix_x4_at<true>(value_regs[0], value_rows + 2 * slot * kPageCodes);
+            ldmatrix_x4_at<true>(value_regs[1],
+                                 value_rows + 2 * slot * kPageCodes + mixed_delta(512));
         }
 #pragma unroll
         for (int kb = 0; kb < 4; ++kb) {
