@@ -211,8 +211,8 @@ __device__ __forceinline__ void query_fragments_f16(uint32_t (&bq)[BLOCKS][2], c
 /// key byte the kernel puts there (s = 2 kb + r): 1-bit keys at D = 128, bit s + 8i of the lane's
 /// 32-bit chunk: one shift by 2 kb and two masks (bit 0 and bit 1 of each byte) make slot 0's 0/1
 /// and slot 1's 0/2 key bytes, so they take Q = rint(63.5 q') (2^-14 of max |q'|), 2 Q in slot 0;
-/// 1-bit keys at D = 64, bit 4i + s of the lane's 16-bit chunk as a 0 or -1 byte
-/// (minus_key_bytes_d64), so they take -Q; 2-bit keys, coordinate 8 kb + r + 2i of the chunk,
+/// 1-bit keys at D = 64, bit 4i + s of the lane's 16-bit chunk as a 0 or -1 byte (1 - bit in slot
+/// 3: minus_key_bytes_d64), so they take -Q; 2-bit keys, coordinate 8 kb + r + 2i of the chunk,
 /// whose code is nibble i of a PRMT selector.
 template <int D, int KBITS, int BLOCKS>
 __device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], const float* q,
@@ -231,7 +231,7 @@ __device__ __forceinline__ void query_fragments_i8(uint32_t (&bq8)[BLOCKS][2], c
                                          : t * 16 + 4 * i + s;
                 // 1-bit keys at D = 128: Q = rint(63.5 q'), and slot 0, whose key bytes are 0 or
                 // 1 against slot 1's 0 or 2, takes 2 Q; at D = 64 -Q = -rint(127 q') against key
-                // bytes of 0 or -1 (each split as 256 hi + lo in int8).
+                // bytes of 0 or -1, or 1 - bit in slot 3 (each split as 256 hi + lo in int8).
                 const int x = KBITS == 2 || D == 64
                                   ? (KBITS == 2 ? 1 : -1) * __float2int_rn(q[c] * 127.0f)
                               : r == 0 ? 2 * __float2int_rn(q[c] * 63.5f)

@@ -83,10 +83,12 @@ __device__ __forceinline__ void key_byte_offset_d64(const uint32_t (&bq8)[NB][2]
 }
 
 /// 1-bit keys: key bytes of 0 or 1 (slot 0) and 0 or 2 (slot 1) against the int8 query
-/// (query_fragments_i8), or at head_dim 64 bytes of 0 or -1 against -Q (minus_key_bytes_d64);
-/// the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one stage) the stage weight
-/// C1 - C0 is left to the caller's multiplier. NB column blocks of four heads (hi and lo columns)
-/// share each key fragment: block b's score of the thread's head lands in sc[mt][2 r + b].
+/// (query_fragments_i8), or at head_dim 64 bytes of 0 or -1 against -Q (minus_key_bytes_d64, whose
+/// fourth register's 1 - bit bytes leave each score key_byte_offset_d64 too high: the caller
+/// takes that off); the hi and lo columns' sums join as 256 hi + lo. With FOLD_WEIGHT (one stage)
+/// the stage weight C1 - C0 is left to the caller's multiplier. NB column blocks of four heads (hi
+/// and lo columns) share each key fragment: block b's score of the thread's head lands in sc[mt][2
+/// r + b].
 template <int D, int STAGES, bool FOLD_WEIGHT, int NB, class Keys>
 __device__ __forceinline__ void scores_1bit_i8(float (&sc)[4][4], const TqPageLayout& layout,
                                                const Keys& keys, const uint8_t* page,
