@@ -72,12 +72,23 @@ bool plan_decode_split(const DecodeSplitInputs& in, DecodeSplit& out) {
         constexpr long long kTailPiece = 56, kTailMinSplit = 4 * kTailPiece;
         if (pps >= kTailMinSplit &&
             in.units * head > static_cast<long long>(in.per_sm - 1) * in.sms) {
-            const long long share = std::llround(static_cast<double>(pages) * in.tail_share);
+            long long share = std::llround(static_cast<double>(pages) * in.tail_share),
+                      piece = kTailPiece;
+            // Scaled tails, where the head splits fill one wave and take 448-1023 pages: pieces
+            // of a sixteenth of them, and at most three pieces' worth of pages. H200, d=64 1-bit
+            // keys / 2-bit values, N=128K: B=8 4 x 490 + 30, 30, 28 pages 1.2% faster than the
+            // 4 x 480 + 2 x 64 of a 1/16 share (its faster loop leaves the CTAs' set-up a larger
+            // part of a short tail); B=32's 1920 + 2 x 64 stays, as 1960 + 30, 30, 28 was 1.1%
+            // slower (cuda_h200_20261204zl_splits.txt).
+            if (in.scaled_tails && pps >= 448 && pps < 1024 &&
+                in.units * head <= static_cast<long long>(in.per_sm) * in.sms) {
+                piece = pps / 16;
+                share = std::min(share, 3 * piece);
+            }
             pps = (pages - share + head - 1) / head;
             const long long rest = pages - head * pps;
             if (rest > 0) {
-                tails =
-                    std::max<long long>(1, std::llround(static_cast<double>(rest) / kTailPiece));
+                tails = std::max<long long>(1, std::llround(static_cast<double>(rest) / piece));
                 tail = (rest + tails - 1) / tails;
                 tails = (rest + tail - 1) / tail;
             }

@@ -34,8 +34,10 @@ struct DecodeKernel {
     int lutc = 1;             // lane copies of the 256-entry pair tables (4-bit keys or values)
     int vc = 0;               // copies of the byte-indexed 2-bit value table (0: none)
     bool mixed = false;       // the mixed-row layout (decode_mixed_bytes)
-    // Share of each sequence's pages the long-context plan leaves to tail splits (decode_split.h)
+    // Share of each sequence's pages the long-context plan leaves to tail splits, and whether
+    // their pieces scale with the head splits (decode_split.h)
     double tail_share = 0.10;
+    bool scaled_tails = false;
     int warps = kDecodeWarps;  // per CTA
 };
 
@@ -65,6 +67,7 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
             DecodeKernel k{&decode_attention_kernel<D, K, V, HILO, 1, VC, true, W>,
                            sizeof(DecodeShared<D, K, V, 1, W>), 1, VC, true};
             k.tail_share = 1.0 / 16;  // its best measured (1/10, as at 4-bit values: 1.8% slower)
+            k.scaled_tails = D == 64;
             k.warps = W;
             return k;
         }
@@ -385,6 +388,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     in.sms = sms;
     in.per_sm = std::max(r.per_sm, 1);
     in.tail_share = plan.kernel.tail_share;
+    in.scaled_tails = plan.kernel.scaled_tails;
     in.splits = a.splits, in.split_pages = a.split_pages, in.tail_pages = a.tail_pages;
     if (!plan_decode_split(in, plan.split)) return cudaErrorInvalidValue;
     const size_t partials = static_cast<size_t>(in.units) * plan.split.splits * a.group;

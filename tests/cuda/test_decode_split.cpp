@@ -60,6 +60,7 @@ TEST(DecodeSplit, EveryPlanTilesThePages) {
         DecodeSplitInputs in =
             inputs(1 + rng() % 5000, 1 + rng() % 512, trial % 3 == 0 ? 132 : 1 + rng() % 160,
                    1 + rng() % 4, trial % 2 ? 0.1 : 1.0 / 16);
+        in.scaled_tails = trial % 4 == 3;
         if (trial % 5 == 1) in.splits = 1 + rng() % 400;
         if (trial % 5 == 2) in.split_pages = 1 + rng() % 600, in.tail_pages = rng() % 80;
         SCOPED_TRACE("pages " + std::to_string(in.pages) + " units " + std::to_string(in.units) +
@@ -152,4 +153,30 @@ TEST(DecodeSplit, H200Plans) {
     s = plan(inputs(512, 64, 132, 3, 1.0 / 16));
     EXPECT_EQ(s.splits, 4);
     EXPECT_EQ(s.head_splits, 4);
+}
+
+// The head_dim 64 1-bit / 2-bit kernel: two CTAs an SM, tail pieces scaled to the head splits.
+TEST(DecodeSplit, H200PlansOfScaledTails) {
+    // B = 8: 4 x 488 pages, then 3 x 32 (a 1/16 share would give 4 x 480 + 2 x 64)
+    DecodeSplitInputs in = inputs(2048, 64, 132, 2, 1.0 / 16);
+    DecodeSplit s = plan(in);
+    EXPECT_EQ(s.pages_per_split, 480);
+    in.scaled_tails = true;
+    s = plan(in);
+    EXPECT_EQ(s.pages_per_split, 488);
+    EXPECT_EQ(s.head_splits, 4);
+    EXPECT_EQ(s.tail_pages, 32);
+    EXPECT_EQ(s.splits, 7);
+    expect_tiles(s, 2048);
+    // B = 32: head splits of 1920 pages are past the scaled range: 1920, then 2 x 64
+    in.units = 256;
+    s = plan(in);
+    EXPECT_EQ(s.pages_per_split, 1920);
+    EXPECT_EQ(s.tail_pages, 64);
+    EXPECT_EQ(s.splits, 3);
+    // Heads that take more than one wave (B = 24) keep the unscaled tails: 4 x 480 + 2 x 64
+    in.units = 192;
+    s = plan(in);
+    EXPECT_EQ(s.pages_per_split, 480);
+    EXPECT_EQ(s.tail_pages, 64);
 }
