@@ -67,7 +67,7 @@ DecodeKernel decode_entry(int lutc, bool mixed) {
             DecodeKernel k{&decode_attention_kernel<D, K, V, HILO, 1, VC, true, W>,
                            sizeof(DecodeShared<D, K, V, 1, W>), 1, VC, true};
             k.tail_share = 1.0 / 16;  // its best measured (1/10, as at 4-bit values: 1.8% slower)
-            k.scaled_tails = D == 64;
+            k.scaled_tails = D == 64 && HILO;  // timed at groups of up to 4 only
             k.warps = W;
             return k;
         }
