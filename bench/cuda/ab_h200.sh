@@ -22,7 +22,8 @@
 # AB_BASE: `name=folder` items (a bare folder is named "base"). The variants build AB_TARGETS'
 # bench_* targets, and all of AB_TARGETS where AB_TEST_VARIANTS names them ("new" by default);
 # AB_TESTS are paths in a build, each run under a timeout (AB_TEST_TIMEOUT, 150 s) in every
-# build AB_TEST_VARIANTS names. AB_BENCH is run from each build folder, {out} replaced by
+# build AB_TEST_VARIANTS names. AB_BENCH, a shell command line (environment settings, pipes and
+# `;` work: it runs under bash -c), is run from each build folder, {out} replaced by
 # $OUT/ab/bench_<variant>_<round>; AB_GREP (a regular expression) picks the lines echoed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -134,7 +135,7 @@ if [ -n "${AB_BENCH:-}" ]; then
   for r in $(seq 1 "${AB_ROUNDS:-2}"); do
     for name in $names; do
       cmd=${AB_BENCH//\{out\}/$R/bench_${name}_$r}
-      (cd "$(build_dir "$name")" && timeout 300 $cmd) > "$R/bench_${name}_$r.txt" 2>&1
+      (cd "$(build_dir "$name")" && timeout 300 bash -c "$cmd") > "$R/bench_${name}_$r.txt" 2>&1
       grep -E "${AB_GREP:-encode|decode|ms}|error" "$R/bench_${name}_$r.txt" | head -12 |
         sed "s/^/$name $r: /"
     done
