@@ -74,12 +74,13 @@ bool plan_decode_split(const DecodeSplitInputs& in, DecodeSplit& out) {
             in.units * head > static_cast<long long>(in.per_sm - 1) * in.sms) {
             long long share = std::llround(static_cast<double>(pages) * in.tail_share),
                       piece = kTailPiece;
-            // Scaled tails, where the head splits fill one wave and take 448-1023 pages: pieces
+            // Scaled tails, where the even splits fill one wave and take 448-1023 pages: pieces
             // of a sixteenth of them, and at most three pieces' worth of pages. H200, d=64 1-bit
-            // keys / 2-bit values, N=128K: B=8 4 x 490 + 30, 30, 28 pages 1.2% faster than the
-            // 4 x 480 + 2 x 64 of a 1/16 share (its faster loop leaves the CTAs' set-up a larger
-            // part of a short tail); B=32's 1920 + 2 x 64 stays, as 1960 + 30, 30, 28 was 1.1%
-            // slower (cuda_h200_20261204zl_splits.txt).
+            // keys / 2-bit values, N=128K: B=8 takes 4 x 488 + 3 x 32 pages, 0.8% faster than
+            // the 4 x 480 + 2 x 64 of a 1/16 share (forced shapes of 484-492 head pages and
+            // three tails of 28-48 lay within 0.6% of each other; its faster loop leaves a
+            // CTA's set-up a larger part of a short tail); B=32 keeps 1920 + 2 x 64, as 1960 +
+            // 30, 30, 28 was 1.1% slower (cuda_h200_20261204zl_splits.txt).
             if (in.scaled_tails && pps >= 448 && pps < 1024 &&
                 in.units * head <= static_cast<long long>(in.per_sm) * in.sms) {
                 piece = pps / 16;

@@ -42,8 +42,9 @@ struct DecodeSplitInputs {
     int sms = 1;
     int per_sm = 1;
     double tail_share = 0.1;  ///< share of a sequence's pages the plan leaves to tail splits
-    /// Tail pieces scaled to the head splits (plan_decode_split), for a kernel whose CTAs set up
-    /// in less than its head splits' pages take: the head-dim-64 1-bit / 2-bit one.
+    /// Tail pieces scaled to the head splits (plan_decode_split), for a kernel whose loop is fast
+    /// enough that a CTA's set-up is a large part of a short tail: the head-dim-64 1-bit / 2-bit
+    /// one of groups of up to 4.
     bool scaled_tails = false;
     int splits = 0;
     int split_pages = 0;

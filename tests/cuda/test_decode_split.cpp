@@ -168,7 +168,7 @@ TEST(DecodeSplit, H200PlansOfScaledTails) {
     EXPECT_EQ(s.tail_pages, 32);
     EXPECT_EQ(s.splits, 7);
     expect_tiles(s, 2048);
-    // B = 32: head splits of 1920 pages are past the scaled range: 1920, then 2 x 64
+    // B = 32: even splits of 2048 pages are past the scaled range: 1920, then 2 x 64
     in.units = 256;
     s = plan(in);
     EXPECT_EQ(s.pages_per_split, 1920);
