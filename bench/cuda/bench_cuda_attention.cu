@@ -9,7 +9,9 @@
 // choice. VQ_GROUP=1..8 sets the query heads per KV head (default 4: 32 query heads; 8 is
 // Llama-3-70B's 64 over 8). VQ_CHAIN=k captures k decodes (each on the next rotation's page
 // tables) in one graph and reports the time per decode: one graph's launch spread over k decodes,
-// as a model's decode step runs its layers in one graph (default 1: a graph a decode).
+// as a model's decode step runs its layers in one graph (default 1: a graph a decode). VQ_GRAPH=0
+// times the same decodes launched on the stream one by one (launch_decode_attention, as the API
+// calls it) instead of as graphs.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
@@ -78,7 +80,7 @@ int run(const char* out_path, const std::string& only) {
     const int splits = env_int("VQ_SPLITS", 0), split_pages = env_int("VQ_SPLIT_PAGES", 0);
     const int tail_pages = env_int("VQ_TAIL_PAGES", 0), max_rest_ms = env_int("VQ_REST_MS", 250);
     const int group = env_int("VQ_GROUP", 4), q_heads = group * kKvHeads;
-    const int chain = env_int("VQ_CHAIN", 1);
+    const int chain = env_int("VQ_CHAIN", 1), use_graphs = env_int("VQ_GRAPH", 1) != 0;
     if (chain < 1 || chain > 64) {
         std::fprintf(stderr, "VQ_CHAIN=%d: decodes per graph must be 1..64\n", chain);
         return 1;
@@ -252,7 +254,14 @@ int run(const char* out_path, const std::string& only) {
                     double rest_ms = 0.0, start_mhz = 0.0;
                     rest(rest_ms, start_mhz);
                     auto ms = time_ms(60, [&](int r) {
-                        check_cuda(cudaGraphLaunch(graphs[r % rotations], nullptr), "launch");
+                        if (use_graphs) {
+                            check_cuda(cudaGraphLaunch(graphs[r % rotations], nullptr), "launch");
+                            return;
+                        }
+                        for (int j = 0; j < chain; ++j) {
+                            a.page_table = tables + size_t((r + j) % rotations) * batch * pages;
+                            check_cuda(launch_decode_attention(a, nullptr), "decode");
+                        }
                     });
                     for (float& x : ms) x /= chain;  // per decode
                     for (auto& g : graphs) cudaGraphExecDestroy(g);
@@ -284,9 +293,10 @@ int run(const char* out_path, const std::string& only) {
                  prop.multiProcessorCount, prop.l2CacheSize >> 20);
     std::fprintf(f,
                  "  \"copy_gbps_read_plus_write\": %.1f, \"copy_sm_mhz\": %.0f,\n"
-                 "  \"max_rest_ms\": %d, \"decodes_per_graph\": %d,\n"
+                 "  \"max_rest_ms\": %d, \"decodes_per_graph\": %d, \"graphs\": %s,\n"
                  "  \"kv_heads\": %d, \"q_heads\": %d,\n",
-                 copy_gbps, copy_mhz, max_rest_ms, chain, kKvHeads, q_heads);
+                 copy_gbps, copy_mhz, max_rest_ms, chain, use_graphs ? "true" : "false", kKvHeads,
+                 q_heads);
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
         std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",
