@@ -13,6 +13,8 @@
 #                                                   # knows it: commit it or `git add -N`)
 #   bash bench/cuda/ab_h200.sh --snapshot DIR FILE... # DIR/<FILE> = this tree's FILE now (to
 #                                                   # keep one try while editing the next)
+#   bash bench/cuda/ab_h200.sh --patch DIR PATCH     # DIR/<path> = this tree's files with the
+#                                                   # patch applied (e.g. bench/cuda/*.patch)
 # Then on the device (carry the folders, e.g. devrun/):
 #   AB_BASE="base=devrun/base try1=devrun/try1" \
 #   AB_TARGETS="test_cuda_codec_cache bench_codec_cache" \
@@ -42,6 +44,18 @@ case "${1:-}" in
     > "$dir/.added"  # files the base lacks: removed from its tree
   echo "base files of $rev in $dir: $(find "$dir" -type f ! -name .added | wc -l) replaced," \
     "$(wc -l < "$dir/.added") removed"
+  exit 0
+  ;;
+--patch)
+  dir=${2:?usage: ab_h200.sh --patch DIR PATCH} patch=${3:?usage: ab_h200.sh --patch DIR PATCH}
+  files=$(git apply --numstat "$patch" | cut -f3) || exit 1
+  rm -rf "$dir" && mkdir -p "$dir"
+  for f in $files; do
+    mkdir -p "$dir/$(dirname "$f")"
+    cp "$f" "$dir/$f"
+  done
+  git apply --unsafe-paths --directory="$dir" "$patch" || exit 1
+  echo "$(echo "$files" | wc -w) files of this tree with $patch in $dir"
   exit 0
   ;;
 --snapshot)
