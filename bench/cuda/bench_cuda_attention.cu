@@ -226,15 +226,19 @@ int run(const char* out_path, const std::string& only) {
                         workspace_bytes = need;
                     }
                     a.workspace = workspace;
+                    // The decodes of rotations r .. r + chain - 1, on stream s
+                    auto launch_chain = [&](int r, cudaStream_t s) {
+                        for (int j = 0; j < chain; ++j) {
+                            a.page_table = tables + size_t((r + j) % rotations) * batch * pages;
+                            check_cuda(launch_decode_attention(a, s), "decode");
+                        }
+                    };
                     std::vector<cudaGraphExec_t> graphs(rotations);
                     for (int r = 0; r < rotations; ++r) {
                         cudaGraph_t g;
                         check_cuda(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed),
                                    "capture");
-                        for (int j = 0; j < chain; ++j) {
-                            a.page_table = tables + size_t((r + j) % rotations) * batch * pages;
-                            check_cuda(launch_decode_attention(a, stream), "decode");
-                        }
+                        launch_chain(r, stream);
                         check_cuda(cudaStreamEndCapture(stream, &g), "capture");
                         check_cuda(cudaGraphInstantiate(&graphs[r], g, 0), "instantiate");
                         cudaGraphDestroy(g);
@@ -254,14 +258,10 @@ int run(const char* out_path, const std::string& only) {
                     double rest_ms = 0.0, start_mhz = 0.0;
                     rest(rest_ms, start_mhz);
                     auto ms = time_ms(60, [&](int r) {
-                        if (use_graphs) {
+                        if (use_graphs)
                             check_cuda(cudaGraphLaunch(graphs[r % rotations], nullptr), "launch");
-                            return;
-                        }
-                        for (int j = 0; j < chain; ++j) {
-                            a.page_table = tables + size_t((r + j) % rotations) * batch * pages;
-                            check_cuda(launch_decode_attention(a, nullptr), "decode");
-                        }
+                        else
+                            launch_chain(r % rotations, nullptr);
                     });
                     for (float& x : ms) x /= chain;  // per decode
                     for (auto& g : graphs) cudaGraphExecDestroy(g);
