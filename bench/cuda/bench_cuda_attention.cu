@@ -11,7 +11,8 @@
 // tables) in one graph and reports the time per decode: one graph's launch spread over k decodes,
 // as a model's decode step runs its layers in one graph (default 1: a graph a decode). VQ_GRAPH=0
 // times the same decodes launched on the stream one by one (launch_decode_attention, as the API
-// calls it) instead of as graphs.
+// calls it) instead of as graphs. VQ_PAGE_EVICTION=1|2 forces the L2 policy of the page copies
+// (1 normal, 2 evict-first; DecodeArgs::page_eviction) instead of the plan's choice.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate), and each
@@ -81,6 +82,7 @@ int run(const char* out_path, const std::string& only) {
     const int tail_pages = env_int("VQ_TAIL_PAGES", 0), max_rest_ms = env_int("VQ_REST_MS", 250);
     const int group = env_int("VQ_GROUP", 4), q_heads = group * kKvHeads;
     const int chain = env_int("VQ_CHAIN", 1), use_graphs = env_int("VQ_GRAPH", 1) != 0;
+    const int page_eviction = env_int("VQ_PAGE_EVICTION", 0);
     if (chain < 1 || chain > 64) {
         std::fprintf(stderr, "VQ_CHAIN=%d: decodes per graph must be 1..64\n", chain);
         return 1;
@@ -218,6 +220,7 @@ int run(const char* out_path, const std::string& only) {
                     a.queries = queries, a.out = out, a.scale = 1.0f / std::sqrt(float(d));
                     a.table_copies = table_copies, a.ring = ring, a.splits = splits;
                     a.split_pages = split_pages, a.tail_pages = tail_pages;
+                    a.page_eviction = page_eviction;
                     const size_t need = decode_workspace_bytes(a);
                     if (need == 0) throw std::runtime_error("no decode plan");
                     if (need > workspace_bytes) {
@@ -294,9 +297,9 @@ int run(const char* out_path, const std::string& only) {
     std::fprintf(f,
                  "  \"copy_gbps_read_plus_write\": %.1f, \"copy_sm_mhz\": %.0f,\n"
                  "  \"max_rest_ms\": %d, \"decodes_per_graph\": %d, \"graphs\": %s,\n"
-                 "  \"kv_heads\": %d, \"q_heads\": %d,\n",
-                 copy_gbps, copy_mhz, max_rest_ms, chain, use_graphs ? "true" : "false", kKvHeads,
-                 q_heads);
+                 "  \"page_eviction\": %d, \"kv_heads\": %d, \"q_heads\": %d,\n",
+                 copy_gbps, copy_mhz, max_rest_ms, chain, use_graphs ? "true" : "false",
+                 page_eviction, kKvHeads, q_heads);
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
         std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",

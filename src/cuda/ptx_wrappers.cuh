@@ -166,6 +166,33 @@ __device__ __forceinline__ void cp_async_at(uint32_t s, const void* gmem) {
 #endif
 }
 
+/// L2 cache policy words of the cache_hint forms (PTX createpolicy's encodings, as CUTLASS's
+/// CacheHintSm90 spells them): a line fetched under evict-first is the first the L2 replaces.
+constexpr uint64_t kL2EvictNormal = 0x1000000000000000ull;
+constexpr uint64_t kL2EvictFirst = 0x12F0000000000000ull;
+
+/// cp_async_at with an L2 cache policy word (kL2Evict*). CUDA 13.0's ptxas mis-encodes these
+/// copies where it splits the shared address into a lane register and a uniform base (it encodes
+/// [R + UR0 + imm], desc[UR1] with neither set: an illegal instruction); callers pass addresses
+/// it cannot take apart (the decode's pass through an identity PRMT).
+template <int BYTES>
+__device__ __forceinline__ void cp_async_hinted_at(uint32_t s, const void* gmem, uint64_t policy) {
+    static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
+#if __CUDA_ARCH__ >= 800
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(s),
+                     "l"(gmem), "l"(policy)
+                     : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 4, %2;\n" ::"r"(s),
+                     "l"(gmem), "l"(policy)
+                     : "memory");
+#else
+    (void)s, (void)gmem, (void)policy;
+    __trap();
+#endif
+}
+
 /// The same to a shared-memory pointer.
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {

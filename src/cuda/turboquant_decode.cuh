@@ -194,9 +194,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     uint32_t norm_at1 = static_cast<uint32_t>(__cvta_generic_to_shared(mixed_norms + lane_word1));
     if constexpr (MIXED) {
         pin_register(lane_source), pin_register(float_source);
+        // Through an identity PRMT, opaque to ptxas: CUDA 13.0's takes them apart into a lane
+        // part and the uniform window base for the L2-hinted copies' [R + UR + imm] form, which
+        // it encodes with an unset uniform pair (an illegal instruction at d = 64).
+        ring_at = permute_bytes(ring_at, 0u, 0x3210u);
+        norm_at0 = permute_bytes(norm_at0, 0u, 0x3210u);
+        norm_at1 = permute_bytes(norm_at1, 0u, 0x3210u);
         pin_register(ring_at), pin_register(norm_at0), pin_register(norm_at1);
     }
     constexpr int kScalesAt = 4 * kScalesAfterNorms;  // bytes from a slot's norms to its scales
+    const uint64_t page_policy = kp.page_policy;      // L2 policy of the page copies (evict-first)
     auto issue = [&](int i, int part, int slot, bool read_next = true) {
         if (part != 1) {  // the first part of page i
             index_now = index_next;
@@ -219,10 +226,12 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             if (part != 1) {
 #pragma unroll
                 for (int j = 0; j < kKeyBytes / 512; ++j)
-                    cp_async_at<16>(codes + 1024 * j, page + 512 * j);
+                    cp_async_hinted_at<16>(codes + 1024 * j, page + 512 * j, page_policy);
                 if constexpr (kTransposedFloats) {
-                    cp_async_at<4>(norm_at0 + slot_norms, floats + kSlice.norms);
-                    cp_async_at<4>(norm_at1 + slot_norms, floats + kSlice.norms + 128);
+                    cp_async_hinted_at<4>(norm_at0 + slot_norms, floats + kSlice.norms,
+                                          page_policy);
+                    cp_async_hinted_at<4>(norm_at1 + slot_norms, floats + kSlice.norms + 128,
+                                          page_policy);
                 } else if (lane < kPage / 4) {
                     cp_async<16>(mixed_norms + slot * kPage + 4 * lane, page + kSlice.norms);
                 }
@@ -230,11 +239,13 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             if (part != 0) {
 #pragma unroll
                 for (int j = 0; j < kPage * kValueTok / 512; ++j)
-                    cp_async_at<16>(codes + 2 * kKeyBytes + 1024 * j,
-                                    page + kSlice.values + 512 * j);
+                    cp_async_hinted_at<16>(codes + 2 * kKeyBytes + 1024 * j,
+                                           page + kSlice.values + 512 * j, page_policy);
                 if constexpr (kTransposedFloats) {
-                    cp_async_at<4>(norm_at0 + kScalesAt + slot_norms, floats + kSlice.scales);
-                    cp_async_at<4>(norm_at1 + kScalesAt + slot_norms, floats + kSlice.scales + 128);
+                    cp_async_hinted_at<4>(norm_at0 + kScalesAt + slot_norms, floats + kSlice.scales,
+                                          page_policy);
+                    cp_async_hinted_at<4>(norm_at1 + kScalesAt + slot_norms,
+                                          floats + kSlice.scales + 128, page_policy);
                 } else if (lane < kPage / 4) {
                     cp_async<16>(mixed_scales + slot * kPage + 4 * lane, page + kSlice.scales);
                 }

@@ -341,6 +341,7 @@ struct DecodePlan {
     int ring = 1;
     size_t smem = 0;
     DecodeSplit split;
+    uint64_t page_policy = 0;  // L2 policy word of the mixed-row kernels' page copies
     size_t partial_o_bytes = 0;
     size_t partial_ml_bytes = 0;
 };
@@ -372,7 +373,8 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
          a.table_copies != 32) ||
-        a.ring < 0 || a.ring > kernels::kMaxDecodeRing)
+        a.ring < 0 || a.ring > kernels::kMaxDecodeRing || a.page_eviction < 0 ||
+        a.page_eviction > 2)
         return cudaErrorInvalidValue;
     int sms = 0, major = 0;
     cudaError_t err = runtime_facts().device(sms, major);
@@ -391,6 +393,12 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     in.scaled_tails = plan.kernel.scaled_tails;
     in.splits = a.splits, in.split_pages = a.split_pages, in.tail_pages = a.tail_pages;
     if (!plan_decode_split(in, plan.split)) return cudaErrorInvalidValue;
+    // The pages are read once a decode, and a model streams its weights through the L2 between
+    // two decodes of a layer: fetched evict-first, they stop pushing out what the decode reads
+    // again (page tables, queries, the partials the merge reads). (H200, 1-bit keys / 2-bit
+    // values, d = 64: 0.0860-0.0864 -> 0.0853-0.0855 ms at B = 8, N = 128K; bench/results/
+    // cuda_h200_20261204zn_page_eviction.txt.) page_eviction forces either policy.
+    plan.page_policy = a.page_eviction == 1 ? kL2EvictNormal : kL2EvictFirst;
     const size_t partials = static_cast<size_t>(in.units) * plan.split.splits * a.group;
     plan.partial_o_bytes = align256(partials * L.head_dim * sizeof(float));
     plan.partial_ml_bytes = align256(partials * sizeof(float2));
@@ -423,6 +431,7 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     kp.args = a;
     kp.split = plan.split;
     kp.ring = plan.ring;
+    kp.page_policy = plan.page_policy;
     kp.shared_pairs = shared_pairs(a);
     kp.partial_o = static_cast<float*>(a.workspace);
     kp.partial_ml =

@@ -508,29 +508,48 @@ TEST(CudaParity, DecodeWithEachTableCopyCountAndRing) {
             a.queries = dq.get();
             a.out = dout.get();
             a.scale = 0.1f;
+            // The plan's kernel also under each L2 policy of its page copies (0: the plan's,
+            // 1 normal, 2 evict-first), which must not change a bit of the output.
+            std::vector<std::vector<float>> by_eviction;
             for (int ring : {0, 1, 2, 4}) {  // 0: the plan's; deeper rings refill whole pages
                 for (int copies : {0, 1, 16, 32}) {  // 0: the plan's (mixed rows where they fit)
-                    SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " +
-                                 std::to_string(copies) + " ring " + std::to_string(ring));
-                    a.table_copies = copies, a.ring = ring;
-                    const std::size_t need = decode_workspace_bytes(a);
-                    if (need == 0) {  // only when the tables and ring do not fit in shared memory
-                        EXPECT_TRUE((s.stages == 3 && copies == 32) || ring > 1);
-                        continue;
+                    for (int eviction : {0, 1, 2}) {
+                        if (eviction != 0 && (ring != 0 || copies != 0)) continue;
+                        SCOPED_TRACE(name(s) + " group " + std::to_string(group) + " copies " +
+                                     std::to_string(copies) + " ring " + std::to_string(ring) +
+                                     " page_eviction " + std::to_string(eviction));
+                        a.table_copies = copies, a.ring = ring, a.page_eviction = eviction;
+                        const std::size_t need = decode_workspace_bytes(a);
+                        if (need == 0) {  // only when the tables and ring do not fit in shared
+                            EXPECT_TRUE((s.stages == 3 && copies == 32) || ring > 1);  // memory
+                            continue;
+                        }
+                        deep_rings += ring > 1;
+                        DeviceBuffer<uint8_t> workspace(need);
+                        a.workspace = workspace.get();
+                        check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)),
+                                   "poison");  // NaN
+                        check_cuda(launch_decode_attention(a, nullptr), "decode");
+                        const auto out = dout.download();
+                        EXPECT_LE(relative_error(out, ref), 1e-3);
+                        if (ring == 0 && copies == 0) by_eviction.push_back(out);
                     }
-                    deep_rings += ring > 1;
-                    DeviceBuffer<uint8_t> workspace(need);
-                    a.workspace = workspace.get();
-                    check_cuda(cudaMemset(dout.get(), 0xff, queries.size() * sizeof(float)),
-                               "poison");  // NaN
-                    check_cuda(launch_decode_attention(a, nullptr), "decode");
-                    EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
                 }
             }
+            ASSERT_EQ(by_eviction.size(), 3u);
+            EXPECT_EQ(by_eviction[1], by_eviction[0]);
+            EXPECT_EQ(by_eviction[2], by_eviction[0]);
+            a.page_eviction = 0;
             a.table_copies = 3, a.ring = 0;
             EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
             a.table_copies = 0, a.ring = 5;
             EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
+            for (int eviction : {-1, 3}) {
+                a.ring = 0, a.page_eviction = eviction;
+                EXPECT_EQ(decode_workspace_bytes(a), 0u) << "page_eviction " << eviction;
+                EXPECT_EQ(launch_decode_attention(a, nullptr), cudaErrorInvalidValue);
+            }
+            a.page_eviction = 0;
         }
     }
     EXPECT_GT(deep_rings, 0);
