@@ -15,12 +15,14 @@
 // (1 normal, 2 evict-first; DecodeArgs::page_eviction) instead of the plan's choice.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
-// reads a different region of a pool larger than the L2 cache (page tables rotate), and each
-// decode is one CUDA graph (split-K kernel + merge) timed with events; medians are reported. Each
-// timed point and encode starts after a rest: the benchmark waits until the SM clock is back at
-// the one the copy measurement ran at (rest_until_clock, up to VQ_REST_MS, default 250: after
-// sustained load the clock climbs back to its plateau in about 120 ms) and records the clock
-// before and after the timed launches.
+// reads a different region of a pool larger than the L2 cache (page tables rotate: each of the
+// 60 timed launches its own region, or regions larger than the L2 where the pool holds fewer),
+// so that no decode finds its pages in the L2, as none does in a model; and each decode is one
+// CUDA graph (split-K kernel + merge) timed with events; medians are reported. Each timed point
+// and encode starts after a rest: the benchmark waits until the SM clock is back at the one the
+// copy measurement ran at (rest_until_clock, up to VQ_REST_MS, default 250: after sustained load
+// the clock climbs back to its plateau in about 120 ms) and records the clock before and after
+// the timed launches.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -45,6 +47,7 @@ namespace {
 
 constexpr int kKvHeads = 8, kMaxQHeads = 8 * kKvHeads, kPage = 64;
 constexpr int kMaxBatch = 32, kMaxTokens = 131072;
+constexpr int kTimedLaunches = 60;  // a point's median is over these
 
 struct Method {
     const char* name;
@@ -138,9 +141,8 @@ int run(const char* out_path, const std::string& only) {
     check_cuda(cudaMalloc(&queries, size_t(kMaxBatch) * kMaxQHeads * 128 * sizeof(float)),
                "malloc");
     check_cuda(cudaMalloc(&out, size_t(kMaxBatch) * kMaxQHeads * 128 * sizeof(float)), "malloc");
-    int32_t* tables = nullptr;
-    const int max_rotations = 8;
-    check_cuda(cudaMalloc(&tables, size_t(max_rotations) * pool_pages * sizeof(int32_t)), "malloc");
+    int32_t* tables = nullptr;  // the rotations' page tables, at most one entry per pool page
+    check_cuda(cudaMalloc(&tables, size_t(pool_pages) * sizeof(int32_t)), "malloc");
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
     cudaStream_t stream;
@@ -206,7 +208,11 @@ int run(const char* out_path, const std::string& only) {
                     if (!selected(prefix + std::to_string(batch) + ":" + std::to_string(tokens)))
                         continue;
                     const int pages = tokens / kPage;
-                    const int rotations = std::min(max_rotations, pool_pages / (batch * pages));
+                    // A rotation for each timed launch where the pool holds that many, so that
+                    // no timed decode finds its pages in the L2 (in a model, the weights stream
+                    // through it between two decodes of a layer); else each rotation is larger
+                    // than the L2 (B = 8 and 32 at 128K: 4 and 1).
+                    const int rotations = std::min(kTimedLaunches, pool_pages / (batch * pages));
                     std::vector<int32_t> t(size_t(rotations) * batch * pages);
                     for (size_t i = 0; i < t.size(); ++i)
                         t[i] = static_cast<int32_t>(i % pool_pages);
@@ -229,10 +235,12 @@ int run(const char* out_path, const std::string& only) {
                         workspace_bytes = need;
                     }
                     a.workspace = workspace;
-                    // The decodes of rotations r .. r + chain - 1, on stream s
+                    // The decodes of rotations r chain .. r chain + chain - 1 (modulo their
+                    // count: the next chain reads other pages), on stream s
                     auto launch_chain = [&](int r, cudaStream_t s) {
                         for (int j = 0; j < chain; ++j) {
-                            a.page_table = tables + size_t((r + j) % rotations) * batch * pages;
+                            a.page_table =
+                                tables + size_t((r * chain + j) % rotations) * batch * pages;
                             check_cuda(launch_decode_attention(a, s), "decode");
                         }
                     };
@@ -260,7 +268,7 @@ int run(const char* out_path, const std::string& only) {
                                                     [](float x) { return std::isfinite(x); });
                     double rest_ms = 0.0, start_mhz = 0.0;
                     rest(rest_ms, start_mhz);
-                    auto ms = time_ms(60, [&](int r) {
+                    auto ms = time_ms(kTimedLaunches, [&](int r) {
                         if (use_graphs)
                             check_cuda(cudaGraphLaunch(graphs[r % rotations], nullptr), "launch");
                         else
