@@ -193,7 +193,7 @@ __device__ __forceinline__ void cp_async_hinted_at(uint32_t s, const void* gmem,
 #endif
 }
 
-/// The same to a shared-memory pointer.
+/// cp_async_at to a shared-memory pointer.
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
     static_assert(BYTES == 4 || BYTES == 16, "4- or 16-byte copies");
