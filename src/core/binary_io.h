@@ -69,7 +69,7 @@ public:
         if (n > max_elems || n * sizeof(T) > remaining())
             throw std::runtime_error("corrupted cache file: bad array length");
         std::vector<T> v(n);
-        bytes(v.data(), n * sizeof(T));
+        if (n > 0) bytes(v.data(), n * sizeof(T));  // (an empty vector's data() may be null)
         return v;
     }
     std::size_t remaining() const { return static_cast<std::size_t>(end_ - p_); }
