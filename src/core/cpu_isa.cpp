@@ -4,6 +4,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
+#ifdef VQ_X86_KERNELS
+#include <cpuid.h>
+#endif
 
 namespace veloxquant {
 namespace {
@@ -66,7 +69,13 @@ const char* cpu_isa_name() {
 
 bool cpu_has_f16c() {
 #ifdef VQ_X86_KERNELS
-    static const bool yes = __builtin_cpu_supports("f16c");
+    // CPUID.1:ECX.F16C, where the OS saves AVX state (F16C is VEX-encoded). Not
+    // __builtin_cpu_supports("f16c"), which clang 14 does not know.
+    static const bool yes = [] {
+        unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+        return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0 &&
+               __builtin_cpu_supports("avx");
+    }();
     return yes;
 #else
     return false;

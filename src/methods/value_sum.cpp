@@ -19,8 +19,38 @@ struct Lanes {
     typedef uint32_t U __attribute__((vector_size(4 * L)));
 };
 
-// The centroids as one or two vectors for __builtin_shuffle, which reads an index modulo its
-// table's size (L or 2L): entry e holds centroid e mod 2^Bits, so the index bits above Bits that
+// GCC's __builtin_shuffle: lane i of the result is lane index[i] mod L of a, or mod 2L of the
+// concatenation (a, b). Clang has no shuffle by a variable index vector, so there (the fuzzing
+// builds, scripts/fuzz.sh) it goes lane by lane.
+template <typename V, typename U>
+VQ_ALWAYS_INLINE V shuffle(V a, U index) {
+#ifdef __clang__
+    constexpr unsigned L = sizeof(V) / 4;
+    V r;
+    for (unsigned i = 0; i < L; ++i) r[i] = a[index[i] % L];
+    return r;
+#else
+    return __builtin_shuffle(a, index);
+#endif
+}
+
+template <typename V, typename U>
+VQ_ALWAYS_INLINE V shuffle(V a, V b, U index) {
+#ifdef __clang__
+    constexpr unsigned L = sizeof(V) / 4;
+    V r;
+    for (unsigned i = 0; i < L; ++i) {
+        const unsigned j = index[i] % (2 * L);
+        r[i] = j < L ? a[j] : b[j - L];
+    }
+    return r;
+#else
+    return __builtin_shuffle(a, b, index);
+#endif
+}
+
+// The centroids as one or two vectors for shuffle, which reads an index modulo its table's
+// size (L or 2L): entry e holds centroid e mod 2^Bits, so the index bits above Bits that
 // unpack leaves in a lane select nothing. Two vectors only for 16 centroids in 8 lanes.
 template <int L, int Bits>
 struct Table {
@@ -36,9 +66,9 @@ struct Table {
 
     VQ_ALWAYS_INLINE typename Lanes<L>::F operator[](typename Lanes<L>::U index) const {
         if constexpr (kTwo)
-            return __builtin_shuffle(lo, hi, index);
+            return shuffle(lo, hi, index);
         else
-            return __builtin_shuffle(lo, index);
+            return shuffle(lo, index);
     }
 };
 
@@ -59,7 +89,7 @@ VQ_ALWAYS_INLINE typename Lanes<L>::F unpack(const Table<L, Bits>& table, const 
         std::memcpy(w, code, 8);
         U low = U{} + w[0], high = U{} + w[1], pick;
         for (int i = 0; i < L; ++i) pick[i] = i < L / 2 ? i : L + i;
-        word = __builtin_shuffle(low, high, pick);
+        word = shuffle(low, high, pick);
     }
     return table[word >> shift];
 }
