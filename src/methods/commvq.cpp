@@ -19,7 +19,6 @@
 namespace veloxquant {
 namespace {
 
-constexpr int kMaxDim = CommVQCodec::kMaxDim, kPhaseBlock = CommVQCodec::kPhaseBlock;
 // ICM sweeps after the greedy residual search (each never increases the error).
 constexpr int kEncodeSweeps = 1;
 
