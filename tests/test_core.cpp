@@ -209,6 +209,19 @@ TEST(FastExp, MatchesStdExpOnNonPositiveInputs) {
     EXPECT_LT(worst, 1e-6);
     EXPECT_EQ(exp_nonpositive(-INFINITY), 0.0f);
     EXPECT_EQ(exp_nonpositive(0.0f), 1.0f);
+    EXPECT_EQ(exp_nonpositive(NAN), 0.0f);  // clamped, never converted to an integer
+}
+
+// Scores that overflowed (inf - inf, NaN) get weight 0 instead of poisoning the block.
+TEST(FastExp, SoftmaxBlockGivesNaNLogitsWeightZero) {
+    const float logits[4] = {1.0f, NAN, 2.0f, -INFINITY};
+    float m = -INFINITY, l = 0.0f, weights[4];
+    online_softmax_block(logits, 4, m, l, weights);
+    EXPECT_EQ(m, 2.0f);
+    EXPECT_EQ(weights[1], 0.0f);
+    EXPECT_EQ(weights[3], 0.0f);
+    EXPECT_NEAR(weights[0], std::exp(-1.0f), 1e-6f);
+    EXPECT_NEAR(l, 1.0f + std::exp(-1.0f), 1e-6f);
 }
 
 // The CUDA encoders divide a rotated vector by its norm through one reciprocal; the quotients

@@ -31,9 +31,9 @@ inline float exp_from_minus88(float x) {
     return p * scale;
 }
 
-/// exp(x) for x <= 0 (-inf included) through exp_from_minus88, x clamped at -88.
+/// exp(x) for x <= 0 (-inf included) through exp_from_minus88, x clamped at -88 (a NaN too).
 inline float exp_nonpositive(float x) {
-    return exp_from_minus88(x < -88.0f ? -88.0f : x);
+    return exp_from_minus88(x > -88.0f ? x : -88.0f);
 }
 
 /// Folds a block of logits into (m, l) and returns the factor by which the old accumulator must
@@ -58,10 +58,12 @@ VQ_ALWAYS_INLINE float online_softmax_block(const float* logits, int n, float& m
     // Clamped in a loop of its own: with the clamp inside, GCC turns it into a branch (the
     // clamped path folds to a constant), and the exp loop no longer vectorizes. m is read into
     // a local, as through the reference it could alias weights.
+    // The clamp also takes a NaN (scores overflowed by extreme but finite codec parameters, or
+    // inf - inf) to -88, weight 0: exp_from_minus88 must not convert a NaN to an integer.
     const float max = m;
     for (int t = 0; t < n; ++t) {
         const float x = logits[t] - max;
-        weights[t] = x < -88.0f ? -88.0f : x;
+        weights[t] = x > -88.0f ? x : -88.0f;
     }
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
