@@ -1,9 +1,12 @@
 // Bad input gets a specific error and leaves the cache exactly as it was.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <vector>
 
@@ -91,6 +94,12 @@ TEST(ConfigErrors, UnknownMethodAndImpossibleSettings) {
     c = config_of("turboquant_rvq");
     c.num_residuals = 0;
     throws(c, "num_residuals");
+    c = config_of("rabitq");
+    c.ivf_centroids = FloatArray{{0.5f, NAN}, {1, 1, 1, 2}};
+    throws(c, "ivf_centroids holds a NaN");
+    c = config_of("commvq");
+    c.rope_inv_freq = {1.0, INFINITY};
+    throws(c, "rope_inv_freq holds a NaN or infinity (at 1)");
     // Head dims a method cannot take.
     try {
         KVCacheFactory::create(config_of("polarquant"), 2, 72);
@@ -299,26 +308,91 @@ INSTANTIATE_TEST_SUITE_P(AllMethods, ErrorTest,
                                            "ratequant", "fp16"),
                          [](const auto& info) { return info.param; });
 
+namespace {
+
+// A saved file with `patch` applied to its payload and the CRC recomputed.
+void forge(const std::string& path, const std::function<void(std::string&)>& patch) {
+    std::string file = read_file(path);
+    patch(file);
+    const uint32_t crc = crc32(file.data() + 28, file.size() - 28);
+    std::memcpy(&file[24], &crc, 4);
+    write_file_atomic(path, file);
+}
+
+std::string load_error(const std::string& path) {
+    try {
+        KVCache::load(path);
+    } catch (const std::runtime_error& e) {
+        return e.what();
+    }
+    return "";
+}
+
+// Where a one-page file's page starts: the file ends with the page size (u64), the page count
+// (int32, 1), the page's held flag (1) and the page.
+std::size_t only_page_at(const std::string& file) {
+    for (std::size_t bytes = 64; bytes + 13 < file.size(); bytes += 64) {
+        const std::size_t at = file.size() - bytes;
+        uint64_t stored = 0;
+        int32_t slots = 0;
+        std::memcpy(&stored, &file[at - 13], 8);
+        std::memcpy(&slots, &file[at - 5], 4);
+        if (stored == bytes && slots == 1 && file[at - 1] == 1) return at;
+    }
+    ADD_FAILURE() << "no page found";
+    return 0;
+}
+
+}  // namespace
+
+// Page contents encode() cannot produce are refused at load (scripts/fuzz.sh found each): an
+// infinite fp16 coordinate, an IVF cluster id past the centroids, a NaN per-token scalar.
+TEST(Persistence, ForgedPageContentsAreRejected) {
+    const int d = 64, n = 5;
+    auto k = randn(static_cast<std::size_t>(n) * d, 1), v = randn(k.size(), 2);
+    // Token 0's key is (pi, 0, ..., 0): polarquant stores its norm, pi, as the token's scalar.
+    std::fill(k.begin(), k.begin() + d, 0.0f);
+    k[0] = 3.14159274f;
+    const std::string path = vqtest::unique_temp_path("forged_page.bin");
+    for (const std::string method : {"fp16", "rabitq", "polarquant"}) {
+        auto cache = KVCacheFactory::create(config_of(method), 1, d, 64);
+        cache->append(k.data(), v.data(), n);
+        cache->save(path);
+        forge(path, [&](std::string& file) {
+            const std::size_t page = only_page_at(file);
+            if (method == "fp16") {  // token 0's first coordinate: +infinity
+                file[page] = 0x00, file[page + 1] = 0x7C;
+            } else if (method == "rabitq") {  // token 0's cluster id: 255 of 4
+                file[page] = static_cast<char>(0xFF);
+            } else {  // the scalar pi: NaN
+                const float pi = 3.14159274f, nan = NAN;
+                const auto at = file.find(std::string(reinterpret_cast<const char*>(&pi), 4), page);
+                ASSERT_NE(at, std::string::npos);
+                std::memcpy(&file[at], &nan, 4);
+            }
+        });
+        const std::string error = load_error(path);
+        const char* expected = method == "fp16"     ? "corrupted fp16 keys"
+                               : method == "rabitq" ? "cluster id 255 out of range"
+                                                    : "non-finite key scalar";
+        EXPECT_NE(error.find(expected), std::string::npos) << method << ": " << error;
+    }
+    std::remove(path.c_str());
+}
+
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {
     auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
     auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);
     cache->append(k.data(), v.data(), 10);
     const std::string path = vqtest::unique_temp_path("forged.bin");
     cache->save(path);
-    std::string file = read_file(path);
     // Header: magic(8) version(4) kind(4) length(8) crc(4) = 28 bytes; the payload starts with
     // the method string (u64 length, bytes) followed by bits (int32).
-    const std::size_t bits_at = 28 + 8 + std::string("turboquant_rvq").size();
-    int32_t bits = 42;
-    std::memcpy(&file[bits_at], &bits, 4);
-    const uint32_t crc = crc32(file.data() + 28, file.size() - 28);
-    std::memcpy(&file[24], &crc, 4);
-    write_file_atomic(path, file);
-    try {
-        KVCache::load(path);
-        ADD_FAILURE();
-    } catch (const std::runtime_error& e) {
-        EXPECT_NE(std::string(e.what()).find("bits"), std::string::npos) << e.what();
-    }
+    forge(path, [](std::string& file) {
+        const std::size_t bits_at = 28 + 8 + std::string("turboquant_rvq").size();
+        const int32_t bits = 42;
+        std::memcpy(&file[bits_at], &bits, 4);
+    });
+    EXPECT_NE(load_error(path).find("bits"), std::string::npos) << load_error(path);
     std::remove(path.c_str());
 }

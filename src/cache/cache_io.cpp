@@ -2,6 +2,8 @@
 // payload (config, shape, codec state, pages, outlier store). Written atomically.
 #include "cache/cache_io.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -10,6 +12,7 @@
 #include "cache/paged_store.h"
 #include "core/binary_io.h"
 #include "methods/key_codec.h"
+#include "methods/value_codec.h"
 #include "veloxquant/caches.h"
 #include "veloxquant/factory.h"
 #include "veloxquant/observer.h"
@@ -96,9 +99,22 @@ KVCacheConfig read_config(BinaryReader& in) {
     if (in.get<uint8_t>()) {
         const double z = in.get<double>();
         const int64_t min_count = in.get<int64_t>();
-        c.outlier_observer = std::make_shared<KeyNormObserver>(z, min_count);
+        try {
+            c.outlier_observer = std::make_shared<KeyNormObserver>(z, min_count);
+        } catch (const std::invalid_argument& e) {
+            throw std::runtime_error(std::string("corrupted cache file: ") + e.what());
+        }
     }
     return c;
+}
+
+// Per-token scalars of a page: `rows` rows of P floats, the first n in use.
+void check_scalars(const float* scalars, int rows, int P, int n, const char* what) {
+    for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < n; ++t)
+            if (!std::isfinite(scalars[static_cast<std::size_t>(r) * P + t]))
+                throw std::runtime_error(std::string("corrupted cache file: a non-finite ") + what +
+                                         " scalar");
 }
 
 std::string frame(CacheKind kind, const std::string& payload) {
@@ -166,9 +182,15 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
         throw std::runtime_error("corrupted cache file: bad token count");
     for (auto& kc : cache->key_codecs_) kc->load_state(in);
     if (config.outlier_observer) {
-        for (int h = 0; h < num_heads; ++h)
-            config.outlier_observer->set_stats(layer, h, in.get<KeyNormObserver::Stats>());
-        cache->outliers_->read(in);
+        for (int h = 0; h < num_heads; ++h) {
+            const auto s = in.get<KeyNormObserver::Stats>();
+            if (s.count < 0 || !std::isfinite(s.mean_log) || !(s.m2_log >= 0.0) ||
+                !std::isfinite(s.m2_log) || !(s.min_norm >= 0.0) || !(s.max_norm >= s.min_norm) ||
+                !std::isfinite(s.max_norm))
+                throw std::runtime_error("corrupted cache file: bad key-norm statistics");
+            config.outlier_observer->set_stats(layer, h, s);
+        }
+        cache->outliers_->read(in, size);
     }
     const auto page_bytes = in.get<uint64_t>();
     if (page_bytes != cache->store_->layout().page_bytes)
@@ -186,6 +208,19 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
     }
     if (slots > 0 && !cache->store_->held(slots - 1))
         cache->store_->allocate_page(slots - 1);  // the newest page is always held
+    // Content that encode() cannot produce is refused here, so that attend and dequantize
+    // never meet it: non-finite per-token scalars, fp16 infinities, out-of-range indices.
+    for (int p = 0; p < slots; ++p) {
+        if (!cache->store_->held(p)) continue;
+        const int n = std::min(P, size - p * P);
+        for (int h = 0; h < num_heads; ++h) {
+            const HeadLayout& head = cache->store_->layout().heads[h];
+            check_scalars(cache->store_->key_scalars(p, h), head.key_scalars, P, n, "key");
+            check_scalars(cache->store_->value_scalars(p, h), head.value_scalars, P, n, "value");
+            cache->key_codecs_[h]->check_codes(cache->store_->key_codes(p, h), n);
+            cache->value_codecs_[h]->check_codes(cache->store_->value_codes(p, h), n);
+        }
+    }
     cache->size_ = size;
     return cache;
 }

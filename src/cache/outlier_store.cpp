@@ -124,16 +124,24 @@ void OutlierStore::write(BinaryWriter& out) const {
     }
 }
 
-void OutlierStore::read(BinaryReader& in) {
-    const std::size_t rb = 2 * vector_bytes();
+void OutlierStore::read(BinaryReader& in, int n_tokens) {
+    const std::size_t vb = vector_bytes(), rb = 2 * vb;
     for (int h = 0; h < num_heads_; ++h) {
         auto pos = in.vec<int32_t>(1u << 30);
         auto rec = in.vec<uint8_t>(std::size_t{1} << 40);
         if (rec.size() != pos.size() * rb)
             throw std::runtime_error("corrupted cache file: outlier store sizes disagree");
         for (std::size_t i = 0; i < pos.size(); ++i)
-            if (pos[i] < 0 || (i > 0 && pos[i] <= pos[i - 1]))
-                throw std::runtime_error("corrupted cache file: outlier positions not increasing");
+            if (pos[i] < 0 || pos[i] >= n_tokens || (i > 0 && pos[i] <= pos[i - 1]))
+                throw std::runtime_error(
+                    "corrupted cache file: outlier positions not increasing within the tokens");
+        for (std::size_t v = 0; v < 2 * pos.size(); ++v) {
+            const uint8_t* x = rec.data() + v * vb;
+            float scale = 0.0f;
+            if (bits_ == 8) std::memcpy(&scale, x + dim_, sizeof scale);
+            if (bits_ == 16 ? !halves_finite(x, dim_) : !std::isfinite(scale))
+                throw std::runtime_error("corrupted cache file: a non-finite outlier vector");
+        }
         positions_[h] = std::move(pos);
         records_[h] = std::move(rec);
     }

@@ -39,7 +39,9 @@ public:
 
     std::size_t nbytes() const;
     void write(BinaryWriter& out) const;
-    void read(BinaryReader& in);
+    /// Reads what write() wrote; throws std::runtime_error unless every position is below
+    /// n_tokens and in increasing order per head and every stored vector is finite.
+    void read(BinaryReader& in, int n_tokens);
 
 private:
     void encode(const float* x, uint8_t* out) const;

@@ -1,6 +1,7 @@
 // IEEE binary16 and bfloat16 conversions in portable C++ (round to nearest even).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 
@@ -61,6 +62,16 @@ inline uint16_t float_to_half(float f) {
     const uint32_t rem = abs & 0x1FFFu;
     if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
     return static_cast<uint16_t>(sign | h);
+}
+
+/// Whether none of the n halves stored at `bytes` (unaligned) is an infinity or a NaN.
+inline bool halves_finite(const uint8_t* bytes, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+        uint16_t h;
+        std::memcpy(&h, bytes + 2 * i, sizeof h);
+        if ((h & 0x7C00u) == 0x7C00u) return false;
+    }
+    return true;
 }
 
 /// All 65536 half values as floats (256 KiB, built once): the fast path for bulk conversion.

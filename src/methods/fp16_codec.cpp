@@ -169,4 +169,9 @@ void FP16Codec::score_rows_at(const float* states, std::size_t state_stride, int
     score_rows({states, state_stride, rows, codes, dim(), n, scores, score_stride});
 }
 
+void FP16Codec::check_codes(const uint8_t* codes, int n) const {
+    if (!halves_finite(codes, static_cast<std::size_t>(n) * dim()))
+        throw std::runtime_error("corrupted fp16 keys: an infinity or NaN");
+}
+
 }  // namespace veloxquant

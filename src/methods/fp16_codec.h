@@ -26,6 +26,7 @@ public:
                        const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                        int pos0, float* scores, std::size_t score_stride) const override;
     std::size_t parameter_bytes() const override { return 0; }
+    void check_codes(const uint8_t* codes, int n) const override;
 };
 
 }  // namespace veloxquant

@@ -98,6 +98,10 @@ public:
     /// Learned state that is not a pure function of the config (rabitq centroids).
     virtual void save_state(BinaryWriter& /*out*/) const {}
     virtual void load_state(BinaryReader& /*in*/) {}
+    /// Throws std::runtime_error when one of n codes (code_bytes() apart), read from a file,
+    /// is one encode() cannot produce, such as an IVF cluster id past the centroids. Loading a
+    /// cache checks every stored token, so attend and dequantize never meet such a code.
+    virtual void check_codes(const uint8_t* /*codes*/, int /*n*/) const {}
 
 private:
     int dim_;

@@ -381,4 +381,10 @@ void RaBitQCodec::load_state(BinaryReader& in) {
     trained_k_ = k;
 }
 
+void RaBitQCodec::check_codes(const uint8_t* codes, int n) const {
+    if (n > 0 && trained_k_ == 0)
+        throw std::runtime_error("corrupted rabitq codes: tokens stored without IVF centroids");
+    for (int i = 0; i < n; ++i) read_cluster(codes + static_cast<std::size_t>(i) * code_bytes());
+}
+
 }  // namespace veloxquant

@@ -67,6 +67,7 @@ public:
     std::size_t parameter_bytes() const override;
     void save_state(BinaryWriter& out) const override;
     void load_state(BinaryReader& in) override;
+    void check_codes(const uint8_t* codes, int n) const override;
 
 private:
     void require_trained(const char* what) const;

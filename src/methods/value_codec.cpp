@@ -269,4 +269,9 @@ std::size_t ValueCodec::parameter_bytes() const {
            (codebook_ ? codebook_->centroids.size() * sizeof(float) : 0);
 }
 
+void ValueCodec::check_codes(const uint8_t* codes, int n) const {
+    if (bits_ == 16 && !halves_finite(codes, static_cast<std::size_t>(n) * dim_))
+        throw std::runtime_error("corrupted fp16 values: an infinity or NaN");
+}
+
 }  // namespace veloxquant

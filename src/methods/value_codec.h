@@ -37,6 +37,9 @@ public:
     void finalize(const float* acc, float* out) const;
 
     std::size_t parameter_bytes() const;
+    /// Throws std::runtime_error when one of n codes, read from a file, is one encode() cannot
+    /// produce: an infinity or NaN among fp16 values (every packed index is a centroid).
+    void check_codes(const uint8_t* codes, int n) const;
 
     const Rotation& rotation() const { return rotation_; }
     /// The Lloyd-Max codebook of the rotated coordinates (null for fp16).
