@@ -53,7 +53,6 @@ std::vector<double> to_double(const float* x, int d) {
     return std::vector<double>(x, x + d);
 }
 
-
 // Keys with the structure of real ones: a per-channel mean, a few strong directions, channel
 // scales spanning 10x, and noise.
 std::vector<float> structured_keys(int n, int d, uint64_t seed) {
@@ -436,6 +435,9 @@ TEST(CommVQCache, ConfigErrorsNameTheProblem) {
     expect_invalid(c, 1, d, 0, "rank 5");
     c = good, c.codebook.data.pop_back();
     expect_invalid(c, 1, d, 0, "shape needs");
+    // Extents whose product overflows 64 bits (a forged cache file's, found by the fuzzer).
+    c = good, c.codebook.shape = {1, 1, int64_t{1} << 40, int64_t{1} << 40, C, gd};
+    expect_invalid(c, 1, d, 0, "too large");
     expect_invalid(good, 1, d, 1, "layer 1 has no codebook");
     expect_invalid(good, 2, d, 0, "head 1 has no codebook");
     c = good, c.bits = 3;

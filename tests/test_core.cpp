@@ -17,6 +17,7 @@
 #include "core/rng.h"
 #include "core/rotation.h"
 #include "test_helpers.h"
+#include "veloxquant/config.h"
 
 using namespace veloxquant;
 
@@ -248,4 +249,17 @@ TEST(DivideByReciprocal, EqualsCorrectlyRoundedDivision) {
     }
     EXPECT_GT(checked, 3900000);
     EXPECT_EQ(differ, 0) << differ << " of " << checked << " quotients differ";
+}
+
+// Shapes read from files: the element count never overflows.
+TEST(FloatArrayShape, SizeIsMinusOneForNegativeOrOverflowingShapes) {
+    auto size = [](std::vector<int64_t> shape) {
+        return FloatArray{{}, std::move(shape)}.shape_size();
+    };
+    EXPECT_EQ(size({}), 1);
+    EXPECT_EQ(size({2, 3, 4}), 24);
+    EXPECT_EQ(size({0, int64_t{1} << 62, 5}), 0);
+    EXPECT_EQ(size({3, -1}), -1);
+    EXPECT_EQ(size({int64_t{1} << 31, int64_t{1} << 31, 8}), -1);
+    EXPECT_EQ(size({int64_t{1} << 40, int64_t{1} << 40, 256, 8}), -1);
 }

@@ -17,6 +17,10 @@ struct FloatArray {
     std::vector<float> data;
     std::vector<int64_t> shape;
     bool empty() const { return data.empty(); }
+    /// Product of the shape's extents (1 for an empty shape), or -1 where an extent is negative
+    /// or the product passes 2^62 (no array holds that many values): overflow-free, for shapes
+    /// read from files.
+    int64_t shape_size() const;
 };
 
 /// Names of every method the factory knows, in the seed's order.

@@ -9,6 +9,16 @@
 
 namespace veloxquant {
 
+int64_t FloatArray::shape_size() const {
+    constexpr int64_t kLimit = int64_t{1} << 62;
+    int64_t n = 1;
+    for (int64_t e : shape) {
+        if (e < 0 || (e > 0 && n > kLimit / e)) return -1;
+        n *= e;
+    }
+    return n;
+}
+
 const std::vector<std::string>& known_methods() {
     static const std::vector<std::string> methods = {"turboquant_rvq", "vecinfer", "ratequant",
                                                      "spectral",       "rabitq",   "qjl",
@@ -29,8 +39,8 @@ template <typename T>
 void check_finite(const std::string& field, const std::vector<T>& values) {
     for (std::size_t i = 0; i < values.size(); ++i)
         if (!std::isfinite(values[i]))
-            throw std::invalid_argument("KVCacheConfig." + field + " holds a NaN or infinity (at " +
-                                        std::to_string(i) + ")");
+            throw std::invalid_argument("KVCacheConfig." + field + " value " + std::to_string(i) +
+                                        " is not finite (NaN or infinity)");
 }
 
 }  // namespace

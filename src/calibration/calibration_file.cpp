@@ -41,12 +41,8 @@ FloatArray read_array(BinaryReader& in, const char* what) {
     FloatArray a;
     a.shape = in.vec<int64_t>(8);
     a.data = in.vec<float>(std::size_t{1} << 32);
-    int64_t n = a.shape.empty() ? 0 : 1;
-    for (int64_t s : a.shape) {
-        if (s < 0 || s > (int64_t{1} << 32))
-            bad(std::string(what) + ": negative or huge dimension");
-        n *= s;
-    }
+    const int64_t n = a.shape.empty() ? 0 : a.shape_size();
+    if (n < 0) bad(std::string(what) + ": a negative dimension or too many values");
     if (n != static_cast<int64_t>(a.data.size()))
         bad(std::string(what) + ": " + std::to_string(a.data.size()) + " values for a shape of " +
             std::to_string(n));

@@ -531,12 +531,11 @@ std::unique_ptr<CommVQCodec> make_commvq_codec(const KVCacheConfig& config, int 
             "KVCacheConfig.codebook for commvq must have shape [layers]"
             "[kv_heads][stages][groups][codewords][group_dim], got rank " +
             str(cb.shape.size()));
-    long long count = 1;
-    for (int64_t s : cb.shape) {
+    for (int64_t s : cb.shape)
         if (s < 1) throw std::invalid_argument("KVCacheConfig.codebook has an empty dimension");
-        count *= s;
-        if (count > (1LL << 40)) throw std::invalid_argument("KVCacheConfig.codebook is too large");
-    }
+    const int64_t count = cb.shape_size();
+    if (count < 0 || count > (int64_t{1} << 40))
+        throw std::invalid_argument("KVCacheConfig.codebook is too large");
     if (static_cast<std::size_t>(count) != cb.data.size())
         throw std::invalid_argument("KVCacheConfig.codebook holds " + str(cb.data.size()) +
                                     " floats but its shape needs " + str(count));

@@ -54,13 +54,11 @@ std::string shape_string(const std::vector<int64_t>& shape) {
 }
 
 void check_size(const char* field, const FloatArray& a) {
-    int64_t n = 1;
-    for (int64_t e : a.shape) {
+    for (int64_t e : a.shape)
         if (e < 1)
             throw std::invalid_argument(std::string("KVCacheConfig.") + field + " has shape " +
                                         shape_string(a.shape) + " with a non-positive extent");
-        n *= e;
-    }
+    const int64_t n = a.shape_size();
     if (static_cast<int64_t>(a.data.size()) != n)
         throw std::invalid_argument(std::string("KVCacheConfig.") + field + " holds " +
                                     std::to_string(a.data.size()) + " values but its shape " +
