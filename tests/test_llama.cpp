@@ -114,6 +114,7 @@ struct TinySpec {
     std::string omit_key;                        // leave this metadata key out
     std::map<std::string, std::string> strings;  // extra string metadata
     float linear_rope_factor = 0.0f;             // > 0: llama.rope.scaling.type "linear"
+    uint32_t block_count = 0;                    // > 0: llama.block_count says this instead
 };
 
 struct TinyWeights {
@@ -148,7 +149,8 @@ private:
         auto key = [&](const std::string& k) { return k != spec.omit_key; };
         if (key("general.architecture")) gw.add_string("general.architecture", spec.arch);
         const std::string a = spec.arch + ".";
-        if (key(a + "block_count")) gw.add_u32(a + "block_count", W::kLayers);
+        if (key(a + "block_count"))
+            gw.add_u32(a + "block_count", spec.block_count > 0 ? spec.block_count : W::kLayers);
         if (key(a + "context_length")) gw.add_u32(a + "context_length", 2048);
         if (key(a + "embedding_length")) gw.add_u32(a + "embedding_length", W::kEmbd);
         if (key(a + "feed_forward_length")) gw.add_u32(a + "feed_forward_length", W::kFF);
@@ -647,6 +649,11 @@ TEST(LlamaTiny, LoadErrorsNameTheProblem) {
     spec = TinySpec{};
     spec.rope_dim = 18;
     load_error(spec, "rope.dimension_count");
+    // A block count the file cannot hold fails before it sizes anything (the GGUF fuzzer's
+    // 2^29 blocks asked for 49 GB).
+    spec = TinySpec{};
+    spec.block_count = 1u << 29;
+    load_error(spec, "block_count 536870912 needs 4831838208 block tensors; the file holds 21");
     expect_error<std::runtime_error>([] { LlamaModel::load("/nonexistent/model.gguf"); },
                                      "/nonexistent/model.gguf");
 }

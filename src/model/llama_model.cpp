@@ -194,6 +194,12 @@ std::unique_ptr<LlamaModel> LlamaModel::load(const std::string& gguf_path) {
     m->output_ = hp.tied_embeddings ? m->tok_embd_ : ld.matrix("output.weight", E, hp.n_vocab);
     m->output_norm_ = ld.vector("output_norm.weight", E);
 
+    // Nine tensors a block: a block count the file cannot hold fails before it sizes anything.
+    if (static_cast<std::size_t>(hp.n_layer) > f.tensors().size() / 9)
+        ld.fail("block_count " + std::to_string(hp.n_layer) + " needs " +
+                std::to_string(9 * static_cast<int64_t>(hp.n_layer)) +
+                " block tensors; the file holds " + std::to_string(f.tensors().size()) +
+                " tensors");
     m->layers_.resize(hp.n_layer);
     for (int l = 0; l < hp.n_layer; ++l) {
         const std::string p = "blk." + std::to_string(l) + ".";
