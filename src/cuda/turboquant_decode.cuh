@@ -4,12 +4,13 @@
 // V_codes^T x P'^T in the value rotation's domain (mma m16n8k16, fp16; 1-bit keys, and 2-bit keys
 // of groups of up to 4 or in mixed rows, score with integer mma m16n8k32). The operands' fragment
 // layouts: decode_fragments.cuh; the scores of a page: decode_scores.cuh; its online softmax:
-// decode_softmax.cuh. Each CTA takes one KV head and a page range of one sequence and writes its
-// partial state (write_split_state); merge_kernel (turboquant_kernels.cuh) combines the splits
-// and applies the inverse value rotation once. Shared memory (decode_layout.cuh): DecodeShared,
-// lane copies of the lookup tables, then one cp.async ring of whole pages per warp, whose first
-// pages are requested before the CTA's set-up; or, at 4-bit values with 4-bit keys or two 2-bit key
-// stages and at 2-bit values with 1-bit keys, mixed rows of the value table and the page rings.
+// decode_softmax.cuh; its values: decode_values.cuh. Each CTA takes one KV head and a page range of
+// one sequence and writes its partial state (write_split_state); merge_kernel
+// (turboquant_kernels.cuh) combines the splits and applies the inverse value rotation once. Shared
+// memory (decode_layout.cuh): DecodeShared, lane copies of the lookup tables, then one cp.async
+// ring of whole pages per warp, whose first pages are requested before the CTA's set-up; or, at
+// 4-bit values with 4-bit keys or two 2-bit key stages and at 2-bit values with 1-bit keys, mixed
+// rows of the value table and the page rings.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -21,6 +22,7 @@
 #include "cuda/decode_layout.cuh"
 #include "cuda/decode_scores.cuh"
 #include "cuda/decode_softmax.cuh"
+#include "cuda/decode_values.cuh"
 #include "cuda/turboquant_kernels.cuh"
 
 namespace veloxquant::cuda::kernels {
@@ -561,7 +563,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             bp[2][0] = r4[0], bp[2][1] = r4[1], bp[3][0] = r4[2], bp[3][1] = r4[3];
         }
 
-        // O^T += V^T P'^T over the page's four 16-token blocks.
+        // O^T += V^T P'^T over the page's four 16-token blocks (decode_values.cuh).
         const uint8_t* vcodes = buf + L.value_codes_offset + g * kValueChunk;
         [[maybe_unused]] uint32_t value_regs[2][4];
         if constexpr (kValueMatrices) {
@@ -570,135 +572,15 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             ldmatrix_x4_at<true>(value_regs[1],
                                  value_rows + 2 * slot * kPageCodes + mixed_delta(512));
         }
-#pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-            const uint8_t* tok =
-                MIXED ? mixed_values + 2 * slot * kPageCodes + mixed_delta(16 * kb * kValueTok)
-                      : vcodes + (16 * kb + t) * L.value_code_bytes;
-            // This thread's chunk of token t + 4 k of the block
-            auto chunk = [&](int k) {
-                return tok + (MIXED ? mixed_delta(4 * k * kValueTok) : k * 4 * L.value_code_bytes);
-            };
-            if constexpr (VBITS == 16) {
-                uint32_t w[4][kDims / 2];
-#pragma unroll
-                for (int k = 0; k < 4; ++k) load_chunk<kValueChunk>(chunk(k), w[k]);
-#pragma unroll
-                for (int v = 0; v < kVTiles; ++v) {
-                    const uint32_t af[4] = {__byte_perm(w[0][v], w[1][v], 0x5410),
-                                            __byte_perm(w[0][v], w[1][v], 0x7632),
-                                            __byte_perm(w[2][v], w[3][v], 0x5410),
-                                            __byte_perm(w[2][v], w[3][v], 0x7632)};
-                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
-                }
-            } else if constexpr (kDimPairs) {
-                // Tokens t, t + 4 (h = 0) and t + 8, t + 12 (h = 1) of the block, a k16 step each,
-                // tile m's A rows from a token's chunk: at 2-bit values byte m, dimensions g D/8 +
-                // 4 m .. + 3 (entry .x: rows g, .y: rows g + 8; halves: columns 2h, 2h + 1; at
-                // head_dim 64 one register holds both tokens' chunks, bytes m and 2 + m); at 4-bit
-                // values bytes 2 m (rows g) and 2 m + 1 (rows g + 8), a byte's two dimensions the
-                // columns' halves.
-                using C = ValueChunk<D, VBITS>;
-                [[maybe_unused]] C c[4];
-                if constexpr (!kValueMatrices) {
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) c[k] = load_value_chunk<D, VBITS>(chunk(k));
-                }
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const uint32_t b0 = permute_bytes(bp[kb][h], 0u, pair_sel.x),
-                                   b1 = permute_bytes(bp[kb][h], 0u, pair_sel.y);
-#pragma unroll
-                    for (int m = 0; m < D / 32; ++m) {
-                        uint32_t af[4];
-                        if constexpr (VBITS == 4) {
-                            af[0] = value_pair_row<kMixedTable>(c[2 * h], 2 * m, lane4);
-                            af[1] = value_pair_row<kMixedTable>(c[2 * h], 2 * m + 1, lane4);
-                            af[2] = value_pair_row<kMixedTable>(c[2 * h + 1], 2 * m, lane4);
-                            af[3] = value_pair_row<kMixedTable>(c[2 * h + 1], 2 * m + 1, lane4);
-                        } else {
-                            uint2 e0, e1;
-                            if constexpr (kValueMatrices) {
-                                const uint32_t y = value_regs[kb >> 1][2 * (kb & 1) + h];
-                                e0 = row_lut64<kMixedTable>(y, m, lane8);
-                                e1 = row_lut64<kMixedTable>(y, 2 + m, lane8);
-                            } else {
-                                e0 = row_lut64<kMixedTable>(static_cast<uint32_t>(c[2 * h]), m,
-                                                            lane8);
-                                e1 = row_lut64<kMixedTable>(static_cast<uint32_t>(c[2 * h + 1]), m,
-                                                            lane8);
-                            }
-                            af[0] = e0.x, af[1] = e0.y, af[2] = e1.x, af[3] = e1.y;
-                        }
-                        mma_16816(o[m + D / 32 * h], af, b0, b1);
-                    }
-                }
-            } else if constexpr (kValueMatrices) {
-                // The chunks of tokens t, t + 4 (y01) and t + 8, t + 12 (y23) of the block;
-                // pair_bytes puts the entry index of tile v in byte 2 (v % 2) + v / 2.
-                const uint32_t y01 = pair_bytes(value_regs[kb >> 1][2 * (kb & 1)]);
-                const uint32_t y23 = pair_bytes(value_regs[kb >> 1][2 * (kb & 1) + 1]);
-#pragma unroll
-                for (int v = 0; v < kVTiles; ++v) {
-                    const int byte = 2 * (v & 1) + (v >> 1);
-                    const uint2 e01 = row_lut64<kMixedTable>(y01, byte, lane8);
-                    const uint2 e23 = row_lut64<kMixedTable>(y23, byte, lane8);
-                    const uint32_t af[4] = {e01.x, e01.y, e23.x, e23.y};
-                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
-                }
-            } else if constexpr (kV64) {
-                // Bytes j of x[0] / x[1]: both tokens' nibbles 2j / 2j + 1 (dims 4j, 4j + 1 / 4j +
-                // 2, 4j + 3), the entry index of tile 2j / 2j + 1 (the 4-bit pairing of
-                // merge_even).
-                const uint32_t c0 = load_value_chunk<D, VBITS>(chunk(0)),
-                               c1 = load_value_chunk<D, VBITS>(chunk(1));
-                const uint32_t c2 = load_value_chunk<D, VBITS>(chunk(2));
-                const uint32_t c3 = load_value_chunk<D, VBITS>(chunk(3));
-                const uint32_t x01[2] = {merge_even<4>(c0, c1), merge_odd<4>(c0, c1)};
-                const uint32_t x23[2] = {merge_even<4>(c2, c3), merge_odd<4>(c2, c3)};
-#pragma unroll
-                for (int v = 0; v < kVTiles; ++v) {
-                    uint2 e01, e23;
-                    if constexpr (MIXED) {
-                        e01 = row_lut64<kMixedTable>(x01[v & 1], v >> 1, lane8);
-                        e23 = row_lut64<kMixedTable>(x23[v & 1], v >> 1, lane8);
-                    } else {
-                        const uint32_t i01 = byte_of(x01[v & 1], v >> 1),
-                                       i23 = byte_of(x23[v & 1], v >> 1);
-                        e01 = *reinterpret_cast<const uint2*>(
-                            v64_lane + i01 * (kValueByteCopies * sizeof(uint2)));
-                        e23 = *reinterpret_cast<const uint2*>(
-                            v64_lane + i23 * (kValueByteCopies * sizeof(uint2)));
-                    }
-                    const uint32_t af[4] = {e01.x, e01.y, e23.x, e23.y};
-                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
-                }
-            } else {
-                using C = ValueChunk<D, VBITS>;
-                const C c0 = load_value_chunk<D, VBITS>(chunk(0)),
-                        c1 = load_value_chunk<D, VBITS>(chunk(1));
-                const C c2 = load_value_chunk<D, VBITS>(chunk(2));
-                const C c3 = load_value_chunk<D, VBITS>(chunk(3));
-                const C e01 = merge_even<VBITS>(c0, c1), o01 = merge_odd<VBITS>(c0, c1);
-                const C e23 = merge_even<VBITS>(c2, c3), o23 = merge_odd<VBITS>(c2, c3);
-#pragma unroll
-                for (int v = 0; v < kVTiles; ++v) {
-                    uint32_t af[4];
-                    if constexpr (MIXED) {
-                        af[0] = value_pair_row<kMixedTable>(e01, v, lane4);
-                        af[1] = value_pair_row<kMixedTable>(o01, v, lane4);
-                        af[2] = value_pair_row<kMixedTable>(e23, v, lane4);
-                        af[3] = value_pair_row<kMixedTable>(o23, v, lane4);
-                    } else {
-                        af[0] = value_pair<VBITS, kValueShift>(value_table, e01, v);
-                        af[1] = value_pair<VBITS, kValueShift>(value_table, o01, v);
-                        af[2] = value_pair<VBITS, kValueShift>(value_table, e23, v);
-                        af[3] = value_pair<VBITS, kValueShift>(value_table, o23, v);
-                    }
-                    mma_16816(o[v], af, bp[kb][0], bp[kb][1]);
-                }
-            }
-        }
+        page_values<D, VBITS, MIXED, kDimPairs, kValueMatrices, kV64, kMixedTable, kValueShift,
+                    kValueByteCopies>(
+            o, bp,
+            [&](int kb) {  // this thread's chunk of token t of block kb
+                return MIXED
+                           ? mixed_values + 2 * slot * kPageCodes + mixed_delta(16 * kb * kValueTok)
+                           : vcodes + (16 * kb + t) * L.value_code_bytes;
+            },
+            L.value_code_bytes, value_regs, pair_sel, v64_lane, value_table, lane4, lane8);
         __syncwarp();
         issue(i + S, halves ? 1 : 2, slot);  // into the slot just read
     };
