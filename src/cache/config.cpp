@@ -1,6 +1,5 @@
 #include "veloxquant/config.h"
 
-#include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -35,14 +34,6 @@ void check_range(const char* field, int value, int lo, int hi) {
                                     std::to_string(value));
 }
 
-template <typename T>
-void check_finite(const std::string& field, const std::vector<T>& values) {
-    for (std::size_t i = 0; i < values.size(); ++i)
-        if (!std::isfinite(values[i]))
-            throw std::invalid_argument("KVCacheConfig." + field + " value " + std::to_string(i) +
-                                        " is not finite (NaN or infinity)");
-}
-
 }  // namespace
 
 void KVCacheConfig::validate() const {
@@ -68,12 +59,6 @@ void KVCacheConfig::validate() const {
     if (num_subspaces) check_range("num_subspaces", *num_subspaces, 1, 1024);
     check_range("signal_bits", signal_bits, 0, 8);
     check_range("noise_bits", noise_bits, 0, 8);
-    check_finite("codebook", codebook.data);
-    check_finite("smooth_factors", smooth_factors.data);
-    for (std::size_t l = 0; l < rotations.size(); ++l)
-        check_finite("rotations[" + std::to_string(l) + "]", rotations[l].data);
-    check_finite("ivf_centroids", ivf_centroids.data);
-    check_finite("rope_inv_freq", rope_inv_freq);
     for (const auto& [key, b] : bit_allocation) {
         // "L" or "L.H" with non-negative integers.
         const auto dot = key.find('.');
