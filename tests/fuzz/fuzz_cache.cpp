@@ -21,7 +21,7 @@ constexpr std::size_t kLengthAt = 16, kCrcAt = 24, kPayloadAt = 28;
 constexpr std::size_t kMaxFloats = std::size_t{1} << 20;
 
 [[noreturn]] void finding(const char* what) {
-    std::fprintf(stderr, "fuzz_cache_file: %s\n", what);
+    std::fprintf(stderr, "fuzz_cache: %s\n", what);
     std::abort();
 }
 

@@ -1,5 +1,6 @@
 // Writes the fuzz targets' seed inputs: small valid files of every kind the loaders read.
-//   make_fuzz_seeds DIR   ->  DIR/cache/*.bin, DIR/calibration/*.bin, DIR/gguf/*.gguf
+//   make_fuzz_seeds DIR   ->  DIR/cache/*.bin, DIR/calibration/*.bin, DIR/gguf/*.gguf,
+//                             DIR/tokenizer/*.txt
 // ctest writes them into the build tree before it replays them (tests/fuzz/CMakeLists.txt).
 #include <cmath>
 #include <cstdio>
@@ -8,8 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "byte_vocab.h"
 #include "calibration/activations.h"
 #include "calibration/calibrate.h"
+#include "core/binary_io.h"
 #include "core/half.h"
 #include "model/gguf_writer.h"
 #include "veloxquant/calibration.h"
@@ -99,7 +102,7 @@ Calibration calibration(const Activations& acts) {
 // A llama of 1 layer, n_embd 32, 2 heads of 16, 1 KV head, ffn 48, a vocabulary of the 256
 // byte tokens, a merge and a control token; F32 and F16 tensors.
 void write_gguf_seed(const fs::path& path) {
-    constexpr int kEmbd = 32, kFF = 48, kVocab = 258;
+    constexpr int kEmbd = 32, kFF = 48;
     GGUFWriter w;
     w.add_string("general.architecture", "llama");
     w.add_string("general.name", "fuzz seed");
@@ -111,32 +114,15 @@ void write_gguf_seed(const fs::path& path) {
     w.add_u32("llama.attention.head_count_kv", 1);
     w.add_f32("llama.rope.freq_base", 10000.0f);
     w.add_f32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
-    // GPT-2 byte-level symbols: printable Latin-1 bytes map to themselves, others to U+0100 on.
-    std::vector<std::string> tokens;
-    int shifted = 0;
-    for (int b = 0; b < 256; ++b) {
-        const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
-        const int cp = printable ? b : 0x100 + shifted++;
-        std::string s;
-        if (cp < 0x80) {
-            s += static_cast<char>(cp);
-        } else {
-            s += static_cast<char>(0xC0 | (cp >> 6));
-            s += static_cast<char>(0x80 | (cp & 0x3F));
-        }
-        tokens.push_back(s);
-    }
-    tokens.push_back("he");
-    tokens.push_back("<|im_start|>");
-    std::vector<int32_t> types(kVocab, 1);
-    types[kVocab - 1] = 3;  // control
+    const BPETokenizer::Vocab vocab = vqfuzz::byte_vocab();
+    const int kVocab = static_cast<int>(vocab.tokens.size());
     w.add_string("tokenizer.ggml.model", "gpt2");
-    w.add_string("tokenizer.ggml.pre", "smollm");
-    w.add_string_array("tokenizer.ggml.tokens", tokens);
-    w.add_i32_array("tokenizer.ggml.token_type", types);
-    w.add_string_array("tokenizer.ggml.merges", {"h e"});
-    w.add_u32("tokenizer.ggml.bos_token_id", kVocab - 1);
-    w.add_u32("tokenizer.ggml.eos_token_id", kVocab - 1);
+    w.add_string("tokenizer.ggml.pre", vocab.pre);
+    w.add_string_array("tokenizer.ggml.tokens", vocab.tokens);
+    w.add_i32_array("tokenizer.ggml.token_type", vocab.token_types);
+    w.add_string_array("tokenizer.ggml.merges", vocab.merges);
+    w.add_u32("tokenizer.ggml.bos_token_id", vocab.bos_id);
+    w.add_u32("tokenizer.ggml.eos_token_id", vocab.eos_id);
     uint32_t seed = 1;
     auto f32 = [&](const std::string& name, int rows, int cols, float scale, float mean) {
         std::vector<float> x = gaussian(static_cast<std::size_t>(rows) * cols, seed++, scale);
@@ -165,6 +151,18 @@ void write_gguf_seed(const fs::path& path) {
     w.write(path.string());
 }
 
+// Texts for the tokenizer: prose, digits, a control token's text, multi-byte and invalid UTF-8.
+void write_text_seeds(const fs::path& dir) {
+    const std::vector<std::string> texts = {
+        "The capital of France is Paris. It's 2026, and we've 12,345 tokens!",
+        "<|im_start|>user\nhello there<|im_end|>\n", "  leading   spaces\n\n\ttabs and trailing  ",
+        "na\xc3\xafve caf\xc3\xa9 \xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e \xf0\x9f\x98\x80 "
+        "\xd9\xa3\xd9\xa4",
+        "broken \xff\xfe\xc3 utf-8 \xe6\x97 here\x80"};
+    for (std::size_t i = 0; i < texts.size(); ++i)
+        write_file_atomic((dir / ("text" + std::to_string(i) + ".txt")).string(), texts[i]);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -173,11 +171,13 @@ int main(int argc, char** argv) {
         return 2;
     }
     const fs::path root(argv[1]);
-    for (const char* sub : {"cache", "calibration", "gguf"}) fs::create_directories(root / sub);
+    for (const char* sub : {"cache", "calibration", "gguf", "tokenizer"})
+        fs::create_directories(root / sub);
     const Calibration cal = calibration(activations());
     cal.save((root / "calibration" / "all_sections.bin").string());
     write_cache_seeds(root / "cache", cal);
     write_gguf_seed(root / "gguf" / "tiny_llama.gguf");
+    write_text_seeds(root / "tokenizer");
     std::printf("seeds written under %s\n", root.c_str());
     return 0;
 }
