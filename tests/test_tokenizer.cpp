@@ -11,6 +11,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "byte_symbols.h"
 #include "model/gguf.h"
 #include "model/tokenizer.h"
 
@@ -48,21 +49,7 @@ BPETokenizer::Vocab make_vocab(const std::vector<std::string>& tokens,
 BPETokenizer::Vocab byte_vocab(const std::vector<std::string>& extra,
                                const std::vector<std::string>& merges,
                                const std::vector<std::string>& specials = {}) {
-    std::vector<std::string> tokens;
-    uint32_t next = 0x100;
-    for (uint32_t b = 0; b < 256; ++b) {
-        const bool printable =
-            (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-        const uint32_t cp = printable ? b : next++;
-        std::string s;
-        if (cp < 0x80) {
-            s += static_cast<char>(cp);
-        } else {
-            s += static_cast<char>(0xC0 | (cp >> 6));
-            s += static_cast<char>(0x80 | (cp & 0x3F));
-        }
-        tokens.push_back(s);
-    }
+    std::vector<std::string> tokens = vqtest::gpt2_byte_symbols();
     tokens.insert(tokens.end(), extra.begin(), extra.end());
     return make_vocab(tokens, merges, specials);
 }

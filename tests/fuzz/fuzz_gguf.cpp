@@ -22,42 +22,29 @@ using namespace veloxquant;
 // Models wider than this (n_embd, n_ff or n_vocab) are loaded but not run.
 constexpr int kMaxWidth = 4096;
 
+// Every metadata value read as its type (an array as its element type). Only integer getters
+// may throw here: a u64 above INT64_MAX, as documented.
 void read_metadata(const GGUFFile& file) {
     for (const std::string& key : file.keys()) {
-        switch (file.value_type(key)) {
+        const bool array = file.value_type(key) == GGUFValueType::ARRAY;
+        switch (array ? file.array_type(key) : file.value_type(key)) {
             case GGUFValueType::STRING:
-                file.get_string(key);
+                array ? (void)file.get_string_array(key) : (void)file.get_string(key);
                 break;
             case GGUFValueType::F32:
             case GGUFValueType::F64:
-                file.get_float(key);
+                array ? (void)file.get_float_array(key) : (void)file.get_float(key);
                 break;
             case GGUFValueType::BOOL:
-                file.get_bool(key, false);
+                if (!array) file.get_bool(key, false);  // (no getter for arrays of bools)
                 break;
-            case GGUFValueType::ARRAY:
-                switch (file.array_type(key)) {
-                    case GGUFValueType::STRING:
-                        file.get_string_array(key);
-                        break;
-                    case GGUFValueType::F32:
-                    case GGUFValueType::F64:
-                        file.get_float_array(key);
-                        break;
-                    case GGUFValueType::BOOL:
-                    case GGUFValueType::ARRAY:
-                        break;
-                    default:
-                        try {
-                            file.get_int_array(key);
-                        } catch (const std::runtime_error&) {  // a u64 above INT64_MAX
-                        }
-                }
+            case GGUFValueType::ARRAY:  // arrays of arrays: no getter
                 break;
             default:
                 try {
-                    file.get_int(key);
-                } catch (const std::runtime_error&) {  // a u64 above INT64_MAX
+                    array ? (void)file.get_int_array(key) : (void)file.get_int(key);
+                } catch (const std::runtime_error& e) {
+                    vqfuzz::rejected(e);
                 }
         }
     }
