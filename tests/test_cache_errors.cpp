@@ -166,6 +166,18 @@ TEST_P(ErrorTest, BadAppendsAndAttendsLeaveCacheUnchanged) {
     EXPECT_EQ(cache->size(), 100);
 }
 
+// An empty cache attends to nothing: zeros, for every method. (rabitq, untrained until its first
+// append, threw std::logic_error inside the OpenMP region, which ended the process; an operation
+// fuzzer found it.)
+TEST_P(ErrorTest, AttendOnAnEmptyCacheGivesZeros) {
+    const int h = 2, d = 64;
+    auto cache = KVCacheFactory::create(config_of(GetParam()), h, d, 100);
+    const auto q = randn(static_cast<std::size_t>(2 * h) * 3 * d, 1);
+    std::vector<float> out(q.size(), 7.0f);
+    cache->attend(q.data(), 2 * h, 3, out.data(), 0.125f, false);
+    for (float x : out) ASSERT_EQ(x, 0.0f);
+}
+
 // Finite but extreme tokens are not bad input: a zero token, one whose coordinates are all
 // subnormal (its norm's float reciprocal overflows) and a large one (within fp16's range, which
 // the fp16 storage has) encode to finite codes, so neither the dequantized tokens nor any later

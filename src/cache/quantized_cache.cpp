@@ -166,6 +166,10 @@ void QuantizedKVCache::attend_window(const float* queries, int num_q_heads, int 
                                     " queries needs at least that many cached tokens (have " +
                                     std::to_string(size_) + ")");
     if (!std::isfinite(scale)) throw std::invalid_argument("attend: scale must be finite");
+    if (size_ == 0) {  // nothing to attend to (and an untrained rabitq codec cannot score)
+        std::fill(out, out + static_cast<std::size_t>(num_q_heads) * n_queries * head_dim_, 0.0f);
+        return;
+    }
     PagedAttentionArgs a;
     a.store = store_.get();
     a.key_codecs = &key_codecs_;
