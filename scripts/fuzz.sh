@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fuzzes the file loaders (cache, calibration and GGUF files) and the tokenizer with libFuzzer
-# under AddressSanitizer and UndefinedBehaviorSanitizer, in build-fuzz/ (clang; Debian: clang,
-# libclang-rt-14-dev, libomp-14-dev).
-#   bash scripts/fuzz.sh [SECONDS_PER_TARGET=300] [cache|calibration|gguf|tokenizer ...]
+# Fuzzes the file loaders (cache, calibration and GGUF files), the tokenizer and sequences of
+# cache calls with libFuzzer under AddressSanitizer and UndefinedBehaviorSanitizer, in build-fuzz/
+# (clang; Debian: clang, libclang-rt-14-dev, libomp-14-dev).
+#   bash scripts/fuzz.sh [SECONDS_PER_TARGET=300] [cache|calibration|gguf|tokenizer|cache_ops ...]
 # Each target starts from the seeds make_fuzz_seeds writes and keeps its corpus in
 # build-fuzz/corpus/KIND between runs; a finding is written to build-fuzz/findings/KIND/ and
 # fails the run (an input slower than 30 s is reported and skipped: forged shapes can make a
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-300}
 shift || true
 kinds=("$@")
-[ ${#kinds[@]} -gt 0 ] || kinds=(cache calibration gguf tokenizer)
+[ ${#kinds[@]} -gt 0 ] || kinds=(cache calibration gguf tokenizer cache_ops)
 flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DVQ_CUDA=OFF -DVQ_BUILD_BENCH=OFF -DVQ_BUILD_TOOLS=OFF -DVQ_FUZZ=ON \

@@ -11,7 +11,7 @@ flags="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-fr
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVQ_CUDA=OFF \
   -DVQ_BUILD_BENCH=OFF -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$flags" >/dev/null
 cmake --build build-asan --parallel "$(nproc)" --target veloxquant_tests make_fuzz_seeds \
-  fuzz_cache fuzz_calibration fuzz_gguf fuzz_tokenizer
+  fuzz_cache fuzz_calibration fuzz_gguf fuzz_tokenizer fuzz_cache_ops
 export ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1
 build-asan/tests/veloxquant_tests --gtest_brief=1 --gtest_filter="${1:-*}"
 ctest --test-dir build-asan -R '^fuzz_' --output-on-failure

@@ -1,6 +1,6 @@
 // Writes the fuzz targets' seed inputs: small valid files of every kind the loaders read.
 //   make_fuzz_seeds DIR   ->  DIR/cache/*.bin, DIR/calibration/*.bin, DIR/gguf/*.gguf,
-//                             DIR/tokenizer/*.txt
+//                             DIR/tokenizer/*.txt, DIR/cache_ops/*.bin
 // ctest writes them into the build tree before it replays them (tests/fuzz/CMakeLists.txt).
 #include <cmath>
 #include <cstdio>
@@ -163,6 +163,23 @@ void write_text_seeds(const fs::path& dir) {
         write_file_atomic((dir / ("text" + std::to_string(i) + ".txt")).string(), texts[i]);
 }
 
+// Call sequences for fuzz_cache_ops (its byte format is in that file): each uncalibrated method,
+// with the outlier store at odd indices, then one behind a sliding window of 20 (2 sinks).
+void write_ops_seeds(const fs::path& dir) {
+    const std::vector<uint8_t> calls = {0, 40, 0, 2, 1,  0, 3, 5, 20, 4, 1, 10,
+                                        0, 65, 1, 0, 50, 0, 2, 3, 1,  4, 5, 0};
+    for (uint8_t m = 0; m < 6; ++m) {
+        std::vector<uint8_t> seed = {m, static_cast<uint8_t>(m % 2), 1, 99};
+        seed.insert(seed.end(), calls.begin(), calls.end());
+        write_file_atomic((dir / ("method" + std::to_string(m) + ".bin")).string(),
+                          std::string(seed.begin(), seed.end()));
+    }
+    std::vector<uint8_t> windowed = {2, 0x80, 0, 99, 12, 2};
+    windowed.insert(windowed.end(), calls.begin(), calls.end());
+    write_file_atomic((dir / "sliding_window.bin").string(),
+                      std::string(windowed.begin(), windowed.end()));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -171,13 +188,14 @@ int main(int argc, char** argv) {
         return 2;
     }
     const fs::path root(argv[1]);
-    for (const char* sub : {"cache", "calibration", "gguf", "tokenizer"})
+    for (const char* sub : {"cache", "calibration", "gguf", "tokenizer", "cache_ops"})
         fs::create_directories(root / sub);
     const Calibration cal = calibration(activations());
     cal.save((root / "calibration" / "all_sections.bin").string());
     write_cache_seeds(root / "cache", cal);
     write_gguf_seed(root / "gguf" / "tiny_llama.gguf");
     write_text_seeds(root / "tokenizer");
+    write_ops_seeds(root / "cache_ops");
     std::printf("seeds written under %s\n", root.c_str());
     return 0;
 }

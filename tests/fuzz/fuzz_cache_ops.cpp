@@ -1,0 +1,134 @@
+// Fuzz target: sequences of calls on a cache, the sequence and the cache read from the input:
+// a method without calibration, the outlier store or not, a sliding window or not, 1 or 2 heads,
+// a capacity of 1..200; then up to 24 calls of append (some with a NaN, an infinity or a huge
+// coordinate), trim, attend, dequantize, save and load back, reset. The contract (veloxquant/
+// cache.h): a call either succeeds as documented or throws std::invalid_argument,
+// std::length_error or std::out_of_range and leaves the cache exactly as it was; attend changes
+// nothing; a saved cache loads back the same tokens. Anything else is a finding.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "fuzz_input.h"
+#include "veloxquant/veloxquant.h"
+
+namespace {
+
+using namespace veloxquant;
+
+constexpr int kDim = 64, kMaxCalls = 24;
+
+struct Input {
+    const uint8_t* p;
+    std::size_t n;
+    uint8_t next() {
+        if (n == 0) return 0;
+        --n;
+        return *p++;
+    }
+};
+
+[[noreturn]] void finding(const char* what) {
+    std::fprintf(stderr, "fuzz_cache_ops: %s\n", what);
+    std::abort();
+}
+
+// Tokens [from, size) dequantized, then the size: what a refused call must leave as it was.
+std::vector<float> contents(const KVCache& cache, int from) {
+    const std::size_t n =
+        static_cast<std::size_t>(cache.num_heads()) * (cache.size() - from) * cache.head_dim();
+    std::vector<float> kv(2 * n + 1);
+    if (n > 0) cache.dequantize(from, cache.size() - from, kv.data(), kv.data() + n);
+    kv[2 * n] = static_cast<float>(cache.size());
+    return kv;
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+std::unique_ptr<KVCache> make_cache(Input& in, int& window) {
+    static const char* const kMethods[] = {"turboquant_rvq", "qjl",       "polarquant",
+                                           "rabitq",         "ratequant", "fp16"};
+    KVCacheConfig config;
+    config.method = kMethods[in.next() % 6];
+    config.num_clusters = 4;
+    const uint8_t flags = in.next();
+    if (flags & 1) config.outlier_observer = std::make_shared<KeyNormObserver>(1.5, 4);
+    if (config.method == "turboquant_rvq")
+        config.bits = 1 + (flags >> 1) % 4, config.value_bits = 1 + (flags >> 3) % 4;
+    const int heads = 1 + in.next() % 2, capacity = 1 + in.next() % 200;
+    auto made = KVCacheFactory::create(config, heads, kDim, capacity);
+    window = 1 << 30;
+    if (!(flags & 0x80)) return made;
+    window = 8 + in.next() % 100;
+    std::unique_ptr<QuantizedKVCache> inner(static_cast<QuantizedKVCache*>(made.release()));
+    return std::make_unique<SlidingWindowKVCache>(std::move(inner), window, in.next() % 8);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
+    static const std::string path = vqfuzz::temp_path("cache_ops.bin");
+    Input in{data, size};
+    int window = 0;
+    std::unique_ptr<KVCache> cache = make_cache(in, window);
+    const int heads = cache->num_heads();
+    uint32_t seed = 1;
+    for (int call = 0; call < kMaxCalls && in.n > 0; ++call) {
+        const uint8_t op = in.next() % 6;
+        // The tokens a sliding window still holds after one more append.
+        const int from = std::max(0, cache->size() - (window - 1));
+        const std::vector<float> before = contents(*cache, from);
+        try {
+            if (op == 0) {
+                const int n = in.next() % 70;
+                std::vector<float> k(static_cast<std::size_t>(heads) * n * kDim), v(k.size());
+                vqfuzz::fill(k.data(), k.size(), ++seed);
+                vqfuzz::fill(v.data(), v.size(), ++seed);
+                const uint8_t poison = in.next();
+                if (n > 0 && (poison & 3) == 1) k[poison % k.size()] = NAN;
+                if (n > 0 && (poison & 3) == 2) v[poison % v.size()] = INFINITY;
+                if (n > 0 && (poison & 7) == 3) k[poison % k.size()] *= 1e30f;
+                const int size0 = cache->size();
+                cache->append(k.data(), v.data(), n);
+                if (cache->size() != size0 + n) finding("append did not add its tokens");
+            } else if (op == 1) {
+                const int n = in.next() % 40, size0 = cache->size();
+                cache->trim(n);
+                if (cache->size() != size0 - n) finding("trim did not drop its tokens");
+            } else if (op == 2) {
+                const int nq = 1 + in.next() % 4;
+                const bool causal = in.next() & 1;
+                std::vector<float> q(static_cast<std::size_t>(2 * heads) * nq * kDim),
+                    out(q.size());
+                vqfuzz::fill(q.data(), q.size(), ++seed);
+                cache->attend(q.data(), 2 * heads, nq, out.data(), 0.125f, causal);
+                if (!same_bits(contents(*cache, from), before)) finding("attend changed the cache");
+            } else if (op == 3) {
+                const int start = in.next() % (cache->size() + 2), n = in.next() % 50;
+                std::vector<float> k(static_cast<std::size_t>(heads) * n * kDim + 1), v(k.size());
+                cache->dequantize(start, n, k.data(), v.data());
+            } else if (op == 4) {
+                cache->save(path);
+                if (!same_bits(contents(*KVCache::load(path), from), before))
+                    finding("a saved cache loads back different tokens");
+            } else if (in.next() % 3 == 0) {
+                cache->reset();
+                if (cache->size() != 0) finding("reset left tokens");
+            }
+        } catch (const std::invalid_argument&) {
+            if (!same_bits(contents(*cache, from), before)) finding("a refused call changed it");
+        } catch (const std::length_error&) {
+            if (!same_bits(contents(*cache, from), before)) finding("a refused call changed it");
+        } catch (const std::out_of_range&) {
+            if (!same_bits(contents(*cache, from), before)) finding("a refused call changed it");
+        }
+    }
+    return 0;
+}
