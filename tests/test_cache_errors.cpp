@@ -10,10 +10,12 @@
 #include <iterator>
 #include <vector>
 
+#include "cache/outlier_store.h"
 #include "cache/token_check.h"
 #include "calibration/calibrate.h"
 #include "calibration_test_helpers.h"
 #include "core/binary_io.h"
+#include "methods/value_codec.h"
 #include "test_helpers.h"
 #include "veloxquant/veloxquant.h"
 
@@ -384,6 +386,54 @@ TEST(Persistence, ForgedPageContentsAreRejected) {
         EXPECT_NE(error.find(expected), std::string::npos) << method << ": " << error;
     }
     std::remove(path.c_str());
+}
+
+// The outlier store's records and fp16 values, read from a file, get the same checks.
+TEST(Persistence, ForgedOutliersAndFp16ValuesAreRejected) {
+    const int d = 4;
+    const float key[d] = {1.0f, -2.0f, 0.5f, 3.0f}, value[d] = {0.25f, 0.0f, -1.0f, 2.0f};
+    for (const int bits : {8, 16}) {
+        OutlierStore store(1, d, bits);
+        store.add(0, 3, key, value);
+        BinaryWriter out;
+        store.write(out);
+        const std::string good = out.buffer();
+        auto read = [&](const std::string& bytes, int n_tokens) {
+            OutlierStore back(1, d, bits);
+            BinaryReader in(bytes.data(), bytes.size());
+            back.read(in, n_tokens);
+        };
+        EXPECT_NO_THROW(read(good, 4));
+        try {  // position 3 of a cache of 3 tokens: a later append would break the order
+            read(good, 3);
+            ADD_FAILURE() << bits;
+        } catch (const std::runtime_error& e) {
+            EXPECT_NE(std::string(e.what()).find("within the tokens"), std::string::npos);
+        }
+        // The key record follows the positions (u64 count, one int32) and its u64 length.
+        std::string forged = good;
+        const std::size_t record = 8 + 4 + 8;
+        if (bits == 8) {
+            const float nan = NAN;
+            std::memcpy(&forged[record + d], &nan, 4);  // the key's int8 scale
+        } else {
+            forged[record + 2] = 0x00, forged[record + 3] = 0x7C;  // its second half: +infinity
+        }
+        try {
+            read(forged, 4);
+            ADD_FAILURE() << bits;
+        } catch (const std::runtime_error& e) {
+            EXPECT_NE(std::string(e.what()).find("non-finite outlier vector"), std::string::npos)
+                << e.what();
+        }
+    }
+    const ValueCodec fp16(d, 16, false, 1);
+    const uint16_t halves[2 * d] = {0x3C00, 0x0000, 0xBC00, 0x4000, 0x3C00, 0x7E00, 0, 0};
+    EXPECT_NO_THROW(fp16.check_codes(reinterpret_cast<const uint8_t*>(halves), 1));
+    EXPECT_THROW(fp16.check_codes(reinterpret_cast<const uint8_t*>(halves), 2),
+                 std::runtime_error);  // token 1 holds a NaN
+    const ValueCodec packed(d, 2, false, 1);
+    EXPECT_NO_THROW(packed.check_codes(reinterpret_cast<const uint8_t*>(halves), 2));
 }
 
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {

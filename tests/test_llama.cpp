@@ -650,7 +650,7 @@ TEST(LlamaTiny, LoadErrorsNameTheProblem) {
     spec.rope_dim = 18;
     load_error(spec, "rope.dimension_count");
     // A block count the file cannot hold fails before it sizes anything (the GGUF fuzzer's
-    // 2^29 blocks asked for 49 GB).
+    // 150994944 blocks asked the allocator for 49 GB).
     spec = TinySpec{};
     spec.block_count = 1u << 29;
     load_error(spec, "block_count 536870912 needs 4831838208 block tensors; the file holds 21");
