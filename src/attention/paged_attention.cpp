@@ -9,6 +9,7 @@
 #include "attention/online_softmax.h"
 #include "cache/outlier_store.h"
 #include "cache/paged_store.h"
+#include "core/parallel_errors.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
 #include "model/matmul.h"
@@ -240,52 +241,62 @@ void paged_attention(const PagedAttentionArgs& a) {
     for (std::size_t i = 0; i < parts.size(); i += plan.stride) parts[i] = kNegInf;
 
     const int total = a.num_heads * plan.tiles * plan.slots;
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic)
     for (int w = 0; w < total; ++w) {
-        const int slot = w % plan.slots;
-        const int tile = (w / plan.slots) % plan.tiles;
-        const int h = w / (plan.slots * plan.tiles);
-        const int r0 = tile * plan.row_tile, r1 = std::min(plan.rows, r0 + plan.row_tile);
-        if (slot >= plan.chunks)
-            run_outliers(a, plan, parts, h, r0, r1);
-        else if (plan.tiled)
-            run_tiles(a, plan, parts, h, r0, r1, slot);
-        else
-            run_codes(a, plan, parts, h, r0, r1, slot);
+        errors.run(w, [&] {
+            const int slot = w % plan.slots;
+            const int tile = (w / plan.slots) % plan.tiles;
+            const int h = w / (plan.slots * plan.tiles);
+            const int r0 = tile * plan.row_tile, r1 = std::min(plan.rows, r0 + plan.row_tile);
+            if (slot >= plan.chunks)
+                run_outliers(a, plan, parts, h, r0, r1);
+            else if (plan.tiled)
+                run_tiles(a, plan, parts, h, r0, r1, slot);
+            else
+                run_codes(a, plan, parts, h, r0, r1, slot);
+        });
     }
+    errors.rethrow();
 
 #pragma omp parallel
     {
-        std::vector<float> coded(d), plain(d), mapped(d);
+        std::vector<float> coded, plain, mapped;
 #pragma omp for schedule(static)
         for (int hr = 0; hr < a.num_heads * plan.rows; ++hr) {
-            const int h = hr / plan.rows, r = hr % plan.rows;
-            const int qh = h * plan.group + r / a.n_queries;
-            float* o = a.out + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * d;
-            float m = kNegInf;
-            for (int s = 0; s < plan.slots; ++s) m = std::max(m, partial(parts, plan, h, r, s)[0]);
-            std::fill(o, o + d, 0.0f);
-            if (m == kNegInf) continue;
-            std::fill(coded.begin(), coded.end(), 0.0f);
-            std::fill(plain.begin(), plain.end(), 0.0f);
-            float l = 0.0f;
-            for (int s = 0; s < plan.slots; ++s) {
-                const float* p = partial(parts, plan, h, r, s);
-                if (p[1] == 0.0f) continue;
-                const float w = std::exp(p[0] - m);
-                l += w * p[1];
-                // run_codes partials live in the value codec's domain; tiles and outliers in plain
-                // space.
-                float* dst = (!plan.tiled && s < plan.chunks) ? coded.data() : plain.data();
-                for (int j = 0; j < d; ++j) dst[j] += w * p[2 + j];
-            }
-            if (!plan.tiled) {
-                (*a.value_codecs)[h]->finalize(coded.data(), mapped.data());
-                for (int j = 0; j < d; ++j) plain[j] += mapped[j];
-            }
-            for (int j = 0; j < d; ++j) o[j] = plain[j] / l;
+            errors.run(hr, [&] {
+                coded.resize(d), plain.resize(d), mapped.resize(d);
+                const int h = hr / plan.rows, r = hr % plan.rows;
+                const int qh = h * plan.group + r / a.n_queries;
+                float* o =
+                    a.out + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * d;
+                float m = kNegInf;
+                for (int s = 0; s < plan.slots; ++s)
+                    m = std::max(m, partial(parts, plan, h, r, s)[0]);
+                std::fill(o, o + d, 0.0f);
+                if (m == kNegInf) return;
+                std::fill(coded.begin(), coded.end(), 0.0f);
+                std::fill(plain.begin(), plain.end(), 0.0f);
+                float l = 0.0f;
+                for (int s = 0; s < plan.slots; ++s) {
+                    const float* p = partial(parts, plan, h, r, s);
+                    if (p[1] == 0.0f) continue;
+                    const float w = std::exp(p[0] - m);
+                    l += w * p[1];
+                    // run_codes partials live in the value codec's domain; tiles and outliers in
+                    // plain space.
+                    float* dst = (!plan.tiled && s < plan.chunks) ? coded.data() : plain.data();
+                    for (int j = 0; j < d; ++j) dst[j] += w * p[2 + j];
+                }
+                if (!plan.tiled) {
+                    (*a.value_codecs)[h]->finalize(coded.data(), mapped.data());
+                    for (int j = 0; j < d; ++j) plain[j] += mapped[j];
+                }
+                for (int j = 0; j < d; ++j) o[j] = plain[j] / l;
+            });
         }
     }
+    errors.rethrow();
 }
 
 }  // namespace veloxquant

@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "core/parallel_errors.h"
 #include "core/rng.h"
 #include "methods/commvq.h"
 
@@ -159,16 +160,21 @@ CommVQHeadFit fit_commvq_head(const float* keys, int n, int d, int bits, uint64_
     const std::size_t per_stage_group = static_cast<std::size_t>(C) * gd;
     std::vector<std::vector<float>> group_words(fit.groups);
     std::vector<std::vector<double>> group_hist(fit.groups);
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic)
     for (int g = 0; g < fit.groups; ++g) {
-        std::vector<float> x(static_cast<std::size_t>(n) * gd);
-        for (int i = 0; i < n; ++i)
-            std::copy_n(keys + static_cast<std::size_t>(i) * d + g * gd, gd,
-                        &x[static_cast<std::size_t>(i) * gd]);
-        group_words[g].resize(fit.stages * per_stage_group);
-        group_hist[g] = fit_group(x, n, gd, fit.stages, C, seed ^ (0xC2B2AE3D27D4EB4FULL * (g + 1)),
-                                  opt, group_words[g].data());
+        errors.run(g, [&] {
+            std::vector<float> x(static_cast<std::size_t>(n) * gd);
+            for (int i = 0; i < n; ++i)
+                std::copy_n(keys + static_cast<std::size_t>(i) * d + g * gd, gd,
+                            &x[static_cast<std::size_t>(i) * gd]);
+            group_words[g].resize(fit.stages * per_stage_group);
+            group_hist[g] =
+                fit_group(x, n, gd, fit.stages, C, seed ^ (0xC2B2AE3D27D4EB4FULL * (g + 1)), opt,
+                          group_words[g].data());
+        });
     }
+    errors.rethrow();
     fit.codebook.resize(static_cast<std::size_t>(fit.stages) * fit.groups * per_stage_group);
     for (int s = 0; s < fit.stages; ++s)
         for (int g = 0; g < fit.groups; ++g)
@@ -238,21 +244,25 @@ CommVQCalibration calibrate_commvq(const Activations& acts, int bits, uint64_t s
     out.codebook.shape = {L, H, bits, d / gd, opt.codewords, gd};
     out.codebook.data.assign(per_head * L * H, 0.0f);
     // Heads in parallel (each fit's inner loops then run on one thread).
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic)
     for (int lh = 0; lh < L * H; ++lh) {
-        const int l = lh / H, h = lh % H;
-        const HeadSamples& hs = acts.layers[l].keys[h];
-        std::vector<float> x(hs.data);
-        if (!acts.rope.inv_freq.empty())
-            for (int64_t i = 0; i < hs.count(); ++i)
-                commvq_rope(&x[static_cast<std::size_t>(i) * d], d, acts.rope.inv_freq,
-                            -static_cast<double>(hs.positions[i]));
-        const CommVQHeadFit fit =
-            fit_commvq_head(x.data(), static_cast<int>(hs.count()), d, bits,
-                            derive_seed(seed, l, h, d, RandomPurpose::kKMeans), opt);
-        std::copy(fit.codebook.begin(), fit.codebook.end(),
-                  out.codebook.data.begin() + per_head * lh);
+        errors.run(lh, [&] {
+            const int l = lh / H, h = lh % H;
+            const HeadSamples& hs = acts.layers[l].keys[h];
+            std::vector<float> x(hs.data);
+            if (!acts.rope.inv_freq.empty())
+                for (int64_t i = 0; i < hs.count(); ++i)
+                    commvq_rope(&x[static_cast<std::size_t>(i) * d], d, acts.rope.inv_freq,
+                                -static_cast<double>(hs.positions[i]));
+            const CommVQHeadFit fit =
+                fit_commvq_head(x.data(), static_cast<int>(hs.count()), d, bits,
+                                derive_seed(seed, l, h, d, RandomPurpose::kKMeans), opt);
+            std::copy(fit.codebook.begin(), fit.codebook.end(),
+                      out.codebook.data.begin() + per_head * lh);
+        });
     }
+    errors.rethrow();
     return out;
 }
 

@@ -6,6 +6,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/parallel_errors.h"
+
 namespace veloxquant {
 
 SymmetricEigen symmetric_eigen(const std::vector<double>& input, int n) {
@@ -190,16 +192,19 @@ std::vector<FloatArray> calibrate_spectral_rotation(const Activations& acts) {
         out[l].data.assign(static_cast<std::size_t>(heads) * (d + 3) * d, 0.0f);
         for (int h = 0; h < heads; ++h) jobs.emplace_back(static_cast<int>(l), h);
     }
-    // Inputs were checked above, so nothing below throws inside the parallel region.
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic)
     for (int i = 0; i < static_cast<int>(jobs.size()); ++i) {
-        const auto [l, h] = jobs[i];
-        const int d = dims[l];
-        const auto& qs = acts.layers[l].queries;
-        calibrate_head(acts.layers[l].keys[h],
-                       static_cast<std::size_t>(h) < qs.size() ? &qs[h] : nullptr,
-                       out[l].data.data() + static_cast<std::size_t>(h) * (d + 3) * d);
+        errors.run(i, [&] {
+            const auto [l, h] = jobs[i];
+            const int d = dims[l];
+            const auto& qs = acts.layers[l].queries;
+            calibrate_head(acts.layers[l].keys[h],
+                           static_cast<std::size_t>(h) < qs.size() ? &qs[h] : nullptr,
+                           out[l].data.data() + static_cast<std::size_t>(h) * (d + 3) * d);
+        });
     }
+    errors.rethrow();
     return out;
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/kmeans.h"
+#include "core/parallel_errors.h"
 #include "core/rng.h"
 #include "core/rotation.h"
 #include "methods/vecinfer.h"
@@ -235,22 +236,28 @@ VecInferCalibration calibrate_vecinfer(const Activations& acts, int bits, uint64
     cal.smooth_factors.shape = {L, H, d};
     cal.smooth_factors.data.resize(static_cast<std::size_t>(L) * H * d);
     // One task per (layer, head); k-means inside runs on this task's thread (no nested teams).
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic)
     for (int task = 0; task < L * H; ++task) {
-        const int l = task / H, h = task % H;
-        const LayerActivations& la = acts.layers[l];
-        const HeadSamples* q = h < static_cast<int>(la.queries.size()) ? &la.queries[h] : nullptr;
-        const std::vector<float> lambda = vecinfer_smooth_factors(la.keys[h], q, options.smoothing);
-        int n = 0;
-        const std::vector<float> x = transformed_rows(
-            la.keys[h], lambda, vecinfer_rotation(d, l, h), options.max_samples, &n);
-        const std::vector<float> cb =
-            train_product_codebook(x.data(), n, d, g.sub_dim, g.codewords,
-                                   derive_seed(seed, l, h, d, RandomPurpose::kKMeans), options);
-        std::copy(cb.begin(), cb.end(), cal.codebook.data.begin() + task * cb_block);
-        std::copy(lambda.begin(), lambda.end(),
-                  cal.smooth_factors.data.begin() + static_cast<std::size_t>(task) * d);
+        errors.run(task, [&] {
+            const int l = task / H, h = task % H;
+            const LayerActivations& la = acts.layers[l];
+            const HeadSamples* q =
+                h < static_cast<int>(la.queries.size()) ? &la.queries[h] : nullptr;
+            const std::vector<float> lambda =
+                vecinfer_smooth_factors(la.keys[h], q, options.smoothing);
+            int n = 0;
+            const std::vector<float> x = transformed_rows(
+                la.keys[h], lambda, vecinfer_rotation(d, l, h), options.max_samples, &n);
+            const std::vector<float> cb =
+                train_product_codebook(x.data(), n, d, g.sub_dim, g.codewords,
+                                       derive_seed(seed, l, h, d, RandomPurpose::kKMeans), options);
+            std::copy(cb.begin(), cb.end(), cal.codebook.data.begin() + task * cb_block);
+            std::copy(lambda.begin(), lambda.end(),
+                      cal.smooth_factors.data.begin() + static_cast<std::size_t>(task) * d);
+        });
     }
+    errors.rethrow();
     return cal;
 }
 

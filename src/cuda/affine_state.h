@@ -9,6 +9,8 @@
 #include <random>
 #include <vector>
 
+#include "core/parallel_errors.h"
+
 namespace veloxquant::cuda {
 
 struct AffineStateHost {
@@ -75,12 +77,16 @@ bool measure_affine_state(const std::vector<typename Codec::Params>& params, int
     std::vector<char> affine(heads);
     out.constant.assign(static_cast<std::size_t>(heads) * stride, 0.0f);
     out.row_of.assign(static_cast<std::size_t>(heads) * stride, -1);
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic)
     for (int h = 0; h < heads; ++h)
-        affine[h] = measure_affine_head<Codec>(params[h], d, stride, h, max_floats_per_head,
-                                               &out.constant[static_cast<std::size_t>(h) * stride],
-                                               &out.row_of[static_cast<std::size_t>(h) * stride],
-                                               m[h], rows[h]);
+        errors.run(h, [&] {
+            affine[h] = measure_affine_head<Codec>(
+                params[h], d, stride, h, max_floats_per_head,
+                &out.constant[static_cast<std::size_t>(h) * stride],
+                &out.row_of[static_cast<std::size_t>(h) * stride], m[h], rows[h]);
+        });
+    errors.rethrow();
     out.varying = 0;
     for (int h = 0; h < heads; ++h) {
         if (!affine[h]) return false;
