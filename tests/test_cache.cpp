@@ -132,6 +132,26 @@ TEST_P(MethodTest, SaveLoadGivesIdenticalAttention) {
     std::remove(path.c_str());
 }
 
+// A saved file depends only on the tokens held: trimmed slots are zeroed, as in a fresh page.
+TEST_P(MethodTest, TrimmedCacheSavesAsOneThatNeverHeldTheTokens) {
+    const int heads = 2, d = 64;
+    const Data first = make_data(heads, 1, 40, d, 1, 13), more = make_data(heads, 1, 30, d, 1, 14);
+    KVCacheConfig cfg = make_config(GetParam());
+    auto trimmed = KVCacheFactory::create(cfg, heads, d);
+    auto plain = KVCacheFactory::create(cfg, heads, d);
+    trimmed->append(first.k.data(), first.v.data(), 40);
+    trimmed->append(more.k.data(), more.v.data(), 30);  // into a second page
+    trimmed->trim(30);
+    plain->append(first.k.data(), first.v.data(), 40);
+    const std::string path_a = vqtest::unique_temp_path("trimmed.bin"),
+                      path_b = vqtest::unique_temp_path("plain.bin");
+    trimmed->save(path_a);
+    plain->save(path_b);
+    EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
+    std::remove(path_a.c_str());
+    std::remove(path_b.c_str());
+}
+
 TEST_P(MethodTest, SameSeedSameBytesOtherSeedOtherCodes) {
     const int heads = 2, d = 64, n = 70;
     const Data x = make_data(heads, 1, n, d, 1, 9);

@@ -14,7 +14,8 @@ namespace veloxquant {
 ///   queries, out: [num_q_heads][n_queries][head_dim]
 /// Query head h reads KV head h / (num_q_heads / num_heads) (grouped-query attention).
 /// Every method throws std::invalid_argument (bad arguments) or std::length_error (capacity)
-/// before changing anything, so a failed call leaves the cache exactly as it was.
+/// before changing anything, and undoes what it did when memory runs out (std::bad_alloc), so a
+/// failed call leaves the cache exactly as it was: a call made again gives what it would have.
 class KVCache {
 public:
     virtual ~KVCache() = default;

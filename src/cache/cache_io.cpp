@@ -221,6 +221,9 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
             cache->value_codecs_[h]->check_codes(cache->store_->value_codes(p, h), n);
         }
     }
+    // Slots past the tokens are zero, as after append and trim (files of earlier versions kept a
+    // trimmed page's old codes there).
+    cache->store_->truncate(size);
     cache->size_ = size;
     return cache;
 }

@@ -54,9 +54,14 @@ void OutlierStore::add(int head, int position, const float* key, const float* va
     std::vector<uint8_t>& rec = records_[head];
     const std::size_t at = rec.size();
     rec.resize(at + 2 * vb);
+    try {
+        positions_[head].push_back(position);
+    } catch (...) {
+        rec.resize(at);  // a record for every position, even when the position could not be kept
+        throw;
+    }
     encode(key, rec.data() + at);
     encode(value, rec.data() + at + vb);
-    positions_[head].push_back(position);
 }
 
 void OutlierStore::truncate(int n_tokens) {

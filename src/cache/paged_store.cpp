@@ -85,10 +85,26 @@ void PagedStore::reserve_tokens(int n_tokens) {
 }
 
 void PagedStore::truncate(int n_tokens) {
-    const int keep = (n_tokens + layout_.tokens_per_page - 1) / layout_.tokens_per_page;
+    const int P = layout_.tokens_per_page;
+    const int keep = (n_tokens + P - 1) / P;
     while (page_slots() > keep) {
         evict(page_slots() - 1);
         pages_.pop_back();
+    }
+    // Zero the slots of the last page past n_tokens, as a fresh page has them: what a cache
+    // saves then depends only on the tokens it holds, not on what it held before.
+    const int slot = n_tokens % P, last = keep - 1;
+    if (slot == 0 || !held(last)) return;
+    const std::size_t rest = static_cast<std::size_t>(P - slot);
+    for (int h = 0; h < static_cast<int>(layout_.heads.size()); ++h) {
+        const HeadLayout& hl = layout_.heads[h];
+        std::memset(key_codes(last, h) + slot * hl.key_code_bytes, 0, rest * hl.key_code_bytes);
+        for (int s = 0; s < hl.key_scalars; ++s)
+            std::memset(key_scalars(last, h) + s * P + slot, 0, rest * sizeof(float));
+        std::memset(value_codes(last, h) + slot * hl.value_code_bytes, 0,
+                    rest * hl.value_code_bytes);
+        for (int s = 0; s < hl.value_scalars; ++s)
+            std::memset(value_scalars(last, h) + s * P + slot, 0, rest * sizeof(float));
     }
 }
 

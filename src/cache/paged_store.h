@@ -59,7 +59,8 @@ public:
     /// Makes sure pages exist for positions [0, n_tokens); new pages are zero-filled. Throws
     /// std::bad_alloc without changing anything already held.
     void reserve_tokens(int n_tokens);
-    /// Frees every page that holds no position below n_tokens.
+    /// Frees every page that holds no position below n_tokens and zeroes the slots past
+    /// n_tokens in the last one.
     void truncate(int n_tokens);
     void evict(int page);
     void clear();

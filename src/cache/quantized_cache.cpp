@@ -10,6 +10,7 @@
 #include "cache/paged_store.h"
 #include "cache/token_check.h"
 #include "core/binary_io.h"
+#include "core/parallel_errors.h"
 #include "core/rng.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
@@ -88,28 +89,51 @@ void QuantizedKVCache::check_tokens(const float* keys, const float* values, int 
 void QuantizedKVCache::append(const float* keys, const float* values, int n_tokens) {
     check_tokens(keys, values, n_tokens);
     if (n_tokens == 0) return;
-    store_->reserve_tokens(size_ + n_tokens);  // may throw; nothing changed yet
-    train_key_codecs(key_codecs_, keys, n_tokens);
-
-    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
-    std::vector<std::vector<uint8_t>> flags;
-    if (outliers_) {
-        KeyNormObserver& obs = *config_->outlier_observer;
-        flags.assign(num_heads_, std::vector<uint8_t>(n_tokens, 0));
-        std::vector<float> norms(n_tokens);
-        for (int h = 0; h < num_heads_; ++h) {
-            for (int t = 0; t < n_tokens; ++t) {
-                const float* k = keys + h * per_head + static_cast<std::size_t>(t) * head_dim_;
-                double s = 0.0;
-                for (int j = 0; j < head_dim_; ++j) s += static_cast<double>(k[j]) * k[j];
-                norms[t] = static_cast<float>(std::sqrt(s));
-            }
-            obs.observe(layer_, h, norms.data(), n_tokens);
-            for (int t = 0; t < n_tokens; ++t)
-                flags[h][t] = obs.is_outlier(layer_, h, norms[t]) ? 1 : 0;
+    // A failure part way (std::bad_alloc, a codec's error) undoes what the call did: the codecs
+    // it trained, this layer's observer statistics, the pages and outlier records past size_.
+    std::vector<char> trains(num_heads_);
+    for (int h = 0; h < num_heads_; ++h) trains[h] = key_codecs_[h]->needs_training();
+    std::vector<KeyNormObserver::Stats> stats;
+    if (outliers_)
+        for (int h = 0; h < num_heads_; ++h)
+            stats.push_back(config_->outlier_observer->stats(layer_, h));
+    try {
+        store_->reserve_tokens(size_ + n_tokens);
+        train_key_codecs(key_codecs_, keys, n_tokens);
+        encode_tokens(keys, values, n_tokens, observe_key_norms(keys, n_tokens));
+    } catch (...) {
+        for (int h = 0; h < num_heads_; ++h)
+            if (trains[h]) key_codecs_[h]->forget_training();
+        if (outliers_) {
+            for (int h = 0; h < num_heads_; ++h)
+                config_->outlier_observer->set_stats(layer_, h, stats[h]);
+            outliers_->truncate(size_);
         }
+        store_->truncate(size_);
+        throw;
     }
-    encode_tokens(keys, values, n_tokens, flags);
+}
+
+std::vector<std::vector<uint8_t>> QuantizedKVCache::observe_key_norms(const float* keys,
+                                                                      int n_tokens) const {
+    std::vector<std::vector<uint8_t>> flags;
+    if (!outliers_) return flags;
+    KeyNormObserver& obs = *config_->outlier_observer;
+    flags.assign(num_heads_, std::vector<uint8_t>(n_tokens, 0));
+    std::vector<float> norms(n_tokens);
+    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
+    for (int h = 0; h < num_heads_; ++h) {
+        for (int t = 0; t < n_tokens; ++t) {
+            const float* k = keys + h * per_head + static_cast<std::size_t>(t) * head_dim_;
+            double s = 0.0;
+            for (int j = 0; j < head_dim_; ++j) s += static_cast<double>(k[j]) * k[j];
+            norms[t] = static_cast<float>(std::sqrt(s));
+        }
+        obs.observe(layer_, h, norms.data(), n_tokens);
+        for (int t = 0; t < n_tokens; ++t)
+            flags[h][t] = obs.is_outlier(layer_, h, norms[t]) ? 1 : 0;
+    }
+    return flags;
 }
 
 void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int n_tokens,
@@ -119,22 +143,27 @@ void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int
     // Segments: (head, page) pieces of the new tokens; encoded in parallel.
     const int first_page = size_ / P, last_page = (size_ + n_tokens - 1) / P;
     const int pages = last_page - first_page + 1;
+    ParallelErrors errors;
 #pragma omp parallel for schedule(dynamic) collapse(2)
     for (int h = 0; h < num_heads_; ++h) {
         for (int pi = 0; pi < pages; ++pi) {
-            const int p = first_page + pi;
-            const int begin = std::max(size_, p * P), end = std::min(size_ + n_tokens, (p + 1) * P);
-            const int slot = begin - p * P, n = end - begin;
-            const std::size_t src =
-                h * per_head + static_cast<std::size_t>(begin - size_) * head_dim_;
-            const KeyCodec& kc = *key_codecs_[h];
-            const ValueCodec& vc = *value_codecs_[h];
-            kc.encode_at(keys + src, n, begin, store_->key_codes(p, h) + slot * kc.code_bytes(),
-                         store_->key_scalars(p, h) + slot, P);
-            vc.encode(values + src, n, store_->value_codes(p, h) + slot * vc.code_bytes(),
-                      store_->value_scalars(p, h) + slot, P);
+            errors.run(static_cast<long long>(h) * pages + pi, [&] {
+                const int p = first_page + pi;
+                const int begin = std::max(size_, p * P),
+                          end = std::min(size_ + n_tokens, (p + 1) * P);
+                const int slot = begin - p * P, n = end - begin;
+                const std::size_t src =
+                    h * per_head + static_cast<std::size_t>(begin - size_) * head_dim_;
+                const KeyCodec& kc = *key_codecs_[h];
+                const ValueCodec& vc = *value_codecs_[h];
+                kc.encode_at(keys + src, n, begin, store_->key_codes(p, h) + slot * kc.code_bytes(),
+                             store_->key_scalars(p, h) + slot, P);
+                vc.encode(values + src, n, store_->value_codes(p, h) + slot * vc.code_bytes(),
+                          store_->value_scalars(p, h) + slot, P);
+            });
         }
     }
+    errors.rethrow();
     if (outliers_) {
         for (int h = 0; h < num_heads_; ++h)
             for (int t = 0; t < n_tokens; ++t)

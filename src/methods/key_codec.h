@@ -48,6 +48,8 @@ public:
     /// the first append, before their first encode.
     virtual bool needs_training() const { return false; }
     virtual void train(const float* /*keys*/, int /*n*/) {}
+    /// Undoes train(), so that needs_training() again (an append that failed after training).
+    virtual void forget_training() noexcept {}
     /// How many of n first keys train() reads: rows training_row(i, n, m) for i < m (a codec
     /// that subsamples reads fewer than n). train(those rows in that order, m) trains as
     /// train(keys, n) does, so a device cache copies only them to the host.

@@ -224,6 +224,11 @@ void RaBitQCodec::train(const float* keys, int n) {
     trained_k_ = km.k;
 }
 
+void RaBitQCodec::forget_training() noexcept {
+    centroids_.clear();
+    trained_k_ = 0;
+}
+
 void RaBitQCodec::require_trained(const char* what) const {
     if (trained_k_ == 0)
         throw std::logic_error(std::string("rabitq: ") + what +

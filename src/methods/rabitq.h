@@ -51,6 +51,7 @@ public:
     bool needs_training() const override { return trained_k_ == 0; }
     /// k-means with k = min(num_clusters, n) on the rotated keys, seeded from the codec seed.
     void train(const float* keys, int n) override;
+    void forget_training() noexcept override;
     /// At most 32 keys per centroid (evenly spaced).
     int training_rows(int n) const override;
 
