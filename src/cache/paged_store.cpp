@@ -68,6 +68,7 @@ void PagedStore::reserve_tokens(int n_tokens) {
     if (needed <= page_slots()) return;
     // Allocate everything first so a failure leaves the table as it was.
     std::vector<uint8_t*> fresh;
+    fresh.reserve(static_cast<std::size_t>(needed - page_slots()));  // push_back cannot throw
     try {
         for (int p = page_slots(); p < needed; ++p) {
             void* mem = std::aligned_alloc(kAlign, layout_.page_bytes);
