@@ -7,6 +7,7 @@
 #include <iterator>
 
 #include "attention/dense_attention.h"
+#include "core/half.h"
 #include "test_helpers.h"
 #include "veloxquant/veloxquant.h"
 
@@ -150,6 +151,73 @@ TEST_P(MethodTest, TrimmedCacheSavesAsOneThatNeverHeldTheTokens) {
     EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
     std::remove(path_a.c_str());
     std::remove(path_b.c_str());
+}
+
+// The fp16 / bf16 entry points are the float32 path on the same values: the inputs' exact float
+// values stored alike (the saved files equal), the outputs those of the float32 calls rounded.
+// (The conversions themselves are checked against known values in test_core.)
+TEST_P(MethodTest, HalfEntryPointsAreTheFloat32PathOnTheSameValues) {
+    const int heads = 2, group = 3, d = 64, n = 70, n_q = 2;
+    const Data x = make_data(heads, group, n, d, n_q, 21);
+    for (const HalfFormat f : {HalfFormat::kFloat16, HalfFormat::kBFloat16}) {
+        const bool fp16 = f == HalfFormat::kFloat16;
+        SCOPED_TRACE(fp16 ? "fp16" : "bf16");
+        auto bits = [&](const std::vector<float>& a) {
+            std::vector<uint16_t> b(a.size());
+            for (std::size_t i = 0; i < a.size(); ++i)
+                b[i] = fp16 ? float_to_half(a[i]) : float_to_bf16(a[i]);
+            return b;
+        };
+        auto widened = [&](const std::vector<uint16_t>& b) {
+            std::vector<float> a(b.size());
+            for (std::size_t i = 0; i < b.size(); ++i)
+                a[i] = fp16 ? half_to_float(b[i]) : bf16_to_float(b[i]);
+            return a;
+        };
+        const auto kb = bits(x.k), vb = bits(x.v), qb = bits(x.q);
+        const auto kw = widened(kb), vw = widened(vb), qw = widened(qb);
+        const KVCacheConfig cfg = make_config(GetParam());
+        auto half = KVCacheFactory::create(cfg, heads, d),
+             full = KVCacheFactory::create(cfg, heads, d);
+        half->append_half(kb.data(), vb.data(), n, f);
+        full->append(kw.data(), vw.data(), n);
+        const std::string path_a = vqtest::unique_temp_path("half.bin"),
+                          path_b = vqtest::unique_temp_path("float.bin");
+        half->save(path_a);
+        full->save(path_b);
+        EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
+        std::remove(path_a.c_str());
+        std::remove(path_b.c_str());
+
+        std::vector<uint16_t> out16(qb.size());
+        half->attend_half(qb.data(), x.q_heads, n_q, out16.data(), 0.125f, true, f);
+        std::vector<float> out(qw.size());
+        full->attend(qw.data(), x.q_heads, n_q, out.data(), 0.125f, true);
+        EXPECT_EQ(out16, bits(out));
+
+        const int start = 5, count = 40;
+        std::vector<uint16_t> k16(static_cast<std::size_t>(heads) * count * d), v16(k16.size());
+        half->dequantize_half(start, count, k16.data(), v16.data(), f);
+        std::vector<float> kd(k16.size()), vd(k16.size());
+        full->dequantize(start, count, kd.data(), vd.data());
+        EXPECT_EQ(k16, bits(kd));
+        EXPECT_EQ(v16, bits(vd));
+
+        // Refusals are the float32 methods' own, and change nothing.
+        auto nan_keys = kb;
+        nan_keys[3 * d + 7] = fp16 ? 0x7E00 : 0x7FC0;
+        EXPECT_THROW(half->append_half(nan_keys.data(), vb.data(), n, f), std::invalid_argument);
+        EXPECT_THROW(half->append_half(nullptr, vb.data(), 3, f), std::invalid_argument);
+        EXPECT_THROW(half->append_half(kb.data(), vb.data(), -1, f), std::invalid_argument);
+        EXPECT_THROW(half->attend_half(qb.data(), 0, n_q, out16.data(), 0.125f, false, f),
+                     std::invalid_argument);
+        EXPECT_THROW(half->dequantize_half(n - 3, 10, k16.data(), v16.data(), f),
+                     std::out_of_range);
+        EXPECT_THROW(half->append_half(kb.data(), vb.data(), n, static_cast<HalfFormat>(7)),
+                     std::invalid_argument);
+        EXPECT_EQ(half->size(), n);
+        half->dequantize_half(0, 0, nullptr, nullptr, f);  // an empty range writes nothing
+    }
 }
 
 TEST_P(MethodTest, SameSeedSameBytesOtherSeedOtherCodes) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -16,6 +17,12 @@ namespace veloxquant {
 /// Every method throws std::invalid_argument (bad arguments) or std::length_error (capacity)
 /// before changing anything, and undoes what it did when memory runs out (std::bad_alloc), so a
 /// failed call leaves the cache exactly as it was: a call made again gives what it would have.
+/// 16-bit float formats of the *_half entry points, passed as raw bits.
+enum class HalfFormat {
+    kFloat16,   ///< IEEE binary16
+    kBFloat16,  ///< bfloat16
+};
+
 class KVCache {
 public:
     virtual ~KVCache() = default;
@@ -31,6 +38,14 @@ public:
     /// Reconstructs tokens [start, start + n_tokens) into [num_heads][n_tokens][head_dim].
     virtual void dequantize(int start, int n_tokens, float* keys_out, float* values_out) const = 0;
 
+    /// The same with fp16 or bf16 tensors (same layouts): inputs are widened to float32, which
+    /// is exact, so append_half stores what append stores for those values; outputs are
+    /// rounded to the nearest 16-bit value (fp16 saturates to infinity past 65504).
+    void append_half(const uint16_t* keys, const uint16_t* values, int n_tokens, HalfFormat format);
+    void attend_half(const uint16_t* queries, int num_q_heads, int n_queries, uint16_t* out,
+                     float scale, bool causal, HalfFormat format) const;
+    void dequantize_half(int start, int n_tokens, uint16_t* keys_out, uint16_t* values_out,
+                         HalfFormat format) const;
     /// Number of tokens appended (positions), including any evicted by a sliding window.
     virtual int size() const = 0;
     virtual int max_seq_len() const = 0;
