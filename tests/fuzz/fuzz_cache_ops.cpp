@@ -1,10 +1,11 @@
 // Fuzz target: sequences of calls on a cache, the sequence and the cache read from the input:
 // a method without calibration, the outlier store or not, a sliding window or not, 1 or 2 heads,
 // a capacity of 1..200; then up to 24 calls of append (some with a NaN, an infinity or a huge
-// coordinate), trim, attend, dequantize, save and load back, reset. The contract (veloxquant/
-// cache.h): a call either succeeds as documented or throws std::invalid_argument,
-// std::length_error or std::out_of_range and leaves the cache exactly as it was; attend changes
-// nothing; a saved cache loads back the same tokens. Anything else is a finding.
+// coordinate, in float32, fp16 or bf16), trim, attend, dequantize, save and load back, reset.
+// The contract (veloxquant/cache.h): a call either succeeds as documented or throws
+// std::invalid_argument, std::length_error or std::out_of_range and leaves the cache exactly as
+// it was (its saved file the same bytes); attend changes nothing; a saved cache loads back the
+// same tokens. Anything else is a finding.
 
 #include <algorithm>
 #include <cmath>
@@ -12,8 +13,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
+#include "core/half.h"
 #include "fuzz_input.h"
 #include "veloxquant/veloxquant.h"
 
@@ -52,6 +55,32 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
+// The cache's saved file: tokens, codec state, observer statistics.
+std::string saved(const KVCache& cache, const std::string& path) {
+    cache.save(path);
+    FILE* f = std::fopen(path.c_str(), "rb");
+    if (f == nullptr) finding("a saved file cannot be read");
+    std::string bytes;
+    char buf[65536];
+    for (std::size_t n; (n = std::fread(buf, 1, sizeof buf, f)) > 0;) bytes.append(buf, n);
+    std::fclose(f);
+    return bytes;
+}
+
+// Appends k and v as float32 (format 0), fp16 (1) or bf16 (2).
+void append_as(KVCache& cache, const std::vector<float>& k, const std::vector<float>& v, int n,
+               int format) {
+    if (format == 0) return cache.append(k.data(), v.data(), n);
+    const bool fp16 = format == 1;
+    std::vector<uint16_t> k16(k.size()), v16(v.size());
+    for (std::size_t i = 0; i < k.size(); ++i) {
+        k16[i] = fp16 ? float_to_half(k[i]) : float_to_bf16(k[i]);
+        v16[i] = fp16 ? float_to_half(v[i]) : float_to_bf16(v[i]);
+    }
+    cache.append_half(k16.data(), v16.data(), n,
+                      fp16 ? HalfFormat::kFloat16 : HalfFormat::kBFloat16);
+}
+
 std::unique_ptr<KVCache> make_cache(Input& in, int& window) {
     static const char* const kMethods[] = {"turboquant_rvq", "qjl",       "polarquant",
                                            "rabitq",         "ratequant", "fp16"};
@@ -74,7 +103,8 @@ std::unique_ptr<KVCache> make_cache(Input& in, int& window) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
-    static const std::string path = vqfuzz::temp_path("cache_ops.bin");
+    static const std::string path = vqfuzz::temp_path("cache_ops.bin"),
+                             state_path = vqfuzz::temp_path("cache_ops_state.bin");
     Input in{data, size};
     int window = 0;
     std::unique_ptr<KVCache> cache = make_cache(in, window);
@@ -85,6 +115,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
         // The tokens a sliding window still holds after one more append.
         const int from = std::max(0, cache->size() - (window - 1));
         const std::vector<float> before = contents(*cache, from);
+        const std::string before_file = saved(*cache, state_path);
+        auto unchanged = [&] {
+            return same_bits(contents(*cache, from), before) &&
+                   saved(*cache, state_path) == before_file;
+        };
         try {
             if (op == 0) {
                 const int n = in.next() % 70;
@@ -96,7 +131,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
                 if (n > 0 && (poison & 3) == 2) v[poison % v.size()] = INFINITY;
                 if (n > 0 && (poison & 7) == 3) k[poison % k.size()] *= 1e30f;
                 const int size0 = cache->size();
-                cache->append(k.data(), v.data(), n);
+                append_as(*cache, k, v, n, (poison >> 3) % 3);
                 if (cache->size() != size0 + n) finding("append did not add its tokens");
             } else if (op == 1) {
                 const int n = in.next() % 40, size0 = cache->size();
@@ -123,11 +158,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, std::size_t size) {
                 if (cache->size() != 0) finding("reset left tokens");
             }
         } catch (const std::invalid_argument&) {
-            if (!same_bits(contents(*cache, from), before)) finding("a refused call changed it");
+            if (!unchanged()) finding("a refused call changed it");
         } catch (const std::length_error&) {
-            if (!same_bits(contents(*cache, from), before)) finding("a refused call changed it");
+            if (!unchanged()) finding("a refused call changed it");
         } catch (const std::out_of_range&) {
-            if (!same_bits(contents(*cache, from), before)) finding("a refused call changed it");
+            if (!unchanged()) finding("a refused call changed it");
         }
     }
     return 0;
