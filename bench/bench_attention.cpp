@@ -78,6 +78,10 @@ const KVCacheConfig& config_for(const std::string& name) {
         c.num_residuals = 1;
         c.value_bits = 4;
     }
+    if (name == "rabitq_b2" || name == "rabitq_b4") {  // extended codes, 2- and 4-bit values
+        c.method = "rabitq";
+        c.bits = c.value_bits = name == "rabitq_b2" ? 2 : 4;
+    }
     // commvq_rope: the same codebook with the cache told the RoPE frequencies (base 10000), so
     // keys are coded before RoPE and scores turn by each token's position.
     if (name == "commvq_rope") c.method = "commvq";
@@ -92,10 +96,10 @@ const KVCacheConfig& config_for(const std::string& name) {
     return configs.emplace(name, std::move(c)).first->second;
 }
 
-const std::vector<std::string> kVariants = {"fp16",        "turboquant_rvq", "turboquant_rvq_b4",
-                                            "qjl",         "polarquant",     "rabitq",
-                                            "ratequant",   "spectral",       "commvq",
-                                            "commvq_rope", "vecinfer"};
+const std::vector<std::string> kVariants = {
+    "fp16",   "turboquant_rvq", "turboquant_rvq_b4", "qjl",       "polarquant",
+    "rabitq", "rabitq_b2",      "rabitq_b4",         "ratequant", "spectral",
+    "commvq", "commvq_rope",    "vecinfer"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/bitpack.h"
+#include "core/cpu_isa.h"
 #include "core/rng.h"
 #include "methods/rabitq.h"
 #include "test_helpers.h"
@@ -261,6 +262,52 @@ TEST(RaBitQ, ScoreEqualsDotWithDecode) {
             }
         }
     }
+}
+
+// Every instruction set's tables (nibble tables where a SIMD build of nibble_table_sums runs,
+// byte tables on the generic set) score as the decoded keys do, and score_rows_at gives each
+// row score's bits, over whole SIMD blocks of tokens and a tail, with 1- and 2-byte ids.
+TEST(RaBitQ, EveryInstructionSetScoresAsDecodeAndRowsAsRowByRow) {
+    const int n = 53, rows = 5;
+    const std::string start = cpu_isa_name();
+    for (const int d : {64, 100, 37})
+        for (const int clusters : {8, 300})
+            for (const int bits : {1, 2, 4}) {
+                Rng rng(d * 7 + clusters + bits);
+                const std::vector<float> keys =
+                    gaussian(rng, static_cast<std::size_t>(n) * d, 1.0, 0.2);
+                RaBitQCodec codec(d, bits, clusters, d != 37, 3);
+                codec.train(keys.data(), n);
+                const Encoded enc = encode_all(codec, keys);
+                std::vector<float> dec(keys.size());
+                codec.decode(enc.codes.data(), enc.scalars.data(), n, n, dec.data());
+                const std::vector<float> queries =
+                    gaussian(rng, static_cast<std::size_t>(rows) * d);
+                const std::size_t qs = codec.query_state_size();
+                for (const std::string& isa : cpu_isas()) {
+                    SCOPED_TRACE(isa + " d " + std::to_string(d) + " clusters " +
+                                 std::to_string(clusters) + " bits " + std::to_string(bits));
+                    use_cpu_isa(isa);
+                    std::vector<float> states(rows * qs), one(rows * n), together(rows * n, NAN);
+                    for (int r = 0; r < rows; ++r) {
+                        const float* q = &queries[static_cast<std::size_t>(r) * d];
+                        codec.prepare_query(q, &states[r * qs]);
+                        codec.score(&states[r * qs], enc.codes.data(), enc.scalars.data(), n, n,
+                                    &one[r * n]);
+                        for (int t = 0; t < n; ++t) {
+                            const float* k = &keys[static_cast<std::size_t>(t) * d];
+                            ASSERT_NEAR(one[r * n + t],
+                                        dot(q, &dec[static_cast<std::size_t>(t) * d], d),
+                                        1e-5 * norm(q, d) * norm(k, d));
+                        }
+                    }
+                    codec.score_rows_at(states.data(), qs, rows, enc.codes.data(),
+                                        enc.scalars.data(), n, n, 0, together.data(), n);
+                    ASSERT_EQ(std::memcmp(together.data(), one.data(), one.size() * sizeof(float)),
+                              0);
+                }
+            }
+    use_cpu_isa(start);
 }
 
 TEST(RaBitQ, OddDimsAndAllWidths) {

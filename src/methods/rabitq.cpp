@@ -10,6 +10,7 @@
 #include "core/kmeans.h"
 #include "core/rng.h"
 #include "methods/byte_table_sums.h"
+#include "methods/nibble_table_sums.h"
 
 namespace veloxquant {
 namespace {
@@ -283,9 +284,11 @@ void RaBitQCodec::decode(const uint8_t* codes, const float* scalars, std::size_t
 }
 
 // State layout: q' [d], sum_j q'_j [1], <q', c> per centroid [num_clusters], then for 1, 2
-// and 4 bits a table LUT[byte][256] of <x_bar, q'> restricted to the coordinates of that byte.
+// and 4 bits the tables' kind [1] and the tables of <x_bar, q'> restricted to a part of the
+// code: 16-entry tables per 4-bit half byte where nibble_table_sums has a SIMD build (as
+// turboquant_rvq), else 256-entry tables per byte (byte_table_sums). The byte tables are larger.
 std::size_t RaBitQCodec::query_state_size() const {
-    const std::size_t lut = uses_lut() ? packed_bytes(dim(), bits_) * 256 : 0;
+    const std::size_t lut = uses_lut() ? 1 + packed_bytes(dim(), bits_) * 256 : 0;
     return static_cast<std::size_t>(dim()) + 1 + num_clusters_ + lut;
 }
 
@@ -307,18 +310,22 @@ void RaBitQCodec::prepare_query(const float* query, float* state) const {
         qc[c] = static_cast<float>(acc);
     }
     if (!uses_lut()) return;
-    float* lut = qc + num_clusters_;
-    const int per_byte = 8 / bits_;
+    const bool nibbles = nibble_tables_are_faster();
+    qc[num_clusters_] = nibbles ? 1.0f : 0.0f;
+    // A table covers `group` coordinates: a nibble's or a byte's worth.
+    const int group = (nibbles ? 4 : 8) / bits_;
     const int levels = 1 << bits_;
     const float offset = 0.5f * static_cast<float>(levels - 1);
-    const std::size_t nbytes = packed_bytes(d, bits_);
-    for (std::size_t p = 0; p < nbytes; ++p) {
-        float* table = lut + p * 256;
+    const std::size_t tables = (nibbles ? 2 : 1) * packed_bytes(d, bits_);
+    const int entries = nibbles ? 16 : 256;
+    float* lut = qc + num_clusters_ + 1;
+    for (std::size_t p = 0; p < tables; ++p) {
+        float* table = lut + p * entries;
         // Built one coordinate at a time: after coordinate i, entry v (v < levels^(i+1)) holds
-        // the sum over the byte's first i+1 coordinates. Descending v keeps the low entries
+        // the sum over the group's first i+1 coordinates. Descending v keeps the low entries
         // intact until they are read. Coordinates past d (tail padding) contribute zero.
-        for (int i = 0; i < per_byte; ++i) {
-            const std::size_t j = p * per_byte + i;
+        for (int i = 0; i < group; ++i) {
+            const std::size_t j = p * group + i;
             const float qj = j < static_cast<std::size_t>(d) ? q[j] : 0.0f;
             const int low = 1 << (i * bits_);
             for (int v = low * levels - 1; v >= 0; --v) {
@@ -330,28 +337,46 @@ void RaBitQCodec::prepare_query(const float* query, float* state) const {
 }
 
 void RaBitQCodec::score(const float* state, const uint8_t* codes, const float* scalars,
-                        std::size_t /*stride*/, int n, float* scores) const {
+                        std::size_t scalar_stride, int n, float* scores) const {
+    score_rows_at(state, 0, 1, codes, scalars, scalar_stride, n, 0, scores, 0);
+}
+
+void RaBitQCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                                const uint8_t* codes, const float* scalars,
+                                std::size_t /*scalar_stride*/, int n, int /*pos0*/, float* scores,
+                                std::size_t score_stride) const {
     require_trained("score");
     const int d = dim();
-    const float* q = state;
-    const float* qc = state + d + 1;
-    const std::size_t cb = code_bytes();
-    const std::size_t ib = id_bytes();
-    if (uses_lut()) {
-        const float* lut = qc + num_clusters_;
-        byte_table_sums(lut, codes + ib, cb, packed_bytes(d, bits_), n, 1, scores);
+    const std::size_t cb = code_bytes(), ib = id_bytes(), packed = packed_bytes(d, bits_);
+    const std::size_t tables = static_cast<std::size_t>(d) + 1 + num_clusters_;
+    auto finish = [&](const float* state, float* row) {  // row holds <x_bar, q'> per token
+        const float* qc = state + d + 1;
         for (int t = 0; t < n; ++t)
-            scores[t] =
-                qc[read_cluster(codes + static_cast<std::size_t>(t) * cb)] + scalars[t] * scores[t];
+            row[t] =
+                qc[read_cluster(codes + static_cast<std::size_t>(t) * cb)] + scalars[t] * row[t];
+    };
+    bool all_nibbles = uses_lut();
+    for (int r = 0; r < rows && all_nibbles; ++r)
+        all_nibbles = states[r * state_stride + tables] != 0.0f;
+    if (all_nibbles) {  // the rows' nibbles taken out of the codes once
+        nibble_table_sums(states + tables + 1, state_stride, rows, codes + ib, cb, packed, n,
+                          scores, score_stride);
+        for (int r = 0; r < rows; ++r) finish(states + r * state_stride, scores + r * score_stride);
         return;
     }
-    // <x_bar, q'> = <u, q'> - (2^B - 1)/2 * sum_j q'_j.
-    const float offset_sum = 0.5f * static_cast<float>((1 << bits_) - 1) * state[d];
-    const DotLevels dot = dot_levels_for(bits_);
-    for (int t = 0; t < n; ++t) {
-        const uint8_t* code = codes + static_cast<std::size_t>(t) * cb;
-        const float s = dot(code + ib, q, d);
-        scores[t] = qc[read_cluster(code)] + scalars[t] * (s - offset_sum);
+    for (int r = 0; r < rows; ++r) {
+        const float* state = states + r * state_stride;
+        float* row = scores + r * score_stride;
+        if (uses_lut()) {
+            byte_table_sums(state + tables + 1, codes + ib, cb, packed, n, 1, row);
+        } else {
+            // <x_bar, q'> = <u, q'> - (2^B - 1)/2 * sum_j q'_j.
+            const float offset_sum = 0.5f * static_cast<float>((1 << bits_) - 1) * state[d];
+            const DotLevels dot = dot_levels_for(bits_);
+            for (int t = 0; t < n; ++t)
+                row[t] = dot(codes + static_cast<std::size_t>(t) * cb + ib, state, d) - offset_sum;
+        }
+        finish(state, row);
     }
 }
 

@@ -64,6 +64,10 @@ public:
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
+    /// Rows whose states all hold nibble tables are scored together (nibble_table_sums).
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
 
     std::size_t parameter_bytes() const override;
     void save_state(BinaryWriter& out) const override;
@@ -73,7 +77,7 @@ public:
 private:
     void require_trained(const char* what) const;
     int read_cluster(const uint8_t* code) const;
-    // Byte lookup tables serve widths whose codes never straddle a byte (1, 2, 4 bits).
+    // Lookup tables serve widths whose codes never straddle a nibble (1, 2, 4 bits).
     bool uses_lut() const { return bits_ == 1 || bits_ == 2 || bits_ == 4; }
 
     int bits_;
