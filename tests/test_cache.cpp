@@ -58,6 +58,19 @@ std::vector<float> file_bytes(const std::string& path) {
     return std::vector<float>(b.begin(), b.end());
 }
 
+// Whether two caches save byte-identical files.
+::testing::AssertionResult save_the_same_file(const KVCache& a, const KVCache& b) {
+    const std::string path_a = vqtest::unique_temp_path("a.bin"),
+                      path_b = vqtest::unique_temp_path("b.bin");
+    a.save(path_a);
+    b.save(path_b);
+    const bool same = file_bytes(path_a) == file_bytes(path_b);
+    std::remove(path_a.c_str());
+    std::remove(path_b.c_str());
+    if (same) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "the saved files differ";
+}
+
 }  // namespace
 
 class MethodTest : public ::testing::TestWithParam<std::string> {};
@@ -144,13 +157,7 @@ TEST_P(MethodTest, TrimmedCacheSavesAsOneThatNeverHeldTheTokens) {
     trimmed->append(more.k.data(), more.v.data(), 30);  // into a second page
     trimmed->trim(30);
     plain->append(first.k.data(), first.v.data(), 40);
-    const std::string path_a = vqtest::unique_temp_path("trimmed.bin"),
-                      path_b = vqtest::unique_temp_path("plain.bin");
-    trimmed->save(path_a);
-    plain->save(path_b);
-    EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
-    std::remove(path_a.c_str());
-    std::remove(path_b.c_str());
+    EXPECT_TRUE(save_the_same_file(*trimmed, *plain));
 }
 
 // The fp16 / bf16 entry points are the float32 path on the same values: the inputs' exact float
@@ -181,13 +188,7 @@ TEST_P(MethodTest, HalfEntryPointsAreTheFloat32PathOnTheSameValues) {
              full = KVCacheFactory::create(cfg, heads, d);
         half->append_half(kb.data(), vb.data(), n, f);
         full->append(kw.data(), vw.data(), n);
-        const std::string path_a = vqtest::unique_temp_path("half.bin"),
-                          path_b = vqtest::unique_temp_path("float.bin");
-        half->save(path_a);
-        full->save(path_b);
-        EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
-        std::remove(path_a.c_str());
-        std::remove(path_b.c_str());
+        EXPECT_TRUE(save_the_same_file(*half, *full));
 
         std::vector<uint16_t> out16(qb.size());
         half->attend_half(qb.data(), x.q_heads, n_q, out16.data(), 0.125f, true, f);
@@ -224,17 +225,11 @@ TEST_P(MethodTest, SameSeedSameBytesOtherSeedOtherCodes) {
     const int heads = 2, d = 64, n = 70;
     const Data x = make_data(heads, 1, n, d, 1, 9);
     KVCacheConfig cfg = make_config(GetParam());
-    const std::string path_a = vqtest::unique_temp_path("a.bin"),
-                      path_b = vqtest::unique_temp_path("b.bin");
     auto a = KVCacheFactory::create(cfg, heads, d);
     auto b = KVCacheFactory::create(cfg, heads, d);
     a->append(x.k.data(), x.v.data(), n);
     b->append(x.k.data(), x.v.data(), n);
-    a->save(path_a);
-    b->save(path_b);
-    EXPECT_EQ(file_bytes(path_a), file_bytes(path_b));
-    std::remove(path_a.c_str());
-    std::remove(path_b.c_str());
+    EXPECT_TRUE(save_the_same_file(*a, *b));
     if (GetParam() == "fp16") return;  // nothing random
     cfg.seed = 1;
     auto c = KVCacheFactory::create(cfg, heads, d);
