@@ -78,6 +78,11 @@ const KVCacheConfig& config_for(const std::string& name) {
         c.num_residuals = 1;
         c.value_bits = 4;
     }
+    if (name == "qjl_m256") {  // 2 sign bits per coordinate at d=128, 4-bit values
+        c.method = "qjl";
+        c.sketch_dim = 256;
+        c.value_bits = 4;
+    }
     if (name == "rabitq_b2" || name == "rabitq_b4") {  // extended codes, 2- and 4-bit values
         c.method = "rabitq";
         c.bits = c.value_bits = name == "rabitq_b2" ? 2 : 4;
@@ -97,9 +102,9 @@ const KVCacheConfig& config_for(const std::string& name) {
 }
 
 const std::vector<std::string> kVariants = {
-    "fp16",   "turboquant_rvq", "turboquant_rvq_b4", "qjl",       "polarquant",
-    "rabitq", "rabitq_b2",      "rabitq_b4",         "ratequant", "spectral",
-    "commvq", "commvq_rope",    "vecinfer"};
+    "fp16",       "turboquant_rvq", "turboquant_rvq_b4", "qjl",       "qjl_m256",
+    "polarquant", "rabitq",         "rabitq_b2",         "rabitq_b4", "ratequant",
+    "spectral",   "commvq",         "commvq_rope",       "vecinfer"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));

@@ -3,10 +3,12 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "core/bitpack.h"
 #include "core/rng.h"
 #include "methods/byte_table_sums.h"
+#include "methods/nibble_table_sums.h"
 
 namespace veloxquant {
 namespace {
@@ -99,40 +101,60 @@ void QJLCodec::decode(const uint8_t* codes, const float* scalars, std::size_t /*
 }
 
 std::size_t QJLCodec::query_state_size() const {
-    return code_bytes() * 256;
+    return 1 + code_bytes() * 256;  // the tables' kind, then the byte tables (the larger kind)
 }
 
 void QJLCodec::prepare_query(const float* query, float* state) const {
     const int d = dim();
     const double scale = kSqrtHalfPi / m_;
     const std::size_t cb = code_bytes();
-    for (std::size_t byte = 0; byte < cb; ++byte) {
-        // v[b] = scale * (S q)_{8 byte + b}; rows past m contribute nothing either way.
-        float v[8] = {};
-        for (int b = 0; b < 8; ++b) {
-            const int i = static_cast<int>(byte) * 8 + b;
-            if (i >= m_) break;
-            const float* row = &sketch_[static_cast<std::size_t>(i) * d];
-            double acc = 0.0;
-            for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * query[j];
-            v[b] = static_cast<float>(scale * acc);
-        }
-        // LUT[0] = -sum v; setting bit b flips term b from -v[b] to +v[b].
-        float* lut = state + byte * 256;
+    // v[i] = scale * (S q)_i; rows past m (the last byte's padding) contribute nothing.
+    std::vector<float> v(cb * 8, 0.0f);
+    for (int i = 0; i < m_; ++i) {
+        const float* row = &sketch_[static_cast<std::size_t>(i) * d];
+        double acc = 0.0;
+        for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * query[j];
+        v[i] = static_cast<float>(scale * acc);
+    }
+    // A table per nibble (16 entries, nibble_table_sums) where that has a SIMD build, else per
+    // byte (256 entries, byte_table_sums). LUT[0] = -sum of the table's v; setting bit b flips
+    // term b from -v[b] to +v[b].
+    const bool nibbles = nibble_tables_are_faster();
+    state[0] = nibbles ? 1.0f : 0.0f;
+    const int bits = nibbles ? 4 : 8, entries = 1 << bits;
+    for (std::size_t p = 0; p < cb * 8 / bits; ++p) {
+        const float* vp = &v[p * bits];
+        float* lut = state + 1 + p * entries;
         float base = 0.0f;
-        for (float x : v) base -= x;
+        for (int b = 0; b < bits; ++b) base -= vp[b];
         lut[0] = base;
-        for (int code = 1; code < 256; ++code) {
+        for (int code = 1; code < entries; ++code) {
             const int low = code & -code;
-            lut[code] = lut[code ^ low] + 2.0f * v[__builtin_ctz(static_cast<unsigned>(code))];
+            lut[code] = lut[code ^ low] + 2.0f * vp[__builtin_ctz(static_cast<unsigned>(code))];
         }
     }
 }
 
 void QJLCodec::score(const float* state, const uint8_t* codes, const float* scalars,
-                     std::size_t /*scalar_stride*/, int n, float* scores) const {
-    byte_table_sums(state, codes, code_bytes(), code_bytes(), n, 1, scores);
-    for (int t = 0; t < n; ++t) scores[t] *= scalars[t];
+                     std::size_t scalar_stride, int n, float* scores) const {
+    score_rows_at(state, 0, 1, codes, scalars, scalar_stride, n, 0, scores, 0);
+}
+
+void QJLCodec::score_rows_at(const float* states, std::size_t state_stride, int rows,
+                             const uint8_t* codes, const float* scalars,
+                             std::size_t /*scalar_stride*/, int n, int /*pos0*/, float* scores,
+                             std::size_t score_stride) const {
+    const std::size_t cb = code_bytes();
+    bool all_nibbles = true;
+    for (int r = 0; r < rows && all_nibbles; ++r) all_nibbles = states[r * state_stride] != 0.0f;
+    if (all_nibbles)  // the rows' nibbles taken out of the codes once
+        nibble_table_sums(states + 1, state_stride, rows, codes, cb, cb, n, scores, score_stride);
+    else
+        for (int r = 0; r < rows; ++r)
+            byte_table_sums(states + r * state_stride + 1, codes, cb, cb, n, 1,
+                            scores + r * score_stride);
+    for (int r = 0; r < rows; ++r)
+        for (int t = 0; t < n; ++t) scores[r * score_stride + t] *= scalars[t];
 }
 
 std::size_t QJLCodec::parameter_bytes() const {

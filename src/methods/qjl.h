@@ -39,12 +39,17 @@ public:
     void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                 float* keys) const override;
 
-    /// State: for each code byte j, 256 floats: LUT[j][byte] = sqrt(pi/2)/m * sum over the (up
-    /// to 8) sketch rows i of byte j of +-(S q)_i, + where bit i of byte is set.
+    /// State: the tables' kind, then per code nibble (where nibble_table_sums has a SIMD build)
+    /// or per code byte a table LUT[part][bits] = sqrt(pi/2)/m * sum over the part's sketch
+    /// rows i of +-(S q)_i, + where the bit of row i is set.
     std::size_t query_state_size() const override;
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
                std::size_t scalar_stride, int n, float* scores) const override;
+    /// Rows whose states all hold nibble tables are scored together (nibble_table_sums).
+    void score_rows_at(const float* states, std::size_t state_stride, int rows,
+                       const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
+                       int pos0, float* scores, std::size_t score_stride) const override;
 
     std::size_t parameter_bytes() const override;
 
