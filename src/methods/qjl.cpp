@@ -3,7 +3,6 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "core/bitpack.h"
 #include "core/rng.h"
@@ -108,22 +107,23 @@ void QJLCodec::prepare_query(const float* query, float* state) const {
     const int d = dim();
     const double scale = kSqrtHalfPi / m_;
     const std::size_t cb = code_bytes();
-    // v[i] = scale * (S q)_i; rows past m (the last byte's padding) contribute nothing.
-    std::vector<float> v(cb * 8, 0.0f);
-    for (int i = 0; i < m_; ++i) {
-        const float* row = &sketch_[static_cast<std::size_t>(i) * d];
-        double acc = 0.0;
-        for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * query[j];
-        v[i] = static_cast<float>(scale * acc);
-    }
     // A table per nibble (16 entries, nibble_table_sums) where that has a SIMD build, else per
-    // byte (256 entries, byte_table_sums). LUT[0] = -sum of the table's v; setting bit b flips
-    // term b from -v[b] to +v[b].
+    // byte (256 entries, byte_table_sums). With v[b] = scale * (S q)_i for the table's rows i
+    // (rows past m, the last byte's padding, contribute nothing): LUT[0] = -sum of v, and
+    // setting bit b flips term b from -v[b] to +v[b].
     const bool nibbles = nibble_tables_are_faster();
     state[0] = nibbles ? 1.0f : 0.0f;
     const int bits = nibbles ? 4 : 8, entries = 1 << bits;
     for (std::size_t p = 0; p < cb * 8 / bits; ++p) {
-        const float* vp = &v[p * bits];
+        float vp[8] = {};
+        for (int b = 0; b < bits; ++b) {
+            const int i = static_cast<int>(p) * bits + b;
+            if (i >= m_) break;
+            const float* row = &sketch_[static_cast<std::size_t>(i) * d];
+            double acc = 0.0;
+            for (int j = 0; j < d; ++j) acc += static_cast<double>(row[j]) * query[j];
+            vp[b] = static_cast<float>(scale * acc);
+        }
         float* lut = state + 1 + p * entries;
         float base = 0.0f;
         for (int b = 0; b < bits; ++b) base -= vp[b];

@@ -348,7 +348,7 @@ void RaBitQCodec::score_rows_at(const float* states, std::size_t state_stride, i
     require_trained("score");
     const int d = dim();
     const std::size_t cb = code_bytes(), ib = id_bytes(), packed = packed_bytes(d, bits_);
-    const std::size_t tables = static_cast<std::size_t>(d) + 1 + num_clusters_;
+    const std::size_t kind_at = static_cast<std::size_t>(d) + 1 + num_clusters_;  // then tables
     auto finish = [&](const float* state, float* row) {  // row holds <x_bar, q'> per token
         const float* qc = state + d + 1;
         for (int t = 0; t < n; ++t)
@@ -357,9 +357,9 @@ void RaBitQCodec::score_rows_at(const float* states, std::size_t state_stride, i
     };
     bool all_nibbles = uses_lut();
     for (int r = 0; r < rows && all_nibbles; ++r)
-        all_nibbles = states[r * state_stride + tables] != 0.0f;
+        all_nibbles = states[r * state_stride + kind_at] != 0.0f;
     if (all_nibbles) {  // the rows' nibbles taken out of the codes once
-        nibble_table_sums(states + tables + 1, state_stride, rows, codes + ib, cb, packed, n,
+        nibble_table_sums(states + kind_at + 1, state_stride, rows, codes + ib, cb, packed, n,
                           scores, score_stride);
         for (int r = 0; r < rows; ++r) finish(states + r * state_stride, scores + r * score_stride);
         return;
@@ -368,7 +368,7 @@ void RaBitQCodec::score_rows_at(const float* states, std::size_t state_stride, i
         const float* state = states + r * state_stride;
         float* row = scores + r * score_stride;
         if (uses_lut()) {
-            byte_table_sums(state + tables + 1, codes + ib, cb, packed, n, 1, row);
+            byte_table_sums(state + kind_at + 1, codes + ib, cb, packed, n, 1, row);
         } else {
             // <x_bar, q'> = <u, q'> - (2^B - 1)/2 * sum_j q'_j.
             const float offset_sum = 0.5f * static_cast<float>((1 << bits_) - 1) * state[d];
