@@ -87,6 +87,10 @@ const KVCacheConfig& config_for(const std::string& name) {
         c.method = "rabitq";
         c.bits = c.value_bits = name == "rabitq_b2" ? 2 : 4;
     }
+    if (name == "vecinfer_b4") {  // 256 codewords of 2 coordinates: a byte a pair, 4-bit values
+        c.method = "vecinfer";
+        c.bits = c.value_bits = 4;
+    }
     if (name == "polarquant_b4") {  // 6-bit level-1 angles (64-entry tables), 4-bit values
         c.method = "polarquant";
         c.bits = c.value_bits = 4;
@@ -94,7 +98,7 @@ const KVCacheConfig& config_for(const std::string& name) {
     // commvq_rope: the same codebook with the cache told the RoPE frequencies (base 10000), so
     // keys are coded before RoPE and scores turn by each token's position.
     if (name == "commvq_rope") c.method = "commvq";
-    if (name == "spectral" || c.method == "commvq" || name == "vecinfer") {
+    if (name == "spectral" || c.method == "commvq" || c.method == "vecinfer") {
         Calibration cal;
         calibrate_method(calibration_activations(), c, cal);
         apply_calibration(cal, c);
@@ -106,9 +110,9 @@ const KVCacheConfig& config_for(const std::string& name) {
 }
 
 const std::vector<std::string> kVariants = {
-    "fp16",          "turboquant_rvq", "turboquant_rvq_b4", "qjl",       "qjl_m256",  "polarquant",
-    "polarquant_b4", "rabitq",         "rabitq_b2",         "rabitq_b4", "ratequant", "spectral",
-    "commvq",        "commvq_rope",    "vecinfer"};
+    "fp16",          "turboquant_rvq", "turboquant_rvq_b4", "qjl",        "qjl_m256",  "polarquant",
+    "polarquant_b4", "rabitq",         "rabitq_b2",         "rabitq_b4",  "ratequant", "spectral",
+    "commvq",        "commvq_rope",    "vecinfer",          "vecinfer_b4"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));
