@@ -52,25 +52,6 @@ std::vector<float> attend(const KVCache& c, const Data& x, int n_q, bool causal)
     return out;
 }
 
-std::vector<float> file_bytes(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    std::vector<char> b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    return std::vector<float>(b.begin(), b.end());
-}
-
-// Whether two caches save byte-identical files.
-::testing::AssertionResult save_the_same_file(const KVCache& a, const KVCache& b) {
-    const std::string path_a = vqtest::unique_temp_path("a.bin"),
-                      path_b = vqtest::unique_temp_path("b.bin");
-    a.save(path_a);
-    b.save(path_b);
-    const bool same = file_bytes(path_a) == file_bytes(path_b);
-    std::remove(path_a.c_str());
-    std::remove(path_b.c_str());
-    if (same) return ::testing::AssertionSuccess();
-    return ::testing::AssertionFailure() << "the saved files differ";
-}
-
 }  // namespace
 
 class MethodTest : public ::testing::TestWithParam<std::string> {};
@@ -157,7 +138,7 @@ TEST_P(MethodTest, TrimmedCacheSavesAsOneThatNeverHeldTheTokens) {
     trimmed->append(more.k.data(), more.v.data(), 30);  // into a second page
     trimmed->trim(30);
     plain->append(first.k.data(), first.v.data(), 40);
-    EXPECT_TRUE(save_the_same_file(*trimmed, *plain));
+    EXPECT_TRUE(vqtest::save_the_same_file(*trimmed, *plain));
 }
 
 // The fp16 / bf16 entry points are the float32 path on the same values: the inputs' exact float
@@ -188,7 +169,7 @@ TEST_P(MethodTest, HalfEntryPointsAreTheFloat32PathOnTheSameValues) {
              full = KVCacheFactory::create(cfg, heads, d);
         half->append_half(kb.data(), vb.data(), n, f);
         full->append(kw.data(), vw.data(), n);
-        EXPECT_TRUE(save_the_same_file(*half, *full));
+        EXPECT_TRUE(vqtest::save_the_same_file(*half, *full));
 
         std::vector<uint16_t> out16(qb.size());
         half->attend_half(qb.data(), x.q_heads, n_q, out16.data(), 0.125f, true, f);
@@ -229,7 +210,7 @@ TEST_P(MethodTest, SameSeedSameBytesOtherSeedOtherCodes) {
     auto b = KVCacheFactory::create(cfg, heads, d);
     a->append(x.k.data(), x.v.data(), n);
     b->append(x.k.data(), x.v.data(), n);
-    EXPECT_TRUE(save_the_same_file(*a, *b));
+    EXPECT_TRUE(vqtest::save_the_same_file(*a, *b));
     if (GetParam() == "fp16") return;  // nothing random
     cfg.seed = 1;
     auto c = KVCacheFactory::create(cfg, heads, d);

@@ -67,6 +67,20 @@ TEST_P(CacheAdopt, PagesAndLearnedStateCarryOver) {
     std::remove(path.c_str());
 }
 
+// Adopting fewer tokens than the pages hold (a device cache trimmed, or whose last append
+// failed, keeps codes past its size in its last page) leaves those slots as a fresh page has
+// them: the adopted cache saves the file of its source trimmed to the same size.
+TEST_P(CacheAdopt, SlotsPastTheSizeAreNotCarriedOver) {
+    const int H = 2, d = 64, n = 150, kept = 100;
+    const KVCacheConfig c = config(GetParam());
+    auto a = make(c, H, d), b = make(c, H, d);
+    const auto keys = vqtest::randn(static_cast<std::size_t>(H) * n * d, 6);
+    a->append(keys.data(), keys.data(), n);
+    b->adopt(a->paged_store(), kept, a->key_codecs());
+    a->trim(n - kept);
+    EXPECT_TRUE(vqtest::save_the_same_file(*a, *b));
+}
+
 INSTANTIATE_TEST_SUITE_P(Methods, CacheAdopt, testing::Values("turboquant_rvq", "rabitq", "fp16"));
 
 TEST(CacheAdopt, RefusesWhatItCannotHoldAndKeepsItsContents) {

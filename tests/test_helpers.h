@@ -9,6 +9,9 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,6 +28,25 @@ inline std::string unique_temp_path(const std::string& stem) {
         if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.') c = '_';
     return testing::TempDir() + "vq_" + std::to_string(getpid()) + "_" + name + "_" +
            std::to_string(counter++) + "_" + stem;
+}
+
+/// The bytes of a file ("" when it cannot be read).
+inline std::string file_bytes(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+/// Whether two caches (KVCache, or anything with save(path)) save byte-identical files.
+template <class Cache>
+::testing::AssertionResult save_the_same_file(const Cache& a, const Cache& b) {
+    const std::string path_a = unique_temp_path("a.bin"), path_b = unique_temp_path("b.bin");
+    a.save(path_a);
+    b.save(path_b);
+    const bool same = file_bytes(path_a) == file_bytes(path_b);
+    std::remove(path_a.c_str());
+    std::remove(path_b.c_str());
+    if (same) return ::testing::AssertionSuccess();
+    return ::testing::AssertionFailure() << "the saved files differ";
 }
 
 inline std::vector<float> randn(std::size_t n, uint64_t seed, float scale = 1.0f) {

@@ -307,6 +307,9 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
     store_->clear();
     for (int p = 0; p < n_pages; ++p)
         std::memcpy(store_->allocate_page(p), pages.page_data(p), store_->layout().page_bytes);
+    // The source's last page may hold codes past `size` (a device cache keeps them after a trim
+    // or a failed append): zeroed, so that what this cache saves depends on its tokens alone.
+    store_->truncate(size);
     size_ = size;
 }
 

@@ -135,12 +135,25 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, config_.key_bound(),
                          config_.value_bound(), stream);
     pages_->reserve(size_ + n_tokens);
-    if (!backend_) train_on(keys, n_tokens, stream);
-    SequenceSet at;
-    at.pool = pages_->pool();
-    at.page_table = pages_->page_table();
-    at.size = size_;
-    backend_->encode(at, n_tokens, keys, values, stream);
+    const bool trains = !backend_;
+    try {
+        if (trains) train_on(keys, n_tokens, stream);
+        SequenceSet at;
+        at.pool = pages_->pool();
+        at.page_table = pages_->page_table();
+        at.size = size_;
+        backend_->encode(at, n_tokens, keys, values, stream);
+    } catch (...) {
+        // As the CPU cache's append: codecs trained in a call that failed forget it, so a save
+        // now, or the next append, sees the cache as it was (codes past size_ are never read
+        // and never saved: to_host's adopt zeroes them).
+        if (trains) {
+            backend_.reset();
+            fingerprint_ = 0;
+            for (auto& codec : key_codecs_) codec->forget_training();
+        }
+        throw;
+    }
     size_ += n_tokens;
 }
 
