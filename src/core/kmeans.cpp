@@ -8,10 +8,7 @@
 
 #include "core/cpu_isa.h"
 #include "core/rng.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
+#include "core/x86_intrinsics.h"
 
 namespace veloxquant {
 namespace {

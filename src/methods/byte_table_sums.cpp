@@ -4,10 +4,7 @@
 #include <string>
 
 #include "core/cpu_isa.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
+#include "core/x86_intrinsics.h"
 
 namespace veloxquant {
 namespace {

@@ -7,12 +7,9 @@
 #include <string>
 #include <utility>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "core/bitpack.h"
 #include "core/cpu_isa.h"
+#include "core/x86_intrinsics.h"
 #include "methods/byte_table_sums.h"
 #include "methods/commvq_scores.h"
 

@@ -4,11 +4,8 @@
 #include <cmath>
 
 #include "core/cpu_isa.h"
+#include "core/x86_intrinsics.h"
 #include "methods/commvq.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
 
 namespace veloxquant {
 namespace {

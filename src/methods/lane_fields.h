@@ -10,10 +10,9 @@
 #include <cstdint>
 
 #include "core/cpu_isa.h"
+#include "core/x86_intrinsics.h"
 
 #ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-
 namespace veloxquant {
 
 /// Byte offsets of 16 consecutive tokens' codes, stride bytes apart.

@@ -3,10 +3,7 @@
 #include <algorithm>
 
 #include "core/cpu_isa.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
+#include "core/x86_intrinsics.h"
 
 namespace veloxquant {
 namespace {

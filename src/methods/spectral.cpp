@@ -8,11 +8,8 @@
 
 #include "core/cpu_isa.h"
 #include "core/lloyd_max.h"
+#include "core/x86_intrinsics.h"
 #include "methods/spectral_scores.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
 
 namespace veloxquant {
 namespace {
@@ -368,7 +365,7 @@ void SpectralCodec::encode(const float* keys, int n, uint8_t* codes, float* scal
                     basis_.basis[static_cast<std::size_t>(slots_[k].coord) * d + j];
     }
     std::vector<double> centered(d), ys(slots);
-    std::vector<float> y(width);  // y_r of each slot's direction r
+    std::vector<float> y(width);                  // y_r of each slot's direction r
     std::vector<uint8_t> cand(slots * kSpreads);  // [slot][spread] levels
     for (int t = 0; t < n; ++t) {
         const float* key = keys + static_cast<std::size_t>(t) * d;

@@ -9,11 +9,8 @@
 #include "core/bitpack.h"
 #include "core/cpu_isa.h"
 #include "core/half.h"
+#include "core/x86_intrinsics.h"
 #include "methods/value_sum.h"
-
-#ifdef VQ_X86_KERNELS
-#include <immintrin.h>
-#endif
 
 namespace veloxquant {
 namespace {

@@ -7,12 +7,9 @@
 #include <string>
 #include <utility>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #include "core/cpu_isa.h"
 #include "core/rng.h"
+#include "core/x86_intrinsics.h"
 
 namespace veloxquant {
 namespace {
