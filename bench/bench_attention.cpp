@@ -91,6 +91,12 @@ const KVCacheConfig& config_for(const std::string& name) {
         c.method = "vecinfer";
         c.bits = c.value_bits = 4;
     }
+    if (name == "spectral_b4") {  // compare's ~4.4-bit setting: 5 signal, 3 noise bits
+        c.method = "spectral";
+        c.signal_bits = 5;
+        c.noise_bits = 3;
+        c.value_bits = 4;
+    }
     if (name == "polarquant_b4") {  // 6-bit level-1 angles (64-entry tables), 4-bit values
         c.method = "polarquant";
         c.bits = c.value_bits = 4;
@@ -98,7 +104,7 @@ const KVCacheConfig& config_for(const std::string& name) {
     // commvq_rope: the same codebook with the cache told the RoPE frequencies (base 10000), so
     // keys are coded before RoPE and scores turn by each token's position.
     if (name == "commvq_rope") c.method = "commvq";
-    if (name == "spectral" || c.method == "commvq" || c.method == "vecinfer") {
+    if (c.method == "spectral" || c.method == "commvq" || c.method == "vecinfer") {
         Calibration cal;
         calibrate_method(calibration_activations(), c, cal);
         apply_calibration(cal, c);
@@ -109,10 +115,12 @@ const KVCacheConfig& config_for(const std::string& name) {
     return configs.emplace(name, std::move(c)).first->second;
 }
 
-const std::vector<std::string> kVariants = {
-    "fp16",          "turboquant_rvq", "turboquant_rvq_b4", "qjl",        "qjl_m256",  "polarquant",
-    "polarquant_b4", "rabitq",         "rabitq_b2",         "rabitq_b4",  "ratequant", "spectral",
-    "commvq",        "commvq_rope",    "vecinfer",          "vecinfer_b4"};
+const std::vector<std::string> kVariants = {"fp16",          "turboquant_rvq", "turboquant_rvq_b4",
+                                            "qjl",           "qjl_m256",       "polarquant",
+                                            "polarquant_b4", "rabitq",         "rabitq_b2",
+                                            "rabitq_b4",     "ratequant",      "spectral",
+                                            "commvq",        "commvq_rope",    "vecinfer",
+                                            "vecinfer_b4",   "spectral_b4"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));

@@ -56,27 +56,6 @@ void score_generic(const ScoreArgs& a) {
 }
 
 #ifdef VQ_X86_KERNELS
-// Each lane's entry idx of a table of L floats (L a power of two, at least 8): one vpermps up
-// to 16 entries (8: only 8 floats read), vpermt2ps on two registers for 32 (it reads the
-// index's low 5 bits), for 64 the two halves' lookups blended on bit 5, a gather beyond (on
-// the build VM's AVX-512 core, 4-bit polarquant at d=128 and 32K tokens: 41.6 ms gathering,
-// 25.6 ms blending; at 5 and 6 bits the blends of 4 and 8 permutes were slower than the gather).
-template <int L>
-VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512 lookup(const float* table, __m512i idx) {
-    static_assert(L >= 8, "tables of fewer than 8 floats are padded");
-    if constexpr (L == 8)
-        return _mm512_permutexvar_ps(idx, _mm512_castps256_ps512(_mm256_loadu_ps(table)));
-    else if constexpr (L == 16)
-        return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(table));
-    else if constexpr (L == 32)
-        return _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
-    else if constexpr (L == 64)
-        return _mm512_mask_blend_ps(_mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)),
-                                    lookup<32>(table, idx), lookup<32>(table + 32, idx));
-    else
-        return _mm512_i32gather_ps(idx, table, 4);
-}
-
 // Blocks of 16 tokens, one per lane, at `Bits` bits (level 1 at Bits + 2). Per block of 16
 // coordinates, y_block = radius * (w_i cos theta_i, w_i sin theta_i)_{i<8}, w_i the product of
 // the cos or sin of the level-2..4 angles on pair i's path (decode's expansion), so
@@ -121,8 +100,8 @@ VQ_TARGET_AVX512 void score_bits_avx512(const ScoreArgs& a) {
                                 Bits;
                 for (int i = width - 1; i >= 0; --i) {
                     const __m512i idx = lane_field(word, first + i * Bits, Bits);
-                    w[2 * i + 1] = _mm512_mul_ps(w[i], lookup<kPadded>(sin_t[level - 2], idx));
-                    w[2 * i] = _mm512_mul_ps(w[i], lookup<kPadded>(cos_t[level - 2], idx));
+                    w[2 * i + 1] = _mm512_mul_ps(w[i], lane_lookup<kPadded>(sin_t[level - 2], idx));
+                    w[2 * i] = _mm512_mul_ps(w[i], lane_lookup<kPadded>(cos_t[level - 2], idx));
                 }
             }
             __m512i idx1[kBlock / 2];
@@ -132,12 +111,12 @@ VQ_TARGET_AVX512 void score_bits_avx512(const ScoreArgs& a) {
             for (int r = 0; r < a.rows; ++r) {
                 const float* table =
                     a.states + r * a.state_stride + d + static_cast<std::size_t>(8 * j) * kL1;
-                __m512 s0 = _mm512_mul_ps(w[0], lookup<kL1>(table, idx1[0]));
-                __m512 s1 = _mm512_mul_ps(w[1], lookup<kL1>(table + kL1, idx1[1]));
+                __m512 s0 = _mm512_mul_ps(w[0], lane_lookup<kL1>(table, idx1[0]));
+                __m512 s1 = _mm512_mul_ps(w[1], lane_lookup<kL1>(table + kL1, idx1[1]));
                 for (int i = 2; i < kBlock / 2; i += 2) {
-                    s0 = _mm512_fmadd_ps(w[i], lookup<kL1>(table + i * kL1, idx1[i]), s0);
-                    s1 = _mm512_fmadd_ps(w[i + 1], lookup<kL1>(table + (i + 1) * kL1, idx1[i + 1]),
-                                         s1);
+                    s0 = _mm512_fmadd_ps(w[i], lane_lookup<kL1>(table + i * kL1, idx1[i]), s0);
+                    s1 = _mm512_fmadd_ps(w[i + 1],
+                                         lane_lookup<kL1>(table + (i + 1) * kL1, idx1[i + 1]), s1);
                 }
                 float* out = a.scores + r * a.score_stride + t;
                 const __m512 sum = _mm512_add_ps(s0, s1);

@@ -153,9 +153,9 @@ VQ_TARGET_AVX512 void query_state_avx512(const SpectralCodec& c, const float* qu
 }
 
 // 16 tokens (one per lane, their code words gathered) for Rows rows: per group, its field
-// once for all the rows, then a lookup in each row's table (a gather for the wide groups, which
-// come first, a vpermps of the 16-entry table in a register for the rest), added in group order
-// as score_block.
+// once for all the rows, then a lookup in each row's table (lane_lookup for the wide groups,
+// which come first: permutes for 5 and 6 bits, a gather for 7 and 8; a vpermps of the 16-entry
+// table in a register for the rest), added in group order as score_block.
 template <int Rows>
 VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void score_lanes(const RowsArgs& a, std::size_t wide,
                                                    const __m512i* words, int r0, int t) {
@@ -169,8 +169,13 @@ VQ_TARGET_AVX512 VQ_ALWAYS_INLINE void score_lanes(const RowsArgs& a, std::size_
     for (std::size_t i = 0; i < wide; ++i) {
         const Group& g = groups[i];
         const __m512i idx = lane_field(words, g.bit_offset, g.bits);
-        for (int r = 0; r < Rows; ++r)
-            acc[r] = _mm512_add_ps(acc[r], _mm512_i32gather_ps(idx, states[r] + g.table_offset, 4));
+        for (int r = 0; r < Rows; ++r) {
+            const float* table = states[r] + g.table_offset;
+            const __m512 entry = g.bits == 5   ? lane_lookup<32>(table, idx)
+                                 : g.bits == 6 ? lane_lookup<64>(table, idx)
+                                               : lane_lookup<256>(table, idx);
+            acc[r] = _mm512_add_ps(acc[r], entry);
+        }
     }
     for (std::size_t i = wide; i < groups.size(); ++i) {
         const Group& g = groups[i];
