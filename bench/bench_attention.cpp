@@ -104,23 +104,27 @@ const KVCacheConfig& config_for(const std::string& name) {
     // commvq_rope: the same codebook with the cache told the RoPE frequencies (base 10000), so
     // keys are coded before RoPE and scores turn by each token's position.
     if (name == "commvq_rope") c.method = "commvq";
+    if (name == "commvq_rope_b4") {  // 4 stages of 256 codewords, 4-bit values
+        c.method = "commvq";
+        c.bits = c.value_bits = 4;
+    }
     if (c.method == "spectral" || c.method == "commvq" || c.method == "vecinfer") {
         Calibration cal;
         calibrate_method(calibration_activations(), c, cal);
         apply_calibration(cal, c);
     }
-    if (name == "commvq_rope")
+    if (name == "commvq_rope" || name == "commvq_rope_b4")
         for (int i = 0; i < kDim / 2; ++i)
             c.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * i / kDim));
     return configs.emplace(name, std::move(c)).first->second;
 }
 
-const std::vector<std::string> kVariants = {"fp16",          "turboquant_rvq", "turboquant_rvq_b4",
-                                            "qjl",           "qjl_m256",       "polarquant",
-                                            "polarquant_b4", "rabitq",         "rabitq_b2",
-                                            "rabitq_b4",     "ratequant",      "spectral",
-                                            "commvq",        "commvq_rope",    "vecinfer",
-                                            "vecinfer_b4",   "spectral_b4"};
+const std::vector<std::string> kVariants = {
+    "fp16",        "turboquant_rvq", "turboquant_rvq_b4", "qjl",
+    "qjl_m256",    "polarquant",     "polarquant_b4",     "rabitq",
+    "rabitq_b2",   "rabitq_b4",      "ratequant",         "spectral",
+    "spectral_b4", "commvq",         "commvq_rope",       "commvq_rope_b4",
+    "vecinfer",    "vecinfer_b4"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));
