@@ -137,10 +137,9 @@ struct DecodeArgs {
     /// long contexts (for comparisons and tests). tail_pages without split_pages is refused.
     int split_pages = 0;
     int tail_pages = 0;
-    /// L2 policy of the page copies of the mixed-row kernels (decode_takes_mixed_rows): 0 lets
-    /// the plan choose (evict-first: a model's weights pass through the L2 between two decodes
-    /// of a layer, so its pages are never found there again), 1 the normal policy, 2
-    /// evict-first (for comparisons).
+    /// L2 policy of the decode kernels' page copies: 0 lets the plan choose (evict-first: a
+    /// model's weights pass through the L2 between two decodes of a layer, so its pages are never
+    /// found there again), 1 the normal policy, 2 evict-first (for comparisons).
     int page_eviction = 0;
 };
 

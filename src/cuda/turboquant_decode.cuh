@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             uint4* dst = reinterpret_cast<uint4*>(ring + slot * L.head_bytes);
             const uint32_t end = part == 0 ? key_chunks : page_chunks;
             for (uint32_t c = (part == 1 ? key_chunks : 0) + lane; c < end; c += 32)
-                cp_async<16>(dst + c, src + c);
+                cp_async_hinted_at<16>(static_cast<uint32_t>(__cvta_generic_to_shared(dst + c)),
+                                       src + c, page_policy);
         }
         cp_async_commit();
     };

@@ -32,7 +32,7 @@ struct DecodeKernelParams {
     DecodeArgs args;
     DecodeSplit split;             // each sequence's page ranges (decode_split.h)
     int ring = 0;                  // pages in flight per warp (cp.async ring depth), 1..4
-    uint64_t page_policy = 0;      // L2 policy of the mixed-row kernels' page copies (kL2Evict*)
+    uint64_t page_policy = 0;      // L2 policy of the page copies (kL2Evict*)
     bool shared_pairs = false;     // 4-bit values read the lane copies of the 4-bit key table
     float* partial_o = nullptr;    // [batch][kv head][split][group][head_dim]
     float2* partial_ml = nullptr;  // [batch][kv head][split][group] (max, sum) in log2 units
