@@ -26,7 +26,8 @@
 # AB_TESTS are paths in a build, each run under a timeout (AB_TEST_TIMEOUT, 150 s) in every
 # build AB_TEST_VARIANTS names. AB_BENCH, a shell command line (environment settings, pipes and
 # `;` work: it runs under bash -c), is run from each build folder, {out} replaced by
-# $OUT/ab/bench_<variant>_<round>; AB_GREP (a regular expression) picks the lines echoed.
+# $OUT/ab/bench_<variant>_<round> and {root} by this repository's root (for its scripts:
+# `bash {root}/bench/cuda/points.sh {out}`); AB_GREP (a regular expression) picks the lines echoed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -149,6 +150,7 @@ if [ -n "${AB_BENCH:-}" ]; then
   for r in $(seq 1 "${AB_ROUNDS:-2}"); do
     for name in $names; do
       cmd=${AB_BENCH//\{out\}/$R/bench_${name}_$r}
+      cmd=${cmd//\{root\}/$PWD}
       (cd "$(build_dir "$name")" && timeout 300 bash -c "$cmd") > "$R/bench_${name}_$r.txt" 2>&1
       grep -E "${AB_GREP:-encode|decode|ms}|error" "$R/bench_${name}_$r.txt" | head -12 |
         sed "s/^/$name $r: /"
