@@ -54,12 +54,12 @@ VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512i lane_field(const __m512i* words, std::
     return _mm512_and_si512(lane_field_low(words, bit, width), _mm512_set1_epi32((1 << width) - 1));
 }
 
-/// Each lane's entry idx of a table of L floats (L a power of two, at least 8; idx below L, or
-/// any bits above log2 L where L <= 32): one vpermps up to 16 entries (8: only 8 floats read),
-/// vpermt2ps on two registers for 32 (it reads the index's low 5 bits), for 64 the two halves'
-/// lookups blended on bit 5, a gather beyond (on the build VM's AVX-512 core, 4-bit polarquant
-/// at d=128 and 32K tokens: 41.6 ms gathering, 25.6 ms blending; at 5 and 6 bits the blends of
-/// 4 and 8 permutes were slower than the gather).
+/// Each lane's entry idx of a table of L floats (L a power of two, at least 8; idx below L, but
+/// for 16 and 32 entries the bits above log2 L are ignored): one vpermps up to 16 entries (8:
+/// only 8 floats read), vpermt2ps on two registers for 32 (it reads the index's low 5 bits), for
+/// 64 the two halves' lookups blended on bit 5, a gather beyond (on the build VM's AVX-512 core,
+/// 4-bit polarquant at d=128 and 32K tokens: 41.6 ms gathering, 25.6 ms blending; at 5 and 6
+/// bits the blends of 4 and 8 permutes were slower than the gather).
 template <int L>
 VQ_TARGET_AVX512 VQ_ALWAYS_INLINE __m512 lane_lookup(const float* table, __m512i idx) {
     static_assert(L >= 8, "tables of fewer than 8 floats are padded");
