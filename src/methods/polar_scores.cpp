@@ -151,21 +151,6 @@ VQ_TARGET_AVX512 void score_avx512(const ScoreArgs& a) {
 
 // The AVX2 builds (8 tokens a register, the lane fields of lane_fields.h) convert the radii with
 // F16C (vcvtph2ps on 8 halves): VQ_TARGET_AVX2_F16C.
-// lookup with 8 lanes: one vpermps for 8 entries, two and a blend on bit 3 for 16, a gather
-// beyond.
-template <int L>
-VQ_TARGET_AVX2_F16C VQ_ALWAYS_INLINE __m256 lookup_avx2(const float* table, __m256i idx) {
-    static_assert(L >= 8, "tables of fewer than 8 floats are padded");
-    if constexpr (L == 8)
-        return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
-    else if constexpr (L == 16)
-        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx),
-                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx),
-                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-    else
-        return _mm256_i32gather_ps(table, idx, 4);
-}
-
 // score_bits_avx512 with 8 tokens per block (the same weights, lookups and sums).
 template <int Bits>
 VQ_TARGET_AVX2_F16C void score_bits_avx2(const ScoreArgs& a) {
@@ -202,8 +187,10 @@ VQ_TARGET_AVX2_F16C void score_bits_avx2(const ScoreArgs& a) {
                                 Bits;
                 for (int i = width - 1; i >= 0; --i) {
                     const __m256i idx = lane_field_avx2(word, first + i * Bits, Bits);
-                    w[2 * i + 1] = _mm256_mul_ps(w[i], lookup_avx2<kPadded>(sin_t[level - 2], idx));
-                    w[2 * i] = _mm256_mul_ps(w[i], lookup_avx2<kPadded>(cos_t[level - 2], idx));
+                    w[2 * i + 1] =
+                        _mm256_mul_ps(w[i], lane_lookup_avx2<kPadded>(sin_t[level - 2], idx));
+                    w[2 * i] =
+                        _mm256_mul_ps(w[i], lane_lookup_avx2<kPadded>(cos_t[level - 2], idx));
                 }
             }
             __m256i idx1[kBlock / 2];
@@ -213,12 +200,12 @@ VQ_TARGET_AVX2_F16C void score_bits_avx2(const ScoreArgs& a) {
             for (int r = 0; r < a.rows; ++r) {
                 const float* table =
                     a.states + r * a.state_stride + d + static_cast<std::size_t>(8 * j) * kL1;
-                __m256 s0 = _mm256_mul_ps(w[0], lookup_avx2<kL1>(table, idx1[0]));
-                __m256 s1 = _mm256_mul_ps(w[1], lookup_avx2<kL1>(table + kL1, idx1[1]));
+                __m256 s0 = _mm256_mul_ps(w[0], lane_lookup_avx2<kL1>(table, idx1[0]));
+                __m256 s1 = _mm256_mul_ps(w[1], lane_lookup_avx2<kL1>(table + kL1, idx1[1]));
                 for (int i = 2; i < kBlock / 2; i += 2) {
-                    s0 = _mm256_fmadd_ps(w[i], lookup_avx2<kL1>(table + i * kL1, idx1[i]), s0);
-                    s1 = _mm256_fmadd_ps(w[i + 1],
-                                         lookup_avx2<kL1>(table + (i + 1) * kL1, idx1[i + 1]), s1);
+                    s0 = _mm256_fmadd_ps(w[i], lane_lookup_avx2<kL1>(table + i * kL1, idx1[i]), s0);
+                    s1 = _mm256_fmadd_ps(
+                        w[i + 1], lane_lookup_avx2<kL1>(table + (i + 1) * kL1, idx1[i + 1]), s1);
                 }
                 float* out = a.scores + r * a.score_stride + t;
                 const __m256 sum = _mm256_add_ps(s0, s1);

@@ -290,11 +290,9 @@ VQ_TARGET_AVX2 void query_state_avx2(const SpectralCodec& c, const float* query,
     }
 }
 
-// The AVX2 build of scores_avx512: 8 tokens per ymm, the lane fields of methods/lane_fields.h
-// on 8 lanes. A narrow group's 16-entry table is two registers: vpermps reads the low 3 bits of
-// each lane's field, one lookup per half, and a blend on the field's bit 3 (shifted to the sign
-// bit) picks the half; bits above the field do not matter, as the table repeats every 2^bits
-// entries.
+// The AVX2 build of scores_avx512: 8 tokens per ymm, the lane fields and lookups of
+// methods/lane_fields.h on 8 lanes. A narrow group's 16-entry table is read with the bits above
+// its field (lane_field_low_avx2): they do not matter, as the table repeats every 2^bits entries.
 template <int Rows>
 VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void score_lanes_avx2(const RowsArgs& a, std::size_t wide,
                                                       const __m256i* words, int r0, int t) {
@@ -308,19 +306,19 @@ VQ_TARGET_AVX2 VQ_ALWAYS_INLINE void score_lanes_avx2(const RowsArgs& a, std::si
     for (std::size_t i = 0; i < wide; ++i) {
         const Group& g = groups[i];
         const __m256i idx = lane_field_avx2(words, g.bit_offset, g.bits);
-        for (int r = 0; r < Rows; ++r)
-            acc[r] = _mm256_add_ps(acc[r], _mm256_i32gather_ps(states[r] + g.table_offset, idx, 4));
+        for (int r = 0; r < Rows; ++r) {
+            const float* table = states[r] + g.table_offset;
+            const __m256 entry = g.bits == 5   ? lane_lookup_avx2<32>(table, idx)
+                                 : g.bits == 6 ? lane_lookup_avx2<64>(table, idx)
+                                               : lane_lookup_avx2<256>(table, idx);
+            acc[r] = _mm256_add_ps(acc[r], entry);
+        }
     }
     for (std::size_t i = wide; i < groups.size(); ++i) {
         const Group& g = groups[i];
         const __m256i idx = lane_field_low_avx2(words, g.bit_offset, g.bits);
-        const __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-        for (int r = 0; r < Rows; ++r) {
-            const float* table = states[r] + g.table_offset;
-            const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
-            const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx);
-            acc[r] = _mm256_add_ps(acc[r], _mm256_blendv_ps(lo, hi, high));
-        }
+        for (int r = 0; r < Rows; ++r)
+            acc[r] = _mm256_add_ps(acc[r], lane_lookup_avx2<16>(states[r] + g.table_offset, idx));
     }
     // qmu + s * acc rounded twice as score_row does: the empty asm keeps the product from being
     // contracted into an FMA.
