@@ -9,9 +9,13 @@
 #include "core/cpu_isa.h"
 
 #ifdef VQ_X86_KERNELS
+#if defined(__clang__)  // no such false warning, and no -Wmaybe-uninitialized to name
+#include <immintrin.h>
+#else
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
+#endif
 #endif
