@@ -100,11 +100,32 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
                          value_bound, stream, batch);
     for (CudaCodecCache* c : caches) c->pages_->reserve(c->size_ + n_tokens);
-    // Codecs that train do so on their first keys, every one before any encode: a training
-    // that fails then leaves every cache without the batch's tokens.
+    // Codecs that train do so on their first keys, every one before any encode. The batch is
+    // all or nothing: if a training or an encode throws, every cache keeps its size (codes
+    // written past it are never read or saved) and the caches trained here forget it.
     const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
-    for (int b = 0; b < batch; ++b)
-        if (!caches[b]->backend_) caches[b]->train_on(keys + b * per_sequence, n_tokens, stream);
+    std::vector<int> sizes;
+    std::vector<CudaCodecCache*> trained;
+    for (const CudaCodecCache* c : caches) sizes.push_back(c->size_);
+    try {
+        for (int b = 0; b < batch; ++b)
+            if (!caches[b]->backend_) {
+                trained.push_back(caches[b]);
+                caches[b]->train_on(keys + b * per_sequence, n_tokens, stream);
+            }
+        encode(caches, keys, values, n_tokens, per_sequence, stream);
+    } catch (...) {
+        for (int b = 0; b < batch; ++b) caches[b]->size_ = sizes[b];
+        for (CudaCodecCache* c : trained) c->forget_training();
+        throw;
+    }
+}
+
+void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const float* keys,
+                            const float* values, int n_tokens, size_t per_sequence,
+                            cudaStream_t stream) {
+    CudaCodecCache& first = *caches[0];
+    const int batch = static_cast<int>(caches.size());
     if (batch > 1 && alike(as_const(caches))) {  // one launch writes every sequence
         std::vector<const uint8_t*> pools;
         std::vector<int32_t> starts;
@@ -129,12 +150,12 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     }
     for (int b = 0; b < batch; ++b) {  // one sequence, or caches not alike
         CudaCodecCache& c = *caches[b];
-        const float* k = keys + b * per_sequence;
         SequenceSet at;
         at.pool = c.pages_->pool();
         at.page_table = c.pages_->page_table();
         at.size = c.size_;
-        c.backend_->encode(at, n_tokens, k, values + b * per_sequence, stream);
+        c.backend_->encode(at, n_tokens, keys + b * per_sequence, values + b * per_sequence,
+                           stream);
         c.size_ += n_tokens;
     }
 }

@@ -37,8 +37,9 @@ public:
     /// changes it throws std::invalid_argument for caches that are not one distinct cache per
     /// sequence of one config, layer, shape and device, and for NaN, Inf or values over fp16
     /// storage's range (naming the sequence), and std::length_error when a cache would pass
-    /// its max_seq_len. Synchronizes the stream once (a codec that trains, on its first
-    /// append, trains as the cache alone does).
+    /// its max_seq_len; a training or encode that throws later leaves every cache's size as it
+    /// was and the caches it trained untrained. Synchronizes the stream once (a codec that trains,
+    /// on its first append, trains as the cache alone does).
     void append(const std::vector<CudaCodecCache*>& caches, const float* keys, const float* values,
                 int n_tokens, cudaStream_t stream);
 
@@ -54,6 +55,10 @@ public:
     }
 
 private:
+    /// append's encode of every sequence's n_tokens (keys and values per_sequence floats
+    /// apart), in one launch where the caches are alike; advances their sizes.
+    void encode(const std::vector<CudaCodecCache*>& caches, const float* keys, const float* values,
+                int n_tokens, size_t per_sequence, cudaStream_t stream);
     /// Each sequence's codecs for a launch over alike caches: none (the views null) where they
     /// all share caches[0]'s, else one view per sequence, uploaded when they change.
     KinParams kin_params(const std::vector<CudaCodecCache*>& caches, cudaStream_t stream);

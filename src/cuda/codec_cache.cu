@@ -93,6 +93,12 @@ void CudaCodecCache::build_backend() {
     fingerprint_ = fingerprint_of(identity.buffer());
 }
 
+void CudaCodecCache::forget_training() noexcept {
+    backend_.reset();
+    fingerprint_ = 0;
+    for (auto& codec : key_codecs_) codec->forget_training();
+}
+
 void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
     // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
     // the device cache does the same on the host, then uploads the trained parameters. Only the
@@ -144,14 +150,8 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
         at.size = size_;
         backend_->encode(at, n_tokens, keys, values, stream);
     } catch (...) {
-        // As the CPU cache's append: codecs trained in a call that failed forget it, so a save
-        // now, or the next append, sees the cache as it was (codes past size_ are never read
-        // and never saved: to_host's adopt zeroes them).
-        if (trains) {
-            backend_.reset();
-            fingerprint_ = 0;
-            for (auto& codec : key_codecs_) codec->forget_training();
-        }
+        // Codes written past size_ are never read and never saved (to_host's adopt zeroes them).
+        if (trains) forget_training();
         throw;
     }
     size_ += n_tokens;

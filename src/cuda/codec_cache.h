@@ -143,6 +143,9 @@ private:
     friend class CudaCodecBatch;  // appends and attends of many sequences at once
 
     void train_on(const float* keys, int n_tokens, cudaStream_t stream);
+    /// Undoes train_on (and the backend it built) after a call that trained fails, as the CPU
+    /// cache's append does: a save, or the next append, sees the cache as it was.
+    void forget_training() noexcept;
     /// Query heads per KV head of an attend (std::invalid_argument for null queries or out, a
     /// count that is not a multiple of the KV heads, or a scale that is not finite).
     int query_group(const float* queries, float* out, int num_q_heads, float scale) const;
