@@ -436,6 +436,34 @@ TEST(Persistence, ForgedOutliersAndFp16ValuesAreRejected) {
     EXPECT_NO_THROW(packed.check_codes(reinterpret_cast<const uint8_t*>(halves), 2));
 }
 
+TEST(Persistence, VersionTwoFilesLoadUncentred) {
+    auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
+    auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);
+    cache->append(k.data(), v.data(), 10);
+    const std::string path = vqtest::unique_temp_path("v2.bin");
+    cache->save(path);
+    // Version 3 added the center_keys flag after the outlier observer's flag: drop it (the two
+    // zero bytes before num_heads 2, head_dim 64, max_seq_len 200) and write version 2.
+    forge(path, [](std::string& file) {
+        const std::string tail("\0\0\x02\0\0\0\x40\0\0\0\xc8\0\0\0", 14);
+        const std::size_t at = file.find(tail);
+        ASSERT_NE(at, std::string::npos);
+        ASSERT_EQ(file.find(tail, at + 1), std::string::npos);
+        file.erase(at + 1, 1);
+        const uint32_t version = 2;
+        const uint64_t length = file.size() - 28;
+        std::memcpy(&file[8], &version, 4);
+        std::memcpy(&file[16], &length, 8);
+    });
+    auto loaded = KVCache::load(path);
+    std::remove(path.c_str());
+    EXPECT_FALSE(loaded->config().center_keys);
+    std::vector<float> q = randn(4 * 64, 3), a(q.size()), b(q.size());
+    cache->attend(q.data(), 4, 1, a.data(), 0.125f, false);
+    loaded->attend(q.data(), 4, 1, b.data(), 0.125f, false);
+    EXPECT_EQ(a, b);
+}
+
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {
     auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
     auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);

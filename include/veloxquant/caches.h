@@ -85,9 +85,10 @@ public:
     void adopt(const PagedStore& pages, int size,
                const std::vector<std::unique_ptr<KeyCodec>>& codecs);
 
-    /// Serialization body shared with SlidingWindowKVCache.
+    /// Serialization body shared with SlidingWindowKVCache; read_body reads a file of format
+    /// `version` (cache_io.cpp).
     void write_body(BinaryWriter& out) const;
-    static std::unique_ptr<QuantizedKVCache> read_body(BinaryReader& in);
+    static std::unique_ptr<QuantizedKVCache> read_body(BinaryReader& in, uint32_t version);
 
 private:
     void check_tokens(const float* keys, const float* values, int n_tokens) const;
@@ -160,7 +161,7 @@ public:
     int window() const { return window_; }
     int sink_tokens() const { return sinks_; }
     const QuantizedKVCache& inner() const { return *inner_; }
-    static std::unique_ptr<SlidingWindowKVCache> read_body(BinaryReader& in);
+    static std::unique_ptr<SlidingWindowKVCache> read_body(BinaryReader& in, uint32_t version);
 
 private:
     std::unique_ptr<QuantizedKVCache> inner_;

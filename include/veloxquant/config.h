@@ -47,8 +47,14 @@ struct KVCacheConfig {
     FloatArray ivf_centroids;  ///< rabitq: calibrated IVF centroids [layers][heads][clusters][d]
     std::vector<double> rope_inv_freq;  ///< commvq: the model's RoPE frequencies (pair i turns by
                                         ///< pos * rope_inv_freq[i]); empty = positions unknown
-    int signal_bits = 4;                ///< spectral bits for the signal coordinates
-    int noise_bits = 1;                 ///< spectral bits for the noise coordinates
+    /// Code keys minus a per-head mean that follows RoPE (methods/centered_key_codec.h):
+    /// estimated from the first append, turned by rope_inv_freq where given (set them for a
+    /// RoPE model, else the mean is taken as fixed after RoPE). For the codecs that learn their
+    /// own key statistics elsewhere (commvq, vecinfer, spectral, calibrated rabitq centroids) it
+    /// is refused. CPU caches only.
+    bool center_keys = false;
+    int signal_bits = 4;  ///< spectral bits for the signal coordinates
+    int noise_bits = 1;   ///< spectral bits for the noise coordinates
     uint64_t seed = 0;
 
     /// Throws std::invalid_argument naming the offending field for an unknown method or an

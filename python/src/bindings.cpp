@@ -315,6 +315,7 @@ NB_MODULE(_core, m) {
             [](const KVCacheConfig& c) { return from_float_array(c.ivf_centroids); },
             [](KVCacheConfig& c, const InArray& a) { c.ivf_centroids = to_float_array(a); })
         .def_rw("rope_inv_freq", &KVCacheConfig::rope_inv_freq)
+        .def_rw("center_keys", &KVCacheConfig::center_keys)
         .def_rw("signal_bits", &KVCacheConfig::signal_bits)
         .def_rw("noise_bits", &KVCacheConfig::noise_bits)
         .def_rw("seed", &KVCacheConfig::seed)

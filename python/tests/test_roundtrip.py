@@ -28,6 +28,9 @@ CONFIGS = {
     "unfused": dict(method="turboquant_rvq", bits=2, use_fused_sdpa=False),
     "values_fp16": dict(method="qjl", value_bits=16),
     "outliers": dict(method="turboquant_rvq", bits=2, outlier_bits=16),
+    "centred": dict(method="turboquant_rvq", bits=2, center_keys=True,
+                    rope_inv_freq=[10000.0 ** (-2 * i / D) for i in range(D // 2)]),
+    "centred_rabitq": dict(method="rabitq", bits=2, num_clusters=8, center_keys=True),
 }
 
 

@@ -21,7 +21,9 @@ namespace veloxquant {
 namespace {
 
 constexpr char kMagic[8] = {'V', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-constexpr uint32_t kFormatVersion = 2;  // 2: ivf_centroids, rope_inv_freq
+// 2: ivf_centroids, rope_inv_freq; 3: center_keys (version 2 files still load, uncentred).
+constexpr uint32_t kFormatVersion = 3;
+constexpr uint32_t kOldestFormatVersion = 2;
 enum class CacheKind : uint32_t { kQuantized = 1, kSlidingWindow = 2 };
 
 void write_array(BinaryWriter& out, const FloatArray& a) {
@@ -61,9 +63,10 @@ void write_config(BinaryWriter& out, const KVCacheConfig& c) {
         out.put<double>(c.outlier_observer->z_threshold());
         out.put<int64_t>(c.outlier_observer->min_count());
     }
+    out.put<uint8_t>(c.center_keys);
 }
 
-KVCacheConfig read_config(BinaryReader& in) {
+KVCacheConfig read_config(BinaryReader& in, uint32_t version) {
     KVCacheConfig c;
     c.method = in.str(64);
     int32_t v[9];
@@ -104,6 +107,11 @@ KVCacheConfig read_config(BinaryReader& in) {
         } catch (const std::invalid_argument& e) {
             throw std::runtime_error(std::string("corrupted cache file: ") + e.what());
         }
+    }
+    if (version >= 3) {
+        const uint8_t centered = in.get<uint8_t>();
+        if (centered > 1) throw std::runtime_error("corrupted cache file: bad center_keys flag");
+        c.center_keys = centered != 0;
     }
     return c;
 }
@@ -160,8 +168,8 @@ void QuantizedKVCache::write_body(BinaryWriter& out) const {
     }
 }
 
-std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) {
-    KVCacheConfig config = read_config(in);
+std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in, uint32_t version) {
+    KVCacheConfig config = read_config(in, version);
     const int num_heads = in.get<int32_t>();
     const int head_dim = in.get<int32_t>();
     const int max_seq_len = in.get<int32_t>();
@@ -180,7 +188,12 @@ std::unique_ptr<QuantizedKVCache> QuantizedKVCache::read_body(BinaryReader& in) 
                                  " does not match method " + config.method);
     if (size < 0 || size > max_seq_len)
         throw std::runtime_error("corrupted cache file: bad token count");
-    for (auto& kc : cache->key_codecs_) kc->load_state(in);
+    for (auto& kc : cache->key_codecs_) {
+        kc->load_state(in);
+        // Codecs train at the first append, so held tokens were coded by a trained codec.
+        if (size > 0 && kc->needs_training())
+            throw std::runtime_error("corrupted cache file: tokens held but a key codec untrained");
+    }
     if (config.outlier_observer) {
         for (int h = 0; h < num_heads; ++h) {
             const auto s = in.get<KeyNormObserver::Stats>();
@@ -242,10 +255,11 @@ void SlidingWindowKVCache::save(const std::string& path) const {
     write_file_atomic(path, frame(CacheKind::kSlidingWindow, body.buffer()));
 }
 
-std::unique_ptr<SlidingWindowKVCache> SlidingWindowKVCache::read_body(BinaryReader& in) {
+std::unique_ptr<SlidingWindowKVCache> SlidingWindowKVCache::read_body(BinaryReader& in,
+                                                                      uint32_t version) {
     const int window = in.get<int32_t>();
     const int sinks = in.get<int32_t>();
-    auto inner = QuantizedKVCache::read_body(in);
+    auto inner = QuantizedKVCache::read_body(in, version);
     try {
         return std::make_unique<SlidingWindowKVCache>(std::move(inner), window, sinks);
     } catch (const std::invalid_argument& e) {
@@ -261,9 +275,10 @@ std::unique_ptr<KVCache> KVCache::load(const std::string& path) {
     if (std::memcmp(magic, kMagic, sizeof kMagic) != 0)
         throw std::runtime_error(path + " is not a VeloxQuant cache file (bad magic)");
     const auto version = head.get<uint32_t>();
-    if (version != kFormatVersion)
+    if (version < kOldestFormatVersion || version > kFormatVersion)
         throw std::runtime_error(path + ": unsupported cache format version " +
                                  std::to_string(version) + " (this build reads " +
+                                 std::to_string(kOldestFormatVersion) + ".." +
                                  std::to_string(kFormatVersion) + ")");
     const auto kind = head.get<uint32_t>();
     const auto length = head.get<uint64_t>();
@@ -278,9 +293,9 @@ std::unique_ptr<KVCache> KVCache::load(const std::string& path) {
     BinaryReader in(payload, length);
     std::unique_ptr<KVCache> cache;
     if (kind == static_cast<uint32_t>(CacheKind::kQuantized))
-        cache = QuantizedKVCache::read_body(in);
+        cache = QuantizedKVCache::read_body(in, version);
     else if (kind == static_cast<uint32_t>(CacheKind::kSlidingWindow))
-        cache = SlidingWindowKVCache::read_body(in);
+        cache = SlidingWindowKVCache::read_body(in, version);
     else
         throw std::runtime_error(path + ": unknown cache kind " + std::to_string(kind));
     if (in.remaining() != 0)

@@ -76,6 +76,19 @@ void KVCacheConfig::validate() const {
             throw std::invalid_argument("KVCacheConfig.bit_allocation['" + key +
                                         "'] must be in 1..8, got " + std::to_string(b));
     }
+    if (center_keys) {
+        // Their calibrations (codebooks, bases, smoothing, centroids) were fitted to the keys as
+        // they are; centred keys would not match them.
+        if (method == "commvq" || method == "vecinfer" || method == "spectral")
+            throw std::invalid_argument("KVCacheConfig.center_keys: " + method +
+                                        " is calibrated on uncentred keys; use it without "
+                                        "center_keys");
+        if (method == "rabitq" && !ivf_centroids.empty())
+            throw std::invalid_argument(
+                "KVCacheConfig.center_keys: rabitq's calibrated ivf_centroids were fitted to "
+                "uncentred keys; drop them (rabitq then trains on the centred keys) or "
+                "center_keys");
+    }
 }
 
 int KVCacheConfig::stored_value_bits() const {

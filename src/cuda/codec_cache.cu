@@ -55,6 +55,8 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
     if (layer < 0) throw std::invalid_argument("layer must be >= 0");
     if (config_.outlier_observer)
         throw std::invalid_argument("CUDA codec cache: no outlier side store on the device yet");
+    if (config_.center_keys)
+        throw std::invalid_argument("CUDA codec cache: center_keys is CPU-only for now");
     layout_.tokens_per_page = kTokensPerPage;
     for (int h = 0; h < num_heads; ++h) {
         key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));

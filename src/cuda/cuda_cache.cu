@@ -99,6 +99,8 @@ TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int
     if (!config.use_hadamard) throw std::invalid_argument("CUDA backend: needs use_hadamard=true");
     if (config.outlier_observer)
         throw std::invalid_argument("CUDA backend: no outlier side store yet");
+    if (config.center_keys)
+        throw std::invalid_argument("CUDA backend: center_keys is CPU-only for now");
     if (num_kv_heads < 1 || layer < 0)
         throw std::invalid_argument("CUDA backend: bad num_heads or layer");
 

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "core/rng.h"
+#include "methods/centered_key_codec.h"
 #include "methods/commvq.h"
 #include "methods/fp16_codec.h"
 #include "methods/key_codec.h"
@@ -16,8 +17,10 @@
 
 namespace veloxquant {
 
-std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_dim, int layer,
-                                         int head) {
+namespace {
+
+std::unique_ptr<KeyCodec> make_method_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                            int head) {
     const uint64_t seed =
         derive_seed(config.seed, layer, head, head_dim, RandomPurpose::kKeyRotation);
     const std::string& m = config.method;
@@ -48,6 +51,15 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
     if (m == "commvq") return make_commvq_codec(config, head_dim, layer, head);
     if (m == "vecinfer") return make_vecinfer_codec(config, head_dim, layer, head);
     throw std::invalid_argument("unknown method '" + m + "'");
+}
+
+}  // namespace
+
+std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_dim, int layer,
+                                         int head) {
+    auto codec = make_method_codec(config, head_dim, layer, head);
+    if (!config.center_keys) return codec;
+    return std::make_unique<CenteredKeyCodec>(std::move(codec), config.rope_inv_freq);
 }
 
 }  // namespace veloxquant

@@ -82,6 +82,7 @@ std::string config_label(const KVCacheConfig& c) {
     if (m == "rabitq") s += " c=" + std::to_string(c.num_clusters);
     s += " v=" + std::to_string(c.value_bits);
     if (c.outlier_observer) s += " outliers" + std::to_string(c.outlier_bits);
+    if (c.center_keys) s += " centred";
     if (!c.use_hadamard) s += " dense-rotation";
     if (!c.use_fused_sdpa) s += " unfused";
     return s;

@@ -40,6 +40,13 @@ void expect_invalid_argument(F f, const std::string& fragment) {
     }
 }
 
+TEST(CodecCache, RefusesCenteredKeys) {
+    KVCacheConfig c = method_config("turboquant_rvq", 2, 4, 1);
+    c.center_keys = true;
+    expect_invalid_argument([&] { CudaCodecCache(c, 2, 128, 64); }, "center_keys");
+    expect_invalid_argument([&] { CudaTurboQuantCache(c, 2, 128, 64); }, "center_keys");
+}
+
 TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {
     SKIP_WITHOUT_DEVICE();
     const int H = 2, d = 64, n = 10;

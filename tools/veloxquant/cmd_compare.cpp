@@ -40,6 +40,7 @@ struct Options {
     std::string plot_path;
     std::string calibration;
     CalibrationSource calibration_source;
+    bool center_keys = false;
 };
 
 void apply_quick(CLI::App* sub, Options& o) {
@@ -113,6 +114,19 @@ void run(const Options& o) {
     for (NamedConfig& c : configs) c.config.seed = o.seed;
     apply_calibration_file(o.calibration, *m.model, configs);
     calibrate_in_process(o, m, configs);
+    if (o.center_keys)
+        for (NamedConfig& nc : configs) {
+            KVCacheConfig c = nc.config;
+            c.center_keys = true;
+            try {
+                c.validate();  // the methods that refuse it keep their keys as they are
+            } catch (const std::invalid_argument&) {
+                continue;
+            }
+            set_model_rope(c, *m.model);
+            nc.config = c;
+            nc.label += " centred";
+        }
     std::vector<NamedConfig> all = {baseline_config()};
     all.insert(all.end(), configs.begin(), configs.end());
 
@@ -253,6 +267,9 @@ void register_compare(CLI::App& app) {
         ->check(CLI::PositiveNumber);
     sub->add_option("--seed", o->seed, "seed of every configuration and of the needle numbers")
         ->capture_default_str();
+    sub->add_flag("--center-keys", o->center_keys,
+                  "code every method's keys that allows it minus their RoPE-following mean "
+                  "(KVCacheConfig::center_keys)");
     sub->add_flag("--quick", o->quick,
                   "small settings for smoke tests (ctx 256, 1 chunk, needle 512 at 0.5, decode "
                   "4 steps at 256, calibration on 2048 tokens)");

@@ -35,9 +35,10 @@ void apply_quick(CLI::App* sub, Options& o) {
 }
 
 void run(const Options& o) {
-    const KVCacheConfig config = o.cache.build();
-    const NamedConfig named{config_label(config), config};
+    KVCacheConfig config = o.cache.build();
     LoadedModel m = load_model(o.model.model);
+    set_model_rope(config, *m.model);
+    const NamedConfig named{config_label(config), config};
     const std::string text_path = resolve_text_path(o.model.text);
     const std::vector<int32_t> tokens = tokenize_file(*m.tokenizer, text_path);
 

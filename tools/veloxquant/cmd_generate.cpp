@@ -37,7 +37,7 @@ std::size_t peak_rss_bytes() {
 }
 
 void run(const Options& o) {
-    const KVCacheConfig config = o.cache.build();
+    KVCacheConfig config = o.cache.build();
     std::string prompt = o.prompt;
     if (prompt.empty() || prompt == "-") {
         if (isatty(fileno(stdin)))
@@ -45,6 +45,7 @@ void run(const Options& o) {
         prompt.assign(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
     }
     LoadedModel m = load_model(o.model.model);
+    set_model_rope(config, *m.model);
     const BPETokenizer& tok = *m.tokenizer;
     std::vector<std::pair<std::string, std::string>> messages;
     if (!o.system.empty()) messages.emplace_back("system", o.system);

@@ -76,9 +76,17 @@ void add_config_options(CLI::App* app, ConfigOptions& opts) {
                   "keep tokens with outlying key norms at --outlier-bits (KeyNormObserver)");
     app->add_option("--outlier-bits", c.outlier_bits, "outlier store precision: 8 or 16")
         ->capture_default_str();
+    app->add_flag("--center-keys", c.center_keys,
+                  "code keys minus their per-head mean, which follows the model's RoPE "
+                  "(estimated from the first append)");
     app->add_option("--seed", c.seed, "seed of the random rotations and sketches")
         ->capture_default_str();
     add_calibration_option(app, opts.calibration);
+}
+
+void set_model_rope(KVCacheConfig& config, const LlamaModel& model) {
+    if (config.center_keys && config.rope_inv_freq.empty())
+        config.rope_inv_freq = model_rope_inv_freq(model);
 }
 
 void add_calibration_option(CLI::App* app, std::string& path) {
@@ -191,6 +199,7 @@ nlohmann::json config_json(const KVCacheConfig& c) {
             {"use_fused_sdpa", c.use_fused_sdpa},
             {"outliers", c.outlier_observer != nullptr},
             {"outlier_bits", c.outlier_bits},
+            {"center_keys", c.center_keys},
             {"seed", c.seed}};
 }
 

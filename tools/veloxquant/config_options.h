@@ -33,6 +33,9 @@ struct ConfigOptions {
     KVCacheConfig build() const;
 };
 void add_config_options(CLI::App* app, ConfigOptions& opts);
+/// Gives a center_keys configuration without RoPE frequencies the model's, so that its key
+/// mean follows RoPE (KVCacheConfig::center_keys).
+void set_model_rope(KVCacheConfig& config, const LlamaModel& model);
 
 /// --model, --text, --ctx and --quiet.
 struct ModelOptions {

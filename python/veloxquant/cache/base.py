@@ -36,7 +36,9 @@ class KVCacheConfig:
     ``outlier_bits`` side store. Two fields extend the seed and are normally filled from a
     calibration (``veloxquant.calibration``): ``ivf_centroids`` (rabitq, [layers][heads]
     [clusters][head_dim]) and ``rope_inv_freq`` (commvq: pair i of a key turns by
-    position * rope_inv_freq[i]). Validation happens when a cache is made (``validate()`` runs
+    position * rope_inv_freq[i]). ``center_keys`` (CPU caches) codes keys minus a per-head mean
+    estimated at the first append, turned by ``rope_inv_freq`` where given (set it for a RoPE
+    model); it is refused for commvq, vecinfer, spectral and calibrated rabitq. Validation happens when a cache is made (``validate()`` runs
     it early); errors are ValueErrors carrying the C++ message.
     """
 
@@ -60,6 +62,7 @@ class KVCacheConfig:
     seed: int = 0
     ivf_centroids: ndarray | None = None
     rope_inv_freq: list[float] | None = None
+    center_keys: bool = False
 
     _INT_FIELDS: ClassVar[tuple[str, ...]] = (
         "bits", "value_bits", "num_residuals", "outlier_bits", "sketch_dim", "num_clusters",
@@ -76,6 +79,7 @@ class KVCacheConfig:
             setattr(core, name, _as_int(getattr(self, name), name))
         core.use_hadamard = bool(self.use_hadamard)
         core.use_fused_sdpa = bool(self.use_fused_sdpa)
+        core.center_keys = bool(self.center_keys)
         seed = _as_int(self.seed, "seed")
         if not 0 <= seed < 2**64:
             raise ValueError(f"KVCacheConfig.seed must be in [0, 2**64), got {seed}")
@@ -120,6 +124,7 @@ class KVCacheConfig:
             num_subspaces=core.num_subspaces, use_fused_sdpa=core.use_fused_sdpa,
             signal_bits=core.signal_bits, noise_bits=core.noise_bits, seed=core.seed,
             ivf_centroids=core.ivf_centroids, rope_inv_freq=list(core.rope_inv_freq) or None,
+            center_keys=core.center_keys,
         )
 
     def validate(self) -> None:
