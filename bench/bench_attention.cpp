@@ -113,7 +113,12 @@ const KVCacheConfig& config_for(const std::string& name) {
         calibrate_method(calibration_activations(), c, cal);
         apply_calibration(cal, c);
     }
-    if (name == "commvq_rope" || name == "commvq_rope_b4")
+    // turboquant_rvq's defaults coding keys minus their RoPE-following mean (center_keys).
+    if (name == "centred_tq") {
+        c.method = "turboquant_rvq";
+        c.center_keys = true;
+    }
+    if (name == "commvq_rope" || name == "commvq_rope_b4" || c.center_keys)
         for (int i = 0; i < kDim / 2; ++i)
             c.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * i / kDim));
     return configs.emplace(name, std::move(c)).first->second;
@@ -124,7 +129,7 @@ const std::vector<std::string> kVariants = {
     "qjl_m256",    "polarquant",     "polarquant_b4",     "rabitq",
     "rabitq_b2",   "rabitq_b4",      "ratequant",         "spectral",
     "spectral_b4", "commvq",         "commvq_rope",       "commvq_rope_b4",
-    "vecinfer",    "vecinfer_b4"};
+    "vecinfer",    "vecinfer_b4",    "centred_tq"};
 
 void BM_dense_decode(benchmark::State& state) {
     const int n = static_cast<int>(state.range(0));

@@ -13,6 +13,14 @@ namespace {
 constexpr int kLevels = 4, kLevelSize = 16;
 constexpr int64_t kTabledBlocks = int64_t{1} << (4 * kLevels);
 
+// Per-thread scratch of at least n floats, reused across calls (a centre and its phases per
+// page scored: no allocation on the decode's path).
+float* scratch(std::size_t n) {
+    thread_local std::vector<float> buffer;
+    if (buffer.size() < n) buffer.resize(n);
+    return buffer.data();
+}
+
 // (x, y) *= (c, s), as complex numbers.
 inline void turn(float& x, float& y, float c, float s) {
     const float nx = x * c - y * s;
@@ -97,10 +105,13 @@ void CenteredKeyCodec::position_phase(int64_t pos, float* out) const {
 }
 
 void CenteredKeyCodec::block_center(int64_t block, float* out) const {
+    center_into(block, out, scratch(2 * static_cast<std::size_t>(pairs_)));
+}
+
+void CenteredKeyCodec::center_into(int64_t block, float* out, float* phase) const {
     std::copy(damped_.begin(), damped_.end(), out);
     if (pairs_ == 0) return;
-    std::vector<float> phase(2 * static_cast<std::size_t>(pairs_));
-    block_phase(block, phase.data());
+    block_phase(block, phase);
     for (int i = 0; i < pairs_; ++i)
         turn(out[2 * i], out[2 * i + 1], phase[2 * i], phase[2 * i + 1]);
 }
@@ -108,11 +119,11 @@ void CenteredKeyCodec::block_center(int64_t block, float* out) const {
 void CenteredKeyCodec::shift(float* keys, int n, int pos0, float sign) const {
     if (!centering_) return;
     const int d = dim();
-    std::vector<float> c(d);
+    float* c = scratch(static_cast<std::size_t>(d) + 2 * pairs_);
     for (int t = 0; t < n;) {
         const int64_t block = (static_cast<int64_t>(pos0) + t) / kBlock;
         const int end = static_cast<int>(std::min<int64_t>(n, (block + 1) * kBlock - pos0));
-        block_center(block, c.data());
+        center_into(block, c, c + d);
         for (; t < end; ++t) {
             float* k = keys + static_cast<std::size_t>(t) * d;
             for (int j = 0; j < d; ++j) k[j] += sign * c[j];
@@ -214,15 +225,21 @@ void CenteredKeyCodec::score_rows_at(const float* states, std::size_t state_stri
     if (!centering_) return;
     const int d = dim();
     const std::size_t q_at = inner_->query_state_size();
-    std::vector<float> c(d);
+    float* c = scratch(static_cast<std::size_t>(d) + 2 * pairs_);
     for (int t = 0; t < n;) {
         const int64_t block = (static_cast<int64_t>(pos0) + t) / kBlock;
         const int end = static_cast<int>(std::min<int64_t>(n, (block + 1) * kBlock - pos0));
-        block_center(block, c.data());
+        center_into(block, c, c + d);
         for (int r = 0; r < rows; ++r) {
             const float* q = states + r * state_stride + q_at;
+            // Eight partial sums, which the compiler keeps in vector lanes.
+            float part[8] = {};
+            int j = 0;
+            for (; j + 8 <= d; j += 8)
+                for (int l = 0; l < 8; ++l) part[l] += q[j + l] * c[j + l];
             float offset = 0.0f;
-            for (int j = 0; j < d; ++j) offset += q[j] * c[j];
+            for (; j < d; ++j) offset += q[j] * c[j];
+            for (float x : part) offset += x;
             float* s = scores + r * score_stride;
             for (int u = t; u < end; ++u) s[u] += offset;
         }

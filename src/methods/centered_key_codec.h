@@ -87,6 +87,8 @@ private:
     // a position (position_phase).
     void block_phase(int64_t block, float* out) const;
     void position_phase(int64_t pos, float* out) const;
+    // c_b into out [dim], phase [pairs][2] its scratch.
+    void center_into(int64_t block, float* out, float* phase) const;
     // keys [n][dim] at positions pos0.. minus (sign -1) or plus (sign +1) their blocks' centres.
     void shift(float* keys, int n, int pos0, float sign) const;
     // damped_ and centering_ from mean_.
