@@ -436,12 +436,18 @@ TEST(Persistence, ForgedOutliersAndFp16ValuesAreRejected) {
     EXPECT_NO_THROW(packed.check_codes(reinterpret_cast<const uint8_t*>(halves), 2));
 }
 
-TEST(Persistence, VersionTwoFilesLoadUncentred) {
+// A turboquant_rvq cache of 10 tokens (2 heads, head_dim 64, capacity 200), saved at `path`.
+std::unique_ptr<KVCache> saved_ten_tokens(const std::string& path) {
     auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
     auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);
     cache->append(k.data(), v.data(), 10);
-    const std::string path = vqtest::unique_temp_path("v2.bin");
     cache->save(path);
+    return cache;
+}
+
+TEST(Persistence, VersionTwoFilesLoadUncentred) {
+    const std::string path = vqtest::unique_temp_path("v2.bin");
+    auto cache = saved_ten_tokens(path);
     // Version 3 added the center_keys flag after the outlier observer's flag: drop it (the two
     // zero bytes before num_heads 2, head_dim 64, max_seq_len 200) and write version 2.
     forge(path, [](std::string& file) {
@@ -465,11 +471,8 @@ TEST(Persistence, VersionTwoFilesLoadUncentred) {
 }
 
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {
-    auto cache = KVCacheFactory::create(config_of("turboquant_rvq"), 2, 64, 200);
-    auto k = randn(2 * 10 * 64, 1), v = randn(k.size(), 2);
-    cache->append(k.data(), v.data(), 10);
     const std::string path = vqtest::unique_temp_path("forged.bin");
-    cache->save(path);
+    saved_ten_tokens(path);
     // Header: magic(8) version(4) kind(4) length(8) crc(4) = 28 bytes; the payload starts with
     // the method string (u64 length, bytes) followed by bits (int32).
     forge(path, [](std::string& file) {

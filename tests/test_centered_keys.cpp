@@ -76,6 +76,21 @@ std::vector<float> tokens(const std::vector<float>& x, int heads, int n, int t0,
     return out;
 }
 
+// RoPE keys with a strong mean, values, queries [H G][nq][d] and their exact causal attention.
+struct Case {
+    std::vector<float> keys, values, q, want;
+};
+
+Case make_case(int H, int G, int n, int nq, uint64_t seed, float q_scale) {
+    Case c;
+    c.keys = rope_keys(H, n, kDim, rope_freqs(kDim), seed);
+    c.values = randn(c.keys.size(), seed + 2);
+    c.q = randn(static_cast<std::size_t>(H) * G * nq * kDim, seed + 3, q_scale);
+    c.want = reference_attention(c.q, H * G, nq, c.keys, c.values, H, n, kDim,
+                                 1.0f / std::sqrt(float(kDim)), true);
+    return c;
+}
+
 KVCacheConfig centred_config(const std::string& method, int bits, int value_bits, bool centre) {
     KVCacheConfig c;
     c.method = method;
@@ -149,12 +164,7 @@ TEST(CenteredKeys, AShortFirstAppendLeavesTheKeysUncentred) {
 
 TEST(CenteredKeys, Fp16AttentionIsUnchangedAndDequantizeAddsTheCentreBack) {
     const int H = 2, G = 2, n = 300, nq = 3;  // five blocks, the last one partial
-    const std::vector<double> freqs = rope_freqs(kDim);
-    const std::vector<float> keys = rope_keys(H, n, kDim, freqs, 11);
-    const std::vector<float> values = randn(keys.size(), 12);
-    const std::vector<float> q = randn(static_cast<std::size_t>(H) * G * nq * kDim, 13, 0.3f);
-    const std::vector<float> want = reference_attention(q, H * G, nq, keys, values, H, n, kDim,
-                                                        1.0f / std::sqrt(float(kDim)), true);
+    const auto [keys, values, q, want] = make_case(H, G, n, nq, 11, 0.3f);
     for (bool fused : {true, false}) {
         KVCacheConfig c = centred_config("fp16", 4, 16, true);
         c.use_fused_sdpa = fused;
@@ -173,12 +183,7 @@ TEST(CenteredKeys, Fp16AttentionIsUnchangedAndDequantizeAddsTheCentreBack) {
 
 TEST(CenteredKeys, LowerTheAttentionErrorOfACodecThatScalesWithTheNorm) {
     const int H = 2, G = 4, n = 640, nq = 4;
-    const std::vector<double> freqs = rope_freqs(kDim);
-    const std::vector<float> keys = rope_keys(H, n, kDim, freqs, 21);
-    const std::vector<float> values = randn(keys.size(), 22);
-    const std::vector<float> q = randn(static_cast<std::size_t>(H) * G * nq * kDim, 23, 0.4f);
-    const std::vector<float> want = reference_attention(q, H * G, nq, keys, values, H, n, kDim,
-                                                        1.0f / std::sqrt(float(kDim)), true);
+    const auto [keys, values, q, want] = make_case(H, G, n, nq, 21, 0.4f);
     double err[2];
     for (bool centre : {false, true}) {
         std::vector<float> got[2];

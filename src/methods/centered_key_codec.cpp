@@ -21,6 +21,18 @@ float* scratch(std::size_t n) {
     return buffer.data();
 }
 
+// (re[i], im[i]) *= (step[i], step[n + i]) for i < n, as complex numbers (the phases' layout:
+// n real parts, then n imaginary parts).
+void turn_all(float* re, float* im, const float* step, int n) {
+    const float* c = step;
+    const float* s = step + n;
+    for (int i = 0; i < n; ++i) {
+        const float r = re[i] * c[i] - im[i] * s[i];
+        im[i] = re[i] * s[i] + im[i] * c[i];
+        re[i] = r;
+    }
+}
+
 // (x, y) *= (c, s), as complex numbers.
 inline void turn(float& x, float& y, float c, float s) {
     const float nx = x * c - y * s;
@@ -59,49 +71,47 @@ CenteredKeyCodec::CenteredKeyCodec(std::unique_ptr<KeyCodec> inner,
         for (int tau = 0; tau < kBlock; ++tau) {
             ar += std::cos(w * tau);
             ai += std::sin(w * tau);
-            token_steps_[(static_cast<std::size_t>(tau) * pairs_ + i) * 2] =
-                static_cast<float>(std::cos(w * tau));
-            token_steps_[(static_cast<std::size_t>(tau) * pairs_ + i) * 2 + 1] =
-                static_cast<float>(std::sin(w * tau));
+            float* step = &token_steps_[static_cast<std::size_t>(tau) * 2 * pairs_];
+            step[i] = static_cast<float>(std::cos(w * tau));
+            step[pairs_ + i] = static_cast<float>(std::sin(w * tau));
         }
         block_avg_[2 * i] = static_cast<float>(ar / kBlock);
         block_avg_[2 * i + 1] = static_cast<float>(ai / kBlock);
         for (int l = 0; l < kLevels; ++l)
             for (int e = 0; e < kLevelSize; ++e) {
                 const double angle = w * kBlock * static_cast<double>(e) * std::pow(16.0, l);
-                float* at =
-                    &block_steps_[((static_cast<std::size_t>(l) * kLevelSize + e) * pairs_ + i) *
-                                  2];
-                at[0] = static_cast<float>(std::cos(angle));
-                at[1] = static_cast<float>(std::sin(angle));
+                float* step =
+                    &block_steps_[(static_cast<std::size_t>(l) * kLevelSize + e) * 2 * pairs_];
+                step[i] = static_cast<float>(std::cos(angle));
+                step[pairs_ + i] = static_cast<float>(std::sin(angle));
             }
     }
 }
 
 void CenteredKeyCodec::block_phase(int64_t block, float* out) const {
+    float *re = out, *im = out + pairs_;
     if (block >= kTabledBlocks) {
         for (int i = 0; i < pairs_; ++i) {
             const double angle = inv_freq_[i] * kBlock * static_cast<double>(block);
-            out[2 * i] = static_cast<float>(std::cos(angle));
-            out[2 * i + 1] = static_cast<float>(std::sin(angle));
+            re[i] = static_cast<float>(std::cos(angle));
+            im[i] = static_cast<float>(std::sin(angle));
         }
         return;
     }
-    for (int i = 0; i < pairs_; ++i) out[2 * i] = 1.0f, out[2 * i + 1] = 0.0f;
+    std::fill(re, re + pairs_, 1.0f);
+    std::fill(im, im + pairs_, 0.0f);
     for (int l = 0; l < kLevels; ++l) {
         const int e = static_cast<int>((block >> (4 * l)) & (kLevelSize - 1));
         if (e == 0) continue;
-        const float* step =
-            &block_steps_[(static_cast<std::size_t>(l) * kLevelSize + e) * pairs_ * 2];
-        for (int i = 0; i < pairs_; ++i)
-            turn(out[2 * i], out[2 * i + 1], step[2 * i], step[2 * i + 1]);
+        turn_all(re, im, &block_steps_[(static_cast<std::size_t>(l) * kLevelSize + e) * 2 * pairs_],
+                 pairs_);
     }
 }
 
 void CenteredKeyCodec::position_phase(int64_t pos, float* out) const {
     block_phase(pos / kBlock, out);
-    const float* step = &token_steps_[static_cast<std::size_t>(pos % kBlock) * pairs_ * 2];
-    for (int i = 0; i < pairs_; ++i) turn(out[2 * i], out[2 * i + 1], step[2 * i], step[2 * i + 1]);
+    turn_all(out, out + pairs_, &token_steps_[static_cast<std::size_t>(pos % kBlock) * 2 * pairs_],
+             pairs_);
 }
 
 void CenteredKeyCodec::block_center(int64_t block, float* out) const {
@@ -112,8 +122,7 @@ void CenteredKeyCodec::center_into(int64_t block, float* out, float* phase) cons
     std::copy(damped_.begin(), damped_.end(), out);
     if (pairs_ == 0) return;
     block_phase(block, phase);
-    for (int i = 0; i < pairs_; ++i)
-        turn(out[2 * i], out[2 * i + 1], phase[2 * i], phase[2 * i + 1]);
+    for (int i = 0; i < pairs_; ++i) turn(out[2 * i], out[2 * i + 1], phase[i], phase[pairs_ + i]);
 }
 
 void CenteredKeyCodec::shift(float* keys, int n, int pos0, float sign) const {
@@ -146,7 +155,7 @@ void CenteredKeyCodec::train(const float* keys, int n) {
                 const float* k = keys + row * d;
                 position_phase(row, phase.data());
                 for (int i = 0; i < pairs_; ++i) {
-                    const float c = phase[2 * i], s = phase[2 * i + 1];
+                    const float c = phase[i], s = phase[pairs_ + i];
                     acc[2 * i] += k[2 * i] * c + k[2 * i + 1] * s;
                     acc[2 * i + 1] += k[2 * i + 1] * c - k[2 * i] * s;
                 }
@@ -197,12 +206,26 @@ void CenteredKeyCodec::decode_at(const uint8_t* codes, const float* scalars,
 }
 
 std::size_t CenteredKeyCodec::query_state_size() const {
-    return inner_->query_state_size() + static_cast<std::size_t>(dim());
+    // Rounded up to 16 floats, so that the inner codec's states keep the alignment of their
+    // rows (64 bytes) that they have without centring.
+    const std::size_t own = 2 * static_cast<std::size_t>(pairs_) + 1;
+    return inner_->query_state_size() + (own + 15) / 16 * 16;
 }
 
 void CenteredKeyCodec::prepare_query(const float* query, float* state) const {
     inner_->prepare_query(query, state);
-    std::copy(query, query + dim(), state + inner_->query_state_size());
+    // <q, c_b> = sum_i Re(W_i phase_i(b)) + <q, mean> over the unturned coordinates, with
+    // W_i = conj(q_i) mu_i A_i: the products W (real parts, then imaginary) and that sum.
+    float* w = state + inner_->query_state_size();
+    for (int i = 0; i < pairs_; ++i) {
+        const float qr = query[2 * i], qi = query[2 * i + 1];
+        const float dr = damped_[2 * i], di = damped_[2 * i + 1];
+        w[i] = qr * dr + qi * di;
+        w[pairs_ + i] = qr * di - qi * dr;
+    }
+    float rest = 0.0f;
+    for (int j = 2 * pairs_; j < dim(); ++j) rest += query[j] * damped_[j];
+    w[2 * pairs_] = rest;
 }
 
 void CenteredKeyCodec::score(const float* state, const uint8_t* codes, const float* scalars,
@@ -223,22 +246,22 @@ void CenteredKeyCodec::score_rows_at(const float* states, std::size_t state_stri
                           scores, score_stride);
     // <q, k> = <q, k - c_b> + <q, c_b>: one product per block and row.
     if (!centering_) return;
-    const int d = dim();
-    const std::size_t q_at = inner_->query_state_size();
-    float* c = scratch(static_cast<std::size_t>(d) + 2 * pairs_);
+    const std::size_t w_at = inner_->query_state_size();
+    float* phase = scratch(2 * static_cast<std::size_t>(pairs_));
     for (int t = 0; t < n;) {
         const int64_t block = (static_cast<int64_t>(pos0) + t) / kBlock;
         const int end = static_cast<int>(std::min<int64_t>(n, (block + 1) * kBlock - pos0));
-        center_into(block, c, c + d);
+        block_phase(block, phase);
         for (int r = 0; r < rows; ++r) {
-            const float* q = states + r * state_stride + q_at;
+            const float* w = states + r * state_stride + w_at;
             // Eight partial sums, which the compiler keeps in vector lanes.
             float part[8] = {};
-            int j = 0;
-            for (; j + 8 <= d; j += 8)
-                for (int l = 0; l < 8; ++l) part[l] += q[j + l] * c[j + l];
-            float offset = 0.0f;
-            for (; j < d; ++j) offset += q[j] * c[j];
+            int i = 0;
+            for (; i + 8 <= pairs_; i += 8)
+                for (int l = 0; l < 8; ++l)
+                    part[l] += w[i + l] * phase[i + l] - w[pairs_ + i + l] * phase[pairs_ + i + l];
+            float offset = w[2 * pairs_];
+            for (; i < pairs_; ++i) offset += w[i] * phase[i] - w[pairs_ + i] * phase[pairs_ + i];
             for (float x : part) offset += x;
             float* s = scores + r * score_stride;
             for (int u = t; u < end; ++u) s[u] += offset;

@@ -59,7 +59,8 @@ public:
                 std::size_t scalar_stride) const override;
     void decode(const uint8_t* codes, const float* scalars, std::size_t scalar_stride, int n,
                 float* keys) const override;
-    /// The inner codec's state, then the query [dim].
+    /// The inner codec's state, then the query's products with the damped mean: per turned pair
+    /// conj(q_i) mu_i A_i (real parts, then imaginary parts) and <q, mu> over the rest.
     std::size_t query_state_size() const override;
     void prepare_query(const float* query, float* state) const override;
     void score(const float* state, const uint8_t* codes, const float* scalars,
@@ -83,11 +84,11 @@ public:
     void check_codes(const uint8_t* codes, int n) const override { inner_->check_codes(codes, n); }
 
 private:
-    // exp(j w_i x) for the turned pairs as [pairs][2] floats, x = 64 * block (block_phase) or
-    // a position (position_phase).
+    // exp(j w_i x) for the turned pairs, x = 64 * block (block_phase) or a position
+    // (position_phase): the real parts [pairs], then the imaginary parts [pairs].
     void block_phase(int64_t block, float* out) const;
     void position_phase(int64_t pos, float* out) const;
-    // c_b into out [dim], phase [pairs][2] its scratch.
+    // c_b into out [dim], phase [2 pairs] its scratch.
     void center_into(int64_t block, float* out, float* phase) const;
     // keys [n][dim] at positions pos0.. minus (sign -1) or plus (sign +1) their blocks' centres.
     void shift(float* keys, int n, int pos0, float sign) const;
@@ -100,8 +101,8 @@ private:
     std::vector<float> mean_;       // [dim], pre-RoPE
     std::vector<float> damped_;     // [dim]: mu_i A_i for turned pairs, mu elsewhere
     std::vector<float> block_avg_;  // [pairs][2]: A_i
-    // exp(j w_i 64 e 16^l) for level l < 4, e < 16: [4][16][pairs][2] (blocks below 16^4), and
-    // exp(j w_i tau) for tau < 64: [64][pairs][2].
+    // exp(j w_i 64 e 16^l) for level l < 4, e < 16: [4][16] phases (blocks below 16^4), and
+    // exp(j w_i tau) for tau < 64: [64] phases; a phase is [2][pairs] (as block_phase's).
     std::vector<float> block_steps_, token_steps_;
     bool estimated_ = false;
     bool centering_ = false;  // a non-zero mean: shift and offset, else pass through
