@@ -97,12 +97,23 @@ CASES = ([(64, b, True, 8, (N,)) for b in (1, 2, 3, 4)]
 IDS = [f"d{d}-b{b}-{'had' if h else 'dense'}-k{k}-{'+'.join(map(str, c))}" for d, b, h, k, c in CASES]
 
 
+def test_a_centred_cache_file_parses():
+    config = KVCacheConfig(method="rabitq", bits=2, value_bits=VALUE_BITS, num_clusters=8,
+                           center_keys=True)
+    cache = QuantizedKVCache(config, H, 64, max_seq_len=512, layer=LAYER)
+    cache.append(clustered_keys(H, 40, 64, seed=3), rand(H, 40, 64, seed=4))
+    state = saved_state(cache)
+    assert state["crc_ok"] and state["center_keys"] and state["size"] == 40
+    assert [c.shape for c in state["centroids"]] == [(8, 64)] * H
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_layout_and_centroids(case):
     s = build(*case)
     d, bits, k = s.d, s.bits, s.num_clusters
     state = s.states[-1]
     assert state["crc_ok"] and state["method"] == "rabitq" and state["size"] == s.n
+    assert not state["center_keys"]
     assert (state["bits"], state["num_clusters"], state["head_dim"]) == (bits, k, d)
     # Centroids are learned once, on the first append: min(num_clusters, first chunk) of them,
     # unchanged by later appends.
