@@ -292,8 +292,10 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
     // The learned state goes through the codecs' own serialization (as in a saved file).
     std::vector<std::string> states;
     for (std::size_t h = 0; h < codecs.size(); ++h) {
-        if (codecs[h] == nullptr || typeid(*codecs[h]) != typeid(*key_codecs_[h]) ||
-            codecs[h]->code_bytes() != key_codecs_[h]->code_bytes())
+        const KeyCodec* given = codecs[h].get();
+        const KeyCodec& own = *key_codecs_[h];
+        if (given == nullptr || typeid(*given) != typeid(own) ||
+            given->code_bytes() != own.code_bytes())
             throw std::invalid_argument("adopt: the codec of head " + std::to_string(h) +
                                         " is not this cache's");
         BinaryWriter out;
