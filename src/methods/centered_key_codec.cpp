@@ -89,6 +89,7 @@ CenteredKeyCodec::CenteredKeyCodec(std::unique_ptr<KeyCodec> inner,
 }
 
 void CenteredKeyCodec::block_phase(int64_t block, float* out) const {
+    if (pairs_ == 0) return;  // (no tables to index)
     float *re = out, *im = out + pairs_;
     if (block >= kTabledBlocks) {
         for (int i = 0; i < pairs_; ++i) {
@@ -109,6 +110,7 @@ void CenteredKeyCodec::block_phase(int64_t block, float* out) const {
 }
 
 void CenteredKeyCodec::position_phase(int64_t pos, float* out) const {
+    if (pairs_ == 0) return;
     block_phase(pos / kBlock, out);
     turn_all(out, out + pairs_, &token_steps_[static_cast<std::size_t>(pos % kBlock) * 2 * pairs_],
              pairs_);
