@@ -38,7 +38,8 @@ class KVCacheConfig:
     [clusters][head_dim]) and ``rope_inv_freq`` (commvq: pair i of a key turns by
     position * rope_inv_freq[i]). ``center_keys`` (CPU caches) codes keys minus a per-head mean
     estimated at the first append, turned by ``rope_inv_freq`` where given (set it for a RoPE
-    model; ``VeloxQuantCache.from_model`` takes the model's own); it is refused for commvq, vecinfer, spectral and calibrated rabitq. Validation happens when a cache is made (``validate()`` runs
+    model; the pairs are (2i, 2i + 1), as GGUF runtimes rotate them, so
+    ``VeloxQuantCache.from_model`` refuses it for transformers models); it is refused for commvq, vecinfer, spectral and calibrated rabitq. Validation happens when a cache is made (``validate()`` runs
     it early); errors are ValueErrors carrying the C++ message.
     """
 

@@ -67,7 +67,6 @@ at every layer.
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -461,11 +460,12 @@ class VeloxQuantCache(Cache):
         reason otherwise); "cpu" never uses it."""
         if backend not in ("auto", "cuda", "cpu"):
             raise ValueError(f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
-        if config.center_keys and config.rope_inv_freq is None:
-            # The key mean follows the model's own RoPE (its rotary embedding's inv_freq).
-            inv_freq = _model_rope_inv_freq(model)
-            if inv_freq is not None:
-                config = dataclasses.replace(config, rope_inv_freq=inv_freq)
+        if config.center_keys:
+            # CenteredKeyCodec turns its mean as GGUF runtimes rotate keys, pairs (2i, 2i + 1);
+            # transformers' rotate_half turns pairs (i, i + d/2), so its mean would not follow.
+            raise ValueError(
+                "center_keys is not supported with transformers models yet: their RoPE turns "
+                "pairs (i, i + head_dim/2), the centred codec's pairs (2i, 2i + 1)")
         cfg = getattr(model, "config", model)
         if callable(getattr(cfg, "get_text_config", None)):
             cfg = cfg.get_text_config(decoder=True)
@@ -546,18 +546,6 @@ def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: 
         return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
     except ValueError as e:  # out of the device codecs' scope (outliers, head_dim, config)
         return None, str(e)
-
-
-def _model_rope_inv_freq(model: Any) -> list[float] | None:
-    """The frequencies of the model's rotary embedding (its ``inv_freq`` buffer), or None."""
-    modules = getattr(model, "modules", None)
-    if not callable(modules):
-        return None
-    for module in modules():
-        inv_freq = getattr(module, "inv_freq", None)
-        if isinstance(inv_freq, torch.Tensor) and inv_freq.dim() == 1:
-            return [float(x) for x in inv_freq.detach().double().cpu()]
-    return None
 
 
 def _model_device(model: Any) -> torch.device | None:
