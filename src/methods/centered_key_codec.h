@@ -10,9 +10,10 @@
 // exact up to the inner codec's error. c_b is the average of the turned mean over the block's
 // positions: pair i of it is mu_i A_i exp(j 64 b w_i), A_i = (1/64) sum_{tau < 64}
 // exp(j tau w_i), so that the fast-turning pairs, whose mean changes within a block, are
-// damped instead of mis-centred (on SmolLM2, centring them by the block's middle position
-// instead cost a third of the gain). Without RoPE frequencies (rope_inv_freq empty) the centre
-// is mu itself. Pairs past rope_inv_freq.size() (partial RoPE) are not turned.
+// damped instead of mis-centred (on SmolLM2 at 4-bit keys, centring them by the block's middle
+// position kept a third of the gain: KLD 0.045 -> 0.040, against 0.029). Without RoPE frequencies
+// (rope_inv_freq empty) the centre is mu itself. Pairs past rope_inv_freq.size() (partial RoPE) are
+// not turned.
 #pragma once
 
 #include <cstddef>
