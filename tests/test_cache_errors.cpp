@@ -445,29 +445,32 @@ std::unique_ptr<KVCache> saved_ten_tokens(const std::string& path) {
     return cache;
 }
 
-TEST(Persistence, VersionTwoFilesLoadUncentred) {
-    const std::string path = vqtest::unique_temp_path("v2.bin");
-    auto cache = saved_ten_tokens(path);
-    // Version 3 added the center_keys flag after the outlier observer's flag: drop it (the two
-    // zero bytes before num_heads 2, head_dim 64, max_seq_len 200) and write version 2.
-    forge(path, [](std::string& file) {
-        const std::string tail("\0\0\x02\0\0\0\x40\0\0\0\xc8\0\0\0", 14);
-        const std::size_t at = file.find(tail);
-        ASSERT_NE(at, std::string::npos);
-        ASSERT_EQ(file.find(tail, at + 1), std::string::npos);
-        file.erase(at + 1, 1);
-        const uint32_t version = 2;
-        const uint64_t length = file.size() - 28;
-        std::memcpy(&file[8], &version, 4);
-        std::memcpy(&file[16], &length, 8);
-    });
-    auto loaded = KVCache::load(path);
-    std::remove(path.c_str());
-    EXPECT_FALSE(loaded->config().center_keys);
-    std::vector<float> q = randn(4 * 64, 3), a(q.size()), b(q.size());
-    cache->attend(q.data(), 4, 1, a.data(), 0.125f, false);
-    loaded->attend(q.data(), 4, 1, b.data(), 0.125f, false);
-    EXPECT_EQ(a, b);
+TEST(Persistence, VersionTwoAndThreeFilesLoadUncentredWithAdjacentPairs) {
+    for (const uint32_t version : {2u, 3u}) {
+        const std::string path = vqtest::unique_temp_path("old_version.bin");
+        auto cache = saved_ten_tokens(path);
+        // Version 3 added the center_keys flag after the outlier observer's flag, version 4 the
+        // rope_half_split flag after it: of the three zero bytes before num_heads 2, head_dim
+        // 64, max_seq_len 200, keep the observer's and the flags the version had.
+        forge(path, [version](std::string& file) {
+            const std::string tail("\0\0\0\x02\0\0\0\x40\0\0\0\xc8\0\0\0", 15);
+            const std::size_t at = file.find(tail);
+            ASSERT_NE(at, std::string::npos);
+            ASSERT_EQ(file.find(tail, at + 1), std::string::npos);
+            file.erase(at + 1, 4 - version);
+            const uint64_t length = file.size() - 28;
+            std::memcpy(&file[8], &version, 4);
+            std::memcpy(&file[16], &length, 8);
+        });
+        auto loaded = KVCache::load(path);
+        std::remove(path.c_str());
+        EXPECT_FALSE(loaded->config().center_keys);
+        EXPECT_FALSE(loaded->config().rope_half_split);
+        std::vector<float> q = randn(4 * 64, 3), a(q.size()), b(q.size());
+        cache->attend(q.data(), 4, 1, a.data(), 0.125f, false);
+        loaded->attend(q.data(), 4, 1, b.data(), 0.125f, false);
+        EXPECT_EQ(a, b) << "version " << version;
+    }
 }
 
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {

@@ -34,14 +34,17 @@ std::vector<double> rope_freqs(int d) {
     return f;
 }
 
-// x turned by RoPE at position pos (pairs (2i, 2i + 1)), in double.
+// x turned by RoPE at position pos, in double: pairs (2i, 2i + 1), or (i, i + P) half split
+// (transformers' rotate_half: x * cos + rotate_half(x) * sin), P = freqs.size().
 std::vector<double> turned(const std::vector<double>& x, const std::vector<double>& freqs,
-                           double pos) {
+                           double pos, bool half_split = false) {
     std::vector<double> y = x;
-    for (std::size_t i = 0; i < freqs.size(); ++i) {
+    const std::size_t P = freqs.size();
+    for (std::size_t i = 0; i < P; ++i) {
         const double c = std::cos(pos * freqs[i]), s = std::sin(pos * freqs[i]);
-        y[2 * i] = x[2 * i] * c - x[2 * i + 1] * s;
-        y[2 * i + 1] = x[2 * i] * s + x[2 * i + 1] * c;
+        const std::size_t a = half_split ? i : 2 * i, b = half_split ? i + P : 2 * i + 1;
+        y[a] = x[a] * c - x[b] * s;
+        y[b] = x[a] * s + x[b] * c;
     }
     return y;
 }
@@ -50,17 +53,19 @@ std::vector<double> turned(const std::vector<double>& x, const std::vector<doubl
 // slowly turning half of the pairs and zero on the rest: a strong pre-RoPE mean per head where
 // a RoPE model's keys have theirs.
 std::vector<float> rope_keys(int heads, int n, int d, const std::vector<double>& freqs,
-                             uint64_t seed, double mean_scale = 3.0) {
+                             uint64_t seed, double mean_scale = 3.0, bool half_split = false) {
     const std::vector<float> means = randn(static_cast<std::size_t>(heads) * d, seed, 1.0f);
     const std::vector<float> noise = randn(static_cast<std::size_t>(heads) * n * d, seed + 1);
     std::vector<float> keys(noise.size());
+    const int P = static_cast<int>(freqs.size());
+    auto slow = [&](int j) { return half_split ? j % P >= P / 2 : j >= d / 2; };
     for (int h = 0; h < heads; ++h)
         for (int t = 0; t < n; ++t) {
             std::vector<double> x(d);
             for (int j = 0; j < d; ++j)
-                x[j] = (j >= d / 2 ? mean_scale * means[h * d + j] : 0.0) +
+                x[j] = (slow(j) ? mean_scale * means[h * d + j] : 0.0) +
                        noise[(static_cast<std::size_t>(h) * n + t) * d + j];
-            const std::vector<double> y = turned(x, freqs, t);
+            const std::vector<double> y = turned(x, freqs, t, half_split);
             for (int j = 0; j < d; ++j)
                 keys[(static_cast<std::size_t>(h) * n + t) * d + j] = static_cast<float>(y[j]);
         }
@@ -81,9 +86,9 @@ struct Case {
     std::vector<float> keys, values, q, want;
 };
 
-Case make_case(int H, int G, int n, int nq, uint64_t seed, float q_scale) {
+Case make_case(int H, int G, int n, int nq, uint64_t seed, float q_scale, bool half_split = false) {
     Case c;
-    c.keys = rope_keys(H, n, kDim, rope_freqs(kDim), seed);
+    c.keys = rope_keys(H, n, kDim, rope_freqs(kDim), seed, 3.0, half_split);
     c.values = randn(c.keys.size(), seed + 2);
     c.q = randn(static_cast<std::size_t>(H) * G * nq * kDim, seed + 3, q_scale);
     c.want = reference_attention(c.q, H * G, nq, c.keys, c.values, H, n, kDim,
@@ -114,29 +119,59 @@ TEST(CenteredKeys, BlockCentresAreTheTurnedMeanAveragedOverTheBlock) {
     const std::vector<double> freqs = rope_freqs(kDim);
     const std::vector<float> mu_f = randn(kDim, 7);
     const std::vector<double> mu(mu_f.begin(), mu_f.end());
-    // Keys that are exactly the turned mean: the estimate must find mu.
-    const int n = 200;
-    std::vector<float> keys(static_cast<std::size_t>(n) * kDim);
-    for (int t = 0; t < n; ++t) {
-        const auto y = turned(mu, freqs, t);
-        for (int j = 0; j < kDim; ++j) keys[t * kDim + j] = static_cast<float>(y[j]);
+    for (bool half_split : {false, true}) {
+        // Keys that are exactly the turned mean: the estimate must find mu.
+        const int n = 200;
+        std::vector<float> keys(static_cast<std::size_t>(n) * kDim);
+        for (int t = 0; t < n; ++t) {
+            const auto y = turned(mu, freqs, t, half_split);
+            for (int j = 0; j < kDim; ++j) keys[t * kDim + j] = static_cast<float>(y[j]);
+        }
+        CenteredKeyCodec codec(std::make_unique<FP16Codec>(kDim), freqs, half_split);
+        ASSERT_TRUE(codec.needs_training());
+        codec.train(keys.data(), n);
+        EXPECT_FALSE(codec.needs_training());
+        EXPECT_LT(rel_error(codec.mean(), mu_f), 1e-5) << "half split " << half_split;
+        std::vector<float> got(kDim);
+        // Blocks in the table's four levels and past them (16^4 blocks = 4M positions).
+        for (int64_t block : {0LL, 1LL, 17LL, 1000LL, 65535LL, 65536LL, 300000LL}) {
+            std::vector<double> want(kDim, 0.0);
+            for (int tau = 0; tau < CenteredKeyCodec::kBlock; ++tau) {
+                const auto y = turned(mu, freqs, static_cast<double>(block * 64 + tau), half_split);
+                for (int j = 0; j < kDim; ++j) want[j] += y[j] / CenteredKeyCodec::kBlock;
+            }
+            codec.block_center(block, got.data());
+            EXPECT_LT(rel_error(got, std::vector<float>(want.begin(), want.end())), 2e-5)
+                << "block " << block << ", half split " << half_split;
+        }
     }
-    CenteredKeyCodec codec(std::make_unique<FP16Codec>(kDim), freqs);
-    ASSERT_TRUE(codec.needs_training());
-    codec.train(keys.data(), n);
-    EXPECT_FALSE(codec.needs_training());
-    EXPECT_LT(rel_error(codec.mean(), mu_f), 1e-5);
-    std::vector<float> got(kDim);
-    // Blocks in the table's four levels and past them (16^4 blocks = 4M positions).
-    for (int64_t block : {0LL, 1LL, 17LL, 1000LL, 65535LL, 65536LL, 300000LL}) {
+}
+
+TEST(CenteredKeys, PartialRopeLeavesTheUnturnedCoordinatesFixed) {
+    // 12 turned pairs of 32: coordinates from 24 on keep the plain mean in either layout.
+    std::vector<double> freqs = rope_freqs(kDim);
+    freqs.resize(12);
+    const std::vector<float> mu_f = randn(kDim, 8);
+    const std::vector<double> mu(mu_f.begin(), mu_f.end());
+    for (bool half_split : {false, true}) {
+        const int n = 130;
+        std::vector<float> keys(static_cast<std::size_t>(n) * kDim);
+        for (int t = 0; t < n; ++t) {
+            const auto y = turned(mu, freqs, t, half_split);
+            for (int j = 0; j < kDim; ++j) keys[t * kDim + j] = static_cast<float>(y[j]);
+        }
+        CenteredKeyCodec codec(std::make_unique<FP16Codec>(kDim), freqs, half_split);
+        codec.train(keys.data(), n);
+        EXPECT_LT(rel_error(codec.mean(), mu_f), 1e-5) << "half split " << half_split;
         std::vector<double> want(kDim, 0.0);
         for (int tau = 0; tau < CenteredKeyCodec::kBlock; ++tau) {
-            const auto y = turned(mu, freqs, static_cast<double>(block * 64 + tau));
+            const auto y = turned(mu, freqs, 5.0 * 64 + tau, half_split);
             for (int j = 0; j < kDim; ++j) want[j] += y[j] / CenteredKeyCodec::kBlock;
         }
-        codec.block_center(block, got.data());
-        EXPECT_LT(rel_error(got, std::vector<float>(want.begin(), want.end())), 2e-5)
-            << "block " << block;
+        std::vector<float> got(kDim);
+        codec.block_center(5, got.data());
+        EXPECT_LT(rel_error(got, std::vector<float>(want.begin(), want.end())), 2e-5);
+        for (int j = 24; j < kDim; ++j) EXPECT_FLOAT_EQ(got[j], mu_f[j]) << j;
     }
 }
 
@@ -201,20 +236,43 @@ TEST(CenteredKeys, LowerTheAttentionErrorOfACodecThatScalesWithTheNorm) {
     EXPECT_LT(err[1], 0.7 * err[0]) << "uncentred " << err[0] << ", centred " << err[1];
 }
 
+TEST(CenteredKeys, HalfSplitRopeKeysNeedTheHalfSplitLayout) {
+    // Keys turned as transformers turns them: centring with the matching layout removes the
+    // mean at every position; the adjacent layout turns a wrong mean and gains less.
+    const int H = 2, G = 4, n = 640, nq = 4;
+    const auto [keys, values, q, want] = make_case(H, G, n, nq, 23, 0.4f, true);
+    auto error = [&, &keys = keys, &values = values, &q = q, &want = want](bool centre,
+                                                                           bool half_split) {
+        KVCacheConfig c = centred_config("turboquant_rvq", 3, 16, centre);
+        c.rope_half_split = half_split;
+        auto cache = KVCacheFactory::create(c, H, kDim, 1024, 0);
+        cache->append(keys.data(), values.data(), n);
+        return rel_error(attend(*cache, q, H * G, nq), want);
+    };
+    const double uncentred = error(false, true), matched = error(true, true),
+                 mismatched = error(true, false);
+    EXPECT_LT(matched, 0.7 * uncentred) << "uncentred " << uncentred << ", centred " << matched;
+    EXPECT_LT(matched, 0.7 * mismatched) << "adjacent pairs " << mismatched;
+}
+
 TEST(CenteredKeys, TheCacheFileKeepsTheMean) {
     const int H = 2, n = 150;
     const std::vector<double> freqs = rope_freqs(kDim);
     const std::vector<float> keys = rope_keys(H, n, kDim, freqs, 31);
     const std::vector<float> values = randn(keys.size(), 32);
     const std::vector<float> q = randn(static_cast<std::size_t>(H) * 2 * kDim, 33, 0.3f);
-    for (const std::string method : {"turboquant_rvq", "rabitq"}) {
-        auto cache = KVCacheFactory::create(centred_config(method, 2, 4, true), H, kDim, 512, 3);
+    for (const std::string method : {"turboquant_rvq", "rabitq", "half split"}) {
+        KVCacheConfig c =
+            centred_config(method == "half split" ? "turboquant_rvq" : method, 2, 4, true);
+        c.rope_half_split = method == "half split";
+        auto cache = KVCacheFactory::create(c, H, kDim, 512, 3);
         cache->append(keys.data(), values.data(), n);
         const std::string path = vqtest::unique_temp_path("centred.bin");
         cache->save(path);
         auto loaded = KVCache::load(path);
         std::remove(path.c_str());
         EXPECT_TRUE(loaded->config().center_keys);
+        EXPECT_EQ(loaded->config().rope_half_split, c.rope_half_split);
         EXPECT_EQ(attend(*loaded, q, 2 * H, 1), attend(*cache, q, 2 * H, 1)) << method;
         EXPECT_TRUE(vqtest::save_the_same_file(*loaded, *cache)) << method;
     }
@@ -253,6 +311,19 @@ TEST(CenteredKeys, ConfigurationsFittedToUncentredKeysRefuseIt) {
     r.ivf_centroids.shape = {1, 1, 4, kDim};
     r.ivf_centroids.data.assign(4 * kDim, 0.0f);
     EXPECT_THROW(r.validate(), std::invalid_argument);
+}
+
+TEST(CenteredKeys, CommvqRefusesHalfSplitRopePairs) {
+    KVCacheConfig c = centred_config("commvq", 2, 4, false);
+    c.rope_half_split = true;
+    try {
+        c.validate();
+        ADD_FAILURE() << "commvq accepted half-split RoPE pairs";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("rope_half_split"), std::string::npos) << e.what();
+    }
+    c.rope_inv_freq.clear();  // no turning at all: nothing to pair
+    EXPECT_NO_THROW(c.validate());
 }
 
 }  // namespace

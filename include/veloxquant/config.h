@@ -53,6 +53,11 @@ struct KVCacheConfig {
     /// own key statistics elsewhere (commvq, vecinfer, spectral, calibrated rabitq centroids) it
     /// is refused. CPU caches only.
     bool center_keys = false;
+    /// How RoPE pairs coordinates, for center_keys: pair i of rope_inv_freq is (i, i + P),
+    /// P = rope_inv_freq.size() (transformers' rotate_half, llama.cpp's "neox"), instead of
+    /// (2i, 2i + 1) (GGUF Llama models, llama.cpp's "normal"). commvq's RoPE-commuting
+    /// codebooks take adjacent pairs only.
+    bool rope_half_split = false;
     int signal_bits = 4;  ///< spectral bits for the signal coordinates
     int noise_bits = 1;   ///< spectral bits for the noise coordinates
     uint64_t seed = 0;

@@ -21,8 +21,9 @@ namespace veloxquant {
 namespace {
 
 constexpr char kMagic[8] = {'V', 'Q', 'K', 'V', 'C', 'A', 'C', 'H'};
-// 2: ivf_centroids, rope_inv_freq; 3: center_keys (version 2 files still load, uncentred).
-constexpr uint32_t kFormatVersion = 3;
+// 2: ivf_centroids, rope_inv_freq; 3: center_keys; 4: rope_half_split (versions 2 and 3 still
+// load: uncentred, adjacent pairs).
+constexpr uint32_t kFormatVersion = 4;
 constexpr uint32_t kOldestFormatVersion = 2;
 enum class CacheKind : uint32_t { kQuantized = 1, kSlidingWindow = 2 };
 
@@ -64,6 +65,7 @@ void write_config(BinaryWriter& out, const KVCacheConfig& c) {
         out.put<int64_t>(c.outlier_observer->min_count());
     }
     out.put<uint8_t>(c.center_keys);
+    out.put<uint8_t>(c.rope_half_split);
 }
 
 KVCacheConfig read_config(BinaryReader& in, uint32_t version) {
@@ -112,6 +114,11 @@ KVCacheConfig read_config(BinaryReader& in, uint32_t version) {
         const uint8_t centered = in.get<uint8_t>();
         if (centered > 1) throw std::runtime_error("corrupted cache file: bad center_keys flag");
         c.center_keys = centered != 0;
+    }
+    if (version >= 4) {
+        const uint8_t half = in.get<uint8_t>();
+        if (half > 1) throw std::runtime_error("corrupted cache file: bad rope_half_split flag");
+        c.rope_half_split = half != 0;
     }
     return c;
 }

@@ -76,6 +76,10 @@ void KVCacheConfig::validate() const {
             throw std::invalid_argument("KVCacheConfig.bit_allocation['" + key +
                                         "'] must be in 1..8, got " + std::to_string(b));
     }
+    if (rope_half_split && method == "commvq" && !rope_inv_freq.empty())
+        throw std::invalid_argument(
+            "KVCacheConfig.rope_half_split: commvq's RoPE-commuting codebooks turn adjacent pairs "
+            "(2i, 2i + 1); drop rope_inv_freq or rope_half_split");
     if (center_keys) {
         // Their calibrations (codebooks, bases, smoothing, centroids) were fitted to the keys as
         // they are; centred keys would not match them.

@@ -43,10 +43,11 @@ inline void turn(float& x, float& y, float c, float s) {
 }  // namespace
 
 CenteredKeyCodec::CenteredKeyCodec(std::unique_ptr<KeyCodec> inner,
-                                   std::vector<double> rope_inv_freq)
+                                   std::vector<double> rope_inv_freq, bool rope_half_split)
     : KeyCodec(inner ? inner->dim() : 0),
       inner_(std::move(inner)),
-      inv_freq_(std::move(rope_inv_freq)) {
+      inv_freq_(std::move(rope_inv_freq)),
+      half_split_(rope_half_split) {
     if (!inner_) throw std::invalid_argument("CenteredKeyCodec: no inner key codec");
     const int d = dim();
     if (!inv_freq_.empty() && d % 2 != 0)
@@ -124,7 +125,8 @@ void CenteredKeyCodec::center_into(int64_t block, float* out, float* phase) cons
     std::copy(damped_.begin(), damped_.end(), out);
     if (pairs_ == 0) return;
     block_phase(block, phase);
-    for (int i = 0; i < pairs_; ++i) turn(out[2 * i], out[2 * i + 1], phase[i], phase[pairs_ + i]);
+    for (int i = 0; i < pairs_; ++i)
+        turn(out[re_at(i)], out[im_at(i)], phase[i], phase[pairs_ + i]);
 }
 
 void CenteredKeyCodec::shift(float* keys, int n, int pos0, float sign) const {
@@ -158,8 +160,8 @@ void CenteredKeyCodec::train(const float* keys, int n) {
                 position_phase(row, phase.data());
                 for (int i = 0; i < pairs_; ++i) {
                     const float c = phase[i], s = phase[pairs_ + i];
-                    acc[2 * i] += k[2 * i] * c + k[2 * i + 1] * s;
-                    acc[2 * i + 1] += k[2 * i + 1] * c - k[2 * i] * s;
+                    acc[re_at(i)] += k[re_at(i)] * c + k[im_at(i)] * s;
+                    acc[im_at(i)] += k[im_at(i)] * c - k[re_at(i)] * s;
                 }
                 for (int j = 2 * pairs_; j < d; ++j) acc[j] += k[j];
             }
@@ -220,8 +222,8 @@ void CenteredKeyCodec::prepare_query(const float* query, float* state) const {
     // W_i = conj(q_i) mu_i A_i: the products W (real parts, then imaginary) and that sum.
     float* w = state + inner_->query_state_size();
     for (int i = 0; i < pairs_; ++i) {
-        const float qr = query[2 * i], qi = query[2 * i + 1];
-        const float dr = damped_[2 * i], di = damped_[2 * i + 1];
+        const float qr = query[re_at(i)], qi = query[im_at(i)];
+        const float dr = damped_[re_at(i)], di = damped_[im_at(i)];
         w[i] = qr * dr + qi * di;
         w[pairs_ + i] = qr * di - qi * dr;
     }
@@ -303,7 +305,7 @@ void CenteredKeyCodec::load_state(BinaryReader& in) {
 void CenteredKeyCodec::set_damped() {
     damped_ = mean_;
     for (int i = 0; i < pairs_; ++i)
-        turn(damped_[2 * i], damped_[2 * i + 1], block_avg_[2 * i], block_avg_[2 * i + 1]);
+        turn(damped_[re_at(i)], damped_[im_at(i)], block_avg_[2 * i], block_avg_[2 * i + 1]);
     centering_ = std::any_of(mean_.begin(), mean_.end(), [](float x) { return x != 0.0f; });
 }
 

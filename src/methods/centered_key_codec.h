@@ -12,8 +12,10 @@
 // exp(j tau w_i), so that the fast-turning pairs, whose mean changes within a block, are
 // damped instead of mis-centred (on SmolLM2 at 4-bit keys, centring them by the block's middle
 // position kept a third of the gain: KLD 0.045 -> 0.040, against 0.029). Without RoPE frequencies
-// (rope_inv_freq empty) the centre is mu itself. Pairs past rope_inv_freq.size() (partial RoPE) are
-// not turned.
+// (rope_inv_freq empty) the centre is mu itself. With P = rope_inv_freq.size() frequencies, pair i
+// is (2i, 2i + 1) (GGUF runtimes, llama.cpp's "normal" RoPE) or, half split, (i, i + P)
+// (transformers' rotate_half, llama.cpp's "neox"); coordinates from 2P on (partial RoPE) are not
+// turned.
 #pragma once
 
 #include <cstddef>
@@ -37,7 +39,9 @@ public:
     /// inner: the codec of the centred keys (owned). rope_inv_freq: the model's RoPE
     /// frequencies (pair i turns by p * rope_inv_freq[i]); at most dim / 2 of them, finite and
     /// >= 0, else std::invalid_argument. dim must be even where frequencies are given.
-    CenteredKeyCodec(std::unique_ptr<KeyCodec> inner, std::vector<double> rope_inv_freq);
+    /// rope_half_split: pair i is (i, i + P), else (2i, 2i + 1).
+    CenteredKeyCodec(std::unique_ptr<KeyCodec> inner, std::vector<double> rope_inv_freq,
+                     bool rope_half_split = false);
 
     const KeyCodec& inner() const { return *inner_; }
     /// The pre-RoPE mean [dim] (zeros before the first append, or after one that was too short).
@@ -95,10 +99,14 @@ private:
     void shift(float* keys, int n, int pos0, float sign) const;
     // damped_ and centering_ from mean_.
     void set_damped();
+    // The coordinates of pair i: its real and imaginary part.
+    int re_at(int i) const { return half_split_ ? i : 2 * i; }
+    int im_at(int i) const { return half_split_ ? i + pairs_ : 2 * i + 1; }
 
     std::unique_ptr<KeyCodec> inner_;
     std::vector<double> inv_freq_;
     int pairs_ = 0;                 // turned pairs: rope_inv_freq.size()
+    bool half_split_ = false;       // pair i is (i, i + pairs_), else (2i, 2i + 1)
     std::vector<float> mean_;       // [dim], pre-RoPE
     std::vector<float> damped_;     // [dim]: mu_i A_i for turned pairs, mu elsewhere
     std::vector<float> block_avg_;  // [pairs][2]: A_i

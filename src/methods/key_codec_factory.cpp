@@ -59,7 +59,8 @@ std::unique_ptr<KeyCodec> make_key_codec(const KVCacheConfig& config, int head_d
                                          int head) {
     auto codec = make_method_codec(config, head_dim, layer, head);
     if (!config.center_keys) return codec;
-    return std::make_unique<CenteredKeyCodec>(std::move(codec), config.rope_inv_freq);
+    return std::make_unique<CenteredKeyCodec>(std::move(codec), config.rope_inv_freq,
+                                              config.rope_half_split);
 }
 
 }  // namespace veloxquant

@@ -1,11 +1,11 @@
 // Fuzz target: sequences of calls on a cache, the sequence and the cache read from the input:
-// a method without calibration, the outlier store or not, centred keys (center_keys) or not, a
-// sliding window or not, 1 or 2 heads, a capacity of 1..200; then up to 24 calls of append (some
-// with a NaN, an infinity or a huge coordinate, in float32, fp16 or bf16), trim, attend,
-// dequantize, save and load back, reset. The contract (veloxquant/cache.h): a call either succeeds
-// as documented or throws std::invalid_argument, std::length_error or std::out_of_range and leaves
-// the cache exactly as it was (its saved file the same bytes); attend changes nothing; a saved
-// cache loads back the same tokens. Anything else is a finding.
+// a method without calibration, the outlier store or not, centred keys (center_keys, on either
+// RoPE pairing) or not, a sliding window or not, 1 or 2 heads, a capacity of 1..200; then up to
+// 24 calls of append (some with a NaN, an infinity or a huge coordinate, in float32, fp16 or
+// bf16), trim, attend, dequantize, save and load back, reset. The contract (veloxquant/cache.h): a
+// call either succeeds as documented or throws std::invalid_argument, std::length_error or
+// std::out_of_range and leaves the cache exactly as it was (its saved file the same bytes); attend
+// changes nothing; a saved cache loads back the same tokens. Anything else is a finding.
 
 #include <algorithm>
 #include <cmath>
@@ -91,6 +91,7 @@ std::unique_ptr<KVCache> make_cache(Input& in, int& window) {
     if (flags & 1) config.outlier_observer = std::make_shared<KeyNormObserver>(1.5, 4);
     if (flags & 0x40) {
         config.center_keys = true;
+        config.rope_half_split = flags & 0x20;  // pairs (i, i + d/2), as transformers turns them
         for (int i = 0; i < kDim / 2; ++i)
             config.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * i / kDim));
     }
