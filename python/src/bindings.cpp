@@ -316,6 +316,7 @@ NB_MODULE(_core, m) {
             [](KVCacheConfig& c, const InArray& a) { c.ivf_centroids = to_float_array(a); })
         .def_rw("rope_inv_freq", &KVCacheConfig::rope_inv_freq)
         .def_rw("center_keys", &KVCacheConfig::center_keys)
+        .def_rw("rope_half_split", &KVCacheConfig::rope_half_split)
         .def_rw("signal_bits", &KVCacheConfig::signal_bits)
         .def_rw("noise_bits", &KVCacheConfig::noise_bits)
         .def_rw("seed", &KVCacheConfig::seed)

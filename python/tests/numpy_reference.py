@@ -261,10 +261,11 @@ def rotated_coordinate_pdf(d: int, x: np.ndarray) -> np.ndarray:
 
 def read_rabitq_file(path) -> dict:
     """Parses a QuantizedKVCache file of method rabitq (cache_io.cpp): the frame (magic
-    VQKVCACH, u32 version 2 or 3, u32 kind 1, u64 payload length, u32 CRC-32), the config
-    (version 3 ends it with the center_keys flag), the shape and each head's codec state (with
+    VQKVCACH, u32 version 2, 3 or 4, u32 kind 1, u64 payload length, u32 CRC-32), the config
+    (version 3 ends it with the center_keys flag, version 4 then with the rope_half_split
+    flag), the shape and each head's codec state (with
     center_keys first u8 estimated + u64 count + float32 mean [d]; then i32 d, i32 k, u64 count
-    + float32 centroids [k][d]). Returns method, seed, center_keys, num_heads, head_dim, layer,
+    + float32 centroids [k][d]). Returns method, seed, center_keys, rope_half_split, num_heads, head_dim, layer,
     size, centroids (one [k, d] per head) and whether the CRC matched; the pages that follow
     are not parsed."""
     import struct
@@ -274,7 +275,7 @@ def read_rabitq_file(path) -> dict:
     if data[:8] != b"VQKVCACH":
         raise ValueError("not a VeloxQuant cache file")
     version, kind, length, crc = struct.unpack_from("<IIQI", data, 8)
-    if version not in (2, 3) or kind != 1:
+    if version not in (2, 3, 4) or kind != 1:
         raise ValueError(f"unsupported version/kind {version}/{kind}")
     payload = data[28:]
     if len(payload) != length:
@@ -318,6 +319,7 @@ def read_rabitq_file(path) -> dict:
         take("dq")  # outlier observer
         raise ValueError("outlier stores are not parsed")
     out["center_keys"] = version >= 3 and take("B") == 1
+    out["rope_half_split"] = version >= 4 and take("B") == 1
     out["num_heads"], out["head_dim"], out["max_seq_len"], out["layer"] = take("4i")
     out["class_name"] = string()
     out["size"] = take("i")

@@ -80,7 +80,8 @@ def test_config_dataclass_matches_seed():
     assert got[: len(SEED_FIELDS)] == SEED_FIELDS
     assert got[len(SEED_FIELDS):] == [("ivf_centroids", "ndarray | None", None),
                                       ("rope_inv_freq", "list[float] | None", None),
-                                      ("center_keys", "bool", False)]
+                                      ("center_keys", "bool", False),
+                                      ("rope_half_split", "bool", False)]
     assert KVCacheConfig(method="qjl").method == "qjl"
     with pytest.raises(TypeError):
         KVCacheConfig()  # method is required

@@ -97,13 +97,15 @@ CASES = ([(64, b, True, 8, (N,)) for b in (1, 2, 3, 4)]
 IDS = [f"d{d}-b{b}-{'had' if h else 'dense'}-k{k}-{'+'.join(map(str, c))}" for d, b, h, k, c in CASES]
 
 
-def test_a_centred_cache_file_parses():
+@pytest.mark.parametrize("half_split", [False, True])
+def test_a_centred_cache_file_parses(half_split):
     config = KVCacheConfig(method="rabitq", bits=2, value_bits=VALUE_BITS, num_clusters=8,
-                           center_keys=True)
+                           center_keys=True, rope_half_split=half_split)
     cache = QuantizedKVCache(config, H, 64, max_seq_len=512, layer=LAYER)
     cache.append(clustered_keys(H, 40, 64, seed=3), rand(H, 40, 64, seed=4))
     state = saved_state(cache)
     assert state["crc_ok"] and state["center_keys"] and state["size"] == 40
+    assert state["rope_half_split"] == half_split
     assert [c.shape for c in state["centroids"]] == [(8, 64)] * H
 
 

@@ -31,6 +31,9 @@ CONFIGS = {
     "centred": dict(method="turboquant_rvq", bits=2, center_keys=True,
                     rope_inv_freq=[10000.0 ** (-2 * i / D) for i in range(D // 2)]),
     "centred_rabitq": dict(method="rabitq", bits=2, num_clusters=8, center_keys=True),
+    "centred_half_split": dict(method="turboquant_rvq", bits=2, center_keys=True,
+                               rope_inv_freq=[10000.0 ** (-2 * i / D) for i in range(D // 4)],
+                               rope_half_split=True),
 }
 
 

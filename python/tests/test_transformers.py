@@ -9,6 +9,7 @@ cache bytes against the default cache's) are written there.
 
 import json
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +18,7 @@ pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from veloxquant.cache.base import KVCacheConfig  # noqa: E402
+from veloxquant.cache.base import KVCacheBuilder, KVCacheConfig  # noqa: E402
 from veloxquant.integrations.transformers import (  # noqa: E402
     ATTENTION_NAME,
     VeloxQuantCache,
@@ -132,9 +133,60 @@ def test_turboquant_logits_approach_the_default_as_bits_grow(model, tokens, repo
     assert stats[8]["min_cosine"] > 0.999, stats  # top-1 flips on near-ties of random logits
 
 
-def test_centred_keys_are_refused_for_half_split_rope(model):
-    config = KVCacheConfig(method="turboquant_rvq", bits=4, value_bits=4, center_keys=True)
-    with pytest.raises(ValueError, match="center_keys"):
+def biased_llama():
+    """tiny_llama's shape whose keys carry a strong shared mean before RoPE, as real models'
+    keys do: a k_proj bias of scale 3 on the slowly turning half of each head's pairs (i, i + 16)
+    for i >= 8, where a 64-token block of RoPE turns them by at most 1.1 radians."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, initializer_range=0.1,
+                         attention_bias=True, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    slow = (torch.arange(64) % 16 >= 8).float()  # [2 heads x 32]: pairs 8..15 of each head
+    with torch.no_grad():
+        for layer in model.model.layers:
+            bias = layer.self_attn.k_proj.bias
+            bias.copy_(3.0 * torch.randn_like(bias) * slow)
+    return model
+
+
+def test_centred_keys_follow_the_models_half_split_rope(report):
+    # 512 positions, over which the slow pairs turn by up to 9 radians: a mean turned on the
+    # wrong pairs drifts from the keys'.
+    model = biased_llama()
+    tokens = torch.randint(0, 512, (1, 512), generator=torch.Generator().manual_seed(2))
+    exact = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(tokens, past_key_values=exact, use_cache=True)
+    inv_freq = model.model.rotary_emb.inv_freq.double().tolist()
+    config = KVCacheConfig(method="turboquant_rvq", bits=3, value_bits=16, num_residuals=1)
+    errors = {}
+    for name in ("uncentred", "centred", "adjacent pairs"):
+        if name == "adjacent pairs":  # the model's frequencies on the GGUF pairing: wrong here
+            wrong = replace(config, center_keys=True, rope_inv_freq=inv_freq)
+            cache = VeloxQuantCache(KVCacheBuilder.build(model, wrong, 512))
+        else:
+            cache = VeloxQuantCache.from_model(
+                model, replace(config, center_keys=name == "centred"), max_seq_len=512,
+                backend="cpu")
+        prefill(model, cache, tokens)
+        # The decoded keys against the exact post-RoPE keys, over both layers.
+        got = torch.cat([torch.as_tensor(c.dequantize()[0]).flatten() for c in cache.caches])
+        want = torch.cat([layer.keys[0].flatten() for layer in exact.layers])
+        errors[name] = ((got - want).norm() / want.norm()).item()
+        if name == "centred":
+            core = cache.caches[0].config
+            assert core.center_keys and core.rope_half_split
+            assert core.rope_inv_freq == pytest.approx(inv_freq, rel=1e-12)
+    report["centred_keys_rel_error"] = errors
+    assert errors["centred"] < 0.65 * errors["uncentred"], errors
+    assert errors["centred"] < 0.8 * errors["adjacent pairs"], errors
+
+
+def test_commvq_rope_frequencies_are_refused_on_half_split_rope(model):
+    config = KVCacheConfig(method="commvq", bits=2, rope_inv_freq=[1.0] * 16)
+    with pytest.raises(ValueError, match="adjacent pairs"):
         VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
 
 

@@ -38,9 +38,12 @@ class KVCacheConfig:
     [clusters][head_dim]) and ``rope_inv_freq`` (commvq: pair i of a key turns by
     position * rope_inv_freq[i]). ``center_keys`` (CPU caches) codes keys minus a per-head mean
     estimated at the first append, turned by ``rope_inv_freq`` where given (set it for a RoPE
-    model; the pairs are (2i, 2i + 1), as GGUF runtimes rotate them, so
-    ``VeloxQuantCache.from_model`` refuses it for transformers models); it is refused for commvq, vecinfer, spectral and calibrated rabitq. Validation happens when a cache is made (``validate()`` runs
-    it early); errors are ValueErrors carrying the C++ message.
+    model); it is refused for commvq, vecinfer, spectral and calibrated rabitq.
+    ``rope_half_split`` says how RoPE pairs coordinates: pair i is (i, i + P), P =
+    len(rope_inv_freq), as transformers' rotate_half turns them, instead of (2i, 2i + 1), as GGUF
+    Llama runtimes do (``VeloxQuantCache.from_model`` sets both for a transformers model; commvq
+    refuses half-split pairs). Validation happens when a cache is made (``validate()`` runs it
+    early); errors are ValueErrors carrying the C++ message.
     """
 
     method: str
@@ -64,6 +67,7 @@ class KVCacheConfig:
     ivf_centroids: ndarray | None = None
     rope_inv_freq: list[float] | None = None
     center_keys: bool = False
+    rope_half_split: bool = False
 
     _INT_FIELDS: ClassVar[tuple[str, ...]] = (
         "bits", "value_bits", "num_residuals", "outlier_bits", "sketch_dim", "num_clusters",
@@ -81,6 +85,7 @@ class KVCacheConfig:
         core.use_hadamard = bool(self.use_hadamard)
         core.use_fused_sdpa = bool(self.use_fused_sdpa)
         core.center_keys = bool(self.center_keys)
+        core.rope_half_split = bool(self.rope_half_split)
         seed = _as_int(self.seed, "seed")
         if not 0 <= seed < 2**64:
             raise ValueError(f"KVCacheConfig.seed must be in [0, 2**64), got {seed}")
@@ -125,7 +130,7 @@ class KVCacheConfig:
             num_subspaces=core.num_subspaces, use_fused_sdpa=core.use_fused_sdpa,
             signal_bits=core.signal_bits, noise_bits=core.noise_bits, seed=core.seed,
             ivf_centroids=core.ivf_centroids, rope_inv_freq=list(core.rope_inv_freq) or None,
-            center_keys=core.center_keys,
+            center_keys=core.center_keys, rope_half_split=core.rope_half_split,
         )
 
     def validate(self) -> None:
