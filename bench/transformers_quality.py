@@ -17,6 +17,7 @@ bench/results/transformers_quality_<date>.json and .md.
 """
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
@@ -43,11 +44,13 @@ CONFIGS = [
 
 def chunk_logits(model, chunks, score_from, cache_for):
     """Logits [tokens scored, vocab] (float32) of every chunk, each from a fresh cache."""
+    # transformers 5.25 renamed forward's past_key_values to cache.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = []
     with torch.no_grad():
         for ids in chunks:
             cache = cache_for()
-            logits = model(ids[None], past_key_values=cache, use_cache=cache is not None).logits
+            logits = model(ids[None], **{name: cache}, use_cache=cache is not None).logits
             out.append(logits[0, score_from:].float())
     return torch.cat(out)
 

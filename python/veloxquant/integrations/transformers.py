@@ -9,6 +9,9 @@ attention on the packed codes::
     cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=4))
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
 
+(transformers 5.25 renamed ``past_key_values`` to ``cache``; the old name still works there, with
+a FutureWarning.)
+
 Each attention layer's ``Cache.update`` hands the new keys and values (after RoPE) to the
 "veloxquant" attention function, as zero-length views tagged with the layer; that function
 stores them in the layer's VeloxQuant cache (leaving out padding, which it reads from the
@@ -650,7 +653,8 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     if layer is None:
         raise ValueError(
             f"attn_implementation={ATTENTION_NAME!r} attends on a VeloxQuant cache: pass "
-            "past_key_values=VeloxQuantCache(...) and use_cache=True"
+            "past_key_values=VeloxQuantCache(...) (cache=... in newer transformers) and "
+            "use_cache=True"
         )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if window and not isinstance(layer.cache, SlidingWindowKVCache):
