@@ -115,63 +115,55 @@ std::vector<float> attend(KVCache& cache, const std::vector<float>& q, int q_hea
     return out;
 }
 
-TEST(CenteredKeys, BlockCentresAreTheTurnedMeanAveragedOverTheBlock) {
-    const std::vector<double> freqs = rope_freqs(kDim);
-    const std::vector<float> mu_f = randn(kDim, 7);
-    const std::vector<double> mu(mu_f.begin(), mu_f.end());
-    for (bool half_split : {false, true}) {
-        // Keys that are exactly the turned mean: the estimate must find mu.
-        const int n = 200;
-        std::vector<float> keys(static_cast<std::size_t>(n) * kDim);
-        for (int t = 0; t < n; ++t) {
-            const auto y = turned(mu, freqs, t, half_split);
-            for (int j = 0; j < kDim; ++j) keys[t * kDim + j] = static_cast<float>(y[j]);
-        }
-        CenteredKeyCodec codec(std::make_unique<FP16Codec>(kDim), freqs, half_split);
-        ASSERT_TRUE(codec.needs_training());
-        codec.train(keys.data(), n);
-        EXPECT_FALSE(codec.needs_training());
-        EXPECT_LT(rel_error(codec.mean(), mu_f), 1e-5) << "half split " << half_split;
-        std::vector<float> got(kDim);
-        // Blocks in the table's four levels and past them (16^4 blocks = 4M positions).
-        for (int64_t block : {0LL, 1LL, 17LL, 1000LL, 65535LL, 65536LL, 300000LL}) {
-            std::vector<double> want(kDim, 0.0);
-            for (int tau = 0; tau < CenteredKeyCodec::kBlock; ++tau) {
-                const auto y = turned(mu, freqs, static_cast<double>(block * 64 + tau), half_split);
-                for (int j = 0; j < kDim; ++j) want[j] += y[j] / CenteredKeyCodec::kBlock;
-            }
-            codec.block_center(block, got.data());
-            EXPECT_LT(rel_error(got, std::vector<float>(want.begin(), want.end())), 2e-5)
-                << "block " << block << ", half split " << half_split;
-        }
+// Keys [n][d] that are exactly mu turned to positions 0 .. n - 1.
+std::vector<float> turned_mean_keys(const std::vector<double>& mu, const std::vector<double>& freqs,
+                                    int n, bool half_split) {
+    std::vector<float> keys(static_cast<std::size_t>(n) * kDim);
+    for (int t = 0; t < n; ++t) {
+        const auto y = turned(mu, freqs, t, half_split);
+        for (int j = 0; j < kDim; ++j) keys[t * kDim + j] = static_cast<float>(y[j]);
     }
+    return keys;
 }
 
-TEST(CenteredKeys, PartialRopeLeavesTheUnturnedCoordinatesFixed) {
-    // 12 turned pairs of 32: coordinates from 24 on keep the plain mean in either layout.
-    std::vector<double> freqs = rope_freqs(kDim);
-    freqs.resize(12);
-    const std::vector<float> mu_f = randn(kDim, 8);
+// mu turned to each position of `block` and averaged, in double.
+std::vector<float> block_average(const std::vector<double>& mu, const std::vector<double>& freqs,
+                                 int64_t block, bool half_split) {
+    std::vector<double> sum(kDim, 0.0);
+    for (int tau = 0; tau < CenteredKeyCodec::kBlock; ++tau) {
+        const auto y = turned(mu, freqs, static_cast<double>(block * 64 + tau), half_split);
+        for (int j = 0; j < kDim; ++j) sum[j] += y[j] / CenteredKeyCodec::kBlock;
+    }
+    return std::vector<float>(sum.begin(), sum.end());
+}
+
+TEST(CenteredKeys, BlockCentresAreTheTurnedMeanAveragedOverTheBlock) {
+    const std::vector<float> mu_f = randn(kDim, 7);
     const std::vector<double> mu(mu_f.begin(), mu_f.end());
-    for (bool half_split : {false, true}) {
-        const int n = 130;
-        std::vector<float> keys(static_cast<std::size_t>(n) * kDim);
-        for (int t = 0; t < n; ++t) {
-            const auto y = turned(mu, freqs, t, half_split);
-            for (int j = 0; j < kDim; ++j) keys[t * kDim + j] = static_cast<float>(y[j]);
+    // Every pair turned, then 12 of 32 (partial RoPE: coordinates from 24 on keep the plain
+    // mean), on either pairing.
+    for (const std::size_t turned_pairs : {std::size_t{kDim / 2}, std::size_t{12}}) {
+        std::vector<double> freqs = rope_freqs(kDim);
+        freqs.resize(turned_pairs);
+        for (bool half_split : {false, true}) {
+            SCOPED_TRACE(testing::Message() << turned_pairs << " pairs, half split " << half_split);
+            // Keys that are exactly the turned mean: the estimate must find mu.
+            const int n = 200;
+            CenteredKeyCodec codec(std::make_unique<FP16Codec>(kDim), freqs, half_split);
+            ASSERT_TRUE(codec.needs_training());
+            codec.train(turned_mean_keys(mu, freqs, n, half_split).data(), n);
+            EXPECT_FALSE(codec.needs_training());
+            EXPECT_LT(rel_error(codec.mean(), mu_f), 1e-5);
+            std::vector<float> got(kDim);
+            // Blocks in the table's four levels and past them (16^4 blocks = 4M positions).
+            for (int64_t block : {0LL, 1LL, 17LL, 1000LL, 65535LL, 65536LL, 300000LL}) {
+                codec.block_center(block, got.data());
+                EXPECT_LT(rel_error(got, block_average(mu, freqs, block, half_split)), 2e-5)
+                    << "block " << block;
+                for (int j = 2 * static_cast<int>(turned_pairs); j < kDim; ++j)
+                    EXPECT_FLOAT_EQ(got[j], mu_f[j]) << j;
+            }
         }
-        CenteredKeyCodec codec(std::make_unique<FP16Codec>(kDim), freqs, half_split);
-        codec.train(keys.data(), n);
-        EXPECT_LT(rel_error(codec.mean(), mu_f), 1e-5) << "half split " << half_split;
-        std::vector<double> want(kDim, 0.0);
-        for (int tau = 0; tau < CenteredKeyCodec::kBlock; ++tau) {
-            const auto y = turned(mu, freqs, 5.0 * 64 + tau, half_split);
-            for (int j = 0; j < kDim; ++j) want[j] += y[j] / CenteredKeyCodec::kBlock;
-        }
-        std::vector<float> got(kDim);
-        codec.block_center(5, got.data());
-        EXPECT_LT(rel_error(got, std::vector<float>(want.begin(), want.end())), 2e-5);
-        for (int j = 24; j < kDim; ++j) EXPECT_FLOAT_EQ(got[j], mu_f[j]) << j;
     }
 }
 
