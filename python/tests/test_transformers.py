@@ -133,28 +133,35 @@ def test_turboquant_logits_approach_the_default_as_bits_grow(model, tokens, repo
     assert stats[8]["min_cosine"] > 0.999, stats  # top-1 flips on near-ties of random logits
 
 
-def biased_llama():
-    """tiny_llama's shape whose keys carry a strong shared mean before RoPE, as real models'
-    keys do: a k_proj bias of scale 3 on the slowly turning half of each head's pairs (i, i + 16)
-    for i >= 8, where a 64-token block of RoPE turns them by at most 1.1 radians."""
+def biased_model(family):
+    """tiny_llama's shape ("llama", RoPE on pairs (i, i + 16); or "cohere", on adjacent pairs
+    (2i, 2i + 1)) whose keys carry a strong shared mean before RoPE, as real models' keys do: a
+    k_proj bias of scale 3 on the slowly turning half of each head's pairs (i >= 8), which a
+    64-token block of RoPE turns by at most 1.1 radians."""
+    from transformers import CohereConfig, CohereForCausalLM
+
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, initializer_range=0.1,
-                         attention_bias=True, attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval()
-    slow = (torch.arange(64) % 16 >= 8).float()  # [2 heads x 32]: pairs 8..15 of each head
+    shape = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                 initializer_range=0.1, attention_bias=True, attn_implementation="sdpa")
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+        slow = torch.arange(64) % 16 >= 8  # [2 heads x 32]: coordinates i and i + 16, i >= 8
+    else:
+        model = CohereForCausalLM(CohereConfig(**shape)).eval()
+        slow = torch.arange(64) % 32 >= 16  # coordinates 2i and 2i + 1, i >= 8
     with torch.no_grad():
         for layer in model.model.layers:
             bias = layer.self_attn.k_proj.bias
-            bias.copy_(3.0 * torch.randn_like(bias) * slow)
+            bias.copy_(3.0 * torch.randn_like(bias) * slow.float())
     return model
 
 
-def test_centred_keys_follow_the_models_half_split_rope(report):
+@pytest.mark.parametrize("family, half_split", [("llama", True), ("cohere", False)])
+def test_centred_keys_follow_the_models_rope_pairs(report, family, half_split):
     # 512 positions, over which the slow pairs turn by up to 9 radians: a mean turned on the
     # wrong pairs drifts from the keys'.
-    model = biased_llama()
+    model = biased_model(family)
     tokens = torch.randint(0, 512, (1, 512), generator=torch.Generator().manual_seed(2))
     exact = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -162,9 +169,10 @@ def test_centred_keys_follow_the_models_half_split_rope(report):
     inv_freq = model.model.rotary_emb.inv_freq.double().tolist()
     config = KVCacheConfig(method="turboquant_rvq", bits=3, value_bits=16, num_residuals=1)
     errors = {}
-    for name in ("uncentred", "centred", "adjacent pairs"):
-        if name == "adjacent pairs":  # the model's frequencies on the GGUF pairing: wrong here
-            wrong = replace(config, center_keys=True, rope_inv_freq=inv_freq)
+    for name in ("uncentred", "centred", "other pairs"):
+        if name == "other pairs":  # the model's frequencies on the pairing it does not use
+            wrong = replace(config, center_keys=True, rope_inv_freq=inv_freq,
+                            rope_half_split=not half_split)
             cache = VeloxQuantCache(KVCacheBuilder.build(model, wrong, 512))
         else:
             cache = VeloxQuantCache.from_model(
@@ -177,11 +185,11 @@ def test_centred_keys_follow_the_models_half_split_rope(report):
         errors[name] = ((got - want).norm() / want.norm()).item()
         if name == "centred":
             core = cache.caches[0].config
-            assert core.center_keys and core.rope_half_split
+            assert core.center_keys and core.rope_half_split == half_split
             assert core.rope_inv_freq == pytest.approx(inv_freq, rel=1e-12)
-    report["centred_keys_rel_error"] = errors
+    report[f"centred_keys_rel_error_{family}"] = errors
     assert errors["centred"] < 0.65 * errors["uncentred"], errors
-    assert errors["centred"] < 0.8 * errors["adjacent pairs"], errors
+    assert errors["centred"] < 0.8 * errors["other pairs"], errors
 
 
 def test_commvq_rope_frequencies_are_refused_on_half_split_rope(model):
