@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from veloxquant.cache.base import KVCacheBuilder, KVCacheConfig  # noqa: E402
+from veloxquant.cache.base import KVCacheBuilder, KVCacheConfig, model_cache_shape  # noqa: E402
 from veloxquant.integrations.transformers import (  # noqa: E402
     ATTENTION_NAME,
     VeloxQuantCache,
@@ -173,7 +173,8 @@ def test_centred_keys_follow_the_models_rope_pairs(report, family, half_split):
         if name == "other pairs":  # the model's frequencies on the pairing it does not use
             wrong = replace(config, center_keys=True, rope_inv_freq=inv_freq,
                             rope_half_split=not half_split)
-            cache = VeloxQuantCache(KVCacheBuilder.build(model, wrong, 512))
+            # Built from the layer shapes: from the model, build would take its pairing.
+            cache = VeloxQuantCache(KVCacheBuilder.build(model_cache_shape(model), wrong, 512))
         else:
             cache = VeloxQuantCache.from_model(
                 model, replace(config, center_keys=name == "centred"), max_seq_len=512,
@@ -187,6 +188,9 @@ def test_centred_keys_follow_the_models_rope_pairs(report, family, half_split):
             core = cache.caches[0].config
             assert core.center_keys and core.rope_half_split == half_split
             assert core.rope_inv_freq == pytest.approx(inv_freq, rel=1e-12)
+    built = KVCacheBuilder.build(model, replace(config, center_keys=True), 512)
+    assert [c.config.rope_half_split for c in built] == [half_split] * len(built)
+    assert built[0].config.rope_inv_freq == pytest.approx(inv_freq, rel=1e-12)
     report[f"centred_keys_rel_error_{family}"] = errors
     assert errors["centred"] < 0.65 * errors["uncentred"], errors
     assert errors["centred"] < 0.8 * errors["other pairs"], errors

@@ -21,6 +21,7 @@ from numpy import ndarray
 
 from .. import _core
 from .._arrays import float_array, is_torch, output_array, query_array, token_array
+from ..integrations.model_rope import with_model_rope
 from ..observers.key_norm import KeyNormObserver
 
 
@@ -412,6 +413,11 @@ class KVCacheBuilder:
         ``calibration`` (a ``veloxquant.calibration.Calibration`` or the path of a calibration
         file) fills ``config.method``'s calibrated fields first, after checking that it was made
         for a model of this shape (ValueError naming both otherwise).
+
+        With ``config.center_keys`` and a torch model (transformers), the caches take the
+        model's RoPE frequencies (unless the config has rope_inv_freq) and pairing
+        (``rope_half_split``), as ``VeloxQuantCache.from_model`` does
+        (``veloxquant.integrations.model_rope``).
         """
         shape = model_cache_shape(model)
         if not shape:
@@ -426,6 +432,8 @@ class KVCacheBuilder:
                                  f"path, got {type(calibration).__name__}")
             cal.check_shape(shape)
             config = cal.apply(config)
+        # A torch model's RoPE (frequencies, pairing) for center_keys; anything else unchanged.
+        config = with_model_rope(model, config)
         return [_create(config, h, d, max_seq_len, layer) for layer, (h, d) in enumerate(shape)]
 
 

@@ -70,8 +70,6 @@ at every layer.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -85,6 +83,7 @@ from .. import cuda as _cuda
 from ..cache.base import KVCache, KVCacheBuilder, KVCacheConfig, _create, model_cache_shape
 from ..cache.sliding_window_cache import SlidingWindowKVCache
 from ..cuda import CudaKVCache, CudaKVCacheBatch, CudaTurboQuantBatch, CudaTurboQuantCache
+from .model_rope import with_model_rope
 
 ATTENTION_NAME = "veloxquant"
 _TAG = "_veloxquant_layer"
@@ -470,8 +469,7 @@ class VeloxQuantCache(Cache):
         its layers stay on the CPU ("cuda" raises)."""
         if backend not in ("auto", "cuda", "cpu"):
             raise ValueError(f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
-        if config.center_keys or (config.method == "commvq" and config.rope_inv_freq):
-            config = _with_model_rope(model, config)
+        config = with_model_rope(model, config)
         cfg = getattr(model, "config", model)
         if callable(getattr(cfg, "get_text_config", None)):
             cfg = cfg.get_text_config(decoder=True)
@@ -552,67 +550,6 @@ def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: 
         return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
     except ValueError as e:  # out of the device codecs' scope (outliers, head_dim, config)
         return None, str(e)
-
-
-def _rope_half_split(model: Any) -> bool:
-    """Whether the model's RoPE turns pairs (i, i + P) (transformers' usual rotate_half) rather
-    than adjacent pairs (2i, 2i + 1) (e.g. Cohere's): told by applying the rotate_half of the
-    attention's modeling module to a probe. ValueError where there is none or it is neither."""
-    modules = getattr(model, "modules", None)
-    for module in modules() if callable(modules) else ():
-        if type(module).__name__.endswith("Attention"):
-            rotate_half = getattr(sys.modules.get(type(module).__module__), "rotate_half", None)
-            if rotate_half is None:
-                break
-            probe = torch.tensor([1.0, 2.0, 3.0, 4.0])
-            turned = rotate_half(probe).tolist()
-            if turned == [-3.0, -4.0, 1.0, 2.0]:
-                return True
-            if turned == [-2.0, 1.0, -4.0, 3.0]:
-                return False
-            break
-    raise ValueError("cannot tell how this model's RoPE pairs key coordinates (no rotate_half "
-                     "beside its attention, or an unknown one); center_keys and commvq's "
-                     "rope_inv_freq need it")
-
-
-def _rope_inv_freq(model: Any) -> list[float]:
-    """The inv_freq of the model's rotary embedding. ValueError where there is none, several
-    that differ (e.g. local and global layers), or one whose frequencies change with the
-    sequence length (dynamic, longrope), which a cache's fixed frequencies would not follow."""
-    found: list[list[float]] = []
-    modules = getattr(model, "modules", None)
-    for module in modules() if callable(modules) else ():
-        inv_freq = getattr(module, "inv_freq", None)
-        if not isinstance(inv_freq, torch.Tensor):
-            continue
-        rope_type = getattr(module, "rope_type", "default")
-        if rope_type in ("dynamic", "longrope"):
-            raise ValueError(f"center_keys: the model's {rope_type} RoPE changes its frequencies "
-                             "with the sequence length; the centred codec's are fixed")
-        freqs = inv_freq.detach().double().cpu().flatten().tolist()
-        if freqs not in found:
-            found.append(freqs)
-    if not found:
-        raise ValueError("center_keys: found no rotary embedding (a module with inv_freq) in the "
-                         "model")
-    if len(found) > 1:
-        raise ValueError(f"center_keys: the model has {len(found)} rotary embeddings with "
-                         "different frequencies; one set of frequencies per cache is supported")
-    return found[0]
-
-
-def _with_model_rope(model: Any, config: KVCacheConfig) -> KVCacheConfig:
-    """config with the model's RoPE pairing, and for center_keys its frequencies where the config
-    has none. commvq's RoPE-commuting codebooks take adjacent pairs only (ValueError)."""
-    half_split = _rope_half_split(model)
-    if config.method == "commvq":
-        if half_split:
-            raise ValueError("commvq's rope_inv_freq turns adjacent pairs (2i, 2i + 1); this "
-                             "model's RoPE turns pairs (i, i + P): drop rope_inv_freq")
-        return config
-    freqs = config.rope_inv_freq if config.rope_inv_freq is not None else _rope_inv_freq(model)
-    return dataclasses.replace(config, rope_inv_freq=list(freqs), rope_half_split=half_split)
 
 
 def _model_device(model: Any) -> torch.device | None:
