@@ -196,6 +196,31 @@ def test_centred_keys_follow_the_models_rope_pairs(report, family, half_split):
     assert errors["centred"] < 0.8 * errors["other pairs"], errors
 
 
+def test_centred_keys_refuse_a_rope_they_cannot_follow():
+    config = KVCacheConfig(method="turboquant_rvq", bits=4, value_bits=4, center_keys=True)
+    # Frequencies that change with the sequence length.
+    dynamic = tiny_llama(1)
+    dynamic.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(ValueError, match="dynamic RoPE"):
+        VeloxQuantCache.from_model(dynamic, config, max_seq_len=64, backend="cpu")
+    # Two rotary embeddings with different frequencies (local and global layers, say).
+    two = tiny_llama(1)
+    inv_freq = two.model.rotary_emb.inv_freq
+    two.model.layers[0].self_attn.register_buffer("inv_freq", inv_freq * 0.5, persistent=False)
+    with pytest.raises(ValueError, match="2 rotary embeddings"):
+        KVCacheBuilder.build(two, config, 64)
+    # An attention whose modeling module has no rotate_half: the pairing is unknown.
+    class ToyAttention(torch.nn.Module):
+        pass
+
+    toy = tiny_llama(1)
+    toy.model.layers[0].self_attn = ToyAttention()
+    with pytest.raises(ValueError, match="cannot tell how this model's RoPE pairs"):
+        KVCacheBuilder.build(toy, config, 64)
+    # Without center_keys none of that is asked.
+    assert len(KVCacheBuilder.build(toy, replace(config, center_keys=False), 64)) == 1
+
+
 def test_commvq_rope_frequencies_are_refused_on_half_split_rope(model):
     config = KVCacheConfig(method="commvq", bits=2, rope_inv_freq=[1.0] * 16)
     with pytest.raises(ValueError, match="adjacent pairs"):
