@@ -473,6 +473,23 @@ TEST(Persistence, VersionTwoAndThreeFilesLoadUncentredWithAdjacentPairs) {
     }
 }
 
+TEST(Persistence, ForgedConfigFlagsAreRejected) {
+    // The center_keys and rope_half_split flags, the last two of the three zero bytes before
+    // num_heads 2, head_dim 64, max_seq_len 200: a 2 in either is refused by name.
+    for (const auto& [offset, name] : {std::pair<int, std::string>{1, "center_keys flag"},
+                                       std::pair<int, std::string>{2, "rope_half_split flag"}}) {
+        const std::string path = vqtest::unique_temp_path("flags.bin");
+        saved_ten_tokens(path);
+        forge(path, [offset = offset](std::string& file) {
+            const std::size_t at = file.find(std::string("\0\0\0\x02\0\0\0\x40\0\0\0\xc8", 12));
+            ASSERT_NE(at, std::string::npos);
+            file[at + offset] = 2;
+        });
+        EXPECT_NE(load_error(path).find(name), std::string::npos) << load_error(path);
+        std::remove(path.c_str());
+    }
+}
+
 TEST(Persistence, ForgedPayloadWithValidCrcIsRejected) {
     const std::string path = vqtest::unique_temp_path("forged.bin");
     saved_ten_tokens(path);
