@@ -42,6 +42,29 @@ inline void turn(float& x, float& y, float c, float s) {
 
 }  // namespace
 
+std::vector<float> rope_block_average(const std::vector<double>& rope_inv_freq) {
+    std::vector<float> avg(2 * rope_inv_freq.size());
+    for (std::size_t i = 0; i < rope_inv_freq.size(); ++i) {
+        double ar = 0.0, ai = 0.0;
+        for (int tau = 0; tau < CenteredKeyCodec::kBlock; ++tau) {
+            ar += std::cos(rope_inv_freq[i] * tau);
+            ai += std::sin(rope_inv_freq[i] * tau);
+        }
+        avg[2 * i] = static_cast<float>(ar / CenteredKeyCodec::kBlock);
+        avg[2 * i + 1] = static_cast<float>(ai / CenteredKeyCodec::kBlock);
+    }
+    return avg;
+}
+
+void damp_rope_mean(const std::vector<float>& block_average, bool rope_half_split, float* mean,
+                    int dim) {
+    const int pairs = static_cast<int>(block_average.size() / 2);
+    for (int i = 0; i < pairs && 2 * i + 1 < dim; ++i) {
+        const int re = rope_half_split ? i : 2 * i, im = rope_half_split ? i + pairs : 2 * i + 1;
+        turn(mean[re], mean[im], block_average[2 * i], block_average[2 * i + 1]);
+    }
+}
+
 CenteredKeyCodec::CenteredKeyCodec(std::unique_ptr<KeyCodec> inner,
                                    std::vector<double> rope_inv_freq, bool rope_half_split)
     : KeyCodec(inner ? inner->dim() : 0),
@@ -63,21 +86,16 @@ CenteredKeyCodec::CenteredKeyCodec(std::unique_ptr<KeyCodec> inner,
     pairs_ = static_cast<int>(inv_freq_.size());
     mean_.assign(d, 0.0f);
     damped_.assign(d, 0.0f);
-    block_avg_.resize(2 * static_cast<std::size_t>(pairs_));
+    block_avg_ = rope_block_average(inv_freq_);
     block_steps_.resize(static_cast<std::size_t>(kLevels) * kLevelSize * pairs_ * 2);
     token_steps_.resize(static_cast<std::size_t>(kBlock) * pairs_ * 2);
     for (int i = 0; i < pairs_; ++i) {
         const double w = inv_freq_[i];
-        double ar = 0.0, ai = 0.0;
         for (int tau = 0; tau < kBlock; ++tau) {
-            ar += std::cos(w * tau);
-            ai += std::sin(w * tau);
             float* step = &token_steps_[static_cast<std::size_t>(tau) * 2 * pairs_];
             step[i] = static_cast<float>(std::cos(w * tau));
             step[pairs_ + i] = static_cast<float>(std::sin(w * tau));
         }
-        block_avg_[2 * i] = static_cast<float>(ar / kBlock);
-        block_avg_[2 * i + 1] = static_cast<float>(ai / kBlock);
         for (int l = 0; l < kLevels; ++l)
             for (int e = 0; e < kLevelSize; ++e) {
                 const double angle = w * kBlock * static_cast<double>(e) * std::pow(16.0, l);
@@ -302,10 +320,20 @@ void CenteredKeyCodec::load_state(BinaryReader& in) {
     set_damped();
 }
 
+void CenteredKeyCodec::set_mean(const std::vector<float>& mean) {
+    if (mean.size() != static_cast<std::size_t>(dim()))
+        throw std::invalid_argument("set_mean: the mean has " + std::to_string(mean.size()) +
+                                    " entries, head_dim is " + std::to_string(dim()));
+    for (float x : mean)
+        if (!std::isfinite(x)) throw std::invalid_argument("set_mean: non-finite key mean");
+    mean_ = mean;
+    estimated_ = true;
+    set_damped();
+}
+
 void CenteredKeyCodec::set_damped() {
     damped_ = mean_;
-    for (int i = 0; i < pairs_; ++i)
-        turn(damped_[re_at(i)], damped_[im_at(i)], block_avg_[2 * i], block_avg_[2 * i + 1]);
+    damp_rope_mean(block_avg_, half_split_, damped_.data(), dim());
     centering_ = std::any_of(mean_.begin(), mean_.end(), [](float x) { return x != 0.0f; });
 }
 

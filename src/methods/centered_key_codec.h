@@ -27,6 +27,14 @@
 
 namespace veloxquant {
 
+/// A_i = (1/64) sum_{tau < 64} exp(j tau w_i) of each frequency: [pairs][2] (real, imaginary),
+/// summed in double. The device caches (src/cuda/key_center.h) take the same factors.
+std::vector<float> rope_block_average(const std::vector<double>& rope_inv_freq);
+/// mean [dim] in place to the damped mean: pair i (re_at, im_at as rope_half_split says) times
+/// A_i, coordinates from 2 * pairs on unchanged.
+void damp_rope_mean(const std::vector<float>& block_average, bool rope_half_split, float* mean,
+                    int dim);
+
 class CenteredKeyCodec : public KeyCodec {
 public:
     /// Positions per block of one centre.
@@ -47,6 +55,12 @@ public:
     /// The pre-RoPE mean [dim] (zeros before the first append, or after one that was too short).
     const std::vector<float>& mean() const { return mean_; }
     bool estimated() const { return estimated_; }
+    /// mu_i A_i for the turned pairs, mu elsewhere [dim].
+    const std::vector<float>& damped_mean() const { return damped_; }
+    /// Sets the pre-RoPE mean as train() would have estimated it (a device cache estimates on
+    /// the device): marks the mean estimated; std::invalid_argument for a wrong size or a
+    /// non-finite entry.
+    void set_mean(const std::vector<float>& mean);
     /// c_b of block b into out [dim].
     void block_center(int64_t block, float* out) const;
 
