@@ -13,6 +13,9 @@
 // times the same decodes launched on the stream one by one (launch_decode_attention, as the API
 // calls it) instead of as graphs. VQ_PAGE_EVICTION=1|2 forces the L2 policy of the page copies
 // (1 normal, 2 evict-first; DecodeArgs::page_eviction) instead of the plan's choice.
+// VQ_CENTER=1 times centred keys' decodes (center_keys, Llama's RoPE over the head): each decode
+// also launches the page bias kernel (KeyCenter::page_bias) from a random key mean and reads its
+// bias, as CudaTurboQuantCache::attend does.
 //
 // Pages are filled by encoding 8K random tokens and replicating their pages; every timed launch
 // reads a different region of a pool larger than the L2 cache (page tables rotate: each of the
@@ -37,6 +40,7 @@
 
 #include "bench_util.cuh"
 #include "cuda/cuda_cache.h"
+#include "cuda/key_center.h"
 #include "veloxquant/config.h"
 
 using namespace veloxquant;
@@ -86,6 +90,7 @@ int run(const char* out_path, const std::string& only) {
     const int group = env_int("VQ_GROUP", 4), q_heads = group * kKvHeads;
     const int chain = env_int("VQ_CHAIN", 1), use_graphs = env_int("VQ_GRAPH", 1) != 0;
     const int page_eviction = env_int("VQ_PAGE_EVICTION", 0);
+    const bool centred = env_int("VQ_CENTER", 0) != 0;
     if (chain < 1 || chain > 64) {
         std::fprintf(stderr, "VQ_CHAIN=%d: decodes per graph must be 1..64\n", chain);
         return 1;
@@ -167,6 +172,31 @@ int run(const char* out_path, const std::string& only) {
             c.value_bits = m.value_bits;
             const TqHostTables host = make_host_tables(c, kKvHeads, d, 0);
             const DeviceTables dev(host);
+            KVCacheConfig cc = c;  // VQ_CENTER: every sequence centred by one random mean
+            cc.center_keys = centred;
+            for (int i = 0; i < d / 2; ++i)
+                cc.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * i / d));
+            cc.rope_half_split = true;
+            KeyCenter center(cc, kKvHeads, d);
+            if (centred) {
+                std::vector<float> mean(size_t(kKvHeads) * d);
+                for (size_t i = 0; i < mean.size(); ++i) mean[i] = std::sin(0.37 * i);
+                center.set_mean(mean);
+            }
+            float* bias = nullptr;  // [batch][q_heads][pages]
+            const float* const* damped = nullptr;
+            const float** damped_array = nullptr;
+            if (centred) {
+                check_cuda(cudaMalloc(&bias, size_t(kMaxBatch) * q_heads * (kMaxTokens / kPage) *
+                                                 sizeof(float)),
+                           "malloc(bias)");
+                std::vector<const float*> per_sequence(kMaxBatch, center.damped());
+                check_cuda(cudaMalloc(&damped_array, kMaxBatch * sizeof(float*)), "malloc");
+                check_cuda(cudaMemcpy(damped_array, per_sequence.data(), kMaxBatch * sizeof(float*),
+                                      cudaMemcpyHostToDevice),
+                           "damped");
+                damped = damped_array;
+            }
             const TqPageLayout& L = host.layout;
 
             // Encode throughput: 128K tokens x 8 heads of float32 keys and values into the pool.
@@ -227,6 +257,7 @@ int run(const char* out_path, const std::string& only) {
                     a.table_copies = table_copies, a.ring = ring, a.splits = splits;
                     a.split_pages = split_pages, a.tail_pages = tail_pages;
                     a.page_eviction = page_eviction;
+                    if (centred) a.page_bias = bias, a.page_bias_stride = pages;
                     const size_t need = decode_workspace_bytes(a);
                     if (need == 0) throw std::runtime_error("no decode plan");
                     if (need > workspace_bytes) {
@@ -241,6 +272,9 @@ int run(const char* out_path, const std::string& only) {
                         for (int j = 0; j < chain; ++j) {
                             a.page_table =
                                 tables + size_t((r * chain + j) % rotations) * batch * pages;
+                            if (centred)
+                                center.page_bias(damped, queries, batch, q_heads, nullptr, tokens,
+                                                 pages, a.scale, bias, pages, s);
                             check_cuda(launch_decode_attention(a, s), "decode");
                         }
                     };
@@ -288,6 +322,8 @@ int run(const char* out_path, const std::string& only) {
                         p.sm_mhz, p.rest_ms, p.splits, finite ? "" : "  NON-FINITE OUTPUT");
                 }
             }
+            cudaFree(bias);
+            cudaFree(damped_array);
         }
     }
 
@@ -305,9 +341,10 @@ int run(const char* out_path, const std::string& only) {
     std::fprintf(f,
                  "  \"copy_gbps_read_plus_write\": %.1f, \"copy_sm_mhz\": %.0f,\n"
                  "  \"max_rest_ms\": %d, \"decodes_per_graph\": %d, \"graphs\": %s,\n"
-                 "  \"page_eviction\": %d, \"kv_heads\": %d, \"q_heads\": %d,\n",
+                 "  \"page_eviction\": %d, \"kv_heads\": %d, \"q_heads\": %d,\n"
+                 "  \"center_keys\": %s,\n",
                  copy_gbps, copy_mhz, max_rest_ms, chain, use_graphs ? "true" : "false",
-                 page_eviction, kKvHeads, q_heads);
+                 page_eviction, kKvHeads, q_heads, centred ? "true" : "false");
     std::fprintf(f, "  \"methods\": {");
     for (size_t i = 0; i < std::size(kMethods); ++i)
         std::fprintf(f, "%s\"%s\": {\"bits\": %d, \"stages\": %d, \"value_bits\": %d}",

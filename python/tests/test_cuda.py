@@ -538,6 +538,76 @@ def test_transformers_gpu_layers_follow_the_default_cache():
 
 
 @needs_cuda
+def test_centred_device_cache_matches_cpu_cache():
+    """center_keys on CudaTurboQuantCache through the bindings: keys with a shared pre-RoPE mean on
+    half-split pairs, attention within 1e-3 of the CPU cache of the same config, and most keys
+    dequantized alike (a centre's rounding may move a code at a tie)."""
+    heads, d, n = 2, 128, 300
+    freqs = [10000.0 ** (-2.0 * i / d) for i in range(d // 2)]
+    config = KVCacheConfig(method="turboquant_rvq", bits=3, num_residuals=1, value_bits=4, seed=5,
+                           center_keys=True, rope_inv_freq=freqs, rope_half_split=True)
+    mean = randn(heads, d, seed=40, scale=3.0)
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * torch.tensor(freqs)[None, :]
+    cos, sin = torch.cos(angles).float(), torch.sin(angles).float()
+    x = mean[:, None, :] + randn(heads, n, d, seed=41)  # RoPE_t(mu + noise), rotate_half pairs
+    re, im = x[..., : d // 2], x[..., d // 2:]
+    keys = torch.cat([re * cos - im * sin, re * sin + im * cos], dim=-1).contiguous()
+    values = randn(heads, n, d, seed=42)
+    cpu = create_cpu_cache(config, heads, d, 1024, 0)
+    gpu = vq_cuda.CudaTurboQuantCache(config, heads, d, 1024)
+    for a, b in ((0, 200), (200, 201), (201, n)):
+        cpu.append(keys[:, a:b].numpy(), values[:, a:b].numpy())
+        gpu.append(keys[:, a:b].cuda(), values[:, a:b].cuda())
+        q = randn(4 * heads, d, seed=43 + b, scale=0.1)
+        want = cpu.attend(q[:, None, :].numpy(), scale=0.1)[:, 0, :]
+        assert rel(gpu.attend(q.cuda(), scale=0.1).cpu(), want) <= 1e-3, b
+    gk, _ = gpu.dequantize()
+    rk, _ = cpu.dequantize()
+    gk = gk.cpu().numpy()
+    bad = sum(rel(gk[h, t], rk[h, t]) > 1e-4 for h in range(heads) for t in range(n))
+    assert bad <= heads * n // 100, bad
+
+
+@needs_cuda
+def test_transformers_centred_keys_stay_on_the_gpu():
+    """from_model with center_keys: the tuned layers take it on the GPU with the model's RoPE
+    (CudaKVCache layers still refuse it, so they stay on the CPU), and a chunked prefill and
+    decode follow the default cache as closely as the uncentred layers do."""
+    pytest.importorskip("transformers")
+    from transformers import DynamicCache
+
+    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
+                                                      VeloxQuantCudaLayer)
+    model = _tiny_llama(64).to("cuda")
+    tokens = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(4)).cuda()
+
+    def run(cache, attention):
+        model.set_attn_implementation(attention)
+        try:
+            with torch.no_grad():
+                logits = [model(tokens[:, :64], past_key_values=cache, use_cache=True).logits[0]]
+                logits.append(model(tokens[:, 64:96], past_key_values=cache, use_cache=True).logits[0])
+                for i in range(96, tokens.shape[1]):
+                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+        finally:
+            model.set_attn_implementation("sdpa")
+        return torch.cat(logits).float().cpu()
+
+    reference = run(DynamicCache(config=model.config), "sdpa")
+    errors = {}
+    for centred in (False, True):
+        config = KVCacheConfig(method="turboquant_rvq", bits=3, num_residuals=1, value_bits=4,
+                               center_keys=centred)
+        cache = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cuda")
+        assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
+        logits = run(cache, ATTENTION_NAME)
+        errors[centred] = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert errors[True] < 0.1 and errors[True] < 2 * errors[False] + 0.01, errors
+    codec = KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, center_keys=True)
+    assert VeloxQuantCache.from_model(model, codec, max_seq_len=256).devices == ["cpu", "cpu"]
+
+
+@needs_cuda
 def test_transformers_gpu_layers_take_a_batch():
     """Two sequences on the tuned layers: one device cache per sequence and layer, chunked
     prefill and decode following DynamicCache on the same batch."""

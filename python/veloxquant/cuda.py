@@ -31,13 +31,14 @@ else raises ValueError at construction:
 - ``CudaTurboQuantCache``: method turboquant_rvq with the Hadamard rotation, head_dim 64 or 128,
   key bits 1..4 with 1..3 stages (``num_residuals``), value_bits 1, 2, 4 or 16, no outlier
   observer, and 1..8 query heads per KV head; decode only (one query per head), with the tuned
-  tensor-core kernel.
+  tensor-core kernel. It takes ``center_keys`` (the first append estimates the keys' pre-RoPE
+  mean on the device, each decode adds one offset per page and query head).
 - ``CudaKVCache``: every method (turboquant_rvq, ratequant, qjl, polarquant, rabitq, vecinfer,
   spectral, commvq, fp16) with the config the CPU cache takes (the calibrated fields of
   vecinfer, spectral and commvq, and optionally rabitq's ``ivf_centroids``; without them rabitq
   trains on its first append), head_dim up to 256, no outlier observer, any multiple of the KV
   heads as query heads; decode and causal prefill chunks on the codes, within 1e-3 of the CPU
-  cache's attention.
+  cache's attention. It does not take ``center_keys`` yet.
 
 A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
 module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.

@@ -99,8 +99,6 @@ TqHostTables make_host_tables(const KVCacheConfig& config, int num_kv_heads, int
     if (!config.use_hadamard) throw std::invalid_argument("CUDA backend: needs use_hadamard=true");
     if (config.outlier_observer)
         throw std::invalid_argument("CUDA backend: no outlier side store yet");
-    if (config.center_keys)
-        throw std::invalid_argument("CUDA backend: center_keys is CPU-only for now");
     if (num_kv_heads < 1 || layer < 0)
         throw std::invalid_argument("CUDA backend: bad num_heads or layer");
 
@@ -242,7 +240,8 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
       max_seq_len_(max_seq_len),
       key_bound_(config.key_bound()),
       value_bound_(config.value_bound()),
-      pages_(host_.page_layout, std::max(max_seq_len, 1)) {
+      pages_(host_.page_layout, std::max(max_seq_len, 1)),
+      center_(config, num_heads, head_dim) {
     if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
     int major = 0, minor = 0;
@@ -260,6 +259,7 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
 
 CudaTurboQuantCache::~CudaTurboQuantCache() {
     cudaFree(workspace_);
+    cudaFree(page_bias_);
 }
 
 void CudaTurboQuantCache::append(const float* keys, const float* values, int n_tokens,
@@ -274,16 +274,31 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, key_bound_, value_bound_,
                          stream);
     pages_.reserve(size_ + n_tokens);
-    EncodeArgs a;
-    a.layout = host_.layout;
-    a.tables = tables_.get();
-    a.pool = pages_.pool();
-    a.page_table = pages_.page_table();
-    a.start = size_;
-    a.n_tokens = n_tokens;
-    a.keys = keys;
-    a.values = values;
-    check_cuda(launch_encode(a, stream), "launch_encode");
+    encode_tokens(keys, values, n_tokens, stream);
+}
+
+void CudaTurboQuantCache::encode_tokens(const float* keys, const float* values, int n_tokens,
+                                        cudaStream_t stream) {
+    const bool first = center_.enabled() && !center_.estimated();
+    try {
+        if (first) center_.estimate(keys, n_tokens, stream);
+        EncodeArgs a;
+        a.layout = host_.layout;
+        a.tables = tables_.get();
+        a.pool = pages_.pool();
+        a.page_table = pages_.page_table();
+        a.start = size_;
+        a.n_tokens = n_tokens;
+        a.keys = center_.centred(keys, n_tokens, size_, stream);
+        a.values = values;
+        const cudaError_t err = launch_encode(a, stream);
+        center_.release_scratch(stream);
+        check_cuda(err, "launch_encode");
+    } catch (...) {
+        center_.release_scratch(stream);
+        if (first) center_.forget();  // as the CPU cache forgets a failed first append's training
+        throw;
+    }
     size_ += n_tokens;
 }
 
@@ -314,20 +329,23 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     a.queries = queries;
     a.out = out;
     a.scale = scale;
+    if (center_.centering() && size_ > 0) {
+        const int pages = (size_ + kTokensPerPage - 1) / kTokensPerPage;
+        ensure_device_bytes(page_bias_, page_bias_bytes_,
+                            static_cast<std::size_t>(num_q_heads) * pages * sizeof(float),
+                            "attend: page bias");
+        center_.page_bias(center_.damped_address(), queries, 1, num_q_heads, nullptr, size_, pages,
+                          scale, static_cast<float*>(page_bias_), pages, stream);
+        a.page_bias = static_cast<const float*>(page_bias_);
+        a.page_bias_stride = pages;
+    }
     decode_in_workspace(a, workspace_, workspace_bytes_, stream);
 }
 
 void decode_in_workspace(DecodeArgs a, void*& workspace, std::size_t& bytes, cudaStream_t stream) {
     const std::size_t need = decode_workspace_bytes(a);
     if (need == 0) throw std::runtime_error("attend: no decode plan for this device");
-    if (need > bytes) {
-        check_cuda(cudaDeviceSynchronize(), "attend: synchronize");  // no launch still uses it
-        cudaFree(workspace);
-        workspace = nullptr;
-        bytes = 0;
-        check_cuda(cudaMalloc(&workspace, need), "cudaMalloc(workspace)");
-        bytes = need;
-    }
+    ensure_device_bytes(workspace, bytes, need, "attend: workspace");
     a.workspace = workspace;
     check_cuda(launch_decode_attention(a, stream), "launch_decode_attention");
 }
@@ -349,6 +367,7 @@ void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float
     a.keys = keys;
     a.values = values;
     check_cuda(launch_dequantize(a, stream), "launch_dequantize");
+    center_.restore(keys, n_tokens, start, stream);
 }
 
 void CudaTurboQuantCache::truncate(int n_tokens) {
@@ -363,7 +382,8 @@ void CudaTurboQuantCache::copy_page(int page, void* host) const {
 }
 
 std::size_t CudaTurboQuantCache::nbytes() const {
-    return pages_.nbytes() + tables_.nbytes() + workspace_bytes_;
+    return pages_.nbytes() + tables_.nbytes() + workspace_bytes_ + center_.nbytes() +
+           page_bias_bytes_;
 }
 
 void CudaTurboQuantCache::upload(const PagedStore& store, int size) {

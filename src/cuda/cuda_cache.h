@@ -4,7 +4,7 @@
 //
 // Scope: head_dim 64 or 128 with the randomized Hadamard rotation; key bits 1..4 with 1..3
 // stages; value_bits 1, 2, 4 or 16; decode attention (one query per query head, GQA groups of
-// 1..8 query heads); no outlier side store.
+// 1..8 query heads); centred keys (center_keys, key_center.h); no outlier side store.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,6 +15,7 @@
 
 #include "cache/paged_store.h"
 #include "cuda/input_check.h"
+#include "cuda/key_center.h"
 #include "cuda/page_pool.h"
 #include "veloxquant/config.h"
 
@@ -121,6 +122,10 @@ struct DecodeArgs {
     const float* queries = nullptr;  ///< [batch][num_kv_heads * group][head_dim]
     float* out = nullptr;            ///< [batch][num_kv_heads * group][head_dim]
     float scale = 1.0f;
+    /// Centred keys (KeyCenter): [batch][num_kv_heads * group][page_bias_stride] floats added to
+    /// the logits (log2 units) of every token of a page, or null.
+    const float* page_bias = nullptr;
+    int page_bias_stride = 0;
     void* workspace = nullptr;  ///< decode_workspace_bytes(args) bytes
     /// Lane copies of the 256-entry pair tables of 4-bit keys or values in shared memory: 0
     /// lets the plan choose (by residency; at 4-bit keys and values on sm_90, one shared table
@@ -220,13 +225,20 @@ public:
 
     /// Encodes n_tokens device-resident tokens; throws std::length_error past max_seq_len and
     /// std::invalid_argument for NaN, Inf or values over fp16 storage's range (nothing
-    /// changes; the check synchronizes the stream).
+    /// changes; the check synchronizes the stream). With center_keys the first append
+    /// estimates the keys' pre-RoPE mean (synchronizing again), as the CPU cache does.
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
     /// Decode attention of one query per query head over every stored token.
     void attend(const float* queries, int num_q_heads, float* out, float scale,
                 cudaStream_t stream) const;
     /// Reconstructs tokens [start, start + n_tokens) into device buffers.
     void dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const;
+
+    /// center_keys: the pre-RoPE key mean [num_heads][head_dim] (zeros until the first append).
+    const KeyCenter& key_center() const { return center_; }
+    /// center_keys: sets the key mean, e.g. the CPU cache's whose pages upload() takes
+    /// (std::invalid_argument without center_keys, for a wrong size or non-finite entries).
+    void set_key_mean(const std::vector<float>& mean) { center_.set_mean(mean); }
 
     /// Forgets every token (keeps the pool; later appends overwrite it).
     void reset() { size_ = 0; }
@@ -247,7 +259,7 @@ public:
     const TqDeviceTables& tables() const { return tables_.get(); }
 
     /// Replaces the contents with the first `size` positions of a CPU store of the same layout
-    /// (every page held). Synchronous.
+    /// (every page held); a centred cache keeps its key mean (set_key_mean). Synchronous.
     void upload(const PagedStore& store, int size);
     /// Copies every page into a CPU store of the same layout (pages allocated as needed).
     /// Synchronous.
@@ -261,6 +273,8 @@ private:
     /// Query heads per KV head of an attend (std::invalid_argument unless 1..8, or for a
     /// scale that is not finite).
     int query_group(int num_q_heads, float scale) const;
+    /// Encodes checked tokens at the end (the mean first, on a centred cache's first append).
+    void encode_tokens(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
 
     /// Unique per cache object of the process (CudaTurboQuantBatch remembers the caches it has
     /// checked by it; an address can be reused by a later cache).
@@ -276,8 +290,11 @@ private:
     int size_ = 0;
     DevicePagePool pages_;
     InputCheck input_check_;
+    KeyCenter center_;
     mutable void* workspace_ = nullptr;
     mutable std::size_t workspace_bytes_ = 0;
+    mutable void* page_bias_ = nullptr;  ///< centred keys: a decode's page bias
+    mutable std::size_t page_bias_bytes_ = 0;
 };
 
 }  // namespace veloxquant::cuda

@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "veloxquant/caches.h"
+
 namespace veloxquant::cuda {
 namespace {
 
@@ -34,7 +36,8 @@ void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCach
     const CudaTurboQuantCache& first = *caches[0];
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaTurboQuantCache& c = *caches[b];
-        if (c.device() != first.device() || !same_codec(c.host_, first.host_))
+        if (c.device() != first.device() || !same_codec(c.host_, first.host_) ||
+            !c.center_.alike(first.center_))
             throw std::invalid_argument(
                 std::string(what) + ": the cache of sequence " + std::to_string(b) +
                 " differs from sequence 0's in config, layer, shape or device (a batch takes "
@@ -45,6 +48,7 @@ void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCach
 
 CudaTurboQuantBatch::~CudaTurboQuantBatch() {
     cudaFree(workspace_);
+    cudaFree(page_bias_);
 }
 
 void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
@@ -58,20 +62,9 @@ void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches
                          first.key_bound_, first.value_bound_, stream, batch);
     for (CudaTurboQuantCache* c : caches) c->pages_.reserve(c->size_ + n_tokens);
     const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
-    for (int b = 0; b < batch; ++b) {
-        CudaTurboQuantCache& c = *caches[b];
-        EncodeArgs a;
-        a.layout = c.host_.layout;
-        a.tables = c.tables_.get();
-        a.pool = c.pages_.pool();
-        a.page_table = c.pages_.page_table();
-        a.start = c.size_;
-        a.n_tokens = n_tokens;
-        a.keys = keys + b * per_sequence;
-        a.values = values + b * per_sequence;
-        check_cuda(launch_encode(a, stream), "launch_encode");
-        c.size_ += n_tokens;
-    }
+    for (int b = 0; b < batch; ++b)
+        caches[b]->encode_tokens(keys + b * per_sequence, values + b * per_sequence, n_tokens,
+                                 stream);
 }
 
 void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& caches,
@@ -109,6 +102,22 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
     a.queries = queries;
     a.out = out;
     a.scale = scale;
+    if (std::any_of(caches.begin(), caches.end(),
+                    [](const CudaTurboQuantCache* c) { return c->center_.centering(); })) {
+        std::vector<const uint8_t*> damped;
+        for (const CudaTurboQuantCache* c : caches)
+            damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
+        centres_.describe(damped, lens, 1, stream);
+        const int longest_pages = (longest + kTokensPerPage - 1) / kTokensPerPage;
+        ensure_device_bytes(page_bias_, page_bias_bytes_,
+                            caches.size() * num_q_heads * longest_pages * sizeof(float),
+                            "attend: page bias");
+        first.center_.page_bias(reinterpret_cast<const float* const*>(centres_.pools()), queries,
+                                a.batch, num_q_heads, a.seq_lens, longest, longest_pages, scale,
+                                static_cast<float*>(page_bias_), longest_pages, stream);
+        a.page_bias = static_cast<const float*>(page_bias_);
+        a.page_bias_stride = longest_pages;
+    }
     decode_in_workspace(a, workspace_, workspace_bytes_, stream);
 }
 

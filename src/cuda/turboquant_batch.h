@@ -42,8 +42,10 @@ public:
     void attend(const std::vector<const CudaTurboQuantCache*>& caches, const float* queries,
                 int num_q_heads, float* out, float scale, cudaStream_t stream);
 
-    /// Device bytes held: the batch's arrays and the decode workspace.
-    std::size_t nbytes() const { return arrays_.nbytes() + workspace_bytes_; }
+    /// Device bytes held: the batch's arrays, the decode workspace and page bias.
+    std::size_t nbytes() const {
+        return arrays_.nbytes() + centres_.nbytes() + workspace_bytes_ + page_bias_bytes_;
+    }
 
 private:
     /// Throws std::invalid_argument unless `caches` is one distinct cache per sequence, all
@@ -54,8 +56,13 @@ private:
     std::vector<uint64_t> checked_;  ///< serials of the last caches that passed check_batch
     InputCheck input_check_;
     BatchArrays arrays_;
+    /// Centred keys: each sequence's damped key mean (KeyCenter::damped), as the pool pointers
+    /// of a second BatchArrays (an array of device pointers, uploaded the same way).
+    BatchArrays centres_;
     void* workspace_ = nullptr;
     std::size_t workspace_bytes_ = 0;
+    void* page_bias_ = nullptr;
+    std::size_t page_bias_bytes_ = 0;
 };
 
 }  // namespace veloxquant::cuda

@@ -477,6 +477,10 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         load_chunk<kKeyChunk>(row0 + (MIXED ? mixed_delta(8 * kKeyTok) : 8 * L.key_code_bytes), w1);
     };
 
+    // Centred keys: this warp's first page in the bias row of the group's head 0.
+    const size_t bias_base =
+        (static_cast<size_t>(b) * L.num_kv_heads + kvh) * G * a.page_bias_stride + first;
+
     // Page i in ring slot `slot_arg` (an integral_constant where the loop below unrolls by the
     // ring's two slots, so that every slot offset is an immediate).
     auto page_step = [&](int i, auto slot_arg) {
@@ -487,6 +491,16 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
             else
                 return SlotArg::value;
         }();
+        // Centred keys: this page's bias for each slot's head, loaded first so that the scores
+        // hide its latency (DecodeArgs::page_bias; 0 without it).
+        float page_add[kSlots];
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j)
+            page_add[j] =
+                a.page_bias != nullptr && heads[j] < G
+                    ? __ldg(a.page_bias + bias_base +
+                            static_cast<size_t>(heads[j]) * a.page_bias_stride + WARPS * i)
+                    : 0.0f;
         cp_async_wait(halves ? 1 : S - 1);  // this page's keys (and values, unless halves)
         __syncwarp();
         // The slot's page: in the ring, or in mixed rows this thread's first key chunk of it
@@ -521,7 +535,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
 
         // Logits (log2 units, less shift) and the online softmax of each slot's head.
         float x[4][2][kSlots];
-        page_logits<kSlots, HILO && !kI8>(sc, mul, add, norm, shift, valid, row_token, x);
+        // Centred keys: the page's bias enters through the logits' shift (y = x + bias - shift).
+        float logit_shift[kSlots];
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j) logit_shift[j] = shift[j] - page_add[j];
+        page_logits<kSlots, HILO && !kI8>(sc, mul, add, norm, logit_shift, valid, row_token, x);
         page_softmax(x, m_run, l_run, shift, thr, log2_pair, o);
 
         if (halves) {

@@ -320,17 +320,6 @@ void CenteredKeyCodec::load_state(BinaryReader& in) {
     set_damped();
 }
 
-void CenteredKeyCodec::set_mean(const std::vector<float>& mean) {
-    if (mean.size() != static_cast<std::size_t>(dim()))
-        throw std::invalid_argument("set_mean: the mean has " + std::to_string(mean.size()) +
-                                    " entries, head_dim is " + std::to_string(dim()));
-    for (float x : mean)
-        if (!std::isfinite(x)) throw std::invalid_argument("set_mean: non-finite key mean");
-    mean_ = mean;
-    estimated_ = true;
-    set_damped();
-}
-
 void CenteredKeyCodec::set_damped() {
     damped_ = mean_;
     damp_rope_mean(block_avg_, half_split_, damped_.data(), dim());

@@ -55,12 +55,6 @@ public:
     /// The pre-RoPE mean [dim] (zeros before the first append, or after one that was too short).
     const std::vector<float>& mean() const { return mean_; }
     bool estimated() const { return estimated_; }
-    /// mu_i A_i for the turned pairs, mu elsewhere [dim].
-    const std::vector<float>& damped_mean() const { return damped_; }
-    /// Sets the pre-RoPE mean as train() would have estimated it (a device cache estimates on
-    /// the device): marks the mean estimated; std::invalid_argument for a wrong size or a
-    /// non-finite entry.
-    void set_mean(const std::vector<float>& mean);
     /// c_b of block b into out [dim].
     void block_center(int64_t block, float* out) const;
 

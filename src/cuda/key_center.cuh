@@ -1,0 +1,215 @@
+// Kernels of centred keys on the device (center_keys; the CPU's methods/centered_key_codec.h has
+// the math): the pre-RoPE mean of a first append, keys minus (or plus) their blocks' centres
+//     c_b = sum over pair i of mu_i A_i exp(j 64 b w_i)   (coordinates from 2P on: mu itself),
+// and the per-page score offsets <q, c_b> of a decode, in the log2 units of its logits.
+//
+// Phases: the angle w * x is formed and reduced modulo 2 pi in double, then turned by the fast
+// float sincos, so that blocks far into a long context keep the CPU tables' accuracy (~1e-6)
+// on GPUs whose double throughput is low (a double sincos per pair and block would not be).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/warp_reduce.cuh"
+#include "methods/key_codec.h"
+
+namespace veloxquant::cuda::kernels {
+
+constexpr int kCenterBlock = 64;     // positions per centre (CenteredKeyCodec::kBlock)
+constexpr int kBiasPages = 64;       // pages (blocks) per CTA of the offsets
+constexpr int kBiasHeads = 32;       // query heads per CTA of the offsets
+constexpr int kBiasPairs = 32;       // RoPE pairs a CTA stages at a time
+constexpr int kCenterMaxPairs = 64;  // the most pairs (head_dim <= 128)
+constexpr int kCenterThreads = 256;
+static_assert(kCenterThreads == (kBiasHeads / 2) * (kBiasPages / 4),
+              "a page-bias thread sums 2 heads x 4 pages");
+
+/// The device parameters of one cache's centring.
+struct KeyCenterView {
+    int heads = 0;                     ///< KV heads
+    int dim = 0;                       ///< head_dim (even)
+    int pairs = 0;                     ///< turned pairs P (0: no RoPE, the centre is the mean)
+    bool half_split = false;           ///< pair i is (i, i + P), else (2i, 2i + 1)
+    const double* inv_freq = nullptr;  ///< [pairs]
+};
+
+__device__ __forceinline__ int pair_re(const KeyCenterView& c, int i) {
+    return c.half_split ? i : 2 * i;
+}
+__device__ __forceinline__ int pair_im(const KeyCenterView& c, int i) {
+    return c.half_split ? i + c.pairs : 2 * i + 1;
+}
+
+/// exp(j w x) as (cos, sin), the angle reduced in double.
+__device__ __forceinline__ float2 rope_phase(double w, double x) {
+    constexpr double kTwoPi = 6.283185307179586476925286766559;
+    double a = w * x;
+    a -= kTwoPi * rint(a * (1.0 / kTwoPi));
+    float s, c;
+    sincosf(static_cast<float>(a), &s, &c);
+    return make_float2(c, s);
+}
+
+/// Unit u of a head: pair u (u < P), or coordinates 2P + 2(u - P) and the next one.
+__device__ __forceinline__ void unit_coords(const KeyCenterView& c, int u, int& x, int& y) {
+    if (u < c.pairs) {
+        x = pair_re(c, u), y = pair_im(c, u);
+    } else {
+        x = 2 * c.pairs + 2 * (u - c.pairs), y = x + 1;
+    }
+}
+
+/// mean [heads][dim]: the average over rows training_row(r, n, m), r < m, of keys [heads][n][dim]
+/// (positions 0 .. n - 1) turned back by their positions, in double. Grid (heads, dim / 2): one
+/// CTA per head and unit.
+__global__ void __launch_bounds__(kCenterThreads)
+    estimate_key_mean_kernel(KeyCenterView c, const float* keys, int n, int m, float* mean) {
+    const int h = blockIdx.x, u = blockIdx.y;
+    int x, y;
+    unit_coords(c, u, x, y);
+    const bool turned = u < c.pairs;
+    double ax = 0.0, ay = 0.0;
+    for (int r = threadIdx.x; r < m; r += blockDim.x) {
+        const int64_t row = training_row(r, n, m);
+        const float* k = keys + (static_cast<size_t>(h) * n + row) * c.dim;
+        const float kx = k[x], ky = k[y];
+        if (turned) {  // (kx + j ky) exp(-j w row)
+            const float2 p = rope_phase(c.inv_freq[u], static_cast<double>(row));
+            ax += kx * p.x + ky * p.y;
+            ay += ky * p.x - kx * p.y;
+        } else {
+            ax += kx;
+            ay += ky;
+        }
+    }
+    __shared__ double part[2][kCenterThreads / 32];
+    ax = warp_sum(ax);
+    ay = warp_sum(ay);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) part[0][warp] = ax, part[1][warp] = ay;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double sx = 0.0, sy = 0.0;
+        for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w)
+            sx += part[0][w], sy += part[1][w];
+        mean[static_cast<size_t>(h) * c.dim + x] = static_cast<float>(sx / m);
+        mean[static_cast<size_t>(h) * c.dim + y] = static_cast<float>(sy / m);
+    }
+}
+
+/// out[h][t] = keys[h][t] + sign * c_b(h) for the block b of position pos0 + t; damped
+/// [heads][dim] (mu_i A_i, mu elsewhere). One thread per (head, token, unit); out may be keys.
+__global__ void __launch_bounds__(kCenterThreads)
+    shift_keys_kernel(KeyCenterView c, const float* damped, const float* keys, float* out, int n,
+                      int pos0, float sign) {
+    const int units = c.dim / 2;
+    const size_t at = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (at >= static_cast<size_t>(c.heads) * n * units) return;
+    const int u = static_cast<int>(at % units);
+    const size_t row = at / units;  // h * n + t
+    const int h = static_cast<int>(row / n), t = static_cast<int>(row % n);
+    int x, y;
+    unit_coords(c, u, x, y);
+    const float* d = damped + static_cast<size_t>(h) * c.dim;
+    float cx = d[x], cy = d[y];
+    if (u < c.pairs) {
+        const int64_t block = (static_cast<int64_t>(pos0) + t) / kCenterBlock;
+        const float2 p = rope_phase(c.inv_freq[u], static_cast<double>(kCenterBlock * block));
+        const float nx = cx * p.x - cy * p.y;
+        cy = cx * p.y + cy * p.x;
+        cx = nx;
+    }
+    const float* k = keys + row * c.dim;
+    float* o = out + row * c.dim;
+    o[x] = k[x] + sign * cx;
+    o[y] = k[y] + sign * cy;
+}
+
+/// The page offsets of a decode: bias[b][qh][page] = log2_scale <q_{b,qh}, c_page(b, qh / group)>
+/// for each page of sequence b (seq_lens[b] tokens, or seq_len), queries [batch][q_heads][dim],
+/// damped[b] the sequence's [heads][dim]. With W_i = conj(q_i) d_i (CenteredKeyCodec::
+/// prepare_query) the offsets are a small product, [heads][2P + 1] x [2P + 1][pages]: rows
+/// (Re W_i, -Im W_i) against (cos, sin) of 64 page w_i, and <q, mu> over the unturned coordinates
+/// against ones. Grid (page chunks of kBiasPages, batch, query-head chunks of kBiasHeads); each
+/// CTA stages both factors in shared memory, kBiasPairs pairs at a time, and each thread sums 2
+/// heads x 4 pages in registers (one LDS.64 and one LDS.128 per 8 FMA).
+__global__ void __launch_bounds__(kCenterThreads)
+    page_bias_kernel(KeyCenterView c, const float* const* damped, const float* queries, int q_heads,
+                     int group, const int32_t* seq_lens, int seq_len, float log2_scale, float* bias,
+                     int bias_stride) {
+    __shared__ __align__(16) float wk[2 * kBiasPairs + 1][kBiasHeads];  // W rows
+    __shared__ __align__(16) float ph[2 * kBiasPairs + 1][kBiasPages];  // phase rows
+    const int b = blockIdx.y, page0 = blockIdx.x * kBiasPages, head0 = blockIdx.z * kBiasHeads;
+    const int len = seq_lens != nullptr ? seq_lens[b] : seq_len;
+    const int pages = (len + kCenterBlock - 1) / kCenterBlock;
+    if (page0 >= pages) return;
+    const int P = c.pairs;
+    const float* dm = damped[b];
+    auto query = [&](int hh) {
+        return queries + (static_cast<size_t>(b) * q_heads + min(head0 + hh, q_heads - 1)) * c.dim;
+    };
+    auto mean_of = [&](int hh) {
+        return dm + static_cast<size_t>(min(head0 + hh, q_heads - 1) / group) * c.dim;
+    };
+    // This thread's 2 heads x 4 pages.
+    const int hp = threadIdx.x / (kBiasPages / 4), pq = threadIdx.x % (kBiasPages / 4);
+    float acc[2][4] = {};
+    // <q, mu> over the unturned coordinates: row 2 kBiasPairs of the first pass, one warp a head.
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int hh = warp; hh < kBiasHeads; hh += kCenterThreads / 32) {
+        const float *q = query(hh), *d = mean_of(hh);
+        float s = 0.0f;
+        for (int j = 2 * P + lane; j < c.dim; j += 32) s += q[j] * d[j];
+        s = warp_sum(s);
+        if (lane == 0) wk[2 * kBiasPairs][hh] = s;
+    }
+    for (int e = threadIdx.x; e < kBiasPages; e += kCenterThreads) ph[2 * kBiasPairs][e] = 1.0f;
+    for (int i0 = 0; i0 < max(P, 1); i0 += kBiasPairs) {
+        const int n = min(kBiasPairs, P - i0);  // pairs this pass (0 without RoPE)
+        for (int e = threadIdx.x; e < kBiasHeads * kBiasPairs; e += kCenterThreads) {
+            const int hh = e % kBiasHeads, k = e / kBiasHeads, i = i0 + k;
+            float wr = 0.0f, wi = 0.0f;
+            if (k < n) {
+                const float *q = query(hh), *d = mean_of(hh);
+                const float qr = q[pair_re(c, i)], qi = q[pair_im(c, i)];
+                const float dr = d[pair_re(c, i)], di = d[pair_im(c, i)];
+                wr = qr * dr + qi * di, wi = qr * di - qi * dr;
+            }
+            wk[k][hh] = wr;
+            wk[kBiasPairs + k][hh] = -wi;
+        }
+        for (int e = threadIdx.x; e < kBiasPairs * kBiasPages; e += kCenterThreads) {
+            const int k = e / kBiasPages, p = e % kBiasPages, i = i0 + k;
+            const float2 z =
+                k < n ? rope_phase(c.inv_freq[i], static_cast<double>(kCenterBlock) * (page0 + p))
+                      : make_float2(0.0f, 0.0f);
+            ph[k][p] = z.x;
+            ph[kBiasPairs + k][p] = z.y;
+        }
+        __syncthreads();
+        const int rows = 2 * kBiasPairs + (i0 == 0 ? 1 : 0);  // the unturned row once
+        for (int k = 0; k < rows; ++k) {
+            const float2 w = *reinterpret_cast<const float2*>(&wk[k][2 * hp]);
+            const float4 z = *reinterpret_cast<const float4*>(&ph[k][4 * pq]);
+            acc[0][0] += w.x * z.x, acc[0][1] += w.x * z.y, acc[0][2] += w.x * z.z;
+            acc[0][3] += w.x * z.w;
+            acc[1][0] += w.y * z.x, acc[1][1] += w.y * z.y, acc[1][2] += w.y * z.z;
+            acc[1][3] += w.y * z.w;
+        }
+        __syncthreads();
+    }
+    for (int r = 0; r < 2; ++r) {
+        const int qh = head0 + 2 * hp + r;
+        if (qh >= q_heads) continue;
+        float* out = bias + (static_cast<size_t>(b) * q_heads + qh) * bias_stride;
+        for (int x = 0; x < 4; ++x) {
+            const int page = page0 + 4 * pq + x;
+            if (page < pages) out[page] = log2_scale * acc[r][x];
+        }
+    }
+}
+
+}  // namespace veloxquant::cuda::kernels

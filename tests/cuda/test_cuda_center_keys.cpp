@@ -1,0 +1,268 @@
+// Centred keys (center_keys) on the device against the CPU's TurboQuantRVQKVCache of the same
+// config, on keys with a strong pre-RoPE mean (both RoPE pairings, full and partial RoPE): the
+// estimated mean, decode attention (relative error 1e-3) and dequantize, the same attention from
+// the CPU's pages and mean uploaded, a batch of sequences with different means, the gain over
+// uncentred keys, the short first append that leaves a cache uncentred, and the refusals.
+// Every device test skips cleanly when no CUDA device is present.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_cache.h"
+#include "cuda/turboquant_batch.h"
+#include "cuda_test_helpers.h"
+#include "methods/centered_key_codec.h"
+#include "rope_test_keys.h"
+#include "test_helpers.h"
+#include "veloxquant/caches.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+using vqtest::DeviceBuffer;
+using vqtest::relative_error;
+
+struct Case {
+    int d, bits, stages, value_bits, heads, pairs;  // pairs: RoPE frequencies (partial: < d / 2)
+    bool half_split;
+};
+
+const Case kCases[] = {
+    {128, 4, 1, 4, 2, 64, true},   // transformers' pairing
+    {128, 2, 2, 2, 2, 32, false},  // partial RoPE, GGUF pairing
+    {64, 1, 1, 2, 3, 32, true},
+    {64, 3, 1, 4, 2, 16, true},  // partial RoPE, half split
+};
+
+std::string name(const Case& c) {
+    return "d" + std::to_string(c.d) + " k" + std::to_string(c.bits) + "x" +
+           std::to_string(c.stages) + " v" + std::to_string(c.value_bits) + " P" +
+           std::to_string(c.pairs) + (c.half_split ? " half" : " adjacent");
+}
+
+// Llama's spacing over the 2P turned coordinates.
+std::vector<double> freqs_of(const Case& c) {
+    return vqtest::rope_freqs(2 * c.pairs);
+}
+
+KVCacheConfig config_of(const Case& c, uint64_t seed, bool centred = true) {
+    KVCacheConfig k;
+    k.method = "turboquant_rvq";
+    k.bits = c.bits;
+    k.num_residuals = c.stages;
+    k.value_bits = c.value_bits;
+    k.seed = seed;
+    k.center_keys = centred;
+    k.rope_inv_freq = freqs_of(c);
+    k.rope_half_split = c.half_split;
+    return k;
+}
+
+// Tokens [t0, t1) of x [heads][n][d] as [heads][t1 - t0][d].
+std::vector<float> tokens(const std::vector<float>& x, int heads, int n, int d, int t0, int t1) {
+    std::vector<float> out;
+    for (int h = 0; h < heads; ++h)
+        out.insert(out.end(), x.begin() + (static_cast<std::size_t>(h) * n + t0) * d,
+                   x.begin() + (static_cast<std::size_t>(h) * n + t1) * d);
+    return out;
+}
+
+std::vector<float> cpu_mean(const TurboQuantRVQKVCache& cpu) {
+    std::vector<float> mean;
+    for (const auto& codec : cpu.key_codecs()) {
+        const auto& m = dynamic_cast<const CenteredKeyCodec&>(*codec).mean();
+        mean.insert(mean.end(), m.begin(), m.end());
+    }
+    return mean;
+}
+
+TEST(CudaCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 9100;
+    for (const Case& s : kCases) {
+        SCOPED_TRACE(name(s));
+        const KVCacheConfig c = config_of(s, ++seed);
+        const int total = 700;
+        const auto keys =
+            vqtest::rope_keys(s.heads, total, s.d, freqs_of(s), ++seed, 3.0, s.half_split);
+        const auto values = vqtest::random_tokens(s.heads, total, s.d, ++seed, 0.5f);
+        TurboQuantRVQKVCache cpu(c, s.heads, s.d, 4096);
+        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+        int at = 0;
+        for (int n : {500, 63, 1, 136}) {
+            const auto k = tokens(keys, s.heads, total, s.d, at, at + n),
+                       v = tokens(values, s.heads, total, s.d, at, at + n);
+            DeviceBuffer<float> dk(k), dv(v);
+            cpu.append(k.data(), v.data(), n);
+            gpu.append(dk.get(), dv.get(), n, nullptr);
+            at += n;
+            if (n == 500) {
+                ASSERT_TRUE(gpu.key_center().centering());
+                EXPECT_LE(relative_error(gpu.key_center().mean(), cpu_mean(cpu)), 1e-5);
+            }
+            const int hq = 4 * s.heads;
+            const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed, 0.1f);
+            std::vector<float> ref(q.size());
+            cpu.attend(q.data(), hq, 1, ref.data(), 0.1f, true);
+            DeviceBuffer<float> dq(q), dout(q.size());
+            gpu.attend(dq.get(), hq, dout.get(), 0.1f, nullptr);
+            EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << "after " << at << " tokens";
+        }
+        // Dequantize: the centres differ from the CPU's in rounding only, so a code may flip at
+        // a tie now and then; every other token matches.
+        const std::size_t count = static_cast<std::size_t>(s.heads) * at * s.d;
+        std::vector<float> rk(count), rv(count);
+        cpu.dequantize(0, at, rk.data(), rv.data());
+        DeviceBuffer<float> dk(count), dv(count);
+        gpu.dequantize(0, at, dk.get(), dv.get(), nullptr);
+        const auto gk = dk.download();
+        int bad = 0;
+        for (std::size_t row = 0; row < count / s.d; ++row) {
+            const std::vector<float> a(gk.begin() + row * s.d, gk.begin() + (row + 1) * s.d),
+                b(rk.begin() + row * s.d, rk.begin() + (row + 1) * s.d);
+            bad += relative_error(a, b) > 1e-4;
+        }
+        EXPECT_LE(bad, static_cast<int>(count / s.d / 100)) << bad << " tokens differ";
+        EXPECT_LE(relative_error(gk, rk), 1e-3);
+    }
+}
+
+TEST(CudaCenterKeys, CpuPagesAndMeanUploadedAttendAsTheCpu) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 9200;
+    for (const Case& s : kCases) {
+        SCOPED_TRACE(name(s));
+        const KVCacheConfig c = config_of(s, ++seed);
+        const int n = 1000;
+        const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), ++seed, 3.0, s.half_split);
+        const auto v = vqtest::random_tokens(s.heads, n, s.d, ++seed, 0.5f);
+        TurboQuantRVQKVCache cpu(c, s.heads, s.d, 4096);
+        cpu.append(k.data(), v.data(), n);
+        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+        gpu.upload(cpu.paged_store(), n);
+        gpu.set_key_mean(cpu_mean(cpu));
+        const int hq = 2 * s.heads;
+        const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed, 0.1f);
+        std::vector<float> ref(q.size());
+        cpu.attend(q.data(), hq, 1, ref.data(), 0.125f, true);
+        DeviceBuffer<float> dq(q), dout(q.size());
+        gpu.attend(dq.get(), hq, dout.get(), 0.125f, nullptr);
+        EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
+    }
+}
+
+TEST(CudaCenterKeys, BatchOfSequencesWithTheirOwnMeans) {
+    SKIP_WITHOUT_DEVICE();
+    const Case s = kCases[0];
+    const KVCacheConfig c = config_of(s, 9300);
+    const int batch = 3, hq = 4 * s.heads;
+    std::vector<std::unique_ptr<TurboQuantRVQKVCache>> cpu;
+    std::vector<std::unique_ptr<CudaTurboQuantCache>> gpu;
+    for (int b = 0; b < batch; ++b) {
+        // Different lengths (the last page part full) and means; sequence 2's first append is
+        // too short to estimate one, so it stays uncentred beside centred ones.
+        const int n = b == 2 ? 9 : 300 + 150 * b;
+        const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9310 + b, 2.0 + b, true);
+        const auto v = vqtest::random_tokens(s.heads, n, s.d, 9320 + b, 0.5f);
+        cpu.push_back(std::make_unique<TurboQuantRVQKVCache>(c, s.heads, s.d, 4096));
+        gpu.push_back(std::make_unique<CudaTurboQuantCache>(c, s.heads, s.d, 4096));
+        cpu[b]->append(k.data(), v.data(), n);
+        DeviceBuffer<float> dk(k), dv(v);
+        gpu[b]->append(dk.get(), dv.get(), n, nullptr);
+    }
+    EXPECT_FALSE(gpu[2]->key_center().centering());
+    EXPECT_TRUE(gpu[2]->key_center().estimated());
+    CudaTurboQuantBatch step;
+    std::vector<CudaTurboQuantCache*> all;
+    for (auto& g : gpu) all.push_back(g.get());
+    for (int round = 0; round < 3; ++round) {  // a decode step: one token each, then attend
+        const auto k = vqtest::randn(static_cast<std::size_t>(batch) * s.heads * s.d, 9330 + round),
+                   v = vqtest::randn(k.size(), 9340 + round, 0.5f);
+        DeviceBuffer<float> dk(k), dv(v);
+        step.append(all, dk.get(), dv.get(), 1, nullptr);
+        const auto q =
+            vqtest::randn(static_cast<std::size_t>(batch) * hq * s.d, 9350 + round, 0.1f);
+        DeviceBuffer<float> dq(q), dout(q.size());
+        step.attend(std::vector<const CudaTurboQuantCache*>(all.begin(), all.end()), dq.get(), hq,
+                    dout.get(), 0.1f, nullptr);
+        const auto got = dout.download();
+        for (int b = 0; b < batch; ++b) {
+            const std::size_t per = static_cast<std::size_t>(s.heads) * s.d;
+            cpu[b]->append(k.data() + b * per, v.data() + b * per, 1);
+            const std::size_t qper = static_cast<std::size_t>(hq) * s.d;
+            std::vector<float> ref(qper);
+            cpu[b]->attend(q.data() + b * qper, hq, 1, ref.data(), 0.1f, true);
+            EXPECT_LE(
+                relative_error(
+                    std::vector<float>(got.begin() + b * qper, got.begin() + (b + 1) * qper), ref),
+                1e-3)
+                << "sequence " << b << ", step " << round;
+        }
+    }
+    // A batch takes caches of one RoPE only.
+    KVCacheConfig other = c;
+    other.rope_half_split = false;
+    CudaTurboQuantCache odd(other, s.heads, s.d, 4096);
+    DeviceBuffer<float> one(static_cast<std::size_t>(s.heads) * s.d * 20);
+    odd.append(one.get(), one.get(), 20, nullptr);
+    DeviceBuffer<float> dq(static_cast<std::size_t>(2) * hq * s.d), dout(dq.download().size());
+    EXPECT_THROW(step.attend({gpu[0].get(), &odd}, dq.get(), hq, dout.get(), 0.1f, nullptr),
+                 std::invalid_argument);
+}
+
+TEST(CudaCenterKeys, CentringCutsTheAttentionErrorOnTheDevice) {
+    SKIP_WITHOUT_DEVICE();
+    const Case s = kCases[0];
+    const int n = 2048, hq = 4 * s.heads;
+    const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9400, 3.0, true);
+    const auto v = vqtest::random_tokens(s.heads, n, s.d, 9401, 0.5f);
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, 9402, 0.3f);
+    const std::vector<float> exact =
+        vqtest::reference_attention(q, hq, 1, k, v, s.heads, n, s.d, 0.125f, false);
+    double err[2];
+    for (int centred = 0; centred < 2; ++centred) {
+        KVCacheConfig c = config_of(s, 9403, centred == 1);
+        c.value_bits = 16;  // the keys' error alone
+        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
+        DeviceBuffer<float> dk(k), dv(v), dq(q), dout(q.size());
+        gpu.append(dk.get(), dv.get(), n, nullptr);
+        gpu.attend(dq.get(), hq, dout.get(), 0.125f, nullptr);
+        err[centred] = relative_error(dout.download(), exact);
+    }
+    EXPECT_LT(err[1], 0.8 * err[0]) << "centred " << err[1] << ", uncentred " << err[0];
+}
+
+TEST(CudaCenterKeys, RefusalsLeaveTheCacheAsItWas) {
+    SKIP_WITHOUT_DEVICE();
+    const Case s = kCases[2];
+    CudaTurboQuantCache plain(config_of(s, 9500, false), s.heads, s.d, 256);
+    EXPECT_THROW(plain.set_key_mean(std::vector<float>(s.heads * s.d, 1.0f)),
+                 std::invalid_argument);
+    CudaTurboQuantCache gpu(config_of(s, 9501), s.heads, s.d, 256);
+    EXPECT_THROW(gpu.set_key_mean(std::vector<float>(s.heads * s.d - 1, 1.0f)),
+                 std::invalid_argument);
+    std::vector<float> bad(s.heads * s.d, 1.0f);
+    bad[5] = NAN;
+    EXPECT_THROW(gpu.set_key_mean(bad), std::invalid_argument);
+    EXPECT_FALSE(gpu.key_center().estimated());
+    // A first append refused for a NaN key estimates nothing: the next one does.
+    auto k = vqtest::rope_keys(s.heads, 64, s.d, freqs_of(s), 9502, 3.0, true);
+    const auto v = vqtest::random_tokens(s.heads, 64, s.d, 9503, 0.5f);
+    k[7] = NAN;
+    DeviceBuffer<float> dbad(k), dv(v);
+    EXPECT_THROW(gpu.append(dbad.get(), dv.get(), 64, nullptr), std::invalid_argument);
+    EXPECT_FALSE(gpu.key_center().estimated());
+    EXPECT_EQ(gpu.size(), 0);
+    k[7] = 0.0f;
+    DeviceBuffer<float> dk(k);
+    gpu.append(dk.get(), dv.get(), 64, nullptr);
+    EXPECT_TRUE(gpu.key_center().centering());
+}
+
+}  // namespace
+}  // namespace veloxquant::cuda
