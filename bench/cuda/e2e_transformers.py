@@ -95,6 +95,11 @@ CONFIGS = {  # name -> KVCacheConfig kwargs
     "k1r1_v2": dict(method="turboquant_rvq", bits=1, num_residuals=1, value_bits=2),
     "k4r1_v4": dict(method="turboquant_rvq", bits=4, num_residuals=1, value_bits=4),
     "k2r2_v4": dict(method="turboquant_rvq", bits=2, num_residuals=2, value_bits=4),
+    # centred keys (center_keys: from_model reads the model's RoPE), run when --configs names them
+    "k1r1_v2c": dict(method="turboquant_rvq", bits=1, num_residuals=1, value_bits=2,
+                     center_keys=True),
+    "k4r1_v4c": dict(method="turboquant_rvq", bits=4, num_residuals=1, value_bits=4,
+                     center_keys=True),
     # a method off the tensor-core kernels: the generic device path (CudaKVCache)
     "polar3_v4": dict(method="polarquant", bits=3, value_bits=4),
     # more generic-path methods, run when --configs names them

@@ -572,7 +572,9 @@ def test_centred_device_cache_matches_cpu_cache():
 def test_transformers_centred_keys_stay_on_the_gpu():
     """from_model with center_keys: the tuned layers take it on the GPU with the model's RoPE
     (CudaKVCache layers still refuse it, so they stay on the CPU), and a chunked prefill and
-    decode follow the default cache as closely as the uncentred layers do."""
+    decode follow the default cache, centred or not, at the near-exact config of
+    test_transformers_gpu_layers_follow_the_default_cache (at 3-bit keys and 4-bit values this
+    random model's logits are off by 0.7-0.8 of their largest either way)."""
     pytest.importorskip("transformers")
     from transformers import DynamicCache
 
@@ -596,13 +598,13 @@ def test_transformers_centred_keys_stay_on_the_gpu():
     reference = run(DynamicCache(config=model.config), "sdpa")
     errors = {}
     for centred in (False, True):
-        config = KVCacheConfig(method="turboquant_rvq", bits=3, num_residuals=1, value_bits=4,
+        config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16,
                                center_keys=centred)
         cache = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cuda")
         assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
         logits = run(cache, ATTENTION_NAME)
         errors[centred] = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert errors[True] < 0.1 and errors[True] < 2 * errors[False] + 0.01, errors
+    assert errors[True] < 0.05 and errors[False] < 0.05, errors
     codec = KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, center_keys=True)
     assert VeloxQuantCache.from_model(model, codec, max_seq_len=256).devices == ["cpu", "cpu"]
 

@@ -330,14 +330,17 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     a.out = out;
     a.scale = scale;
     if (center_.centering() && size_ > 0) {
+        // Rows of the pool's capacity, which grows by a quarter at a time: the buffer is
+        // reallocated (a device synchronization) that rarely, not at every new page.
         const int pages = (size_ + kTokensPerPage - 1) / kTokensPerPage;
+        const int stride = std::max(pages, pages_.capacity_pages());
         ensure_device_bytes(page_bias_, page_bias_bytes_,
-                            static_cast<std::size_t>(num_q_heads) * pages * sizeof(float),
+                            static_cast<std::size_t>(num_q_heads) * stride * sizeof(float),
                             "attend: page bias");
         center_.page_bias(center_.damped_address(), queries, 1, num_q_heads, nullptr, size_, pages,
-                          scale, static_cast<float*>(page_bias_), pages, stream);
+                          scale, static_cast<float*>(page_bias_), stride, stream);
         a.page_bias = static_cast<const float*>(page_bias_);
-        a.page_bias_stride = pages;
+        a.page_bias_stride = stride;
     }
     decode_in_workspace(a, workspace_, workspace_bytes_, stream);
 }

@@ -108,15 +108,17 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
         for (const CudaTurboQuantCache* c : caches)
             damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
         centres_.describe(damped, lens, 1, stream);
+        // Rows of the largest pool capacity (grown a quarter at a time: rare reallocations).
         const int longest_pages = (longest + kTokensPerPage - 1) / kTokensPerPage;
+        const int stride = std::max(longest_pages, pages);
         ensure_device_bytes(page_bias_, page_bias_bytes_,
-                            caches.size() * num_q_heads * longest_pages * sizeof(float),
+                            caches.size() * num_q_heads * stride * sizeof(float),
                             "attend: page bias");
         first.center_.page_bias(reinterpret_cast<const float* const*>(centres_.pools()), queries,
                                 a.batch, num_q_heads, a.seq_lens, longest, longest_pages, scale,
-                                static_cast<float*>(page_bias_), longest_pages, stream);
+                                static_cast<float*>(page_bias_), stride, stream);
         a.page_bias = static_cast<const float*>(page_bias_);
-        a.page_bias_stride = longest_pages;
+        a.page_bias_stride = stride;
     }
     decode_in_workspace(a, workspace_, workspace_bytes_, stream);
 }
