@@ -31,15 +31,6 @@ using vqtest::turned;
 
 constexpr int kDim = 64;
 
-// Tokens [t0, t1) of x [heads][n][d], as [heads][t1 - t0][d].
-std::vector<float> tokens(const std::vector<float>& x, int heads, int n, int t0, int t1) {
-    std::vector<float> out;
-    for (int h = 0; h < heads; ++h)
-        out.insert(out.end(), x.begin() + (static_cast<std::size_t>(h) * n + t0) * kDim,
-                   x.begin() + (static_cast<std::size_t>(h) * n + t1) * kDim);
-    return out;
-}
-
 // RoPE keys with a strong mean, values, queries [H G][nq][d] and their exact causal attention.
 struct Case {
     std::vector<float> keys, values, q, want;
@@ -156,10 +147,11 @@ TEST(CenteredKeys, Fp16AttentionIsUnchangedAndDequantizeAddsTheCentreBack) {
         c.use_fused_sdpa = fused;
         auto cache = KVCacheFactory::create(c, H, kDim, 1024, 0);
         // 100 tokens estimate the mean, then one at a time
-        cache->append(tokens(keys, H, n, 0, 100).data(), tokens(values, H, n, 0, 100).data(), 100);
+        cache->append(vqtest::token_slice(keys, H, n, kDim, 0, 100).data(),
+                      vqtest::token_slice(values, H, n, kDim, 0, 100).data(), 100);
         for (int t = 100; t < n; ++t)
-            cache->append(tokens(keys, H, n, t, t + 1).data(),
-                          tokens(values, H, n, t, t + 1).data(), 1);
+            cache->append(vqtest::token_slice(keys, H, n, kDim, t, t + 1).data(),
+                          vqtest::token_slice(values, H, n, kDim, t, t + 1).data(), 1);
         EXPECT_LT(rel_error(attend(*cache, q, H * G, nq), want), 1e-3) << "fused " << fused;
         std::vector<float> k_out(keys.size()), v_out(values.size());
         cache->dequantize(0, n, k_out.data(), v_out.data());

@@ -49,6 +49,16 @@ template <class Cache>
     return ::testing::AssertionFailure() << "the saved files differ";
 }
 
+// Tokens [t0, t1) of x [heads][n][d], as [heads][t1 - t0][d].
+inline std::vector<float> token_slice(const std::vector<float>& x, int heads, int n, int d, int t0,
+                                      int t1) {
+    std::vector<float> out;
+    for (int h = 0; h < heads; ++h)
+        out.insert(out.end(), x.begin() + (static_cast<std::size_t>(h) * n + t0) * d,
+                   x.begin() + (static_cast<std::size_t>(h) * n + t1) * d);
+    return out;
+}
+
 inline std::vector<float> randn(std::size_t n, uint64_t seed, float scale = 1.0f) {
     std::mt19937_64 gen(seed);
     std::normal_distribution<float> dist(0.0f, scale);

@@ -26,15 +26,6 @@ std::unique_ptr<QuantizedKVCache> quantized(const KVCacheConfig& c, int heads, i
     return std::unique_ptr<QuantizedKVCache>(static_cast<QuantizedKVCache*>(made.release()));
 }
 
-// Tokens [begin, end) of a [heads][n][d] tensor.
-std::vector<float> slice(const std::vector<float>& x, int heads, int n, int d, int begin, int end) {
-    std::vector<float> out;
-    for (int h = 0; h < heads; ++h)
-        out.insert(out.end(), x.begin() + (static_cast<std::size_t>(h) * n + begin) * d,
-                   x.begin() + (static_cast<std::size_t>(h) * n + end) * d);
-    return out;
-}
-
 }  // namespace
 
 TEST(SlidingWindow, AttendsSinksAndWindowExactlyWithBoundedMemory) {
@@ -45,7 +36,8 @@ TEST(SlidingWindow, AttendsSinksAndWindowExactlyWithBoundedMemory) {
     SlidingWindowKVCache win(quantized(tq(), heads, d, 4096), window, sinks);
     std::size_t peak = 0;
     for (int t = 0; t < n; t += 50) {
-        const auto kk = slice(k, heads, n, d, t, t + 50), vv = slice(v, heads, n, d, t, t + 50);
+        const auto kk = vqtest::token_slice(k, heads, n, d, t, t + 50),
+                   vv = vqtest::token_slice(v, heads, n, d, t, t + 50);
         // Held tokens decode identically before and after later evictions (nothing re-encoded).
         full->append(kk.data(), vv.data(), 50);
         win.append(kk.data(), vv.data(), 50);
@@ -205,7 +197,8 @@ TEST(TrimReset, TrimRestoresEarlierStateAndResetEmpties) {
     const int heads = 2, d = 64, n = 130;
     const auto k = randn(static_cast<std::size_t>(heads) * n * d, 1), v = randn(k.size(), 2);
     auto a = quantized(tq(), heads, d, 512), b = quantized(tq(), heads, d, 512);
-    const auto k100 = slice(k, heads, n, d, 0, 100), v100 = slice(v, heads, n, d, 0, 100);
+    const auto k100 = vqtest::token_slice(k, heads, n, d, 0, 100),
+               v100 = vqtest::token_slice(v, heads, n, d, 0, 100);
     a->append(k100.data(), v100.data(), 100);
     b->append(k.data(), v.data(), n);
     b->trim(30);

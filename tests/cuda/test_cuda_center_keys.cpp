@@ -63,15 +63,6 @@ KVCacheConfig config_of(const Case& c, uint64_t seed, bool centred = true) {
     return k;
 }
 
-// Tokens [t0, t1) of x [heads][n][d] as [heads][t1 - t0][d].
-std::vector<float> tokens(const std::vector<float>& x, int heads, int n, int d, int t0, int t1) {
-    std::vector<float> out;
-    for (int h = 0; h < heads; ++h)
-        out.insert(out.end(), x.begin() + (static_cast<std::size_t>(h) * n + t0) * d,
-                   x.begin() + (static_cast<std::size_t>(h) * n + t1) * d);
-    return out;
-}
-
 std::vector<float> cpu_mean(const TurboQuantRVQKVCache& cpu) {
     std::vector<float> mean;
     for (const auto& codec : cpu.key_codecs()) {
@@ -95,8 +86,8 @@ TEST(CudaCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
         CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
         int at = 0;
         for (int n : {500, 63, 1, 136}) {
-            const auto k = tokens(keys, s.heads, total, s.d, at, at + n),
-                       v = tokens(values, s.heads, total, s.d, at, at + n);
+            const auto k = vqtest::token_slice(keys, s.heads, total, s.d, at, at + n),
+                       v = vqtest::token_slice(values, s.heads, total, s.d, at, at + n);
             DeviceBuffer<float> dk(k), dv(v);
             cpu.append(k.data(), v.data(), n);
             gpu.append(dk.get(), dv.get(), n, nullptr);
