@@ -252,7 +252,8 @@ public:
     int device() const { return device_; }
     int num_heads() const { return num_heads_; }
     int head_dim() const { return head_dim_; }
-    /// Device bytes held: the page pool and the codec tables.
+    /// Device bytes held: the page pool, the codec tables, the decode workspace and, with
+    /// center_keys, the key centre and page bias.
     std::size_t nbytes() const;
     const PageLayout& page_layout() const { return host_.page_layout; }
     const TqPageLayout& layout() const { return host_.layout; }
