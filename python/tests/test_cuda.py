@@ -486,6 +486,22 @@ def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
     assert cache.size == 3
 
 
+def _chunked_logits(model, cache, attention, tokens, first, prompt):
+    """The logits of one sequence run as a prefill chunk [0, first), a second chunk [first,
+    prompt) (on the GPU layers: SDPA over the dequantized earlier tokens and this chunk), then
+    one decode step a token, with `attention` as the model's implementation."""
+    model.set_attn_implementation(attention)
+    try:
+        with torch.no_grad():
+            logits = [model(tokens[:, :first], past_key_values=cache, use_cache=True).logits[0],
+                      model(tokens[:, first:prompt], past_key_values=cache, use_cache=True).logits[0]]
+            for i in range(prompt, tokens.shape[1]):
+                logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
+    finally:
+        model.set_attn_implementation("sdpa")
+    return torch.cat(logits).float().cpu()
+
+
 @needs_cuda
 def test_transformers_gpu_layers_follow_the_default_cache():
     pytest.importorskip("transformers")
@@ -495,20 +511,9 @@ def test_transformers_gpu_layers_follow_the_default_cache():
                                                       VeloxQuantCudaLayer)
     model = _tiny_llama(64).to("cuda")
     tokens = torch.randint(0, 512, (1, 72), generator=torch.Generator().manual_seed(1)).cuda()
-    prompt = 40
 
     def run(cache, attention):
-        model.set_attn_implementation(attention)
-        try:
-            with torch.no_grad():
-                logits = [model(tokens[:, :24], past_key_values=cache, use_cache=True).logits[0]]
-                # a second prefill chunk: SDPA over dequantized earlier tokens + this chunk
-                logits.append(model(tokens[:, 24:prompt], past_key_values=cache, use_cache=True).logits[0])
-                for i in range(prompt, tokens.shape[1]):
-                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits).float().cpu()
+        return _chunked_logits(model, cache, attention, tokens, 24, 40)
 
     reference = run(DynamicCache(config=model.config), "sdpa")
     config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
@@ -584,16 +589,7 @@ def test_transformers_centred_keys_stay_on_the_gpu():
     tokens = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(4)).cuda()
 
     def run(cache, attention):
-        model.set_attn_implementation(attention)
-        try:
-            with torch.no_grad():
-                logits = [model(tokens[:, :64], past_key_values=cache, use_cache=True).logits[0]]
-                logits.append(model(tokens[:, 64:96], past_key_values=cache, use_cache=True).logits[0])
-                for i in range(96, tokens.shape[1]):
-                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits).float().cpu()
+        return _chunked_logits(model, cache, attention, tokens, 64, 96)
 
     reference = run(DynamicCache(config=model.config), "sdpa")
     errors = {}

@@ -271,10 +271,18 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     if (static_cast<long long>(size_) + n_tokens > max_seq_len_)
         throw std::length_error("append: " + std::to_string(n_tokens) +
                                 " tokens would exceed max_seq_len " + std::to_string(max_seq_len_));
+    require_key_mean("append");
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, key_bound_, value_bound_,
                          stream);
     pages_.reserve(size_ + n_tokens);
     encode_tokens(keys, values, n_tokens, stream);
+}
+
+void CudaTurboQuantCache::require_key_mean(const char* what) const {
+    if (center_.enabled() && !center_.estimated() && size_ > 0)
+        throw std::invalid_argument(std::string(what) +
+                                    ": this centred cache holds uploaded tokens but no key mean; "
+                                    "set_key_mean must give the mean they were centred by");
 }
 
 void CudaTurboQuantCache::encode_tokens(const float* keys, const float* values, int n_tokens,
@@ -316,6 +324,7 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     if (queries == nullptr || out == nullptr)
         throw std::invalid_argument("attend: null queries or out");
     const int group = query_group(num_q_heads, scale);
+    require_key_mean("attend");
     DecodeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
@@ -360,6 +369,7 @@ void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float
     if (n_tokens == 0) return;
     if (keys == nullptr || values == nullptr)
         throw std::invalid_argument("dequantize: null output");
+    require_key_mean("dequantize");
     DequantizeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();

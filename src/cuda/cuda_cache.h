@@ -260,7 +260,8 @@ public:
     const TqDeviceTables& tables() const { return tables_.get(); }
 
     /// Replaces the contents with the first `size` positions of a CPU store of the same layout
-    /// (every page held); a centred cache keeps its key mean (set_key_mean). Synchronous.
+    /// (every page held); a centred cache keeps its key mean, and until one is set (set_key_mean)
+    /// appends, attends and dequantizes refuse. Synchronous.
     void upload(const PagedStore& store, int size);
     /// Copies every page into a CPU store of the same layout (pages allocated as needed).
     /// Synchronous.
@@ -274,6 +275,9 @@ private:
     /// Query heads per KV head of an attend (std::invalid_argument unless 1..8, or for a
     /// scale that is not finite).
     int query_group(int num_q_heads, float scale) const;
+    /// Throws std::invalid_argument naming `what` for a centred cache that holds tokens but no
+    /// key mean (pages uploaded without set_key_mean): its codes cannot be read or extended.
+    void require_key_mean(const char* what) const;
     /// Encodes checked tokens at the end (the mean first, on a centred cache's first append).
     void encode_tokens(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
 

@@ -56,6 +56,7 @@ void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches
     check_batch(std::vector<const CudaTurboQuantCache*>(caches.begin(), caches.end()), "append");
     check_append(caches, keys, values, n_tokens);
     if (n_tokens == 0) return;
+    for (const CudaTurboQuantCache* c : caches) c->require_key_mean("append");
     CudaTurboQuantCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_,
@@ -83,6 +84,7 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
         if (c.size_ == 0)
             throw std::invalid_argument("attend: the cache of sequence " + std::to_string(b) +
                                         " holds no tokens");
+        c.require_key_mean("attend");
         pools.push_back(c.pages_.pool());
         lens.push_back(c.size_);
         longest = std::max(longest, c.size_);

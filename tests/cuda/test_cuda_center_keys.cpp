@@ -1,9 +1,9 @@
 // Centred keys (center_keys) on the device against the CPU's TurboQuantRVQKVCache of the same
 // config, on keys with a strong pre-RoPE mean (both RoPE pairings, full and partial RoPE): the
 // estimated mean, decode attention (relative error 1e-3) and dequantize, the same attention from
-// the CPU's pages and mean uploaded, a batch of sequences with different means, the gain over
-// uncentred keys, the short first append that leaves a cache uncentred, and the refusals.
-// Every device test skips cleanly when no CUDA device is present.
+// the CPU's pages and mean uploaded (refused until the mean is set), a batch of sequences with
+// different means, the gain over uncentred keys, the short first append that leaves a cache
+// uncentred, and the refusals. Every device test skips cleanly when no CUDA device is present.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -136,12 +136,20 @@ TEST(CudaCenterKeys, CpuPagesAndMeanUploadedAttendAsTheCpu) {
         cpu.append(k.data(), v.data(), n);
         CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
         gpu.upload(cpu.paged_store(), n);
-        gpu.set_key_mean(cpu_mean(cpu));
+        // Pages centred by a mean the cache does not have yet: every read or append refuses.
         const int hq = 2 * s.heads;
+        DeviceBuffer<float> dq(static_cast<std::size_t>(hq) * s.d), dout(dq.download().size()),
+            dk(static_cast<std::size_t>(s.heads) * n * s.d), dv(dk.download().size());
+        EXPECT_THROW(gpu.attend(dq.get(), hq, dout.get(), 0.125f, nullptr), std::invalid_argument);
+        EXPECT_THROW(gpu.dequantize(0, n, dk.get(), dv.get(), nullptr), std::invalid_argument);
+        EXPECT_THROW(gpu.append(dk.get(), dv.get(), 1, nullptr), std::invalid_argument);
+        EXPECT_EQ(gpu.size(), n);
+        gpu.set_key_mean(cpu_mean(cpu));
         const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed, 0.1f);
         std::vector<float> ref(q.size());
         cpu.attend(q.data(), hq, 1, ref.data(), 0.125f, true);
-        DeviceBuffer<float> dq(q), dout(q.size());
+        check_cuda(cudaMemcpy(dq.get(), q.data(), q.size() * sizeof(float), cudaMemcpyHostToDevice),
+                   "queries");
         gpu.attend(dq.get(), hq, dout.get(), 0.125f, nullptr);
         EXPECT_LE(relative_error(dout.download(), ref), 1e-3);
     }
