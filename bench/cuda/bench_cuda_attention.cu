@@ -278,6 +278,7 @@ int run(const char* out_path, const std::string& only) {
                             check_cuda(launch_decode_attention(a, s), "decode");
                         }
                     };
+                    if (centred) center.reserve_pages(pages, stream);  // not while capturing
                     std::vector<cudaGraphExec_t> graphs(rotations);
                     for (int r = 0; r < rotations; ++r) {
                         cudaGraph_t g;

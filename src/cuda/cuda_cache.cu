@@ -290,6 +290,7 @@ void CudaTurboQuantCache::encode_tokens(const float* keys, const float* values, 
     const bool first = center_.enabled() && !center_.estimated();
     try {
         if (first) center_.estimate(keys, n_tokens, stream);
+        if (center_.enabled()) center_.reserve_pages(pages_.capacity_pages(), stream);
         EncodeArgs a;
         a.layout = host_.layout;
         a.tables = tables_.get();

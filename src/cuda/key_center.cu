@@ -55,6 +55,7 @@ KeyCenter::KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim)
 KeyCenter::~KeyCenter() {
     cudaFree(params_);
     cudaFree(scratch_);
+    cudaFree(phases_);
     if (transient_ != nullptr) cudaFree(transient_);
 }
 
@@ -148,15 +149,35 @@ void KeyCenter::restore(float* keys, int n, int pos0, cudaStream_t stream) const
     check_cuda(cudaGetLastError(), "shift_keys_kernel");
 }
 
+void KeyCenter::reserve_pages(int pages, cudaStream_t stream) const {
+    if (pages <= phase_pages_ || pairs_ == 0) return;
+    // Whole tiles of the bias kernel, and a quarter more than needed, as the pool grows.
+    const int tile = kernels::kBiasPages;
+    const int want = std::max({pages, phase_pages_ + phase_pages_ / 4, 2 * tile});
+    const int stride = (want + tile - 1) / tile * tile;
+    ensure_device_bytes(phases_, phase_bytes_,
+                        static_cast<std::size_t>(2 * pairs_) * stride * sizeof(float),
+                        "centred keys: page phases");
+    kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
+    const std::size_t threads = static_cast<std::size_t>(pairs_) * stride;
+    const unsigned blocks =
+        static_cast<unsigned>((threads + kernels::kCenterThreads - 1) / kernels::kCenterThreads);
+    kernels::page_phase_kernel<<<blocks, kernels::kCenterThreads, 0, stream>>>(
+        c, static_cast<float*>(phases_), stride);
+    check_cuda(cudaGetLastError(), "page_phase_kernel");
+    phase_pages_ = stride;
+}
+
 void KeyCenter::page_bias(const float* const* damped, const float* queries, int batch, int q_heads,
                           const int32_t* seq_lens, int seq_len, int max_pages, float scale,
                           float* bias, int bias_stride, cudaStream_t stream) const {
+    reserve_pages(max_pages, stream);
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
     const dim3 grid((max_pages + kernels::kBiasPages - 1) / kernels::kBiasPages, batch,
                     (q_heads + kernels::kBiasHeads - 1) / kernels::kBiasHeads);
     kernels::page_bias_kernel<<<grid, kernels::kCenterThreads, 0, stream>>>(
-        c, damped, queries, q_heads, q_heads / heads_, seq_lens, seq_len,
-        scale * 1.4426950408889634f, bias, bias_stride);
+        c, static_cast<const float*>(phases_), phase_pages_, damped, queries, q_heads,
+        q_heads / heads_, seq_lens, seq_len, scale * 1.4426950408889634f, bias, bias_stride);
     check_cuda(cudaGetLastError(), "page_bias_kernel");
 }
 

@@ -13,19 +13,19 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/ptx_wrappers.cuh"
 #include "cuda/warp_reduce.cuh"
 #include "methods/key_codec.h"
 
 namespace veloxquant::cuda::kernels {
 
 constexpr int kCenterBlock = 64;     // positions per centre (CenteredKeyCodec::kBlock)
-constexpr int kBiasPages = 64;       // pages (blocks) per CTA of the offsets
+constexpr int kBiasPages = 32;       // pages (blocks) per CTA of the offsets
 constexpr int kBiasHeads = 32;       // query heads per CTA of the offsets
-constexpr int kBiasPairs = 32;       // RoPE pairs a CTA stages at a time
 constexpr int kCenterMaxPairs = 64;  // the most pairs (head_dim <= 128)
 constexpr int kCenterThreads = 256;
-static_assert(kCenterThreads == (kBiasHeads / 2) * (kBiasPages / 4),
-              "a page-bias thread sums 2 heads x 4 pages");
+static_assert(kCenterThreads == (kBiasHeads / 2) * (kBiasPages / 2),
+              "a page-bias thread sums 2 heads x 2 pages");
 
 /// The device parameters of one cache's centring.
 struct KeyCenterView {
@@ -128,20 +128,37 @@ __global__ void __launch_bounds__(kCenterThreads)
     o[y] = k[y] + sign * cy;
 }
 
+/// phases [2P][stride]: row 2i holds cos(64 p w_i) and row 2i + 1 sin(64 p w_i) of each page p <
+/// stride, the page factor of the offsets below. They depend on the page alone, so a cache
+/// computes them once for its capacity instead of at every decode. One thread per (pair, page).
+__global__ void __launch_bounds__(kCenterThreads)
+    page_phase_kernel(KeyCenterView c, float* phases, int stride) {
+    const size_t at = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (at >= static_cast<size_t>(c.pairs) * stride) return;
+    const int i = static_cast<int>(at / stride), page = static_cast<int>(at % stride);
+    const float2 z = rope_phase(c.inv_freq[i], static_cast<double>(kCenterBlock) * page);
+    phases[static_cast<size_t>(2 * i) * stride + page] = z.x;
+    phases[static_cast<size_t>(2 * i + 1) * stride + page] = z.y;
+}
+
 /// The page offsets of a decode: bias[b][qh][page] = log2_scale <q_{b,qh}, c_page(b, qh / group)>
 /// for each page of sequence b (seq_lens[b] tokens, or seq_len), queries [batch][q_heads][dim],
 /// damped[b] the sequence's [heads][dim]. With W_i = conj(q_i) d_i (CenteredKeyCodec::
-/// prepare_query) the offsets are a small product, [heads][2P + 1] x [2P + 1][pages]: rows
-/// (Re W_i, -Im W_i) against (cos, sin) of 64 page w_i, and <q, mu> over the unturned coordinates
-/// against ones. Grid (page chunks of kBiasPages, batch, query-head chunks of kBiasHeads); each
-/// CTA stages both factors in shared memory, kBiasPairs pairs at a time, and each thread sums 2
-/// heads x 4 pages in registers (one LDS.64 and one LDS.128 per 8 FMA).
+/// prepare_query) the offsets are a small product, [heads][2P] x [2P][pages]: rows (Re W_i,
+/// -Im W_i) against page_phase_kernel's rows (cos, sin), plus <q, mu> over the unturned
+/// coordinates. Grid (page tiles of kBiasPages, batch, query-head tiles of kBiasHeads); each CTA
+/// stages both factors in shared memory, and each thread sums 2 heads x 2 pages. It lets the decode
+/// (its programmatic dependent on sm_90) launch at once, so that the decode's set-up overlaps this
+/// kernel.
 __global__ void __launch_bounds__(kCenterThreads)
-    page_bias_kernel(KeyCenterView c, const float* const* damped, const float* queries, int q_heads,
-                     int group, const int32_t* seq_lens, int seq_len, float log2_scale, float* bias,
+    page_bias_kernel(KeyCenterView c, const float* phases, int phase_stride,
+                     const float* const* damped, const float* queries, int q_heads, int group,
+                     const int32_t* seq_lens, int seq_len, float log2_scale, float* bias,
                      int bias_stride) {
-    __shared__ __align__(16) float wk[2 * kBiasPairs + 1][kBiasHeads];  // W rows
-    __shared__ __align__(16) float ph[2 * kBiasPairs + 1][kBiasPages];  // phase rows
+    allow_dependent_grid_launch();
+    __shared__ __align__(16) float wk[2 * kCenterMaxPairs][kBiasHeads];  // W rows
+    __shared__ __align__(16) float ph[2 * kCenterMaxPairs][kBiasPages];  // phase rows
+    __shared__ float unturned[kBiasHeads];                               // <q, mu> beyond 2P
     const int b = blockIdx.y, page0 = blockIdx.x * kBiasPages, head0 = blockIdx.z * kBiasHeads;
     const int len = seq_lens != nullptr ? seq_lens[b] : seq_len;
     const int pages = (len + kCenterBlock - 1) / kCenterBlock;
@@ -154,59 +171,47 @@ __global__ void __launch_bounds__(kCenterThreads)
     auto mean_of = [&](int hh) {
         return dm + static_cast<size_t>(min(head0 + hh, q_heads - 1) / group) * c.dim;
     };
-    // This thread's 2 heads x 4 pages.
-    const int hp = threadIdx.x / (kBiasPages / 4), pq = threadIdx.x % (kBiasPages / 4);
-    float acc[2][4] = {};
-    // <q, mu> over the unturned coordinates: row 2 kBiasPairs of the first pass, one warp a head.
+    // W: consecutive threads take consecutive pairs of a head (coalesced reads).
+    for (int e = threadIdx.x; e < kBiasHeads * P; e += kCenterThreads) {
+        const int i = e % P, hh = e / P;
+        const float *q = query(hh), *d = mean_of(hh);
+        const float qr = __ldg(q + pair_re(c, i)), qi = __ldg(q + pair_im(c, i));
+        const float dr = __ldg(d + pair_re(c, i)), di = __ldg(d + pair_im(c, i));
+        wk[2 * i][hh] = qr * dr + qi * di;
+        wk[2 * i + 1][hh] = -(qr * di - qi * dr);
+    }
+    // The phase rows of this tile's pages (the table spans whole tiles: KeyCenter::reserve_pages).
+    constexpr int kQuads = kBiasPages / 4;
+    for (int e = threadIdx.x; e < 2 * P * kQuads; e += kCenterThreads) {
+        const int k = e / kQuads, p4 = e % kQuads;
+        *reinterpret_cast<float4*>(&ph[k][4 * p4]) = __ldg(reinterpret_cast<const float4*>(
+            phases + static_cast<size_t>(k) * phase_stride + page0 + 4 * p4));
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int hh = warp; hh < kBiasHeads; hh += kCenterThreads / 32) {
         const float *q = query(hh), *d = mean_of(hh);
         float s = 0.0f;
-        for (int j = 2 * P + lane; j < c.dim; j += 32) s += q[j] * d[j];
+        for (int j = 2 * P + lane; j < c.dim; j += 32) s += __ldg(q + j) * __ldg(d + j);
         s = warp_sum(s);
-        if (lane == 0) wk[2 * kBiasPairs][hh] = s;
+        if (lane == 0) unturned[hh] = s;
     }
-    for (int e = threadIdx.x; e < kBiasPages; e += kCenterThreads) ph[2 * kBiasPairs][e] = 1.0f;
-    for (int i0 = 0; i0 < max(P, 1); i0 += kBiasPairs) {
-        const int n = min(kBiasPairs, P - i0);  // pairs this pass (0 without RoPE)
-        for (int e = threadIdx.x; e < kBiasHeads * kBiasPairs; e += kCenterThreads) {
-            const int hh = e % kBiasHeads, k = e / kBiasHeads, i = i0 + k;
-            float wr = 0.0f, wi = 0.0f;
-            if (k < n) {
-                const float *q = query(hh), *d = mean_of(hh);
-                const float qr = q[pair_re(c, i)], qi = q[pair_im(c, i)];
-                const float dr = d[pair_re(c, i)], di = d[pair_im(c, i)];
-                wr = qr * dr + qi * di, wi = qr * di - qi * dr;
-            }
-            wk[k][hh] = wr;
-            wk[kBiasPairs + k][hh] = -wi;
-        }
-        for (int e = threadIdx.x; e < kBiasPairs * kBiasPages; e += kCenterThreads) {
-            const int k = e / kBiasPages, p = e % kBiasPages, i = i0 + k;
-            const float2 z =
-                k < n ? rope_phase(c.inv_freq[i], static_cast<double>(kCenterBlock) * (page0 + p))
-                      : make_float2(0.0f, 0.0f);
-            ph[k][p] = z.x;
-            ph[kBiasPairs + k][p] = z.y;
-        }
-        __syncthreads();
-        const int rows = 2 * kBiasPairs + (i0 == 0 ? 1 : 0);  // the unturned row once
-        for (int k = 0; k < rows; ++k) {
-            const float2 w = *reinterpret_cast<const float2*>(&wk[k][2 * hp]);
-            const float4 z = *reinterpret_cast<const float4*>(&ph[k][4 * pq]);
-            acc[0][0] += w.x * z.x, acc[0][1] += w.x * z.y, acc[0][2] += w.x * z.z;
-            acc[0][3] += w.x * z.w;
-            acc[1][0] += w.y * z.x, acc[1][1] += w.y * z.y, acc[1][2] += w.y * z.z;
-            acc[1][3] += w.y * z.w;
-        }
-        __syncthreads();
+    __syncthreads();
+    // This thread's 2 heads x 2 pages.
+    const int hp = threadIdx.x / (kBiasPages / 2), pp = threadIdx.x % (kBiasPages / 2);
+    float acc[2][2];
+    for (int r = 0; r < 2; ++r) acc[r][0] = acc[r][1] = unturned[2 * hp + r];
+    for (int k = 0; k < 2 * P; ++k) {
+        const float2 w = *reinterpret_cast<const float2*>(&wk[k][2 * hp]);
+        const float2 z = *reinterpret_cast<const float2*>(&ph[k][2 * pp]);
+        acc[0][0] += w.x * z.x, acc[0][1] += w.x * z.y;
+        acc[1][0] += w.y * z.x, acc[1][1] += w.y * z.y;
     }
     for (int r = 0; r < 2; ++r) {
         const int qh = head0 + 2 * hp + r;
         if (qh >= q_heads) continue;
         float* out = bias + (static_cast<size_t>(b) * q_heads + qh) * bias_stride;
-        for (int x = 0; x < 4; ++x) {
-            const int page = page0 + 4 * pq + x;
+        for (int x = 0; x < 2; ++x) {
+            const int page = page0 + 2 * pp + x;
             if (page < pages) out[page] = log2_scale * acc[r][x];
         }
     }

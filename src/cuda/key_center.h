@@ -66,12 +66,21 @@ public:
     /// A device array of one pointer, damped(): page_bias's `damped` for this cache alone.
     const float* const* damped_address() const { return damped_address_; }
 
-    /// Device bytes held (parameters and scratch).
-    std::size_t nbytes() const { return param_bytes_ + scratch_bytes_; }
+    /// Makes the page phases, the decodes' page factor, cover `pages` pages: where they do not,
+    /// computes them for a quarter more (a device synchronization; the caches call this as
+    /// their pools grow, so that a decode, maybe in a graph capture, never needs to).
+    void reserve_pages(int pages, cudaStream_t stream) const;
+    /// Pages the page phases cover.
+    int reserved_pages() const { return phase_pages_; }
+
+    /// Device bytes held (parameters, scratch and the page phases).
+    std::size_t nbytes() const { return param_bytes_ + scratch_bytes_ + phase_bytes_; }
 
     /// bias [batch][q_heads][bias_stride] (log2 units: log2(e) scale <q, c_page>) of each page of
     /// each sequence: damped [batch] device pointers to the sequences' damped means, queries
-    /// [batch][q_heads][d], seq_lens [batch] on the device or null (all seq_len).
+    /// [batch][q_heads][d], seq_lens [batch] on the device or null (all seq_len). The decode that
+    /// reads bias may be launched as this kernel's programmatic dependent. Past the pages
+    /// reserved it first reserves max_pages (a device synchronization: not in a graph capture).
     void page_bias(const float* const* damped, const float* queries, int batch, int q_heads,
                    const int32_t* seq_lens, int seq_len, int max_pages, float scale, float* bias,
                    int bias_stride, cudaStream_t stream) const;
@@ -95,6 +104,11 @@ private:
     void* scratch_ = nullptr;  ///< centred keys of an append, kept between appends
     std::size_t scratch_bytes_ = 0;
     float* transient_ = nullptr;  ///< centred keys of a long append (stream-ordered allocation)
+    // The page phases [2P][phase_pages_] (kernels::page_phase_kernel): parameters that grow with
+    // the pool, so reserve_pages is const.
+    mutable void* phases_ = nullptr;
+    mutable std::size_t phase_bytes_ = 0;
+    mutable int phase_pages_ = 0;
 };
 
 }  // namespace veloxquant::cuda

@@ -116,9 +116,16 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
         ensure_device_bytes(page_bias_, page_bias_bytes_,
                             caches.size() * num_q_heads * stride * sizeof(float),
                             "attend: page bias");
-        first.center_.page_bias(reinterpret_cast<const float* const*>(centres_.pools()), queries,
-                                a.batch, num_q_heads, a.seq_lens, longest, longest_pages, scale,
-                                static_cast<float*>(page_bias_), stride, stream);
+        // The longest sequence's page phases cover every sequence's pages (reserved as its
+        // pool grew); the caches share the RoPE parameters (alike).
+        const CudaTurboQuantCache& widest =
+            **std::max_element(caches.begin(), caches.end(),
+                               [](const CudaTurboQuantCache* x, const CudaTurboQuantCache* y) {
+                                   return x->size_ < y->size_;
+                               });
+        widest.center_.page_bias(reinterpret_cast<const float* const*>(centres_.pools()), queries,
+                                 a.batch, num_q_heads, a.seq_lens, longest, longest_pages, scale,
+                                 static_cast<float*>(page_bias_), stride, stream);
         a.page_bias = static_cast<const float*>(page_bias_);
         a.page_bias_stride = stride;
     }

@@ -2,8 +2,9 @@
 // config, on keys with a strong pre-RoPE mean (both RoPE pairings, full and partial RoPE): the
 // estimated mean, decode attention (relative error 1e-3) and dequantize, the same attention from
 // the CPU's pages and mean uploaded (refused until the mean is set), a batch of sequences with
-// different means, the gain over uncentred keys, the short first append that leaves a cache
-// uncentred, and the refusals. Every device test skips cleanly when no CUDA device is present.
+// different means, the page bias against its definition far into a long context, the gain over
+// uncentred keys, the short first append that leaves a cache uncentred, and the refusals. Every
+// device test skips cleanly when no CUDA device is present.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "cuda/cuda_cache.h"
+#include "cuda/key_center.h"
 #include "cuda/turboquant_batch.h"
 #include "cuda_test_helpers.h"
 #include "methods/centered_key_codec.h"
@@ -234,6 +236,72 @@ TEST(CudaCenterKeys, CentringCutsTheAttentionErrorOnTheDevice) {
         err[centred] = relative_error(dout.download(), exact);
     }
     EXPECT_LT(err[1], 0.8 * err[0]) << "centred " << err[1] << ", uncentred " << err[0];
+}
+
+// The page bias of a decode against its definition in double: log2(e) scale <q, c_b> with c_b the
+// average of RoPE_p(mu) over the 64 positions p of page b, for sequences far into a long context
+// (the phase table's accuracy there), a batch with its own means and lengths, and the phase
+// table grown between calls.
+TEST(CudaCenterKeys, PageBiasMatchesItsDefinitionFarIntoTheContext) {
+    SKIP_WITHOUT_DEVICE();
+    uint64_t seed = 9600;
+    for (const Case& s : kCases) {
+        SCOPED_TRACE(name(s));
+        const KVCacheConfig c = config_of(s, ++seed);
+        const std::vector<double> freqs = freqs_of(s);
+        const int group = 4, hq = group * s.heads, batch = 3;
+        const int lens[batch] = {100, 64 * 777 + 5, 300000};  // 2, 778 and 4688 pages
+        const int max_pages = (lens[batch - 1] + 63) / 64;
+        std::vector<std::unique_ptr<KeyCenter>> centres;
+        std::vector<std::vector<float>> means;
+        for (int b = 0; b < batch; ++b) {
+            centres.push_back(std::make_unique<KeyCenter>(c, s.heads, s.d));
+            means.push_back(vqtest::randn(static_cast<std::size_t>(s.heads) * s.d, ++seed));
+            centres[b]->set_mean(means[b]);
+        }
+        std::vector<const float*> damped;
+        for (auto& centre : centres) damped.push_back(centre->damped());
+        const auto q = vqtest::randn(static_cast<std::size_t>(batch) * hq * s.d, ++seed);
+        DeviceBuffer<float> dq(q), bias(static_cast<std::size_t>(batch) * hq * max_pages);
+        DeviceBuffer<const float*> ddamped(damped);
+        DeviceBuffer<int32_t> dlens(std::vector<int32_t>(lens, lens + batch));
+        const float scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+        // A short decode first, so that the batch's grows the phases.
+        centres[0]->page_bias(centres[0]->damped_address(), dq.get(), 1, hq, nullptr, lens[0], 2,
+                              scale, bias.get(), max_pages, nullptr);
+        const std::size_t short_bytes = centres[0]->nbytes();
+        centres[0]->page_bias(ddamped.get(), dq.get(), batch, hq, dlens.get(), 0, max_pages, scale,
+                              bias.get(), max_pages, nullptr);
+        check_cuda(cudaDeviceSynchronize(), "page bias");
+        EXPECT_GT(centres[0]->nbytes(), short_bytes);  // the phases of 4688 pages
+        const auto got = bias.download();
+        std::vector<float> ref, sub;
+        for (int b = 0; b < batch; ++b) {
+            const int pages = (lens[b] + 63) / 64;
+            for (int page = 0; page < pages; page += page < 40 || page + 40 > pages ? 1 : 97) {
+                // c_b of each KV head, averaged over the page's positions in double.
+                std::vector<double> centre(static_cast<std::size_t>(s.heads) * s.d, 0.0);
+                for (int h = 0; h < s.heads; ++h) {
+                    const std::vector<double> mu(means[b].begin() + h * s.d,
+                                                 means[b].begin() + (h + 1) * s.d);
+                    for (int t = 0; t < 64; ++t) {
+                        const auto turned =
+                            vqtest::turned(mu, freqs, 64.0 * page + t, s.half_split);
+                        for (int j = 0; j < s.d; ++j) centre[h * s.d + j] += turned[j] / 64.0;
+                    }
+                }
+                for (int qh = 0; qh < hq; ++qh) {
+                    double dot = 0.0;
+                    for (int j = 0; j < s.d; ++j)
+                        dot += double(q[(static_cast<std::size_t>(b) * hq + qh) * s.d + j]) *
+                               centre[(qh / group) * s.d + j];
+                    ref.push_back(static_cast<float>(dot * scale / std::log(2.0)));
+                    sub.push_back(got[(static_cast<std::size_t>(b) * hq + qh) * max_pages + page]);
+                }
+            }
+        }
+        EXPECT_LE(relative_error(sub, ref), 2e-5);
+    }
 }
 
 TEST(CudaCenterKeys, RefusalsLeaveTheCacheAsItWas) {
