@@ -123,7 +123,9 @@ struct DecodeArgs {
     float* out = nullptr;            ///< [batch][num_kv_heads * group][head_dim]
     float scale = 1.0f;
     /// Centred keys (KeyCenter): [batch][num_kv_heads * group][page_bias_stride] floats added to
-    /// the logits (log2 units) of every token of a page, or null.
+    /// the logits (log2 units) of every token of a page, or null. With it, the decode launches
+    /// as the programmatic dependent of the stream's previous kernel, which must be the one
+    /// that wrote page_bias (KeyCenter::page_bias): it reads nothing else that kernel writes.
     const float* page_bias = nullptr;
     int page_bias_stride = 0;
     void* workspace = nullptr;  ///< decode_workspace_bytes(args) bytes

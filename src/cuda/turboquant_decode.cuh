@@ -603,6 +603,9 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         __syncwarp();
         issue(i + S, halves ? 1 : 2, slot);  // into the slot just read
     };
+    // Centred keys: the page bias comes from the kernel this decode may be the programmatic
+    // dependent of (launch_decode_attention); the set-up above overlapped it.
+    if (a.page_bias != nullptr) wait_for_prerequisite_grid();
     if constexpr (MIXED && kMixedRing == 2) {
         int i = 0;
         for (; i + 1 < count; i += 2) {

@@ -437,8 +437,15 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     kp.partial_ml =
         reinterpret_cast<float2*>(static_cast<uint8_t*>(a.workspace) + plan.partial_o_bytes);
     const dim3 grid(plan.split.splits * a.batch * a.layout.num_kv_heads);  // split-major
-    plan.kernel.fn<<<grid, plan.kernel.warps * 32, plan.smem, stream>>>(kp);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    // Centred keys: a programmatic dependent of the page-bias kernel (KeyCenter::page_bias), so
+    // that the decode's set-up overlaps it; the decode waits for it before its first page.
+    bool after_bias = false;
+    if (a.page_bias != nullptr &&
+        (err = runtime_facts().waits_for_prerequisite(plan.kernel.fn, after_bias)) != cudaSuccess)
+        return err;
+    if ((err = launch_after_prerequisite(plan.kernel.fn, grid, dim3(plan.kernel.warps * 32),
+                                         plan.smem, stream, after_bias, kp)) != cudaSuccess)
+        return err;
     // The merge: one CTA per (sequence, query head), a warp per split up to kMergeWarps.
     const unsigned rows = static_cast<unsigned>(a.batch * a.layout.num_kv_heads * a.group);
     // Where the merge's code is built for sm_90 or newer, a programmatic dependent launch: the
