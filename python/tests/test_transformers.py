@@ -288,6 +288,25 @@ def test_misuse_is_reported(model, tokens):
         cache.update(torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32), 0)
 
 
+def test_layers_left_on_the_cpu_beside_a_gpu_model_are_reported(model, monkeypatch):
+    """With the model on a GPU, backend="auto" keeps out-of-scope layers on the CPU: it says so,
+    once, naming the layers and why (no GPU needed: the device checks are stubbed)."""
+    from veloxquant.integrations import transformers as integration
+
+    monkeypatch.setattr(integration, "_cuda_unavailable_reason", lambda device: "")
+    monkeypatch.setattr(integration, "_device_cache",
+                        lambda *args: (None, "CUDA codec cache: no such method on the device"))
+    with pytest.warns(RuntimeWarning) as caught:
+        cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"))
+    messages = [str(w.message) for w in caught if "VeloxQuantCache" in str(w.message)]
+    assert len(messages) == 1
+    assert "2 of 2 layers keep their codes on the CPU" in messages[0]
+    assert "layer 1: CUDA codec cache: no such method on the device" in messages[0]
+    assert cache.devices == ["cpu", "cpu"]
+    with pytest.raises(ValueError, match="layer 0 is outside the CUDA backend"):
+        VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16"), backend="cuda")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_batch_of_sequences_matches_the_default_cache(model, report, device):
     """Three sequences of the same length: each gets its own cache per layer; prefill, decode

@@ -43,7 +43,8 @@ model does and compression shows from the first decoded token on. (``CudaKVCache
 ``causal=True`` is the fused causal prefill on the codes, for callers that want it; on long
 prompts it is much slower than SDPA: bench/cuda/bench_codec_cache.cu.)
 
-Neither takes an outlier observer or a sliding window: such layers stay on the CPU.
+Neither takes an outlier observer or a sliding window: such layers stay on the CPU, and
+``from_model`` warns (a RuntimeWarning naming them and why) when any layer of a GPU model does.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
 GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
 synchronizes once (its input check: NaN, Inf, or
@@ -70,6 +71,7 @@ at every layer.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -485,6 +487,7 @@ class VeloxQuantCache(Cache):
                 shape = model_cache_shape(model)
                 q_heads = _query_heads(cfg, len(shape))
                 caches: list[Any] = []
+                on_cpu: list[str] = []
                 for layer, (h, d) in enumerate(shape):
                     sliding = layer < len(layer_types) and layer_types[layer] == "sliding_attention"
                     cache, why = _device_cache(config, h, d, q_heads[layer], max_seq_len, layer,
@@ -492,10 +495,17 @@ class VeloxQuantCache(Cache):
                     if cache is None:
                         if backend == "cuda":
                             raise ValueError(f"layer {layer} is outside the CUDA backend: {why}")
+                        on_cpu.append(f"layer {layer}: {why}")
                         cache = _create(config, h, d, max_seq_len, layer)
                         if sliding and window:
                             cache = SlidingWindowKVCache(cache, int(window), sink_tokens=0)
                     caches.append(cache)
+                if on_cpu:  # the model is on the GPU: these layers' attention runs on the host
+                    warnings.warn(
+                        f"VeloxQuantCache: {len(on_cpu)} of {len(shape)} layers keep their codes "
+                        f"on the CPU, so their attention runs on the host ({'; '.join(on_cpu[:3])}"
+                        f"{'; ...' if len(on_cpu) > 3 else ''}); backend='cuda' refuses such a "
+                        "config instead", RuntimeWarning, stacklevel=2)
                 return cls(caches, fetch_dequantized)
         caches = KVCacheBuilder.build(model, config, max_seq_len)
         for i, kind in enumerate(layer_types[: len(caches)]):
