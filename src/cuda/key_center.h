@@ -70,8 +70,6 @@ public:
     /// computes them for a quarter more (a device synchronization; the caches call this as
     /// their pools grow, so that a decode, maybe in a graph capture, never needs to).
     void reserve_pages(int pages, cudaStream_t stream) const;
-    /// Pages the page phases cover.
-    int reserved_pages() const { return phase_pages_; }
 
     /// Device bytes held (parameters, scratch and the page phases).
     std::size_t nbytes() const { return param_bytes_ + scratch_bytes_ + phase_bytes_; }
