@@ -155,6 +155,9 @@ void KeyCenter::reserve_pages(int pages, cudaStream_t stream) const {
     const int tile = kernels::kBiasPages;
     const int want = std::max({pages, phase_pages_ + phase_pages_ / 4, 2 * tile});
     const int stride = (want + tile - 1) / tile * tile;
+    // Until the new table is written, none is held: a failed allocation or launch below must
+    // not leave the old page count over a freed buffer (the next call starts over).
+    phase_pages_ = 0;
     ensure_device_bytes(phases_, phase_bytes_,
                         static_cast<std::size_t>(2 * pairs_) * stride * sizeof(float),
                         "centred keys: page phases");
