@@ -1,9 +1,11 @@
 // center_keys (methods/centered_key_codec.h): the block centres against a direct double-precision
 // average of the turned mean, attention unchanged where the inner codec is near exact (fp16),
 // a lower attention error than the uncentred codec on keys with a strong mean, fused against
-// unfused attention, dequantize, the cache file, and the configurations that refuse it.
+// unfused attention, dequantize, the cache file, a mean adopted from elsewhere (a device
+// cache's estimate), and the configurations that refuse it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -237,6 +239,40 @@ TEST(CenteredKeys, LoadStateRefusesABadMean) {
     EXPECT_THROW(load(1, std::vector<float>(kDim - 1, 0.5f)), std::runtime_error);
     mean[5] = NAN;
     EXPECT_THROW(load(1, mean), std::runtime_error);
+}
+
+// A device cache estimates the mean on the GPU and its CPU codecs adopt it (adopt_mean): the
+// codec then codes and scores as the codec that estimated the same mean itself.
+TEST(CenteredKeys, AnAdoptedMeanActsAsTheEstimatedOne) {
+    const int n = 200;
+    const auto keys = rope_keys(1, n, kDim, rope_freqs(kDim), 77, 3.0, true);
+    CenteredKeyCodec estimated(std::make_unique<FP16Codec>(kDim), rope_freqs(kDim), true);
+    estimated.train(keys.data(), n);
+    CenteredKeyCodec adopted(std::make_unique<FP16Codec>(kDim), rope_freqs(kDim), true);
+    std::vector<float> bad = estimated.mean();
+    bad[7] = INFINITY;
+    EXPECT_THROW(adopted.adopt_mean(bad.data()), std::invalid_argument);
+    EXPECT_FALSE(adopted.estimated());
+    EXPECT_TRUE(adopted.needs_training());
+    adopted.adopt_mean(estimated.mean().data());
+    EXPECT_TRUE(adopted.estimated());
+    EXPECT_FALSE(adopted.needs_training());
+    EXPECT_EQ(adopted.mean(), estimated.mean());
+    const int pos0 = 130;  // mid-block: two centres
+    std::vector<uint8_t> a(estimated.code_bytes() * n), b(a.size());
+    std::vector<float> sa(static_cast<std::size_t>(n) * std::max(1, estimated.num_scalars())),
+        sb(sa.size());
+    estimated.encode_at(keys.data(), n, pos0, a.data(), sa.data(), n);
+    adopted.encode_at(keys.data(), n, pos0, b.data(), sb.data(), n);
+    EXPECT_EQ(a, b);
+    const auto q = randn(kDim, 78);
+    std::vector<float> state_a(estimated.query_state_size()), state_b(state_a.size());
+    estimated.prepare_query(q.data(), state_a.data());
+    adopted.prepare_query(q.data(), state_b.data());
+    std::vector<float> score_a(n), score_b(n);
+    estimated.score_at(state_a.data(), a.data(), sa.data(), n, n, pos0, score_a.data());
+    adopted.score_at(state_b.data(), b.data(), sb.data(), n, n, pos0, score_b.data());
+    EXPECT_EQ(score_a, score_b);
 }
 
 TEST(CenteredKeys, ConfigurationsFittedToUncentredKeysRefuseIt) {

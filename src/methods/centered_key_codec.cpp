@@ -195,6 +195,15 @@ void CenteredKeyCodec::train(const float* keys, int n) {
     }
 }
 
+void CenteredKeyCodec::adopt_mean(const float* mean) {
+    for (int j = 0; j < dim(); ++j)
+        if (!std::isfinite(mean[j]))
+            throw std::invalid_argument("CenteredKeyCodec::adopt_mean: non-finite key mean");
+    mean_.assign(mean, mean + dim());
+    set_damped();
+    estimated_ = true;
+}
+
 void CenteredKeyCodec::forget_training() noexcept {
     estimated_ = false;
     centering_ = false;

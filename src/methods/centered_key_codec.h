@@ -52,9 +52,15 @@ public:
                      bool rope_half_split = false);
 
     const KeyCodec& inner() const { return *inner_; }
+    /// The inner codec, to train on keys already centred (adopt_mean, then its train()).
+    KeyCodec& inner() { return *inner_; }
     /// The pre-RoPE mean [dim] (zeros before the first append, or after one that was too short).
     const std::vector<float>& mean() const { return mean_; }
     bool estimated() const { return estimated_; }
+    /// Takes a mean [dim] estimated elsewhere (a device cache's first append estimates it on the
+    /// device, from the rows train() reads) as train() would set it; the inner codec, if it
+    /// trains, is left untrained. std::invalid_argument for a non-finite entry.
+    void adopt_mean(const float* mean);
     /// c_b of block b into out [dim].
     void block_center(int64_t block, float* out) const;
 

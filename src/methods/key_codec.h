@@ -120,6 +120,8 @@ VQ_HD int64_t training_row(int i, int n, int m) {
 /// throws (after every head has run).
 void train_key_codecs(const std::vector<std::unique_ptr<KeyCodec>>& codecs, const float* keys,
                       int n_tokens);
+/// The same for codecs held elsewhere (the inner codecs of centred keys: CenteredKeyCodec).
+void train_key_codecs(const std::vector<KeyCodec*>& codecs, const float* keys, int n_tokens);
 
 /// Builds the key codec of `config.method` for one (layer, head); throws std::invalid_argument
 /// for a method, bit width or head dim the method cannot take.
