@@ -19,6 +19,8 @@
 // After each method, the device memory still held beyond what was free before the first one
 // (every cache and workspace of it freed by then): what the driver keeps for the kernels' local
 // memory (per-thread stacks, sized for every thread an SM can hold) and loaded code.
+// Methods named *_centred take center_keys (the keys here have no mean to remove: they time the
+// page bias alone).
 // Usage: bench_codec_cache OUT.json [METHOD [TOKENS [BATCH]]]: only the methods whose name
 // contains METHOD, only N = TOKENS (one point, up to kMaxTokens: 131072 times a 128K prefill's
 // encode in one append; 0: 8K and 32K), BATCH sequences (1-512).
@@ -104,6 +106,15 @@ KVCacheConfig make(const std::string& method, int bits, int value_bits) {
     return c;
 }
 
+// c with centred keys (center_keys) under a Llama RoPE of head_dim kD, transformers' pairing.
+KVCacheConfig centred(KVCacheConfig c) {
+    c.center_keys = true;
+    c.rope_half_split = true;
+    c.rope_inv_freq.clear();
+    for (int i = 0; i < kD / 2; ++i) c.rope_inv_freq.push_back(std::pow(10000.0, -2.0 * i / kD));
+    return c;
+}
+
 std::vector<Method> methods() {
     std::vector<Method> m;
     m.push_back({"fp16", make("fp16", 4, 16)});
@@ -122,6 +133,10 @@ std::vector<Method> methods() {
     m.push_back({"vecinfer_b2_v4", make("vecinfer", 2, 4)});
     m.push_back({"spectral_b4_v4", make("spectral", 4, 4)});
     m.push_back({"commvq_b2_v4", make("commvq", 2, 4)});
+    // Centred keys on the generic kernels (each chunk adds its page's <q, c_page>), beside the
+    // same methods uncentred above.
+    for (std::size_t i : {std::size_t{1}, std::size_t{4}, std::size_t{5}, std::size_t{6}})
+        m.push_back({m[i].name + "_centred", centred(m[i].config)});
     return m;
 }
 

@@ -543,13 +543,16 @@ def test_transformers_gpu_layers_follow_the_default_cache():
 
 
 @needs_cuda
-def test_centred_device_cache_matches_cpu_cache():
-    """center_keys on CudaTurboQuantCache through the bindings: keys with a shared pre-RoPE mean on
-    half-split pairs, attention within 1e-3 of the CPU cache of the same config, and most keys
-    dequantized alike (a centre's rounding may move a code at a tie)."""
+@pytest.mark.parametrize("kind,method", [("CudaTurboQuantCache", "turboquant_rvq"),
+                                         ("CudaKVCache", "ratequant")])
+def test_centred_device_cache_matches_cpu_cache(kind, method):
+    """center_keys on both device caches through the bindings (the tuned kernels' and the
+    generic ones'): keys with a shared pre-RoPE mean on half-split pairs, attention within 1e-3
+    of the CPU cache of the same config, and most keys dequantized alike (a centre's rounding
+    may move a code at a tie)."""
     heads, d, n = 2, 128, 300
     freqs = [10000.0 ** (-2.0 * i / d) for i in range(d // 2)]
-    config = KVCacheConfig(method="turboquant_rvq", bits=3, num_residuals=1, value_bits=4, seed=5,
+    config = KVCacheConfig(method=method, bits=3, num_residuals=1, value_bits=4, seed=5,
                            center_keys=True, rope_inv_freq=freqs, rope_half_split=True)
     mean = randn(heads, d, seed=40, scale=3.0)
     angles = torch.arange(n, dtype=torch.float64)[:, None] * torch.tensor(freqs)[None, :]
@@ -559,7 +562,7 @@ def test_centred_device_cache_matches_cpu_cache():
     keys = torch.cat([re * cos - im * sin, re * sin + im * cos], dim=-1).contiguous()
     values = randn(heads, n, d, seed=42)
     cpu = create_cpu_cache(config, heads, d, 1024, 0)
-    gpu = vq_cuda.CudaTurboQuantCache(config, heads, d, 1024)
+    gpu = getattr(vq_cuda, kind)(config, heads, d, 1024)
     for a, b in ((0, 200), (200, 201), (201, n)):
         cpu.append(keys[:, a:b].numpy(), values[:, a:b].numpy())
         gpu.append(keys[:, a:b].cuda(), values[:, a:b].cuda())
@@ -575,16 +578,16 @@ def test_centred_device_cache_matches_cpu_cache():
 
 @needs_cuda
 def test_transformers_centred_keys_stay_on_the_gpu():
-    """from_model with center_keys: the tuned layers take it on the GPU with the model's RoPE
-    (CudaKVCache layers still refuse it, so they stay on the CPU), and a chunked prefill and
-    decode follow the default cache, centred or not, at the near-exact config of
-    test_transformers_gpu_layers_follow_the_default_cache (at 3-bit keys and 4-bit values this
-    random model's logits are off by 0.7-0.8 of their largest either way)."""
+    """from_model with center_keys: the tuned layers and CudaKVCache layers take it on the GPU
+    with the model's RoPE, and a chunked prefill and decode follow the default cache, centred or
+    not, at the near-exact config of test_transformers_gpu_layers_follow_the_default_cache (at
+    3-bit keys and 4-bit values this random model's logits are off by 0.7-0.8 of their largest
+    either way), and with fp16 codes of the centred keys on the generic kernels."""
     pytest.importorskip("transformers")
     from transformers import DynamicCache
 
     from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaLayer)
+                                                      VeloxQuantCudaKVLayer, VeloxQuantCudaLayer)
     model = _tiny_llama(64).to("cuda")
     tokens = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(4)).cuda()
 
@@ -600,9 +603,13 @@ def test_transformers_centred_keys_stay_on_the_gpu():
         assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
         logits = run(cache, ATTENTION_NAME)
         errors[centred] = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert errors[True] < 0.05 and errors[False] < 0.05, errors
-    codec = KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, center_keys=True)
-    assert VeloxQuantCache.from_model(model, codec, max_seq_len=256).devices == ["cpu", "cpu"]
+    codec = KVCacheConfig(method="fp16", value_bits=16, center_keys=True)
+    cache = VeloxQuantCache.from_model(model, codec, max_seq_len=256, backend="cuda")
+    assert all(isinstance(layer, VeloxQuantCudaKVLayer) and
+               isinstance(layer.cache, vq_cuda.CudaKVCache) for layer in cache.layers)
+    logits = run(cache, ATTENTION_NAME)
+    errors["fp16"] = ((logits - reference).abs().max() / reference.abs().max()).item()
+    assert max(errors.values()) < 0.05, errors
 
 
 @needs_cuda

@@ -38,7 +38,9 @@ else raises ValueError at construction:
   vecinfer, spectral and commvq, and optionally rabitq's ``ivf_centroids``; without them rabitq
   trains on its first append), head_dim up to 256, no outlier observer, any multiple of the KV
   heads as query heads; decode and causal prefill chunks on the codes, within 1e-3 of the CPU
-  cache's attention. It does not take ``center_keys`` yet.
+  cache's attention. It takes ``center_keys`` at head_dim up to 128 (the first append estimates
+  the mean on the device; rabitq then trains on the centred keys on the host; each chunk of 32
+  tokens adds its page's offset to its scores).
 
 A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
 module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.

@@ -103,6 +103,53 @@ __device__ __forceinline__ void stage_wait() {
     __syncwarp();
 }
 
+/// Centred keys (CenterParams): pairs a lane sums of a page's <q, c_page>, lane + 32 k (the
+/// device centre takes head_dim <= 128: KeyCenter).
+constexpr int kCenterPairsPerLane = 2;
+
+/// The phases of `page` for this lane's pairs: (cos, sin) of 64 page w_i.
+struct PagePhases {
+    float2 z[kCenterPairsPerLane];
+};
+
+__device__ __forceinline__ PagePhases load_page_phases(const CenterParams& c, int page, int lane) {
+    PagePhases ph;
+#pragma unroll
+    for (int k = 0; k < kCenterPairsPerLane; ++k) {
+        const int i = lane + 32 * k;
+        ph.z[k] = make_float2(0.0f, 0.0f);
+        if (i < c.pairs)
+            ph.z[k] = make_float2(c.phases[static_cast<size_t>(2 * i) * c.phase_stride + page],
+                                  c.phases[static_cast<size_t>(2 * i + 1) * c.phase_stride + page]);
+    }
+    return ph;
+}
+
+/// p[r] += <q_r, c_page> = sum_i (Re W_i cos - Im W_i sin) + <q_r, mu> over the unturned
+/// coordinates (CenteredKeyCodec::score_rows_at), W from the rows' states in shared memory
+/// ([S][R]); lanes over pairs, then a warp sum per row. Warp-uniform.
+template <int R>
+__device__ __forceinline__ void add_page_center(const CenterParams& c, const float* states,
+                                                const PagePhases& ph, int lane, float (&p)[R]) {
+    const int P = c.pairs;
+    const float* w = states + c.offset * R;
+    float b[R] = {};
+#pragma unroll
+    for (int k = 0; k < kCenterPairsPerLane; ++k) {
+        const int i = lane + 32 * k;
+        if (i >= P) break;
+        float re[R], im[R];
+        dev::load_rows<R>(w + i * R, re);
+        dev::load_rows<R>(w + (P + i) * R, im);
+#pragma unroll
+        for (int r = 0; r < R; ++r) b[r] += re[r] * ph.z[k].x - im[r] * ph.z[k].y;
+    }
+    float rest[R];
+    dev::load_rows<R>(w + 2 * P * R, rest);
+#pragma unroll
+    for (int r = 0; r < R; ++r) p[r] += warp_sum(b[r]) + rest[r];
+}
+
 // grid (splits, units, row blocks), R rows per CTA (a.rows_per_block <= R; unused rows have
 // zero states and no tokens). Scores: on tensor cores for the codecs of codec_feature_scores.cuh
 // (a tile of 16 tokens' features times the rows' fp16 states), else lane = token, one pass over
@@ -117,8 +164,9 @@ __device__ __forceinline__ void stage_wait() {
 // 55.3 ms with 4-16 bytes of spills (H200, bench/results/cuda_h200_20261201o_prefill_bounds.txt).
 // A minimum of 0 leaves the other kernels' SASS as without bounds. A minimum of 1 on the R = 4
 // (decode) kernels raised them past 128 registers (decode steps 30-90% slower), a minimum of 5
-// cut them to 96 with spills (5-24% slower).
-template <class Codec, int D, int R, int MODE>
+// cut them to 96 with spills (5-24% slower). CENTRED: centred keys (a.center), each chunk's rows
+// shifted by their page's <q, c_page>.
+template <class Codec, int D, int R, int MODE, bool CENTRED = false>
 __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && D == 128 ? 4 : 0)
     codec_attention_kernel(const AttentionParams<Codec> a) {
     static_assert(R <= kWeightRows, "an mma's 8 columns hold the rows");
@@ -221,6 +269,9 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
                 reinterpret_cast<const float*>(page + layout.value_scalars) + slot0 + lane;
             for (int s = 0; s < a.stage_value_scalars; ++s) st_vscal[s * 32 + lane] = vs[s * kPage];
         }
+        // Centred keys: the page's phases, read while the codes arrive.
+        [[maybe_unused]] PagePhases phases;
+        if constexpr (CENTRED) phases = load_page_phases(a.center, c0 / kPage, lane);
         stage_wait();
         const int t = c0 + lane;
         float p[R] = {};
@@ -253,6 +304,7 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
             Codec::template score<R>(kp, states, st_key + lane * a.stage_key_stride,
                                      st_kscal + lane, 32, t, p);
         }
+        if constexpr (CENTRED) add_page_center<R>(a.center, states, phases, lane, p);
         float corr[R], corr_max = 0.0f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {

@@ -37,6 +37,8 @@
 namespace veloxquant::cuda {
 
 static_assert(codec::kPage == kTokensPerPage, "device pages hold the CPU's tokens per page");
+static_assert(KeyCenter::kMaxHeadDim <= 2 * 32 * codec::kCenterPairsPerLane,
+              "an attention warp's lanes cover a centred head's pairs");
 
 namespace {
 
@@ -76,10 +78,19 @@ constexpr bool kTeamEncodesLongAppends =
     std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::TqDevice> ||
     std::is_same_v<Codec, dev::RaBitQDevice>;
 
+// The key codecs that take centred keys (KVCacheConfig::validate refuses center_keys for the
+// calibrated commvq, vecinfer and spectral) at the head widths the device centre takes: only they
+// have centred attention kernels.
+template <class Codec, int D>
+constexpr bool kCentredKernels =
+    D <= KeyCenter::kMaxHeadDim &&
+    !(std::is_same_v<Codec, dev::CommVQDevice> || std::is_same_v<Codec, dev::VecInferDevice> ||
+      std::is_same_v<Codec, dev::SpectralDevice>);
+
 template <class Codec>
 class Backend final : public CodecBackend {
 public:
-    Backend(const std::vector<std::unique_ptr<KeyCodec>>& keys,
+    Backend(const std::vector<const KeyCodec*>& keys,
             const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout)
         : heads_(static_cast<int>(keys.size())),
           d_(keys.at(0)->dim()),
@@ -380,6 +391,13 @@ private:
         const KinParams& kin = source.kin;  // views: each sequence's codecs, sized by the largest
         a.store.kin = kin.views;
         a.state_stride = kin.views != nullptr ? kin.state_stride : state_stride_;
+        if (source.center.damped != nullptr) {  // W after the codec's state (CenterParams)
+            if (!kCentredKernels<Codec, D>)
+                throw std::logic_error("CUDA codec backend: no centred-key kernels here");
+            a.center = source.center;
+            a.center.offset = a.state_stride;
+            a.state_stride += CenterParams::floats(a.center.pairs);
+        }
         a.stage_key_stride = stage_key_stride_;
         a.stage_value_stride = stage_value_stride_;
         a.stage_key_scalars = stage_key_scalars_;
@@ -409,9 +427,10 @@ private:
         // decode kernels, 3 for fp16's 17 KB of staged codes a warp and for qjl's tensor-core
         // scores; codec_split.h).
         const std::size_t smem = smem_of(R);
-        const int resident = R == 8   ? resident_ctas<D, 8>(a.feature_scores, smem)
-                             : R == 4 ? resident_ctas<D, 4>(a.feature_scores, smem)
-                                      : resident_ctas<D, 1>(a.feature_scores, smem);
+        const bool centred = a.center.damped != nullptr;
+        const int resident = R == 8   ? resident_ctas<D, 8>(a.feature_scores, centred, smem)
+                             : R == 4 ? resident_ctas<D, 4>(a.feature_scores, centred, smem)
+                                      : resident_ctas<D, 1>(a.feature_scores, centred, smem);
         const long long units = static_cast<long long>(a.units) * row_blocks;
         constexpr int kChunk = codec::kWarps * 32;
         const int chunks = std::max(1, (size + kChunk - 1) / kChunk);
@@ -451,20 +470,37 @@ private:
                    "codec merge kernel");
     }
 
-    /// The attention kernel of (D, R, FeatureMode), its dynamic shared memory allowed up to
-    /// max_smem_ (once).
-    template <int D, int R>
-    auto attention_kernel(int mode) {
+    /// The attention kernel of (D, R, FeatureMode, centred keys) as a function pointer.
+    template <int D, int R, bool CENTRED>
+    static auto kernel_of(int mode) {
         // One kernel per score path (each holds only its own registers).
-        auto* kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kLaneScores>;
+        auto* kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kLaneScores, CENTRED>;
         if constexpr (codec::FeatureScore<Codec>::kAvailable) {
             if (mode == codec::kFeatureTile)
-                kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeatureTile>;
+                kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeatureTile, CENTRED>;
             if constexpr (codec::InPlaceFeatures<Codec>::value)
                 if (mode == codec::kFeaturesInPlace)
-                    kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeaturesInPlace>;
+                    kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeaturesInPlace,
+                                                            CENTRED>;
         }
-        KernelFacts& k = kernel_facts_[D / 128][R / 4][mode];  // D in {64, 128, 256}
+        return kernel;
+    }
+
+    template <int D, int R>
+    auto& facts(int mode, bool centred) {
+        return kernel_facts_[centred ? 1 : 0][D / 128][R / 4][mode];  // D in {64, 128, 256}
+    }
+
+    /// The attention kernel of (D, R, FeatureMode, centred keys), its dynamic shared memory
+    /// allowed up to max_smem_ (once). The kernels of centred keys are their own, so that the
+    /// others keep their registers (the bias's code in every kernel took 20 more in a third of
+    /// them, past 128 in some decode kernels).
+    template <int D, int R>
+    auto attention_kernel(int mode, bool centred) {
+        auto* kernel = kernel_of<D, R, false>(mode);
+        if constexpr (kCentredKernels<Codec, D>)
+            if (centred) kernel = kernel_of<D, R, true>(mode);
+        KernelFacts& k = facts<D, R>(mode, centred);
         if (!k.raised) {
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(max_smem_)),
@@ -490,9 +526,9 @@ private:
 
     /// CTAs of that kernel an SM holds at once with `smem` bytes each (at least 1).
     template <int D, int R>
-    int resident_ctas(int mode, std::size_t smem) {
-        auto* kernel = attention_kernel<D, R>(mode);
-        KernelFacts& k = kernel_facts_[D / 128][R / 4][mode];
+    int resident_ctas(int mode, bool centred, std::size_t smem) {
+        auto* kernel = attention_kernel<D, R>(mode, centred);
+        KernelFacts& k = facts<D, R>(mode, centred);
         if (k.smem != smem) {
             int ctas = 0;
             check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel,
@@ -509,8 +545,9 @@ private:
                           cudaStream_t stream) {
         // A programmatic dependent of the prepare kernel where its code waits for the states
         // (sm_90): it launches as that kernel's CTAs end, its set-up before their writes land.
-        auto* kernel = attention_kernel<D, R>(a.feature_scores);
-        const bool waits = kernel_facts_[D / 128][R / 4][a.feature_scores].waits;
+        const bool centred = a.center.damped != nullptr;
+        auto* kernel = attention_kernel<D, R>(a.feature_scores, centred);
+        const bool waits = facts<D, R>(a.feature_scores, centred).waits;
         check_cuda(launch_after_prerequisite(kernel, grid, dim3(codec::kWarps * 32), smem, stream,
                                              waits, a),
                    "codec attention kernel");
@@ -538,17 +575,17 @@ private:
     int key_table_floats_ = 0, value_table_floats_ = 0;     ///< codec tables in shared memory
     int encode_code_stride_ = 0;                            ///< staged code bytes per encode item
     std::size_t encode_smem_ = 0;  ///< codec_encode_staged_kernel's smem (0: not taken)
-    /// Per attention kernel (D, R, FeatureMode): max_smem_ allowed, whether its code waits for
-    /// the prepare kernel (launched as its programmatic dependent), and the CTAs an SM holds at
-    /// `smem` bytes each.
+    /// Per attention kernel (centred keys, D, R, FeatureMode): max_smem_ allowed, whether its code
+    /// waits for the prepare kernel (launched as its programmatic dependent), and the CTAs an SM
+    /// holds at `smem` bytes each.
     struct KernelFacts {
         bool raised = false;
         bool waits = false;
         std::size_t smem = 0;
         int resident = 1;
     };
-    KernelFacts kernel_facts_[3][3][3];
-    int merge_waits_[3] = {-1, -1, -1};  ///< per D: merge_waits (-1: not asked yet)
+    KernelFacts kernel_facts_[2][3][3][3];  ///< [centred][D / 128][R / 4][FeatureMode]
+    int merge_waits_[3] = {-1, -1, -1};     ///< per D: merge_waits (-1: not asked yet)
     int sms_ = 1;
     bool warp_values_ = false;  ///< long appends' values by codec::encode_values_kernel
     bool bulk_keys_ = false;    ///< long appends' keys by codec::BulkKeyEncoder<Codec>
@@ -567,7 +604,7 @@ private:
 }  // namespace
 
 std::unique_ptr<CodecBackend> make_codec_backend(
-    const std::string& method, const std::vector<std::unique_ptr<KeyCodec>>& keys,
+    const std::string& method, const std::vector<const KeyCodec*>& keys,
     const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout) {
     if (keys.empty() || keys.size() != values.size() || layout.heads.size() != keys.size())
         throw std::invalid_argument("CUDA codec backend: one key and value codec per head");

@@ -126,7 +126,9 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
                             cudaStream_t stream) {
     CudaCodecCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
-    if (batch > 1 && alike(as_const(caches))) {  // one launch writes every sequence
+    // One launch writes every sequence, unless their keys are centred: each cache then shifts its
+    // own by its mean (CudaCodecCache::encode_tokens), as CudaTurboQuantBatch's appends do.
+    if (batch > 1 && alike(as_const(caches)) && !first.center_.enabled()) {
         std::vector<const uint8_t*> pools;
         std::vector<int32_t> starts;
         int last = 0, pages = 1;
@@ -148,14 +150,9 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
         for (CudaCodecCache* c : caches) c->size_ += n_tokens;
         return;
     }
-    for (int b = 0; b < batch; ++b) {  // one sequence, or caches not alike
+    for (int b = 0; b < batch; ++b) {  // one sequence, caches not alike, or centred keys
         CudaCodecCache& c = *caches[b];
-        SequenceSet at;
-        at.pool = c.pages_->pool();
-        at.page_table = c.pages_->page_table();
-        at.size = c.size_;
-        c.backend_->encode(at, n_tokens, keys + b * per_sequence, values + b * per_sequence,
-                           stream);
+        c.encode_tokens(keys + b * per_sequence, values + b * per_sequence, n_tokens, stream);
         c.size_ += n_tokens;
     }
 }
@@ -189,6 +186,21 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
     source.batch = static_cast<int>(caches.size());
     source.size = longest;
     source.kin = kin_params(caches, stream);
+    if (std::any_of(caches.begin(), caches.end(),
+                    [](const CudaCodecCache* c) { return c->center_.centering(); })) {
+        // Each sequence's own damped mean (zeros where a cache does not centre), and the
+        // longest sequence's page phases, which cover every sequence's pages (the caches share
+        // the RoPE parameters: alike).
+        std::vector<const uint8_t*> damped;
+        for (const CudaCodecCache* c : caches)
+            damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
+        centres_.describe(damped, sizes, 1, stream);
+        const CudaCodecCache& widest = **std::max_element(
+            caches.begin(), caches.end(),
+            [](const CudaCodecCache* x, const CudaCodecCache* y) { return x->size_ < y->size_; });
+        source.center = widest.center_params(stream);
+        source.center.damped = reinterpret_cast<const float* const*>(centres_.pools());
+    }
     first.backend_->attend(source, queries, group, 1, out, scale, false, stream);
 }
 

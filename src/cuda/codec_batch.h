@@ -51,7 +51,8 @@ public:
 
     /// Device bytes held: the batch's arrays (the workspace is caches[0]'s backend's).
     std::size_t nbytes() const {
-        return encode_arrays_.nbytes() + arrays_.nbytes() + kin_capacity_ * sizeof(CodecParamsView);
+        return encode_arrays_.nbytes() + arrays_.nbytes() + centres_.nbytes() +
+               kin_capacity_ * sizeof(CodecParamsView);
     }
 
 private:
@@ -64,8 +65,9 @@ private:
     KinParams kin_params(const std::vector<CudaCodecCache*>& caches, cudaStream_t stream);
 
     InputCheck input_check_;
-    BatchArrays encode_arrays_;             ///< the appends' pools and first positions
-    BatchArrays arrays_;                    ///< the attends' pools and sizes
+    BatchArrays encode_arrays_;  ///< the appends' pools and first positions
+    BatchArrays arrays_;         ///< the attends' pools and sizes
+    BatchArrays centres_;        ///< centred keys: each sequence's damped key mean (as its "pool")
     CodecParamsView* kin_views_ = nullptr;  ///< device [kin_capacity_]
     std::size_t kin_capacity_ = 0;
     std::vector<CodecParamsView> kin_uploaded_;  ///< what kin_views_ holds

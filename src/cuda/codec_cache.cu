@@ -9,6 +9,7 @@
 #include "core/rng.h"
 #include "cuda/cuda_cache.h"
 #include "device_codecs/device_common.h"
+#include "methods/centered_key_codec.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
 #include "veloxquant/caches.h"
@@ -40,7 +41,8 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
       num_heads_(num_heads),
       head_dim_(head_dim),
       max_seq_len_(max_seq_len),
-      layer_(layer) {
+      layer_(layer),
+      center_(config, num_heads, head_dim) {
     config_.validate();
     if (num_heads < 1 || num_heads > 4096)
         throw std::invalid_argument("num_heads must be in 1..4096, got " +
@@ -55,8 +57,6 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
     if (layer < 0) throw std::invalid_argument("layer must be >= 0");
     if (config_.outlier_observer)
         throw std::invalid_argument("CUDA codec cache: no outlier side store on the device yet");
-    if (config_.center_keys)
-        throw std::invalid_argument("CUDA codec cache: center_keys is CPU-only for now");
     layout_.tokens_per_page = kTokensPerPage;
     for (int h = 0; h < num_heads; ++h) {
         key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));
@@ -88,8 +88,16 @@ BinaryWriter CudaCodecCache::kind_bytes() const {
     return kind;
 }
 
+std::vector<const KeyCodec*> CudaCodecCache::device_key_codecs() const {
+    std::vector<const KeyCodec*> codecs;
+    for (const auto& codec : key_codecs_)
+        codecs.push_back(center_.enabled() ? &dynamic_cast<const CenteredKeyCodec&>(*codec).inner()
+                                           : codec.get());
+    return codecs;
+}
+
 void CudaCodecCache::build_backend() {
-    backend_ = make_codec_backend(config_.method, key_codecs_, value_codecs_, layout_);
+    backend_ = make_codec_backend(config_.method, device_key_codecs(), value_codecs_, layout_);
     BinaryWriter identity = kind_bytes();  // and every head's learned state
     for (const auto& codec : key_codecs_) codec->save_state(identity);
     fingerprint_ = fingerprint_of(identity.buffer());
@@ -99,13 +107,11 @@ void CudaCodecCache::forget_training() noexcept {
     backend_.reset();
     fingerprint_ = 0;
     for (auto& codec : key_codecs_) codec->forget_training();
+    center_.forget();
 }
 
-void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
-    // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
-    // the device cache does the same on the host, then uploads the trained parameters. Only the
-    // rows the codecs read travel (rabitq: 32 per centroid of a long prefill, not all 32K).
-    const int rows = key_codecs_[0]->training_rows(n_tokens);
+std::vector<float> CudaCodecCache::training_keys(const float* keys, int n_tokens, int rows,
+                                                 cudaStream_t stream) const {
     const std::size_t floats = static_cast<std::size_t>(num_heads_) * rows * head_dim_;
     std::vector<float> host(floats);
     if (rows == n_tokens) {
@@ -126,8 +132,74 @@ void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stre
         check_cuda(cudaFreeAsync(picked, stream), "append: training rows");
     }
     check_cuda(cudaStreamSynchronize(stream), "append: synchronize for training");
-    train_key_codecs(key_codecs_, host.data(), rows);  // a codec's rows of `rows` are all of them
+    return host;
+}
+
+void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
+    // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
+    // the device cache does the same on the host, then uploads the trained parameters. Only the
+    // rows the codecs read travel (rabitq: 32 per centroid of a long prefill, not all 32K).
+    if (!center_.enabled()) {
+        const int rows = key_codecs_[0]->training_rows(n_tokens);
+        // A codec's rows of `rows` are all of them.
+        train_key_codecs(key_codecs_, training_keys(keys, n_tokens, rows, stream).data(), rows);
+        return build_backend();
+    }
+    // Centred keys: the mean is estimated on the device from the rows CenteredKeyCodec::train
+    // reads (KeyCenter::estimate) and adopted by the CPU codecs; an inner codec that trains
+    // (rabitq) then trains on its rows of the centred keys, as the CPU codec's train does.
+    center_.estimate(keys, n_tokens, stream);
+    std::vector<KeyCodec*> inner;
+    for (int h = 0; h < num_heads_; ++h) {
+        auto& codec = dynamic_cast<CenteredKeyCodec&>(*key_codecs_[h]);
+        codec.adopt_mean(center_.mean().data() + static_cast<std::size_t>(h) * head_dim_);
+        inner.push_back(&codec.inner());
+    }
+    if (inner[0]->needs_training()) {
+        const int rows = inner[0]->training_rows(n_tokens);
+        std::vector<float> host;
+        try {
+            host =
+                training_keys(center_.centred(keys, n_tokens, 0, stream), n_tokens, rows, stream);
+        } catch (...) {
+            center_.release_scratch(stream);
+            throw;
+        }
+        center_.release_scratch(stream);
+        train_key_codecs(inner, host.data(), rows);
+    }
     build_backend();
+}
+
+void CudaCodecCache::encode_tokens(const float* keys, const float* values, int n_tokens,
+                                   cudaStream_t stream) {
+    SequenceSet at;
+    at.pool = pages_->pool();
+    at.page_table = pages_->page_table();
+    at.size = size_;
+    if (center_.centering()) center_.reserve_pages(pages_->capacity_pages(), stream);
+    const float* shifted = center_.centred(keys, n_tokens, size_, stream);
+    try {
+        backend_->encode(at, n_tokens, shifted, values, stream);
+    } catch (...) {
+        center_.release_scratch(stream);
+        throw;
+    }
+    center_.release_scratch(stream);
+}
+
+CenterParams CudaCodecCache::center_params(cudaStream_t stream) const {
+    CenterParams c;
+    if (!center_.centering()) return c;
+    // Reserved by the appends for the pool's capacity; pages uploaded without one are reserved
+    // here (a device synchronization, so not in a graph capture).
+    center_.reserve_pages((size_ + kTokensPerPage - 1) / kTokensPerPage, stream);
+    c.damped = center_.damped_address();
+    c.phases = center_.phases();
+    c.phase_stride = center_.phase_stride();
+    c.pairs = center_.pairs();
+    c.half_split = center_.half_split() ? 1 : 0;
+    return c;
 }
 
 void CudaCodecCache::append(const float* keys, const float* values, int n_tokens,
@@ -146,11 +218,7 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
     const bool trains = !backend_;
     try {
         if (trains) train_on(keys, n_tokens, stream);
-        SequenceSet at;
-        at.pool = pages_->pool();
-        at.page_table = pages_->page_table();
-        at.size = size_;
-        backend_->encode(at, n_tokens, keys, values, stream);
+        encode_tokens(keys, values, n_tokens, stream);
     } catch (...) {
         // Codes written past size_ are never read and never saved (to_host's adopt zeroes them).
         if (trains) forget_training();
@@ -191,6 +259,7 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
     source.pool = pages_->pool();
     source.page_table = pages_->page_table();
     source.size = size_;
+    source.center = center_params(stream);
     backend_->attend(source, queries, group, n_queries, out, scale, causal, stream);
 }
 
@@ -203,6 +272,7 @@ void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* val
         throw std::invalid_argument("dequantize: null output");
     backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values,
                          stream);
+    center_.restore(keys, n_tokens, start, stream);
 }
 
 void CudaCodecCache::truncate(int n_tokens) {
@@ -213,7 +283,7 @@ void CudaCodecCache::truncate(int n_tokens) {
 }
 
 std::size_t CudaCodecCache::nbytes() const {
-    return pages_->nbytes() + (backend_ ? backend_->nbytes() : 0);
+    return pages_->nbytes() + (backend_ ? backend_->nbytes() : 0) + center_.nbytes();
 }
 
 void CudaCodecCache::download(PagedStore& store) const {
@@ -243,7 +313,17 @@ std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache
         BinaryReader in(out.buffer().data(), out.buffer().size());
         gpu->key_codecs_[h]->load_state(in);
     }
-    if (!gpu->key_codecs_[0]->needs_training()) gpu->build_backend();
+    if (!gpu->key_codecs_[0]->needs_training()) {
+        if (gpu->center_.enabled()) {  // the mean the CPU pages were centred by
+            std::vector<float> mean;
+            for (const auto& codec : gpu->key_codecs_) {
+                const auto& m = dynamic_cast<const CenteredKeyCodec&>(*codec).mean();
+                mean.insert(mean.end(), m.begin(), m.end());
+            }
+            gpu->center_.set_mean(mean);
+        }
+        gpu->build_backend();
+    }
     if (cpu.size() > 0) gpu->upload(cpu.paged_store(), cpu.size());
     return gpu;
 }

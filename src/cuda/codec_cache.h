@@ -7,7 +7,10 @@
 //
 // Scope: the eight methods and fp16 with fp16 or quantized values; no outlier side store and no
 // sliding window on the device (the constructor says so). Codecs that learn from data (rabitq's
-// IVF centroids) train on the host, on the first append's keys.
+// IVF centroids) train on the host, on the first append's keys. Centred keys (center_keys, at
+// head_dim <= 128): the first append estimates the pre-RoPE key mean on the device (KeyCenter),
+// which the CPU codecs (CenteredKeyCodec) adopt; the pages hold the codes of k - c_b and the
+// attention adds each page's <q, c_b> to its scores.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,6 +23,7 @@
 #include "cache/paged_store.h"
 #include "cuda/codec_params_view.h"
 #include "cuda/input_check.h"
+#include "cuda/key_center.h"
 #include "cuda/page_pool.h"
 #include "veloxquant/config.h"
 
@@ -36,7 +40,8 @@ namespace veloxquant::cuda {
 /// position of the first new token), or a batch (CudaCodecBatch: sequence b's pages in
 /// pools[b], sizes[b] its tokens or first new position, both device arrays, `size` the
 /// largest), each through the identity page table. A batch of kin caches also names each
-/// sequence's codecs (`kin`); otherwise every sequence has the backend's.
+/// sequence's codecs (`kin`); otherwise every sequence has the backend's. An attend of centred
+/// keys names each sequence's centre (`center`; its offset is the backend's to set).
 struct SequenceSet {
     uint8_t* pool = nullptr;
     const uint8_t* const* pools = nullptr;
@@ -45,6 +50,7 @@ struct SequenceSet {
     int batch = 1;
     int size = 0;
     KinParams kin;
+    CenterParams center;
 };
 
 /// Appends of at most this many (KV head, token) items, over all sequences, encode one item per
@@ -74,14 +80,16 @@ public:
 };
 
 /// The backend for config.method built from the CPU codecs of every head (their parameters are
-/// copied to the device); throws std::invalid_argument for a method or shape out of scope.
+/// copied to the device; with centred keys, the inner codecs); throws std::invalid_argument for a
+/// method or shape out of scope.
 std::unique_ptr<CodecBackend> make_codec_backend(
-    const std::string& method, const std::vector<std::unique_ptr<KeyCodec>>& keys,
+    const std::string& method, const std::vector<const KeyCodec*>& keys,
     const std::vector<std::unique_ptr<ValueCodec>>& values, const PageLayout& layout);
 
 class CudaCodecCache {
 public:
-    /// Throws std::invalid_argument for a config out of scope (outliers, head_dim > 256, ...).
+    /// Throws std::invalid_argument for a config out of scope (outliers, head_dim > 256,
+    /// center_keys at head_dim > 128, ...).
     CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len = 8192,
                    int layer = 0);
     ~CudaCodecCache();
@@ -112,6 +120,8 @@ public:
     int device() const { return device_; }
     const KVCacheConfig& config() const { return config_; }
     const PageLayout& page_layout() const { return layout_; }
+    /// center_keys: the pre-RoPE key mean [num_heads][head_dim] (zeros until the first append).
+    const KeyCenter& key_center() const { return center_; }
     /// Device bytes held: pages, page table, codec parameters and workspace.
     std::size_t nbytes() const;
     /// The largest per-thread stack of the kernels that encode appends (0 while a codec that
@@ -143,6 +153,18 @@ private:
     friend class CudaCodecBatch;  // appends and attends of many sequences at once
 
     void train_on(const float* keys, int n_tokens, cudaStream_t stream);
+    /// Rows training_row(i, n_tokens, rows), i < rows, of device keys [heads][n_tokens][d] on the
+    /// host, [heads][rows][d] (synchronizes the stream).
+    std::vector<float> training_keys(const float* keys, int n_tokens, int rows,
+                                     cudaStream_t stream) const;
+    /// The codecs the device kernels run: the key codecs, or with centred keys their inner ones.
+    std::vector<const KeyCodec*> device_key_codecs() const;
+    /// Encodes n_tokens tokens of device keys [heads][n][d] at positions size_.. (centred
+    /// first, with centred keys); does not advance size_.
+    void encode_tokens(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
+    /// The attend's view of this cache's centre (damped: this cache's own mean; none where it
+    /// does not centre), its page phases reserved for size_ tokens.
+    CenterParams center_params(cudaStream_t stream) const;
     /// Undoes train_on (and the backend it built) after a call that trained fails, as the CPU
     /// cache's append does: a save, or the next append, sees the cache as it was.
     void forget_training() noexcept;
@@ -171,6 +193,7 @@ private:
     uint64_t kind_ = 0;
     std::unique_ptr<DevicePagePool> pages_;
     InputCheck input_check_;
+    KeyCenter center_;  ///< centred keys (center_keys): the mean, shifts and page phases
 };
 
 }  // namespace veloxquant::cuda

@@ -233,6 +233,7 @@ struct AttentionParams : UnitSet<Codec> {
     float2* partial_ml = nullptr;  ///< [units][rows][splits] (max, sum), log2 units
     /// A batch's units hold sizes[sequence] tokens each; one sequence's `size`.
     const int32_t* sizes = nullptr;
+    CenterParams center;  ///< centred keys: W at center.offset of each row's state
 
     __device__ int size_of(int u) const {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
@@ -254,6 +255,23 @@ struct AttentionParams : UnitSet<Codec> {
         const int qh = u * group + row % group, i = row / group;
         return out + (static_cast<size_t>(qh) * n_queries + i) * this->store.d;
     }
+    /// Entry e of row `row`'s centre state, from its query q (CenterParams): W_i = conj(q_i)
+    /// mu_i A_i as real parts [P], then imaginary parts [P], then <q, mu> over the unturned
+    /// coordinates (CenteredKeyCodec::prepare_query's order), zeros after.
+    __device__ float center_entry(int u, const float* q, int e) const {
+        const int P = center.pairs, d = this->store.d;
+        const float* dm = center.damped[this->sequence(u)] + static_cast<size_t>(this->head(u)) * d;
+        if (e < 2 * P) {
+            const int i = e < P ? e : e - P;
+            const int re = center.half_split ? i : 2 * i,
+                      im = center.half_split ? i + P : 2 * i + 1;
+            return e < P ? q[re] * dm[re] + q[im] * dm[im] : q[re] * dm[im] - q[im] * dm[re];
+        }
+        float rest = 0.0f;
+        if (e == 2 * P)
+            for (int j = 2 * P; j < d; ++j) rest += q[j] * dm[j];
+        return rest;
+    }
 };
 
 template <class Codec>
@@ -261,8 +279,11 @@ __global__ void __launch_bounds__(kThreads) codec_prepare_kernel(const Attention
     const int item = blockIdx.x * kThreads + threadIdx.x;
     if (item >= a.units * a.rows) return;
     const int u = item / a.rows, row = item % a.rows;
-    Codec::prepare(a.key_params(u), a.query(u, row),
-                   a.states + static_cast<size_t>(item) * a.state_stride);
+    float* state = a.states + static_cast<size_t>(item) * a.state_stride;
+    Codec::prepare(a.key_params(u), a.query(u, row), state);
+    if (a.center.damped != nullptr)
+        for (int e = 0; a.center.offset + e < a.state_stride; ++e)
+            state[a.center.offset + e] = a.center_entry(u, a.query(u, row), e);
 }
 
 /// Every device codec's query state is affine in the query (rotations, sketches, projections,
@@ -325,7 +346,10 @@ __global__ void __launch_bounds__(kStateWarps * 32)
         float s = c;
 #pragma unroll
         for (int w = 0; w < kStateWarps; ++w) s += part[w][lane];
-        a.states[static_cast<size_t>(item) * a.state_stride + i] = i < f.stride ? s : 0.0f;
+        if (i >= f.stride) s = 0.0f;
+        if (a.center.damped != nullptr && i >= a.center.offset)
+            s = a.center_entry(u, q, i - a.center.offset);
+        a.states[static_cast<size_t>(item) * a.state_stride + i] = s;
     }
 }
 

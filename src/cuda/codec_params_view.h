@@ -18,6 +18,22 @@ struct AffineState {
     int stride = 0;                   ///< state floats per head in constant and row_of
 };
 
+/// Centred keys (center_keys, cuda/key_center.h) as the generic attention reads them: the cache
+/// codes k - c_b, and a row's score of a token in block b (64 positions, a page) gets
+/// <q, c_b> = sum_i Re(W_i exp(j 64 b w_i)) + <q, mu> over the unturned coordinates back, with
+/// W_i = conj(q_i) mu_i A_i (CenteredKeyCodec::prepare_query). The prepare kernels append W's
+/// real parts [P], imaginary parts [P] and that sum to each row's state, at `offset`.
+struct CenterParams {
+    const float* const* damped = nullptr;  ///< [batch] -> [heads][d] mu_i A_i; null: not centred
+    const float* phases = nullptr;         ///< rows 2i, 2i + 1: cos, sin of 64 page w_i (KeyCenter)
+    int phase_stride = 0;                  ///< pages per phase row
+    int pairs = 0;                         ///< turned pairs P
+    int half_split = 0;                    ///< pair i is (i, i + P), else (2i, 2i + 1)
+    int offset = 0;                        ///< where a row's state holds W
+    /// Floats W takes in a row's state (a multiple of 4, as the states' stride).
+    static constexpr int floats(int pairs) { return (2 * pairs + 1 + 3) / 4 * 4; }
+};
+
 /// One cache's device parameters (pointers into its backend's allocations).
 struct CodecParamsView {
     const void* keys = nullptr;    ///< [heads] the key codec's Params

@@ -11,6 +11,9 @@
 
 namespace veloxquant::cuda {
 
+static_assert(2 * kernels::kCenterMaxPairs == KeyCenter::kMaxHeadDim,
+              "the page bias's tiles hold the widest head's pairs");
+
 void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, const char* what) {
     if (need <= bytes) return;
     check_cuda(cudaDeviceSynchronize(), what);  // no launch still reads the old buffer

@@ -22,6 +22,9 @@ void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, co
 
 class KeyCenter {
 public:
+    /// The widest head the device centre takes (its kernels' shared tiles are sized for it).
+    static constexpr int kMaxHeadDim = 128;
+
     /// Off (every call passes through) unless config.center_keys; then head_dim must be even and
     /// at most 128 (std::invalid_argument). Allocates its parameters on the current device.
     KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim);
@@ -70,6 +73,14 @@ public:
     /// computes them for a quarter more (a device synchronization; the caches call this as
     /// their pools grow, so that a decode, maybe in a graph capture, never needs to).
     void reserve_pages(int pages, cudaStream_t stream) const;
+
+    /// The page phases: rows 2i and 2i + 1 hold cos and sin of 64 page w_i for the pages a row
+    /// holds (phase_stride(); reserve_pages).
+    const float* phases() const { return static_cast<const float*>(phases_); }
+    int phase_stride() const { return phase_pages_; }
+    /// Turned pairs P (the RoPE frequencies) and their pairing.
+    int pairs() const { return pairs_; }
+    bool half_split() const { return half_split_; }
 
     /// Device bytes held (parameters, scratch and the page phases).
     std::size_t nbytes() const { return param_bytes_ + scratch_bytes_ + phase_bytes_; }

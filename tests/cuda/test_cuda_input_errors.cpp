@@ -40,12 +40,13 @@ void expect_invalid_argument(F f, const std::string& fragment) {
     }
 }
 
-// The generic kernels do not take centred keys yet (CudaTurboQuantCache does:
-// test_cuda_center_keys); the refusal comes before any device call.
-TEST(CodecCache, RefusesCenteredKeys) {
+// The device centre takes heads up to 128 wide (test_cuda_codec_center_keys checks the rest of
+// centred keys on the generic kernels); the refusal comes before any device call.
+TEST(CodecCache, RefusesCenteredKeysOnWiderHeads) {
     KVCacheConfig c = method_config("turboquant_rvq", 2, 4, 1);
     c.center_keys = true;
-    expect_invalid_argument([&] { CudaCodecCache(c, 2, 128, 64); }, "center_keys");
+    expect_invalid_argument([&] { CudaCodecCache(c, 2, 256, 64); }, "at most 128");
+    expect_invalid_argument([&] { CudaCodecCache(c, 2, 63, 64); }, "even");
 }
 
 TEST(CodecCache, RefusesNaNAndInfAndKeepsItsContents) {

@@ -467,9 +467,9 @@ class VeloxQuantCache(Cache):
 
         With ``config.center_keys`` the caches take the model's RoPE: its rotary embedding's
         inv_freq (unless the config has rope_inv_freq) and its pairing (``rope_half_split``,
-        probed from the modeling module's rotate_half). On the GPU ``CudaTurboQuantCache`` takes
-        center_keys; ``CudaKVCache`` does not yet, so layers outside the tuned kernels' scope then
-        stay on the CPU ("cuda" raises)."""
+        probed from the modeling module's rotate_half). On the GPU both ``CudaTurboQuantCache``
+        and ``CudaKVCache`` take center_keys at head_dim up to 128; wider heads then stay on the
+        CPU ("cuda" raises)."""
         if backend not in ("auto", "cuda", "cpu"):
             raise ValueError(f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
         config = with_model_rope(model, config)
