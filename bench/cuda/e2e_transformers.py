@@ -105,6 +105,8 @@ CONFIGS = {  # name -> KVCacheConfig kwargs
     # more generic-path methods, run when --configs names them
     "qjl256_v4": dict(method="qjl", bits=1, sketch_dim=256, value_bits=4),
     "rabitq3_v4": dict(method="rabitq", bits=3, value_bits=4),
+    # centred keys on the generic device path
+    "polar3_v4c": dict(method="polarquant", bits=3, value_bits=4, center_keys=True),
 }
 DEFAULT_CONFIGS = "k1r1_v2,k4r1_v4,polar3_v4"
 HIGH = dict(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
