@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
+#include "centred_test_helpers.h"
 #include "cuda/cuda_cache.h"
 #include "cuda/key_center.h"
 #include "cuda/turboquant_batch.h"
 #include "cuda_test_helpers.h"
-#include "methods/centered_key_codec.h"
 #include "rope_test_keys.h"
 #include "test_helpers.h"
 #include "veloxquant/caches.h"
@@ -65,15 +65,6 @@ KVCacheConfig config_of(const Case& c, uint64_t seed, bool centred = true) {
     return k;
 }
 
-std::vector<float> cpu_mean(const TurboQuantRVQKVCache& cpu) {
-    std::vector<float> mean;
-    for (const auto& codec : cpu.key_codecs()) {
-        const auto& m = dynamic_cast<const CenteredKeyCodec&>(*codec).mean();
-        mean.insert(mean.end(), m.begin(), m.end());
-    }
-    return mean;
-}
-
 TEST(CudaCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
     SKIP_WITHOUT_DEVICE();
     uint64_t seed = 9100;
@@ -96,7 +87,7 @@ TEST(CudaCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
             at += n;
             if (n == 500) {
                 ASSERT_TRUE(gpu.key_center().centering());
-                EXPECT_LE(relative_error(gpu.key_center().mean(), cpu_mean(cpu)), 1e-5);
+                EXPECT_LE(relative_error(gpu.key_center().mean(), vqtest::cpu_key_mean(cpu)), 1e-5);
             }
             const int hq = 4 * s.heads;
             const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed, 0.1f);
@@ -114,12 +105,7 @@ TEST(CudaCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
         DeviceBuffer<float> dk(count), dv(count);
         gpu.dequantize(0, at, dk.get(), dv.get(), nullptr);
         const auto gk = dk.download();
-        int bad = 0;
-        for (std::size_t row = 0; row < count / s.d; ++row) {
-            const std::vector<float> a(gk.begin() + row * s.d, gk.begin() + (row + 1) * s.d),
-                b(rk.begin() + row * s.d, rk.begin() + (row + 1) * s.d);
-            bad += relative_error(a, b) > 1e-4;
-        }
+        const int bad = vqtest::rows_differing(gk, rk, s.d);
         EXPECT_LE(bad, static_cast<int>(count / s.d / 100)) << bad << " tokens differ";
         EXPECT_LE(relative_error(gk, rk), 1e-3);
     }
@@ -146,7 +132,7 @@ TEST(CudaCenterKeys, CpuPagesAndMeanUploadedAttendAsTheCpu) {
         EXPECT_THROW(gpu.dequantize(0, n, dk.get(), dv.get(), nullptr), std::invalid_argument);
         EXPECT_THROW(gpu.append(dk.get(), dv.get(), 1, nullptr), std::invalid_argument);
         EXPECT_EQ(gpu.size(), n);
-        gpu.set_key_mean(cpu_mean(cpu));
+        gpu.set_key_mean(vqtest::cpu_key_mean(cpu));
         const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, ++seed, 0.1f);
         std::vector<float> ref(q.size());
         cpu.attend(q.data(), hq, 1, ref.data(), 0.125f, true);

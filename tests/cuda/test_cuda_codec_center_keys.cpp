@@ -5,8 +5,8 @@
 // attention (relative error 1e-3) and dequantize; a CPU cache's pages and mean moved to the device
 // and a device cache's to the host and through a file; a batch of kin sequences with their own
 // means (one too short to centre); the gain over uncentred keys; and a refused first append
-// that leaves the cache untrained (test_cuda_input_errors: the heads too wide for the centre). Every device test skips
-// cleanly when no CUDA device is present.
+// that leaves the cache untrained (test_cuda_input_errors: the heads too wide for the centre).
+// Every device test skips cleanly when no CUDA device is present.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -16,11 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "centred_test_helpers.h"
 #include "cuda/codec_batch.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
 #include "cuda_test_helpers.h"
-#include "methods/centered_key_codec.h"
 #include "rope_test_keys.h"
 #include "test_helpers.h"
 #include "veloxquant/caches.h"
@@ -73,15 +73,6 @@ std::unique_ptr<QuantizedKVCache> cpu_cache(const KVCacheConfig& c, int heads, i
     return std::unique_ptr<QuantizedKVCache>(q);
 }
 
-std::vector<float> cpu_mean(const QuantizedKVCache& cpu) {
-    std::vector<float> mean;
-    for (const auto& codec : cpu.key_codecs()) {
-        const auto& m = dynamic_cast<const CenteredKeyCodec&>(*codec).mean();
-        mean.insert(mean.end(), m.begin(), m.end());
-    }
-    return mean;
-}
-
 // Attention of the last n_queries tokens (causal) or of one query per head over a device cache.
 std::vector<float> device_attend(CudaCodecCache& gpu, const std::vector<float>& q, int hq,
                                  int n_queries, bool causal) {
@@ -112,9 +103,10 @@ TEST(CudaCodecCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
             at += n;
             if (n == 500) {
                 ASSERT_TRUE(gpu.key_center().centering());
-                EXPECT_LE(relative_error(gpu.key_center().mean(), cpu_mean(*cpu)), 1e-5);
+                EXPECT_LE(relative_error(gpu.key_center().mean(), vqtest::cpu_key_mean(*cpu)),
+                          1e-5);
                 // The CPU codecs hold the device's estimate (what to_host and save write).
-                EXPECT_EQ(cpu_mean(*gpu.to_host()), gpu.key_center().mean());
+                EXPECT_EQ(vqtest::cpu_key_mean(*gpu.to_host()), gpu.key_center().mean());
             }
             // A decode step, and the causal chunk of the last 8 tokens (8 rows per CTA).
             for (int m : {1, 8}) {
@@ -133,12 +125,7 @@ TEST(CudaCodecCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
         DeviceBuffer<float> dk(count), dv(count);
         gpu.dequantize(0, at, dk.get(), dv.get(), nullptr);
         const auto gk = dk.download();
-        int bad = 0;
-        for (std::size_t row = 0; row < count / s.d; ++row) {
-            const std::vector<float> a(gk.begin() + row * s.d, gk.begin() + (row + 1) * s.d),
-                b(rk.begin() + row * s.d, rk.begin() + (row + 1) * s.d);
-            bad += relative_error(a, b) > 1e-4;
-        }
+        const int bad = vqtest::rows_differing(gk, rk, s.d);
         EXPECT_LE(bad, static_cast<int>(count / s.d / 100)) << bad << " tokens differ";
         EXPECT_LE(relative_error(gk, rk), 1e-3);
         EXPECT_LE(relative_error(dv.download(), rv), 1e-5);
@@ -161,7 +148,7 @@ TEST(CudaCodecCenterKeys, PagesAndMeanTravelBetweenHostAndDevice) {
         std::vector<float> ref(q.size());
         cpu->attend(q.data(), hq, 1, ref.data(), 0.1f, true);
         auto up = CudaCodecCache::from_host(*cpu);
-        EXPECT_EQ(up->key_center().mean(), cpu_mean(*cpu));
+        EXPECT_EQ(up->key_center().mean(), vqtest::cpu_key_mean(*cpu));
         EXPECT_LE(relative_error(device_attend(*up, q, hq, 1, false), ref), 1e-3);
         // A device cache's pages and mean to the host, and through a file back to the device.
         CudaCodecCache gpu(c, s.heads, s.d, 4096);
@@ -273,7 +260,7 @@ TEST(CudaCodecCenterKeys, RefusedFirstAppendLeavesTheCacheUntrained) {
     gpu.append(dk.get(), dv.get(), n, nullptr);
     auto cpu = cpu_cache(c, s.heads, s.d);
     cpu->append(k.data(), v.data(), n);
-    EXPECT_LE(relative_error(gpu.key_center().mean(), cpu_mean(*cpu)), 1e-5);
+    EXPECT_LE(relative_error(gpu.key_center().mean(), vqtest::cpu_key_mean(*cpu)), 1e-5);
 }
 
 }  // namespace
