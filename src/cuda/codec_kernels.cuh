@@ -255,9 +255,9 @@ struct AttentionParams : UnitSet<Codec> {
         const int qh = u * group + row % group, i = row / group;
         return out + (static_cast<size_t>(qh) * n_queries + i) * this->store.d;
     }
-    /// Entry e of row `row`'s centre state, from its query q (CenterParams): W_i = conj(q_i)
-    /// mu_i A_i as real parts [P], then imaginary parts [P], then <q, mu> over the unturned
-    /// coordinates (CenteredKeyCodec::prepare_query's order), zeros after.
+    /// Entry e of the centre state of a row of unit u, from its query q (CenterParams): W_i =
+    /// conj(q_i) mu_i A_i as real parts [P], then imaginary parts [P], then <q, mu> over the
+    /// unturned coordinates (CenteredKeyCodec::prepare_query's order), zeros after.
     __device__ float center_entry(int u, const float* q, int e) const {
         const int P = center.pairs, d = this->store.d;
         const float* dm = center.damped[this->sequence(u)] + static_cast<size_t>(this->head(u)) * d;
