@@ -15,6 +15,31 @@ __device__ __forceinline__ T warp_sum(T x) {
     return x;
 }
 
+/// The warp sums of R values a lane, every lane getting all R (the same floats in every lane), in
+/// R - 1 + 5 - log2(R) + R shuffles instead of 5 R: a reduce-scatter (each round, a lane keeps the
+/// half of its values that its bit of the round's mask selects and adds its partner's copy of that
+/// half) leaves lane l with the sum of value l / (32 / R), which then comes from lane r (32 / R) to
+/// every lane. R: a power of two up to 32.
+template <int R>
+__device__ __forceinline__ void warp_sum_rows(float (&v)[R], int lane) {
+    static_assert(R >= 1 && R <= 32 && (R & (R - 1)) == 0, "R a power of two up to 32");
+#pragma unroll
+    for (int n = R, m = 16; n > 1; n >>= 1, m >>= 1) {
+        const bool upper = (lane & m) != 0;
+#pragma unroll
+        for (int k = 0; k < n / 2; ++k) {
+            const float send = upper ? v[k] : v[k + n / 2];
+            const float keep = upper ? v[k + n / 2] : v[k];
+            v[k] = keep + __shfl_xor_sync(kFull, send, m);
+        }
+    }
+#pragma unroll
+    for (int m = 16 / R; m > 0; m >>= 1) v[0] += __shfl_xor_sync(kFull, v[0], m);
+    const float mine = v[0];
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = __shfl_sync(kFull, mine, r * (32 / R));
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, m));
