@@ -118,9 +118,7 @@ __device__ __forceinline__ PagePhases load_page_phases(const CenterParams& c, in
     for (int k = 0; k < kCenterPairsPerLane; ++k) {
         const int i = lane + 32 * k;
         ph.z[k] = make_float2(0.0f, 0.0f);
-        if (i < c.pairs)
-            ph.z[k] = make_float2(c.phases[static_cast<size_t>(2 * i) * c.phase_stride + page],
-                                  c.phases[static_cast<size_t>(2 * i + 1) * c.phase_stride + page]);
+        if (i < c.pairs) ph.z[k] = c.phases[static_cast<size_t>(page) * c.pairs + i];
     }
     return ph;
 }

@@ -42,7 +42,7 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
       head_dim_(head_dim),
       max_seq_len_(max_seq_len),
       layer_(layer),
-      center_(config, num_heads, head_dim) {
+      center_(config, num_heads, head_dim, PhaseLayout::kPageRows) {
     config_.validate();
     if (num_heads < 1 || num_heads > 4096)
         throw std::invalid_argument("num_heads must be in 1..4096, got " +
@@ -195,8 +195,7 @@ CenterParams CudaCodecCache::center_params(cudaStream_t stream) const {
     // here (a device synchronization, so not in a graph capture).
     center_.reserve_pages((size_ + kTokensPerPage - 1) / kTokensPerPage, stream);
     c.damped = center_.damped_address();
-    c.phases = center_.phases();
-    c.phase_stride = center_.phase_stride();
+    c.phases = reinterpret_cast<const float2*>(center_.phases());
     c.pairs = center_.pairs();
     c.half_split = center_.half_split() ? 1 : 0;
     return c;

@@ -6,6 +6,8 @@
 // sequence with its own codecs (CudaCodecBatch).
 #pragma once
 
+#include <cuda_runtime.h>  // float2
+
 namespace veloxquant::cuda {
 
 /// The key codec's query state as c + M q (codec_affine_prepare_kernel; measured on the host
@@ -25,8 +27,7 @@ struct AffineState {
 /// real parts [P], imaginary parts [P] and that sum to each row's state, at `offset`.
 struct CenterParams {
     const float* const* damped = nullptr;  ///< [batch] -> [heads][d] mu_i A_i; null: not centred
-    const float* phases = nullptr;         ///< rows 2i, 2i + 1: cos, sin of 64 page w_i (KeyCenter)
-    int phase_stride = 0;                  ///< pages per phase row
+    const float2* phases = nullptr;        ///< [pages][P] cos, sin of 64 page w_i (page rows)
     int pairs = 0;                         ///< turned pairs P
     int half_split = 0;                    ///< pair i is (i, i + P), else (2i, 2i + 1)
     int offset = 0;                        ///< where a row's state holds W

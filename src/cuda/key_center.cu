@@ -24,8 +24,8 @@ void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, co
     bytes = need;
 }
 
-KeyCenter::KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim)
-    : enabled_(config.center_keys), heads_(num_heads), dim_(head_dim) {
+KeyCenter::KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim, PhaseLayout layout)
+    : enabled_(config.center_keys), heads_(num_heads), dim_(head_dim), layout_(layout) {
     if (!enabled_) return;
     if (head_dim % 2 != 0 || head_dim > 2 * kernels::kCenterMaxPairs)
         throw std::invalid_argument("CUDA center_keys: head_dim must be even and at most " +
@@ -169,7 +169,7 @@ void KeyCenter::reserve_pages(int pages, cudaStream_t stream) const {
     const unsigned blocks =
         static_cast<unsigned>((threads + kernels::kCenterThreads - 1) / kernels::kCenterThreads);
     kernels::page_phase_kernel<<<blocks, kernels::kCenterThreads, 0, stream>>>(
-        c, static_cast<float*>(phases_), stride);
+        c, static_cast<float*>(phases_), stride, layout_ == PhaseLayout::kPageRows);
     check_cuda(cudaGetLastError(), "page_phase_kernel");
     phase_pages_ = stride;
 }
@@ -177,6 +177,8 @@ void KeyCenter::reserve_pages(int pages, cudaStream_t stream) const {
 void KeyCenter::page_bias(const float* const* damped, const float* queries, int batch, int q_heads,
                           const int32_t* seq_lens, int seq_len, int max_pages, float scale,
                           float* bias, int bias_stride, cudaStream_t stream) const {
+    if (layout_ != PhaseLayout::kPairRows)
+        throw std::logic_error("KeyCenter::page_bias: the phases lie in page rows");
     reserve_pages(max_pages, stream);
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
     const dim3 grid((max_pages + kernels::kBiasPages - 1) / kernels::kBiasPages, batch,

@@ -128,17 +128,22 @@ __global__ void __launch_bounds__(kCenterThreads)
     o[y] = k[y] + sign * cy;
 }
 
-/// phases [2P][stride]: row 2i holds cos(64 p w_i) and row 2i + 1 sin(64 p w_i) of each page p <
-/// stride, the page factor of the offsets below. They depend on the page alone, so a cache
-/// computes them once for its capacity instead of at every decode. One thread per (pair, page).
+/// cos(64 p w_i) and sin(64 p w_i) of each pair i and page p < stride, the page factor of the
+/// offsets below: in pair rows [2P][stride] (rows 2i and 2i + 1) or, page_rows, in page rows
+/// [stride][P] of float2 (PhaseLayout). They depend on the page alone, so a cache computes them
+/// once for its capacity instead of at every decode. One thread per (pair, page).
 __global__ void __launch_bounds__(kCenterThreads)
-    page_phase_kernel(KeyCenterView c, float* phases, int stride) {
+    page_phase_kernel(KeyCenterView c, float* phases, int stride, bool page_rows) {
     const size_t at = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (at >= static_cast<size_t>(c.pairs) * stride) return;
     const int i = static_cast<int>(at / stride), page = static_cast<int>(at % stride);
     const float2 z = rope_phase(c.inv_freq[i], static_cast<double>(kCenterBlock) * page);
-    phases[static_cast<size_t>(2 * i) * stride + page] = z.x;
-    phases[static_cast<size_t>(2 * i + 1) * stride + page] = z.y;
+    if (page_rows) {
+        reinterpret_cast<float2*>(phases)[static_cast<size_t>(page) * c.pairs + i] = z;
+    } else {
+        phases[static_cast<size_t>(2 * i) * stride + page] = z.x;
+        phases[static_cast<size_t>(2 * i + 1) * stride + page] = z.y;
+    }
 }
 
 /// The page offsets of a decode: bias[b][qh][page] = log2_scale <q_{b,qh}, c_page(b, qh / group)>

@@ -20,6 +20,12 @@ namespace veloxquant::cuda {
 /// device (no launch still reads the old one). Throws std::runtime_error naming `what`.
 void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, const char* what);
 
+/// How the page phases lie (KeyCenter::phases): kPairRows [2P][pages], rows 2i and 2i + 1 the cos
+/// and sin of 64 page w_i, for page_bias's tiles of pages; kPageRows [pages][P] float2 (cos, sin),
+/// for the generic attention, whose lanes take one page's pairs (coalesced: with pair rows each
+/// lane's read was a cache line of its own, and a centred qjl decode paid 15% for it).
+enum class PhaseLayout { kPairRows, kPageRows };
+
 class KeyCenter {
 public:
     /// The widest head the device centre takes (its kernels' shared tiles are sized for it).
@@ -27,7 +33,8 @@ public:
 
     /// Off (every call passes through) unless config.center_keys; then head_dim must be even and
     /// at most 128 (std::invalid_argument). Allocates its parameters on the current device.
-    KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim);
+    KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim,
+              PhaseLayout layout = PhaseLayout::kPairRows);
     ~KeyCenter();
     KeyCenter(const KeyCenter&) = delete;
     KeyCenter& operator=(const KeyCenter&) = delete;
@@ -74,10 +81,11 @@ public:
     /// their pools grow, so that a decode, maybe in a graph capture, never needs to).
     void reserve_pages(int pages, cudaStream_t stream) const;
 
-    /// The page phases: rows 2i and 2i + 1 hold cos and sin of 64 page w_i for the pages a row
-    /// holds (phase_stride(); reserve_pages).
+    /// The page phases, cos and sin of 64 page w_i for the pages reserved (phase_pages();
+    /// reserve_pages), laid out as phase_layout() says.
     const float* phases() const { return static_cast<const float*>(phases_); }
-    int phase_stride() const { return phase_pages_; }
+    int phase_pages() const { return phase_pages_; }
+    PhaseLayout phase_layout() const { return layout_; }
     /// Turned pairs P (the RoPE frequencies) and their pairing.
     int pairs() const { return pairs_; }
     bool half_split() const { return half_split_; }
@@ -90,6 +98,7 @@ public:
     /// [batch][q_heads][d], seq_lens [batch] on the device or null (all seq_len). The decode that
     /// reads bias may be launched as this kernel's programmatic dependent. Past the pages
     /// reserved it first reserves max_pages (a device synchronization: not in a graph capture).
+    /// Pair rows only (std::logic_error otherwise).
     void page_bias(const float* const* damped, const float* queries, int batch, int q_heads,
                    const int32_t* seq_lens, int seq_len, int max_pages, float scale, float* bias,
                    int bias_stride, cudaStream_t stream) const;
@@ -102,6 +111,7 @@ private:
     bool centering_ = false;
     int heads_ = 0, dim_ = 0, pairs_ = 0;
     bool half_split_ = false;
+    PhaseLayout layout_ = PhaseLayout::kPairRows;
     std::vector<float> mean_;           ///< [heads][d]
     std::vector<double> inv_freq_;      ///< [pairs]
     std::vector<float> block_average_;  ///< [pairs][2]: A_i (rope_block_average)
@@ -113,8 +123,8 @@ private:
     void* scratch_ = nullptr;  ///< centred keys of an append, kept between appends
     std::size_t scratch_bytes_ = 0;
     float* transient_ = nullptr;  ///< centred keys of a long append (stream-ordered allocation)
-    // The page phases [2P][phase_pages_] (kernels::page_phase_kernel): parameters that grow with
-    // the pool, so reserve_pages is const.
+    // The page phases of phase_pages_ pages (kernels::page_phase_kernel): parameters that grow
+    // with the pool, so reserve_pages is const.
     mutable void* phases_ = nullptr;
     mutable std::size_t phase_bytes_ = 0;
     mutable int phase_pages_ = 0;
