@@ -175,7 +175,10 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
     constexpr int E = D / 32;
     extern __shared__ float4 smem_vec[];  // 16-byte aligned: load_rows reads float4
     uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
-    const AttentionLayout L = attention_layout<Codec>(R, D, a.stage_sizes(), kWarps);
+    StageSizes sizes = a.stage_sizes();
+    if constexpr (!CENTRED) sizes.feature_span = sizes.state_stride;  // (no centre after it)
+    const AttentionLayout L = attention_layout<Codec>(R, D, sizes, kWarps);
+    const int span = sizes.feature_span;
     const int split = blockIdx.x, u = blockIdx.y, h = a.head(u);
     const int row0 = blockIdx.z * a.rows_per_block;
     const int rows = min(a.rows_per_block, a.rows - row0);
@@ -223,12 +226,12 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
     int features = 0;  // F padded to 16
     __half* feature_states = reinterpret_cast<__half*>(smem + L.feature_states);
     float* row_scale =
-        reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(S));
+        reinterpret_cast<float*>(feature_states + 2 * kWeightRows * feature_stride(span));
     TileWalk feature_walk(1, lane);  // over (token, group of features) of a tile
     if constexpr (MODE != kLaneScores) {
         features = Features::padded(kp);
         feature_walk = TileWalk(features / Features::kGroup, lane);
-        prepare_feature_states<R>(states, S, Codec::feature_offset(kp), Codec::feature_count(kp),
+        prepare_feature_states<R>(states, span, Codec::feature_offset(kp), Codec::feature_count(kp),
                                   feature_states, row_scale);
         __syncthreads();
     }
@@ -280,13 +283,13 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
                 const uint8_t* codes = st_key + k0 * a.stage_key_stride;
                 if constexpr (MODE == kFeaturesInPlace) {
                     tile_scores(reinterpret_cast<const __half*>(codes), a.stage_key_stride / 2,
-                                feature_states, S, features, scores, k0, lane);
+                                feature_states, span, features, scores, k0, lane);
                 } else {
                     Features::decode_tile(kp, codes, a.stage_key_stride, c0 + k0, tile,
-                                          feature_stride(S), feature_walk);
+                                          feature_stride(span), feature_walk);
                     __syncwarp();
-                    tile_scores(tile, feature_stride(S), feature_states, S, features, scores, k0,
-                                lane);
+                    tile_scores(tile, feature_stride(span), feature_states, span, features, scores,
+                                k0, lane);
                 }
                 __syncwarp();  // the next tile overwrites this one; the scores are written
             }

@@ -37,6 +37,9 @@ struct StageSizes {
     int key_stride = 0, value_stride = 0;  ///< staged bytes per token
     int key_scalars = 0, value_scalars = 0;  ///< staged scalars per token
     int features = kLaneScores;              ///< FeatureMode: the launcher's choice (FeatureScore)
+    /// Floats at the start of a row's state that features read (the codec's own state: a centred
+    /// launch's W after it is not a feature), the width of the fp16 states and feature tiles.
+    int feature_span = 0;
 };
 
 /// Byte offsets: CTA regions from the dynamic shared memory's start, warp regions from the
@@ -58,10 +61,10 @@ __host__ __device__ constexpr AttentionLayout attention_layout(int R, int D, con
     AttentionLayout L;
     L.tables = round16(static_cast<size_t>(R) * z.state_stride * sizeof(float));
     L.feature_states = L.tables + round16(z.table_floats * sizeof(float));
-    L.warps = L.feature_states + (features ? round16(feature_states_bytes(z.state_stride)) : 0);
+    L.warps = L.feature_states + (features ? round16(feature_states_bytes(z.feature_span)) : 0);
     const size_t keys = round16(32 * static_cast<size_t>(z.key_stride));
-    const size_t tile = feature_tile && feature_tile_bytes(z.state_stride) > tile_bytes(D)
-                            ? feature_tile_bytes(z.state_stride)
+    const size_t tile = feature_tile && feature_tile_bytes(z.feature_span) > tile_bytes(D)
+                            ? feature_tile_bytes(z.feature_span)
                             : tile_bytes(D);
     L.tile = feature_tile ? keys : 0;
     L.values = feature_tile ? keys + tile : (keys > tile ? keys : tile);

@@ -96,21 +96,21 @@ struct FeatureScore<Codec, true> {
     }
 };
 
-/// Halves per row of a feature tile and of the fp16 states: S rounded up to 16, plus 8 (rows an
-/// odd multiple of 16 bytes apart: ldmatrix's 8 rows in 8 bank groups).
-__host__ __device__ constexpr int feature_stride(int state_stride) {
-    return (state_stride + 15) / 16 * 16 + 8;
+/// Halves per row of a feature tile and of the fp16 states: the feature span (StageSizes) rounded
+/// up to 16, plus 8 (rows an odd multiple of 16 bytes apart: ldmatrix's 8 rows in 8 bank groups).
+__host__ __device__ constexpr int feature_stride(int feature_span) {
+    return (feature_span + 15) / 16 * 16 + 8;
 }
 
 /// Bytes of a warp's feature tile, 16 tokens.
-__host__ __device__ constexpr size_t feature_tile_bytes(int state_stride) {
-    return kTileTokens * feature_stride(state_stride) * sizeof(__half);
+__host__ __device__ constexpr size_t feature_tile_bytes(int feature_span) {
+    return kTileTokens * feature_stride(feature_span) * sizeof(__half);
 }
 
-/// Bytes of a CTA's fp16 states: high and low parts, [2][8][feature_stride(S)] halves, then the
-/// rows' power-of-2 scales [8] floats and their exponents [8] ints.
-__host__ __device__ constexpr size_t feature_states_bytes(int state_stride) {
-    return 2 * kWeightRows * feature_stride(state_stride) * sizeof(__half) +
+/// Bytes of a CTA's fp16 states: high and low parts, [2][8][feature_stride(span)] halves, then
+/// the rows' power-of-2 scales [8] floats and their exponents [8] ints.
+__host__ __device__ constexpr size_t feature_states_bytes(int feature_span) {
+    return 2 * kWeightRows * feature_stride(feature_span) * sizeof(__half) +
            kWeightRows * (sizeof(float) + sizeof(int));
 }
 
@@ -119,12 +119,13 @@ __host__ __device__ constexpr size_t scores_bytes() {
     return kWeightRows * kScoreStride * sizeof(float);
 }
 
-/// The fp16 states from the float states [S][R] (entry i of row r at i * R + r; features
-/// against entries offset .. offset + F - 1), by the CTA: row r's entries times 2^-e_r, e_r the
+/// The fp16 states, rows feature_stride(span) halves apart, from the float states [S][R] (entry
+/// i of row r at i * R + r; features against entries offset .. offset + F - 1 < span), by the
+/// CTA: row r's entries times 2^-e_r, e_r the
 /// exponent of its largest |entry| (frexp), as high and low halves; rows R .. 7 zero. row_scale[r]
 /// = 2^e_r, followed by the exponents (8 ints). The caller synchronizes before they are read.
 template <int R>
-__device__ void prepare_feature_states(const float* states, int S, int offset, int F,
+__device__ void prepare_feature_states(const float* states, int span, int offset, int F,
                                        __half* halves, float* row_scale) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int* exponent = reinterpret_cast<int*>(row_scale + kWeightRows);
@@ -139,7 +140,7 @@ __device__ void prepare_feature_states(const float* states, int S, int offset, i
         if (lane == 0) exponent[r] = e, row_scale[r] = ldexpf(1.0f, e);
     }
     __syncthreads();
-    const int ts = feature_stride(S);
+    const int ts = feature_stride(span);
     for (int i = threadIdx.x; i < kWeightRows * ts; i += blockDim.x) {
         const int r = i / ts, k = i - r * ts;
         const float x = r < R && k < F ? ldexpf(states[(offset + k) * R + r], -exponent[r]) : 0.0f;
@@ -150,15 +151,16 @@ __device__ void prepare_feature_states(const float* states, int S, int offset, i
 }
 
 /// Scores of 16 tokens (tile rows `ts` halves apart, F features: a multiple of 16) for the 8
-/// state rows, written unscaled to scores[r * kScoreStride + t0 + token].
-__device__ __forceinline__ void tile_scores(const __half* tile, int ts, const __half* halves, int S,
-                                            int F, float* scores, int t0, int lane) {
+/// state rows (prepare_feature_states' halves of that span), written unscaled to
+/// scores[r * kScoreStride + t0 + token].
+__device__ __forceinline__ void tile_scores(const __half* tile, int ts, const __half* halves,
+                                            int span, int F, float* scores, int t0, int lane) {
     const int g = lane >> 2, t = lane & 3;
     // ldmatrix (not transposed): matrices (tokens 0-7 | 8-15) x (features +0 | +8) are the A
     // fragment's registers 0 .. 3; lane i gives row i % 8 of matrix i / 8.
     const __half* a_row = tile + ((lane & 7) + ((lane >> 3) & 1) * 8) * ts + (lane >> 4) * 8;
-    const __half* hi = halves + g * feature_stride(S) + 2 * t;
-    const __half* lo = hi + kWeightRows * feature_stride(S);
+    const __half* hi = halves + g * feature_stride(span) + 2 * t;
+    const __half* lo = hi + kWeightRows * feature_stride(span);
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int k0 = 0; k0 < F; k0 += 16) {
         uint32_t a[4];

@@ -239,8 +239,10 @@ struct AttentionParams : UnitSet<Codec> {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
     }
     __host__ __device__ StageSizes stage_sizes() const {
+        // The codec's own state is the features' span: a centred launch's W lies after it.
+        const int feature_span = center.damped != nullptr ? center.offset : state_stride;
         return {state_stride,      table_floats,        stage_key_stride, stage_value_stride,
-                stage_key_scalars, stage_value_scalars, feature_scores};
+                stage_key_scalars, stage_value_scalars, feature_scores,   feature_span};
     }
     /// Tokens row `row` of unit u attends to (causal: the chunk's queries end the sequence).
     __device__ int limit(int u, int row) const {

@@ -40,21 +40,22 @@ template <class Codec>
 void check(int R, int D, const StageSizes& z, bool features, bool feature_tile) {
     const AttentionLayout L = attention_layout<Codec>(R, D, z, kWarpCount);
     const std::string at = "R " + std::to_string(R) + " D " + std::to_string(D) + " S " +
-                           std::to_string(z.state_stride) + " mode " + std::to_string(z.features) +
+                           std::to_string(z.state_stride) + " span " +
+                           std::to_string(z.feature_span) + " mode " + std::to_string(z.features) +
                            " keys " + std::to_string(z.key_stride) + " values " +
                            std::to_string(z.value_stride);
     // The CTA's regions: the rows' float states, the tables, the fp16 states, the warps' areas.
     const std::vector<Span> cta = {
         {0, static_cast<size_t>(R) * z.state_stride * sizeof(float), "states"},
         {L.tables, z.table_floats * sizeof(float), "tables"},
-        {L.feature_states, features ? feature_states_bytes(z.state_stride) : 0, "fp16 states"},
+        {L.feature_states, features ? feature_states_bytes(z.feature_span) : 0, "fp16 states"},
         {L.warps, kWarpCount * L.area, "areas"}};
     ASSERT_EQ(overlaps(cta), "") << at;
     EXPECT_EQ(L.total, L.warps + kWarpCount * L.area) << at;
     // A warp's area while the chunk is staged and scored: keys, the feature tile, values, both
     // scalars, the weights and the scores. The value tile is written once the keys are scored:
     // it may lie over them, never over the staged values, scalars or weights.
-    const size_t tile = feature_tile ? feature_tile_bytes(z.state_stride) : 0;
+    const size_t tile = feature_tile ? feature_tile_bytes(z.feature_span) : 0;
     const std::vector<Span> staged = {
         {0, 32 * static_cast<size_t>(z.key_stride), "staged keys"},
         {L.tile, tile, "feature tile"},
@@ -82,26 +83,30 @@ TEST(AttentionLayout, RegionsAreDisjointAlignedAndFit) {
     for (int R : {1, 4, 8})
         for (int D : {64, 128, 256})
             for (int S : {4, 64, 136, 512, 4352})
-                for (int key_stride : {4, 20, 48, 272, 544})
-                    for (int value_stride : {16, 48, 144, 528})
-                        for (int scalars : {0, 1, 3})
-                            for (int tables : {0, 20, 4100}) {
-                                StageSizes z;
-                                z.state_stride = S;
-                                z.table_floats = tables;
-                                z.key_stride = key_stride;
-                                z.value_stride = value_stride;
-                                z.key_scalars = scalars;
-                                z.value_scalars = scalars == 3 ? 2 : scalars;
-                                z.features = kLaneScores;
-                                check<dev::TqDevice>(R, D, z, false, false);
-                                z.features = kFeatureTile;  // a codec without the form: lanes
-                                check<dev::TqDevice>(R, D, z, false, false);
-                                check<dev::QjlDevice>(R, D, z, true, true);
-                                z.features = kFeaturesInPlace;
-                                check<dev::Fp16Device>(R, D, z, true, false);
-                                if (testing::Test::HasFatalFailure()) return;
-                            }
+                // The codec's own state (feature_span) is all of S, or S less a centred launch's
+                // W (CenterParams::floats(64) = 132 floats after it).
+                for (int span : {S, S > 132 ? S - 132 : S})
+                    for (int key_stride : {4, 20, 48, 272, 544})
+                        for (int value_stride : {16, 48, 144, 528})
+                            for (int scalars : {0, 1, 3})
+                                for (int tables : {0, 20, 4100}) {
+                                    StageSizes z;
+                                    z.state_stride = S;
+                                    z.feature_span = span;
+                                    z.table_floats = tables;
+                                    z.key_stride = key_stride;
+                                    z.value_stride = value_stride;
+                                    z.key_scalars = scalars;
+                                    z.value_scalars = scalars == 3 ? 2 : scalars;
+                                    z.features = kLaneScores;
+                                    check<dev::TqDevice>(R, D, z, false, false);
+                                    z.features = kFeatureTile;  // a codec without the form: lanes
+                                    check<dev::TqDevice>(R, D, z, false, false);
+                                    check<dev::QjlDevice>(R, D, z, true, true);
+                                    z.features = kFeaturesInPlace;
+                                    check<dev::Fp16Device>(R, D, z, true, false);
+                                    if (testing::Test::HasFatalFailure()) return;
+                                }
 }
 
 }  // namespace
