@@ -36,6 +36,7 @@
 #include "cache/paged_store.h"
 #include "core/binary_io.h"
 #include "core/lloyd_max.h"
+#include "methods/centered_key_codec.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
 #include "model/llama_model.h"
@@ -242,6 +243,7 @@ void bind_cuda(nb::module_& m);         // bind_cuda.cpp
 NB_MODULE(_core, m) {
     m.doc() = "VeloxQuant C++ core (compressed KV caches); use the veloxquant package's API.";
     m.attr("TOKENS_PER_PAGE") = kTokensPerPage;
+    m.attr("CENTER_MIN_TOKENS") = CenteredKeyCodec::kMinEstimateTokens;
     m.def("known_methods", &known_methods, "Names of every method the factory knows.");
 
     nb::exception<std::length_error>(m, "CapacityError", PyExc_ValueError);

@@ -12,6 +12,7 @@ byte-identical (0.1% of bytes for polarquant's transcendental encoder), dequanti
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -574,6 +575,34 @@ def test_centred_device_cache_matches_cpu_cache(kind, method):
     gk = gk.cpu().numpy()
     bad = sum(rel(gk[h, t], rk[h, t]) > 1e-4 for h in range(heads) for t in range(n))
     assert bad <= heads * n // 100, bad
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind,method", [("CudaTurboQuantCache", "turboquant_rvq"),
+                                         ("CudaKVCache", "ratequant")])
+def test_a_short_first_device_append_warns_that_centring_is_off(kind, method):
+    """As the CPU caches' appends: a centred device cache's first append (alone or through its
+    batch class) of fewer than CENTER_MIN_TOKENS tokens warns; later or longer ones do not."""
+    heads, d = 2, 128
+    freqs = [10000.0 ** (-2.0 * i / d) for i in range(d // 2)]
+    config = KVCacheConfig(method=method, bits=3, num_residuals=1, value_bits=4,
+                           center_keys=True, rope_inv_freq=freqs, rope_half_split=True)
+    keys, values = randn(heads, 20, d, seed=50).cuda(), randn(heads, 20, d, seed=51).cuda()
+    make = getattr(vq_cuda, kind)
+    short = make(config, heads, d, 256)
+    with pytest.warns(RuntimeWarning, match="holds 8 tokens.*stay uncentred"):
+        short.append(keys[:, :8], values[:, :8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short.append(keys[:, 8:], values[:, 8:])
+        make(config, heads, d, 256).append(keys, values)
+    step = vq_cuda.CudaTurboQuantBatch() if kind == "CudaTurboQuantCache" else \
+        vq_cuda.CudaKVCacheBatch()
+    pair = [make(config, heads, d, 256) for _ in range(2)]
+    batch_keys = torch.stack([keys[:, :4], keys[:, 4:8]])
+    batch_values = torch.stack([values[:, :4], values[:, 4:8]])
+    with pytest.warns(RuntimeWarning, match="holds 4 tokens"):
+        step.append(pair, batch_keys, batch_values)
 
 
 @needs_cuda

@@ -3,6 +3,9 @@ against a run done entirely in C++ on copies of the inputs (_debug.reference_run
 saved and reloaded cache, and across input layouts and dtypes (float16, batched, strided,
 torch through DLPack). No tolerances here."""
 
+import warnings
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -171,3 +174,33 @@ def test_torch_tensors_cross_through_dlpack():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="run on the CPU"):
             tensor.append(grad.cuda(), grad.cuda())
+
+
+def test_a_short_first_append_warns_that_centring_is_off():
+    # A centred cache estimates its keys' mean from its first append; fewer than
+    # CENTER_MIN_TOKENS tokens leave it uncentred for good, which the append says.
+    assert veloxquant.CENTER_MIN_TOKENS == 16
+    keys, values = rand(H, 40, D, seed=1), rand(H, 40, D, seed=2)
+    short = KVCacheFactory.create(make_config("centred"), H, D, 512)
+    with pytest.warns(RuntimeWarning, match="first append holds 8 tokens.*stay uncentred"):
+        short.append(keys[:, :8], values[:, :8])
+    quiet = [
+        (make_config("centred"), [16, 1]),      # long enough; later appends never warn
+        (make_config("centred"), [0, 20]),      # an empty append trains nothing
+        (make_config("turboquant_rvq_b1"), [8]),  # not centred
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        short.append(keys[:, 8:9], values[:, 8:9])  # its second append
+        for config, chunks in quiet:
+            cache = KVCacheFactory.create(config, H, D, 512)
+            start = 0
+            for n in chunks:
+                cache.append(keys[:, start:start + n], values[:, start:start + n])
+                start += n
+    # The short cache attends as one whose mean is zero: an uncentred cache of the same codec
+    # gives the same output on the same tokens.
+    plain = KVCacheFactory.create(replace(make_config("centred"), center_keys=False), H, D, 512)
+    plain.append(keys[:, :9], values[:, :9])
+    queries = rand(HQ, 1, D, seed=3)
+    assert np.array_equal(short.attend(queries), plain.attend(queries))

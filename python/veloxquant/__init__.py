@@ -10,7 +10,7 @@ The seed's API over the C++ core: ``KVCacheConfig``, ``KVCacheFactory``, ``KVCac
     cache.append(keys, values); out = cache.attend(queries)
 """
 
-from ._core import TOKENS_PER_PAGE, CapacityError, known_methods
+from ._core import CENTER_MIN_TOKENS, TOKENS_PER_PAGE, CapacityError, known_methods
 from .cache import (
     CommVQKVCache,
     FP16KVCache,
@@ -33,7 +33,7 @@ from .observers.key_norm import KeyNormObserver
 __version__ = "0.1.0"
 
 __all__ = [
-    "TOKENS_PER_PAGE", "CapacityError", "CommVQKVCache", "FP16KVCache", "KVCache",
+    "CENTER_MIN_TOKENS", "TOKENS_PER_PAGE", "CapacityError", "CommVQKVCache", "FP16KVCache", "KVCache",
     "KVCacheBuilder", "KVCacheConfig", "KVCacheFactory", "KeyNormObserver", "PolarQuantKVCache",
     "QJLKVCache", "QuantizedKVCache", "RaBitQKVCache", "RateQuantKVCache", "SlidingWindowKVCache",
     "SpectralQuantKVCache", "TurboQuantRVQKVCache", "VecInferKVCache", "known_methods",

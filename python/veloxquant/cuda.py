@@ -53,7 +53,7 @@ import os
 from typing import Any, ClassVar
 
 from . import _core
-from .cache.base import KVCache, KVCacheConfig
+from .cache.base import KVCache, KVCacheConfig, warn_if_left_uncentred
 
 HAS_CUDA: bool = bool(getattr(_core, "HAS_CUDA", False))
 """Whether this build of the extension has the CUDA backend (VQ_CUDA=ON)."""
@@ -153,9 +153,12 @@ class _DeviceCache:
     def append(self, keys: Any, values: Any) -> None:
         """Encodes new tokens: keys and values [num_heads, n, head_dim] (or [1, num_heads, n,
         head_dim]) on the device. CapacityError (a ValueError) past max_seq_len, leaving the
-        cache as it was."""
-        self._impl.append(self._float32(keys, "keys"), self._float32(values, "values"),
-                          self._stream())
+        cache as it was. A centred cache's first append of fewer than CENTER_MIN_TOKENS tokens
+        warns that its keys stay uncentred."""
+        size = self.size
+        k = self._float32(keys, "keys")
+        self._impl.append(k, self._float32(values, "values"), self._stream())
+        warn_if_left_uncentred(self.config.center_keys, size, k.shape[-2])
 
     def dequantize(self, start: int = 0, n_tokens: int | None = None) -> tuple[Any, Any]:
         """Reconstructed (keys, values) of tokens [start, start + n_tokens) (default: to the
@@ -288,11 +291,14 @@ class _DeviceBatch:
 
     def append(self, caches: Any, keys: Any, values: Any) -> None:
         """Encodes keys and values [batch, num_heads, n, head_dim] (float32, float16 or
-        bfloat16 on the caches' device), sequence b's into caches[b]."""
+        bfloat16 on the caches' device), sequence b's into caches[b]. Warns as the caches'
+        append does for centred caches left uncentred."""
         cores = self._cores(caches)
         first = caches[0]
-        self._impl.append(cores, first._float32(keys, "keys"), first._float32(values, "values"),
-                          first._stream())
+        emptiest = min(c.size for c in caches)
+        k = first._float32(keys, "keys")
+        self._impl.append(cores, k, first._float32(values, "values"), first._stream())
+        warn_if_left_uncentred(first.config.center_keys, emptiest, k.shape[-2])
 
     def attend(self, caches: Any, queries: Any, scale: float | None = None,
                out: Any = None) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,6 +24,20 @@ from .. import _core
 from .._arrays import float_array, is_torch, output_array, query_array, token_array
 from ..integrations.model_rope import with_model_rope
 from ..observers.key_norm import KeyNormObserver
+
+
+CENTER_MIN_TOKENS = _core.CENTER_MIN_TOKENS
+
+
+def warn_if_left_uncentred(center_keys: bool, size: int, n_tokens: int) -> None:
+    """A RuntimeWarning when a first append (size 0) of n_tokens is too short to estimate a
+    center_keys cache's mean, which then stays zero (no centring) for the cache's life."""
+    if center_keys and size == 0 and 0 < n_tokens < CENTER_MIN_TOKENS:
+        warnings.warn(
+            f"center_keys: the first append holds {n_tokens} tokens, fewer than the "
+            f"{CENTER_MIN_TOKENS} the keys' mean is estimated from, so this cache's keys stay "
+            "uncentred; append a prompt of at least that many tokens first",
+            RuntimeWarning, stacklevel=3)
 
 
 @dataclass
@@ -39,7 +54,9 @@ class KVCacheConfig:
     [clusters][head_dim]) and ``rope_inv_freq`` (commvq: pair i of a key turns by
     position * rope_inv_freq[i]). ``center_keys`` (CPU caches) codes keys minus a per-head mean
     estimated at the first append, turned by ``rope_inv_freq`` where given (set it for a RoPE
-    model); it is refused for commvq, vecinfer, spectral and calibrated rabitq.
+    model); it is refused for commvq, vecinfer, spectral and calibrated rabitq. A first append
+    of fewer than ``CENTER_MIN_TOKENS`` (16) tokens leaves that cache uncentred for its life
+    (a RuntimeWarning says so): append a prompt of 16 tokens or more first.
     ``rope_half_split`` says how RoPE pairs coordinates: pair i is (i, i + P), P =
     len(rope_inv_freq), as transformers' rotate_half turns them, instead of (2i, 2i + 1), as GGUF
     Llama runtimes do (``VeloxQuantCache.from_model`` sets both for a transformers model; commvq
@@ -190,7 +207,10 @@ class KVCache:
             raise ValueError(
                 f"keys hold {k.shape[1]} tokens but values hold {v.shape[1]}; they must match"
             )
+        size = c.size
         c.append(k, v)
+        if size == 0 and k.shape[1] < CENTER_MIN_TOKENS:
+            warn_if_left_uncentred(c.config.center_keys, size, k.shape[1])
 
     def attend(self, queries: Any, scale: float | None = None, causal: bool = False,
                out: Any = None) -> Any:
