@@ -160,6 +160,16 @@ def test_generate_streams_text(cli, model, tmp_path):
     assert "Paris" in doc["text"]
 
 
+def test_generate_warns_where_a_short_first_append_leaves_keys_uncentred(cli, model):
+    args = ["generate", "--model", model, "--max-tokens", "2", "--quiet", "--center-keys"]
+    short = run(cli, *args, "--raw", "Hello there")  # 2 prompt tokens
+    assert "stay uncentred" in short.stderr and "holds 2 tokens" in short.stderr
+    chunked = run(cli, *args, "--batch", "8", "What is the capital of France?")
+    assert "holds 8 tokens" in chunked.stderr
+    templated = run(cli, *args, "What is the capital of France?")  # the chat template's tokens
+    assert "uncentred" not in templated.stderr
+
+
 def test_bad_method_fails_clearly(cli, model, text):
     proc = run(cli, "eval", "--quick", "--model", model, "--text", text, "--method", "nope",
                check=False)

@@ -127,6 +127,11 @@ void run(const Options& o) {
             nc.config = c;
             nc.label += " centred";
         }
+    if (o.center_keys) {
+        KVCacheConfig centred;
+        centred.center_keys = true;
+        warn_if_left_uncentred(centred, o.batch);
+    }
     std::vector<NamedConfig> all = {baseline_config()};
     all.insert(all.end(), configs.begin(), configs.end());
 

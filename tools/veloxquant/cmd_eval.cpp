@@ -1,6 +1,7 @@
 // `veloxquant eval`: one cache configuration against the uncompressed (fp16) cache on a text:
 // next-token KL divergence, top-1 agreement, perplexity of both, KV bytes per token and bits per
 // coordinate; with --needle, needle-in-a-haystack retrieval of both caches.
+#include <algorithm>
 #include <iomanip>
 #include <iostream>
 #include <memory>
@@ -38,6 +39,7 @@ void run(const Options& o) {
     KVCacheConfig config = o.cache.build();
     LoadedModel m = load_model(o.model.model);
     set_model_rope(config, *m.model);
+    warn_if_left_uncentred(config, std::min(o.model.ctx, o.batch));
     const NamedConfig named{config_label(config), config};
     const std::string text_path = resolve_text_path(o.model.text);
     const std::vector<int32_t> tokens = tokenize_file(*m.tokenizer, text_path);

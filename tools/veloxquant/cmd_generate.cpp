@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -59,6 +60,7 @@ void run(const Options& o) {
                                  std::to_string(o.max_tokens) + " exceed --ctx " +
                                  std::to_string(o.model.ctx));
 
+    warn_if_left_uncentred(config, std::min(n, o.batch));
     auto caches = m.model->make_caches(config, o.model.ctx);
     std::vector<float> logits(static_cast<std::size_t>(m.model->hparams().n_vocab));
     const auto t0 = std::chrono::steady_clock::now();

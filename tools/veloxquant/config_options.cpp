@@ -5,12 +5,14 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <iostream>
 #include <ostream>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
 
 #include "calibration/collect.h"
+#include "methods/centered_key_codec.h"
 #include "progress.h"
 #include "veloxquant/calibration.h"
 #include "veloxquant/observer.h"
@@ -87,6 +89,14 @@ void add_config_options(CLI::App* app, ConfigOptions& opts) {
 void set_model_rope(KVCacheConfig& config, const LlamaModel& model) {
     if (config.center_keys && config.rope_inv_freq.empty())
         config.rope_inv_freq = model_rope_inv_freq(model);
+}
+
+void warn_if_left_uncentred(const KVCacheConfig& config, int first_append) {
+    if (!config.center_keys || first_append >= CenteredKeyCodec::kMinEstimateTokens) return;
+    std::cerr << "warning: --center-keys: the caches' first append holds " << first_append
+              << " tokens, fewer than the " << CenteredKeyCodec::kMinEstimateTokens
+              << " the keys' mean is estimated from, so their keys stay uncentred (a longer "
+                 "prompt or --batch avoids it)\n";
 }
 
 void add_calibration_option(CLI::App* app, std::string& path) {

@@ -36,6 +36,10 @@ void add_config_options(CLI::App* app, ConfigOptions& opts);
 /// Gives a center_keys configuration without RoPE frequencies the model's, so that its key
 /// mean follows RoPE (KVCacheConfig::center_keys).
 void set_model_rope(KVCacheConfig& config, const LlamaModel& model);
+/// A warning on standard error where a center_keys configuration's caches will take a first
+/// append of fewer than CenteredKeyCodec::kMinEstimateTokens tokens (a short prompt, or a small
+/// --batch), which leaves their keys uncentred for good.
+void warn_if_left_uncentred(const KVCacheConfig& config, int first_append);
 
 /// --model, --text, --ctx and --quiet.
 struct ModelOptions {
