@@ -33,8 +33,9 @@ from .observers.key_norm import KeyNormObserver
 __version__ = "0.1.0"
 
 __all__ = [
-    "CENTER_MIN_TOKENS", "TOKENS_PER_PAGE", "CapacityError", "CommVQKVCache", "FP16KVCache", "KVCache",
-    "KVCacheBuilder", "KVCacheConfig", "KVCacheFactory", "KeyNormObserver", "PolarQuantKVCache",
-    "QJLKVCache", "QuantizedKVCache", "RaBitQKVCache", "RateQuantKVCache", "SlidingWindowKVCache",
-    "SpectralQuantKVCache", "TurboQuantRVQKVCache", "VecInferKVCache", "known_methods",
+    "CENTER_MIN_TOKENS", "TOKENS_PER_PAGE", "CapacityError", "CommVQKVCache", "FP16KVCache",
+    "KVCache", "KVCacheBuilder", "KVCacheConfig", "KVCacheFactory", "KeyNormObserver",
+    "PolarQuantKVCache", "QJLKVCache", "QuantizedKVCache", "RaBitQKVCache", "RateQuantKVCache",
+    "SlidingWindowKVCache", "SpectralQuantKVCache", "TurboQuantRVQKVCache", "VecInferKVCache",
+    "known_methods",
 ]

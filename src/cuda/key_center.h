@@ -81,11 +81,9 @@ public:
     /// their pools grow, so that a decode, maybe in a graph capture, never needs to).
     void reserve_pages(int pages, cudaStream_t stream) const;
 
-    /// The page phases, cos and sin of 64 page w_i for the pages reserved (phase_pages();
-    /// reserve_pages), laid out as phase_layout() says.
+    /// The page phases, cos and sin of 64 page w_i for the pages reserved (reserve_pages), laid
+    /// out as the constructor's PhaseLayout says.
     const float* phases() const { return static_cast<const float*>(phases_); }
-    int phase_pages() const { return phase_pages_; }
-    PhaseLayout phase_layout() const { return layout_; }
     /// Turned pairs P (the RoPE frequencies) and their pairing.
     int pairs() const { return pairs_; }
     bool half_split() const { return half_split_; }

@@ -209,7 +209,7 @@ class KVCache:
             )
         size = c.size
         c.append(k, v)
-        if size == 0 and k.shape[1] < CENTER_MIN_TOKENS:
+        if size == 0 and k.shape[1] < CENTER_MIN_TOKENS:  # (the config is read only then)
             warn_if_left_uncentred(c.config.center_keys, size, k.shape[1])
 
     def attend(self, queries: Any, scale: float | None = None, causal: bool = False,
