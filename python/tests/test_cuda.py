@@ -591,10 +591,10 @@ def test_a_short_first_device_append_warns_that_centring_is_off(kind, method):
     make = getattr(vq_cuda, kind)
     short = make(config, heads, d, 256)
     with pytest.warns(RuntimeWarning, match="holds 8 tokens.*stay uncentred"):
-        short.append(keys[:, :8], values[:, :8])
+        short.append(keys[:, :8].contiguous(), values[:, :8].contiguous())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        short.append(keys[:, 8:], values[:, 8:])
+        short.append(keys[:, 8:].contiguous(), values[:, 8:].contiguous())
         make(config, heads, d, 256).append(keys, values)
     step = vq_cuda.CudaTurboQuantBatch() if kind == "CudaTurboQuantCache" else \
         vq_cuda.CudaKVCacheBatch()
