@@ -23,7 +23,7 @@ void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, co
 /// How the page phases lie (KeyCenter::phases): kPairRows [2P][pages], rows 2i and 2i + 1 the cos
 /// and sin of 64 page w_i, for page_bias's tiles of pages; kPageRows [pages][P] float2 (cos, sin),
 /// for the generic attention, whose lanes take one page's pairs (coalesced: with pair rows each
-/// lane's read was a cache line of its own, and a centred qjl decode paid 15% for it).
+/// lane's read was a cache line of its own; page rows took 1-4% off centred decodes at 32K).
 enum class PhaseLayout { kPairRows, kPageRows };
 
 class KeyCenter {
