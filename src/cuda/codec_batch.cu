@@ -126,17 +126,22 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
                             cudaStream_t stream) {
     CudaCodecCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
-    // One launch writes every sequence, unless their keys are centred: each cache then shifts its
-    // own by its mean (CudaCodecCache::encode_tokens), as CudaTurboQuantBatch's appends do.
-    if (batch > 1 && alike(as_const(caches)) && !first.center_.enabled()) {
-        std::vector<const uint8_t*> pools;
+    // One launch writes every sequence; centred keys are first shifted by their own sequence's
+    // mean, all in one launch too (KeyCenter::centred_batch).
+    if (batch > 1 && alike(as_const(caches))) {
+        std::vector<const uint8_t*> pools, damped;
         std::vector<int32_t> starts;
         int last = 0, pages = 1;
+        bool centring = false;
         for (const CudaCodecCache* c : caches) {
             pools.push_back(c->pages_->pool());
             starts.push_back(c->size_);
             last = std::max(last, c->size_);
             pages = std::max(pages, c->pages_->capacity_pages());
+            damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
+            centring = centring || c->center_.centering();
+            // The decodes' page phases, for the pool's capacity (CudaCodecCache::encode_tokens).
+            if (c->center_.enabled()) c->center_.reserve_pages(c->pages_->capacity_pages(), stream);
         }
         encode_arrays_.describe(pools, starts, pages, stream);
         SequenceSet at;
@@ -146,11 +151,24 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
         at.batch = batch;
         at.size = last;
         at.kin = kin_params(caches, stream);
-        first.backend_->encode(at, n_tokens, keys, values, stream);
+        const float* shifted = keys;
+        if (centring) {  // each sequence's damped mean (zeros where it does not centre)
+            centres_.describe(damped, starts, 1, stream);
+            shifted = first.center_.centred_batch(
+                keys, n_tokens, batch, reinterpret_cast<const float* const*>(centres_.pools()),
+                centres_.lens(), stream);
+        }
+        try {
+            first.backend_->encode(at, n_tokens, shifted, values, stream);
+        } catch (...) {
+            first.center_.release_scratch(stream);
+            throw;
+        }
+        first.center_.release_scratch(stream);
         for (CudaCodecCache* c : caches) c->size_ += n_tokens;
         return;
     }
-    for (int b = 0; b < batch; ++b) {  // one sequence, caches not alike, or centred keys
+    for (int b = 0; b < batch; ++b) {  // one sequence, or caches not alike
         CudaCodecCache& c = *caches[b];
         c.encode_tokens(keys + b * per_sequence, values + b * per_sequence, n_tokens, stream);
         c.size_ += n_tokens;
@@ -198,7 +216,7 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
         const CudaCodecCache& widest = **std::max_element(
             caches.begin(), caches.end(),
             [](const CudaCodecCache* x, const CudaCodecCache* y) { return x->size_ < y->size_; });
-        source.center = widest.center_params(stream);
+        source.center = widest.phase_params(stream);  // though widest may not centre
         source.center.damped = reinterpret_cast<const float* const*>(centres_.pools());
     }
     first.backend_->attend(source, queries, group, 1, out, scale, false, stream);

@@ -1,12 +1,13 @@
 // CudaCodecBatch: the decode steps of a batch of sequences on the generic path, one
 // CudaCodecCache per sequence (one layer's caches, of one config). One call appends every
-// sequence's new tokens after one input check and one synchronization, with one encode launch,
-// and one call attends over every sequence with one query-state, one attention and one merge
-// launch (each sequence read from and written to its own cache's pool), where the caches alone
-// take one of each per sequence. Caches whose codecs learned from their own sequence (rabitq's
-// centroids, trained on each prefill) batch too: the launches then read each sequence's codecs
-// through a small device array of their parameters (codec_params_view.h). The caches keep their
-// tokens; this object holds only the device arrays that describe the batch.
+// sequence's new tokens after one input check and one synchronization, with one encode launch
+// (centred keys: one more first, which shifts each sequence's keys by its own mean), and one call
+// attends over every sequence with one query-state, one attention and one merge launch (each
+// sequence read from and written to its own cache's pool), where the caches alone take one of each
+// per sequence. Caches whose codecs learned from their own sequence (rabitq's centroids, trained on
+// each prefill) batch too: the launches then read each sequence's codecs through a small device
+// array of their parameters (codec_params_view.h). The caches keep their tokens; this object holds
+// only the device arrays that describe the batch.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -67,7 +68,9 @@ private:
     InputCheck input_check_;
     BatchArrays encode_arrays_;  ///< the appends' pools and first positions
     BatchArrays arrays_;         ///< the attends' pools and sizes
-    BatchArrays centres_;        ///< centred keys: each sequence's damped key mean (as its "pool")
+    /// Centred keys: each sequence's damped key mean (as its "pool") and its first position (an
+    /// append's) or size (an attend's).
+    BatchArrays centres_;
     CodecParamsView* kin_views_ = nullptr;  ///< device [kin_capacity_]
     std::size_t kin_capacity_ = 0;
     std::vector<CodecParamsView> kin_uploaded_;  ///< what kin_views_ holds

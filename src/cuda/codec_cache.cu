@@ -177,7 +177,8 @@ void CudaCodecCache::encode_tokens(const float* keys, const float* values, int n
     at.pool = pages_->pool();
     at.page_table = pages_->page_table();
     at.size = size_;
-    if (center_.centering()) center_.reserve_pages(pages_->capacity_pages(), stream);
+    // Phases too where this cache does not centre: a batch may read them (phase_params).
+    if (center_.enabled()) center_.reserve_pages(pages_->capacity_pages(), stream);
     const float* shifted = center_.centred(keys, n_tokens, size_, stream);
     try {
         backend_->encode(at, n_tokens, shifted, values, stream);
@@ -189,8 +190,11 @@ void CudaCodecCache::encode_tokens(const float* keys, const float* values, int n
 }
 
 CenterParams CudaCodecCache::center_params(cudaStream_t stream) const {
+    return center_.centering() ? phase_params(stream) : CenterParams{};
+}
+
+CenterParams CudaCodecCache::phase_params(cudaStream_t stream) const {
     CenterParams c;
-    if (!center_.centering()) return c;
     // Reserved by the appends for the pool's capacity; pages uploaded without one are reserved
     // here (a device synchronization, so not in a graph capture).
     center_.reserve_pages((size_ + kTokensPerPage - 1) / kTokensPerPage, stream);

@@ -165,6 +165,9 @@ private:
     /// The attend's view of this cache's centre (damped: this cache's own mean; none where it
     /// does not centre), its page phases reserved for size_ tokens.
     CenterParams center_params(cudaStream_t stream) const;
+    /// center_params whether or not this cache centres (its mean then zero), with center_keys: a
+    /// batch's longest sequence lends its page phases to every sequence, centred or not.
+    CenterParams phase_params(cudaStream_t stream) const;
     /// Undoes train_on (and the backend it built) after a call that trained fails, as the CPU
     /// cache's append does: a save, or the next append, sees the cache as it was.
     void forget_training() noexcept;

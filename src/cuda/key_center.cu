@@ -113,26 +113,43 @@ void KeyCenter::estimate(const float* keys, int n, cudaStream_t stream) {
     set_mean(mean);
 }
 
-const float* KeyCenter::centred(const float* keys, int n, int pos0, cudaStream_t stream) {
-    if (!centering_ || n == 0) return keys;
-    const std::size_t count = static_cast<std::size_t>(heads_) * n * dim_;
+float* KeyCenter::centred_scratch(std::size_t count, cudaStream_t stream) {
     const std::size_t need = count * sizeof(float);
-    void* out = nullptr;
     if (need > kKeptScratchBytes) {
+        void* out = nullptr;
         check_cuda(cudaMallocAsync(&out, need, stream), "cudaMallocAsync(centred keys)");
         transient_ = static_cast<float*>(out);
-    } else {
-        ensure_device_bytes(scratch_, scratch_bytes_, need, "centred keys scratch");
-        out = scratch_;
+        return transient_;
     }
+    ensure_device_bytes(scratch_, scratch_bytes_, need, "centred keys scratch");
+    return static_cast<float*>(scratch_);
+}
+
+const float* KeyCenter::shift_into_scratch(const float* keys, int n, int batch,
+                                           const float* const* damped, const int32_t* starts,
+                                           int pos0, cudaStream_t stream) {
+    const std::size_t count = static_cast<std::size_t>(batch) * heads_ * n * dim_;
+    float* out = centred_scratch(count, stream);
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
     const std::size_t threads = count / 2;
     const unsigned blocks =
         static_cast<unsigned>((threads + kernels::kCenterThreads - 1) / kernels::kCenterThreads);
     kernels::shift_keys_kernel<<<blocks, kernels::kCenterThreads, 0, stream>>>(
-        c, damped_device_, keys, static_cast<float*>(out), n, pos0, -1.0f);
+        c, damped, starts, pos0, keys, out, n, batch, -1.0f);
     check_cuda(cudaGetLastError(), "shift_keys_kernel");
-    return static_cast<const float*>(out);
+    return out;
+}
+
+const float* KeyCenter::centred(const float* keys, int n, int pos0, cudaStream_t stream) {
+    if (!centering_ || n == 0) return keys;
+    return shift_into_scratch(keys, n, 1, damped_address_, nullptr, pos0, stream);
+}
+
+const float* KeyCenter::centred_batch(const float* keys, int n, int batch,
+                                      const float* const* damped, const int32_t* starts,
+                                      cudaStream_t stream) {
+    if (!enabled_ || n == 0) return keys;
+    return shift_into_scratch(keys, n, batch, damped, starts, 0, stream);
 }
 
 void KeyCenter::release_scratch(cudaStream_t stream) noexcept {
@@ -148,7 +165,7 @@ void KeyCenter::restore(float* keys, int n, int pos0, cudaStream_t stream) const
     const unsigned blocks =
         static_cast<unsigned>((threads + kernels::kCenterThreads - 1) / kernels::kCenterThreads);
     kernels::shift_keys_kernel<<<blocks, kernels::kCenterThreads, 0, stream>>>(
-        c, damped_device_, keys, keys, n, pos0, 1.0f);
+        c, damped_address_, nullptr, pos0, keys, keys, n, 1, 1.0f);
     check_cuda(cudaGetLastError(), "shift_keys_kernel");
 }
 

@@ -100,23 +100,28 @@ __global__ void __launch_bounds__(kCenterThreads)
     }
 }
 
-/// out[h][t] = keys[h][t] + sign * c_b(h) for the block b of position pos0 + t; damped
-/// [heads][dim] (mu_i A_i, mu elsewhere). One thread per (head, token, unit); out may be keys.
+/// out[b][h][t] = keys[b][h][t] + sign * c_blk(b, h) for the block blk of position pos0 + t
+/// (sequence b's pos0: starts[b], or `pos0` where starts is null) of each sequence b < batch;
+/// damped[b] that sequence's [heads][dim] (mu_i A_i, mu elsewhere). One thread per (sequence,
+/// head, token, unit); out may be keys.
 __global__ void __launch_bounds__(kCenterThreads)
-    shift_keys_kernel(KeyCenterView c, const float* damped, const float* keys, float* out, int n,
-                      int pos0, float sign) {
+    shift_keys_kernel(KeyCenterView c, const float* const* damped, const int32_t* starts, int pos0,
+                      const float* keys, float* out, int n, int batch, float sign) {
     const int units = c.dim / 2;
     const size_t at = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (at >= static_cast<size_t>(c.heads) * n * units) return;
+    if (at >= static_cast<size_t>(batch) * c.heads * n * units) return;
     const int u = static_cast<int>(at % units);
-    const size_t row = at / units;  // h * n + t
-    const int h = static_cast<int>(row / n), t = static_cast<int>(row % n);
+    const size_t row = at / units;  // (b * heads + h) * n + t
+    const int t = static_cast<int>(row % n);
+    const size_t bh = row / n;
+    const int h = static_cast<int>(bh % c.heads), b = static_cast<int>(bh / c.heads);
+    const int start = starts != nullptr ? starts[b] : pos0;
     int x, y;
     unit_coords(c, u, x, y);
-    const float* d = damped + static_cast<size_t>(h) * c.dim;
+    const float* d = damped[b] + static_cast<size_t>(h) * c.dim;
     float cx = d[x], cy = d[y];
     if (u < c.pairs) {
-        const int64_t block = (static_cast<int64_t>(pos0) + t) / kCenterBlock;
+        const int64_t block = (static_cast<int64_t>(start) + t) / kCenterBlock;
         const float2 p = rope_phase(c.inv_freq[u], static_cast<double>(kCenterBlock * block));
         const float nx = cx * p.x - cy * p.y;
         cy = cx * p.y + cy * p.x;

@@ -65,8 +65,15 @@ public:
     /// keys [heads][n][d] at positions pos0.. less their centres, in this object's scratch
     /// (valid until release_scratch), or keys itself when not centering.
     const float* centred(const float* keys, int n, int pos0, cudaStream_t stream);
-    /// Ends the use of centred()'s result: scratch over kKeptScratchBytes (a long prefill's) goes
-    /// back to the device's memory pool, ordered on `stream` after the encode that read it.
+    /// Keys [batch][heads][n][d] of a batch of sequences alike this one (KeyCenter::alike),
+    /// sequence b's at positions starts[b].. less its own centres: damped [batch] and starts
+    /// [batch] are device arrays (each sequence's damped(), and its first position). In this
+    /// object's scratch, as centred() (whether or not this sequence centres).
+    const float* centred_batch(const float* keys, int n, int batch, const float* const* damped,
+                               const int32_t* starts, cudaStream_t stream);
+    /// Ends the use of centred()'s or centred_batch()'s result: scratch over kKeptScratchBytes (a
+    /// long prefill's) goes back to the device's memory pool, ordered on `stream` after the encode
+    /// that read it.
     void release_scratch(cudaStream_t stream) noexcept;
     static constexpr std::size_t kKeptScratchBytes = std::size_t{32} << 20;
     /// keys [heads][n][d] at positions pos0.. plus their centres, in place.
@@ -103,6 +110,11 @@ public:
 
 private:
     void upload_damped();
+    // Scratch of `count` floats for centred keys (kept, or stream-ordered past
+    // kKeptScratchBytes), and the shift of `batch` sequences' keys into it.
+    float* centred_scratch(std::size_t count, cudaStream_t stream);
+    const float* shift_into_scratch(const float* keys, int n, int batch, const float* const* damped,
+                                    const int32_t* starts, int pos0, cudaStream_t stream);
 
     bool enabled_ = false;
     bool estimated_ = false;

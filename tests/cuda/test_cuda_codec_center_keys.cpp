@@ -178,7 +178,8 @@ TEST(CudaCodecCenterKeys, BatchOfKinSequencesWithTheirOwnMeans) {
         std::vector<std::unique_ptr<CudaCodecCache>> gpu;
         for (int b = 0; b < batch; ++b) {
             // Different lengths and means; sequence 2's first append is too short to estimate
-            // one, so it stays uncentred beside centred ones.
+            // one, so it stays uncentred beside centred ones: the shortest for three steps, then
+            // grown alone to the longest, whose page phases serve the batch.
             const int n = b == 2 ? 9 : 300 + 150 * b;
             const auto k =
                 vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9910 + b, 2.0 + b, s.half_split);
@@ -194,7 +195,16 @@ TEST(CudaCodecCenterKeys, BatchOfKinSequencesWithTheirOwnMeans) {
         CudaCodecBatch step;
         std::vector<CudaCodecCache*> all;
         for (auto& g : gpu) all.push_back(g.get());
-        for (int round = 0; round < 3; ++round) {  // a decode step: one token each, then attend
+        for (int round = 0; round < 6; ++round) {  // a decode step: one token each, then attend
+            if (round == 3) {  // the uncentred sequence grows alone to the longest
+                const int n = 800;
+                const auto k =
+                    vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9960, 2.0, s.half_split);
+                const auto v = vqtest::random_tokens(s.heads, n, s.d, 9961, 0.5f);
+                cpu[2]->append(k.data(), v.data(), n);
+                DeviceBuffer<float> dk(k), dv(v);
+                gpu[2]->append(dk.get(), dv.get(), n, nullptr);
+            }
             const auto k = vqtest::randn(static_cast<std::size_t>(batch) * s.heads * s.d,
                                          9930 + round),
                        v = vqtest::randn(k.size(), 9940 + round, 0.5f);
