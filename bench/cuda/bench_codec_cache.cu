@@ -8,7 +8,9 @@
 // device-to-device copy are timed in the same process as references. Calibrated methods are
 // calibrated on synthetic Gaussian activations (speed does not depend on the fit).
 // With BATCH > 1, also BATCH sequences of N tokens attended by one CudaCodecBatch call (one
-// launch of each kernel), the serving shape; every sequence's cache holds the same tokens.
+// launch of each kernel), the serving shape; every sequence's cache holds the same tokens; and a
+// decode step's appends through the batch (one token a sequence), by CudaCodecBatch and, for
+// turboquant_rvq, by the tuned CudaTurboQuantBatch.
 // Decodes are timed cold, as a model's layers read them: consecutive calls rotate over sets of
 // caches (same tokens) holding at least kRotateBytes of pages, far more than the 60 MB L2, as
 // bench_cuda_attention and torch_sdpa.py do. decode_warm_ms repeats one cache, whose pages then
@@ -43,6 +45,7 @@
 #include "cuda/codec_batch.h"
 #include "cuda/codec_cache.h"
 #include "cuda/cuda_cache.h"
+#include "cuda/turboquant_batch.h"
 #include "veloxquant/calibration.h"
 #include "veloxquant/config.h"
 
@@ -144,7 +147,8 @@ struct Result {
     std::string method;
     int tokens;
     double first_append_ms, encode_ms, step_append_ms, decode_ms, decode_warm_ms, prefill_ms,
-        tq_fast_decode_ms, page_mb, decode_gbps, batch_decode_ms, batch_decode_gbps;
+        tq_fast_decode_ms, page_mb, decode_gbps, batch_decode_ms, batch_decode_gbps,
+        batch_step_append_ms, tq_fast_batch_step_append_ms;
     int decode_sets, batch_sets;
     /// Device memory a cache takes beyond its nbytes() (allocation granularity, anything it
     /// holds uncounted): over the cold sets' extra caches, each appended and attended once.
@@ -195,7 +199,9 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
         const std::vector<int> token_counts =
             only_tokens > 0 ? std::vector<int>{only_tokens} : std::vector<int>{8192, 32768};
         for (const int n : token_counts) {
-            Result r{m.name, n, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+            Result r{};
+            r.method = m.name;
+            r.tokens = n;
             constexpr int kSteps = 20;  // one-token appends timed after the prefill
             // A fresh cache's first append: rabitq's training (gather, copy, k-means, upload)
             // and the encode, as a model's first prefill of a layer pays them.
@@ -262,6 +268,18 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                     step.attend(sets[i % sets.size()], queries, kQ, out, scale, nullptr);
                 }));
                 r.batch_decode_gbps = batch * r.page_mb * 1e6 / (r.batch_decode_ms * 1e-3) / 1e9;
+                // A decode step's appends through the batch: one token a sequence (any finite
+                // rows: the queries' first [batch][heads][1][d]).
+                std::vector<std::unique_ptr<CudaCodecCache>> growing;
+                std::vector<CudaCodecCache*> grown;
+                for (int b = 0; b < batch; ++b) {
+                    growing.push_back(
+                        std::make_unique<CudaCodecCache>(m.config, kKv, kD, n + kSteps));
+                    growing.back()->append(keys, values, n, nullptr);
+                    grown.push_back(growing.back().get());
+                }
+                r.batch_step_append_ms = median(time_ms(
+                    kSteps, [&](int) { step.append(grown, queries, queries, 1, nullptr); }));
             }
             if (m.config.method == "turboquant_rvq") {
                 std::vector<std::unique_ptr<CudaTurboQuantCache>> fast;
@@ -274,6 +292,19 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 r.tq_fast_decode_ms = median(time_ms(reps, [&](int i) {
                     fast[i % fast.size()]->attend(queries, kQ, out, scale, nullptr);
                 }));
+                if (batch > 1) {  // a decode step's appends through the tuned batch
+                    std::vector<std::unique_ptr<CudaTurboQuantCache>> growing;
+                    std::vector<CudaTurboQuantCache*> grown;
+                    for (int b = 0; b < batch; ++b) {
+                        growing.push_back(
+                            std::make_unique<CudaTurboQuantCache>(m.config, kKv, kD, n + kSteps));
+                        growing.back()->append(keys, values, n, nullptr);
+                        grown.push_back(growing.back().get());
+                    }
+                    CudaTurboQuantBatch step;
+                    r.tq_fast_batch_step_append_ms = median(time_ms(
+                        kSteps, [&](int) { step.append(grown, queries, queries, 1, nullptr); }));
+                }
             }
             std::printf(
                 "%-22s N=%5d first append %8.3f ms  encode %8.3f ms (%6.1f Mtok/s)  step append "
@@ -286,9 +317,11 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                         r.method.c_str(), n, r.unreported_mib_per_cache);
             if (batch > 1)
                 std::printf(
-                    "%-22s N=%5d batch %d decode %7.3f ms (%5.0f GB/s, %.2f of copy; %d sets)\n",
+                    "%-22s N=%5d batch %d decode %7.3f ms (%5.0f GB/s, %.2f of copy; %d sets)  "
+                    "step append %7.3f ms  tq-fast step append %7.3f ms\n",
                     r.method.c_str(), n, batch, r.batch_decode_ms, r.batch_decode_gbps,
-                    r.batch_decode_gbps / copy_gbps, r.batch_sets);
+                    r.batch_decode_gbps / copy_gbps, r.batch_sets, r.batch_step_append_ms,
+                    r.tq_fast_batch_step_append_ms);
             std::fflush(stdout);
             results.push_back(r);
         }
@@ -325,12 +358,14 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                      "\"decode_warm_ms\": %.4f, \"prefill_chunk_ms\": %.3f, "
                      "\"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, \"decode_gbps\": %.1f, "
                      "\"batch_decode_ms\": %.4f, \"batch_sets\": %d, "
-                     "\"batch_decode_gbps\": %.1f, \"unreported_mib_per_cache\": %.2f}%s\n",
+                     "\"batch_decode_gbps\": %.1f, \"batch_step_append_ms\": %.4f, "
+                     "\"tq_fast_batch_step_append_ms\": %.4f, "
+                     "\"unreported_mib_per_cache\": %.2f}%s\n",
                      r.method.c_str(), r.tokens, r.first_append_ms, r.encode_ms, r.step_append_ms,
                      r.decode_ms, r.decode_sets, r.decode_warm_ms, r.prefill_ms,
                      r.tq_fast_decode_ms, r.page_mb, r.decode_gbps, r.batch_decode_ms, r.batch_sets,
-                     r.batch_decode_gbps, r.unreported_mib_per_cache,
-                     i + 1 < results.size() ? "," : "");
+                     r.batch_decode_gbps, r.batch_step_append_ms, r.tq_fast_batch_step_append_ms,
+                     r.unreported_mib_per_cache, i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"held_mib_after_method\": {");
     for (std::size_t i = 0; i < held.size(); ++i)

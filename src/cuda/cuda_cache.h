@@ -80,7 +80,8 @@ struct TqDeviceTables {
 /// high part within [-127, 127].
 constexpr float kKeyI8Scale = 32512.0f;
 
-/// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence.
+/// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence, or of each
+/// of `batch` sequences, each in its own pool from its own first position.
 struct EncodeArgs {
     TqPageLayout layout;
     TqDeviceTables tables;
@@ -88,8 +89,13 @@ struct EncodeArgs {
     const int32_t* page_table = nullptr;  ///< page index in the pool of each page of the sequence
     int start = 0;
     int n_tokens = 0;
-    const float* keys = nullptr;    ///< [num_kv_heads][n_tokens][head_dim]
-    const float* values = nullptr;  ///< [num_kv_heads][n_tokens][head_dim]
+    const float* keys = nullptr;    ///< [batch][num_kv_heads][n_tokens][head_dim]
+    const float* values = nullptr;  ///< [batch][num_kv_heads][n_tokens][head_dim]
+    /// [batch] device arrays, or null (batch 1: `pool` from `start`): sequence b's pages lie in
+    /// pools[b] under page_table, its tokens from position starts[b] (CudaTurboQuantBatch).
+    uint8_t* const* pools = nullptr;
+    const int32_t* starts = nullptr;
+    int batch = 1;
 };
 
 /// Reconstruct tokens [start, start + n_tokens) of one sequence.

@@ -62,10 +62,67 @@ void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_,
                          first.key_bound_, first.value_bound_, stream, batch);
     for (CudaTurboQuantCache* c : caches) c->pages_.reserve(c->size_ + n_tokens);
+    if (batch == 1) {
+        first.encode_tokens(keys, values, n_tokens, stream);
+        return;
+    }
+    // Centred caches estimate their means on their first keys, every one before the encode. All
+    // or nothing: if an estimate or the encode throws, the caches estimated here forget it (as
+    // CudaTurboQuantCache::encode_tokens does) and no size changes.
     const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
-    for (int b = 0; b < batch; ++b)
-        caches[b]->encode_tokens(keys + b * per_sequence, values + b * per_sequence, n_tokens,
-                                 stream);
+    std::vector<CudaTurboQuantCache*> estimated;
+    try {
+        for (int b = 0; b < batch; ++b) {
+            KeyCenter& centre = caches[b]->center_;
+            if (centre.enabled() && !centre.estimated()) {
+                estimated.push_back(caches[b]);
+                centre.estimate(keys + b * per_sequence, n_tokens, stream);
+            }
+        }
+        encode(caches, keys, values, n_tokens, stream);
+    } catch (...) {
+        for (CudaTurboQuantCache* c : estimated) c->center_.forget();
+        throw;
+    }
+    for (CudaTurboQuantCache* c : caches) c->size_ += n_tokens;
+}
+
+void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
+                                 const float* values, int n_tokens, cudaStream_t stream) {
+    CudaTurboQuantCache& first = *caches[0];
+    std::vector<const uint8_t*> pools, damped;
+    std::vector<int32_t> starts;
+    int pages = 1;
+    bool centring = false;
+    for (CudaTurboQuantCache* c : caches) {
+        pools.push_back(c->pages_.pool());
+        starts.push_back(c->size_);
+        pages = std::max(pages, c->pages_.capacity_pages());
+        damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
+        centring = centring || c->center_.centering();
+        // The decodes' page phases, for the pool's capacity (as encode_tokens reserves them).
+        if (c->center_.enabled()) c->center_.reserve_pages(c->pages_.capacity_pages(), stream);
+    }
+    encode_arrays_.describe(pools, starts, pages, stream);
+    EncodeArgs a;
+    a.layout = first.host_.layout;
+    a.tables = first.tables_.get();
+    a.pools = const_cast<uint8_t* const*>(encode_arrays_.pools());
+    a.starts = encode_arrays_.lens();
+    a.page_table = encode_arrays_.page_table();
+    a.batch = static_cast<int>(caches.size());
+    a.n_tokens = n_tokens;
+    a.keys = keys;
+    a.values = values;
+    if (centring) {  // each sequence's keys less its own centres (zeros where it does not centre)
+        centres_.describe(damped, starts, 1, stream);
+        a.keys = first.center_.centred_batch(
+            keys, n_tokens, a.batch, reinterpret_cast<const float* const*>(centres_.pools()),
+            centres_.lens(), stream);
+    }
+    const cudaError_t err = launch_encode(a, stream);
+    first.center_.release_scratch(stream);
+    check_cuda(err, "launch_encode");
 }
 
 void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& caches,

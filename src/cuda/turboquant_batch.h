@@ -44,7 +44,8 @@ public:
 
     /// Device bytes held: the batch's arrays, the decode workspace and page bias.
     std::size_t nbytes() const {
-        return arrays_.nbytes() + centres_.nbytes() + workspace_bytes_ + page_bias_bytes_;
+        return encode_arrays_.nbytes() + arrays_.nbytes() + centres_.nbytes() + workspace_bytes_ +
+               page_bias_bytes_;
     }
 
 private:
@@ -52,12 +53,18 @@ private:
     /// of caches[0]'s codec, shape and device. The caches of the last batch that passed are
     /// remembered by serial: a decode loop compares each step's caches' tables only once.
     void check_batch(const std::vector<const CudaTurboQuantCache*>& caches, const char* what);
+    /// One encode launch for every sequence's new tokens (one more first for centred keys),
+    /// each written into its own cache's pool from its size; changes no size.
+    void encode(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
+                const float* values, int n_tokens, cudaStream_t stream);
 
     std::vector<uint64_t> checked_;  ///< serials of the last caches that passed check_batch
     InputCheck input_check_;
-    BatchArrays arrays_;
+    BatchArrays encode_arrays_;  ///< the appends' pools and first positions
+    BatchArrays arrays_;         ///< the attends' pools and lengths
     /// Centred keys: each sequence's damped key mean (KeyCenter::damped), as the pool pointers
-    /// of a second BatchArrays (an array of device pointers, uploaded the same way).
+    /// of another BatchArrays (an array of device pointers, uploaded the same way), with its
+    /// first position (an append's) or length (an attend's).
     BatchArrays centres_;
     void* workspace_ = nullptr;
     std::size_t workspace_bytes_ = 0;

@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
     __syncthreads();
 
     const int g = threadIdx.x % G;
-    const long long items = static_cast<long long>(L.num_kv_heads) * a.n_tokens;
+    const long long items = static_cast<long long>(a.batch) * L.num_kv_heads * a.n_tokens;
     const bool vec =
         ((reinterpret_cast<uintptr_t>(a.keys) | reinterpret_cast<uintptr_t>(a.values)) & 15) == 0;
     for (long long first = static_cast<long long>(blockIdx.x) * Shape::kTokens; first < items;
@@ -405,9 +405,13 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
         const long long want = first + threadIdx.x / G;
         const bool valid = want < items;
         const long long item = valid ? want : items - 1;
-        const int h = static_cast<int>(item / a.n_tokens);
-        const int pos = a.start + static_cast<int>(item % a.n_tokens);
-        uint8_t* block = head_block(a.pool, a.page_table, L, pos, h);
+        const long long row = item / a.n_tokens;  // b * num_kv_heads + h
+        const int h = static_cast<int>(row % L.num_kv_heads);
+        const int b = static_cast<int>(row / L.num_kv_heads);
+        const int pos =
+            (a.starts != nullptr ? a.starts[b] : a.start) + static_cast<int>(item % a.n_tokens);
+        uint8_t* block =
+            head_block(a.pools != nullptr ? a.pools[b] : a.pool, a.page_table, L, pos, h);
         const int slot = pos % kPage;
         float k[D / G], v[D / G];
         load_chunks<D, G>(k, a.keys + item * D, g, vec);

@@ -9,12 +9,24 @@
 namespace veloxquant::cuda {
 namespace {
 
-/// Encode and dequantize arguments: a supported layout, a token range, and the buffers.
+/// Encode and dequantize arguments: a supported layout, a token count, a page table and the
+/// buffers; args_valid adds one sequence's pool and first position.
+template <typename Args>
+bool tokens_valid(const Args& a) {
+    return layout_supported(a.layout) && a.n_tokens >= 0 && a.page_table != nullptr &&
+           (a.n_tokens == 0 || (a.keys != nullptr && a.values != nullptr));
+}
+
 template <typename Args>
 bool args_valid(const Args& a) {
-    return layout_supported(a.layout) && a.n_tokens >= 0 && a.start >= 0 && a.pool != nullptr &&
-           a.page_table != nullptr &&
-           (a.n_tokens == 0 || (a.keys != nullptr && a.values != nullptr));
+    return tokens_valid(a) && a.start >= 0 && a.pool != nullptr;
+}
+
+/// An encode's arguments: one sequence's, or a batch's, whose pools and starts (device arrays,
+/// not read here) stand for `pool` and `start`.
+bool encode_args_valid(const EncodeArgs& a) {
+    if (a.pools == nullptr && a.starts == nullptr) return a.batch == 1 && args_valid(a);
+    return a.pools != nullptr && a.starts != nullptr && a.batch >= 1 && tokens_valid(a);
 }
 
 /// Launches encode_kernel<D, G, KB, VB> with as many blocks as fit on the device, or one per
@@ -31,7 +43,7 @@ cudaError_t launch_encode_kernel(const EncodeArgs& a, cudaStream_t stream) {
                                                             kernels::kEncodeThreads, 0);
     if (err != cudaSuccess) return err;
     constexpr int kTokens = kernels::EncodeShape<D, G>::kTokens;
-    const long long items = static_cast<long long>(a.layout.num_kv_heads) * a.n_tokens;
+    const long long items = static_cast<long long>(a.batch) * a.layout.num_kv_heads * a.n_tokens;
     const long long steps = (items + kTokens - 1) / kTokens;
     const long long resident = static_cast<long long>(std::max(per_sm, 1)) * sms;
     kernel<<<static_cast<unsigned>(std::min(steps, resident)), kernels::kEncodeThreads, 0,
@@ -75,7 +87,7 @@ cudaError_t launch_bulk_encode(const EncodeArgs& a, cudaStream_t stream) {
 constexpr int kShortAppend = 32;
 
 cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
-    if (!args_valid(a)) return cudaErrorInvalidValue;
+    if (!encode_args_valid(a)) return cudaErrorInvalidValue;
     if (a.n_tokens == 0) return cudaSuccess;
     const bool short_append = a.n_tokens < kShortAppend;
     if (a.layout.head_dim == 64)

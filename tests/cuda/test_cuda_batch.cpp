@@ -1,8 +1,9 @@
 // CudaTurboQuantBatch against each sequence's own CudaTurboQuantCache and the CPU
 // TurboQuantRVQKVCache: a batched decode step stores the codes the cache alone stores (byte for
-// byte), one launch attends as each cache alone does, across a pool that grows mid-batch; and
-// bad input (NaN in one sequence, a full cache, mismatched or repeated caches) changes no cache.
-// Skips cleanly without a CUDA device.
+// byte), one launch attends as each cache alone does, across a pool that grows mid-batch; batched
+// prefills and steps into caches of different sizes, centred or not, store and estimate what each
+// cache alone does; and bad input (NaN in one sequence, a full cache, mismatched or repeated
+// caches) changes no cache. Skips cleanly without a CUDA device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -14,6 +15,7 @@
 #include "cuda/cuda_cache.h"
 #include "cuda/turboquant_batch.h"
 #include "cuda_test_helpers.h"
+#include "rope_test_keys.h"
 #include "test_helpers.h"
 #include "veloxquant/caches.h"
 
@@ -111,6 +113,81 @@ TEST(CudaBatch, StepsMatchEachSequencesCacheAndTheCpu) {
         for (int b = 0; b < batch; ++b) EXPECT_EQ(held_pages(*joint[b]), held_pages(*solo[b]));
         EXPECT_GT(step.nbytes(), 0u);
     }
+}
+
+TEST(CudaBatch, BatchAppendsStoreWhatEachCacheAloneStores) {
+    SKIP_WITHOUT_DEVICE();
+    // Sequences of 0, 70 and 9 + 100 tokens (appended alone), then prefills (the bulk encoder)
+    // and steps (the short one) through the batch. With centred keys the empty cache estimates
+    // its mean on the batch's first append, and the third stays uncentred (its first append was
+    // too short) yet is the longest: its page phases serve the whole batch's decode.
+    const std::vector<Shape> shapes = {{128, 2, 1, 4, 2}, {64, 1, 1, 2, 3}};
+    const std::vector<std::vector<int>> before = {{}, {70}, {9, 100}};
+    const std::vector<int> appends = {300, 1, 5, 40};
+    const int batch = static_cast<int>(before.size()), group = 4;
+    uint64_t seed = 2300;
+    for (const bool centred : {false, true})
+        for (const Shape& s : shapes) {
+            SCOPED_TRACE(std::string(centred ? "centred" : "uncentred") + " d" +
+                         std::to_string(s.d) + " k" + std::to_string(s.bits));
+            KVCacheConfig c = config_of(s);
+            c.center_keys = centred;
+            c.rope_inv_freq = vqtest::rope_freqs(s.d);
+            c.rope_half_split = true;
+            auto keys_of = [&](int n) {  // [batch][heads][n][d], each sequence its own mean
+                std::vector<float> k;
+                for (int b = 0; b < batch; ++b) {
+                    const auto one =
+                        vqtest::rope_keys(s.heads, n, s.d, c.rope_inv_freq, ++seed, 2.0 + b, true);
+                    k.insert(k.end(), one.begin(), one.end());
+                }
+                return k;
+            };
+            std::vector<std::unique_ptr<CudaTurboQuantCache>> solo, joint;
+            std::vector<CudaTurboQuantCache*> appendees;
+            for (int b = 0; b < batch; ++b) {
+                solo.push_back(std::make_unique<CudaTurboQuantCache>(c, s.heads, s.d, 4096));
+                joint.push_back(std::make_unique<CudaTurboQuantCache>(c, s.heads, s.d, 4096));
+                appendees.push_back(joint[b].get());
+                for (const int n : before[b]) {
+                    DeviceBuffer<float> dk(
+                        vqtest::rope_keys(s.heads, n, s.d, c.rope_inv_freq, ++seed, 1.0, true)),
+                        dv(random_tokens(s.heads, n, s.d, ++seed, 1.0f));
+                    solo[b]->append(dk.get(), dv.get(), n, nullptr);
+                    joint[b]->append(dk.get(), dv.get(), n, nullptr);
+                }
+            }
+            CudaTurboQuantBatch step;
+            for (const int n : appends) {
+                SCOPED_TRACE("append " + std::to_string(n));
+                const std::size_t per = static_cast<std::size_t>(s.heads) * n * s.d;
+                DeviceBuffer<float> dk(keys_of(n)),
+                    dv(random_tokens(batch * s.heads, n, s.d, ++seed, 1.0f));
+                step.append(appendees, dk.get(), dv.get(), n, nullptr);
+                for (int b = 0; b < batch; ++b)
+                    solo[b]->append(dk.get() + b * per, dv.get() + b * per, n, nullptr);
+                for (int b = 0; b < batch; ++b) {
+                    SCOPED_TRACE("sequence " + std::to_string(b));
+                    ASSERT_EQ(joint[b]->size(), solo[b]->size());
+                    EXPECT_EQ(joint[b]->key_center().mean(), solo[b]->key_center().mean());
+                    EXPECT_EQ(joint[b]->key_center().centering(), centred && b != 2);
+                    EXPECT_EQ(held_pages(*joint[b]), held_pages(*solo[b]));
+                }
+                const int hq = group * s.heads;
+                const std::size_t per_query = static_cast<std::size_t>(hq) * s.d;
+                const auto q = vqtest::randn(batch * per_query, ++seed, 0.1f);
+                DeviceBuffer<float> dq(q), dout(q.size()), dsolo(per_query);
+                step.attend(
+                    std::vector<const CudaTurboQuantCache*>(appendees.begin(), appendees.end()),
+                    dq.get(), hq, dout.get(), 0.1f, nullptr);
+                const auto got = dout.download();
+                for (int b = 0; b < batch; ++b) {
+                    solo[b]->attend(dq.get() + b * per_query, hq, dsolo.get(), 0.1f, nullptr);
+                    EXPECT_LE(relative_error(row_of(got, b, per_query), dsolo.download()), 1e-5)
+                        << "sequence " << b;
+                }
+            }
+        }
 }
 
 TEST(CudaBatch, BadInputChangesNoCache) {

@@ -152,7 +152,8 @@ TEST(CudaCenterKeys, BatchOfSequencesWithTheirOwnMeans) {
     std::vector<std::unique_ptr<CudaTurboQuantCache>> gpu;
     for (int b = 0; b < batch; ++b) {
         // Different lengths (the last page part full) and means; sequence 2's first append is
-        // too short to estimate one, so it stays uncentred beside centred ones.
+        // too short to estimate one, so it stays uncentred beside centred ones: the shortest for
+        // three steps, then grown alone to the longest, whose page phases serve the batch.
         const int n = b == 2 ? 9 : 300 + 150 * b;
         const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9310 + b, 2.0 + b, true);
         const auto v = vqtest::random_tokens(s.heads, n, s.d, 9320 + b, 0.5f);
@@ -167,7 +168,15 @@ TEST(CudaCenterKeys, BatchOfSequencesWithTheirOwnMeans) {
     CudaTurboQuantBatch step;
     std::vector<CudaTurboQuantCache*> all;
     for (auto& g : gpu) all.push_back(g.get());
-    for (int round = 0; round < 3; ++round) {  // a decode step: one token each, then attend
+    for (int round = 0; round < 6; ++round) {  // a decode step: one token each, then attend
+        if (round == 3) {                      // the uncentred sequence grows alone to the longest
+            const int n = 800;
+            const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9360, 2.0, true);
+            const auto v = vqtest::random_tokens(s.heads, n, s.d, 9361, 0.5f);
+            cpu[2]->append(k.data(), v.data(), n);
+            DeviceBuffer<float> dk(k), dv(v);
+            gpu[2]->append(dk.get(), dv.get(), n, nullptr);
+        }
         const auto k = vqtest::randn(static_cast<std::size_t>(batch) * s.heads * s.d, 9330 + round),
                    v = vqtest::randn(k.size(), 9340 + round, 0.5f);
         DeviceBuffer<float> dk(k), dv(v);
