@@ -531,9 +531,11 @@ def test_transformers_gpu_layers_follow_the_default_cache():
     cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
     assert cpu.devices == ["cpu", "cpu"]
 
-    # Out of scope on the GPU (an outlier observer): auto falls back to the CPU, cuda refuses.
+    # Out of scope on the GPU (an outlier observer): auto falls back to the CPU, saying so, and
+    # cuda refuses.
     observed = KVCacheConfig(method="fp16", outlier_observer=KeyNormObserver())
-    assert VeloxQuantCache.from_model(model, observed).devices == ["cpu", "cpu"]
+    with pytest.warns(RuntimeWarning, match="2 of 2 layers keep their codes on the CPU"):
+        assert VeloxQuantCache.from_model(model, observed).devices == ["cpu", "cpu"]
     with pytest.raises(ValueError, match="outside the CUDA backend"):
         VeloxQuantCache.from_model(model, observed, backend="cuda")
     # crop / reset on GPU layers
