@@ -80,8 +80,15 @@ struct TqDeviceTables {
 /// high part within [-127, 127].
 constexpr float kKeyI8Scale = 32512.0f;
 
-/// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence, or of each
-/// of `batch` sequences, each in its own pool from its own first position.
+/// Appends of fewer tokens than this (decode steps) take an encoder that spreads each token over
+/// D / 8 lanes, for latency, and may hold a batch of sequences (EncodeArgs::pools); longer ones
+/// take the bulk encoders, D / 32 lanes a token for throughput, one sequence a launch (the
+/// batch's indexing cost them 2-5%: bench/results/cuda_h100_20261205zx_batched_appends.md).
+constexpr int kShortAppendTokens = 32;
+
+/// Encode n_tokens new tokens at positions [start, start + n_tokens) of one sequence, or, under
+/// kShortAppendTokens, of each of `batch` sequences, each in its own pool from its own first
+/// position.
 struct EncodeArgs {
     TqPageLayout layout;
     TqDeviceTables tables;

@@ -90,6 +90,7 @@ void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches
 void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
                                  const float* values, int n_tokens, cudaStream_t stream) {
     CudaTurboQuantCache& first = *caches[0];
+    const int batch = static_cast<int>(caches.size());
     std::vector<const uint8_t*> pools, damped;
     std::vector<int32_t> starts;
     int pages = 1;
@@ -103,24 +104,40 @@ void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches
         // The decodes' page phases, for the pool's capacity (as encode_tokens reserves them).
         if (c->center_.enabled()) c->center_.reserve_pages(c->pages_.capacity_pages(), stream);
     }
-    encode_arrays_.describe(pools, starts, pages, stream);
+    const bool short_append = n_tokens < kShortAppendTokens;
+    if (short_append) encode_arrays_.describe(pools, starts, pages, stream);
+    const float* shifted = keys;
+    if (centring) {  // each sequence's keys less its own centres (zeros where it does not centre)
+        centres_.describe(damped, starts, 1, stream);
+        shifted = first.center_.centred_batch(
+            keys, n_tokens, batch, reinterpret_cast<const float* const*>(centres_.pools()),
+            centres_.lens(), stream);
+    }
     EncodeArgs a;
     a.layout = first.host_.layout;
     a.tables = first.tables_.get();
-    a.pools = const_cast<uint8_t* const*>(encode_arrays_.pools());
-    a.starts = encode_arrays_.lens();
-    a.page_table = encode_arrays_.page_table();
-    a.batch = static_cast<int>(caches.size());
     a.n_tokens = n_tokens;
-    a.keys = keys;
-    a.values = values;
-    if (centring) {  // each sequence's keys less its own centres (zeros where it does not centre)
-        centres_.describe(damped, starts, 1, stream);
-        a.keys = first.center_.centred_batch(
-            keys, n_tokens, a.batch, reinterpret_cast<const float* const*>(centres_.pools()),
-            centres_.lens(), stream);
+    cudaError_t err = cudaSuccess;
+    if (short_append) {  // a decode step: one launch for every sequence
+        a.pools = const_cast<uint8_t* const*>(encode_arrays_.pools());
+        a.starts = encode_arrays_.lens();
+        a.page_table = encode_arrays_.page_table();
+        a.batch = batch;
+        a.keys = shifted;
+        a.values = values;
+        err = launch_encode(a, stream);
+    } else {  // prefills: the bulk encoders, a launch a sequence
+        const size_t per_sequence =
+            static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
+        for (int b = 0; b < batch && err == cudaSuccess; ++b) {
+            a.pool = caches[b]->pages_.pool();
+            a.page_table = caches[b]->pages_.page_table();
+            a.start = caches[b]->size_;
+            a.keys = shifted + b * per_sequence;
+            a.values = values + b * per_sequence;
+            err = launch_encode(a, stream);
+        }
     }
-    const cudaError_t err = launch_encode(a, stream);
     first.center_.release_scratch(stream);
     check_cuda(err, "launch_encode");
 }

@@ -53,8 +53,9 @@ private:
     /// of caches[0]'s codec, shape and device. The caches of the last batch that passed are
     /// remembered by serial: a decode loop compares each step's caches' tables only once.
     void check_batch(const std::vector<const CudaTurboQuantCache*>& caches, const char* what);
-    /// One encode launch for every sequence's new tokens (one more first for centred keys),
-    /// each written into its own cache's pool from its size; changes no size.
+    /// Encodes every sequence's new tokens into its own cache's pool from its size: a decode
+    /// step's (under kShortAppendTokens) in one launch, a prefill's a launch a sequence; centred
+    /// keys are shifted first, all in one launch. Changes no size.
     void encode(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
                 const float* values, int n_tokens, cudaStream_t stream);
 

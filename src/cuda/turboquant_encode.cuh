@@ -372,7 +372,9 @@ __device__ __forceinline__ void encode_group_values(float (&x)[D / G], const Enc
 /// Blocks loop over steps of kTokens items (item = head * n_tokens + token, so a step reads
 /// consecutive rows of the [heads][n][D] inputs). Lanes past the last item encode a copy of it
 /// (every lane takes part in the shuffles) and store nothing. KB, VB: the key and value bits the
-/// kernel is specialized to (the layout's), or 0 for a kernel that reads them from the layout.
+/// kernel is specialized to (the layout's), or 0 for a kernel that reads them from the layout:
+/// the short appends' encoder, which alone takes a batch of sequences (EncodeArgs::pools; item =
+/// (sequence * heads + head) * n_tokens + token).
 template <int D, int G, int KB, int VB>
 __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
     encode_kernel(const EncodeArgs a) {
@@ -405,13 +407,18 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
         const long long want = first + threadIdx.x / G;
         const bool valid = want < items;
         const long long item = valid ? want : items - 1;
-        const long long row = item / a.n_tokens;  // b * num_kv_heads + h
-        const int h = static_cast<int>(row % L.num_kv_heads);
-        const int b = static_cast<int>(row / L.num_kv_heads);
-        const int pos =
-            (a.starts != nullptr ? a.starts[b] : a.start) + static_cast<int>(item % a.n_tokens);
-        uint8_t* block =
-            head_block(a.pools != nullptr ? a.pools[b] : a.pool, a.page_table, L, pos, h);
+        const int token = static_cast<int>(item % a.n_tokens);
+        int h = static_cast<int>(item / a.n_tokens), pos = a.start + token;
+        uint8_t* pool = a.pool;
+        if constexpr (KB == 0) {
+            if (a.pools != nullptr) {  // a short append's batch: h counts b * heads + head
+                const int b = h / L.num_kv_heads;
+                h -= b * L.num_kv_heads;
+                pos = a.starts[b] + token;
+                pool = a.pools[b];
+            }
+        }
+        uint8_t* block = head_block(pool, a.page_table, L, pos, h);
         const int slot = pos % kPage;
         float k[D / G], v[D / G];
         load_chunks<D, G>(k, a.keys + item * D, g, vec);

@@ -22,11 +22,12 @@ bool args_valid(const Args& a) {
     return tokens_valid(a) && a.start >= 0 && a.pool != nullptr;
 }
 
-/// An encode's arguments: one sequence's, or a batch's, whose pools and starts (device arrays,
-/// not read here) stand for `pool` and `start`.
+/// An encode's arguments: one sequence's, or a short append's batch, whose pools and starts
+/// (device arrays, not read here) stand for `pool` and `start`.
 bool encode_args_valid(const EncodeArgs& a) {
     if (a.pools == nullptr && a.starts == nullptr) return a.batch == 1 && args_valid(a);
-    return a.pools != nullptr && a.starts != nullptr && a.batch >= 1 && tokens_valid(a);
+    return a.pools != nullptr && a.starts != nullptr && a.batch >= 1 &&
+           a.n_tokens < kShortAppendTokens && tokens_valid(a);
 }
 
 /// Launches encode_kernel<D, G, KB, VB> with as many blocks as fit on the device, or one per
@@ -82,14 +83,10 @@ cudaError_t launch_bulk_encode(const EncodeArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-/// Appends of fewer tokens (decode steps) spread each token over D / 8 lanes, for latency;
-/// longer ones over D / 32 lanes, for throughput.
-constexpr int kShortAppend = 32;
-
 cudaError_t launch_encode(const EncodeArgs& a, cudaStream_t stream) {
     if (!encode_args_valid(a)) return cudaErrorInvalidValue;
     if (a.n_tokens == 0) return cudaSuccess;
-    const bool short_append = a.n_tokens < kShortAppend;
+    const bool short_append = a.n_tokens < kShortAppendTokens;
     if (a.layout.head_dim == 64)
         return short_append ? launch_encode_kernel<64, 8, 0, 0>(a, stream)
                             : launch_bulk_encode<64>(a, stream);
