@@ -3,7 +3,8 @@
 // error 1e-3) on the same codes, the batched launcher with a shuffled page table (also with
 // each count of lookup-table copies in shared memory), and the
 // device cache end to end against TurboQuantRVQKVCache. Every device test skips cleanly when
-// no CUDA device is present; the host tables' check runs everywhere.
+// no CUDA device is present; the host tables' check and the launchers' argument checks run
+// everywhere.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -200,6 +201,39 @@ TEST(CudaParity, DecodeRefusesMissingTables) {
         EXPECT_EQ(launch_decode_attention(b, nullptr), cudaErrorInvalidValue) << "scale " << scale;
         EXPECT_EQ(decode_workspace_bytes(b), 0u);
     }
+}
+
+// An encode's batch (EncodeArgs::pools and starts, device arrays) is for the short appends'
+// encoder: both arrays or neither, batch >= 1, and under kShortAppendTokens tokens a sequence;
+// anything else is refused before any device call (host only: the stand-ins are never read).
+TEST(CudaParity, EncodeRefusesMalformedBatches) {
+    const TqHostTables host = make_host_tables(make_config({128, 1, 1, 2, 2}, 3), 2, 128, 0);
+    std::vector<float> stand_in(16);
+    std::vector<uint8_t*> pools(2, reinterpret_cast<uint8_t*>(stand_in.data()));
+    const std::vector<int32_t> starts(2, 0);
+    EncodeArgs a;
+    a.layout = host.layout;
+    a.page_table = starts.data();
+    a.keys = a.values = stand_in.data();
+    a.pools = pools.data();
+    a.starts = starts.data();
+    a.batch = 2;
+    a.n_tokens = 0;  // well formed, and nothing to encode: no launch
+    EXPECT_EQ(launch_encode(a, nullptr), cudaSuccess);
+    EncodeArgs b = a;
+    b.n_tokens = kShortAppendTokens;  // a prefill's batch: the bulk encoders take one sequence
+    EXPECT_EQ(launch_encode(b, nullptr), cudaErrorInvalidValue);
+    b = a, b.starts = nullptr;
+    EXPECT_EQ(launch_encode(b, nullptr), cudaErrorInvalidValue);
+    b = a, b.pools = nullptr;
+    EXPECT_EQ(launch_encode(b, nullptr), cudaErrorInvalidValue);
+    b = a, b.batch = 0;
+    EXPECT_EQ(launch_encode(b, nullptr), cudaErrorInvalidValue);
+    b = a, b.pools = nullptr, b.starts = nullptr;  // no arrays: one sequence, so batch 1
+    b.pool = reinterpret_cast<uint8_t*>(stand_in.data());
+    EXPECT_EQ(launch_encode(b, nullptr), cudaErrorInvalidValue);
+    b.batch = 1;
+    EXPECT_EQ(launch_encode(b, nullptr), cudaSuccess);
 }
 
 // Today's layouts of the three benchmarked decodes take the mixed-row kernels on sm_90 at head
