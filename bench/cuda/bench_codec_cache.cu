@@ -162,6 +162,25 @@ double device_free_mib() {
     return static_cast<double>(free) / (1 << 20);
 }
 
+constexpr int kSteps = 20;  // one-token appends timed after a prefill
+
+/// The median time of a decode step's appends through a Batch (CudaCodecBatch or
+/// CudaTurboQuantBatch): `batch` caches of n tokens each take one token a sequence, from `rows`
+/// (any finite [batch][heads][1][d] floats).
+template <class Cache, class Batch>
+double batch_step_append_ms(const KVCacheConfig& config, int batch, int n, const float* keys,
+                            const float* values, const float* rows) {
+    std::vector<std::unique_ptr<Cache>> growing;
+    std::vector<Cache*> grown;
+    for (int b = 0; b < batch; ++b) {
+        growing.push_back(std::make_unique<Cache>(config, kKv, kD, n + kSteps));
+        growing.back()->append(keys, values, n, nullptr);
+        grown.push_back(growing.back().get());
+    }
+    Batch step;
+    return median(time_ms(kSteps, [&](int) { step.append(grown, rows, rows, 1, nullptr); }));
+}
+
 }  // namespace
 
 int run(const char* out_path, const std::string& only_method, int only_tokens, int batch) {
@@ -202,7 +221,6 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
             Result r{};
             r.method = m.name;
             r.tokens = n;
-            constexpr int kSteps = 20;  // one-token appends timed after the prefill
             // A fresh cache's first append: rabitq's training (gather, copy, k-means, upload)
             // and the encode, as a model's first prefill of a layer pays them.
             std::vector<std::unique_ptr<CudaCodecCache>> fresh;
@@ -268,18 +286,8 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                     step.attend(sets[i % sets.size()], queries, kQ, out, scale, nullptr);
                 }));
                 r.batch_decode_gbps = batch * r.page_mb * 1e6 / (r.batch_decode_ms * 1e-3) / 1e9;
-                // A decode step's appends through the batch: one token a sequence (any finite
-                // rows: the queries' first [batch][heads][1][d]).
-                std::vector<std::unique_ptr<CudaCodecCache>> growing;
-                std::vector<CudaCodecCache*> grown;
-                for (int b = 0; b < batch; ++b) {
-                    growing.push_back(
-                        std::make_unique<CudaCodecCache>(m.config, kKv, kD, n + kSteps));
-                    growing.back()->append(keys, values, n, nullptr);
-                    grown.push_back(growing.back().get());
-                }
-                r.batch_step_append_ms = median(time_ms(
-                    kSteps, [&](int) { step.append(grown, queries, queries, 1, nullptr); }));
+                r.batch_step_append_ms = batch_step_append_ms<CudaCodecCache, CudaCodecBatch>(
+                    m.config, batch, n, keys, values, queries);
             }
             if (m.config.method == "turboquant_rvq") {
                 std::vector<std::unique_ptr<CudaTurboQuantCache>> fast;
@@ -292,19 +300,10 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 r.tq_fast_decode_ms = median(time_ms(reps, [&](int i) {
                     fast[i % fast.size()]->attend(queries, kQ, out, scale, nullptr);
                 }));
-                if (batch > 1) {  // a decode step's appends through the tuned batch
-                    std::vector<std::unique_ptr<CudaTurboQuantCache>> growing;
-                    std::vector<CudaTurboQuantCache*> grown;
-                    for (int b = 0; b < batch; ++b) {
-                        growing.push_back(
-                            std::make_unique<CudaTurboQuantCache>(m.config, kKv, kD, n + kSteps));
-                        growing.back()->append(keys, values, n, nullptr);
-                        grown.push_back(growing.back().get());
-                    }
-                    CudaTurboQuantBatch step;
-                    r.tq_fast_batch_step_append_ms = median(time_ms(
-                        kSteps, [&](int) { step.append(grown, queries, queries, 1, nullptr); }));
-                }
+                if (batch > 1)
+                    r.tq_fast_batch_step_append_ms =
+                        batch_step_append_ms<CudaTurboQuantCache, CudaTurboQuantBatch>(
+                            m.config, batch, n, keys, values, queries);
             }
             std::printf(
                 "%-22s N=%5d first append %8.3f ms  encode %8.3f ms (%6.1f Mtok/s)  step append "
