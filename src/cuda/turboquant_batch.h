@@ -1,9 +1,9 @@
 // CudaTurboQuantBatch: the decode steps of a batch of sequences whose caches (one
 // CudaTurboQuantCache per sequence, of one layer) share a config. One call appends every
-// sequence's new tokens after one input check and one synchronization of the stream, and one
-// split-K decode launch attends over every sequence, each read from its own page pool
-// (DecodeArgs::pools), where the caches alone take one check, one synchronization and one
-// decode per sequence. The caches stay the owners of their tokens; this object holds only the
+// sequence's new tokens after one input check and one synchronization of the stream, with one
+// encode launch (a decode step's; EncodeArgs::pools), and one split-K decode launch attends over
+// every sequence, each read from its own page pool (DecodeArgs::pools), where the caches alone
+// take one check, one synchronization, one encode and one decode per sequence. The caches stay the owners of their tokens; this object holds only the
 // device arrays that describe the batch (pool pointers, lengths, page table) and the decode's
 // workspace.
 #pragma once
