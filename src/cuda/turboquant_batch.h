@@ -3,9 +3,9 @@
 // sequence's new tokens after one input check and one synchronization of the stream, with one
 // encode launch (a decode step's; EncodeArgs::pools), and one split-K decode launch attends over
 // every sequence, each read from its own page pool (DecodeArgs::pools), where the caches alone
-// take one check, one synchronization, one encode and one decode per sequence. The caches stay the owners of their tokens; this object holds only the
-// device arrays that describe the batch (pool pointers, lengths, page table) and the decode's
-// workspace.
+// take one check, one synchronization, one encode and one decode per sequence. The caches stay
+// the owners of their tokens; this object holds only the device arrays that describe the batch
+// (pool pointers, lengths, page table) and the decode's workspace.
 #pragma once
 
 #include <cuda_runtime.h>
