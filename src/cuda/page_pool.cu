@@ -12,8 +12,8 @@
 namespace veloxquant::cuda {
 
 int grown_pool_pages(int needed, int capacity, int max_pages, std::size_t page_bytes) {
-    const long long at_least = std::max<long long>(
-        {needed, capacity + (capacity + 3) / 4, std::min(16, max_pages)});
+    const long long at_least =
+        std::max<long long>({needed, capacity + (capacity + 3) / 4, std::min(16, max_pages)});
     const std::size_t bytes = static_cast<std::size_t>(at_least) * page_bytes;
     if (bytes <= kAllocationGranule / 2)  // taken as asked (in 32 KB steps, not whole granules)
         return static_cast<int>(std::min<long long>(max_pages, at_least));

@@ -19,9 +19,9 @@ constexpr std::size_t kAllocationGranule = std::size_t{2} << 20;
 
 /// The pages a pool of `capacity` pages grows to so as to hold `needed` (> capacity): at least a
 /// quarter more than it held and 16 at first, then, above 1 MiB, as many as fill the last 2 MiB
-/// granule, at most max_pages. A quarter instead of a doubling: a cache created for a long max_seq_len holds
-/// at most ~25% of unused pages, and re-copying its pool ~3 times per doubling of the context
-/// costs a device copy of well under a millisecond each.
+/// granule, at most max_pages. A quarter instead of a doubling: a cache created for a long
+/// max_seq_len holds at most ~25% of unused pages, and re-copying its pool ~3 times per doubling of
+/// the context costs a device copy of well under a millisecond each.
 int grown_pool_pages(int needed, int capacity, int max_pages, std::size_t page_bytes);
 
 class DevicePagePool {

@@ -35,7 +35,7 @@ struct TeamEncoder<dev::SpectralDevice> {
     __device__ static void encode(const Spectral::Params& p, const float* key, int, uint8_t* code,
                                   float* scalars, int) {
         __shared__ double kc[dev::kMaxDim];  // key - mean
-        __shared__ float y[dev::kMaxDim];  // as the one-thread encoder keeps y_r
+        __shared__ float y[dev::kMaxDim];    // as the one-thread encoder keeps y_r
         __shared__ double ys[dev::kMaxDim];
         __shared__ uint8_t slot_bits[dev::kMaxDim];
         __shared__ uint8_t cand[dev::kMaxDim * kChunk];  // [slot][spread - f0]
