@@ -147,59 +147,12 @@ TEST(CudaCenterKeys, BatchOfSequencesWithTheirOwnMeans) {
     SKIP_WITHOUT_DEVICE();
     const Case s = kCases[0];
     const KVCacheConfig c = config_of(s, 9300);
-    const int batch = 3, hq = 4 * s.heads;
-    std::vector<std::unique_ptr<TurboQuantRVQKVCache>> cpu;
-    std::vector<std::unique_ptr<CudaTurboQuantCache>> gpu;
-    for (int b = 0; b < batch; ++b) {
-        // Different lengths (the last page part full) and means; sequence 2's first append is
-        // too short to estimate one, so it stays uncentred beside centred ones: the shortest for
-        // three steps, then grown alone to the longest, whose page phases serve the batch.
-        const int n = b == 2 ? 9 : 300 + 150 * b;
-        const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9310 + b, 2.0 + b, true);
-        const auto v = vqtest::random_tokens(s.heads, n, s.d, 9320 + b, 0.5f);
-        cpu.push_back(std::make_unique<TurboQuantRVQKVCache>(c, s.heads, s.d, 4096));
-        gpu.push_back(std::make_unique<CudaTurboQuantCache>(c, s.heads, s.d, 4096));
-        cpu[b]->append(k.data(), v.data(), n);
-        DeviceBuffer<float> dk(k), dv(v);
-        gpu[b]->append(dk.get(), dv.get(), n, nullptr);
-    }
-    EXPECT_FALSE(gpu[2]->key_center().centering());
-    EXPECT_TRUE(gpu[2]->key_center().estimated());
+    const int hq = 4 * s.heads;
     CudaTurboQuantBatch step;
-    std::vector<CudaTurboQuantCache*> all;
-    for (auto& g : gpu) all.push_back(g.get());
-    for (int round = 0; round < 6; ++round) {  // a decode step: one token each, then attend
-        if (round == 3) {                      // the uncentred sequence grows alone to the longest
-            const int n = 800;
-            const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9360, 2.0, true);
-            const auto v = vqtest::random_tokens(s.heads, n, s.d, 9361, 0.5f);
-            cpu[2]->append(k.data(), v.data(), n);
-            DeviceBuffer<float> dk(k), dv(v);
-            gpu[2]->append(dk.get(), dv.get(), n, nullptr);
-        }
-        const auto k = vqtest::randn(static_cast<std::size_t>(batch) * s.heads * s.d, 9330 + round),
-                   v = vqtest::randn(k.size(), 9340 + round, 0.5f);
-        DeviceBuffer<float> dk(k), dv(v);
-        step.append(all, dk.get(), dv.get(), 1, nullptr);
-        const auto q =
-            vqtest::randn(static_cast<std::size_t>(batch) * hq * s.d, 9350 + round, 0.1f);
-        DeviceBuffer<float> dq(q), dout(q.size());
-        step.attend(std::vector<const CudaTurboQuantCache*>(all.begin(), all.end()), dq.get(), hq,
-                    dout.get(), 0.1f, nullptr);
-        const auto got = dout.download();
-        for (int b = 0; b < batch; ++b) {
-            const std::size_t per = static_cast<std::size_t>(s.heads) * s.d;
-            cpu[b]->append(k.data() + b * per, v.data() + b * per, 1);
-            const std::size_t qper = static_cast<std::size_t>(hq) * s.d;
-            std::vector<float> ref(qper);
-            cpu[b]->attend(q.data() + b * qper, hq, 1, ref.data(), 0.1f, true);
-            EXPECT_LE(
-                relative_error(
-                    std::vector<float>(got.begin() + b * qper, got.begin() + (b + 1) * qper), ref),
-                1e-3)
-                << "sequence " << b << ", step " << round;
-        }
-    }
+    const auto gpu = vqtest::check_centred_batch_steps(
+        step, [&] { return std::make_unique<TurboQuantRVQKVCache>(c, s.heads, s.d, 4096); },
+        [&] { return std::make_unique<CudaTurboQuantCache>(c, s.heads, s.d, 4096); }, s.heads, s.d,
+        hq, freqs_of(s), s.half_split, 9300);
     // A batch takes caches of one RoPE only.
     KVCacheConfig other = c;
     other.rope_half_split = false;

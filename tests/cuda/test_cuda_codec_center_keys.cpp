@@ -173,59 +173,11 @@ TEST(CudaCodecCenterKeys, BatchOfKinSequencesWithTheirOwnMeans) {
     for (const Case& s : {kCases[0], kCases[1]}) {  // shared codecs; kin (own centroids)
         SCOPED_TRACE(name(s));
         const KVCacheConfig c = config_of(s, 9900);
-        const int batch = 3, hq = 4 * s.heads;
-        std::vector<std::unique_ptr<QuantizedKVCache>> cpu;
-        std::vector<std::unique_ptr<CudaCodecCache>> gpu;
-        for (int b = 0; b < batch; ++b) {
-            // Different lengths and means; sequence 2's first append is too short to estimate
-            // one, so it stays uncentred beside centred ones: the shortest for three steps, then
-            // grown alone to the longest, whose page phases serve the batch.
-            const int n = b == 2 ? 9 : 300 + 150 * b;
-            const auto k =
-                vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9910 + b, 2.0 + b, s.half_split);
-            const auto v = vqtest::random_tokens(s.heads, n, s.d, 9920 + b, 0.5f);
-            cpu.push_back(cpu_cache(c, s.heads, s.d));
-            gpu.push_back(std::make_unique<CudaCodecCache>(c, s.heads, s.d, 4096));
-            cpu[b]->append(k.data(), v.data(), n);
-            DeviceBuffer<float> dk(k), dv(v);
-            gpu[b]->append(dk.get(), dv.get(), n, nullptr);
-        }
-        EXPECT_FALSE(gpu[2]->key_center().centering());
-        EXPECT_TRUE(gpu[2]->key_center().estimated());
         CudaCodecBatch step;
-        std::vector<CudaCodecCache*> all;
-        for (auto& g : gpu) all.push_back(g.get());
-        for (int round = 0; round < 6; ++round) {  // a decode step: one token each, then attend
-            if (round == 3) {  // the uncentred sequence grows alone to the longest
-                const int n = 800;
-                const auto k =
-                    vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9960, 2.0, s.half_split);
-                const auto v = vqtest::random_tokens(s.heads, n, s.d, 9961, 0.5f);
-                cpu[2]->append(k.data(), v.data(), n);
-                DeviceBuffer<float> dk(k), dv(v);
-                gpu[2]->append(dk.get(), dv.get(), n, nullptr);
-            }
-            const auto k = vqtest::randn(static_cast<std::size_t>(batch) * s.heads * s.d,
-                                         9930 + round),
-                       v = vqtest::randn(k.size(), 9940 + round, 0.5f);
-            DeviceBuffer<float> dk(k), dv(v);
-            step.append(all, dk.get(), dv.get(), 1, nullptr);
-            const auto q =
-                vqtest::randn(static_cast<std::size_t>(batch) * hq * s.d, 9950 + round, 0.1f);
-            DeviceBuffer<float> dq(q), dout(q.size());
-            step.attend(all, dq.get(), hq, dout.get(), 0.1f, nullptr);
-            const auto got = dout.download();
-            const std::size_t per = static_cast<std::size_t>(s.heads) * s.d;
-            const std::size_t qper = static_cast<std::size_t>(hq) * s.d;
-            for (int b = 0; b < batch; ++b) {
-                cpu[b]->append(k.data() + b * per, v.data() + b * per, 1);
-                std::vector<float> ref(qper);
-                cpu[b]->attend(q.data() + b * qper, hq, 1, ref.data(), 0.1f, true);
-                const std::vector<float> mine(got.begin() + b * qper, got.begin() + (b + 1) * qper);
-                EXPECT_LE(relative_error(mine, ref), 1e-3)
-                    << "sequence " << b << ", step " << round;
-            }
-        }
+        vqtest::check_centred_batch_steps(
+            step, [&] { return cpu_cache(c, s.heads, s.d); },
+            [&] { return std::make_unique<CudaCodecCache>(c, s.heads, s.d, 4096); }, s.heads, s.d,
+            4 * s.heads, freqs_of(s), s.half_split, 9900);
     }
 }
 
