@@ -167,22 +167,16 @@ TEST(CudaCenterKeys, BatchOfSequencesWithTheirOwnMeans) {
 TEST(CudaCenterKeys, CentringCutsTheAttentionErrorOnTheDevice) {
     SKIP_WITHOUT_DEVICE();
     const Case s = kCases[0];
-    const int n = 2048, hq = 4 * s.heads;
-    const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9400, 3.0, true);
-    const auto v = vqtest::random_tokens(s.heads, n, s.d, 9401, 0.5f);
-    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, 9402, 0.3f);
-    const std::vector<float> exact =
-        vqtest::reference_attention(q, hq, 1, k, v, s.heads, n, s.d, 0.125f, false);
-    double err[2];
-    for (int centred = 0; centred < 2; ++centred) {
-        KVCacheConfig c = config_of(s, 9403, centred == 1);
-        c.value_bits = 16;  // the keys' error alone
-        CudaTurboQuantCache gpu(c, s.heads, s.d, 4096);
-        DeviceBuffer<float> dk(k), dv(v), dq(q), dout(q.size());
-        gpu.append(dk.get(), dv.get(), n, nullptr);
-        gpu.attend(dq.get(), hq, dout.get(), 0.125f, nullptr);
-        err[centred] = relative_error(dout.download(), exact);
-    }
+    const auto err = vqtest::centring_errors(
+        [&](bool centred) {
+            KVCacheConfig c = config_of(s, 9403, centred);
+            c.value_bits = 16;
+            return std::make_unique<CudaTurboQuantCache>(c, s.heads, s.d, 4096);
+        },
+        [](CudaTurboQuantCache& gpu, const float* q, int hq, float* out) {
+            gpu.attend(q, hq, out, 0.125f, nullptr);
+        },
+        s.heads, s.d, 4 * s.heads, freqs_of(s), s.half_split, 9400);
     EXPECT_LT(err[1], 0.8 * err[0]) << "centred " << err[1] << ", uncentred " << err[0];
 }
 

@@ -184,22 +184,16 @@ TEST(CudaCodecCenterKeys, BatchOfKinSequencesWithTheirOwnMeans) {
 TEST(CudaCodecCenterKeys, CentringCutsTheAttentionErrorOnTheDevice) {
     SKIP_WITHOUT_DEVICE();
     const Case s = kCases[0];
-    const int n = 2048, hq = 4 * s.heads;
-    const auto k = vqtest::rope_keys(s.heads, n, s.d, freqs_of(s), 9960, 3.0, s.half_split);
-    const auto v = vqtest::random_tokens(s.heads, n, s.d, 9961, 0.5f);
-    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * s.d, 9962, 0.3f);
-    const std::vector<float> exact =
-        vqtest::reference_attention(q, hq, 1, k, v, s.heads, n, s.d, 0.125f, false);
-    double err[2];
-    for (int centred = 0; centred < 2; ++centred) {
-        KVCacheConfig c = config_of(s, 9963, centred == 1);
-        c.value_bits = 16;  // the keys' error alone
-        CudaCodecCache gpu(c, s.heads, s.d, 4096);
-        DeviceBuffer<float> dk(k), dv(v), dq(q), dout(q.size());
-        gpu.append(dk.get(), dv.get(), n, nullptr);
-        gpu.attend(dq.get(), hq, 1, dout.get(), 0.125f, false, nullptr);
-        err[centred] = relative_error(dout.download(), exact);
-    }
+    const auto err = vqtest::centring_errors(
+        [&](bool centred) {
+            KVCacheConfig c = config_of(s, 9963, centred);
+            c.value_bits = 16;
+            return std::make_unique<CudaCodecCache>(c, s.heads, s.d, 4096);
+        },
+        [](CudaCodecCache& gpu, const float* q, int hq, float* out) {
+            gpu.attend(q, hq, 1, out, 0.125f, false, nullptr);
+        },
+        s.heads, s.d, 4 * s.heads, freqs_of(s), s.half_split, 9960);
     EXPECT_LT(err[1], 0.8 * err[0]) << "centred " << err[1] << ", uncentred " << err[0];
 }
 
