@@ -49,6 +49,17 @@ void check_append(const std::vector<P>& caches, const float* keys, const float* 
                                     std::to_string(caches[b]->max_seq_len()));
 }
 
+/// Each cache's damped key mean (KeyCenter::damped; zeros where a center_keys cache does not
+/// centre) as the "pools" of a BatchArrays: the array of mean pointers that a batch's centred
+/// launches read, sequence b's at b.
+template <class P>
+std::vector<const uint8_t*> damped_means(const std::vector<P>& caches) {
+    std::vector<const uint8_t*> damped;
+    for (const auto* c : caches)
+        damped.push_back(reinterpret_cast<const uint8_t*>(c->key_center().damped()));
+    return damped;
+}
+
 class BatchArrays {
 public:
     BatchArrays() = default;

@@ -129,7 +129,7 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
     // One launch writes every sequence; centred keys are first shifted by their own sequence's
     // mean, all in one launch too (KeyCenter::centred_batch).
     if (batch > 1 && alike(as_const(caches))) {
-        std::vector<const uint8_t*> pools, damped;
+        std::vector<const uint8_t*> pools;
         std::vector<int32_t> starts;
         int last = 0, pages = 1;
         bool centring = false;
@@ -138,7 +138,6 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
             starts.push_back(c->size_);
             last = std::max(last, c->size_);
             pages = std::max(pages, c->pages_->capacity_pages());
-            damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
             centring = centring || c->center_.centering();
             // The decodes' page phases, for the pool's capacity (CudaCodecCache::encode_tokens).
             if (c->center_.enabled()) c->center_.reserve_pages(c->pages_->capacity_pages(), stream);
@@ -153,7 +152,7 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
         at.kin = kin_params(caches, stream);
         const float* shifted = keys;
         if (centring) {  // each sequence's damped mean (zeros where it does not centre)
-            centres_.describe(damped, starts, 1, stream);
+            centres_.describe(damped_means(caches), starts, 1, stream);
             shifted = first.center_.centred_batch(
                 keys, n_tokens, batch, reinterpret_cast<const float* const*>(centres_.pools()),
                 centres_.lens(), stream);
@@ -209,10 +208,7 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
         // Each sequence's own damped mean (zeros where a cache does not centre), and the
         // longest sequence's page phases, which cover every sequence's pages (the caches share
         // the RoPE parameters: alike).
-        std::vector<const uint8_t*> damped;
-        for (const CudaCodecCache* c : caches)
-            damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
-        centres_.describe(damped, sizes, 1, stream);
+        centres_.describe(damped_means(caches), sizes, 1, stream);
         const CudaCodecCache& widest = **std::max_element(
             caches.begin(), caches.end(),
             [](const CudaCodecCache* x, const CudaCodecCache* y) { return x->size_ < y->size_; });

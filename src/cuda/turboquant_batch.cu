@@ -91,7 +91,7 @@ void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches
                                  const float* values, int n_tokens, cudaStream_t stream) {
     CudaTurboQuantCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
-    std::vector<const uint8_t*> pools, damped;
+    std::vector<const uint8_t*> pools;
     std::vector<int32_t> starts;
     int pages = 1;
     bool centring = false;
@@ -99,7 +99,6 @@ void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches
         pools.push_back(c->pages_.pool());
         starts.push_back(c->size_);
         pages = std::max(pages, c->pages_.capacity_pages());
-        damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
         centring = centring || c->center_.centering();
         // The decodes' page phases, for the pool's capacity (as encode_tokens reserves them).
         if (c->center_.enabled()) c->center_.reserve_pages(c->pages_.capacity_pages(), stream);
@@ -108,7 +107,7 @@ void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches
     if (short_append) encode_arrays_.describe(pools, starts, pages, stream);
     const float* shifted = keys;
     if (centring) {  // each sequence's keys less its own centres (zeros where it does not centre)
-        centres_.describe(damped, starts, 1, stream);
+        centres_.describe(damped_means(caches), starts, 1, stream);
         shifted = first.center_.centred_batch(
             keys, n_tokens, batch, reinterpret_cast<const float* const*>(centres_.pools()),
             centres_.lens(), stream);
@@ -180,10 +179,7 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
     a.scale = scale;
     if (std::any_of(caches.begin(), caches.end(),
                     [](const CudaTurboQuantCache* c) { return c->center_.centering(); })) {
-        std::vector<const uint8_t*> damped;
-        for (const CudaTurboQuantCache* c : caches)
-            damped.push_back(reinterpret_cast<const uint8_t*>(c->center_.damped()));
-        centres_.describe(damped, lens, 1, stream);
+        centres_.describe(damped_means(caches), lens, 1, stream);
         // Rows of the largest pool capacity (grown a quarter at a time: rare reallocations).
         const int longest_pages = (longest + kTokensPerPage - 1) / kTokensPerPage;
         const int stride = std::max(longest_pages, pages);
