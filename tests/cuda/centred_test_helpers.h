@@ -93,29 +93,30 @@ auto check_centred_batch_steps(Batch& step, MakeCpu make_cpu, MakeGpu make_gpu, 
     return gpu;
 }
 
-/// The relative errors against exact attention of one decode over 2048 tokens whose keys carry a
-/// strong pre-RoPE mean, through an uncentred and a centred device cache: make(centred) gives
-/// the cache (values stored exact, so the keys' error alone counts), attend(cache, q, hq, out)
-/// decodes. {uncentred, centred}.
+/// Centring cuts a device cache's attention error: one decode over 2048 tokens whose keys carry
+/// a strong pre-RoPE mean (config's RoPE), against exact attention, through a cache of `config`
+/// uncentred and centred (values stored exact, so the keys' error alone counts) must err at most
+/// 0.8 times as much centred. make(config) gives the cache, attend(cache, q, hq, out) decodes.
 template <class Make, class Attend>
-std::vector<double> centring_errors(Make make, Attend attend, int heads, int d, int hq,
-                                    const std::vector<double>& freqs, bool half_split,
-                                    uint64_t seed) {
-    const int n = 2048;
-    const auto k = rope_keys(heads, n, d, freqs, seed, 3.0, half_split);
+void check_centring_cuts_error(veloxquant::KVCacheConfig config, Make make, Attend attend,
+                               int heads, int d, uint64_t seed) {
+    const int n = 2048, hq = 4 * heads;
+    const auto k = rope_keys(heads, n, d, config.rope_inv_freq, seed, 3.0, config.rope_half_split);
     const auto v = random_tokens(heads, n, d, seed + 1, 0.5f);
     const auto q = randn(static_cast<std::size_t>(hq) * d, seed + 2, 0.3f);
     const std::vector<float> exact =
         reference_attention(q, hq, 1, k, v, heads, n, d, 0.125f, false);
-    std::vector<double> err;
+    config.value_bits = 16;
+    double err[2];
     for (const bool centred : {false, true}) {
-        auto gpu = make(centred);
+        config.center_keys = centred;
+        auto gpu = make(config);
         DeviceBuffer<float> dk(k), dv(v), dq(q), dout(q.size());
         gpu->append(dk.get(), dv.get(), n, nullptr);
         attend(*gpu, dq.get(), hq, dout.get());
-        err.push_back(relative_error(dout.download(), exact));
+        err[centred] = relative_error(dout.download(), exact);
     }
-    return err;
+    EXPECT_LT(err[1], 0.8 * err[0]) << "centred " << err[1] << ", uncentred " << err[0];
 }
 
 }  // namespace vqtest
