@@ -1,4 +1,4 @@
-"""A small random-weight Llama for the tests of the GPU layers (test_cuda.py,
+"""A small random-weight Llama for the tests of the GPU layers (test_cuda_transformers.py,
 test_gpu_layer_logic.py): 2 layers, 4 query heads over 2 KV heads of the given head_dim."""
 
 

@@ -1,7 +1,8 @@
-"""The CUDA cache from Python (veloxquant.cuda, torch CUDA tensors through DLPack) against the CPU
-cache of the same configuration, its bad-input errors, and the GPU layers of the transformers
-integration. Skipped without torch, without a CUDA-enabled build (VQ_CUDA=ON) or without a CUDA
-device; the build-without-CUDA message is checked wherever the build lacks it.
+"""The CUDA caches from Python (veloxquant.cuda, torch CUDA tensors through DLPack) against the CPU
+cache of the same configuration, their bad-input errors, batches, centred keys and files
+(the transformers integration's GPU layers: test_cuda_transformers.py). Skipped without torch,
+without a CUDA-enabled build (VQ_CUDA=ON) or without a CUDA device; the build-without-CUDA
+message is checked wherever the build lacks it.
 
 Criteria as the C++ parity tests: for CudaTurboQuantCache (tests/cuda/test_cuda_parity.cpp)
 codes identical up to exact quantizer ties (at most 0.1% of indices), dequantized tokens within
@@ -11,7 +12,6 @@ byte-identical (0.1% of bytes for polarquant's transcendental encoder), dequanti
 (1e-3), decode and causal prefill attention within 1e-3.
 """
 
-import math
 import warnings
 
 import numpy as np
@@ -22,17 +22,7 @@ from veloxquant import cuda as vq_cuda
 from veloxquant.cache.base import KVCacheConfig
 from veloxquant.cache.base import _create as create_cpu_cache
 
-from llama_models import tiny_llama as _tiny_llama
-
-try:
-    import torch
-except ImportError:  # the build-without-CUDA check runs without torch
-    torch = None
-
-needs_cuda = pytest.mark.skipif(
-    not vq_cuda.is_available(),
-    reason="needs a CUDA-enabled build (VQ_CUDA=ON) and a CUDA device",
-)
+from cuda_support import needs_cuda, rel, torch
 
 # (head_dim, bits, num_residuals, value_bits, num_heads)
 SHAPES = [(128, 1, 1, 2, 8), (128, 4, 3, 16, 2), (128, 2, 2, 4, 2), (64, 3, 1, 1, 4), (64, 4, 2, 2, 1)]
@@ -41,11 +31,6 @@ SHAPES = [(128, 1, 1, 2, 8), (128, 4, 3, 16, 2), (128, 2, 2, 4, 2), (64, 3, 1, 1
 def config_of(bits, stages, value_bits, seed=7):
     return KVCacheConfig(method="turboquant_rvq", bits=bits, num_residuals=stages,
                          value_bits=value_bits, seed=seed)
-
-
-def rel(got, ref):
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return math.sqrt(((got - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-300))
 
 
 def randn(*shape, seed, scale=1.0):
@@ -487,64 +472,6 @@ def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
     assert cache.size == 3
 
 
-def _chunked_logits(model, cache, attention, tokens, first, prompt):
-    """The logits of one sequence run as a prefill chunk [0, first), a second chunk [first,
-    prompt) (on the GPU layers: SDPA over the dequantized earlier tokens and this chunk), then
-    one decode step a token, with `attention` as the model's implementation."""
-    model.set_attn_implementation(attention)
-    try:
-        with torch.no_grad():
-            logits = [model(tokens[:, :first], past_key_values=cache, use_cache=True).logits[0],
-                      model(tokens[:, first:prompt], past_key_values=cache, use_cache=True).logits[0]]
-            for i in range(prompt, tokens.shape[1]):
-                logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0])
-    finally:
-        model.set_attn_implementation("sdpa")
-    return torch.cat(logits).float().cpu()
-
-
-@needs_cuda
-def test_transformers_gpu_layers_follow_the_default_cache():
-    pytest.importorskip("transformers")
-    from transformers import DynamicCache
-
-    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaLayer)
-    model = _tiny_llama(64).to("cuda")
-    tokens = torch.randint(0, 512, (1, 72), generator=torch.Generator().manual_seed(1)).cuda()
-
-    def run(cache, attention):
-        return _chunked_logits(model, cache, attention, tokens, 24, 40)
-
-    reference = run(DynamicCache(config=model.config), "sdpa")
-    config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
-    cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
-    assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
-    assert cache.devices == ["cuda:0", "cuda:0"]
-    logits = run(cache, ATTENTION_NAME)
-    assert cache.get_seq_length() == tokens.shape[1]
-    err = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert err < 0.05, err
-    # The first 24 positions come from exact SDPA on the first chunk: equal to the default's.
-    assert ((logits[:24] - reference[:24]).abs().max() / reference.abs().max()).item() < 1e-4
-    # backend="cpu" keeps every layer on the CPU even with the model on the GPU.
-    cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
-    assert cpu.devices == ["cpu", "cpu"]
-
-    # Out of scope on the GPU (an outlier observer): auto falls back to the CPU, saying so, and
-    # cuda refuses.
-    observed = KVCacheConfig(method="fp16", outlier_observer=KeyNormObserver())
-    with pytest.warns(RuntimeWarning, match="2 of 2 layers keep their codes on the CPU"):
-        assert VeloxQuantCache.from_model(model, observed).devices == ["cpu", "cpu"]
-    with pytest.raises(ValueError, match="outside the CUDA backend"):
-        VeloxQuantCache.from_model(model, observed, backend="cuda")
-    # crop / reset on GPU layers
-    cache.crop(-4)
-    assert cache.get_seq_length() == tokens.shape[1] - 4
-    cache.reset()
-    assert cache.get_seq_length() == 0
-
-
 @needs_cuda
 @pytest.mark.parametrize("kind,method", [("CudaTurboQuantCache", "turboquant_rvq"),
                                          ("CudaKVCache", "ratequant")])
@@ -605,171 +532,6 @@ def test_a_short_first_device_append_warns_that_centring_is_off(kind, method):
     batch_values = torch.stack([values[:, :4], values[:, 4:8]])
     with pytest.warns(RuntimeWarning, match="holds 4 tokens"):
         step.append(pair, batch_keys, batch_values)
-
-
-@needs_cuda
-def test_transformers_centred_keys_stay_on_the_gpu():
-    """from_model with center_keys: the tuned layers and CudaKVCache layers take it on the GPU
-    with the model's RoPE, and a chunked prefill and decode follow the default cache, centred or
-    not, at the near-exact config of test_transformers_gpu_layers_follow_the_default_cache (at
-    3-bit keys and 4-bit values this random model's logits are off by 0.7-0.8 of their largest
-    either way), and with fp16 codes of the centred keys on the generic kernels."""
-    pytest.importorskip("transformers")
-    from transformers import DynamicCache
-
-    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaKVLayer, VeloxQuantCudaLayer)
-    model = _tiny_llama(64).to("cuda")
-    tokens = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(4)).cuda()
-
-    def run(cache, attention):
-        return _chunked_logits(model, cache, attention, tokens, 64, 96)
-
-    reference = run(DynamicCache(config=model.config), "sdpa")
-    errors = {}
-    for centred in (False, True):
-        config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16,
-                               center_keys=centred)
-        cache = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cuda")
-        assert all(isinstance(layer, VeloxQuantCudaLayer) for layer in cache.layers)
-        logits = run(cache, ATTENTION_NAME)
-        errors[centred] = ((logits - reference).abs().max() / reference.abs().max()).item()
-    codec = KVCacheConfig(method="fp16", value_bits=16, center_keys=True)
-    cache = VeloxQuantCache.from_model(model, codec, max_seq_len=256, backend="cuda")
-    assert all(isinstance(layer, VeloxQuantCudaKVLayer) and
-               isinstance(layer.cache, vq_cuda.CudaKVCache) for layer in cache.layers)
-    logits = run(cache, ATTENTION_NAME)
-    errors["fp16"] = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert max(errors.values()) < 0.05, errors
-
-
-@needs_cuda
-def test_transformers_gpu_layers_take_a_batch():
-    """Two sequences on the tuned layers: one device cache per sequence and layer, chunked
-    prefill and decode following DynamicCache on the same batch."""
-    pytest.importorskip("transformers")
-    from transformers import DynamicCache
-
-    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaLayer)
-    model = _tiny_llama(64).to("cuda")
-    tokens = torch.randint(0, 512, (2, 56), generator=torch.Generator().manual_seed(2)).cuda()
-
-    def run(cache, attention):
-        model.set_attn_implementation(attention)
-        try:
-            with torch.no_grad():
-                logits = [model(tokens[:, :16], past_key_values=cache, use_cache=True).logits,
-                          model(tokens[:, 16:32], past_key_values=cache, use_cache=True).logits]
-                for i in range(32, tokens.shape[1]):
-                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
-        finally:
-            model.set_attn_implementation("sdpa")
-        return torch.cat(logits, dim=1).float().cpu()
-
-    reference = run(DynamicCache(config=model.config), "sdpa")
-    config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
-    cache = VeloxQuantCache.from_model(model, config, max_seq_len=256)
-    logits = run(cache, ATTENTION_NAME)
-    assert all(isinstance(layer, VeloxQuantCudaLayer) and layer.batch_size == 2
-               for layer in cache.layers)
-    assert all(c.size == tokens.shape[1] for layer in cache.layers for c in layer.rows)
-    err = ((logits - reference).abs().max() / reference.abs().max()).item()
-    assert err < 0.05, err
-    assert ((logits[:, :16] - reference[:, :16]).abs().max() / reference.abs().max()).item() < 1e-4
-
-
-@needs_cuda
-@pytest.mark.parametrize("config", [
-    KVCacheConfig(method="qjl", bits=1, value_bits=4, sketch_dim=128, seed=3),
-    KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, use_hadamard=False, seed=4),
-], ids=lambda c: c.method)
-def test_transformers_codec_gpu_layers_follow_the_cpu_layers(config):
-    """Outside the TurboQuant kernels' scope, every layer runs on a CudaKVCache. Token by token
-    (every step a decode step, on the codes) each GPU layer's attention follows a CPU cache fed
-    the same keys, values and queries: the same codes (dequantized within 1e-5) and attention
-    within 1e-3. (Two whole models cannot be compared logit by logit: the GPU's tensor cores sum
-    in fp16 tiles, ~2e-4 off the CPU per layer, and a later layer's 1-bit codes flip on such
-    differences, 0.05 in the logits of this qjl model; session o.) A prefill chunk on the GPU
-    runs SDPA on exact keys, which the CPU layers do not, so chunks are covered by
-    test_gpu_layer_logic_on_exact_tokens instead."""
-    pytest.importorskip("transformers")
-    from veloxquant.integrations.transformers import (ATTENTION_NAME, VeloxQuantCache,
-                                                      VeloxQuantCudaKVLayer)
-    model = _tiny_llama(64).to("cuda")
-    tokens = torch.randint(0, 512, (1, 60), generator=torch.Generator().manual_seed(3)).cuda()
-
-    class Recorder:
-        """A layer's device cache that also keeps what it is given and what it answers."""
-
-        def __init__(self, inner, log):
-            self.inner, self.log = inner, log
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def append(self, keys, values):
-            self.log.append(("append", keys.cpu().numpy(), values.cpu().numpy()))
-            self.inner.append(keys, values)
-
-        def attend(self, queries, **kwargs):
-            out = self.inner.attend(queries, **kwargs)
-            self.log.append(("attend", queries.cpu().numpy(), kwargs["scale"], out.cpu().numpy()))
-            return out
-
-    gpu = VeloxQuantCache.from_model(model, config, max_seq_len=256)
-    assert all(isinstance(layer, VeloxQuantCudaKVLayer) for layer in gpu.layers)
-    assert gpu.devices == ["cuda:0", "cuda:0"]
-    logs = [[] for _ in gpu.layers]
-    for layer, log in zip(gpu.layers, logs):
-        layer.rows = [Recorder(layer.rows[0], log)]
-    model.set_attn_implementation(ATTENTION_NAME)
-    try:
-        with torch.no_grad():
-            for i in range(tokens.shape[1]):
-                logits = model(tokens[:, i:i + 1], past_key_values=gpu, use_cache=True).logits
-                assert torch.isfinite(logits).all()
-    finally:
-        model.set_attn_implementation("sdpa")
-    assert gpu.get_seq_length() == tokens.shape[1]
-    cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
-    assert cpu.devices == ["cpu", "cpu"]
-    for index, (layer, log) in enumerate(zip(cpu.layers, logs)):
-        reference, device = layer.rows[0], gpu.layers[index].rows[0].inner
-        steps = 0
-        for entry in log:
-            if entry[0] == "append":
-                reference.append(entry[1], entry[2])
-                continue
-            _, queries, scale, out = entry
-            want = reference.attend(queries[:, None, :], scale=scale, causal=True)[:, 0, :]
-            assert rel(out, want) < 1e-3, (index, steps, rel(out, want))
-            steps += 1
-        assert steps == tokens.shape[1] and reference.size == device.size
-        for got, want in zip(device.dequantize(), reference.dequantize()):
-            assert rel(got.cpu().numpy(), want) < 1e-5, index
-    # fetch_dequantized on the device layers: SDPA over every token dequantized on the GPU.
-    fetched = VeloxQuantCache.from_model(model, config, max_seq_len=256, fetch_dequantized=True)
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        model(tokens[:, :24], past_key_values=fetched, use_cache=True)
-    assert fetched.get_seq_length() == 24
-    gpu.crop(-4)
-    assert gpu.get_seq_length() == tokens.shape[1] - 4
-    gpu.reset()
-    assert gpu.get_seq_length() == 0
-
-
-def test_transformers_cuda_backend_needs_cuda():
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from veloxquant.integrations.transformers import VeloxQuantCache
-    model = _tiny_llama(64, layers=1)  # on the CPU
-    with pytest.raises(RuntimeError, match="backend='cuda'"):
-        VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2),
-                                   backend="cuda")
-    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2))
-    assert cache.devices == ["cpu"]
 
 
 @needs_cuda
