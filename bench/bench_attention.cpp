@@ -1,8 +1,9 @@
-// Decode attention and append time per method at 1K-32K cached tokens, against dense float32
-// attention on the same data in the same run, and the read bandwidth of the same threads
-// (memory/read_f32: a sum over 256 MiB) as the bound a memory-bound decode would reach. Run
-// through bench/run_cpu_bench.sh, which writes the JSON and a summary with ratios to
-// bench/results/.
+// Decode attention and append time per method at 1K-32K cached tokens, and a causal prefill
+// chunk of kChunk queries per head after 1K and 8K cached tokens (as a long prompt fed in chunks
+// meets it), against dense float32 attention on the same data in the same run, and the read
+// bandwidth of the same threads (memory/read_f32: a sum over 256 MiB) as the bound a memory-bound
+// decode would reach. Run through bench/run_cpu_bench.sh, which writes the JSON and a summary with
+// ratios to bench/results/.
 #include <benchmark/benchmark.h>
 
 #include <cmath>
@@ -22,6 +23,7 @@ namespace {
 using namespace veloxquant;
 
 constexpr int kHeads = 8, kGroup = 4, kDim = 128;
+constexpr int kChunk = 256;  ///< a prefill chunk: the CLI's default --batch
 
 struct Data {
     std::vector<float> k, v, q;
@@ -36,7 +38,7 @@ const Data& data(int n) {
     Data d;
     d.k.resize(static_cast<std::size_t>(kHeads) * n * kDim);
     d.v.resize(d.k.size());
-    d.q.resize(static_cast<std::size_t>(kHeads) * kGroup * kDim);
+    d.q.resize(static_cast<std::size_t>(kHeads) * kGroup * kChunk * kDim);
     for (auto& x : d.k) x = normal(gen);
     for (auto& x : d.v) x = normal(gen);
     for (auto& x : d.q) x = normal(gen);
@@ -146,6 +148,22 @@ void BM_dense_decode(benchmark::State& state) {
         benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
+// A causal chunk of kChunk queries per query head at the end of n + kChunk tokens (data(n +
+// kChunk)'s first queries), dense: the bound the compressed caches' prefill is held against.
+void BM_dense_prefill(benchmark::State& state) {
+    const int n = static_cast<int>(state.range(0)) + kChunk;
+    const Data& d = data(n);
+    std::vector<float> out(static_cast<std::size_t>(kHeads) * kGroup * kChunk * kDim);
+    for (auto _ : state) {
+        dense_attention(d.q.data(), kHeads * kGroup, kChunk, d.k.data(), d.v.data(), kHeads, n,
+                        kDim, out.data(), 0.088f, true);
+        benchmark::DoNotOptimize(out.data());
+    }
+    state.counters["queries/s"] =
+        benchmark::Counter(static_cast<double>(kHeads) * kGroup * kChunk * state.iterations(),
+                           benchmark::Counter::kIsRate);
+}
+
 // Sums state.range(0) MiB of floats over OpenMP threads, eight independent accumulators each.
 void BM_read(benchmark::State& state) {
     static std::vector<float> buffer;
@@ -184,6 +202,23 @@ void BM_decode(benchmark::State& state, const std::string& variant) {
         benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
+// The same chunk through a cache holding the n + kChunk tokens (the chunk's own tokens appended
+// before its attention, as a model layer does).
+void BM_prefill(benchmark::State& state, const std::string& variant) {
+    const int n = static_cast<int>(state.range(0)) + kChunk;
+    const Data& d = data(n);
+    auto cache = KVCacheFactory::create(config_for(variant), kHeads, kDim, n);
+    cache->append(d.k.data(), d.v.data(), n);
+    std::vector<float> out(static_cast<std::size_t>(kHeads) * kGroup * kChunk * kDim);
+    for (auto _ : state) {
+        cache->attend(d.q.data(), kHeads * kGroup, kChunk, out.data(), 0.088f, true);
+        benchmark::DoNotOptimize(out.data());
+    }
+    state.counters["queries/s"] =
+        benchmark::Counter(static_cast<double>(kHeads) * kGroup * kChunk * state.iterations(),
+                           benchmark::Counter::kIsRate);
+}
+
 void BM_append(benchmark::State& state, const std::string& variant) {
     const int n = static_cast<int>(state.range(0));
     const Data& d = data(n);
@@ -208,7 +243,17 @@ const int registered = [] {
         ->Range(1024, 32768)
         ->Unit(benchmark::kMicrosecond)
         ->UseRealTime();
+    benchmark::RegisterBenchmark("prefill/dense_f32", BM_dense_prefill)
+        ->Arg(1024)
+        ->Arg(8192)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
     for (const auto& v : kVariants) {
+        benchmark::RegisterBenchmark(("prefill/" + v).c_str(), BM_prefill, v)
+            ->Arg(1024)
+            ->Arg(8192)
+            ->Unit(benchmark::kMillisecond)
+            ->UseRealTime();
         benchmark::RegisterBenchmark(("decode/" + v).c_str(), BM_decode, v)
             ->RangeMultiplier(4)
             ->Range(1024, 32768)
