@@ -106,6 +106,28 @@ TEST_P(MethodTest, CausalPrefillMatchesReference) {
     EXPECT_LT(rel_error(got, ref), 1e-4);
 }
 
+// A prefill chunk after cached tokens, as a long prompt fed in chunks meets it: 300 queries of
+// 4 query heads a KV head after 400 tokens (appended apart) make 1200 rows a KV head, ten row
+// tiles of the decoded-page path whose bounds fall inside a query head's positions, and pages
+// that a tile's first rows do not see.
+TEST_P(MethodTest, PrefillChunkAfterCachedTokensMatchesReference) {
+    const int heads = 2, group = 4, n = 700, n_q = 300, d = 64, cached = n - n_q;
+    const Data x = make_data(heads, group, n, d, n_q, 91);
+    auto cache = KVCacheFactory::create(make_config(GetParam()), heads, d, 1024);
+    for (const auto& [t0, t1] : {std::pair{0, cached}, std::pair{cached, n}}) {
+        const auto k = vqtest::token_slice(x.k, heads, n, d, t0, t1);
+        const auto v = vqtest::token_slice(x.v, heads, n, d, t0, t1);
+        cache->append(k.data(), v.data(), t1 - t0);
+    }
+    std::vector<float> kd(x.k.size()), vd(x.v.size());
+    cache->dequantize(0, n, kd.data(), vd.data());
+    for (bool causal : {true, false}) {
+        const auto ref =
+            reference_attention(x.q, x.q_heads, n_q, kd, vd, heads, n, d, 0.125f, causal);
+        EXPECT_LT(rel_error(attend(*cache, x, n_q, causal), ref), 1e-4) << causal;
+    }
+}
+
 TEST_P(MethodTest, SaveLoadGivesIdenticalAttention) {
     const int heads = 3, d = 128, n = 130;
     const Data x = make_data(heads, 3, n, d, 2, 5);

@@ -19,10 +19,14 @@ namespace {
 
 constexpr int kRowTile = 8;
 // With this many query rows per KV head or more (prefill), pages are decoded once into float
-// tiles shared by kTiledRowTile rows: scoring each row on the codes would redo per-row work
-// (query tables, lookups) that one decode plus SIMD matrix products do for all of them.
+// tiles shared by every row of the head, kTiledRowTile at a time: scoring each row on the codes
+// would redo per-row work (query tables, lookups) that one decode plus SIMD matrix products do
+// for all of them.
 constexpr int kTiledMinRows = 16;
 constexpr int kTiledRowTile = 128;
+// The partial results of a tiled prefill (a row's max, sum and d accumulators per chunk of
+// pages) stay under this: chunks beyond it split the rows instead.
+constexpr std::size_t kMaxPartialBytes = std::size_t(64) << 20;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Plan {
@@ -80,10 +84,13 @@ const float* query_row(const PagedAttentionArgs& a, const Plan& plan, int h, int
     return a.queries + (static_cast<std::size_t>(qh) * a.n_queries + r % a.n_queries) * a.head_dim;
 }
 
-// Decoded-tile work item (prefill, or use_fused_sdpa = false): KV head h, rows [r0, r1), pages
-// of chunk c. Each page's keys and values are decoded once into float tiles (64 tokens, in L1)
-// that serve every row through the SIMD products of model/matmul.h: logits = Q K^T, then
-// acc += W V. Nothing beyond one page is ever materialised.
+// Decoded-tile work item (prefill, or use_fused_sdpa = false): KV head h, rows [r0, r1) (every
+// row of the head unless the plan splits them), pages of chunk c. Each page's keys and values are
+// decoded once into float tiles (64 tokens, in L1) that serve every row, kTiledRowTile rows at a
+// time, through the SIMD products of model/matmul.h: logits = Q K^T, then acc += W V. A page is
+// decoded once per KV head, not once per row tile (a 256-token chunk of 4 query heads a KV head has
+// 8 tiles), and a row tile skips the pages wholly after its rows. Nothing beyond one page is ever
+// materialised.
 void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>& parts, int h,
                int r0, int r1, int c) {
     const PagedStore& store = *a.store;
@@ -91,43 +98,53 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
     const ValueCodec& vc = *(*a.value_codecs)[h];
     const int d = a.head_dim, P = store.tokens_per_page(), nr = r1 - r0;
     const int p_end = last_page(a, plan, r0, r1, c, P);
+    const int tiles = (nr + kTiledRowTile - 1) / kTiledRowTile;
     std::vector<float> q(static_cast<std::size_t>(nr) * d), kbuf(static_cast<std::size_t>(P) * d),
         vbuf(static_cast<std::size_t>(P) * d), vt(static_cast<std::size_t>(d) * P),
-        w(static_cast<std::size_t>(nr) * P), pv(static_cast<std::size_t>(nr) * d);
-    for (int r = r0; r < r1; ++r)
+        w(static_cast<std::size_t>(kTiledRowTile) * P),
+        pv(static_cast<std::size_t>(kTiledRowTile) * d);
+    std::vector<int> tile_limit(tiles, 0);  // the furthest position a row of the tile sees
+    for (int r = r0; r < r1; ++r) {
         std::copy_n(query_row(a, plan, h, r), d, &q[static_cast<std::size_t>(r - r0) * d]);
+        int& limit = tile_limit[(r - r0) / kTiledRowTile];
+        limit = std::max(limit, visible_limit(a, r % a.n_queries));
+    }
     for (int p = c * plan.chunk_pages; p < p_end; ++p) {
         if (!store.held(p)) continue;
         const int t0 = p * P, n = std::min(P, a.size - t0);
         kc.decode_at(store.key_codes(p, h), store.key_scalars(p, h), P, n, t0, kbuf.data());
         vc.decode(store.value_codes(p, h), store.value_scalars(p, h), P, n, vbuf.data());
-        const QMatrix keys{GGMLType::F32, reinterpret_cast<const uint8_t*>(kbuf.data()), n, d,
-                           static_cast<std::size_t>(d) * sizeof(float)};
-        const MatmulOut logits{&keys, w.data(), P};
-        matmul(&logits, 1, q.data(), d, nr);
-        for (int r = r0; r < r1; ++r) {
-            float* wr = &w[static_cast<std::size_t>(r - r0) * P];
-            const int limit = visible_limit(a, r % a.n_queries);
-            float* part = partial(parts, plan, h, r, c);
-            if (t0 >= limit) {
-                std::fill(wr, wr + n, 0.0f);
-                continue;
-            }
-            for (int t = 0; t < n; ++t) wr[t] *= a.scale;
-            mask_logits(a, h, t0, n, limit, wr);
-            scale_acc(part + 2, d, online_softmax_block_isa(wr, n, part[0], part[1], wr));
-        }
         for (int t = 0; t < n; ++t)
             for (int j = 0; j < d; ++j)
                 vt[static_cast<std::size_t>(j) * n + t] = vbuf[static_cast<std::size_t>(t) * d + j];
+        const QMatrix keys{GGMLType::F32, reinterpret_cast<const uint8_t*>(kbuf.data()), n, d,
+                           static_cast<std::size_t>(d) * sizeof(float)};
         const QMatrix values{GGMLType::F32, reinterpret_cast<const uint8_t*>(vt.data()), d, n,
                              static_cast<std::size_t>(n) * sizeof(float)};
-        const MatmulOut mixed{&values, pv.data(), d};
-        matmul(&mixed, 1, w.data(), P, nr);
-        for (int r = r0; r < r1; ++r) {
-            float* acc = partial(parts, plan, h, r, c) + 2;
-            const float* add = &pv[static_cast<std::size_t>(r - r0) * d];
-            for (int j = 0; j < d; ++j) acc[j] += add[j];
+        for (int tile = 0; tile < tiles; ++tile) {
+            if (t0 >= tile_limit[tile]) continue;
+            const int s0 = r0 + tile * kTiledRowTile, s1 = std::min(r1, s0 + kTiledRowTile);
+            const MatmulOut logits{&keys, w.data(), P};
+            matmul(&logits, 1, &q[static_cast<std::size_t>(s0 - r0) * d], d, s1 - s0);
+            for (int r = s0; r < s1; ++r) {
+                float* wr = &w[static_cast<std::size_t>(r - s0) * P];
+                const int limit = visible_limit(a, r % a.n_queries);
+                float* part = partial(parts, plan, h, r, c);
+                if (t0 >= limit) {
+                    std::fill(wr, wr + n, 0.0f);
+                    continue;
+                }
+                for (int t = 0; t < n; ++t) wr[t] *= a.scale;
+                mask_logits(a, h, t0, n, limit, wr);
+                scale_acc(part + 2, d, online_softmax_block_isa(wr, n, part[0], part[1], wr));
+            }
+            const MatmulOut mixed{&values, pv.data(), d};
+            matmul(&mixed, 1, w.data(), P, s1 - s0);
+            for (int r = s0; r < s1; ++r) {
+                float* acc = partial(parts, plan, h, r, c) + 2;
+                const float* add = &pv[static_cast<std::size_t>(r - s0) * d];
+                for (int j = 0; j < d; ++j) acc[j] += add[j];
+            }
         }
     }
 }
@@ -221,20 +238,42 @@ void paged_attention(const PagedAttentionArgs& a) {
     plan.group = a.num_q_heads / a.num_heads;
     plan.rows = plan.group * a.n_queries;
     plan.tiled = !a.fused || plan.rows >= kTiledMinRows;
-    plan.row_tile = plan.tiled ? kTiledRowTile : kRowTile;
-    plan.tiles = (plan.rows + plan.row_tile - 1) / plan.row_tile;
     plan.page_slots = a.store->page_slots();
+    plan.stride = static_cast<std::size_t>(d) + 2;
     const int threads = omp_get_max_threads();
-    const int items = a.num_heads * plan.tiles;
-    plan.chunks = 1;
-    if (items < 4 * threads && plan.page_slots > 1)
-        plan.chunks = std::min(plan.page_slots, (4 * threads + items - 1) / items);
+    if (plan.tiled) {
+        // Chunks of pages first, so that each page is decoded once per KV head: four items a
+        // thread or more, their count a multiple of the threads (an item holds every row of its
+        // head: equal items then end together), as far as the pages and kMaxPartialBytes allow.
+        // Rows are split (each part decoding the pages again) only where those chunks leave
+        // threads idle.
+        const std::size_t chunk_bytes =
+            static_cast<std::size_t>(a.num_heads) * plan.rows * plan.stride * sizeof(float);
+        const int memory_chunks = static_cast<int>(std::clamp<std::size_t>(
+            kMaxPartialBytes / chunk_bytes, 1, std::numeric_limits<int>::max()));
+        int chunks = (4 * threads + a.num_heads - 1) / a.num_heads;
+        while (a.num_heads * chunks % threads != 0) ++chunks;
+        plan.chunks = std::clamp(chunks, 1, std::max(1, std::min(plan.page_slots, memory_chunks)));
+        const int items = a.num_heads * plan.chunks;
+        const int most_splits = std::max(1, (plan.rows + kTiledRowTile - 1) / kTiledRowTile);
+        const int splits =
+            items >= 4 * threads ? 1 : std::min(most_splits, (4 * threads + items - 1) / items);
+        const int part_rows = (plan.rows + splits - 1) / splits;
+        plan.row_tile = (part_rows + kTiledRowTile - 1) / kTiledRowTile * kTiledRowTile;
+        plan.tiles = (plan.rows + plan.row_tile - 1) / plan.row_tile;
+    } else {
+        plan.row_tile = kRowTile;
+        plan.tiles = (plan.rows + plan.row_tile - 1) / plan.row_tile;
+        const int items = a.num_heads * plan.tiles;
+        plan.chunks = 1;
+        if (items < 4 * threads && plan.page_slots > 1)
+            plan.chunks = std::min(plan.page_slots, (4 * threads + items - 1) / items);
+    }
     plan.chunk_pages = std::max(1, (plan.page_slots + plan.chunks - 1) / plan.chunks);
     plan.chunks =
         plan.page_slots == 0 ? 1 : (plan.page_slots + plan.chunk_pages - 1) / plan.chunk_pages;
     const bool has_outliers = a.outliers != nullptr && a.outliers->total() > 0;
     plan.slots = plan.chunks + (has_outliers ? 1 : 0);
-    plan.stride = static_cast<std::size_t>(d) + 2;
 
     std::vector<float> parts(
         static_cast<std::size_t>(a.num_heads) * plan.rows * plan.slots * plan.stride, 0.0f);
