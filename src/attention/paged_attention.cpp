@@ -103,9 +103,12 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
         vbuf(static_cast<std::size_t>(P) * d), vt(static_cast<std::size_t>(d) * P),
         w(static_cast<std::size_t>(kTiledRowTile) * P),
         pv(static_cast<std::size_t>(kTiledRowTile) * d);
-    std::vector<int> tile_limit(tiles, 0);  // the furthest position a row of the tile sees
-    for (int r = r0; r < r1; ++r) {
-        std::copy_n(query_row(a, plan, h, r), d, &q[static_cast<std::size_t>(r - r0) * d]);
+    std::vector<float> rescale(kTiledRowTile);  // each row's softmax rescale of this page
+    std::vector<int> tile_limit(tiles, 0);       // the furthest position a row of the tile sees
+    for (int r = r0; r < r1; ++r) {  // queries pre-scaled: the logits come out scaled
+        const float* qr = query_row(a, plan, h, r);
+        float* dst = &q[static_cast<std::size_t>(r - r0) * d];
+        for (int j = 0; j < d; ++j) dst[j] = qr[j] * a.scale;
         int& limit = tile_limit[(r - r0) / kTiledRowTile];
         limit = std::max(limit, visible_limit(a, r % a.n_queries));
     }
@@ -132,18 +135,19 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
                 float* part = partial(parts, plan, h, r, c);
                 if (t0 >= limit) {
                     std::fill(wr, wr + n, 0.0f);
+                    rescale[r - s0] = 1.0f;
                     continue;
                 }
-                for (int t = 0; t < n; ++t) wr[t] *= a.scale;
                 mask_logits(a, h, t0, n, limit, wr);
-                scale_acc(part + 2, d, online_softmax_block_isa(wr, n, part[0], part[1], wr));
+                rescale[r - s0] = online_softmax_block_isa(wr, n, part[0], part[1], wr);
             }
             const MatmulOut mixed{&values, pv.data(), d};
             matmul(&mixed, 1, w.data(), P, s1 - s0);
-            for (int r = s0; r < s1; ++r) {
+            for (int r = s0; r < s1; ++r) {  // acc = acc * rescale + W V, one pass
                 float* acc = partial(parts, plan, h, r, c) + 2;
                 const float* add = &pv[static_cast<std::size_t>(r - s0) * d];
-                for (int j = 0; j < d; ++j) acc[j] += add[j];
+                const float f = rescale[r - s0];
+                for (int j = 0; j < d; ++j) acc[j] = acc[j] * f + add[j];
             }
         }
     }
