@@ -17,12 +17,16 @@ namespace veloxquant::cuda {
 /// Whether kernel's code on the current device waits in wait_for_prerequisite_grid()
 /// (cudaFuncAttributes::ptxVersion: 90 for code built for sm_90; the code of one translation
 /// unit shares it). Errors are returned, with `waits` false.
-template <class... Params>
-cudaError_t kernel_waits_for_prerequisite(void (*kernel)(Params...), bool& waits) {
+inline cudaError_t kernel_waits_for_prerequisite(const void* kernel, bool& waits) {
     cudaFuncAttributes attributes{};
     const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
     waits = err == cudaSuccess && attributes.ptxVersion >= 90;
     return err;
+}
+
+template <class... Params>
+cudaError_t kernel_waits_for_prerequisite(void (*kernel)(Params...), bool& waits) {
+    return kernel_waits_for_prerequisite(reinterpret_cast<const void*>(kernel), waits);
 }
 
 /// kernel<<<grid, block, smem, stream>>>(args...), as the programmatic dependent of the

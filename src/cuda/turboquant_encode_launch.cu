@@ -4,6 +4,7 @@
 // every width.
 #include <algorithm>
 
+#include "cuda/runtime_facts.h"
 #include "cuda/turboquant_encode.cuh"
 
 namespace veloxquant::cuda {
@@ -35,13 +36,9 @@ bool encode_args_valid(const EncodeArgs& a) {
 template <int D, int G, int KB, int VB>
 cudaError_t launch_encode_kernel(const EncodeArgs& a, cudaStream_t stream) {
     void (*kernel)(EncodeArgs) = &kernels::encode_kernel<D, G, KB, VB>;
-    int device = 0, sms = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess)
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel,
-                                                            kernels::kEncodeThreads, 0);
+    int sms = 0, major = 0, per_sm = 0;
+    cudaError_t err = device_facts(sms, major);
+    if (err == cudaSuccess) err = resident_ctas(kernel, kernels::kEncodeThreads, 0, per_sm);
     if (err != cudaSuccess) return err;
     constexpr int kTokens = kernels::EncodeShape<D, G>::kTokens;
     const long long items = static_cast<long long>(a.batch) * a.layout.num_kv_heads * a.n_tokens;

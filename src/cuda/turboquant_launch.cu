@@ -3,12 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "cuda/decode_split.h"
 #include "cuda/programmatic_launch.h"
+#include "cuda/runtime_facts.h"
 #include "cuda/turboquant_decode.cuh"
 
 namespace veloxquant::cuda {
@@ -166,85 +164,6 @@ bool mixed_rows(const DecodeArgs& a, int major) {
            L.head_bytes == slice.head_bytes && L.page_bytes <= UINT32_MAX;
 }
 
-// What the plans ask the runtime, memoized: a decode step plans twice (workspace size, launch),
-// each plan asks for up to three kernels' residency, and the attribute call and the occupancy
-// query cost microseconds each, on the host side of every decode step. (A cudaDeviceReset drops
-// the kernels' shared-memory attribute that this remembers as set; a later decode launch then
-// fails with the error it returns. Nothing in this library resets a device.)
-class RuntimeFacts {
-public:
-    // CTAs per SM of fn at `smem` bytes of dynamic shared memory on the current device, after
-    // raising fn's dynamic shared memory limit to at least `smem` there.
-    cudaError_t resident_ctas(void (*fn)(DecodeKernelParams), int threads, size_t smem,
-                              int& per_sm) {
-        int device = 0;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err != cudaSuccess) return err;
-        std::lock_guard<std::mutex> lock(mutex_);
-        const auto key = std::make_tuple(device, reinterpret_cast<const void*>(fn), smem);
-        if (const auto it = occupancy_.find(key); it != occupancy_.end()) {
-            per_sm = it->second;
-            return cudaSuccess;
-        }
-        size_t& limit = limits_[{device, reinterpret_cast<const void*>(fn)}];
-        if (smem > limit) {
-            err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(smem));
-            if (err != cudaSuccess) return err;
-            limit = smem;
-        }
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem);
-        if (err == cudaSuccess) occupancy_[key] = per_sm;
-        return err;
-    }
-
-    // Whether fn's code on the current device waits for a prerequisite grid
-    // (programmatic_launch.h: built for sm_90 or newer).
-    cudaError_t waits_for_prerequisite(void (*fn)(DecodeKernelParams), bool& waits) {
-        int device = 0;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err != cudaSuccess) return err;
-        std::lock_guard<std::mutex> lock(mutex_);
-        const auto key = std::make_pair(device, reinterpret_cast<const void*>(fn));
-        if (const auto it = waits_.find(key); it != waits_.end()) {
-            waits = it->second;
-            return cudaSuccess;
-        }
-        err = kernel_waits_for_prerequisite(fn, waits);
-        if (err == cudaSuccess) waits_[key] = waits;
-        return err;
-    }
-
-    // SMs and compute capability major of the current device.
-    cudaError_t device(int& sms, int& major) {
-        int device = 0;
-        cudaError_t err = cudaGetDevice(&device);
-        if (err != cudaSuccess) return err;
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (const auto it = devices_.find(device); it != devices_.end()) {
-            std::tie(sms, major) = it->second;
-            return cudaSuccess;
-        }
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-        if (err == cudaSuccess)
-            err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-        if (err == cudaSuccess) devices_[device] = {sms, major};
-        return err;
-    }
-
-private:
-    std::mutex mutex_;
-    std::map<std::tuple<int, const void*, size_t>, int> occupancy_;
-    std::map<std::pair<int, const void*>, size_t> limits_;  // dynamic shared memory set per kernel
-    std::map<std::pair<int, const void*>, bool> waits_;
-    std::map<int, std::pair<int, int>> devices_;
-};
-
-RuntimeFacts& runtime_facts() {
-    static RuntimeFacts facts;
-    return facts;
-}
-
 // A kernel's shared-memory plan: ring depth, bytes and CTAs per SM.
 struct Residency {
     int ring = 1;
@@ -272,7 +191,7 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
         r.ring = mixed_ring(L);
         r.smem = kernels::decode_ring_offset(k.shared_bytes) +
                  kernels::decode_mixed_bytes(r.ring, k.warps);
-        return runtime_facts().resident_ctas(k.fn, 32 * k.warps, r.smem, r.per_sm);
+        return resident_ctas(k.fn, 32 * k.warps, r.smem, r.per_sm);
     }
     const size_t page_set = static_cast<size_t>(k.warps) * L.head_bytes;  // one page per warp
     int ring = 1;
@@ -287,7 +206,7 @@ cudaError_t plan_residency(const DecodeArgs& a, const DecodeKernel& k, Residency
     auto smem = [&](int depth) { return fixed + std::max(depth * page_set, states); };
     if (smem(ring) > kSmemMax) return cudaErrorInvalidValue;
     auto occupancy = [&](int depth, int& per_sm) {
-        return runtime_facts().resident_ctas(k.fn, 32 * k.warps, smem(depth), per_sm);
+        return resident_ctas(k.fn, 32 * k.warps, smem(depth), per_sm);
     };
     r.ring = ring;
     r.smem = smem(ring);
@@ -377,7 +296,7 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
         a.page_eviction > 2)
         return cudaErrorInvalidValue;
     int sms = 0, major = 0;
-    cudaError_t err = runtime_facts().device(sms, major);
+    cudaError_t err = device_facts(sms, major);
     if (err != cudaSuccess) return err;
     if (major < 8) return cudaErrorNotSupported;  // mma.sync m16n8k16 / m16n8k32 and cp.async
     Residency r;
@@ -441,7 +360,7 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     // that the decode's set-up overlaps it; the decode waits for it before its first page.
     bool after_bias = false;
     if (a.page_bias != nullptr &&
-        (err = runtime_facts().waits_for_prerequisite(plan.kernel.fn, after_bias)) != cudaSuccess)
+        (err = waits_for_prerequisite(plan.kernel.fn, after_bias)) != cudaSuccess)
         return err;
     if ((err = launch_after_prerequisite(plan.kernel.fn, grid, dim3(plan.kernel.warps * 32),
                                          plan.smem, stream, after_bias, kp)) != cudaSuccess)
@@ -455,7 +374,7 @@ cudaError_t launch_decode_attention(const DecodeArgs& a, cudaStream_t stream) {
     // 0.0111 -> 0.0107 at B = 1, N = 8K, launched early: cuda_h200_20261204zi_merge_trigger_ab.)
     auto merge = a.layout.head_dim == 64 ? kernels::merge_kernel<64> : kernels::merge_kernel<128>;
     bool waits = false;
-    if ((err = runtime_facts().waits_for_prerequisite(merge, waits)) != cudaSuccess) return err;
+    if ((err = waits_for_prerequisite(merge, waits)) != cudaSuccess) return err;
     return launch_after_prerequisite(
         merge, dim3(rows), dim3(32 * std::clamp(plan.split.splits, 1, kernels::kMergeWarps)), 0,
         stream, waits, kp);

@@ -24,6 +24,7 @@
 
 #include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
+#include "cuda/runtime_facts.h"
 #include "device_codecs/device_common.h"
 #include "device_codecs/value_device.h"
 
@@ -297,8 +298,7 @@ template <int C>
 void launch_encode_values_c(const ValueUnits& a, int sms, cudaStream_t stream) {
     const int smem = kValueWarps * value_warp_smem_bytes(a.d);
     int per_sm = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, encode_values_kernel<C>,
-                                                             kValueWarps * 32, smem),
+    check_cuda(resident_ctas(encode_values_kernel<C>, kValueWarps * 32, smem, per_sm),
                "occupancy of the value encoder");
     const long long items = static_cast<long long>(a.units) * a.n;
     const long long wanted = (items + kValueWarps - 1) / kValueWarps;
