@@ -131,12 +131,9 @@ const float* KeyCenter::shift_into_scratch(const float* keys, int n, int batch,
     const std::size_t count = static_cast<std::size_t>(batch) * heads_ * n * dim_;
     float* out = centred_scratch(count, stream);
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
-    const std::size_t threads = count / 2;
-    const unsigned blocks =
-        static_cast<unsigned>((threads + kernels::kCenterThreads - 1) / kernels::kCenterThreads);
-    kernels::shift_keys_kernel<<<blocks, kernels::kCenterThreads, 0, stream>>>(
-        c, damped, starts, pos0, keys, out, n, batch, -1.0f);
-    check_cuda(cudaGetLastError(), "shift_keys_kernel");
+    check_cuda(kernels::launch_shift_keys(c, damped, starts, pos0, keys, out, n, batch, -1.0f,
+                                          stream),
+               "shift_keys_kernel");
     return out;
 }
 
@@ -161,12 +158,9 @@ void KeyCenter::release_scratch(cudaStream_t stream) noexcept {
 void KeyCenter::restore(float* keys, int n, int pos0, cudaStream_t stream) const {
     if (!centering_ || n == 0) return;
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
-    const std::size_t threads = static_cast<std::size_t>(heads_) * n * (dim_ / 2);
-    const unsigned blocks =
-        static_cast<unsigned>((threads + kernels::kCenterThreads - 1) / kernels::kCenterThreads);
-    kernels::shift_keys_kernel<<<blocks, kernels::kCenterThreads, 0, stream>>>(
-        c, damped_address_, nullptr, pos0, keys, keys, n, 1, 1.0f);
-    check_cuda(cudaGetLastError(), "shift_keys_kernel");
+    check_cuda(kernels::launch_shift_keys(c, damped_address_, nullptr, pos0, keys, keys, n, 1,
+                                          1.0f, stream),
+               "shift_keys_kernel");
 }
 
 void KeyCenter::reserve_pages(int pages, cudaStream_t stream) const {

@@ -101,20 +101,24 @@ __global__ void __launch_bounds__(kCenterThreads)
 }
 
 /// out[b][h][t] = keys[b][h][t] + sign * c_blk(b, h) for the block blk of position pos0 + t
-/// (sequence b's pos0: starts[b], or `pos0` where starts is null) of each sequence b < batch;
-/// damped[b] that sequence's [heads][dim] (mu_i A_i, mu elsewhere). One thread per (sequence,
-/// head, token, unit); out may be keys.
+/// (sequence b's pos0: starts[b], or `pos0` where starts is null) of each sequence b; damped[b]
+/// that sequence's [heads][dim] (mu_i A_i, mu elsewhere). One thread per (sequence, head, token,
+/// unit), `units` of them; out may be keys. Index: the type of the thread index, 32-bit where
+/// `units` allows (its divisions cost the 64-bit kernel 11% at 32K tokens x 8 heads on an H100,
+/// bench/results/cuda_h100_20261205zx_shift_keys_probe.txt).
+template <typename Index>
 __global__ void __launch_bounds__(kCenterThreads)
     shift_keys_kernel(KeyCenterView c, const float* const* damped, const int32_t* starts, int pos0,
-                      const float* keys, float* out, int n, int batch, float sign) {
-    const int units = c.dim / 2;
-    const size_t at = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (at >= static_cast<size_t>(batch) * c.heads * n * units) return;
-    const int u = static_cast<int>(at % units);
-    const size_t row = at / units;  // (b * heads + h) * n + t
-    const int t = static_cast<int>(row % n);
-    const size_t bh = row / n;
-    const int h = static_cast<int>(bh % c.heads), b = static_cast<int>(bh / c.heads);
+                      const float* keys, float* out, int n, Index units, float sign) {
+    const Index head_units = static_cast<Index>(c.dim / 2);
+    const Index at = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (at >= units) return;
+    const int u = static_cast<int>(at % head_units);
+    const Index row = at / head_units;  // (b * heads + h) * n + t
+    const int t = static_cast<int>(row % static_cast<Index>(n));
+    const Index bh = row / static_cast<Index>(n);
+    const int h = static_cast<int>(bh % static_cast<Index>(c.heads));
+    const int b = static_cast<int>(bh / static_cast<Index>(c.heads));
     const int start = starts != nullptr ? starts[b] : pos0;
     int x, y;
     unit_coords(c, u, x, y);
@@ -127,10 +131,26 @@ __global__ void __launch_bounds__(kCenterThreads)
         cy = cx * p.y + cy * p.x;
         cx = nx;
     }
-    const float* k = keys + row * c.dim;
-    float* o = out + row * c.dim;
+    const float* k = keys + static_cast<size_t>(row) * c.dim;
+    float* o = out + static_cast<size_t>(row) * c.dim;
     o[x] = k[x] + sign * cx;
     o[y] = k[y] + sign * cy;
+}
+
+/// shift_keys_kernel over `sequences` sequences of n tokens, 32-bit indexed where the count allows.
+inline cudaError_t launch_shift_keys(const KeyCenterView& c, const float* const* damped,
+                                     const int32_t* starts, int pos0, const float* keys,
+                                     float* out, int n, int sequences, float sign,
+                                     cudaStream_t stream) {
+    const size_t units = static_cast<size_t>(sequences) * c.heads * n * (c.dim / 2);
+    const unsigned blocks = static_cast<unsigned>((units + kCenterThreads - 1) / kCenterThreads);
+    if (units + kCenterThreads <= UINT32_MAX)
+        shift_keys_kernel<uint32_t><<<blocks, kCenterThreads, 0, stream>>>(
+            c, damped, starts, pos0, keys, out, n, static_cast<uint32_t>(units), sign);
+    else
+        shift_keys_kernel<size_t><<<blocks, kCenterThreads, 0, stream>>>(
+            c, damped, starts, pos0, keys, out, n, units, sign);
+    return cudaGetLastError();
 }
 
 /// cos(64 p w_i) and sin(64 p w_i) of each pair i and page p < stride, the page factor of the
