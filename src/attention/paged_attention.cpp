@@ -104,8 +104,8 @@ void run_tiles(const PagedAttentionArgs& a, const Plan& plan, std::vector<float>
         w(static_cast<std::size_t>(kTiledRowTile) * P),
         pv(static_cast<std::size_t>(kTiledRowTile) * d);
     std::vector<float> rescale(kTiledRowTile);  // each row's softmax rescale of this page
-    std::vector<int> tile_limit(tiles, 0);       // the furthest position a row of the tile sees
-    for (int r = r0; r < r1; ++r) {  // queries pre-scaled: the logits come out scaled
+    std::vector<int> tile_limit(tiles, 0);      // the furthest position a row of the tile sees
+    for (int r = r0; r < r1; ++r) {             // queries pre-scaled: the logits come out scaled
         const float* qr = query_row(a, plan, h, r);
         float* dst = &q[static_cast<std::size_t>(r - r0) * d];
         for (int j = 0; j < d; ++j) dst[j] = qr[j] * a.scale;

@@ -131,9 +131,9 @@ const float* KeyCenter::shift_into_scratch(const float* keys, int n, int batch,
     const std::size_t count = static_cast<std::size_t>(batch) * heads_ * n * dim_;
     float* out = centred_scratch(count, stream);
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
-    check_cuda(kernels::launch_shift_keys(c, damped, starts, pos0, keys, out, n, batch, -1.0f,
-                                          stream),
-               "shift_keys_kernel");
+    check_cuda(
+        kernels::launch_shift_keys(c, damped, starts, pos0, keys, out, n, batch, -1.0f, stream),
+        "shift_keys_kernel");
     return out;
 }
 
@@ -158,8 +158,8 @@ void KeyCenter::release_scratch(cudaStream_t stream) noexcept {
 void KeyCenter::restore(float* keys, int n, int pos0, cudaStream_t stream) const {
     if (!centering_ || n == 0) return;
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
-    check_cuda(kernels::launch_shift_keys(c, damped_address_, nullptr, pos0, keys, keys, n, 1,
-                                          1.0f, stream),
+    check_cuda(kernels::launch_shift_keys(c, damped_address_, nullptr, pos0, keys, keys, n, 1, 1.0f,
+                                          stream),
                "shift_keys_kernel");
 }
 

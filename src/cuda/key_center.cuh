@@ -139,17 +139,16 @@ __global__ void __launch_bounds__(kCenterThreads)
 
 /// shift_keys_kernel over `sequences` sequences of n tokens, 32-bit indexed where the count allows.
 inline cudaError_t launch_shift_keys(const KeyCenterView& c, const float* const* damped,
-                                     const int32_t* starts, int pos0, const float* keys,
-                                     float* out, int n, int sequences, float sign,
-                                     cudaStream_t stream) {
+                                     const int32_t* starts, int pos0, const float* keys, float* out,
+                                     int n, int sequences, float sign, cudaStream_t stream) {
     const size_t units = static_cast<size_t>(sequences) * c.heads * n * (c.dim / 2);
     const unsigned blocks = static_cast<unsigned>((units + kCenterThreads - 1) / kCenterThreads);
     if (units + kCenterThreads <= UINT32_MAX)
         shift_keys_kernel<uint32_t><<<blocks, kCenterThreads, 0, stream>>>(
             c, damped, starts, pos0, keys, out, n, static_cast<uint32_t>(units), sign);
     else
-        shift_keys_kernel<size_t><<<blocks, kCenterThreads, 0, stream>>>(
-            c, damped, starts, pos0, keys, out, n, units, sign);
+        shift_keys_kernel<size_t><<<blocks, kCenterThreads, 0, stream>>>(c, damped, starts, pos0,
+                                                                         keys, out, n, units, sign);
     return cudaGetLastError();
 }
 

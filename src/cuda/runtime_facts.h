@@ -25,8 +25,7 @@ cudaError_t resident_ctas(const void* kernel, int threads, std::size_t smem, int
 cudaError_t waits_for_prerequisite(const void* kernel, bool& waits);
 
 template <class... Params>
-cudaError_t resident_ctas(void (*kernel)(Params...), int threads, std::size_t smem,
-                          int& per_sm) {
+cudaError_t resident_ctas(void (*kernel)(Params...), int threads, std::size_t smem, int& per_sm) {
     return resident_ctas(reinterpret_cast<const void*>(kernel), threads, smem, per_sm);
 }
 
