@@ -35,12 +35,14 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <cstddef>
 #include <cstdint>
 
 #include "cuda/bulk_key_encode.h"
 #include "cuda/codec_kernels.cuh"
 #include "cuda/cuda_cache.h"
 #include "cuda/rabitq_event_sort.cuh"
+#include "cuda/runtime_facts.h"
 #include "cuda/value_encode.cuh"
 #include "device_codecs/rabitq_device.h"
 
@@ -538,13 +540,11 @@ struct BulkKeyEncoder<dev::RaBitQDevice> {
     /// global memory), where the device's shared memory holds them.
     static void launch(const EncodeParams<dev::RaBitQDevice>& a,
                        const dev::RaBitQDevice::Params& any_head, int, cudaStream_t stream) {
-        int optin = 0, device = 0;
-        check_cuda(cudaGetDevice(&device), "rabitq encode device");
-        check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                   "rabitq encode shared memory limit");
+        std::size_t optin = 0;
+        check_cuda(shared_memory_optin(optin), "rabitq encode shared memory limit");
         const size_t warps = rabitq_warps_smem_bytes(any_head);
         const size_t centroids = rabitq_centroid_smem_bytes(any_head.clusters, any_head.d);
-        const bool stage = warps + centroids <= static_cast<size_t>(optin);
+        const bool stage = warps + centroids <= optin;
         const int smem = static_cast<int>(stage ? warps + centroids : warps);
         const void* k = kernel(any_head);
         check_cuda(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),

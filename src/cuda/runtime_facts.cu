@@ -19,6 +19,7 @@ struct Facts {
     std::map<std::pair<int, const void*>, std::size_t> smem_limits;  // as raised so far
     std::map<std::pair<int, const void*>, bool> waits;
     std::map<int, std::pair<int, int>> devices;
+    std::map<int, std::size_t> optin;
 };
 
 Facts& facts() {
@@ -42,6 +43,22 @@ cudaError_t device_facts(int& sms, int& major) {
     if (err == cudaSuccess)
         err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (err == cudaSuccess) f.devices[device] = {sms, major};
+    return err;
+}
+
+cudaError_t shared_memory_optin(std::size_t& bytes) {
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    Facts& f = facts();
+    std::lock_guard<std::mutex> lock(f.mutex);
+    if (const auto it = f.optin.find(device); it != f.optin.end()) {
+        bytes = it->second;
+        return cudaSuccess;
+    }
+    int optin = 0;
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err == cudaSuccess) bytes = f.optin[device] = static_cast<std::size_t>(optin);
     return err;
 }
 

@@ -15,6 +15,10 @@ namespace veloxquant::cuda {
 /// SMs and compute capability major of the current device.
 cudaError_t device_facts(int& sms, int& major);
 
+/// The current device's shared memory a block may opt in to: 227 KB on sm_90, 163 on sm_80, 99
+/// on sm_86 and sm_89, 96 on sm_70, 64 on sm_75.
+cudaError_t shared_memory_optin(std::size_t& bytes);
+
 /// CTAs per SM of `kernel` with `threads` threads and `smem` bytes of dynamic shared memory on
 /// the current device, after raising its dynamic shared memory limit there to at least `smem`
 /// where that is above the default 48 KB.
