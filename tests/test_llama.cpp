@@ -1,7 +1,8 @@
-// Llama forward pass and quantized matmul. A tiny random-weight model is written with GGUFWriter
-// (weights quantized by the test's own Q8_0 / Q4_1 / F16 quantizers) and its logits are checked
-// against a naive double-precision forward pass written here from the conventions (RMSNorm,
-// adjacent-pair RoPE, grouped-query causal softmax attention, SwiGLU), independent of src/model.
+// Llama forward pass (its matmul: test_llama_matmul.cpp). A tiny random-weight model is written
+// with GGUFWriter (weights quantized by the test's own Q8_0 / Q4_1 / F16 quantizers) and its logits
+// are checked against a naive double-precision forward pass written here from the conventions
+// (RMSNorm, adjacent-pair RoPE, grouped-query causal softmax attention, SwiGLU), independent of
+// src/model.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -10,7 +11,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -18,91 +18,18 @@
 #include <string>
 #include <vector>
 
-#include "core/cpu_isa.h"
 #include "core/half.h"
-#include "model/dequant.h"
+#include "llama_test_helpers.h"
 #include "model/gguf.h"
 #include "model/gguf_writer.h"
 #include "model/llama_model.h"
-#include "model/matmul.h"
 #include "model/tokenizer.h"
 #include "test_helpers.h"
 
 using namespace veloxquant;
+using namespace llamatest;
 
 namespace {
-
-using Matrix = std::vector<float>;  // row-major [rows][cols]
-
-// ---- Test-side quantizers (ggml-common.h layouts): bytes for the file, and the exact values
-// they decode to, for the reference.
-
-struct Quantized {
-    GGMLType type;
-    std::vector<uint8_t> bytes;
-    Matrix values;  // what the bytes decode to
-};
-
-void put_half(std::vector<uint8_t>& out, float v) {
-    const uint16_t h = float_to_half(v);
-    out.push_back(static_cast<uint8_t>(h & 0xFF));
-    out.push_back(static_cast<uint8_t>(h >> 8));
-}
-
-Quantized quantize(GGMLType type, const Matrix& x) {
-    Quantized q{type, {}, Matrix(x.size())};
-    if (type == GGMLType::F32) {
-        q.bytes.resize(x.size() * 4);
-        std::memcpy(q.bytes.data(), x.data(), q.bytes.size());
-        q.values = x;
-        return q;
-    }
-    if (type == GGMLType::F16) {
-        for (std::size_t i = 0; i < x.size(); ++i) {
-            put_half(q.bytes, x[i]);
-            q.values[i] = half_to_float(float_to_half(x[i]));
-        }
-        return q;
-    }
-    for (std::size_t b = 0; b < x.size(); b += 32) {
-        const float* v = &x[b];
-        float* out = &q.values[b];
-        if (type == GGMLType::Q8_0) {  // x = q * d, q in [-127, 127]
-            float amax = 0.0f;
-            for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-            const float d = half_to_float(float_to_half(amax / 127.0f));
-            put_half(q.bytes, d);
-            for (int j = 0; j < 32; ++j) {
-                const int qi = d > 0 ? static_cast<int>(std::lround(v[j] / d)) : 0;
-                const int c = std::clamp(qi, -127, 127);
-                q.bytes.push_back(static_cast<uint8_t>(static_cast<int8_t>(c)));
-                out[j] = static_cast<float>(c) * d;
-            }
-        } else {  // Q4_1: x = q * d + m, q in [0, 15]; byte j = element j | element j + 16 << 4
-            const float lo = *std::min_element(v, v + 32), hi = *std::max_element(v, v + 32);
-            const float d = half_to_float(float_to_half((hi - lo) / 15.0f));
-            const float m = half_to_float(float_to_half(lo));
-            put_half(q.bytes, d);
-            put_half(q.bytes, m);
-            int qs[32];
-            for (int j = 0; j < 32; ++j) {
-                const int qi = d > 0 ? static_cast<int>(std::lround((v[j] - m) / d)) : 0;
-                qs[j] = std::clamp(qi, 0, 15);
-                out[j] = static_cast<float>(qs[j]) * d + m;
-            }
-            for (int j = 0; j < 16; ++j)
-                q.bytes.push_back(static_cast<uint8_t>(qs[j] | qs[j + 16] << 4));
-        }
-    }
-    return q;
-}
-
-Matrix randn(std::size_t n, std::mt19937& gen, float scale, float mean = 0.0f) {
-    std::normal_distribution<float> dist(mean, scale);
-    Matrix v(n);
-    for (auto& x : v) x = dist(gen);
-    return v;
-}
 
 // ---- The tiny model: 2 layers, n_embd 64, 4 heads, 2 KV heads, head_dim 16, ffn 96, vocab 50.
 
@@ -360,16 +287,6 @@ Caches exact_caches(int max_seq_len) {
     return c;
 }
 
-// max |a - b| / max |b|.
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-    double diff = 0.0, scale = 0.0;
-    for (std::size_t i = 0; i < b.size(); ++i) {
-        diff = std::max(diff, std::fabs(static_cast<double>(a[i]) - b[i]));
-        scale = std::max(scale, std::fabs(static_cast<double>(b[i])));
-    }
-    return diff / scale;
-}
-
 std::vector<int32_t> random_tokens(int n, uint32_t seed) {
     std::mt19937 gen(seed);
     std::vector<int32_t> t(n);
@@ -399,105 +316,7 @@ std::vector<float> run_all(const LlamaModel& m, const std::vector<int32_t>& toke
     return logits;
 }
 
-template <typename E>
-void expect_error(const std::function<void()>& f, const std::string& needle) {
-    try {
-        f();
-        ADD_FAILURE() << "no exception; expected one mentioning '" << needle << "'";
-    } catch (const E& e) {
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-}
-
 }  // namespace
-
-// ---- Matmul on every weight format, every kernel set, both paths (dots and register tiles).
-
-TEST(LlamaMatmul, AllFormatsMatchDequantizedReference) {
-    std::mt19937 gen(3);
-    for (const GGMLType type :
-         {GGMLType::F32, GGMLType::F16, GGMLType::Q4_0, GGMLType::Q4_1, GGMLType::Q5_0,
-          GGMLType::Q5_1, GGMLType::Q8_0, GGMLType::Q4_K, GGMLType::Q6_K, GGMLType::BF16}) {
-        const int rows = 37, cols = ggml_block_size(type) == 256 ? 512 : 96;
-        const std::size_t row_bytes = ggml_row_bytes(type, cols);
-        std::vector<uint8_t> data(row_bytes * rows);
-        for (auto& b : data) b = static_cast<uint8_t>(gen());
-        // Random bytes everywhere, then sane values in the fp16 scale fields (and all of F16).
-        const std::size_t block = ggml_type_size(type);
-        auto set_half = [&](std::size_t at, float v) {
-            const uint16_t h = float_to_half(v);
-            std::memcpy(&data[at], &h, 2);
-        };
-        std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-        if (type == GGMLType::F32) {
-            for (std::size_t i = 0; i < data.size(); i += 4) {
-                const float v = u(gen);
-                std::memcpy(&data[i], &v, 4);
-            }
-        } else if (type == GGMLType::F16) {
-            for (std::size_t i = 0; i < data.size(); i += 2) set_half(i, u(gen));
-        } else if (type == GGMLType::BF16) {
-            for (std::size_t i = 0; i < data.size(); i += 2) {
-                const uint16_t h = float_to_bf16(u(gen));
-                std::memcpy(&data[i], &h, 2);
-            }
-        } else if (type == GGMLType::Q6_K) {
-            for (std::size_t b = 0; b < data.size(); b += block)
-                set_half(b + block - 2, 0.01f * u(gen));
-        } else {
-            const bool has_min =
-                type == GGMLType::Q4_1 || type == GGMLType::Q5_1 || type == GGMLType::Q4_K;
-            for (std::size_t b = 0; b < data.size(); b += block) {
-                set_half(b, 0.05f * u(gen));
-                if (has_min) set_half(b + 2, 0.05f * u(gen));
-            }
-        }
-        const QMatrix w{type, data.data(), rows, cols, row_bytes};
-        Matrix wf(static_cast<std::size_t>(rows) * cols);
-        for (int r = 0; r < rows; ++r)
-            dequantize_row(type, data.data() + r * row_bytes, wf.data() + r * cols, cols);
-        for (const std::string& isa : cpu_isas()) {
-            use_cpu_isa(isa);
-            for (const int n : {1, 2, 3, 4, 5, 9, 33}) {
-                const Matrix x = randn(static_cast<std::size_t>(n) * cols, gen, 1.0f);
-                std::vector<float> y(static_cast<std::size_t>(n) * rows), ref(y.size());
-                matmul(w, x.data(), n, y.data());
-                for (int t = 0; t < n; ++t)
-                    for (int r = 0; r < rows; ++r) {
-                        double s = 0.0;
-                        for (int c = 0; c < cols; ++c)
-                            s += static_cast<double>(wf[r * cols + c]) * x[t * cols + c];
-                        ref[t * rows + r] = static_cast<float>(s);
-                    }
-                EXPECT_LT(max_rel(y, ref), 1e-5)
-                    << ggml_type_name(type) << " n=" << n << " " << cpu_isa_name();
-            }
-        }
-        use_cpu_isa("");
-    }
-}
-
-TEST(LlamaMatmul, SharedInputOutputsAndShapeErrors) {
-    std::mt19937 gen(5);
-    const Quantized a = quantize(GGMLType::Q8_0, randn(20 * 64, gen, 1.0f));
-    const Quantized b = quantize(GGMLType::Q4_1, randn(7 * 64, gen, 1.0f));
-    const QMatrix wa{GGMLType::Q8_0, a.bytes.data(), 20, 64, ggml_row_bytes(GGMLType::Q8_0, 64)};
-    const QMatrix wb{GGMLType::Q4_1, b.bytes.data(), 7, 64, ggml_row_bytes(GGMLType::Q4_1, 64)};
-    const Matrix x = randn(6 * 64, gen, 1.0f);
-    std::vector<float> ya(6 * 20), yb(6 * 7), ra(ya.size()), rb(yb.size());
-    const MatmulOut outs[2] = {{&wa, ya.data(), 20}, {&wb, yb.data(), 7}};
-    matmul(outs, 2, x.data(), 64, 6);
-    matmul(wa, x.data(), 6, ra.data());
-    matmul(wb, x.data(), 6, rb.data());
-    EXPECT_EQ(ya, ra);
-    EXPECT_EQ(yb, rb);
-
-    const QMatrix narrow{GGMLType::Q8_0, a.bytes.data(), 10, 32,
-                         ggml_row_bytes(GGMLType::Q8_0, 32)};
-    const MatmulOut mixed[2] = {{&wa, ya.data(), 20}, {&narrow, yb.data(), 10}};
-    expect_error<std::invalid_argument>([&] { matmul(mixed, 2, x.data(), 64, 6); }, "column");
-    expect_error<std::invalid_argument>([&] { matmul(wa, x.data(), 0, ya.data()); }, "vector");
-}
 
 // ---- The tiny model against the reference.
 

@@ -1,5 +1,7 @@
 #include "device_codecs/commvq_device.h"
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -25,6 +27,7 @@ CommVQDevice::Params CommVQDevice::build(const KeyCodec& cpu, ParamArena& arena)
     if (cq->phase_steps().size() != static_cast<std::size_t>(kPhaseBlock) * p.pairs * 2)
         throw std::invalid_argument("CommVQDevice: the CPU codec's phase table is not 64 steps");
     p.words = arena.add(cq->codebook());
+    for (const float w : cq->codebook()) p.largest_word = std::max(p.largest_word, std::fabs(w));
     p.norms2 = arena.add(cq->codeword_norms2());
     p.bounds = arena.add(cq->search_bounds());
     p.inv_freq = arena.add(cq->rope_inv_freq());

@@ -34,6 +34,7 @@ struct CommVQDevice {
         int group_dim = 0;
         int index_bits = 0;
         int pairs = 0;                     ///< rotated RoPE pairs (0: positions ignored)
+        float largest_word = 0.0f;         ///< the largest |codeword entry|
         const float* words = nullptr;      ///< [stages][groups][codewords][group_dim]
         const float* norms2 = nullptr;     ///< [stages][groups][codewords]
         const float* bounds = nullptr;     ///< [stages][groups][1 + group_dim]: search_bounds()
@@ -158,6 +159,40 @@ struct CommVQDevice {
 
     VQ_HD static void prepare(const Params& p, const float* query, float* state) {
         for (int j = 0; j < p.d; ++j) state[j] = query[j];
+    }
+
+    // The feature form (device_common.h): the key, RoPE_pos(z) (decode's), factor 1.
+    static constexpr int kFeatureGroup = 8;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.d; }
+    /// (A turned pair's entries are at most sqrt(2) times the largest sum of S codeword
+    /// entries: the device's fp16 tile must hold them.)
+    VQ_HD static bool features_usable(const Params& p) {
+        return p.d % 8 == 0 && p.group_dim % 2 == 0 &&
+               1.4143f * static_cast<float>(p.stages) * p.largest_word < kFeatureHalfLimit;
+    }
+    VQ_HD static float feature_factor(const float*) { return 1.0f; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
+    VQ_HD static void features(const Params& p, const uint8_t* code, int pos, int g, float* f) {
+        const int gd = p.group_dim;
+        for (int k = 0; k < 8; ++k) {
+            const int i = 8 * g + k, grp = i / gd, j = i - grp * gd;
+            float z = 0.0f;
+            for (int st = 0; st < p.stages; ++st) {
+                const int m = st * p.groups + grp;
+                z += p.words[(m * p.codewords + read_bits(code, m, p.index_bits)) * gd + j];
+            }
+            f[k] = z;
+        }
+        for (int k = 0; k < 8; k += 2) {
+            const int i = (8 * g + k) / 2;  // the pair
+            if (i >= p.pairs) break;
+            float c, s;
+            phase(p, pos, i, &c, &s);
+            const float z0 = f[k], z1 = f[k + 1];
+            f[k] = z0 * c - z1 * s;
+            f[k + 1] = z0 * s + z1 * c;
+        }
     }
 
     /// Per group: the codeword sum z_g (S * group_dim adds, codewords read from the arena),

@@ -46,8 +46,6 @@
 //     VQ_HD static int extra_entry(const Params&, const uint8_t* code);  // -1: none
 // A codec whose code bytes are its features as fp16 (kFeaturesInPlace = true) is read in place.
 // tests/device_codec_test_helpers.h checks the form against score_one for every such codec.
-// fp16 and qjl name it: for the others, decoding features cost more than scoring lane by lane
-// (codec_feature_scores.cuh).
 //
 // score takes R rows' states interleaved, entry i of row r at state[i * R + r] (R = 1: prepare's
 // layout), so that one pass over a token's code serves every query row of a KV head (the
@@ -278,7 +276,8 @@ template <class Codec>
 struct HasTable<Codec, std::void_t<decltype(Codec::table_floats(
                            std::declval<const typename Codec::Params&>()))>> : std::true_type {};
 
-/// Features must stay below the largest finite half (the device's fp16 tile).
+/// Features whose magnitude may reach this are not offered to the fp16 tile (features_usable):
+/// the largest finite half is 65504.
 constexpr float kFeatureHalfLimit = 65504.0f;
 
 /// Whether Codec names the feature form of its score (see above).

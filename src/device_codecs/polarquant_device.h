@@ -136,6 +136,18 @@ struct PolarQuantDevice {
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 
+    // The feature form (device_common.h): block j's y (unit ||k||, expand_block), factor ||k||.
+    static constexpr int kFeatureGroup = kBlock;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.d; }
+    VQ_HD static bool features_usable(const Params&) { return true; }
+    VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int j,
+                               float* f) {
+        expand_block(p, code, j, relative_radius(p, code, j), f);
+    }
+
 private:
     /// Angles of one block (2^kLevels - 1): level l's 2^(kLevels - l) start at 2^(kLevels - l) - 1.
     static constexpr int kBlockAngles = kBlock - 1;

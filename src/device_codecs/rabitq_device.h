@@ -228,6 +228,24 @@ struct RaBitQDevice {
         for (int r = 0; r < R; ++r) out[r] = base[r] + scalars[0] * acc[r];
     }
 
+    // The feature form (device_common.h): f_j = level_j - (2^b - 1) / 2, factor the stored
+    // scale, plus the state's <q', c> entry of the token's cluster.
+    static constexpr int kFeatureGroup = 8;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.d; }
+    VQ_HD static bool features_usable(const Params&) { return true; }
+    VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
+    VQ_HD static int extra_entry(const Params& p, const uint8_t* code) {
+        return p.d + cluster(p, code);
+    }
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
+                               float* f) {
+        const float offset = 0.5f * static_cast<float>((1 << p.bits) - 1);
+        FieldReader levels(code + p.id_bytes, 8 * g * p.bits);
+        for (int k = 0; k < 8 && 8 * g + k < p.d; ++k)
+            f[k] = static_cast<float>(levels.next(p.bits)) - offset;
+    }
+
 private:
     /// The token's cluster id. The CPU codec throws on an id past the trained centroids
     /// (corrupted codes); a device thread cannot, so it reads centroid 0 instead of reading out

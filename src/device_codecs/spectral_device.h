@@ -169,6 +169,31 @@ struct SpectralDevice {
     }
 
     /// One codebook lookup per coded direction, its weight read for every row.
+    // The feature form (device_common.h): slot k's centroid C_{b_k}[i_k] against state entry
+    // 1 + k, factor the stored scale, plus the state's <q, mu> (entry 0).
+    static constexpr int kFeatureGroup = 8;
+    VQ_HD static int feature_offset(const Params&) { return 1; }
+    VQ_HD static int feature_count(const Params& p) { return p.num_slots; }
+    VQ_HD static bool features_usable(const Params&) { return true; }
+    VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return 0; }
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
+                               float* f) {
+        // Skip the runs before slot 8 g: their widths and lengths fix its bit.
+        int k = 0, bit = 0, b = kMaxBits;
+        for (; b >= 1 && k + p.slots_of_width[b] <= 8 * g; --b) {
+            k += p.slots_of_width[b];
+            bit += b * p.slots_of_width[b];
+        }
+        bit += b * (8 * g - k);
+        k = 8 * g;
+        FieldReader fields(code, bit);
+        for (int i = 0; i < 8 && k < p.num_slots; ++i, ++k) {
+            while (k >= run_end(p, b)) --b;  // the run of slot k
+            f[i] = p.centroids[centroid_offset(b) + fields.next(b)];
+        }
+    }
+
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {
@@ -182,6 +207,14 @@ struct SpectralDevice {
         float mean[R];  // <q, mu>
         load_rows<R>(state, mean);
         for (int r = 0; r < R; ++r) out[r] = mean[r] + scalars[0] * acc[r];
+    }
+
+private:
+    /// One past the last slot of the run of width b (the runs go from width kMaxBits down).
+    VQ_HD static int run_end(const Params& p, int b) {
+        int end = 0;
+        for (int w = kMaxBits; w >= b; --w) end += p.slots_of_width[w];
+        return end;
     }
 };
 

@@ -128,7 +128,47 @@ struct TqDevice {
         for (int r = 0; r < R; ++r) out[r] = scalars[0] * acc[r];
     }
 
+    // The feature form (device_common.h): f_j = sum_s C_s[i_sj], factor ||k||.
+    static constexpr int kFeatureGroup = 8;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.d; }
+    VQ_HD static bool features_usable(const Params& p) { return p.d % 8 == 0; }
+    VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
+                               float* f) {
+        switch (p.bits) {
+            case 1:
+                return features_fixed<1>(p, code, g, f);
+            case 2:
+                return features_fixed<2>(p, code, g, f);
+            case 3:
+                return features_fixed<3>(p, code, g, f);
+            case 4:
+                return features_fixed<4>(p, code, g, f);
+            default:
+                break;
+        }
+        for (int k = 0; k < 8; ++k) f[k] = 0.0f;
+        for (int s = 0; s < p.stages; ++s) {
+            const float* c = p.centroids + (s << p.bits);
+            FieldReader indices(code + s * p.stage_bytes, 8 * g * p.bits);
+            for (int k = 0; k < 8; ++k) f[k] += c[indices.next(p.bits)];
+        }
+    }
+
 private:
+    template <int B>
+    VQ_HD static void features_fixed(const Params& p, const uint8_t* code, int g, float* f) {
+        for (int k = 0; k < 8; ++k) f[k] = 0.0f;
+        for (int s = 0; s < p.stages; ++s) {
+            const float* c = p.centroids + (s << B);
+            uint32_t idx[8];
+            read_group8<B>(code + s * p.stage_bytes, g, idx);
+            for (int k = 0; k < 8; ++k) f[k] += c[idx[k]];
+        }
+    }
+
     /// score for B-bit indices (d a multiple of 8), eight indices per group read.
     template <int B, int R>
     VQ_HD static void score_fixed(const Params& p, const float* state, const uint8_t* code,

@@ -1,5 +1,7 @@
 #include "device_codecs/vecinfer_device.h"
 
+#include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
@@ -25,6 +27,7 @@ VecInferDevice::Params VecInferDevice::build(const KeyCodec& cpu, ParamArena& ar
     p.lut_state = static_cast<long long>(p.subspaces) * p.codewords * p.d <= kMaxAffineFloats;
     p.rotation = build_rotation(vi->rotation(), arena);
     p.codebook = arena.add(vi->codebook());
+    for (const float w : vi->codebook()) p.largest_word = std::max(p.largest_word, std::fabs(w));
     p.half_norm2 = arena.add(vi->half_norm2());
     p.smooth = arena.add(vi->smooth_factors());
     p.inv_smooth = arena.add(vi->inv_smooth_factors());

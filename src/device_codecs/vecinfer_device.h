@@ -29,6 +29,7 @@ struct VecInferDevice {
         int sub_dim = 0;
         int code_bits = 0;
         int lut_state = 0;  ///< 1: state = LUT [S][C]; 0: state = R (q * lambda) [d]
+        float largest_word = 0.0f;  ///< the largest |codeword entry|
         RotationParams rotation;
         const float* codebook = nullptr;    ///< [S][C][sub_dim]
         const float* half_norm2 = nullptr;  ///< [S][C]: ||C[s][c]||^2 / 2
@@ -138,6 +139,25 @@ struct VecInferDevice {
             }
         }
         for (int r = 0; r < R; ++r) out[r] = acc[r];
+    }
+
+    // The feature form (device_common.h), for the codeword state (lut_state 0): the token's
+    // codewords back to back, factor 1.
+    static constexpr int kFeatureGroup = 8;
+    VQ_HD static int feature_offset(const Params&) { return 0; }
+    VQ_HD static int feature_count(const Params& p) { return p.subspaces * p.sub_dim; }
+    /// (The features are the codewords: the device's fp16 tile must hold them.)
+    VQ_HD static bool features_usable(const Params& p) {
+        return !p.lut_state && p.largest_word < kFeatureHalfLimit;
+    }
+    VQ_HD static float feature_factor(const float*) { return 1.0f; }
+    VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
+                               float* f) {
+        for (int k = 0, i = 8 * g; k < 8 && i < p.subspaces * p.sub_dim; ++k, ++i) {
+            const int s = i / p.sub_dim;
+            f[k] = codeword(p, s, read_bits(code, s, p.code_bits))[i - s * p.sub_dim];
+        }
     }
 
 private:
