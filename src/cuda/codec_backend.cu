@@ -9,12 +9,14 @@
 #include "cuda/bulk_key_encode.h"
 #include "cuda/codec_attention.cuh"
 #include "cuda/codec_cache.h"
+#include "cuda/codec_prefill.cuh"
 #include "cuda/codec_split.h"
 #include "cuda/commvq_encode.cuh"
 #include "cuda/cuda_cache.h"
 #include "cuda/programmatic_launch.h"
 #include "cuda/qjl_encode.cuh"
 #include "cuda/rabitq_encode.cuh"
+#include "cuda/runtime_facts.h"
 #include "cuda/side_stream.h"
 #include "cuda/spectral_encode.cuh"
 #include "cuda/team_encoders.cuh"
@@ -87,6 +89,19 @@ constexpr bool kCentredKernels =
     !(std::is_same_v<Codec, dev::CommVQDevice> || std::is_same_v<Codec, dev::VecInferDevice> ||
       std::is_same_v<Codec, dev::SpectralDevice>);
 
+// Codecs whose decode steps and short chunks (codec_attention_kernel, at most 8 rows a CTA) score
+// on tensor cores: decoding the others' features into a tile cost more than their lane scores on
+// the H200 (9417ff6: turboquant k4v4 0.092 -> 0.158 ms a decode step at 32K, polarquant 0.116 ->
+// 0.224; fp16 0.121 -> 0.079). Every feature form serves the wide prefill (codec_prefill.cuh),
+// which decodes a page's features once for 64 rows.
+template <class Codec>
+constexpr bool kFewRowFeatures =
+    std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::QjlDevice>;
+
+// Rows of a KV head (query heads of the group x queries) from which a launch takes the wide
+// prefill kernel where the codec has the feature form and head_dim <= 128.
+constexpr int kWidePrefillRows = 64;
+
 template <class Codec>
 class Backend final : public CodecBackend {
 public:
@@ -116,7 +131,9 @@ public:
             state_stride_ = std::max(state_stride_, Codec::state_floats(kp.back()));
             if constexpr (codec::FeatureScore<Codec>::kAvailable) {  // the heads' common mode
                 const codec::FeatureMode m = codec::FeatureScore<Codec>::mode(kp.back());
-                feature_mode_ = h == 0 || m == feature_mode_ ? m : codec::kLaneScores;
+                if (kFewRowFeatures<Codec>)
+                    feature_mode_ = h == 0 || m == feature_mode_ ? m : codec::kLaneScores;
+                wide_prefill_ = (h == 0 || wide_prefill_) && m != codec::kLaneScores;
             }
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);
@@ -406,6 +423,9 @@ private:
         const int value_tables =
             kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
         a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
+        if constexpr (codec::FeatureScore<Codec>::kAvailable && D <= 128)
+            if (wide_prefill_ && kin.views == nullptr && a.rows >= kWidePrefillRows)
+                if (attend_wide<D>(a, stream)) return;
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
         // Tensor-core scores (FeatureScore) where their tiles fit beside the largest R.
@@ -438,6 +458,21 @@ private:
         const CodecSplit plan = plan_codec_split(units, chunks, wave);
         a.tokens_per_split = plan.chunks_per_split * kChunk;
         a.splits = plan.splits;
+        bind_workspace<D>(a);
+        prepare(a, kin.views != nullptr ? kin.affine : affine_ != nullptr, stream);
+        const dim3 grid(a.splits, a.units, row_blocks);
+        if (R == 8)
+            launch_attention<D, 8>(a, grid, smem, stream);
+        else if (R == 4)
+            launch_attention<D, 4>(a, grid, smem, stream);
+        else
+            launch_attention<D, 1>(a, grid, smem, stream);
+        merge<D>(a, stream);
+    }
+
+    /// The workspace of a launch: its rows' states, then their splits' (max, sum) and sums.
+    template <int D>
+    void bind_workspace(AttentionParams<Codec>& a) {
         const std::size_t rows_total = static_cast<std::size_t>(a.units) * a.rows;
         const std::size_t states_bytes =
             (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
@@ -447,8 +482,12 @@ private:
         a.states = reinterpret_cast<float*>(ws);
         a.partial_ml = reinterpret_cast<float2*>(ws + states_bytes);
         a.partial_o = reinterpret_cast<float*>(ws + states_bytes + ml_bytes);
+    }
 
-        if (kin.views != nullptr ? kin.affine : affine_ != nullptr)
+    /// The rows' query states (the affine form's GEMV where the codecs have one).
+    void prepare(const AttentionParams<Codec>& a, bool affine, cudaStream_t stream) {
+        const std::size_t rows_total = static_cast<std::size_t>(a.units) * a.rows;
+        if (affine)
             codec::codec_affine_prepare_kernel<Codec>
                 <<<dim3(static_cast<unsigned>(rows_total), (a.state_stride + 31) / 32),
                    codec::kStateWarps * 32, 0, stream>>>(a, affine_state_);
@@ -456,18 +495,50 @@ private:
             codec::codec_prepare_kernel<Codec>
                 <<<blocks_for(rows_total), codec::kThreads, 0, stream>>>(a);
         check_cuda(cudaGetLastError(), "codec prepare kernel");
-        const dim3 grid(a.splits, a.units, row_blocks);
-        if (R == 8)
-            launch_attention<D, 8>(a, grid, smem, stream);
-        else if (R == 4)
-            launch_attention<D, 4>(a, grid, smem, stream);
-        else
-            launch_attention<D, 1>(a, grid, smem, stream);
-        auto* merge = &codec::codec_merge_kernel<Codec, D>;
-        check_cuda(launch_after_prerequisite(merge, dim3(static_cast<unsigned>(rows_total)),
+    }
+
+    template <int D>
+    void merge(const AttentionParams<Codec>& a, cudaStream_t stream) {
+        auto* kernel = &codec::codec_merge_kernel<Codec, D>;
+        check_cuda(launch_after_prerequisite(kernel, dim3(static_cast<unsigned>(a.units * a.rows)),
                                              dim3(codec::kMergeWarps * 32), 0, stream,
                                              merge_waits<D>(), a),
                    "codec merge kernel");
+    }
+
+    /// A launch of many rows on the wide prefill kernel (codec_prefill.cuh): 64 rows a CTA,
+    /// splits of whole pages planned as codec_attention_kernel's. False (nothing launched) where
+    /// its shared memory does not fit.
+    template <int D>
+    bool attend_wide(AttentionParams<Codec>& a, cudaStream_t stream) {
+        const bool centred = a.center.damped != nullptr;
+        const std::size_t smem =
+            codec::prefill_layout(D, a.table_floats, a.stage_sizes().feature_span).total;
+        if (smem > max_smem_) return false;
+        auto* kernel = &codec::codec_prefill_kernel<Codec, D, false>;
+        if constexpr (kCentredKernels<Codec, D>)
+            if (centred) kernel = &codec::codec_prefill_kernel<Codec, D, true>;
+        int resident = 1;
+        bool waits = false;
+        check_cuda(cuda::resident_ctas(kernel, codec::kPrefillWarps * 32, smem, resident),
+                   "codec prefill occupancy");
+        check_cuda(waits_for_prerequisite(kernel, waits), "codec prefill code");
+        const int row_blocks = (a.rows + codec::kPrefillRows - 1) / codec::kPrefillRows;
+        const int pages = std::max(1, (a.size + codec::kPage - 1) / codec::kPage);
+        const CodecSplit plan =
+            plan_codec_split(static_cast<long long>(a.units) * row_blocks, pages,
+                             std::max(resident, 1) * static_cast<long long>(sms_));
+        a.tokens_per_split = plan.chunks_per_split * codec::kPage;
+        a.splits = plan.splits;
+        a.rows_per_block = codec::kPrefillRows;
+        bind_workspace<D>(a);
+        prepare(a, affine_ != nullptr, stream);
+        check_cuda(
+            launch_after_prerequisite(kernel, dim3(a.splits, a.units, row_blocks),
+                                      dim3(codec::kPrefillWarps * 32), smem, stream, waits, a),
+            "codec prefill kernel");
+        merge<D>(a, stream);
+        return true;
     }
 
     /// The attention kernel of (D, R, FeatureMode, centred keys) as a function pointer.
@@ -475,7 +546,7 @@ private:
     static auto kernel_of(int mode) {
         // One kernel per score path (each holds only its own registers).
         auto* kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kLaneScores, CENTRED>;
-        if constexpr (codec::FeatureScore<Codec>::kAvailable) {
+        if constexpr (codec::FeatureScore<Codec>::kAvailable && kFewRowFeatures<Codec>) {
             if (mode == codec::kFeatureTile)
                 kernel = &codec::codec_attention_kernel<Codec, D, R, codec::kFeatureTile, CENTRED>;
             if constexpr (codec::InPlaceFeatures<Codec>::value)
@@ -553,14 +624,11 @@ private:
                    "codec attention kernel");
     }
 
-    /// The current device's shared memory per block, opted in: 227 KB on sm_90, 163 on sm_80,
-    /// 99 on sm_86 and sm_89, 96 on sm_70, 64 on sm_75.
+    /// The current device's shared memory per block, opted in (runtime_facts.h).
     static std::size_t shared_memory_optin() {
-        int device = 0, optin = 0;
-        check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-        check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-                   "shared memory per block");
-        return static_cast<std::size_t>(optin);
+        std::size_t bytes = 0;
+        check_cuda(cuda::shared_memory_optin(bytes), "shared memory per block");
+        return bytes;
     }
 
     static constexpr std::size_t kMaxSmem = 200 * 1024;  ///< an attention CTA's shared memory
@@ -585,6 +653,7 @@ private:
         int resident = 1;
     };
     KernelFacts kernel_facts_[2][3][3][3];  ///< [centred][D / 128][R / 4][FeatureMode]
+    bool wide_prefill_ = false;             ///< every head has the feature form (wide prefill)
     int merge_waits_[3] = {-1, -1, -1};     ///< per D: merge_waits (-1: not asked yet)
     int sms_ = 1;
     bool warp_values_ = false;  ///< long appends' values by codec::encode_values_kernel

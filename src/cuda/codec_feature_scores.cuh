@@ -7,12 +7,12 @@
 // fp32 accumulators. Each row's state is scaled by a power of 2 (exact) so that its largest entry
 // is below 1, and split into an fp16 high part and the fp16 rounding of the rest: the two mma of
 // each block see ~22 bits of every entry; signs and stored halves are exact in fp16.
-// The other codecs have the form too (commit e083d47 gave it to all eight), but on the H200 their
-// features cost more to decode into the tile than their lane scores (bench_codec_cache at 32K
-// tokens, d=128, 8/32 heads: turboquant k4v4 0.092 -> 0.158 ms a decode step, polarquant 0.116 ->
-// 0.224, spectral 0.136 -> 0.393; fp16 0.121 -> 0.079; qjl decode 0.117 -> 0.118 and prefill
-// chunks 27.8 -> 19.0 ms; bench/results/cuda_h200_20261201n_generic_ab.txt), so they score lane by
-// lane.
+// The other codecs have the form too, but on the H200 their features cost more to decode into the
+// tile than their lane scores at so few rows (bench_codec_cache at 32K tokens, d=128, 8/32 heads:
+// turboquant k4v4 0.092 -> 0.158 ms a decode step, polarquant 0.116 -> 0.224, spectral 0.136 ->
+// 0.393; fp16 0.121 -> 0.079; qjl decode 0.117 -> 0.118 and prefill chunks 27.8 -> 19.0 ms;
+// bench/results/cuda_h200_20261201n_generic_ab.txt), so these kernels score them lane by lane
+// (codec_backend.cu's kFewRowFeatures); their features serve the wide prefill (codec_prefill.cuh).
 #pragma once
 
 #include <cuda_fp16.h>

@@ -33,8 +33,11 @@
 // Optionally, a codec whose score is, for query row r,
 //     score_r = state_r[extra] + factor * sum_{i < F} f_i state_r[offset + i]
 // with features f of the token's code (and position) alone, an extra state entry picked by the
-// code (or none) and a factor from its scalars, names that form, and the attention kernel then
-// scores 16 tokens at a time on tensor cores (src/cuda/codec_feature_scores.cuh; HasFeatures):
+// code (or none) and a factor from its scalars, names that form, and the attention kernels then
+// score tokens on tensor cores (HasFeatures): the wide prefill kernel (src/cuda/codec_prefill.cuh)
+// a page of features against 64 query rows, for every codec that names it; the decode kernels
+// (src/cuda/codec_feature_scores.cuh) 16 tokens against up to 8 rows, for fp16 and qjl only
+// (for the others decoding features for so few rows cost more than lane scores: codec_backend.cu):
 //     static constexpr int kFeatureGroup;   // features per features() call: 8 or 16
 //     VQ_HD static int feature_offset(const Params&);    // state entry of feature 0
 //     VQ_HD static int feature_count(const Params&);     // F

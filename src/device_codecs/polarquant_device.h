@@ -143,8 +143,7 @@ struct PolarQuantDevice {
     VQ_HD static bool features_usable(const Params&) { return true; }
     VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
     VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
-    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int j,
-                               float* f) {
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int j, float* f) {
         expand_block(p, code, j, relative_radius(p, code, j), f);
     }
 

@@ -238,10 +238,9 @@ struct RaBitQDevice {
     VQ_HD static int extra_entry(const Params& p, const uint8_t* code) {
         return p.d + cluster(p, code);
     }
-    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
-                               float* f) {
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g, float* f) {
         const float offset = 0.5f * static_cast<float>((1 << p.bits) - 1);
-        FieldReader levels(code + p.id_bytes, 8 * g * p.bits);
+        FieldReader levels(code + p.id_bytes, code + code_bytes(p), 8 * g * p.bits);
         for (int k = 0; k < 8 && 8 * g + k < p.d; ++k)
             f[k] = static_cast<float>(levels.next(p.bits)) - offset;
     }

@@ -114,8 +114,8 @@ struct SpectralDevice {
     /// The least-squares scale of one spread's levels (slot k's, of width b, level_of(k, b)) and
     /// its query-weighted error, each sum taken over the slots in stream order (SpectralCodec's).
     template <class LevelOf>
-    VQ_HD static void fit_spread(const Params& p, const float* y, LevelOf level_of,
-                                 double* scale, double* err) {
+    VQ_HD static void fit_spread(const Params& p, const float* y, LevelOf level_of, double* scale,
+                                 double* err) {
         double yy0 = 0.0, y0y0 = 0.0, wyy = 0.0, wyy0 = 0.0, wy0y0 = 0.0;
         for (int b = kMaxBits, k = 0; b >= 1; --b) {
             const float* c = p.centroids + centroid_offset(b);
@@ -168,7 +168,6 @@ struct SpectralDevice {
         }
     }
 
-    /// One codebook lookup per coded direction, its weight read for every row.
     // The feature form (device_common.h): slot k's centroid C_{b_k}[i_k] against state entry
     // 1 + k, factor the stored scale, plus the state's <q, mu> (entry 0).
     static constexpr int kFeatureGroup = 8;
@@ -177,8 +176,7 @@ struct SpectralDevice {
     VQ_HD static bool features_usable(const Params&) { return true; }
     VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
     VQ_HD static int extra_entry(const Params&, const uint8_t*) { return 0; }
-    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
-                               float* f) {
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g, float* f) {
         // Skip the runs before slot 8 g: their widths and lengths fix its bit.
         int k = 0, bit = 0, b = kMaxBits;
         for (; b >= 1 && k + p.slots_of_width[b] <= 8 * g; --b) {
@@ -187,13 +185,14 @@ struct SpectralDevice {
         }
         bit += b * (8 * g - k);
         k = 8 * g;
-        FieldReader fields(code, bit);
+        FieldReader fields(code, code + code_bytes(p), bit);
         for (int i = 0; i < 8 && k < p.num_slots; ++i, ++k) {
             while (k >= run_end(p, b)) --b;  // the run of slot k
             f[i] = p.centroids[centroid_offset(b) + fields.next(b)];
         }
     }
 
+    /// One codebook lookup per coded direction, its weight read for every row.
     template <int R>
     VQ_HD static void score(const Params& p, const float* state, const uint8_t* code,
                             const float* scalars, int /*stride*/, int /*pos*/, float (&out)[R]) {

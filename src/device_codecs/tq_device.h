@@ -135,8 +135,7 @@ struct TqDevice {
     VQ_HD static bool features_usable(const Params& p) { return p.d % 8 == 0; }
     VQ_HD static float feature_factor(const float* scalars) { return scalars[0]; }
     VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
-    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
-                               float* f) {
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g, float* f) {
         switch (p.bits) {
             case 1:
                 return features_fixed<1>(p, code, g, f);
@@ -152,7 +151,7 @@ struct TqDevice {
         for (int k = 0; k < 8; ++k) f[k] = 0.0f;
         for (int s = 0; s < p.stages; ++s) {
             const float* c = p.centroids + (s << p.bits);
-            FieldReader indices(code + s * p.stage_bytes, 8 * g * p.bits);
+            FieldReader indices(code + s * p.stage_bytes, code + code_bytes(p), 8 * g * p.bits);
             for (int k = 0; k < 8; ++k) f[k] += c[indices.next(p.bits)];
         }
     }

@@ -28,7 +28,7 @@ struct VecInferDevice {
         int codewords = 0;
         int sub_dim = 0;
         int code_bits = 0;
-        int lut_state = 0;  ///< 1: state = LUT [S][C]; 0: state = R (q * lambda) [d]
+        int lut_state = 0;          ///< 1: state = LUT [S][C]; 0: state = R (q * lambda) [d]
         float largest_word = 0.0f;  ///< the largest |codeword entry|
         RotationParams rotation;
         const float* codebook = nullptr;    ///< [S][C][sub_dim]
@@ -152,8 +152,7 @@ struct VecInferDevice {
     }
     VQ_HD static float feature_factor(const float*) { return 1.0f; }
     VQ_HD static int extra_entry(const Params&, const uint8_t*) { return -1; }
-    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g,
-                               float* f) {
+    VQ_HD static void features(const Params& p, const uint8_t* code, int /*pos*/, int g, float* f) {
         for (int k = 0, i = 8 * g; k < 8 && i < p.subspaces * p.sub_dim; ++k, ++i) {
             const int s = i / p.sub_dim;
             f[k] = codeword(p, s, read_bits(code, s, p.code_bits))[i - s * p.sub_dim];

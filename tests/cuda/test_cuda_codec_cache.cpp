@@ -225,6 +225,34 @@ TEST_P(CodecCacheParity, MatchesCpuCache) {
     EXPECT_LE(relative_error(do1.download(), r1), 1e-3) << "after truncate";
 }
 
+// Long chunks take the wide prefill kernel (64 rows a CTA: codec_prefill.cuh) where the key codec
+// has the feature form and head_dim <= 128: a chunk of 130 queries over 1100 tokens (several
+// splits, a chunk that starts and ends mid-page), causal and not, with queries of unit scale so
+// that the softmax is far from uniform.
+TEST_P(CodecCacheParity, LongChunksMatchTheCpu) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& k = GetParam();
+    const int H = k.heads, d = k.d, hq = H * k.group;
+    auto cpu = KVCacheFactory::create(k.config, H, d, 2048);
+    CudaCodecCache gpu(k.config, H, d, 2048);
+    uint64_t seed = 700;
+    for (const int n : {970, 130}) {
+        const auto keys = random_tokens(H, n, d, ++seed, 0.5f);
+        const auto values = random_tokens(H, n, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu->append(keys.data(), values.data(), n);
+        gpu.append(dk.get(), dv.get(), n, nullptr);
+    }
+    for (const auto [n, causal] : {std::pair{130, true}, std::pair{64, false}}) {
+        const auto q = vqtest::randn(static_cast<std::size_t>(hq) * n * d, ++seed, 1.0f);
+        std::vector<float> ref(q.size());
+        cpu->attend(q.data(), hq, n, ref.data(), 0.125f, causal);
+        DeviceBuffer<float> dq(q), dout(q.size());
+        gpu.attend(dq.get(), hq, n, dout.get(), 0.125f, causal, nullptr);
+        EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << n << " queries, causal " << causal;
+    }
+}
+
 // The driver reserves a launched kernel's stack beyond its default 1 KB for every thread the GPU
 // can hold (264 MiB a KB on an H200) and keeps it, so the encoders keep theirs near 1 KB (run 82:
 // 264-594 MiB held before; spectral's 2 KB of projections in doubles held 404 MiB until they

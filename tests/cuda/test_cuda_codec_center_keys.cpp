@@ -108,8 +108,9 @@ TEST(CudaCodecCenterKeys, DeviceCacheMatchesTheCentredCpuCache) {
                 // The CPU codecs hold the device's estimate (what to_host and save write).
                 EXPECT_EQ(vqtest::cpu_key_mean(*gpu.to_host()), gpu.key_center().mean());
             }
-            // A decode step, and the causal chunk of the last 8 tokens (8 rows per CTA).
-            for (int m : {1, 8}) {
+            // A decode step, the causal chunk of the last 8 tokens (8 rows per CTA) and of the
+            // last 40 (160 rows: the wide prefill kernel).
+            for (int m : {1, 8, 40}) {
                 const auto q = vqtest::randn(static_cast<std::size_t>(hq) * m * s.d, ++seed, 0.1f);
                 std::vector<float> ref(q.size());
                 cpu->attend(q.data(), hq, m, ref.data(), 0.1f, m > 1);

@@ -1,0 +1,354 @@
+// The generic device path's attention for many query rows at once (a prefill chunk), header-only:
+//   codec_prefill_kernel   64 query rows of one KV head (16 a warp) over one split of its tokens,
+//                          a page (64 tokens) at a time: the CTA decodes the page's key features
+//                          and value centroids into fp16 tiles once, and every warp multiplies
+//                          them with its rows on tensor cores (mma m16n8k16) in the
+//                          FlashAttention-2 order (Dao, arXiv 2307.08691, Alg. 1): S = Q' F^T, the
+//                          online softmax in registers, O += P V. Its partial states are
+//                          codec_attention_kernel's, and codec_merge_kernel merges them.
+// codec_attention_kernel serves at most 8 rows a CTA and decodes every token's codes once per
+// CTA; a 512-query chunk of 4 query heads per KV head has 2048 rows, so each code was decoded
+// 256 times. Here it is decoded 32 times, and the scores and value sums are the tensor cores'.
+//
+// Scores use the codecs' feature form (device_common.h): score_r(t) = state_r[extra_t] +
+// factor_t sum_i f_i(code_t) state_r[offset + i]. A = the rows' states, each row scaled by a power
+// of 2 so that its largest entry is below 1 and split into fp16 high and low parts (two mma, ~22
+// bits of every entry: codec_feature_scores.cuh); B = the page's features [64 tokens][F] (fp16).
+// Values: the tile holds the value codec's centroids, the token's scale goes into P relative to the
+// page's largest |scale| (codec_value_mma.cuh's scheme, with one running factor a warp).
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/codec_attention.cuh"
+#include "cuda/codec_feature_scores.cuh"
+#include "cuda/codec_kernels.cuh"
+#include "cuda/codec_value_mma.cuh"
+#include "cuda/ptx_wrappers.cuh"
+#include "cuda/warp_reduce.cuh"
+
+namespace veloxquant::cuda::codec {
+
+constexpr int kPrefillWarps = 4;
+constexpr int kPrefillRows = 16 * kPrefillWarps;  // query rows of a CTA: a warp's are the mma's m
+constexpr int kPrefillTokens = kPage;             // tokens of a tile: one page
+static_assert(kPrefillTokens == 64 && kPrefillWarps * kTileTokens == kPrefillTokens,
+              "each warp decodes 16 of a page's tokens; the score loops hold 8 n-tiles");
+
+/// Shared memory of codec_prefill_kernel (byte offsets), computed alike by the launcher and the
+/// kernel: the codecs' tables | states [2][64][FS] halves | features [64][FS] halves | values
+/// [64][D + 8] halves | per row: scale, centre bias | per token: key factor, value scale, extra
+/// entry. FS = feature_stride(feature span): rows an odd multiple of 16 bytes apart, as ldmatrix
+/// reads them without bank conflicts.
+struct PrefillLayout {
+    size_t states = 0, features = 0, values = 0, row_scale = 0, bias = 0, factor = 0,
+           value_scale = 0, extra = 0, total = 0;
+};
+
+__host__ __device__ constexpr PrefillLayout prefill_layout(int D, int table_floats,
+                                                           int feature_span) {
+    const size_t fs = static_cast<size_t>(feature_stride(feature_span)) * sizeof(__half);
+    PrefillLayout L;
+    L.states = round16(static_cast<size_t>(table_floats) * sizeof(float));
+    L.features = L.states + 2 * kPrefillRows * fs;
+    L.values = L.features + kPrefillTokens * fs;
+    L.row_scale = L.values + kPrefillTokens * static_cast<size_t>(tile_stride(D)) * sizeof(__half);
+    L.bias = L.row_scale + kPrefillRows * sizeof(float);
+    L.factor = L.bias + kPrefillRows * sizeof(float);
+    L.value_scale = L.factor + kPrefillTokens * sizeof(float);
+    L.extra = L.value_scale + kPrefillTokens * sizeof(float);
+    L.total = L.extra + kPrefillTokens * sizeof(int);
+    return L;
+}
+
+/// The fp16 states of rows row0 .. row0 + 15 (of `rows` real ones), by one warp: row r's entries
+/// offset .. offset + F - 1 times 2^-e_r (e_r the exponent of its largest |entry|) as high and low
+/// halves [16][fs], zeros past F and for rows past `rows`; row_scale[r] = 2^e_r.
+__device__ inline void prefill_row_states(const float* states, int stride, int rows, int offset,
+                                          int F, int fs, __half* hi, __half* lo, float* row_scale,
+                                          int lane) {
+    for (int r = 0; r < 16; ++r) {
+        const float* s = states + static_cast<size_t>(r) * stride + offset;
+        float top = 0.0f;
+        if (r < rows)
+            for (int i = lane; i < F; i += 32) top = fmaxf(top, fabsf(s[i]));
+        top = warp_max(top);
+        int e = 0;
+        frexpf(top, &e);  // top = m 2^e, m in [0.5, 1) (e = 0 for top = 0)
+        if (lane == 0) row_scale[r] = ldexpf(1.0f, e);
+        for (int k = lane; k < fs; k += 32) {
+            const float x = r < rows && k < F ? ldexpf(s[k], -e) : 0.0f;
+            const __half h = __float2half_rn(x);
+            hi[r * fs + k] = h;
+            lo[r * fs + k] = __float2half_rn(x - __half2float(h));
+        }
+    }
+}
+
+/// Zeroes rows `from` .. 15 of a 16-row tile of `width` halves a row (`stride` apart): a page's
+/// slots past the tokens attended hold stale codes, whose decoded values could be NaN or Inf and
+/// would reach every row's sum through a zero weight.
+__device__ __forceinline__ void zero_tile_rows(__half* tile, int stride, int width, int from,
+                                               int lane) {
+    for (int i = lane; i < (16 - from) * width; i += 32) {
+        const int t = from + i / width;
+        tile[t * stride + i % width] = __half{};
+    }
+}
+
+// grid (splits, units, row blocks of 64). Each warp keeps its 16 rows' running max and sum (two
+// rows a thread: g and g + 8 of the mma fragments, g = lane / 4) and O [16][D] in C fragments.
+template <class Codec, int D, bool CENTRED = false>
+__global__ void __launch_bounds__(kPrefillWarps * 32, 2)
+    codec_prefill_kernel(const AttentionParams<Codec> a) {
+    using Features = FeatureScore<Codec>;
+    static_assert(Features::kAvailable, "the wide prefill scores on the codec's feature form");
+    static_assert(D == 64 || D == 128, "O [16][D] lives in registers");
+    constexpr int kDimTiles = D / 8;  // n-tiles of O
+    constexpr int kTokenTiles = 8;    // n-tiles of S (64 tokens)
+    constexpr int VS = tile_stride(D);
+    extern __shared__ float4 smem_vec[];
+    uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
+    const int span = a.stage_sizes().feature_span;
+    const int fs = feature_stride(span);
+    const PrefillLayout L = prefill_layout(D, a.table_floats, span);
+    const int split = blockIdx.x, u = blockIdx.y, h = a.head(u);
+    const int row0 = blockIdx.z * kPrefillRows;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, quad = lane & 3;
+    const int S = a.state_stride, d = a.store.d;
+
+    typename Codec::Params kp = a.key_params(u);
+    const dev::ValueDevice::Params& vp = a.value_params(u);
+    float* key_table = reinterpret_cast<float*>(smem);
+    stage_table<Codec>(kp, key_table);
+    __half* value_table = reinterpret_cast<__half*>(key_table + (a.key_table_floats + 3) / 4 * 4);
+    fill_value_table(vp, value_table);
+    const bool scaled = vp.bits != 16;
+
+    __half* st_hi = reinterpret_cast<__half*>(smem + L.states);
+    __half* st_lo = st_hi + kPrefillRows * fs;
+    __half* features = reinterpret_cast<__half*>(smem + L.features);
+    __half* values = reinterpret_cast<__half*>(smem + L.values);
+    float* row_scale = reinterpret_cast<float*>(smem + L.row_scale);
+    float* bias = reinterpret_cast<float*>(smem + L.bias);
+    float* factor = reinterpret_cast<float*>(smem + L.factor);
+    float* value_scale = reinterpret_cast<float*>(smem + L.value_scale);
+    int* extra = reinterpret_cast<int*>(smem + L.extra);
+
+    // This warp's rows: wrow0 .. wrow0 + wrows - 1 of the unit; the thread's two, ra and ra + 8.
+    const int wrow0 = row0 + 16 * warp;
+    const int wrows = max(0, min(16, a.rows - wrow0));
+    const int ra = wrow0 + g, rb = ra + 8;
+    const float* states = a.states + static_cast<size_t>(u) * a.rows * S;
+    wait_for_prerequisite_grid();  // the states (this grid is the prepare kernel's dependent)
+    prefill_row_states(states + static_cast<size_t>(wrow0) * S, S, wrows, Codec::feature_offset(kp),
+                       Codec::feature_count(kp), fs, st_hi + 16 * warp * fs, st_lo + 16 * warp * fs,
+                       row_scale + 16 * warp, lane);
+    __syncthreads();  // tables and states in place
+
+    const int F = Features::padded(kp);
+    const float scale_a = ra < a.rows ? row_scale[16 * warp + g] : 0.0f;
+    const float scale_b = rb < a.rows ? row_scale[16 * warp + g + 8] : 0.0f;
+    const int lim_a = ra < a.rows ? a.limit(u, ra) : 0;
+    const int lim_b = rb < a.rows ? a.limit(u, rb) : 0;
+    // Rows are ordered by query, so the last real row sees the most tokens.
+    const int lim_warp = wrows > 0 ? a.limit(u, wrow0 + wrows - 1) : 0;
+    const int lim_cta = a.limit(u, min(row0 + kPrefillRows, a.rows) - 1);
+    const int t_begin = split * a.tokens_per_split;
+    const int t_end = min(t_begin + a.tokens_per_split, lim_cta);
+    const HeadRegions R = a.store.regions[h];
+    const TileWalk feature_walk(F / Features::kGroup, lane);
+    const TileWalk value_walk = value_tile_walk(static_cast<int>(R.value_code_bytes), lane);
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[kDimTiles][4];
+#pragma unroll
+    for (int j = 0; j < kDimTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float o_factor = 1.0f;  // the true sums are o * o_factor
+
+    for (int t0 = t_begin; t0 < t_end; t0 += kPrefillTokens) {
+        const int n = min(kPrefillTokens, t_end - t0);  // t0 is a page's first slot
+        uint8_t* page = a.page(u, t0);
+        __syncthreads();  // the previous page's tiles are read
+        // Per token: the key factor, the value scale and the extra state entry.
+        if (threadIdx.x < kPrefillTokens) {
+            const int t = threadIdx.x;
+            float f = 0.0f, vs = 0.0f;
+            int e = -1;
+            if (t < n) {
+                f = Codec::feature_factor(reinterpret_cast<const float*>(page + R.key_scalars) + t);
+                e = Codec::extra_entry(kp, page + R.key_codes + t * R.key_code_bytes);
+                vs = scaled ? reinterpret_cast<const float*>(page + R.value_scalars)[t] : 1.0f;
+            }
+            factor[t] = f, value_scale[t] = vs, extra[t] = e;
+        }
+        // Centred keys: each row's <q, c_page> (add_page_center's sum), two threads a row.
+        if constexpr (CENTRED) {
+            const int r = threadIdx.x >> 1, P = a.center.pairs;
+            const float* w = states + static_cast<size_t>(row0 + r) * S + a.center.offset;
+            const float2* z = a.center.phases + static_cast<size_t>(t0 / kPage) * P;
+            const bool real = row0 + r < a.rows;
+            float b = 0.0f;
+            if (real)
+                for (int i = threadIdx.x & 1; i < P; i += 2) b += w[i] * z[i].x - w[P + i] * z[i].y;
+            b += __shfl_xor_sync(kFull, b, 1);
+            if (real && (threadIdx.x & 1) == 0) b += w[2 * P];
+            if ((threadIdx.x & 1) == 0) bias[r] = b;
+        }
+        // Warp w decodes tokens 16 w .. 16 w + 15: their features and value centroids.
+        const int mine = min(16, max(0, n - 16 * warp));
+        __half* ftile = features + 16 * warp * fs;
+        __half* vtile = values + 16 * warp * VS;
+        if (mine > 0) {
+            const int slot = 16 * warp;
+            Features::decode_tile(kp, page + R.key_codes + slot * R.key_code_bytes,
+                                  static_cast<int>(R.key_code_bytes), t0 + slot, ftile, fs,
+                                  feature_walk);
+            decode_value_tile<D>(TileCodes{page + R.value_codes + slot * R.value_code_bytes,
+                                           static_cast<int>(R.value_code_bytes),
+                                           static_cast<int>(R.value_code_bytes), vp.bits, d},
+                                 value_table, vtile, value_walk, lane);
+            __syncwarp();
+        }
+        zero_tile_rows(ftile, fs, F, mine, lane);
+        zero_tile_rows(vtile, VS, D, mine, lane);
+        __syncthreads();
+        if (t0 >= lim_warp) continue;  // (warp-uniform) none of this warp's rows sees the page
+
+        // S [16 rows][64 tokens] = states x features^T, hi and lo parts.
+        float s[kTokenTiles][4];
+#pragma unroll
+        for (int j = 0; j < kTokenTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        // ldmatrix rows: A (rows +0-7 | +8-15) x (k +0 | +8); B (tokens of tile j | j + 1) x (k
+        // +0 | +8). Lane i gives row i % 8 of matrix i / 8.
+        const int a_off = (16 * warp + (lane & 7) + ((lane >> 3) & 1) * 8) * fs + (lane >> 4) * 8;
+        const int b_off = ((lane & 7) + (lane >> 4) * 8) * fs + ((lane >> 3) & 1) * 8;
+        for (int k0 = 0; k0 < F; k0 += 16) {
+            uint32_t ah[4], al[4];
+            ldmatrix_x4<false>(ah, st_hi + a_off + k0);
+            ldmatrix_x4<false>(al, st_lo + a_off + k0);
+#pragma unroll
+            for (int j = 0; j < kTokenTiles; j += 2) {
+                uint32_t b[4];
+                ldmatrix_x4<false>(b, features + b_off + 8 * j * fs + k0);
+                mma_16816(s[j], ah, b[0], b[1]);
+                mma_16816(s[j], al, b[0], b[1]);
+                mma_16816(s[j + 1], ah, b[2], b[3]);
+                mma_16816(s[j + 1], al, b[2], b[3]);
+            }
+        }
+        // Logits (log2 units): scale back, the token's factor and extra entry, the centre bias;
+        // tokens a row does not see are -inf. Element i of tile j: row g (i < 2) or g + 8, token
+        // 8 j + 2 quad + i % 2.
+        const float* state_a = states + static_cast<size_t>(ra) * S;
+        const float* state_b = states + static_cast<size_t>(rb) * S;
+        float bias_a = 0.0f, bias_b = 0.0f;
+        if constexpr (CENTRED) bias_a = bias[16 * warp + g], bias_b = bias[16 * warp + g + 8];
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = 8 * j + 2 * quad + (i & 1), second = i >> 1;
+                const int e = extra[t], lim = second ? lim_b : lim_a;
+                float x =
+                    s[j][i] * (second ? scale_b : scale_a) * factor[t] + (second ? bias_b : bias_a);
+                if (e >= 0 && lim > 0) x += (second ? state_b : state_a)[e];  // (a real row)
+                x = t0 + t < lim ? x * a.scale_log2 : -INFINITY;
+                s[j][i] = x;
+                mx[second] = fmaxf(mx[second], x);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]);
+            // A row without a token yet keeps m = -inf: weights 0, sums unchanged.
+            corr[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
+            m[r] = m_new;
+        }
+        float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[j][i] - m[r]);
+                s[j][i] = p;
+                sum[r] += p;
+            }
+        l[0] = l[0] * corr[0] + sum[0];
+        l[1] = l[1] * corr[1] + sum[1];
+        // The page's value scales: weights p s_t / top, top the page's largest |s_t| (kept
+        // within 2^64 of the running factor times the rows' corrections: ValueSum::chunk_factor).
+        float top = 1.0f;
+        if (scaled) {
+            const float vmax =
+                warp_max(fmaxf(fabsf(value_scale[lane]), fabsf(value_scale[lane + 32])));
+            const float corr_max = warp_max(fmaxf(corr[0], corr[1]));
+            top = vmax == 0.0f ? o_factor : fmaxf(vmax, corr_max * o_factor * 0x1p-64f);
+        }
+        const float ka = corr[0] * (o_factor / top), kb = corr[1] * (o_factor / top);
+        o_factor = top;
+#pragma unroll
+        for (int j = 0; j < kDimTiles; ++j)
+            o[j][0] *= ka, o[j][1] *= ka, o[j][2] *= kb, o[j][3] *= kb;
+        const float inv_top = 1.0f / top;
+        // O += P V, 16 tokens a k step: A = P from the score fragments (tiles 2 kk, 2 kk + 1),
+        // B = the value tile through ldmatrix.trans (tokens +0-7 | +8-15) x (dims of tile j |
+        // j + 1).
+        const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * VS + (lane >> 4) * 8;
+#pragma unroll
+        for (int kk = 0; kk < kTokenTiles / 2; ++kk) {
+            float w[2][4];
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    w[jj][i] =
+                        s[2 * kk + jj][i] *
+                        (scaled ? value_scale[16 * kk + 8 * jj + 2 * quad + (i & 1)] * inv_top
+                                : 1.0f);
+            uint32_t p[4];
+            p[0] = pack_half2(__float2half_rn(w[0][0]), __float2half_rn(w[0][1]));
+            p[1] = pack_half2(__float2half_rn(w[0][2]), __float2half_rn(w[0][3]));
+            p[2] = pack_half2(__float2half_rn(w[1][0]), __float2half_rn(w[1][1]));
+            p[3] = pack_half2(__float2half_rn(w[1][2]), __float2half_rn(w[1][3]));
+#pragma unroll
+            for (int j = 0; j < kDimTiles; j += 2) {
+                uint32_t b[4];
+                ldmatrix_x4<true>(b, values + v_off + 16 * kk * VS + 8 * j);
+                mma_16816(o[j], p, b[0], b[1]);
+                mma_16816(o[j + 1], p, b[2], b[3]);
+            }
+        }
+    }
+
+    // The split's partial state of each real row: (max, sum) and O times its factor.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(kFull, l[r], 1);
+        l[r] += __shfl_xor_sync(kFull, l[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r == 0 ? ra : rb;
+        if (row >= a.rows) continue;
+        const size_t at = (static_cast<size_t>(u) * a.rows + row) * a.splits + split;
+        if (quad == 0) a.partial_ml[at] = make_float2(m[r], l[r]);
+        float* dst = a.partial_o + at * D + 2 * quad;
+#pragma unroll
+        for (int j = 0; j < kDimTiles; ++j)
+            *reinterpret_cast<float2*>(dst + 8 * j) =
+                make_float2(o[j][2 * r] * o_factor, o[j][2 * r + 1] * o_factor);
+    }
+}
+
+}  // namespace veloxquant::cuda::codec
