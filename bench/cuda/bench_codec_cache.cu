@@ -25,7 +25,8 @@
 // page bias alone).
 // Usage: bench_codec_cache OUT.json [METHOD [TOKENS [BATCH]]]: only the methods whose name
 // contains METHOD, only N = TOKENS (one point, up to kMaxTokens: 131072 times a 128K prefill's
-// encode in one append; 0: 8K and 32K), BATCH sequences (1-512).
+// encode in one append; 0: 8K and 32K), BATCH sequences (1-512). VQ_PREFILL_CHUNK (1-512,
+// default 512) sets the prefill chunk's queries a head.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -183,7 +184,8 @@ double batch_step_append_ms(const KVCacheConfig& config, int batch, int n, const
 
 }  // namespace
 
-int run(const char* out_path, const std::string& only_method, int only_tokens, int batch) {
+int run(const char* out_path, const std::string& only_method, int only_tokens, int batch,
+        int chunk) {
     cudaDeviceProp prop{};
     check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
     const size_t copy_bytes = size_t(1) << 30;
@@ -266,7 +268,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 cache.append(keys, values, 1, nullptr);  // [heads][1][d]: the first rows
             }));
             r.prefill_ms = median(time_ms(
-                3, [&](int) { cache.attend(queries, kQ, kChunk, out, scale, true, nullptr); }));
+                3, [&](int) { cache.attend(queries, kQ, chunk, out, scale, true, nullptr); }));
             r.decode_gbps = r.page_mb * 1e6 / (r.decode_ms * 1e-3) / 1e9;
             if (batch > 1) {  // queries and out hold kChunk >= batch rows of kQ heads
                 r.batch_sets = rotation_sets(batch * r.page_mb * 1e6);
@@ -311,7 +313,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 "%.3f ms)  prefill %d: %8.2f ms  tq-fast decode %.3f ms\n",
                 r.method.c_str(), n, r.first_append_ms, r.encode_ms, n / r.encode_ms / 1e3,
                 r.step_append_ms, r.decode_ms, r.decode_gbps, r.decode_gbps / copy_gbps,
-                r.decode_sets, r.decode_warm_ms, kChunk, r.prefill_ms, r.tq_fast_decode_ms);
+                r.decode_sets, r.decode_warm_ms, chunk, r.prefill_ms, r.tq_fast_decode_ms);
             std::printf("%-22s N=%5d device memory beyond nbytes: %.2f MiB a cache\n",
                         r.method.c_str(), n, r.unreported_mib_per_cache);
             if (batch > 1)
@@ -347,7 +349,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
         "MiB of pages, L2 cold), decode_warm repeats one cache; batch_decode = batch sequences "
         "in one CudaCodecBatch call (0: not measured); tq_fast = the tensor-core turboquant_rvq "
         "decode\",\n  \"points\": [\n",
-        copy_gbps, kKv, kQ, kD, kChunk, batch, kRotateBytes / (1 << 20));
+        copy_gbps, kKv, kQ, kD, chunk, batch, kRotateBytes / (1 << 20));
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
         std::fprintf(f,
@@ -377,14 +379,16 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
 int main(int argc, char** argv) {
     const int batch = argc > 4 ? std::atoi(argv[4]) : 1;
     const int tokens = argc > 3 ? std::atoi(argv[3]) : 0;
+    const char* chunk_env = std::getenv("VQ_PREFILL_CHUNK");
+    const int chunk = chunk_env != nullptr ? std::atoi(chunk_env) : kChunk;
     if (argc < 2 || argc > 5 || batch < 1 || batch > kChunk || tokens < 0 || tokens > kMaxTokens ||
-        (tokens > 0 && tokens < kChunk)) {
+        (tokens > 0 && tokens < kChunk) || chunk < 1 || chunk > kChunk) {
         std::fprintf(stderr, "usage: %s OUT.json [METHOD [TOKENS (0, or %d-%d) [BATCH (1-%d)]]]\n",
                      argv[0], kChunk, kMaxTokens, kChunk);
         return 2;
     }
     try {
-        return run(argv[1], argc > 2 ? argv[2] : "", tokens, batch);
+        return run(argv[1], argc > 2 ? argv[2] : "", tokens, batch, chunk);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
