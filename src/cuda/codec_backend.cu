@@ -89,18 +89,20 @@ constexpr bool kCentredKernels =
     !(std::is_same_v<Codec, dev::CommVQDevice> || std::is_same_v<Codec, dev::VecInferDevice> ||
       std::is_same_v<Codec, dev::SpectralDevice>);
 
-// Codecs whose decode steps and short chunks (codec_attention_kernel, at most 8 rows a CTA) score
-// on tensor cores: decoding the others' features into a tile cost more than their lane scores on
-// the H200 (9417ff6: turboquant k4v4 0.092 -> 0.158 ms a decode step at 32K, polarquant 0.116 ->
-// 0.224; fp16 0.121 -> 0.079). Every feature form serves the wide prefill (codec_prefill.cuh),
-// which decodes a page's features once for 64 rows.
+// Codecs whose decode steps and short chunks (codec_attention_kernel, up to 8 rows a CTA) score
+// on tensor cores; the others' features cost more to decode than lane scores there (9417ff6,
+// H200: turboquant k4v4 0.092 -> 0.158 ms a decode step at 32K) and serve the wide prefill.
 template <class Codec>
 constexpr bool kFewRowFeatures =
     std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::QjlDevice>;
 
-// Rows of a KV head (query heads of the group x queries) from which a launch takes the wide
-// prefill kernel where the codec has the feature form and head_dim <= 128.
+// From 64 rows a KV head (the group's heads x queries) a launch takes the wide prefill kernel
+// (codec_prefill.cuh) where every head has the feature form and head_dim <= 128; but not for keys
+// read in place (fp16), whose R = 8 kernel was faster (H100, 32K tokens: 9.21 against 10.20 ms a
+// 512-query chunk, 0.32 against 0.42 at 16; cuda_h100_20261206_wide_prefill_ab1.txt).
 constexpr int kWidePrefillRows = 64;
+template <class Codec>
+constexpr bool kWidePrefill = !codec::InPlaceFeatures<Codec>::value;
 
 template <class Codec>
 class Backend final : public CodecBackend {
@@ -133,7 +135,8 @@ public:
                 const codec::FeatureMode m = codec::FeatureScore<Codec>::mode(kp.back());
                 if (kFewRowFeatures<Codec>)
                     feature_mode_ = h == 0 || m == feature_mode_ ? m : codec::kLaneScores;
-                wide_prefill_ = (h == 0 || wide_prefill_) && m != codec::kLaneScores;
+                wide_prefill_ =
+                    kWidePrefill<Codec> && (h == 0 || wide_prefill_) && m != codec::kLaneScores;
             }
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);

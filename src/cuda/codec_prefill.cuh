@@ -66,6 +66,18 @@ __host__ __device__ constexpr PrefillLayout prefill_layout(int D, int table_floa
     return L;
 }
 
+/// Whether every region of L starts at a 16-byte boundary (ldmatrix rows, the tables' float4
+/// reads).
+__host__ __device__ constexpr bool prefill_layout_aligned(const PrefillLayout& L) {
+    return (L.states | L.features | L.values | L.row_scale | L.bias | L.factor | L.value_scale |
+            L.extra) %
+               16 ==
+           0;
+}
+// Odd sizes: a table of 37 floats, feature spans of 100 and 68.
+static_assert(prefill_layout_aligned(prefill_layout(128, 37, 100)));
+static_assert(prefill_layout_aligned(prefill_layout(64, 1028, 68)));
+
 /// The fp16 states of rows row0 .. row0 + 15 (of `rows` real ones), by one warp: row r's entries
 /// offset .. offset + F - 1 times 2^-e_r (e_r the exponent of its largest |entry|) as high and low
 /// halves [16][fs], zeros past F and for rows past `rows`; row_scale[r] = 2^e_r.
