@@ -97,12 +97,8 @@ constexpr bool kFewRowFeatures =
     std::is_same_v<Codec, dev::Fp16Device> || std::is_same_v<Codec, dev::QjlDevice>;
 
 // From 64 rows a KV head (the group's heads x queries) a launch takes the wide prefill kernel
-// (codec_prefill.cuh) where every head has the feature form and head_dim <= 128; but not for keys
-// read in place (fp16), whose R = 8 kernel was faster (H100, 32K tokens: 9.21 against 10.20 ms a
-// 512-query chunk, 0.32 against 0.42 at 16; cuda_h100_20261206_wide_prefill_ab1.txt).
+// (codec_prefill.cuh) where every head has the feature form and head_dim <= 128.
 constexpr int kWidePrefillRows = 64;
-template <class Codec>
-constexpr bool kWidePrefill = !codec::InPlaceFeatures<Codec>::value;
 
 template <class Codec>
 class Backend final : public CodecBackend {
@@ -135,8 +131,7 @@ public:
                 const codec::FeatureMode m = codec::FeatureScore<Codec>::mode(kp.back());
                 if (kFewRowFeatures<Codec>)
                     feature_mode_ = h == 0 || m == feature_mode_ ? m : codec::kLaneScores;
-                wide_prefill_ =
-                    kWidePrefill<Codec> && (h == 0 || wide_prefill_) && m != codec::kLaneScores;
+                wide_prefill_ = (h == 0 || wide_prefill_) && m != codec::kLaneScores;
             }
             HeadRegions r;
             r.key_codes = static_cast<uint32_t>(hl.key_codes_offset);
@@ -515,8 +510,7 @@ private:
     template <int D>
     bool attend_wide(AttentionParams<Codec>& a, cudaStream_t stream) {
         const bool centred = a.center.damped != nullptr;
-        const std::size_t smem =
-            codec::prefill_layout(D, a.table_floats, a.stage_sizes().feature_span).total;
+        const std::size_t smem = codec::prefill_layout(D, a.stage_sizes()).total;
         if (smem > max_smem_) return false;
         auto* kernel = &codec::codec_prefill_kernel<Codec, D, false>;
         if constexpr (kCentredKernels<Codec, D>)

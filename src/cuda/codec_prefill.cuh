@@ -1,8 +1,10 @@
 // The generic device path's attention for many query rows at once (a prefill chunk), header-only:
 //   codec_prefill_kernel   64 query rows of one KV head (16 a warp) over one split of its tokens,
-//                          a page (64 tokens) at a time: the CTA decodes the page's key features
-//                          and value centroids into fp16 tiles once, and every warp multiplies
-//                          them with its rows on tensor cores (mma m16n8k16) in the
+//                          a page (64 tokens) at a time: each warp stages its 16 tokens' codes
+//                          by cp.async (the next page's during this page's math) and decodes
+//                          them into the CTA's fp16 tiles of key features and value centroids,
+//                          and every warp multiplies the tiles with its rows on tensor cores
+//                          (mma m16n8k16) in the
 //                          FlashAttention-2 order (Dao, arXiv 2307.08691, Alg. 1): S = Q' F^T, the
 //                          online softmax in registers, O += P V. Its partial states are
 //                          codec_attention_kernel's, and codec_merge_kernel merges them.
@@ -43,18 +45,19 @@ static_assert(kPrefillTokens == 64 && kPrefillWarps * kTileTokens == kPrefillTok
 /// Shared memory of codec_prefill_kernel (byte offsets), computed alike by the launcher and the
 /// kernel: the codecs' tables | states [2][64][FS] halves | features [64][FS] halves | values
 /// [64][D + 8] halves | per row: scale, centre bias | per token: key factor, value scale, extra
-/// entry. FS = feature_stride(feature span): rows an odd multiple of 16 bytes apart, as ldmatrix
-/// reads them without bank conflicts.
+/// entry | each warp's staging slice: the raw key codes, value codes, key and value scalars of its
+/// 16 tokens of a page, at the launch's staged strides. FS = feature_stride(feature span): rows
+/// an odd multiple of 16 bytes apart, as ldmatrix reads them without bank conflicts.
 struct PrefillLayout {
     size_t states = 0, features = 0, values = 0, row_scale = 0, bias = 0, factor = 0,
-           value_scale = 0, extra = 0, total = 0;
+           value_scale = 0, extra = 0, stage = 0, total = 0;
+    size_t warp_stage = 0, stage_values = 0, stage_key_scalars = 0, stage_value_scalars = 0;
 };
 
-__host__ __device__ constexpr PrefillLayout prefill_layout(int D, int table_floats,
-                                                           int feature_span) {
-    const size_t fs = static_cast<size_t>(feature_stride(feature_span)) * sizeof(__half);
+__host__ __device__ constexpr PrefillLayout prefill_layout(int D, const StageSizes& z) {
+    const size_t fs = static_cast<size_t>(feature_stride(z.feature_span)) * sizeof(__half);
     PrefillLayout L;
-    L.states = round16(static_cast<size_t>(table_floats) * sizeof(float));
+    L.states = round16(static_cast<size_t>(z.table_floats) * sizeof(float));
     L.features = L.states + 2 * kPrefillRows * fs;
     L.values = L.features + kPrefillTokens * fs;
     L.row_scale = L.values + kPrefillTokens * static_cast<size_t>(tile_stride(D)) * sizeof(__half);
@@ -62,21 +65,31 @@ __host__ __device__ constexpr PrefillLayout prefill_layout(int D, int table_floa
     L.factor = L.bias + kPrefillRows * sizeof(float);
     L.value_scale = L.factor + kPrefillTokens * sizeof(float);
     L.extra = L.value_scale + kPrefillTokens * sizeof(float);
-    L.total = L.extra + kPrefillTokens * sizeof(int);
+    L.stage = L.extra + kPrefillTokens * sizeof(int);
+    L.stage_values = round16(static_cast<size_t>(kTileTokens) * z.key_stride);
+    L.stage_key_scalars =
+        L.stage_values + round16(static_cast<size_t>(kTileTokens) * z.value_stride);
+    L.stage_value_scalars = L.stage_key_scalars + kTileTokens * sizeof(float) * z.key_scalars;
+    L.warp_stage = round16(L.stage_value_scalars + kTileTokens * sizeof(float) * z.value_scalars);
+    L.total = L.stage + kPrefillWarps * L.warp_stage;
     return L;
 }
 
-/// Whether every region of L starts at a 16-byte boundary (ldmatrix rows, the tables' float4
-/// reads).
+/// Whether every region of L starts at a 16-byte boundary (ldmatrix rows, cp.async's 16-byte
+/// copies, the tables' float4 reads).
 __host__ __device__ constexpr bool prefill_layout_aligned(const PrefillLayout& L) {
     return (L.states | L.features | L.values | L.row_scale | L.bias | L.factor | L.value_scale |
-            L.extra) %
+            L.extra | L.stage | L.warp_stage | L.stage_values | L.stage_key_scalars |
+            L.stage_value_scalars) %
                16 ==
            0;
 }
-// Odd sizes: a table of 37 floats, feature spans of 100 and 68.
-static_assert(prefill_layout_aligned(prefill_layout(128, 37, 100)));
-static_assert(prefill_layout_aligned(prefill_layout(64, 1028, 68)));
+// Odd strides and counts: a table of 37 floats, 3-bit keys of d = 96 (36 + 1 word staged), 2
+// key and 3 value scalars, a feature span of 100.
+static_assert(prefill_layout_aligned(prefill_layout(128,
+                                                    StageSizes{100, 37, 44, 48, 2, 3, 1, 100})));
+static_assert(prefill_layout_aligned(prefill_layout(64,
+                                                    StageSizes{68, 1028, 20, 16, 1, 1, 1, 64})));
 
 /// The fp16 states of rows row0 .. row0 + 15 (of `rows` real ones), by one warp: row r's entries
 /// offset .. offset + F - 1 times 2^-e_r (e_r the exponent of its largest |entry|) as high and low
@@ -100,6 +113,25 @@ __device__ inline void prefill_row_states(const float* states, int stride, int r
             lo[r * fs + k] = __float2half_rn(x - __half2float(h));
         }
     }
+}
+
+/// The stride of a warp's staged rows of row_bytes bytes (stage_warp_rows): the launch's padded
+/// stride where rows are a multiple of 4 bytes, else row_bytes (the rows as they lie in the page:
+/// stage_rows would read them word by word and wait on each load).
+__device__ __forceinline__ int warp_stage_stride(int row_bytes, int padded_stride) {
+    return row_bytes % 4 == 0 ? padded_stride : row_bytes;
+}
+
+/// A warp's n <= 16 rows of row_bytes bytes of a page region, from src (16-byte aligned: its
+/// first slot is a multiple of 16), to its staging slice at `stride` (warp_stage_stride) by
+/// asynchronous copies; the caller waits (stage_wait). Rows as they lie go 16 bytes a copy: a
+/// region ends on a 64-byte boundary, so the last copy stays inside it, and the slice holds 16
+/// rows at the padded stride >= row_bytes.
+__device__ __forceinline__ void stage_warp_rows(uint8_t* dst, int stride, const uint8_t* src,
+                                                int row_bytes, int n, int lane) {
+    if (stride != row_bytes) return stage_rows(dst, stride, src, row_bytes, n, lane);
+    for (int i = lane; i < (n * row_bytes + 15) / 16; i += 32)
+        __pipeline_memcpy_async(dst + 16 * i, src + 16 * i, 16);
 }
 
 /// Zeroes rows `from` .. 15 of a 16-row tile of `width` halves a row (`stride` apart): a page's
@@ -128,7 +160,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
     const int span = a.stage_sizes().feature_span;
     const int fs = feature_stride(span);
-    const PrefillLayout L = prefill_layout(D, a.table_floats, span);
+    const PrefillLayout L = prefill_layout(D, a.stage_sizes());
     const int split = blockIdx.x, u = blockIdx.y, h = a.head(u);
     const int row0 = blockIdx.z * kPrefillRows;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -152,6 +184,10 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     float* factor = reinterpret_cast<float*>(smem + L.factor);
     float* value_scale = reinterpret_cast<float*>(smem + L.value_scale);
     int* extra = reinterpret_cast<int*>(smem + L.extra);
+    uint8_t* st_key = smem + L.stage + warp * L.warp_stage;  // this warp's staging slice
+    uint8_t* st_value = st_key + L.stage_values;
+    float* st_kscal = reinterpret_cast<float*>(st_key + L.stage_key_scalars);
+    float* st_vscal = reinterpret_cast<float*>(st_key + L.stage_value_scalars);
 
     // This warp's rows: wrow0 .. wrow0 + wrows - 1 of the unit; the thread's two, ra and ra + 8.
     const int wrow0 = row0 + 16 * warp;
@@ -178,28 +214,68 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     const TileWalk feature_walk(F / Features::kGroup, lane);
     const TileWalk value_walk = value_tile_walk(static_cast<int>(R.value_code_bytes), lane);
 
+    const int key_stride =
+        warp_stage_stride(static_cast<int>(R.key_code_bytes), a.stage_key_stride);
+    const int value_stride =
+        warp_stage_stride(static_cast<int>(R.value_code_bytes), a.stage_value_stride);
+    // This warp's 16 tokens of the page at t0: asynchronous copies of their codes and scalars to
+    // its staging slice (the caller waits: stage_wait).
+    const auto stage_page = [&](int t0) {
+        const int mine = min(16, max(0, min(kPrefillTokens, t_end - t0) - 16 * warp));
+        if (mine == 0) return;
+        const uint8_t* page = a.page(u, t0);
+        const int slot = 16 * warp;
+        stage_warp_rows(st_key, key_stride, page + R.key_codes + slot * R.key_code_bytes,
+                        static_cast<int>(R.key_code_bytes), mine, lane);
+        stage_warp_rows(st_value, value_stride, page + R.value_codes + slot * R.value_code_bytes,
+                        static_cast<int>(R.value_code_bytes), mine, lane);
+        const float* ks = reinterpret_cast<const float*>(page + R.key_scalars) + slot;
+        const float* vs = reinterpret_cast<const float*>(page + R.value_scalars) + slot;
+        for (int i = lane; i < 16 * (a.stage_key_scalars + a.stage_value_scalars); i += 32) {
+            const int k = i >> 4, t = i & 15;  // scalar k (key scalars, then value scalars)
+            if (t >= mine) continue;
+            if (k < a.stage_key_scalars)
+                __pipeline_memcpy_async(st_kscal + 16 * k + t, ks + k * kPage + t, sizeof(float));
+            else
+                __pipeline_memcpy_async(st_vscal + 16 * (k - a.stage_key_scalars) + t,
+                                        vs + (k - a.stage_key_scalars) * kPage + t, sizeof(float));
+        }
+    };
+
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     float o[kDimTiles][4];
 #pragma unroll
     for (int j = 0; j < kDimTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
     float o_factor = 1.0f;  // the true sums are o * o_factor
 
+    if (t_begin < t_end) stage_page(t_begin);
     for (int t0 = t_begin; t0 < t_end; t0 += kPrefillTokens) {
         const int n = min(kPrefillTokens, t_end - t0);  // t0 is a page's first slot
-        uint8_t* page = a.page(u, t0);
-        __syncthreads();  // the previous page's tiles are read
-        // Per token: the key factor, the value scale and the extra state entry.
-        if (threadIdx.x < kPrefillTokens) {
-            const int t = threadIdx.x;
-            float f = 0.0f, vs = 0.0f;
-            int e = -1;
-            if (t < n) {
-                f = Codec::feature_factor(reinterpret_cast<const float*>(page + R.key_scalars) + t);
-                e = Codec::extra_entry(kp, page + R.key_codes + t * R.key_code_bytes);
-                vs = scaled ? reinterpret_cast<const float*>(page + R.value_scalars)[t] : 1.0f;
-            }
-            factor[t] = f, value_scale[t] = vs, extra[t] = e;
+        stage_wait();                                   // this warp's slice of the page has landed
+        __syncthreads();  // and every warp is done with the previous page's tiles
+        // Warp w decodes its tokens 16 w .. 16 w + 15 from its slice: features, value centroids,
+        // and per token the key factor, the value scale and the extra state entry.
+        const int mine = min(16, max(0, n - 16 * warp));
+        __half* ftile = features + 16 * warp * fs;
+        __half* vtile = values + 16 * warp * VS;
+        if (mine > 0) {
+            Features::decode_tile(kp, st_key, key_stride, t0 + 16 * warp, ftile, fs, feature_walk);
+            decode_value_tile<D>(
+                TileCodes{st_value, value_stride, static_cast<int>(R.value_code_bytes), vp.bits, d},
+                value_table, vtile, value_walk, lane);
         }
+        if (lane < 16) {
+            const bool real = lane < mine;
+            factor[16 * warp + lane] = real ? Codec::feature_factor(st_kscal + lane) : 0.0f;
+            extra[16 * warp + lane] =
+                real ? Codec::extra_entry(kp, st_key + lane * key_stride) : -1;
+            value_scale[16 * warp + lane] = real ? (scaled ? st_vscal[lane] : 1.0f) : 0.0f;
+        }
+        __syncwarp();
+        zero_tile_rows(ftile, fs, F, mine, lane);
+        zero_tile_rows(vtile, VS, D, mine, lane);
+        // The slice is decoded: the next page's copies run during this one's math.
+        if (t0 + kPrefillTokens < t_end) stage_page(t0 + kPrefillTokens);
         // Centred keys: each row's <q, c_page> (add_page_center's sum), two threads a row.
         if constexpr (CENTRED) {
             const int r = threadIdx.x >> 1, P = a.center.pairs;
@@ -208,29 +284,13 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
             const bool real = row0 + r < a.rows;
             float b = 0.0f;
             if (real)
+#pragma unroll 4
                 for (int i = threadIdx.x & 1; i < P; i += 2) b += w[i] * z[i].x - w[P + i] * z[i].y;
             b += __shfl_xor_sync(kFull, b, 1);
             if (real && (threadIdx.x & 1) == 0) b += w[2 * P];
             if ((threadIdx.x & 1) == 0) bias[r] = b;
         }
-        // Warp w decodes tokens 16 w .. 16 w + 15: their features and value centroids.
-        const int mine = min(16, max(0, n - 16 * warp));
-        __half* ftile = features + 16 * warp * fs;
-        __half* vtile = values + 16 * warp * VS;
-        if (mine > 0) {
-            const int slot = 16 * warp;
-            Features::decode_tile(kp, page + R.key_codes + slot * R.key_code_bytes,
-                                  static_cast<int>(R.key_code_bytes), t0 + slot, ftile, fs,
-                                  feature_walk);
-            decode_value_tile<D>(TileCodes{page + R.value_codes + slot * R.value_code_bytes,
-                                           static_cast<int>(R.value_code_bytes),
-                                           static_cast<int>(R.value_code_bytes), vp.bits, d},
-                                 value_table, vtile, value_walk, lane);
-            __syncwarp();
-        }
-        zero_tile_rows(ftile, fs, F, mine, lane);
-        zero_tile_rows(vtile, VS, D, mine, lane);
-        __syncthreads();
+        __syncthreads();               // the page's tiles, token facts and biases are in place
         if (t0 >= lim_warp) continue;  // (warp-uniform) none of this warp's rows sees the page
 
         // S [16 rows][64 tokens] = states x features^T, hi and lo parts.
