@@ -41,7 +41,7 @@ keys and values, preceded by the dequantized earlier tokens when the chunk is no
 and then appends the chunk; so the first prefill chunk attends exactly as the uncompressed
 model does and compression shows from the first decoded token on. (``CudaKVCache.attend`` with
 ``causal=True`` is the fused causal prefill on the codes, for callers that want it; on long
-prompts it is several times slower than SDPA: 5.6-17.5 ms against 0.96 for a 512-query chunk
+prompts it is several times slower than SDPA: 4.8-16.4 ms against 0.96 for a 512-query chunk
 over 32K tokens on an H100, docs/cuda.md.)
 
 Neither takes an outlier observer or a sliding window: such layers stay on the CPU, and
