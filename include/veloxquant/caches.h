@@ -76,12 +76,13 @@ public:
     const PagedStore& paged_store() const { return *store_; }
     /// The key codec of every KV head (their learned state, e.g. rabitq's centroids).
     const std::vector<std::unique_ptr<KeyCodec>>& key_codecs() const { return key_codecs_; }
-    /// Replaces the contents with positions [0, size) of `pages` (this cache's page layout,
-    /// every page of those positions held) and the learned state of `codecs` (one per head, of
-    /// this cache's method): how a device cache's pages become a CPU cache, e.g. to be saved.
-    /// Throws std::invalid_argument, before changing anything, for another layout, a size past
-    /// max_seq_len, a missing page, codecs of another count or method, or a cache with an
-    /// outlier side store.
+    /// Replaces the contents with positions [0, size) of `pages` (this cache's page layout;
+    /// pages in its table it does not hold, a sliding window's evicted ones, stay evicted) and
+    /// the learned state of `codecs` (one per head, of this cache's method): how a device
+    /// cache's pages become a CPU cache, e.g. to be saved. Throws std::invalid_argument, before
+    /// changing anything, for another layout, a size past max_seq_len, a page past the table or
+    /// a last page not held, codecs of another count or method, or a cache with an outlier side
+    /// store.
     void adopt(const PagedStore& pages, int size,
                const std::vector<std::unique_ptr<KeyCodec>>& codecs);
 

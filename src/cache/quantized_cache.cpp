@@ -282,9 +282,11 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
     if (size < 0 || size > max_seq_len_)
         throw std::invalid_argument("adopt: size " + std::to_string(size) + " is outside [0, " +
                                     std::to_string(max_seq_len_) + "]");
+    // Pages inside the source's table that it does not hold (a sliding window's evicted ones)
+    // stay evicted here; its last page must be held.
     const int P = kTokensPerPage, n_pages = (size + P - 1) / P;
     for (int p = 0; p < n_pages; ++p)
-        if (!pages.held(p))
+        if (p >= pages.page_slots() || (p == n_pages - 1 && !pages.held(p)))
             throw std::invalid_argument("adopt: page " + std::to_string(p) + " is not held");
     if (codecs.size() != key_codecs_.size())
         throw std::invalid_argument("adopt: " + std::to_string(codecs.size()) + " codecs for " +
@@ -308,7 +310,8 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
     }
     store_->clear();
     for (int p = 0; p < n_pages; ++p)
-        std::memcpy(store_->allocate_page(p), pages.page_data(p), store_->layout().page_bytes);
+        if (pages.held(p))
+            std::memcpy(store_->allocate_page(p), pages.page_data(p), store_->layout().page_bytes);
     // The source's last page may hold codes past `size` (a device cache keeps them after a trim
     // or a failed append): zeroed, so that what this cache saves depends on its tokens alone.
     store_->truncate(size);
