@@ -19,6 +19,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "bind_arrays.h"
@@ -287,6 +288,9 @@ Numpy<uint8_t> turboquant_page(const CudaTurboQuantCache& c, int page) {
 
 Numpy<uint8_t> codec_page(const CudaCodecCache& c, int page) {
     check_page(c.size(), page);
+    if (!c.position_held(page * kTokensPerPage))
+        throw std::out_of_range("page " + std::to_string(page) +
+                                " was evicted by the sliding window");
     Numpy<uint8_t> out = new_array<uint8_t>({c.page_layout().page_bytes});
     {
         nb::gil_scoped_release release;
@@ -322,10 +326,15 @@ nb::dict layout_dict(const PageLayout& pl) {
 /// What both device caches bind alike.
 template <class Cache>
 void def_device_cache(nb::class_<Cache>& cls) {
-    cls.def(nb::init<const KVCacheConfig&, int, int, int, int>(), "config"_a, "num_heads"_a,
-            "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0)
-        .def("append", &cuda_append<Cache>, "keys"_a, "values"_a, "stream"_a = 0,
-             "Encodes [num_heads, n, head_dim] keys and values (CapacityError past max_seq_len).")
+    if constexpr (std::is_same_v<Cache, CudaCodecCache>)
+        cls.def(nb::init<const KVCacheConfig&, int, int, int, int, int, int>(), "config"_a,
+                "num_heads"_a, "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0, "window"_a = 0,
+                "sink_tokens"_a = 4);
+    else
+        cls.def(nb::init<const KVCacheConfig&, int, int, int, int>(), "config"_a, "num_heads"_a,
+                "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0);
+    cls.def("append", &cuda_append<Cache>, "keys"_a, "values"_a, "stream"_a = 0,
+            "Encodes [num_heads, n, head_dim] keys and values (CapacityError past max_seq_len).")
         .def("dequantize", &cuda_dequantize<Cache>, "start"_a, "keys"_a, "values"_a, "stream"_a = 0,
              "Reconstructs tokens [start, start + n) into keys and values [num_heads, n, "
              "head_dim].")
@@ -418,14 +427,19 @@ void bind_cuda(nb::module_& m) {
              "the last n_queries tokens appended.")
         .def("page", &codec_page, "page"_a,
              "The bytes of one page (downloads every page; synchronous).")
+        .def_prop_ro("window", &CudaCodecCache::window)
+        .def_prop_ro("sink_tokens", &CudaCodecCache::sink_tokens)
+        .def("position_held", &CudaCodecCache::position_held, "pos"_a,
+             "Whether position pos is stored (not evicted by the sliding window).")
         .def(
             "to_host",
             [](const CudaCodecCache& c) -> std::unique_ptr<KVCache> {
                 nb::gil_scoped_release release;
                 DeviceScope scope(c.device());
-                return c.to_host();
+                return c.host_cache();
             },
-            "A CPU cache holding these pages and learned codec state (synchronous).")
+            "A CPU cache holding these pages and learned codec state, in a SlidingWindowKVCache "
+            "where this cache has a window (synchronous).")
         .def(
             "save",
             [](const CudaCodecCache& c, const std::string& path) {
@@ -437,14 +451,12 @@ void bind_cuda(nb::module_& m) {
         .def_static(
             "from_host",
             [](const KVCache& cpu) {
-                const auto* q = dynamic_cast<const QuantizedKVCache*>(&cpu);
-                if (q == nullptr)
-                    throw std::invalid_argument("a " + cpu.class_name() +
-                                                " cannot live on the device");
                 nb::gil_scoped_release release;
-                return CudaCodecCache::from_host(*q);
+                return CudaCodecCache::from_host(cpu);
             },
-            "cpu"_a, "A device cache (on the current device) holding a CPU cache's pages.");
+            "cpu"_a,
+            "A device cache (on the current device) holding a CPU cache's pages (a quantized "
+            "cache, or a SlidingWindowKVCache around one).");
 #else
     m.attr("HAS_CUDA") = false;
     m.def(

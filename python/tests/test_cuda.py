@@ -559,3 +559,48 @@ def test_codec_cache_to_cpu_save_and_load(tmp_path):
     with pytest.raises((RuntimeError, ValueError)):
         path.write_bytes(path.read_bytes()[:-10])
         vq_cuda.CudaKVCache.load(path)
+
+
+@needs_cuda
+def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
+    """CudaKVCache(window=, sink_tokens=) attends as a CPU SlidingWindowKVCache of the same
+    window (decode and a causal chunk, 1e-3), evicts the same pages, refuses what it refuses, and
+    goes through to_cpu, a saved file and from_cpu with its window."""
+    from veloxquant.cache.base import KVCache
+    from veloxquant.cache.sliding_window_cache import SlidingWindowKVCache
+    config = KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, seed=9)
+    gpu = vq_cuda.CudaKVCache(config, 2, 128, max_seq_len=2048, window=100, sink_tokens=4)
+    cpu = SlidingWindowKVCache(create_cpu_cache(config, 2, 128, 2048, 0), 100, sink_tokens=4)
+    assert (gpu.window, gpu.sink_tokens) == (100, 4) and "window=100" in repr(gpu)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for n in (300, 40, 1, 1, 1):
+        k = torch.randn(2, n, 128, device="cuda", generator=g)
+        v = torch.randn(2, n, 128, device="cuda", generator=g)
+        gpu.append(k, v)
+        cpu.append(k.cpu().numpy(), v.cpu().numpy())
+        q = torch.randn(8, n, 128, device="cuda", generator=g)
+        want = cpu.attend(q.cpu().numpy(), causal=True)
+        assert rel(gpu.attend(q).cpu().numpy(), want) < 1e-3, n
+    # pages wholly inside [4, 343 - 1 + 1 - 100) are gone: 1 and 2
+    assert [gpu.position_held(64 * p) for p in range(6)] == [True, False, False, True, True, True]
+    with pytest.raises(ValueError):  # a chunk whose first queries' windows were evicted
+        gpu.attend(torch.randn(8, 100, 128, device="cuda", generator=g))
+    with pytest.raises((IndexError, ValueError)):
+        gpu.page(2)
+    q = torch.randn(8, 128, device="cuda", generator=g)
+    want = gpu.attend(q)
+    host = gpu.to_cpu()
+    assert isinstance(host, SlidingWindowKVCache) and (host.window, host.sink_tokens) == (100, 4)
+    assert rel(host.attend(q.cpu().numpy()[:, None, :], causal=True)[:, 0],
+               want.cpu().numpy()) < 1e-3
+    path = tmp_path / "window.vqc"
+    gpu.save(path)
+    assert isinstance(KVCache.load(path), SlidingWindowKVCache)
+    back = vq_cuda.CudaKVCache.load(path)
+    assert (back.window, back.sink_tokens, back.size) == (100, 4, 343)
+    torch.testing.assert_close(back.attend(q), want, rtol=1e-5, atol=1e-6)
+    again = vq_cuda.CudaKVCache.from_cpu(cpu)
+    assert again.window == 100 and not again.position_held(64)
+    assert gpu.empty_like().window == 100
+    # A window's caches do not batch: CudaKVCacheBatch says so and they go one by one.
+    assert not vq_cuda.CudaKVCacheBatch().alike([gpu, gpu.empty_like()])

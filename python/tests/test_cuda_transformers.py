@@ -236,3 +236,43 @@ def test_transformers_cuda_backend_needs_cuda():
     cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="turboquant_rvq", bits=2))
     assert cache.devices == ["cpu"]
 
+
+
+@needs_cuda
+def test_transformers_sliding_window_layers_stay_on_the_gpu():
+    """A model whose config marks sliding-window layers (a tiny Qwen2, window 24, every other
+    layer) keeps them on the GPU: a CudaKVCache with that window and no sinks, whose chunks and
+    decode steps attend on the codes within the window. With fp16 codes its logits follow the
+    model's own full-sequence forward (transformers' sliding mask) as the CPU window layers do,
+    through a 40-token prompt in two chunks and 60 decode steps, while its device pages stay
+    those of the window."""
+    pytest.importorskip("transformers")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from veloxquant.integrations.transformers import VeloxQuantCache, VeloxQuantCudaKVLayer
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=1024, initializer_range=0.1, use_sliding_window=True,
+                      sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                      attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg).eval().to("cuda")
+    tokens = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        reference = model(tokens, use_cache=False).logits[0].float().cpu()
+    config = KVCacheConfig(method="fp16", value_bits=16)
+    gpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cuda")
+    assert gpu.devices == ["cuda:0", "cuda:0"]
+    window_layer = gpu.layers[0]
+    assert isinstance(window_layer, VeloxQuantCudaKVLayer) and window_layer.is_sliding
+    assert (window_layer.cache.window, window_layer.cache.sink_tokens) == (24, 0)
+    assert not gpu.layers[1].is_sliding
+    logits = _chunked_logits(model, gpu, "veloxquant", tokens, 16, 40)
+    cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
+    on_cpu = _chunked_logits(model, cpu, "veloxquant", tokens, 16, 40)
+    scale = reference.abs().max()
+    assert ((on_cpu - reference).abs().max() / scale).item() < 2e-3
+    assert ((logits - reference).abs().max() / scale).item() < 2e-3
+    assert gpu.get_seq_length() == 100
+    held = [window_layer.cache.position_held(64 * p) for p in range(2)]
+    assert held == [False, True]  # positions 0-63 lie before the last step's window (76-99)

@@ -40,7 +40,8 @@ else raises ValueError at construction:
   heads as query heads; decode and causal prefill chunks on the codes, within 1e-3 of the CPU
   cache's attention. It takes ``center_keys`` at head_dim up to 128 (the first append estimates
   the mean on the device; rabitq then trains on the centred keys on the host; each chunk of 32
-  tokens adds its page's offset to its scores).
+  tokens adds its page's offset to its scores), and a sliding window (``window``,
+  ``sink_tokens``: the CPU's ``SlidingWindowKVCache``, evicted pages given back to its pool).
 
 A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
 module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.
@@ -49,6 +50,7 @@ module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError 
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any, ClassVar
 
@@ -341,9 +343,48 @@ class CudaTurboQuantBatch(_DeviceBatch):
 
 class CudaKVCache(_DeviceCache):
     """One layer's cache of any method for one sequence on a CUDA device: decode and causal
-    prefill attention on the codes (see the module doc for the scope)."""
+    prefill attention on the codes (see the module doc for the scope).
+
+    ``window`` > 0 makes it a sliding window, as ``SlidingWindowKVCache(cache, window,
+    sink_tokens)`` on the CPU: a query at position q attends the first ``sink_tokens`` positions
+    and (q - window, q]; pages wholly between them are given back to the cache's pool as it
+    grows (device memory follows the window while ``size`` counts every position up to
+    ``max_seq_len``), and only tokens still held can be dequantized. Such caches do not batch
+    (``CudaKVCacheBatch``): they append and attend one by one."""
 
     _core_class = "CudaCodecCache"
+
+    def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
+                 max_seq_len: int = 8192, layer: int = 0, device: Any = None, *,
+                 window: int = 0, sink_tokens: int = 4) -> None:
+        self.device = _resolve_device(device)
+        torch = _torch()
+        self.config = config
+        self.layer = int(layer)
+        with torch.cuda.device(self.device):
+            self._impl = _core.CudaCodecCache(config.to_core(), int(num_heads), int(head_dim),
+                                              int(max_seq_len), self.layer,
+                                              operator.index(window), operator.index(sink_tokens))
+
+    @property
+    def window(self) -> int:
+        """The sliding window's width (0: no window)."""
+        return self._impl.window
+
+    @property
+    def sink_tokens(self) -> int:
+        """The positions a sliding window always keeps (0 without a window)."""
+        return self._impl.sink_tokens
+
+    def position_held(self, pos: int) -> bool:
+        """Whether position ``pos`` is stored (not evicted by the sliding window)."""
+        return bool(self._impl.position_held(int(pos)))
+
+    def empty_like(self) -> CudaKVCache:
+        """A new empty cache of the same config, shape, capacity, layer, device and window."""
+        return CudaKVCache(self.config, self.num_heads, self.head_dim, self.max_seq_len,
+                           self.layer, self.device, window=self.window,
+                           sink_tokens=self.sink_tokens)
 
     def attend(self, queries: Any, scale: float | None = None, causal: bool = True,
                out: Any = None) -> Any:
@@ -370,8 +411,9 @@ class CudaKVCache(_DeviceCache):
         return out if out is not None else self._in_dtype_of(result, queries)
 
     def to_cpu(self) -> KVCache:
-        """A CPU cache (the method's ``veloxquant`` cache class) holding these pages and the
-        codecs' learned state (rabitq's centroids); synchronizes the device."""
+        """A CPU cache (the method's ``veloxquant`` cache class, in a ``SlidingWindowKVCache``
+        of the same window where this cache has one) holding these pages and the codecs'
+        learned state (rabitq's centroids); synchronizes the device."""
         _torch().cuda.synchronize(self.device)
         return KVCache._wrap(self._impl.to_host())
 
@@ -383,7 +425,8 @@ class CudaKVCache(_DeviceCache):
 
     @classmethod
     def from_cpu(cls, cache: KVCache, device: Any = None) -> CudaKVCache:
-        """A device cache holding a CPU cache's pages (no outlier observer, no sliding window,
+        """A device cache holding a CPU cache's pages (a quantized cache, or a
+        ``SlidingWindowKVCache`` around one, whose window it takes; no outlier observer,
         head_dim up to 256); ValueError otherwise."""
         torch = _torch()
         self = cls.__new__(cls)
@@ -406,9 +449,10 @@ class CudaKVCache(_DeviceCache):
 
     def __repr__(self) -> str:
         c = self.config
+        window = f", window={self.window}, sink_tokens={self.sink_tokens}" if self.window else ""
         return (f"CudaKVCache(method={c.method!r}, bits={c.bits}, value_bits={c.value_bits}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, size={self.size}, "
-                f"max_seq_len={self.max_seq_len}, device={self.device})")
+                f"max_seq_len={self.max_seq_len}{window}, device={self.device})")
 
 
 class CudaKVCacheBatch(_DeviceBatch):

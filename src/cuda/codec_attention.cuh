@@ -236,6 +236,8 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
         __syncthreads();
     }
 
+    // Each row sees the positions t with window.visible(t, lim); the splits walk the span of
+    // held pages (TokenWindow: every position below the limit where there is no window).
     int lim[R];
     int lim_max = 0;
 #pragma unroll
@@ -243,8 +245,9 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
         lim[r] = r < rows ? a.limit(u, row0 + r) : 0;
         lim_max = max(lim_max, lim[r]);
     }
+    const int gap = a.span_gap(u);
     const int t_begin = split * a.tokens_per_split;
-    const int t_end = min(t_begin + a.tokens_per_split, lim_max);
+    const int t_end = min(t_begin + a.tokens_per_split, lim_max - gap);
     const HeadRegions layout = a.store.regions[h];
     const TileWalk walk = value_tile_walk(static_cast<int>(layout.value_code_bytes), lane);
 
@@ -254,10 +257,12 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
     for (int r = 0; r < R; ++r) m[r] = -INFINITY, l[r] = 0.0f;
     ValueSum<D> o;
     for (int c0 = t_begin + warp * 32; c0 < t_end; c0 += kWarps * 32) {
-        // Stage the chunk (32 consecutive slots of one page: c0 is a multiple of 32).
+        // Stage the chunk (32 consecutive slots of one page: c0 is a multiple of 32, and span
+        // tokens map to positions page by page), at positions p0 ...
         const int n = min(32, t_end - c0);
-        const uint8_t* page = a.page(u, c0);
-        const int slot0 = c0 % kPage;
+        const int p0 = a.window.position(c0, gap);
+        const uint8_t* page = a.page(u, p0);
+        const int slot0 = p0 % kPage;
         stage_rows(st_key, a.stage_key_stride,
                    page + layout.key_codes + static_cast<size_t>(slot0) * layout.key_code_bytes,
                    layout.key_code_bytes, n, lane);
@@ -274,9 +279,9 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
         }
         // Centred keys: the page's phases, read while the codes arrive.
         [[maybe_unused]] PagePhases phases;
-        if constexpr (CENTRED) phases = load_page_phases(a.center, c0 / kPage, lane);
+        if constexpr (CENTRED) phases = load_page_phases(a.center, p0 / kPage, lane);
         stage_wait();
-        const int t = c0 + lane;
+        const int t = p0 + lane;
         float p[R] = {};
         if constexpr (MODE != kLaneScores) {
             for (int k0 = 0; k0 < n; k0 += kTileTokens) {
@@ -285,7 +290,7 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
                     tile_scores(reinterpret_cast<const __half*>(codes), a.stage_key_stride / 2,
                                 feature_states, span, features, scores, k0, lane);
                 } else {
-                    Features::decode_tile(kp, codes, a.stage_key_stride, c0 + k0, tile,
+                    Features::decode_tile(kp, codes, a.stage_key_stride, p0 + k0, tile,
                                           feature_stride(span), feature_walk);
                     __syncwarp();
                     tile_scores(tile, feature_stride(span), feature_states, span, features, scores,
@@ -311,7 +316,7 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
         float corr[R], corr_max = 0.0f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            p[r] = lane < n && t < lim[r] ? p[r] * a.scale_log2 : -INFINITY;
+            p[r] = lane < n && a.window.visible(t, lim[r]) ? p[r] * a.scale_log2 : -INFINITY;
             const float mx = fmaxf(m[r], warp_max(p[r]));
             corr[r] = 1.0f;
             if (mx == -INFINITY) {  // warp-uniform: no token of this row yet

@@ -395,7 +395,10 @@ private:
         a.units = heads_ * source.batch;
         a.pools = source.pools;
         a.sizes = source.sizes;
-        const int size = source.size;
+        a.window = source.window;
+        // The tokens the splits walk: every one, or a sliding window's span of held pages.
+        const int size =
+            source.size - a.window.gap(causal ? source.size - n_queries + 1 : source.size);
         a.n_queries = n_queries;
         a.group = group;
         a.rows = group * n_queries;
@@ -422,7 +425,8 @@ private:
             kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
         a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
         if constexpr (codec::FeatureScore<Codec>::kAvailable && D <= 128)
-            if (wide_prefill_ && kin.views == nullptr && a.rows >= kWidePrefillRows)
+            if (wide_prefill_ && kin.views == nullptr && a.rows >= kWidePrefillRows &&
+                a.window.window == 0)  // (a sliding window's chunks take the kernel below)
                 if (attend_wide<D>(a, stream)) return;
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.

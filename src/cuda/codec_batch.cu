@@ -36,7 +36,9 @@ bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
     check_distinct(caches, "alike");
     const CudaCodecCache& first = *caches[0];
     for (const CudaCodecCache* c : caches)
-        if (!c->backend_ || c->device_ != first.device_ || c->kind_ != first.kind_) return false;
+        if (!c->backend_ || c->device_ != first.device_ || c->kind_ != first.kind_ ||
+            c->window_.window > 0)
+            return false;
     return true;
 }
 
@@ -84,6 +86,10 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     check_distinct(caches, "append");
     const CudaCodecCache& first = *caches[0];
     const float key_bound = first.config_.key_bound(), value_bound = first.config_.value_bound();
+    for (size_t b = 0; b < caches.size(); ++b)
+        if (caches[b]->window_.window > 0)
+            throw std::invalid_argument("append: the cache of sequence " + std::to_string(b) +
+                                        " is a sliding window: append to it alone");
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaCodecCache& c = *caches[b];
         if (c.device_ != first.device_ || c.num_heads_ != first.num_heads_ ||

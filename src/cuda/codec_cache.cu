@@ -36,7 +36,7 @@ uint64_t fingerprint_of(const std::string& bytes) {
 }  // namespace
 
 CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim,
-                               int max_seq_len, int layer)
+                               int max_seq_len, int layer, int window, int sink_tokens)
     : config_(config),
       num_heads_(num_heads),
       head_dim_(head_dim),
@@ -55,6 +55,14 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
         throw std::invalid_argument("max_seq_len must be positive, got " +
                                     std::to_string(max_seq_len));
     if (layer < 0) throw std::invalid_argument("layer must be >= 0");
+    if (window < 0)
+        throw std::invalid_argument(
+            "CUDA codec cache: window must be >= 0 (0: no sliding window), got " +
+            std::to_string(window));
+    if (sink_tokens < 0)
+        throw std::invalid_argument("CUDA codec cache: sink_tokens must be >= 0, got " +
+                                    std::to_string(sink_tokens));
+    if (window > 0) window_ = TokenWindow{sink_tokens, window};
     if (config_.outlier_observer)
         throw std::invalid_argument("CUDA codec cache: no outlier side store on the device yet");
     layout_.tokens_per_page = kTokensPerPage;
@@ -76,7 +84,10 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
     kind_ = fingerprint_of(kind_bytes().buffer());
     if (!key_codecs_[0]->needs_training()) build_backend();
     pages_ = std::make_unique<DevicePagePool>(layout_, max_seq_len);
-    pages_->reserve(1);
+    if (window_.window > 0)
+        pages_->map_pages();
+    else
+        pages_->reserve(1);
 }
 
 CudaCodecCache::~CudaCodecCache() = default;
@@ -177,8 +188,13 @@ void CudaCodecCache::encode_tokens(const float* keys, const float* values, int n
     at.pool = pages_->pool();
     at.page_table = pages_->page_table();
     at.size = size_;
-    // Phases too where this cache does not centre: a batch may read them (phase_params).
-    if (center_.enabled()) center_.reserve_pages(pages_->capacity_pages(), stream);
+    // Phases too where this cache does not centre: a batch may read them (phase_params). A
+    // window's pages are slots: its phases cover the positions.
+    if (center_.enabled())
+        center_.reserve_pages(pages_->mapped()
+                                  ? (size_ + n_tokens + kTokensPerPage - 1) / kTokensPerPage
+                                  : pages_->capacity_pages(),
+                              stream);
     const float* shifted = center_.centred(keys, n_tokens, size_, stream);
     try {
         backend_->encode(at, n_tokens, shifted, values, stream);
@@ -217,7 +233,12 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
                                 " (cache holds " + std::to_string(size_) + ")");
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, config_.key_bound(),
                          config_.value_bound(), stream);
-    pages_->reserve(size_ + n_tokens);
+    const int P = kTokensPerPage, before = size_;
+    const int first_new_page = (before + P - 1) / P, end_page = (before + n_tokens + P - 1) / P;
+    if (pages_->mapped())
+        pages_->hold(before / P, end_page, stream);
+    else
+        pages_->reserve(size_ + n_tokens);
     const bool trains = !backend_;
     try {
         if (trains) train_on(keys, n_tokens, stream);
@@ -225,9 +246,22 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
     } catch (...) {
         // Codes written past size_ are never read and never saved (to_host's adopt zeroes them).
         if (trains) forget_training();
+        if (pages_->mapped()) pages_->release(first_new_page, end_page);
         throw;
     }
     size_ += n_tokens;
+    // What the first new token's window needs stays, so a causal attend over the chunk is exact.
+    if (window_.window > 0) evict_before(before + 1 - window_.window);
+}
+
+void CudaCodecCache::evict_before(int keep_from) {
+    const int P = kTokensPerPage;
+    if (keep_from <= window_.sinks) return;
+    pages_->release((window_.sinks + P - 1) / P, keep_from / P);
+}
+
+bool CudaCodecCache::position_held(int pos) const {
+    return pos >= 0 && pos < size_ && pages_->held(pos / kTokensPerPage);
 }
 
 int CudaCodecCache::query_group(const float* queries, float* out, int num_q_heads,
@@ -250,6 +284,13 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
         throw std::invalid_argument("attend: causal attention of " + std::to_string(n_queries) +
                                     " queries needs as many stored tokens, cache holds " +
                                     std::to_string(size_));
+    if (window_.window > 0 && causal && n_queries > 1) {
+        // Each query's window must still be held: the earliest query's start.
+        const int from = size_ - n_queries + 1 - window_.window;
+        if (from > window_.sinks && !position_held(from))
+            throw std::invalid_argument("attend: " + std::to_string(n_queries) +
+                                        " causal queries reach tokens the sliding window evicted");
+    }
     if (size_ == 0 || !backend_) {  // nothing to attend to: zeros, as the CPU cache
         check_cuda(cudaMemsetAsync(out, 0,
                                    static_cast<std::size_t>(num_q_heads) * n_queries * head_dim_ *
@@ -263,6 +304,7 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
     source.page_table = pages_->page_table();
     source.size = size_;
     source.center = center_params(stream);
+    source.window = window_;
     backend_->attend(source, queries, group, n_queries, out, scale, causal, stream);
 }
 
@@ -273,6 +315,11 @@ void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* val
     if (n_tokens == 0) return;
     if (keys == nullptr || values == nullptr)
         throw std::invalid_argument("dequantize: null output");
+    const int P = kTokensPerPage;
+    for (int p = start / P; p <= (start + n_tokens - 1) / P; ++p)
+        if (!pages_->held(p))
+            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) +
+                                    " were evicted by the sliding window");
     backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values,
                          stream);
     center_.restore(keys, n_tokens, start, stream);
@@ -282,7 +329,22 @@ void CudaCodecCache::truncate(int n_tokens) {
     if (n_tokens < 0 || n_tokens > size_)
         throw std::out_of_range("truncate: " + std::to_string(n_tokens) + " is outside [0, " +
                                 std::to_string(size_) + "]");
+    if (pages_->mapped()) {
+        // The new last token's window must still be held.
+        const int from = n_tokens - window_.window;
+        if (n_tokens > 0 && from > window_.sinks && !position_held(from))
+            throw std::invalid_argument(
+                "truncate: keeping " + std::to_string(n_tokens) +
+                " tokens would expose positions the sliding window evicted");
+        const int P = kTokensPerPage;
+        pages_->release((n_tokens + P - 1) / P, (size_ + P - 1) / P);
+    }
     size_ = n_tokens;
+}
+
+void CudaCodecCache::reset() {
+    if (pages_->mapped()) pages_->release(0, pages_->max_pages());
+    size_ = 0;
 }
 
 std::size_t CudaCodecCache::nbytes() const {
@@ -305,9 +367,28 @@ std::unique_ptr<QuantizedKVCache> CudaCodecCache::to_host() const {
     return cpu;
 }
 
+std::unique_ptr<KVCache> CudaCodecCache::host_cache() const {
+    if (window_.window == 0) return to_host();
+    return std::make_unique<SlidingWindowKVCache>(to_host(), window_.window, window_.sinks);
+}
+
+std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const KVCache& cpu) {
+    if (const auto* q = dynamic_cast<const QuantizedKVCache*>(&cpu)) return from_host(*q);
+    if (const auto* w = dynamic_cast<const SlidingWindowKVCache*>(&cpu))
+        return from_host(w->inner(), TokenWindow{w->sink_tokens(), w->window()});
+    throw std::invalid_argument("CudaCodecCache::from_host: a " + cpu.class_name() +
+                                " cannot live on the device");
+}
+
 std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache& cpu) {
+    return from_host(cpu, TokenWindow{});
+}
+
+std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache& cpu,
+                                                          const TokenWindow& window) {
     auto gpu = std::make_unique<CudaCodecCache>(cpu.config(), cpu.num_heads(), cpu.head_dim(),
-                                                cpu.max_seq_len(), cpu.layer());
+                                                cpu.max_seq_len(), cpu.layer(), window.window,
+                                                window.sinks);
     // The learned state (rabitq's centroids) through the codecs' own serialization.
     const auto& trained = cpu.key_codecs();
     for (int h = 0; h < gpu->num_heads_; ++h) {
@@ -332,16 +413,16 @@ std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache
 }
 
 void CudaCodecCache::save(const std::string& path) const {
-    to_host()->save(path);
+    host_cache()->save(path);
 }
 
 std::unique_ptr<CudaCodecCache> CudaCodecCache::load(const std::string& path) {
     std::unique_ptr<KVCache> cpu = KVCache::load(path);
-    const auto* quantized = dynamic_cast<const QuantizedKVCache*>(cpu.get());
-    if (quantized == nullptr)
+    if (dynamic_cast<const QuantizedKVCache*>(cpu.get()) == nullptr &&
+        dynamic_cast<const SlidingWindowKVCache*>(cpu.get()) == nullptr)
         throw std::invalid_argument("CudaCodecCache::load: " + path + " holds a " +
                                     cpu->class_name() + ", which the device cache cannot hold");
-    return from_host(*quantized);
+    return from_host(*cpu);
 }
 
 void CudaCodecCache::upload(const PagedStore& store, int size) {

@@ -5,8 +5,9 @@
 // tensor-core decode of CudaTurboQuantCache; this path serves every method, head dim (up to
 // 256) and causal prefill.
 //
-// Scope: the eight methods and fp16 with fp16 or quantized values; no outlier side store and no
-// sliding window on the device (the constructor says so). Codecs that learn from data (rabitq's
+// Scope: the eight methods and fp16 with fp16 or quantized values, and a sliding window (window,
+// sink_tokens: SlidingWindowKVCache's, its pages taken from and given back to a mapped pool); no
+// outlier side store on the device (the constructor says so). Codecs that learn from data (rabitq's
 // IVF centroids) train on the host, on the first append's keys. Centred keys (center_keys, at
 // head_dim <= 128): the first append estimates the pre-RoPE key mean on the device (KeyCenter),
 // which the CPU codecs (CenteredKeyCodec) adopt; the pages hold the codes of k - c_b and the
@@ -29,6 +30,7 @@
 
 namespace veloxquant {
 class BinaryWriter;
+class KVCache;
 class KeyCodec;
 class QuantizedKVCache;
 class ValueCodec;
@@ -51,6 +53,7 @@ struct SequenceSet {
     int size = 0;
     KinParams kin;
     CenterParams center;
+    TokenWindow window;  ///< one sequence's sliding window (none in a batch)
 };
 
 /// Appends of at most this many (KV head, token) items, over all sequences, encode one item per
@@ -89,9 +92,13 @@ std::unique_ptr<CodecBackend> make_codec_backend(
 class CudaCodecCache {
 public:
     /// Throws std::invalid_argument for a config out of scope (outliers, head_dim > 256,
-    /// center_keys at head_dim > 128, ...).
+    /// center_keys at head_dim > 128, ...). window > 0 makes a sliding window, as
+    /// SlidingWindowKVCache(cache, window, sink_tokens): attention sees the first sink_tokens
+    /// positions and the last `window` up to each query, and the pages wholly between them are
+    /// given back as the cache grows (its memory follows the window, its positions go on to
+    /// max_seq_len).
     CudaCodecCache(const KVCacheConfig& config, int num_heads, int head_dim, int max_seq_len = 8192,
-                   int layer = 0);
+                   int layer = 0, int window = 0, int sink_tokens = 4);
     ~CudaCodecCache();
     CudaCodecCache(const CudaCodecCache&) = delete;
     CudaCodecCache& operator=(const CudaCodecCache&) = delete;
@@ -100,17 +107,22 @@ public:
     /// std::length_error past max_seq_len and std::invalid_argument for NaN, Inf or values
     /// over fp16 storage's range (nothing changes; the check synchronizes the stream). The
     /// first append of a codec that trains (rabitq) copies its keys to the host, trains, then
-    /// uploads the parameters.
+    /// uploads the parameters. A sliding window then frees the pages wholly inside [sinks,
+    /// first new position + 1 - window), as SlidingWindowKVCache::append.
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
-    /// Attention of queries [num_q_heads][n_queries][head_dim] over every stored token; with
-    /// causal, the queries are the last n_queries tokens appended (KVCache::attend).
+    /// Attention of queries [num_q_heads][n_queries][head_dim] over every stored token (a
+    /// sliding window's: its sinks and window); with causal, the queries are the last n_queries
+    /// tokens appended (KVCache::attend). std::invalid_argument where a causal query's window
+    /// reaches evicted tokens.
     void attend(const float* queries, int num_q_heads, int n_queries, float* out, float scale,
                 bool causal, cudaStream_t stream);
-    /// Reconstructs tokens [start, start + n_tokens) into device buffers.
+    /// Reconstructs tokens [start, start + n_tokens) into device buffers (std::out_of_range for
+    /// tokens outside the cache or evicted).
     void dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const;
 
-    void reset() { size_ = 0; }
-    /// Keeps the first n_tokens tokens (0 <= n_tokens <= size()).
+    void reset();
+    /// Keeps the first n_tokens tokens (0 <= n_tokens <= size(); std::invalid_argument where a
+    /// sliding window's new last token would see evicted positions).
     void truncate(int n_tokens);
 
     int size() const { return size_; }
@@ -118,6 +130,11 @@ public:
     int num_heads() const { return num_heads_; }
     int head_dim() const { return head_dim_; }
     int device() const { return device_; }
+    /// The sliding window's width (0: none) and sink tokens.
+    int window() const { return window_.window; }
+    int sink_tokens() const { return window_.sinks; }
+    /// Whether position pos is stored (not evicted by a sliding window).
+    bool position_held(int pos) const;
     const KVCacheConfig& config() const { return config_; }
     const PageLayout& page_layout() const { return layout_; }
     /// center_keys: the pre-RoPE key mean [num_heads][head_dim] (zeros until the first append).
@@ -131,22 +148,31 @@ public:
     std::size_t encode_stack_bytes() const { return backend_ ? backend_->encode_stack_bytes() : 0; }
 
     /// A CPU cache (QuantizedKVCache) of the same config, shape and layer holding these pages
-    /// and the codecs' learned state: attends, saves and loads like any CPU cache. Synchronous.
+    /// (a sliding window's evicted ones evicted there too) and the codecs' learned state:
+    /// attends, saves and loads like any CPU cache. Synchronous.
     std::unique_ptr<QuantizedKVCache> to_host() const;
+    /// The CPU cache this one is: to_host(), in a SlidingWindowKVCache of the same window and
+    /// sinks where this cache has a window. Synchronous.
+    std::unique_ptr<KVCache> host_cache() const;
     /// A device cache holding the pages and learned state of a CPU cache (no outlier side
     /// store, head_dim <= 256), on the current device. Synchronous.
     static std::unique_ptr<CudaCodecCache> from_host(const QuantizedKVCache& cpu);
-    /// Writes the cache file of to_host() (KVCache::save: versioned, checksummed, atomic).
+    /// The same of a QuantizedKVCache or a SlidingWindowKVCache around one (the window and
+    /// its pages as held); std::invalid_argument for other caches.
+    static std::unique_ptr<CudaCodecCache> from_host(const KVCache& cpu);
+    /// Writes the cache file of host_cache() (KVCache::save: versioned, checksummed, atomic).
     void save(const std::string& path) const;
-    /// Reads a file written by save() (or by a CPU cache of a method this backend serves);
-    /// throws std::runtime_error for a truncated, corrupted or forged file, and
-    /// std::invalid_argument for a cache this backend cannot hold (a sliding window).
+    /// Reads a file written by save() (or by a CPU cache of a method this backend serves,
+    /// sliding windows included); throws std::runtime_error for a truncated, corrupted or
+    /// forged file, and std::invalid_argument for a cache this backend cannot hold.
     static std::unique_ptr<CudaCodecCache> load(const std::string& path);
 
-    /// Copies every page into a CPU store of the same layout. Synchronous.
+    /// Copies every page into a CPU store of the same layout (a window's pages not held are
+    /// evicted there). Synchronous.
     void download(PagedStore& store) const;
     /// Replaces the contents with the first `size` positions of a CPU store of the same
-    /// layout (every page held). Synchronous.
+    /// layout (every page held; a sliding window's: the ones it holds, its last one among
+    /// them). Synchronous.
     void upload(const PagedStore& store, int size);
 
 private:
@@ -168,6 +194,9 @@ private:
     /// center_params whether or not this cache centres (its mean then zero), with center_keys: a
     /// batch's longest sequence lends its page phases to every sequence, centred or not.
     CenterParams phase_params(cudaStream_t stream) const;
+    /// from_host of a CPU cache's pages, with a sliding window (none: window.window = 0).
+    static std::unique_ptr<CudaCodecCache> from_host(const QuantizedKVCache& cpu,
+                                                     const TokenWindow& window);
     /// Undoes train_on (and the backend it built) after a call that trained fails, as the CPU
     /// cache's append does: a save, or the next append, sees the cache as it was.
     void forget_training() noexcept;
@@ -179,11 +208,14 @@ private:
     void build_backend();
     /// The bytes that make the cache's kind: config, layer and shape.
     BinaryWriter kind_bytes() const;
+    /// A sliding window: gives back the pages wholly inside [sinks, keep_from).
+    void evict_before(int keep_from);
 
     KVCacheConfig config_;
     int num_heads_, head_dim_, max_seq_len_, layer_;
     int device_ = 0;
     int size_ = 0;
+    TokenWindow window_;  ///< a sliding window (window_.window = 0: none)
     PageLayout layout_;
     std::vector<std::unique_ptr<KeyCodec>> key_codecs_;
     std::vector<std::unique_ptr<ValueCodec>> value_codecs_;

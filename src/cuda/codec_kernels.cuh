@@ -26,6 +26,7 @@ namespace veloxquant::cuda::codec {
 constexpr int kPage = 64;      // tokens per page (kTokensPerPage)
 constexpr int kWarps = 4;      // warps per attention CTA
 constexpr int kThreads = 128;  // threads per CTA of the per-item kernels
+static_assert(TokenWindow::kPageTokens == kPage, "a sliding window evicts whole pages");
 
 /// One KV head's regions inside a page (offsets from the page start; PageLayout's HeadLayout).
 struct HeadRegions {
@@ -234,6 +235,7 @@ struct AttentionParams : UnitSet<Codec> {
     /// A batch's units hold sizes[sequence] tokens each; one sequence's `size`.
     const int32_t* sizes = nullptr;
     CenterParams center;  ///< centred keys: W at center.offset of each row's state
+    TokenWindow window;   ///< a sliding window's sinks and width (none: window.window = 0)
 
     __device__ int size_of(int u) const {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
@@ -249,6 +251,10 @@ struct AttentionParams : UnitSet<Codec> {
         const int n = size_of(u);
         return causal ? n - n_queries + row / group + 1 : n;
     }
+    /// The positions unit u's span skips (TokenWindow::gap, from its first row's limit): span
+    /// token v is position window.position(v, gap), and the span ends at the last row's limit
+    /// minus the gap.
+    __device__ int span_gap(int u) const { return window.gap(limit(u, 0)); }
     __device__ const float* query(int u, int row) const {
         const int qh = u * group + row % group, i = row / group;
         return queries + (static_cast<size_t>(qh) * n_queries + i) * this->store.d;

@@ -35,6 +35,36 @@ struct CenterParams {
     static constexpr int floats(int pairs) { return (2 * pairs + 1 + 3) / 4 * 4; }
 };
 
+/// A sliding window (SlidingWindowKVCache on the device) as the generic attention reads it: a row
+/// whose causal bound is `limit` (it sees positions < limit) attends the first `sinks` positions
+/// and those in [limit - window, limit); window = 0 means every position below the limit. The
+/// pages wholly inside [sinks, first limit - window) of a launch's first row are evicted: a launch
+/// walks a span of tokens, the sink pages then the pages from that row's window on, and maps
+/// span token v to its position (position()). Pages are kPageTokens tokens.
+struct TokenWindow {
+    static constexpr int kPageTokens = 64;
+    int sinks = 0;
+    int window = 0;
+
+    /// The first position after the sink pages.
+    __host__ __device__ int sink_end() const {
+        return (sinks + kPageTokens - 1) / kPageTokens * kPageTokens;
+    }
+    /// Positions the span skips between the sink pages and the page of first_limit - window
+    /// (a multiple of kPageTokens; 0 without a window).
+    __host__ __device__ int gap(int first_limit) const {
+        if (window <= 0 || first_limit - window <= sink_end()) return 0;
+        return (first_limit - window) / kPageTokens * kPageTokens - sink_end();
+    }
+    /// The position of span token v, for a span of this gap.
+    __host__ __device__ int position(int v, int gap) const { return v < sink_end() ? v : v + gap; }
+    /// Whether a row of this limit attends position t (no window: t < limit).
+    __host__ __device__ bool visible(int t, int limit) const {
+        const int width = window > 0 ? window : 0x7fffffff;
+        return t < limit && (t >= limit - width || t < sinks);
+    }
+};
+
 /// One cache's device parameters (pointers into its backend's allocations).
 struct CodecParamsView {
     const void* keys = nullptr;    ///< [heads] the key codec's Params

@@ -1,11 +1,16 @@
 // DevicePagePool: the pages of one device-resident cache in the CPU's page layout (PagedStore),
 // one contiguous pool with an identity page table, grown by a quarter (and to the allocator's
 // granule) up to a bound. Shared by CudaTurboQuantCache and CudaCodecCache; also moves pages to
-// and from a CPU PagedStore.
+// and from a CPU PagedStore. A mapped pool (a sliding window's: map_pages) instead hands out
+// slots of the pool to the pages held and takes them back as pages are evicted, its page table
+// mapping every page of the positions to its slot, so that its memory follows the pages held.
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "cache/paged_store.h"
 
@@ -33,32 +38,58 @@ public:
     DevicePagePool& operator=(const DevicePagePool&) = delete;
 
     /// Makes room for positions [0, n_tokens): a larger pool (grown_pool_pages) holding the old
-    /// pages. Synchronizes the device when it grows.
+    /// pages. Synchronizes the device when it grows. Identity pools only.
     void reserve(int n_tokens);
+
+    /// Turns this pool, holding no page yet, into a mapped one: a page table over every page
+    /// up to the bound, no page held.
+    void map_pages();
+    bool mapped() const { return mapped_; }
+    /// Mapped pools: gives each page of [first, end) not held a free slot (the pool grows as
+    /// reserve's does when none is left, synchronizing the device) and writes their page table
+    /// entries on `stream`. Throws std::out_of_range past the bound.
+    void hold(int first, int end, cudaStream_t stream);
+    /// Mapped pools: takes back the slots of the pages of [first, end) held (their codes stay
+    /// until the slot is handed out again).
+    void release(int first, int end);
+    /// Whether page `page` holds codes: below the capacity of an identity pool, or held.
+    bool held(int page) const;
 
     uint8_t* pool() const { return pool_; }
     const int32_t* page_table() const { return page_table_; }
     int capacity_pages() const { return capacity_pages_; }
+    /// The pages of max_tokens positions (the bound).
+    int max_pages() const { return max_pages_; }
     const PageLayout& layout() const { return layout_; }
     std::size_t page_bytes() const { return layout_.page_bytes; }
     /// Device bytes of the pages and the page table.
     std::size_t nbytes() const;
 
     /// Replaces the first pages with those holding positions [0, size) of a CPU store of the
-    /// same layout (every one held); the rest is zeroed. Synchronous.
+    /// same layout (every one held; a mapped pool takes the ones held and no others); the rest
+    /// is zeroed. Synchronous.
     void upload(const PagedStore& store, int size);
     /// Copies the pages holding positions [0, size) into a CPU store of the same layout
-    /// (allocating pages as needed). Synchronous.
+    /// (allocating pages as needed; a mapped pool's pages not held are evicted there).
+    /// Synchronous.
     void download(PagedStore& store, int size) const;
-    /// Copies page `page` (< capacity_pages()) into page_bytes() of host memory. Synchronous.
+    /// Copies page `page` (held) into page_bytes() of host memory. Synchronous.
     void copy_page(int page, void* host) const;
 
 private:
+    /// Reallocates the pool at `pages` slots (more than it has), keeping the old slots' bytes
+    /// and zeroing the rest; an identity pool's table grows with it.
+    void grow(int pages);
+    uint8_t* slot_data(int page) const;
+
     PageLayout layout_;
     int max_pages_;
     int capacity_pages_ = 0;
     uint8_t* pool_ = nullptr;
     int32_t* page_table_ = nullptr;
+    bool mapped_ = false;
+    std::vector<int32_t> slot_of_;     ///< mapped: each page's slot, -1 where not held
+    std::vector<int32_t> free_slots_;  ///< mapped: slots no page holds
 };
 
 }  // namespace veloxquant::cuda

@@ -44,8 +44,12 @@ model does and compression shows from the first decoded token on. (``CudaKVCache
 prompts it is several times slower than SDPA: 4.8-16.4 ms against 0.96 for a 512-query chunk
 over 32K tokens on an H100, docs/cuda.md.)
 
-Neither takes an outlier observer or a sliding window: such layers stay on the CPU, and
-``from_model`` warns (a RuntimeWarning naming them and why) when any layer of a GPU model does.
+Sliding-window layers (the config's "sliding_attention" layers) get a ``CudaKVCache`` with
+that window and no sinks: it decodes on the codes as above, gives evicted pages back to its
+pool, and its prefill chunks are stored first and attend on the codes within the window (as a
+CPU ``SlidingWindowKVCache`` layer does); such layers take their sequences one by one. Neither
+cache takes an outlier observer: such layers stay on the CPU, and ``from_model`` warns (a
+RuntimeWarning naming them and why) when any layer of a GPU model does.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
 GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
 synchronizes once (its input check: NaN, Inf, or
@@ -341,7 +345,7 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
     def __init__(self, cache: CudaTurboQuantCache | CudaKVCache,
                  fetch_dequantized: bool = False) -> None:
         super().__init__(cache, fetch_dequantized)  # type: ignore[arg-type]
-        self.is_sliding = False
+        self.is_sliding = _is_window(cache)
 
     def _batched_steps(self) -> bool:
         """Whether this layer's sequences take a decode step together (its batch class, made
@@ -379,7 +383,7 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
             result = self._batch.attend(self.rows, query[:, :, 0, :].to(torch.float32).contiguous(),
                                         scale=scaling)  # [batch, q_heads, head_dim] float32
             return result.unsqueeze(1).to(query.dtype)
-        if n == 1 or real is not None or len({c.size for c in self.rows}) > 1:  # one by one
+        if n == 1 or real is not None or len({c.size for c in self.rows}) > 1 or self.is_sliding:
             out = torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
                               dtype=query.dtype, device=query.device)
             for b, cache in enumerate(self.rows):
@@ -407,7 +411,14 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
     def _prefill(self, cache: Any, query: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, scaling: float, causal: bool) -> torch.Tensor:
         """One sequence's prefill chunk ([1, q_heads, n, d] queries, [kv_heads, n, d] keys):
-        SDPA over its earlier tokens and the chunk, then the chunk stored."""
+        SDPA over its earlier tokens and the chunk, then the chunk stored. A sliding window's
+        chunk is stored first and attends on the codes (its window and sinks, as on the CPU:
+        the tokens it evicted are gone)."""
+        if self.is_sliding:
+            cache.append(self._cache_input(keys, "keys"), self._cache_input(values, "values"))
+            out = cache.attend(query[0].to(torch.float32).contiguous(), scale=scaling,
+                               causal=causal)  # [q_heads, n, d] float32
+            return out.transpose(0, 1)[None].to(query.dtype)
         keys_all, values_all = keys, values
         if cache.size > 0:
             earlier_k, earlier_v = cache.dequantize()
@@ -492,7 +503,7 @@ class VeloxQuantCache(Cache):
                 for layer, (h, d) in enumerate(shape):
                     sliding = layer < len(layer_types) and layer_types[layer] == "sliding_attention"
                     cache, why = _device_cache(config, h, d, q_heads[layer], max_seq_len, layer,
-                                               device, sliding and bool(window))
+                                               device, int(window) if sliding and window else 0)
                     if cache is None:
                         if backend == "cuda":
                             raise ValueError(f"layer {layer} is outside the CUDA backend: {why}")
@@ -544,15 +555,25 @@ def _layer_of(cache: Any, fetch_dequantized: bool) -> VeloxQuantLayer:
     return VeloxQuantLayer(cache, fetch_dequantized)
 
 
+def _is_window(cache: Any) -> bool:
+    """Whether a layer's cache is a sliding window (on the CPU or the GPU)."""
+    return isinstance(cache, SlidingWindowKVCache) or (
+        isinstance(cache, CudaKVCache) and cache.window > 0)
+
+
 def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: int | None,
                   max_seq_len: int, layer: int, device: torch.device,
-                  sliding: bool) -> tuple[CudaTurboQuantCache | CudaKVCache | None, str]:
+                  window: int) -> tuple[CudaTurboQuantCache | CudaKVCache | None, str]:
     """The GPU cache of one layer: a CudaTurboQuantCache where its kernels apply, else a
-    CudaKVCache; (None, why) when neither does."""
-    if sliding:
-        return None, "sliding-window layers stay on the CPU (SlidingWindowKVCache)"
+    CudaKVCache (a sliding window's, window > 0, always); (None, why) when neither does."""
     if q_heads is not None and q_heads % kv_heads != 0:
         return None, f"{q_heads} query heads are not a multiple of the {kv_heads} KV heads"
+    if window > 0:
+        try:
+            return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device,
+                               window=window, sink_tokens=0), ""
+        except ValueError as e:
+            return None, str(e)
     if q_heads is None or q_heads // kv_heads <= 8:  # the tensor-core decode's GQA groups
         try:
             return CudaTurboQuantCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
@@ -606,7 +627,7 @@ def veloxquant_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             "use_cache=True"
         )
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    if window and not isinstance(layer.cache, SlidingWindowKVCache):
+    if window and not _is_window(layer.cache):
         raise ValueError(
             f"layer {getattr(module, 'layer_idx', '?')} uses sliding-window attention: build the "
             "cache with VeloxQuantCache.from_model (or wrap it in SlidingWindowKVCache)"

@@ -1,0 +1,231 @@
+// Sliding windows on the device (CudaCodecCache with window > 0) against the CPU's
+// SlidingWindowKVCache of the same config, window and sinks: the same pages held after every
+// append, decode and causal-prefill attention on the codes within 1e-3 relative error (the
+// generic kernel at 4 and 8 rows a CTA, sink pages and window spans that skip evicted pages),
+// the same refusals (a causal chunk reaching evicted tokens, dequantize of evicted tokens, a
+// truncate that would expose them), device memory that stays flat while positions grow, and the
+// window through a saved file and the host both ways. Skips without a device.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cache/paged_store.h"
+#include "cuda/codec_batch.h"
+#include "cuda/codec_cache.h"
+#include "cuda_test_helpers.h"
+#include "veloxquant/caches.h"
+#include "veloxquant/factory.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+using vqtest::DeviceBuffer;
+using vqtest::method_config;
+using vqtest::random_tokens;
+using vqtest::relative_error;
+
+struct WindowCase {
+    std::string name;
+    KVCacheConfig config;
+    int heads, d, window, sinks;
+};
+
+std::vector<WindowCase> cases() {
+    KVCacheConfig tq = method_config("turboquant_rvq", 2, 4, 1);
+    KVCacheConfig centred = method_config("turboquant_rvq", 3, 2, 2);
+    centred.center_keys = true;
+    return {
+        {"tq_w100_s4", tq, 2, 128, 100, 4},
+        {"tq_w200_s0", tq, 2, 128, 200, 0},
+        {"tq_w64_s70", tq, 2, 64, 64, 70},  // sinks past a page
+        {"fp16_w130_s4", method_config("fp16", 4, 16, 3), 2, 64, 130, 4},
+        {"rabitq_w150_s4", method_config("rabitq", 3, 4, 4), 2, 64, 150, 4},
+        {"polarquant_w90_s2", method_config("polarquant", 3, 4, 5), 1, 128, 90, 2},
+        {"qjl_w120_s4", method_config("qjl", 1, 4, 6), 2, 128, 120, 4},
+        {"centred_w100_s4", centred, 2, 128, 100, 4},
+    };
+}
+
+class CodecWindow : public ::testing::TestWithParam<WindowCase> {};
+
+std::unique_ptr<SlidingWindowKVCache> cpu_window(const WindowCase& k, int max_len) {
+    auto made = KVCacheFactory::create(k.config, k.heads, k.d, max_len);
+    std::unique_ptr<QuantizedKVCache> inner(static_cast<QuantizedKVCache*>(made.release()));
+    return std::make_unique<SlidingWindowKVCache>(std::move(inner), k.window, k.sinks);
+}
+
+// Every page of [0, size) is held on the device exactly where the CPU's window holds it.
+void expect_same_pages_held(const CudaCodecCache& gpu, const SlidingWindowKVCache& cpu) {
+    ASSERT_EQ(gpu.size(), cpu.size());
+    for (int p = 0; p * kTokensPerPage < cpu.size(); ++p)
+        EXPECT_EQ(gpu.position_held(p * kTokensPerPage),
+                  cpu.inner().position_held(p * kTokensPerPage))
+            << "page " << p << " of " << cpu.size() << " tokens";
+}
+
+// Attention of n queries per query head (causal or not) on both caches; the device refuses
+// exactly where the CPU does.
+void expect_same_attention(CudaCodecCache& gpu, const SlidingWindowKVCache& cpu, int hq, int n,
+                           bool causal, uint64_t seed, const std::string& what) {
+    const int d = gpu.head_dim();
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * n * d, seed, 1.0f);
+    std::vector<float> ref(q.size());
+    DeviceBuffer<float> dq(q), dout(q.size());
+    bool cpu_refused = false;
+    try {
+        cpu.attend(q.data(), hq, n, ref.data(), 0.125f, causal);
+    } catch (const std::invalid_argument&) {
+        cpu_refused = true;
+    }
+    if (cpu_refused) {
+        EXPECT_THROW(gpu.attend(dq.get(), hq, n, dout.get(), 0.125f, causal, nullptr),
+                     std::invalid_argument)
+            << what;
+        return;
+    }
+    gpu.attend(dq.get(), hq, n, dout.get(), 0.125f, causal, nullptr);
+    EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << what;
+}
+
+TEST_P(CodecWindow, AttendsAsTheCpuWindowAndHoldsTheSamePages) {
+    SKIP_WITHOUT_DEVICE();
+    const WindowCase& k = GetParam();
+    const int H = k.heads, d = k.d, hq = H * 4;
+    auto cpu = cpu_window(k, 4096);
+    CudaCodecCache gpu(k.config, H, d, 4096, 0, k.window, k.sinks);
+    EXPECT_EQ(gpu.window(), k.window);
+    EXPECT_EQ(gpu.sink_tokens(), k.sinks);
+    uint64_t seed = 40;
+    // A long prefill chunk (4 x 300 rows: a window's chunks take the generic kernel, 8 rows a
+    // CTA, not the wide one), a second chunk, a short one, decode steps across page boundaries
+    // (4 rows a CTA), then a chunk whose first queries' windows reach evicted pages.
+    std::vector<int> chunks = {300, 130, 5};
+    chunks.insert(chunks.end(), 66, 1);
+    chunks.push_back(90);
+    int step = 0;
+    for (const int n : chunks) {
+        const auto keys = random_tokens(H, n, d, ++seed, 0.5f);
+        const auto values = random_tokens(H, n, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu->append(keys.data(), values.data(), n);
+        gpu.append(dk.get(), dv.get(), n, nullptr);
+        expect_same_pages_held(gpu, *cpu);
+        const std::string what =
+            "step " + std::to_string(step++) + ", " + std::to_string(gpu.size()) + " tokens";
+        expect_same_attention(gpu, *cpu, hq, n, true, ++seed, "causal, " + what);
+    }
+    // A chunk of more queries than the last append: refused where the CPU refuses.
+    expect_same_attention(gpu, *cpu, hq, 150, true, ++seed, "150 causal queries");
+    expect_same_attention(gpu, *cpu, hq, 2, false, ++seed, "non-causal");
+
+    // Dequantize: the window's tokens as the CPU's; evicted ones refused.
+    const int size = gpu.size(), n = k.window;
+    const std::size_t count = static_cast<std::size_t>(H) * n * d;
+    std::vector<float> rk(count), rv(count);
+    cpu->dequantize(size - n, n, rk.data(), rv.data());
+    DeviceBuffer<float> gk(count), gv(count);
+    gpu.dequantize(size - n, n, gk.get(), gv.get(), nullptr);
+    EXPECT_LE(relative_error(gk.download(), rk), 1e-5);
+    EXPECT_LE(relative_error(gv.download(), rv), 1e-5);
+    const int evicted = ((k.sinks + kTokensPerPage - 1) / kTokensPerPage) * kTokensPerPage;
+    ASSERT_FALSE(gpu.position_held(evicted));
+    ASSERT_FALSE(cpu->inner().position_held(evicted));
+    EXPECT_THROW(gpu.dequantize(evicted, 1, gk.get(), gv.get(), nullptr), std::out_of_range);
+
+    // Through the host: the CPU cache is the same window over the same pages; a saved file
+    // loads back onto the device with its window.
+    const auto host = gpu.host_cache();
+    ASSERT_EQ(host->class_name(), "SlidingWindowKVCache");
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * d, ++seed, 1.0f);
+    std::vector<float> ref(q.size()), via_host(q.size());
+    cpu->attend(q.data(), hq, 1, ref.data(), 0.125f, true);
+    host->attend(q.data(), hq, 1, via_host.data(), 0.125f, true);
+    EXPECT_LE(relative_error(via_host, ref), 1e-3) << "host_cache";
+    DeviceBuffer<float> dq(q), dout(q.size()), dback(q.size());
+    gpu.attend(dq.get(), hq, 1, dout.get(), 0.125f, true, nullptr);
+    const std::string path = vqtest::unique_temp_path("window.vqc");
+    gpu.save(path);
+    const auto loaded = KVCache::load(path);
+    EXPECT_EQ(loaded->class_name(), "SlidingWindowKVCache");
+    const auto back = CudaCodecCache::load(path);
+    std::remove(path.c_str());
+    ASSERT_EQ(back->size(), size);
+    EXPECT_EQ(back->window(), k.window);
+    EXPECT_EQ(back->sink_tokens(), k.sinks);
+    back->attend(dq.get(), hq, 1, dback.get(), 0.125f, true, nullptr);
+    EXPECT_LE(relative_error(dback.download(), dout.download()), 1e-6) << "save / load";
+    const auto from_cpu = CudaCodecCache::from_host(*cpu);
+    expect_same_pages_held(*from_cpu, *cpu);
+    expect_same_attention(*from_cpu, *cpu, hq, 1, true, ++seed, "from_host");
+
+    // Truncation: back into the window works as the CPU's trim; into evicted tokens it throws
+    // and changes nothing.
+    const int exposing = evicted + k.window + 1;  // its last token's window starts at `evicted`
+    EXPECT_THROW(cpu->trim(size - exposing), std::invalid_argument);
+    EXPECT_THROW(gpu.truncate(exposing), std::invalid_argument);
+    EXPECT_EQ(gpu.size(), size);
+    gpu.truncate(size - 10);
+    cpu->trim(10);
+    expect_same_pages_held(gpu, *cpu);
+    expect_same_attention(gpu, *cpu, hq, 1, true, ++seed, "after truncate");
+
+    // A window does not batch: its appends and attends go one by one.
+    EXPECT_FALSE(CudaCodecBatch::alike({&gpu}));
+    CudaCodecBatch batch;
+    const auto one = random_tokens(H, 1, d, ++seed, 0.5f);
+    DeviceBuffer<float> d1(one);
+    EXPECT_THROW(batch.append({&gpu}, d1.get(), d1.get(), 1, nullptr), std::invalid_argument);
+    EXPECT_EQ(gpu.size(), size - 10);
+
+    gpu.reset();
+    EXPECT_EQ(gpu.size(), 0);
+    gpu.append(d1.get(), d1.get(), 1, nullptr);
+    EXPECT_TRUE(gpu.position_held(0));
+}
+
+// Positions grow to 60 pages while the device memory stays what the first chunks took: the
+// pages the window evicts are handed out again.
+TEST_P(CodecWindow, MemoryStaysFlatAsPositionsGrow) {
+    SKIP_WITHOUT_DEVICE();
+    const WindowCase& k = GetParam();
+    const int H = k.heads, d = k.d, chunk = 100;
+    auto cpu = cpu_window(k, 4096);
+    CudaCodecCache gpu(k.config, H, d, 4096, 0, k.window, k.sinks);
+    std::size_t settled = 0;
+    uint64_t seed = 90;
+    for (int i = 0; i < 38; ++i) {
+        const auto keys = random_tokens(H, chunk, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys);
+        cpu->append(keys.data(), keys.data(), chunk);
+        gpu.append(dk.get(), dk.get(), chunk, nullptr);
+        if (i == 4) settled = gpu.nbytes();
+    }
+    // Centred keys keep each position page's RoPE phases (512 bytes a page at d = 128).
+    if (k.config.center_keys)
+        EXPECT_LE(gpu.nbytes(), settled + 64 * 1024);
+    else
+        EXPECT_EQ(gpu.nbytes(), settled);
+    expect_same_pages_held(gpu, *cpu);
+    expect_same_attention(gpu, *cpu, H * 2, 1, true, ++seed, "after 3800 tokens");
+    expect_same_attention(gpu, *cpu, H * 2, chunk, true, ++seed, "last chunk");
+}
+
+INSTANTIATE_TEST_SUITE_P(Windows, CodecWindow, ::testing::ValuesIn(cases()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(CodecWindowErrors, RefusesImpossibleWindows) {
+    SKIP_WITHOUT_DEVICE();
+    const KVCacheConfig c = method_config("turboquant_rvq", 2, 4, 1);
+    EXPECT_THROW(CudaCodecCache(c, 2, 64, 1024, 0, -1, 4), std::invalid_argument);
+    EXPECT_THROW(CudaCodecCache(c, 2, 64, 1024, 0, 100, -1), std::invalid_argument);
+    CudaCodecCache plain(c, 2, 64, 1024);
+    EXPECT_EQ(plain.window(), 0);
+    EXPECT_EQ(plain.sink_tokens(), 0);
+}
+
+}  // namespace
+}  // namespace veloxquant::cuda
