@@ -508,7 +508,7 @@ private:
                    "codec merge kernel");
     }
 
-    /// A launch of many rows on the wide prefill kernel (codec_prefill.cuh): 64 rows a CTA,
+    /// A launch of many rows on the wide prefill kernel (codec_prefill.cuh): 128 rows a CTA,
     /// splits of whole pages planned as codec_attention_kernel's. False (nothing launched) where
     /// its shared memory does not fit.
     template <int D>

@@ -75,13 +75,13 @@ struct FeatureScore<Codec, true> {
                                                                                   : kFeatureTile;
     }
 
-    /// The 16 tokens' features (rows `stride` bytes apart, positions pos0, pos0 + 1, ...) into
-    /// tile rows `ts` halves apart, lanes over (token, group); groups past F are zeros.
+    /// walk.rows (16) tokens' features (rows `stride` bytes apart, positions pos0, pos0 + 1, ...)
+    /// into tile rows `ts` halves apart, lanes over (token, group); groups past F are zeros.
     /// walk: TileWalk(padded(p) / kGroup, lane).
     __device__ static void decode_tile(const Params& p, const uint8_t* rows, int stride, int pos0,
                                        __half* tile, int ts, TileWalk walk) {
         const int F = Codec::feature_count(p);
-        for (; walk.row < kTileTokens; walk.next()) {
+        for (; walk.row < walk.rows; walk.next()) {
             float f[kGroup];
             const int first = walk.unit * kGroup;
             if (first < F)

@@ -1,6 +1,6 @@
 // The generic device path's attention for many query rows at once (a prefill chunk), header-only:
-//   codec_prefill_kernel   64 query rows of one KV head (16 a warp) over one split of its tokens,
-//                          a page (64 tokens) at a time: each warp stages its 16 tokens' codes
+//   codec_prefill_kernel   128 query rows of one KV head (16 a warp) over one split of its tokens,
+//                          a page (64 tokens) at a time: each warp stages its 8 tokens' codes
 //                          by cp.async (the next page's during this page's math) and decodes
 //                          them into the CTA's fp16 tiles of key features and value centroids,
 //                          and every warp multiplies the tiles with its rows on tensor cores
@@ -10,7 +10,7 @@
 //                          codec_attention_kernel's, and codec_merge_kernel merges them.
 // codec_attention_kernel serves at most 8 rows a CTA and decodes every token's codes once per
 // CTA; a 512-query chunk of 4 query heads per KV head has 2048 rows, so each code was decoded
-// 256 times. Here it is decoded 32 times, and the scores and value sums are the tensor cores'.
+// 256 times. Here it is decoded 16 times, and the scores and value sums are the tensor cores'.
 //
 // Scores use the codecs' feature form (device_common.h): score_r(t) = state_r[extra_t] +
 // factor_t sum_i f_i(code_t) state_r[offset + i]. A = the rows' states, each row scaled by a power
@@ -36,17 +36,19 @@
 
 namespace veloxquant::cuda::codec {
 
-constexpr int kPrefillWarps = 4;
+constexpr int kPrefillWarps = 8;
 constexpr int kPrefillRows = 16 * kPrefillWarps;  // query rows of a CTA: a warp's are the mma's m
 constexpr int kPrefillTokens = kPage;             // tokens of a tile: one page
-static_assert(kPrefillTokens == 64 && kPrefillWarps * kTileTokens == kPrefillTokens,
-              "each warp decodes 16 of a page's tokens; the score loops hold 8 n-tiles");
+constexpr int kWarpTokens = kPrefillTokens / kPrefillWarps;  // tokens of a page a warp decodes
+static_assert(kPrefillTokens == 64 && kWarpTokens * kPrefillWarps == kPrefillTokens &&
+                  kWarpTokens % 8 == 0,
+              "the score loops hold 8 n-tiles; a warp's slice starts 8-byte aligned");
 
 /// Shared memory of codec_prefill_kernel (byte offsets), computed alike by the launcher and the
-/// kernel: the codecs' tables | states [2][64][FS] halves | features [64][FS] halves | values
+/// kernel: the codecs' tables | states [2][128][FS] halves | features [64][FS] halves | values
 /// [64][D + 8] halves | per row: scale, centre bias | per token: key factor, value scale, extra
 /// entry | each warp's staging slice: the raw key codes, value codes, key and value scalars of its
-/// 16 tokens of a page, at the launch's staged strides. FS = feature_stride(feature span): rows
+/// 8 tokens of a page, at the launch's staged strides. FS = feature_stride(feature span): rows
 /// an odd multiple of 16 bytes apart, as ldmatrix reads them without bank conflicts.
 struct PrefillLayout {
     size_t states = 0, features = 0, values = 0, row_scale = 0, bias = 0, factor = 0,
@@ -66,11 +68,11 @@ __host__ __device__ constexpr PrefillLayout prefill_layout(int D, const StageSiz
     L.value_scale = L.factor + kPrefillTokens * sizeof(float);
     L.extra = L.value_scale + kPrefillTokens * sizeof(float);
     L.stage = L.extra + kPrefillTokens * sizeof(int);
-    L.stage_values = round16(static_cast<size_t>(kTileTokens) * z.key_stride);
+    L.stage_values = round16(static_cast<size_t>(kWarpTokens) * z.key_stride);
     L.stage_key_scalars =
-        L.stage_values + round16(static_cast<size_t>(kTileTokens) * z.value_stride);
-    L.stage_value_scalars = L.stage_key_scalars + kTileTokens * sizeof(float) * z.key_scalars;
-    L.warp_stage = round16(L.stage_value_scalars + kTileTokens * sizeof(float) * z.value_scalars);
+        L.stage_values + round16(static_cast<size_t>(kWarpTokens) * z.value_stride);
+    L.stage_value_scalars = L.stage_key_scalars + kWarpTokens * sizeof(float) * z.key_scalars;
+    L.warp_stage = round16(L.stage_value_scalars + kWarpTokens * sizeof(float) * z.value_scalars);
     L.total = L.stage + kPrefillWarps * L.warp_stage;
     return L;
 }
@@ -122,33 +124,33 @@ __device__ __forceinline__ int warp_stage_stride(int row_bytes, int padded_strid
     return row_bytes % 4 == 0 ? padded_stride : row_bytes;
 }
 
-/// A warp's n <= 16 rows of row_bytes bytes of a page region, from src (16-byte aligned: its
-/// first slot is a multiple of 16), to its staging slice at `stride` (warp_stage_stride) by
-/// asynchronous copies; the caller waits (stage_wait). Rows as they lie go 16 bytes a copy: a
-/// region ends on a 64-byte boundary, so the last copy stays inside it, and the slice holds 16
-/// rows at the padded stride >= row_bytes.
+/// A warp's n <= kWarpTokens rows of row_bytes bytes of a page region, from src (8-byte aligned:
+/// its first slot is a multiple of 8), to its staging slice at `stride` (warp_stage_stride) by
+/// asynchronous copies; the caller waits (stage_wait). Rows as they lie go 8 bytes a copy: a
+/// region ends on a 64-byte boundary, so the last copy stays inside it, and the slice holds
+/// kWarpTokens rows at the padded stride >= row_bytes.
 __device__ __forceinline__ void stage_warp_rows(uint8_t* dst, int stride, const uint8_t* src,
                                                 int row_bytes, int n, int lane) {
     if (stride != row_bytes) return stage_rows(dst, stride, src, row_bytes, n, lane);
-    for (int i = lane; i < (n * row_bytes + 15) / 16; i += 32)
-        __pipeline_memcpy_async(dst + 16 * i, src + 16 * i, 16);
+    for (int i = lane; i < (n * row_bytes + 7) / 8; i += 32)
+        __pipeline_memcpy_async(dst + 8 * i, src + 8 * i, 8);
 }
 
-/// Zeroes rows `from` .. 15 of a 16-row tile of `width` halves a row (`stride` apart): a page's
-/// slots past the tokens attended hold stale codes, whose decoded values could be NaN or Inf and
-/// would reach every row's sum through a zero weight.
+/// Zeroes rows `from` .. kWarpTokens - 1 of a warp's tile rows of `width` halves (`stride`
+/// apart): a page's slots past the tokens attended hold stale codes, whose decoded values could
+/// be NaN or Inf and would reach every row's sum through a zero weight.
 __device__ __forceinline__ void zero_tile_rows(__half* tile, int stride, int width, int from,
                                                int lane) {
-    for (int i = lane; i < (16 - from) * width; i += 32) {
+    for (int i = lane; i < (kWarpTokens - from) * width; i += 32) {
         const int t = from + i / width;
         tile[t * stride + i % width] = __half{};
     }
 }
 
-// grid (splits, units, row blocks of 64). Each warp keeps its 16 rows' running max and sum (two
+// grid (splits, units, row blocks of 128). Each warp keeps its 16 rows' running max and sum (two
 // rows a thread: g and g + 8 of the mma fragments, g = lane / 4) and O [16][D] in C fragments.
 template <class Codec, int D, bool CENTRED = false>
-__global__ void __launch_bounds__(kPrefillWarps * 32, 2)
+__global__ void __launch_bounds__(kPrefillWarps * 32, 1)
     codec_prefill_kernel(const AttentionParams<Codec> a) {
     using Features = FeatureScore<Codec>;
     static_assert(Features::kAvailable, "the wide prefill scores on the codec's feature form");
@@ -201,43 +203,50 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
     __syncthreads();  // tables and states in place
 
     const int F = Features::padded(kp);
-    const float scale_a = ra < a.rows ? row_scale[16 * warp + g] : 0.0f;
-    const float scale_b = rb < a.rows ? row_scale[16 * warp + g + 8] : 0.0f;
+    // Each row's factor from mma scores to logits in log2 units: its state's power of 2 times the
+    // softmax scale (times log2 e).
+    const float logit_a = ra < a.rows ? row_scale[16 * warp + g] * a.scale_log2 : 0.0f;
+    const float logit_b = rb < a.rows ? row_scale[16 * warp + g + 8] * a.scale_log2 : 0.0f;
     const int lim_a = ra < a.rows ? a.limit(u, ra) : 0;
     const int lim_b = rb < a.rows ? a.limit(u, rb) : 0;
     // Rows are ordered by query, so the last real row sees the most tokens.
     const int lim_warp = wrows > 0 ? a.limit(u, wrow0 + wrows - 1) : 0;
+    const int lim_first = wrows == 16 ? a.limit(u, wrow0) : 0;  // the fewest tokens a row sees
     const int lim_cta = a.limit(u, min(row0 + kPrefillRows, a.rows) - 1);
     const int t_begin = split * a.tokens_per_split;
     const int t_end = min(t_begin + a.tokens_per_split, lim_cta);
     const HeadRegions R = a.store.regions[h];
-    const TileWalk feature_walk(F / Features::kGroup, lane);
-    const TileWalk value_walk = value_tile_walk(static_cast<int>(R.value_code_bytes), lane);
+    const TileWalk feature_walk(F / Features::kGroup, lane, kWarpTokens);
+    const TileWalk value_walk =
+        value_tile_walk(static_cast<int>(R.value_code_bytes), lane, kWarpTokens);
 
     const int key_stride =
         warp_stage_stride(static_cast<int>(R.key_code_bytes), a.stage_key_stride);
     const int value_stride =
         warp_stage_stride(static_cast<int>(R.value_code_bytes), a.stage_value_stride);
-    // This warp's 16 tokens of the page at t0: asynchronous copies of their codes and scalars to
-    // its staging slice (the caller waits: stage_wait).
+    // This warp's kWarpTokens tokens of the page at t0: asynchronous copies of their codes and
+    // scalars to its staging slice (the caller waits: stage_wait).
+    const int slot = kWarpTokens * warp;  // the warp's first token of a page
     const auto stage_page = [&](int t0) {
-        const int mine = min(16, max(0, min(kPrefillTokens, t_end - t0) - 16 * warp));
+        const int mine = min(kWarpTokens, max(0, min(kPrefillTokens, t_end - t0) - slot));
         if (mine == 0) return;
         const uint8_t* page = a.page(u, t0);
-        const int slot = 16 * warp;
         stage_warp_rows(st_key, key_stride, page + R.key_codes + slot * R.key_code_bytes,
                         static_cast<int>(R.key_code_bytes), mine, lane);
         stage_warp_rows(st_value, value_stride, page + R.value_codes + slot * R.value_code_bytes,
                         static_cast<int>(R.value_code_bytes), mine, lane);
         const float* ks = reinterpret_cast<const float*>(page + R.key_scalars) + slot;
         const float* vs = reinterpret_cast<const float*>(page + R.value_scalars) + slot;
-        for (int i = lane; i < 16 * (a.stage_key_scalars + a.stage_value_scalars); i += 32) {
-            const int k = i >> 4, t = i & 15;  // scalar k (key scalars, then value scalars)
+        for (int i = lane; i < kWarpTokens * (a.stage_key_scalars + a.stage_value_scalars);
+             i += 32) {
+            // scalar k (key scalars, then value scalars) of token t
+            const int k = i / kWarpTokens, t = i % kWarpTokens;
             if (t >= mine) continue;
             if (k < a.stage_key_scalars)
-                __pipeline_memcpy_async(st_kscal + 16 * k + t, ks + k * kPage + t, sizeof(float));
+                __pipeline_memcpy_async(st_kscal + kWarpTokens * k + t, ks + k * kPage + t,
+                                        sizeof(float));
             else
-                __pipeline_memcpy_async(st_vscal + 16 * (k - a.stage_key_scalars) + t,
+                __pipeline_memcpy_async(st_vscal + kWarpTokens * (k - a.stage_key_scalars) + t,
                                         vs + (k - a.stage_key_scalars) * kPage + t, sizeof(float));
         }
     };
@@ -253,23 +262,25 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
         const int n = min(kPrefillTokens, t_end - t0);  // t0 is a page's first slot
         stage_wait();                                   // this warp's slice of the page has landed
         __syncthreads();  // and every warp is done with the previous page's tiles
-        // Warp w decodes its tokens 16 w .. 16 w + 15 from its slice: features, value centroids,
-        // and per token the key factor, the value scale and the extra state entry.
-        const int mine = min(16, max(0, n - 16 * warp));
-        __half* ftile = features + 16 * warp * fs;
-        __half* vtile = values + 16 * warp * VS;
+        // Warp w decodes its tokens from its slice: features, value centroids, and per token the
+        // key factor, the value scale and the extra state entry.
+        const int mine = min(kWarpTokens, max(0, n - slot));
+        __half* ftile = features + slot * fs;
+        __half* vtile = values + slot * VS;
         if (mine > 0) {
-            Features::decode_tile(kp, st_key, key_stride, t0 + 16 * warp, ftile, fs, feature_walk);
+            Features::decode_tile(kp, st_key, key_stride, t0 + slot, ftile, fs, feature_walk);
             decode_value_tile<D>(
                 TileCodes{st_value, value_stride, static_cast<int>(R.value_code_bytes), vp.bits, d},
                 value_table, vtile, value_walk, lane);
         }
-        if (lane < 16) {
+        bool has_extra = false;
+        if (lane < kWarpTokens) {
             const bool real = lane < mine;
-            factor[16 * warp + lane] = real ? Codec::feature_factor(st_kscal + lane) : 0.0f;
-            extra[16 * warp + lane] =
-                real ? Codec::extra_entry(kp, st_key + lane * key_stride) : -1;
-            value_scale[16 * warp + lane] = real ? (scaled ? st_vscal[lane] : 1.0f) : 0.0f;
+            const int e = real ? Codec::extra_entry(kp, st_key + lane * key_stride) : -1;
+            factor[slot + lane] = real ? Codec::feature_factor(st_kscal + lane) : 0.0f;
+            extra[slot + lane] = e;
+            value_scale[slot + lane] = real ? (scaled ? st_vscal[lane] : 1.0f) : 0.0f;
+            has_extra = e >= 0;
         }
         __syncwarp();
         zero_tile_rows(ftile, fs, F, mine, lane);
@@ -290,8 +301,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
             if (real && (threadIdx.x & 1) == 0) b += w[2 * P];
             if ((threadIdx.x & 1) == 0) bias[r] = b;
         }
-        __syncthreads();               // the page's tiles, token facts and biases are in place
+        // The page's tiles, token facts and biases are in place. A page without extra entries
+        // that all 16 of this warp's rows see in full takes the logits without mask or entry.
+        const bool any_extra = __syncthreads_or(has_extra);
         if (t0 >= lim_warp) continue;  // (warp-uniform) none of this warp's rows sees the page
+        const bool plain = !any_extra && t0 + kPrefillTokens <= lim_first;
 
         // S [16 rows][64 tokens] = states x features^T, hi and lo parts.
         float s[kTokenTiles][4];
@@ -318,24 +332,40 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
         // Logits (log2 units): scale back, the token's factor and extra entry, the centre bias;
         // tokens a row does not see are -inf. Element i of tile j: row g (i < 2) or g + 8, token
         // 8 j + 2 quad + i % 2.
-        const float* state_a = states + static_cast<size_t>(ra) * S;
-        const float* state_b = states + static_cast<size_t>(rb) * S;
         float bias_a = 0.0f, bias_b = 0.0f;
-        if constexpr (CENTRED) bias_a = bias[16 * warp + g], bias_b = bias[16 * warp + g + 8];
+        if constexpr (CENTRED)
+            bias_a = bias[16 * warp + g] * a.scale_log2,
+            bias_b = bias[16 * warp + g + 8] * a.scale_log2;
         float mx[2] = {-INFINITY, -INFINITY};
+        if (plain) {
 #pragma unroll
-        for (int j = 0; j < kTokenTiles; ++j)
+            for (int j = 0; j < kTokenTiles; ++j)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int t = 8 * j + 2 * quad + (i & 1), second = i >> 1;
-                const int e = extra[t], lim = second ? lim_b : lim_a;
-                float x =
-                    s[j][i] * (second ? scale_b : scale_a) * factor[t] + (second ? bias_b : bias_a);
-                if (e >= 0 && lim > 0) x += (second ? state_b : state_a)[e];  // (a real row)
-                x = t0 + t < lim ? x * a.scale_log2 : -INFINITY;
-                s[j][i] = x;
-                mx[second] = fmaxf(mx[second], x);
-            }
+                for (int i = 0; i < 4; ++i) {
+                    const int t = 8 * j + 2 * quad + (i & 1), second = i >> 1;
+                    const float x = s[j][i] * (second ? logit_b : logit_a) * factor[t] +
+                                    (second ? bias_b : bias_a);
+                    s[j][i] = x;
+                    mx[second] = fmaxf(mx[second], x);
+                }
+        } else {
+            const float* state_a = states + static_cast<size_t>(ra) * S;
+            const float* state_b = states + static_cast<size_t>(rb) * S;
+#pragma unroll
+            for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = 8 * j + 2 * quad + (i & 1), second = i >> 1;
+                    const int e = extra[t], lim = second ? lim_b : lim_a;
+                    float x = s[j][i] * (second ? logit_b : logit_a) * factor[t] +
+                              (second ? bias_b : bias_a);
+                    if (e >= 0 && lim > 0)  // (a real row)
+                        x += (second ? state_b : state_a)[e] * a.scale_log2;
+                    x = t0 + t < lim ? x : -INFINITY;
+                    s[j][i] = x;
+                    mx[second] = fmaxf(mx[second], x);
+                }
+        }
         float corr[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -343,7 +373,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFull, mx[r], 2));
             const float m_new = fmaxf(m[r], mx[r]);
             // A row without a token yet keeps m = -inf: weights 0, sums unchanged.
-            corr[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
+            corr[r] = m_new == -INFINITY ? 1.0f : exp2_approx(m[r] - m_new);
             m[r] = m_new;
         }
         float sum[2] = {0.0f, 0.0f};
@@ -352,7 +382,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int r = i >> 1;
-                const float p = m[r] == -INFINITY ? 0.0f : exp2f(s[j][i] - m[r]);
+                const float p = m[r] == -INFINITY ? 0.0f : exp2_approx(s[j][i] - m[r]);
                 s[j][i] = p;
                 sum[r] += p;
             }

@@ -62,16 +62,18 @@ __device__ inline void fill_value_table(const dev::ValueDevice::Params& vp, __ha
     }
 }
 
-/// Where a lane starts in a walk over `units` units per row of a tile's 16 rows, and how far
-/// one step of the warp (32 units) moves it: computed once, stepped without a division.
+/// Where a lane starts in a walk over `units` units per row of a tile's `rows` rows (16, or a
+/// wide prefill warp's 8), and how far one step of the warp (32 units) moves it: computed once,
+/// stepped without a division.
 struct TileWalk {
-    int row = 0, unit = 0, step_rows = 0, step_units = 0, units = 1;
-    __device__ TileWalk(int units_per_row, int lane)
+    int row = 0, unit = 0, step_rows = 0, step_units = 0, units = 1, rows = kTileTokens;
+    __device__ TileWalk(int units_per_row, int lane, int tile_rows = kTileTokens)
         : row(lane / units_per_row),
           unit(lane % units_per_row),
           step_rows(32 / units_per_row),
           step_units(32 % units_per_row),
-          units(units_per_row) {}
+          units(units_per_row),
+          rows(tile_rows) {}
     __device__ void next() {
         row += step_rows;
         unit += step_units;
@@ -112,9 +114,10 @@ struct TileCodes {
     int stride, row_bytes, bits, d;
 };
 
-/// Decodes 16 tokens' value codes into tile[16][tile_stride(D)] (centroids without the scale;
-/// fp16 values copied), lane-parallel over the rows' units; columns d .. D - 1 are zeroed (the
-/// tile lies over the chunk's key codes or features). `walk` is the lane's start (value_tile_walk).
+/// Decodes walk.rows (16) tokens' value codes into tile[rows][tile_stride(D)] (centroids without
+/// the scale; fp16 values copied), lane-parallel over the rows' units; columns d .. D - 1 are
+/// zeroed (the tile lies over the chunk's key codes or features). `walk` is the lane's start
+/// (value_tile_walk).
 template <int D>
 __device__ void decode_value_tile(const TileCodes& c, const __half* table, __half* tile,
                                   TileWalk walk, int lane) {
@@ -122,7 +125,7 @@ __device__ void decode_value_tile(const TileCodes& c, const __half* table, __hal
     const int bits = c.bits;
     if ((bits == 16 || 8 % bits == 0) && c.row_bytes % 4 == 0) {
         // Whole 4-byte units (fp16: 2 halves; a width dividing 8: 4 bytes of fields).
-        for (; walk.row < kTileTokens; walk.next()) {
+        for (; walk.row < walk.rows; walk.next()) {
             const uint32_t word =
                 *reinterpret_cast<const uint32_t*>(c.rows + walk.row * c.stride + 4 * walk.unit);
             __half* dst = tile + walk.row * TS;
@@ -148,7 +151,7 @@ __device__ void decode_value_tile(const TileCodes& c, const __half* table, __hal
         // Any other width, or rows that are not whole words: one field at a time (lanes over
         // coordinates; field f's centroid is the table's entry f, its first of `per`).
         const int per = bits != 16 && 8 % bits == 0 ? 8 / bits : 1;
-        for (int i = lane; i < kTileTokens * c.d; i += 32) {
+        for (int i = lane; i < walk.rows * c.d; i += 32) {
             const int t = i / c.d, j = i - t * c.d;
             const uint8_t* row = c.rows + t * c.stride;
             tile[t * TS + j] =
@@ -158,15 +161,15 @@ __device__ void decode_value_tile(const TileCodes& c, const __half* table, __hal
         }
     }
     if (c.d < D)
-        for (int i = lane; i < kTileTokens * (D - c.d); i += 32) {
+        for (int i = lane; i < walk.rows * (D - c.d); i += 32) {
             const int t = i / (D - c.d);
             tile[t * TS + c.d + (i - t * (D - c.d))] = __half{};
         }
 }
 
 /// The lane's walk for decode_value_tile over rows of `row_bytes` bytes (4-byte units).
-__device__ inline TileWalk value_tile_walk(int row_bytes, int lane) {
-    return TileWalk(row_bytes >= 4 ? row_bytes / 4 : 1, lane);
+__device__ inline TileWalk value_tile_walk(int row_bytes, int lane, int rows = kTileTokens) {
+    return TileWalk(row_bytes >= 4 ? row_bytes / 4 : 1, lane, rows);
 }
 
 /// The running sum o[r][j] of a warp in mma C-fragment layout: lane (g, t) = (lane / 4,

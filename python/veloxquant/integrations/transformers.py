@@ -41,7 +41,8 @@ keys and values, preceded by the dequantized earlier tokens when the chunk is no
 and then appends the chunk; so the first prefill chunk attends exactly as the uncompressed
 model does and compression shows from the first decoded token on. (``CudaKVCache.attend`` with
 ``causal=True`` is the fused causal prefill on the codes, for callers that want it; on long
-prompts it is several times slower than SDPA: 4.8-16.4 ms against 0.96 for a 512-query chunk
+prompts it is several times slower than SDPA: 3.4-4.7 ms (turboquant 1-bit / 2-bit, fp16, qjl,
+rabitq) against 0.96 for a 512-query chunk
 over 32K tokens on an H100, docs/cuda.md.)
 
 Sliding-window layers (the config's "sliding_attention" layers) get a ``CudaKVCache`` with
