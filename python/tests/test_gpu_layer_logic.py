@@ -250,6 +250,6 @@ def test_a_layer_the_tuned_cache_refuses_takes_the_generic_cache(monkeypatch):
     monkeypatch.setattr(integration, "CudaTurboQuantCache", Refuses)
     monkeypatch.setattr(integration, "CudaKVCache", Generic)
     config = KVCacheConfig(method="turboquant_rvq", bits=2)
-    cache, why = integration._device_cache(config, 2, 64, 4, 128, 0, torch.device("cpu"), False)
+    cache, why = integration._device_cache(config, 2, 64, 4, 128, 0, torch.device("cpu"), 0)
     assert isinstance(cache, Generic) and why == ""
     assert made == [(config, 2, 64, 128, 0, torch.device("cpu"))]
