@@ -106,4 +106,44 @@ TEST(CacheAdopt, RefusesWhatItCannotHoldAndKeepsItsContents) {
     EXPECT_THROW(with_outliers->adopt(a->paged_store(), n, a->key_codecs()), std::invalid_argument);
 }
 
+// A sliding window's inner cache has evicted pages between its sinks and its window: adopted,
+// they stay evicted, and the adopting cache, in a window of the same width, attends as the
+// source window does. A store whose last page is gone is refused before anything changes.
+TEST(CacheAdoptWindow, KeepsEvictedPagesEvicted) {
+    const int H = 2, d = 64, hq = 4;
+    const KVCacheConfig c = config("turboquant_rvq");
+    SlidingWindowKVCache source(make(c, H, d), 100, 4);
+    int n = 0;
+    for (const int chunk : {300, 100}) {
+        const auto keys = vqtest::randn(static_cast<std::size_t>(H) * chunk * d, 10 + chunk);
+        const auto values = vqtest::randn(keys.size(), 20 + chunk);
+        source.append(keys.data(), values.data(), chunk);
+        n += chunk;
+    }
+    ASSERT_FALSE(source.inner().position_held(64));  // pages 1 and 2: inside [4, 201)
+    auto b = make(c, H, d);
+    b->adopt(source.inner().paged_store(), n, source.inner().key_codecs());
+    for (int p = 0; p * kTokensPerPage < n; ++p)
+        EXPECT_EQ(b->position_held(p * kTokensPerPage),
+                  source.inner().position_held(p * kTokensPerPage))
+            << "page " << p;
+    SlidingWindowKVCache adopted(std::move(b), 100, 4);
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * d, 3);
+    std::vector<float> want(q.size()), got(q.size());
+    source.attend(q.data(), hq, 1, want.data(), 0.125f, true);
+    adopted.attend(q.data(), hq, 1, got.data(), 0.125f, true);
+    EXPECT_EQ(got, want);
+
+    auto gone = make(c, H, d);
+    const auto keys = vqtest::randn(static_cast<std::size_t>(H) * 130 * d, 4);
+    gone->append(keys.data(), keys.data(), 130);
+    gone->evict_range(0, 200);  // every page, the last (positions 128-129) too
+    auto target = make(c, H, d);
+    target->append(keys.data(), keys.data(), 3);
+    EXPECT_THROW(target->adopt(gone->paged_store(), 130, gone->key_codecs()),
+                 std::invalid_argument);
+    EXPECT_EQ(target->size(), 3);
+    EXPECT_TRUE(target->position_held(0));
+}
+
 }  // namespace
