@@ -114,14 +114,16 @@ class _DeviceCache:
     _core_class: ClassVar[str]  # the _core class this wraps
 
     def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
-                 max_seq_len: int = 8192, layer: int = 0, device: Any = None) -> None:
+                 max_seq_len: int = 8192, layer: int = 0, device: Any = None,
+                 _core_extra: tuple = ()) -> None:
         self.device = _resolve_device(device)
         torch = _torch()
         self.config = config
         self.layer = int(layer)
         with torch.cuda.device(self.device):
             self._impl = getattr(_core, self._core_class)(
-                config.to_core(), int(num_heads), int(head_dim), int(max_seq_len), self.layer)
+                config.to_core(), int(num_heads), int(head_dim), int(max_seq_len), self.layer,
+                *_core_extra)
 
     # --- helpers ------------------------------------------------------------------------------
     def _stream(self) -> int:
@@ -357,14 +359,8 @@ class CudaKVCache(_DeviceCache):
     def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
                  max_seq_len: int = 8192, layer: int = 0, device: Any = None, *,
                  window: int = 0, sink_tokens: int = 4) -> None:
-        self.device = _resolve_device(device)
-        torch = _torch()
-        self.config = config
-        self.layer = int(layer)
-        with torch.cuda.device(self.device):
-            self._impl = _core.CudaCodecCache(config.to_core(), int(num_heads), int(head_dim),
-                                              int(max_seq_len), self.layer,
-                                              operator.index(window), operator.index(sink_tokens))
+        super().__init__(config, num_heads, head_dim, max_seq_len, layer, device,
+                         (operator.index(window), operator.index(sink_tokens)))
 
     @property
     def window(self) -> int:
