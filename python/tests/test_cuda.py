@@ -602,5 +602,16 @@ def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
     again = vq_cuda.CudaKVCache.from_cpu(cpu)
     assert again.window == 100 and not again.position_held(64)
     assert gpu.empty_like().window == 100
-    # A window's caches do not batch: CudaKVCacheBatch says so and they go one by one.
-    assert not vq_cuda.CudaKVCacheBatch().alike([gpu, gpu.empty_like()])
+    # Windows of one width batch: a decode step of two in one launch follows each alone.
+    other = gpu.empty_like()
+    other.append(torch.randn(2, 150, 128, device="cuda", generator=g),
+                 torch.randn(2, 150, 128, device="cuda", generator=g))
+    step = vq_cuda.CudaKVCacheBatch()
+    assert step.alike([gpu, other])
+    assert not step.alike([gpu, vq_cuda.CudaKVCache(config, 2, 128, max_seq_len=2048)])
+    k = torch.randn(2, 2, 1, 128, device="cuda", generator=g)
+    step.append([gpu, other], k, k)
+    q = torch.randn(2, 8, 128, device="cuda", generator=g)
+    together = step.attend([gpu, other], q)
+    for b, cache in enumerate((gpu, other)):
+        assert rel(together[b].cpu().numpy(), cache.attend(q[b]).cpu().numpy()) < 1e-5, b

@@ -351,8 +351,9 @@ class CudaKVCache(_DeviceCache):
     sink_tokens)`` on the CPU: a query at position q attends the first ``sink_tokens`` positions
     and (q - window, q]; pages wholly between them are given back to the cache's pool as it
     grows (device memory follows the window while ``size`` counts every position up to
-    ``max_seq_len``), and only tokens still held can be dequantized. Such caches do not batch
-    (``CudaKVCacheBatch``): they append and attend one by one."""
+    ``max_seq_len``), and only tokens still held can be dequantized. Windows of one width and
+    sinks batch (``CudaKVCacheBatch``): each appends through its own pool, and one launch
+    attends over all of them."""
 
     _core_class = "CudaCodecCache"
 

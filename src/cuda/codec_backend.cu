@@ -396,9 +396,13 @@ private:
         a.pools = source.pools;
         a.sizes = source.sizes;
         a.window = source.window;
-        // The tokens the splits walk: every one, or a sliding window's span of held pages.
+        a.page_tables = source.page_tables;
+        // The tokens the splits walk: every one, or a sliding window's span of held pages (a
+        // batch's longest span, which the longest sequence need not have).
         const int size =
-            source.size - a.window.gap(causal ? source.size - n_queries + 1 : source.size);
+            source.span > 0
+                ? source.span
+                : source.size - a.window.gap(causal ? source.size - n_queries + 1 : source.size);
         a.n_queries = n_queries;
         a.group = group;
         a.rows = group * n_queries;

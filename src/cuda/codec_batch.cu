@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cuda/cuda_cache.h"
+#include "veloxquant/caches.h"
 
 namespace veloxquant::cuda {
 namespace {
@@ -37,7 +38,7 @@ bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
     const CudaCodecCache& first = *caches[0];
     for (const CudaCodecCache* c : caches)
         if (!c->backend_ || c->device_ != first.device_ || c->kind_ != first.kind_ ||
-            c->window_.window > 0)
+            c->window_.window != first.window_.window || c->window_.sinks != first.window_.sinks)
             return false;
     return true;
 }
@@ -86,10 +87,6 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     check_distinct(caches, "append");
     const CudaCodecCache& first = *caches[0];
     const float key_bound = first.config_.key_bound(), value_bound = first.config_.value_bound();
-    for (size_t b = 0; b < caches.size(); ++b)
-        if (caches[b]->window_.window > 0)
-            throw std::invalid_argument("append: the cache of sequence " + std::to_string(b) +
-                                        " is a sliding window: append to it alone");
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaCodecCache& c = *caches[b];
         if (c.device_ != first.device_ || c.num_heads_ != first.num_heads_ ||
@@ -105,7 +102,15 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     const int batch = static_cast<int>(caches.size());
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
                          value_bound, stream, batch);
-    for (CudaCodecCache* c : caches) c->pages_->reserve(c->size_ + n_tokens);
+    // Room for the new tokens: a window's pages from its pool's free slots (given back if the
+    // batch fails), another cache's pool grown.
+    const int P = kTokensPerPage;
+    for (CudaCodecCache* c : caches) {
+        if (c->pages_->mapped())
+            c->pages_->hold(c->size_ / P, (c->size_ + n_tokens + P - 1) / P, stream);
+        else
+            c->pages_->reserve(c->size_ + n_tokens);
+    }
     // Codecs that train do so on their first keys, every one before any encode. The batch is
     // all or nothing: if a training or an encode throws, every cache keeps its size (codes
     // written past it are never read or saved) and the caches trained here forget it.
@@ -121,10 +126,19 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
             }
         encode(caches, keys, values, n_tokens, per_sequence, stream);
     } catch (...) {
-        for (int b = 0; b < batch; ++b) caches[b]->size_ = sizes[b];
+        for (int b = 0; b < batch; ++b) {
+            CudaCodecCache& c = *caches[b];
+            c.size_ = sizes[b];
+            if (c.pages_->mapped())
+                c.pages_->release((sizes[b] + P - 1) / P, (sizes[b] + n_tokens + P - 1) / P);
+        }
         for (CudaCodecCache* c : trained) c->forget_training();
         throw;
     }
+    // Each window gives back what its first new token's window no longer needs.
+    for (int b = 0; b < batch; ++b)
+        if (caches[b]->window_.window > 0)
+            caches[b]->evict_before(sizes[b] + 1 - caches[b]->window_.window);
 }
 
 void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const float* keys,
@@ -133,8 +147,9 @@ void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const fl
     CudaCodecCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
     // One launch writes every sequence; centred keys are first shifted by their own sequence's
-    // mean, all in one launch too (KeyCenter::centred_batch).
-    if (batch > 1 && alike(as_const(caches))) {
+    // mean, all in one launch too (KeyCenter::centred_batch). Sliding windows encode one by one
+    // (each through its own page table).
+    if (batch > 1 && alike(as_const(caches)) && first.window_.window == 0) {
         std::vector<const uint8_t*> pools;
         std::vector<int32_t> starts;
         int last = 0, pages = 1;
@@ -188,18 +203,20 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
             "trained yet: attend them one by one");
     CudaCodecCache& first = *caches[0];
     const int group = first.query_group(queries, out, num_q_heads, scale);
-    std::vector<const uint8_t*> pools;
+    std::vector<const uint8_t*> pools, tables;
     std::vector<int32_t> sizes;
-    int longest = 0, pages = 1;
+    int longest = 0, pages = 1, span = 0;
     for (size_t b = 0; b < caches.size(); ++b) {
         const CudaCodecCache& c = *caches[b];
         if (c.size_ == 0)
             throw std::invalid_argument("attend: the cache of sequence " + std::to_string(b) +
                                         " holds no tokens");
         pools.push_back(c.pages_->pool());
+        tables.push_back(reinterpret_cast<const uint8_t*>(c.pages_->page_table()));
         sizes.push_back(c.size_);
         longest = std::max(longest, c.size_);
         pages = std::max(pages, c.pages_->capacity_pages());
+        span = std::max(span, c.size_ - c.window_.gap(c.size_));
     }
     arrays_.describe(pools, sizes, pages, stream);
     SequenceSet source;
@@ -209,6 +226,12 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
     source.batch = static_cast<int>(caches.size());
     source.size = longest;
     source.kin = kin_params(caches, stream);
+    if (first.window_.window > 0) {  // each window's own page table; splits over the longest span
+        tables_.describe(tables, sizes, 1, stream);
+        source.page_tables = reinterpret_cast<const int32_t* const*>(tables_.pools());
+        source.window = first.window_;
+        source.span = span;
+    }
     if (std::any_of(caches.begin(), caches.end(),
                     [](const CudaCodecCache* c) { return c->center_.centering(); })) {
         // Each sequence's own damped mean (zeros where a cache does not centre), and the

@@ -30,15 +30,14 @@ public:
 
     /// Whether these caches can attend in one launch: one distinct cache per sequence, of one
     /// config, layer and shape (caches made by one another's empty_like, say), on one device,
-    /// every codec ready (trained, where it trains), none a sliding window (those take their
-    /// appends and attends one by one). What the codecs learned may differ.
+    /// every codec ready (trained, where it trains), of one sliding window (or none). What the
+    /// codecs learned may differ.
     static bool alike(const std::vector<const CudaCodecCache*>& caches);
 
     /// Encodes n_tokens tokens into each cache: keys and values [batch][num_heads][n_tokens]
     /// [head_dim] on the device, sequence b's for caches[b]. All or nothing: before any cache
     /// changes it throws std::invalid_argument for caches that are not one distinct cache per
-    /// sequence of one config, layer, shape and device (no sliding window), and for NaN, Inf or
-    /// values over fp16
+    /// sequence of one config, layer, shape and device, and for NaN, Inf or values over fp16
     /// storage's range (naming the sequence), and std::length_error when a cache would pass
     /// its max_seq_len; a training or encode that throws later leaves every cache's size as it
     /// was and the caches it trained untrained. Synchronizes the stream once (a codec that trains,
@@ -54,7 +53,7 @@ public:
 
     /// Device bytes held: the batch's arrays (the workspace is caches[0]'s backend's).
     std::size_t nbytes() const {
-        return encode_arrays_.nbytes() + arrays_.nbytes() + centres_.nbytes() +
+        return encode_arrays_.nbytes() + arrays_.nbytes() + centres_.nbytes() + tables_.nbytes() +
                kin_capacity_ * sizeof(CodecParamsView);
     }
 
@@ -73,6 +72,7 @@ private:
     /// Centred keys: each sequence's damped key mean (as its "pool") and its first position (an
     /// append's) or size (an attend's).
     BatchArrays centres_;
+    BatchArrays tables_;  ///< a batch of sliding windows: each sequence's page table
     CodecParamsView* kin_views_ = nullptr;  ///< device [kin_capacity_]
     std::size_t kin_capacity_ = 0;
     std::vector<CodecParamsView> kin_uploaded_;  ///< what kin_views_ holds

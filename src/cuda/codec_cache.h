@@ -53,7 +53,11 @@ struct SequenceSet {
     int size = 0;
     KinParams kin;
     CenterParams center;
-    TokenWindow window;  ///< one sequence's sliding window (none in a batch)
+    /// Sliding windows (every sequence's alike) and, for a batch of them, each sequence's page
+    /// table [batch] and the most tokens one sequence's span holds (TokenWindow).
+    TokenWindow window;
+    const int32_t* const* page_tables = nullptr;
+    int span = 0;
 };
 
 /// Appends of at most this many (KV head, token) items, over all sequences, encode one item per

@@ -72,6 +72,9 @@ struct UnitSet {
     Store<Codec> store;
     int units = 0;
     const uint8_t* const* pools = nullptr;
+    /// A batch of sliding windows: sequence s's page table (its pool's mapping), where the
+    /// store's identity table does not hold.
+    const int32_t* const* page_tables = nullptr;
 
     __device__ int head(int u) const { return pools != nullptr ? u % store.heads : u; }
     __device__ int sequence(int u) const { return pools != nullptr ? u / store.heads : 0; }
@@ -84,7 +87,9 @@ struct UnitSet {
     __device__ uint8_t* page(int u, int pos) const {
         uint8_t* pool =
             pools != nullptr ? const_cast<uint8_t*>(pools[u / store.heads]) : store.pool;
-        return pool + static_cast<uint64_t>(store.page_table[pos / kPage]) * store.page_bytes;
+        const int32_t* table =
+            page_tables != nullptr ? page_tables[u / store.heads] : store.page_table;
+        return pool + static_cast<uint64_t>(table[pos / kPage]) * store.page_bytes;
     }
 };
 

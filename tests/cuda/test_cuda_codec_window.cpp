@@ -173,13 +173,16 @@ TEST_P(CodecWindow, AttendsAsTheCpuWindowAndHoldsTheSamePages) {
     expect_same_pages_held(gpu, *cpu);
     expect_same_attention(gpu, *cpu, hq, 1, true, ++seed, "after truncate");
 
-    // A window does not batch: its appends and attends go one by one.
-    EXPECT_FALSE(CudaCodecBatch::alike({&gpu}));
-    CudaCodecBatch batch;
+    // A window batches only with windows of its width and sinks.
+    EXPECT_TRUE(CudaCodecBatch::alike({&gpu}));
+    CudaCodecCache wider(k.config, H, d, 4096, 0, k.window + 1, k.sinks),
+        plain(k.config, H, d, 4096);
     const auto one = random_tokens(H, 1, d, ++seed, 0.5f);
     DeviceBuffer<float> d1(one);
-    EXPECT_THROW(batch.append({&gpu}, d1.get(), d1.get(), 1, nullptr), std::invalid_argument);
-    EXPECT_EQ(gpu.size(), size - 10);
+    wider.append(d1.get(), d1.get(), 1, nullptr);
+    plain.append(d1.get(), d1.get(), 1, nullptr);
+    EXPECT_FALSE(CudaCodecBatch::alike({&gpu, &wider}));
+    EXPECT_FALSE(CudaCodecBatch::alike({&gpu, &plain}));
 
     gpu.reset();
     EXPECT_EQ(gpu.size(), 0);
@@ -212,6 +215,51 @@ TEST_P(CodecWindow, MemoryStaysFlatAsPositionsGrow) {
     expect_same_pages_held(gpu, *cpu);
     expect_same_attention(gpu, *cpu, H * 2, 1, true, ++seed, "after 3800 tokens");
     expect_same_attention(gpu, *cpu, H * 2, chunk, true, ++seed, "last chunk");
+}
+
+// Decode steps of three windows of different lengths in one batch (CudaCodecBatch: each
+// sequence's appends through its own pool, one attention launch reading each sequence's page
+// table) follow each sequence's CPU window: the same pages held, attention within 1e-3.
+TEST_P(CodecWindow, BatchStepsFollowEachWindow) {
+    SKIP_WITHOUT_DEVICE();
+    const WindowCase& k = GetParam();
+    const int H = k.heads, d = k.d, hq = H * 4, B = 3;
+    std::vector<std::unique_ptr<SlidingWindowKVCache>> cpu;
+    std::vector<std::unique_ptr<CudaCodecCache>> gpu;
+    std::vector<CudaCodecCache*> caches;
+    uint64_t seed = 300;
+    for (const int n : {250, 333, 520}) {
+        cpu.push_back(cpu_window(k, 4096));
+        gpu.push_back(std::make_unique<CudaCodecCache>(k.config, H, d, 4096, 0, k.window, k.sinks));
+        caches.push_back(gpu.back().get());
+        const auto keys = random_tokens(H, n, d, ++seed, 0.5f);
+        const auto values = random_tokens(H, n, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu.back()->append(keys.data(), values.data(), n);
+        gpu.back()->append(dk.get(), dv.get(), n, nullptr);
+    }
+    ASSERT_TRUE(CudaCodecBatch::alike({caches.begin(), caches.end()}));
+    CudaCodecBatch batch;
+    const std::size_t per_token = static_cast<std::size_t>(H) * d,
+                      per_query = static_cast<std::size_t>(hq) * d;
+    for (int step = 0; step < 70; ++step) {
+        const auto keys = random_tokens(B * H, 1, d, ++seed, 0.5f);
+        const auto values = random_tokens(B * H, 1, d, ++seed, 0.5f);
+        const auto q = vqtest::randn(B * per_query, ++seed, 1.0f);
+        DeviceBuffer<float> dk(keys), dv(values), dq(q), dout(q.size());
+        batch.append(caches, dk.get(), dv.get(), 1, nullptr);
+        batch.attend(caches, dq.get(), hq, dout.get(), 0.125f, nullptr);
+        const auto got = dout.download();
+        for (int b = 0; b < B; ++b) {
+            cpu[b]->append(keys.data() + b * per_token, values.data() + b * per_token, 1);
+            expect_same_pages_held(*gpu[b], *cpu[b]);
+            std::vector<float> ref(per_query);
+            cpu[b]->attend(q.data() + b * per_query, hq, 1, ref.data(), 0.125f, true);
+            const std::vector<float> mine(got.begin() + b * per_query,
+                                          got.begin() + (b + 1) * per_query);
+            EXPECT_LE(relative_error(mine, ref), 1e-3) << "step " << step << ", sequence " << b;
+        }
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Windows, CodecWindow, ::testing::ValuesIn(cases()),

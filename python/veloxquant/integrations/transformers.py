@@ -48,8 +48,8 @@ over 32K tokens on an H100, docs/cuda.md.)
 Sliding-window layers (the config's "sliding_attention" layers) get a ``CudaKVCache`` with
 that window and no sinks: it decodes on the codes as above, gives evicted pages back to its
 pool, and its prefill chunks are stored first and attend on the codes within the window (as a
-CPU ``SlidingWindowKVCache`` layer does); such layers take their sequences one by one. Neither
-cache takes an outlier observer: such layers stay on the CPU, and ``from_model`` warns (a
+CPU ``SlidingWindowKVCache`` layer does); a batch's decode step runs in one launch there too.
+Neither cache takes an outlier observer: such layers stay on the CPU, and ``from_model`` warns (a
 RuntimeWarning naming them and why) when any layer of a GPU model does.
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
 GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
