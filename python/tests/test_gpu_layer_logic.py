@@ -58,6 +58,7 @@ class _ExactTokens:
     def reset(self):
         self.trim(self.size)
 
+    window = 0  # no sliding window: the layers ask every cache
     size = property(lambda self: self.k.shape[1])
     num_heads = property(lambda self: self.k.shape[0])
     head_dim = property(lambda self: self.k.shape[2])
