@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cache/outlier_store.h"
 #include "cache/paged_store.h"
 #include "methods/key_codec.h"
 #include "test_helpers.h"
@@ -100,10 +101,51 @@ TEST(CacheAdopt, RefusesWhatItCannotHoldAndKeepsItsContents) {
     rabitq->append(keys.data(), keys.data(), n);
     EXPECT_THROW(b->adopt(a->paged_store(), n, rabitq->key_codecs()), std::invalid_argument);
     EXPECT_EQ(b->size(), 3);
+}
+
+// A cache with an outlier side store adopts the source's entries with its pages (how a device
+// cache's side store comes back to the CPU): it flags and attends as the source. Entries it
+// cannot keep are refused before anything changes.
+TEST(CacheAdopt, TakesTheOutlierEntries) {
+    const int H = 2, d = 64, hq = 4, n = 400;
     KVCacheConfig observed = config("turboquant_rvq");
-    observed.outlier_observer = std::make_shared<KeyNormObserver>(4.0, 16);
-    auto with_outliers = make(observed, H, d);
-    EXPECT_THROW(with_outliers->adopt(a->paged_store(), n, a->key_codecs()), std::invalid_argument);
+    observed.outlier_observer = std::make_shared<KeyNormObserver>(3.0, 16);
+    auto source = make(observed, H, d);
+    auto keys = vqtest::randn(static_cast<std::size_t>(H) * n * d, 8);
+    for (std::size_t row = 0; row < keys.size() / d; row += 31)  // far longer keys: outliers
+        for (int j = 0; j < d; ++j) keys[row * d + j] *= 30.0f;
+    const auto values = vqtest::randn(keys.size(), 9);
+    source->append(keys.data(), values.data(), n);
+    ASSERT_GT(source->outlier_tokens(), 15);
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * d, 10);
+
+    auto b = make(observed, H, d);
+    b->adopt(source->paged_store(), n, source->key_codecs(), source->outlier_store());
+    EXPECT_EQ(b->outlier_tokens(), source->outlier_tokens());
+    EXPECT_EQ(b->outlier_store()->records(1), source->outlier_store()->records(1));
+    EXPECT_EQ(attend(*b, q, hq), attend(*source, q, hq));
+    // Without entries the side store is emptied: the flagged tokens come from the pages again.
+    auto c = make(observed, H, d);
+    c->adopt(source->paged_store(), n, source->key_codecs());
+    EXPECT_EQ(c->outlier_tokens(), 0);
+
+    // Refused: entries past the size, for a cache without a side store, of other bits.
+    EXPECT_THROW(
+        b->adopt(source->paged_store(), 100, source->key_codecs(), source->outlier_store()),
+        std::invalid_argument);
+    auto plain = make(config("turboquant_rvq"), H, d);
+    EXPECT_THROW(
+        plain->adopt(source->paged_store(), n, source->key_codecs(), source->outlier_store()),
+        std::invalid_argument);
+    KVCacheConfig fp16_side = observed;
+    fp16_side.outlier_bits = 16;
+    auto wide = make(fp16_side, H, d);
+    EXPECT_THROW(
+        wide->adopt(source->paged_store(), n, source->key_codecs(), source->outlier_store()),
+        std::invalid_argument);
+    EXPECT_EQ(b->size(), n);
+    EXPECT_EQ(b->outlier_tokens(), source->outlier_tokens());
+    EXPECT_EQ(plain->size(), 0);
 }
 
 // A sliding window's inner cache has evicted pages between its sinks and its window: adopted,

@@ -78,13 +78,17 @@ public:
     const std::vector<std::unique_ptr<KeyCodec>>& key_codecs() const { return key_codecs_; }
     /// Replaces the contents with positions [0, size) of `pages` (this cache's page layout;
     /// pages in its table it does not hold, a sliding window's evicted ones, stay evicted) and
-    /// the learned state of `codecs` (one per head, of this cache's method): how a device
-    /// cache's pages become a CPU cache, e.g. to be saved. Throws std::invalid_argument, before
-    /// changing anything, for another layout, a size past max_seq_len, a page past the table or
-    /// a last page not held, codecs of another count or method, or a cache with an outlier side
-    /// store.
+    /// the learned state of `codecs` (one per head, of this cache's method), and where this
+    /// cache keeps an outlier side store, `outliers`' entries (null: none): how a device cache's
+    /// pages become a CPU cache, e.g. to be saved. Throws std::invalid_argument, before changing
+    /// anything, for another layout, a size past max_seq_len, a page past the table or a last
+    /// page not held, codecs of another count or method, and outlier entries this cache cannot
+    /// keep (it has no side store, or one of other bits or shape, or an entry at or past size).
     void adopt(const PagedStore& pages, int size,
-               const std::vector<std::unique_ptr<KeyCodec>>& codecs);
+               const std::vector<std::unique_ptr<KeyCodec>>& codecs,
+               const OutlierStore* outliers = nullptr);
+    /// The outlier side store (null without config.outlier_observer).
+    const OutlierStore* outlier_store() const { return outliers_.get(); }
 
     /// Serialization body shared with SlidingWindowKVCache; read_body reads a file of format
     /// `version` (cache_io.cpp).

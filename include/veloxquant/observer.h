@@ -35,12 +35,18 @@ public:
     void observe(int layer, int head, const float* norms, int n);
     /// True when the norm is in either tail under the current statistics. Thread-safe.
     bool is_outlier(int layer, int head, float norm) const;
+    /// observe(layer, head, norms, n), then flags[t] = is_outlier(layer, head, norms[t]), under
+    /// one lock (how a cache's append flags its chunk). Thread-safe.
+    void observe_and_flag(int layer, int head, const float* norms, int n, uint8_t* flags);
     Stats stats(int layer, int head) const;
     /// Replaces the statistics of (layer, head), e.g. when a saved cache is loaded.
     void set_stats(int layer, int head, const Stats& stats);
     void reset();
 
 private:
+    static void add_norms(Stats& s, const float* norms, int n);
+    bool in_tail(const Stats& s, float norm) const;
+
     double z_threshold_;
     int64_t min_count_;
     mutable std::mutex mutex_;

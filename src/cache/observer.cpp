@@ -21,9 +21,7 @@ KeyNormObserver::KeyNormObserver(double z_threshold, int64_t min_count)
     if (min_count < 2) throw std::invalid_argument("KeyNormObserver: min_count must be >= 2");
 }
 
-void KeyNormObserver::observe(int layer, int head, const float* norms, int n) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Stats& s = stats_[{layer, head}];
+void KeyNormObserver::add_norms(Stats& s, const float* norms, int n) {
     for (int i = 0; i < n; ++i) {
         const double norm = norms[i];
         // log of a zero norm is -inf; clamp to the smallest positive float so it stays counted
@@ -42,13 +40,29 @@ void KeyNormObserver::observe(int layer, int head, const float* norms, int n) {
     }
 }
 
+bool KeyNormObserver::in_tail(const Stats& s, float norm) const {
+    if (s.count < min_count_) return false;
+    const double x = std::log(std::max(static_cast<double>(norm), 1e-30));
+    return std::fabs(x - s.mean_log) > z_threshold_ * s.std_log();
+}
+
+void KeyNormObserver::observe(int layer, int head, const float* norms, int n) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    add_norms(stats_[{layer, head}], norms, n);
+}
+
 bool KeyNormObserver::is_outlier(int layer, int head, float norm) const {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto it = stats_.find({layer, head});
-    if (it == stats_.end() || it->second.count < min_count_) return false;
-    const double sd = it->second.std_log();
-    const double x = std::log(std::max(static_cast<double>(norm), 1e-30));
-    return std::fabs(x - it->second.mean_log) > z_threshold_ * sd;
+    return it != stats_.end() && in_tail(it->second, norm);
+}
+
+void KeyNormObserver::observe_and_flag(int layer, int head, const float* norms, int n,
+                                       uint8_t* flags) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Stats& s = stats_[{layer, head}];
+    add_norms(s, norms, n);
+    for (int t = 0; t < n; ++t) flags[t] = in_tail(s, norms[t]) ? 1 : 0;
 }
 
 KeyNormObserver::Stats KeyNormObserver::stats(int layer, int head) const {

@@ -10,6 +10,12 @@
 
 namespace veloxquant {
 
+float key_norm(const float* key, int d) {
+    double s = 0.0;
+    for (int j = 0; j < d; ++j) s += static_cast<double>(key[j]) * key[j];
+    return static_cast<float>(std::sqrt(s));
+}
+
 OutlierStore::OutlierStore(int num_heads, int dim, int bits)
     : num_heads_(num_heads), dim_(dim), bits_(bits), positions_(num_heads), records_(num_heads) {
     if (bits != 8 && bits != 16)

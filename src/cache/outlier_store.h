@@ -12,11 +12,17 @@ namespace veloxquant {
 class BinaryReader;
 class BinaryWriter;
 
+/// ||k|| of one key of d coordinates: squares summed in double in coordinate order, the root
+/// rounded to float (the device's outlier flags compute it the same way: device_outliers.cu).
+float key_norm(const float* key, int d);
+
 class OutlierStore {
 public:
     OutlierStore(int num_heads, int dim, int bits);
 
     int bits() const { return bits_; }
+    int num_heads() const { return num_heads_; }
+    int dim() const { return dim_; }
     /// Bytes of one stored vector (codes plus its scale for int8).
     std::size_t vector_bytes() const;
 
@@ -34,6 +40,9 @@ public:
     bool contains(int head, int position) const;
     /// Index of the entry at `position`, or -1.
     int find(int head, int position) const;
+    /// Head h's entries as stored: per entry its key vector, then its value vector, of
+    /// vector_bytes() each (int8 codes then the float scale, or fp16).
+    const std::vector<uint8_t>& records(int head) const { return records_[head]; }
     void key(int head, int index, float* out) const;
     void value(int head, int index, float* out) const;
 

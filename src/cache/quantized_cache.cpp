@@ -4,6 +4,7 @@
 #include <stdexcept>
 #include <string>
 #include <typeinfo>
+#include <utility>
 
 #include "attention/paged_attention.h"
 #include "cache/outlier_store.h"
@@ -118,20 +119,15 @@ std::vector<std::vector<uint8_t>> QuantizedKVCache::observe_key_norms(const floa
                                                                       int n_tokens) const {
     std::vector<std::vector<uint8_t>> flags;
     if (!outliers_) return flags;
-    KeyNormObserver& obs = *config_->outlier_observer;
     flags.assign(num_heads_, std::vector<uint8_t>(n_tokens, 0));
     std::vector<float> norms(n_tokens);
     const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
     for (int h = 0; h < num_heads_; ++h) {
-        for (int t = 0; t < n_tokens; ++t) {
-            const float* k = keys + h * per_head + static_cast<std::size_t>(t) * head_dim_;
-            double s = 0.0;
-            for (int j = 0; j < head_dim_; ++j) s += static_cast<double>(k[j]) * k[j];
-            norms[t] = static_cast<float>(std::sqrt(s));
-        }
-        obs.observe(layer_, h, norms.data(), n_tokens);
         for (int t = 0; t < n_tokens; ++t)
-            flags[h][t] = obs.is_outlier(layer_, h, norms[t]) ? 1 : 0;
+            norms[t] =
+                key_norm(keys + h * per_head + static_cast<std::size_t>(t) * head_dim_, head_dim_);
+        config_->outlier_observer->observe_and_flag(layer_, h, norms.data(), n_tokens,
+                                                    flags[h].data());
     }
     return flags;
 }
@@ -274,8 +270,19 @@ void QuantizedKVCache::trim(int n_tokens) {
 }
 
 void QuantizedKVCache::adopt(const PagedStore& pages, int size,
-                             const std::vector<std::unique_ptr<KeyCodec>>& codecs) {
-    if (outliers_) throw std::invalid_argument("adopt: a cache with an outlier side store");
+                             const std::vector<std::unique_ptr<KeyCodec>>& codecs,
+                             const OutlierStore* outliers) {
+    if (outliers != nullptr && outliers->total() > 0) {
+        if (!outliers_)
+            throw std::invalid_argument("adopt: outlier entries for a cache without a side store");
+        if (outliers->bits() != outliers_->bits() || outliers->num_heads() != num_heads_ ||
+            outliers->dim() != head_dim_)
+            throw std::invalid_argument("adopt: an outlier store of other bits or shape");
+        for (int h = 0; h < num_heads_; ++h)  // positions increase within a head
+            if (outliers->count(h) > 0 && outliers->positions(h).back() >= size)
+                throw std::invalid_argument("adopt: an outlier entry at or past size " +
+                                            std::to_string(size));
+    }
     if (!same_layout(pages.layout(), store_->layout()))
         throw std::invalid_argument("adopt: the pages have another layout than this " +
                                     class_name_);
@@ -308,6 +315,10 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
         BinaryReader in(states[h].data(), states[h].size());
         key_codecs_[h]->load_state(in);
     }
+    // Copied before anything changes (the copy may not fit in memory).
+    OutlierStore side = outliers != nullptr ? *outliers
+                                            : OutlierStore(num_heads_, head_dim_,
+                                                           outliers_ ? outliers_->bits() : 8);
     store_->clear();
     for (int p = 0; p < n_pages; ++p)
         if (pages.held(p))
@@ -315,6 +326,7 @@ void QuantizedKVCache::adopt(const PagedStore& pages, int size,
     // The source's last page may hold codes past `size` (a device cache keeps them after a trim
     // or a failed append): zeroed, so that what this cache saves depends on its tokens alone.
     store_->truncate(size);
+    if (outliers_) *outliers_ = std::move(side);
     size_ = size;
 }
 
