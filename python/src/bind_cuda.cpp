@@ -418,7 +418,7 @@ void bind_cuda(nb::module_& m) {
     nb::class_<CudaCodecCache> codec(
         m, "CudaCodecCache",
         "One layer's cache of any method for one sequence, resident on the current CUDA device "
-        "(head_dim up to 256, no outlier observer). Arrays and stream as CudaTurboQuantCache's.");
+        "(head_dim up to 256). Arrays and stream as CudaTurboQuantCache's.");
     def_device_cache(codec);
     codec
         .def("attend", &codec_attend, "queries"_a, "out"_a, "scale"_a, "causal"_a, "stream"_a = 0,
@@ -429,6 +429,7 @@ void bind_cuda(nb::module_& m) {
              "The bytes of one page (downloads every page; synchronous).")
         .def_prop_ro("window", &CudaCodecCache::window)
         .def_prop_ro("sink_tokens", &CudaCodecCache::sink_tokens)
+        .def_prop_ro("outlier_tokens", &CudaCodecCache::outlier_tokens)
         .def("position_held", &CudaCodecCache::position_held, "pos"_a,
              "Whether position pos is stored (not evicted by the sliding window).")
         .def(

@@ -459,9 +459,6 @@ def test_codec_cache_bad_inputs_are_reported_and_change_nothing():
     with pytest.raises(IndexError):
         cache.page(2)
     # Outside the device cache's scope, or a config the method cannot take: ValueError.
-    observed = KVCacheConfig(method="qjl", outlier_observer=KeyNormObserver())
-    with pytest.raises(ValueError, match="outlier"):
-        vq_cuda.CudaKVCache(observed, heads, d)
     with pytest.raises(ValueError, match="head_dim"):
         vq_cuda.CudaKVCache(KVCacheConfig(method="fp16"), heads, 512)
     with pytest.raises(ValueError, match="needs calibration"):
@@ -615,3 +612,45 @@ def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
     together = step.attend([gpu, other], q)
     for b, cache in enumerate((gpu, other)):
         assert rel(together[b].cpu().numpy(), cache.attend(q[b]).cpu().numpy()) < 1e-5, b
+
+
+@needs_cuda
+def test_codec_cache_outlier_side_store_matches_the_cpu_cache(tmp_path):
+    """CudaKVCache with an outlier observer flags the tokens the CPU cache's observer flags (each
+    cache its own observer), attends as the CPU cache (a causal chunk and decode steps, 1e-3),
+    dequantizes the flagged tokens from their records, and keeps them through to_cpu, a saved
+    file and from_cpu; such caches do not batch."""
+    from veloxquant.cache.base import KVCache
+
+    def config():
+        return KVCacheConfig(method="turboquant_rvq", bits=2, value_bits=4, seed=3,
+                             outlier_observer=KeyNormObserver(z_threshold=3.0))
+
+    gpu = vq_cuda.CudaKVCache(config(), 2, 128, max_seq_len=1024)
+    cpu = create_cpu_cache(config(), 2, 128, 1024, 0)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    for n in (200, 30, 1, 1, 1):
+        k = torch.randn(2, n, 128, device="cuda", generator=g)
+        k[:, ::11] *= 30.0  # outliers: far longer keys
+        v = torch.randn(2, n, 128, device="cuda", generator=g)
+        gpu.append(k, v)
+        cpu.append(k.cpu().numpy(), v.cpu().numpy())
+        assert gpu.outlier_tokens == cpu.outlier_tokens, n
+        q = torch.randn(8, n, 128, device="cuda", generator=g)
+        assert rel(gpu.attend(q).cpu().numpy(), cpu.attend(q.cpu().numpy(), causal=True)) < 1e-3
+    assert gpu.outlier_tokens > 20
+    for got, want in zip(gpu.dequantize(), cpu.dequantize()):
+        assert rel(got.cpu().numpy(), want) < 1e-5
+    q = torch.randn(8, 128, device="cuda", generator=g)
+    want = gpu.attend(q)
+    host = gpu.to_cpu()
+    assert host.outlier_tokens == cpu.outlier_tokens
+    path = tmp_path / "outliers.vqc"
+    gpu.save(path)
+    assert KVCache.load(path).outlier_tokens == cpu.outlier_tokens
+    back = vq_cuda.CudaKVCache.load(path)
+    torch.testing.assert_close(back.attend(q), want, rtol=1e-5, atol=1e-6)
+    assert vq_cuda.CudaKVCache.from_cpu(cpu).outlier_tokens == cpu.outlier_tokens
+    assert not vq_cuda.CudaKVCacheBatch().alike([gpu, gpu.empty_like()])
+    gpu.reset()
+    assert gpu.outlier_tokens == 0

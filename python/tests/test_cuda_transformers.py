@@ -58,13 +58,15 @@ def test_transformers_gpu_layers_follow_the_default_cache():
     cpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cpu")
     assert cpu.devices == ["cpu", "cpu"]
 
-    # Out of scope on the GPU (an outlier observer): auto falls back to the CPU, saying so, and
-    # cuda refuses.
-    observed = KVCacheConfig(method="fp16", outlier_observer=KeyNormObserver())
-    with pytest.warns(RuntimeWarning, match="2 of 2 layers keep their codes on the CPU"):
-        assert VeloxQuantCache.from_model(model, observed).devices == ["cpu", "cpu"]
-    with pytest.raises(ValueError, match="outside the CUDA backend"):
-        VeloxQuantCache.from_model(model, observed, backend="cuda")
+    # A layer out of the device caches' scope: auto falls back to the CPU, saying so, and cuda
+    # refuses.
+    from veloxquant.integrations import transformers as integration
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(integration, "_device_cache", lambda *args: (None, "out of scope here"))
+        with pytest.warns(RuntimeWarning, match="2 of 2 layers keep their codes on the CPU"):
+            assert VeloxQuantCache.from_model(model, config).devices == ["cpu", "cpu"]
+        with pytest.raises(ValueError, match="outside the CUDA backend: out of scope here"):
+            VeloxQuantCache.from_model(model, config, backend="cuda")
     # crop / reset on GPU layers
     cache.crop(-4)
     assert cache.get_seq_length() == tokens.shape[1] - 4
@@ -276,3 +278,34 @@ def test_transformers_sliding_window_layers_stay_on_the_gpu():
     assert gpu.get_seq_length() == 100
     held = [window_layer.cache.position_held(64 * p) for p in range(2)]
     assert held == [False, True]  # positions 0-63 lie before the last step's window (76-99)
+
+
+@needs_cuda
+def test_transformers_outlier_layers_stay_on_the_gpu():
+    """An outlier observer keeps every layer on the GPU: a CudaKVCache whose side store holds the
+    tokens the observer flags (at fp16 here), scored from there in its decode steps. Through a
+    40-token chunk, a 10-token chunk and 40 decode steps its logits follow the model's own
+    full forward as the CPU layers' do, and each layer flags the tokens the CPU layer flags."""
+    pytest.importorskip("transformers")
+    from veloxquant.integrations.transformers import VeloxQuantCache, VeloxQuantCudaKVLayer
+    model = _tiny_llama(64).to("cuda")
+    tokens = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(6)).cuda()
+    with torch.no_grad():
+        reference = model(tokens, use_cache=False).logits[0].float().cpu()
+
+    def config():  # an observer per model: its statistics follow one cache's tokens
+        return KVCacheConfig(method="fp16", value_bits=16, outlier_bits=16,
+                             outlier_observer=KeyNormObserver(z_threshold=1.5))
+
+    gpu = VeloxQuantCache.from_model(model, config(), max_seq_len=256, backend="cuda")
+    assert gpu.devices == ["cuda:0", "cuda:0"]
+    assert all(isinstance(layer, VeloxQuantCudaKVLayer) for layer in gpu.layers)
+    logits = _chunked_logits(model, gpu, "veloxquant", tokens, 40, 50)
+    cpu = VeloxQuantCache.from_model(model, config(), max_seq_len=256, backend="cpu")
+    on_cpu = _chunked_logits(model, cpu, "veloxquant", tokens, 40, 50)
+    scale = reference.abs().max()
+    assert ((on_cpu - reference).abs().max() / scale).item() < 2e-3
+    assert ((logits - reference).abs().max() / scale).item() < 2e-3
+    flagged = [layer.cache.outlier_tokens for layer in gpu.layers]
+    assert flagged == [layer.cache.outlier_tokens for layer in cpu.layers]
+    assert min(flagged) > 0

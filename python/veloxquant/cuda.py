@@ -36,12 +36,16 @@ else raises ValueError at construction:
 - ``CudaKVCache``: every method (turboquant_rvq, ratequant, qjl, polarquant, rabitq, vecinfer,
   spectral, commvq, fp16) with the config the CPU cache takes (the calibrated fields of
   vecinfer, spectral and commvq, and optionally rabitq's ``ivf_centroids``; without them rabitq
-  trains on its first append), head_dim up to 256, no outlier observer, any multiple of the KV
-  heads as query heads; decode and causal prefill chunks on the codes, within 1e-3 of the CPU
-  cache's attention. It takes ``center_keys`` at head_dim up to 128 (the first append estimates
-  the mean on the device; rabitq then trains on the centred keys on the host; each chunk of 32
-  tokens adds its page's offset to its scores), and a sliding window (``window``,
-  ``sink_tokens``: the CPU's ``SlidingWindowKVCache``, evicted pages given back to its pool).
+  trains on its first append), head_dim up to 256, any multiple of the KV heads as query heads;
+  decode and causal prefill chunks on the codes, within 1e-3 of the CPU cache's attention. It
+  takes ``center_keys`` at head_dim up to 128 (the first append estimates the mean on the device;
+  rabitq then trains on the centred keys on the host; each chunk of 32 tokens adds its page's
+  offset to its scores), a sliding window (``window``, ``sink_tokens``: the CPU's
+  ``SlidingWindowKVCache``, evicted pages given back to its pool), and an outlier observer
+  (``outlier_observer``, ``outlier_bits``: each append's key norms are observed on the host, the
+  tokens it flags are kept at int8 or fp16 in a side store on the device, with the CPU encoder's
+  bytes, and scored from there in the same softmax; such caches append and attend one by one,
+  not in a ``CudaKVCacheBatch``).
 
 A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
 module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.
@@ -373,6 +377,11 @@ class CudaKVCache(_DeviceCache):
         """The positions a sliding window always keeps (0 without a window)."""
         return self._impl.sink_tokens
 
+    @property
+    def outlier_tokens(self) -> int:
+        """Tokens held in the outlier side store, over every head (0 without an observer)."""
+        return int(self._impl.outlier_tokens)
+
     def position_held(self, pos: int) -> bool:
         """Whether position ``pos`` is stored (not evicted by the sliding window)."""
         return bool(self._impl.position_held(int(pos)))
@@ -423,7 +432,7 @@ class CudaKVCache(_DeviceCache):
     @classmethod
     def from_cpu(cls, cache: KVCache, device: Any = None) -> CudaKVCache:
         """A device cache holding a CPU cache's pages (a quantized cache, or a
-        ``SlidingWindowKVCache`` around one, whose window it takes; no outlier observer,
+        ``SlidingWindowKVCache`` around one, whose window it takes; its outlier entries too,
         head_dim up to 256); ValueError otherwise."""
         torch = _torch()
         self = cls.__new__(cls)

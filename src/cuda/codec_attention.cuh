@@ -15,6 +15,7 @@
 
 #include "cuda/codec_attention_layout.cuh"
 #include "cuda/codec_kernels.cuh"
+#include "cuda/outlier_records.cuh"
 #include "cuda/ptx_wrappers.cuh"
 #include "cuda/warp_reduce.cuh"
 #include "device_codecs/device_common.h"
@@ -313,10 +314,17 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
                                      st_kscal + lane, 32, t, p);
         }
         if constexpr (CENTRED) add_page_center<R>(a.center, states, phases, lane, p);
+        // Tokens of the outlier side store are scored from it (codec_merge_kernel): the chunk's
+        // mask word (p0 is a multiple of 32), read here so that it is not live across the scores.
+        const uint32_t side =
+            a.outliers.active()
+                ? a.outliers.mask[static_cast<size_t>(h) * a.outliers.mask_words + p0 / 32]
+                : 0u;
+        const bool in_pages = lane < n && !((side >> lane) & 1u);
         float corr[R], corr_max = 0.0f;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-            p[r] = lane < n && a.window.visible(t, lim[r]) ? p[r] * a.scale_log2 : -INFINITY;
+            p[r] = in_pages && a.window.visible(t, lim[r]) ? p[r] * a.scale_log2 : -INFINITY;
             const float mx = fmaxf(m[r], warp_max(p[r]));
             corr[r] = 1.0f;
             if (mx == -INFINITY) {  // warp-uniform: no token of this row yet
@@ -437,13 +445,111 @@ __device__ void value_finalize(const dev::ValueDevice::Params& vp, const float* 
     }
 }
 
+constexpr int kMergeWarps = 8;  // warps of a merge CTA (codec_merge_kernel)
+
+/// What a row's entries of the outlier side store add to its softmax (a.outliers, one sequence).
+struct SideSum {
+    float top;  ///< the max of the splits' max and the entries' scores (log2 units)
+    float l;    ///< sum of exp2(s_e - top) over the entries the row sees
+};
+
+/// Entries of the outlier side store one merge CTA scores at once (a thread each).
+constexpr int kSideBlock = kMergeWarps * 32;
+
+/// The shared memory of merge_outliers.
+template <int D>
+struct SideShared {
+    float q[D];                   ///< the row's query
+    float scores[kSideBlock];     ///< a block's scores (log2 units; -inf: not seen)
+    float parts[kMergeWarps][D];  ///< each warp's value sum
+    float stats[kMergeWarps];     ///< each warp's max, then its weight sum
+    float sum[D];                 ///< sum_e exp2(s_e - top) v_e
+};
+
+/// The entries of unit u's head that `row` sees (TokenWindow::visible), scored exactly from their
+/// records as the CPU's run_outliers does (s_e = scale <q, k_e>, log2 units), in blocks of
+/// kSideBlock: a thread scores an entry, then warp w sums the values of the block's entries
+/// 32 w.. (lanes over coordinates) under the running max (rescaled as it grows); sh.sum gets
+/// sum_e exp2(s_e - top) v_e. Every thread of the CTA calls it.
+template <class Codec, int D>
+__device__ SideSum merge_outliers(const AttentionParams<Codec>& a, int u, int row, float mx,
+                                  SideShared<D>& sh) {
+    constexpr int E = D / 32;
+    const OutlierView& v = a.outliers;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = a.store.d, h = a.head(u);
+    const int count = v.counts[h], lim = a.limit(u, row), vb = v.vector_bytes;
+    const int32_t* pos = v.positions + static_cast<size_t>(h) * v.capacity;
+    const uint8_t* records = v.records + static_cast<size_t>(h) * v.capacity * 2 * vb;
+    const float* q = a.query(u, row);
+    for (int j = threadIdx.x; j < D; j += blockDim.x) sh.q[j] = j < d ? q[j] : 0.0f;
+    __syncthreads();
+    float top = mx, lw = 0.0f, acc[E] = {};
+    for (int base = 0; base < count; base += kSideBlock) {
+        const int i = base + threadIdx.x;
+        float s = -INFINITY;
+        if (i < count && a.window.visible(pos[i], lim))
+            s = outlier_dot(records + static_cast<size_t>(i) * 2 * vb, v.bits, d, sh.q) *
+                a.scale_log2;
+        sh.scores[threadIdx.x] = s;
+        s = warp_max(s);
+        if (lane == 0) sh.stats[warp] = s;
+        __syncthreads();
+        float next = top;
+        for (int w = 0; w < kMergeWarps; ++w) next = fmaxf(next, sh.stats[w]);
+        if (next != -INFINITY) {
+            const float c = exp2f(top - next);  // 0 while top is -inf (nothing summed yet)
+            lw *= c;
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] *= c;
+            top = next;
+            // Four entries' loads in flight at a time (an entry past the count or not seen has
+            // weight 0 and reads the block's first, which exists).
+            for (int k0 = warp * 32; k0 < warp * 32 + 32 && base + k0 < count; k0 += 4) {
+                float w[4], ws[4], x[4][E];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int i = base + k0 + k;
+                    const float sc = i < count ? sh.scores[k0 + k] : -INFINITY;
+                    w[k] = sc == -INFINITY ? 0.0f : exp2f(sc - top);
+                    const uint8_t* value =
+                        records + static_cast<size_t>(w[k] > 0.0f ? i : base) * 2 * vb + vb;
+                    ws[k] = w[k] * outlier_scale(value, v.bits, d);
+#pragma unroll
+                    for (int e = 0; e < E; ++e)
+                        x[k][e] =
+                            lane + 32 * e < d ? outlier_code(value, v.bits, lane + 32 * e) : 0.0f;
+                }
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    lw += w[k];
+#pragma unroll
+                    for (int e = 0; e < E; ++e) acc[e] = dev::fmadd(ws[k], x[k][e], acc[e]);
+                }
+            }
+        }
+        __syncthreads();  // the scores and stats are written again
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) sh.parts[warp][lane + 32 * e] = acc[e];
+    if (lane == 0) sh.stats[warp] = lw;
+    __syncthreads();
+    SideSum r{top, 0.0f};
+    for (int w = 0; w < kMergeWarps; ++w) r.l += sh.stats[w];
+    for (int j = threadIdx.x; j < D; j += blockDim.x) {
+        float x = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kMergeWarps; ++w) x += sh.parts[w][j];
+        sh.sum[j] = x;
+    }
+    return r;  // (sh.sum is the CTA's once it synchronizes)
+}
+
 // One CTA of kMergeWarps warps per (head, row): every warp finds the splits' max and
 // denominator (lanes over splits); warp w sums splits w, w + W, ... (lanes over coordinates,
 // four splits' loads issued before their sums, the first four's before the max is found; a
 // split past the end, or without tokens, has weight 0), the warps' sums are added in warp
 // order, and the CTA maps the sum back from the value codec's domain. (One warp per row, four
 // splits at a time, took 22.5 us under ncu at 64 splits, one sequence of 8K tokens.)
-constexpr int kMergeWarps = 8;
 
 template <class Codec, int D>
 __global__ void __launch_bounds__(kMergeWarps * 32)
@@ -492,8 +598,19 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) part[warp][lane + 32 * e] = acc[e];
+    // The outlier side store's tokens join the softmax: their sum (in the keys' own space) is
+    // added after the value codec's map back, which is linear.
+    __shared__ SideShared<D> side_shared;
+    float split_weight = 1.0f, side_weight = 0.0f;
+    if (a.outliers.active()) {
+        const SideSum side = merge_outliers<Codec, D>(a, u, row, mx, side_shared);
+        const float splits_l = mx == -INFINITY ? 0.0f : exp2f(mx - side.top) * l;
+        const float inv_all = splits_l + side.l > 0.0f ? 1.0f / (splits_l + side.l) : 0.0f;
+        split_weight = mx == -INFINITY ? 0.0f : exp2f(mx - side.top) * l * inv_all;
+        side_weight = inv_all;
+    }
     __syncthreads();
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l > 0.0f ? split_weight / l : 0.0f;
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         float x = part[0][j];
 #pragma unroll
@@ -501,7 +618,13 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
         acc_s[j] = x * inv;
     }
     __syncthreads();
-    value_finalize<D>(a.value_params(u), acc_s, a.output(u, row));
+    float* out = a.output(u, row);
+    value_finalize<D>(a.value_params(u), acc_s, out);
+    if (a.outliers.active()) {
+        __syncthreads();  // value_finalize's stores are seen by the CTA
+        for (int j = threadIdx.x; j < a.store.d; j += blockDim.x)
+            out[j] = dev::fmadd(side_weight, side_shared.sum[j], out[j]);
+    }
 }
 
 }  // namespace veloxquant::cuda::codec

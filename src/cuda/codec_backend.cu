@@ -397,6 +397,7 @@ private:
         a.sizes = source.sizes;
         a.window = source.window;
         a.page_tables = source.page_tables;
+        a.outliers = source.outliers;
         // The tokens the splits walk: every one, or a sliding window's span of held pages (a
         // batch's longest span, which the longest sequence need not have).
         const int size =
@@ -429,8 +430,9 @@ private:
             kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
         a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
         if constexpr (codec::FeatureScore<Codec>::kAvailable && D <= 128)
+            // (a sliding window's chunks, and a side store's, take the kernel below)
             if (wide_prefill_ && kin.views == nullptr && a.rows >= kWidePrefillRows &&
-                a.window.window == 0)  // (a sliding window's chunks take the kernel below)
+                a.window.window == 0 && !a.outliers.active())
                 if (attend_wide<D>(a, stream)) return;
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.

@@ -38,7 +38,8 @@ bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
     const CudaCodecCache& first = *caches[0];
     for (const CudaCodecCache* c : caches)
         if (!c->backend_ || c->device_ != first.device_ || c->kind_ != first.kind_ ||
-            c->window_.window != first.window_.window || c->window_.sinks != first.window_.sinks)
+            c->window_.window != first.window_.window || c->window_.sinks != first.window_.sinks ||
+            c->outliers_)
             return false;
     return true;
 }
@@ -87,6 +88,10 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     check_distinct(caches, "append");
     const CudaCodecCache& first = *caches[0];
     const float key_bound = first.config_.key_bound(), value_bound = first.config_.value_bound();
+    for (size_t b = 0; b < caches.size(); ++b)
+        if (caches[b]->outliers_)
+            throw std::invalid_argument("append: the cache of sequence " + std::to_string(b) +
+                                        " keeps an outlier side store: append to it alone");
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaCodecCache& c = *caches[b];
         if (c.device_ != first.device_ || c.num_heads_ != first.num_heads_ ||
@@ -138,7 +143,7 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     // Each window gives back what its first new token's window no longer needs.
     for (int b = 0; b < batch; ++b)
         if (caches[b]->window_.window > 0)
-            caches[b]->evict_before(sizes[b] + 1 - caches[b]->window_.window);
+            caches[b]->evict_before(sizes[b] + 1 - caches[b]->window_.window, stream);
 }
 
 void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const float* keys,
@@ -199,8 +204,8 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
                             int num_q_heads, float* out, float scale, cudaStream_t stream) {
     if (!alike(as_const(caches)))
         throw std::invalid_argument(
-            "attend: the caches differ in config, layer, shape or device, or a codec is not "
-            "trained yet: attend them one by one");
+            "attend: the caches differ in config, layer, shape, window or device, a codec is "
+            "not trained yet or a cache keeps an outlier side store: attend them one by one");
     CudaCodecCache& first = *caches[0];
     const int group = first.query_group(queries, out, num_q_heads, scale);
     std::vector<const uint8_t*> pools, tables;

@@ -30,18 +30,19 @@ public:
 
     /// Whether these caches can attend in one launch: one distinct cache per sequence, of one
     /// config, layer and shape (caches made by one another's empty_like, say), on one device,
-    /// every codec ready (trained, where it trains), of one sliding window (or none). What the
-    /// codecs learned may differ.
+    /// every codec ready (trained, where it trains), of one sliding window (or none), none with
+    /// an outlier side store (those append and attend one by one). What the codecs learned may
+    /// differ.
     static bool alike(const std::vector<const CudaCodecCache*>& caches);
 
     /// Encodes n_tokens tokens into each cache: keys and values [batch][num_heads][n_tokens]
     /// [head_dim] on the device, sequence b's for caches[b]. All or nothing: before any cache
     /// changes it throws std::invalid_argument for caches that are not one distinct cache per
-    /// sequence of one config, layer, shape and device, and for NaN, Inf or values over fp16
-    /// storage's range (naming the sequence), and std::length_error when a cache would pass
-    /// its max_seq_len; a training or encode that throws later leaves every cache's size as it
-    /// was and the caches it trained untrained. Synchronizes the stream once (a codec that trains,
-    /// on its first append, trains as the cache alone does).
+    /// sequence of one config, layer, shape and device without an outlier side store, and for NaN,
+    /// Inf or values over fp16 storage's range (naming the sequence), and std::length_error when a
+    /// cache would pass its max_seq_len; a training or encode that throws later leaves every
+    /// cache's size as it was and the caches it trained untrained. Synchronizes the stream once (a
+    /// codec that trains, on its first append, trains as the cache alone does).
     void append(const std::vector<CudaCodecCache*>& caches, const float* keys, const float* values,
                 int n_tokens, cudaStream_t stream);
 

@@ -14,6 +14,7 @@
 #include "methods/value_codec.h"
 #include "veloxquant/caches.h"
 #include "veloxquant/factory.h"
+#include "veloxquant/observer.h"
 
 namespace veloxquant::cuda {
 
@@ -63,8 +64,6 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
         throw std::invalid_argument("CUDA codec cache: sink_tokens must be >= 0, got " +
                                     std::to_string(sink_tokens));
     if (window > 0) window_ = TokenWindow{sink_tokens, window};
-    if (config_.outlier_observer)
-        throw std::invalid_argument("CUDA codec cache: no outlier side store on the device yet");
     layout_.tokens_per_page = kTokensPerPage;
     for (int h = 0; h < num_heads; ++h) {
         key_codecs_.push_back(make_key_codec(config_, head_dim, layer, h));
@@ -88,6 +87,9 @@ CudaCodecCache::CudaCodecCache(const KVCacheConfig& config, int num_heads, int h
         pages_->map_pages();
     else
         pages_->reserve(1);
+    if (config_.outlier_observer)
+        outliers_ = std::make_unique<DeviceOutlierStore>(num_heads, head_dim, config_.outlier_bits,
+                                                         max_seq_len);
 }
 
 CudaCodecCache::~CudaCodecCache() = default;
@@ -231,6 +233,8 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
         throw std::length_error("append: " + std::to_string(n_tokens) +
                                 " tokens would exceed max_seq_len " + std::to_string(max_seq_len_) +
                                 " (cache holds " + std::to_string(size_) + ")");
+    // The keys' norms for the outlier observer come back with the input check's synchronization.
+    if (outliers_) outliers_->measure(keys, n_tokens, stream);
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, config_.key_bound(),
                          config_.value_bound(), stream);
     const int P = kTokensPerPage, before = size_;
@@ -240,24 +244,36 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
     else
         pages_->reserve(size_ + n_tokens);
     const bool trains = !backend_;
+    // The observer's statistics of this layer, restored if the append fails (as the CPU's).
+    KeyNormObserver* observer = outliers_ ? config_.outlier_observer.get() : nullptr;
+    std::vector<KeyNormObserver::Stats> stats;
+    if (observer != nullptr)
+        for (int h = 0; h < num_heads_; ++h) stats.push_back(observer->stats(layer_, h));
     try {
         if (trains) train_on(keys, n_tokens, stream);
         encode_tokens(keys, values, n_tokens, stream);
+        if (observer != nullptr)
+            outliers_->add(*observer, layer_, keys, values, n_tokens, before, stream);
     } catch (...) {
         // Codes written past size_ are never read and never saved (to_host's adopt zeroes them).
         if (trains) forget_training();
         if (pages_->mapped()) pages_->release(first_new_page, end_page);
+        if (observer != nullptr) {
+            for (int h = 0; h < num_heads_; ++h) observer->set_stats(layer_, h, stats[h]);
+            outliers_->truncate(before);
+        }
         throw;
     }
     size_ += n_tokens;
     // What the first new token's window needs stays, so a causal attend over the chunk is exact.
-    if (window_.window > 0) evict_before(before + 1 - window_.window);
+    if (window_.window > 0) evict_before(before + 1 - window_.window, stream);
 }
 
-void CudaCodecCache::evict_before(int keep_from) {
+void CudaCodecCache::evict_before(int keep_from, cudaStream_t stream) {
     const int P = kTokensPerPage;
     if (keep_from <= window_.sinks) return;
     pages_->release((window_.sinks + P - 1) / P, keep_from / P);
+    if (outliers_) outliers_->erase_range(window_.sinks, keep_from, stream);
 }
 
 bool CudaCodecCache::position_held(int pos) const {
@@ -305,6 +321,7 @@ void CudaCodecCache::attend(const float* queries, int num_q_heads, int n_queries
     source.size = size_;
     source.center = center_params(stream);
     source.window = window_;
+    if (outliers_) source.outliers = outliers_->view();
     backend_->attend(source, queries, group, n_queries, out, scale, causal, stream);
 }
 
@@ -323,6 +340,7 @@ void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* val
     backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values,
                          stream);
     center_.restore(keys, n_tokens, start, stream);
+    if (outliers_) outliers_->restore(start, n_tokens, keys, values, stream);
 }
 
 void CudaCodecCache::truncate(int n_tokens) {
@@ -339,16 +357,19 @@ void CudaCodecCache::truncate(int n_tokens) {
         const int P = kTokensPerPage;
         pages_->release((n_tokens + P - 1) / P, (size_ + P - 1) / P);
     }
+    if (outliers_) outliers_->truncate(n_tokens);
     size_ = n_tokens;
 }
 
 void CudaCodecCache::reset() {
     if (pages_->mapped()) pages_->release(0, pages_->max_pages());
+    if (outliers_) outliers_->clear();
     size_ = 0;
 }
 
 std::size_t CudaCodecCache::nbytes() const {
-    return pages_->nbytes() + (backend_ ? backend_->nbytes() : 0) + center_.nbytes();
+    return pages_->nbytes() + (backend_ ? backend_->nbytes() : 0) + center_.nbytes() +
+           (outliers_ ? outliers_->nbytes() : 0);
 }
 
 void CudaCodecCache::download(PagedStore& store) const {
@@ -363,7 +384,7 @@ std::unique_ptr<QuantizedKVCache> CudaCodecCache::to_host() const {
     made.release();
     PagedStore pages(layout_);
     download(pages);
-    cpu->adopt(pages, size_, key_codecs_);
+    cpu->adopt(pages, size_, key_codecs_, outliers_ ? &outliers_->host() : nullptr);
     return cpu;
 }
 
@@ -409,6 +430,8 @@ std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache
         gpu->build_backend();
     }
     if (cpu.size() > 0) gpu->upload(cpu.paged_store(), cpu.size());
+    if (gpu->outliers_ && cpu.outlier_store() != nullptr)
+        gpu->outliers_->assign(*cpu.outlier_store());
     return gpu;
 }
 
@@ -430,6 +453,7 @@ void CudaCodecCache::upload(const PagedStore& store, int size) {
     if (!backend_)
         throw std::logic_error("upload: train the codecs first (append, or a calibrated config)");
     pages_->upload(store, size);
+    if (outliers_) outliers_->clear();
     size_ = size;
 }
 

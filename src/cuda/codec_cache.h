@@ -5,13 +5,13 @@
 // tensor-core decode of CudaTurboQuantCache; this path serves every method, head dim (up to
 // 256) and causal prefill.
 //
-// Scope: the eight methods and fp16 with fp16 or quantized values, and a sliding window (window,
-// sink_tokens: SlidingWindowKVCache's, its pages taken from and given back to a mapped pool); no
-// outlier side store on the device (the constructor says so). Codecs that learn from data (rabitq's
-// IVF centroids) train on the host, on the first append's keys. Centred keys (center_keys, at
-// head_dim <= 128): the first append estimates the pre-RoPE key mean on the device (KeyCenter),
-// which the CPU codecs (CenteredKeyCodec) adopt; the pages hold the codes of k - c_b and the
-// attention adds each page's <q, c_b> to its scores.
+// Scope: the eight methods and fp16 with fp16 or quantized values, a sliding window (window,
+// sink_tokens: SlidingWindowKVCache's, its pages taken from and given back to a mapped pool), and
+// the outlier side store (config.outlier_observer: DeviceOutlierStore). Codecs that learn from data
+// (rabitq's IVF centroids) train on the host, on the first append's keys. Centred keys
+// (center_keys, at head_dim <= 128): the first append estimates the pre-RoPE key mean on the device
+// (KeyCenter), which the CPU codecs (CenteredKeyCodec) adopt; the pages hold the codes of k - c_b
+// and the attention adds each page's <q, c_b> to its scores.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,6 +23,7 @@
 
 #include "cache/paged_store.h"
 #include "cuda/codec_params_view.h"
+#include "cuda/device_outliers.h"
 #include "cuda/input_check.h"
 #include "cuda/key_center.h"
 #include "cuda/page_pool.h"
@@ -58,6 +59,7 @@ struct SequenceSet {
     TokenWindow window;
     const int32_t* const* page_tables = nullptr;
     int span = 0;
+    OutlierView outliers;  ///< one sequence's outlier side store (DeviceOutlierStore::view)
 };
 
 /// Appends of at most this many (KV head, token) items, over all sequences, encode one item per
@@ -95,8 +97,8 @@ std::unique_ptr<CodecBackend> make_codec_backend(
 
 class CudaCodecCache {
 public:
-    /// Throws std::invalid_argument for a config out of scope (outliers, head_dim > 256,
-    /// center_keys at head_dim > 128, ...). window > 0 makes a sliding window, as
+    /// Throws std::invalid_argument for a config out of scope (head_dim > 256, center_keys at
+    /// head_dim > 128, ...). window > 0 makes a sliding window, as
     /// SlidingWindowKVCache(cache, window, sink_tokens): attention sees the first sink_tokens
     /// positions and the last `window` up to each query, and the pages wholly between them are
     /// given back as the cache grows (its memory follows the window, its positions go on to
@@ -109,8 +111,11 @@ public:
 
     /// Encodes n_tokens device-resident tokens, [num_heads][n_tokens][head_dim]; throws
     /// std::length_error past max_seq_len and std::invalid_argument for NaN, Inf or values
-    /// over fp16 storage's range (nothing changes; the check synchronizes the stream). The
-    /// first append of a codec that trains (rabitq) copies its keys to the host, trains, then
+    /// over fp16 storage's range (nothing changes; the check synchronizes the stream). With an
+    /// outlier observer, the keys' norms come back with that synchronization, the host's
+    /// observer sees them, and the tokens it flags are also kept in the side store (their
+    /// vectors come to the host: one more synchronization where a token is flagged). The first
+    /// append of a codec that trains (rabitq) copies its keys to the host, trains, then
     /// uploads the parameters. A sliding window then frees the pages wholly inside [sinks,
     /// first new position + 1 - window), as SlidingWindowKVCache::append.
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
@@ -139,11 +144,14 @@ public:
     int sink_tokens() const { return window_.sinks; }
     /// Whether position pos is stored (not evicted by a sliding window).
     bool position_held(int pos) const;
+    /// Tokens held in the outlier side store, over every head (0 without an observer).
+    int outlier_tokens() const { return outliers_ ? outliers_->total() : 0; }
     const KVCacheConfig& config() const { return config_; }
     const PageLayout& page_layout() const { return layout_; }
     /// center_keys: the pre-RoPE key mean [num_heads][head_dim] (zeros until the first append).
     const KeyCenter& key_center() const { return center_; }
-    /// Device bytes held: pages, page table, codec parameters and workspace.
+    /// Device bytes held: pages, page table, codec parameters and workspace, the outlier side
+    /// store's mirror.
     std::size_t nbytes() const;
     /// The largest per-thread stack of the kernels that encode appends (0 while a codec that
     /// trains has no kernels: before its first append). The driver reserves a launched kernel's
@@ -158,8 +166,8 @@ public:
     /// The CPU cache this one is: to_host(), in a SlidingWindowKVCache of the same window and
     /// sinks where this cache has a window. Synchronous.
     std::unique_ptr<KVCache> host_cache() const;
-    /// A device cache holding the pages and learned state of a CPU cache (no outlier side
-    /// store, head_dim <= 256), on the current device. Synchronous.
+    /// A device cache holding the pages, outlier entries and learned state of a CPU cache
+    /// (head_dim <= 256), on the current device. Synchronous.
     static std::unique_ptr<CudaCodecCache> from_host(const QuantizedKVCache& cpu);
     /// The same of a QuantizedKVCache or a SlidingWindowKVCache around one (the window and
     /// its pages as held); std::invalid_argument for other caches.
@@ -212,8 +220,9 @@ private:
     void build_backend();
     /// The bytes that make the cache's kind: config, layer and shape.
     BinaryWriter kind_bytes() const;
-    /// A sliding window: gives back the pages wholly inside [sinks, keep_from).
-    void evict_before(int keep_from);
+    /// A sliding window: gives back the pages wholly inside [sinks, keep_from) and drops the
+    /// outlier entries there (on `stream`).
+    void evict_before(int keep_from, cudaStream_t stream);
 
     KVCacheConfig config_;
     int num_heads_, head_dim_, max_seq_len_, layer_;
@@ -233,6 +242,7 @@ private:
     std::unique_ptr<DevicePagePool> pages_;
     InputCheck input_check_;
     KeyCenter center_;  ///< centred keys (center_keys): the mean, shifts and page phases
+    std::unique_ptr<DeviceOutlierStore> outliers_;  ///< with config.outlier_observer
 };
 
 }  // namespace veloxquant::cuda

@@ -239,8 +239,9 @@ struct AttentionParams : UnitSet<Codec> {
     float2* partial_ml = nullptr;  ///< [units][rows][splits] (max, sum), log2 units
     /// A batch's units hold sizes[sequence] tokens each; one sequence's `size`.
     const int32_t* sizes = nullptr;
-    CenterParams center;  ///< centred keys: W at center.offset of each row's state
-    TokenWindow window;   ///< a sliding window's sinks and width (none: window.window = 0)
+    CenterParams center;   ///< centred keys: W at center.offset of each row's state
+    TokenWindow window;    ///< a sliding window's sinks and width (none: window.window = 0)
+    OutlierView outliers;  ///< one sequence's outlier side store (none: records null)
 
     __device__ int size_of(int u) const {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;

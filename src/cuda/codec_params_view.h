@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>  // float2
 
+#include <cstdint>
+
 namespace veloxquant::cuda {
 
 /// The key codec's query state as c + M q (codec_affine_prepare_kernel; measured on the host
@@ -63,6 +65,24 @@ struct TokenWindow {
         const int width = window > 0 ? window : 0x7fffffff;
         return t < limit && (t >= limit - width || t < sinks);
     }
+};
+
+/// The outlier side store (DeviceOutlierStore, device_outliers.h) as the generic attention reads
+/// it. Tokens the KeyNormObserver flagged keep their codes in the pages, but the attention skips
+/// them there (bit t % 32 of mask word t / 32 of their head) and scores them exactly from their
+/// int8 or fp16 records instead, merged into the same softmax (codec_merge_kernel), as the CPU's
+/// paged attention does. `records` null: no entry (nothing to skip or add).
+struct OutlierView {
+    const uint8_t* records = nullptr;    ///< [heads][capacity] entries: key vector, value vector
+    const int32_t* positions = nullptr;  ///< [heads][capacity], increasing within a head
+    const int32_t* counts = nullptr;     ///< [heads] entries held
+    const uint32_t* mask = nullptr;      ///< [heads][mask_words]
+    int capacity = 0;                    ///< entries a head's arrays hold
+    int mask_words = 0;
+    int bits = 8;          ///< 8: int8 codes then a float scale; 16: fp16
+    int vector_bytes = 0;  ///< bytes of one key or value vector
+
+    __host__ __device__ bool active() const { return records != nullptr; }
 };
 
 /// One cache's device parameters (pointers into its backend's allocations).

@@ -26,6 +26,7 @@ TEST(CodecCache, RejectsConfigsOutOfScope) {
     KVCacheConfig c = method_config("turboquant_rvq", 2, 4, 1);
     EXPECT_THROW(CudaCodecCache(c, 2, 512, 64), std::invalid_argument);
     c.outlier_observer = std::make_shared<KeyNormObserver>(4.0, 16);
+    c.outlier_bits = 4;  // the side store keeps int8 or fp16
     EXPECT_THROW(CudaCodecCache(c, 2, 128, 64), std::invalid_argument);
 }
 

@@ -49,8 +49,9 @@ Sliding-window layers (the config's "sliding_attention" layers) get a ``CudaKVCa
 that window and no sinks: it decodes on the codes as above, gives evicted pages back to its
 pool, and its prefill chunks are stored first and attend on the codes within the window (as a
 CPU ``SlidingWindowKVCache`` layer does); a batch's decode step runs in one launch there too.
-Neither cache takes an outlier observer: such layers stay on the CPU, and ``from_model`` warns (a
-RuntimeWarning naming them and why) when any layer of a GPU model does.
+An outlier observer puts a layer on a ``CudaKVCache`` (its side store on the device), which
+decodes its sequences one by one. A layer out of both caches' scope (head_dim over 256, say)
+stays on the CPU, and ``from_model`` warns (a RuntimeWarning naming such layers and why).
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
 GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
 synchronizes once (its input check: NaN, Inf, or
@@ -582,7 +583,7 @@ def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: 
             pass
     try:
         return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
-    except ValueError as e:  # out of the device codecs' scope (outliers, head_dim, config)
+    except ValueError as e:  # out of the device codecs' scope (head_dim, config)
         return None, str(e)
 
 
