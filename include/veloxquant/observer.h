@@ -44,8 +44,11 @@ public:
     void reset();
 
 private:
-    static void add_norms(Stats& s, const float* norms, int n);
-    bool in_tail(const Stats& s, float norm) const;
+    /// log ||k||, a zero norm clamped to 1e-30.
+    static double log_norm(float norm);
+    static void add_norms(Stats& s, const float* norms, const double* logs, int n);
+    /// Whether a norm of this log is an outlier under s, spread = z_threshold * s.std_log().
+    bool in_tail(const Stats& s, double log_norm, double spread) const;
 
     double z_threshold_;
     int64_t min_count_;
