@@ -98,6 +98,17 @@ void expect_same_attention(CudaCodecCache& gpu, const KVCache& cpu, int hq, int 
     EXPECT_LE(relative_error(dout.download(), ref), 1e-3) << what;
 }
 
+// Appends n tokens with outliers (and seed's next values) to both caches; names the step.
+std::string append_to_both(KVCache& cpu, CudaCodecCache& gpu, int n, uint64_t& seed, int step) {
+    const int H = gpu.num_heads(), d = gpu.head_dim();
+    const auto keys = tokens_with_outliers(H, n, d, ++seed);
+    const auto values = vqtest::random_tokens(H, n, d, ++seed, 0.5f);
+    DeviceBuffer<float> dk(keys), dv(values);
+    cpu.append(keys.data(), values.data(), n);
+    gpu.append(dk.get(), dv.get(), n, nullptr);
+    return "step " + std::to_string(step) + ", " + std::to_string(gpu.size()) + " tokens";
+}
+
 class CodecOutliers : public ::testing::TestWithParam<OutlierCase> {};
 
 TEST_P(CodecOutliers, FlagAttendAndMoveAsTheCpuCache) {
@@ -114,13 +125,7 @@ TEST_P(CodecOutliers, FlagAttendAndMoveAsTheCpuCache) {
     chunks.push_back(90);
     int step = 0;
     for (const int n : chunks) {
-        const auto keys = tokens_with_outliers(H, n, d, ++seed);
-        const auto values = vqtest::random_tokens(H, n, d, ++seed, 0.5f);
-        DeviceBuffer<float> dk(keys), dv(values);
-        cpu->append(keys.data(), values.data(), n);
-        gpu.append(dk.get(), dv.get(), n, nullptr);
-        const std::string what =
-            "step " + std::to_string(step++) + ", " + std::to_string(gpu.size()) + " tokens";
+        const std::string what = append_to_both(*cpu, gpu, n, seed, step++);
         ASSERT_EQ(gpu.outlier_tokens(), cpu->outlier_tokens()) << what;
         expect_same_attention(gpu, *cpu, hq, n, true, ++seed, "causal, " + what);
     }
@@ -200,13 +205,7 @@ TEST_P(CodecOutliers, SlidingWindowDropsEvictedEntries) {
     chunks.push_back(60);
     int step = 0;
     for (const int n : chunks) {
-        const auto keys = tokens_with_outliers(H, n, d, ++seed);
-        const auto values = vqtest::random_tokens(H, n, d, ++seed, 0.5f);
-        DeviceBuffer<float> dk(keys), dv(values);
-        cpu.append(keys.data(), values.data(), n);
-        gpu.append(dk.get(), dv.get(), n, nullptr);
-        const std::string what =
-            "step " + std::to_string(step++) + ", " + std::to_string(gpu.size()) + " tokens";
+        const std::string what = append_to_both(cpu, gpu, n, seed, step++);
         ASSERT_EQ(gpu.outlier_tokens(), cpu.inner().outlier_tokens()) << what;
         expect_same_attention(gpu, cpu, hq, n, true, ++seed, "causal, " + what);
     }
