@@ -13,6 +13,7 @@
 #include "cuda/codec_split.h"
 #include "cuda/commvq_encode.cuh"
 #include "cuda/cuda_cache.h"
+#include "cuda/launch_scratch.h"
 #include "cuda/programmatic_launch.h"
 #include "cuda/qjl_encode.cuh"
 #include "cuda/rabitq_encode.cuh"
@@ -228,7 +229,6 @@ public:
     ~Backend() override {
         cudaFree(params_);
         cudaFree(affine_);
-        cudaFree(workspace_);
     }
 
     void encode(const SequenceSet& at, int n, const float* keys, const float* values,
@@ -293,6 +293,7 @@ public:
 
     void attend(const SequenceSet& source, const float* queries, int group, int n_queries,
                 float* out, float scale, bool causal, cudaStream_t stream) override {
+        const ScratchRelease release(workspace_, stream);  // a long chunk's partial states
         if (d_ <= 64)
             return attend_d<64>(source, queries, group, n_queries, out, scale, causal, stream);
         if (d_ <= 128)
@@ -300,7 +301,9 @@ public:
         return attend_d<256>(source, queries, group, n_queries, out, scale, causal, stream);
     }
 
-    std::size_t nbytes() const override { return params_bytes_ + affine_bytes_ + workspace_bytes_; }
+    std::size_t nbytes() const override {
+        return params_bytes_ + affine_bytes_ + workspace_.nbytes();
+    }
 
     std::size_t encode_stack_bytes() const override {  // the kernels encode() picks from
         std::size_t most = 0;
@@ -373,17 +376,6 @@ private:
         s.pool = pool;
         s.page_table = page_table;
         return s;
-    }
-
-    void* workspace(std::size_t bytes) {
-        if (bytes > workspace_bytes_) {
-            cudaFree(workspace_);
-            workspace_ = nullptr;
-            workspace_bytes_ = 0;
-            check_cuda(cudaMalloc(&workspace_, bytes), "cudaMalloc(codec attention workspace)");
-            workspace_bytes_ = bytes;
-        }
-        return workspace_;
     }
 
     template <int D>
@@ -466,7 +458,7 @@ private:
         const CodecSplit plan = plan_codec_split(units, chunks, wave);
         a.tokens_per_split = plan.chunks_per_split * kChunk;
         a.splits = plan.splits;
-        bind_workspace<D>(a);
+        bind_workspace<D>(a, stream);
         prepare(a, kin.views != nullptr ? kin.affine : affine_ != nullptr, stream);
         const dim3 grid(a.splits, a.units, row_blocks);
         if (R == 8)
@@ -480,13 +472,14 @@ private:
 
     /// The workspace of a launch: its rows' states, then their splits' (max, sum) and sums.
     template <int D>
-    void bind_workspace(AttentionParams<Codec>& a) {
+    void bind_workspace(AttentionParams<Codec>& a, cudaStream_t stream) {
         const std::size_t rows_total = static_cast<std::size_t>(a.units) * a.rows;
         const std::size_t states_bytes =
             (rows_total * a.state_stride * sizeof(float) + 255) / 256 * 256;
         const std::size_t ml_bytes = (rows_total * a.splits * sizeof(float2) + 255) / 256 * 256;
         const std::size_t o_bytes = rows_total * a.splits * D * sizeof(float);
-        auto* ws = static_cast<uint8_t*>(workspace(states_bytes + ml_bytes + o_bytes));
+        auto* ws = static_cast<uint8_t*>(
+            workspace_.get(states_bytes + ml_bytes + o_bytes, stream, "codec attention workspace"));
         a.states = reinterpret_cast<float*>(ws);
         a.partial_ml = reinterpret_cast<float2*>(ws + states_bytes);
         a.partial_o = reinterpret_cast<float*>(ws + states_bytes + ml_bytes);
@@ -538,7 +531,7 @@ private:
         a.tokens_per_split = plan.chunks_per_split * codec::kPage;
         a.splits = plan.splits;
         a.rows_per_block = codec::kPrefillRows;
-        bind_workspace<D>(a);
+        bind_workspace<D>(a, stream);
         prepare(a, affine_ != nullptr, stream);
         check_cuda(
             launch_after_prerequisite(kernel, dim3(a.splits, a.units, row_blocks),
@@ -672,8 +665,7 @@ private:
     void* affine_ = nullptr;  ///< the affine query state's arrays
     std::size_t affine_bytes_ = 0;
     AffineState affine_state_;  ///< constant null: no affine form (codec_prepare_kernel)
-    void* workspace_ = nullptr;
-    std::size_t workspace_bytes_ = 0;
+    LaunchScratch workspace_;   ///< attend's query states and partial states
     codec::Store<Codec> store_;
 };
 

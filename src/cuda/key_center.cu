@@ -14,16 +14,6 @@ namespace veloxquant::cuda {
 static_assert(2 * kernels::kCenterMaxPairs == KeyCenter::kMaxHeadDim,
               "the page bias's tiles hold the widest head's pairs");
 
-void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, const char* what) {
-    if (need <= bytes) return;
-    check_cuda(cudaDeviceSynchronize(), what);  // no launch still reads the old buffer
-    cudaFree(buffer);
-    buffer = nullptr;
-    bytes = 0;
-    check_cuda(cudaMalloc(&buffer, need), what);
-    bytes = need;
-}
-
 KeyCenter::KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim, PhaseLayout layout)
     : enabled_(config.center_keys), heads_(num_heads), dim_(head_dim), layout_(layout) {
     if (!enabled_) return;
@@ -57,9 +47,7 @@ KeyCenter::KeyCenter(const KVCacheConfig& config, int num_heads, int head_dim, P
 
 KeyCenter::~KeyCenter() {
     cudaFree(params_);
-    cudaFree(scratch_);
     cudaFree(phases_);
-    if (transient_ != nullptr) cudaFree(transient_);
 }
 
 void KeyCenter::upload_damped() {
@@ -113,23 +101,12 @@ void KeyCenter::estimate(const float* keys, int n, cudaStream_t stream) {
     set_mean(mean);
 }
 
-float* KeyCenter::centred_scratch(std::size_t count, cudaStream_t stream) {
-    const std::size_t need = count * sizeof(float);
-    if (need > kKeptScratchBytes) {
-        void* out = nullptr;
-        check_cuda(cudaMallocAsync(&out, need, stream), "cudaMallocAsync(centred keys)");
-        transient_ = static_cast<float*>(out);
-        return transient_;
-    }
-    ensure_device_bytes(scratch_, scratch_bytes_, need, "centred keys scratch");
-    return static_cast<float*>(scratch_);
-}
-
 const float* KeyCenter::shift_into_scratch(const float* keys, int n, int batch,
                                            const float* const* damped, const int32_t* starts,
                                            int pos0, cudaStream_t stream) {
     const std::size_t count = static_cast<std::size_t>(batch) * heads_ * n * dim_;
-    float* out = centred_scratch(count, stream);
+    auto* out =
+        static_cast<float*>(scratch_.get(count * sizeof(float), stream, "centred keys scratch"));
     kernels::KeyCenterView c{heads_, dim_, pairs_, half_split_, inv_freq_device_};
     check_cuda(
         kernels::launch_shift_keys(c, damped, starts, pos0, keys, out, n, batch, -1.0f, stream),
@@ -147,12 +124,6 @@ const float* KeyCenter::centred_batch(const float* keys, int n, int batch,
                                       cudaStream_t stream) {
     if (!enabled_ || n == 0) return keys;
     return shift_into_scratch(keys, n, batch, damped, starts, 0, stream);
-}
-
-void KeyCenter::release_scratch(cudaStream_t stream) noexcept {
-    if (transient_ == nullptr) return;
-    cudaFreeAsync(transient_, stream);
-    transient_ = nullptr;
 }
 
 void KeyCenter::restore(float* keys, int n, int pos0, cudaStream_t stream) const {

@@ -12,13 +12,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "cuda/launch_scratch.h"
 #include "veloxquant/config.h"
 
 namespace veloxquant::cuda {
-
-/// Makes `buffer` hold at least `need` bytes: a larger buffer replaces it after synchronizing the
-/// device (no launch still reads the old one). Throws std::runtime_error naming `what`.
-void ensure_device_bytes(void*& buffer, std::size_t& bytes, std::size_t need, const char* what);
 
 /// How the page phases lie (KeyCenter::phases): kPairRows [2P][pages], rows 2i and 2i + 1 the cos
 /// and sin of 64 page w_i, for page_bias's tiles of pages; kPageRows [pages][P] float2 (cos, sin),
@@ -71,11 +68,10 @@ public:
     /// object's scratch, as centred() (whether or not this sequence centres).
     const float* centred_batch(const float* keys, int n, int batch, const float* const* damped,
                                const int32_t* starts, cudaStream_t stream);
-    /// Ends the use of centred()'s or centred_batch()'s result: scratch over kKeptScratchBytes (a
-    /// long prefill's) goes back to the device's memory pool, ordered on `stream` after the encode
-    /// that read it.
-    void release_scratch(cudaStream_t stream) noexcept;
-    static constexpr std::size_t kKeptScratchBytes = std::size_t{32} << 20;
+    /// Ends the use of centred()'s or centred_batch()'s result: scratch over
+    /// LaunchScratch::kKeptBytes (a long prefill's) goes back to the device's memory pool,
+    /// ordered on `stream` after the encode that read it.
+    void release_scratch(cudaStream_t stream) noexcept { scratch_.release(stream); }
     /// keys [heads][n][d] at positions pos0.. plus their centres, in place.
     void restore(float* keys, int n, int pos0, cudaStream_t stream) const;
     /// The damped mean on the device [heads][d] (the page bias's input).
@@ -96,7 +92,7 @@ public:
     bool half_split() const { return half_split_; }
 
     /// Device bytes held (parameters, scratch and the page phases).
-    std::size_t nbytes() const { return param_bytes_ + scratch_bytes_ + phase_bytes_; }
+    std::size_t nbytes() const { return param_bytes_ + scratch_.nbytes() + phase_bytes_; }
 
     /// bias [batch][q_heads][bias_stride] (log2 units: log2(e) scale <q, c_page>) of each page of
     /// each sequence: damped [batch] device pointers to the sequences' damped means, queries
@@ -110,9 +106,7 @@ public:
 
 private:
     void upload_damped();
-    // Scratch of `count` floats for centred keys (kept, or stream-ordered past
-    // kKeptScratchBytes), and the shift of `batch` sequences' keys into it.
-    float* centred_scratch(std::size_t count, cudaStream_t stream);
+    // The shift of `batch` sequences' keys into scratch_.
     const float* shift_into_scratch(const float* keys, int n, int batch, const float* const* damped,
                                     const int32_t* starts, int pos0, cudaStream_t stream);
 
@@ -130,9 +124,7 @@ private:
     double* inv_freq_device_ = nullptr;
     float* damped_device_ = nullptr;
     std::size_t param_bytes_ = 0;
-    void* scratch_ = nullptr;  ///< centred keys of an append, kept between appends
-    std::size_t scratch_bytes_ = 0;
-    float* transient_ = nullptr;  ///< centred keys of a long append (stream-ordered allocation)
+    LaunchScratch scratch_;  ///< centred keys of an append
     // The page phases of phase_pages_ pages (kernels::page_phase_kernel): parameters that grow
     // with the pool, so reserve_pages is const.
     mutable void* phases_ = nullptr;

@@ -538,6 +538,45 @@ TEST(CodecCache, LongSequencesMatchTheCpu) {
     }
 }
 
+// A chunk whose query and partial states pass LaunchScratch::kKeptBytes (3072 non-causal queries
+// of 32 query heads at d = 128: 48 MiB of partial sums at one split) takes them stream-ordered
+// and gives them back: the cache holds the same bytes after it, twice over, as after a decode
+// step, and its rows agree with the CPU cache's (the first 64 queries of each head: a
+// non-causal row depends on its own query only).
+TEST(CodecCache, LongChunksKeepNoScratch) {
+    SKIP_WITHOUT_DEVICE();
+    const int H = 8, d = 128, hq = 4 * H, n = 1024, chunk = 3072, checked = 64;
+    const KVCacheConfig c = method_config("turboquant_rvq", 2, 4, 41);
+    auto cpu = KVCacheFactory::create(c, H, d, n);
+    CudaCodecCache gpu(c, H, d, n);
+    const auto keys = random_tokens(H, n, d, 42, 0.5f);
+    const auto values = random_tokens(H, n, d, 43, 0.5f);
+    DeviceBuffer<float> dk(keys), dv(values);
+    cpu->append(keys.data(), values.data(), n);
+    gpu.append(dk.get(), dv.get(), n, nullptr);
+    DeviceBuffer<float> step(vqtest::randn(static_cast<std::size_t>(hq) * d, 44, 1.0f));
+    DeviceBuffer<float> step_out(static_cast<std::size_t>(hq) * d);
+    gpu.attend(step.get(), hq, 1, step_out.get(), 0.125f, true, nullptr);
+    const std::size_t held = gpu.nbytes();
+    const auto q = vqtest::randn(static_cast<std::size_t>(hq) * chunk * d, 45, 1.0f);
+    DeviceBuffer<float> dq(q), dout(q.size());
+    for (int round = 0; round < 2; ++round) {
+        gpu.attend(dq.get(), hq, chunk, dout.get(), 0.125f, false, nullptr);
+        EXPECT_EQ(gpu.nbytes(), held) << "round " << round;
+    }
+    const auto out = dout.download();
+    const std::size_t rows = static_cast<std::size_t>(checked) * d,
+                      head = static_cast<std::size_t>(chunk) * d;
+    std::vector<float> few, mine;
+    for (int h = 0; h < hq; ++h) {
+        few.insert(few.end(), q.begin() + h * head, q.begin() + h * head + rows);
+        mine.insert(mine.end(), out.begin() + h * head, out.begin() + h * head + rows);
+    }
+    std::vector<float> ref(few.size());
+    cpu->attend(few.data(), hq, checked, ref.data(), 0.125f, false);
+    EXPECT_LE(relative_error(mine, ref), 1e-3);
+}
+
 // The device cache's pages, byte for byte those of the CPU cache fed the same tokens.
 void expect_pages_of_the_cpu(const CudaCodecCache& gpu, const KVCache& cpu) {
     PagedStore mine(gpu.page_layout());
