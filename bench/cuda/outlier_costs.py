@@ -11,9 +11,16 @@ Measured per config and N:
   - decode_ms: one query per query head, CUDA events, the median of --repeats after --warmup;
   - chunk_ms: a causal chunk of 512 queries (the side store's caches take the generic kernel,
     the others the wide prefill kernel);
-  - cache_nbytes: device bytes the cache holds (pages, tables, workspace, side store).
+  - cache_nbytes: device bytes the cache holds after all that (pages, tables, workspace kept
+    between calls, side store).
 
-Usage: python bench/cuda/outlier_costs.py [--positions 32768,131072]
+With --batch B (> 1), B such caches of --batch-positions positions each (made by empty_like, so
+they share the observer) also time a decode step of the whole batch (each sequence's token
+appended, then one query per query head attended): step_batched_ms through CudaKVCacheBatch
+(one append and one attention launch for all), step_each_ms through each cache in turn, the
+medians of --repeats steps.
+
+Usage: python bench/cuda/outlier_costs.py [--positions 32768,131072] [--batch 8]
 Writes JSON to $OUT/outlier_costs.json (or bench/results/outlier_costs.json).
 """
 
@@ -75,20 +82,63 @@ def run(method: str, bits: int, value_bits: int, positions: int, observed: bool,
     return result
 
 
+def run_batch(bits: int, value_bits: int, positions: int, observed: bool, args) -> dict:
+    config = KVCacheConfig(method="turboquant_rvq", bits=bits, value_bits=value_bits, seed=1,
+                           outlier_observer=KeyNormObserver(3.0) if observed else None)
+    first = vq_cuda.CudaKVCache(config, H, D, max_seq_len=positions + 4 * args.repeats + 16)
+    caches = [first] + [first.empty_like() for _ in range(args.batch - 1)]
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for cache in caches:
+        for start in range(0, positions, 4096):
+            n = min(4096, positions - start)
+            cache.append(keys_of(n, g), torch.randn(H, n, D, device="cuda", generator=g))
+    B = args.batch
+    k = torch.stack([keys_of(1, g) for _ in range(B)])  # [B, H, 1, D]
+    v = torch.randn(B, H, 1, D, device="cuda", generator=g)
+    q = torch.randn(B, HQ, D, device="cuda", generator=g)
+    out = torch.empty(B, HQ, D, device="cuda")
+    batch = vq_cuda.CudaKVCacheBatch()
+    assert batch.alike(caches)
+
+    def batched():
+        batch.append(caches, k, v)
+        batch.attend(caches, q, out=out)
+
+    def each():
+        for b, cache in enumerate(caches):
+            cache.append(k[b], v[b])
+            cache.attend(q[b], out=out[b])
+
+    result = {"method": "turboquant_rvq", "bits": bits, "value_bits": value_bits, "batch": B,
+              "positions": positions, "observer": observed,
+              "step_batched_ms": time_ms(batched, args.repeats),
+              "step_each_ms": time_ms(each, args.repeats),
+              "outlier_tokens": sum(c.outlier_tokens for c in caches)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--positions", default="32768,131072")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch-positions", type=int, default=32768)
     args = parser.parse_args()
     results = {"device": torch.cuda.get_device_name(),
                "command": "python bench/cuda/outlier_costs.py --positions " + args.positions +
-               f" --warmup {args.warmup} --repeats {args.repeats}",
+               f" --warmup {args.warmup} --repeats {args.repeats} --batch {args.batch}"
+               f" --batch-positions {args.batch_positions}",
                "runs": []}
     for method, bits, value_bits in (("turboquant_rvq", 2, 4), ("turboquant_rvq", 1, 2)):
         for positions in (int(p) for p in args.positions.split(",")):
             for observed in (False, True):
                 results["runs"].append(run(method, bits, value_bits, positions, observed, args))
+    if args.batch > 1:
+        results["batch_runs"] = [run_batch(bits, value_bits, args.batch_positions, observed, args)
+                                 for bits, value_bits in ((2, 4), (1, 2))
+                                 for observed in (False, True)]
     out = os.path.join(os.environ.get("OUT", "bench/results"), "outlier_costs.json")
     with open(out, "w") as f:
         json.dump(results, f, indent=1)

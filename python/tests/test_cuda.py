@@ -619,7 +619,7 @@ def test_codec_cache_outlier_side_store_matches_the_cpu_cache(tmp_path):
     """CudaKVCache with an outlier observer flags the tokens the CPU cache's observer flags (each
     cache its own observer), attends as the CPU cache (a causal chunk and decode steps, 1e-3),
     dequantizes the flagged tokens from their records, and keeps them through to_cpu, a saved
-    file and from_cpu; such caches do not batch."""
+    file and from_cpu; a CudaKVCacheBatch attends such caches as each alone."""
     from veloxquant.cache.base import KVCache
 
     def config():
@@ -650,7 +650,17 @@ def test_codec_cache_outlier_side_store_matches_the_cpu_cache(tmp_path):
     assert KVCache.load(path).outlier_tokens == cpu.outlier_tokens
     back = vq_cuda.CudaKVCache.load(path)
     torch.testing.assert_close(back.attend(q), want, rtol=1e-5, atol=1e-6)
-    assert vq_cuda.CudaKVCache.from_cpu(cpu).outlier_tokens == cpu.outlier_tokens
-    assert not vq_cuda.CudaKVCacheBatch().alike([gpu, gpu.empty_like()])
+    other = vq_cuda.CudaKVCache.from_cpu(cpu)
+    assert other.outlier_tokens == cpu.outlier_tokens
+    fresh = gpu.empty_like()  # plain keys: few entries if any
+    fresh.append(torch.randn(2, 40, 128, device="cuda", generator=g),
+                 torch.randn(2, 40, 128, device="cuda", generator=g))
+    batch = vq_cuda.CudaKVCacheBatch()
+    rows = [gpu, fresh, other]
+    assert batch.alike(rows)
+    qb = torch.randn(3, 8, 128, device="cuda", generator=g)
+    together = batch.attend(rows, qb)
+    for b, cache in enumerate(rows):
+        torch.testing.assert_close(together[b], cache.attend(qb[b]), rtol=1e-4, atol=1e-5)
     gpu.reset()
     assert gpu.outlier_tokens == 0

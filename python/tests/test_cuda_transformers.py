@@ -309,3 +309,49 @@ def test_transformers_outlier_layers_stay_on_the_gpu():
     flagged = [layer.cache.outlier_tokens for layer in gpu.layers]
     assert flagged == [layer.cache.outlier_tokens for layer in cpu.layers]
     assert min(flagged) > 0
+
+
+@needs_cuda
+def test_transformers_outlier_layers_take_a_batch(monkeypatch):
+    """Two sequences with an outlier observer: each decode step of the pair runs as one
+    (CudaKVCacheBatch: one append and one attention launch, each sequence's side store read as
+    its own), the observer seeing the sequences' norms in order, as the layers' steps one
+    sequence at a time show them: the same flags in every cache and the same logits (1e-4) as
+    those steps, and logits within 2e-3 of the CPU layers', whose first layer flags the same
+    tokens. (Later layers' keys follow the earlier layers' attention, whose rounding differs
+    between the backends: a norm at the threshold may fall either side on the CPU. fp16 codes,
+    as the CPU layers' prefill attends on the codes where the GPU's runs SDPA on exact keys.)"""
+    pytest.importorskip("transformers")
+    from veloxquant.integrations.transformers import VeloxQuantCache, VeloxQuantCudaKVLayer
+    model = _tiny_llama(64).to("cuda")
+    tokens = torch.randint(0, 512, (2, 60), generator=torch.Generator().manual_seed(7)).cuda()
+
+    def run(backend):
+        config = KVCacheConfig(method="fp16", value_bits=16, outlier_bits=16,
+                               outlier_observer=KeyNormObserver(z_threshold=1.5))
+        cache = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend=backend)
+        model.set_attn_implementation("veloxquant")
+        try:
+            with torch.no_grad():
+                logits = [model(tokens[:, :30], past_key_values=cache, use_cache=True).logits]
+                for i in range(30, tokens.shape[1]):
+                    logits.append(model(tokens[:, i:i + 1], past_key_values=cache,
+                                        use_cache=True).logits)
+        finally:
+            model.set_attn_implementation("sdpa")
+        flagged = [[c.outlier_tokens for c in layer.rows] for layer in cache.layers]
+        return cache, torch.cat(logits, dim=1).float().cpu(), flagged
+
+    gpu, logits, flagged = run("cuda")
+    for layer in gpu.layers:
+        assert isinstance(layer, VeloxQuantCudaKVLayer) and layer.batch_size == 2
+        assert layer._batch is not None and layer._batch.alike(layer.rows)  # steps went as one
+    assert min(min(row) for row in flagged) > 0
+    with monkeypatch.context() as m:  # the same model, each sequence's step on its own
+        m.setattr(VeloxQuantCudaKVLayer, "_batched_steps", lambda self: False)
+        _, one_by_one, flagged_one_by_one = run("cuda")
+    assert flagged == flagged_one_by_one
+    assert ((logits - one_by_one).abs().max() / one_by_one.abs().max()).item() < 1e-4
+    _, on_cpu, flagged_on_cpu = run("cpu")
+    assert flagged[0] == flagged_on_cpu[0]
+    assert ((logits - on_cpu).abs().max() / on_cpu.abs().max()).item() < 2e-3

@@ -44,8 +44,8 @@ else raises ValueError at construction:
   ``SlidingWindowKVCache``, evicted pages given back to its pool), and an outlier observer
   (``outlier_observer``, ``outlier_bits``: each append's key norms are observed on the host, the
   tokens it flags are kept at int8 or fp16 in a side store on the device, with the CPU encoder's
-  bytes, and scored from there in the same softmax; such caches append and attend one by one,
-  not in a ``CudaKVCacheBatch``).
+  bytes, and scored from there in the same softmax; a ``CudaKVCacheBatch`` takes such caches
+  too, its observer seeing the sequences' norms in sequence order).
 
 A build without the CUDA backend (the default wheel: ``VQ_CUDA=OFF``) still imports this
 module; ``HAS_CUDA`` is then False and constructing a cache raises RuntimeError saying so.
@@ -468,7 +468,7 @@ class CudaKVCacheBatch(_DeviceBatch):
     (query state, attention, merge) for every sequence. ``alike(caches)`` tells whether the
     caches can attend together: one config, layer, shape and device, every codec trained. Codecs
     trained each on their own sequence (rabitq without calibrated centroids) batch too: each
-    sequence is read with its own."""
+    sequence is read with its own, as is each sequence's outlier side store."""
 
     _core_class = "CudaCodecBatch"
     _cache_class = CudaKVCache

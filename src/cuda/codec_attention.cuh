@@ -316,10 +316,11 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
         if constexpr (CENTRED) add_page_center<R>(a.center, states, phases, lane, p);
         // Tokens of the outlier side store are scored from it (codec_merge_kernel): the chunk's
         // mask word (p0 is a multiple of 32), read here so that it is not live across the scores.
-        const uint32_t side =
-            a.outliers.active()
-                ? a.outliers.mask[static_cast<size_t>(h) * a.outliers.mask_words + p0 / 32]
-                : 0u;
+        uint32_t side = 0u;
+        if (a.outliers.active()) {
+            const uint32_t* row = a.outliers.mask_row(u, h);
+            if (row != nullptr) side = row[p0 / 32];
+        }
         const bool in_pages = lane < n && !((side >> lane) & 1u);
         float corr[R], corr_max = 0.0f;
 #pragma unroll
@@ -447,7 +448,7 @@ __device__ void value_finalize(const dev::ValueDevice::Params& vp, const float* 
 
 constexpr int kMergeWarps = 8;  // warps of a merge CTA (codec_merge_kernel)
 
-/// What a row's entries of the outlier side store add to its softmax (a.outliers, one sequence).
+/// What a row's entries of the outlier side store add to its softmax (its sequence's store).
 struct SideSum {
     float top;  ///< the max of the splits' max and the entries' scores (log2 units)
     float l;    ///< sum of exp2(s_e - top) over the entries the row sees
@@ -475,9 +476,10 @@ template <class Codec, int D>
 __device__ SideSum merge_outliers(const AttentionParams<Codec>& a, int u, int row, float mx,
                                   SideShared<D>& sh) {
     constexpr int E = D / 32;
-    const OutlierView& v = a.outliers;
+    const OutlierView& v = a.side_of(u);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, d = a.store.d, h = a.head(u);
-    const int count = v.counts[h], lim = a.limit(u, row), vb = v.vector_bytes;
+    const int count = v.records != nullptr ? v.counts[h] : 0, lim = a.limit(u, row),
+              vb = v.vector_bytes;
     const int32_t* pos = v.positions + static_cast<size_t>(h) * v.capacity;
     const uint8_t* records = v.records + static_cast<size_t>(h) * v.capacity * 2 * vb;
     const float* q = a.query(u, row);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -24,22 +25,21 @@ bool same_view(const CodecParamsView& a, const CodecParamsView& b) {
            a.value_table_floats == b.value_table_floats && a.feature_mode == b.feature_mode;
 }
 
-}  // namespace
-
-CudaCodecBatch::~CudaCodecBatch() {
-    if (kin_views_ != nullptr) {
-        cudaDeviceSynchronize();  // no launch reads the views any more
-        cudaFree(kin_views_);
-    }
+bool same_side(const OutlierView& a, const OutlierView& b) {
+    return a.records == b.records && a.positions == b.positions && a.counts == b.counts &&
+           a.mask == b.mask && a.capacity == b.capacity && a.mask_words == b.mask_words &&
+           a.bits == b.bits && a.vector_bytes == b.vector_bytes && a.sequences == b.sequences &&
+           a.mask_rows == b.mask_rows;
 }
+
+}  // namespace
 
 bool CudaCodecBatch::alike(const std::vector<const CudaCodecCache*>& caches) {
     check_distinct(caches, "alike");
     const CudaCodecCache& first = *caches[0];
     for (const CudaCodecCache* c : caches)
         if (!c->backend_ || c->device_ != first.device_ || c->kind_ != first.kind_ ||
-            c->window_.window != first.window_.window || c->window_.sinks != first.window_.sinks ||
-            c->outliers_)
+            c->window_.window != first.window_.window || c->window_.sinks != first.window_.sinks)
             return false;
     return true;
 }
@@ -63,24 +63,27 @@ KinParams CudaCodecBatch::kin_params(const std::vector<CudaCodecCache*>& caches,
         kin.value_table_floats = std::max(kin.value_table_floats, v.value_table_floats);
         kin.affine = kin.affine && v.affine.constant != nullptr;
     }
-    const std::size_t bytes = views.size() * sizeof(CodecParamsView);
-    if (!std::equal(views.begin(), views.end(), kin_uploaded_.begin(), kin_uploaded_.end(),
-                    same_view)) {
-        if (views.size() > kin_capacity_) {
-            check_cuda(cudaDeviceSynchronize(), "batch codecs: synchronize");  // none reads them
-            cudaFree(kin_views_);
-            kin_views_ = nullptr, kin_capacity_ = 0;
-            check_cuda(cudaMalloc(&kin_views_, bytes), "cudaMalloc(batch codecs)");
-            kin_capacity_ = views.size();
-        }
-        // From pageable memory: the copy is staged before the call returns, and runs after the
-        // stream's earlier launches (which may read the views it replaces).
-        check_cuda(cudaMemcpyAsync(kin_views_, views.data(), bytes, cudaMemcpyHostToDevice, stream),
-                   "batch codecs");
-        kin_uploaded_ = views;
-    }
-    kin.views = kin_views_;
+    kin.views = kin_views_.update(views, same_view, stream, "batch codecs");
     return kin;
+}
+
+OutlierView CudaCodecBatch::side_params(const std::vector<CudaCodecCache*>& caches,
+                                        cudaStream_t stream) {
+    OutlierView side;
+    if (std::none_of(caches.begin(), caches.end(),
+                     [](const CudaCodecCache* c) { return c->outlier_tokens() > 0; }))
+        return side;  // nothing to skip or add
+    std::vector<OutlierView> views;
+    std::vector<const uint32_t*> rows;
+    for (const CudaCodecCache* c : caches) {
+        views.push_back(c->outliers_ ? c->outliers_->view() : OutlierView{});
+        for (int h = 0; h < c->num_heads_; ++h)
+            rows.push_back(views.back().active() ? views.back().mask_row(0, h) : nullptr);
+    }
+    side.sequences = side_views_.update(views, same_side, stream, "batch outlier stores");
+    side.mask_rows =
+        mask_rows_.update(rows, std::equal_to<const uint32_t*>(), stream, "batch outlier masks");
+    return side;
 }
 
 void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const float* keys,
@@ -88,10 +91,6 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     check_distinct(caches, "append");
     const CudaCodecCache& first = *caches[0];
     const float key_bound = first.config_.key_bound(), value_bound = first.config_.value_bound();
-    for (size_t b = 0; b < caches.size(); ++b)
-        if (caches[b]->outliers_)
-            throw std::invalid_argument("append: the cache of sequence " + std::to_string(b) +
-                                        " keeps an outlier side store: append to it alone");
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaCodecCache& c = *caches[b];
         if (c.device_ != first.device_ || c.num_heads_ != first.num_heads_ ||
@@ -105,6 +104,11 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     check_append(caches, keys, values, n_tokens);
     if (n_tokens == 0) return;
     const int batch = static_cast<int>(caches.size());
+    const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
+    // The keys' norms for the outlier observers come back with the input check's synchronization.
+    for (int b = 0; b < batch; ++b)
+        if (caches[b]->outliers_)
+            caches[b]->outliers_->measure(keys + b * per_sequence, n_tokens, stream);
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_, key_bound,
                          value_bound, stream, batch);
     // Room for the new tokens: a window's pages from its pool's free slots (given back if the
@@ -116,13 +120,18 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
         else
             c->pages_->reserve(c->size_ + n_tokens);
     }
-    // Codecs that train do so on their first keys, every one before any encode. The batch is
-    // all or nothing: if a training or an encode throws, every cache keeps its size (codes
-    // written past it are never read or saved) and the caches trained here forget it.
-    const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
+    // Codecs that train do so on their first keys, every one before any encode; the outlier
+    // observers see the sequences' norms after it, sequence by sequence. The batch is all or
+    // nothing: if a training, an encode or an outlier record throws, every cache keeps its size
+    // (codes written past it are never read or saved), its side store and its observer's
+    // statistics, and the caches trained here forget it.
     std::vector<int> sizes;
+    std::vector<std::vector<KeyNormObserver::Stats>> stats;
     std::vector<CudaCodecCache*> trained;
-    for (const CudaCodecCache* c : caches) sizes.push_back(c->size_);
+    for (const CudaCodecCache* c : caches) {
+        sizes.push_back(c->size_);
+        stats.push_back(c->observer_stats());
+    }
     try {
         for (int b = 0; b < batch; ++b)
             if (!caches[b]->backend_) {
@@ -130,12 +139,17 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
                 caches[b]->train_on(keys + b * per_sequence, n_tokens, stream);
             }
         encode(caches, keys, values, n_tokens, per_sequence, stream);
+        for (int b = 0; b < batch; ++b)
+            caches[b]->observe_outliers(keys + b * per_sequence, values + b * per_sequence,
+                                        n_tokens, sizes[b], stream);
     } catch (...) {
-        for (int b = 0; b < batch; ++b) {
+        // In reverse, so that an observer the caches share ends with sequence 0's statistics.
+        for (int b = batch - 1; b >= 0; --b) {
             CudaCodecCache& c = *caches[b];
             c.size_ = sizes[b];
             if (c.pages_->mapped())
                 c.pages_->release((sizes[b] + P - 1) / P, (sizes[b] + n_tokens + P - 1) / P);
+            c.observer_restore(stats[b], sizes[b]);
         }
         for (CudaCodecCache* c : trained) c->forget_training();
         throw;
@@ -204,8 +218,8 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
                             int num_q_heads, float* out, float scale, cudaStream_t stream) {
     if (!alike(as_const(caches)))
         throw std::invalid_argument(
-            "attend: the caches differ in config, layer, shape, window or device, a codec is "
-            "not trained yet or a cache keeps an outlier side store: attend them one by one");
+            "attend: the caches differ in config, layer, shape, window or device, or a codec is "
+            "not trained yet: attend them one by one");
     CudaCodecCache& first = *caches[0];
     const int group = first.query_group(queries, out, num_q_heads, scale);
     std::vector<const uint8_t*> pools, tables;
@@ -231,6 +245,7 @@ void CudaCodecBatch::attend(const std::vector<CudaCodecCache*>& caches, const fl
     source.batch = static_cast<int>(caches.size());
     source.size = longest;
     source.kin = kin_params(caches, stream);
+    source.outliers = side_params(caches, stream);
     if (first.window_.window > 0) {  // each window's own page table; splits over the longest span
         tables_.describe(tables, sizes, 1, stream);
         source.page_tables = reinterpret_cast<const int32_t* const*>(tables_.pools());

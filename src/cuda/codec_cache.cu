@@ -245,28 +245,41 @@ void CudaCodecCache::append(const float* keys, const float* values, int n_tokens
         pages_->reserve(size_ + n_tokens);
     const bool trains = !backend_;
     // The observer's statistics of this layer, restored if the append fails (as the CPU's).
-    KeyNormObserver* observer = outliers_ ? config_.outlier_observer.get() : nullptr;
-    std::vector<KeyNormObserver::Stats> stats;
-    if (observer != nullptr)
-        for (int h = 0; h < num_heads_; ++h) stats.push_back(observer->stats(layer_, h));
+    const std::vector<KeyNormObserver::Stats> stats = observer_stats();
     try {
         if (trains) train_on(keys, n_tokens, stream);
         encode_tokens(keys, values, n_tokens, stream);
-        if (observer != nullptr)
-            outliers_->add(*observer, layer_, keys, values, n_tokens, before, stream);
+        observe_outliers(keys, values, n_tokens, before, stream);
     } catch (...) {
         // Codes written past size_ are never read and never saved (to_host's adopt zeroes them).
         if (trains) forget_training();
         if (pages_->mapped()) pages_->release(first_new_page, end_page);
-        if (observer != nullptr) {
-            for (int h = 0; h < num_heads_; ++h) observer->set_stats(layer_, h, stats[h]);
-            outliers_->truncate(before);
-        }
+        observer_restore(stats, before);
         throw;
     }
     size_ += n_tokens;
     // What the first new token's window needs stays, so a causal attend over the chunk is exact.
     if (window_.window > 0) evict_before(before + 1 - window_.window, stream);
+}
+
+std::vector<KeyNormObserver::Stats> CudaCodecCache::observer_stats() const {
+    std::vector<KeyNormObserver::Stats> stats;
+    if (outliers_)
+        for (int h = 0; h < num_heads_; ++h)
+            stats.push_back(config_.outlier_observer->stats(layer_, h));
+    return stats;
+}
+
+void CudaCodecCache::observe_outliers(const float* keys, const float* values, int n, int first,
+                                      cudaStream_t stream) {
+    if (outliers_)
+        outliers_->add(*config_.outlier_observer, layer_, keys, values, n, first, stream);
+}
+
+void CudaCodecCache::observer_restore(const std::vector<KeyNormObserver::Stats>& stats, int first) {
+    if (!outliers_) return;
+    for (int h = 0; h < num_heads_; ++h) config_.outlier_observer->set_stats(layer_, h, stats[h]);
+    outliers_->truncate(first);
 }
 
 void CudaCodecCache::evict_before(int keep_from, cudaStream_t stream) {

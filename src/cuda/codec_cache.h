@@ -28,6 +28,7 @@
 #include "cuda/key_center.h"
 #include "cuda/page_pool.h"
 #include "veloxquant/config.h"
+#include "veloxquant/observer.h"
 
 namespace veloxquant {
 class BinaryWriter;
@@ -223,6 +224,17 @@ private:
     /// A sliding window: gives back the pages wholly inside [sinks, keep_from) and drops the
     /// outlier entries there (on `stream`).
     void evict_before(int keep_from, cudaStream_t stream);
+    /// With an outlier observer: its statistics of this layer's heads, which an append that
+    /// fails restores (observer_restore); empty without one.
+    std::vector<KeyNormObserver::Stats> observer_stats() const;
+    /// With an outlier observer: lets it see the norms measured of keys [heads][n][d] (the
+    /// append's input check synchronized them) and keeps the tokens it flags at positions
+    /// first.. (DeviceOutlierStore::add).
+    void observe_outliers(const float* keys, const float* values, int n, int first,
+                          cudaStream_t stream);
+    /// Undoes observe_outliers after an append of positions first.. failed: the observer's
+    /// statistics as observer_stats() had them, no entry at first or after.
+    void observer_restore(const std::vector<KeyNormObserver::Stats>& stats, int first);
 
     KVCacheConfig config_;
     int num_heads_, head_dim_, max_seq_len_, layer_;

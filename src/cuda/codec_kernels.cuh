@@ -246,6 +246,11 @@ struct AttentionParams : UnitSet<Codec> {
     __device__ int size_of(int u) const {
         return this->pools != nullptr ? sizes[this->sequence(u)] : size;
     }
+    /// The outlier side store of unit u's sequence (outliers.active() only): a batch's own view
+    /// of that sequence, or `outliers` itself.
+    __device__ const OutlierView& side_of(int u) const {
+        return outliers.sequences != nullptr ? outliers.sequences[this->sequence(u)] : outliers;
+    }
     __host__ __device__ StageSizes stage_sizes() const {
         // The codec's own state is the features' span: a centred launch's W lies after it.
         const int feature_span = center.damped != nullptr ? center.offset : state_stride;

@@ -71,7 +71,9 @@ struct TokenWindow {
 /// it. Tokens the KeyNormObserver flagged keep their codes in the pages, but the attention skips
 /// them there (bit t % 32 of mask word t / 32 of their head) and scores them exactly from their
 /// int8 or fp16 records instead, merged into the same softmax (codec_merge_kernel), as the CPU's
-/// paged attention does. `records` null: no entry (nothing to skip or add).
+/// paged attention does. `records` null: no entry (nothing to skip or add). A batch's launch
+/// (CudaCodecBatch) reads each sequence's own view from `sequences`, and the attention kernel
+/// each unit's mask row from `mask_rows` (one load a chunk, as one sequence's `mask`).
 struct OutlierView {
     const uint8_t* records = nullptr;    ///< [heads][capacity] entries: key vector, value vector
     const int32_t* positions = nullptr;  ///< [heads][capacity], increasing within a head
@@ -81,8 +83,18 @@ struct OutlierView {
     int mask_words = 0;
     int bits = 8;          ///< 8: int8 codes then a float scale; 16: fp16
     int vector_bytes = 0;  ///< bytes of one key or value vector
+    /// A batch: device [batch] each sequence's view (records null where it holds no entry),
+    /// and [batch * heads] each unit's mask row (null there); the fields above unused.
+    const OutlierView* sequences = nullptr;
+    const uint32_t* const* mask_rows = nullptr;
 
-    __host__ __device__ bool active() const { return records != nullptr; }
+    /// The mask row of unit u, head h (active() only; null: nothing to skip).
+    __host__ __device__ const uint32_t* mask_row(int u, int h) const {
+        return mask_rows != nullptr ? mask_rows[u] : mask + static_cast<size_t>(h) * mask_words;
+    }
+
+    /// Whether a launch has entries to skip and add (in some sequence, for a batch's view).
+    __host__ __device__ bool active() const { return records != nullptr || sequences != nullptr; }
 };
 
 /// One cache's device parameters (pointers into its backend's allocations).

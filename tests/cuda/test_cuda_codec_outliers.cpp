@@ -4,7 +4,8 @@
 // chunks and decode steps (the flagged tokens skipped in the pages and scored from their records
 // in the merge), dequantize with the records' vectors, truncate and reset, files and from_host,
 // sliding windows (their evictions drop entries), a failed append leaving the observer as it was,
-// and batches refusing such caches. Skips without a device.
+// and batches of such caches (CudaCodecBatch) against CPU caches sharing an observer. Skips
+// without a device.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -181,12 +182,6 @@ TEST_P(CodecOutliers, FlagAttendAndMoveAsTheCpuCache) {
     EXPECT_EQ(gpu.outlier_tokens(), held);
     EXPECT_EQ(gpu.config().outlier_observer->stats(0, 0).count, before.count);
 
-    // Such caches take their appends and attends one by one.
-    EXPECT_FALSE(CudaCodecBatch::alike({&gpu}));
-    CudaCodecBatch batch;
-    std::vector<CudaCodecCache*> one = {&gpu};
-    EXPECT_THROW(batch.append(one, da.get(), da.get(), 1, nullptr), std::invalid_argument);
-
     gpu.reset();
     EXPECT_EQ(gpu.outlier_tokens(), 0);
 }
@@ -211,6 +206,83 @@ TEST_P(CodecOutliers, SlidingWindowDropsEvictedEntries) {
     }
     const auto host = gpu.to_host();
     expect_same_entries(*host->outlier_store(), *cpu.inner().outlier_store(), "window to_host");
+}
+
+// A batch's decode steps (CudaCodecBatch: one append, one attention launch) over three caches
+// sharing one observer, as a model's layer shares it, against three CPU caches sharing another,
+// fed one by one in sequence order: the same entries in each sequence after every step, and
+// each sequence's attention within 1e-3 of its CPU cache's. The third sequence's tokens have no
+// planted outliers (its side store may stay empty: no view of it then). A NaN in one sequence
+// changes nothing in any.
+TEST_P(CodecOutliers, BatchStepsMatchEachCpuCache) {
+    SKIP_WITHOUT_DEVICE();
+    const OutlierCase& k = GetParam();
+    const int H = k.heads, d = k.d, hq = H * 4, B = 3;
+    const KVCacheConfig cpu_config = observed(k.config), gpu_config = observed(k.config);
+    std::vector<std::unique_ptr<QuantizedKVCache>> cpu;
+    std::vector<std::unique_ptr<CudaCodecCache>> gpu;
+    std::vector<CudaCodecCache*> rows;
+    uint64_t seed = 900;
+    const auto tokens = [&](int b, int n) {
+        return b == B - 1 ? vqtest::random_tokens(H, n, d, ++seed, 0.15f)
+                          : tokens_with_outliers(H, n, d, ++seed);
+    };
+    for (int b = 0; b < B; ++b) {
+        cpu.push_back(cpu_cache(cpu_config, H, d));
+        gpu.push_back(std::make_unique<CudaCodecCache>(gpu_config, H, d, 4096));
+        rows.push_back(gpu.back().get());
+        const int n = 200 - 50 * b;
+        const auto keys = tokens(b, n);
+        const auto values = vqtest::random_tokens(H, n, d, ++seed, 0.5f);
+        DeviceBuffer<float> dk(keys), dv(values);
+        cpu[b]->append(keys.data(), values.data(), n);
+        gpu[b]->append(dk.get(), dv.get(), n, nullptr);
+    }
+    ASSERT_TRUE(CudaCodecBatch::alike({rows.begin(), rows.end()}));
+    CudaCodecBatch batch;
+    const std::size_t token = static_cast<std::size_t>(H) * d,
+                      query = static_cast<std::size_t>(hq) * d;
+    for (int step = 0; step < 30; ++step) {
+        std::vector<float> keys, values;
+        for (int b = 0; b < B; ++b) {
+            const auto k1 = tokens(b, 1), v1 = vqtest::random_tokens(H, 1, d, ++seed, 0.5f);
+            cpu[b]->append(k1.data(), v1.data(), 1);
+            keys.insert(keys.end(), k1.begin(), k1.end());
+            values.insert(values.end(), v1.begin(), v1.end());
+        }
+        DeviceBuffer<float> dk(keys), dv(values);
+        batch.append(rows, dk.get(), dv.get(), 1, nullptr);
+        const auto q = vqtest::randn(B * query, ++seed, 1.0f);
+        DeviceBuffer<float> dq(q), dout(q.size());
+        batch.attend(rows, dq.get(), hq, dout.get(), 0.125f, nullptr);
+        const auto out = dout.download();
+        for (int b = 0; b < B; ++b) {
+            const std::string what =
+                "step " + std::to_string(step) + ", sequence " + std::to_string(b);
+            ASSERT_EQ(gpu[b]->outlier_tokens(), cpu[b]->outlier_tokens()) << what;
+            std::vector<float> ref(query);
+            cpu[b]->attend(q.data() + b * query, hq, 1, ref.data(), 0.125f, true);
+            const std::vector<float> mine(out.begin() + b * query, out.begin() + (b + 1) * query);
+            EXPECT_LE(relative_error(mine, ref), 1e-3) << what;
+        }
+    }
+    EXPECT_GE(gpu[0]->outlier_tokens(), 10) << "the test's tokens must have outliers";
+    for (int b = 0; b < B; ++b)
+        expect_same_entries(*gpu[b]->to_host()->outlier_store(), *cpu[b]->outlier_store(),
+                            "sequence " + std::to_string(b));
+
+    std::vector<float> bad = vqtest::random_tokens(B * H, 1, d, ++seed, 0.15f);
+    bad[token + 3] = NAN;  // sequence 1's
+    DeviceBuffer<float> db(bad);
+    const auto stats = gpu_config.outlier_observer->stats(0, 0);
+    std::vector<int> held;
+    for (const auto& c : gpu) held.push_back(c->outlier_tokens());
+    EXPECT_THROW(batch.append(rows, db.get(), db.get(), 1, nullptr), std::invalid_argument);
+    EXPECT_EQ(gpu_config.outlier_observer->stats(0, 0).count, stats.count);
+    for (int b = 0; b < B; ++b) {
+        EXPECT_EQ(gpu[b]->outlier_tokens(), held[b]);
+        EXPECT_EQ(gpu[b]->size(), cpu[b]->size());
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, CodecOutliers, ::testing::ValuesIn(cases()),

@@ -49,8 +49,8 @@ Sliding-window layers (the config's "sliding_attention" layers) get a ``CudaKVCa
 that window and no sinks: it decodes on the codes as above, gives evicted pages back to its
 pool, and its prefill chunks are stored first and attend on the codes within the window (as a
 CPU ``SlidingWindowKVCache`` layer does); a batch's decode step runs in one launch there too.
-An outlier observer puts a layer on a ``CudaKVCache`` (its side store on the device), which
-decodes its sequences one by one. A layer out of both caches' scope (head_dim over 256, say)
+An outlier observer puts a layer on a ``CudaKVCache`` (its side store on the device), whose
+batches decode in one launch too. A layer out of both caches' scope (head_dim over 256, say)
 stays on the CPU, and ``from_model`` warns (a RuntimeWarning naming such layers and why).
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
 GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
