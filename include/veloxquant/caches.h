@@ -97,10 +97,11 @@ public:
 
 private:
     void check_tokens(const float* keys, const float* values, int n_tokens) const;
-    /// Adds the keys' norms to the outlier observer; per head, which tokens it flags.
-    std::vector<std::vector<uint8_t>> observe_key_norms(const float* keys, int n_tokens) const;
+    /// Adds the keys' norms to the outlier observer; which tokens it flags, [heads][n_tokens]
+    /// (empty without an observer).
+    std::vector<uint8_t> observe_key_norms(const float* keys, int n_tokens) const;
     void encode_tokens(const float* keys, const float* values, int n_tokens,
-                       const std::vector<std::vector<uint8_t>>& outlier_flags);
+                       const std::vector<uint8_t>& outlier_flags);
 
     std::shared_ptr<const KVCacheConfig> config_;
     int num_heads_;

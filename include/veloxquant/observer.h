@@ -18,7 +18,7 @@ public:
     struct Stats {
         int64_t count = 0;
         double mean_log = 0.0;  ///< mean of log ||k||
-        double m2_log = 0.0;    ///< sum of squared deviations of log ||k|| (Welford)
+        double m2_log = 0.0;    ///< sum of squared deviations of log ||k||
         double min_norm = 0.0;
         double max_norm = 0.0;
         double std_log() const;
@@ -35,9 +35,14 @@ public:
     void observe(int layer, int head, const float* norms, int n);
     /// True when the norm is in either tail under the current statistics. Thread-safe.
     bool is_outlier(int layer, int head, float norm) const;
-    /// observe(layer, head, norms, n), then flags[t] = is_outlier(layer, head, norms[t]), under
-    /// one lock (how a cache's append flags its chunk). Thread-safe.
+    /// observe(layer, head, norms, n), then flags[t] = is_outlier(layer, head, norms[t]) under
+    /// the statistics it left (how a cache's append flags its chunk), atomically. Thread-safe:
+    /// heads may be flagged from threads of their own (the lock is held for O(1) work).
     void observe_and_flag(int layer, int head, const float* norms, int n, uint8_t* flags);
+    /// observe_and_flag of heads 0 .. heads - 1: norms and flags [heads][n]. Chunks of at least
+    /// kParallelTokens take a thread a head (OpenMP); the flags and statistics are the same.
+    void observe_and_flag_heads(int layer, int heads, const float* norms, int n, uint8_t* flags);
+    static constexpr int kParallelTokens = 256;
     Stats stats(int layer, int head) const;
     /// Replaces the statistics of (layer, head), e.g. when a saved cache is loaded.
     void set_stats(int layer, int head, const Stats& stats);
@@ -46,7 +51,10 @@ public:
 private:
     /// log ||k||, a zero norm clamped to 1e-30.
     static double log_norm(float norm);
-    static void add_norms(Stats& s, const float* norms, const double* logs, int n);
+    /// The statistics of n norms alone (their logs given).
+    static Stats chunk_stats(const float* norms, const double* logs, int n);
+    /// s becomes the statistics of its norms and c's.
+    static void merge(Stats& s, const Stats& c);
     /// Whether a norm of this log is an outlier under s, spread = z_threshold * s.std_log().
     bool in_tail(const Stats& s, double log_norm, double spread) const;
 

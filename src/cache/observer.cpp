@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <stdexcept>
 #include <vector>
+
+#include "core/parallel_errors.h"
 
 namespace veloxquant {
 
@@ -28,20 +31,42 @@ double KeyNormObserver::log_norm(float norm) {
     return std::log(std::max(static_cast<double>(norm), 1e-30));
 }
 
-void KeyNormObserver::add_norms(Stats& s, const float* norms, const double* logs, int n) {
+KeyNormObserver::Stats KeyNormObserver::chunk_stats(const float* norms, const double* logs, int n) {
+    Stats c;
+    if (n <= 0) return c;
+    // Two passes over the chunk (mean, then squared deviations from it): sums without a
+    // dependency through a division per norm, as a running (Welford) update has.
+    double sum = 0.0;
+    float lo = norms[0], hi = norms[0];
     for (int i = 0; i < n; ++i) {
-        const double norm = norms[i], x = logs[i];
-        if (s.count == 0) {
-            s.min_norm = s.max_norm = norm;
-        } else {
-            s.min_norm = std::min(s.min_norm, norm);
-            s.max_norm = std::max(s.max_norm, norm);
-        }
-        ++s.count;
-        const double delta = x - s.mean_log;
-        s.mean_log += delta / static_cast<double>(s.count);
-        s.m2_log += delta * (x - s.mean_log);
+        sum += logs[i];
+        lo = std::min(lo, norms[i]);
+        hi = std::max(hi, norms[i]);
     }
+    c.count = n;
+    c.mean_log = sum / n;
+    for (int i = 0; i < n; ++i) c.m2_log += (logs[i] - c.mean_log) * (logs[i] - c.mean_log);
+    c.min_norm = lo;
+    c.max_norm = hi;
+    return c;
+}
+
+void KeyNormObserver::merge(Stats& s, const Stats& c) {
+    if (c.count == 0) return;
+    if (s.count == 0) {
+        s = c;
+        return;
+    }
+    // Chan, Golub and LeVeque's pairwise update of the mean and the sum of squared deviations:
+    // n = n_a + n_b, d = mean_b - mean_a, mean = mean_a + d n_b / n,
+    // M2 = M2_a + M2_b + d^2 n_a n_b / n.
+    const double na = static_cast<double>(s.count), nb = static_cast<double>(c.count);
+    const double n = na + nb, delta = c.mean_log - s.mean_log;
+    s.mean_log += delta * nb / n;
+    s.m2_log += c.m2_log + delta * delta * na * nb / n;
+    s.count += c.count;
+    s.min_norm = std::min(s.min_norm, c.min_norm);
+    s.max_norm = std::max(s.max_norm, c.max_norm);
 }
 
 bool KeyNormObserver::in_tail(const Stats& s, double log_norm, double spread) const {
@@ -51,8 +76,9 @@ bool KeyNormObserver::in_tail(const Stats& s, double log_norm, double spread) co
 void KeyNormObserver::observe(int layer, int head, const float* norms, int n) {
     std::vector<double> logs(n);
     for (int i = 0; i < n; ++i) logs[i] = log_norm(norms[i]);
+    const Stats chunk = chunk_stats(norms, logs.data(), n);
     std::lock_guard<std::mutex> lock(mutex_);
-    add_norms(stats_[{layer, head}], norms, logs.data(), n);
+    merge(stats_[{layer, head}], chunk);
 }
 
 bool KeyNormObserver::is_outlier(int layer, int head, float norm) const {
@@ -64,13 +90,30 @@ bool KeyNormObserver::is_outlier(int layer, int head, float norm) const {
 
 void KeyNormObserver::observe_and_flag(int layer, int head, const float* norms, int n,
                                        uint8_t* flags) {
-    std::vector<double> logs(n);  // each log once, outside the lock
+    std::vector<double> logs(n);  // each log once, and the chunk's statistics, outside the lock
     for (int i = 0; i < n; ++i) logs[i] = log_norm(norms[i]);
-    std::lock_guard<std::mutex> lock(mutex_);
-    Stats& s = stats_[{layer, head}];
-    add_norms(s, norms, logs.data(), n);
+    const Stats chunk = chunk_stats(norms, logs.data(), n);
+    Stats s;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        Stats& held = stats_[{layer, head}];
+        merge(held, chunk);
+        s = held;
+    }
     const double spread = z_threshold_ * s.std_log();
     for (int t = 0; t < n; ++t) flags[t] = in_tail(s, logs[t], spread) ? 1 : 0;
+}
+
+void KeyNormObserver::observe_and_flag_heads(int layer, int heads, const float* norms, int n,
+                                             uint8_t* flags) {
+    ParallelErrors errors;
+#pragma omp parallel for schedule(static) if (heads > 1 && n >= kParallelTokens)
+    for (int h = 0; h < heads; ++h)
+        errors.run(h, [&] {
+            const std::size_t at = static_cast<std::size_t>(h) * n;
+            observe_and_flag(layer, h, norms + at, n, flags + at);
+        });
+    errors.rethrow();
 }
 
 KeyNormObserver::Stats KeyNormObserver::stats(int layer, int head) const {

@@ -115,25 +115,21 @@ void QuantizedKVCache::append(const float* keys, const float* values, int n_toke
     }
 }
 
-std::vector<std::vector<uint8_t>> QuantizedKVCache::observe_key_norms(const float* keys,
-                                                                      int n_tokens) const {
-    std::vector<std::vector<uint8_t>> flags;
+std::vector<uint8_t> QuantizedKVCache::observe_key_norms(const float* keys, int n_tokens) const {
+    std::vector<uint8_t> flags;
     if (!outliers_) return flags;
-    flags.assign(num_heads_, std::vector<uint8_t>(n_tokens, 0));
-    std::vector<float> norms(n_tokens);
-    const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
-    for (int h = 0; h < num_heads_; ++h) {
-        for (int t = 0; t < n_tokens; ++t)
-            norms[t] =
-                key_norm(keys + h * per_head + static_cast<std::size_t>(t) * head_dim_, head_dim_);
-        config_->outlier_observer->observe_and_flag(layer_, h, norms.data(), n_tokens,
-                                                    flags[h].data());
-    }
+    const long long rows = static_cast<long long>(num_heads_) * n_tokens;
+    flags.assign(rows, 0);
+    std::vector<float> norms(rows);
+#pragma omp parallel for schedule(static) if (n_tokens >= KeyNormObserver::kParallelTokens)
+    for (long long r = 0; r < rows; ++r) norms[r] = key_norm(keys + r * head_dim_, head_dim_);
+    config_->outlier_observer->observe_and_flag_heads(layer_, num_heads_, norms.data(), n_tokens,
+                                                      flags.data());
     return flags;
 }
 
 void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int n_tokens,
-                                     const std::vector<std::vector<uint8_t>>& flags) {
+                                     const std::vector<uint8_t>& flags) {
     const int P = kTokensPerPage;
     const std::size_t per_head = static_cast<std::size_t>(n_tokens) * head_dim_;
     // Segments: (head, page) pieces of the new tokens; encoded in parallel.
@@ -163,7 +159,7 @@ void QuantizedKVCache::encode_tokens(const float* keys, const float* values, int
     if (outliers_) {
         for (int h = 0; h < num_heads_; ++h)
             for (int t = 0; t < n_tokens; ++t)
-                if (flags[h][t]) {
+                if (flags[static_cast<std::size_t>(h) * n_tokens + t]) {
                     const std::size_t src = h * per_head + static_cast<std::size_t>(t) * head_dim_;
                     outliers_->add(h, size_ + t, keys + src, values + src);
                 }

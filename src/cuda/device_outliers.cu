@@ -102,14 +102,11 @@ void DeviceOutlierStore::add(KeyNormObserver& observer, int layer, const float* 
                              const float* values, int n, int first, cudaStream_t stream) {
     if (measured_ != n) throw std::logic_error("outliers: add without the measure of its keys");
     measured_ = -1;
+    std::vector<uint8_t> flags(static_cast<std::size_t>(num_heads_) * n);
+    observer.observe_and_flag_heads(layer, num_heads_, norms_host_, n, flags.data());
     std::vector<int32_t> rows;  // head * n + token of each flagged token, head by head
-    std::vector<uint8_t> flags(n);
-    for (int h = 0; h < num_heads_; ++h) {
-        observer.observe_and_flag(layer, h, norms_host_ + static_cast<std::size_t>(h) * n, n,
-                                  flags.data());
-        for (int t = 0; t < n; ++t)
-            if (flags[t]) rows.push_back(h * n + t);
-    }
+    for (int r = 0; r < num_heads_ * n; ++r)
+        if (flags[r]) rows.push_back(r);
     if (rows.empty()) return;
     // The flagged tokens to the host, where the CPU's encoder makes their records.
     const int m = static_cast<int>(rows.size()), d = head_dim_;
