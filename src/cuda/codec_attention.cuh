@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kWarps * 32, R == 8 && MODE == kLaneScores && 
         lim[r] = r < rows ? a.limit(u, row0 + r) : 0;
         lim_max = max(lim_max, lim[r]);
     }
-    const int gap = a.span_gap(u);
+    const int gap = a.window.gap(lim[0]);  // AttentionParams::span_gap(u, row0)
     const int t_begin = split * a.tokens_per_split;
     const int t_end = min(t_begin + a.tokens_per_split, lim_max - gap);
     const HeadRegions layout = a.store.regions[h];

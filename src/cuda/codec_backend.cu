@@ -101,6 +101,12 @@ constexpr bool kFewRowFeatures =
 // (codec_prefill.cuh) where every head has the feature form and head_dim <= 128.
 constexpr int kWidePrefillRows = 64;
 
+// The most distinct queries (consecutive limits) among `rows` consecutive rows, `group` rows a
+// query: what a CTA's sliding-window span depends on (TokenWindow::span_bound).
+constexpr int block_queries(int rows, int group) {
+    return (rows - 1 + group - 1) / group + 1;
+}
+
 template <class Codec>
 class Backend final : public CodecBackend {
 public:
@@ -391,8 +397,9 @@ private:
         a.page_tables = source.page_tables;
         a.outliers = source.outliers;
         // The tokens the splits walk: every one, or a sliding window's span of held pages (a
-        // batch's longest span, which the longest sequence need not have).
-        const int size =
+        // batch's longest span, which the longest sequence need not have), at most a CTA's
+        // span_bound (each CTA walks from its own first row's window).
+        const int span =
             source.span > 0
                 ? source.span
                 : source.size - a.window.gap(causal ? source.size - n_queries + 1 : source.size);
@@ -422,10 +429,8 @@ private:
             kin.views != nullptr ? kin.value_table_floats : value_table_floats_;
         a.table_floats = codec::tables_floats(a.key_table_floats, value_tables);
         if constexpr (codec::FeatureScore<Codec>::kAvailable && D <= 128)
-            // (a sliding window's chunks, and a side store's, take the kernel below)
-            if (wide_prefill_ && kin.views == nullptr && a.rows >= kWidePrefillRows &&
-                a.window.window == 0 && !a.outliers.active())
-                if (attend_wide<D>(a, stream)) return;
+            if (wide_prefill_ && kin.views == nullptr && a.rows >= kWidePrefillRows)
+                if (attend_wide<D>(a, span, stream)) return;
         // Rows per CTA (R): 8 for a prefill chunk or wide groups, 4 for a decode step of grouped
         // heads, 1 for one row; fewer where the rows' states do not fit in shared memory.
         // Tensor-core scores (FeatureScore) where their tiles fit beside the largest R.
@@ -453,6 +458,7 @@ private:
                                       : resident_ctas<D, 1>(a.feature_scores, centred, smem);
         const long long units = static_cast<long long>(a.units) * row_blocks;
         constexpr int kChunk = codec::kWarps * 32;
+        const int size = a.window.span_bound(block_queries(a.rows_per_block, group), span);
         const int chunks = std::max(1, (size + kChunk - 1) / kChunk);
         const long long wave = static_cast<long long>(resident) * sms_;
         const CodecSplit plan = plan_codec_split(units, chunks, wave);
@@ -511,7 +517,7 @@ private:
     /// splits of whole pages planned as codec_attention_kernel's. False (nothing launched) where
     /// its shared memory does not fit.
     template <int D>
-    bool attend_wide(AttentionParams<Codec>& a, cudaStream_t stream) {
+    bool attend_wide(AttentionParams<Codec>& a, int span, cudaStream_t stream) {
         const bool centred = a.center.damped != nullptr;
         const std::size_t smem = codec::prefill_layout(D, a.stage_sizes()).total;
         if (smem > max_smem_) return false;
@@ -524,7 +530,8 @@ private:
                    "codec prefill occupancy");
         check_cuda(waits_for_prerequisite(kernel, waits), "codec prefill code");
         const int row_blocks = (a.rows + codec::kPrefillRows - 1) / codec::kPrefillRows;
-        const int pages = std::max(1, (a.size + codec::kPage - 1) / codec::kPage);
+        const int size = a.window.span_bound(block_queries(codec::kPrefillRows, a.group), span);
+        const int pages = std::max(1, (size + codec::kPage - 1) / codec::kPage);
         const CodecSplit plan =
             plan_codec_split(static_cast<long long>(a.units) * row_blocks, pages,
                              std::max(resident, 1) * static_cast<long long>(sms_));

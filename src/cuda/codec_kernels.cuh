@@ -262,10 +262,11 @@ struct AttentionParams : UnitSet<Codec> {
         const int n = size_of(u);
         return causal ? n - n_queries + row / group + 1 : n;
     }
-    /// The positions unit u's span skips (TokenWindow::gap, from its first row's limit): span
-    /// token v is position window.position(v, gap), and the span ends at the last row's limit
-    /// minus the gap.
-    __device__ int span_gap(int u) const { return window.gap(limit(u, 0)); }
+    /// The positions a CTA's span skips (TokenWindow::gap, from the limit of its first row,
+    /// row0, of unit u): span token v is position window.position(v, gap), and the span ends at
+    /// its last row's limit minus the gap. A chunk's later rows skip more, so every CTA walks at
+    /// most TokenWindow::span_bound tokens, not the whole chunk's span.
+    __device__ int span_gap(int u, int row0) const { return window.gap(limit(u, row0)); }
     __device__ const float* query(int u, int row) const {
         const int qh = u * group + row % group, i = row / group;
         return queries + (static_cast<size_t>(qh) * n_queries + i) * this->store.d;

@@ -60,6 +60,15 @@ struct TokenWindow {
     }
     /// The position of span token v, for a span of this gap.
     __host__ __device__ int position(int v, int gap) const { return v < sink_end() ? v : v + gap; }
+    /// The longest span a block of rows walks whose limits are `queries` consecutive positions
+    /// (rows of one chunk): its gap comes from its first row, so the span ends at most
+    /// sink_end + window + 63 + (queries - 1) tokens on; `full` (the span from the chunk's first
+    /// row) where that is shorter or there is no window.
+    __host__ __device__ int span_bound(int queries, int full) const {
+        if (window <= 0) return full;
+        const long long bound = static_cast<long long>(sink_end()) + window + queries + 62;
+        return bound < full ? static_cast<int>(bound) : full;
+    }
     /// Whether a row of this limit attends position t (no window: t < limit).
     __host__ __device__ bool visible(int t, int limit) const {
         const int width = window > 0 ? window : 0x7fffffff;

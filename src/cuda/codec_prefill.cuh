@@ -8,6 +8,10 @@
 //                          FlashAttention-2 order (Dao, arXiv 2307.08691, Alg. 1): S = Q' F^T, the
 //                          online softmax in registers, O += P V. Its partial states are
 //                          codec_attention_kernel's, and codec_merge_kernel merges them.
+//                          A sliding window's CTA walks the span from its first row's window
+//                          on (TokenWindow: sink pages, then the window's pages), and tokens
+//                          the outlier side store holds are -inf here (the merge scores them
+//                          from their records).
 // codec_attention_kernel serves at most 8 rows a CTA and decodes every token's codes once per
 // CTA; a 512-query chunk of 4 query heads per KV head has 2048 rows, so each code was decoded
 // 256 times. Here it is decoded 16 times, and the scores and value sums are the tensor cores'.
@@ -41,8 +45,12 @@ constexpr int kPrefillRows = 16 * kPrefillWarps;  // query rows of a CTA: a warp
 constexpr int kPrefillTokens = kPage;             // tokens of a tile: one page
 constexpr int kWarpTokens = kPrefillTokens / kPrefillWarps;  // tokens of a page a warp decodes
 static_assert(kPrefillTokens == 64 && kWarpTokens * kPrefillWarps == kPrefillTokens &&
-                  kWarpTokens % 8 == 0,
-              "the score loops hold 8 n-tiles; a warp's slice starts 8-byte aligned");
+                  kWarpTokens % 8 == 0 && 32 % kWarpTokens == 0,
+              "the score loops hold 8 n-tiles; a warp's slice starts 8-byte aligned and lies in "
+              "one word of the outlier mask");
+// A token's entry in the page's `extra` facts where the outlier side store holds it (its logit is
+// -inf here); Codec::extra_entry gives -1 (none) or a state index.
+constexpr int kSideEntry = -2;
 
 /// Shared memory of codec_prefill_kernel (byte offsets), computed alike by the launcher and the
 /// kernel: the codecs' tables | states [2][128][FS] halves | features [64][FS] halves | values
@@ -213,8 +221,19 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
     const int lim_warp = wrows > 0 ? a.limit(u, wrow0 + wrows - 1) : 0;
     const int lim_first = wrows == 16 ? a.limit(u, wrow0) : 0;  // the fewest tokens a row sees
     const int lim_cta = a.limit(u, min(row0 + kPrefillRows, a.rows) - 1);
+    // The splits walk this CTA's span (TokenWindow): span token v is position
+    // window.position(v, gap), the gap from its first row's window (none without a window).
+    const int gap = a.span_gap(u, row0);
     const int t_begin = split * a.tokens_per_split;
-    const int t_end = min(t_begin + a.tokens_per_split, lim_cta);
+    const int t_end = min(t_begin + a.tokens_per_split, lim_cta - gap);
+    // A sliding window: the warp skips a page before every one of its rows' windows (not a sink
+    // page), and takes the logits without mask only from the last row's window start on.
+    const int window = a.window.window, sinks = a.window.sinks;
+    const int below_warp = window > 0 && wrows > 0 ? a.limit(u, wrow0) - window : 0;
+    const int plain_from = window > 0 ? lim_warp - window : 0;
+    // Tokens of the outlier side store are skipped in the pages (codec_merge_kernel scores them
+    // from their records): this unit's mask row, null where it has none.
+    const uint32_t* side = a.outliers.active() ? a.outliers.mask_row(u, h) : nullptr;
     const HeadRegions R = a.store.regions[h];
     const TileWalk feature_walk(F / Features::kGroup, lane, kWarpTokens);
     const TileWalk value_walk =
@@ -224,13 +243,13 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
         warp_stage_stride(static_cast<int>(R.key_code_bytes), a.stage_key_stride);
     const int value_stride =
         warp_stage_stride(static_cast<int>(R.value_code_bytes), a.stage_value_stride);
-    // This warp's kWarpTokens tokens of the page at t0: asynchronous copies of their codes and
-    // scalars to its staging slice (the caller waits: stage_wait).
+    // This warp's kWarpTokens tokens of the page at span token v0: asynchronous copies of their
+    // codes and scalars to its staging slice (the caller waits: stage_wait).
     const int slot = kWarpTokens * warp;  // the warp's first token of a page
-    const auto stage_page = [&](int t0) {
-        const int mine = min(kWarpTokens, max(0, min(kPrefillTokens, t_end - t0) - slot));
+    const auto stage_page = [&](int v0) {
+        const int mine = min(kWarpTokens, max(0, min(kPrefillTokens, t_end - v0) - slot));
         if (mine == 0) return;
-        const uint8_t* page = a.page(u, t0);
+        const uint8_t* page = a.page(u, a.window.position(v0, gap));
         stage_warp_rows(st_key, key_stride, page + R.key_codes + slot * R.key_code_bytes,
                         static_cast<int>(R.key_code_bytes), mine, lane);
         stage_warp_rows(st_value, value_stride, page + R.value_codes + slot * R.value_code_bytes,
@@ -258,8 +277,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
     float o_factor = 1.0f;  // the true sums are o * o_factor
 
     if (t_begin < t_end) stage_page(t_begin);
-    for (int t0 = t_begin; t0 < t_end; t0 += kPrefillTokens) {
-        const int n = min(kPrefillTokens, t_end - t0);  // t0 is a page's first slot
+    for (int v0 = t_begin; v0 < t_end; v0 += kPrefillTokens) {
+        const int n = min(kPrefillTokens, t_end - v0);  // v0 is a page's first slot
+        const int t0 = a.window.position(v0, gap);      // and t0 its position
         stage_wait();                                   // this warp's slice of the page has landed
         __syncthreads();  // and every warp is done with the previous page's tiles
         // Warp w decodes its tokens from its slice: features, value centroids, and per token the
@@ -276,17 +296,21 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
         bool has_extra = false;
         if (lane < kWarpTokens) {
             const bool real = lane < mine;
-            const int e = real ? Codec::extra_entry(kp, st_key + lane * key_stride) : -1;
+            int e = real ? Codec::extra_entry(kp, st_key + lane * key_stride) : -1;
+            if (real && side != nullptr) {  // (a warp's tokens lie in one mask word)
+                const int t = t0 + slot + lane;
+                if ((side[t / 32] >> (t % 32)) & 1u) e = kSideEntry;
+            }
             factor[slot + lane] = real ? Codec::feature_factor(st_kscal + lane) : 0.0f;
             extra[slot + lane] = e;
             value_scale[slot + lane] = real ? (scaled ? st_vscal[lane] : 1.0f) : 0.0f;
-            has_extra = e >= 0;
+            has_extra = e != -1;
         }
         __syncwarp();
         zero_tile_rows(ftile, fs, F, mine, lane);
         zero_tile_rows(vtile, VS, D, mine, lane);
         // The slice is decoded: the next page's copies run during this one's math.
-        if (t0 + kPrefillTokens < t_end) stage_page(t0 + kPrefillTokens);
+        if (v0 + kPrefillTokens < t_end) stage_page(v0 + kPrefillTokens);
         // Centred keys: each row's <q, c_page> (add_page_center's sum), two threads a row.
         if constexpr (CENTRED) {
             const int r = threadIdx.x >> 1, P = a.center.pairs;
@@ -302,10 +326,13 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
             if ((threadIdx.x & 1) == 0) bias[r] = b;
         }
         // The page's tiles, token facts and biases are in place. A page without extra entries
-        // that all 16 of this warp's rows see in full takes the logits without mask or entry.
+        // or skipped tokens that all 16 of this warp's rows see in full takes the logits without
+        // mask or entry.
         const bool any_extra = __syncthreads_or(has_extra);
-        if (t0 >= lim_warp) continue;  // (warp-uniform) none of this warp's rows sees the page
-        const bool plain = !any_extra && t0 + kPrefillTokens <= lim_first;
+        // (warp-uniform) none of this warp's rows sees the page
+        if (t0 >= lim_warp || (t0 + kPrefillTokens <= below_warp && t0 >= sinks)) continue;
+        const bool plain = !any_extra && t0 + kPrefillTokens <= lim_first &&
+                           (window == 0 || t0 >= plain_from || t0 + kPrefillTokens <= sinks);
 
         // S [16 rows][64 tokens] = states x features^T, hi and lo parts.
         float s[kTokenTiles][4];
@@ -361,7 +388,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
                               (second ? bias_b : bias_a);
                     if (e >= 0 && lim > 0)  // (a real row)
                         x += (second ? state_b : state_a)[e] * a.scale_log2;
-                    x = t0 + t < lim ? x : -INFINITY;
+                    x = e != kSideEntry && a.window.visible(t0 + t, lim) ? x : -INFINITY;
                     s[j][i] = x;
                     mx[second] = fmaxf(mx[second], x);
                 }

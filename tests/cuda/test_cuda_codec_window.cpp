@@ -1,7 +1,8 @@
 // Sliding windows on the device (CudaCodecCache with window > 0) against the CPU's
 // SlidingWindowKVCache of the same config, window and sinks: the same pages held after every
-// append, decode and causal-prefill attention on the codes within 1e-3 relative error (the
-// generic kernel at 4 and 8 rows a CTA, sink pages and window spans that skip evicted pages),
+// append, decode and causal-prefill attention on the codes within 1e-3 relative error (the wide
+// prefill kernel and the generic one at 4 and 8 rows a CTA, sink pages and window spans that skip
+// evicted pages),
 // the same refusals (a causal chunk reaching evicted tokens, dequantize of evicted tokens, a
 // truncate that would expose them), device memory that stays flat while positions grow, and the
 // window through a saved file and the host both ways. Skips without a device.
@@ -100,9 +101,10 @@ TEST_P(CodecWindow, AttendsAsTheCpuWindowAndHoldsTheSamePages) {
     EXPECT_EQ(gpu.window(), k.window);
     EXPECT_EQ(gpu.sink_tokens(), k.sinks);
     uint64_t seed = 40;
-    // A long prefill chunk (4 x 300 rows: a window's chunks take the generic kernel, 8 rows a
-    // CTA, not the wide one), a second chunk, a short one, decode steps across page boundaries
-    // (4 rows a CTA), then a chunk whose first queries' windows reach evicted pages.
+    // A long prefill chunk (4 x 300 rows: the wide kernel where the codec has the feature form,
+    // each CTA of 128 rows walking from its own first row's window; the generic kernel at 8 rows
+    // a CTA otherwise), a second chunk, a short one (8 rows a CTA), decode steps across page
+    // boundaries (4 rows a CTA), then a chunk whose first queries' windows reach evicted pages.
     std::vector<int> chunks = {300, 130, 5};
     chunks.insert(chunks.end(), 66, 1);
     chunks.push_back(90);
@@ -188,6 +190,28 @@ TEST_P(CodecWindow, AttendsAsTheCpuWindowAndHoldsTheSamePages) {
     EXPECT_EQ(gpu.size(), 0);
     gpu.append(d1.get(), d1.get(), 1, nullptr);
     EXPECT_TRUE(gpu.position_held(0));
+}
+
+// A prompt of many windows appended as one chunk and attended causally at once, as a sliding
+// layer's prefill: each CTA walks only its own rows' windows (the span from its first row's
+// window on, at most TokenWindow::span_bound tokens), in groups of 1, 3 and 8 query heads per KV
+// head (different rows a CTA and queries a row block), and a non-causal chunk over it.
+TEST_P(CodecWindow, LongPromptAttendsWithinEachQuerysWindow) {
+    SKIP_WITHOUT_DEVICE();
+    const WindowCase& k = GetParam();
+    const int H = k.heads, d = k.d, n = 1500;
+    auto cpu = cpu_window(k, 4096);
+    CudaCodecCache gpu(k.config, H, d, 4096, 0, k.window, k.sinks);
+    const auto keys = random_tokens(H, n, d, 700, 0.5f);
+    const auto values = random_tokens(H, n, d, 701, 0.5f);
+    DeviceBuffer<float> dk(keys), dv(values);
+    cpu->append(keys.data(), values.data(), n);
+    gpu.append(dk.get(), dv.get(), n, nullptr);
+    uint64_t seed = 710;
+    for (const int group : {1, 3, 8})
+        expect_same_attention(gpu, *cpu, H * group, n, true, ++seed,
+                              "causal prompt, group " + std::to_string(group));
+    expect_same_attention(gpu, *cpu, H * 4, 200, false, ++seed, "non-causal");
 }
 
 // Positions grow to 60 pages while the device memory stays what the first chunks took: the
