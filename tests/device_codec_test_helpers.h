@@ -54,9 +54,11 @@ void expect_rows_match_single(const typename Dev::Params& p, const std::vector<f
 
 /// The feature form of the score (device_common.h), where the codec names it and its Params
 /// allow it, token by token against score_one: state[extra] + factor * sum_i f_i state[offset + i]
-/// within 1e-5 of the terms' magnitude (|extra| + |factor| sum_i |f_i state_i|), and within 2e-3
-/// with the features rounded to fp16 as the device's tile holds them (the device keeps ~22 bits
-/// of the states: their rounding is left out).
+/// within 1e-5 of the terms' magnitude (|extra| + |factor| sum_i |f_i state_i|), within 2e-3
+/// with the features rounded to fp16 as the decode kernels' tile holds them, and within 1e-5 with
+/// them as the wide prefill kernel's high and low halves (the device keeps ~22 bits of the
+/// states: their rounding is left out). A codec that declares kExactHalfFeatures (the wide
+/// kernel then takes the high halves only) has every feature exact in fp16.
 template <class Dev>
 void expect_feature_form(const typename Dev::Params& p, const std::vector<float>& state,
                          const uint8_t* codes, std::size_t code_bytes, const float* scalars, int n,
@@ -70,12 +72,17 @@ void expect_feature_form(const typename Dev::Params& p, const std::vector<float>
         for (int t = 0; t < n; ++t) {
             const uint8_t* code = codes + t * code_bytes;
             for (int g = 0; g * G < F; ++g) Dev::features(p, code, pos0 + t, g, f.data() + g * G);
-            double dot = 0.0, dot16 = 0.0, magnitude = 0.0;
+            double dot = 0.0, dot16 = 0.0, dot_split = 0.0, magnitude = 0.0;
             for (int i = 0; i < F; ++i) {
                 ASSERT_LT(std::fabs(f[i]), dev::kFeatureHalfLimit) << "feature " << i;
                 const double s = state[off + i];
+                const float high = half_to_float(float_to_half(f[i]));
+                const float low = half_to_float(float_to_half(f[i] - high));
+                if constexpr (dev::ExactHalfFeatures<Dev>::value)
+                    ASSERT_EQ(high, f[i]) << "feature " << i << " is not exact in fp16";
                 dot += f[i] * s;
-                dot16 += half_to_float(float_to_half(f[i])) * s;
+                dot16 += high * s;
+                dot_split += (static_cast<double>(high) + low) * s;
                 magnitude += std::fabs(f[i] * s);
             }
             const int extra = Dev::extra_entry(p, code);
@@ -89,6 +96,8 @@ void expect_feature_form(const typename Dev::Params& p, const std::vector<float>
                 << "feature form, token " << t;
             EXPECT_LE(std::fabs(base + factor * dot16 - direct), 2e-3 * scale)
                 << "fp16 features, token " << t;
+            EXPECT_LE(std::fabs(base + factor * dot_split - direct), 1e-5 * scale)
+                << "fp16 high and low features, token " << t;
         }
     }
 }

@@ -519,7 +519,9 @@ private:
     template <int D>
     bool attend_wide(AttentionParams<Codec>& a, int span, cudaStream_t stream) {
         const bool centred = a.center.damped != nullptr;
-        const std::size_t smem = codec::prefill_layout(D, a.stage_sizes()).total;
+        const std::size_t smem =
+            codec::prefill_layout(D, a.stage_sizes(), !codec::FeatureScore<Codec>::kExactHalves)
+                .total;
         if (smem > max_smem_) return false;
         auto* kernel = &codec::codec_prefill_kernel<Codec, D, false>;
         if constexpr (kCentredKernels<Codec, D>)

@@ -62,6 +62,9 @@ struct FeatureScore<Codec, true> {
     using Params = typename Codec::Params;
     static constexpr bool kAvailable = true;
     static constexpr int kGroup = Codec::kFeatureGroup;
+    /// Whether the features are exact in fp16 (dev::ExactHalfFeatures); otherwise the wide
+    /// prefill kernel takes them as high and low halves.
+    static constexpr bool kExactHalves = dev::ExactHalfFeatures<Codec>::value;
     static_assert(kGroup == 8 || kGroup == 16, "features come in groups of 8 or 16");
 
     /// F rounded up to the mma's 16 (the features and states past F are zero).
@@ -77,9 +80,10 @@ struct FeatureScore<Codec, true> {
 
     /// walk.rows (16) tokens' features (rows `stride` bytes apart, positions pos0, pos0 + 1, ...)
     /// into tile rows `ts` halves apart, lanes over (token, group); groups past F are zeros.
-    /// walk: TileWalk(padded(p) / kGroup, lane).
+    /// walk: TileWalk(padded(p) / kGroup, lane). With `low` (a tile of the same layout), the
+    /// features' fp16 rounding goes to `tile` and the fp16 rounding of the rest to `low`.
     __device__ static void decode_tile(const Params& p, const uint8_t* rows, int stride, int pos0,
-                                       __half* tile, int ts, TileWalk walk) {
+                                       __half* tile, int ts, TileWalk walk, __half* low = nullptr) {
         const int F = Codec::feature_count(p);
         for (; walk.row < walk.rows; walk.next()) {
             float f[kGroup];
@@ -92,6 +96,12 @@ struct FeatureScore<Codec, true> {
             uint4* dst = reinterpret_cast<uint4*>(tile + walk.row * ts + first);
 #pragma unroll
             for (int k = 0; k < kGroup / 8; ++k) dst[k] = pack_halves(f + 8 * k);
+            if (low == nullptr) continue;
+#pragma unroll
+            for (int k = 0; k < kGroup; ++k) f[k] -= __half2float(__float2half_rn(f[k]));
+            uint4* rest = reinterpret_cast<uint4*>(low + walk.row * ts + first);
+#pragma unroll
+            for (int k = 0; k < kGroup / 8; ++k) rest[k] = pack_halves(f + 8 * k);
         }
     }
 };

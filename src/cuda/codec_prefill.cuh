@@ -19,7 +19,10 @@
 // Scores use the codecs' feature form (device_common.h): score_r(t) = state_r[extra_t] +
 // factor_t sum_i f_i(code_t) state_r[offset + i]. A = the rows' states, each row scaled by a power
 // of 2 so that its largest entry is below 1 and split into fp16 high and low parts (two mma, ~22
-// bits of every entry: codec_feature_scores.cuh); B = the page's features [64 tokens][F] (fp16).
+// bits of every entry: codec_feature_scores.cuh); B = the page's features [64 tokens][F] (fp16;
+// features not exact in fp16, such as turboquant's centroid sums, as a high and a low half, whose
+// third mma keeps logits of tens as close to the CPU's as the lane scores: FeatureScore::
+// kExactHalves).
 // Values: the tile holds the value codec's centroids, the token's scale goes into P relative to the
 // page's largest |scale| (codec_value_mma.cuh's scheme, with one running factor a warp).
 #pragma once
@@ -53,23 +56,26 @@ static_assert(kPrefillTokens == 64 && kWarpTokens * kPrefillWarps == kPrefillTok
 constexpr int kSideEntry = -2;
 
 /// Shared memory of codec_prefill_kernel (byte offsets), computed alike by the launcher and the
-/// kernel: the codecs' tables | states [2][128][FS] halves | features [64][FS] halves | values
+/// kernel: the codecs' tables | states [2][128][FS] halves | features [64][FS] halves, and their
+/// low halves [64][FS] where they are split (FeatureScore::kExactHalves false) | values
 /// [64][D + 8] halves | per row: scale, centre bias | per token: key factor, value scale, extra
 /// entry | each warp's staging slice: the raw key codes, value codes, key and value scalars of its
 /// 8 tokens of a page, at the launch's staged strides. FS = feature_stride(feature span): rows
 /// an odd multiple of 16 bytes apart, as ldmatrix reads them without bank conflicts.
 struct PrefillLayout {
-    size_t states = 0, features = 0, values = 0, row_scale = 0, bias = 0, factor = 0,
-           value_scale = 0, extra = 0, stage = 0, total = 0;
+    size_t states = 0, features = 0, features_low = 0, values = 0, row_scale = 0, bias = 0,
+           factor = 0, value_scale = 0, extra = 0, stage = 0, total = 0;
     size_t warp_stage = 0, stage_values = 0, stage_key_scalars = 0, stage_value_scalars = 0;
 };
 
-__host__ __device__ constexpr PrefillLayout prefill_layout(int D, const StageSizes& z) {
+__host__ __device__ constexpr PrefillLayout prefill_layout(int D, const StageSizes& z,
+                                                           bool split_features) {
     const size_t fs = static_cast<size_t>(feature_stride(z.feature_span)) * sizeof(__half);
     PrefillLayout L;
     L.states = round16(static_cast<size_t>(z.table_floats) * sizeof(float));
     L.features = L.states + 2 * kPrefillRows * fs;
-    L.values = L.features + kPrefillTokens * fs;
+    L.features_low = L.features + kPrefillTokens * fs;
+    L.values = L.features_low + (split_features ? kPrefillTokens * fs : 0);
     L.row_scale = L.values + kPrefillTokens * static_cast<size_t>(tile_stride(D)) * sizeof(__half);
     L.bias = L.row_scale + kPrefillRows * sizeof(float);
     L.factor = L.bias + kPrefillRows * sizeof(float);
@@ -88,18 +94,18 @@ __host__ __device__ constexpr PrefillLayout prefill_layout(int D, const StageSiz
 /// Whether every region of L starts at a 16-byte boundary (ldmatrix rows, cp.async's 16-byte
 /// copies, the tables' float4 reads).
 __host__ __device__ constexpr bool prefill_layout_aligned(const PrefillLayout& L) {
-    return (L.states | L.features | L.values | L.row_scale | L.bias | L.factor | L.value_scale |
-            L.extra | L.stage | L.warp_stage | L.stage_values | L.stage_key_scalars |
-            L.stage_value_scalars) %
+    return (L.states | L.features | L.features_low | L.values | L.row_scale | L.bias | L.factor |
+            L.value_scale | L.extra | L.stage | L.warp_stage | L.stage_values |
+            L.stage_key_scalars | L.stage_value_scalars) %
                16 ==
            0;
 }
 // Odd strides and counts: a table of 37 floats, 3-bit keys of d = 96 (36 + 1 word staged), 2
 // key and 3 value scalars, a feature span of 100.
-static_assert(prefill_layout_aligned(prefill_layout(128,
-                                                    StageSizes{100, 37, 44, 48, 2, 3, 1, 100})));
-static_assert(prefill_layout_aligned(prefill_layout(64,
-                                                    StageSizes{68, 1028, 20, 16, 1, 1, 1, 64})));
+static_assert(prefill_layout_aligned(prefill_layout(128, StageSizes{100, 37, 44, 48, 2, 3, 1, 100},
+                                                    true)));
+static_assert(prefill_layout_aligned(prefill_layout(64, StageSizes{68, 1028, 20, 16, 1, 1, 1, 64},
+                                                    false)));
 
 /// The fp16 states of rows row0 .. row0 + 15 (of `rows` real ones), by one warp: row r's entries
 /// offset .. offset + F - 1 times 2^-e_r (e_r the exponent of its largest |entry|) as high and low
@@ -170,7 +176,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
     uint8_t* smem = reinterpret_cast<uint8_t*>(smem_vec);
     const int span = a.stage_sizes().feature_span;
     const int fs = feature_stride(span);
-    const PrefillLayout L = prefill_layout(D, a.stage_sizes());
+    constexpr bool kSplit = !Features::kExactHalves;  // the features' high and low halves
+    const PrefillLayout L = prefill_layout(D, a.stage_sizes(), kSplit);
     const int split = blockIdx.x, u = blockIdx.y, h = a.head(u);
     const int row0 = blockIdx.z * kPrefillRows;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -188,6 +195,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
     __half* st_hi = reinterpret_cast<__half*>(smem + L.states);
     __half* st_lo = st_hi + kPrefillRows * fs;
     __half* features = reinterpret_cast<__half*>(smem + L.features);
+    __half* features_low = reinterpret_cast<__half*>(smem + L.features_low);
     __half* values = reinterpret_cast<__half*>(smem + L.values);
     float* row_scale = reinterpret_cast<float*>(smem + L.row_scale);
     float* bias = reinterpret_cast<float*>(smem + L.bias);
@@ -286,9 +294,10 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
         // key factor, the value scale and the extra state entry.
         const int mine = min(kWarpTokens, max(0, n - slot));
         __half* ftile = features + slot * fs;
+        __half* flow = kSplit ? features_low + slot * fs : nullptr;
         __half* vtile = values + slot * VS;
         if (mine > 0) {
-            Features::decode_tile(kp, st_key, key_stride, t0 + slot, ftile, fs, feature_walk);
+            Features::decode_tile(kp, st_key, key_stride, t0 + slot, ftile, fs, feature_walk, flow);
             decode_value_tile<D>(
                 TileCodes{st_value, value_stride, static_cast<int>(R.value_code_bytes), vp.bits, d},
                 value_table, vtile, value_walk, lane);
@@ -308,6 +317,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
         }
         __syncwarp();
         zero_tile_rows(ftile, fs, F, mine, lane);
+        if constexpr (kSplit) zero_tile_rows(flow, fs, F, mine, lane);
         zero_tile_rows(vtile, VS, D, mine, lane);
         // The slice is decoded: the next page's copies run during this one's math.
         if (v0 + kPrefillTokens < t_end) stage_page(v0 + kPrefillTokens);
@@ -334,7 +344,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
         const bool plain = !any_extra && t0 + kPrefillTokens <= lim_first &&
                            (window == 0 || t0 >= plain_from || t0 + kPrefillTokens <= sinks);
 
-        // S [16 rows][64 tokens] = states x features^T, hi and lo parts.
+        // S [16 rows][64 tokens] = states x features^T: states hi and lo x features hi, and where
+        // the features are split, states hi x features lo (lo x lo is below fp32's last bits).
         float s[kTokenTiles][4];
 #pragma unroll
         for (int j = 0; j < kTokenTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
@@ -354,6 +365,11 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 1)
                 mma_16816(s[j], al, b[0], b[1]);
                 mma_16816(s[j + 1], ah, b[2], b[3]);
                 mma_16816(s[j + 1], al, b[2], b[3]);
+                if constexpr (kSplit) {
+                    ldmatrix_x4<false>(b, features_low + b_off + 8 * j * fs + k0);
+                    mma_16816(s[j], ah, b[0], b[1]);
+                    mma_16816(s[j + 1], ah, b[2], b[3]);
+                }
             }
         }
         // Logits (log2 units): scale back, the token's factor and extra entry, the centre bias;

@@ -48,6 +48,9 @@
 //     VQ_HD static float feature_factor(const float* scalars);   // scalars as score's
 //     VQ_HD static int extra_entry(const Params&, const uint8_t* code);  // -1: none
 // A codec whose code bytes are its features as fp16 (kFeaturesInPlace = true) is read in place.
+// A codec whose features are always exact in fp16 (kExactHalfFeatures = true: stored halves,
+// signs, small integer levels) lets the wide prefill kernel skip their low halves (the others'
+// features go to it as an fp16 high half and the fp16 rounding of the rest, as the states do).
 // tests/device_codec_test_helpers.h checks the form against score_one for every such codec.
 //
 // score takes R rows' states interleaved, entry i of row r at state[i * R + r] (R = 1: prepare's
@@ -288,6 +291,13 @@ template <class Codec, class = void>
 struct HasFeatures : std::false_type {};
 template <class Codec>
 struct HasFeatures<Codec, std::void_t<decltype(Codec::kFeatureGroup)>> : std::true_type {};
+
+/// Whether Codec's features are exact in fp16 (see above).
+template <class Codec, class = void>
+struct ExactHalfFeatures : std::false_type {};
+template <class Codec>
+struct ExactHalfFeatures<Codec, std::void_t<decltype(Codec::kExactHalfFeatures)>>
+    : std::bool_constant<Codec::kExactHalfFeatures> {};
 
 /// Floats of Codec's table (0 without one).
 template <class Codec>

@@ -48,6 +48,7 @@ struct Fp16Device {
     // The feature form (device_common.h): the stored halves, read in place on the device.
     static constexpr int kFeatureGroup = 8;
     static constexpr bool kFeaturesInPlace = true;
+    static constexpr bool kExactHalfFeatures = true;
     VQ_HD static int feature_offset(const Params&) { return 0; }
     VQ_HD static int feature_count(const Params& p) { return p.d; }
     VQ_HD static bool features_usable(const Params& p) { return p.d % 8 == 0; }

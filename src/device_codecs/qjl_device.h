@@ -81,6 +81,7 @@ struct QjlDevice {
 
     // The feature form (device_common.h): f_i = +1 or -1 by bit i, factor ||k||.
     static constexpr int kFeatureGroup = 8;
+    static constexpr bool kExactHalfFeatures = true;
     VQ_HD static int feature_offset(const Params&) { return 0; }
     VQ_HD static int feature_count(const Params& p) { return p.m; }
     VQ_HD static bool features_usable(const Params& p) { return p.m % 8 == 0; }

@@ -229,8 +229,10 @@ struct RaBitQDevice {
     }
 
     // The feature form (device_common.h): f_j = level_j - (2^b - 1) / 2, factor the stored
-    // scale, plus the state's <q', c> entry of the token's cluster.
+    // scale, plus the state's <q', c> entry of the token's cluster. Levels of up to 8 bits less
+    // a half-integer offset are exact in fp16.
     static constexpr int kFeatureGroup = 8;
+    static constexpr bool kExactHalfFeatures = true;
     VQ_HD static int feature_offset(const Params&) { return 0; }
     VQ_HD static int feature_count(const Params& p) { return p.d; }
     VQ_HD static bool features_usable(const Params&) { return true; }
