@@ -10,8 +10,10 @@
 //           keys' norms are log-normal (sigma 0.5: the observer flags their tails), then a
 //           512-token chunk appended and attended causally; beside it the same cache without
 //           observer.
-// Every timing is the median of --repeats calls after one untimed call (CUDA events around the
-// call, the legacy default stream). The dense baseline (torch SDPA of the same shapes) is
+// Every attend time is the median of --repeats calls after one untimed call (CUDA events around
+// the call, the legacy default stream); append_ms is one call: the prompt's append (the process's
+// first also pays its first launches) or the 512-token chunk's (norms, observer and records
+// included). The dense baseline (torch SDPA of the same shapes) is
 // bench/cuda/sdpa_prefill_chunk.py --window, run in the same device call.
 // Usage: bench_window_prefill OUT.json [PROMPT [WINDOW [N [REPEATS]]]] (defaults 32768 4096
 // 32768 5).
@@ -100,6 +102,7 @@ Point outlier_point(const std::string& name, KVCacheConfig config, bool observed
     DeviceFloats queries(qn), out(qn);
     fill(queries.p, qn, 21);
     CudaCodecCache cache(config, kKv, kD, n + kChunk, 0, 0, 0);
+    float append_ms = 0.0f;
     for (int start = 0, c = 0; start < n + kChunk; ++c) {
         const int m = start < n ? std::min(kFillChunk, n - start) : kChunk;
         const long long rows = static_cast<long long>(kKv) * m;  // [heads][m][d]
@@ -109,11 +112,15 @@ Point outlier_point(const std::string& name, KVCacheConfig config, bool observed
         scale_rows<<<static_cast<unsigned>((rows * kD + 255) / 256), 256>>>(keys.p, z.p, rows, kD,
                                                                             0.5f);
         check_cuda(cudaGetLastError(), "scale_rows");
-        cache.append(keys.p, values.p, m, nullptr);
+        if (start < n)
+            cache.append(keys.p, values.p, m, nullptr);
+        else  // the chunk: its append timed
+            append_ms = time_ms(1, [&](int) { cache.append(keys.p, values.p, m, nullptr); })[0];
         start += m;
     }
     const float scale = 1.0f / std::sqrt(static_cast<float>(kD));
     Point p{observed ? "outliers" : "no_observer", name, n + kChunk, kChunk};
+    p.append_ms = append_ms;
     p.outlier_tokens = cache.outlier_tokens();
     cache.attend(queries.p, kQ, kChunk, out.p, scale, true, nullptr);
     p.attend_ms = median(time_ms(
@@ -154,10 +161,10 @@ int run(const char* out_path, int prompt, int window, int n, int repeats) {
     std::fprintf(f,
                  "{\n  \"device\": \"%s\",\n  \"command\": \"bench_window_prefill %s %d %d %d "
                  "%d\",\n  \"kv_heads\": %d, \"q_heads\": %d, \"head_dim\": %d,\n  \"note\": "
-                 "\"medians of CUDA-event times; window: a prompt appended as one chunk, then its "
-                 "queries attend causally on the codes (window 0: no window); outliers / "
-                 "no_observer: a %d-token causal chunk at the end of the tokens\",\n  \"points\": "
-                 "[\n",
+                 "\"attend_ms: medians of CUDA-event times; append_ms: one call; window: a prompt "
+                 "appended as one chunk, then its queries attend causally on the codes (window 0: "
+                 "no window); outliers / no_observer: a %d-token chunk appended at the end of the "
+                 "tokens, then attended causally\",\n  \"points\": [\n",
                  prop.name, out_path, prompt, window, n, repeats, kKv, kQ, kD, kChunk);
     for (std::size_t i = 0; i < points.size(); ++i) {
         const Point& p = points[i];
