@@ -267,16 +267,21 @@ void batch_attend(Batch& step, const std::vector<P>& caches, const AnyArray& que
     step.attend(caches, q, static_cast<int>(queries.shape(1)), o, scale, as_stream(stream));
 }
 
-/// Throws unless 0 <= page < the pages that hold tokens.
-void check_page(int size, int page) {
-    const int held = (size + kTokensPerPage - 1) / kTokensPerPage;
+/// Throws unless 0 <= page < the pages that hold tokens and the page is held (not evicted by a
+/// sliding window).
+template <class Cache>
+void check_page(const Cache& c, int page) {
+    const int held = (c.size() + kTokensPerPage - 1) / kTokensPerPage;
     if (page < 0 || page >= held)
         throw std::out_of_range("page " + std::to_string(page) + " is outside the " +
                                 std::to_string(held) + " pages that hold tokens");
+    if (!c.position_held(page * kTokensPerPage))
+        throw std::out_of_range("page " + std::to_string(page) +
+                                " was evicted by the sliding window");
 }
 
 Numpy<uint8_t> turboquant_page(const CudaTurboQuantCache& c, int page) {
-    check_page(c.size(), page);
+    check_page(c, page);
     Numpy<uint8_t> out = new_array<uint8_t>({static_cast<size_t>(c.layout().page_bytes)});
     {
         nb::gil_scoped_release release;
@@ -287,10 +292,7 @@ Numpy<uint8_t> turboquant_page(const CudaTurboQuantCache& c, int page) {
 }
 
 Numpy<uint8_t> codec_page(const CudaCodecCache& c, int page) {
-    check_page(c.size(), page);
-    if (!c.position_held(page * kTokensPerPage))
-        throw std::out_of_range("page " + std::to_string(page) +
-                                " was evicted by the sliding window");
+    check_page(c, page);
     Numpy<uint8_t> out = new_array<uint8_t>({c.page_layout().page_bytes});
     {
         nb::gil_scoped_release release;
@@ -326,15 +328,11 @@ nb::dict layout_dict(const PageLayout& pl) {
 /// What both device caches bind alike.
 template <class Cache>
 void def_device_cache(nb::class_<Cache>& cls) {
-    if constexpr (std::is_same_v<Cache, CudaCodecCache>)
-        cls.def(nb::init<const KVCacheConfig&, int, int, int, int, int, int>(), "config"_a,
-                "num_heads"_a, "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0, "window"_a = 0,
-                "sink_tokens"_a = 4);
-    else
-        cls.def(nb::init<const KVCacheConfig&, int, int, int, int>(), "config"_a, "num_heads"_a,
-                "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0);
-    cls.def("append", &cuda_append<Cache>, "keys"_a, "values"_a, "stream"_a = 0,
-            "Encodes [num_heads, n, head_dim] keys and values (CapacityError past max_seq_len).")
+    cls.def(nb::init<const KVCacheConfig&, int, int, int, int, int, int>(), "config"_a,
+            "num_heads"_a, "head_dim"_a, "max_seq_len"_a = 8192, "layer"_a = 0, "window"_a = 0,
+            "sink_tokens"_a = 4)
+        .def("append", &cuda_append<Cache>, "keys"_a, "values"_a, "stream"_a = 0,
+             "Encodes [num_heads, n, head_dim] keys and values (CapacityError past max_seq_len).")
         .def("dequantize", &cuda_dequantize<Cache>, "start"_a, "keys"_a, "values"_a, "stream"_a = 0,
              "Reconstructs tokens [start, start + n) into keys and values [num_heads, n, "
              "head_dim].")
@@ -346,7 +344,11 @@ void def_device_cache(nb::class_<Cache>& cls) {
         .def_prop_ro("num_heads", &Cache::num_heads)
         .def_prop_ro("head_dim", &Cache::head_dim)
         .def_prop_ro("device", &Cache::device)
-        .def_prop_ro("nbytes", &Cache::nbytes);
+        .def_prop_ro("nbytes", &Cache::nbytes)
+        .def_prop_ro("window", &Cache::window)
+        .def_prop_ro("sink_tokens", &Cache::sink_tokens)
+        .def("position_held", &Cache::position_held, "pos"_a,
+             "Whether position pos is stored (not evicted by the sliding window).");
 }
 
 /// What both batch classes bind alike (P: the pointer type their attend takes).
@@ -427,11 +429,7 @@ void bind_cuda(nb::module_& m) {
              "the last n_queries tokens appended.")
         .def("page", &codec_page, "page"_a,
              "The bytes of one page (downloads every page; synchronous).")
-        .def_prop_ro("window", &CudaCodecCache::window)
-        .def_prop_ro("sink_tokens", &CudaCodecCache::sink_tokens)
         .def_prop_ro("outlier_tokens", &CudaCodecCache::outlier_tokens)
-        .def("position_held", &CudaCodecCache::position_held, "pos"_a,
-             "Whether position pos is stored (not evicted by the sliding window).")
         .def(
             "to_host",
             [](const CudaCodecCache& c) -> std::unique_ptr<KVCache> {

@@ -615,6 +615,52 @@ def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
 
 
 @needs_cuda
+def test_turboquant_cache_sliding_window_matches_the_cpu_window():
+    """CudaTurboQuantCache(window=, sink_tokens=) decodes as a CPU SlidingWindowKVCache of the
+    same window (1e-3; the 1-bit / 2-bit layout, which the window sends to the general kernels),
+    evicts the same pages, refuses evicted tokens, and batches with windows of its width."""
+    from veloxquant.cache.sliding_window_cache import SlidingWindowKVCache
+    config = KVCacheConfig(method="turboquant_rvq", bits=1, value_bits=2, seed=9)
+    gpu = vq_cuda.CudaTurboQuantCache(config, 2, 128, max_seq_len=2048, window=100,
+                                      sink_tokens=4)
+    cpu = SlidingWindowKVCache(create_cpu_cache(config, 2, 128, 2048, 0), 100, sink_tokens=4)
+    assert (gpu.window, gpu.sink_tokens) == (100, 4) and "window=100" in repr(gpu)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for n in (300, 40, 1, 1, 1):
+        k = torch.randn(2, n, 128, device="cuda", generator=g)
+        v = torch.randn(2, n, 128, device="cuda", generator=g)
+        gpu.append(k, v)
+        cpu.append(k.cpu().numpy(), v.cpu().numpy())
+        q = torch.randn(8, 128, device="cuda", generator=g)
+        want = cpu.attend(q.cpu().numpy()[:, None, :], causal=True)[:, 0]
+        assert rel(gpu.attend(q).cpu().numpy(), want) < 1e-3, n
+    # pages wholly inside [4, 343 - 1 + 1 - 100) are gone: 1 and 2
+    assert [gpu.position_held(64 * p) for p in range(6)] == [True, False, False, True, True, True]
+    with pytest.raises((IndexError, ValueError)):
+        gpu.page(2)
+    with pytest.raises((IndexError, ValueError)):
+        gpu.dequantize(64, 10)
+    assert gpu.empty_like().window == 100
+    with pytest.raises(ValueError):  # centred keys with a window: CudaKVCache serves them
+        vq_cuda.CudaTurboQuantCache(KVCacheConfig(method="turboquant_rvq", bits=1, value_bits=2,
+                                                  center_keys=True), 2, 128, window=100)
+    other = gpu.empty_like()
+    other.append(torch.randn(2, 150, 128, device="cuda", generator=g),
+                 torch.randn(2, 150, 128, device="cuda", generator=g))
+    step = vq_cuda.CudaTurboQuantBatch()
+    k = torch.randn(2, 2, 1, 128, device="cuda", generator=g)
+    step.append([gpu, other], k, k)
+    q = torch.randn(2, 8, 128, device="cuda", generator=g)
+    together = step.attend([gpu, other], q)
+    for b, cache in enumerate((gpu, other)):
+        assert rel(together[b].cpu().numpy(), cache.attend(q[b]).cpu().numpy()) < 1e-5, b
+    plain = vq_cuda.CudaTurboQuantCache(config, 2, 128, max_seq_len=2048)
+    plain.append(k[0], k[0])
+    with pytest.raises(ValueError, match="window"):  # no window: not batched with one
+        step.attend([gpu, plain], q)
+
+
+@needs_cuda
 def test_codec_cache_outlier_side_store_matches_the_cpu_cache(tmp_path):
     """CudaKVCache with an outlier observer flags the tokens the CPU cache's observer flags (each
     cache its own observer), attends as the CPU cache (a causal chunk and decode steps, 1e-3),

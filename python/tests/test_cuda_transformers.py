@@ -281,6 +281,48 @@ def test_transformers_sliding_window_layers_stay_on_the_gpu():
 
 
 @needs_cuda
+def test_transformers_sliding_layers_take_the_tuned_cache():
+    """A turboquant_rvq config puts the sliding-window layers of a tiny Qwen2 (window 24) on a
+    CudaTurboQuantCache with that window and no sinks: its prefill chunks run SDPA over the
+    window's earlier tokens (dequantized) and the chunk's exact ones, its decode steps run the
+    tuned kernels within the window, and its device pages follow the window. Against the
+    model's own full forward (transformers' sliding mask): a first chunk of 30 tokens (longer
+    than the window) gives its logits exactly, and at 4-bit keys of three stages and fp16
+    values the second chunk and 60 decode steps stay as near as the full-attention layers'
+    (test_transformers_gpu_layers_follow_the_default_cache)."""
+    pytest.importorskip("transformers")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from veloxquant.integrations.transformers import VeloxQuantCache, VeloxQuantCudaLayer
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=1024, initializer_range=0.1, use_sliding_window=True,
+                      sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                      attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg).eval().to("cuda")
+    tokens = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(5)).cuda()
+    with torch.no_grad():
+        reference = model(tokens, use_cache=False).logits[0].float().cpu()
+    config = KVCacheConfig(method="turboquant_rvq", bits=4, num_residuals=3, value_bits=16)
+    gpu = VeloxQuantCache.from_model(model, config, max_seq_len=256, backend="cuda")
+    window_layer = gpu.layers[0]
+    assert isinstance(window_layer, VeloxQuantCudaLayer) and window_layer.is_sliding
+    assert (window_layer.cache.window, window_layer.cache.sink_tokens) == (24, 0)
+    assert isinstance(gpu.layers[1], VeloxQuantCudaLayer) and not gpu.layers[1].is_sliding
+    logits = _chunked_logits(model, gpu, "veloxquant", tokens, 30, 40)
+    scale = reference.abs().max()
+    first = ((logits[:30] - reference[:30]).abs().max() / scale).item()
+    error = ((logits - reference).abs().max() / scale).item()
+    print(f"tuned sliding layer: logits' relative error {first:.2e} (first chunk), {error:.2e}")
+    assert first < 1e-4, first
+    assert error < 0.05, error
+    assert gpu.get_seq_length() == 100
+    held = [window_layer.cache.position_held(64 * p) for p in range(2)]
+    assert held == [False, True]  # positions 0-63 lie before the last step's window (76-99)
+
+
+@needs_cuda
 def test_transformers_outlier_layers_stay_on_the_gpu():
     """An outlier observer keeps every layer on the GPU: a CudaKVCache whose side store holds the
     tokens the observer flags (at fp16 here), scored from there in its decode steps. Through a

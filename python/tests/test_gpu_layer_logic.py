@@ -4,6 +4,8 @@ SDPA, decode on the cache, a batch's decode steps at once, padding, fetch_dequan
 against DynamicCache anywhere torch runs, no GPU needed. Skipped without torch or
 transformers."""
 
+import functools
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -240,17 +242,76 @@ def test_a_layer_the_tuned_cache_refuses_takes_the_generic_cache(monkeypatch):
     made = []
 
     class Refuses:
-        def __init__(self, *args):
+        def __init__(self, *args, **kwargs):
             raise ValueError("CUDA backend: the tuned decode needs compute capability 8.0 or "
                              "newer, this device has 7.5 (CudaCodecCache serves it)")
 
     class Generic:
-        def __init__(self, *args):
-            made.append(args)
+        def __init__(self, *args, **kwargs):
+            made.append((args, kwargs))
 
     monkeypatch.setattr(integration, "CudaTurboQuantCache", Refuses)
     monkeypatch.setattr(integration, "CudaKVCache", Generic)
     config = KVCacheConfig(method="turboquant_rvq", bits=2)
     cache, why = integration._device_cache(config, 2, 64, 4, 128, 0, torch.device("cpu"), 0)
     assert isinstance(cache, Generic) and why == ""
-    assert made == [(config, 2, 64, 128, 0, torch.device("cpu"))]
+    shape = (config, 2, 64, 128, 0, torch.device("cpu"))
+    assert made == [(shape, {"window": 0, "sink_tokens": 0})]
+    # a sliding layer's: its window, no sinks
+    integration._device_cache(config, 2, 64, 4, 128, 0, torch.device("cpu"), 24)
+    assert made[-1] == (shape, {"window": 24, "sink_tokens": 0})
+
+
+class _ExactWindowDeviceCache(_ExactDeviceCache):
+    """A sliding window of the last `window` positions (no sinks) over exact tokens, for a
+    VeloxQuantCudaLayer's sliding layer: decode attends the window; dequantize refuses what the
+    tuned cache may have evicted (positions before the next token's window)."""
+
+    window, sink_tokens = 24, 0
+    reads = []  # (start, n) of every dequantize, over every instance
+
+    def attend(self, queries, scale=None, out=None):
+        group = queries.shape[0] // self.num_heads
+        k = self.k[:, -self.window:].repeat_interleave(group, 0)
+        v = self.v[:, -self.window:].repeat_interleave(group, 0)
+        s = torch.einsum("hd,htd->ht", queries, k) * scale
+        return torch.einsum("ht,htd->hd", torch.softmax(s, -1), v)
+
+    def dequantize(self, start=0, n_tokens=None):
+        n = self.size - start if n_tokens is None else n_tokens
+        assert start >= self.size + 1 - self.window, (start, self.size)
+        _ExactWindowDeviceCache.reads.append((start, n))
+        return super().dequantize(start, n)
+
+
+def test_gpu_sliding_layer_logic_on_exact_tokens(monkeypatch):
+    """A sliding layer on the tuned cache (decode kernels only): its prefill chunks run SDPA over
+    the window's earlier tokens (dequantized) and the chunk's exact ones with the window's mask,
+    in blocks of queries (7 here, so that a chunk takes several), then the chunk is stored;
+    decode attends the cache's window. On exact stand-in tokens a tiny Qwen2 (window 24 on its
+    first layer) gives its own full forward's logits (transformers' sliding mask), through three
+    chunks, two of them longer than the window, and decode steps."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import veloxquant.integrations.transformers as integration
+    from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
+    monkeypatch.setattr(integration, "_window_sdpa",
+                        functools.partial(integration._window_sdpa, block=7))
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=1024, initializer_range=0.1, use_sliding_window=True,
+                      sliding_window=24, layer_types=["sliding_attention", "full_attention"],
+                      attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model(tokens, use_cache=False).logits.float()
+    cache = VeloxQuantCache([_ExactWindowDeviceCache(2, 64, layer=0),
+                             _ExactDeviceCache(2, 64, layer=1)])
+    assert cache.layers[0].is_sliding and not cache.layers[1].is_sliding
+    _ExactWindowDeviceCache.reads.clear()
+    logits = _logits(model, cache, ATTENTION_NAME, tokens, (30, 35, 70))
+    assert _relative_error(logits, reference) < 1e-4
+    # the second and third chunks read the earlier tokens of their first query's window
+    assert _ExactWindowDeviceCache.reads == [(7, 23), (12, 23)]

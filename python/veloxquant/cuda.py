@@ -32,7 +32,8 @@ else raises ValueError at construction:
   key bits 1..4 with 1..3 stages (``num_residuals``), value_bits 1, 2, 4 or 16, no outlier
   observer, and 1..8 query heads per KV head; decode only (one query per head), with the tuned
   tensor-core kernel. It takes ``center_keys`` (the first append estimates the keys' pre-RoPE
-  mean on the device, each decode adds one offset per page and query head).
+  mean on the device, each decode adds one offset per page and query head) or a sliding window
+  (``window``, ``sink_tokens``; its decodes take the general kernels, not the mixed-row ones).
 - ``CudaKVCache``: every method (turboquant_rvq, ratequant, qjl, polarquant, rabitq, vecinfer,
   spectral, commvq, fp16) with the config the CPU cache takes (the calibrated fields of
   vecinfer, spectral and commvq, and optionally rabitq's ``ivf_centroids``; without them rabitq
@@ -118,8 +119,8 @@ class _DeviceCache:
     _core_class: ClassVar[str]  # the _core class this wraps
 
     def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
-                 max_seq_len: int = 8192, layer: int = 0, device: Any = None,
-                 _core_extra: tuple = ()) -> None:
+                 max_seq_len: int = 8192, layer: int = 0, device: Any = None, *,
+                 window: int = 0, sink_tokens: int = 4) -> None:
         self.device = _resolve_device(device)
         torch = _torch()
         self.config = config
@@ -127,7 +128,7 @@ class _DeviceCache:
         with torch.cuda.device(self.device):
             self._impl = getattr(_core, self._core_class)(
                 config.to_core(), int(num_heads), int(head_dim), int(max_seq_len), self.layer,
-                *_core_extra)
+                operator.index(window), operator.index(sink_tokens))
 
     # --- helpers ------------------------------------------------------------------------------
     def _stream(self) -> int:
@@ -196,9 +197,18 @@ class _DeviceCache:
         self._impl.reset()
 
     def empty_like(self) -> Any:
-        """A new empty cache of the same class, config, shape, capacity, layer and device."""
+        """A new empty cache of the same class, config, shape, capacity, layer, device and
+        window."""
         return type(self)(self.config, self.num_heads, self.head_dim, self.max_seq_len,
-                          self.layer, self.device)
+                          self.layer, self.device, window=self.window,
+                          sink_tokens=self.sink_tokens)
+
+    def position_held(self, pos: int) -> bool:
+        """Whether position ``pos`` is stored (not evicted by the sliding window)."""
+        return bool(self._impl.position_held(int(pos)))
+
+    def _window_repr(self) -> str:
+        return f", window={self.window}, sink_tokens={self.sink_tokens}" if self.window else ""
 
     def page(self, index: int) -> Any:
         """The raw bytes of page ``index`` (numpy uint8; synchronizes the device), in the CPU
@@ -233,6 +243,16 @@ class _DeviceCache:
         return self._impl.nbytes
 
     @property
+    def window(self) -> int:
+        """The sliding window's width (0: no window)."""
+        return self._impl.window
+
+    @property
+    def sink_tokens(self) -> int:
+        """The positions a sliding window always keeps (0 without a window)."""
+        return self._impl.sink_tokens
+
+    @property
     def layout(self) -> dict:
         """The page layout: tokens_per_page, page_bytes and every head's region offsets."""
         return self._impl.layout
@@ -240,7 +260,13 @@ class _DeviceCache:
 
 class CudaTurboQuantCache(_DeviceCache):
     """One layer's turboquant_rvq cache of one sequence on a CUDA device, with the tensor-core
-    decode (see the module doc)."""
+    decode (see the module doc).
+
+    ``window`` > 0 makes it a sliding window, as ``SlidingWindowKVCache(cache, window,
+    sink_tokens)`` on the CPU: a decode attends the first ``sink_tokens`` positions and the last
+    ``window``, pages wholly between them go back to the pool as the cache grows, and only tokens
+    still held can be dequantized (not with ``center_keys``: ``CudaKVCache`` serves those).
+    Windows of one width and sinks batch (``CudaTurboQuantBatch``)."""
 
     _core_class = "CudaTurboQuantCache"
 
@@ -263,7 +289,8 @@ class CudaTurboQuantCache(_DeviceCache):
         c = self.config
         return (f"CudaTurboQuantCache(bits={c.bits}, num_residuals={c.num_residuals}, "
                 f"value_bits={c.value_bits}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"size={self.size}, max_seq_len={self.max_seq_len}, device={self.device})")
+                f"size={self.size}, max_seq_len={self.max_seq_len}{self._window_repr()}, "
+                f"device={self.device})")
 
 
 class _DeviceBatch:
@@ -361,36 +388,10 @@ class CudaKVCache(_DeviceCache):
 
     _core_class = "CudaCodecCache"
 
-    def __init__(self, config: KVCacheConfig, num_heads: int, head_dim: int,
-                 max_seq_len: int = 8192, layer: int = 0, device: Any = None, *,
-                 window: int = 0, sink_tokens: int = 4) -> None:
-        super().__init__(config, num_heads, head_dim, max_seq_len, layer, device,
-                         (operator.index(window), operator.index(sink_tokens)))
-
-    @property
-    def window(self) -> int:
-        """The sliding window's width (0: no window)."""
-        return self._impl.window
-
-    @property
-    def sink_tokens(self) -> int:
-        """The positions a sliding window always keeps (0 without a window)."""
-        return self._impl.sink_tokens
-
     @property
     def outlier_tokens(self) -> int:
         """Tokens held in the outlier side store, over every head (0 without an observer)."""
         return int(self._impl.outlier_tokens)
-
-    def position_held(self, pos: int) -> bool:
-        """Whether position ``pos`` is stored (not evicted by the sliding window)."""
-        return bool(self._impl.position_held(int(pos)))
-
-    def empty_like(self) -> CudaKVCache:
-        """A new empty cache of the same config, shape, capacity, layer, device and window."""
-        return CudaKVCache(self.config, self.num_heads, self.head_dim, self.max_seq_len,
-                           self.layer, self.device, window=self.window,
-                           sink_tokens=self.sink_tokens)
 
     def attend(self, queries: Any, scale: float | None = None, causal: bool = True,
                out: Any = None) -> Any:
@@ -455,10 +456,9 @@ class CudaKVCache(_DeviceCache):
 
     def __repr__(self) -> str:
         c = self.config
-        window = f", window={self.window}, sink_tokens={self.sink_tokens}" if self.window else ""
         return (f"CudaKVCache(method={c.method!r}, bits={c.bits}, value_bits={c.value_bits}, "
                 f"num_heads={self.num_heads}, head_dim={self.head_dim}, size={self.size}, "
-                f"max_seq_len={self.max_seq_len}{window}, device={self.device})")
+                f"max_seq_len={self.max_seq_len}{self._window_repr()}, device={self.device})")
 
 
 class CudaKVCacheBatch(_DeviceBatch):

@@ -231,7 +231,7 @@ DeviceTables::~DeviceTables() {
 }
 
 CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
-                                         int max_seq_len, int layer)
+                                         int max_seq_len, int layer, int window, int sink_tokens)
     : serial_(next_cache_serial()),
       host_(make_host_tables(config, num_heads, head_dim, layer)),
       tables_(host_),
@@ -243,6 +243,14 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
       pages_(host_.page_layout, std::max(max_seq_len, 1)),
       center_(config, num_heads, head_dim) {
     if (max_seq_len < 1) throw std::invalid_argument("max_seq_len must be positive");
+    if (window < 0 || (window > 0 && sink_tokens < 0))
+        throw std::invalid_argument(
+            "CudaTurboQuantCache: window and sink_tokens must be >= 0, got " +
+            std::to_string(window) + " and " + std::to_string(sink_tokens));
+    if (window > 0 && config.center_keys)
+        throw std::invalid_argument(
+            "CudaTurboQuantCache: centred keys with a sliding window are not in the tuned "
+            "kernels' scope (CudaCodecCache serves them)");
     check_cuda(cudaGetDevice(&device_), "cudaGetDevice");
     int major = 0, minor = 0;
     check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_),
@@ -254,7 +262,12 @@ CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_he
             "CUDA backend: the tuned decode needs compute capability 8.0 or newer, this device "
             "has " +
             std::to_string(major) + "." + std::to_string(minor) + " (CudaCodecCache serves it)");
-    pages_.reserve(1);
+    if (window > 0) {
+        window_ = TokenWindow{sink_tokens, window};
+        pages_.map_pages();
+    } else {
+        pages_.reserve(1);
+    }
 }
 
 CudaTurboQuantCache::~CudaTurboQuantCache() {
@@ -274,8 +287,38 @@ void CudaTurboQuantCache::append(const float* keys, const float* values, int n_t
     require_key_mean("append");
     input_check_.require(keys, values, num_heads_, n_tokens, head_dim_, key_bound_, value_bound_,
                          stream);
-    pages_.reserve(size_ + n_tokens);
-    encode_tokens(keys, values, n_tokens, stream);
+    const int before = size_;
+    make_room(n_tokens, stream);
+    try {
+        encode_tokens(keys, values, n_tokens, stream);
+    } catch (...) {
+        // A window's slots taken for pages that hold nothing yet go back (codes written past
+        // size_ are never read).
+        if (pages_.mapped())
+            pages_.release((before + kTokensPerPage - 1) / kTokensPerPage,
+                           (before + n_tokens + kTokensPerPage - 1) / kTokensPerPage);
+        throw;
+    }
+    evict_after_append(before);
+}
+
+void CudaTurboQuantCache::make_room(int n_tokens, cudaStream_t stream) {
+    if (pages_.mapped())
+        pages_.hold(size_ / kTokensPerPage,
+                    (size_ + n_tokens + kTokensPerPage - 1) / kTokensPerPage, stream);
+    else
+        pages_.reserve(size_ + n_tokens);
+}
+
+void CudaTurboQuantCache::evict_after_append(int first_new) {
+    // What the first new token's window needs stays, as the CPU window keeps it.
+    const int keep_from = first_new + 1 - window_.window;
+    if (window_.window == 0 || keep_from <= window_.sinks) return;
+    pages_.release(window_.sink_end() / kTokensPerPage, keep_from / kTokensPerPage);
+}
+
+bool CudaTurboQuantCache::position_held(int pos) const {
+    return pos >= 0 && pos < size_ && pages_.held(pos / kTokensPerPage);
 }
 
 void CudaTurboQuantCache::require_key_mean(const char* what) const {
@@ -331,7 +374,8 @@ void CudaTurboQuantCache::attend(const float* queries, int num_q_heads, float* o
     a.tables = tables_.get();
     a.pool = pages_.pool();
     a.page_table = pages_.page_table();
-    a.page_table_stride = pages_.capacity_pages();
+    a.page_table_stride = pages_.mapped() ? pages_.max_pages() : pages_.capacity_pages();
+    a.window = window_;
     a.seq_len = size_;
     a.max_seq_len = std::max(size_, 1);
     a.batch = 1;
@@ -371,6 +415,10 @@ void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float
     if (keys == nullptr || values == nullptr)
         throw std::invalid_argument("dequantize: null output");
     require_key_mean("dequantize");
+    for (int p = start / kTokensPerPage; p <= (start + n_tokens - 1) / kTokensPerPage; ++p)
+        if (!pages_.held(p))
+            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) +
+                                    " were evicted by the sliding window");
     DequantizeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
@@ -388,7 +436,22 @@ void CudaTurboQuantCache::truncate(int n_tokens) {
     if (n_tokens < 0 || n_tokens > size_)
         throw std::out_of_range("truncate: " + std::to_string(n_tokens) + " is outside [0, " +
                                 std::to_string(size_) + "]");
+    if (pages_.mapped()) {
+        // The new last token's window must still be held.
+        const int from = n_tokens - window_.window;
+        if (n_tokens > 0 && from > window_.sinks && !position_held(from))
+            throw std::invalid_argument(
+                "truncate: keeping " + std::to_string(n_tokens) +
+                " tokens would expose positions the sliding window evicted");
+        pages_.release((n_tokens + kTokensPerPage - 1) / kTokensPerPage,
+                       (size_ + kTokensPerPage - 1) / kTokensPerPage);
+    }
     size_ = n_tokens;
+}
+
+void CudaTurboQuantCache::reset() {
+    if (pages_.mapped()) pages_.release(0, pages_.max_pages());
+    size_ = 0;
 }
 
 void CudaTurboQuantCache::copy_page(int page, void* host) const {

@@ -4,7 +4,8 @@
 //
 // Scope: head_dim 64 or 128 with the randomized Hadamard rotation; key bits 1..4 with 1..3
 // stages; value_bits 1, 2, 4 or 16; decode attention (one query per query head, GQA groups of
-// 1..8 query heads); centred keys (center_keys, key_center.h); no outlier side store.
+// 1..8 query heads); centred keys (center_keys, key_center.h); sliding windows (window,
+// sink_tokens; not with centred keys); no outlier side store.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "cache/paged_store.h"
+#include "cuda/codec_params_view.h"
 #include "cuda/input_check.h"
 #include "cuda/key_center.h"
 #include "cuda/page_pool.h"
@@ -102,6 +104,9 @@ struct EncodeArgs {
     /// pools[b] under page_table, its tokens from position starts[b] (CudaTurboQuantBatch).
     uint8_t* const* pools = nullptr;
     const int32_t* starts = nullptr;
+    /// With pools: [batch] device pointers to each sequence's own page table (sliding windows'
+    /// mapped pools), read instead of page_table; or null.
+    const int32_t* const* page_tables = nullptr;
     int batch = 1;
 };
 
@@ -127,6 +132,14 @@ struct DecodeArgs {
     const uint8_t* const* pools = nullptr;
     const int32_t* page_table = nullptr;  ///< [batch][page_table_stride] page indices
     int page_table_stride = 0;
+    /// [batch] device pointers, or null: sequence b's own page table (a sliding window's mapped
+    /// pool), read instead of page_table's row b.
+    const int32_t* const* page_tables = nullptr;
+    /// A sliding window, every sequence's alike (window.window = 0: none): the query of a
+    /// sequence of length n attends positions [0, sinks) and [n - window, n). Each CTA walks the
+    /// sink pages and then the pages from the window's first on (TokenWindow::gap), masking the
+    /// tokens between them; such decodes take the general kernels, and no page_bias.
+    TokenWindow window;
     const int32_t* seq_lens = nullptr;  ///< [batch] on the device, or null: all are seq_len
     int seq_len = 0;
     int max_seq_len = 0;  ///< bound on every sequence length (plans the split)
@@ -232,8 +245,13 @@ private:
 /// [num_q_heads][head_dim].
 class CudaTurboQuantCache {
 public:
+    /// window > 0 makes a sliding window, as SlidingWindowKVCache(cache, window, sink_tokens):
+    /// a decode attends the first sink_tokens positions and the last `window`, and the pages
+    /// wholly between them are given back to a mapped pool as the cache grows
+    /// (std::invalid_argument for a negative window or sinks, and with center_keys: CudaCodecCache
+    /// serves those).
     CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
-                        int max_seq_len = 8192, int layer = 0);
+                        int max_seq_len = 8192, int layer = 0, int window = 0, int sink_tokens = 4);
     ~CudaTurboQuantCache();
     CudaTurboQuantCache(const CudaTurboQuantCache&) = delete;
     CudaTurboQuantCache& operator=(const CudaTurboQuantCache&) = delete;
@@ -241,12 +259,16 @@ public:
     /// Encodes n_tokens device-resident tokens; throws std::length_error past max_seq_len and
     /// std::invalid_argument for NaN, Inf or values over fp16 storage's range (nothing
     /// changes; the check synchronizes the stream). With center_keys the first append
-    /// estimates the keys' pre-RoPE mean (synchronizing again), as the CPU cache does.
+    /// estimates the keys' pre-RoPE mean (synchronizing again), as the CPU cache does. A sliding
+    /// window then gives back the pages wholly inside [sinks, first new position + 1 - window),
+    /// as SlidingWindowKVCache::append.
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
-    /// Decode attention of one query per query head over every stored token.
+    /// Decode attention of one query per query head over every stored token (a sliding
+    /// window's: its sinks and window).
     void attend(const float* queries, int num_q_heads, float* out, float scale,
                 cudaStream_t stream) const;
-    /// Reconstructs tokens [start, start + n_tokens) into device buffers.
+    /// Reconstructs tokens [start, start + n_tokens) into device buffers (std::out_of_range
+    /// where a sliding window evicted some).
     void dequantize(int start, int n_tokens, float* keys, float* values, cudaStream_t stream) const;
 
     /// center_keys: the pre-RoPE key mean [num_heads][head_dim] (zeros until the first append).
@@ -256,10 +278,17 @@ public:
     void set_key_mean(const std::vector<float>& mean) { center_.set_mean(mean); }
 
     /// Forgets every token (keeps the pool; later appends overwrite it).
-    void reset() { size_ = 0; }
+    void reset();
     /// Keeps the first n_tokens tokens (0 <= n_tokens <= size()); each token's codes and
-    /// scalars are rewritten whole by a later append, so nothing else needs clearing.
+    /// scalars are rewritten whole by a later append, so nothing else needs clearing. A sliding
+    /// window refuses (std::invalid_argument) where the new last token's window was evicted.
     void truncate(int n_tokens);
+
+    /// The sliding window's width (0: none) and sink tokens.
+    int window() const { return window_.window; }
+    int sink_tokens() const { return window_.sinks; }
+    /// Whether position pos is stored (not evicted by a sliding window).
+    bool position_held(int pos) const;
 
     int size() const { return size_; }
     int max_seq_len() const { return max_seq_len_; }
@@ -295,6 +324,11 @@ private:
     void require_key_mean(const char* what) const;
     /// Encodes checked tokens at the end (the mean first, on a centred cache's first append).
     void encode_tokens(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
+    /// Pages for n_tokens more tokens: a larger pool, or a window's slots for the new pages.
+    void make_room(int n_tokens, cudaStream_t stream);
+    /// A sliding window after an append of the tokens from position `first_new` on: gives back
+    /// the pages wholly inside [sinks, first_new + 1 - window). Nothing without a window.
+    void evict_after_append(int first_new);
 
     /// Unique per cache object of the process (CudaTurboQuantBatch remembers the caches it has
     /// checked by it; an address can be reused by a later cache).
@@ -308,6 +342,7 @@ private:
     float value_bound_;  ///< KVCacheConfig::value_bound
     int device_ = 0;
     int size_ = 0;
+    TokenWindow window_;  ///< a sliding window (window_.window = 0: none)
     DevicePagePool pages_;
     InputCheck input_check_;
     KeyCenter center_;

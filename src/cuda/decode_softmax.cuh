@@ -18,12 +18,13 @@ namespace veloxquant::cuda::kernels {
 /// page's score fragments sc (SUM_HILO: columns 2 r and 2 r + 1 are the fp16 scores' hi and lo
 /// parts of the slot's head; otherwise column 2 r + j holds slot j's score, as integer scores
 /// leave head block j's sum there): (score mul + add) norm - shift, and -inf for tokens at or
-/// past `valid` (the tokens of the page in use).
+/// past `valid` (the tokens of the page in use) and for tokens in [mask_from, mask_to) (a
+/// sliding window's, relative to the page; an empty range without one).
 template <int SLOTS, bool SUM_HILO>
 __device__ __forceinline__ void page_logits(const float (&sc)[4][4], const float (&mul)[SLOTS],
                                             const float (&add)[SLOTS], const float (&norm)[4][2],
-                                            const float (&shift)[SLOTS], int valid, int row_token,
-                                            float (&x)[4][2][SLOTS]) {
+                                            const float (&shift)[SLOTS], int valid, int mask_from,
+                                            int mask_to, int row_token, float (&x)[4][2][SLOTS]) {
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
@@ -35,14 +36,18 @@ __device__ __forceinline__ void page_logits(const float (&sc)[4][4], const float
             }
         }
     }
-    if (valid < kPage) {  // the sequence's last page
+    const bool masks = mask_from < mask_to && mask_to > 0 && mask_from < kPage;
+    if (valid < kPage || masks) {  // the sequence's last page, or a window's edge
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-            for (int r = 0; r < 2; ++r)
+            for (int r = 0; r < 2; ++r) {
+                const int token = 16 * mt + 8 * r + row_token;
+                const bool hidden = token >= valid || (token >= mask_from && token < mask_to);
 #pragma unroll
                 for (int j = 0; j < SLOTS; ++j)
-                    if (16 * mt + 8 * r + row_token >= valid) x[mt][r][j] = -INFINITY;
+                    if (hidden) x[mt][r][j] = -INFINITY;
+            }
     }
 }
 

@@ -37,11 +37,12 @@ void CudaTurboQuantBatch::check_batch(const std::vector<const CudaTurboQuantCach
     for (size_t b = 1; b < caches.size(); ++b) {
         const CudaTurboQuantCache& c = *caches[b];
         if (c.device() != first.device() || !same_codec(c.host_, first.host_) ||
-            !c.center_.alike(first.center_))
+            !c.center_.alike(first.center_) || c.window_.window != first.window_.window ||
+            c.window_.sinks != first.window_.sinks)
             throw std::invalid_argument(
                 std::string(what) + ": the cache of sequence " + std::to_string(b) +
-                " differs from sequence 0's in config, layer, shape or device (a batch takes "
-                "one layer's caches, made alike)");
+                " differs from sequence 0's in config, layer, shape, window or device (a batch "
+                "takes one layer's caches, made alike)");
     }
     for (const CudaTurboQuantCache* c : caches) checked_.push_back(c->serial_);
 }
@@ -61,42 +62,54 @@ void CudaTurboQuantBatch::append(const std::vector<CudaTurboQuantCache*>& caches
     const int batch = static_cast<int>(caches.size());
     input_check_.require(keys, values, first.num_heads_, n_tokens, first.head_dim_,
                          first.key_bound_, first.value_bound_, stream, batch);
-    for (CudaTurboQuantCache* c : caches) c->pages_.reserve(c->size_ + n_tokens);
-    if (batch == 1) {
-        first.encode_tokens(keys, values, n_tokens, stream);
-        return;
+    std::vector<int> sizes;
+    for (CudaTurboQuantCache* c : caches) {
+        sizes.push_back(c->size_);
+        c->make_room(n_tokens, stream);
     }
     // Centred caches estimate their means on their first keys, every one before the encode. All
     // or nothing: if an estimate or the encode throws, the caches estimated here forget it (as
-    // CudaTurboQuantCache::encode_tokens does) and no size changes.
+    // CudaTurboQuantCache::encode_tokens does), windows give back the slots taken for new pages,
+    // and no size changes.
     const size_t per_sequence = static_cast<size_t>(first.num_heads_) * n_tokens * first.head_dim_;
     std::vector<CudaTurboQuantCache*> estimated;
     try {
-        for (int b = 0; b < batch; ++b) {
-            KeyCenter& centre = caches[b]->center_;
-            if (centre.enabled() && !centre.estimated()) {
-                estimated.push_back(caches[b]);
-                centre.estimate(keys + b * per_sequence, n_tokens, stream);
+        if (batch == 1) {
+            first.encode_tokens(keys, values, n_tokens, stream);
+        } else {
+            for (int b = 0; b < batch; ++b) {
+                KeyCenter& centre = caches[b]->center_;
+                if (centre.enabled() && !centre.estimated()) {
+                    estimated.push_back(caches[b]);
+                    centre.estimate(keys + b * per_sequence, n_tokens, stream);
+                }
             }
+            encode(caches, keys, values, n_tokens, stream);
+            for (CudaTurboQuantCache* c : caches) c->size_ += n_tokens;
         }
-        encode(caches, keys, values, n_tokens, stream);
     } catch (...) {
         for (CudaTurboQuantCache* c : estimated) c->center_.forget();
+        for (int b = 0; b < batch; ++b)
+            if (caches[b]->pages_.mapped())
+                caches[b]->pages_.release(
+                    (sizes[b] + kTokensPerPage - 1) / kTokensPerPage,
+                    (sizes[b] + n_tokens + kTokensPerPage - 1) / kTokensPerPage);
         throw;
     }
-    for (CudaTurboQuantCache* c : caches) c->size_ += n_tokens;
+    for (int b = 0; b < batch; ++b) caches[b]->evict_after_append(sizes[b]);
 }
 
 void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches, const float* keys,
                                  const float* values, int n_tokens, cudaStream_t stream) {
     CudaTurboQuantCache& first = *caches[0];
     const int batch = static_cast<int>(caches.size());
-    std::vector<const uint8_t*> pools;
+    std::vector<const uint8_t*> pools, tables;
     std::vector<int32_t> starts;
     int pages = 1;
     bool centring = false;
     for (CudaTurboQuantCache* c : caches) {
         pools.push_back(c->pages_.pool());
+        tables.push_back(reinterpret_cast<const uint8_t*>(c->pages_.page_table()));
         starts.push_back(c->size_);
         pages = std::max(pages, c->pages_.capacity_pages());
         centring = centring || c->center_.centering();
@@ -121,6 +134,10 @@ void CudaTurboQuantBatch::encode(const std::vector<CudaTurboQuantCache*>& caches
         a.pools = const_cast<uint8_t* const*>(encode_arrays_.pools());
         a.starts = encode_arrays_.lens();
         a.page_table = encode_arrays_.page_table();
+        if (first.window_.window > 0) {  // each window's own page table
+            tables_.describe(tables, starts, 1, stream);
+            a.page_tables = reinterpret_cast<const int32_t* const*>(tables_.pools());
+        }
         a.batch = batch;
         a.keys = shifted;
         a.values = values;
@@ -149,7 +166,7 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
         throw std::invalid_argument("attend: null queries or out");
     const CudaTurboQuantCache& first = *caches[0];
     const int group = first.query_group(num_q_heads, scale);
-    std::vector<const uint8_t*> pools;
+    std::vector<const uint8_t*> pools, tables;
     std::vector<int32_t> lens;
     int longest = 0, pages = 1;
     for (size_t b = 0; b < caches.size(); ++b) {
@@ -159,6 +176,7 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
                                         " holds no tokens");
         c.require_key_mean("attend");
         pools.push_back(c.pages_.pool());
+        tables.push_back(reinterpret_cast<const uint8_t*>(c.pages_.page_table()));
         lens.push_back(c.size_);
         longest = std::max(longest, c.size_);
         pages = std::max(pages, c.pages_.capacity_pages());
@@ -172,6 +190,11 @@ void CudaTurboQuantBatch::attend(const std::vector<const CudaTurboQuantCache*>& 
     a.page_table = arrays_.page_table();
     a.page_table_stride = arrays_.stride();
     a.max_seq_len = longest;
+    if (first.window_.window > 0) {  // each window's own page table
+        tables_.describe(tables, lens, 1, stream);
+        a.page_tables = reinterpret_cast<const int32_t* const*>(tables_.pools());
+        a.window = first.window_;
+    }
     a.batch = static_cast<int>(caches.size());
     a.group = group;
     a.queries = queries;

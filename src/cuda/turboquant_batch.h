@@ -44,8 +44,8 @@ public:
 
     /// Device bytes held: the batch's arrays, the decode workspace and page bias.
     std::size_t nbytes() const {
-        return encode_arrays_.nbytes() + arrays_.nbytes() + centres_.nbytes() + workspace_bytes_ +
-               page_bias_bytes_;
+        return encode_arrays_.nbytes() + arrays_.nbytes() + centres_.nbytes() + tables_.nbytes() +
+               workspace_bytes_ + page_bias_bytes_;
     }
 
 private:
@@ -67,6 +67,7 @@ private:
     /// of another BatchArrays (an array of device pointers, uploaded the same way), with its
     /// first position (an append's) or length (an attend's).
     BatchArrays centres_;
+    BatchArrays tables_;  ///< a batch of sliding windows: each sequence's page table
     void* workspace_ = nullptr;
     std::size_t workspace_bytes_ = 0;
     void* page_bias_ = nullptr;

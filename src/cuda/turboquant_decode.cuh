@@ -154,7 +154,17 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     const int split = blockIdx.x / units, kvh = unit % L.num_kv_heads, b = unit / L.num_kv_heads;
     const int G = a.group;
     const int len = a.seq_lens != nullptr ? a.seq_lens[b] : a.seq_len;
-    const int n_pages = (len + kPage - 1) / kPage;
+    // A sliding window (general kernels only): the CTA walks a span of `span` tokens, the sink
+    // pages and then the pages from the window's first on (span page v is page v, or v +
+    // gap_pages past the sink pages), and masks span tokens [mask_lo, mask_hi): those past the
+    // sinks and before the window. Without one the span is the sequence and nothing is masked.
+    int span = len, sink_pages = 0, gap_pages = 0, mask_lo = 0, mask_hi = 0;
+    if (!MIXED && a.window.window > 0) {
+        const int gap = a.window.gap(len);
+        span = len - gap, gap_pages = gap / kPage, sink_pages = a.window.sink_end() / kPage;
+        mask_lo = a.window.sinks, mask_hi = len - a.window.window - gap;
+    }
+    const int n_pages = (span + kPage - 1) / kPage;
     const PageRange range = split_range(kp.split, split, n_pages);
     const int p_begin = range.begin, p_end = range.end;
 
@@ -171,7 +181,11 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     uint8_t* ring = rings + static_cast<size_t>(warp) * S * L.head_bytes;
     const int first = p_begin + warp;
     const int count = p_end > first ? (p_end - first + WARPS - 1) / WARPS : 0;
-    const int32_t* table = a.page_table + static_cast<size_t>(b) * a.page_table_stride;
+    const int32_t* table = a.page_tables != nullptr
+                               ? a.page_tables[b]
+                               : a.page_table + static_cast<size_t>(b) * a.page_table_stride;
+    // The pool index of span page v (general kernels).
+    auto page_entry = [&](int v) { return table[v < sink_pages ? v : v + gap_pages]; };
     const uint8_t* pool = a.pools != nullptr ? a.pools[b] : a.pool;  // this sequence's pages
     const uint32_t key_chunks = L.value_codes_offset / 16, page_chunks = L.head_bytes / 16;
     // Page i lies in ring slot i % S.
@@ -213,7 +227,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
                 if (i + 1 < count) index_next = *next_entry;
                 next_entry += WARPS;
             } else if (read_next && i + 1 < count) {
-                index_next = table[first + WARPS * (i + 1)];
+                index_next = page_entry(first + WARPS * (i + 1));
             }
         }
         if (MIXED && i < count) {
@@ -271,7 +285,7 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
     int32_t head_index[kMaxDecodeRing + 1];
 #pragma unroll
     for (int i = 0; i <= kMaxDecodeRing; ++i)
-        head_index[i] = i <= S && i < count ? table[first + WARPS * i] : 0;
+        head_index[i] = i <= S && i < count ? page_entry(first + WARPS * i) : 0;
     static_assert(kMaxStages * 2 <= WARPS * 32, "a stage weight per thread");
     const float affine_in = threadIdx.x < L.key_stages * 2 ? T.key_affine[threadIdx.x] : 0.0f;
     const uint32_t pair_in = kV64 ? T.value_pairs[lane & 15] : 0u;
@@ -506,7 +520,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         // The slot's page: in the ring, or in mixed rows this thread's first key chunk of it
         const uint8_t* buf =
             MIXED ? mixed_keys + 2 * slot * kPageCodes : ring + slot * L.head_bytes;
-        const int valid = len - (first + WARPS * i) * kPage;  // tokens of this page in use
+        const int page_start = (first + WARPS * i) * kPage;  // in the span
+        const int valid = span - page_start;                 // tokens of this page in use
         // The norms of this thread's 8 tokens, read before the scores so that their loads are
         // done when the logits need them.
         float norm[4][2];
@@ -539,7 +554,8 @@ __global__ void __launch_bounds__(WARPS * 32, WARPS == 8                        
         float logit_shift[kSlots];
 #pragma unroll
         for (int j = 0; j < kSlots; ++j) logit_shift[j] = shift[j] - page_add[j];
-        page_logits<kSlots, HILO && !kI8>(sc, mul, add, norm, logit_shift, valid, row_token, x);
+        page_logits<kSlots, HILO && !kI8>(sc, mul, add, norm, logit_shift, valid,
+                                          mask_lo - page_start, mask_hi - page_start, row_token, x);
         page_softmax(x, m_run, l_run, shift, thr, log2_pair, o);
 
         if (halves) {

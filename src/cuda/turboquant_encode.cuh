@@ -410,15 +410,17 @@ __global__ void __launch_bounds__(kEncodeThreads, kEncodeMinBlocks)
         const int token = static_cast<int>(item % a.n_tokens);
         int h = static_cast<int>(item / a.n_tokens), pos = a.start + token;
         uint8_t* pool = a.pool;
+        const int32_t* table = a.page_table;
         if constexpr (KB == 0) {
             if (a.pools != nullptr) {  // a short append's batch: h counts b * heads + head
                 const int b = h / L.num_kv_heads;
                 h -= b * L.num_kv_heads;
                 pos = a.starts[b] + token;
                 pool = a.pools[b];
+                if (a.page_tables != nullptr) table = a.page_tables[b];
             }
         }
-        uint8_t* block = head_block(pool, a.page_table, L, pos, h);
+        uint8_t* block = head_block(pool, table, L, pos, h);
         const int slot = pos % kPage;
         float k[D / G], v[D / G];
         load_chunks<D, G>(k, a.keys + item * D, g, vec);

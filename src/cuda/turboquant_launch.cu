@@ -158,10 +158,13 @@ bool mixed_rows(const DecodeArgs& a, int major) {
                          L.key_code_bytes == d / 8 && L.value_code_bytes == d / 4;
     const kernels::MixedSliceOffsets slice =
         kernels::mixed_slice_offsets(L.key_code_bytes, L.value_code_bytes);
-    return major == 9 && (four || one_two) && a.table_copies == 0 &&
-           (a.ring == 0 || a.ring == mixed_ring(L)) && L.key_norms_offset == slice.norms &&
-           L.value_codes_offset == slice.values && L.value_scales_offset == slice.scales &&
-           L.head_bytes == slice.head_bytes && L.page_bytes <= UINT32_MAX;
+    // (A sliding window's CTAs map their pages past the sink pages, which the mixed rows' page
+    // walk does not: windows take the general kernels.)
+    return major == 9 && (four || one_two) && a.table_copies == 0 && a.window.window == 0 &&
+           a.page_tables == nullptr && (a.ring == 0 || a.ring == mixed_ring(L)) &&
+           L.key_norms_offset == slice.norms && L.value_codes_offset == slice.values &&
+           L.value_scales_offset == slice.scales && L.head_bytes == slice.head_bytes &&
+           L.page_bytes <= UINT32_MAX;
 }
 
 // A kernel's shared-memory plan: ring depth, bytes and CTAs per SM.
@@ -286,9 +289,13 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     const TqPageLayout& L = a.layout;
     if (!layout_supported(L) || !tables_present(L, a.tables) || a.group < 1 ||
         a.group > kMaxGroup || a.batch < 1 || a.max_seq_len < 1 ||
-        (a.pool == nullptr && a.pools == nullptr) || a.page_table == nullptr ||
-        a.queries == nullptr || a.out == nullptr ||
-        a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage ||
+        (a.pool == nullptr && a.pools == nullptr) ||
+        (a.page_table == nullptr && a.page_tables == nullptr) || a.queries == nullptr ||
+        a.out == nullptr ||
+        (a.page_tables == nullptr &&
+         a.page_table_stride < (a.max_seq_len + kernels::kPage - 1) / kernels::kPage) ||
+        a.window.window < 0 || a.window.sinks < 0 ||
+        (a.window.window > 0 && a.page_bias != nullptr) ||
         (a.seq_lens == nullptr && (a.seq_len < 0 || a.seq_len > a.max_seq_len)) ||
         (a.table_copies != 0 && a.table_copies != 1 && a.table_copies != 16 &&
          a.table_copies != 32) ||
@@ -304,7 +311,8 @@ cudaError_t make_decode_plan(const DecodeArgs& a, DecodePlan& plan) {
     plan.ring = r.ring;
     plan.smem = r.smem;
     DecodeSplitInputs in;
-    in.pages = (a.max_seq_len + kernels::kPage - 1) / kernels::kPage;
+    // A window's CTAs walk at most its span (the sink pages, the window and the page it starts in).
+    in.pages = (a.window.span_bound(1, a.max_seq_len) + kernels::kPage - 1) / kernels::kPage;
     in.units = static_cast<long long>(a.batch) * L.num_kv_heads;
     in.sms = sms;
     in.per_sm = std::max(r.per_sm, 1);

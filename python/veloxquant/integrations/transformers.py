@@ -45,10 +45,13 @@ prompts it is several times slower than SDPA: 3.4-4.7 ms (turboquant 1-bit / 2-b
 rabitq) against 0.96 for a 512-query chunk
 over 32K tokens on an H100, docs/cuda.md.)
 
-Sliding-window layers (the config's "sliding_attention" layers) get a ``CudaKVCache`` with
-that window and no sinks: it decodes on the codes as above, gives evicted pages back to its
-pool, and its prefill chunks are stored first and attend on the codes within the window (as a
-CPU ``SlidingWindowKVCache`` layer does); a batch's decode step runs in one launch there too.
+Sliding-window layers (the config's "sliding_attention" layers) get either cache with that
+window and no sinks: it decodes on the codes as above (``CudaTurboQuantCache`` on its general
+kernels), gives evicted pages back to its pool, and a batch's decode step runs in one launch
+there too. A ``CudaKVCache`` window stores each prefill chunk first and attends it on the codes
+within the window (as a CPU ``SlidingWindowKVCache`` layer does); a ``CudaTurboQuantCache``
+window, whose kernels decode only, runs SDPA over the window's earlier tokens (dequantized) and
+the chunk's exact ones, in blocks of queries with a window mask, and then stores the chunk.
 An outlier observer puts a layer on a ``CudaKVCache`` (its side store on the device), whose
 batches decode in one launch too. A layer out of both caches' scope (head_dim over 256, say)
 stays on the CPU, and ``from_model`` warns (a RuntimeWarning naming such layers and why).
@@ -334,6 +337,43 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: 
     return out.transpose(1, 2)
 
 
+def _window_sdpa(cache: Any, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 scaling: float, causal: bool, block: int = 1024) -> torch.Tensor:
+    """SDPA of a prefill chunk of a sliding-window cache not yet holding it: [1, q_heads, n, d]
+    queries at positions size..size + n - 1 over the cache's sinks and the window's earlier
+    tokens (dequantized; all still held) and the chunk's [kv_heads, n, d] keys and values.
+    Query q attends positions below the sinks and in (q - window, q] (causal; else up to the
+    chunk's last position). In blocks of `block` queries, so that no mask exceeds block x
+    (sinks + window + block). Returns [1, n, q_heads, d]."""
+    start, window, sinks = cache.size, cache.window, cache.sink_tokens
+    n, device = query.shape[2], query.device
+    earliest = max(0, start - window + 1)  # the first query's window (and every later one's)
+    parts_k, parts_v, ranges = [], [], []
+    for lo, hi in ((0, min(sinks, earliest)), (earliest, start)):
+        if hi > lo:
+            k, v = cache.dequantize(lo, hi - lo)
+            parts_k.append(k.to(keys.dtype))
+            parts_v.append(v.to(values.dtype))
+            ranges.append((lo, hi))
+    ranges.append((start, start + n))
+    keys_all = torch.cat(parts_k + [keys], dim=-2)[None]
+    values_all = torch.cat(parts_v + [values], dim=-2)[None]
+    positions = torch.cat([torch.arange(lo, hi, device=device) for lo, hi in ranges])
+    outs = []
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        limits = (torch.arange(start + i0, start + i1, device=device) + 1 if causal
+                  else torch.full((i1 - i0,), start + n, device=device))  # positions < limit
+        keep = (positions < sinks) | ((positions >= int(limits.min()) - window)
+                                      & (positions < int(limits.max())))
+        p = positions[keep]
+        mask = (p[None, :] < limits[:, None]) & (
+            (p[None, :] >= limits[:, None] - window) | (p[None, :] < sinks))
+        outs.append(_sdpa(query[:, :, i0:i1], keys_all[:, :, keep], values_all[:, :, keep],
+                          scaling, False, mask[None, None]))
+    return torch.cat(outs, dim=1)
+
+
 class VeloxQuantDeviceLayer(VeloxQuantLayer):
     """What the GPU layers share: a device cache of ``veloxquant.cuda`` per sequence, fed
     float32 tensors on its own device, where its codes stay. Decode (one new token) stores the
@@ -414,8 +454,14 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
                  values: torch.Tensor, scaling: float, causal: bool) -> torch.Tensor:
         """One sequence's prefill chunk ([1, q_heads, n, d] queries, [kv_heads, n, d] keys):
         SDPA over its earlier tokens and the chunk, then the chunk stored. A sliding window's
-        chunk is stored first and attends on the codes (its window and sinks, as on the CPU:
-        the tokens it evicted are gone)."""
+        chunk on a CudaKVCache is stored first and attends on the codes (its window and sinks,
+        as on the CPU: the tokens it evicted are gone); on a CudaTurboQuantCache (decode kernels
+        only) SDPA takes the window's earlier tokens, dequantized, and the chunk's exact ones
+        (_window_sdpa), and the chunk is stored after."""
+        if self.is_sliding and isinstance(cache, CudaTurboQuantCache):
+            out = _window_sdpa(cache, query, keys, values, scaling, causal)
+            cache.append(self._cache_input(keys, "keys"), self._cache_input(values, "values"))
+            return out
         if self.is_sliding:
             cache.append(self._cache_input(keys, "keys"), self._cache_input(values, "values"))
             out = cache.attend(query[0].to(torch.float32).contiguous(), scale=scaling,
@@ -560,29 +606,25 @@ def _layer_of(cache: Any, fetch_dequantized: bool) -> VeloxQuantLayer:
 def _is_window(cache: Any) -> bool:
     """Whether a layer's cache is a sliding window (on the CPU or the GPU)."""
     return isinstance(cache, SlidingWindowKVCache) or (
-        isinstance(cache, CudaKVCache) and cache.window > 0)
+        isinstance(cache, (CudaKVCache, CudaTurboQuantCache)) and cache.window > 0)
 
 
 def _device_cache(config: KVCacheConfig, kv_heads: int, head_dim: int, q_heads: int | None,
                   max_seq_len: int, layer: int, device: torch.device,
                   window: int) -> tuple[CudaTurboQuantCache | CudaKVCache | None, str]:
-    """The GPU cache of one layer: a CudaTurboQuantCache where its kernels apply, else a
-    CudaKVCache (a sliding window's, window > 0, always); (None, why) when neither does."""
+    """The GPU cache of one layer (a sliding window's where window > 0, without sinks): a
+    CudaTurboQuantCache where its kernels apply, else a CudaKVCache; (None, why) when neither
+    does."""
     if q_heads is not None and q_heads % kv_heads != 0:
         return None, f"{q_heads} query heads are not a multiple of the {kv_heads} KV heads"
-    if window > 0:
-        try:
-            return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device,
-                               window=window, sink_tokens=0), ""
-        except ValueError as e:
-            return None, str(e)
+    shape = (config, kv_heads, head_dim, max_seq_len, layer, device)
     if q_heads is None or q_heads // kv_heads <= 8:  # the tensor-core decode's GQA groups
         try:
-            return CudaTurboQuantCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
-        except ValueError:  # out of the tuned kernels' scope (method, bits, head_dim)
+            return CudaTurboQuantCache(*shape, window=window, sink_tokens=0), ""
+        except ValueError:  # out of the tuned kernels' scope (method, bits, head_dim, centring)
             pass
     try:
-        return CudaKVCache(config, kv_heads, head_dim, max_seq_len, layer, device), ""
+        return CudaKVCache(*shape, window=window, sink_tokens=0), ""
     except ValueError as e:  # out of the device codecs' scope (head_dim, config)
         return None, str(e)
 
