@@ -348,7 +348,33 @@ void def_device_cache(nb::class_<Cache>& cls) {
         .def_prop_ro("window", &Cache::window)
         .def_prop_ro("sink_tokens", &Cache::sink_tokens)
         .def("position_held", &Cache::position_held, "pos"_a,
-             "Whether position pos is stored (not evicted by the sliding window).");
+             "Whether position pos is stored (not evicted by the sliding window).")
+        .def(
+            "to_host",
+            [](const Cache& c) -> std::unique_ptr<KVCache> {
+                nb::gil_scoped_release release;
+                DeviceScope scope(c.device());
+                return c.host_cache();
+            },
+            "A CPU cache holding these pages and learned codec state, in a SlidingWindowKVCache "
+            "where this cache has a window (synchronous).")
+        .def(
+            "save",
+            [](const Cache& c, const std::string& path) {
+                nb::gil_scoped_release release;
+                DeviceScope scope(c.device());
+                c.save(path);
+            },
+            "path"_a, "Writes the cache file of to_host() (versioned, checksummed, atomic).")
+        .def_static(
+            "from_host",
+            [](const KVCache& cpu) {
+                nb::gil_scoped_release release;
+                return Cache::from_host(cpu);
+            },
+            "cpu"_a,
+            "A device cache (on the current device) holding a CPU cache's pages (a quantized "
+            "cache, or a SlidingWindowKVCache around one).");
 }
 
 /// What both batch classes bind alike (P: the pointer type their attend takes).
@@ -429,33 +455,7 @@ void bind_cuda(nb::module_& m) {
              "the last n_queries tokens appended.")
         .def("page", &codec_page, "page"_a,
              "The bytes of one page (downloads every page; synchronous).")
-        .def_prop_ro("outlier_tokens", &CudaCodecCache::outlier_tokens)
-        .def(
-            "to_host",
-            [](const CudaCodecCache& c) -> std::unique_ptr<KVCache> {
-                nb::gil_scoped_release release;
-                DeviceScope scope(c.device());
-                return c.host_cache();
-            },
-            "A CPU cache holding these pages and learned codec state, in a SlidingWindowKVCache "
-            "where this cache has a window (synchronous).")
-        .def(
-            "save",
-            [](const CudaCodecCache& c, const std::string& path) {
-                nb::gil_scoped_release release;
-                DeviceScope scope(c.device());
-                c.save(path);
-            },
-            "path"_a, "Writes the cache file of to_host() (versioned, checksummed, atomic).")
-        .def_static(
-            "from_host",
-            [](const KVCache& cpu) {
-                nb::gil_scoped_release release;
-                return CudaCodecCache::from_host(cpu);
-            },
-            "cpu"_a,
-            "A device cache (on the current device) holding a CPU cache's pages (a quantized "
-            "cache, or a SlidingWindowKVCache around one).");
+        .def_prop_ro("outlier_tokens", &CudaCodecCache::outlier_tokens);
 #else
     m.attr("HAS_CUDA") = false;
     m.def(

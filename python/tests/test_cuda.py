@@ -661,6 +661,41 @@ def test_turboquant_cache_sliding_window_matches_the_cpu_window():
 
 
 @needs_cuda
+@pytest.mark.parametrize("window", [0, 100])
+def test_turboquant_cache_goes_to_the_cpu_and_its_files(tmp_path, window):
+    """CudaTurboQuantCache.to_cpu gives the CPU's turboquant cache of the same pages (in a
+    SlidingWindowKVCache for a window), decoding as the device does (1e-3); save writes its
+    file, which KVCache.load and CudaTurboQuantCache.load read (the device copy decodes as the
+    saved cache); from_cpu takes a CPU cache, and refuses another method's (ValueError)."""
+    from veloxquant.cache.base import KVCache
+    from veloxquant.cache.sliding_window_cache import SlidingWindowKVCache
+    config = KVCacheConfig(method="turboquant_rvq", bits=1, value_bits=2, seed=4)
+    gpu = vq_cuda.CudaTurboQuantCache(config, 2, 128, max_seq_len=2048, window=window)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for n in (300, 1, 1):
+        gpu.append(torch.randn(2, n, 128, device="cuda", generator=g),
+                   torch.randn(2, n, 128, device="cuda", generator=g))
+    q = torch.randn(8, 128, device="cuda", generator=g)
+    want = gpu.attend(q)
+    host = gpu.to_cpu()
+    assert isinstance(host, SlidingWindowKVCache) == (window > 0) and host.size == 302
+    assert rel(host.attend(q.cpu().numpy()[:, None, :], causal=True)[:, 0],
+               want.cpu().numpy()) < 1e-3
+    path = tmp_path / "tq.vqc"
+    gpu.save(path)
+    assert type(KVCache.load(path)) is type(host)
+    back = vq_cuda.CudaTurboQuantCache.load(path)
+    assert isinstance(back, vq_cuda.CudaTurboQuantCache)
+    assert (back.size, back.window, back.layer) == (302, window, 0)
+    torch.testing.assert_close(back.attend(q), want, rtol=1e-5, atol=1e-6)
+    again = vq_cuda.CudaTurboQuantCache.from_cpu(host)
+    torch.testing.assert_close(again.attend(q), want, rtol=1e-5, atol=1e-6)
+    fp16 = create_cpu_cache(KVCacheConfig(method="fp16", value_bits=16), 2, 128, 2048, 0)
+    with pytest.raises(ValueError):
+        vq_cuda.CudaTurboQuantCache.from_cpu(fp16)
+
+
+@needs_cuda
 def test_codec_cache_outlier_side_store_matches_the_cpu_cache(tmp_path):
     """CudaKVCache with an outlier observer flags the tokens the CPU cache's observer flags (each
     cache its own observer), attends as the CPU cache (a causal chunk and decode steps, 1e-3),

@@ -23,7 +23,8 @@ Work is queued on torch's current CUDA stream of the cache's device, so it order
 surrounding torch work without synchronizing (except a rabitq cache's first append, which
 trains the IVF centroids on the host as the CPU cache does). Inputs may be float32, float16 or
 bfloat16 (the latter two are converted to float32 on the device); outputs come back in the
-queries' dtype. Both classes store pages in the CPU cache's layout (``layout``, ``page``).
+queries' dtype. Both classes store pages in the CPU cache's layout (``layout``, ``page``), and
+go to and from the CPU's caches and their files (``to_cpu``, ``save``, ``from_cpu``, ``load``).
 
 Scope (the kernels' own, ``src/cuda/cuda_cache.h`` and ``src/cuda/codec_cache.h``); anything
 else raises ValueError at construction:
@@ -209,6 +210,41 @@ class _DeviceCache:
 
     def _window_repr(self) -> str:
         return f", window={self.window}, sink_tokens={self.sink_tokens}" if self.window else ""
+
+    # --- the CPU and files --------------------------------------------------------------------
+    def to_cpu(self) -> KVCache:
+        """A CPU cache (the method's ``veloxquant`` cache class, in a ``SlidingWindowKVCache``
+        of the same window where this cache has one) holding these pages and the codecs'
+        learned state (rabitq's centroids, a centred cache's key mean); synchronizes the
+        device."""
+        _torch().cuda.synchronize(self.device)
+        return KVCache._wrap(self._impl.to_host())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the cache file a CPU cache writes (versioned, checksummed, atomic): it loads
+        with ``veloxquant.cache.base.KVCache.load`` or this class's ``load``."""
+        _torch().cuda.synchronize(self.device)
+        self._impl.save(os.fspath(path))
+
+    @classmethod
+    def from_cpu(cls, cache: KVCache, device: Any = None) -> Any:
+        """A device cache of this class holding a CPU cache's pages (a quantized cache of a
+        config this class takes, or a ``SlidingWindowKVCache`` around one, whose window it
+        takes; ``CudaKVCache`` also takes outlier entries); ValueError otherwise."""
+        torch = _torch()
+        self = cls.__new__(cls)
+        self.device = _resolve_device(device)
+        self.config = cache.config
+        self.layer = int(getattr(cache._c, "layer", 0))
+        with torch.cuda.device(self.device):
+            self._impl = getattr(_core, cls._core_class).from_host(cache._c)
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: Any = None) -> Any:
+        """Reads a cache file (written by ``save`` or by a CPU cache) onto the device;
+        RuntimeError for a truncated, corrupted or forged file."""
+        return cls.from_cpu(KVCache.load(path), device)
 
     def page(self, index: int) -> Any:
         """The raw bytes of page ``index`` (numpy uint8; synchronizes the device), in the CPU
@@ -416,39 +452,6 @@ class CudaKVCache(_DeviceCache):
             q, target = q.unsqueeze(1), result.unsqueeze(1)
         self._impl.attend(q, target, self._scale(scale), bool(causal), self._stream())
         return out if out is not None else self._in_dtype_of(result, queries)
-
-    def to_cpu(self) -> KVCache:
-        """A CPU cache (the method's ``veloxquant`` cache class, in a ``SlidingWindowKVCache``
-        of the same window where this cache has one) holding these pages and the codecs'
-        learned state (rabitq's centroids); synchronizes the device."""
-        _torch().cuda.synchronize(self.device)
-        return KVCache._wrap(self._impl.to_host())
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the cache file a CPU cache writes (versioned, checksummed, atomic): it loads
-        with ``veloxquant.cache.base.KVCache.load`` or ``CudaKVCache.load``."""
-        _torch().cuda.synchronize(self.device)
-        self._impl.save(os.fspath(path))
-
-    @classmethod
-    def from_cpu(cls, cache: KVCache, device: Any = None) -> CudaKVCache:
-        """A device cache holding a CPU cache's pages (a quantized cache, or a
-        ``SlidingWindowKVCache`` around one, whose window it takes; its outlier entries too,
-        head_dim up to 256); ValueError otherwise."""
-        torch = _torch()
-        self = cls.__new__(cls)
-        self.device = _resolve_device(device)
-        self.config = cache.config
-        self.layer = int(getattr(cache._c, "layer", 0))
-        with torch.cuda.device(self.device):
-            self._impl = _core.CudaCodecCache.from_host(cache._c)
-        return self
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: Any = None) -> CudaKVCache:
-        """Reads a cache file (written by ``save`` or by a CPU cache) onto the device;
-        RuntimeError for a truncated, corrupted or forged file."""
-        return cls.from_cpu(KVCache.load(path), device)
 
     @property
     def method(self) -> str:

@@ -8,12 +8,12 @@
 #include "core/binary_io.h"
 #include "core/rng.h"
 #include "cuda/cuda_cache.h"
+#include "cuda/host_caches.h"
 #include "device_codecs/device_common.h"
 #include "methods/centered_key_codec.h"
 #include "methods/key_codec.h"
 #include "methods/value_codec.h"
 #include "veloxquant/caches.h"
-#include "veloxquant/factory.h"
 #include "veloxquant/observer.h"
 
 namespace veloxquant::cuda {
@@ -390,11 +390,8 @@ void CudaCodecCache::download(PagedStore& store) const {
 }
 
 std::unique_ptr<QuantizedKVCache> CudaCodecCache::to_host() const {
-    std::unique_ptr<KVCache> made =
-        KVCacheFactory::create(config_, num_heads_, head_dim_, max_seq_len_, layer_);
-    std::unique_ptr<QuantizedKVCache> cpu(dynamic_cast<QuantizedKVCache*>(made.get()));
-    if (!cpu) throw std::logic_error("to_host: the factory made no QuantizedKVCache");
-    made.release();
+    std::unique_ptr<QuantizedKVCache> cpu =
+        make_quantized_cache(config_, num_heads_, head_dim_, max_seq_len_, layer_);
     PagedStore pages(layout_);
     download(pages);
     cpu->adopt(pages, size_, key_codecs_, outliers_ ? &outliers_->host() : nullptr);
@@ -402,16 +399,12 @@ std::unique_ptr<QuantizedKVCache> CudaCodecCache::to_host() const {
 }
 
 std::unique_ptr<KVCache> CudaCodecCache::host_cache() const {
-    if (window_.window == 0) return to_host();
-    return std::make_unique<SlidingWindowKVCache>(to_host(), window_.window, window_.sinks);
+    return with_window(to_host(), window_);
 }
 
 std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const KVCache& cpu) {
-    if (const auto* q = dynamic_cast<const QuantizedKVCache*>(&cpu)) return from_host(*q);
-    if (const auto* w = dynamic_cast<const SlidingWindowKVCache*>(&cpu))
-        return from_host(w->inner(), TokenWindow{w->sink_tokens(), w->window()});
-    throw std::invalid_argument("CudaCodecCache::from_host: a " + cpu.class_name() +
-                                " cannot live on the device");
+    const HostCacheParts parts = host_cache_parts(cpu, "CudaCodecCache::from_host");
+    return from_host(parts.cache, parts.window);
 }
 
 std::unique_ptr<CudaCodecCache> CudaCodecCache::from_host(const QuantizedKVCache& cpu) {
@@ -453,12 +446,7 @@ void CudaCodecCache::save(const std::string& path) const {
 }
 
 std::unique_ptr<CudaCodecCache> CudaCodecCache::load(const std::string& path) {
-    std::unique_ptr<KVCache> cpu = KVCache::load(path);
-    if (dynamic_cast<const QuantizedKVCache*>(cpu.get()) == nullptr &&
-        dynamic_cast<const SlidingWindowKVCache*>(cpu.get()) == nullptr)
-        throw std::invalid_argument("CudaCodecCache::load: " + path + " holds a " +
-                                    cpu->class_name() + ", which the device cache cannot hold");
-    return from_host(*cpu);
+    return from_host(*load_host_cache(path, "CudaCodecCache::load"));
 }
 
 void CudaCodecCache::upload(const PagedStore& store, int size) {

@@ -14,7 +14,10 @@
 #include "core/lloyd_max.h"
 #include "core/rng.h"
 #include "core/rotation.h"
+#include "cuda/host_caches.h"
 #include "cuda/turboquant_kernels.cuh"
+#include "methods/centered_key_codec.h"
+#include "methods/key_codec.h"
 #include "veloxquant/caches.h"
 
 namespace veloxquant::cuda {
@@ -233,6 +236,8 @@ DeviceTables::~DeviceTables() {
 CudaTurboQuantCache::CudaTurboQuantCache(const KVCacheConfig& config, int num_heads, int head_dim,
                                          int max_seq_len, int layer, int window, int sink_tokens)
     : serial_(next_cache_serial()),
+      config_(config),
+      layer_(layer),
       host_(make_host_tables(config, num_heads, head_dim, layer)),
       tables_(host_),
       num_heads_(num_heads),
@@ -471,6 +476,57 @@ void CudaTurboQuantCache::upload(const PagedStore& store, int size) {
 
 void CudaTurboQuantCache::download(PagedStore& store) const {
     pages_.download(store, size_);
+}
+
+std::unique_ptr<QuantizedKVCache> CudaTurboQuantCache::to_host() const {
+    require_key_mean("to_host");
+    std::unique_ptr<QuantizedKVCache> cpu =
+        make_quantized_cache(config_, num_heads_, head_dim_, max_seq_len_, layer_);
+    // The codecs whose state the CPU cache takes: a centred cache's with the mean its pages
+    // were centred by.
+    std::vector<std::unique_ptr<KeyCodec>> codecs;
+    for (int h = 0; h < num_heads_; ++h) {
+        codecs.push_back(make_key_codec(config_, head_dim_, layer_, h));
+        if (center_.estimated())
+            dynamic_cast<CenteredKeyCodec&>(*codecs.back())
+                .adopt_mean(center_.mean().data() + static_cast<std::size_t>(h) * head_dim_);
+    }
+    PagedStore pages(host_.page_layout);
+    download(pages);
+    cpu->adopt(pages, size_, codecs);
+    return cpu;
+}
+
+std::unique_ptr<KVCache> CudaTurboQuantCache::host_cache() const {
+    return with_window(to_host(), window_);
+}
+
+std::unique_ptr<CudaTurboQuantCache> CudaTurboQuantCache::from_host(const KVCache& cpu) {
+    const HostCacheParts parts = host_cache_parts(cpu, "CudaTurboQuantCache::from_host");
+    const QuantizedKVCache& q = parts.cache;
+    auto gpu = std::make_unique<CudaTurboQuantCache>(q.config(), q.num_heads(), q.head_dim(),
+                                                     q.max_seq_len(), q.layer(),
+                                                     parts.window.window, parts.window.sinks);
+    if (gpu->center_.enabled()) {  // the mean the CPU pages were centred by, once estimated
+        std::vector<float> mean;
+        bool estimated = true;
+        for (const auto& codec : q.key_codecs()) {
+            const auto& centred = dynamic_cast<const CenteredKeyCodec&>(*codec);
+            estimated = estimated && centred.estimated();
+            mean.insert(mean.end(), centred.mean().begin(), centred.mean().end());
+        }
+        if (estimated) gpu->set_key_mean(mean);
+    }
+    if (q.size() > 0) gpu->upload(q.paged_store(), q.size());
+    return gpu;
+}
+
+void CudaTurboQuantCache::save(const std::string& path) const {
+    host_cache()->save(path);
+}
+
+std::unique_ptr<CudaTurboQuantCache> CudaTurboQuantCache::load(const std::string& path) {
+    return from_host(*load_host_cache(path, "CudaTurboQuantCache::load"));
 }
 
 }  // namespace veloxquant::cuda

@@ -12,6 +12,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "cache/paged_store.h"
@@ -19,6 +21,7 @@
 #include "cuda/input_check.h"
 #include "cuda/key_center.h"
 #include "cuda/page_pool.h"
+#include "veloxquant/caches.h"
 #include "veloxquant/config.h"
 
 namespace veloxquant::cuda {
@@ -313,6 +316,24 @@ public:
     /// Copies page `page` (0 <= page < pages held) into page_bytes of host memory. Synchronous.
     void copy_page(int page, void* host) const;
 
+    /// The CPU cache this one is: the factory's turboquant_rvq cache of the config holding these
+    /// pages (a centred cache's key mean in its codecs). std::invalid_argument for a centred
+    /// cache holding uploaded tokens without its mean. Synchronous.
+    std::unique_ptr<QuantizedKVCache> to_host() const;
+    /// to_host(), in a SlidingWindowKVCache of the same window and sinks where this cache has
+    /// one. Synchronous.
+    std::unique_ptr<KVCache> host_cache() const;
+    /// A device cache (on the current device) holding a CPU cache's pages: a QuantizedKVCache of
+    /// a config this cache takes, or a SlidingWindowKVCache around one (its window and sinks);
+    /// a centred one's key mean where it was estimated. std::invalid_argument otherwise.
+    /// Synchronous.
+    static std::unique_ptr<CudaTurboQuantCache> from_host(const KVCache& cpu);
+    /// Writes the cache file of host_cache() (versioned, checksummed, atomic).
+    void save(const std::string& path) const;
+    /// from_host of a cache file's cache; the file's errors as KVCache::load's, and
+    /// std::invalid_argument for a cache this one cannot hold.
+    static std::unique_ptr<CudaTurboQuantCache> load(const std::string& path);
+
 private:
     friend class CudaTurboQuantBatch;  // appends and attends of many sequences at once
 
@@ -333,6 +354,8 @@ private:
     /// Unique per cache object of the process (CudaTurboQuantBatch remembers the caches it has
     /// checked by it; an address can be reused by a later cache).
     const uint64_t serial_;
+    KVCacheConfig config_;
+    int layer_;
     TqHostTables host_;
     DeviceTables tables_;
     int num_heads_;
