@@ -558,6 +558,43 @@ def test_codec_cache_to_cpu_save_and_load(tmp_path):
         vq_cuda.CudaKVCache.load(path)
 
 
+def _window_steps(gpu, cpu, seed, decode_only):
+    """Appends chunks of 300 and 40 tokens and three single tokens ([2, n, 128]) to a device
+    window and its CPU twin; after each, 8 query heads attend on both within 1e-3: the chunk's
+    queries causally, or one decode query. Returns the generator, for more inputs."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    for n in (300, 40, 1, 1, 1):
+        k = torch.randn(2, n, 128, device="cuda", generator=g)
+        v = torch.randn(2, n, 128, device="cuda", generator=g)
+        gpu.append(k, v)
+        cpu.append(k.cpu().numpy(), v.cpu().numpy())
+        if decode_only:
+            q = torch.randn(8, 128, device="cuda", generator=g)
+            want = cpu.attend(q.cpu().numpy()[:, None, :], causal=True)[:, 0]
+        else:
+            q = torch.randn(8, n, 128, device="cuda", generator=g)
+            want = cpu.attend(q.cpu().numpy(), causal=True)
+        assert rel(gpu.attend(q).cpu().numpy(), want) < 1e-3, n
+    return g
+
+
+def _batched_window_step(step, gpu, g):
+    """A second window like gpu (empty_like, 150 tokens) and gpu take a decode step together
+    through the batch `step`, alike; each sequence's output follows its cache alone (1e-5).
+    Returns the step's keys [2, 2, 1, 128] and queries [2, 8, 128]."""
+    other = gpu.empty_like()
+    other.append(torch.randn(2, 150, 128, device="cuda", generator=g),
+                 torch.randn(2, 150, 128, device="cuda", generator=g))
+    assert step.alike([gpu, other])
+    k = torch.randn(2, 2, 1, 128, device="cuda", generator=g)
+    step.append([gpu, other], k, k)
+    q = torch.randn(2, 8, 128, device="cuda", generator=g)
+    together = step.attend([gpu, other], q)
+    for b, cache in enumerate((gpu, other)):
+        assert rel(together[b].cpu().numpy(), cache.attend(q[b]).cpu().numpy()) < 1e-5, b
+    return k, q
+
+
 @needs_cuda
 def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
     """CudaKVCache(window=, sink_tokens=) attends as a CPU SlidingWindowKVCache of the same
@@ -569,15 +606,7 @@ def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
     gpu = vq_cuda.CudaKVCache(config, 2, 128, max_seq_len=2048, window=100, sink_tokens=4)
     cpu = SlidingWindowKVCache(create_cpu_cache(config, 2, 128, 2048, 0), 100, sink_tokens=4)
     assert (gpu.window, gpu.sink_tokens) == (100, 4) and "window=100" in repr(gpu)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    for n in (300, 40, 1, 1, 1):
-        k = torch.randn(2, n, 128, device="cuda", generator=g)
-        v = torch.randn(2, n, 128, device="cuda", generator=g)
-        gpu.append(k, v)
-        cpu.append(k.cpu().numpy(), v.cpu().numpy())
-        q = torch.randn(8, n, 128, device="cuda", generator=g)
-        want = cpu.attend(q.cpu().numpy(), causal=True)
-        assert rel(gpu.attend(q).cpu().numpy(), want) < 1e-3, n
+    g = _window_steps(gpu, cpu, 2, decode_only=False)
     # pages wholly inside [4, 343 - 1 + 1 - 100) are gone: 1 and 2
     assert [gpu.position_held(64 * p) for p in range(6)] == [True, False, False, True, True, True]
     with pytest.raises(ValueError):  # a chunk whose first queries' windows were evicted
@@ -600,18 +629,9 @@ def test_codec_cache_sliding_window_matches_the_cpu_window(tmp_path):
     assert again.window == 100 and not again.position_held(64)
     assert gpu.empty_like().window == 100
     # Windows of one width batch: a decode step of two in one launch follows each alone.
-    other = gpu.empty_like()
-    other.append(torch.randn(2, 150, 128, device="cuda", generator=g),
-                 torch.randn(2, 150, 128, device="cuda", generator=g))
     step = vq_cuda.CudaKVCacheBatch()
-    assert step.alike([gpu, other])
     assert not step.alike([gpu, vq_cuda.CudaKVCache(config, 2, 128, max_seq_len=2048)])
-    k = torch.randn(2, 2, 1, 128, device="cuda", generator=g)
-    step.append([gpu, other], k, k)
-    q = torch.randn(2, 8, 128, device="cuda", generator=g)
-    together = step.attend([gpu, other], q)
-    for b, cache in enumerate((gpu, other)):
-        assert rel(together[b].cpu().numpy(), cache.attend(q[b]).cpu().numpy()) < 1e-5, b
+    _batched_window_step(step, gpu, g)
 
 
 @needs_cuda
@@ -625,15 +645,7 @@ def test_turboquant_cache_sliding_window_matches_the_cpu_window():
                                       sink_tokens=4)
     cpu = SlidingWindowKVCache(create_cpu_cache(config, 2, 128, 2048, 0), 100, sink_tokens=4)
     assert (gpu.window, gpu.sink_tokens) == (100, 4) and "window=100" in repr(gpu)
-    g = torch.Generator(device="cuda").manual_seed(3)
-    for n in (300, 40, 1, 1, 1):
-        k = torch.randn(2, n, 128, device="cuda", generator=g)
-        v = torch.randn(2, n, 128, device="cuda", generator=g)
-        gpu.append(k, v)
-        cpu.append(k.cpu().numpy(), v.cpu().numpy())
-        q = torch.randn(8, 128, device="cuda", generator=g)
-        want = cpu.attend(q.cpu().numpy()[:, None, :], causal=True)[:, 0]
-        assert rel(gpu.attend(q).cpu().numpy(), want) < 1e-3, n
+    g = _window_steps(gpu, cpu, 3, decode_only=True)
     # pages wholly inside [4, 343 - 1 + 1 - 100) are gone: 1 and 2
     assert [gpu.position_held(64 * p) for p in range(6)] == [True, False, False, True, True, True]
     with pytest.raises((IndexError, ValueError)):
@@ -644,16 +656,8 @@ def test_turboquant_cache_sliding_window_matches_the_cpu_window():
     with pytest.raises(ValueError):  # centred keys with a window: CudaKVCache serves them
         vq_cuda.CudaTurboQuantCache(KVCacheConfig(method="turboquant_rvq", bits=1, value_bits=2,
                                                   center_keys=True), 2, 128, window=100)
-    other = gpu.empty_like()
-    other.append(torch.randn(2, 150, 128, device="cuda", generator=g),
-                 torch.randn(2, 150, 128, device="cuda", generator=g))
     step = vq_cuda.CudaTurboQuantBatch()
-    k = torch.randn(2, 2, 1, 128, device="cuda", generator=g)
-    step.append([gpu, other], k, k)
-    q = torch.randn(2, 8, 128, device="cuda", generator=g)
-    together = step.attend([gpu, other], q)
-    for b, cache in enumerate((gpu, other)):
-        assert rel(together[b].cpu().numpy(), cache.attend(q[b]).cpu().numpy()) < 1e-5, b
+    k, q = _batched_window_step(step, gpu, g)
     plain = vq_cuda.CudaTurboQuantCache(config, 2, 128, max_seq_len=2048)
     plain.append(k[0], k[0])
     with pytest.raises(ValueError, match="window"):  # no window: not batched with one

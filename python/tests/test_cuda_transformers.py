@@ -12,6 +12,7 @@ from veloxquant.cache.base import KVCacheConfig
 
 from cuda_support import needs_cuda, rel, torch
 from llama_models import tiny_llama as _tiny_llama
+from llama_models import tiny_sliding_qwen2
 
 
 def _chunked_logits(model, cache, attention, tokens, first, prompt):
@@ -249,16 +250,8 @@ def test_transformers_sliding_window_layers_stay_on_the_gpu():
     through a 40-token prompt in two chunks and 60 decode steps, while its device pages stay
     those of the window."""
     pytest.importorskip("transformers")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from veloxquant.integrations.transformers import VeloxQuantCache, VeloxQuantCudaKVLayer
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      max_position_embeddings=1024, initializer_range=0.1, use_sliding_window=True,
-                      sliding_window=24, layer_types=["sliding_attention", "full_attention"],
-                      attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(cfg).eval().to("cuda")
+    model = tiny_sliding_qwen2().to("cuda")
     tokens = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(5)).cuda()
     with torch.no_grad():
         reference = model(tokens, use_cache=False).logits[0].float().cpu()
@@ -291,16 +284,8 @@ def test_transformers_sliding_layers_take_the_tuned_cache():
     values the second chunk and 60 decode steps stay as near as the full-attention layers'
     (test_transformers_gpu_layers_follow_the_default_cache)."""
     pytest.importorskip("transformers")
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from veloxquant.integrations.transformers import VeloxQuantCache, VeloxQuantCudaLayer
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      max_position_embeddings=1024, initializer_range=0.1, use_sliding_window=True,
-                      sliding_window=24, layer_types=["sliding_attention", "full_attention"],
-                      attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(cfg).eval().to("cuda")
+    model = tiny_sliding_qwen2().to("cuda")
     tokens = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(5)).cuda()
     with torch.no_grad():
         reference = model(tokens, use_cache=False).logits[0].float().cpu()

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from llama_models import tiny_llama as _tiny_llama  # noqa: E402
+from llama_models import tiny_sliding_qwen2  # noqa: E402
 
 from veloxquant import CapacityError  # noqa: E402
 from veloxquant import cuda as vq_cuda  # noqa: E402
@@ -291,19 +292,11 @@ def test_gpu_sliding_layer_logic_on_exact_tokens(monkeypatch):
     decode attends the cache's window. On exact stand-in tokens a tiny Qwen2 (window 24 on its
     first layer) gives its own full forward's logits (transformers' sliding mask), through three
     chunks, two of them longer than the window, and decode steps."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     import veloxquant.integrations.transformers as integration
     from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
     monkeypatch.setattr(integration, "_window_sdpa",
                         functools.partial(integration._window_sdpa, block=7))
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      max_position_embeddings=1024, initializer_range=0.1, use_sliding_window=True,
-                      sliding_window=24, layer_types=["sliding_attention", "full_attention"],
-                      attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = tiny_sliding_qwen2()
     tokens = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         reference = model(tokens, use_cache=False).logits.float()

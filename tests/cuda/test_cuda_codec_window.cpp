@@ -20,11 +20,13 @@
 #include "cuda_test_helpers.h"
 #include "veloxquant/caches.h"
 #include "veloxquant/factory.h"
+#include "window_test_helpers.h"
 
 namespace veloxquant::cuda {
 namespace {
 
 using vqtest::DeviceBuffer;
+using vqtest::expect_same_pages_held;
 using vqtest::method_config;
 using vqtest::random_tokens;
 using vqtest::relative_error;
@@ -57,15 +59,6 @@ std::unique_ptr<SlidingWindowKVCache> cpu_window(const WindowCase& k, int max_le
     auto made = KVCacheFactory::create(k.config, k.heads, k.d, max_len);
     std::unique_ptr<QuantizedKVCache> inner(static_cast<QuantizedKVCache*>(made.release()));
     return std::make_unique<SlidingWindowKVCache>(std::move(inner), k.window, k.sinks);
-}
-
-// Every page of [0, size) is held on the device exactly where the CPU's window holds it.
-void expect_same_pages_held(const CudaCodecCache& gpu, const SlidingWindowKVCache& cpu) {
-    ASSERT_EQ(gpu.size(), cpu.size());
-    for (int p = 0; p * kTokensPerPage < cpu.size(); ++p)
-        EXPECT_EQ(gpu.position_held(p * kTokensPerPage),
-                  cpu.inner().position_held(p * kTokensPerPage))
-            << "page " << p << " of " << cpu.size() << " tokens";
 }
 
 // Attention of n queries per query head (causal or not) on both caches; the device refuses
@@ -125,18 +118,8 @@ TEST_P(CodecWindow, AttendsAsTheCpuWindowAndHoldsTheSamePages) {
     expect_same_attention(gpu, *cpu, hq, 2, false, ++seed, "non-causal");
 
     // Dequantize: the window's tokens as the CPU's; evicted ones refused.
-    const int size = gpu.size(), n = k.window;
-    const std::size_t count = static_cast<std::size_t>(H) * n * d;
-    std::vector<float> rk(count), rv(count);
-    cpu->dequantize(size - n, n, rk.data(), rv.data());
-    DeviceBuffer<float> gk(count), gv(count);
-    gpu.dequantize(size - n, n, gk.get(), gv.get(), nullptr);
-    EXPECT_LE(relative_error(gk.download(), rk), 1e-5);
-    EXPECT_LE(relative_error(gv.download(), rv), 1e-5);
-    const int evicted = ((k.sinks + kTokensPerPage - 1) / kTokensPerPage) * kTokensPerPage;
-    ASSERT_FALSE(gpu.position_held(evicted));
-    ASSERT_FALSE(cpu->inner().position_held(evicted));
-    EXPECT_THROW(gpu.dequantize(evicted, 1, gk.get(), gv.get(), nullptr), std::out_of_range);
+    const int size = gpu.size();
+    const int evicted = vqtest::expect_window_dequantize(gpu, *cpu);
 
     // Through the host: the CPU cache is the same window over the same pages; a saved file
     // loads back onto the device with its window.

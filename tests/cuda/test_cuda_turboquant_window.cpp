@@ -18,11 +18,13 @@
 #include "cuda/turboquant_batch.h"
 #include "cuda_test_helpers.h"
 #include "veloxquant/caches.h"
+#include "window_test_helpers.h"
 
 namespace veloxquant::cuda {
 namespace {
 
 using vqtest::DeviceBuffer;
+using vqtest::expect_same_pages_held;
 using vqtest::random_tokens;
 using vqtest::relative_error;
 
@@ -57,14 +59,6 @@ std::unique_ptr<SlidingWindowKVCache> cpu_window(const TqWindowCase& k, int max_
     return std::make_unique<SlidingWindowKVCache>(
         std::make_unique<TurboQuantRVQKVCache>(config_of(k), k.heads, k.d, max_len), k.window,
         k.sinks);
-}
-
-void expect_same_pages_held(const CudaTurboQuantCache& gpu, const SlidingWindowKVCache& cpu) {
-    ASSERT_EQ(gpu.size(), cpu.size());
-    for (int p = 0; p * kTokensPerPage < cpu.size(); ++p)
-        EXPECT_EQ(gpu.position_held(p * kTokensPerPage),
-                  cpu.inner().position_held(p * kTokensPerPage))
-            << "page " << p << " of " << cpu.size() << " tokens";
 }
 
 // One decode query per query head on both caches.
@@ -107,17 +101,8 @@ TEST_P(TurboQuantWindow, DecodesAsTheCpuWindowAndHoldsTheSamePages) {
     }
 
     // Dequantize: the window's tokens as the CPU's; evicted ones refused.
-    const int size = gpu.size(), n = k.window;
-    const std::size_t count = static_cast<std::size_t>(H) * n * d;
-    std::vector<float> rk(count), rv(count);
-    cpu->dequantize(size - n, n, rk.data(), rv.data());
-    DeviceBuffer<float> gk(count), gv(count);
-    gpu.dequantize(size - n, n, gk.get(), gv.get(), nullptr);
-    EXPECT_LE(relative_error(gk.download(), rk), 1e-5);
-    EXPECT_LE(relative_error(gv.download(), rv), 1e-5);
-    const int evicted = ((k.sinks + kTokensPerPage - 1) / kTokensPerPage) * kTokensPerPage;
-    ASSERT_FALSE(gpu.position_held(evicted));
-    EXPECT_THROW(gpu.dequantize(evicted, 1, gk.get(), gv.get(), nullptr), std::out_of_range);
+    const int size = gpu.size();
+    const int evicted = vqtest::expect_window_dequantize(gpu, *cpu);
 
     // Truncation: into evicted tokens it throws and changes nothing; by one token it does as
     // the CPU's trim does (refused where the new last token's window starts on an evicted page:
