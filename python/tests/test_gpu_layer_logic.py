@@ -285,19 +285,21 @@ class _ExactWindowDeviceCache(_ExactDeviceCache):
         return super().dequantize(start, n)
 
 
-def test_gpu_sliding_layer_logic_on_exact_tokens(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpu_sliding_layer_logic_on_exact_tokens(monkeypatch, batch):
     """A sliding layer on the tuned cache (decode kernels only): its prefill chunks run SDPA over
     the window's earlier tokens (dequantized) and the chunk's exact ones with the window's mask,
-    in blocks of queries (7 here, so that a chunk takes several), then the chunk is stored;
-    decode attends the cache's window. On exact stand-in tokens a tiny Qwen2 (window 24 on its
-    first layer) gives its own full forward's logits (transformers' sliding mask), through three
-    chunks, two of them longer than the window, and decode steps."""
+    in blocks of queries (7 here, so that a chunk takes several), then the chunk is stored (a
+    batch's sequences at once, through the layer's batch); decode attends the cache's window.
+    On exact stand-in tokens a tiny Qwen2 (window 24 on its first layer) gives its own full
+    forward's logits (transformers' sliding mask), through three chunks, two of them longer than
+    the window, and decode steps, for one sequence or three."""
     import veloxquant.integrations.transformers as integration
     from veloxquant.integrations.transformers import ATTENTION_NAME, VeloxQuantCache
     monkeypatch.setattr(integration, "_window_sdpa",
                         functools.partial(integration._window_sdpa, block=7))
     model = tiny_sliding_qwen2()
-    tokens = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(5))
+    tokens = torch.randint(0, 512, (batch, 90), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         reference = model(tokens, use_cache=False).logits.float()
     cache = VeloxQuantCache([_ExactWindowDeviceCache(2, 64, layer=0),
@@ -307,4 +309,5 @@ def test_gpu_sliding_layer_logic_on_exact_tokens(monkeypatch):
     logits = _logits(model, cache, ATTENTION_NAME, tokens, (30, 35, 70))
     assert _relative_error(logits, reference) < 1e-4
     # the second and third chunks read the earlier tokens of their first query's window
-    assert _ExactWindowDeviceCache.reads == [(7, 23), (12, 23)]
+    assert _ExactWindowDeviceCache.reads == [(7, 23)] * batch + [(12, 23)] * batch
+    assert all(c.size == 90 for layer in cache.layers for c in layer.rows)

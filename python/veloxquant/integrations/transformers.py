@@ -56,10 +56,11 @@ An outlier observer puts a layer on a ``CudaKVCache`` (its side store on the dev
 batches decode in one launch too. A layer out of both caches' scope (head_dim over 256, say)
 stays on the CPU, and ``from_model`` warns (a RuntimeWarning naming such layers and why).
 ``backend="cuda"`` insists on the GPU for every layer and ``backend="cpu"`` never uses it. On a
-GPU layer nothing leaves the GPU; each append (a batch's decode step: once for all)
-synchronizes once (its input check: NaN, Inf, or
-magnitudes fp16 storage cannot hold, so that bad input raises before anything is stored), as
-does a rabitq cache's training; a padded batch's mask is read on the host once a forward.
+GPU layer nothing leaves the GPU; each append (a batch's decode step or unpadded prefill chunk:
+once for all, where the layer's batch takes its sequences together) synchronizes once (its input
+check: NaN, Inf, or magnitudes fp16 storage cannot hold, so that bad input raises before anything
+is stored), as does a rabitq cache's training; a padded batch's mask is read on the host once a
+forward.
 
 Batches: a batch of B sequences gets B caches per layer (the given one and B - 1 made by its
 ``empty_like()`` on the first update of that batch size), each attending on its own sequence.
@@ -337,27 +338,30 @@ def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: 
     return out.transpose(1, 2)
 
 
-def _window_sdpa(cache: Any, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 scaling: float, causal: bool, block: int = 1024) -> torch.Tensor:
-    """SDPA of a prefill chunk of a sliding-window cache not yet holding it: [1, q_heads, n, d]
-    queries at positions size..size + n - 1 over the cache's sinks and the window's earlier
-    tokens (dequantized; all still held) and the chunk's [kv_heads, n, d] keys and values.
-    Query q attends positions below the sinks and in (q - window, q] (causal; else up to the
-    chunk's last position). In blocks of `block` queries, so that no mask exceeds block x
-    (sinks + window + block). Returns [1, n, q_heads, d]."""
-    start, window, sinks = cache.size, cache.window, cache.sink_tokens
+def _window_sdpa(caches: Sequence[Any], query: torch.Tensor, keys: torch.Tensor,
+                 values: torch.Tensor, scaling: float, causal: bool,
+                 block: int = 1024) -> torch.Tensor:
+    """SDPA of a prefill chunk of sliding-window caches (one per sequence, alike and of one
+    size) not yet holding it: [batch, q_heads, n, d] queries at positions size..size + n - 1
+    over each cache's sinks and the window's earlier tokens (dequantized; all still held) and
+    the chunk's [batch, kv_heads, n, d] keys and values. Query q attends positions below the
+    sinks and in (q - window, q] (causal; else up to the chunk's last position). In blocks of
+    `block` queries, so that no mask exceeds block x (sinks + window + block). Returns
+    [batch, n, q_heads, d]."""
+    first = caches[0]
+    start, window, sinks = first.size, first.window, first.sink_tokens
     n, device = query.shape[2], query.device
     earliest = max(0, start - window + 1)  # the first query's window (and every later one's)
     parts_k, parts_v, ranges = [], [], []
     for lo, hi in ((0, min(sinks, earliest)), (earliest, start)):
         if hi > lo:
-            k, v = cache.dequantize(lo, hi - lo)
-            parts_k.append(k.to(keys.dtype))
-            parts_v.append(v.to(values.dtype))
+            rows = [cache.dequantize(lo, hi - lo) for cache in caches]
+            parts_k.append(torch.stack([k for k, _ in rows]).to(keys.dtype))
+            parts_v.append(torch.stack([v for _, v in rows]).to(values.dtype))
             ranges.append((lo, hi))
     ranges.append((start, start + n))
-    keys_all = torch.cat(parts_k + [keys], dim=-2)[None]
-    values_all = torch.cat(parts_v + [values], dim=-2)[None]
+    keys_all = torch.cat(parts_k + [keys], dim=-2)
+    values_all = torch.cat(parts_v + [values], dim=-2)
     positions = torch.cat([torch.arange(lo, hi, device=device) for lo, hi in ranges])
     outs = []
     for i0 in range(0, n, block):
@@ -425,7 +429,10 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
             result = self._batch.attend(self.rows, query[:, :, 0, :].to(torch.float32).contiguous(),
                                         scale=scaling)  # [batch, q_heads, head_dim] float32
             return result.unsqueeze(1).to(query.dtype)
-        if n == 1 or real is not None or len({c.size for c in self.rows}) > 1 or self.is_sliding:
+        # (a sliding window's chunks attend on the codes, each sequence alone, unless its cache
+        # is the tuned one, whose prefill runs SDPA within the window)
+        codes_window = self.is_sliding and not isinstance(self.cache, CudaTurboQuantCache)
+        if n == 1 or real is not None or len({c.size for c in self.rows}) > 1 or codes_window:
             out = torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3],
                               dtype=query.dtype, device=query.device)
             for b, cache in enumerate(self.rows):
@@ -439,16 +446,29 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
                 elif k.shape[1] > 0:
                     out[b, sel] = self._prefill(cache, q[None], k, v, scaling, causal)[0]
             return out
-        start = self.cache.size
-        keys_all, values_all = keys, values
-        if start > 0:
-            earlier_k, earlier_v = self._dequantized_rows(keys.dtype)
-            keys_all = torch.cat([earlier_k, keys], dim=-2)
-            values_all = torch.cat([earlier_v, values], dim=-2)
-        out = _sdpa(query, keys_all, values_all, scaling, causal)
+        if self.is_sliding:  # the tuned cache's window (every sequence of one size)
+            out = _window_sdpa(self.rows, query, keys, values, scaling, causal)
+        else:
+            start = self.cache.size
+            keys_all, values_all = keys, values
+            if start > 0:
+                earlier_k, earlier_v = self._dequantized_rows(keys.dtype)
+                keys_all = torch.cat([earlier_k, keys], dim=-2)
+                values_all = torch.cat([earlier_v, values], dim=-2)
+            out = _sdpa(query, keys_all, values_all, scaling, causal)
+        self._store(keys, values)
+        return out
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Stores every sequence's chunk ([batch, kv_heads, n, head_dim]): through the layer's
+        batch where its sequences take steps together (one input check; all or nothing: bad
+        input in one sequence leaves every cache as it was), else one cache after another."""
+        if len(self.rows) > 1 and self._batched_steps():
+            self._batch.append(self.rows, self._cache_input(keys, "keys"),
+                               self._cache_input(values, "values"))
+            return
         for b, cache in enumerate(self.rows):
             cache.append(self._cache_input(keys[b], "keys"), self._cache_input(values[b], "values"))
-        return out
 
     def _prefill(self, cache: Any, query: torch.Tensor, keys: torch.Tensor,
                  values: torch.Tensor, scaling: float, causal: bool) -> torch.Tensor:
@@ -459,7 +479,7 @@ class VeloxQuantDeviceLayer(VeloxQuantLayer):
         only) SDPA takes the window's earlier tokens, dequantized, and the chunk's exact ones
         (_window_sdpa), and the chunk is stored after."""
         if self.is_sliding and isinstance(cache, CudaTurboQuantCache):
-            out = _window_sdpa(cache, query, keys, values, scaling, causal)
+            out = _window_sdpa([cache], query, keys[None], values[None], scaling, causal)
             cache.append(self._cache_input(keys, "keys"), self._cache_input(values, "values"))
             return out
         if self.is_sliding:
