@@ -345,11 +345,7 @@ void CudaCodecCache::dequantize(int start, int n_tokens, float* keys, float* val
     if (n_tokens == 0) return;
     if (keys == nullptr || values == nullptr)
         throw std::invalid_argument("dequantize: null output");
-    const int P = kTokensPerPage;
-    for (int p = start / P; p <= (start + n_tokens - 1) / P; ++p)
-        if (!pages_->held(p))
-            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) +
-                                    " were evicted by the sliding window");
+    pages_->require_held(start, n_tokens);
     backend_->dequantize(pages_->pool(), pages_->page_table(), start, n_tokens, keys, values,
                          stream);
     center_.restore(keys, n_tokens, start, stream);
@@ -360,16 +356,7 @@ void CudaCodecCache::truncate(int n_tokens) {
     if (n_tokens < 0 || n_tokens > size_)
         throw std::out_of_range("truncate: " + std::to_string(n_tokens) + " is outside [0, " +
                                 std::to_string(size_) + "]");
-    if (pages_->mapped()) {
-        // The new last token's window must still be held.
-        const int from = n_tokens - window_.window;
-        if (n_tokens > 0 && from > window_.sinks && !position_held(from))
-            throw std::invalid_argument(
-                "truncate: keeping " + std::to_string(n_tokens) +
-                " tokens would expose positions the sliding window evicted");
-        const int P = kTokensPerPage;
-        pages_->release((n_tokens + P - 1) / P, (size_ + P - 1) / P);
-    }
+    if (pages_->mapped()) pages_->cut_window(n_tokens, size_, window_.window, window_.sinks);
     if (outliers_) outliers_->truncate(n_tokens);
     size_ = n_tokens;
 }

@@ -420,10 +420,7 @@ void CudaTurboQuantCache::dequantize(int start, int n_tokens, float* keys, float
     if (keys == nullptr || values == nullptr)
         throw std::invalid_argument("dequantize: null output");
     require_key_mean("dequantize");
-    for (int p = start / kTokensPerPage; p <= (start + n_tokens - 1) / kTokensPerPage; ++p)
-        if (!pages_.held(p))
-            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) +
-                                    " were evicted by the sliding window");
+    pages_.require_held(start, n_tokens);
     DequantizeArgs a;
     a.layout = host_.layout;
     a.tables = tables_.get();
@@ -441,16 +438,7 @@ void CudaTurboQuantCache::truncate(int n_tokens) {
     if (n_tokens < 0 || n_tokens > size_)
         throw std::out_of_range("truncate: " + std::to_string(n_tokens) + " is outside [0, " +
                                 std::to_string(size_) + "]");
-    if (pages_.mapped()) {
-        // The new last token's window must still be held.
-        const int from = n_tokens - window_.window;
-        if (n_tokens > 0 && from > window_.sinks && !position_held(from))
-            throw std::invalid_argument(
-                "truncate: keeping " + std::to_string(n_tokens) +
-                " tokens would expose positions the sliding window evicted");
-        pages_.release((n_tokens + kTokensPerPage - 1) / kTokensPerPage,
-                       (size_ + kTokensPerPage - 1) / kTokensPerPage);
-    }
+    if (pages_.mapped()) pages_.cut_window(n_tokens, size_, window_.window, window_.sinks);
     size_ = n_tokens;
 }
 

@@ -126,6 +126,22 @@ bool DevicePagePool::held(int page) const {
     return mapped_ ? page < max_pages_ && slot_of_[page] >= 0 : page < capacity_pages_;
 }
 
+void DevicePagePool::require_held(int start, int n) const {
+    const int P = layout_.tokens_per_page;
+    for (int p = start / P; p <= (start + n - 1) / P; ++p)
+        if (!held(p))
+            throw std::out_of_range("dequantize: tokens of page " + std::to_string(p) +
+                                    " were evicted by the sliding window");
+}
+
+void DevicePagePool::cut_window(int n, int size, int window, int sinks) {
+    const int P = layout_.tokens_per_page, from = n - window;
+    if (n > 0 && from > sinks && !held(from / P))
+        throw std::invalid_argument("truncate: keeping " + std::to_string(n) +
+                                    " tokens would expose positions the sliding window evicted");
+    release((n + P - 1) / P, (size + P - 1) / P);
+}
+
 uint8_t* DevicePagePool::slot_data(int page) const {
     const int slot = mapped_ ? slot_of_[page] : page;
     return pool_ + static_cast<std::size_t>(slot) * layout_.page_bytes;

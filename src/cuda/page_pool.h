@@ -54,6 +54,13 @@ public:
     void release(int first, int end);
     /// Whether page `page` holds codes: below the capacity of an identity pool, or held.
     bool held(int page) const;
+    /// Throws std::out_of_range (a dequantize's) unless every page of positions
+    /// [start, start + n) holds codes (n > 0).
+    void require_held(int start, int n) const;
+    /// A mapped pool of a sliding window (`window` positions, `sinks` sinks) cut from `size`
+    /// positions to n (a truncate's): throws std::invalid_argument, changing nothing, where the
+    /// new last position's window starts on a page not held; else gives back the pages past n.
+    void cut_window(int n, int size, int window, int sinks);
 
     uint8_t* pool() const { return pool_; }
     const int32_t* page_table() const { return page_table_; }
