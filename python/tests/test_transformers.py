@@ -251,6 +251,34 @@ def test_fetch_dequantized_under_the_veloxquant_attention(model, tokens):
     assert stats["max_rel_error"] < 1e-3, stats
 
 
+@pytest.mark.parametrize("attention", ["sdpa", ATTENTION_NAME])
+def test_fetch_dequantized_on_sliding_window_layers(attention):
+    """fetch_dequantized on a model with a sliding-window layer (a tiny Qwen2, window 24):
+    update returns that layer's tokens from the earliest position its next queries reach (those
+    before it may be evicted) and get_mask_sizes counts from there, as transformers' own sliding
+    layers do. Through a 40-token prompt and 60 decode steps with fp16 codes, the logits follow
+    the model's full forward, the window's evicted pages notwithstanding."""
+    from llama_models import tiny_sliding_qwen2
+    model = tiny_sliding_qwen2()
+    ids = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model(ids, use_cache=False).logits.float()
+    cache = VeloxQuantCache.from_model(model, KVCacheConfig(method="fp16", value_bits=16),
+                                       max_seq_len=256, backend="cpu", fetch_dequantized=True)
+    assert cache.layers[0].is_sliding and not cache.layers[1].is_sliding
+    model.set_attn_implementation(attention)
+    try:
+        with torch.no_grad():
+            logits = [model(ids[:, :40], past_key_values=cache, use_cache=True).logits]
+            for i in range(40, 100):
+                logits.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+    finally:
+        model.set_attn_implementation("sdpa")
+    got = torch.cat(logits, dim=1).float()
+    assert ((got - reference).abs().max() / reference.abs().max()).item() < 2e-3
+    assert cache.layers[0].get_mask_sizes(1) == (24, 77)  # the next query's window: 77..100
+
+
 def test_generate_with_the_cache(model, tokens, report):
     prompt = tokens[:, :PROMPT]
     with torch.no_grad():

@@ -18,8 +18,9 @@ stores them in the layer's VeloxQuant cache (leaving out padding, which it reads
 mask) and runs the cache's fused attention for the layer's queries (causal over the new tokens
 in prefill, over everything in decode). Keys and values are not kept in full precision on the
 transformers side. With ``fetch_dequantized=True`` ``update`` stores them at once and returns
-every stored token dequantized, so any other attention implementation also works (the unfused
-path, for checking).
+every stored token dequantized (a sliding window's from the earliest position its next queries
+reach, as ``get_mask_sizes`` says, since it may have evicted those before), so any other
+attention implementation also works (the unfused path, for checking).
 
 On the GPU: when the model is on a CUDA device and the extension was built with the CUDA
 backend (``VQ_CUDA=ON``), ``VeloxQuantCache.from_model`` (``backend="auto"``) keeps each
@@ -197,10 +198,11 @@ class VeloxQuantLayer(CacheLayerMixin):
         stored token comes back dequantized."""
         self._begin_update(key_states, value_states)
         if self.fetch_dequantized:
+            offset = self._window_offset()
             for b, cache in enumerate(self.rows):
                 cache.append(self._cache_input(key_states[b], "keys"),
                              self._cache_input(value_states[b], "values"))
-            keys, values = self._dequantized_rows(key_states.dtype)
+            keys, values = self._dequantized_rows(key_states.dtype, offset)
             keys, values = keys.to(key_states.device), values.to(value_states.device)
         else:
             self._incoming = (key_states, value_states)
@@ -209,9 +211,11 @@ class VeloxQuantLayer(CacheLayerMixin):
         setattr(keys, _TAG, self)
         return keys, values
 
-    def _dequantized_rows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's stored tokens, stacked: [batch, kv_heads, size, head_dim]."""
-        rows = [c.dequantize() for c in self.rows]
+    def _dequantized_rows(self, dtype: torch.dtype,
+                          start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sequence's stored tokens from position `start` on, stacked: [batch, kv_heads,
+        size - start, head_dim]."""
+        rows = [c.dequantize(start) for c in self.rows]
         keys = torch.stack([torch.as_tensor(k) for k, _ in rows]).to(dtype)
         values = torch.stack([torch.as_tensor(v) for _, v in rows]).to(dtype)
         return keys, values
@@ -265,7 +269,17 @@ class VeloxQuantLayer(CacheLayerMixin):
         return self.cache.size + self.pads[0]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        offset = self._window_offset()
+        return self.get_seq_length() + query_length - offset, offset
+
+    def _window_offset(self) -> int:
+        """With fetch_dequantized on a sliding window, the first position update returns and the
+        model's mask counts from (as transformers' own sliding layers do): the earliest that the
+        next queries' windows reach, which the window still holds once they are stored; the
+        tokens before it may be evicted. 0 otherwise."""
+        if not (self.fetch_dequantized and self.is_sliding):
+            return 0
+        return max(0, self.get_seq_length() - self.cache.window + 1)
 
     def get_max_length(self) -> int:
         return self.cache.max_seq_len
