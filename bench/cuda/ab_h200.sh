@@ -28,6 +28,8 @@
 # `;` work: it runs under bash -c), is run from each build folder, {out} replaced by
 # $OUT/ab/bench_<variant>_<round> and {root} by this repository's root (for its scripts:
 # `bash {root}/bench/cuda/points.sh {out}`); AB_GREP (a regular expression) picks the lines echoed.
+# AB_CMAKE_ARGS adds configure options to every build (e.g. "-DVQ_PYTHON=ON
+# -DPython_EXECUTABLE=$(command -v python3)" to build the extension's _core beside the tests).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -125,7 +127,7 @@ for name in $names; do
   [ -n "$targets" ] || continue
   (cmake -S "$src" -B "$(build_dir "$name")" -G Ninja -DCMAKE_BUILD_TYPE=Release -DVQ_CUDA=ON \
      -DCMAKE_CUDA_ARCHITECTURES=90 -DVQ_BUILD_TESTS=ON -DVQ_BUILD_BENCH=ON -DVQ_BUILD_TOOLS=OFF \
-     > "$R/configure_$name.log" 2>&1 &&
+     ${AB_CMAKE_ARGS:-} > "$R/configure_$name.log" 2>&1 &&
    cmake --build "$(build_dir "$name")" -j "$jobs" --target $targets > "$R/build_$name.log" 2>&1
    echo "build $name: exit $? ($(grep -c "spilled" "$R/build_$name.log") kernels spill;" \
      "ab/build_$name.log)"
