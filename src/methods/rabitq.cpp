@@ -211,18 +211,39 @@ int RaBitQCodec::training_rows(int n) const {
     return std::min(n, kTrainPointsPerCluster * num_clusters_);
 }
 
-void RaBitQCodec::train(const float* keys, int n) {
+RaBitQCodec::KMeansProblem RaBitQCodec::kmeans_problem(int n) const {
     if (n < 1) throw std::invalid_argument("rabitq: train needs at least one key");
-    const int d = dim();
-    const int m = training_rows(n);
-    std::vector<float> rotated(static_cast<std::size_t>(m) * d);
+    KMeansProblem p;
+    p.n = training_rows(n);
+    p.k = std::min(num_clusters_, p.n);
+    p.seed = derive_seed(seed_, 0, 0, dim(), RandomPurpose::kKMeans);
+    return p;
+}
+
+void RaBitQCodec::rotated_training_rows(const float* keys, int n, float* points) const {
+    const int d = dim(), m = training_rows(n);
     for (int i = 0; i < m; ++i)
         rotation_.forward(keys + static_cast<std::size_t>(training_row(i, n, m)) * d,
-                          &rotated[static_cast<std::size_t>(i) * d]);
-    const uint64_t kmeans_seed = derive_seed(seed_, 0, 0, d, RandomPurpose::kKMeans);
-    KMeansResult km = kmeans(rotated.data(), m, d, std::min(num_clusters_, m), kmeans_seed);
-    centroids_ = std::move(km.centroids);
-    trained_k_ = km.k;
+                          points + static_cast<std::size_t>(i) * d);
+}
+
+void RaBitQCodec::adopt_centroids(std::vector<float> centroids, int k) {
+    if (k < 1 || k > num_clusters_ ||
+        centroids.size() != static_cast<std::size_t>(k) * static_cast<std::size_t>(dim()))
+        throw std::invalid_argument("rabitq: adopt_centroids takes [k][" + std::to_string(dim()) +
+                                    "] floats with k in 1.." + std::to_string(num_clusters_) +
+                                    ", got k=" + std::to_string(k) + " and " +
+                                    std::to_string(centroids.size()) + " floats");
+    centroids_ = std::move(centroids);
+    trained_k_ = k;
+}
+
+void RaBitQCodec::train(const float* keys, int n) {
+    const KMeansProblem p = kmeans_problem(n);
+    std::vector<float> points(static_cast<std::size_t>(p.n) * dim());
+    rotated_training_rows(keys, n, points.data());
+    KMeansResult km = kmeans(points.data(), p.n, dim(), p.k, p.seed);
+    adopt_centroids(std::move(km.centroids), km.k);
 }
 
 void RaBitQCodec::forget_training() noexcept {

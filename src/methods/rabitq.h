@@ -49,8 +49,23 @@ public:
     int num_scalars() const override { return 1; }
 
     bool needs_training() const override { return trained_k_ == 0; }
-    /// k-means with k = min(num_clusters, n) on the rotated keys, seeded from the codec seed.
+    /// k-means with k = min(num_clusters, m) on the m = training_rows(n) rotated keys, seeded
+    /// from the codec seed.
     void train(const float* keys, int n) override;
+    /// The k-means problem train(keys, n) solves, for a caller that runs it elsewhere (the device
+    /// cache, on the GPU): its points are rotated_training_rows(keys, n), n of them.
+    struct KMeansProblem {
+        int n = 0;  ///< training_rows(n)
+        int k = 0;  ///< min(num_clusters, n)
+        uint64_t seed = 0;
+    };
+    KMeansProblem kmeans_problem(int n) const;
+    /// Writes points [kmeans_problem(n).n][d]: the rotated rows of keys [n][d] train() reads.
+    void rotated_training_rows(const float* keys, int n, float* points) const;
+    /// Ends a training: centroids [k][d] in the rotated domain, the k-means of
+    /// kmeans_problem()'s points (k = its min(num_clusters, n)). std::invalid_argument for a size
+    /// that does not fit.
+    void adopt_centroids(std::vector<float> centroids, int k);
     void forget_training() noexcept override;
     /// At most 32 keys per centroid (evenly spaced).
     int training_rows(int n) const override;

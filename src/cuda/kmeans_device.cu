@@ -1,0 +1,386 @@
+#include "cuda/kmeans_device.h"
+
+#include <algorithm>
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+#include "core/rng.h"
+#include "cuda/cuda_cache.h"
+#include "cuda/rabitq_nearest.cuh"
+
+namespace veloxquant::cuda {
+namespace {
+
+/// One set's progress, read and written by the kernels of its iterations.
+struct SetState {
+    int active;   ///< 1 while the CPU's loop would go on
+    int host;     ///< 1: this set takes a path only the host runs (kmeans() redoes it there)
+    int changed;  ///< an assignment moved in the current iteration
+    int history;  ///< objective values recorded
+};
+
+constexpr int kSeedThreads = 256;
+constexpr int kAssignWarps = 8, kAssignPointsPerWarp = 8;
+constexpr int kUpdateThreads = 256;
+
+// sum += x[0..n) in index order, in double (the CPU's ordered_sum), writing each partial sum to
+// running[i] where given. Loads go ahead of the dependent adds, eight at a time.
+__device__ double ordered_sum(const float* __restrict__ x, int n, double* __restrict__ running) {
+    double sum = 0.0;
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        float v[8];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) v[l] = x[i + l];
+#pragma unroll
+        for (int l = 0; l < 8; ++l) {
+            sum += v[l];
+            if (running) running[i + l] = sum;
+        }
+    }
+    for (; i < n; ++i) {
+        sum += x[i];
+        if (running) running[i] = sum;
+    }
+    return sum;
+}
+
+// squared_distance(row, seed, d) for d a multiple of 8 by eight lanes: lane l of the group adds
+// partial sum l (coordinates l, l + 8, ...) in the CPU's order, and the group's first lane adds
+// the eight partials in order. Valid in the group's first lane.
+__device__ float group_distance(const float* row, const float* seed, int d, int l) {
+    float part = 0.0f;
+    for (int j = l; j < d; j += 8) {
+        const float t = row[j] - seed[j];
+        part += t * t;
+    }
+    float parts[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) parts[q] = __shfl_sync(kFull, part, (threadIdx.x & 24) + q);
+    float acc = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) acc += parts[q];
+    return acc;
+}
+
+// k-means++ seeding (kmeans.cpp's initial_points), a CTA a set, d a multiple of 8. Round c: every
+// point's squared distance to the newest seed (eight lanes a point) folded into its distance to
+// the nearest seed so far; their running double sum in index order (one thread: the partial sums
+// of the CPU's ordered_sum and of its sampling scan, which adds the same terms but the zeros, and
+// adding 0.0 leaves a double unchanged); then the drawn point: the first with a positive
+// distance whose running sum passes u_c * total, else the last with a positive distance.
+// Dynamic shared memory: running sums [n] doubles, dist2 [n] floats, the newest seed [d] floats.
+__global__ void seed_centroids(const float* points, int n, int d, int k, const int* first,
+                               const double* uniforms, float* centroids, SetState* states) {
+    extern __shared__ double running[];
+    float* dist2 = reinterpret_cast<float*>(running + n);
+    float* seed = dist2 + n;
+    __shared__ int next, drawn, last_positive, empty_round;
+    __shared__ double draw;
+    const int set = blockIdx.x, t = threadIdx.x;
+    const float* p = points + static_cast<std::size_t>(set) * n * d;
+    float* cents = centroids + static_cast<std::size_t>(set) * k * d;
+    if (t == 0) next = first[set];
+    __syncthreads();
+    for (int c = 0; c < k; ++c) {
+        const float* row = p + static_cast<std::size_t>(next) * d;
+        for (int j = t; j < d; j += blockDim.x) {
+            cents[c * d + j] = row[j];
+            seed[j] = row[j];
+        }
+        if (c + 1 == k) break;
+        if (t == 0) {
+            drawn = n;
+            last_positive = -1;
+        }
+        __syncthreads();
+        // Eight lanes a point; every lane of a warp takes part in the shuffles.
+        for (int i0 = 0; i0 < n; i0 += blockDim.x / 8) {
+            const int i = i0 + t / 8;
+            const float dd =
+                group_distance(p + static_cast<std::size_t>(i < n ? i : 0) * d, seed, d, t & 7);
+            if ((t & 7) == 0 && i < n) dist2[i] = (c == 0 || dd < dist2[i]) ? dd : dist2[i];
+        }
+        __syncthreads();
+        if (t == 0) {
+            const double sum = ordered_sum(dist2, n, running);
+            empty_round = !(sum > 0.0);
+            draw = uniforms[static_cast<std::size_t>(set) * (k - 1) + c] * sum;
+        }
+        __syncthreads();
+        if (empty_round) {  // every point sits on a seed: the CPU draws an index instead
+            if (t == 0) {
+                states[set].host = 1;
+                states[set].active = 0;
+            }
+            return;
+        }
+        const double r = draw;
+        int my_drawn = n, my_last = -1;
+        for (int i = t; i < n; i += blockDim.x) {
+            if (!(dist2[i] > 0.0f)) continue;
+            my_last = i;
+            if (my_drawn == n && running[i] > r) my_drawn = i;
+        }
+        if (my_drawn < n) atomicMin(&drawn, my_drawn);
+        if (my_last >= 0) atomicMax(&last_positive, my_last);
+        __syncthreads();
+        if (t == 0) next = drawn < n ? drawn : last_positive;
+        __syncthreads();
+    }
+}
+
+// Assignment (kmeans.cpp's assign_all): a warp a point, each lane scoring its centroids
+// (codec::rb_nearest, the rabitq encoder's search: squared_distance's sums, the lowest index
+// among equals), the set's centroids staged in shared memory rows of d + kRbRowPad floats; the
+// winner's distance again by squared_distance. `track`: note whether any point changed centroid
+// (the CPU's previous == assignment).
+__global__ void assign_points(const float* points, int n, int d, int k, const float* centroids,
+                              int* assignment, float* dist2, SetState* states, int track) {
+    extern __shared__ float4 staged[];
+    float* rows = reinterpret_cast<float*>(staged);
+    const int set = blockIdx.y, stride = d + codec::kRbRowPad;
+    if (!states[set].active) return;
+    const float* src = centroids + static_cast<std::size_t>(set) * k * d;
+    for (int t = threadIdx.x; t < k * d; t += blockDim.x) rows[t / d * stride + t % d] = src[t];
+    __syncthreads();
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int i0 = (blockIdx.x * kAssignWarps + warp) * kAssignPointsPerWarp;
+    for (int i = i0; i < i0 + kAssignPointsPerWarp && i < n; ++i) {
+        const std::size_t at = static_cast<std::size_t>(set) * n + i;
+        const float* x = points + at * d;
+        const int a = codec::rb_nearest(x, rows, stride, k, d, lane);
+        if (lane == 0) {
+            if (track && a != assignment[at]) states[set].changed = 1;
+            assignment[at] = a;
+            dist2[at] = squared_distance(x, rows + static_cast<std::size_t>(a) * stride, d);
+        }
+    }
+}
+
+// The objective (the CPU's ordered_sum of dist2, one thread a set) and the CPU's loop tests:
+// `first` after the seeding's assignment (the loop runs while iterations remain and the
+// objective is positive), otherwise after an iteration (stop once nothing moved, once the
+// objective fell by less than tolerance * objective, or at the iteration cap).
+__global__ void record_objective(const float* dist2, int n, SetState* states, double* history,
+                                 int max_iterations, double tolerance, int first) {
+    const int set = blockIdx.x;
+    SetState& st = states[set];
+    if (threadIdx.x != 0 || !st.active) return;
+    const double sum = ordered_sum(dist2 + static_cast<std::size_t>(set) * n, n, nullptr);
+    double* h = history + static_cast<std::size_t>(set) * (max_iterations + 1);
+    const int count = st.history;
+    h[count] = sum;
+    st.history = count + 1;
+    if (first) {
+        st.active = max_iterations > 0 && sum > 0.0;
+        return;
+    }
+    const double before = h[count - 1];
+    const bool stop =
+        !st.changed || before - sum < tolerance * before || count >= max_iterations || !(sum > 0.0);
+    st.active = !stop;
+    st.changed = 0;
+}
+
+// Update (centroid = mean of its points): a thread a (centroid, coordinate), summing in point
+// order in double as the CPU does, the set's assignment staged in shared memory. An empty cluster
+// hands the set to the host (the CPU re-seeds it from the points farthest from their centroids).
+__global__ void update_centroids(const float* points, int n, int d, int k, const int* assignment,
+                                 float* centroids, SetState* states) {
+    extern __shared__ int owner[];
+    const int set = blockIdx.y;
+    if (!states[set].active) return;
+    const int* a = assignment + static_cast<std::size_t>(set) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) owner[i] = a[i];
+    __syncthreads();
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= k * d) return;
+    const int c = t / d, j = t % d;
+    const float* p = points + static_cast<std::size_t>(set) * n * d + j;
+    double sum = 0.0;
+    int count = 0;
+#pragma unroll 8
+    for (int i = 0; i < n; ++i)
+        if (owner[i] == c) {
+            sum += p[static_cast<std::size_t>(i) * d];
+            ++count;
+        }
+    if (count == 0) {
+        states[set].host = 1;
+        states[set].active = 0;
+        return;
+    }
+    centroids[(static_cast<std::size_t>(set) * k + c) * d + j] = static_cast<float>(sum / count);
+}
+
+/// Bytes of shared memory a kernel may take on this device (the opt-in limit), and the
+/// attribute set so that it can.
+bool allow_shared(const void* kernel, std::size_t bytes) {
+    int device = 0, optin = 0;
+    check_cuda(cudaGetDevice(&device), "kmeans: device");
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "kmeans: shared memory limit");
+    if (bytes > static_cast<std::size_t>(optin)) return false;
+    if (bytes > 48 * 1024)
+        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)),
+                   "kmeans: shared memory");
+    return true;
+}
+
+/// One stream-ordered allocation carved into the buffers, given back on every exit.
+class DeviceArena {
+public:
+    DeviceArena(std::size_t bytes, cudaStream_t stream) : stream_(stream) {
+        check_cuda(cudaMallocAsync(&base_, bytes, stream), "kmeans: device memory");
+    }
+    ~DeviceArena() { cudaFreeAsync(base_, stream_); }
+    DeviceArena(const DeviceArena&) = delete;
+    DeviceArena& operator=(const DeviceArena&) = delete;
+    template <class T>
+    T* take(std::size_t count) {
+        used_ = (used_ + 15) / 16 * 16;
+        T* at = reinterpret_cast<T*>(static_cast<char*>(base_) + used_);
+        used_ += count * sizeof(T);
+        return at;
+    }
+    static std::size_t padded(std::size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+private:
+    void* base_ = nullptr;
+    std::size_t used_ = 0;
+    cudaStream_t stream_;
+};
+
+}  // namespace
+
+std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n, int d, int k,
+                                           const uint64_t* seeds, const KMeansOptions& options,
+                                           cudaStream_t stream, int* host_runs) {
+    if (sets < 0) throw std::invalid_argument("kmeans_on_device: sets must be >= 0");
+    if (n < 1 || d < 1 || k < 1 || options.max_iterations < 0 || !(options.tolerance >= 0.0))
+        return {kmeans(points, n, d, k, sets > 0 ? seeds[0] : 0, options)};  // its own error
+    const int kk = std::min(k, n);
+    const std::size_t set_floats = static_cast<std::size_t>(n) * d;
+    std::vector<KMeansResult> results(sets);
+    std::vector<char> on_host(sets, 1);
+    auto finish_on_host = [&] {
+        int runs = 0;
+        for (int s = 0; s < sets; ++s)
+            if (on_host[s]) {
+                results[s] = kmeans(points + s * set_floats, n, d, k, seeds[s], options);
+                ++runs;
+            }
+        if (host_runs) *host_runs = runs;
+        return results;
+    };
+    // The seeding's shared memory: running sums [n] doubles, dist2 [n] floats, a seed [d]; the
+    // assignment's: the centroids' padded rows; the update's: the assignment [n].
+    const std::size_t seed_shared = static_cast<std::size_t>(n) * (sizeof(double) + sizeof(float)) +
+                                    static_cast<std::size_t>(d) * sizeof(float);
+    const std::size_t assign_shared =
+        static_cast<std::size_t>(kk) * (d + codec::kRbRowPad) * sizeof(float);
+    const std::size_t update_shared = static_cast<std::size_t>(n) * sizeof(int);
+    if (sets == 0 || options.init != KMeansInit::kPlusPlus || d % 8 != 0 ||
+        !allow_shared(reinterpret_cast<const void*>(seed_centroids), seed_shared) ||
+        !allow_shared(reinterpret_cast<const void*>(assign_points), assign_shared) ||
+        !allow_shared(reinterpret_cast<const void*>(update_centroids), update_shared))
+        return finish_on_host();
+
+    // The CPU's draws, as kmeans() makes them while no seeding round is empty: the first seed's
+    // index, then one uniform a round.
+    std::vector<int> first(sets);
+    std::vector<double> uniforms(static_cast<std::size_t>(sets) * std::max(kk - 1, 1));
+    for (int s = 0; s < sets; ++s) {
+        Rng rng(seeds[s]);
+        first[s] = static_cast<int>(rng.below(static_cast<uint64_t>(n)));
+        for (int c = 0; c + 1 < kk; ++c)
+            uniforms[static_cast<std::size_t>(s) * (kk - 1) + c] = rng.uniform();
+    }
+    const int history_len = options.max_iterations + 1;
+    const std::size_t all_points = set_floats * sets;
+    const std::size_t all_centroids = static_cast<std::size_t>(sets) * kk * d;
+    const std::size_t all_rows = static_cast<std::size_t>(sets) * n;
+    using P = DeviceArena;
+    DeviceArena arena(P::padded(all_points * 4) + P::padded(all_centroids * 4) +
+                          P::padded(all_rows * 4) * 2 + P::padded(sets * sizeof(SetState)) +
+                          P::padded(static_cast<std::size_t>(sets) * history_len * 8) +
+                          P::padded(sets * 4) + P::padded(uniforms.size() * 8),
+                      stream);
+    float* d_points = arena.take<float>(all_points);
+    float* d_centroids = arena.take<float>(all_centroids);
+    int* d_assignment = arena.take<int>(all_rows);
+    float* d_dist2 = arena.take<float>(all_rows);
+    SetState* d_states = arena.take<SetState>(sets);
+    double* d_history = arena.take<double>(static_cast<std::size_t>(sets) * history_len);
+    int* d_first = arena.take<int>(sets);
+    double* d_uniforms = arena.take<double>(uniforms.size());
+    const std::vector<SetState> start(sets, SetState{1, 0, 0, 0});
+    check_cuda(cudaMemcpyAsync(d_points, points, all_points * 4, cudaMemcpyHostToDevice, stream),
+               "kmeans: copy points");
+    check_cuda(cudaMemcpyAsync(d_states, start.data(), sets * sizeof(SetState),
+                               cudaMemcpyHostToDevice, stream),
+               "kmeans: copy states");
+    check_cuda(cudaMemcpyAsync(d_first, first.data(), sets * 4, cudaMemcpyHostToDevice, stream),
+               "kmeans: copy draws");
+    check_cuda(cudaMemcpyAsync(d_uniforms, uniforms.data(), uniforms.size() * 8,
+                               cudaMemcpyHostToDevice, stream),
+               "kmeans: copy draws");
+
+    const int assign_points_per_cta = kAssignWarps * kAssignPointsPerWarp;
+    const dim3 assign_grid((n + assign_points_per_cta - 1) / assign_points_per_cta, sets);
+    const dim3 update_grid((kk * d + kUpdateThreads - 1) / kUpdateThreads, sets);
+    seed_centroids<<<sets, kSeedThreads, seed_shared, stream>>>(d_points, n, d, kk, d_first,
+                                                                d_uniforms, d_centroids, d_states);
+    assign_points<<<assign_grid, kAssignWarps * 32, assign_shared, stream>>>(
+        d_points, n, d, kk, d_centroids, d_assignment, d_dist2, d_states, 0);
+    record_objective<<<sets, 32, 0, stream>>>(d_dist2, n, d_states, d_history,
+                                              options.max_iterations, options.tolerance, 1);
+    // Every iteration is launched; a set whose loop has ended skips them (a few microseconds
+    // each) rather than the host waiting on the device after each.
+    for (int it = 0; it < options.max_iterations; ++it) {
+        update_centroids<<<update_grid, kUpdateThreads, update_shared, stream>>>(
+            d_points, n, d, kk, d_assignment, d_centroids, d_states);
+        assign_points<<<assign_grid, kAssignWarps * 32, assign_shared, stream>>>(
+            d_points, n, d, kk, d_centroids, d_assignment, d_dist2, d_states, 1);
+        record_objective<<<sets, 32, 0, stream>>>(d_dist2, n, d_states, d_history,
+                                                  options.max_iterations, options.tolerance, 0);
+    }
+    check_cuda(cudaGetLastError(), "kmeans: launch");
+
+    std::vector<SetState> states(sets);
+    std::vector<double> history(static_cast<std::size_t>(sets) * history_len);
+    std::vector<float> centroids(all_centroids);
+    std::vector<int> assignment(all_rows);
+    check_cuda(cudaMemcpyAsync(states.data(), d_states, sets * sizeof(SetState),
+                               cudaMemcpyDeviceToHost, stream),
+               "kmeans: copy results");
+    check_cuda(cudaMemcpyAsync(history.data(), d_history, history.size() * 8,
+                               cudaMemcpyDeviceToHost, stream),
+               "kmeans: copy results");
+    check_cuda(cudaMemcpyAsync(centroids.data(), d_centroids, all_centroids * 4,
+                               cudaMemcpyDeviceToHost, stream),
+               "kmeans: copy results");
+    check_cuda(cudaMemcpyAsync(assignment.data(), d_assignment, all_rows * 4,
+                               cudaMemcpyDeviceToHost, stream),
+               "kmeans: copy results");
+    check_cuda(cudaStreamSynchronize(stream), "kmeans: synchronize");
+
+    for (int s = 0; s < sets; ++s) {
+        if (states[s].host) continue;
+        on_host[s] = 0;
+        KMeansResult& r = results[s];
+        r.k = kk;
+        const std::size_t per = static_cast<std::size_t>(kk) * d;
+        r.centroids.assign(centroids.begin() + s * per, centroids.begin() + (s + 1) * per);
+        r.assignment.assign(assignment.begin() + static_cast<std::size_t>(s) * n,
+                            assignment.begin() + static_cast<std::size_t>(s + 1) * n);
+        const double* h = history.data() + static_cast<std::size_t>(s) * history_len;
+        r.objective_history.assign(h, h + states[s].history);
+    }
+    return finish_on_host();
+}
+
+}  // namespace veloxquant::cuda

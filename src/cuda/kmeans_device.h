@@ -1,0 +1,42 @@
+// k-means of several independent point sets on the GPU, bit for bit the CPU's kmeans()
+// (core/kmeans.h): what a device cache's rabitq heads train on their first append. On the host
+// the heads' k-means took ~75 ms a layer of 8 heads on 16 threads (2048 rows of d = 128, 64
+// clusters; bench/results/cuda_h200_20261201a_rabitq_first_append_parts.txt), most of a rabitq
+// prefill's time beyond DynamicCache's.
+//
+// Every step is the CPU's arithmetic in the CPU's order, so the results match exactly:
+// - k-means++ seeding, a CTA a set: each round's distances to the newest seed eight lanes a
+//   point (lane l adds squared_distance's partial sum l; no contracted multiply-adds: this file
+//   compiles with --fmad=false), their running double sum in index order by one thread (the same
+//   partial sums as the CPU's ordered_sum and sampling scan), the CPU's Rng draws made on the
+//   host beforehand, and the drawn point found in parallel as the first whose running sum passes
+//   the draw;
+// - assignment a warp a point, the lanes over the centroids (the rabitq encoder's rb_nearest:
+//   squared_distance's sums, ties to the lower index);
+// - the update's sums in point order, a thread a (centroid, coordinate), in double;
+// - the objective's double sum in index order, and the CPU's stopping tests.
+// Two rare paths stay on the host, where kmeans() itself runs that set from the start: a
+// seeding round whose points all sit on seeds (the CPU then draws a different random number),
+// and an empty cluster (the CPU re-seeds it). So do head dims that are not a multiple of 8, sets
+// larger than the kernels' shared memory, and random-distinct seeding.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "core/kmeans.h"
+
+namespace veloxquant::cuda {
+
+/// kmeans(points + s * n * d, n, d, k, seeds[s], options) for each of `sets` sets of host points
+/// [sets][n][d], run on the device on `stream` (synchronized before the return). The results
+/// (centroids, assignment, objective history) are kmeans()'s exactly. *host_runs, when given,
+/// counts the sets that ran on the host instead. Throws what kmeans() throws for bad sizes or
+/// options, std::runtime_error for a CUDA error.
+std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n, int d, int k,
+                                           const uint64_t* seeds, const KMeansOptions& options,
+                                           cudaStream_t stream, int* host_runs = nullptr);
+
+}  // namespace veloxquant::cuda
