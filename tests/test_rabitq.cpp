@@ -14,6 +14,7 @@
 
 #include "core/bitpack.h"
 #include "core/cpu_isa.h"
+#include "core/kmeans.h"
 #include "core/rng.h"
 #include "methods/rabitq.h"
 #include "test_helpers.h"
@@ -457,6 +458,32 @@ TEST(RaBitQ, TrainsOnItsTrainingRowsAlone) {
     picked.train(rows.data(), m);
     EXPECT_EQ(all.centroids(), picked.centroids());
     EXPECT_EQ(encode_all(all, keys).codes, encode_all(picked, keys).codes);
+}
+
+// The device cache runs train()'s k-means elsewhere: kmeans_problem and rotated_training_rows
+// state it, and adopting kmeans()'s result trains the codec as train() does; adopt_centroids
+// refuses centroids of another shape and leaves the codec untrained then.
+TEST(RaBitQ, AdoptingItsKMeansProblemsResultTrainsAsTrainDoes) {
+    const int d = 32, clusters = 16, n = 900;
+    Rng rng(91);
+    const std::vector<float> keys = gaussian(rng, static_cast<std::size_t>(n) * d);
+    RaBitQCodec trained(d, 3, clusters, true, 12), adopted(d, 3, clusters, true, 12);
+    trained.train(keys.data(), n);
+    const RaBitQCodec::KMeansProblem p = adopted.kmeans_problem(n);
+    EXPECT_EQ(p.n, 32 * clusters);
+    EXPECT_EQ(p.k, clusters);
+    std::vector<float> points(static_cast<std::size_t>(p.n) * d);
+    adopted.rotated_training_rows(keys.data(), n, points.data());
+    const KMeansResult km = kmeans(points.data(), p.n, d, p.k, p.seed);
+    EXPECT_THROW(adopted.adopt_centroids(km.centroids, clusters + 1), std::invalid_argument);
+    EXPECT_THROW(adopted.adopt_centroids(std::vector<float>(d * clusters - 1), clusters),
+                 std::invalid_argument);
+    EXPECT_TRUE(adopted.needs_training());
+    adopted.adopt_centroids(km.centroids, km.k);
+    EXPECT_EQ(trained.centroids(), adopted.centroids());
+    EXPECT_EQ(encode_all(trained, keys).codes, encode_all(adopted, keys).codes);
+    EXPECT_EQ(adopted.kmeans_problem(5).k, 5);  // a short prefill: a centroid a key
+    EXPECT_THROW(adopted.kmeans_problem(0), std::invalid_argument);
 }
 
 // Heads train in parallel (OpenMP): a head's exception reaches the caller instead of ending the
