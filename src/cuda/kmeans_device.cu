@@ -20,7 +20,8 @@ struct SetState {
     int history;  ///< objective values recorded
 };
 
-constexpr int kSeedThreads = 256;
+constexpr int kSeedThreads = 1024;  // 32 warps: the rounds' row reads wait on the L2
+constexpr int kObjectiveThreads = 256;
 constexpr int kAssignWarps = 8, kAssignPointsPerWarp = 8;
 constexpr int kUpdateThreads = 256;
 
@@ -51,7 +52,17 @@ __device__ double ordered_sum(const float* __restrict__ x, int n, double* __rest
 // the eight partials in order. Valid in the group's first lane.
 __device__ float group_distance(const float* row, const float* seed, int d, int l) {
     float part = 0.0f;
-    for (int j = l; j < d; j += 8) {
+    int j = l;
+    for (; j + 24 < d; j += 32) {  // four loads ahead of their adds, which stay in j order
+        const float a0 = row[j], a1 = row[j + 8], a2 = row[j + 16], a3 = row[j + 24];
+        const float t0 = a0 - seed[j], t1 = a1 - seed[j + 8], t2 = a2 - seed[j + 16],
+                    t3 = a3 - seed[j + 24];
+        part += t0 * t0;
+        part += t1 * t1;
+        part += t2 * t2;
+        part += t3 * t3;
+    }
+    for (; j < d; j += 8) {
         const float t = row[j] - seed[j];
         part += t * t;
     }
@@ -71,8 +82,9 @@ __device__ float group_distance(const float* row, const float* seed, int d, int 
 // adding 0.0 leaves a double unchanged); then the drawn point: the first with a positive
 // distance whose running sum passes u_c * total, else the last with a positive distance.
 // Dynamic shared memory: running sums [n] doubles, dist2 [n] floats, the newest seed [d] floats.
-__global__ void seed_centroids(const float* points, int n, int d, int k, const int* first,
-                               const double* uniforms, float* centroids, SetState* states) {
+__global__ void __launch_bounds__(kSeedThreads)
+    seed_centroids(const float* points, int n, int d, int k, const int* first,
+                   const double* uniforms, float* centroids, SetState* states) {
     extern __shared__ double running[];
     float* dist2 = reinterpret_cast<float*>(running + n);
     float* seed = dist2 + n;
@@ -159,16 +171,22 @@ __global__ void assign_points(const float* points, int n, int d, int k, const fl
     }
 }
 
-// The objective (the CPU's ordered_sum of dist2, one thread a set) and the CPU's loop tests:
-// `first` after the seeding's assignment (the loop runs while iterations remain and the
-// objective is positive), otherwise after an iteration (stop once nothing moved, once the
-// objective fell by less than tolerance * objective, or at the iteration cap).
+// The objective (the CPU's ordered_sum of dist2: the set's dist2 staged in shared memory, then
+// summed by one thread) and the CPU's loop tests: `first` after the seeding's assignment (the
+// loop runs while iterations remain and the objective is positive), otherwise after an
+// iteration (stop once nothing moved, once the objective fell by less than tolerance *
+// objective, or at the iteration cap).
 __global__ void record_objective(const float* dist2, int n, SetState* states, double* history,
                                  int max_iterations, double tolerance, int first) {
+    extern __shared__ float staged_dist2[];
     const int set = blockIdx.x;
     SetState& st = states[set];
-    if (threadIdx.x != 0 || !st.active) return;
-    const double sum = ordered_sum(dist2 + static_cast<std::size_t>(set) * n, n, nullptr);
+    if (!st.active) return;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        staged_dist2[i] = dist2[static_cast<std::size_t>(set) * n + i];
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    const double sum = ordered_sum(staged_dist2, n, nullptr);
     double* h = history + static_cast<std::size_t>(set) * (max_iterations + 1);
     const int count = st.history;
     h[count] = sum;
@@ -277,16 +295,19 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
         return results;
     };
     // The seeding's shared memory: running sums [n] doubles, dist2 [n] floats, a seed [d]; the
-    // assignment's: the centroids' padded rows; the update's: the assignment [n].
+    // assignment's: the centroids' padded rows; the update's: the assignment [n]; the
+    // objective's: dist2 [n].
     const std::size_t seed_shared = static_cast<std::size_t>(n) * (sizeof(double) + sizeof(float)) +
                                     static_cast<std::size_t>(d) * sizeof(float);
     const std::size_t assign_shared =
         static_cast<std::size_t>(kk) * (d + codec::kRbRowPad) * sizeof(float);
     const std::size_t update_shared = static_cast<std::size_t>(n) * sizeof(int);
+    const std::size_t objective_shared = static_cast<std::size_t>(n) * sizeof(float);
     if (sets == 0 || options.init != KMeansInit::kPlusPlus || d % 8 != 0 ||
         !allow_shared(reinterpret_cast<const void*>(seed_centroids), seed_shared) ||
         !allow_shared(reinterpret_cast<const void*>(assign_points), assign_shared) ||
-        !allow_shared(reinterpret_cast<const void*>(update_centroids), update_shared))
+        !allow_shared(reinterpret_cast<const void*>(update_centroids), update_shared) ||
+        !allow_shared(reinterpret_cast<const void*>(record_objective), objective_shared))
         return finish_on_host();
 
     // The CPU's draws, as kmeans() makes them while no seeding round is empty: the first seed's
@@ -336,8 +357,8 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
                                                                 d_uniforms, d_centroids, d_states);
     assign_points<<<assign_grid, kAssignWarps * 32, assign_shared, stream>>>(
         d_points, n, d, kk, d_centroids, d_assignment, d_dist2, d_states, 0);
-    record_objective<<<sets, 32, 0, stream>>>(d_dist2, n, d_states, d_history,
-                                              options.max_iterations, options.tolerance, 1);
+    record_objective<<<sets, kObjectiveThreads, objective_shared, stream>>>(
+        d_dist2, n, d_states, d_history, options.max_iterations, options.tolerance, 1);
     // Every iteration is launched; a set whose loop has ended skips them (a few microseconds
     // each) rather than the host waiting on the device after each.
     for (int it = 0; it < options.max_iterations; ++it) {
@@ -345,8 +366,8 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
             d_points, n, d, kk, d_assignment, d_centroids, d_states);
         assign_points<<<assign_grid, kAssignWarps * 32, assign_shared, stream>>>(
             d_points, n, d, kk, d_centroids, d_assignment, d_dist2, d_states, 1);
-        record_objective<<<sets, 32, 0, stream>>>(d_dist2, n, d_states, d_history,
-                                                  options.max_iterations, options.tolerance, 0);
+        record_objective<<<sets, kObjectiveThreads, objective_shared, stream>>>(
+            d_dist2, n, d_states, d_history, options.max_iterations, options.tolerance, 0);
     }
     check_cuda(cudaGetLastError(), "kmeans: launch");
 
