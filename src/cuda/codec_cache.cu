@@ -182,8 +182,9 @@ void train_heads(const std::vector<KeyCodec*>& codecs, const float* rows, int n,
 
 void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
     // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
-    // the device cache does the same on the host, then uploads the trained parameters. Only the
-    // rows the codecs read travel (rabitq: 32 per centroid of a long prefill, not all 32K).
+    // the device cache trains the same codecs (rabitq's k-means on the device, train_heads), then
+    // uploads the trained parameters. Only the rows the codecs read travel to the host (rabitq:
+    // 32 per centroid of a long prefill, not all 32K).
     if (!center_.enabled()) {
         const int rows = key_codecs_[0]->training_rows(n_tokens);
         // A codec's rows of `rows` are all of them.
