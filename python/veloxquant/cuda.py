@@ -21,7 +21,8 @@ decode launch for all of them.
 
 Work is queued on torch's current CUDA stream of the cache's device, so it orders with the
 surrounding torch work without synchronizing (except a rabitq cache's first append, which
-trains the IVF centroids on the host as the CPU cache does). Inputs may be float32, float16 or
+trains the IVF centroids as the CPU cache does: its training rows are rotated on the host and
+its k-means runs on the device, synchronized). Inputs may be float32, float16 or
 bfloat16 (the latter two are converted to float32 on the device); outputs come back in the
 queries' dtype. Both classes store pages in the CPU cache's layout (``layout``, ``page``), and
 go to and from the CPU's caches and their files (``to_cpu``, ``save``, ``from_cpu``, ``load``).
@@ -41,7 +42,7 @@ else raises ValueError at construction:
   trains on its first append), head_dim up to 256, any multiple of the KV heads as query heads;
   decode and causal prefill chunks on the codes, within 1e-3 of the CPU cache's attention. It
   takes ``center_keys`` at head_dim up to 128 (the first append estimates the mean on the device;
-  rabitq then trains on the centred keys on the host; each chunk of 32 tokens adds its page's
+  rabitq then trains on the centred keys; each chunk of 32 tokens adds its page's
   offset to its scores), a sliding window (``window``, ``sink_tokens``: the CPU's
   ``SlidingWindowKVCache``, evicted pages given back to its pool), and an outlier observer
   (``outlier_observer``, ``outlier_bits``: each append's key norms are observed on the host, the
