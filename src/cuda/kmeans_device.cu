@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstddef>
 #include <stdexcept>
-#include <string>
 
 #include "core/rng.h"
 #include "cuda/cuda_cache.h"
@@ -259,7 +258,7 @@ public:
     DeviceArena& operator=(const DeviceArena&) = delete;
     template <class T>
     T* take(std::size_t count) {
-        used_ = (used_ + 15) / 16 * 16;
+        used_ = padded(used_);
         T* at = reinterpret_cast<T*>(static_cast<char*>(base_) + used_);
         used_ += count * sizeof(T);
         return at;
