@@ -10,7 +10,8 @@
 // With BATCH > 1, also BATCH sequences of N tokens attended by one CudaCodecBatch call (one
 // launch of each kernel), the serving shape; every sequence's cache holds the same tokens; and a
 // decode step's appends through the batch (one token a sequence), by CudaCodecBatch and, for
-// turboquant_rvq, by the tuned CudaTurboQuantBatch.
+// turboquant_rvq, by the tuned CudaTurboQuantBatch; and BATCH fresh caches' first append through
+// CudaCodecBatch (a model's first prefill of a layer: rabitq trains every sequence there).
 // Decodes are timed cold, as a model's layers read them: consecutive calls rotate over sets of
 // caches (same tokens) holding at least kRotateBytes of pages, far more than the 60 MB L2, as
 // bench_cuda_attention and torch_sdpa.py do. decode_warm_ms repeats one cache, whose pages then
@@ -149,7 +150,7 @@ struct Result {
     int tokens;
     double first_append_ms, encode_ms, step_append_ms, decode_ms, decode_warm_ms, prefill_ms,
         tq_fast_decode_ms, page_mb, decode_gbps, batch_decode_ms, batch_decode_gbps,
-        batch_step_append_ms, tq_fast_batch_step_append_ms;
+        batch_step_append_ms, tq_fast_batch_step_append_ms, batch_first_append_ms;
     int decode_sets, batch_sets;
     /// Device memory a cache takes beyond its nbytes() (allocation granularity, anything it
     /// holds uncounted): over the cold sets' extra caches, each appended and attended once.
@@ -180,6 +181,36 @@ double batch_step_append_ms(const KVCacheConfig& config, int batch, int n, const
     }
     Batch step;
     return median(time_ms(kSteps, [&](int) { step.append(grown, rows, rows, 1, nullptr); }));
+}
+
+/// The median time of `batch` fresh caches' first append of n tokens each (the same tokens, the
+/// first [heads][n][d] of keys and values) through one CudaCodecBatch call.
+double batch_first_append_ms(const KVCacheConfig& config, int batch, int n, const float* keys,
+                             const float* values) {
+    const std::size_t per = static_cast<std::size_t>(kKv) * n * kD, bytes = per * sizeof(float);
+    float *all_keys = nullptr, *all_values = nullptr;
+    check_cuda(cudaMalloc(&all_keys, batch * bytes), "malloc");
+    check_cuda(cudaMalloc(&all_values, batch * bytes), "malloc");
+    for (int b = 0; b < batch; ++b) {
+        check_cuda(cudaMemcpy(all_keys + b * per, keys, bytes, cudaMemcpyDeviceToDevice), "copy");
+        check_cuda(cudaMemcpy(all_values + b * per, values, bytes, cudaMemcpyDeviceToDevice),
+                   "copy");
+    }
+    const int repeats = 3;
+    std::vector<std::unique_ptr<CudaCodecCache>> fresh;
+    std::vector<std::vector<CudaCodecCache*>> sets(repeats);
+    for (int i = 0; i < repeats; ++i)
+        for (int b = 0; b < batch; ++b) {
+            fresh.push_back(std::make_unique<CudaCodecCache>(config, kKv, kD, n));
+            sets[i].push_back(fresh.back().get());
+        }
+    CudaCodecBatch appender;
+    const double ms = median(time_ms(
+        repeats, [&](int i) { appender.append(sets[i], all_keys, all_values, n, nullptr); }));
+    fresh.clear();
+    cudaFree(all_keys);
+    cudaFree(all_values);
+    return ms;
 }
 
 }  // namespace
@@ -290,6 +321,7 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                 r.batch_decode_gbps = batch * r.page_mb * 1e6 / (r.batch_decode_ms * 1e-3) / 1e9;
                 r.batch_step_append_ms = batch_step_append_ms<CudaCodecCache, CudaCodecBatch>(
                     m.config, batch, n, keys, values, queries);
+                r.batch_first_append_ms = batch_first_append_ms(m.config, batch, n, keys, values);
             }
             if (m.config.method == "turboquant_rvq") {
                 std::vector<std::unique_ptr<CudaTurboQuantCache>> fast;
@@ -319,10 +351,11 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
             if (batch > 1)
                 std::printf(
                     "%-22s N=%5d batch %d decode %7.3f ms (%5.0f GB/s, %.2f of copy; %d sets)  "
-                    "step append %7.3f ms  tq-fast step append %7.3f ms\n",
+                    "step append %7.3f ms  tq-fast step append %7.3f ms  batch first append "
+                    "%8.3f ms\n",
                     r.method.c_str(), n, batch, r.batch_decode_ms, r.batch_decode_gbps,
                     r.batch_decode_gbps / copy_gbps, r.batch_sets, r.batch_step_append_ms,
-                    r.tq_fast_batch_step_append_ms);
+                    r.tq_fast_batch_step_append_ms, r.batch_first_append_ms);
             std::fflush(stdout);
             results.push_back(r);
         }
@@ -347,7 +380,9 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
         "and prefill attention on the codes (generic path); decode, batch_decode and tq_fast "
         "rotate over decode_sets / batch_sets sets of caches of the same tokens (at least %.0f "
         "MiB of pages, L2 cold), decode_warm repeats one cache; batch_decode = batch sequences "
-        "in one CudaCodecBatch call (0: not measured); tq_fast = the tensor-core turboquant_rvq "
+        "in one CudaCodecBatch call (0: not measured; batch_first_append: batch fresh caches' "
+        "first "
+        "append in one call); tq_fast = the tensor-core turboquant_rvq "
         "decode\",\n  \"points\": [\n",
         copy_gbps, kKv, kQ, kD, chunk, batch, kRotateBytes / (1 << 20));
     for (std::size_t i = 0; i < results.size(); ++i) {
@@ -360,13 +395,14 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
                      "\"tq_fast_decode_ms\": %.4f, \"page_mb\": %.2f, \"decode_gbps\": %.1f, "
                      "\"batch_decode_ms\": %.4f, \"batch_sets\": %d, "
                      "\"batch_decode_gbps\": %.1f, \"batch_step_append_ms\": %.4f, "
-                     "\"tq_fast_batch_step_append_ms\": %.4f, "
+                     "\"tq_fast_batch_step_append_ms\": %.4f, \"batch_first_append_ms\": %.4f, "
                      "\"unreported_mib_per_cache\": %.2f}%s\n",
                      r.method.c_str(), r.tokens, r.first_append_ms, r.encode_ms, r.step_append_ms,
                      r.decode_ms, r.decode_sets, r.decode_warm_ms, r.prefill_ms,
                      r.tq_fast_decode_ms, r.page_mb, r.decode_gbps, r.batch_decode_ms, r.batch_sets,
                      r.batch_decode_gbps, r.batch_step_append_ms, r.tq_fast_batch_step_append_ms,
-                     r.unreported_mib_per_cache, i + 1 < results.size() ? "," : "");
+                     r.batch_first_append_ms, r.unreported_mib_per_cache,
+                     i + 1 < results.size() ? "," : "");
     }
     std::fprintf(f, "  ],\n  \"held_mib_after_method\": {");
     for (std::size_t i = 0; i < held.size(); ++i)
