@@ -23,6 +23,9 @@ constexpr int kSeedThreads = 1024;  // 32 warps: the rounds' row reads wait on t
 constexpr int kObjectiveThreads = 256;
 constexpr int kAssignWarps = 8, kAssignPointsPerWarp = 8;
 constexpr int kUpdateThreads = 256;
+// Clusters a CTA of the update covers: kUpdateThreads consecutive (centroid, coordinate) pairs
+// span at most kUpdateThreads / d + 2 of them (d >= 8).
+constexpr int kUpdateMaxClusters = kUpdateThreads / 8 + 2;
 
 // sum += x[0..n) in index order, in double (the CPU's ordered_sum), writing each partial sum to
 // running[i] where given. Loads go ahead of the dependent adds, eight at a time.
@@ -201,35 +204,60 @@ __global__ void record_objective(const float* dist2, int n, SetState* states, do
     st.changed = 0;
 }
 
-// Update (centroid = mean of its points): a thread a (centroid, coordinate), summing in point
-// order in double as the CPU does, the set's assignment staged in shared memory. An empty cluster
-// hands the set to the host (the CPU re-seeds it from the points farthest from their centroids).
-__global__ void update_centroids(const float* points, int n, int d, int k, const int* assignment,
-                                 float* centroids, SetState* states) {
+// Update (centroid = mean of its points): a thread a (centroid, coordinate), summing its
+// cluster's points in point order in double as the CPU does. The CTA first lists the members of
+// its clusters in point order (a warp a cluster: ballots over the set's assignment, staged in
+// shared memory), so a thread reads its own points only, not all n. An empty cluster hands the
+// set to the host (the CPU re-seeds it from the points farthest from their centroids).
+// Dynamic shared memory: the assignment [n] ints, then the CTA's clusters' members [n] ints.
+__global__ void __launch_bounds__(kUpdateThreads)
+    update_centroids(const float* points, int n, int d, int k, const int* assignment,
+                     float* centroids, SetState* states) {
     extern __shared__ int owner[];
+    int* members = owner + n;
+    __shared__ int count[kUpdateMaxClusters], start[kUpdateMaxClusters];
     const int set = blockIdx.y;
     if (!states[set].active) return;
     const int* a = assignment + static_cast<std::size_t>(set) * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) owner[i] = a[i];
     __syncthreads();
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= k * d) return;
-    const int c = t / d, j = t % d;
-    const float* p = points + static_cast<std::size_t>(set) * n * d + j;
-    double sum = 0.0;
-    int count = 0;
-#pragma unroll 8
-    for (int i = 0; i < n; ++i)
-        if (owner[i] == c) {
-            sum += p[static_cast<std::size_t>(i) * d];
-            ++count;
+    const int first = blockIdx.x * blockDim.x, c_lo = first / d;
+    const int clusters = min(k - 1, (first + blockDim.x - 1) / d) - c_lo + 1;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const unsigned below = (1u << lane) - 1;
+    for (int g = warp; g < clusters; g += warps) {
+        int found = 0;
+        for (int i0 = 0; i0 < n; i0 += 32)
+            found += __popc(__ballot_sync(kFull, i0 + lane < n && owner[i0 + lane] == c_lo + g));
+        if (lane == 0) count[g] = found;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0)
+        for (int g = 0, at = 0; g < clusters; at += count[g++]) start[g] = at;
+    __syncthreads();
+    for (int g = warp; g < clusters; g += warps) {
+        int at = start[g];
+        for (int i0 = 0; i0 < n; i0 += 32) {
+            const bool mine = i0 + lane < n && owner[i0 + lane] == c_lo + g;
+            const unsigned ballot = __ballot_sync(kFull, mine);
+            if (mine) members[at + __popc(ballot & below)] = i0 + lane;
+            at += __popc(ballot);
         }
-    if (count == 0) {
+    }
+    __syncthreads();
+    const int t = first + threadIdx.x;
+    if (t >= k * d) return;
+    const int c = t / d, j = t % d, g = c - c_lo;
+    if (count[g] == 0) {
         states[set].host = 1;
         states[set].active = 0;
         return;
     }
-    centroids[(static_cast<std::size_t>(set) * k + c) * d + j] = static_cast<float>(sum / count);
+    const float* p = points + static_cast<std::size_t>(set) * n * d + j;
+    double sum = 0.0;
+    for (int m = start[g]; m < start[g] + count[g]; ++m)
+        sum += p[static_cast<std::size_t>(members[m]) * d];
+    centroids[(static_cast<std::size_t>(set) * k + c) * d + j] = static_cast<float>(sum / count[g]);
 }
 
 /// Bytes of shared memory a kernel may take on this device (the opt-in limit), and the
@@ -294,13 +322,13 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
         return results;
     };
     // The seeding's shared memory: running sums [n] doubles, dist2 [n] floats, a seed [d]; the
-    // assignment's: the centroids' padded rows; the update's: the assignment [n]; the
-    // objective's: dist2 [n].
+    // assignment's: the centroids' padded rows; the update's: the assignment and its clusters'
+    // members, [n] ints each; the objective's: dist2 [n].
     const std::size_t seed_shared = static_cast<std::size_t>(n) * (sizeof(double) + sizeof(float)) +
                                     static_cast<std::size_t>(d) * sizeof(float);
     const std::size_t assign_shared =
         static_cast<std::size_t>(kk) * (d + codec::kRbRowPad) * sizeof(float);
-    const std::size_t update_shared = static_cast<std::size_t>(n) * sizeof(int);
+    const std::size_t update_shared = 2 * static_cast<std::size_t>(n) * sizeof(int);
     const std::size_t objective_shared = static_cast<std::size_t>(n) * sizeof(float);
     if (sets == 0 || options.init != KMeansInit::kPlusPlus || d % 8 != 0 ||
         !allow_shared(reinterpret_cast<const void*>(seed_centroids), seed_shared) ||
