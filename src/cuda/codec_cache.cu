@@ -9,11 +9,10 @@
 #include "core/rng.h"
 #include "cuda/cuda_cache.h"
 #include "cuda/host_caches.h"
-#include "cuda/kmeans_device.h"
+#include "cuda/rabitq_training.h"
 #include "device_codecs/device_common.h"
 #include "methods/centered_key_codec.h"
 #include "methods/key_codec.h"
-#include "methods/rabitq.h"
 #include "methods/value_codec.h"
 #include "veloxquant/caches.h"
 #include "veloxquant/observer.h"
@@ -150,52 +149,25 @@ std::vector<float> CudaCodecCache::training_keys(const float* keys, int n_tokens
     return host;
 }
 
-namespace {
-
-// train_key_codecs on host rows [heads][n][d], with rabitq's k-means run for every head at once
-// on the device (kmeans_on_device: the host's centroids bit for bit, where the host's k-means
-// took most of a rabitq layer's first append).
-void train_heads(const std::vector<KeyCodec*>& codecs, const float* rows, int n,
-                 cudaStream_t stream) {
-    std::vector<RaBitQCodec*> rabitq;
-    for (KeyCodec* c : codecs)
-        if (auto* r = dynamic_cast<RaBitQCodec*>(c); r != nullptr && r->needs_training())
-            rabitq.push_back(r);
-    if (rabitq.size() != codecs.size()) return train_key_codecs(codecs, rows, n);
-    const int heads = static_cast<int>(codecs.size()), d = codecs[0]->dim();
-    const RaBitQCodec::KMeansProblem p = rabitq[0]->kmeans_problem(n);
-    const std::size_t per_head = static_cast<std::size_t>(p.n) * d;
-    std::vector<float> points(per_head * heads);
-    std::vector<uint64_t> seeds(heads);
-#pragma omp parallel for schedule(static)
-    for (int h = 0; h < heads; ++h) {
-        rabitq[h]->rotated_training_rows(rows + static_cast<std::size_t>(h) * n * d, n,
-                                         points.data() + h * per_head);
-        seeds[h] = rabitq[h]->kmeans_problem(n).seed;
-    }
-    std::vector<KMeansResult> km =
-        kmeans_on_device(points.data(), heads, p.n, d, p.k, seeds.data(), {}, stream);
-    for (int h = 0; h < heads; ++h) rabitq[h]->adopt_centroids(std::move(km[h].centroids), km[h].k);
-}
-
-}  // namespace
-
 void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stream) {
     // The CPU cache trains every head on the first append's keys (QuantizedKVCache::append);
-    // the device cache trains the same codecs (rabitq's k-means on the device, train_heads), then
-    // uploads the trained parameters. Only the rows the codecs read travel to the host (rabitq:
-    // 32 per centroid of a long prefill, not all 32K).
+    // the device cache trains the same codecs: rabitq's on the device (train_rabitq_on_device),
+    // any other codec that trains on the host, where only the rows it reads travel, then uploads
+    // the trained parameters.
+    auto train_heads = [&](const std::vector<KeyCodec*>& codecs, const float* rows_of) {
+        if (train_rabitq_on_device(codecs, rows_of, n_tokens, stream)) return;
+        const int rows = codecs[0]->training_rows(n_tokens);
+        train_key_codecs(codecs, training_keys(rows_of, n_tokens, rows, stream).data(), rows);
+    };
     if (!center_.enabled()) {
-        const int rows = key_codecs_[0]->training_rows(n_tokens);
-        // A codec's rows of `rows` are all of them.
         std::vector<KeyCodec*> codecs;
         for (auto& codec : key_codecs_) codecs.push_back(codec.get());
-        train_heads(codecs, training_keys(keys, n_tokens, rows, stream).data(), rows, stream);
+        train_heads(codecs, keys);
         return build_backend();
     }
     // Centred keys: the mean is estimated on the device from the rows CenteredKeyCodec::train
     // reads (KeyCenter::estimate) and adopted by the CPU codecs; an inner codec that trains
-    // (rabitq) then trains on its rows of the centred keys, as the CPU codec's train does.
+    // (rabitq) then trains on the centred keys, as the CPU codec's train does.
     center_.estimate(keys, n_tokens, stream);
     std::vector<KeyCodec*> inner;
     for (int h = 0; h < num_heads_; ++h) {
@@ -204,17 +176,13 @@ void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stre
         inner.push_back(&codec.inner());
     }
     if (inner[0]->needs_training()) {
-        const int rows = inner[0]->training_rows(n_tokens);
-        std::vector<float> host;
         try {
-            host =
-                training_keys(center_.centred(keys, n_tokens, 0, stream), n_tokens, rows, stream);
+            train_heads(inner, center_.centred(keys, n_tokens, 0, stream));
         } catch (...) {
             center_.release_scratch(stream);
             throw;
         }
         center_.release_scratch(stream);
-        train_heads(inner, host.data(), rows, stream);
     }
     build_backend();
 }

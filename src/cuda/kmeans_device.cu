@@ -299,25 +299,36 @@ private:
     cudaStream_t stream_;
 };
 
-}  // namespace
-
-std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n, int d, int k,
-                                           const uint64_t* seeds, const KMeansOptions& options,
-                                           cudaStream_t stream, int* host_runs) {
+/// kmeans_on_device with the points on the host (points), or on the device (device_points).
+std::vector<KMeansResult> kmeans_sets(const float* points, const float* device_points, int sets,
+                                      int n, int d, int k, const uint64_t* seeds,
+                                      const KMeansOptions& options, cudaStream_t stream,
+                                      int* host_runs) {
     if (sets < 0) throw std::invalid_argument("kmeans_on_device: sets must be >= 0");
     if (n < 1 || d < 1 || k < 1 || options.max_iterations < 0 || !(options.tolerance >= 0.0))
-        return {kmeans(points, n, d, k, sets > 0 ? seeds[0] : 0, options)};  // its own error
+        return {kmeans(points, n, d, k, sets > 0 ? seeds[0] : 0, options)};  // throws first
     const int kk = std::min(k, n);
     const std::size_t set_floats = static_cast<std::size_t>(n) * d;
     std::vector<KMeansResult> results(sets);
     std::vector<char> on_host(sets, 1);
     auto finish_on_host = [&] {
         int runs = 0;
-        for (int s = 0; s < sets; ++s)
-            if (on_host[s]) {
-                results[s] = kmeans(points + s * set_floats, n, d, k, seeds[s], options);
-                ++runs;
+        std::vector<float> copied;
+        for (int s = 0; s < sets; ++s) {
+            if (!on_host[s]) continue;
+            const float* set_points = points != nullptr ? points + s * set_floats : nullptr;
+            if (set_points == nullptr) {
+                copied.resize(set_floats);
+                check_cuda(
+                    cudaMemcpyAsync(copied.data(), device_points + s * set_floats,
+                                    set_floats * sizeof(float), cudaMemcpyDeviceToHost, stream),
+                    "kmeans: copy a set's points to the host");
+                check_cuda(cudaStreamSynchronize(stream), "kmeans: synchronize");
+                set_points = copied.data();
             }
+            results[s] = kmeans(set_points, n, d, k, seeds[s], options);
+            ++runs;
+        }
         if (host_runs) *host_runs = runs;
         return results;
     };
@@ -352,12 +363,13 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
     const std::size_t all_centroids = static_cast<std::size_t>(sets) * kk * d;
     const std::size_t all_rows = static_cast<std::size_t>(sets) * n;
     using P = DeviceArena;
-    DeviceArena arena(P::padded(all_points * 4) + P::padded(all_centroids * 4) +
+    DeviceArena arena(P::padded(device_points ? 0 : all_points * 4) + P::padded(all_centroids * 4) +
                           P::padded(all_rows * 4) * 2 + P::padded(sets * sizeof(SetState)) +
                           P::padded(static_cast<std::size_t>(sets) * history_len * 8) +
                           P::padded(sets * 4) + P::padded(uniforms.size() * 8),
                       stream);
-    float* d_points = arena.take<float>(all_points);
+    float* uploaded = arena.take<float>(device_points ? 0 : all_points);
+    const float* d_points = device_points ? device_points : uploaded;
     float* d_centroids = arena.take<float>(all_centroids);
     int* d_assignment = arena.take<int>(all_rows);
     float* d_dist2 = arena.take<float>(all_rows);
@@ -366,8 +378,10 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
     int* d_first = arena.take<int>(sets);
     double* d_uniforms = arena.take<double>(uniforms.size());
     const std::vector<SetState> start(sets, SetState{1, 0, 0, 0});
-    check_cuda(cudaMemcpyAsync(d_points, points, all_points * 4, cudaMemcpyHostToDevice, stream),
-               "kmeans: copy points");
+    if (!device_points)
+        check_cuda(
+            cudaMemcpyAsync(uploaded, points, all_points * 4, cudaMemcpyHostToDevice, stream),
+            "kmeans: copy points");
     check_cuda(cudaMemcpyAsync(d_states, start.data(), sets * sizeof(SetState),
                                cudaMemcpyHostToDevice, stream),
                "kmeans: copy states");
@@ -429,6 +443,21 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
         r.objective_history.assign(h, h + states[s].history);
     }
     return finish_on_host();
+}
+
+}  // namespace
+
+std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n, int d, int k,
+                                           const uint64_t* seeds, const KMeansOptions& options,
+                                           cudaStream_t stream, int* host_runs) {
+    return kmeans_sets(points, nullptr, sets, n, d, k, seeds, options, stream, host_runs);
+}
+
+std::vector<KMeansResult> kmeans_on_device_points(const float* device_points, int sets, int n,
+                                                  int d, int k, const uint64_t* seeds,
+                                                  const KMeansOptions& options, cudaStream_t stream,
+                                                  int* host_runs) {
+    return kmeans_sets(nullptr, device_points, sets, n, d, k, seeds, options, stream, host_runs);
 }
 
 }  // namespace veloxquant::cuda

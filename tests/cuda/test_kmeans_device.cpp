@@ -5,6 +5,7 @@
 // cache alone and the CPU cache.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
@@ -41,12 +42,21 @@ std::vector<uint64_t> seeds_for(int sets, uint64_t base) {
     return s;
 }
 
-// Runs both and compares every set; returns the device call's host runs.
+// Runs both and compares every set; returns the device call's host runs. from_device: the points
+// are uploaded first and given to kmeans_on_device_points.
 int expect_same_as_cpu(const std::vector<float>& points, int sets, int n, int d, int k,
-                       const std::vector<uint64_t>& seeds, const KMeansOptions& options = {}) {
+                       const std::vector<uint64_t>& seeds, const KMeansOptions& options = {},
+                       bool from_device = false) {
     int host_runs = -1;
-    const std::vector<KMeansResult> got =
-        kmeans_on_device(points.data(), sets, n, d, k, seeds.data(), options, nullptr, &host_runs);
+    std::vector<KMeansResult> got;
+    if (from_device) {
+        const vqtest::DeviceBuffer<float> on_device(points);
+        got = veloxquant::cuda::kmeans_on_device_points(on_device.get(), sets, n, d, k,
+                                                        seeds.data(), options, nullptr, &host_runs);
+    } else {
+        got = kmeans_on_device(points.data(), sets, n, d, k, seeds.data(), options, nullptr,
+                               &host_runs);
+    }
     EXPECT_EQ(got.size(), static_cast<std::size_t>(sets));
     for (int s = 0; s < sets && s < static_cast<int>(got.size()); ++s) {
         const KMeansResult want = veloxquant::kmeans(
@@ -133,6 +143,20 @@ TEST(KMeansDevice, IdenticalPointsAndRandomSeedingRunOnTheHost) {
     KMeansOptions random;
     random.init = KMeansInit::kRandomDistinct;
     EXPECT_EQ(3, expect_same_as_cpu(x, 3, 200, 16, 8, seeds_for(3, 2), random));
+}
+
+// Points already on the device (what rabitq's device training gives): the same results, and a
+// set the host runs (identical points) has its points copied back for it.
+TEST(KMeansDevice, PointsOnTheDeviceMatchTheCpuToo) {
+    SKIP_WITHOUT_DEVICE();
+    const int sets = 4, n = 600, d = 32, k = 16;
+    std::vector<float> x = vqtest::randn(static_cast<std::size_t>(sets) * n * d, 21);
+    std::fill(x.begin() + 2 * n * d, x.begin() + 3 * n * d, 0.25f);  // set 2: one point, n times
+    EXPECT_EQ(1, expect_same_as_cpu(x, sets, n, d, k, seeds_for(sets, 5), {}, true));
+    const std::vector<float> wide = vqtest::randn(8 * 2048 * 128, 22);
+    EXPECT_EQ(0, expect_same_as_cpu(wide, 8, 2048, 128, 64, seeds_for(8, 64), {}, true));
+    const std::vector<float> odd = vqtest::randn(2 * 100 * 12, 23);  // d % 8 != 0: the host's
+    EXPECT_EQ(2, expect_same_as_cpu(odd, 2, 100, 12, 5, seeds_for(2, 3), {}, true));
 }
 
 TEST(KMeansDevice, BadSizesThrowAsTheCpuDoes) {

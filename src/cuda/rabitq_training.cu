@@ -1,0 +1,85 @@
+#include "cuda/rabitq_training.h"
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include "cuda/cuda_cache.h"
+#include "cuda/kmeans_device.h"
+#include "device_codecs/device_common.h"
+#include "methods/key_codec.h"
+#include "methods/rabitq.h"
+
+namespace veloxquant::cuda {
+namespace {
+
+/// points [heads][m][d] = R_h keys[h][training_row(i, n, m)] for i < m, a thread a row: the rows
+/// RaBitQCodec::rotated_training_rows writes on the host, in its arithmetic.
+__global__ void rotate_training_rows(const float* keys, int heads, int n, int m, int d,
+                                     const dev::RotationParams* rotations, float* points) {
+    const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (row >= static_cast<long long>(heads) * m) return;
+    const int h = static_cast<int>(row / m), i = static_cast<int>(row % m);
+    dev::rotate_forward(rotations[h],
+                        keys + (static_cast<std::size_t>(h) * n + training_row(i, n, m)) * d,
+                        points + static_cast<std::size_t>(row) * d);
+}
+
+std::size_t padded(std::size_t bytes) {
+    return (bytes + 255) / 256 * 256;
+}
+
+}  // namespace
+
+bool train_rabitq_on_device(const std::vector<KeyCodec*>& codecs, const float* keys, int n_tokens,
+                            cudaStream_t stream) {
+    std::vector<RaBitQCodec*> rabitq;
+    for (KeyCodec* c : codecs)
+        if (auto* r = dynamic_cast<RaBitQCodec*>(c); r != nullptr && r->needs_training())
+            rabitq.push_back(r);
+    if (rabitq.empty() || rabitq.size() != codecs.size()) return false;
+    const int heads = static_cast<int>(rabitq.size()), d = rabitq[0]->dim();
+    const RaBitQCodec::KMeansProblem p = rabitq[0]->kmeans_problem(n_tokens);  // p.n rows
+    // The heads' rotations (signs or matrices) as the device codecs carry them, their
+    // parameters, and the rotated rows: one allocation.
+    dev::ParamArena arena;
+    std::vector<dev::RotationParams> rotations;
+    std::vector<uint64_t> seeds;
+    for (RaBitQCodec* r : rabitq) {
+        rotations.push_back(dev::build_rotation(r->rotation(), arena));
+        seeds.push_back(r->kmeans_problem(n_tokens).seed);
+    }
+    const std::size_t table_bytes = padded(arena.bytes().size());
+    const std::size_t params_bytes = padded(rotations.size() * sizeof(dev::RotationParams));
+    const std::size_t points_bytes = static_cast<std::size_t>(heads) * p.n * d * sizeof(float);
+    uint8_t* block = nullptr;
+    check_cuda(cudaMallocAsync(reinterpret_cast<void**>(&block),
+                               table_bytes + params_bytes + points_bytes, stream),
+               "rabitq training: device memory");
+    std::vector<KMeansResult> km;
+    try {
+        for (dev::RotationParams& r : rotations) r.rebase(block);
+        check_cuda(cudaMemcpyAsync(block, arena.bytes().data(), arena.bytes().size(),
+                                   cudaMemcpyHostToDevice, stream),
+                   "rabitq training: copy rotations");
+        auto* params = reinterpret_cast<dev::RotationParams*>(block + table_bytes);
+        check_cuda(cudaMemcpyAsync(params, rotations.data(),
+                                   rotations.size() * sizeof(dev::RotationParams),
+                                   cudaMemcpyHostToDevice, stream),
+                   "rabitq training: copy rotations");
+        auto* points = reinterpret_cast<float*>(block + table_bytes + params_bytes);
+        const long long rows = static_cast<long long>(heads) * p.n;
+        rotate_training_rows<<<static_cast<unsigned>((rows + 127) / 128), 128, 0, stream>>>(
+            keys, heads, n_tokens, p.n, d, params, points);
+        check_cuda(cudaGetLastError(), "rabitq training: rotate rows");
+        km = kmeans_on_device_points(points, heads, p.n, d, p.k, seeds.data(), {}, stream);
+    } catch (...) {
+        cudaFreeAsync(block, stream);
+        throw;
+    }
+    check_cuda(cudaFreeAsync(block, stream), "rabitq training: device memory");
+    for (int h = 0; h < heads; ++h) rabitq[h]->adopt_centroids(std::move(km[h].centroids), km[h].k);
+    return true;
+}
+
+}  // namespace veloxquant::cuda

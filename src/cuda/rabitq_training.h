@@ -1,0 +1,25 @@
+// rabitq's training on a device cache's first append, on the device: the rows the CPU codec's
+// train() reads are gathered and rotated there (dev::rotate_forward, the CPU's Rotation::forward
+// bit for bit: this file's kernels compile with --fmad=false), and every head's k-means runs at
+// once on them (kmeans_on_device_points), so the keys never travel to the host and back. The
+// codecs end trained exactly as RaBitQCodec::train() on the host copy of the keys leaves them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <vector>
+
+namespace veloxquant {
+class KeyCodec;
+}
+
+namespace veloxquant::cuda {
+
+/// Trains codecs (one a head, all of one kind) on device keys [heads][n_tokens][d], on `stream`
+/// (synchronized before the return), where every codec is a RaBitQCodec that needs training;
+/// returns false, having done nothing, otherwise (the caller trains on a host copy). Throws what
+/// the codecs' train() throws, std::runtime_error for a CUDA error.
+bool train_rabitq_on_device(const std::vector<KeyCodec*>& codecs, const float* keys, int n_tokens,
+                            cudaStream_t stream);
+
+}  // namespace veloxquant::cuda
