@@ -116,9 +116,9 @@ public:
     /// outlier observer, the keys' norms come back with that synchronization, the host's
     /// observer sees them, and the tokens it flags are also kept in the side store (their
     /// vectors come to the host: one more synchronization where a token is flagged). The first
-    /// append of a codec that trains (rabitq) copies the rows it trains on to the host, rotates
-    /// them there, runs every head's k-means on the device (the CPU's result bit for bit), then
-    /// uploads the parameters. A sliding window then frees the pages wholly inside [sinks,
+    /// append of a codec that trains (rabitq) rotates the rows it trains on and runs every head's
+    /// k-means on the device (the CPU's result bit for bit), then uploads the parameters. A
+    /// sliding window then frees the pages wholly inside [sinks,
     /// first new position + 1 - window), as SlidingWindowKVCache::append.
     void append(const float* keys, const float* values, int n_tokens, cudaStream_t stream);
     /// Attention of queries [num_q_heads][n_queries][head_dim] over every stored token (a
