@@ -19,7 +19,8 @@ struct SetState {
     int history;  ///< objective values recorded
 };
 
-constexpr int kSeedThreads = 1024;  // 32 warps: the rounds' row reads wait on the L2
+constexpr int kSeedThreads = 1024;         // seed_draw: the staging and the drawn point's search
+constexpr int kSeedDistanceThreads = 256;  // 32 points a CTA
 constexpr int kObjectiveThreads = 256;
 constexpr int kAssignWarps = 8, kAssignPointsPerWarp = 8;
 constexpr int kUpdateThreads = 256;
@@ -77,72 +78,72 @@ __device__ float group_distance(const float* row, const float* seed, int d, int 
     return acc;
 }
 
-// k-means++ seeding (kmeans.cpp's initial_points), a CTA a set, d a multiple of 8. Round c: every
-// point's squared distance to the newest seed (eight lanes a point) folded into its distance to
-// the nearest seed so far; their running double sum in index order (one thread: the partial sums
-// of the CPU's ordered_sum and of its sampling scan, which adds the same terms but the zeros, and
-// adding 0.0 leaves a double unchanged); then the drawn point: the first with a positive
+// k-means++ seeding (kmeans.cpp's initial_points), d a multiple of 8, round by round in two
+// kernels, so that a round's distances spread over many CTAs while its sequential sum takes one.
+// Round c, seed_distances: seed c is point next[set] (its row becomes centroid c); every point's
+// squared distance to it (eight lanes a point) folded into its distance to the nearest seed so
+// far. seed_draw: their running double sum in index order (one thread: the partial sums of the
+// CPU's ordered_sum and of its sampling scan, which adds the same terms but the zeros, and adding
+// 0.0 leaves a double unchanged); then the drawn point, next[set]: the first with a positive
 // distance whose running sum passes u_c * total, else the last with a positive distance.
-// Dynamic shared memory: running sums [n] doubles, dist2 [n] floats, the newest seed [d] floats.
+__global__ void seed_distances(const float* points, int n, int d, int k, int c, const int* next,
+                               float* centroids, float* dist2, const SetState* states) {
+    const int set = blockIdx.y, t = threadIdx.x;
+    if (!states[set].active) return;
+    const float* p = points + static_cast<std::size_t>(set) * n * d;
+    const float* seed = p + static_cast<std::size_t>(next[set]) * d;
+    if (blockIdx.x == 0)
+        for (int j = t; j < d; j += blockDim.x)
+            centroids[(static_cast<std::size_t>(set) * k + c) * d + j] = seed[j];
+    if (c + 1 == k) return;
+    // Eight lanes a point; every lane of a warp takes part in the shuffles.
+    const int i = blockIdx.x * (blockDim.x / 8) + t / 8;
+    const float dd =
+        group_distance(p + static_cast<std::size_t>(i < n ? i : 0) * d, seed, d, t & 7);
+    float* near = dist2 + static_cast<std::size_t>(set) * n;
+    if ((t & 7) == 0 && i < n) near[i] = (c == 0 || dd < near[i]) ? dd : near[i];
+}
+
+// Dynamic shared memory: running sums [n] doubles, the set's distances [n] floats.
 __global__ void __launch_bounds__(kSeedThreads)
-    seed_centroids(const float* points, int n, int d, int k, const int* first,
-                   const double* uniforms, float* centroids, SetState* states) {
+    seed_draw(int n, int k, int c, const double* uniforms, const float* dist2, int* next,
+              SetState* states) {
     extern __shared__ double running[];
-    float* dist2 = reinterpret_cast<float*>(running + n);
-    float* seed = dist2 + n;
-    __shared__ int next, drawn, last_positive, empty_round;
+    float* near = reinterpret_cast<float*>(running + n);
+    __shared__ int drawn, last_positive, empty_round;
     __shared__ double draw;
     const int set = blockIdx.x, t = threadIdx.x;
-    const float* p = points + static_cast<std::size_t>(set) * n * d;
-    float* cents = centroids + static_cast<std::size_t>(set) * k * d;
-    if (t == 0) next = first[set];
-    __syncthreads();
-    for (int c = 0; c < k; ++c) {
-        const float* row = p + static_cast<std::size_t>(next) * d;
-        for (int j = t; j < d; j += blockDim.x) {
-            cents[c * d + j] = row[j];
-            seed[j] = row[j];
-        }
-        if (c + 1 == k) break;
-        if (t == 0) {
-            drawn = n;
-            last_positive = -1;
-        }
-        __syncthreads();
-        // Eight lanes a point; every lane of a warp takes part in the shuffles.
-        for (int i0 = 0; i0 < n; i0 += blockDim.x / 8) {
-            const int i = i0 + t / 8;
-            const float dd =
-                group_distance(p + static_cast<std::size_t>(i < n ? i : 0) * d, seed, d, t & 7);
-            if ((t & 7) == 0 && i < n) dist2[i] = (c == 0 || dd < dist2[i]) ? dd : dist2[i];
-        }
-        __syncthreads();
-        if (t == 0) {
-            const double sum = ordered_sum(dist2, n, running);
-            empty_round = !(sum > 0.0);
-            draw = uniforms[static_cast<std::size_t>(set) * (k - 1) + c] * sum;
-        }
-        __syncthreads();
-        if (empty_round) {  // every point sits on a seed: the CPU draws an index instead
-            if (t == 0) {
-                states[set].host = 1;
-                states[set].active = 0;
-            }
-            return;
-        }
-        const double r = draw;
-        int my_drawn = n, my_last = -1;
-        for (int i = t; i < n; i += blockDim.x) {
-            if (!(dist2[i] > 0.0f)) continue;
-            my_last = i;
-            if (my_drawn == n && running[i] > r) my_drawn = i;
-        }
-        if (my_drawn < n) atomicMin(&drawn, my_drawn);
-        if (my_last >= 0) atomicMax(&last_positive, my_last);
-        __syncthreads();
-        if (t == 0) next = drawn < n ? drawn : last_positive;
-        __syncthreads();
+    if (!states[set].active) return;
+    for (int i = t; i < n; i += blockDim.x) near[i] = dist2[static_cast<std::size_t>(set) * n + i];
+    if (t == 0) {
+        drawn = n;
+        last_positive = -1;
     }
+    __syncthreads();
+    if (t == 0) {
+        const double sum = ordered_sum(near, n, running);
+        empty_round = !(sum > 0.0);
+        draw = uniforms[static_cast<std::size_t>(set) * (k - 1) + c] * sum;
+    }
+    __syncthreads();
+    if (empty_round) {  // every point sits on a seed: the CPU draws an index instead
+        if (t == 0) {
+            states[set].host = 1;
+            states[set].active = 0;
+        }
+        return;
+    }
+    const double r = draw;
+    int my_drawn = n, my_last = -1;
+    for (int i = t; i < n; i += blockDim.x) {
+        if (!(near[i] > 0.0f)) continue;
+        my_last = i;
+        if (my_drawn == n && running[i] > r) my_drawn = i;
+    }
+    if (my_drawn < n) atomicMin(&drawn, my_drawn);
+    if (my_last >= 0) atomicMax(&last_positive, my_last);
+    __syncthreads();
+    if (t == 0) next[set] = drawn < n ? drawn : last_positive;
 }
 
 // Assignment (kmeans.cpp's assign_all): a warp a point, each lane scoring its centroids
@@ -332,17 +333,16 @@ std::vector<KMeansResult> kmeans_sets(const float* points, const float* device_p
         if (host_runs) *host_runs = runs;
         return results;
     };
-    // The seeding's shared memory: running sums [n] doubles, dist2 [n] floats, a seed [d]; the
+    // The seeding draw's shared memory: running sums [n] doubles, dist2 [n] floats; the
     // assignment's: the centroids' padded rows; the update's: the assignment and its clusters'
     // members, [n] ints each; the objective's: dist2 [n].
-    const std::size_t seed_shared = static_cast<std::size_t>(n) * (sizeof(double) + sizeof(float)) +
-                                    static_cast<std::size_t>(d) * sizeof(float);
+    const std::size_t seed_shared = static_cast<std::size_t>(n) * (sizeof(double) + sizeof(float));
     const std::size_t assign_shared =
         static_cast<std::size_t>(kk) * (d + codec::kRbRowPad) * sizeof(float);
     const std::size_t update_shared = 2 * static_cast<std::size_t>(n) * sizeof(int);
     const std::size_t objective_shared = static_cast<std::size_t>(n) * sizeof(float);
     if (sets == 0 || options.init != KMeansInit::kPlusPlus || d % 8 != 0 ||
-        !allow_shared(reinterpret_cast<const void*>(seed_centroids), seed_shared) ||
+        !allow_shared(reinterpret_cast<const void*>(seed_draw), seed_shared) ||
         !allow_shared(reinterpret_cast<const void*>(assign_points), assign_shared) ||
         !allow_shared(reinterpret_cast<const void*>(update_centroids), update_shared) ||
         !allow_shared(reinterpret_cast<const void*>(record_objective), objective_shared))
@@ -375,7 +375,7 @@ std::vector<KMeansResult> kmeans_sets(const float* points, const float* device_p
     float* d_dist2 = arena.take<float>(all_rows);
     SetState* d_states = arena.take<SetState>(sets);
     double* d_history = arena.take<double>(static_cast<std::size_t>(sets) * history_len);
-    int* d_first = arena.take<int>(sets);
+    int* d_next = arena.take<int>(sets);  // the seed each round takes, the first drawn here
     double* d_uniforms = arena.take<double>(uniforms.size());
     const std::vector<SetState> start(sets, SetState{1, 0, 0, 0});
     if (!device_points)
@@ -385,7 +385,7 @@ std::vector<KMeansResult> kmeans_sets(const float* points, const float* device_p
     check_cuda(cudaMemcpyAsync(d_states, start.data(), sets * sizeof(SetState),
                                cudaMemcpyHostToDevice, stream),
                "kmeans: copy states");
-    check_cuda(cudaMemcpyAsync(d_first, first.data(), sets * 4, cudaMemcpyHostToDevice, stream),
+    check_cuda(cudaMemcpyAsync(d_next, first.data(), sets * 4, cudaMemcpyHostToDevice, stream),
                "kmeans: copy draws");
     check_cuda(cudaMemcpyAsync(d_uniforms, uniforms.data(), uniforms.size() * 8,
                                cudaMemcpyHostToDevice, stream),
@@ -394,8 +394,14 @@ std::vector<KMeansResult> kmeans_sets(const float* points, const float* device_p
     const int assign_points_per_cta = kAssignWarps * kAssignPointsPerWarp;
     const dim3 assign_grid((n + assign_points_per_cta - 1) / assign_points_per_cta, sets);
     const dim3 update_grid((kk * d + kUpdateThreads - 1) / kUpdateThreads, sets);
-    seed_centroids<<<sets, kSeedThreads, seed_shared, stream>>>(d_points, n, d, kk, d_first,
-                                                                d_uniforms, d_centroids, d_states);
+    const dim3 seed_grid((n + kSeedDistanceThreads / 8 - 1) / (kSeedDistanceThreads / 8), sets);
+    for (int c = 0; c < kk; ++c) {
+        seed_distances<<<seed_grid, kSeedDistanceThreads, 0, stream>>>(
+            d_points, n, d, kk, c, d_next, d_centroids, d_dist2, d_states);
+        if (c + 1 < kk)
+            seed_draw<<<sets, kSeedThreads, seed_shared, stream>>>(n, kk, c, d_uniforms, d_dist2,
+                                                                   d_next, d_states);
+    }
     assign_points<<<assign_grid, kAssignWarps * 32, assign_shared, stream>>>(
         d_points, n, d, kk, d_centroids, d_assignment, d_dist2, d_states, 0);
     record_objective<<<sets, kObjectiveThreads, objective_shared, stream>>>(

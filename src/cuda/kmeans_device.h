@@ -5,12 +5,12 @@
 // prefill's time beyond DynamicCache's.
 //
 // Every step is the CPU's arithmetic in the CPU's order, so the results match exactly:
-// - k-means++ seeding, a CTA a set: each round's distances to the newest seed eight lanes a
-//   point (lane l adds squared_distance's partial sum l; no contracted multiply-adds: this file
-//   compiles with --fmad=false), their running double sum in index order by one thread (the same
-//   partial sums as the CPU's ordered_sum and sampling scan), the CPU's Rng draws made on the
-//   host beforehand, and the drawn point found in parallel as the first whose running sum passes
-//   the draw;
+// - k-means++ seeding, two kernels a round: the distances to the newest seed over many CTAs a
+//   set, eight lanes a point (lane l adds squared_distance's partial sum l; no contracted
+//   multiply-adds: this file compiles with --fmad=false); then, a CTA a set, their running double
+//   sum in index order by one thread (the same partial sums as the CPU's ordered_sum and sampling
+//   scan), the CPU's Rng draws made on the host beforehand, and the drawn point found in parallel
+//   as the first whose running sum passes the draw;
 // - assignment a warp a point, the lanes over the centroids (the rabitq encoder's rb_nearest:
 //   squared_distance's sums, ties to the lower index);
 // - the update's sums in point order, a thread a (centroid, coordinate), in double;
