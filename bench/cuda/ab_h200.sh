@@ -53,9 +53,9 @@ case "${1:-}" in
   dir=${2:?usage: ab_h200.sh --patch DIR PATCH} patch=${3:?usage: ab_h200.sh --patch DIR PATCH}
   files=$(git apply --numstat "$patch" | cut -f3) || exit 1
   rm -rf "$dir" && mkdir -p "$dir"
-  for f in $files; do
+  for f in $files; do  # the files the patch changes; those it adds, git apply makes
     mkdir -p "$dir/$(dirname "$f")"
-    cp "$f" "$dir/$f"
+    [ -f "$f" ] && cp "$f" "$dir/$f"
   done
   git apply --unsafe-paths --directory="$dir" "$patch" || exit 1
   echo "$(echo "$files" | wc -w) files of this tree with $patch in $dir"

@@ -381,9 +381,8 @@ int run(const char* out_path, const std::string& only_method, int only_tokens, i
         "rotate over decode_sets / batch_sets sets of caches of the same tokens (at least %.0f "
         "MiB of pages, L2 cold), decode_warm repeats one cache; batch_decode = batch sequences "
         "in one CudaCodecBatch call (0: not measured; batch_first_append: batch fresh caches' "
-        "first "
-        "append in one call); tq_fast = the tensor-core turboquant_rvq "
-        "decode\",\n  \"points\": [\n",
+        "first append in one call); tq_fast = the tensor-core turboquant_rvq decode\",\n  "
+        "\"points\": [\n",
         copy_gbps, kKv, kQ, kD, chunk, batch, kRotateBytes / (1 << 20));
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];

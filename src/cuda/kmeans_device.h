@@ -13,7 +13,8 @@
 //   as the first whose running sum passes the draw;
 // - assignment a warp a point, the lanes over the centroids (the rabitq encoder's rb_nearest:
 //   squared_distance's sums, ties to the lower index);
-// - the update's sums in point order, a thread a (centroid, coordinate), in double;
+// - the update's sums in point order, a thread a (centroid, coordinate), in double, over its
+//   cluster's members (listed in point order by warp ballots);
 // - the objective's double sum in index order, and the CPU's stopping tests.
 // Two rare paths stay on the host, where kmeans() itself runs that set from the start: a
 // seeding round whose points all sit on seeds (the CPU then draws a different random number),
