@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 
 #include "core/rng.h"
 #include "cuda/cuda_cache.h"
+#include "cuda/exact_running_sum.cuh"
 #include "cuda/rabitq_nearest.cuh"
 
 namespace veloxquant::cuda {
@@ -79,13 +81,14 @@ __device__ float group_distance(const float* row, const float* seed, int d, int 
 }
 
 // k-means++ seeding (kmeans.cpp's initial_points), d a multiple of 8, round by round in two
-// kernels, so that a round's distances spread over many CTAs while its sequential sum takes one.
+// kernels, so that a round's distances spread over many CTAs and its sum over one.
 // Round c, seed_distances: seed c is point next[set] (its row becomes centroid c); every point's
 // squared distance to it (eight lanes a point) folded into its distance to the nearest seed so
-// far. seed_draw: their running double sum in index order (one thread: the partial sums of the
-// CPU's ordered_sum and of its sampling scan, which adds the same terms but the zeros, and adding
-// 0.0 leaves a double unchanged); then the drawn point, next[set]: the first with a positive
-// distance whose running sum passes u_c * total, else the last with a positive distance.
+// far. seed_draw: their running double sums in index order, the partial sums of the CPU's
+// ordered_sum and of its sampling scan (which adds the same terms but the zeros, and adding 0.0
+// leaves a double unchanged): by the CTA where none rounds (exact_running_sum.cuh), else by one
+// thread; then the drawn point, next[set]: the first with a positive distance whose running sum
+// passes u_c * total, else the last with a positive distance.
 __global__ void seed_distances(const float* points, int n, int d, int k, int c, const int* next,
                                float* centroids, float* dist2, const SetState* states) {
     const int set = blockIdx.y, t = threadIdx.x;
@@ -120,8 +123,10 @@ __global__ void __launch_bounds__(kSeedThreads)
         last_positive = -1;
     }
     __syncthreads();
+    double sum = 0.0;
+    const bool exact = exact_running_sums<kSeedThreads>(near, n, running, &sum);
     if (t == 0) {
-        const double sum = ordered_sum(near, n, running);
+        if (!exact) sum = ordered_sum(near, n, running);
         empty_round = !(sum > 0.0);
         draw = uniforms[static_cast<std::size_t>(set) * (k - 1) + c] * sum;
     }
@@ -148,23 +153,31 @@ __global__ void __launch_bounds__(kSeedThreads)
 
 // Assignment (kmeans.cpp's assign_all): a warp a point, each lane scoring its centroids
 // (codec::rb_nearest, the rabitq encoder's search: squared_distance's sums, the lowest index
-// among equals), the set's centroids staged in shared memory rows of d + kRbRowPad floats; the
-// winner's distance again by squared_distance. `track`: note whether any point changed centroid
-// (the CPU's previous == assignment).
+// among equals). The CTA's points and the set's centroids are staged in shared memory, the
+// centroids in rows of d + kRbRowPad floats, so that the search's loads do not wait on global
+// memory; the winner's distance again by squared_distance. `track`: note whether any point
+// changed centroid (the CPU's previous == assignment).
+// Dynamic shared memory: the CTA's points [kAssignWarps * kAssignPointsPerWarp][d], then the rows.
 __global__ void assign_points(const float* points, int n, int d, int k, const float* centroids,
                               int* assignment, float* dist2, SetState* states, int track) {
+    constexpr int kCtaPoints = kAssignWarps * kAssignPointsPerWarp;
     extern __shared__ float4 staged[];
-    float* rows = reinterpret_cast<float*>(staged);
+    float* xs = reinterpret_cast<float*>(staged);
+    float* rows = xs + kCtaPoints * d;
     const int set = blockIdx.y, stride = d + codec::kRbRowPad;
     if (!states[set].active) return;
     const float* src = centroids + static_cast<std::size_t>(set) * k * d;
     for (int t = threadIdx.x; t < k * d; t += blockDim.x) rows[t / d * stride + t % d] = src[t];
+    const int first = blockIdx.x * kCtaPoints, count = min(kCtaPoints, n - first);
+    const float4* from =
+        reinterpret_cast<const float4*>(points + (static_cast<std::size_t>(set) * n + first) * d);
+    for (int t = threadIdx.x; t < count * d / 4; t += blockDim.x) staged[t] = from[t];
     __syncthreads();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int i0 = (blockIdx.x * kAssignWarps + warp) * kAssignPointsPerWarp;
+    const int i0 = first + warp * kAssignPointsPerWarp;
     for (int i = i0; i < i0 + kAssignPointsPerWarp && i < n; ++i) {
         const std::size_t at = static_cast<std::size_t>(set) * n + i;
-        const float* x = points + at * d;
+        const float* x = xs + static_cast<std::size_t>(i - first) * d;
         const int a = codec::rb_nearest(x, rows, stride, k, d, lane);
         if (lane == 0) {
             if (track && a != assignment[at]) states[set].changed = 1;
@@ -175,10 +188,10 @@ __global__ void assign_points(const float* points, int n, int d, int k, const fl
 }
 
 // The objective (the CPU's ordered_sum of dist2: the set's dist2 staged in shared memory, then
-// summed by one thread) and the CPU's loop tests: `first` after the seeding's assignment (the
-// loop runs while iterations remain and the objective is positive), otherwise after an
-// iteration (stop once nothing moved, once the objective fell by less than tolerance *
-// objective, or at the iteration cap).
+// summed by the CTA where no partial sum rounds, else by one thread) and the CPU's loop tests:
+// `first` after the seeding's assignment (the loop runs while iterations remain and the objective
+// is positive), otherwise after an iteration (stop once nothing moved, once the objective fell by
+// less than tolerance * objective, or at the iteration cap).
 __global__ void record_objective(const float* dist2, int n, SetState* states, double* history,
                                  int max_iterations, double tolerance, int first) {
     extern __shared__ float staged_dist2[];
@@ -188,8 +201,10 @@ __global__ void record_objective(const float* dist2, int n, SetState* states, do
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         staged_dist2[i] = dist2[static_cast<std::size_t>(set) * n + i];
     __syncthreads();
+    double sum = 0.0;
+    const bool exact = exact_running_sums<kObjectiveThreads>(staged_dist2, n, nullptr, &sum);
     if (threadIdx.x != 0) return;
-    const double sum = ordered_sum(staged_dist2, n, nullptr);
+    if (!exact) sum = ordered_sum(staged_dist2, n, nullptr);
     double* h = history + static_cast<std::size_t>(set) * (max_iterations + 1);
     const int count = st.history;
     h[count] = sum;
@@ -334,14 +349,17 @@ std::vector<KMeansResult> kmeans_sets(const float* points, const float* device_p
         return results;
     };
     // The seeding draw's shared memory: running sums [n] doubles, dist2 [n] floats; the
-    // assignment's: the centroids' padded rows; the update's: the assignment and its clusters'
-    // members, [n] ints each; the objective's: dist2 [n].
+    // assignment's: its points and the centroids' padded rows; the update's: the assignment and its
+    // clusters' members, [n] ints each; the objective's: dist2 [n].
     const std::size_t seed_shared = static_cast<std::size_t>(n) * (sizeof(double) + sizeof(float));
     const std::size_t assign_shared =
-        static_cast<std::size_t>(kk) * (d + codec::kRbRowPad) * sizeof(float);
+        (static_cast<std::size_t>(kAssignWarps) * kAssignPointsPerWarp * d +
+         static_cast<std::size_t>(kk) * (d + codec::kRbRowPad)) *
+        sizeof(float);
     const std::size_t update_shared = 2 * static_cast<std::size_t>(n) * sizeof(int);
     const std::size_t objective_shared = static_cast<std::size_t>(n) * sizeof(float);
     if (sets == 0 || options.init != KMeansInit::kPlusPlus || d % 8 != 0 ||
+        reinterpret_cast<std::uintptr_t>(device_points) % 16 != 0 ||  // float4 staging
         !allow_shared(reinterpret_cast<const void*>(seed_draw), seed_shared) ||
         !allow_shared(reinterpret_cast<const void*>(assign_points), assign_shared) ||
         !allow_shared(reinterpret_cast<const void*>(update_centroids), update_shared) ||

@@ -41,7 +41,8 @@ std::vector<KMeansResult> kmeans_on_device(const float* points, int sets, int n,
                                            cudaStream_t stream, int* host_runs = nullptr);
 
 /// The same for points already on the device, device_points [sets][n][d] (read on `stream`): the
-/// points travel to the host only for the sets the host runs.
+/// points travel to the host only for the sets the host runs (all of them where device_points is
+/// not 16-byte aligned, as cudaMalloc's are).
 std::vector<KMeansResult> kmeans_on_device_points(const float* device_points, int sets, int n,
                                                   int d, int k, const uint64_t* seeds,
                                                   const KMeansOptions& options, cudaStream_t stream,

@@ -1,11 +1,13 @@
 #include "cuda/rabitq_training.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <utility>
 
 #include "cuda/cuda_cache.h"
 #include "cuda/kmeans_device.h"
+#include "cuda/team_encode.cuh"
 #include "device_codecs/device_common.h"
 #include "methods/key_codec.h"
 #include "methods/rabitq.h"
@@ -13,16 +15,23 @@
 namespace veloxquant::cuda {
 namespace {
 
-/// points [heads][m][d] = R_h keys[h][training_row(i, n, m)] for i < m, a thread a row: the rows
-/// RaBitQCodec::rotated_training_rows writes on the host, in its arithmetic.
-__global__ void rotate_training_rows(const float* keys, int heads, int n, int m, int d,
-                                     const dev::RotationParams* rotations, float* points) {
-    const long long row = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (row >= static_cast<long long>(heads) * m) return;
-    const int h = static_cast<int>(row / m), i = static_cast<int>(row % m);
-    dev::rotate_forward(rotations[h],
-                        keys + (static_cast<std::size_t>(h) * n + training_row(i, n, m)) * d,
-                        points + static_cast<std::size_t>(row) * d);
+/// points [heads][m][d] = R_h keys[h][training_row(i, n, m)] for i < m, a CTA (a team) a row at a
+/// time: the rows RaBitQCodec::rotated_training_rows writes on the host, in its arithmetic
+/// (team::rotate runs dev::rotate_forward's operations across the team).
+__global__ void __launch_bounds__(team::kTeam)
+    rotate_training_rows(const float* keys, int heads, int n, int m, int d,
+                         const dev::RotationParams* rotations, float* points) {
+    __shared__ float x[dev::kMaxDim], y[dev::kMaxDim];
+    const long long rows = static_cast<long long>(heads) * m;
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        const int h = static_cast<int>(row / m), i = static_cast<int>(row % m);
+        const float* key = keys + (static_cast<std::size_t>(h) * n + training_row(i, n, m)) * d;
+        for (int j = team::rank(); j < d; j += team::kTeam) x[j] = key[j];
+        team::sync();
+        team::rotate(rotations[h], x, y);  // reads x before its last barrier, which ends it
+        float* out = points + static_cast<std::size_t>(row) * d;
+        for (int j = team::rank(); j < d; j += team::kTeam) out[j] = y[j];
+    }
 }
 
 std::size_t padded(std::size_t bytes) {
@@ -69,8 +78,8 @@ bool train_rabitq_on_device(const std::vector<KeyCodec*>& codecs, const float* k
                    "rabitq training: copy rotations");
         auto* points = reinterpret_cast<float*>(block + table_bytes + params_bytes);
         const long long rows = static_cast<long long>(heads) * p.n;
-        rotate_training_rows<<<static_cast<unsigned>((rows + 127) / 128), 128, 0, stream>>>(
-            keys, heads, n_tokens, p.n, d, params, points);
+        rotate_training_rows<<<static_cast<unsigned>(std::min(rows, 4096LL)), team::kTeam, 0,
+                               stream>>>(keys, heads, n_tokens, p.n, d, params, points);
         check_cuda(cudaGetLastError(), "rabitq training: rotate rows");
         km = kmeans_on_device_points(points, heads, p.n, d, p.k, seeds.data(), {}, stream);
     } catch (...) {

@@ -1,6 +1,7 @@
 // kmeans_on_device against the CPU's kmeans() (core/kmeans.h): the same centroids, assignment
 // and objective history bit for bit, on Gaussian sets of several shapes, on clustered sets, on
-// small integer grids (ties, duplicates), and the paths it leaves to the host; and a batch's first
+// small integer grids (ties, duplicates), on distances too far apart for the exact parallel sums,
+// and the paths it leaves to the host; and a batch's first
 // append (CudaCodecBatch), whose rabitq sequences train on the device, against each sequence's
 // cache alone and the CPU cache.
 #include <gtest/gtest.h>
@@ -158,6 +159,33 @@ TEST(KMeansDevice, PointsOnTheDeviceMatchTheCpuToo) {
     EXPECT_EQ(0, expect_same_as_cpu(wide, 8, 2048, 128, 64, seeds_for(8, 64), {}, true));
     const std::vector<float> odd = vqtest::randn(2 * 100 * 12, 23);  // d % 8 != 0: the host's
     EXPECT_EQ(2, expect_same_as_cpu(odd, 2, 100, 12, 5, seeds_for(2, 3), {}, true));
+}
+
+// Rows whose norms spread over 10^[-4, 4]: squared distances too far apart for the CTA's exact
+// running sums (exact_running_sum.cuh), so the seeding's draws and the objective take the
+// sequential sums, and must still equal the CPU's. Device points that are not 16-byte aligned
+// (the assignment stages them as float4) run on the host.
+TEST(KMeansDevice, WideRangesTakeTheSequentialSumsAndOddAddressesTheHost) {
+    SKIP_WITHOUT_DEVICE();
+    const int sets = 3, n = 1000, d = 32, k = 20;
+    const std::vector<float> wide = vqtest::random_tokens(sets, n, d, 31, 4.0f);
+    EXPECT_EQ(0, expect_same_as_cpu(wide, sets, n, d, k, seeds_for(sets, 8)));
+    const std::vector<float> x = vqtest::randn(static_cast<std::size_t>(sets) * n * d, 32);
+    std::vector<float> shifted(x.size() + 1);
+    std::copy(x.begin(), x.end(), shifted.begin() + 1);
+    const vqtest::DeviceBuffer<float> on_device(shifted);
+    const std::vector<uint64_t> seeds = seeds_for(sets, 9);
+    int host_runs = -1;
+    const std::vector<KMeansResult> got = veloxquant::cuda::kmeans_on_device_points(
+        on_device.get() + 1, sets, n, d, k, seeds.data(), {}, nullptr, &host_runs);
+    EXPECT_EQ(host_runs, sets);
+    ASSERT_EQ(got.size(), static_cast<std::size_t>(sets));
+    for (int s = 0; s < sets; ++s) {
+        const KMeansResult want = veloxquant::kmeans(x.data() + static_cast<std::size_t>(s) * n * d,
+                                                     n, d, k, seeds[s], {});
+        EXPECT_EQ(got[s].centroids, want.centroids);
+        EXPECT_EQ(got[s].assignment, want.assignment);
+    }
 }
 
 TEST(KMeansDevice, BadSizesThrowAsTheCpuDoes) {
