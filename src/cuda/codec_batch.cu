@@ -7,6 +7,8 @@
 #include <string>
 
 #include "cuda/cuda_cache.h"
+#include "cuda/rabitq_training.h"
+#include "methods/key_codec.h"
 #include "veloxquant/caches.h"
 
 namespace veloxquant::cuda {
@@ -132,12 +134,14 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
         sizes.push_back(c->size_);
         stats.push_back(c->observer_stats());
     }
+    std::vector<const float*> trained_keys;
+    for (int b = 0; b < batch; ++b)
+        if (!caches[b]->backend_) {
+            trained.push_back(caches[b]);
+            trained_keys.push_back(keys + b * per_sequence);
+        }
     try {
-        for (int b = 0; b < batch; ++b)
-            if (!caches[b]->backend_) {
-                trained.push_back(caches[b]);
-                caches[b]->train_on(keys + b * per_sequence, n_tokens, stream);
-            }
+        train(trained, trained_keys, n_tokens, stream);
         encode(caches, keys, values, n_tokens, per_sequence, stream);
         for (int b = 0; b < batch; ++b)
             caches[b]->observe_outliers(keys + b * per_sequence, values + b * per_sequence,
@@ -158,6 +162,25 @@ void CudaCodecBatch::append(const std::vector<CudaCodecCache*>& caches, const fl
     for (int b = 0; b < batch; ++b)
         if (caches[b]->window_.window > 0)
             caches[b]->evict_before(sizes[b] + 1 - caches[b]->window_.window, stream);
+}
+
+void CudaCodecBatch::train(const std::vector<CudaCodecCache*>& fresh,
+                           const std::vector<const float*>& keys, int n_tokens,
+                           cudaStream_t stream) {
+    std::vector<KeyCodec*> codecs;
+    std::vector<const float*> rows;
+    bool together = fresh.size() > 1;
+    for (std::size_t i = 0; i < fresh.size() && together; ++i) {
+        together = !fresh[i]->center_.enabled();
+        const std::vector<const float*> heads = fresh[i]->head_keys(keys[i], n_tokens);
+        rows.insert(rows.end(), heads.begin(), heads.end());
+        for (auto& codec : fresh[i]->key_codecs_) codecs.push_back(codec.get());
+    }
+    if (together && train_rabitq_on_device(codecs, rows, n_tokens, stream)) {
+        for (CudaCodecCache* c : fresh) c->build_backend();
+        return;
+    }
+    for (std::size_t i = 0; i < fresh.size(); ++i) fresh[i]->train_on(keys[i], n_tokens, stream);
 }
 
 void CudaCodecBatch::encode(const std::vector<CudaCodecCache*>& caches, const float* keys,

@@ -86,9 +86,9 @@ public:
     /// storage's range (naming the sequence), and std::length_error when a cache would pass its
     /// max_seq_len; a training, encode or outlier record that throws later leaves every cache's
     /// size, side store and observer statistics as they were and the caches it trained
-    /// untrained. Synchronizes the stream once (a codec that trains, on its first append, trains
-    /// as the cache alone does; a cache whose observer flags a token gathers it to the host, as
-    /// alone).
+    /// untrained. Synchronizes the stream once (a codec that trains, on its first append, ends
+    /// trained as the cache alone would be, the uncentred rabitq caches' k-means in one call; a
+    /// cache whose observer flags a token gathers it to the host, as alone).
     void append(const std::vector<CudaCodecCache*>& caches, const float* keys, const float* values,
                 int n_tokens, cudaStream_t stream);
 
@@ -105,6 +105,11 @@ public:
     }
 
 private:
+    /// append's training of the caches that have not trained: in one device k-means where they
+    /// are two or more uncentred rabitq caches (train_rabitq_on_device over all their heads, so
+    /// a batch's first prefill pays the k-means' launches once), else each as it trains alone.
+    static void train(const std::vector<CudaCodecCache*>& fresh,
+                      const std::vector<const float*>& keys, int n_tokens, cudaStream_t stream);
     /// append's encode of every sequence's n_tokens (keys and values per_sequence floats
     /// apart), in one launch where the caches are alike; advances their sizes.
     void encode(const std::vector<CudaCodecCache*>& caches, const float* keys, const float* values,

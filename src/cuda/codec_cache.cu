@@ -155,7 +155,7 @@ void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stre
     // any other codec that trains on the host, where only the rows it reads travel, then uploads
     // the trained parameters.
     auto train_heads = [&](const std::vector<KeyCodec*>& codecs, const float* rows_of) {
-        if (train_rabitq_on_device(codecs, rows_of, n_tokens, stream)) return;
+        if (train_rabitq_on_device(codecs, head_keys(rows_of, n_tokens), n_tokens, stream)) return;
         const int rows = codecs[0]->training_rows(n_tokens);
         train_key_codecs(codecs, training_keys(rows_of, n_tokens, rows, stream).data(), rows);
     };
@@ -185,6 +185,13 @@ void CudaCodecCache::train_on(const float* keys, int n_tokens, cudaStream_t stre
         center_.release_scratch(stream);
     }
     build_backend();
+}
+
+std::vector<const float*> CudaCodecCache::head_keys(const float* keys, int n_tokens) const {
+    std::vector<const float*> heads;
+    for (int h = 0; h < num_heads_; ++h)
+        heads.push_back(keys + static_cast<std::size_t>(h) * n_tokens * head_dim_);
+    return heads;
 }
 
 void CudaCodecCache::encode_tokens(const float* keys, const float* values, int n_tokens,

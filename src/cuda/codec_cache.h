@@ -193,6 +193,8 @@ private:
     friend class CudaCodecBatch;  // appends and attends of many sequences at once
 
     void train_on(const float* keys, int n_tokens, cudaStream_t stream);
+    /// Each head's rows of device keys [heads][n_tokens][d].
+    std::vector<const float*> head_keys(const float* keys, int n_tokens) const;
     /// Rows training_row(i, n_tokens, rows), i < rows, of device keys [heads][n_tokens][d] on the
     /// host, [heads][rows][d] (synchronizes the stream).
     std::vector<float> training_keys(const float* keys, int n_tokens, int rows,

@@ -15,11 +15,14 @@ class KeyCodec;
 
 namespace veloxquant::cuda {
 
-/// Trains codecs (one a head, all of one kind) on device keys [heads][n_tokens][d], on `stream`
-/// (synchronized before the return), where every codec is a RaBitQCodec that needs training;
-/// returns false, having done nothing, otherwise (the caller trains on a host copy). Throws what
-/// the codecs' train() throws, std::runtime_error for a CUDA error.
-bool train_rabitq_on_device(const std::vector<KeyCodec*>& codecs, const float* keys, int n_tokens,
+/// Trains codecs (one a head, of one cache or of several) on device keys, codec i's
+/// head_keys[i] [n_tokens][d], on `stream` (synchronized before the return), all in one k-means
+/// call, where every codec is a RaBitQCodec that needs training and all pose the same k-means
+/// shape (rows, clusters, dim); returns false, having done nothing, otherwise (the caller trains
+/// them another way). Throws what the codecs' train() throws, std::runtime_error for a CUDA
+/// error.
+bool train_rabitq_on_device(const std::vector<KeyCodec*>& codecs,
+                            const std::vector<const float*>& head_keys, int n_tokens,
                             cudaStream_t stream);
 
 }  // namespace veloxquant::cuda

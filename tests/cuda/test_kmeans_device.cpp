@@ -212,70 +212,76 @@ std::string file_bytes(const CudaCodecCache& c, const std::string& name) {
     return bytes;
 }
 
-// A batch's first append trains its fresh rabitq sequences (two k-means shapes: 64 and 16
-// clusters; other seeds; one sequence trained before, which does not train again), centred or
-// not: each sequence's cache saves the file its cache alone saves after the same append, and
-// holds the CPU cache's pages.
+// A batch's first append trains its fresh rabitq sequences (other seeds; one sequence trained
+// before, which does not train again), centred or not, with one k-means shape (64 clusters: the
+// uncentred sequences then train in one k-means call) or two (64 and 16: each alone): each
+// sequence's cache saves the file its cache alone saves after the same append, and holds the CPU
+// cache's pages.
 TEST(KMeansDevice, BatchFirstAppendTrainsEachSequenceAsItsCacheAlone) {
     SKIP_WITHOUT_DEVICE();
     const int heads = 3, d = 128, n = 2500, before = 90;
-    for (const bool centred : {false, true}) {
-        SCOPED_TRACE(centred ? "centred" : "uncentred");
-        std::vector<KVCacheConfig> configs;
-        for (const int clusters : {64, 64, 16, 64}) {
-            KVCacheConfig c = vqtest::method_config("rabitq", 3, 4, 40 + configs.size());
-            c.num_clusters = clusters;
-            c.center_keys = centred;
-            c.rope_inv_freq = vqtest::rope_freqs(d);
-            c.rope_half_split = true;
-            configs.push_back(c);
+    const std::vector<std::vector<int>> cluster_counts = {{64, 64, 16, 64}, {64, 64, 64, 64}};
+    for (const bool centred : {false, true})
+        for (const std::vector<int>& counts : cluster_counts) {
+            SCOPED_TRACE(std::string(centred ? "centred" : "uncentred") +
+                         (counts[2] == 16 ? ", two k-means shapes" : ", one k-means shape"));
+            std::vector<KVCacheConfig> configs;
+            for (const int clusters : counts) {
+                KVCacheConfig c = vqtest::method_config("rabitq", 3, 4, 40 + configs.size());
+                c.num_clusters = clusters;
+                c.center_keys = centred;
+                c.rope_inv_freq = vqtest::rope_freqs(d);
+                c.rope_half_split = true;
+                configs.push_back(c);
+            }
+            const int batch = static_cast<int>(configs.size());
+            std::vector<std::unique_ptr<veloxquant::KVCache>> cpu;
+            std::vector<std::unique_ptr<CudaCodecCache>> solo, joint;
+            std::vector<CudaCodecCache*> rows;
+            for (int b = 0; b < batch; ++b) {
+                cpu.push_back(veloxquant::KVCacheFactory::create(configs[b], heads, d, 4096, 0));
+                solo.push_back(std::make_unique<CudaCodecCache>(configs[b], heads, d, 4096));
+                joint.push_back(std::make_unique<CudaCodecCache>(configs[b], heads, d, 4096));
+                rows.push_back(joint[b].get());
+            }
+            std::vector<float> keys, values;
+            for (int b = 0; b < batch; ++b) {
+                const auto k = vqtest::rope_keys(heads, n, d, configs[b].rope_inv_freq, 600 + b,
+                                                 2.0 + b, true);
+                const auto v =
+                    vqtest::randn(static_cast<std::size_t>(heads) * n * d, 700 + b, 0.5f);
+                keys.insert(keys.end(), k.begin(), k.end());
+                values.insert(values.end(), v.begin(), v.end());
+            }
+            const std::size_t per = static_cast<std::size_t>(heads) * n * d;
+            {  // sequence 3 trains alone first, on the first `before` tokens of another draw
+                const auto k =
+                    vqtest::rope_keys(heads, before, d, configs[3].rope_inv_freq, 800, 1.0, true);
+                vqtest::DeviceBuffer<float> dk(k), dv(k);
+                cpu[3]->append(k.data(), k.data(), before);
+                solo[3]->append(dk.get(), dv.get(), before, nullptr);
+                joint[3]->append(dk.get(), dv.get(), before, nullptr);
+            }
+            vqtest::DeviceBuffer<float> dk(keys), dv(values);
+            CudaCodecBatch().append(rows, dk.get(), dv.get(), n, nullptr);
+            for (int b = 0; b < batch; ++b) {
+                SCOPED_TRACE("sequence " + std::to_string(b));
+                solo[b]->append(dk.get() + b * per, dv.get() + b * per, n, nullptr);
+                cpu[b]->append(keys.data() + b * per, values.data() + b * per, n);
+                ASSERT_EQ(joint[b]->size(), solo[b]->size());
+                EXPECT_TRUE(file_bytes(*joint[b], "vq_joint.vqkv") ==
+                            file_bytes(*solo[b], "vq_solo.vqkv"));
+                if (centred) continue;  // the device's estimated mean rounds apart from the CPU's
+                veloxquant::PagedStore mine(joint[b]->page_layout());
+                joint[b]->download(mine);
+                const auto& ref =
+                    dynamic_cast<veloxquant::QuantizedKVCache&>(*cpu[b]).paged_store();
+                for (int p = 0; p * veloxquant::kTokensPerPage < joint[b]->size(); ++p)
+                    EXPECT_EQ(0, std::memcmp(mine.page_data(p), ref.page_data(p),
+                                             mine.layout().page_bytes))
+                        << "page " << p;
+            }
         }
-        const int batch = static_cast<int>(configs.size());
-        std::vector<std::unique_ptr<veloxquant::KVCache>> cpu;
-        std::vector<std::unique_ptr<CudaCodecCache>> solo, joint;
-        std::vector<CudaCodecCache*> rows;
-        for (int b = 0; b < batch; ++b) {
-            cpu.push_back(veloxquant::KVCacheFactory::create(configs[b], heads, d, 4096, 0));
-            solo.push_back(std::make_unique<CudaCodecCache>(configs[b], heads, d, 4096));
-            joint.push_back(std::make_unique<CudaCodecCache>(configs[b], heads, d, 4096));
-            rows.push_back(joint[b].get());
-        }
-        std::vector<float> keys, values;
-        for (int b = 0; b < batch; ++b) {
-            const auto k =
-                vqtest::rope_keys(heads, n, d, configs[b].rope_inv_freq, 600 + b, 2.0 + b, true);
-            const auto v = vqtest::randn(static_cast<std::size_t>(heads) * n * d, 700 + b, 0.5f);
-            keys.insert(keys.end(), k.begin(), k.end());
-            values.insert(values.end(), v.begin(), v.end());
-        }
-        const std::size_t per = static_cast<std::size_t>(heads) * n * d;
-        {  // sequence 3 trains alone first, on the first `before` tokens of another draw
-            const auto k =
-                vqtest::rope_keys(heads, before, d, configs[3].rope_inv_freq, 800, 1.0, true);
-            vqtest::DeviceBuffer<float> dk(k), dv(k);
-            cpu[3]->append(k.data(), k.data(), before);
-            solo[3]->append(dk.get(), dv.get(), before, nullptr);
-            joint[3]->append(dk.get(), dv.get(), before, nullptr);
-        }
-        vqtest::DeviceBuffer<float> dk(keys), dv(values);
-        CudaCodecBatch().append(rows, dk.get(), dv.get(), n, nullptr);
-        for (int b = 0; b < batch; ++b) {
-            SCOPED_TRACE("sequence " + std::to_string(b));
-            solo[b]->append(dk.get() + b * per, dv.get() + b * per, n, nullptr);
-            cpu[b]->append(keys.data() + b * per, values.data() + b * per, n);
-            ASSERT_EQ(joint[b]->size(), solo[b]->size());
-            EXPECT_TRUE(file_bytes(*joint[b], "vq_joint.vqkv") ==
-                        file_bytes(*solo[b], "vq_solo.vqkv"));
-            if (centred) continue;  // the device's estimated mean rounds apart from the CPU's
-            veloxquant::PagedStore mine(joint[b]->page_layout());
-            joint[b]->download(mine);
-            const auto& ref = dynamic_cast<veloxquant::QuantizedKVCache&>(*cpu[b]).paged_store();
-            for (int p = 0; p * veloxquant::kTokensPerPage < joint[b]->size(); ++p)
-                EXPECT_EQ(
-                    0, std::memcmp(mine.page_data(p), ref.page_data(p), mine.layout().page_bytes))
-                    << "page " << p;
-        }
-    }
 }
 
 }  // namespace
