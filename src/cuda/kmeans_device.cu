@@ -24,7 +24,8 @@ struct SetState {
 constexpr int kSeedThreads = 1024;         // seed_draw: the staging and the drawn point's search
 constexpr int kSeedDistanceThreads = 256;  // 32 points a CTA
 constexpr int kObjectiveThreads = 256;
-constexpr int kAssignWarps = 8, kAssignPointsPerWarp = 8;
+// 64 points a CTA, four a warp: 32 warps an SM at two CTAs (its 56 registers a thread allow it).
+constexpr int kAssignWarps = 16, kAssignPointsPerWarp = 4;
 constexpr int kUpdateThreads = 256;
 // Clusters a CTA of the update covers: kUpdateThreads consecutive (centroid, coordinate) pairs
 // span at most kUpdateThreads / d + 2 of them (d >= 8).
@@ -158,8 +159,9 @@ __global__ void __launch_bounds__(kSeedThreads)
 // memory; the winner's distance again by squared_distance. `track`: note whether any point
 // changed centroid (the CPU's previous == assignment).
 // Dynamic shared memory: the CTA's points [kAssignWarps * kAssignPointsPerWarp][d], then the rows.
-__global__ void assign_points(const float* points, int n, int d, int k, const float* centroids,
-                              int* assignment, float* dist2, SetState* states, int track) {
+__global__ void __launch_bounds__(kAssignWarps * 32)
+    assign_points(const float* points, int n, int d, int k, const float* centroids, int* assignment,
+                  float* dist2, SetState* states, int track) {
     constexpr int kCtaPoints = kAssignWarps * kAssignPointsPerWarp;
     extern __shared__ float4 staged[];
     float* xs = reinterpret_cast<float*>(staged);
