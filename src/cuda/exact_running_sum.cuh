@@ -43,7 +43,7 @@ __device__ __forceinline__ bool fits_double(unsigned long long p) {
 template <int kThreads>
 __device__ bool exact_running_sums(const float* x, int n, double* running, double* total) {
     using namespace exact_sum_detail;
-    static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, at most 32");
+    static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, at most 32 of them");
     __shared__ int lowest, highest;
     __shared__ unsigned long long warp_sums[kThreads / 32];
     __shared__ unsigned long long grand_total;
