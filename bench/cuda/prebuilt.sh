@@ -5,7 +5,8 @@
 # libstdc++ there are newer than here, the CUDA runtime is linked statically, libgomp comes with
 # its compilers); where a call reports a loader error, build there with ab_h200.sh instead.
 # Built for sm_90 only (no PTX) and stripped, a test or benchmark binary is ~16 MB gzipped, so
-# three fit in a call's 64 MiB.
+# three fit in a call's 64 MiB; the target test_cuda_all (every CUDA test, 18 MB) stands for the
+# separate tests.
 #
 #   bash bench/cuda/prebuilt.sh DIR NAME REV|. TARGET...
 #

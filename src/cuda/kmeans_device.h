@@ -8,14 +8,15 @@
 // - k-means++ seeding, two kernels a round: the distances to the newest seed over many CTAs a
 //   set, eight lanes a point (lane l adds squared_distance's partial sum l; no contracted
 //   multiply-adds: this file compiles with --fmad=false); then, a CTA a set, their running double
-//   sum in index order by one thread (the same partial sums as the CPU's ordered_sum and sampling
-//   scan), the CPU's Rng draws made on the host beforehand, and the drawn point found in parallel
-//   as the first whose running sum passes the draw;
+//   sums in index order (the same partial sums as the CPU's ordered_sum and sampling scan: by the
+//   CTA as exact integers where no partial sum rounds, exact_running_sum.cuh, else by one
+//   thread), the CPU's Rng draws made on the host beforehand, and the drawn point found in
+//   parallel as the first whose running sum passes the draw;
 // - assignment a warp a point, the lanes over the centroids (the rabitq encoder's rb_nearest:
 //   squared_distance's sums, ties to the lower index);
 // - the update's sums in point order, a thread a (centroid, coordinate), in double, over its
 //   cluster's members (listed in point order by warp ballots);
-// - the objective's double sum in index order, and the CPU's stopping tests.
+// - the objective's double sum in index order (as the seeding's), and the CPU's stopping tests.
 // Two rare paths stay on the host, where kmeans() itself runs that set from the start: a
 // seeding round whose points all sit on seeds (the CPU then draws a different random number),
 // and an empty cluster (the CPU re-seeds it). So do head dims that are not a multiple of 8, sets
