@@ -1,11 +1,14 @@
-// Helpers shared by the calibration tests: seeded arrays and synthetic activations.
+// Helpers shared by the calibration tests: seeded arrays, synthetic activations and a method's
+// config calibrated on them.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "calibration/activations.h"
+#include "calibration/calibrate.h"
 #include "test_helpers.h"
+#include "veloxquant/calibration.h"
 #include "veloxquant/config.h"
 
 namespace vqtest {
@@ -36,6 +39,16 @@ inline veloxquant::Activations synthetic_activations(int layers, int heads, int 
             a.layers[l].queries.push_back(q);
         }
     return a;
+}
+
+/// c with the calibration its method needs (spectral, commvq, vecinfer) fitted on synthetic
+/// activations of one layer of `heads` heads.
+inline veloxquant::KVCacheConfig calibrated(veloxquant::KVCacheConfig c, int heads, int d) {
+    const veloxquant::Activations acts = synthetic_activations(1, heads, d, 512, c.seed + 11);
+    veloxquant::Calibration cal;
+    veloxquant::calibrate_method(acts, c, cal);
+    veloxquant::apply_calibration(cal, c);
+    return c;
 }
 
 }  // namespace vqtest

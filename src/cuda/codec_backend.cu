@@ -5,7 +5,7 @@
 #include <string>
 #include <type_traits>
 
-#include "cuda/affine_state.h"
+#include "cuda/affine_state_device.cuh"
 #include "cuda/bulk_key_encode.h"
 #include "cuda/codec_attention.cuh"
 #include "cuda/codec_cache.h"
@@ -189,15 +189,6 @@ public:
                                                 static_cast<int>(encode_smem_)),
                            "encode shared memory");
         }
-        {  // The affine form of the query state, measured on host copies of the parameters.
-            std::vector<uint8_t> host = arena.bytes();
-            std::vector<typename Codec::Params> host_kp = kp;
-            for (auto& p : host_kp) p.rebase(host.data());
-            AffineStateHost affine;
-            if (measure_affine_state<Codec>(host_kp, d_, state_stride_, dev::kMaxAffineFloats,
-                                            affine))
-                upload_affine(affine);
-        }
         // One allocation: the arena, then the per-head parameter arrays.
         const std::size_t arena_bytes = (arena.bytes().size() + 255) / 256 * 256;
         const std::size_t kp_bytes = (kp.size() * sizeof(kp[0]) + 255) / 256 * 256;
@@ -218,6 +209,14 @@ public:
         copy(base + arena_bytes + kp_bytes + vp_bytes, regions.data(),
              regions.size() * sizeof(HeadRegions));
         store_.keys = reinterpret_cast<const typename Codec::Params*>(base + arena_bytes);
+        {  // The affine form of the query state, measured on the uploaded parameters.
+            std::vector<int> state_floats;
+            for (const auto& p : kp) state_floats.push_back(Codec::state_floats(p));
+            AffineStateHost affine;
+            if (measure_affine_state_on_device<Codec>(store_.keys, state_floats, d_, state_stride_,
+                                                      dev::kMaxAffineFloats, affine))
+                upload_affine(affine);
+        }
         store_.values =
             reinterpret_cast<const dev::ValueDevice::Params*>(base + arena_bytes + kp_bytes);
         store_.regions =

@@ -29,6 +29,7 @@
 namespace veloxquant::cuda {
 namespace {
 
+using vqtest::calibrated;
 using vqtest::DeviceBuffer;
 using vqtest::method_config;
 using vqtest::random_tokens;
@@ -43,15 +44,6 @@ struct Case {
     /// Query heads per KV head: decode steps run 1, 4 (up to 4 rows) or 8 rows per CTA.
     int group = 4;
 };
-
-// Calibrates a calibrated method on synthetic activations of one layer.
-KVCacheConfig calibrated(KVCacheConfig c, int heads, int d) {
-    const Activations acts = vqtest::synthetic_activations(1, heads, d, 512, c.seed + 11);
-    Calibration cal;
-    calibrate_method(acts, c, cal);
-    apply_calibration(cal, c);
-    return c;
-}
 
 // commvq with group_dim 2 * group_pairs and 16 codewords a stage, its codebook fitted here per
 // head (calibration fits group_dim 8): the bulk key encoder's path for other group_dims
