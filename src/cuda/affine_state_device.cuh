@@ -35,7 +35,8 @@ __global__ void affine_probe_states_kernel(const typename Codec::Params* params,
 
 /// measure_affine_state with the probes on the device: params is the device array of the heads'
 /// parameters (rebased to the device), state_floats each head's Codec::state_floats. Synchronous
-/// (the backend's constructor uploads the same way).
+/// (the backend's constructor uploads the same way). False also where the device has no room for
+/// the probes' states.
 template <class Codec>
 bool measure_affine_state_on_device(const typename Codec::Params* params,
                                     const std::vector<int>& state_floats, int d, int stride,
@@ -46,7 +47,14 @@ bool measure_affine_state_on_device(const typename Codec::Params* params,
     std::vector<float> states(static_cast<std::size_t>(heads) * probes * stride);
     const std::size_t state_bytes = states.size() * sizeof(float);
     void* scratch = nullptr;
-    check_cuda(cudaMalloc(&scratch, check_bytes + state_bytes), "cudaMalloc(affine probes)");
+    const cudaError_t alloc = cudaMalloc(&scratch, check_bytes + state_bytes);
+    if (alloc == cudaErrorMemoryAllocation) {
+        // No room for the probes' heads x (d + 2) states: no affine state, the attention's
+        // prepare kernel then computes each query's state.
+        (void)cudaGetLastError();
+        return false;
+    }
+    check_cuda(alloc, "cudaMalloc(affine probes)");
     auto* device_checks = static_cast<float*>(scratch);
     auto* device_states = device_checks + checks.size();
     cudaError_t err = cudaMemcpy(device_checks, checks.data(), check_bytes, cudaMemcpyHostToDevice);
