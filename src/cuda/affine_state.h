@@ -58,10 +58,10 @@ std::vector<float> affine_probe_states_host(const std::vector<typename Codec::Pa
 #pragma omp parallel for schedule(dynamic)
     for (int item = 0; item < heads * probes; ++item)
         errors.run(item, [&] {
-            std::vector<float> q(d);
+            std::vector<float> q(d), s(stride, 0.0f);
             affine_probe_query(d, item / probes, item % probes, q.data());
-            Codec::prepare(params[item / probes], q.data(),
-                           &states[static_cast<std::size_t>(item) * stride]);
+            Codec::prepare(params[item / probes], q.data(), s.data());
+            std::copy(s.begin(), s.end(), &states[static_cast<std::size_t>(item) * stride]);
         });
     errors.rethrow();
     return states;
@@ -75,15 +75,18 @@ inline bool affine_head_from_probes(const float* probe_states, int S, int d, int
                                     std::size_t max_floats, float* constant, int* row_of,
                                     std::vector<float>& m, std::vector<int>& rows) {
     const float* c = probe_states;
-    std::vector<float> r(d);
+    std::vector<float> full(static_cast<std::size_t>(S) * d);  // M, [S][d]
+    for (int j = 0; j < d; ++j) {
+        const float* s = probe_states + static_cast<std::size_t>(1 + j) * stride;
+        for (int i = 0; i < S; ++i) full[static_cast<std::size_t>(i) * d + j] = s[i] - c[i];
+    }
     for (int i = 0; i < S; ++i) {
         constant[i] = c[i];
-        for (int j = 0; j < d; ++j)
-            r[j] = probe_states[static_cast<std::size_t>(1 + j) * stride + i] - c[i];
-        if (std::any_of(r.begin(), r.end(), [](float x) { return x != 0.0f; })) {
+        const float* r = &full[static_cast<std::size_t>(i) * d];
+        if (std::any_of(r, r + d, [](float x) { return x != 0.0f; })) {
             row_of[i] = static_cast<int>(rows.size());
             rows.push_back(i);
-            m.insert(m.end(), r.begin(), r.end());
+            m.insert(m.end(), r, r + d);
         }
     }
     if (rows.size() * static_cast<std::size_t>(d) > max_floats) return false;
@@ -105,8 +108,8 @@ inline bool affine_head_from_probes(const float* probe_states, int S, int d, int
 }
 
 /// Fills `out` from every head's probe states ([heads][affine_probe_count(d)][stride]; head h's
-/// state has state_floats[h] entries); false when a head's state is not affine to 1e-4
-/// (relative to its largest entry) or its M would exceed max_floats_per_head.
+/// state has state_floats[h] entries), heads in parallel; false when a head's state is not
+/// affine to 1e-4 (relative to its largest entry) or its M would exceed max_floats_per_head.
 inline bool affine_state_from_probes(const std::vector<float>& probe_states,
                                      const std::vector<int>& state_floats, int d, int stride,
                                      std::size_t max_floats_per_head, AffineStateHost& out) {
@@ -115,13 +118,20 @@ inline bool affine_state_from_probes(const std::vector<float>& probe_states,
     std::vector<std::vector<int>> rows(heads);
     out.constant.assign(static_cast<std::size_t>(heads) * stride, 0.0f);
     out.row_of.assign(static_cast<std::size_t>(heads) * stride, -1);
-    out.varying = 0;
-    for (int h = 0; h < heads; ++h) {
-        if (!affine_head_from_probes(
+    std::vector<char> affine(heads);
+    ParallelErrors errors;
+#pragma omp parallel for schedule(dynamic)
+    for (int h = 0; h < heads; ++h)
+        errors.run(h, [&] {
+            affine[h] = affine_head_from_probes(
                 &probe_states[static_cast<std::size_t>(h) * probes * stride], state_floats[h], d,
                 stride, h, max_floats_per_head, &out.constant[static_cast<std::size_t>(h) * stride],
-                &out.row_of[static_cast<std::size_t>(h) * stride], m[h], rows[h]))
-            return false;
+                &out.row_of[static_cast<std::size_t>(h) * stride], m[h], rows[h]);
+        });
+    errors.rethrow();
+    out.varying = 0;
+    for (int h = 0; h < heads; ++h) {
+        if (!affine[h]) return false;
         out.varying = std::max(out.varying, static_cast<int>(rows[h].size()));
     }
     out.matrix.assign(static_cast<std::size_t>(heads) * d * std::max(out.varying, 1), 0.0f);
