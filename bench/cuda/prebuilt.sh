@@ -15,6 +15,12 @@
 # .git/info/exclude ignores (e.g. devrun); name it in the run's carry and, on the device:
 #   gunzip DIR/NAME/*.gz && chmod +x DIR/NAME/* && DIR/NAME/bench_codec_cache OUT.json rabitq 32768
 # Several NAMEs (a base and a change) make an A/B whose timings come from one device call.
+# The target _core is the Python extension for the device's Python 3.12 (~17 MB gzipped), built
+# with PREBUILT_PYTHON (default python3.12 on PATH, e.g. pyenv's), which needs nanobind:
+#   python3.12 -m venv /tmp/py312 && /tmp/py312/bin/pip install nanobind
+#   PREBUILT_PYTHON=/tmp/py312/bin/python bash bench/cuda/prebuilt.sh devrun py . _core
+# and on the device `VQ_PREBUILT=devrun/py bash bench/cuda/run_python_h200.sh` stages it in place
+# of its build stage.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 4 ] || { echo "usage: prebuilt.sh DIR NAME REV|. TARGET..."; exit 1; }
@@ -30,16 +36,29 @@ else
   [ -d "$src" ] || git worktree add -q --detach "$src" "$commit"
   build=$src/build-prebuilt
 fi
+python=(-DVQ_PYTHON=OFF)
+if [[ " $* " == *" _core "* ]]; then
+  py=${PREBUILT_PYTHON:-$(command -v python3.12 || true)}
+  [ -n "$py" ] && "$py" -c 'import sys, nanobind; assert sys.version_info[:2] == (3, 12)' ||
+    { echo "_core needs a Python 3.12 with nanobind (the device's Python): set PREBUILT_PYTHON"; exit 1; }
+  python=(-DVQ_PYTHON=ON "-DPython_EXECUTABLE=$py")
+  build=$build-py312
+fi
 mkdir -p "$build"
 cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90-real \
-  -DVQ_PYTHON=OFF > "$build/configure.log"
+  "${python[@]}" > "$build/configure.log"
 cmake --build "$build" --parallel "$(nproc)" --target "$@" > "$build/build.log" ||
   { tail -30 "$build/build.log"; exit 1; }
 mkdir -p "$root/$dir/$name"
 for target in "$@"; do
-  binary=$(find "$build/tests" "$build/bench" -type f -name "$target" -perm -u+x | head -1)
+  if [ "$target" = _core ]; then
+    binary=$(find "$build/python" -maxdepth 1 -type f -name "_core*.so" | head -1)
+  else
+    binary=$(find "$build/tests" "$build/bench" -type f -name "$target" -perm -u+x | head -1)
+  fi
   [ -n "$binary" ] || { echo "no binary $target in $build"; exit 1; }
-  strip -o "$root/$dir/$name/$target" "$binary"
-  gzip -f "$root/$dir/$name/$target"
+  out=$root/$dir/$name/$(basename "$binary")
+  strip --strip-unneeded -o "$out" "$binary"
+  gzip -f "$out"
 done
 echo "$name ($rev): $(du -sh "$root/$dir/$name" | cut -f1) in $dir/$name: $*"

@@ -9,7 +9,9 @@
 # otherwise). About 5 minutes: build ~1-2, tests <1, e2e <3.
 # Usage: OUT=$OUT bash bench/cuda/run_python_h200.sh [extra e2e_transformers.py arguments]
 # VQ_STAGES picks the stages (default "build test e2e"); a later call on the same machine can
-# run "e2e" alone on the build an earlier call left in build_py_h200.
+# run "e2e" alone on the build an earlier call left in build_py_h200. VQ_PREBUILT=DIR (a carried
+# folder holding a _core*.so.gz that bench/cuda/prebuilt.sh built on a build machine) makes the
+# build stage stage that module instead of compiling one (~3-4 minutes of device time).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/bench/results/h200_python}
@@ -28,7 +30,15 @@ nvcc --version | tail -1
 "$PY" -c "import sys, torch, transformers, nanobind; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'nanobind', nanobind.__version__)"
 
 SITE="$PWD/$BUILD/site"
-if has build; then
+if has build && [ -n "${VQ_PREBUILT:-}" ]; then
+step "stage the prebuilt _core from $VQ_PREBUILT"
+rm -rf "$SITE" && mkdir -p "$SITE"
+cp -r python/veloxquant "$SITE/"
+for f in "$VQ_PREBUILT"/_core*.so.gz; do
+  [ -f "$f" ] || { echo "no _core*.so.gz in $VQ_PREBUILT"; exit 1; }
+  gunzip -c "$f" > "$SITE/veloxquant/$(basename "$f" .gz)"
+done
+elif has build; then
 step "configure (VQ_PYTHON=ON, VQ_CUDA=ON, sm_90)"
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
