@@ -33,6 +33,7 @@ if [ "$rev" = . ]; then
 else
   commit=$(git rev-parse --verify "$rev^{commit}")
   src=/tmp/vq_prebuilt_${commit:0:12}
+  git worktree prune  # a worktree whose /tmp folder is gone would block the add
   [ -d "$src" ] || git worktree add -q --detach "$src" "$commit"
   build=$src/build-prebuilt
 fi
