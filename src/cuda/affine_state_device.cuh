@@ -2,7 +2,8 @@
 // at each unit vector and at the check query, one thread a probe, on the parameters the backend
 // has uploaded; the host then reads c and M from them (affine_state_from_probes). The host's
 // own probes of 8 rabitq heads at d=128 (64 centroids) took 1.72 ms on the H200's 16-core host,
-// a sixth of a first append (cuda_h200_20261206k_batch_joint_training.md).
+// a sixth of a first append (cuda_h200_20261206k_batch_joint_training.md); here, that first append
+// of 32K tokens is 1.4 ms shorter (cuda_h100_20261206l_device_affine_state.md).
 // Compiled with --fmad=false (codec_backend.cu), the device's prepare makes the host's floats,
 // so both measurements agree bit for bit (test_cuda_affine_state).
 #pragma once
