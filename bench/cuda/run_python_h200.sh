@@ -3,8 +3,9 @@
 # VQ_CUDA=ON (sm_90) by a direct CMake build of the _core target (no pip: the machine has no
 # network, its system Python may be externally managed, and scikit-build-core may be missing),
 # stage it next to the pure-Python package in build_py_h200/site and put that on PYTHONPATH; then
-# run the CUDA pytest tests (python/tests/test_cuda.py, test_cuda_transformers.py, and
-# test_transformers.py for the CPU integration on the GPU model) and the end-to-end transformers
+# run the CUDA pytest tests (python/tests/test_cuda.py, test_cuda_files_and_windows.py,
+# test_cuda_transformers.py, and test_transformers.py for the CPU integration on the GPU model)
+# and the end-to-end transformers
 # benchmark (bench/cuda/e2e_transformers.py). Everything lands in $OUT (bench/results/h200_python
 # otherwise). About 5 minutes: build ~1-2, tests <1, e2e <3.
 # Usage: OUT=$OUT bash bench/cuda/run_python_h200.sh [extra e2e_transformers.py arguments]
@@ -58,9 +59,10 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   || exit 1
 
 if has test; then
-step "pytest: python/tests/test_cuda.py python/tests/test_cuda_transformers.py python/tests/test_gpu_layer_logic.py python/tests/test_transformers.py"
+step "pytest: python/tests/test_cuda.py python/tests/test_cuda_files_and_windows.py python/tests/test_cuda_transformers.py python/tests/test_gpu_layer_logic.py python/tests/test_transformers.py"
 timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
-  python/tests/test_cuda.py python/tests/test_cuda_transformers.py python/tests/test_gpu_layer_logic.py \
+  python/tests/test_cuda.py python/tests/test_cuda_files_and_windows.py python/tests/test_cuda_transformers.py \
+  python/tests/test_gpu_layer_logic.py \
   python/tests/test_transformers.py \
   || status=1
 fi
