@@ -5,8 +5,8 @@
 # stage it next to the pure-Python package in build_py_h200/site and put that on PYTHONPATH; then
 # run the CUDA pytest tests (python/tests/test_cuda.py, test_cuda_files_and_windows.py,
 # test_cuda_transformers.py, and test_transformers.py for the CPU integration on the GPU model)
-# and the end-to-end transformers benchmark (bench/cuda/e2e_transformers.py). Everything lands in $OUT (bench/results/h200_python
-# otherwise). About 5 minutes: build ~1-2, tests <1, e2e <3.
+# and the end-to-end transformers benchmark (bench/cuda/e2e_transformers.py). Everything lands
+# in $OUT (bench/results/h200_python otherwise). About 5 minutes: build ~1-2, tests <1, e2e <3.
 # Usage: OUT=$OUT bash bench/cuda/run_python_h200.sh [extra e2e_transformers.py arguments]
 # VQ_STAGES picks the stages (default "build test e2e"); a later call on the same machine can
 # run "e2e" alone on the build an earlier call left in build_py_h200. VQ_PREBUILT=DIR (a carried
